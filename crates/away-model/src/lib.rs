@@ -1,0 +1,16 @@
+//! Plain serde types shared by every `away` crate and spoken on the wire between the
+//! CLI, the broker and the agents: workload specs, node fingerprints, wire errors.
+//! No I/O beyond parsing text: the types stay easy to test and to reuse.
+
+mod node;
+mod size;
+mod spec;
+mod wire;
+
+pub use node::{Accel, Arch, CpuInfo, CpuVendor, HypervisorInfo, LinkInfo, NodeInfo, RuntimeInfo, Tier};
+pub use size::{ByteSize, ByteSizeError};
+pub use spec::{
+    FieldError, PlacementConstraints, PortMapping, Resources, RuntimeKind, SpecError, SpecFormat, WorkloadKind,
+    WorkloadSpec,
+};
+pub use wire::{ApiError, ErrorCode};

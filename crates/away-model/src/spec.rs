@@ -1,0 +1,524 @@
+//! The workload spec: what a user asks away to run. Loaded from YAML or JSON; every
+//! error names the field (dotted path) and, when it can be found, the line.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::node::{Arch, CpuVendor, Tier};
+use crate::size::ByteSize;
+
+/// How a workload may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadKind {
+    /// A container when the node has a healthy container runtime for the image's
+    /// architecture, a VM otherwise.
+    #[default]
+    Auto,
+    /// A container or nothing.
+    Container,
+    /// Always a VM (legacy apps that need their own kernel).
+    Vm,
+}
+
+/// The runtimes away drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Containerd,
+    Docker,
+    Qemu,
+}
+
+impl RuntimeKind {
+    pub const ALL: [RuntimeKind; 3] = [RuntimeKind::Containerd, RuntimeKind::Docker, RuntimeKind::Qemu];
+    pub fn is_container(self) -> bool {
+        !matches!(self, RuntimeKind::Qemu)
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RuntimeKind::Containerd => "containerd",
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Qemu => "qemu",
+        })
+    }
+}
+
+/// CPU and memory the workload gets (container limits, or the VM's size).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default = "Resources::default_memory")]
+    pub memory: ByteSize,
+    #[serde(default = "Resources::default_cpus")]
+    pub cpus: f64,
+}
+
+impl Resources {
+    fn default_memory() -> ByteSize {
+        ByteSize::mib(256)
+    }
+    fn default_cpus() -> f64 {
+        1.0
+    }
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources { memory: Self::default_memory(), cpus: Self::default_cpus() }
+    }
+}
+
+/// A port the workload listens on, published on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    /// Port inside the container or VM.
+    pub container: u16,
+    /// Port on the node; omitted means "the same as `container`".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<u16>,
+}
+
+impl PortMapping {
+    pub fn host_port(&self) -> u16 {
+        self.host.unwrap_or(self.container)
+    }
+}
+
+/// Where the workload may run: the feasibility filters of placement.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementConstraints {
+    /// Allowed tiers; empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<Tier>,
+    /// Required architecture; default: the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<Arch>,
+    /// Required CPU vendor (rarely needed; containers move across vendors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_vendor: Option<CpuVendor>,
+    /// CPU flags the workload needs (e.g. `avx2`).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub cpu_flags: BTreeSet<String>,
+    /// Insist on one runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeKind>,
+    /// Prefer running on the user's own client machine when it can take the load.
+    #[serde(default)]
+    pub prefer_client: bool,
+}
+
+/// A lab workload: what to run, with what resources, where it may go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Unique name: lower-case letters, digits and '-', at most 63 characters.
+    pub name: String,
+    /// Image reference (`away/counter:latest`) or path to an image tar built by `away image build`.
+    pub image: String,
+    #[serde(default)]
+    pub kind: WorkloadKind,
+    /// Replaces the image's CMD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Added to the image's environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub placement: PlacementConstraints,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The text format of a spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecFormat {
+    Yaml,
+    Json,
+}
+
+impl SpecFormat {
+    /// By file extension, else by content (JSON starts with `{`). YAML is the default.
+    pub fn detect(path: Option<&Path>, text: &str) -> SpecFormat {
+        match path.and_then(|p| p.extension()).and_then(|e| e.to_str()) {
+            Some("json") => SpecFormat::Json,
+            Some("yaml" | "yml") => SpecFormat::Yaml,
+            _ if text.trim_start().starts_with('{') => SpecFormat::Json,
+            _ => SpecFormat::Yaml,
+        }
+    }
+}
+
+/// One problem in a spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    /// Dotted path (`resources.memory`, `ports[1].host`); empty for the whole document.
+    pub field: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.field.is_empty(), self.line) {
+            (false, Some(l)) => write!(f, "{} (line {l}): {}", self.field, self.message),
+            (false, None) => write!(f, "{}: {}", self.field, self.message),
+            (true, Some(l)) => write!(f, "line {l}: {}", self.message),
+            (true, None) => f.write_str(&self.message),
+        }
+    }
+}
+
+/// A spec that cannot be used, with every problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct SpecError {
+    /// Where the spec came from (a path, or "<request body>").
+    pub source_name: String,
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid workload spec {}: ", self.source_name)?;
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl WorkloadSpec {
+    /// Read and parse a spec file (YAML or JSON by extension or content).
+    pub fn load(path: &Path) -> Result<WorkloadSpec, SpecError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
+            source_name: name.clone(),
+            errors: vec![FieldError { field: String::new(), line: None, message: format!("cannot read: {e}") }],
+        })?;
+        Self::parse(&text, SpecFormat::detect(Some(path), &text), &name)
+    }
+
+    /// Parse and validate a spec. `source_name` only labels errors.
+    pub fn parse(text: &str, format: SpecFormat, source_name: &str) -> Result<WorkloadSpec, SpecError> {
+        let fail = |errors| SpecError { source_name: source_name.to_string(), errors };
+        let spec: WorkloadSpec = match format {
+            SpecFormat::Json => {
+                let mut de = serde_json::Deserializer::from_str(text);
+                serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                    let line = Some(e.inner().line()).filter(|l| *l > 0);
+                    fail(vec![syntax_error(text, format, e.path().to_string(), line, e.inner().to_string())])
+                })?
+            }
+            SpecFormat::Yaml => {
+                let de = serde_yaml_ng::Deserializer::from_str(text);
+                serde_path_to_error::deserialize(de).map_err(|e| {
+                    let line = e.inner().location().map(|l| l.line());
+                    fail(vec![syntax_error(text, format, e.path().to_string(), line, e.inner().to_string())])
+                })?
+            }
+        };
+        let mut errors = spec.validate();
+        if errors.is_empty() {
+            return Ok(spec);
+        }
+        for e in &mut errors {
+            e.line = locate_field(text, format, &e.field);
+        }
+        Err(fail(errors))
+    }
+
+    /// Semantic checks that serde cannot express. Lines are filled in by the caller.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let mut bad = |field: &str, message: String| {
+            errors.push(FieldError { field: field.to_string(), line: None, message })
+        };
+        if let Err(why) = check_name(&self.name) {
+            bad("name", why);
+        }
+        if self.image.trim().is_empty() {
+            bad("image", "must name an image (e.g. away/counter:latest) or an image tar".into());
+        }
+        if let Some(cmd) = &self.command {
+            if cmd.is_empty() {
+                bad("command", "must not be empty; omit it to use the image's CMD".into());
+            }
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                bad(&format!("env.{key}"), "environment variable names must be non-empty without '=' or NUL".into());
+            }
+        }
+        let min_memory = ByteSize::mib(4);
+        if self.resources.memory < min_memory {
+            bad("resources.memory", format!("{} is too small; at least {min_memory}", self.resources.memory));
+        }
+        if !(self.resources.cpus > 0.0 && self.resources.cpus <= 1024.0) {
+            bad("resources.cpus", format!("{} is out of range; use a number of CPUs in (0, 1024], e.g. 0.5", self.resources.cpus));
+        }
+        let mut host_ports = BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if p.container == 0 {
+                bad(&format!("ports[{i}].container"), "port 0 is not a port; use 1-65535".into());
+            }
+            if p.host == Some(0) {
+                bad(&format!("ports[{i}].host"), "port 0 is not a port; use 1-65535".into());
+            }
+            if !host_ports.insert(p.host_port()) {
+                bad(&format!("ports[{i}].host"), format!("host port {} is published twice", p.host_port()));
+            }
+        }
+        if self.kind == WorkloadKind::Vm && self.placement.runtime.is_some_and(RuntimeKind::is_container) {
+            bad("placement.runtime", "kind vm needs runtime qemu".into());
+        }
+        if self.kind == WorkloadKind::Container && self.placement.runtime == Some(RuntimeKind::Qemu) {
+            bad("placement.runtime", "kind container cannot run on qemu; use kind vm or auto".into());
+        }
+        errors
+    }
+}
+
+/// An error serde raised while parsing. Its position can be the enclosing mapping's (for
+/// errors raised by a field's own parser, such as a size without a unit), so the field's
+/// own line wins when it can be found; the position is then dropped from the message.
+fn syntax_error(text: &str, format: SpecFormat, path: String, parser_line: Option<usize>, message: String) -> FieldError {
+    // serde_path_to_error renders the root as "."
+    let field = if path == "." { String::new() } else { path };
+    let mut message = message;
+    if let Some(at) = message.rfind(" at line ") {
+        message.truncate(at);
+    }
+    // serde_yaml_ng prefixes the parent's path ("resources: size ..."): the field says it better.
+    if let Some((prefix, rest)) = message.split_once(": ") {
+        if !field.is_empty() && field.starts_with(prefix) && !prefix.contains(' ') {
+            message = rest.to_string();
+        }
+    }
+    let line = locate_field(text, format, &field).or(parser_line);
+    FieldError { field, line, message }
+}
+
+/// Names become container IDs, Docker names and hostnames: keep them DNS labels.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!("{name:?} must be 1-63 characters"));
+    }
+    if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        return Err(format!("{name:?} may contain only lower-case letters, digits and '-'"));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(format!("{name:?} must not start or end with '-'"));
+    }
+    Ok(())
+}
+
+/// Best-effort line of a dotted field path in the source text, for errors found after
+/// parsing (serde keeps no spans). Follows the path's keys in document order; written by
+/// hand because neither serde_yaml_ng nor serde_json expose spans of parsed values.
+fn locate_field(text: &str, format: SpecFormat, field: &str) -> Option<usize> {
+    if field.is_empty() {
+        return None;
+    }
+    let mut offset = 0;
+    for seg in field.split('.') {
+        let mut parts = seg.split('[');
+        let key = parts.next().unwrap_or(seg);
+        if !key.is_empty() {
+            let found = match format {
+                SpecFormat::Json => text[offset..].find(&format!("\"{key}\"")),
+                SpecFormat::Yaml => find_yaml_key(&text[offset..], key),
+            }?;
+            offset += found + 1;
+        }
+        // `ports[1]`: step to the second item of the sequence (YAML block sequences only)
+        for index in parts.filter_map(|p| p.trim_end_matches(']').parse::<usize>().ok()) {
+            if format == SpecFormat::Yaml {
+                offset += nth_yaml_item(&text[offset..], index)?;
+            }
+        }
+    }
+    Some(text[..offset].matches('\n').count() + 1)
+}
+
+/// Offset of the `index`-th block sequence item ("- ...") of the first sequence in `text`.
+fn nth_yaml_item(text: &str, index: usize) -> Option<usize> {
+    let mut pos = 0;
+    let mut seen = 0;
+    let mut indent = None;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let this_indent = line.len() - trimmed.len();
+        if trimmed.starts_with("- ") || trimmed.trim_end() == "-" {
+            if indent.is_none_or(|i| i == this_indent) {
+                indent = Some(this_indent);
+                if seen == index {
+                    return Some(pos + this_indent);
+                }
+                seen += 1;
+            }
+        }
+        pos += line.len();
+    }
+    None
+}
+
+fn find_yaml_key(text: &str, key: &str) -> Option<usize> {
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_start().trim_start_matches("- ").trim_start();
+        for candidate in [key.to_string(), format!("\"{key}\""), format!("'{key}'")] {
+            if let Some(rest) = body.strip_prefix(candidate.as_str()) {
+                if rest.trim_start().starts_with(':') {
+                    return Some(pos + line.len() - line.trim_start().len());
+                }
+            }
+        }
+        pos += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD_YAML: &str = "\
+name: counter
+image: away/counter:latest
+kind: auto
+env:
+  COUNTER_STEP_MS: \"100\"
+ports:
+  - container: 8080
+    host: 18080
+resources:
+  memory: 64Mi
+  cpus: 0.5
+placement:
+  tiers: [cloud, client]
+  cpu_flags: [sse4_2]
+  prefer_client: true
+";
+
+    fn parse_yaml(text: &str) -> Result<WorkloadSpec, SpecError> {
+        WorkloadSpec::parse(text, SpecFormat::Yaml, "test.yaml")
+    }
+
+    #[test]
+    fn good_yaml_parses() {
+        let spec = parse_yaml(GOOD_YAML).unwrap();
+        assert_eq!(spec.name, "counter");
+        assert_eq!(spec.resources.memory, ByteSize::mib(64));
+        assert_eq!(spec.ports[0].host_port(), 18080);
+        assert_eq!(spec.placement.tiers, vec![Tier::Cloud, Tier::Client]);
+        assert!(spec.placement.prefer_client);
+    }
+
+    #[test]
+    fn json_round_trip_parses_to_the_same_spec() {
+        let spec = parse_yaml(GOOD_YAML).unwrap();
+        let json = serde_json::to_string_pretty(&spec).unwrap();
+        let again = WorkloadSpec::parse(&json, SpecFormat::detect(None, &json), "test.json").unwrap();
+        assert_eq!(spec, again);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let spec = parse_yaml("name: a\nimage: x\n").unwrap();
+        assert_eq!(spec.kind, WorkloadKind::Auto);
+        assert_eq!(spec.resources, Resources::default());
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let err = parse_yaml("name: a\nimage: x\nresources:\n  memroy: 1Gi\n").unwrap_err();
+        let e = &err.errors[0];
+        assert_eq!(e.field, "resources.memroy");
+        assert_eq!(e.line, Some(4), "{err}");
+        assert!(e.message.contains("unknown field `memroy`"), "{err}");
+    }
+
+    #[test]
+    fn bad_unit_is_named_with_its_line() {
+        let err = parse_yaml("name: a\nimage: x\nresources:\n  cpus: 1\n  memory: 256\n").unwrap_err();
+        let e = &err.errors[0];
+        assert_eq!(e.field, "resources.memory");
+        assert_eq!(e.line, Some(5), "{err}");
+        assert_eq!(e.message, "size \"256\" has no unit; write e.g. \"256Mi\" or \"1Gi\"");
+    }
+
+    #[test]
+    fn wrong_type_and_enum_values_are_named() {
+        let err = parse_yaml("name: a\nimage: x\nkind: lxc\n").unwrap_err();
+        assert_eq!(err.errors[0].field, "kind");
+        assert_eq!(err.errors[0].line, Some(3));
+        let err = parse_yaml("name: a\nimage: x\nports:\n  - container: http\n").unwrap_err();
+        assert_eq!(err.errors[0].field, "ports[0].container");
+        assert_eq!(err.errors[0].line, Some(4));
+    }
+
+    #[test]
+    fn missing_required_field_is_named() {
+        let err = parse_yaml("name: a\n").unwrap_err();
+        assert!(err.to_string().contains("missing field `image`"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported_with_lines() {
+        let text = "name: Bad_Name\nimage: x\nresources:\n  memory: 1Mi\n  cpus: 0\nports:\n  - container: 80\n  - container: 81\n    host: 80\n";
+        let err = parse_yaml(text).unwrap_err();
+        let fields: Vec<_> = err.errors.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert_eq!(
+            fields,
+            vec![("name", Some(1)), ("resources.memory", Some(4)), ("resources.cpus", Some(5)), ("ports[1].host", Some(9))]
+        );
+        assert!(err.to_string().starts_with("invalid workload spec test.yaml: name (line 1):"), "{err}");
+    }
+
+    #[test]
+    fn json_errors_carry_lines() {
+        let text = "{\n  \"name\": \"a\",\n  \"image\": \"x\",\n  \"resources\": {\"memory\": \"2Mi\"}\n}";
+        let err = WorkloadSpec::parse(text, SpecFormat::Json, "t.json").unwrap_err();
+        assert_eq!(err.errors[0].field, "resources.memory");
+        assert_eq!(err.errors[0].line, Some(4));
+        let err = WorkloadSpec::parse("{\"name\": \"a\",\n \"image\": 3}", SpecFormat::Json, "t.json").unwrap_err();
+        assert_eq!(err.errors[0].field, "image");
+        assert_eq!(err.errors[0].line, Some(2));
+    }
+
+    #[test]
+    fn syntax_errors_carry_lines() {
+        let err = parse_yaml("name: a\nimage: [unclosed\n").unwrap_err();
+        assert!(err.errors[0].line.is_some(), "{err}");
+    }
+
+    #[test]
+    fn sequence_items_are_located_by_index() {
+        let text = "name: a\nimage: x\nports:\n  - container: 80\n    host: 8080\n  - container: 81\n    host: 8080\n";
+        let err = parse_yaml(text).unwrap_err();
+        assert_eq!((err.errors[0].field.as_str(), err.errors[0].line), ("ports[1].host", Some(7)));
+    }
+
+    #[test]
+    fn vm_kind_with_container_runtime_is_refused() {
+        let err = parse_yaml("name: a\nimage: x\nkind: vm\nplacement:\n  runtime: docker\n").unwrap_err();
+        assert_eq!(err.errors[0].field, "placement.runtime");
+        assert_eq!(err.errors[0].line, Some(5));
+    }
+}

@@ -1,0 +1,79 @@
+//! `away doctor`: what this host can run, what is missing, and the command that fixes it.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use away_runtime::host::{fingerprint, FingerprintOptions, HostPaths, Status};
+
+use crate::output::print_json;
+
+/// Check this host: containerd, Docker, runc, CRIU (pre-dump, lazy pages), QEMU, KVM,
+/// cgroups, overlayfs and the CPU.
+///
+/// Every answer comes from asking the real thing: the daemons' sockets, the binaries,
+/// and for KVM a probe guest that must actually boot (a /dev/kvm that exists but hangs
+/// guests counts as unusable, and VMs then run under TCG). The KVM answer is cached in
+/// $AWAY_STATE_DIR (default /var/lib/away) per host kernel, guest kernel and QEMU version.
+///
+/// Exit status: 0 when nothing away needs is missing (warnings allowed), 1 otherwise.
+///
+/// Examples:
+///   away doctor
+///   away doctor --json | jq '.checks[] | select(.status != "ok")'
+///   away doctor --reprobe-kvm --kvm-timeout 30
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Print one JSON document (the full host report) instead of the table
+    #[arg(long)]
+    json: bool,
+    /// Boot the KVM probe guest again instead of using the cached answer
+    #[arg(long)]
+    reprobe_kvm: bool,
+    /// Seconds the KVM probe guest has to reach its init
+    #[arg(long, default_value_t = 15, value_name = "SECONDS")]
+    kvm_timeout: u64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let opts = FingerprintOptions { paths: HostPaths::default(), kvm_timeout: Duration::from_secs(args.kvm_timeout), reprobe_kvm: args.reprobe_kvm };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    if !args.json {
+        eprintln!("checking this host (a KVM probe boot may take up to {} s)...", args.kvm_timeout);
+    }
+    let report = rt.block_on(fingerprint(&opts));
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print_table(&report);
+    }
+    Ok(if report.healthy() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn print_table(report: &away_runtime::host::HostReport) {
+    let name_w = report.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    println!("away doctor: {} ({} {}, kernel {})", report.hostname, report.arch, report.cpu.vendor, report.kernel);
+    println!();
+    for c in &report.checks {
+        let mark = match c.status {
+            Status::Ok => "ok     ",
+            Status::Warn => "warn   ",
+            Status::Missing => "MISSING",
+        };
+        println!("  {mark}  {:<name_w$}  {}", c.name, c.detail);
+        if let Some(fix) = &c.fix {
+            println!("  {:7}  {:<name_w$}  fix: {fix}", "", "");
+        }
+    }
+    println!();
+    let missing = report.checks.iter().filter(|c| c.status == Status::Missing).count();
+    let warns = report.checks.iter().filter(|c| c.status == Status::Warn).count();
+    println!(
+        "containers: {}   VMs: {}   ({missing} missing, {warns} warnings)",
+        if report.containerd.version.is_some() || report.docker.version.is_some() { "yes" } else { "no" },
+        match (report.qemu.version.is_some() && report.guest_kernel.is_some(), report.accel) {
+            (false, _) => "no".to_string(),
+            (true, accel) => format!("yes, {accel}"),
+        }
+    );
+}

@@ -1,0 +1,52 @@
+//! `away`: the one binary users type. Parses arguments and calls the libraries;
+//! behaviour lives in the `away-*` crates so that tests can reach it.
+
+mod doctor;
+mod image;
+mod output;
+
+use clap::{Parser, Subcommand};
+
+/// Run lab workloads as OCI containers when possible and as QEMU VMs otherwise,
+/// and move them between cloud, edge and client machines while they run.
+#[derive(Parser)]
+#[command(name = "away", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    /// Log filter, e.g. `info` or `away_runtime=debug` (also RUST_LOG)
+    #[arg(long, global = true, env = "AWAY_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check this host: container runtimes, CRIU, QEMU, KVM, kernel features
+    Doctor(doctor::Args),
+    /// Build, inspect and convert lab app images (OCI layout, docker-archive, VM boot artifact)
+    #[command(subcommand)]
+    Image(image::Command),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Doctor(args) => doctor::run(args),
+        Command::Image(cmd) => image::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

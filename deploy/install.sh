@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# install.sh - install every system dependency of away on Debian 12 (bookworm), idempotently.
+#
+#   apt packages   containerd, runc, Docker engine, QEMU, protoc, iptables, busybox, cpio, ...
+#   CRIU 4.x       from Debian trixie into a private prefix (bookworm's 3.17 fails on current
+#                  kernels: "vdso: Unexpected rt vDSO area bounds"); verified with `criu check`
+#   guest kernel   vmlinuz of Debian's linux-image-amd64 -> /opt/away-guest (VM boot artifacts)
+#
+# A second run changes nothing and takes about a second. Daemons are started by
+# deploy/services.sh, not here. Environment: DEBIAN_MIRROR (default: the first archive in
+# the machine's apt sources).
+set -euo pipefail
+HERE=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
+
+case ${1:-} in -h|--help) sed -n '2,13p' "$0"; exit 0 ;; esac
+
+system_mirror() {
+  { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' || true
+    grep -hs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}' || true
+  } 2>/dev/null | grep -v -- '-security' | head -n 1 || true
+}
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-$(system_mirror)}
+[ -n "$DEBIAN_MIRROR" ] || die "no Debian archive found in apt sources; set DEBIAN_MIRROR"
+
+APT_PKGS=(runc containerd docker.io tini iptables busybox-static cpio
+          protobuf-compiler libprotobuf-dev pkg-config libssl-dev sqlite3 libsqlite3-dev
+          iproute2 ca-certificates gzip xz-utils zstd e2fsprogs)
+QEMU_PKGS=(qemu-system-x86 qemu-utils)
+
+pkg_installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" = "ii " ]; }
+pkg_version()   { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
+codename() { . /etc/os-release; echo "${VERSION_CODENAME:-unknown}"; }
+
+# private apt config: own source list + own list dir, shares only the dpkg status
+apt_priv_opts() {  # apt_priv_opts DIR SOURCEPARTS -> sets APT_OPTS
+  local d=$1
+  APT_OPTS=(-o "Dir::Etc::sourcelist=$d/sources.list" -o "Dir::Etc::sourceparts=$2"
+            -o "Dir::State::Lists=$d/lists" -o "Dir::Cache::pkgcache=" -o "Dir::Cache::srcpkgcache="
+            -o "Acquire::Languages=none" -o "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false")
+}
+
+# Package postinsts must not start services (there may be no init system).
+POLICY_RC=/usr/sbin/policy-rc.d
+POLICY_RC_OURS=0
+policy_rc_block() {
+  if [ ! -e "$POLICY_RC" ]; then
+    printf '#!/bin/sh\n# temporary, created by away deploy/install.sh\nexit 101\n' >"$POLICY_RC"
+    chmod 755 "$POLICY_RC"; POLICY_RC_OURS=1
+  fi
+}
+policy_rc_restore() {
+  if [ "$POLICY_RC_OURS" = 1 ] && grep -q 'created by away deploy/install.sh' "$POLICY_RC" 2>/dev/null; then
+    rm -f "$POLICY_RC"; POLICY_RC_OURS=0
+  fi
+}
+CHANGED=()   # steps that changed the machine; empty on a re-run
+on_exit() {
+  local rc=$?; policy_rc_restore; print_timings
+  if [ $rc = 0 ]; then
+    if [ ${#CHANGED[@]} = 0 ]; then log "nothing changed (everything was already installed)"
+    else log "changed: ${CHANGED[*]}"; fi
+  else warn "install failed (exit $rc)"; fi
+}
+
+install_apt_packages() {
+  local missing=() p
+  for p in "${APT_PKGS[@]}"; do pkg_installed "$p" || missing+=("$p"); done
+  # An installed qemu-utils >= 8 comes from bookworm-backports and Breaks bookworm's
+  # qemu-system-common 7.2, so the missing qemu packages then come from backports too.
+  local qemu_missing=() qemu_bpo=0 v
+  for p in "${QEMU_PKGS[@]}"; do
+    if pkg_installed "$p"; then
+      v=$(pkg_version "$p"); dpkg --compare-versions "$v" ge 1:8 && qemu_bpo=1
+    else
+      qemu_missing+=("$p")
+    fi
+  done
+  [ ${#qemu_missing[@]} -gt 0 ] || qemu_bpo=0
+  [ $qemu_bpo = 1 ] || missing+=("${qemu_missing[@]}")
+  if [ ${#missing[@]} -eq 0 ] && [ $qemu_bpo = 0 ]; then
+    log "apt packages: all present"
+    return 0
+  fi
+  CHANGED+=(apt-packages)
+  policy_rc_block
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  if [ $qemu_bpo = 1 ]; then
+    local rel; rel=$(codename)-backports
+    log "qemu-utils $(pkg_version qemu-utils) is from backports -> ${qemu_missing[*]} from $rel"
+    local d=$APT_PRIV/backports
+    mkdir -p "$d/lists/partial"
+    { [ -f /etc/apt/sources.list ] && cat /etc/apt/sources.list || true
+      echo "deb $DEBIAN_MIRROR $rel main"; } >"$d/sources.list"
+    apt_priv_opts "$d" /etc/apt/sources.list.d
+    if apt-get "${APT_OPTS[@]}" update -q &&
+       apt-get "${APT_OPTS[@]}" install -y -q --no-install-recommends -t "$rel" "${qemu_missing[@]}"; then
+      :
+    else
+      warn "$rel install failed - falling back to $(codename) qemu (downgrades qemu-utils)"
+      apt-get install -y -q --no-install-recommends --allow-downgrades \
+        qemu-system-x86/"$(codename)" qemu-system-common/"$(codename)" qemu-system-data/"$(codename)" qemu-utils/"$(codename)"
+    fi
+  fi
+  policy_rc_restore
+}
+
+criu_ok() {
+  [ -x "$CRIU_WRAPPER" ] && [ -f "$CRIU_PREFIX/.away-installed" ] &&
+    "$CRIU_WRAPPER" --version 2>/dev/null | grep -q '^Version: 4\.'
+}
+
+install_criu() {
+  if criu_ok; then
+    log "CRIU: $("$CRIU_WRAPPER" --version | head -1) ($CRIU_PREFIX)"
+    return 0
+  fi
+  CHANGED+=(criu)
+  local d=$APT_PRIV/trixie
+  mkdir -p "$d/lists/partial" "$d/sources.list.d"
+  echo "deb $DEBIAN_MIRROR trixie main" >"$d/sources.list"
+  apt_priv_opts "$d" "$d/sources.list.d"
+  apt-get "${APT_OPTS[@]}" update -q
+  # closure of criu's hard dependencies in trixie (libc6 included: criu runs with
+  # trixie's own loader, the system glibc is never touched)
+  local pkgs
+  pkgs=$(apt-cache "${APT_OPTS[@]}" depends --recurse --no-recommends --no-suggests \
+           --no-conflicts --no-breaks --no-replaces --no-enhances criu |
+         grep -E '^[a-z0-9]' | sort -u | tr '\n' ' ')
+  rm -rf "$d/debs"; mkdir -p "$d/debs"
+  # shellcheck disable=SC2086
+  (cd "$d/debs" && apt-get "${APT_OPTS[@]}" -o APT::Sandbox::User=root download -q $pkgs)
+  local stage=$CRIU_PREFIX.new deb
+  rm -rf "$stage"; mkdir -p "$stage"
+  for deb in "$d"/debs/*.deb; do dpkg-deb -x "$deb" "$stage"; done
+  local ld=$stage/usr/lib64/ld-linux-x86-64.so.2
+  [ -e "$ld" ] || ld=$stage/lib64/ld-linux-x86-64.so.2
+  [ -e "$ld" ] || die "trixie loader not found in $stage"
+  [ -x "$stage/usr/sbin/criu" ] || die "criu binary not found in $stage"
+  # every library must resolve inside the prefix (no fallback to bookworm's libs)
+  local libpath="$stage/usr/lib/x86_64-linux-gnu:$stage/lib/x86_64-linux-gnu" list
+  list=$("$ld" --library-path "$libpath" --list "$stage/usr/sbin/criu")
+  if echo "$list" | grep -q 'not found'; then echo "$list"; die "unresolved libraries for criu"; fi
+  if echo "$list" | grep '=>' | grep -v "$stage" | grep -q .; then
+    echo "$list"; die "criu would load libraries from outside $CRIU_PREFIX"
+  fi
+  rm -rf "$CRIU_PREFIX"; mv "$stage" "$CRIU_PREFIX"
+  ld=/usr/lib64/ld-linux-x86-64.so.2; [ -e "$CRIU_PREFIX$ld" ] || ld=/lib64/ld-linux-x86-64.so.2
+  mkdir -p "$(dirname "$CRIU_WRAPPER")"
+  cat >"$CRIU_WRAPPER.tmp" <<WRAP
+#!/bin/sh
+# CRIU from Debian trixie, run with trixie's own loader and libraries
+# (installed by away deploy/install.sh; the system glibc is not touched).
+P=$CRIU_PREFIX
+exec "\$P$ld" --argv0 criu --library-path "\$P/usr/lib/x86_64-linux-gnu:\$P/lib/x86_64-linux-gnu" "\$P/usr/sbin/criu" "\$@"
+WRAP
+  chmod 755 "$CRIU_WRAPPER.tmp"; mv "$CRIU_WRAPPER.tmp" "$CRIU_WRAPPER"
+  "$CRIU_WRAPPER" --version >/dev/null || die "criu wrapper does not run"
+  date -u +%FT%TZ >"$CRIU_PREFIX/.away-installed"
+  rm -rf "$d/debs"
+  log "installed $("$CRIU_WRAPPER" --version | head -1) -> $CRIU_WRAPPER"
+}
+
+verify_criu() {
+  local out
+  out=$("$CRIU_WRAPPER" check 2>&1) || { echo "$out" >&2; die "criu check failed"; }
+  log "criu check: $(echo "$out" | tail -n 1)"
+}
+
+install_guest_kernel() {
+  if [ -f "$GUEST_DIR/vmlinuz" ] && [ -f "$GUEST_DIR/VERSION" ]; then
+    log "guest kernel: $(cat "$GUEST_DIR/VERSION")"
+    return 0
+  fi
+  CHANGED+=(guest-kernel)
+  local pkg
+  pkg=$( (apt-cache depends linux-image-amd64 2>/dev/null || true) | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  if [ -z "$pkg" ]; then
+    apt-get update -q
+    pkg=$( (apt-cache depends linux-image-amd64 || true) | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  fi
+  [ -n "$pkg" ] || die "cannot resolve linux-image-amd64"
+  local tmp; tmp=$(mktemp -d /tmp/away-kernel.XXXXXX)
+  log "downloading $pkg (only vmlinuz is extracted; the package is not installed)"
+  (cd "$tmp" && apt-get -o APT::Sandbox::User=root download -q "$pkg")
+  dpkg-deb --fsys-tarfile "$tmp"/*.deb | tar -C "$tmp" -xf - --wildcards './boot/vmlinuz-*' './boot/config-*'
+  mkdir -p "$GUEST_DIR"
+  local vmlinuz; vmlinuz=$(ls "$tmp"/boot/vmlinuz-*)
+  cp "$vmlinuz" "$GUEST_DIR/$(basename "$vmlinuz")"
+  cp "$tmp"/boot/config-* "$GUEST_DIR/"
+  ln -sfn "$(basename "$vmlinuz")" "$GUEST_DIR/vmlinuz"
+  echo "$pkg $(dpkg-deb -f "$tmp"/*.deb Version)" >"$GUEST_DIR/VERSION"
+  rm -rf "$tmp"
+  log "guest kernel: $GUEST_DIR/vmlinuz -> $(basename "$vmlinuz")"
+}
+
+check_toolchain() {
+  command -v cargo >/dev/null 2>&1 ||
+    die "cargo not found; Debian bookworm's rustc (1.63) is too old for away - install a rustup toolchain (1.80+)"
+  log "rust: $(rustc --version), protoc: $(protoc --version)"
+}
+
+need_root
+trap on_exit EXIT
+[ "$(codename)" = bookworm ] || warn "tested on Debian 12 (bookworm) only; this is $(codename)"
+step apt-packages install_apt_packages
+step criu install_criu
+step criu-check verify_criu
+step guest-kernel install_guest_kernel
+step toolchain check_toolchain

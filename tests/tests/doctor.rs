@@ -1,0 +1,120 @@
+//! `away doctor --json` against the real host: every claim it makes is checked with an
+//! independent look at the same thing.
+
+use std::process::Command;
+use std::time::Duration;
+
+use away_e2e::{away, away_json, require, require_root, require_socket};
+use away_model::Accel;
+use away_runtime::host::{boot_probe_guest, HostPaths, KvmProbeConfig};
+use serde_json::Value;
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("run sh");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no check named {name}"))
+}
+
+#[test]
+fn doctor_json_tells_the_truth_about_this_host() {
+    if !require_root() || !require_socket("/run/containerd/containerd.sock", "containerd") || !require_socket("/run/docker.sock", "dockerd") {
+        return;
+    }
+    let r = away_json(&["doctor", "--json"]);
+
+    // CPU and kernel, against /proc and uname
+    let arch = match sh("uname -m").as_str() {
+        "x86_64" => "amd64".to_string(),
+        "aarch64" => "arm64".to_string(),
+        other => other.to_string(),
+    };
+    assert_eq!(r["arch"], arch.as_str());
+    assert_eq!(r["kernel"], sh("uname -r").as_str());
+    let vendor = sh("grep -m1 vendor_id /proc/cpuinfo | cut -d: -f2 | tr -d ' '");
+    let expected_vendor = match vendor.as_str() {
+        "GenuineIntel" => "intel",
+        "AuthenticAMD" => "amd",
+        other => other,
+    };
+    assert_eq!(r["cpu"]["vendor"], expected_vendor);
+    assert_eq!(r["cpu"]["model"], sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'").as_str());
+    assert_eq!(r["cpu"]["cores"], sh("grep -c ^processor /proc/cpuinfo").parse::<u64>().unwrap());
+    let flags: Vec<String> = sh("grep -m1 ^flags /proc/cpuinfo | cut -d: -f2").split_whitespace().map(String::from).collect();
+    assert_eq!(r["cpu"]["flags"].as_array().unwrap().len(), flags.iter().collect::<std::collections::BTreeSet<_>>().len());
+
+    // containerd and Docker, against their own CLIs on the same sockets
+    let ctr_version = sh("ctr --address /run/containerd/containerd.sock --connect-timeout 2s version | awk '/^Server:/{s=1} s && /Version:/{print $2; exit}'");
+    assert_eq!(r["containerd"]["version"], ctr_version.as_str());
+    assert_eq!(check(&r, "containerd")["status"], "ok");
+    assert_eq!(r["docker"]["version"], sh("/usr/bin/docker version -f '{{.Server.Version}}'").as_str());
+    let experimental = sh("/usr/bin/docker version -f '{{.Server.Experimental}}'") == "true";
+    assert_eq!(r["docker"]["experimental"], experimental);
+    assert_eq!(check(&r, "docker")["status"], if experimental { "ok" } else { "warn" });
+
+    // runc, CRIU, QEMU, against the binaries
+    assert!(sh("runc --version").contains(r["runc"]["version"].as_str().unwrap()));
+    assert!(sh("criu --version").contains(r["criu"]["version"].as_str().unwrap()));
+    let criu_check_ok = Command::new("criu").arg("check").status().unwrap().success();
+    assert_eq!(r["criu"]["check_ok"], criu_check_ok);
+    let dirty = Command::new("criu").args(["check", "--feature", "mem_dirty_track"]).status().unwrap().success();
+    assert_eq!(r["criu"]["dirty_tracking"], dirty);
+    assert_eq!(check(&r, "criu pre-dump")["status"], if dirty { "ok" } else { "warn" });
+    assert_eq!(r["criu"]["pipe_max_size"], sh("cat /proc/sys/fs/pipe-max-size").parse::<u64>().unwrap());
+    assert!(sh("qemu-system-x86_64 --version").contains(r["qemu"]["version"].as_str().unwrap()));
+
+    // cgroups and overlayfs
+    let cgroup = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "v2"
+    } else if std::path::Path::new("/sys/fs/cgroup/unified").exists() {
+        "hybrid"
+    } else {
+        "v1"
+    };
+    assert_eq!(r["cgroup"]["version"], cgroup);
+    assert_eq!(r["overlayfs"], sh("grep -c overlay /proc/filesystems") != "0");
+
+    // KVM: the accelerator follows the probe, and a "no" says why
+    let kvm = &r["kvm"];
+    assert_eq!(kvm["device_present"], std::path::Path::new("/dev/kvm").exists());
+    assert_eq!(r["accel"], if kvm["usable"] == true { "kvm" } else { "tcg" });
+    assert!(!kvm["reason"].as_str().unwrap().is_empty());
+    assert_eq!(check(&r, "kvm")["status"], if kvm["usable"] == true { "ok" } else { "warn" });
+
+    // every non-ok check carries a fix
+    for c in r["checks"].as_array().unwrap() {
+        if c["status"] != "ok" {
+            assert!(c["fix"].as_str().is_some_and(|f| !f.is_empty()), "check without a fix: {c}");
+        }
+    }
+}
+
+/// The KVM probe's "no" is only worth something if its guest boots where it can: under TCG.
+#[test]
+fn kvm_probe_guest_boots_under_tcg() {
+    let paths = HostPaths::default();
+    if !require(paths.qemu.exists() && paths.guest_kernel.exists() && paths.busybox.exists(), "qemu, guest kernel and busybox (deploy/install.sh)") {
+        return;
+    }
+    let cfg = KvmProbeConfig {
+        qemu: paths.qemu,
+        kernel: paths.guest_kernel,
+        busybox: paths.busybox,
+        timeout: Duration::from_secs(90),
+        cache_file: None,
+        reprobe: true,
+    };
+    let took = boot_probe_guest(&cfg, Accel::Tcg).expect("probe guest must boot under TCG");
+    eprintln!("probe guest booted under TCG in {:.1} s", took.as_secs_f64());
+}
+
+#[test]
+fn doctor_table_names_every_component() {
+    let out = away(&["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for name in ["cpu", "cgroup", "overlayfs", "containerd", "docker", "runc", "criu", "criu pre-dump", "criu lazy pages", "qemu", "kvm"] {
+        assert!(text.contains(name), "doctor table lacks {name}:\n{text}");
+    }
+}
