@@ -6,6 +6,7 @@ mod node;
 mod size;
 mod spec;
 mod wire;
+mod workload;
 
 pub use node::{Accel, Arch, CpuInfo, CpuVendor, HypervisorInfo, LinkInfo, NodeInfo, RuntimeInfo, Tier};
 pub use size::{ByteSize, ByteSizeError};
@@ -14,3 +15,4 @@ pub use spec::{
     WorkloadSpec,
 };
 pub use wire::{ApiError, ErrorCode};
+pub use workload::{RuntimeDecision, RuntimeVerdict, WorkloadState, WorkloadStatus};

@@ -1,4 +1,15 @@
-//! Running workloads on a node: host fingerprinting (what the node is and can run) and,
-//! beside it, the `Runtime` trait with its containerd, Docker and QEMU backends.
+//! Running workloads on a node: the `Runtime` trait and its backends (containerd,
+//! Docker, QEMU), the image store they import from, the container→VM fallback rule, and
+//! host fingerprinting (what the node is and can run).
 
+pub mod containerd;
+pub mod docker;
+pub mod fallback;
 pub mod host;
+pub mod qemu;
+pub mod runtime;
+pub mod store;
+
+pub use fallback::{choose_runtime, NoRuntime};
+pub use runtime::{CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError};
+pub use store::{ImageStore, ImageSummary, ResolvedImage};

@@ -1,0 +1,1 @@
+//! containerd backend (containerd-client over tonic). Being written.

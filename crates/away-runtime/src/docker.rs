@@ -1,0 +1,1 @@
+//! Docker engine backend (bollard). Being written.

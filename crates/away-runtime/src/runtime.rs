@@ -1,0 +1,119 @@
+//! The one `Runtime` trait every backend implements (containerd, Docker, QEMU), and the
+//! requests and errors it speaks. Migration drives `checkpoint` and `restore`.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use away_model::{RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadStatus};
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+
+use crate::store::ResolvedImage;
+
+/// Everything needed to start a workload.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub spec: WorkloadSpec,
+    pub image: ResolvedImage,
+}
+
+/// Options of a checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointOptions {
+    /// Directory the checkpoint is written into (created, owner-only).
+    pub dir: PathBuf,
+    /// Keep the workload running after the checkpoint (default: it stops, as in a move).
+    pub leave_running: bool,
+}
+
+/// A checkpoint on disk: CRIU images (containers) or a QEMU migration stream (VMs),
+/// plus what is needed to restore it elsewhere.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointArchive {
+    pub workload: String,
+    pub runtime: RuntimeKind,
+    pub dir: PathBuf,
+    /// Bytes on disk under `dir`.
+    pub bytes: u64,
+    pub spec: WorkloadSpec,
+    /// Image reference the workload runs from (the target needs the same image).
+    pub image: String,
+}
+
+/// Restore a checkpoint as a new workload (possibly on another node).
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    pub archive: CheckpointArchive,
+    pub image: ResolvedImage,
+}
+
+/// Chunks of a workload's combined stdout/stderr.
+pub type LogStream = Pin<Box<dyn Stream<Item = Result<Vec<u8>, RuntimeError>> + Send>>;
+
+/// Errors of every backend. Messages are lower-case and name the workload, image or
+/// daemon involved.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{runtime} is unavailable: {reason}")]
+    Unavailable { runtime: RuntimeKind, reason: String },
+    #[error("no workload named {name:?} on {runtime}")]
+    NotFound { runtime: RuntimeKind, name: String },
+    #[error("a workload named {name:?} already exists on {runtime}")]
+    AlreadyExists { runtime: RuntimeKind, name: String },
+    #[error("image {reference:?}: {reason}")]
+    Image { reference: String, reason: String },
+    /// The request cannot be satisfied here (e.g. more memory than the host has).
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("{runtime} cannot {op}: {reason}")]
+    Unsupported { runtime: RuntimeKind, op: &'static str, reason: String },
+    #[error("{runtime}: {op} {name:?} failed: {message}")]
+    Failed { runtime: RuntimeKind, op: &'static str, name: String, message: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RuntimeError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        RuntimeError::Io { context: context.into(), source }
+    }
+}
+
+/// A place workloads run. Implementations must leave nothing behind when `run` or
+/// `restore` fails (no stray container, task, snapshot or process).
+#[async_trait]
+pub trait Runtime: Send + Sync {
+    fn kind(&self) -> RuntimeKind;
+
+    /// Ask the daemon (or binary) whether it can run workloads now.
+    async fn health(&self) -> RuntimeInfo;
+
+    /// Create and start a workload from its spec and resolved image.
+    async fn run(&self, req: &RunRequest) -> Result<WorkloadStatus, RuntimeError>;
+
+    /// Stop the workload: SIGTERM (or ACPI powerdown), then kill after `grace`.
+    async fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError>;
+
+    /// Remove the workload and everything it holds; kills it first if it still runs.
+    async fn remove(&self, name: &str) -> Result<(), RuntimeError>;
+
+    async fn status(&self, name: &str) -> Result<WorkloadStatus, RuntimeError>;
+
+    /// Every workload away created on this runtime.
+    async fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError>;
+
+    /// The workload's output so far; with `follow`, then new output until it stops.
+    async fn logs(&self, name: &str, follow: bool) -> Result<LogStream, RuntimeError>;
+
+    /// Write a checkpoint of the running workload.
+    async fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointArchive, RuntimeError>;
+
+    /// Start a workload from a checkpoint; it continues where the checkpoint left it.
+    async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError>;
+}

@@ -1,0 +1,141 @@
+//! Where workloads' images come from. There is no registry: images are tars built by
+//! `away image build` (OCI layout + docker-archive in one file). A spec names either a
+//! path to such a tar or a reference (`away/counter:latest`) kept in the local image
+//! store, `$AWAY_STATE_DIR/images`.
+
+use std::path::{Path, PathBuf};
+
+use away_image::archive::normalize_reference;
+use away_model::Arch;
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::RuntimeError;
+
+/// The parts of an image's config that runtimes need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSummary {
+    pub arch: Arch,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: String,
+    pub user: String,
+    /// Ports the image declares (EXPOSE), TCP only.
+    pub exposed_ports: Vec<u16>,
+}
+
+/// An image found on disk, ready for a runtime to import.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedImage {
+    /// Full reference as Docker and containerd name it (`docker.io/away/counter:latest`).
+    pub reference: String,
+    /// The image tar (OCI layout and docker-archive).
+    pub tar: PathBuf,
+    pub manifest_digest: String,
+    pub summary: ImageSummary,
+}
+
+impl ResolvedImage {
+    /// The command the image runs: spec `command` replaces CMD, as in Docker.
+    pub fn argv(&self, command_override: Option<&[String]>) -> Vec<String> {
+        let mut argv = self.summary.entrypoint.clone();
+        argv.extend(command_override.map(<[String]>::to_vec).unwrap_or_else(|| self.summary.cmd.clone()));
+        argv
+    }
+}
+
+/// The local image store: one tar per reference.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    pub dir: PathBuf,
+}
+
+impl ImageStore {
+    pub fn new(state_dir: &Path) -> Self {
+        ImageStore { dir: state_dir.join("images") }
+    }
+
+    /// File name for a reference: `docker.io/away/counter:latest` -> `docker.io_away_counter_latest.tar`.
+    fn file_for(&self, reference: &str) -> PathBuf {
+        let name: String = normalize_reference(reference).chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+        self.dir.join(format!("{name}.tar"))
+    }
+
+    /// Add an image tar to the store under every tag it carries (and `extra_tag`).
+    /// Returns the references stored.
+    pub fn add(&self, tar: &Path, extra_tag: Option<&str>) -> Result<Vec<String>, RuntimeError> {
+        let read = away_image::read_image_tar(tar).map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: e.to_string() })?;
+        let mut refs: Vec<String> = read.image.tags.iter().map(|t| normalize_reference(t)).collect();
+        refs.extend(extra_tag.map(normalize_reference));
+        refs.sort();
+        refs.dedup();
+        if refs.is_empty() {
+            return Err(RuntimeError::Image { reference: tar.display().to_string(), reason: "carries no tag; give one".into() });
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| RuntimeError::io(format!("create {}", self.dir.display()), e))?;
+        for r in &refs {
+            let dest = self.file_for(r);
+            // copy to a temp name, then rename: a reader never sees half a tar
+            let tmp = dest.with_extension("tar.part");
+            std::fs::copy(tar, &tmp).map_err(|e| RuntimeError::io(format!("copy {} to {}", tar.display(), tmp.display()), e))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| RuntimeError::io(format!("rename {}", tmp.display()), e))?;
+        }
+        Ok(refs)
+    }
+
+    /// A path to an image tar, or a reference in the store.
+    pub fn resolve(&self, image: &str) -> Result<ResolvedImage, RuntimeError> {
+        let as_path = Path::new(image);
+        let (tar, wanted) = if as_path.is_file() {
+            (as_path.to_path_buf(), None)
+        } else {
+            let file = self.file_for(image);
+            if !file.is_file() {
+                return Err(RuntimeError::Image {
+                    reference: image.to_string(),
+                    reason: format!(
+                        "not found: it is neither an image tar nor in the image store {} (build it with `away image build images/<app>`, or name a tar)",
+                        self.dir.display()
+                    ),
+                });
+            }
+            (file, Some(normalize_reference(image)))
+        };
+        read_resolved(&tar, wanted)
+    }
+}
+
+/// Read an image tar's config into a ResolvedImage.
+pub fn read_resolved(tar: &Path, reference: Option<String>) -> Result<ResolvedImage, RuntimeError> {
+    let read = away_image::read_image_tar(tar).map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: e.to_string() })?;
+    let cfg = &read.image.config;
+    let inner = cfg.config().clone().unwrap_or_default();
+    let reference = reference
+        .or_else(|| read.image.tags.first().map(|t| normalize_reference(t)))
+        .unwrap_or_else(|| format!("away.local/{}", read.manifest_digest.trim_start_matches("sha256:").chars().take(12).collect::<String>()));
+    let mut exposed: Vec<u16> = inner
+        .exposed_ports()
+        .clone()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| {
+            let (port, proto) = p.split_once('/').unwrap_or((p, "tcp"));
+            (proto == "tcp").then(|| port.parse().ok()).flatten()
+        })
+        .collect();
+    exposed.sort_unstable();
+    Ok(ResolvedImage {
+        reference,
+        tar: tar.to_path_buf(),
+        manifest_digest: read.manifest_digest.clone(),
+        summary: ImageSummary {
+            arch: Arch(cfg.architecture().to_string()),
+            entrypoint: inner.entrypoint().clone().unwrap_or_default(),
+            cmd: inner.cmd().clone().unwrap_or_default(),
+            env: inner.env().clone().unwrap_or_default(),
+            working_dir: inner.working_dir().clone().unwrap_or_default(),
+            user: inner.user().clone().unwrap_or_default(),
+            exposed_ports: exposed,
+        },
+    })
+}
