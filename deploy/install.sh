@@ -2,13 +2,15 @@
 # install.sh - install every system dependency of away on Debian 12 (bookworm), idempotently.
 #
 #   apt packages   containerd, runc, Docker engine, QEMU, protoc, iptables, busybox, cpio, ...
-#   CRIU 4.x       from Debian trixie into a private prefix (bookworm's 3.17 fails on current
-#                  kernels: "vdso: Unexpected rt vDSO area bounds"); verified with `criu check`
-#   guest kernel   vmlinuz of Debian's linux-image-amd64 -> /opt/away-guest (VM boot artifacts)
+#   CRIU >= 4.2    from Debian testing into a private prefix, run with its own loader and libs;
+#                  verified with `criu check`. bookworm's 3.17 fails on current kernels ("vdso:
+#                  Unexpected rt vDSO area bounds") and 4.1 cannot dump TCP sockets on kernels
+#                  >= 6.16 (SO_PASSCRED became AF_UNIX-only; fixed in CRIU 4.2).
+#   guest kernel   vmlinuz + virtio-net modules of Debian's linux-image-amd64 -> /opt/away-guest
 #
 # A second run changes nothing and takes about a second. Daemons are started by
 # deploy/services.sh, not here. Environment: DEBIAN_MIRROR (default: the first archive in
-# the machine's apt sources).
+# the machine's apt sources), AWAY_CRIU_SUITE (default forky, Debian 14 "testing").
 set -euo pipefail
 HERE=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
 # shellcheck source=lib.sh
@@ -109,9 +111,12 @@ install_apt_packages() {
   policy_rc_restore
 }
 
+CRIU_SUITE=${AWAY_CRIU_SUITE:-forky}
+CRIU_MIN=4.2
 criu_ok() {
-  [ -x "$CRIU_WRAPPER" ] && [ -f "$CRIU_PREFIX/.away-installed" ] &&
-    "$CRIU_WRAPPER" --version 2>/dev/null | grep -q '^Version: 4\.'
+  [ -x "$CRIU_WRAPPER" ] && [ -f "$CRIU_PREFIX/.away-installed" ] || return 1
+  local v; v=$("$CRIU_WRAPPER" --version 2>/dev/null | awk '/^Version:/ {print $2}')
+  [ -n "$v" ] && dpkg --compare-versions "$v" ge "$CRIU_MIN"
 }
 
 install_criu() {
@@ -120,13 +125,13 @@ install_criu() {
     return 0
   fi
   CHANGED+=(criu)
-  local d=$APT_PRIV/trixie
+  local d=$APT_PRIV/$CRIU_SUITE
   mkdir -p "$d/lists/partial" "$d/sources.list.d"
-  echo "deb $DEBIAN_MIRROR trixie main" >"$d/sources.list"
+  echo "deb $DEBIAN_MIRROR $CRIU_SUITE main" >"$d/sources.list"
   apt_priv_opts "$d" "$d/sources.list.d"
   apt-get "${APT_OPTS[@]}" update -q
-  # closure of criu's hard dependencies in trixie (libc6 included: criu runs with
-  # trixie's own loader, the system glibc is never touched)
+  # closure of criu's hard dependencies in that suite (libc6 included: criu runs with
+  # the suite's own loader, the system glibc is never touched)
   local pkgs
   pkgs=$(apt-cache "${APT_OPTS[@]}" depends --recurse --no-recommends --no-suggests \
            --no-conflicts --no-breaks --no-replaces --no-enhances criu |
@@ -139,7 +144,7 @@ install_criu() {
   for deb in "$d"/debs/*.deb; do dpkg-deb -x "$deb" "$stage"; done
   local ld=$stage/usr/lib64/ld-linux-x86-64.so.2
   [ -e "$ld" ] || ld=$stage/lib64/ld-linux-x86-64.so.2
-  [ -e "$ld" ] || die "trixie loader not found in $stage"
+  [ -e "$ld" ] || die "$CRIU_SUITE loader not found in $stage"
   [ -x "$stage/usr/sbin/criu" ] || die "criu binary not found in $stage"
   # every library must resolve inside the prefix (no fallback to bookworm's libs)
   local libpath="$stage/usr/lib/x86_64-linux-gnu:$stage/lib/x86_64-linux-gnu" list
@@ -153,7 +158,7 @@ install_criu() {
   mkdir -p "$(dirname "$CRIU_WRAPPER")"
   cat >"$CRIU_WRAPPER.tmp" <<WRAP
 #!/bin/sh
-# CRIU from Debian trixie, run with trixie's own loader and libraries
+# CRIU from Debian $CRIU_SUITE, run with that suite's own loader and libraries
 # (installed by away deploy/install.sh; the system glibc is not touched).
 P=$CRIU_PREFIX
 exec "\$P$ld" --argv0 criu --library-path "\$P/usr/lib/x86_64-linux-gnu:\$P/lib/x86_64-linux-gnu" "\$P/usr/sbin/criu" "\$@"
@@ -162,6 +167,7 @@ WRAP
   "$CRIU_WRAPPER" --version >/dev/null || die "criu wrapper does not run"
   date -u +%FT%TZ >"$CRIU_PREFIX/.away-installed"
   rm -rf "$d/debs"
+  criu_ok || die "installed $("$CRIU_WRAPPER" --version | head -1) from $CRIU_SUITE, but away needs >= $CRIU_MIN"
   log "installed $("$CRIU_WRAPPER" --version | head -1) -> $CRIU_WRAPPER"
 }
 
@@ -172,7 +178,7 @@ verify_criu() {
 }
 
 install_guest_kernel() {
-  if [ -f "$GUEST_DIR/vmlinuz" ] && [ -f "$GUEST_DIR/VERSION" ]; then
+  if [ -f "$GUEST_DIR/vmlinuz" ] && [ -f "$GUEST_DIR/VERSION" ] && [ -f "$GUEST_DIR/modules/.away-installed" ]; then
     log "guest kernel: $(cat "$GUEST_DIR/VERSION")"
     return 0
   fi
@@ -187,8 +193,14 @@ install_guest_kernel() {
   local tmp; tmp=$(mktemp -d /tmp/away-kernel.XXXXXX)
   log "downloading $pkg (only vmlinuz is extracted; the package is not installed)"
   (cd "$tmp" && apt-get -o APT::Sandbox::User=root download -q "$pkg")
-  dpkg-deb --fsys-tarfile "$tmp"/*.deb | tar -C "$tmp" -xf - --wildcards './boot/vmlinuz-*' './boot/config-*'
+  # vmlinuz, and the NIC modules the VM init loads: Debian builds virtio-net as a module
+  dpkg-deb --fsys-tarfile "$tmp"/*.deb | tar -C "$tmp" -xf - --wildcards './boot/vmlinuz-*' './boot/config-*' \
+    './lib/modules/*/kernel/drivers/virtio/*.ko' './lib/modules/*/kernel/drivers/net/virtio_net.ko' \
+    './lib/modules/*/kernel/drivers/net/net_failover.ko' './lib/modules/*/kernel/net/core/failover.ko'
   mkdir -p "$GUEST_DIR"
+  rm -rf "$GUEST_DIR/modules"; mkdir -p "$GUEST_DIR/modules"
+  cp -a "$tmp"/lib/modules/*/kernel "$GUEST_DIR/modules/"
+  date -u +%FT%TZ >"$GUEST_DIR/modules/.away-installed"
   local vmlinuz; vmlinuz=$(ls "$tmp"/boot/vmlinuz-*)
   cp "$vmlinuz" "$GUEST_DIR/$(basename "$vmlinuz")"
   cp "$tmp"/boot/config-* "$GUEST_DIR/"

@@ -79,3 +79,48 @@ pub fn away_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("away {args:?}: stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
 }
+
+/// Image tar of a lab app (`images/<app>`), built once per test process with
+/// `away image build` into `target/away-e2e-images/`.
+pub fn lab_image(app: &str) -> PathBuf {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let out = workspace_root().join("target").join("away-e2e-images");
+    let tar = out.join(format!("{app}.tar"));
+    let built = away(&["image", "build", workspace_root().join("images").join(app).to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(built.status.success(), "away image build images/{app} failed: {}", String::from_utf8_lossy(&built.stderr));
+    assert!(tar.is_file(), "away image build did not write {}", tar.display());
+    tar
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET path` on 127.0.0.1:port; the body on a 200, None otherwise (or on no answer).
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// Poll `f` every 250 ms until it returns Some or `secs` pass.
+pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}

@@ -1,1 +1,603 @@
-//! Docker engine backend (bollard). Being written.
+//! Docker engine backend: workloads are Docker containers, driven through bollard over
+//! dockerd's unix socket. Checkpoint and restore are Docker's experimental CRIU
+//! checkpoints (dockerd needs `--experimental` and CRIU on its PATH).
+//!
+//! A workload is the container named exactly like it and labelled `away.workload`;
+//! containers without that label are never touched.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use away_model::{RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadState, WorkloadStatus};
+use bollard::container::{CreateCheckpointOptions, DeleteCheckpointOptions, ListCheckpointsOptions};
+use bollard::errors::Error as BollardError;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, PortBinding,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, ImportImageOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    StopContainerOptions, TagImageOptions,
+};
+use bollard::Docker;
+use futures_util::{StreamExt, TryStreamExt};
+use tracing::{debug, info, warn};
+
+use crate::runtime::{
+    CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError,
+};
+use crate::store::ResolvedImage;
+
+const KIND: RuntimeKind = RuntimeKind::Docker;
+const LABEL_WORKLOAD: &str = "away.workload";
+const LABEL_IMAGE: &str = "away.image";
+const LABEL_SPEC: &str = "away.spec";
+/// Per-request limit until dockerd answers (image loads and CRIU dumps can take a while;
+/// streamed bodies such as followed logs are not limited).
+const REQUEST_TIMEOUT_SECS: u64 = 120;
+/// dockerd refuses memory limits below 6 MB.
+const DOCKER_MIN_MEMORY: u64 = 6 * 1024 * 1024;
+
+/// The Docker engine on one unix socket.
+#[derive(Debug, Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+    socket: PathBuf,
+}
+
+impl DockerRuntime {
+    /// Connect to dockerd at `socket` and agree on an API version (dockerd 20.10 speaks 1.41,
+    /// older than bollard's default).
+    pub async fn connect(socket: &Path) -> Result<Self, RuntimeError> {
+        let unavailable = |reason: String| RuntimeError::Unavailable { runtime: KIND, reason };
+        if !socket.exists() {
+            return Err(unavailable(format!(
+                "no socket at {} (start dockerd, e.g. deploy/services.sh start)",
+                socket.display()
+            )));
+        }
+        let docker = Docker::connect_with_unix(&socket.to_string_lossy(), REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| unavailable(format!("cannot connect to {}: {e}", socket.display())))?;
+        let docker = tokio::time::timeout(Duration::from_secs(10), docker.negotiate_version())
+            .await
+            .map_err(|_| unavailable(format!("no answer on {} within 10 s", socket.display())))?
+            .map_err(|e| unavailable(format!("GET /version on {}: {}", socket.display(), describe(&e))))?;
+        Ok(DockerRuntime { docker, socket: socket.to_path_buf() })
+    }
+
+    /// The socket this runtime talks to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Refuse resources the engine's host cannot give, before anything is created.
+    async fn check_resources(&self, spec: &WorkloadSpec) -> Result<(), RuntimeError> {
+        let memory = spec.resources.memory.bytes();
+        if memory < DOCKER_MIN_MEMORY {
+            return Err(RuntimeError::Invalid {
+                field: "resources.memory".into(),
+                reason: format!("{} is below docker's minimum of 6 MiB", spec.resources.memory),
+            });
+        }
+        let sys = self.docker.info().await.map_err(|e| self.api_error("inspect the engine of", &spec.name, e))?;
+        if let Some(total) = sys.mem_total.filter(|t| *t > 0) {
+            if memory > total as u64 {
+                return Err(RuntimeError::Invalid {
+                    field: "resources.memory".into(),
+                    reason: format!(
+                        "{} is more than the docker host has ({} MiB) for workload {:?}",
+                        spec.resources.memory,
+                        total as u64 / (1024 * 1024),
+                        spec.name
+                    ),
+                });
+            }
+        }
+        if let Some(ncpu) = sys.ncpu.filter(|n| *n > 0) {
+            if spec.resources.cpus > ncpu as f64 {
+                return Err(RuntimeError::Invalid {
+                    field: "resources.cpus".into(),
+                    reason: format!("{} is more than the docker host has ({ncpu}) for workload {:?}", spec.resources.cpus, spec.name),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Make `image.reference` name the image of `image.tar` in the engine: load the tar
+    /// (POST /images/load) unless the engine already has that reference with the same
+    /// image ID (Docker's image ID is the config digest).
+    async fn ensure_image(&self, image: &ResolvedImage) -> Result<(), RuntimeError> {
+        let reference = image.reference.clone();
+        let bad = |reason: String| RuntimeError::Image { reference: reference.clone(), reason };
+        let tar = image.tar.clone();
+        // Reading the tar first also refuses a missing or corrupt one before anything is created.
+        let read = tokio::task::spawn_blocking(move || away_image::read_image_tar(&tar))
+            .await
+            .map_err(|e| bad(format!("reading {} panicked: {e}", image.tar.display())))?
+            .map_err(|e| bad(format!("cannot read image tar {}: {e}", image.tar.display())))?;
+        let id = read.config_digest;
+        if self.image_id(&image.reference).await?.as_deref() == Some(id.as_str()) {
+            debug!(reference = %image.reference, %id, "image already in docker");
+            return Ok(());
+        }
+        info!(reference = %image.reference, tar = %image.tar.display(), "loading image into docker");
+        // Lab images are small static binaries: one body in memory is fine.
+        let bytes = tokio::fs::read(&image.tar).await.map_err(|e| bad(format!("cannot read {}: {e}", image.tar.display())))?;
+        let opts = ImportImageOptions { quiet: true, ..Default::default() };
+        let mut load = self.docker.import_image(opts, bollard::body_full(bytes.into()), None);
+        while let Some(progress) = load.next().await {
+            progress.map_err(|e| bad(format!("docker load of {} failed: {}", image.tar.display(), describe(&e))))?;
+        }
+        // The tar may carry other tags than the reference (a store alias, or none at all).
+        if self.image_id(&image.reference).await?.as_deref() != Some(id.as_str()) {
+            let (repo, tag) = split_reference(&image.reference);
+            let opts = TagImageOptions { repo: Some(repo.to_string()), tag: Some(tag.to_string()) };
+            self.docker
+                .tag_image(&id, Some(opts))
+                .await
+                .map_err(|e| bad(format!("loaded {} but cannot tag {id}: {}", image.tar.display(), describe(&e))))?;
+        }
+        Ok(())
+    }
+
+    /// The engine's image ID for a reference, None when it has no such image.
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(found) => Ok(found.id),
+            Err(e) if status_code(&e) == Some(404) => Ok(None),
+            Err(e) => Err(RuntimeError::Image { reference: reference.into(), reason: format!("cannot inspect it: {}", describe(&e)) }),
+        }
+    }
+
+    /// Create (not start) the container of `spec`; a name conflict is AlreadyExists.
+    async fn create(&self, spec: &WorkloadSpec, image: &ResolvedImage) -> Result<(), RuntimeError> {
+        let spec_json = serde_json::to_string(spec).map_err(|e| RuntimeError::Failed {
+            runtime: KIND,
+            op: "create",
+            name: spec.name.clone(),
+            message: format!("cannot encode the spec: {e}"),
+        })?;
+        let labels = HashMap::from([
+            (LABEL_WORKLOAD.to_string(), spec.name.clone()),
+            (LABEL_IMAGE.to_string(), image.reference.clone()),
+            (LABEL_SPEC.to_string(), spec_json),
+        ]);
+        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        for p in &spec.ports {
+            let binding = PortBinding { host_ip: Some("0.0.0.0".into()), host_port: Some(p.host_port().to_string()) };
+            bindings.entry(format!("{}/tcp", p.container)).or_insert_with(|| Some(Vec::new())).get_or_insert_with(Vec::new).push(binding);
+        }
+        let body = ContainerCreateBody {
+            image: Some(image.reference.clone()),
+            // Docker adds these to the image's environment (same names win).
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            cmd: spec.command.clone(),
+            labels: Some(labels),
+            exposed_ports: Some(bindings.keys().cloned().collect()),
+            // Detached, no TTY, no stdin: CRIU can then dump the container (its stdio are
+            // the shim's pipes, which runc knows how to reconnect on restore).
+            tty: Some(false),
+            open_stdin: Some(false),
+            attach_stdin: Some(false),
+            attach_stdout: Some(false),
+            attach_stderr: Some(false),
+            host_config: Some(HostConfig {
+                memory: Some(spec.resources.memory.bytes() as i64),
+                nano_cpus: Some((spec.resources.cpus * 1e9).round() as i64),
+                port_bindings: Some(bindings),
+                network_mode: Some("bridge".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptions { name: Some(spec.name.clone()), ..Default::default() };
+        match self.docker.create_container(Some(opts), body).await {
+            Ok(created) => {
+                for w in created.warnings {
+                    warn!(workload = %spec.name, "docker: {w}");
+                }
+                Ok(())
+            }
+            Err(e) if status_code(&e) == Some(409) => Err(RuntimeError::AlreadyExists { runtime: KIND, name: spec.name.clone() }),
+            Err(e) if status_code(&e) == Some(404) => {
+                Err(RuntimeError::Image { reference: image.reference.clone(), reason: format!("docker does not have it: {}", describe(&e)) })
+            }
+            Err(e) => Err(self.api_error("create", &spec.name, e)),
+        }
+    }
+
+    /// Create and start a workload; with `checkpoint`, start it from that checkpoint.
+    /// Whatever fails after the create removes the container again.
+    async fn create_and_start(
+        &self,
+        spec: &WorkloadSpec,
+        image: &ResolvedImage,
+        checkpoint: Option<&Path>,
+    ) -> Result<WorkloadStatus, RuntimeError> {
+        self.check_resources(spec).await?;
+        self.ensure_image(image).await?;
+        self.create(spec, image).await?;
+        let name = spec.name.as_str();
+        let started = async {
+            match checkpoint {
+                None => self.docker.start_container(name, None).await.map_err(|e| self.api_error("start", name, e))?,
+                Some(dir) => start_from_checkpoint(&self.docker, name, dir).await.map_err(|e| self.api_error("restore", name, e))?,
+            }
+            self.status(name).await
+        }
+        .await;
+        if started.is_err() {
+            let opts = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+            if let Err(e) = self.docker.remove_container(name, Some(opts)).await {
+                warn!(workload = name, "cannot remove the container after a failed start: {}", describe(&e));
+            }
+        }
+        started
+    }
+
+    /// Inspect the workload's container; containers away did not create are NotFound.
+    async fn inspect(&self, name: &str) -> Result<ContainerInspectResponse, RuntimeError> {
+        let c = self.docker.inspect_container(name, None).await.map_err(|e| self.api_error("inspect", name, e))?;
+        // Docker also resolves ID prefixes: insist on our label with this exact name.
+        let ours = c.config.as_ref().and_then(|cfg| cfg.labels.as_ref()).and_then(|l| l.get(LABEL_WORKLOAD)).is_some_and(|w| w == name);
+        if !ours {
+            return Err(RuntimeError::NotFound { runtime: KIND, name: name.into() });
+        }
+        Ok(c)
+    }
+
+    fn api_error(&self, op: &'static str, name: &str, e: BollardError) -> RuntimeError {
+        match status_code(&e) {
+            Some(404) => RuntimeError::NotFound { runtime: KIND, name: name.into() },
+            Some(_) => RuntimeError::Failed { runtime: KIND, op, name: name.into(), message: describe(&e) },
+            None if is_transport(&e) => {
+                RuntimeError::Unavailable { runtime: KIND, reason: format!("{op} {name:?} on {}: {}", self.socket.display(), describe(&e)) }
+            }
+            None => RuntimeError::Failed { runtime: KIND, op, name: name.into(), message: describe(&e) },
+        }
+    }
+}
+
+#[async_trait]
+impl Runtime for DockerRuntime {
+    fn kind(&self) -> RuntimeKind {
+        KIND
+    }
+
+    async fn health(&self) -> RuntimeInfo {
+        let mut out = RuntimeInfo { kind: KIND, version: String::new(), healthy: false, checkpoint: false, detail: String::new() };
+        match tokio::join!(self.docker.version(), self.docker.info()) {
+            (Ok(v), Ok(sys)) => {
+                out.version = v.version.unwrap_or_default();
+                out.healthy = true;
+                out.checkpoint = sys.experimental_build == Some(true);
+                if !out.checkpoint {
+                    out.detail = format!("dockerd on {} runs without --experimental: no checkpoints", self.socket.display());
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => out.detail = format!("dockerd on {}: {}", self.socket.display(), describe(&e)),
+        }
+        out
+    }
+
+    async fn run(&self, req: &RunRequest) -> Result<WorkloadStatus, RuntimeError> {
+        info!(workload = %req.spec.name, image = %req.image.reference, "docker run");
+        self.create_and_start(&req.spec, &req.image, None).await
+    }
+
+    async fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError> {
+        self.inspect(name).await?;
+        info!(workload = name, ?grace, "docker stop");
+        let t = grace.as_secs_f64().ceil() as i32;
+        // The request lasts as long as the grace period: give it that much more time.
+        let docker = self.docker.clone().with_timeout(grace + Duration::from_secs(REQUEST_TIMEOUT_SECS));
+        let opts = StopContainerOptions { t: Some(t), ..Default::default() };
+        docker.stop_container(name, Some(opts)).await.map_err(|e| self.api_error("stop", name, e))
+    }
+
+    async fn remove(&self, name: &str) -> Result<(), RuntimeError> {
+        self.inspect(name).await?;
+        info!(workload = name, "docker remove");
+        // Checkpoints in the container's own directory go with it; say so explicitly, as
+        // dockerd keeps them only while experimental is on. Archives written to a
+        // CheckpointOptions.dir belong to the caller and stay.
+        match self.docker.list_checkpoints(name, None::<ListCheckpointsOptions>).await {
+            Ok(list) => {
+                for c in list {
+                    if let Err(e) = self.docker.delete_checkpoint(name, &c.name, None::<DeleteCheckpointOptions>).await {
+                        debug!(workload = name, checkpoint = %c.name, "cannot delete checkpoint: {}", describe(&e));
+                    }
+                }
+            }
+            Err(e) => debug!(workload = name, "cannot list checkpoints: {}", describe(&e)),
+        }
+        let opts = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        self.docker.remove_container(name, Some(opts)).await.map_err(|e| self.api_error("remove", name, e))
+    }
+
+    async fn status(&self, name: &str) -> Result<WorkloadStatus, RuntimeError> {
+        Ok(to_status(name, &self.inspect(name).await?))
+    }
+
+    async fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
+        let opts = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_string(), vec![LABEL_WORKLOAD.to_string()])])),
+            ..Default::default()
+        };
+        let found = self.docker.list_containers(Some(opts)).await.map_err(|e| self.api_error("list", "*", e))?;
+        let mut out = Vec::new();
+        for c in found {
+            let Some(name) = c.labels.as_ref().and_then(|l| l.get(LABEL_WORKLOAD)) else { continue };
+            match self.status(name).await {
+                Ok(st) => out.push(st),
+                // removed (or renamed) between the list and the inspect
+                Err(RuntimeError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn logs(&self, name: &str, follow: bool) -> Result<LogStream, RuntimeError> {
+        self.inspect(name).await?;
+        let opts = LogsOptions { follow, stdout: true, stderr: true, tail: "all".into(), ..Default::default() };
+        let owned = name.to_string();
+        let socket = self.socket.clone();
+        let stream = self.docker.logs(name, Some(opts)).map_ok(|out| out.into_bytes().to_vec()).map_err(move |e| {
+            if is_transport(&e) {
+                RuntimeError::Unavailable { runtime: KIND, reason: format!("logs of {owned:?} on {}: {}", socket.display(), describe(&e)) }
+            } else {
+                RuntimeError::Failed { runtime: KIND, op: "read logs of", name: owned.clone(), message: describe(&e) }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointArchive, RuntimeError> {
+        let c = self.inspect(name).await?;
+        let st = to_status(name, &c);
+        if st.state != WorkloadState::Running {
+            return Err(RuntimeError::Failed { runtime: KIND, op: "checkpoint", name: name.into(), message: format!("it is {}, not running", st.state) });
+        }
+        let labels = c.config.as_ref().and_then(|cfg| cfg.labels.clone()).unwrap_or_default();
+        let spec: WorkloadSpec = labels
+            .get(LABEL_SPEC)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| RuntimeError::Failed { runtime: KIND, op: "checkpoint", name: name.into(), message: format!("label {LABEL_SPEC} is missing or not a spec") })?;
+        let image = labels.get(LABEL_IMAGE).cloned().unwrap_or_default();
+        let (parent, id) = checkpoint_location(&opts.dir, true)?;
+        let dir = parent.join(&id);
+        info!(workload = name, dir = %dir.display(), leave_running = opts.leave_running, "docker checkpoint");
+        // Docker writes the CRIU images to <CheckpointDir>/<CheckpointID>: so the archive's
+        // dir itself holds them, and restore needs nothing but that dir.
+        let create = CreateCheckpointOptions { checkpoint_id: id.clone(), checkpoint_dir: Some(parent.to_string_lossy().into_owned()), exit: !opts.leave_running };
+        if let Err(e) = self.docker.create_checkpoint(name, create).await {
+            // dockerd removes its own half-written dir; make sure nothing is left either way
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(self.api_error("checkpoint", name, e));
+        }
+        // The images hold the process's memory: owner only.
+        set_owner_only(&dir)?;
+        let walk = dir.clone();
+        let bytes = tokio::task::spawn_blocking(move || dir_bytes(&walk))
+            .await
+            .map_err(|e| RuntimeError::io(format!("measure {}", dir.display()), std::io::Error::other(e)))?
+            .map_err(|e| RuntimeError::io(format!("measure {}", dir.display()), e))?;
+        Ok(CheckpointArchive { workload: name.into(), runtime: KIND, dir, bytes, spec, image })
+    }
+
+    async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
+        let spec = &req.archive.spec;
+        let dir = &req.archive.dir;
+        if !dir.is_dir() {
+            return Err(RuntimeError::Invalid { field: "dir".into(), reason: format!("checkpoint {} of {:?} is not a directory", dir.display(), spec.name) });
+        }
+        checkpoint_location(dir, false)?;
+        info!(workload = %spec.name, dir = %dir.display(), image = %req.image.reference, "docker restore");
+        self.create_and_start(spec, &req.image, Some(dir)).await
+    }
+}
+
+/// Start a created container from the checkpoint in `dir`.
+///
+/// bollard 0.21 covers checkpoint create/list/delete, but its StartContainerOptions has
+/// no `checkpoint`/`checkpoint-dir`, and it has no generic request method. Its public
+/// request modifier lets this one call add both to the query of POST /containers/{id}/start,
+/// so the request still goes over the same socket with bollard's API version, timeout and
+/// error decoding: no second HTTP client, no docker CLI.
+async fn start_from_checkpoint(docker: &Docker, name: &str, dir: &Path) -> Result<(), BollardError> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let query = format!("checkpoint={}&checkpoint-dir={}", percent_encode(&id), percent_encode(&parent.to_string_lossy()));
+    let docker = docker.clone().with_request_modifier(move |mut req| {
+        let uri = req.uri().to_string();
+        let sep = if uri.contains('?') { '&' } else { '?' };
+        *req.uri_mut() = match format!("{uri}{sep}{query}").parse() {
+            Ok(with_checkpoint) => with_checkpoint,
+            // Cannot happen (the query is percent-encoded); an empty URI fails the request
+            // instead of starting the container fresh.
+            Err(_) => Default::default(),
+        };
+        req
+    });
+    docker.start_container(name, None).await
+}
+
+/// Docker names checkpoints `<CheckpointDir>/<CheckpointID>`: split an archive dir into
+/// the two, absolute (dockerd resolves relative paths against its own cwd). With
+/// `create`, prepare for dockerd to create the dir (it refuses an existing one).
+fn checkpoint_location(dir: &Path, create: bool) -> Result<(PathBuf, String), RuntimeError> {
+    let invalid = |reason: String| RuntimeError::Invalid { field: "dir".into(), reason };
+    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    // dockerd's rule for checkpoint IDs
+    let valid_id = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !valid_id {
+        return Err(invalid(format!("{}: the last component must match [a-zA-Z0-9][a-zA-Z0-9_.-]*", dir.display())));
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if create {
+        std::fs::create_dir_all(&parent).map_err(|e| RuntimeError::io(format!("create {}", parent.display()), e))?;
+        if dir.exists() {
+            let empty = std::fs::read_dir(dir).map_err(|e| RuntimeError::io(format!("read {}", dir.display()), e))?.next().is_none();
+            if !empty {
+                return Err(invalid(format!("{} already exists and is not empty", dir.display())));
+            }
+            std::fs::remove_dir(dir).map_err(|e| RuntimeError::io(format!("remove empty {}", dir.display()), e))?;
+        }
+    }
+    let parent = parent.canonicalize().map_err(|e| RuntimeError::io(format!("resolve {}", parent.display()), e))?;
+    Ok((parent, id))
+}
+
+fn set_owner_only(dir: &Path) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| RuntimeError::io(format!("chmod 0700 {}", dir.display()), e))
+}
+
+/// Bytes of the regular files under `dir`.
+fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ft = entry.file_type()?;
+        if ft.is_dir() {
+            total += dir_bytes(&entry.path())?;
+        } else if ft.is_file() {
+            total += entry.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
+fn to_status(name: &str, c: &ContainerInspectResponse) -> WorkloadStatus {
+    let state = c.state.as_ref();
+    let status = state.and_then(|s| s.status);
+    let mapped = match status {
+        Some(ContainerStateStatusEnum::CREATED) => WorkloadState::Created,
+        Some(ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING) => WorkloadState::Running,
+        Some(ContainerStateStatusEnum::PAUSED) => WorkloadState::Paused,
+        Some(ContainerStateStatusEnum::EXITED | ContainerStateStatusEnum::DEAD | ContainerStateStatusEnum::REMOVING | ContainerStateStatusEnum::STOPPING) => {
+            WorkloadState::Stopped
+        }
+        Some(ContainerStateStatusEnum::EMPTY) | None => WorkloadState::Unknown,
+    };
+    let labels = c.config.as_ref().and_then(|cfg| cfg.labels.as_ref());
+    let image = labels.and_then(|l| l.get(LABEL_IMAGE)).cloned().or_else(|| c.config.as_ref().and_then(|cfg| cfg.image.clone())).unwrap_or_default();
+    let mut ports: Vec<String> = c
+        .host_config
+        .as_ref()
+        .and_then(|h| h.port_bindings.as_ref())
+        .into_iter()
+        .flatten()
+        .flat_map(|(key, bindings)| {
+            let container = key.split('/').next().unwrap_or(key).to_string();
+            bindings.iter().flatten().map(move |b| format!("{}:{container}", b.host_port.as_deref().unwrap_or("")))
+        })
+        .collect();
+    ports.sort();
+    ports.dedup();
+    let mut detail = Vec::new();
+    if state.and_then(|s| s.oom_killed) == Some(true) {
+        detail.push("oom-killed".to_string());
+    }
+    if let Some(err) = state.and_then(|s| s.error.as_deref()).filter(|e| !e.is_empty()) {
+        detail.push(err.to_string());
+    }
+    WorkloadStatus {
+        name: name.to_string(),
+        runtime: KIND,
+        state: mapped,
+        image,
+        pid: state.and_then(|s| s.pid).filter(|p| *p > 0).map(|p| p as u32),
+        exit_code: if mapped == WorkloadState::Stopped { state.and_then(|s| s.exit_code) } else { None },
+        ports,
+        detail: detail.join("; "),
+    }
+}
+
+/// `docker.io/away/counter:latest` -> (`docker.io/away/counter`, `latest`); no tag means `latest`.
+fn split_reference(reference: &str) -> (&str, &str) {
+    match reference.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+        _ => (reference, "latest"),
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn status_code(e: &BollardError) -> Option<u16> {
+    match e {
+        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// The daemon could not be reached (as opposed to answering with an error).
+fn is_transport(e: &BollardError) -> bool {
+    matches!(
+        e,
+        BollardError::HyperLegacyError { .. }
+            | BollardError::IOError { .. }
+            | BollardError::RequestTimeoutError
+            | BollardError::SocketNotFoundError(_)
+            | BollardError::HyperResponseError { .. }
+    )
+}
+
+/// dockerd's own message when it answered, else bollard's.
+fn describe(e: &BollardError) -> String {
+    match e {
+        BollardError::DockerResponseServerError { status_code, message } => format!("dockerd answered {status_code}: {}", message.trim()),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_split_into_repo_and_tag() {
+        assert_eq!(split_reference("docker.io/away/counter:latest"), ("docker.io/away/counter", "latest"));
+        assert_eq!(split_reference("localhost:5000/away/counter"), ("localhost:5000/away/counter", "latest"));
+        assert_eq!(split_reference("away.local/abc"), ("away.local/abc", "latest"));
+    }
+
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(percent_encode("/tmp/a b&c"), "%2Ftmp%2Fa%20b%26c");
+        assert_eq!(percent_encode("ckpt-1.x_y"), "ckpt-1.x_y");
+    }
+
+    #[test]
+    fn checkpoint_dirs_split_into_docker_dir_and_id() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt-1");
+        std::fs::create_dir(&dir).unwrap();
+        let (parent, id) = checkpoint_location(&dir, true).unwrap();
+        assert_eq!((parent, id.as_str()), (tmp.path().canonicalize().unwrap(), "ckpt-1"));
+        assert!(!dir.exists(), "an empty dir is removed so that dockerd can create it");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("x"), b"x").unwrap();
+        assert!(matches!(checkpoint_location(&dir, true), Err(RuntimeError::Invalid { .. })));
+        assert!(matches!(checkpoint_location(&tmp.path().join("bad name"), true), Err(RuntimeError::Invalid { .. })));
+    }
+}

@@ -117,3 +117,81 @@ pub trait Runtime: Send + Sync {
     /// Start a workload from a checkpoint; it continues where the checkpoint left it.
     async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError>;
 }
+
+/// Refuse a workload that asks for more memory than the host has, before anything is
+/// created.
+pub fn check_fits_host(spec: &WorkloadSpec) -> Result<(), RuntimeError> {
+    let host = crate::host::mem_total_bytes();
+    if host > 0 && spec.resources.memory.bytes() > host {
+        return Err(RuntimeError::Invalid {
+            field: "resources.memory".into(),
+            reason: format!("{} is more than this node's {} of RAM", spec.resources.memory, away_model::ByteSize(host)),
+        });
+    }
+    Ok(())
+}
+
+/// Create `dir` (and parents) readable by its owner only: checkpoints hold process memory.
+pub fn create_private_dir(dir: &std::path::Path) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| RuntimeError::io(format!("create {}", dir.display()), e))?;
+    // an existing dir keeps its mode with create(): set it explicitly
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| RuntimeError::io(format!("chmod 0700 {}", dir.display()), e))
+}
+
+/// Asked by a following log reader: is the workload still running?
+pub type StillRunning = Box<dyn Fn() -> Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync>;
+
+/// Stream a log file: its content so far, then (while `still_running` says so) what is
+/// appended, polling every 200 ms. Used by backends whose logs are plain files.
+pub fn tail_file(path: PathBuf, still_running: StillRunning) -> LogStream {
+    use tokio::io::AsyncReadExt;
+    let stream = futures_util::stream::unfold((None::<tokio::fs::File>, path, still_running, false), |(file, path, still_running, done)| async move {
+        if done {
+            return None;
+        }
+        let mut file = match file {
+            Some(f) => f,
+            None => match tokio::fs::File::open(&path).await {
+                Ok(f) => f,
+                // no output yet
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if still_running().await {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        return Some((Ok(Vec::new()), (None, path, still_running, false)));
+                    }
+                    return None;
+                }
+                Err(e) => return Some((Err(RuntimeError::io(format!("open {}", path.display()), e)), (None, path, still_running, true))),
+            },
+        };
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match file.read(&mut buf).await {
+                Ok(0) => {
+                    if !still_running().await {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    return Some((Ok(buf), (Some(file), path, still_running, false)));
+                }
+                Err(e) => return Some((Err(RuntimeError::io(format!("read {}", path.display()), e)), (Some(file), path, still_running, true))),
+            }
+        }
+    });
+    Box::pin(stream)
+}
+
+/// The error lines of a CRIU log, to append to a failure message: runc's own error
+/// only says "criu failed", the reason is in the log.
+pub fn criu_log_errors(log: &std::path::Path) -> String {
+    let Ok(text) = std::fs::read_to_string(log) else { return String::new() };
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("Error") || l.contains("error")).take(5).collect();
+    if errors.is_empty() {
+        return String::new();
+    }
+    format!(" (criu log {}: {})", log.display(), errors.join(" | "))
+}

@@ -263,7 +263,8 @@ fn read_trim(path: &str) -> String {
     std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-fn mem_total_bytes() -> u64 {
+/// MemTotal of /proc/meminfo in bytes (0 when unreadable).
+pub fn mem_total_bytes() -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     text.lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
@@ -474,13 +475,12 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
         Some(v) => add("runc", Status::Ok, format!("{v} ({})", path_str(&r.runc.path)), None),
         None => add("runc", Status::Missing, r.runc.error.clone().unwrap_or_default(), Some(install)),
     }
-    match (&r.criu.version, r.criu.check_ok) {
-        (Some(v), true) if v.starts_with(|c: char| c.is_ascii_digit() && c >= '4') => {
-            add("criu", Status::Ok, format!("{v} ({}), criu check: Looks good", path_str(&r.criu.path)), None)
-        }
-        (Some(v), true) => add("criu", Status::Warn, format!("{v}: older than 4.x, known to fail on current kernels"), Some(install)),
-        (Some(v), false) => add("criu", Status::Missing, format!("{v}: criu check failed: {}", last_line(&r.criu.check_output)), Some(install)),
-        (None, _) => add("criu", Status::Missing, r.criu.check_output.clone(), Some(install)),
+    let criu_too_old = r.criu.version.as_deref().and_then(|v| criu_too_old(v, &r.kernel));
+    match (&r.criu.version, r.criu.check_ok, criu_too_old) {
+        (Some(v), true, Some(why)) => add("criu", Status::Missing, format!("{v}: {why}"), Some(install)),
+        (Some(v), true, None) => add("criu", Status::Ok, format!("{v} ({}), criu check: Looks good", path_str(&r.criu.path)), None),
+        (Some(v), false, _) => add("criu", Status::Missing, format!("{v}: criu check failed: {}", last_line(&r.criu.check_output)), Some(install)),
+        (None, _, _) => add("criu", Status::Missing, r.criu.check_output.clone(), Some(install)),
     }
     if r.criu.dirty_tracking {
         add("criu pre-dump", Status::Ok, "soft-dirty tracking on: iterative pre-copy possible".into(), None);
@@ -508,8 +508,12 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
         Some(v) => add("qemu", Status::Ok, format!("{v} ({})", path_str(&r.qemu.path)), None),
         None => add("qemu", Status::Missing, r.qemu.error.clone().unwrap_or_default(), Some(install)),
     }
+    let modules = p.guest_kernel.with_file_name("modules");
     match &r.guest_kernel {
-        Some(k) => add("guest kernel", Status::Ok, format!("{} ({})", k.display(), read_trim(&k.with_file_name("VERSION").to_string_lossy())), None),
+        Some(k) if !modules.join("kernel/drivers/net/virtio_net.ko").exists() => {
+            add("guest kernel", Status::Missing, format!("{} has no virtio-net module under {}: VMs get no network", k.display(), modules.display()), Some(install))
+        }
+        Some(k) => add("guest kernel", Status::Ok, format!("{} ({}) with virtio-net modules", k.display(), read_trim(&k.with_file_name("VERSION").to_string_lossy())), None),
         None => add("guest kernel", Status::Missing, format!("no kernel at {}: VM workloads cannot boot", p.guest_kernel.display()), Some(install)),
     }
     let cached = if r.kvm.cached { " (cached; --reprobe-kvm to boot again)" } else { "" };
@@ -519,6 +523,26 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
         add("kvm", Status::Warn, format!("not usable: {}{cached}; VMs run under TCG (software, much slower)", r.kvm.reason), Some("run on a host with working hardware virtualisation"));
     }
     out
+}
+
+/// `(major, minor)` of a version string like "4.2.1" or "6.18.44-fc".
+fn major_minor(v: &str) -> Option<(u32, u32)> {
+    let mut it = v.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|n| n.parse().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// Why this CRIU cannot work with this kernel, when `criu check` alone does not tell:
+/// before 4.0 it fails on current vDSO layouts; before 4.2 it cannot dump any TCP
+/// socket on kernels >= 6.16, where SO_PASSCRED became AF_UNIX/netlink-only.
+pub fn criu_too_old(criu: &str, kernel: &str) -> Option<String> {
+    let c = major_minor(criu)?;
+    if c < (4, 0) {
+        return Some("older than 4.0, which fails on current kernels (vDSO)".into());
+    }
+    if c < (4, 2) && major_minor(kernel).is_some_and(|k| k >= (6, 16)) {
+        return Some(format!("older than 4.2: cannot checkpoint TCP sockets on kernel {kernel} (>= 6.16 restricts SO_PASSCRED)"));
+    }
+    None
 }
 
 fn path_str(p: &Option<PathBuf>) -> String {
@@ -532,6 +556,14 @@ fn last_line(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn old_criu_is_refused_on_new_kernels() {
+        assert!(criu_too_old("3.17.1", "6.1.0").is_some());
+        assert!(criu_too_old("4.1.1", "6.18.44-fc-v669").unwrap().contains("TCP sockets"));
+        assert_eq!(criu_too_old("4.1.1", "6.12.0"), None);
+        assert_eq!(criu_too_old("4.2.1", "6.18.44"), None);
+    }
 
     #[test]
     fn versions_parse() {

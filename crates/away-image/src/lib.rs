@@ -1,0 +1,17 @@
+//! Build and read OCI images for lab apps, and boot artifacts for VMs, from one recipe.
+//!
+//! Data flow: `images/<app>/Containerfile` ([`recipe`]) -> [`build`] (layers from
+//! the context, static Rust binaries from its Cargo.toml) -> an image tar that is
+//! both an OCI layout and a docker-archive ([`archive`]) -> optionally a VM
+//! initramfs + kernel + boot spec from the same root filesystem ([`vm`]).
+
+pub mod archive;
+pub mod build;
+pub mod recipe;
+pub mod tree;
+pub mod vm;
+
+pub use archive::{read_image_tar, ArchiveError, ArchiveFormat, Image, ReadImage};
+pub use build::{build, build_to_dir, BuildError, BuildOptions, Built};
+pub use recipe::{Recipe, RecipeError};
+pub use vm::{write_vm_artifact, BootSpec, VmArtifact, VmError, VmOptions};

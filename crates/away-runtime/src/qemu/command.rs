@@ -1,0 +1,200 @@
+//! The QEMU command line of a VM workload. One builder for every start: `run`,
+//! `restore` (`-incoming defer`) and, later, a live-migration destination
+//! (`-incoming tcp:...`), because a migration only works between identically
+//! configured machines.
+
+use std::path::{Path, PathBuf};
+
+use away_model::{Accel, WorkloadSpec};
+
+/// Files of a VM workload's state directory.
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    pub dir: PathBuf,
+}
+
+impl VmFiles {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        VmFiles { dir: dir.into() }
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub fn serial_log(&self) -> PathBuf {
+        self.dir.join("serial.log")
+    }
+    /// QEMU's own stderr (errors before and after daemonizing).
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("spec.json")
+    }
+}
+
+/// Everything the command line depends on.
+#[derive(Debug, Clone)]
+pub struct VmLaunch {
+    pub qemu: PathBuf,
+    pub name: String,
+    pub accel: Accel,
+    pub memory_mib: u64,
+    pub cpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// QEMU NIC model whose driver the initramfs loads (e.g. `virtio-net-pci`).
+    pub nic: String,
+    /// (host port, guest port) pairs forwarded by QEMU's user networking.
+    pub ports: Vec<(u16, u16)>,
+    pub files: VmFiles,
+    /// `-incoming` value: `defer` (restore from a file), `tcp:0.0.0.0:PORT` (live migration).
+    pub incoming: Option<String>,
+}
+
+impl VmLaunch {
+    /// The launch of `spec` booting `kernel`/`initrd` with `files` as state directory.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_spec(
+        qemu: &Path,
+        spec: &WorkloadSpec,
+        accel: Accel,
+        kernel: &Path,
+        initrd: &Path,
+        cmdline: &str,
+        nic: &str,
+        files: VmFiles,
+    ) -> VmLaunch {
+        VmLaunch {
+            qemu: qemu.to_path_buf(),
+            name: spec.name.clone(),
+            accel,
+            memory_mib: memory_mib(spec.resources.memory.bytes()),
+            cpus: vcpus(spec.resources.cpus),
+            kernel: kernel.to_path_buf(),
+            initrd: initrd.to_path_buf(),
+            cmdline: cmdline.to_string(),
+            nic: nic.to_string(),
+            ports: spec
+                .ports
+                .iter()
+                .map(|p| (p.host_port(), p.container))
+                .collect(),
+            files,
+            incoming: None,
+        }
+    }
+
+    /// The arguments after the program name. QEMU daemonizes itself (setsid, pidfile)
+    /// so the VM outlives the process that started it.
+    pub fn argv(&self) -> Vec<String> {
+        let f = &self.files;
+        let mut netdev = "user,id=n0".to_string();
+        for (host, guest) in &self.ports {
+            netdev.push_str(&format!(",hostfwd=tcp:0.0.0.0:{host}-:{guest}"));
+        }
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!(
+                "away-{},process=away-{}",
+                self.name.replace(',', ",,"),
+                self.name.replace(',', ",,")
+            ),
+            // A fixed machine type: migration needs the same one on both ends.
+            "-machine".into(),
+            "pc".into(),
+            "-accel".into(),
+            self.accel.to_string(),
+            "-m".into(),
+            self.memory_mib.to_string(),
+            "-smp".into(),
+            self.cpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            // A guest kernel panic (panic=-1 reboots) stops the VM instead of looping.
+            "-no-reboot".into(),
+            "-kernel".into(),
+            path(&self.kernel),
+            "-initrd".into(),
+            path(&self.initrd),
+            "-append".into(),
+            self.cmdline.clone(),
+            "-serial".into(),
+            format!("file:{}", path(&f.serial_log())),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", path(&f.qmp_socket())),
+            "-netdev".into(),
+            netdev,
+            "-device".into(),
+            format!("{},netdev=n0", self.nic),
+            "-pidfile".into(),
+            path(&f.pidfile()),
+            "-daemonize".into(),
+        ];
+        if let Some(i) = &self.incoming {
+            a.extend(["-incoming".into(), i.clone()]);
+        }
+        a
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Bytes to whole MiB, rounded up.
+pub fn memory_mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
+
+/// vCPUs for a CPU share: rounded up, at least one.
+pub fn vcpus(cpus: f64) -> u32 {
+    if cpus.is_finite() && cpus > 1.0 {
+        cpus.ceil() as u32
+    } else {
+        1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use away_model::PortMapping;
+
+    #[test]
+    fn argv_has_ports_accel_and_incoming() {
+        let mut spec: WorkloadSpec = serde_json::from_value(
+            serde_json::json!({"name": "c1", "image": "away/counter:latest"}),
+        )
+        .unwrap();
+        spec.ports = vec![PortMapping {
+            container: 8080,
+            host: Some(18080),
+        }];
+        spec.resources.cpus = 1.5;
+        let mut l = VmLaunch::for_spec(
+            Path::new("/usr/bin/qemu-system-x86_64"),
+            &spec,
+            Accel::Tcg,
+            Path::new("/k"),
+            Path::new("/i"),
+            "console=ttyS0",
+            "virtio-net-pci",
+            VmFiles::new("/run/away/qemu/c1"),
+        );
+        l.incoming = Some("defer".into());
+        let a = l.argv().join(" ");
+        assert!(a.contains("-accel tcg -m 256 -smp 2"), "{a}");
+        assert!(a.contains("hostfwd=tcp:0.0.0.0:18080-:8080"), "{a}");
+        assert!(
+            a.contains("-qmp unix:/run/away/qemu/c1/qmp.sock,server=on,wait=off"),
+            "{a}"
+        );
+        assert!(a.ends_with("-daemonize -incoming defer"), "{a}");
+    }
+}

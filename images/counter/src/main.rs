@@ -1,0 +1,149 @@
+//! counter: counts in memory and serves the count over HTTP and to its log.
+//!
+//! It is the proof that a migration kept the state: the count, the start time
+//! and the pid live only in this process's memory, so after a checkpoint/restore
+//! or a VM live migration the count continues instead of starting at 0.
+//!
+//! Std only, with a hand-written minimal HTTP/1.1 server on std::net: the app
+//! must be one static, dependency-free binary that runs in a scratch image.
+//!
+//! Configuration (env): COUNTER_PORT (8080), COUNTER_INTERVAL_MS (100),
+//! COUNTER_LOG_EVERY (10: one log line per second at the default interval).
+//!
+//! GET /      -> JSON {"count":..,"pid":..,"started_unix_ms":..,...}
+//! GET /count -> the count as text
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct State {
+    count: AtomicU64,
+    pid: u32,
+    started_unix_ms: u64,
+    interval_ms: u64,
+}
+
+impl State {
+    fn json(&self) -> String {
+        format!(
+            "{{\"count\":{},\"pid\":{},\"started_unix_ms\":{},\"now_unix_ms\":{},\"interval_ms\":{}}}\n",
+            self.count.load(Ordering::SeqCst),
+            self.pid,
+            self.started_unix_ms,
+            unix_ms(),
+            self.interval_ms
+        )
+    }
+}
+
+fn main() {
+    sigterm::exit_on_term();
+    let port = env_u64("COUNTER_PORT", 8080);
+    let state = Arc::new(State {
+        count: AtomicU64::new(0),
+        pid: std::process::id(),
+        started_unix_ms: unix_ms(),
+        interval_ms: env_u64("COUNTER_INTERVAL_MS", 100).max(1),
+    });
+    let log_every = env_u64("COUNTER_LOG_EVERY", 10).max(1);
+    let listener = match TcpListener::bind(("0.0.0.0", port as u16)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("counter: cannot listen on 0.0.0.0:{port}: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "counter: started pid={} started_unix_ms={} port={port} interval_ms={}",
+        state.pid, state.started_unix_ms, state.interval_ms
+    );
+
+    let ticker = Arc::clone(&state);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(ticker.interval_ms));
+        let n = ticker.count.fetch_add(1, Ordering::SeqCst) + 1;
+        if n % log_every == 0 {
+            println!(
+                "counter: count={n} pid={} unix_ms={}",
+                ticker.pid,
+                unix_ms()
+            );
+        }
+    });
+
+    for conn in listener.incoming().flatten() {
+        let state = Arc::clone(&state);
+        std::thread::spawn(move || serve(conn, &state));
+    }
+}
+
+fn serve(mut conn: TcpStream, state: &State) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut reader = BufReader::new(&conn);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    // Skip headers: this server needs none of them.
+    let mut line = String::new();
+    while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+        line.clear();
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/") | ("GET", "/state") => ("200 OK", "application/json", state.json()),
+        ("GET", "/count") => (
+            "200 OK",
+            "text/plain",
+            format!("{}\n", state.count.load(Ordering::SeqCst)),
+        ),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".into()),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "not found: try / or /count\n".into(),
+        ),
+        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
+    };
+    let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+}
+
+/// Exit at once on SIGTERM/SIGINT. As PID 1 of a container the process gets no
+/// default signal actions, so without a handler `docker stop` waits 10 s and
+/// kills it. std has no signal API; the C library's `signal` (which std links
+/// anyway) is enough for "exit now" and keeps the app free of dependencies.
+#[allow(unsafe_code)]
+mod sigterm {
+    extern "C" {
+        fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
+        fn _exit(status: i32) -> !;
+    }
+    extern "C" fn on_term(_: i32) {
+        // _exit is async-signal-safe; nothing needs flushing (stdout is line-buffered).
+        unsafe { _exit(0) }
+    }
+    pub fn exit_on_term() {
+        unsafe {
+            signal(15, on_term);
+            signal(2, on_term);
+        }
+    }
+}

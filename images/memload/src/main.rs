@@ -1,0 +1,284 @@
+//! memload: the stress load of the migration experiments, like `stress`.
+//!
+//! CPU: busy-loops at a given percent (duty cycle in 100 ms periods) on N threads.
+//! RAM: allocates SIZE bytes, touches them all once (so they are resident), then
+//! rewrites RAM % of the pages over and over, which is what keeps a VM's
+//! pre-copy migration from converging. Every heartbeat it prints a line with a
+//! counter, the pages written per second and the totals; GET / on the status
+//! port answers with the same numbers as JSON.
+//!
+//! Std only, with a hand-written minimal HTTP/1.1 server on std::net: the app
+//! must be one static, dependency-free binary that runs in a scratch image.
+//!
+//! Configuration, arguments win over env:
+//!   --cpu PCT      MEMLOAD_CPU          0..100 (default 0: idle)
+//!   --threads N    MEMLOAD_CPU_THREADS  CPU threads (default: number of CPUs)
+//!   --ram PCT      MEMLOAD_RAM          share of SIZE rewritten continuously (default 0)
+//!   --size SIZE    MEMLOAD_SIZE         bytes, or with Ki/Mi/Gi (default 64Mi)
+//!   --interval MS  MEMLOAD_INTERVAL_MS  heartbeat period (default 1000)
+//!   --port PORT    MEMLOAD_PORT         status endpoint, 0 = none (default 8080)
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const PAGE: usize = 4096;
+
+struct Settings {
+    cpu: u64,
+    threads: u64,
+    ram: u64,
+    size: u64,
+    interval_ms: u64,
+    port: u64,
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = [
+        ("Gi", 1u64 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| s.strip_suffix(suffix).map(|n| (n, *m)))
+    .unwrap_or((s, 1));
+    num.trim().parse::<u64>().ok().map(|n| n * mult)
+}
+
+fn settings() -> Result<Settings, String> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1);
+    let mut values: Vec<(&str, String)> = Vec::new();
+    for (flag, env) in [
+        ("--cpu", "MEMLOAD_CPU"),
+        ("--threads", "MEMLOAD_CPU_THREADS"),
+        ("--ram", "MEMLOAD_RAM"),
+        ("--size", "MEMLOAD_SIZE"),
+        ("--interval", "MEMLOAD_INTERVAL_MS"),
+        ("--port", "MEMLOAD_PORT"),
+    ] {
+        if let Ok(v) = std::env::var(env) {
+            values.push((flag, v));
+        }
+    }
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "-h" || a == "--help" {
+            println!("usage: memload [--cpu PCT] [--threads N] [--ram PCT] [--size 256Mi] [--interval MS] [--port PORT]");
+            std::process::exit(0);
+        }
+        let (flag, value) = match a.split_once('=') {
+            Some((f, v)) => (f.to_string(), v.to_string()),
+            None => (a.clone(), args.next().ok_or(format!("{a} needs a value"))?),
+        };
+        let known = [
+            "--cpu",
+            "--threads",
+            "--ram",
+            "--size",
+            "--interval",
+            "--port",
+        ];
+        let flag = *known
+            .iter()
+            .find(|k| **k == flag)
+            .ok_or(format!("unknown argument {flag}"))?;
+        values.push((flag, value));
+    }
+    let get = |flag: &str, default: u64| -> Result<u64, String> {
+        match values.iter().rev().find(|(f, _)| *f == flag) {
+            None => Ok(default),
+            Some((_, v)) if flag == "--size" => {
+                parse_size(v).ok_or(format!("{flag}: bad size {v:?} (e.g. 256Mi)"))
+            }
+            Some((_, v)) => v
+                .trim()
+                .trim_end_matches('%')
+                .parse()
+                .map_err(|_| format!("{flag}: bad number {v:?}")),
+        }
+    };
+    let s = Settings {
+        cpu: get("--cpu", 0)?,
+        threads: get("--threads", cpus)?.max(1),
+        ram: get("--ram", 0)?,
+        size: get("--size", 64 << 20)?,
+        interval_ms: get("--interval", 1000)?.max(1),
+        port: get("--port", 8080)?,
+    };
+    if s.cpu > 100 || s.ram > 100 {
+        return Err("--cpu and --ram are percentages (0..100)".into());
+    }
+    Ok(s)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Stats {
+    tick: AtomicU64,
+    pages_total: AtomicU64,
+    pages_per_s: AtomicU64,
+    passes: AtomicU64,
+}
+
+fn main() {
+    sigterm::exit_on_term();
+    let s = match settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("memload: {e}");
+            std::process::exit(2);
+        }
+    };
+    let pid = std::process::id();
+    let started = unix_ms();
+    println!(
+        "memload: started pid={pid} cpu={}% threads={} ram={}% size={} interval_ms={} port={}",
+        s.cpu, s.threads, s.ram, s.size, s.interval_ms, s.port
+    );
+    let stats = Arc::new(Stats {
+        tick: AtomicU64::new(0),
+        pages_total: AtomicU64::new(0),
+        pages_per_s: AtomicU64::new(0),
+        passes: AtomicU64::new(0),
+    });
+
+    if s.cpu > 0 {
+        for _ in 0..s.threads {
+            let pct = s.cpu;
+            std::thread::spawn(move || cpu_load(pct));
+        }
+    }
+
+    // Touch every page once so the whole SIZE is resident, as the experiments assume.
+    let pages = (s.size as usize).div_ceil(PAGE);
+    let mut mem = vec![0u8; pages * PAGE];
+    for p in 0..pages {
+        mem[p * PAGE] = 1;
+    }
+    println!("memload: {} pages resident", pages);
+    let hot = pages * s.ram as usize / 100;
+    if hot > 0 {
+        let stats = Arc::clone(&stats);
+        std::thread::spawn(move || ram_load(mem, hot, &stats));
+    } else {
+        std::mem::forget(mem); // keep it resident for the lifetime of the process
+    }
+
+    if s.port > 0 {
+        match TcpListener::bind(("0.0.0.0", s.port as u16)) {
+            Ok(l) => {
+                let stats = Arc::clone(&stats);
+                let (cpu, ram, size) = (s.cpu, s.ram, s.size);
+                std::thread::spawn(move || {
+                    for mut conn in l.incoming().flatten() {
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                        let mut line = String::new();
+                        let mut r = BufReader::new(&conn);
+                        while r.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                            line.clear();
+                        }
+                        let body = format!(
+                            "{{\"pid\":{pid},\"started_unix_ms\":{started},\"tick\":{},\"cpu_percent\":{cpu},\"ram_percent\":{ram},\"size\":{size},\"pages_per_s\":{},\"pages_total\":{},\"passes\":{}}}\n",
+                            stats.tick.load(Ordering::Relaxed),
+                            stats.pages_per_s.load(Ordering::Relaxed),
+                            stats.pages_total.load(Ordering::Relaxed),
+                            stats.passes.load(Ordering::Relaxed)
+                        );
+                        let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    }
+                });
+            }
+            Err(e) => eprintln!(
+                "memload: status endpoint off: cannot listen on port {}: {e}",
+                s.port
+            ),
+        }
+    }
+
+    let mut last_total = 0;
+    let mut last = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(s.interval_ms));
+        let tick = stats.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        let total = stats.pages_total.load(Ordering::Relaxed);
+        let secs = last.elapsed().as_secs_f64().max(1e-6);
+        let rate = ((total - last_total) as f64 / secs) as u64;
+        stats.pages_per_s.store(rate, Ordering::Relaxed);
+        (last_total, last) = (total, Instant::now());
+        println!(
+            "memload: tick={tick} unix_ms={} pages_per_s={rate} pages_total={total} passes={}",
+            unix_ms(),
+            stats.passes.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Busy for `pct` of every 100 ms period, asleep for the rest.
+fn cpu_load(pct: u64) {
+    let period = Duration::from_millis(100);
+    let busy = period * pct as u32 / 100;
+    let mut x = 0u64;
+    loop {
+        let start = Instant::now();
+        while start.elapsed() < busy {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        if busy < period {
+            std::thread::sleep(period - busy);
+        }
+    }
+}
+
+/// Rewrite one byte in each of the first `hot` pages, forever: every write dirties a page.
+fn ram_load(mut mem: Vec<u8>, hot: usize, stats: &Stats) {
+    let mut value = 0u8;
+    loop {
+        value = value.wrapping_add(1);
+        for chunk in 0..hot.div_ceil(256) {
+            let end = ((chunk + 1) * 256).min(hot);
+            for p in chunk * 256..end {
+                mem[p * PAGE] = value;
+            }
+            stats
+                .pages_total
+                .fetch_add((end - chunk * 256) as u64, Ordering::Relaxed);
+        }
+        std::hint::black_box(&mem);
+        stats.passes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Exit at once on SIGTERM/SIGINT. As PID 1 of a container the process gets no
+/// default signal actions, so without a handler `docker stop` waits 10 s and
+/// kills it. std has no signal API; the C library's `signal` (which std links
+/// anyway) is enough for "exit now" and keeps the app free of dependencies.
+#[allow(unsafe_code)]
+mod sigterm {
+    extern "C" {
+        fn signal(signum: i32, handler: extern "C" fn(i32)) -> usize;
+        fn _exit(status: i32) -> !;
+    }
+    extern "C" fn on_term(_: i32) {
+        // _exit is async-signal-safe; nothing needs flushing (stdout is line-buffered).
+        unsafe { _exit(0) }
+    }
+    pub fn exit_on_term() {
+        unsafe {
+            signal(15, on_term);
+            signal(2, on_term);
+        }
+    }
+}
