@@ -28,6 +28,7 @@ pub fn choose_runtime(
     requested: Option<RuntimeKind>,
     image_arch: &Arch,
     node_arch: &Arch,
+    remaps_ports: bool,
     runtimes: &[RuntimeInfo],
 ) -> Result<RuntimeDecision, NoRuntime> {
     let verdict = |rt: RuntimeKind| -> RuntimeVerdict {
@@ -37,6 +38,9 @@ pub fn choose_runtime(
             Some(i) if !i.healthy => (false, format!("{rt} is unhealthy: {}", if i.detail.is_empty() { "no answer" } else { &i.detail })),
             Some(_) if rt.is_container() && image_arch != node_arch => {
                 (false, format!("image is {image_arch} but this node is {node_arch}: a container cannot run it"))
+            }
+            Some(_) if rt == RuntimeKind::Containerd && remaps_ports => {
+                (false, "containerd workloads share the node's network, and the spec remaps a port (host != container)".to_string())
             }
             Some(_) if !rt.is_container() && image_arch.0 != VM_GUEST_ARCH => {
                 (false, format!("image is {image_arch}; away's VMs boot {VM_GUEST_ARCH} guests only"))
@@ -91,16 +95,16 @@ mod tests {
 
     #[test]
     fn auto_prefers_containerd_then_docker() {
-        let d = choose_runtime(WorkloadKind::Auto, None, &amd64(), &amd64(), &all(true, true, true)).unwrap();
+        let d = choose_runtime(WorkloadKind::Auto, None, &amd64(), &amd64(), false, &all(true, true, true)).unwrap();
         assert_eq!(d.runtime, RuntimeKind::Containerd);
         assert!(d.reason.starts_with("container on containerd"), "{}", d.reason);
-        let d = choose_runtime(WorkloadKind::Auto, None, &amd64(), &amd64(), &all(false, true, true)).unwrap();
+        let d = choose_runtime(WorkloadKind::Auto, None, &amd64(), &amd64(), false, &all(false, true, true)).unwrap();
         assert_eq!(d.runtime, RuntimeKind::Docker);
     }
 
     #[test]
     fn auto_falls_back_to_vm_and_says_why() {
-        let d = choose_runtime(WorkloadKind::Auto, None, &amd64(), &amd64(), &all(false, false, true)).unwrap();
+        let d = choose_runtime(WorkloadKind::Auto, None, &amd64(), &amd64(), false, &all(false, false, true)).unwrap();
         assert_eq!(d.runtime, RuntimeKind::Qemu);
         assert!(d.reason.contains("no container runtime") && d.reason.contains("containerd is unhealthy: socket refused"), "{}", d.reason);
         assert_eq!(d.considered.len(), 3);
@@ -109,37 +113,44 @@ mod tests {
     #[test]
     fn arch_mismatch_rules_out_containers() {
         let arm = Arch("arm64".into());
-        let err = choose_runtime(WorkloadKind::Auto, None, &arm, &amd64(), &all(true, true, true)).unwrap_err();
+        let err = choose_runtime(WorkloadKind::Auto, None, &arm, &amd64(), false, &all(true, true, true)).unwrap_err();
         assert!(err.reason.contains("image is arm64 but this node is amd64"), "{}", err.reason);
         assert!(err.reason.contains("VMs boot amd64 guests only"), "{}", err.reason);
         // an amd64 image on an arm64 node: no container, but a (TCG) VM
-        let d = choose_runtime(WorkloadKind::Auto, None, &amd64(), &arm, &all(true, true, true)).unwrap();
+        let d = choose_runtime(WorkloadKind::Auto, None, &amd64(), &arm, false, &all(true, true, true)).unwrap();
         assert_eq!(d.runtime, RuntimeKind::Qemu);
+    }
+
+    #[test]
+    fn remapped_ports_skip_containerd() {
+        let d = choose_runtime(WorkloadKind::Auto, None, &amd64(), &amd64(), true, &all(true, true, true)).unwrap();
+        assert_eq!(d.runtime, RuntimeKind::Docker);
+        assert!(d.considered[0].why.contains("remaps a port"));
     }
 
     #[test]
     fn kind_vm_always_takes_qemu() {
-        let d = choose_runtime(WorkloadKind::Vm, None, &amd64(), &amd64(), &all(true, true, true)).unwrap();
+        let d = choose_runtime(WorkloadKind::Vm, None, &amd64(), &amd64(), false, &all(true, true, true)).unwrap();
         assert_eq!(d.runtime, RuntimeKind::Qemu);
         assert!(d.reason.contains("kind vm"));
-        assert!(choose_runtime(WorkloadKind::Vm, None, &amd64(), &amd64(), &all(true, true, false)).is_err());
+        assert!(choose_runtime(WorkloadKind::Vm, None, &amd64(), &amd64(), false, &all(true, true, false)).is_err());
     }
 
     #[test]
     fn kind_container_never_falls_back() {
-        let err = choose_runtime(WorkloadKind::Container, None, &amd64(), &amd64(), &all(false, false, true)).unwrap_err();
+        let err = choose_runtime(WorkloadKind::Container, None, &amd64(), &amd64(), false, &all(false, false, true)).unwrap_err();
         assert_eq!(err.considered.len(), 2);
         assert!(err.reason.contains("containerd is unhealthy") && err.reason.contains("docker is unhealthy"));
     }
 
     #[test]
     fn a_requested_runtime_is_used_or_refused() {
-        let d = choose_runtime(WorkloadKind::Auto, Some(RuntimeKind::Docker), &amd64(), &amd64(), &all(true, true, true)).unwrap();
+        let d = choose_runtime(WorkloadKind::Auto, Some(RuntimeKind::Docker), &amd64(), &amd64(), false, &all(true, true, true)).unwrap();
         assert_eq!(d.runtime, RuntimeKind::Docker);
         assert!(d.reason.starts_with("docker as requested"));
-        let err = choose_runtime(WorkloadKind::Auto, Some(RuntimeKind::Docker), &amd64(), &amd64(), &all(true, false, true)).unwrap_err();
+        let err = choose_runtime(WorkloadKind::Auto, Some(RuntimeKind::Docker), &amd64(), &amd64(), false, &all(true, false, true)).unwrap_err();
         assert!(err.reason.contains("docker is unhealthy"));
-        assert!(choose_runtime(WorkloadKind::Vm, Some(RuntimeKind::Containerd), &amd64(), &amd64(), &all(true, true, true)).is_err());
-        assert!(choose_runtime(WorkloadKind::Container, Some(RuntimeKind::Qemu), &amd64(), &amd64(), &all(true, true, true)).is_err());
+        assert!(choose_runtime(WorkloadKind::Vm, Some(RuntimeKind::Containerd), &amd64(), &amd64(), false, &all(true, true, true)).is_err());
+        assert!(choose_runtime(WorkloadKind::Container, Some(RuntimeKind::Qemu), &amd64(), &amd64(), false, &all(true, true, true)).is_err());
     }
 }

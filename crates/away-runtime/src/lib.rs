@@ -6,10 +6,12 @@ pub mod containerd;
 pub mod docker;
 pub mod fallback;
 pub mod host;
+pub mod node;
 pub mod qemu;
 pub mod runtime;
 pub mod store;
 
 pub use fallback::{choose_runtime, NoRuntime};
+pub use node::{LocalNode, NodeOptions, Started};
 pub use runtime::{CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError};
 pub use store::{ImageStore, ImageSummary, ResolvedImage};

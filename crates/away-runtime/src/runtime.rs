@@ -60,6 +60,8 @@ pub enum RuntimeError {
     Unavailable { runtime: RuntimeKind, reason: String },
     #[error("no workload named {name:?} on {runtime}")]
     NotFound { runtime: RuntimeKind, name: String },
+    #[error("no workload named {name:?} on this node (see `away ps`)")]
+    NoSuchWorkload { name: String },
     #[error("a workload named {name:?} already exists on {runtime}")]
     AlreadyExists { runtime: RuntimeKind, name: String },
     #[error("image {reference:?}: {reason}")]
@@ -71,6 +73,8 @@ pub enum RuntimeError {
     Unsupported { runtime: RuntimeKind, op: &'static str, reason: String },
     #[error("{runtime}: {op} {name:?} failed: {message}")]
     Failed { runtime: RuntimeKind, op: &'static str, name: String, message: String },
+    #[error(transparent)]
+    NoRuntime(#[from] crate::fallback::NoRuntime),
     #[error("{context}: {source}")]
     Io {
         context: String,

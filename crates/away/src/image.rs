@@ -75,6 +75,10 @@ pub struct BuildArgs {
     /// Also write the VM boot artifact (as `away image vm` does)
     #[arg(long)]
     vm: bool,
+    /// Do not add the image to the local image store ($AWAY_STATE_DIR/images), where
+    /// `away run` and specs find it by reference
+    #[arg(long)]
+    no_store: bool,
     #[command(flatten)]
     guest: GuestArgs,
     /// Print one JSON document instead of text
@@ -183,6 +187,11 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         ..BuildOptions::default()
     };
     let (built, path, enc) = build_to_dir(&a.context, &a.out, &opts, &progress)?;
+    if !a.no_store {
+        for r in crate::workload::store_image(&path)? {
+            progress(&format!("stored as {r}"));
+        }
+    }
     let vm = if a.vm {
         Some(write_vm_artifact(
             &built.image,

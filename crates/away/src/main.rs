@@ -4,6 +4,7 @@
 mod doctor;
 mod image;
 mod output;
+mod workload;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,16 @@ enum Command {
     /// Build, inspect and convert lab app images (OCI layout, docker-archive, VM boot artifact)
     #[command(subcommand)]
     Image(image::Command),
+    /// Run a workload from a spec or an image: a container when possible, a VM otherwise
+    Run(workload::RunArgs),
+    /// List workloads on this node
+    Ps(workload::PsArgs),
+    /// Print a workload's output
+    Logs(workload::LogsArgs),
+    /// Stop a workload
+    Stop(workload::StopArgs),
+    /// Remove a workload
+    Rm(workload::RmArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +52,11 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(args),
         Command::Image(cmd) => image::run(cmd),
+        Command::Run(a) => workload::run(a),
+        Command::Ps(a) => workload::ps(a),
+        Command::Logs(a) => workload::logs(a),
+        Command::Stop(a) => workload::stop(a),
+        Command::Rm(a) => workload::rm(a),
     };
     match result {
         Ok(code) => code,

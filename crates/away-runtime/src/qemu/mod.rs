@@ -157,6 +157,30 @@ impl QemuRuntime {
         )
     }
 
+    /// Start `spec` as a migration destination: QEMU with the same command line as
+    /// `run` plus `-incoming <incoming>` (`defer` for a checkpoint file, or
+    /// `tcp:0.0.0.0:PORT` for live migration), waiting in state "inmigrate". The
+    /// caller feeds the stream (`migrate-incoming` for `defer`) and, on failure,
+    /// calls `remove`. Returns the state directory and what spec.json records.
+    pub async fn start_incoming(
+        &self,
+        spec: &WorkloadSpec,
+        image: &ResolvedImage,
+        incoming: &str,
+        restored_from: Option<PathBuf>,
+    ) -> Result<(VmFiles, VmRecord), RuntimeError> {
+        self.precheck(spec)?;
+        warn_overrides(spec);
+        let artifact = self.artifact(image).await?;
+        let mut launch = self.launch(spec, &artifact);
+        launch.incoming = Some(incoming.to_string());
+        let mut record = self.record_for(spec, image, &artifact, &launch);
+        record.restored_from = restored_from;
+        self.start(&launch, &record, "start the migration destination of")
+            .await?;
+        Ok((launch.files, record))
+    }
+
     /// Checks that need no VM: name, memory, and nothing of that name yet.
     fn precheck(&self, spec: &WorkloadSpec) -> Result<(), RuntimeError> {
         let name = &spec.name;
@@ -628,15 +652,14 @@ impl Runtime for QemuRuntime {
                 e,
             )
         })?;
-        self.precheck(spec)?;
-        let artifact = self.artifact(&req.image).await?;
-        let mut launch = self.launch(spec, &artifact);
-        launch.incoming = Some("defer".into());
-        let mut record = self.record_for(spec, &req.image, &artifact, &launch);
-        record.restored_from = Some(archive.dir.clone());
+        if req.image.reference != archive.image {
+            tracing::warn!(workload = %spec.name, "restoring a checkpoint of {} with image {}", archive.image, req.image.reference);
+        }
         let started = Instant::now();
-        self.start(&launch, &record, "restore").await?;
-        let files = &launch.files;
+        let (files, record) = self
+            .start_incoming(spec, &req.image, "defer", Some(archive.dir.clone()))
+            .await?;
+        let files = &files;
         let failed = |message: String| RuntimeError::Failed {
             runtime: KIND,
             op: "restore",

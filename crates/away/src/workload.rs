@@ -1,0 +1,295 @@
+//! `away run`, `ps`, `logs`, `stop`, `rm`: workloads on this node, on whichever runtime
+//! the fallback rule (or the user) picks.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use away_model::{ByteSize, PortMapping, Resources, RuntimeKind, SpecFormat, WorkloadKind, WorkloadSpec, WorkloadState};
+use away_runtime::{LocalNode, NodeOptions};
+use futures_util::StreamExt;
+
+use crate::output::print_json;
+
+/// Run a workload from a spec file, or straight from an image.
+///
+/// With a spec (YAML or JSON, see examples/), everything comes from the spec; flags
+/// given as well override it. With an image (a reference in the image store, as
+/// `away image build` leaves it, or a path to an image tar) the flags make the spec.
+///
+/// The runtime: with `--runtime auto` (the default) a container on containerd, else
+/// Docker, when one is healthy and the image's architecture matches this node; a QEMU
+/// VM otherwise, or when the spec says `kind: vm`. The answer says why.
+///
+/// Examples:
+///   away run examples/counter.yaml
+///   away run away/counter:latest --name c1 -p 18080:8080 --memory 64Mi
+///   away run examples/labdesk.yaml --runtime qemu --json
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct RunArgs {
+    /// A spec file (.yaml, .yml, .json) or an image (reference or tar path)
+    source: String,
+    /// Runtime to use; `auto` applies the fallback rule
+    #[arg(long, value_enum, default_value = "auto")]
+    runtime: RuntimeArg,
+    /// Workload name [default: the spec's, or the image's name]
+    #[arg(long)]
+    name: Option<String>,
+    /// Memory, e.g. 256Mi
+    #[arg(long)]
+    memory: Option<ByteSize>,
+    /// CPUs, e.g. 0.5
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Publish a port, HOST:CONTAINER or PORT (repeatable)
+    #[arg(short, long = "publish", value_name = "HOST:CONTAINER")]
+    publish: Vec<String>,
+    /// Set an environment variable, K=V (repeatable)
+    #[arg(short, long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Run as a VM even when a container could run it
+    #[arg(long)]
+    vm: bool,
+    /// Print one JSON document: {"decision": ..., "workload": ...}
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RuntimeArg {
+    Auto,
+    Containerd,
+    Docker,
+    Qemu,
+}
+
+impl RuntimeArg {
+    fn kind(self) -> Option<RuntimeKind> {
+        match self {
+            RuntimeArg::Auto => None,
+            RuntimeArg::Containerd => Some(RuntimeKind::Containerd),
+            RuntimeArg::Docker => Some(RuntimeKind::Docker),
+            RuntimeArg::Qemu => Some(RuntimeKind::Qemu),
+        }
+    }
+}
+
+/// List workloads on this node (all runtimes).
+#[derive(clap::Args)]
+pub struct PsArgs {
+    /// Print JSON: {"workloads": [...], "unreachable": [...]}
+    #[arg(long)]
+    json: bool,
+}
+
+/// Print a workload's output (stdout and stderr; a VM's serial console).
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    name: String,
+    /// Keep printing new output until the workload stops (Ctrl-C to leave)
+    #[arg(short, long)]
+    follow: bool,
+    /// Print JSON lines: {"name": ..., "line": ...}
+    #[arg(long)]
+    json: bool,
+}
+
+/// Stop a workload: SIGTERM (a VM: ACPI power-down), then kill after the grace period.
+#[derive(clap::Args)]
+pub struct StopArgs {
+    name: String,
+    /// Seconds to wait before killing
+    #[arg(long, default_value_t = 10)]
+    grace: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Remove a stopped workload and everything it holds (snapshot, logs, VM state).
+#[derive(clap::Args)]
+pub struct RmArgs {
+    name: String,
+    /// Remove it even if it runs (kills it)
+    #[arg(short, long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn rt() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+fn is_spec_file(source: &str) -> bool {
+    let p = Path::new(source);
+    p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+}
+
+/// The spec to run: the file's, or one made from the image and flags; flags override.
+fn spec_from(a: &RunArgs) -> anyhow::Result<WorkloadSpec> {
+    let mut spec = if is_spec_file(&a.source) {
+        let spec = WorkloadSpec::load(Path::new(&a.source))?;
+        // a relative image tar path in a spec is relative to the spec's directory
+        let dir = Path::new(&a.source).parent().unwrap_or(Path::new("."));
+        let image_path = dir.join(&spec.image);
+        if image_path.is_file() {
+            WorkloadSpec { image: image_path.display().to_string(), ..spec }
+        } else {
+            spec
+        }
+    } else {
+        let base = a.source.rsplit('/').next().unwrap_or(&a.source);
+        let base = base.split(':').next().unwrap_or(base).trim_end_matches(".tar");
+        WorkloadSpec {
+            name: base.to_string(),
+            image: a.source.clone(),
+            kind: WorkloadKind::Auto,
+            command: None,
+            env: BTreeMap::new(),
+            ports: vec![],
+            resources: Resources::default(),
+            placement: Default::default(),
+            labels: Default::default(),
+        }
+    };
+    if let Some(n) = &a.name {
+        spec.name = n.clone();
+    }
+    if let Some(m) = a.memory {
+        spec.resources.memory = m;
+    }
+    if let Some(c) = a.cpus {
+        spec.resources.cpus = c;
+    }
+    if a.vm {
+        spec.kind = WorkloadKind::Vm;
+    }
+    for kv in &a.env {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?}: expected K=V"))?;
+        spec.env.insert(k.to_string(), v.to_string());
+    }
+    for p in &a.publish {
+        let (host, container) = p.split_once(':').unwrap_or((p, p));
+        let parse = |s: &str| s.parse::<u16>().with_context(|| format!("--publish {p:?}: {s:?} is not a port"));
+        spec.ports.push(PortMapping { container: parse(container)?, host: Some(parse(host)?) });
+    }
+    // the same checks as a file gets, with field names in the message
+    let json = serde_json::to_string(&spec)?;
+    Ok(WorkloadSpec::parse(&json, SpecFormat::Json, &a.source)?)
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let spec = spec_from(&a)?;
+    let rt = rt()?;
+    let node = rt.block_on(LocalNode::open(NodeOptions::default()));
+    if !a.json {
+        eprintln!("starting {} from {}...", spec.name, spec.image);
+    }
+    let started = rt.block_on(node.run(spec, a.runtime.kind()))?;
+    if a.json {
+        print_json(&started)?;
+    } else {
+        let w = &started.workload;
+        println!("{} is {} on {}{}", w.name, w.state, w.runtime, w.pid.map(|p| format!(" (pid {p})")).unwrap_or_default());
+        println!("  why: {}", started.decision.reason);
+        if !w.ports.is_empty() {
+            println!("  ports: {}", w.ports.join(", "));
+        }
+        println!("  logs: away logs -f {}", w.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {
+    let rt = rt()?;
+    let node = rt.block_on(LocalNode::open(NodeOptions::default()));
+    let (list, unreachable) = rt.block_on(node.list());
+    if a.json {
+        print_json(&serde_json::json!({"workloads": list, "unreachable": unreachable}))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let w = list.iter().map(|w| w.name.len()).max().unwrap_or(4).max(4);
+    println!("{:<w$}  {:<10}  {:<8}  {:>7}  {:<13}  IMAGE", "NAME", "RUNTIME", "STATE", "PID", "PORTS");
+    for s in &list {
+        println!(
+            "{:<w$}  {:<10}  {:<8}  {:>7}  {:<13}  {}",
+            s.name,
+            s.runtime.to_string(),
+            s.state.to_string(),
+            s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            if s.ports.is_empty() { "-".into() } else { s.ports.join(",") },
+            s.image
+        );
+    }
+    for note in &unreachable {
+        eprintln!("note: {note}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logs(a: LogsArgs) -> anyhow::Result<ExitCode> {
+    let rt = rt()?;
+    rt.block_on(async {
+        let node = LocalNode::open(NodeOptions::default()).await;
+        let (runtime, _) = node.get(&a.name).await?;
+        let mut stream = runtime.logs(&a.name, a.follow).await?;
+        let mut out = std::io::stdout().lock();
+        let mut pending = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if a.json {
+                pending.extend(chunk);
+                while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    let text = String::from_utf8_lossy(&line[..line.len() - 1]).to_string();
+                    writeln!(out, "{}", serde_json::json!({"name": a.name, "line": text}))?;
+                }
+            } else {
+                out.write_all(&chunk)?;
+            }
+            out.flush()?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stop(a: StopArgs) -> anyhow::Result<ExitCode> {
+    let rt = rt()?;
+    let node = rt.block_on(LocalNode::open(NodeOptions::default()));
+    let st = rt.block_on(node.stop(&a.name, Duration::from_secs(a.grace)))?;
+    if a.json {
+        print_json(&st)?;
+    } else {
+        println!("{} is {}", st.name, st.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rm(a: RmArgs) -> anyhow::Result<ExitCode> {
+    let rt = rt()?;
+    let node = rt.block_on(LocalNode::open(NodeOptions::default()));
+    let (runtime, st) = rt.block_on(node.get(&a.name))?;
+    if matches!(st.state, WorkloadState::Running | WorkloadState::Paused) && !a.force {
+        bail!("{} is {} on {}: stop it first (away stop {}) or use --force", st.name, st.state, st.runtime, st.name);
+    }
+    rt.block_on(runtime.remove(&a.name))?;
+    if a.json {
+        print_json(&serde_json::json!({"removed": a.name, "runtime": st.runtime}))?;
+    } else {
+        println!("removed {} ({})", a.name, st.runtime);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `away image build` leaves its tar in the image store too, so that specs can name
+/// the image by reference.
+pub fn store_image(tar: &Path) -> anyhow::Result<Vec<String>> {
+    let store = away_runtime::ImageStore::new(&away_runtime::host::HostPaths::default().state_dir);
+    Ok(store.add(tar, None)?)
+}
+
