@@ -190,7 +190,7 @@ impl Drop for CtrCleanup {
         );
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10)
-            && run("ctr", &["-n", NS, "task", "rm", &self.id]).0 == false
+            && !run("ctr", &["-n", NS, "task", "rm", &self.id]).0
         {
             if !run("ctr", &["-n", NS, "task", "ls", "-q"])
                 .1

@@ -14,4 +14,4 @@ pub mod vm;
 pub use archive::{read_image_tar, ArchiveError, ArchiveFormat, Image, ReadImage};
 pub use build::{build, build_to_dir, BuildError, BuildOptions, Built};
 pub use recipe::{Recipe, RecipeError};
-pub use vm::{write_vm_artifact, BootSpec, VmArtifact, VmError, VmOptions};
+pub use vm::{overrides_cpio, write_vm_artifact, BootSpec, VmArtifact, VmError, VmOptions};

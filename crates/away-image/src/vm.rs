@@ -37,6 +37,10 @@ pub enum VmError {
     NoCommand,
 }
 
+/// Version of the init script and initramfs layout: caches of VM artifacts key on it
+/// together with the image digest. Bump it whenever `init_script` changes.
+pub const VM_INIT_VERSION: u32 = 2;
+
 /// Where the guest pieces come from, and the guest network.
 #[derive(Debug, Clone)]
 pub struct VmOptions {
@@ -224,8 +228,12 @@ fi
         }
     }
     let workdir = run.working_dir().clone().unwrap_or_else(|| "/".into());
-    s.push_str(&format!("cd {} || exit 1\n", sh_quote(&workdir)));
     let cmd: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
+    // A workload's own env and command come in a second cpio appended to this
+    // initramfs (see `overrides_cpio`): it may export variables and `set --` argv.
+    s.push_str(&format!("set -- {}\n", cmd.join(" ")));
+    s.push_str("[ -f /.away/overrides.sh ] && . /.away/overrides.sh\n");
+    s.push_str(&format!("cd {} || exit 1\n", sh_quote(&workdir)));
     let prefix = match run.user().as_deref() {
         None | Some("") | Some("0") | Some("root") | Some("0:0") => String::new(),
         Some(u) => {
@@ -237,13 +245,38 @@ fi
             )
         }
     };
-    s.push_str(&format!(
-        "echo \"away-init: starting {}\"\n",
-        argv.join(" ").replace(['"', '$', '`', '\\'], "")
-    ));
-    s.push_str(&format!("{prefix}{}\n", cmd.join(" ")));
+    s.push_str("echo \"away-init: starting $*\"\n");
+    s.push_str(&format!("{prefix}\"$@\"\n"));
     s.push_str("echo \"away-init: app exited with status $?\"\n$B sync\n$B poweroff -f\n");
     Ok(s)
+}
+
+/// A gzip'd newc cpio holding `/.away/overrides.sh`: the workload's env (exported after
+/// the image's) and, when given, its full argv. Appended to an artifact's initramfs
+/// (the kernel unpacks concatenated archives), it lets one cached artifact per image
+/// serve every workload. Deterministic: the same overrides give the same bytes, which
+/// a live migration's destination relies on (its initrd must match the source's).
+pub fn overrides_cpio(env: &std::collections::BTreeMap<String, String>, argv: Option<&[String]>) -> Vec<u8> {
+    let mut script = String::from("# workload overrides, written by away\n");
+    for (k, v) in env {
+        if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            script.push_str(&format!("export {k}={}\n", sh_quote(v)));
+        }
+    }
+    if let Some(argv) = argv {
+        let quoted: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
+        script.push_str(&format!("set -- {}\n", quoted.join(" ")));
+    }
+    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::new(6));
+    let write = |gz: &mut dyn Write| -> std::io::Result<()> {
+        let mut w = cpio::newc::Builder::new(".away/overrides.sh").ino(1).mode(0o100644).nlink(1).mtime(0).write(&mut *gz, script.len() as u32);
+        w.write_all(script.as_bytes())?;
+        w.finish()?;
+        cpio::newc::trailer(gz)?;
+        Ok(())
+    };
+    write(&mut gz).expect("writing to memory");
+    gz.finish().expect("writing to memory")
 }
 
 /// Write the image's root filesystem plus init as a gzip'd newc cpio.

@@ -364,14 +364,13 @@ fn nth_yaml_item(text: &str, index: usize) -> Option<usize> {
     for line in text.split_inclusive('\n') {
         let trimmed = line.trim_start();
         let this_indent = line.len() - trimmed.len();
-        if trimmed.starts_with("- ") || trimmed.trim_end() == "-" {
-            if indent.is_none_or(|i| i == this_indent) {
-                indent = Some(this_indent);
-                if seen == index {
-                    return Some(pos + this_indent);
-                }
-                seen += 1;
+        let is_item = trimmed.starts_with("- ") || trimmed.trim_end() == "-";
+        if is_item && indent.is_none_or(|i| i == this_indent) {
+            indent = Some(this_indent);
+            if seen == index {
+                return Some(pos + this_indent);
             }
+            seen += 1;
         }
         pos += line.len();
     }

@@ -290,12 +290,13 @@ fn statfs_type(mount_point: &str) -> String {
     std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()
+        .rev()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (_, mp, ty) = (f.next()?, f.next()?, f.next()?);
             (mp == mount_point).then(|| ty.to_string())
         })
-        .last()
+        .next()
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -550,7 +551,7 @@ fn path_str(p: &Option<PathBuf>) -> String {
 }
 
 fn last_line(s: &str) -> &str {
-    s.lines().map(str::trim).filter(|l| !l.is_empty()).last().unwrap_or("")
+    s.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("")
 }
 
 #[cfg(test)]

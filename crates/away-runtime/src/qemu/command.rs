@@ -53,6 +53,9 @@ pub struct VmLaunch {
     pub files: VmFiles,
     /// `-incoming` value: `defer` (restore from a file), `tcp:0.0.0.0:PORT` (live migration).
     pub incoming: Option<String>,
+    /// When the workload overrides env or command: the shared artifact initrd and the
+    /// overrides cpio that `initrd` (in the workload's dir) is made of, at start.
+    pub initrd_overrides: Option<(PathBuf, Vec<u8>)>,
 }
 
 impl VmLaunch {
@@ -85,6 +88,7 @@ impl VmLaunch {
                 .collect(),
             files,
             incoming: None,
+            initrd_overrides: None,
         }
     }
 

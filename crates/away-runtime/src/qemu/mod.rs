@@ -143,18 +143,27 @@ impl QemuRuntime {
             })?
     }
 
-    /// The QEMU launch of `spec` from `artifact` in its state directory.
-    pub fn launch(&self, spec: &WorkloadSpec, artifact: &CachedArtifact) -> VmLaunch {
-        VmLaunch::for_spec(
+    /// The QEMU launch of `spec` from `artifact` in its state directory. A spec that sets
+    /// env or a command boots the artifact's initrd with an overrides cpio appended.
+    pub fn launch(&self, spec: &WorkloadSpec, image: &ResolvedImage, artifact: &CachedArtifact) -> VmLaunch {
+        let files = self.files(&spec.name);
+        let overrides = (!spec.env.is_empty() || spec.command.is_some()).then(|| {
+            let argv = spec.command.as_ref().map(|c| image.argv(Some(c)));
+            (artifact.initrd.clone(), away_image::overrides_cpio(&spec.env, argv.as_deref()))
+        });
+        let initrd = if overrides.is_some() { files.dir.join("initrd.gz") } else { artifact.initrd.clone() };
+        let mut launch = VmLaunch::for_spec(
             &self.paths.qemu,
             spec,
             self.accel,
             &artifact.kernel,
-            &artifact.initrd,
+            &initrd,
             &artifact.cmdline,
             &artifact.nic,
-            self.files(&spec.name),
-        )
+            files,
+        );
+        launch.initrd_overrides = overrides;
+        launch
     }
 
     /// Start `spec` as a migration destination: QEMU with the same command line as
@@ -170,9 +179,8 @@ impl QemuRuntime {
         restored_from: Option<PathBuf>,
     ) -> Result<(VmFiles, VmRecord), RuntimeError> {
         self.precheck(spec)?;
-        warn_overrides(spec);
         let artifact = self.artifact(image).await?;
-        let mut launch = self.launch(spec, &artifact);
+        let mut launch = self.launch(spec, image, &artifact);
         launch.incoming = Some(incoming.to_string());
         let mut record = self.record_for(spec, image, &artifact, &launch);
         record.restored_from = restored_from;
@@ -242,7 +250,14 @@ impl QemuRuntime {
                 ))
             }
         }
-        let result = self.spawn_and_wait(launch, record, op).await;
+        let result = match &launch.initrd_overrides {
+            Some((base, extra)) => write_initrd_with_overrides(base, extra, &launch.initrd),
+            None => Ok(()),
+        };
+        let result = match result {
+            Ok(()) => self.spawn_and_wait(launch, record, op).await,
+            Err(e) => Err(e),
+        };
         if result.is_err() {
             kill_vm(files).await;
             if let Err(e) = std::fs::remove_dir_all(&files.dir) {
@@ -395,16 +410,12 @@ impl QemuRuntime {
     }
 }
 
-/// Why spec overrides do not reach the guest yet: the artifact's init bakes the
-/// image's ENV and ENTRYPOINT+CMD in and reads only away.ip=/away.gw= from the
-/// kernel command line.
-fn warn_overrides(spec: &WorkloadSpec) {
-    if spec.command.is_some() || !spec.env.is_empty() {
-        tracing::warn!(
-            workload = %spec.name,
-            "the vm runs the image's own ENTRYPOINT/CMD and ENV: spec command and env overrides are not applied inside vms yet"
-        );
-    }
+/// The shared initrd followed by the workload's overrides cpio (the kernel unpacks
+/// concatenated archives in order, so the overrides file lands on top).
+fn write_initrd_with_overrides(base: &Path, extra: &[u8], dest: &Path) -> Result<(), RuntimeError> {
+    let mut bytes = std::fs::read(base).map_err(|e| RuntimeError::io(format!("read {}", base.display()), e))?;
+    bytes.extend_from_slice(extra);
+    std::fs::write(dest, bytes).map_err(|e| RuntimeError::io(format!("write {}", dest.display()), e))
 }
 
 #[async_trait]
@@ -434,9 +445,8 @@ impl Runtime for QemuRuntime {
     async fn run(&self, req: &RunRequest) -> Result<WorkloadStatus, RuntimeError> {
         let spec = &req.spec;
         self.precheck(spec)?;
-        warn_overrides(spec);
         let artifact = self.artifact(&req.image).await?;
-        let launch = self.launch(spec, &artifact);
+        let launch = self.launch(spec, &req.image, &artifact);
         let record = self.record_for(spec, &req.image, &artifact, &launch);
         let started = Instant::now();
         let pid = self.start(&launch, &record, "run").await?;
@@ -877,6 +887,8 @@ fn build_artifact(
             image.tar.display()
         )));
     }
+    // the init script is away's, not the image's: a new init needs a new cache entry
+    let key = format!("{key}-init{}", away_image::vm::VM_INIT_VERSION);
     let dir = root.join(&key);
     if let Some(a) = read_artifact(&dir) {
         return Ok(a);
