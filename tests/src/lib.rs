@@ -76,8 +76,9 @@ pub fn away_json(args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("away {args:?}: stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("away {args:?}: stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
+    })
 }
 
 /// Image tar of a lab app (`images/<app>`), built once per test process with
@@ -87,7 +88,13 @@ pub fn lab_image(app: &str) -> PathBuf {
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let out = workspace_root().join("target").join("away-e2e-images");
     let tar = out.join(format!("{app}.tar"));
-    let built = away(&["image", "build", workspace_root().join("images").join(app).to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    let built = away(&[
+        "image",
+        "build",
+        workspace_root().join("images").join(app).to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     assert!(built.status.success(), "away image build images/{app} failed: {}", String::from_utf8_lossy(&built.stderr));
     assert!(tar.is_file(), "away image build did not write {}", tar.display());
     tar

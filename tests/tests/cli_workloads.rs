@@ -3,7 +3,9 @@
 use away_e2e::{away, away_json, free_port, http_get, lab_image, require_root, require_socket, wait_for};
 
 fn ready() -> bool {
-    require_root() && require_socket("/run/containerd/containerd.sock", "containerd") && require_socket("/run/docker.sock", "dockerd")
+    require_root()
+        && require_socket("/run/containerd/containerd.sock", "containerd")
+        && require_socket("/run/docker.sock", "dockerd")
 }
 
 fn name(base: &str) -> String {
@@ -32,7 +34,19 @@ fn run_ps_logs_stop_rm_on_each_container_runtime() {
         let n = name(&format!("cli-{runtime}"));
         let _rm = Rm(n.clone());
         let port = free_port().to_string();
-        let started = away_json(&["run", tar.to_str().unwrap(), "--name", &n, "--runtime", runtime, "-e", &format!("COUNTER_PORT={port}"), "-p", &format!("{port}:{port}"), "--json"]);
+        let started = away_json(&[
+            "run",
+            tar.to_str().unwrap(),
+            "--name",
+            &n,
+            "--runtime",
+            runtime,
+            "-e",
+            &format!("COUNTER_PORT={port}"),
+            "-p",
+            &format!("{port}:{port}"),
+            "--json",
+        ]);
         assert_eq!(started["decision"]["runtime"], runtime);
         assert!(started["decision"]["reason"].as_str().unwrap().contains("as requested"));
         assert_eq!(started["workload"]["state"], "running");
@@ -53,7 +67,10 @@ fn run_ps_logs_stop_rm_on_each_container_runtime() {
         assert_eq!(stopped["state"], "stopped");
         away_json(&["rm", &n, "--json"]);
         let ps = away_json(&["ps", "--json"]);
-        assert!(ps["workloads"].as_array().unwrap().iter().all(|w| w["name"] != n.as_str()), "{runtime}: still listed after rm");
+        assert!(
+            ps["workloads"].as_array().unwrap().iter().all(|w| w["name"] != n.as_str()),
+            "{runtime}: still listed after rm"
+        );
     }
 }
 
@@ -66,7 +83,17 @@ fn auto_prefers_a_container_and_says_why() {
     let n = name("cli-auto");
     let _rm = Rm(n.clone());
     let port = free_port().to_string();
-    let started = away_json(&["run", tar.to_str().unwrap(), "--name", &n, "-e", &format!("LABDESK_PORT={port}"), "-p", &port, "--json"]);
+    let started = away_json(&[
+        "run",
+        tar.to_str().unwrap(),
+        "--name",
+        &n,
+        "-e",
+        &format!("LABDESK_PORT={port}"),
+        "-p",
+        &port,
+        "--json",
+    ]);
     assert_eq!(started["decision"]["runtime"], "containerd");
     assert!(started["decision"]["reason"].as_str().unwrap().starts_with("container on containerd"), "{started}");
     assert!(wait_for(20, || http_get(port.parse().unwrap(), "/state")).is_some());
@@ -95,5 +122,8 @@ fn bad_input_gets_clear_errors_and_leaves_nothing() {
     assert!(err.contains("resources.memory") && err.contains("more than this node"), "{err}");
 
     let ps = away_json(&["ps", "--json"]);
-    assert!(ps["workloads"].as_array().unwrap().iter().all(|w| w["name"] != n.as_str()), "a failed run left {n} behind");
+    assert!(
+        ps["workloads"].as_array().unwrap().iter().all(|w| w["name"] != n.as_str()),
+        "a failed run left {n} behind"
+    );
 }

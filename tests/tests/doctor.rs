@@ -15,12 +15,20 @@ fn sh(cmd: &str) -> String {
 }
 
 fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["checks"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no check named {name}"))
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check named {name}"))
 }
 
 #[test]
 fn doctor_json_tells_the_truth_about_this_host() {
-    if !require_root() || !require_socket("/run/containerd/containerd.sock", "containerd") || !require_socket("/run/docker.sock", "dockerd") {
+    if !require_root()
+        || !require_socket("/run/containerd/containerd.sock", "containerd")
+        || !require_socket("/run/docker.sock", "dockerd")
+    {
         return;
     }
     let r = away_json(&["doctor", "--json"]);
@@ -42,8 +50,12 @@ fn doctor_json_tells_the_truth_about_this_host() {
     assert_eq!(r["cpu"]["vendor"], expected_vendor);
     assert_eq!(r["cpu"]["model"], sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'").as_str());
     assert_eq!(r["cpu"]["cores"], sh("grep -c ^processor /proc/cpuinfo").parse::<u64>().unwrap());
-    let flags: Vec<String> = sh("grep -m1 ^flags /proc/cpuinfo | cut -d: -f2").split_whitespace().map(String::from).collect();
-    assert_eq!(r["cpu"]["flags"].as_array().unwrap().len(), flags.iter().collect::<std::collections::BTreeSet<_>>().len());
+    let flags: Vec<String> =
+        sh("grep -m1 ^flags /proc/cpuinfo | cut -d: -f2").split_whitespace().map(String::from).collect();
+    assert_eq!(
+        r["cpu"]["flags"].as_array().unwrap().len(),
+        flags.iter().collect::<std::collections::BTreeSet<_>>().len()
+    );
 
     // containerd and Docker, against their own CLIs on the same sockets
     let ctr_version = sh("ctr --address /run/containerd/containerd.sock --connect-timeout 2s version | awk '/^Server:/{s=1} s && /Version:/{print $2; exit}'");
@@ -95,7 +107,10 @@ fn doctor_json_tells_the_truth_about_this_host() {
 #[test]
 fn kvm_probe_guest_boots_under_tcg() {
     let paths = HostPaths::default();
-    if !require(paths.qemu.exists() && paths.guest_kernel.exists() && paths.busybox.exists(), "qemu, guest kernel and busybox (deploy/install.sh)") {
+    if !require(
+        paths.qemu.exists() && paths.guest_kernel.exists() && paths.busybox.exists(),
+        "qemu, guest kernel and busybox (deploy/install.sh)",
+    ) {
         return;
     }
     let cfg = KvmProbeConfig {
@@ -114,7 +129,19 @@ fn kvm_probe_guest_boots_under_tcg() {
 fn doctor_table_names_every_component() {
     let out = away(&["doctor"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    for name in ["cpu", "cgroup", "overlayfs", "containerd", "docker", "runc", "criu", "criu pre-dump", "criu lazy pages", "qemu", "kvm"] {
+    for name in [
+        "cpu",
+        "cgroup",
+        "overlayfs",
+        "containerd",
+        "docker",
+        "runc",
+        "criu",
+        "criu pre-dump",
+        "criu lazy pages",
+        "qemu",
+        "kvm",
+    ] {
         assert!(text.contains(name), "doctor table lacks {name}:\n{text}");
     }
 }

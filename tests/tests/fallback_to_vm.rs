@@ -27,7 +27,8 @@ fn auto_falls_back_to_qemu_when_container_runtimes_are_down() {
         return;
     }
     // only daemons that deploy/services.sh started can be stopped by it (never by name)
-    let started_by_us = ["containerd", "dockerd"].iter().all(|d| std::path::Path::new(&format!("/run/away/{d}.pid")).exists());
+    let started_by_us =
+        ["containerd", "dockerd"].iter().all(|d| std::path::Path::new(&format!("/run/away/{d}.pid")).exists());
     if !require(started_by_us, "containerd and dockerd started by deploy/services.sh (pidfiles in /run/away)") {
         return;
     }
@@ -40,7 +41,19 @@ fn auto_falls_back_to_qemu_when_container_runtimes_are_down() {
     let status = Command::new("bash").arg(workspace_root().join("deploy/services.sh")).arg("status").status().unwrap();
     assert!(!status.success(), "daemons still answer after services.sh stop");
 
-    let started = away_json(&["run", tar.to_str().unwrap(), "--name", &n, "-e", &format!("COUNTER_PORT={port}"), "-p", &port, "--memory", "128Mi", "--json"]);
+    let started = away_json(&[
+        "run",
+        tar.to_str().unwrap(),
+        "--name",
+        &n,
+        "-e",
+        &format!("COUNTER_PORT={port}"),
+        "-p",
+        &port,
+        "--memory",
+        "128Mi",
+        "--json",
+    ]);
     let result = std::panic::catch_unwind(|| {
         assert_eq!(started["decision"]["runtime"], "qemu", "{started}");
         let reason = started["decision"]["reason"].as_str().unwrap();

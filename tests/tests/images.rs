@@ -51,29 +51,16 @@ fn image_tar(app: &str) -> PathBuf {
             &tag(app),
             "--json",
         ]);
-        assert_eq!(
-            report["path"].as_str().map(PathBuf::from),
-            Some(tar.clone())
-        );
-        assert!(report["manifest_digest"]
-            .as_str()
-            .unwrap()
-            .starts_with("sha256:"));
+        assert_eq!(report["path"].as_str().map(PathBuf::from), Some(tar.clone()));
+        assert!(report["manifest_digest"].as_str().unwrap().starts_with("sha256:"));
         done.push(app.to_string());
     }
     tar
 }
 
 fn run(cmd: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
 
@@ -84,19 +71,19 @@ fn must(cmd: &str, args: &[&str]) -> String {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// One HTTP/1.1 request; returns (status, body).
 fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
-    let mut s =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
     let status = resp.split_whitespace().nth(1)?.parse().ok()?;
@@ -120,10 +107,7 @@ fn wait_http(port: u16, timeout: Duration) -> Option<String> {
 fn check_app_http(app: &str, port: u16, where_: &str) {
     let body = wait_http(port, Duration::from_secs(60))
         .unwrap_or_else(|| panic!("{app} in {where_}: no HTTP answer on 127.0.0.1:{port}"));
-    println!(
-        "{app} in {where_}: GET / -> {}",
-        body.lines().next().unwrap_or_default()
-    );
+    println!("{app} in {where_}: GET / -> {}", body.lines().next().unwrap_or_default());
     match app {
         "counter" => {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -131,26 +115,16 @@ fn check_app_http(app: &str, port: u16, where_: &str) {
             std::thread::sleep(Duration::from_millis(1500));
             let (_, text) = http(port, "GET", "/count", "").unwrap();
             let later: u64 = text.trim().parse().unwrap();
-            assert!(
-                later > first,
-                "{app} in {where_}: count does not advance ({first} -> {later})"
-            );
-            assert!(
-                v["pid"].as_u64().is_some() && v["started_unix_ms"].as_u64().is_some(),
-                "{body}"
-            );
+            assert!(later > first, "{app} in {where_}: count does not advance ({first} -> {later})");
+            assert!(v["pid"].as_u64().is_some() && v["started_unix_ms"].as_u64().is_some(), "{body}");
         }
         "memload" => {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            assert!(
-                v["pid"].as_u64().is_some() && v["size"].as_u64().is_some(),
-                "{body}"
-            );
+            assert!(v["pid"].as_u64().is_some() && v["size"].as_u64().is_some(), "{body}");
         }
         "labdesk" => {
             assert!(body.contains("<html"), "{body}");
-            let (status, created) =
-                http(port, "POST", "/notes", r#"{"text":"migrate me"}"#).unwrap();
+            let (status, created) = http(port, "POST", "/notes", r#"{"text":"migrate me"}"#).unwrap();
             assert_eq!(status, 201, "{created}");
             let (_, notes) = http(port, "GET", "/notes", "").unwrap();
             assert!(notes.contains("migrate me"), "{notes}");
@@ -184,19 +158,10 @@ struct CtrCleanup {
 
 impl Drop for CtrCleanup {
     fn drop(&mut self) {
-        let _ = run(
-            "ctr",
-            &["-n", NS, "task", "kill", "-s", "SIGKILL", &self.id],
-        );
+        let _ = run("ctr", &["-n", NS, "task", "kill", "-s", "SIGKILL", &self.id]);
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10)
-            && !run("ctr", &["-n", NS, "task", "rm", &self.id]).0
-        {
-            if !run("ctr", &["-n", NS, "task", "ls", "-q"])
-                .1
-                .lines()
-                .any(|l| l == self.id)
-            {
+        while start.elapsed() < Duration::from_secs(10) && !run("ctr", &["-n", NS, "task", "rm", &self.id]).0 {
+            if !run("ctr", &["-n", NS, "task", "ls", "-q"]).1.lines().any(|l| l == self.id) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -215,18 +180,9 @@ fn images_import_and_run_in_containerd() {
         let tar = image_tar(app);
         let image = format!("docker.io/{}", tag(app));
         let id = format!("away-e2e-{app}-{}", std::process::id());
-        let _cleanup = CtrCleanup {
-            id: id.clone(),
-            image: image.clone(),
-        };
-        let out = must(
-            "ctr",
-            &["-n", NS, "images", "import", tar.to_str().unwrap()],
-        );
-        assert!(
-            out.contains(&image),
-            "ctr import did not name the image {image}:\n{out}"
-        );
+        let _cleanup = CtrCleanup { id: id.clone(), image: image.clone() };
+        let out = must("ctr", &["-n", NS, "images", "import", tar.to_str().unwrap()]);
+        assert!(out.contains(&image), "ctr import did not name the image {image}:\n{out}");
 
         // Host network with a free port, so the test can reach the app over HTTP.
         let port = free_port();
@@ -235,49 +191,17 @@ fn images_import_and_run_in_containerd() {
         let _ = std::fs::remove_file(&log);
         let env = format!("{port_env}={port}");
         let log_uri = format!("file://{}", log.display());
-        must(
-            "ctr",
-            &[
-                "-n",
-                NS,
-                "run",
-                "-d",
-                "--net-host",
-                "--env",
-                &env,
-                "--log-uri",
-                &log_uri,
-                &image,
-                &id,
-            ],
-        );
+        must("ctr", &["-n", NS, "run", "-d", "--net-host", "--env", &env, "--log-uri", &log_uri, &image, &id]);
         check_app_http(app, port, "containerd");
-        let text = wait_log(
-            || std::fs::read_to_string(&log).unwrap_or_default(),
-            log_needle,
-            Duration::from_secs(15),
-        );
-        println!(
-            "{app} in containerd, log:\n{}",
-            text.lines().take(4).collect::<Vec<_>>().join("\n")
-        );
-        assert!(
-            text.contains(log_needle),
-            "{app}: log lacks {log_needle:?}:\n{text}"
-        );
+        let text = wait_log(|| std::fs::read_to_string(&log).unwrap_or_default(), log_needle, Duration::from_secs(15));
+        println!("{app} in containerd, log:\n{}", text.lines().take(4).collect::<Vec<_>>().join("\n"));
+        assert!(text.contains(log_needle), "{app}: log lacks {log_needle:?}:\n{text}");
 
         // SIGTERM ends the app quickly (it is PID 1 and has a handler).
         let start = Instant::now();
         must("ctr", &["-n", NS, "task", "kill", "-s", "SIGTERM", &id]);
-        while run("ctr", &["-n", NS, "task", "ls"])
-            .1
-            .lines()
-            .any(|l| l.starts_with(&id) && l.contains("RUNNING"))
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "{app} ignored SIGTERM"
-            );
+        while run("ctr", &["-n", NS, "task", "ls"]).1.lines().any(|l| l.starts_with(&id) && l.contains("RUNNING")) {
+            assert!(start.elapsed() < Duration::from_secs(5), "{app} ignored SIGTERM");
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = std::fs::remove_file(&log);
@@ -299,45 +223,23 @@ impl Drop for DockerCleanup {
 
 #[test]
 fn images_load_and_run_in_docker() {
-    if !require_root()
-        || !require_socket(DOCKERD, "dockerd")
-        || !require(Path::new(DOCKER).exists(), DOCKER)
-    {
+    if !require_root() || !require_socket(DOCKERD, "dockerd") || !require(Path::new(DOCKER).exists(), DOCKER) {
         return;
     }
     for app in APPS {
         let tar = image_tar(app);
         let name = format!("away-e2e-{app}-{}", std::process::id());
-        let _cleanup = DockerCleanup {
-            name: name.clone(),
-            image: tag(app),
-        };
+        let _cleanup = DockerCleanup { name: name.clone(), image: tag(app) };
         let out = must(DOCKER, &["load", "-i", tar.to_str().unwrap()]);
-        assert!(
-            out.contains(&format!("Loaded image: {}", tag(app))),
-            "{out}"
-        );
+        assert!(out.contains(&format!("Loaded image: {}", tag(app))), "{out}");
         let port = free_port();
         let publish = format!("127.0.0.1:{port}:8080");
-        must(
-            DOCKER,
-            &["run", "-d", "--name", &name, "-p", &publish, &tag(app)],
-        );
+        must(DOCKER, &["run", "-d", "--name", &name, "-p", &publish, &tag(app)]);
         check_app_http(app, port, "docker");
         let (_, log_needle) = app_facts(app);
-        let text = wait_log(
-            || run(DOCKER, &["logs", &name]).1,
-            log_needle,
-            Duration::from_secs(15),
-        );
-        println!(
-            "{app} in docker, log:\n{}",
-            text.lines().take(4).collect::<Vec<_>>().join("\n")
-        );
-        assert!(
-            text.contains(log_needle),
-            "{app}: log lacks {log_needle:?}:\n{text}"
-        );
+        let text = wait_log(|| run(DOCKER, &["logs", &name]).1, log_needle, Duration::from_secs(15));
+        println!("{app} in docker, log:\n{}", text.lines().take(4).collect::<Vec<_>>().join("\n"));
+        assert!(text.contains(log_needle), "{app}: log lacks {log_needle:?}:\n{text}");
         let start = Instant::now();
         must(DOCKER, &["stop", "-t", "10", &name]);
         assert!(
@@ -362,32 +264,17 @@ impl Drop for Qemu {
 fn vm_artifacts_boot_under_tcg_and_answer_http() {
     let kernel = Path::new("/opt/away-guest/vmlinuz");
     let modules = Path::new("/opt/away-guest/modules");
-    if !require(
-        kernel.exists(),
-        "guest kernel /opt/away-guest/vmlinuz (deploy/install.sh)",
-    ) || !require(
-        modules.is_dir(),
-        "guest NIC modules in /opt/away-guest/modules (deploy/install.sh)",
-    ) || !require(
-        Path::new("/bin/busybox").exists(),
-        "/bin/busybox (busybox-static)",
-    ) || !require(
-        run("sh", &["-c", "command -v qemu-system-x86_64"]).0,
-        "qemu-system-x86_64",
-    ) {
+    if !require(kernel.exists(), "guest kernel /opt/away-guest/vmlinuz (deploy/install.sh)")
+        || !require(modules.is_dir(), "guest NIC modules in /opt/away-guest/modules (deploy/install.sh)")
+        || !require(Path::new("/bin/busybox").exists(), "/bin/busybox (busybox-static)")
+        || !require(run("sh", &["-c", "command -v qemu-system-x86_64"]).0, "qemu-system-x86_64")
+    {
         return;
     }
     let out = workspace_root().join("target/away-e2e/vm");
     for app in APPS {
         let tar = image_tar(app);
-        let art = away_json(&[
-            "image",
-            "vm",
-            tar.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--json",
-        ]);
+        let art = away_json(&["image", "vm", tar.to_str().unwrap(), "-o", out.to_str().unwrap(), "--json"]);
         let spec = &art["spec"];
         assert_eq!(spec["nic"], "virtio-net-pci");
         let port = free_port();
@@ -395,25 +282,14 @@ fn vm_artifacts_boot_under_tcg_and_answer_http() {
         let console = std::fs::File::create(&log).unwrap();
         // KVM hangs on these machines: always TCG.
         let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-m",
-                "256",
-                "-nographic",
-                "-no-reboot",
-                "-kernel",
-            ])
+            .args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot", "-kernel"])
             .arg(art["kernel"].as_str().unwrap())
             .arg("-initrd")
             .arg(art["initrd"].as_str().unwrap())
             .args(["-append", spec["cmdline"].as_str().unwrap()])
             .args([
                 "-netdev",
-                &format!(
-                    "user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{}",
-                    spec["guest_port"].as_u64().unwrap_or(8080)
-                ),
+                &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{}", spec["guest_port"].as_u64().unwrap_or(8080)),
             ])
             .args(["-device", "virtio-net-pci,netdev=n0"])
             .stdin(Stdio::null())
@@ -429,22 +305,13 @@ fn vm_artifacts_boot_under_tcg_and_answer_http() {
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        println!(
-            "{app} VM answered over HTTP {:.1} s after qemu started",
-            start.elapsed().as_secs_f64()
-        );
+        println!("{app} VM answered over HTTP {:.1} s after qemu started", start.elapsed().as_secs_f64());
         check_app_http(app, port, "VM");
         let console = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(console.contains("away-init: starting"), "{console}");
         let (_, log_needle) = app_facts(app);
-        let console = wait_log(
-            || std::fs::read_to_string(&log).unwrap_or_default(),
-            log_needle,
-            Duration::from_secs(15),
-        );
-        assert!(
-            console.contains(log_needle),
-            "{app} VM console lacks {log_needle:?}:\n{console}"
-        );
+        let console =
+            wait_log(|| std::fs::read_to_string(&log).unwrap_or_default(), log_needle, Duration::from_secs(15));
+        assert!(console.contains(log_needle), "{app} VM console lacks {log_needle:?}:\n{console}");
     }
 }

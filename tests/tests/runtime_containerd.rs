@@ -22,7 +22,9 @@ fn ready() -> bool {
 fn rt() -> (tokio::runtime::Runtime, ContainerdRuntime) {
     let tokio = tokio::runtime::Runtime::new().unwrap();
     let log_dir = std::env::temp_dir().join("away-e2e-containerd-logs");
-    let rt = tokio.block_on(ContainerdRuntime::connect(Path::new(SOCKET), NAMESPACE, log_dir)).expect("connect to containerd");
+    let rt = tokio
+        .block_on(ContainerdRuntime::connect(Path::new(SOCKET), NAMESPACE, log_dir))
+        .expect("connect to containerd");
     (tokio, rt)
 }
 
@@ -77,12 +79,17 @@ fn counter_runs_answers_and_is_removed_without_a_trace() {
     let port = free_port();
     let n = name("ctr-counter");
     let _c = Cleanup(&tokio, &rt, n.clone());
-    let st = tokio.block_on(rt.run(&RunRequest { spec: spec(&n, &[("COUNTER_PORT", port.to_string())], Some(port)), image })).expect("run counter");
+    let st = tokio
+        .block_on(rt.run(&RunRequest { spec: spec(&n, &[("COUNTER_PORT", port.to_string())], Some(port)), image }))
+        .expect("run counter");
     assert_eq!(st.state, away_model::WorkloadState::Running);
     assert!(st.pid.is_some());
     let c = wait_for(20, || count(port).filter(|c| *c > 0)).expect("counter answers over HTTP");
     eprintln!("counter answered with count {c}");
-    assert!(wait_for(10, || logs(&tokio, &rt, &n).contains("counter: ").then_some(())).is_some(), "counter logged nothing");
+    assert!(
+        wait_for(10, || logs(&tokio, &rt, &n).contains("counter: ").then_some(())).is_some(),
+        "counter logged nothing"
+    );
     let listed = tokio.block_on(rt.list()).unwrap();
     assert!(listed.iter().any(|w| w.name == n));
     // a second workload of the same name is refused
@@ -107,15 +114,30 @@ fn memload_and_labdesk_run() {
     let lab = name("ctr-labdesk");
     let _l = Cleanup(&tokio, &rt, lab.clone());
     let image = read_resolved(&lab_image("labdesk"), None).unwrap();
-    tokio.block_on(rt.run(&RunRequest { spec: spec(&lab, &[("LABDESK_PORT", port.to_string())], Some(port)), image })).expect("run labdesk");
-    assert!(wait_for(20, || http_get(port, "/state")).is_some(), "labdesk does not answer on {port}: {}", logs(&tokio, &rt, &lab));
+    tokio
+        .block_on(rt.run(&RunRequest { spec: spec(&lab, &[("LABDESK_PORT", port.to_string())], Some(port)), image }))
+        .expect("run labdesk");
+    assert!(
+        wait_for(20, || http_get(port, "/state")).is_some(),
+        "labdesk does not answer on {port}: {}",
+        logs(&tokio, &rt, &lab)
+    );
 
     let mem = name("ctr-memload");
     let _m = Cleanup(&tokio, &rt, mem.clone());
     let image = read_resolved(&lab_image("memload"), None).unwrap();
-    let env = [("MEMLOAD_SIZE", "16Mi".to_string()), ("MEMLOAD_RAM", "50".to_string()), ("MEMLOAD_CPU", "10".to_string()), ("MEMLOAD_PORT", free_port().to_string())];
+    let env = [
+        ("MEMLOAD_SIZE", "16Mi".to_string()),
+        ("MEMLOAD_RAM", "50".to_string()),
+        ("MEMLOAD_CPU", "10".to_string()),
+        ("MEMLOAD_PORT", free_port().to_string()),
+    ];
     tokio.block_on(rt.run(&RunRequest { spec: spec(&mem, &env, None), image })).expect("run memload");
-    assert!(wait_for(20, || logs(&tokio, &rt, &mem).lines().count().ge(&2).then_some(())).is_some(), "memload reports no progress: {}", logs(&tokio, &rt, &mem));
+    assert!(
+        wait_for(20, || logs(&tokio, &rt, &mem).lines().count().ge(&2).then_some(())).is_some(),
+        "memload reports no progress: {}",
+        logs(&tokio, &rt, &mem)
+    );
 }
 
 #[test]
@@ -140,14 +162,19 @@ fn bad_input_leaves_nothing_behind() {
     bytes[at] ^= 0xff;
     std::fs::write(&corrupt, bytes).unwrap();
     let n2 = name("ctr-corrupt");
-    let result = read_resolved(&corrupt, None).and_then(|img| tokio.block_on(rt.run(&RunRequest { spec: spec(&n2, &[], None), image: img })));
+    let result = read_resolved(&corrupt, None)
+        .and_then(|img| tokio.block_on(rt.run(&RunRequest { spec: spec(&n2, &[], None), image: img })));
     let err = result.unwrap_err();
     assert!(matches!(err, RuntimeError::Image { .. }), "{err}");
     assert!(!ctr_has(&["containers", "ls", "-q"], &n2));
     assert!(!ctr_has(&["snapshots", "ls"], &n2));
 
     // containerd down: a socket that is not there
-    let down = tokio.block_on(ContainerdRuntime::connect(Path::new("/run/away-no-such/containerd.sock"), NAMESPACE, dir.path().into()));
+    let down = tokio.block_on(ContainerdRuntime::connect(
+        Path::new("/run/away-no-such/containerd.sock"),
+        NAMESPACE,
+        dir.path().into(),
+    ));
     assert!(matches!(down, Err(RuntimeError::Unavailable { .. })));
 }
 
@@ -161,11 +188,18 @@ fn checkpoint_and_restore_keep_the_count() {
     let port = free_port();
     let n = name("ctr-cr");
     let _c = Cleanup(&tokio, &rt, n.clone());
-    tokio.block_on(rt.run(&RunRequest { spec: spec(&n, &[("COUNTER_PORT", port.to_string())], Some(port)), image: image.clone() })).expect("run counter");
+    tokio
+        .block_on(rt.run(&RunRequest {
+            spec: spec(&n, &[("COUNTER_PORT", port.to_string())], Some(port)),
+            image: image.clone(),
+        }))
+        .expect("run counter");
     let before = wait_for(30, || count(port).filter(|c| *c >= 20)).expect("counter reaches 20");
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
-    let archive = tokio.block_on(rt.checkpoint(&n, &CheckpointOptions { dir: ckpt.clone(), leave_running: false })).expect("checkpoint");
+    let archive = tokio
+        .block_on(rt.checkpoint(&n, &CheckpointOptions { dir: ckpt.clone(), leave_running: false }))
+        .expect("checkpoint");
     assert!(archive.bytes > 0);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&ckpt).unwrap().permissions().mode() & 0o777, 0o700);
@@ -177,6 +211,7 @@ fn checkpoint_and_restore_keep_the_count() {
 }
 
 fn ctr_has(args: &[&str], needle: &str) -> bool {
-    let out = std::process::Command::new("ctr").args(["--address", SOCKET, "-n", NAMESPACE]).args(args).output().unwrap();
+    let out =
+        std::process::Command::new("ctr").args(["--address", SOCKET, "-n", NAMESPACE]).args(args).output().unwrap();
     String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split_whitespace().next() == Some(needle))
 }

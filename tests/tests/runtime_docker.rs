@@ -16,9 +16,7 @@ use away_e2e::{require, require_root, require_socket, workspace_root};
 use away_model::{PortMapping, Resources, WorkloadKind, WorkloadSpec, WorkloadState};
 use away_runtime::docker::DockerRuntime;
 use away_runtime::store::read_resolved;
-use away_runtime::{
-    CheckpointOptions, ResolvedImage, RestoreRequest, RunRequest, Runtime, RuntimeError,
-};
+use away_runtime::{CheckpointOptions, ResolvedImage, RestoreRequest, RunRequest, Runtime, RuntimeError};
 use futures_util::StreamExt;
 
 const DOCKERD: &str = "/run/docker.sock";
@@ -29,26 +27,17 @@ fn ready() -> bool {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 async fn docker() -> DockerRuntime {
-    DockerRuntime::connect(DOCKERD.as_ref())
-        .await
-        .unwrap_or_else(|e| panic!("connect to {DOCKERD}: {e}"))
+    DockerRuntime::connect(DOCKERD.as_ref()).await.unwrap_or_else(|e| panic!("connect to {DOCKERD}: {e}"))
 }
 
 /// Build the app's image once per test process (tests share it).
 fn image(app: &str) -> ResolvedImage {
     static BUILT: OnceLock<Mutex<()>> = OnceLock::new();
-    let _one_at_a_time = BUILT
-        .get_or_init(|| Mutex::new(()))
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one_at_a_time = BUILT.get_or_init(|| Mutex::new(())).lock().unwrap_or_else(|e| e.into_inner());
     let out = workspace_root().join("target/away-e2e/runtime-docker");
     let tar = out.join(format!("{app}.tar"));
     if !built_this_run(app) {
@@ -58,13 +47,8 @@ fn image(app: &str) -> ResolvedImage {
             ..Default::default()
         };
         let started = Instant::now();
-        let (_, path, _) = away_image::build_to_dir(
-            &workspace_root().join("images").join(app),
-            &out,
-            &opts,
-            &|_| {},
-        )
-        .unwrap_or_else(|e| panic!("build image {app}: {e}"));
+        let (_, path, _) = away_image::build_to_dir(&workspace_root().join("images").join(app), &out, &opts, &|_| {})
+            .unwrap_or_else(|e| panic!("build image {app}: {e}"));
         assert_eq!(path, tar);
         println!("built {} in {:?}", tar.display(), started.elapsed());
     }
@@ -74,10 +58,7 @@ fn image(app: &str) -> ResolvedImage {
 /// True once an app was asked for in this process.
 fn built_this_run(app: &str) -> bool {
     static SEEN: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
-    let mut seen = SEEN
-        .get_or_init(|| Mutex::new(Vec::new()))
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut seen = SEEN.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap_or_else(|e| e.into_inner());
     if seen.iter().any(|a| a == app) {
         return true;
     }
@@ -96,13 +77,7 @@ fn spec(name: &str, image: &ResolvedImage, host_port: Option<u16>) -> WorkloadSp
         kind: WorkloadKind::Container,
         command: None,
         env: Default::default(),
-        ports: host_port
-            .map(|p| PortMapping {
-                container: 8080,
-                host: Some(p),
-            })
-            .into_iter()
-            .collect(),
+        ports: host_port.map(|p| PortMapping { container: 8080, host: Some(p) }).into_iter().collect(),
         resources: Resources::default(),
         placement: Default::default(),
         labels: Default::default(),
@@ -123,47 +98,25 @@ impl Drop for Cleanup {
 /// Names of containers that carry our label for `name` (running or not).
 fn containers_labelled(name: &str) -> Vec<String> {
     let out = Command::new(DOCKER)
-        .args([
-            "ps",
-            "-a",
-            "--format",
-            "{{.Names}}",
-            "--filter",
-            &format!("label=away.workload={name}"),
-        ])
+        .args(["ps", "-a", "--format", "{{.Names}}", "--filter", &format!("label=away.workload={name}")])
         .output()
         .expect("run docker ps");
-    assert!(
-        out.status.success(),
-        "docker ps: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    assert!(out.status.success(), "docker ps: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
 }
 
 /// Whether any container (labelled or not) has this name.
 fn container_exists(name: &str) -> bool {
-    Command::new(DOCKER)
-        .args(["inspect", "--type", "container", name])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    Command::new(DOCKER).args(["inspect", "--type", "container", name]).output().is_ok_and(|o| o.status.success())
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// One HTTP/1.0 GET; the body when the answer is 200.
 fn get(port: u16, path: &str) -> Option<String> {
-    let mut s =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
     let mut resp = String::new();
@@ -177,26 +130,17 @@ async fn wait_get(port: u16, path: &str, timeout: Duration) -> String {
     let start = Instant::now();
     loop {
         let p = path.to_string();
-        if let Some(body) = tokio::task::spawn_blocking(move || get(port, &p))
-            .await
-            .unwrap()
-        {
+        if let Some(body) = tokio::task::spawn_blocking(move || get(port, &p)).await.unwrap() {
             return body;
         }
-        assert!(
-            start.elapsed() < timeout,
-            "no HTTP answer on 127.0.0.1:{port}{path} within {timeout:?}"
-        );
+        assert!(start.elapsed() < timeout, "no HTTP answer on 127.0.0.1:{port}{path} within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 fn json_u64(body: &str, key: &str) -> u64 {
-    let v: serde_json::Value =
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {key} in {body}"))
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {body}"))
 }
 
 /// All log output so far.
@@ -223,11 +167,7 @@ async fn follow_until(rt: &DockerRuntime, name: &str, needle: &str, timeout: Dur
         false
     })
     .await;
-    assert_eq!(
-        found,
-        Ok(true),
-        "{name}: {needle:?} not in the followed log within {timeout:?}:\n{text}"
-    );
+    assert_eq!(found, Ok(true), "{name}: {needle:?} not in the followed log within {timeout:?}:\n{text}");
     text
 }
 
@@ -247,24 +187,13 @@ fn app_runs_and_answers(app: &str) {
             spec.env.insert("MEMLOAD_INTERVAL_MS".into(), "200".into());
         }
         let started = Instant::now();
-        let st = rt
-            .run(&RunRequest {
-                spec,
-                image: image.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("run {app}: {e}"));
+        let st = rt.run(&RunRequest { spec, image: image.clone() }).await.unwrap_or_else(|e| panic!("run {app}: {e}"));
         println!("{app}: run took {:?}", started.elapsed());
         assert_eq!(st.state, WorkloadState::Running, "{st:?}");
         assert_eq!(st.image, image.reference);
         assert!(st.pid.is_some_and(|p| p > 1), "{st:?}");
         assert_eq!(st.ports, vec![format!("{port}:8080")]);
-        assert!(rt
-            .list()
-            .await
-            .unwrap()
-            .iter()
-            .any(|w| w.name == name && w.state == WorkloadState::Running));
+        assert!(rt.list().await.unwrap().iter().any(|w| w.name == name && w.state == WorkloadState::Running));
 
         match app {
             "counter" => {
@@ -295,10 +224,7 @@ fn app_runs_and_answers(app: &str) {
         assert_eq!(st.state, WorkloadState::Stopped, "{st:?}");
         assert!(st.exit_code.is_some(), "{st:?}");
         rt.remove(&name).await.unwrap();
-        assert!(matches!(
-            rt.status(&name).await,
-            Err(RuntimeError::NotFound { .. })
-        ));
+        assert!(matches!(rt.status(&name).await, Err(RuntimeError::NotFound { .. })));
         assert!(!rt.list().await.unwrap().iter().any(|w| w.name == name));
         assert_eq!(containers_labelled(&name), Vec::<String>::new());
     });
@@ -329,28 +255,14 @@ fn remove_kills_a_running_workload_and_leaves_nothing() {
     let _cleanup = Cleanup(vec![name.clone()]);
     rt().block_on(async {
         let rt = docker().await;
-        rt.run(&RunRequest {
-            spec: spec(&name, &image, None),
-            image: image.clone(),
-        })
-        .await
-        .unwrap();
+        rt.run(&RunRequest { spec: spec(&name, &image, None), image: image.clone() }).await.unwrap();
         rt.remove(&name).await.unwrap();
         assert!(!container_exists(&name));
         assert_eq!(containers_labelled(&name), Vec::<String>::new());
         // nothing left to stop, remove or read
-        assert!(matches!(
-            rt.stop(&name, Duration::from_secs(1)).await,
-            Err(RuntimeError::NotFound { .. })
-        ));
-        assert!(matches!(
-            rt.remove(&name).await,
-            Err(RuntimeError::NotFound { .. })
-        ));
-        assert!(matches!(
-            rt.logs(&name, false).await,
-            Err(RuntimeError::NotFound { .. })
-        ));
+        assert!(matches!(rt.stop(&name, Duration::from_secs(1)).await, Err(RuntimeError::NotFound { .. })));
+        assert!(matches!(rt.remove(&name).await, Err(RuntimeError::NotFound { .. })));
+        assert!(matches!(rt.logs(&name, false).await, Err(RuntimeError::NotFound { .. })));
     });
 }
 
@@ -367,7 +279,9 @@ fn bad_input_is_refused_and_creates_nothing() {
         // dockerd down: a socket path where nothing listens (the real dockerd keeps running)
         let missing = tmp.path().join("no-dockerd.sock");
         match DockerRuntime::connect(&missing).await {
-            Err(e @ RuntimeError::Unavailable { .. }) => assert!(e.to_string().contains(&missing.display().to_string()), "{e}"),
+            Err(e @ RuntimeError::Unavailable { .. }) => {
+                assert!(e.to_string().contains(&missing.display().to_string()), "{e}")
+            }
             other => panic!("connect to a missing socket: {other:?}"),
         }
 
@@ -413,13 +327,7 @@ fn bad_input_is_refused_and_creates_nothing() {
 /// Docker can checkpoint at all: dockerd runs with --experimental.
 async fn checkpoints_work(rt: &DockerRuntime) -> bool {
     let health = rt.health().await;
-    require(
-        health.checkpoint,
-        &format!(
-            "docker checkpoints (dockerd --experimental): {}",
-            health.detail
-        ),
-    )
+    require(health.checkpoint, &format!("docker checkpoints (dockerd --experimental): {}", health.detail))
 }
 
 /// Since Linux 6.16 getsockopt(SO_PASSCRED/SO_PASSSEC) on an inet socket fails with
@@ -437,17 +345,9 @@ fn criu_dumps_inet_sockets() -> (bool, String) {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let version = out
-        .lines()
-        .find_map(|l| l.strip_prefix("Version:"))
-        .map(str::trim)
-        .unwrap_or("?")
-        .to_string();
+    let version = out.lines().find_map(|l| l.strip_prefix("Version:")).map(str::trim).unwrap_or("?").to_string();
     let num = |s: &str| -> (u32, u32) {
-        let mut it = s
-            .split(|c: char| !c.is_ascii_digit())
-            .filter(|p| !p.is_empty())
-            .map(|p| p.parse().unwrap_or(0));
+        let mut it = s.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty()).map(|p| p.parse().unwrap_or(0));
         (it.next().unwrap_or(0), it.next().unwrap_or(0))
     };
     let ok = num(kernel.trim()) < (6, 16) || num(&version) >= (4, 2);
@@ -460,16 +360,7 @@ fn criu_dumps_inet_sockets() -> (bool, String) {
 
 /// Tick numbers in memload's log lines (`memload: tick=N ...`).
 fn ticks(log: &str) -> Vec<u64> {
-    log.lines()
-        .filter_map(|l| {
-            l.split("tick=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
+    log.lines().filter_map(|l| l.split("tick=").nth(1)?.split_whitespace().next()?.parse().ok()).collect()
 }
 
 /// Checkpoint and restore through Docker of a process without sockets (memload with its
@@ -489,82 +380,33 @@ fn checkpoint_and_restore_continue_memload_ticks() {
             return;
         }
         let mut spec = spec(&name, &image, None);
-        for (k, v) in [
-            ("MEMLOAD_PORT", "0"),
-            ("MEMLOAD_INTERVAL_MS", "100"),
-            ("MEMLOAD_SIZE", "16Mi"),
-        ] {
+        for (k, v) in [("MEMLOAD_PORT", "0"), ("MEMLOAD_INTERVAL_MS", "100"), ("MEMLOAD_SIZE", "16Mi")] {
             spec.env.insert(k.into(), v.into());
         }
-        rt.run(&RunRequest {
-            spec,
-            image: image.clone(),
-        })
-        .await
-        .unwrap();
+        rt.run(&RunRequest { spec, image: image.clone() }).await.unwrap();
         follow_until(&rt, &name, "memload: tick=10 ", Duration::from_secs(20)).await;
 
         let dir = tmp.path().join("memload-1");
         let t = Instant::now();
-        let archive = rt
-            .checkpoint(
-                &name,
-                &CheckpointOptions {
-                    dir: dir.clone(),
-                    leave_running: false,
-                },
-            )
-            .await
-            .unwrap();
-        println!(
-            "checkpoint took {:?}: {} bytes in {}",
-            t.elapsed(),
-            archive.bytes,
-            archive.dir.display()
-        );
-        assert!(
-            archive.bytes > 16 << 20,
-            "16 MiB of touched memory is in the dump: {archive:?}"
-        );
+        let archive =
+            rt.checkpoint(&name, &CheckpointOptions { dir: dir.clone(), leave_running: false }).await.unwrap();
+        println!("checkpoint took {:?}: {} bytes in {}", t.elapsed(), archive.bytes, archive.dir.display());
+        assert!(archive.bytes > 16 << 20, "16 MiB of touched memory is in the dump: {archive:?}");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&archive.dir)
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o700
-        );
-        assert_eq!(
-            rt.status(&name).await.unwrap().state,
-            WorkloadState::Stopped
-        );
-        let last = *ticks(&logs_now(&rt, &name).await)
-            .last()
-            .expect("ticks before the checkpoint");
+        assert_eq!(std::fs::metadata(&archive.dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(rt.status(&name).await.unwrap().state, WorkloadState::Stopped);
+        let last = *ticks(&logs_now(&rt, &name).await).last().expect("ticks before the checkpoint");
 
         rt.remove(&name).await.unwrap();
         let t = Instant::now();
-        let st = rt
-            .restore(&RestoreRequest {
-                archive,
-                image: image.clone(),
-            })
-            .await
-            .unwrap();
+        let st = rt.restore(&RestoreRequest { archive, image: image.clone() }).await.unwrap();
         println!("restore took {:?}", t.elapsed());
         assert_eq!(st.state, WorkloadState::Running, "{st:?}");
         let log = follow_until(&rt, &name, "memload: tick=", Duration::from_secs(20)).await;
         let first = ticks(&log)[0];
         println!("tick {last} before the checkpoint, {first} first after the restore");
-        assert!(
-            first > last,
-            "memload restarted: tick {last} before, {first} after:\n{log}"
-        );
-        assert!(
-            !log.contains("memload: started"),
-            "a new process started:\n{log}"
-        );
+        assert!(first > last, "memload restarted: tick {last} before, {first} after:\n{log}");
+        assert!(!log.contains("memload: started"), "a new process started:\n{log}");
 
         rt.remove(&name).await.unwrap();
         assert_eq!(containers_labelled(&name), Vec::<String>::new());
@@ -591,12 +433,7 @@ fn checkpoint_and_restore_continue_the_count() {
             return;
         }
         let port = free_port();
-        rt.run(&RunRequest {
-            spec: spec(&name, &image, Some(port)),
-            image: image.clone(),
-        })
-        .await
-        .unwrap();
+        rt.run(&RunRequest { spec: spec(&name, &image, Some(port)), image: image.clone() }).await.unwrap();
         let body = wait_get(port, "/", Duration::from_secs(30)).await;
         let started_ms = json_u64(&body, "started_unix_ms");
         // let it count for a while, so that a restart from 0 is plain to see
@@ -606,40 +443,14 @@ fn checkpoint_and_restore_continue_the_count() {
 
         let dir: PathBuf = tmp.path().join("archives").join("counter-1");
         let t = Instant::now();
-        let archive = rt
-            .checkpoint(
-                &name,
-                &CheckpointOptions {
-                    dir: dir.clone(),
-                    leave_running: false,
-                },
-            )
-            .await
-            .unwrap();
-        println!(
-            "checkpoint took {:?}: {} bytes in {}",
-            t.elapsed(),
-            archive.bytes,
-            archive.dir.display()
-        );
+        let archive =
+            rt.checkpoint(&name, &CheckpointOptions { dir: dir.clone(), leave_running: false }).await.unwrap();
+        println!("checkpoint took {:?}: {} bytes in {}", t.elapsed(), archive.bytes, archive.dir.display());
         assert_eq!(archive.dir, dir.canonicalize().unwrap());
-        assert!(
-            archive.bytes > 0 && archive.dir.join("inventory.img").is_file(),
-            "{archive:?}"
-        );
+        assert!(archive.bytes > 0 && archive.dir.join("inventory.img").is_file(), "{archive:?}");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&archive.dir)
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o700
-        );
-        assert_eq!(
-            (archive.workload.as_str(), archive.image.as_str()),
-            (name.as_str(), image.reference.as_str())
-        );
+        assert_eq!(std::fs::metadata(&archive.dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!((archive.workload.as_str(), archive.image.as_str()), (name.as_str(), image.reference.as_str()));
         assert_eq!(archive.spec.name, name);
         assert_eq!(
             rt.status(&name).await.unwrap().state,
@@ -650,13 +461,7 @@ fn checkpoint_and_restore_continue_the_count() {
         // the restored workload takes the name over, as after a move
         rt.remove(&name).await.unwrap();
         let t = Instant::now();
-        let st = rt
-            .restore(&RestoreRequest {
-                archive: archive.clone(),
-                image: image.clone(),
-            })
-            .await
-            .unwrap();
+        let st = rt.restore(&RestoreRequest { archive: archive.clone(), image: image.clone() }).await.unwrap();
         println!("restore took {:?}", t.elapsed());
         assert_eq!(st.state, WorkloadState::Running, "{st:?}");
         assert_eq!(st.ports, vec![format!("{port}:8080")]);
@@ -664,35 +469,16 @@ fn checkpoint_and_restore_continue_the_count() {
         let body = wait_get(port, "/", Duration::from_secs(30)).await;
         let after = json_u64(&body, "count");
         println!("count {before} before the checkpoint, {after} after the restore");
-        assert!(
-            after >= before,
-            "the count restarted: {before} before, {after} after"
-        );
-        assert_eq!(
-            json_u64(&body, "started_unix_ms"),
-            started_ms,
-            "a new process answered: {body}"
-        );
+        assert!(after >= before, "the count restarted: {before} before, {after} after");
+        assert_eq!(json_u64(&body, "started_unix_ms"), started_ms, "a new process answered: {body}");
         tokio::time::sleep(Duration::from_millis(600)).await;
         let later = json_u64(&wait_get(port, "/", Duration::from_secs(10)).await, "count");
-        assert!(
-            later > after,
-            "the restored counter does not count: {after} -> {later}"
-        );
+        assert!(later > after, "the restored counter does not count: {after} -> {later}");
 
         // restoring again under the same name is refused, and the running one stays
-        let err = rt
-            .restore(&RestoreRequest {
-                archive,
-                image: image.clone(),
-            })
-            .await
-            .unwrap_err();
+        let err = rt.restore(&RestoreRequest { archive, image: image.clone() }).await.unwrap_err();
         assert!(matches!(err, RuntimeError::AlreadyExists { .. }), "{err:?}");
-        assert_eq!(
-            rt.status(&name).await.unwrap().state,
-            WorkloadState::Running
-        );
+        assert_eq!(rt.status(&name).await.unwrap().state, WorkloadState::Running);
 
         rt.remove(&name).await.unwrap();
         assert_eq!(containers_labelled(&name), Vec::<String>::new());

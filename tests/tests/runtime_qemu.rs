@@ -15,9 +15,7 @@ use away_model::{Accel, ByteSize, PortMapping, Resources, WorkloadSpec, Workload
 use away_runtime::host::HostPaths;
 use away_runtime::qemu::{QemuRuntime, STATE_FILE};
 use away_runtime::store::{read_resolved, ResolvedImage};
-use away_runtime::{
-    CheckpointOptions, ImageStore, RestoreRequest, RunRequest, Runtime, RuntimeError,
-};
+use away_runtime::{CheckpointOptions, ImageStore, RestoreRequest, RunRequest, Runtime, RuntimeError};
 use futures_util::StreamExt;
 
 /// A TCG boot to /init takes 8-11 s on an idle host; allow for a loaded one.
@@ -33,7 +31,10 @@ fn ready() -> bool {
     let paths = HostPaths::default();
     require_root()
         && require(paths.qemu.is_file(), &format!("qemu at {} (deploy/install.sh)", paths.qemu.display()))
-        && require(paths.guest_kernel.exists(), &format!("guest kernel at {} (deploy/install.sh)", paths.guest_kernel.display()))
+        && require(
+            paths.guest_kernel.exists(),
+            &format!("guest kernel at {} (deploy/install.sh)", paths.guest_kernel.display()),
+        )
         && require(
             Path::new("/opt/away-guest/modules").join("kernel/drivers/net/virtio_net.ko").is_file(),
             "guest NIC modules under /opt/away-guest/modules (virtio_net.ko and deps; deploy/install.sh extracts them)",
@@ -48,12 +49,8 @@ fn image(app: &str) -> ResolvedImage {
     let tar = out.join(format!("{app}.tar"));
     if !tar.is_file() || std::env::var_os("AWAY_E2E_REBUILD").is_some() {
         let ctx = workspace_root().join("images").join(app);
-        let opts = away_image::BuildOptions {
-            tag: Some(format!("away-e2e/{app}:qemu")),
-            ..Default::default()
-        };
-        away_image::build_to_dir(&ctx, &out, &opts, &|_| {})
-            .unwrap_or_else(|e| panic!("build images/{app}: {e}"));
+        let opts = away_image::BuildOptions { tag: Some(format!("away-e2e/{app}:qemu")), ..Default::default() };
+        away_image::build_to_dir(&ctx, &out, &opts, &|_| {}).unwrap_or_else(|e| panic!("build images/{app}: {e}"));
     }
     read_resolved(&tar, None).unwrap_or_else(|e| panic!("read {}: {e}", tar.display()))
 }
@@ -68,19 +65,9 @@ struct Harness {
 impl Harness {
     fn new() -> Harness {
         let tokio = tokio::runtime::Runtime::new().unwrap();
-        let dir = tempfile::Builder::new()
-            .prefix("away-qemu-e2e")
-            .tempdir()
-            .unwrap();
-        let rt = tokio.block_on(QemuRuntime::detect(
-            dir.path().to_path_buf(),
-            HostPaths::default(),
-        ));
-        eprintln!(
-            "qemu runtime: accel {} ({})",
-            rt.accel(),
-            tokio.block_on(rt.health()).detail
-        );
+        let dir = tempfile::Builder::new().prefix("away-qemu-e2e").tempdir().unwrap();
+        let rt = tokio.block_on(QemuRuntime::detect(dir.path().to_path_buf(), HostPaths::default()));
+        eprintln!("qemu runtime: accel {} ({})", rt.accel(), tokio.block_on(rt.health()).detail);
         Harness { tokio, rt, dir }
     }
 
@@ -121,9 +108,7 @@ impl Drop for Harness {
     fn drop(&mut self) {
         for pid in self.qemu_pids() {
             eprintln!("cleanup: killing qemu pid {pid}");
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
     }
 }
@@ -135,14 +120,8 @@ fn spec(name: &str, guest_port: u16, host_port: u16) -> WorkloadSpec {
         kind: away_model::WorkloadKind::Vm,
         command: None,
         env: Default::default(),
-        ports: vec![PortMapping {
-            container: guest_port,
-            host: Some(host_port),
-        }],
-        resources: Resources {
-            memory: ByteSize::mib(256),
-            cpus: 1.0,
-        },
+        ports: vec![PortMapping { container: guest_port, host: Some(host_port) }],
+        resources: Resources { memory: ByteSize::mib(256), cpus: 1.0 },
         placement: Default::default(),
         labels: Default::default(),
     }
@@ -175,14 +154,9 @@ fn lab_apps_run_as_vms() {
         let _vm = vm_lock();
         let name = unique(&format!("e2e-{app}"));
         let port = free_port();
-        let req = RunRequest {
-            spec: spec(&name, 8080, port),
-            image: img.clone(),
-        };
+        let req = RunRequest { spec: spec(&name, 8080, port), image: img.clone() };
         let t0 = Instant::now();
-        let st = h
-            .block(h.rt.run(&req))
-            .unwrap_or_else(|e| panic!("run {app}: {e}"));
+        let st = h.block(h.rt.run(&req)).unwrap_or_else(|e| panic!("run {app}: {e}"));
         assert_eq!(st.state, WorkloadState::Running, "{st:?}");
         assert!(
             st.pid.is_some_and(|p| h.qemu_pids().contains(&p)),
@@ -190,28 +164,15 @@ fn lab_apps_run_as_vms() {
             st.pid,
             h.qemu_pids()
         );
-        assert!(
-            st.detail.contains(&h.rt.accel().to_string()),
-            "detail names the accel: {}",
-            st.detail
-        );
+        assert!(st.detail.contains(&h.rt.accel().to_string()), "detail names the accel: {}", st.detail);
         assert_eq!(st.ports, vec![format!("{port}:8080")]);
         let record = std::fs::read_to_string(h.vm_dir(&name).join("spec.json")).unwrap();
-        assert!(
-            record.contains(&format!("\"accel\": \"{}\"", h.rt.accel())),
-            "{record}"
-        );
-        assert!(
-            h.rt.accel() == Accel::Kvm || record.contains("\"-accel\",\n    \"tcg\""),
-            "{record}"
-        );
+        assert!(record.contains(&format!("\"accel\": \"{}\"", h.rt.accel())), "{record}");
+        assert!(h.rt.accel() == Accel::Kvm || record.contains("\"-accel\",\n    \"tcg\""), "{record}");
 
         // the same name again is refused before anything starts
         let again = h.block(h.rt.run(&req));
-        assert!(
-            matches!(again, Err(RuntimeError::AlreadyExists { .. })),
-            "{again:?}"
-        );
+        assert!(matches!(again, Err(RuntimeError::AlreadyExists { .. })), "{again:?}");
 
         let body = wait_for(BOOT_SECS, || http_get(port, path));
         let booted = t0.elapsed();
@@ -220,74 +181,43 @@ fn lab_apps_run_as_vms() {
             "{app} did not answer GET {path} on port {port} within {BOOT_SECS} s; serial log:\n{}",
             h.log(&name)
         );
-        eprintln!(
-            "{app}: answered over http {:.1} s after run ({})",
-            booted.as_secs_f64(),
-            h.rt.accel()
-        );
+        eprintln!("{app}: answered over http {:.1} s after run ({})", booted.as_secs_f64(), h.rt.accel());
         let seen = wait_for(30, || h.log(&name).contains(log_line).then_some(()));
-        assert!(
-            seen.is_some(),
-            "{app}: serial log lacks {log_line:?}:\n{}",
-            h.log(&name)
-        );
+        assert!(seen.is_some(), "{app}: serial log lacks {log_line:?}:\n{}", h.log(&name));
         if app == "counter" {
             let body = http_get(port, "/").unwrap();
             assert!(body.contains("\"count\""), "{body}");
         }
         let listed = h.block(h.rt.list()).unwrap();
-        assert!(
-            listed
-                .iter()
-                .any(|s| s.name == name && s.state == WorkloadState::Running),
-            "{listed:?}"
-        );
+        assert!(listed.iter().any(|s| s.name == name && s.state == WorkloadState::Running), "{listed:?}");
 
-        h.block(h.rt.stop(&name, Duration::from_secs(1)))
-            .unwrap_or_else(|e| panic!("stop {name}: {e}"));
+        h.block(h.rt.stop(&name, Duration::from_secs(1))).unwrap_or_else(|e| panic!("stop {name}: {e}"));
         let st = h.block(h.rt.status(&name)).unwrap();
         assert_eq!(st.state, WorkloadState::Stopped, "{st:?}");
-        assert!(
-            h.qemu_pids().is_empty(),
-            "qemu still running after stop: {:?}",
-            h.qemu_pids()
-        );
+        assert!(h.qemu_pids().is_empty(), "qemu still running after stop: {:?}", h.qemu_pids());
         // a stopped vm's log is still readable, and a following reader ends
         let followed = h.block(async {
             let mut s = h.rt.logs(&name, true).await.unwrap();
             let mut n = 0;
-            while let Some(c) = tokio::time::timeout(Duration::from_secs(10), s.next())
-                .await
-                .expect("follow ends once the vm is gone")
+            while let Some(c) =
+                tokio::time::timeout(Duration::from_secs(10), s.next()).await.expect("follow ends once the vm is gone")
             {
                 n += c.unwrap().len();
             }
             n
         });
         assert!(followed > 0);
-        h.block(h.rt.remove(&name))
-            .unwrap_or_else(|e| panic!("remove {name}: {e}"));
+        h.block(h.rt.remove(&name)).unwrap_or_else(|e| panic!("remove {name}: {e}"));
         assert!(!h.vm_dir(&name).exists(), "state dir left behind");
-        assert!(matches!(
-            h.block(h.rt.status(&name)),
-            Err(RuntimeError::NotFound { .. })
-        ));
+        assert!(matches!(h.block(h.rt.status(&name)), Err(RuntimeError::NotFound { .. })));
     }
     // remove of a running VM kills it too
     let img = image("counter");
     let _vm = vm_lock();
     let name = unique("e2e-rm");
-    h.block(h.rt.run(&RunRequest {
-        spec: spec(&name, 8080, free_port()),
-        image: img,
-    }))
-    .unwrap();
+    h.block(h.rt.run(&RunRequest { spec: spec(&name, 8080, free_port()), image: img })).unwrap();
     h.block(h.rt.remove(&name)).unwrap();
-    assert!(
-        h.qemu_pids().is_empty() && !h.vm_dir(&name).exists(),
-        "remove left {:?}",
-        h.qemu_pids()
-    );
+    assert!(h.qemu_pids().is_empty() && !h.vm_dir(&name).exists(), "remove left {:?}", h.qemu_pids());
 }
 
 /// Unknown images and impossible sizes are refused, and nothing is left behind.
@@ -299,10 +229,7 @@ fn bad_input_leaves_nothing() {
     let h = Harness::new();
     let store = ImageStore::new(h.dir.path());
     let unknown = store.resolve("away/does-not-exist:latest");
-    assert!(
-        matches!(unknown, Err(RuntimeError::Image { .. })),
-        "{unknown:?}"
-    );
+    assert!(matches!(unknown, Err(RuntimeError::Image { .. })), "{unknown:?}");
 
     // An image whose tar is gone (digest never seen, so no cached artifact either).
     let mut gone = image("counter");
@@ -310,28 +237,15 @@ fn bad_input_leaves_nothing() {
     gone.manifest_digest = format!("sha256:{:064x}", std::process::id() as u128 * 7919 + 1);
     gone.reference = "away-e2e/gone:latest".into();
     let name = unique("e2e-noimage");
-    let err = h
-        .block(h.rt.run(&RunRequest {
-            spec: spec(&name, 8080, free_port()),
-            image: gone,
-        }))
-        .unwrap_err();
+    let err = h.block(h.rt.run(&RunRequest { spec: spec(&name, 8080, free_port()), image: gone })).unwrap_err();
     assert!(matches!(err, RuntimeError::Image { .. }), "{err:?}");
-    assert!(
-        err.to_string().contains("missing.tar"),
-        "error names the file: {err}"
-    );
+    assert!(err.to_string().contains("missing.tar"), "error names the file: {err}");
     assert!(!h.vm_dir(&name).exists());
 
     let name = unique("e2e-huge");
     let mut big = spec(&name, 8080, free_port());
     big.resources.memory = ByteSize(1 << 40);
-    let err = h
-        .block(h.rt.run(&RunRequest {
-            spec: big,
-            image: image("counter"),
-        }))
-        .unwrap_err();
+    let err = h.block(h.rt.run(&RunRequest { spec: big, image: image("counter") })).unwrap_err();
     match &err {
         RuntimeError::Invalid { field, .. } => assert_eq!(field, "resources.memory"),
         other => panic!("1Ti memory: expected Invalid, got {other:?}"),
@@ -353,78 +267,38 @@ fn checkpoint_and_restore_keep_the_count() {
     let _vm = vm_lock();
     let name = unique("e2e-ckpt");
     let port = free_port();
-    h.block(h.rt.run(&RunRequest {
-        spec: spec(&name, 8080, port),
-        image: img.clone(),
-    }))
-    .unwrap();
+    h.block(h.rt.run(&RunRequest { spec: spec(&name, 8080, port), image: img.clone() })).unwrap();
     let before = wait_for(BOOT_SECS, || count(port).filter(|c| *c >= 20));
-    let before =
-        before.unwrap_or_else(|| panic!("counter never reached 20; serial log:\n{}", h.log(&name)));
+    let before = before.unwrap_or_else(|| panic!("counter never reached 20; serial log:\n{}", h.log(&name)));
 
-    let ckpt = tempfile::Builder::new()
-        .prefix("away-qemu-ckpt")
-        .tempdir()
-        .unwrap();
+    let ckpt = tempfile::Builder::new().prefix("away-qemu-ckpt").tempdir().unwrap();
     let dir = ckpt.path().join("c1");
     let t0 = Instant::now();
     let archive = h
-        .block(h.rt.checkpoint(
-            &name,
-            &CheckpointOptions {
-                dir: dir.clone(),
-                leave_running: false,
-            },
-        ))
+        .block(h.rt.checkpoint(&name, &CheckpointOptions { dir: dir.clone(), leave_running: false }))
         .unwrap_or_else(|e| panic!("checkpoint: {e}"));
-    eprintln!(
-        "checkpoint: {} bytes in {:.2} s",
-        archive.bytes,
-        t0.elapsed().as_secs_f64()
-    );
+    eprintln!("checkpoint: {} bytes in {:.2} s", archive.bytes, t0.elapsed().as_secs_f64());
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-        0o700
-    );
-    assert!(
-        dir.join(STATE_FILE).is_file() && archive.bytes > 0,
-        "{archive:?}"
-    );
+    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    assert!(dir.join(STATE_FILE).is_file() && archive.bytes > 0, "{archive:?}");
     assert_eq!(archive.spec.name, name);
-    assert_eq!(
-        h.block(h.rt.status(&name)).unwrap().state,
-        WorkloadState::Stopped
-    );
-    assert!(
-        h.qemu_pids().is_empty(),
-        "checkpoint without leave_running must stop the vm"
-    );
+    assert_eq!(h.block(h.rt.status(&name)).unwrap().state, WorkloadState::Stopped);
+    assert!(h.qemu_pids().is_empty(), "checkpoint without leave_running must stop the vm");
     h.block(h.rt.remove(&name)).unwrap();
 
     let t0 = Instant::now();
     let st = h
-        .block(h.rt.restore(&RestoreRequest {
-            archive: archive.clone(),
-            image: img,
-        }))
+        .block(h.rt.restore(&RestoreRequest { archive: archive.clone(), image: img }))
         .unwrap_or_else(|e| panic!("restore: {e}"));
     assert_eq!(st.state, WorkloadState::Running, "{st:?}");
     assert!(st.detail.contains("restored from"), "{}", st.detail);
-    let after = wait_for(30, || count(port)).unwrap_or_else(|| {
-        panic!(
-            "restored counter does not answer; serial log:\n{}",
-            h.log(&name)
-        )
-    });
+    let after = wait_for(30, || count(port))
+        .unwrap_or_else(|| panic!("restored counter does not answer; serial log:\n{}", h.log(&name)));
     eprintln!(
         "restore: answering {:.2} s after restore; count {before} before, {after} after",
         t0.elapsed().as_secs_f64()
     );
-    assert!(
-        after >= before,
-        "count went back: {before} before the checkpoint, {after} after restore"
-    );
+    assert!(after >= before, "count went back: {before} before the checkpoint, {after} after restore");
     let later = wait_for(10, || count(port).filter(|c| *c > after));
     assert!(later.is_some(), "restored counter is not counting");
 

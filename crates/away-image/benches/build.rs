@@ -24,9 +24,7 @@ fn main() {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let rustc = std::process::Command::new("rustc")
         .arg("--version")
         .output()
@@ -35,13 +33,9 @@ fn main() {
     println!("setup: {cpu}, {cores} cores, {rustc}; bench profile; median of {RUNS} runs after one warm-up");
     println!("       first = first build incl. compiling the app if needed; build = recipe + cargo build (warm, no-op) + layer tar/gzip + write image tar; vm = flatten + initramfs (gzip cpio) + kernel copy");
     let quiet = |_: &str| {};
-    let opts = BuildOptions {
-        cargo_quiet: true,
-        ..BuildOptions::default()
-    };
+    let opts = BuildOptions { cargo_quiet: true, ..BuildOptions::default() };
     let vm_opts = VmOptions::default();
-    let have_guest =
-        vm_opts.kernel.exists() && vm_opts.modules_dir.is_dir() && vm_opts.busybox.exists();
+    let have_guest = vm_opts.kernel.exists() && vm_opts.modules_dir.is_dir() && vm_opts.busybox.exists();
     let out = tempfile::tempdir().expect("temp dir");
     println!(
         "{:<8} {:>9} {:>9} {:>12} {:>14} {:>7} {:>12}",
@@ -58,27 +52,17 @@ fn main() {
         for _ in 0..RUNS {
             let t = Instant::now();
             let b = build(&ctx, &opts, &quiet).expect("build");
-            b.image
-                .write_tar(&out.path().join(format!("{app}.tar")))
-                .expect("write");
+            b.image.write_tar(&out.path().join(format!("{app}.tar"))).expect("write");
             times.push(t.elapsed());
         }
-        let size = std::fs::metadata(out.path().join(format!("{app}.tar")))
-            .map(|m| m.len())
-            .unwrap_or(0);
-        let uncompressed: u64 = built
-            .image
-            .layers
-            .iter()
-            .map(|l| l.tar_stats().map(|s| s.0).unwrap_or(0))
-            .sum();
+        let size = std::fs::metadata(out.path().join(format!("{app}.tar"))).map(|m| m.len()).unwrap_or(0);
+        let uncompressed: u64 = built.image.layers.iter().map(|l| l.tar_stats().map(|s| s.0).unwrap_or(0)).sum();
         let (vm_ms, initrd) = if have_guest {
             let mut vt = Vec::new();
             let mut bytes = 0;
             for _ in 0..RUNS {
                 let t = Instant::now();
-                let a = write_vm_artifact(&built.image, app, out.path(), &vm_opts, &quiet)
-                    .expect("vm artifact");
+                let a = write_vm_artifact(&built.image, app, out.path(), &vm_opts, &quiet).expect("vm artifact");
                 vt.push(t.elapsed());
                 bytes = a.spec.initrd_bytes;
             }

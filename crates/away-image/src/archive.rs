@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use oci_spec::image::{
-    Descriptor, DescriptorBuilder, Digest, ImageConfiguration, ImageIndex, ImageIndexBuilder,
-    ImageManifest, ImageManifestBuilder, MediaType,
+    Descriptor, DescriptorBuilder, Digest, ImageConfiguration, ImageIndex, ImageIndexBuilder, ImageManifest,
+    ImageManifestBuilder, MediaType,
 };
 use serde::{Deserialize, Serialize};
 
@@ -101,13 +101,10 @@ pub(crate) fn canonical_json<T: Serialize>(value: &T) -> Vec<u8> {
     fn sort(v: serde_json::Value) -> serde_json::Value {
         match v {
             serde_json::Value::Object(map) => {
-                let sorted: BTreeMap<String, serde_json::Value> =
-                    map.into_iter().map(|(k, v)| (k, sort(v))).collect();
+                let sorted: BTreeMap<String, serde_json::Value> = map.into_iter().map(|(k, v)| (k, sort(v))).collect();
                 serde_json::Value::Object(sorted.into_iter().collect())
             }
-            serde_json::Value::Array(a) => {
-                serde_json::Value::Array(a.into_iter().map(sort).collect())
-            }
+            serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(sort).collect()),
             v => v,
         }
     }
@@ -121,8 +118,7 @@ pub fn normalize_reference(tag: &str) -> String {
         _ => (tag, format!("{tag}:latest")),
     };
     let first = name.split('/').next().unwrap_or_default();
-    let has_domain =
-        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_domain = name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     if has_domain {
         tagged
     } else if name.contains('/') {
@@ -168,11 +164,7 @@ impl Image {
             .iter()
             .map(|l| {
                 descriptor(
-                    if l.gzip {
-                        MediaType::ImageLayerGzip
-                    } else {
-                        MediaType::ImageLayer
-                    },
+                    if l.gzip { MediaType::ImageLayerGzip } else { MediaType::ImageLayer },
                     &l.digest,
                     l.data.len(),
                 )
@@ -181,21 +173,12 @@ impl Image {
         let manifest: ImageManifest = ImageManifestBuilder::default()
             .schema_version(2u32)
             .media_type(MediaType::ImageManifest)
-            .config(descriptor(
-                MediaType::ImageConfig,
-                &config_digest,
-                config.len(),
-            ))
+            .config(descriptor(MediaType::ImageConfig, &config_digest, config.len()))
             .layers(layers)
             .build()
             .expect("manifest fields set");
         let manifest = canonical_json(&manifest);
-        Encoded {
-            manifest_digest: sha256_digest(&manifest),
-            config,
-            config_digest,
-            manifest,
-        }
+        Encoded { manifest_digest: sha256_digest(&manifest), config, config_digest, manifest }
     }
 
     /// Write the combined OCI layout + docker-archive tar to `path`, via a
@@ -206,15 +189,8 @@ impl Image {
         let mut manifests = Vec::new();
         for tag in &self.tags {
             let full = normalize_reference(tag);
-            let ref_name = full
-                .rsplit_once(':')
-                .map(|(_, t)| t.to_string())
-                .unwrap_or_default();
-            let mut d = descriptor(
-                MediaType::ImageManifest,
-                &enc.manifest_digest,
-                enc.manifest.len(),
-            );
+            let ref_name = full.rsplit_once(':').map(|(_, t)| t.to_string()).unwrap_or_default();
+            let mut d = descriptor(MediaType::ImageManifest, &enc.manifest_digest, enc.manifest.len());
             d.set_annotations(Some(HashMap::from([
                 (CONTAINERD_NAME.to_string(), full),
                 (OCI_REF_NAME.to_string(), ref_name),
@@ -222,11 +198,7 @@ impl Image {
             manifests.push(d);
         }
         if manifests.is_empty() {
-            manifests.push(descriptor(
-                MediaType::ImageManifest,
-                &enc.manifest_digest,
-                enc.manifest.len(),
-            ));
+            manifests.push(descriptor(MediaType::ImageManifest, &enc.manifest_digest, enc.manifest.len()));
         }
         let index: ImageIndex = ImageIndexBuilder::default()
             .schema_version(2u32)
@@ -253,15 +225,8 @@ impl Image {
         for l in &self.layers {
             files.insert(blob_path(&l.digest), &l.data);
         }
-        let io = |action, source| ArchiveError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        };
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+        let io = |action, source| ArchiveError::Io { action, path: path.to_path_buf(), source };
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let tmp = tempfile::Builder::new()
             .prefix(".away-image-")
             .suffix(".tmp")
@@ -271,26 +236,20 @@ impl Image {
             let mut b = tar::Builder::new(std::io::BufWriter::new(tmp.as_file()));
             for d in ["blobs/", "blobs/sha256/"] {
                 let mut h = tar_header(tar::EntryType::Directory, 0o755, 0);
-                b.append_data(&mut h, d, std::io::empty())
-                    .map_err(|e| io("write", e))?;
+                b.append_data(&mut h, d, std::io::empty()).map_err(|e| io("write", e))?;
             }
             for (name, data) in &files {
                 let mut h = tar_header(tar::EntryType::Regular, 0o644, data.len() as u64);
-                b.append_data(&mut h, name, *data)
-                    .map_err(|e| io("write", e))?;
+                b.append_data(&mut h, name, *data).map_err(|e| io("write", e))?;
             }
-            b.into_inner()
-                .map_err(|e| io("write", e))?
-                .flush()
-                .map_err(|e| io("write", e))?;
+            b.into_inner().map_err(|e| io("write", e))?.flush().map_err(|e| io("write", e))?;
         }
         // tempfile creates 0600; an image is not a secret.
         tmp.as_file()
             .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
             .map_err(|e| io("chmod", e))?;
         tmp.as_file().sync_all().map_err(|e| io("sync", e))?;
-        tmp.persist(path)
-            .map_err(|e| io("rename a temporary file to", e.error))?;
+        tmp.persist(path).map_err(|e| io("rename a temporary file to", e.error))?;
         Ok(enc)
     }
 }
@@ -310,17 +269,11 @@ fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 /// (including `docker save` output with `<id>/layer.tar` layers).
 /// The first image in the tar is returned.
 pub fn read_image_tar(path: &Path) -> Result<ReadImage, ArchiveError> {
-    let io = |action, source| ArchiveError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |action, source| ArchiveError::Io { action, path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(|e| io("open", e))?;
     let reader: Box<dyn Read> = {
         let mut buf = std::io::BufReader::new(file);
-        let gz = std::io::BufRead::fill_buf(&mut buf)
-            .map_err(|e| io("read", e))?
-            .starts_with(&[0x1f, 0x8b]);
+        let gz = std::io::BufRead::fill_buf(&mut buf).map_err(|e| io("read", e))?.starts_with(&[0x1f, 0x8b]);
         if gz {
             Box::new(flate2::read::GzDecoder::new(buf))
         } else {
@@ -341,18 +294,9 @@ pub fn read_image_tar(path: &Path) -> Result<ReadImage, ArchiveError> {
         files.insert(name, data);
     }
     let get = |name: &str| {
-        files.get(name).ok_or_else(|| ArchiveError::Missing {
-            path: path.to_path_buf(),
-            what: name.to_string(),
-        })
+        files.get(name).ok_or_else(|| ArchiveError::Missing { path: path.to_path_buf(), what: name.to_string() })
     };
-    let json_err = |what: String| {
-        move |source| ArchiveError::Json {
-            path: path.to_path_buf(),
-            what,
-            source,
-        }
-    };
+    let json_err = |what: String| move |source| ArchiveError::Json { path: path.to_path_buf(), what, source };
 
     let has_index = files.contains_key("index.json");
     let has_docker = files.contains_key("manifest.json");
@@ -363,7 +307,8 @@ pub fn read_image_tar(path: &Path) -> Result<ReadImage, ArchiveError> {
         (false, false) => {
             return Err(ArchiveError::Format {
                 path: path.to_path_buf(),
-                message: "neither index.json (OCI layout) nor manifest.json (docker-archive) found: not an image tar".into(),
+                message: "neither index.json (OCI layout) nor manifest.json (docker-archive) found: not an image tar"
+                    .into(),
             })
         }
     };
@@ -379,12 +324,7 @@ pub fn read_image_tar(path: &Path) -> Result<ReadImage, ArchiveError> {
         } else {
             sha256_digest(&data)
         };
-        Ok(LayerBlob {
-            digest: sha256_digest(&data),
-            diff_id,
-            data,
-            gzip,
-        })
+        Ok(LayerBlob { digest: sha256_digest(&data), diff_id, data, gzip })
     };
 
     if has_index {
@@ -392,25 +332,13 @@ pub fn read_image_tar(path: &Path) -> Result<ReadImage, ArchiveError> {
         let mut doc = get("index.json")?.clone();
         let mut tags = Vec::new();
         let (manifest, manifest_digest): (ImageManifest, String) = loop {
-            let index: ImageIndex =
-                serde_json::from_slice(&doc).map_err(json_err("index".into()))?;
-            let first = index
-                .manifests()
-                .first()
-                .ok_or_else(|| ArchiveError::Format {
-                    path: path.to_path_buf(),
-                    message: "index has no manifests".into(),
-                })?;
-            for m in index
-                .manifests()
-                .iter()
-                .filter(|m| m.digest() == first.digest())
-            {
-                if let Some(name) = m
-                    .annotations()
-                    .as_ref()
-                    .and_then(|a| a.get(CONTAINERD_NAME))
-                {
+            let index: ImageIndex = serde_json::from_slice(&doc).map_err(json_err("index".into()))?;
+            let first = index.manifests().first().ok_or_else(|| ArchiveError::Format {
+                path: path.to_path_buf(),
+                message: "index has no manifests".into(),
+            })?;
+            for m in index.manifests().iter().filter(|m| m.digest() == first.digest()) {
+                if let Some(name) = m.annotations().as_ref().and_then(|a| a.get(CONTAINERD_NAME)) {
                     tags.push(name.clone());
                 }
             }
@@ -420,14 +348,13 @@ pub fn read_image_tar(path: &Path) -> Result<ReadImage, ArchiveError> {
                 continue;
             }
             break (
-                serde_json::from_slice(&blob)
-                    .map_err(json_err(format!("manifest {}", first.digest())))?,
+                serde_json::from_slice(&blob).map_err(json_err(format!("manifest {}", first.digest())))?,
                 first.digest().to_string(),
             );
         };
         let config_name = blob_path(manifest.config().digest().as_ref());
-        let config: ImageConfiguration = serde_json::from_slice(get(&config_name)?)
-            .map_err(json_err(format!("config {config_name}")))?;
+        let config: ImageConfiguration =
+            serde_json::from_slice(get(&config_name)?).map_err(json_err(format!("config {config_name}")))?;
         let layers = manifest
             .layers()
             .iter()
@@ -435,11 +362,7 @@ pub fn read_image_tar(path: &Path) -> Result<ReadImage, ArchiveError> {
             .collect::<Result<Vec<_>, _>>()?;
         return Ok(ReadImage {
             config_digest: manifest.config().digest().to_string(),
-            image: Image {
-                config,
-                layers,
-                tags,
-            },
+            image: Image { config, layers, tags },
             format,
             manifest_digest,
         });
@@ -447,33 +370,17 @@ pub fn read_image_tar(path: &Path) -> Result<ReadImage, ArchiveError> {
 
     let entries: Vec<DockerManifestEntry> =
         serde_json::from_slice(get("manifest.json")?).map_err(json_err("manifest.json".into()))?;
-    let entry = entries
-        .into_iter()
-        .next()
-        .ok_or_else(|| ArchiveError::Format {
-            path: path.to_path_buf(),
-            message: "manifest.json lists no images".into(),
-        })?;
+    let entry = entries.into_iter().next().ok_or_else(|| ArchiveError::Format {
+        path: path.to_path_buf(),
+        message: "manifest.json lists no images".into(),
+    })?;
     let config_bytes = get(&crate::tree::normalize(&entry.config))?;
-    let config: ImageConfiguration = serde_json::from_slice(config_bytes)
-        .map_err(json_err(format!("config {}", entry.config)))?;
-    let layers = entry
-        .layers
-        .iter()
-        .map(|l| layer_blob(&crate::tree::normalize(l)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let image = Image {
-        config,
-        layers,
-        tags: entry.repo_tags.unwrap_or_default(),
-    };
+    let config: ImageConfiguration =
+        serde_json::from_slice(config_bytes).map_err(json_err(format!("config {}", entry.config)))?;
+    let layers = entry.layers.iter().map(|l| layer_blob(&crate::tree::normalize(l))).collect::<Result<Vec<_>, _>>()?;
+    let image = Image { config, layers, tags: entry.repo_tags.unwrap_or_default() };
     let enc = image.encode();
-    Ok(ReadImage {
-        config_digest: sha256_digest(config_bytes),
-        manifest_digest: enc.manifest_digest,
-        image,
-        format,
-    })
+    Ok(ReadImage { config_digest: sha256_digest(config_bytes), manifest_digest: enc.manifest_digest, image, format })
 }
 
 #[cfg(test)]
@@ -482,18 +389,9 @@ mod tests {
 
     #[test]
     fn references_are_normalised_like_docker() {
-        assert_eq!(
-            normalize_reference("counter"),
-            "docker.io/library/counter:latest"
-        );
-        assert_eq!(
-            normalize_reference("away/counter:v1"),
-            "docker.io/away/counter:v1"
-        );
-        assert_eq!(
-            normalize_reference("localhost:5000/x:1"),
-            "localhost:5000/x:1"
-        );
+        assert_eq!(normalize_reference("counter"), "docker.io/library/counter:latest");
+        assert_eq!(normalize_reference("away/counter:v1"), "docker.io/away/counter:v1");
+        assert_eq!(normalize_reference("localhost:5000/x:1"), "localhost:5000/x:1");
         assert_eq!(normalize_reference("ghcr.io/a/b"), "ghcr.io/a/b:latest");
     }
 }

@@ -23,11 +23,7 @@ pub enum BuildError {
     #[error("build context {path} has no Containerfile (or Dockerfile)")]
     NoRecipe { path: PathBuf },
     #[error("{recipe}:{line}: {message}")]
-    Step {
-        recipe: PathBuf,
-        line: usize,
-        message: String,
-    },
+    Step { recipe: PathBuf, line: usize, message: String },
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -64,9 +60,7 @@ impl Default for BuildOptions {
         BuildOptions {
             tag: None,
             cargo_target: format!("{}-unknown-linux-gnu", std::env::consts::ARCH),
-            cargo: std::env::var_os("CARGO")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("cargo")),
+            cargo: std::env::var_os("CARGO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("cargo")),
             cargo_quiet: false,
         }
     }
@@ -88,33 +82,21 @@ pub fn recipe_path(context: &Path) -> Result<PathBuf, BuildError> {
         .iter()
         .map(|n| context.join(n))
         .find(|p| p.is_file())
-        .ok_or_else(|| BuildError::NoRecipe {
-            path: context.to_path_buf(),
-        })
+        .ok_or_else(|| BuildError::NoRecipe { path: context.to_path_buf() })
 }
 
 /// App name of a context: its directory name.
 pub fn app_name(context: &Path) -> String {
     let abs = std::fs::canonicalize(context).unwrap_or_else(|_| context.to_path_buf());
-    abs.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "app".into())
+    abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "app".into())
 }
 
 /// Build the image of `context` in memory. `progress` receives one line per long step.
-pub fn build(
-    context: &Path,
-    opts: &BuildOptions,
-    progress: &dyn Fn(&str),
-) -> Result<Built, BuildError> {
+pub fn build(context: &Path, opts: &BuildOptions, progress: &dyn Fn(&str)) -> Result<Built, BuildError> {
     let recipe_file = recipe_path(context)?;
     let recipe = Recipe::from_file(&recipe_file)?;
     let app = app_name(context);
-    let step = |line: usize, message: String| BuildError::Step {
-        recipe: recipe_file.clone(),
-        line,
-        message,
-    };
+    let step = |line: usize, message: String| BuildError::Step { recipe: recipe_file.clone(), line, message };
 
     let (mut config, mut layers) = match &recipe.base {
         Base::Scratch => {
@@ -126,10 +108,7 @@ pub fn build(
         Base::Tar(p) => {
             let path = context.join(p);
             progress(&format!("reading base image {}", path.display()));
-            let base = read_image_tar(&path).map_err(|source| BuildError::Base {
-                path: path.clone(),
-                source,
-            })?;
+            let base = read_image_tar(&path).map_err(|source| BuildError::Base { path: path.clone(), source })?;
             (base.image.config, base.image.layers)
         }
     };
@@ -148,8 +127,7 @@ pub fn build(
                 if c.from == CopySource::Cargo && cargo_bins.is_none() {
                     cargo_bins = Some(cargo_build(context, opts, progress)?);
                 }
-                copy(&mut tree, context, c, &workdir, cargo_bins.as_ref())
-                    .map_err(|m| step(*line, m))?;
+                copy(&mut tree, context, c, &workdir, cargo_bins.as_ref()).map_err(|m| step(*line, m))?;
             }
             Instruction::Env(pairs) => {
                 let mut env = run.env().clone().unwrap_or_default();
@@ -162,25 +140,10 @@ pub fn build(
             Instruction::Workdir(dir) => {
                 workdir = format!(
                     "/{}",
-                    normalize(&if dir.starts_with('/') {
-                        dir.clone()
-                    } else {
-                        format!("{workdir}/{dir}")
-                    })
+                    normalize(&if dir.starts_with('/') { dir.clone() } else { format!("{workdir}/{dir}") })
                 );
-                if !matches!(
-                    tree.entries.get(&normalize(&workdir)),
-                    Some(Node::Dir { .. })
-                ) && workdir != "/"
-                {
-                    tree.insert(
-                        &workdir,
-                        Node::Dir {
-                            mode: 0o755,
-                            uid: 0,
-                            gid: 0,
-                        },
-                    );
+                if !matches!(tree.entries.get(&normalize(&workdir)), Some(Node::Dir { .. })) && workdir != "/" {
+                    tree.insert(&workdir, Node::Dir { mode: 0o755, uid: 0, gid: 0 });
                 }
                 run.set_working_dir(Some(workdir.clone()));
             }
@@ -205,11 +168,7 @@ pub fn build(
             Instruction::Entrypoint(args) => {
                 run.set_entrypoint(Some(args.clone()));
                 // As in Docker: a new ENTRYPOINT drops the CMD inherited from the base.
-                if !recipe
-                    .instructions
-                    .iter()
-                    .any(|(l, i)| matches!(i, Instruction::Cmd(_)) && l < line)
-                {
+                if !recipe.instructions.iter().any(|(l, i)| matches!(i, Instruction::Cmd(_)) && l < line) {
                     run.set_cmd(None);
                 }
             }
@@ -220,35 +179,16 @@ pub fn build(
     }
     config.set_config(Some(run));
 
-    let layer_files = tree
-        .entries
-        .values()
-        .filter(|n| matches!(n, Node::File { .. }))
-        .count();
+    let layer_files = tree.entries.values().filter(|n| matches!(n, Node::File { .. })).count();
     if !tree.entries.is_empty() {
-        progress(&format!(
-            "writing layer: {} files, {} bytes",
-            layer_files,
-            tree.file_bytes()
-        ));
+        progress(&format!("writing layer: {} files, {} bytes", layer_files, tree.file_bytes()));
         layers.push(LayerBlob::from_tar(&tree.to_tar()));
     }
     let mut rootfs = RootFs::default();
     rootfs.set_diff_ids(layers.iter().map(|l| l.diff_id.clone()).collect());
     config.set_rootfs(rootfs);
-    let tag = opts
-        .tag
-        .clone()
-        .unwrap_or_else(|| format!("away/{app}:latest"));
-    Ok(Built {
-        app,
-        image: Image {
-            config,
-            layers,
-            tags: vec![tag],
-        },
-        layer_files,
-    })
+    let tag = opts.tag.clone().unwrap_or_else(|| format!("away/{app}:latest"));
+    Ok(Built { app, image: Image { config, layers, tags: vec![tag] }, layer_files })
 }
 
 /// Build and write `<out_dir>/<app>.tar`. Returns the path and the encoded blobs.
@@ -282,20 +222,11 @@ fn cargo_build(
     progress: &dyn Fn(&str),
 ) -> Result<HashMap<String, PathBuf>, BuildError> {
     let manifest = context.join("Cargo.toml");
-    let cargo_err = |message: String| BuildError::Cargo {
-        manifest: manifest.clone(),
-        message,
-    };
+    let cargo_err = |message: String| BuildError::Cargo { manifest: manifest.clone(), message };
     if !manifest.is_file() {
-        return Err(cargo_err(
-            "COPY --from=cargo needs a Cargo.toml in the build context".into(),
-        ));
+        return Err(cargo_err("COPY --from=cargo needs a Cargo.toml in the build context".into()));
     }
-    progress(&format!(
-        "cargo build --release --target {} ({}, static)",
-        opts.cargo_target,
-        manifest.display()
-    ));
+    progress(&format!("cargo build --release --target {} ({}, static)", opts.cargo_target, manifest.display()));
     let mut flags = std::env::var("RUSTFLAGS").unwrap_or_default();
     flags.push_str(" -C target-feature=+crt-static");
     let mut cmd = Command::new(&opts.cargo);
@@ -328,29 +259,21 @@ fn cargo_build(
             continue;
         };
         if msg["reason"] == "compiler-artifact" {
-            if let (Some(name), Some(exe)) =
-                (msg["target"]["name"].as_str(), msg["executable"].as_str())
-            {
+            if let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str()) {
                 bins.insert(name.to_string(), PathBuf::from(exe));
             }
         }
     }
     let status = child.wait().map_err(|e| cargo_err(e.to_string()))?;
     if !status.success() {
-        return Err(cargo_err(format!(
-            "cargo exited with {status} (see its output above)"
-        )));
+        return Err(cargo_err(format!("cargo exited with {status} (see its output above)")));
     }
     Ok(bins)
 }
 
 /// Where a copied file lands: `dest` as given, or inside it when it names a directory.
 fn target_path(dest: &str, workdir: &str, name: &str, into_dir: bool) -> String {
-    let dest_abs = if dest.starts_with('/') {
-        dest.to_string()
-    } else {
-        format!("{workdir}/{dest}")
-    };
+    let dest_abs = if dest.starts_with('/') { dest.to_string() } else { format!("{workdir}/{dest}") };
     if into_dir {
         format!("{}/{name}", normalize(&dest_abs))
     } else {
@@ -361,12 +284,7 @@ fn target_path(dest: &str, workdir: &str, name: &str, into_dir: bool) -> String 
 fn file_mode(c: &Copy, meta: &std::fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     // Normalised, so a checkout's umask does not change the digest.
-    c.chmod
-        .unwrap_or(if meta.permissions().mode() & 0o111 != 0 {
-            0o755
-        } else {
-            0o644
-        })
+    c.chmod.unwrap_or(if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 })
 }
 
 fn copy(
@@ -383,28 +301,17 @@ fn copy(
             (CopySource::Cargo, Some(bins)) => bins.get(src).cloned().ok_or_else(|| {
                 let mut names: Vec<_> = bins.keys().cloned().collect();
                 names.sort();
-                format!(
-                    "cargo built no binary named {src:?} (built: {})",
-                    names.join(", ")
-                )
+                format!("cargo built no binary named {src:?} (built: {})", names.join(", "))
             })?,
             _ => context.join(src),
         };
-        let meta = std::fs::symlink_metadata(&path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let is_archive = [".tar", ".tar.gz", ".tgz"]
-            .iter()
-            .any(|s| name.ends_with(s));
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let is_archive = [".tar", ".tar.gz", ".tgz"].iter().any(|s| name.ends_with(s));
         if c.unpack && meta.is_file() && is_archive {
-            let blob =
-                std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let blob = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let mut sub = FileTree::default();
-            sub.apply_layer(&blob, &path.display().to_string())
-                .map_err(|e| e.to_string())?;
+            sub.apply_layer(&blob, &path.display().to_string()).map_err(|e| e.to_string())?;
             let base = target_path(&c.dest, workdir, "", false);
             for (p, node) in sub.entries {
                 tree.insert(&format!("{base}/{p}"), node);
@@ -415,8 +322,7 @@ fn copy(
         } else {
             let into_dir = dest_is_dir
                 || matches!(
-                    tree.entries
-                        .get(&normalize(&target_path(&c.dest, workdir, "", false))),
+                    tree.entries.get(&normalize(&target_path(&c.dest, workdir, "", false))),
                     Some(Node::Dir { .. })
                 );
             let target = target_path(&c.dest, workdir, &name, into_dir);
@@ -426,46 +332,18 @@ fn copy(
     Ok(())
 }
 
-fn read_node(
-    path: &Path,
-    meta: &std::fs::Metadata,
-    c: &Copy,
-    (uid, gid): (u64, u64),
-) -> Result<Node, String> {
+fn read_node(path: &Path, meta: &std::fs::Metadata, c: &Copy, (uid, gid): (u64, u64)) -> Result<Node, String> {
     if meta.file_type().is_symlink() {
-        let target = std::fs::read_link(path)
-            .map_err(|e| format!("cannot read link {}: {e}", path.display()))?;
-        return Ok(Node::Symlink {
-            target: target.to_string_lossy().into_owned(),
-            uid,
-            gid,
-        });
+        let target = std::fs::read_link(path).map_err(|e| format!("cannot read link {}: {e}", path.display()))?;
+        return Ok(Node::Symlink { target: target.to_string_lossy().into_owned(), uid, gid });
     }
     let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok(Node::File {
-        data,
-        mode: file_mode(c, meta),
-        uid,
-        gid,
-    })
+    Ok(Node::File { data, mode: file_mode(c, meta), uid, gid })
 }
 
-fn copy_dir(
-    tree: &mut FileTree,
-    dir: &Path,
-    base: &str,
-    c: &Copy,
-    owner: (u64, u64),
-) -> Result<(), String> {
+fn copy_dir(tree: &mut FileTree, dir: &Path, base: &str, c: &Copy, owner: (u64, u64)) -> Result<(), String> {
     if !base.is_empty() {
-        tree.insert(
-            base,
-            Node::Dir {
-                mode: 0o755,
-                uid: owner.0,
-                gid: owner.1,
-            },
-        );
+        tree.insert(base, Node::Dir { mode: 0o755, uid: owner.0, gid: owner.1 });
     }
     // Sorted, so the walk (and the error, if any) is the same every time.
     let mut children: BTreeMap<String, PathBuf> = BTreeMap::new();
@@ -474,13 +352,8 @@ fn copy_dir(
         children.insert(e.file_name().to_string_lossy().into_owned(), e.path());
     }
     for (name, path) in children {
-        let meta = std::fs::symlink_metadata(&path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let target = if base.is_empty() {
-            name.clone()
-        } else {
-            format!("{base}/{name}")
-        };
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let target = if base.is_empty() { name.clone() } else { format!("{base}/{name}") };
         if meta.is_dir() {
             copy_dir(tree, &path, &target, c, owner)?;
         } else {

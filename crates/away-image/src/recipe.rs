@@ -17,12 +17,7 @@ pub enum RecipeError {
         source: std::io::Error,
     },
     #[error("{path}:{line}: {message}{}", hint.as_ref().map(|h| format!(" (hint: {h})")).unwrap_or_default())]
-    Syntax {
-        path: PathBuf,
-        line: usize,
-        message: String,
-        hint: Option<String>,
-    },
+    Syntax { path: PathBuf, line: usize, message: String, hint: Option<String> },
 }
 
 /// Where the image starts.
@@ -82,10 +77,8 @@ pub struct Recipe {
 impl Recipe {
     /// Read and parse a Containerfile.
     pub fn from_file(path: &Path) -> Result<Recipe, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| RecipeError::Read { path: path.to_path_buf(), source })?;
         Recipe::parse(&text, path)
     }
 
@@ -200,13 +193,8 @@ impl Recipe {
             };
             instructions.push((line, ins));
         }
-        let base = base.ok_or_else(|| {
-            err(
-                1,
-                "no FROM instruction".into(),
-                Some("start the recipe with FROM scratch"),
-            )
-        })?;
+        let base =
+            base.ok_or_else(|| err(1, "no FROM instruction".into(), Some("start the recipe with FROM scratch")))?;
         Ok(Recipe { base, instructions })
     }
 }
@@ -256,12 +244,10 @@ fn parse_copy(rest: &str, unpack: bool) -> Result<Copy, CopyError> {
                 ))
             }
             "chmod" => {
-                chmod = Some(u32::from_str_radix(value, 8).map_err(|_| {
-                    (
-                        format!("--chmod={value} is not an octal mode"),
-                        Some("e.g. --chmod=755"),
-                    )
-                })?)
+                chmod = Some(
+                    u32::from_str_radix(value, 8)
+                        .map_err(|_| (format!("--chmod={value} is not an octal mode"), Some("e.g. --chmod=755")))?,
+                )
             }
             "chown" => {
                 let (u, g) = value.split_once(':').unwrap_or((value, value));
@@ -284,8 +270,7 @@ fn parse_copy(rest: &str, unpack: bool) -> Result<Copy, CopyError> {
         }
     }
     let words = if rest.starts_with('[') {
-        serde_json::from_str::<Vec<String>>(rest)
-            .map_err(|e| (format!("bad JSON array: {e}"), None))?
+        serde_json::from_str::<Vec<String>>(rest).map_err(|e| (format!("bad JSON array: {e}"), None))?
     } else {
         rest.split_whitespace().map(str::to_string).collect()
     };
@@ -294,10 +279,7 @@ fn parse_copy(rest: &str, unpack: bool) -> Result<Copy, CopyError> {
     }
     let (dest, sources) = words.split_last().expect("two words");
     if sources.len() > 1 && !dest.ends_with('/') {
-        return Err((
-            format!("with several sources the destination {dest:?} must end with /"),
-            None,
-        ));
+        return Err((format!("with several sources the destination {dest:?} must end with /"), None));
     }
     for s in sources {
         if s.contains("://") {
@@ -306,31 +288,18 @@ fn parse_copy(rest: &str, unpack: bool) -> Result<Copy, CopyError> {
                 Some("download it into the context and COPY it"),
             ));
         }
-        if from == CopySource::Context
-            && Path::new(s)
-                .components()
-                .any(|c| c == std::path::Component::ParentDir)
-        {
+        if from == CopySource::Context && Path::new(s).components().any(|c| c == std::path::Component::ParentDir) {
             return Err((format!("source {s} leaves the build context"), None));
         }
     }
-    Ok(Copy {
-        from,
-        sources: sources.to_vec(),
-        dest: dest.clone(),
-        chmod,
-        chown,
-        unpack,
-    })
+    Ok(Copy { from, sources: sources.to_vec(), dest: dest.clone(), chmod, chown, unpack })
 }
 
 /// `K=V K2="v 2"`; with `legacy_space`, also `ENV K some value`.
 fn parse_pairs(rest: &str, legacy_space: bool) -> Result<Vec<(String, String)>, String> {
     let words = shell_words(rest)?;
     if legacy_space && !words[0].contains('=') {
-        let (k, v) = rest
-            .split_once(char::is_whitespace)
-            .ok_or_else(|| format!("{rest:?} needs a value"))?;
+        let (k, v) = rest.split_once(char::is_whitespace).ok_or_else(|| format!("{rest:?} needs a value"))?;
         return Ok(vec![(k.to_string(), unquote(v.trim()))]);
     }
     words
@@ -345,8 +314,7 @@ fn parse_pairs(rest: &str, legacy_space: bool) -> Result<Vec<(String, String)>, 
 /// Exec form (JSON array) or shell form (wrapped in /bin/sh -c, as Docker does).
 fn parse_command(rest: &str) -> Result<Vec<String>, String> {
     if rest.starts_with('[') {
-        let args: Vec<String> =
-            serde_json::from_str(rest).map_err(|e| format!("bad JSON array: {e}"))?;
+        let args: Vec<String> = serde_json::from_str(rest).map_err(|e| format!("bad JSON array: {e}"))?;
         if args.is_empty() {
             return Err("empty command".into());
         }
@@ -394,11 +362,7 @@ fn shell_words(s: &str) -> Result<Vec<String>, String> {
 }
 
 fn unquote(s: &str) -> String {
-    shell_words(s)
-        .ok()
-        .filter(|w| w.len() == 1)
-        .map(|mut w| w.remove(0))
-        .unwrap_or_else(|| s.to_string())
+    shell_words(s).ok().filter(|w| w.len() == 1).map(|mut w| w.remove(0)).unwrap_or_else(|| s.to_string())
 }
 
 #[cfg(test)]
@@ -420,57 +384,29 @@ mod tests {
         assert_eq!(r.base, Base::Scratch);
         let lines: Vec<usize> = r.instructions.iter().map(|(l, _)| *l).collect();
         assert_eq!(lines, vec![4, 5, 6, 7, 8, 9, 10, 11, 12, 13]);
-        let Instruction::Copy(c) = &r.instructions[0].1 else {
-            panic!()
-        };
-        assert_eq!(
-            (c.from.clone(), c.chmod, c.dest.as_str()),
-            (CopySource::Cargo, Some(0o755), "/app")
-        );
-        let Instruction::Copy(a) = &r.instructions[1].1 else {
-            panic!()
-        };
+        let Instruction::Copy(c) = &r.instructions[0].1 else { panic!() };
+        assert_eq!((c.from.clone(), c.chmod, c.dest.as_str()), (CopySource::Cargo, Some(0o755), "/app"));
+        let Instruction::Copy(a) = &r.instructions[1].1 else { panic!() };
         assert!(a.unpack);
         assert_eq!(
             r.instructions[2].1,
-            Instruction::Env(vec![
-                ("A".into(), "1".into()),
-                ("B".into(), "two words".into())
-            ])
+            Instruction::Env(vec![("A".into(), "1".into()), ("B".into(), "two words".into())])
         );
-        assert_eq!(
-            r.instructions[3].1,
-            Instruction::Env(vec![("LEGACY".into(), "some value".into())])
-        );
-        assert_eq!(
-            r.instructions[6].1,
-            Instruction::Expose(vec!["8080/tcp".into(), "9000/udp".into()])
-        );
-        assert_eq!(
-            r.instructions[7].1,
-            Instruction::Label(vec![("org.example.x".into(), "y z".into())])
-        );
-        assert_eq!(
-            r.instructions[9].1,
-            Instruction::Cmd(vec!["--port".into(), "8080".into()])
-        );
+        assert_eq!(r.instructions[3].1, Instruction::Env(vec![("LEGACY".into(), "some value".into())]));
+        assert_eq!(r.instructions[6].1, Instruction::Expose(vec!["8080/tcp".into(), "9000/udp".into()]));
+        assert_eq!(r.instructions[7].1, Instruction::Label(vec![("org.example.x".into(), "y z".into())]));
+        assert_eq!(r.instructions[9].1, Instruction::Cmd(vec!["--port".into(), "8080".into()]));
     }
 
     #[test]
     fn shell_form_becomes_sh_c() {
         let r = parse("FROM scratch\nCMD echo hi\n").unwrap();
-        assert_eq!(
-            r.instructions[0].1,
-            Instruction::Cmd(vec!["/bin/sh".into(), "-c".into(), "echo hi".into()])
-        );
+        assert_eq!(r.instructions[0].1, Instruction::Cmd(vec!["/bin/sh".into(), "-c".into(), "echo hi".into()]));
     }
 
     #[test]
     fn from_local_tar() {
-        assert_eq!(
-            parse("FROM base.tar\n").unwrap().base,
-            Base::Tar("base.tar".into())
-        );
+        assert_eq!(parse("FROM base.tar\n").unwrap().base, Base::Tar("base.tar".into()));
     }
 
     fn error(text: &str) -> String {
@@ -480,51 +416,29 @@ mod tests {
     #[test]
     fn run_is_refused_with_line_and_hint() {
         let e = error("FROM scratch\n\nRUN apt-get install -y curl\n");
-        assert!(
-            e.starts_with("images/x/Containerfile:3: RUN is not supported"),
-            "{e}"
-        );
+        assert!(e.starts_with("images/x/Containerfile:3: RUN is not supported"), "{e}");
         assert!(e.contains("hint: "), "{e}");
     }
 
     #[test]
     fn bad_recipes_name_the_line() {
         for (text, line, needle) in [
-            (
-                "FROM scratch\nHEALTHCHECK CMD true\n",
-                2,
-                "unknown or unsupported instruction HEALTHCHECK",
-            ),
+            ("FROM scratch\nHEALTHCHECK CMD true\n", 2, "unknown or unsupported instruction HEALTHCHECK"),
             ("COPY a /a\n", 1, "COPY before FROM"),
             ("", 1, "no FROM"),
-            (
-                "FROM ubuntu:22.04\n",
-                1,
-                "only scratch or a local image tar",
-            ),
+            ("FROM ubuntu:22.04\n", 1, "only scratch or a local image tar"),
             ("FROM scratch\nFROM scratch\n", 2, "a second FROM"),
             ("FROM scratch\nEXPOSE http\n", 2, "bad port"),
             ("FROM scratch\nCOPY a b /dest\n", 2, "must end with /"),
-            (
-                "FROM scratch\nCOPY ../secret /s\n",
-                2,
-                "leaves the build context",
-            ),
-            (
-                "FROM scratch\nCOPY --from=builder /a /a\n",
-                2,
-                "--from=builder is not supported",
-            ),
+            ("FROM scratch\nCOPY ../secret /s\n", 2, "leaves the build context"),
+            ("FROM scratch\nCOPY --from=builder /a /a\n", 2, "--from=builder is not supported"),
             ("FROM scratch\nADD https://x/y.tar /\n", 2, "remote source"),
             ("FROM scratch\n\nCMD [\"a\",\n", 3, "bad JSON array"),
             ("FROM scratch\nENV\n", 2, "ENV needs"),
             ("FROM scratch\nLABEL novalue\n", 2, "is not key=value"),
         ] {
             let e = error(text);
-            assert!(
-                e.starts_with(&format!("images/x/Containerfile:{line}: ")),
-                "{text:?} -> {e}"
-            );
+            assert!(e.starts_with(&format!("images/x/Containerfile:{line}: ")), "{text:?} -> {e}");
             assert!(e.contains(needle), "{text:?} -> {e}");
         }
     }

@@ -12,22 +12,9 @@ use sha2::{Digest, Sha256};
 /// written with mtime 0 so that the same inputs give the same digest).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
-    Dir {
-        mode: u32,
-        uid: u64,
-        gid: u64,
-    },
-    File {
-        data: Vec<u8>,
-        mode: u32,
-        uid: u64,
-        gid: u64,
-    },
-    Symlink {
-        target: String,
-        uid: u64,
-        gid: u64,
-    },
+    Dir { mode: u32, uid: u64, gid: u64 },
+    File { data: Vec<u8>, mode: u32, uid: u64, gid: u64 },
+    Symlink { target: String, uid: u64, gid: u64 },
 }
 
 /// Paths are relative to `/`, without leading or trailing slash ("app", "etc/hosts").
@@ -68,22 +55,12 @@ impl FileTree {
             return;
         }
         let mut parent = String::new();
-        for part in path
-            .split('/')
-            .collect::<Vec<_>>()
-            .split_last()
-            .map(|(_, p)| p.to_vec())
-            .unwrap_or_default()
-        {
+        for part in path.split('/').collect::<Vec<_>>().split_last().map(|(_, p)| p.to_vec()).unwrap_or_default() {
             if !parent.is_empty() {
                 parent.push('/');
             }
             parent.push_str(part);
-            self.entries.entry(parent.clone()).or_insert(Node::Dir {
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-            });
+            self.entries.entry(parent.clone()).or_insert(Node::Dir { mode: 0o755, uid: 0, gid: 0 });
         }
         self.entries.insert(path, node);
     }
@@ -92,22 +69,12 @@ impl FileTree {
     pub fn remove(&mut self, path: &str) {
         let path = normalize(path);
         let prefix = format!("{path}/");
-        self.entries
-            .retain(|k, _| k != &path && !k.starts_with(&prefix));
+        self.entries.retain(|k, _| k != &path && !k.starts_with(&prefix));
     }
 
     /// Total bytes of regular files.
     pub fn file_bytes(&self) -> u64 {
-        self.entries
-            .values()
-            .map(|n| {
-                if let Node::File { data, .. } = n {
-                    data.len() as u64
-                } else {
-                    0
-                }
-            })
-            .sum()
+        self.entries.values().map(|n| if let Node::File { data, .. } = n { data.len() as u64 } else { 0 }).sum()
     }
 
     /// Write the tree as a tar: sorted paths, mtime 0, numeric owners, no user names.
@@ -117,9 +84,9 @@ impl FileTree {
             let mut h = tar::Header::new_gnu();
             h.set_mtime(0);
             let (uid, gid) = match node {
-                Node::Dir { uid, gid, .. }
-                | Node::File { uid, gid, .. }
-                | Node::Symlink { uid, gid, .. } => (*uid, *gid),
+                Node::Dir { uid, gid, .. } | Node::File { uid, gid, .. } | Node::Symlink { uid, gid, .. } => {
+                    (*uid, *gid)
+                }
             };
             h.set_uid(uid);
             h.set_gid(gid);
@@ -129,15 +96,13 @@ impl FileTree {
                     h.set_entry_type(tar::EntryType::Directory);
                     h.set_mode(*mode);
                     h.set_size(0);
-                    b.append_data(&mut h, format!("{path}/"), std::io::empty())
-                        .expect("tar to memory");
+                    b.append_data(&mut h, format!("{path}/"), std::io::empty()).expect("tar to memory");
                 }
                 Node::File { data, mode, .. } => {
                     h.set_entry_type(tar::EntryType::Regular);
                     h.set_mode(*mode);
                     h.set_size(data.len() as u64);
-                    b.append_data(&mut h, path, data.as_slice())
-                        .expect("tar to memory");
+                    b.append_data(&mut h, path, data.as_slice()).expect("tar to memory");
                 }
                 Node::Symlink { target, .. } => {
                     h.set_entry_type(tar::EntryType::Symlink);
@@ -153,15 +118,9 @@ impl FileTree {
     /// Apply one layer tar (gzip or plain) on top of this tree, honouring OCI
     /// whiteouts (`.wh.NAME` deletes NAME, `.wh..wh..opq` empties the directory).
     pub fn apply_layer(&mut self, blob: &[u8], name: &str) -> Result<(), LayerError> {
-        let err = |source| LayerError {
-            name: name.to_string(),
-            source,
-        };
-        let reader: Box<dyn Read + '_> = if blob.starts_with(&[0x1f, 0x8b]) {
-            Box::new(flate2::read::GzDecoder::new(blob))
-        } else {
-            Box::new(blob)
-        };
+        let err = |source| LayerError { name: name.to_string(), source };
+        let reader: Box<dyn Read + '_> =
+            if blob.starts_with(&[0x1f, 0x8b]) { Box::new(flate2::read::GzDecoder::new(blob)) } else { Box::new(blob) };
         let mut archive = tar::Archive::new(reader);
         for entry in archive.entries().map_err(err)? {
             let mut entry = entry.map_err(err)?;
@@ -172,21 +131,12 @@ impl FileTree {
             }
             let (dir, file) = path.rsplit_once('/').unwrap_or(("", &path));
             if file == ".wh..wh..opq" {
-                let prefix = if dir.is_empty() {
-                    String::new()
-                } else {
-                    format!("{dir}/")
-                };
-                self.entries
-                    .retain(|k, _| !(k.starts_with(&prefix) && k.len() > prefix.len()));
+                let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+                self.entries.retain(|k, _| !(k.starts_with(&prefix) && k.len() > prefix.len()));
                 continue;
             }
             if let Some(gone) = file.strip_prefix(".wh.") {
-                self.remove(&if dir.is_empty() {
-                    gone.to_string()
-                } else {
-                    format!("{dir}/{gone}")
-                });
+                self.remove(&if dir.is_empty() { gone.to_string() } else { format!("{dir}/{gone}") });
                 continue;
             }
             let h = entry.header();
@@ -196,20 +146,14 @@ impl FileTree {
             let node = match h.entry_type() {
                 tar::EntryType::Directory => Node::Dir { mode, uid, gid },
                 tar::EntryType::Symlink => {
-                    let target = entry
-                        .link_name()
-                        .map_err(err)?
-                        .map(|p| p.to_string_lossy().into_owned())
-                        .unwrap_or_default();
+                    let target =
+                        entry.link_name().map_err(err)?.map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
                     Node::Symlink { target, uid, gid }
                 }
                 tar::EntryType::Link => {
                     // Hard links become copies: neither the tree nor the initramfs needs sharing.
-                    let target = entry
-                        .link_name()
-                        .map_err(err)?
-                        .map(|p| normalize(&p.to_string_lossy()))
-                        .unwrap_or_default();
+                    let target =
+                        entry.link_name().map_err(err)?.map(|p| normalize(&p.to_string_lossy())).unwrap_or_default();
                     match self.entries.get(&target) {
                         Some(n) => n.clone(),
                         None => continue,
@@ -218,19 +162,12 @@ impl FileTree {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
                     let mut data = Vec::with_capacity(h.size().unwrap_or(0) as usize);
                     entry.read_to_end(&mut data).map_err(err)?;
-                    Node::File {
-                        data,
-                        mode,
-                        uid,
-                        gid,
-                    }
+                    Node::File { data, mode, uid, gid }
                 }
                 // Device nodes, fifos: the VM gets devtmpfs, containers get their own /dev.
                 _ => continue,
             };
-            if matches!(node, Node::Dir { .. })
-                && matches!(self.entries.get(&path), Some(Node::Dir { .. }))
-            {
+            if matches!(node, Node::Dir { .. }) && matches!(self.entries.get(&path), Some(Node::Dir { .. })) {
                 self.entries.insert(path, node); // keep children, update metadata
             } else {
                 self.remove(&path);
@@ -260,17 +197,10 @@ pub fn sha256_digest(data: &[u8]) -> String {
 impl LayerBlob {
     /// Compress a tar deterministically: fixed level, no file name, mtime 0 in the gzip header.
     pub fn from_tar(tar: &[u8]) -> LayerBlob {
-        let mut gz = flate2::GzBuilder::new()
-            .mtime(0)
-            .write(Vec::new(), flate2::Compression::new(6));
+        let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::new(6));
         gz.write_all(tar).expect("gzip to memory");
         let data = gz.finish().expect("gzip to memory");
-        LayerBlob {
-            digest: sha256_digest(&data),
-            diff_id: sha256_digest(tar),
-            data,
-            gzip: true,
-        }
+        LayerBlob { digest: sha256_digest(&data), diff_id: sha256_digest(tar), data, gzip: true }
     }
 
     /// Uncompressed size and number of tar entries.
@@ -291,30 +221,17 @@ mod tests {
     use super::*;
 
     fn file(data: &str) -> Node {
-        Node::File {
-            data: data.as_bytes().to_vec(),
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        }
+        Node::File { data: data.as_bytes().to_vec(), mode: 0o644, uid: 0, gid: 0 }
     }
 
     #[test]
     fn insert_creates_parents_and_tar_round_trips() {
         let mut t = FileTree::default();
         t.insert("/usr/bin/app", file("x"));
-        t.insert(
-            "etc/link",
-            Node::Symlink {
-                target: "/usr/bin/app".into(),
-                uid: 0,
-                gid: 0,
-            },
-        );
+        t.insert("etc/link", Node::Symlink { target: "/usr/bin/app".into(), uid: 0, gid: 0 });
         assert!(matches!(t.entries.get("usr"), Some(Node::Dir { .. })));
         let mut back = FileTree::default();
-        back.apply_layer(&LayerBlob::from_tar(&t.to_tar()).data, "t")
-            .unwrap();
+        back.apply_layer(&LayerBlob::from_tar(&t.to_tar()).data, "t").unwrap();
         assert_eq!(back, t);
     }
 

@@ -31,7 +31,9 @@ pub enum VmError {
     Layer(#[from] LayerError),
     #[error(transparent)]
     Archive(#[from] ArchiveError),
-    #[error("kernel module {name} not found under {dir} (deploy/install.sh extracts the guest kernel's NIC modules there)")]
+    #[error(
+        "kernel module {name} not found under {dir} (deploy/install.sh extracts the guest kernel's NIC modules there)"
+    )]
     Module { name: String, dir: PathBuf },
     #[error("the image has no ENTRYPOINT or CMD: nothing to start in the VM")]
     NoCommand,
@@ -126,11 +128,7 @@ fn resolve_modules(dir: &Path, names: &[String]) -> Result<Vec<(String, PathBuf)
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if let Some(stem) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".ko"))
-            {
+            } else if let Some(stem) = p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ko")) {
                 found.insert(stem.replace('-', "_"), p);
             }
         }
@@ -147,22 +145,12 @@ fn resolve_modules(dir: &Path, names: &[String]) -> Result<Vec<(String, PathBuf)
         if order.iter().any(|(n, _)| *n == key) || depth > 32 {
             return Ok(());
         }
-        let path = found.get(&key).ok_or_else(|| VmError::Module {
-            name: key.clone(),
-            dir: dir.to_path_buf(),
-        })?;
-        let data = std::fs::read(path).map_err(|source| VmError::Io {
-            action: "read",
-            path: path.clone(),
-            source,
-        })?;
+        let path = found.get(&key).ok_or_else(|| VmError::Module { name: key.clone(), dir: dir.to_path_buf() })?;
+        let data = std::fs::read(path).map_err(|source| VmError::Io { action: "read", path: path.clone(), source })?;
         if let Some(pos) = data.windows(8).position(|w| w == b"depends=") {
             let rest = &data[pos + 8..];
             let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
-            for dep in String::from_utf8_lossy(&rest[..end])
-                .split(',')
-                .filter(|d| !d.is_empty())
-            {
+            for dep in String::from_utf8_lossy(&rest[..end]).split(',').filter(|d| !d.is_empty()) {
                 visit(dep, dir, found, order, depth + 1)?;
             }
         }
@@ -197,9 +185,7 @@ $B mount -t devtmpfs devtmpfs /dev
 "#,
     );
     for m in modules {
-        s.push_str(&format!(
-            "$B insmod /.away/modules/{m}.ko || echo \"away-init: insmod {m} failed\"\n"
-        ));
+        s.push_str(&format!("$B insmod /.away/modules/{m}.ko || echo \"away-init: insmod {m} failed\"\n"));
     }
     s.push_str(
         r#"ip=; gw=
@@ -238,11 +224,7 @@ fi
         None | Some("") | Some("0") | Some("root") | Some("0:0") => String::new(),
         Some(u) => {
             let (uid, gid) = u.split_once(':').unwrap_or((u, u));
-            format!(
-                "$B setpriv --reuid={} --regid={} --clear-groups ",
-                sh_quote(uid),
-                sh_quote(gid)
-            )
+            format!("$B setpriv --reuid={} --regid={} --clear-groups ", sh_quote(uid), sh_quote(gid))
         }
     };
     s.push_str("echo \"away-init: starting $*\"\n");
@@ -269,7 +251,12 @@ pub fn overrides_cpio(env: &std::collections::BTreeMap<String, String>, argv: Op
     }
     let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::new(6));
     let write = |gz: &mut dyn Write| -> std::io::Result<()> {
-        let mut w = cpio::newc::Builder::new(".away/overrides.sh").ino(1).mode(0o100644).nlink(1).mtime(0).write(&mut *gz, script.len() as u32);
+        let mut w = cpio::newc::Builder::new(".away/overrides.sh")
+            .ino(1)
+            .mode(0o100644)
+            .nlink(1)
+            .mtime(0)
+            .write(&mut *gz, script.len() as u32);
         w.write_all(script.as_bytes())?;
         w.finish()?;
         cpio::newc::trailer(gz)?;
@@ -281,20 +268,14 @@ pub fn overrides_cpio(env: &std::collections::BTreeMap<String, String>, argv: Op
 
 /// Write the image's root filesystem plus init as a gzip'd newc cpio.
 fn write_initramfs(tree: &FileTree, path: &Path) -> Result<u64, VmError> {
-    let io = |action, source| VmError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |action, source| VmError::Io { action, path: path.to_path_buf(), source };
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = tempfile::Builder::new()
         .prefix(".away-initrd-")
         .tempfile_in(dir)
         .map_err(|e| io("create a temporary file for", e))?;
-    let mut gz = flate2::GzBuilder::new().mtime(0).write(
-        std::io::BufWriter::new(tmp.as_file()),
-        flate2::Compression::new(6),
-    );
+    let mut gz =
+        flate2::GzBuilder::new().mtime(0).write(std::io::BufWriter::new(tmp.as_file()), flate2::Compression::new(6));
     let mut ino = 1u32;
     let mut put = |gz: &mut dyn Write,
                    name: &str,
@@ -323,46 +304,17 @@ fn write_initramfs(tree: &FileTree, path: &Path) -> Result<u64, VmError> {
     (|| -> std::io::Result<()> {
         for (p, node) in &tree.entries {
             match node {
-                Node::Dir { mode, uid, gid } => {
-                    put(&mut gz, p, 0o040000 | mode, *uid, *gid, None, &[])?
+                Node::Dir { mode, uid, gid } => put(&mut gz, p, 0o040000 | mode, *uid, *gid, None, &[])?,
+                Node::File { data, mode, uid, gid } => put(&mut gz, p, 0o100000 | mode, *uid, *gid, None, data)?,
+                Node::Symlink { target, uid, gid } => {
+                    put(&mut gz, p, 0o120000 | 0o777, *uid, *gid, None, target.as_bytes())?
                 }
-                Node::File {
-                    data,
-                    mode,
-                    uid,
-                    gid,
-                } => put(&mut gz, p, 0o100000 | mode, *uid, *gid, None, data)?,
-                Node::Symlink { target, uid, gid } => put(
-                    &mut gz,
-                    p,
-                    0o120000 | 0o777,
-                    *uid,
-                    *gid,
-                    None,
-                    target.as_bytes(),
-                )?,
             }
             if p == "dev" {
                 // The kernel opens /dev/console for init's stdio before init runs:
                 // without this node, everything init prints is lost.
-                put(
-                    &mut gz,
-                    "dev/console",
-                    0o020000 | 0o600,
-                    0,
-                    0,
-                    Some((5, 1)),
-                    &[],
-                )?;
-                put(
-                    &mut gz,
-                    "dev/null",
-                    0o020000 | 0o666,
-                    0,
-                    0,
-                    Some((1, 3)),
-                    &[],
-                )?;
+                put(&mut gz, "dev/console", 0o020000 | 0o600, 0, 0, Some((5, 1)), &[])?;
+                put(&mut gz, "dev/null", 0o020000 | 0o666, 0, 0, Some((1, 3)), &[])?;
             }
         }
         cpio::newc::trailer(&mut gz)?;
@@ -371,11 +323,8 @@ fn write_initramfs(tree: &FileTree, path: &Path) -> Result<u64, VmError> {
     })()
     .map_err(|e| io("write", e))?;
     let size = tmp.as_file().metadata().map_err(|e| io("stat", e))?.len();
-    tmp.as_file()
-        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .map_err(|e| io("chmod", e))?;
-    tmp.persist(path)
-        .map_err(|e| io("rename a temporary file to", e.error))?;
+    tmp.as_file().set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644)).map_err(|e| io("chmod", e))?;
+    tmp.persist(path).map_err(|e| io("rename a temporary file to", e.error))?;
     Ok(size)
 }
 
@@ -387,60 +336,24 @@ pub fn write_vm_artifact(
     opts: &VmOptions,
     progress: &dyn Fn(&str),
 ) -> Result<VmArtifact, VmError> {
-    let io = |action, path: &Path, source| VmError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |action, path: &Path, source| VmError::Io { action, path: path.to_path_buf(), source };
     std::fs::create_dir_all(out_dir).map_err(|e| io("create", out_dir, e))?;
     let modules = resolve_modules(&opts.modules_dir, &opts.modules)?;
     progress(&format!("flattening {} layers", image.layers.len()));
     let mut tree = rootfs(image)?;
     let busybox = std::fs::read(&opts.busybox).map_err(|e| io("read busybox", &opts.busybox, e))?;
-    tree.insert(
-        ".away/busybox",
-        Node::File {
-            data: busybox,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-        },
-    );
+    tree.insert(".away/busybox", Node::File { data: busybox, mode: 0o755, uid: 0, gid: 0 });
     for (m, path) in &modules {
         let data = std::fs::read(path).map_err(|e| io("read", path, e))?;
-        tree.insert(
-            &format!(".away/modules/{m}.ko"),
-            Node::File {
-                data,
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-            },
-        );
+        tree.insert(&format!(".away/modules/{m}.ko"), Node::File { data, mode: 0o644, uid: 0, gid: 0 });
     }
     let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
     let init = init_script(image, &names)?;
-    tree.insert(
-        "init",
-        Node::File {
-            data: init.into_bytes(),
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-        },
-    );
+    tree.insert("init", Node::File { data: init.into_bytes(), mode: 0o755, uid: 0, gid: 0 });
     for d in ["proc", "sys", "dev", "run"] {
-        tree.entries.entry(d.into()).or_insert(Node::Dir {
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-        });
+        tree.entries.entry(d.into()).or_insert(Node::Dir { mode: 0o755, uid: 0, gid: 0 });
     }
-    tree.entries.entry("tmp".into()).or_insert(Node::Dir {
-        mode: 0o1777,
-        uid: 0,
-        gid: 0,
-    });
+    tree.entries.entry("tmp".into()).or_insert(Node::Dir { mode: 0o1777, uid: 0, gid: 0 });
 
     let initrd = out_dir.join(format!("{name}.initrd.gz"));
     progress(&format!("writing {}", initrd.display()));
@@ -461,16 +374,8 @@ pub fn write_vm_artifact(
         .iter()
         .filter_map(|p| p.strip_suffix("/tcp").unwrap_or(p).parse::<u16>().ok())
         .next();
-    let cmdline = format!(
-        "console=ttyS0 quiet panic=-1 away.ip={} away.gw={}",
-        opts.ip, opts.gateway
-    );
-    let abs = |p: &Path| {
-        std::fs::canonicalize(p)
-            .unwrap_or_else(|_| p.to_path_buf())
-            .display()
-            .to_string()
-    };
+    let cmdline = format!("console=ttyS0 quiet panic=-1 away.ip={} away.gw={}", opts.ip, opts.gateway);
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string();
     let qemu_example = format!(
         "qemu-system-x86_64 -accel tcg -m {} -nographic -no-reboot -kernel {} -initrd {} -append '{}' -netdev user,id=n0,hostfwd=tcp:127.0.0.1:8080-:{} -device virtio-net-pci,netdev=n0",
         opts.memory_mib,
@@ -495,10 +400,5 @@ pub fn write_vm_artifact(
     let json = serde_json::to_vec_pretty(&spec).expect("spec JSON");
     std::fs::write(&tmp, json).map_err(|e| io("write", &tmp, e))?;
     std::fs::rename(&tmp, &spec_file).map_err(|e| io("rename", &spec_file, e))?;
-    Ok(VmArtifact {
-        initrd,
-        kernel,
-        spec_file,
-        spec,
-    })
+    Ok(VmArtifact { initrd, kernel, spec_file, spec })
 }

@@ -246,9 +246,8 @@ impl WorkloadSpec {
     /// Semantic checks that serde cannot express. Lines are filled in by the caller.
     pub fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        let mut bad = |field: &str, message: String| {
-            errors.push(FieldError { field: field.to_string(), line: None, message })
-        };
+        let mut bad =
+            |field: &str, message: String| errors.push(FieldError { field: field.to_string(), line: None, message });
         if let Err(why) = check_name(&self.name) {
             bad("name", why);
         }
@@ -270,7 +269,10 @@ impl WorkloadSpec {
             bad("resources.memory", format!("{} is too small; at least {min_memory}", self.resources.memory));
         }
         if !(self.resources.cpus > 0.0 && self.resources.cpus <= 1024.0) {
-            bad("resources.cpus", format!("{} is out of range; use a number of CPUs in (0, 1024], e.g. 0.5", self.resources.cpus));
+            bad(
+                "resources.cpus",
+                format!("{} is out of range; use a number of CPUs in (0, 1024], e.g. 0.5", self.resources.cpus),
+            );
         }
         let mut host_ports = BTreeSet::new();
         for (i, p) in self.ports.iter().enumerate() {
@@ -297,7 +299,13 @@ impl WorkloadSpec {
 /// An error serde raised while parsing. Its position can be the enclosing mapping's (for
 /// errors raised by a field's own parser, such as a size without a unit), so the field's
 /// own line wins when it can be found; the position is then dropped from the message.
-fn syntax_error(text: &str, format: SpecFormat, path: String, parser_line: Option<usize>, message: String) -> FieldError {
+fn syntax_error(
+    text: &str,
+    format: SpecFormat,
+    path: String,
+    parser_line: Option<usize>,
+    message: String,
+) -> FieldError {
     // serde_path_to_error renders the root as "."
     let field = if path == "." { String::new() } else { path };
     let mut message = message;
@@ -485,7 +493,12 @@ placement:
         let fields: Vec<_> = err.errors.iter().map(|e| (e.field.as_str(), e.line)).collect();
         assert_eq!(
             fields,
-            vec![("name", Some(1)), ("resources.memory", Some(4)), ("resources.cpus", Some(5)), ("ports[1].host", Some(9))]
+            vec![
+                ("name", Some(1)),
+                ("resources.memory", Some(4)),
+                ("resources.cpus", Some(5)),
+                ("ports[1].host", Some(9))
+            ]
         );
         assert!(err.to_string().starts_with("invalid workload spec test.yaml: name (line 1):"), "{err}");
     }

@@ -101,7 +101,10 @@ mod tests {
     fn error_body_shape_is_stable() {
         let e = ApiError::new(ErrorCode::NotFound, "no workload named \"x\"").with_field("name");
         let json = serde_json::to_value(&e).unwrap();
-        assert_eq!(json, serde_json::json!({"code": "not_found", "message": "no workload named \"x\"", "field": "name"}));
+        assert_eq!(
+            json,
+            serde_json::json!({"code": "not_found", "message": "no workload named \"x\"", "field": "name"})
+        );
         assert_eq!(e.code.http_status(), 404);
     }
 }

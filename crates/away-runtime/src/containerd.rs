@@ -21,7 +21,9 @@ use containerd_client::types::Descriptor;
 use prost_types::Any;
 use sha2::{Digest, Sha256};
 
-use crate::runtime::{CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError};
+use crate::runtime::{
+    CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError,
+};
 use crate::store::ResolvedImage;
 
 const KIND: RuntimeKind = RuntimeKind::Containerd;
@@ -79,7 +81,10 @@ impl ContainerdRuntime {
     pub async fn connect(socket: &Path, namespace: &str, log_dir: PathBuf) -> Result<Self, RuntimeError> {
         let unavailable = |reason: String| RuntimeError::Unavailable { runtime: KIND, reason };
         if !socket.exists() {
-            return Err(unavailable(format!("no socket at {} (start it with deploy/services.sh start)", socket.display())));
+            return Err(unavailable(format!(
+                "no socket at {} (start it with deploy/services.sh start)",
+                socket.display()
+            )));
         }
         let channel = tokio::time::timeout(Duration::from_secs(5), containerd_client::connect(socket))
             .await
@@ -87,7 +92,9 @@ impl ContainerdRuntime {
             .map_err(|e| unavailable(format!("cannot connect to {}: {e}", socket.display())))?;
         let rt = ContainerdRuntime { channel, socket: socket.to_path_buf(), namespace: namespace.to_string(), log_dir };
         // a socket that accepts but does not answer gRPC is not a containerd
-        rt.version().await.map_err(|e| unavailable(format!("{} does not answer the Version RPC: {e}", socket.display())))?;
+        rt.version()
+            .await
+            .map_err(|e| unavailable(format!("{} does not answer the Version RPC: {e}", socket.display())))?;
         Ok(rt)
     }
 
@@ -142,11 +149,17 @@ impl ContainerdRuntime {
     async fn ensure_image(&self, image: &ResolvedImage) -> Result<String, RuntimeError> {
         let img_err = |reason: String| RuntimeError::Image { reference: image.reference.clone(), reason };
         let blobs = read_blobs(&image.tar).map_err(|e| img_err(format!("cannot read {}: {e}", image.tar.display())))?;
-        let manifest_bytes = blobs.get(&image.manifest_digest).ok_or_else(|| img_err(format!("manifest {} missing from {}", image.manifest_digest, image.tar.display())))?;
-        let manifest: serde_json::Value = serde_json::from_slice(manifest_bytes).map_err(|e| img_err(format!("manifest is not JSON: {e}")))?;
-        let config_digest = manifest["config"]["digest"].as_str().ok_or_else(|| img_err("manifest has no config".into()))?.to_string();
-        let config: serde_json::Value = serde_json::from_slice(blobs.get(&config_digest).ok_or_else(|| img_err(format!("config {config_digest} missing")))?)
-            .map_err(|e| img_err(format!("config is not JSON: {e}")))?;
+        let manifest_bytes = blobs.get(&image.manifest_digest).ok_or_else(|| {
+            img_err(format!("manifest {} missing from {}", image.manifest_digest, image.tar.display()))
+        })?;
+        let manifest: serde_json::Value =
+            serde_json::from_slice(manifest_bytes).map_err(|e| img_err(format!("manifest is not JSON: {e}")))?;
+        let config_digest =
+            manifest["config"]["digest"].as_str().ok_or_else(|| img_err("manifest has no config".into()))?.to_string();
+        let config: serde_json::Value = serde_json::from_slice(
+            blobs.get(&config_digest).ok_or_else(|| img_err(format!("config {config_digest} missing")))?,
+        )
+        .map_err(|e| img_err(format!("config is not JSON: {e}")))?;
         let layers: Vec<Descriptor> = manifest["layers"]
             .as_array()
             .cloned()
@@ -159,7 +172,13 @@ impl ContainerdRuntime {
                 annotations: Default::default(),
             })
             .collect();
-        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"].as_array().cloned().unwrap_or_default().iter().filter_map(|d| d.as_str().map(str::to_string)).collect();
+        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|d| d.as_str().map(str::to_string))
+            .collect();
         if diff_ids.len() != layers.len() {
             return Err(img_err(format!("{} layers but {} diff_ids in the config", layers.len(), diff_ids.len())));
         }
@@ -170,7 +189,8 @@ impl ContainerdRuntime {
             for l in &layers {
                 self.write_blob(&lease, &l.digest, blob(&blobs, &l.digest).map_err(img_err)?, HashMap::new()).await?;
             }
-            self.write_blob(&lease, &config_digest, blob(&blobs, &config_digest).map_err(img_err)?, HashMap::new()).await?;
+            self.write_blob(&lease, &config_digest, blob(&blobs, &config_digest).map_err(img_err)?, HashMap::new())
+                .await?;
             let mut refs = HashMap::from([("containerd.io/gc.ref.content.config".to_string(), config_digest.clone())]);
             for (i, l) in layers.iter().enumerate() {
                 refs.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
@@ -189,7 +209,9 @@ impl ContainerdRuntime {
         let id = format!("away-import-{}-{}", std::process::id(), rand_suffix());
         // expire on its own if we die mid-import
         let labels = HashMap::from([("containerd.io/gc.expire".to_string(), rfc3339_in(Duration::from_secs(3600)))]);
-        l.create(self.req(api::CreateRequest { id: id.clone(), labels })).await.map_err(|s| Self::failed("create lease", &id, s))?;
+        l.create(self.req(api::CreateRequest { id: id.clone(), labels }))
+            .await
+            .map_err(|s| Self::failed("create lease", &id, s))?;
         Ok(id)
     }
 
@@ -201,7 +223,13 @@ impl ContainerdRuntime {
     }
 
     /// Write one blob unless the content store has it.
-    async fn write_blob(&self, lease: &str, digest: &str, data: &[u8], labels: HashMap<String, String>) -> Result<(), RuntimeError> {
+    async fn write_blob(
+        &self,
+        lease: &str,
+        digest: &str,
+        data: &[u8],
+        labels: HashMap<String, String>,
+    ) -> Result<(), RuntimeError> {
         let mut c = api::content_client::ContentClient::new(self.channel.clone());
         match c.info(self.req(api::InfoRequest { digest: digest.to_string() })).await {
             Ok(_) if labels.is_empty() => return Ok(()),
@@ -209,8 +237,11 @@ impl ContainerdRuntime {
                 // present: only make sure its GC references are set
                 let mut info = info.into_inner().info.unwrap_or_default();
                 info.labels.extend(labels);
-                let mask = prost_types::FieldMask { paths: info.labels.keys().map(|k| format!("labels.{k}")).collect() };
-                c.update(self.req(api::UpdateRequest { info: Some(info), update_mask: Some(mask) })).await.map_err(|s| Self::failed("label content", digest, s))?;
+                let mask =
+                    prost_types::FieldMask { paths: info.labels.keys().map(|k| format!("labels.{k}")).collect() };
+                c.update(self.req(api::UpdateRequest { info: Some(info), update_mask: Some(mask) }))
+                    .await
+                    .map_err(|s| Self::failed("label content", digest, s))?;
                 return Ok(());
             }
             Err(s) if s.code() == Code::NotFound => {}
@@ -241,10 +272,18 @@ impl ContainerdRuntime {
             data: vec![],
             labels,
         });
-        let resp = c.write(self.leased(futures_util::stream::iter(msgs), lease)).await.map_err(|s| Self::failed("write content", digest, s))?;
+        let resp = c
+            .write(self.leased(futures_util::stream::iter(msgs), lease))
+            .await
+            .map_err(|s| Self::failed("write content", digest, s))?;
         let mut stream = resp.into_inner();
         while let Some(msg) = stream.message().await.map_err(|s| match s.code() {
-            Code::AlreadyExists => RuntimeError::Failed { runtime: KIND, op: "write content", name: digest.into(), message: "already exists".into() },
+            Code::AlreadyExists => RuntimeError::Failed {
+                runtime: KIND,
+                op: "write content",
+                name: digest.into(),
+                message: "already exists".into(),
+            },
             _ => Self::failed("write content", digest, s),
         })? {
             if msg.action == api::WriteAction::Commit as i32 {
@@ -269,13 +308,22 @@ impl ContainerdRuntime {
             updated_at: None,
         };
         match imgs.get(self.req(api::GetImageRequest { name: image.reference.clone() })).await {
-            Ok(existing) if existing.get_ref().image.as_ref().and_then(|i| i.target.as_ref()).map(|t| t.digest.as_str()) == Some(image.manifest_digest.as_str()) => Ok(()),
+            Ok(existing)
+                if existing.get_ref().image.as_ref().and_then(|i| i.target.as_ref()).map(|t| t.digest.as_str())
+                    == Some(image.manifest_digest.as_str()) =>
+            {
+                Ok(())
+            }
             Ok(_) => {
                 let mask = prost_types::FieldMask { paths: vec!["target".into()] };
-                imgs.update(self.req(api::UpdateImageRequest { image: Some(record), update_mask: Some(mask), source_date_epoch: None }))
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| Self::failed("update image", &image.reference, s))
+                imgs.update(self.req(api::UpdateImageRequest {
+                    image: Some(record),
+                    update_mask: Some(mask),
+                    source_date_epoch: None,
+                }))
+                .await
+                .map(|_| ())
+                .map_err(|s| Self::failed("update image", &image.reference, s))
             }
             Err(s) if s.code() == Code::NotFound => imgs
                 .create(self.req(api::CreateImageRequest { image: Some(record), source_date_epoch: None }))
@@ -293,34 +341,72 @@ impl ContainerdRuntime {
         let mut diff = api::diff_client::DiffClient::new(self.channel.clone());
         let mut parent = String::new();
         for (layer, diff_id) in layers.iter().zip(diff_ids) {
-            let chain = if parent.is_empty() { diff_id.clone() } else { format!("sha256:{:x}", Sha256::digest(format!("{parent} {diff_id}").as_bytes())) };
-            let exists = snaps.stat(self.req(snap::StatSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key: chain.clone() })).await.is_ok();
+            let chain = if parent.is_empty() {
+                diff_id.clone()
+            } else {
+                format!("sha256:{:x}", Sha256::digest(format!("{parent} {diff_id}").as_bytes()))
+            };
+            let exists = snaps
+                .stat(self.req(snap::StatSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key: chain.clone() }))
+                .await
+                .is_ok();
             if !exists {
                 let key = format!("away-extract-{}-{chain}", rand_suffix());
                 let mounts = snaps
-                    .prepare(self.leased(snap::PrepareSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key: key.clone(), parent: parent.clone(), labels: HashMap::new() }, lease))
+                    .prepare(self.leased(
+                        snap::PrepareSnapshotRequest {
+                            snapshotter: SNAPSHOTTER.into(),
+                            key: key.clone(),
+                            parent: parent.clone(),
+                            labels: HashMap::new(),
+                        },
+                        lease,
+                    ))
                     .await
                     .map_err(|s| Self::failed("prepare snapshot", &key, s))?
                     .into_inner()
                     .mounts;
-                let applied = diff.apply(self.leased(api::ApplyRequest { diff: Some(layer.clone()), mounts, payloads: HashMap::new(), sync_fs: false }, lease)).await;
+                let applied = diff
+                    .apply(self.leased(
+                        api::ApplyRequest {
+                            diff: Some(layer.clone()),
+                            mounts,
+                            payloads: HashMap::new(),
+                            sync_fs: false,
+                        },
+                        lease,
+                    ))
+                    .await;
                 let outcome = match applied {
                     Ok(r) => {
                         let got = r.into_inner().applied.map(|d| d.digest).unwrap_or_default();
                         if &got == diff_id {
                             snaps
-                                .commit(self.leased(snap::CommitSnapshotRequest { snapshotter: SNAPSHOTTER.into(), name: chain.clone(), key: key.clone(), labels: HashMap::new() }, lease))
+                                .commit(self.leased(
+                                    snap::CommitSnapshotRequest {
+                                        snapshotter: SNAPSHOTTER.into(),
+                                        name: chain.clone(),
+                                        key: key.clone(),
+                                        labels: HashMap::new(),
+                                    },
+                                    lease,
+                                ))
                                 .await
                                 .map(|_| ())
                                 .map_err(|s| Self::failed("commit snapshot", &chain, s))
                         } else {
-                            Err(RuntimeError::Image { reference: layer.digest.clone(), reason: format!("layer unpacks to {got}, but the config says {diff_id}") })
+                            Err(RuntimeError::Image {
+                                reference: layer.digest.clone(),
+                                reason: format!("layer unpacks to {got}, but the config says {diff_id}"),
+                            })
                         }
                     }
                     Err(s) => Err(Self::failed("apply layer", &layer.digest, s)),
                 };
                 if outcome.is_err() {
-                    let _ = snaps.remove(self.req(snap::RemoveSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key })).await;
+                    let _ = snaps
+                        .remove(self.req(snap::RemoveSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key }))
+                        .await;
                 }
                 outcome?;
             }
@@ -333,7 +419,12 @@ impl ContainerdRuntime {
 
     /// Create container + task from a spec; `restore_from` restores CRIU images instead
     /// of starting fresh. Rolls everything back on failure.
-    async fn create_and_start(&self, spec: &WorkloadSpec, image: &ResolvedImage, restore_from: Option<&Path>) -> Result<WorkloadStatus, RuntimeError> {
+    async fn create_and_start(
+        &self,
+        spec: &WorkloadSpec,
+        image: &ResolvedImage,
+        restore_from: Option<&Path>,
+    ) -> Result<WorkloadStatus, RuntimeError> {
         let name = spec.name.as_str();
         if self.get_container(name).await?.is_some() {
             return Err(RuntimeError::AlreadyExists { runtime: KIND, name: name.into() });
@@ -350,7 +441,12 @@ impl ContainerdRuntime {
         let result = async {
             let mut snaps = snap::snapshots_client::SnapshotsClient::new(self.channel.clone());
             let mounts = snaps
-                .prepare(self.req(snap::PrepareSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key: name.into(), parent: top, labels: HashMap::new() }))
+                .prepare(self.req(snap::PrepareSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: name.into(),
+                    parent: top,
+                    labels: HashMap::new(),
+                }))
                 .await
                 .map_err(|s| Self::failed("prepare snapshot", name, s))?
                 .into_inner()
@@ -373,24 +469,50 @@ impl ContainerdRuntime {
                 ..Default::default()
             };
             let mut cs = api::containers_client::ContainersClient::new(self.channel.clone());
-            cs.create(self.req(api::CreateContainerRequest { container: Some(container) })).await.map_err(|s| Self::failed("create container", name, s))?;
+            cs.create(self.req(api::CreateContainerRequest { container: Some(container) }))
+                .await
+                .map_err(|s| Self::failed("create container", name, s))?;
             rollback.container = true;
-            std::fs::create_dir_all(&self.log_dir).map_err(|e| RuntimeError::io(format!("create {}", self.log_dir.display()), e))?;
+            std::fs::create_dir_all(&self.log_dir)
+                .map_err(|e| RuntimeError::io(format!("create {}", self.log_dir.display()), e))?;
             let log = format!("file://{}", self.log_path(name).display());
-            let options = restore_from.map(|dir| any("containerd.runc.v1.Options", &RuncOptions { criu_image_path: dir.display().to_string(), criu_work_path: dir.join("work").display().to_string() }));
+            let options = restore_from.map(|dir| {
+                any(
+                    "containerd.runc.v1.Options",
+                    &RuncOptions {
+                        criu_image_path: dir.display().to_string(),
+                        criu_work_path: dir.join("work").display().to_string(),
+                    },
+                )
+            });
             let mut ts = api::tasks_client::TasksClient::new(self.channel.clone());
             let created = ts
-                .create(self.req(api::CreateTaskRequest { container_id: name.into(), rootfs: mounts, stdout: log.clone(), stderr: log, options, ..Default::default() }))
+                .create(self.req(api::CreateTaskRequest {
+                    container_id: name.into(),
+                    rootfs: mounts,
+                    stdout: log.clone(),
+                    stderr: log,
+                    options,
+                    ..Default::default()
+                }))
                 .await
                 .map_err(|s| RuntimeError::Failed {
                     runtime: KIND,
                     op: if restore_from.is_some() { "restore task" } else { "create task" },
                     name: name.into(),
-                    message: format!("{}{}", s.message(), restore_from.map(|d| crate::runtime::criu_log_errors(&d.join("work").join("restore.log"))).unwrap_or_default()),
+                    message: format!(
+                        "{}{}",
+                        s.message(),
+                        restore_from
+                            .map(|d| crate::runtime::criu_log_errors(&d.join("work").join("restore.log")))
+                            .unwrap_or_default()
+                    ),
                 })?
                 .into_inner();
             rollback.task = true;
-            ts.start(self.req(api::StartRequest { container_id: name.into(), exec_id: String::new() })).await.map_err(|s| Self::failed("start task", name, s))?;
+            ts.start(self.req(api::StartRequest { container_id: name.into(), exec_id: String::new() }))
+                .await
+                .map_err(|s| Self::failed("start task", name, s))?;
             tracing::info!(workload = name, pid = created.pid, "containerd task started");
             self.status(name).await
         }
@@ -412,7 +534,9 @@ impl ContainerdRuntime {
         }
         if r.snapshot {
             let mut snaps = snap::snapshots_client::SnapshotsClient::new(self.channel.clone());
-            let _ = snaps.remove(self.req(snap::RemoveSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key: name.into() })).await;
+            let _ = snaps
+                .remove(self.req(snap::RemoveSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key: name.into() }))
+                .await;
         }
     }
 
@@ -422,7 +546,12 @@ impl ContainerdRuntime {
         use containerd_client::types::v1::Status;
         let Some(process) = self.get_task(name).await? else { return Ok(()) };
         let mut ts = api::tasks_client::TasksClient::new(self.channel.clone());
-        let kill = |signal: u32| api::KillRequest { container_id: name.into(), exec_id: String::new(), signal, all: signal == 9 };
+        let kill = |signal: u32| api::KillRequest {
+            container_id: name.into(),
+            exec_id: String::new(),
+            signal,
+            all: signal == 9,
+        };
         if process.status != Status::Stopped as i32 {
             let mut exited = false;
             if !grace.is_zero() {
@@ -479,7 +608,9 @@ impl ContainerdRuntime {
             image: c.image.clone(),
             pid,
             exit_code,
-            ports: spec.map(|s| s.ports.iter().map(|p| format!("{}:{}", p.host_port(), p.container)).collect()).unwrap_or_default(),
+            ports: spec
+                .map(|s| s.ports.iter().map(|p| format!("{}:{}", p.host_port(), p.container)).collect())
+                .unwrap_or_default(),
             detail: format!("namespace {}, host network", self.namespace),
         }
     }
@@ -519,7 +650,8 @@ fn blob<'a>(blobs: &'a HashMap<String, Vec<u8>>, digest: &str) -> Result<&'a [u8
 }
 
 fn rand_suffix() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     format!("{nanos:08x}")
 }
 
@@ -545,7 +677,11 @@ fn rfc3339_in(after: Duration) -> String {
 /// process, the spec's env and limits, and the node's network namespace.
 fn oci_spec_for(spec: &WorkloadSpec, image: &ResolvedImage) -> String {
     let mut v = serde_json::to_value(oci_spec::runtime::Spec::default()).expect("default OCI spec");
-    let mut env: Vec<String> = if image.summary.env.is_empty() { vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()] } else { image.summary.env.clone() };
+    let mut env: Vec<String> = if image.summary.env.is_empty() {
+        vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
+    } else {
+        image.summary.env.clone()
+    };
     for (k, val) in &spec.env {
         env.retain(|e| !e.starts_with(&format!("{k}=")));
         env.push(format!("{k}={val}"));
@@ -553,7 +689,8 @@ fn oci_spec_for(spec: &WorkloadSpec, image: &ResolvedImage) -> String {
     let (uid, gid) = parse_user(&image.summary.user);
     v["process"]["args"] = serde_json::json!(image.argv(spec.command.as_deref()));
     v["process"]["env"] = serde_json::json!(env);
-    v["process"]["cwd"] = serde_json::json!(if image.summary.working_dir.is_empty() { "/" } else { &image.summary.working_dir });
+    v["process"]["cwd"] =
+        serde_json::json!(if image.summary.working_dir.is_empty() { "/" } else { &image.summary.working_dir });
     v["process"]["user"] = serde_json::json!({"uid": uid, "gid": gid});
     v["hostname"] = serde_json::json!(spec.name);
     // writable rootfs: apps may write, and the changes travel with a migration
@@ -564,7 +701,8 @@ fn oci_spec_for(spec: &WorkloadSpec, image: &ResolvedImage) -> String {
     }
     let period: u64 = 100_000;
     v["linux"]["resources"]["memory"] = serde_json::json!({"limit": spec.resources.memory.bytes()});
-    v["linux"]["resources"]["cpu"] = serde_json::json!({"quota": (spec.resources.cpus * period as f64).round() as i64, "period": period});
+    v["linux"]["resources"]["cpu"] =
+        serde_json::json!({"quota": (spec.resources.cpus * period as f64).round() as i64, "period": period});
     v["linux"]["cgroupsPath"] = serde_json::json!(format!("/away/{}", spec.name));
     v.to_string()
 }
@@ -598,8 +736,20 @@ impl Runtime for ContainerdRuntime {
 
     async fn health(&self) -> RuntimeInfo {
         match self.version().await {
-            Ok(v) => RuntimeInfo { kind: KIND, version: v, healthy: true, checkpoint: crate::host::which("criu").is_some(), detail: String::new() },
-            Err(s) => RuntimeInfo { kind: KIND, version: String::new(), healthy: false, checkpoint: false, detail: format!("{}: {}", self.socket.display(), s.message()) },
+            Ok(v) => RuntimeInfo {
+                kind: KIND,
+                version: v,
+                healthy: true,
+                checkpoint: crate::host::which("criu").is_some(),
+                detail: String::new(),
+            },
+            Err(s) => RuntimeInfo {
+                kind: KIND,
+                version: String::new(),
+                healthy: false,
+                checkpoint: false,
+                detail: format!("{}: {}", self.socket.display(), s.message()),
+            },
         }
     }
 
@@ -620,9 +770,14 @@ impl Runtime for ContainerdRuntime {
         }
         self.kill_and_delete_task(name, Duration::ZERO).await?;
         let mut cs = api::containers_client::ContainersClient::new(self.channel.clone());
-        cs.delete(self.req(api::DeleteContainerRequest { id: name.into() })).await.map_err(|s| Self::failed("delete container", name, s))?;
+        cs.delete(self.req(api::DeleteContainerRequest { id: name.into() }))
+            .await
+            .map_err(|s| Self::failed("delete container", name, s))?;
         let mut snaps = snap::snapshots_client::SnapshotsClient::new(self.channel.clone());
-        match snaps.remove(self.req(snap::RemoveSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key: name.into() })).await {
+        match snaps
+            .remove(self.req(snap::RemoveSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key: name.into() }))
+            .await
+        {
             Ok(_) => {}
             Err(s) if s.code() == Code::NotFound => {}
             Err(s) => return Err(Self::failed("remove snapshot", name, s)),
@@ -632,7 +787,10 @@ impl Runtime for ContainerdRuntime {
     }
 
     async fn status(&self, name: &str) -> Result<WorkloadStatus, RuntimeError> {
-        let c = self.get_container(name).await?.ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
+        let c = self
+            .get_container(name)
+            .await?
+            .ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
         let task = self.get_task(name).await?;
         Ok(self.to_status(&c, task.as_ref()))
     }
@@ -663,7 +821,9 @@ impl Runtime for ContainerdRuntime {
             let (rt, name) = (self.clone(), name.to_string());
             Box::new(move || {
                 let (rt, name) = (rt.clone(), name.clone());
-                Box::pin(async move { matches!(rt.get_task(&name).await, Ok(Some(p)) if p.status != containerd_client::types::v1::Status::Stopped as i32) })
+                Box::pin(async move {
+                    matches!(rt.get_task(&name).await, Ok(Some(p)) if p.status != containerd_client::types::v1::Status::Stopped as i32)
+                })
             })
         } else {
             Box::new(|| Box::pin(async { false }))
@@ -672,12 +832,19 @@ impl Runtime for ContainerdRuntime {
     }
 
     async fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointArchive, RuntimeError> {
-        let c = self.get_container(name).await?.ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
-        let spec: WorkloadSpec = c
-            .labels
-            .get(LABEL_SPEC)
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or_else(|| RuntimeError::Failed { runtime: KIND, op: "checkpoint", name: name.into(), message: "container carries no away.spec label".into() })?;
+        let c = self
+            .get_container(name)
+            .await?
+            .ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
+        let spec: WorkloadSpec =
+            c.labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| {
+                RuntimeError::Failed {
+                    runtime: KIND,
+                    op: "checkpoint",
+                    name: name.into(),
+                    message: "container carries no away.spec label".into(),
+                }
+            })?;
         crate::runtime::create_private_dir(&opts.dir)?;
         let work = opts.dir.join("work");
         let options = RuncCheckpointOptions {
@@ -706,7 +873,14 @@ impl Runtime for ContainerdRuntime {
             // the process exited with the dump; reap the task so the name can be reused
             self.kill_and_delete_task(name, Duration::ZERO).await?;
         }
-        Ok(CheckpointArchive { workload: name.into(), runtime: KIND, bytes: dir_size(&opts.dir), dir: opts.dir.clone(), spec, image: c.image })
+        Ok(CheckpointArchive {
+            workload: name.into(),
+            runtime: KIND,
+            bytes: dir_size(&opts.dir),
+            dir: opts.dir.clone(),
+            spec,
+            image: c.image,
+        })
     }
 
     async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {

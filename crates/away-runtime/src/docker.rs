@@ -11,25 +11,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use away_model::{RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadState, WorkloadStatus};
-use bollard::container::{
-    CreateCheckpointOptions, DeleteCheckpointOptions, ListCheckpointsOptions,
-};
+use bollard::container::{CreateCheckpointOptions, DeleteCheckpointOptions, ListCheckpointsOptions};
 use bollard::errors::Error as BollardError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig,
-    PortBinding, SystemInfo,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, HostConfig, PortBinding, SystemInfo,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, ImportImageOptions, ListContainersOptions, LogsOptions,
-    RemoveContainerOptions, StopContainerOptions, TagImageOptions,
+    CreateContainerOptions, ImportImageOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    StopContainerOptions, TagImageOptions,
 };
 use bollard::Docker;
 use futures_util::{StreamExt, TryStreamExt};
 use tracing::{debug, info, warn};
 
 use crate::runtime::{
-    CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime,
-    RuntimeError,
+    CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError,
 };
 use crate::store::ResolvedImage;
 
@@ -54,36 +50,21 @@ impl DockerRuntime {
     /// Connect to dockerd at `socket` and agree on an API version (dockerd 20.10 speaks 1.41,
     /// older than bollard's default).
     pub async fn connect(socket: &Path) -> Result<Self, RuntimeError> {
-        let unavailable = |reason: String| RuntimeError::Unavailable {
-            runtime: KIND,
-            reason,
-        };
+        let unavailable = |reason: String| RuntimeError::Unavailable { runtime: KIND, reason };
         if !socket.exists() {
             return Err(unavailable(format!(
                 "no socket at {} (start dockerd, e.g. deploy/services.sh start)",
                 socket.display()
             )));
         }
-        let docker = Docker::connect_with_unix(
-            &socket.to_string_lossy(),
-            REQUEST_TIMEOUT_SECS,
-            bollard::API_DEFAULT_VERSION,
-        )
-        .map_err(|e| unavailable(format!("cannot connect to {}: {e}", socket.display())))?;
+        let docker =
+            Docker::connect_with_unix(&socket.to_string_lossy(), REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+                .map_err(|e| unavailable(format!("cannot connect to {}: {e}", socket.display())))?;
         let docker = tokio::time::timeout(Duration::from_secs(10), docker.negotiate_version())
             .await
             .map_err(|_| unavailable(format!("no answer on {} within 10 s", socket.display())))?
-            .map_err(|e| {
-                unavailable(format!(
-                    "GET /version on {}: {}",
-                    socket.display(),
-                    describe(&e)
-                ))
-            })?;
-        Ok(DockerRuntime {
-            docker,
-            socket: socket.to_path_buf(),
-        })
+            .map_err(|e| unavailable(format!("GET /version on {}: {}", socket.display(), describe(&e))))?;
+        Ok(DockerRuntime { docker, socket: socket.to_path_buf() })
     }
 
     /// The socket this runtime talks to.
@@ -98,17 +79,10 @@ impl DockerRuntime {
         if memory < DOCKER_MIN_MEMORY {
             return Err(RuntimeError::Invalid {
                 field: "resources.memory".into(),
-                reason: format!(
-                    "{} is below docker's minimum of 6 MiB",
-                    spec.resources.memory
-                ),
+                reason: format!("{} is below docker's minimum of 6 MiB", spec.resources.memory),
             });
         }
-        let sys = self
-            .docker
-            .info()
-            .await
-            .map_err(|e| self.api_error("inspect the engine of", &spec.name, e))?;
+        let sys = self.docker.info().await.map_err(|e| self.api_error("inspect the engine of", &spec.name, e))?;
         if let Some(total) = sys.mem_total.filter(|t| *t > 0) {
             if memory > total as u64 {
                 return Err(RuntimeError::Invalid {
@@ -141,21 +115,13 @@ impl DockerRuntime {
     /// image ID (Docker's image ID is the config digest).
     async fn ensure_image(&self, image: &ResolvedImage) -> Result<(), RuntimeError> {
         let reference = image.reference.clone();
-        let bad = |reason: String| RuntimeError::Image {
-            reference: reference.clone(),
-            reason,
-        };
+        let bad = |reason: String| RuntimeError::Image { reference: reference.clone(), reason };
         let tar = image.tar.clone();
         // Reading the tar first also refuses a missing or corrupt one before anything is created.
         let read = tokio::task::spawn_blocking(move || away_image::read_image_tar(&tar))
             .await
             .map_err(|e| bad(format!("reading {} panicked: {e}", image.tar.display())))?
-            .map_err(|e| {
-                bad(format!(
-                    "cannot read image tar {}: {e}",
-                    image.tar.display()
-                ))
-            })?;
+            .map_err(|e| bad(format!("cannot read image tar {}: {e}", image.tar.display())))?;
         let id = read.config_digest;
         if self.image_id(&image.reference).await?.as_deref() == Some(id.as_str()) {
             debug!(reference = %image.reference, %id, "image already in docker");
@@ -163,39 +129,21 @@ impl DockerRuntime {
         }
         info!(reference = %image.reference, tar = %image.tar.display(), "loading image into docker");
         // Lab images are small static binaries: one body in memory is fine.
-        let bytes = tokio::fs::read(&image.tar)
-            .await
-            .map_err(|e| bad(format!("cannot read {}: {e}", image.tar.display())))?;
-        let opts = ImportImageOptions {
-            quiet: true,
-            ..Default::default()
-        };
-        let mut load = self
-            .docker
-            .import_image(opts, bollard::body_full(bytes.into()), None);
+        let bytes =
+            tokio::fs::read(&image.tar).await.map_err(|e| bad(format!("cannot read {}: {e}", image.tar.display())))?;
+        let opts = ImportImageOptions { quiet: true, ..Default::default() };
+        let mut load = self.docker.import_image(opts, bollard::body_full(bytes.into()), None);
         while let Some(progress) = load.next().await {
-            progress.map_err(|e| {
-                bad(format!(
-                    "docker load of {} failed: {}",
-                    image.tar.display(),
-                    describe(&e)
-                ))
-            })?;
+            progress.map_err(|e| bad(format!("docker load of {} failed: {}", image.tar.display(), describe(&e))))?;
         }
         // The tar may carry other tags than the reference (a store alias, or none at all).
         if self.image_id(&image.reference).await?.as_deref() != Some(id.as_str()) {
             let (repo, tag) = split_reference(&image.reference);
-            let opts = TagImageOptions {
-                repo: Some(repo.to_string()),
-                tag: Some(tag.to_string()),
-            };
-            self.docker.tag_image(&id, Some(opts)).await.map_err(|e| {
-                bad(format!(
-                    "loaded {} but cannot tag {id}: {}",
-                    image.tar.display(),
-                    describe(&e)
-                ))
-            })?;
+            let opts = TagImageOptions { repo: Some(repo.to_string()), tag: Some(tag.to_string()) };
+            self.docker
+                .tag_image(&id, Some(opts))
+                .await
+                .map_err(|e| bad(format!("loaded {} but cannot tag {id}: {}", image.tar.display(), describe(&e))))?;
         }
         Ok(())
     }
@@ -214,11 +162,7 @@ impl DockerRuntime {
 
     /// Create (not start) the container of `spec` and return its ID; a name conflict is
     /// AlreadyExists.
-    async fn create(
-        &self,
-        spec: &WorkloadSpec,
-        image: &ResolvedImage,
-    ) -> Result<String, RuntimeError> {
+    async fn create(&self, spec: &WorkloadSpec, image: &ResolvedImage) -> Result<String, RuntimeError> {
         let spec_json = serde_json::to_string(spec).map_err(|e| RuntimeError::Failed {
             runtime: KIND,
             op: "create",
@@ -232,10 +176,7 @@ impl DockerRuntime {
         ]);
         let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
         for p in &spec.ports {
-            let binding = PortBinding {
-                host_ip: Some("0.0.0.0".into()),
-                host_port: Some(p.host_port().to_string()),
-            };
+            let binding = PortBinding { host_ip: Some("0.0.0.0".into()), host_port: Some(p.host_port().to_string()) };
             bindings
                 .entry(format!("{}/tcp", p.container))
                 .or_insert_with(|| Some(Vec::new()))
@@ -265,10 +206,7 @@ impl DockerRuntime {
             }),
             ..Default::default()
         };
-        let opts = CreateContainerOptions {
-            name: Some(spec.name.clone()),
-            ..Default::default()
-        };
+        let opts = CreateContainerOptions { name: Some(spec.name.clone()), ..Default::default() };
         match self.docker.create_container(Some(opts), body).await {
             Ok(created) => {
                 for w in created.warnings {
@@ -276,10 +214,9 @@ impl DockerRuntime {
                 }
                 Ok(created.id)
             }
-            Err(e) if status_code(&e) == Some(409) => Err(RuntimeError::AlreadyExists {
-                runtime: KIND,
-                name: spec.name.clone(),
-            }),
+            Err(e) if status_code(&e) == Some(409) => {
+                Err(RuntimeError::AlreadyExists { runtime: KIND, name: spec.name.clone() })
+            }
             Err(e) if status_code(&e) == Some(404) => Err(RuntimeError::Image {
                 reference: image.reference.clone(),
                 reason: format!("docker does not have it: {}", describe(&e)),
@@ -302,28 +239,16 @@ impl DockerRuntime {
         let name = spec.name.as_str();
         let started = async {
             match checkpoint {
-                None => self
-                    .docker
-                    .start_container(name, None)
-                    .await
-                    .map_err(|e| self.api_error("start", name, e))?,
+                None => self.docker.start_container(name, None).await.map_err(|e| self.api_error("start", name, e))?,
                 Some(dir) => self.start_from_checkpoint(&sys, name, &id, dir).await?,
             }
             self.status(name).await
         }
         .await;
         if started.is_err() {
-            let opts = RemoveContainerOptions {
-                force: true,
-                v: true,
-                ..Default::default()
-            };
+            let opts = RemoveContainerOptions { force: true, v: true, ..Default::default() };
             if let Err(e) = self.docker.remove_container(name, Some(opts)).await {
-                warn!(
-                    workload = name,
-                    "cannot remove the container after a failed start: {}",
-                    describe(&e)
-                );
+                warn!(workload = name, "cannot remove the container after a failed start: {}", describe(&e));
             }
         }
         started
@@ -343,51 +268,25 @@ impl DockerRuntime {
         id: &str,
         dir: &Path,
     ) -> Result<(), RuntimeError> {
-        let root = sys
-            .docker_root_dir
-            .as_deref()
-            .filter(|r| !r.is_empty())
-            .ok_or_else(|| RuntimeError::Failed {
-                runtime: KIND,
-                op: "restore",
-                name: name.into(),
-                message: "dockerd does not report its root dir (DockerRootDir)".into(),
-            })?;
-        let checkpoint = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "away".into());
-        let target = Path::new(root)
-            .join("containers")
-            .join(id)
-            .join("checkpoints")
-            .join(&checkpoint);
+        let root = sys.docker_root_dir.as_deref().filter(|r| !r.is_empty()).ok_or_else(|| RuntimeError::Failed {
+            runtime: KIND,
+            op: "restore",
+            name: name.into(),
+            message: "dockerd does not report its root dir (DockerRootDir)".into(),
+        })?;
+        let checkpoint = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "away".into());
+        let target = Path::new(root).join("containers").join(id).join("checkpoints").join(&checkpoint);
         let (from, to) = (dir.to_path_buf(), target.clone());
         tokio::task::spawn_blocking(move || copy_dir(&from, &to))
             .await
             .map_err(|e| {
-                RuntimeError::io(
-                    format!("copy {} to {}", dir.display(), target.display()),
-                    std::io::Error::other(e),
-                )
+                RuntimeError::io(format!("copy {} to {}", dir.display(), target.display()), std::io::Error::other(e))
             })?
-            .map_err(|e| {
-                RuntimeError::io(format!("copy {} to {}", dir.display(), target.display()), e)
-            })?;
+            .map_err(|e| RuntimeError::io(format!("copy {} to {}", dir.display(), target.display()), e))?;
         debug!(workload = name, from = %dir.display(), to = %target.display(), "checkpoint copied for dockerd");
-        let started = with_checkpoint_query(&self.docker, &checkpoint)
-            .start_container(id, None)
-            .await;
-        if let Err(e) = self
-            .docker
-            .delete_checkpoint(id, &checkpoint, None::<DeleteCheckpointOptions>)
-            .await
-        {
-            debug!(
-                workload = name,
-                "cannot delete the copied checkpoint through dockerd: {}",
-                describe(&e)
-            );
+        let started = with_checkpoint_query(&self.docker, &checkpoint).start_container(id, None).await;
+        if let Err(e) = self.docker.delete_checkpoint(id, &checkpoint, None::<DeleteCheckpointOptions>).await {
+            debug!(workload = name, "cannot delete the copied checkpoint through dockerd: {}", describe(&e));
             let _ = std::fs::remove_dir_all(&target);
         }
         started.map_err(|e| self.api_error("restore", name, e))
@@ -395,11 +294,7 @@ impl DockerRuntime {
 
     /// Inspect the workload's container; containers away did not create are NotFound.
     async fn inspect(&self, name: &str) -> Result<ContainerInspectResponse, RuntimeError> {
-        let c = self
-            .docker
-            .inspect_container(name, None)
-            .await
-            .map_err(|e| self.api_error("inspect", name, e))?;
+        let c = self.docker.inspect_container(name, None).await.map_err(|e| self.api_error("inspect", name, e))?;
         // Docker also resolves ID prefixes: insist on our label with this exact name.
         let ours = c
             .config
@@ -408,40 +303,20 @@ impl DockerRuntime {
             .and_then(|l| l.get(LABEL_WORKLOAD))
             .is_some_and(|w| w == name);
         if !ours {
-            return Err(RuntimeError::NotFound {
-                runtime: KIND,
-                name: name.into(),
-            });
+            return Err(RuntimeError::NotFound { runtime: KIND, name: name.into() });
         }
         Ok(c)
     }
 
     fn api_error(&self, op: &'static str, name: &str, e: BollardError) -> RuntimeError {
         match status_code(&e) {
-            Some(404) => RuntimeError::NotFound {
-                runtime: KIND,
-                name: name.into(),
-            },
-            Some(_) => RuntimeError::Failed {
-                runtime: KIND,
-                op,
-                name: name.into(),
-                message: describe(&e),
-            },
+            Some(404) => RuntimeError::NotFound { runtime: KIND, name: name.into() },
+            Some(_) => RuntimeError::Failed { runtime: KIND, op, name: name.into(), message: describe(&e) },
             None if is_transport(&e) => RuntimeError::Unavailable {
                 runtime: KIND,
-                reason: format!(
-                    "{op} {name:?} on {}: {}",
-                    self.socket.display(),
-                    describe(&e)
-                ),
+                reason: format!("{op} {name:?} on {}: {}", self.socket.display(), describe(&e)),
             },
-            None => RuntimeError::Failed {
-                runtime: KIND,
-                op,
-                name: name.into(),
-                message: describe(&e),
-            },
+            None => RuntimeError::Failed { runtime: KIND, op, name: name.into(), message: describe(&e) },
         }
     }
 }
@@ -466,15 +341,11 @@ impl Runtime for DockerRuntime {
                 out.healthy = true;
                 out.checkpoint = sys.experimental_build == Some(true);
                 if !out.checkpoint {
-                    out.detail = format!(
-                        "dockerd on {} runs without --experimental: no checkpoints",
-                        self.socket.display()
-                    );
+                    out.detail =
+                        format!("dockerd on {} runs without --experimental: no checkpoints", self.socket.display());
                 }
             }
-            (Err(e), _) | (_, Err(e)) => {
-                out.detail = format!("dockerd on {}: {}", self.socket.display(), describe(&e))
-            }
+            (Err(e), _) | (_, Err(e)) => out.detail = format!("dockerd on {}: {}", self.socket.display(), describe(&e)),
         }
         out
     }
@@ -489,18 +360,9 @@ impl Runtime for DockerRuntime {
         info!(workload = name, ?grace, "docker stop");
         let t = grace.as_secs_f64().ceil() as i32;
         // The request lasts as long as the grace period: give it that much more time.
-        let docker = self
-            .docker
-            .clone()
-            .with_timeout(grace + Duration::from_secs(REQUEST_TIMEOUT_SECS));
-        let opts = StopContainerOptions {
-            t: Some(t),
-            ..Default::default()
-        };
-        docker
-            .stop_container(name, Some(opts))
-            .await
-            .map_err(|e| self.api_error("stop", name, e))
+        let docker = self.docker.clone().with_timeout(grace + Duration::from_secs(REQUEST_TIMEOUT_SECS));
+        let opts = StopContainerOptions { t: Some(t), ..Default::default() };
+        docker.stop_container(name, Some(opts)).await.map_err(|e| self.api_error("stop", name, e))
     }
 
     async fn remove(&self, name: &str) -> Result<(), RuntimeError> {
@@ -509,17 +371,10 @@ impl Runtime for DockerRuntime {
         // Checkpoints in the container's own directory go with it; say so explicitly, as
         // dockerd keeps them only while experimental is on. Archives written to a
         // CheckpointOptions.dir belong to the caller and stay.
-        match self
-            .docker
-            .list_checkpoints(name, None::<ListCheckpointsOptions>)
-            .await
-        {
+        match self.docker.list_checkpoints(name, None::<ListCheckpointsOptions>).await {
             Ok(list) => {
                 for c in list {
-                    if let Err(e) = self
-                        .docker
-                        .delete_checkpoint(name, &c.name, None::<DeleteCheckpointOptions>)
-                        .await
+                    if let Err(e) = self.docker.delete_checkpoint(name, &c.name, None::<DeleteCheckpointOptions>).await
                     {
                         debug!(workload = name, checkpoint = %c.name, "cannot delete checkpoint: {}", describe(&e));
                     }
@@ -527,15 +382,8 @@ impl Runtime for DockerRuntime {
             }
             Err(e) => debug!(workload = name, "cannot list checkpoints: {}", describe(&e)),
         }
-        let opts = RemoveContainerOptions {
-            force: true,
-            v: true,
-            ..Default::default()
-        };
-        self.docker
-            .remove_container(name, Some(opts))
-            .await
-            .map_err(|e| self.api_error("remove", name, e))
+        let opts = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        self.docker.remove_container(name, Some(opts)).await.map_err(|e| self.api_error("remove", name, e))
     }
 
     async fn status(&self, name: &str) -> Result<WorkloadStatus, RuntimeError> {
@@ -545,17 +393,10 @@ impl Runtime for DockerRuntime {
     async fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
         let opts = ListContainersOptions {
             all: true,
-            filters: Some(HashMap::from([(
-                "label".to_string(),
-                vec![LABEL_WORKLOAD.to_string()],
-            )])),
+            filters: Some(HashMap::from([("label".to_string(), vec![LABEL_WORKLOAD.to_string()])])),
             ..Default::default()
         };
-        let found = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| self.api_error("list", "*", e))?;
+        let found = self.docker.list_containers(Some(opts)).await.map_err(|e| self.api_error("list", "*", e))?;
         let mut out = Vec::new();
         for c in found {
             let Some(name) = c.labels.as_ref().and_then(|l| l.get(LABEL_WORKLOAD)) else {
@@ -574,46 +415,23 @@ impl Runtime for DockerRuntime {
 
     async fn logs(&self, name: &str, follow: bool) -> Result<LogStream, RuntimeError> {
         self.inspect(name).await?;
-        let opts = LogsOptions {
-            follow,
-            stdout: true,
-            stderr: true,
-            tail: "all".into(),
-            ..Default::default()
-        };
+        let opts = LogsOptions { follow, stdout: true, stderr: true, tail: "all".into(), ..Default::default() };
         let owned = name.to_string();
         let socket = self.socket.clone();
-        let stream = self
-            .docker
-            .logs(name, Some(opts))
-            .map_ok(|out| out.into_bytes().to_vec())
-            .map_err(move |e| {
-                if is_transport(&e) {
-                    RuntimeError::Unavailable {
-                        runtime: KIND,
-                        reason: format!(
-                            "logs of {owned:?} on {}: {}",
-                            socket.display(),
-                            describe(&e)
-                        ),
-                    }
-                } else {
-                    RuntimeError::Failed {
-                        runtime: KIND,
-                        op: "read logs of",
-                        name: owned.clone(),
-                        message: describe(&e),
-                    }
+        let stream = self.docker.logs(name, Some(opts)).map_ok(|out| out.into_bytes().to_vec()).map_err(move |e| {
+            if is_transport(&e) {
+                RuntimeError::Unavailable {
+                    runtime: KIND,
+                    reason: format!("logs of {owned:?} on {}: {}", socket.display(), describe(&e)),
                 }
-            });
+            } else {
+                RuntimeError::Failed { runtime: KIND, op: "read logs of", name: owned.clone(), message: describe(&e) }
+            }
+        });
         Ok(Box::pin(stream))
     }
 
-    async fn checkpoint(
-        &self,
-        name: &str,
-        opts: &CheckpointOptions,
-    ) -> Result<CheckpointArchive, RuntimeError> {
+    async fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointArchive, RuntimeError> {
         let c = self.inspect(name).await?;
         let st = to_status(name, &c);
         if st.state != WorkloadState::Running {
@@ -624,15 +442,9 @@ impl Runtime for DockerRuntime {
                 message: format!("it is {}, not running", st.state),
             });
         }
-        let labels = c
-            .config
-            .as_ref()
-            .and_then(|cfg| cfg.labels.clone())
-            .unwrap_or_default();
-        let spec: WorkloadSpec = labels
-            .get(LABEL_SPEC)
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or_else(|| RuntimeError::Failed {
+        let labels = c.config.as_ref().and_then(|cfg| cfg.labels.clone()).unwrap_or_default();
+        let spec: WorkloadSpec =
+            labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| RuntimeError::Failed {
                 runtime: KIND,
                 op: "checkpoint",
                 name: name.into(),
@@ -659,21 +471,9 @@ impl Runtime for DockerRuntime {
         let walk = dir.clone();
         let bytes = tokio::task::spawn_blocking(move || dir_bytes(&walk))
             .await
-            .map_err(|e| {
-                RuntimeError::io(
-                    format!("measure {}", dir.display()),
-                    std::io::Error::other(e),
-                )
-            })?
+            .map_err(|e| RuntimeError::io(format!("measure {}", dir.display()), std::io::Error::other(e)))?
             .map_err(|e| RuntimeError::io(format!("measure {}", dir.display()), e))?;
-        Ok(CheckpointArchive {
-            workload: name.into(),
-            runtime: KIND,
-            dir,
-            bytes,
-            spec,
-            image,
-        })
+        Ok(CheckpointArchive { workload: name.into(), runtime: KIND, dir, bytes, spec, image })
     }
 
     async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
@@ -682,11 +482,7 @@ impl Runtime for DockerRuntime {
         if !dir.is_dir() {
             return Err(RuntimeError::Invalid {
                 field: "dir".into(),
-                reason: format!(
-                    "checkpoint {} of {:?} is not a directory",
-                    dir.display(),
-                    spec.name
-                ),
+                reason: format!("checkpoint {} of {:?} is not a directory", dir.display(), spec.name),
             });
         }
         checkpoint_location(dir, false)?;
@@ -715,10 +511,7 @@ fn with_checkpoint_query(docker: &Docker, checkpoint: &str) -> Docker {
 /// Copy a checkpoint (a flat dir of CRIU images, but copied recursively all the same).
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(to)?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(to)?;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let target = to.join(entry.file_name());
@@ -735,50 +528,32 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
 /// the two, absolute (dockerd resolves relative paths against its own cwd). With
 /// `create`, prepare for dockerd to create the dir (it refuses an existing one).
 fn checkpoint_location(dir: &Path, create: bool) -> Result<(PathBuf, String), RuntimeError> {
-    let invalid = |reason: String| RuntimeError::Invalid {
-        field: "dir".into(),
-        reason,
-    };
-    let id = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let invalid = |reason: String| RuntimeError::Invalid { field: "dir".into(), reason };
+    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // dockerd's rule for checkpoint IDs
     let valid_id = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if !valid_id {
-        return Err(invalid(format!(
-            "{}: the last component must match [a-zA-Z0-9][a-zA-Z0-9_.-]*",
-            dir.display()
-        )));
+        return Err(invalid(format!("{}: the last component must match [a-zA-Z0-9][a-zA-Z0-9_.-]*", dir.display())));
     }
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     if create {
-        std::fs::create_dir_all(&parent)
-            .map_err(|e| RuntimeError::io(format!("create {}", parent.display()), e))?;
+        std::fs::create_dir_all(&parent).map_err(|e| RuntimeError::io(format!("create {}", parent.display()), e))?;
         if dir.exists() {
             let empty = std::fs::read_dir(dir)
                 .map_err(|e| RuntimeError::io(format!("read {}", dir.display()), e))?
                 .next()
                 .is_none();
             if !empty {
-                return Err(invalid(format!(
-                    "{} already exists and is not empty",
-                    dir.display()
-                )));
+                return Err(invalid(format!("{} already exists and is not empty", dir.display())));
             }
-            std::fs::remove_dir(dir)
-                .map_err(|e| RuntimeError::io(format!("remove empty {}", dir.display()), e))?;
+            std::fs::remove_dir(dir).map_err(|e| RuntimeError::io(format!("remove empty {}", dir.display()), e))?;
         }
     }
-    let parent = parent
-        .canonicalize()
-        .map_err(|e| RuntimeError::io(format!("resolve {}", parent.display()), e))?;
+    let parent = parent.canonicalize().map_err(|e| RuntimeError::io(format!("resolve {}", parent.display()), e))?;
     Ok((parent, id))
 }
 
@@ -808,9 +583,7 @@ fn to_status(name: &str, c: &ContainerInspectResponse) -> WorkloadStatus {
     let status = state.and_then(|s| s.status);
     let mapped = match status {
         Some(ContainerStateStatusEnum::CREATED) => WorkloadState::Created,
-        Some(ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING) => {
-            WorkloadState::Running
-        }
+        Some(ContainerStateStatusEnum::RUNNING | ContainerStateStatusEnum::RESTARTING) => WorkloadState::Running,
         Some(ContainerStateStatusEnum::PAUSED) => WorkloadState::Paused,
         Some(
             ContainerStateStatusEnum::EXITED
@@ -834,10 +607,7 @@ fn to_status(name: &str, c: &ContainerInspectResponse) -> WorkloadStatus {
         .flatten()
         .flat_map(|(key, bindings)| {
             let container = key.split('/').next().unwrap_or(key).to_string();
-            bindings
-                .iter()
-                .flatten()
-                .map(move |b| format!("{}:{container}", b.host_port.as_deref().unwrap_or("")))
+            bindings.iter().flatten().map(move |b| format!("{}:{container}", b.host_port.as_deref().unwrap_or("")))
         })
         .collect();
     ports.sort();
@@ -846,10 +616,7 @@ fn to_status(name: &str, c: &ContainerInspectResponse) -> WorkloadStatus {
     if state.and_then(|s| s.oom_killed) == Some(true) {
         detail.push("oom-killed".to_string());
     }
-    if let Some(err) = state
-        .and_then(|s| s.error.as_deref())
-        .filter(|e| !e.is_empty())
-    {
+    if let Some(err) = state.and_then(|s| s.error.as_deref()).filter(|e| !e.is_empty()) {
         detail.push(err.to_string());
     }
     WorkloadStatus {
@@ -857,15 +624,8 @@ fn to_status(name: &str, c: &ContainerInspectResponse) -> WorkloadStatus {
         runtime: KIND,
         state: mapped,
         image,
-        pid: state
-            .and_then(|s| s.pid)
-            .filter(|p| *p > 0)
-            .map(|p| p as u32),
-        exit_code: if mapped == WorkloadState::Stopped {
-            state.and_then(|s| s.exit_code)
-        } else {
-            None
-        },
+        pid: state.and_then(|s| s.pid).filter(|p| *p > 0).map(|p| p as u32),
+        exit_code: if mapped == WorkloadState::Stopped { state.and_then(|s| s.exit_code) } else { None },
         ports,
         detail: detail.join("; "),
     }
@@ -913,10 +673,9 @@ fn is_transport(e: &BollardError) -> bool {
 /// dockerd's own message when it answered, else bollard's.
 fn describe(e: &BollardError) -> String {
     match e {
-        BollardError::DockerResponseServerError {
-            status_code,
-            message,
-        } => format!("dockerd answered {status_code}: {}", message.trim()),
+        BollardError::DockerResponseServerError { status_code, message } => {
+            format!("dockerd answered {status_code}: {}", message.trim())
+        }
         other => other.to_string(),
     }
 }
@@ -927,18 +686,9 @@ mod tests {
 
     #[test]
     fn references_split_into_repo_and_tag() {
-        assert_eq!(
-            split_reference("docker.io/away/counter:latest"),
-            ("docker.io/away/counter", "latest")
-        );
-        assert_eq!(
-            split_reference("localhost:5000/away/counter"),
-            ("localhost:5000/away/counter", "latest")
-        );
-        assert_eq!(
-            split_reference("away.local/abc"),
-            ("away.local/abc", "latest")
-        );
+        assert_eq!(split_reference("docker.io/away/counter:latest"), ("docker.io/away/counter", "latest"));
+        assert_eq!(split_reference("localhost:5000/away/counter"), ("localhost:5000/away/counter", "latest"));
+        assert_eq!(split_reference("away.local/abc"), ("away.local/abc", "latest"));
     }
 
     #[test]
@@ -953,23 +703,11 @@ mod tests {
         let dir = tmp.path().join("ckpt-1");
         std::fs::create_dir(&dir).unwrap();
         let (parent, id) = checkpoint_location(&dir, true).unwrap();
-        assert_eq!(
-            (parent, id.as_str()),
-            (tmp.path().canonicalize().unwrap(), "ckpt-1")
-        );
-        assert!(
-            !dir.exists(),
-            "an empty dir is removed so that dockerd can create it"
-        );
+        assert_eq!((parent, id.as_str()), (tmp.path().canonicalize().unwrap(), "ckpt-1"));
+        assert!(!dir.exists(), "an empty dir is removed so that dockerd can create it");
         std::fs::create_dir(&dir).unwrap();
         std::fs::write(dir.join("x"), b"x").unwrap();
-        assert!(matches!(
-            checkpoint_location(&dir, true),
-            Err(RuntimeError::Invalid { .. })
-        ));
-        assert!(matches!(
-            checkpoint_location(&tmp.path().join("bad name"), true),
-            Err(RuntimeError::Invalid { .. })
-        ));
+        assert!(matches!(checkpoint_location(&dir, true), Err(RuntimeError::Invalid { .. })));
+        assert!(matches!(checkpoint_location(&tmp.path().join("bad name"), true), Err(RuntimeError::Invalid { .. })));
     }
 }

@@ -35,13 +35,17 @@ pub fn choose_runtime(
         let info = runtimes.iter().find(|r| r.kind == rt);
         let (usable, why) = match info {
             None => (false, format!("{rt} is not available on this node")),
-            Some(i) if !i.healthy => (false, format!("{rt} is unhealthy: {}", if i.detail.is_empty() { "no answer" } else { &i.detail })),
+            Some(i) if !i.healthy => {
+                (false, format!("{rt} is unhealthy: {}", if i.detail.is_empty() { "no answer" } else { &i.detail }))
+            }
             Some(_) if rt.is_container() && image_arch != node_arch => {
                 (false, format!("image is {image_arch} but this node is {node_arch}: a container cannot run it"))
             }
-            Some(_) if rt == RuntimeKind::Containerd && remaps_ports => {
-                (false, "containerd workloads share the node's network, and the spec remaps a port (host != container)".to_string())
-            }
+            Some(_) if rt == RuntimeKind::Containerd && remaps_ports => (
+                false,
+                "containerd workloads share the node's network, and the spec remaps a port (host != container)"
+                    .to_string(),
+            ),
             Some(_) if !rt.is_container() && image_arch.0 != VM_GUEST_ARCH => {
                 (false, format!("image is {image_arch}; away's VMs boot {VM_GUEST_ARCH} guests only"))
             }
@@ -51,10 +55,16 @@ pub fn choose_runtime(
     };
     let allowed: Vec<RuntimeKind> = match (kind, requested) {
         (WorkloadKind::Vm, Some(r)) if r.is_container() => {
-            return Err(NoRuntime { reason: format!("kind vm cannot run on {r}; use --runtime qemu or kind auto"), considered: vec![] })
+            return Err(NoRuntime {
+                reason: format!("kind vm cannot run on {r}; use --runtime qemu or kind auto"),
+                considered: vec![],
+            })
         }
         (WorkloadKind::Container, Some(RuntimeKind::Qemu)) => {
-            return Err(NoRuntime { reason: "kind container cannot run on qemu; use kind vm or auto".into(), considered: vec![] })
+            return Err(NoRuntime {
+                reason: "kind container cannot run on qemu; use kind vm or auto".into(),
+                considered: vec![],
+            })
         }
         (_, Some(r)) => vec![r],
         (WorkloadKind::Vm, None) => vec![RuntimeKind::Qemu],
@@ -70,9 +80,13 @@ pub fn choose_runtime(
     let reason = match (kind, requested, runtime.is_container()) {
         (_, Some(r), _) => format!("{r} as requested: {}", chosen.why),
         (WorkloadKind::Vm, _, _) => format!("VM on qemu because the spec says kind vm: {}", chosen.why),
-        (_, _, true) => format!("container on {runtime}: {} and the image's architecture ({image_arch}) matches the node", chosen.why),
+        (_, _, true) => format!(
+            "container on {runtime}: {} and the image's architecture ({image_arch}) matches the node",
+            chosen.why
+        ),
         (_, _, false) => {
-            let why_not: Vec<&str> = considered.iter().filter(|v| v.runtime.is_container()).map(|v| v.why.as_str()).collect();
+            let why_not: Vec<&str> =
+                considered.iter().filter(|v| v.runtime.is_container()).map(|v| v.why.as_str()).collect();
             format!("VM on qemu because no container runtime can run it ({}); {}", why_not.join("; "), chosen.why)
         }
     };
@@ -84,10 +98,20 @@ mod tests {
     use super::*;
 
     fn info(kind: RuntimeKind, healthy: bool) -> RuntimeInfo {
-        RuntimeInfo { kind, version: "1.0".into(), healthy, checkpoint: healthy, detail: if healthy { String::new() } else { "socket refused".into() } }
+        RuntimeInfo {
+            kind,
+            version: "1.0".into(),
+            healthy,
+            checkpoint: healthy,
+            detail: if healthy { String::new() } else { "socket refused".into() },
+        }
     }
     fn all(containerd: bool, docker: bool, qemu: bool) -> Vec<RuntimeInfo> {
-        vec![info(RuntimeKind::Containerd, containerd), info(RuntimeKind::Docker, docker), info(RuntimeKind::Qemu, qemu)]
+        vec![
+            info(RuntimeKind::Containerd, containerd),
+            info(RuntimeKind::Docker, docker),
+            info(RuntimeKind::Qemu, qemu),
+        ]
     }
     fn amd64() -> Arch {
         Arch("amd64".into())
@@ -106,7 +130,11 @@ mod tests {
     fn auto_falls_back_to_vm_and_says_why() {
         let d = choose_runtime(WorkloadKind::Auto, None, &amd64(), &amd64(), false, &all(false, false, true)).unwrap();
         assert_eq!(d.runtime, RuntimeKind::Qemu);
-        assert!(d.reason.contains("no container runtime") && d.reason.contains("containerd is unhealthy: socket refused"), "{}", d.reason);
+        assert!(
+            d.reason.contains("no container runtime") && d.reason.contains("containerd is unhealthy: socket refused"),
+            "{}",
+            d.reason
+        );
         assert_eq!(d.considered.len(), 3);
     }
 
@@ -138,19 +166,52 @@ mod tests {
 
     #[test]
     fn kind_container_never_falls_back() {
-        let err = choose_runtime(WorkloadKind::Container, None, &amd64(), &amd64(), false, &all(false, false, true)).unwrap_err();
+        let err = choose_runtime(WorkloadKind::Container, None, &amd64(), &amd64(), false, &all(false, false, true))
+            .unwrap_err();
         assert_eq!(err.considered.len(), 2);
         assert!(err.reason.contains("containerd is unhealthy") && err.reason.contains("docker is unhealthy"));
     }
 
     #[test]
     fn a_requested_runtime_is_used_or_refused() {
-        let d = choose_runtime(WorkloadKind::Auto, Some(RuntimeKind::Docker), &amd64(), &amd64(), false, &all(true, true, true)).unwrap();
+        let d = choose_runtime(
+            WorkloadKind::Auto,
+            Some(RuntimeKind::Docker),
+            &amd64(),
+            &amd64(),
+            false,
+            &all(true, true, true),
+        )
+        .unwrap();
         assert_eq!(d.runtime, RuntimeKind::Docker);
         assert!(d.reason.starts_with("docker as requested"));
-        let err = choose_runtime(WorkloadKind::Auto, Some(RuntimeKind::Docker), &amd64(), &amd64(), false, &all(true, false, true)).unwrap_err();
+        let err = choose_runtime(
+            WorkloadKind::Auto,
+            Some(RuntimeKind::Docker),
+            &amd64(),
+            &amd64(),
+            false,
+            &all(true, false, true),
+        )
+        .unwrap_err();
         assert!(err.reason.contains("docker is unhealthy"));
-        assert!(choose_runtime(WorkloadKind::Vm, Some(RuntimeKind::Containerd), &amd64(), &amd64(), false, &all(true, true, true)).is_err());
-        assert!(choose_runtime(WorkloadKind::Container, Some(RuntimeKind::Qemu), &amd64(), &amd64(), false, &all(true, true, true)).is_err());
+        assert!(choose_runtime(
+            WorkloadKind::Vm,
+            Some(RuntimeKind::Containerd),
+            &amd64(),
+            &amd64(),
+            false,
+            &all(true, true, true)
+        )
+        .is_err());
+        assert!(choose_runtime(
+            WorkloadKind::Container,
+            Some(RuntimeKind::Qemu),
+            &amd64(),
+            &amd64(),
+            false,
+            &all(true, true, true)
+        )
+        .is_err());
     }
 }

@@ -85,7 +85,13 @@ impl LocalNode {
         for kind in RuntimeKind::ALL {
             out.push(match self.runtime(kind) {
                 Ok(rt) => rt.health().await,
-                Err(e) => RuntimeInfo { kind, version: String::new(), healthy: false, checkpoint: false, detail: e.to_string() },
+                Err(e) => RuntimeInfo {
+                    kind,
+                    version: String::new(),
+                    healthy: false,
+                    checkpoint: false,
+                    detail: e.to_string(),
+                },
             });
         }
         out
@@ -101,7 +107,14 @@ impl LocalNode {
         let requested = requested.or(spec.placement.runtime);
         let health = self.health().await;
         let remaps_ports = spec.ports.iter().any(|p| p.host_port() != p.container);
-        let decision = crate::fallback::choose_runtime(spec.kind, requested, &image.summary.arch, &Arch::host(), remaps_ports, &health)?;
+        let decision = crate::fallback::choose_runtime(
+            spec.kind,
+            requested,
+            &image.summary.arch,
+            &Arch::host(),
+            remaps_ports,
+            &health,
+        )?;
         tracing::info!(workload = %spec.name, runtime = %decision.runtime, reason = %decision.reason, "runtime chosen");
         let workload = self.runtime(decision.runtime)?.run(&RunRequest { spec, image }).await?;
         Ok(Started { decision, workload })

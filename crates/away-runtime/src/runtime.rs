@@ -138,9 +138,14 @@ pub fn check_fits_host(spec: &WorkloadSpec) -> Result<(), RuntimeError> {
 /// Create `dir` (and parents) readable by its owner only: checkpoints hold process memory.
 pub fn create_private_dir(dir: &std::path::Path) -> Result<(), RuntimeError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| RuntimeError::io(format!("create {}", dir.display()), e))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| RuntimeError::io(format!("create {}", dir.display()), e))?;
     // an existing dir keeps its mode with create(): set it explicitly
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| RuntimeError::io(format!("chmod 0700 {}", dir.display()), e))
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| RuntimeError::io(format!("chmod 0700 {}", dir.display()), e))
 }
 
 /// Asked by a following log reader: is the workload still running?
@@ -150,42 +155,55 @@ pub type StillRunning = Box<dyn Fn() -> Pin<Box<dyn std::future::Future<Output =
 /// appended, polling every 200 ms. Used by backends whose logs are plain files.
 pub fn tail_file(path: PathBuf, still_running: StillRunning) -> LogStream {
     use tokio::io::AsyncReadExt;
-    let stream = futures_util::stream::unfold((None::<tokio::fs::File>, path, still_running, false), |(file, path, still_running, done)| async move {
-        if done {
-            return None;
-        }
-        let mut file = match file {
-            Some(f) => f,
-            None => match tokio::fs::File::open(&path).await {
-                Ok(f) => f,
-                // no output yet
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    if still_running().await {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        return Some((Ok(Vec::new()), (None, path, still_running, false)));
-                    }
-                    return None;
-                }
-                Err(e) => return Some((Err(RuntimeError::io(format!("open {}", path.display()), e)), (None, path, still_running, true))),
-            },
-        };
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match file.read(&mut buf).await {
-                Ok(0) => {
-                    if !still_running().await {
+    let stream = futures_util::stream::unfold(
+        (None::<tokio::fs::File>, path, still_running, false),
+        |(file, path, still_running, done)| async move {
+            if done {
+                return None;
+            }
+            let mut file = match file {
+                Some(f) => f,
+                None => match tokio::fs::File::open(&path).await {
+                    Ok(f) => f,
+                    // no output yet
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        if still_running().await {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            return Some((Ok(Vec::new()), (None, path, still_running, false)));
+                        }
                         return None;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Err(e) => {
+                        return Some((
+                            Err(RuntimeError::io(format!("open {}", path.display()), e)),
+                            (None, path, still_running, true),
+                        ))
+                    }
+                },
+            };
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => {
+                        if !still_running().await {
+                            return None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        return Some((Ok(buf), (Some(file), path, still_running, false)));
+                    }
+                    Err(e) => {
+                        return Some((
+                            Err(RuntimeError::io(format!("read {}", path.display()), e)),
+                            (Some(file), path, still_running, true),
+                        ))
+                    }
                 }
-                Ok(n) => {
-                    buf.truncate(n);
-                    return Some((Ok(buf), (Some(file), path, still_running, false)));
-                }
-                Err(e) => return Some((Err(RuntimeError::io(format!("read {}", path.display()), e)), (Some(file), path, still_running, true))),
             }
-        }
-    });
+        },
+    );
     Box::pin(stream)
 }
 

@@ -57,27 +57,36 @@ impl ImageStore {
 
     /// File name for a reference: `docker.io/away/counter:latest` -> `docker.io_away_counter_latest.tar`.
     fn file_for(&self, reference: &str) -> PathBuf {
-        let name: String = normalize_reference(reference).chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+        let name: String = normalize_reference(reference)
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+            .collect();
         self.dir.join(format!("{name}.tar"))
     }
 
     /// Add an image tar to the store under every tag it carries (and `extra_tag`).
     /// Returns the references stored.
     pub fn add(&self, tar: &Path, extra_tag: Option<&str>) -> Result<Vec<String>, RuntimeError> {
-        let read = away_image::read_image_tar(tar).map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: e.to_string() })?;
+        let read = away_image::read_image_tar(tar)
+            .map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: e.to_string() })?;
         let mut refs: Vec<String> = read.image.tags.iter().map(|t| normalize_reference(t)).collect();
         refs.extend(extra_tag.map(normalize_reference));
         refs.sort();
         refs.dedup();
         if refs.is_empty() {
-            return Err(RuntimeError::Image { reference: tar.display().to_string(), reason: "carries no tag; give one".into() });
+            return Err(RuntimeError::Image {
+                reference: tar.display().to_string(),
+                reason: "carries no tag; give one".into(),
+            });
         }
-        std::fs::create_dir_all(&self.dir).map_err(|e| RuntimeError::io(format!("create {}", self.dir.display()), e))?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| RuntimeError::io(format!("create {}", self.dir.display()), e))?;
         for r in &refs {
             let dest = self.file_for(r);
             // copy to a temp name, then rename: a reader never sees half a tar
             let tmp = dest.with_extension("tar.part");
-            std::fs::copy(tar, &tmp).map_err(|e| RuntimeError::io(format!("copy {} to {}", tar.display(), tmp.display()), e))?;
+            std::fs::copy(tar, &tmp)
+                .map_err(|e| RuntimeError::io(format!("copy {} to {}", tar.display(), tmp.display()), e))?;
             std::fs::rename(&tmp, &dest).map_err(|e| RuntimeError::io(format!("rename {}", tmp.display()), e))?;
         }
         Ok(refs)
@@ -107,12 +116,17 @@ impl ImageStore {
 
 /// Read an image tar's config into a ResolvedImage.
 pub fn read_resolved(tar: &Path, reference: Option<String>) -> Result<ResolvedImage, RuntimeError> {
-    let read = away_image::read_image_tar(tar).map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: e.to_string() })?;
+    let read = away_image::read_image_tar(tar)
+        .map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: e.to_string() })?;
     let cfg = &read.image.config;
     let inner = cfg.config().clone().unwrap_or_default();
-    let reference = reference
-        .or_else(|| read.image.tags.first().map(|t| normalize_reference(t)))
-        .unwrap_or_else(|| format!("away.local/{}", read.manifest_digest.trim_start_matches("sha256:").chars().take(12).collect::<String>()));
+    let reference =
+        reference.or_else(|| read.image.tags.first().map(|t| normalize_reference(t))).unwrap_or_else(|| {
+            format!(
+                "away.local/{}",
+                read.manifest_digest.trim_start_matches("sha256:").chars().take(12).collect::<String>()
+            )
+        });
     let mut exposed: Vec<u16> = inner
         .exposed_ports()
         .clone()

@@ -36,7 +36,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let opts = FingerprintOptions { paths: HostPaths::default(), kvm_timeout: Duration::from_secs(args.kvm_timeout), reprobe_kvm: args.reprobe_kvm };
+    let opts = FingerprintOptions {
+        paths: HostPaths::default(),
+        kvm_timeout: Duration::from_secs(args.kvm_timeout),
+        reprobe_kvm: args.reprobe_kvm,
+    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     if !args.json {
         eprintln!("checking this host (a KVM probe boot may take up to {} s)...", args.kvm_timeout);

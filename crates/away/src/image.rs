@@ -113,18 +113,10 @@ pub struct VmArgs {
 #[derive(clap::Args)]
 struct GuestArgs {
     /// Guest kernel (installed by deploy/install.sh)
-    #[arg(
-        long,
-        default_value = "/opt/away-guest/vmlinuz",
-        env = "AWAY_GUEST_KERNEL"
-    )]
+    #[arg(long, default_value = "/opt/away-guest/vmlinuz", env = "AWAY_GUEST_KERNEL")]
     kernel: PathBuf,
     /// Directory holding the guest kernel's NIC driver modules (*.ko, searched recursively)
-    #[arg(
-        long,
-        default_value = "/opt/away-guest/modules",
-        env = "AWAY_GUEST_MODULES"
-    )]
+    #[arg(long, default_value = "/opt/away-guest/modules", env = "AWAY_GUEST_MODULES")]
     modules_dir: PathBuf,
     /// Static busybox that runs the VM's init script
     #[arg(long, default_value = "/bin/busybox")]
@@ -182,10 +174,7 @@ struct BuildReport {
 
 fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
-    let opts = BuildOptions {
-        tag: a.tag.clone(),
-        ..BuildOptions::default()
-    };
+    let opts = BuildOptions { tag: a.tag.clone(), ..BuildOptions::default() };
     let (built, path, enc) = build_to_dir(&a.context, &a.out, &opts, &progress)?;
     if !a.no_store {
         for r in crate::workload::store_image(&path)? {
@@ -193,22 +182,14 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let vm = if a.vm {
-        Some(write_vm_artifact(
-            &built.image,
-            &built.app,
-            &a.out,
-            &a.guest.options(),
-            &progress,
-        )?)
+        Some(write_vm_artifact(&built.image, &built.app, &a.out, &a.guest.options(), &progress)?)
     } else {
         None
     };
     let report = BuildReport {
         app: built.app.clone(),
         tag: built.image.tags.first().cloned().unwrap_or_default(),
-        size_bytes: std::fs::metadata(&path)
-            .with_context(|| format!("stat {}", path.display()))?
-            .len(),
+        size_bytes: std::fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?.len(),
         path,
         manifest_digest: enc.manifest_digest,
         config_digest: enc.config_digest,
@@ -219,18 +200,9 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         print_json(&report)?;
     } else {
-        println!(
-            "built {} ({}) in {:.1} s",
-            report.path.display(),
-            report.tag,
-            report.seconds
-        );
+        println!("built {} ({}) in {:.1} s", report.path.display(), report.tag, report.seconds);
         println!("  manifest {}", report.manifest_digest);
-        println!(
-            "  size     {} in {} layer(s)",
-            human(report.size_bytes),
-            report.layers.len()
-        );
+        println!("  size     {} in {} layer(s)", human(report.size_bytes), report.layers.len());
         if let Some(vm) = &report.vm {
             print_vm(vm);
         }
@@ -253,9 +225,7 @@ fn layer_reports(image: &Image) -> anyhow::Result<Vec<LayerReport>> {
         .layers
         .iter()
         .map(|l| {
-            let (uncompressed_bytes, entries) = l
-                .tar_stats()
-                .with_context(|| format!("read layer {}", l.digest))?;
+            let (uncompressed_bytes, entries) = l.tar_stats().with_context(|| format!("read layer {}", l.digest))?;
             Ok(LayerReport {
                 digest: l.digest.clone(),
                 diff_id: l.diff_id.clone(),
@@ -292,9 +262,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         tags: read.image.tags.clone(),
         manifest_digest: read.manifest_digest.clone(),
         config_digest: read.config_digest.clone(),
-        size_bytes: std::fs::metadata(&a.image)
-            .with_context(|| format!("stat {}", a.image.display()))?
-            .len(),
+        size_bytes: std::fs::metadata(&a.image).with_context(|| format!("stat {}", a.image.display()))?.len(),
         config: serde_json::to_value(&read.image.config)?,
         layers: layer_reports(&read.image)?,
     };
@@ -304,84 +272,32 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     }
     let c = read.image.config.config().clone().unwrap_or_default();
     let join = |v: &Option<Vec<String>>| {
-        v.as_ref()
-            .map(|v| serde_json::to_string(v).unwrap_or_default())
-            .unwrap_or_else(|| "-".into())
+        v.as_ref().map(|v| serde_json::to_string(v).unwrap_or_default()).unwrap_or_else(|| "-".into())
     };
-    let mut labels: Vec<String> = c
-        .labels()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let mut labels: Vec<String> =
+        c.labels().clone().unwrap_or_default().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
     labels.sort();
     let rows = [
         ("image", a.image.display().to_string()),
-        (
-            "format",
-            serde_json::to_value(read.format)?
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        ),
+        ("format", serde_json::to_value(read.format)?.as_str().unwrap_or_default().to_string()),
         ("size", human(report.size_bytes)),
-        (
-            "tags",
-            if report.tags.is_empty() {
-                "-".into()
-            } else {
-                report.tags.join(", ")
-            },
-        ),
+        ("tags", if report.tags.is_empty() { "-".into() } else { report.tags.join(", ") }),
         ("manifest", report.manifest_digest.clone()),
         ("config", report.config_digest.clone()),
-        (
-            "platform",
-            format!(
-                "{}/{}",
-                read.image.config.os(),
-                read.image.config.architecture()
-            ),
-        ),
+        ("platform", format!("{}/{}", read.image.config.os(), read.image.config.architecture())),
         ("entrypoint", join(c.entrypoint())),
         ("cmd", join(c.cmd())),
-        (
-            "env",
-            c.env()
-                .clone()
-                .map(|e| e.join(" "))
-                .unwrap_or_else(|| "-".into()),
-        ),
-        (
-            "workdir",
-            c.working_dir().clone().unwrap_or_else(|| "/".into()),
-        ),
+        ("env", c.env().clone().map(|e| e.join(" ")).unwrap_or_else(|| "-".into())),
+        ("workdir", c.working_dir().clone().unwrap_or_else(|| "/".into())),
         ("user", c.user().clone().unwrap_or_else(|| "-".into())),
-        (
-            "ports",
-            c.exposed_ports()
-                .clone()
-                .map(|p| p.join(" "))
-                .unwrap_or_else(|| "-".into()),
-        ),
-        (
-            "labels",
-            if labels.is_empty() {
-                "-".into()
-            } else {
-                labels.join(" ")
-            },
-        ),
+        ("ports", c.exposed_ports().clone().map(|p| p.join(" ")).unwrap_or_else(|| "-".into())),
+        ("labels", if labels.is_empty() { "-".into() } else { labels.join(" ") }),
     ];
     for (k, v) in rows {
         println!("{k:<11} {v}");
     }
     println!();
-    println!(
-        "{:<5} {:<20} {:>10} {:>13} {:>8}",
-        "LAYER", "DIGEST", "SIZE", "UNCOMPRESSED", "ENTRIES"
-    );
+    println!("{:<5} {:<20} {:>10} {:>13} {:>8}", "LAYER", "DIGEST", "SIZE", "UNCOMPRESSED", "ENTRIES");
     for (i, l) in report.layers.iter().enumerate() {
         let short = l.digest.strip_prefix("sha256:").unwrap_or(&l.digest);
         println!(
@@ -394,20 +310,13 @@ fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     }
     let total: u64 = report.layers.iter().map(|l| l.size_bytes).sum();
     let total_u: u64 = report.layers.iter().map(|l| l.uncompressed_bytes).sum();
-    println!(
-        "{:<5} {:<20} {:>10} {:>13}",
-        "total",
-        "",
-        human(total),
-        human(total_u)
-    );
+    println!("{:<5} {:<20} {:>10} {:>13}", "total", "", human(total), human(total_u));
     Ok(ExitCode::SUCCESS)
 }
 
 fn vm(a: VmArgs) -> anyhow::Result<ExitCode> {
     let (image, name) = if a.source.is_dir() {
-        let (built, path, _) =
-            build_to_dir(&a.source, &a.out, &BuildOptions::default(), &progress)?;
+        let (built, path, _) = build_to_dir(&a.source, &a.out, &BuildOptions::default(), &progress)?;
         progress(&format!("built {}", path.display()));
         (built.image, built.app)
     } else {
@@ -426,11 +335,7 @@ fn vm(a: VmArgs) -> anyhow::Result<ExitCode> {
 
 fn print_vm(vm: &away_image::VmArtifact) {
     println!("VM boot artifact {}", vm.spec_file.display());
-    println!(
-        "  initrd   {} ({})",
-        vm.initrd.display(),
-        human(vm.spec.initrd_bytes)
-    );
+    println!("  initrd   {} ({})", vm.initrd.display(), human(vm.spec.initrd_bytes));
     println!("  kernel   {}", vm.kernel.display());
     println!("  cmdline  {}", vm.spec.cmdline);
     println!("  boot     {}", vm.spec.qemu_example);
@@ -438,14 +343,8 @@ fn print_vm(vm: &away_image::VmArtifact) {
 
 /// `out/counter.tar` -> `counter`.
 fn file_stem(p: &Path) -> String {
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
-    [".tar.gz", ".tgz", ".tar"]
-        .iter()
-        .find_map(|s| name.strip_suffix(s).map(str::to_string))
-        .unwrap_or(name)
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    [".tar.gz", ".tgz", ".tar"].iter().find_map(|s| name.strip_suffix(s).map(str::to_string)).unwrap_or(name)
 }
 
 fn human(bytes: u64) -> String {

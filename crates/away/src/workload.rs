@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use away_model::{ByteSize, PortMapping, Resources, RuntimeKind, SpecFormat, WorkloadKind, WorkloadSpec, WorkloadState};
+use away_model::{
+    ByteSize, PortMapping, Resources, RuntimeKind, SpecFormat, WorkloadKind, WorkloadSpec, WorkloadState,
+};
 use away_runtime::{LocalNode, NodeOptions};
 use futures_util::StreamExt;
 
@@ -194,7 +196,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         print_json(&started)?;
     } else {
         let w = &started.workload;
-        println!("{} is {} on {}{}", w.name, w.state, w.runtime, w.pid.map(|p| format!(" (pid {p})")).unwrap_or_default());
+        println!(
+            "{} is {} on {}{}",
+            w.name,
+            w.state,
+            w.runtime,
+            w.pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+        );
         println!("  why: {}", started.decision.reason);
         if !w.ports.is_empty() {
             println!("  ports: {}", w.ports.join(", "));
@@ -292,4 +300,3 @@ pub fn store_image(tar: &Path) -> anyhow::Result<Vec<String>> {
     let store = away_runtime::ImageStore::new(&away_runtime::host::HostPaths::default().state_dir);
     Ok(store.add(tar, None)?)
 }
-

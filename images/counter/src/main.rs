@@ -20,17 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 struct State {
@@ -80,11 +74,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(ticker.interval_ms));
         let n = ticker.count.fetch_add(1, Ordering::SeqCst) + 1;
         if n % log_every == 0 {
-            println!(
-                "counter: count={n} pid={} unix_ms={}",
-                ticker.pid,
-                unix_ms()
-            );
+            println!("counter: count={n} pid={} unix_ms={}", ticker.pid, unix_ms());
         }
     });
 
@@ -110,20 +100,16 @@ fn serve(mut conn: TcpStream, state: &State) {
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
         ("GET", "/") | ("GET", "/state") => ("200 OK", "application/json", state.json()),
-        ("GET", "/count") => (
-            "200 OK",
-            "text/plain",
-            format!("{}\n", state.count.load(Ordering::SeqCst)),
-        ),
+        ("GET", "/count") => ("200 OK", "text/plain", format!("{}\n", state.count.load(Ordering::SeqCst))),
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".into()),
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "not found: try / or /count\n".into(),
-        ),
+        ("GET", _) => ("404 Not Found", "text/plain", "not found: try / or /count\n".into()),
         _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
     };
-    let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 /// Exit at once on SIGTERM/SIGINT. As PID 1 of a container the process gets no

@@ -51,10 +51,7 @@ struct Session {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn json_string(s: &str) -> String {
@@ -77,14 +74,7 @@ fn json_string(s: &str) -> String {
 fn list(items: &[Entry], key: &str) -> String {
     let parts: Vec<String> = items
         .iter()
-        .map(|e| {
-            format!(
-                "{{\"id\":{},\"unix_ms\":{},\"{key}\":{}}}",
-                e.id,
-                e.unix_ms,
-                json_string(&e.text)
-            )
-        })
+        .map(|e| format!("{{\"id\":{},\"unix_ms\":{},\"{key}\":{}}}", e.id, e.unix_ms, json_string(&e.text)))
         .collect();
     format!("[{}]", parts.join(","))
 }
@@ -96,11 +86,7 @@ fn field(body: &str, key: &str) -> Option<String> {
         return (!body.is_empty()).then(|| body.to_string());
     }
     let start = body.find(&format!("\"{key}\""))? + key.len() + 2;
-    let rest = body[start..]
-        .trim_start()
-        .strip_prefix(':')?
-        .trim_start()
-        .strip_prefix('"')?;
+    let rest = body[start..].trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
     let mut out = String::new();
     let mut chars = rest.chars();
     while let Some(c) = chars.next() {
@@ -124,10 +110,7 @@ fn field(body: &str, key: &str) -> Option<String> {
 
 fn main() {
     sigterm::exit_on_term();
-    let port: u16 = std::env::var("LABDESK_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(8080);
+    let port: u16 = std::env::var("LABDESK_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
     let session = Arc::new(Mutex::new(Session {
         pid: std::process::id(),
         started_unix_ms: unix_ms(),
@@ -143,10 +126,7 @@ fn main() {
     };
     {
         let s = session.lock().unwrap();
-        println!(
-            "labdesk: started pid={} started_unix_ms={} port={port}",
-            s.pid, s.started_unix_ms
-        );
+        println!("labdesk: started pid={} started_unix_ms={} port={port}", s.pid, s.started_unix_ms);
     }
     for conn in listener.incoming().flatten() {
         let session = Arc::clone(&session);
@@ -193,31 +173,14 @@ fn serve(mut conn: TcpStream, session: &Mutex<Session>) {
             ),
         ),
         ("GET", "/notes") => ("200 OK", "application/json", list(&s.notes, "text") + "\n"),
-        ("GET", "/history") => (
-            "200 OK",
-            "application/json",
-            list(&s.history, "command") + "\n",
-        ),
+        ("GET", "/history") => ("200 OK", "application/json", list(&s.history, "command") + "\n"),
         ("POST", "/notes") | ("POST", "/history") => {
-            let (key, notes) = if path == "/notes" {
-                ("text", true)
-            } else {
-                ("command", false)
-            };
+            let (key, notes) = if path == "/notes" { ("text", true) } else { ("command", false) };
             match field(&body, key) {
                 Some(text) => {
                     let items = if notes { &mut s.notes } else { &mut s.history };
-                    let entry = Entry {
-                        id: items.len() as u64 + 1,
-                        unix_ms: unix_ms(),
-                        text,
-                    };
-                    println!(
-                        "labdesk: {} #{} {}",
-                        &path[1..],
-                        entry.id,
-                        json_string(&entry.text)
-                    );
+                    let entry = Entry { id: items.len() as u64 + 1, unix_ms: unix_ms(), text };
+                    println!("labdesk: {} #{} {}", &path[1..], entry.id, json_string(&entry.text));
                     let out = format!(
                         "{{\"id\":{},\"unix_ms\":{},\"{key}\":{}}}\n",
                         entry.id,
@@ -230,25 +193,21 @@ fn serve(mut conn: TcpStream, session: &Mutex<Session>) {
                 None => (
                     "400 Bad Request",
                     "application/json",
-                    format!(
-                        "{{\"error\":\"body needs a JSON string field {key:?} or plain text\"}}\n"
-                    ),
+                    format!("{{\"error\":\"body needs a JSON string field {key:?} or plain text\"}}\n"),
                 ),
             }
         }
-        (_, "/" | "/state" | "/notes" | "/history") => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".into(),
-        ),
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "not found: try /, /state, /notes, /history\n".into(),
-        ),
+        (_, "/" | "/state" | "/notes" | "/history") => {
+            ("405 Method Not Allowed", "text/plain", "method not allowed\n".into())
+        }
+        _ => ("404 Not Found", "text/plain", "not found: try /, /state, /notes, /history\n".into()),
     };
     drop(s);
-    let _ = write!(conn, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}", out.len());
+    let _ = write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+        out.len()
+    );
 }
 
 /// Exit at once on SIGTERM/SIGINT. As PID 1 of a container the process gets no

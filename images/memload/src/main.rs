@@ -37,24 +37,16 @@ struct Settings {
 
 fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let (num, mult) = [
-        ("Gi", 1u64 << 30),
-        ("Mi", 1 << 20),
-        ("Ki", 1 << 10),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-    ]
-    .iter()
-    .find_map(|(suffix, m)| s.strip_suffix(suffix).map(|n| (n, *m)))
-    .unwrap_or((s, 1));
+    let (num, mult) =
+        [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)]
+            .iter()
+            .find_map(|(suffix, m)| s.strip_suffix(suffix).map(|n| (n, *m)))
+            .unwrap_or((s, 1));
     num.trim().parse::<u64>().ok().map(|n| n * mult)
 }
 
 fn settings() -> Result<Settings, String> {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u64)
-        .unwrap_or(1);
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
     let mut values: Vec<(&str, String)> = Vec::new();
     for (flag, env) in [
         ("--cpu", "MEMLOAD_CPU"),
@@ -71,38 +63,24 @@ fn settings() -> Result<Settings, String> {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "-h" || a == "--help" {
-            println!("usage: memload [--cpu PCT] [--threads N] [--ram PCT] [--size 256Mi] [--interval MS] [--port PORT]");
+            println!(
+                "usage: memload [--cpu PCT] [--threads N] [--ram PCT] [--size 256Mi] [--interval MS] [--port PORT]"
+            );
             std::process::exit(0);
         }
         let (flag, value) = match a.split_once('=') {
             Some((f, v)) => (f.to_string(), v.to_string()),
             None => (a.clone(), args.next().ok_or(format!("{a} needs a value"))?),
         };
-        let known = [
-            "--cpu",
-            "--threads",
-            "--ram",
-            "--size",
-            "--interval",
-            "--port",
-        ];
-        let flag = *known
-            .iter()
-            .find(|k| **k == flag)
-            .ok_or(format!("unknown argument {flag}"))?;
+        let known = ["--cpu", "--threads", "--ram", "--size", "--interval", "--port"];
+        let flag = *known.iter().find(|k| **k == flag).ok_or(format!("unknown argument {flag}"))?;
         values.push((flag, value));
     }
     let get = |flag: &str, default: u64| -> Result<u64, String> {
         match values.iter().rev().find(|(f, _)| *f == flag) {
             None => Ok(default),
-            Some((_, v)) if flag == "--size" => {
-                parse_size(v).ok_or(format!("{flag}: bad size {v:?} (e.g. 256Mi)"))
-            }
-            Some((_, v)) => v
-                .trim()
-                .trim_end_matches('%')
-                .parse()
-                .map_err(|_| format!("{flag}: bad number {v:?}")),
+            Some((_, v)) if flag == "--size" => parse_size(v).ok_or(format!("{flag}: bad size {v:?} (e.g. 256Mi)")),
+            Some((_, v)) => v.trim().trim_end_matches('%').parse().map_err(|_| format!("{flag}: bad number {v:?}")),
         }
     };
     let s = Settings {
@@ -120,10 +98,7 @@ fn settings() -> Result<Settings, String> {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 struct Stats {
@@ -201,10 +176,7 @@ fn main() {
                     }
                 });
             }
-            Err(e) => eprintln!(
-                "memload: status endpoint off: cannot listen on port {}: {e}",
-                s.port
-            ),
+            Err(e) => eprintln!("memload: status endpoint off: cannot listen on port {}: {e}", s.port),
         }
     }
 
@@ -252,9 +224,7 @@ fn ram_load(mut mem: Vec<u8>, hot: usize, stats: &Stats) {
             for p in chunk * 256..end {
                 mem[p * PAGE] = value;
             }
-            stats
-                .pages_total
-                .fetch_add((end - chunk * 256) as u64, Ordering::Relaxed);
+            stats.pages_total.fetch_add((end - chunk * 256) as u64, Ordering::Relaxed);
         }
         std::hint::black_box(&mem);
         stats.passes.fetch_add(1, Ordering::Relaxed);

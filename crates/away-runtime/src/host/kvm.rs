@@ -64,7 +64,11 @@ pub fn probe_kvm(cfg: &KvmProbeConfig, qemu_version: &str) -> KvmProbe {
         key: key.clone(),
     };
     if !device_present {
-        return answer(false, "/dev/kvm is absent (no hardware virtualisation exposed to this host)".into(), Duration::ZERO);
+        return answer(
+            false,
+            "/dev/kvm is absent (no hardware virtualisation exposed to this host)".into(),
+            Duration::ZERO,
+        );
     }
     if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         return answer(false, format!("/dev/kvm cannot be opened: {e}"), Duration::ZERO);
@@ -117,12 +121,28 @@ fn write_cache(file: &Path, probe: &KvmProbe) {
 /// within `cfg.timeout`. Public so that tests can prove the probe guest itself is sound
 /// (it must boot under TCG), which is what makes a KVM "no" trustworthy.
 pub fn boot_probe_guest(cfg: &KvmProbeConfig, accel: Accel) -> Result<Duration, String> {
-    let dir = tempfile::Builder::new().prefix("away-kvm-probe").tempdir().map_err(|e| format!("cannot probe: temp dir: {e}"))?;
+    let dir = tempfile::Builder::new()
+        .prefix("away-kvm-probe")
+        .tempdir()
+        .map_err(|e| format!("cannot probe: temp dir: {e}"))?;
     let initrd = dir.path().join("initrd.gz");
-    write_probe_initramfs(&initrd, &cfg.busybox).map_err(|e| format!("cannot probe: initramfs {}: {e}", initrd.display()))?;
+    write_probe_initramfs(&initrd, &cfg.busybox)
+        .map_err(|e| format!("cannot probe: initramfs {}: {e}", initrd.display()))?;
     let serial = dir.path().join("serial.log");
     let mut child = Command::new(&cfg.qemu)
-        .args(["-accel", &accel.to_string(), "-m", "128", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-accel",
+            &accel.to_string(),
+            "-m",
+            "128",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(&cfg.kernel)
         .arg("-initrd")
@@ -151,7 +171,10 @@ pub fn boot_probe_guest(cfg: &KvmProbeConfig, accel: Accel) -> Result<Duration, 
             if seen.contains(MARKER) {
                 break Ok(started.elapsed());
             }
-            break Err(format!("qemu -accel {accel} exited ({status}) before the probe guest booted: {}", first_line(&err)));
+            break Err(format!(
+                "qemu -accel {accel} exited ({status}) before the probe guest booted: {}",
+                first_line(&err)
+            ));
         }
         if Instant::now() >= deadline {
             let seen = std::fs::read_to_string(&serial).unwrap_or_default();
@@ -159,7 +182,11 @@ pub fn boot_probe_guest(cfg: &KvmProbeConfig, accel: Accel) -> Result<Duration, 
                 "probe guest did not reach its init within {} s under -accel {accel} ({} bytes on its console){}",
                 cfg.timeout.as_secs(),
                 seen.len(),
-                if accel == Accel::Kvm { "; /dev/kvm is present but does not run normal guests (e.g. nested KVM-PVM)" } else { "" }
+                if accel == Accel::Kvm {
+                    "; /dev/kvm is present but does not run normal guests (e.g. nested KVM-PVM)"
+                } else {
+                    ""
+                }
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -182,7 +209,13 @@ fn write_probe_initramfs(path: &Path, busybox: &Path) -> std::io::Result<()> {
     let gz = flate2::write::GzEncoder::new(std::fs::File::create(path)?, flate2::Compression::fast());
     let mut out = gz;
     let mut ino = 1;
-    let mut entry = |name: &str, mode: u32, kind: ModeFileType, rdev: (u32, u32), data: &[u8], out: &mut dyn Write| -> std::io::Result<()> {
+    let mut entry = |name: &str,
+                     mode: u32,
+                     kind: ModeFileType,
+                     rdev: (u32, u32),
+                     data: &[u8],
+                     out: &mut dyn Write|
+     -> std::io::Result<()> {
         ino += 1;
         let mut w = Builder::new(name)
             .ino(ino)

@@ -44,7 +44,11 @@ impl Default for HostPaths {
             criu: which("criu").unwrap_or_else(|| "/usr/local/sbin/criu".into()),
             qemu: which("qemu-system-x86_64").unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into()),
             guest_kernel: env("AWAY_GUEST_KERNEL", "/opt/away-guest/vmlinuz"),
-            busybox: ["/bin/busybox", "/usr/bin/busybox"].iter().map(PathBuf::from).find(|p| p.exists()).unwrap_or_else(|| "/bin/busybox".into()),
+            busybox: ["/bin/busybox", "/usr/bin/busybox"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+                .unwrap_or_else(|| "/bin/busybox".into()),
             state_dir: env("AWAY_STATE_DIR", "/var/lib/away"),
         }
     }
@@ -178,8 +182,13 @@ impl Default for FingerprintOptions {
 /// Ask every component of the host what it is and whether it works.
 pub async fn fingerprint(opts: &FingerprintOptions) -> HostReport {
     let p = &opts.paths;
-    let (containerd, docker, runc, criu, qemu) =
-        tokio::join!(containerd_status(&p.containerd_socket), docker_status(&p.docker_socket), runc_status(&p.runc), criu_status(&p.criu), qemu_status(&p.qemu));
+    let (containerd, docker, runc, criu, qemu) = tokio::join!(
+        containerd_status(&p.containerd_socket),
+        docker_status(&p.docker_socket),
+        runc_status(&p.runc),
+        criu_status(&p.criu),
+        qemu_status(&p.qemu)
+    );
     let kvm_cfg = KvmProbeConfig {
         qemu: p.qemu.clone(),
         kernel: p.guest_kernel.clone(),
@@ -198,7 +207,8 @@ pub async fn fingerprint(opts: &FingerprintOptions) -> HostReport {
         memory_bytes: mem_total_bytes(),
         cpu,
         cgroup: cgroup_status(),
-        overlayfs: std::fs::read_to_string("/proc/filesystems").is_ok_and(|s| s.lines().any(|l| l.trim_end().ends_with("overlay"))),
+        overlayfs: std::fs::read_to_string("/proc/filesystems")
+            .is_ok_and(|s| s.lines().any(|l| l.trim_end().ends_with("overlay"))),
         containerd,
         docker,
         runc,
@@ -252,7 +262,11 @@ impl HostReport {
             memory_bytes: self.memory_bytes,
             kernel: self.kernel.clone(),
             runtimes,
-            hypervisor: self.qemu.version.as_ref().map(|v| HypervisorInfo { qemu_version: v.clone(), accel: self.accel, reason: self.kvm.reason.clone() }),
+            hypervisor: self.qemu.version.as_ref().map(|v| HypervisorInfo {
+                qemu_version: v.clone(),
+                accel: self.accel,
+                reason: self.kvm.reason.clone(),
+            }),
             link: None,
             labels: Default::default(),
         }
@@ -325,8 +339,13 @@ async fn containerd_status(socket: &Path) -> ContainerdStatus {
         return st;
     }
     let ask = async {
-        let channel = containerd_client::connect(socket).await.map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
-        let v = VersionClient::new(channel).version(()).await.map_err(|e| format!("Version RPC on {}: {}", socket.display(), e.message()))?;
+        let channel = containerd_client::connect(socket)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+        let v = VersionClient::new(channel)
+            .version(())
+            .await
+            .map_err(|e| format!("Version RPC on {}: {}", socket.display(), e.message()))?;
         Ok::<_, String>(v.into_inner().version)
     };
     match tokio::time::timeout(Duration::from_secs(5), ask).await {
@@ -371,7 +390,11 @@ async fn tool_status(path: &Path, args: &[&str], parse: fn(&str) -> Option<Strin
         return ToolStatus { path: None, version: None, error: Some(format!("not found at {}", path.display())) };
     }
     match run(path, args, Duration::from_secs(10)).await {
-        Ok(out) => ToolStatus { path: Some(path.to_path_buf()), version: parse(&out).or(Some(out.trim().to_string())), error: None },
+        Ok(out) => ToolStatus {
+            path: Some(path.to_path_buf()),
+            version: parse(&out).or(Some(out.trim().to_string())),
+            error: None,
+        },
         Err(e) => ToolStatus { path: Some(path.to_path_buf()), version: None, error: Some(e) },
     }
 }
@@ -440,15 +463,33 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
     add(
         "cpu",
         Status::Ok,
-        format!("{} {} \"{}\", {} cores, {} flags (incl. {})", r.arch, r.cpu.vendor, r.cpu.model, r.cpu.cores, r.cpu.flags.len(), flags_shown.join(" ")),
+        format!(
+            "{} {} \"{}\", {} cores, {} flags (incl. {})",
+            r.arch,
+            r.cpu.vendor,
+            r.cpu.model,
+            r.cpu.cores,
+            r.cpu.flags.len(),
+            flags_shown.join(" ")
+        ),
         None,
     );
-    add("kernel", Status::Ok, format!("{}, {:.1} GiB RAM", r.kernel, r.memory_bytes as f64 / (1u64 << 30) as f64), None);
+    add(
+        "kernel",
+        Status::Ok,
+        format!("{}, {:.1} GiB RAM", r.kernel, r.memory_bytes as f64 / (1u64 << 30) as f64),
+        None,
+    );
     add("cgroup", Status::Ok, format!("{} ({})", r.cgroup.version, r.cgroup.filesystem), None);
     if r.overlayfs {
         add("overlayfs", Status::Ok, "in /proc/filesystems".into(), None);
     } else {
-        add("overlayfs", Status::Missing, "not in /proc/filesystems: containerd's snapshotter needs it".into(), Some("modprobe overlay"));
+        add(
+            "overlayfs",
+            Status::Missing,
+            "not in /proc/filesystems: containerd's snapshotter needs it".into(),
+            Some("modprobe overlay"),
+        );
     }
     let install = "deploy/install.sh";
     let start = "deploy/services.sh start";
@@ -460,7 +501,16 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
         }
     }
     match (&r.docker.version, r.docker.experimental) {
-        (Some(v), Some(true)) => add("docker", Status::Ok, format!("{v} (API {}) on {}, experimental on", r.docker.api_version.as_deref().unwrap_or("?"), r.docker.socket.display()), None),
+        (Some(v), Some(true)) => add(
+            "docker",
+            Status::Ok,
+            format!(
+                "{v} (API {}) on {}, experimental on",
+                r.docker.api_version.as_deref().unwrap_or("?"),
+                r.docker.socket.display()
+            ),
+            None,
+        ),
         (Some(v), _) => add(
             "docker",
             Status::Warn,
@@ -479,8 +529,15 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
     let criu_too_old = r.criu.version.as_deref().and_then(|v| criu_too_old(v, &r.kernel));
     match (&r.criu.version, r.criu.check_ok, criu_too_old) {
         (Some(v), true, Some(why)) => add("criu", Status::Missing, format!("{v}: {why}"), Some(install)),
-        (Some(v), true, None) => add("criu", Status::Ok, format!("{v} ({}), criu check: Looks good", path_str(&r.criu.path)), None),
-        (Some(v), false, _) => add("criu", Status::Missing, format!("{v}: criu check failed: {}", last_line(&r.criu.check_output)), Some(install)),
+        (Some(v), true, None) => {
+            add("criu", Status::Ok, format!("{v} ({}), criu check: Looks good", path_str(&r.criu.path)), None)
+        }
+        (Some(v), false, _) => add(
+            "criu",
+            Status::Missing,
+            format!("{v}: criu check failed: {}", last_line(&r.criu.check_output)),
+            Some(install),
+        ),
         (None, _, _) => add("criu", Status::Missing, r.criu.check_output.clone(), Some(install)),
     }
     if r.criu.dirty_tracking {
@@ -489,19 +546,28 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
         add(
             "criu pre-dump",
             Status::Warn,
-            "no soft-dirty tracking in this kernel: container migration is stop-and-copy or lazy, no pre-copy rounds".into(),
+            "no soft-dirty tracking in this kernel: container migration is stop-and-copy or lazy, no pre-copy rounds"
+                .into(),
             Some("boot a kernel built with CONFIG_MEM_SOFT_DIRTY=y"),
         );
     }
     if r.criu.lazy_pages() {
         add("criu lazy pages", Status::Ok, format!("userfaultfd ok, fs.pipe-max-size {}", r.criu.pipe_max_size), None);
     } else if !r.criu.uffd {
-        add("criu lazy pages", Status::Warn, "userfaultfd (uffd-noncoop) unavailable: no post-copy container migration".into(), Some("boot a kernel with CONFIG_USERFAULTFD=y"));
+        add(
+            "criu lazy pages",
+            Status::Warn,
+            "userfaultfd (uffd-noncoop) unavailable: no post-copy container migration".into(),
+            Some("boot a kernel with CONFIG_USERFAULTFD=y"),
+        );
     } else {
         add(
             "criu lazy pages",
             Status::Warn,
-            format!("fs.pipe-max-size is {} < {LAZY_PAGES_MIN_PIPE_SIZE}: lazy migration fails at the first page", r.criu.pipe_max_size),
+            format!(
+                "fs.pipe-max-size is {} < {LAZY_PAGES_MIN_PIPE_SIZE}: lazy migration fails at the first page",
+                r.criu.pipe_max_size
+            ),
             Some("sysctl -w fs.pipe-max-size=4194304 (done by deploy/services.sh start)"),
         );
     }
@@ -511,17 +577,39 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
     }
     let modules = p.guest_kernel.with_file_name("modules");
     match &r.guest_kernel {
-        Some(k) if !modules.join("kernel/drivers/net/virtio_net.ko").exists() => {
-            add("guest kernel", Status::Missing, format!("{} has no virtio-net module under {}: VMs get no network", k.display(), modules.display()), Some(install))
-        }
-        Some(k) => add("guest kernel", Status::Ok, format!("{} ({}) with virtio-net modules", k.display(), read_trim(&k.with_file_name("VERSION").to_string_lossy())), None),
-        None => add("guest kernel", Status::Missing, format!("no kernel at {}: VM workloads cannot boot", p.guest_kernel.display()), Some(install)),
+        Some(k) if !modules.join("kernel/drivers/net/virtio_net.ko").exists() => add(
+            "guest kernel",
+            Status::Missing,
+            format!("{} has no virtio-net module under {}: VMs get no network", k.display(), modules.display()),
+            Some(install),
+        ),
+        Some(k) => add(
+            "guest kernel",
+            Status::Ok,
+            format!(
+                "{} ({}) with virtio-net modules",
+                k.display(),
+                read_trim(&k.with_file_name("VERSION").to_string_lossy())
+            ),
+            None,
+        ),
+        None => add(
+            "guest kernel",
+            Status::Missing,
+            format!("no kernel at {}: VM workloads cannot boot", p.guest_kernel.display()),
+            Some(install),
+        ),
     }
     let cached = if r.kvm.cached { " (cached; --reprobe-kvm to boot again)" } else { "" };
     if r.kvm.usable {
         add("kvm", Status::Ok, format!("{}{cached}: VMs use KVM", r.kvm.reason), None);
     } else {
-        add("kvm", Status::Warn, format!("not usable: {}{cached}; VMs run under TCG (software, much slower)", r.kvm.reason), Some("run on a host with working hardware virtualisation"));
+        add(
+            "kvm",
+            Status::Warn,
+            format!("not usable: {}{cached}; VMs run under TCG (software, much slower)", r.kvm.reason),
+            Some("run on a host with working hardware virtualisation"),
+        );
     }
     out
 }
@@ -541,7 +629,9 @@ pub fn criu_too_old(criu: &str, kernel: &str) -> Option<String> {
         return Some("older than 4.0, which fails on current kernels (vDSO)".into());
     }
     if c < (4, 2) && major_minor(kernel).is_some_and(|k| k >= (6, 16)) {
-        return Some(format!("older than 4.2: cannot checkpoint TCP sockets on kernel {kernel} (>= 6.16 restricts SO_PASSCRED)"));
+        return Some(format!(
+            "older than 4.2: cannot checkpoint TCP sockets on kernel {kernel} (>= 6.16 restricts SO_PASSCRED)"
+        ));
     }
     None
 }
@@ -568,8 +658,14 @@ mod tests {
 
     #[test]
     fn versions_parse() {
-        assert_eq!(parse_runc_version("runc version 1.1.5+ds1\ncommit: 1.1.5+ds1-1\nspec: 1.0.2-dev\n").as_deref(), Some("1.1.5+ds1"));
-        assert_eq!(parse_qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright").as_deref(), Some("10.0.2"));
+        assert_eq!(
+            parse_runc_version("runc version 1.1.5+ds1\ncommit: 1.1.5+ds1-1\nspec: 1.0.2-dev\n").as_deref(),
+            Some("1.1.5+ds1")
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)\nCopyright").as_deref(),
+            Some("10.0.2")
+        );
         assert_eq!(parse_criu_version("Version: 4.1.1\n").as_deref(), Some("4.1.1"));
     }
 }

@@ -81,11 +81,7 @@ impl VmLaunch {
             initrd: initrd.to_path_buf(),
             cmdline: cmdline.to_string(),
             nic: nic.to_string(),
-            ports: spec
-                .ports
-                .iter()
-                .map(|p| (p.host_port(), p.container))
-                .collect(),
+            ports: spec.ports.iter().map(|p| (p.host_port(), p.container)).collect(),
             files,
             incoming: None,
             initrd_overrides: None,
@@ -102,11 +98,7 @@ impl VmLaunch {
         }
         let mut a: Vec<String> = vec![
             "-name".into(),
-            format!(
-                "away-{},process=away-{}",
-                self.name.replace(',', ",,"),
-                self.name.replace(',', ",,")
-            ),
+            format!("away-{},process=away-{}", self.name.replace(',', ",,"), self.name.replace(',', ",,")),
             // A fixed machine type: migration needs the same one on both ends.
             "-machine".into(),
             "pc".into(),
@@ -172,14 +164,9 @@ mod tests {
 
     #[test]
     fn argv_has_ports_accel_and_incoming() {
-        let mut spec: WorkloadSpec = serde_json::from_value(
-            serde_json::json!({"name": "c1", "image": "away/counter:latest"}),
-        )
-        .unwrap();
-        spec.ports = vec![PortMapping {
-            container: 8080,
-            host: Some(18080),
-        }];
+        let mut spec: WorkloadSpec =
+            serde_json::from_value(serde_json::json!({"name": "c1", "image": "away/counter:latest"})).unwrap();
+        spec.ports = vec![PortMapping { container: 8080, host: Some(18080) }];
         spec.resources.cpus = 1.5;
         let mut l = VmLaunch::for_spec(
             Path::new("/usr/bin/qemu-system-x86_64"),
@@ -195,10 +182,7 @@ mod tests {
         let a = l.argv().join(" ");
         assert!(a.contains("-accel tcg -m 256 -smp 2"), "{a}");
         assert!(a.contains("hostfwd=tcp:0.0.0.0:18080-:8080"), "{a}");
-        assert!(
-            a.contains("-qmp unix:/run/away/qemu/c1/qmp.sock,server=on,wait=off"),
-            "{a}"
-        );
+        assert!(a.contains("-qmp unix:/run/away/qemu/c1/qmp.sock,server=on,wait=off"), "{a}");
         assert!(a.ends_with("-daemonize -incoming defer"), "{a}");
     }
 }

@@ -26,8 +26,8 @@ pub use qmp::{Qmp, QmpError};
 
 use crate::host::{probe_kvm, HostPaths, KvmProbeConfig};
 use crate::runtime::{
-    check_fits_host, create_private_dir, tail_file, CheckpointArchive, CheckpointOptions,
-    LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError, StillRunning,
+    check_fits_host, create_private_dir, tail_file, CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest,
+    RunRequest, Runtime, RuntimeError, StillRunning,
 };
 use crate::store::ResolvedImage;
 
@@ -77,12 +77,7 @@ pub struct CachedArtifact {
 impl QemuRuntime {
     /// `state_dir` holds one directory per workload (e.g. `/run/away/qemu`).
     pub fn new(state_dir: PathBuf, paths: HostPaths, accel: Accel) -> Self {
-        QemuRuntime {
-            state_dir,
-            paths,
-            accel,
-            accel_reason: format!("{accel} chosen by the caller"),
-        }
+        QemuRuntime { state_dir, paths, accel, accel_reason: format!("{accel} chosen by the caller") }
     }
 
     /// Record why `accel` was chosen (shown in status and spec.json).
@@ -103,15 +98,9 @@ impl QemuRuntime {
             cache_file: Some(paths.state_dir.join("kvm-probe.json")),
             reprobe: false,
         };
-        let probe = tokio::task::spawn_blocking(move || probe_kvm(&cfg, &version))
-            .await
-            .expect("kvm probe thread");
+        let probe = tokio::task::spawn_blocking(move || probe_kvm(&cfg, &version)).await.expect("kvm probe thread");
         let accel = if probe.usable { Accel::Kvm } else { Accel::Tcg };
-        let reason = format!(
-            "{accel}: kvm probe: {}{}",
-            probe.reason,
-            if probe.cached { " (cached)" } else { "" }
-        );
+        let reason = format!("{accel}: kvm probe: {}{}", probe.reason, if probe.cached { " (cached)" } else { "" });
         QemuRuntime::new(state_dir, paths, accel).with_reason(reason)
     }
 
@@ -133,14 +122,14 @@ impl QemuRuntime {
         let root = self.paths.state_dir.join("vm-artifacts");
         let image = image.clone();
         let paths = self.paths.clone();
-        tokio::task::spawn_blocking(move || build_artifact(&root, &image, &paths))
-            .await
-            .map_err(|e| RuntimeError::Failed {
+        tokio::task::spawn_blocking(move || build_artifact(&root, &image, &paths)).await.map_err(|e| {
+            RuntimeError::Failed {
                 runtime: KIND,
                 op: "build the vm artifact",
                 name: String::new(),
                 message: e.to_string(),
-            })?
+            }
+        })?
     }
 
     /// The QEMU launch of `spec` from `artifact` in its state directory. A spec that sets
@@ -184,8 +173,7 @@ impl QemuRuntime {
         launch.incoming = Some(incoming.to_string());
         let mut record = self.record_for(spec, image, &artifact, &launch);
         record.restored_from = restored_from;
-        self.start(&launch, &record, "start the migration destination of")
-            .await?;
+        self.start(&launch, &record, "start the migration destination of").await?;
         Ok((launch.files, record))
     }
 
@@ -194,9 +182,7 @@ impl QemuRuntime {
         let name = &spec.name;
         if name.is_empty()
             || name.starts_with('.')
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         {
             return Err(RuntimeError::Invalid {
                 field: "name".into(),
@@ -208,28 +194,18 @@ impl QemuRuntime {
         if mib < MIN_MEMORY_MIB {
             return Err(RuntimeError::Invalid {
                 field: "resources.memory".into(),
-                reason: format!(
-                    "workload {name}: a vm needs at least {MIN_MEMORY_MIB} MiB, got {mib} MiB"
-                ),
+                reason: format!("workload {name}: a vm needs at least {MIN_MEMORY_MIB} MiB, got {mib} MiB"),
             });
         }
         if self.files(name).dir.exists() {
-            return Err(RuntimeError::AlreadyExists {
-                runtime: KIND,
-                name: name.clone(),
-            });
+            return Err(RuntimeError::AlreadyExists { runtime: KIND, name: name.clone() });
         }
         Ok(())
     }
 
     /// Start QEMU for `launch`, in a fresh state directory, and wait until QMP answers.
     /// On any failure the QEMU it started is killed and the directory removed.
-    async fn start(
-        &self,
-        launch: &VmLaunch,
-        record: &VmRecord,
-        op: &'static str,
-    ) -> Result<u32, RuntimeError> {
+    async fn start(&self, launch: &VmLaunch, record: &VmRecord, op: &'static str) -> Result<u32, RuntimeError> {
         let files = &launch.files;
         let name = &launch.name;
         std::fs::create_dir_all(&self.state_dir)
@@ -238,17 +214,9 @@ impl QemuRuntime {
         match std::fs::create_dir(&files.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(RuntimeError::AlreadyExists {
-                    runtime: KIND,
-                    name: name.clone(),
-                })
+                return Err(RuntimeError::AlreadyExists { runtime: KIND, name: name.clone() })
             }
-            Err(e) => {
-                return Err(RuntimeError::io(
-                    format!("create {}", files.dir.display()),
-                    e,
-                ))
-            }
+            Err(e) => return Err(RuntimeError::io(format!("create {}", files.dir.display()), e)),
         }
         let result = match &launch.initrd_overrides {
             Some((base, extra)) => write_initrd_with_overrides(base, extra, &launch.initrd),
@@ -261,10 +229,7 @@ impl QemuRuntime {
         if result.is_err() {
             kill_vm(files).await;
             if let Err(e) = std::fs::remove_dir_all(&files.dir) {
-                tracing::warn!(
-                    "cannot remove {} after a failed {op}: {e}",
-                    files.dir.display()
-                );
+                tracing::warn!("cannot remove {} after a failed {op}: {e}", files.dir.display());
             }
         }
         result
@@ -278,12 +243,7 @@ impl QemuRuntime {
     ) -> Result<u32, RuntimeError> {
         let files = &launch.files;
         let name = &launch.name;
-        let failed = |message: String| RuntimeError::Failed {
-            runtime: KIND,
-            op,
-            name: name.clone(),
-            message,
-        };
+        let failed = |message: String| RuntimeError::Failed { runtime: KIND, op, name: name.clone(), message };
         let json = serde_json::to_vec_pretty(record).expect("vm record json");
         std::fs::write(files.record(), json)
             .map_err(|e| RuntimeError::io(format!("write {}", files.record().display()), e))?;
@@ -308,33 +268,20 @@ impl QemuRuntime {
             let err = std::fs::read_to_string(files.qemu_log()).unwrap_or_default();
             return Err(failed(format!("qemu exited ({status}): {}", err.trim())));
         }
-        let pid = read_pid(files).ok_or_else(|| {
-            failed(format!(
-                "qemu started but wrote no pid to {}",
-                files.pidfile().display()
-            ))
-        })?;
-        let want = if launch.incoming.is_some() {
-            "inmigrate"
-        } else {
-            "running"
-        };
+        let pid = read_pid(files)
+            .ok_or_else(|| failed(format!("qemu started but wrote no pid to {}", files.pidfile().display())))?;
+        let want = if launch.incoming.is_some() { "inmigrate" } else { "running" };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match query_state(files).await {
                 Ok(s) if s == want => return Ok(pid),
                 Ok(s) if Instant::now() >= deadline => {
-                    return Err(failed(format!(
-                        "vm is {s:?}, not {want:?}, 30 s after start"
-                    )))
+                    return Err(failed(format!("vm is {s:?}, not {want:?}, 30 s after start")))
                 }
                 Err(e) if Instant::now() >= deadline => return Err(failed(e.to_string())),
                 _ if !pid_alive(pid, &files.dir) => {
                     let err = std::fs::read_to_string(files.qemu_log()).unwrap_or_default();
-                    return Err(failed(format!(
-                        "qemu (pid {pid}) exited right after starting: {}",
-                        err.trim()
-                    )));
+                    return Err(failed(format!("qemu (pid {pid}) exited right after starting: {}", err.trim())));
                 }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -344,10 +291,7 @@ impl QemuRuntime {
     fn read_record(&self, name: &str) -> Result<VmRecord, RuntimeError> {
         let files = self.files(name);
         if name.is_empty() || name.contains('/') || name.starts_with('.') || !files.dir.is_dir() {
-            return Err(RuntimeError::NotFound {
-                runtime: KIND,
-                name: name.to_string(),
-            });
+            return Err(RuntimeError::NotFound { runtime: KIND, name: name.to_string() });
         }
         let data = std::fs::read(files.record())
             .map_err(|e| RuntimeError::io(format!("read {}", files.record().display()), e))?;
@@ -380,12 +324,7 @@ impl QemuRuntime {
             image: record.image.clone(),
             pid,
             exit_code: None,
-            ports: record
-                .spec
-                .ports
-                .iter()
-                .map(|p| format!("{}:{}", p.host_port(), p.container))
-                .collect(),
+            ports: record.spec.ports.iter().map(|p| format!("{}:{}", p.host_port(), p.container)).collect(),
             detail,
         }
     }
@@ -433,13 +372,7 @@ impl Runtime for QemuRuntime {
             (Ok(_), true) => format!("accel {}; {}", self.accel, self.accel_reason),
         };
         let ok = version.is_ok();
-        RuntimeInfo {
-            kind: KIND,
-            version: version.unwrap_or_default(),
-            healthy: ok && kernel,
-            checkpoint: ok,
-            detail,
-        }
+        RuntimeInfo { kind: KIND, version: version.unwrap_or_default(), healthy: ok && kernel, checkpoint: ok, detail }
     }
 
     async fn run(&self, req: &RunRequest) -> Result<WorkloadStatus, RuntimeError> {
@@ -489,10 +422,7 @@ impl Runtime for QemuRuntime {
     async fn remove(&self, name: &str) -> Result<(), RuntimeError> {
         let files = self.files(name);
         if name.is_empty() || name.contains('/') || name.starts_with('.') || !files.dir.is_dir() {
-            return Err(RuntimeError::NotFound {
-                runtime: KIND,
-                name: name.to_string(),
-            });
+            return Err(RuntimeError::NotFound { runtime: KIND, name: name.to_string() });
         }
         if read_pid(&files).is_some_and(|p| pid_alive(p, &files.dir)) {
             // It goes away anyway: no point in a long ACPI grace period.
@@ -502,8 +432,7 @@ impl Runtime for QemuRuntime {
                 kill_vm(&files).await;
             }
         }
-        std::fs::remove_dir_all(&files.dir)
-            .map_err(|e| RuntimeError::io(format!("remove {}", files.dir.display()), e))
+        std::fs::remove_dir_all(&files.dir).map_err(|e| RuntimeError::io(format!("remove {}", files.dir.display()), e))
     }
 
     async fn status(&self, name: &str) -> Result<WorkloadStatus, RuntimeError> {
@@ -515,12 +444,7 @@ impl Runtime for QemuRuntime {
         let rd = match std::fs::read_dir(&self.state_dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(RuntimeError::io(
-                    format!("read {}", self.state_dir.display()),
-                    e,
-                ))
-            }
+            Err(e) => return Err(RuntimeError::io(format!("read {}", self.state_dir.display()), e)),
         };
         let mut names: Vec<String> = rd
             .flatten()
@@ -552,19 +476,11 @@ impl Runtime for QemuRuntime {
         Ok(tail_file(serial, still_running))
     }
 
-    async fn checkpoint(
-        &self,
-        name: &str,
-        opts: &CheckpointOptions,
-    ) -> Result<CheckpointArchive, RuntimeError> {
+    async fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointArchive, RuntimeError> {
         let record = self.read_record(name)?;
         let files = self.files(name);
-        let failed = |message: String| RuntimeError::Failed {
-            runtime: KIND,
-            op: "checkpoint",
-            name: name.to_string(),
-            message,
-        };
+        let failed =
+            |message: String| RuntimeError::Failed { runtime: KIND, op: "checkpoint", name: name.to_string(), message };
         let pid = read_pid(&files)
             .filter(|p| pid_alive(*p, &files.dir))
             .ok_or_else(|| failed("the vm is not running".into()))?;
@@ -573,18 +489,12 @@ impl Runtime for QemuRuntime {
             .map_err(|e| RuntimeError::io(format!("resolve {}", opts.dir.display()), e))?;
         let state = dir.join(STATE_FILE);
         let started = Instant::now();
-        let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| failed(e.to_string()))?;
         let before = q.run_state().await.map_err(|e| failed(e.to_string()))?;
         // Stop the guest first: the stream is then one consistent copy, written once.
         let outcome = async {
             q.execute("stop", None).await?;
-            q.execute(
-                "migrate",
-                Some(json!({ "uri": format!("file:{}", state.display()) })),
-            )
-            .await?;
+            q.execute("migrate", Some(json!({ "uri": format!("file:{}", state.display()) }))).await?;
             wait_migration(&mut q, Duration::from_secs(600)).await
         }
         .await;
@@ -593,18 +503,13 @@ impl Runtime for QemuRuntime {
             let _ = std::fs::remove_file(&state);
             if before == "running" {
                 if let Err(e) = q.execute("cont", None).await {
-                    tracing::warn!(
-                        workload = name,
-                        "cannot resume the vm after a failed checkpoint: {e}"
-                    );
+                    tracing::warn!(workload = name, "cannot resume the vm after a failed checkpoint: {e}");
                 }
             }
             return Err(failed(format!("migration to {}: {e}", state.display())));
         }
         if opts.leave_running {
-            q.execute("cont", None)
-                .await
-                .map_err(|e| failed(format!("resume after the checkpoint: {e}")))?;
+            q.execute("cont", None).await.map_err(|e| failed(format!("resume after the checkpoint: {e}")))?;
         } else {
             let _ = q.execute("quit", None).await;
             drop(q);
@@ -622,12 +527,8 @@ impl Runtime for QemuRuntime {
             image: record.image.clone(),
         };
         let json = serde_json::to_vec_pretty(&archive).expect("archive json");
-        std::fs::write(dir.join("checkpoint.json"), json).map_err(|e| {
-            RuntimeError::io(
-                format!("write {}", dir.join("checkpoint.json").display()),
-                e,
-            )
-        })?;
+        std::fs::write(dir.join("checkpoint.json"), json)
+            .map_err(|e| RuntimeError::io(format!("write {}", dir.join("checkpoint.json").display()), e))?;
         let bytes = dir_bytes(&dir);
         tracing::info!(
             workload = name,
@@ -645,56 +546,31 @@ impl Runtime for QemuRuntime {
             return Err(RuntimeError::Unsupported {
                 runtime: KIND,
                 op: "restore",
-                reason: format!(
-                    "checkpoint {} was written by {}, not qemu",
-                    archive.dir.display(),
-                    archive.runtime
-                ),
+                reason: format!("checkpoint {} was written by {}, not qemu", archive.dir.display(), archive.runtime),
             });
         }
         let spec = &archive.spec;
         let state = std::fs::canonicalize(archive.dir.join(STATE_FILE)).map_err(|e| {
-            RuntimeError::io(
-                format!(
-                    "checkpoint state file {}",
-                    archive.dir.join(STATE_FILE).display()
-                ),
-                e,
-            )
+            RuntimeError::io(format!("checkpoint state file {}", archive.dir.join(STATE_FILE).display()), e)
         })?;
         if req.image.reference != archive.image {
             tracing::warn!(workload = %spec.name, "restoring a checkpoint of {} with image {}", archive.image, req.image.reference);
         }
         let started = Instant::now();
-        let (files, record) = self
-            .start_incoming(spec, &req.image, "defer", Some(archive.dir.clone()))
-            .await?;
+        let (files, record) = self.start_incoming(spec, &req.image, "defer", Some(archive.dir.clone())).await?;
         let files = &files;
-        let failed = |message: String| RuntimeError::Failed {
-            runtime: KIND,
-            op: "restore",
-            name: spec.name.clone(),
-            message,
-        };
+        let failed =
+            |message: String| RuntimeError::Failed { runtime: KIND, op: "restore", name: spec.name.clone(), message };
         let incoming = async {
-            let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT)
+            let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| e.to_string())?;
+            q.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", state.display()) })))
                 .await
                 .map_err(|e| e.to_string())?;
-            q.execute(
-                "migrate-incoming",
-                Some(json!({ "uri": format!("file:{}", state.display()) })),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            wait_migration(&mut q, Duration::from_secs(600))
-                .await
-                .map_err(|e| e.to_string())?;
+            wait_migration(&mut q, Duration::from_secs(600)).await.map_err(|e| e.to_string())?;
             // Without -S QEMU resumes by itself after an incoming migration; `cont` covers the rest.
             let s = q.run_state().await.map_err(|e| e.to_string())?;
             if s != "running" {
-                q.execute("cont", None)
-                    .await
-                    .map_err(|e| format!("cont from {s}: {e}"))?;
+                q.execute("cont", None).await.map_err(|e| format!("cont from {s}: {e}"))?;
             }
             Ok::<_, String>(())
         }
@@ -702,10 +578,7 @@ impl Runtime for QemuRuntime {
         if let Err(e) = incoming {
             kill_vm(files).await;
             let _ = std::fs::remove_dir_all(&files.dir);
-            return Err(failed(format!(
-                "incoming migration from {}: {e}",
-                state.display()
-            )));
+            return Err(failed(format!("incoming migration from {}: {e}", state.display())));
         }
         tracing::info!(workload = %spec.name, "vm restored from {} in {:.1} s", state.display(), started.elapsed().as_secs_f64());
         Ok(self.status_of(&record).await)
@@ -743,19 +616,16 @@ fn vm_state(qemu: &str) -> WorkloadState {
     match qemu {
         "running" => WorkloadState::Running,
         "inmigrate" | "prelaunch" => WorkloadState::Created,
-        "paused" | "postmigrate" | "finish-migrate" | "suspended" | "save-vm" | "restore-vm"
-        | "debug" => WorkloadState::Paused,
+        "paused" | "postmigrate" | "finish-migrate" | "suspended" | "save-vm" | "restore-vm" | "debug" => {
+            WorkloadState::Paused
+        }
         "shutdown" | "guest-panicked" | "internal-error" | "io-error" => WorkloadState::Stopped,
         _ => WorkloadState::Unknown,
     }
 }
 
 /// One QMP command in its own short session.
-async fn qmp(
-    files: &VmFiles,
-    command: &str,
-    args: Option<serde_json::Value>,
-) -> Result<serde_json::Value, QmpError> {
+async fn qmp(files: &VmFiles, command: &str, args: Option<serde_json::Value>) -> Result<serde_json::Value, QmpError> {
     let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await?;
     q.execute(command, args).await
 }
@@ -766,11 +636,7 @@ async fn query_state(files: &VmFiles) -> Result<String, QmpError> {
 }
 
 fn read_pid(files: &VmFiles) -> Option<u32> {
-    std::fs::read_to_string(files.pidfile())
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    std::fs::read_to_string(files.pidfile()).ok()?.trim().parse().ok()
 }
 
 /// True when `pid` is a live (not zombie) QEMU of the workload in `dir`: the command
@@ -780,11 +646,7 @@ pub fn pid_alive(pid: u32, dir: &Path) -> bool {
         return false;
     };
     // State is the first field after the command name's closing parenthesis.
-    if stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        == Some("Z")
-    {
+    if stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("Z") {
         return false;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -810,11 +672,7 @@ async fn kill_pid(pid: u32, dir: &Path) {
     }
     tracing::info!("killing qemu pid {pid} of {}", dir.display());
     // `kill(1)`: the workspace denies unsafe code, so no libc::kill.
-    match tokio::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .await
-    {
+    match tokio::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().await {
         Ok(s) if s.success() => {}
         Ok(s) => tracing::warn!("kill -KILL {pid} exited with {s}"),
         Err(e) => tracing::warn!("cannot run kill -KILL {pid}: {e}"),
@@ -831,13 +689,7 @@ async fn kill_vm(files: &VmFiles) {
 
 fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
+        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
         .unwrap_or(0)
 }
 
@@ -848,10 +700,7 @@ async fn qemu_version(qemu: &Path) -> Result<String, String> {
     }
     let out = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio::process::Command::new(qemu)
-            .arg("--version")
-            .kill_on_drop(true)
-            .output(),
+        tokio::process::Command::new(qemu).arg("--version").kill_on_drop(true).output(),
     )
     .await
     .map_err(|_| format!("{} --version timed out", qemu.display()))?
@@ -865,15 +714,8 @@ async fn qemu_version(qemu: &Path) -> Result<String, String> {
 }
 
 /// Build (or reuse) the VM artifact of `image` under `root/<digest>/`.
-fn build_artifact(
-    root: &Path,
-    image: &ResolvedImage,
-    paths: &HostPaths,
-) -> Result<CachedArtifact, RuntimeError> {
-    let img_err = |reason: String| RuntimeError::Image {
-        reference: image.reference.clone(),
-        reason,
-    };
+fn build_artifact(root: &Path, image: &ResolvedImage, paths: &HostPaths) -> Result<CachedArtifact, RuntimeError> {
+    let img_err = |reason: String| RuntimeError::Image { reference: image.reference.clone(), reason };
     let key: String = image
         .manifest_digest
         .trim_start_matches("sha256:")
@@ -882,10 +724,7 @@ fn build_artifact(
         .take(64)
         .collect();
     if key.is_empty() {
-        return Err(img_err(format!(
-            "no manifest digest for {}",
-            image.tar.display()
-        )));
+        return Err(img_err(format!("no manifest digest for {}", image.tar.display())));
     }
     // the init script is away's, not the image's: a new init needs a new cache entry
     let key = format!("{key}-init{}", away_image::vm::VM_INIT_VERSION);
@@ -895,8 +734,7 @@ fn build_artifact(
     }
     let read = away_image::read_image_tar(&image.tar)
         .map_err(|e| img_err(format!("cannot read {}: {e}", image.tar.display())))?;
-    std::fs::create_dir_all(root)
-        .map_err(|e| RuntimeError::io(format!("create {}", root.display()), e))?;
+    std::fs::create_dir_all(root).map_err(|e| RuntimeError::io(format!("create {}", root.display()), e))?;
     // Build beside the final place, then rename: a concurrent run never sees half an artifact.
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{key}-"))
@@ -912,10 +750,7 @@ fn build_artifact(
         tracing::debug!("vm artifact of {}: {p}", image.reference)
     })
     .map_err(|e| match e {
-        away_image::VmError::Module { .. } => RuntimeError::Unavailable {
-            runtime: KIND,
-            reason: e.to_string(),
-        },
+        away_image::VmError::Module { .. } => RuntimeError::Unavailable { runtime: KIND, reason: e.to_string() },
         away_image::VmError::Io { .. } => RuntimeError::Failed {
             runtime: KIND,
             op: "build the vm artifact of",
@@ -930,12 +765,7 @@ fn build_artifact(
         }
         // Someone else finished first: theirs is as good (same digest); ours is dropped.
         Err(_) if read_artifact(&dir).is_some() => {}
-        Err(e) => {
-            return Err(RuntimeError::io(
-                format!("rename {} to {}", tmp.path().display(), dir.display()),
-                e,
-            ))
-        }
+        Err(e) => return Err(RuntimeError::io(format!("rename {} to {}", tmp.path().display(), dir.display()), e)),
     }
     tracing::info!(
         "vm artifact of {} in {} ({:.1} s)",
@@ -943,14 +773,12 @@ fn build_artifact(
         dir.display(),
         started.elapsed().as_secs_f64()
     );
-    read_artifact(&dir)
-        .ok_or_else(|| img_err(format!("vm artifact {} is incomplete", dir.display())))
+    read_artifact(&dir).ok_or_else(|| img_err(format!("vm artifact {} is incomplete", dir.display())))
 }
 
 /// A complete cached artifact in `dir` (the JSON is written last).
 fn read_artifact(dir: &Path) -> Option<CachedArtifact> {
-    let spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("vm.vm.json")).ok()?).ok()?;
+    let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("vm.vm.json")).ok()?).ok()?;
     let s = |k: &str| spec.get(k).and_then(|v| v.as_str()).map(str::to_string);
     let a = CachedArtifact {
         dir: dir.to_path_buf(),

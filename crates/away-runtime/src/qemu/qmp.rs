@@ -23,17 +23,9 @@ pub enum QmpError {
         source: std::io::Error,
     },
     #[error("qmp socket {socket}: no answer to {what} within {secs} s")]
-    Timeout {
-        socket: String,
-        what: String,
-        secs: u64,
-    },
+    Timeout { socket: String, what: String, secs: u64 },
     #[error("qmp command {command} failed: {class}: {desc}")]
-    Command {
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Command { command: String, class: String, desc: String },
     #[error("qmp socket {socket}: {message}")]
     Protocol { socket: String, message: String },
 }
@@ -53,22 +45,10 @@ impl Qmp {
         let name = socket.display().to_string();
         let stream = tokio::time::timeout(timeout, UnixStream::connect(socket))
             .await
-            .map_err(|_| QmpError::Timeout {
-                socket: name.clone(),
-                what: "connect".into(),
-                secs: timeout.as_secs(),
-            })?
-            .map_err(|source| QmpError::Io {
-                socket: name.clone(),
-                source,
-            })?;
+            .map_err(|_| QmpError::Timeout { socket: name.clone(), what: "connect".into(), secs: timeout.as_secs() })?
+            .map_err(|source| QmpError::Io { socket: name.clone(), source })?;
         let (r, w) = stream.into_split();
-        let mut qmp = Qmp {
-            socket: name,
-            reader: BufReader::new(r),
-            writer: w,
-            timeout,
-        };
+        let mut qmp = Qmp { socket: name, reader: BufReader::new(r), writer: w, timeout };
         let greeting = qmp.read_message("greeting").await?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol {
@@ -81,21 +61,14 @@ impl Qmp {
     }
 
     /// Run one command; Ok(its `return` value).
-    pub async fn execute(
-        &mut self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
         let mut line = msg.to_string();
         line.push('\n');
-        let io = |source| QmpError::Io {
-            socket: self.socket.clone(),
-            source,
-        };
+        let io = |source| QmpError::Io { socket: self.socket.clone(), source };
         self.writer.write_all(line.as_bytes()).await.map_err(io)?;
         loop {
             let reply = self.read_message(command).await?;
@@ -108,11 +81,7 @@ impl Qmp {
             }
             if let Some(err) = reply.get("error") {
                 let s = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                return Err(QmpError::Command {
-                    command: command.into(),
-                    class: s("class"),
-                    desc: s("desc"),
-                });
+                return Err(QmpError::Command { command: command.into(), class: s("class"), desc: s("desc") });
             }
             return Err(QmpError::Protocol {
                 socket: self.socket.clone(),
@@ -124,24 +93,14 @@ impl Qmp {
     /// `query-status` -> the run state ("running", "paused", "inmigrate", "postmigrate", ...).
     pub async fn run_state(&mut self) -> Result<String, QmpError> {
         let v = self.execute("query-status", None).await?;
-        Ok(v.get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown")
-            .to_string())
+        Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
     }
 
     /// `query-migrate` -> (status, error description if any).
     pub async fn migration_status(&mut self) -> Result<(String, Option<String>), QmpError> {
         let v = self.execute("query-migrate", None).await?;
-        let status = v
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("none")
-            .to_string();
-        let err = v
-            .get("error-desc")
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let status = v.get("status").and_then(Value::as_str).unwrap_or("none").to_string();
+        let err = v.get("error-desc").and_then(Value::as_str).map(str::to_string);
         Ok((status, err))
     }
 
@@ -156,10 +115,7 @@ impl Qmp {
                     what: what.into(),
                     secs: self.timeout.as_secs(),
                 })?
-                .map_err(|source| QmpError::Io {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
+                .map_err(|source| QmpError::Io { socket: self.socket.clone(), source })?;
             if n == 0 {
                 return Err(QmpError::Protocol {
                     socket: self.socket.clone(),
