@@ -183,6 +183,9 @@ impl ContainerdRuntime {
             return Err(img_err(format!("{} layers but {} diff_ids in the config", layers.len(), diff_ids.len())));
         }
 
+        // one import at a time on this node (other `away` processes too): two writers of
+        // one blob or one snapshot chain would trip over containerd's ref locks
+        let _import_lock = self.import_lock().await?;
         let lease = self.create_lease().await?;
         let result = async {
             // blobs: layers first, then config, then the manifest with GC references to both
@@ -197,11 +200,30 @@ impl ContainerdRuntime {
             }
             self.write_blob(&lease, &image.manifest_digest, manifest_bytes, refs).await?;
             self.put_image_record(image, manifest_bytes.len() as i64).await?;
-            self.unpack(&lease, &layers, &diff_ids).await
+            let top = self.unpack(&lease, &layers, &diff_ids).await?;
+            // Keep the unpacked snapshots as long as the image: without this GC reference
+            // (the one containerd's own unpacker sets) they go once the lease is gone.
+            let keep = HashMap::from([(format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"), top.clone())]);
+            self.write_blob(&lease, &config_digest, blob(&blobs, &config_digest).map_err(img_err)?, keep).await?;
+            Ok(top)
         }
         .await;
         self.delete_lease(&lease).await;
         result
+    }
+
+    async fn import_lock(&self) -> Result<std::fs::File, RuntimeError> {
+        let dir = self.log_dir.parent().unwrap_or(Path::new("/tmp")).join("locks");
+        let path = dir.join(format!("containerd-import-{}.lock", self.namespace));
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            let f = std::fs::File::create(&path)?;
+            f.lock()?;
+            Ok::<_, std::io::Error>(f)
+        })
+        .await
+        .expect("lock thread")
+        .map_err(|e| RuntimeError::io("lock the containerd image import", e))
     }
 
     async fn create_lease(&self) -> Result<String, RuntimeError> {
@@ -277,20 +299,16 @@ impl ContainerdRuntime {
             .await
             .map_err(|s| Self::failed("write content", digest, s))?;
         let mut stream = resp.into_inner();
-        while let Some(msg) = stream.message().await.map_err(|s| match s.code() {
-            Code::AlreadyExists => RuntimeError::Failed {
-                runtime: KIND,
-                op: "write content",
-                name: digest.into(),
-                message: "already exists".into(),
-            },
-            _ => Self::failed("write content", digest, s),
-        })? {
-            if msg.action == api::WriteAction::Commit as i32 {
-                break;
+        loop {
+            match stream.message().await {
+                Ok(Some(msg)) if msg.action == api::WriteAction::Commit as i32 => return Ok(()),
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(()),
+                // committed meanwhile by another writer: the content is there
+                Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
+                Err(s) => return Err(Self::failed("write content", digest, s)),
             }
         }
-        Ok(())
     }
 
     async fn put_image_record(&self, image: &ResolvedImage, manifest_size: i64) -> Result<(), RuntimeError> {
