@@ -92,6 +92,17 @@ fn counter_runs_answers_and_is_removed_without_a_trace() {
     );
     let listed = tokio.block_on(rt.list()).unwrap();
     assert!(listed.iter().any(|w| w.name == n));
+    // the spec's limits reached the container's cgroup (v1 memory controller, or v2)
+    let limit = ["/sys/fs/cgroup/memory/away", "/sys/fs/cgroup/away"]
+        .iter()
+        .find_map(|base| {
+            let dir = format!("{base}/{n}");
+            std::fs::read_to_string(format!("{dir}/memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(format!("{dir}/memory.max")))
+                .ok()
+        })
+        .expect("memory cgroup of the container");
+    assert_eq!(limit.trim(), (64u64 << 20).to_string(), "memory limit not applied");
     // a second workload of the same name is refused
     let image = read_resolved(&lab_image("counter"), None).unwrap();
     let dup = tokio.block_on(rt.run(&RunRequest { spec: spec(&n, &[], None), image }));

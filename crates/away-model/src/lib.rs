@@ -15,4 +15,6 @@ pub use spec::{
     WorkloadSpec,
 };
 pub use wire::{ApiError, ErrorCode};
-pub use workload::{RuntimeDecision, RuntimeVerdict, WorkloadState, WorkloadStatus};
+pub use workload::{
+    MigrationMode, MigrationPhase, MigrationReport, RuntimeDecision, RuntimeVerdict, WorkloadState, WorkloadStatus,
+};

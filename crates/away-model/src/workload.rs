@@ -70,3 +70,61 @@ pub struct RuntimeVerdict {
     pub usable: bool,
     pub why: String,
 }
+
+/// How a workload moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationMode {
+    /// Container: freeze, checkpoint everything, copy, restore (downtime = the whole move).
+    StopAndCopy,
+    /// Container: CRIU pre-dump rounds while running, then a short final stop-and-copy.
+    PreCopy,
+    /// Container: restore at once, pages fetched on demand (post-copy).
+    Lazy,
+    /// VM: QEMU live migration (pre-copy, optionally post-copy).
+    VmLive,
+    /// Different architecture: start fresh from the image on the target; state is lost.
+    ColdRestart,
+}
+
+impl fmt::Display for MigrationMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MigrationMode::StopAndCopy => "stop-and-copy",
+            MigrationMode::PreCopy => "pre-copy",
+            MigrationMode::Lazy => "lazy",
+            MigrationMode::VmLive => "vm-live",
+            MigrationMode::ColdRestart => "cold-restart",
+        })
+    }
+}
+
+/// One timed step of a migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationPhase {
+    /// `checkpoint`, `transfer`, `restore`, `confirm`, `cleanup`, `vm-migrate`, …
+    pub name: String,
+    pub millis: u64,
+}
+
+/// What a finished (or failed) migration reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub workload: String,
+    pub mode: MigrationMode,
+    pub source: String,
+    pub target: String,
+    pub phases: Vec<MigrationPhase>,
+    pub total_millis: u64,
+    /// Time the workload answered nowhere: from the source's stop to the target's start.
+    pub downtime_millis: u64,
+    /// Bytes of state before compression (CRIU images + rootfs changes, or RAM sent).
+    pub bytes_raw: u64,
+    /// Bytes that crossed the network.
+    pub bytes_wire: u64,
+    /// Why this mode, and the compatibility check's verdict.
+    pub reason: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
