@@ -470,6 +470,17 @@ impl ContainerdRuntime {
                 .into_inner()
                 .mounts;
             rollback.snapshot = true;
+            if let Some(diff) = restore_from.map(|d| d.join(crate::rootfs::ROOTFS_DIFF)).filter(|p| p.is_file()) {
+                let upper = mounts.iter().find_map(|m| crate::rootfs::upperdir(&m.options)).ok_or_else(|| {
+                    RuntimeError::Failed {
+                        runtime: KIND,
+                        op: "restore",
+                        name: name.into(),
+                        message: "the new snapshot has no overlay upper directory for the rootfs changes".into(),
+                    }
+                })?;
+                crate::rootfs::apply(&diff, Path::new(upper))?;
+            }
             let oci = oci_spec_for(spec, image);
             let labels = HashMap::from([
                 (LABEL_WORKLOAD.to_string(), name.to_string()),
@@ -875,18 +886,31 @@ impl Runtime for ContainerdRuntime {
             work_path: work.display().to_string(),
         };
         let mut ts = api::tasks_client::TasksClient::new(self.channel.clone());
-        ts.checkpoint(self.req(api::CheckpointTaskRequest {
-            container_id: name.into(),
-            parent_checkpoint: String::new(),
-            options: Some(any("containerd.runc.v1.CheckpointOptions", &options)),
-        }))
-        .await
-        .map_err(|s| RuntimeError::Failed {
-            runtime: KIND,
-            op: "checkpoint",
-            name: name.into(),
-            message: format!("{}{}", s.message(), crate::runtime::criu_log_errors(&work.join("dump.log"))),
-        })?;
+        let checkpointed = ts
+            .checkpoint(self.req(api::CheckpointTaskRequest {
+                container_id: name.into(),
+                parent_checkpoint: String::new(),
+                options: Some(any("containerd.runc.v1.CheckpointOptions", &options)),
+            }))
+            .await
+            .map_err(|s| RuntimeError::Failed {
+                runtime: KIND,
+                op: "checkpoint",
+                name: name.into(),
+                message: format!("{}{}", s.message(), crate::runtime::criu_log_errors(&work.join("dump.log"))),
+            });
+        checkpointed?;
+        // the filesystem half of the state: what the workload wrote to its rootfs
+        let mut snaps = snap::snapshots_client::SnapshotsClient::new(self.channel.clone());
+        let mounts = snaps
+            .mounts(self.req(snap::MountsRequest { snapshotter: SNAPSHOTTER.into(), key: name.into() }))
+            .await
+            .map_err(|s| Self::failed("read snapshot mounts", name, s))?
+            .into_inner()
+            .mounts;
+        if let Some(upper) = mounts.iter().find_map(|m| crate::rootfs::upperdir(&m.options)) {
+            crate::rootfs::capture(Path::new(upper), &opts.dir.join(crate::rootfs::ROOTFS_DIFF))?;
+        }
         if !opts.leave_running {
             // the process exited with the dump; reap the task so the name can be reused
             self.kill_and_delete_task(name, Duration::ZERO).await?;

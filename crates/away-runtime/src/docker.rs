@@ -18,7 +18,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ImportImageOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
-    StopContainerOptions, TagImageOptions,
+    RenameContainerOptions, StopContainerOptions, TagImageOptions,
 };
 use bollard::Docker;
 use futures_util::{StreamExt, TryStreamExt};
@@ -274,6 +274,18 @@ impl DockerRuntime {
             name: name.into(),
             message: "dockerd does not report its root dir (DockerRootDir)".into(),
         })?;
+        let diff = dir.join(crate::rootfs::ROOTFS_DIFF);
+        if diff.is_file() {
+            let created =
+                self.docker.inspect_container(id, None).await.map_err(|e| self.api_error("inspect", name, e))?;
+            let upper = upper_dir(&created).ok_or_else(|| RuntimeError::Failed {
+                runtime: KIND,
+                op: "restore",
+                name: name.into(),
+                message: "the new container has no overlay2 UpperDir for the rootfs changes".into(),
+            })?;
+            crate::rootfs::apply(&diff, Path::new(&upper))?;
+        }
         let checkpoint = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "away".into());
         let target = Path::new(root).join("containers").join(id).join("checkpoints").join(&checkpoint);
         let (from, to) = (dir.to_path_buf(), target.clone());
@@ -296,12 +308,10 @@ impl DockerRuntime {
     async fn inspect(&self, name: &str) -> Result<ContainerInspectResponse, RuntimeError> {
         let c = self.docker.inspect_container(name, None).await.map_err(|e| self.api_error("inspect", name, e))?;
         // Docker also resolves ID prefixes: insist on our label with this exact name.
-        let ours = c
-            .config
-            .as_ref()
-            .and_then(|cfg| cfg.labels.as_ref())
-            .and_then(|l| l.get(LABEL_WORKLOAD))
-            .is_some_and(|w| w == name);
+        let ours =
+            c.config.as_ref().and_then(|cfg| cfg.labels.as_ref()).and_then(|l| l.get(LABEL_WORKLOAD)).is_some_and(
+                |w| w == name || name.strip_prefix(w.as_str()).is_some_and(|rest| rest.starts_with(SET_ASIDE)),
+            );
         if !ours {
             return Err(RuntimeError::NotFound { runtime: KIND, name: name.into() });
         }
@@ -468,12 +478,30 @@ impl Runtime for DockerRuntime {
         }
         // The images hold the process's memory: owner only.
         set_owner_only(&dir)?;
+        // the filesystem half of the state: what the workload wrote to its rootfs
+        if let Some(upper) = upper_dir(&c) {
+            crate::rootfs::capture(Path::new(&upper), &dir.join(crate::rootfs::ROOTFS_DIFF))?;
+        }
         let walk = dir.clone();
         let bytes = tokio::task::spawn_blocking(move || dir_bytes(&walk))
             .await
             .map_err(|e| RuntimeError::io(format!("measure {}", dir.display()), std::io::Error::other(e)))?
             .map_err(|e| RuntimeError::io(format!("measure {}", dir.display()), e))?;
         Ok(CheckpointArchive { workload: name.into(), runtime: KIND, dir, bytes, spec, image })
+    }
+
+    /// Docker names are per engine: a target agent on the same engine needs the name,
+    /// so the stopped source container is renamed `<name>.away-moving-<ms>` until the
+    /// move is confirmed (then removed) or failed (then replaced by the restored source).
+    async fn step_aside(&self, name: &str) -> Result<Option<String>, RuntimeError> {
+        self.inspect(name).await?;
+        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let new_name = format!("{name}{SET_ASIDE}{ms}");
+        self.docker
+            .rename_container(name, RenameContainerOptions { name: new_name.clone() })
+            .await
+            .map_err(|e| self.api_error("rename", name, e))?;
+        Ok(Some(new_name))
     }
 
     async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
@@ -506,6 +534,14 @@ fn with_checkpoint_query(docker: &Docker, checkpoint: &str) -> Docker {
         *req.uri_mut() = format!("{uri}{sep}{query}").parse().unwrap_or_default();
         req
     })
+}
+
+/// Suffix of a stopped source container set aside during a move.
+const SET_ASIDE: &str = ".away-moving-";
+
+/// The overlay2 upper directory of a container (its rootfs changes).
+fn upper_dir(c: &ContainerInspectResponse) -> Option<String> {
+    c.graph_driver.as_ref().and_then(|g| g.data.get("UpperDir")).cloned()
 }
 
 /// Copy a checkpoint (a flat dir of CRIU images, but copied recursively all the same).

@@ -8,6 +8,7 @@ pub mod fallback;
 pub mod host;
 pub mod node;
 pub mod qemu;
+pub mod rootfs;
 pub mod runtime;
 pub mod store;
 

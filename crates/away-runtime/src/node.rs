@@ -103,6 +103,11 @@ impl LocalNode {
         if let Some((rt, _)) = self.find(&spec.name).await? {
             return Err(RuntimeError::AlreadyExists { runtime: rt, name: spec.name.clone() });
         }
+        // an image given as a tar joins the node's store, so that later steps (a move,
+        // a restore elsewhere) find it by its reference
+        if std::path::Path::new(&spec.image).is_file() {
+            self.store.add(std::path::Path::new(&spec.image), None)?;
+        }
         let image = self.store.resolve(&spec.image)?;
         let requested = requested.or(spec.placement.runtime);
         let health = self.health().await;

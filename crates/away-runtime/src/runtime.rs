@@ -120,6 +120,14 @@ pub trait Runtime: Send + Sync {
 
     /// Start a workload from a checkpoint; it continues where the checkpoint left it.
     async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError>;
+
+    /// After a checkpoint for a move: let the stopped workload's record give up its name
+    /// (so that a target sharing this runtime can restore under it) while it is kept
+    /// until the move is confirmed. Returns the record's new name, if it got one.
+    /// Runtimes whose names are per node need nothing: the default keeps the name.
+    async fn step_aside(&self, _name: &str) -> Result<Option<String>, RuntimeError> {
+        Ok(None)
+    }
 }
 
 /// Refuse a workload that asks for more memory than the host has, before anything is

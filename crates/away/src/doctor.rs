@@ -13,7 +13,7 @@ use crate::output::print_json;
 /// Every answer comes from asking the real thing: the daemons' sockets, the binaries,
 /// and for KVM a probe guest that must actually boot (a /dev/kvm that exists but hangs
 /// guests counts as unusable, and VMs then run under TCG). The KVM answer is cached in
-/// $AWAY_STATE_DIR (default /var/lib/away) per host kernel, guest kernel and QEMU version.
+/// /var/cache/away/kvm-probe.json (AWAY_KVM_PROBE_CACHE) per host kernel, guest kernel and QEMU version.
 ///
 /// Exit status: 0 when nothing away needs is missing (warnings allowed), 1 otherwise.
 ///

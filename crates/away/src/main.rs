@@ -3,6 +3,7 @@
 
 mod doctor;
 mod image;
+mod migrate;
 mod output;
 mod workload;
 
@@ -38,6 +39,13 @@ enum Command {
     Stop(workload::StopArgs),
     /// Remove a workload
     Rm(workload::RmArgs),
+    /// Run the node daemon (HTTP API, incoming migrations)
+    Agent(migrate::AgentArgs),
+    /// Move a running workload to another node, keeping its state
+    Migrate(migrate::MigrateArgs),
+    /// List or prune checkpoint archives
+    #[command(subcommand)]
+    Archives(migrate::ArchivesCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +65,9 @@ fn main() -> std::process::ExitCode {
         Command::Logs(a) => workload::logs(a),
         Command::Stop(a) => workload::stop(a),
         Command::Rm(a) => workload::rm(a),
+        Command::Agent(a) => migrate::agent(a),
+        Command::Migrate(a) => migrate::migrate(a),
+        Command::Archives(c) => migrate::archives(c),
     };
     match result {
         Ok(code) => code,

@@ -30,8 +30,10 @@ pub struct HostPaths {
     pub qemu: PathBuf,
     pub guest_kernel: PathBuf,
     pub busybox: PathBuf,
-    /// Away's own state (probe cache, databases).
+    /// Away's own state (image store, logs, databases).
     pub state_dir: PathBuf,
+    /// The KVM probe's answer: a fact about the host, shared by every node on it.
+    pub kvm_probe_cache: PathBuf,
 }
 
 impl Default for HostPaths {
@@ -50,6 +52,7 @@ impl Default for HostPaths {
                 .find(|p| p.exists())
                 .unwrap_or_else(|| "/bin/busybox".into()),
             state_dir: env("AWAY_STATE_DIR", "/var/lib/away"),
+            kvm_probe_cache: env("AWAY_KVM_PROBE_CACHE", "/var/cache/away/kvm-probe.json"),
         }
     }
 }
@@ -194,7 +197,7 @@ pub async fn fingerprint(opts: &FingerprintOptions) -> HostReport {
         kernel: p.guest_kernel.clone(),
         busybox: p.busybox.clone(),
         timeout: opts.kvm_timeout,
-        cache_file: Some(p.state_dir.join("kvm-probe.json")),
+        cache_file: Some(p.kvm_probe_cache.clone()),
         reprobe: opts.reprobe_kvm,
     };
     let qemu_version = qemu.version.clone().unwrap_or_default();

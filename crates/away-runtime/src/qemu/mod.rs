@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub use command::{memory_mib, vcpus, VmFiles, VmLaunch};
-pub use qmp::{Qmp, QmpError};
+pub use qmp::{Qmp, QmpError, QmpEvent};
 
 use crate::host::{probe_kvm, HostPaths, KvmProbeConfig};
 use crate::runtime::{
@@ -95,7 +95,7 @@ impl QemuRuntime {
             kernel: paths.guest_kernel.clone(),
             busybox: paths.busybox.clone(),
             timeout: Duration::from_secs(15),
-            cache_file: Some(paths.state_dir.join("kvm-probe.json")),
+            cache_file: Some(paths.kvm_probe_cache.clone()),
             reprobe: false,
         };
         let probe = tokio::task::spawn_blocking(move || probe_kvm(&cfg, &version)).await.expect("kvm probe thread");

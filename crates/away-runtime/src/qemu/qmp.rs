@@ -6,8 +6,9 @@
 //! async feature pulls futures, tokio-util, bytes and memchr. `away` sends about eight
 //! commands with one or two arguments each; JSON lines with serde_json are enough.
 
+use std::collections::VecDeque;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -36,6 +37,31 @@ pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     timeout: Duration,
+    /// Events that arrived between replies, oldest first (at most [`MAX_EVENTS`]).
+    events: VecDeque<QmpEvent>,
+}
+
+/// Events kept per session; older ones are dropped first.
+const MAX_EVENTS: usize = 1024;
+
+/// An asynchronous QMP event (`STOP`, `RESUME`, `MIGRATION`, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QmpEvent {
+    pub name: String,
+    pub data: Value,
+    /// When QEMU emitted it: its `timestamp` (the host's wall clock, microseconds).
+    pub at: SystemTime,
+}
+
+impl QmpEvent {
+    fn from_json(v: &Value) -> Option<QmpEvent> {
+        let name = v.get("event")?.as_str()?.to_string();
+        let ts = v.get("timestamp");
+        let secs = ts.and_then(|t| t.get("seconds")).and_then(Value::as_u64).unwrap_or(0);
+        let micros = ts.and_then(|t| t.get("microseconds")).and_then(Value::as_u64).unwrap_or(0);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros);
+        Some(QmpEvent { name, data: v.get("data").cloned().unwrap_or(Value::Null), at })
+    }
 }
 
 impl Qmp {
@@ -48,7 +74,7 @@ impl Qmp {
             .map_err(|_| QmpError::Timeout { socket: name.clone(), what: "connect".into(), secs: timeout.as_secs() })?
             .map_err(|source| QmpError::Io { socket: name.clone(), source })?;
         let (r, w) = stream.into_split();
-        let mut qmp = Qmp { socket: name, reader: BufReader::new(r), writer: w, timeout };
+        let mut qmp = Qmp { socket: name, reader: BufReader::new(r), writer: w, timeout, events: VecDeque::new() };
         let greeting = qmp.read_message("greeting").await?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol {
@@ -72,8 +98,15 @@ impl Qmp {
         self.writer.write_all(line.as_bytes()).await.map_err(io)?;
         loop {
             let reply = self.read_message(command).await?;
-            // Asynchronous events (STOP, RESUME, MIGRATION, ...) arrive in between: skip them.
+            // Asynchronous events (STOP, RESUME, MIGRATION, ...) arrive in between: keep them
+            // for `take_events`.
             if reply.get("event").is_some() {
+                if let Some(e) = QmpEvent::from_json(&reply) {
+                    if self.events.len() == MAX_EVENTS {
+                        self.events.pop_front();
+                    }
+                    self.events.push_back(e);
+                }
                 continue;
             }
             if let Some(ret) = reply.get("return") {
@@ -88,6 +121,13 @@ impl Qmp {
                 message: format!("unexpected reply to {command}: {reply}"),
             });
         }
+    }
+
+    /// The events received so far in this session (oldest first), emptying the buffer.
+    /// Events are read while waiting for replies: run a command (e.g. `query-status`)
+    /// to collect the ones QEMU sent since.
+    pub fn take_events(&mut self) -> Vec<QmpEvent> {
+        self.events.drain(..).collect()
     }
 
     /// `query-status` -> the run state ("running", "paused", "inmigrate", "postmigrate", ...).
@@ -130,5 +170,20 @@ impl Qmp {
                 message: format!("bad json ({e}): {}", line.trim()),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_keep_their_qemu_timestamp() {
+        let v = json!({"event": "STOP", "timestamp": {"seconds": 1700000000, "microseconds": 250}});
+        let e = QmpEvent::from_json(&v).unwrap();
+        assert_eq!(e.name, "STOP");
+        assert_eq!(e.data, Value::Null);
+        assert_eq!(e.at.duration_since(SystemTime::UNIX_EPOCH).unwrap(), Duration::new(1_700_000_000, 250_000));
+        assert!(QmpEvent::from_json(&json!({"return": {}})).is_none());
     }
 }

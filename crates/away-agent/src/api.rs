@@ -1,0 +1,128 @@
+//! The agent's HTTP JSON API (`/v1`) and its transfer receiver.
+//!
+//! | method | path | answer |
+//! | --- | --- | --- |
+//! | GET | /v1/node | `{node: NodeInfo, transfer_addr}` |
+//! | GET | /v1/images?reference=R | `{reference, present}` |
+//! | GET | /v1/workloads | `[WorkloadStatus]` |
+//! | GET | /v1/workloads/{name} | `WorkloadStatus`, 404 |
+//! | POST | /v1/transfers/{id}/commit | 204; 404 when unknown or expired |
+//!
+//! Errors are `away_model::ApiError` bodies with the matching status code.
+
+use std::sync::Arc;
+
+use away_migrate::container::{restore_received, verdict_for, Manifest};
+use away_migrate::target::TargetInfo;
+use away_migrate::transfer::{self, ReceivedPayload, Verdict};
+use away_model::{ApiError, ErrorCode};
+use away_runtime::RuntimeError;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::{Agent, Provisional};
+
+/// An `ApiError` as an HTTP answer.
+pub struct Problem(pub ApiError);
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(self.0)).into_response()
+    }
+}
+
+impl From<RuntimeError> for Problem {
+    fn from(e: RuntimeError) -> Self {
+        let code = match &e {
+            RuntimeError::NotFound { .. } | RuntimeError::NoSuchWorkload { .. } => ErrorCode::NotFound,
+            RuntimeError::AlreadyExists { .. } => ErrorCode::Conflict,
+            RuntimeError::Invalid { .. } | RuntimeError::Image { .. } => ErrorCode::InvalidInput,
+            RuntimeError::Unavailable { .. } => ErrorCode::Unavailable,
+            RuntimeError::NoRuntime(_) | RuntimeError::Unsupported { .. } => ErrorCode::Incompatible,
+            _ => ErrorCode::Internal,
+        };
+        Problem(ApiError::new(code, e.to_string()))
+    }
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/node", get(node))
+        .route("/v1/images", get(image))
+        .route("/v1/workloads", get(workloads))
+        .route("/v1/workloads/{name}", get(workload))
+        .route("/v1/transfers/{id}/commit", post(commit))
+        .with_state(agent)
+}
+
+async fn node(State(agent): State<Arc<Agent>>) -> Json<TargetInfo> {
+    let mut info = agent.info.clone();
+    info.runtimes = agent.node.health().await;
+    Json(TargetInfo { node: info, transfer_addr: agent.transfer_addr() })
+}
+
+#[derive(Deserialize)]
+struct ImageQuery {
+    reference: String,
+}
+
+async fn image(State(agent): State<Arc<Agent>>, Query(q): Query<ImageQuery>) -> Json<serde_json::Value> {
+    let present = agent.node.store.resolve(&q.reference).is_ok();
+    Json(serde_json::json!({"reference": q.reference, "present": present}))
+}
+
+async fn workloads(State(agent): State<Arc<Agent>>) -> Json<Vec<away_model::WorkloadStatus>> {
+    Json(agent.node.list().await.0)
+}
+
+async fn workload(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<Json<away_model::WorkloadStatus>, Problem> {
+    Ok(Json(agent.node.get(&name).await?.1))
+}
+
+async fn commit(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<StatusCode, Problem> {
+    if agent.commit(&id).await {
+        tracing::info!(transfer = %id, "migration committed by its source");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Problem(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no provisional workload for transfer {id:?} (unknown, or its lease expired)"),
+        )))
+    }
+}
+
+/// Receive transfers forever; each complete payload is restored on this node.
+pub async fn serve_transfers(agent: Arc<Agent>, listener: tokio::net::TcpListener) {
+    let spool = agent.config.spool_dir();
+    let handler = move |payload: ReceivedPayload| {
+        let agent = agent.clone();
+        async move { handle_payload(agent, payload).await }
+    };
+    if let Err(e) = transfer::serve(listener, spool, handler).await {
+        tracing::error!("transfer receiver stopped: {e}");
+    }
+}
+
+async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict {
+    let manifest: Option<Manifest> = serde_json::from_value(payload.meta.clone()).ok();
+    tracing::info!(transfer = %payload.transfer_id, workload = ?manifest.as_ref().map(|m| &m.spec.name), bytes = payload.bytes_raw, "payload received, restoring");
+    if std::env::var("AWAY_FAULT_RESTORE").as_deref() == Ok("fail") {
+        // fault injection for the end-to-end tests: the restore "crashes"
+        return Verdict::failed("restore killed (AWAY_FAULT_RESTORE=fail)");
+    }
+    let settle = std::time::Duration::from_millis(500);
+    let result = restore_received(&agent.node, &payload, settle).await;
+    let verdict = verdict_for(&result, settle);
+    if let (Ok((st, _)), Some(m)) = (&result, manifest) {
+        agent.arm_lease(payload.transfer_id.clone(), Provisional { workload: st.name.clone(), runtime: m.runtime });
+    }
+    verdict
+}

@@ -1,0 +1,144 @@
+//! The away node daemon. It runs the runtime and migration work asked of its node and
+//! receives transfers from other agents:
+//!
+//! * an HTTP JSON API under `/v1` (axum): the node's fingerprint, its workloads, image
+//!   presence, commits of incoming migrations, VM migration destinations;
+//! * the transfer protocol's receiver (`away_migrate::transfer`) on a second port, which
+//!   restores incoming checkpoints.
+//!
+//! An incoming workload is *provisional* until the source commits it: if no commit
+//! arrives within the lease, the agent removes it again, because the source, having
+//! heard nothing, resumes its own copy. That is what keeps one live instance when the
+//! link dies at the worst moment.
+
+pub mod api;
+pub mod client;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use away_model::{NodeInfo, Tier};
+use away_runtime::host::FingerprintOptions;
+use away_runtime::{LocalNode, NodeOptions};
+use tokio::sync::Mutex;
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Node name, as the broker and other agents know it.
+    pub name: String,
+    pub tier: Tier,
+    /// HTTP API address.
+    pub listen: SocketAddr,
+    /// Transfer protocol address (incoming migrations).
+    pub transfer_listen: SocketAddr,
+    /// Address other agents reach the transfer port at (default: `transfer_listen`).
+    pub transfer_advertise: Option<String>,
+    pub node: NodeOptions,
+    /// How long an incoming workload waits for its source's commit.
+    pub commit_lease: Duration,
+}
+
+impl AgentConfig {
+    pub fn spool_dir(&self) -> PathBuf {
+        self.node.paths.state_dir.join("transfers")
+    }
+}
+
+/// An incoming migration restored here, not yet committed by its source.
+#[derive(Debug, Clone)]
+pub struct Provisional {
+    pub workload: String,
+    pub runtime: away_model::RuntimeKind,
+}
+
+/// Shared state of a running agent.
+pub struct Agent {
+    pub config: AgentConfig,
+    pub node: LocalNode,
+    pub info: NodeInfo,
+    /// transfer id -> provisional workload
+    pub provisional: Mutex<HashMap<String, Provisional>>,
+}
+
+impl Agent {
+    /// Open the node's runtimes and fingerprint the host.
+    pub async fn open(config: AgentConfig) -> Arc<Agent> {
+        let node = LocalNode::open(config.node.clone()).await;
+        let fp = away_runtime::host::fingerprint(&FingerprintOptions {
+            paths: config.node.paths.clone(),
+            ..Default::default()
+        })
+        .await;
+        let mut info = fp.node_info(&config.name, config.tier);
+        // the runtimes' health as the node's own connections see it
+        info.runtimes = node.health().await;
+        Arc::new(Agent { config, node, info, provisional: Mutex::new(HashMap::new()) })
+    }
+
+    /// The transfer address other agents should dial.
+    pub fn transfer_addr(&self) -> String {
+        self.config.transfer_advertise.clone().unwrap_or_else(|| self.config.transfer_listen.to_string())
+    }
+
+    /// Remove `workload` after the lease unless its transfer was committed meanwhile.
+    pub fn arm_lease(self: &Arc<Self>, transfer_id: String, p: Provisional) {
+        let agent = self.clone();
+        let lease = self.config.commit_lease;
+        tokio::spawn(async move {
+            agent.provisional.lock().await.insert(transfer_id.clone(), p.clone());
+            tokio::time::sleep(lease).await;
+            if agent.provisional.lock().await.remove(&transfer_id).is_some() {
+                tracing::warn!(workload = %p.workload, transfer = %transfer_id, "no commit from the source within {} s: removing the provisional copy (the source resumes its own)", lease.as_secs());
+                if let Ok(rt) = agent.node.runtime(p.runtime) {
+                    if let Err(e) = rt.remove(&p.workload).await {
+                        tracing::error!(workload = %p.workload, "cannot remove the uncommitted copy: {e}");
+                    }
+                }
+            }
+        });
+    }
+
+    /// The source confirms: the provisional workload stays. False if unknown or expired.
+    pub async fn commit(&self, transfer_id: &str) -> bool {
+        self.provisional.lock().await.remove(transfer_id).is_some()
+    }
+}
+
+/// Run the agent until interrupted: HTTP API and transfer receiver.
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let http = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| AgentError::Bind { addr: config.listen.to_string(), source: e })?;
+    let transfer = tokio::net::TcpListener::bind(config.transfer_listen)
+        .await
+        .map_err(|e| AgentError::Bind { addr: config.transfer_listen.to_string(), source: e })?;
+    let agent = Agent::open(config).await;
+    tracing::info!(name = %agent.config.name, api = %agent.config.listen, transfer = %agent.config.transfer_listen, "agent up");
+    let receiver = {
+        let agent = agent.clone();
+        tokio::spawn(async move { api::serve_transfers(agent, transfer).await })
+    };
+    let app = api::router(agent.clone());
+    let server = axum::serve(http, app).with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    let result = server.await.map_err(|e| AgentError::Serve(e.to_string()));
+    receiver.abort();
+    result
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent server failed: {0}")]
+    Serve(String),
+}

@@ -1,0 +1,56 @@
+//! Moving running workloads between nodes.
+//!
+//! * [`compat`]: may this workload move from this node to that one, and how (with why)?
+//! * [`transfer`]: the one transfer protocol every migration path uses: a chunked,
+//!   compressed, checksummed, resumable stream over TCP.
+//! * [`container`]: container stop-and-copy through the runtimes' CRIU checkpoints.
+//! * [`vm`]: QEMU live migration between two QEMU processes.
+//! * [`archive`]: checkpoint archives on disk (private, pruned, kept after failures).
+
+pub mod archive;
+pub mod compat;
+pub mod container;
+pub mod target;
+pub mod transfer;
+pub mod vm;
+
+use std::path::PathBuf;
+
+use away_model::{NodeInfo, Tier};
+use away_runtime::{LocalNode, RuntimeError};
+
+/// Errors of a migration. Messages name the workload, node or path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migration refused: {0}")]
+    Incompatible(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Transfer(#[from] transfer::TransferError),
+    #[error("target {target}: {message}")]
+    Target { target: String, message: String },
+    /// The move failed and the source was (or could not be) resumed.
+    #[error("migration failed: {why}; {detail}")]
+    RolledBack { why: String, resumed: bool, detail: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// This node's fingerprint as a migration source reports it.
+pub async fn local_node_info(node: &LocalNode, name: &str) -> NodeInfo {
+    let fp = away_runtime::host::fingerprint(&away_runtime::host::FingerprintOptions {
+        paths: node.options.paths.clone(),
+        ..Default::default()
+    })
+    .await;
+    let mut info = fp.node_info(name, Tier::Cloud);
+    info.runtimes = node.health().await;
+    info
+}

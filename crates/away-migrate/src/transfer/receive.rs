@@ -1,0 +1,611 @@
+//! Receiving side: verify and spool chunks per transfer id, resume where a cut link left off,
+//! unpack, hand the payload to the caller and send its verdict back.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::payload::{self, hex};
+use super::send::valid_transfer_id;
+use super::wire::{self, ChunkFrame, ErrorFrame, Frame, Hello, Resume, MAX_CHUNK_SIZE, PROTOCOL_VERSION};
+use super::{TransferError, Verdict};
+
+/// Rejected chunks per connection before the receiver gives up on the sender.
+const MAX_REJECTIONS: u32 = 16;
+/// Sync the spool and record progress at least this often (chunks / time), so a receiver
+/// restart loses little, without one fsync per chunk.
+const SYNC_EVERY_CHUNKS: u32 = 32;
+const SYNC_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// A connection silent for this long while chunks are expected is dropped.
+    pub idle_timeout: Duration,
+    /// How long a reconnecting sender waits for its previous connection to wind down before
+    /// taking the transfer over.
+    pub takeover_wait: Duration,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions { idle_timeout: Duration::from_secs(300), takeover_wait: Duration::from_secs(3) }
+    }
+}
+
+/// A complete, verified payload, unpacked. `dir` (owner-only) is removed after the handler
+/// returns an ok verdict, so a handler that needs the files later moves them; on a failed verdict
+/// it is kept for inspection.
+#[derive(Debug, Clone)]
+pub struct ReceivedPayload {
+    pub transfer_id: String,
+    pub dir: PathBuf,
+    pub meta: serde_json::Value,
+    pub peer: SocketAddr,
+    pub bytes_raw: u64,
+    /// Frame bytes received for this transfer, over all connections.
+    pub bytes_wire: u64,
+}
+
+pub struct Receiver {
+    listener: TcpListener,
+    spool: PathBuf,
+    options: ReceiveOptions,
+}
+
+impl Receiver {
+    pub async fn bind(addr: &str, spool_dir: impl Into<PathBuf>) -> Result<Self, TransferError> {
+        let listener =
+            TcpListener::bind(addr).await.map_err(|source| TransferError::Bind { addr: addr.to_string(), source })?;
+        Ok(Receiver::from_listener(listener, spool_dir))
+    }
+
+    pub fn from_listener(listener: TcpListener, spool_dir: impl Into<PathBuf>) -> Self {
+        Receiver { listener, spool: spool_dir.into(), options: ReceiveOptions::default() }
+    }
+
+    pub fn with_options(mut self, options: ReceiveOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts senders forever, each connection in its own task. `handler` gets every complete
+    /// payload and answers with the verdict sent back to the sender.
+    pub async fn serve<H, F>(self, handler: H) -> Result<(), TransferError>
+    where
+        H: Fn(ReceivedPayload) -> F + Send + Sync + 'static,
+        F: Future<Output = Verdict> + Send + 'static,
+    {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.spool)
+            .map_err(|source| TransferError::Io { path: self.spool.clone(), source })?;
+        let ctx = Arc::new(Ctx { spool: self.spool, options: self.options, registry: Mutex::default(), handler });
+        info!(addr = ?self.listener.local_addr().ok(), spool = %ctx.spool.display(), "receiving transfers");
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, peer)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle_connection(stream, peer, &ctx).await {
+                            warn!(%peer, error = %e, "transfer connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// [`Receiver::serve`] on an existing listener.
+pub async fn serve<H, F>(listener: TcpListener, spool_dir: impl Into<PathBuf>, handler: H) -> Result<(), TransferError>
+where
+    H: Fn(ReceivedPayload) -> F + Send + Sync + 'static,
+    F: Future<Output = Verdict> + Send + 'static,
+{
+    Receiver::from_listener(listener, spool_dir).serve(handler).await
+}
+
+struct Ctx<H> {
+    spool: PathBuf,
+    options: ReceiveOptions,
+    registry: Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
+    handler: H,
+}
+
+/// Everything known about one transfer id. Connections come and go; the newest one owns it.
+#[derive(Default)]
+struct Slot {
+    generation: u64,
+    active: bool,
+    phase: Phase,
+    spool: Option<Spool>,
+    bytes_wire: u64,
+}
+
+#[derive(Default, Clone)]
+enum Phase {
+    #[default]
+    Receiving,
+    /// Unpacking or in the handler.
+    Finishing,
+    /// Kept so that a sender reconnecting after the verdict was lost gets it again, and the
+    /// handler (a restore) never runs twice.
+    Finished(Verdict),
+}
+
+struct Spool {
+    dir: PathBuf,
+    data_path: PathBuf,
+    data: File,
+    hello: Hello,
+    have: u64,
+    hasher: Sha256,
+    unsynced: u32,
+    last_sync: Instant,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ProgressFile {
+    transfer_id: String,
+    total_bytes: u64,
+    chunk_size: u64,
+    chunk_count: u64,
+    sha256: String,
+    /// Chunks verified and synced to `payload.tar`.
+    have: u64,
+}
+
+fn same_payload(a: &Hello, b: &Hello) -> bool {
+    (a.total_bytes, a.chunk_size, a.chunk_count, &a.sha256) == (b.total_bytes, b.chunk_size, b.chunk_count, &b.sha256)
+}
+
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded) || e.raw_os_error() == Some(28)
+}
+
+fn describe_io(what: &str, path: &Path, e: &io::Error) -> String {
+    if is_disk_full(e) {
+        format!("target disk full: cannot {what} {}: {e}", path.display())
+    } else {
+        format!("cannot {what} {}: {e}", path.display())
+    }
+}
+
+impl Spool {
+    /// Opens the spool of a transfer, keeping what an earlier connection or process verified.
+    fn open(root: &Path, hello: &Hello) -> Result<Spool, String> {
+        let dir = root.join(&hello.transfer_id);
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| describe_io("create", &dir, &e))?;
+        let data_path = dir.join("payload.tar");
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&data_path)
+            .map_err(|e| describe_io("open", &data_path, &e))?;
+        let len = data.metadata().map_err(|e| describe_io("stat", &data_path, &e))?.len();
+        let mut have = 0;
+        if let Ok(bytes) = fs::read(dir.join("progress.json")) {
+            if let Ok(p) = serde_json::from_slice::<ProgressFile>(&bytes) {
+                let matches = (p.total_bytes, p.chunk_size, p.chunk_count, &p.sha256)
+                    == (hello.total_bytes, hello.chunk_size, hello.chunk_count, &hello.sha256);
+                if matches {
+                    let held = if len >= hello.total_bytes { hello.chunk_count } else { len / hello.chunk_size };
+                    have = p.have.min(held);
+                }
+            }
+        }
+        let keep = (have * hello.chunk_size).min(hello.total_bytes);
+        data.set_len(keep).map_err(|e| describe_io("truncate", &data_path, &e))?;
+        // The whole-payload hash continues from the bytes already held.
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut offset = 0;
+        while offset < keep {
+            let n = (keep - offset).min(buf.len() as u64) as usize;
+            data.read_exact_at(&mut buf[..n], offset).map_err(|e| describe_io("read", &data_path, &e))?;
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+        }
+        Ok(Spool { dir, data_path, data, hello: hello.clone(), have, hasher, unsynced: 0, last_sync: Instant::now() })
+    }
+
+    fn append(&mut self, raw: &[u8]) -> io::Result<()> {
+        self.data.write_all_at(raw, self.have * self.hello.chunk_size)?;
+        self.hasher.update(raw);
+        self.have += 1;
+        self.unsynced += 1;
+        if self.unsynced >= SYNC_EVERY_CHUNKS || self.last_sync.elapsed() >= SYNC_EVERY {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Data first, then the progress file that vouches for it.
+    fn sync(&mut self) -> io::Result<()> {
+        self.data.sync_data()?;
+        let progress = ProgressFile {
+            transfer_id: self.hello.transfer_id.clone(),
+            total_bytes: self.hello.total_bytes,
+            chunk_size: self.hello.chunk_size,
+            chunk_count: self.hello.chunk_count,
+            sha256: self.hello.sha256.clone(),
+            have: self.have,
+        };
+        let tmp = self.dir.join("progress.json.tmp");
+        fs::write(&tmp, serde_json::to_vec(&progress).expect("progress serializes"))?;
+        fs::rename(&tmp, self.dir.join("progress.json"))?;
+        self.unsynced = 0;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+}
+
+/// Clears `active` when a connection ends, unless a newer one took over.
+struct ActiveGuard {
+    slot: Arc<Mutex<Slot>>,
+    generation: u64,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let mut slot = self.slot.lock().expect("slot lock");
+        if slot.generation == self.generation {
+            slot.active = false;
+            if let Some(spool) = slot.spool.as_mut() {
+                if spool.unsynced > 0 {
+                    let _ = spool.sync();
+                }
+            }
+        }
+    }
+}
+
+fn validate_hello(hello: &Hello) -> Result<(), String> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {} not supported (this receiver speaks {PROTOCOL_VERSION})",
+            hello.version
+        ));
+    }
+    if !valid_transfer_id(&hello.transfer_id) {
+        return Err(format!("transfer id {:?} must be 1-64 characters of [A-Za-z0-9_-]", hello.transfer_id));
+    }
+    if hello.chunk_size == 0 || hello.chunk_size > MAX_CHUNK_SIZE {
+        return Err(format!("chunk size {} must be between 1 and {MAX_CHUNK_SIZE}", hello.chunk_size));
+    }
+    if hello.chunk_count != hello.total_bytes.div_ceil(hello.chunk_size) {
+        return Err(format!(
+            "{} chunks of {} bytes cannot hold {} bytes",
+            hello.chunk_count, hello.chunk_size, hello.total_bytes
+        ));
+    }
+    if hello.sha256.len() != 64 || !hello.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("payload sha256 {:?} is not 64 hex digits", hello.sha256));
+    }
+    Ok(())
+}
+
+async fn send_frame(stream: &mut TcpStream, frame: &Frame) -> io::Result<()> {
+    wire::write_frame(stream, frame).await.map(|_| ())
+}
+
+/// Sends a fatal error, then drains until the sender hangs up: closing with unread data would
+/// reset the connection and could destroy the error frame before the sender reads it.
+async fn fail(stream: &mut TcpStream, message: String) -> io::Result<()> {
+    send_frame(stream, &Frame::Error(ErrorFrame { message, resume_from: None })).await?;
+    let _ = stream.shutdown().await;
+    let mut sink = vec![0u8; 64 << 10];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+enum Stored {
+    Yes,
+    Corrupt(String),
+    Superseded,
+    WriteFailed(String),
+}
+
+async fn handle_connection<H, F>(mut stream: TcpStream, peer: SocketAddr, ctx: &Arc<Ctx<H>>) -> io::Result<()>
+where
+    H: Fn(ReceivedPayload) -> F + Send + Sync + 'static,
+    F: Future<Output = Verdict> + Send + 'static,
+{
+    stream.set_nodelay(true)?;
+    let idle = ctx.options.idle_timeout;
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, format!("sender silent for {idle:?}"));
+    let (frame, hello_wire) =
+        tokio::time::timeout(idle, wire::read_frame(&mut stream)).await.map_err(|_| timed_out())??;
+    let hello = match frame {
+        Frame::Hello(h) => h,
+        other => return fail(&mut stream, format!("expected hello, got {}", other.name())).await,
+    };
+    if let Err(message) = validate_hello(&hello) {
+        return fail(&mut stream, message).await;
+    }
+    let id = hello.transfer_id.clone();
+    let slot = ctx.registry.lock().expect("registry lock").entry(id.clone()).or_default().clone();
+
+    // Let the previous connection of this transfer store what it already received.
+    let wait_until = Instant::now() + ctx.options.takeover_wait;
+    while slot.lock().expect("slot lock").active && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (generation, have) = {
+        let slot = slot.clone();
+        let root = ctx.spool.clone();
+        let hello = hello.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = slot.lock().expect("slot lock");
+            s.generation += 1;
+            s.active = true;
+            s.bytes_wire += hello_wire;
+            let generation = s.generation;
+            if !matches!(s.phase, Phase::Receiving) {
+                return Ok((generation, hello.chunk_count));
+            }
+            let reuse = s.spool.as_ref().is_some_and(|sp| same_payload(&sp.hello, &hello));
+            if !reuse {
+                s.spool = Some(Spool::open(&root, &hello)?);
+            }
+            let have = s.spool.as_ref().map_or(0, |sp| sp.have);
+            Ok::<_, String>((generation, have))
+        })
+        .await
+        .expect("spool task panicked")
+    }
+    .map_err(|e| e.to_string())
+    .map_or_else(|e| (0, Err(e)), |(g, h)| (g, Ok(h)));
+    let _guard = ActiveGuard { slot: slot.clone(), generation };
+    let have = match have {
+        Ok(have) => have,
+        Err(message) => {
+            warn!(%peer, transfer_id = %id, %message, "cannot prepare spool");
+            return fail(&mut stream, message).await;
+        }
+    };
+    info!(%peer, transfer_id = %id, have, of = hello.chunk_count, bytes = hello.total_bytes, "transfer connection");
+    send_frame(&mut stream, &Frame::Resume(Resume { have })).await?;
+
+    let mut expected = have;
+    let mut resyncing = false;
+    let mut rejections = 0u32;
+    loop {
+        let (frame, wire_len) = match tokio::time::timeout(idle, wire::read_frame(&mut stream)).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                debug!(%peer, transfer_id = %id, expected, "sender closed the connection");
+                return Ok(());
+            }
+            Ok(r) => r?,
+        };
+        slot.lock().expect("slot lock").bytes_wire += wire_len;
+        match frame {
+            Frame::Chunk(chunk) if chunk.index == expected && expected < hello.chunk_count => {
+                match store_chunk(&slot, generation, chunk).await {
+                    Stored::Yes => {
+                        expected += 1;
+                        resyncing = false;
+                    }
+                    Stored::Superseded => {
+                        debug!(%peer, transfer_id = %id, "a newer connection took over");
+                        return Ok(());
+                    }
+                    Stored::WriteFailed(message) => {
+                        warn!(%peer, transfer_id = %id, %message, "cannot store chunk");
+                        return fail(&mut stream, message).await;
+                    }
+                    Stored::Corrupt(reason) => {
+                        rejections += 1;
+                        let message = format!("chunk {expected} of transfer {id} failed verification: {reason}");
+                        warn!(%peer, %message, "rejecting chunk");
+                        if rejections > MAX_REJECTIONS {
+                            return fail(&mut stream, format!("{message}; {MAX_REJECTIONS} rejections, giving up"))
+                                .await;
+                        }
+                        resyncing = true;
+                        let frame = Frame::Error(ErrorFrame { message, resume_from: Some(expected) });
+                        send_frame(&mut stream, &frame).await?;
+                    }
+                }
+            }
+            // Chunks already in flight behind a rejected one: the sender is rewinding.
+            Frame::Chunk(_) | Frame::Done if resyncing => {}
+            Frame::Done if expected == hello.chunk_count => {
+                return finish(&mut stream, peer, ctx, &slot, generation, hello).await;
+            }
+            Frame::Chunk(c) => {
+                let message = format!("chunk {} of transfer {id} out of order (expected {expected})", c.index);
+                return fail(&mut stream, message).await;
+            }
+            other => {
+                let message = format!("unexpected {} frame in transfer {id} at chunk {expected}", other.name());
+                return fail(&mut stream, message).await;
+            }
+        }
+    }
+}
+
+async fn store_chunk(slot: &Arc<Mutex<Slot>>, generation: u64, chunk: ChunkFrame) -> Stored {
+    let slot = slot.clone();
+    tokio::task::spawn_blocking(move || {
+        let expected_len = {
+            let s = slot.lock().expect("slot lock");
+            let Some(sp) = s.spool.as_ref().filter(|_| s.generation == generation) else {
+                return Stored::Superseded;
+            };
+            sp.hello.chunk_size.min(sp.hello.total_bytes - chunk.index * sp.hello.chunk_size)
+        };
+        // Decompress and hash outside the lock.
+        let raw = match payload::decode_chunk(&chunk, expected_len) {
+            Ok(raw) => raw,
+            Err(reason) => return Stored::Corrupt(reason),
+        };
+        let mut s = slot.lock().expect("slot lock");
+        if s.generation != generation {
+            return Stored::Superseded;
+        }
+        let Some(sp) = s.spool.as_mut() else { return Stored::Superseded };
+        match sp.append(&raw) {
+            Ok(()) => Stored::Yes,
+            Err(e) => Stored::WriteFailed(describe_io("write", &sp.data_path, &e)),
+        }
+    })
+    .await
+    .expect("chunk task panicked")
+}
+
+enum Finish {
+    Answer(Verdict),
+    Wait,
+    Unpack { dir: PathBuf, data_path: PathBuf, meta: serde_json::Value, bytes_raw: u64, bytes_wire: u64 },
+    Fail(String),
+}
+
+async fn finish<H, F>(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    ctx: &Arc<Ctx<H>>,
+    slot: &Arc<Mutex<Slot>>,
+    generation: u64,
+    hello: Hello,
+) -> io::Result<()>
+where
+    H: Fn(ReceivedPayload) -> F + Send + Sync + 'static,
+    F: Future<Output = Verdict> + Send + 'static,
+{
+    let id = hello.transfer_id.clone();
+    let step = loop {
+        let step = {
+            let slot = slot.clone();
+            tokio::task::spawn_blocking(move || finish_step(&slot, generation)).await.expect("finish task panicked")
+        };
+        match step {
+            Finish::Wait => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => break other,
+        }
+    };
+    let (dir, data_path, meta, bytes_raw, bytes_wire) = match step {
+        Finish::Answer(verdict) => return send_frame(stream, &Frame::Verdict(verdict)).await,
+        Finish::Fail(message) => {
+            warn!(%peer, transfer_id = %id, %message, "transfer failed");
+            return fail(stream, message).await;
+        }
+        Finish::Wait => unreachable!("loop above never breaks on wait"),
+        Finish::Unpack { dir, data_path, meta, bytes_raw, bytes_wire } => (dir, data_path, meta, bytes_raw, bytes_wire),
+    };
+    let out = dir.join("payload");
+    let unpacked = {
+        let (out, id) = (out.clone(), id.clone());
+        tokio::task::spawn_blocking(move || {
+            if out.exists() {
+                fs::remove_dir_all(&out).map_err(|source| TransferError::Io { path: out.clone(), source })?;
+            }
+            let result = payload::unpack(&data_path, &out, &id);
+            if result.is_err() {
+                // Nothing half-written remains.
+                let _ = fs::remove_dir_all(&out);
+            }
+            result
+        })
+        .await
+        .expect("unpack task panicked")
+    };
+    if let Err(e) = unpacked {
+        let message = match &e {
+            TransferError::Io { path, source } => describe_io("unpack into", path, source),
+            other => other.to_string(),
+        };
+        slot.lock().expect("slot lock").phase = Phase::Receiving;
+        warn!(%peer, transfer_id = %id, %message, "cannot unpack payload");
+        return fail(stream, format!("transfer {id}: {message}")).await;
+    }
+    info!(%peer, transfer_id = %id, dir = %out.display(), "payload complete, handing over");
+    let received = ReceivedPayload { transfer_id: id.clone(), dir: out, meta, peer, bytes_raw, bytes_wire };
+    let verdict = match tokio::spawn((ctx.handler)(received)).await {
+        Ok(verdict) => verdict,
+        Err(e) => Verdict::failed(format!("receiver handler for transfer {id} crashed: {e}")),
+    };
+    {
+        let mut s = slot.lock().expect("slot lock");
+        s.phase = Phase::Finished(verdict.clone());
+        if verdict.ok {
+            s.spool = None;
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                warn!(transfer_id = %id, dir = %dir.display(), error = %e, "cannot remove spool");
+            }
+        }
+    }
+    info!(%peer, transfer_id = %id, ok = verdict.ok, message = %verdict.message, "verdict");
+    // If this fails the sender reconnects and gets the stored verdict.
+    send_frame(stream, &Frame::Verdict(verdict)).await?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+fn finish_step(slot: &Mutex<Slot>, generation: u64) -> Finish {
+    let mut s = slot.lock().expect("slot lock");
+    match &s.phase {
+        Phase::Finished(verdict) => return Finish::Answer(verdict.clone()),
+        Phase::Finishing => return Finish::Wait,
+        Phase::Receiving => {}
+    }
+    if s.generation != generation {
+        return Finish::Fail("a newer connection took over this transfer".to_string());
+    }
+    let bytes_wire = s.bytes_wire;
+    let Some(sp) = s.spool.as_mut() else { return Finish::Fail("transfer has no spool".to_string()) };
+    if let Err(e) = sp.sync() {
+        return Finish::Fail(describe_io("sync", &sp.data_path, &e));
+    }
+    let got = hex(&sp.hasher.clone().finalize());
+    if got != sp.hello.sha256 {
+        return Finish::Fail(format!(
+            "payload of transfer {} failed verification: sha256 {got}, sender announced {}; spool kept at {}",
+            sp.hello.transfer_id,
+            sp.hello.sha256,
+            sp.dir.display()
+        ));
+    }
+    let step = Finish::Unpack {
+        dir: sp.dir.clone(),
+        data_path: sp.data_path.clone(),
+        meta: sp.hello.meta.clone(),
+        bytes_raw: sp.hello.total_bytes,
+        bytes_wire,
+    };
+    s.phase = Phase::Finishing;
+    step
+}

@@ -1,0 +1,405 @@
+//! Sending side: spool the directory as a tar, stream its chunks, reconnect and resume on a cut.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::payload::{self, hex};
+use super::wire::{self, ErrorFrame, Frame, Hello, CHUNK_DATA_OFFSET, MAX_CHUNK_SIZE, PROTOCOL_VERSION};
+use super::{Progress, SendOptions, SendOutcome, TransferError, Verdict};
+
+/// Why one connection ended without a verdict.
+enum ConnError {
+    /// The link broke: reconnect and resume.
+    Link(String),
+    /// The injected fault cut the link on purpose.
+    Cut,
+    /// Reconnecting would not help.
+    Fatal(TransferError),
+}
+
+struct Plan {
+    peer: String,
+    transfer_id: String,
+    spool_path: PathBuf,
+    file: Arc<File>,
+    total: u64,
+    chunk_size: u64,
+    chunk_count: u64,
+    hello: Hello,
+    opts: SendOptions,
+}
+
+#[derive(Default)]
+struct Counters {
+    chunks_sent: u64,
+    chunks_skipped: u64,
+    bytes_wire: u64,
+    reconnects: u32,
+    retries: HashMap<u64, u32>,
+    cut_done: bool,
+    corrupted: bool,
+}
+
+/// Sends the directory `dir` to the receiver at `addr` (`host:port`) and returns once the
+/// receiver's handler has answered. `meta` travels in the hello, untouched by this layer.
+///
+/// A cut link is retried with backoff for up to `opts.reconnect_timeout`; the receiver tells how
+/// many chunks it already holds, and only the rest is sent again.
+pub async fn send(
+    addr: &str,
+    dir: &Path,
+    meta: serde_json::Value,
+    opts: &SendOptions,
+) -> Result<SendOutcome, TransferError> {
+    let started = Instant::now();
+    if opts.chunk_size == 0 || opts.chunk_size > MAX_CHUNK_SIZE {
+        return Err(TransferError::InvalidOptions {
+            message: format!("chunk_size {} must be between 1 and {MAX_CHUNK_SIZE}", opts.chunk_size),
+        });
+    }
+    let transfer_id = match &opts.transfer_id {
+        Some(id) if valid_transfer_id(id) => id.clone(),
+        Some(id) => {
+            return Err(TransferError::InvalidOptions {
+                message: format!("transfer_id {id:?} must be 1-64 characters of [A-Za-z0-9_-]"),
+            })
+        }
+        None => new_transfer_id(),
+    };
+    let spool_parent = opts
+        .spool_dir
+        .clone()
+        .or_else(|| dir.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let dir_owned = dir.to_path_buf();
+    let (spool, total, sha) = tokio::task::spawn_blocking(move || {
+        let mut spool = tempfile::Builder::new()
+            .prefix(".away-send-")
+            .suffix(".tar")
+            .tempfile_in(&spool_parent)
+            .map_err(|source| TransferError::Io { path: spool_parent.clone(), source })?;
+        let (total, sha) = payload::pack_dir(&dir_owned, spool.as_file_mut())?;
+        Ok::<_, TransferError>((spool, total, sha))
+    })
+    .await
+    .expect("spooling task panicked")?;
+    let spool_path = spool.path().to_path_buf();
+    let file = Arc::new(spool.reopen().map_err(|source| TransferError::Io { path: spool_path.clone(), source })?);
+    let chunk_count = total.div_ceil(opts.chunk_size);
+    let mut sha_hex = hex(&sha);
+    if opts.faults.wrong_payload_sha {
+        sha_hex = hex(&Sha256::digest(sha_hex.as_bytes()));
+    }
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        transfer_id: transfer_id.clone(),
+        total_bytes: total,
+        chunk_size: opts.chunk_size,
+        chunk_count,
+        compression: opts.compression.to_string(),
+        sha256: sha_hex,
+        meta,
+    };
+    let plan = Plan {
+        peer: addr.to_string(),
+        transfer_id,
+        spool_path,
+        file,
+        total,
+        chunk_size: opts.chunk_size,
+        chunk_count,
+        hello,
+        opts: opts.clone(),
+    };
+    info!(
+        peer = %plan.peer, transfer_id = %plan.transfer_id, bytes = total, chunks = chunk_count,
+        compression = %opts.compression, dir = %dir.display(), "sending payload"
+    );
+
+    let mut c = Counters::default();
+    let mut stream = connect(&plan.peer, opts.connect_timeout)
+        .await
+        .map_err(|source| TransferError::Connect { peer: plan.peer.clone(), source })?;
+    let verdict = loop {
+        match run_connection(stream, &plan, &mut c).await {
+            Ok(verdict) => break verdict,
+            Err(ConnError::Fatal(e)) => return Err(e),
+            Err(ConnError::Cut) => {
+                warn!(peer = %plan.peer, transfer_id = %plan.transfer_id, "fault injection: cutting the link");
+                stream = reconnect(&plan, "link cut by fault injection".into()).await?;
+            }
+            Err(ConnError::Link(reason)) => {
+                warn!(peer = %plan.peer, transfer_id = %plan.transfer_id, %reason, "link lost, reconnecting");
+                stream = reconnect(&plan, reason).await?;
+            }
+        }
+        c.reconnects += 1;
+    };
+    drop(spool);
+    let outcome = SendOutcome {
+        transfer_id: plan.transfer_id.clone(),
+        verdict,
+        bytes_raw: total,
+        bytes_wire: c.bytes_wire,
+        chunk_count,
+        chunks_sent: c.chunks_sent,
+        chunks_skipped: c.chunks_skipped,
+        elapsed: started.elapsed(),
+        reconnects: c.reconnects,
+    };
+    info!(
+        peer = %plan.peer, transfer_id = %plan.transfer_id, ok = outcome.verdict.ok,
+        bytes_wire = outcome.bytes_wire, chunks_sent = outcome.chunks_sent,
+        chunks_skipped = outcome.chunks_skipped, reconnects = outcome.reconnects,
+        elapsed_ms = outcome.elapsed.as_millis() as u64, "transfer finished"
+    );
+    Ok(outcome)
+}
+
+pub(crate) fn valid_transfer_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn new_transfer_id() -> String {
+    let mut bytes = [0u8; 16];
+    if File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
+        // No urandom: time and pid are unique enough for one node's transfers.
+        let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
+        bytes.copy_from_slice(&Sha256::digest(seed.as_bytes())[..16]);
+    }
+    hex(&bytes)
+}
+
+async fn connect(peer: &str, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(peer))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {timeout:?}")))??;
+    // Small control frames must not wait for Nagle.
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn reconnect(plan: &Plan, mut last_error: String) -> Result<TcpStream, TransferError> {
+    let started = Instant::now();
+    let deadline = started + plan.opts.reconnect_timeout;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(TransferError::LinkLost {
+                peer: plan.peer.clone(),
+                transfer_id: plan.transfer_id.clone(),
+                waited: started.elapsed(),
+                last_error,
+            });
+        }
+        match connect(&plan.peer, plan.opts.connect_timeout.min(deadline - now)).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => {
+                debug!(peer = %plan.peer, error = %e, "reconnect attempt failed");
+                last_error = e.to_string();
+            }
+        }
+        tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn write_timed(wr: &mut OwnedWriteHalf, bytes: &[u8], stall: Duration) -> Result<u64, ConnError> {
+    match tokio::time::timeout(stall, wr.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(bytes.len() as u64),
+        Ok(Err(e)) => Err(ConnError::Link(format!("write failed: {e}"))),
+        Err(_) => Err(ConnError::Link(format!("no write progress for {stall:?}"))),
+    }
+}
+
+async fn run_connection(stream: TcpStream, plan: &Plan, c: &mut Counters) -> Result<Verdict, ConnError> {
+    let (mut rd, mut wr) = stream.into_split();
+    let stall = plan.opts.stall_timeout;
+    c.bytes_wire += write_timed(&mut wr, &Frame::Hello(plan.hello.clone()).encode(), stall).await?;
+    let answer = tokio::time::timeout(stall, wire::read_frame(&mut rd))
+        .await
+        .map_err(|_| ConnError::Link(format!("no answer to hello within {stall:?}")))?
+        .map_err(|e| ConnError::Link(format!("reading the answer to hello: {e}")))?;
+    let have = match answer.0 {
+        Frame::Resume(r) if r.have <= plan.chunk_count => r.have,
+        Frame::Resume(r) => {
+            return Err(fatal_protocol(plan, format!("receiver claims {} of {} chunks", r.have, plan.chunk_count)))
+        }
+        Frame::Error(e) => return Err(fatal_remote(plan, e.message)),
+        other => return Err(fatal_protocol(plan, format!("expected resume, got {}", other.name()))),
+    };
+    c.chunks_skipped += have;
+    if have > 0 {
+        info!(peer = %plan.peer, transfer_id = %plan.transfer_id, have, of = plan.chunk_count, "receiver resumes");
+    }
+    let rewind: Arc<Mutex<Option<(u64, String)>>> = Arc::default();
+    let mut reader = tokio::spawn(read_answers(rd, rewind.clone(), plan.peer.clone(), plan.transfer_id.clone()));
+    let result = write_chunks(&mut wr, &mut reader, &rewind, have, plan, c).await;
+    let result = match result {
+        // A write error often means the receiver gave up and closed; prefer its reason if it sent one.
+        Err(ConnError::Link(reason)) => match tokio::time::timeout(Duration::from_secs(2), &mut reader).await {
+            Ok(Ok(Err(ConnError::Fatal(e)))) => Err(ConnError::Fatal(e)),
+            Ok(Ok(Ok(verdict))) => Ok(verdict),
+            _ => Err(ConnError::Link(reason)),
+        },
+        other => other,
+    };
+    reader.abort();
+    result
+}
+
+fn fatal_protocol(plan: &Plan, message: String) -> ConnError {
+    ConnError::Fatal(TransferError::Protocol {
+        peer: plan.peer.clone(),
+        transfer_id: plan.transfer_id.clone(),
+        message,
+    })
+}
+
+fn fatal_remote(plan: &Plan, message: String) -> ConnError {
+    ConnError::Fatal(TransferError::Remote { peer: plan.peer.clone(), transfer_id: plan.transfer_id.clone(), message })
+}
+
+/// Reads what the receiver says while chunks stream out: rewind requests go to `rewind`, the
+/// verdict or a fatal error ends the task.
+async fn read_answers(
+    mut rd: OwnedReadHalf,
+    rewind: Arc<Mutex<Option<(u64, String)>>>,
+    peer: String,
+    transfer_id: String,
+) -> Result<Verdict, ConnError> {
+    loop {
+        let (frame, _) = wire::read_frame(&mut rd).await.map_err(|e| {
+            ConnError::Link(if e.kind() == io::ErrorKind::UnexpectedEof {
+                "receiver closed the connection".to_string()
+            } else {
+                format!("read failed: {e}")
+            })
+        })?;
+        match frame {
+            Frame::Verdict(v) => return Ok(v),
+            Frame::Error(ErrorFrame { resume_from: Some(index), message }) => {
+                *rewind.lock().expect("rewind lock") = Some((index, message));
+            }
+            Frame::Error(ErrorFrame { resume_from: None, message }) => {
+                return Err(ConnError::Fatal(TransferError::Remote { peer, transfer_id, message }))
+            }
+            other => {
+                return Err(ConnError::Fatal(TransferError::Protocol {
+                    peer,
+                    transfer_id,
+                    message: format!("unexpected {} frame from the receiver", other.name()),
+                }))
+            }
+        }
+    }
+}
+
+fn spawn_prepare(plan: &Plan, index: u64) -> JoinHandle<io::Result<Vec<u8>>> {
+    let file = plan.file.clone();
+    let offset = index * plan.chunk_size;
+    let len = plan.chunk_size.min(plan.total - offset) as usize;
+    let compression = plan.opts.compression;
+    tokio::task::spawn_blocking(move || {
+        let mut raw = vec![0u8; len];
+        file.read_exact_at(&mut raw, offset)?;
+        payload::encode_chunk(index, &raw, compression)
+    })
+}
+
+async fn join<T>(handle: &mut JoinHandle<Result<T, ConnError>>) -> Result<T, ConnError> {
+    handle.await.unwrap_or_else(|e| Err(ConnError::Link(format!("reader task ended: {e}"))))
+}
+
+async fn write_chunks(
+    wr: &mut OwnedWriteHalf,
+    reader: &mut JoinHandle<Result<Verdict, ConnError>>,
+    rewind: &Mutex<Option<(u64, String)>>,
+    have: u64,
+    plan: &Plan,
+    c: &mut Counters,
+) -> Result<Verdict, ConnError> {
+    let stall = plan.opts.stall_timeout;
+    let mut next = have;
+    let mut done_sent = false;
+    // Chunk i+1 is read, hashed and compressed while chunk i is on the wire.
+    let mut pending: Option<(u64, JoinHandle<io::Result<Vec<u8>>>)> = None;
+    loop {
+        if reader.is_finished() {
+            return join(reader).await;
+        }
+        let rewind_to = rewind.lock().expect("rewind lock").take();
+        if let Some((from, message)) = rewind_to {
+            if from >= plan.chunk_count {
+                return Err(fatal_protocol(plan, format!("receiver asked to resume from chunk {from}")));
+            }
+            let retries = c.retries.entry(from).or_default();
+            *retries += 1;
+            if *retries > plan.opts.max_chunk_retries {
+                return Err(ConnError::Fatal(TransferError::ChunkRetriesExhausted {
+                    peer: plan.peer.clone(),
+                    transfer_id: plan.transfer_id.clone(),
+                    index: from,
+                    retries: *retries - 1,
+                    message,
+                }));
+            }
+            warn!(peer = %plan.peer, transfer_id = %plan.transfer_id, chunk = from, %message, "receiver rejected a chunk; resending from it");
+            next = from;
+            done_sent = false;
+            pending = None;
+        }
+        if next >= plan.chunk_count {
+            if !done_sent {
+                c.bytes_wire += write_timed(wr, &Frame::Done.encode(), stall).await?;
+                done_sent = true;
+            }
+            // The verdict can take as long as the restore; meanwhile watch for rewinds.
+            tokio::select! {
+                res = &mut *reader => {
+                    return res.unwrap_or_else(|e| Err(ConnError::Link(format!("reader task ended: {e}"))));
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            continue;
+        }
+        let prepared = match pending.take() {
+            Some((index, handle)) if index == next => handle,
+            _ => spawn_prepare(plan, next),
+        };
+        if next + 1 < plan.chunk_count {
+            pending = Some((next + 1, spawn_prepare(plan, next + 1)));
+        }
+        let mut frame = prepared
+            .await
+            .expect("chunk task panicked")
+            .map_err(|source| ConnError::Fatal(TransferError::Io { path: plan.spool_path.clone(), source }))?;
+        if plan.opts.faults.corrupt_chunk == Some(next) && !c.corrupted && frame.len() > CHUNK_DATA_OFFSET {
+            c.corrupted = true;
+            frame[CHUNK_DATA_OFFSET] ^= 0xff;
+        }
+        c.bytes_wire += write_timed(wr, &frame, stall).await?;
+        c.chunks_sent += 1;
+        next += 1;
+        if let Some(progress) = &plan.opts.progress {
+            progress(Progress { bytes_sent: (next * plan.chunk_size).min(plan.total), bytes_total: plan.total });
+        }
+        if plan.opts.faults.cut_after_chunks == Some(c.chunks_sent) && !c.cut_done {
+            c.cut_done = true;
+            return Err(ConnError::Cut);
+        }
+    }
+}

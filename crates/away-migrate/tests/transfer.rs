@@ -1,0 +1,273 @@
+//! End-to-end tests of the transfer protocol over 127.0.0.1.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use away_migrate::transfer::{
+    send, serve, Compression, Faults, Progress, ReceivedPayload, SendOptions, TransferError, Verdict,
+};
+use tokio::net::TcpListener;
+
+/// Deterministic pseudo-random bytes (xorshift), so no rand dependency is needed.
+fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        out.extend_from_slice(&seed.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn checkpoint_dir(root: &Path, random_len: usize) -> PathBuf {
+    let dir = root.join("checkpoint");
+    fs::create_dir_all(dir.join("images/sub")).unwrap();
+    fs::create_dir_all(dir.join("empty-dir")).unwrap();
+    fs::write(dir.join("manifest.json"), br#"{"workload":"web","pid":42}"#).unwrap();
+    fs::write(dir.join("images/pages-1.img"), random_bytes(random_len, 0x9e3779b97f4a7c15)).unwrap();
+    fs::write(dir.join("images/zeros.img"), vec![0u8; 3 << 20]).unwrap();
+    fs::write(dir.join("images/empty.img"), b"").unwrap();
+    fs::write(dir.join("images/sub/empty2.img"), b"").unwrap();
+    let text: Vec<u8> = b"GET /index.html HTTP/1.1\r\n".iter().cycle().take(700_000).copied().collect();
+    fs::write(dir.join("images/sub/text.img"), text).unwrap();
+    dir
+}
+
+/// Relative path -> file contents (`None` for directories).
+type Tree = BTreeMap<PathBuf, Option<Vec<u8>>>;
+
+fn tree(dir: &Path) -> Tree {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let rel = e.path().strip_prefix(dir).unwrap().to_path_buf();
+            if e.file_type().unwrap().is_dir() {
+                out.insert(rel, None);
+                stack.push(e.path());
+            } else {
+                out.insert(rel, Some(fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// A receiver whose handler records the unpacked tree and answers ok.
+struct Target {
+    addr: String,
+    spool: PathBuf,
+    received: Arc<Mutex<Vec<(ReceivedPayload, Tree)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn target(spool: PathBuf) -> Target {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let rec = received.clone();
+    let spool2 = spool.clone();
+    let task = tokio::spawn(async move {
+        serve(listener, spool2, move |payload: ReceivedPayload| {
+            let rec = rec.clone();
+            async move {
+                let mode =
+                    fs::metadata(&payload.dir).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+                assert_eq!(mode.unwrap() & 0o777, 0o700, "payload dir must be owner-only");
+                let t = tree(&payload.dir);
+                rec.lock().unwrap().push((payload, t));
+                Verdict::ok("restored").with_detail(serde_json::json!({"pid": 1234}))
+            }
+        })
+        .await
+        .unwrap();
+    });
+    Target { addr, spool, received, task }
+}
+
+fn opts(compression: Compression) -> SendOptions {
+    SendOptions {
+        compression,
+        chunk_size: 256 << 10,
+        reconnect_timeout: Duration::from_secs(10),
+        ..SendOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_with_each_compression() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = checkpoint_dir(tmp.path(), 3 << 20);
+    let t = target(tmp.path().join("spool")).await;
+    for compression in [Compression::None, Compression::Zstd { level: 3 }, Compression::Gzip { level: 1 }] {
+        let progress: Arc<Mutex<Vec<Progress>>> = Arc::default();
+        let p = progress.clone();
+        let mut o = opts(compression);
+        o.progress = Some(Arc::new(move |x| p.lock().unwrap().push(x)));
+        let meta = serde_json::json!({"workload": "web", "compression": compression.to_string()});
+        let outcome = send(&t.addr, &src, meta.clone(), &o).await.unwrap();
+        assert!(outcome.verdict.ok, "{compression}: {:?}", outcome.verdict);
+        assert_eq!(outcome.verdict.detail["pid"], 1234);
+        assert_eq!(outcome.chunks_sent, outcome.chunk_count);
+        assert_eq!((outcome.chunks_skipped, outcome.reconnects), (0, 0));
+        if compression != Compression::None {
+            assert!(outcome.bytes_wire < outcome.bytes_raw, "{compression} should shrink zero and text pages");
+        }
+        let last = *progress.lock().unwrap().last().unwrap();
+        assert_eq!(last, Progress { bytes_sent: outcome.bytes_raw, bytes_total: outcome.bytes_raw });
+        let (payload, got) = t.received.lock().unwrap().pop().unwrap();
+        assert_eq!(got, tree(&src), "{compression}: trees differ");
+        assert_eq!(payload.meta, meta);
+        assert_eq!(payload.transfer_id, outcome.transfer_id);
+        // Spool is removed after an ok verdict.
+        assert!(!t.spool.join(&outcome.transfer_id).exists());
+    }
+    // The sender's tar spool is gone too.
+    let leftovers: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".away-send"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_after_cut_link_without_resending_verified_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = checkpoint_dir(tmp.path(), 4 << 20);
+    let t = target(tmp.path().join("spool")).await;
+    let mut o = opts(Compression::Zstd { level: 1 });
+    o.faults = Faults { cut_after_chunks: Some(10), ..Faults::default() };
+    let outcome = send(&t.addr, &src, serde_json::Value::Null, &o).await.unwrap();
+    assert!(outcome.verdict.ok);
+    assert_eq!(outcome.reconnects, 1);
+    assert_eq!(outcome.chunks_skipped, 10, "the receiver kept the 10 chunks sent before the cut");
+    assert_eq!(outcome.chunks_sent, outcome.chunk_count, "no verified chunk was sent twice");
+    let (_, got) = t.received.lock().unwrap().pop().unwrap();
+    assert_eq!(got, tree(&src));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_chunk_is_detected_and_resent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = checkpoint_dir(tmp.path(), 2 << 20);
+    let t = target(tmp.path().join("spool")).await;
+    for compression in [Compression::None, Compression::Zstd { level: 1 }, Compression::Gzip { level: 1 }] {
+        let mut o = opts(compression);
+        o.faults = Faults { corrupt_chunk: Some(3), ..Faults::default() };
+        let outcome = send(&t.addr, &src, serde_json::Value::Null, &o).await.unwrap();
+        assert!(outcome.verdict.ok, "{compression}");
+        assert_eq!(outcome.reconnects, 0, "{compression}: resent in-band");
+        assert!(outcome.chunks_sent > outcome.chunk_count, "{compression}: chunk 3 was resent");
+        let (_, got) = t.received.lock().unwrap().pop().unwrap();
+        assert_eq!(got, tree(&src), "{compression}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_payload_mismatch_fails_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = checkpoint_dir(tmp.path(), 1 << 20);
+    let t = target(tmp.path().join("spool")).await;
+    let mut o = opts(Compression::default());
+    o.faults = Faults { wrong_payload_sha: true, ..Faults::default() };
+    o.transfer_id = Some("bad-sha".into());
+    let err = send(&t.addr, &src, serde_json::Value::Null, &o).await.unwrap_err();
+    assert!(matches!(err, TransferError::Remote { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("failed verification") && msg.contains("bad-sha") && msg.contains(&t.addr), "{msg}");
+    assert!(t.received.lock().unwrap().is_empty(), "handler must not run");
+    assert!(!t.spool.join("bad-sha/payload").exists(), "no output dir");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_receiver_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = checkpoint_dir(tmp.path(), 1024);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let err = send(&addr, &src, serde_json::Value::Null, &opts(Compression::None)).await.unwrap_err();
+    assert!(err.to_string().contains(&addr), "{err}");
+}
+
+/// A tmpfs of 1 MiB as the receiver's spool: needs root and mount; skipped otherwise.
+struct TinyFs(PathBuf);
+
+impl TinyFs {
+    fn mount(dir: &Path) -> Option<TinyFs> {
+        fs::create_dir_all(dir).unwrap();
+        let ok =
+            Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(dir).status().ok()?.success();
+        ok.then(|| TinyFs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_target_disk_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("tiny");
+    let Some(_fs) = TinyFs::mount(&spool) else {
+        eprintln!("skipping: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    // Chunks do not fit: fails while receiving.
+    let big = tmp.path().join("big");
+    fs::create_dir_all(&big).unwrap();
+    fs::write(big.join("pages.img"), random_bytes(3 << 20, 7)).unwrap();
+    let t = target(spool.clone()).await;
+    let mut o = opts(Compression::None);
+    o.transfer_id = Some("full1".into());
+    let err = send(&t.addr, &big, serde_json::Value::Null, &o).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("target disk full") && msg.contains(&spool.display().to_string()), "{msg}");
+    // The chunks fit but unpacking them does not: no partial output dir remains.
+    let mid = tmp.path().join("mid");
+    fs::create_dir_all(&mid).unwrap();
+    fs::write(mid.join("pages.img"), random_bytes(600 << 10, 9)).unwrap();
+    fs::remove_dir_all(spool.join("full1")).unwrap();
+    o.transfer_id = Some("full2".into());
+    let err = send(&t.addr, &mid, serde_json::Value::Null, &o).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("target disk full") && msg.contains("full2"), "{msg}");
+    assert!(!spool.join("full2/payload").exists(), "partial output dir left behind");
+    assert!(t.received.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_verdict_keeps_spool_and_is_returned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = checkpoint_dir(tmp.path(), 1024);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let spool = tmp.path().join("spool");
+    let task = tokio::spawn(serve(listener, spool.clone(), |_p: ReceivedPayload| async {
+        Verdict::failed("restore failed: criu exited 1")
+    }));
+    let mut o = opts(Compression::default());
+    o.transfer_id = Some("keep".into());
+    let outcome = send(&addr, &src, serde_json::Value::Null, &o).await.unwrap();
+    assert!(!outcome.verdict.ok);
+    assert!(outcome.verdict.message.contains("criu exited 1"));
+    assert!(spool.join("keep/payload/manifest.json").exists(), "kept for inspection");
+    task.abort();
+}

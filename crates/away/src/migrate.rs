@@ -1,0 +1,288 @@
+//! `away agent`, `away migrate`, `away archives`: moving workloads between nodes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use away_agent::client::AgentClient;
+use away_agent::AgentConfig;
+use away_migrate::archive::ArchiveStore;
+use away_migrate::container::{migrate_container, ContainerMigrationOptions, Step};
+use away_migrate::transfer::{Compression, Faults, SendOptions};
+use away_model::{MigrationReport, Tier};
+use away_runtime::{LocalNode, NodeOptions};
+
+use crate::output::print_json;
+
+/// Where this node keeps its daemons' sockets and its state (shared by agent and migrate).
+#[derive(clap::Args, Clone)]
+pub struct NodeArgs {
+    /// containerd namespace of away's workloads
+    #[arg(long, env = "AWAY_NAMESPACE", default_value = "away")]
+    namespace: String,
+    /// State directory (image store, logs, checkpoints, transfer spool)
+    #[arg(long, env = "AWAY_STATE_DIR", default_value = "/var/lib/away")]
+    state_dir: PathBuf,
+    /// Per-boot state (QEMU pidfiles and sockets)
+    #[arg(long, env = "AWAY_RUN_DIR", default_value = "/run/away")]
+    run_dir: PathBuf,
+    /// containerd's socket
+    #[arg(long, env = "AWAY_CONTAINERD_SOCKET", default_value = "/run/containerd/containerd.sock")]
+    containerd_socket: PathBuf,
+    /// dockerd's socket
+    #[arg(long, env = "AWAY_DOCKER_SOCKET", default_value = "/run/docker.sock")]
+    docker_socket: PathBuf,
+}
+
+impl NodeArgs {
+    pub fn options(&self) -> NodeOptions {
+        let mut o = NodeOptions::default();
+        o.namespace = self.namespace.clone();
+        o.run_dir = self.run_dir.clone();
+        o.paths.state_dir = self.state_dir.clone();
+        o.paths.containerd_socket = self.containerd_socket.clone();
+        o.paths.docker_socket = self.docker_socket.clone();
+        o
+    }
+}
+
+/// Run the node daemon: an HTTP API for the broker and other agents, and a transfer
+/// receiver that restores incoming migrations on this node.
+///
+/// Examples:
+///   away agent --name cloud-1 --tier cloud
+///   away agent --name laptop --tier client --listen 0.0.0.0:7800 --transfer-listen 0.0.0.0:7801
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct AgentArgs {
+    /// Node name [default: the hostname]
+    #[arg(long)]
+    name: Option<String>,
+    /// Where the node stands: cloud, edge or client
+    #[arg(long, default_value = "cloud", value_parser = parse_tier)]
+    tier: Tier,
+    /// HTTP API address
+    #[arg(long, default_value = "127.0.0.1:7800")]
+    listen: SocketAddr,
+    /// Transfer (incoming migrations) address
+    #[arg(long, default_value = "127.0.0.1:7801")]
+    transfer_listen: SocketAddr,
+    /// Address other nodes dial for transfers [default: --transfer-listen]
+    #[arg(long)]
+    transfer_advertise: Option<String>,
+    /// Seconds an incoming workload waits for its source's commit before it is removed
+    #[arg(long, default_value_t = 30)]
+    commit_lease: u64,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+fn parse_tier(s: &str) -> Result<Tier, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?}: expected cloud, edge or client"))
+}
+
+pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
+    let name = a.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "node".into())
+    });
+    let config = AgentConfig {
+        name,
+        tier: a.tier,
+        listen: a.listen,
+        transfer_listen: a.transfer_listen,
+        transfer_advertise: a.transfer_advertise,
+        node: a.node.options(),
+        commit_lease: Duration::from_secs(a.commit_lease),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    eprintln!(
+        "away agent {} ({}): api http://{}, transfers {}",
+        config.name, config.tier, config.listen, config.transfer_listen
+    );
+    rt.block_on(away_agent::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Move a running workload to another node, keeping its state.
+///
+/// Containers move by CRIU checkpoint/restore (stop-and-copy: this kernel has no
+/// soft-dirty tracking for pre-copy rounds, see `away doctor`): the source stops, its
+/// checkpoint travels compressed and checksummed to the target agent, which restores
+/// it; the source is removed only after the target confirms. On any failure the source
+/// resumes from its own checkpoint.
+///
+/// Examples:
+///   away migrate counter --to 10.0.0.2:7800
+///   away migrate counter --to 127.0.0.1:7810 --compression gzip --json
+#[derive(clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct MigrateArgs {
+    /// The workload to move
+    workload: String,
+    /// The target agent's API address (host:port)
+    #[arg(long)]
+    to: String,
+    /// Compression of the checkpoint stream: zstd[:LEVEL], gzip[:LEVEL] or none
+    #[arg(long, default_value_t = Compression::default())]
+    compression: Compression,
+    /// Name of this node in the report [default: the hostname]
+    #[arg(long)]
+    source_name: Option<String>,
+    /// Print the migration report as JSON
+    #[arg(long)]
+    json: bool,
+    /// (testing) drop the link once after N chunks
+    #[arg(long, hide = true)]
+    fault_cut_after: Option<u64>,
+    /// (testing) corrupt chunk N once
+    #[arg(long, hide = true)]
+    fault_corrupt_chunk: Option<u64>,
+    /// (testing) chunk size in bytes
+    #[arg(long, hide = true)]
+    chunk_size: Option<u64>,
+    /// Seconds to keep retrying a cut link before giving up (the source then resumes)
+    #[arg(long, default_value_t = 60)]
+    reconnect_timeout: u64,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let node = rt.block_on(LocalNode::open(a.node.options()));
+    let archives = ArchiveStore::new(a.node.state_dir.join("checkpoints"));
+    let target = AgentClient::new(&a.to);
+    let source_name = a.source_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "source".into())
+    });
+    let opts = ContainerMigrationOptions {
+        transfer: SendOptions {
+            compression: a.compression,
+            chunk_size: a.chunk_size.unwrap_or(1 << 20),
+            reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
+            faults: Faults {
+                cut_after_chunks: a.fault_cut_after,
+                corrupt_chunk: a.fault_corrupt_chunk,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        settle: None,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    if a.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} {bytes}/{total_bytes} {bar:30} {bytes_per_sec}")
+            .expect("template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let pb = bar.clone();
+    let progress: away_migrate::container::ProgressFn = Arc::new(move |step| match step {
+        Step::Checking => pb.set_message("checking compatibility"),
+        Step::Checkpointing => pb.set_message("checkpointing"),
+        Step::Transferring { sent, total } => {
+            pb.set_message("transferring");
+            pb.set_length(total);
+            pb.set_position(sent);
+        }
+        Step::Committing => pb.set_message("committing"),
+        Step::Cleaning => pb.set_message("removing the source"),
+        Step::RollingBack(why) => pb.set_message(format!("rolling back: {why}")),
+    });
+    let result = rt.block_on(migrate_container(&node, &source_name, &archives, &a.workload, &target, &opts, progress));
+    bar.finish_and_clear();
+    let report = result?;
+    if a.json {
+        print_json(&report)?;
+    } else {
+        print_report(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &MigrationReport) {
+    println!(
+        "{} moved from {} to {} ({}) in {:.2} s",
+        r.workload,
+        r.source,
+        r.target,
+        r.mode,
+        r.total_millis as f64 / 1000.0
+    );
+    println!("  why:       {}", r.reason);
+    println!("  downtime:  {:.3} s", r.downtime_millis as f64 / 1000.0);
+    let ratio = if r.bytes_raw > 0 { r.bytes_wire as f64 / r.bytes_raw as f64 * 100.0 } else { 0.0 };
+    println!(
+        "  state:     {} raw, {} on the wire ({ratio:.0} %)",
+        away_model::ByteSize(r.bytes_raw),
+        away_model::ByteSize(r.bytes_wire)
+    );
+    for p in &r.phases {
+        println!("  {:<10} {:>8.3} s", p.name, p.millis as f64 / 1000.0);
+    }
+}
+
+/// List or prune checkpoint archives (they hold process memory).
+#[derive(clap::Subcommand)]
+pub enum ArchivesCommand {
+    /// List archives: moves in progress and the ones kept after failed moves
+    List {
+        #[arg(long, env = "AWAY_STATE_DIR", default_value = "/var/lib/away")]
+        state_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete kept archives, oldest first, down to a total size
+    Prune {
+        #[arg(long, env = "AWAY_STATE_DIR", default_value = "/var/lib/away")]
+        state_dir: PathBuf,
+        /// Keep at most this much, e.g. 0 or 2Gi
+        #[arg(long, default_value = "0B")]
+        keep: away_model::ByteSize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn archives(cmd: ArchivesCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ArchivesCommand::List { state_dir, json } => {
+            let list = ArchiveStore::new(state_dir.join("checkpoints")).list()?;
+            if json {
+                print_json(&list)?;
+            } else {
+                println!("{:<8} {:>10} {:>8}  PATH", "STATE", "SIZE", "AGE");
+                for e in list {
+                    println!(
+                        "{:<8} {:>10} {:>7}s  {}",
+                        e.state,
+                        away_model::ByteSize(e.bytes).to_string(),
+                        e.age_seconds,
+                        e.path.display()
+                    );
+                }
+            }
+        }
+        ArchivesCommand::Prune { state_dir, keep, json } => {
+            let gone = ArchiveStore::new(state_dir.join("checkpoints")).prune(keep.bytes())?;
+            if json {
+                print_json(&gone)?;
+            } else {
+                for e in &gone {
+                    println!("deleted {} ({})", e.path.display(), away_model::ByteSize(e.bytes));
+                }
+                println!("{} archive(s) deleted", gone.len());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

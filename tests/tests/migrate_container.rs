@@ -1,0 +1,327 @@
+//! Container migration end to end: a source node and a target agent on this host (each
+//! with its own containerd namespace and state directory), the real containerd, Docker
+//! and CRIU. The counter's count goes on after the move; faults end with exactly one
+//! running instance and the count intact.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use away_e2e::{away_bin, free_port, http_get, lab_image, require_root, require_socket, wait_for};
+use serde_json::Value;
+
+fn ready() -> bool {
+    require_root()
+        && require_socket("/run/containerd/containerd.sock", "containerd")
+        && require_socket("/run/docker.sock", "dockerd")
+}
+
+/// One node's identity: containerd namespace, state and run dirs.
+struct Node {
+    ns: String,
+    state: PathBuf,
+    run: PathBuf,
+}
+
+impl Node {
+    fn new(role: &str, test: &str) -> Node {
+        let id = format!("{role}-{test}-{}", std::process::id());
+        Node {
+            ns: format!("away-{id}"),
+            state: PathBuf::from(format!("/tmp/away-e2e-mig/{id}/state")),
+            run: PathBuf::from(format!("/tmp/away-e2e-mig/{id}/run")),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(away_bin());
+        c.args(args).env("AWAY_NAMESPACE", &self.ns).env("AWAY_STATE_DIR", &self.state).env("AWAY_RUN_DIR", &self.run);
+        c
+    }
+
+    fn away(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.cmd(args).output().expect("run away");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    fn ps(&self) -> Vec<Value> {
+        let (ok, out, err) = self.away(&["ps", "--json"]);
+        assert!(ok, "ps failed: {err}");
+        serde_json::from_str::<Value>(&out).unwrap()["workloads"].as_array().unwrap().clone()
+    }
+
+    fn running(&self, name: &str) -> bool {
+        self.ps().iter().any(|w| w["name"] == name && w["state"] == "running")
+    }
+}
+
+/// A target agent process, killed (by its PID) when dropped.
+struct Agent {
+    node: Node,
+    child: Child,
+    api: String,
+    tmpfs: Option<PathBuf>,
+}
+
+impl Agent {
+    fn start(test: &str, env: &[(&str, &str)], tiny_disk: bool) -> Agent {
+        let node = Node::new("target", test);
+        let mut tmpfs = None;
+        if tiny_disk {
+            // the target's state (spool included) on a 64 KiB tmpfs: it fills up mid-transfer
+            std::fs::create_dir_all(&node.state).unwrap();
+            let ok = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+                .arg(&node.state)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "cannot mount a tmpfs on {}", node.state.display());
+            tmpfs = Some(node.state.clone());
+        }
+        let (api, transfer) = (free_port(), free_port());
+        let mut cmd = node.cmd(&[
+            "agent",
+            "--name",
+            &format!("target-{test}"),
+            "--listen",
+            &format!("127.0.0.1:{api}"),
+            "--transfer-listen",
+            &format!("127.0.0.1:{transfer}"),
+            "--commit-lease",
+            "20",
+        ]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        std::fs::create_dir_all("/tmp/away-e2e-mig").unwrap();
+        let log = std::fs::File::create(format!("/tmp/away-e2e-mig/agent-{test}-{}.log", std::process::id())).unwrap();
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start away agent");
+        let api = format!("127.0.0.1:{api}");
+        let up = wait_for(30, || std::net::TcpStream::connect(&api).ok());
+        assert!(up.is_some(), "agent did not listen on {api}");
+        Agent { node, child, api, tmpfs }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(dir) = &self.tmpfs {
+            let _ = Command::new("umount").arg(dir).status();
+        }
+    }
+}
+
+/// The counter on the source node, removed on both nodes at the end.
+struct Workload<'a> {
+    name: String,
+    port: u16,
+    source: &'a Node,
+    target: &'a Node,
+}
+
+impl Drop for Workload<'_> {
+    fn drop(&mut self) {
+        let _ = self.source.away(&["rm", "--force", &self.name]);
+        let _ = self.target.away(&["rm", "--force", &self.name]);
+    }
+}
+
+fn start_counter<'a>(source: &'a Node, target: &'a Node, test: &str, runtime: &str) -> Workload<'a> {
+    std::fs::create_dir_all(&source.state).unwrap();
+    let tar = lab_image("counter");
+    let name = format!("mig-{test}-{}", std::process::id());
+    let port = free_port();
+    let (ok, _, err) = source.away(&[
+        "run",
+        tar.to_str().unwrap(),
+        "--name",
+        &name,
+        "--runtime",
+        runtime,
+        "-e",
+        &format!("COUNTER_PORT={port}"),
+        "-p",
+        &port.to_string(),
+    ]);
+    assert!(ok, "run counter on {runtime}: {err}");
+    Workload { name, port, source, target }
+}
+
+/// count and start time of the counter answering on `port`
+fn state(port: u16) -> Option<(u64, u64)> {
+    let v: Value = serde_json::from_str(&http_get(port, "/")?).ok()?;
+    Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
+}
+
+fn migrate(w: &Workload, agent: &Agent, extra: &[&str]) -> (bool, Value, String) {
+    let mut args =
+        vec!["migrate", &w.name, "--to", &agent.api, "--json", "--source-name", "source", "--reconnect-timeout", "15"];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = w.source.away(&args);
+    (ok, serde_json::from_str(&out).unwrap_or(Value::Null), err)
+}
+
+/// Running Docker containers of workload `name` on this host's one engine, which the
+/// test's source and target nodes share (so `away ps` of either node sees both).
+fn docker_running(name: &str) -> usize {
+    let out = Command::new("/usr/bin/docker")
+        .args(["ps", "-q", "--filter", &format!("label=away.workload={name}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// Exactly one running instance, on `node`, and its count went on from `before`.
+fn assert_one_instance_on(node: &Node, other: &Node, w: &Workload, before: (u64, u64)) {
+    assert!(node.running(&w.name), "{} is not running where it should be", w.name);
+    let on_docker = node.ps().iter().any(|x| x["name"] == w.name.as_str() && x["runtime"] == "docker");
+    if on_docker {
+        assert_eq!(docker_running(&w.name), 1, "{} runs more than once on the shared engine", w.name);
+    } else {
+        assert!(!other.running(&w.name), "{} runs on both nodes", w.name);
+    }
+    let after = wait_for(20, || state(w.port)).expect("counter answers after the move");
+    assert_eq!(after.1, before.1, "the counter restarted (start time changed) instead of being restored");
+    assert!(after.0 >= before.0, "count went back: {} -> {}", before.0, after.0);
+    eprintln!("count {} -> {}", before.0, after.0);
+}
+
+fn marker_rootfs(runtime: &str, node: &Node, name: &str) -> PathBuf {
+    match runtime {
+        "containerd" => {
+            PathBuf::from(format!("/run/containerd/io.containerd.runtime.v2.task/{}/{name}/rootfs", node.ns))
+        }
+        _ => {
+            let out = Command::new("/usr/bin/docker")
+                .args(["inspect", "-f", "{{.GraphDriver.Data.MergedDir}}", name])
+                .output()
+                .unwrap();
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    }
+}
+
+fn move_keeps_state(runtime: &str) {
+    let agent = Agent::start(&format!("ok-{runtime}"), &[], false);
+    let source = Node::new("source", &format!("ok-{runtime}"));
+    let w = start_counter(&source, &agent.node, &format!("ok-{runtime}"), runtime);
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 10)).expect("counter counts");
+    // the workload's own file changes travel too
+    std::fs::write(marker_rootfs(runtime, &source, &w.name).join("away-marker"), b"written before the move").unwrap();
+    let (ok, report, err) = migrate(&w, &agent, &[]);
+    assert!(ok, "migrate failed: {err}");
+    eprintln!("report: {report}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["mode"], "stop-and-copy");
+    assert!(report["downtime_millis"].as_u64().unwrap() > 0);
+    assert!(report["bytes_wire"].as_u64().unwrap() > 0 && report["bytes_raw"].as_u64().unwrap() > 0);
+    let phases: Vec<&str> = report["phases"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    for p in ["checkpoint", "transfer", "restore", "commit", "cleanup"] {
+        assert!(phases.contains(&p), "phase {p} missing: {phases:?}");
+    }
+    assert_one_instance_on(&agent.node, &source, &w, before);
+    assert_eq!(
+        std::fs::read(marker_rootfs(runtime, &agent.node, &w.name).join("away-marker")).unwrap(),
+        b"written before the move"
+    );
+    // no checkpoint left on either side
+    let (_, out, _) = source.away(&["archives", "list", "--json"]);
+    assert_eq!(out.trim(), "[]", "source kept an archive");
+    let spool = agent.node.state.join("transfers");
+    let left: Vec<_> = std::fs::read_dir(&spool).map(|rd| rd.flatten().collect()).unwrap_or_default();
+    assert!(left.is_empty(), "target kept transfer data in {}", spool.display());
+}
+
+#[test]
+fn containerd_to_containerd_keeps_the_count_and_the_files() {
+    if ready() {
+        move_keeps_state("containerd");
+    }
+}
+
+#[test]
+fn docker_to_docker_keeps_the_count_and_the_files() {
+    if ready() {
+        move_keeps_state("docker");
+    }
+}
+
+#[test]
+fn a_cut_link_and_a_corrupt_chunk_are_survived() {
+    if !ready() {
+        return;
+    }
+    let agent = Agent::start("faulty-link", &[], false);
+    let source = Node::new("source", "faulty-link");
+    let w = start_counter(&source, &agent.node, "faulty-link", "containerd");
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 10)).expect("counter counts");
+    // 64 KiB chunks: the payload (CRIU images + image tar) is a dozen or more chunks
+    let (ok, report, err) =
+        migrate(&w, &agent, &["--chunk-size", "65536", "--fault-cut-after", "3", "--fault-corrupt-chunk", "5"]);
+    assert!(ok, "migration did not survive the faults: {err}");
+    assert_eq!(report["ok"], true);
+    assert_one_instance_on(&agent.node, &source, &w, before);
+}
+
+fn failed_move_resumes_the_source(test: &str, env: &[(&str, &str)], tiny_disk: bool, expect: &str) {
+    let agent = Agent::start(test, env, tiny_disk);
+    let source = Node::new("source", test);
+    let w = start_counter(&source, &agent.node, test, "containerd");
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 10)).expect("counter counts");
+    let (ok, _, err) = migrate(&w, &agent, &["--chunk-size", "65536"]);
+    assert!(!ok, "the migration should have failed");
+    assert!(err.contains(expect), "error does not say {expect:?}: {err}");
+    assert!(err.contains("resumed"), "error does not say the source resumed: {err}");
+    assert_one_instance_on(&source, &agent.node, &w, before);
+    // the failed archive is kept for inspection, owner-only
+    let (_, out, _) = source.away(&["archives", "list", "--json"]);
+    let kept: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(kept.len(), 1, "{out}");
+    assert_eq!(kept[0]["state"], "failed");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(kept[0]["path"].as_str().unwrap()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let (ok, _, _) = source.away(&["archives", "prune", "--keep", "0B"]);
+    assert!(ok);
+}
+
+#[test]
+fn a_failed_restore_on_the_target_resumes_the_source() {
+    if ready() {
+        failed_move_resumes_the_source("bad-restore", &[("AWAY_FAULT_RESTORE", "fail")], false, "restore killed");
+    }
+}
+
+#[test]
+fn a_full_target_disk_resumes_the_source() {
+    if ready() {
+        failed_move_resumes_the_source("full-disk", &[], true, "disk full");
+    }
+}
+
+#[test]
+fn an_unreachable_target_moves_nothing() {
+    if !ready() {
+        return;
+    }
+    let source = Node::new("source", "unreachable");
+    let nowhere = Node::new("target", "unreachable");
+    let w = start_counter(&source, &nowhere, "unreachable", "containerd");
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let port = free_port();
+    let (ok, _, err) = source.away(&["migrate", &w.name, "--to", &format!("127.0.0.1:{port}")]);
+    assert!(!ok);
+    assert!(err.contains("unreachable"), "{err}");
+    // nothing happened: the source still runs, never stopped
+    assert!(source.running(&w.name));
+    let after = state(w.port).unwrap();
+    assert_eq!(after.1, before.1);
+    let _ = Duration::ZERO;
+}
