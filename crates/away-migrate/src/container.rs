@@ -91,7 +91,7 @@ pub async fn migrate_container(
     if status.state != WorkloadState::Running {
         return Err(MigrateError::Invalid(format!("{name} is {}, not running", status.state)));
     }
-    let here = crate::local_node_info(node, source_name).await;
+    let (here, host) = crate::local_node_info(node, source_name).await;
     let there = target.info().await?;
     let compat = compat::check_container(&here, &there.node, kind, kind);
     if !compat.allowed {
@@ -207,7 +207,7 @@ pub async fn migrate_container(
         downtime_millis: downtime.as_millis() as u64,
         bytes_raw: outcome.bytes_raw,
         bytes_wire: outcome.bytes_wire,
-        reason: compat.reason,
+        reason: format!("{}; {}", compat.reason, crate::precopy_note(&host)),
         ok: true,
         error: None,
     })

@@ -43,8 +43,9 @@ pub enum MigrateError {
     },
 }
 
-/// This node's fingerprint as a migration source reports it.
-pub async fn local_node_info(node: &LocalNode, name: &str) -> NodeInfo {
+/// This node's fingerprint as a migration source reports it, with the host report it
+/// came from (CRIU's features are there).
+pub async fn local_node_info(node: &LocalNode, name: &str) -> (NodeInfo, away_runtime::host::HostReport) {
     let fp = away_runtime::host::fingerprint(&away_runtime::host::FingerprintOptions {
         paths: node.options.paths.clone(),
         ..Default::default()
@@ -52,5 +53,16 @@ pub async fn local_node_info(node: &LocalNode, name: &str) -> NodeInfo {
     .await;
     let mut info = fp.node_info(name, Tier::Cloud);
     info.runtimes = node.health().await;
-    info
+    (info, fp)
+}
+
+/// Why a container moves by stop-and-copy and not by pre-copy rounds.
+pub fn precopy_note(host: &away_runtime::host::HostReport) -> String {
+    if host.criu.dirty_tracking {
+        "pre-copy (CRIU pre-dump rounds) is not offered through containerd or Docker, so stop-and-copy".into()
+    } else {
+        "no pre-copy: this kernel has no soft-dirty page tracking (criu check --feature mem_dirty_track fails), so \
+         CRIU cannot dump memory in rounds while the workload runs; stop-and-copy"
+            .into()
+    }
 }

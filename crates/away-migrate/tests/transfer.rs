@@ -60,11 +60,14 @@ fn tree(dir: &Path) -> Tree {
     out
 }
 
+/// What a test receiver saw: each payload with the tree it unpacked to.
+type Received = Arc<Mutex<Vec<(ReceivedPayload, Tree)>>>;
+
 /// A receiver whose handler records the unpacked tree and answers ok.
 struct Target {
     addr: String,
     spool: PathBuf,
-    received: Arc<Mutex<Vec<(ReceivedPayload, Tree)>>>,
+    received: Received,
     task: tokio::task::JoinHandle<()>,
 }
 

@@ -38,9 +38,8 @@ pub struct NodeArgs {
 
 impl NodeArgs {
     pub fn options(&self) -> NodeOptions {
-        let mut o = NodeOptions::default();
-        o.namespace = self.namespace.clone();
-        o.run_dir = self.run_dir.clone();
+        let mut o =
+            NodeOptions { namespace: self.namespace.clone(), run_dir: self.run_dir.clone(), ..Default::default() };
         o.paths.state_dir = self.state_dir.clone();
         o.paths.containerd_socket = self.containerd_socket.clone();
         o.paths.docker_socket = self.docker_socket.clone();
