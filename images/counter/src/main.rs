@@ -73,7 +73,7 @@ fn main() {
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(ticker.interval_ms));
         let n = ticker.count.fetch_add(1, Ordering::SeqCst) + 1;
-        if n % log_every == 0 {
+        if n.is_multiple_of(log_every) {
             println!("counter: count={n} pid={} unix_ms={}", ticker.pid, unix_ms());
         }
     });
