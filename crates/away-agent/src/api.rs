@@ -7,6 +7,11 @@
 //! | GET | /v1/workloads | `[WorkloadStatus]` |
 //! | GET | /v1/workloads/{name} | `WorkloadStatus`, 404 |
 //! | POST | /v1/transfers/{id}/commit | 204; 404 when unknown or expired |
+//! | POST | /v1/images | body: an image tar; `{references}` |
+//! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}` |
+//! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait for its RESUME; `{resumed_at_ms}` |
+//! | POST | /v1/vm-migrations/{name}/confirm | 204: the VM stays |
+//! | DELETE | /v1/vm-migrations/{name} | 204: the destination is removed |
 //!
 //! Errors are `away_model::ApiError` bodies with the matching status code.
 
@@ -57,6 +62,11 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload))
         .route("/v1/transfers/{id}/commit", post(commit))
+        .route("/v1/images", post(upload_image).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
+        .route("/v1/vm-migrations", post(vm_prepare))
+        .route("/v1/vm-migrations/{name}/resumed", post(vm_resumed))
+        .route("/v1/vm-migrations/{name}/confirm", post(vm_confirm))
+        .route("/v1/vm-migrations/{name}", axum::routing::delete(vm_abort))
         .with_state(agent)
 }
 
@@ -125,4 +135,95 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
         agent.arm_lease(payload.transfer_id.clone(), Provisional { workload: st.name.clone(), runtime: m.runtime });
     }
     verdict
+}
+
+async fn upload_image(
+    State(agent): State<Arc<Agent>>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let dir = agent.config.node.paths.state_dir.join("uploads");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Problem(ApiError::new(ErrorCode::Internal, format!("create {}: {e}", dir.display()))))?;
+    let tmp = dir.join(format!("upload-{}.tar", std::process::id()));
+    std::fs::write(&tmp, &body)
+        .map_err(|e| Problem(ApiError::new(ErrorCode::Internal, format!("write {}: {e}", tmp.display()))))?;
+    let stored = agent.node.store.add(&tmp, None);
+    let _ = std::fs::remove_file(&tmp);
+    Ok(Json(serde_json::json!({"references": stored?})))
+}
+
+/// What a source sends to start a VM destination here.
+#[derive(serde::Serialize, Deserialize)]
+pub struct VmPrepare {
+    pub spec: away_model::WorkloadSpec,
+    pub image: String,
+    pub multifd: Option<u32>,
+    pub postcopy: bool,
+}
+
+fn vm_problem(e: away_migrate::vm::VmMigrateError) -> Problem {
+    Problem(ApiError::new(ErrorCode::Internal, e.to_string()))
+}
+
+async fn vm_prepare(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<VmPrepare>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let image = agent.node.store.resolve(&req.image)?;
+    let port = std::net::TcpListener::bind((agent.config.listen.ip(), 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|e| Problem(ApiError::new(ErrorCode::Internal, format!("no free port: {e}"))))?
+        .port();
+    let host = agent.config.listen.ip().to_string();
+    let opts = away_migrate::vm::VmMigrationOptions {
+        multifd: req.multifd,
+        postcopy: req.postcopy,
+        listen_host: host.clone(),
+        ..Default::default()
+    };
+    let dest = away_migrate::vm::prepare_destination(agent.node.qemu(), &req.spec, &image, port, &opts)
+        .await
+        .map_err(vm_problem)?;
+    agent.vm_destinations.lock().await.insert(req.spec.name.clone(), dest);
+    Ok(Json(serde_json::json!({"uri": format!("tcp:{host}:{port}")})))
+}
+
+#[derive(Deserialize)]
+struct ResumedQuery {
+    limit_ms: u64,
+}
+
+async fn vm_resumed(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Query(q): Query<ResumedQuery>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let mut dests = agent.vm_destinations.lock().await;
+    let dest = dests
+        .get_mut(&name)
+        .ok_or_else(|| Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}"))))?;
+    let at = dest.wait_resumed(std::time::Duration::from_millis(q.limit_ms)).await.map_err(vm_problem)?;
+    let ms = at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    Ok(Json(serde_json::json!({"resumed_at_ms": ms})))
+}
+
+async fn vm_confirm(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let dest = agent
+        .vm_destinations
+        .lock()
+        .await
+        .remove(&name)
+        .ok_or_else(|| Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}"))))?;
+    let files = dest.confirm();
+    Ok(Json(serde_json::json!({"node": agent.config.name, "dir": files.dir})))
+}
+
+async fn vm_abort(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> Result<StatusCode, Problem> {
+    if let Some(dest) = agent.vm_destinations.lock().await.remove(&name) {
+        dest.abort().await.map_err(vm_problem)?;
+    }
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -5,6 +5,7 @@ use away_migrate::target::{TargetInfo, TargetNode};
 use away_migrate::MigrateError;
 use away_model::ApiError;
 
+#[derive(Clone)]
 pub struct AgentClient {
     base: String,
     http: reqwest::Client,
@@ -58,5 +59,91 @@ impl TargetNode for AgentClient {
         self.check(self.http.post(format!("{}/v1/transfers/{transfer_id}/commit", self.base)).send().await)
             .await
             .map(|_| ())
+    }
+}
+
+impl AgentClient {
+    /// Send an image tar to the target's image store.
+    pub async fn upload_image(&self, tar: &std::path::Path) -> Result<(), MigrateError> {
+        let body = tokio::fs::read(tar).await.map_err(|e| MigrateError::Io { path: tar.to_path_buf(), source: e })?;
+        self.check(self.http.post(format!("{}/v1/images", self.base)).body(body).send().await).await.map(|_| ())
+    }
+}
+
+/// A VM destination behind another node's agent.
+pub struct RemoteVmTarget {
+    pub client: AgentClient,
+    pub name: String,
+}
+
+fn vm_err(e: MigrateError) -> away_migrate::vm::VmMigrateError {
+    away_migrate::vm::VmMigrateError::Invalid { field: "target".into(), reason: e.to_string() }
+}
+
+#[async_trait]
+impl away_migrate::vm::VmTarget for RemoteVmTarget {
+    fn describe(&self) -> String {
+        format!("agent {}", self.client.base)
+    }
+
+    async fn prepare(
+        &mut self,
+        spec: &away_model::WorkloadSpec,
+        image: &away_runtime::ResolvedImage,
+        opts: &away_migrate::vm::VmMigrationOptions,
+    ) -> Result<String, away_migrate::vm::VmMigrateError> {
+        let body = crate::api::VmPrepare {
+            spec: spec.clone(),
+            image: image.reference.clone(),
+            multifd: opts.multifd,
+            postcopy: opts.postcopy,
+        };
+        let c = &self.client;
+        let resp = c
+            .check(c.http.post(format!("{}/v1/vm-migrations", c.base)).json(&body).send().await)
+            .await
+            .map_err(vm_err)?;
+        let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(e.to_string())))?;
+        v["uri"].as_str().map(str::to_string).ok_or_else(|| vm_err(c.err("no uri in the answer")))
+    }
+
+    async fn wait_resumed(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> Result<std::time::SystemTime, away_migrate::vm::VmMigrateError> {
+        let c = &self.client;
+        let url = format!("{}/v1/vm-migrations/{}/resumed", c.base, self.name);
+        let resp = c
+            .check(
+                c.http
+                    .post(url)
+                    .query(&[("limit_ms", limit.as_millis() as u64)])
+                    .timeout(limit + std::time::Duration::from_secs(10))
+                    .send()
+                    .await,
+            )
+            .await
+            .map_err(vm_err)?;
+        let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(e.to_string())))?;
+        let ms = v["resumed_at_ms"].as_u64().ok_or_else(|| vm_err(c.err("no resumed_at_ms in the answer")))?;
+        Ok(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+    }
+
+    async fn confirm(&mut self) -> Result<String, away_migrate::vm::VmMigrateError> {
+        let c = &self.client;
+        let resp = c
+            .check(c.http.post(format!("{}/v1/vm-migrations/{}/confirm", c.base, self.name)).send().await)
+            .await
+            .map_err(vm_err)?;
+        let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(e.to_string())))?;
+        Ok(format!("{} on node {}", v["dir"].as_str().unwrap_or_default(), v["node"].as_str().unwrap_or_default()))
+    }
+
+    async fn abort(&mut self) -> Result<(), away_migrate::vm::VmMigrateError> {
+        let c = &self.client;
+        c.check(c.http.delete(format!("{}/v1/vm-migrations/{}", c.base, self.name)).send().await)
+            .await
+            .map(|_| ())
+            .map_err(vm_err)
     }
 }

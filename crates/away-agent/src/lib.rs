@@ -62,6 +62,8 @@ pub struct Agent {
     pub info: NodeInfo,
     /// transfer id -> provisional workload
     pub provisional: Mutex<HashMap<String, Provisional>>,
+    /// workload -> VM migration destination waiting here
+    pub vm_destinations: Mutex<HashMap<String, away_migrate::vm::Destination>>,
 }
 
 impl Agent {
@@ -76,7 +78,13 @@ impl Agent {
         let mut info = fp.node_info(&config.name, config.tier);
         // the runtimes' health as the node's own connections see it
         info.runtimes = node.health().await;
-        Arc::new(Agent { config, node, info, provisional: Mutex::new(HashMap::new()) })
+        Arc::new(Agent {
+            config,
+            node,
+            info,
+            provisional: Mutex::new(HashMap::new()),
+            vm_destinations: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The transfer address other agents should dial.

@@ -716,14 +716,93 @@ pub async fn migrate_vm_detailed(
     opts: &VmMigrationOptions,
     progress: impl Fn(VmProgress) + Send + Sync,
 ) -> Result<(MigrationReport, VmMigrationOutcome), VmMigrateError> {
+    let mut local = LocalVmTarget { runtime: target.clone(), port, dest: None };
+    migrate_vm_to(source, &mut local, name, image, opts, progress).await
+}
+
+/// The destination side of a VM move, on this host ([`LocalVmTarget`]) or behind another
+/// node's agent.
+#[async_trait::async_trait]
+pub trait VmTarget: Send {
+    /// Where the destination is, for reports.
+    fn describe(&self) -> String;
+    /// Start the destination QEMU for `spec` (ports already remapped); returns the URI
+    /// the source migrates to.
+    async fn prepare(
+        &mut self,
+        spec: &WorkloadSpec,
+        image: &ResolvedImage,
+        opts: &VmMigrationOptions,
+    ) -> Result<String, VmMigrateError>;
+    /// Wait for the destination's RESUME event; its QEMU timestamp.
+    async fn wait_resumed(&mut self, limit: Duration) -> Result<SystemTime, VmMigrateError>;
+    /// The destination runs: keep it. Returns where it lives.
+    async fn confirm(&mut self) -> Result<String, VmMigrateError>;
+    /// Remove the destination.
+    async fn abort(&mut self) -> Result<(), VmMigrateError>;
+}
+
+/// A destination QEMU on this host.
+pub struct LocalVmTarget {
+    pub runtime: QemuRuntime,
+    /// TCP port the destination listens on.
+    pub port: u16,
+    pub dest: Option<Destination>,
+}
+
+#[async_trait::async_trait]
+impl VmTarget for LocalVmTarget {
+    fn describe(&self) -> String {
+        format!("qemu {}", self.runtime.state_dir().display())
+    }
+
+    async fn prepare(
+        &mut self,
+        spec: &WorkloadSpec,
+        image: &ResolvedImage,
+        opts: &VmMigrationOptions,
+    ) -> Result<String, VmMigrateError> {
+        let dest = prepare_destination(&self.runtime, spec, image, self.port, opts).await?;
+        self.dest = Some(dest);
+        Ok(format!("tcp:{}:{}", opts.target_host, self.port))
+    }
+
+    async fn wait_resumed(&mut self, limit: Duration) -> Result<SystemTime, VmMigrateError> {
+        match self.dest.as_mut() {
+            Some(d) => d.wait_resumed(limit).await,
+            None => Err(VmMigrateError::Invalid { field: "destination".into(), reason: "not prepared".into() }),
+        }
+    }
+
+    async fn confirm(&mut self) -> Result<String, VmMigrateError> {
+        Ok(self.dest.take().map(|d| d.confirm().dir.display().to_string()).unwrap_or_default())
+    }
+
+    async fn abort(&mut self) -> Result<(), VmMigrateError> {
+        match self.dest.take() {
+            Some(d) => d.abort().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Move VM `name` from `source` to `target`: prepare the destination, live-migrate,
+/// wait for its RESUME, and only then remove the source.
+pub async fn migrate_vm_to(
+    source: &QemuRuntime,
+    target: &mut dyn VmTarget,
+    name: &str,
+    image: &ResolvedImage,
+    opts: &VmMigrationOptions,
+    progress: impl Fn(VmProgress) + Send + Sync,
+) -> Result<(MigrationReport, VmMigrationOutcome), VmMigrateError> {
     opts.validate()?;
     let t0 = Instant::now();
-    let uri = format!("tcp:{}:{port}", opts.target_host);
     let mut report = MigrationReport {
         workload: name.into(),
         mode: MigrationMode::VmLive,
         source: format!("qemu {}", source.state_dir().display()),
-        target: format!("qemu {} ({uri})", target.state_dir().display()),
+        target: target.describe(),
         phases: Vec::new(),
         total_millis: 0,
         downtime_millis: 0,
@@ -763,7 +842,8 @@ pub async fn migrate_vm_detailed(
             p.host = Some(*host);
         }
     }
-    let mut dest = prepare_destination(target, &spec, image, port, opts).await?;
+    let uri = target.prepare(&spec, image, opts).await?;
+    let dest = target;
     report.phases.push(phase_of("prepare-destination", phase));
 
     // migrate: pre-copy (and post-copy) driven from the source.
@@ -813,7 +893,7 @@ pub async fn migrate_vm_detailed(
             return Err(aborted(report, e.to_string()));
         }
     };
-    let files = dest.confirm();
+    let placed = dest.confirm().await?;
     report.phases.push(phase_of("switchover", phase));
     let stop_to_resume = outcome.source_stopped_at.and_then(|s| resumed_at.duration_since(s).ok());
     let (downtime, how) = match stop_to_resume {
@@ -852,7 +932,7 @@ pub async fn migrate_vm_detailed(
         },
         outcome.bytes_wire,
         outcome.ram_total,
-        files.dir.display(),
+        placed,
     );
     tracing::info!(workload = name, "vm migrated: {}", report.reason);
     Ok((report, outcome))

@@ -79,6 +79,11 @@ impl LocalNode {
         }
     }
 
+    /// The node's QEMU runtime (VM migrations need more than the `Runtime` trait).
+    pub fn qemu(&self) -> &QemuRuntime {
+        &self.qemu
+    }
+
     /// Health of every runtime, as the fallback rule and the broker see it.
     pub async fn health(&self) -> Vec<RuntimeInfo> {
         let mut out = Vec::new();

@@ -147,6 +147,31 @@ pub struct MigrateArgs {
     /// Seconds to keep retrying a cut link before giving up (the source then resumes)
     #[arg(long, default_value_t = 60)]
     reconnect_timeout: u64,
+    /// VM: throttle the guest's vCPUs when pre-copy does not converge
+    #[arg(long, help_heading = "VM live migration")]
+    auto_converge: bool,
+    /// VM: send only the changed bytes of pages sent before (xbzrle)
+    #[arg(long, help_heading = "VM live migration")]
+    xbzrle: bool,
+    /// VM: send RAM over N parallel connections (multifd)
+    #[arg(long, value_name = "N", help_heading = "VM live migration")]
+    multifd: Option<u32>,
+    /// VM: switch to post-copy after the first pre-copy pass
+    #[arg(long, help_heading = "VM live migration")]
+    postcopy: bool,
+    /// VM: longest pause allowed for the final copy, in ms
+    #[arg(long, value_name = "MS", help_heading = "VM live migration")]
+    max_downtime: Option<u64>,
+    /// VM: bandwidth cap, e.g. 4Mi (bytes per second)
+    #[arg(long, value_name = "BYTES", help_heading = "VM live migration")]
+    bandwidth: Option<away_model::ByteSize>,
+    /// VM: cancel a migration still in pre-copy after this many seconds (the VM keeps
+    /// running on the source)
+    #[arg(long, default_value_t = 600, value_name = "SECONDS", help_heading = "VM live migration")]
+    timeout: u64,
+    /// VM: forward this host port on the target instead of the source's, GUEST:HOST
+    #[arg(long = "target-port", value_name = "GUEST:HOST", help_heading = "VM live migration")]
+    target_ports: Vec<String>,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -154,6 +179,9 @@ pub struct MigrateArgs {
 pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let node = rt.block_on(LocalNode::open(a.node.options()));
+    if let Some((away_model::RuntimeKind::Qemu, _)) = rt.block_on(node.find(&a.workload))? {
+        return rt.block_on(migrate_vm(&node, &a));
+    }
     let archives = ArchiveStore::new(a.node.state_dir.join("checkpoints"));
     let target = AgentClient::new(&a.to);
     let source_name = a.source_name.clone().unwrap_or_else(|| {
@@ -200,6 +228,65 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let result = rt.block_on(migrate_container(&node, &source_name, &archives, &a.workload, &target, &opts, progress));
     bar.finish_and_clear();
     let report = result?;
+    if a.json {
+        print_json(&report)?;
+    } else {
+        print_report(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate_vm(node: &LocalNode, a: &MigrateArgs) -> anyhow::Result<ExitCode> {
+    use away_migrate::target::TargetNode;
+    let client = AgentClient::new(&a.to);
+    let source_name = a.source_name.clone().unwrap_or_else(|| "source".into());
+    let (here, _) = away_migrate::local_node_info(node, &source_name).await;
+    let there = client.info().await?;
+    let compat = away_migrate::compat::check_vm(&here, &there.node);
+    if !compat.allowed {
+        anyhow::bail!("migration refused: {}", compat.reason);
+    }
+    let (_, status) = node.get(&a.workload).await?;
+    let image = node.store.resolve(&status.image)?;
+    if !client.has_image(&image.reference).await? {
+        client.upload_image(&image.tar).await?;
+    }
+    let mut target_ports = std::collections::BTreeMap::new();
+    for p in &a.target_ports {
+        let (g, h) = p.split_once(':').ok_or_else(|| anyhow::anyhow!("--target-port {p:?}: expected GUEST:HOST"))?;
+        target_ports.insert(g.parse()?, h.parse()?);
+    }
+    let opts = away_migrate::vm::VmMigrationOptions {
+        auto_converge: a.auto_converge,
+        xbzrle: a.xbzrle,
+        multifd: a.multifd,
+        postcopy: a.postcopy,
+        max_downtime_ms: a.max_downtime,
+        bandwidth_limit_bytes_per_s: a.bandwidth.map(|b| b.bytes()),
+        timeout: Duration::from_secs(a.timeout),
+        target_ports,
+        ..Default::default()
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    if a.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} {bytes}/{total_bytes} {bar:30}").expect("template"),
+    );
+    let pb = bar.clone();
+    let progress = move |p: away_migrate::vm::VmProgress| {
+        pb.set_message(format!("vm {} pass {}", p.status, p.pass));
+        pb.set_length(p.transferred + p.remaining);
+        pb.set_position(p.transferred);
+    };
+    let mut target = away_agent::client::RemoteVmTarget { client, name: a.workload.clone() };
+    let result = away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, &a.workload, &image, &opts, progress).await;
+    bar.finish_and_clear();
+    let (mut report, _) = result?;
+    report.source = here.name;
+    report.target = there.node.name;
+    report.reason = format!("{}; {}", compat.reason, report.reason);
     if a.json {
         print_json(&report)?;
     } else {

@@ -1,0 +1,125 @@
+//! `away migrate` of a VM through a target agent: QEMU live migration between two
+//! nodes (here: two state directories on one host, so the target forwards another
+//! host port), the count goes on, the source VM is gone afterwards.
+
+use std::process::{Command, Stdio};
+
+use away_e2e::{away_bin, free_port, http_get, lab_image, require, require_root, wait_for};
+use serde_json::Value;
+
+fn env(cmd: &mut Command, role: &str) -> String {
+    let base = format!("/tmp/away-e2e-vmcli/{role}-{}", std::process::id());
+    cmd.env("AWAY_STATE_DIR", format!("{base}/state"))
+        .env("AWAY_RUN_DIR", format!("{base}/run"))
+        .env("AWAY_NAMESPACE", format!("away-vmcli-{role}"));
+    base
+}
+
+fn state(port: u16) -> Option<(u64, u64)> {
+    let v: Value = serde_json::from_str(&http_get(port, "/")?).ok()?;
+    Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
+}
+
+struct Cleanup(Vec<Box<dyn FnMut()>>);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for f in &mut self.0 {
+            f();
+        }
+    }
+}
+
+#[test]
+fn vm_moves_to_another_agent_and_keeps_counting() {
+    if !require_root()
+        || !require(std::path::Path::new("/opt/away-guest/vmlinuz").exists(), "guest kernel (deploy/install.sh)")
+    {
+        return;
+    }
+    let tar = lab_image("counter");
+    let name = format!("vmcli-{}", std::process::id());
+    let (api, transfer) = (free_port(), free_port());
+    let mut agent_cmd = Command::new(away_bin());
+    env(&mut agent_cmd, "target");
+    agent_cmd.args([
+        "agent",
+        "--name",
+        "vm-target",
+        "--listen",
+        &format!("127.0.0.1:{api}"),
+        "--transfer-listen",
+        &format!("127.0.0.1:{transfer}"),
+    ]);
+    let mut agent = agent_cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut cleanup = Cleanup(vec![]);
+    let name2 = name.clone();
+    cleanup.0.push(Box::new(move || {
+        for role in ["source", "target"] {
+            let mut c = Command::new(away_bin());
+            env(&mut c, role);
+            let _ = c.args(["rm", "--force", &name2]).output();
+        }
+    }));
+    cleanup.0.push(Box::new(move || {
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }));
+    assert!(wait_for(30, || std::net::TcpStream::connect(("127.0.0.1", api)).ok()).is_some(), "agent not listening");
+
+    let (port, target_port) = (free_port(), free_port());
+    let mut run = Command::new(away_bin());
+    env(&mut run, "source");
+    let out = run
+        .args([
+            "run",
+            tar.to_str().unwrap(),
+            "--vm",
+            "--name",
+            &name,
+            "--memory",
+            "128Mi",
+            "-e",
+            &format!("COUNTER_PORT={port}"),
+            "-p",
+            &port.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "run --vm: {}", String::from_utf8_lossy(&out.stderr));
+    let before = wait_for(120, || state(port).filter(|s| s.0 >= 5)).expect("the counter VM answers");
+
+    let mut mig = Command::new(away_bin());
+    env(&mut mig, "source");
+    let out = mig
+        .args([
+            "migrate",
+            &name,
+            "--to",
+            &format!("127.0.0.1:{api}"),
+            "--target-port",
+            &format!("{port}:{target_port}"),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("report: {report}");
+    assert_eq!(report["mode"], "vm-live");
+    assert_eq!(report["target"], "vm-target");
+    assert!(report["downtime_millis"].as_u64().unwrap() > 0);
+    assert!(report["bytes_wire"].as_u64().unwrap() > 0);
+    assert!(report["reason"].as_str().unwrap().contains("QEMU live migration"), "{report}");
+
+    let after = wait_for(30, || state(target_port)).expect("the VM answers on the target's port");
+    assert_eq!(after.1, before.1, "the guest restarted instead of moving");
+    assert!(after.0 >= before.0);
+    assert!(state(port).is_none(), "the source VM still answers");
+    let mut ps = Command::new(away_bin());
+    env(&mut ps, "source");
+    let listed: Value = serde_json::from_slice(&ps.args(["ps", "--json"]).output().unwrap().stdout).unwrap();
+    assert!(
+        listed["workloads"].as_array().unwrap().iter().all(|w| w["name"] != name.as_str()),
+        "source still lists the VM"
+    );
+}
