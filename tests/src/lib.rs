@@ -46,18 +46,22 @@ pub fn require_socket(path: &str, daemon: &str) -> bool {
 
 /// Path to the `away` binary of this workspace, built once per test process.
 /// (Integration tests of another package get no CARGO_BIN_EXE_away, so we build it.)
+/// Benchmarks (`AWAY_BENCH_RELEASE=1`, set by them) get the release build: a debug
+/// build compresses and hashes ten times slower and would measure the wrong thing.
 pub fn away_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let root = workspace_root();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "away", "--bin", "away"])
-            .current_dir(&root)
-            .status()
-            .expect("run cargo build -p away");
+        let release = std::env::var_os("AWAY_BENCH_RELEASE").is_some();
+        let mut args = vec!["build", "--quiet", "-p", "away", "--bin", "away"];
+        if release {
+            args.push("--release");
+        }
+        let status =
+            Command::new(env!("CARGO")).args(&args).current_dir(&root).status().expect("run cargo build -p away");
         assert!(status.success(), "cargo build -p away failed");
         let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-        target.join("debug").join("away")
+        target.join(if release { "release" } else { "debug" }).join("away")
     })
 }
 

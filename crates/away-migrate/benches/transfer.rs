@@ -4,8 +4,8 @@
 //!
 //! The payload imitates a CRIU checkpoint: `pages-1.img` made of 4 KiB pages (35 % zero pages,
 //! 25 % random pages, 40 % text-like pages of repeated words and small integers), a few small
-//! image files, and a JSON manifest. It goes through an in-process relay that models a link: a
-//! token bucket at the link rate, a one-way delay in each direction, and a 200 ms router queue.
+//! image files, and a JSON manifest. It goes through an in-process relay (`away_link::proxy`) that models a
+//! link: a token bucket at the link rate, a one-way delay in each direction, and a 200 ms router queue.
 //! Time is end to end: tar spool, chunking, compression, wire, verification, unpack, verdict.
 
 use std::fs;
@@ -14,11 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use away_migrate::transfer::{send, serve, Compression, ReceivedPayload, SendOptions, Verdict};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio::time::sleep_until;
+use tokio::net::TcpListener;
 
 #[derive(Clone, Copy)]
 struct Link {
@@ -100,50 +96,14 @@ fn synthesize_checkpoint(dir: &Path, mib: usize) {
     fs::write(dir.join("manifest.json"), br#"{"workload":"bench","runtime":"containerd"}"#).unwrap();
 }
 
-/// Forwards one direction through the emulated link.
-async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: Link) {
-    let (tx, mut rx) = mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
-    let writer = tokio::spawn(async move {
-        while let Some((at, bytes)) = rx.recv().await {
-            sleep_until(at).await;
-            if to.write_all(&bytes).await.is_err() {
-                break;
-            }
-        }
-        let _ = to.shutdown().await;
-    });
-    let queue = Duration::from_millis(200);
-    let mut next_free = tokio::time::Instant::now();
-    let mut buf = vec![0u8; 16 << 10];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let now = tokio::time::Instant::now();
-        next_free = next_free.max(now) + Duration::from_secs_f64(n as f64 * 8.0 / link.bits_per_sec);
-        // A full router queue pushes back on the sender instead of growing forever.
-        if next_free > now + queue {
-            sleep_until(next_free - queue).await;
-        }
-        if tx.send((next_free + link.one_way_delay, buf[..n].to_vec())).await.is_err() {
-            break;
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
-}
-
 async fn relay(listener: TcpListener, upstream: SocketAddr, link: Link) {
-    while let Ok((client, _)) = listener.accept().await {
-        let Ok(server) = TcpStream::connect(upstream).await else { continue };
-        let _ = client.set_nodelay(true);
-        let _ = server.set_nodelay(true);
-        let (cr, cw) = client.into_split();
-        let (sr, sw) = server.into_split();
-        tokio::spawn(pipe(cr, sw, link));
-        tokio::spawn(pipe(sr, cw, link));
-    }
+    let profile = away_link::LinkProfile {
+        rate_bits_per_sec: link.bits_per_sec,
+        delay: link.one_way_delay,
+        jitter: Duration::ZERO,
+        queue: Duration::from_millis(200),
+    };
+    let _ = away_link::proxy(listener, upstream, profile).await;
 }
 
 struct Row {

@@ -456,15 +456,21 @@ impl ContainerdRuntime {
         }
         let top = self.ensure_image(image).await?;
         let mut rollback = Rollback::default();
+        // Until the container references its snapshot, only a lease keeps containerd's GC
+        // (which runs after any deletion, in any namespace) from taking it.
+        let lease = self.create_lease().await?;
         let result = async {
             let mut snaps = snap::snapshots_client::SnapshotsClient::new(self.channel.clone());
             let mounts = snaps
-                .prepare(self.req(snap::PrepareSnapshotRequest {
-                    snapshotter: SNAPSHOTTER.into(),
-                    key: name.into(),
-                    parent: top,
-                    labels: HashMap::new(),
-                }))
+                .prepare(self.leased(
+                    snap::PrepareSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        key: name.into(),
+                        parent: top,
+                        labels: HashMap::new(),
+                    },
+                    &lease,
+                ))
                 .await
                 .map_err(|s| Self::failed("prepare snapshot", name, s))?
                 .into_inner()
@@ -549,6 +555,7 @@ impl ContainerdRuntime {
         if result.is_err() {
             self.undo(name, &rollback).await;
         }
+        self.delete_lease(&lease).await;
         result
     }
 

@@ -1,7 +1,8 @@
 //! memload: the stress load of the migration experiments, like `stress`.
 //!
 //! CPU: busy-loops at a given percent (duty cycle in 100 ms periods) on N threads.
-//! RAM: allocates SIZE bytes, touches them all once (so they are resident), then
+//! RAM: allocates SIZE bytes, fills them once (so they are resident; half of each page
+//! pseudo-random, half zero, compressing like a real heap to about half), then
 //! rewrites RAM % of the pages over and over, which is what keeps a VM's
 //! pre-copy migration from converging. Every heartbeat it prints a line with a
 //! counter, the pages written per second and the totals; GET / on the status
@@ -138,10 +139,18 @@ fn main() {
     }
 
     // Touch every page once so the whole SIZE is resident, as the experiments assume.
+    // Half of each page is pseudo-random and half zero: real heaps compress to roughly
+    // half, and a checkpoint of all-zero pages would flatter every compressor.
     let pages = (s.size as usize).div_ceil(PAGE);
     let mut mem = vec![0u8; pages * PAGE];
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
     for p in 0..pages {
-        mem[p * PAGE] = 1;
+        for chunk in mem[p * PAGE..p * PAGE + PAGE / 2].chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
     }
     println!("memload: {} pages resident", pages);
     let hot = pages * s.ram as usize / 100;

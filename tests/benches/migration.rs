@@ -1,0 +1,193 @@
+//! Stop-and-copy container migration of `memload` holding 256 MiB, over the research's
+//! WAN (37 Mbit/s, 36.784 ms one way, emulated in userspace with `away_link::proxy`)
+//! and over plain loopback, with and without compression. Prints, per run, the time of
+//! each phase, bytes raw and on the wire, and the ratio to the physical limit
+//! (bytes on the wire / link rate + round trips).
+//!
+//! `cargo bench -p away-e2e --bench migration` (root; containerd and CRIU running).
+//! Takes about 3 minutes.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use away_e2e::{away_bin, free_port, lab_image, wait_for};
+use away_link::LinkProfile;
+use serde_json::Value;
+
+const SIZE: &str = "256Mi";
+/// Round trips the transfer needs besides the data: TCP connect, hello/resume, done/verdict.
+const ROUND_TRIPS: u32 = 3;
+
+struct Agent(Child);
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn node_env(cmd: &mut Command, role: &str, run: usize) {
+    let base = format!("/var/tmp/away-bench-mig/{role}-{run}");
+    cmd.env("AWAY_STATE_DIR", format!("{base}/state"))
+        .env("AWAY_RUN_DIR", format!("{base}/run"))
+        .env("AWAY_NAMESPACE", format!("away-bench-{role}"));
+}
+
+fn away(role: &str, run: usize, args: &[&str]) -> std::process::Output {
+    let mut c = Command::new(away_bin());
+    node_env(&mut c, role, run);
+    c.args(args).output().expect("run away")
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    // measure the release build of away, as users run it
+    std::env::set_var("AWAY_BENCH_RELEASE", "1");
+    let tar = lab_image("memload");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let links: [(&str, Option<LinkProfile>); 2] =
+        [("37 Mbit/s + 36.784 ms (away-link proxy)", Some(LinkProfile::wan())), ("loopback, no emulation", None)];
+    let mut rows = Vec::new();
+    let mut run = 0;
+    for (link_name, link) in links {
+        for compression in ["zstd:1", "none"] {
+            run += 1;
+            let (api, transfer) = (free_port(), free_port());
+            let advertise = match link {
+                Some(profile) => {
+                    let front = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+                    let addr = front.local_addr().unwrap();
+                    rt.spawn(away_link::proxy(front, ([127, 0, 0, 1], transfer).into(), profile));
+                    addr.to_string()
+                }
+                None => format!("127.0.0.1:{transfer}"),
+            };
+            let mut agent = Command::new(away_bin());
+            node_env(&mut agent, "target", run);
+            agent.args([
+                "agent",
+                "--name",
+                "target",
+                "--listen",
+                &format!("127.0.0.1:{api}"),
+                "--transfer-listen",
+                &format!("127.0.0.1:{transfer}"),
+                "--transfer-advertise",
+                &advertise,
+            ]);
+            let _agent = Agent(agent.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+            wait_for(30, || std::net::TcpStream::connect(("127.0.0.1", api)).ok()).expect("agent up");
+            let name = format!("bench-memload-{run}");
+            let out = away(
+                "source",
+                run,
+                &[
+                    "run",
+                    tar.to_str().unwrap(),
+                    "--name",
+                    &name,
+                    "--runtime",
+                    "containerd",
+                    "--memory",
+                    "400Mi",
+                    "-e",
+                    &format!("MEMLOAD_SIZE={SIZE}"),
+                    "-e",
+                    "MEMLOAD_PORT=0",
+                ],
+            );
+            assert!(out.status.success(), "run memload: {}", String::from_utf8_lossy(&out.stderr));
+            wait_for(60, || {
+                let logs = away("source", run, &["logs", &name]);
+                String::from_utf8_lossy(&logs.stdout).contains("pages resident").then_some(())
+            })
+            .expect("memload filled its memory");
+            let out = away(
+                "source",
+                run,
+                &[
+                    "migrate",
+                    &name,
+                    "--to",
+                    &format!("127.0.0.1:{api}"),
+                    "--compression",
+                    compression,
+                    "--json",
+                    "--reconnect-timeout",
+                    "120",
+                ],
+            );
+            let _ = away("target", run, &["rm", "--force", &name]);
+            let _ = away("source", run, &["rm", "--force", &name]);
+            assert!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+            let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let phase = |n: &str| {
+                r["phases"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|p| p["name"] == n)
+                    .map(|p| p["millis"].as_u64().unwrap())
+                    .unwrap_or(0)
+            };
+            let wire = r["bytes_wire"].as_u64().unwrap();
+            let limit = link.map(|l| l.wire_time(wire) + l.rtt() * ROUND_TRIPS);
+            rows.push((
+                link_name,
+                compression,
+                r["bytes_raw"].as_u64().unwrap(),
+                wire,
+                phase("checkpoint"),
+                phase("transfer"),
+                phase("restore"),
+                r["downtime_millis"].as_u64().unwrap(),
+                r["total_millis"].as_u64().unwrap(),
+                limit,
+            ));
+            let _ = std::fs::remove_dir_all(format!("/var/tmp/away-bench-mig/source-{run}"));
+            let _ = std::fs::remove_dir_all(format!("/var/tmp/away-bench-mig/target-{run}"));
+        }
+    }
+    println!("\nstop-and-copy migration of memload ({SIZE} filled, half random / half zero per page), containerd -> containerd,");
+    println!(
+        "two nodes on one host (own containerd namespaces and state), CRIU {}, {} cores",
+        criu_version(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    println!("physical limit = bytes on the wire / link rate + {ROUND_TRIPS} round trips (connect, hello/resume, done/verdict)\n");
+    println!("| link | compression | raw MB | wire MB | checkpoint s | transfer s | restore s | downtime s | total s | limit s | transfer / limit | downtime / limit |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (link, comp, raw, wire, ck, tr, rs, down, total, limit) in rows {
+        let s = |ms: u64| ms as f64 / 1000.0;
+        let (lim, r1, r2) = match limit {
+            Some(l) => (
+                format!("{:.2}", l.as_secs_f64()),
+                format!("{:.2}", s(tr) / l.as_secs_f64()),
+                format!("{:.2}", s(down) / l.as_secs_f64()),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "| {link} | {comp} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {lim} | {r1} | {r2} |",
+            raw as f64 / 1e6,
+            wire as f64 / 1e6,
+            s(ck),
+            s(tr),
+            s(rs),
+            s(down),
+            s(total)
+        );
+    }
+    let _ = Duration::ZERO;
+}
+
+fn criu_version() -> String {
+    let out = Command::new("criu")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    out.lines().next().unwrap_or("?").trim_start_matches("Version: ").to_string()
+}
