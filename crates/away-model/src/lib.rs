@@ -2,12 +2,16 @@
 //! CLI, the broker and the agents: workload specs, node fingerprints, wire errors.
 //! No I/O beyond parsing text: the types stay easy to test and to reuse.
 
+mod cluster;
 mod node;
 mod size;
 mod spec;
 mod wire;
 mod workload;
 
+pub use cluster::{
+    AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest, RegisterResponse,
+};
 pub use node::{Accel, Arch, CpuInfo, CpuVendor, HypervisorInfo, LinkInfo, NodeInfo, RuntimeInfo, Tier};
 pub use size::{ByteSize, ByteSizeError};
 pub use spec::{

@@ -1,0 +1,113 @@
+//! The broker ↔ agent protocol. Agents pull: they register once with a join token,
+//! then heartbeat; each heartbeat carries the node's fingerprint, load, workloads and
+//! the events queued while the broker was unreachable, and its answer carries the work
+//! the broker wants done (assignments, migrations). An agent therefore takes work only
+//! from the broker it dials, keeps running what it has when the broker is gone, and
+//! reconciles on the next heartbeat that gets through.
+
+use serde::{Deserialize, Serialize};
+
+use crate::node::NodeInfo;
+use crate::spec::{RuntimeKind, WorkloadSpec};
+use crate::workload::{MigrationReport, RuntimeDecision, WorkloadStatus};
+
+/// `POST /v1/agents/register`, with `Authorization: Bearer <join token>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub node: NodeInfo,
+    /// The agent's HTTP API (`host:port`), for the broker and other agents.
+    pub api_addr: String,
+    /// The agent's transfer receiver (`host:port`), for incoming migrations.
+    pub transfer_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// Secret for this agent's heartbeats (`Authorization: Bearer`).
+    pub agent_token: String,
+    /// Shared by the cluster's agents and broker for agent-API calls between them.
+    pub cluster_token: String,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// Current use of a node's resources.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct NodeLoad {
+    /// 0..100 over all cores, averaged since the last heartbeat.
+    pub cpu_percent: f64,
+    pub memory_used_bytes: u64,
+    pub workloads: u32,
+}
+
+/// Something that happened on an agent, queued until the broker hears of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    /// Per-agent sequence number: the broker ignores what it has seen (no duplicates
+    /// after a retried heartbeat).
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch, on the agent's clock.
+    pub at_ms: u64,
+    /// `workload-started`, `workload-stopped`, `workload-failed`, `migration-finished`,
+    /// `migration-failed`, …
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<MigrationReport>,
+}
+
+/// `POST /v1/agents/{name}/heartbeat`, with `Authorization: Bearer <agent token>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node: NodeInfo,
+    pub load: NodeLoad,
+    /// Every workload the agent runs (or has stopped), as its runtimes report them.
+    pub workloads: Vec<WorkloadStatus>,
+    /// Events not yet acknowledged by the broker, oldest first.
+    pub events: Vec<AgentEvent>,
+}
+
+/// What the broker wants a workload to be on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    Running,
+    /// Stop and remove it.
+    Removed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub spec: WorkloadSpec,
+    pub desired: Desired,
+    /// The runtime placement chose (and why); the agent applies the fallback rule itself
+    /// when it is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<RuntimeDecision>,
+}
+
+/// "Move this workload to that node": the source agent carries it out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationOrder {
+    pub id: String,
+    pub workload: String,
+    pub target_node: String,
+    /// The target agent's API address.
+    pub target_api: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// Highest event `seq` the broker has stored: the agent drops those from its queue.
+    pub acked_seq: u64,
+    /// The complete desired set for this node (absent workloads are not this node's).
+    pub assignments: Vec<Assignment>,
+    pub migrations: Vec<MigrationOrder>,
+    /// The node is draining: the broker places nothing new here.
+    pub draining: bool,
+}
