@@ -93,7 +93,7 @@ fn counter_runs_answers_and_is_removed_without_a_trace() {
     let listed = tokio.block_on(rt.list()).unwrap();
     assert!(listed.iter().any(|w| w.name == n));
     // the spec's limits reached the container's cgroup (v1 memory controller, or v2)
-    let limit = ["/sys/fs/cgroup/memory/away", "/sys/fs/cgroup/away"]
+    let limit = [format!("/sys/fs/cgroup/memory/away/{NAMESPACE}"), format!("/sys/fs/cgroup/away/{NAMESPACE}")]
         .iter()
         .find_map(|base| {
             let dir = format!("{base}/{n}");

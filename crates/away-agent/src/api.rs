@@ -55,6 +55,34 @@ impl From<RuntimeError> for Problem {
     }
 }
 
+/// Every call but `GET /v1/node` needs the cluster token once the agent has one: an
+/// agent takes work only from its broker and the broker's other agents.
+async fn require_token(
+    State(agent): State<Arc<Agent>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, Problem> {
+    let expected = agent.cluster_token.read().await.clone();
+    if let Some(expected) = expected {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // compare without an early exit on the first differing byte
+        let ok = given.is_some_and(|g| {
+            g.len() == expected.len() && g.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        });
+        if !ok {
+            return Err(Problem(ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing or wrong bearer token (the cluster's)",
+            )));
+        }
+    }
+    Ok(next.run(req).await)
+}
+
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/node", get(node))
@@ -67,13 +95,25 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vm-migrations/{name}/resumed", post(vm_resumed))
         .route("/v1/vm-migrations/{name}/confirm", post(vm_confirm))
         .route("/v1/vm-migrations/{name}", axum::routing::delete(vm_abort))
+        .route("/v1/workloads/{name}/logs", get(logs))
+        .route_layer(axum::middleware::from_fn_with_state(agent.clone(), require_token))
         .with_state(agent)
 }
 
 async fn node(State(agent): State<Arc<Agent>>) -> Json<TargetInfo> {
-    let mut info = agent.info.clone();
-    info.runtimes = agent.node.health().await;
-    Json(TargetInfo { node: info, transfer_addr: agent.transfer_addr() })
+    Json(TargetInfo { node: agent.node_info().await, transfer_addr: agent.transfer_addr() })
+}
+
+/// The workload's output so far, as plain text.
+async fn logs(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> Result<String, Problem> {
+    use futures_util::StreamExt;
+    let (rt, _) = agent.node.get(&name).await?;
+    let mut stream = rt.logs(&name, false).await?;
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend(chunk?);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 #[derive(Deserialize)]

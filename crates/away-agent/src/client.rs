@@ -11,17 +11,35 @@ pub struct AgentClient {
     http: reqwest::Client,
 }
 
+fn http_client(token: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(value) = token.and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok()) {
+        let mut value = value;
+        // keeps the token out of debug output
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("http client")
+}
+
 impl AgentClient {
     /// `addr` is `host:port` or a full `http://host:port` URL.
     pub fn new(addr: &str) -> Self {
         let base =
             if addr.starts_with("http://") { addr.trim_end_matches('/').to_string() } else { format!("http://{addr}") };
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(60))
-            .build()
-            .expect("http client");
+        let http = http_client(None);
         AgentClient { base, http }
+    }
+
+    /// Present `token` (the cluster's) on every call, when the target belongs to a broker.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.http = http_client(token.as_deref());
+        self
     }
 
     fn err(&self, message: impl Into<String>) -> MigrateError {
@@ -146,4 +164,35 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             .map(|_| ())
             .map_err(vm_err)
     }
+}
+
+/// Move VM `name` from this node to the agent behind `client` by QEMU live migration:
+/// compatibility check, image upload when the target lacks it, then the VM flow.
+pub async fn migrate_vm_via_agent(
+    node: &away_runtime::LocalNode,
+    source_name: &str,
+    name: &str,
+    client: AgentClient,
+    opts: away_migrate::vm::VmMigrationOptions,
+    progress: impl Fn(away_migrate::vm::VmProgress) + Send + Sync,
+) -> Result<away_model::MigrationReport, MigrateError> {
+    let (here, _) = away_migrate::local_node_info(node, source_name).await;
+    let there = client.info().await?;
+    let compat = away_migrate::compat::check_vm(&here, &there.node);
+    if !compat.allowed {
+        return Err(MigrateError::Incompatible(compat.reason));
+    }
+    let (_, status) = node.get(name).await?;
+    let image = node.store.resolve(&status.image)?;
+    if !client.has_image(&image.reference).await? {
+        client.upload_image(&image.tar).await?;
+    }
+    let mut target = RemoteVmTarget { client, name: name.to_string() };
+    let (mut report, _) = away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, progress)
+        .await
+        .map_err(|e| MigrateError::Target { target: there.node.name.clone(), message: e.to_string() })?;
+    report.source = here.name;
+    report.target = there.node.name;
+    report.reason = format!("{}; {}", compat.reason, report.reason);
+    Ok(report)
 }

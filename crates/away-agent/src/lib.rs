@@ -12,7 +12,9 @@
 //! link dies at the worst moment.
 
 pub mod api;
+pub mod broker;
 pub mod client;
+pub mod state;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -40,6 +42,11 @@ pub struct AgentConfig {
     pub node: NodeOptions,
     /// How long an incoming workload waits for its source's commit.
     pub commit_lease: Duration,
+    /// The broker this agent works for; `None` runs it standalone.
+    pub broker: Option<broker::BrokerLink>,
+    /// A fixed token the API demands (standalone agents); agents of a broker use the
+    /// cluster token the broker hands out at registration.
+    pub api_token: Option<String>,
 }
 
 impl AgentConfig {
@@ -64,27 +71,52 @@ pub struct Agent {
     pub provisional: Mutex<HashMap<String, Provisional>>,
     /// workload -> VM migration destination waiting here
     pub vm_destinations: Mutex<HashMap<String, away_migrate::vm::Destination>>,
+    pub state: state::AgentState,
+    /// Bearer token callers of the API must present (None: open, for a standalone agent
+    /// on loopback).
+    pub cluster_token: tokio::sync::RwLock<Option<String>>,
+    /// Broker work in progress, so that a repeated order does not run twice.
+    work: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Agent {
-    /// Open the node's runtimes and fingerprint the host.
-    pub async fn open(config: AgentConfig) -> Arc<Agent> {
+    /// Open the node's runtimes, its state database, and fingerprint the host.
+    pub async fn open(config: AgentConfig) -> Result<Arc<Agent>, AgentError> {
         let node = LocalNode::open(config.node.clone()).await;
         let fp = away_runtime::host::fingerprint(&FingerprintOptions {
             paths: config.node.paths.clone(),
             ..Default::default()
         })
         .await;
-        let mut info = fp.node_info(&config.name, config.tier);
-        // the runtimes' health as the node's own connections see it
-        info.runtimes = node.health().await;
-        Arc::new(Agent {
+        let info = fp.node_info(&config.name, config.tier);
+        let state =
+            state::AgentState::open(&config.node.paths.state_dir.join("agent.db")).map_err(AgentError::State)?;
+        Ok(Arc::new(Agent {
+            cluster_token: tokio::sync::RwLock::new(config.api_token.clone()),
             config,
             node,
             info,
             provisional: Mutex::new(HashMap::new()),
             vm_destinations: Mutex::new(HashMap::new()),
-        })
+            state,
+            work: Mutex::new(Default::default()),
+        }))
+    }
+
+    /// The node's fingerprint with its runtimes' health as of now.
+    pub async fn node_info(&self) -> NodeInfo {
+        let mut info = self.info.clone();
+        info.runtimes = self.node.health().await;
+        info
+    }
+
+    /// Claim a piece of broker work; false when it already runs.
+    pub async fn start_work(&self, key: &str) -> bool {
+        self.work.lock().await.insert(key.to_string())
+    }
+
+    pub async fn finish_work(&self, key: &str) {
+        self.work.lock().await.remove(key);
     }
 
     /// The transfer address other agents should dial.
@@ -124,8 +156,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let transfer = tokio::net::TcpListener::bind(config.transfer_listen)
         .await
         .map_err(|e| AgentError::Bind { addr: config.transfer_listen.to_string(), source: e })?;
-    let agent = Agent::open(config).await;
+    let agent = Agent::open(config).await?;
     tracing::info!(name = %agent.config.name, api = %agent.config.listen, transfer = %agent.config.transfer_listen, "agent up");
+    let heartbeats = agent.config.broker.clone().map(|link| tokio::spawn(broker::run(agent.clone(), link)));
     let receiver = {
         let agent = agent.clone();
         tokio::spawn(async move { api::serve_transfers(agent, transfer).await })
@@ -136,6 +169,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     });
     let result = server.await.map_err(|e| AgentError::Serve(e.to_string()));
     receiver.abort();
+    if let Some(h) = heartbeats {
+        h.abort();
+    }
     result
 }
 
@@ -149,4 +185,6 @@ pub enum AgentError {
     },
     #[error("agent server failed: {0}")]
     Serve(String),
+    #[error(transparent)]
+    State(state::StateError),
 }

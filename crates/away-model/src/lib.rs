@@ -10,7 +10,8 @@ mod wire;
 mod workload;
 
 pub use cluster::{
-    AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest, RegisterResponse,
+    AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest,
+    RegisterResponse,
 };
 pub use node::{Accel, Arch, CpuInfo, CpuVendor, HypervisorInfo, LinkInfo, NodeInfo, RuntimeInfo, Tier};
 pub use size::{ByteSize, ByteSizeError};

@@ -487,7 +487,7 @@ impl ContainerdRuntime {
                 })?;
                 crate::rootfs::apply(&diff, Path::new(upper))?;
             }
-            let oci = oci_spec_for(spec, image);
+            let oci = oci_spec_for(spec, image, &self.namespace);
             let labels = HashMap::from([
                 (LABEL_WORKLOAD.to_string(), name.to_string()),
                 (LABEL_IMAGE.to_string(), image.reference.clone()),
@@ -711,7 +711,7 @@ fn rfc3339_in(after: Duration) -> String {
 
 /// The OCI runtime spec of a workload: runc's defaults (via oci-spec), the image's
 /// process, the spec's env and limits, and the node's network namespace.
-fn oci_spec_for(spec: &WorkloadSpec, image: &ResolvedImage) -> String {
+fn oci_spec_for(spec: &WorkloadSpec, image: &ResolvedImage, namespace: &str) -> String {
     let mut v = serde_json::to_value(oci_spec::runtime::Spec::default()).expect("default OCI spec");
     let mut env: Vec<String> = if image.summary.env.is_empty() {
         vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
@@ -739,7 +739,9 @@ fn oci_spec_for(spec: &WorkloadSpec, image: &ResolvedImage) -> String {
     v["linux"]["resources"]["memory"] = serde_json::json!({"limit": spec.resources.memory.bytes()});
     v["linux"]["resources"]["cpu"] =
         serde_json::json!({"quota": (spec.resources.cpus * period as f64).round() as i64, "period": period});
-    v["linux"]["cgroupsPath"] = serde_json::json!(format!("/away/{}", spec.name));
+    // per namespace: two containerd instances on one host (a local cluster) may both
+    // hold a workload of this name during a move
+    v["linux"]["cgroupsPath"] = serde_json::json!(format!("/away/{namespace}/{}", spec.name));
     v.to_string()
 }
 

@@ -34,6 +34,14 @@ impl Default for NodeOptions {
     }
 }
 
+/// Why a runtime is unavailable, without the "X is unavailable" that `runtime()` adds.
+fn unavailable_reason(e: RuntimeError) -> String {
+    match e {
+        RuntimeError::Unavailable { reason, .. } => reason,
+        other => other.to_string(),
+    }
+}
+
 /// The node's runtimes; a daemon that did not answer is kept as the reason why.
 pub struct LocalNode {
     pub options: NodeOptions,
@@ -62,8 +70,8 @@ impl LocalNode {
         );
         LocalNode {
             store: ImageStore::new(&p.state_dir),
-            containerd: containerd.map_err(|e| e.to_string()),
-            docker: docker.map_err(|e| e.to_string()),
+            containerd: containerd.map_err(unavailable_reason),
+            docker: docker.map_err(unavailable_reason),
             qemu,
             options,
         }
@@ -95,7 +103,7 @@ impl LocalNode {
                     version: String::new(),
                     healthy: false,
                     checkpoint: false,
-                    detail: e.to_string(),
+                    detail: unavailable_reason(e),
                 },
             });
         }

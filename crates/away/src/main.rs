@@ -1,6 +1,8 @@
 //! `away`: the one binary users type. Parses arguments and calls the libraries;
 //! behaviour lives in the `away-*` crates so that tests can reach it.
 
+mod broker;
+mod cluster;
 mod doctor;
 mod image;
 mod migrate;
@@ -39,6 +41,8 @@ enum Command {
     Stop(workload::StopArgs),
     /// Remove a workload
     Rm(workload::RmArgs),
+    /// Run the broker (HTTP API, placement, agents' heartbeats)
+    Broker(broker::BrokerArgs),
     /// Run the node daemon (HTTP API, incoming migrations)
     Agent(migrate::AgentArgs),
     /// Move a running workload to another node, keeping its state
@@ -46,6 +50,9 @@ enum Command {
     /// List or prune checkpoint archives
     #[command(subcommand)]
     Archives(migrate::ArchivesCommand),
+    /// Run a whole cluster on this machine (broker + agents in network namespaces)
+    #[command(subcommand)]
+    Cluster(cluster::Command),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,9 +72,11 @@ fn main() -> std::process::ExitCode {
         Command::Logs(a) => workload::logs(a),
         Command::Stop(a) => workload::stop(a),
         Command::Rm(a) => workload::rm(a),
+        Command::Broker(a) => broker::run(a),
         Command::Agent(a) => migrate::agent(a),
         Command::Migrate(a) => migrate::migrate(a),
         Command::Archives(c) => migrate::archives(c),
+        Command::Cluster(c) => cluster::run(c),
     };
     match result {
         Ok(code) => code,

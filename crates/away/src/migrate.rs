@@ -74,6 +74,15 @@ pub struct AgentArgs {
     /// Seconds an incoming workload waits for its source's commit before it is removed
     #[arg(long, default_value_t = 30)]
     commit_lease: u64,
+    /// The broker to work for, e.g. http://10.0.0.1:7700 (without it the agent runs standalone)
+    #[arg(long)]
+    broker: Option<String>,
+    /// Join token the broker expects at registration
+    #[arg(long, env = "AWAY_JOIN_TOKEN", hide_env_values = true, requires = "broker")]
+    join_token: Option<String>,
+    /// Standalone agents: a bearer token every API call must present
+    #[arg(long, env = "AWAY_AGENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -84,11 +93,7 @@ fn parse_tier(s: &str) -> Result<Tier, String> {
 }
 
 pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
-    let name = a.name.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "node".into())
-    });
+    let name = a.name.clone().unwrap_or_else(hostname);
     let config = AgentConfig {
         name,
         tier: a.tier,
@@ -97,6 +102,11 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         transfer_advertise: a.transfer_advertise,
         node: a.node.options(),
         commit_lease: Duration::from_secs(a.commit_lease),
+        broker: a.broker.map(|url| away_agent::broker::BrokerLink {
+            url: url.trim_end_matches('/').to_string(),
+            join_token: a.join_token.unwrap_or_default(),
+        }),
+        api_token: a.token,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     eprintln!(
@@ -126,6 +136,9 @@ pub struct MigrateArgs {
     /// The target agent's API address (host:port)
     #[arg(long)]
     to: String,
+    /// Bearer token of the target agent's API (its cluster's, or its --token)
+    #[arg(long, env = "AWAY_AGENT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Compression of the checkpoint stream: zstd[:LEVEL], gzip[:LEVEL] or none
     #[arg(long, default_value_t = Compression::default())]
     compression: Compression,
@@ -183,12 +196,8 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         return rt.block_on(migrate_vm(&node, &a));
     }
     let archives = ArchiveStore::new(a.node.state_dir.join("checkpoints"));
-    let target = AgentClient::new(&a.to);
-    let source_name = a.source_name.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "source".into())
-    });
+    let target = AgentClient::new(&a.to).with_token(a.token.clone());
+    let source_name = a.source_name.clone().unwrap_or_else(hostname);
     let opts = ContainerMigrationOptions {
         transfer: SendOptions {
             compression: a.compression,
@@ -237,20 +246,8 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn migrate_vm(node: &LocalNode, a: &MigrateArgs) -> anyhow::Result<ExitCode> {
-    use away_migrate::target::TargetNode;
-    let client = AgentClient::new(&a.to);
-    let source_name = a.source_name.clone().unwrap_or_else(|| "source".into());
-    let (here, _) = away_migrate::local_node_info(node, &source_name).await;
-    let there = client.info().await?;
-    let compat = away_migrate::compat::check_vm(&here, &there.node);
-    if !compat.allowed {
-        anyhow::bail!("migration refused: {}", compat.reason);
-    }
-    let (_, status) = node.get(&a.workload).await?;
-    let image = node.store.resolve(&status.image)?;
-    if !client.has_image(&image.reference).await? {
-        client.upload_image(&image.tar).await?;
-    }
+    let client = AgentClient::new(&a.to).with_token(a.token.clone());
+    let source_name = a.source_name.clone().unwrap_or_else(hostname);
     let mut target_ports = std::collections::BTreeMap::new();
     for p in &a.target_ports {
         let (g, h) = p.split_once(':').ok_or_else(|| anyhow::anyhow!("--target-port {p:?}: expected GUEST:HOST"))?;
@@ -280,19 +277,20 @@ async fn migrate_vm(node: &LocalNode, a: &MigrateArgs) -> anyhow::Result<ExitCod
         pb.set_length(p.transferred + p.remaining);
         pb.set_position(p.transferred);
     };
-    let mut target = away_agent::client::RemoteVmTarget { client, name: a.workload.clone() };
-    let result = away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, &a.workload, &image, &opts, progress).await;
+    let result =
+        away_agent::client::migrate_vm_via_agent(node, &source_name, &a.workload, client, opts, progress).await;
     bar.finish_and_clear();
-    let (mut report, _) = result?;
-    report.source = here.name;
-    report.target = there.node.name;
-    report.reason = format!("{}; {}", compat.reason, report.reason);
+    let report = result?;
     if a.json {
         print_json(&report)?;
     } else {
         print_report(&report);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into())
 }
 
 fn print_report(r: &MigrationReport) {

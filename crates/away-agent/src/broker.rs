@@ -1,0 +1,264 @@
+//! The agent's side of the broker protocol (`away_model::cluster`): register once,
+//! then heartbeat; do the work each answer asks for. While the broker is unreachable
+//! the agent keeps every workload running and queues its events (in SQLite); the next
+//! heartbeat that gets through carries them, and the broker's answer reconciles.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use away_migrate::archive::ArchiveStore;
+use away_migrate::container::{migrate_container, ContainerMigrationOptions};
+use away_model::{
+    AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest,
+    RegisterResponse, RuntimeKind,
+};
+
+use crate::client::AgentClient;
+use crate::Agent;
+
+/// Where the broker is and how to join it.
+#[derive(Debug, Clone)]
+pub struct BrokerLink {
+    /// `http://host:port`
+    pub url: String,
+    pub join_token: String,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub fn event(kind: &str, workload: Option<&str>, message: impl Into<String>) -> AgentEvent {
+    AgentEvent {
+        seq: 0,
+        at_ms: now_ms(),
+        kind: kind.into(),
+        workload: workload.map(str::to_string),
+        message: message.into(),
+        migration_id: None,
+        report: None,
+    }
+}
+
+/// CPU busy share since the previous call, from /proc/stat.
+struct CpuSampler(Option<(u64, u64)>);
+
+impl CpuSampler {
+    fn sample(&mut self) -> f64 {
+        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let Some(line) = text.lines().next() else { return 0.0 };
+        let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let total: u64 = v.iter().sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        let pct = match self.0 {
+            Some((t0, i0)) if total > t0 => 100.0 * (1.0 - (idle - i0) as f64 / (total - t0) as f64),
+            _ => 0.0,
+        };
+        self.0 = Some((total, idle));
+        pct.clamp(0.0, 100.0)
+    }
+}
+
+fn memory_used() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (kib("MemTotal:").saturating_sub(kib("MemAvailable:"))) * 1024
+}
+
+/// Heartbeat forever.
+pub async fn run(agent: Arc<Agent>, link: BrokerLink) {
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("http client");
+    let mut cpu = CpuSampler(None);
+    let mut interval = Duration::from_secs(1);
+    let mut offline_since: Option<std::time::Instant> = None;
+    loop {
+        match beat(&agent, &link, &http, &mut cpu).await {
+            Ok((resp, every)) => {
+                if let Some(since) = offline_since.take() {
+                    tracing::info!(broker = %link.url, "broker reachable again after {:.1} s; reconciling", since.elapsed().as_secs_f64());
+                }
+                interval = every;
+                apply(&agent, resp).await;
+            }
+            Err(e) => {
+                if offline_since.is_none() {
+                    offline_since = Some(std::time::Instant::now());
+                    tracing::warn!(broker = %link.url, "broker unreachable, working offline (workloads keep running, events are queued): {e}");
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn register(agent: &Agent, link: &BrokerLink, http: &reqwest::Client) -> Result<RegisterResponse, String> {
+    if let Some(r) = agent.state.registration(&link.url).map_err(|e| e.to_string())? {
+        return Ok(r);
+    }
+    let req = RegisterRequest {
+        node: agent.node_info().await,
+        api_addr: agent.config.listen.to_string(),
+        transfer_addr: agent.transfer_addr(),
+    };
+    let resp = http
+        .post(format!("{}/v1/agents/register", link.url))
+        .bearer_auth(&link.join_token)
+        .json(&req)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("register: {} {}", resp.status(), resp.text().await.unwrap_or_default()));
+    }
+    let r: RegisterResponse = resp.json().await.map_err(|e| e.to_string())?;
+    agent.state.save_registration(&link.url, &r).map_err(|e| e.to_string())?;
+    tracing::info!(broker = %link.url, "registered with the broker");
+    Ok(r)
+}
+
+async fn beat(
+    agent: &Agent,
+    link: &BrokerLink,
+    http: &reqwest::Client,
+    cpu: &mut CpuSampler,
+) -> Result<(HeartbeatResponse, Duration), String> {
+    let reg = register(agent, link, http).await?;
+    *agent.cluster_token.write().await = Some(reg.cluster_token.clone());
+    let (workloads, _) = agent.node.list().await;
+    let hb = Heartbeat {
+        node: agent.node_info().await,
+        load: NodeLoad {
+            cpu_percent: cpu.sample(),
+            memory_used_bytes: memory_used(),
+            workloads: workloads.len() as u32,
+        },
+        workloads,
+        events: agent.state.pending_events(200).map_err(|e| e.to_string())?,
+    };
+    let url = format!("{}/v1/agents/{}/heartbeat", link.url, agent.config.name);
+    let resp = http.post(url).bearer_auth(&reg.agent_token).json(&hb).send().await.map_err(|e| e.to_string())?;
+    if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+        // the broker lost or revoked us: join again on the next beat
+        agent.state.forget_registration(&link.url).map_err(|e| e.to_string())?;
+        return Err("the broker does not know this agent's token; registering again".into());
+    }
+    if !resp.status().is_success() {
+        return Err(format!("heartbeat: {} {}", resp.status(), resp.text().await.unwrap_or_default()));
+    }
+    let r: HeartbeatResponse = resp.json().await.map_err(|e| e.to_string())?;
+    agent.state.ack(r.acked_seq).map_err(|e| e.to_string())?;
+    Ok((r, Duration::from_millis(reg.heartbeat_interval_ms.max(100))))
+}
+
+/// Do what the broker asked: start, remove, move. Each piece of work runs once at a time.
+async fn apply(agent: &Arc<Agent>, resp: HeartbeatResponse) {
+    for a in resp.assignments {
+        let key = format!("assign:{}", a.spec.name);
+        let present = matches!(agent.node.find(&a.spec.name).await, Ok(Some(_)));
+        let needed = match a.desired {
+            Desired::Running => !present,
+            Desired::Removed => present,
+        };
+        if needed && agent.start_work(&key).await {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                do_assignment(&agent, a).await;
+                agent.finish_work(&key).await;
+            });
+        }
+    }
+    for m in resp.migrations {
+        let key = format!("migrate:{}", m.id);
+        if agent.start_work(&key).await {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                do_migration(&agent, m).await;
+                // a finished order stays marked: the broker may repeat it until it saw the event
+            });
+        }
+    }
+}
+
+async fn do_assignment(agent: &Agent, a: Assignment) {
+    let name = a.spec.name.clone();
+    let ev = match a.desired {
+        Desired::Running => match agent.node.run(a.spec, a.runtime).await {
+            Ok(s) => event(
+                "workload-started",
+                Some(&name),
+                format!("running on {}: {}", s.workload.runtime, s.decision.reason),
+            ),
+            Err(e) => event("workload-failed", Some(&name), e.to_string()),
+        },
+        Desired::Removed => match agent.node.get(&name).await {
+            Ok((rt, _)) => match rt.remove(&name).await {
+                Ok(()) => event("workload-removed", Some(&name), "removed as the broker asked"),
+                Err(e) => event("workload-failed", Some(&name), format!("remove: {e}")),
+            },
+            Err(e) => event("workload-removed", Some(&name), format!("already gone: {e}")),
+        },
+    };
+    tracing::info!(workload = %name, kind = %ev.kind, "{}", ev.message);
+    if let Err(e) = agent.state.push_event(ev) {
+        tracing::error!("cannot queue an event: {e}");
+    }
+}
+
+async fn do_migration(agent: &Agent, m: MigrationOrder) {
+    tracing::info!(workload = %m.workload, target = %m.target_node, "migration ordered by the broker");
+    let token = agent.cluster_token.read().await.clone();
+    let target = AgentClient::new(&m.target_api).with_token(token.clone());
+    let on_vm = matches!(agent.node.find(&m.workload).await, Ok(Some((RuntimeKind::Qemu, _))));
+    let result = if on_vm {
+        crate::client::migrate_vm_via_agent(
+            &agent.node,
+            &agent.config.name,
+            &m.workload,
+            target,
+            Default::default(),
+            |_| {},
+        )
+        .await
+        .map_err(|e| e.to_string())
+    } else {
+        let archives = ArchiveStore::new(agent.config.node.paths.state_dir.join("checkpoints"));
+        let progress: away_migrate::container::ProgressFn = Arc::new(|_| {});
+        migrate_container(
+            &agent.node,
+            &agent.config.name,
+            &archives,
+            &m.workload,
+            &target,
+            &ContainerMigrationOptions::default(),
+            progress,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    };
+    let mut ev = match result {
+        Ok(report) => {
+            let mut e = event(
+                "migration-finished",
+                Some(&m.workload),
+                format!("moved to {} in {} ms", m.target_node, report.total_millis),
+            );
+            e.report = Some(report);
+            e
+        }
+        Err(why) => event("migration-failed", Some(&m.workload), why),
+    };
+    ev.migration_id = Some(m.id.clone());
+    tracing::info!(workload = %m.workload, kind = %ev.kind, "{}", ev.message);
+    if let Err(e) = agent.state.push_event(ev) {
+        tracing::error!("cannot queue an event: {e}");
+    }
+}

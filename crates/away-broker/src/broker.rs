@@ -1,0 +1,1056 @@
+//! The broker's state and what requests do to it. Every operation takes the state
+//! lock, computes its changes, writes them to SQLite in one transaction, and only then
+//! changes memory and announces events: what an answer acknowledges is on disk.
+//!
+//! # Reconciliation rules (offline first)
+//!
+//! Agents keep running what they have when the broker is unreachable, and a heartbeat
+//! reports the node's *complete* workload list. On each heartbeat from node N:
+//!
+//! 1. **Events first, exactly once.** Events with `seq` above N's `acked_seq` are
+//!    applied in order and `acked_seq` moves up in the same transaction, so a retried
+//!    heartbeat (answer lost) or a broker restart never applies an event twice, and the
+//!    agent drops only what the broker has stored. `migration-finished` marks the
+//!    migration succeeded and moves the workload's home to the target;
+//!    `migration-failed` marks it failed and the home stays the source.
+//! 2. **Home copies.** A reported workload whose home is N updates its status.
+//!    A home workload N does not report gets a `Running` assignment again (the agent
+//!    restarts it); one whose desired state is `Removed` is forgotten once N reports it
+//!    gone.
+//! 3. **Copies elsewhere** (home H ≠ N):
+//!    * N is the target of the workload's active migration: left alone, the agent's
+//!      commit lease decides (a provisional copy must not be killed mid-move);
+//!    * N was a source of a *succeeded* migration of it: the target confirmed a healthy
+//!      restore, so N's copy is stale and gets `desired: Removed`;
+//!    * H's last heartbeat reported it running: N's copy is a duplicate and is removed;
+//!    * otherwise it is left alone and logged: a copy is never removed unless another
+//!      copy is known to be live, so an unclear case can duplicate for a while but
+//!      never lose the workload.
+//! 4. **Unknown workloads** (started on the node by hand, or left from a deleted one) are
+//!    shown as `unmanaged` on the node and left alone.
+//! 5. **In-flight migrations are the source agent's business.** While a migration of a
+//!    workload is pending or running, neither node gets an assignment for it (an absent
+//!    workload is one the agent keeps as it is): a `Running` sent to the source after it
+//!    handed the workload over, but before its `migration-finished` event arrived, would
+//!    start a duplicate. Orders are repeated in every heartbeat answer until the outcome
+//!    event arrives; agents deduplicate them by id.
+//! 6. **Offline nodes keep their work.** A node that misses heartbeats
+//!    (`node_timeout`) is shown offline and gets nothing new, but its workloads are not
+//!    placed elsewhere: a client with a cut link keeps running them, and rescheduling
+//!    would make a duplicate when it returns (Nomad's "keep original" policy). Moving
+//!    them is an explicit migration, carried out when the source is back.
+//! 7. **Restarts.** Nodes, token hashes, workloads, migrations, removals and acked seqs
+//!    are all in SQLite and written before the answer: after a restart the agents'
+//!    tokens still work, pending orders are delivered again, and reports reconcile by
+//!    the rules above.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use away_migrate::compat::{check_container, check_vm, Compatibility};
+use away_model::{
+    AgentEvent, Assignment, Desired, ErrorCode, Heartbeat, HeartbeatResponse, MigrationOrder, NodeInfo, NodeLoad,
+    RegisterRequest, RegisterResponse, RuntimeDecision, RuntimeKind, Tier, WorkloadSpec, WorkloadState, WorkloadStatus,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::error::Problem;
+use crate::events::{BrokerEvent, Pending};
+use crate::metrics::Metrics;
+use crate::placement::{self, Candidate, PlacementDecision};
+use crate::records::{now_ms, MigrationRecord, MigrationState, NodeRecord, Removal, WorkloadRecord};
+use crate::store::{Changes, Store};
+use crate::{tokens, BrokerConfig, BrokerError};
+
+struct Inner {
+    store: Store,
+    nodes: BTreeMap<String, NodeRecord>,
+    /// node -> SHA-256 of its agent token
+    tokens: HashMap<String, String>,
+    workloads: BTreeMap<String, WorkloadRecord>,
+    migrations: BTreeMap<String, MigrationRecord>,
+    removals: BTreeMap<(String, String), Removal>,
+    /// Nodes last announced online, to announce transitions once.
+    announced_online: BTreeSet<String>,
+}
+
+/// The broker: configuration, state, event channel, counters.
+pub struct Broker {
+    pub config: BrokerConfig,
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<BrokerEvent>,
+    event_seq: AtomicU64,
+    pub metrics: Metrics,
+    user_token_hashes: Vec<String>,
+    join_token_hash: String,
+    cluster_token: String,
+    pub(crate) http: reqwest::Client,
+}
+
+/// A node as `GET /v1/nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    /// `online` or `offline` (missed heartbeats).
+    pub state: String,
+    pub draining: bool,
+    pub tier: Tier,
+    pub api_addr: String,
+    pub transfer_addr: String,
+    pub registered_ms: u64,
+    pub last_seen_ms: u64,
+    pub load: NodeLoad,
+    pub reserved_memory_bytes: u64,
+    pub reserved_cpus: f64,
+    /// Workloads whose home this is.
+    pub workloads: Vec<String>,
+    /// Workloads it reports that the broker does not manage.
+    pub unmanaged: Vec<String>,
+    pub info: NodeInfo,
+}
+
+/// A workload as `GET /v1/workloads` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadView {
+    pub name: String,
+    pub node: String,
+    pub desired: Desired,
+    /// `pending` (not reported yet), the runtime's state (`running`, `stopped`, …),
+    /// `node-offline`, `migrating` or `removing`.
+    pub state: String,
+    pub runtime: RuntimeKind,
+    pub decision: RuntimeDecision,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<WorkloadStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_ms: Option<u64>,
+    /// The active migration, if one is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub spec: WorkloadSpec,
+    /// The placement explanation (single-workload answers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementDecision>,
+}
+
+/// `POST /v1/migrations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRequest {
+    pub workload: String,
+    /// Target node; omitted: the broker chooses the best-scoring compatible node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+}
+
+/// Where a workload's logs are.
+pub struct LogSource {
+    pub node: String,
+    pub api_addr: String,
+    pub online: bool,
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // a panic while holding the lock left memory as it was before the failed change
+    // (memory changes only after a successful commit): the state is still consistent
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Broker {
+    /// Open (or create) the database and load the state.
+    pub fn open(config: BrokerConfig) -> Result<Broker, BrokerError> {
+        if config.join_token.is_empty() {
+            return Err(BrokerError::Config("the join token must not be empty".into()));
+        }
+        let store = Store::open(&config.db_path)?;
+        let loaded = store.load()?;
+        let now = now_ms();
+        let timeout = config.node_timeout.as_millis() as u64;
+        let announced_online = loaded
+            .nodes
+            .iter()
+            .filter(|n| now.saturating_sub(n.last_seen_ms) <= timeout)
+            .map(|n| n.name.clone())
+            .collect();
+        let inner = Inner {
+            store,
+            nodes: loaded.nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            tokens: loaded.tokens.into_iter().collect(),
+            workloads: loaded.workloads.into_iter().map(|w| (w.spec.name.clone(), w)).collect(),
+            migrations: loaded.migrations.into_iter().map(|m| (m.id.clone(), m)).collect(),
+            removals: loaded.removals.into_iter().map(|r| ((r.node.clone(), r.workload.clone()), r)).collect(),
+            announced_online,
+        };
+        tracing::info!(
+            db = %config.db_path.display(),
+            nodes = inner.nodes.len(),
+            workloads = inner.workloads.len(),
+            migrations = inner.migrations.len(),
+            "broker state loaded"
+        );
+        let (events, _) = broadcast::channel(1024);
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| BrokerError::Config(format!("http client: {e}")))?;
+        Ok(Broker {
+            user_token_hashes: config.user_tokens.iter().map(|t| tokens::sha256_hex(t)).collect(),
+            join_token_hash: tokens::sha256_hex(&config.join_token),
+            cluster_token: tokens::cluster_token(&config.join_token),
+            config,
+            inner: Mutex::new(inner),
+            events,
+            event_seq: AtomicU64::new(0),
+            metrics: Metrics::default(),
+            http,
+        })
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<BrokerEvent> {
+        self.events.subscribe()
+    }
+
+    pub(crate) fn cluster_token(&self) -> &str {
+        &self.cluster_token
+    }
+
+    fn emit(&self, events: Vec<Pending>) {
+        for p in events {
+            let e = BrokerEvent {
+                seq: self.event_seq.fetch_add(1, Ordering::Relaxed) + 1,
+                at_ms: now_ms(),
+                kind: p.kind.to_string(),
+                node: p.node,
+                workload: p.workload,
+                migration: p.migration,
+                message: p.message,
+            };
+            tracing::info!(kind = %e.kind, node = ?e.node, workload = ?e.workload, migration = ?e.migration, "{}", e.message);
+            // no subscriber is fine
+            let _ = self.events.send(e);
+        }
+    }
+
+    fn is_online(&self, n: &NodeRecord, now: u64) -> bool {
+        now.saturating_sub(n.last_seen_ms) <= self.config.node_timeout.as_millis() as u64
+    }
+
+    /// Whether a presented bearer token is a user token.
+    pub fn check_user(&self, presented: Option<&str>) -> Result<(), Problem> {
+        match presented {
+            None => Err(Problem::unauthorized("missing bearer token: send Authorization: Bearer <user token>")),
+            Some(t) if self.user_token_hashes.iter().any(|h| tokens::matches(t, h)) => Ok(()),
+            Some(_) => Err(Problem::unauthorized("wrong user token")),
+        }
+    }
+
+    // ---- agents ----
+
+    pub fn register(&self, presented: Option<&str>, req: RegisterRequest) -> Result<RegisterResponse, Problem> {
+        match presented {
+            Some(t) if tokens::matches(t, &self.join_token_hash) => {}
+            Some(_) => return Err(Problem::unauthorized("wrong join token")),
+            None => return Err(Problem::unauthorized("missing bearer token: send Authorization: Bearer <join token>")),
+        }
+        check_node_name(&req.node.name)?;
+        if req.api_addr.trim().is_empty() {
+            return Err(Problem::invalid("api_addr must be the agent's host:port").field("api_addr"));
+        }
+        let token = tokens::generate().map_err(|e| Problem::internal(format!("no randomness for a token: {e}")))?;
+        let now = now_ms();
+        let mut inner = lock(&self.inner);
+        let name = req.node.name.clone();
+        let known = inner.nodes.get(&name).cloned();
+        let record = NodeRecord {
+            name: name.clone(),
+            info: req.node,
+            api_addr: req.api_addr,
+            transfer_addr: req.transfer_addr,
+            draining: known.as_ref().is_some_and(|k| k.draining),
+            load: NodeLoad::default(),
+            reported: known.as_ref().map(|k| k.reported.clone()).unwrap_or_default(),
+            // a (re)registered agent starts a fresh event sequence
+            acked_seq: 0,
+            registered_ms: now,
+            last_seen_ms: now,
+        };
+        let hash = tokens::sha256_hex(&token);
+        let changes =
+            Changes { nodes: vec![record.clone()], tokens: vec![(name.clone(), hash.clone())], ..Default::default() };
+        inner.store.apply(&changes)?;
+        inner.nodes.insert(name.clone(), record);
+        inner.tokens.insert(name.clone(), hash);
+        inner.announced_online.insert(name.clone());
+        drop(inner);
+        let what = if known.is_some() { "registered again (new agent token)" } else { "registered" };
+        self.emit(vec![Pending::new("node-registered", format!("node {name} {what}")).node(&name)]);
+        Ok(RegisterResponse {
+            agent_token: token,
+            cluster_token: self.cluster_token.clone(),
+            heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+        })
+    }
+
+    pub fn heartbeat(&self, name: &str, presented: Option<&str>, hb: Heartbeat) -> Result<HeartbeatResponse, Problem> {
+        let mut inner = lock(&self.inner);
+        match (presented, inner.tokens.get(name)) {
+            (None, _) => {
+                return Err(Problem::unauthorized("missing bearer token: send Authorization: Bearer <agent token>"))
+            }
+            (Some(t), Some(hash)) if tokens::matches(t, hash) => {}
+            // an unknown node gets 401 too: the agent registers again
+            (Some(_), _) => return Err(Problem::unauthorized(format!("wrong agent token for node {name}"))),
+        }
+        if hb.node.name != name {
+            return Err(Problem::invalid(format!("node.name is {:?} but the heartbeat is for {name:?}", hb.node.name))
+                .field("node.name"));
+        }
+        let now = now_ms();
+        let Some(mut node) = inner.nodes.get(name).cloned() else {
+            return Err(Problem::unauthorized(format!("node {name} is not registered")));
+        };
+        let was_online = inner.announced_online.contains(name);
+        let mut changes = Changes::default();
+        let mut out: Vec<Pending> = Vec::new();
+        let mut workloads: BTreeMap<String, WorkloadRecord> = BTreeMap::new();
+        let mut migrations: BTreeMap<String, MigrationRecord> = BTreeMap::new();
+
+        // rule 1: events, once each, in order
+        let mut events = hb.events;
+        events.sort_by_key(|e| e.seq);
+        for e in events {
+            if e.seq <= node.acked_seq {
+                continue;
+            }
+            node.acked_seq = e.seq;
+            apply_agent_event(&inner, name, &e, now, &mut workloads, &mut migrations, &mut out);
+            changes.events.push((name.to_string(), e));
+        }
+
+        node.info = hb.node;
+        node.load = hb.load;
+        node.last_seen_ms = now;
+        node.reported = hb.workloads;
+        let get = |workloads: &BTreeMap<String, WorkloadRecord>, n: &str| {
+            workloads.get(n).cloned().or_else(|| inner.workloads.get(n).cloned())
+        };
+        let migration_of = |migrations: &BTreeMap<String, MigrationRecord>, w: &str| -> Option<MigrationRecord> {
+            let mut all: BTreeMap<&String, &MigrationRecord> = inner.migrations.iter().collect();
+            for (k, v) in migrations {
+                all.insert(k, v);
+            }
+            all.into_values().find(|m| m.workload == w && m.state.is_active()).cloned()
+        };
+        let reported: BTreeSet<String> = node.reported.iter().map(|s| s.name.clone()).collect();
+
+        // rules 2 and 3: what the node reports
+        for status in &node.reported {
+            let Some(mut w) = get(&workloads, &status.name) else { continue }; // rule 4
+            if w.node == name {
+                if w.status.as_ref().map(|s| s.state) != Some(status.state) {
+                    match status.state {
+                        WorkloadState::Running => out.push(
+                            Pending::new(
+                                "workload-running",
+                                format!("{} runs on {name} ({})", w.spec.name, status.runtime),
+                            )
+                            .node(name)
+                            .workload(&w.spec.name),
+                        ),
+                        WorkloadState::Stopped => out.push(
+                            Pending::new("workload-stopped", format!("{} stopped on {name}", w.spec.name))
+                                .node(name)
+                                .workload(&w.spec.name),
+                        ),
+                        _ => {}
+                    }
+                }
+                w.status = Some(status.clone());
+                w.status_ms = Some(now);
+                workloads.insert(w.spec.name.clone(), w);
+                continue;
+            }
+            if inner.removals.contains_key(&(name.to_string(), status.name.clone())) {
+                continue;
+            }
+            let active = migration_of(&migrations, &status.name);
+            if active.as_ref().is_some_and(|m| m.target == name) {
+                continue;
+            }
+            let moved_away = inner
+                .migrations
+                .values()
+                .chain(migrations.values())
+                .find(|m| m.workload == status.name && m.source == name && m.state == MigrationState::Succeeded);
+            let home_runs_it = inner
+                .nodes
+                .get(&w.node)
+                .is_some_and(|h| h.reported.iter().any(|s| s.name == status.name && s.state == WorkloadState::Running));
+            let reason = match (moved_away, home_runs_it) {
+                (Some(m), _) => format!("moved to {} by migration {}; this copy is stale", m.target, m.id),
+                (None, true) => format!("it runs on its home {}; this copy is a duplicate", w.node),
+                (None, false) => {
+                    tracing::warn!(workload = %status.name, node = name, home = %w.node, "copy outside its home left alone: no other copy is known to be live");
+                    continue;
+                }
+            };
+            out.push(
+                Pending::new("workload-stale-copy", format!("removing {} from {name}: {reason}", status.name))
+                    .node(name)
+                    .workload(&status.name),
+            );
+            changes.removals.push(Removal {
+                node: name.to_string(),
+                workload: status.name.clone(),
+                spec: w.spec.clone(),
+                reason,
+                since_ms: now,
+            });
+        }
+        // removals done: the stale copy is gone
+        for (node_name, workload) in inner.removals.keys() {
+            if node_name == name && !reported.contains(workload) {
+                changes.drop_removals.push((node_name.clone(), workload.clone()));
+            }
+        }
+        // rule 2: home workloads the node does not report
+        let homed: Vec<String> = inner
+            .workloads
+            .values()
+            .chain(workloads.values())
+            .filter(|w| w.node == name)
+            .map(|w| w.spec.name.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for wname in &homed {
+            if reported.contains(wname) {
+                continue;
+            }
+            let Some(mut w) = get(&workloads, wname) else { continue };
+            if w.node != name {
+                continue;
+            }
+            if w.desired == Desired::Removed && migration_of(&migrations, wname).is_none() {
+                changes.forget_workloads.push(wname.clone());
+                workloads.remove(wname);
+                out.push(
+                    Pending::new("workload-removed", format!("{wname} removed from {name}")).node(name).workload(wname),
+                );
+                continue;
+            }
+            if w.status.is_some() {
+                w.status = None;
+                w.status_ms = Some(now);
+                workloads.insert(wname.clone(), w);
+            }
+        }
+
+        // the answer: assignments (rule 5 withholds in-flight ones) and orders
+        let mut assignments = Vec::new();
+        for wname in &homed {
+            if changes.forget_workloads.contains(wname) || migration_of(&migrations, wname).is_some() {
+                continue;
+            }
+            if let Some(w) = get(&workloads, wname).filter(|w| w.node == name) {
+                assignments.push(Assignment {
+                    runtime: Some(w.decision.runtime),
+                    decision: Some(w.decision.clone()),
+                    desired: w.desired,
+                    spec: w.spec,
+                });
+            }
+        }
+        let dropped: BTreeSet<&(String, String)> = changes.drop_removals.iter().collect();
+        for r in inner.removals.values().chain(changes.removals.iter()) {
+            if r.node == name && !dropped.contains(&(r.node.clone(), r.workload.clone())) {
+                assignments.push(Assignment {
+                    spec: r.spec.clone(),
+                    desired: Desired::Removed,
+                    runtime: None,
+                    decision: None,
+                });
+            }
+        }
+        let mut orders = Vec::new();
+        let active: Vec<MigrationRecord> = inner
+            .migrations
+            .values()
+            .filter(|m| !migrations.contains_key(&m.id))
+            .chain(migrations.values())
+            .filter(|m| m.source == name && m.state.is_active())
+            .cloned()
+            .collect();
+        for mut m in active {
+            let Some(target) = inner.nodes.get(&m.target) else { continue };
+            orders.push(MigrationOrder {
+                id: m.id.clone(),
+                workload: m.workload.clone(),
+                target_node: m.target.clone(),
+                target_api: target.api_addr.clone(),
+            });
+            if m.state == MigrationState::Pending {
+                m.state = MigrationState::Running;
+                m.delivered_ms = Some(now);
+                out.push(
+                    Pending::new(
+                        "migration-started",
+                        format!("{} ordered to move {} to {}", name, m.workload, m.target),
+                    )
+                    .node(name)
+                    .workload(&m.workload)
+                    .migration(&m.id),
+                );
+                migrations.insert(m.id.clone(), m);
+            }
+        }
+
+        let response =
+            HeartbeatResponse { acked_seq: node.acked_seq, assignments, migrations: orders, draining: node.draining };
+        changes.nodes.push(node.clone());
+        changes.workloads.extend(workloads.values().cloned());
+        changes.migrations.extend(migrations.values().cloned());
+        inner.store.apply(&changes)?;
+        // committed: now memory
+        inner.nodes.insert(name.to_string(), node);
+        for w in workloads.into_values() {
+            inner.workloads.insert(w.spec.name.clone(), w);
+        }
+        for f in &changes.forget_workloads {
+            inner.workloads.remove(f);
+        }
+        for m in migrations.into_values() {
+            inner.migrations.insert(m.id.clone(), m);
+        }
+        for r in changes.removals {
+            inner.removals.insert((r.node.clone(), r.workload.clone()), r);
+        }
+        for k in &changes.drop_removals {
+            inner.removals.remove(k);
+        }
+        if !was_online {
+            inner.announced_online.insert(name.to_string());
+            out.insert(0, Pending::new("node-online", format!("node {name} is online")).node(name));
+        }
+        drop(inner);
+        Metrics::inc(&self.metrics.heartbeats);
+        self.emit(out);
+        Ok(response)
+    }
+
+    /// Announce nodes that went offline (or came back) since the last tick.
+    pub fn tick(&self) {
+        let now = now_ms();
+        let mut inner = lock(&self.inner);
+        let mut out = Vec::new();
+        let online: BTreeSet<String> =
+            inner.nodes.values().filter(|n| self.is_online(n, now)).map(|n| n.name.clone()).collect();
+        for gone in inner.announced_online.difference(&online) {
+            let secs = inner.nodes.get(gone).map(|n| now.saturating_sub(n.last_seen_ms) / 1000).unwrap_or(0);
+            out.push(
+                Pending::new(
+                    "node-offline",
+                    format!("node {gone} is offline: no heartbeat for {secs} s; its workloads stay there"),
+                )
+                .node(gone),
+            );
+        }
+        inner.announced_online = online;
+        drop(inner);
+        self.emit(out);
+    }
+
+    // ---- nodes ----
+
+    fn reserved(inner: &Inner) -> HashMap<&str, (u64, f64)> {
+        let mut map: HashMap<&str, (u64, f64)> = HashMap::new();
+        for w in inner.workloads.values() {
+            let e = map.entry(w.node.as_str()).or_default();
+            e.0 += w.spec.resources.memory.bytes();
+            e.1 += w.spec.resources.cpus;
+        }
+        map
+    }
+
+    fn node_view(&self, inner: &Inner, n: &NodeRecord, now: u64) -> NodeView {
+        let (mem, cpus) = Self::reserved_on(inner, &n.name);
+        NodeView {
+            name: n.name.clone(),
+            state: if self.is_online(n, now) { "online" } else { "offline" }.to_string(),
+            draining: n.draining,
+            tier: n.info.tier,
+            api_addr: n.api_addr.clone(),
+            transfer_addr: n.transfer_addr.clone(),
+            registered_ms: n.registered_ms,
+            last_seen_ms: n.last_seen_ms,
+            load: n.load,
+            reserved_memory_bytes: mem,
+            reserved_cpus: cpus,
+            workloads: inner.workloads.values().filter(|w| w.node == n.name).map(|w| w.spec.name.clone()).collect(),
+            unmanaged: n
+                .reported
+                .iter()
+                .filter(|s| !inner.workloads.contains_key(&s.name))
+                .map(|s| s.name.clone())
+                .collect(),
+            info: n.info.clone(),
+        }
+    }
+
+    fn reserved_on(inner: &Inner, node: &str) -> (u64, f64) {
+        inner
+            .workloads
+            .values()
+            .filter(|w| w.node == node)
+            .fold((0, 0.0), |(m, c), w| (m + w.spec.resources.memory.bytes(), c + w.spec.resources.cpus))
+    }
+
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let inner = lock(&self.inner);
+        let now = now_ms();
+        inner.nodes.values().map(|n| self.node_view(&inner, n, now)).collect()
+    }
+
+    pub fn node(&self, name: &str) -> Result<NodeView, Problem> {
+        let inner = lock(&self.inner);
+        let n = inner.nodes.get(name).ok_or_else(|| Problem::not_found(format!("no node named {name:?}")))?;
+        Ok(self.node_view(&inner, n, now_ms()))
+    }
+
+    pub fn drain(&self, name: &str, draining: bool) -> Result<NodeView, Problem> {
+        let mut inner = lock(&self.inner);
+        let mut n =
+            inner.nodes.get(name).cloned().ok_or_else(|| Problem::not_found(format!("no node named {name:?}")))?;
+        let changed = n.draining != draining;
+        n.draining = draining;
+        inner.store.apply(&Changes { nodes: vec![n.clone()], ..Default::default() })?;
+        inner.nodes.insert(name.to_string(), n.clone());
+        let view = self.node_view(&inner, &n, now_ms());
+        drop(inner);
+        if changed {
+            self.emit(vec![if draining {
+                Pending::new("node-draining", format!("node {name} is draining: nothing new is placed there"))
+                    .node(name)
+            } else {
+                Pending::new("node-undrained", format!("node {name} takes new workloads again")).node(name)
+            }]);
+        }
+        Ok(view)
+    }
+
+    // ---- workloads ----
+
+    fn candidates<'a>(&self, inner: &'a Inner, now: u64) -> Vec<Candidate<'a>> {
+        let reserved = Self::reserved(inner);
+        inner
+            .nodes
+            .values()
+            .map(|n| {
+                let (mem, cpus) = reserved.get(n.name.as_str()).copied().unwrap_or_default();
+                Candidate {
+                    info: &n.info,
+                    online: self.is_online(n, now),
+                    draining: n.draining,
+                    load: n.load,
+                    reserved_memory: mem,
+                    reserved_cpus: cpus,
+                }
+            })
+            .collect()
+    }
+
+    /// Place a workload (or only explain where it would go).
+    pub fn submit(
+        &self,
+        spec: WorkloadSpec,
+        dry_run: bool,
+    ) -> Result<(Option<WorkloadView>, PlacementDecision), Problem> {
+        let now = now_ms();
+        let mut inner = lock(&self.inner);
+        if !dry_run && inner.workloads.contains_key(&spec.name) {
+            return Err(Problem::new(ErrorCode::Conflict, format!("a workload named {:?} exists already", spec.name))
+                .field("name"));
+        }
+        let decision = placement::place(&spec, &self.candidates(&inner, now));
+        let (Some(node), Some(runtime)) = (decision.chosen.clone(), decision.runtime.clone()) else {
+            Metrics::inc(&self.metrics.placements_refused);
+            return Err(Problem::new(ErrorCode::Incompatible, decision.why.clone()).detail("placement", &decision));
+        };
+        if dry_run {
+            return Ok((None, decision));
+        }
+        let record = WorkloadRecord {
+            spec,
+            node: node.clone(),
+            desired: Desired::Running,
+            status: None,
+            status_ms: None,
+            decision: runtime,
+            placement: decision.clone(),
+            created_ms: now,
+            updated_ms: now,
+            last_event: None,
+        };
+        inner.store.apply(&Changes { workloads: vec![record.clone()], ..Default::default() })?;
+        let name = record.spec.name.clone();
+        inner.workloads.insert(name.clone(), record.clone());
+        let view = self.workload_view(&inner, &record, now, true);
+        drop(inner);
+        Metrics::inc(&self.metrics.placements_placed);
+        self.emit(vec![Pending::new("workload-placed", decision.why.clone()).node(&node).workload(&name)]);
+        Ok((Some(view), decision))
+    }
+
+    fn workload_view(&self, inner: &Inner, w: &WorkloadRecord, now: u64, with_placement: bool) -> WorkloadView {
+        let migration =
+            inner.migrations.values().find(|m| m.workload == w.spec.name && m.state.is_active()).map(|m| m.id.clone());
+        let online = inner.nodes.get(&w.node).is_some_and(|n| self.is_online(n, now));
+        let state = if w.desired == Desired::Removed {
+            "removing".to_string()
+        } else if migration.is_some() {
+            "migrating".to_string()
+        } else if !online {
+            "node-offline".to_string()
+        } else {
+            w.status.as_ref().map(|s| s.state.to_string()).unwrap_or_else(|| "pending".to_string())
+        };
+        WorkloadView {
+            name: w.spec.name.clone(),
+            node: w.node.clone(),
+            desired: w.desired,
+            state,
+            runtime: w.status.as_ref().map(|s| s.runtime).unwrap_or(w.decision.runtime),
+            decision: w.decision.clone(),
+            status: w.status.clone(),
+            status_ms: w.status_ms,
+            migration,
+            last_event: w.last_event.clone(),
+            created_ms: w.created_ms,
+            updated_ms: w.updated_ms,
+            spec: w.spec.clone(),
+            placement: with_placement.then(|| w.placement.clone()),
+        }
+    }
+
+    pub fn workloads(&self) -> Vec<WorkloadView> {
+        let inner = lock(&self.inner);
+        let now = now_ms();
+        inner.workloads.values().map(|w| self.workload_view(&inner, w, now, false)).collect()
+    }
+
+    pub fn workload(&self, name: &str) -> Result<WorkloadView, Problem> {
+        let inner = lock(&self.inner);
+        let w = inner.workloads.get(name).ok_or_else(|| no_workload(name))?;
+        Ok(self.workload_view(&inner, w, now_ms(), true))
+    }
+
+    /// Ask for removal: the home node removes it, then the broker forgets it.
+    pub fn delete(&self, name: &str) -> Result<WorkloadView, Problem> {
+        let now = now_ms();
+        let mut inner = lock(&self.inner);
+        let mut w = inner.workloads.get(name).cloned().ok_or_else(|| no_workload(name))?;
+        if let Some(m) = inner.migrations.values().find(|m| m.workload == name && m.state.is_active()) {
+            return Err(Problem::new(
+                ErrorCode::Conflict,
+                format!(
+                    "{name} is being migrated ({}, {}); delete it once the migration is over",
+                    m.id,
+                    m.state.as_str()
+                ),
+            ));
+        }
+        let first = w.desired != Desired::Removed;
+        w.desired = Desired::Removed;
+        w.updated_ms = now;
+        inner.store.apply(&Changes { workloads: vec![w.clone()], ..Default::default() })?;
+        inner.workloads.insert(name.to_string(), w.clone());
+        let view = self.workload_view(&inner, &w, now, false);
+        drop(inner);
+        if first {
+            self.emit(vec![Pending::new("workload-removing", format!("{name} will be removed from {}", w.node))
+                .node(&w.node)
+                .workload(name)]);
+        }
+        Ok(view)
+    }
+
+    pub fn log_source(&self, name: &str) -> Result<LogSource, Problem> {
+        let inner = lock(&self.inner);
+        let w = inner.workloads.get(name).ok_or_else(|| no_workload(name))?;
+        let n =
+            inner.nodes.get(&w.node).ok_or_else(|| Problem::internal(format!("home node {} is unknown", w.node)))?;
+        Ok(LogSource { node: n.name.clone(), api_addr: n.api_addr.clone(), online: self.is_online(n, now_ms()) })
+    }
+
+    // ---- migrations ----
+
+    pub fn migrate(&self, req: MigrationRequest) -> Result<MigrationRecord, Problem> {
+        let now = now_ms();
+        let mut inner = lock(&self.inner);
+        let w =
+            inner.workloads.get(&req.workload).cloned().ok_or_else(|| no_workload(&req.workload).field("workload"))?;
+        if w.desired == Desired::Removed {
+            return Err(
+                Problem::new(ErrorCode::Conflict, format!("{} is being removed", req.workload)).field("workload")
+            );
+        }
+        if let Some(m) = inner.migrations.values().find(|m| m.workload == req.workload && m.state.is_active()) {
+            return Err(Problem::new(
+                ErrorCode::Conflict,
+                format!("{} is already being migrated by {}", req.workload, m.id),
+            )
+            .field("workload")
+            .detail("migration", m));
+        }
+        let source = inner
+            .nodes
+            .get(&w.node)
+            .cloned()
+            .ok_or_else(|| Problem::internal(format!("home node {} of {} is unknown", w.node, req.workload)))?;
+        let runtime = w.status.as_ref().map(|s| s.runtime).unwrap_or(w.decision.runtime);
+        let check = |dst: &NodeInfo| -> Compatibility {
+            if runtime.is_container() {
+                check_container(&source.info, dst, runtime, runtime)
+            } else {
+                check_vm(&source.info, dst)
+            }
+        };
+        // resources the workload holds on its source do not count against other nodes
+        let candidates: Vec<Candidate> =
+            self.candidates(&inner, now).into_iter().filter(|c| c.info.name != source.name).collect();
+        let (target, compatibility, chosen_by, why) = match &req.to {
+            Some(to) => {
+                if *to == source.name {
+                    return Err(Problem::invalid(format!("{} already runs on {to}", req.workload)).field("to"));
+                }
+                let c = candidates
+                    .iter()
+                    .find(|c| c.info.name == *to)
+                    .ok_or_else(|| Problem::not_found(format!("no node named {to:?}")).field("to"))?;
+                if let Err(reasons) = placement::feasibility(&w.spec, c) {
+                    return Err(Problem::new(
+                        ErrorCode::Incompatible,
+                        format!("{to} cannot take {}: {}", req.workload, reasons.join("; ")),
+                    )
+                    .field("to"));
+                }
+                let compat = check(c.info);
+                if !compat.allowed {
+                    return Err(Problem::new(
+                        ErrorCode::Incompatible,
+                        format!("{} cannot move from {} to {to}: {}", req.workload, source.name, compat.reason),
+                    )
+                    .field("to")
+                    .detail("compatibility", &compat));
+                }
+                let why = format!("{to} as requested: {}", compat.reason);
+                (to.clone(), compat, "user", why)
+            }
+            None => {
+                let decision = placement::place(&w.spec, &candidates);
+                let mut refused = Vec::new();
+                let mut found = None;
+                for s in &decision.scores {
+                    let Some(c) = candidates.iter().find(|c| c.info.name == s.node) else { continue };
+                    let compat = check(c.info);
+                    if compat.allowed {
+                        found = Some((s.node.clone(), compat, s.total));
+                        break;
+                    }
+                    refused.push(format!("{}: {}", s.node, compat.reason));
+                }
+                let Some((to, compat, total)) = found else {
+                    let mut reasons: Vec<String> = refused;
+                    reasons.extend(decision.filtered.iter().map(|f| format!("{}: {}", f.node, f.reasons.join(", "))));
+                    let msg = if reasons.is_empty() {
+                        format!("no other node to move {} to", req.workload)
+                    } else {
+                        format!("no node can take {} from {}: {}", req.workload, source.name, reasons.join("; "))
+                    };
+                    return Err(Problem::new(ErrorCode::Incompatible, msg).detail("placement", &decision));
+                };
+                let why = format!("{to}: best-scoring compatible node (score {total}); {}", compat.reason);
+                (to, compat, "broker", why)
+            }
+        };
+        let record = MigrationRecord {
+            id: tokens::short_id("m-"),
+            workload: req.workload.clone(),
+            source: source.name.clone(),
+            target: target.clone(),
+            state: MigrationState::Pending,
+            chosen_by: chosen_by.to_string(),
+            why,
+            compatibility,
+            requested_ms: now,
+            delivered_ms: None,
+            finished_ms: None,
+            report: None,
+            error: None,
+        };
+        inner.store.apply(&Changes { migrations: vec![record.clone()], ..Default::default() })?;
+        inner.migrations.insert(record.id.clone(), record.clone());
+        drop(inner);
+        self.emit(vec![Pending::new(
+            "migration-requested",
+            format!("move {} from {} to {}: {}", record.workload, record.source, record.target, record.why),
+        )
+        .node(&record.source)
+        .workload(&record.workload)
+        .migration(&record.id)]);
+        Ok(record)
+    }
+
+    pub fn migrations(&self) -> Vec<MigrationRecord> {
+        let inner = lock(&self.inner);
+        let mut all: Vec<MigrationRecord> = inner.migrations.values().cloned().collect();
+        all.sort_by(|a, b| a.requested_ms.cmp(&b.requested_ms).then_with(|| a.id.cmp(&b.id)));
+        all
+    }
+
+    pub fn migration(&self, id: &str) -> Result<MigrationRecord, Problem> {
+        lock(&self.inner).migrations.get(id).cloned().ok_or_else(|| Problem::not_found(format!("no migration {id:?}")))
+    }
+
+    // ---- metrics ----
+
+    pub fn metrics_text(&self) -> String {
+        let now = now_ms();
+        let inner = lock(&self.inner);
+        let mut nodes: BTreeMap<String, u64> =
+            ["online", "offline", "draining"].iter().map(|s| (s.to_string(), 0)).collect();
+        for n in inner.nodes.values() {
+            let state = if !self.is_online(n, now) {
+                "offline"
+            } else if n.draining {
+                "draining"
+            } else {
+                "online"
+            };
+            *nodes.entry(state.to_string()).or_default() += 1;
+        }
+        let mut workloads: BTreeMap<String, u64> = BTreeMap::new();
+        for w in inner.workloads.values() {
+            *workloads.entry(self.workload_view(&inner, w, now, false).state).or_default() += 1;
+        }
+        let mut migrations: BTreeMap<String, u64> =
+            ["pending", "running", "succeeded", "failed"].iter().map(|s| (s.to_string(), 0)).collect();
+        for m in inner.migrations.values() {
+            *migrations.entry(m.state.as_str().to_string()).or_default() += 1;
+        }
+        drop(inner);
+        self.metrics.render(&[
+            ("away_nodes", "Registered nodes by state.", "state", nodes.into_iter().collect()),
+            ("away_workloads", "Workloads by state.", "state", workloads.into_iter().collect()),
+            ("away_migrations", "Migrations by state.", "state", migrations.into_iter().collect()),
+        ])
+    }
+}
+
+fn no_workload(name: &str) -> Problem {
+    Problem::not_found(format!("no workload named {name:?}"))
+}
+
+/// Node names travel in URLs and logs: keep them plain.
+fn check_node_name(name: &str) -> Result<(), Problem> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Problem::invalid(format!("node name {name:?} must be 1-63 letters, digits, '-', '_' or '.'"))
+            .field("node.name"))
+    }
+}
+
+/// Rule 1: one agent event.
+fn apply_agent_event(
+    inner: &Inner,
+    node: &str,
+    e: &AgentEvent,
+    now: u64,
+    workloads: &mut BTreeMap<String, WorkloadRecord>,
+    migrations: &mut BTreeMap<String, MigrationRecord>,
+    out: &mut Vec<Pending>,
+) {
+    let get_w = |workloads: &BTreeMap<String, WorkloadRecord>, n: &str| {
+        workloads.get(n).cloned().or_else(|| inner.workloads.get(n).cloned())
+    };
+    if let Some(wname) = &e.workload {
+        if let Some(mut w) = get_w(workloads, wname) {
+            w.last_event = Some(format!("{} on {node}: {}", e.kind, e.message));
+            w.updated_ms = now;
+            workloads.insert(wname.clone(), w);
+        }
+        if e.kind == "workload-failed" {
+            out.push(
+                Pending::new("workload-failed", format!("{wname} on {node}: {}", e.message)).node(node).workload(wname),
+            );
+        }
+    }
+    if !matches!(e.kind.as_str(), "migration-finished" | "migration-failed") {
+        return;
+    }
+    // the order's id, or else the workload's active migration from this node
+    let found = e
+        .migration_id
+        .as_ref()
+        .and_then(|id| migrations.get(id).cloned().or_else(|| inner.migrations.get(id).cloned()))
+        .or_else(|| {
+            let wname = e.workload.as_ref()?;
+            inner
+                .migrations
+                .values()
+                .chain(migrations.values())
+                .find(|m| &m.workload == wname && m.source == node && m.state.is_active())
+                .cloned()
+        });
+    let Some(mut m) = found else {
+        tracing::warn!(node, kind = %e.kind, migration = ?e.migration_id, "migration event for an unknown migration ignored");
+        return;
+    };
+    if !m.state.is_active() || m.source != node {
+        return;
+    }
+    m.finished_ms = Some(now);
+    m.report = e.report.clone();
+    if e.kind == "migration-finished" && e.report.as_ref().is_none_or(|r| r.ok) {
+        m.state = MigrationState::Succeeded;
+        if let Some(mut w) = get_w(workloads, &m.workload) {
+            w.node = m.target.clone();
+            // the target's own report, if it already sent one
+            w.status =
+                inner.nodes.get(&m.target).and_then(|t| t.reported.iter().find(|s| s.name == m.workload).cloned());
+            w.status_ms = Some(now);
+            w.updated_ms = now;
+            workloads.insert(m.workload.clone(), w);
+        }
+        out.push(
+            Pending::new(
+                "migration-succeeded",
+                format!("{} moved from {} to {}: {}", m.workload, m.source, m.target, e.message),
+            )
+            .node(&m.target)
+            .workload(&m.workload)
+            .migration(&m.id),
+        );
+    } else {
+        m.state = MigrationState::Failed;
+        m.error = Some(e.report.as_ref().and_then(|r| r.error.clone()).unwrap_or_else(|| e.message.clone()));
+        out.push(
+            Pending::new("migration-failed", format!("{} stays on {}: {}", m.workload, m.source, e.message))
+                .node(&m.source)
+                .workload(&m.workload)
+                .migration(&m.id),
+        );
+    }
+    migrations.insert(m.id.clone(), m);
+}

@@ -1,0 +1,53 @@
+//! Broker events: what happened in the cluster, for `GET /v1/events` (Server-Sent
+//! Events, one JSON object per `data:` line) and the log. Sent on a broadcast channel;
+//! a subscriber too slow to keep up is told how many it missed.
+
+use serde::{Deserialize, Serialize};
+
+/// One thing that happened. `kind` is one of `node-registered`, `node-online`,
+/// `node-offline`, `node-draining`, `node-undrained`, `workload-placed`,
+/// `workload-running`, `workload-stopped`, `workload-failed`, `workload-removing`,
+/// `workload-removed`, `workload-stale-copy`, `migration-requested`, `migration-started`,
+/// `migration-succeeded`, `migration-failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerEvent {
+    /// Increasing within one broker process.
+    pub seq: u64,
+    pub at_ms: u64,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+    pub message: String,
+}
+
+/// An event before it gets its sequence number.
+#[derive(Debug, Clone, Default)]
+pub struct Pending {
+    pub kind: &'static str,
+    pub node: Option<String>,
+    pub workload: Option<String>,
+    pub migration: Option<String>,
+    pub message: String,
+}
+
+impl Pending {
+    pub fn new(kind: &'static str, message: impl Into<String>) -> Pending {
+        Pending { kind, message: message.into(), ..Default::default() }
+    }
+    pub fn node(mut self, node: &str) -> Pending {
+        self.node = Some(node.to_string());
+        self
+    }
+    pub fn workload(mut self, workload: &str) -> Pending {
+        self.workload = Some(workload.to_string());
+        self
+    }
+    pub fn migration(mut self, id: &str) -> Pending {
+        self.migration = Some(id.to_string());
+        self
+    }
+}

@@ -1,0 +1,98 @@
+//! The away broker: decides where workloads run across cloud, edge and client nodes,
+//! and remembers it.
+//!
+//! * [`api`]: the HTTP JSON API under `/v1` for users (nodes, workloads, migrations,
+//!   events) and agents (register, heartbeat), plus `/metrics` and the OpenAPI document;
+//! * [`placement`]: two-phase placement (filters with reasons, then scores with parts);
+//! * [`broker`]: the state and the offline-first reconciliation rules of heartbeats;
+//! * [`store`]: the state in one SQLite file.
+//!
+//! Agents pull (see `away_model::cluster`): the broker never dials an agent except to
+//! proxy a user's request for logs.
+
+pub mod api;
+pub mod broker;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod placement;
+pub mod records;
+pub mod store;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use api::router;
+pub use broker::{Broker, MigrationRequest, NodeView, WorkloadView};
+pub use error::{BrokerError, Problem};
+pub use events::BrokerEvent;
+pub use placement::PlacementDecision;
+pub use records::{MigrationRecord, MigrationState};
+
+/// Where the broker keeps its state unless told otherwise.
+pub const DEFAULT_DB_PATH: &str = "/var/lib/away/broker.db";
+
+/// How a broker runs.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    pub db_path: PathBuf,
+    /// Tokens users present (`Authorization: Bearer`); none means no user gets in.
+    pub user_tokens: Vec<String>,
+    /// Token agents present to register.
+    pub join_token: String,
+    /// How often agents are told to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node counts as offline (e.g. three missed heartbeats).
+    pub node_timeout: Duration,
+}
+
+impl BrokerConfig {
+    /// Defaults for everything but the secrets: port 7070 on all interfaces, the
+    /// default database, 2 s heartbeats, offline after 3 missed ones.
+    pub fn new(user_tokens: Vec<String>, join_token: String) -> BrokerConfig {
+        let heartbeat_interval = Duration::from_secs(2);
+        BrokerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 7070)),
+            db_path: PathBuf::from(DEFAULT_DB_PATH),
+            user_tokens,
+            join_token,
+            heartbeat_interval,
+            node_timeout: heartbeat_interval * 3,
+        }
+    }
+}
+
+/// Serve on an already bound listener until the process ends (tests bind port 0).
+pub async fn serve(broker: Arc<Broker>, listener: tokio::net::TcpListener) -> Result<(), BrokerError> {
+    // weak: the ticker must not keep a stopped broker (and its database) alive
+    let ticker = Arc::downgrade(&broker);
+    let every = broker.config.heartbeat_interval.max(Duration::from_millis(100));
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        loop {
+            interval.tick().await;
+            match ticker.upgrade() {
+                Some(b) => b.tick(),
+                None => break,
+            }
+        }
+    });
+    axum::serve(listener, router(broker)).await.map_err(BrokerError::Serve)
+}
+
+/// Open the state and serve the API on `config.listen`.
+pub async fn run(config: BrokerConfig) -> Result<(), BrokerError> {
+    let addr = config.listen;
+    let broker = Arc::new(
+        tokio::task::spawn_blocking(move || Broker::open(config))
+            .await
+            .map_err(|e| BrokerError::Config(format!("opening the state failed: {e}")))??,
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| BrokerError::Listen { addr, source })?;
+    tracing::info!(%addr, "broker listening");
+    serve(broker, listener).await
+}

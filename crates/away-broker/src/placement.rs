@@ -1,0 +1,429 @@
+//! Where a workload goes, in two phases (as Nomad does it):
+//!
+//! 1. **Feasibility**: every node is checked against every filter, and each failed
+//!    filter leaves a reason: offline, draining, tier not allowed, architecture, CPU
+//!    vendor or flags, no usable runtime (the container→VM rule of
+//!    `away_runtime::choose_runtime`, which also says container or VM), memory or CPUs
+//!    already promised to the workloads placed there.
+//! 2. **Ranking**: the feasible nodes are scored; each score lists its parts so the
+//!    answer can say why the winner won:
+//!    * `link` (0..30): rate and latency of the node's link toward its users;
+//!    * `load` (0..30): CPUs and memory left after this workload, and the CPU busy now;
+//!    * `runtime` (0 or 10): a container is lighter than a VM;
+//!    * `prefer_client` (0 or 40): the spec prefers the user's own client and this is it
+//!      (a client whose `user` label matches the spec's `user` label, or any client
+//!      when the spec names no user);
+//!    * `cost` (-10 cloud, -5 edge, 0 client): cloud machines cost money.
+//!
+//! Ties go to the node whose name sorts first, so a decision is reproducible.
+//! Everything here is pure: the broker passes the nodes in and stores the answer.
+
+use std::collections::BTreeMap;
+
+use away_model::{ByteSize, NodeInfo, NodeLoad, RuntimeDecision, Tier, WorkloadSpec};
+use serde::{Deserialize, Serialize};
+
+/// Long explanations are cut to this many entries per list (a cluster of a thousand
+/// nodes would otherwise store a thousand scores with every workload).
+pub const MAX_LISTED: usize = 20;
+
+/// A node as placement sees it: its fingerprint and what is already promised on it.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    pub info: &'a NodeInfo,
+    pub online: bool,
+    pub draining: bool,
+    pub load: NodeLoad,
+    /// Memory of the workloads the broker has placed there.
+    pub reserved_memory: u64,
+    pub reserved_cpus: f64,
+}
+
+/// One feasible node's score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeScore {
+    pub node: String,
+    pub total: f64,
+    /// Score components by name (`link`, `load`, `runtime`, `prefer_client`, `cost`).
+    pub parts: BTreeMap<String, f64>,
+    /// How the workload would run there.
+    pub runtime: RuntimeDecision,
+}
+
+/// A node ruled out, with every filter it failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filtered {
+    pub node: String,
+    pub reasons: Vec<String>,
+}
+
+/// The answer of placement: the chosen node, how it runs there, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlacementDecision {
+    pub workload: String,
+    /// `None` when no node is feasible.
+    pub chosen: Option<String>,
+    pub runtime: Option<RuntimeDecision>,
+    /// Feasible nodes, best first (at most [`MAX_LISTED`]).
+    pub scores: Vec<NodeScore>,
+    /// Infeasible nodes with their reasons (at most [`MAX_LISTED`]).
+    pub filtered: Vec<Filtered>,
+    pub feasible_count: usize,
+    pub filtered_count: usize,
+    /// One sentence for people.
+    pub why: String,
+}
+
+/// Phase 1 for one node: how the workload would run there, or every reason it cannot.
+pub fn feasibility(spec: &WorkloadSpec, c: &Candidate) -> Result<RuntimeDecision, Vec<String>> {
+    let node = c.info;
+    let want = &spec.placement;
+    let mut reasons = Vec::new();
+    if !c.online {
+        reasons.push("offline: its agent missed its heartbeats".to_string());
+    }
+    if c.draining {
+        reasons.push("draining: nothing new is placed here".to_string());
+    }
+    if !want.tiers.is_empty() && !want.tiers.contains(&node.tier) {
+        let allowed: Vec<String> = want.tiers.iter().map(Tier::to_string).collect();
+        reasons.push(format!("tier {} is not allowed (the spec allows {})", node.tier, allowed.join(", ")));
+    }
+    if let Some(arch) = &want.arch {
+        if *arch != node.arch {
+            reasons.push(format!("architecture {} but the spec requires {arch}", node.arch));
+        }
+    }
+    if let Some(vendor) = &want.cpu_vendor {
+        if *vendor != node.cpu.vendor {
+            reasons.push(format!("CPU vendor {} but the spec requires {vendor}", node.cpu.vendor));
+        }
+    }
+    let missing: Vec<&str> =
+        want.cpu_flags.iter().filter(|f| !node.cpu.flags.contains(*f)).map(String::as_str).collect();
+    if !missing.is_empty() {
+        reasons.push(format!("CPU lacks {}", missing.join(", ")));
+    }
+    // the broker does not read images: the image is taken to be of the required
+    // architecture, or else of the node's own
+    let image_arch = want.arch.clone().unwrap_or_else(|| node.arch.clone());
+    let remaps = spec.ports.iter().any(|p| p.host.is_some_and(|h| h != p.container));
+    let decision =
+        away_runtime::choose_runtime(spec.kind, want.runtime, &image_arch, &node.arch, remaps, &node.runtimes);
+    if let Err(e) = &decision {
+        reasons.push(format!("no runtime: {}", e.reason));
+    }
+    let free_memory = node.memory_bytes.saturating_sub(c.reserved_memory);
+    if spec.resources.memory.bytes() > free_memory {
+        reasons.push(format!(
+            "needs {} memory, {} free of {}",
+            spec.resources.memory,
+            human(free_memory),
+            human(node.memory_bytes)
+        ));
+    }
+    let free_cpus = (f64::from(node.cpu.cores) - c.reserved_cpus).max(0.0);
+    if spec.resources.cpus > free_cpus + 1e-9 {
+        reasons.push(format!("needs {} CPUs, {free_cpus:.2} free of {}", spec.resources.cpus, node.cpu.cores));
+    }
+    match decision {
+        Ok(d) if reasons.is_empty() => Ok(d),
+        _ => Err(reasons),
+    }
+}
+
+/// Sizes in MiB-granular binary units, for reasons people read.
+fn human(bytes: u64) -> String {
+    ByteSize(bytes / (1 << 20) * (1 << 20)).to_string()
+}
+
+/// Phase 2 for one feasible node.
+pub fn score(spec: &WorkloadSpec, c: &Candidate, runtime: RuntimeDecision) -> NodeScore {
+    let node = c.info;
+    let mut parts = BTreeMap::new();
+    let link = match node.link {
+        Some(l) => {
+            let rate = (l.rate_mbit / 1000.0).clamp(0.0, 1.0);
+            let latency = 1.0 / (1.0 + l.latency_ms.max(0.0) / 10.0);
+            30.0 * (0.5 * rate + 0.5 * latency)
+        }
+        // unknown link: neither rewarded nor punished
+        None => 15.0,
+    };
+    parts.insert("link".to_string(), round(link));
+    let cores = f64::from(node.cpu.cores.max(1));
+    let cpu_left = ((cores - c.reserved_cpus - spec.resources.cpus) / cores).clamp(0.0, 1.0);
+    let mem_total = node.memory_bytes.max(1) as f64;
+    let mem_left =
+        ((mem_total - c.reserved_memory as f64 - spec.resources.memory.bytes() as f64) / mem_total).clamp(0.0, 1.0);
+    let idle = (1.0 - c.load.cpu_percent / 100.0).clamp(0.0, 1.0);
+    parts.insert("load".to_string(), round(30.0 * (0.4 * cpu_left + 0.3 * mem_left + 0.3 * idle)));
+    parts.insert("runtime".to_string(), if runtime.runtime.is_container() { 10.0 } else { 0.0 });
+    let users_client = node.tier == Tier::Client
+        && match spec.labels.get("user") {
+            Some(user) => node.labels.get("user") == Some(user),
+            None => true,
+        };
+    parts.insert("prefer_client".to_string(), if spec.placement.prefer_client && users_client { 40.0 } else { 0.0 });
+    let cost = match node.tier {
+        Tier::Cloud => -10.0,
+        Tier::Edge => -5.0,
+        Tier::Client => 0.0,
+    };
+    parts.insert("cost".to_string(), cost);
+    let total = round(parts.values().sum());
+    NodeScore { node: node.name.clone(), total, parts, runtime }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Both phases over all candidates.
+pub fn place(spec: &WorkloadSpec, candidates: &[Candidate]) -> PlacementDecision {
+    let mut scores = Vec::new();
+    let mut filtered = Vec::new();
+    for c in candidates {
+        match feasibility(spec, c) {
+            Ok(runtime) => scores.push(score(spec, c, runtime)),
+            Err(reasons) => filtered.push(Filtered { node: c.info.name.clone(), reasons }),
+        }
+    }
+    scores.sort_by(|a, b| b.total.total_cmp(&a.total).then_with(|| a.node.cmp(&b.node)));
+    filtered.sort_by(|a, b| a.node.cmp(&b.node));
+    let (feasible_count, filtered_count) = (scores.len(), filtered.len());
+    let why = match scores.first() {
+        Some(best) => {
+            let parts: Vec<String> = best.parts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let runner_up = scores.get(1).map(|s| format!(", ahead of {} ({})", s.node, s.total)).unwrap_or_default();
+            format!(
+                "{} on {}: best score {} ({}) of {feasible_count} feasible node(s){runner_up}; {filtered_count} filtered out; {}",
+                spec.name,
+                best.node,
+                best.total,
+                parts.join(", "),
+                best.runtime.reason
+            )
+        }
+        None if candidates.is_empty() => format!("no node can run {}: no node has registered", spec.name),
+        None => {
+            let shown: Vec<String> =
+                filtered.iter().take(5).map(|f| format!("{}: {}", f.node, f.reasons.join(", "))).collect();
+            let more = if filtered_count > 5 { format!("; and {} more", filtered_count - 5) } else { String::new() };
+            format!("no node can run {}: {}{more}", spec.name, shown.join("; "))
+        }
+    };
+    let chosen = scores.first().map(|s| s.node.clone());
+    let runtime = scores.first().map(|s| s.runtime.clone());
+    scores.truncate(MAX_LISTED);
+    filtered.truncate(MAX_LISTED);
+    PlacementDecision {
+        workload: spec.name.clone(),
+        chosen,
+        runtime,
+        scores,
+        filtered,
+        feasible_count,
+        filtered_count,
+        why,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use away_model::{Arch, CpuInfo, CpuVendor, LinkInfo, RuntimeInfo, RuntimeKind, SpecFormat};
+
+    pub fn node(name: &str, tier: Tier, vendor: CpuVendor, runtimes: &[(RuntimeKind, bool)]) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            tier,
+            arch: Arch("amd64".into()),
+            cpu: CpuInfo {
+                vendor,
+                model: "test cpu".into(),
+                family: None,
+                model_number: None,
+                cores: 4,
+                flags: ["sse4_2", "avx", "avx2"].iter().map(|s| s.to_string()).collect(),
+            },
+            memory_bytes: 8 << 30,
+            kernel: "6.1".into(),
+            runtimes: runtimes
+                .iter()
+                .map(|(kind, healthy)| RuntimeInfo {
+                    kind: *kind,
+                    version: "1".into(),
+                    healthy: *healthy,
+                    checkpoint: *healthy,
+                    detail: if *healthy { String::new() } else { "socket refused".into() },
+                })
+                .collect(),
+            hypervisor: None,
+            link: None,
+            labels: Default::default(),
+        }
+    }
+
+    pub fn all_runtimes() -> Vec<(RuntimeKind, bool)> {
+        vec![(RuntimeKind::Containerd, true), (RuntimeKind::Docker, true), (RuntimeKind::Qemu, true)]
+    }
+
+    fn spec(yaml: &str) -> WorkloadSpec {
+        WorkloadSpec::parse(yaml, SpecFormat::Yaml, "test").unwrap()
+    }
+
+    fn cand(info: &NodeInfo) -> Candidate<'_> {
+        Candidate {
+            info,
+            online: true,
+            draining: false,
+            load: NodeLoad::default(),
+            reserved_memory: 0,
+            reserved_cpus: 0.0,
+        }
+    }
+
+    #[test]
+    fn every_failed_filter_is_named() {
+        let n = node("c1", Tier::Cloud, CpuVendor::Intel, &[(RuntimeKind::Containerd, false)]);
+        let mut c = cand(&n);
+        c.online = false;
+        c.draining = true;
+        c.reserved_memory = 8 << 30;
+        let s = spec(
+            "name: w\nimage: x\nkind: container\nplacement:\n  tiers: [client]\n  cpu_vendor: amd\n  cpu_flags: [avx512f]\n  arch: arm64\n",
+        );
+        let reasons = feasibility(&s, &c).unwrap_err();
+        let text = reasons.join(" | ");
+        for needle in [
+            "offline",
+            "draining",
+            "tier cloud is not allowed (the spec allows client)",
+            "architecture amd64 but the spec requires arm64",
+            "CPU vendor intel but the spec requires amd",
+            "CPU lacks avx512f",
+            "no runtime",
+            "needs 256Mi memory, 0B free of 8Gi",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn resources_already_promised_count() {
+        let n = node("e1", Tier::Edge, CpuVendor::Amd, &all_runtimes());
+        let mut c = cand(&n);
+        c.reserved_cpus = 3.5;
+        let reasons = feasibility(&spec("name: w\nimage: x\n"), &c).unwrap_err();
+        assert_eq!(reasons, vec!["needs 1 CPUs, 0.50 free of 4".to_string()]);
+        c.reserved_cpus = 3.0;
+        assert!(feasibility(&spec("name: w\nimage: x\n"), &c).is_ok());
+    }
+
+    #[test]
+    fn runtime_falls_back_to_vm_and_the_score_says_so() {
+        let vm_only =
+            node("v", Tier::Edge, CpuVendor::Intel, &[(RuntimeKind::Containerd, false), (RuntimeKind::Qemu, true)]);
+        let both = node("w", Tier::Edge, CpuVendor::Intel, &all_runtimes());
+        let d = place(&spec("name: w\nimage: x\n"), &[cand(&vm_only), cand(&both)]);
+        assert_eq!(d.chosen.as_deref(), Some("w"), "{}", d.why);
+        let v = d.scores.iter().find(|s| s.node == "v").unwrap();
+        assert_eq!(v.runtime.runtime, RuntimeKind::Qemu);
+        assert_eq!(v.parts["runtime"], 0.0);
+        assert_eq!(d.scores[0].parts["runtime"], 10.0);
+    }
+
+    #[test]
+    fn prefer_client_wins_when_the_client_can_take_it() {
+        let cloud = node("cloud-1", Tier::Cloud, CpuVendor::Amd, &all_runtimes());
+        let client = node("laptop", Tier::Client, CpuVendor::Intel, &all_runtimes());
+        let plain = place(&spec("name: w\nimage: x\n"), &[cand(&cloud), cand(&client)]);
+        let preferring =
+            place(&spec("name: w\nimage: x\nplacement:\n  prefer_client: true\n"), &[cand(&cloud), cand(&client)]);
+        assert_eq!(preferring.chosen.as_deref(), Some("laptop"));
+        assert_eq!(preferring.scores[0].parts["prefer_client"], 40.0);
+        assert!(plain.scores.iter().all(|s| s.parts["prefer_client"] == 0.0));
+        // a full client cannot take it: the cloud gets it, and the client says why
+        let mut full = cand(&client);
+        full.reserved_memory = 8 << 30;
+        let d = place(&spec("name: w\nimage: x\nplacement:\n  prefer_client: true\n"), &[cand(&cloud), full]);
+        assert_eq!(d.chosen.as_deref(), Some("cloud-1"));
+        assert!(d.filtered[0].reasons[0].contains("memory"), "{:?}", d.filtered);
+    }
+
+    #[test]
+    fn prefer_client_means_the_users_own_client() {
+        let mut mine = node("alice-laptop", Tier::Client, CpuVendor::Intel, &all_runtimes());
+        mine.labels.insert("user".into(), "alice".into());
+        let mut theirs = node("bob-laptop", Tier::Client, CpuVendor::Intel, &all_runtimes());
+        theirs.labels.insert("user".into(), "bob".into());
+        let s = spec("name: w\nimage: x\nlabels:\n  user: alice\nplacement:\n  prefer_client: true\n");
+        let d = place(&s, &[cand(&theirs), cand(&mine)]);
+        assert_eq!(d.chosen.as_deref(), Some("alice-laptop"));
+        assert_eq!(d.scores[1].parts["prefer_client"], 0.0);
+    }
+
+    #[test]
+    fn tier_constraints_never_client_and_client_only() {
+        let cloud = node("cloud-1", Tier::Cloud, CpuVendor::Amd, &all_runtimes());
+        let edge = node("edge-1", Tier::Edge, CpuVendor::Amd, &all_runtimes());
+        let client = node("laptop", Tier::Client, CpuVendor::Intel, &all_runtimes());
+        let nodes = [cand(&cloud), cand(&edge), cand(&client)];
+        let never_client =
+            place(&spec("name: w\nimage: x\nplacement:\n  tiers: [cloud, edge]\n  prefer_client: true\n"), &nodes);
+        assert_eq!(never_client.chosen.as_deref(), Some("edge-1"), "edge costs less than cloud: {}", never_client.why);
+        assert_eq!(never_client.filtered[0].node, "laptop");
+        let client_only = place(&spec("name: w\nimage: x\nplacement:\n  tiers: [client]\n"), &nodes);
+        assert_eq!(client_only.chosen.as_deref(), Some("laptop"));
+        assert_eq!(client_only.filtered_count, 2);
+    }
+
+    #[test]
+    fn link_and_load_are_scored() {
+        let mut near = node("near", Tier::Edge, CpuVendor::Amd, &all_runtimes());
+        near.link = Some(LinkInfo { rate_mbit: 1000.0, latency_ms: 1.0 });
+        let mut far = node("far", Tier::Edge, CpuVendor::Amd, &all_runtimes());
+        far.link = Some(LinkInfo { rate_mbit: 37.0, latency_ms: 36.784 });
+        let d = place(&spec("name: w\nimage: x\n"), &[cand(&far), cand(&near)]);
+        assert_eq!(d.chosen.as_deref(), Some("near"));
+        assert!(d.scores[0].parts["link"] > d.scores[1].parts["link"] + 10.0, "{:?}", d.scores);
+        let mut busy = cand(&near);
+        busy.load.cpu_percent = 100.0;
+        busy.reserved_cpus = 3.0;
+        let d = place(&spec("name: w\nimage: x\n"), &[busy, cand(&near)]);
+        let gap = d.scores[0].parts["load"] - d.scores[1].parts["load"];
+        assert!((gap - 30.0 * (0.4 * 0.75 + 0.3)).abs() < 0.02, "{gap}");
+    }
+
+    #[test]
+    fn explanation_names_winner_parts_and_losers() {
+        let a = node("a", Tier::Cloud, CpuVendor::Amd, &all_runtimes());
+        let b = node("b", Tier::Edge, CpuVendor::Amd, &all_runtimes());
+        let mut off = cand(&b);
+        off.online = false;
+        let d = place(&spec("name: web\nimage: x\n"), &[cand(&a), off.clone()]);
+        assert!(d.why.starts_with("web on a: best score"), "{}", d.why);
+        assert!(
+            d.why.contains("cost -10") && d.why.contains("1 filtered out") && d.why.contains("container on containerd"),
+            "{}",
+            d.why
+        );
+        let none = place(&spec("name: web\nimage: x\nplacement:\n  tiers: [client]\n"), &[cand(&a), off]);
+        assert_eq!(none.chosen, None);
+        assert!(none.why.starts_with("no node can run web: a: tier cloud is not allowed"), "{}", none.why);
+        assert!(none.why.contains("b: offline"), "{}", none.why);
+        assert!(place(&spec("name: web\nimage: x\n"), &[]).why.contains("no node has registered"));
+    }
+
+    #[test]
+    fn ties_break_by_name_and_long_lists_are_cut() {
+        let nodes: Vec<NodeInfo> =
+            (0..30).map(|i| node(&format!("n{i:02}"), Tier::Edge, CpuVendor::Amd, &all_runtimes())).collect();
+        let cands: Vec<Candidate> = nodes.iter().map(cand).collect();
+        let d = place(&spec("name: w\nimage: x\n"), &cands);
+        assert_eq!(d.chosen.as_deref(), Some("n00"));
+        assert_eq!(d.scores.len(), MAX_LISTED);
+        assert_eq!(d.feasible_count, 30);
+    }
+}

@@ -1,0 +1,106 @@
+//! What the broker remembers: nodes, workloads, migrations and pending removals of
+//! stale copies. Kept in memory for placement and mirrored, write-through, in SQLite.
+
+use away_migrate::compat::Compatibility;
+use away_model::{Desired, MigrationReport, NodeInfo, NodeLoad, RuntimeDecision, WorkloadSpec, WorkloadStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::placement::PlacementDecision;
+
+/// A registered node. Its token is kept apart (hashed) in the `tokens` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub info: NodeInfo,
+    pub api_addr: String,
+    pub transfer_addr: String,
+    pub draining: bool,
+    pub load: NodeLoad,
+    /// Every workload the agent reported in its last heartbeat.
+    pub reported: Vec<WorkloadStatus>,
+    /// Highest agent event seq stored: later heartbeats skip what is at or below it.
+    pub acked_seq: u64,
+    pub registered_ms: u64,
+    pub last_seen_ms: u64,
+}
+
+/// A workload the broker placed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadRecord {
+    pub spec: WorkloadSpec,
+    /// Its home: the node that should run it.
+    pub node: String,
+    pub desired: Desired,
+    /// As the home node last reported it (`None`: not reported yet, or not there).
+    pub status: Option<WorkloadStatus>,
+    pub status_ms: Option<u64>,
+    pub decision: RuntimeDecision,
+    pub placement: PlacementDecision,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// The last agent event about it, for people (`workload-failed: image not found`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Recorded; the source has not yet received the order.
+    Pending,
+    /// Delivered to the source in a heartbeat answer.
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl MigrationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationState::Pending => "pending",
+            MigrationState::Running => "running",
+            MigrationState::Succeeded => "succeeded",
+            MigrationState::Failed => "failed",
+        }
+    }
+    pub fn is_active(self) -> bool {
+        matches!(self, MigrationState::Pending | MigrationState::Running)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub id: String,
+    pub workload: String,
+    pub source: String,
+    pub target: String,
+    pub state: MigrationState,
+    /// `user` (the request named the target) or `broker` (best-scoring compatible node).
+    pub chosen_by: String,
+    /// Why this target, for people.
+    pub why: String,
+    pub compatibility: Compatibility,
+    pub requested_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<MigrationReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A stale copy of a workload on a node that is not (or no longer) its home.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Removal {
+    pub node: String,
+    pub workload: String,
+    pub spec: WorkloadSpec,
+    pub reason: String,
+    pub since_ms: u64,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -1,0 +1,336 @@
+//! The broker's state in one SQLite file (WAL mode). Records are JSON in a `record`
+//! column beside the columns queries use; every change of a request is written in one
+//! transaction before the request is answered, so a broker killed at any point
+//! restarts with what it acknowledged.
+
+use std::path::{Path, PathBuf};
+
+use away_model::AgentEvent;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::records::{MigrationRecord, NodeRecord, Removal, WorkloadRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Sql {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database {path}: cannot create its directory: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database {path}: corrupt {what} record: {source}")]
+    Corrupt {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (node TEXT PRIMARY KEY, sha256 TEXT NOT NULL, created_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS workloads (
+    name TEXT PRIMARY KEY, node TEXT NOT NULL, desired TEXT NOT NULL,
+    spec TEXT NOT NULL, status TEXT, decision TEXT NOT NULL, record TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS workloads_node ON workloads(node);
+CREATE TABLE IF NOT EXISTS migrations (
+    id TEXT PRIMARY KEY, workload TEXT NOT NULL, source TEXT NOT NULL, target TEXT NOT NULL,
+    state TEXT NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS removals (node TEXT NOT NULL, workload TEXT NOT NULL, record TEXT NOT NULL,
+    PRIMARY KEY (node, workload));
+CREATE TABLE IF NOT EXISTS agent_events (node TEXT NOT NULL, seq INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL, workload TEXT, migration_id TEXT, record TEXT NOT NULL, PRIMARY KEY (node, seq));
+";
+
+/// Every change one request makes, written in one transaction.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub nodes: Vec<NodeRecord>,
+    pub tokens: Vec<(String, String)>,
+    pub workloads: Vec<WorkloadRecord>,
+    pub forget_workloads: Vec<String>,
+    pub migrations: Vec<MigrationRecord>,
+    pub removals: Vec<Removal>,
+    pub drop_removals: Vec<(String, String)>,
+    pub events: Vec<(String, AgentEvent)>,
+}
+
+/// Everything, as loaded at start.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub nodes: Vec<NodeRecord>,
+    pub tokens: Vec<(String, String)>,
+    pub workloads: Vec<WorkloadRecord>,
+    pub migrations: Vec<MigrationRecord>,
+    pub removals: Vec<Removal>,
+}
+
+pub struct Store {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: path.to_path_buf(), source })?;
+        }
+        let sql = |source| StoreError::Sql { path: path.to_path_buf(), source };
+        let conn = Connection::open(path).map_err(sql)?;
+        // WAL: readers never block the writer; NORMAL sync is durable across process
+        // crashes (a power cut may lose the last commits, never corrupt the file)
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
+        conn.execute_batch(SCHEMA).map_err(sql)?;
+        Ok(Store { path: path.to_path_buf(), conn })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sql { path: self.path.clone(), source }
+    }
+
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        Ok(Loaded {
+            nodes: self.records("SELECT record FROM nodes ORDER BY name", "node")?,
+            tokens: self.pairs("SELECT node, sha256 FROM tokens")?,
+            workloads: self.records("SELECT record FROM workloads ORDER BY name", "workload")?,
+            migrations: self.records("SELECT record FROM migrations ORDER BY id", "migration")?,
+            removals: self.records("SELECT record FROM removals", "removal")?,
+        })
+    }
+
+    fn records<T: DeserializeOwned>(&self, query: &str, what: &'static str) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.conn.prepare(query).map_err(|e| self.sql(e))?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let text = row.map_err(|e| self.sql(e))?;
+            out.push(serde_json::from_str(&text).map_err(|source| StoreError::Corrupt {
+                path: self.path.clone(),
+                what,
+                source,
+            })?);
+        }
+        Ok(out)
+    }
+
+    fn pairs(&self, query: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self.conn.prepare(query).map_err(|e| self.sql(e))?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    /// Whether an agent event was already stored (a retried heartbeat carries it again).
+    pub fn has_event(&self, node: &str, seq: u64) -> Result<bool, StoreError> {
+        self.conn
+            .query_row("SELECT 1 FROM agent_events WHERE node = ?1 AND seq = ?2", params![node, seq as i64], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Write all changes at once, or none.
+    pub fn apply(&mut self, c: &Changes) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sql { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sql)?;
+        {
+            let mut put_node =
+                tx.prepare_cached("INSERT OR REPLACE INTO nodes (name, record) VALUES (?1, ?2)").map_err(sql)?;
+            for n in &c.nodes {
+                put_node.execute(params![n.name, json(n)]).map_err(sql)?;
+            }
+            let mut put_token = tx
+                .prepare_cached("INSERT OR REPLACE INTO tokens (node, sha256, created_ms) VALUES (?1, ?2, ?3)")
+                .map_err(sql)?;
+            for (node, hash) in &c.tokens {
+                put_token.execute(params![node, hash, crate::records::now_ms() as i64]).map_err(sql)?;
+            }
+            let mut put_workload = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO workloads (name, node, desired, spec, status, decision, record) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(sql)?;
+            for w in &c.workloads {
+                put_workload
+                    .execute(params![
+                        w.spec.name,
+                        w.node,
+                        json(&w.desired).trim_matches('"'),
+                        json(&w.spec),
+                        w.status.as_ref().map(json),
+                        json(&w.decision),
+                        json(w),
+                    ])
+                    .map_err(sql)?;
+            }
+            let mut forget = tx.prepare_cached("DELETE FROM workloads WHERE name = ?1").map_err(sql)?;
+            for name in &c.forget_workloads {
+                forget.execute(params![name]).map_err(sql)?;
+            }
+            let mut put_migration = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO migrations (id, workload, source, target, state, record) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(sql)?;
+            for m in &c.migrations {
+                put_migration
+                    .execute(params![m.id, m.workload, m.source, m.target, m.state.as_str(), json(m)])
+                    .map_err(sql)?;
+            }
+            let mut put_removal = tx
+                .prepare_cached("INSERT OR REPLACE INTO removals (node, workload, record) VALUES (?1, ?2, ?3)")
+                .map_err(sql)?;
+            for r in &c.removals {
+                put_removal.execute(params![r.node, r.workload, json(r)]).map_err(sql)?;
+            }
+            let mut drop_removal =
+                tx.prepare_cached("DELETE FROM removals WHERE node = ?1 AND workload = ?2").map_err(sql)?;
+            for (node, workload) in &c.drop_removals {
+                drop_removal.execute(params![node, workload]).map_err(sql)?;
+            }
+            let mut put_event = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO agent_events (node, seq, at_ms, kind, workload, migration_id, record) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(sql)?;
+            for (node, e) in &c.events {
+                put_event
+                    .execute(params![node, e.seq as i64, e.at_ms as i64, e.kind, e.workload, e.migration_id, json(e)])
+                    .map_err(sql)?;
+            }
+        }
+        tx.commit().map_err(sql)
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> String {
+    // the records are plain data (strings, numbers, maps with string keys): they always serialize
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::tests::{all_runtimes, node};
+    use crate::records::MigrationState;
+    use away_model::{CpuVendor, Desired, RuntimeKind, SpecFormat, Tier, WorkloadSpec};
+
+    #[test]
+    fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/broker.db");
+        let info = node("n1", Tier::Edge, CpuVendor::Amd, &all_runtimes());
+        let spec = WorkloadSpec::parse("name: w\nimage: x\n", SpecFormat::Yaml, "t").unwrap();
+        let decision =
+            away_runtime::choose_runtime(spec.kind, None, &info.arch, &info.arch, false, &info.runtimes).unwrap();
+        let placement = crate::placement::place(
+            &spec,
+            &[crate::placement::Candidate {
+                info: &info,
+                online: true,
+                draining: false,
+                load: Default::default(),
+                reserved_memory: 0,
+                reserved_cpus: 0.0,
+            }],
+        );
+        let n = NodeRecord {
+            name: "n1".into(),
+            info: info.clone(),
+            api_addr: "127.0.0.1:1".into(),
+            transfer_addr: "127.0.0.1:2".into(),
+            draining: true,
+            load: Default::default(),
+            reported: vec![],
+            acked_seq: 7,
+            registered_ms: 1,
+            last_seen_ms: 2,
+        };
+        let w = WorkloadRecord {
+            spec: spec.clone(),
+            node: "n1".into(),
+            desired: Desired::Running,
+            status: None,
+            status_ms: None,
+            decision,
+            placement,
+            created_ms: 1,
+            updated_ms: 1,
+            last_event: None,
+        };
+        let m = MigrationRecord {
+            id: "m-1".into(),
+            workload: "w".into(),
+            source: "n1".into(),
+            target: "n2".into(),
+            state: MigrationState::Pending,
+            chosen_by: "user".into(),
+            why: "asked".into(),
+            compatibility: away_migrate::compat::check_container(
+                &info,
+                &info,
+                RuntimeKind::Containerd,
+                RuntimeKind::Containerd,
+            ),
+            requested_ms: 3,
+            delivered_ms: None,
+            finished_ms: None,
+            report: None,
+            error: None,
+        };
+        let event = AgentEvent {
+            seq: 7,
+            at_ms: 5,
+            kind: "workload-started".into(),
+            workload: Some("w".into()),
+            message: "ok".into(),
+            migration_id: None,
+            report: None,
+        };
+        {
+            let mut store = Store::open(&path).unwrap();
+            let changes = Changes {
+                nodes: vec![n.clone()],
+                tokens: vec![("n1".into(), crate::tokens::sha256_hex("secret"))],
+                workloads: vec![w.clone()],
+                migrations: vec![m.clone()],
+                events: vec![("n1".into(), event)],
+                ..Default::default()
+            };
+            store.apply(&changes).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.nodes, vec![n]);
+        assert_eq!(loaded.workloads, vec![w]);
+        assert_eq!(loaded.migrations, vec![m]);
+        assert!(store.has_event("n1", 7).unwrap());
+        assert!(!store.has_event("n1", 8).unwrap());
+        // the token is stored only as its hash
+        assert_eq!(loaded.tokens[0].1, crate::tokens::sha256_hex("secret"));
+        for file in [path.clone(), path.with_extension("db-wal")] {
+            let raw = std::fs::read(&file).unwrap_or_default();
+            assert!(!String::from_utf8_lossy(&raw).contains("secret"), "{}", file.display());
+        }
+        let mode: String = store.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+}

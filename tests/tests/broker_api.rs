@@ -1,0 +1,533 @@
+//! The broker's HTTP API, in-process on 127.0.0.1:0 with a temporary database, driven
+//! by fake agents (register + heartbeats with synthetic fingerprints). This tests the
+//! broker's logic: placement, reconciliation, migration checks, errors, persistence.
+//! Runs without root or daemons.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use away_broker::{Broker, BrokerConfig};
+use away_model::{
+    Accel, AgentEvent, Arch, CpuInfo, CpuVendor, Desired, Heartbeat, HeartbeatResponse, HypervisorInfo, LinkInfo,
+    MigrationMode, MigrationReport, NodeInfo, NodeLoad, RegisterRequest, RegisterResponse, RuntimeInfo, RuntimeKind,
+    Tier, WorkloadState, WorkloadStatus,
+};
+use serde_json::{json, Value};
+
+const USER: &str = "user-secret";
+const JOIN: &str = "join-secret";
+
+struct Running {
+    url: String,
+    broker: Arc<Broker>,
+    server: tokio::task::JoinHandle<()>,
+    http: reqwest::Client,
+}
+
+impl Running {
+    async fn start(db: &Path) -> Running {
+        let mut config = BrokerConfig::new(vec![USER.into()], JOIN.into());
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.db_path = db.to_path_buf();
+        config.heartbeat_interval = Duration::from_millis(200);
+        config.node_timeout = Duration::from_secs(30);
+        let broker = Arc::new(Broker::open(config).expect("open broker"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let b = broker.clone();
+        let server = tokio::spawn(async move {
+            let _ = away_broker::serve(b, listener).await;
+        });
+        Running { url, broker, server, http: reqwest::Client::new() }
+    }
+
+    async fn stop(self) {
+        self.server.abort();
+        let _ = self.server.await;
+        drop(self.broker);
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("broker answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, Some(USER), None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(USER), Some(body)).await
+    }
+
+    async fn register(&self, node: &NodeInfo, api_addr: &str) -> RegisterResponse {
+        let req =
+            RegisterRequest { node: node.clone(), api_addr: api_addr.into(), transfer_addr: "127.0.0.1:1".into() };
+        let (status, body) = self
+            .call(reqwest::Method::POST, "/v1/agents/register", Some(JOIN), Some(serde_json::to_value(req).unwrap()))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_value(body).unwrap()
+    }
+
+    async fn beat(
+        &self,
+        node: &NodeInfo,
+        token: &str,
+        workloads: Vec<WorkloadStatus>,
+        events: Vec<AgentEvent>,
+    ) -> HeartbeatResponse {
+        let hb = Heartbeat { node: node.clone(), load: NodeLoad::default(), workloads, events };
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/agents/{}/heartbeat", node.name),
+                Some(token),
+                Some(serde_json::to_value(hb).unwrap()),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_value(body).unwrap()
+    }
+}
+
+fn node(name: &str, tier: Tier, vendor: CpuVendor) -> NodeInfo {
+    let rt = |kind| RuntimeInfo { kind, version: "1.7".into(), healthy: true, checkpoint: true, detail: String::new() };
+    NodeInfo {
+        name: name.into(),
+        tier,
+        arch: Arch("amd64".into()),
+        cpu: CpuInfo {
+            vendor,
+            model: "fake".into(),
+            family: None,
+            model_number: None,
+            cores: 8,
+            flags: ["sse4_2", "avx", "avx2"].iter().map(|s| s.to_string()).collect(),
+        },
+        memory_bytes: 16 << 30,
+        kernel: "6.1".into(),
+        runtimes: vec![rt(RuntimeKind::Containerd), rt(RuntimeKind::Docker), rt(RuntimeKind::Qemu)],
+        hypervisor: Some(HypervisorInfo { qemu_version: "7.2.0".into(), accel: Accel::Tcg, reason: "test".into() }),
+        link: Some(LinkInfo { rate_mbit: 1000.0, latency_ms: 1.0 }),
+        labels: Default::default(),
+    }
+}
+
+fn status(name: &str, runtime: RuntimeKind, state: WorkloadState) -> WorkloadStatus {
+    WorkloadStatus {
+        name: name.into(),
+        runtime,
+        state,
+        image: "away/counter:latest".into(),
+        pid: Some(42),
+        exit_code: None,
+        ports: vec![],
+        detail: String::new(),
+    }
+}
+
+fn event(
+    seq: u64,
+    kind: &str,
+    workload: &str,
+    migration_id: Option<&str>,
+    report: Option<MigrationReport>,
+) -> AgentEvent {
+    AgentEvent {
+        seq,
+        at_ms: 1,
+        kind: kind.into(),
+        workload: Some(workload.into()),
+        message: format!("{kind} (test)"),
+        migration_id: migration_id.map(str::to_string),
+        report,
+    }
+}
+
+fn report(workload: &str, source: &str, target: &str) -> MigrationReport {
+    MigrationReport {
+        workload: workload.into(),
+        mode: MigrationMode::StopAndCopy,
+        source: source.into(),
+        target: target.into(),
+        phases: vec![],
+        total_millis: 900,
+        downtime_millis: 700,
+        bytes_raw: 1 << 20,
+        bytes_wire: 1 << 19,
+        reason: "test".into(),
+        ok: true,
+        error: None,
+    }
+}
+
+fn assignment<'a>(r: &'a HeartbeatResponse, name: &str) -> Option<&'a away_model::Assignment> {
+    r.assignments.iter().find(|a| a.spec.name == name)
+}
+
+#[tokio::test]
+async fn placement_assignments_migration_and_reconciliation() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Running::start(&dir.path().join("broker.db")).await;
+    let cloud = node("cloud-1", Tier::Cloud, CpuVendor::Amd);
+    let laptop = node("laptop", Tier::Client, CpuVendor::Intel);
+    let t_cloud = b.register(&cloud, "127.0.0.1:1").await.agent_token;
+    let t_laptop = b.register(&laptop, "127.0.0.1:1").await.agent_token;
+
+    // dry run explains and stores nothing
+    let spec = json!({"name": "counter", "image": "away/counter:latest", "placement": {"prefer_client": true}});
+    let (s, body) = b.post("/v1/workloads?dry_run=true", spec.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["placement"]["chosen"], "laptop");
+    assert!(body.get("workload").is_none());
+    assert_eq!(b.get("/v1/workloads").await.1, json!([]));
+
+    // placed on the user's client, as a container, with the reasons
+    let (s, body) = b.post("/v1/workloads", spec.clone()).await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(body["workload"]["node"], "laptop");
+    assert_eq!(body["placement"]["scores"][0]["parts"]["prefer_client"], 40.0);
+    assert!(body["placement"]["why"].as_str().unwrap().starts_with("counter on laptop"), "{body}");
+
+    // the client's heartbeat carries the assignment, the cloud's does not
+    let r = b.beat(&laptop, &t_laptop, vec![], vec![]).await;
+    let a = assignment(&r, "counter").expect("assigned to the laptop");
+    assert_eq!((a.desired, a.runtime), (Desired::Running, Some(RuntimeKind::Containerd)));
+    assert!(assignment(&b.beat(&cloud, &t_cloud, vec![], vec![]).await, "counter").is_none());
+
+    // the agent reports it running: status shows up
+    let running = vec![status("counter", RuntimeKind::Containerd, WorkloadState::Running)];
+    let r =
+        b.beat(&laptop, &t_laptop, running.clone(), vec![event(1, "workload-started", "counter", None, None)]).await;
+    assert_eq!(r.acked_seq, 1);
+    let (_, w) = b.get("/v1/workloads/counter").await;
+    assert_eq!(w["state"], "running", "{w}");
+    assert_eq!(w["status"]["pid"], 42);
+    assert_eq!(w["decision"]["runtime"], "containerd");
+
+    // a container moves across CPU vendors (Intel laptop -> AMD cloud)
+    let (s, body) = b.post("/v1/migrations", json!({"workload": "counter", "to": "cloud-1"})).await;
+    assert_eq!(s, 202, "{body}");
+    let id = body["migration"]["id"].as_str().unwrap().to_string();
+    assert_eq!(body["migration"]["state"], "pending");
+    assert!(body["migration"]["compatibility"]["reason"].as_str().unwrap().contains("across CPU vendors"), "{body}");
+    // a second request while it is under way conflicts
+    assert_eq!(b.post("/v1/migrations", json!({"workload": "counter"})).await.0, 409);
+
+    // the source gets the order; no assignment while the move is in flight
+    let r = b.beat(&laptop, &t_laptop, running.clone(), vec![]).await;
+    assert_eq!(r.migrations.len(), 1);
+    assert_eq!(r.migrations[0].target_node, "cloud-1");
+    assert!(assignment(&r, "counter").is_none(), "withheld during the move: {r:?}");
+    assert_eq!(b.get(&format!("/v1/migrations/{id}")).await.1["state"], "running");
+    // the target's provisional copy is left alone
+    let r = b.beat(&cloud, &t_cloud, running.clone(), vec![]).await;
+    assert!(assignment(&r, "counter").is_none(), "{r:?}");
+
+    // the source reports success; sent twice (a retried heartbeat): applied once
+    let done = event(2, "migration-finished", "counter", Some(&id), Some(report("counter", "laptop", "cloud-1")));
+    let r1 = b.beat(&laptop, &t_laptop, running.clone(), vec![done.clone()]).await;
+    let r2 = b.beat(&laptop, &t_laptop, running.clone(), vec![done]).await;
+    assert_eq!((r1.acked_seq, r2.acked_seq), (2, 2));
+    let (_, m) = b.get(&format!("/v1/migrations/{id}")).await;
+    assert_eq!(m["state"], "succeeded", "{m}");
+    assert_eq!(m["report"]["downtime_millis"], 700);
+    assert_eq!(b.get("/v1/workloads/counter").await.1["node"], "cloud-1");
+    // the laptop still reports its copy: it is stale and must go
+    let a = assignment(&r2, "counter").expect("stale copy removal");
+    assert_eq!(a.desired, Desired::Removed);
+    // once it is gone the removal is over; the cloud keeps it running
+    assert!(assignment(&b.beat(&laptop, &t_laptop, vec![], vec![]).await, "counter").is_none());
+    let r = b.beat(&cloud, &t_cloud, running.clone(), vec![]).await;
+    assert_eq!(assignment(&r, "counter").map(|a| a.desired), Some(Desired::Running));
+
+    // delete: desired removed, forgotten once the node reports it gone
+    let (s, w) = b.call(reqwest::Method::DELETE, "/v1/workloads/counter", Some(USER), None).await;
+    assert_eq!((s, w["state"].as_str()), (202, Some("removing")), "{w}");
+    let r = b.beat(&cloud, &t_cloud, running.clone(), vec![]).await;
+    assert_eq!(assignment(&r, "counter").map(|a| a.desired), Some(Desired::Removed));
+    b.beat(&cloud, &t_cloud, vec![], vec![]).await;
+    assert_eq!(b.get("/v1/workloads/counter").await.0, 404);
+
+    // an unknown workload on a node is left alone and shown as unmanaged
+    let r =
+        b.beat(&cloud, &t_cloud, vec![status("by-hand", RuntimeKind::Docker, WorkloadState::Running)], vec![]).await;
+    assert!(assignment(&r, "by-hand").is_none());
+    assert_eq!(b.get("/v1/nodes/cloud-1").await.1["unmanaged"], json!(["by-hand"]));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn vm_migration_across_vendors_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Running::start(&dir.path().join("broker.db")).await;
+    let intel = node("edge-intel", Tier::Edge, CpuVendor::Intel);
+    let amd = node("cloud-amd", Tier::Cloud, CpuVendor::Amd);
+    b.register(&intel, "127.0.0.1:1").await;
+    b.register(&amd, "127.0.0.1:1").await;
+    let (s, body) = b.post("/v1/workloads", json!({"name": "legacy", "image": "away/legacy:1", "kind": "vm"})).await;
+    assert_eq!(s, 201, "{body}");
+    assert_eq!(body["workload"]["decision"]["runtime"], "qemu");
+    assert_eq!(body["workload"]["node"], "edge-intel", "edge costs less than cloud");
+    let (s, body) = b.post("/v1/migrations", json!({"workload": "legacy", "to": "cloud-amd"})).await;
+    assert_eq!(s, 422, "{body}");
+    assert_eq!(body["code"], "incompatible");
+    assert!(
+        body["message"].as_str().unwrap().contains("CPU vendor intel on edge-intel but amd on cloud-amd"),
+        "{body}"
+    );
+    assert_eq!(body["compatibility"]["allowed"], false);
+    // "broker chooses" finds no compatible node either, and says why
+    let (s, body) = b.post("/v1/migrations", json!({"workload": "legacy"})).await;
+    assert_eq!(s, 422, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("cloud-amd"), "{body}");
+    assert_eq!(b.get("/v1/migrations").await.1, json!([]));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_json_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Running::start(&dir.path().join("broker.db")).await;
+    b.register(&node("n1", Tier::Edge, CpuVendor::Amd), "127.0.0.1:1").await;
+    let raw = |body: &'static str| {
+        b.http
+            .post(format!("{}/v1/workloads", b.url))
+            .bearer_auth(USER)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // malformed JSON
+    let resp = raw("{\"name\": ").await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["code"], "invalid_input");
+    // an unknown field is named
+    let resp = raw("{\"name\": \"a\", \"image\": \"x\", \"colour\": \"red\"}").await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let e: Value = resp.json().await.unwrap();
+    assert!(e["message"].as_str().unwrap().contains("unknown field `colour`"), "{e}");
+    // a bad value names its field
+    let (s, e) = b.post("/v1/workloads", json!({"name": "a", "image": "x", "resources": {"memory": "1Mi"}})).await;
+    assert_eq!((s, e["field"].as_str()), (400, Some("resources.memory")), "{e}");
+    let (s, e) = b.post("/v1/migrations", json!({"workload": "a", "target": "n1"})).await;
+    assert_eq!((s, e["code"].as_str()), (400, Some("invalid_input")), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("unknown field `target`"), "{e}");
+    let (s, _) = b.post("/v1/workloads?dry_run=maybe", json!({"name": "a", "image": "x"})).await;
+    assert_eq!(s, 400);
+    // tokens
+    let (s, e) = b.call(reqwest::Method::GET, "/v1/workloads", None, None).await;
+    assert_eq!((s, e["code"].as_str()), (401, Some("unauthorized")), "{e}");
+    assert_eq!(b.call(reqwest::Method::GET, "/v1/nodes", Some("nope"), None).await.0, 401);
+    assert_eq!(b.call(reqwest::Method::GET, "/v1/nodes", Some(JOIN), None).await.0, 401);
+    let req = json!({"node": node("n2", Tier::Edge, CpuVendor::Amd), "api_addr": "x:1", "transfer_addr": "x:2"});
+    assert_eq!(b.call(reqwest::Method::POST, "/v1/agents/register", Some(USER), Some(req)).await.0, 401);
+    let hb = json!({"node": node("n1", Tier::Edge, CpuVendor::Amd), "load": NodeLoad::default(), "workloads": [], "events": []});
+    assert_eq!(b.call(reqwest::Method::POST, "/v1/agents/n1/heartbeat", Some("forged"), Some(hb)).await.0, 401);
+    // unknown names
+    let (s, e) = b.get("/v1/workloads/ghost").await;
+    assert_eq!((s, e["code"].as_str()), (404, Some("not_found")));
+    assert_eq!(b.get("/v1/nodes/ghost").await.0, 404);
+    assert_eq!(b.get("/v1/migrations/m-ghost").await.0, 404);
+    assert_eq!(b.post("/v1/migrations", json!({"workload": "ghost"})).await.0, 404);
+    assert_eq!(b.get("/v1/nowhere").await.0, 404);
+    // duplicates
+    assert_eq!(b.post("/v1/workloads", json!({"name": "a", "image": "x"})).await.0, 201);
+    let (s, e) = b.post("/v1/workloads", json!({"name": "a", "image": "x"})).await;
+    assert_eq!((s, e["code"].as_str(), e["field"].as_str()), (409, Some("conflict"), Some("name")));
+    // impossible placement: 422 with the whole explanation
+    let (s, e) = b.post("/v1/workloads", json!({"name": "big", "image": "x", "resources": {"memory": "1Ti"}})).await;
+    assert_eq!(s, 422, "{e}");
+    assert_eq!(e["placement"]["filtered"][0]["node"], "n1");
+    assert!(e["placement"]["filtered"][0]["reasons"][0].as_str().unwrap().contains("needs 1Ti memory"), "{e}");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn events_stream_metrics_and_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Running::start(&dir.path().join("broker.db")).await;
+
+    // a fake agent API that serves logs to holders of the cluster token
+    let fake = axum::Router::new().route(
+        "/v1/workloads/{name}/logs",
+        axum::routing::get(
+            |headers: axum::http::HeaderMap, axum::extract::Path(name): axum::extract::Path<String>| async move {
+                let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+                (axum::http::StatusCode::OK, format!("log of {name}; auth={}\n", auth.len()))
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent_addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, fake).await;
+    });
+
+    let mut sse = b.http.get(format!("{}/v1/events", b.url)).bearer_auth(USER).send().await.unwrap();
+    assert_eq!(sse.status(), 200);
+    assert!(sse.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let n1 = node("n1", Tier::Edge, CpuVendor::Amd);
+    let reg = b.register(&n1, &agent_addr).await;
+    let mut seen = String::new();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        while !seen.contains("node-registered") {
+            match sse.chunk().await.unwrap() {
+                Some(c) => seen.push_str(&String::from_utf8_lossy(&c)),
+                None => break,
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "no event within 10 s: {seen:?}");
+    let data = seen.lines().find_map(|l| l.strip_prefix("data:")).expect("a data line");
+    let ev: Value = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!((ev["kind"].as_str(), ev["node"].as_str()), (Some("node-registered"), Some("n1")), "{seen}");
+    assert!(seen.contains("event: node-registered"), "{seen}");
+
+    // logs are proxied with the cluster token (a 64-hex-digit bearer)
+    assert_eq!(b.post("/v1/workloads", json!({"name": "w", "image": "x"})).await.0, 201);
+    let (s, text) = b.get("/v1/workloads/w/logs?tail=10").await;
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(text, Value::String(format!("log of w; auth={}\n", "Bearer ".len() + reg.cluster_token.len())));
+    // an unreachable node: 503 naming it
+    let gone = node("gone", Tier::Edge, CpuVendor::Amd);
+    b.register(&gone, "127.0.0.1:9").await;
+    b.call(reqwest::Method::POST, "/v1/nodes/n1/drain", Some(USER), None).await;
+    assert_eq!(b.post("/v1/workloads", json!({"name": "w2", "image": "x"})).await.1["workload"]["node"], "gone");
+    let (s, e) = b.get("/v1/workloads/w2/logs").await;
+    assert_eq!((s, e["code"].as_str()), (503, Some("unavailable")), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("node gone"), "{e}");
+
+    // metrics parse as Prometheus text
+    b.beat(&n1, &reg.agent_token, vec![], vec![]).await;
+    let text = b.http.get(format!("{}/metrics", b.url)).send().await.unwrap().text().await.unwrap();
+    let mut names = BTreeSet::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# ") {
+            assert!(rest.starts_with("HELP ") || rest.starts_with("TYPE "), "{line}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        value.parse::<f64>().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "{line}");
+        }
+        names.insert(name.to_string());
+    }
+    for want in [
+        "away_nodes",
+        "away_workloads",
+        "away_migrations",
+        "away_placements_total",
+        "away_heartbeats_total",
+        "away_http_requests_total",
+    ] {
+        assert!(names.contains(want), "{want} missing in\n{text}");
+    }
+    assert!(text.contains("away_nodes{state=\"draining\"} 1"), "{text}");
+    assert!(text.contains("away_heartbeats_total 1"), "{text}");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_broker_keeps_nodes_workloads_migrations_and_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let a = node("a", Tier::Edge, CpuVendor::Intel);
+    let c = node("c", Tier::Edge, CpuVendor::Amd);
+    let b = Running::start(&db).await;
+    let ta = b.register(&a, "127.0.0.1:1").await.agent_token;
+    b.register(&c, "127.0.0.1:1").await;
+    assert_eq!(
+        b.post("/v1/workloads", json!({"name": "w", "image": "x"})).await.1["workload"]["node"],
+        "a",
+        "ties go to the first name"
+    );
+    b.beat(
+        &a,
+        &ta,
+        vec![status("w", RuntimeKind::Containerd, WorkloadState::Running)],
+        vec![event(1, "workload-started", "w", None, None)],
+    )
+    .await;
+    let (s, m) = b.post("/v1/migrations", json!({"workload": "w"})).await;
+    assert_eq!(s, 202, "{m}");
+    assert_eq!(m["migration"]["target"], "c");
+    assert_eq!(m["migration"]["chosen_by"], "broker");
+    let id = m["migration"]["id"].as_str().unwrap().to_string();
+    b.call(reqwest::Method::POST, "/v1/nodes/c/drain", Some(USER), None).await;
+    b.stop().await;
+
+    let b = Running::start(&db).await;
+    let (_, nodes) = b.get("/v1/nodes").await;
+    let names: Vec<&str> = nodes.as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["a", "c"]);
+    assert_eq!(nodes[1]["draining"], true);
+    let (_, w) = b.get("/v1/workloads/w").await;
+    assert_eq!((w["node"].as_str(), w["status"]["state"].as_str()), (Some("a"), Some("running")), "{w}");
+    assert_eq!(b.get(&format!("/v1/migrations/{id}")).await.1["state"], "pending");
+    // the agent's token still works, its acked events stay acked, the order is delivered
+    let r = b
+        .beat(
+            &a,
+            &ta,
+            vec![status("w", RuntimeKind::Containerd, WorkloadState::Running)],
+            vec![event(1, "workload-started", "w", None, None)],
+        )
+        .await;
+    assert_eq!(r.acked_seq, 1);
+    assert_eq!(r.migrations.len(), 1);
+    assert_eq!(r.migrations[0].id, id);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn openapi_document_matches_the_served_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Running::start(&dir.path().join("broker.db")).await;
+    let (s, doc) = b.call(reqwest::Method::GET, "/v1/openapi.json", None, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(doc, serde_json::from_str::<Value>(away_broker::api::OPENAPI).unwrap());
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let concrete = path.replace("{name}", "x").replace("{id}", "x");
+        for method in ops.as_object().unwrap().keys() {
+            if path == "/v1/events" {
+                continue; // a stream: checked above
+            }
+            let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (status, body) = b.call(m, &concrete, Some(USER), Some(json!({}))).await;
+            assert_ne!(status, 405, "{method} {path} is documented but not served");
+            assert!(
+                !body["message"].as_str().unwrap_or_default().starts_with("no such endpoint"),
+                "{method} {path} is documented but not served"
+            );
+            // every documented route answers with a documented status
+            let documented = ops[method]["responses"].as_object().unwrap();
+            assert!(documented.contains_key(&status.to_string()), "{method} {path} answered {status}: {body}");
+        }
+    }
+    b.stop().await;
+}
