@@ -28,22 +28,26 @@ fn node(i: usize) -> NodeInfo {
         tier,
         arch: Arch("amd64".into()),
         cpu: CpuInfo {
-            vendor: if i % 2 == 0 { CpuVendor::Intel } else { CpuVendor::Amd },
+            vendor: if i.is_multiple_of(2) { CpuVendor::Intel } else { CpuVendor::Amd },
             model: "simulated".into(),
             family: None,
             model_number: None,
             cores: [8, 16, 32, 64][i % 4],
-            flags: if i % 5 == 0 { ["sse4_2", "avx"].as_slice() } else { ["sse4_2", "avx", "avx2"].as_slice() }
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            flags: if i.is_multiple_of(5) {
+                ["sse4_2", "avx"].as_slice()
+            } else {
+                ["sse4_2", "avx", "avx2"].as_slice()
+            }
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         },
         memory_bytes: [16u64, 32, 64][i % 3] << 30,
         kernel: "6.1".into(),
         // one node in seven has a broken containerd (so auto workloads go to docker or a VM)
         runtimes: vec![
-            rt(RuntimeKind::Containerd, i % 7 != 0),
-            rt(RuntimeKind::Docker, i % 3 != 0),
+            rt(RuntimeKind::Containerd, !i.is_multiple_of(7)),
+            rt(RuntimeKind::Docker, !i.is_multiple_of(3)),
             rt(RuntimeKind::Qemu, true),
         ],
         hypervisor: None,

@@ -74,6 +74,21 @@ struct Inner {
     removals: BTreeMap<(String, String), Removal>,
     /// Nodes last announced online, to announce transitions once.
     announced_online: BTreeSet<String>,
+    /// node -> (memory, CPUs) of the workloads whose home it is; kept up to date
+    /// because recounting every workload per placement dominated the benchmark.
+    reserved: HashMap<String, (u64, f64)>,
+}
+
+impl Inner {
+    fn recount_reserved(&mut self) {
+        let mut map: HashMap<String, (u64, f64)> = HashMap::new();
+        for w in self.workloads.values() {
+            let e = map.entry(w.node.clone()).or_default();
+            e.0 += w.spec.resources.memory.bytes();
+            e.1 += w.spec.resources.cpus;
+        }
+        self.reserved = map;
+    }
 }
 
 /// The broker: configuration, state, event channel, counters.
@@ -186,7 +201,10 @@ impl Broker {
             migrations: loaded.migrations.into_iter().map(|m| (m.id.clone(), m)).collect(),
             removals: loaded.removals.into_iter().map(|r| ((r.node.clone(), r.workload.clone()), r)).collect(),
             announced_online,
+            reserved: HashMap::new(),
         };
+        let mut inner = inner;
+        inner.recount_reserved();
         tracing::info!(
             db = %config.db_path.display(),
             nodes = inner.nodes.len(),
@@ -514,6 +532,8 @@ impl Broker {
 
         let response =
             HeartbeatResponse { acked_seq: node.acked_seq, assignments, migrations: orders, draining: node.draining };
+        let homes_changed =
+            workloads.values().any(|w| inner.workloads.get(&w.spec.name).is_some_and(|old| old.node != w.node));
         changes.nodes.push(node.clone());
         changes.workloads.extend(workloads.values().cloned());
         changes.migrations.extend(migrations.values().cloned());
@@ -528,6 +548,9 @@ impl Broker {
         }
         for m in migrations.into_values() {
             inner.migrations.insert(m.id.clone(), m);
+        }
+        if homes_changed || !changes.forget_workloads.is_empty() {
+            inner.recount_reserved();
         }
         for r in changes.removals {
             inner.removals.insert((r.node.clone(), r.workload.clone()), r);
@@ -569,16 +592,6 @@ impl Broker {
 
     // ---- nodes ----
 
-    fn reserved(inner: &Inner) -> HashMap<&str, (u64, f64)> {
-        let mut map: HashMap<&str, (u64, f64)> = HashMap::new();
-        for w in inner.workloads.values() {
-            let e = map.entry(w.node.as_str()).or_default();
-            e.0 += w.spec.resources.memory.bytes();
-            e.1 += w.spec.resources.cpus;
-        }
-        map
-    }
-
     fn node_view(&self, inner: &Inner, n: &NodeRecord, now: u64) -> NodeView {
         let (mem, cpus) = Self::reserved_on(inner, &n.name);
         NodeView {
@@ -605,11 +618,7 @@ impl Broker {
     }
 
     fn reserved_on(inner: &Inner, node: &str) -> (u64, f64) {
-        inner
-            .workloads
-            .values()
-            .filter(|w| w.node == node)
-            .fold((0, 0.0), |(m, c), w| (m + w.spec.resources.memory.bytes(), c + w.spec.resources.cpus))
+        inner.reserved.get(node).copied().unwrap_or_default()
     }
 
     pub fn nodes(&self) -> Vec<NodeView> {
@@ -648,12 +657,11 @@ impl Broker {
     // ---- workloads ----
 
     fn candidates<'a>(&self, inner: &'a Inner, now: u64) -> Vec<Candidate<'a>> {
-        let reserved = Self::reserved(inner);
         inner
             .nodes
             .values()
             .map(|n| {
-                let (mem, cpus) = reserved.get(n.name.as_str()).copied().unwrap_or_default();
+                let (mem, cpus) = Self::reserved_on(inner, &n.name);
                 Candidate {
                     info: &n.info,
                     online: self.is_online(n, now),
@@ -693,13 +701,16 @@ impl Broker {
             status: None,
             status_ms: None,
             decision: runtime,
-            placement: decision.clone(),
+            placement: placement::shortened(&decision, placement::MAX_STORED),
             created_ms: now,
             updated_ms: now,
             last_event: None,
         };
         inner.store.apply(&Changes { workloads: vec![record.clone()], ..Default::default() })?;
         let name = record.spec.name.clone();
+        let r = inner.reserved.entry(node.clone()).or_default();
+        r.0 += record.spec.resources.memory.bytes();
+        r.1 += record.spec.resources.cpus;
         inner.workloads.insert(name.clone(), record.clone());
         let view = self.workload_view(&inner, &record, now, true);
         drop(inner);

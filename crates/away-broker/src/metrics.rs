@@ -7,6 +7,9 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+/// A gauge family: name, help text, label name, and a value per label value.
+pub type Gauge<'a> = (&'a str, &'a str, &'a str, Vec<(String, u64)>);
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub heartbeats: AtomicU64,
@@ -27,7 +30,7 @@ impl Metrics {
     }
 
     /// The exposition text; `gauges` are (name, help, [(label value, value)]).
-    pub fn render(&self, gauges: &[(&str, &str, &str, Vec<(String, u64)>)]) -> String {
+    pub fn render(&self, gauges: &[Gauge]) -> String {
         let mut out = String::new();
         for (name, help, label, values) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

@@ -27,6 +27,19 @@ use serde::{Deserialize, Serialize};
 /// nodes would otherwise store a thousand scores with every workload).
 pub const MAX_LISTED: usize = 20;
 
+/// Entries per list kept with each stored workload (the answer to the request has
+/// [`MAX_LISTED`]).
+pub const MAX_STORED: usize = 5;
+
+/// The decision with its lists cut to `n` entries (counts and the sentence stay).
+pub fn shortened(d: &PlacementDecision, n: usize) -> PlacementDecision {
+    PlacementDecision {
+        scores: d.scores.iter().take(n).cloned().collect(),
+        filtered: d.filtered.iter().take(n).cloned().collect(),
+        ..d.clone()
+    }
+}
+
 /// A node as placement sees it: its fingerprint and what is already promised on it.
 #[derive(Debug, Clone)]
 pub struct Candidate<'a> {

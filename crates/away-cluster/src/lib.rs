@@ -74,6 +74,8 @@ pub struct NodeInfoLocal {
     pub name: String,
     pub tier: Tier,
     pub netns: String,
+    /// Host side of the node's veth pair (down = the node is cut off).
+    pub host_if: String,
     pub ip: Ipv4Addr,
     pub api: String,
     pub containerd_socket: PathBuf,
@@ -254,6 +256,7 @@ fn up_inner(plan: &ClusterPlan) -> Result<ClusterInfo, ClusterError> {
         "--user-token".into(),
         user.clone(),
     ]);
+    std::fs::write(run.join("broker.argv"), serde_json::to_vec(&argv).expect("argv")).map_err(io(&run))?;
     spawn(&argv, &broker_log, &run.join("broker.pid"))?;
     wait_until("broker", &broker_log, 30, || tcp_answers(&broker_addr))?;
 
@@ -264,10 +267,34 @@ fn up_inner(plan: &ClusterPlan) -> Result<ClusterInfo, ClusterError> {
         }
         nodes.push(node_up(plan, i, n, &br, gw, &broker_addr, &join)?);
     }
+    std::fs::write(run.join("join-token"), &join).map_err(io(&run))?;
     let info = ClusterInfo { name: c.clone(), broker_url: format!("http://{broker_addr}"), user_token: user, nodes };
-    let json = serde_json::to_vec_pretty(&info).expect("cluster info");
-    std::fs::write(run.join("cluster.json"), json).map_err(io(&run))?;
+    save(&info)?;
     Ok(info)
+}
+
+fn save(info: &ClusterInfo) -> Result<(), ClusterError> {
+    let run = run_dir(&info.name);
+    let json = serde_json::to_vec_pretty(info).expect("cluster info");
+    std::fs::write(run.join("cluster.json"), json).map_err(io(&run))
+}
+
+/// Add a node to a running cluster (a student's laptop coming online).
+pub fn add_node(plan: &ClusterPlan, node: &NodePlan) -> Result<NodeInfoLocal, ClusterError> {
+    let c = &plan.name;
+    let mut info = info(c).ok_or_else(|| ClusterError::Invalid(format!("cluster {c} is not up")))?;
+    if info.nodes.iter().any(|n| n.name == node.name) {
+        return Err(ClusterError::Invalid(format!("node {} is already in cluster {c}", node.name)));
+    }
+    let run = run_dir(c);
+    let join = std::fs::read_to_string(run.join("join-token")).map_err(io(&run))?;
+    let br = std::fs::read_to_string(run.join("bridge")).map_err(io(&run))?;
+    let gw = Ipv4Addr::new(10, 213, subnet(c), 1);
+    let index = info.nodes.iter().map(|n| n.ip.octets()[3] as usize - 10 + 1).max().unwrap_or(0);
+    let n = node_up(plan, index, node, &br, gw, &format!("{gw}:{BROKER_PORT}"), &join)?;
+    info.nodes.push(n.clone());
+    save(&info)?;
+    Ok(n)
 }
 
 fn node_up(
@@ -326,6 +353,7 @@ fn node_up(
         name: n.name.clone(),
         tier: n.tier,
         netns: ns.clone(),
+        host_if: host_if.clone(),
         ip,
         api: format!("{ip}:{AGENT_PORT}"),
         containerd_socket: sock.clone(),
@@ -361,6 +389,34 @@ fn node_up(
     spawn(&argv, &agent_log, &run.join("agent.pid"))?;
     wait_until(&format!("agent {}", n.name), &agent_log, 60, || tcp_answers(&node.api))?;
     Ok(node)
+}
+
+/// Stop the broker (agents keep running: they work offline).
+pub fn stop_broker(name: &str) {
+    kill_pidfile(&run_dir(name).join("broker.pid"));
+}
+
+/// Start the broker again, on the same database.
+pub fn start_broker(name: &str) -> Result<(), ClusterError> {
+    let run = run_dir(name);
+    let argv: Vec<String> = serde_json::from_slice(&std::fs::read(run.join("broker.argv")).map_err(io(&run))?)
+        .map_err(|e| ClusterError::Invalid(format!("broker.argv: {e}")))?;
+    let info = info(name).ok_or_else(|| ClusterError::Invalid(format!("cluster {name} is not up")))?;
+    let addr = info.broker_url.trim_start_matches("http://").to_string();
+    let log = run.join("broker.log");
+    spawn(&argv, &log, &run.join("broker.pid"))?;
+    wait_until("broker", &log, 30, || tcp_answers(&addr))
+}
+
+/// Cut a node off the network (`up = false`) or connect it again.
+pub fn set_link(name: &str, node: &str, up: bool) -> Result<(), ClusterError> {
+    let info = info(name).ok_or_else(|| ClusterError::Invalid(format!("cluster {name} is not up")))?;
+    let n = info
+        .nodes
+        .iter()
+        .find(|n| n.name == node)
+        .ok_or_else(|| ClusterError::Invalid(format!("no node {node} in cluster {name}")))?;
+    sh("ip", &["link", "set", &n.host_if, if up { "up" } else { "down" }]).map(|_| ())
 }
 
 /// The cluster's recorded state, when it is up.
@@ -450,6 +506,9 @@ pub fn down(name: &str) {
     {}
     let _ = sh("ip", &["link", "del", &br]);
     let _ = std::fs::remove_file(run.join("cluster.json"));
+    // a cluster is made for one run: its databases, images and checkpoints go with it
+    // (logs stay in the run directory until reboot)
+    let _ = std::fs::remove_dir_all(state_dir(name));
 }
 
 #[cfg(test)]

@@ -111,6 +111,8 @@ pub async fn migrate_container(
     progress(Step::Checkpointing);
     let payload = archives.create(name)?;
     let t = Instant::now();
+    // CRIU freezes the process when the dump begins: the downtime starts here
+    let downtime_start = Instant::now();
     let stopped_at_ms = now_ms();
     let checkpoint = runtime
         .checkpoint(name, &CheckpointOptions { dir: payload.join(CHECKPOINT_DIR), leave_running: false })
@@ -119,7 +121,6 @@ pub async fn migrate_container(
             let _ = archives.discard(&payload);
             MigrateError::Runtime(e)
         })?;
-    let downtime_start = Instant::now();
     phases.push(phase("checkpoint", t.elapsed()));
     let manifest = Manifest {
         spec: checkpoint.spec.clone(),

@@ -3,6 +3,7 @@
 
 mod broker;
 mod cluster;
+mod demo;
 mod doctor;
 mod image;
 mod migrate;
@@ -26,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main demo: scale a running lab app away from the cloud to a student's laptop
+    Demo(demo::DemoArgs),
     /// Check this host: container runtimes, CRIU, QEMU, KVM, kernel features
     Doctor(doctor::Args),
     /// Build, inspect and convert lab app images (OCI layout, docker-archive, VM boot artifact)
@@ -66,6 +69,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(args),
+        Command::Demo(a) => demo::run(a),
         Command::Image(cmd) => image::run(cmd),
         Command::Run(a) => workload::run(a),
         Command::Ps(a) => workload::ps(a),

@@ -1,0 +1,277 @@
+//! `away demo`: the main job, end to end on one machine. A broker and a cloud node start
+//! (the node in its own network namespace with its own containerd); `labdesk` runs in
+//! the cloud and a student writes session state into it; the student's laptop (a client
+//! node, another namespace, another containerd) comes online; the broker moves labdesk
+//! there while it runs; the same state is read back from the laptop.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use away_cluster::{ClusterInfo, ClusterPlan, NodePlan};
+use away_model::Tier;
+use serde_json::{json, Value};
+
+/// Run the main demo: scale a running lab app away from the cloud to a student's laptop.
+///
+/// Needs root, containerd's binaries and CRIU (deploy/install.sh). Cleans up after itself,
+/// also when interrupted (Ctrl-C). Takes about 30 s.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// The lab app's build context
+    #[arg(long, default_value = "images/labdesk")]
+    app: PathBuf,
+    /// Keep the cluster running at the end (remove it with `away cluster down --name demo`)
+    #[arg(long)]
+    keep: bool,
+}
+
+const CLUSTER: &str = "demo";
+
+struct Steps {
+    t0: Instant,
+    n: usize,
+}
+
+impl Steps {
+    fn step(&mut self, what: &str) -> Instant {
+        self.n += 1;
+        println!("[{}] {what}", self.n);
+        Instant::now()
+    }
+    fn done(&self, started: Instant, detail: &str) {
+        println!(
+            "    {detail} ({:.2} s; {:.1} s in total)",
+            started.elapsed().as_secs_f64(),
+            self.t0.elapsed().as_secs_f64()
+        );
+    }
+}
+
+pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // a cluster left by an interrupted earlier run would block this one
+    if away_cluster::info(CLUSTER).is_some() {
+        eprintln!("removing the demo cluster of an earlier run");
+        away_cluster::down(CLUSTER);
+    }
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = demo(&a) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    if !a.keep || result.is_err() {
+        println!("cleaning up: stopping the nodes and the broker, removing their namespaces");
+        away_cluster::down(CLUSTER);
+    }
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
+    let mut s = Steps { t0: Instant::now(), n: 0 };
+    let app = a.app.clone();
+
+    let t = s.step(&format!("building the lab app image from {}", app.display()));
+    let out = std::env::temp_dir().join("away-demo-images");
+    let tar = blocking(move || {
+        let (built, path, _) = away_image::build_to_dir(&app, &out, &away_image::BuildOptions::default(), &|_| {})?;
+        println!("    {} ({})", path.display(), built.image.tags.first().cloned().unwrap_or_default());
+        Ok(path)
+    })
+    .await?;
+    s.done(t, "built");
+
+    let t = s.step("starting a broker and a cloud node (own network namespace, own containerd, an agent)");
+    let plan = ClusterPlan {
+        name: CLUSTER.into(),
+        nodes: vec![NodePlan { name: "cloud".into(), tier: Tier::Cloud }],
+        away: std::env::current_exe()?,
+        images: vec![tar.clone()],
+    };
+    let plan2 = plan.clone();
+    let info: ClusterInfo = blocking(move || Ok(away_cluster::up(&plan2)?)).await?;
+    s.done(t, &format!("broker {}, cloud node {}", info.broker_url, info.nodes[0].api));
+
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let broker = info.broker_url.clone();
+    let token = info.user_token.clone();
+    let api = |path: &str| format!("{broker}{path}");
+
+    let t = s.step("submitting labdesk to the broker over HTTP");
+    wait_online(&http, &api("/v1/nodes"), &token, 1).await?;
+    let spec = json!({
+        "name": "labdesk",
+        "image": "away/labdesk:latest",
+        "env": {"LABDESK_PORT": "8080"},
+        "ports": [{"container": 8080}],
+        "resources": {"memory": "64Mi", "cpus": 0.5}
+    });
+    let placed: Value = check(http.post(api("/v1/workloads")).bearer_auth(&token).json(&spec).send().await?).await?;
+    let node = placed["workload"]["node"].as_str().unwrap_or("?").to_string();
+    println!("    placement: {}", placed["placement"]["why"].as_str().unwrap_or("?"));
+    wait_state(&http, &api("/v1/workloads/labdesk"), &token, "running").await?;
+    s.done(t, &format!("labdesk runs on {node}"));
+
+    let t = s.step("a student works in labdesk: notes and a command history, in its memory only");
+    let cloud_app = format!("http://{}:8080", info.nodes[0].ip);
+    wait_http(&http, &format!("{cloud_app}/state")).await?;
+    for note in ["lab 3: measure the migration downtime", "container path first, VM path second"] {
+        check_text(http.post(format!("{cloud_app}/notes")).body(note).send().await?).await?;
+    }
+    for cmd in ["away doctor", "away migrate labdesk --to laptop"] {
+        check_text(http.post(format!("{cloud_app}/history")).body(cmd).send().await?).await?;
+    }
+    let before: Value = check(http.get(format!("{cloud_app}/state")).send().await?).await?;
+    s.done(
+        t,
+        &format!(
+            "{} notes, {} commands, process started at {}",
+            count(&before, "notes"),
+            count(&before, "history"),
+            before["started_unix_ms"]
+        ),
+    );
+
+    let t = s.step("the student's laptop comes online (a client node: namespace, containerd, agent)");
+    let laptop =
+        blocking(move || Ok(away_cluster::add_node(&plan, &NodePlan { name: "laptop".into(), tier: Tier::Client })?))
+            .await?;
+    wait_online(&http, &api("/v1/nodes"), &token, 2).await?;
+    s.done(t, &format!("laptop at {}", laptop.api));
+
+    let t = s.step("scaling away: the broker moves the running labdesk to the laptop (CRIU, stop-and-copy)");
+    let started: Value = check(
+        http.post(api("/v1/migrations"))
+            .bearer_auth(&token)
+            .json(&json!({"workload": "labdesk", "to": "laptop"}))
+            .send()
+            .await?,
+    )
+    .await?;
+    let id = started["migration"]["id"].as_str().context("no migration id")?.to_string();
+    println!("    why: {}", started["migration"]["why"].as_str().unwrap_or("?"));
+    let m = wait_migration(&http, &api(&format!("/v1/migrations/{id}")), &token).await?;
+    let r = &m["report"];
+    let phases: Vec<String> = r["phases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| format!("{} {} ms", p["name"].as_str().unwrap_or("?"), p["millis"]))
+        .collect();
+    println!("    {}", phases.join(", "));
+    s.done(
+        t,
+        &format!(
+            "moved in {} ms, downtime {} ms, {} KiB of state, {} KiB on the wire",
+            r["total_millis"],
+            r["downtime_millis"],
+            r["bytes_raw"].as_u64().unwrap_or(0) / 1024,
+            r["bytes_wire"].as_u64().unwrap_or(0) / 1024
+        ),
+    );
+
+    let t = s.step("reading the session back from the laptop");
+    let laptop_app = format!("http://{}:8080", laptop.ip);
+    wait_http(&http, &format!("{laptop_app}/state")).await?;
+    let after: Value = check(http.get(format!("{laptop_app}/state")).send().await?).await?;
+    if after["notes"] != before["notes"]
+        || after["history"] != before["history"]
+        || after["started_unix_ms"] != before["started_unix_ms"]
+    {
+        bail!("the state did not survive the move:\nbefore {before}\nafter  {after}");
+    }
+    let old_home = http.get(format!("{cloud_app}/state")).timeout(Duration::from_secs(2)).send().await;
+    if old_home.is_ok() {
+        bail!("labdesk still answers in the cloud: two instances");
+    }
+    s.done(
+        t,
+        &format!(
+            "same {} notes and {} commands, same process start time: the state moved, the cloud copy is gone",
+            count(&after, "notes"),
+            count(&after, "history")
+        ),
+    );
+    println!("done in {:.1} s", s.t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn count(v: &Value, key: &str) -> usize {
+    v[key].as_array().map(|a| a.len()).unwrap_or(0)
+}
+
+async fn check(resp: reqwest::Response) -> anyhow::Result<Value> {
+    let status = resp.status();
+    let body = resp.text().await?;
+    if !status.is_success() {
+        bail!("{status}: {body}");
+    }
+    Ok(serde_json::from_str(&body).unwrap_or(Value::String(body)))
+}
+
+async fn check_text(resp: reqwest::Response) -> anyhow::Result<()> {
+    check(resp).await.map(|_| ())
+}
+
+async fn poll<T>(what: &str, secs: u64, mut f: impl AsyncFnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {secs} s waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn get(http: &reqwest::Client, url: &str, token: &str) -> Option<Value> {
+    let r = http.get(url).bearer_auth(token).send().await.ok()?;
+    r.status().is_success().then_some(())?;
+    r.json().await.ok()
+}
+
+async fn wait_online(http: &reqwest::Client, url: &str, token: &str, n: usize) -> anyhow::Result<()> {
+    poll(&format!("{n} online node(s)"), 60, async || {
+        let nodes = get(http, url, token).await?;
+        (nodes.as_array()?.iter().filter(|x| x["state"] == "online").count() >= n).then_some(())
+    })
+    .await
+}
+
+async fn wait_state(http: &reqwest::Client, url: &str, token: &str, state: &str) -> anyhow::Result<()> {
+    poll(&format!("labdesk to be {state}"), 60, async || {
+        let w = get(http, url, token).await?;
+        (w["state"] == state).then_some(())
+    })
+    .await
+}
+
+async fn wait_http(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    poll(url, 30, async || http.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ())).await
+}
+
+async fn wait_migration(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<Value> {
+    let m = poll("the migration to finish", 120, async || {
+        let m = get(http, url, token).await?;
+        matches!(m["state"].as_str(), Some("succeeded" | "failed")).then_some(m)
+    })
+    .await?;
+    if m["state"] != "succeeded" {
+        bail!(
+            "the migration failed: {}",
+            m["error"].as_str().or(m["report"]["error"].as_str()).unwrap_or(&m.to_string())
+        );
+    }
+    Ok(m)
+}
