@@ -142,9 +142,18 @@ pub async fn migrate_container(
         Ok(()) => runtime.step_aside(name).await,
         Err(e) => Err(RuntimeError::io(format!("write the migration payload in {}", payload.display()), e)),
     };
-    let set_aside = match set_aside {
+    let mut undo = Undo {
+        progress: &progress,
+        node,
+        checkpoint: &checkpoint,
+        set_aside: None,
+        image: &image,
+        archives,
+        payload: &payload,
+    };
+    undo.set_aside = match set_aside {
         Ok(n) => n,
-        Err(e) => return Err(rollback(node, &checkpoint, None, &image, archives, &payload, e.to_string()).await),
+        Err(e) => return Err(undo.rollback(e.to_string()).await),
     };
 
     // 2. transfer; the target restores and answers
@@ -161,11 +170,11 @@ pub async fn migrate_container(
         Ok(o) if o.verdict.ok => o,
         Ok(o) => {
             let why = format!("target {} could not restore {name}: {}", there.node.name, o.verdict.message);
-            return Err(rollback(node, &checkpoint, set_aside.as_deref(), &image, archives, &payload, why).await);
+            return Err(undo.rollback(why).await);
         }
         Err(e) => {
             let why = format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr);
-            return Err(rollback(node, &checkpoint, set_aside.as_deref(), &image, archives, &payload, why).await);
+            return Err(undo.rollback(why).await);
         }
     };
     // the target waited `settle_ms` after the restore to see the workload stay up: it
@@ -185,14 +194,14 @@ pub async fn migrate_container(
     if let Err(e) = target.commit(&outcome.transfer_id).await {
         // The target removes an uncommitted copy after its lease: resume here.
         let why = format!("commit to {} failed: {e}", there.node.name);
-        return Err(rollback(node, &checkpoint, set_aside.as_deref(), &image, archives, &payload, why).await);
+        return Err(undo.rollback(why).await);
     }
     phases.push(phase("commit", t.elapsed()));
 
     // 4. the source goes
     progress(Step::Cleaning);
     let t = Instant::now();
-    let leftover = set_aside.as_deref().unwrap_or(name);
+    let leftover = undo.set_aside.as_deref().unwrap_or(name);
     if let Err(e) = runtime.remove(leftover).await {
         tracing::warn!(workload = name, "the source's stopped container {leftover} could not be removed: {e}");
     }
@@ -214,45 +223,54 @@ pub async fn migrate_container(
     })
 }
 
-/// Resume the source from its own checkpoint; the payload stays for inspection.
-async fn rollback(
-    node: &LocalNode,
-    checkpoint: &CheckpointArchive,
-    set_aside: Option<&str>,
-    image: &away_runtime::ResolvedImage,
-    archives: &ArchiveStore,
-    payload: &Path,
-    why: String,
-) -> MigrateError {
-    tracing::warn!(workload = %checkpoint.workload, "migration failed, resuming the source: {why}");
-    let Ok(runtime) = node.runtime(checkpoint.runtime) else {
-        return MigrateError::RolledBack {
-            why,
-            resumed: false,
-            detail: format!("{} is unavailable", checkpoint.runtime),
+/// What it takes to put the source back after a failed move.
+struct Undo<'a> {
+    progress: &'a ProgressFn,
+    node: &'a LocalNode,
+    checkpoint: &'a CheckpointArchive,
+    /// The stopped source record's temporary name, if it stepped aside.
+    set_aside: Option<String>,
+    image: &'a away_runtime::ResolvedImage,
+    archives: &'a ArchiveStore,
+    payload: &'a Path,
+}
+
+impl Undo<'_> {
+    /// Resume the source from its own checkpoint; the payload stays for inspection.
+    async fn rollback(&self, why: String) -> MigrateError {
+        let Undo { progress, node, checkpoint, image, archives, payload, .. } = self;
+        let set_aside = self.set_aside.as_deref();
+        tracing::warn!(workload = %checkpoint.workload, "migration failed, resuming the source: {why}");
+        progress(Step::RollingBack(why.clone()));
+        let Ok(runtime) = node.runtime(checkpoint.runtime) else {
+            return MigrateError::RolledBack {
+                why,
+                resumed: false,
+                detail: format!("{} is unavailable", checkpoint.runtime),
+            };
         };
-    };
-    if let Some(aside) = set_aside {
-        if let Err(e) = runtime.remove(aside).await {
-            tracing::warn!("cannot remove the set-aside source record {aside}: {e}");
+        if let Some(aside) = set_aside {
+            if let Err(e) = runtime.remove(aside).await {
+                tracing::warn!("cannot remove the set-aside source record {aside}: {e}");
+            }
         }
-    }
-    let restored = runtime.restore(&RestoreRequest { archive: checkpoint.clone(), image: image.clone() }).await;
-    archives.keep_failed(payload);
-    match restored {
-        Ok(st) => MigrateError::RolledBack {
-            why,
-            resumed: true,
-            detail: format!("{} resumed on {} from its checkpoint", st.name, st.runtime),
-        },
-        Err(e) => MigrateError::RolledBack {
-            why,
-            resumed: false,
-            detail: format!(
-                "the source could not be resumed either: {e}; its checkpoint is kept in {}",
-                payload.display()
-            ),
-        },
+        let restored = runtime.restore(&RestoreRequest { archive: (*checkpoint).clone(), image: (*image).clone() }).await;
+        archives.keep_failed(payload);
+        match restored {
+            Ok(st) => MigrateError::RolledBack {
+                why,
+                resumed: true,
+                detail: format!("{} resumed on {} from its checkpoint", st.name, st.runtime),
+            },
+            Err(e) => MigrateError::RolledBack {
+                why,
+                resumed: false,
+                detail: format!(
+                    "the source could not be resumed either: {e}; its checkpoint is kept in {}",
+                    payload.display()
+                ),
+            },
+        }
     }
 }
 

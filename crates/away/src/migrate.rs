@@ -212,15 +212,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         },
         settle: None,
     };
-    let bar = indicatif::ProgressBar::new(0);
-    if a.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} {bytes}/{total_bytes} {bar:30} {bytes_per_sec}")
-            .expect("template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(120));
+    let bar = progress_bar(a.json);
     let pb = bar.clone();
     let progress: away_migrate::container::ProgressFn = Arc::new(move |step| match step {
         Step::Checking => pb.set_message("checking compatibility"),
@@ -235,14 +227,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         Step::RollingBack(why) => pb.set_message(format!("rolling back: {why}")),
     });
     let result = rt.block_on(migrate_container(&node, &source_name, &archives, &a.workload, &target, &opts, progress));
-    bar.finish_and_clear();
-    let report = result?;
-    if a.json {
-        print_json(&report)?;
-    } else {
-        print_report(&report);
-    }
-    Ok(ExitCode::SUCCESS)
+    finish(bar, result?, a.json)
 }
 
 async fn migrate_vm(node: &LocalNode, a: &MigrateArgs) -> anyhow::Result<ExitCode> {
@@ -264,13 +249,7 @@ async fn migrate_vm(node: &LocalNode, a: &MigrateArgs) -> anyhow::Result<ExitCod
         target_ports,
         ..Default::default()
     };
-    let bar = indicatif::ProgressBar::new(0);
-    if a.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {msg} {bytes}/{total_bytes} {bar:30}").expect("template"),
-    );
+    let bar = progress_bar(a.json);
     let pb = bar.clone();
     let progress = move |p: away_migrate::vm::VmProgress| {
         pb.set_message(format!("vm {} pass {}", p.status, p.pass));
@@ -279,9 +258,26 @@ async fn migrate_vm(node: &LocalNode, a: &MigrateArgs) -> anyhow::Result<ExitCod
     };
     let result =
         away_agent::client::migrate_vm_via_agent(node, &source_name, &a.workload, client, opts, progress).await;
+    finish(bar, result?, a.json)
+}
+
+/// A transfer progress bar on stderr (hidden with --json: stdout is the report).
+fn progress_bar(json: bool) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    if json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} {bytes}/{total_bytes} {bar:30} {bytes_per_sec}")
+            .expect("template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+fn finish(bar: indicatif::ProgressBar, report: MigrationReport, json: bool) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
-    let report = result?;
-    if a.json {
+    if json {
         print_json(&report)?;
     } else {
         print_report(&report);
