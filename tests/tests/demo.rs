@@ -9,7 +9,12 @@ use away_e2e::{away, away_bin, require_root, workspace_root};
 
 fn demo_namespaces() -> Vec<String> {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with("away-demo-")).map(String::from).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("away-demo-"))
+        .map(String::from)
+        .collect()
 }
 
 #[test]
@@ -26,7 +31,13 @@ fn demo_runs_and_cleans_up_even_when_interrupted() {
     assert!(demo_namespaces().is_empty(), "namespaces left: {:?}", demo_namespaces());
 
     // interrupted while the cluster runs
-    let mut child = Command::new(away_bin()).arg("demo").current_dir(workspace_root()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(away_bin())
+        .arg("demo")
+        .current_dir(workspace_root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
