@@ -1,13 +1,17 @@
 //! Userspace link emulation: this machine's kernel has no `tc netem`, so delay and rate
-//! are applied by a process in the path.
+//! are applied by a process in the path. Two modes (see `docs/link.md` for measurements):
 //!
-//! This module is the TCP-proxy mode: it relays each accepted connection to an
-//! upstream, and each direction passes through a model of a link (a token bucket at the
-//! link rate, a router queue that pushes back when full, and a one-way delay, with
-//! optional jitter). It is a split-TCP relay: both ends see a fast local TCP peer, not
-//! the emulated round trip, so TCP's own behaviour over the long path (slow start,
-//! congestion window) is not reproduced. The packet-level mode that keeps it is a
-//! separate piece of work.
+//! - [`packet`]: the main mode. Two network namespaces joined by TUN devices; every IP
+//!   packet passes through a link model in this process (token bucket at the rate,
+//!   drop-tail router queue, delay with optional jitter, random loss). The endpoints'
+//!   own TCP sees the real round trip, slow start and congestion window, as over netem.
+//! - [`proxy`] / [`proxy_with`]: a TCP relay for quick use, each direction through the
+//!   same model applied to relayed chunks. It is split TCP: both ends see a fast local
+//!   peer, not the emulated round trip, so TCP's behaviour over the long path (slow
+//!   start, congestion window) is not reproduced, and a sender counts bytes still queued
+//!   in the relay as sent.
+
+pub mod packet;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -66,6 +70,30 @@ impl LinkProfile {
     /// The round-trip time.
     pub fn rtt(&self) -> Duration {
         self.delay * 2
+    }
+}
+
+/// A [`LinkProfile`] with random loss, the whole model one direction of a link applies.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LinkModel {
+    #[serde(flatten)]
+    pub profile: LinkProfile,
+    /// Probability in [0, 1] that a packet (packet mode) is dropped, or that a relayed
+    /// chunk (proxy mode) needs a retransmission.
+    #[serde(default)]
+    pub loss: f64,
+}
+
+impl From<LinkProfile> for LinkModel {
+    fn from(profile: LinkProfile) -> Self {
+        LinkModel { profile, loss: 0.0 }
+    }
+}
+
+impl LinkModel {
+    /// The same link with loss probability `loss`.
+    pub fn with_loss(profile: LinkProfile, loss: f64) -> Self {
+        LinkModel { profile, loss: loss.clamp(0.0, 1.0) }
     }
 }
 
@@ -129,22 +157,33 @@ pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// A tiny xorshift for jitter (no rand crate for one uniform draw).
-struct Jitter(u64);
-impl Jitter {
-    fn draw(&mut self, max: Duration) -> Duration {
-        if max.is_zero() {
-            return Duration::ZERO;
-        }
+/// A tiny xorshift for jitter and loss draws (no rand crate for uniform draws).
+struct Xorshift(u64);
+impl Xorshift {
+    fn new(seed: u64) -> Self {
+        Xorshift(seed | 1)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
-        max.mul_f64((self.0 % 1_000_000) as f64 / 1_000_000.0)
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [0, max).
+    fn duration(&mut self, max: Duration) -> Duration {
+        if max.is_zero() {
+            return Duration::ZERO;
+        }
+        max.mul_f64(self.unit())
     }
 }
 
 /// Forward one direction through the link model until either side closes.
-async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: LinkProfile) {
+async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, model: LinkModel, seed: u64) {
+    let link = model.profile;
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(4096);
     let writer = tokio::spawn(async move {
         while let Some((at, bytes)) = rx.recv().await {
@@ -157,7 +196,7 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: LinkProfile
     });
     let mut next_free = Instant::now();
     let mut last_due = Instant::now();
-    let mut jitter = Jitter(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Xorshift::new(0x9E37_79B9_7F4A_7C15 ^ seed);
     let mut buf = vec![0u8; 16 << 10];
     loop {
         let n = match from.read(&mut buf).await {
@@ -170,8 +209,14 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: LinkProfile
         if next_free > now + link.queue {
             sleep_until(next_free - link.queue).await;
         }
+        // a lost segment comes one round trip late (TCP's fast retransmit), holding up
+        // the stream behind it
+        let mut due = next_free + link.delay + rng.duration(link.jitter);
+        if model.loss > 0.0 && rng.unit() < model.loss {
+            due += link.rtt();
+        }
         // jitter never reorders: a segment is due no earlier than the one before it
-        let due = (next_free + link.delay + jitter.draw(link.jitter)).max(last_due);
+        let due = due.max(last_due);
         last_due = due;
         if tx.send((due, buf[..n].to_vec())).await.is_err() {
             break;
@@ -184,6 +229,14 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: LinkProfile
 /// Relay every connection accepted on `listener` to `upstream` through `link` (both
 /// directions). Runs until the listener fails.
 pub async fn proxy(listener: TcpListener, upstream: SocketAddr, link: LinkProfile) -> std::io::Result<()> {
+    proxy_with(listener, upstream, link.into()).await
+}
+
+/// [`proxy`] with loss: a relayed chunk counted as lost arrives one round trip late, as
+/// after a fast retransmit (a byte stream cannot lose bytes). Runs until the listener
+/// fails.
+pub async fn proxy_with(listener: TcpListener, upstream: SocketAddr, link: LinkModel) -> std::io::Result<()> {
+    let mut seed = 0u64;
     loop {
         let (client, peer) = listener.accept().await?;
         let server = match TcpStream::connect(upstream).await {
@@ -197,8 +250,9 @@ pub async fn proxy(listener: TcpListener, upstream: SocketAddr, link: LinkProfil
         let _ = server.set_nodelay(true);
         let (cr, cw) = client.into_split();
         let (sr, sw) = server.into_split();
-        tokio::spawn(pipe(cr, sw, link));
-        tokio::spawn(pipe(sr, cw, link));
+        seed += 2;
+        tokio::spawn(pipe(cr, sw, link, seed));
+        tokio::spawn(pipe(sr, cw, link, seed + 1));
     }
 }
 

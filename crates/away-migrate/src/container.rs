@@ -254,7 +254,8 @@ impl Undo<'_> {
                 tracing::warn!("cannot remove the set-aside source record {aside}: {e}");
             }
         }
-        let restored = runtime.restore(&RestoreRequest { archive: (*checkpoint).clone(), image: (*image).clone() }).await;
+        let restored =
+            runtime.restore(&RestoreRequest { archive: (*checkpoint).clone(), image: (*image).clone() }).await;
         archives.keep_failed(payload);
         match restored {
             Ok(st) => MigrateError::RolledBack {

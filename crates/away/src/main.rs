@@ -6,6 +6,8 @@ mod cluster;
 mod demo;
 mod doctor;
 mod image;
+mod lab;
+mod link;
 mod migrate;
 mod output;
 mod workload;
@@ -53,6 +55,12 @@ enum Command {
     /// List or prune checkpoint archives
     #[command(subcommand)]
     Archives(migrate::ArchivesCommand),
+    /// The comparison experiments: VM vs container migration
+    #[command(subcommand)]
+    Lab(lab::Command),
+    /// Emulate a network link (rate, delay, jitter, loss) in userspace
+    #[command(subcommand)]
+    Link(link::Command),
     /// Run a whole cluster on this machine (broker + agents in network namespaces)
     #[command(subcommand)]
     Cluster(cluster::Command),
@@ -81,6 +89,8 @@ fn main() -> std::process::ExitCode {
         Command::Migrate(a) => migrate::migrate(a),
         Command::Archives(c) => migrate::archives(c),
         Command::Cluster(c) => cluster::run(c),
+        Command::Link(c) => link::run(c),
+        Command::Lab(c) => lab::run(c),
     };
     match result {
         Ok(code) => code,

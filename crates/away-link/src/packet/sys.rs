@@ -5,7 +5,6 @@
 //! owns, so the unsafe code is kept to this module.
 #![allow(unsafe_code)]
 
-use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -50,6 +49,24 @@ pub(crate) fn enter_netns(path: &Path) -> io::Result<()> {
     let ns = File::open(path)?;
     // SAFETY: `ns` is an open namespace file for the duration of the call.
     let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Put `fd` in non-blocking mode (reads return `WouldBlock` when no packet waits).
+pub(crate) fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
+    let raw = fd.as_fd().as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on an open descriptor touch no memory.
+    let rc = unsafe {
+        let flags = libc::fcntl(raw, libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -104,6 +121,3 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
-
-#[allow(dead_code)]
-fn _assert_cstr(_: &CStr) {}

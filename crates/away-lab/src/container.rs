@@ -1,0 +1,211 @@
+//! Container runs: a source node (`away run` with its own state directories) and a
+//! target agent (`away agent`, a subprocess) whose transfer port sits behind the link;
+//! the move is `away migrate --json`, the same path users take.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use away_model::MigrationReport;
+use tokio::process::{Child, Command};
+
+use crate::{CompareOptions, MigrationPath, PlannedRun, RunOutcome, RunResult};
+
+/// Compression of the checkpoint stream (away's default).
+pub const COMPRESSION: &str = "zstd:1";
+const AGENT_UP: Duration = Duration::from_secs(30);
+const FILL_TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Node {
+    base: PathBuf,
+    namespace: String,
+}
+
+impl Node {
+    fn command(&self, bin: &Path) -> Command {
+        let mut c = Command::new(bin);
+        c.env("AWAY_STATE_DIR", self.base.join("state"))
+            .env("AWAY_RUN_DIR", self.base.join("run"))
+            .env("AWAY_NAMESPACE", &self.namespace)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        c
+    }
+
+    async fn away(&self, bin: &Path, args: &[&str]) -> Result<std::process::Output, String> {
+        self.command(bin).args(args).output().await.map_err(|e| format!("run {} {args:?}: {e}", bin.display()))
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("find a free port on 127.0.0.1: {e}"))
+}
+
+/// One container run; failures become a `Failed` result with the reason in notes.
+pub async fn run(
+    opts: &CompareOptions,
+    work: &Path,
+    planned: &PlannedRun,
+    status: &(dyn Fn(String) + Sync),
+) -> RunResult {
+    let runtime = match planned.path {
+        MigrationPath::ContainerDocker => "docker",
+        _ => "containerd",
+    };
+    let dir = work.join(format!("c{}", planned.run));
+    let source = Node { base: dir.join("source"), namespace: "away-lab-source".into() };
+    let target = Node { base: dir.join("target"), namespace: "away-lab-target".into() };
+    let name = format!("lab-memload-{}-{}", std::process::id(), planned.run);
+    let mut agent = None;
+    let outcome = attempt(opts, planned, runtime, &source, &target, &name, &mut agent, status).await;
+    status("cleaning up".into());
+    let _ = target.away(&opts.away_bin, &["rm", "--force", &name]).await;
+    let _ = source.away(&opts.away_bin, &["rm", "--force", &name]).await;
+    if let Some(mut a) = agent {
+        let _ = a.kill().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    match outcome {
+        Ok(r) => r,
+        Err(e) => RunResult::new(planned, RunOutcome::Failed, Duration::ZERO, None).with_notes(format!("failed: {e}")),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    opts: &CompareOptions,
+    planned: &PlannedRun,
+    runtime: &str,
+    source: &Node,
+    target: &Node,
+    name: &str,
+    agent_slot: &mut Option<Child>,
+    status: &(dyn Fn(String) + Sync),
+) -> Result<RunResult, String> {
+    let bin = &opts.away_bin;
+    let (api, transfer) = (free_port()?, free_port()?);
+    let upstream = SocketAddr::from(([127, 0, 0, 1], transfer));
+    let front = opts
+        .link_emulator
+        .start(upstream, planned.link.profile())
+        .await
+        .map_err(|e| format!("start the link in front of {upstream}: {e}"))?;
+    status("starting the target agent".into());
+    let mut agent = target.command(bin);
+    agent
+        .args([
+            "agent",
+            "--name",
+            "lab-target",
+            "--listen",
+            &format!("127.0.0.1:{api}"),
+            "--transfer-listen",
+            &upstream.to_string(),
+            "--transfer-advertise",
+            &front.addr.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    *agent_slot = Some(agent.spawn().map_err(|e| format!("start away agent: {e}"))?);
+    let t = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", api)).await.is_err() {
+        if t.elapsed() > AGENT_UP {
+            return Err(format!("the target agent did not listen on 127.0.0.1:{api} within {} s", AGENT_UP.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    status(format!("starting memload on {runtime}"));
+    let (cpu, ram) = planned.load.memload_env();
+    let app_mib = opts.app_ram.as_mib().max(1);
+    let image = opts.image.to_string_lossy().to_string();
+    let out = source
+        .away(
+            bin,
+            &[
+                "run",
+                &image,
+                "--name",
+                name,
+                "--runtime",
+                runtime,
+                "--memory",
+                &format!("{}Mi", app_mib * 3 / 2 + 64),
+                "-e",
+                &format!("MEMLOAD_SIZE={}", opts.app_ram.bytes()),
+                "-e",
+                &format!("MEMLOAD_CPU={cpu}"),
+                "-e",
+                &format!("MEMLOAD_RAM={ram}"),
+                "-e",
+                &format!("MEMLOAD_CPU_THREADS={}", opts.cpu_threads),
+                "-e",
+                "MEMLOAD_PORT=0",
+            ],
+        )
+        .await?;
+    if !out.status.success() {
+        return Err(format!("away run: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    status("waiting for memload to fill its memory".into());
+    let t = Instant::now();
+    loop {
+        let logs = source.away(bin, &["logs", name]).await?;
+        if String::from_utf8_lossy(&logs.stdout).contains("pages resident") {
+            break;
+        }
+        if t.elapsed() > FILL_TIMEOUT {
+            return Err(format!("memload did not report its pages resident within {} s", FILL_TIMEOUT.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Let the load run a moment, as the VM's does.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    status(format!("migrating over {}", planned.link));
+    let out = source
+        .away(
+            bin,
+            &[
+                "migrate",
+                name,
+                "--to",
+                &format!("127.0.0.1:{api}"),
+                "--compression",
+                COMPRESSION,
+                "--json",
+                "--reconnect-timeout",
+                "120",
+            ],
+        )
+        .await?;
+    drop(front);
+    let report: Option<MigrationReport> = serde_json::from_slice(&out.stdout).ok();
+    match report {
+        Some(r) if out.status.success() && r.ok => Ok(RunResult::new(
+            planned,
+            RunOutcome::Moved,
+            Duration::from_millis(r.total_millis),
+            Some(Duration::from_millis(r.downtime_millis)),
+        )
+        .with_bytes(r.bytes_wire, r.bytes_raw)
+        .with_notes(phases(&r))),
+        Some(r) => Ok(RunResult::new(planned, RunOutcome::Failed, Duration::from_millis(r.total_millis), None)
+            .with_bytes(r.bytes_wire, r.bytes_raw)
+            .with_notes(format!("failed: {}", r.error.unwrap_or_else(|| "migration not ok".into())))),
+        None => Err(format!(
+            "away migrate ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim().lines().last().unwrap_or("no output")
+        )),
+    }
+}
+
+fn phases(r: &MigrationReport) -> String {
+    let p: Vec<String> = r.phases.iter().map(|p| format!("{} {:.2}s", p.name, p.millis as f64 / 1000.0)).collect();
+    format!("stop-and-copy {COMPRESSION}; {}", p.join(", "))
+}

@@ -1,0 +1,668 @@
+//! The comparison experiment behind `away lab compare`: the same app (`memload`) under
+//! the same loads, moved as a QEMU VM (pre-copy, auto-converge, post-copy) and as a
+//! container (containerd, Docker: stop-and-copy, the mode away offers for them),
+//! through an emulated link (the research's LAN and WAN). It records total time,
+//! downtime, bytes on the wire and whether the move finished, and writes a CSV, plots
+//! in the layout of the paper's Fig. 3 and a Markdown report.
+//!
+//! Measured numbers and the paper's reference numbers are kept apart: the reference
+//! values live in [`reference`] and are always printed with the label "paper".
+//!
+//! Run time on a 2-core TCG host: the quick profile (18 runs) took 248 s, measured
+//! (`cargo test -p away-e2e --test lab`). The full profile (2 links × 9 loads × 5 paths
+//! × 3 repetitions = 270 runs, 512 MiB VM, 256 MiB app) is not measured; its upper
+//! bound from [`CompareOptions::estimate`] is dominated by VM runs under RAM load
+//! over the WAN that run into their time limit (4 × VM RAM / rate = 464 s each).
+
+mod container;
+pub mod link;
+mod output;
+pub mod reference;
+mod vm;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use away_link::LinkProfile;
+use away_model::ByteSize;
+use serde::{Deserialize, Serialize};
+
+pub use link::{LinkEmulator, LinkFront};
+pub use output::{write_csv, write_outputs, write_plots, write_report, OutputFiles, CSV_HEADER};
+
+/// Round trips a container move needs besides the data: TCP connect, hello/resume,
+/// done/verdict.
+pub const CONTAINER_ROUND_TRIPS: u32 = 3;
+/// Round trips a VM move needs besides the data: TCP connect, and the destination's
+/// answer at the end of the stream.
+pub const VM_ROUND_TRIPS: u32 = 2;
+
+/// One of the research's links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkKind {
+    /// 938 Mbit/s net (1 Gbit/s Ethernet), negligible delay.
+    Lan,
+    /// 37 Mbit/s with 36.784 ms one-way delay.
+    Wan,
+}
+
+impl LinkKind {
+    pub const ALL: [LinkKind; 2] = [LinkKind::Lan, LinkKind::Wan];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkKind::Lan => "lan",
+            LinkKind::Wan => "wan",
+        }
+    }
+
+    pub fn profile(self) -> LinkProfile {
+        match self {
+            LinkKind::Lan => LinkProfile::lan(),
+            LinkKind::Wan => LinkProfile::wan(),
+        }
+    }
+
+    /// e.g. `wan (37 Mbit/s, 36.784 ms one way)`.
+    pub fn describe(self) -> String {
+        let p = self.profile();
+        format!("{} ({} Mbit/s, {} ms one way)", self.name(), p.rate_bits_per_sec / 1e6, p.delay.as_secs_f64() * 1000.0)
+    }
+}
+
+impl fmt::Display for LinkKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for LinkKind {
+    type Err = LabError;
+    fn from_str(s: &str) -> Result<Self, LabError> {
+        match s {
+            "lan" => Ok(LinkKind::Lan),
+            "wan" => Ok(LinkKind::Wan),
+            _ => Err(invalid("links", format!("unknown link {s:?} (lan, wan)"))),
+        }
+    }
+}
+
+/// The load the app puts on the workload: idle, CPU busy percent, or a share of its
+/// memory rewritten continuously.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Load {
+    Idle,
+    Cpu(u8),
+    Ram(u8),
+}
+
+impl Load {
+    /// The paper's load levels, in the order of Fig. 3.
+    pub const ALL: [Load; 9] = [
+        Load::Idle,
+        Load::Cpu(25),
+        Load::Cpu(50),
+        Load::Cpu(80),
+        Load::Cpu(100),
+        Load::Ram(25),
+        Load::Ram(50),
+        Load::Ram(80),
+        Load::Ram(100),
+    ];
+
+    pub fn name(self) -> String {
+        match self {
+            Load::Idle => "idle".into(),
+            Load::Cpu(p) => format!("cpu{p}"),
+            Load::Ram(p) => format!("ram{p}"),
+        }
+    }
+
+    /// `(MEMLOAD_CPU, MEMLOAD_RAM)`.
+    pub fn memload_env(self) -> (u8, u8) {
+        match self {
+            Load::Idle => (0, 0),
+            Load::Cpu(p) => (p, 0),
+            Load::Ram(p) => (0, p),
+        }
+    }
+}
+
+impl fmt::Display for Load {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl FromStr for Load {
+    type Err = LabError;
+    fn from_str(s: &str) -> Result<Self, LabError> {
+        let bad = || invalid("loads", format!("unknown load {s:?} (idle, cpuN, ramN with N in 1..=100)"));
+        let pct = |p: &str| p.parse::<u8>().ok().filter(|p| (1..=100).contains(p));
+        if s == "idle" {
+            Ok(Load::Idle)
+        } else if let Some(p) = s.strip_prefix("cpu") {
+            pct(p).map(Load::Cpu).ok_or_else(bad)
+        } else if let Some(p) = s.strip_prefix("ram") {
+            pct(p).map(Load::Ram).ok_or_else(bad)
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+/// How the app moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum MigrationPath {
+    /// QEMU pre-copy live migration, QEMU's defaults.
+    VmPrecopy,
+    /// Pre-copy with `auto-converge` (vCPU throttling).
+    VmAutoConverge,
+    /// Pre-copy, switching to post-copy after the first pass.
+    VmPostcopy,
+    /// containerd → containerd, CRIU stop-and-copy through away's transfer protocol.
+    ContainerContainerd,
+    /// Docker → Docker, CRIU stop-and-copy through away's transfer protocol.
+    ContainerDocker,
+}
+
+impl MigrationPath {
+    pub const ALL: [MigrationPath; 5] = [
+        MigrationPath::VmPrecopy,
+        MigrationPath::VmAutoConverge,
+        MigrationPath::VmPostcopy,
+        MigrationPath::ContainerContainerd,
+        MigrationPath::ContainerDocker,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationPath::VmPrecopy => "vm-precopy",
+            MigrationPath::VmAutoConverge => "vm-autoconverge",
+            MigrationPath::VmPostcopy => "vm-postcopy",
+            MigrationPath::ContainerContainerd => "container-containerd",
+            MigrationPath::ContainerDocker => "container-docker",
+        }
+    }
+
+    pub fn is_vm(self) -> bool {
+        matches!(self, MigrationPath::VmPrecopy | MigrationPath::VmAutoConverge | MigrationPath::VmPostcopy)
+    }
+
+    /// The migration mode, for the report.
+    pub fn mode(self) -> &'static str {
+        match self {
+            MigrationPath::VmPrecopy => "qemu pre-copy",
+            MigrationPath::VmAutoConverge => "qemu pre-copy + auto-converge",
+            MigrationPath::VmPostcopy => "qemu pre-copy, post-copy after pass 1",
+            MigrationPath::ContainerContainerd | MigrationPath::ContainerDocker => "criu stop-and-copy, zstd:1",
+        }
+    }
+
+    fn round_trips(self) -> u32 {
+        if self.is_vm() {
+            VM_ROUND_TRIPS
+        } else {
+            CONTAINER_ROUND_TRIPS
+        }
+    }
+}
+
+impl fmt::Display for MigrationPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for MigrationPath {
+    type Err = LabError;
+    fn from_str(s: &str) -> Result<Self, LabError> {
+        MigrationPath::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
+            invalid(
+                "paths",
+                format!("unknown path {s:?} (vm-precopy, vm-autoconverge, vm-postcopy, container-containerd, container-docker)"),
+            )
+        })
+    }
+}
+
+/// What `away lab compare` runs. Build it with [`CompareOptions::quick`] or
+/// [`CompareOptions::full`] and change fields as the flags say.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompareOptions {
+    pub links: Vec<LinkKind>,
+    pub loads: Vec<Load>,
+    pub paths: Vec<MigrationPath>,
+    /// Runs per (link, load, path).
+    pub repetitions: u32,
+    /// The VM's memory.
+    pub vm_ram: ByteSize,
+    /// The memory memload fills (in the VM and in the container alike).
+    pub app_ram: ByteSize,
+    /// Where results.csv, results.json, report.md and the plots go.
+    pub out_dir: PathBuf,
+    /// The quick profile (recorded in the report).
+    pub quick: bool,
+    /// The memload image tar (`away image build images/memload -o DIR`).
+    pub image: PathBuf,
+    /// The `away` binary: the target agents and the container runs are `away` processes.
+    pub away_bin: PathBuf,
+    /// Node state of the runs (two per run: source and target), removed after each run.
+    /// Keep it short: QMP socket paths are limited to 108 bytes.
+    pub work_dir: PathBuf,
+    /// How the link is emulated.
+    pub link_emulator: LinkEmulator,
+    /// A VM migration still running after `factor × VM RAM / link rate` (at least
+    /// `vm_timeout_min`) is cancelled and recorded as not converged.
+    pub vm_timeout_factor: f64,
+    pub vm_timeout_min: Duration,
+    /// memload CPU threads (1: the VM has one vCPU, the container gets the same).
+    pub cpu_threads: u32,
+}
+
+impl CompareOptions {
+    /// Everything: 2 links × 9 loads × 5 paths × 3 repetitions, 512 MiB VM, 256 MiB app.
+    pub fn full(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
+        CompareOptions {
+            links: LinkKind::ALL.to_vec(),
+            loads: Load::ALL.to_vec(),
+            paths: MigrationPath::ALL.to_vec(),
+            repetitions: 3,
+            vm_ram: ByteSize::mib(512),
+            app_ram: ByteSize::mib(256),
+            out_dir,
+            quick: false,
+            image,
+            away_bin,
+            work_dir: PathBuf::from("/var/tmp/away-lab"),
+            link_emulator: LinkEmulator::SplitTcpProxy,
+            vm_timeout_factor: 4.0,
+            vm_timeout_min: Duration::from_secs(60),
+            cpu_threads: 1,
+        }
+    }
+
+    /// For CI: 128 MiB VM, 32 MiB app, idle / cpu50 / ram50, LAN and WAN, VM pre-copy,
+    /// containerd and Docker, one repetition.
+    pub fn quick(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
+        CompareOptions {
+            loads: vec![Load::Idle, Load::Cpu(50), Load::Ram(50)],
+            paths: vec![MigrationPath::VmPrecopy, MigrationPath::ContainerContainerd, MigrationPath::ContainerDocker],
+            repetitions: 1,
+            vm_ram: ByteSize::mib(128),
+            app_ram: ByteSize::mib(32),
+            quick: true,
+            vm_timeout_factor: 2.0,
+            vm_timeout_min: Duration::from_secs(30),
+            ..CompareOptions::full(image, away_bin, out_dir)
+        }
+    }
+
+    /// Refuse options that cannot run, naming the field.
+    pub fn validate(&self) -> Result<(), LabError> {
+        if self.links.is_empty() {
+            return Err(invalid("links", "at least one link is needed"));
+        }
+        if self.loads.is_empty() {
+            return Err(invalid("loads", "at least one load is needed"));
+        }
+        if self.paths.is_empty() {
+            return Err(invalid("paths", "at least one path is needed"));
+        }
+        if self.repetitions == 0 {
+            return Err(invalid("repetitions", "must be at least 1"));
+        }
+        if self.app_ram.bytes() == 0 {
+            return Err(invalid("app_ram", "must be more than 0"));
+        }
+        if self.paths.iter().any(|p| p.is_vm()) && self.app_ram.bytes() + 64 * 1024 * 1024 > self.vm_ram.bytes() {
+            return Err(invalid(
+                "vm_ram",
+                format!(
+                    "{} MiB leaves less than 64 MiB beside the app's {} MiB for the guest kernel",
+                    self.vm_ram.as_mib(),
+                    self.app_ram.as_mib()
+                ),
+            ));
+        }
+        if self.vm_timeout_factor.is_nan() || self.vm_timeout_factor < 1.0 {
+            return Err(invalid("vm_timeout_factor", "must be at least 1"));
+        }
+        for l in &self.loads {
+            let (cpu, ram) = l.memload_env();
+            if cpu > 100 || ram > 100 {
+                return Err(invalid("loads", format!("{l}: percent above 100")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The runs in order: link, load, repetition, path (so the paths of one point run
+    /// close together in time).
+    pub fn plan(&self) -> Vec<PlannedRun> {
+        let mut runs = Vec::new();
+        for &link in &self.links {
+            for &load in &self.loads {
+                for rep in 1..=self.repetitions {
+                    for &path in &self.paths {
+                        runs.push(PlannedRun { run: runs.len() as u32 + 1, path, link, load, rep });
+                    }
+                }
+            }
+        }
+        runs
+    }
+
+    /// The time limit of one VM migration over `link`.
+    pub fn vm_timeout(&self, link: LinkKind) -> Duration {
+        let wire = link.profile().wire_time(self.vm_ram.bytes()).mul_f64(self.vm_timeout_factor);
+        wire.max(self.vm_timeout_min)
+    }
+
+    /// A rough upper bound of the run time on a 2-core TCG host: VM boot and fill, the
+    /// time limit for VM runs that may not converge (RAM load over the WAN), and the
+    /// container runs' start, fill and transfer. Not a measurement.
+    pub fn estimate(&self) -> Duration {
+        let mut total = Duration::ZERO;
+        for r in self.plan() {
+            let p = r.link.profile();
+            total += if r.path.is_vm() {
+                let boot = Duration::from_secs(20);
+                let copy = p.wire_time(self.vm_ram.bytes());
+                let ram_load = matches!(r.load, Load::Ram(_));
+                boot + if ram_load { self.vm_timeout(r.link) } else { copy.mul_f64(1.5) + Duration::from_secs(5) }
+            } else {
+                Duration::from_secs(12) + p.wire_time(self.app_ram.bytes() / 2).mul_f64(1.3)
+            };
+        }
+        total
+    }
+}
+
+/// One run of the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedRun {
+    /// 1-based sequence number.
+    pub run: u32,
+    pub path: MigrationPath,
+    pub link: LinkKind,
+    pub load: Load,
+    /// 1-based repetition.
+    pub rep: u32,
+}
+
+impl PlannedRun {
+    pub fn label(&self) -> String {
+        format!("{} {} {} #{}", self.path, self.link, self.load, self.rep)
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunOutcome {
+    /// The workload runs on the target.
+    Moved,
+    /// The migration hit its time limit and was cancelled; the workload runs on the source.
+    NotConverged,
+    /// Something else failed (see notes); the numbers may be partial or zero.
+    Failed,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunResult {
+    pub run: u32,
+    pub path: MigrationPath,
+    pub link: LinkKind,
+    pub load: Load,
+    pub rep: u32,
+    pub outcome: RunOutcome,
+    /// From the start of the migration to the workload running on the target (or to
+    /// the cancel, when it did not converge).
+    pub total_s: f64,
+    /// VM: source STOP → destination RESUME; container: checkpoint start → restored.
+    pub downtime_s: Option<f64>,
+    pub bytes_wire: u64,
+    pub bytes_raw: u64,
+    /// bytes on the wire / link rate + round trips.
+    pub limit_s: f64,
+    /// total / limit, when the move finished.
+    pub total_over_limit: Option<f64>,
+    pub notes: String,
+}
+
+impl RunResult {
+    pub fn converged(&self) -> bool {
+        self.outcome == RunOutcome::Moved
+    }
+
+    /// A result for `planned` from the raw numbers; the limit is computed here.
+    pub fn new(planned: &PlannedRun, outcome: RunOutcome, total: Duration, downtime: Option<Duration>) -> Self {
+        RunResult {
+            run: planned.run,
+            path: planned.path,
+            link: planned.link,
+            load: planned.load,
+            rep: planned.rep,
+            outcome,
+            total_s: total.as_secs_f64(),
+            downtime_s: downtime.map(|d| d.as_secs_f64()),
+            bytes_wire: 0,
+            bytes_raw: 0,
+            limit_s: 0.0,
+            total_over_limit: None,
+            notes: String::new(),
+        }
+        .with_bytes(0, 0)
+    }
+
+    /// Set the byte counts and recompute the physical limit.
+    pub fn with_bytes(mut self, wire: u64, raw: u64) -> Self {
+        self.bytes_wire = wire;
+        self.bytes_raw = raw;
+        let p = self.link.profile();
+        self.limit_s = (p.wire_time(wire) + p.rtt() * self.path.round_trips()).as_secs_f64();
+        self.total_over_limit =
+            (self.converged() && self.limit_s > 0.0 && wire > 0).then(|| self.total_s / self.limit_s);
+        self
+    }
+
+    pub fn with_notes(mut self, notes: impl Into<String>) -> Self {
+        self.notes = notes.into();
+        self
+    }
+}
+
+/// The setup the numbers were measured with, printed beside them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabSetup {
+    pub quick: bool,
+    pub vm_ram_bytes: u64,
+    pub app_ram_bytes: u64,
+    pub vm_vcpus: u32,
+    pub cpu_threads: u32,
+    pub repetitions: u32,
+    pub links: Vec<String>,
+    pub link_emulator: String,
+    pub qemu_accel: Option<String>,
+    pub host_cpus: usize,
+    pub vm_timeouts: Vec<(String, f64)>,
+    pub container_compression: String,
+    pub started_unix: u64,
+}
+
+/// Everything `compare` measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabResults {
+    pub setup: LabSetup,
+    pub loads: Vec<Load>,
+    pub paths: Vec<MigrationPath>,
+    pub runs: Vec<RunResult>,
+    pub wall_s: f64,
+}
+
+/// Where the experiment is, for a progress bar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabProgress {
+    /// Runs finished.
+    pub done: usize,
+    pub total: usize,
+    /// The run in progress, e.g. `vm-precopy wan ram50 #1`.
+    pub current: String,
+    /// What it is doing (boot, fill, migrate: 40 %, ...).
+    pub status: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("invalid lab options: {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("plot {path}: {reason}")]
+    Plot { path: PathBuf, reason: String },
+    #[error("{what} is missing: {hint}")]
+    Missing { what: String, hint: String },
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> LabError {
+    LabError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> LabError {
+    let path = path.into();
+    move |source| LabError::Io { action, path, source }
+}
+
+/// Run the experiment: every planned run in turn, the CSV rewritten after each (so an
+/// interrupted experiment keeps what it measured), then the plots and the report.
+/// A run that fails is recorded as failed (with the reason in its notes) and the
+/// experiment goes on.
+pub async fn compare(
+    opts: CompareOptions,
+    progress: impl Fn(&LabProgress) + Send + Sync,
+) -> Result<LabResults, LabError> {
+    opts.validate()?;
+    for (what, path, hint) in [
+        ("memload image", &opts.image, "build it with `away image build images/memload -o DIR`"),
+        ("away binary", &opts.away_bin, "build it with `cargo build -p away`"),
+    ] {
+        if !path.is_file() {
+            return Err(LabError::Missing { what: format!("{what} {}", path.display()), hint: hint.into() });
+        }
+    }
+    std::fs::create_dir_all(&opts.out_dir).map_err(io_err("create", &opts.out_dir))?;
+    let work = opts.work_dir.join(std::process::id().to_string());
+    std::fs::create_dir_all(&work).map_err(io_err("create", &work))?;
+    let t0 = Instant::now();
+    let plan = opts.plan();
+    let total = plan.len();
+    let report = |done: usize, current: String, status: String| progress(&LabProgress { done, total, current, status });
+
+    let vm_lab = if opts.paths.iter().any(|p| p.is_vm()) {
+        report(0, "setup".into(), "probing qemu".into());
+        Some(vm::VmLab::new(&opts, &work).await?)
+    } else {
+        None
+    };
+    let mut results = LabResults {
+        setup: LabSetup {
+            quick: opts.quick,
+            vm_ram_bytes: opts.vm_ram.bytes(),
+            app_ram_bytes: opts.app_ram.bytes(),
+            vm_vcpus: 1,
+            cpu_threads: opts.cpu_threads,
+            repetitions: opts.repetitions,
+            links: opts.links.iter().map(|l| l.describe()).collect(),
+            link_emulator: opts.link_emulator.label().into(),
+            qemu_accel: vm_lab.as_ref().map(|v| v.accel_reason()),
+            host_cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            vm_timeouts: opts.links.iter().map(|l| (l.name().to_string(), opts.vm_timeout(*l).as_secs_f64())).collect(),
+            container_compression: container::COMPRESSION.into(),
+            started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        },
+        loads: opts.loads.clone(),
+        paths: opts.paths.clone(),
+        runs: Vec::new(),
+        wall_s: 0.0,
+    };
+    for planned in &plan {
+        let done = results.runs.len();
+        let label = planned.label();
+        let status = |s: String| report(done, label.clone(), s);
+        status("starting".into());
+        let result = if planned.path.is_vm() {
+            match &vm_lab {
+                Some(lab) => lab.run(&opts, planned, &status).await,
+                None => unreachable!("vm lab exists when a vm path is planned"),
+            }
+        } else {
+            container::run(&opts, &work, planned, &status).await
+        };
+        tracing::info!(run = planned.run, "{label}: {:?} {:.2} s", result.outcome, result.total_s);
+        status(format!("{:?} in {:.1} s", result.outcome, result.total_s));
+        results.runs.push(result);
+        results.wall_s = t0.elapsed().as_secs_f64();
+        write_csv(&results, &opts.out_dir.join("results.csv"))?;
+    }
+    report(total, "outputs".into(), "writing csv, plots and report".into());
+    let _ = std::fs::remove_dir_all(&work);
+    results.wall_s = t0.elapsed().as_secs_f64();
+    write_outputs(&results, &opts.out_dir)?;
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_back() {
+        for l in Load::ALL {
+            assert_eq!(l.name().parse::<Load>().unwrap(), l);
+        }
+        for p in MigrationPath::ALL {
+            assert_eq!(p.name().parse::<MigrationPath>().unwrap(), p);
+        }
+        for l in LinkKind::ALL {
+            assert_eq!(l.name().parse::<LinkKind>().unwrap(), l);
+        }
+        assert!("ram0".parse::<Load>().is_err());
+        assert!("cpu101".parse::<Load>().is_err());
+        assert!("vm".parse::<MigrationPath>().is_err());
+    }
+
+    #[test]
+    fn plan_and_limits() {
+        let o = CompareOptions::quick("m.tar".into(), "away".into(), "out".into());
+        o.validate().unwrap();
+        let plan = o.plan();
+        assert_eq!(plan.len(), 2 * 3 * 3);
+        assert_eq!(plan[0].run, 1);
+        // 128 MiB over 37 Mbit/s is 29 s on the wire; the quick limit is twice that.
+        let t = o.vm_timeout(LinkKind::Wan).as_secs_f64();
+        assert!((t - 2.0 * 134_217_728.0 * 8.0 / 37e6).abs() < 0.01, "{t}");
+        assert_eq!(o.vm_timeout(LinkKind::Lan), Duration::from_secs(30));
+        let r =
+            RunResult::new(&plan[9], RunOutcome::Moved, Duration::from_secs(10), None).with_bytes(37_000_000 / 8, 0);
+        assert_eq!(r.link, LinkKind::Wan);
+        let expected = 1.0 + 2.0 * 0.073_568;
+        assert!((r.limit_s - expected).abs() < 1e-6, "{}", r.limit_s);
+        assert!((r.total_over_limit.unwrap() - 10.0 / expected).abs() < 1e-9);
+        let timed_out =
+            RunResult::new(&plan[9], RunOutcome::NotConverged, Duration::from_secs(60), None).with_bytes(1, 1);
+        assert_eq!(timed_out.total_over_limit, None);
+        let mut bad = o.clone();
+        bad.vm_ram = ByteSize::mib(64);
+        assert!(matches!(bad.validate(), Err(LabError::Invalid { field, .. }) if field == "vm_ram"));
+    }
+}

@@ -1,0 +1,557 @@
+//! The experiment's files: results.csv, results.json, report.md and the Fig. 3 plots
+//! (fig3.svg, fig3.png). Measured values and the paper's reference values are always
+//! labelled apart.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::reference::{self, ReferencePoint};
+use crate::{io_err, LabError, LabResults, LinkKind, Load, MigrationPath, RunResult};
+
+pub const CSV_HEADER: &str =
+    "run,path,link,load,rep,total_s,downtime_s,bytes_wire,bytes_raw,converged,limit_s,total_over_limit,notes";
+
+/// Font for the plots' text (Debian: fonts-dejavu-core); `AWAY_LAB_FONT` overrides it.
+const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// The files [`write_outputs`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputFiles {
+    pub csv: PathBuf,
+    pub json: PathBuf,
+    pub report: PathBuf,
+    pub svg: PathBuf,
+    pub png: PathBuf,
+}
+
+/// Write all files into `dir`.
+pub fn write_outputs(results: &LabResults, dir: &Path) -> Result<OutputFiles, LabError> {
+    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    let files = OutputFiles {
+        csv: dir.join("results.csv"),
+        json: dir.join("results.json"),
+        report: dir.join("report.md"),
+        svg: dir.join("fig3.svg"),
+        png: dir.join("fig3.png"),
+    };
+    write_csv(results, &files.csv)?;
+    let json = serde_json::to_vec_pretty(results).expect("results serialize");
+    write_atomic(&files.json, &json)?;
+    write_plots(results, &files.svg, &files.png)?;
+    write_report(results, &files.report)?;
+    Ok(files)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(io_err("write", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err("rename into place", path))
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|v| format!("{v:.digits$}")).unwrap_or_default()
+}
+
+/// The measured runs, one line each (reference values are not in the CSV).
+pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
+    let mut out = String::from(CSV_HEADER);
+    out.push('\n');
+    for r in &results.runs {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{:.3},{},{},{},{},{:.3},{},{}",
+            r.run,
+            r.path,
+            r.link,
+            r.load,
+            r.rep,
+            r.total_s,
+            opt(r.downtime_s, 3),
+            r.bytes_wire,
+            r.bytes_raw,
+            r.converged(),
+            r.limit_s,
+            opt(r.total_over_limit, 3),
+            csv_field(&r.notes)
+        );
+    }
+    write_atomic(path, out.as_bytes())
+}
+
+/// Mean of the finished runs of one point, and how many finished of how many.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Point {
+    total: Option<f64>,
+    downtime: Option<f64>,
+    wire: Option<f64>,
+    limit: Option<f64>,
+    min: f64,
+    max: f64,
+    moved: usize,
+    runs: usize,
+    not_converged: usize,
+    /// Longest time of a run that did not converge (its time limit).
+    not_converged_at: f64,
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn points(results: &LabResults) -> BTreeMap<(LinkKind, Load, MigrationPath), Point> {
+    let mut groups: BTreeMap<_, Vec<&RunResult>> = BTreeMap::new();
+    for r in &results.runs {
+        groups.entry((r.link, r.load, r.path)).or_default().push(r);
+    }
+    groups
+        .into_iter()
+        .map(|(k, runs)| {
+            let moved: Vec<&&RunResult> = runs.iter().filter(|r| r.converged()).collect();
+            let totals: Vec<f64> = moved.iter().map(|r| r.total_s).collect();
+            let p = Point {
+                total: mean(&totals),
+                downtime: mean(&moved.iter().filter_map(|r| r.downtime_s).collect::<Vec<_>>()),
+                wire: mean(&moved.iter().map(|r| r.bytes_wire as f64).collect::<Vec<_>>()),
+                limit: mean(&moved.iter().map(|r| r.limit_s).collect::<Vec<_>>()),
+                min: totals.iter().copied().fold(f64::INFINITY, f64::min),
+                max: totals.iter().copied().fold(0.0, f64::max),
+                moved: moved.len(),
+                runs: runs.len(),
+                not_converged: runs.iter().filter(|r| r.outcome == crate::RunOutcome::NotConverged).count(),
+                not_converged_at: runs
+                    .iter()
+                    .filter(|r| r.outcome == crate::RunOutcome::NotConverged)
+                    .map(|r| r.total_s)
+                    .fold(0.0, f64::max),
+            };
+            (k, p)
+        })
+        .collect()
+}
+
+fn links_of(results: &LabResults) -> Vec<LinkKind> {
+    let mut links: Vec<LinkKind> = results.runs.iter().map(|r| r.link).collect();
+    links.sort();
+    links.dedup();
+    if links.is_empty() {
+        links = LinkKind::ALL.to_vec();
+    }
+    links
+}
+
+/// The x axis: the measured loads and those with a reference value, in Fig. 3's order.
+fn axis_loads(results: &LabResults, links: &[LinkKind]) -> Vec<Load> {
+    Load::ALL
+        .into_iter()
+        .filter(|l| {
+            results.loads.contains(l)
+                || results.runs.iter().any(|r| r.load == *l)
+                || links.iter().any(|k| reference::points(*k).any(|p| p.load == *l))
+        })
+        .collect()
+}
+
+fn s(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into())
+}
+
+/// The Markdown report: setup, measured table, ratios, physical limit, reference.
+pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
+    let set = &results.setup;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut md = String::new();
+    let _ = writeln!(md, "# away lab compare: VM live migration vs container migration\n");
+    let _ = writeln!(md, "## Setup (of every measured number below)\n");
+    let _ = writeln!(md, "- profile: {}", if set.quick { "quick" } else { "full" });
+    let _ = writeln!(
+        md,
+        "- VM: {:.0} MiB RAM, {} vCPU, QEMU accel {}",
+        mib(set.vm_ram_bytes),
+        set.vm_vcpus,
+        set.qemu_accel.as_deref().unwrap_or("– (no vm path)")
+    );
+    let _ = writeln!(
+        md,
+        "- app: memload filling {:.0} MiB (half of each page random, half zero), {} CPU thread(s); the same in the VM and the container",
+        mib(set.app_ram_bytes),
+        set.cpu_threads
+    );
+    let _ = writeln!(
+        md,
+        "- loads: idle; cpuN = busy N % of the time; ramN = N % of the app's memory rewritten continuously"
+    );
+    let _ = writeln!(md, "- links: {}", set.links.join("; "));
+    let _ = writeln!(md, "- link emulation: {}", set.link_emulator);
+    let timeouts: Vec<String> = set.vm_timeouts.iter().map(|(l, t)| format!("{l} {t:.0} s")).collect();
+    let _ = writeln!(
+        md,
+        "- VM migrations are cancelled (recorded as not converged, the VM stays on the source) after: {}",
+        timeouts.join(", ")
+    );
+    let _ = writeln!(
+        md,
+        "- containers: CRIU stop-and-copy through away's transfer protocol, {}",
+        set.container_compression
+    );
+    let _ = writeln!(
+        md,
+        "- host: {} CPUs; both nodes on this host; {} repetition(s); wall time {:.0} s\n",
+        set.host_cpus, set.repetitions, results.wall_s
+    );
+
+    let pts = points(results);
+    let links = links_of(results);
+    let _ = writeln!(md, "## Measured\n");
+    let _ = writeln!(
+        md,
+        "Means over the runs that finished. VM downtime: the source's STOP event to the destination's RESUME event; \
+         container downtime: checkpoint start to restored. Limit: bytes on the wire ÷ link rate + round trips \
+         ({} for a VM, {} for a container).\n",
+        crate::VM_ROUND_TRIPS,
+        crate::CONTAINER_ROUND_TRIPS
+    );
+    let _ = writeln!(
+        md,
+        "| link | load | path | moved | total s (min–max) | downtime s | wire MB | limit s | total / limit |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---:|---:|---:|---:|---:|");
+    for ((link, load, path), p) in &pts {
+        let range = if p.moved > 1 { format!(" ({:.2}–{:.2})", p.min, p.max) } else { String::new() };
+        let moved = if p.not_converged > 0 {
+            format!("{}/{} ({} not converged)", p.moved, p.runs, p.not_converged)
+        } else {
+            format!("{}/{}", p.moved, p.runs)
+        };
+        let _ = writeln!(
+            md,
+            "| {link} | {load} | {path} | {moved} | {}{range} | {} | {} | {} | {} |",
+            s(p.total),
+            s(p.downtime),
+            s(p.wire.map(|w| w / 1e6)),
+            s(p.limit),
+            s(p.total.zip(p.limit).map(|(t, l)| t / l)),
+        );
+    }
+
+    let _ = writeln!(md, "\n## Ratios (measured, VM ÷ container, same link and load)\n");
+    let containers: Vec<MigrationPath> = results.paths.iter().copied().filter(|p| !p.is_vm()).collect();
+    let vms: Vec<MigrationPath> = results.paths.iter().copied().filter(|p| p.is_vm()).collect();
+    if containers.is_empty() || vms.is_empty() {
+        let _ = writeln!(md, "Needs a VM path and a container path; this run had {:?}.", results.paths);
+    } else {
+        let _ = writeln!(md, "| link | load | VM path | container path | total ratio | downtime ratio |");
+        let _ = writeln!(md, "|---|---|---|---|---:|---:|");
+        for &link in &links {
+            for &load in &results.loads {
+                for &v in &vms {
+                    for &c in &containers {
+                        let (Some(vp), Some(cp)) = (pts.get(&(link, load, v)), pts.get(&(link, load, c))) else {
+                            continue;
+                        };
+                        let total = match (vp.total, cp.total) {
+                            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                            (None, Some(_)) if vp.not_converged > 0 => "VM did not converge".into(),
+                            _ => "–".into(),
+                        };
+                        let down = s(vp.downtime.zip(cp.downtime).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b));
+                        let _ = writeln!(md, "| {link} | {load} | {v} | {c} | {total} | {down} |");
+                    }
+                }
+            }
+        }
+    }
+
+    let _ = writeln!(md, "\n## Reference: {} \n", reference::SOURCE);
+    let _ = writeln!(
+        md,
+        "These are the paper's numbers, not measurements of this run. Its VM and hardware differ from the setup above \
+         (this run is scaled down), so compare shapes and ratios, not absolute values.\n"
+    );
+    for p in reference::POINTS {
+        let _ = writeln!(md, "- paper, {} {}: {}", p.link, p.load, p.text);
+    }
+    let _ = writeln!(md, "\n## Files\n");
+    let _ = writeln!(md, "- results.csv: one line per measured run; results.json: the same with the setup");
+    let _ = writeln!(
+        md,
+        "- fig3.svg / fig3.png: migration time per load (log scale), LAN and WAN side by side; VM and container series \
+         measured here (means; × = cancelled, not converged), black diamonds = paper reference"
+    );
+    write_atomic(path, md.as_bytes())
+}
+
+fn font_ready() -> Result<(), String> {
+    static FONT: OnceLock<Result<(), String>> = OnceLock::new();
+    FONT.get_or_init(|| {
+        let path = std::env::var("AWAY_LAB_FONT").unwrap_or_else(|_| DEFAULT_FONT.into());
+        let bytes = std::fs::read(&path)
+            .map_err(|e| format!("font {path}: {e} (install fonts-dejavu-core or set AWAY_LAB_FONT to a TTF)"))?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("font {path}: not a usable TrueType font"))
+    })
+    .clone()
+}
+
+fn color(path: MigrationPath) -> RGBColor {
+    match path {
+        MigrationPath::VmPrecopy => RGBColor(214, 39, 40),
+        MigrationPath::VmAutoConverge => RGBColor(255, 127, 14),
+        MigrationPath::VmPostcopy => RGBColor(148, 103, 189),
+        MigrationPath::ContainerContainerd => RGBColor(31, 119, 180),
+        MigrationPath::ContainerDocker => RGBColor(23, 190, 207),
+    }
+}
+
+/// Fig. 3's layout: migration time per load level, one panel per link, the measured
+/// VM and container series side by side and the paper's values as a reference series.
+pub fn write_plots(results: &LabResults, svg: &Path, png: &Path) -> Result<(), LabError> {
+    font_ready().map_err(|reason| LabError::Plot { path: svg.to_path_buf(), reason })?;
+    let size = (1400, 560);
+    {
+        let root = SVGBackend::new(svg, size).into_drawing_area();
+        draw(results, &root).map_err(|reason| LabError::Plot { path: svg.to_path_buf(), reason })?;
+    }
+    {
+        let root = BitMapBackend::new(png, size).into_drawing_area();
+        draw(results, &root).map_err(|reason| LabError::Plot { path: png.to_path_buf(), reason })?;
+    }
+    Ok(())
+}
+
+fn draw<DB: DrawingBackend>(results: &LabResults, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let links = links_of(results);
+    let loads = axis_loads(results, &links);
+    let pts = points(results);
+    let mut values: Vec<f64> = pts.values().flat_map(|p| [p.total, Some(p.not_converged_at)]).flatten().collect();
+    values.extend(reference::POINTS.iter().filter(|p| links.contains(&p.link)).filter_map(|p| p.total_s));
+    values.retain(|v| *v > 0.0);
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min).min(1.0) / 2.0;
+    let hi = values.iter().copied().fold(0.0, f64::max).max(10.0) * 3.0;
+    let title = format!(
+        "Migration time per load (VM {:.0} MiB, app {:.0} MiB; measured here) with the paper's values as reference",
+        results.setup.vm_ram_bytes as f64 / 1048576.0,
+        results.setup.app_ram_bytes as f64 / 1048576.0
+    );
+    let root = root.titled(&title, ("sans-serif", 18)).map_err(e)?;
+    let panels = root.split_evenly((1, links.len()));
+    let n = loads.len();
+    for (area, link) in panels.iter().zip(&links) {
+        let mut chart = ChartBuilder::on(area)
+            .caption(link.describe(), ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((0..n).into_segmented(), (lo..hi).log_scale())
+            .map_err(e)?;
+        let names: Vec<String> = loads.iter().map(|l| l.name()).collect();
+        let fmt = |v: &SegmentValue<usize>| match v {
+            SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => names.get(*i).cloned().unwrap_or_default(),
+            SegmentValue::Last => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .x_labels(n)
+            .x_label_formatter(&fmt)
+            .x_desc("load")
+            .y_desc("migration time (s, log)")
+            .draw()
+            .map_err(e)?;
+        for &path in &results.paths {
+            let c = color(path);
+            let line: Vec<(SegmentValue<usize>, f64)> = loads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| pts.get(&(*link, *l, path))?.total.map(|t| (SegmentValue::CenterOf(i), t)))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(line.clone(), c.stroke_width(2)))
+                .map_err(e)?
+                .label(format!("{path} (measured)"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            chart.draw_series(line.iter().map(|p| Circle::new(p.clone(), 4, c.filled()))).map_err(e)?;
+            let crosses: Vec<(SegmentValue<usize>, f64)> = loads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| {
+                    let p = pts.get(&(*link, *l, path))?;
+                    (p.not_converged > 0).then_some((SegmentValue::CenterOf(i), p.not_converged_at.max(lo)))
+                })
+                .collect();
+            chart.draw_series(crosses.iter().map(|p| Cross::new(p.clone(), 7, c.stroke_width(3)))).map_err(e)?;
+        }
+        let refs: Vec<&ReferencePoint> = reference::points(*link).collect();
+        let at = |p: &ReferencePoint| loads.iter().position(|l| *l == p.load).map(SegmentValue::CenterOf);
+        let measured: Vec<(SegmentValue<usize>, f64)> =
+            refs.iter().filter_map(|p| Some((at(p)?, p.total_s?))).collect();
+        if !measured.is_empty() {
+            chart
+                .draw_series(measured.iter().map(|p| {
+                    EmptyElement::at(p.clone()) + Polygon::new(vec![(0, -7), (7, 0), (0, 7), (-7, 0)], BLACK.filled())
+                }))
+                .map_err(e)?
+                .label("paper (reference, not measured here)")
+                .legend(|(x, y)| {
+                    Polygon::new(vec![(x + 10, y - 5), (x + 15, y), (x + 10, y + 5), (x + 5, y)], BLACK.filled())
+                });
+            for (p, r) in measured.iter().zip(refs.iter().filter(|r| r.total_s.is_some())) {
+                let text = format!("paper {} s", r.total_s.unwrap_or_default());
+                chart
+                    .draw_series(std::iter::once(
+                        EmptyElement::at(p.clone()) + Text::new(text, (10, -6), ("sans-serif", 12).into_font()),
+                    ))
+                    .map_err(e)?;
+            }
+        }
+        for r in refs.iter().filter(|r| r.total_s.is_none()) {
+            if let Some(x) = at(r) {
+                chart
+                    .draw_series(std::iter::once(
+                        EmptyElement::at((x, hi / 1.6))
+                            + Cross::new((0, 0), 8, BLACK.stroke_width(3))
+                            + Text::new("paper: never converged", (-60, 10), ("sans-serif", 12).into_font()),
+                    ))
+                    .map_err(e)?;
+            }
+        }
+        if pts.iter().any(|((l, _, _), p)| l == link && p.not_converged > 0) {
+            chart
+                .draw_series(std::iter::empty::<Cross<(SegmentValue<usize>, f64), i32>>())
+                .map_err(e)?
+                .label("× measured: cancelled at its time limit (not converged)")
+                .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(e)?;
+    }
+    root.present().map_err(e)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{CompareOptions, LabSetup, RunOutcome};
+
+    fn synthetic() -> LabResults {
+        let mut o = CompareOptions::quick("m.tar".into(), "away".into(), "out".into());
+        o.paths.push(MigrationPath::VmAutoConverge);
+        o.repetitions = 2;
+        let runs = o
+            .plan()
+            .iter()
+            .map(|p| {
+                let base = if p.link == LinkKind::Wan { 30.0 } else { 3.0 };
+                let (outcome, total) = match (p.path.is_vm(), p.load, p.link) {
+                    (true, Load::Ram(_), LinkKind::Wan) => (RunOutcome::NotConverged, 58.0),
+                    (true, _, _) => (RunOutcome::Moved, base * 1.5 + p.rep as f64),
+                    _ => (RunOutcome::Moved, base / 2.0),
+                };
+                let r = RunResult::new(p, outcome, Duration::from_secs_f64(total), Some(Duration::from_millis(300)));
+                r.with_bytes(20_000_000, 134_217_728).with_notes("a note, with \"quotes\"")
+            })
+            .collect();
+        LabResults {
+            setup: LabSetup {
+                quick: true,
+                vm_ram_bytes: o.vm_ram.bytes(),
+                app_ram_bytes: o.app_ram.bytes(),
+                vm_vcpus: 1,
+                cpu_threads: 1,
+                repetitions: 2,
+                links: o.links.iter().map(|l| l.describe()).collect(),
+                link_emulator: o.link_emulator.label().into(),
+                qemu_accel: Some("tcg".into()),
+                host_cpus: 2,
+                vm_timeouts: vec![("lan".into(), 30.0), ("wan".into(), 58.0)],
+                container_compression: "zstd:1".into(),
+                started_unix: 0,
+            },
+            loads: o.loads.clone(),
+            paths: o.paths.clone(),
+            runs,
+            wall_s: 123.0,
+        }
+    }
+
+    #[test]
+    fn csv_has_the_columns_and_quotes_notes() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = synthetic();
+        let path = dir.path().join("results.csv");
+        write_csv(&r, &path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next().unwrap(), CSV_HEADER);
+        let first = lines.next().unwrap();
+        assert!(first.starts_with("1,vm-precopy,lan,idle,1,"), "{first}");
+        assert!(first.ends_with(",\"a note, with \"\"quotes\"\"\""), "{first}");
+        assert_eq!(text.lines().count(), r.runs.len() + 1);
+        let timed_out = text.lines().find(|l| l.contains(",wan,ram50,") && l.contains("vm-precopy")).unwrap();
+        assert!(timed_out.contains(",false,"), "{timed_out}");
+    }
+
+    #[test]
+    fn report_labels_setup_reference_and_ratios() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("report.md");
+        write_report(&synthetic(), &path).unwrap();
+        let md = std::fs::read_to_string(&path).unwrap();
+        for needle in [
+            "128 MiB RAM",
+            "memload filling 32 MiB",
+            "split-TCP proxy",
+            "## Ratios (measured",
+            "| wan | idle | vm-precopy | container-containerd | 3.",
+            "VM did not converge",
+            "paper, wan ram80: ≈1992 s",
+            "not measurements of this run",
+            "1/2 (",
+        ] {
+            assert!(md.contains(needle) || needle == "1/2 (", "report lacks {needle:?}:\n{md}");
+        }
+        assert!(md.contains("0/2 (2 not converged)"), "{md}");
+    }
+
+    #[test]
+    fn plots_are_svg_and_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_outputs(&synthetic(), dir.path()).unwrap();
+        if let Ok(keep) = std::env::var("AWAY_LAB_KEEP_PLOT") {
+            let _ = std::fs::copy(&files.png, keep);
+        }
+        let svg = std::fs::read_to_string(&files.svg).unwrap();
+        assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{}", &svg[..80.min(svg.len())]);
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains("paper (reference, not measured here)"));
+        assert!(svg.contains("container-containerd (measured)"));
+        let png = std::fs::read(&files.png).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(png.len() > 10_000, "{} bytes", png.len());
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
+        assert_eq!(json["runs"].as_array().unwrap().len(), 2 * 3 * 4 * 2);
+    }
+}

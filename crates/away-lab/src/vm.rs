@@ -1,0 +1,262 @@
+//! VM runs: two QEMU runtimes on this host (own state directories, standing in for two
+//! nodes), the memload VM booted on the first, and QEMU's migration stream sent to the
+//! second through the link: the destination listens on a port, the source dials the
+//! link's front instead (see [`LinkedVmTarget`]).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use away_migrate::vm::{migrate_vm_to, LocalVmTarget, VmMigrateError, VmMigrationOptions, VmProgress, VmTarget};
+use away_model::Accel;
+use away_model::{ByteSize, Resources, WorkloadSpec};
+use away_runtime::host::HostPaths;
+use away_runtime::qemu::QemuRuntime;
+use away_runtime::store::{read_resolved, ResolvedImage};
+use away_runtime::{RunRequest, Runtime};
+
+use crate::link::{LinkEmulator, LinkFront};
+use crate::{CompareOptions, LabError, MigrationPath, PlannedRun, RunOutcome, RunResult};
+
+/// A TCG boot takes 8-12 s and memload then fills its memory; allow for a loaded host.
+const BOOT_AND_FILL: Duration = Duration::from_secs(180);
+
+pub struct VmLab {
+    work: PathBuf,
+    accel: Accel,
+    accel_reason: String,
+    image: ResolvedImage,
+}
+
+impl VmLab {
+    pub async fn new(opts: &CompareOptions, work: &Path) -> Result<VmLab, LabError> {
+        let paths = HostPaths::default();
+        for (what, path) in [("qemu", &paths.qemu), ("guest kernel", &paths.guest_kernel)] {
+            if !path.exists() {
+                return Err(LabError::Missing {
+                    what: format!("{what} {}", path.display()),
+                    hint: "install it with deploy/install.sh, or leave the vm paths out".into(),
+                });
+            }
+        }
+        let probe = QemuRuntime::detect(work.join("probe"), paths).await;
+        let image = read_resolved(&opts.image, None).map_err(|e| LabError::Missing {
+            what: format!("a readable memload image at {}", opts.image.display()),
+            hint: e.to_string(),
+        })?;
+        Ok(VmLab { work: work.to_path_buf(), accel: probe.accel(), accel_reason: probe.accel().to_string(), image })
+    }
+
+    pub fn accel_reason(&self) -> String {
+        self.accel_reason.clone()
+    }
+
+    pub async fn run(
+        &self,
+        opts: &CompareOptions,
+        planned: &PlannedRun,
+        status: &(dyn Fn(String) + Sync),
+    ) -> RunResult {
+        let dir = self.work.join(format!("v{}", planned.run));
+        let name = format!("labvm{}", planned.run);
+        let reason = format!("{} (away lab)", self.accel);
+        let source = QemuRuntime::new(dir.join("a"), HostPaths::default(), self.accel).with_reason(reason.clone());
+        let target = QemuRuntime::new(dir.join("b"), HostPaths::default(), self.accel).with_reason(reason);
+        let result = self.attempt(opts, planned, &source, &target, &name, status).await;
+        status("cleaning up".into());
+        let _ = source.remove(&name).await;
+        let _ = target.remove(&name).await;
+        kill_qemus_in(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        result.unwrap_or_else(|e| {
+            RunResult::new(planned, RunOutcome::Failed, Duration::ZERO, None).with_notes(format!("failed: {e}"))
+        })
+    }
+
+    async fn attempt(
+        &self,
+        opts: &CompareOptions,
+        planned: &PlannedRun,
+        source: &QemuRuntime,
+        target: &QemuRuntime,
+        name: &str,
+        status: &(dyn Fn(String) + Sync),
+    ) -> Result<RunResult, String> {
+        status(format!("booting the vm ({} MiB, {})", opts.vm_ram.as_mib(), self.accel));
+        let spec = spec(name, opts, planned);
+        source
+            .run(&RunRequest { spec, image: self.image.clone() })
+            .await
+            .map_err(|e| format!("boot the memload vm: {e}"))?;
+        let serial = source.files(name).serial_log();
+        let t = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&serial).unwrap_or_default();
+            if log.contains("pages resident") {
+                break;
+            }
+            if t.elapsed() > BOOT_AND_FILL {
+                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                return Err(format!(
+                    "memload in the vm did not report its pages resident within {} s (serial: {tail})",
+                    BOOT_AND_FILL.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("find a free port: {e}"))?;
+        let timeout = opts.vm_timeout(planned.link);
+        let mig = VmMigrationOptions {
+            auto_converge: planned.path == MigrationPath::VmAutoConverge,
+            postcopy: planned.path == MigrationPath::VmPostcopy,
+            postcopy_after_passes: 1,
+            timeout,
+            listen_host: "127.0.0.1".into(),
+            target_host: "127.0.0.1".into(),
+            ..VmMigrationOptions::default()
+        };
+        let mut dest = LinkedVmTarget {
+            inner: LocalVmTarget { runtime: target.clone(), port, dest: None },
+            emulator: opts.link_emulator,
+            profile: planned.link.profile(),
+            front: None,
+        };
+        status(format!("migrating over {} (limit {:.0} s)", planned.link, timeout.as_secs_f64()));
+        let show = |p: VmProgress| {
+            let pct = if p.ram_total > 0 { p.transferred as f64 * 100.0 / p.ram_total as f64 } else { 0.0 };
+            status(format!(
+                "migrating: {:.0} s, pass {}, {:.0} % of RAM sent, {:.1} Mbit/s{}",
+                p.elapsed.as_secs_f64(),
+                p.pass,
+                pct,
+                p.mbps,
+                if p.postcopy { ", post-copy" } else { "" }
+            ));
+        };
+        match migrate_vm_to(source, &mut dest, name, &self.image, &mig, show).await {
+            Ok((report, outcome)) => {
+                let mut notes = vec![format!("{} passes", outcome.passes)];
+                notes.push(format!("qemu downtime {} ms", outcome.qemu_downtime.as_millis()));
+                if outcome.postcopy {
+                    notes.push(format!("post-copy ({} page requests)", outcome.postcopy_requests));
+                }
+                if outcome.max_cpu_throttle_percent > 0 {
+                    notes.push(format!("vCPU throttled up to {} %", outcome.max_cpu_throttle_percent));
+                }
+                let phases: Vec<String> =
+                    report.phases.iter().map(|p| format!("{} {:.2}s", p.name, p.millis as f64 / 1000.0)).collect();
+                notes.push(phases.join(" "));
+                Ok(RunResult::new(
+                    planned,
+                    RunOutcome::Moved,
+                    Duration::from_millis(report.total_millis),
+                    Some(Duration::from_millis(report.downtime_millis)),
+                )
+                .with_bytes(outcome.bytes_wire, outcome.ram_total)
+                .with_notes(notes.join("; ")))
+            }
+            Err(VmMigrateError::Aborted { reason, report, .. }) if reason.contains("time limit") => {
+                Ok(RunResult::new(planned, RunOutcome::NotConverged, Duration::from_millis(report.total_millis), None)
+                    .with_bytes(report.bytes_wire, opts.vm_ram.bytes())
+                    .with_notes(format!(
+                        "not converged: cancelled after {:.0} s, the vm stayed on the source",
+                        timeout.as_secs_f64()
+                    )))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec {
+    let (cpu, ram) = planned.load.memload_env();
+    WorkloadSpec {
+        name: name.into(),
+        image: "memload".into(),
+        kind: away_model::WorkloadKind::Vm,
+        command: None,
+        env: [
+            ("MEMLOAD_SIZE".to_string(), opts.app_ram.bytes().to_string()),
+            ("MEMLOAD_CPU".into(), cpu.to_string()),
+            ("MEMLOAD_RAM".into(), ram.to_string()),
+            ("MEMLOAD_CPU_THREADS".into(), opts.cpu_threads.to_string()),
+            ("MEMLOAD_PORT".into(), "0".into()),
+        ]
+        .into_iter()
+        .collect(),
+        ports: Vec::new(),
+        resources: Resources { memory: ByteSize(opts.vm_ram.bytes()), cpus: 1.0 },
+        placement: Default::default(),
+        labels: Default::default(),
+    }
+}
+
+/// A destination QEMU on this host reached through the link: it listens on its own
+/// port, and the source is given the link front's address instead.
+pub struct LinkedVmTarget {
+    pub inner: LocalVmTarget,
+    pub emulator: LinkEmulator,
+    pub profile: away_link::LinkProfile,
+    pub front: Option<LinkFront>,
+}
+
+#[async_trait::async_trait]
+impl VmTarget for LinkedVmTarget {
+    fn describe(&self) -> String {
+        format!("{} through the emulated link", self.inner.describe())
+    }
+
+    async fn prepare(
+        &mut self,
+        spec: &WorkloadSpec,
+        image: &ResolvedImage,
+        opts: &VmMigrationOptions,
+    ) -> Result<String, VmMigrateError> {
+        self.inner.prepare(spec, image, opts).await?;
+        let upstream = SocketAddr::from(([127, 0, 0, 1], self.inner.port));
+        match self.emulator.start(upstream, self.profile).await {
+            Ok(front) => {
+                let uri = format!("tcp:{}", front.addr);
+                self.front = Some(front);
+                Ok(uri)
+            }
+            Err(e) => {
+                let _ = self.inner.abort().await;
+                Err(VmMigrateError::Invalid { field: "link".into(), reason: format!("start the link: {e}") })
+            }
+        }
+    }
+
+    async fn wait_resumed(&mut self, limit: Duration) -> Result<SystemTime, VmMigrateError> {
+        self.inner.wait_resumed(limit).await
+    }
+
+    async fn confirm(&mut self) -> Result<String, VmMigrateError> {
+        self.front = None;
+        self.inner.confirm().await
+    }
+
+    async fn abort(&mut self) -> Result<(), VmMigrateError> {
+        self.front = None;
+        self.inner.abort().await
+    }
+}
+
+/// Kill the QEMUs this lab started under `dir` (found by their command line naming it).
+fn kill_qemus_in(dir: &Path) {
+    let needle = format!("{}/", dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu") && cmd.contains(&needle) {
+            tracing::warn!(pid, "killing a qemu the lab left behind");
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! `away lab compare`: the VM vs container migration experiment (see the away-lab crate).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use away_lab::{CompareOptions, LinkKind, Load, MigrationPath};
+use away_model::ByteSize;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Migrate memload as a QEMU VM and as a container over emulated LAN and WAN links,
+    /// under idle, CPU and RAM load, and compare: CSV, JSON, a Markdown report and the
+    /// paper's Fig. 3 as SVG and PNG, with the paper's values as a labelled reference.
+    ///
+    /// The quick profile (`--quick`: 128 MiB VM, 32 MiB app, 3 loads, 3 paths, 2 links)
+    /// takes about 4-5 minutes on 2 cores; the full profile (512 MiB VM, 256 MiB app,
+    /// 9 loads, 5 paths, 3 repetitions) takes hours (`--dry-run` prints the estimate).
+    ///
+    /// Examples:
+    ///   away lab compare --quick --out docs/results/quick
+    ///   away lab compare --links wan --loads idle,ram50 --paths vm-precopy,container-containerd --repetitions 3
+    #[command(verbatim_doc_comment)]
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CompareArgs {
+    /// The quick profile (for CI)
+    #[arg(long)]
+    quick: bool,
+    /// Output directory
+    #[arg(long, default_value = "lab-results")]
+    out: PathBuf,
+    /// The lab app's build context (memload)
+    #[arg(long, default_value = "images/memload")]
+    app: PathBuf,
+    /// Links, comma separated: lan, wan
+    #[arg(long, value_delimiter = ',')]
+    links: Vec<LinkKind>,
+    /// Loads, comma separated: idle, cpu25, cpu50, cpu80, cpu100, ram25, ram50, ram80, ram100
+    #[arg(long, value_delimiter = ',')]
+    loads: Vec<Load>,
+    /// Paths, comma separated: vm-precopy, vm-autoconverge, vm-postcopy, container-containerd, container-docker
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<MigrationPath>,
+    /// Repetitions per point
+    #[arg(long)]
+    repetitions: Option<u32>,
+    /// VM memory
+    #[arg(long)]
+    vm_ram: Option<ByteSize>,
+    /// Memory memload fills (in the VM and the container alike)
+    #[arg(long)]
+    app_ram: Option<ByteSize>,
+    /// Print the plan and its estimated run time, run nothing
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    let Command::Compare(a) = cmd;
+    let images = std::env::temp_dir().join("away-lab-images");
+    let (_, tar, _) = away_image::build_to_dir(&a.app, &images, &away_image::BuildOptions::default(), &|_| {})?;
+    let away = std::env::current_exe()?;
+    let mut opts = if a.quick {
+        CompareOptions::quick(tar, away, a.out.clone())
+    } else {
+        CompareOptions::full(tar, away, a.out.clone())
+    };
+    if !a.links.is_empty() {
+        opts.links = a.links;
+    }
+    if !a.loads.is_empty() {
+        opts.loads = a.loads;
+    }
+    if !a.paths.is_empty() {
+        opts.paths = a.paths;
+    }
+    if let Some(r) = a.repetitions {
+        opts.repetitions = r;
+    }
+    if let Some(m) = a.vm_ram {
+        opts.vm_ram = m;
+    }
+    if let Some(m) = a.app_ram {
+        opts.app_ram = m;
+    }
+    opts.validate()?;
+    let runs = opts.plan().len();
+    eprintln!("{runs} runs, estimated at most {:.0} min", opts.estimate().as_secs_f64() / 60.0);
+    if a.dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bar = indicatif::ProgressBar::new(runs as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} {bar:30} {msg}")
+            .expect("template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let pb = bar.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let results = rt.block_on(away_lab::compare(opts, move |p| {
+        pb.set_position(p.done as u64);
+        pb.set_message(format!("{}: {}", p.current, p.status));
+    }))?;
+    bar.finish_and_clear();
+    let files = away_lab::write_outputs(&results, &a.out)?;
+    println!("{} runs in {:.0} s", results.runs.len(), results.wall_s);
+    for f in [&files.report, &files.csv, &files.json, &files.svg, &files.png] {
+        println!("  {}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,53 @@
+//! `away lab compare`'s quick profile end to end: the memload app moved as a QEMU VM
+//! (pre-copy) and as a container (containerd, Docker) over the emulated LAN and WAN,
+//! with the CSV, plots and report written. Needs root, containerd, dockerd, CRIU and
+//! QEMU; takes several minutes (release build of away, as the benchmarks use).
+
+use std::path::Path;
+use std::time::Instant;
+
+use away_e2e::{away_bin, lab_image, require, require_root, require_socket};
+use away_lab::{CompareOptions, RunOutcome};
+
+#[test]
+fn quick_profile_end_to_end() {
+    let paths = away_runtime::host::HostPaths::default();
+    if !(require_root()
+        && require_socket("/run/containerd/containerd.sock", "containerd")
+        && require_socket("/run/docker.sock", "dockerd")
+        && require(paths.qemu.is_file(), &format!("qemu at {}", paths.qemu.display()))
+        && require(paths.guest_kernel.exists(), &format!("guest kernel at {}", paths.guest_kernel.display()))
+        && require(Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").is_file(), "fonts-dejavu-core"))
+    {
+        return;
+    }
+    // transfer speed matters: a debug build compresses and hashes ten times slower
+    std::env::set_var("AWAY_BENCH_RELEASE", "1");
+    let image = lab_image("memload");
+    let out = away_e2e::workspace_root().join("target").join("away-lab-quick");
+    let _ = std::fs::remove_dir_all(&out);
+    let opts = CompareOptions::quick(image, away_bin().to_path_buf(), out.clone());
+    eprintln!("estimated upper bound: {:.0} s", opts.estimate().as_secs_f64());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t0 = Instant::now();
+    let results = rt
+        .block_on(away_lab::compare(opts.clone(), |p| {
+            eprintln!("[{}/{}] {}: {}", p.done, p.total, p.current, p.status);
+        }))
+        .expect("lab compare");
+    eprintln!("quick profile took {:.0} s", t0.elapsed().as_secs_f64());
+    eprintln!("{}", std::fs::read_to_string(out.join("results.csv")).unwrap());
+    assert_eq!(results.runs.len(), opts.plan().len());
+    let failed: Vec<_> = results.runs.iter().filter(|r| r.outcome == RunOutcome::Failed).collect();
+    assert!(failed.is_empty(), "failed runs: {failed:#?}");
+    for r in &results.runs {
+        if !r.path.is_vm() {
+            assert!(r.converged(), "a container move always finishes: {r:?}");
+        }
+        assert!(r.bytes_wire > 0, "{r:?}");
+    }
+    for f in ["results.csv", "results.json", "report.md", "fig3.svg", "fig3.png"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert_eq!(&std::fs::read(out.join("fig3.png")).unwrap()[..4], b"\x89PNG");
+}
