@@ -8,7 +8,6 @@
 //! Takes about 3 minutes.
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use away_e2e::{away_bin, free_port, lab_image, wait_for};
 use away_link::LinkProfile;
@@ -180,7 +179,6 @@ fn main() {
             s(total)
         );
     }
-    let _ = Duration::ZERO;
 }
 
 fn criu_version() -> String {

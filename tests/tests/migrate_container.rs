@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use away_e2e::{away_bin, free_port, http_get, lab_image, require_root, require_socket, wait_for};
 use serde_json::Value;
@@ -323,5 +322,4 @@ fn an_unreachable_target_moves_nothing() {
     assert!(source.running(&w.name));
     let after = state(w.port).unwrap();
     assert_eq!(after.1, before.1);
-    let _ = Duration::ZERO;
 }
