@@ -55,8 +55,9 @@ impl From<RuntimeError> for Problem {
     }
 }
 
-/// Every call but `GET /v1/node` needs the cluster token once the agent has one: an
-/// agent takes work only from its broker and the broker's other agents.
+/// Every call needs the cluster token once the agent has one (standalone agents: their
+/// `--token`, if any): an agent takes work only from its broker and the broker's other
+/// agents.
 async fn require_token(
     State(agent): State<Arc<Agent>>,
     req: axum::extract::Request,
