@@ -239,11 +239,17 @@ async fn vm_resumed(
     Path(name): Path<String>,
     Query(q): Query<ResumedQuery>,
 ) -> Result<Json<serde_json::Value>, Problem> {
-    let mut dests = agent.vm_destinations.lock().await;
-    let dest = dests
-        .get_mut(&name)
+    // out of the map while waiting (up to limit_ms): other VM moves must not wait on the lock
+    let mut dest = agent
+        .vm_destinations
+        .lock()
+        .await
+        .remove(&name)
         .ok_or_else(|| Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}"))))?;
-    let at = dest.wait_resumed(std::time::Duration::from_millis(q.limit_ms)).await.map_err(vm_problem)?;
+    let waited = dest.wait_resumed(std::time::Duration::from_millis(q.limit_ms)).await;
+    // back in, resumed or not: confirm or abort comes next
+    agent.vm_destinations.lock().await.insert(name, dest);
+    let at = waited.map_err(vm_problem)?;
     let ms = at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     Ok(Json(serde_json::json!({"resumed_at_ms": ms})))
 }
