@@ -1,6 +1,8 @@
 //! Container runs: a source node (`away run` with its own state directories) and a
 //! target agent (`away agent`, a subprocess) whose transfer port sits behind the link;
-//! the move is `away migrate --json`, the same path users take.
+//! the move is `away migrate --json`, the same path users take. With the packet link the
+//! target agent runs in namespace B and `away migrate` in namespace A, so the migration
+//! traffic crosses the link; `away run` and the runtimes' sockets stay on the host.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 use away_model::MigrationReport;
 use tokio::process::{Child, Command};
 
+use crate::link::{LinkEmulator, LinkFront, PacketSides};
 use crate::{CompareOptions, MigrationPath, PlannedRun, RunOutcome, RunResult};
 
 /// Compression of the checkpoint stream (away's default).
@@ -23,8 +26,16 @@ struct Node {
 }
 
 impl Node {
-    fn command(&self, bin: &Path) -> Command {
-        let mut c = Command::new(bin);
+    /// `bin` in network namespace `netns` (through `nsenter`), or on the host.
+    fn command_in(&self, bin: &Path, netns: Option<&away_link::packet::Endpoint>) -> Command {
+        let mut c = match netns {
+            Some(end) => {
+                let mut c = Command::new("nsenter");
+                c.args(PacketSides::nsenter_args(end)).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         c.env("AWAY_STATE_DIR", self.base.join("state"))
             .env("AWAY_RUN_DIR", self.base.join("run"))
             .env("AWAY_NAMESPACE", &self.namespace)
@@ -34,7 +45,20 @@ impl Node {
     }
 
     async fn away(&self, bin: &Path, args: &[&str]) -> Result<std::process::Output, String> {
-        self.command(bin).args(args).output().await.map_err(|e| format!("run {} {args:?}: {e}", bin.display()))
+        self.away_in(bin, None, args).await
+    }
+
+    async fn away_in(
+        &self,
+        bin: &Path,
+        netns: Option<&away_link::packet::Endpoint>,
+        args: &[&str],
+    ) -> Result<std::process::Output, String> {
+        self.command_in(bin, netns)
+            .args(args)
+            .output()
+            .await
+            .map_err(|e| format!("run {} {args:?}: {e}", bin.display()))
     }
 }
 
@@ -61,12 +85,16 @@ pub async fn run(
     let target = Node { base: dir.join("target"), namespace: "away-lab-target".into() };
     let name = format!("lab-memload-{}-{}", std::process::id(), planned.run);
     let mut agent = None;
-    let outcome = attempt(opts, planned, runtime, &source, &target, &name, &mut agent, status).await;
+    let mut link = None;
+    let outcome = attempt(opts, planned, runtime, &source, &target, &name, &mut agent, &mut link, status).await;
     status("cleaning up".into());
     let _ = target.away(&opts.away_bin, &["rm", "--force", &name]).await;
     let _ = source.away(&opts.away_bin, &["rm", "--force", &name]).await;
     if let Some(mut a) = agent {
         let _ = a.kill().await;
+    }
+    if let Some(l) = link {
+        l.down().await;
     }
     let _ = std::fs::remove_dir_all(&dir);
     match outcome {
@@ -84,37 +112,64 @@ async fn attempt(
     target: &Node,
     name: &str,
     agent_slot: &mut Option<Child>,
+    link_slot: &mut Option<PacketSides>,
     status: &(dyn Fn(String) + Sync),
 ) -> Result<RunResult, String> {
     let bin = &opts.away_bin;
     let (api, transfer) = (free_port()?, free_port()?);
-    let upstream = SocketAddr::from(([127, 0, 0, 1], transfer));
-    let front = opts
-        .link_emulator
-        .start(upstream, planned.link.profile())
-        .await
-        .map_err(|e| format!("start the link in front of {upstream}: {e}"))?;
+    // The proxy's front (kept until the move is over) or the packet link's namespaces.
+    let mut front: Option<LinkFront> = None;
+    let (api_addr, transfer_listen, transfer_advertise) = match opts.link_emulator {
+        LinkEmulator::Packet => {
+            status("bringing up the packet link".into());
+            let sides = PacketSides::up(&PacketSides::name_for(planned.run), planned.link.profile()).await?;
+            let b = sides.b().addr;
+            *link_slot = Some(sides);
+            let transfer = SocketAddr::from((b, transfer));
+            (SocketAddr::from((b, api)), transfer, transfer)
+        }
+        LinkEmulator::SplitTcpProxy => {
+            let upstream = SocketAddr::from(([127, 0, 0, 1], transfer));
+            let f = opts
+                .link_emulator
+                .start(upstream, planned.link.profile())
+                .await
+                .map_err(|e| format!("start the link in front of {upstream}: {e}"))?;
+            let advertise = f.addr;
+            front = Some(f);
+            (SocketAddr::from(([127, 0, 0, 1], api)), upstream, advertise)
+        }
+    };
+    let side_a = link_slot.as_ref().map(|l| l.a().clone());
+    let side_b = link_slot.as_ref().map(|l| l.b().clone());
     status("starting the target agent".into());
-    let mut agent = target.command(bin);
+    let mut agent = target.command_in(bin, side_b.as_ref());
     agent
         .args([
             "agent",
             "--name",
             "lab-target",
             "--listen",
-            &format!("127.0.0.1:{api}"),
+            &api_addr.to_string(),
             "--transfer-listen",
-            &upstream.to_string(),
+            &transfer_listen.to_string(),
             "--transfer-advertise",
-            &front.addr.to_string(),
+            &transfer_advertise.to_string(),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     *agent_slot = Some(agent.spawn().map_err(|e| format!("start away agent: {e}"))?);
     let t = Instant::now();
-    while tokio::net::TcpStream::connect(("127.0.0.1", api)).await.is_err() {
+    loop {
+        let up = match link_slot.as_ref() {
+            Some(l) => l.connect_from_a(api_addr, Duration::from_secs(2)).await,
+            None => tokio::net::TcpStream::connect(api_addr).await.is_ok(),
+        };
+        if up {
+            break;
+        }
         if t.elapsed() > AGENT_UP {
-            return Err(format!("the target agent did not listen on 127.0.0.1:{api} within {} s", AGENT_UP.as_secs()));
+            return Err(format!("the target agent did not listen on {api_addr} within {} s", AGENT_UP.as_secs()));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -168,13 +223,14 @@ async fn attempt(
 
     status(format!("migrating over {}", planned.link));
     let out = source
-        .away(
+        .away_in(
             bin,
+            side_a.as_ref(),
             &[
                 "migrate",
                 name,
                 "--to",
-                &format!("127.0.0.1:{api}"),
+                &api_addr.to_string(),
                 "--compression",
                 COMPRESSION,
                 "--json",

@@ -29,7 +29,7 @@ use away_link::LinkProfile;
 use away_model::ByteSize;
 use serde::{Deserialize, Serialize};
 
-pub use link::{LinkEmulator, LinkFront};
+pub use link::{LinkEmulator, LinkFront, PacketSides};
 pub use output::{write_csv, write_outputs, write_plots, write_report, OutputFiles, CSV_HEADER};
 
 /// Round trips a container move needs besides the data: TCP connect, hello/resume,
@@ -278,7 +278,7 @@ impl CompareOptions {
             image,
             away_bin,
             work_dir: PathBuf::from("/var/tmp/away-lab"),
-            link_emulator: LinkEmulator::SplitTcpProxy,
+            link_emulator: LinkEmulator::Packet,
             vm_timeout_factor: 4.0,
             vm_timeout_min: Duration::from_secs(60),
             cpu_threads: 1,

@@ -523,7 +523,7 @@ mod tests {
         for needle in [
             "128 MiB RAM",
             "memload filling 32 MiB",
-            "split-TCP proxy",
+            "packet level: TUN between two network namespaces",
             "## Ratios (measured",
             "| wan | idle | vm-precopy | container-containerd | 3.",
             "VM did not converge",

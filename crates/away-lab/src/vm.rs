@@ -1,7 +1,10 @@
 //! VM runs: two QEMU runtimes on this host (own state directories, standing in for two
 //! nodes), the memload VM booted on the first, and QEMU's migration stream sent to the
 //! second through the link: the destination listens on a port, the source dials the
-//! link's front instead (see [`LinkedVmTarget`]).
+//! link's front instead (see [`LinkedVmTarget`]). With the packet link, each runtime
+//! starts its QEMU through an `nsenter` wrapper: the source QEMU lives in namespace A, the
+//! destination in namespace B, and QEMU's own migration TCP crosses the link (QMP stays
+//! on unix sockets, reachable from the host).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +18,7 @@ use away_runtime::qemu::QemuRuntime;
 use away_runtime::store::{read_resolved, ResolvedImage};
 use away_runtime::{RunRequest, Runtime};
 
-use crate::link::{LinkEmulator, LinkFront};
+use crate::link::{LinkEmulator, LinkFront, PacketSides};
 use crate::{CompareOptions, LabError, MigrationPath, PlannedRun, RunOutcome, RunResult};
 
 /// A TCG boot takes 8-12 s and memload then fills its memory; allow for a loaded host.
@@ -60,19 +63,41 @@ impl VmLab {
         let dir = self.work.join(format!("v{}", planned.run));
         let name = format!("labvm{}", planned.run);
         let reason = format!("{} (away lab)", self.accel);
-        let source = QemuRuntime::new(dir.join("a"), HostPaths::default(), self.accel).with_reason(reason.clone());
-        let target = QemuRuntime::new(dir.join("b"), HostPaths::default(), self.accel).with_reason(reason);
-        let result = self.attempt(opts, planned, &source, &target, &name, status).await;
-        status("cleaning up".into());
-        let _ = source.remove(&name).await;
-        let _ = target.remove(&name).await;
+        let mut link = None;
+        let result = async {
+            let (paths_a, paths_b, target_host) = match opts.link_emulator {
+                LinkEmulator::Packet => {
+                    status("bringing up the packet link".into());
+                    let sides = PacketSides::up(&PacketSides::name_for(planned.run), planned.link.profile()).await?;
+                    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+                    let a = qemu_in_netns(&dir.join("qemu-a"), sides.a())?;
+                    let b = qemu_in_netns(&dir.join("qemu-b"), sides.b())?;
+                    let host = sides.b().addr.to_string();
+                    link = Some(sides);
+                    (a, b, host)
+                }
+                LinkEmulator::SplitTcpProxy => (HostPaths::default(), HostPaths::default(), "127.0.0.1".to_string()),
+            };
+            let source = QemuRuntime::new(dir.join("a"), paths_a, self.accel).with_reason(reason.clone());
+            let target = QemuRuntime::new(dir.join("b"), paths_b, self.accel).with_reason(reason.clone());
+            let result = self.attempt(opts, planned, &source, &target, &name, &target_host, status).await;
+            status("cleaning up".into());
+            let _ = source.remove(&name).await;
+            let _ = target.remove(&name).await;
+            result
+        }
+        .await;
         kill_qemus_in(&dir);
+        if let Some(l) = link {
+            l.down().await;
+        }
         let _ = std::fs::remove_dir_all(&dir);
         result.unwrap_or_else(|e| {
             RunResult::new(planned, RunOutcome::Failed, Duration::ZERO, None).with_notes(format!("failed: {e}"))
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         opts: &CompareOptions,
@@ -80,6 +105,7 @@ impl VmLab {
         source: &QemuRuntime,
         target: &QemuRuntime,
         name: &str,
+        target_host: &str,
         status: &(dyn Fn(String) + Sync),
     ) -> Result<RunResult, String> {
         status(format!("booting the vm ({} MiB, {})", opts.vm_ram.as_mib(), self.accel));
@@ -116,8 +142,8 @@ impl VmLab {
             postcopy: planned.path == MigrationPath::VmPostcopy,
             postcopy_after_passes: 1,
             timeout,
-            listen_host: "127.0.0.1".into(),
-            target_host: "127.0.0.1".into(),
+            listen_host: target_host.into(),
+            target_host: target_host.into(),
             ..VmMigrationOptions::default()
         };
         let mut dest = LinkedVmTarget {
@@ -217,7 +243,11 @@ impl VmTarget for LinkedVmTarget {
         image: &ResolvedImage,
         opts: &VmMigrationOptions,
     ) -> Result<String, VmMigrateError> {
-        self.inner.prepare(spec, image, opts).await?;
+        let uri = self.inner.prepare(spec, image, opts).await?;
+        if self.emulator == LinkEmulator::Packet {
+            // the destination QEMU listens in namespace B; the source dials it from A
+            return Ok(uri);
+        }
         let upstream = SocketAddr::from(([127, 0, 0, 1], self.inner.port));
         match self.emulator.start(upstream, self.profile).await {
             Ok(front) => {
@@ -245,6 +275,22 @@ impl VmTarget for LinkedVmTarget {
         self.front = None;
         self.inner.abort().await
     }
+}
+
+/// Host paths whose `qemu` is a wrapper at `wrapper` that runs the real QEMU in
+/// `end`'s network namespace (QEMU daemonizes from there and stays in it).
+fn qemu_in_netns(wrapper: &Path, end: &away_link::packet::Endpoint) -> Result<HostPaths, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let paths = HostPaths::default();
+    let script = format!(
+        "#!/bin/sh\nexec nsenter --net=/run/netns/{} -- '{}' \"$@\"\n",
+        end.netns,
+        paths.qemu.display().to_string().replace('\'', "'\\''")
+    );
+    std::fs::write(wrapper, script)
+        .and_then(|()| std::fs::set_permissions(wrapper, std::fs::Permissions::from_mode(0o755)))
+        .map_err(|e| format!("write {}: {e}", wrapper.display()))?;
+    Ok(HostPaths { qemu: wrapper.to_path_buf(), ..paths })
 }
 
 /// Kill the QEMUs this lab started under `dir` (found by their command line naming it).

@@ -52,6 +52,10 @@ pub struct CompareArgs {
     /// Memory memload fills (in the VM and the container alike)
     #[arg(long)]
     app_ram: Option<ByteSize>,
+    /// How the link is emulated: packet (TUN between two network namespaces; the
+    /// endpoints' TCP sees the real round trip) or proxy (split-TCP relay)
+    #[arg(long, default_value = "packet", value_parser = ["packet", "proxy"])]
+    link_emulator: String,
     /// Print the plan and its estimated run time, run nothing
     #[arg(long)]
     dry_run: bool,
@@ -85,6 +89,10 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     if let Some(m) = a.app_ram {
         opts.app_ram = m;
     }
+    opts.link_emulator = match a.link_emulator.as_str() {
+        "proxy" => away_lab::link::LinkEmulator::SplitTcpProxy,
+        _ => away_lab::link::LinkEmulator::Packet,
+    };
     opts.validate()?;
     let runs = opts.plan().len();
     eprintln!("{runs} runs, estimated at most {:.0} min", opts.estimate().as_secs_f64() / 60.0);
