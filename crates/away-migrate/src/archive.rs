@@ -42,16 +42,6 @@ fn private_dir(path: &Path) -> Result<(), MigrateError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(|e| io(path, e))
 }
 
-pub fn dir_bytes(path: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(path) else { return std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) };
-    rd.flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
-        })
-        .sum()
-}
-
 impl ArchiveStore {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         ArchiveStore { root: root.into(), keep_bytes: DEFAULT_KEEP_BYTES }
@@ -110,7 +100,7 @@ impl ArchiveStore {
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
                 out.push(ArchiveEntry {
-                    bytes: dir_bytes(&path),
+                    bytes: away_runtime::runtime::dir_bytes(&path),
                     path,
                     workload,
                     state: state.into(),

@@ -753,19 +753,6 @@ fn parse_user(user: &str) -> (u32, u32) {
     (uid, gid)
 }
 
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| match e.file_type() {
-                    Ok(t) if t.is_dir() => dir_size(&e.path()),
-                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[async_trait]
 impl Runtime for ContainerdRuntime {
     fn kind(&self) -> RuntimeKind {
@@ -927,7 +914,7 @@ impl Runtime for ContainerdRuntime {
         Ok(CheckpointArchive {
             workload: name.into(),
             runtime: KIND,
-            bytes: dir_size(&opts.dir),
+            bytes: crate::runtime::dir_bytes(&opts.dir),
             dir: opts.dir.clone(),
             spec,
             image: c.image,

@@ -482,11 +482,7 @@ impl Runtime for DockerRuntime {
         if let Some(upper) = upper_dir(&c) {
             crate::rootfs::capture(Path::new(&upper), &dir.join(crate::rootfs::ROOTFS_DIFF))?;
         }
-        let walk = dir.clone();
-        let bytes = tokio::task::spawn_blocking(move || dir_bytes(&walk))
-            .await
-            .map_err(|e| RuntimeError::io(format!("measure {}", dir.display()), std::io::Error::other(e)))?
-            .map_err(|e| RuntimeError::io(format!("measure {}", dir.display()), e))?;
+        let bytes = crate::runtime::dir_bytes(&dir);
         Ok(CheckpointArchive { workload: name.into(), runtime: KIND, dir, bytes, spec, image })
     }
 
@@ -597,21 +593,6 @@ fn set_owner_only(dir: &Path) -> Result<(), RuntimeError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| RuntimeError::io(format!("chmod 0700 {}", dir.display()), e))
-}
-
-/// Bytes of the regular files under `dir`.
-fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let ft = entry.file_type()?;
-        if ft.is_dir() {
-            total += dir_bytes(&entry.path())?;
-        } else if ft.is_file() {
-            total += entry.metadata()?.len();
-        }
-    }
-    Ok(total)
 }
 
 fn to_status(name: &str, c: &ContainerInspectResponse) -> WorkloadStatus {

@@ -143,6 +143,21 @@ pub fn check_fits_host(spec: &WorkloadSpec) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+/// Bytes of the regular files under `path` (recursively; a file's own size; 0 when
+/// unreadable): the size of a checkpoint as the report and the archive list give it.
+pub fn dir_bytes(path: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(path) else {
+        return std::fs::metadata(path).map(|m| if m.is_file() { m.len() } else { 0 }).unwrap_or(0);
+    };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum()
+}
+
 /// Create `dir` (and parents) readable by its owner only: checkpoints hold process memory.
 pub fn create_private_dir(dir: &std::path::Path) -> Result<(), RuntimeError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};

@@ -529,7 +529,7 @@ impl Runtime for QemuRuntime {
         let json = serde_json::to_vec_pretty(&archive).expect("archive json");
         std::fs::write(dir.join("checkpoint.json"), json)
             .map_err(|e| RuntimeError::io(format!("write {}", dir.join("checkpoint.json").display()), e))?;
-        let bytes = dir_bytes(&dir);
+        let bytes = crate::runtime::dir_bytes(&dir);
         tracing::info!(
             workload = name,
             bytes,
@@ -685,12 +685,6 @@ async fn kill_vm(files: &VmFiles) {
         kill_pid(pid, &files.dir).await;
         wait_exit(pid, &files.dir, Duration::from_secs(5)).await;
     }
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
-        .unwrap_or(0)
 }
 
 /// `qemu-system-x86_64 --version` -> "10.0.2".
