@@ -38,6 +38,23 @@ pub fn require_root() -> bool {
     require(uid.is_ok_and(|u| u == "0"), "root (uid 0)")
 }
 
+/// Require what VMs need on this host: root, QEMU, the guest kernel and its NIC modules
+/// (all from deploy/install.sh).
+pub fn require_vm_host() -> bool {
+    let paths = away_runtime::host::HostPaths::default();
+    let modules = paths.guest_kernel.with_file_name("modules").join("kernel/drivers/net/virtio_net.ko");
+    require_root()
+        && require(paths.qemu.is_file(), &format!("qemu at {} (deploy/install.sh)", paths.qemu.display()))
+        && require(
+            paths.guest_kernel.exists(),
+            &format!("guest kernel at {} (deploy/install.sh)", paths.guest_kernel.display()),
+        )
+        && require(
+            modules.is_file(),
+            &format!("guest NIC module {} (deploy/install.sh extracts it)", modules.display()),
+        )
+}
+
 /// Require a unix socket that answers at `path` (e.g. containerd's or dockerd's).
 pub fn require_socket(path: &str, daemon: &str) -> bool {
     let ok = std::os::unix::net::UnixStream::connect(path).is_ok();

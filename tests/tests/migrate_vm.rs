@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use away_e2e::{free_port, http_get, require, require_root, wait_for, workspace_root};
+use away_e2e::{free_port, http_get, require_vm_host, wait_for, workspace_root};
 use away_migrate::vm::{migrate_vm, migrate_vm_detailed, VmMigrateError, VmMigrationOptions, VmProgress};
 use away_model::{ByteSize, MigrationMode, PortMapping, Resources, WorkloadSpec, WorkloadState};
 use away_runtime::host::HostPaths;
@@ -32,17 +32,7 @@ fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn ready() -> bool {
-    let paths = HostPaths::default();
-    require_root()
-        && require(paths.qemu.is_file(), &format!("qemu at {} (deploy/install.sh)", paths.qemu.display()))
-        && require(
-            paths.guest_kernel.exists(),
-            &format!("guest kernel at {} (deploy/install.sh)", paths.guest_kernel.display()),
-        )
-        && require(
-            Path::new("/opt/away-guest/modules").join("kernel/drivers/net/virtio_net.ko").is_file(),
-            "guest NIC modules under /opt/away-guest/modules (deploy/install.sh extracts them)",
-        )
+    require_vm_host()
 }
 
 /// The counter image, built once with away-image directly (shared with runtime_qemu).

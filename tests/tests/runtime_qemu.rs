@@ -6,11 +6,11 @@
 //! VM tests take a shared lock: under TCG two cores barely boot one guest quickly,
 //! and parallel boots would starve each other past the timeouts.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use away_e2e::{free_port, http_get, require, require_root, wait_for, workspace_root};
+use away_e2e::{free_port, http_get, require_vm_host, wait_for, workspace_root};
 use away_model::{Accel, ByteSize, PortMapping, Resources, WorkloadSpec, WorkloadState};
 use away_runtime::host::HostPaths;
 use away_runtime::qemu::{QemuRuntime, STATE_FILE};
@@ -28,17 +28,7 @@ fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn ready() -> bool {
-    let paths = HostPaths::default();
-    require_root()
-        && require(paths.qemu.is_file(), &format!("qemu at {} (deploy/install.sh)", paths.qemu.display()))
-        && require(
-            paths.guest_kernel.exists(),
-            &format!("guest kernel at {} (deploy/install.sh)", paths.guest_kernel.display()),
-        )
-        && require(
-            Path::new("/opt/away-guest/modules").join("kernel/drivers/net/virtio_net.ko").is_file(),
-            "guest NIC modules under /opt/away-guest/modules (virtio_net.ko and deps; deploy/install.sh extracts them)",
-        )
+    require_vm_host()
 }
 
 /// Image of a lab app, built once per test process with away-image directly (no CLI).
