@@ -10,9 +10,9 @@
 //!
 //! Run time on a 2-core TCG host: the quick profile (18 runs) took 248 s, measured
 //! (`cargo test -p away-e2e --test lab`). The full profile (2 links × 9 loads × 5 paths
-//! × 3 repetitions = 270 runs, 512 MiB VM, 256 MiB app) is not measured; its upper
+//! × 2 repetitions = 180 runs, 256 MiB VM, 128 MiB app): see docs/results; its upper
 //! bound from [`CompareOptions::estimate`] is dominated by VM runs under RAM load
-//! over the WAN that run into their time limit (4 × VM RAM / rate = 464 s each).
+//! over the WAN that run into their time limit (3 × VM RAM / rate = 174 s each).
 
 mod container;
 pub mod link;
@@ -26,7 +26,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use away_link::LinkProfile;
-use away_model::ByteSize;
+use away_model::{ByteSize, RuntimeKind};
 use serde::{Deserialize, Serialize};
 
 pub use link::{LinkEmulator, LinkFront, PacketSides};
@@ -264,22 +264,24 @@ pub struct CompareOptions {
 }
 
 impl CompareOptions {
-    /// Everything: 2 links × 9 loads × 5 paths × 3 repetitions, 512 MiB VM, 256 MiB app.
+    /// Everything: 2 links × 9 loads × 5 paths × 2 repetitions = 180 runs, 256 MiB VM,
+    /// 128 MiB app; a VM run that has not finished after 3 × VM RAM / rate counts as not
+    /// converged. Sized so a 2-core TCG host finishes it in about two hours.
     pub fn full(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
         CompareOptions {
             links: LinkKind::ALL.to_vec(),
             loads: Load::ALL.to_vec(),
             paths: MigrationPath::ALL.to_vec(),
-            repetitions: 3,
-            vm_ram: ByteSize::mib(512),
-            app_ram: ByteSize::mib(256),
+            repetitions: 2,
+            vm_ram: ByteSize::mib(256),
+            app_ram: ByteSize::mib(128),
             out_dir,
             quick: false,
             image,
             away_bin,
             work_dir: PathBuf::from("/var/tmp/away-lab"),
             link_emulator: LinkEmulator::Packet,
-            vm_timeout_factor: 4.0,
+            vm_timeout_factor: 3.0,
             vm_timeout_min: Duration::from_secs(60),
             cpu_threads: 1,
         }
@@ -543,6 +545,34 @@ fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io
     move |source| LabError::Io { action, path, source }
 }
 
+/// Container paths run on this host's containerd and Docker: refuse to start hours of
+/// runs when one of them is down (each of its runs would only record the same failure).
+async fn preflight_container_runtimes(paths: &[MigrationPath]) -> Result<(), LabError> {
+    let kinds: Vec<RuntimeKind> = paths
+        .iter()
+        .filter_map(|p| match p {
+            MigrationPath::ContainerContainerd => Some(RuntimeKind::Containerd),
+            MigrationPath::ContainerDocker => Some(RuntimeKind::Docker),
+            _ => None,
+        })
+        .collect();
+    if kinds.is_empty() {
+        return Ok(());
+    }
+    let node = away_runtime::LocalNode::open(away_runtime::NodeOptions::default()).await;
+    for info in node.health().await.into_iter().filter(|i| kinds.contains(&i.kind)) {
+        if !info.healthy || !info.checkpoint {
+            return Err(LabError::Missing {
+                what: format!("{} with checkpoint/restore ({})", info.kind, info.detail),
+                hint: "start the daemons with `deploy/services.sh start`, check with `away doctor`, or leave \
+                       its path out with --paths"
+                    .into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Run the experiment: every planned run in turn, the CSV rewritten after each (so an
 /// interrupted experiment keeps what it measured), then the plots and the report.
 /// A run that fails is recorded as failed (with the reason in its notes) and the
@@ -560,6 +590,7 @@ pub async fn compare(
             return Err(LabError::Missing { what: format!("{what} {}", path.display()), hint: hint.into() });
         }
     }
+    preflight_container_runtimes(&opts.paths).await?;
     std::fs::create_dir_all(&opts.out_dir).map_err(io_err("create", &opts.out_dir))?;
     let work = opts.work_dir.join(std::process::id().to_string());
     std::fs::create_dir_all(&work).map_err(io_err("create", &work))?;

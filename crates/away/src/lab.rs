@@ -13,8 +13,9 @@ pub enum Command {
     /// paper's Fig. 3 as SVG and PNG, with the paper's values as a labelled reference.
     ///
     /// The quick profile (`--quick`: 128 MiB VM, 32 MiB app, 3 loads, 3 paths, 2 links)
-    /// takes about 4-5 minutes on 2 cores; the full profile (512 MiB VM, 256 MiB app,
-    /// 9 loads, 5 paths, 3 repetitions) takes hours (`--dry-run` prints the estimate).
+    /// takes about 4-5 minutes on 2 cores; the full profile (256 MiB VM, 128 MiB app,
+    /// 9 loads, 5 paths, 2 repetitions) takes about two hours (`--dry-run` prints an
+    /// upper bound).
     ///
     /// Examples:
     ///   away lab compare --quick --out docs/results/quick
