@@ -172,6 +172,7 @@ fn report(workload: &str, source: &str, target: &str) -> MigrationReport {
         phases: vec![],
         total_millis: 900,
         downtime_millis: 700,
+        degraded_millis: 0,
         bytes_raw: 1 << 20,
         bytes_wire: 1 << 19,
         reason: "test".into(),

@@ -7,6 +7,7 @@
 //! | GET | /v1/workloads | `[WorkloadStatus]` |
 //! | GET | /v1/workloads/{name} | `WorkloadStatus`, 404 |
 //! | POST | /v1/transfers/{id}/commit | 204; 404 when unknown or expired |
+//! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed); 204 or 404 |
 //! | POST | /v1/images | body: an image tar; `{references}` |
 //! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}` |
 //! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait for its RESUME; `{resumed_at_ms}` |
@@ -91,6 +92,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload))
         .route("/v1/transfers/{id}/commit", post(commit))
+        .route("/v1/transfers/{id}", axum::routing::delete(abort_transfer))
         .route("/v1/images", post(upload_image).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
         .route("/v1/vm-migrations", post(vm_prepare))
         .route("/v1/vm-migrations/{name}/resumed", post(vm_resumed))
@@ -150,6 +152,18 @@ async fn commit(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Resu
     }
 }
 
+async fn abort_transfer(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<StatusCode, Problem> {
+    if agent.abort(&id).await {
+        tracing::warn!(transfer = %id, "migration aborted by its source: provisional copy removed");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Problem(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no provisional workload for transfer {id:?} (unknown, committed, or already removed)"),
+        )))
+    }
+}
+
 /// Receive transfers forever; each complete payload is restored on this node.
 pub async fn serve_transfers(agent: Arc<Agent>, listener: tokio::net::TcpListener) {
     let spool = agent.config.spool_dir();
@@ -170,10 +184,14 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
         return Verdict::failed("restore killed (AWAY_FAULT_RESTORE=fail)");
     }
     let settle = std::time::Duration::from_millis(500);
-    let result = restore_received(&agent.node, &payload, settle).await;
+    let mut result = restore_received(&agent.node, &payload, settle).await;
     let verdict = verdict_for(&result, settle);
-    if let (Ok((st, _)), Some(m)) = (&result, manifest) {
-        agent.arm_lease(payload.transfer_id.clone(), Provisional { workload: st.name.clone(), runtime: m.runtime });
+    if let (Ok(restored), Some(m)) = (&mut result, manifest) {
+        let p = Provisional { workload: restored.status.name.clone(), runtime: m.runtime };
+        match restored.lazy.take() {
+            None => agent.arm_lease(payload.transfer_id.clone(), p),
+            Some(daemon) => agent.watch_lazy(payload.transfer_id.clone(), p, daemon).await,
+        }
     }
     verdict
 }

@@ -78,6 +78,10 @@ impl TargetNode for AgentClient {
             .await
             .map(|_| ())
     }
+
+    async fn abort(&self, transfer_id: &str) -> Result<(), MigrateError> {
+        self.check(self.http.delete(format!("{}/v1/transfers/{transfer_id}", self.base)).send().await).await.map(|_| ())
+    }
 }
 
 impl AgentClient {

@@ -133,11 +133,7 @@ impl Agent {
             tokio::time::sleep(lease).await;
             if agent.provisional.lock().await.remove(&transfer_id).is_some() {
                 tracing::warn!(workload = %p.workload, transfer = %transfer_id, "no commit from the source within {} s: removing the provisional copy (the source resumes its own)", lease.as_secs());
-                if let Ok(rt) = agent.node.runtime(p.runtime) {
-                    if let Err(e) = rt.remove(&p.workload).await {
-                        tracing::error!(workload = %p.workload, "cannot remove the uncommitted copy: {e}");
-                    }
-                }
+                agent.remove_copy(&p).await;
             }
         });
     }
@@ -145,6 +141,60 @@ impl Agent {
     /// The source confirms: the provisional workload stays. False if unknown or expired.
     pub async fn commit(&self, transfer_id: &str) -> bool {
         self.provisional.lock().await.remove(transfer_id).is_some()
+    }
+
+    /// The source gives up: remove the provisional workload now. False if unknown.
+    pub async fn abort(&self, transfer_id: &str) -> bool {
+        let Some(p) = self.provisional.lock().await.remove(transfer_id) else { return false };
+        self.remove_copy(&p).await;
+        true
+    }
+
+    async fn remove_copy(&self, p: &Provisional) {
+        if let Ok(rt) = self.node.runtime(p.runtime) {
+            if let Err(e) = rt.remove(&p.workload).await {
+                tracing::error!(workload = %p.workload, "cannot remove the uncommitted copy: {e}");
+            }
+        }
+    }
+
+    /// A lazily restored workload: provisional at once (the source may commit as soon
+    /// as its last page has left), no lease while pages arrive. If the lazy-pages daemon
+    /// fails, the copy misses memory and goes (the source resumes its own); if it ends
+    /// well, the usual lease waits for the commit.
+    pub async fn watch_lazy(
+        self: &Arc<Self>,
+        transfer_id: String,
+        p: Provisional,
+        mut daemon: away_migrate::lazy::LazyPagesDaemon,
+    ) {
+        self.provisional.lock().await.insert(transfer_id.clone(), p.clone());
+        let agent = self.clone();
+        tokio::spawn(async move {
+            // fault injection for the end-to-end tests: the target side dies mid-copy
+            if let Some(ms) = std::env::var("AWAY_FAULT_LAZY_TARGET")
+                .ok()
+                .and_then(|v| v.strip_prefix("kill-daemon-after-ms:").and_then(|n| n.parse::<u64>().ok()))
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                tracing::warn!(workload = %p.workload, "AWAY_FAULT_LAZY_TARGET: killing the lazy-pages daemon");
+                daemon.kill().await;
+            }
+            match daemon.wait().await {
+                Ok(()) => {
+                    tracing::info!(workload = %p.workload, transfer = %transfer_id, "every page is in");
+                    if agent.provisional.lock().await.contains_key(&transfer_id) {
+                        agent.arm_lease(transfer_id, p);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(workload = %p.workload, transfer = %transfer_id, "lazy phase failed, removing the partial copy: {e}");
+                    if agent.provisional.lock().await.remove(&transfer_id).is_some() {
+                        agent.remove_copy(&p).await;
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -39,6 +39,10 @@ pub struct Manifest {
     pub source_node: String,
     /// Milliseconds since the Unix epoch when the source stopped.
     pub stopped_at_ms: u64,
+    /// Lazy move: the memory is not in the payload; the target's lazy-pages daemon
+    /// fetches it from this relay (host:port) of the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_page_relay: Option<std::net::SocketAddr>,
 }
 
 /// How to move a container.
@@ -47,6 +51,7 @@ pub struct ContainerMigrationOptions {
     pub transfer: SendOptions,
     /// Wait this long after the restore before calling the target healthy.
     pub settle: Option<Duration>,
+    pub mode: crate::mode::ContainerMode,
 }
 
 /// Receives the steps of a migration (for a progress bar).
@@ -57,7 +62,16 @@ pub type ProgressFn = std::sync::Arc<dyn Fn(Step) + Send + Sync>;
 pub enum Step {
     Checking,
     Checkpointing,
-    Transferring { sent: u64, total: u64 },
+    Transferring {
+        sent: u64,
+        total: u64,
+    },
+    /// Lazy move: the workload runs on the target; memory still arriving (bytes so far,
+    /// of about `total`).
+    Paging {
+        moved: u64,
+        total: u64,
+    },
     Committing,
     Cleaning,
     RollingBack(String),
@@ -105,7 +119,27 @@ pub async fn migrate_container(
     }
     let image = node.store.resolve(&status.image).map_err(MigrateError::Runtime)?;
     let send_image = !target.has_image(&status.image).await?;
+    let choice = crate::mode::choose(opts.mode, runtime, &status, &host, &there).await?;
+    tracing::info!(workload = name, mode = %choice.mode, "{}", choice.reason);
     let mut phases = vec![phase("check", started.elapsed())];
+    if choice.mode == MigrationMode::Lazy {
+        let moving = Moving {
+            runtime,
+            name,
+            here: &here,
+            there: &there,
+            target,
+            image: &image,
+            send_image,
+            archives,
+            opts,
+            progress: &progress,
+            started,
+            phases,
+            reason: format!("{}; {}", compat.reason, choice.reason),
+        };
+        return migrate_lazy(moving).await;
+    }
 
     // 1. checkpoint: the source process stops here
     progress(Step::Checkpointing);
@@ -128,6 +162,7 @@ pub async fn migrate_container(
         runtime: kind,
         source_node: here.name.clone(),
         stopped_at_ms,
+        lazy_page_relay: None,
     };
     let prepared = (|| -> std::io::Result<()> {
         std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
@@ -215,12 +250,234 @@ pub async fn migrate_container(
         phases,
         total_millis: started.elapsed().as_millis() as u64,
         downtime_millis: downtime.as_millis() as u64,
+        degraded_millis: 0,
         bytes_raw: outcome.bytes_raw,
         bytes_wire: outcome.bytes_wire,
-        reason: format!("{}; {}", compat.reason, crate::precopy_note(&host)),
+        reason: format!("{}; {}", compat.reason, choice.reason),
         ok: true,
         error: None,
     })
+}
+
+/// What a move has established before its mode's own steps.
+struct Moving<'a> {
+    runtime: &'a dyn away_runtime::Runtime,
+    name: &'a str,
+    here: &'a away_model::NodeInfo,
+    there: &'a crate::target::TargetInfo,
+    target: &'a dyn TargetNode,
+    image: &'a away_runtime::ResolvedImage,
+    send_image: bool,
+    archives: &'a ArchiveStore,
+    opts: &'a ContainerMigrationOptions,
+    progress: &'a ProgressFn,
+    started: Instant,
+    phases: Vec<MigrationPhase>,
+    reason: String,
+}
+
+/// The address of this host the target reaches (the local end of a connection to it).
+async fn local_addr_towards(target: &str) -> Result<std::net::IpAddr, MigrateError> {
+    let s = tokio::net::TcpStream::connect(target)
+        .await
+        .map_err(|e| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}")))?;
+    Ok(s.local_addr().map_err(|e| MigrateError::Invalid(e.to_string()))?.ip())
+}
+
+/// Lazy (post-copy) move: CRIU dumps everything but memory, the small payload travels,
+/// the target restores at once and fetches pages through the relay pair
+/// ([`crate::lazy`]); the source stays frozen until the last page has moved, and only
+/// then is the target's copy committed. If the lazy phase fails, CRIU resumes the
+/// source and the target's copy is removed: one instance either way.
+async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
+    let Moving { runtime, name, here, there, target, image, send_image, archives, opts, progress, .. } = m;
+    let mut phases = m.phases;
+    progress(Step::Checkpointing);
+    let payload = archives.create(name)?;
+    let local_ip = local_addr_towards(&there.transfer_addr).await?;
+    let criu_port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?
+        .port();
+    let t = Instant::now();
+    let downtime_start = Instant::now();
+    let stopped_at_ms = now_ms();
+    let lazy_opts =
+        away_runtime::LazyCheckpointOptions { dir: payload.join(CHECKPOINT_DIR), page_server_port: criu_port };
+    let dump = match runtime.checkpoint_lazy(name, &lazy_opts).await {
+        Ok(d) => d,
+        Err(e) => {
+            archives.keep_failed(&payload);
+            return Err(MigrateError::Runtime(e));
+        }
+    };
+    let relay = match crate::lazy::SourceRelay::start(
+        (local_ip, 0).into(),
+        dump.page_server_connector(),
+        crate::lazy::LazyFault::from_env(),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            // nothing can reach CRIU's page server: end the dump, the source resumes
+            let why = format!("cannot start the page relay on {local_ip}: {e}");
+            if let Ok(s) = dump.page_server_connector()() {
+                let _ = std::io::Write::write_all(&mut &s, &[0xff; 3]);
+            }
+            let _ = dump.finish().await;
+            archives.keep_failed(&payload);
+            return Err(resumed_or_not(runtime, name, why, None).await);
+        }
+    };
+    let page_relay = std::net::SocketAddr::new(local_ip, relay.port);
+    phases.push(phase("checkpoint", t.elapsed()));
+    let memory = status_memory(runtime, name).await;
+    let manifest = Manifest {
+        spec: dump.archive.spec.clone(),
+        image: dump.archive.image.clone(),
+        runtime: runtime.kind(),
+        source_node: here.name.clone(),
+        stopped_at_ms,
+        lazy_page_relay: Some(page_relay),
+    };
+    // Any failure until the target runs: CRIU resumes the source when told.
+    let payload_ref = payload.as_path();
+    let give_up = |why: String, dump: away_runtime::LazyDump, relay: crate::lazy::SourceRelay| async move {
+        progress(Step::RollingBack(why.clone()));
+        let _ = relay.abort().await;
+        let finished = dump.finish().await;
+        archives.keep_failed(payload_ref);
+        resumed_or_not(runtime, name, why, finished.err()).await
+    };
+    let prepared = (|| -> std::io::Result<()> {
+        std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
+        if send_image {
+            std::fs::copy(&image.tar, payload.join(IMAGE_TAR))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = prepared {
+        return Err(give_up(format!("write the migration payload in {}: {e}", payload.display()), dump, relay).await);
+    }
+
+    let mut send_opts = opts.transfer.clone();
+    let bar = progress.clone();
+    send_opts.progress = Some(std::sync::Arc::new(move |p: transfer::Progress| {
+        bar(Step::Transferring { sent: p.bytes_sent, total: p.bytes_total })
+    }));
+    let t = Instant::now();
+    let meta = serde_json::to_value(&manifest).map_err(|e| MigrateError::Invalid(e.to_string()))?;
+    let outcome = match transfer::send(&there.transfer_addr, &payload, meta, &send_opts).await {
+        Ok(o) if o.verdict.ok => o,
+        Ok(o) => {
+            let why = format!("target {} could not restore {name}: {}", there.node.name, o.verdict.message);
+            return Err(give_up(why, dump, relay).await);
+        }
+        Err(e) => {
+            let why = format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr);
+            return Err(give_up(why, dump, relay).await);
+        }
+    };
+    let settle_ms = outcome.verdict.detail.get("settle_ms").and_then(|v| v.as_u64()).unwrap_or(0);
+    let restore_ms = outcome.verdict.detail.get("restore_ms").and_then(|v| v.as_u64()).unwrap_or(0);
+    // the workload ran on the target from the end of its restore: the blackout ends there
+    let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(settle_ms));
+    phases.push(MigrationPhase {
+        name: "transfer".into(),
+        millis: (t.elapsed().as_millis() as u64).saturating_sub(restore_ms + settle_ms),
+    });
+    phases.push(MigrationPhase { name: "restore".into(), millis: restore_ms });
+
+    // the lazy phase: the target runs while its memory arrives
+    let t = Instant::now();
+    let counters = relay.counters.clone();
+    let ticker = {
+        let bar = progress.clone();
+        let counters = counters.clone();
+        tokio::spawn(async move {
+            loop {
+                bar(Step::Paging { moved: counters.plain(), total: memory });
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let finished = dump.finish().await;
+    let relayed = relay.wait().await;
+    ticker.abort();
+    let degraded = t.elapsed() + Duration::from_millis(settle_ms);
+    phases.push(phase("lazy-pages", t.elapsed()));
+    if let Err(e) = finished {
+        let why = format!(
+            "the lazy phase failed ({}): {e}",
+            relayed.err().unwrap_or_else(|| "the page relay saw no error".into())
+        );
+        progress(Step::RollingBack(why.clone()));
+        if let Err(ae) = target.abort(&outcome.transfer_id).await {
+            tracing::warn!(workload = name, "the target could not remove its partial copy: {ae}");
+        }
+        archives.keep_failed(&payload);
+        return Err(resumed_or_not(runtime, name, why, None).await);
+    }
+
+    // every page moved and CRIU ended the source process: the target's copy is the one
+    progress(Step::Committing);
+    let t = Instant::now();
+    if let Err(e) = target.commit(&outcome.transfer_id).await {
+        // the source's process is gone; the copy on the target is complete and runs
+        tracing::error!(workload = name, "commit to {} failed after every page moved: {e}", there.node.name);
+    }
+    phases.push(phase("commit", t.elapsed()));
+    progress(Step::Cleaning);
+    let t = Instant::now();
+    if let Err(e) = runtime.remove(name).await {
+        tracing::warn!(workload = name, "the source's stopped container could not be removed: {e}");
+    }
+    archives.discard(&payload)?;
+    phases.push(phase("cleanup", t.elapsed()));
+    Ok(MigrationReport {
+        workload: name.into(),
+        mode: MigrationMode::Lazy,
+        source: here.name.clone(),
+        target: there.node.name.clone(),
+        phases,
+        total_millis: m.started.elapsed().as_millis() as u64,
+        downtime_millis: downtime.as_millis() as u64,
+        degraded_millis: degraded.as_millis() as u64,
+        bytes_raw: outcome.bytes_raw + counters.plain(),
+        bytes_wire: outcome.bytes_wire + counters.wire(),
+        reason: m.reason,
+        ok: true,
+        error: None,
+    })
+}
+
+/// Memory in use by a workload (for the paging progress), 0 when unknown.
+async fn status_memory(runtime: &dyn away_runtime::Runtime, name: &str) -> u64 {
+    runtime.status(name).await.ok().and_then(|s| s.pid).map(crate::mode::resident_bytes).unwrap_or(0)
+}
+
+/// After a failed lazy move: is the source running again (CRIU resumes it)?
+async fn resumed_or_not(
+    runtime: &dyn away_runtime::Runtime,
+    name: &str,
+    why: String,
+    lazy_error: Option<RuntimeError>,
+) -> MigrateError {
+    let detail = lazy_error.map(|e| format!(" (CRIU: {e})")).unwrap_or_default();
+    match runtime.status(name).await {
+        Ok(s) if s.state == WorkloadState::Running => MigrateError::RolledBack {
+            why,
+            resumed: true,
+            detail: format!("{name} runs on at the source (CRIU resumed it){detail}"),
+        },
+        Ok(s) => MigrateError::RolledBack {
+            why,
+            resumed: false,
+            detail: format!("{name} is {} at the source{detail}", s.state),
+        },
+        Err(e) => MigrateError::RolledBack { why, resumed: false, detail: format!("{name}: {e}{detail}") },
+    }
 }
 
 /// What it takes to put the source back after a failed move.
@@ -275,13 +532,22 @@ impl Undo<'_> {
     }
 }
 
+/// A payload restored on the target.
+pub struct Restored {
+    pub status: away_model::WorkloadStatus,
+    /// How long the restore itself took (without the settle wait).
+    pub restore: Duration,
+    /// Lazy move: the daemon still fetching memory; the copy is complete only when it
+    /// ends well.
+    pub lazy: Option<crate::lazy::LazyPagesDaemon>,
+}
+
 /// Target side: restore a received payload on this node and answer whether it runs.
-/// Returns the workload's status and how long the restore itself took (without `settle`).
 pub async fn restore_received(
     node: &LocalNode,
     payload: &ReceivedPayload,
     settle: Duration,
-) -> Result<(away_model::WorkloadStatus, Duration), String> {
+) -> Result<Restored, String> {
     let started = Instant::now();
     let manifest: Manifest = serde_json::from_slice(
         &std::fs::read(payload.dir.join(MANIFEST)).map_err(|e| format!("no {MANIFEST} in the payload: {e}"))?,
@@ -298,31 +564,56 @@ pub async fn restore_received(
         workload: manifest.spec.name.clone(),
         runtime: manifest.runtime,
         bytes: payload.bytes_raw,
-        dir,
+        dir: dir.clone(),
         spec: manifest.spec.clone(),
         image: manifest.image.clone(),
     };
-    let st = runtime.restore(&RestoreRequest { archive, image }).await.map_err(|e| e.to_string())?;
+    let request = RestoreRequest { archive, image };
+    let (st, mut lazy) = match manifest.lazy_page_relay {
+        None => (runtime.restore(&request).await.map_err(|e| e.to_string())?, None),
+        Some(relay) => {
+            let mut daemon = crate::lazy::LazyPagesDaemon::start(&dir, relay).await?;
+            match runtime.restore_lazy(&request).await {
+                Ok(st) => (st, Some(daemon)),
+                Err(e) => {
+                    daemon.kill().await;
+                    return Err(e.to_string());
+                }
+            }
+        }
+    };
     let restore = started.elapsed();
     // healthy = still running a moment later (a restore can succeed and the process die at once)
     tokio::time::sleep(settle).await;
+    let gone = |lazy: &mut Option<crate::lazy::LazyPagesDaemon>| {
+        let daemon = lazy.take();
+        async move {
+            if let Some(mut d) = daemon {
+                d.kill().await;
+            }
+        }
+    };
     match runtime.status(&st.name).await {
-        Ok(s) if s.state == WorkloadState::Running => Ok((s, restore)),
+        Ok(s) if s.state == WorkloadState::Running => Ok(Restored { status: s, restore, lazy }),
         Ok(s) => {
+            gone(&mut lazy).await;
             let _ = runtime.remove(&s.name).await;
             Err(format!("{} was restored but is {} after {} ms", s.name, s.state, settle.as_millis()))
         }
-        Err(e) => Err(format!("{} was restored but its status is unknown: {e}", st.name)),
+        Err(e) => {
+            gone(&mut lazy).await;
+            Err(format!("{} was restored but its status is unknown: {e}", st.name))
+        }
     }
 }
 
 /// The handler answer for a received payload.
-pub fn verdict_for(result: &Result<(away_model::WorkloadStatus, Duration), String>, settle: Duration) -> Verdict {
+pub fn verdict_for(result: &Result<Restored, String>, settle: Duration) -> Verdict {
     match result {
-        Ok((st, restore)) => {
-            Verdict::ok(format!("{} running on {}", st.name, st.runtime)).with_detail(serde_json::json!({
-                "status": st,
-                "restore_ms": restore.as_millis() as u64,
+        Ok(r) => {
+            Verdict::ok(format!("{} running on {}", r.status.name, r.status.runtime)).with_detail(serde_json::json!({
+                "status": r.status,
+                "restore_ms": r.restore.as_millis() as u64,
                 "settle_ms": settle.as_millis() as u64,
             }))
         }

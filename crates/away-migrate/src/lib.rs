@@ -4,12 +4,16 @@
 //! * [`transfer`]: the one transfer protocol every migration path uses: a chunked,
 //!   compressed, checksummed, resumable stream over TCP.
 //! * [`container`]: container stop-and-copy through the runtimes' CRIU checkpoints.
+//! * [`mode`]: stop-and-copy or lazy, per workload (`--mode auto`).
+//! * [`lazy`]: the relay pair and target daemon of lazy (post-copy) container moves.
 //! * [`vm`]: QEMU live migration between two QEMU processes.
 //! * [`archive`]: checkpoint archives on disk (private, pruned, kept after failures).
 
 pub mod archive;
 pub mod compat;
 pub mod container;
+pub mod lazy;
+pub mod mode;
 pub mod target;
 pub mod transfer;
 pub mod vm;

@@ -22,4 +22,7 @@ pub trait TargetNode: Send + Sync {
     async fn has_image(&self, reference: &str) -> Result<bool, MigrateError>;
     /// Make a provisional incoming workload final.
     async fn commit(&self, transfer_id: &str) -> Result<(), MigrateError>;
+    /// Remove a provisional incoming workload now (a lazy move whose lazy phase failed:
+    /// the source runs again).
+    async fn abort(&self, transfer_id: &str) -> Result<(), MigrateError>;
 }

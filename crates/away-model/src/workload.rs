@@ -118,6 +118,10 @@ pub struct MigrationReport {
     pub total_millis: u64,
     /// Time the workload answered nowhere: from the source's stop to the target's start.
     pub downtime_millis: u64,
+    /// Lazy moves: time the workload ran on the target while memory was still arriving
+    /// (it may be slowed by page faults); 0 for other modes.
+    #[serde(default)]
+    pub degraded_millis: u64,
     /// Bytes of state before compression (CRIU images + rootfs changes, or RAM sent).
     pub bytes_raw: u64,
     /// Bytes that crossed the network.

@@ -22,13 +22,16 @@ use prost_types::Any;
 use sha2::{Digest, Sha256};
 
 use crate::runtime::{
-    CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError,
+    CheckpointArchive, CheckpointOptions, LazyCheckpointOptions, LazyDump, LogStream, RestoreRequest, RunRequest,
+    Runtime, RuntimeError,
 };
 use crate::store::ResolvedImage;
 
 const KIND: RuntimeKind = RuntimeKind::Containerd;
 const SNAPSHOTTER: &str = "overlayfs";
 const RUNC_V2: &str = "io.containerd.runc.v2";
+/// Where containerd's runc shim keeps runc's state, per namespace (its default root).
+const RUNC_SHIM_ROOT: &str = "/run/containerd/runc";
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 const LABEL_WORKLOAD: &str = "away.workload";
 const LABEL_IMAGE: &str = "away.image";
@@ -442,6 +445,7 @@ impl ContainerdRuntime {
         spec: &WorkloadSpec,
         image: &ResolvedImage,
         restore_from: Option<&Path>,
+        criu_config: Option<&Path>,
     ) -> Result<WorkloadStatus, RuntimeError> {
         let name = spec.name.as_str();
         if self.get_container(name).await?.is_some() {
@@ -487,7 +491,14 @@ impl ContainerdRuntime {
                 })?;
                 crate::rootfs::apply(&diff, Path::new(upper))?;
             }
-            let oci = oci_spec_for(spec, image, &self.namespace);
+            let mut oci = oci_spec_for(spec, image, &self.namespace);
+            if let Some(conf) = criu_config {
+                // runc hands CRIU the file named by this annotation; its options override
+                // the ones runc sets (how a lazy restore gets through containerd's shim)
+                let mut v: serde_json::Value = serde_json::from_str(&oci).expect("own OCI spec is JSON");
+                v["annotations"]["org.criu.config"] = conf.display().to_string().into();
+                oci = v.to_string();
+            }
             let labels = HashMap::from([
                 (LABEL_WORKLOAD.to_string(), name.to_string()),
                 (LABEL_IMAGE.to_string(), image.reference.clone()),
@@ -516,7 +527,7 @@ impl ContainerdRuntime {
                     "containerd.runc.v1.Options",
                     &RuncOptions {
                         criu_image_path: dir.display().to_string(),
-                        criu_work_path: dir.join("work").display().to_string(),
+                        criu_work_path: dir.join(crate::runtime::CRIU_WORK_DIR).display().to_string(),
                     },
                 )
             });
@@ -539,7 +550,9 @@ impl ContainerdRuntime {
                         "{}{}",
                         s.message(),
                         restore_from
-                            .map(|d| crate::runtime::criu_log_errors(&d.join("work").join("restore.log")))
+                            .map(|d| crate::runtime::criu_log_errors(
+                                &d.join(crate::runtime::CRIU_WORK_DIR).join("restore.log")
+                            ))
                             .unwrap_or_default()
                     ),
                 })?
@@ -574,6 +587,31 @@ impl ContainerdRuntime {
                 .remove(self.req(snap::RemoveSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key: name.into() }))
                 .await;
         }
+    }
+
+    /// The workload spec a container was created from.
+    fn spec_label(c: &api::Container, op: &'static str) -> Result<WorkloadSpec, RuntimeError> {
+        c.labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| RuntimeError::Failed {
+            runtime: KIND,
+            op,
+            name: c.id.clone(),
+            message: "container carries no away.spec label".into(),
+        })
+    }
+
+    /// The filesystem half of a checkpoint: what the workload wrote to its rootfs.
+    async fn capture_rootfs(&self, name: &str, dir: &Path) -> Result<(), RuntimeError> {
+        let mut snaps = snap::snapshots_client::SnapshotsClient::new(self.channel.clone());
+        let mounts = snaps
+            .mounts(self.req(snap::MountsRequest { snapshotter: SNAPSHOTTER.into(), key: name.into() }))
+            .await
+            .map_err(|s| Self::failed("read snapshot mounts", name, s))?
+            .into_inner()
+            .mounts;
+        if let Some(upper) = mounts.iter().find_map(|m| crate::rootfs::upperdir(&m.options)) {
+            crate::rootfs::capture(Path::new(upper), &dir.join(crate::rootfs::ROOTFS_DIFF))?;
+        }
+        Ok(())
     }
 
     /// SIGTERM, wait up to `grace`, SIGKILL, then delete the task (reaps the shim).
@@ -779,7 +817,7 @@ impl Runtime for ContainerdRuntime {
     }
 
     async fn run(&self, req: &RunRequest) -> Result<WorkloadStatus, RuntimeError> {
-        self.create_and_start(&req.spec, &req.image, None).await
+        self.create_and_start(&req.spec, &req.image, None, None).await
     }
 
     async fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError> {
@@ -861,17 +899,9 @@ impl Runtime for ContainerdRuntime {
             .get_container(name)
             .await?
             .ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
-        let spec: WorkloadSpec =
-            c.labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| {
-                RuntimeError::Failed {
-                    runtime: KIND,
-                    op: "checkpoint",
-                    name: name.into(),
-                    message: "container carries no away.spec label".into(),
-                }
-            })?;
+        let spec = Self::spec_label(&c, "checkpoint")?;
         crate::runtime::create_private_dir(&opts.dir)?;
-        let work = opts.dir.join("work");
+        let work = opts.dir.join(crate::runtime::CRIU_WORK_DIR);
         let options = RuncCheckpointOptions {
             exit: !opts.leave_running,
             open_tcp: true,
@@ -896,17 +926,7 @@ impl Runtime for ContainerdRuntime {
                 message: format!("{}{}", s.message(), crate::runtime::criu_log_errors(&work.join("dump.log"))),
             });
         checkpointed?;
-        // the filesystem half of the state: what the workload wrote to its rootfs
-        let mut snaps = snap::snapshots_client::SnapshotsClient::new(self.channel.clone());
-        let mounts = snaps
-            .mounts(self.req(snap::MountsRequest { snapshotter: SNAPSHOTTER.into(), key: name.into() }))
-            .await
-            .map_err(|s| Self::failed("read snapshot mounts", name, s))?
-            .into_inner()
-            .mounts;
-        if let Some(upper) = mounts.iter().find_map(|m| crate::rootfs::upperdir(&m.options)) {
-            crate::rootfs::capture(Path::new(upper), &opts.dir.join(crate::rootfs::ROOTFS_DIFF))?;
-        }
+        self.capture_rootfs(name, &opts.dir).await?;
         if !opts.leave_running {
             // the process exited with the dump; reap the task so the name can be reused
             self.kill_and_delete_task(name, Duration::ZERO).await?;
@@ -921,6 +941,107 @@ impl Runtime for ContainerdRuntime {
         })
     }
 
+    /// Dump with runc directly (containerd's checkpoint has no lazy mode), against the
+    /// state the shim keeps for the container; the shim sees the process exit once
+    /// every page has moved.
+    async fn checkpoint_lazy(&self, name: &str, opts: &LazyCheckpointOptions) -> Result<LazyDump, RuntimeError> {
+        let c = self
+            .get_container(name)
+            .await?
+            .ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
+        let spec = Self::spec_label(&c, "checkpoint lazily")?;
+        crate::runtime::create_private_dir(&opts.dir)?;
+        let work = opts.dir.join(crate::runtime::CRIU_WORK_DIR);
+        let failed = |message: String| RuntimeError::Failed {
+            runtime: KIND,
+            op: "checkpoint lazily",
+            name: name.into(),
+            message,
+        };
+        let (status_read, status_write) =
+            std::io::pipe().map_err(|e| RuntimeError::io("create the runc status pipe", e))?;
+        let pid = match self.get_task(name).await? {
+            Some(p) if p.pid > 0 => p.pid,
+            _ => return Err(failed("it has no running task".into())),
+        };
+        // runc and CRIU run in the container's network namespace, whatever the caller's
+        let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let mut cmd = tokio::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", netns.display()))
+            .arg("runc")
+            .arg("--root")
+            .arg(Path::new(RUNC_SHIM_ROOT).join(&self.namespace))
+            .args(["checkpoint", "--lazy-pages", "--status-fd", "3", "--tcp-established", "--file-locks"])
+            .arg("--page-server")
+            .arg(format!("127.0.0.1:{}", opts.page_server_port))
+            .arg("--image-path")
+            .arg(&opts.dir)
+            .arg("--work-path")
+            .arg(&work)
+            .arg(name)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::File::create(opts.dir.join("runc.log")).map_err(|e| RuntimeError::io("create runc.log", e))?,
+            );
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&status_write);
+        // SAFETY: only async-signal-safe calls between fork and exec; dup2 gives the
+        // child the pipe as fd 3 (without close-on-exec) for `--status-fd 3`.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || if libc::dup2(fd, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+        }
+        let mut child = cmd.spawn().map_err(|e| failed(format!("cannot run runc: {e}")))?;
+        drop(status_write);
+        // CRIU writes one byte to the status pipe when the dump is on disk and the page
+        // server listens; EOF first means runc gave up.
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut byte = [0u8; 1];
+            std::io::Read::read(&mut { status_read }, &mut byte)
+        })
+        .await
+        .map_err(|e| failed(format!("status reader: {e}")))?;
+        if !matches!(ready, Ok(1)) {
+            let status = child.wait().await.map_err(|e| RuntimeError::io("wait for runc", e))?;
+            let runc_log = std::fs::read_to_string(opts.dir.join("runc.log")).unwrap_or_default();
+            return Err(failed(format!(
+                "runc checkpoint exited with {status} before the page server was up: {}{}",
+                runc_log.trim(),
+                crate::runtime::criu_log_errors(&work.join("dump.log"))
+            )));
+        }
+        self.capture_rootfs(name, &opts.dir).await?;
+        Ok(LazyDump {
+            archive: CheckpointArchive {
+                workload: name.into(),
+                runtime: KIND,
+                bytes: crate::runtime::dir_bytes(&opts.dir),
+                dir: opts.dir.clone(),
+                spec,
+                image: c.image,
+            },
+            child,
+            log: work.join("dump.log"),
+            page_server: std::net::SocketAddr::from(([127, 0, 0, 1], opts.page_server_port)),
+            netns,
+        })
+    }
+
+    async fn restore_lazy(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
+        let spec = &req.archive.spec;
+        if self.get_container(&spec.name).await?.is_some() {
+            return Err(RuntimeError::AlreadyExists { runtime: KIND, name: spec.name.clone() });
+        }
+        // One CRIU option turns the shim's restore into a lazy one. The file only lives
+        // during the restore: the container keeps the annotation, and a later checkpoint
+        // of it must not find the file.
+        let conf = req.archive.dir.join("criu-lazy.conf");
+        std::fs::write(&conf, "lazy-pages\n").map_err(|e| RuntimeError::io(format!("write {}", conf.display()), e))?;
+        let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf)).await;
+        let _ = std::fs::remove_file(&conf);
+        result
+    }
+
     async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
         let spec = &req.archive.spec;
         // restoring in place of a checkpointed (stopped) container: it gives way first
@@ -931,7 +1052,7 @@ impl Runtime for ContainerdRuntime {
             }
             self.remove(&spec.name).await?;
         }
-        self.create_and_start(spec, &req.image, Some(&req.archive.dir)).await
+        self.create_and_start(spec, &req.image, Some(&req.archive.dir), None).await
     }
 }
 

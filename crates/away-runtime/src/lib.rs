@@ -14,5 +14,8 @@ pub mod store;
 
 pub use fallback::{choose_runtime, NoRuntime};
 pub use node::{LocalNode, NodeOptions, Started};
-pub use runtime::{CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError};
+pub use runtime::{
+    CheckpointArchive, CheckpointOptions, LazyCheckpointOptions, LazyDump, LogStream, RestoreRequest, RunRequest,
+    Runtime, RuntimeError, CRIU_WORK_DIR,
+};
 pub use store::{ImageStore, ImageSummary, ResolvedImage};

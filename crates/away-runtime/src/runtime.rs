@@ -42,6 +42,74 @@ pub struct CheckpointArchive {
     pub image: String,
 }
 
+/// Options of a lazy (post-copy) checkpoint.
+#[derive(Debug, Clone)]
+pub struct LazyCheckpointOptions {
+    /// Directory the non-memory images are written into (created, owner-only).
+    pub dir: PathBuf,
+    /// Port CRIU's page server listens on, in the container's network namespace (on
+    /// all its addresses: runc's CRIU ignores the address), until every page moved.
+    pub page_server_port: u16,
+}
+
+/// A lazy checkpoint in progress: the process is frozen, its non-memory state is in
+/// `archive.dir`, and CRIU serves its memory on the page server port until the
+/// restored copy has fetched every page.
+pub struct LazyDump {
+    pub archive: CheckpointArchive,
+    /// The process driving the dump (exits when the last page has moved).
+    pub child: tokio::process::Child,
+    /// CRIU's log of the dump.
+    pub log: PathBuf,
+    /// Where CRIU's page server listens, inside `netns`.
+    pub page_server: std::net::SocketAddr,
+    /// The network namespace CRIU runs in (the container's: CRIU must not see the
+    /// container's network as foreign, or it dumps and locks that whole namespace).
+    pub netns: PathBuf,
+}
+
+impl LazyDump {
+    /// Connect to CRIU's page server from any network namespace (a socket belongs to
+    /// the namespace it was made in, so it is made on a thread that entered `netns`).
+    pub fn page_server_connector(&self) -> impl FnOnce() -> std::io::Result<std::net::TcpStream> + Send + 'static {
+        let (netns, addr) = (self.netns.clone(), self.page_server);
+        move || {
+            std::thread::spawn(move || {
+                let ns = std::fs::File::open(&netns)?;
+                // SAFETY: `ns` is an open namespace file; setns only moves this thread,
+                // which ends right after making the socket.
+                #[allow(unsafe_code)]
+                let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("page server connector thread panicked"))?
+        }
+    }
+
+    /// Wait for the end of the lazy phase. Ok: every page moved and the source process
+    /// is gone. Err: the transfer failed and CRIU resumed the source process.
+    pub async fn finish(mut self) -> Result<(), RuntimeError> {
+        let status = self.child.wait().await.map_err(|e| RuntimeError::io("wait for the lazy checkpoint (runc)", e))?;
+        if status.success() {
+            return Ok(());
+        }
+        Err(RuntimeError::Failed {
+            runtime: self.archive.runtime,
+            op: "serve lazy pages",
+            name: self.archive.workload.clone(),
+            message: format!("runc checkpoint exited with {status}{}", criu_log_errors(&self.log)),
+        })
+    }
+}
+
+/// Sub-directory of a checkpoint directory that CRIU uses as its work directory (logs,
+/// and the lazy-pages daemon's socket on a lazy restore).
+pub const CRIU_WORK_DIR: &str = "work";
+
 /// Restore a checkpoint as a new workload (possibly on another node).
 #[derive(Debug, Clone)]
 pub struct RestoreRequest {
@@ -127,6 +195,28 @@ pub trait Runtime: Send + Sync {
     /// Runtimes whose names are per node need nothing: the default keeps the name.
     async fn step_aside(&self, _name: &str) -> Result<Option<String>, RuntimeError> {
         Ok(None)
+    }
+
+    /// Freeze the workload and dump everything but its memory, which CRIU then serves
+    /// from a page server (post-copy). Only runtimes that can drive runc and CRIU
+    /// directly can do this.
+    async fn checkpoint_lazy(&self, _name: &str, _opts: &LazyCheckpointOptions) -> Result<LazyDump, RuntimeError> {
+        Err(RuntimeError::Unsupported {
+            runtime: self.kind(),
+            op: "checkpoint lazily",
+            reason: "it exposes no CRIU page server; use stop-and-copy".into(),
+        })
+    }
+
+    /// Restore a lazy checkpoint: the workload starts at once and its memory arrives
+    /// through the CRIU lazy-pages daemon, which the caller has started on the
+    /// checkpoint's work directory ([`CRIU_WORK_DIR`]).
+    async fn restore_lazy(&self, _req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
+        Err(RuntimeError::Unsupported {
+            runtime: self.kind(),
+            op: "restore lazily",
+            reason: "it cannot hand CRIU a lazy-pages restore; use stop-and-copy".into(),
+        })
     }
 }
 

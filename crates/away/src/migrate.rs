@@ -10,6 +10,7 @@ use away_agent::client::AgentClient;
 use away_agent::AgentConfig;
 use away_migrate::archive::ArchiveStore;
 use away_migrate::container::{migrate_container, ContainerMigrationOptions, Step};
+use away_migrate::mode::ContainerMode;
 use away_migrate::transfer::{Compression, Faults, SendOptions};
 use away_model::{MigrationReport, Tier};
 use away_runtime::{LocalNode, NodeOptions};
@@ -87,6 +88,10 @@ pub struct AgentArgs {
     node: NodeArgs,
 }
 
+fn parse_mode(s: &str) -> Result<ContainerMode, String> {
+    s.parse()
+}
+
 fn parse_tier(s: &str) -> Result<Tier, String> {
     serde_json::from_value(serde_json::Value::String(s.to_string()))
         .map_err(|_| format!("{s:?}: expected cloud, edge or client"))
@@ -119,15 +124,23 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
 
 /// Move a running workload to another node, keeping its state.
 ///
-/// Containers move by CRIU checkpoint/restore (stop-and-copy: this kernel has no
-/// soft-dirty tracking for pre-copy rounds, see `away doctor`): the source stops, its
-/// checkpoint travels compressed and checksummed to the target agent, which restores
-/// it; the source is removed only after the target confirms. On any failure the source
-/// resumes from its own checkpoint.
+/// Containers move by CRIU checkpoint/restore, in one of two modes (`--mode`):
+///   stop-copy  the source stops, its whole checkpoint travels compressed and
+///              checksummed to the target agent, which restores it: the pause grows
+///              with the workload's memory and the link.
+///   lazy       (containerd) everything but memory travels, the target restores at
+///              once and fetches pages as they are touched and in the background,
+///              compressed; the frozen source serves them until the last one moved.
+///   auto       (default) measures the workload's writes and the round trip and
+///              takes lazy unless page faults would stall it more than half the time.
+/// The source is removed only after the target confirms; on any failure the source
+/// resumes (from its checkpoint, or CRIU thaws it in lazy mode) and a partial copy on
+/// the target is removed. There is no pre-copy: see `away doctor` (soft-dirty tracking).
 ///
 /// Examples:
 ///   away migrate counter --to 10.0.0.2:7800
-///   away migrate counter --to 127.0.0.1:7810 --compression gzip --json
+///   away migrate counter --to 10.0.0.2:7800 --mode lazy --json
+///   away migrate counter --to 127.0.0.1:7810 --mode stop-copy --compression gzip
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct MigrateArgs {
@@ -139,6 +152,9 @@ pub struct MigrateArgs {
     /// Bearer token of the target agent's API (its cluster's, or its --token)
     #[arg(long, env = "AWAY_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Containers: stop-copy, lazy or auto (see above)
+    #[arg(long, default_value_t = ContainerMode::Auto, value_parser = parse_mode)]
+    mode: ContainerMode,
     /// Compression of the checkpoint stream: zstd[:LEVEL], gzip[:LEVEL] or none
     #[arg(long, default_value_t = Compression::default())]
     compression: Compression,
@@ -211,6 +227,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         },
         settle: None,
+        mode: a.mode,
     };
     let bar = progress_bar(a.json);
     let pb = bar.clone();
@@ -221,6 +238,11 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             pb.set_message("transferring");
             pb.set_length(total);
             pb.set_position(sent);
+        }
+        Step::Paging { moved, total } => {
+            pb.set_message("running on the target, memory arriving");
+            pb.set_length(total.max(moved));
+            pb.set_position(moved);
         }
         Step::Committing => pb.set_message("committing"),
         Step::Cleaning => pb.set_message("removing the source"),
@@ -300,6 +322,9 @@ fn print_report(r: &MigrationReport) {
     );
     println!("  why:       {}", r.reason);
     println!("  downtime:  {:.3} s", r.downtime_millis as f64 / 1000.0);
+    if r.degraded_millis > 0 {
+        println!("  degraded:  {:.3} s (running on the target while pages arrived)", r.degraded_millis as f64 / 1000.0);
+    }
     let ratio = if r.bytes_raw > 0 { r.bytes_wire as f64 / r.bytes_raw as f64 * 100.0 } else { 0.0 };
     println!(
         "  state:     {} raw, {} on the wire ({ratio:.0} %)",

@@ -271,10 +271,18 @@ impl HostReport {
                 reason: self.kvm.reason.clone(),
             }),
             link: None,
-            labels: Default::default(),
+            labels: if self.criu.lazy_pages() {
+                [(LABEL_LAZY_PAGES.to_string(), "true".to_string())].into()
+            } else {
+                Default::default()
+            },
         }
     }
 }
+
+/// Node label saying CRIU lazy pages work on the node (userfaultfd, pipe size): a
+/// lazy migration needs it on both ends.
+pub const LABEL_LAZY_PAGES: &str = "away.criu-lazy-pages";
 
 fn read_trim(path: &str) -> String {
     std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()

@@ -1,0 +1,501 @@
+//! Lazy (post-copy) container migration: what away adds around CRIU's lazy pages.
+//!
+//! CRIU serves the frozen source's memory from a page server; on the target its
+//! lazy-pages daemon fetches pages on fault and the rest in the background. Between
+//! the two away puts a relay pair that
+//! * compresses the page stream (zstd level 1, one checksummed frame per read, so a
+//!   request never waits for a buffer to fill), and
+//! * keeps CRIU's ending rule from losing the workload: CRIU's page server takes a
+//!   closed connection for "every page moved" and kills the source. When the network
+//!   side fails (link cut, corrupt frame, target gone), the source relay sends CRIU a
+//!   truncated request instead, which fails the dump and makes CRIU resume the source.
+//!
+//! Written by hand: the relay has to know which side ended first, which no generic
+//! proxy crate reports.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+/// Largest plain chunk read at once (and so the largest frame's content).
+const CHUNK: usize = 256 * 1024;
+/// No request from the target for this long while pages remain: the link is gone.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the source waits for the target's lazy-pages daemon to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Bytes through a relay.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Uncompressed bytes CRIU (or its daemon) sent and received.
+    pub plain: AtomicU64,
+    /// Bytes on the wire, both directions.
+    pub wire: AtomicU64,
+}
+
+impl RelayCounters {
+    pub fn plain(&self) -> u64 {
+        self.plain.load(Ordering::Relaxed)
+    }
+    pub fn wire(&self) -> u64 {
+        self.wire.load(Ordering::Relaxed)
+    }
+}
+
+/// Faults the end-to-end tests inject into the source relay
+/// (`AWAY_FAULT_LAZY=cut-after:BYTES` or `corrupt-after:BYTES`, counted in page bytes
+/// CRIU has sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LazyFault {
+    CutAfter(u64),
+    CorruptAfter(u64),
+}
+
+impl LazyFault {
+    pub fn from_env() -> Option<LazyFault> {
+        let v = std::env::var("AWAY_FAULT_LAZY").ok()?;
+        let (kind, n) = v.split_once(':')?;
+        let n = n.parse().ok()?;
+        match kind {
+            "cut-after" => Some(LazyFault::CutAfter(n)),
+            "corrupt-after" => Some(LazyFault::CorruptAfter(n)),
+            _ => None,
+        }
+    }
+}
+
+/// The source end: accepts the target's relay, connects to CRIU's page server.
+pub struct SourceRelay {
+    pub port: u16,
+    pub counters: Arc<RelayCounters>,
+    abort: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl SourceRelay {
+    /// Listen on `listen` for the target; pages come from CRIU's page server, reached
+    /// with `connect_criu` (once, when the target connects).
+    pub async fn start(
+        listen: SocketAddr,
+        connect_criu: impl FnOnce() -> std::io::Result<std::net::TcpStream> + Send + 'static,
+        fault: Option<LazyFault>,
+    ) -> std::io::Result<SourceRelay> {
+        let listener = TcpListener::bind(listen).await?;
+        let port = listener.local_addr()?.port();
+        let counters = Arc::new(RelayCounters::default());
+        let (abort_tx, abort_rx) = oneshot::channel();
+        let c = counters.clone();
+        let task = tokio::spawn(async move { source_side(listener, connect_criu, c, abort_rx, fault).await });
+        Ok(SourceRelay { port, counters, abort: Some(abort_tx), task })
+    }
+
+    /// Make CRIU fail the lazy dump (the source resumes), whatever state the relay is in.
+    pub async fn abort(mut self) -> Result<(), String> {
+        if let Some(a) = self.abort.take() {
+            let _ = a.send(());
+        }
+        self.task.await.map_err(|e| e.to_string())?
+    }
+
+    /// Wait for the relay to end on its own (CRIU closed after the last page, or the
+    /// network failed and CRIU was told).
+    pub async fn wait(mut self) -> Result<(), String> {
+        let _keep = self.abort.take();
+        self.task.await.map_err(|e| e.to_string())?
+    }
+}
+
+/// CRIU's page server protocol: requests are `struct page_server_iov` (u32 cmd, then
+/// u64 nr_pages, vaddr and dst_id: 32 bytes with padding, little-endian here, as
+/// CRIU 4.2 sends them); the lazy-pages daemon
+/// ends with PS_IOV_CLOSE (PS_IOV_FORCE_CLOSE when CRIU was handed its socket; see
+/// criu/page-xfer.c).
+const PS_IOV_SIZE: usize = 32;
+const PS_IOV_CLOSE: u32 = 0x1023;
+const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
+const PS_CMD_MASK: u32 = 0xffff;
+
+/// Is `last` (the final bytes the daemon sent) its closing request?
+fn is_final_request(last: &[u8]) -> bool {
+    let Some(req) = last.len().checked_sub(PS_IOV_SIZE).map(|start| &last[start..]) else { return false };
+    matches!(u32::from_le_bytes(req[..4].try_into().expect("4 bytes")) & PS_CMD_MASK, PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE)
+}
+
+/// Tell CRIU's page server the transfer failed: a request cut short. CRIU then fails
+/// the dump and resumes the frozen process (a plain close would read as success).
+async fn poison(w: &mut OwnedWriteHalf) {
+    let _ = w.write_all(&[0xff, 0xff, 0xff]).await;
+    let _ = w.shutdown().await;
+}
+
+async fn source_side(
+    listener: TcpListener,
+    connect_criu: impl FnOnce() -> std::io::Result<std::net::TcpStream> + Send + 'static,
+    counters: Arc<RelayCounters>,
+    mut abort: oneshot::Receiver<()>,
+    fault: Option<LazyFault>,
+) -> Result<(), String> {
+    let accepted = tokio::select! {
+        a = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()) => Some(a),
+        _ = &mut abort => None,
+    };
+    // CRIU waits for its one connection in any case: even to be told to give up
+    let criu = tokio::task::spawn_blocking(connect_criu)
+        .await
+        .map_err(|e| e.to_string())?
+        .and_then(|s| {
+            s.set_nonblocking(true)?;
+            TcpStream::from_std(s)
+        })
+        .map_err(|e| format!("connect to CRIU's page server: {e}"))?;
+    let (mut criu_r, mut criu_w) = criu.into_split();
+    let Some(accepted) = accepted else {
+        poison(&mut criu_w).await;
+        return Err("aborted before the target connected".into());
+    };
+    let net = match accepted {
+        Ok(Ok((s, peer))) => {
+            tracing::debug!(%peer, "lazy pages: target connected");
+            s
+        }
+        Ok(Err(e)) => {
+            poison(&mut criu_w).await;
+            return Err(format!("accept the target's lazy-pages connection: {e}"));
+        }
+        Err(_) => {
+            poison(&mut criu_w).await;
+            return Err(format!("the target did not fetch pages within {} s", CONNECT_TIMEOUT.as_secs()));
+        }
+    };
+    let _ = net.set_nodelay(true);
+    let (mut net_r, mut net_w) = net.into_split();
+    let criu_closed = AtomicBool::new(false);
+    let up = async {
+        // CRIU -> network: page data
+        let r = plain_to_framed(&mut criu_r, &mut net_w, &counters, fault).await;
+        if r.is_ok() {
+            criu_closed.store(true, Ordering::SeqCst);
+        }
+        r
+    };
+    let down = async {
+        // network -> CRIU: page requests. CRIU answers the daemon's final request and
+        // then waits for the connection to end; a FIN without that request would also
+        // read as success, so it only goes to CRIU after the final request.
+        let last = framed_to_plain(&mut net_r, &mut criu_w, &counters, Some(IDLE_TIMEOUT), false).await?;
+        if is_final_request(&last) || criu_closed.load(Ordering::SeqCst) {
+            let _ = criu_w.shutdown().await;
+            Ok(())
+        } else {
+            Err("the target's connection ended before the last page".to_string())
+        }
+    };
+    let result = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
+        _ = &mut abort => Err("aborted".to_string()),
+    };
+    if let Err(e) = &result {
+        if !criu_closed.load(Ordering::SeqCst) {
+            tracing::warn!("lazy pages: {e}; telling CRIU to resume the source");
+            poison(&mut criu_w).await;
+            // CRIU may be blocked sending pages nobody reads: drain them so that it gets
+            // back to reading requests and finds the truncated one
+            let mut sink = tokio::io::sink();
+            let _ = tokio::time::timeout(Duration::from_secs(10), tokio::io::copy(&mut criu_r, &mut sink)).await;
+        }
+    }
+    result
+}
+
+/// The target end: the lazy-pages daemon connects here; pages come from `upstream`.
+pub struct TargetRelay {
+    pub port: u16,
+    pub counters: Arc<RelayCounters>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl TargetRelay {
+    pub async fn start(upstream: SocketAddr) -> std::io::Result<TargetRelay> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let port = listener.local_addr()?.port();
+        let counters = Arc::new(RelayCounters::default());
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            let (daemon, _) = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
+                .await
+                .map_err(|_| "the lazy-pages daemon did not connect".to_string())?
+                .map_err(|e| e.to_string())?;
+            let net = TcpStream::connect(upstream)
+                .await
+                .map_err(|e| format!("connect to the source's page relay {upstream}: {e}"))?;
+            let _ = net.set_nodelay(true);
+            let (mut d_r, mut d_w) = daemon.into_split();
+            let (mut n_r, mut n_w) = net.into_split();
+            tokio::try_join!(
+                plain_to_framed(&mut d_r, &mut n_w, &c, None),
+                framed_to_plain(&mut n_r, &mut d_w, &c, None, true)
+            )
+            .map(|_| ())
+        });
+        Ok(TargetRelay { port, counters, task })
+    }
+
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+async fn plain_to_framed(
+    r: &mut OwnedReadHalf,
+    w: &mut OwnedWriteHalf,
+    counters: &RelayCounters,
+    fault: Option<LazyFault>,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut zstd = zstd::bulk::Compressor::new(1).map_err(|e| e.to_string())?;
+    zstd.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true)).map_err(|e| e.to_string())?;
+    let mut sent = 0u64;
+    loop {
+        let n = r.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        let mut frame = zstd.compress(&buf[..n]).map_err(|e| format!("compress: {e}"))?;
+        match fault {
+            Some(LazyFault::CutAfter(limit)) if sent >= limit => {
+                return Err(format!("link cut after {sent} bytes of pages (AWAY_FAULT_LAZY)"));
+            }
+            Some(LazyFault::CorruptAfter(limit)) if sent >= limit => {
+                let mid = frame.len() / 2;
+                frame[mid] ^= 0x5a;
+            }
+            _ => {}
+        }
+        w.write_all(&(frame.len() as u32).to_be_bytes()).await.map_err(|e| format!("send: {e}"))?;
+        w.write_all(&frame).await.map_err(|e| format!("send: {e}"))?;
+        sent += n as u64;
+        counters.plain.fetch_add(n as u64, Ordering::Relaxed);
+        counters.wire.fetch_add(4 + frame.len() as u64, Ordering::Relaxed);
+    }
+}
+
+async fn framed_to_plain(
+    r: &mut OwnedReadHalf,
+    w: &mut OwnedWriteHalf,
+    counters: &RelayCounters,
+    idle: Option<Duration>,
+    shutdown_at_end: bool,
+) -> Result<Vec<u8>, String> {
+    let mut frame = Vec::new();
+    // the last bytes written, for the caller to see how the stream ended
+    let mut last: Vec<u8> = Vec::with_capacity(2 * PS_IOV_SIZE);
+    loop {
+        let mut len = [0u8; 4];
+        let read = async {
+            match r.read_exact(&mut len).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+                Err(e) => Err(format!("receive: {e}")),
+            }
+        };
+        let more = match idle {
+            Some(t) => tokio::time::timeout(t, read)
+                .await
+                .map_err(|_| format!("nothing from the other side for {} s", t.as_secs()))??,
+            None => read.await?,
+        };
+        if !more {
+            if shutdown_at_end {
+                let _ = w.shutdown().await;
+            }
+            return Ok(last);
+        }
+        let n = u32::from_be_bytes(len) as usize;
+        if n > zstd::zstd_safe::compress_bound(CHUNK) {
+            return Err(format!("corrupt page stream: a frame of {n} bytes"));
+        }
+        frame.resize(n, 0);
+        r.read_exact(&mut frame).await.map_err(|e| format!("receive: {e}"))?;
+        let plain = zstd::bulk::decompress(&frame, CHUNK).map_err(|e| format!("corrupt page stream: {e}"))?;
+        w.write_all(&plain).await.map_err(|e| format!("write: {e}"))?;
+        last.extend_from_slice(&plain[plain.len().saturating_sub(PS_IOV_SIZE)..]);
+        last.drain(..last.len().saturating_sub(PS_IOV_SIZE));
+        counters.plain.fetch_add(plain.len() as u64, Ordering::Relaxed);
+        counters.wire.fetch_add(4 + n as u64, Ordering::Relaxed);
+    }
+}
+
+/// The target's CRIU lazy-pages daemon with its relay.
+pub struct LazyPagesDaemon {
+    child: tokio::process::Child,
+    relay: TargetRelay,
+    log: PathBuf,
+}
+
+impl LazyPagesDaemon {
+    /// Start the daemon on checkpoint `dir` (images; work directory
+    /// `dir/`[`away_runtime::CRIU_WORK_DIR`]) fetching from the source relay `upstream`;
+    /// returns once its socket is there for the restore to connect to.
+    pub async fn start(dir: &Path, upstream: SocketAddr) -> Result<LazyPagesDaemon, String> {
+        let relay = TargetRelay::start(upstream).await.map_err(|e| format!("start the page relay: {e}"))?;
+        let work = dir.join(away_runtime::CRIU_WORK_DIR);
+        std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
+        let log = work.join("lazy-pages.log");
+        let socket = work.join("lazy-pages.socket");
+        let _ = std::fs::remove_file(&socket);
+        let mut child = tokio::process::Command::new("criu")
+            .args(["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port"])
+            .arg(relay.port.to_string())
+            .arg("--images-dir")
+            .arg(dir)
+            .arg("--work-dir")
+            .arg(&work)
+            .args(["--log-file", "lazy-pages.log", "-v4"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot run criu lazy-pages: {e}"))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                relay.abort();
+                return Err(format!(
+                    "criu lazy-pages exited with {status}{}",
+                    away_runtime::runtime::criu_log_errors(&log)
+                ));
+            }
+            if tokio::time::Instant::now() > deadline {
+                relay.abort();
+                return Err("criu lazy-pages did not create its socket within 10 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(LazyPagesDaemon { child, relay, log })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub fn counters(&self) -> Arc<RelayCounters> {
+        self.relay.counters.clone()
+    }
+
+    /// Wait until every page is in (Ok) or the lazy phase failed (Err: the restored
+    /// copy is missing memory and must go).
+    pub async fn wait(mut self) -> Result<(), String> {
+        let status = self.child.wait().await.map_err(|e| format!("wait for criu lazy-pages: {e}"))?;
+        self.relay.abort();
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("criu lazy-pages exited with {status}{}", away_runtime::runtime::criu_log_errors(&self.log)))
+        }
+    }
+
+    /// Stop the daemon (the lazy phase fails on both sides).
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake "CRIU" that answers every request with 64 KiB of pages; after the
+    /// closing request it answers a status and, like CRIU, wants the peer's EOF next.
+    /// Returns (requests, bytes of a cut request, clean end as CRIU would judge it).
+    async fn fake_server(listener: TcpListener) -> (u64, Vec<u8>, bool) {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = 0u64;
+        let mut req = Vec::new();
+        loop {
+            let mut b = [0u8; PS_IOV_SIZE];
+            let n = s.read(&mut b[..PS_IOV_SIZE - req.len()]).await.unwrap_or(0);
+            if n == 0 {
+                // EOF before the closing request: CRIU would take it as the end, which is
+                // what the relay must never let happen by accident
+                return (got, req, false);
+            }
+            req.extend_from_slice(&b[..n]);
+            if req.len() < PS_IOV_SIZE {
+                continue;
+            }
+            got += 1;
+            if is_final_request(&req) {
+                s.write_all(&[0u8; 4]).await.unwrap();
+                let mut c = [0u8; 1];
+                let clean = matches!(s.read(&mut c).await, Ok(0));
+                return (got, Vec::new(), clean);
+            }
+            req.clear();
+            if s.write_all(&vec![7u8; 64 * 1024]).await.is_err() {
+                return (got, Vec::new(), false);
+            }
+        }
+    }
+
+    async fn pair(fault: Option<LazyFault>) -> (u64, Vec<u8>, bool, Result<(), String>, u64, u64) {
+        let criu = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let criu_addr = criu.local_addr().unwrap();
+        let server = tokio::spawn(fake_server(criu));
+        let connect = move || std::net::TcpStream::connect(criu_addr);
+        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, fault).await.unwrap();
+        let target = TargetRelay::start(SocketAddr::from(([127, 0, 0, 1], source.port))).await.unwrap();
+        let mut daemon = TcpStream::connect(("127.0.0.1", target.port)).await.unwrap();
+        let mut page = vec![0u8; 64 * 1024];
+        for _ in 0..20 {
+            if daemon.write_all(&[1u8; PS_IOV_SIZE]).await.is_err() || daemon.read_exact(&mut page).await.is_err() {
+                break;
+            }
+        }
+        let mut close = [0u8; PS_IOV_SIZE];
+        close[..4].copy_from_slice(&PS_IOV_CLOSE.to_le_bytes());
+        let _ = daemon.write_all(&close).await;
+        let mut status = [0u8; 4];
+        let _ = daemon.read_exact(&mut status).await;
+        drop(daemon);
+        let (wire, plain) = (source.counters.wire(), source.counters.plain());
+        let relay = source.wait().await;
+        let (requests, tail, clean) = server.await.unwrap();
+        (requests, tail, clean, relay, wire, plain)
+    }
+
+    #[tokio::test]
+    async fn pages_move_compressed_and_the_end_is_clean() {
+        let (requests, tail, clean, relay, wire, plain) = pair(None).await;
+        assert_eq!(requests, 21, "20 page requests and the close");
+        assert!(tail.is_empty());
+        assert!(clean, "CRIU saw the closing request, then EOF");
+        relay.expect("clean end");
+        assert!(plain > 20 * 64 * 1024, "{plain}");
+        assert!(wire < plain / 10, "constant pages compress: {wire} wire bytes for {plain}");
+    }
+
+    #[tokio::test]
+    async fn a_cut_link_poisons_the_page_server() {
+        let (requests, tail, clean, relay, _, _) = pair(Some(LazyFault::CutAfter(200_000))).await;
+        assert!(requests < 21 && !clean, "the close never arrived: {requests}");
+        assert_eq!(tail, vec![0xff; 3], "CRIU got a truncated request, not a clean close");
+        assert!(relay.unwrap_err().contains("link cut"));
+    }
+
+    #[tokio::test]
+    async fn corrupt_pages_poison_the_page_server() {
+        let (requests, tail, clean, relay, _, _) = pair(Some(LazyFault::CorruptAfter(200_000))).await;
+        assert!(requests < 21 && !clean, "{requests}");
+        assert_eq!(tail, vec![0xff; 3]);
+        assert!(relay.is_err());
+    }
+}

@@ -1,0 +1,295 @@
+//! Which way a container moves: stop-and-copy, or lazy (post-copy), chosen per
+//! workload from what it does and the link it crosses.
+//!
+//! Lazy restores the workload on the target at once and fetches its memory after, so
+//! its blackout does not grow with its memory; but every page it touches before that
+//! page has arrived costs a round trip. `auto` measures both sides of that trade
+//! before the move: how many distinct pages the workload writes per second (two
+//! snapshots of its resident pages, hashed) and the round trip to the target. It picks
+//! lazy unless the workload would spend more than [`MAX_STALL`] of its time waiting for
+//! pages, where stop-and-copy's one pause is the better deal.
+
+use std::fmt;
+use std::os::unix::fs::FileExt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use away_model::{MigrationMode, RuntimeKind, WorkloadStatus};
+use away_runtime::host::{HostReport, LABEL_LAZY_PAGES};
+use away_runtime::Runtime;
+
+use crate::target::TargetInfo;
+use crate::MigrateError;
+
+/// Stall share above which `auto` prefers stop-and-copy.
+pub const MAX_STALL: f64 = 0.5;
+/// How long `auto` watches the workload's writes.
+pub const DIRTY_WINDOW: Duration = Duration::from_millis(500);
+const PAGE: u64 = 4096;
+
+/// The mode a user asks for (`away migrate --mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ContainerMode {
+    StopCopy,
+    Lazy,
+    #[default]
+    Auto,
+}
+
+impl fmt::Display for ContainerMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ContainerMode::StopCopy => "stop-copy",
+            ContainerMode::Lazy => "lazy",
+            ContainerMode::Auto => "auto",
+        })
+    }
+}
+
+impl FromStr for ContainerMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stop-copy" | "stop-and-copy" => Ok(ContainerMode::StopCopy),
+            "lazy" | "post-copy" => Ok(ContainerMode::Lazy),
+            "auto" => Ok(ContainerMode::Auto),
+            _ => Err(format!("{s:?}: expected stop-copy, lazy or auto")),
+        }
+    }
+}
+
+/// The mode a move takes, and why.
+#[derive(Debug, Clone)]
+pub struct ModeChoice {
+    pub mode: MigrationMode,
+    pub reason: String,
+}
+
+/// Why a lazy move cannot happen between these two nodes (None: it can).
+fn lazy_blocker(kind: RuntimeKind, status: &WorkloadStatus, host: &HostReport, there: &TargetInfo) -> Option<String> {
+    if kind != RuntimeKind::Containerd {
+        return Some(format!("{kind} exposes no CRIU page server (lazy moves drive runc under containerd directly)"));
+    }
+    if !host.criu.lazy_pages() {
+        return Some(format!(
+            "CRIU lazy pages do not work on this node (userfaultfd {}, fs.pipe-max-size {}; see `away doctor`)",
+            if host.criu.uffd { "ok" } else { "missing" },
+            host.criu.pipe_max_size
+        ));
+    }
+    if there.node.labels.get(LABEL_LAZY_PAGES).map(String::as_str) != Some("true") {
+        return Some(format!("CRIU lazy pages do not work on {} (see `away doctor` there)", there.node.name));
+    }
+    if status.pid.is_none() {
+        return Some("the workload's process is unknown".into());
+    }
+    None
+}
+
+/// Decide how `status` moves to `there`.
+pub async fn choose(
+    requested: ContainerMode,
+    runtime: &dyn Runtime,
+    status: &WorkloadStatus,
+    host: &HostReport,
+    there: &TargetInfo,
+) -> Result<ModeChoice, MigrateError> {
+    let blocker = lazy_blocker(runtime.kind(), status, host, there);
+    let stop_copy = |why: String| ModeChoice {
+        mode: MigrationMode::StopAndCopy,
+        reason: format!("stop-and-copy: {why}; {}", crate::precopy_note(host)),
+    };
+    match requested {
+        ContainerMode::StopCopy => Ok(stop_copy("asked for (--mode stop-copy)".into())),
+        ContainerMode::Lazy => match blocker {
+            Some(why) => Err(MigrateError::Invalid(format!("cannot move {} lazily: {why}", status.name))),
+            None => Ok(ModeChoice { mode: MigrationMode::Lazy, reason: "lazy: asked for (--mode lazy)".into() }),
+        },
+        ContainerMode::Auto => {
+            if let Some(why) = blocker {
+                return Ok(stop_copy(format!("auto, lazy impossible: {why}")));
+            }
+            let pid = status.pid.unwrap_or_default();
+            let rtt = round_trip(&there.transfer_addr).await;
+            let dirty = tokio::task::spawn_blocking(move || dirty_rate(pid, DIRTY_WINDOW))
+                .await
+                .map_err(|e| MigrateError::Invalid(e.to_string()))?;
+            let (Some(rtt), Ok(dirty)) = (rtt, dirty) else {
+                return Ok(stop_copy("auto, could not measure the workload's writes or the round trip".into()));
+            };
+            let stall = dirty.pages_per_s() * rtt.as_secs_f64();
+            let facts = format!(
+                "it wrote {:.0} distinct pages/s (of {} resident) over {} ms, the round trip to {} is {:.2} ms, so \
+                 faults on pages not yet moved would stall it about {:.0} % of the time",
+                dirty.pages_per_s(),
+                dirty.resident_pages,
+                DIRTY_WINDOW.as_millis(),
+                there.node.name,
+                rtt.as_secs_f64() * 1e3,
+                (stall * 100.0).min(9999.0)
+            );
+            Ok(if stall > MAX_STALL {
+                stop_copy(format!("auto: {facts} (over {:.0} %)", MAX_STALL * 100.0))
+            } else {
+                ModeChoice {
+                    mode: MigrationMode::Lazy,
+                    reason: format!(
+                        "lazy (auto): {facts} (at most {:.0} %): it restores at once and its memory follows",
+                        MAX_STALL * 100.0
+                    ),
+                }
+            })
+        }
+    }
+}
+
+/// Smallest TCP connect time of three to `addr`.
+async fn round_trip(addr: &str) -> Option<Duration> {
+    let mut best: Option<Duration> = None;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let connected = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await;
+        if let Ok(Ok(_)) = connected {
+            let d = t.elapsed();
+            best = Some(best.map_or(d, |b| b.min(d)));
+        }
+    }
+    best
+}
+
+/// A workload's writes over a window.
+#[derive(Debug, Clone, Copy)]
+pub struct DirtySample {
+    pub resident_pages: u64,
+    /// Pages whose content changed (or that appeared) during the window.
+    pub dirty_pages: u64,
+    pub window: Duration,
+}
+
+impl DirtySample {
+    pub fn pages_per_s(&self) -> f64 {
+        self.dirty_pages as f64 / self.window.as_secs_f64().max(1e-3)
+    }
+}
+
+/// Count the pages of process `pid` that change over `window`, by hashing its
+/// resident private writable pages twice (read through /proc/PID/mem). Soft-dirty
+/// bits would be cheaper, but this kernel may not have them (see `away doctor`).
+pub fn dirty_rate(pid: u32, window: Duration) -> std::io::Result<DirtySample> {
+    let before = page_hashes(pid)?;
+    std::thread::sleep(window);
+    let after = page_hashes(pid)?;
+    // both lists are sorted by address
+    let mut dirty = 0u64;
+    let mut i = 0;
+    for (addr, h) in &after {
+        while i < before.len() && before[i].0 < *addr {
+            i += 1;
+        }
+        if i >= before.len() || before[i].0 != *addr || before[i].1 != *h {
+            dirty += 1;
+        }
+    }
+    Ok(DirtySample { resident_pages: after.len() as u64, dirty_pages: dirty, window })
+}
+
+/// (address, hash) of every resident page of the private writable mappings.
+fn page_hashes(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let mut out = Vec::new();
+    let mut entries = vec![0u8; 8 * 4096];
+    let mut page = vec![0u8; PAGE as usize];
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        if !perms.starts_with("rw") || !perms.ends_with('p') {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else { continue };
+        let mut addr = start;
+        while addr < end {
+            let n = ((end - addr) / PAGE).min(4096);
+            let buf = &mut entries[..(n * 8) as usize];
+            if pagemap.read_exact_at(buf, addr / PAGE * 8).is_err() {
+                break;
+            }
+            for (k, e) in buf.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                // bit 63: present in RAM; bit 62: swapped
+                if e & (3 << 62) == 0 {
+                    continue;
+                }
+                let a = addr + k as u64 * PAGE;
+                if mem.read_exact_at(&mut page, a).is_ok() {
+                    out.push((a, hash_page(&page)));
+                }
+            }
+            addr += n * PAGE;
+        }
+    }
+    Ok(out)
+}
+
+/// FNV-1a over 64-bit words: enough to tell a changed page, cheap enough to run on
+/// hundreds of MiB before a move.
+fn hash_page(page: &[u8]) -> u64 {
+    page.chunks_exact(8).fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
+        (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Resident memory of process `pid` in bytes (0 when unknown).
+pub fn resident_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+        })
+        .map(|kb: u64| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_print() {
+        for m in [ContainerMode::StopCopy, ContainerMode::Lazy, ContainerMode::Auto] {
+            assert_eq!(m.to_string().parse::<ContainerMode>().unwrap(), m);
+        }
+        assert!("fast".parse::<ContainerMode>().unwrap_err().contains("stop-copy, lazy or auto"));
+    }
+
+    /// The measurement sees a thread of this very process write pages.
+    #[test]
+    fn dirty_rate_sees_writes() {
+        let pages = 2048usize;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let writer = std::thread::spawn(move || {
+            let mut buf = vec![1u8; pages * PAGE as usize];
+            let mut round = 0u8;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                round = round.wrapping_add(1);
+                for p in 0..pages {
+                    buf[p * PAGE as usize] = round;
+                }
+                std::hint::black_box(&buf);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let busy = dirty_rate(std::process::id(), Duration::from_millis(200)).unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(busy.dirty_pages >= pages as u64, "{busy:?}");
+        assert!(busy.resident_pages >= pages as u64, "{busy:?}");
+        assert!(resident_bytes(std::process::id()) > 0);
+    }
+}
