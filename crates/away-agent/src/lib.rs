@@ -150,10 +150,23 @@ impl Agent {
         true
     }
 
+    /// Remove an uncommitted copy; retried for a minute (a lazily restored process whose
+    /// page daemon died can take a while to die: its faults spin until the kernel has
+    /// released its userfaultfd).
     async fn remove_copy(&self, p: &Provisional) {
-        if let Ok(rt) = self.node.runtime(p.runtime) {
-            if let Err(e) = rt.remove(&p.workload).await {
-                tracing::error!(workload = %p.workload, "cannot remove the uncommitted copy: {e}");
+        let Ok(rt) = self.node.runtime(p.runtime) else { return };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match rt.remove(&p.workload).await {
+                Ok(()) => return,
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    tracing::error!(workload = %p.workload, "cannot remove the uncommitted copy: {e}");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(workload = %p.workload, "removing the uncommitted copy, retrying: {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
             }
         }
     }
@@ -166,20 +179,11 @@ impl Agent {
         self: &Arc<Self>,
         transfer_id: String,
         p: Provisional,
-        mut daemon: away_migrate::lazy::LazyPagesDaemon,
+        daemon: away_migrate::lazy::LazyPagesDaemon,
     ) {
         self.provisional.lock().await.insert(transfer_id.clone(), p.clone());
         let agent = self.clone();
         tokio::spawn(async move {
-            // fault injection for the end-to-end tests: the target side dies mid-copy
-            if let Some(ms) = std::env::var("AWAY_FAULT_LAZY_TARGET")
-                .ok()
-                .and_then(|v| v.strip_prefix("kill-daemon-after-ms:").and_then(|n| n.parse::<u64>().ok()))
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                tracing::warn!(workload = %p.workload, "AWAY_FAULT_LAZY_TARGET: killing the lazy-pages daemon");
-                daemon.kill().await;
-            }
             match daemon.wait().await {
                 Ok(()) => {
                     tracing::info!(workload = %p.workload, transfer = %transfer_id, "every page is in");

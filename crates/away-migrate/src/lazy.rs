@@ -380,6 +380,19 @@ impl LazyPagesDaemon {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // fault injection for the end-to-end tests: the target side dies mid-copy
+        if let Some(ms) = std::env::var("AWAY_FAULT_LAZY_TARGET")
+            .ok()
+            .and_then(|v| v.strip_prefix("kill-daemon-after-ms:").and_then(|n| n.parse::<u64>().ok()))
+        {
+            if let Some(pid) = child.id() {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    tracing::warn!(pid, "AWAY_FAULT_LAZY_TARGET: killing the lazy-pages daemon");
+                    let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+                });
+            }
+        }
         Ok(LazyPagesDaemon { child, relay, log })
     }
 

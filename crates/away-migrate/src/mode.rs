@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use away_model::{MigrationMode, RuntimeKind, WorkloadStatus};
-use away_runtime::host::{HostReport, LABEL_LAZY_PAGES};
+use away_runtime::host::{HostReport, LABEL_CONTAINERD_NETNS, LABEL_LAZY_PAGES};
 use away_runtime::Runtime;
 
 use crate::target::TargetInfo;
@@ -80,8 +80,14 @@ fn lazy_blocker(kind: RuntimeKind, status: &WorkloadStatus, host: &HostReport, t
     if there.node.labels.get(LABEL_LAZY_PAGES).map(String::as_str) != Some("true") {
         return Some(format!("CRIU lazy pages do not work on {} (see `away doctor` there)", there.node.name));
     }
-    if status.pid.is_none() {
-        return Some("the workload's process is unknown".into());
+    let Some(pid) = status.pid else { return Some("the workload's process is unknown".into()) };
+    let here = away_runtime::host::netns_id(pid);
+    if here.is_some() && there.node.labels.get(LABEL_CONTAINERD_NETNS) == here.as_ref() {
+        // the frozen source keeps its sockets until the last page moved
+        return Some(format!(
+            "{}'s containers would share this one's network namespace, where the frozen source still holds its ports",
+            there.node.name
+        ));
     }
     None
 }

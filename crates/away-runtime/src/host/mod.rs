@@ -98,6 +98,17 @@ pub struct ContainerdStatus {
     pub socket: PathBuf,
     pub version: Option<String>,
     pub error: Option<String>,
+    /// The network namespace containerd's workloads get (containerd's own), as
+    /// `<boot id>/net:[<inode>]`: two nodes that show the same one share a network.
+    #[serde(default)]
+    pub workload_netns: Option<String>,
+}
+
+/// `<boot id>/net:[<inode>]` of process `pid`'s network namespace.
+pub fn netns_id(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    Some(format!("{}/{}", boot.trim(), ns.display()))
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -271,10 +282,15 @@ impl HostReport {
                 reason: self.kvm.reason.clone(),
             }),
             link: None,
-            labels: if self.criu.lazy_pages() {
-                [(LABEL_LAZY_PAGES.to_string(), "true".to_string())].into()
-            } else {
-                Default::default()
+            labels: {
+                let mut l = std::collections::BTreeMap::new();
+                if self.criu.lazy_pages() {
+                    l.insert(LABEL_LAZY_PAGES.to_string(), "true".to_string());
+                }
+                if let Some(ns) = &self.containerd.workload_netns {
+                    l.insert(LABEL_CONTAINERD_NETNS.to_string(), ns.clone());
+                }
+                l
             },
         }
     }
@@ -283,6 +299,8 @@ impl HostReport {
 /// Node label saying CRIU lazy pages work on the node (userfaultfd, pipe size): a
 /// lazy migration needs it on both ends.
 pub const LABEL_LAZY_PAGES: &str = "away.criu-lazy-pages";
+/// Node label: the network namespace the node's containerd workloads get ([`netns_id`]).
+pub const LABEL_CONTAINERD_NETNS: &str = "away.containerd-netns";
 
 fn read_trim(path: &str) -> String {
     std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default()
@@ -359,6 +377,10 @@ async fn containerd_status(socket: &Path) -> ContainerdStatus {
             .map_err(|e| format!("Version RPC on {}: {}", socket.display(), e.message()))?;
         Ok::<_, String>(v.into_inner().version)
     };
+    // containerd's pid from the socket's peer credentials
+    if let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::UnixStream::connect(socket)).await {
+        st.workload_netns = conn.peer_cred().ok().and_then(|c| c.pid()).and_then(|pid| netns_id(pid as u32));
+    }
     match tokio::time::timeout(Duration::from_secs(5), ask).await {
         Ok(Ok(v)) => st.version = Some(v),
         Ok(Err(e)) => st.error = Some(e),

@@ -1,0 +1,250 @@
+//! Lazy (post-copy) container migration end to end, with `away migrate --mode lazy`.
+//!
+//! Two nodes of a local cluster give two network namespaces, each with its own
+//! containerd (a lazy move needs them apart: the frozen source keeps its sockets until
+//! the last page has moved). On them: memload (64 MiB, heartbeat every 100 ms) started
+//! with `away run` on the source, and a standalone `away agent` on the target, both in
+//! containerd namespaces of their own. Then: a move that works (the heartbeat goes on
+//! from the same start time on the target), and the faults of the stop-and-copy tests
+//! during the lazy phase (link cut, corrupt pages, target's page daemon killed), each
+//! ending with exactly one instance: the source, resumed by CRIU.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use away_cluster::{ClusterInfo, ClusterPlan, NodeInfoLocal, NodePlan};
+use away_e2e::{away_bin, lab_image, require_root, wait_for};
+use away_model::Tier;
+use serde_json::Value;
+
+const NAME: &str = "lazy";
+const PORT: u16 = 18082;
+const AGENT_API: u16 = 7850;
+
+struct Down;
+impl Drop for Down {
+    fn drop(&mut self) {
+        away_cluster::down(NAME);
+    }
+}
+
+/// `away` on a cluster node, in its network namespace, with a containerd namespace and
+/// state directory of this test's own.
+fn on(node: &NodeInfoLocal, role: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let state = PathBuf::from(format!("/tmp/away-e2e-lazy/{role}"));
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{}", node.netns)).arg(away_bin()).args(args);
+    for (k, v) in node.env() {
+        c.env(k, v);
+    }
+    c.env("AWAY_NAMESPACE", format!("away-e2e-lazy-{role}"))
+        .env("AWAY_STATE_DIR", &state)
+        .env("AWAY_RUN_DIR", state.join("run"));
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+fn memload_state(ip: &str) -> Option<(u64, u64)> {
+    let r = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .ok()?
+        .get(format!("http://{ip}:{PORT}/"))
+        .send()
+        .ok()?;
+    let v: Value = serde_json::from_str(&r.text().ok()?).ok()?;
+    Some((v["tick"].as_u64()?, v["started_unix_ms"].as_u64()?))
+}
+
+fn running(node: &NodeInfoLocal, role: &str, name: &str) -> usize {
+    let out = on(node, role, &["ps", "--json"], &[]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v["workloads"]
+        .as_array()
+        .map(|a| a.iter().filter(|w| w["name"] == name && w["state"] == "running").count())
+        .unwrap_or(0)
+}
+
+/// The target's standalone agent (killed by its PID when dropped).
+struct Agent(Child);
+impl Agent {
+    fn start(node: &NodeInfoLocal, env: &[(&str, &str)]) -> Agent {
+        let api = format!("{}:{AGENT_API}", node.ip);
+        let transfer = format!("{}:{}", node.ip, AGENT_API + 1);
+        std::fs::create_dir_all("/tmp/away-e2e-lazy").unwrap();
+        let log = std::fs::File::create("/tmp/away-e2e-lazy/agent.log").unwrap();
+        let child =
+            on(node, "target", &["agent", "--name", "target", "--listen", &api, "--transfer-listen", &transfer], env)
+                .env("AWAY_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start the target agent");
+        let ip = node.ip.to_string();
+        let up = wait_for(30, || {
+            reqwest::blocking::get(format!("http://{ip}:{AGENT_API}/v1/node")).ok().filter(|r| r.status().is_success())
+        });
+        assert!(up.is_some(), "the target agent did not answer on {api}");
+        Agent(child)
+    }
+}
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Nodes {
+    info: ClusterInfo,
+}
+
+impl Nodes {
+    fn source(&self) -> &NodeInfoLocal {
+        &self.info.nodes[0]
+    }
+    fn target(&self) -> &NodeInfoLocal {
+        &self.info.nodes[1]
+    }
+
+    fn start_memload(&self, name: &str) -> (u64, u64) {
+        let image = lab_image("memload");
+        let out = on(
+            self.source(),
+            "source",
+            &[
+                "run",
+                image.to_str().unwrap(),
+                "--name",
+                name,
+                "--runtime",
+                "containerd",
+                "--memory",
+                "256Mi",
+                "-e",
+                "MEMLOAD_SIZE=64Mi",
+                "-e",
+                "MEMLOAD_INTERVAL_MS=100",
+                "-e",
+                &format!("MEMLOAD_PORT={PORT}"),
+            ],
+            &[],
+        )
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "away run: {}", String::from_utf8_lossy(&out.stderr));
+        let ip = self.source().ip.to_string();
+        wait_for(60, || memload_state(&ip).filter(|s| s.0 >= 5)).expect("memload beats on the source")
+    }
+
+    /// `away migrate --mode lazy`: (exit ok, report or error JSON, stderr).
+    fn migrate(&self, name: &str, env: &[(&str, &str)]) -> (bool, Value, String) {
+        let to = format!("{}:{AGENT_API}", self.target().ip);
+        let out = on(
+            self.source(),
+            "source",
+            &["migrate", name, "--to", &to, "--mode", "lazy", "--json", "--source-name", "source"],
+            env,
+        )
+        .output()
+        .unwrap();
+        let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.success(), report, String::from_utf8_lossy(&out.stderr).to_string())
+    }
+
+    fn remove(&self, name: &str) {
+        let _ = on(self.source(), "source", &["rm", "--force", name], &[]).output();
+        let _ = on(self.target(), "target", &["rm", "--force", name], &[]).output();
+    }
+
+    /// A failed lazy move: the source runs on from where it was (same start time, more
+    /// beats), the target has no copy.
+    fn assert_source_resumed(&self, name: &str, before: (u64, u64), stderr: &str) {
+        assert!(stderr.contains("CRIU resumed it"), "the error says the source resumed: {stderr}");
+        let ip = self.source().ip.to_string();
+        let after =
+            wait_for(20, || memload_state(&ip).filter(|s| s.0 > before.0 + 3)).expect("memload beats on at the source");
+        assert_eq!(after.1, before.1, "the source restarted instead of resuming");
+        assert!(
+            wait_for(75, || (running(self.target(), "target", name) == 0).then_some(())).is_some(),
+            "the target's partial copy is removed"
+        );
+        assert_eq!(running(self.source(), "source", name), 1);
+    }
+}
+
+#[test]
+fn lazy_moves_keep_state_and_faults_leave_one_instance() {
+    if !require_root() {
+        return;
+    }
+    away_cluster::down(NAME);
+    let _ = std::fs::remove_dir_all("/tmp/away-e2e-lazy");
+    let plan = ClusterPlan {
+        name: NAME.into(),
+        nodes: vec![
+            NodePlan { name: "src".into(), tier: Tier::Cloud },
+            NodePlan { name: "dst".into(), tier: Tier::Edge },
+        ],
+        away: away_bin().to_path_buf(),
+        images: vec![],
+    };
+    let info = away_cluster::up(&plan).expect("cluster up");
+    let _down = Down;
+    let nodes = Nodes { info };
+    // the workloads go before the cluster (a resumed source would outlive its node)
+    struct Cleanup<'a>(&'a Nodes);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            for name in ["ml-ok", "ml-cut", "ml-corrupt", "ml-kill"] {
+                self.0.remove(name);
+            }
+        }
+    }
+    let _cleanup = Cleanup(&nodes);
+
+    // 1. a lazy move: the heartbeat goes on on the target from the same start
+    let agent = Agent::start(nodes.target(), &[]);
+    let before = nodes.start_memload("ml-ok");
+    let (ok, report, stderr) = nodes.migrate("ml-ok", &[]);
+    assert!(ok, "lazy move failed: {stderr}");
+    assert_eq!(report["mode"], "lazy", "{report}");
+    assert!(report["degraded_millis"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        report["bytes_raw"].as_u64().unwrap() > 64 << 20,
+        "the pages went through the relay and are counted: {report}"
+    );
+    assert!(
+        report["bytes_wire"].as_u64().unwrap() < report["bytes_raw"].as_u64().unwrap(),
+        "the page stream is compressed: {report}"
+    );
+    let ip = nodes.target().ip.to_string();
+    let after = wait_for(20, || memload_state(&ip)).expect("memload answers on the target");
+    assert_eq!(after.1, before.1, "memload restarted instead of moving");
+    assert!(after.0 >= before.0, "the heartbeat went on: {before:?} -> {after:?}");
+    assert_eq!(running(nodes.target(), "target", "ml-ok"), 1);
+    assert_eq!(running(nodes.source(), "source", "ml-ok"), 0, "the source is gone after a good move");
+    nodes.remove("ml-ok");
+
+    // 2. the link cut during the lazy phase, and 3. a corrupt frame of pages
+    for (name, fault) in [("ml-cut", "cut-after:1048576"), ("ml-corrupt", "corrupt-after:1048576")] {
+        let before = nodes.start_memload(name);
+        let (ok, _, stderr) = nodes.migrate(name, &[("AWAY_FAULT_LAZY", fault)]);
+        assert!(!ok, "{fault}: the move cannot succeed");
+        assert!(stderr.contains("lazy phase failed"), "{fault}: {stderr}");
+        nodes.assert_source_resumed(name, before, &stderr);
+        nodes.remove(name);
+    }
+    drop(agent);
+
+    // 4. the target's page daemon dies while pages are moving
+    let _agent = Agent::start(nodes.target(), &[("AWAY_FAULT_LAZY_TARGET", "kill-daemon-after-ms:700")]);
+    let before = nodes.start_memload("ml-kill");
+    let (ok, _, stderr) = nodes.migrate("ml-kill", &[]);
+    assert!(!ok, "the move cannot succeed without the target's page daemon");
+    nodes.assert_source_resumed("ml-kill", before, &stderr);
+    nodes.remove("ml-kill");
+}
