@@ -233,6 +233,8 @@ async fn attempt(
                 &api_addr.to_string(),
                 "--compression",
                 COMPRESSION,
+                "--mode",
+                if planned.path == MigrationPath::ContainerLazy { "lazy" } else { "stop-copy" },
                 "--json",
                 "--reconnect-timeout",
                 "120",
@@ -248,6 +250,7 @@ async fn attempt(
             Duration::from_millis(r.total_millis),
             Some(Duration::from_millis(r.downtime_millis)),
         )
+        .with_degraded((r.degraded_millis > 0).then(|| Duration::from_millis(r.degraded_millis)))
         .with_bytes(r.bytes_wire, r.bytes_raw)
         .with_notes(phases(&r))),
         Some(r) => Ok(RunResult::new(planned, RunOutcome::Failed, Duration::from_millis(r.total_millis), None)
@@ -263,5 +266,5 @@ async fn attempt(
 
 fn phases(r: &MigrationReport) -> String {
     let p: Vec<String> = r.phases.iter().map(|p| format!("{} {:.2}s", p.name, p.millis as f64 / 1000.0)).collect();
-    format!("stop-and-copy {COMPRESSION}; {}", p.join(", "))
+    format!("{} {COMPRESSION}; {}", r.mode, p.join(", "))
 }

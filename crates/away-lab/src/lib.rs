@@ -9,8 +9,8 @@
 //! values live in [`reference`] and are always printed with the label "paper".
 //!
 //! Run time on a 2-core TCG host: the quick profile (18 runs) took 248 s, measured
-//! (`cargo test -p away-e2e --test lab`). The full profile (2 links × 9 loads × 5 paths
-//! × 2 repetitions = 180 runs, 256 MiB VM, 128 MiB app): see docs/results; its upper
+//! (`cargo test -p away-e2e --test lab`). The full profile (2 links × 9 loads × 6 paths
+//! × 2 repetitions = 216 runs, 256 MiB VM, 128 MiB app): see docs/results; its upper
 //! bound from [`CompareOptions::estimate`] is dominated by VM runs under RAM load
 //! over the WAN that run into their time limit (3 × VM RAM / rate = 174 s each).
 
@@ -167,15 +167,19 @@ pub enum MigrationPath {
     ContainerContainerd,
     /// Docker → Docker, CRIU stop-and-copy through away's transfer protocol.
     ContainerDocker,
+    /// containerd → containerd, lazy (post-copy): restored at once, CRIU lazy pages
+    /// through away's compressing page relay (`away migrate --mode lazy`).
+    ContainerLazy,
 }
 
 impl MigrationPath {
-    pub const ALL: [MigrationPath; 5] = [
+    pub const ALL: [MigrationPath; 6] = [
         MigrationPath::VmPrecopy,
         MigrationPath::VmAutoConverge,
         MigrationPath::VmPostcopy,
         MigrationPath::ContainerContainerd,
         MigrationPath::ContainerDocker,
+        MigrationPath::ContainerLazy,
     ];
 
     pub fn name(self) -> &'static str {
@@ -185,6 +189,7 @@ impl MigrationPath {
             MigrationPath::VmPostcopy => "vm-postcopy",
             MigrationPath::ContainerContainerd => "container-containerd",
             MigrationPath::ContainerDocker => "container-docker",
+            MigrationPath::ContainerLazy => "container-lazy",
         }
     }
 
@@ -199,6 +204,7 @@ impl MigrationPath {
             MigrationPath::VmAutoConverge => "qemu pre-copy + auto-converge",
             MigrationPath::VmPostcopy => "qemu pre-copy, post-copy after pass 1",
             MigrationPath::ContainerContainerd | MigrationPath::ContainerDocker => "criu stop-and-copy, zstd:1",
+            MigrationPath::ContainerLazy => "criu lazy pages (post-copy), zstd:1 page stream",
         }
     }
 
@@ -264,7 +270,7 @@ pub struct CompareOptions {
 }
 
 impl CompareOptions {
-    /// Everything: 2 links × 9 loads × 5 paths × 2 repetitions = 180 runs, 256 MiB VM,
+    /// Everything: 2 links × 9 loads × 6 paths × 2 repetitions = 216 runs, 256 MiB VM,
     /// 128 MiB app; a VM run that has not finished after 3 × VM RAM / rate counts as not
     /// converged. Sized so a 2-core TCG host finishes it in about two hours.
     pub fn full(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
@@ -428,6 +434,9 @@ pub struct RunResult {
     pub total_s: f64,
     /// VM: source STOP → destination RESUME; container: checkpoint start → restored.
     pub downtime_s: Option<f64>,
+    /// Lazy moves: running on the target while pages still arrived.
+    #[serde(default)]
+    pub degraded_s: Option<f64>,
     pub bytes_wire: u64,
     pub bytes_raw: u64,
     /// bytes on the wire / link rate + round trips.
@@ -453,6 +462,7 @@ impl RunResult {
             outcome,
             total_s: total.as_secs_f64(),
             downtime_s: downtime.map(|d| d.as_secs_f64()),
+            degraded_s: None,
             bytes_wire: 0,
             bytes_raw: 0,
             limit_s: 0.0,
@@ -460,6 +470,11 @@ impl RunResult {
             notes: String::new(),
         }
         .with_bytes(0, 0)
+    }
+
+    pub fn with_degraded(mut self, degraded: Option<Duration>) -> Self {
+        self.degraded_s = degraded.map(|d| d.as_secs_f64());
+        self
     }
 
     /// Set the byte counts and recompute the physical limit.
@@ -551,7 +566,7 @@ async fn preflight_container_runtimes(paths: &[MigrationPath]) -> Result<(), Lab
     let kinds: Vec<RuntimeKind> = paths
         .iter()
         .filter_map(|p| match p {
-            MigrationPath::ContainerContainerd => Some(RuntimeKind::Containerd),
+            MigrationPath::ContainerContainerd | MigrationPath::ContainerLazy => Some(RuntimeKind::Containerd),
             MigrationPath::ContainerDocker => Some(RuntimeKind::Docker),
             _ => None,
         })

@@ -14,7 +14,7 @@ use crate::reference::{self, ReferencePoint};
 use crate::{io_err, LabError, LabResults, LinkKind, Load, MigrationPath, RunResult};
 
 pub const CSV_HEADER: &str =
-    "run,path,link,load,rep,total_s,downtime_s,bytes_wire,bytes_raw,converged,limit_s,total_over_limit,notes";
+    "run,path,link,load,rep,total_s,downtime_s,degraded_s,bytes_wire,bytes_raw,converged,limit_s,total_over_limit,notes";
 
 /// Font for the plots' text (Debian: fonts-dejavu-core); `AWAY_LAB_FONT` overrides it.
 const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -72,7 +72,7 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
     for r in &results.runs {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.3},{},{},{},{},{:.3},{},{}",
+            "{},{},{},{},{},{:.3},{},{},{},{},{},{:.3},{},{}",
             r.run,
             r.path,
             r.link,
@@ -80,6 +80,7 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
             r.rep,
             r.total_s,
             opt(r.downtime_s, 3),
+            opt(r.degraded_s, 3),
             r.bytes_wire,
             r.bytes_raw,
             r.converged(),
@@ -313,6 +314,7 @@ fn color(path: MigrationPath) -> RGBColor {
         MigrationPath::VmPostcopy => RGBColor(148, 103, 189),
         MigrationPath::ContainerContainerd => RGBColor(31, 119, 180),
         MigrationPath::ContainerDocker => RGBColor(23, 190, 207),
+        MigrationPath::ContainerLazy => RGBColor(44, 160, 44),
     }
 }
 

@@ -84,12 +84,44 @@ fn lazy_blocker(kind: RuntimeKind, status: &WorkloadStatus, host: &HostReport, t
     let here = away_runtime::host::netns_id(pid);
     if here.is_some() && there.node.labels.get(LABEL_CONTAINERD_NETNS) == here.as_ref() {
         // the frozen source keeps its sockets until the last page moved
-        return Some(format!(
-            "{}'s containers would share this one's network namespace, where the frozen source still holds its ports",
-            there.node.name
-        ));
+        let ports = listening_ports(pid);
+        if !ports.is_empty() {
+            return Some(format!(
+                "{}'s containers would share this one's network namespace, where the frozen source still holds \
+                 its listening port(s) {ports:?}",
+                there.node.name
+            ));
+        }
     }
     None
+}
+
+/// TCP ports process `pid` listens on (its own sockets, not its namespace's).
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is f[1] (addr:port in hex), st is f[3] (0A: LISTEN), inode is f[9]
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                if let Some(port) = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) {
+                    ports.push(port);
+                }
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// Decide how `status` moves to `there`.
@@ -270,6 +302,15 @@ mod tests {
             assert_eq!(m.to_string().parse::<ContainerMode>().unwrap(), m);
         }
         assert!("fast".parse::<ContainerMode>().unwrap_err().contains("stop-copy, lazy or auto"));
+    }
+
+    #[test]
+    fn listening_ports_are_this_process_own() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(listening_ports(std::process::id()).contains(&port));
+        drop(l);
+        assert!(!listening_ports(std::process::id()).contains(&port));
     }
 
     /// The measurement sees a thread of this very process write pages.

@@ -14,7 +14,7 @@ pub enum Command {
     ///
     /// The quick profile (`--quick`: 128 MiB VM, 32 MiB app, 3 loads, 3 paths, 2 links)
     /// takes about 4-5 minutes on 2 cores; the full profile (256 MiB VM, 128 MiB app,
-    /// 9 loads, 5 paths, 2 repetitions) takes about two hours (`--dry-run` prints an
+    /// 9 loads, 6 paths, 2 repetitions) takes over two hours (`--dry-run` prints an
     /// upper bound).
     ///
     /// Examples:
@@ -41,7 +41,8 @@ pub struct CompareArgs {
     /// Loads, comma separated: idle, cpu25, cpu50, cpu80, cpu100, ram25, ram50, ram80, ram100
     #[arg(long, value_delimiter = ',')]
     loads: Vec<Load>,
-    /// Paths, comma separated: vm-precopy, vm-autoconverge, vm-postcopy, container-containerd, container-docker
+    /// Paths, comma separated: vm-precopy, vm-autoconverge, vm-postcopy, container-containerd, container-docker,
+    /// container-lazy
     #[arg(long, value_delimiter = ',')]
     paths: Vec<MigrationPath>,
     /// Repetitions per point
