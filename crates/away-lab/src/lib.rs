@@ -560,6 +560,16 @@ fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io
     move |source| LabError::Io { action, path, source }
 }
 
+/// Set by [`stop_after_current_run`]: the experiment ends after the run in progress
+/// (cleaned up as usual) and writes its outputs for the runs it has.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ask a running [`compare`] to stop after its current run (e.g. on Ctrl-C): killing it
+/// mid-run would leave that run's VM, namespaces and containers behind.
+pub fn stop_after_current_run() {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Container paths run on this host's containerd and Docker: refuse to start hours of
 /// runs when one of them is down (each of its runs would only record the same failure).
 async fn preflight_container_runtimes(paths: &[MigrationPath]) -> Result<(), LabError> {
@@ -642,6 +652,10 @@ pub async fn compare(
         wall_s: 0.0,
     };
     for planned in &plan {
+        if STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            tracing::warn!("stopping early as asked: {} of {} runs done", results.runs.len(), plan.len());
+            break;
+        }
         let done = results.runs.len();
         let label = planned.label();
         let status = |s: String| report(done, label.clone(), s);

@@ -148,7 +148,7 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
     wait_online(&http, &api("/v1/nodes"), &token, 2).await?;
     s.done(t, &format!("laptop at {}", laptop.api));
 
-    let t = s.step("scaling away: the broker moves the running labdesk to the laptop (CRIU, stop-and-copy)");
+    let t = s.step("scaling away: the broker moves the running labdesk to the laptop (CRIU checkpoint/restore)");
     let started: Value = check(
         http.post(api("/v1/migrations"))
             .bearer_auth(&token)
@@ -158,9 +158,10 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
     )
     .await?;
     let id = started["migration"]["id"].as_str().context("no migration id")?.to_string();
-    println!("    why: {}", started["migration"]["why"].as_str().unwrap_or("?"));
+    println!("    placement: {}", started["migration"]["why"].as_str().unwrap_or("?"));
     let m = wait_migration(&http, &api(&format!("/v1/migrations/{id}")), &token).await?;
     let r = &m["report"];
+    println!("    mode: {}", r["reason"].as_str().unwrap_or("?"));
     let phases: Vec<String> = r["phases"]
         .as_array()
         .into_iter()

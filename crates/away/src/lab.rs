@@ -109,6 +109,20 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let pb = bar.clone();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // Ctrl-C or SIGTERM: finish and clean up the current run, write what was measured;
+    // a second one ends the process at once
+    let notice = bar.clone();
+    rt.spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+        notice.println("stopping after the current run (it cleans up); interrupt again to quit at once");
+        away_lab::stop_after_current_run();
+        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+        std::process::exit(130);
+    });
     let results = rt.block_on(away_lab::compare(opts, move |p| {
         pb.set_position(p.done as u64);
         pb.set_message(format!("{}: {}", p.current, p.status));
