@@ -178,7 +178,7 @@ pub fn check_container(src: &NodeInfo, dst: &NodeInfo, from: RuntimeKind, to: Ru
             format!("{vendors}: {} lacks {} that processes on {} may be using", dst.name, missing.join(", "), src.name)
         },
     ));
-    let ok_reason = format!("stop-and-copy with CRIU, {vendors}");
+    let ok_reason = format!("CRIU checkpoint/restore, {vendors}");
     verdict(MigrationMode::StopAndCopy, checks, ok_reason)
 }
 
