@@ -71,16 +71,18 @@ impl Agent {
         let node = Node::new("target", test);
         let mut tmpfs = None;
         if tiny_disk {
-            // the target's state (spool included) on a 64 KiB tmpfs: it fills up mid-transfer
-            std::fs::create_dir_all(&node.state).unwrap();
+            // the target's transfer spool on a 64 KiB tmpfs: it fills up mid-transfer (the
+            // image, uploaded before the source stops, goes to the store beside it)
+            let spool = node.state.join("transfers");
+            std::fs::create_dir_all(&spool).unwrap();
             let ok = Command::new("mount")
                 .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-                .arg(&node.state)
+                .arg(&spool)
                 .status()
                 .unwrap()
                 .success();
-            assert!(ok, "cannot mount a tmpfs on {}", node.state.display());
-            tmpfs = Some(node.state.clone());
+            assert!(ok, "cannot mount a tmpfs on {}", spool.display());
+            tmpfs = Some(spool);
         }
         let (api, transfer) = (free_port(), free_port());
         let mut cmd = node.cmd(&[

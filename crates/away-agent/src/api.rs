@@ -204,8 +204,11 @@ async fn upload_image(
     std::fs::create_dir_all(&dir)
         .map_err(|e| Problem(ApiError::new(ErrorCode::Internal, format!("create {}: {e}", dir.display()))))?;
     let tmp = dir.join(format!("upload-{}.tar", std::process::id()));
-    std::fs::write(&tmp, &body)
-        .map_err(|e| Problem(ApiError::new(ErrorCode::Internal, format!("write {}: {e}", tmp.display()))))?;
+    std::fs::write(&tmp, &body).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        let full = if e.raw_os_error() == Some(28) { "target disk full: " } else { "" };
+        Problem(ApiError::new(ErrorCode::Internal, format!("{full}write {}: {e}", tmp.display())))
+    })?;
     let stored = agent.node.store.add(&tmp, None);
     let _ = std::fs::remove_file(&tmp);
     Ok(Json(serde_json::json!({"references": stored?})))

@@ -79,16 +79,13 @@ impl TargetNode for AgentClient {
             .map(|_| ())
     }
 
-    async fn abort(&self, transfer_id: &str) -> Result<(), MigrateError> {
-        self.check(self.http.delete(format!("{}/v1/transfers/{transfer_id}", self.base)).send().await).await.map(|_| ())
-    }
-}
-
-impl AgentClient {
-    /// Send an image tar to the target's image store.
-    pub async fn upload_image(&self, tar: &std::path::Path) -> Result<(), MigrateError> {
+    async fn upload_image(&self, tar: &std::path::Path) -> Result<(), MigrateError> {
         let body = tokio::fs::read(tar).await.map_err(|e| MigrateError::Io { path: tar.to_path_buf(), source: e })?;
         self.check(self.http.post(format!("{}/v1/images", self.base)).body(body).send().await).await.map(|_| ())
+    }
+
+    async fn abort(&self, transfer_id: &str) -> Result<(), MigrateError> {
+        self.check(self.http.delete(format!("{}/v1/transfers/{transfer_id}", self.base)).send().await).await.map(|_| ())
     }
 }
 

@@ -27,7 +27,8 @@ use crate::MigrateError;
 pub const MANIFEST: &str = "manifest.json";
 /// Sub-directory of the payload holding the runtime's checkpoint (CRIU images, rootfs diff).
 pub const CHECKPOINT_DIR: &str = "checkpoint";
-/// The image tar, sent along when the target lacks the image.
+/// An image tar in a payload (older sources sent the image along; now it is uploaded
+/// before the checkpoint, outside the downtime).
 pub const IMAGE_TAR: &str = "image.tar";
 
 /// What travels with a checkpoint, besides the CRIU images.
@@ -61,6 +62,8 @@ pub type ProgressFn = std::sync::Arc<dyn Fn(Step) + Send + Sync>;
 #[derive(Debug, Clone)]
 pub enum Step {
     Checking,
+    /// The target lacks the workload's image: it goes first (the workload still runs).
+    SendingImage,
     Checkpointing,
     Transferring {
         sent: u64,
@@ -118,7 +121,11 @@ pub async fn migrate_container(
         )));
     }
     let image = node.store.resolve(&status.image).map_err(MigrateError::Runtime)?;
-    let send_image = !target.has_image(&status.image).await?;
+    // the image goes before anything stops: it is not part of the downtime
+    if !target.has_image(&status.image).await? {
+        progress(Step::SendingImage);
+        target.upload_image(&image.tar).await?;
+    }
     let choice = crate::mode::choose(opts.mode, runtime, &status, &host, &there).await?;
     tracing::info!(workload = name, mode = %choice.mode, "{}", choice.reason);
     let mut phases = vec![phase("check", started.elapsed())];
@@ -129,8 +136,6 @@ pub async fn migrate_container(
             here: &here,
             there: &there,
             target,
-            image: &image,
-            send_image,
             archives,
             opts,
             progress: &progress,
@@ -164,13 +169,7 @@ pub async fn migrate_container(
         stopped_at_ms,
         lazy_page_relay: None,
     };
-    let prepared = (|| -> std::io::Result<()> {
-        std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
-        if send_image {
-            std::fs::copy(&image.tar, payload.join(IMAGE_TAR))?;
-        }
-        Ok(())
-    })();
+    let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
     // the stopped source record steps aside so that the target may take the name (needed
     // when both share one engine; harmless otherwise)
     let set_aside = match prepared {
@@ -266,8 +265,6 @@ struct Moving<'a> {
     here: &'a away_model::NodeInfo,
     there: &'a crate::target::TargetInfo,
     target: &'a dyn TargetNode,
-    image: &'a away_runtime::ResolvedImage,
-    send_image: bool,
     archives: &'a ArchiveStore,
     opts: &'a ContainerMigrationOptions,
     progress: &'a ProgressFn,
@@ -290,7 +287,7 @@ async fn local_addr_towards(target: &str) -> Result<std::net::IpAddr, MigrateErr
 /// then is the target's copy committed. If the lazy phase fails, CRIU resumes the
 /// source and the target's copy is removed: one instance either way.
 async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
-    let Moving { runtime, name, here, there, target, image, send_image, archives, opts, progress, .. } = m;
+    let Moving { runtime, name, here, there, target, archives, opts, progress, .. } = m;
     let mut phases = m.phases;
     progress(Step::Checkpointing);
     let payload = archives.create(name)?;
@@ -350,13 +347,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         archives.keep_failed(payload_ref);
         resumed_or_not(runtime, name, why, finished.err()).await
     };
-    let prepared = (|| -> std::io::Result<()> {
-        std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
-        if send_image {
-            std::fs::copy(&image.tar, payload.join(IMAGE_TAR))?;
-        }
-        Ok(())
-    })();
+    let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
     if let Err(e) = prepared {
         return Err(give_up(format!("write the migration payload in {}: {e}", payload.display()), dump, relay).await);
     }

@@ -20,6 +20,8 @@ pub trait TargetNode: Send + Sync {
     async fn info(&self) -> Result<TargetInfo, MigrateError>;
     /// Does the target's image store hold `reference`?
     async fn has_image(&self, reference: &str) -> Result<bool, MigrateError>;
+    /// Put an image tar into the target's image store.
+    async fn upload_image(&self, tar: &std::path::Path) -> Result<(), MigrateError>;
     /// Make a provisional incoming workload final.
     async fn commit(&self, transfer_id: &str) -> Result<(), MigrateError>;
     /// Remove a provisional incoming workload now (a lazy move whose lazy phase failed:

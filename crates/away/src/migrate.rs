@@ -233,6 +233,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let pb = bar.clone();
     let progress: away_migrate::container::ProgressFn = Arc::new(move |step| match step {
         Step::Checking => pb.set_message("checking compatibility"),
+        Step::SendingImage => pb.set_message("sending the image (the workload still runs)"),
         Step::Checkpointing => pb.set_message("checkpointing"),
         Step::Transferring { sent, total } => {
             pb.set_message("transferring");
