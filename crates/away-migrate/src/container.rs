@@ -233,14 +233,8 @@ pub async fn migrate_container(
     phases.push(phase("commit", t.elapsed()));
 
     // 4. the source goes
-    progress(Step::Cleaning);
-    let t = Instant::now();
     let leftover = undo.set_aside.as_deref().unwrap_or(name);
-    if let Err(e) = runtime.remove(leftover).await {
-        tracing::warn!(workload = name, "the source's stopped container {leftover} could not be removed: {e}");
-    }
-    archives.discard(&payload)?;
-    phases.push(phase("cleanup", t.elapsed()));
+    clean_source(runtime, name, leftover, archives, &payload, &progress, &mut phases).await?;
     Ok(MigrationReport {
         workload: name.into(),
         mode: MigrationMode::StopAndCopy,
@@ -256,6 +250,26 @@ pub async fn migrate_container(
         ok: true,
         error: None,
     })
+}
+
+/// After the commit: the source's stopped container and the archive go.
+async fn clean_source(
+    runtime: &dyn away_runtime::Runtime,
+    name: &str,
+    leftover: &str,
+    archives: &ArchiveStore,
+    payload: &Path,
+    progress: &ProgressFn,
+    phases: &mut Vec<MigrationPhase>,
+) -> Result<(), MigrateError> {
+    progress(Step::Cleaning);
+    let t = Instant::now();
+    if let Err(e) = runtime.remove(leftover).await {
+        tracing::warn!(workload = name, "the source's stopped container {leftover} could not be removed: {e}");
+    }
+    archives.discard(payload)?;
+    phases.push(phase("cleanup", t.elapsed()));
+    Ok(())
 }
 
 /// What a move has established before its mode's own steps.
@@ -419,13 +433,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         tracing::error!(workload = name, "commit to {} failed after every page moved: {e}", there.node.name);
     }
     phases.push(phase("commit", t.elapsed()));
-    progress(Step::Cleaning);
-    let t = Instant::now();
-    if let Err(e) = runtime.remove(name).await {
-        tracing::warn!(workload = name, "the source's stopped container could not be removed: {e}");
-    }
-    archives.discard(&payload)?;
-    phases.push(phase("cleanup", t.elapsed()));
+    clean_source(runtime, name, name, archives, &payload, progress, &mut phases).await?;
     Ok(MigrationReport {
         workload: name.into(),
         mode: MigrationMode::Lazy,

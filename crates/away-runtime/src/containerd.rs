@@ -589,6 +589,23 @@ impl ContainerdRuntime {
         }
     }
 
+    /// Before a checkpoint: the container, its workload spec, the (new, owner-only)
+    /// checkpoint directory and CRIU's work directory in it.
+    async fn prepare_checkpoint(
+        &self,
+        name: &str,
+        dir: &Path,
+        op: &'static str,
+    ) -> Result<(api::Container, WorkloadSpec, PathBuf), RuntimeError> {
+        let c = self
+            .get_container(name)
+            .await?
+            .ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
+        let spec = Self::spec_label(&c, op)?;
+        crate::runtime::create_private_dir(dir)?;
+        Ok((c, spec, dir.join(crate::runtime::CRIU_WORK_DIR)))
+    }
+
     /// The workload spec a container was created from.
     fn spec_label(c: &api::Container, op: &'static str) -> Result<WorkloadSpec, RuntimeError> {
         c.labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| RuntimeError::Failed {
@@ -895,13 +912,7 @@ impl Runtime for ContainerdRuntime {
     }
 
     async fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointArchive, RuntimeError> {
-        let c = self
-            .get_container(name)
-            .await?
-            .ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
-        let spec = Self::spec_label(&c, "checkpoint")?;
-        crate::runtime::create_private_dir(&opts.dir)?;
-        let work = opts.dir.join(crate::runtime::CRIU_WORK_DIR);
+        let (c, spec, work) = self.prepare_checkpoint(name, &opts.dir, "checkpoint").await?;
         let options = RuncCheckpointOptions {
             exit: !opts.leave_running,
             open_tcp: true,
@@ -945,13 +956,7 @@ impl Runtime for ContainerdRuntime {
     /// state the shim keeps for the container; the shim sees the process exit once
     /// every page has moved.
     async fn checkpoint_lazy(&self, name: &str, opts: &LazyCheckpointOptions) -> Result<LazyDump, RuntimeError> {
-        let c = self
-            .get_container(name)
-            .await?
-            .ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
-        let spec = Self::spec_label(&c, "checkpoint lazily")?;
-        crate::runtime::create_private_dir(&opts.dir)?;
-        let work = opts.dir.join(crate::runtime::CRIU_WORK_DIR);
+        let (c, spec, work) = self.prepare_checkpoint(name, &opts.dir, "checkpoint lazily").await?;
         let failed = |message: String| RuntimeError::Failed {
             runtime: KIND,
             op: "checkpoint lazily",
