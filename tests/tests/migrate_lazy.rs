@@ -75,7 +75,8 @@ impl Agent {
         let api = format!("{}:{AGENT_API}", node.ip);
         let transfer = format!("{}:{}", node.ip, AGENT_API + 1);
         std::fs::create_dir_all("/tmp/away-e2e-lazy").unwrap();
-        let log = std::fs::File::create("/tmp/away-e2e-lazy/agent.log").unwrap();
+        let log_path = format!("/tmp/away-e2e-lazy/agent-{}.log", env.len());
+        let log = std::fs::File::create(&log_path).unwrap();
         let child =
             on(node, "target", &["agent", "--name", "target", "--listen", &api, "--transfer-listen", &transfer], env)
                 .env("AWAY_LOG", "info")

@@ -164,7 +164,15 @@ impl Agent {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(workload = %p.workload, "removing the uncommitted copy, retrying: {e}");
+                    // what holds it (for the log): the process's state and where it waits
+                    let pid = rt.status(&p.workload).await.ok().and_then(|s| s.pid);
+                    let state = pid.map(|pid| {
+                        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                        let line = st.lines().find(|l| l.starts_with("State:")).unwrap_or("").to_string();
+                        format!("pid {pid} {line} wchan {wchan}")
+                    });
+                    tracing::warn!(workload = %p.workload, ?state, "removing the uncommitted copy, retrying: {e}");
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 }
             }
