@@ -235,7 +235,9 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         let before = nodes.start_memload(name);
         let (ok, _, stderr) = nodes.migrate(name, &[("AWAY_FAULT_LAZY", fault)]);
         assert!(!ok, "{fault}: the move cannot succeed");
-        assert!(stderr.contains("lazy phase failed"), "{fault}: {stderr}");
+        // the fault lands while pages move: during the restore (the target's daemon
+        // already fetches) or after it
+        assert!(stderr.contains("lazy phase failed") || stderr.contains("could not restore"), "{fault}: {stderr}");
         nodes.assert_source_resumed(name, before, &stderr);
         nodes.remove(name);
     }

@@ -572,11 +572,26 @@ pub async fn restore_received(
         None => (runtime.restore(&request).await.map_err(|e| e.to_string())?, None),
         Some(relay) => {
             let mut daemon = crate::lazy::LazyPagesDaemon::start(&dir, relay).await?;
-            match runtime.restore_lazy(&request).await {
+            let restore = runtime.restore_lazy(&request);
+            tokio::pin!(restore);
+            let restored = tokio::select! {
+                r = &mut restore => r.map_err(|e| e.to_string()),
+                gone = daemon.exited() => {
+                    // the link or the source failed mid-restore: end the restore (it
+                    // cleans up after itself) instead of waiting for pages forever
+                    crate::lazy::LazyPagesDaemon::kill_restore(&dir);
+                    let r = restore.await;
+                    if let Ok(st) = &r {
+                        let _ = runtime.remove(&st.name).await;
+                    }
+                    Err(format!("the lazy-pages daemon ended during the restore: {gone}"))
+                }
+            };
+            match restored {
                 Ok(st) => (st, Some(daemon)),
                 Err(e) => {
                     daemon.kill().await;
-                    return Err(e.to_string());
+                    return Err(e);
                 }
             }
         }

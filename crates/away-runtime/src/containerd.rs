@@ -1044,6 +1044,18 @@ impl Runtime for ContainerdRuntime {
         std::fs::write(&conf, "lazy-pages\n").map_err(|e| RuntimeError::io(format!("write {}", conf.display()), e))?;
         let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf)).await;
         let _ = std::fs::remove_file(&conf);
+        if result.is_err() {
+            // a restore killed mid-way (its page daemon gone) leaves CRIU's root mount
+            // in runc's state directory, which would refuse the next restore of this name
+            let state = Path::new(RUNC_SHIM_ROOT).join(&self.namespace).join(&spec.name);
+            let criu_root = state.join("criu-root");
+            if criu_root.exists() {
+                let _ = std::process::Command::new("umount").arg("-l").arg(&criu_root).status();
+            }
+            if self.get_task(&spec.name).await.ok().flatten().is_none() {
+                let _ = std::fs::remove_dir_all(&state);
+            }
+        }
         result
     }
 

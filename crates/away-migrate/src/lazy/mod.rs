@@ -19,8 +19,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod prefetch;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -222,7 +224,9 @@ pub struct TargetRelay {
 }
 
 impl TargetRelay {
-    pub async fn start(upstream: SocketAddr) -> std::io::Result<TargetRelay> {
+    /// With `prefetch` (the checkpoint's lazy page ranges) the relay fetches every page
+    /// ahead of the daemon ([`prefetch`]); without, it passes requests through.
+    pub async fn start(upstream: SocketAddr, prefetch: Option<Vec<(u64, u64)>>) -> std::io::Result<TargetRelay> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let port = listener.local_addr()?.port();
         let counters = Arc::new(RelayCounters::default());
@@ -238,11 +242,25 @@ impl TargetRelay {
             let _ = net.set_nodelay(true);
             let (mut d_r, mut d_w) = daemon.into_split();
             let (mut n_r, mut n_w) = net.into_split();
-            tokio::try_join!(
-                plain_to_framed(&mut d_r, &mut n_w, &c, None),
-                framed_to_plain(&mut n_r, &mut d_w, &c, None, true)
-            )
-            .map(|_| ())
+            let Some(ranges) = prefetch else {
+                return tokio::try_join!(
+                    plain_to_framed(&mut d_r, &mut n_w, &c, None),
+                    framed_to_plain(&mut n_r, &mut d_w, &c, None, true)
+                )
+                .map(|_| ());
+            };
+            // daemon <-> prefetcher <-> (in-process pipe) <-> compression <-> network
+            let (inner, outer) = tokio::io::duplex(4 << 20);
+            let (inner_r, inner_w) = tokio::io::split(inner);
+            let (mut outer_r, mut outer_w) = tokio::io::split(outer);
+            let pages: u64 = ranges.iter().map(|r| r.1).sum();
+            let (stats, _, _) = tokio::try_join!(
+                prefetch::relay(d_r, d_w, inner_r, inner_w, ranges),
+                plain_to_framed(&mut outer_r, &mut n_w, &c, None),
+                framed_to_plain(&mut n_r, &mut outer_w, &c, None, true)
+            )?;
+            tracing::info!(lazy_pages = pages, ?stats, "lazy pages: prefetch done");
+            Ok(())
         });
         Ok(TargetRelay { port, counters, task })
     }
@@ -253,8 +271,8 @@ impl TargetRelay {
 }
 
 async fn plain_to_framed(
-    r: &mut OwnedReadHalf,
-    w: &mut OwnedWriteHalf,
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
     counters: &RelayCounters,
     fault: Option<LazyFault>,
 ) -> Result<(), String> {
@@ -288,8 +306,8 @@ async fn plain_to_framed(
 }
 
 async fn framed_to_plain(
-    r: &mut OwnedReadHalf,
-    w: &mut OwnedWriteHalf,
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
     counters: &RelayCounters,
     idle: Option<Duration>,
     shutdown_at_end: bool,
@@ -345,7 +363,11 @@ impl LazyPagesDaemon {
     /// `dir/`[`away_runtime::CRIU_WORK_DIR`]) fetching from the source relay `upstream`;
     /// returns once its socket is there for the restore to connect to.
     pub async fn start(dir: &Path, upstream: SocketAddr) -> Result<LazyPagesDaemon, String> {
-        let relay = TargetRelay::start(upstream).await.map_err(|e| format!("start the page relay: {e}"))?;
+        let ranges = prefetch::lazy_ranges(dir);
+        if ranges.is_none() {
+            tracing::info!("lazy pages: no single pagemap image in {}, no prefetch", dir.display());
+        }
+        let relay = TargetRelay::start(upstream, ranges).await.map_err(|e| format!("start the page relay: {e}"))?;
         let work = dir.join(away_runtime::CRIU_WORK_DIR);
         std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
         let log = work.join("lazy-pages.log");
@@ -400,6 +422,16 @@ impl LazyPagesDaemon {
         self.child.id()
     }
 
+    /// Resolves when the daemon has exited (cancel-safe; the daemon stays owned here).
+    pub async fn exited(&mut self) -> String {
+        match self.child.wait().await {
+            Ok(status) => {
+                format!("criu lazy-pages exited with {status}{}", away_runtime::runtime::criu_log_errors(&self.log))
+            }
+            Err(e) => format!("wait for criu lazy-pages: {e}"),
+        }
+    }
+
     pub fn counters(&self) -> Arc<RelayCounters> {
         self.relay.counters.clone()
     }
@@ -413,6 +445,26 @@ impl LazyPagesDaemon {
             Ok(())
         } else {
             Err(format!("criu lazy-pages exited with {status}{}", away_runtime::runtime::criu_log_errors(&self.log)))
+        }
+    }
+
+    /// A restore whose daemon is gone never ends (CRIU waits for pages): kill the runc
+    /// and CRIU processes working on checkpoint `dir` so that the restore fails and
+    /// cleans up after itself.
+    pub fn kill_restore(dir: &Path) {
+        let needle = dir.join(away_runtime::CRIU_WORK_DIR).display().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else { return };
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                // runc (its command line names the work dir) and its CRIU children
+                let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+                for c in children.split_whitespace().chain([pid.to_string().as_str()]) {
+                    tracing::warn!(pid = c, "killing a lazy restore whose page daemon is gone");
+                    let _ = std::process::Command::new("kill").args(["-9", c]).status();
+                }
+            }
         }
     }
 
@@ -465,7 +517,7 @@ mod tests {
         let server = tokio::spawn(fake_server(criu));
         let connect = move || std::net::TcpStream::connect(criu_addr);
         let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, fault).await.unwrap();
-        let target = TargetRelay::start(SocketAddr::from(([127, 0, 0, 1], source.port))).await.unwrap();
+        let target = TargetRelay::start(SocketAddr::from(([127, 0, 0, 1], source.port)), None).await.unwrap();
         let mut daemon = TcpStream::connect(("127.0.0.1", target.port)).await.unwrap();
         let mut page = vec![0u8; 64 * 1024];
         for _ in 0..20 {

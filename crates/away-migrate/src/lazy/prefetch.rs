@@ -1,0 +1,416 @@
+//! Prefetch for lazy moves: the target's relay asks the source's CRIU for every lazy
+//! page itself, a few chunks ahead, and answers the lazy-pages daemon from what has
+//! arrived. CRIU's daemon fetches its background pages one request at a time (one
+//! round trip each), which on a WAN leaves most of the link idle; with a window of
+//! requests in flight the pages stream at the link's rate, and a fault waits at most
+//! behind that window instead of behind a round trip per chunk.
+//!
+//! It speaks CRIU's page server protocol (criu/page-xfer.c): 32-byte requests
+//! (u32 cmd, padding, u64 nr_pages, u64 vaddr, u64 dst_id); a GET is answered by a
+//! header of the same shape and the pages, in request order; the closing request by a
+//! 4-byte status. Which pages are lazy comes from the checkpoint's pagemap image. Hand
+//! written: no crate speaks this protocol.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Mutex;
+
+use super::{PS_CMD_MASK, PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE, PS_IOV_SIZE};
+
+const PS_IOV_GET: u32 = 7;
+const PAGE: u64 = 4096;
+/// Pages per prefetch request, and requests in flight.
+const CHUNK_PAGES: u64 = 64;
+const WINDOW: usize = 4;
+/// pagemap image flag: the page is served lazily (criu/include/pagemap.h).
+const PE_LAZY: u64 = 1 << 1;
+
+/// The lazy page ranges (vaddr, pages) of a checkpoint, from its one pagemap image;
+/// None when there is not exactly one process or the image cannot be read (then the
+/// relay passes requests through unchanged).
+pub fn lazy_ranges(checkpoint: &Path) -> Option<Vec<(u64, u64)>> {
+    let mut images = std::fs::read_dir(checkpoint)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("pagemap-") && n.ends_with(".img") && !n.contains("shmem"));
+    let (Some(one), None) = (images.next(), images.next()) else { return None };
+    parse_pagemap(&std::fs::read(checkpoint.join(one)).ok()?)
+}
+
+/// CRIU image: two u32 magics, then entries of (u32 length, protobuf message); the first
+/// is the pagemap head, the others `pagemap_entry` (vaddr = 1, nr_pages = 2, flags = 4,
+/// and CRIU 4's 64-bit page count = 5). Decoded by hand: four varint fields.
+fn parse_pagemap(img: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let mut at = 8;
+    let mut out = Vec::new();
+    let mut first = true;
+    while at + 4 <= img.len() {
+        let len = u32::from_le_bytes(img[at..at + 4].try_into().ok()?) as usize;
+        at += 4;
+        let msg = img.get(at..at + len)?;
+        at += len;
+        if std::mem::take(&mut first) {
+            continue;
+        }
+        let (mut vaddr, mut pages, mut flags) = (None, 0u64, 0u64);
+        let mut i = 0;
+        while i < msg.len() {
+            let (key, n) = varint(&msg[i..])?;
+            i += n;
+            if key & 7 != 0 {
+                return None; // only varints in this message
+            }
+            let (v, n) = varint(&msg[i..])?;
+            i += n;
+            match key >> 3 {
+                1 => vaddr = Some(v),
+                2 | 5 if v > 0 => pages = v,
+                4 => flags = v,
+                _ => {}
+            }
+        }
+        if flags & PE_LAZY != 0 && pages > 0 {
+            out.push((vaddr?, pages));
+        }
+    }
+    Some(out)
+}
+
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// Fill `buf` from `r`, its first byte already read (`first`) or not.
+async fn read_rest<R: AsyncRead + Unpin>(r: &mut R, first: Option<u8>, buf: &mut [u8]) -> Result<(), String> {
+    let start = match first {
+        Some(b) => {
+            buf[0] = b;
+            1
+        }
+        None => 0,
+    };
+    r.read_exact(&mut buf[start..]).await.map(|_| ()).map_err(|e| format!("receive: {e}"))
+}
+
+fn request(cmd: u32, pages: u64, vaddr: u64, dst: u64) -> [u8; PS_IOV_SIZE] {
+    let mut r = [0u8; PS_IOV_SIZE];
+    r[..4].copy_from_slice(&cmd.to_le_bytes());
+    r[8..16].copy_from_slice(&pages.to_le_bytes());
+    r[16..24].copy_from_slice(&vaddr.to_le_bytes());
+    r[24..32].copy_from_slice(&dst.to_le_bytes());
+    r
+}
+
+fn fields(r: &[u8]) -> (u32, u64, u64, u64) {
+    let u = |a: usize| u64::from_le_bytes(r[a..a + 8].try_into().expect("8 bytes"));
+    (u32::from_le_bytes(r[..4].try_into().expect("4 bytes")), u(8), u(16), u(24))
+}
+
+enum Pending {
+    Daemon,
+    Close,
+    Prefetch { vaddr: u64, pages: u64 },
+}
+
+struct State<U> {
+    up: U,
+    pending: VecDeque<Pending>,
+    plan: VecDeque<(u64, u64)>,
+    cache: HashMap<u64, Vec<u8>>,
+    /// Pages the daemon asked for itself (not prefetched again).
+    asked: HashSet<u64>,
+    dst: Option<u64>,
+    /// The command word CRIU answers a GET with.
+    answer_cmd: Option<u32>,
+    in_flight: usize,
+    closing: bool,
+}
+
+impl<U: AsyncWrite + Unpin> State<U> {
+    /// Keep `WINDOW` prefetch requests in flight.
+    async fn refill(&mut self) -> Result<(), String> {
+        let Some(dst) = self.dst else { return Ok(()) };
+        while !self.closing && self.in_flight < WINDOW {
+            let Some((vaddr, pages)) = self.plan.pop_front() else { return Ok(()) };
+            // skip pages the daemon has asked for or that are here already
+            let skip = (0..pages)
+                .take_while(|i| {
+                    let p = vaddr + i * PAGE;
+                    self.asked.contains(&p) || self.cache.contains_key(&p)
+                })
+                .count() as u64;
+            if skip == pages {
+                continue;
+            }
+            let (v, rest) = (vaddr + skip * PAGE, pages - skip);
+            let n = rest.min(CHUNK_PAGES);
+            if rest > n {
+                self.plan.push_front((v + n * PAGE, rest - n));
+            }
+            self.up.write_all(&request(PS_IOV_GET, n, v, dst)).await.map_err(|e| format!("send: {e}"))?;
+            self.pending.push_back(Pending::Prefetch { vaddr: v, pages: n });
+            self.in_flight += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Pages fetched ahead and their use, for the log.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PrefetchStats {
+    pub prefetched_pages: u64,
+    pub served_from_cache: u64,
+    pub forwarded: u64,
+}
+
+/// Relay between the daemon (`daemon_r`/`daemon_w`) and the source (`up_r`/`up_w`,
+/// plain bytes: the compressing relay is beyond them), prefetching `ranges`.
+pub async fn relay<DR, DW, UR, UW>(
+    mut daemon_r: DR,
+    daemon_w: DW,
+    mut up_r: UR,
+    up_w: UW,
+    ranges: Vec<(u64, u64)>,
+) -> Result<PrefetchStats, String>
+where
+    DR: AsyncRead + Unpin,
+    DW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
+    let state = Arc::new(Mutex::new(State {
+        up: up_w,
+        pending: VecDeque::new(),
+        plan: ranges.into(),
+        cache: HashMap::new(),
+        asked: HashSet::new(),
+        dst: None,
+        answer_cmd: None,
+        in_flight: 0,
+        closing: false,
+    }));
+    let daemon_w = Arc::new(Mutex::new(daemon_w));
+    let stats = Arc::new(Mutex::new(PrefetchStats::default()));
+    // a request went to the source: its answer will come
+    let asked = Arc::new(tokio::sync::Notify::new());
+
+    // daemon -> source: requests, answered here when every page has arrived
+    let requests = {
+        let (state, daemon_w, stats, asked) = (state.clone(), daemon_w.clone(), stats.clone(), asked.clone());
+        async move {
+            let mut req = [0u8; PS_IOV_SIZE];
+            loop {
+                match daemon_r.read_exact(&mut req).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        let _ = state.lock().await.up.shutdown().await;
+                        return Ok::<(), String>(());
+                    }
+                    Err(e) => return Err(format!("read the daemon's request: {e}")),
+                }
+                let (cmd, pages, vaddr, dst) = fields(&req);
+                let mut st = state.lock().await;
+                match cmd & PS_CMD_MASK {
+                    PS_IOV_GET => {
+                        st.dst.get_or_insert(dst);
+                        let here = (0..pages).all(|i| st.cache.contains_key(&(vaddr + i * PAGE)));
+                        match st.answer_cmd {
+                            Some(answer) if here && pages > 0 => {
+                                let mut out = request(answer, pages, vaddr, dst).to_vec();
+                                for i in 0..pages {
+                                    out.extend(st.cache.remove(&(vaddr + i * PAGE)).expect("checked"));
+                                }
+                                drop(st);
+                                daemon_w.lock().await.write_all(&out).await.map_err(|e| format!("answer: {e}"))?;
+                                stats.lock().await.served_from_cache += 1;
+                                state.lock().await.refill().await?;
+                                asked.notify_one();
+                                continue;
+                            }
+                            _ => {
+                                for i in 0..pages {
+                                    st.asked.insert(vaddr + i * PAGE);
+                                }
+                                st.up.write_all(&req).await.map_err(|e| format!("send: {e}"))?;
+                                st.pending.push_back(Pending::Daemon);
+                                stats.lock().await.forwarded += 1;
+                            }
+                        }
+                    }
+                    PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
+                        st.closing = true;
+                        st.up.write_all(&req).await.map_err(|e| format!("send: {e}"))?;
+                        st.pending.push_back(Pending::Close);
+                    }
+                    other => return Err(format!("unexpected page server request {other:#x} from the daemon")),
+                }
+                st.refill().await?;
+                drop(st);
+                asked.notify_one();
+            }
+        }
+    };
+
+    // source -> daemon: answers, routed in request order
+    let answers = {
+        let (state, daemon_w, stats, asked) = (state.clone(), daemon_w.clone(), stats.clone(), asked.clone());
+        async move {
+            loop {
+                // the request an answer belongs to; with none sent, wait for one or the end
+                let mut first: Option<u8> = None;
+                let front = loop {
+                    if let Some(f) = state.lock().await.pending.pop_front() {
+                        break f;
+                    }
+                    if first.is_some() {
+                        return Err("the source sent an answer nobody asked for".into());
+                    }
+                    let mut byte = [0u8; 1];
+                    tokio::select! {
+                        _ = asked.notified() => {}
+                        r = up_r.read(&mut byte) => match r {
+                            Ok(0) => {
+                                let _ = daemon_w.lock().await.shutdown().await;
+                                return Ok::<(), String>(());
+                            }
+                            Ok(_) => first = Some(byte[0]),
+                            Err(e) => return Err(format!("receive: {e}")),
+                        },
+                    }
+                };
+                let mut head = [0u8; PS_IOV_SIZE];
+                if let Pending::Close = front {
+                    let mut status = [0u8; 4];
+                    read_rest(&mut up_r, first, &mut status).await?;
+                    daemon_w.lock().await.write_all(&status).await.map_err(|e| format!("answer: {e}"))?;
+                    continue;
+                }
+                read_rest(&mut up_r, first, &mut head).await?;
+                let (cmd, pages, vaddr, _) = fields(&head);
+                let mut data = vec![0u8; (pages * PAGE) as usize];
+                up_r.read_exact(&mut data).await.map_err(|e| format!("receive: {e}"))?;
+                match front {
+                    Pending::Daemon => {
+                        let mut w = daemon_w.lock().await;
+                        w.write_all(&head).await.map_err(|e| format!("answer: {e}"))?;
+                        w.write_all(&data).await.map_err(|e| format!("answer: {e}"))?;
+                        if pages > 0 {
+                            state.lock().await.answer_cmd.get_or_insert(cmd);
+                        }
+                    }
+                    Pending::Prefetch { vaddr: wanted_at, pages: wanted } => {
+                        let mut st = state.lock().await;
+                        if pages > 0 {
+                            st.answer_cmd.get_or_insert(cmd);
+                        }
+                        for (i, page) in data.chunks_exact(PAGE as usize).enumerate() {
+                            let p = vaddr + i as u64 * PAGE;
+                            if !st.asked.contains(&p) {
+                                st.cache.insert(p, page.to_vec());
+                            }
+                        }
+                        if vaddr == wanted_at && pages < wanted {
+                            // CRIU answered part of the range (a page pipe boundary)
+                            st.plan.push_front((wanted_at + pages * PAGE, wanted - pages));
+                        }
+                        st.in_flight -= 1;
+                        stats.lock().await.prefetched_pages += pages;
+                        st.refill().await?;
+                        asked.notify_one();
+                    }
+                    Pending::Close => unreachable!("handled above"),
+                }
+            }
+        }
+    };
+    tokio::try_join!(requests, answers)?;
+    let s = *stats.lock().await;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pagemap_images_decode() {
+        // magics, head {pages_id: 1}, entry {vaddr 0x1000, nr_pages 0, flags LAZY|PRESENT, pages 3},
+        // entry {vaddr 0x9000, flags PRESENT, pages 1} (not lazy)
+        let mut img = vec![0x19, 0x43, 0x56, 0x54, 0x25, 0x40, 0x08, 0x56];
+        for msg in [
+            vec![0x08, 0x01],
+            vec![0x08, 0x80, 0x20, 0x10, 0x00, 0x20, 0x06, 0x28, 0x03],
+            vec![0x08, 0x80, 0x90, 0x02, 0x20, 0x04, 0x28, 0x01],
+        ] {
+            img.extend((msg.len() as u32).to_le_bytes());
+            img.extend(msg);
+        }
+        assert_eq!(parse_pagemap(&img), Some(vec![(0x1000, 3)]));
+    }
+
+    /// A fake CRIU page server over a duplex pipe: answers GETs with pages whose first
+    /// byte is their page number; the prefetching relay must hand the daemon exactly
+    /// what it asked for, most of it without asking the source.
+    #[tokio::test]
+    async fn the_daemon_gets_its_pages_and_most_come_from_the_prefetch() {
+        let (daemon_side, relay_daemon) = tokio::io::duplex(1 << 20);
+        let (relay_up, mut server) = tokio::io::duplex(1 << 20);
+        let (dr, dw) = tokio::io::split(relay_daemon);
+        let (ur, uw) = tokio::io::split(relay_up);
+        let base = 0x10_0000u64;
+        let relay = tokio::spawn(relay(dr, dw, ur, uw, vec![(base, 512)]));
+        let criu = tokio::spawn(async move {
+            let mut req = [0u8; PS_IOV_SIZE];
+            let mut gets = 0;
+            while server.read_exact(&mut req).await.is_ok() {
+                let (cmd, pages, vaddr, dst) = fields(&req);
+                if cmd == PS_IOV_CLOSE {
+                    server.write_all(&[0u8; 4]).await.unwrap();
+                    break;
+                }
+                gets += 1;
+                let n = pages.min(16); // answers in pieces, like a page pipe boundary
+                let mut out = request(0x40006, n, vaddr, dst).to_vec();
+                for i in 0..n {
+                    let mut page = vec![0u8; PAGE as usize];
+                    page[0] = ((vaddr - base) / PAGE + i) as u8;
+                    out.extend(page);
+                }
+                server.write_all(&out).await.unwrap();
+            }
+            gets
+        });
+        let (mut d_r, mut d_w) = tokio::io::split(daemon_side);
+        for p in (0..512u64).step_by(8) {
+            d_w.write_all(&request(PS_IOV_GET, 8, base + p * PAGE, 1)).await.unwrap();
+            let mut head = [0u8; PS_IOV_SIZE];
+            d_r.read_exact(&mut head).await.unwrap();
+            let (_, pages, vaddr, dst) = fields(&head);
+            assert_eq!((vaddr, dst), (base + p * PAGE, 1));
+            let mut data = vec![0u8; (pages * PAGE) as usize];
+            d_r.read_exact(&mut data).await.unwrap();
+            for (i, page) in data.chunks(PAGE as usize).enumerate() {
+                assert_eq!(page[0], (p + i as u64) as u8, "page {} of request at {p}", i);
+            }
+        }
+        d_w.write_all(&request(PS_IOV_CLOSE, 0, 0, 0)).await.unwrap();
+        let mut status = [0u8; 4];
+        d_r.read_exact(&mut status).await.unwrap();
+        d_w.shutdown().await.unwrap();
+        let stats = relay.await.unwrap().unwrap();
+        let gets = criu.await.unwrap();
+        assert!(stats.served_from_cache > 32, "{stats:?}");
+        assert!(gets < 64 + 40, "the source was asked {gets} times");
+    }
+}
