@@ -179,10 +179,10 @@ impl Agent {
         }
     }
 
-    /// A lazily restored workload: provisional at once (the source may commit as soon
-    /// as its last page has left), no lease while pages arrive. If the lazy-pages daemon
-    /// fails, the copy misses memory and goes (the source resumes its own); if it ends
-    /// well, the usual lease waits for the commit.
+    /// A lazily restored workload: provisional while pages arrive (no lease: the lazy
+    /// phase takes as long as the link needs). If the lazy-pages daemon fails, the copy
+    /// misses memory and goes (the source resumes its own); if it ends well, the copy is
+    /// final at once.
     pub async fn watch_lazy(
         self: &Arc<Self>,
         transfer_id: String,
@@ -194,10 +194,11 @@ impl Agent {
         tokio::spawn(async move {
             match daemon.wait().await {
                 Ok(()) => {
-                    tracing::info!(workload = %p.workload, transfer = %transfer_id, "every page is in");
-                    if agent.provisional.lock().await.contains_key(&transfer_id) {
-                        agent.arm_lease(transfer_id, p);
-                    }
+                    // every page is here, so the source's CRIU has ended the source process:
+                    // this copy is the workload whether the source's commit arrives or not
+                    // (a lease removing it could leave none)
+                    agent.provisional.lock().await.remove(&transfer_id);
+                    tracing::info!(workload = %p.workload, transfer = %transfer_id, "every page is in: the copy is final");
                 }
                 Err(e) => {
                     tracing::warn!(workload = %p.workload, transfer = %transfer_id, "lazy phase failed, removing the partial copy: {e}");

@@ -179,6 +179,8 @@ async fn source_side(
     let _ = net.set_nodelay(true);
     let (mut net_r, mut net_w) = net.into_split();
     let criu_closed = AtomicBool::new(false);
+    // the daemon's closing request went to CRIU: it has every page, the move is done
+    let final_seen = AtomicBool::new(false);
     let up = async {
         // CRIU -> network: page data
         let r = plain_to_framed(&mut criu_r, &mut net_w, &counters, fault).await;
@@ -191,7 +193,8 @@ async fn source_side(
         // network -> CRIU: page requests. CRIU answers the daemon's final request and
         // then waits for the connection to end; a FIN without that request would also
         // read as success, so it only goes to CRIU after the final request.
-        let last = framed_to_plain(&mut net_r, &mut criu_w, &counters, Some(IDLE_TIMEOUT), false).await?;
+        let last =
+            framed_to_plain(&mut net_r, &mut criu_w, &counters, Some(IDLE_TIMEOUT), false, Some(&final_seen)).await?;
         if is_final_request(&last) || criu_closed.load(Ordering::SeqCst) {
             let _ = criu_w.shutdown().await;
             Ok(())
@@ -204,6 +207,16 @@ async fn source_side(
         _ = &mut abort => Err("aborted".to_string()),
     };
     if let Err(e) = &result {
+        if final_seen.load(Ordering::SeqCst) && !criu_closed.load(Ordering::SeqCst) {
+            // the link failed after the daemon's last request: the target has every page
+            // and its daemon may be gone already; ending well here is the only way to one
+            // instance (a resumed source would be a second)
+            tracing::warn!("lazy pages: {e} after the last request; ending the dump as done");
+            let _ = criu_w.shutdown().await;
+            let mut sink = tokio::io::sink();
+            let _ = tokio::time::timeout(Duration::from_secs(10), tokio::io::copy(&mut criu_r, &mut sink)).await;
+            return Ok(());
+        }
         if !criu_closed.load(Ordering::SeqCst) {
             tracing::warn!("lazy pages: {e}; telling CRIU to resume the source");
             poison(&mut criu_w).await;
@@ -245,7 +258,7 @@ impl TargetRelay {
             let Some(ranges) = prefetch else {
                 return tokio::try_join!(
                     plain_to_framed(&mut d_r, &mut n_w, &c, None),
-                    framed_to_plain(&mut n_r, &mut d_w, &c, None, true)
+                    framed_to_plain(&mut n_r, &mut d_w, &c, None, true, None)
                 )
                 .map(|_| ());
             };
@@ -257,7 +270,7 @@ impl TargetRelay {
             let (stats, _, _) = tokio::try_join!(
                 prefetch::relay(d_r, d_w, inner_r, inner_w, ranges),
                 plain_to_framed(&mut outer_r, &mut n_w, &c, None),
-                framed_to_plain(&mut n_r, &mut outer_w, &c, None, true)
+                framed_to_plain(&mut n_r, &mut outer_w, &c, None, true, None)
             )?;
             tracing::info!(lazy_pages = pages, ?stats, "lazy pages: prefetch done");
             Ok(())
@@ -311,6 +324,7 @@ async fn framed_to_plain(
     counters: &RelayCounters,
     idle: Option<Duration>,
     shutdown_at_end: bool,
+    final_seen: Option<&AtomicBool>,
 ) -> Result<Vec<u8>, String> {
     let mut frame = Vec::new();
     // the last bytes written, for the caller to see how the stream ended
@@ -346,6 +360,9 @@ async fn framed_to_plain(
         w.write_all(&plain).await.map_err(|e| format!("write: {e}"))?;
         last.extend_from_slice(&plain[plain.len().saturating_sub(PS_IOV_SIZE)..]);
         last.drain(..last.len().saturating_sub(PS_IOV_SIZE));
+        if let Some(f) = final_seen {
+            f.store(is_final_request(&last), Ordering::SeqCst);
+        }
         counters.plain.fetch_add(plain.len() as u64, Ordering::Relaxed);
         counters.wire.fetch_add(4 + n as u64, Ordering::Relaxed);
     }
