@@ -44,6 +44,11 @@ fn quick_profile_end_to_end() {
         if !r.path.is_vm() {
             assert!(r.converged(), "a container move always finishes: {r:?}");
         }
+        if r.path == away_lab::MigrationPath::ContainerLazy {
+            let (down, degraded) = (r.downtime_s.unwrap(), r.degraded_s.unwrap_or(0.0));
+            assert!(degraded > 0.0, "a lazy move has a lazy phase: {r:?}");
+            assert!(down < r.total_s, "{r:?}");
+        }
         assert!(r.bytes_wire > 0, "{r:?}");
     }
     for f in ["results.csv", "results.json", "report.md", "fig3.svg", "fig3.png"] {
