@@ -303,9 +303,9 @@ async fn local_addr_towards(target: &str) -> Result<std::net::IpAddr, MigrateErr
 async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let Moving { runtime, name, here, there, target, archives, opts, progress, .. } = m;
     let mut phases = m.phases;
+    let local_ip = local_addr_towards(&there.transfer_addr).await?;
     progress(Step::Checkpointing);
     let payload = archives.create(name)?;
-    let local_ip = local_addr_towards(&there.transfer_addr).await?;
     let criu_port = std::net::TcpListener::bind(("127.0.0.1", 0))
         .and_then(|l| l.local_addr())
         .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?
@@ -318,8 +318,9 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let dump = match runtime.checkpoint_lazy(name, &lazy_opts).await {
         Ok(d) => d,
         Err(e) => {
+            // CRIU thaws the process when its dump fails: say whether it runs
             archives.keep_failed(&payload);
-            return Err(MigrateError::Runtime(e));
+            return Err(resumed_or_not(runtime, name, format!("lazy checkpoint failed: {e}"), None).await);
         }
     };
     let relay = match crate::lazy::SourceRelay::start(
