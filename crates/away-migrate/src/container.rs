@@ -44,6 +44,9 @@ pub struct Manifest {
     /// fetches it from this relay (host:port) of the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lazy_page_relay: Option<std::net::SocketAddr>,
+    /// Lazy move: the workload's working set (vaddr, pages), fetched first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lazy_hot: Vec<(u64, u64)>,
 }
 
 /// How to move a container.
@@ -142,6 +145,7 @@ pub async fn migrate_container(
             started,
             phases,
             reason: format!("{}; {}", compat.reason, choice.reason),
+            hot: choice.hot,
         };
         return migrate_lazy(moving).await;
     }
@@ -168,6 +172,7 @@ pub async fn migrate_container(
         source_node: here.name.clone(),
         stopped_at_ms,
         lazy_page_relay: None,
+        lazy_hot: Vec::new(),
     };
     let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
     // the stopped source record steps aside so that the target may take the name (needed
@@ -285,6 +290,7 @@ struct Moving<'a> {
     started: Instant,
     phases: Vec<MigrationPhase>,
     reason: String,
+    hot: Vec<(u64, u64)>,
 }
 
 /// The address of this host the target reaches (the local end of a connection to it).
@@ -352,6 +358,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         source_node: here.name.clone(),
         stopped_at_ms,
         lazy_page_relay: Some(page_relay),
+        lazy_hot: m.hot,
     };
     // Any failure until the target runs: CRIU resumes the source when told.
     let payload_ref = payload.as_path();
@@ -573,7 +580,7 @@ pub async fn restore_received(
     let (st, mut lazy) = match manifest.lazy_page_relay {
         None => (runtime.restore(&request).await.map_err(|e| e.to_string())?, None),
         Some(relay) => {
-            let mut daemon = crate::lazy::LazyPagesDaemon::start(&dir, relay).await?;
+            let mut daemon = crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot).await?;
             let restore = runtime.restore_lazy(&request);
             tokio::pin!(restore);
             let restored = tokio::select! {

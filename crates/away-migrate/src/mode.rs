@@ -63,6 +63,9 @@ impl FromStr for ContainerMode {
 pub struct ModeChoice {
     pub mode: MigrationMode,
     pub reason: String,
+    /// Lazy moves: the pages the workload wrote while it was watched (vaddr, pages),
+    /// its working set, which the target fetches first.
+    pub hot: Vec<(u64, u64)>,
 }
 
 /// Why a lazy move cannot happen between these two nodes (None: it can).
@@ -136,12 +139,23 @@ pub async fn choose(
     let stop_copy = |why: String| ModeChoice {
         mode: MigrationMode::StopAndCopy,
         reason: format!("stop-and-copy: {why}; {}", crate::precopy_note(host)),
+        hot: Vec::new(),
+    };
+    let watch = |pid: u32| async move {
+        tokio::task::spawn_blocking(move || dirty_rate(pid, DIRTY_WINDOW))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
     };
     match requested {
         ContainerMode::StopCopy => Ok(stop_copy("asked for (--mode stop-copy)".into())),
         ContainerMode::Lazy => match blocker {
             Some(why) => Err(MigrateError::Invalid(format!("cannot move {} lazily: {why}", status.name))),
-            None => Ok(ModeChoice { mode: MigrationMode::Lazy, reason: "lazy: asked for (--mode lazy)".into() }),
+            None => {
+                // its working set goes first (a failed measurement only loses the order)
+                let hot = watch(status.pid.unwrap_or_default()).await.map(|d| d.hot).unwrap_or_default();
+                Ok(ModeChoice { mode: MigrationMode::Lazy, reason: "lazy: asked for (--mode lazy)".into(), hot })
+            }
         },
         ContainerMode::Auto => {
             if let Some(why) = blocker {
@@ -149,9 +163,7 @@ pub async fn choose(
             }
             let pid = status.pid.unwrap_or_default();
             let rtt = round_trip(&there.transfer_addr).await;
-            let dirty = tokio::task::spawn_blocking(move || dirty_rate(pid, DIRTY_WINDOW))
-                .await
-                .map_err(|e| MigrateError::Invalid(e.to_string()))?;
+            let dirty = watch(pid).await;
             let (Some(rtt), Ok(dirty)) = (rtt, dirty) else {
                 return Ok(stop_copy("auto, could not measure the workload's writes or the round trip".into()));
             };
@@ -172,9 +184,11 @@ pub async fn choose(
                 ModeChoice {
                     mode: MigrationMode::Lazy,
                     reason: format!(
-                        "lazy (auto): {facts} (at most {:.0} %): it restores at once and its memory follows",
+                        "lazy (auto): {facts} (at most {:.0} %): it restores at once and its memory follows, \
+                         the pages it wrote first",
                         MAX_STALL * 100.0
                     ),
+                    hot: dirty.hot,
                 }
             })
         }
@@ -196,13 +210,18 @@ async fn round_trip(addr: &str) -> Option<Duration> {
 }
 
 /// A workload's writes over a window.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DirtySample {
     pub resident_pages: u64,
     /// Pages whose content changed (or that appeared) during the window.
     pub dirty_pages: u64,
     pub window: Duration,
+    /// Those pages as ranges (vaddr, pages); nearby ones merged, at most [`MAX_HOT_RANGES`].
+    pub hot: Vec<(u64, u64)>,
 }
+
+/// Bound on the working-set ranges a lazy move carries (they travel in the downtime).
+pub const MAX_HOT_RANGES: usize = 2048;
 
 impl DirtySample {
     pub fn pages_per_s(&self) -> f64 {
@@ -219,6 +238,7 @@ pub fn dirty_rate(pid: u32, window: Duration) -> std::io::Result<DirtySample> {
     let after = page_hashes(pid)?;
     // both lists are sorted by address
     let mut dirty = 0u64;
+    let mut hot: Vec<(u64, u64)> = Vec::new();
     let mut i = 0;
     for (addr, h) in &after {
         while i < before.len() && before[i].0 < *addr {
@@ -226,9 +246,30 @@ pub fn dirty_rate(pid: u32, window: Duration) -> std::io::Result<DirtySample> {
         }
         if i >= before.len() || before[i].0 != *addr || before[i].1 != *h {
             dirty += 1;
+            match hot.last_mut() {
+                Some((v, n)) if *v + *n * PAGE == *addr => *n += 1,
+                _ => hot.push((*addr, 1)),
+            }
         }
     }
-    Ok(DirtySample { resident_pages: after.len() as u64, dirty_pages: dirty, window })
+    Ok(DirtySample { resident_pages: after.len() as u64, dirty_pages: dirty, window, hot: bound_ranges(hot) })
+}
+
+/// Merge ranges across ever larger gaps until at most [`MAX_HOT_RANGES`] remain.
+fn bound_ranges(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut gap = 1u64;
+    while r.len() > MAX_HOT_RANGES {
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(r.len());
+        for (v, n) in r {
+            match merged.last_mut() {
+                Some((mv, mn)) if *mv + (*mn + gap) * PAGE >= v => *mn = (v - *mv) / PAGE + n,
+                _ => merged.push((v, n)),
+            }
+        }
+        r = merged;
+        gap *= 4;
+    }
+    r
 }
 
 /// (address, hash) of every resident page of the private writable mappings.
@@ -305,6 +346,16 @@ mod tests {
     }
 
     #[test]
+    fn hot_ranges_are_bounded() {
+        let many: Vec<(u64, u64)> = (0..10_000u64).map(|i| (i * 3 * PAGE, 1)).collect();
+        let b = bound_ranges(many);
+        assert!(b.len() <= MAX_HOT_RANGES, "{}", b.len());
+        assert_eq!(b[0].0, 0);
+        let last = b.last().unwrap();
+        assert_eq!(last.0 + last.1 * PAGE, 9_999 * 3 * PAGE + PAGE, "the last page stays covered");
+    }
+
+    #[test]
     fn listening_ports_are_this_process_own() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
@@ -336,6 +387,8 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         writer.join().unwrap();
         assert!(busy.dirty_pages >= pages as u64, "{busy:?}");
+        let hot_pages: u64 = busy.hot.iter().map(|r| r.1).sum();
+        assert!(hot_pages >= pages as u64 && busy.hot.len() <= MAX_HOT_RANGES, "{busy:?}");
         assert!(busy.resident_pages >= pages as u64, "{busy:?}");
         assert!(resident_bytes(std::process::id()) > 0);
     }

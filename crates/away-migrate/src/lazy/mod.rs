@@ -377,10 +377,11 @@ pub struct LazyPagesDaemon {
 
 impl LazyPagesDaemon {
     /// Start the daemon on checkpoint `dir` (images; work directory
-    /// `dir/`[`away_runtime::CRIU_WORK_DIR`]) fetching from the source relay `upstream`;
-    /// returns once its socket is there for the restore to connect to.
-    pub async fn start(dir: &Path, upstream: SocketAddr) -> Result<LazyPagesDaemon, String> {
-        let ranges = prefetch::lazy_ranges(dir);
+    /// `dir/`[`away_runtime::CRIU_WORK_DIR`]) fetching from the source relay `upstream`,
+    /// the `hot` ranges (the workload's working set) first; returns once its socket is
+    /// there for the restore to connect to.
+    pub async fn start(dir: &Path, upstream: SocketAddr, hot: &[(u64, u64)]) -> Result<LazyPagesDaemon, String> {
+        let ranges = prefetch::lazy_ranges(dir).map(|r| prefetch::hot_first(r, hot));
         if ranges.is_none() {
             tracing::info!("lazy pages: no single pagemap image in {}, no prefetch", dir.display());
         }

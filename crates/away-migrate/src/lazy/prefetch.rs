@@ -41,6 +41,29 @@ pub fn lazy_ranges(checkpoint: &Path) -> Option<Vec<(u64, u64)>> {
     parse_pagemap(&std::fs::read(checkpoint.join(one)).ok()?)
 }
 
+/// The lazy ranges in fetch order: the parts inside `hot` (the pages the workload wrote
+/// while watched) first, then the rest in address order.
+pub fn hot_first(lazy: Vec<(u64, u64)>, hot: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let (mut first, mut rest) = (Vec::new(), Vec::new());
+    for (v, n) in lazy {
+        let end = v + n * PAGE;
+        let mut at = v;
+        for &(hv, hn) in hot.iter().filter(|(hv, hn)| *hv < end && hv + hn * PAGE > v) {
+            let (s, e) = (hv.max(v), (hv + hn * PAGE).min(end));
+            if s > at {
+                rest.push((at, (s - at) / PAGE));
+            }
+            first.push((s, (e - s) / PAGE));
+            at = at.max(e);
+        }
+        if at < end {
+            rest.push((at, (end - at) / PAGE));
+        }
+    }
+    first.extend(rest);
+    first
+}
+
 /// CRIU image: two u32 magics, then entries of (u32 length, protobuf message); the first
 /// is the pagemap head, the others `pagemap_entry` (vaddr = 1, nr_pages = 2, flags = 4,
 /// and CRIU 4's 64-bit page count = 5). Decoded by hand: four varint fields.
@@ -400,6 +423,14 @@ mod tests {
             img.extend(msg);
         }
         assert_eq!(parse_pagemap(&img), Some(vec![(0x1000, 3)]));
+    }
+
+    #[test]
+    fn the_working_set_comes_first() {
+        let p = PAGE;
+        let lazy = vec![(0, 10), (100 * p, 10)];
+        let hot = vec![(3 * p, 2), (105 * p, 20)];
+        assert_eq!(hot_first(lazy, &hot), vec![(3 * p, 2), (105 * p, 5), (0, 3), (5 * p, 5), (100 * p, 5)],);
     }
 
     /// A fake CRIU page server over a duplex pipe: answers GETs with pages whose first
