@@ -48,9 +48,8 @@ enum Command {
     Rm(workload::RmArgs),
     /// Run the broker (HTTP API, placement, agents' heartbeats)
     Broker(broker::BrokerArgs),
-    /// Run the node daemon (HTTP API, incoming migrations)
+    // (their help, with examples, is the args structs' own doc)
     Agent(migrate::AgentArgs),
-    /// Move a running workload to another node, keeping its state
     Migrate(migrate::MigrateArgs),
     /// List or prune checkpoint archives
     #[command(subcommand)]

@@ -129,8 +129,9 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
 ///              checksummed to the target agent, which restores it: the pause grows
 ///              with the workload's memory and the link.
 ///   lazy       (containerd) everything but memory travels, the target restores at
-///              once and fetches pages as they are touched and in the background,
-///              compressed; the frozen source serves them until the last one moved.
+///              once and its memory follows, compressed and prefetched, the pages the
+///              workload writes first; the frozen source serves them until the last
+///              one moved (a failure before that resumes the source).
 ///   auto       (default) measures the workload's writes and the round trip and
 ///              takes lazy unless page faults would stall it more than half the time.
 /// The source is removed only after the target confirms; on any failure the source
@@ -152,7 +153,7 @@ pub struct MigrateArgs {
     /// Bearer token of the target agent's API (its cluster's, or its --token)
     #[arg(long, env = "AWAY_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Containers: stop-copy, lazy or auto (see above)
+    /// Containers: stop-copy, lazy (containerd; restore at once, pages follow) or auto
     #[arg(long, default_value_t = ContainerMode::Auto, value_parser = parse_mode)]
     mode: ContainerMode,
     /// Compression of the checkpoint stream: zstd[:LEVEL], gzip[:LEVEL] or none
