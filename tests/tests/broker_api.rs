@@ -225,8 +225,12 @@ async fn placement_assignments_migration_and_reconciliation() {
     assert_eq!(w["status"]["pid"], 42);
     assert_eq!(w["decision"]["runtime"], "containerd");
 
-    // a container moves across CPU vendors (Intel laptop -> AMD cloud)
-    let (s, body) = b.post("/v1/migrations", json!({"workload": "counter", "to": "cloud-1"})).await;
+    // a mode the agents do not know is refused, naming the field
+    let (s, body) = b.post("/v1/migrations", json!({"workload": "counter", "to": "cloud-1", "mode": "fast"})).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.to_string().contains("stop-copy, lazy or auto"), "{body}");
+    // a container moves across CPU vendors (Intel laptop -> AMD cloud), lazily as asked
+    let (s, body) = b.post("/v1/migrations", json!({"workload": "counter", "to": "cloud-1", "mode": "lazy"})).await;
     assert_eq!(s, 202, "{body}");
     let id = body["migration"]["id"].as_str().unwrap().to_string();
     assert_eq!(body["migration"]["state"], "pending");
@@ -238,6 +242,7 @@ async fn placement_assignments_migration_and_reconciliation() {
     let r = b.beat(&laptop, &t_laptop, running.clone(), vec![]).await;
     assert_eq!(r.migrations.len(), 1);
     assert_eq!(r.migrations[0].target_node, "cloud-1");
+    assert_eq!(r.migrations[0].mode.as_deref(), Some("lazy"), "the order carries the mode");
     assert!(assignment(&r, "counter").is_none(), "withheld during the move: {r:?}");
     assert_eq!(b.get(&format!("/v1/migrations/{id}")).await.1["state"], "running");
     // the target's provisional copy is left alone

@@ -232,17 +232,12 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
     } else {
         let archives = ArchiveStore::new(agent.config.node.paths.state_dir.join("checkpoints"));
         let progress: away_migrate::container::ProgressFn = Arc::new(|_| {});
-        migrate_container(
-            &agent.node,
-            &agent.config.name,
-            &archives,
-            &m.workload,
-            &target,
-            &ContainerMigrationOptions::default(),
-            progress,
-        )
-        .await
-        .map_err(|e| e.to_string())
+        // the broker validated the mode; an agent that cannot read it uses auto
+        let mode = m.mode.as_deref().and_then(|s| s.parse().ok()).unwrap_or_default();
+        let opts = ContainerMigrationOptions { mode, ..Default::default() };
+        migrate_container(&agent.node, &agent.config.name, &archives, &m.workload, &target, &opts, progress)
+            .await
+            .map_err(|e| e.to_string())
     };
     let mut ev = match result {
         Ok(report) => {

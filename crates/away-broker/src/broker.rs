@@ -162,6 +162,10 @@ pub struct MigrationRequest {
     /// Target node; omitted: the broker chooses the best-scoring compatible node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// Containers: `stop-copy`, `lazy` or `auto` (default; the source agent decides from
+    /// the workload's write rate and the link, and says why in the report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 /// Where a workload's logs are.
@@ -513,6 +517,7 @@ impl Broker {
                 workload: m.workload.clone(),
                 target_node: m.target.clone(),
                 target_api: target.api_addr.clone(),
+                mode: m.mode.clone(),
             });
             if m.state == MigrationState::Pending {
                 m.state = MigrationState::Running;
@@ -803,6 +808,9 @@ impl Broker {
     // ---- migrations ----
 
     pub fn migrate(&self, req: MigrationRequest) -> Result<MigrationRecord, Problem> {
+        if let Some(mode) = &req.mode {
+            mode.parse::<away_migrate::mode::ContainerMode>().map_err(|e| Problem::invalid(e).field("mode"))?;
+        }
         let now = now_ms();
         let mut inner = lock(&self.inner);
         let w =
@@ -905,6 +913,7 @@ impl Broker {
             finished_ms: None,
             report: None,
             error: None,
+            mode: req.mode.clone(),
         };
         inner.store.apply(&Changes { migrations: vec![record.clone()], ..Default::default() })?;
         inner.migrations.insert(record.id.clone(), record.clone());

@@ -89,6 +89,9 @@ pub struct MigrationRecord {
     pub report: Option<MigrationReport>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The container migration mode asked for (none: `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 /// A stale copy of a workload on a node that is not (or no longer) its home.

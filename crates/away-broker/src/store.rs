@@ -284,6 +284,7 @@ mod tests {
             state: MigrationState::Pending,
             chosen_by: "user".into(),
             why: "asked".into(),
+            mode: None,
             compatibility: away_migrate::compat::check_container(
                 &info,
                 &info,
