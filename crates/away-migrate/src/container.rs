@@ -196,14 +196,8 @@ pub async fn migrate_container(
     };
 
     // 2. transfer; the target restores and answers
-    let mut send_opts = opts.transfer.clone();
-    let bar = progress.clone();
-    send_opts.progress = Some(std::sync::Arc::new(move |p: transfer::Progress| {
-        bar(Step::Transferring { sent: p.bytes_sent, total: p.bytes_total })
-    }));
     let t = Instant::now();
-    let meta = serde_json::to_value(&manifest).map_err(|e| MigrateError::Invalid(e.to_string()))?;
-    let outcome = transfer::send(&there.transfer_addr, &payload, meta, &send_opts).await;
+    let outcome = send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress).await;
     let transfer_and_restore = t.elapsed();
     let outcome = match outcome {
         Ok(o) if o.verdict.ok => o,
@@ -255,6 +249,23 @@ pub async fn migrate_container(
         ok: true,
         error: None,
     })
+}
+
+/// Send a payload with its manifest, the transfer's progress to `progress`.
+async fn send_payload(
+    peer: &str,
+    payload: &Path,
+    manifest: &Manifest,
+    opts: &ContainerMigrationOptions,
+    progress: &ProgressFn,
+) -> Result<transfer::SendOutcome, transfer::TransferError> {
+    let mut send_opts = opts.transfer.clone();
+    let bar = progress.clone();
+    send_opts.progress = Some(std::sync::Arc::new(move |p: transfer::Progress| {
+        bar(Step::Transferring { sent: p.bytes_sent, total: p.bytes_total })
+    }));
+    let meta = serde_json::to_value(manifest).expect("a manifest is JSON");
+    transfer::send(peer, payload, meta, &send_opts).await
 }
 
 /// After the commit: the source's stopped container and the archive go.
@@ -374,14 +385,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         return Err(give_up(format!("write the migration payload in {}: {e}", payload.display()), dump, relay).await);
     }
 
-    let mut send_opts = opts.transfer.clone();
-    let bar = progress.clone();
-    send_opts.progress = Some(std::sync::Arc::new(move |p: transfer::Progress| {
-        bar(Step::Transferring { sent: p.bytes_sent, total: p.bytes_total })
-    }));
     let t = Instant::now();
-    let meta = serde_json::to_value(&manifest).map_err(|e| MigrateError::Invalid(e.to_string()))?;
-    let outcome = match transfer::send(&there.transfer_addr, &payload, meta, &send_opts).await {
+    let outcome = match send_payload(&there.transfer_addr, &payload, &manifest, opts, progress).await {
         Ok(o) if o.verdict.ok => o,
         Ok(o) => {
             let why = format!("target {} could not restore {name}: {}", there.node.name, o.verdict.message);

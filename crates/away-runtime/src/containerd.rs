@@ -764,6 +764,18 @@ fn rfc3339_in(after: Duration) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// A checkpoint of workload `name` written to `dir`.
+fn archive_of(name: &str, dir: &Path, spec: WorkloadSpec, image: String) -> CheckpointArchive {
+    CheckpointArchive {
+        workload: name.into(),
+        runtime: KIND,
+        bytes: crate::runtime::dir_bytes(dir),
+        dir: dir.to_path_buf(),
+        spec,
+        image,
+    }
+}
+
 /// The OCI runtime spec of a workload: runc's defaults (via oci-spec), the image's
 /// process, the spec's env and limits, and the node's network namespace.
 fn oci_spec_for(spec: &WorkloadSpec, image: &ResolvedImage, namespace: &str) -> String {
@@ -942,14 +954,7 @@ impl Runtime for ContainerdRuntime {
             // the process exited with the dump; reap the task so the name can be reused
             self.kill_and_delete_task(name, Duration::ZERO).await?;
         }
-        Ok(CheckpointArchive {
-            workload: name.into(),
-            runtime: KIND,
-            bytes: crate::runtime::dir_bytes(&opts.dir),
-            dir: opts.dir.clone(),
-            spec,
-            image: c.image,
-        })
+        Ok(archive_of(name, &opts.dir, spec, c.image))
     }
 
     /// Dump with runc directly (containerd's checkpoint has no lazy mode), against the
@@ -1017,14 +1022,7 @@ impl Runtime for ContainerdRuntime {
         }
         self.capture_rootfs(name, &opts.dir).await?;
         Ok(LazyDump {
-            archive: CheckpointArchive {
-                workload: name.into(),
-                runtime: KIND,
-                bytes: crate::runtime::dir_bytes(&opts.dir),
-                dir: opts.dir.clone(),
-                spec,
-                image: c.image,
-            },
+            archive: archive_of(name, &opts.dir, spec, c.image),
             child,
             log: work.join("dump.log"),
             page_server: std::net::SocketAddr::from(([127, 0, 0, 1], opts.page_server_port)),
