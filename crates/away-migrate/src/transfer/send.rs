@@ -229,6 +229,14 @@ async fn run_connection(stream: TcpStream, plan: &Plan, c: &mut Counters) -> Res
     let (mut rd, mut wr) = stream.into_split();
     let stall = plan.opts.stall_timeout;
     c.bytes_wire += write_timed(&mut wr, &Frame::Hello(plan.hello.clone()).encode(), stall).await?;
+    if c.reconnects == 0 {
+        // A fresh transfer id: the receiver has nothing of it, so the chunks follow the
+        // hello at once instead of a round trip later (its answer, "resume from 0", is
+        // checked by the reader like any other answer).
+        let rewind: Arc<Mutex<Option<(u64, String)>>> = Arc::default();
+        let reader = tokio::spawn(read_answers(rd, rewind.clone(), plan.peer.clone(), plan.transfer_id.clone(), true));
+        return stream_chunks(wr, reader, rewind, 0, plan, c).await;
+    }
     let answer = tokio::time::timeout(stall, wire::read_frame(&mut rd))
         .await
         .map_err(|_| ConnError::Link(format!("no answer to hello within {stall:?}")))?
@@ -246,7 +254,19 @@ async fn run_connection(stream: TcpStream, plan: &Plan, c: &mut Counters) -> Res
         info!(peer = %plan.peer, transfer_id = %plan.transfer_id, have, of = plan.chunk_count, "receiver resumes");
     }
     let rewind: Arc<Mutex<Option<(u64, String)>>> = Arc::default();
-    let mut reader = tokio::spawn(read_answers(rd, rewind.clone(), plan.peer.clone(), plan.transfer_id.clone()));
+    let reader = tokio::spawn(read_answers(rd, rewind.clone(), plan.peer.clone(), plan.transfer_id.clone(), false));
+    stream_chunks(wr, reader, rewind, have, plan, c).await
+}
+
+/// Write the chunks from `have` on while `reader` listens for the receiver's answers.
+async fn stream_chunks(
+    mut wr: OwnedWriteHalf,
+    mut reader: JoinHandle<Result<Verdict, ConnError>>,
+    rewind: Arc<Mutex<Option<(u64, String)>>>,
+    have: u64,
+    plan: &Plan,
+    c: &mut Counters,
+) -> Result<Verdict, ConnError> {
     let result = write_chunks(&mut wr, &mut reader, &rewind, have, plan, c).await;
     let result = match result {
         // A write error often means the receiver gave up and closed; prefer its reason if it sent one.
@@ -280,6 +300,7 @@ async fn read_answers(
     rewind: Arc<Mutex<Option<(u64, String)>>>,
     peer: String,
     transfer_id: String,
+    mut expect_fresh_resume: bool,
 ) -> Result<Verdict, ConnError> {
     loop {
         let (frame, _) = wire::read_frame(&mut rd).await.map_err(|e| {
@@ -290,6 +311,15 @@ async fn read_answers(
             })
         })?;
         match frame {
+            Frame::Resume(r) if std::mem::take(&mut expect_fresh_resume) => {
+                if r.have != 0 {
+                    return Err(ConnError::Fatal(TransferError::Protocol {
+                        peer,
+                        transfer_id,
+                        message: format!("receiver claims {} chunks of a fresh transfer", r.have),
+                    }));
+                }
+            }
             Frame::Verdict(v) => return Ok(v),
             Frame::Error(ErrorFrame { resume_from: Some(index), message }) => {
                 *rewind.lock().expect("rewind lock") = Some((index, message));
