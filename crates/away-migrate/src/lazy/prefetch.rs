@@ -203,6 +203,13 @@ impl<U: AsyncWrite + Unpin> State<U> {
     /// A daemon request: ask at once for its pages that are neither here nor on their
     /// way (ahead of further prefetch), and wait for all of them.
     async fn want(&mut self, vaddr: u64, pages: u64, dst: u64) -> Result<(), String> {
+        self.fetch_missing(vaddr, pages, dst).await?;
+        self.waiting.push_back((vaddr, pages, dst));
+        Ok(())
+    }
+
+    /// Ask at once for the pages of a range that are neither here nor on their way.
+    async fn fetch_missing(&mut self, vaddr: u64, pages: u64, dst: u64) -> Result<(), String> {
         let mut i = 0;
         while i < pages {
             if !self.missing(vaddr + i * PAGE) {
@@ -213,27 +220,26 @@ impl<U: AsyncWrite + Unpin> State<U> {
             self.fetch(vaddr + i * PAGE, run, dst, true).await?;
             i += run;
         }
-        self.waiting.push_back((vaddr, pages, dst));
         Ok(())
     }
 
-    /// Answers for every waiting request whose pages are all here.
+    /// Answers for the waiting requests whose pages are all here, in the order the
+    /// daemon asked (it matches each answer to its oldest outstanding request, and
+    /// aborts on anything else).
     fn answerable(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
         let Some(answer) = self.answer_cmd else { return out };
-        let mut still = VecDeque::new();
-        while let Some((vaddr, pages, dst)) = self.waiting.pop_front() {
-            if (0..pages).all(|i| self.cache.contains_key(&(vaddr + i * PAGE))) {
-                out.extend(request(answer, pages, vaddr, dst));
-                for i in 0..pages {
-                    out.extend(self.cache.remove(&(vaddr + i * PAGE)).expect("checked"));
-                }
-                self.stats.answered += 1;
-            } else {
-                still.push_back((vaddr, pages, dst));
+        while let Some(&(vaddr, pages, dst)) = self.waiting.front() {
+            if !(0..pages).all(|i| self.cache.contains_key(&(vaddr + i * PAGE))) {
+                break;
             }
+            self.waiting.pop_front();
+            out.extend(request(answer, pages, vaddr, dst));
+            for i in 0..pages {
+                out.extend(self.cache.remove(&(vaddr + i * PAGE)).expect("checked"));
+            }
+            self.stats.answered += 1;
         }
-        self.waiting = still;
         out
     }
 }
@@ -384,13 +390,10 @@ where
                 }
                 st.refill().await?;
                 let out = st.answerable();
-                let urgent_left: Vec<(u64, u64, u64)> = st.waiting.iter().copied().collect();
-                // a waiting request whose missing pages fell out of flight (partial answers)
-                for (v, n, d) in urgent_left {
-                    if (0..n).any(|i| st.missing(v + i * PAGE)) {
-                        st.waiting.retain(|w| *w != (v, n, d));
-                        st.want(v, n, d).await?;
-                    }
+                // waiting requests whose pages fell out of flight (a partial answer)
+                let waiting: Vec<(u64, u64, u64)> = st.waiting.iter().copied().collect();
+                for (v, n, d) in waiting {
+                    st.fetch_missing(v, n, d).await?;
                 }
                 drop(st);
                 if !out.is_empty() {
