@@ -351,10 +351,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         Err(e) => {
             // nothing can reach CRIU's page server: end the dump, the source resumes
             let why = format!("cannot start the page relay on {local_ip}: {e}");
-            if let Ok(s) = dump.page_server_connector()() {
-                let _ = std::io::Write::write_all(&mut &s, &[0xff; 3]);
-            }
-            let _ = dump.finish().await;
+            dump.abort().await;
             archives.keep_failed(&payload);
             return Err(resumed_or_not(runtime, name, why, None).await);
         }

@@ -30,6 +30,9 @@ use crate::store::ResolvedImage;
 const KIND: RuntimeKind = RuntimeKind::Containerd;
 const SNAPSHOTTER: &str = "overlayfs";
 const RUNC_V2: &str = "io.containerd.runc.v2";
+/// Longest a lazy dump may take before its page server is up (it writes everything
+/// but memory: small).
+const LAZY_DUMP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Where containerd's runc shim keeps runc's state, per namespace (its default root).
 const RUNC_SHIM_ROOT: &str = "/run/containerd/runc";
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
@@ -1005,12 +1008,22 @@ impl Runtime for ContainerdRuntime {
         drop(status_write);
         // CRIU writes one byte to the status pipe when the dump is on disk and the page
         // server listens; EOF first means runc gave up.
-        let ready = tokio::task::spawn_blocking(move || {
+        let reader = tokio::task::spawn_blocking(move || {
             let mut byte = [0u8; 1];
             std::io::Read::read(&mut { status_read }, &mut byte)
-        })
-        .await
-        .map_err(|e| failed(format!("status reader: {e}")))?;
+        });
+        let ready = match tokio::time::timeout(LAZY_DUMP_TIMEOUT, reader).await {
+            Ok(r) => r.map_err(|e| failed(format!("status reader: {e}")))?,
+            Err(_) => {
+                // the reader ends with runc (its end of the pipe closes)
+                let _ = child.kill().await;
+                return Err(failed(format!(
+                    "the dump did not finish within {} s{}",
+                    LAZY_DUMP_TIMEOUT.as_secs(),
+                    crate::runtime::criu_log_errors(&work.join("dump.log"))
+                )));
+            }
+        };
         if !matches!(ready, Ok(1)) {
             let status = child.wait().await.map_err(|e| RuntimeError::io("wait for runc", e))?;
             let runc_log = std::fs::read_to_string(opts.dir.join("runc.log")).unwrap_or_default();
@@ -1020,14 +1033,19 @@ impl Runtime for ContainerdRuntime {
                 crate::runtime::criu_log_errors(&work.join("dump.log"))
             )));
         }
-        self.capture_rootfs(name, &opts.dir).await?;
-        Ok(LazyDump {
+        let dump = LazyDump {
             archive: archive_of(name, &opts.dir, spec, c.image),
             child,
             log: work.join("dump.log"),
             page_server: std::net::SocketAddr::from(([127, 0, 0, 1], opts.page_server_port)),
             netns,
-        })
+        };
+        if let Err(e) = self.capture_rootfs(name, &opts.dir).await {
+            // the process is frozen and CRIU waits for a page client: let it go
+            dump.abort().await;
+            return Err(e);
+        }
+        Ok(dump)
     }
 
     async fn restore_lazy(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {

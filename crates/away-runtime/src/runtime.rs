@@ -90,6 +90,24 @@ impl LazyDump {
         }
     }
 
+    /// Give up before any page moved: CRIU takes a truncated request on its page server
+    /// as a failed transfer and resumes the process (a plain close would read as
+    /// success and end it). Returns once runc has exited.
+    pub async fn abort(self) {
+        let connect = self.page_server_connector();
+        let poisoned = tokio::task::spawn_blocking(move || {
+            let s = connect()?;
+            std::io::Write::write_all(&mut &s, &[0xff; 3])?;
+            s.shutdown(std::net::Shutdown::Write)
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = poisoned.map_err(|e| std::io::Error::other(e.to_string())) {
+            tracing::warn!(workload = %self.archive.workload, "cannot reach CRIU's page server to end the dump: {e}");
+        }
+        // the dump fails, as asked
+        let _ = self.finish().await;
+    }
+
     /// Wait for the end of the lazy phase. Ok: every page moved and the source process
     /// is gone. Err: the transfer failed and CRIU resumed the source process.
     pub async fn finish(mut self) -> Result<(), RuntimeError> {
