@@ -152,6 +152,8 @@ struct State<U> {
     cache: HashMap<u64, Vec<u8>>,
     /// Pages asked of the source and not yet here.
     on_the_way: HashSet<u64>,
+    /// Pages handed to the daemon (never fetched again).
+    delivered: HashSet<u64>,
     /// The daemon's requests waiting for their pages: (vaddr, pages, dst_id).
     waiting: VecDeque<(u64, u64, u64)>,
     dst: Option<u64>,
@@ -164,8 +166,25 @@ struct State<U> {
 }
 
 impl<U: AsyncWrite + Unpin> State<U> {
+    fn new(up: U, ranges: Vec<(u64, u64)>) -> Self {
+        State {
+            up,
+            pending: VecDeque::new(),
+            plan: ranges.into(),
+            cache: HashMap::new(),
+            on_the_way: HashSet::new(),
+            delivered: HashSet::new(),
+            waiting: VecDeque::new(),
+            dst: None,
+            answer_cmd: None,
+            in_flight: 0,
+            closing: false,
+            stats: PrefetchStats::default(),
+        }
+    }
+
     fn missing(&self, p: u64) -> bool {
-        !self.cache.contains_key(&p) && !self.on_the_way.contains(&p)
+        !self.cache.contains_key(&p) && !self.on_the_way.contains(&p) && !self.delivered.contains(&p)
     }
 
     async fn fetch(&mut self, vaddr: u64, pages: u64, dst: u64, urgent: bool) -> Result<(), String> {
@@ -237,6 +256,7 @@ impl<U: AsyncWrite + Unpin> State<U> {
             out.extend(request(answer, pages, vaddr, dst));
             for i in 0..pages {
                 out.extend(self.cache.remove(&(vaddr + i * PAGE)).expect("checked"));
+                self.delivered.insert(vaddr + i * PAGE);
             }
             self.stats.answered += 1;
         }
@@ -272,19 +292,7 @@ where
     UR: AsyncRead + Unpin,
     UW: AsyncWrite + Unpin,
 {
-    let state = Arc::new(Mutex::new(State {
-        up: up_w,
-        pending: VecDeque::new(),
-        plan: ranges.into(),
-        cache: HashMap::new(),
-        on_the_way: HashSet::new(),
-        waiting: VecDeque::new(),
-        dst: None,
-        answer_cmd: None,
-        in_flight: 0,
-        closing: false,
-        stats: PrefetchStats::default(),
-    }));
+    let state = Arc::new(Mutex::new(State::new(up_w, ranges)));
     let daemon_w = Arc::new(Mutex::new(daemon_w));
     // a request went to the source: its answer will come
     let asked = Arc::new(tokio::sync::Notify::new());
@@ -436,20 +444,42 @@ mod tests {
         assert_eq!(hot_first(lazy, &hot), vec![(3 * p, 2), (105 * p, 5), (0, 3), (5 * p, 5), (100 * p, 5)],);
     }
 
+    /// Pages the daemon got early (a fault ahead of the prefetch, or the working set
+    /// out of address order) are skipped when the prefetch reaches them.
+    #[tokio::test]
+    async fn pages_the_daemon_already_has_are_not_fetched_again() {
+        let mut st = State::new(Vec::new(), vec![(0, 16)]);
+        st.dst = Some(1);
+        for p in 4..8 {
+            st.delivered.insert(p * PAGE);
+        }
+        st.refill().await.unwrap();
+        let asked: Vec<(u64, u64)> = st
+            .up
+            .chunks(PS_IOV_SIZE)
+            .map(|r| {
+                let (_, n, v, _) = fields(r);
+                (v / PAGE, n)
+            })
+            .collect();
+        assert_eq!(asked, vec![(0, 4), (8, 8)]);
+    }
+
     /// A fake CRIU page server over a duplex pipe: answers GETs with pages whose first
     /// byte is their page number; the prefetching relay must hand the daemon exactly
     /// what it asked for, most of it without asking the source.
-    #[tokio::test]
-    async fn the_daemon_gets_its_pages_and_most_come_from_the_prefetch() {
+    /// Runs the relay between a fake CRIU page server (answers GETs in pieces of at most
+    /// 16 pages, each page's first byte its number) and a fake daemon asking 8 pages at
+    /// a time at `asks` (page numbers from `base`), checking every answer.
+    async fn run_fake(base: u64, plan: Vec<(u64, u64)>, asks: Vec<u64>) -> (PrefetchStats, u64) {
         let (daemon_side, relay_daemon) = tokio::io::duplex(1 << 20);
         let (relay_up, mut server) = tokio::io::duplex(1 << 20);
         let (dr, dw) = tokio::io::split(relay_daemon);
         let (ur, uw) = tokio::io::split(relay_up);
-        let base = 0x10_0000u64;
-        let relay = tokio::spawn(relay(dr, dw, ur, uw, vec![(base, 512)]));
+        let relay = tokio::spawn(relay(dr, dw, ur, uw, plan));
         let criu = tokio::spawn(async move {
             let mut req = [0u8; PS_IOV_SIZE];
-            let mut gets = 0;
+            let mut gets = 0u64;
             while server.read_exact(&mut req).await.is_ok() {
                 let (cmd, pages, vaddr, dst) = fields(&req);
                 if cmd == PS_IOV_CLOSE {
@@ -457,7 +487,7 @@ mod tests {
                     break;
                 }
                 gets += 1;
-                let n = pages.min(16); // answers in pieces, like a page pipe boundary
+                let n = pages.min(16);
                 let mut out = request(0x40006, n, vaddr, dst).to_vec();
                 for i in 0..n {
                     let mut page = vec![0u8; PAGE as usize];
@@ -469,24 +499,29 @@ mod tests {
             gets
         });
         let (mut d_r, mut d_w) = tokio::io::split(daemon_side);
-        for p in (0..512u64).step_by(8) {
+        for p in asks {
             d_w.write_all(&request(PS_IOV_GET, 8, base + p * PAGE, 1)).await.unwrap();
             let mut head = [0u8; PS_IOV_SIZE];
             d_r.read_exact(&mut head).await.unwrap();
             let (_, pages, vaddr, dst) = fields(&head);
-            assert_eq!((vaddr, dst), (base + p * PAGE, 1));
+            assert_eq!((vaddr, dst), (base + p * PAGE, 1), "answers come in the daemon's order");
             let mut data = vec![0u8; (pages * PAGE) as usize];
             d_r.read_exact(&mut data).await.unwrap();
             for (i, page) in data.chunks(PAGE as usize).enumerate() {
-                assert_eq!(page[0], (p + i as u64) as u8, "page {} of request at {p}", i);
+                assert_eq!(page[0], (p + i as u64) as u8, "page {i} of request at {p}");
             }
         }
         d_w.write_all(&request(PS_IOV_CLOSE, 0, 0, 0)).await.unwrap();
         let mut status = [0u8; 4];
         d_r.read_exact(&mut status).await.unwrap();
         d_w.shutdown().await.unwrap();
-        let stats = relay.await.unwrap().unwrap();
-        let gets = criu.await.unwrap();
+        (relay.await.unwrap().unwrap(), criu.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_daemon_gets_its_pages_and_most_come_from_the_prefetch() {
+        let base = 0x10_0000u64;
+        let (stats, gets) = run_fake(base, vec![(base, 512)], (0..512u64).step_by(8).collect()).await;
         assert_eq!(stats.answered, 64, "{stats:?}");
         assert_eq!(stats.prefetched_pages + stats.urgent_pages, 512, "no page crossed twice: {stats:?}");
         assert!(gets < 64, "the source was asked {gets} times");
