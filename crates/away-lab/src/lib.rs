@@ -8,7 +8,7 @@
 //! Measured numbers and the paper's reference numbers are kept apart: the reference
 //! values live in [`reference`] and are always printed with the label "paper".
 //!
-//! Run time on a 2-core TCG host: the quick profile (24 runs; 18 before the lazy path took 248 s), measured
+//! Run time on a 2-core TCG host: the quick profile (24 runs) took 301 s, measured
 //! (`cargo test -p away-e2e --test lab`). The full profile (2 links × 9 loads × 6 paths
 //! × 2 repetitions = 216 runs, 256 MiB VM, 128 MiB app): see docs/results; its upper
 //! bound from [`CompareOptions::estimate`] is dominated by VM runs under RAM load

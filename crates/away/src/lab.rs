@@ -13,7 +13,7 @@ pub enum Command {
     /// paper's Fig. 3 as SVG and PNG, with the paper's values as a labelled reference.
     ///
     /// The quick profile (`--quick`: 128 MiB VM, 32 MiB app, 3 loads, 4 paths, 2 links)
-    /// takes about 4-5 minutes on 2 cores; the full profile (256 MiB VM, 128 MiB app,
+    /// takes about 5 minutes on 2 cores; the full profile (256 MiB VM, 128 MiB app,
     /// 9 loads, 6 paths, 2 repetitions) takes over two hours (`--dry-run` prints an
     /// upper bound).
     ///
