@@ -128,8 +128,13 @@ pub fn free_port() -> u16 {
 
 /// `GET path` on 127.0.0.1:port; the body on a 200, None otherwise (or on no answer).
 pub fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_at(std::net::Ipv4Addr::LOCALHOST.into(), port, path)
+}
+
+/// The body of a 200 answer to GET `path` at `ip:port` (e.g. a node's own namespace).
+pub fn http_get_at(ip: std::net::IpAddr, port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = std::net::SocketAddr::new(ip, port);
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5))).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;

@@ -62,14 +62,7 @@ impl Api {
 
 /// GET on a node's address (not loopback: the node's own namespace).
 fn get_at(ip: &str, port: u16, path: &str) -> Option<String> {
-    let r = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .ok()?
-        .get(format!("http://{ip}:{port}{path}"))
-        .send()
-        .ok()?;
-    r.status().is_success().then(|| r.text().ok()).flatten()
+    away_e2e::http_get_at(ip.parse().ok()?, port, path)
 }
 
 fn counter_state(ip: &str) -> Option<(u64, u64)> {

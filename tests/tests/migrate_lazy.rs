@@ -11,10 +11,9 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use away_cluster::{ClusterInfo, ClusterPlan, NodeInfoLocal, NodePlan};
-use away_e2e::{away_bin, lab_image, require_root, wait_for};
+use away_e2e::{away_bin, http_get_at, lab_image, require_root, wait_for};
 use away_model::Tier;
 use serde_json::Value;
 
@@ -48,14 +47,7 @@ fn on(node: &NodeInfoLocal, role: &str, args: &[&str], env: &[(&str, &str)]) -> 
 }
 
 fn memload_state(ip: &str) -> Option<(u64, u64)> {
-    let r = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-        .ok()?
-        .get(format!("http://{ip}:{PORT}/"))
-        .send()
-        .ok()?;
-    let v: Value = serde_json::from_str(&r.text().ok()?).ok()?;
+    let v: Value = serde_json::from_str(&http_get_at(ip.parse().ok()?, PORT, "/")?).ok()?;
     Some((v["tick"].as_u64()?, v["started_unix_ms"].as_u64()?))
 }
 
