@@ -146,6 +146,7 @@ pub async fn migrate_container(
             phases,
             reason: format!("{}; {}", compat.reason, choice.reason),
             hot: choice.hot,
+            pid: status.pid,
         };
         return migrate_lazy(moving).await;
     }
@@ -302,6 +303,8 @@ struct Moving<'a> {
     phases: Vec<MigrationPhase>,
     reason: String,
     hot: Vec<(u64, u64)>,
+    /// The workload's process (its memory size, for the progress display).
+    pid: Option<u32>,
 }
 
 /// The address of this host the target reaches (the local end of a connection to it).
@@ -358,7 +361,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     };
     let page_relay = std::net::SocketAddr::new(local_ip, relay.port);
     phases.push(phase("checkpoint", t.elapsed()));
-    let memory = status_memory(runtime, name).await;
+    let memory = m.pid.map(crate::mode::resident_bytes).unwrap_or(0);
     let manifest = Manifest {
         spec: dump.archive.spec.clone(),
         image: dump.archive.image.clone(),
@@ -460,11 +463,6 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         ok: true,
         error: None,
     })
-}
-
-/// Memory in use by a workload (for the paging progress), 0 when unknown.
-async fn status_memory(runtime: &dyn away_runtime::Runtime, name: &str) -> u64 {
-    runtime.status(name).await.ok().and_then(|s| s.pid).map(crate::mode::resident_bytes).unwrap_or(0)
 }
 
 /// After a failed lazy move: is the source running again (CRIU resumes it)?

@@ -42,6 +42,11 @@ pub struct CheckpointArchive {
     pub image: String,
 }
 
+/// What ends a lazy dump as failed: a request cut short on CRIU's page server. CRIU
+/// then resumes the frozen process (a plain close would read as "every page moved" and
+/// end it).
+pub const CRIU_PAGE_SERVER_ABORT: [u8; 3] = [0xff; 3];
+
 /// Options of a lazy (post-copy) checkpoint.
 #[derive(Debug, Clone)]
 pub struct LazyCheckpointOptions {
@@ -97,7 +102,7 @@ impl LazyDump {
         let connect = self.page_server_connector();
         let poisoned = tokio::task::spawn_blocking(move || {
             let s = connect()?;
-            std::io::Write::write_all(&mut &s, &[0xff; 3])?;
+            std::io::Write::write_all(&mut &s, &CRIU_PAGE_SERVER_ABORT)?;
             s.shutdown(std::net::Shutdown::Write)
         })
         .await;

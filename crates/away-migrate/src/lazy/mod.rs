@@ -22,7 +22,7 @@ use std::time::Duration;
 pub mod prefetch;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
@@ -133,7 +133,7 @@ fn is_final_request(last: &[u8]) -> bool {
 /// Tell CRIU's page server the transfer failed: a request cut short. CRIU then fails
 /// the dump and resumes the frozen process (a plain close would read as success).
 async fn poison(w: &mut OwnedWriteHalf) {
-    let _ = w.write_all(&[0xff, 0xff, 0xff]).await;
+    let _ = w.write_all(&away_runtime::CRIU_PAGE_SERVER_ABORT).await;
     let _ = w.shutdown().await;
 }
 
@@ -213,20 +213,22 @@ async fn source_side(
             // instance (a resumed source would be a second)
             tracing::warn!("lazy pages: {e} after the last request; ending the dump as done");
             let _ = criu_w.shutdown().await;
-            let mut sink = tokio::io::sink();
-            let _ = tokio::time::timeout(Duration::from_secs(10), tokio::io::copy(&mut criu_r, &mut sink)).await;
+            drain(&mut criu_r).await;
             return Ok(());
         }
         if !criu_closed.load(Ordering::SeqCst) {
             tracing::warn!("lazy pages: {e}; telling CRIU to resume the source");
             poison(&mut criu_w).await;
-            // CRIU may be blocked sending pages nobody reads: drain them so that it gets
-            // back to reading requests and finds the truncated one
-            let mut sink = tokio::io::sink();
-            let _ = tokio::time::timeout(Duration::from_secs(10), tokio::io::copy(&mut criu_r, &mut sink)).await;
+            drain(&mut criu_r).await;
         }
     }
     result
+}
+
+/// Read what CRIU still sends until it closes (at most 10 s): it may be blocked sending
+/// pages nobody reads, and only then gets to the end of the connection.
+async fn drain(criu_r: &mut OwnedReadHalf) {
+    let _ = tokio::time::timeout(Duration::from_secs(10), tokio::io::copy(criu_r, &mut tokio::io::sink())).await;
 }
 
 /// The target end: the lazy-pages daemon connects here; pages come from `upstream`.
@@ -570,7 +572,11 @@ mod tests {
     async fn a_cut_link_poisons_the_page_server() {
         let (requests, tail, clean, relay, _, _) = pair(Some(LazyFault::CutAfter(200_000))).await;
         assert!(requests < 21 && !clean, "the close never arrived: {requests}");
-        assert_eq!(tail, vec![0xff; 3], "CRIU got a truncated request, not a clean close");
+        assert_eq!(
+            tail,
+            away_runtime::CRIU_PAGE_SERVER_ABORT.to_vec(),
+            "CRIU got a truncated request, not a clean close"
+        );
         assert!(relay.unwrap_err().contains("link cut"));
     }
 
@@ -578,7 +584,7 @@ mod tests {
     async fn corrupt_pages_poison_the_page_server() {
         let (requests, tail, clean, relay, _, _) = pair(Some(LazyFault::CorruptAfter(200_000))).await;
         assert!(requests < 21 && !clean, "{requests}");
-        assert_eq!(tail, vec![0xff; 3]);
+        assert_eq!(tail, away_runtime::CRIU_PAGE_SERVER_ABORT.to_vec());
         assert!(relay.is_err());
     }
 }
