@@ -63,11 +63,12 @@ fn running(node: &NodeInfoLocal, role: &str, name: &str) -> usize {
 /// The target's standalone agent (killed by its PID when dropped).
 struct Agent(Child);
 impl Agent {
-    fn start(node: &NodeInfoLocal, env: &[(&str, &str)]) -> Agent {
+    /// The target's agent, logging to /tmp/away-e2e-lazy/agent-`log`.log.
+    fn start(node: &NodeInfoLocal, log: &str, env: &[(&str, &str)]) -> Agent {
         let api = format!("{}:{AGENT_API}", node.ip);
         let transfer = format!("{}:{}", node.ip, AGENT_API + 1);
         std::fs::create_dir_all("/tmp/away-e2e-lazy").unwrap();
-        let log_path = format!("/tmp/away-e2e-lazy/agent-{}.log", env.len());
+        let log_path = format!("/tmp/away-e2e-lazy/agent-{log}.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let child =
             on(node, "target", &["agent", "--name", "target", "--listen", &api, "--transfer-listen", &transfer], env)
@@ -192,7 +193,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
     struct Cleanup<'a>(&'a Nodes);
     impl Drop for Cleanup<'_> {
         fn drop(&mut self) {
-            for name in ["ml-ok", "ml-cut", "ml-corrupt", "ml-kill"] {
+            for name in ["ml-ok", "ml-cut", "ml-corrupt", "ml-kill-early", "ml-kill"] {
                 self.0.remove(name);
             }
         }
@@ -200,7 +201,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
     let _cleanup = Cleanup(&nodes);
 
     // 1. a lazy move: the heartbeat goes on on the target from the same start
-    let agent = Agent::start(nodes.target(), &[]);
+    let agent = Agent::start(nodes.target(), "plain", &[]);
     let before = nodes.start_memload("ml-ok");
     let (ok, report, stderr) = nodes.migrate("ml-ok", &[]);
     assert!(ok, "lazy move failed: {stderr}");
@@ -235,11 +236,19 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
     }
     drop(agent);
 
-    // 4. the target's page daemon dies while pages are moving
-    let _agent = Agent::start(nodes.target(), &[("AWAY_FAULT_LAZY_TARGET", "kill-daemon-after-ms:700")]);
-    let before = nodes.start_memload("ml-kill");
-    let (ok, _, stderr) = nodes.migrate("ml-kill", &[]);
-    assert!(!ok, "the move cannot succeed without the target's page daemon");
-    nodes.assert_source_resumed("ml-kill", before, &stderr);
-    nodes.remove("ml-kill");
+    // 4. the target's page daemon dies while pages are moving: early (during the
+    // restore, whose CRIU then waits for pages that never come) and after it
+    for (name, ms) in [("ml-kill-early", 100), ("ml-kill", 700)] {
+        let fault = format!("kill-daemon-after-ms:{ms}");
+        let _agent = Agent::start(nodes.target(), name, &[("AWAY_FAULT_LAZY_TARGET", &fault)]);
+        let before = nodes.start_memload(name);
+        let (ok, _, stderr) = nodes.migrate(name, &[]);
+        assert!(!ok, "{fault}: the move cannot succeed without the target's page daemon");
+        nodes.assert_source_resumed(name, before, &stderr);
+        nodes.remove(name);
+    }
+    // nothing a killed restore mounted is left behind
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let left: Vec<&str> = mounts.lines().filter(|l| l.contains("/tmp/away-e2e-lazy/target/transfers")).collect();
+    assert!(left.is_empty(), "mounts left under the target's transfers: {left:#?}");
 }

@@ -186,11 +186,22 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
     let settle = std::time::Duration::from_millis(500);
     let mut result = restore_received(&agent.node, &payload, settle).await;
     let verdict = verdict_for(&result, settle);
-    if let (Ok(restored), Some(m)) = (&mut result, manifest) {
-        let p = Provisional { workload: restored.status.name.clone(), runtime: m.runtime };
-        match restored.lazy.take() {
-            None => agent.arm_lease(payload.transfer_id.clone(), p),
-            Some(daemon) => agent.watch_lazy(payload.transfer_id.clone(), p, daemon).await,
+    let Some(m) = manifest else { return verdict };
+    match &mut result {
+        Ok(restored) => {
+            let p = Provisional { workload: restored.status.name.clone(), runtime: m.runtime };
+            match restored.lazy.take() {
+                None => agent.arm_lease(payload.transfer_id.clone(), p),
+                Some(daemon) => agent.watch_lazy(payload.transfer_id.clone(), p, daemon).await,
+            }
+        }
+        Err(failed) => {
+            // a copy that would not go at once goes in the background: the source
+            // resumes its own as soon as it hears the verdict
+            if let Some(workload) = failed.leftover.take() {
+                let agent = agent.clone();
+                tokio::spawn(async move { agent.remove_copy(&Provisional { workload, runtime: m.runtime }).await });
+            }
         }
     }
     verdict

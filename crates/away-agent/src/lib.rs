@@ -153,7 +153,7 @@ impl Agent {
     /// Remove an uncommitted copy; retried for a minute (a lazily restored process whose
     /// page daemon died can take a while to die: its faults spin until the kernel has
     /// released its userfaultfd).
-    async fn remove_copy(&self, p: &Provisional) {
+    pub async fn remove_copy(&self, p: &Provisional) {
         let Ok(rt) = self.node.runtime(p.runtime) else { return };
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {

@@ -309,7 +309,7 @@ fn node_up(
     let c = &plan.name;
     let ns = format!("away-{c}-{}", n.name);
     let ip = Ipv4Addr::new(10, 213, gw.octets()[2], 10 + i as u8);
-    let host_if = format!("awh-{}-{i}", &c[..c.len().min(6)]);
+    let host_if = format!("{}{i}", veth_prefix(c));
     let run = run_dir(c).join(&n.name);
     let state = state_dir(c).join(&n.name);
     std::fs::create_dir_all(&run).map_err(io(&run))?;
@@ -468,6 +468,12 @@ fn clear_node(node: &NodeInfoLocal) {
 
 /// Stop everything the cluster's pidfiles name and remove its namespaces, bridge and
 /// firewall rule. Safe to run twice, and on a half-started cluster.
+/// The host end of node `i`'s veth is this prefix and `i` (within the 15 bytes of an
+/// interface name).
+fn veth_prefix(cluster: &str) -> String {
+    format!("awh-{}-", &cluster[..cluster.len().min(6)])
+}
+
 pub fn down(name: &str) {
     let run = run_dir(name);
     let info = info(name);
@@ -497,6 +503,16 @@ pub fn down(name: &str) {
             }
         }
     }
+    // a node's veth outlives its deleted namespace while anything still runs in it;
+    // its host end would refuse the next `up`
+    if let Ok(out) = sh("ip", &["-o", "link", "show"]) {
+        for line in out.lines() {
+            let dev = line.split(": ").nth(1).and_then(|d| d.split('@').next()).unwrap_or("");
+            if dev.starts_with(&veth_prefix(name)) {
+                let _ = sh("ip", &["link", "del", dev]);
+            }
+        }
+    }
     let comment = format!("away cluster {name}");
     while sh(
         "iptables",
@@ -518,7 +534,7 @@ mod tests {
     #[test]
     fn names_fit_interface_limits() {
         assert!(bridge("abcdefghij").len() <= 15);
-        assert!(format!("awh-{}-{}", "abcdef", 49).len() <= 15);
+        assert!(format!("{}49", veth_prefix("abcdefghij")).len() <= 15);
         let k = subnet("demo");
         assert!((20..220).contains(&k));
         assert_eq!(subnet("demo"), k, "stable per name");

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use away_model::{MigrationMode, MigrationPhase, MigrationReport, RuntimeKind, WorkloadSpec, WorkloadState};
-use away_runtime::{CheckpointArchive, CheckpointOptions, LocalNode, RestoreRequest, RuntimeError};
+use away_runtime::{CheckpointArchive, CheckpointOptions, LocalNode, RestoreRequest, Runtime, RuntimeError};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::ArchiveStore;
@@ -551,11 +551,38 @@ pub struct Restored {
 }
 
 /// Target side: restore a received payload on this node and answer whether it runs.
+/// A failed restore on the target.
+#[derive(Debug)]
+pub struct RestoreFailed {
+    pub message: String,
+    /// A copy this restore started and could not remove at once (a lazily restored
+    /// process whose page daemon died can take a while to die): the caller must keep
+    /// trying, or two instances could be left.
+    pub leftover: Option<String>,
+}
+
+impl From<String> for RestoreFailed {
+    fn from(message: String) -> Self {
+        RestoreFailed { message, leftover: None }
+    }
+}
+
+/// Remove a copy this restore started; what cannot go at once is named for the caller.
+async fn failed_with_copy(runtime: &dyn Runtime, name: &str, message: String) -> RestoreFailed {
+    match runtime.remove(name).await {
+        Ok(()) => RestoreFailed { message, leftover: None },
+        Err(e) => {
+            tracing::warn!(workload = name, "the failed copy did not go at once, left to retry: {e}");
+            RestoreFailed { message, leftover: Some(name.to_string()) }
+        }
+    }
+}
+
 pub async fn restore_received(
     node: &LocalNode,
     payload: &ReceivedPayload,
     settle: Duration,
-) -> Result<Restored, String> {
+) -> Result<Restored, RestoreFailed> {
     let started = Instant::now();
     let manifest: Manifest = serde_json::from_slice(
         &std::fs::read(payload.dir.join(MANIFEST)).map_err(|e| format!("no {MANIFEST} in the payload: {e}"))?,
@@ -584,16 +611,17 @@ pub async fn restore_received(
             let restore = runtime.restore_lazy(&request);
             tokio::pin!(restore);
             let restored = tokio::select! {
-                r = &mut restore => r.map_err(|e| e.to_string()),
+                r = &mut restore => r.map_err(|e| RestoreFailed::from(e.to_string())),
                 gone = daemon.exited() => {
                     // the link or the source failed mid-restore: end the restore (it
                     // cleans up after itself) instead of waiting for pages forever
                     crate::lazy::LazyPagesDaemon::kill_restore(&dir);
-                    let r = restore.await;
-                    if let Ok(st) = &r {
-                        let _ = runtime.remove(&st.name).await;
-                    }
-                    Err(format!("the lazy-pages daemon ended during the restore: {gone}"))
+                    let message = format!("the lazy-pages daemon ended during the restore: {gone}");
+                    // the restore may have got as far as a running copy, which misses memory
+                    Err(match restore.await {
+                        Ok(st) => failed_with_copy(runtime, &st.name, message).await,
+                        Err(_) => RestoreFailed::from(message),
+                    })
                 }
             };
             match restored {
@@ -620,18 +648,19 @@ pub async fn restore_received(
         Ok(s) if s.state == WorkloadState::Running => Ok(Restored { status: s, restore, lazy }),
         Ok(s) => {
             gone(&mut lazy).await;
-            let _ = runtime.remove(&s.name).await;
-            Err(format!("{} was restored but is {} after {} ms", s.name, s.state, settle.as_millis()))
+            let message = format!("{} was restored but is {} after {} ms", s.name, s.state, settle.as_millis());
+            Err(failed_with_copy(runtime, &s.name, message).await)
         }
         Err(e) => {
             gone(&mut lazy).await;
-            Err(format!("{} was restored but its status is unknown: {e}", st.name))
+            let message = format!("{} was restored but its status is unknown: {e}", st.name);
+            Err(failed_with_copy(runtime, &st.name, message).await)
         }
     }
 }
 
 /// The handler answer for a received payload.
-pub fn verdict_for(result: &Result<Restored, String>, settle: Duration) -> Verdict {
+pub fn verdict_for(result: &Result<Restored, RestoreFailed>, settle: Duration) -> Verdict {
     match result {
         Ok(r) => {
             Verdict::ok(format!("{} running on {}", r.status.name, r.status.runtime)).with_detail(serde_json::json!({
@@ -640,6 +669,6 @@ pub fn verdict_for(result: &Result<Restored, String>, settle: Duration) -> Verdi
                 "settle_ms": settle.as_millis() as u64,
             }))
         }
-        Err(e) => Verdict::failed(e.clone()),
+        Err(e) => Verdict::failed(e.message.clone()),
     }
 }

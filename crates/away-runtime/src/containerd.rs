@@ -655,9 +655,73 @@ impl ContainerdRuntime {
             if !exited {
                 let _ = ts.kill(self.req(kill(9))).await;
                 // the kill is asynchronous: wait for the exit before deleting
-                self.wait_stopped(name, Duration::from_secs(10)).await?;
+                // (pid 0: a restore killed before its process existed)
+                if !self.wait_stopped(name, Duration::from_secs(2)).await?
+                    && (process.pid == 0 || !Path::new(&format!("/proc/{}", process.pid)).exists())
+                {
+                    return self.end_shim_that_lost_its_exit(name, process.pid).await;
+                }
+                self.wait_stopped(name, Duration::from_secs(8)).await?;
             }
         }
+        self.delete_task(name).await
+    }
+
+    /// The task's process is gone (or never came: a restore killed mid-way) but its
+    /// shim still reports it running: containerd 1.6's shim drops an exit that comes
+    /// before it has registered the process (a lazily restored process whose page
+    /// daemon died right after the restore exits that early). Only ending that shim, the one serving this container of this
+    /// containerd, lets containerd clean up the task (it does for a dead shim).
+    async fn end_shim_that_lost_its_exit(&self, name: &str, pid: u32) -> Result<(), RuntimeError> {
+        let args = ["-namespace", self.namespace.as_str(), "-id", name, "-address", &self.socket.to_string_lossy()]
+            .map(String::from);
+        let shim = std::fs::read_dir("/proc").ok().and_then(|procs| {
+            procs.flatten().find_map(|p| {
+                let shim_pid = p.file_name().to_str()?.parse::<i32>().ok()?;
+                let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+                let argv: Vec<String> =
+                    cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+                (argv.first()?.ends_with("containerd-shim-runc-v2") && argv.windows(6).any(|w| w == args))
+                    .then_some(shim_pid)
+            })
+        });
+        let Some(shim) = shim else {
+            return Err(RuntimeError::Failed {
+                runtime: KIND,
+                op: "kill task",
+                name: name.into(),
+                message: format!(
+                    "process {pid} is gone but containerd still reports it running, and no shim was found"
+                ),
+            });
+        };
+        tracing::warn!(
+            workload = name,
+            pid,
+            shim,
+            "the task's process is gone but its shim says running: ending the shim"
+        );
+        // SAFETY: kill(2) on a pid identified above; no memory is shared.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(shim, libc::SIGKILL);
+        }
+        // containerd notices the dead shim and cleans up after it; until then a delete
+        // fails ("ttrpc: closed")
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.delete_task(name).await {
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(workload = name, "task delete after the shim's end: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn delete_task(&self, name: &str) -> Result<(), RuntimeError> {
+        let mut ts = api::tasks_client::TasksClient::new(self.channel.clone());
         match ts.delete(self.req(api::DeleteTaskRequest { container_id: name.into() })).await {
             Ok(_) => Ok(()),
             Err(s) if s.code() == Code::NotFound => Ok(()),

@@ -486,12 +486,31 @@ impl LazyPagesDaemon {
                 }
             }
         }
+        // a killed CRIU leaves its cgroup yard (a tmpfs with every controller mounted
+        // under the work dir) in the host's mount table; it would pin the payload
+        for mount in mounts_under(&dir.join(away_runtime::CRIU_WORK_DIR)).iter().rev() {
+            tracing::warn!(mount = %mount.display(), "unmounting what a killed restore left");
+            let _ = std::process::Command::new("umount").arg("-l").arg(mount).status();
+        }
     }
 
     /// Stop the daemon (the lazy phase fails on both sides).
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// Mount points at or below `dir`, in mount order (from /proc/self/mountinfo, where
+/// the fifth field is the mount point with space, tab, newline and backslash in octal).
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| {
+            PathBuf::from(m.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\"))
+        })
+        .filter(|m| m.starts_with(dir))
+        .collect()
 }
 
 #[cfg(test)]
