@@ -1,11 +1,19 @@
-//! Stop-and-copy container migration of `memload` holding 256 MiB, over the research's
-//! WAN (37 Mbit/s, 36.784 ms one way, emulated in userspace with `away_link::proxy`)
-//! and over plain loopback, with and without compression. Prints, per run, the time of
-//! each phase, bytes raw and on the wire, and the ratio to the physical limit
-//! (bytes on the wire / link rate + round trips).
+//! Container migration of `memload` by each mode, containerd -> containerd on one host:
+//! * staged stop-and-copy (checkpoint on disk, transfer, restore in turn) of 256 MiB
+//!   over the research's WAN (37 Mbit/s, 36.784 ms one way, emulated in userspace with
+//!   `away_link::proxy` on the transfer port), with and without compression;
+//! * 128 MiB over plain loopback by every mode: staged, streamed stop-and-copy (the
+//!   pages go from CRIU's page server into the target's images while the rest
+//!   travels) and lazy (post-copy).
+//!
+//! Prints, per run, the time of each phase, downtime, degraded time, bytes raw and on
+//! the wire, and for the WAN the ratio to the physical limit (bytes on the wire / link
+//! rate + round trips). The page relay of streamed and lazy moves connects directly,
+//! not through the proxy, so those modes run on loopback only here; `away lab compare`
+//! measures them over packet-level emulated links.
 //!
 //! `cargo bench -p away-e2e --bench migration` (root; containerd and CRIU running).
-//! Takes about 3 minutes.
+//! Takes about 4 minutes.
 
 use std::process::{Child, Command, Stdio};
 
@@ -13,9 +21,10 @@ use away_e2e::{away_bin, free_port, lab_image, wait_for};
 use away_link::LinkProfile;
 use serde_json::Value;
 
-const SIZE: &str = "256Mi";
 /// Round trips the transfer needs besides the data: TCP connect, hello/resume, done/verdict.
 const ROUND_TRIPS: u32 = 3;
+/// Loopback runs per mode (the table shows each).
+const LOOPBACK_RUNS: usize = 2;
 
 struct Agent(Child);
 impl Drop for Agent {
@@ -46,12 +55,20 @@ fn main() {
     std::env::set_var("AWAY_BENCH_RELEASE", "1");
     let tar = lab_image("memload");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let links: [(&str, Option<LinkProfile>); 2] =
-        [("37 Mbit/s + 36.784 ms (away-link proxy)", Some(LinkProfile::wan())), ("loopback, no emulation", None)];
+    let wan = "37 Mbit/s + 36.784 ms (away-link proxy)";
+    let mut cases: Vec<(&str, Option<LinkProfile>, &str, &str, &str)> = vec![
+        (wan, Some(LinkProfile::wan()), "256Mi", "zstd:1", "staged"),
+        (wan, Some(LinkProfile::wan()), "256Mi", "none", "staged"),
+    ];
+    for _ in 0..LOOPBACK_RUNS {
+        for mode in ["staged", "stop-copy", "lazy"] {
+            cases.push(("loopback", None, "128Mi", "zstd:1", mode));
+        }
+    }
     let mut rows = Vec::new();
     let mut run = 0;
-    for (link_name, link) in links {
-        for compression in ["zstd:1", "none"] {
+    for (link_name, link, size, compression, mode) in cases {
+        {
             run += 1;
             let (api, transfer) = (free_port(), free_port());
             let advertise = match link {
@@ -92,7 +109,7 @@ fn main() {
                     "--memory",
                     "400Mi",
                     "-e",
-                    &format!("MEMLOAD_SIZE={SIZE}"),
+                    &format!("MEMLOAD_SIZE={size}"),
                     "-e",
                     "MEMLOAD_PORT=0",
                 ],
@@ -113,6 +130,8 @@ fn main() {
                     &format!("127.0.0.1:{api}"),
                     "--compression",
                     compression,
+                    "--mode",
+                    mode,
                     "--json",
                     "--reconnect-timeout",
                     "120",
@@ -133,52 +152,80 @@ fn main() {
             };
             let wire = r["bytes_wire"].as_u64().unwrap();
             let limit = link.map(|l| l.wire_time(wire) + l.rtt() * ROUND_TRIPS);
-            rows.push((
-                link_name,
+            rows.push(Row {
+                link: link_name,
+                size,
+                mode: if mode == "stop-copy" { "streamed" } else { mode },
                 compression,
-                r["bytes_raw"].as_u64().unwrap(),
+                raw: r["bytes_raw"].as_u64().unwrap(),
                 wire,
-                phase("checkpoint"),
-                phase("transfer"),
-                phase("restore"),
-                r["downtime_millis"].as_u64().unwrap(),
-                r["total_millis"].as_u64().unwrap(),
+                checkpoint: phase("checkpoint"),
+                transfer: phase("transfer"),
+                pages: phase("pages"),
+                restore: phase("restore"),
+                downtime: r["downtime_millis"].as_u64().unwrap(),
+                degraded: r["degraded_millis"].as_u64().unwrap_or(0),
+                total: r["total_millis"].as_u64().unwrap(),
                 limit,
-            ));
+            });
             let _ = std::fs::remove_dir_all(format!("/var/tmp/away-bench-mig/source-{run}"));
             let _ = std::fs::remove_dir_all(format!("/var/tmp/away-bench-mig/target-{run}"));
         }
     }
-    println!("\nstop-and-copy migration of memload ({SIZE} filled, half random / half zero per page), containerd -> containerd,");
+    println!("\ncontainer migration of memload (filled, half random / half zero per page), containerd -> containerd,");
     println!(
-        "two nodes on one host (own containerd namespaces and state), CRIU {}, {} cores",
+        "two nodes on one host (own containerd namespaces and state), CRIU {}, {} cores, release build",
         criu_version(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
+    println!(
+        "downtime: checkpoint start to the target's restore done; degraded (lazy): then until the last page arrived"
+    );
+    println!("streamed: `pages` is the target pulling the memory from the source's CRIU, before its restore");
     println!("physical limit = bytes on the wire / link rate + {ROUND_TRIPS} round trips (connect, hello/resume, done/verdict)\n");
-    println!("| link | compression | raw MB | wire MB | checkpoint s | transfer s | restore s | downtime s | total s | limit s | transfer / limit | downtime / limit |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (link, comp, raw, wire, ck, tr, rs, down, total, limit) in rows {
+    println!("| link | size | mode | compression | raw MB | wire MB | checkpoint s | transfer s | pages s | restore s | downtime s | degraded s | total s | limit s | downtime / limit |");
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
         let s = |ms: u64| ms as f64 / 1000.0;
-        let (lim, r1, r2) = match limit {
-            Some(l) => (
-                format!("{:.2}", l.as_secs_f64()),
-                format!("{:.2}", s(tr) / l.as_secs_f64()),
-                format!("{:.2}", s(down) / l.as_secs_f64()),
-            ),
-            None => ("-".into(), "-".into(), "-".into()),
+        let (lim, ratio) = match r.limit {
+            Some(l) => (format!("{:.2}", l.as_secs_f64()), format!("{:.2}", s(r.downtime) / l.as_secs_f64())),
+            None => ("-".into(), "-".into()),
         };
         println!(
-            "| {link} | {comp} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {lim} | {r1} | {r2} |",
-            raw as f64 / 1e6,
-            wire as f64 / 1e6,
-            s(ck),
-            s(tr),
-            s(rs),
-            s(down),
-            s(total)
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {lim} | {ratio} |",
+            r.link,
+            r.size,
+            r.mode,
+            r.compression,
+            r.raw as f64 / 1e6,
+            r.wire as f64 / 1e6,
+            s(r.checkpoint),
+            s(r.transfer),
+            s(r.pages),
+            s(r.restore),
+            s(r.downtime),
+            s(r.degraded),
+            s(r.total)
         );
     }
+}
+
+/// One measured move.
+struct Row {
+    link: &'static str,
+    size: &'static str,
+    mode: &'static str,
+    compression: &'static str,
+    raw: u64,
+    wire: u64,
+    checkpoint: u64,
+    transfer: u64,
+    pages: u64,
+    restore: u64,
+    downtime: u64,
+    degraded: u64,
+    total: u64,
+    limit: Option<std::time::Duration>,
 }
 
 fn criu_version() -> String {

@@ -6,8 +6,11 @@
 //! with `away run` on the source, and a standalone `away agent` on the target, both in
 //! containerd namespaces of their own. Then: a move that works (the heartbeat goes on
 //! from the same start time on the target), and the faults of the stop-and-copy tests
-//! during the lazy phase (link cut, corrupt pages, target's page daemon killed), each
-//! ending with exactly one instance: the source, resumed by CRIU.
+//! during the lazy phase (link cut, corrupt pages, target's page daemon killed early
+//! and late), each ending with exactly one instance: the source, resumed by CRIU.
+//! Then the same for streamed stop-and-copy (`--mode stop-copy`, which pulls every page
+//! into the target's images before it restores): a good move, a cut, corrupt pages and
+//! the target's agent dying mid-pull.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -134,13 +137,13 @@ impl Nodes {
         wait_for(60, || memload_state(&ip).filter(|s| s.0 >= 5)).expect("memload beats on the source")
     }
 
-    /// `away migrate --mode lazy`: (exit ok, report or error JSON, stderr).
-    fn migrate(&self, name: &str, env: &[(&str, &str)]) -> (bool, Value, String) {
+    /// `away migrate --mode <mode>`: (exit ok, report or error JSON, stderr).
+    fn migrate(&self, name: &str, mode: &str, env: &[(&str, &str)]) -> (bool, Value, String) {
         let to = format!("{}:{AGENT_API}", self.target().ip);
         let out = on(
             self.source(),
             "source",
-            &["migrate", name, "--to", &to, "--mode", "lazy", "--json", "--source-name", "source"],
+            &["migrate", name, "--to", &to, "--mode", mode, "--json", "--source-name", "source"],
             env,
         )
         .output()
@@ -193,7 +196,9 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
     struct Cleanup<'a>(&'a Nodes);
     impl Drop for Cleanup<'_> {
         fn drop(&mut self) {
-            for name in ["ml-ok", "ml-cut", "ml-corrupt", "ml-kill-early", "ml-kill"] {
+            for name in
+                ["ml-ok", "ml-cut", "ml-corrupt", "ml-kill-early", "ml-kill", "ms-ok", "ms-cut", "ms-corrupt", "ms-die"]
+            {
                 self.0.remove(name);
             }
         }
@@ -203,7 +208,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
     // 1. a lazy move: the heartbeat goes on on the target from the same start
     let agent = Agent::start(nodes.target(), "plain", &[]);
     let before = nodes.start_memload("ml-ok");
-    let (ok, report, stderr) = nodes.migrate("ml-ok", &[]);
+    let (ok, report, stderr) = nodes.migrate("ml-ok", "lazy", &[]);
     assert!(ok, "lazy move failed: {stderr}");
     assert_eq!(report["mode"], "lazy", "{report}");
     assert!(report["degraded_millis"].as_u64().unwrap() > 0, "{report}");
@@ -226,11 +231,14 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
     // 2. the link cut during the lazy phase, and 3. a corrupt frame of pages
     for (name, fault) in [("ml-cut", "cut-after:1048576"), ("ml-corrupt", "corrupt-after:1048576")] {
         let before = nodes.start_memload(name);
-        let (ok, _, stderr) = nodes.migrate(name, &[("AWAY_FAULT_LAZY", fault)]);
+        let (ok, _, stderr) = nodes.migrate(name, "lazy", &[("AWAY_FAULT_LAZY", fault)]);
         assert!(!ok, "{fault}: the move cannot succeed");
         // the fault lands while pages move: during the restore (the target's daemon
         // already fetches) or after it
-        assert!(stderr.contains("lazy phase failed") || stderr.contains("could not restore"), "{fault}: {stderr}");
+        assert!(
+            ["lazy phase failed", "could not restore", "page link"].iter().any(|m| stderr.contains(m)),
+            "{fault}: {stderr}"
+        );
         nodes.assert_source_resumed(name, before, &stderr);
         nodes.remove(name);
     }
@@ -242,11 +250,53 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         let fault = format!("kill-daemon-after-ms:{ms}");
         let _agent = Agent::start(nodes.target(), name, &[("AWAY_FAULT_LAZY_TARGET", &fault)]);
         let before = nodes.start_memload(name);
-        let (ok, _, stderr) = nodes.migrate(name, &[]);
+        let (ok, _, stderr) = nodes.migrate(name, "lazy", &[]);
         assert!(!ok, "{fault}: the move cannot succeed without the target's page daemon");
         nodes.assert_source_resumed(name, before, &stderr);
         nodes.remove(name);
     }
+    // 5. streamed stop-and-copy: the pages go from the source's CRIU into the target's
+    // images while the rest travels; the target restores once all are in
+    {
+        let _agent = Agent::start(nodes.target(), "streamed", &[]);
+        let before = nodes.start_memload("ms-ok");
+        let (ok, report, stderr) = nodes.migrate("ms-ok", "stop-copy", &[]);
+        assert!(ok, "streamed move failed: {stderr}");
+        assert_eq!(report["mode"], "stop-and-copy", "{report}");
+        assert!(report["reason"].as_str().unwrap().contains("streamed"), "{report}");
+        assert_eq!(report["degraded_millis"], 0, "{report}");
+        let phases: Vec<&str> =
+            report["phases"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
+        assert!(phases.contains(&"pages"), "{report}");
+        assert!(report["bytes_raw"].as_u64().unwrap() > 64 << 20, "every page crossed the relay: {report}");
+        assert!(report["bytes_wire"].as_u64().unwrap() < report["bytes_raw"].as_u64().unwrap(), "{report}");
+        let ip = nodes.target().ip.to_string();
+        let after = wait_for(20, || memload_state(&ip)).expect("memload answers on the target");
+        assert_eq!(after.1, before.1, "memload restarted instead of moving");
+        assert!(after.0 >= before.0, "the heartbeat went on: {before:?} -> {after:?}");
+        assert_eq!(running(nodes.target(), "target", "ms-ok"), 1);
+        assert_eq!(running(nodes.source(), "source", "ms-ok"), 0, "the source is gone after a good move");
+        nodes.remove("ms-ok");
+
+        // the link cut and corrupt pages while the target pulls
+        for (name, fault) in [("ms-cut", "cut-after:4194304"), ("ms-corrupt", "corrupt-after:4194304")] {
+            let before = nodes.start_memload(name);
+            let (ok, _, stderr) = nodes.migrate(name, "stop-copy", &[("AWAY_FAULT_LAZY", fault)]);
+            assert!(!ok, "{fault}: the move cannot succeed");
+            nodes.assert_source_resumed(name, before, &stderr);
+            nodes.remove(name);
+        }
+    }
+    // the target's agent dies mid-pull
+    {
+        let _agent = Agent::start(nodes.target(), "ms-die", &[("AWAY_FAULT_STREAM_TARGET", "die-after:8388608")]);
+        let before = nodes.start_memload("ms-die");
+        let (ok, _, stderr) = nodes.migrate("ms-die", "stop-copy", &[]);
+        assert!(!ok, "the move cannot succeed with the target gone");
+        nodes.assert_source_resumed("ms-die", before, &stderr);
+        nodes.remove("ms-die");
+    }
+
     // nothing a killed restore mounted is left behind
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let left: Vec<&str> = mounts.lines().filter(|l| l.contains("/tmp/away-e2e-lazy/target/transfers")).collect();

@@ -191,6 +191,10 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
         Ok(restored) => {
             let p = Provisional { workload: restored.status.name.clone(), runtime: m.runtime };
             match restored.lazy.take() {
+                // the source's process is gone: no lease may remove the only copy
+                None if restored.released => {
+                    tracing::info!(workload = %p.workload, transfer = %payload.transfer_id, "every page is in and the source let go: the copy is final");
+                }
                 None => agent.arm_lease(payload.transfer_id.clone(), p),
                 Some(daemon) => agent.watch_lazy(payload.transfer_id.clone(), p, daemon).await,
             }

@@ -162,7 +162,7 @@ pub struct MigrationRequest {
     /// Target node; omitted: the broker chooses the best-scoring compatible node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
-    /// Containers: `stop-copy`, `lazy` or `auto` (default; the source agent decides from
+    /// Containers: `stop-copy`, `staged`, `lazy` or `auto` (default; the source agent decides from
     /// the workload's write rate and the link, and says why in the report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,

@@ -234,7 +234,11 @@ async fn attempt(
                 "--compression",
                 COMPRESSION,
                 "--mode",
-                if planned.path == MigrationPath::ContainerLazy { "lazy" } else { "stop-copy" },
+                match planned.path {
+                    MigrationPath::ContainerLazy => "lazy",
+                    MigrationPath::ContainerStaged => "staged",
+                    _ => "stop-copy",
+                },
                 "--json",
                 "--reconnect-timeout",
                 "120",

@@ -163,8 +163,12 @@ pub enum MigrationPath {
     VmAutoConverge,
     /// Pre-copy, switching to post-copy after the first pass.
     VmPostcopy,
-    /// containerd → containerd, CRIU stop-and-copy through away's transfer protocol.
+    /// containerd → containerd, CRIU stop-and-copy, streamed: the pages go from CRIU's
+    /// page server into the target's images while the rest travels (`--mode stop-copy`).
     ContainerContainerd,
+    /// containerd → containerd, CRIU stop-and-copy staged: checkpoint on disk, then
+    /// transfer, then restore (`--mode staged`).
+    ContainerStaged,
     /// Docker → Docker, CRIU stop-and-copy through away's transfer protocol.
     ContainerDocker,
     /// containerd → containerd, lazy (post-copy): restored at once, CRIU lazy pages
@@ -173,11 +177,12 @@ pub enum MigrationPath {
 }
 
 impl MigrationPath {
-    pub const ALL: [MigrationPath; 6] = [
+    pub const ALL: [MigrationPath; 7] = [
         MigrationPath::VmPrecopy,
         MigrationPath::VmAutoConverge,
         MigrationPath::VmPostcopy,
         MigrationPath::ContainerContainerd,
+        MigrationPath::ContainerStaged,
         MigrationPath::ContainerDocker,
         MigrationPath::ContainerLazy,
     ];
@@ -188,6 +193,7 @@ impl MigrationPath {
             MigrationPath::VmAutoConverge => "vm-autoconverge",
             MigrationPath::VmPostcopy => "vm-postcopy",
             MigrationPath::ContainerContainerd => "container-containerd",
+            MigrationPath::ContainerStaged => "container-staged",
             MigrationPath::ContainerDocker => "container-docker",
             MigrationPath::ContainerLazy => "container-lazy",
         }
@@ -203,7 +209,8 @@ impl MigrationPath {
             MigrationPath::VmPrecopy => "qemu pre-copy",
             MigrationPath::VmAutoConverge => "qemu pre-copy + auto-converge",
             MigrationPath::VmPostcopy => "qemu pre-copy, post-copy after pass 1",
-            MigrationPath::ContainerContainerd | MigrationPath::ContainerDocker => "criu stop-and-copy, zstd:1",
+            MigrationPath::ContainerContainerd => "criu stop-and-copy streamed (page server), zstd:1",
+            MigrationPath::ContainerStaged | MigrationPath::ContainerDocker => "criu stop-and-copy staged, zstd:1",
             MigrationPath::ContainerLazy => "criu lazy pages (post-copy), zstd:1 page stream",
         }
     }
@@ -581,7 +588,9 @@ async fn preflight_container_runtimes(paths: &[MigrationPath]) -> Result<(), Lab
     let kinds: Vec<RuntimeKind> = paths
         .iter()
         .filter_map(|p| match p {
-            MigrationPath::ContainerContainerd | MigrationPath::ContainerLazy => Some(RuntimeKind::Containerd),
+            MigrationPath::ContainerContainerd | MigrationPath::ContainerStaged | MigrationPath::ContainerLazy => {
+                Some(RuntimeKind::Containerd)
+            }
             MigrationPath::ContainerDocker => Some(RuntimeKind::Docker),
             _ => None,
         })
@@ -711,20 +720,20 @@ mod tests {
         let o = CompareOptions::quick("m.tar".into(), "away".into(), "out".into());
         o.validate().unwrap();
         let plan = o.plan();
-        assert_eq!(plan.len(), 2 * 3 * 3);
+        assert_eq!(plan.len(), 2 * 3 * 4);
         assert_eq!(plan[0].run, 1);
         // 128 MiB over 37 Mbit/s is 29 s on the wire; the quick limit is twice that.
         let t = o.vm_timeout(LinkKind::Wan).as_secs_f64();
         assert!((t - 2.0 * 134_217_728.0 * 8.0 / 37e6).abs() < 0.01, "{t}");
         assert_eq!(o.vm_timeout(LinkKind::Lan), Duration::from_secs(30));
         let r =
-            RunResult::new(&plan[9], RunOutcome::Moved, Duration::from_secs(10), None).with_bytes(37_000_000 / 8, 0);
+            RunResult::new(&plan[12], RunOutcome::Moved, Duration::from_secs(10), None).with_bytes(37_000_000 / 8, 0);
         assert_eq!(r.link, LinkKind::Wan);
         let expected = 1.0 + 2.0 * 0.073_568;
         assert!((r.limit_s - expected).abs() < 1e-6, "{}", r.limit_s);
         assert!((r.total_over_limit.unwrap() - 10.0 / expected).abs() < 1e-9);
         let timed_out =
-            RunResult::new(&plan[9], RunOutcome::NotConverged, Duration::from_secs(60), None).with_bytes(1, 1);
+            RunResult::new(&plan[12], RunOutcome::NotConverged, Duration::from_secs(60), None).with_bytes(1, 1);
         assert_eq!(timed_out.total_over_limit, None);
         let mut bad = o.clone();
         bad.vm_ram = ByteSize::mib(64);

@@ -319,6 +319,7 @@ fn color(path: MigrationPath) -> RGBColor {
         MigrationPath::VmAutoConverge => RGBColor(255, 127, 14),
         MigrationPath::VmPostcopy => RGBColor(148, 103, 189),
         MigrationPath::ContainerContainerd => RGBColor(31, 119, 180),
+        MigrationPath::ContainerStaged => RGBColor(140, 86, 75),
         MigrationPath::ContainerDocker => RGBColor(23, 190, 207),
         MigrationPath::ContainerLazy => RGBColor(44, 160, 44),
     }
@@ -560,6 +561,6 @@ mod tests {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         assert!(png.len() > 10_000, "{} bytes", png.len());
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
-        assert_eq!(json["runs"].as_array().unwrap().len(), 2 * 3 * 4 * 2);
+        assert_eq!(json["runs"].as_array().unwrap().len(), 2 * 3 * 5 * 2);
     }
 }

@@ -47,6 +47,10 @@ pub struct Manifest {
     /// Lazy move: the workload's working set (vaddr, pages), fetched first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lazy_hot: Vec<(u64, u64)>,
+    /// Streamed stop-and-copy: the target pulls every page from `lazy_page_relay`
+    /// before it restores ([`crate::lazy::pull`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pull_pages: bool,
 }
 
 /// How to move a container.
@@ -132,7 +136,7 @@ pub async fn migrate_container(
     let choice = crate::mode::choose(opts.mode, runtime, &status, &host, &there).await?;
     tracing::info!(workload = name, mode = %choice.mode, "{}", choice.reason);
     let mut phases = vec![phase("check", started.elapsed())];
-    if choice.mode == MigrationMode::Lazy {
+    if choice.mode == MigrationMode::Lazy || choice.streamed {
         let moving = Moving {
             runtime,
             name,
@@ -147,6 +151,7 @@ pub async fn migrate_container(
             reason: format!("{}; {}", compat.reason, choice.reason),
             hot: choice.hot,
             pid: status.pid,
+            streamed: choice.streamed,
         };
         return migrate_lazy(moving).await;
     }
@@ -174,6 +179,7 @@ pub async fn migrate_container(
         stopped_at_ms,
         lazy_page_relay: None,
         lazy_hot: Vec::new(),
+        pull_pages: false,
     };
     let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
     // the stopped source record steps aside so that the target may take the name (needed
@@ -305,6 +311,8 @@ struct Moving<'a> {
     hot: Vec<(u64, u64)>,
     /// The workload's process (its memory size, for the progress display).
     pid: Option<u32>,
+    /// Stop-and-copy streamed: the target pulls every page before it restores.
+    streamed: bool,
 }
 
 /// The address of this host the target reaches (the local end of a connection to it).
@@ -320,28 +328,46 @@ async fn local_addr_towards(target: &str) -> Result<std::net::IpAddr, MigrateErr
 /// ([`crate::lazy`]); the source stays frozen until the last page has moved, and only
 /// then is the target's copy committed. If the lazy phase fails, CRIU resumes the
 /// source and the target's copy is removed: one instance either way.
+///
+/// Streamed stop-and-copy takes the same road, but the target pulls every page
+/// before it restores ([`crate::lazy::pull`]) and lets the source go once its copy runs.
 async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
-    let Moving { runtime, name, here, there, target, archives, opts, progress, .. } = m;
+    let Moving { runtime, name, here, there, target, archives, opts, progress, streamed, .. } = m;
     let mut phases = m.phases;
     let local_ip = local_addr_towards(&there.transfer_addr).await?;
     progress(Step::Checkpointing);
-    let payload = archives.create(name)?;
-    let criu_port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?
-        .port();
     let t = Instant::now();
     let downtime_start = Instant::now();
     let stopped_at_ms = now_ms();
-    let lazy_opts =
-        away_runtime::LazyCheckpointOptions { dir: payload.join(CHECKPOINT_DIR), page_server_port: criu_port };
-    let dump = match runtime.checkpoint_lazy(name, &lazy_opts).await {
-        Ok(d) => d,
-        Err(e) => {
-            // CRIU thaws the process when its dump fails: say whether it runs
-            archives.keep_failed(&payload);
-            return Err(resumed_or_not(runtime, name, format!("lazy checkpoint failed: {e}"), None).await);
+    let mut retried = false;
+    let (payload, dump) = loop {
+        let payload = archives.create(name)?;
+        let criu_port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?
+            .port();
+        let lazy_opts =
+            away_runtime::LazyCheckpointOptions { dir: payload.join(CHECKPOINT_DIR), page_server_port: criu_port };
+        let dump = match runtime.checkpoint_lazy(name, &lazy_opts).await {
+            Ok(d) => d,
+            Err(e) => {
+                // CRIU thaws the process when its dump fails: say whether it runs
+                archives.keep_failed(&payload);
+                return Err(resumed_or_not(runtime, name, format!("lazy checkpoint failed: {e}"), None).await);
+            }
+        };
+        // Now and then CRIU 4.2 leaves no page lazy (it takes every page for a stack
+        // page when a thread's stack pointer sits on a page boundary: its is_stack()
+        // compares the wrong bits) and writes the whole memory into the payload. A dump
+        // a moment later sees other stack pointers.
+        if !retried && crate::lazy::pagemap::nothing_left_lazy(&payload.join(CHECKPOINT_DIR)) {
+            tracing::warn!(workload = name, "CRIU left no page lazy (all in the payload): dumping again");
+            retried = true;
+            dump.abort().await;
+            let _ = archives.discard(&payload);
+            continue;
         }
+        break (payload, dump);
     };
     let relay = match crate::lazy::SourceRelay::start(
         (local_ip, 0).into(),
@@ -370,6 +396,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         stopped_at_ms,
         lazy_page_relay: Some(page_relay),
         lazy_hot: m.hot,
+        pull_pages: streamed,
     };
     // Any failure until the target runs: CRIU resumes the source when told.
     let payload_ref = payload.as_path();
@@ -385,32 +412,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         return Err(give_up(format!("write the migration payload in {}: {e}", payload.display()), dump, relay).await);
     }
 
-    let t = Instant::now();
-    let outcome = match send_payload(&there.transfer_addr, &payload, &manifest, opts, progress).await {
-        Ok(o) if o.verdict.ok => o,
-        Ok(o) => {
-            let why = format!("target {} could not restore {name}: {}", there.node.name, o.verdict.message);
-            return Err(give_up(why, dump, relay).await);
-        }
-        Err(e) => {
-            let why = format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr);
-            return Err(give_up(why, dump, relay).await);
-        }
-    };
-    let settle_ms = outcome.verdict.detail.get("settle_ms").and_then(|v| v.as_u64()).unwrap_or(0);
-    let restore_ms = outcome.verdict.detail.get("restore_ms").and_then(|v| v.as_u64()).unwrap_or(0);
-    // the workload ran on the target from the end of its restore: the blackout ends there
-    let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(settle_ms));
-    phases.push(MigrationPhase {
-        name: "transfer".into(),
-        millis: (t.elapsed().as_millis() as u64).saturating_sub(restore_ms + settle_ms),
-    });
-    phases.push(MigrationPhase { name: "restore".into(), millis: restore_ms });
-
-    // the lazy phase: the target runs while its memory arrives
-    let t = Instant::now();
     let counters = relay.counters.clone();
-    let ticker = {
+    let ticker = || {
         let bar = progress.clone();
         let counters = counters.clone();
         tokio::spawn(async move {
@@ -420,11 +423,62 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             }
         })
     };
+    let t = Instant::now();
+    // streamed: the pages move while the target answers (it pulls them first)
+    let pulling = streamed.then(ticker);
+    // a target that dies while pages move breaks the page link before any verdict:
+    // give up then instead of waiting for its agent to come back
+    let send = send_payload(&there.transfer_addr, &payload, &manifest, opts, progress);
+    tokio::pin!(send);
+    let sent = loop {
+        tokio::select! {
+            r = &mut send => break Some(r),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => if relay.broken() { break None },
+        }
+    };
+    if let Some(p) = pulling {
+        p.abort();
+    }
+    let outcome = match sent {
+        None => {
+            let why = format!("the page link to {} broke before it answered", there.node.name);
+            return Err(give_up(why, dump, relay).await);
+        }
+        Some(Ok(o)) if o.verdict.ok => o,
+        Some(Ok(o)) => {
+            let why = format!("target {} could not restore {name}: {}", there.node.name, o.verdict.message);
+            return Err(give_up(why, dump, relay).await);
+        }
+        Some(Err(e)) => {
+            let why = format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr);
+            return Err(give_up(why, dump, relay).await);
+        }
+    };
+    let detail = |key: &str| outcome.verdict.detail.get(key).and_then(|v| v.as_u64());
+    let (restore_ms, pull_ms) = (detail("restore_ms").unwrap_or(0), detail("pull_ms").unwrap_or(0));
+    let running_ms = detail("running_ms").or(detail("settle_ms")).unwrap_or(0);
+    // the workload ran on the target from the end of its restore: the blackout ends there
+    let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(running_ms));
+    phases.push(MigrationPhase {
+        name: "transfer".into(),
+        millis: (t.elapsed().as_millis() as u64).saturating_sub(restore_ms + running_ms),
+    });
+    if streamed {
+        phases.push(MigrationPhase { name: "pages".into(), millis: pull_ms });
+    }
+    phases.push(MigrationPhase { name: "restore".into(), millis: restore_ms - pull_ms.min(restore_ms) });
+
+    // the lazy phase: the target runs while its memory arrives (streamed: the source's
+    // CRIU, released, ends at once)
+    let t = Instant::now();
+    let paging = (!streamed).then(ticker);
     let finished = dump.finish().await;
     let relayed = relay.wait().await;
-    ticker.abort();
-    let degraded = t.elapsed() + Duration::from_millis(settle_ms);
-    phases.push(phase("lazy-pages", t.elapsed()));
+    if let Some(p) = paging {
+        p.abort();
+    }
+    let degraded = if streamed { Duration::ZERO } else { t.elapsed() + Duration::from_millis(running_ms) };
+    phases.push(phase(if streamed { "release" } else { "lazy-pages" }, t.elapsed()));
     if let Err(e) = finished {
         let why = format!(
             "the lazy phase failed ({}): {e}",
@@ -450,7 +504,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     clean_source(runtime, name, name, archives, &payload, progress, &mut phases).await?;
     Ok(MigrationReport {
         workload: name.into(),
-        mode: MigrationMode::Lazy,
+        mode: if streamed { MigrationMode::StopAndCopy } else { MigrationMode::Lazy },
         source: here.name.clone(),
         target: there.node.name.clone(),
         phases,
@@ -548,6 +602,14 @@ pub struct Restored {
     /// Lazy move: the daemon still fetching memory; the copy is complete only when it
     /// ends well.
     pub lazy: Option<crate::lazy::LazyPagesDaemon>,
+    /// Streamed move: the source has let go of its process (its CRIU ends it), so this
+    /// copy is the workload now, commit or not.
+    pub released: bool,
+    /// Streamed move: how long the pages took to arrive (part of `restore`).
+    pub pull: Duration,
+    /// How long the copy had run when the answer left (the settle wait, and for a
+    /// streamed move the source's release): not downtime.
+    pub running: Duration,
 }
 
 /// Target side: restore a received payload on this node and answer whether it runs.
@@ -604,8 +666,23 @@ pub async fn restore_received(
         image: manifest.image.clone(),
     };
     let request = RestoreRequest { archive, image };
+    let (mut pulled, mut pull) = (None, Duration::ZERO);
     let (st, mut lazy) = match manifest.lazy_page_relay {
         None => (runtime.restore(&request).await.map_err(|e| e.to_string())?, None),
+        Some(relay) if manifest.pull_pages => {
+            let pages = crate::lazy::pull::pull_all(&dir, relay).await.map_err(|e| format!("pull the pages: {e}"))?;
+            pull = started.elapsed();
+            match runtime.restore(&request).await {
+                Ok(st) => {
+                    pulled = Some(pages);
+                    (st, None)
+                }
+                Err(e) => {
+                    pages.abort();
+                    return Err(e.to_string().into());
+                }
+            }
+        }
         Some(relay) => {
             let mut daemon = crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot).await?;
             let restore = runtime.restore_lazy(&request);
@@ -644,8 +721,23 @@ pub async fn restore_received(
             }
         }
     };
-    match runtime.status(&st.name).await {
-        Ok(s) if s.state == WorkloadState::Running => Ok(Restored { status: s, restore, lazy }),
+    let status = runtime.status(&st.name).await;
+    if let Some(pages) = pulled {
+        if matches!(&status, Ok(s) if s.state == WorkloadState::Running) {
+            // the copy runs: the source may let go of its process
+            if let Err(e) = pages.release().await {
+                let message = format!("the source did not confirm the end of the page stream: {e}");
+                return Err(failed_with_copy(runtime, &st.name, message).await);
+            }
+            let status = status.expect("checked");
+            return Ok(Restored { status, restore, lazy, released: true, pull, running: started.elapsed() - restore });
+        }
+        pages.abort();
+    }
+    match status {
+        Ok(s) if s.state == WorkloadState::Running => {
+            Ok(Restored { status: s, restore, lazy, released: false, pull, running: settle })
+        }
         Ok(s) => {
             gone(&mut lazy).await;
             let message = format!("{} was restored but is {} after {} ms", s.name, s.state, settle.as_millis());
@@ -667,6 +759,8 @@ pub fn verdict_for(result: &Result<Restored, RestoreFailed>, settle: Duration) -
                 "status": r.status,
                 "restore_ms": r.restore.as_millis() as u64,
                 "settle_ms": settle.as_millis() as u64,
+                "pull_ms": r.pull.as_millis() as u64,
+                "running_ms": r.running.as_millis() as u64,
             }))
         }
         Err(e) => Verdict::failed(e.message.clone()),

@@ -30,7 +30,10 @@ const PAGE: u64 = 4096;
 /// The mode a user asks for (`away migrate --mode`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ContainerMode {
+    /// Stop-and-copy, streamed where the runtime allows it.
     StopCopy,
+    /// Stop-and-copy through a checkpoint on disk, then the transfer, then the restore.
+    Staged,
     Lazy,
     #[default]
     Auto,
@@ -40,6 +43,7 @@ impl fmt::Display for ContainerMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             ContainerMode::StopCopy => "stop-copy",
+            ContainerMode::Staged => "staged",
             ContainerMode::Lazy => "lazy",
             ContainerMode::Auto => "auto",
         })
@@ -51,9 +55,10 @@ impl FromStr for ContainerMode {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "stop-copy" | "stop-and-copy" => Ok(ContainerMode::StopCopy),
+            "staged" | "stop-copy-staged" => Ok(ContainerMode::Staged),
             "lazy" | "post-copy" => Ok(ContainerMode::Lazy),
             "auto" => Ok(ContainerMode::Auto),
-            _ => Err(format!("{s:?}: expected stop-copy, lazy or auto")),
+            _ => Err(format!("{s:?}: expected stop-copy, staged, lazy or auto")),
         }
     }
 }
@@ -66,10 +71,30 @@ pub struct ModeChoice {
     /// Lazy moves: the pages the workload wrote while it was watched (vaddr, pages),
     /// its working set, which the target fetches first.
     pub hot: Vec<(u64, u64)>,
+    /// Stop-and-copy: the pages stream from CRIU's page server into the target's
+    /// images during the dump ([`crate::lazy::pull`]) instead of being staged on disk.
+    pub streamed: bool,
 }
 
 /// Why a lazy move cannot happen between these two nodes (None: it can).
 fn lazy_blocker(kind: RuntimeKind, status: &WorkloadStatus, host: &HostReport, there: &TargetInfo) -> Option<String> {
+    if let Some(why) = page_server_blocker(kind, status, host, there) {
+        return Some(why);
+    }
+    if there.node.labels.get(LABEL_LAZY_PAGES).map(String::as_str) != Some("true") {
+        return Some(format!("CRIU lazy pages do not work on {} (see `away doctor` there)", there.node.name));
+    }
+    None
+}
+
+/// Why the source's memory cannot be served from CRIU's page server (a lazy dump) for
+/// a move to `there`: what lazy and streamed moves both need (None: it can).
+fn page_server_blocker(
+    kind: RuntimeKind,
+    status: &WorkloadStatus,
+    host: &HostReport,
+    there: &TargetInfo,
+) -> Option<String> {
     if kind != RuntimeKind::Containerd {
         return Some(format!("{kind} exposes no CRIU page server (lazy moves drive runc under containerd directly)"));
     }
@@ -79,9 +104,6 @@ fn lazy_blocker(kind: RuntimeKind, status: &WorkloadStatus, host: &HostReport, t
             if host.criu.uffd { "ok" } else { "missing" },
             host.criu.pipe_max_size
         ));
-    }
-    if there.node.labels.get(LABEL_LAZY_PAGES).map(String::as_str) != Some("true") {
-        return Some(format!("CRIU lazy pages do not work on {} (see `away doctor` there)", there.node.name));
     }
     let Some(pid) = status.pid else { return Some("the workload's process is unknown".into()) };
     let here = away_runtime::host::netns_id(pid);
@@ -136,10 +158,20 @@ pub async fn choose(
     there: &TargetInfo,
 ) -> Result<ModeChoice, MigrateError> {
     let blocker = lazy_blocker(runtime.kind(), status, host, there);
-    let stop_copy = |why: String| ModeChoice {
-        mode: MigrationMode::StopAndCopy,
-        reason: format!("stop-and-copy: {why}; {}", crate::precopy_note(host)),
-        hot: Vec::new(),
+    let stream_blocker = page_server_blocker(runtime.kind(), status, host, there);
+    let stop_copy = |why: String| {
+        let how = match &stream_blocker {
+            None => "streamed (the pages go from CRIU's page server into the target's images while the rest \
+                     travels)"
+                .to_string(),
+            Some(no) => format!("staged (checkpoint, transfer, restore in turn: {no})"),
+        };
+        ModeChoice {
+            mode: MigrationMode::StopAndCopy,
+            reason: format!("stop-and-copy: {why}; {how}; {}", crate::precopy_note(host)),
+            hot: Vec::new(),
+            streamed: stream_blocker.is_none(),
+        }
     };
     let watch = |pid: u32| async move {
         tokio::task::spawn_blocking(move || dirty_rate(pid, DIRTY_WINDOW))
@@ -149,12 +181,23 @@ pub async fn choose(
     };
     match requested {
         ContainerMode::StopCopy => Ok(stop_copy("asked for (--mode stop-copy)".into())),
+        ContainerMode::Staged => Ok(ModeChoice {
+            mode: MigrationMode::StopAndCopy,
+            reason: format!("stop-and-copy, staged: asked for (--mode staged); {}", crate::precopy_note(host)),
+            hot: Vec::new(),
+            streamed: false,
+        }),
         ContainerMode::Lazy => match blocker {
             Some(why) => Err(MigrateError::Invalid(format!("cannot move {} lazily: {why}", status.name))),
             None => {
                 // its working set goes first (a failed measurement only loses the order)
                 let hot = watch(status.pid.unwrap_or_default()).await.map(|d| d.hot).unwrap_or_default();
-                Ok(ModeChoice { mode: MigrationMode::Lazy, reason: "lazy: asked for (--mode lazy)".into(), hot })
+                Ok(ModeChoice {
+                    mode: MigrationMode::Lazy,
+                    reason: "lazy: asked for (--mode lazy)".into(),
+                    hot,
+                    streamed: false,
+                })
             }
         },
         ContainerMode::Auto => {
@@ -189,6 +232,7 @@ pub async fn choose(
                         MAX_STALL * 100.0
                     ),
                     hot: dirty.hot,
+                    streamed: false,
                 }
             })
         }
@@ -342,7 +386,7 @@ mod tests {
         for m in [ContainerMode::StopCopy, ContainerMode::Lazy, ContainerMode::Auto] {
             assert_eq!(m.to_string().parse::<ContainerMode>().unwrap(), m);
         }
-        assert!("fast".parse::<ContainerMode>().unwrap_err().contains("stop-copy, lazy or auto"));
+        assert!("fast".parse::<ContainerMode>().unwrap_err().contains("stop-copy, staged, lazy or auto"));
     }
 
     #[test]

@@ -99,7 +99,7 @@ pub struct MigrationOrder {
     pub target_node: String,
     /// The target agent's API address.
     pub target_api: String,
-    /// Containers: `stop-copy`, `lazy` or `auto` (none: `auto`).
+    /// Containers: `stop-copy`, `staged`, `lazy` or `auto` (none: `auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
 }

@@ -41,8 +41,8 @@ pub struct CompareArgs {
     /// Loads, comma separated: idle, cpu25, cpu50, cpu80, cpu100, ram25, ram50, ram80, ram100
     #[arg(long, value_delimiter = ',')]
     loads: Vec<Load>,
-    /// Paths, comma separated: vm-precopy, vm-autoconverge, vm-postcopy, container-containerd, container-docker,
-    /// container-lazy
+    /// Paths, comma separated: vm-precopy, vm-autoconverge, vm-postcopy, container-containerd (streamed
+    /// stop-and-copy), container-staged, container-docker, container-lazy
     #[arg(long, value_delimiter = ',')]
     paths: Vec<MigrationPath>,
     /// Repetitions per point

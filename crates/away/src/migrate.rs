@@ -124,10 +124,14 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
 
 /// Move a running workload to another node, keeping its state.
 ///
-/// Containers move by CRIU checkpoint/restore, in one of two modes (`--mode`):
-///   stop-copy  the source stops, its whole checkpoint travels compressed and
-///              checksummed to the target agent, which restores it: the pause grows
-///              with the workload's memory and the link.
+/// Containers move by CRIU checkpoint/restore, in one of these modes (`--mode`):
+///   stop-copy  the source stops, its whole state travels compressed and checksummed
+///              to the target agent, which restores it: the pause grows with the
+///              workload's memory and the link. On containerd it is streamed: the
+///              pages go from CRIU's page server straight into the target's images
+///              while CRIU dumps the rest, nothing is staged on disk.
+///   staged     stop-copy through a checkpoint on disk: dump, transfer, restore in
+///              turn (Docker always moves this way).
 ///   lazy       (containerd) everything but memory travels, the target restores at
 ///              once and its memory follows, compressed and prefetched, the pages the
 ///              workload writes first; the frozen source serves them until the last
@@ -153,7 +157,8 @@ pub struct MigrateArgs {
     /// Bearer token of the target agent's API (its cluster's, or its --token)
     #[arg(long, env = "AWAY_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Containers: stop-copy, lazy (containerd; restore at once, pages follow) or auto
+    /// Containers: stop-copy (streamed on containerd), staged, lazy (containerd;
+    /// restore at once, pages follow) or auto
     #[arg(long, default_value_t = ContainerMode::Auto, value_parser = parse_mode)]
     mode: ContainerMode,
     /// Compression of the checkpoint stream: zstd[:LEVEL], gzip[:LEVEL] or none

@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod pagemap;
 pub mod prefetch;
+pub mod pull;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -79,6 +81,7 @@ pub struct SourceRelay {
     pub counters: Arc<RelayCounters>,
     abort: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), String>>,
+    broken: Arc<AtomicBool>,
 }
 
 impl SourceRelay {
@@ -94,8 +97,19 @@ impl SourceRelay {
         let counters = Arc::new(RelayCounters::default());
         let (abort_tx, abort_rx) = oneshot::channel();
         let c = counters.clone();
-        let task = tokio::spawn(async move { source_side(listener, connect_criu, c, abort_rx, fault).await });
-        Ok(SourceRelay { port, counters, abort: Some(abort_tx), task })
+        let broken = Arc::new(AtomicBool::new(false));
+        let b = broken.clone();
+        let task = tokio::spawn(async move {
+            let r = source_side(listener, connect_criu, c, abort_rx, fault).await;
+            b.store(r.is_err(), Ordering::SeqCst);
+            r
+        });
+        Ok(SourceRelay { port, counters, abort: Some(abort_tx), task, broken })
+    }
+
+    /// The relay has ended in failure (the target or the link went; CRIU was told).
+    pub fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
     }
 
     /// Make CRIU fail the lazy dump (the source resumes), whatever state the relay is in.
@@ -267,12 +281,10 @@ impl TargetRelay {
             // daemon <-> prefetcher <-> (in-process pipe) <-> compression <-> network
             let (inner, outer) = tokio::io::duplex(4 << 20);
             let (inner_r, inner_w) = tokio::io::split(inner);
-            let (mut outer_r, mut outer_w) = tokio::io::split(outer);
             let pages: u64 = ranges.iter().map(|r| r.1).sum();
-            let (stats, _, _) = tokio::try_join!(
+            let (stats, _) = tokio::try_join!(
                 prefetch::relay(d_r, d_w, inner_r, inner_w, ranges),
-                plain_to_framed(&mut outer_r, &mut n_w, &c, None),
-                framed_to_plain(&mut n_r, &mut outer_w, &c, None, true, None)
+                framed_link(outer, &mut n_r, &mut n_w, &c)
             )?;
             tracing::info!(lazy_pages = pages, ?stats, "lazy pages: prefetch done");
             Ok(())
@@ -283,6 +295,22 @@ impl TargetRelay {
     pub fn abort(&self) {
         self.task.abort();
     }
+}
+
+/// The compressing end of a relay link: plain CRIU protocol on `plain` (the other
+/// end of an in-process pipe), frames on the network halves.
+async fn framed_link(
+    plain: tokio::io::DuplexStream,
+    net_r: &mut OwnedReadHalf,
+    net_w: &mut OwnedWriteHalf,
+    counters: &RelayCounters,
+) -> Result<(), String> {
+    let (mut r, mut w) = tokio::io::split(plain);
+    tokio::try_join!(
+        plain_to_framed(&mut r, net_w, counters, None),
+        framed_to_plain(net_r, &mut w, counters, None, true, None)
+    )
+    .map(|_| ())
 }
 
 async fn plain_to_framed(

@@ -20,25 +20,17 @@ use tokio::sync::Mutex;
 
 use super::{PS_CMD_MASK, PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE, PS_IOV_SIZE};
 
-const PS_IOV_GET: u32 = 7;
-const PAGE: u64 = 4096;
+pub(super) const PS_IOV_GET: u32 = 7;
+pub(super) const PAGE: u64 = 4096;
 /// Pages per prefetch request, and requests in flight.
 const CHUNK_PAGES: u64 = 64;
 const WINDOW: usize = 4;
-/// pagemap image flag: the page is served lazily (criu/include/pagemap.h).
-const PE_LAZY: u64 = 1 << 1;
-
 /// The lazy page ranges (vaddr, pages) of a checkpoint, from its one pagemap image;
 /// None when there is not exactly one process or the image cannot be read (then the
 /// relay passes requests through unchanged).
 pub fn lazy_ranges(checkpoint: &Path) -> Option<Vec<(u64, u64)>> {
-    let mut images = std::fs::read_dir(checkpoint)
-        .ok()?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with("pagemap-") && n.ends_with(".img") && !n.contains("shmem"));
-    let (Some(one), None) = (images.next(), images.next()) else { return None };
-    parse_pagemap(&std::fs::read(checkpoint.join(one)).ok()?)
+    let (image, _) = super::pagemap::single_image(checkpoint)?;
+    Some(super::pagemap::Pagemap::parse(&std::fs::read(image).ok()?)?.lazy_ranges())
 }
 
 /// The lazy ranges in fetch order: the parts inside `hot` (the pages the workload wrote
@@ -64,58 +56,12 @@ pub fn hot_first(lazy: Vec<(u64, u64)>, hot: &[(u64, u64)]) -> Vec<(u64, u64)> {
     first
 }
 
-/// CRIU image: two u32 magics, then entries of (u32 length, protobuf message); the first
-/// is the pagemap head, the others `pagemap_entry` (vaddr = 1, nr_pages = 2, flags = 4,
-/// and CRIU 4's 64-bit page count = 5). Decoded by hand: four varint fields.
-fn parse_pagemap(img: &[u8]) -> Option<Vec<(u64, u64)>> {
-    let mut at = 8;
-    let mut out = Vec::new();
-    let mut first = true;
-    while at + 4 <= img.len() {
-        let len = u32::from_le_bytes(img[at..at + 4].try_into().ok()?) as usize;
-        at += 4;
-        let msg = img.get(at..at + len)?;
-        at += len;
-        if std::mem::take(&mut first) {
-            continue;
-        }
-        let (mut vaddr, mut pages, mut flags) = (None, 0u64, 0u64);
-        let mut i = 0;
-        while i < msg.len() {
-            let (key, n) = varint(&msg[i..])?;
-            i += n;
-            if key & 7 != 0 {
-                return None; // only varints in this message
-            }
-            let (v, n) = varint(&msg[i..])?;
-            i += n;
-            match key >> 3 {
-                1 => vaddr = Some(v),
-                2 | 5 if v > 0 => pages = v,
-                4 => flags = v,
-                _ => {}
-            }
-        }
-        if flags & PE_LAZY != 0 && pages > 0 {
-            out.push((vaddr?, pages));
-        }
-    }
-    Some(out)
-}
-
-fn varint(b: &[u8]) -> Option<(u64, usize)> {
-    let mut v = 0u64;
-    for (i, byte) in b.iter().enumerate().take(10) {
-        v |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((v, i + 1));
-        }
-    }
-    None
-}
-
 /// Fill `buf` from `r`, its first byte already read (`first`) or not.
-async fn read_rest<R: AsyncRead + Unpin>(r: &mut R, first: Option<u8>, buf: &mut [u8]) -> Result<(), String> {
+pub(super) async fn read_rest<R: AsyncRead + Unpin>(
+    r: &mut R,
+    first: Option<u8>,
+    buf: &mut [u8],
+) -> Result<(), String> {
     let start = match first {
         Some(b) => {
             buf[0] = b;
@@ -126,7 +72,7 @@ async fn read_rest<R: AsyncRead + Unpin>(r: &mut R, first: Option<u8>, buf: &mut
     r.read_exact(&mut buf[start..]).await.map(|_| ()).map_err(|e| format!("receive: {e}"))
 }
 
-fn request(cmd: u32, pages: u64, vaddr: u64, dst: u64) -> [u8; PS_IOV_SIZE] {
+pub(super) fn request(cmd: u32, pages: u64, vaddr: u64, dst: u64) -> [u8; PS_IOV_SIZE] {
     let mut r = [0u8; PS_IOV_SIZE];
     r[..4].copy_from_slice(&cmd.to_le_bytes());
     r[8..16].copy_from_slice(&pages.to_le_bytes());
@@ -135,7 +81,7 @@ fn request(cmd: u32, pages: u64, vaddr: u64, dst: u64) -> [u8; PS_IOV_SIZE] {
     r
 }
 
-fn fields(r: &[u8]) -> (u32, u64, u64, u64) {
+pub(super) fn fields(r: &[u8]) -> (u32, u64, u64, u64) {
     let u = |a: usize| u64::from_le_bytes(r[a..a + 8].try_into().expect("8 bytes"));
     (u32::from_le_bytes(r[..4].try_into().expect("4 bytes")), u(8), u(16), u(24))
 }
@@ -422,18 +368,19 @@ mod tests {
 
     #[test]
     fn pagemap_images_decode() {
-        // magics, head {pages_id: 1}, entry {vaddr 0x1000, nr_pages 0, flags LAZY|PRESENT, pages 3},
+        // magics, head {pages_id: 1}, entry {vaddr 0x1000, nr_pages 0, flags LAZY, pages 3},
         // entry {vaddr 0x9000, flags PRESENT, pages 1} (not lazy)
         let mut img = vec![0x19, 0x43, 0x56, 0x54, 0x25, 0x40, 0x08, 0x56];
         for msg in [
             vec![0x08, 0x01],
-            vec![0x08, 0x80, 0x20, 0x10, 0x00, 0x20, 0x06, 0x28, 0x03],
+            vec![0x08, 0x80, 0x20, 0x10, 0x00, 0x20, 0x02, 0x28, 0x03],
             vec![0x08, 0x80, 0x90, 0x02, 0x20, 0x04, 0x28, 0x01],
         ] {
             img.extend((msg.len() as u32).to_le_bytes());
             img.extend(msg);
         }
-        assert_eq!(parse_pagemap(&img), Some(vec![(0x1000, 3)]));
+        let map = super::super::pagemap::Pagemap::parse(&img).unwrap();
+        assert_eq!(map.lazy_ranges(), vec![(0x1000, 3)]);
     }
 
     #[test]

@@ -267,10 +267,12 @@ async fn stream_chunks(
     plan: &Plan,
     c: &mut Counters,
 ) -> Result<Verdict, ConnError> {
-    let result = write_chunks(&mut wr, &mut reader, &rewind, have, plan, c).await;
+    // (a finished JoinHandle must not be polled again: write_chunks may have taken its result)
+    let mut reader_done = false;
+    let result = write_chunks(&mut wr, &mut reader, &mut reader_done, &rewind, have, plan, c).await;
     let result = match result {
         // A write error often means the receiver gave up and closed; prefer its reason if it sent one.
-        Err(ConnError::Link(reason)) => match tokio::time::timeout(Duration::from_secs(2), &mut reader).await {
+        Err(ConnError::Link(reason)) if !reader_done => match tokio::time::timeout(Duration::from_secs(2), &mut reader).await {
             Ok(Ok(Err(ConnError::Fatal(e)))) => Err(ConnError::Fatal(e)),
             Ok(Ok(Ok(verdict))) => Ok(verdict),
             _ => Err(ConnError::Link(reason)),
@@ -357,6 +359,7 @@ async fn join<T>(handle: &mut JoinHandle<Result<T, ConnError>>) -> Result<T, Con
 async fn write_chunks(
     wr: &mut OwnedWriteHalf,
     reader: &mut JoinHandle<Result<Verdict, ConnError>>,
+    reader_done: &mut bool,
     rewind: &Mutex<Option<(u64, String)>>,
     have: u64,
     plan: &Plan,
@@ -369,6 +372,7 @@ async fn write_chunks(
     let mut pending: Option<(u64, JoinHandle<io::Result<Vec<u8>>>)> = None;
     loop {
         if reader.is_finished() {
+            *reader_done = true;
             return join(reader).await;
         }
         let rewind_to = rewind.lock().expect("rewind lock").take();
@@ -400,6 +404,7 @@ async fn write_chunks(
             // The verdict can take as long as the restore; meanwhile watch for rewinds.
             tokio::select! {
                 res = &mut *reader => {
+                    *reader_done = true;
                     return res.unwrap_or_else(|e| Err(ConnError::Link(format!("reader task ended: {e}"))));
                 }
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}

@@ -1,0 +1,202 @@
+//! CRIU's pagemap image, read and rewritten: which pages a checkpoint has, where their
+//! contents are (the pages image, in entry order) and which ones a lazy dump left on
+//! the source.
+//!
+//! Format (criu/images/pagemap.proto): two u32 magics, then entries of (u32 length,
+//! protobuf message); the first is the head (`pages_id` = 1: the pages image's
+//! number), the others `pagemap_entry` (vaddr = 1, nr_pages = 2, in_parent = 3,
+//! flags = 4; CRIU 4 may add a 64-bit page count as 5). Every field is a varint, so
+//! a few lines decode and encode them; no crate reads CRIU images.
+
+use std::path::{Path, PathBuf};
+
+/// Entry flags (criu/include/pagemap.h).
+pub const PE_PARENT: u64 = 1 << 0;
+pub const PE_LAZY: u64 = 1 << 1;
+pub const PE_PRESENT: u64 = 1 << 2;
+
+const FIELD_VADDR: u64 = 1;
+const FIELD_PAGES: u64 = 2;
+const FIELD_PAGES64: u64 = 5;
+const FIELD_FLAGS: u64 = 4;
+const FIELD_PAGES_ID: u64 = 1;
+
+/// One `pagemap_entry`, its fields kept in order (so that rewriting one keeps the rest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    fields: Vec<(u64, u64)>,
+}
+
+impl Entry {
+    pub fn new(vaddr: u64, pages: u64, flags: u64) -> Entry {
+        Entry { fields: vec![(FIELD_VADDR, vaddr), (FIELD_PAGES, pages), (FIELD_FLAGS, flags)] }
+    }
+
+    fn get(&self, field: u64) -> Option<u64> {
+        self.fields.iter().find(|(k, _)| *k == field).map(|(_, v)| *v)
+    }
+
+    pub fn vaddr(&self) -> u64 {
+        self.get(FIELD_VADDR).unwrap_or(0)
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.get(FIELD_PAGES64).filter(|n| *n > 0).or(self.get(FIELD_PAGES)).unwrap_or(0)
+    }
+
+    pub fn flags(&self) -> u64 {
+        self.get(FIELD_FLAGS).unwrap_or(0)
+    }
+
+    /// Pages left on the source by a lazy dump (not in the pages image).
+    pub fn is_lazy_only(&self) -> bool {
+        self.flags() & PE_LAZY != 0 && self.flags() & PE_PRESENT == 0
+    }
+
+    pub fn set_flags(&mut self, flags: u64) {
+        match self.fields.iter_mut().find(|(k, _)| *k == FIELD_FLAGS) {
+            Some(f) => f.1 = flags,
+            None => self.fields.push((FIELD_FLAGS, flags)),
+        }
+    }
+}
+
+/// A decoded pagemap image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pagemap {
+    magic: [u8; 8],
+    head: Vec<(u64, u64)>,
+    pub entries: Vec<Entry>,
+}
+
+impl Pagemap {
+    pub fn parse(img: &[u8]) -> Option<Pagemap> {
+        let magic: [u8; 8] = img.get(..8)?.try_into().ok()?;
+        let mut at = 8;
+        let mut messages = Vec::new();
+        while at + 4 <= img.len() {
+            let len = u32::from_le_bytes(img[at..at + 4].try_into().ok()?) as usize;
+            at += 4;
+            messages.push(fields(img.get(at..at + len)?)?);
+            at += len;
+        }
+        let mut messages = messages.into_iter();
+        let head = messages.next()?;
+        Some(Pagemap { magic, head, entries: messages.map(|fields| Entry { fields }).collect() })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.magic.to_vec();
+        for msg in std::iter::once(&self.head).chain(self.entries.iter().map(|e| &e.fields)) {
+            let mut body = Vec::new();
+            for &(k, v) in msg {
+                put_varint(&mut body, k << 3);
+                put_varint(&mut body, v);
+            }
+            out.extend((body.len() as u32).to_le_bytes());
+            out.extend(body);
+        }
+        out
+    }
+
+    /// The number in the pages image's name (`pages-<id>.img`).
+    pub fn pages_id(&self) -> u64 {
+        self.head.iter().find(|(k, _)| *k == FIELD_PAGES_ID).map(|(_, v)| *v).unwrap_or(0)
+    }
+
+    /// The ranges (vaddr, pages) a lazy dump left on the source, in image order.
+    pub fn lazy_ranges(&self) -> Vec<(u64, u64)> {
+        self.entries.iter().filter(|e| e.is_lazy_only() && e.pages() > 0).map(|e| (e.vaddr(), e.pages())).collect()
+    }
+}
+
+/// The one process's pagemap image of a checkpoint and the process's id in it (None
+/// when there is not exactly one).
+pub fn single_image(checkpoint: &Path) -> Option<(PathBuf, u64)> {
+    let mut images = std::fs::read_dir(checkpoint)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("pagemap-") && n.ends_with(".img") && !n.contains("shmem"));
+    let (Some(one), None) = (images.next(), images.next()) else { return None };
+    let pid = one.strip_prefix("pagemap-")?.strip_suffix(".img")?.parse().ok()?;
+    Some((checkpoint.join(one), pid))
+}
+
+/// A lazy dump that left every page in the images (more than 1 MiB of them) and none
+/// on the source.
+pub fn nothing_left_lazy(checkpoint: &Path) -> bool {
+    let Some((image, _)) = single_image(checkpoint) else { return false };
+    let Some(map) = std::fs::read(image).ok().and_then(|b| Pagemap::parse(&b)) else { return false };
+    let written = std::fs::metadata(checkpoint.join(format!("pages-{}.img", map.pages_id()))).map(|m| m.len());
+    map.lazy_ranges().is_empty() && written.unwrap_or(0) > 1 << 20
+}
+
+/// A message's (field, value) pairs; None if any field is not a varint.
+fn fields(msg: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < msg.len() {
+        let (key, n) = varint(&msg[i..])?;
+        i += n;
+        if key & 7 != 0 {
+            return None;
+        }
+        let (v, n) = varint(&msg[i..])?;
+        i += n;
+        out.push((key >> 3, v));
+    }
+    Some(out)
+}
+
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_encode_round_trip() {
+        let map = Pagemap {
+            magic: *b"\x01\x02\x03\x04\x05\x06\x07\x08",
+            head: vec![(FIELD_PAGES_ID, 3)],
+            entries: vec![
+                Entry::new(0x5555_0000_0000, 2, PE_PRESENT),
+                Entry::new(0x7f00_0000_0000, 300, PE_LAZY),
+                Entry { fields: vec![(FIELD_VADDR, 0x7fff_0000_0000), (FIELD_PAGES, 1), (3, 0), (FIELD_FLAGS, 6)] },
+            ],
+        };
+        let parsed = Pagemap::parse(&map.encode()).unwrap();
+        assert_eq!(parsed, map);
+        assert_eq!(parsed.pages_id(), 3);
+        assert_eq!(parsed.lazy_ranges(), vec![(0x7f00_0000_0000, 300)]);
+        let mut e = parsed.entries[1].clone();
+        e.set_flags(PE_LAZY | PE_PRESENT);
+        assert!(!e.is_lazy_only());
+        assert_eq!((e.vaddr(), e.pages()), (0x7f00_0000_0000, 300));
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(Pagemap::parse(b"short").is_none());
+        // a length that runs past the end
+        assert!(Pagemap::parse(&[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 8]).is_none());
+    }
+}

@@ -1,0 +1,317 @@
+//! Streamed stop-and-copy: the source dumps lazily (CRIU keeps the memory in its page
+//! server, nothing is written to the source's disk), and the target pulls every page
+//! through the compressing relay straight into the checkpoint's images while the
+//! small rest of the payload travels; then it restores as from an ordinary dump. The
+//! dump, compression and transfer overlap instead of following each other, and the
+//! pages land where the restore reads them, with no staging copy on either side.
+//!
+//! The source stays frozen (CRIU waits in its page server) until the target, its copy
+//! running, sends the closing request ([`PulledPages::release`]); any failure before
+//! that ends the link without it, and the source relay makes CRIU resume the source.
+//!
+//! Pages answer CRIU GET requests (see [`super::prefetch`] for the protocol) for
+//! each lazy range, 1 MiB at a time with 8 requests in flight, and are written at
+//! their place in the new pages image; the pagemap's lazy entries become present.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::net::TcpStream;
+
+use super::pagemap::{Pagemap, PE_PRESENT};
+use super::prefetch::{fields, request, PAGE, PS_IOV_GET};
+use super::{framed_link, RelayCounters, PS_IOV_CLOSE};
+
+/// Pages per request, and requests in flight: 8 MiB raw ahead covers a WAN's
+/// bandwidth-delay product several times over.
+const PULL_PAGES: u64 = 256;
+const PULL_WINDOW: usize = 8;
+
+/// Every page of a checkpoint is in its images; the source waits for [`release`].
+///
+/// [`release`]: PulledPages::release
+pub struct PulledPages {
+    link: DuplexStream,
+    relay: tokio::task::JoinHandle<Result<(), String>>,
+    pub counters: Arc<RelayCounters>,
+    pub pages: u64,
+}
+
+impl PulledPages {
+    /// The copy runs: tell the source's CRIU every page moved (it then ends the source
+    /// process) and wait for its answer.
+    pub async fn release(mut self) -> Result<(), String> {
+        let close = request(PS_IOV_CLOSE, 0, 0, 0);
+        self.link.write_all(&close).await.map_err(|e| format!("send the closing request: {e}"))?;
+        let mut status = [0u8; 4];
+        let answer = tokio::time::timeout(Duration::from_secs(30), self.link.read_exact(&mut status)).await;
+        match answer {
+            Ok(Ok(_)) if status == [0; 4] => {}
+            Ok(Ok(_)) => return Err(format!("the source's page server answered the end with {status:?}")),
+            Ok(Err(e)) => return Err(format!("no answer to the closing request: {e}")),
+            Err(_) => return Err("no answer to the closing request within 30 s".into()),
+        }
+        // CRIU wants the peer's end after its answer
+        let _ = self.link.shutdown().await;
+        match tokio::time::timeout(Duration::from_secs(30), &mut self.relay).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(format!("page relay: {e}")),
+            Err(_) => Err("the page relay did not end within 30 s".into()),
+        }
+    }
+
+    /// Give up: the link ends without the closing request and the source resumes.
+    pub fn abort(self) {
+        self.relay.abort();
+    }
+}
+
+/// Where each page goes: an entry's pages are at `offset` in the new pages image.
+struct Slot {
+    vaddr: u64,
+    pages: u64,
+    offset: u64,
+}
+
+/// Pull every lazy page of the checkpoint in `dir` from the source relay `upstream`
+/// and rewrite its images as those of a complete dump.
+pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, String> {
+    let (image, pid) = super::pagemap::single_image(dir)
+        .ok_or_else(|| format!("no single pagemap image in {} (one process per container)", dir.display()))?;
+    let mut map = Pagemap::parse(&std::fs::read(&image).map_err(|e| format!("read {}: {e}", image.display()))?)
+        .ok_or_else(|| format!("{} is not a pagemap image", image.display()))?;
+    let old_pages = dir.join(format!("pages-{}.img", map.pages_id()));
+    let new_pages = dir.join(format!("pages-{}.img.pulling", map.pages_id()));
+
+    // the new pages image: every present page in entry order, the old ones copied now
+    let mut slots = Vec::new();
+    let (mut old_at, mut new_at) = (0u64, 0u64);
+    let out = std::fs::File::create(&new_pages).map_err(|e| format!("create {}: {e}", new_pages.display()))?;
+    let old = std::fs::File::open(&old_pages).ok();
+    for e in &map.entries {
+        let len = e.pages() * PAGE;
+        if e.is_lazy_only() {
+            slots.push(Slot { vaddr: e.vaddr(), pages: e.pages(), offset: new_at });
+        } else if e.flags() & PE_PRESENT != 0 {
+            let old = old.as_ref().ok_or_else(|| format!("{} is missing", old_pages.display()))?;
+            copy_range(old, old_at, &out, new_at, len).map_err(|e| format!("copy {}: {e}", old_pages.display()))?;
+            old_at += len;
+        } else {
+            continue;
+        }
+        new_at += len;
+    }
+    out.set_len(new_at).map_err(|e| format!("size {}: {e}", new_pages.display()))?;
+
+    let net = TcpStream::connect(upstream)
+        .await
+        .map_err(|e| format!("connect to the source's page relay {upstream}: {e}"))?;
+    let _ = net.set_nodelay(true);
+    let counters = Arc::new(RelayCounters::default());
+    let (link, outer) = tokio::io::duplex(4 << 20);
+    let relay = {
+        let c = counters.clone();
+        tokio::spawn(async move {
+            let (mut n_r, mut n_w) = net.into_split();
+            framed_link(outer, &mut n_r, &mut n_w, &c).await
+        })
+    };
+    let mut pulled = PulledPages { link, relay, counters, pages: slots.iter().map(|s| s.pages).sum() };
+    let fault = TargetFault::from_env();
+    // a GET names the process by its pid in the checkpoint, as CRIU's lazy-pages
+    // daemon does (criu/uffd.c), not by the encoded id of image writes
+    let fetched = fetch(&mut pulled.link, &slots, pid, &out, fault).await;
+    if let Err(e) = fetched {
+        // the relay's own error says more than the pipe's end (a corrupt frame, a cut)
+        let why = if pulled.relay.is_finished() {
+            match (&mut pulled.relay).await {
+                Ok(Err(relay)) => format!("{e} ({relay})"),
+                _ => e,
+            }
+        } else {
+            e
+        };
+        pulled.abort();
+        let _ = std::fs::remove_file(&new_pages);
+        return Err(why);
+    }
+    drop(out);
+    for e in map.entries.iter_mut().filter(|e| e.is_lazy_only()) {
+        e.set_flags(e.flags() | PE_PRESENT);
+    }
+    let rewrite = || -> std::io::Result<()> {
+        std::fs::rename(&new_pages, &old_pages)?;
+        let tmp: PathBuf = image.with_extension("img.pulling");
+        std::fs::write(&tmp, map.encode())?;
+        std::fs::rename(&tmp, &image)
+    };
+    if let Err(e) = rewrite() {
+        pulled.abort();
+        return Err(format!("rewrite the images in {}: {e}", dir.display()));
+    }
+    Ok(pulled)
+}
+
+fn copy_range(from: &std::fs::File, at: u64, to: &std::fs::File, to_at: u64, len: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        from.read_exact_at(&mut buf[..n], at + done)?;
+        to.write_all_at(&buf[..n], to_at + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Ask for every slot's pages, `PULL_WINDOW` requests ahead, and write each answer at
+/// its place. CRIU answers in request order, possibly fewer pages than asked (a page
+/// pipe's end): the rest is asked again.
+async fn fetch(
+    link: &mut DuplexStream,
+    slots: &[Slot],
+    dst: u64,
+    out: &std::fs::File,
+    fault: Option<TargetFault>,
+) -> Result<(), String> {
+    let mut plan: std::collections::VecDeque<(u64, u64, u64)> = slots
+        .iter()
+        .flat_map(|s| {
+            (0..s.pages.div_ceil(PULL_PAGES)).map(move |i| {
+                let first = i * PULL_PAGES;
+                (s.vaddr + first * PAGE, (s.pages - first).min(PULL_PAGES), s.offset + first * PAGE)
+            })
+        })
+        .collect();
+    let mut asked: std::collections::VecDeque<(u64, u64, u64)> = Default::default();
+    let mut data = Vec::new();
+    let mut received = 0u64;
+    loop {
+        while asked.len() < PULL_WINDOW {
+            let Some(r) = plan.pop_front() else { break };
+            link.write_all(&request(PS_IOV_GET, r.1, r.0, dst)).await.map_err(|e| format!("ask for pages: {e}"))?;
+            asked.push_back(r);
+        }
+        let Some((vaddr, pages, offset)) = asked.pop_front() else { return Ok(()) };
+        let mut head = [0u8; super::PS_IOV_SIZE];
+        link.read_exact(&mut head).await.map_err(|e| format!("the page stream ended: {e}"))?;
+        let (_, got, at, _) = fields(&head);
+        if at != vaddr || got == 0 || got > pages {
+            return Err(format!(
+                "the source answered {got} pages at {at:#x} for {pages} at {vaddr:#x} (its page server lost track)"
+            ));
+        }
+        data.resize((got * PAGE) as usize, 0);
+        link.read_exact(&mut data).await.map_err(|e| format!("the page stream ended: {e}"))?;
+        out.write_all_at(&data, offset).map_err(|e| format!("write pages: {e}"))?;
+        if got < pages {
+            // the rest of this range goes next, ahead of the planned ones
+            plan.push_front((vaddr + got * PAGE, pages - got, offset + got * PAGE));
+        }
+        received += got * PAGE;
+        if let Some(TargetFault::DieAfter(limit)) = fault {
+            if received >= limit {
+                tracing::error!(received, "AWAY_FAULT_STREAM_TARGET: the target dies mid-pull");
+                std::process::abort();
+            }
+        }
+    }
+}
+
+/// Fault injection for the end-to-end tests: `AWAY_FAULT_STREAM_TARGET=die-after:BYTES`
+/// kills the receiving agent outright once that many page bytes have arrived.
+#[derive(Debug, Clone, Copy)]
+enum TargetFault {
+    DieAfter(u64),
+}
+
+impl TargetFault {
+    fn from_env() -> Option<TargetFault> {
+        let v = std::env::var("AWAY_FAULT_STREAM_TARGET").ok()?;
+        v.strip_prefix("die-after:")?.parse().ok().map(TargetFault::DieAfter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pagemap::{Entry, PE_LAZY};
+    use super::super::{SourceRelay, PS_IOV_SIZE};
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A page's content: its address, repeated.
+    fn page(vaddr: u64) -> Vec<u8> {
+        vaddr.to_le_bytes().repeat(PAGE as usize / 8)
+    }
+
+    /// CRIU's page server for process 1: answers GETs with at most 100 pages (as at a
+    /// page pipe's end), the close with status 0. Returns whether the close came.
+    async fn fake_criu(listener: TcpListener) -> bool {
+        let (mut s, _) = listener.accept().await.unwrap();
+        loop {
+            let mut req = [0u8; PS_IOV_SIZE];
+            if s.read_exact(&mut req).await.is_err() {
+                return false;
+            }
+            let (cmd, pages, vaddr, dst) = fields(&req);
+            if cmd == PS_IOV_CLOSE {
+                s.write_all(&[0; 4]).await.unwrap();
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+                return rest.is_empty();
+            }
+            assert_eq!((cmd, dst), (PS_IOV_GET, 1));
+            let n = pages.min(100);
+            let mut answer = request(0x100 | PS_IOV_GET, n, vaddr, dst).to_vec();
+            for i in 0..n {
+                answer.extend(page(vaddr + i * PAGE));
+            }
+            s.write_all(&answer).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn every_lazy_page_lands_in_the_images_in_order() {
+        let dir = std::env::temp_dir().join(format!("away-pull-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // head {pages_id 1}; 2 present pages, 700 lazy ones, 1 present page
+        let (a, b, c) = (0x5555_0000_0000u64, 0x7f00_0000_0000u64, 0x7fff_0000_0000u64);
+        // magics, then the head {pages_id: 1}
+        let img = [vec![0u8; 8], 2u32.to_le_bytes().to_vec(), vec![0x08, 0x01]].concat();
+        let mut map = Pagemap::parse(&img).unwrap();
+        map.entries = vec![Entry::new(a, 2, PE_PRESENT), Entry::new(b, 700, PE_LAZY), Entry::new(c, 1, PE_PRESENT)];
+        std::fs::write(dir.join("pagemap-1.img"), map.encode()).unwrap();
+        let old: Vec<u8> = [page(a), page(a + PAGE), page(c)].concat();
+        std::fs::write(dir.join("pages-1.img"), &old).unwrap();
+
+        let criu = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let criu_addr = criu.local_addr().unwrap();
+        let server = tokio::spawn(fake_criu(criu));
+        let connect = move || std::net::TcpStream::connect(criu_addr);
+        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, None).await.unwrap();
+        let pulled = pull_all(&dir, SocketAddr::from(([127, 0, 0, 1], source.port))).await.unwrap();
+        assert_eq!(pulled.pages, 700);
+        assert!(pulled.counters.wire() < pulled.counters.plain(), "the pages travel compressed");
+        pulled.release().await.unwrap();
+        assert!(server.await.unwrap(), "the source's CRIU saw the close, then the end");
+        source.wait().await.expect("a clean end at the source");
+
+        let pages = std::fs::read(dir.join("pages-1.img")).unwrap();
+        let want: Vec<u8> = std::iter::once(page(a))
+            .chain([page(a + PAGE)])
+            .chain((0..700).map(|i| page(b + i * PAGE)))
+            .chain([page(c)])
+            .collect::<Vec<_>>()
+            .concat();
+        assert!(pages == want, "every page at its place in entry order");
+        let map = Pagemap::parse(&std::fs::read(dir.join("pagemap-1.img")).unwrap()).unwrap();
+        assert!(map.entries.iter().all(|e| e.flags() & PE_PRESENT != 0), "no entry is left lazy");
+        assert!(map.lazy_ranges().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
