@@ -82,6 +82,12 @@ pub enum Step {
         moved: u64,
         total: u64,
     },
+    /// Streamed stop-and-copy: the memory streams into the target's images (bytes so
+    /// far, of about `total`); the workload is stopped.
+    Streaming {
+        moved: u64,
+        total: u64,
+    },
     Committing,
     Cleaning,
     RollingBack(String),
@@ -418,7 +424,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         let counters = counters.clone();
         tokio::spawn(async move {
             loop {
-                bar(Step::Paging { moved: counters.plain(), total: memory });
+                let (moved, total) = (counters.plain(), memory);
+                bar(if streamed { Step::Streaming { moved, total } } else { Step::Paging { moved, total } });
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })

@@ -251,6 +251,11 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             pb.set_length(total.max(moved));
             pb.set_position(moved);
         }
+        Step::Streaming { moved, total } => {
+            pb.set_message("stopped, memory streaming into the target's images");
+            pb.set_length(total.max(moved));
+            pb.set_position(moved);
+        }
         Step::Committing => pb.set_message("committing"),
         Step::Cleaning => pb.set_message("removing the source"),
         Step::RollingBack(why) => pb.set_message(format!("rolling back: {why}")),

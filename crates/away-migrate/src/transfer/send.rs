@@ -272,11 +272,13 @@ async fn stream_chunks(
     let result = write_chunks(&mut wr, &mut reader, &mut reader_done, &rewind, have, plan, c).await;
     let result = match result {
         // A write error often means the receiver gave up and closed; prefer its reason if it sent one.
-        Err(ConnError::Link(reason)) if !reader_done => match tokio::time::timeout(Duration::from_secs(2), &mut reader).await {
-            Ok(Ok(Err(ConnError::Fatal(e)))) => Err(ConnError::Fatal(e)),
-            Ok(Ok(Ok(verdict))) => Ok(verdict),
-            _ => Err(ConnError::Link(reason)),
-        },
+        Err(ConnError::Link(reason)) if !reader_done => {
+            match tokio::time::timeout(Duration::from_secs(2), &mut reader).await {
+                Ok(Ok(Err(ConnError::Fatal(e)))) => Err(ConnError::Fatal(e)),
+                Ok(Ok(Ok(verdict))) => Ok(verdict),
+                _ => Err(ConnError::Link(reason)),
+            }
+        }
         other => other,
     };
     reader.abort();
