@@ -157,6 +157,17 @@ impl Nodes {
         let _ = on(self.target(), "target", &["rm", "--force", name], &[]).output();
     }
 
+    /// A good move: the heartbeat goes on on the target from the same start, and only
+    /// there.
+    fn assert_moved(&self, name: &str, before: (u64, u64)) {
+        let ip = self.target().ip.to_string();
+        let after = wait_for(20, || memload_state(&ip)).expect("memload answers on the target");
+        assert_eq!(after.1, before.1, "memload restarted instead of moving");
+        assert!(after.0 >= before.0, "the heartbeat went on: {before:?} -> {after:?}");
+        assert_eq!(running(self.target(), "target", name), 1);
+        assert_eq!(running(self.source(), "source", name), 0, "the source is gone after a good move");
+    }
+
     /// A failed lazy move: the source runs on from where it was (same start time, more
     /// beats), the target has no copy.
     fn assert_source_resumed(&self, name: &str, before: (u64, u64), stderr: &str) {
@@ -220,12 +231,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         report["bytes_wire"].as_u64().unwrap() < report["bytes_raw"].as_u64().unwrap(),
         "the page stream is compressed: {report}"
     );
-    let ip = nodes.target().ip.to_string();
-    let after = wait_for(20, || memload_state(&ip)).expect("memload answers on the target");
-    assert_eq!(after.1, before.1, "memload restarted instead of moving");
-    assert!(after.0 >= before.0, "the heartbeat went on: {before:?} -> {after:?}");
-    assert_eq!(running(nodes.target(), "target", "ml-ok"), 1);
-    assert_eq!(running(nodes.source(), "source", "ml-ok"), 0, "the source is gone after a good move");
+    nodes.assert_moved("ml-ok", before);
     nodes.remove("ml-ok");
 
     // 2. the link cut during the lazy phase, and 3. a corrupt frame of pages
@@ -270,12 +276,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         assert!(phases.contains(&"pages"), "{report}");
         assert!(report["bytes_raw"].as_u64().unwrap() > 64 << 20, "every page crossed the relay: {report}");
         assert!(report["bytes_wire"].as_u64().unwrap() < report["bytes_raw"].as_u64().unwrap(), "{report}");
-        let ip = nodes.target().ip.to_string();
-        let after = wait_for(20, || memload_state(&ip)).expect("memload answers on the target");
-        assert_eq!(after.1, before.1, "memload restarted instead of moving");
-        assert!(after.0 >= before.0, "the heartbeat went on: {before:?} -> {after:?}");
-        assert_eq!(running(nodes.target(), "target", "ms-ok"), 1);
-        assert_eq!(running(nodes.source(), "source", "ms-ok"), 0, "the source is gone after a good move");
+        nodes.assert_moved("ms-ok", before);
         nodes.remove("ms-ok");
 
         // the link cut and corrupt pages while the target pulls

@@ -207,8 +207,9 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
     );
     let _ = writeln!(
         md,
-        "- containers: CRIU stop-and-copy through away's transfer protocol (container-containerd, container-docker) \
-         or CRIU lazy pages through away's page relay (container-lazy), {}",
+        "- containers: CRIU stop-and-copy, streamed from CRIU's page server into the target's images \
+         (container-containerd) or staged through away's transfer protocol (container-staged, \
+         container-docker), or CRIU lazy pages through away's page relay (container-lazy), {}",
         set.container_compression
     );
     let _ = writeln!(
@@ -257,7 +258,8 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
     let containers: Vec<MigrationPath> = results.paths.iter().copied().filter(|p| !p.is_vm()).collect();
     let vms: Vec<MigrationPath> = results.paths.iter().copied().filter(|p| p.is_vm()).collect();
     if containers.is_empty() || vms.is_empty() {
-        let _ = writeln!(md, "Needs a VM path and a container path; this run had {:?}.", results.paths);
+        let had: Vec<&str> = results.paths.iter().map(|p| p.name()).collect();
+        let _ = writeln!(md, "Needs a VM path and a container path; this run had {}.", had.join(", "));
     } else {
         let _ = writeln!(md, "| link | load | VM path | container path | total ratio | downtime ratio |");
         let _ = writeln!(md, "|---|---|---|---|---:|---:|");

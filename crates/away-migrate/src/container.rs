@@ -379,6 +379,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         (local_ip, 0).into(),
         dump.page_server_connector(),
         crate::lazy::LazyFault::from_env(),
+        opts.transfer.compression != crate::transfer::Compression::None,
     )
     .await
     {

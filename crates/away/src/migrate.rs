@@ -161,7 +161,9 @@ pub struct MigrateArgs {
     /// restore at once, pages follow) or auto
     #[arg(long, default_value_t = ContainerMode::Auto, value_parser = parse_mode)]
     mode: ContainerMode,
-    /// Compression of the checkpoint stream: zstd[:LEVEL], gzip[:LEVEL] or none
+    /// Compression of the checkpoint stream: zstd[:LEVEL], gzip[:LEVEL] or none (the
+    /// page stream of streamed and lazy moves is zstd:1 unless none: on loopback or a
+    /// fast LAN the compressor is slower than the link)
     #[arg(long, default_value_t = Compression::default())]
     compression: Compression,
     /// Name of this node in the report [default: the hostname]

@@ -86,11 +86,13 @@ pub struct SourceRelay {
 
 impl SourceRelay {
     /// Listen on `listen` for the target; pages come from CRIU's page server, reached
-    /// with `connect_criu` (once, when the target connects).
+    /// with `connect_criu` (once, when the target connects); `compress`: zstd frames,
+    /// else stored ones with a CRC-32.
     pub async fn start(
         listen: SocketAddr,
         connect_criu: impl FnOnce() -> std::io::Result<std::net::TcpStream> + Send + 'static,
         fault: Option<LazyFault>,
+        compress: bool,
     ) -> std::io::Result<SourceRelay> {
         let listener = TcpListener::bind(listen).await?;
         let port = listener.local_addr()?.port();
@@ -100,7 +102,7 @@ impl SourceRelay {
         let broken = Arc::new(AtomicBool::new(false));
         let b = broken.clone();
         let task = tokio::spawn(async move {
-            let r = source_side(listener, connect_criu, c, abort_rx, fault).await;
+            let r = source_side(listener, connect_criu, c, abort_rx, fault, compress).await;
             b.store(r.is_err(), Ordering::SeqCst);
             r
         });
@@ -157,6 +159,7 @@ async fn source_side(
     counters: Arc<RelayCounters>,
     mut abort: oneshot::Receiver<()>,
     fault: Option<LazyFault>,
+    compress: bool,
 ) -> Result<(), String> {
     let accepted = tokio::select! {
         a = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()) => Some(a),
@@ -197,7 +200,7 @@ async fn source_side(
     let final_seen = AtomicBool::new(false);
     let up = async {
         // CRIU -> network: page data
-        let r = plain_to_framed(&mut criu_r, &mut net_w, &counters, fault).await;
+        let r = plain_to_framed(&mut criu_r, &mut net_w, &counters, fault, compress).await;
         if r.is_ok() {
             criu_closed.store(true, Ordering::SeqCst);
         }
@@ -273,7 +276,7 @@ impl TargetRelay {
             let (mut n_r, mut n_w) = net.into_split();
             let Some(ranges) = prefetch else {
                 return tokio::try_join!(
-                    plain_to_framed(&mut d_r, &mut n_w, &c, None),
+                    plain_to_framed(&mut d_r, &mut n_w, &c, None, true),
                     framed_to_plain(&mut n_r, &mut d_w, &c, None, true, None)
                 )
                 .map(|_| ());
@@ -307,17 +310,23 @@ async fn framed_link(
 ) -> Result<(), String> {
     let (mut r, mut w) = tokio::io::split(plain);
     tokio::try_join!(
-        plain_to_framed(&mut r, net_w, counters, None),
+        plain_to_framed(&mut r, net_w, counters, None, true),
         framed_to_plain(net_r, &mut w, counters, None, true, None)
     )
     .map(|_| ())
 }
+
+/// A frame whose length has this bit set is stored, not compressed (`--compression
+/// none`: on loopback or a fast LAN zstd is slower than the link): a CRC-32 of its
+/// content, then the content.
+const RAW_FRAME: u32 = 1 << 31;
 
 async fn plain_to_framed(
     r: &mut (impl tokio::io::AsyncRead + Unpin),
     w: &mut (impl tokio::io::AsyncWrite + Unpin),
     counters: &RelayCounters,
     fault: Option<LazyFault>,
+    compress: bool,
 ) -> Result<(), String> {
     let mut buf = vec![0u8; CHUNK];
     let mut zstd = zstd::bulk::Compressor::new(1).map_err(|e| e.to_string())?;
@@ -329,7 +338,14 @@ async fn plain_to_framed(
             let _ = w.shutdown().await;
             return Ok(());
         }
-        let mut frame = zstd.compress(&buf[..n]).map_err(|e| format!("compress: {e}"))?;
+        let (header, mut frame) = if compress {
+            let frame = zstd.compress(&buf[..n]).map_err(|e| format!("compress: {e}"))?;
+            (frame.len() as u32, frame)
+        } else {
+            let mut frame = crc32fast::hash(&buf[..n]).to_be_bytes().to_vec();
+            frame.extend_from_slice(&buf[..n]);
+            (frame.len() as u32 | RAW_FRAME, frame)
+        };
         match fault {
             Some(LazyFault::CutAfter(limit)) if sent >= limit => {
                 return Err(format!("link cut after {sent} bytes of pages (AWAY_FAULT_LAZY)"));
@@ -340,12 +356,24 @@ async fn plain_to_framed(
             }
             _ => {}
         }
-        w.write_all(&(frame.len() as u32).to_be_bytes()).await.map_err(|e| format!("send: {e}"))?;
+        w.write_all(&header.to_be_bytes()).await.map_err(|e| format!("send: {e}"))?;
         w.write_all(&frame).await.map_err(|e| format!("send: {e}"))?;
         sent += n as u64;
         counters.plain.fetch_add(n as u64, Ordering::Relaxed);
         counters.wire.fetch_add(4 + frame.len() as u64, Ordering::Relaxed);
     }
+}
+
+/// The content of one received frame (stored or compressed), checked.
+fn unframe(header: u32, frame: &[u8]) -> Result<Vec<u8>, String> {
+    if header & RAW_FRAME == 0 {
+        return zstd::bulk::decompress(frame, CHUNK).map_err(|e| format!("corrupt page stream: {e}"));
+    }
+    let (crc, content) = frame.split_at_checked(4).ok_or("corrupt page stream: a stored frame without checksum")?;
+    if crc32fast::hash(content).to_be_bytes() != crc {
+        return Err("corrupt page stream: a stored frame fails its checksum".into());
+    }
+    Ok(content.to_vec())
 }
 
 async fn framed_to_plain(
@@ -380,13 +408,14 @@ async fn framed_to_plain(
             }
             return Ok(last);
         }
-        let n = u32::from_be_bytes(len) as usize;
-        if n > zstd::zstd_safe::compress_bound(CHUNK) {
+        let header = u32::from_be_bytes(len);
+        let n = (header & !RAW_FRAME) as usize;
+        if n > zstd::zstd_safe::compress_bound(CHUNK).max(CHUNK + 4) {
             return Err(format!("corrupt page stream: a frame of {n} bytes"));
         }
         frame.resize(n, 0);
         r.read_exact(&mut frame).await.map_err(|e| format!("receive: {e}"))?;
-        let plain = zstd::bulk::decompress(&frame, CHUNK).map_err(|e| format!("corrupt page stream: {e}"))?;
+        let plain = unframe(header, &frame)?;
         w.write_all(&plain).await.map_err(|e| format!("write: {e}"))?;
         last.extend_from_slice(&plain[plain.len().saturating_sub(PS_IOV_SIZE)..]);
         last.drain(..last.len().saturating_sub(PS_IOV_SIZE));
@@ -578,12 +607,12 @@ mod tests {
         }
     }
 
-    async fn pair(fault: Option<LazyFault>) -> (u64, Vec<u8>, bool, Result<(), String>, u64, u64) {
+    async fn pair(fault: Option<LazyFault>, compress: bool) -> (u64, Vec<u8>, bool, Result<(), String>, u64, u64) {
         let criu = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let criu_addr = criu.local_addr().unwrap();
         let server = tokio::spawn(fake_server(criu));
         let connect = move || std::net::TcpStream::connect(criu_addr);
-        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, fault).await.unwrap();
+        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, fault, compress).await.unwrap();
         let target = TargetRelay::start(SocketAddr::from(([127, 0, 0, 1], source.port)), None).await.unwrap();
         let mut daemon = TcpStream::connect(("127.0.0.1", target.port)).await.unwrap();
         let mut page = vec![0u8; 64 * 1024];
@@ -606,7 +635,7 @@ mod tests {
 
     #[tokio::test]
     async fn pages_move_compressed_and_the_end_is_clean() {
-        let (requests, tail, clean, relay, wire, plain) = pair(None).await;
+        let (requests, tail, clean, relay, wire, plain) = pair(None, true).await;
         assert_eq!(requests, 21, "20 page requests and the close");
         assert!(tail.is_empty());
         assert!(clean, "CRIU saw the closing request, then EOF");
@@ -616,8 +645,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn stored_frames_move_and_end_clean() {
+        let (requests, _, clean, relay, wire, plain) = pair(None, false).await;
+        assert_eq!(requests, 21);
+        assert!(clean);
+        relay.expect("clean end");
+        assert!(wire > plain, "stored: the pages and a header and checksum per frame: {wire} for {plain}");
+    }
+
+    #[tokio::test]
     async fn a_cut_link_poisons_the_page_server() {
-        let (requests, tail, clean, relay, _, _) = pair(Some(LazyFault::CutAfter(200_000))).await;
+        let (requests, tail, clean, relay, _, _) = pair(Some(LazyFault::CutAfter(200_000)), true).await;
         assert!(requests < 21 && !clean, "the close never arrived: {requests}");
         assert_eq!(
             tail,
@@ -629,9 +667,11 @@ mod tests {
 
     #[tokio::test]
     async fn corrupt_pages_poison_the_page_server() {
-        let (requests, tail, clean, relay, _, _) = pair(Some(LazyFault::CorruptAfter(200_000))).await;
-        assert!(requests < 21 && !clean, "{requests}");
-        assert_eq!(tail, away_runtime::CRIU_PAGE_SERVER_ABORT.to_vec());
-        assert!(relay.is_err());
+        for compress in [true, false] {
+            let (requests, tail, clean, relay, _, _) = pair(Some(LazyFault::CorruptAfter(200_000)), compress).await;
+            assert!(requests < 21 && !clean, "{requests}");
+            assert_eq!(tail, away_runtime::CRIU_PAGE_SERVER_ABORT.to_vec());
+            assert!(relay.is_err());
+        }
     }
 }

@@ -293,7 +293,7 @@ mod tests {
         let criu_addr = criu.local_addr().unwrap();
         let server = tokio::spawn(fake_criu(criu));
         let connect = move || std::net::TcpStream::connect(criu_addr);
-        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, None).await.unwrap();
+        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, None, true).await.unwrap();
         let pulled = pull_all(&dir, SocketAddr::from(([127, 0, 0, 1], source.port))).await.unwrap();
         assert_eq!(pulled.pages, 700);
         assert!(pulled.counters.wire() < pulled.counters.plain(), "the pages travel compressed");
