@@ -228,7 +228,7 @@ async fn placement_assignments_migration_and_reconciliation() {
     // a mode the agents do not know is refused, naming the field
     let (s, body) = b.post("/v1/migrations", json!({"workload": "counter", "to": "cloud-1", "mode": "fast"})).await;
     assert_eq!(s, 400, "{body}");
-    assert!(body.to_string().contains("stop-copy, lazy or auto"), "{body}");
+    assert!(body.to_string().contains("stop-copy, staged, lazy or auto"), "{body}");
     // a container moves across CPU vendors (Intel laptop -> AMD cloud), lazily as asked
     let (s, body) = b.post("/v1/migrations", json!({"workload": "counter", "to": "cloud-1", "mode": "lazy"})).await;
     assert_eq!(s, 202, "{body}");

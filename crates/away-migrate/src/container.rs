@@ -210,7 +210,7 @@ pub async fn migrate_container(
 
     // 2. transfer; the target restores and answers
     let t = Instant::now();
-    let outcome = send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress).await;
+    let outcome = send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, None).await;
     let transfer_and_restore = t.elapsed();
     let outcome = match outcome {
         Ok(o) if o.verdict.ok => o,
@@ -271,8 +271,13 @@ async fn send_payload(
     manifest: &Manifest,
     opts: &ContainerMigrationOptions,
     progress: &ProgressFn,
+    connected: Option<tokio::net::TcpStream>,
 ) -> Result<transfer::SendOutcome, transfer::TransferError> {
     let mut send_opts = opts.transfer.clone();
+    send_opts.connected = connected.map(|c| std::sync::Arc::new(std::sync::Mutex::new(Some(c))));
+    // CRIU's logs of the dump stay with the source's archive: the target writes its own
+    // (and a lazy dump's log is still growing)
+    send_opts.exclude.push(Path::new(CHECKPOINT_DIR).join(away_runtime::CRIU_WORK_DIR));
     let bar = progress.clone();
     send_opts.progress = Some(std::sync::Arc::new(move |p: transfer::Progress| {
         bar(Step::Transferring { sent: p.bytes_sent, total: p.bytes_total })
@@ -321,12 +326,15 @@ struct Moving<'a> {
     streamed: bool,
 }
 
-/// The address of this host the target reaches (the local end of a connection to it).
-async fn local_addr_towards(target: &str) -> Result<std::net::IpAddr, MigrateError> {
+/// A connection to the target's transfer port, opened before the workload stops (the
+/// payload then goes without a connect round trip in the pause), and the address of
+/// this host the target reaches (its local end: where the page relay listens).
+async fn connect_early(target: &str) -> Result<(tokio::net::TcpStream, std::net::IpAddr), MigrateError> {
     let s = tokio::net::TcpStream::connect(target)
         .await
         .map_err(|e| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}")))?;
-    Ok(s.local_addr().map_err(|e| MigrateError::Invalid(e.to_string()))?.ip())
+    let ip = s.local_addr().map_err(|e| MigrateError::Invalid(e.to_string()))?.ip();
+    Ok((s, ip))
 }
 
 /// Lazy (post-copy) move: CRIU dumps everything but memory, the small payload travels,
@@ -340,7 +348,7 @@ async fn local_addr_towards(target: &str) -> Result<std::net::IpAddr, MigrateErr
 async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let Moving { runtime, name, here, there, target, archives, opts, progress, streamed, .. } = m;
     let mut phases = m.phases;
-    let local_ip = local_addr_towards(&there.transfer_addr).await?;
+    let (early, local_ip) = connect_early(&there.transfer_addr).await?;
     progress(Step::Checkpointing);
     let t = Instant::now();
     let downtime_start = Instant::now();
@@ -436,7 +444,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let pulling = streamed.then(ticker);
     // a target that dies while pages move breaks the page link before any verdict:
     // give up then instead of waiting for its agent to come back
-    let send = send_payload(&there.transfer_addr, &payload, &manifest, opts, progress);
+    let send = send_payload(&there.transfer_addr, &payload, &manifest, opts, progress, Some(early));
     tokio::pin!(send);
     let sent = loop {
         tokio::select! {
@@ -674,6 +682,9 @@ pub async fn restore_received(
         image: manifest.image.clone(),
     };
     let request = RestoreRequest { archive, image };
+    // the source keeps its CRIU work directory; CRIU wants one here too
+    let work = dir.join(away_runtime::CRIU_WORK_DIR);
+    std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
     let (mut pulled, mut pull) = (None, Duration::ZERO);
     let (st, mut lazy) = match manifest.lazy_page_relay {
         None => (runtime.restore(&request).await.map_err(|e| e.to_string())?, None),

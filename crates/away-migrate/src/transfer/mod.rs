@@ -184,6 +184,11 @@ pub struct SendOptions {
     pub transfer_id: Option<String>,
     /// Where the tar spool goes; default: the directory containing the payload directory.
     pub spool_dir: Option<PathBuf>,
+    /// Paths inside the payload directory that stay behind (with what is below them).
+    pub exclude: Vec<PathBuf>,
+    /// A connection to the peer opened beforehand: the first attempt uses it instead of
+    /// connecting (a round trip less where every one counts, as in a lazy move's pause).
+    pub connected: Option<Arc<std::sync::Mutex<Option<tokio::net::TcpStream>>>>,
     pub progress: Option<ProgressFn>,
     pub faults: Faults,
 }
@@ -199,6 +204,8 @@ impl Default for SendOptions {
             max_chunk_retries: 5,
             transfer_id: None,
             spool_dir: None,
+            exclude: Vec::new(),
+            connected: None,
             progress: None,
             faults: Faults::default(),
         }
@@ -216,6 +223,8 @@ impl fmt::Debug for SendOptions {
             .field("max_chunk_retries", &self.max_chunk_retries)
             .field("transfer_id", &self.transfer_id)
             .field("spool_dir", &self.spool_dir)
+            .field("exclude", &self.exclude)
+            .field("connected", &self.connected.is_some())
             .field("progress", &self.progress.as_ref().map(|_| "<fn>"))
             .field("faults", &self.faults)
             .finish()

@@ -32,8 +32,9 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 /// Writes `dir` as a tar to `out`: entries sorted by name, owner 0, so the same tree always gives
-/// the same bytes. Returns the stream length and its SHA-256.
-pub(crate) fn pack_dir(dir: &Path, out: &mut File) -> Result<(u64, [u8; 32]), TransferError> {
+/// the same bytes; the `exclude`d paths (relative to `dir`) are left out. Returns the stream
+/// length and its SHA-256.
+pub(crate) fn pack_dir(dir: &Path, exclude: &[PathBuf], out: &mut File) -> Result<(u64, [u8; 32]), TransferError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| TransferError::Io { path, source }
@@ -56,6 +57,9 @@ pub(crate) fn pack_dir(dir: &Path, out: &mut File) -> Result<(u64, [u8; 32]), Tr
         let mut subdirs = Vec::new();
         for name in names {
             let rel_path = rel.join(&name);
+            if exclude.contains(&rel_path) {
+                continue;
+            }
             let path = dir.join(&rel_path);
             let md = fs::symlink_metadata(&path).map_err(io_err(&path))?;
             let mut header = tar::Header::new_gnu();
@@ -232,6 +236,23 @@ mod tests {
             super::super::wire::Frame::Chunk(c) => c,
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn excluded_paths_stay_behind() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("checkpoint/work")).unwrap();
+        std::fs::write(src.path().join("checkpoint/core-1.img"), b"core").unwrap();
+        std::fs::write(src.path().join("checkpoint/work/dump.log"), b"log").unwrap();
+        let mut out = tempfile::tempfile().unwrap();
+        pack_dir(src.path(), &[PathBuf::from("checkpoint/work")], &mut out).unwrap();
+        std::io::Seek::rewind(&mut out).unwrap();
+        let names: Vec<String> = tar::Archive::new(out)
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, ["checkpoint", "checkpoint/core-1.img"]);
     }
 
     #[test]

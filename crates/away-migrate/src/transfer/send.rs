@@ -84,13 +84,14 @@ pub async fn send(
         .or_else(|| dir.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
     let dir_owned = dir.to_path_buf();
+    let exclude = opts.exclude.clone();
     let (spool, total, sha) = tokio::task::spawn_blocking(move || {
         let mut spool = tempfile::Builder::new()
             .prefix(".away-send-")
             .suffix(".tar")
             .tempfile_in(&spool_parent)
             .map_err(|source| TransferError::Io { path: spool_parent.clone(), source })?;
-        let (total, sha) = payload::pack_dir(&dir_owned, spool.as_file_mut())?;
+        let (total, sha) = payload::pack_dir(&dir_owned, &exclude, spool.as_file_mut())?;
         Ok::<_, TransferError>((spool, total, sha))
     })
     .await
@@ -129,9 +130,13 @@ pub async fn send(
     );
 
     let mut c = Counters::default();
-    let mut stream = connect(&plan.peer, opts.connect_timeout)
-        .await
-        .map_err(|source| TransferError::Connect { peer: plan.peer.clone(), source })?;
+    let early = opts.connected.as_ref().and_then(|c| c.lock().expect("connection slot").take());
+    let mut stream = match early {
+        Some(s) => s,
+        None => connect(&plan.peer, opts.connect_timeout)
+            .await
+            .map_err(|source| TransferError::Connect { peer: plan.peer.clone(), source })?,
+    };
     let verdict = loop {
         match run_connection(stream, &plan, &mut c).await {
             Ok(verdict) => break verdict,
