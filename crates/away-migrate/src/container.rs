@@ -628,7 +628,6 @@ pub struct Restored {
     pub running: Duration,
 }
 
-/// Target side: restore a received payload on this node and answer whether it runs.
 /// A failed restore on the target.
 #[derive(Debug)]
 pub struct RestoreFailed {
@@ -656,6 +655,7 @@ async fn failed_with_copy(runtime: &dyn Runtime, name: &str, message: String) ->
     }
 }
 
+/// Target side: restore a received payload on this node and answer whether it runs.
 pub async fn restore_received(
     node: &LocalNode,
     payload: &ReceivedPayload,

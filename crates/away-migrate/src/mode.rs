@@ -96,7 +96,9 @@ fn page_server_blocker(
     there: &TargetInfo,
 ) -> Option<String> {
     if kind != RuntimeKind::Containerd {
-        return Some(format!("{kind} exposes no CRIU page server (lazy moves drive runc under containerd directly)"));
+        return Some(format!(
+            "{kind} exposes no CRIU page server (lazy and streamed moves drive runc under containerd directly)"
+        ));
     }
     if !host.criu.lazy_pages() {
         return Some(format!(
