@@ -71,6 +71,19 @@ impl FromStr for ByteSize {
     }
 }
 
+impl ByteSize {
+    /// For people: the largest binary unit it reaches, one decimal ("32.2 MiB"); the
+    /// `Display` form stays exact so that it parses back.
+    pub fn human(&self) -> String {
+        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        UNITS
+            .iter()
+            .find(|(_, m)| self.0 >= *m)
+            .map(|(unit, m)| format!("{:.1} {unit}", self.0 as f64 / *m as f64))
+            .unwrap_or_else(|| format!("{} B", self.0))
+    }
+}
+
 impl fmt::Display for ByteSize {
     /// The largest binary unit that divides the size exactly, so that parse(display(x)) == x.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -132,5 +145,12 @@ mod tests {
         for s in ["256Mi", "1Gi", "3Ki", "1000B", "12Ti"] {
             assert_eq!(s.parse::<ByteSize>().unwrap().to_string(), s);
         }
+    }
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(ByteSize(33_762_340).human(), "32.2 MiB");
+        assert_eq!(ByteSize(512).human(), "512 B");
+        assert_eq!(ByteSize(3 << 30).human(), "3.0 GiB");
     }
 }

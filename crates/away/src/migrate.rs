@@ -342,8 +342,8 @@ fn print_report(r: &MigrationReport) {
     let ratio = if r.bytes_raw > 0 { r.bytes_wire as f64 / r.bytes_raw as f64 * 100.0 } else { 0.0 };
     println!(
         "  state:     {} raw, {} on the wire ({ratio:.0} %)",
-        away_model::ByteSize(r.bytes_raw),
-        away_model::ByteSize(r.bytes_wire)
+        away_model::ByteSize(r.bytes_raw).human(),
+        away_model::ByteSize(r.bytes_wire).human()
     );
     for p in &r.phases {
         println!("  {:<10} {:>8.3} s", p.name, p.millis as f64 / 1000.0);
@@ -384,7 +384,7 @@ pub fn archives(cmd: ArchivesCommand) -> anyhow::Result<ExitCode> {
                     println!(
                         "{:<8} {:>10} {:>7}s  {}",
                         e.state,
-                        away_model::ByteSize(e.bytes).to_string(),
+                        away_model::ByteSize(e.bytes).human(),
                         e.age_seconds,
                         e.path.display()
                     );
@@ -397,7 +397,7 @@ pub fn archives(cmd: ArchivesCommand) -> anyhow::Result<ExitCode> {
                 print_json(&gone)?;
             } else {
                 for e in &gone {
-                    println!("deleted {} ({})", e.path.display(), away_model::ByteSize(e.bytes));
+                    println!("deleted {} ({})", e.path.display(), away_model::ByteSize(e.bytes).human());
                 }
                 println!("{} archive(s) deleted", gone.len());
             }
