@@ -670,8 +670,9 @@ impl ContainerdRuntime {
     /// The task's process is gone (or never came: a restore killed mid-way) but its
     /// shim still reports it running: containerd 1.6's shim drops an exit that comes
     /// before it has registered the process (a lazily restored process whose page
-    /// daemon died right after the restore exits that early). Only ending that shim, the one serving this container of this
-    /// containerd, lets containerd clean up the task (it does for a dead shim).
+    /// daemon died right after the restore exits that early). Only ending that shim,
+    /// the one serving this container of this containerd, lets containerd clean up the
+    /// task (it does for a dead shim).
     async fn end_shim_that_lost_its_exit(&self, name: &str, pid: u32) -> Result<(), RuntimeError> {
         let args = ["-namespace", self.namespace.as_str(), "-id", name, "-address", &self.socket.to_string_lossy()]
             .map(String::from);
