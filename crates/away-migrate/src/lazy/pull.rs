@@ -88,6 +88,8 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, S
     let new_pages = dir.join(format!("pages-{}.img.pulling", map.pages_id()));
 
     // the new pages image: every present page in entry order, the old ones copied now
+    // (it goes again if anything below fails)
+    let _partial = RemoveUnlessKept(new_pages.clone());
     let mut slots = Vec::new();
     let (mut old_at, mut new_at) = (0u64, 0u64);
     let out = std::fs::File::create(&new_pages).map_err(|e| format!("create {}: {e}", new_pages.display()))?;
@@ -136,7 +138,6 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, S
             e
         };
         pulled.abort();
-        let _ = std::fs::remove_file(&new_pages);
         return Err(why);
     }
     drop(out);
@@ -154,6 +155,15 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, S
         return Err(format!("rewrite the images in {}: {e}", dir.display()));
     }
     Ok(pulled)
+}
+
+/// Removes a file when dropped, unless it has been renamed away by then.
+struct RemoveUnlessKept(PathBuf);
+
+impl Drop for RemoveUnlessKept {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn copy_range(from: &std::fs::File, at: u64, to: &std::fs::File, to_at: u64, len: u64) -> std::io::Result<()> {
@@ -198,7 +208,11 @@ async fn fetch(
         }
         let Some((vaddr, pages, offset)) = asked.pop_front() else { return Ok(()) };
         let mut head = [0u8; super::PS_IOV_SIZE];
-        link.read_exact(&mut head).await.map_err(|e| format!("the page stream ended: {e}"))?;
+        // a source host that vanished sends no end either
+        tokio::time::timeout(super::IDLE_TIMEOUT, link.read_exact(&mut head))
+            .await
+            .map_err(|_| format!("no pages from the source for {} s", super::IDLE_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("the page stream ended: {e}"))?;
         let (_, got, at, _) = fields(&head);
         if at != vaddr || got == 0 || got > pages {
             return Err(format!(
