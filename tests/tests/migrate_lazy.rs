@@ -168,6 +168,17 @@ impl Nodes {
         assert_eq!(running(self.source(), "source", name), 0, "the source is gone after a good move");
     }
 
+    /// Start memload `name` and move it with `mode`, which must fail and leave the
+    /// source resumed ([`Self::assert_source_resumed`]); returns the error output.
+    fn assert_move_fails(&self, name: &str, mode: &str, env: &[(&str, &str)], why: &str) -> String {
+        let before = self.start_memload(name);
+        let (ok, _, stderr) = self.migrate(name, mode, env);
+        assert!(!ok, "{why}: the move cannot succeed");
+        self.assert_source_resumed(name, before, &stderr);
+        self.remove(name);
+        stderr
+    }
+
     /// A failed lazy move: the source runs on from where it was (same start time, more
     /// beats), the target has no copy.
     fn assert_source_resumed(&self, name: &str, before: (u64, u64), stderr: &str) {
@@ -236,17 +247,13 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
 
     // 2. the link cut during the lazy phase, and 3. a corrupt frame of pages
     for (name, fault) in [("ml-cut", "cut-after:1048576"), ("ml-corrupt", "corrupt-after:1048576")] {
-        let before = nodes.start_memload(name);
-        let (ok, _, stderr) = nodes.migrate(name, "lazy", &[("AWAY_FAULT_LAZY", fault)]);
-        assert!(!ok, "{fault}: the move cannot succeed");
+        let stderr = nodes.assert_move_fails(name, "lazy", &[("AWAY_FAULT_LAZY", fault)], fault);
         // the fault lands while pages move: during the restore (the target's daemon
         // already fetches) or after it
         assert!(
             ["lazy phase failed", "could not restore", "page link"].iter().any(|m| stderr.contains(m)),
             "{fault}: {stderr}"
         );
-        nodes.assert_source_resumed(name, before, &stderr);
-        nodes.remove(name);
     }
     drop(agent);
 
@@ -255,11 +262,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
     for (name, ms) in [("ml-kill-early", 100), ("ml-kill", 700)] {
         let fault = format!("kill-daemon-after-ms:{ms}");
         let _agent = Agent::start(nodes.target(), name, &[("AWAY_FAULT_LAZY_TARGET", &fault)]);
-        let before = nodes.start_memload(name);
-        let (ok, _, stderr) = nodes.migrate(name, "lazy", &[]);
-        assert!(!ok, "{fault}: the move cannot succeed without the target's page daemon");
-        nodes.assert_source_resumed(name, before, &stderr);
-        nodes.remove(name);
+        nodes.assert_move_fails(name, "lazy", &[], &format!("{fault} (no page daemon on the target)"));
     }
     // 5. streamed stop-and-copy: the pages go from the source's CRIU into the target's
     // images while the rest travels; the target restores once all are in
@@ -281,21 +284,13 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
 
         // the link cut and corrupt pages while the target pulls
         for (name, fault) in [("ms-cut", "cut-after:4194304"), ("ms-corrupt", "corrupt-after:4194304")] {
-            let before = nodes.start_memload(name);
-            let (ok, _, stderr) = nodes.migrate(name, "stop-copy", &[("AWAY_FAULT_LAZY", fault)]);
-            assert!(!ok, "{fault}: the move cannot succeed");
-            nodes.assert_source_resumed(name, before, &stderr);
-            nodes.remove(name);
+            nodes.assert_move_fails(name, "stop-copy", &[("AWAY_FAULT_LAZY", fault)], fault);
         }
     }
     // the target's agent dies mid-pull
     {
         let _agent = Agent::start(nodes.target(), "ms-die", &[("AWAY_FAULT_STREAM_TARGET", "die-after:8388608")]);
-        let before = nodes.start_memload("ms-die");
-        let (ok, _, stderr) = nodes.migrate("ms-die", "stop-copy", &[]);
-        assert!(!ok, "the move cannot succeed with the target gone");
-        nodes.assert_source_resumed("ms-die", before, &stderr);
-        nodes.remove("ms-die");
+        nodes.assert_move_fails("ms-die", "stop-copy", &[], "the target gone");
     }
 
     // nothing a killed restore mounted is left behind

@@ -274,7 +274,6 @@ async fn send_payload(
     connected: Option<tokio::net::TcpStream>,
 ) -> Result<transfer::SendOutcome, transfer::TransferError> {
     let mut send_opts = opts.transfer.clone();
-    send_opts.connected = connected.map(|c| std::sync::Arc::new(std::sync::Mutex::new(Some(c))));
     // CRIU's logs of the dump stay with the source's archive: the target writes its own
     // (and a lazy dump's log is still growing)
     send_opts.exclude.push(Path::new(CHECKPOINT_DIR).join(away_runtime::CRIU_WORK_DIR));
@@ -283,7 +282,7 @@ async fn send_payload(
         bar(Step::Transferring { sent: p.bytes_sent, total: p.bytes_total })
     }));
     let meta = serde_json::to_value(manifest).expect("a manifest is JSON");
-    transfer::send(peer, payload, meta, &send_opts).await
+    transfer::send_on(peer, connected, payload, meta, &send_opts).await
 }
 
 /// After the commit: the source's stopped container and the archive go.
@@ -350,7 +349,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let mut phases = m.phases;
     let (early, local_ip) = connect_early(&there.transfer_addr).await?;
     progress(Step::Checkpointing);
-    let t = Instant::now();
+    // CRIU freezes the process as the dump begins: the downtime and the checkpoint start here
     let downtime_start = Instant::now();
     let stopped_at_ms = now_ms();
     let mut retried = false;
@@ -401,7 +400,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         }
     };
     let page_relay = std::net::SocketAddr::new(local_ip, relay.port);
-    phases.push(phase("checkpoint", t.elapsed()));
+    phases.push(phase("checkpoint", downtime_start.elapsed()));
     let memory = m.pid.map(crate::mode::resident_bytes).unwrap_or(0);
     let manifest = Manifest {
         spec: dump.archive.spec.clone(),
@@ -689,8 +688,9 @@ pub async fn restore_received(
     let (st, mut lazy) = match manifest.lazy_page_relay {
         None => (runtime.restore(&request).await.map_err(|e| e.to_string())?, None),
         Some(relay) if manifest.pull_pages => {
+            let t = Instant::now();
             let pages = crate::lazy::pull::pull_all(&dir, relay).await.map_err(|e| format!("pull the pages: {e}"))?;
-            pull = started.elapsed();
+            pull = t.elapsed();
             match runtime.restore(&request).await {
                 Ok(st) => {
                     pulled = Some(pages);

@@ -76,10 +76,11 @@ pub struct ModeChoice {
     pub streamed: bool,
 }
 
-/// Why a lazy move cannot happen between these two nodes (None: it can).
-fn lazy_blocker(kind: RuntimeKind, status: &WorkloadStatus, host: &HostReport, there: &TargetInfo) -> Option<String> {
-    if let Some(why) = page_server_blocker(kind, status, host, there) {
-        return Some(why);
+/// Why a lazy move cannot happen between these two nodes, given what keeps the source
+/// from serving its pages (None: it can).
+fn lazy_blocker(page_server: Option<&String>, there: &TargetInfo) -> Option<String> {
+    if let Some(why) = page_server {
+        return Some(why.clone());
     }
     if there.node.labels.get(LABEL_LAZY_PAGES).map(String::as_str) != Some("true") {
         return Some(format!("CRIU lazy pages do not work on {} (see `away doctor` there)", there.node.name));
@@ -159,8 +160,9 @@ pub async fn choose(
     host: &HostReport,
     there: &TargetInfo,
 ) -> Result<ModeChoice, MigrateError> {
-    let blocker = lazy_blocker(runtime.kind(), status, host, there);
+    // read once: it looks at the workload's sockets and namespace
     let stream_blocker = page_server_blocker(runtime.kind(), status, host, there);
+    let blocker = lazy_blocker(stream_blocker.as_ref(), there);
     let stop_copy = |why: String| {
         let how = match &stream_blocker {
             None => "streamed (the pages go from CRIU's page server into the target's images while the rest \

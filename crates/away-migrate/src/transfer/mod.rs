@@ -62,7 +62,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use receive::{serve, ReceiveOptions, ReceivedPayload, Receiver};
-pub use send::send;
+pub use send::{send, send_on};
 
 /// How each chunk is compressed on the wire. Parsed from and printed as `none`, `zstd`,
 /// `zstd:<1-22>`, `gzip` or `gzip:<0-9>` (the CLI `--compression` flag).
@@ -186,9 +186,6 @@ pub struct SendOptions {
     pub spool_dir: Option<PathBuf>,
     /// Paths inside the payload directory that stay behind (with what is below them).
     pub exclude: Vec<PathBuf>,
-    /// A connection to the peer opened beforehand: the first attempt uses it instead of
-    /// connecting (a round trip less where every one counts, as in a lazy move's pause).
-    pub connected: Option<Arc<std::sync::Mutex<Option<tokio::net::TcpStream>>>>,
     pub progress: Option<ProgressFn>,
     pub faults: Faults,
 }
@@ -205,7 +202,6 @@ impl Default for SendOptions {
             transfer_id: None,
             spool_dir: None,
             exclude: Vec::new(),
-            connected: None,
             progress: None,
             faults: Faults::default(),
         }
@@ -224,7 +220,6 @@ impl fmt::Debug for SendOptions {
             .field("transfer_id", &self.transfer_id)
             .field("spool_dir", &self.spool_dir)
             .field("exclude", &self.exclude)
-            .field("connected", &self.connected.is_some())
             .field("progress", &self.progress.as_ref().map(|_| "<fn>"))
             .field("faults", &self.faults)
             .finish()

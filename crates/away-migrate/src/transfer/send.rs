@@ -63,6 +63,18 @@ pub async fn send(
     meta: serde_json::Value,
     opts: &SendOptions,
 ) -> Result<SendOutcome, TransferError> {
+    send_on(addr, None, dir, meta, opts).await
+}
+
+/// [`send`], its first attempt over `connected` when given: a connection to `addr` opened
+/// beforehand (a round trip less where every one counts, as in a lazy move's pause).
+pub async fn send_on(
+    addr: &str,
+    connected: Option<TcpStream>,
+    dir: &Path,
+    meta: serde_json::Value,
+    opts: &SendOptions,
+) -> Result<SendOutcome, TransferError> {
     let started = Instant::now();
     if opts.chunk_size == 0 || opts.chunk_size > MAX_CHUNK_SIZE {
         return Err(TransferError::InvalidOptions {
@@ -130,8 +142,7 @@ pub async fn send(
     );
 
     let mut c = Counters::default();
-    let early = opts.connected.as_ref().and_then(|c| c.lock().expect("connection slot").take());
-    let mut stream = match early {
+    let mut stream = match connected {
         Some(s) => s,
         None => connect(&plan.peer, opts.connect_timeout)
             .await
