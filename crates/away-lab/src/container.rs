@@ -62,6 +62,21 @@ impl Node {
     }
 }
 
+/// The target agent's log, kept beside the results (`logs/run-N-target-agent.log`;
+/// `AWAY_LOG` sets its detail) for reading a run's timings afterwards.
+fn agent_log(opts: &CompareOptions, planned: &PlannedRun) -> Stdio {
+    let dir = opts.out_dir.join("logs");
+    let file = std::fs::create_dir_all(&dir)
+        .and_then(|_| std::fs::File::create(dir.join(format!("run-{}-target-agent.log", planned.run))));
+    match file {
+        Ok(f) => Stdio::from(f),
+        Err(e) => {
+            tracing::warn!("cannot keep the target agent's log in {}: {e}", dir.display());
+            Stdio::null()
+        }
+    }
+}
+
 fn free_port() -> Result<u16, String> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -157,7 +172,7 @@ async fn attempt(
             &transfer_advertise.to_string(),
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(agent_log(opts, planned));
     *agent_slot = Some(agent.spawn().map_err(|e| format!("start away agent: {e}"))?);
     let t = Instant::now();
     loop {

@@ -163,11 +163,10 @@ pub async fn migrate_container(
     }
 
     // 1. checkpoint: the source process stops here
+    let (early, _, round_trip) = connect_early(&there.transfer_addr).await?;
     progress(Step::Checkpointing);
     let payload = archives.create(name)?;
     let t = Instant::now();
-    // CRIU freezes the process when the dump begins: the downtime starts here
-    let downtime_start = Instant::now();
     let stopped_at_ms = now_ms();
     let checkpoint = runtime
         .checkpoint(name, &CheckpointOptions { dir: payload.join(CHECKPOINT_DIR), leave_running: false })
@@ -177,6 +176,7 @@ pub async fn migrate_container(
             MigrateError::Runtime(e)
         })?;
     phases.push(phase("checkpoint", t.elapsed()));
+    let downtime_start = frozen_at(&payload, t);
     let manifest = Manifest {
         spec: checkpoint.spec.clone(),
         image: checkpoint.image.clone(),
@@ -210,7 +210,7 @@ pub async fn migrate_container(
 
     // 2. transfer; the target restores and answers
     let t = Instant::now();
-    let outcome = send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, None).await;
+    let outcome = send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, Some(early)).await;
     let transfer_and_restore = t.elapsed();
     let outcome = match outcome {
         Ok(o) if o.verdict.ok => o,
@@ -226,7 +226,7 @@ pub async fn migrate_container(
     // the target waited `settle_ms` after the restore to see the workload stay up: it
     // already ran then, so that wait is not downtime
     let settle_ms = outcome.verdict.detail.get("settle_ms").and_then(|v| v.as_u64()).unwrap_or(0);
-    let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(settle_ms));
+    let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(settle_ms) + round_trip / 2);
     let restore_ms = outcome.verdict.detail.get("restore_ms").and_then(|v| v.as_u64()).unwrap_or(0);
     phases.push(MigrationPhase {
         name: "transfer".into(),
@@ -328,13 +328,39 @@ struct Moving<'a> {
 /// A connection to the target's transfer port, opened before the workload stops (the
 /// payload then goes without a connect round trip in the pause), and the address of
 /// this host the target reaches (its local end: where the page relay listens).
-async fn connect_early(target: &str) -> Result<(tokio::net::TcpStream, std::net::IpAddr), MigrateError> {
-    let s = tokio::net::TcpStream::connect(target)
-        .await
-        .map_err(|e| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}")))?;
-    let ip = s.local_addr().map_err(|e| MigrateError::Invalid(e.to_string()))?.ip();
-    Ok((s, ip))
+/// When the workload stopped: CRIU's freeze, read from the dump's log in `payload`
+/// ([`away_runtime::runtime::criu_frozen_at`]), or `started` (when the dump began) if the
+/// log does not say.
+fn frozen_at(payload: &Path, started: Instant) -> Instant {
+    let log = payload.join(CHECKPOINT_DIR).join(away_runtime::CRIU_WORK_DIR).join("dump.log");
+    away_runtime::runtime::criu_frozen_at(&log).filter(|t| *t >= started).unwrap_or(started)
 }
+
+/// The connection is warmed up ([`crate::transfer::warm_up`]) so that the payload leaves
+/// in one flight; also returns how long it took to open: one round trip to the target.
+async fn connect_early(
+    target: &str,
+) -> Result<(tokio::net::TcpStream, std::net::IpAddr, Duration), MigrateError> {
+    let connect = || async {
+        let t = Instant::now();
+        let s = tokio::net::TcpStream::connect(target)
+            .await
+            .map_err(|e| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}")))?;
+        Ok::<_, MigrateError>((s, t.elapsed()))
+    };
+    let (mut s, round_trip) = connect().await?;
+    if let Err(e) = crate::transfer::warm_up(&mut s, WARM_UP_BYTES, Duration::from_secs(10)).await {
+        // an older target, or a hiccup: a cold connection only costs a round trip or two
+        tracing::warn!("the transfer connection stays cold: {e}");
+        s = connect().await?.0;
+    }
+    let ip = s.local_addr().map_err(|e| MigrateError::Invalid(e.to_string()))?.ip();
+    Ok((s, ip, round_trip))
+}
+
+/// Filler sent over the early connection before the freeze: a lazy payload (images and
+/// the pushed pages, 20-40 KiB compressed) then fits in the congestion window.
+const WARM_UP_BYTES: u32 = 64 * 1024;
 
 /// Lazy (post-copy) move: CRIU dumps everything but memory, the small payload travels,
 /// the target restores at once and fetches pages through the relay pair
@@ -347,10 +373,9 @@ async fn connect_early(target: &str) -> Result<(tokio::net::TcpStream, std::net:
 async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let Moving { runtime, name, here, there, target, archives, opts, progress, streamed, .. } = m;
     let mut phases = m.phases;
-    let (early, local_ip) = connect_early(&there.transfer_addr).await?;
+    let (early, local_ip, round_trip) = connect_early(&there.transfer_addr).await?;
     progress(Step::Checkpointing);
-    // CRIU freezes the process as the dump begins: the downtime and the checkpoint start here
-    let downtime_start = Instant::now();
+    let checkpoint_start = Instant::now();
     let stopped_at_ms = now_ms();
     let mut retried = false;
     let (payload, dump) = loop {
@@ -382,6 +407,15 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         }
         break (payload, dump);
     };
+    // the pause starts at CRIU's freeze (of the first dump, if it had to dump again)
+    let downtime_start = if retried { checkpoint_start } else { frozen_at(&payload, checkpoint_start) };
+    if let (false, Some(pid)) = (streamed, m.pid) {
+        // the pages the restore and the first instructions touch travel with the payload
+        match crate::lazy::push::push_resume_pages(&payload.join(CHECKPOINT_DIR), pid) {
+            Ok(pages) => tracing::debug!(workload = name, pages, "pages pushed with the payload"),
+            Err(e) => tracing::warn!(workload = name, "pages the resume touches stay lazy: {e}"),
+        }
+    }
     let relay = match crate::lazy::SourceRelay::start(
         (local_ip, 0).into(),
         dump.page_server_connector(),
@@ -400,7 +434,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         }
     };
     let page_relay = std::net::SocketAddr::new(local_ip, relay.port);
-    phases.push(phase("checkpoint", downtime_start.elapsed()));
+    phases.push(phase("checkpoint", checkpoint_start.elapsed()));
     let memory = m.pid.map(crate::mode::resident_bytes).unwrap_or(0);
     let manifest = Manifest {
         spec: dump.archive.spec.clone(),
@@ -472,8 +506,10 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let detail = |key: &str| outcome.verdict.detail.get(key).and_then(|v| v.as_u64());
     let (restore_ms, pull_ms) = (detail("restore_ms").unwrap_or(0), detail("pull_ms").unwrap_or(0));
     let running_ms = detail("running_ms").or(detail("settle_ms")).unwrap_or(0);
-    // the workload ran on the target from the end of its restore: the blackout ends there
-    let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(running_ms));
+    // the workload ran on the target from the end of its restore: the blackout ends
+    // there, and the answer's trip back (half the round trip the connection took to
+    // open) is not part of it
+    let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(running_ms) + round_trip / 2);
     phases.push(MigrationPhase {
         name: "transfer".into(),
         millis: (t.elapsed().as_millis() as u64).saturating_sub(restore_ms + running_ms),
@@ -704,6 +740,7 @@ pub async fn restore_received(
         }
         Some(relay) => {
             let mut daemon = crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot).await?;
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "lazy-pages daemon up");
             let restore = runtime.restore_lazy(&request);
             tokio::pin!(restore);
             let restored = tokio::select! {

@@ -461,6 +461,7 @@ impl ContainerdRuntime {
                 reason: "containerd workloads share the node's network: a port cannot be remapped (make host equal container, or use docker)".into(),
             });
         }
+        let clock = std::time::Instant::now();
         let top = self.ensure_image(image).await?;
         let mut rollback = Rollback::default();
         // Until the container references its snapshot, only a lease keeps containerd's GC
@@ -522,6 +523,7 @@ impl ContainerdRuntime {
                 .await
                 .map_err(|s| Self::failed("create container", name, s))?;
             rollback.container = true;
+            tracing::debug!(workload = name, ms = clock.elapsed().as_millis() as u64, "snapshot and container ready");
             std::fs::create_dir_all(&self.log_dir)
                 .map_err(|e| RuntimeError::io(format!("create {}", self.log_dir.display()), e))?;
             let log = format!("file://{}", self.log_path(name).display());
@@ -561,10 +563,11 @@ impl ContainerdRuntime {
                 })?
                 .into_inner();
             rollback.task = true;
+            tracing::debug!(workload = name, ms = clock.elapsed().as_millis() as u64, "task created (shim up)");
             ts.start(self.req(api::StartRequest { container_id: name.into(), exec_id: String::new() }))
                 .await
                 .map_err(|s| Self::failed("start task", name, s))?;
-            tracing::info!(workload = name, pid = created.pid, "containerd task started");
+            tracing::info!(workload = name, pid = created.pid, ms = clock.elapsed().as_millis() as u64, "containerd task started");
             self.status(name).await
         }
         .await;

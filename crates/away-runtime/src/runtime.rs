@@ -343,6 +343,33 @@ pub fn tail_file(path: PathBuf, still_running: StillRunning) -> LogStream {
     Box::pin(stream)
 }
 
+/// When CRIU froze the workload, from the log of its dump: each line carries the
+/// seconds since CRIU started and the file's modification time is when the last one
+/// was written, so the freeze lies (last line - freeze line) before that. The pause
+/// starts there, not when runc was started: runc's and CRIU's start-up (50-80 ms) pass
+/// while the workload still runs. None when the log has no freeze (or seizing) line.
+pub fn criu_frozen_at(log: &std::path::Path) -> Option<std::time::Instant> {
+    let (now, wall_now) = (std::time::Instant::now(), std::time::SystemTime::now());
+    let written = std::fs::metadata(log).and_then(|m| m.modified()).ok()?;
+    let text = std::fs::read_to_string(log).ok()?;
+    let frozen_before_last = frozen_before_last_line(&text)?;
+    let since_written = wall_now.duration_since(written).unwrap_or_default();
+    now.checked_sub(since_written + frozen_before_last)
+}
+
+/// How long before a CRIU log's last line its freeze began: the cgroup freezer's, or
+/// without one the first task seized (CRIU stops the tasks as it seizes them).
+fn frozen_before_last_line(log: &str) -> Option<std::time::Duration> {
+    let stamp = |l: &str| l.strip_prefix('(')?.split_once(')')?.0.trim().parse::<f64>().ok();
+    let frozen = log
+        .lines()
+        .find(|l| l.contains("freezing cgroup"))
+        .or_else(|| log.lines().find(|l| l.contains("Seized task")))
+        .and_then(stamp)?;
+    let last = log.lines().rev().find_map(stamp)?;
+    Some(std::time::Duration::from_secs_f64((last - frozen).max(0.0)))
+}
+
 /// The error lines of a CRIU log, to append to a failure message: runc's own error
 /// only says "criu failed", the reason is in the log.
 pub fn criu_log_errors(log: &std::path::Path) -> String {
@@ -352,4 +379,21 @@ pub fn criu_log_errors(log: &std::path::Path) -> String {
         return String::new();
     }
     format!(" (criu log {}: {})", log.display(), errors.join(" | "))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_freeze_is_read_from_criu_log() {
+        let log = "(00.000000) CRIU run id = x\n\
+                   (00.035336) freezing cgroup /sys/fs/cgroup/freezer/away/w: 100 x 100ms attempts\n\
+                   (00.035757) Seized task 2069, state 1\n\
+                   pie: 1: __sent ack msg: 2 2 0\n\
+                   (00.114655) \tRPC\n";
+        let d = super::frozen_before_last_line(log).unwrap();
+        assert_eq!(d.as_micros(), 79_319);
+        let seized_only = "(00.010000) Seized task 7, state 1\n(00.050000) Dumping finished successfully\n";
+        assert_eq!(super::frozen_before_last_line(seized_only).unwrap().as_millis(), 40);
+        assert!(super::frozen_before_last_line("(00.1) nothing here\n").is_none());
+    }
 }

@@ -22,6 +22,7 @@ use std::time::Duration;
 pub mod pagemap;
 pub mod prefetch;
 pub mod pull;
+pub mod push;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -264,13 +265,20 @@ impl TargetRelay {
         let counters = Arc::new(RelayCounters::default());
         let c = counters.clone();
         let task = tokio::spawn(async move {
-            let (daemon, _) = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
-                .await
-                .map_err(|_| "the lazy-pages daemon did not connect".to_string())?
-                .map_err(|e| e.to_string())?;
-            let net = TcpStream::connect(upstream)
-                .await
-                .map_err(|e| format!("connect to the source's page relay {upstream}: {e}"))?;
+            // the page link comes up while the daemon starts and the restore begins: its
+            // round trip is not on the first fault's way
+            let daemon = async {
+                tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
+                    .await
+                    .map_err(|_| "the lazy-pages daemon did not connect".to_string())?
+                    .map_err(|e| e.to_string())
+            };
+            let net = async {
+                TcpStream::connect(upstream)
+                    .await
+                    .map_err(|e| format!("connect to the source's page relay {upstream}: {e}"))
+            };
+            let ((daemon, _), net) = tokio::try_join!(daemon, net)?;
             let _ = net.set_nodelay(true);
             let (mut d_r, mut d_w) = daemon.into_split();
             let (mut n_r, mut n_w) = net.into_split();

@@ -53,6 +53,21 @@ impl Entry {
         self.flags() & PE_LAZY != 0 && self.flags() & PE_PRESENT == 0
     }
 
+    /// This entry's fields (flags, in_parent …) for another range of its pages.
+    pub fn with_range(&self, vaddr: u64, pages: u64) -> Entry {
+        let mut e = self.clone();
+        let wide = e.get(FIELD_PAGES64).is_some();
+        for f in e.fields.iter_mut() {
+            match f.0 {
+                FIELD_VADDR => f.1 = vaddr,
+                FIELD_PAGES64 => f.1 = pages,
+                FIELD_PAGES if !wide => f.1 = pages,
+                _ => {}
+            }
+        }
+        e
+    }
+
     pub fn set_flags(&mut self, flags: u64) {
         match self.fields.iter_mut().find(|(k, _)| *k == FIELD_FLAGS) {
             Some(f) => f.1 = flags,
@@ -149,7 +164,7 @@ fn fields(msg: &[u8]) -> Option<Vec<(u64, u64)>> {
     Some(out)
 }
 
-fn varint(b: &[u8]) -> Option<(u64, usize)> {
+pub(super) fn varint(b: &[u8]) -> Option<(u64, usize)> {
     let mut v = 0u64;
     for (i, byte) in b.iter().enumerate().take(10) {
         v |= u64::from(byte & 0x7f) << (7 * i);

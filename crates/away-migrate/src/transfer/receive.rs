@@ -346,8 +346,14 @@ where
     stream.set_nodelay(true)?;
     let idle = ctx.options.idle_timeout;
     let timed_out = || io::Error::new(io::ErrorKind::TimedOut, format!("sender silent for {idle:?}"));
-    let (frame, hello_wire) =
+    let (mut frame, mut hello_wire) =
         tokio::time::timeout(idle, wire::read_frame(&mut stream)).await.map_err(|_| timed_out())??;
+    while let Frame::WarmUp(_) = frame {
+        // a sender warming the connection up before its pause: answer, wait for the hello
+        wire::write_frame(&mut stream, &Frame::WarmUp(0)).await?;
+        (frame, hello_wire) =
+            tokio::time::timeout(idle, wire::read_frame(&mut stream)).await.map_err(|_| timed_out())??;
+    }
     let hello = match frame {
         Frame::Hello(h) => h,
         other => return fail(&mut stream, format!("expected hello, got {}", other.name())).await,

@@ -25,6 +25,7 @@ const KIND_CHUNK: u8 = 3;
 const KIND_DONE: u8 = 4;
 const KIND_VERDICT: u8 = 5;
 const KIND_ERROR: u8 = 6;
+const KIND_WARM_UP: u8 = 7;
 
 pub(crate) const CODEC_NONE: u8 = 0;
 pub(crate) const CODEC_ZSTD: u8 = 1;
@@ -72,6 +73,9 @@ pub(crate) enum Frame {
     Done,
     Verdict(Verdict),
     Error(ErrorFrame),
+    /// Filler of this many bytes before a hello, answered by an empty one: it grows the
+    /// connection's congestion window before the payload has to cross it.
+    WarmUp(u32),
 }
 
 impl Frame {
@@ -83,6 +87,7 @@ impl Frame {
             Frame::Done => "done",
             Frame::Verdict(_) => "verdict",
             Frame::Error(_) => "error",
+            Frame::WarmUp(_) => "warm-up",
         }
     }
 
@@ -95,6 +100,7 @@ impl Frame {
             Frame::Done => (KIND_DONE, Vec::new()),
             Frame::Verdict(v) => (KIND_VERDICT, json(v)),
             Frame::Error(e) => (KIND_ERROR, json(e)),
+            Frame::WarmUp(n) => (KIND_WARM_UP, vec![0u8; *n as usize]),
         };
         let mut out = Vec::with_capacity(FRAME_HEADER + payload.len());
         out.push(kind);
@@ -150,6 +156,7 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(F
         KIND_DONE => Frame::Done,
         KIND_VERDICT => Frame::Verdict(parse(&payload, "verdict")?),
         KIND_ERROR => Frame::Error(parse(&payload, "error")?),
+        KIND_WARM_UP => Frame::WarmUp(len as u32),
         KIND_CHUNK => {
             if len < CHUNK_HEADER {
                 return Err(invalid(format!("chunk frame of {len} bytes is shorter than its header")));
