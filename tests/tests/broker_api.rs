@@ -173,6 +173,7 @@ fn report(workload: &str, source: &str, target: &str) -> MigrationReport {
         total_millis: 900,
         downtime_millis: 700,
         degraded_millis: 0,
+        resumed_unix_ms: None,
         bytes_raw: 1 << 20,
         bytes_wire: 1 << 19,
         reason: "test".into(),

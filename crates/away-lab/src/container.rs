@@ -215,6 +215,8 @@ async fn attempt(
                 &format!("MEMLOAD_CPU_THREADS={}", opts.cpu_threads),
                 "-e",
                 "MEMLOAD_PORT=0",
+                "-e",
+                &format!("MEMLOAD_INTERVAL_MS={}", HEARTBEAT.as_millis()),
             ],
         )
         .await?;
@@ -235,6 +237,12 @@ async fn attempt(
     }
     // Let the load run a moment, as the VM's does.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // memload's write rate before the move (the last heartbeats), to judge it after
+    let logs = source.away(bin, &["logs", name]).await?;
+    let before = heartbeats(&String::from_utf8_lossy(&logs.stdout));
+    let mut rates: Vec<u64> = before.iter().rev().take(4).map(|b| b.1).collect();
+    rates.sort_unstable();
+    let baseline = rates.get(rates.len() / 2).copied().filter(|r| *r > 0);
 
     status(format!("migrating over {}", planned.link));
     let out = source
@@ -262,6 +270,16 @@ async fn attempt(
         .await?;
     drop(front);
     let report: Option<MigrationReport> = serde_json::from_slice(&out.stdout).ok();
+    let mut slowed = None;
+    if let (Some(r), Some(baseline)) = (report.as_ref().filter(|r| r.ok), baseline) {
+        // a few heartbeats of the moved app at full speed close the picture
+        tokio::time::sleep(HEARTBEAT * 4).await;
+        let logs = target.away(bin, &["logs", name]).await?;
+        // kept beside the agent's log: the app's own account of the move
+        let _ = std::fs::write(opts.out_dir.join("logs").join(format!("run-{}-app.log", planned.run)), &logs.stdout);
+        let after = heartbeats(&String::from_utf8_lossy(&logs.stdout));
+        slowed = r.resumed_unix_ms.and_then(|resumed| slowed_after(baseline, &after, resumed, HEARTBEAT));
+    }
     match report {
         Some(r) if out.status.success() && r.ok => Ok(RunResult::new(
             planned,
@@ -270,6 +288,7 @@ async fn attempt(
             Some(Duration::from_millis(r.downtime_millis)),
         )
         .with_degraded((r.degraded_millis > 0).then(|| Duration::from_millis(r.degraded_millis)))
+        .with_slowed(slowed)
         .with_bytes(r.bytes_wire, r.bytes_raw)
         .with_notes(phases(&r))),
         Some(r) => Ok(RunResult::new(planned, RunOutcome::Failed, Duration::from_millis(r.total_millis), None)
@@ -283,7 +302,53 @@ async fn attempt(
     }
 }
 
+/// memload's heartbeat period in the lab (its default is 1 s: too coarse to see a
+/// sub-second slowdown).
+const HEARTBEAT: Duration = Duration::from_millis(250);
+
+/// memload's heartbeats in its log: (Unix ms, pages written per second since the last).
+fn heartbeats(log: &str) -> Vec<(u64, u64)> {
+    let field =
+        |l: &str, key: &str| l.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse::<u64>().ok());
+    log.lines()
+        .filter(|l| l.starts_with("memload: tick="))
+        .filter_map(|l| Some((field(l, "unix_ms=")?, field(l, "pages_per_s=")?)))
+        .collect()
+}
+
+/// How long after `resumed` (Unix ms) the app wrote below 90 % of `baseline` pages/s:
+/// until the start of the first full heartbeat period after the resume in which it
+/// wrote at least that. None when no heartbeat after the resume reached it.
+fn slowed_after(baseline: u64, beats: &[(u64, u64)], resumed: u64, period: Duration) -> Option<Duration> {
+    let period = period.as_millis() as u64;
+    let full = beats.iter().find(|(at, rate)| *at >= resumed + period && *rate * 10 >= baseline * 9)?;
+    Some(Duration::from_millis((full.0 - period).saturating_sub(resumed)))
+}
+
 fn phases(r: &MigrationReport) -> String {
     let p: Vec<String> = r.phases.iter().map(|p| format!("{} {:.2}s", p.name, p.millis as f64 / 1000.0)).collect();
     format!("{} {COMPRESSION}; {}", r.mode, p.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_and_the_slowdown_after_a_resume() {
+        let log = "memload: 65536 pages resident\n\
+                   memload: tick=1 unix_ms=1000 pages_per_s=400000 pages_total=1 passes=0\n\
+                   memload: tick=2 unix_ms=1250 pages_per_s=1000 pages_total=2 passes=0\n\
+                   memload: tick=3 unix_ms=1500 pages_per_s=200000 pages_total=3 passes=0\n\
+                   memload: tick=4 unix_ms=1750 pages_per_s=390000 pages_total=4 passes=0\n";
+        let beats = heartbeats(log);
+        assert_eq!(beats.len(), 4);
+        assert_eq!(beats[0], (1000, 400_000));
+        let period = Duration::from_millis(250);
+        // resumed at 1100: the first full period at >= 90 % ends at 1750, so it began at 1500
+        assert_eq!(slowed_after(400_000, &beats, 1100, period), Some(Duration::from_millis(400)));
+        // a heartbeat whose period straddles the resume does not count
+        assert_eq!(slowed_after(400_000, &beats, 900, period), Some(Duration::from_millis(600)));
+        assert_eq!(slowed_after(500_000, &beats, 1100, period), None);
+    }
 }

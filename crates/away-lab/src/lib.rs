@@ -449,6 +449,10 @@ pub struct RunResult {
     /// Lazy moves: running on the target while pages still arrived.
     #[serde(default)]
     pub degraded_s: Option<f64>,
+    /// Under a RAM load: how long after the resume memload wrote below 90 % of its
+    /// rate before the move (the app's own view of "degraded").
+    #[serde(default)]
+    pub slowed_s: Option<f64>,
     pub bytes_wire: u64,
     pub bytes_raw: u64,
     /// bytes on the wire / link rate + round trips.
@@ -475,6 +479,7 @@ impl RunResult {
             total_s: total.as_secs_f64(),
             downtime_s: downtime.map(|d| d.as_secs_f64()),
             degraded_s: None,
+            slowed_s: None,
             bytes_wire: 0,
             bytes_raw: 0,
             limit_s: 0.0,
@@ -486,6 +491,11 @@ impl RunResult {
 
     pub fn with_degraded(mut self, degraded: Option<Duration>) -> Self {
         self.degraded_s = degraded.map(|d| d.as_secs_f64());
+        self
+    }
+
+    pub fn with_slowed(mut self, slowed: Option<Duration>) -> Self {
+        self.slowed_s = slowed.map(|d| d.as_secs_f64());
         self
     }
 

@@ -14,7 +14,7 @@ use crate::reference::{self, ReferencePoint};
 use crate::{io_err, LabError, LabResults, LinkKind, Load, MigrationPath, RunResult};
 
 pub const CSV_HEADER: &str =
-    "run,path,link,load,rep,total_s,downtime_s,degraded_s,bytes_wire,bytes_raw,converged,limit_s,total_over_limit,notes";
+    "run,path,link,load,rep,total_s,downtime_s,degraded_s,slowed_s,bytes_wire,bytes_raw,converged,limit_s,total_over_limit,notes";
 
 /// Font for the plots' text (Debian: fonts-dejavu-core); `AWAY_LAB_FONT` overrides it.
 const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -72,7 +72,7 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
     for r in &results.runs {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.3},{},{},{},{},{},{:.3},{},{}",
+            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{:.3},{},{}",
             r.run,
             r.path,
             r.link,
@@ -81,6 +81,7 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
             r.total_s,
             opt(r.downtime_s, 3),
             opt(r.degraded_s, 3),
+            opt(r.slowed_s, 3),
             r.bytes_wire,
             r.bytes_raw,
             r.converged(),
@@ -99,6 +100,8 @@ struct Point {
     downtime: Option<f64>,
     /// Lazy moves: running on the target while pages arrived.
     degraded: Option<f64>,
+    /// Under a RAM load: memload below 90 % of its rate after the resume.
+    slowed: Option<f64>,
     wire: Option<f64>,
     limit: Option<f64>,
     min: f64,
@@ -128,6 +131,7 @@ fn points(results: &LabResults) -> BTreeMap<(LinkKind, Load, MigrationPath), Poi
                 total: mean(&totals),
                 downtime: mean(&moved.iter().filter_map(|r| r.downtime_s).collect::<Vec<_>>()),
                 degraded: mean(&moved.iter().filter_map(|r| r.degraded_s).collect::<Vec<_>>()),
+                slowed: mean(&moved.iter().filter_map(|r| r.slowed_s).collect::<Vec<_>>()),
                 wire: mean(&moved.iter().map(|r| r.bytes_wire as f64).collect::<Vec<_>>()),
                 limit: mean(&moved.iter().map(|r| r.limit_s).collect::<Vec<_>>()),
                 min: totals.iter().copied().fold(f64::INFINITY, f64::min),
@@ -224,17 +228,18 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
     let _ = writeln!(
         md,
         "Means over the runs that finished. VM downtime: the source's STOP event to the destination's RESUME event; \
-         container downtime: checkpoint start to restored; degraded (lazy): running on the target while pages \
-         still arrived. Limit: bytes on the wire ÷ link rate + round trips \
+         container downtime: CRIU's freeze to restored; degraded (lazy): running on the target while pages \
+         still arrived; slowed (RAM loads): memload writing below 90 % of its rate before the move, from the \
+         resume on (its own heartbeats, every 250 ms). Limit: bytes on the wire ÷ link rate + round trips \
          ({} for a VM, {} for a container).\n",
         crate::VM_ROUND_TRIPS,
         crate::CONTAINER_ROUND_TRIPS
     );
     let _ = writeln!(
         md,
-        "| link | load | path | moved | total s (min–max) | downtime s | degraded s | wire MB | limit s | total / limit |"
+        "| link | load | path | moved | total s (min–max) | downtime s | degraded s | slowed s | wire MB | limit s | total / limit |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for ((link, load, path), p) in &pts {
         let range = if p.moved > 1 { format!(" ({:.2}–{:.2})", p.min, p.max) } else { String::new() };
         let moved = if p.not_converged > 0 {
@@ -244,10 +249,11 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
         };
         let _ = writeln!(
             md,
-            "| {link} | {load} | {path} | {moved} | {}{range} | {} | {} | {} | {} | {} |",
+            "| {link} | {load} | {path} | {moved} | {}{range} | {} | {} | {} | {} | {} | {} |",
             s(p.total),
             s(p.downtime),
             s(p.degraded),
+            s(p.slowed),
             s(p.wire.map(|w| w / 1e6)),
             s(p.limit),
             s(p.total.zip(p.limit).map(|(t, l)| t / l)),

@@ -256,6 +256,7 @@ pub async fn migrate_container(
         total_millis: started.elapsed().as_millis() as u64,
         downtime_millis: downtime.as_millis() as u64,
         degraded_millis: 0,
+        resumed_unix_ms: Some(resumed_unix_ms(downtime_start + downtime)),
         bytes_raw: outcome.bytes_raw,
         bytes_wire: outcome.bytes_wire,
         reason: format!("{}; {}", compat.reason, choice.reason),
@@ -328,6 +329,11 @@ struct Moving<'a> {
 /// A connection to the target's transfer port, opened before the workload stops (the
 /// payload then goes without a connect round trip in the pause), and the address of
 /// this host the target reaches (its local end: where the page relay listens).
+/// The wall-clock time of `at` (a moment in the past).
+fn resumed_unix_ms(at: Instant) -> u64 {
+    now_ms().saturating_sub(at.elapsed().as_millis() as u64)
+}
+
 /// When the workload stopped: CRIU's freeze, read from the dump's log in `payload`
 /// ([`away_runtime::runtime::criu_frozen_at`]), or `started` (when the dump began) if the
 /// log does not say.
@@ -338,9 +344,7 @@ fn frozen_at(payload: &Path, started: Instant) -> Instant {
 
 /// The connection is warmed up ([`crate::transfer::warm_up`]) so that the payload leaves
 /// in one flight; also returns how long it took to open: one round trip to the target.
-async fn connect_early(
-    target: &str,
-) -> Result<(tokio::net::TcpStream, std::net::IpAddr, Duration), MigrateError> {
+async fn connect_early(target: &str) -> Result<(tokio::net::TcpStream, std::net::IpAddr, Duration), MigrateError> {
     let connect = || async {
         let t = Instant::now();
         let s = tokio::net::TcpStream::connect(target)
@@ -562,6 +566,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         total_millis: m.started.elapsed().as_millis() as u64,
         downtime_millis: downtime.as_millis() as u64,
         degraded_millis: degraded.as_millis() as u64,
+        resumed_unix_ms: Some(resumed_unix_ms(downtime_start + downtime)),
         bytes_raw: outcome.bytes_raw + counters.plain(),
         bytes_wire: outcome.bytes_wire + counters.wire(),
         reason: m.reason,

@@ -122,6 +122,10 @@ pub struct MigrationReport {
     /// (it may be slowed by page faults); 0 for other modes.
     #[serde(default)]
     pub degraded_millis: u64,
+    /// Container moves: when the workload ran again on the target (Unix ms, the
+    /// source's clock), to line its own progress up with the move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_unix_ms: Option<u64>,
     /// Bytes of state before compression (CRIU images + rootfs changes, or RAM sent).
     pub bytes_raw: u64,
     /// Bytes that crossed the network.

@@ -567,7 +567,12 @@ impl ContainerdRuntime {
             ts.start(self.req(api::StartRequest { container_id: name.into(), exec_id: String::new() }))
                 .await
                 .map_err(|s| Self::failed("start task", name, s))?;
-            tracing::info!(workload = name, pid = created.pid, ms = clock.elapsed().as_millis() as u64, "containerd task started");
+            tracing::info!(
+                workload = name,
+                pid = created.pid,
+                ms = clock.elapsed().as_millis() as u64,
+                "containerd task started"
+            );
             self.status(name).await
         }
         .await;

@@ -236,7 +236,17 @@ mod tests {
     fn core_image(sp: u64, tp: u64, rseq: u64) -> Vec<u8> {
         let mut regs = Vec::new();
         for f in 1..=27 {
-            varint_field(&mut regs, f, if f == REGS_SP { sp } else if f == REGS_FS_BASE { tp } else { f });
+            varint_field(
+                &mut regs,
+                f,
+                if f == REGS_SP {
+                    sp
+                } else if f == REGS_FS_BASE {
+                    tp
+                } else {
+                    f
+                },
+            );
         }
         let mut info = Vec::new();
         varint_field(&mut info, 1, 0x1234);

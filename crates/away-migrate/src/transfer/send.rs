@@ -73,7 +73,8 @@ pub async fn send(
 pub async fn warm_up(stream: &mut TcpStream, bytes: u32, timeout: Duration) -> Result<Duration, TransferError> {
     let t = Instant::now();
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let protocol = |message: String| TransferError::Protocol { peer: peer.clone(), transfer_id: String::new(), message };
+    let protocol =
+        |message: String| TransferError::Protocol { peer: peer.clone(), transfer_id: String::new(), message };
     let exchange = async {
         wire::write_frame(stream, &Frame::WarmUp(bytes)).await?;
         wire::read_frame(stream).await
