@@ -7,7 +7,9 @@
 //! containerd namespaces of their own. Then: a move that works (the heartbeat goes on
 //! from the same start time on the target), and the faults of the stop-and-copy tests
 //! during the lazy phase (link cut, corrupt pages, target's page daemon killed early
-//! and late), each ending with exactly one instance: the source, resumed by CRIU.
+//! and late, the target's agent killed), each ending with exactly one instance: the
+//! source, resumed by CRIU (a killed agent's copy is killed at once and removed when the
+//! agent is back).
 //! Then the same for streamed stop-and-copy (`--mode stop-copy`, which pulls every page
 //! into the target's images before it restores): a good move, a cut, corrupt pages and
 //! the target's agent dying mid-pull.
@@ -61,6 +63,13 @@ fn running(node: &NodeInfoLocal, role: &str, name: &str) -> usize {
         .as_array()
         .map(|a| a.iter().filter(|w| w["name"] == name && w["state"] == "running").count())
         .unwrap_or(0)
+}
+
+/// Workloads called `name` on the node, in any state.
+fn listed(node: &NodeInfoLocal, role: &str, name: &str) -> usize {
+    let out = on(node, role, &["ps", "--json"], &[]).output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v["workloads"].as_array().map(|a| a.iter().filter(|w| w["name"] == name).count()).unwrap_or(0)
 }
 
 /// The target's standalone agent (killed by its PID when dropped).
@@ -218,9 +227,18 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
     struct Cleanup<'a>(&'a Nodes);
     impl Drop for Cleanup<'_> {
         fn drop(&mut self) {
-            for name in
-                ["ml-ok", "ml-cut", "ml-corrupt", "ml-kill-early", "ml-kill", "ms-ok", "ms-cut", "ms-corrupt", "ms-die"]
-            {
+            for name in [
+                "ml-ok",
+                "ml-cut",
+                "ml-corrupt",
+                "ml-kill-early",
+                "ml-kill",
+                "ml-agent-dies",
+                "ms-ok",
+                "ms-cut",
+                "ms-corrupt",
+                "ms-die",
+            ] {
                 self.0.remove(name);
             }
         }
@@ -263,6 +281,25 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         let fault = format!("kill-daemon-after-ms:{ms}");
         let _agent = Agent::start(nodes.target(), name, &[("AWAY_FAULT_LAZY_TARGET", &fault)]);
         nodes.assert_move_fails(name, "lazy", &[], &format!("{fault} (no page daemon on the target)"));
+    }
+    // the target's whole agent dies in the lazy phase: the shell around its page daemon
+    // kills the copy (which would run on with zero-filled pages), the source resumes,
+    // and the agent, started again, removes the copy its last run left
+    {
+        let name = "ml-agent-dies";
+        let agent = Agent::start(nodes.target(), name, &[("AWAY_FAULT_LAZY_TARGET", "kill-agent-after-ms:700")]);
+        let before = nodes.start_memload(name);
+        let (ok, _, stderr) = nodes.migrate(name, "lazy", &[]);
+        assert!(!ok, "the target's agent died: the move cannot succeed");
+        nodes.assert_source_resumed(name, before, &stderr);
+        drop(agent);
+        assert_eq!(listed(nodes.target(), "target", name), 1, "the dead copy waits for its agent");
+        let _again = Agent::start(nodes.target(), "ml-agent-dies-again", &[]);
+        assert!(
+            wait_for(75, || (listed(nodes.target(), "target", name) == 0).then_some(())).is_some(),
+            "the agent, back, removed the copy its last run left"
+        );
+        nodes.remove(name);
     }
     // 5. streamed stop-and-copy: the pages go from the source's CRIU into the target's
     // images while the rest travels; the target restores once all are in

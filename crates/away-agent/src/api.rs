@@ -184,6 +184,10 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
         return Verdict::failed("restore killed (AWAY_FAULT_RESTORE=fail)");
     }
     let settle = std::time::Duration::from_millis(500);
+    let id = &payload.transfer_id;
+    if let Some(m) = &manifest {
+        agent.journal(id, &Provisional { workload: m.spec.name.clone(), runtime: m.runtime });
+    }
     let mut result = restore_received(&agent.node, &payload, settle).await;
     let verdict = verdict_for(&result, settle);
     let Some(m) = manifest else { return verdict };
@@ -193,6 +197,7 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
             match restored.lazy.take() {
                 // the source's process is gone: no lease may remove the only copy
                 None if restored.released => {
+                    agent.unjournal(id);
                     tracing::info!(workload = %p.workload, transfer = %payload.transfer_id, "every page is in and the source let go: the copy is final");
                 }
                 None => agent.arm_lease(payload.transfer_id.clone(), p),
@@ -202,9 +207,15 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
         Err(failed) => {
             // a copy that would not go at once goes in the background: the source
             // resumes its own as soon as it hears the verdict
-            if let Some(workload) = failed.leftover.take() {
-                let agent = agent.clone();
-                tokio::spawn(async move { agent.remove_copy(&Provisional { workload, runtime: m.runtime }).await });
+            match failed.leftover.take() {
+                Some(workload) => {
+                    let (agent, id) = (agent.clone(), id.clone());
+                    tokio::spawn(async move {
+                        agent.remove_copy(&Provisional { workload, runtime: m.runtime }).await;
+                        agent.unjournal(&id);
+                    });
+                }
+                None => agent.unjournal(id),
             }
         }
     }

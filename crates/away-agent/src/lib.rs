@@ -124,14 +124,78 @@ impl Agent {
         self.config.transfer_advertise.clone().unwrap_or_else(|| self.config.transfer_listen.to_string())
     }
 
+    /// Note an incoming copy as provisional, in memory and in the state database: an
+    /// agent that dies before the copy is final removes it when it runs again
+    /// ([`Agent::remove_leftovers`]), since its source resumes its own.
+    async fn hold(&self, transfer_id: &str, p: &Provisional) {
+        self.provisional.lock().await.insert(transfer_id.to_string(), p.clone());
+        self.journal(transfer_id, p);
+    }
+
+    /// Note on disk only: a restore of `p` begins (an agent killed in the middle of it
+    /// leaves a copy to remove when it runs again).
+    pub fn journal(&self, transfer_id: &str, p: &Provisional) {
+        let runtime = serde_json::to_value(p.runtime).ok().and_then(|v| v.as_str().map(str::to_string));
+        if let Err(e) = self.state.hold_provisional(transfer_id, &p.workload, &runtime.unwrap_or_default()) {
+            tracing::warn!(workload = %p.workload, "an agent restart would not know this copy is provisional: {e}");
+        }
+    }
+
+    /// Strike a copy from the journal: it is final, or gone.
+    pub fn unjournal(&self, transfer_id: &str) {
+        if let Err(e) = self.state.drop_provisional(transfer_id) {
+            tracing::warn!(transfer = transfer_id, "{e}");
+        }
+    }
+
+    /// Take a copy out of the provisional ones (it became final, or goes now).
+    async fn release(&self, transfer_id: &str) -> Option<Provisional> {
+        let p = self.provisional.lock().await.remove(transfer_id);
+        self.unjournal(transfer_id);
+        p
+    }
+
+    /// Remove the copies a previous run of this agent held provisionally when it ended
+    /// (killed in the middle of a move): their sources have resumed their own, or will
+    /// when no commit can be answered. In the background; returns how many.
+    pub fn remove_leftovers(self: &Arc<Self>) -> usize {
+        let left = match self.state.provisional_left() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("cannot read the provisional copies of the last run: {e}");
+                return 0;
+            }
+        };
+        for (transfer_id, workload, runtime) in &left {
+            let Ok(runtime) = serde_json::from_value(serde_json::Value::String(runtime.clone())) else {
+                tracing::error!(workload, runtime, "a provisional copy of an unknown runtime is left alone");
+                continue;
+            };
+            tracing::warn!(
+                workload,
+                transfer = transfer_id,
+                "removing a copy the agent's last run left unfinished (the source keeps or resumes its own)"
+            );
+            let (agent, p, id) =
+                (self.clone(), Provisional { workload: workload.clone(), runtime }, transfer_id.clone());
+            tokio::spawn(async move {
+                agent.remove_copy(&p).await;
+                if let Err(e) = agent.state.drop_provisional(&id) {
+                    tracing::warn!(transfer = id, "{e}");
+                }
+            });
+        }
+        left.len()
+    }
+
     /// Remove `workload` after the lease unless its transfer was committed meanwhile.
     pub fn arm_lease(self: &Arc<Self>, transfer_id: String, p: Provisional) {
         let agent = self.clone();
         let lease = self.config.commit_lease;
         tokio::spawn(async move {
-            agent.provisional.lock().await.insert(transfer_id.clone(), p.clone());
+            agent.hold(&transfer_id, &p).await;
             tokio::time::sleep(lease).await;
-            if agent.provisional.lock().await.remove(&transfer_id).is_some() {
+            if agent.release(&transfer_id).await.is_some() {
                 tracing::warn!(workload = %p.workload, transfer = %transfer_id, "no commit from the source within {} s: removing the provisional copy (the source resumes its own)", lease.as_secs());
                 agent.remove_copy(&p).await;
             }
@@ -140,12 +204,12 @@ impl Agent {
 
     /// The source confirms: the provisional workload stays. False if unknown or expired.
     pub async fn commit(&self, transfer_id: &str) -> bool {
-        self.provisional.lock().await.remove(transfer_id).is_some()
+        self.release(transfer_id).await.is_some()
     }
 
     /// The source gives up: remove the provisional workload now. False if unknown.
     pub async fn abort(&self, transfer_id: &str) -> bool {
-        let Some(p) = self.provisional.lock().await.remove(transfer_id) else { return false };
+        let Some(p) = self.release(transfer_id).await else { return false };
         self.remove_copy(&p).await;
         true
     }
@@ -158,7 +222,8 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             match rt.remove(&p.workload).await {
-                Ok(()) => return,
+                // already gone (another path removed it first): nothing left to do
+                Ok(()) | Err(away_runtime::RuntimeError::NotFound { .. }) => return,
                 Err(e) if tokio::time::Instant::now() > deadline => {
                     tracing::error!(workload = %p.workload, "cannot remove the uncommitted copy: {e}");
                     return;
@@ -189,7 +254,7 @@ impl Agent {
         p: Provisional,
         daemon: away_migrate::lazy::LazyPagesDaemon,
     ) {
-        self.provisional.lock().await.insert(transfer_id.clone(), p.clone());
+        self.hold(&transfer_id, &p).await;
         let agent = self.clone();
         tokio::spawn(async move {
             match daemon.wait().await {
@@ -197,12 +262,12 @@ impl Agent {
                     // every page is here, so the source's CRIU has ended the source process:
                     // this copy is the workload whether the source's commit arrives or not
                     // (a lease removing it could leave none)
-                    agent.provisional.lock().await.remove(&transfer_id);
+                    agent.release(&transfer_id).await;
                     tracing::info!(workload = %p.workload, transfer = %transfer_id, "every page is in: the copy is final");
                 }
                 Err(e) => {
                     tracing::warn!(workload = %p.workload, transfer = %transfer_id, "lazy phase failed, removing the partial copy: {e}");
-                    if agent.provisional.lock().await.remove(&transfer_id).is_some() {
+                    if agent.release(&transfer_id).await.is_some() {
                         agent.remove_copy(&p).await;
                     }
                 }
@@ -220,6 +285,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         .await
         .map_err(|e| AgentError::Bind { addr: config.transfer_listen.to_string(), source: e })?;
     let agent = Agent::open(config).await?;
+    agent.remove_leftovers();
     tracing::info!(name = %agent.config.name, api = %agent.config.listen, transfer = %agent.config.transfer_listen, "agent up");
     let heartbeats = agent.config.broker.clone().map(|link| tokio::spawn(broker::run(agent.clone(), link)));
     let receiver = {

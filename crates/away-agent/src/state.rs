@@ -1,5 +1,5 @@
-//! The agent's own state, in SQLite (WAL): its registration with the broker and the
-//! events the broker has not acknowledged yet. It survives agent restarts and broker
+//! The agent's own state, in SQLite (WAL): its registration with the broker, the
+//! events the broker has not acknowledged yet, and the incoming copies not yet final. It survives agent restarts and broker
 //! outages alike, which is what lets the agent work offline and reconcile later.
 
 use std::path::Path;
@@ -33,7 +33,8 @@ impl AgentState {
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=NORMAL;
              CREATE TABLE IF NOT EXISTS registration (broker TEXT PRIMARY KEY, response TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS provisional (transfer_id TEXT PRIMARY KEY, workload TEXT NOT NULL, runtime TEXT NOT NULL);",
         )
         .map_err(err)?;
         Ok(AgentState { db: Mutex::new(db), path: p })
@@ -91,6 +92,35 @@ impl AgentState {
         Ok(rows.flatten().filter_map(|j| serde_json::from_str(&j).ok()).collect())
     }
 
+    /// An incoming copy that is not final yet (its source may still resume its own).
+    pub fn hold_provisional(&self, transfer_id: &str, workload: &str, runtime: &str) -> Result<(), StateError> {
+        self.db()
+            .execute(
+                "INSERT OR REPLACE INTO provisional (transfer_id, workload, runtime) VALUES (?1, ?2, ?3)",
+                params![transfer_id, workload, runtime],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The copy became final or went.
+    pub fn drop_provisional(&self, transfer_id: &str) -> Result<(), StateError> {
+        self.db()
+            .execute("DELETE FROM provisional WHERE transfer_id = ?1", [transfer_id])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Copies a previous run of the agent held when it ended: (transfer id, workload, runtime).
+    pub fn provisional_left(&self) -> Result<Vec<(String, String, String)>, StateError> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare("SELECT transfer_id, workload, runtime FROM provisional ORDER BY transfer_id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(|e| self.err(e))?;
+        Ok(rows.flatten().collect())
+    }
+
     /// The broker stored every event up to `seq`: drop them.
     pub fn ack(&self, seq: u64) -> Result<(), StateError> {
         self.db().execute("DELETE FROM events WHERE seq <= ?1", [seq as i64]).map(|_| ()).map_err(|e| self.err(e))
@@ -135,5 +165,19 @@ mod tests {
         // seq keeps growing after acks and reopen: the broker never sees a reused number
         assert_eq!(s.push_event(event("c")).unwrap().seq, 3);
         assert_eq!(s.registration("http://b").unwrap().unwrap().agent_token, "t");
+    }
+
+    #[test]
+    fn provisional_copies_outlive_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        {
+            let st = AgentState::open(&path).unwrap();
+            st.hold_provisional("t1", "counter", "containerd").unwrap();
+            st.hold_provisional("t2", "labdesk", "containerd").unwrap();
+            st.drop_provisional("t2").unwrap();
+        }
+        let st = AgentState::open(&path).unwrap();
+        assert_eq!(st.provisional_left().unwrap(), vec![("t1".into(), "counter".into(), "containerd".into())]);
     }
 }

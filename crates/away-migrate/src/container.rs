@@ -763,7 +763,16 @@ pub async fn restore_received(
                 }
             };
             match restored {
-                Ok(st) => (st, Some(daemon)),
+                Ok(st) => {
+                    match st.pid {
+                        Some(pid) if pid > 0 => daemon.guard(pid),
+                        _ => tracing::warn!(
+                            workload = st.name,
+                            "no pid for the restored copy: a failing page daemon cannot stop it"
+                        ),
+                    }
+                    (st, Some(daemon))
+                }
                 Err(e) => {
                     daemon.kill().await;
                     return Err(e);

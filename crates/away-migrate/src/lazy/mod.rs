@@ -437,9 +437,12 @@ async fn framed_to_plain(
 
 /// The target's CRIU lazy-pages daemon with its relay.
 pub struct LazyPagesDaemon {
+    /// The supervising shell (its process group holds CRIU too).
     child: tokio::process::Child,
     relay: TargetRelay,
     log: PathBuf,
+    /// Where the restored process's pid goes for the shell (which removes the file).
+    restored: PathBuf,
 }
 
 impl LazyPagesDaemon {
@@ -458,7 +461,19 @@ impl LazyPagesDaemon {
         let log = work.join("lazy-pages.log");
         let socket = work.join("lazy-pages.socket");
         let _ = std::fs::remove_file(&socket);
-        let mut child = tokio::process::Command::new("criu")
+        // The daemon runs under a shell that outlives this process: when the daemon fails
+        // (its page link gone, or its relay with an agent that was killed), the shell
+        // kills the restored copy, which would otherwise run on with its missing pages
+        // filled with zeros (a closed userfaultfd falls back to fresh anonymous memory).
+        // (outside the payload, which goes once the restore is answered)
+        let restored =
+            std::env::temp_dir().join(format!("away-lazy-restored-{}-{}.pid", std::process::id(), relay.port));
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(SUPERVISOR)
+            .arg("criu-lazy-pages")
+            .env("AWAY_RESTORED_PIDFILE", &restored)
+            .process_group(0)
             .args(["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port"])
             .arg(relay.port.to_string())
             .arg("--images-dir")
@@ -487,24 +502,39 @@ impl LazyPagesDaemon {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // fault injection for the end-to-end tests: the target side dies mid-copy
-        if let Some(ms) = std::env::var("AWAY_FAULT_LAZY_TARGET")
-            .ok()
-            .and_then(|v| v.strip_prefix("kill-daemon-after-ms:").and_then(|n| n.parse::<u64>().ok()))
-        {
-            if let Some(pid) = child.id() {
+        // fault injection for the end-to-end tests: the target side dies mid-copy, its
+        // page daemon or the whole agent (this process)
+        let fault = std::env::var("AWAY_FAULT_LAZY_TARGET").unwrap_or_default();
+        if let Some(ms) = fault.strip_prefix("kill-agent-after-ms:").and_then(|n| n.parse::<u64>().ok()) {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                tracing::warn!("AWAY_FAULT_LAZY_TARGET: the agent dies mid-copy");
+                std::process::abort();
+            });
+        }
+        if let Some(ms) = fault.strip_prefix("kill-daemon-after-ms:").and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(shell) = child.id() {
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
-                    tracing::warn!(pid, "AWAY_FAULT_LAZY_TARGET: killing the lazy-pages daemon");
-                    let _ = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status();
+                    // CRIU itself, the shell's child: the shell then does what it is there for
+                    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"));
+                    for pid in children.unwrap_or_default().split_whitespace() {
+                        tracing::warn!(pid, "AWAY_FAULT_LAZY_TARGET: killing the lazy-pages daemon");
+                        let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+                    }
                 });
             }
         }
-        Ok(LazyPagesDaemon { child, relay, log })
+        Ok(LazyPagesDaemon { child, relay, log, restored })
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+    /// The restore is done and its process is `pid` (host pid): should the daemon fail
+    /// from now on, that process is killed (see [`LazyPagesDaemon::start`]).
+    pub fn guard(&self, pid: u32) {
+        if let Err(e) = std::fs::write(&self.restored, pid.to_string()) {
+            let file = self.restored.display();
+            tracing::warn!("a failing lazy-pages daemon would leave process {pid} running: write {file}: {e}");
+        }
     }
 
     /// Resolves when the daemon has exited (cancel-safe; the daemon stays owned here).
@@ -559,11 +589,23 @@ impl LazyPagesDaemon {
         }
     }
 
-    /// Stop the daemon (the lazy phase fails on both sides).
+    /// Stop the daemon and its shell (the lazy phase fails on both sides; the caller
+    /// removes the copy).
     pub async fn kill(&mut self) {
+        if let (Some(group), Ok(None)) = (self.child.id(), self.child.try_wait()) {
+            let _ = std::process::Command::new("kill").args(["-9", "--", &format!("-{group}")]).status();
+        }
         let _ = self.child.kill().await;
+        let _ = std::fs::remove_file(&self.restored);
     }
 }
+
+/// The shell around `criu lazy-pages` (arguments: `$@`): a failed daemon takes the
+/// process named in `$AWAY_RESTORED_PIDFILE` with it, if the restore got that far.
+const SUPERVISOR: &str = r#"criu "$@"; rc=$?
+if [ "$rc" -ne 0 ] && [ -s "$AWAY_RESTORED_PIDFILE" ]; then kill -9 "$(cat "$AWAY_RESTORED_PIDFILE")" 2>/dev/null; fi
+rm -f "$AWAY_RESTORED_PIDFILE"
+exit "$rc""#;
 
 /// Mount points at or below `dir`, in mount order (from /proc/self/mountinfo, where
 /// the fifth field is the mount point with space, tab, newline and backslash in octal).
