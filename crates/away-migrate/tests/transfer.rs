@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use away_migrate::transfer::{
-    send, serve, Compression, Faults, Progress, ReceivedPayload, SendOptions, TransferError, Verdict,
+    send, send_on, serve, warm_up, Compression, Faults, Progress, ReceivedPayload, SendOptions, TransferError, Verdict,
 };
 use tokio::net::TcpListener;
 
@@ -145,6 +145,31 @@ async fn round_trip_with_each_compression() {
         .filter(|e| e.file_name().to_string_lossy().starts_with(".away-send"))
         .collect();
     assert!(leftovers.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warmed_up_connection_carries_the_payload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = checkpoint_dir(tmp.path(), 1 << 20);
+    let t = target(tmp.path().join("spool")).await;
+    let mut conn = tokio::net::TcpStream::connect(&t.addr).await.unwrap();
+    // twice: the receiver answers every warm-up until the hello
+    for _ in 0..2 {
+        let rtt = warm_up(&mut conn, 64 << 10, Duration::from_secs(5)).await.unwrap();
+        assert!(rtt < Duration::from_secs(5));
+    }
+    let o = opts(Compression::Zstd { level: 1 });
+    let outcome = send_on(&t.addr, Some(conn), &src, serde_json::json!({"w": 1}), &o).await.unwrap();
+    assert!(outcome.verdict.ok, "{:?}", outcome.verdict);
+    assert_eq!(outcome.reconnects, 0, "the payload went over the warmed-up connection");
+    let (_, got) = t.received.lock().unwrap().pop().unwrap();
+    assert_eq!(got, tree(&src));
+
+    // something that does not answer a warm-up is named, not waited for forever
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut conn = tokio::net::TcpStream::connect(silent.local_addr().unwrap()).await.unwrap();
+    let err = warm_up(&mut conn, 1024, Duration::from_millis(300)).await.unwrap_err();
+    assert!(err.to_string().contains("no answer to a warm-up"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
