@@ -182,7 +182,7 @@ fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!(
-        "downtime: checkpoint start to the target's restore done; degraded (lazy): then until the last page arrived"
+        "downtime: CRIU's freeze (from its log) to the target's restore done; degraded (lazy): then until the last page arrived"
     );
     println!("streamed: `pages` is the target pulling the memory from the source's CRIU, before its restore");
     println!("physical limit = bytes on the wire / link rate + {ROUND_TRIPS} round trips (connect, hello/resume, done/verdict)\n");

@@ -444,7 +444,7 @@ pub struct RunResult {
     /// From the start of the migration to the workload running on the target (or to
     /// the cancel, when it did not converge).
     pub total_s: f64,
-    /// VM: source STOP → destination RESUME; container: checkpoint start → restored.
+    /// VM: source STOP → destination RESUME; container: CRIU's freeze → restored (the verdict's trip back excluded).
     pub downtime_s: Option<f64>,
     /// Lazy moves: running on the target while pages still arrived.
     #[serde(default)]

@@ -161,11 +161,12 @@ pub struct MigrateArgs {
     /// restore at once, pages follow) or auto
     #[arg(long, default_value_t = ContainerMode::Auto, value_parser = parse_mode)]
     mode: ContainerMode,
-    /// Compression of the checkpoint stream: zstd[:LEVEL], gzip[:LEVEL] or none (the
-    /// page stream of streamed and lazy moves is zstd:1 unless none: on loopback or a
-    /// fast LAN the compressor is slower than the link)
-    #[arg(long, default_value_t = Compression::default())]
-    compression: Compression,
+    /// Compression of the checkpoint stream: zstd[:LEVEL], gzip[:LEVEL] or none. The
+    /// page stream of streamed and lazy moves is zstd:1 when this is given and not none;
+    /// left out, zstd:1 too, except towards a target on this host (a loopback address),
+    /// where the compressor is slower than the link [default: zstd:1]
+    #[arg(long)]
+    compression: Option<Compression>,
     /// Name of this node in the report [default: the hostname]
     #[arg(long)]
     source_name: Option<String>,
@@ -224,7 +225,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
     let opts = ContainerMigrationOptions {
         transfer: SendOptions {
-            compression: a.compression,
+            compression: a.compression.unwrap_or_default(),
             chunk_size: a.chunk_size.unwrap_or(1 << 20),
             reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
             faults: Faults {
@@ -236,6 +237,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         },
         settle: None,
         mode: a.mode,
+        compress_pages: a.compression.map(|c| c != Compression::None),
     };
     let bar = progress_bar(a.json);
     let pb = bar.clone();
