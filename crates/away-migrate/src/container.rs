@@ -345,29 +345,21 @@ fn frozen_at(payload: &Path, started: Instant) -> Instant {
     away_runtime::runtime::criu_frozen_at(&log).filter(|t| *t >= started).unwrap_or(started)
 }
 
-/// The connection is warmed up ([`crate::transfer::warm_up`]) so that the payload leaves
-/// in one flight; also returns how long it took to open: one round trip to the target.
+/// Also returns how long it took to open: one round trip to the target.
 async fn connect_early(target: &str) -> Result<(tokio::net::TcpStream, std::net::IpAddr, Duration), MigrateError> {
-    let connect = || async {
-        let t = Instant::now();
-        let s = tokio::net::TcpStream::connect(target)
-            .await
-            .map_err(|e| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}")))?;
-        Ok::<_, MigrateError>((s, t.elapsed()))
-    };
-    let (mut s, round_trip) = connect().await?;
-    if let Err(e) = crate::transfer::warm_up(&mut s, WARM_UP_BYTES, Duration::from_secs(10)).await {
-        // an older target, or a hiccup: a cold connection only costs a round trip or two
-        tracing::warn!("the transfer connection stays cold: {e}");
-        s = connect().await?.0;
-    }
+    let t = Instant::now();
+    let s = tokio::net::TcpStream::connect(target)
+        .await
+        .map_err(|e| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}")))?;
+    let round_trip = t.elapsed();
     let ip = s.local_addr().map_err(|e| MigrateError::Invalid(e.to_string()))?.ip();
     Ok((s, ip, round_trip))
 }
 
-/// Filler sent over the early connection before the freeze: a lazy payload (images and
-/// the pushed pages, 20-40 KiB compressed) then fits in the congestion window.
-const WARM_UP_BYTES: u32 = 64 * 1024;
+/// Filler written on the early connection as the dump begins
+/// ([`crate::transfer::warm_up`]): its two round trips of slow start overlap the dump,
+/// and the payload (20-40 KiB compressed) then leaves in one flight.
+const WARM_UP_BYTES: u32 = 48 * 1024;
 
 /// Lazy (post-copy) move: CRIU dumps everything but memory, the small payload travels,
 /// the target restores at once and fetches pages through the relay pair
@@ -386,6 +378,20 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         opts.transfer.compression != crate::transfer::Compression::None && !same_host
     });
     progress(Step::Checkpointing);
+    let mut early = early;
+    // The payload is small and waited for: CUBIC sends what the window holds at once,
+    // where BBR (this host's default) paces it at the young connection's bandwidth
+    // estimate, a round trip's worth on a 73.6 ms path.
+    if let Err(e) = socket2::SockRef::from(&early).set_tcp_congestion(b"cubic") {
+        tracing::debug!("the transfer connection keeps the host's congestion control: {e}");
+    }
+    let warming = tokio::spawn(async move {
+        if let Err(e) = crate::transfer::warm_up(&mut early, WARM_UP_BYTES).await {
+            // the payload's send finds the connection broken and opens another
+            tracing::warn!("warming the transfer connection up: {e}");
+        }
+        early
+    });
     let checkpoint_start = Instant::now();
     let stopped_at_ms = now_ms();
     let mut retried = false;
@@ -488,7 +494,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let pulling = streamed.then(ticker);
     // a target that dies while pages move breaks the page link before any verdict:
     // give up then instead of waiting for its agent to come back
-    let send = send_payload(&there.transfer_addr, &payload, &manifest, opts, progress, Some(early));
+    let early = warming.await.ok();
+    let send = send_payload(&there.transfer_addr, &payload, &manifest, opts, progress, early);
     tokio::pin!(send);
     let sent = loop {
         tokio::select! {

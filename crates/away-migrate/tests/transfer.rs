@@ -153,10 +153,9 @@ async fn a_warmed_up_connection_carries_the_payload() {
     let src = checkpoint_dir(tmp.path(), 1 << 20);
     let t = target(tmp.path().join("spool")).await;
     let mut conn = tokio::net::TcpStream::connect(&t.addr).await.unwrap();
-    // twice: the receiver answers every warm-up until the hello
+    // filler twice: the receiver answers each, the sender's reader skips the answers
     for _ in 0..2 {
-        let rtt = warm_up(&mut conn, 64 << 10, Duration::from_secs(5)).await.unwrap();
-        assert!(rtt < Duration::from_secs(5));
+        warm_up(&mut conn, 32 << 10).await.unwrap();
     }
     let o = opts(Compression::Zstd { level: 1 });
     let outcome = send_on(&t.addr, Some(conn), &src, serde_json::json!({"w": 1}), &o).await.unwrap();
@@ -164,12 +163,6 @@ async fn a_warmed_up_connection_carries_the_payload() {
     assert_eq!(outcome.reconnects, 0, "the payload went over the warmed-up connection");
     let (_, got) = t.received.lock().unwrap().pop().unwrap();
     assert_eq!(got, tree(&src));
-
-    // something that does not answer a warm-up is named, not waited for forever
-    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mut conn = tokio::net::TcpStream::connect(silent.local_addr().unwrap()).await.unwrap();
-    let err = warm_up(&mut conn, 1024, Duration::from_millis(300)).await.unwrap_err();
-    assert!(err.to_string().contains("no answer to a warm-up"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,25 +66,15 @@ pub async fn send(
     send_on(addr, None, dir, meta, opts).await
 }
 
-/// Send `bytes` of filler over a fresh connection to a receiver and wait for its answer:
-/// TCP's congestion window then holds that much more, so a payload sent soon after
-/// crosses a long path in fewer round trips (a fresh connection sends about 14 KiB in
-/// its first one). Returns the round trip of the exchange.
-pub async fn warm_up(stream: &mut TcpStream, bytes: u32, timeout: Duration) -> Result<Duration, TransferError> {
-    let t = Instant::now();
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let protocol =
-        |message: String| TransferError::Protocol { peer: peer.clone(), transfer_id: String::new(), message };
-    let exchange = async {
-        wire::write_frame(stream, &Frame::WarmUp(bytes)).await?;
-        wire::read_frame(stream).await
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok((Frame::WarmUp(_), _))) => Ok(t.elapsed()),
-        Ok(Ok((other, _))) => Err(protocol(format!("answered a warm-up with {}", other.name()))),
-        Ok(Err(e)) => Err(protocol(format!("warm-up: {e}"))),
-        Err(_) => Err(protocol(format!("no answer to a warm-up within {timeout:?}"))),
-    }
+/// Write `bytes` of filler on a fresh connection to a receiver, ahead of the hello that
+/// [`send_on`] will write on it: the filler keeps the connection busy while the
+/// payload is being made (a checkpoint), so TCP's congestion window has grown instead
+/// of having idled back (Linux restarts slow start after an idle spell), and a small
+/// payload crosses a long path in one round trip instead of two. The receiver answers
+/// each filler frame; the sender's reader skips the answers. Returns once the filler is
+/// in the socket's buffer.
+pub async fn warm_up(stream: &mut TcpStream, bytes: u32) -> io::Result<()> {
+    wire::write_frame(stream, &Frame::WarmUp(bytes)).await.map(|_| ())
 }
 
 /// [`send`], its first attempt over `connected` when given: a connection to `addr` opened
@@ -352,6 +342,8 @@ async fn read_answers(
             })
         })?;
         match frame {
+            // the answer to a filler written before the hello
+            Frame::WarmUp(_) => {}
             Frame::Resume(r) if std::mem::take(&mut expect_fresh_resume) => {
                 if r.have != 0 {
                     return Err(ConnError::Fatal(TransferError::Protocol {
