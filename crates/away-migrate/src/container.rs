@@ -329,9 +329,6 @@ struct Moving<'a> {
     streamed: bool,
 }
 
-/// A connection to the target's transfer port, opened before the workload stops (the
-/// payload then goes without a connect round trip in the pause), and the address of
-/// this host the target reaches (its local end: where the page relay listens).
 /// The wall-clock time of `at` (a moment in the past).
 fn resumed_unix_ms(at: Instant) -> u64 {
     now_ms().saturating_sub(at.elapsed().as_millis() as u64)
@@ -345,6 +342,9 @@ fn frozen_at(payload: &Path, started: Instant) -> Instant {
     away_runtime::runtime::criu_frozen_at(&log).filter(|t| *t >= started).unwrap_or(started)
 }
 
+/// A connection to the target's transfer port, opened before the workload stops (the
+/// payload then goes without a connect round trip in the pause), and the address of
+/// this host the target reaches (its local end: where the page relay listens).
 /// Also returns how long it took to open: one round trip to the target.
 async fn connect_early(target: &str) -> Result<(tokio::net::TcpStream, std::net::IpAddr, Duration), MigrateError> {
     let t = Instant::now();

@@ -465,7 +465,8 @@ impl LazyPagesDaemon {
         // (its page link gone, or its relay with an agent that was killed), the shell
         // kills the restored copy, which would otherwise run on with its missing pages
         // filled with zeros (a closed userfaultfd falls back to fresh anonymous memory).
-        // (outside the payload, which goes once the restore is answered)
+        // The shell learns that process from a file outside the payload (which goes once
+        // the restore is answered).
         let restored =
             std::env::temp_dir().join(format!("away-lazy-restored-{}-{}.pid", std::process::id(), relay.port));
         let mut child = tokio::process::Command::new("sh")
