@@ -6,7 +6,8 @@
 //! protobuf message); the first is the head (`pages_id` = 1: the pages image's
 //! number), the others `pagemap_entry` (vaddr = 1, nr_pages = 2, in_parent = 3,
 //! flags = 4; CRIU 4 may add a 64-bit page count as 5). Every field is a varint, so
-//! a few lines decode and encode them; no crate reads CRIU images.
+//! a few lines decode and encode them; no crate reads CRIU images. The image framing
+//! and the protobuf reader here also serve [`super::push`], which reads core images.
 
 use std::path::{Path, PathBuf};
 
@@ -86,18 +87,17 @@ pub struct Pagemap {
 
 impl Pagemap {
     pub fn parse(img: &[u8]) -> Option<Pagemap> {
-        let magic: [u8; 8] = img.get(..8)?.try_into().ok()?;
-        let mut at = 8;
-        let mut messages = Vec::new();
-        while at + 4 <= img.len() {
-            let len = u32::from_le_bytes(img[at..at + 4].try_into().ok()?) as usize;
-            at += 4;
-            messages.push(fields(img.get(at..at + len)?)?);
-            at += len;
-        }
-        let mut messages = messages.into_iter();
+        let (magic, messages) = image_messages(img)?;
+        let mut messages = messages.into_iter().map(fields).collect::<Option<Vec<_>>>()?.into_iter();
         let head = messages.next()?;
         Some(Pagemap { magic, head, entries: messages.map(|fields| Entry { fields }).collect() })
+    }
+
+    /// Write this pagemap to `image`, through a temporary file renamed over it.
+    pub fn store(&self, image: &Path) -> std::io::Result<()> {
+        let tmp = image.with_extension("img.new");
+        std::fs::write(&tmp, self.encode())?;
+        std::fs::rename(&tmp, image)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -147,24 +147,76 @@ pub fn nothing_left_lazy(checkpoint: &Path) -> bool {
     map.lazy_ranges().is_empty() && written.unwrap_or(0) > 1 << 20
 }
 
-/// A message's (field, value) pairs; None if any field is not a varint.
-fn fields(msg: &[u8]) -> Option<Vec<(u64, u64)>> {
+/// A CRIU image's magics and its messages (each after a u32 length); None when a
+/// length runs past the end.
+pub(super) fn image_messages(img: &[u8]) -> Option<([u8; 8], Vec<&[u8]>)> {
+    let magic: [u8; 8] = img.get(..8)?.try_into().ok()?;
+    let mut at = 8;
+    let mut messages = Vec::new();
+    while at + 4 <= img.len() {
+        let len = u32::from_le_bytes(img[at..at + 4].try_into().ok()?) as usize;
+        at += 4;
+        messages.push(img.get(at..at + len)?);
+        at += len;
+    }
+    Some((magic, messages))
+}
+
+/// A protobuf field's value: what CRIU's images use (varints and nested messages).
+pub(super) enum Value<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+/// The fields of one protobuf message; None when it does not decode.
+pub(super) fn message(msg: &[u8]) -> Option<Vec<(u64, Value<'_>)>> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < msg.len() {
         let (key, n) = varint(&msg[i..])?;
         i += n;
-        if key & 7 != 0 {
-            return None;
-        }
-        let (v, n) = varint(&msg[i..])?;
-        i += n;
-        out.push((key >> 3, v));
+        let value = match key & 7 {
+            0 => {
+                let (v, n) = varint(&msg[i..])?;
+                i += n;
+                Value::Varint(v)
+            }
+            2 => {
+                let (len, n) = varint(&msg[i..])?;
+                i += n;
+                let end = i.checked_add(usize::try_from(len).ok()?)?;
+                let b = msg.get(i..end)?;
+                i = end;
+                Value::Bytes(b)
+            }
+            1 => {
+                i += 8;
+                Value::Fixed
+            }
+            5 => {
+                i += 4;
+                Value::Fixed
+            }
+            _ => return None,
+        };
+        out.push((key >> 3, value));
     }
-    Some(out)
+    (i == msg.len()).then_some(out)
 }
 
-pub(super) fn varint(b: &[u8]) -> Option<(u64, usize)> {
+/// A message's (field, value) pairs; None if any field is not a varint.
+fn fields(msg: &[u8]) -> Option<Vec<(u64, u64)>> {
+    message(msg)?
+        .into_iter()
+        .map(|(k, v)| match v {
+            Value::Varint(n) => Some((k, n)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
     let mut v = 0u64;
     for (i, byte) in b.iter().enumerate().take(10) {
         v |= u64::from(byte & 0x7f) << (7 * i);

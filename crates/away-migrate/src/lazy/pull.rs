@@ -146,9 +146,7 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, S
     }
     let rewrite = || -> std::io::Result<()> {
         std::fs::rename(&new_pages, &old_pages)?;
-        let tmp: PathBuf = image.with_extension("img.pulling");
-        std::fs::write(&tmp, map.encode())?;
-        std::fs::rename(&tmp, &image)
+        map.store(&image)
     };
     if let Err(e) = rewrite() {
         pulled.abort();

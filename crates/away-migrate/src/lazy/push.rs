@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::pagemap::{varint, Entry, Pagemap, PE_LAZY, PE_PRESENT};
+use super::pagemap::{image_messages, message, Entry, Pagemap, Value, PE_LAZY, PE_PRESENT};
 use super::prefetch::PAGE;
 
 /// Fields of CRIU's core image (images/core.proto, core-x86.proto, CRIU 4.x):
@@ -30,49 +30,6 @@ const REGS_FS_BASE: u64 = 22;
 const CORE_THREAD_CORE: u64 = 5;
 const THREAD_RSEQ: u64 = 15;
 const RSEQ_POINTER: u64 = 1;
-
-/// A protobuf field's value: what CRIU's images use (varints and nested messages).
-enum Value<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Fixed,
-}
-
-/// The fields of one protobuf message; None when it does not decode.
-fn message(msg: &[u8]) -> Option<Vec<(u64, Value<'_>)>> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < msg.len() {
-        let (key, n) = varint(&msg[i..])?;
-        i += n;
-        let value = match key & 7 {
-            0 => {
-                let (v, n) = varint(&msg[i..])?;
-                i += n;
-                Value::Varint(v)
-            }
-            2 => {
-                let (len, n) = varint(&msg[i..])?;
-                i += n;
-                let end = i.checked_add(usize::try_from(len).ok()?)?;
-                let b = msg.get(i..end)?;
-                i = end;
-                Value::Bytes(b)
-            }
-            1 => {
-                i += 8;
-                Value::Fixed
-            }
-            5 => {
-                i += 4;
-                Value::Fixed
-            }
-            _ => return None,
-        };
-        out.push((key >> 3, value));
-    }
-    (i == msg.len()).then_some(out)
-}
 
 fn nested<'a>(fields: &[(u64, Value<'a>)], field: u64) -> Option<Vec<(u64, Value<'a>)>> {
     fields.iter().find_map(|(f, v)| match v {
@@ -92,12 +49,7 @@ fn number(fields: &[(u64, Value<'_>)], field: u64) -> Option<u64> {
 /// (two magics, then one length-prefixed core_entry): its rseq area, the stack around
 /// its stack pointer and its TLS block around the thread pointer.
 pub fn touched_at_resume(core_image: &[u8]) -> Vec<u64> {
-    let Some(core) = core_image
-        .get(8..12)
-        .and_then(|l| usize::try_from(u32::from_le_bytes(l.try_into().ok()?)).ok())
-        .and_then(|len| core_image.get(12..12 + len))
-        .and_then(message)
-    else {
+    let Some(core) = image_messages(core_image).and_then(|(_, m)| m.first().copied()).and_then(message) else {
         return Vec::new();
     };
     let mut at = Vec::new();
@@ -147,11 +99,10 @@ pub fn push_resume_pages(dir: &Path, pid: u32) -> Result<u64, String> {
     let Some((entries, pages, pushed)) = split(&map.entries, &wanted, &old, read)? else { return Ok(0) };
     map.entries = entries;
     let write = || -> std::io::Result<()> {
-        let (tmp_pages, tmp_map) = (pages_image.with_extension("img.pushing"), image.with_extension("img.pushing"));
+        let tmp_pages = pages_image.with_extension("img.pushing");
         std::fs::write(&tmp_pages, &pages)?;
-        std::fs::write(&tmp_map, map.encode())?;
         std::fs::rename(&tmp_pages, &pages_image)?;
-        std::fs::rename(&tmp_map, &image)
+        map.store(&image)
     };
     write().map_err(|e| format!("rewrite the images in {}: {e}", dir.display()))?;
     Ok(pushed)
