@@ -9,13 +9,14 @@
 //! values live in [`reference`] and are always printed with the label "paper".
 //!
 //! Run time on a 2-core TCG host: the quick profile (24 runs) took 301 s, measured
-//! (`cargo test -p away-e2e --test lab`). The full profile (2 links × 9 loads × 6 paths
-//! × 2 repetitions = 216 runs, 256 MiB VM, 128 MiB app): see docs/results; its upper
+//! (`cargo test -p away-e2e --test lab`). The full profile (2 links × 9 loads × 7 paths
+//! × 2 repetitions = 252 runs, 256 MiB VM, 128 MiB app): see docs/results; its upper
 //! bound from [`CompareOptions::estimate`] is dominated by VM runs under RAM load
 //! over the WAN that run into their time limit (3 × VM RAM / rate = 174 s each).
 
 mod container;
 pub mod link;
+pub mod merge;
 mod output;
 pub mod reference;
 mod vm;
@@ -30,6 +31,7 @@ use away_model::{ByteSize, RuntimeKind};
 use serde::{Deserialize, Serialize};
 
 pub use link::{LinkEmulator, LinkFront, PacketSides};
+pub use merge::{load_results, merge_dirs, MergeSource, SourceSummary};
 pub use output::{write_csv, write_outputs, write_plots, write_report, OutputFiles, CSV_HEADER};
 
 /// Round trips a container move needs besides the data: TCP connect, hello/resume,
@@ -234,10 +236,7 @@ impl FromStr for MigrationPath {
     type Err = LabError;
     fn from_str(s: &str) -> Result<Self, LabError> {
         MigrationPath::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
-            invalid(
-                "paths",
-                format!("unknown path {s:?} (vm-precopy, vm-autoconverge, vm-postcopy, container-containerd, container-docker)"),
-            )
+            invalid("paths", format!("unknown path {s:?} ({})", MigrationPath::ALL.map(|p| p.name()).join(", ")))
         })
     }
 }
@@ -277,7 +276,7 @@ pub struct CompareOptions {
 }
 
 impl CompareOptions {
-    /// Everything: 2 links × 9 loads × 6 paths × 2 repetitions = 216 runs, 256 MiB VM,
+    /// Everything: 2 links × 9 loads × 7 paths × 2 repetitions = 252 runs, 256 MiB VM,
     /// 128 MiB app; a VM run that has not finished after 3 × VM RAM / rate counts as not
     /// converged. Sized so a 2-core TCG host finishes it in about two hours.
     pub fn full(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
@@ -532,6 +531,9 @@ pub struct LabSetup {
     pub vm_timeouts: Vec<(String, f64)>,
     pub container_compression: String,
     pub started_unix: u64,
+    /// `away lab merge`: the runs each source gave (empty for one `compare`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceSummary>,
 }
 
 /// Everything `compare` measured.
@@ -571,6 +573,8 @@ pub enum LabError {
     Plot { path: PathBuf, reason: String },
     #[error("{what} is missing: {hint}")]
     Missing { what: String, hint: String },
+    #[error("{path}: {reason}")]
+    Results { path: PathBuf, reason: String },
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> LabError {
@@ -669,6 +673,7 @@ pub async fn compare(
             vm_timeouts: opts.links.iter().map(|l| (l.name().to_string(), opts.vm_timeout(*l).as_secs_f64())).collect(),
             container_compression: container::COMPRESSION.into(),
             started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            sources: Vec::new(),
         },
         loads: opts.loads.clone(),
         paths: opts.paths.clone(),

@@ -47,6 +47,11 @@ pub fn write_outputs(results: &LabResults, dir: &Path) -> Result<OutputFiles, La
     Ok(files)
 }
 
+/// A Unix time as a readable UTC date (HTTP's format: httpdate is already in the tree).
+pub(crate) fn date(unix: u64) -> String {
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix))
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LabError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(io_err("write", &tmp))?;
@@ -216,11 +221,26 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
          container-docker), or CRIU lazy pages through away's page relay (container-lazy), {}",
         set.container_compression
     );
+    let wall = if set.sources.is_empty() { "wall time" } else { "wall time (sum of the sources)" };
     let _ = writeln!(
         md,
-        "- host: {} CPUs; both nodes on this host; {} repetition(s); wall time {:.0} s\n",
-        set.host_cpus, set.repetitions, results.wall_s
+        "- host: {} CPUs; both nodes on this host; {} repetition(s); started {}; {wall} {:.0} s",
+        set.host_cpus,
+        set.repetitions,
+        date(set.started_unix),
+        results.wall_s
     );
+    if !set.sources.is_empty() {
+        let _ = writeln!(
+            md,
+            "- merged (`away lab merge`) from {} runs of `away lab compare`, each series from one of them:",
+            set.sources.len()
+        );
+        for src in &set.sources {
+            let _ = writeln!(md, "  - {src}");
+        }
+    }
+    md.push('\n');
 
     let pts = points(results);
     let links = links_of(results);
@@ -467,13 +487,13 @@ fn draw<DB: DrawingBackend>(results: &LabResults, root: &DrawingArea<DB, Shift>)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use super::*;
     use crate::{CompareOptions, LabSetup, RunOutcome};
 
-    fn synthetic() -> LabResults {
+    pub(crate) fn synthetic() -> LabResults {
         let mut o = CompareOptions::quick("m.tar".into(), "away".into(), "out".into());
         o.paths.push(MigrationPath::VmAutoConverge);
         o.repetitions = 2;
@@ -506,6 +526,7 @@ mod tests {
                 vm_timeouts: vec![("lan".into(), 30.0), ("wan".into(), 58.0)],
                 container_compression: "zstd:1".into(),
                 started_unix: 0,
+                sources: Vec::new(),
             },
             loads: o.loads.clone(),
             paths: o.paths.clone(),

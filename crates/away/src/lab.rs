@@ -1,9 +1,10 @@
-//! `away lab compare`: the VM vs container migration experiment (see the away-lab crate).
+//! `away lab compare`: the VM vs container migration experiment (see the away-lab crate);
+//! `away lab merge`: several of its outputs as one.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use away_lab::{CompareOptions, LinkKind, Load, MigrationPath};
+use away_lab::{CompareOptions, LinkKind, Load, MergeSource, MigrationPath};
 use away_model::ByteSize;
 
 #[derive(clap::Subcommand)]
@@ -14,14 +15,36 @@ pub enum Command {
     ///
     /// The quick profile (`--quick`: 128 MiB VM, 32 MiB app, 3 loads, 4 paths, 2 links)
     /// takes about 5 minutes on 2 cores; the full profile (256 MiB VM, 128 MiB app,
-    /// 9 loads, 6 paths, 2 repetitions) takes over two hours (`--dry-run` prints an
-    /// upper bound).
+    /// 9 loads, 7 paths, 2 repetitions) takes about two and a half hours (`--dry-run`
+    /// prints an upper bound). Runs of a few paths can be combined afterwards with
+    /// `away lab merge`.
     ///
     /// Examples:
     ///   away lab compare --quick --out docs/results/quick
     ///   away lab compare --links wan --loads idle,ram50 --paths vm-precopy,container-containerd --repetitions 3
     #[command(verbatim_doc_comment)]
     Compare(CompareArgs),
+    /// Combine several `away lab compare` outputs into one experiment: one CSV, JSON,
+    /// report and Fig. 3. Each series (path) comes from exactly one source, and the
+    /// report lists every source with the paths taken from it and when it ran. The
+    /// sources must share the app's memory, links, link emulation and host.
+    ///
+    /// Example: the VM series of a full run and the container series measured later:
+    ///   away lab merge --out docs/results/full \
+    ///     docs/results/vm-run=vm-precopy,vm-autoconverge,vm-postcopy lab-results
+    #[command(verbatim_doc_comment)]
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    /// Output directory
+    #[arg(long)]
+    out: PathBuf,
+    /// An output directory of `away lab compare` (or its results.json), optionally with
+    /// the paths to take from it: DIR=path,path
+    #[arg(required = true, value_name = "SOURCE")]
+    sources: Vec<MergeSource>,
 }
 
 #[derive(clap::Args)]
@@ -64,7 +87,27 @@ pub struct CompareArgs {
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
-    let Command::Compare(a) = cmd;
+    match cmd {
+        Command::Compare(a) => compare(a),
+        Command::Merge(a) => merge(a),
+    }
+}
+
+fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
+    let results = away_lab::merge_dirs(&a.sources)?;
+    let files = away_lab::write_outputs(&results, &a.out)?;
+    println!("{} runs from {} sources", results.runs.len(), a.sources.len());
+    print_files(&files);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_files(files: &away_lab::OutputFiles) {
+    for f in [&files.report, &files.csv, &files.json, &files.svg, &files.png] {
+        println!("  {}", f.display());
+    }
+}
+
+fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
     let images = std::env::temp_dir().join("away-lab-images");
     let (_, tar, _) = away_image::build_to_dir(&a.app, &images, &away_image::BuildOptions::default(), &|_| {})?;
     let away = std::env::current_exe()?;
@@ -130,8 +173,6 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     let files = away_lab::write_outputs(&results, &a.out)?;
     println!("{} runs in {:.0} s", results.runs.len(), results.wall_s);
-    for f in [&files.report, &files.csv, &files.json, &files.svg, &files.png] {
-        println!("  {}", f.display());
-    }
+    print_files(&files);
     Ok(ExitCode::SUCCESS)
 }
