@@ -357,7 +357,7 @@ fn color(path: MigrationPath) -> RGBColor {
 /// VM and container series side by side and the paper's values as a reference series.
 pub fn write_plots(results: &LabResults, svg: &Path, png: &Path) -> Result<(), LabError> {
     font_ready().map_err(|reason| LabError::Plot { path: svg.to_path_buf(), reason })?;
-    let size = (1400, 560);
+    let size = (1400, 620);
     {
         let root = SVGBackend::new(svg, size).into_drawing_area();
         draw(results, &root).map_err(|reason| LabError::Plot { path: svg.to_path_buf(), reason })?;
@@ -367,6 +367,27 @@ pub fn write_plots(results: &LabResults, svg: &Path, png: &Path) -> Result<(), L
         draw(results, &root).map_err(|reason| LabError::Plot { path: png.to_path_buf(), reason })?;
     }
     Ok(())
+}
+
+/// One entry of the figure's legend.
+enum Key {
+    Series(MigrationPath),
+    Paper,
+    NotConverged,
+}
+
+/// Height of one legend row and the columns per row, for the strip under the panels
+/// (a legend inside a panel would hide points: the paper's idle WAN value sits where
+/// plotters puts it).
+const KEY_ROW: i32 = 20;
+const KEY_COLUMNS: usize = 3;
+
+/// A non-converged VM run is drawn as a cross at its time limit; the VM paths share that
+/// limit, so each gets its own size (larger first) to stay visible under the next.
+fn cross_size(results: &LabResults, path: MigrationPath) -> i32 {
+    let vms: Vec<MigrationPath> = results.paths.iter().copied().filter(|p| p.is_vm()).collect();
+    let k = vms.iter().position(|p| *p == path).unwrap_or(0);
+    7 + 4 * (vms.len().saturating_sub(k + 1)) as i32
 }
 
 fn draw<DB: DrawingBackend>(results: &LabResults, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
@@ -386,7 +407,16 @@ fn draw<DB: DrawingBackend>(results: &LabResults, root: &DrawingArea<DB, Shift>)
         results.setup.app_ram_bytes as f64 / 1048576.0
     );
     let root = root.titled(&title, ("sans-serif", 18)).map_err(e)?;
-    let panels = root.split_evenly((1, links.len()));
+    let mut keys: Vec<Key> = results.paths.iter().map(|p| Key::Series(*p)).collect();
+    if reference::POINTS.iter().any(|p| links.contains(&p.link)) {
+        keys.push(Key::Paper);
+    }
+    if pts.iter().any(|((l, _, _), p)| links.contains(l) && p.not_converged > 0) {
+        keys.push(Key::NotConverged);
+    }
+    let rows = keys.len().div_ceil(KEY_COLUMNS) as i32;
+    let (charts, strip) = root.split_vertically(root.dim_in_pixel().1 as i32 - rows * KEY_ROW - 12);
+    let panels = charts.split_evenly((1, links.len()));
     let n = loads.len();
     for (area, link) in panels.iter().zip(&links) {
         let mut chart = ChartBuilder::on(area)
@@ -416,11 +446,7 @@ fn draw<DB: DrawingBackend>(results: &LabResults, root: &DrawingArea<DB, Shift>)
                 .enumerate()
                 .filter_map(|(i, l)| pts.get(&(*link, *l, path))?.total.map(|t| (SegmentValue::CenterOf(i), t)))
                 .collect();
-            chart
-                .draw_series(LineSeries::new(line.clone(), c.stroke_width(2)))
-                .map_err(e)?
-                .label(format!("{path} (measured)"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            chart.draw_series(LineSeries::new(line.clone(), c.stroke_width(2))).map_err(e)?;
             chart.draw_series(line.iter().map(|p| Circle::new(p.clone(), 4, c.filled()))).map_err(e)?;
             let crosses: Vec<(SegmentValue<usize>, f64)> = loads
                 .iter()
@@ -430,30 +456,25 @@ fn draw<DB: DrawingBackend>(results: &LabResults, root: &DrawingArea<DB, Shift>)
                     (p.not_converged > 0).then_some((SegmentValue::CenterOf(i), p.not_converged_at.max(lo)))
                 })
                 .collect();
-            chart.draw_series(crosses.iter().map(|p| Cross::new(p.clone(), 7, c.stroke_width(3)))).map_err(e)?;
+            let size = cross_size(results, path);
+            chart.draw_series(crosses.iter().map(|p| Cross::new(p.clone(), size, c.stroke_width(3)))).map_err(e)?;
         }
         let refs: Vec<&ReferencePoint> = reference::points(*link).collect();
         let at = |p: &ReferencePoint| loads.iter().position(|l| *l == p.load).map(SegmentValue::CenterOf);
         let measured: Vec<(SegmentValue<usize>, f64)> =
             refs.iter().filter_map(|p| Some((at(p)?, p.total_s?))).collect();
-        if !measured.is_empty() {
+        chart
+            .draw_series(measured.iter().map(|p| {
+                EmptyElement::at(p.clone()) + Polygon::new(vec![(0, -7), (7, 0), (0, 7), (-7, 0)], BLACK.filled())
+            }))
+            .map_err(e)?;
+        for (p, r) in measured.iter().zip(refs.iter().filter(|r| r.total_s.is_some())) {
+            let text = format!("paper {} s", r.total_s.unwrap_or_default());
             chart
-                .draw_series(measured.iter().map(|p| {
-                    EmptyElement::at(p.clone()) + Polygon::new(vec![(0, -7), (7, 0), (0, 7), (-7, 0)], BLACK.filled())
-                }))
-                .map_err(e)?
-                .label("paper (reference, not measured here)")
-                .legend(|(x, y)| {
-                    Polygon::new(vec![(x + 10, y - 5), (x + 15, y), (x + 10, y + 5), (x + 5, y)], BLACK.filled())
-                });
-            for (p, r) in measured.iter().zip(refs.iter().filter(|r| r.total_s.is_some())) {
-                let text = format!("paper {} s", r.total_s.unwrap_or_default());
-                chart
-                    .draw_series(std::iter::once(
-                        EmptyElement::at(p.clone()) + Text::new(text, (10, -6), ("sans-serif", 12).into_font()),
-                    ))
-                    .map_err(e)?;
-            }
+                .draw_series(std::iter::once(
+                    EmptyElement::at(p.clone()) + Text::new(text, (10, -6), ("sans-serif", 12).into_font()),
+                ))
+                .map_err(e)?;
         }
         for r in refs.iter().filter(|r| r.total_s.is_none()) {
             if let Some(x) = at(r) {
@@ -466,23 +487,43 @@ fn draw<DB: DrawingBackend>(results: &LabResults, root: &DrawingArea<DB, Shift>)
                     .map_err(e)?;
             }
         }
-        if pts.iter().any(|((l, _, _), p)| l == link && p.not_converged > 0) {
-            chart
-                .draw_series(std::iter::empty::<Cross<(SegmentValue<usize>, f64), i32>>())
-                .map_err(e)?
-                .label("× measured: cancelled at its time limit (not converged)")
-                .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 12))
-            .draw()
-            .map_err(e)?;
     }
+    draw_keys(&strip, &keys).map_err(e)?;
     root.present().map_err(e)?;
+    Ok(())
+}
+
+/// The legend, shared by both panels, in rows under them.
+fn draw_keys<DB: DrawingBackend>(
+    strip: &DrawingArea<DB, Shift>,
+    keys: &[Key],
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let width = strip.dim_in_pixel().0 as i32 - 80;
+    let font = ("sans-serif", 13).into_font();
+    for (i, key) in keys.iter().enumerate() {
+        let x = 80 + (i % KEY_COLUMNS) as i32 * width / KEY_COLUMNS as i32;
+        let y = 6 + (i / KEY_COLUMNS) as i32 * KEY_ROW + KEY_ROW / 2;
+        let label = match key {
+            Key::Series(path) => {
+                let c = color(*path);
+                strip.draw(&PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(2)))?;
+                strip.draw(&Circle::new((x + 12, y), 4, c.filled()))?;
+                format!("{path} (measured)")
+            }
+            Key::Paper => {
+                strip.draw(&Polygon::new(
+                    vec![(x + 12, y - 6), (x + 18, y), (x + 12, y + 6), (x + 6, y)],
+                    BLACK.filled(),
+                ))?;
+                "paper (reference, not measured here)".to_string()
+            }
+            Key::NotConverged => {
+                strip.draw(&Cross::new((x + 12, y), 5, BLACK.stroke_width(2)))?;
+                "× measured: cancelled at its time limit (not converged)".to_string()
+            }
+        };
+        strip.draw(&Text::new(label, (x + 32, y - 7), font.clone()))?;
+    }
     Ok(())
 }
 
