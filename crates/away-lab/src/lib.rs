@@ -8,7 +8,7 @@
 //! Measured numbers and the paper's reference numbers are kept apart: the reference
 //! values live in [`reference`] and are always printed with the label "paper".
 //!
-//! Run time on a 2-core TCG host: the quick profile (24 runs) took 301 s, measured
+//! Run time on a 2-core TCG host: the quick profile (24 runs) took 298-301 s, measured
 //! (`cargo test -p away-e2e --test lab`). The full profile (2 links × 9 loads × 7 paths
 //! × 2 repetitions = 252 runs, 256 MiB VM, 128 MiB app): see docs/results; its upper
 //! bound from [`CompareOptions::estimate`] is dominated by VM runs under RAM load
@@ -31,7 +31,7 @@ use away_model::{ByteSize, RuntimeKind};
 use serde::{Deserialize, Serialize};
 
 pub use link::{LinkEmulator, LinkFront, PacketSides};
-pub use merge::{load_results, merge_dirs, MergeSource, SourceSummary};
+pub use merge::{check_out_dir, load_results, merge_dirs, MergeSource, SourceSummary};
 pub use output::{write_csv, write_outputs, write_plots, write_report, OutputFiles, CSV_HEADER};
 
 /// Round trips a container move needs besides the data: TCP connect, hello/resume,
@@ -278,7 +278,7 @@ pub struct CompareOptions {
 impl CompareOptions {
     /// Everything: 2 links × 9 loads × 7 paths × 2 repetitions = 252 runs, 256 MiB VM,
     /// 128 MiB app; a VM run that has not finished after 3 × VM RAM / rate counts as not
-    /// converged. Sized so a 2-core TCG host finishes it in about two hours.
+    /// converged. A 2-core TCG host takes about 2 h 25 min (docs/results/README.md).
     pub fn full(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
         CompareOptions {
             links: LinkKind::ALL.to_vec(),

@@ -181,6 +181,25 @@ pub fn merge(sources: Vec<(MergeSource, LabResults)>) -> Result<LabResults, LabE
     Ok(LabResults { setup, loads, paths, runs, wall_s })
 }
 
+/// Refuse an output directory that is one of the sources: writing the merge there
+/// would overwrite that source's own results.
+pub fn check_out_dir(sources: &[MergeSource], out: &Path) -> Result<(), LabError> {
+    let Ok(out_dir) = out.canonicalize() else { return Ok(()) }; // not there yet: no source
+    for src in sources {
+        let dir = if src.path.is_dir() { src.path.clone() } else { src.path.parent().unwrap_or(Path::new(".")).into() };
+        if dir.canonicalize().is_ok_and(|d| d == out_dir) {
+            return Err(LabError::Results {
+                path: out.to_path_buf(),
+                reason: format!(
+                    "is the source {}: the merge would overwrite its results; choose another --out",
+                    src.path.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Load every source and merge them.
 pub fn merge_dirs(sources: &[MergeSource]) -> Result<LabResults, LabError> {
     let loaded =
@@ -270,6 +289,20 @@ mod tests {
         assert!(err.contains("other.json") && err.contains("not the results.json"), "{err}");
         let err = load_results(&dir.path().join("none")).unwrap_err().to_string();
         assert!(err.contains("read") && err.contains("none"), "{err}");
+    }
+
+    #[test]
+    fn the_output_is_never_a_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::create_dir(&a).unwrap();
+        let sources = [src(&format!("{}=vm-precopy", a.display()))];
+        let err = check_out_dir(&sources, &dir.path().join("a/.")).unwrap_err().to_string();
+        assert!(err.contains("would overwrite"), "{err}");
+        let by_file = [src(&a.join("results.json").display().to_string())];
+        assert!(check_out_dir(&by_file, &a).is_err());
+        check_out_dir(&sources, &dir.path().join("b")).unwrap();
+        check_out_dir(&sources, dir.path()).unwrap();
     }
 
     #[test]

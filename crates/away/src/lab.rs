@@ -94,6 +94,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn merge(a: MergeArgs) -> anyhow::Result<ExitCode> {
+    away_lab::check_out_dir(&a.sources, &a.out)?;
     let results = away_lab::merge_dirs(&a.sources)?;
     let files = away_lab::write_outputs(&results, &a.out)?;
     println!("{} runs from {} sources", results.runs.len(), a.sources.len());
