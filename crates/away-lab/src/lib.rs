@@ -701,7 +701,7 @@ pub async fn compare(
         status(format!("{:?} in {:.1} s", result.outcome, result.total_s));
         results.runs.push(result);
         results.wall_s = t0.elapsed().as_secs_f64();
-        write_csv(&results, &opts.out_dir.join("results.csv"))?;
+        write_csv(&results, &OutputFiles::in_dir(&opts.out_dir).csv)?;
     }
     report(total, "outputs".into(), "writing csv, plots and report".into());
     let _ = std::fs::remove_dir_all(&work);

@@ -65,9 +65,18 @@ impl fmt::Display for SourceSummary {
     }
 }
 
+/// The results.json a source names: the one in its directory, or the file itself.
+fn results_file(source: &Path) -> PathBuf {
+    if source.is_dir() {
+        crate::OutputFiles::in_dir(source).json
+    } else {
+        source.to_path_buf()
+    }
+}
+
 /// Read an `away lab compare` output: a directory holding results.json, or the file.
 pub fn load_results(path: &Path) -> Result<LabResults, LabError> {
-    let file = if path.is_dir() { path.join("results.json") } else { path.to_path_buf() };
+    let file = results_file(path);
     let bytes = std::fs::read(&file).map_err(io_err("read", &file))?;
     serde_json::from_slice(&bytes)
         .map_err(|e| LabError::Results { path: file, reason: format!("not the results.json of away lab compare: {e}") })
@@ -186,7 +195,9 @@ pub fn merge(sources: Vec<(MergeSource, LabResults)>) -> Result<LabResults, LabE
 pub fn check_out_dir(sources: &[MergeSource], out: &Path) -> Result<(), LabError> {
     let Ok(out_dir) = out.canonicalize() else { return Ok(()) }; // not there yet: no source
     for src in sources {
-        let dir = if src.path.is_dir() { src.path.clone() } else { src.path.parent().unwrap_or(Path::new(".")).into() };
+        let file = results_file(&src.path);
+        // a bare file name's parent is "", which is this directory
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         if dir.canonicalize().is_ok_and(|d| d == out_dir) {
             return Err(LabError::Results {
                 path: out.to_path_buf(),

@@ -29,16 +29,23 @@ pub struct OutputFiles {
     pub png: PathBuf,
 }
 
+impl OutputFiles {
+    /// Where the files of an experiment written into `dir` are (or go).
+    pub fn in_dir(dir: &Path) -> OutputFiles {
+        OutputFiles {
+            csv: dir.join("results.csv"),
+            json: dir.join("results.json"),
+            report: dir.join("report.md"),
+            svg: dir.join("fig3.svg"),
+            png: dir.join("fig3.png"),
+        }
+    }
+}
+
 /// Write all files into `dir`.
 pub fn write_outputs(results: &LabResults, dir: &Path) -> Result<OutputFiles, LabError> {
     std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let files = OutputFiles {
-        csv: dir.join("results.csv"),
-        json: dir.join("results.json"),
-        report: dir.join("report.md"),
-        svg: dir.join("fig3.svg"),
-        png: dir.join("fig3.png"),
-    };
+    let files = OutputFiles::in_dir(dir);
     write_csv(results, &files.csv)?;
     let json = serde_json::to_vec_pretty(results).expect("results serialize");
     write_atomic(&files.json, &json)?;
