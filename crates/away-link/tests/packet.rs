@@ -65,6 +65,15 @@ fn udp_rtt(link: &PacketLink, pings: usize) -> Duration {
     rtts[rtts.len() / 2]
 }
 
+/// One-way delay from 30 UDP pings over a link set to `p`: (median round trip, one way,
+/// error against the set delay in ms). The 60-byte packets' wire time each way is
+/// taken off.
+fn one_way_delay(link: &PacketLink, p: &LinkProfile) -> (Duration, Duration, f64) {
+    let rtt = udp_rtt(link, 30);
+    let one_way = rtt / 2 - p.wire_time(60);
+    (rtt, one_way, (one_way.as_secs_f64() - p.delay.as_secs_f64()) * 1e3)
+}
+
 /// A connected pair: (client in A, server side in B).
 fn tcp_pair(link: &PacketLink, port: u16) -> (TcpStream, TcpStream, Duration) {
     let addr = SocketAddr::from((link.b().addr, port));
@@ -146,9 +155,7 @@ fn wan_delay_rate_and_tcp_round_trip() {
     let link = PacketLink::up("t-wan", wan).unwrap();
 
     // one-way delay from UDP pings: 60-byte packets add 13 µs of wire time each way
-    let rtt = udp_rtt(&link, 30);
-    let one_way = rtt / 2 - wan.wire_time(60);
-    let err_ms = (one_way.as_secs_f64() - wan.delay.as_secs_f64()) * 1e3;
+    let (rtt, one_way, err_ms) = one_way_delay(&link, &wan);
     eprintln!("37 Mbit/s link: median ping rtt {rtt:?}, one way {one_way:?}, error {err_ms:+.3} ms");
     assert!(err_ms.abs() < 0.5, "one-way delay {one_way:?} vs {:?}", wan.delay);
 
@@ -201,8 +208,7 @@ fn sustains_the_highest_rate() {
     for attempt in 1..=2 {
         let p = profile(HIGH_RATE, Duration::from_millis(2), Duration::from_millis(20));
         let link = PacketLink::up("t-high", p).unwrap();
-        let rtt = udp_rtt(&link, 30);
-        let delay_err_ms = ((rtt / 2 - p.wire_time(60)).as_secs_f64() - p.delay.as_secs_f64()) * 1e3;
+        let (rtt, _, delay_err_ms) = one_way_delay(&link, &p);
         let bytes = (HIGH_RATE / 8.0 * 2.5) as usize;
         let r = bulk(&link, 7004, bytes, Duration::from_millis(500));
         eprintln!(
