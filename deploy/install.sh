@@ -2,8 +2,8 @@
 # install.sh - install every system dependency of away on Debian 12 (bookworm), idempotently.
 #
 #   apt packages   containerd, runc, Docker engine, QEMU, protoc, iptables, busybox, cpio, ...
-#   CRIU >= 4.2    from Debian testing into a private prefix, run with its own loader and libs;
-#                  verified with `criu check`. bookworm's 3.17 fails on current kernels ("vdso:
+#   CRIU >= 4.2    built from Debian testing's source with away's patches (deploy/criu/) into
+#                  /opt/away-criu; verified with `criu check`. bookworm's 3.17 fails on current kernels ("vdso:
 #                  Unexpected rt vDSO area bounds") and 4.1 cannot dump TCP sockets on kernels
 #                  >= 6.16 (SO_PASSCRED became AF_UNIX-only; fixed in CRIU 4.2).
 #   guest kernel   vmlinuz + virtio-net modules of Debian's linux-image-amd64 -> /opt/away-guest
@@ -113,61 +113,72 @@ install_apt_packages() {
 
 CRIU_SUITE=${AWAY_CRIU_SUITE:-forky}
 CRIU_MIN=4.2
+# Patches away applies to CRIU's source (deploy/criu/*.patch), named in the install marker
+# so that a machine with an older build builds again.
+CRIU_PATCHES=("$HERE"/criu/*.patch)
+# What building `criu` needs; the runtime libraries come with their -dev packages.
+CRIU_BUILD_PKGS=(gcc make libc6-dev pkg-config patch xz-utils protobuf-c-compiler libprotobuf-c-dev
+                 libnl-3-dev libnet1-dev libcap-dev libbsd-dev libnftables-dev libgnutls28-dev uuid-dev)
+criu_marker() {
+  local p names=()
+  for p in "${CRIU_PATCHES[@]}"; do names+=("$(basename "$p")"); done
+  echo "built from source, patches: ${names[*]}"
+}
 criu_ok() {
   [ -x "$CRIU_WRAPPER" ] && [ -f "$CRIU_PREFIX/.away-installed" ] || return 1
+  grep -qxF "$(criu_marker)" "$CRIU_PREFIX/.away-installed" || return 1
   local v; v=$("$CRIU_WRAPPER" --version 2>/dev/null | awk '/^Version:/ {print $2}')
   [ -n "$v" ] && dpkg --compare-versions "$v" ge "$CRIU_MIN"
 }
 
+# CRIU from the source of Debian $CRIU_SUITE, built against bookworm's libraries with
+# away's patches: every released 4.2 (Debian's binary included) leaves no page lazy now
+# and then (see the patch), and a binary cannot be mended.
 install_criu() {
   if criu_ok; then
-    log "CRIU: $("$CRIU_WRAPPER" --version | head -1) ($CRIU_PREFIX)"
+    log "CRIU: $("$CRIU_WRAPPER" --version | head -1) ($(tail -n 1 "$CRIU_PREFIX/.away-installed"))"
     return 0
   fi
   CHANGED+=(criu)
-  local d=$APT_PRIV/$CRIU_SUITE
+  apt-get install -y -q --no-install-recommends "${CRIU_BUILD_PKGS[@]}"
+  local d=$APT_PRIV/$CRIU_SUITE-src
   mkdir -p "$d/lists/partial" "$d/sources.list.d"
-  echo "deb $DEBIAN_MIRROR $CRIU_SUITE main" >"$d/sources.list"
+  echo "deb-src $DEBIAN_MIRROR $CRIU_SUITE main" >"$d/sources.list"
   apt_priv_opts "$d" "$d/sources.list.d"
   apt-get "${APT_OPTS[@]}" update -q
-  # closure of criu's hard dependencies in that suite (libc6 included: criu runs with
-  # the suite's own loader, the system glibc is never touched)
-  local pkgs
-  pkgs=$(apt-cache "${APT_OPTS[@]}" depends --recurse --no-recommends --no-suggests \
-           --no-conflicts --no-breaks --no-replaces --no-enhances criu |
-         grep -E '^[a-z0-9]' | sort -u | tr '\n' ' ')
-  rm -rf "$d/debs"; mkdir -p "$d/debs"
-  # shellcheck disable=SC2086
-  (cd "$d/debs" && apt-get "${APT_OPTS[@]}" -o APT::Sandbox::User=root download -q $pkgs)
-  local stage=$CRIU_PREFIX.new deb
-  rm -rf "$stage"; mkdir -p "$stage"
-  for deb in "$d"/debs/*.deb; do dpkg-deb -x "$deb" "$stage"; done
-  local ld=$stage/usr/lib64/ld-linux-x86-64.so.2
-  [ -e "$ld" ] || ld=$stage/lib64/ld-linux-x86-64.so.2
-  [ -e "$ld" ] || die "$CRIU_SUITE loader not found in $stage"
-  [ -x "$stage/usr/sbin/criu" ] || die "criu binary not found in $stage"
-  # every library must resolve inside the prefix (no fallback to bookworm's libs)
-  local libpath="$stage/usr/lib/x86_64-linux-gnu:$stage/lib/x86_64-linux-gnu" list
-  list=$("$ld" --library-path "$libpath" --list "$stage/usr/sbin/criu")
-  if echo "$list" | grep -q 'not found'; then echo "$list"; die "unresolved libraries for criu"; fi
-  if echo "$list" | grep '=>' | grep -v "$stage" | grep -q .; then
-    echo "$list"; die "criu would load libraries from outside $CRIU_PREFIX"
-  fi
+  # only the upstream tarball: Debian's packaging is not needed to build the binary
+  local uri name hash
+  read -r uri name _ hash < <(apt-get "${APT_OPTS[@]}" source --print-uris -q criu | grep -E "^'.*\.orig\.tar\.[a-z0-9]+'" | head -n 1) ||
+    die "no criu source package in $CRIU_SUITE at $DEBIAN_MIRROR"
+  local tmp; tmp=$(mktemp -d /tmp/away-criu.XXXXXX)
+  log "downloading $name ($CRIU_SUITE)"
+  /usr/lib/apt/apt-helper -o APT::Sandbox::User=root download-file "${uri//\'/}" "$tmp/$name" "$hash" >/dev/null ||
+    die "could not download ${uri//\'/}"
+  tar -C "$tmp" -xf "$tmp/$name"
+  local src; src=$(find "$tmp" -mindepth 1 -maxdepth 1 -type d | head -n 1)
+  [ -f "$src/criu/mem.c" ] || die "$name holds no CRIU source tree"
+  local p
+  for p in "${CRIU_PATCHES[@]}"; do
+    if patch -d "$src" -p1 --forward --silent <"$p"; then
+      log "patched: $(basename "$p")"
+    elif patch -d "$src" -p1 --reverse --dry-run --silent <"$p" >/dev/null; then
+      log "already in this CRIU: $(basename "$p")"
+    else
+      die "$(basename "$p") does not apply to $name; see the patch's description"
+    fi
+  done
+  log "building criu ($(nproc) jobs, about 20 s on 2 cores)"
+  make -C "$src" -j"$(nproc)" criu >"$tmp/build.log" 2>&1 || { tail -n 30 "$tmp/build.log" >&2; die "building criu failed"; }
+  local stage=$CRIU_PREFIX.new
+  rm -rf "$stage"; mkdir -p "$stage/sbin"
+  install -m 755 "$src/criu/criu" "$stage/sbin/criu"
+  "$stage/sbin/criu" --version >/dev/null || die "the built criu does not run"
+  { date -u +%FT%TZ; echo "CRIU from $name ($CRIU_SUITE)"; criu_marker; } >"$stage/.away-installed"
   rm -rf "$CRIU_PREFIX"; mv "$stage" "$CRIU_PREFIX"
-  ld=/usr/lib64/ld-linux-x86-64.so.2; [ -e "$CRIU_PREFIX$ld" ] || ld=/lib64/ld-linux-x86-64.so.2
   mkdir -p "$(dirname "$CRIU_WRAPPER")"
-  cat >"$CRIU_WRAPPER.tmp" <<WRAP
-#!/bin/sh
-# CRIU from Debian $CRIU_SUITE, run with that suite's own loader and libraries
-# (installed by away deploy/install.sh; the system glibc is not touched).
-P=$CRIU_PREFIX
-exec "\$P$ld" --argv0 criu --library-path "\$P/usr/lib/x86_64-linux-gnu:\$P/lib/x86_64-linux-gnu" "\$P/usr/sbin/criu" "\$@"
-WRAP
-  chmod 755 "$CRIU_WRAPPER.tmp"; mv "$CRIU_WRAPPER.tmp" "$CRIU_WRAPPER"
-  "$CRIU_WRAPPER" --version >/dev/null || die "criu wrapper does not run"
-  date -u +%FT%TZ >"$CRIU_PREFIX/.away-installed"
-  rm -rf "$d/debs"
-  criu_ok || die "installed $("$CRIU_WRAPPER" --version | head -1) from $CRIU_SUITE, but away needs >= $CRIU_MIN"
+  ln -sfn "$CRIU_PREFIX/sbin/criu" "$CRIU_WRAPPER"
+  rm -rf "$tmp"
+  criu_ok || die "built $("$CRIU_WRAPPER" --version | head -1) from $CRIU_SUITE, but away needs >= $CRIU_MIN"
   log "installed $("$CRIU_WRAPPER" --version | head -1) -> $CRIU_WRAPPER"
 }
 

@@ -2,7 +2,7 @@
 # Paths here are the ones `away doctor` and the runtime backends look at.
 RUN_DIR=${AWAY_RUN_DIR:-/run/away}
 APT_PRIV=/var/lib/away-apt              # private apt state (trixie, backports); /etc/apt is never edited
-CRIU_PREFIX=/opt/away-criu              # Debian testing's criu + its own libc/loader/libs
+CRIU_PREFIX=/opt/away-criu              # criu built from Debian testing's source with deploy/criu/*.patch
 CRIU_WRAPPER=/usr/local/sbin/criu
 GUEST_DIR=/opt/away-guest               # guest kernel for QEMU (VM boot artifacts)
 CTR_SOCK=/run/containerd/containerd.sock

@@ -175,6 +175,7 @@ fn report(workload: &str, source: &str, target: &str) -> MigrationReport {
         degraded_millis: 0,
         resumed_unix_ms: None,
         bytes_raw: 1 << 20,
+        paged_bytes_raw: 0,
         bytes_wire: 1 << 19,
         reason: "test".into(),
         ok: true,

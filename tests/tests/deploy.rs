@@ -20,7 +20,7 @@ fn installed_state() -> String {
         .arg("-c")
         .arg(
             "dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\\n' | sort | sha256sum; \
-             stat -c '%n %s %Y' /usr/local/sbin/criu /opt/criu-trixie/.away-installed /opt/away-guest/vmlinuz /opt/away-guest/VERSION; \
+             stat -c '%n %s %Y' /usr/local/sbin/criu /opt/away-criu/sbin/criu /opt/away-criu/.away-installed /opt/away-guest/vmlinuz /opt/away-guest/VERSION; \
              readlink /opt/away-guest/vmlinuz; ls -la /usr/sbin/policy-rc.d 2>&1",
         )
         .output()

@@ -117,7 +117,14 @@ impl Nodes {
     }
 
     fn start_memload(&self, name: &str) -> (u64, u64) {
+        self.start_memload_with(name, &[])
+    }
+
+    /// memload with more `-e KEY=VALUE` settings.
+    fn start_memload_with(&self, name: &str, env: &[&str]) -> (u64, u64) {
         let image = lab_image("memload");
+        let port = format!("MEMLOAD_PORT={PORT}");
+        let extra = env.iter().flat_map(|e| ["-e", e]);
         let out = on(
             self.source(),
             "source",
@@ -135,8 +142,11 @@ impl Nodes {
                 "-e",
                 "MEMLOAD_INTERVAL_MS=100",
                 "-e",
-                &format!("MEMLOAD_PORT={PORT}"),
-            ],
+                &port,
+            ]
+            .into_iter()
+            .chain(extra)
+            .collect::<Vec<_>>(),
             &[],
         )
         .output()
@@ -229,6 +239,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         fn drop(&mut self) {
             for name in [
                 "ml-ok",
+                "ml-sp-page",
                 "ml-cut",
                 "ml-corrupt",
                 "ml-kill-early",
@@ -245,23 +256,29 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
     }
     let _cleanup = Cleanup(&nodes);
 
-    // 1. a lazy move: the heartbeat goes on on the target from the same start
+    // 1. a lazy move: the heartbeat goes on on the target from the same start, and
+    // 1b. the same with memload's main thread asleep with its stack pointer on a page
+    // boundary: CRIU 4.2 as released takes every page for a stack page then and leaves
+    // nothing lazy (the move would go as stop-and-copy); install.sh builds it mended
     let agent = Agent::start(nodes.target(), "plain", &[]);
-    let before = nodes.start_memload("ml-ok");
-    let (ok, report, stderr) = nodes.migrate("ml-ok", "lazy", &[]);
-    assert!(ok, "lazy move failed: {stderr}");
-    assert_eq!(report["mode"], "lazy", "{report}");
-    assert!(report["degraded_millis"].as_u64().unwrap() > 0, "{report}");
-    assert!(
-        report["bytes_raw"].as_u64().unwrap() > 64 << 20,
-        "the pages went through the relay and are counted: {report}"
-    );
-    assert!(
-        report["bytes_wire"].as_u64().unwrap() < report["bytes_raw"].as_u64().unwrap(),
-        "the page stream is compressed: {report}"
-    );
-    nodes.assert_moved("ml-ok", before);
-    nodes.remove("ml-ok");
+    for (name, env) in [("ml-ok", None), ("ml-sp-page", Some("MEMLOAD_SLEEP_AT_PAGE_BOUNDARY=1"))] {
+        let before = nodes.start_memload_with(name, env.as_slice());
+        let (ok, report, stderr) = nodes.migrate(name, "lazy", &[]);
+        assert!(ok, "{name}: lazy move failed: {stderr}");
+        assert_eq!(report["mode"], "lazy", "{report}");
+        assert!(report["degraded_millis"].as_u64().unwrap() > 0, "{report}");
+        assert!(
+            report["paged_bytes_raw"].as_u64().unwrap() > 48 << 20,
+            "{name}: the memory went lazily, through the page relay: {report}"
+        );
+        assert!(report["bytes_raw"].as_u64().unwrap() > report["paged_bytes_raw"].as_u64().unwrap(), "{report}");
+        assert!(
+            report["bytes_wire"].as_u64().unwrap() < report["bytes_raw"].as_u64().unwrap(),
+            "the page stream is compressed: {report}"
+        );
+        nodes.assert_moved(name, before);
+        nodes.remove(name);
+    }
 
     // 2. the link cut during the lazy phase, and 3. a corrupt frame of pages
     for (name, fault) in [("ml-cut", "cut-after:1048576"), ("ml-corrupt", "corrupt-after:1048576")] {
@@ -314,7 +331,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         let phases: Vec<&str> =
             report["phases"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
         assert!(phases.contains(&"pages"), "{report}");
-        assert!(report["bytes_raw"].as_u64().unwrap() > 64 << 20, "every page crossed the relay: {report}");
+        assert!(report["paged_bytes_raw"].as_u64().unwrap() > 48 << 20, "every page crossed the relay: {report}");
         assert!(report["bytes_wire"].as_u64().unwrap() < report["bytes_raw"].as_u64().unwrap(), "{report}");
         nodes.assert_moved("ms-ok", before);
         nodes.remove("ms-ok");

@@ -261,6 +261,7 @@ pub async fn migrate_container(
         degraded_millis: 0,
         resumed_unix_ms: Some(resumed_unix_ms(downtime_start + downtime)),
         bytes_raw: outcome.bytes_raw,
+        paged_bytes_raw: 0,
         bytes_wire: outcome.bytes_wire,
         reason: format!("{}; {}", compat.reason, choice.reason),
         ok: true,
@@ -394,38 +395,35 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     });
     let checkpoint_start = Instant::now();
     let stopped_at_ms = now_ms();
-    let mut retried = false;
-    let (payload, dump) = loop {
-        let payload = archives.create(name)?;
-        let criu_port = std::net::TcpListener::bind(("127.0.0.1", 0))
-            .and_then(|l| l.local_addr())
-            .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?
-            .port();
-        let lazy_opts =
-            away_runtime::LazyCheckpointOptions { dir: payload.join(CHECKPOINT_DIR), page_server_port: criu_port };
-        let dump = match runtime.checkpoint_lazy(name, &lazy_opts).await {
-            Ok(d) => d,
-            Err(e) => {
-                // CRIU thaws the process when its dump fails: say whether it runs
-                archives.keep_failed(&payload);
-                return Err(resumed_or_not(runtime, name, format!("lazy checkpoint failed: {e}"), None).await);
-            }
-        };
-        // Now and then CRIU 4.2 leaves no page lazy (it takes every page for a stack
-        // page when a thread's stack pointer sits on a page boundary: its is_stack()
-        // compares the wrong bits) and writes the whole memory into the payload. A dump
-        // a moment later sees other stack pointers.
-        if !retried && crate::lazy::pagemap::nothing_left_lazy(&payload.join(CHECKPOINT_DIR)) {
-            tracing::warn!(workload = name, "CRIU left no page lazy (all in the payload): dumping again");
-            retried = true;
-            dump.abort().await;
-            let _ = archives.discard(&payload);
-            continue;
+    let payload = archives.create(name)?;
+    let criu_port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?
+        .port();
+    let lazy_opts =
+        away_runtime::LazyCheckpointOptions { dir: payload.join(CHECKPOINT_DIR), page_server_port: criu_port };
+    let dump = match runtime.checkpoint_lazy(name, &lazy_opts).await {
+        Ok(d) => d,
+        Err(e) => {
+            // CRIU thaws the process when its dump fails: say whether it runs
+            archives.keep_failed(&payload);
+            return Err(resumed_or_not(runtime, name, format!("lazy checkpoint failed: {e}"), None).await);
         }
-        break (payload, dump);
     };
-    // the pause starts at CRIU's freeze (of the first dump, if it had to dump again)
-    let downtime_start = if retried { checkpoint_start } else { frozen_at(&payload, checkpoint_start) };
+    // CRIU 4.2 as released leaves no page lazy when a thread's stack pointer sits on a
+    // page boundary (its is_stack() compares the offsets in the page, not the pages;
+    // deploy/install.sh builds CRIU mended). The move still works, as stop-and-copy
+    // with the whole memory in the payload; the report says so.
+    let nothing_lazy = crate::lazy::pagemap::nothing_left_lazy(&payload.join(CHECKPOINT_DIR));
+    if nothing_lazy {
+        tracing::warn!(
+            workload = name,
+            "CRIU left no page lazy (all in the payload): the move goes as stop-and-copy; \
+             a CRIU without the is_stack() fix of deploy/criu/ does this when a thread's stack pointer is on a page boundary"
+        );
+    }
+    // the pause starts at CRIU's freeze
+    let downtime_start = frozen_at(&payload, checkpoint_start);
     if let (false, Some(pid)) = (streamed, m.pid) {
         // the pages the restore and the first instructions touch travel with the payload
         match crate::lazy::push::push_resume_pages(&payload.join(CHECKPOINT_DIR), pid) {
@@ -582,11 +580,17 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         degraded_millis: degraded.as_millis() as u64,
         resumed_unix_ms: Some(resumed_unix_ms(downtime_start + downtime)),
         bytes_raw: outcome.bytes_raw + counters.plain(),
+        paged_bytes_raw: counters.plain(),
         bytes_wire: outcome.bytes_wire + counters.wire(),
-        reason: if opts.compress_pages.is_none() && !compress_pages {
-            format!("{}; the page stream went stored (the target is on this host)", m.reason)
-        } else {
-            m.reason
+        reason: {
+            let mut reason = m.reason;
+            if nothing_lazy {
+                reason.push_str("; CRIU left no page lazy, the whole memory went in the payload");
+            }
+            if opts.compress_pages.is_none() && !compress_pages {
+                reason.push_str("; the page stream went stored (the target is on this host)");
+            }
+            reason
         },
         ok: true,
         error: None,

@@ -809,6 +809,7 @@ pub async fn migrate_vm_to(
         degraded_millis: 0,
         resumed_unix_ms: None,
         bytes_raw: 0,
+        paged_bytes_raw: 0,
         bytes_wire: 0,
         reason: format!("qemu live migration over tcp, accel {}: {}", source.accel(), opts.describe()),
         ok: false,

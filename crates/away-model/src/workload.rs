@@ -128,6 +128,11 @@ pub struct MigrationReport {
     pub resumed_unix_ms: Option<u64>,
     /// Bytes of state before compression (CRIU images + rootfs changes, or RAM sent).
     pub bytes_raw: u64,
+    /// Lazy and streamed container moves: the part of `bytes_raw` that CRIU's page
+    /// server sent over the page link instead of in the payload (a lazy move whose dump
+    /// left nothing lazy shows 0 here); 0 for other modes.
+    #[serde(default)]
+    pub paged_bytes_raw: u64,
     /// Bytes that crossed the network.
     pub bytes_wire: u64,
     /// Why this mode, and the compatibility check's verdict.

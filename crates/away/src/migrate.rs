@@ -347,6 +347,9 @@ fn print_report(r: &MigrationReport) {
         away_model::ByteSize(r.bytes_raw).human(),
         away_model::ByteSize(r.bytes_wire).human()
     );
+    if r.paged_bytes_raw > 0 {
+        println!("  paged:     {} raw over the page link", away_model::ByteSize(r.paged_bytes_raw).human());
+    }
     for p in &r.phases {
         println!("  {:<10} {:>8.3} s", p.name, p.millis as f64 / 1000.0);
     }

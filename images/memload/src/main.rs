@@ -18,6 +18,10 @@
 //!   --size SIZE    MEMLOAD_SIZE         bytes, or with Ki/Mi/Gi (default 64Mi)
 //!   --interval MS  MEMLOAD_INTERVAL_MS  heartbeat period (default 1000)
 //!   --port PORT    MEMLOAD_PORT         status endpoint, 0 = none (default 8080)
+//!   --sleep-at-page-boundary  MEMLOAD_SLEEP_AT_PAGE_BOUNDARY=1
+//!                  the main thread sleeps with its stack pointer on a page boundary
+//!                  (x86_64): CRIU 4.2 as released then leaves no page of a lazy dump
+//!                  lazy, and the lazy-move test checks that the CRIU away installs does
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -34,6 +38,7 @@ struct Settings {
     size: u64,
     interval_ms: u64,
     port: u64,
+    sleep_at_page_boundary: bool,
 }
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -56,6 +61,7 @@ fn settings() -> Result<Settings, String> {
         ("--size", "MEMLOAD_SIZE"),
         ("--interval", "MEMLOAD_INTERVAL_MS"),
         ("--port", "MEMLOAD_PORT"),
+        ("--sleep-at-page-boundary", "MEMLOAD_SLEEP_AT_PAGE_BOUNDARY"),
     ] {
         if let Ok(v) = std::env::var(env) {
             values.push((flag, v));
@@ -65,15 +71,20 @@ fn settings() -> Result<Settings, String> {
     while let Some(a) = args.next() {
         if a == "-h" || a == "--help" {
             println!(
-                "usage: memload [--cpu PCT] [--threads N] [--ram PCT] [--size 256Mi] [--interval MS] [--port PORT]"
+                "usage: memload [--cpu PCT] [--threads N] [--ram PCT] [--size 256Mi] [--interval MS] [--port PORT] \
+                 [--sleep-at-page-boundary]"
             );
             std::process::exit(0);
+        }
+        if a == "--sleep-at-page-boundary" {
+            values.push(("--sleep-at-page-boundary", "1".into()));
+            continue;
         }
         let (flag, value) = match a.split_once('=') {
             Some((f, v)) => (f.to_string(), v.to_string()),
             None => (a.clone(), args.next().ok_or(format!("{a} needs a value"))?),
         };
-        let known = ["--cpu", "--threads", "--ram", "--size", "--interval", "--port"];
+        let known = ["--cpu", "--threads", "--ram", "--size", "--interval", "--port", "--sleep-at-page-boundary"];
         let flag = *known.iter().find(|k| **k == flag).ok_or(format!("unknown argument {flag}"))?;
         values.push((flag, value));
     }
@@ -91,9 +102,13 @@ fn settings() -> Result<Settings, String> {
         size: get("--size", 64 << 20)?,
         interval_ms: get("--interval", 1000)?.max(1),
         port: get("--port", 8080)?,
+        sleep_at_page_boundary: get("--sleep-at-page-boundary", 0)? != 0,
     };
     if s.cpu > 100 || s.ram > 100 {
         return Err("--cpu and --ram are percentages (0..100)".into());
+    }
+    if s.sleep_at_page_boundary && !cfg!(target_arch = "x86_64") {
+        return Err("--sleep-at-page-boundary is for x86_64 only".into());
     }
     Ok(s)
 }
@@ -192,7 +207,12 @@ fn main() {
     let mut last_total = 0;
     let mut last = Instant::now();
     loop {
-        std::thread::sleep(Duration::from_millis(s.interval_ms));
+        let interval = Duration::from_millis(s.interval_ms);
+        if s.sleep_at_page_boundary {
+            page_boundary::sleep(interval);
+        } else {
+            std::thread::sleep(interval);
+        }
         let tick = stats.tick.fetch_add(1, Ordering::Relaxed) + 1;
         let total = stats.pages_total.load(Ordering::Relaxed);
         let secs = last.elapsed().as_secs_f64().max(1e-6);
@@ -237,6 +257,41 @@ fn ram_load(mut mem: Vec<u8>, hot: usize, stats: &Stats) {
         }
         std::hint::black_box(&mem);
         stats.passes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A sleep whose stack pointer sits exactly on a page boundary while the thread waits in
+/// the kernel, which is where CRIU reads it when it freezes the process.
+#[allow(unsafe_code)]
+mod page_boundary {
+    use std::time::Duration;
+
+    #[cfg(target_arch = "x86_64")]
+    pub fn sleep(d: Duration) {
+        let ts: [i64; 2] = [d.as_secs() as i64, i64::from(d.subsec_nanos())];
+        // SAFETY: nanosleep(2) only reads `ts`. The stack pointer moves down to the page
+        // boundary below it (stack space below the pointer is ours: no `nostack`), the
+        // syscall uses no user stack, and r12 brings the pointer back. An interrupted
+        // sleep just ends early.
+        unsafe {
+            std::arch::asm!(
+                "mov r12, rsp",
+                "and rsp, -4096",
+                "syscall",
+                "mov rsp, r12",
+                inlateout("rax") 35i64 => _,
+                in("rdi") ts.as_ptr(),
+                in("rsi") 0usize,
+                out("rcx") _,
+                out("r11") _,
+                out("r12") _,
+            );
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub fn sleep(d: Duration) {
+        std::thread::sleep(d)
     }
 }
 
