@@ -124,12 +124,12 @@ impl Agent {
         self.config.transfer_advertise.clone().unwrap_or_else(|| self.config.transfer_listen.to_string())
     }
 
-    /// Note an incoming copy as provisional, in memory and in the state database: an
-    /// agent that dies before the copy is final removes it when it runs again
-    /// ([`Agent::remove_leftovers`]), since its source resumes its own.
+    /// Note an incoming copy as provisional in memory. The state database has it since
+    /// its restore began ([`Agent::journal`]), so that an agent that dies before the copy
+    /// is final removes it when it runs again ([`Agent::remove_leftovers`]), since its
+    /// source resumes its own.
     async fn hold(&self, transfer_id: &str, p: &Provisional) {
         self.provisional.lock().await.insert(transfer_id.to_string(), p.clone());
-        self.journal(transfer_id, p);
     }
 
     /// Note on disk only: a restore of `p` begins (an agent killed in the middle of it
@@ -188,7 +188,8 @@ impl Agent {
         left.len()
     }
 
-    /// Remove `workload` after the lease unless its transfer was committed meanwhile.
+    /// Remove `workload` after the lease unless its transfer was committed meanwhile
+    /// (the caller journaled the copy when its restore began).
     pub fn arm_lease(self: &Arc<Self>, transfer_id: String, p: Provisional) {
         let agent = self.clone();
         let lease = self.config.commit_lease;
@@ -247,7 +248,7 @@ impl Agent {
     /// A lazily restored workload: provisional while pages arrive (no lease: the lazy
     /// phase takes as long as the link needs). If the lazy-pages daemon fails, the copy
     /// misses memory and goes (the source resumes its own); if it ends well, the copy is
-    /// final at once.
+    /// final at once. The caller journaled the copy when its restore began.
     pub async fn watch_lazy(
         self: &Arc<Self>,
         transfer_id: String,
