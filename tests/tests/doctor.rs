@@ -75,6 +75,17 @@ fn doctor_json_tells_the_truth_about_this_host() {
     assert_eq!(r["criu"]["dirty_tracking"], dirty);
     assert_eq!(check(&r, "criu pre-dump")["status"], if dirty { "ok" } else { "warn" });
     assert_eq!(r["criu"]["pipe_max_size"], sh("cat /proc/sys/fs/pipe-max-size").parse::<u64>().unwrap());
+    // the stack-page probe really dumped its 16 MiB process; the CRIU deploy/install.sh
+    // builds carries the is_stack() fix, so the memory stayed lazy
+    let written = r["criu"]["stack_page_probe_written"].as_u64();
+    assert!(written.is_some(), "the stack-page probe did not run: {}", r["criu"]);
+    let ours = std::fs::read_to_string("/opt/away-criu/.away-installed")
+        .is_ok_and(|m| m.contains("0001-is-stack-page-number.patch"))
+        && sh("readlink -f \"$(command -v criu)\"") == "/opt/away-criu/sbin/criu";
+    if ours {
+        assert!(written.unwrap() < 8 << 20, "the mended CRIU dumped {written:?} bytes of the probe's 16 MiB");
+        assert_eq!(check(&r, "criu lazy stack page")["status"], "ok");
+    }
     assert!(sh("qemu-system-x86_64 --version").contains(r["qemu"]["version"].as_str().unwrap()));
 
     // cgroups and overlayfs
@@ -139,6 +150,7 @@ fn doctor_table_names_every_component() {
         "criu",
         "criu pre-dump",
         "criu lazy pages",
+        "criu lazy stack page",
         "qemu",
         "kvm",
     ] {

@@ -7,7 +7,8 @@ use away_runtime::host::{fingerprint, FingerprintOptions, HostPaths, Status};
 
 use crate::output::print_json;
 
-/// Check this host: containerd, Docker, runc, CRIU (pre-dump, lazy pages), QEMU, KVM,
+/// Check this host: containerd, Docker, runc, CRIU (pre-dump, lazy pages, and whether a
+/// lazy dump stays lazy when a thread's stack pointer is on a page boundary), QEMU, KVM,
 /// cgroups, overlayfs and the CPU.
 ///
 /// Every answer comes from asking the real thing: the daemons' sockets, the binaries,
@@ -40,6 +41,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         paths: HostPaths::default(),
         kvm_timeout: Duration::from_secs(args.kvm_timeout),
         reprobe_kvm: args.reprobe_kvm,
+        // away itself is the probe process of the CRIU stack-page check
+        criu_stack_probe: std::env::current_exe().ok(),
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     if !args.json {

@@ -66,6 +66,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // `away doctor` runs away itself as the process its CRIU stack-page probe dumps
+    away_runtime::host::criu_stack::serve_if_asked();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

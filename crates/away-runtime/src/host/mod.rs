@@ -4,12 +4,13 @@
 //! what is merely installed.
 
 mod cpu;
+pub mod criu_stack;
 mod kvm;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use away_model::{Accel, Arch, CpuInfo, HypervisorInfo, NodeInfo, RuntimeInfo, RuntimeKind, Tier};
+use away_model::{Accel, Arch, ByteSize, CpuInfo, HypervisorInfo, NodeInfo, RuntimeInfo, RuntimeKind, Tier};
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
@@ -142,6 +143,14 @@ pub struct CriuStatus {
     pub uffd: bool,
     /// `fs.pipe-max-size`; lazy pages need at least LAZY_PAGES_MIN_PIPE_SIZE.
     pub pipe_max_size: u64,
+    /// Bytes of pages a lazy dump wrote for a process whose thread's stack pointer is on
+    /// a page boundary ([`criu_stack`]: far below its 16 MiB when CRIU keeps them lazy);
+    /// None when not probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack_page_probe_written: Option<u64>,
+    /// Why that probe could not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack_page_probe_error: Option<String>,
 }
 
 impl CriuStatus {
@@ -185,24 +194,38 @@ pub struct FingerprintOptions {
     pub paths: HostPaths,
     pub kvm_timeout: Duration,
     pub reprobe_kvm: bool,
+    /// An executable that becomes the CRIU stack-page probe when run with
+    /// [`criu_stack::PROBE_ENV`] (`away` itself); None: not probed.
+    pub criu_stack_probe: Option<PathBuf>,
 }
 
 impl Default for FingerprintOptions {
     fn default() -> Self {
-        FingerprintOptions { paths: HostPaths::default(), kvm_timeout: Duration::from_secs(15), reprobe_kvm: false }
+        FingerprintOptions {
+            paths: HostPaths::default(),
+            kvm_timeout: Duration::from_secs(15),
+            reprobe_kvm: false,
+            criu_stack_probe: None,
+        }
     }
 }
 
 /// Ask every component of the host what it is and whether it works.
 pub async fn fingerprint(opts: &FingerprintOptions) -> HostReport {
     let p = &opts.paths;
-    let (containerd, docker, runc, criu, qemu) = tokio::join!(
+    let (containerd, docker, runc, mut criu, qemu) = tokio::join!(
         containerd_status(&p.containerd_socket),
         docker_status(&p.docker_socket),
         runc_status(&p.runc),
         criu_status(&p.criu),
         qemu_status(&p.qemu)
     );
+    if let (Some(exe), true) = (&opts.criu_stack_probe, criu.lazy_pages()) {
+        match criu_stack::lazy_dump_pages_written(&p.criu, exe).await {
+            Ok(written) => criu.stack_page_probe_written = Some(written),
+            Err(e) => criu.stack_page_probe_error = Some(e),
+        }
+    }
     let kvm_cfg = KvmProbeConfig {
         qemu: p.qemu.clone(),
         kernel: p.guest_kernel.clone(),
@@ -586,6 +609,36 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
     }
     if r.criu.lazy_pages() {
         add("criu lazy pages", Status::Ok, format!("userfaultfd ok, fs.pipe-max-size {}", r.criu.pipe_max_size), None);
+        let fixed = "deploy/install.sh (builds CRIU with deploy/criu/0001-is-stack-page-number.patch)";
+        let probed = r.criu.stack_page_probe_written.map(|w| (criu_stack::stays_lazy(w), ByteSize(w).human()));
+        match (probed, &r.criu.stack_page_probe_error) {
+            (Some((true, w)), _) => add(
+                "criu lazy stack page",
+                Status::Ok,
+                format!(
+                    "a thread's stack pointer on a page boundary leaves the memory lazy (is_stack() fixed; \
+                     probe: {w} of 16 MiB dumped)"
+                ),
+                None,
+            ),
+            (Some((false, w)), _) => add(
+                "criu lazy stack page",
+                Status::Warn,
+                format!(
+                    "a thread's stack pointer on a page boundary makes CRIU dump every page (its is_stack() bug; \
+                     probe: {w} of 16 MiB dumped): such a process moves as stop-and-copy under --mode lazy \
+                     (about one process start in 256)"
+                ),
+                Some(fixed),
+            ),
+            (None, Some(e)) => add(
+                "criu lazy stack page",
+                Status::Warn,
+                format!("not probed: {e}"),
+                Some("run `away doctor` as root on x86_64: the probe dumps a small process of its own with criu"),
+            ),
+            (None, None) => {}
+        }
     } else if !r.criu.uffd {
         add(
             "criu lazy pages",

@@ -1,0 +1,196 @@
+//! Does this CRIU keep a lazy dump lazy when a thread's stack pointer sits on a page
+//! boundary? CRIU 4.2 as released does not: its `is_stack()` compares the offsets in
+//! the page where it means the pages, takes every page for a stack page and writes the
+//! whole memory into the images, so a "lazy" move of such a process is a stop-and-copy
+//! (deploy/criu/0001-is-stack-page-number.patch has the fix, `deploy/install.sh` builds
+//! CRIU with it).
+//!
+//! The probe asks the real CRIU: a probe process (the caller's own executable, run with
+//! [`PROBE_ENV`]: see [`serve_if_asked`]) touches [`PROBE_MEMORY`] and sleeps with its
+//! stack pointer on a page boundary; `criu dump --lazy-pages --leave-running` dumps it,
+//! and the size of the pages it wrote tells which CRIU this is.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+
+/// Set in the probe process's environment: `away` then becomes the probe.
+pub const PROBE_ENV: &str = "AWAY_CRIU_STACK_PROBE";
+/// Memory the probe process writes: a lazy dump leaves it out of the images.
+pub const PROBE_MEMORY: usize = 16 << 20;
+
+/// In the probe process (started with [`PROBE_ENV`] set): write [`PROBE_MEMORY`] and
+/// sleep, with the stack pointer on a page boundary, until killed. Returns at once in
+/// any other process. Call it first thing in `main`.
+pub fn serve_if_asked() {
+    if std::env::var_os(PROBE_ENV).is_none() {
+        return;
+    }
+    let mut memory = vec![0u8; PROBE_MEMORY];
+    for page in memory.chunks_mut(4096) {
+        page[0] = 1;
+    }
+    std::hint::black_box(&memory);
+    loop {
+        sleep_at_page_boundary(Duration::from_secs(3600));
+    }
+}
+
+/// A sleep whose stack pointer sits exactly on a page boundary while the thread waits in
+/// the kernel, where CRIU reads it. (images/memload has the same few lines: that app
+/// stays a dependency-free std-only binary.)
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn sleep_at_page_boundary(d: Duration) {
+    let ts: [i64; 2] = [d.as_secs() as i64, i64::from(d.subsec_nanos())];
+    // SAFETY: nanosleep(2) only reads `ts`. The stack pointer moves down to the page
+    // boundary below it (stack space below the pointer is ours: no `nostack`), the
+    // syscall uses no user stack, and r12 brings the pointer back.
+    unsafe {
+        std::arch::asm!(
+            "mov r12, rsp",
+            "and rsp, -4096",
+            "syscall",
+            "mov rsp, r12",
+            inlateout("rax") 35i64 => _,
+            in("rdi") ts.as_ptr(),
+            in("rsi") 0usize,
+            out("rcx") _,
+            out("r11") _,
+            out("r12") _,
+        );
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn sleep_at_page_boundary(d: Duration) {
+    std::thread::sleep(d)
+}
+
+/// Dump a probe process (`probe_exe` run with [`PROBE_ENV`]) lazily with `criu`: the
+/// bytes of pages CRIU wrote into the images — far below [`PROBE_MEMORY`] when the memory
+/// stayed lazy, above it with the is_stack() bug ([`stays_lazy`]). Err when the probe
+/// could not run (not root, not x86_64, CRIU failed).
+pub async fn lazy_dump_pages_written(criu: &Path, probe_exe: &Path) -> Result<u64, String> {
+    if !cfg!(target_arch = "x86_64") {
+        return Err("the probe is x86_64 only".into());
+    }
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root (CRIU dumps the probe process)".into());
+    }
+    let dir = std::env::temp_dir().join(format!("away-criu-stack-probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let result = probe(criu, probe_exe, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// What [`lazy_dump_pages_written`] found means: the probe's memory stayed lazy.
+pub fn stays_lazy(pages_written: u64) -> bool {
+    pages_written < PROBE_MEMORY as u64 / 2
+}
+
+async fn probe(criu: &Path, probe_exe: &Path, dir: &Path) -> Result<u64, String> {
+    let mut child = Command::new(probe_exe)
+        .env(PROBE_ENV, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start the probe process {}: {e}", probe_exe.display()))?;
+    let pid = child.id().ok_or("the probe process ended at once")?;
+    // it has written its memory and sleeps where it should
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if sleeping_on_page_boundary(pid) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill().await;
+            return Err(format!("{} did not become the probe process ({PROBE_ENV})", probe_exe.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port for CRIU's page server: {e}"))?
+        .port();
+    let (pid_s, port_s) = (pid.to_string(), port.to_string());
+    let dir_s = dir.to_string_lossy().to_string();
+    #[rustfmt::skip]
+    let args = ["dump", "-t", &pid_s, "-D", &dir_s, "--lazy-pages", "--address", "127.0.0.1", "--port", &port_s,
+                "--leave-running", "--shell-job", "-o", "dump.log"];
+    let mut dump = Command::new(criu)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", criu.display()))?;
+    // the page server listens once the images are written; a connection that closes
+    // without a request ends the dump, and the probe runs on (--leave-running)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let served = loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            break true;
+        }
+        if Instant::now() > deadline || dump.try_wait().ok().flatten().is_some() {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(20), dump.wait()).await;
+    let _ = dump.kill().await;
+    let _ = child.kill().await;
+    let _ = child.wait().await;
+    if !served {
+        let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
+        let last = log.lines().rev().find(|l| l.contains("Error")).or(log.lines().last()).unwrap_or("no log");
+        return Err(format!("criu dump --lazy-pages of the probe failed: {}", last.trim()));
+    }
+    Ok(pages_written(dir))
+}
+
+/// The probe's main thread waits in nanosleep with its stack pointer on a page boundary
+/// (`/proc/PID/syscall`: number, six arguments, stack pointer, program counter).
+fn sleeping_on_page_boundary(pid: u32) -> bool {
+    let Ok(line) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) else { return false };
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let sp = fields.get(7).and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok());
+    fields.first() == Some(&"35") && sp.is_some_and(|sp| sp % 4096 == 0)
+}
+
+/// Bytes of memory pages a dump wrote into its images.
+fn pages_written(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_written_counts_only_page_images() {
+        let dir = std::env::temp_dir().join(format!("away-criu-stack-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pages-1.img"), vec![0u8; 8192]).unwrap();
+        std::fs::write(dir.join("pagemap-42.img"), vec![0u8; 100]).unwrap();
+        std::fs::write(dir.join("dump.log"), "x").unwrap();
+        assert_eq!(pages_written(&dir), 8192);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
