@@ -260,40 +260,11 @@ fn ram_load(mut mem: Vec<u8>, hot: usize, stats: &Stats) {
     }
 }
 
-/// A sleep whose stack pointer sits exactly on a page boundary while the thread waits in
-/// the kernel, which is where CRIU reads it when it freezes the process.
+/// The doctor's CRIU stack-page probe has the same sleep: one file, included by path
+/// (std only, so memload stays dependency-free).
 #[allow(unsafe_code)]
-mod page_boundary {
-    use std::time::Duration;
-
-    #[cfg(target_arch = "x86_64")]
-    pub fn sleep(d: Duration) {
-        let ts: [i64; 2] = [d.as_secs() as i64, i64::from(d.subsec_nanos())];
-        // SAFETY: nanosleep(2) only reads `ts`. The stack pointer moves down to the page
-        // boundary below it (stack space below the pointer is ours: no `nostack`), the
-        // syscall uses no user stack, and r12 brings the pointer back. An interrupted
-        // sleep just ends early.
-        unsafe {
-            std::arch::asm!(
-                "mov r12, rsp",
-                "and rsp, -4096",
-                "syscall",
-                "mov rsp, r12",
-                inlateout("rax") 35i64 => _,
-                in("rdi") ts.as_ptr(),
-                in("rsi") 0usize,
-                out("rcx") _,
-                out("r11") _,
-                out("r12") _,
-            );
-        }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    pub fn sleep(d: Duration) {
-        std::thread::sleep(d)
-    }
-}
+#[path = "../../../crates/away-runtime/src/host/page_boundary.rs"]
+mod page_boundary;
 
 /// Exit at once on SIGTERM/SIGINT. As PID 1 of a container the process gets no
 /// default signal actions, so without a handler `docker stop` waits 10 s and

@@ -33,39 +33,8 @@ pub fn serve_if_asked() {
     }
     std::hint::black_box(&memory);
     loop {
-        sleep_at_page_boundary(Duration::from_secs(3600));
+        super::page_boundary::sleep(Duration::from_secs(3600));
     }
-}
-
-/// A sleep whose stack pointer sits exactly on a page boundary while the thread waits in
-/// the kernel, where CRIU reads it. (images/memload has the same few lines: that app
-/// stays a dependency-free std-only binary.)
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-fn sleep_at_page_boundary(d: Duration) {
-    let ts: [i64; 2] = [d.as_secs() as i64, i64::from(d.subsec_nanos())];
-    // SAFETY: nanosleep(2) only reads `ts`. The stack pointer moves down to the page
-    // boundary below it (stack space below the pointer is ours: no `nostack`), the
-    // syscall uses no user stack, and r12 brings the pointer back.
-    unsafe {
-        std::arch::asm!(
-            "mov r12, rsp",
-            "and rsp, -4096",
-            "syscall",
-            "mov rsp, r12",
-            inlateout("rax") 35i64 => _,
-            in("rdi") ts.as_ptr(),
-            in("rsi") 0usize,
-            out("rcx") _,
-            out("r11") _,
-            out("r12") _,
-        );
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn sleep_at_page_boundary(d: Duration) {
-    std::thread::sleep(d)
 }
 
 /// Dump a probe process (`probe_exe` run with [`PROBE_ENV`]) lazily with `criu`: the

@@ -6,6 +6,8 @@
 mod cpu;
 pub mod criu_stack;
 mod kvm;
+#[allow(unsafe_code)]
+mod page_boundary;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
