@@ -47,6 +47,8 @@ fn quick_profile_end_to_end() {
         if r.path == away_lab::MigrationPath::ContainerLazy {
             let (down, degraded) = (r.downtime_s.unwrap(), r.degraded_s.unwrap_or(0.0));
             assert!(degraded > 0.0, "a lazy move has a lazy phase: {r:?}");
+            // (a lazy dump that left nothing lazy also has a short one: the pages say)
+            assert!(r.paged_bytes_raw.unwrap_or(0) > opts.app_ram.0 / 2, "the memory went over the page link: {r:?}");
             assert!(down < r.total_s, "{r:?}");
         }
         assert!(r.bytes_wire > 0, "{r:?}");

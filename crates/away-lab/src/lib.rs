@@ -454,6 +454,10 @@ pub struct RunResult {
     pub slowed_s: Option<f64>,
     pub bytes_wire: u64,
     pub bytes_raw: u64,
+    /// Lazy and streamed container moves: the part of `bytes_raw` that went over CRIU's
+    /// page link (a lazy move whose dump left nothing lazy has none). JSON only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paged_bytes_raw: Option<u64>,
     /// bytes on the wire / link rate + round trips.
     pub limit_s: f64,
     /// total / limit, when the move finished.
@@ -481,6 +485,7 @@ impl RunResult {
             slowed_s: None,
             bytes_wire: 0,
             bytes_raw: 0,
+            paged_bytes_raw: None,
             limit_s: 0.0,
             total_over_limit: None,
             notes: String::new(),
@@ -490,6 +495,11 @@ impl RunResult {
 
     pub fn with_degraded(mut self, degraded: Option<Duration>) -> Self {
         self.degraded_s = degraded.map(|d| d.as_secs_f64());
+        self
+    }
+
+    pub fn with_paged(mut self, paged: u64) -> Self {
+        self.paged_bytes_raw = (paged > 0).then_some(paged);
         self
     }
 
