@@ -125,18 +125,18 @@ criu_marker() {
   echo "built from source, patches: ${names[*]}"
 }
 criu_ok() {
-  [ -x "$CRIU_WRAPPER" ] && [ -f "$CRIU_PREFIX/.away-installed" ] || return 1
+  [ -x "$CRIU_LINK" ] && [ -f "$CRIU_PREFIX/.away-installed" ] || return 1
   grep -qxF "$(criu_marker)" "$CRIU_PREFIX/.away-installed" || return 1
-  local v; v=$("$CRIU_WRAPPER" --version 2>/dev/null | awk '/^Version:/ {print $2}')
+  local v; v=$("$CRIU_LINK" --version 2>/dev/null | awk '/^Version:/ {print $2}')
   [ -n "$v" ] && dpkg --compare-versions "$v" ge "$CRIU_MIN"
 }
 
 # CRIU from the source of Debian $CRIU_SUITE, built against bookworm's libraries with
-# away's patches: every released 4.2 (Debian's binary included) leaves no page lazy now
+# away's patches: CRIU 4.2.1 as released (Debian's binary included) leaves no page lazy now
 # and then (see the patch), and a binary cannot be mended.
 install_criu() {
   if criu_ok; then
-    log "CRIU: $("$CRIU_WRAPPER" --version | head -1) ($(tail -n 1 "$CRIU_PREFIX/.away-installed"))"
+    log "CRIU: $("$CRIU_LINK" --version | head -1) ($(tail -n 1 "$CRIU_PREFIX/.away-installed"))"
     return 0
   fi
   CHANGED+=(criu)
@@ -175,16 +175,16 @@ install_criu() {
   "$stage/sbin/criu" --version >/dev/null || die "the built criu does not run"
   { date -u +%FT%TZ; echo "CRIU from $name ($CRIU_SUITE)"; criu_marker; } >"$stage/.away-installed"
   rm -rf "$CRIU_PREFIX"; mv "$stage" "$CRIU_PREFIX"
-  mkdir -p "$(dirname "$CRIU_WRAPPER")"
-  ln -sfn "$CRIU_PREFIX/sbin/criu" "$CRIU_WRAPPER"
+  mkdir -p "$(dirname "$CRIU_LINK")"
+  ln -sfn "$CRIU_PREFIX/sbin/criu" "$CRIU_LINK"
   rm -rf "$tmp"
-  criu_ok || die "built $("$CRIU_WRAPPER" --version | head -1) from $CRIU_SUITE, but away needs >= $CRIU_MIN"
-  log "installed $("$CRIU_WRAPPER" --version | head -1) -> $CRIU_WRAPPER"
+  criu_ok || die "built $("$CRIU_LINK" --version | head -1) from $CRIU_SUITE, but away needs >= $CRIU_MIN"
+  log "installed $("$CRIU_LINK" --version | head -1) -> $CRIU_LINK"
 }
 
 verify_criu() {
   local out
-  out=$("$CRIU_WRAPPER" check 2>&1) || { echo "$out" >&2; die "criu check failed"; }
+  out=$("$CRIU_LINK" check 2>&1) || { echo "$out" >&2; die "criu check failed"; }
   log "criu check: $(echo "$out" | tail -n 1)"
 }
 

@@ -1,14 +1,14 @@
 # lib.sh - helpers shared by deploy/install.sh and deploy/services.sh (sourced, not run).
 # Paths here are the ones `away doctor` and the runtime backends look at.
 RUN_DIR=${AWAY_RUN_DIR:-/run/away}
-APT_PRIV=/var/lib/away-apt              # private apt state (trixie, backports); /etc/apt is never edited
+APT_PRIV=/var/lib/away-apt              # private apt state (forky sources, backports); /etc/apt is never edited
 CRIU_PREFIX=/opt/away-criu              # criu built from Debian testing's source with deploy/criu/*.patch
-CRIU_WRAPPER=/usr/local/sbin/criu
+CRIU_LINK=/usr/local/sbin/criu          # -> $CRIU_PREFIX/sbin/criu
 GUEST_DIR=/opt/away-guest               # guest kernel for QEMU (VM boot artifacts)
 CTR_SOCK=/run/containerd/containerd.sock
 DOCKER_SOCK=/run/docker.sock
 DOCKER=/usr/bin/docker                  # not /usr/local/bin/docker (a newer CLI may shadow it)
-# /usr/local/sbin first: the criu wrapper must win over any /usr/sbin/criu,
+# /usr/local/sbin first: away's criu must win over any /usr/sbin/criu,
 # and containerd/dockerd/shims/runc inherit this PATH.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin${PATH:+:$PATH}
 export DEBIAN_FRONTEND=noninteractive

@@ -258,7 +258,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
 
     // 1. a lazy move: the heartbeat goes on on the target from the same start, and
     // 1b. the same with memload's main thread asleep with its stack pointer on a page
-    // boundary: CRIU 4.2 as released takes every page for a stack page then and leaves
+    // boundary: CRIU 4.2.1 as released takes every page for a stack page then and leaves
     // nothing lazy (the move would go as stop-and-copy); install.sh builds it mended
     let agent = Agent::start(nodes.target(), "plain", &[]);
     for (name, env) in [("ml-ok", None), ("ml-sp-page", Some("MEMLOAD_SLEEP_AT_PAGE_BOUNDARY=1"))] {

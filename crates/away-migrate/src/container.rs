@@ -410,7 +410,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             return Err(resumed_or_not(runtime, name, format!("lazy checkpoint failed: {e}"), None).await);
         }
     };
-    // CRIU 4.2 as released leaves no page lazy when a thread's stack pointer sits on a
+    // CRIU 4.2.1 as released leaves no page lazy when a thread's stack pointer sits on a
     // page boundary (its is_stack() compares the offsets in the page, not the pages;
     // deploy/install.sh builds CRIU mended). The move still works, as stop-and-copy
     // with the whole memory in the payload; the report says so.

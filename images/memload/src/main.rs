@@ -20,7 +20,7 @@
 //!   --port PORT    MEMLOAD_PORT         status endpoint, 0 = none (default 8080)
 //!   --sleep-at-page-boundary  MEMLOAD_SLEEP_AT_PAGE_BOUNDARY=1
 //!                  the main thread sleeps with its stack pointer on a page boundary
-//!                  (x86_64): CRIU 4.2 as released then leaves no page of a lazy dump
+//!                  (x86_64): CRIU 4.2.1 as released then leaves no page of a lazy dump
 //!                  lazy, and the lazy-move test checks that the CRIU away installs does
 
 use std::io::{BufRead, BufReader, Write};

@@ -1,5 +1,5 @@
 //! Does this CRIU keep a lazy dump lazy when a thread's stack pointer sits on a page
-//! boundary? CRIU 4.2 as released does not: its `is_stack()` compares the offsets in
+//! boundary? CRIU 4.2.1 as released does not: its `is_stack()` compares the offsets in
 //! the page where it means the pages, takes every page for a stack page and writes the
 //! whole memory into the images, so a "lazy" move of such a process is a stop-and-copy
 //! (deploy/criu/0001-is-stack-page-number.patch has the fix, `deploy/install.sh` builds
