@@ -78,10 +78,7 @@ fn agent_log(opts: &CompareOptions, planned: &PlannedRun) -> Stdio {
 }
 
 fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("find a free port on 127.0.0.1: {e}"))
+    away_runtime::host::free_loopback_port().map_err(|e| format!("find a free port on 127.0.0.1: {e}"))
 }
 
 /// One container run; failures become a `Failed` result with the reason in notes.

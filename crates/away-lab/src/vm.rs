@@ -132,10 +132,7 @@ impl VmLab {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
 
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| format!("find a free port: {e}"))?;
+        let port = away_runtime::host::free_loopback_port().map_err(|e| format!("find a free port: {e}"))?;
         let timeout = opts.vm_timeout(planned.link);
         let mig = VmMigrationOptions {
             auto_converge: planned.path == MigrationPath::VmAutoConverge,

@@ -396,10 +396,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let checkpoint_start = Instant::now();
     let stopped_at_ms = now_ms();
     let payload = archives.create(name)?;
-    let criu_port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?
-        .port();
+    let criu_port = away_runtime::host::free_loopback_port()
+        .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?;
     let lazy_opts =
         away_runtime::LazyCheckpointOptions { dir: payload.join(CHECKPOINT_DIR), page_server_port: criu_port };
     let dump = match runtime.checkpoint_lazy(name, &lazy_opts).await {

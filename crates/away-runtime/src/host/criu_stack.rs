@@ -86,10 +86,7 @@ async fn probe(criu: &Path, probe_exe: &Path, dir: &Path) -> Result<u64, String>
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port for CRIU's page server: {e}"))?
-        .port();
+    let port = super::free_loopback_port().map_err(|e| format!("no free port for CRIU's page server: {e}"))?;
     let (pid_s, port_s) = (pid.to_string(), port.to_string());
     let dir_s = dir.to_string_lossy().to_string();
     #[rustfmt::skip]

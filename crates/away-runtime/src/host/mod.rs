@@ -23,6 +23,12 @@ pub use kvm::{boot_probe_guest, probe_kvm, KvmProbe, KvmProbeConfig};
 /// CAP_SYS_RESOURCE it cannot grow them itself and lazy migration fails at the first page.
 pub const LAZY_PAGES_MIN_PIPE_SIZE: u64 = 3_354_624;
 
+/// A TCP port free on 127.0.0.1 right now, for a child process that must be told where to
+/// listen (CRIU's page server, QEMU's incoming migration, a lab agent).
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).map(|a| a.port())
+}
+
 /// Where the host's daemons and tools live. Defaults match `deploy/install.sh`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostPaths {
@@ -146,7 +152,7 @@ pub struct CriuStatus {
     /// `fs.pipe-max-size`; lazy pages need at least LAZY_PAGES_MIN_PIPE_SIZE.
     pub pipe_max_size: u64,
     /// Bytes of pages a lazy dump wrote for a process whose thread's stack pointer is on
-    /// a page boundary ([`criu_stack`]: far below its 16 MiB when CRIU keeps them lazy);
+    /// a page boundary ([`criu_stack`]: far below its memory when CRIU keeps it lazy);
     /// None when not probed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stack_page_probe_written: Option<u64>,
@@ -613,13 +619,14 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
         add("criu lazy pages", Status::Ok, format!("userfaultfd ok, fs.pipe-max-size {}", r.criu.pipe_max_size), None);
         let fixed = "deploy/install.sh (builds CRIU with deploy/criu/0001-is-stack-page-number.patch)";
         let probed = r.criu.stack_page_probe_written.map(|w| (criu_stack::stays_lazy(w), ByteSize(w).human()));
+        let of = ByteSize(criu_stack::PROBE_MEMORY as u64).human();
         match (probed, &r.criu.stack_page_probe_error) {
             (Some((true, w)), _) => add(
                 "criu lazy stack page",
                 Status::Ok,
                 format!(
                     "a thread's stack pointer on a page boundary leaves the memory lazy (is_stack() fixed; \
-                     probe: {w} of 16 MiB dumped)"
+                     probe: {w} of {of} dumped)"
                 ),
                 None,
             ),
@@ -628,7 +635,7 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
                 Status::Warn,
                 format!(
                     "a thread's stack pointer on a page boundary makes CRIU dump every page (its is_stack() bug; \
-                     probe: {w} of 16 MiB dumped): such a process moves as stop-and-copy under --mode lazy \
+                     probe: {w} of {of} dumped): such a process moves as stop-and-copy under --mode lazy \
                      (about one process start in 256)"
                 ),
                 Some(fixed),
