@@ -27,6 +27,7 @@ pub fn serve_if_asked() {
     if std::env::var_os(PROBE_ENV).is_none() {
         return;
     }
+    close_inherited_fds();
     let mut memory = vec![0u8; PROBE_MEMORY];
     for page in memory.chunks_mut(4096) {
         page[0] = 1;
@@ -34,6 +35,36 @@ pub fn serve_if_asked() {
     std::hint::black_box(&memory);
     loop {
         super::page_boundary::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Close every descriptor above stderr. The probe needs none, and whatever its caller's
+/// caller left inheritable (a CI runner's unix socket, say) would make CRIU refuse the
+/// dump ("External socket is used") and the probe say nothing about CRIU.
+fn close_inherited_fds() {
+    // SAFETY: close_range has no memory preconditions; nothing in this process uses
+    // descriptors above 2 yet (this runs first in main).
+    #[allow(unsafe_code)]
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } == 0;
+    if closed {
+        return;
+    }
+    // kernels before 5.9: one by one, from /proc (collected first: reading the
+    // directory holds a descriptor of its own)
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: as above; a descriptor that was the directory's is closed already
+        // and close returns EBADF, which is fine.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::close(fd)
+        };
     }
 }
 
@@ -118,8 +149,10 @@ async fn probe(criu: &Path, probe_exe: &Path, dir: &Path) -> Result<u64, String>
     let _ = child.wait().await;
     if !served {
         let log = std::fs::read_to_string(dir.join("dump.log")).unwrap_or_default();
-        let last = log.lines().rev().find(|l| l.contains("Error")).or(log.lines().last()).unwrap_or("no log");
-        return Err(format!("criu dump --lazy-pages of the probe failed: {}", last.trim()));
+        // the cause is the last error before CRIU's closing "Dumping FAILED"
+        let cause = log.lines().rev().find(|l| l.contains("Error") && !l.contains("Dumping FAILED"));
+        let cause = cause.or(log.lines().last()).unwrap_or("no log");
+        return Err(format!("criu dump --lazy-pages of the probe failed: {}", cause.trim()));
     }
     Ok(pages_written(dir))
 }
