@@ -123,7 +123,7 @@ pub fn lab_image(app: &str) -> PathBuf {
 
 /// A TCP port free on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    away_runtime::host::free_loopback_port().expect("bind 127.0.0.1:0")
 }
 
 /// `GET path` on 127.0.0.1:port; the body on a 200, None otherwise (or on no answer).

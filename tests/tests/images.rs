@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use away_e2e::{away_json, require, require_root, require_socket, workspace_root};
+use away_e2e::{away_json, free_port, require, require_root, require_socket, workspace_root};
 
 const APPS: [&str; 3] = ["counter", "memload", "labdesk"];
 const CONTAINERD: &str = "/run/containerd/containerd.sock";
@@ -68,10 +68,6 @@ fn must(cmd: &str, args: &[&str]) -> String {
     let (ok, text) = run(cmd, args);
     assert!(ok, "{cmd} {args:?} failed:\n{text}");
     text
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// One HTTP/1.1 request; returns (status, body).

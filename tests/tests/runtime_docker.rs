@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use away_e2e::{require, require_root, require_socket, workspace_root};
+use away_e2e::{free_port, require, require_root, require_socket, workspace_root};
 use away_model::{PortMapping, Resources, WorkloadKind, WorkloadSpec, WorkloadState};
 use away_runtime::docker::DockerRuntime;
 use away_runtime::store::read_resolved;
@@ -108,10 +108,6 @@ fn containers_labelled(name: &str) -> Vec<String> {
 /// Whether any container (labelled or not) has this name.
 fn container_exists(name: &str) -> bool {
     Command::new(DOCKER).args(["inspect", "--type", "container", name]).output().is_ok_and(|o| o.status.success())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// One HTTP/1.0 GET; the body when the answer is 200.
