@@ -25,18 +25,20 @@ fn check<'a>(report: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no check named {name}"))
 }
 
-/// `away doctor --json` as a CI runner may start it: with a unix socket to a process
-/// outside it inherited as fd 7 (CI's first run of the stack-page probe failed so: CRIU
-/// refuses to dump a process holding an external socket).
-fn doctor_json_with_an_inherited_socket() -> Value {
+/// `away doctor --json` as CI's runner starts it, where the stack-page probe failed twice:
+/// with a unix socket to a process outside it inherited as fd 7 (CRIU refuses to dump a
+/// process holding an external socket), and in a pid namespace of its own whose session
+/// began outside it (CRIU refuses a process whose session leader it cannot see).
+fn doctor_json_as_ci_runs_it() -> Value {
     let (socket, _peer) = UnixStream::pair().expect("socketpair");
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(r#"exec "$0" doctor --json 7<&0 </dev/null"#)
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c"])
+        .arg(r#"grep -qx 'NSsid:\s*0' /proc/self/status || { echo "the session leader is in this pid namespace" >&2; exit 3; }
+                exec "$0" doctor --json 7<&0 </dev/null"#)
         .arg(away_bin())
         .stdin(Stdio::from(OwnedFd::from(socket)))
         .output()
-        .expect("run away doctor");
+        .expect("run unshare … away doctor");
     assert!(out.status.success(), "away doctor --json failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("away doctor --json prints JSON")
 }
@@ -49,7 +51,7 @@ fn doctor_json_tells_the_truth_about_this_host() {
     {
         return;
     }
-    let r = doctor_json_with_an_inherited_socket();
+    let r = doctor_json_as_ci_runs_it();
 
     // CPU and kernel, against /proc and uname
     let arch = match sh("uname -m").as_str() {

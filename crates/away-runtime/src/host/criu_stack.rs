@@ -28,6 +28,15 @@ pub fn serve_if_asked() {
         return;
     }
     close_inherited_fds();
+    // its own session: CRIU refuses a process whose session leader it cannot see ("A
+    // session leader of … is outside of its pid namespace"), as when CI runs us in a
+    // pid namespace of its own and the session began outside it. It fails only for a
+    // group leader, which the probe is not (spawned without a process group of its own).
+    // SAFETY: setsid has no memory preconditions.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::setsid()
+    };
     let mut memory = vec![0u8; PROBE_MEMORY];
     for page in memory.chunks_mut(4096) {
         page[0] = 1;
@@ -100,7 +109,6 @@ async fn probe(criu: &Path, probe_exe: &Path, dir: &Path) -> Result<u64, String>
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("cannot start the probe process {}: {e}", probe_exe.display()))?;
@@ -122,7 +130,7 @@ async fn probe(criu: &Path, probe_exe: &Path, dir: &Path) -> Result<u64, String>
     let dir_s = dir.to_string_lossy().to_string();
     #[rustfmt::skip]
     let args = ["dump", "-t", &pid_s, "-D", &dir_s, "--lazy-pages", "--address", "127.0.0.1", "--port", &port_s,
-                "--leave-running", "--shell-job", "-o", "dump.log"];
+                "--leave-running", "-o", "dump.log"];
     let mut dump = Command::new(criu)
         .args(args)
         .stdin(std::process::Stdio::null())
