@@ -3,6 +3,7 @@
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -176,4 +177,120 @@ fn doctor_table_names_every_component() {
     ] {
         assert!(text.contains(name), "doctor table lacks {name}:\n{text}");
     }
+}
+
+/// The children of `pid` right now, by pid, with their command lines.
+fn children(pid: u32) -> Vec<(u32, String)> {
+    let list = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .collect::<String>();
+    list.split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .map(|c: u32| (c, std::fs::read_to_string(format!("/proc/{c}/cmdline")).unwrap_or_default().replace('\0', " ")))
+        .collect()
+}
+
+/// Gone, or a zombie: nothing of it runs any more.
+fn ended(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_or(true, |s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+}
+
+/// What was running when a test killed `away doctor`.
+struct Killed {
+    doctor: u32,
+    children: Vec<(u32, String)>,
+}
+
+/// Start `away doctor args` (its KVM answer cached in `kvm_cache`, not the host's cache),
+/// SIGKILL it as soon as one of its children's command lines contains all of `words`,
+/// and say what ran then (None when it ended first, having run no such child).
+fn kill_doctor_once_it_runs(args: &[&str], kvm_cache: &Path, words: &[&str]) -> Option<Killed> {
+    let mut doctor = Command::new(away_bin())
+        .arg("doctor")
+        .args(args)
+        .env("AWAY_KVM_PROBE_CACHE", kvm_cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start away doctor");
+    let seen = loop {
+        let now = children(doctor.id());
+        if now.iter().any(|(_, c)| words.iter().all(|w| c.contains(w))) {
+            break Some(Killed { doctor: doctor.id(), children: now });
+        }
+        if doctor.try_wait().expect("wait for away doctor").is_some() {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let _ = doctor.kill();
+    let _ = doctor.wait();
+    seen
+}
+
+fn assert_all_end(killed: &Killed, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while killed.children.iter().any(|&(pid, _)| !ended(pid)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<_> = killed.children.iter().filter(|&&(pid, _)| !ended(pid)).collect();
+    for &(pid, _) in &left {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    assert!(left.is_empty(), "{what}: still running 5 s after away doctor was killed: {left:?}");
+}
+
+/// The scratch directories in $TMPDIR that the away with this pid made for its probes.
+fn probe_dirs_of(pid: u32) -> Vec<String> {
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("away-") && n.contains("-probe-") && n.contains(&format!("-{pid}-")))
+        .collect()
+}
+
+/// A killed `away doctor` (Ctrl-C, kill -9: no destructor runs) leaves nothing running:
+/// not its CRIU probe (frozen under CRIU's ptrace before), not the CRIU that dumps it
+/// (waiting forever for a page-server client), not a KVM probe guest (spinning a core);
+/// and the next doctor removes the scratch directories it left.
+#[test]
+fn killed_doctor_leaves_no_probe_running() {
+    if !require_root() {
+        return;
+    }
+    let kvm_cache = tempfile::NamedTempFile::new().unwrap();
+    // the CRIU dump lasts a fraction of a second: try until the kill lands inside it
+    let during_dump = (0..10)
+        .find_map(|_| kill_doctor_once_it_runs(&["--json"], kvm_cache.path(), &["criu", "dump", "--lazy-pages"]))
+        .expect("away doctor never ran criu dump on its probe in 10 runs");
+    assert!(during_dump.children.len() >= 2, "expected the probe and criu: {:?}", during_dump.children);
+    assert_all_end(&during_dump, "killed during the CRIU probe's dump");
+    let mut left = probe_dirs_of(during_dump.doctor);
+    assert!(!left.is_empty(), "no scratch directory of the killed CRIU probe: is the test looking in the right place?");
+
+    if std::path::Path::new("/dev/kvm").exists() {
+        let args = ["--json", "--reprobe-kvm", "--kvm-timeout", "60"];
+        let during_boot = kill_doctor_once_it_runs(&args, kvm_cache.path(), &["qemu-system", "-accel kvm"])
+            .expect("away doctor --reprobe-kvm never started the KVM probe guest");
+        assert_all_end(&during_boot, "killed during the KVM probe guest's boot");
+        left.extend(probe_dirs_of(during_boot.doctor));
+    } else {
+        eprintln!("no /dev/kvm: away doctor boots no KVM probe guest here");
+    }
+
+    // a doctor that runs to its end (both probes) removes what the killed ones left
+    let out = Command::new(away_bin())
+        .args(["doctor", "--json", "--reprobe-kvm", "--kvm-timeout", "5"])
+        .env("AWAY_KVM_PROBE_CACHE", kvm_cache.path())
+        .output()
+        .expect("run away doctor");
+    assert!(out.status.success(), "away doctor failed: {}", String::from_utf8_lossy(&out.stderr));
+    let tmp = std::env::temp_dir();
+    let still: Vec<_> = left.iter().filter(|d| tmp.join(d).exists()).collect();
+    assert!(still.is_empty(), "scratch directories of killed doctors left after the next run: {still:?}");
 }

@@ -28,15 +28,6 @@ pub fn serve_if_asked() {
         return;
     }
     close_inherited_fds();
-    // its own session: CRIU refuses a process whose session leader it cannot see ("A
-    // session leader of … is outside of its pid namespace"), as when CI runs us in a
-    // pid namespace of its own and the session began outside it. It fails only for a
-    // group leader, which the probe is not (spawned without a process group of its own).
-    // SAFETY: setsid has no memory preconditions.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::setsid()
-    };
     let mut memory = vec![0u8; PROBE_MEMORY];
     for page in memory.chunks_mut(4096) {
         page[0] = 1;
@@ -90,12 +81,8 @@ pub async fn lazy_dump_pages_written(criu: &Path, probe_exe: &Path) -> Result<u6
     if unsafe { libc::geteuid() } != 0 {
         return Err("needs root (CRIU dumps the probe process)".into());
     }
-    let dir = std::env::temp_dir().join(format!("away-criu-stack-probe-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let result = probe(criu, probe_exe, &dir).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let dir = super::probe_cleanup::probe_dir("criu-stack-probe").map_err(|e| format!("scratch directory: {e}"))?;
+    probe(criu, probe_exe, dir.path()).await
 }
 
 /// What [`lazy_dump_pages_written`] found means: the probe's memory stayed lazy.
@@ -104,7 +91,12 @@ pub fn stays_lazy(pages_written: u64) -> bool {
 }
 
 async fn probe(criu: &Path, probe_exe: &Path, dir: &Path) -> Result<u64, String> {
-    let mut child = Command::new(probe_exe)
+    let mut probe_cmd = Command::new(probe_exe);
+    // its own session: CRIU refuses a process whose session leader it cannot see ("A
+    // session leader of … is outside of its pid namespace"), as when CI runs us in a pid
+    // namespace of its own and the session began outside it
+    super::probe_cleanup::tie_to_this_process(probe_cmd.as_std_mut(), true);
+    let mut child = probe_cmd
         .env(PROBE_ENV, "1")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -131,7 +123,9 @@ async fn probe(criu: &Path, probe_exe: &Path, dir: &Path) -> Result<u64, String>
     #[rustfmt::skip]
     let args = ["dump", "-t", &pid_s, "-D", &dir_s, "--lazy-pages", "--address", "127.0.0.1", "--port", &port_s,
                 "--leave-running", "-o", "dump.log"];
-    let mut dump = Command::new(criu)
+    let mut dump_cmd = Command::new(criu);
+    super::probe_cleanup::tie_to_this_process(dump_cmd.as_std_mut(), false);
+    let mut dump = dump_cmd
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

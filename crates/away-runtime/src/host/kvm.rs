@@ -121,15 +121,15 @@ fn write_cache(file: &Path, probe: &KvmProbe) {
 /// within `cfg.timeout`. Public so that tests can prove the probe guest itself is sound
 /// (it must boot under TCG), which is what makes a KVM "no" trustworthy.
 pub fn boot_probe_guest(cfg: &KvmProbeConfig, accel: Accel) -> Result<Duration, String> {
-    let dir = tempfile::Builder::new()
-        .prefix("away-kvm-probe")
-        .tempdir()
-        .map_err(|e| format!("cannot probe: temp dir: {e}"))?;
+    let dir = super::probe_cleanup::probe_dir("kvm-probe").map_err(|e| format!("cannot probe: temp dir: {e}"))?;
     let initrd = dir.path().join("initrd.gz");
     write_probe_initramfs(&initrd, &cfg.busybox)
         .map_err(|e| format!("cannot probe: initramfs {}: {e}", initrd.display()))?;
     let serial = dir.path().join("serial.log");
-    let mut child = Command::new(&cfg.qemu)
+    let mut qemu = Command::new(&cfg.qemu);
+    // a guest that hangs under KVM spins a core until killed, even if away is killed first
+    super::probe_cleanup::tie_to_this_process(&mut qemu, false);
+    let mut child = qemu
         .args([
             "-accel",
             &accel.to_string(),

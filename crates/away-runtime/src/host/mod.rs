@@ -8,6 +8,7 @@ pub mod criu_stack;
 mod kvm;
 #[allow(unsafe_code)]
 mod page_boundary;
+mod probe_cleanup;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
