@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use away_e2e::{away, away_bin, require, require_root, require_socket};
 use away_model::Accel;
-use away_runtime::host::{boot_probe_guest, HostPaths, KvmProbeConfig};
+use away_runtime::host::{boot_probe_guest, process_runs, HostPaths, KvmProbeConfig};
 use serde_json::Value;
 
 fn sh(cmd: &str) -> String {
@@ -193,12 +193,6 @@ fn children(pid: u32) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// Gone, or a zombie: nothing of it runs any more.
-fn ended(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_or(true, |s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-}
-
 /// What was running when a test killed `away doctor`.
 struct Killed {
     doctor: u32,
@@ -234,10 +228,10 @@ fn kill_doctor_once_it_runs(args: &[&str], kvm_cache: &Path, words: &[&str]) -> 
 
 fn assert_all_end(killed: &Killed, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while killed.children.iter().any(|&(pid, _)| !ended(pid)) && std::time::Instant::now() < deadline {
+    while killed.children.iter().any(|&(pid, _)| process_runs(pid)) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let left: Vec<_> = killed.children.iter().filter(|&&(pid, _)| !ended(pid)).collect();
+    let left: Vec<_> = killed.children.iter().filter(|&&(pid, _)| process_runs(pid)).collect();
     for &(pid, _) in &left {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     }

@@ -425,17 +425,14 @@ pub fn info(name: &str) -> Option<ClusterInfo> {
 }
 
 fn kill_pidfile(pidfile: &Path) {
-    let Some(pid) = std::fs::read_to_string(pidfile).ok().and_then(|s| s.trim().parse::<i32>().ok()) else { return };
+    let Some(pid) = std::fs::read_to_string(pidfile).ok().and_then(|s| s.trim().parse::<u32>().ok()) else { return };
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline && Path::new(&format!("/proc/{pid}")).exists() {
-        // a zombie (PID 1 here reaps late) counts as gone
-        if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
-            break;
-        }
+    // a zombie (PID 1 here reaps late) counts as gone
+    while Instant::now() < deadline && away_runtime::host::process_runs(pid) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    if Path::new(&format!("/proc/{pid}")).exists() {
+    if away_runtime::host::process_runs(pid) {
         let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
     }
     let _ = std::fs::remove_file(pidfile);

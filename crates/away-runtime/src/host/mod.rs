@@ -30,6 +30,14 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
     std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).map(|a| a.port())
 }
 
+/// True while process `pid` runs: it exists and is not a zombie (one that has ended but
+/// whose parent, PID 1 here among them, has not reaped it yet).
+pub fn process_runs(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // the state is the first field after the command name's closing parenthesis
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z")
+}
+
 /// Where the host's daemons and tools live. Defaults match `deploy/install.sh`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostPaths {

@@ -642,11 +642,7 @@ fn read_pid(files: &VmFiles) -> Option<u32> {
 /// True when `pid` is a live (not zombie) QEMU of the workload in `dir`: the command
 /// line must name that directory, so a reused PID is never taken for ours.
 pub fn pid_alive(pid: u32, dir: &Path) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // State is the first field after the command name's closing parenthesis.
-    if stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) == Some("Z") {
+    if !crate::host::process_runs(pid) {
         return false;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
