@@ -48,11 +48,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use away_migrate::compat::{check_container, check_vm, Compatibility};
 use away_model::{
     AgentEvent, Assignment, Desired, ErrorCode, Heartbeat, HeartbeatResponse, MigrationOrder, NodeInfo, NodeLoad,
     RegisterRequest, RegisterResponse, RuntimeDecision, RuntimeKind, Tier, WorkloadSpec, WorkloadState, WorkloadStatus,
 };
+use away_policy::compat::{check_container, check_vm, Compatibility};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -809,7 +809,7 @@ impl Broker {
 
     pub fn migrate(&self, req: MigrationRequest) -> Result<MigrationRecord, Problem> {
         if let Some(mode) = &req.mode {
-            mode.parse::<away_migrate::mode::ContainerMode>().map_err(|e| Problem::invalid(e).field("mode"))?;
+            mode.parse::<away_policy::ContainerMode>().map_err(|e| Problem::invalid(e).field("mode"))?;
         }
         let now = now_ms();
         let mut inner = lock(&self.inner);
