@@ -448,6 +448,14 @@ mod tests {
             s
         }
 
+        /// Nodes a and b; workload w at home on a, migration m1 moving it to b.
+        fn moving_w_from_a_to_b(state: MigrationState) -> State {
+            let mut s = State::with_nodes(&["a", "b"]);
+            s.workload("w", "a", Desired::Running);
+            s.migration("m1", "w", "a", "b", state);
+            s
+        }
+
         fn workload(&mut self, name: &str, home: &str, desired: Desired) {
             let spec = WorkloadSpec::parse(&format!("name: {name}\nimage: x\n"), SpecFormat::Yaml, "t").unwrap();
             let decision =
@@ -559,9 +567,7 @@ mod tests {
 
     #[test]
     fn rule1_events_apply_once_in_order_and_a_finished_migration_moves_the_home() {
-        let mut s = State::with_nodes(&["a", "b"]);
-        s.workload("w", "a", Desired::Running);
-        s.migration("m1", "w", "a", "b", MigrationState::Running);
+        let mut s = State::moving_w_from_a_to_b(MigrationState::Running);
         s.reported("b", &[("w", Running)]);
         // out of order, as a retrying agent might send them
         let plan = s.heartbeat(
@@ -586,9 +592,7 @@ mod tests {
 
     #[test]
     fn rule1_a_failed_migration_keeps_the_home() {
-        let mut s = State::with_nodes(&["a", "b"]);
-        s.workload("w", "a", Desired::Running);
-        s.migration("m1", "w", "a", "b", MigrationState::Running);
+        let mut s = State::moving_w_from_a_to_b(MigrationState::Running);
         // no migration id: the workload's active migration from this node
         let plan = s.heartbeat("a", &[("w", Running)], vec![event(1, "migration-failed", "w", None)]);
         let m = &plan.changes.migrations[0];
@@ -662,9 +666,7 @@ mod tests {
 
     #[test]
     fn rule3_the_target_of_an_active_migration_keeps_its_provisional_copy() {
-        let mut s = State::with_nodes(&["a", "b"]);
-        s.workload("w", "a", Desired::Running);
-        s.migration("m1", "w", "a", "b", MigrationState::Running);
+        let mut s = State::moving_w_from_a_to_b(MigrationState::Running);
         // even while the source still reports it running
         s.reported("a", &[("w", Running)]);
         let plan = s.heartbeat("b", &[("w", Running)], vec![]);
@@ -700,20 +702,14 @@ mod tests {
     }
 
     #[test]
-    fn rule3_a_duplicate_of_a_copy_running_at_home_is_removed() {
+    fn rule3_a_copy_elsewhere_is_removed_only_while_its_home_runs_it() {
         let mut s = State::with_nodes(&["a", "b"]);
         s.workload("w", "a", Desired::Running);
         s.reported("a", &[("w", Running)]);
         let plan = s.heartbeat("b", &[("w", Running)], vec![]);
         assert!(plan.changes.removals[0].reason.contains("runs on its home a"), "{:?}", plan.changes.removals);
         assert_eq!(assigned(&plan, "w").map(|a| a.desired), Some(Desired::Removed));
-    }
-
-    #[test]
-    fn rule3_a_copy_is_left_alone_unless_another_is_known_to_be_live() {
-        let mut s = State::with_nodes(&["a", "b"]);
-        s.workload("w", "a", Desired::Running);
-        // the home reports it stopped: b's copy may be the only live one
+        // the home reports it stopped: b's copy may be the only live one, it stays
         s.reported("a", &[("w", Stopped)]);
         let plan = s.heartbeat("b", &[("w", Running)], vec![]);
         assert!(plan.changes.removals.is_empty());
@@ -737,10 +733,8 @@ mod tests {
 
     #[test]
     fn rule5_an_in_flight_migration_withholds_assignments_and_its_order_repeats() {
-        let mut s = State::with_nodes(&["a", "b"]);
-        s.workload("w", "a", Desired::Running);
+        let mut s = State::moving_w_from_a_to_b(MigrationState::Pending);
         s.workload("other", "a", Desired::Running);
-        s.migration("m1", "w", "a", "b", MigrationState::Pending);
         let plan = s.heartbeat("a", &[("w", Running), ("other", Running)], vec![]);
         assert!(assigned(&plan, "w").is_none(), "the source agent decides");
         assert!(assigned(&plan, "other").is_some());
@@ -765,10 +759,8 @@ mod tests {
     #[test]
     fn a_migration_whose_source_reports_the_workload_gone_is_not_restarted() {
         // the source handed w over; its migration-finished event has not arrived yet
-        let mut s = State::with_nodes(&["a", "b"]);
-        s.workload("w", "a", Desired::Running);
+        let mut s = State::moving_w_from_a_to_b(MigrationState::Running);
         s.workloads.get_mut("w").unwrap().status = Some(status("w", Running));
-        s.migration("m1", "w", "a", "b", MigrationState::Running);
         let plan = s.heartbeat("a", &[], vec![]);
         assert!(assigned(&plan, "w").is_none(), "a Running here would start a duplicate");
         assert!(plan.changes.forget_workloads.is_empty());
