@@ -592,7 +592,7 @@ mod tests {
 
     #[test]
     fn rule1_a_failed_migration_keeps_the_home() {
-        let mut s = State::moving_w_from_a_to_b(MigrationState::Running);
+        let s = State::moving_w_from_a_to_b(MigrationState::Running);
         // no migration id: the workload's active migration from this node
         let plan = s.heartbeat("a", &[("w", Running)], vec![event(1, "migration-failed", "w", None)]);
         let m = &plan.changes.migrations[0];
