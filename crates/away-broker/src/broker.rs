@@ -2,57 +2,18 @@
 //! lock, computes its changes, writes them to SQLite in one transaction, and only then
 //! changes memory and announces events: what an answer acknowledges is on disk.
 //!
-//! # Reconciliation rules (offline first)
-//!
-//! Agents keep running what they have when the broker is unreachable, and a heartbeat
-//! reports the node's *complete* workload list. On each heartbeat from node N:
-//!
-//! 1. **Events first, exactly once.** Events with `seq` above N's `acked_seq` are
-//!    applied in order and `acked_seq` moves up in the same transaction, so a retried
-//!    heartbeat (answer lost) or a broker restart never applies an event twice, and the
-//!    agent drops only what the broker has stored. `migration-finished` marks the
-//!    migration succeeded and moves the workload's home to the target;
-//!    `migration-failed` marks it failed and the home stays the source.
-//! 2. **Home copies.** A reported workload whose home is N updates its status.
-//!    A home workload N does not report gets a `Running` assignment again (the agent
-//!    restarts it); one whose desired state is `Removed` is forgotten once N reports it
-//!    gone.
-//! 3. **Copies elsewhere** (home H ≠ N):
-//!    * N is the target of the workload's active migration: left alone, the agent's
-//!      commit lease decides (a provisional copy must not be killed mid-move);
-//!    * N was a source of a *succeeded* migration of it: the target confirmed a healthy
-//!      restore, so N's copy is stale and gets `desired: Removed`;
-//!    * H's last heartbeat reported it running: N's copy is a duplicate and is removed;
-//!    * otherwise it is left alone and logged: a copy is never removed unless another
-//!      copy is known to be live, so an unclear case can duplicate for a while but
-//!      never lose the workload.
-//! 4. **Unknown workloads** (started on the node by hand, or left from a deleted one) are
-//!    shown as `unmanaged` on the node and left alone.
-//! 5. **In-flight migrations are the source agent's business.** While a migration of a
-//!    workload is pending or running, neither node gets an assignment for it (an absent
-//!    workload is one the agent keeps as it is): a `Running` sent to the source after it
-//!    handed the workload over, but before its `migration-finished` event arrived, would
-//!    start a duplicate. Orders are repeated in every heartbeat answer until the outcome
-//!    event arrives; agents deduplicate them by id.
-//! 6. **Offline nodes keep their work.** A node that misses heartbeats
-//!    (`node_timeout`) is shown offline and gets nothing new, but its workloads are not
-//!    placed elsewhere: a client with a cut link keeps running them, and rescheduling
-//!    would make a duplicate when it returns (Nomad's "keep original" policy). Moving
-//!    them is an explicit migration, carried out when the source is back.
-//! 7. **Restarts.** Nodes, token hashes, workloads, migrations, removals and acked seqs
-//!    are all in SQLite and written before the answer: after a restart the agents'
-//!    tokens still work, pending orders are delivered again, and reports reconcile by
-//!    the rules above.
+//! What a heartbeat does (the offline-first reconciliation rules) is decided by the pure
+//! [`crate::reconcile::reconcile`]; its module doc states the rules.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use away_migrate::compat::{check_container, check_vm, Compatibility};
 use away_model::{
-    AgentEvent, Assignment, Desired, ErrorCode, Heartbeat, HeartbeatResponse, MigrationOrder, NodeInfo, NodeLoad,
-    RegisterRequest, RegisterResponse, RuntimeDecision, RuntimeKind, Tier, WorkloadSpec, WorkloadState, WorkloadStatus,
+    Desired, ErrorCode, Heartbeat, HeartbeatResponse, NodeInfo, NodeLoad, RegisterRequest, RegisterResponse,
+    RuntimeDecision, RuntimeKind, Tier, WorkloadSpec, WorkloadStatus,
 };
+use away_policy::compat::{check_container, check_vm, Compatibility};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -60,6 +21,7 @@ use crate::error::Problem;
 use crate::events::{BrokerEvent, Pending};
 use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, PlacementDecision};
+use crate::reconcile::{reconcile, Plan, Snapshot};
 use crate::records::{now_ms, MigrationRecord, MigrationState, NodeRecord, Removal, WorkloadRecord};
 use crate::store::{Changes, Store};
 use crate::{tokens, BrokerConfig, BrokerError};
@@ -80,6 +42,16 @@ struct Inner {
 }
 
 impl Inner {
+    fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            nodes: &self.nodes,
+            workloads: &self.workloads,
+            migrations: &self.migrations,
+            removals: &self.removals,
+            announced_online: &self.announced_online,
+        }
+    }
+
     fn recount_reserved(&mut self) {
         let mut map: HashMap<String, (u64, f64)> = HashMap::new();
         for w in self.workloads.values() {
@@ -335,223 +307,24 @@ impl Broker {
                 .field("node.name"));
         }
         let now = now_ms();
-        let Some(mut node) = inner.nodes.get(name).cloned() else {
+        let Some(node) = inner.nodes.get(name) else {
             return Err(Problem::unauthorized(format!("node {name} is not registered")));
         };
-        let was_online = inner.announced_online.contains(name);
-        let mut changes = Changes::default();
-        let mut out: Vec<Pending> = Vec::new();
-        let mut workloads: BTreeMap<String, WorkloadRecord> = BTreeMap::new();
-        let mut migrations: BTreeMap<String, MigrationRecord> = BTreeMap::new();
-
-        // rule 1: events, once each, in order
-        let mut events = hb.events;
-        events.sort_by_key(|e| e.seq);
-        for e in events {
-            if e.seq <= node.acked_seq {
-                continue;
-            }
-            node.acked_seq = e.seq;
-            apply_agent_event(&inner, name, &e, now, &mut workloads, &mut migrations, &mut out);
-            changes.events.push((name.to_string(), e));
-        }
-
-        node.info = hb.node;
-        node.load = hb.load;
-        node.last_seen_ms = now;
-        node.reported = hb.workloads;
-        let get = |workloads: &BTreeMap<String, WorkloadRecord>, n: &str| {
-            workloads.get(n).cloned().or_else(|| inner.workloads.get(n).cloned())
-        };
-        let migration_of = |migrations: &BTreeMap<String, MigrationRecord>, w: &str| -> Option<MigrationRecord> {
-            let mut all: BTreeMap<&String, &MigrationRecord> = inner.migrations.iter().collect();
-            for (k, v) in migrations {
-                all.insert(k, v);
-            }
-            all.into_values().find(|m| m.workload == w && m.state.is_active()).cloned()
-        };
-        let reported: BTreeSet<String> = node.reported.iter().map(|s| s.name.clone()).collect();
-
-        // rules 2 and 3: what the node reports
-        for status in &node.reported {
-            let Some(mut w) = get(&workloads, &status.name) else { continue }; // rule 4
-            if w.node == name {
-                if w.status.as_ref().map(|s| s.state) != Some(status.state) {
-                    match status.state {
-                        WorkloadState::Running => out.push(
-                            Pending::new(
-                                "workload-running",
-                                format!("{} runs on {name} ({})", w.spec.name, status.runtime),
-                            )
-                            .node(name)
-                            .workload(&w.spec.name),
-                        ),
-                        WorkloadState::Stopped => out.push(
-                            Pending::new("workload-stopped", format!("{} stopped on {name}", w.spec.name))
-                                .node(name)
-                                .workload(&w.spec.name),
-                        ),
-                        _ => {}
-                    }
-                }
-                w.status = Some(status.clone());
-                w.status_ms = Some(now);
-                workloads.insert(w.spec.name.clone(), w);
-                continue;
-            }
-            if inner.removals.contains_key(&(name.to_string(), status.name.clone())) {
-                continue;
-            }
-            let active = migration_of(&migrations, &status.name);
-            if active.as_ref().is_some_and(|m| m.target == name) {
-                continue;
-            }
-            let moved_away = inner
-                .migrations
-                .values()
-                .chain(migrations.values())
-                .find(|m| m.workload == status.name && m.source == name && m.state == MigrationState::Succeeded);
-            let home_runs_it = inner
-                .nodes
-                .get(&w.node)
-                .is_some_and(|h| h.reported.iter().any(|s| s.name == status.name && s.state == WorkloadState::Running));
-            let reason = match (moved_away, home_runs_it) {
-                (Some(m), _) => format!("moved to {} by migration {}; this copy is stale", m.target, m.id),
-                (None, true) => format!("it runs on its home {}; this copy is a duplicate", w.node),
-                (None, false) => {
-                    tracing::warn!(workload = %status.name, node = name, home = %w.node, "copy outside its home left alone: no other copy is known to be live");
-                    continue;
-                }
-            };
-            out.push(
-                Pending::new("workload-stale-copy", format!("removing {} from {name}: {reason}", status.name))
-                    .node(name)
-                    .workload(&status.name),
-            );
-            changes.removals.push(Removal {
-                node: name.to_string(),
-                workload: status.name.clone(),
-                spec: w.spec.clone(),
-                reason,
-                since_ms: now,
-            });
-        }
-        // removals done: the stale copy is gone
-        for (node_name, workload) in inner.removals.keys() {
-            if node_name == name && !reported.contains(workload) {
-                changes.drop_removals.push((node_name.clone(), workload.clone()));
-            }
-        }
-        // rule 2: home workloads the node does not report
-        let homed: Vec<String> = inner
-            .workloads
-            .values()
-            .chain(workloads.values())
-            .filter(|w| w.node == name)
-            .map(|w| w.spec.name.clone())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        for wname in &homed {
-            if reported.contains(wname) {
-                continue;
-            }
-            let Some(mut w) = get(&workloads, wname) else { continue };
-            if w.node != name {
-                continue;
-            }
-            if w.desired == Desired::Removed && migration_of(&migrations, wname).is_none() {
-                changes.forget_workloads.push(wname.clone());
-                workloads.remove(wname);
-                out.push(
-                    Pending::new("workload-removed", format!("{wname} removed from {name}")).node(name).workload(wname),
-                );
-                continue;
-            }
-            if w.status.is_some() {
-                w.status = None;
-                w.status_ms = Some(now);
-                workloads.insert(wname.clone(), w);
-            }
-        }
-
-        // the answer: assignments (rule 5 withholds in-flight ones) and orders
-        let mut assignments = Vec::new();
-        for wname in &homed {
-            if changes.forget_workloads.contains(wname) || migration_of(&migrations, wname).is_some() {
-                continue;
-            }
-            if let Some(w) = get(&workloads, wname).filter(|w| w.node == name) {
-                assignments.push(Assignment {
-                    runtime: Some(w.decision.runtime),
-                    decision: Some(w.decision.clone()),
-                    desired: w.desired,
-                    spec: w.spec,
-                });
-            }
-        }
-        let dropped: BTreeSet<&(String, String)> = changes.drop_removals.iter().collect();
-        for r in inner.removals.values().chain(changes.removals.iter()) {
-            if r.node == name && !dropped.contains(&(r.node.clone(), r.workload.clone())) {
-                assignments.push(Assignment {
-                    spec: r.spec.clone(),
-                    desired: Desired::Removed,
-                    runtime: None,
-                    decision: None,
-                });
-            }
-        }
-        let mut orders = Vec::new();
-        let active: Vec<MigrationRecord> = inner
-            .migrations
-            .values()
-            .filter(|m| !migrations.contains_key(&m.id))
-            .chain(migrations.values())
-            .filter(|m| m.source == name && m.state.is_active())
-            .cloned()
-            .collect();
-        for mut m in active {
-            let Some(target) = inner.nodes.get(&m.target) else { continue };
-            orders.push(MigrationOrder {
-                id: m.id.clone(),
-                workload: m.workload.clone(),
-                target_node: m.target.clone(),
-                target_api: target.api_addr.clone(),
-                mode: m.mode.clone(),
-            });
-            if m.state == MigrationState::Pending {
-                m.state = MigrationState::Running;
-                m.delivered_ms = Some(now);
-                out.push(
-                    Pending::new(
-                        "migration-started",
-                        format!("{} ordered to move {} to {}", name, m.workload, m.target),
-                    )
-                    .node(name)
-                    .workload(&m.workload)
-                    .migration(&m.id),
-                );
-                migrations.insert(m.id.clone(), m);
-            }
-        }
-
-        let response =
-            HeartbeatResponse { acked_seq: node.acked_seq, assignments, migrations: orders, draining: node.draining };
+        let Plan { changes, response, events } = reconcile(&inner.snapshot(), node, hb, now);
         let homes_changed =
-            workloads.values().any(|w| inner.workloads.get(&w.spec.name).is_some_and(|old| old.node != w.node));
-        changes.nodes.push(node.clone());
-        changes.workloads.extend(workloads.values().cloned());
-        changes.migrations.extend(migrations.values().cloned());
+            changes.workloads.iter().any(|w| inner.workloads.get(&w.spec.name).is_some_and(|old| old.node != w.node));
         inner.store.apply(&changes)?;
         // committed: now memory
-        inner.nodes.insert(name.to_string(), node);
-        for w in workloads.into_values() {
+        for n in changes.nodes {
+            inner.nodes.insert(n.name.clone(), n);
+        }
+        for w in changes.workloads {
             inner.workloads.insert(w.spec.name.clone(), w);
         }
         for f in &changes.forget_workloads {
             inner.workloads.remove(f);
         }
-        for m in migrations.into_values() {
+        for m in changes.migrations {
             inner.migrations.insert(m.id.clone(), m);
         }
         if homes_changed || !changes.forget_workloads.is_empty() {
@@ -563,13 +336,10 @@ impl Broker {
         for k in &changes.drop_removals {
             inner.removals.remove(k);
         }
-        if !was_online {
-            inner.announced_online.insert(name.to_string());
-            out.insert(0, Pending::new("node-online", format!("node {name} is online")).node(name));
-        }
+        inner.announced_online.insert(name.to_string());
         drop(inner);
         Metrics::inc(&self.metrics.heartbeats);
-        self.emit(out);
+        self.emit(events);
         Ok(response)
     }
 
@@ -809,7 +579,7 @@ impl Broker {
 
     pub fn migrate(&self, req: MigrationRequest) -> Result<MigrationRecord, Problem> {
         if let Some(mode) = &req.mode {
-            mode.parse::<away_migrate::mode::ContainerMode>().map_err(|e| Problem::invalid(e).field("mode"))?;
+            mode.parse::<away_policy::ContainerMode>().map_err(|e| Problem::invalid(e).field("mode"))?;
         }
         let now = now_ms();
         let mut inner = lock(&self.inner);
@@ -989,88 +759,4 @@ fn check_node_name(name: &str) -> Result<(), Problem> {
         Err(Problem::invalid(format!("node name {name:?} must be 1-63 letters, digits, '-', '_' or '.'"))
             .field("node.name"))
     }
-}
-
-/// Rule 1: one agent event.
-fn apply_agent_event(
-    inner: &Inner,
-    node: &str,
-    e: &AgentEvent,
-    now: u64,
-    workloads: &mut BTreeMap<String, WorkloadRecord>,
-    migrations: &mut BTreeMap<String, MigrationRecord>,
-    out: &mut Vec<Pending>,
-) {
-    let get_w = |workloads: &BTreeMap<String, WorkloadRecord>, n: &str| {
-        workloads.get(n).cloned().or_else(|| inner.workloads.get(n).cloned())
-    };
-    if let Some(wname) = &e.workload {
-        if let Some(mut w) = get_w(workloads, wname) {
-            w.last_event = Some(format!("{} on {node}: {}", e.kind, e.message));
-            w.updated_ms = now;
-            workloads.insert(wname.clone(), w);
-        }
-        if e.kind == "workload-failed" {
-            out.push(
-                Pending::new("workload-failed", format!("{wname} on {node}: {}", e.message)).node(node).workload(wname),
-            );
-        }
-    }
-    if !matches!(e.kind.as_str(), "migration-finished" | "migration-failed") {
-        return;
-    }
-    // the order's id, or else the workload's active migration from this node
-    let found = e
-        .migration_id
-        .as_ref()
-        .and_then(|id| migrations.get(id).cloned().or_else(|| inner.migrations.get(id).cloned()))
-        .or_else(|| {
-            let wname = e.workload.as_ref()?;
-            inner
-                .migrations
-                .values()
-                .chain(migrations.values())
-                .find(|m| &m.workload == wname && m.source == node && m.state.is_active())
-                .cloned()
-        });
-    let Some(mut m) = found else {
-        tracing::warn!(node, kind = %e.kind, migration = ?e.migration_id, "migration event for an unknown migration ignored");
-        return;
-    };
-    if !m.state.is_active() || m.source != node {
-        return;
-    }
-    m.finished_ms = Some(now);
-    m.report = e.report.clone();
-    if e.kind == "migration-finished" && e.report.as_ref().is_none_or(|r| r.ok) {
-        m.state = MigrationState::Succeeded;
-        if let Some(mut w) = get_w(workloads, &m.workload) {
-            w.node = m.target.clone();
-            // the target's own report, if it already sent one
-            w.status =
-                inner.nodes.get(&m.target).and_then(|t| t.reported.iter().find(|s| s.name == m.workload).cloned());
-            w.status_ms = Some(now);
-            w.updated_ms = now;
-            workloads.insert(m.workload.clone(), w);
-        }
-        out.push(
-            Pending::new(
-                "migration-succeeded",
-                format!("{} moved from {} to {}: {}", m.workload, m.source, m.target, e.message),
-            )
-            .node(&m.target)
-            .workload(&m.workload)
-            .migration(&m.id),
-        );
-    } else {
-        m.state = MigrationState::Failed;
-        m.error = Some(e.report.as_ref().and_then(|r| r.error.clone()).unwrap_or_else(|| e.message.clone()));
-        out.push(
-            Pending::new("migration-failed", format!("{} stays on {}: {}", m.workload, m.source, e.message))
-                .node(&m.source)
-                .workload(&m.workload)
-                .migration(&m.id),
-        );
-    }
-    migrations.insert(m.id.clone(), m);
 }

@@ -4,7 +4,8 @@
 //! * [`api`]: the HTTP JSON API under `/v1` for users (nodes, workloads, migrations,
 //!   events) and agents (register, heartbeat), plus `/metrics` and the OpenAPI document;
 //! * [`placement`]: two-phase placement (filters with reasons, then scores with parts);
-//! * [`broker`]: the state and the offline-first reconciliation rules of heartbeats;
+//! * [`broker`]: the state and what requests do to it;
+//! * [`reconcile`]: the offline-first reconciliation rules of heartbeats, as a pure function;
 //! * [`store`]: the state in one SQLite file.
 //!
 //! Agents pull (see `away_model::cluster`): the broker never dials an agent except to
@@ -16,6 +17,7 @@ pub mod error;
 pub mod events;
 pub mod metrics;
 pub mod placement;
+pub mod reconcile;
 pub mod records;
 pub mod store;
 pub mod tokens;

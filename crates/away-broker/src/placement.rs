@@ -3,7 +3,7 @@
 //! 1. **Feasibility**: every node is checked against every filter, and each failed
 //!    filter leaves a reason: offline, draining, tier not allowed, architecture, CPU
 //!    vendor or flags, no usable runtime (the container→VM rule of
-//!    `away_runtime::choose_runtime`, which also says container or VM), memory or CPUs
+//!    `away_policy::choose_runtime`, which also says container or VM), memory or CPUs
 //!    already promised to the workloads placed there.
 //! 2. **Ranking**: the feasible nodes are scored; each score lists its parts so the
 //!    answer can say why the winner won:
@@ -122,7 +122,7 @@ pub fn feasibility(spec: &WorkloadSpec, c: &Candidate) -> Result<RuntimeDecision
     let image_arch = want.arch.clone().unwrap_or_else(|| node.arch.clone());
     let remaps = spec.ports.iter().any(|p| p.host.is_some_and(|h| h != p.container));
     let decision =
-        away_runtime::choose_runtime(spec.kind, want.runtime, &image_arch, &node.arch, remaps, &node.runtimes);
+        away_policy::choose_runtime(spec.kind, want.runtime, &image_arch, &node.arch, remaps, &node.runtimes);
     if let Err(e) = &decision {
         reasons.push(format!("no runtime: {}", e.reason));
     }

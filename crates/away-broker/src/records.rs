@@ -1,8 +1,8 @@
 //! What the broker remembers: nodes, workloads, migrations and pending removals of
 //! stale copies. Kept in memory for placement and mirrored, write-through, in SQLite.
 
-use away_migrate::compat::Compatibility;
 use away_model::{Desired, MigrationReport, NodeInfo, NodeLoad, RuntimeDecision, WorkloadSpec, WorkloadStatus};
+use away_policy::compat::Compatibility;
 use serde::{Deserialize, Serialize};
 
 use crate::placement::PlacementDecision;

@@ -240,7 +240,7 @@ mod tests {
         let info = node("n1", Tier::Edge, CpuVendor::Amd, &all_runtimes());
         let spec = WorkloadSpec::parse("name: w\nimage: x\n", SpecFormat::Yaml, "t").unwrap();
         let decision =
-            away_runtime::choose_runtime(spec.kind, None, &info.arch, &info.arch, false, &info.runtimes).unwrap();
+            away_policy::choose_runtime(spec.kind, None, &info.arch, &info.arch, false, &info.runtimes).unwrap();
         let placement = crate::placement::place(
             &spec,
             &[crate::placement::Candidate {
@@ -285,12 +285,7 @@ mod tests {
             chosen_by: "user".into(),
             why: "asked".into(),
             mode: None,
-            compatibility: away_migrate::compat::check_container(
-                &info,
-                &info,
-                RuntimeKind::Containerd,
-                RuntimeKind::Containerd,
-            ),
+            compatibility: away_policy::check_container(&info, &info, RuntimeKind::Containerd, RuntimeKind::Containerd),
             requested_ms: 3,
             delivered_ms: None,
             finished_ms: None,

@@ -9,9 +9,7 @@
 //! lazy unless the workload would spend more than [`MAX_STALL`] of its time waiting for
 //! pages, where stop-and-copy's one pause is the better deal.
 
-use std::fmt;
 use std::os::unix::fs::FileExt;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use away_model::{MigrationMode, RuntimeKind, WorkloadStatus};
@@ -21,47 +19,14 @@ use away_runtime::Runtime;
 use crate::target::TargetInfo;
 use crate::MigrateError;
 
+/// The parsed mode is policy (the broker checks it too): it lives in `away_policy::mode`.
+pub use away_policy::mode::ContainerMode;
+
 /// Stall share above which `auto` prefers stop-and-copy.
 pub const MAX_STALL: f64 = 0.5;
 /// How long `auto` watches the workload's writes.
 pub const DIRTY_WINDOW: Duration = Duration::from_millis(500);
 const PAGE: u64 = 4096;
-
-/// The mode a user asks for (`away migrate --mode`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum ContainerMode {
-    /// Stop-and-copy, streamed where the runtime allows it.
-    StopCopy,
-    /// Stop-and-copy through a checkpoint on disk, then the transfer, then the restore.
-    Staged,
-    Lazy,
-    #[default]
-    Auto,
-}
-
-impl fmt::Display for ContainerMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ContainerMode::StopCopy => "stop-copy",
-            ContainerMode::Staged => "staged",
-            ContainerMode::Lazy => "lazy",
-            ContainerMode::Auto => "auto",
-        })
-    }
-}
-
-impl FromStr for ContainerMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "stop-copy" | "stop-and-copy" => Ok(ContainerMode::StopCopy),
-            "staged" | "stop-copy-staged" => Ok(ContainerMode::Staged),
-            "lazy" | "post-copy" => Ok(ContainerMode::Lazy),
-            "auto" => Ok(ContainerMode::Auto),
-            _ => Err(format!("{s:?}: expected stop-copy, staged, lazy or auto")),
-        }
-    }
-}
 
 /// The mode a move takes, and why.
 #[derive(Debug, Clone)]
@@ -384,14 +349,6 @@ pub fn resident_bytes(pid: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn modes_parse_and_print() {
-        for m in [ContainerMode::StopCopy, ContainerMode::Lazy, ContainerMode::Auto] {
-            assert_eq!(m.to_string().parse::<ContainerMode>().unwrap(), m);
-        }
-        assert!("fast".parse::<ContainerMode>().unwrap_err().contains("stop-copy, staged, lazy or auto"));
-    }
 
     #[test]
     fn hot_ranges_are_bounded() {
