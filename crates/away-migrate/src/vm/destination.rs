@@ -4,11 +4,13 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use away_model::WorkloadSpec;
-use away_runtime::qemu::{QemuRuntime, Qmp, QmpError, VmFiles};
+use away_runtime::qemu::qmp::commands::{
+    Command, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, MigrationStatus, QmpCapabilities,
+    QueryMigrate,
+};
+use away_runtime::qemu::{error_chain, QemuRuntime, Qmp, QmpError, VmFiles};
 use away_runtime::{ResolvedImage, Runtime, RuntimeError};
-use serde_json::json;
 
-use super::options::capabilities_json;
 use super::{log_tail, Side, VmMigrateError, VmMigrationOptions, QMP_TIMEOUT};
 
 /// A destination QEMU waiting for (or having received) the VM. Call [`Destination::confirm`]
@@ -64,7 +66,7 @@ impl Destination {
                 Ok(s) => s,
                 Err(e) => {
                     let log = log_tail(&self.files.qemu_log());
-                    return Err(not_resumed(&self.name, format!("query-status: {e}; qemu log: {log}")));
+                    return Err(not_resumed(&self.name, format!("query-status: {}; qemu log: {log}", error_chain(&e))));
                 }
             };
             for ev in q.take_events() {
@@ -78,11 +80,11 @@ impl Destination {
                     SystemTime::now()
                 }));
             }
-            if let Ok((status, err)) = q.migration_status().await {
-                if status == "failed" {
+            if let Ok(info) = q.execute(&QueryMigrate).await {
+                if info.status == MigrationStatus::Failed {
                     return Err(not_resumed(
                         &self.name,
-                        format!("incoming migration failed: {}", err.unwrap_or_default()),
+                        format!("incoming migration failed: {}", info.error_desc.unwrap_or_default()),
                     ));
                 }
             }
@@ -133,25 +135,22 @@ pub async fn prepare_destination(
     let mut dest = Destination { runtime: target.clone(), name: name.clone(), files, listen, qmp: None };
     let configured = async {
         let socket = dest.files.qmp_socket();
-        let mut q = Qmp::connect(&socket, QMP_TIMEOUT).await.map_err(|e| dest.qmp_err("qmp_capabilities", e))?;
-        q.execute("migrate-set-capabilities", Some(capabilities_json(&opts.destination_capabilities())))
-            .await
-            .map_err(|e| dest.qmp_err("migrate-set-capabilities", e))?;
-        if let Some(n) = opts.multifd {
-            q.execute("migrate-set-parameters", Some(json!({ "multifd-channels": n })))
-                .await
-                .map_err(|e| dest.qmp_err("migrate-set-parameters", e))?;
+        let mut q = Qmp::connect(&socket, QMP_TIMEOUT).await.map_err(|e| dest.qmp_err(QmpCapabilities::NAME, e))?;
+        let caps = opts.destination_capabilities();
+        q.execute(&caps).await.map_err(|e| dest.qmp_err(MigrateSetCapabilities::NAME, e))?;
+        let params = opts.destination_parameters();
+        if !params.is_empty() {
+            q.execute(&params).await.map_err(|e| dest.qmp_err(MigrateSetParameters::NAME, e))?;
         }
-        q.execute("migrate-incoming", Some(json!({ "uri": dest.listen })))
-            .await
-            .map_err(|e| dest.qmp_err("migrate-incoming", e))?;
+        let incoming = MigrateIncoming { uri: dest.listen.clone() };
+        q.execute(&incoming).await.map_err(|e| dest.qmp_err(MigrateIncoming::NAME, e))?;
         // migrate-incoming reports a failed bind only in the migration status.
-        let (status, err) = q.migration_status().await.map_err(|e| dest.qmp_err("query-migrate", e))?;
-        if status == "failed" {
+        let info = q.execute(&QueryMigrate).await.map_err(|e| dest.qmp_err(QueryMigrate::NAME, e))?;
+        if info.status == MigrationStatus::Failed {
             return Err(VmMigrateError::Failed {
                 workload: dest.name.clone(),
-                status,
-                reason: format!("listen on {}: {}", dest.listen, err.unwrap_or_default()),
+                status: info.status.to_string(),
+                reason: format!("listen on {}: {}", dest.listen, info.error_desc.unwrap_or_default()),
             });
         }
         q.take_events();
@@ -166,7 +165,7 @@ pub async fn prepare_destination(
         }
         Err(e) => {
             if let Err(cleanup) = dest.abort().await {
-                tracing::warn!(workload = %name, "cannot remove the failed destination: {cleanup}");
+                tracing::warn!(workload = %name, "cannot remove the failed destination: {}", error_chain(&cleanup));
             }
             Err(e)
         }

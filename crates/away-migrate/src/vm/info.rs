@@ -3,15 +3,16 @@
 
 use std::time::{Duration, SystemTime};
 
+use away_runtime::qemu::qmp::commands::{MigrationInfo, MigrationStatus};
 use serde::Serialize;
-use serde_json::Value;
 
 /// One `query-migrate` sample, as the migration goes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VmProgress {
     pub workload: String,
     /// QEMU's migration status: setup, active, postcopy-active, device, completed, ...
-    pub status: String,
+    /// (serialized by its QEMU name).
+    pub status: MigrationStatus,
     /// Since `migrate` was sent.
     pub elapsed: Duration,
     /// Pre-copy pass: QEMU's `dirty-sync-count` (1 during the first full pass).
@@ -72,64 +73,52 @@ pub struct VmMigrationOutcome {
     pub wall: Duration,
 }
 
-/// A migration status that means "still going".
-pub(super) fn is_migrating(status: &str) -> bool {
-    matches!(status, "setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling" | "colo")
-        || status.starts_with("postcopy")
-}
-
-fn u64_at(v: &Value, path: &[&str]) -> Option<u64> {
-    let mut cur = v;
-    for k in path {
-        cur = cur.get(*k)?;
-    }
-    cur.as_u64()
-}
-
-pub(super) fn sample(name: &str, info: &Value, elapsed: Duration, postcopy: bool) -> VmProgress {
-    let ram = |k: &str| u64_at(info, &["ram", k]).unwrap_or(0);
+/// One progress sample from a `query-migrate` reply.
+pub(super) fn sample(name: &str, info: &MigrationInfo, elapsed: Duration, postcopy: bool) -> VmProgress {
+    let ram = info.ram.clone().unwrap_or_default();
     VmProgress {
         workload: name.into(),
-        status: info.get("status").and_then(Value::as_str).unwrap_or("none").to_string(),
+        status: info.status.clone(),
         elapsed,
-        pass: ram("dirty-sync-count"),
-        ram_total: ram("total"),
-        transferred: ram("transferred"),
-        remaining: ram("remaining"),
-        dirty_pages_rate: ram("dirty-pages-rate"),
-        mbps: info.get("ram").and_then(|r| r.get("mbps")).and_then(Value::as_f64).unwrap_or(0.0),
-        expected_downtime_ms: u64_at(info, &["expected-downtime"]),
-        cpu_throttle_percent: u64_at(info, &["cpu-throttle-percentage"]),
+        pass: ram.dirty_sync_count,
+        ram_total: ram.total,
+        transferred: ram.transferred,
+        remaining: ram.remaining,
+        dirty_pages_rate: ram.dirty_pages_rate,
+        mbps: ram.mbps,
+        expected_downtime_ms: info.expected_downtime,
+        cpu_throttle_percent: info.cpu_throttle_percentage,
         postcopy,
     }
 }
 
+/// The measurements of a finished migration from its last `query-migrate` reply.
 pub(super) fn outcome(
     name: &str,
-    info: &Value,
+    info: &MigrationInfo,
     stopped_at: Option<SystemTime>,
     postcopy: bool,
     max_throttle: u64,
     wall: Duration,
 ) -> VmMigrationOutcome {
-    let ram = |k: &str| u64_at(info, &["ram", k]).unwrap_or(0);
-    let ms = |k: &str| Duration::from_millis(u64_at(info, &[k]).unwrap_or(0));
+    let ram = info.ram.clone().unwrap_or_default();
+    let ms = |v: Option<u64>| Duration::from_millis(v.unwrap_or(0));
     VmMigrationOutcome {
         workload: name.into(),
-        total: ms("total-time"),
-        setup: ms("setup-time"),
-        qemu_downtime: ms("downtime"),
-        bytes_wire: ram("transferred"),
-        ram_total: ram("total"),
-        normal_bytes: ram("normal-bytes"),
-        zero_pages: ram("duplicate"),
-        passes: ram("dirty-sync-count"),
+        total: ms(info.total_time),
+        setup: ms(info.setup_time),
+        qemu_downtime: ms(info.downtime),
+        bytes_wire: ram.transferred,
+        ram_total: ram.total,
+        normal_bytes: ram.normal_bytes,
+        zero_pages: ram.duplicate,
+        passes: ram.dirty_sync_count,
         converged: !postcopy,
         postcopy,
-        postcopy_requests: ram("postcopy-requests"),
+        postcopy_requests: ram.postcopy_requests,
         max_cpu_throttle_percent: max_throttle,
-        xbzrle_bytes: u64_at(info, &["xbzrle-cache", "bytes"]),
-        xbzrle_cache_misses: u64_at(info, &["xbzrle-cache", "cache-miss"]),
+        xbzrle_bytes: info.xbzrle_cache.as_ref().map(|x| x.bytes),
+        xbzrle_cache_misses: info.xbzrle_cache.as_ref().map(|x| x.cache_miss),
         source_stopped_at: stopped_at,
         wall,
     }
@@ -138,20 +127,36 @@ pub(super) fn outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn sample_and_outcome_read_query_migrate() {
-        let info = json!({
-            "status": "completed", "total-time": 512, "downtime": 8, "setup-time": 3,
-            "ram": {"transferred": 1000, "total": 134217728, "remaining": 0, "dirty-sync-count": 3,
-                    "normal-bytes": 900, "duplicate": 30000, "mbps": 800.5, "dirty-pages-rate": 12}
-        });
+        let info: MigrationInfo = serde_json::from_str(
+            r#"{"status": "completed", "total-time": 512, "downtime": 8, "setup-time": 3,
+                "ram": {"transferred": 1000, "total": 134217728, "remaining": 0, "dirty-sync-count": 3,
+                        "normal-bytes": 900, "duplicate": 30000, "mbps": 800.5, "dirty-pages-rate": 12}}"#,
+        )
+        .unwrap();
         let p = sample("w", &info, Duration::from_millis(5), false);
         assert_eq!((p.pass, p.transferred, p.ram_total, p.dirty_pages_rate), (3, 1000, 134217728, 12));
+        assert_eq!((p.status.as_str(), p.mbps, p.expected_downtime_ms), ("completed", 800.5, None));
         let o = outcome("w", &info, None, false, 0, Duration::from_millis(600));
         assert_eq!(o.qemu_downtime, Duration::from_millis(8));
         assert_eq!((o.bytes_wire, o.ram_total, o.passes, o.converged), (1000, 134217728, 3, true));
+        assert_eq!(
+            (o.total, o.setup, o.normal_bytes, o.zero_pages),
+            (Duration::from_millis(512), Duration::from_millis(3), 900, 30000)
+        );
+        assert_eq!((o.xbzrle_bytes, o.xbzrle_cache_misses), (None, None));
         assert_eq!(super::super::millis_ceil(Duration::from_micros(400)), 1);
+        // Before any migration QEMU answers `{}`: a sample of zeros, status none.
+        let p = sample("w", &MigrationInfo::default(), Duration::ZERO, false);
+        assert_eq!((p.status, p.transferred, p.pass), (MigrationStatus::None, 0, 0));
+    }
+
+    #[test]
+    fn progress_serializes_the_status_by_its_qemu_name() {
+        let info: MigrationInfo = serde_json::from_str(r#"{"status": "postcopy-active"}"#).unwrap();
+        let v = serde_json::to_value(sample("w", &info, Duration::ZERO, true)).unwrap();
+        assert_eq!(v["status"], "postcopy-active");
     }
 }

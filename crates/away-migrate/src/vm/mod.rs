@@ -35,6 +35,8 @@ mod source;
 use std::time::{Duration, Instant};
 
 use away_model::{MigrationMode, MigrationPhase, MigrationReport};
+pub use away_runtime::qemu::error_chain;
+pub use away_runtime::qemu::qmp::commands::MigrationStatus;
 use away_runtime::qemu::{QemuRuntime, QmpError};
 use away_runtime::{ResolvedImage, Runtime, RuntimeError};
 use serde::{Deserialize, Serialize};
@@ -53,19 +55,21 @@ const RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What went wrong in a VM migration. Messages name the workload and, for QMP
-/// failures, the command and the end (source or destination) it failed on.
+/// failures, the command and the end (source or destination) it failed on. A variant
+/// with a `source` leaves it out of its message: render the chain ([`error_chain`])
+/// to show both.
 #[derive(Debug, thiserror::Error)]
 pub enum VmMigrateError {
     #[error("invalid vm migration options: {field}: {reason}")]
     Invalid { field: String, reason: String },
-    #[error("workload {workload}: {op}: {source}")]
+    #[error("workload {workload}: {op}")]
     Runtime {
         workload: String,
         op: &'static str,
         #[source]
         source: RuntimeError,
     },
-    #[error("workload {workload}: qmp {command} on the {side} failed: {source}")]
+    #[error("workload {workload}: qmp {command} on the {side} failed")]
     Qmp {
         workload: String,
         side: Side,
@@ -90,9 +94,12 @@ pub enum VmMigrateError {
     #[error("workload {workload}: the source vm is {state} after the failed migration and did not resume; {reason}")]
     SourceNotResumed { workload: String, state: String, reason: String },
     /// The whole move failed and was rolled back: the workload runs on the source.
-    /// `report` holds the phases up to the failure (`ok` false).
-    #[error("{reason} (migration of workload {workload} rolled back: destination removed, source running)")]
-    Aborted { workload: String, reason: String, report: Box<MigrationReport> },
+    /// `cause` is what failed: match it to tell a time limit ([`VmMigrateError::TimedOut`])
+    /// from a failure. Its whole chain leads the message (callers print this error
+    /// alone), so it is not also this error's `source()`. `report` holds the phases up
+    /// to the failure (`ok` false, `error` the same chain).
+    #[error("{} (migration of workload {workload} rolled back: destination removed, source running)", error_chain(.cause))]
+    Aborted { workload: String, cause: Box<VmMigrateError>, report: Box<MigrationReport> },
 }
 
 /// Which end of a migration.
@@ -172,10 +179,10 @@ pub async fn migrate_vm_to(
         ok: false,
         error: None,
     };
-    let aborted = |mut report: MigrationReport, reason: String| {
+    let aborted = |mut report: MigrationReport, cause: VmMigrateError| {
         report.total_millis = millis(t0.elapsed());
-        report.error = Some(reason.clone());
-        VmMigrateError::Aborted { workload: name.into(), reason, report: Box::new(report) }
+        report.error = Some(error_chain(&cause));
+        VmMigrateError::Aborted { workload: name.into(), cause: Box::new(cause), report: Box::new(report) }
     };
 
     // prepare-destination: the same spec (ports remapped) and image as the source.
@@ -226,12 +233,12 @@ pub async fn migrate_vm_to(
                 return Err(e);
             }
             if let Err(cleanup) = dest.abort().await {
-                tracing::warn!(workload = name, "cannot remove the destination: {cleanup}");
+                tracing::warn!(workload = name, "cannot remove the destination: {}", error_chain(&cleanup));
             }
             if let VmMigrateError::SourceNotResumed { .. } = e {
                 return Err(e);
             }
-            return Err(aborted(report, e.to_string()));
+            return Err(aborted(report, e));
         }
     };
     report.phases.push(phase_of("migrate", phase));
@@ -247,10 +254,10 @@ pub async fn migrate_vm_to(
             // Pre-copy completed, so the paused source still holds the whole guest.
             report.phases.push(phase_of("switchover", phase));
             if let Err(cleanup) = dest.abort().await {
-                tracing::warn!(workload = name, "cannot remove the destination: {cleanup}");
+                tracing::warn!(workload = name, "cannot remove the destination: {}", error_chain(&cleanup));
             }
             resume_source(source, name).await?;
-            return Err(aborted(report, e.to_string()));
+            return Err(aborted(report, e));
         }
     };
     let placed = dest.confirm().await?;
@@ -266,8 +273,8 @@ pub async fn migrate_vm_to(
     let phase = Instant::now();
     let mut notes = String::new();
     if let Err(e) = quit_source(source, name).await {
-        tracing::warn!(workload = name, "{e}");
-        notes = format!("; source cleanup failed: {e}");
+        notes = format!("; source cleanup failed: {}", error_chain(&e));
+        tracing::warn!(workload = name, "{}", error_chain(&e));
     }
     report.phases.push(phase_of("cleanup", phase));
 
@@ -332,5 +339,77 @@ mod tests {
     fn migrate_vm_is_send(rt: &QemuRuntime, img: &ResolvedImage) {
         fn is_send<T: Send>(_: T) {}
         is_send(migrate_vm(rt, rt, "x", img, 0, &VmMigrationOptions::default(), |_| {}));
+    }
+
+    fn qmp_io_failure() -> VmMigrateError {
+        VmMigrateError::Qmp {
+            workload: "w".into(),
+            side: Side::Source,
+            command: "migrate".into(),
+            source: QmpError::Io {
+                socket: "/run/away/qemu/w/qmp.sock".into(),
+                source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer"),
+            },
+        }
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let e = qmp_io_failure();
+        assert_eq!(e.to_string(), "workload w: qmp migrate on the source failed");
+        assert_eq!(
+            error_chain(&e),
+            "workload w: qmp migrate on the source failed: qmp socket /run/away/qemu/w/qmp.sock: connection reset by peer"
+        );
+        let e = VmMigrateError::Runtime {
+            workload: "w".into(),
+            op: "find the source vm",
+            source: RuntimeError::NotFound { runtime: away_model::RuntimeKind::Qemu, name: "w".into() },
+        };
+        let chain = error_chain(&e);
+        assert!(
+            chain.starts_with("workload w: find the source vm: ") && chain.matches("find the source vm").count() == 1
+        );
+    }
+
+    fn aborted(cause: VmMigrateError) -> VmMigrateError {
+        let report = MigrationReport {
+            workload: "w".into(),
+            mode: MigrationMode::VmLive,
+            source: String::new(),
+            target: String::new(),
+            phases: Vec::new(),
+            total_millis: 0,
+            downtime_millis: 0,
+            degraded_millis: 0,
+            resumed_unix_ms: None,
+            bytes_raw: 0,
+            paged_bytes_raw: 0,
+            bytes_wire: 0,
+            reason: String::new(),
+            ok: false,
+            error: None,
+        };
+        VmMigrateError::Aborted { workload: "w".into(), cause: Box::new(cause), report: Box::new(report) }
+    }
+
+    #[test]
+    fn a_rolled_back_move_names_its_cause_in_its_message_and_keeps_it_to_match() {
+        let e = aborted(VmMigrateError::TimedOut { workload: "w".into(), secs: 3 });
+        let msg = e.to_string();
+        assert_eq!(
+            msg,
+            "workload w: migration cancelled after 3 s (the time limit); the vm runs on the source (migration of \
+             workload w rolled back: destination removed, source running)"
+        );
+        // shown in the message, so not also a source (the chain prints it once)
+        assert!(std::error::Error::source(&e).is_none());
+        assert!(
+            matches!(e, VmMigrateError::Aborted { ref cause, .. } if matches!(**cause, VmMigrateError::TimedOut { .. }))
+        );
+        // a cause with its own source: the whole chain, once
+        let e = aborted(qmp_io_failure());
+        assert_eq!(e.to_string().matches("connection reset by peer").count(), 1, "{e}");
+        assert_eq!(error_chain(&e), e.to_string());
     }
 }

@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use away_runtime::qemu::qmp::commands::{
+    MigrateSetCapabilities, MigrateSetParameters, MigrationCapability, MigrationCapabilityStatus,
+};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use super::VmMigrateError;
 
@@ -107,35 +109,36 @@ impl VmMigrationOptions {
 
     /// Capabilities the source sets. Every one is set explicitly, on or off, so a
     /// reused QEMU does not carry over an earlier choice.
-    pub(super) fn source_capabilities(&self) -> Vec<(&'static str, bool)> {
-        vec![
-            ("auto-converge", self.auto_converge),
-            ("xbzrle", self.xbzrle),
-            ("multifd", self.multifd.is_some()),
-            ("postcopy-ram", self.postcopy),
-        ]
+    pub(super) fn source_capabilities(&self) -> MigrateSetCapabilities {
+        capabilities(&[
+            (MigrationCapability::AutoConverge, self.auto_converge),
+            (MigrationCapability::Xbzrle, self.xbzrle),
+            (MigrationCapability::Multifd, self.multifd.is_some()),
+            (MigrationCapability::PostcopyRam, self.postcopy),
+        ])
     }
 
     /// Capabilities that must match on the destination.
-    pub(super) fn destination_capabilities(&self) -> Vec<(&'static str, bool)> {
-        vec![("multifd", self.multifd.is_some()), ("postcopy-ram", self.postcopy)]
+    pub(super) fn destination_capabilities(&self) -> MigrateSetCapabilities {
+        capabilities(&[
+            (MigrationCapability::Multifd, self.multifd.is_some()),
+            (MigrationCapability::PostcopyRam, self.postcopy),
+        ])
     }
 
-    pub(super) fn source_parameters(&self) -> Value {
-        let mut p = serde_json::Map::new();
-        if let Some(ms) = self.max_downtime_ms {
-            p.insert("downtime-limit".into(), json!(ms));
+    /// Parameters the source sets; empty when every one keeps QEMU's value.
+    pub(super) fn source_parameters(&self) -> MigrateSetParameters {
+        MigrateSetParameters {
+            downtime_limit: self.max_downtime_ms,
+            max_bandwidth: self.bandwidth_limit_bytes_per_s,
+            multifd_channels: self.multifd,
+            xbzrle_cache_size: self.xbzrle_cache_bytes.filter(|_| self.xbzrle),
         }
-        if let Some(b) = self.bandwidth_limit_bytes_per_s {
-            p.insert("max-bandwidth".into(), json!(b));
-        }
-        if let Some(n) = self.multifd {
-            p.insert("multifd-channels".into(), json!(n));
-        }
-        if let (true, Some(b)) = (self.xbzrle, self.xbzrle_cache_bytes) {
-            p.insert("xbzrle-cache-size".into(), json!(b));
-        }
-        Value::Object(p)
+    }
+
+    /// Parameters that must match on the destination (the multifd channel count).
+    pub(super) fn destination_parameters(&self) -> MigrateSetParameters {
+        MigrateSetParameters { multifd_channels: self.multifd, ..Default::default() }
     }
 
     /// One line for reports: what was switched on.
@@ -167,22 +170,29 @@ impl VmMigrationOptions {
     }
 }
 
-pub(super) fn capabilities_json(caps: &[(&str, bool)]) -> Value {
-    let list: Vec<Value> = caps.iter().map(|(c, on)| json!({ "capability": c, "state": on })).collect();
-    json!({ "capabilities": list })
+fn capabilities(caps: &[(MigrationCapability, bool)]) -> MigrateSetCapabilities {
+    MigrateSetCapabilities {
+        capabilities: caps.iter().map(|&(capability, state)| MigrationCapabilityStatus { capability, state }).collect(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn to_json(v: impl Serialize) -> serde_json::Value {
+        serde_json::to_value(v).unwrap()
+    }
 
     #[test]
     fn default_options_are_valid_plain_precopy() {
         let o = VmMigrationOptions::default();
         o.validate().unwrap();
         assert_eq!(o.describe(), "plain pre-copy");
-        assert_eq!(o.source_parameters(), json!({}));
-        assert!(o.source_capabilities().iter().all(|(_, on)| !on));
+        assert_eq!(to_json(o.source_parameters()), json!({}));
+        assert!(o.source_parameters().is_empty() && o.destination_parameters().is_empty());
+        assert!(o.source_capabilities().capabilities.iter().all(|c| !c.state));
     }
 
     #[test]
@@ -206,15 +216,21 @@ mod tests {
             bandwidth_limit_bytes_per_s: Some(1 << 20),
             ..Default::default()
         };
-        let caps = capabilities_json(&o.source_capabilities());
+        let caps = to_json(o.source_capabilities());
         assert!(caps.to_string().contains(r#"{"capability":"multifd","state":true}"#), "{caps}");
         assert!(caps.to_string().contains(r#"{"capability":"xbzrle","state":false}"#), "{caps}");
         // the destination gets only what must match
-        let dest = capabilities_json(&o.destination_capabilities()).to_string();
+        let dest = to_json(o.destination_capabilities()).to_string();
         assert!(dest.contains("postcopy-ram") && dest.contains("multifd") && !dest.contains("auto-converge"));
         assert_eq!(
-            o.source_parameters(),
+            to_json(o.source_parameters()),
             json!({"downtime-limit": 50, "max-bandwidth": 1048576, "multifd-channels": 4})
         );
+        assert_eq!(to_json(o.destination_parameters()), json!({"multifd-channels": 4}));
+        // the xbzrle cache size goes only with xbzrle
+        let o = VmMigrationOptions { xbzrle_cache_bytes: Some(1 << 20), ..Default::default() };
+        assert!(o.source_parameters().is_empty());
+        let o = VmMigrationOptions { xbzrle: true, ..o };
+        assert_eq!(to_json(o.source_parameters()), json!({"xbzrle-cache-size": 1048576}));
     }
 }

@@ -3,12 +3,14 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use away_runtime::qemu::{pid_alive, QemuRuntime, Qmp, QmpError, VmRecord};
+use away_runtime::qemu::qmp::commands::{
+    Command, Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy,
+    MigrationInfo, MigrationStatus, QmpCapabilities, QueryBlock, QueryMigrate, QueryStatus, Quit,
+};
+use away_runtime::qemu::{error_chain, pid_alive, QemuRuntime, Qmp, QmpError, VmRecord};
 use away_runtime::{Runtime, RuntimeError};
-use serde_json::{json, Value};
 
-use super::info::{is_migrating, outcome, sample};
-use super::options::capabilities_json;
+use super::info::{outcome, sample};
 use super::{Side, VmMigrateError, VmMigrationOptions, VmMigrationOutcome, VmProgress, CANCEL_TIMEOUT, QMP_TIMEOUT};
 
 /// Live-migrate the running VM `name` of `source` to the destination listening at
@@ -39,31 +41,29 @@ pub async fn live_migrate(
         command: command.into(),
         source,
     };
-    let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| qmp_err("qmp_capabilities", e))?;
-    let state = q.run_state().await.map_err(|e| qmp_err("query-status", e))?;
+    let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| qmp_err(QmpCapabilities::NAME, e))?;
+    let state = q.run_state().await.map_err(|e| qmp_err(QueryStatus::NAME, e))?;
     if state != "running" {
         return Err(VmMigrateError::SourceNotRunning { workload: name.into(), state });
     }
     refuse_disks(&mut q, name).await?;
-    let (status, _) = q.migration_status().await.map_err(|e| qmp_err("query-migrate", e))?;
-    if is_migrating(&status) {
+    let info = q.execute(&QueryMigrate).await.map_err(|e| qmp_err(QueryMigrate::NAME, e))?;
+    if info.status.is_migrating() {
         return Err(VmMigrateError::Failed {
             workload: name.into(),
-            status,
+            status: info.status.to_string(),
             reason: "another migration of this vm is in progress".into(),
         });
     }
-    q.execute("migrate-set-capabilities", Some(capabilities_json(&opts.source_capabilities())))
-        .await
-        .map_err(|e| qmp_err("migrate-set-capabilities", e))?;
+    q.execute(&opts.source_capabilities()).await.map_err(|e| qmp_err(MigrateSetCapabilities::NAME, e))?;
     let params = opts.source_parameters();
-    if params.as_object().is_some_and(|p| !p.is_empty()) {
-        q.execute("migrate-set-parameters", Some(params)).await.map_err(|e| qmp_err("migrate-set-parameters", e))?;
+    if !params.is_empty() {
+        q.execute(&params).await.map_err(|e| qmp_err(MigrateSetParameters::NAME, e))?;
     }
     q.take_events();
     tracing::info!(workload = name, "live migration to {dest_uri}: {}", opts.describe());
     let started = Instant::now();
-    q.execute("migrate", Some(json!({ "uri": dest_uri }))).await.map_err(|e| qmp_err("migrate", e))?;
+    q.execute(&Migrate { uri: dest_uri.into() }).await.map_err(|e| qmp_err(Migrate::NAME, e))?;
 
     let mut stopped_at: Option<SystemTime> = None;
     let mut postcopy_requested = false;
@@ -71,9 +71,9 @@ pub async fn live_migrate(
     let mut max_throttle = 0u64;
     let mut warned_postcopy_timeout = false;
     let failure = loop {
-        let info = match q.execute("query-migrate", None).await {
-            Ok(v) => v,
-            Err(e) => break qmp_err("query-migrate", e),
+        let info = match q.execute(&QueryMigrate).await {
+            Ok(info) => info,
+            Err(e) => break qmp_err(QueryMigrate::NAME, e),
         };
         for ev in q.take_events() {
             if ev.name == "STOP" && stopped_at.is_none() {
@@ -82,12 +82,12 @@ pub async fn live_migrate(
         }
         let p = sample(name, &info, started.elapsed(), in_postcopy);
         let status = p.status.clone();
-        in_postcopy |= status.starts_with("postcopy");
+        in_postcopy |= status.is_postcopy();
         max_throttle = max_throttle.max(p.cpu_throttle_percent.unwrap_or(0));
         let pass = p.pass;
         progress(VmProgress { postcopy: in_postcopy, ..p });
-        match status.as_str() {
-            "completed" => {
+        match status {
+            MigrationStatus::Completed => {
                 let wall = started.elapsed();
                 // Flush events that came with the completion (the STOP of the final copy).
                 if q.run_state().await.is_ok() {
@@ -109,12 +109,14 @@ pub async fn live_migrate(
                 );
                 return Ok(outcome);
             }
-            "failed" | "cancelled" => {
-                let reason = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given").to_string();
-                break VmMigrateError::Failed { workload: name.into(), status, reason };
+            MigrationStatus::Failed | MigrationStatus::Cancelled => {
+                let reason = info.error_desc.unwrap_or_else(|| "no reason given".into());
+                break VmMigrateError::Failed { workload: name.into(), status: status.to_string(), reason };
             }
-            "postcopy-paused" | "postcopy-recover-setup" | "postcopy-recover" => {
-                return Err(VmMigrateError::PostcopyBroken { workload: name.into(), status });
+            MigrationStatus::PostcopyPaused
+            | MigrationStatus::PostcopyRecoverSetup
+            | MigrationStatus::PostcopyRecover => {
+                return Err(VmMigrateError::PostcopyBroken { workload: name.into(), status: status.to_string() });
             }
             _ => {}
         }
@@ -128,13 +130,17 @@ pub async fn live_migrate(
             }
         } else if started.elapsed() >= opts.timeout {
             break VmMigrateError::TimedOut { workload: name.into(), secs: opts.timeout.as_secs() };
-        } else if opts.postcopy && !postcopy_requested && status == "active" && pass > opts.postcopy_after_passes {
-            match q.execute("migrate-start-postcopy", None).await {
+        } else if opts.postcopy
+            && !postcopy_requested
+            && status == MigrationStatus::Active
+            && pass > opts.postcopy_after_passes
+        {
+            match q.execute(&MigrateStartPostcopy).await {
                 Ok(_) => {
                     postcopy_requested = true;
                     tracing::info!(workload = name, "post-copy requested after {} full pass(es)", pass - 1);
                 }
-                Err(e) => break qmp_err("migrate-start-postcopy", e),
+                Err(e) => break qmp_err(MigrateStartPostcopy::NAME, e),
             }
         }
         // While a switch to post-copy is due, look often: an idle guest's later passes
@@ -148,7 +154,7 @@ pub async fn live_migrate(
     };
 
     // Pre-copy failed, timed out or lost its QMP answer: cancel and resume the source.
-    tracing::warn!(workload = name, "live migration to {dest_uri} stops: {failure}");
+    tracing::warn!(workload = name, "live migration to {dest_uri} stops: {}", error_chain(&failure));
     match cancel_and_resume(&mut q, name).await {
         Ok(Some(info)) => {
             // The migration finished while being cancelled: the destination has the VM.
@@ -163,26 +169,26 @@ pub async fn live_migrate(
 
 /// Cancel the migration and make sure the source VM runs. Ok(Some(query-migrate)) when
 /// the migration completed instead (the destination has the VM).
-async fn cancel_and_resume(q: &mut Qmp, name: &str) -> Result<Option<Value>, VmMigrateError> {
+async fn cancel_and_resume(q: &mut Qmp, name: &str) -> Result<Option<MigrationInfo>, VmMigrateError> {
     let not_resumed = |state: &str, reason: String| VmMigrateError::SourceNotResumed {
         workload: name.into(),
         state: state.into(),
         reason,
     };
-    if let Err(e) = q.execute("migrate_cancel", None).await {
-        tracing::warn!(workload = name, "migrate_cancel: {e}");
+    if let Err(e) = q.execute(&MigrateCancel).await {
+        tracing::warn!(workload = name, "migrate_cancel: {}", error_chain(&e));
     }
     let deadline = Instant::now() + CANCEL_TIMEOUT;
     loop {
-        match q.execute("query-migrate", None).await {
+        match q.execute(&QueryMigrate).await {
             Ok(info) => {
-                let status = info.get("status").and_then(Value::as_str).unwrap_or("none").to_string();
-                match status.as_str() {
-                    "completed" => return Ok(Some(info)),
-                    s if s.starts_with("postcopy") => {
-                        return Err(VmMigrateError::PostcopyBroken { workload: name.into(), status });
+                let status = &info.status;
+                match status {
+                    MigrationStatus::Completed => return Ok(Some(info)),
+                    s if s.is_postcopy() => {
+                        return Err(VmMigrateError::PostcopyBroken { workload: name.into(), status: s.to_string() });
                     }
-                    s if !is_migrating(s) => break,
+                    s if !s.is_migrating() => break,
                     _ => {}
                 }
                 if Instant::now() >= deadline {
@@ -192,18 +198,21 @@ async fn cancel_and_resume(q: &mut Qmp, name: &str) -> Result<Option<Value>, VmM
                     ));
                 }
             }
-            Err(e) => return Err(not_resumed("unknown", format!("query-migrate after migrate_cancel: {e}"))),
+            Err(e) => {
+                return Err(not_resumed("unknown", format!("query-migrate after migrate_cancel: {}", error_chain(&e))))
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // QEMU restarts a source it stopped for the final copy; `cont` covers the rest.
-    let state = q.run_state().await.map_err(|e| not_resumed("unknown", format!("query-status: {e}")))?;
+    let query_status_failed = |e: QmpError| not_resumed("unknown", format!("query-status: {}", error_chain(&e)));
+    let state = q.run_state().await.map_err(query_status_failed)?;
     if state != "running" {
         tracing::info!(workload = name, "source is {state} after the cancelled migration: cont");
-        if let Err(e) = q.execute("cont", None).await {
-            return Err(not_resumed(&state, format!("cont: {e}")));
+        if let Err(e) = q.execute(&Cont).await {
+            return Err(not_resumed(&state, format!("cont: {}", error_chain(&e))));
         }
-        let now = q.run_state().await.map_err(|e| not_resumed("unknown", format!("query-status: {e}")))?;
+        let now = q.run_state().await.map_err(query_status_failed)?;
         if now != "running" {
             return Err(not_resumed(&now, "cont did not make it run".into()));
         }
@@ -218,15 +227,16 @@ pub(super) async fn resume_source(source: &QemuRuntime, name: &str) -> Result<()
     let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| VmMigrateError::Qmp {
         workload: name.into(),
         side: Side::Source,
-        command: "qmp_capabilities".into(),
+        command: QmpCapabilities::NAME.into(),
         source: e,
     })?;
     let state = q.run_state().await.unwrap_or_else(|_| "unknown".into());
     if state == "running" {
         return Ok(());
     }
-    if let Err(e) = q.execute("cont", None).await {
-        return Err(VmMigrateError::SourceNotResumed { workload: name.into(), state, reason: format!("cont: {e}") });
+    if let Err(e) = q.execute(&Cont).await {
+        let reason = format!("cont: {}", error_chain(&e));
+        return Err(VmMigrateError::SourceNotResumed { workload: name.into(), state, reason });
     }
     let now = q.run_state().await.unwrap_or_else(|_| "unknown".into());
     if now != "running" {
@@ -245,11 +255,11 @@ pub(super) async fn quit_source(source: &QemuRuntime, name: &str) -> Result<(), 
     let pid = std::fs::read_to_string(files.pidfile()).ok().and_then(|s| s.trim().parse::<u32>().ok());
     match Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await {
         Ok(mut q) => {
-            if let Err(e) = q.execute("quit", None).await {
-                tracing::debug!(workload = name, "quit: {e}");
+            if let Err(e) = q.execute(&Quit).await {
+                tracing::debug!(workload = name, "quit: {}", error_chain(&e));
             }
         }
-        Err(e) => tracing::debug!(workload = name, "qmp for quit: {e}"),
+        Err(e) => tracing::debug!(workload = name, "qmp for quit: {}", error_chain(&e)),
     }
     if let Some(pid) = pid {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -293,24 +303,17 @@ pub(super) fn read_record(source: &QemuRuntime, name: &str) -> Result<VmRecord, 
 
 /// Refuse a VM with a writable disk: its contents would not move.
 async fn refuse_disks(q: &mut Qmp, name: &str) -> Result<(), VmMigrateError> {
-    let blocks = q.execute("query-block", None).await.map_err(|e| VmMigrateError::Qmp {
+    let blocks = q.execute(&QueryBlock).await.map_err(|e| VmMigrateError::Qmp {
         workload: name.into(),
         side: Side::Source,
-        command: "query-block".into(),
+        command: QueryBlock::NAME.into(),
         source: e,
     })?;
-    for b in blocks.as_array().into_iter().flatten() {
-        let Some(inserted) = b.get("inserted") else { continue };
-        if inserted.get("ro").and_then(Value::as_bool) == Some(true) {
-            continue;
+    match blocks.iter().find(|b| b.inserted.as_ref().is_some_and(|i| !i.ro)) {
+        Some(b) => {
+            let device = Some(b.device.as_str()).filter(|d| !d.is_empty()).or(b.qdev.as_deref()).unwrap_or("?");
+            Err(VmMigrateError::Disk { workload: name.into(), device: device.into() })
         }
-        let device = b
-            .get("device")
-            .and_then(Value::as_str)
-            .filter(|d| !d.is_empty())
-            .or_else(|| b.get("qdev").and_then(Value::as_str))
-            .unwrap_or("?");
-        return Err(VmMigrateError::Disk { workload: name.into(), device: device.into() });
+        None => Ok(()),
     }
-    Ok(())
 }
