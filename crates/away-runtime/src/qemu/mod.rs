@@ -278,7 +278,7 @@ impl QemuRuntime {
                 Ok(s) if Instant::now() >= deadline => {
                     return Err(failed(format!("vm is {s:?}, not {want:?}, 30 s after start")))
                 }
-                Err(e) if Instant::now() >= deadline => return Err(failed(e.to_string())),
+                Err(e) if Instant::now() >= deadline => return Err(failed(error_chain(&e))),
                 _ if !pid_alive(pid, &files.dir) => {
                     let err = std::fs::read_to_string(files.qemu_log()).unwrap_or_default();
                     return Err(failed(format!("qemu (pid {pid}) exited right after starting: {}", err.trim())));
@@ -310,7 +310,7 @@ impl QemuRuntime {
             None => (WorkloadState::Stopped, String::new()),
             Some(_) => match query_state(&files).await {
                 Ok(s) => (vm_state(&s), format!(", qemu {s}")),
-                Err(e) => (WorkloadState::Unknown, format!(", {e}")),
+                Err(e) => (WorkloadState::Unknown, format!(", {}", error_chain(&e))),
             },
         };
         let mut detail = format!("accel {}{note}; {}", record.accel, record.decision);
@@ -395,13 +395,13 @@ impl Runtime for QemuRuntime {
         };
         // ACPI power button first; the guest may ignore it (no acpid in the initramfs).
         if let Err(e) = qmp(&files, &SystemPowerdown).await {
-            tracing::debug!(workload = name, "system_powerdown: {e}");
+            tracing::debug!(workload = name, "system_powerdown: {}", error_chain(&e));
         }
         if wait_exit(pid, &files.dir, grace).await {
             return Ok(());
         }
         if let Err(e) = qmp(&files, &Quit).await {
-            tracing::debug!(workload = name, "quit: {e}");
+            tracing::debug!(workload = name, "quit: {}", error_chain(&e));
         }
         if wait_exit(pid, &files.dir, Duration::from_secs(5)).await {
             return Ok(());
