@@ -250,7 +250,8 @@ pub struct VmPrepare {
 }
 
 fn vm_problem(e: away_migrate::vm::VmMigrateError) -> Problem {
-    Problem(ApiError::new(ErrorCode::Internal, e.to_string()))
+    // The whole chain: a QMP or runtime failure's cause is its source(), not in its text.
+    Problem(ApiError::new(ErrorCode::Internal, away_migrate::vm::error_chain(&e)))
 }
 
 async fn vm_prepare(

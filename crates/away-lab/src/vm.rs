@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use away_migrate::vm::{migrate_vm_to, LocalVmTarget, VmMigrateError, VmMigrationOptions, VmProgress, VmTarget};
+use away_migrate::vm::{
+    error_chain, migrate_vm_to, LocalVmTarget, VmMigrateError, VmMigrationOptions, VmProgress, VmTarget,
+};
 use away_model::Accel;
 use away_model::{ByteSize, Resources, WorkloadSpec};
 use away_runtime::host::HostPaths;
@@ -183,7 +185,8 @@ impl VmLab {
                 .with_bytes(outcome.bytes_wire, outcome.ram_total)
                 .with_notes(notes.join("; ")))
             }
-            Err(VmMigrateError::Aborted { reason, report, .. }) if reason.contains("time limit") => {
+            // The time limit, not a failure: pre-copy did not converge and was cancelled.
+            Err(VmMigrateError::Aborted { cause, report, .. }) if matches!(*cause, VmMigrateError::TimedOut { .. }) => {
                 Ok(RunResult::new(planned, RunOutcome::NotConverged, Duration::from_millis(report.total_millis), None)
                     .with_bytes(report.bytes_wire, opts.vm_ram.bytes())
                     .with_notes(format!(
@@ -191,7 +194,7 @@ impl VmLab {
                         timeout.as_secs_f64()
                     )))
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(error_chain(&e)),
         }
     }
 }

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use away_model::{Accel, RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadState, WorkloadStatus};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 pub use command::{memory_mib, vcpus, VmFiles, VmLaunch};
-pub use qmp::{Qmp, QmpError, QmpEvent};
+use qmp::commands::{Cont, Migrate, MigrateIncoming, MigrationStatus, QueryMigrate, Quit, Stop, SystemPowerdown};
+pub use qmp::{error_chain, Qmp, QmpError, QmpEvent};
 
 use crate::host::{probe_kvm, HostPaths, KvmProbeConfig};
 use crate::runtime::{
@@ -278,7 +278,7 @@ impl QemuRuntime {
                 Ok(s) if Instant::now() >= deadline => {
                     return Err(failed(format!("vm is {s:?}, not {want:?}, 30 s after start")))
                 }
-                Err(e) if Instant::now() >= deadline => return Err(failed(e.to_string())),
+                Err(e) if Instant::now() >= deadline => return Err(failed(error_chain(&e))),
                 _ if !pid_alive(pid, &files.dir) => {
                     let err = std::fs::read_to_string(files.qemu_log()).unwrap_or_default();
                     return Err(failed(format!("qemu (pid {pid}) exited right after starting: {}", err.trim())));
@@ -310,7 +310,7 @@ impl QemuRuntime {
             None => (WorkloadState::Stopped, String::new()),
             Some(_) => match query_state(&files).await {
                 Ok(s) => (vm_state(&s), format!(", qemu {s}")),
-                Err(e) => (WorkloadState::Unknown, format!(", {e}")),
+                Err(e) => (WorkloadState::Unknown, format!(", {}", error_chain(&e))),
             },
         };
         let mut detail = format!("accel {}{note}; {}", record.accel, record.decision);
@@ -394,14 +394,14 @@ impl Runtime for QemuRuntime {
             return Ok(());
         };
         // ACPI power button first; the guest may ignore it (no acpid in the initramfs).
-        if let Err(e) = qmp(&files, "system_powerdown", None).await {
-            tracing::debug!(workload = name, "system_powerdown: {e}");
+        if let Err(e) = qmp(&files, &SystemPowerdown).await {
+            tracing::debug!(workload = name, "system_powerdown: {}", error_chain(&e));
         }
         if wait_exit(pid, &files.dir, grace).await {
             return Ok(());
         }
-        if let Err(e) = qmp(&files, "quit", None).await {
-            tracing::debug!(workload = name, "quit: {e}");
+        if let Err(e) = qmp(&files, &Quit).await {
+            tracing::debug!(workload = name, "quit: {}", error_chain(&e));
         }
         if wait_exit(pid, &files.dir, Duration::from_secs(5)).await {
             return Ok(());
@@ -489,12 +489,12 @@ impl Runtime for QemuRuntime {
             .map_err(|e| RuntimeError::io(format!("resolve {}", opts.dir.display()), e))?;
         let state = dir.join(STATE_FILE);
         let started = Instant::now();
-        let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| failed(e.to_string()))?;
-        let before = q.run_state().await.map_err(|e| failed(e.to_string()))?;
+        let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| failed(error_chain(&e)))?;
+        let before = q.run_state().await.map_err(|e| failed(error_chain(&e)))?;
         // Stop the guest first: the stream is then one consistent copy, written once.
         let outcome = async {
-            q.execute("stop", None).await?;
-            q.execute("migrate", Some(json!({ "uri": format!("file:{}", state.display()) }))).await?;
+            q.execute(&Stop).await?;
+            q.execute(&Migrate { uri: format!("file:{}", state.display()) }).await?;
             wait_migration(&mut q, Duration::from_secs(600)).await
         }
         .await;
@@ -502,16 +502,20 @@ impl Runtime for QemuRuntime {
             // Never lose the workload: it keeps running as before.
             let _ = std::fs::remove_file(&state);
             if before == "running" {
-                if let Err(e) = q.execute("cont", None).await {
-                    tracing::warn!(workload = name, "cannot resume the vm after a failed checkpoint: {e}");
+                if let Err(e) = q.execute(&Cont).await {
+                    tracing::warn!(
+                        workload = name,
+                        "cannot resume the vm after a failed checkpoint: {}",
+                        error_chain(&e)
+                    );
                 }
             }
-            return Err(failed(format!("migration to {}: {e}", state.display())));
+            return Err(failed(format!("migration to {}: {}", state.display(), error_chain(&e))));
         }
         if opts.leave_running {
-            q.execute("cont", None).await.map_err(|e| failed(format!("resume after the checkpoint: {e}")))?;
+            q.execute(&Cont).await.map_err(|e| failed(format!("resume after the checkpoint: {}", error_chain(&e))))?;
         } else {
-            let _ = q.execute("quit", None).await;
+            let _ = q.execute(&Quit).await;
             drop(q);
             if !wait_exit(pid, &files.dir, Duration::from_secs(10)).await {
                 kill_pid(pid, &files.dir).await;
@@ -562,15 +566,14 @@ impl Runtime for QemuRuntime {
         let failed =
             |message: String| RuntimeError::Failed { runtime: KIND, op: "restore", name: spec.name.clone(), message };
         let incoming = async {
-            let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| e.to_string())?;
-            q.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", state.display()) })))
-                .await
-                .map_err(|e| e.to_string())?;
-            wait_migration(&mut q, Duration::from_secs(600)).await.map_err(|e| e.to_string())?;
+            let chain = |e: QmpError| error_chain(&e);
+            let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(chain)?;
+            q.execute(&MigrateIncoming { uri: format!("file:{}", state.display()) }).await.map_err(chain)?;
+            wait_migration(&mut q, Duration::from_secs(600)).await.map_err(chain)?;
             // Without -S QEMU resumes by itself after an incoming migration; `cont` covers the rest.
-            let s = q.run_state().await.map_err(|e| e.to_string())?;
+            let s = q.run_state().await.map_err(chain)?;
             if s != "running" {
-                q.execute("cont", None).await.map_err(|e| format!("cont from {s}: {e}"))?;
+                q.execute(&Cont).await.map_err(|e| format!("cont from {s}: {}", error_chain(&e)))?;
             }
             Ok::<_, String>(())
         }
@@ -589,17 +592,17 @@ impl Runtime for QemuRuntime {
 async fn wait_migration(q: &mut Qmp, limit: Duration) -> Result<(), QmpError> {
     let deadline = Instant::now() + limit;
     loop {
-        let (status, err) = q.migration_status().await?;
-        match status.as_str() {
-            "completed" => return Ok(()),
-            "failed" | "cancelled" => {
+        let info = q.execute(&QueryMigrate).await?;
+        match info.status {
+            MigrationStatus::Completed => return Ok(()),
+            MigrationStatus::Failed | MigrationStatus::Cancelled => {
                 return Err(QmpError::Command {
                     command: "migrate".into(),
-                    class: status,
-                    desc: err.unwrap_or_else(|| "no reason given".into()),
+                    class: info.status.to_string(),
+                    desc: info.error_desc.unwrap_or_else(|| "no reason given".into()),
                 })
             }
-            _ if Instant::now() >= deadline => {
+            status if Instant::now() >= deadline => {
                 return Err(QmpError::Command {
                     command: "migrate".into(),
                     class: "Timeout".into(),
@@ -625,9 +628,9 @@ fn vm_state(qemu: &str) -> WorkloadState {
 }
 
 /// One QMP command in its own short session.
-async fn qmp(files: &VmFiles, command: &str, args: Option<serde_json::Value>) -> Result<serde_json::Value, QmpError> {
+async fn qmp<C: qmp::Command>(files: &VmFiles, cmd: &C) -> Result<C::Reply, QmpError> {
     let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await?;
-    q.execute(command, args).await
+    q.execute(cmd).await
 }
 
 async fn query_state(files: &VmFiles) -> Result<String, QmpError> {

@@ -3,21 +3,34 @@
 //! Why not the `qapi` / `qapi-qmp` crates: their command types are generated at build
 //! time from one QEMU version's schema (they lag QEMU 10, e.g. `file:` migration URIs
 //! and `migrate-incoming` options), the generated code is large to compile, and the
-//! async feature pulls futures, tokio-util, bytes and memchr. `away` sends about eight
-//! commands with one or two arguments each; JSON lines with serde_json are enough.
+//! async feature pulls futures, tokio-util, bytes and memchr. `away` sends about a dozen
+//! commands with one or two arguments each; JSON lines with serde_json are enough, and
+//! [`commands`] types the few commands and replies by hand from QEMU's QAPI schema.
+//!
+//! Every command goes through one typed [`Qmp::execute`]: the command's type names it,
+//! carries its arguments and says what its reply deserializes into.
+
+pub mod commands;
 
 use std::collections::VecDeque;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
+pub use commands::Command;
+use commands::{QmpCapabilities, QueryStatus};
+
+/// A failed QMP exchange. Each variant names the socket or the command; the cause of
+/// [`QmpError::Io`], [`QmpError::Encode`] and [`QmpError::Decode`] is their `source()`,
+/// not part of their text (render the chain with [`error_chain`]).
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("qmp socket {socket}: {source}")]
+    #[error("qmp socket {socket}")]
     Io {
         socket: String,
         #[source]
@@ -29,6 +42,32 @@ pub enum QmpError {
     Command { command: String, class: String, desc: String },
     #[error("qmp socket {socket}: {message}")]
     Protocol { socket: String, message: String },
+    #[error("qmp command {command}: cannot encode its arguments")]
+    Encode {
+        command: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("qmp command {command}: unexpected reply {reply}")]
+    Decode {
+        command: &'static str,
+        reply: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// `err` and each of its sources, joined by ": " (one line for logs and for error
+/// text that is stored as a string, such as a migration report's `error`).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// One QMP session (QEMU serves one client at a time, so keep sessions short).
@@ -82,15 +121,19 @@ impl Qmp {
                 message: format!("unexpected greeting {greeting}"),
             });
         }
-        qmp.execute("qmp_capabilities", None).await?;
+        qmp.execute(&QmpCapabilities).await?;
         Ok(qmp)
     }
 
     /// Run one command; Ok(its `return` value).
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute<C: Command>(&mut self, cmd: &C) -> Result<C::Reply, QmpError> {
+        let command = C::NAME;
         let mut msg = json!({ "execute": command });
-        if let Some(a) = arguments {
-            msg["arguments"] = a;
+        match serde_json::to_value(cmd) {
+            // A unit struct: a command without arguments.
+            Ok(Value::Null) => {}
+            Ok(arguments) => msg["arguments"] = arguments,
+            Err(source) => return Err(QmpError::Encode { command, source }),
         }
         let mut line = msg.to_string();
         line.push('\n');
@@ -110,7 +153,11 @@ impl Qmp {
                 continue;
             }
             if let Some(ret) = reply.get("return") {
-                return Ok(ret.clone());
+                return C::Reply::deserialize(ret).map_err(|source| QmpError::Decode {
+                    command,
+                    reply: ret.to_string(),
+                    source,
+                });
             }
             if let Some(err) = reply.get("error") {
                 let s = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_string();
@@ -132,16 +179,7 @@ impl Qmp {
 
     /// `query-status` -> the run state ("running", "paused", "inmigrate", "postmigrate", ...).
     pub async fn run_state(&mut self) -> Result<String, QmpError> {
-        let v = self.execute("query-status", None).await?;
-        Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
-    }
-
-    /// `query-migrate` -> (status, error description if any).
-    pub async fn migration_status(&mut self) -> Result<(String, Option<String>), QmpError> {
-        let v = self.execute("query-migrate", None).await?;
-        let status = v.get("status").and_then(Value::as_str).unwrap_or("none").to_string();
-        let err = v.get("error-desc").and_then(Value::as_str).map(str::to_string);
-        Ok((status, err))
+        Ok(self.execute(&QueryStatus).await?.status)
     }
 
     async fn read_message(&mut self, what: &str) -> Result<Value, QmpError> {
