@@ -32,7 +32,7 @@ pub enum ClusterError {
     Command { cmd: String, message: String },
     #[error("{what} did not come up within {secs} s (log: {log})")]
     Timeout { what: String, secs: u64, log: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
