@@ -38,14 +38,21 @@ fn image_inspect_of_a_missing_tar() {
 }
 
 #[test]
-fn image_build_of_an_unreadable_recipe() {
+fn image_inspect_of_a_directory() {
     let dir = tempfile::tempdir().unwrap();
-    // a Containerfile that is a directory: reading it fails with an OS error
-    std::fs::create_dir(dir.path().join("Containerfile")).unwrap();
-    let out = dir.path().join("out.tar");
+    let error = away_fails(&["image", "inspect", path(dir.path())]);
+    assert!(error.contains(path(dir.path())), "names the input: {error}");
+    assert_each_cause_once(&error, "Is a directory");
+}
+
+#[test]
+fn image_build_copying_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Containerfile"), "FROM scratch\nCOPY missing /x\n").unwrap();
+    let out = dir.path().join("out");
     let error = away_fails(&["image", "build", path(dir.path()), "-o", path(&out)]);
-    assert!(error.contains("Containerfile"), "names the recipe: {error}");
-    assert_each_cause_once(&error, "os error");
+    assert!(error.contains("Containerfile:2"), "names the recipe line: {error}");
+    assert_each_cause_once(&error, "No such file or directory");
 }
 
 #[test]
@@ -61,12 +68,23 @@ fn broker_whose_database_directory_cannot_be_made() {
 }
 
 #[test]
+fn broker_whose_address_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let db = dir.path().join("broker.db");
+    let error = away_fails(&["broker", "--listen", &addr, "--db", path(&db), "--join-token", "j", "--user-token", "u"]);
+    assert!(error.contains(&addr), "names the address: {error}");
+    assert_each_cause_once(&error, "Address already in use");
+}
+
+#[test]
 fn run_of_a_bad_spec_file() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("bad.yaml");
     std::fs::write(&spec, "name: x\nimage: y\nresources:\n  memroy: 1G\n").unwrap();
     let error = away_fails(&["run", path(&spec)]);
-    assert_each_cause_once(&error, "memroy");
+    assert_each_cause_once(&error, "unknown field `memroy`");
 }
 
 fn path(p: &Path) -> &str {
