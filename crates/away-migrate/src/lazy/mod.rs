@@ -31,6 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use away_model::ErrorChain;
+use away_runtime::host::process::{self, Signal};
 pub use error::LazyError;
 
 /// Largest plain chunk read at once (and so the largest frame's content).
@@ -462,8 +463,11 @@ pub struct LazyPagesDaemon {
     child: tokio::process::Child,
     relay: TargetRelay,
     log: PathBuf,
-    /// Where the restored process's pid goes for the shell (which removes the file).
+    /// Where the restored process's pid goes for the shell (which removes the file), in
+    /// a directory of this process's own (mode 0700, random name): no other user can
+    /// plant a file or a symlink there.
     restored: PathBuf,
+    _restored_dir: tempfile::TempDir,
 }
 
 impl LazyPagesDaemon {
@@ -488,8 +492,11 @@ impl LazyPagesDaemon {
         // filled with zeros (a closed userfaultfd falls back to fresh anonymous memory).
         // The shell learns that process from a file outside the payload (which goes once
         // the restore is answered).
-        let restored =
-            std::env::temp_dir().join(format!("away-lazy-restored-{}-{}.pid", std::process::id(), relay.port));
+        let restored_dir = tempfile::Builder::new()
+            .prefix("away-lazy-restored-")
+            .tempdir()
+            .map_err(LazyError::io("create a directory for the restored process's pid"))?;
+        let restored = restored_dir.path().join("pid");
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(SUPERVISOR)
@@ -523,7 +530,7 @@ impl LazyPagesDaemon {
         }
         #[cfg(feature = "fault-injection")]
         inject_target_fault(&child);
-        Ok(LazyPagesDaemon { child, relay, log, restored })
+        Ok(LazyPagesDaemon { child, relay, log, restored, _restored_dir: restored_dir })
     }
 
     /// The restore is done and its process is `pid` (host pid): should the daemon fail
@@ -564,18 +571,19 @@ impl LazyPagesDaemon {
     /// cleans up after itself.
     pub fn kill_restore(dir: &Path) {
         let needle = dir.join(away_runtime::CRIU_WORK_DIR).display().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else { return };
-        for p in procs.flatten() {
-            let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                // runc (its command line names the work dir) and its CRIU children
-                let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-                for c in children.split_whitespace().chain([pid.to_string().as_str()]) {
-                    tracing::warn!(pid = c, "killing a lazy restore whose page daemon is gone");
-                    let _ = std::process::Command::new("kill").args(["-9", c]).status();
-                }
+        // each checked again once held (a pidfd): a pid that went to another process is spared
+        let kill = |pid: u32, is_it: &dyn Fn(&process::ProcessEntry) -> bool| {
+            tracing::warn!(pid, "killing a lazy restore whose page daemon is gone");
+            if let Err(e) = process::signal_if(pid, Signal::KILL, is_it) {
+                tracing::warn!(pid, "cannot kill process {pid}: {e}");
             }
+        };
+        // runc (its command line names the work dir) and its CRIU children
+        for runc in process::processes().filter(|p| p.cmdline_contains(&needle)) {
+            for child in process::children(runc.pid) {
+                kill(child, &|p| p.ppid == runc.pid);
+            }
+            kill(runc.pid, &|p| p.cmdline_contains(&needle));
         }
         // a killed CRIU leaves its cgroup yard (a tmpfs with every controller mounted
         // under the work dir) in the host's mount table; it would pin the payload
@@ -589,7 +597,10 @@ impl LazyPagesDaemon {
     /// removes the copy).
     pub async fn kill(&mut self) {
         if let (Some(group), Ok(None)) = (self.child.id(), self.child.try_wait()) {
-            let _ = std::process::Command::new("kill").args(["-9", "--", &format!("-{group}")]).status();
+            // the shell leads its own group (process_group(0)), CRIU is in it
+            if let Err(e) = process::signal_group(group, Signal::KILL) {
+                tracing::warn!(group, "cannot kill the lazy-pages daemon's process group {group}: {e}");
+            }
         }
         let _ = self.child.kill().await;
         let _ = std::fs::remove_file(&self.restored);
@@ -615,10 +626,9 @@ fn inject_target_fault(child: &tokio::process::Child) {
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 // CRIU itself, the shell's child: the shell then does what it is there for
-                let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"));
-                for pid in children.unwrap_or_default().split_whitespace() {
+                for pid in process::children(shell) {
                     tracing::warn!(pid, "AWAY_FAULT_LAZY_TARGET: killing the lazy-pages daemon");
-                    let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+                    let _ = process::signal_if(pid, Signal::KILL, |p| p.ppid == shell);
                 }
             });
         }
@@ -629,7 +639,7 @@ fn inject_target_fault(child: &tokio::process::Child) {
 /// process named in `$AWAY_RESTORED_PIDFILE` with it, if the restore got that far.
 const SUPERVISOR: &str = r#"criu "$@"; rc=$?
 if [ "$rc" -ne 0 ] && [ -s "$AWAY_RESTORED_PIDFILE" ]; then kill -9 "$(cat "$AWAY_RESTORED_PIDFILE")" 2>/dev/null; fi
-rm -f "$AWAY_RESTORED_PIDFILE"
+rm -f "$AWAY_RESTORED_PIDFILE"; rmdir "${AWAY_RESTORED_PIDFILE%/*}" 2>/dev/null
 exit "$rc""#;
 
 /// Mount points at or below `dir`, in mount order (from /proc/self/mountinfo, where
