@@ -31,6 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use away_model::ErrorChain;
+use away_runtime::host::criu_args::CriuLazyPages;
 use away_runtime::host::process::{self, Signal};
 pub use error::LazyError;
 
@@ -503,13 +504,16 @@ impl LazyPagesDaemon {
             .arg("criu-lazy-pages")
             .env("AWAY_RESTORED_PIDFILE", &restored)
             .process_group(0)
-            .args(["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port"])
-            .arg(relay.port.to_string())
-            .arg("--images-dir")
-            .arg(dir)
-            .arg("--work-dir")
-            .arg(&work)
-            .args(["--log-file", "lazy-pages.log", "-v4"])
+            .args(
+                CriuLazyPages {
+                    page_server: SocketAddr::from(([127, 0, 0, 1], relay.port)),
+                    images_dir: dir.to_path_buf(),
+                    work_dir: work.clone(),
+                    log_file: "lazy-pages.log".into(),
+                    verbosity: Some(4),
+                }
+                .args(),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
