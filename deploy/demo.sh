@@ -7,7 +7,7 @@ t0=$(date +%s)
 ./deploy/install.sh
 ./deploy/services.sh start
 echo "==> building away"
-# (a debug build: the test command reuses it; `cargo build --release -p away` for daily use)
+# (a debug build: the tests reuse its dependencies; `cargo build --release -p away` for daily use)
 cargo build --quiet -p away
 echo "==> away doctor"
 # doctor exits 1 when something away needs is missing: that fails the demo too.

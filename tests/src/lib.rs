@@ -65,12 +65,22 @@ pub fn require_socket(path: &str, daemon: &str) -> bool {
 /// (Integration tests of another package get no CARGO_BIN_EXE_away, so we build it.)
 /// Benchmarks (`AWAY_BENCH_RELEASE=1`, set by them) get the release build: a debug
 /// build compresses and hashes ten times slower and would measure the wrong thing.
+///
+/// Built with `--features fault-injection`: the tests drive failures through the
+/// `AWAY_FAULT_*` variables, which a default build ignores. The feature is asked for
+/// here, on this one command line, and deliberately not in this crate's Cargo.toml: a
+/// dependency with the feature would unify it into every workspace build (the `away`
+/// that `cargo test --workspace` links for crates/away's tests, CI's clippy), and
+/// crates/away's `fault_injection_only_when_asked_for` test would fail. Cargo keeps the
+/// two builds apart (features change the artifacts' hashes), so a `cargo test
+/// --workspace` compiles each of away-migrate, away-agent and away once per feature
+/// set and afterwards only relinks target/debug/away: no rebuild back and forth.
 pub fn away_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let root = workspace_root();
         let release = std::env::var_os("AWAY_BENCH_RELEASE").is_some();
-        let mut args = vec!["build", "--quiet", "-p", "away", "--bin", "away"];
+        let mut args = vec!["build", "--quiet", "-p", "away", "--bin", "away", "--features", "fault-injection"];
         if release {
             args.push("--release");
         }

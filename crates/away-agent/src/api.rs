@@ -21,7 +21,7 @@ use std::sync::Arc;
 use away_migrate::container::{restore_received, verdict_for, Manifest};
 use away_migrate::target::TargetInfo;
 use away_migrate::transfer::{self, ReceivedPayload, Verdict};
-use away_model::{ApiError, ErrorCode};
+use away_model::{error_chain, ApiError, ErrorChain, ErrorCode};
 use away_runtime::RuntimeError;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -52,7 +52,7 @@ impl From<RuntimeError> for Problem {
             RuntimeError::NoRuntime(_) | RuntimeError::Unsupported { .. } => ErrorCode::Incompatible,
             _ => ErrorCode::Internal,
         };
-        Problem(ApiError::new(code, e.to_string()))
+        Problem(ApiError::new(code, error_chain(&e)))
     }
 }
 
@@ -172,15 +172,16 @@ pub async fn serve_transfers(agent: Arc<Agent>, listener: tokio::net::TcpListene
         async move { handle_payload(agent, payload).await }
     };
     if let Err(e) = transfer::serve(listener, spool, handler).await {
-        tracing::error!("transfer receiver stopped: {e}");
+        tracing::error!("transfer receiver stopped: {e}", e = ErrorChain(&e));
     }
 }
 
 async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict {
     let manifest: Option<Manifest> = serde_json::from_value(payload.meta.clone()).ok();
     tracing::info!(transfer = %payload.transfer_id, workload = ?manifest.as_ref().map(|m| &m.spec.name), bytes = payload.bytes_raw, "payload received, restoring");
+    // fault injection for the end-to-end tests: the restore "crashes"
+    #[cfg(feature = "fault-injection")]
     if std::env::var("AWAY_FAULT_RESTORE").as_deref() == Ok("fail") {
-        // fault injection for the end-to-end tests: the restore "crashes"
         return Verdict::failed("restore killed (AWAY_FAULT_RESTORE=fail)");
     }
     let settle = std::time::Duration::from_millis(500);
@@ -250,8 +251,7 @@ pub struct VmPrepare {
 }
 
 fn vm_problem(e: away_migrate::vm::VmMigrateError) -> Problem {
-    // The whole chain: a QMP or runtime failure's cause is its source(), not in its text.
-    Problem(ApiError::new(ErrorCode::Internal, away_migrate::vm::error_chain(&e)))
+    Problem(ApiError::new(ErrorCode::Internal, error_chain(&e)))
 }
 
 async fn vm_prepare(

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use away_migrate::archive::ArchiveStore;
 use away_migrate::container::{migrate_container, ContainerMigrationOptions};
 use away_model::{
-    AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest,
-    RegisterResponse, RuntimeKind,
+    error_chain, AgentEvent, Assignment, Desired, ErrorChain, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad,
+    RegisterRequest, RegisterResponse, RuntimeKind,
 };
 
 use crate::client::AgentClient;
@@ -101,7 +101,7 @@ pub async fn run(agent: Arc<Agent>, link: BrokerLink) {
 }
 
 async fn register(agent: &Agent, link: &BrokerLink, http: &reqwest::Client) -> Result<RegisterResponse, String> {
-    if let Some(r) = agent.state.registration(&link.url).map_err(|e| e.to_string())? {
+    if let Some(r) = agent.state.registration(&link.url).map_err(|e| error_chain(&e))? {
         return Ok(r);
     }
     let req = RegisterRequest {
@@ -115,12 +115,12 @@ async fn register(agent: &Agent, link: &BrokerLink, http: &reqwest::Client) -> R
         .json(&req)
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| error_chain(&e))?;
     if !resp.status().is_success() {
         return Err(format!("register: {} {}", resp.status(), resp.text().await.unwrap_or_default()));
     }
-    let r: RegisterResponse = resp.json().await.map_err(|e| e.to_string())?;
-    agent.state.save_registration(&link.url, &r).map_err(|e| e.to_string())?;
+    let r: RegisterResponse = resp.json().await.map_err(|e| error_chain(&e))?;
+    agent.state.save_registration(&link.url, &r).map_err(|e| error_chain(&e))?;
     tracing::info!(broker = %link.url, "registered with the broker");
     Ok(r)
 }
@@ -142,20 +142,20 @@ async fn beat(
             workloads: workloads.len() as u32,
         },
         workloads,
-        events: agent.state.pending_events(200).map_err(|e| e.to_string())?,
+        events: agent.state.pending_events(200).map_err(|e| error_chain(&e))?,
     };
     let url = format!("{}/v1/agents/{}/heartbeat", link.url, agent.config.name);
-    let resp = http.post(url).bearer_auth(&reg.agent_token).json(&hb).send().await.map_err(|e| e.to_string())?;
+    let resp = http.post(url).bearer_auth(&reg.agent_token).json(&hb).send().await.map_err(|e| error_chain(&e))?;
     if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
         // the broker lost or revoked us: join again on the next beat
-        agent.state.forget_registration(&link.url).map_err(|e| e.to_string())?;
+        agent.state.forget_registration(&link.url).map_err(|e| error_chain(&e))?;
         return Err("the broker does not know this agent's token; registering again".into());
     }
     if !resp.status().is_success() {
         return Err(format!("heartbeat: {} {}", resp.status(), resp.text().await.unwrap_or_default()));
     }
-    let r: HeartbeatResponse = resp.json().await.map_err(|e| e.to_string())?;
-    agent.state.ack(r.acked_seq).map_err(|e| e.to_string())?;
+    let r: HeartbeatResponse = resp.json().await.map_err(|e| error_chain(&e))?;
+    agent.state.ack(r.acked_seq).map_err(|e| error_chain(&e))?;
     Ok((r, Duration::from_millis(reg.heartbeat_interval_ms.max(100))))
 }
 
@@ -197,19 +197,19 @@ async fn do_assignment(agent: &Agent, a: Assignment) {
                 Some(&name),
                 format!("running on {}: {}", s.workload.runtime, s.decision.reason),
             ),
-            Err(e) => event("workload-failed", Some(&name), e.to_string()),
+            Err(e) => event("workload-failed", Some(&name), error_chain(&e)),
         },
         Desired::Removed => match agent.node.get(&name).await {
             Ok((rt, _)) => match rt.remove(&name).await {
                 Ok(()) => event("workload-removed", Some(&name), "removed as the broker asked"),
-                Err(e) => event("workload-failed", Some(&name), format!("remove: {e}")),
+                Err(e) => event("workload-failed", Some(&name), format!("remove: {e}", e = ErrorChain(&e))),
             },
-            Err(e) => event("workload-removed", Some(&name), format!("already gone: {e}")),
+            Err(e) => event("workload-removed", Some(&name), format!("already gone: {e}", e = ErrorChain(&e))),
         },
     };
     tracing::info!(workload = %name, kind = %ev.kind, "{}", ev.message);
     if let Err(e) = agent.state.push_event(ev) {
-        tracing::error!("cannot queue an event: {e}");
+        tracing::error!("cannot queue an event: {e}", e = ErrorChain(&e));
     }
 }
 
@@ -228,7 +228,7 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
             |_| {},
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| error_chain(&e))
     } else {
         let archives = ArchiveStore::new(agent.config.node.paths.state_dir.join("checkpoints"));
         let progress: away_migrate::container::ProgressFn = Arc::new(|_| {});
@@ -237,7 +237,7 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
         let opts = ContainerMigrationOptions { mode, ..Default::default() };
         migrate_container(&agent.node, &agent.config.name, &archives, &m.workload, &target, &opts, progress)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| error_chain(&e))
     };
     let mut ev = match result {
         Ok(report) => {
@@ -254,6 +254,6 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
     ev.migration_id = Some(m.id.clone());
     tracing::info!(workload = %m.workload, kind = %ev.kind, "{}", ev.message);
     if let Err(e) = agent.state.push_event(ev) {
-        tracing::error!("cannot queue an event: {e}");
+        tracing::error!("cannot queue an event: {e}", e = ErrorChain(&e));
     }
 }

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use away_migrate::target::{TargetInfo, TargetNode};
 use away_migrate::MigrateError;
-use away_model::ApiError;
+use away_model::{error_chain, ApiError, ErrorChain};
 
 #[derive(Clone)]
 pub struct AgentClient {
@@ -47,7 +47,7 @@ impl AgentClient {
     }
 
     async fn check(&self, resp: Result<reqwest::Response, reqwest::Error>) -> Result<reqwest::Response, MigrateError> {
-        let resp = resp.map_err(|e| self.err(format!("unreachable: {e}")))?;
+        let resp = resp.map_err(|e| self.err(format!("unreachable: {e}", e = ErrorChain(&e))))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -62,14 +62,15 @@ impl AgentClient {
 impl TargetNode for AgentClient {
     async fn info(&self) -> Result<TargetInfo, MigrateError> {
         let resp = self.check(self.http.get(format!("{}/v1/node", self.base)).send().await).await?;
-        resp.json().await.map_err(|e| self.err(format!("bad /v1/node answer: {e}")))
+        resp.json().await.map_err(|e| self.err(format!("bad /v1/node answer: {e}", e = ErrorChain(&e))))
     }
 
     async fn has_image(&self, reference: &str) -> Result<bool, MigrateError> {
         let resp = self
             .check(self.http.get(format!("{}/v1/images", self.base)).query(&[("reference", reference)]).send().await)
             .await?;
-        let v: serde_json::Value = resp.json().await.map_err(|e| self.err(format!("bad /v1/images answer: {e}")))?;
+        let v: serde_json::Value =
+            resp.json().await.map_err(|e| self.err(format!("bad /v1/images answer: {e}", e = ErrorChain(&e))))?;
         Ok(v["present"].as_bool().unwrap_or(false))
     }
 
@@ -96,7 +97,7 @@ pub struct RemoteVmTarget {
 }
 
 fn vm_err(e: MigrateError) -> away_migrate::vm::VmMigrateError {
-    away_migrate::vm::VmMigrateError::Invalid { field: "target".into(), reason: e.to_string() }
+    away_migrate::vm::VmMigrateError::Invalid { field: "target".into(), reason: error_chain(&e) }
 }
 
 #[async_trait]
@@ -122,7 +123,7 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             .check(c.http.post(format!("{}/v1/vm-migrations", c.base)).json(&body).send().await)
             .await
             .map_err(vm_err)?;
-        let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(e.to_string())))?;
+        let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(error_chain(&e))))?;
         v["uri"].as_str().map(str::to_string).ok_or_else(|| vm_err(c.err("no uri in the answer")))
     }
 
@@ -143,7 +144,7 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             )
             .await
             .map_err(vm_err)?;
-        let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(e.to_string())))?;
+        let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(error_chain(&e))))?;
         let ms = v["resumed_at_ms"].as_u64().ok_or_else(|| vm_err(c.err("no resumed_at_ms in the answer")))?;
         Ok(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
     }
@@ -154,7 +155,7 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             .check(c.http.post(format!("{}/v1/vm-migrations/{}/confirm", c.base, self.name)).send().await)
             .await
             .map_err(vm_err)?;
-        let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(e.to_string())))?;
+        let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(error_chain(&e))))?;
         Ok(format!("{} on node {}", v["dir"].as_str().unwrap_or_default(), v["node"].as_str().unwrap_or_default()))
     }
 

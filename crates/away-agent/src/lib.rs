@@ -16,13 +16,17 @@ pub mod broker;
 pub mod client;
 pub mod state;
 
+/// Built with the `fault-injection` feature: the end-to-end tests' `AWAY_FAULT_*`
+/// variables are read (never in a build users run).
+pub const FAULT_INJECTION: bool = cfg!(feature = "fault-injection");
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use away_model::{NodeInfo, Tier};
+use away_model::{ErrorChain, NodeInfo, Tier};
 use away_runtime::host::FingerprintOptions;
 use away_runtime::{LocalNode, NodeOptions};
 use tokio::sync::Mutex;
@@ -137,14 +141,14 @@ impl Agent {
     pub fn journal(&self, transfer_id: &str, p: &Provisional) {
         let runtime = serde_json::to_value(p.runtime).ok().and_then(|v| v.as_str().map(str::to_string));
         if let Err(e) = self.state.hold_provisional(transfer_id, &p.workload, &runtime.unwrap_or_default()) {
-            tracing::warn!(workload = %p.workload, "an agent restart would not know this copy is provisional: {e}");
+            tracing::warn!(workload = %p.workload, "an agent restart would not know this copy is provisional: {e}", e = ErrorChain(&e));
         }
     }
 
     /// Strike a copy from the journal: it is final, or gone.
     pub fn unjournal(&self, transfer_id: &str) {
         if let Err(e) = self.state.drop_provisional(transfer_id) {
-            tracing::warn!(transfer = transfer_id, "{e}");
+            tracing::warn!(transfer = transfer_id, "{e}", e = ErrorChain(&e));
         }
     }
 
@@ -162,7 +166,7 @@ impl Agent {
         let left = match self.state.provisional_left() {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!("cannot read the provisional copies of the last run: {e}");
+                tracing::error!("cannot read the provisional copies of the last run: {e}", e = ErrorChain(&e));
                 return 0;
             }
         };
@@ -181,7 +185,7 @@ impl Agent {
             tokio::spawn(async move {
                 agent.remove_copy(&p).await;
                 if let Err(e) = agent.state.drop_provisional(&id) {
-                    tracing::warn!(transfer = id, "{e}");
+                    tracing::warn!(transfer = id, "{e}", e = ErrorChain(&e));
                 }
             });
         }
@@ -226,7 +230,7 @@ impl Agent {
                 // already gone (another path removed it first): nothing left to do
                 Ok(()) | Err(away_runtime::RuntimeError::NotFound { .. }) => return,
                 Err(e) if tokio::time::Instant::now() > deadline => {
-                    tracing::error!(workload = %p.workload, "cannot remove the uncommitted copy: {e}");
+                    tracing::error!(workload = %p.workload, "cannot remove the uncommitted copy: {e}", e = ErrorChain(&e));
                     return;
                 }
                 Err(e) => {
@@ -238,7 +242,7 @@ impl Agent {
                         let line = st.lines().find(|l| l.starts_with("State:")).unwrap_or("").to_string();
                         format!("pid {pid} {line} wchan {wchan}")
                     });
-                    tracing::warn!(workload = %p.workload, ?state, "removing the uncommitted copy, retrying: {e}");
+                    tracing::warn!(workload = %p.workload, ?state, "removing the uncommitted copy, retrying: {e}", e = ErrorChain(&e));
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                 }
             }
@@ -267,7 +271,7 @@ impl Agent {
                     tracing::info!(workload = %p.workload, transfer = %transfer_id, "every page is in: the copy is final");
                 }
                 Err(e) => {
-                    tracing::warn!(workload = %p.workload, transfer = %transfer_id, "lazy phase failed, removing the partial copy: {e}");
+                    tracing::warn!(workload = %p.workload, transfer = %transfer_id, "lazy phase failed, removing the partial copy: {e}", e = ErrorChain(&e));
                     if agent.release(&transfer_id).await.is_some() {
                         agent.remove_copy(&p).await;
                     }
@@ -307,7 +311,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: String,
         #[source]

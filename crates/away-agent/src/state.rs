@@ -9,7 +9,7 @@ use away_model::{AgentEvent, RegisterResponse};
 use rusqlite::{params, Connection, OptionalExtension};
 
 #[derive(Debug, thiserror::Error)]
-#[error("agent state {path}: {source}")]
+#[error("agent state {path}")]
 pub struct StateError {
     pub path: String,
     #[source]

@@ -13,13 +13,13 @@ use crate::store::StoreError;
 pub enum BrokerError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("listen on {addr}: {source}")]
+    #[error("listen on {addr}")]
     Listen {
         addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("serve http: {0}")]
+    #[error("serve http")]
     Serve(#[source] std::io::Error),
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -61,6 +61,7 @@ impl Problem {
 
 impl From<StoreError> for Problem {
     fn from(e: StoreError) -> Problem {
+        let e = away_model::error_chain(&e);
         tracing::error!("{e}");
         Problem::internal(format!("the broker could not save its state: {e}"))
     }

@@ -14,19 +14,19 @@ use crate::records::{MigrationRecord, NodeRecord, Removal, WorkloadRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {path}: {source}")]
+    #[error("database {path}")]
     Sql {
         path: PathBuf,
         #[source]
         source: rusqlite::Error,
     },
-    #[error("database {path}: cannot create its directory: {source}")]
+    #[error("database {path}: cannot create its directory")]
     Dir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("database {path}: corrupt {what} record: {source}")]
+    #[error("database {path}: corrupt {what} record")]
     Corrupt {
         path: PathBuf,
         what: &'static str,

@@ -32,7 +32,7 @@ pub enum ClusterError {
     Command { cmd: String, message: String },
     #[error("{what} did not come up within {secs} s (log: {log})")]
     Timeout { what: String, secs: u64, log: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -364,7 +364,9 @@ fn node_up(
     // images: there is no registry, each node's store gets them
     let store = away_runtime::ImageStore::new(&node.state_dir);
     for tar in &plan.images {
-        store.add(tar, None).map_err(|e| ClusterError::Invalid(format!("image {}: {e}", tar.display())))?;
+        store
+            .add(tar, None)
+            .map_err(|e| ClusterError::Invalid(format!("image {}: {}", tar.display(), away_model::ErrorChain(&e))))?;
     }
     let agent_log = run.join("agent.log");
     let mut argv = nsenter(&ns);

@@ -28,7 +28,7 @@ pub const OCI_REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -37,7 +37,7 @@ pub enum ArchiveError {
     },
     #[error("{path}: {what} is missing from the image tar")]
     Missing { path: PathBuf, what: String },
-    #[error("{path}: bad {what}: {source}")]
+    #[error("{path}: bad {what}")]
     Json {
         path: PathBuf,
         what: String,
@@ -46,7 +46,7 @@ pub enum ArchiveError {
     },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Layer {
         path: PathBuf,
         #[source]

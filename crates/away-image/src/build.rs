@@ -24,13 +24,13 @@ pub enum BuildError {
     NoRecipe { path: PathBuf },
     #[error("{recipe}:{line}: {message}")]
     Step { recipe: PathBuf, line: usize, message: String },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("base image {path}: {source}")]
+    #[error("base image {path}")]
     Base {
         path: PathBuf,
         #[source]
@@ -311,7 +311,7 @@ fn copy(
         if c.unpack && meta.is_file() && is_archive {
             let blob = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let mut sub = FileTree::default();
-            sub.apply_layer(&blob, &path.display().to_string()).map_err(|e| e.to_string())?;
+            sub.apply_layer(&blob, &path.display().to_string()).map_err(|e| format!("{e}: {}", e.source))?;
             let base = target_path(&c.dest, workdir, "", false);
             for (p, node) in sub.entries {
                 tree.insert(&format!("{base}/{p}"), node);

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// A parse error, always naming the file and the line.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("cannot read recipe {path}: {source}")]
+    #[error("cannot read recipe {path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -40,7 +40,7 @@ pub fn normalize(path: &str) -> String {
 
 /// Layer tar error: the only failure is a malformed tar.
 #[derive(Debug, thiserror::Error)]
-#[error("bad layer tar {name}: {source}")]
+#[error("bad layer tar {name}")]
 pub struct LayerError {
     pub name: String,
     #[source]

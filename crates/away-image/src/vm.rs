@@ -20,7 +20,7 @@ use crate::tree::{FileTree, LayerError, Node};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,

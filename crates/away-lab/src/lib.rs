@@ -572,7 +572,7 @@ pub struct LabProgress {
 pub enum LabError {
     #[error("invalid lab options: {field}: {reason}")]
     Invalid { field: String, reason: String },
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io {
         action: &'static str,
         path: PathBuf,

@@ -82,7 +82,7 @@ impl PacketSides {
         let link = tokio::task::spawn_blocking(move || PacketLink::up(&owned, profile))
             .await
             .map_err(|e| format!("packet link {name}: {e}"))?
-            .map_err(|e| format!("packet link {name}: {e}"))?;
+            .map_err(|e| format!("packet link {name}: {}", away_model::ErrorChain(&e)))?;
         Ok(PacketSides { link })
     }
 

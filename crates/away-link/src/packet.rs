@@ -50,20 +50,20 @@ const POLL: Duration = Duration::from_millis(50);
 pub enum PacketLinkError {
     #[error("ip {args}: {detail}")]
     Ip { args: String, detail: String },
-    #[error("tun {tun} in netns {netns}: {source}")]
+    #[error("tun {tun} in netns {netns}")]
     Tun {
         tun: String,
         netns: String,
         #[source]
         source: io::Error,
     },
-    #[error("netns {netns}: {source}")]
+    #[error("netns {netns}")]
     Netns {
         netns: String,
         #[source]
         source: io::Error,
     },
-    #[error("starting forwarder thread: {0}")]
+    #[error("starting forwarder thread")]
     Thread(#[source] io::Error),
     #[error("link name {0:?}: use 1 to 20 characters from [a-z0-9-]")]
     Name(String),

@@ -13,7 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use away_model::{MigrationMode, MigrationPhase, MigrationReport, RuntimeKind, WorkloadSpec, WorkloadState};
+use away_model::{
+    error_chain, ErrorChain, MigrationMode, MigrationPhase, MigrationReport, RuntimeKind, WorkloadSpec, WorkloadState,
+};
 use away_runtime::{CheckpointArchive, CheckpointOptions, LocalNode, RestoreRequest, Runtime, RuntimeError};
 use serde::{Deserialize, Serialize};
 
@@ -208,7 +210,7 @@ pub async fn migrate_container(
     };
     undo.set_aside = match set_aside {
         Ok(n) => n,
-        Err(e) => return Err(undo.rollback(e.to_string()).await),
+        Err(e) => return Err(undo.rollback(error_chain(&e)).await),
     };
 
     // 2. transfer; the target restores and answers
@@ -222,7 +224,8 @@ pub async fn migrate_container(
             return Err(undo.rollback(why).await);
         }
         Err(e) => {
-            let why = format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr);
+            let why =
+                format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr, e = ErrorChain(&e));
             return Err(undo.rollback(why).await);
         }
     };
@@ -242,7 +245,7 @@ pub async fn migrate_container(
     let t = Instant::now();
     if let Err(e) = target.commit(&outcome.transfer_id).await {
         // The target removes an uncommitted copy after its lease: resume here.
-        let why = format!("commit to {} failed: {e}", there.node.name);
+        let why = format!("commit to {} failed: {e}", there.node.name, e = ErrorChain(&e));
         return Err(undo.rollback(why).await);
     }
     phases.push(phase("commit", t.elapsed()));
@@ -303,7 +306,11 @@ async fn clean_source(
     progress(Step::Cleaning);
     let t = Instant::now();
     if let Err(e) = runtime.remove(leftover).await {
-        tracing::warn!(workload = name, "the source's stopped container {leftover} could not be removed: {e}");
+        tracing::warn!(
+            workload = name,
+            "the source's stopped container {leftover} could not be removed: {e}",
+            e = ErrorChain(&e)
+        );
     }
     archives.discard(payload)?;
     phases.push(phase("cleanup", t.elapsed()));
@@ -405,7 +412,13 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         Err(e) => {
             // CRIU thaws the process when its dump fails: say whether it runs
             archives.keep_failed(&payload);
-            return Err(resumed_or_not(runtime, name, format!("lazy checkpoint failed: {e}"), None).await);
+            return Err(resumed_or_not(
+                runtime,
+                name,
+                format!("lazy checkpoint failed: {e}", e = ErrorChain(&e)),
+                None,
+            )
+            .await);
         }
     };
     // CRIU 4.2.1 as released leaves no page lazy when a thread's stack pointer sits on a
@@ -426,7 +439,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         // the pages the restore and the first instructions touch travel with the payload
         match crate::lazy::push::push_resume_pages(&payload.join(CHECKPOINT_DIR), pid) {
             Ok(pages) => tracing::debug!(workload = name, pages, "pages pushed with the payload"),
-            Err(e) => tracing::warn!(workload = name, "pages the resume touches stay lazy: {e}"),
+            Err(e) => tracing::warn!(workload = name, "pages the resume touches stay lazy: {e}", e = ErrorChain(&e)),
         }
     }
     let relay = match crate::lazy::SourceRelay::start(
@@ -440,7 +453,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         Ok(r) => r,
         Err(e) => {
             // nothing can reach CRIU's page server: end the dump, the source resumes
-            let why = format!("cannot start the page relay on {local_ip}: {e}");
+            let why = format!("cannot start the page relay on {local_ip}: {e}", e = ErrorChain(&e));
             dump.abort().await;
             archives.keep_failed(&payload);
             return Err(resumed_or_not(runtime, name, why, None).await);
@@ -513,7 +526,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             return Err(give_up(why, dump, relay).await);
         }
         Some(Err(e)) => {
-            let why = format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr);
+            let why =
+                format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr, e = ErrorChain(&e));
             return Err(give_up(why, dump, relay).await);
         }
     };
@@ -547,7 +561,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     if let Err(e) = finished {
         let why = format!(
             "the lazy phase failed ({}): {e}",
-            relayed.err().unwrap_or_else(|| "the page relay saw no error".into())
+            relayed.err().map_or_else(|| "the page relay saw no error".into(), |r| error_chain(&r)),
+            e = ErrorChain(&e)
         );
         progress(Step::RollingBack(why.clone()));
         if let Err(ae) = target.abort(&outcome.transfer_id).await {
@@ -563,7 +578,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     if let Err(e) = target.commit(&outcome.transfer_id).await {
         // the target made its copy final itself when its last page arrived (and the
         // source's process is gone): a commit it no longer knows is no failure
-        tracing::debug!(workload = name, "commit to {}: {e}", there.node.name);
+        tracing::debug!(workload = name, "commit to {}: {e}", there.node.name, e = ErrorChain(&e));
     }
     phases.push(phase("commit", t.elapsed()));
     clean_source(runtime, name, name, archives, &payload, progress, &mut phases).await?;
@@ -602,7 +617,7 @@ async fn resumed_or_not(
     why: String,
     lazy_error: Option<RuntimeError>,
 ) -> MigrateError {
-    let detail = lazy_error.map(|e| format!(" (CRIU: {e})")).unwrap_or_default();
+    let detail = lazy_error.map(|e| format!(" (CRIU: {e})", e = ErrorChain(&e))).unwrap_or_default();
     match runtime.status(name).await {
         Ok(s) if s.state == WorkloadState::Running => MigrateError::RolledBack {
             why,
@@ -614,7 +629,9 @@ async fn resumed_or_not(
             resumed: false,
             detail: format!("{name} is {} at the source{detail}", s.state),
         },
-        Err(e) => MigrateError::RolledBack { why, resumed: false, detail: format!("{name}: {e}{detail}") },
+        Err(e) => {
+            MigrateError::RolledBack { why, resumed: false, detail: format!("{name}: {e}{detail}", e = ErrorChain(&e)) }
+        }
     }
 }
 
@@ -663,7 +680,8 @@ impl Undo<'_> {
                 resumed: false,
                 detail: format!(
                     "the source could not be resumed either: {e}; its checkpoint is kept in {}",
-                    payload.display()
+                    payload.display(),
+                    e = ErrorChain(&e)
                 ),
             },
         }
@@ -704,12 +722,22 @@ impl From<String> for RestoreFailed {
     }
 }
 
+impl From<crate::lazy::LazyError> for RestoreFailed {
+    fn from(e: crate::lazy::LazyError) -> Self {
+        RestoreFailed::from(error_chain(&e))
+    }
+}
+
 /// Remove a copy this restore started; what cannot go at once is named for the caller.
 async fn failed_with_copy(runtime: &dyn Runtime, name: &str, message: String) -> RestoreFailed {
     match runtime.remove(name).await {
         Ok(()) => RestoreFailed { message, leftover: None },
         Err(e) => {
-            tracing::warn!(workload = name, "the failed copy did not go at once, left to retry: {e}");
+            tracing::warn!(
+                workload = name,
+                "the failed copy did not go at once, left to retry: {e}",
+                e = ErrorChain(&e)
+            );
             RestoreFailed { message, leftover: Some(name.to_string()) }
         }
     }
@@ -728,10 +756,10 @@ pub async fn restore_received(
     .map_err(|e| format!("{MANIFEST} is not valid: {e}"))?;
     let image_tar = payload.dir.join(IMAGE_TAR);
     if image_tar.is_file() {
-        node.store.add(&image_tar, Some(&manifest.image)).map_err(|e| e.to_string())?;
+        node.store.add(&image_tar, Some(&manifest.image)).map_err(|e| error_chain(&e))?;
     }
-    let image = node.store.resolve(&manifest.image).map_err(|e| e.to_string())?;
-    let runtime = node.runtime(manifest.runtime).map_err(|e| e.to_string())?;
+    let image = node.store.resolve(&manifest.image).map_err(|e| error_chain(&e))?;
+    let runtime = node.runtime(manifest.runtime).map_err(|e| error_chain(&e))?;
     let dir: PathBuf = payload.dir.join(CHECKPOINT_DIR);
     let archive = CheckpointArchive {
         workload: manifest.spec.name.clone(),
@@ -747,10 +775,12 @@ pub async fn restore_received(
     std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
     let (mut pulled, mut pull) = (None, Duration::ZERO);
     let (st, mut lazy) = match manifest.lazy_page_relay {
-        None => (runtime.restore(&request).await.map_err(|e| e.to_string())?, None),
+        None => (runtime.restore(&request).await.map_err(|e| error_chain(&e))?, None),
         Some(relay) if manifest.pull_pages => {
             let t = Instant::now();
-            let pages = crate::lazy::pull::pull_all(&dir, relay).await.map_err(|e| format!("pull the pages: {e}"))?;
+            let pages = crate::lazy::pull::pull_all(&dir, relay)
+                .await
+                .map_err(|e| format!("pull the pages: {e}", e = ErrorChain(&e)))?;
             pull = t.elapsed();
             match runtime.restore(&request).await {
                 Ok(st) => {
@@ -759,7 +789,7 @@ pub async fn restore_received(
                 }
                 Err(e) => {
                     pages.abort();
-                    return Err(e.to_string().into());
+                    return Err(error_chain(&e).into());
                 }
             }
         }
@@ -769,12 +799,12 @@ pub async fn restore_received(
             let restore = runtime.restore_lazy(&request);
             tokio::pin!(restore);
             let restored = tokio::select! {
-                r = &mut restore => r.map_err(|e| RestoreFailed::from(e.to_string())),
+                r = &mut restore => r.map_err(|e| RestoreFailed::from(error_chain(&e))),
                 gone = daemon.exited() => {
                     // the link or the source failed mid-restore: end the restore (it
                     // cleans up after itself) instead of waiting for pages forever
                     crate::lazy::LazyPagesDaemon::kill_restore(&dir);
-                    let message = format!("the lazy-pages daemon ended during the restore: {gone}");
+                    let message = format!("the lazy-pages daemon ended during the restore: {}", ErrorChain(&gone));
                     // the restore may have got as far as a running copy, which misses memory
                     Err(match restore.await {
                         Ok(st) => failed_with_copy(runtime, &st.name, message).await,
@@ -816,7 +846,7 @@ pub async fn restore_received(
         if matches!(&status, Ok(s) if s.state == WorkloadState::Running) {
             // the copy runs: the source may let go of its process
             if let Err(e) = pages.release().await {
-                let message = format!("the source did not confirm the end of the page stream: {e}");
+                let message = format!("the source did not confirm the end of the page stream: {e}", e = ErrorChain(&e));
                 return Err(failed_with_copy(runtime, &st.name, message).await);
             }
             let status = status.expect("checked");
@@ -835,7 +865,7 @@ pub async fn restore_received(
         }
         Err(e) => {
             gone(&mut lazy).await;
-            let message = format!("{} was restored but its status is unknown: {e}", st.name);
+            let message = format!("{} was restored but its status is unknown: {e}", st.name, e = ErrorChain(&e));
             Err(failed_with_copy(runtime, &st.name, message).await)
         }
     }

@@ -18,6 +18,10 @@ pub mod target;
 pub mod transfer;
 pub mod vm;
 
+/// Built with the `fault-injection` feature: the end-to-end tests' `AWAY_FAULT_*`
+/// variables are read (never in a build users run).
+pub const FAULT_INJECTION: bool = cfg!(feature = "fault-injection");
+
 use std::path::PathBuf;
 
 use away_model::{NodeInfo, Tier};
@@ -39,7 +43,7 @@ pub enum MigrateError {
     /// The move failed and the source was (or could not be) resumed.
     #[error("migration failed: {why}; {detail}")]
     RolledBack { why: String, resumed: bool, detail: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]

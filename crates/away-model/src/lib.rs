@@ -2,6 +2,7 @@
 //! CLI, the broker and the agents: workload specs, node fingerprints, wire errors.
 //! No I/O beyond parsing text: the types stay easy to test and to reuse.
 
+mod chain;
 mod cluster;
 mod node;
 mod size;
@@ -9,6 +10,7 @@ mod spec;
 mod wire;
 mod workload;
 
+pub use chain::{error_chain, ErrorChain};
 pub use cluster::{
     AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest,
     RegisterResponse,

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use away_model::{Arch, RuntimeDecision, RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadStatus};
+use away_model::{error_chain, Arch, RuntimeDecision, RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadStatus};
 
 use crate::containerd::ContainerdRuntime;
 use crate::docker::DockerRuntime;
@@ -146,9 +146,9 @@ impl LocalNode {
             match self.runtime(kind) {
                 Ok(rt) => match rt.list().await {
                     Ok(list) => all.extend(list),
-                    Err(e) => notes.push(e.to_string()),
+                    Err(e) => notes.push(error_chain(&e)),
                 },
-                Err(e) => notes.push(e.to_string()),
+                Err(e) => notes.push(error_chain(&e)),
             }
         }
         all.sort_by(|a, b| a.name.cmp(&b.name));

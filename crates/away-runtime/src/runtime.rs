@@ -166,7 +166,7 @@ pub enum RuntimeError {
     Failed { runtime: RuntimeKind, op: &'static str, name: String, message: String },
     #[error(transparent)]
     NoRuntime(#[from] crate::fallback::NoRuntime),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use away_image::archive::normalize_reference;
-use away_model::Arch;
+use away_model::{error_chain, Arch};
 use serde::{Deserialize, Serialize};
 
 use crate::runtime::RuntimeError;
@@ -68,7 +68,7 @@ impl ImageStore {
     /// Returns the references stored.
     pub fn add(&self, tar: &Path, extra_tag: Option<&str>) -> Result<Vec<String>, RuntimeError> {
         let read = away_image::read_image_tar(tar)
-            .map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: e.to_string() })?;
+            .map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: error_chain(&e) })?;
         let mut refs: Vec<String> = read.image.tags.iter().map(|t| normalize_reference(t)).collect();
         refs.extend(extra_tag.map(normalize_reference));
         refs.sort();
@@ -117,7 +117,7 @@ impl ImageStore {
 /// Read an image tar's config into a ResolvedImage.
 pub fn read_resolved(tar: &Path, reference: Option<String>) -> Result<ResolvedImage, RuntimeError> {
     let read = away_image::read_image_tar(tar)
-        .map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: e.to_string() })?;
+        .map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: error_chain(&e) })?;
     let cfg = &read.image.config;
     let inner = cfg.config().clone().unwrap_or_default();
     let reference =

@@ -101,3 +101,17 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The libraries read the e2e tests' `AWAY_FAULT_*` variables only when this binary
+    /// asked for it (`--features fault-injection`, tests/src/lib.rs): a crate that
+    /// turned the libraries' feature on through Cargo.toml would put it, by feature
+    /// unification, into the `away` of `cargo build --workspace` and `cargo test`.
+    #[test]
+    fn fault_injection_only_when_asked_for() {
+        let asked = cfg!(feature = "fault-injection");
+        assert_eq!(away_migrate::FAULT_INJECTION, asked, "away-migrate's fault-injection feature leaked in");
+        assert_eq!(away_agent::FAULT_INJECTION, asked, "away-agent's fault-injection feature leaked in");
+    }
+}

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod error;
 pub mod pagemap;
 pub mod prefetch;
 pub mod pull;
@@ -28,6 +29,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
+
+use away_model::ErrorChain;
+use away_runtime::host::criu_args::CriuLazyPages;
+use away_runtime::host::process::{self, Signal};
+pub use error::LazyError;
 
 /// Largest plain chunk read at once (and so the largest frame's content).
 const CHUNK: usize = 256 * 1024;
@@ -56,7 +62,8 @@ impl RelayCounters {
 
 /// Faults the end-to-end tests inject into the source relay
 /// (`AWAY_FAULT_LAZY=cut-after:BYTES` or `corrupt-after:BYTES`, counted in page bytes
-/// CRIU has sent).
+/// CRIU has sent). Only a build with the `fault-injection` feature reads the variable;
+/// the unit tests pass a fault directly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LazyFault {
     CutAfter(u64),
@@ -64,6 +71,7 @@ pub enum LazyFault {
 }
 
 impl LazyFault {
+    #[cfg(feature = "fault-injection")]
     pub fn from_env() -> Option<LazyFault> {
         let v = std::env::var("AWAY_FAULT_LAZY").ok()?;
         let (kind, n) = v.split_once(':')?;
@@ -74,6 +82,12 @@ impl LazyFault {
             _ => None,
         }
     }
+
+    /// A build for users injects nothing, whatever the environment says.
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn from_env() -> Option<LazyFault> {
+        None
+    }
 }
 
 /// The source end: accepts the target's relay, connects to CRIU's page server.
@@ -81,7 +95,7 @@ pub struct SourceRelay {
     pub port: u16,
     pub counters: Arc<RelayCounters>,
     abort: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), String>>,
+    task: tokio::task::JoinHandle<Result<(), LazyError>>,
     broken: Arc<AtomicBool>,
 }
 
@@ -116,18 +130,18 @@ impl SourceRelay {
     }
 
     /// Make CRIU fail the lazy dump (the source resumes), whatever state the relay is in.
-    pub async fn abort(mut self) -> Result<(), String> {
+    pub async fn abort(mut self) -> Result<(), LazyError> {
         if let Some(a) = self.abort.take() {
             let _ = a.send(());
         }
-        self.task.await.map_err(|e| e.to_string())?
+        self.task.await.map_err(LazyError::task("source relay"))?
     }
 
     /// Wait for the relay to end on its own (CRIU closed after the last page, or the
     /// network failed and CRIU was told).
-    pub async fn wait(mut self) -> Result<(), String> {
+    pub async fn wait(mut self) -> Result<(), LazyError> {
         let _keep = self.abort.take();
-        self.task.await.map_err(|e| e.to_string())?
+        self.task.await.map_err(LazyError::task("source relay"))?
     }
 }
 
@@ -161,7 +175,7 @@ async fn source_side(
     mut abort: oneshot::Receiver<()>,
     fault: Option<LazyFault>,
     compress: bool,
-) -> Result<(), String> {
+) -> Result<(), LazyError> {
     let accepted = tokio::select! {
         a = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()) => Some(a),
         _ = &mut abort => None,
@@ -169,16 +183,16 @@ async fn source_side(
     // CRIU waits for its one connection in any case: even to be told to give up
     let criu = tokio::task::spawn_blocking(connect_criu)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(LazyError::task("page server connection"))?
         .and_then(|s| {
             s.set_nonblocking(true)?;
             TcpStream::from_std(s)
         })
-        .map_err(|e| format!("connect to CRIU's page server: {e}"))?;
+        .map_err(LazyError::io("connect to CRIU's page server"))?;
     let (mut criu_r, mut criu_w) = criu.into_split();
     let Some(accepted) = accepted else {
         poison(&mut criu_w).await;
-        return Err("aborted before the target connected".into());
+        return Err(LazyError::AbortedBeforeConnect);
     };
     let net = match accepted {
         Ok(Ok((s, peer))) => {
@@ -187,11 +201,14 @@ async fn source_side(
         }
         Ok(Err(e)) => {
             poison(&mut criu_w).await;
-            return Err(format!("accept the target's lazy-pages connection: {e}"));
+            return Err(LazyError::io("accept the target's lazy-pages connection")(e));
         }
         Err(_) => {
             poison(&mut criu_w).await;
-            return Err(format!("the target did not fetch pages within {} s", CONNECT_TIMEOUT.as_secs()));
+            return Err(LazyError::NotWithin {
+                what: "the target did not fetch pages",
+                secs: CONNECT_TIMEOUT.as_secs(),
+            });
         }
     };
     let _ = net.set_nodelay(true);
@@ -217,25 +234,25 @@ async fn source_side(
             let _ = criu_w.shutdown().await;
             Ok(())
         } else {
-            Err("the target's connection ended before the last page".to_string())
+            Err(LazyError::EndedBeforeLastPage)
         }
     };
     let result = tokio::select! {
         r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
-        _ = &mut abort => Err("aborted".to_string()),
+        _ = &mut abort => Err(LazyError::Aborted),
     };
     if let Err(e) = &result {
         if final_seen.load(Ordering::SeqCst) && !criu_closed.load(Ordering::SeqCst) {
             // the link failed after the daemon's last request: the target has every page
             // and its daemon may be gone already; ending well here is the only way to one
             // instance (a resumed source would be a second)
-            tracing::warn!("lazy pages: {e} after the last request; ending the dump as done");
+            tracing::warn!("lazy pages: {e} after the last request; ending the dump as done", e = ErrorChain(e));
             let _ = criu_w.shutdown().await;
             drain(&mut criu_r).await;
             return Ok(());
         }
         if !criu_closed.load(Ordering::SeqCst) {
-            tracing::warn!("lazy pages: {e}; telling CRIU to resume the source");
+            tracing::warn!("lazy pages: {e}; telling CRIU to resume the source", e = ErrorChain(e));
             poison(&mut criu_w).await;
             drain(&mut criu_r).await;
         }
@@ -253,7 +270,7 @@ async fn drain(criu_r: &mut OwnedReadHalf) {
 pub struct TargetRelay {
     pub port: u16,
     pub counters: Arc<RelayCounters>,
-    task: tokio::task::JoinHandle<Result<(), String>>,
+    task: tokio::task::JoinHandle<Result<(), LazyError>>,
 }
 
 impl TargetRelay {
@@ -270,13 +287,16 @@ impl TargetRelay {
             let daemon = async {
                 tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
                     .await
-                    .map_err(|_| "the lazy-pages daemon did not connect".to_string())?
-                    .map_err(|e| e.to_string())
+                    .map_err(|_| LazyError::NotWithin {
+                        what: "the lazy-pages daemon did not connect",
+                        secs: CONNECT_TIMEOUT.as_secs(),
+                    })?
+                    .map_err(LazyError::io("accept the lazy-pages daemon's connection"))
             };
             let net = async {
                 TcpStream::connect(upstream)
                     .await
-                    .map_err(|e| format!("connect to the source's page relay {upstream}: {e}"))
+                    .map_err(LazyError::io(format!("connect to the source's page relay {upstream}")))
             };
             let ((daemon, _), net) = tokio::try_join!(daemon, net)?;
             let _ = net.set_nodelay(true);
@@ -315,7 +335,7 @@ async fn framed_link(
     net_r: &mut OwnedReadHalf,
     net_w: &mut OwnedWriteHalf,
     counters: &RelayCounters,
-) -> Result<(), String> {
+) -> Result<(), LazyError> {
     let (mut r, mut w) = tokio::io::split(plain);
     tokio::try_join!(
         plain_to_framed(&mut r, net_w, counters, None, true),
@@ -335,19 +355,20 @@ async fn plain_to_framed(
     counters: &RelayCounters,
     fault: Option<LazyFault>,
     compress: bool,
-) -> Result<(), String> {
+) -> Result<(), LazyError> {
     let mut buf = vec![0u8; CHUNK];
-    let mut zstd = zstd::bulk::Compressor::new(1).map_err(|e| e.to_string())?;
-    zstd.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true)).map_err(|e| e.to_string())?;
+    let mut zstd = zstd::bulk::Compressor::new(1).map_err(LazyError::io("start zstd"))?;
+    zstd.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+        .map_err(LazyError::io("set zstd's checksum flag"))?;
     let mut sent = 0u64;
     loop {
-        let n = r.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        let n = r.read(&mut buf).await.map_err(LazyError::io("read"))?;
         if n == 0 {
             let _ = w.shutdown().await;
             return Ok(());
         }
         let (header, mut frame) = if compress {
-            let frame = zstd.compress(&buf[..n]).map_err(|e| format!("compress: {e}"))?;
+            let frame = zstd.compress(&buf[..n]).map_err(LazyError::io("compress"))?;
             (frame.len() as u32, frame)
         } else {
             let mut frame = crc32fast::hash(&buf[..n]).to_be_bytes().to_vec();
@@ -356,7 +377,7 @@ async fn plain_to_framed(
         };
         match fault {
             Some(LazyFault::CutAfter(limit)) if sent >= limit => {
-                return Err(format!("link cut after {sent} bytes of pages (AWAY_FAULT_LAZY)"));
+                return Err(LazyError::FaultCut { sent });
             }
             Some(LazyFault::CorruptAfter(limit)) if sent >= limit => {
                 let mid = frame.len() / 2;
@@ -364,8 +385,8 @@ async fn plain_to_framed(
             }
             _ => {}
         }
-        w.write_all(&header.to_be_bytes()).await.map_err(|e| format!("send: {e}"))?;
-        w.write_all(&frame).await.map_err(|e| format!("send: {e}"))?;
+        w.write_all(&header.to_be_bytes()).await.map_err(LazyError::io("send"))?;
+        w.write_all(&frame).await.map_err(LazyError::io("send"))?;
         sent += n as u64;
         counters.plain.fetch_add(n as u64, Ordering::Relaxed);
         counters.wire.fetch_add(4 + frame.len() as u64, Ordering::Relaxed);
@@ -373,13 +394,15 @@ async fn plain_to_framed(
 }
 
 /// The content of one received frame (stored or compressed), checked.
-fn unframe(header: u32, frame: &[u8]) -> Result<Vec<u8>, String> {
+fn unframe(header: u32, frame: &[u8]) -> Result<Vec<u8>, LazyError> {
+    let corrupt = |reason: &str| LazyError::Corrupt { reason: reason.to_string() };
     if header & RAW_FRAME == 0 {
-        return zstd::bulk::decompress(frame, CHUNK).map_err(|e| format!("corrupt page stream: {e}"));
+        // zstd's text is the reason itself (its error has no further cause)
+        return zstd::bulk::decompress(frame, CHUNK).map_err(|e| corrupt(&e.to_string()));
     }
-    let (crc, content) = frame.split_at_checked(4).ok_or("corrupt page stream: a stored frame without checksum")?;
+    let (crc, content) = frame.split_at_checked(4).ok_or_else(|| corrupt("a stored frame without checksum"))?;
     if crc32fast::hash(content).to_be_bytes() != crc {
-        return Err("corrupt page stream: a stored frame fails its checksum".into());
+        return Err(corrupt("a stored frame fails its checksum"));
     }
     Ok(content.to_vec())
 }
@@ -391,7 +414,7 @@ async fn framed_to_plain(
     idle: Option<Duration>,
     shutdown_at_end: bool,
     final_seen: Option<&AtomicBool>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, LazyError> {
     let mut frame = Vec::new();
     // the last bytes written, for the caller to see how the stream ended
     let mut last: Vec<u8> = Vec::with_capacity(2 * PS_IOV_SIZE);
@@ -401,13 +424,13 @@ async fn framed_to_plain(
             match r.read_exact(&mut len).await {
                 Ok(_) => Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-                Err(e) => Err(format!("receive: {e}")),
+                Err(e) => Err(LazyError::io("receive")(e)),
             }
         };
         let more = match idle {
             Some(t) => tokio::time::timeout(t, read)
                 .await
-                .map_err(|_| format!("nothing from the other side for {} s", t.as_secs()))??,
+                .map_err(|_| LazyError::Idle { peer: "the other side", secs: t.as_secs() })??,
             None => read.await?,
         };
         if !more {
@@ -419,12 +442,12 @@ async fn framed_to_plain(
         let header = u32::from_be_bytes(len);
         let n = (header & !RAW_FRAME) as usize;
         if n > zstd::zstd_safe::compress_bound(CHUNK).max(CHUNK + 4) {
-            return Err(format!("corrupt page stream: a frame of {n} bytes"));
+            return Err(LazyError::Corrupt { reason: format!("a frame of {n} bytes") });
         }
         frame.resize(n, 0);
-        r.read_exact(&mut frame).await.map_err(|e| format!("receive: {e}"))?;
+        r.read_exact(&mut frame).await.map_err(LazyError::io("receive"))?;
         let plain = unframe(header, &frame)?;
-        w.write_all(&plain).await.map_err(|e| format!("write: {e}"))?;
+        w.write_all(&plain).await.map_err(LazyError::io("write"))?;
         last.extend_from_slice(&plain[plain.len().saturating_sub(PS_IOV_SIZE)..]);
         last.drain(..last.len().saturating_sub(PS_IOV_SIZE));
         if let Some(f) = final_seen {
@@ -441,8 +464,11 @@ pub struct LazyPagesDaemon {
     child: tokio::process::Child,
     relay: TargetRelay,
     log: PathBuf,
-    /// Where the restored process's pid goes for the shell (which removes the file).
+    /// Where the restored process's pid goes for the shell (which removes the file), in
+    /// a directory of this process's own (mode 0700, random name): no other user can
+    /// plant a file or a symlink there.
     restored: PathBuf,
+    _restored_dir: tempfile::TempDir,
 }
 
 impl LazyPagesDaemon {
@@ -450,14 +476,14 @@ impl LazyPagesDaemon {
     /// `dir/`[`away_runtime::CRIU_WORK_DIR`]) fetching from the source relay `upstream`,
     /// the `hot` ranges (the workload's working set) first; returns once its socket is
     /// there for the restore to connect to.
-    pub async fn start(dir: &Path, upstream: SocketAddr, hot: &[(u64, u64)]) -> Result<LazyPagesDaemon, String> {
+    pub async fn start(dir: &Path, upstream: SocketAddr, hot: &[(u64, u64)]) -> Result<LazyPagesDaemon, LazyError> {
         let ranges = prefetch::lazy_ranges(dir).map(|r| prefetch::hot_first(r, hot));
         if ranges.is_none() {
             tracing::info!("lazy pages: no single pagemap image in {}, no prefetch", dir.display());
         }
-        let relay = TargetRelay::start(upstream, ranges).await.map_err(|e| format!("start the page relay: {e}"))?;
+        let relay = TargetRelay::start(upstream, ranges).await.map_err(LazyError::io("start the page relay"))?;
         let work = dir.join(away_runtime::CRIU_WORK_DIR);
-        std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
+        std::fs::create_dir_all(&work).map_err(LazyError::file("create", &work))?;
         let log = work.join("lazy-pages.log");
         let socket = work.join("lazy-pages.socket");
         let _ = std::fs::remove_file(&socket);
@@ -467,66 +493,48 @@ impl LazyPagesDaemon {
         // filled with zeros (a closed userfaultfd falls back to fresh anonymous memory).
         // The shell learns that process from a file outside the payload (which goes once
         // the restore is answered).
-        let restored =
-            std::env::temp_dir().join(format!("away-lazy-restored-{}-{}.pid", std::process::id(), relay.port));
+        let restored_dir = tempfile::Builder::new()
+            .prefix("away-lazy-restored-")
+            .tempdir()
+            .map_err(LazyError::io("create a directory for the restored process's pid"))?;
+        let restored = restored_dir.path().join("pid");
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(SUPERVISOR)
             .arg("criu-lazy-pages")
             .env("AWAY_RESTORED_PIDFILE", &restored)
             .process_group(0)
-            .args(["lazy-pages", "--page-server", "--address", "127.0.0.1", "--port"])
-            .arg(relay.port.to_string())
-            .arg("--images-dir")
-            .arg(dir)
-            .arg("--work-dir")
-            .arg(&work)
-            .args(["--log-file", "lazy-pages.log", "-v4"])
+            .args(
+                CriuLazyPages {
+                    page_server: SocketAddr::from(([127, 0, 0, 1], relay.port)),
+                    images_dir: dir.to_path_buf(),
+                    work_dir: work.clone(),
+                    log_file: "lazy-pages.log".into(),
+                    verbosity: Some(4),
+                }
+                .args(),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot run criu lazy-pages: {e}"))?;
+            .map_err(LazyError::io("run criu lazy-pages"))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             if let Ok(Some(status)) = child.try_wait() {
                 relay.abort();
-                return Err(format!(
-                    "criu lazy-pages exited with {status}{}",
-                    away_runtime::runtime::criu_log_errors(&log)
-                ));
+                return Err(LazyError::DaemonExited { status, log: away_runtime::runtime::criu_log_errors(&log) });
             }
             if tokio::time::Instant::now() > deadline {
                 relay.abort();
-                return Err("criu lazy-pages did not create its socket within 10 s".into());
+                return Err(LazyError::NotWithin { what: "criu lazy-pages did not create its socket", secs: 10 });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // fault injection for the end-to-end tests: the target side dies mid-copy, its
-        // page daemon or the whole agent (this process)
-        let fault = std::env::var("AWAY_FAULT_LAZY_TARGET").unwrap_or_default();
-        if let Some(ms) = fault.strip_prefix("kill-agent-after-ms:").and_then(|n| n.parse::<u64>().ok()) {
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                tracing::warn!("AWAY_FAULT_LAZY_TARGET: the agent dies mid-copy");
-                std::process::abort();
-            });
-        }
-        if let Some(ms) = fault.strip_prefix("kill-daemon-after-ms:").and_then(|n| n.parse::<u64>().ok()) {
-            if let Some(shell) = child.id() {
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    // CRIU itself, the shell's child: the shell then does what it is there for
-                    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"));
-                    for pid in children.unwrap_or_default().split_whitespace() {
-                        tracing::warn!(pid, "AWAY_FAULT_LAZY_TARGET: killing the lazy-pages daemon");
-                        let _ = std::process::Command::new("kill").args(["-9", pid]).status();
-                    }
-                });
-            }
-        }
-        Ok(LazyPagesDaemon { child, relay, log, restored })
+        #[cfg(feature = "fault-injection")]
+        inject_target_fault(&child);
+        Ok(LazyPagesDaemon { child, relay, log, restored, _restored_dir: restored_dir })
     }
 
     /// The restore is done and its process is `pid` (host pid): should the daemon fail
@@ -539,12 +547,10 @@ impl LazyPagesDaemon {
     }
 
     /// Resolves when the daemon has exited (cancel-safe; the daemon stays owned here).
-    pub async fn exited(&mut self) -> String {
+    pub async fn exited(&mut self) -> LazyError {
         match self.child.wait().await {
-            Ok(status) => {
-                format!("criu lazy-pages exited with {status}{}", away_runtime::runtime::criu_log_errors(&self.log))
-            }
-            Err(e) => format!("wait for criu lazy-pages: {e}"),
+            Ok(status) => LazyError::DaemonExited { status, log: away_runtime::runtime::criu_log_errors(&self.log) },
+            Err(e) => LazyError::io("wait for criu lazy-pages")(e),
         }
     }
 
@@ -554,13 +560,13 @@ impl LazyPagesDaemon {
 
     /// Wait until every page is in (Ok) or the lazy phase failed (Err: the restored
     /// copy is missing memory and must go).
-    pub async fn wait(mut self) -> Result<(), String> {
-        let status = self.child.wait().await.map_err(|e| format!("wait for criu lazy-pages: {e}"))?;
+    pub async fn wait(mut self) -> Result<(), LazyError> {
+        let status = self.child.wait().await.map_err(LazyError::io("wait for criu lazy-pages"))?;
         self.relay.abort();
         if status.success() {
             Ok(())
         } else {
-            Err(format!("criu lazy-pages exited with {status}{}", away_runtime::runtime::criu_log_errors(&self.log)))
+            Err(LazyError::DaemonExited { status, log: away_runtime::runtime::criu_log_errors(&self.log) })
         }
     }
 
@@ -569,18 +575,19 @@ impl LazyPagesDaemon {
     /// cleans up after itself.
     pub fn kill_restore(dir: &Path) {
         let needle = dir.join(away_runtime::CRIU_WORK_DIR).display().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else { return };
-        for p in procs.flatten() {
-            let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
-                // runc (its command line names the work dir) and its CRIU children
-                let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-                for c in children.split_whitespace().chain([pid.to_string().as_str()]) {
-                    tracing::warn!(pid = c, "killing a lazy restore whose page daemon is gone");
-                    let _ = std::process::Command::new("kill").args(["-9", c]).status();
-                }
+        // each checked again once held (a pidfd): a pid that went to another process is spared
+        let kill = |pid: u32, is_it: &dyn Fn(&process::ProcessEntry) -> bool| {
+            tracing::warn!(pid, "killing a lazy restore whose page daemon is gone");
+            if let Err(e) = process::signal_if(pid, Signal::KILL, is_it) {
+                tracing::warn!(pid, "cannot kill process {pid}: {e}");
             }
+        };
+        // runc (its command line names the work dir) and its CRIU children
+        for runc in process::processes().filter(|p| p.cmdline_contains(&needle)) {
+            for child in process::children(runc.pid) {
+                kill(child, &|p| p.ppid == runc.pid);
+            }
+            kill(runc.pid, &|p| p.cmdline_contains(&needle));
         }
         // a killed CRIU leaves its cgroup yard (a tmpfs with every controller mounted
         // under the work dir) in the host's mount table; it would pin the payload
@@ -594,10 +601,41 @@ impl LazyPagesDaemon {
     /// removes the copy).
     pub async fn kill(&mut self) {
         if let (Some(group), Ok(None)) = (self.child.id(), self.child.try_wait()) {
-            let _ = std::process::Command::new("kill").args(["-9", "--", &format!("-{group}")]).status();
+            // the shell leads its own group (process_group(0)), CRIU is in it
+            if let Err(e) = process::signal_group(group, Signal::KILL) {
+                tracing::warn!(group, "cannot kill the lazy-pages daemon's process group {group}: {e}");
+            }
         }
         let _ = self.child.kill().await;
         let _ = std::fs::remove_file(&self.restored);
+    }
+}
+
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_LAZY_TARGET`), in builds with
+/// the `fault-injection` feature only.
+#[cfg(feature = "fault-injection")]
+fn inject_target_fault(child: &tokio::process::Child) {
+    // fault injection for the end-to-end tests: the target side dies mid-copy, its
+    // page daemon or the whole agent (this process)
+    let fault = std::env::var("AWAY_FAULT_LAZY_TARGET").unwrap_or_default();
+    if let Some(ms) = fault.strip_prefix("kill-agent-after-ms:").and_then(|n| n.parse::<u64>().ok()) {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            tracing::warn!("AWAY_FAULT_LAZY_TARGET: the agent dies mid-copy");
+            std::process::abort();
+        });
+    }
+    if let Some(ms) = fault.strip_prefix("kill-daemon-after-ms:").and_then(|n| n.parse::<u64>().ok()) {
+        if let Some(shell) = child.id() {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                // CRIU itself, the shell's child: the shell then does what it is there for
+                for pid in process::children(shell) {
+                    tracing::warn!(pid, "AWAY_FAULT_LAZY_TARGET: killing the lazy-pages daemon");
+                    let _ = process::signal_if(pid, Signal::KILL, |p| p.ppid == shell);
+                }
+            });
+        }
     }
 }
 
@@ -605,7 +643,7 @@ impl LazyPagesDaemon {
 /// process named in `$AWAY_RESTORED_PIDFILE` with it, if the restore got that far.
 const SUPERVISOR: &str = r#"criu "$@"; rc=$?
 if [ "$rc" -ne 0 ] && [ -s "$AWAY_RESTORED_PIDFILE" ]; then kill -9 "$(cat "$AWAY_RESTORED_PIDFILE")" 2>/dev/null; fi
-rm -f "$AWAY_RESTORED_PIDFILE"
+rm -f "$AWAY_RESTORED_PIDFILE"; rmdir "${AWAY_RESTORED_PIDFILE%/*}" 2>/dev/null
 exit "$rc""#;
 
 /// Mount points at or below `dir`, in mount order (from /proc/self/mountinfo, where
@@ -658,7 +696,7 @@ mod tests {
         }
     }
 
-    async fn pair(fault: Option<LazyFault>, compress: bool) -> (u64, Vec<u8>, bool, Result<(), String>, u64, u64) {
+    async fn pair(fault: Option<LazyFault>, compress: bool) -> (u64, Vec<u8>, bool, Result<(), LazyError>, u64, u64) {
         let criu = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let criu_addr = criu.local_addr().unwrap();
         let server = tokio::spawn(fake_server(criu));
@@ -713,7 +751,7 @@ mod tests {
             away_runtime::CRIU_PAGE_SERVER_ABORT.to_vec(),
             "CRIU got a truncated request, not a clean close"
         );
-        assert!(relay.unwrap_err().contains("link cut"));
+        assert!(matches!(relay, Err(LazyError::FaultCut { .. })), "{relay:?}");
     }
 
     #[tokio::test]

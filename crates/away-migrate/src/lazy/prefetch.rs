@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
 
-use super::{PS_CMD_MASK, PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE, PS_IOV_SIZE};
+use super::{LazyError, PS_CMD_MASK, PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE, PS_IOV_SIZE};
 
 pub(super) const PS_IOV_GET: u32 = 7;
 pub(super) const PAGE: u64 = 4096;
@@ -61,7 +61,7 @@ pub(super) async fn read_rest<R: AsyncRead + Unpin>(
     r: &mut R,
     first: Option<u8>,
     buf: &mut [u8],
-) -> Result<(), String> {
+) -> Result<(), LazyError> {
     let start = match first {
         Some(b) => {
             buf[0] = b;
@@ -69,7 +69,7 @@ pub(super) async fn read_rest<R: AsyncRead + Unpin>(
         }
         None => 0,
     };
-    r.read_exact(&mut buf[start..]).await.map(|_| ()).map_err(|e| format!("receive: {e}"))
+    r.read_exact(&mut buf[start..]).await.map(|_| ()).map_err(LazyError::io("receive"))
 }
 
 pub(super) fn request(cmd: u32, pages: u64, vaddr: u64, dst: u64) -> [u8; PS_IOV_SIZE] {
@@ -133,8 +133,8 @@ impl<U: AsyncWrite + Unpin> State<U> {
         !self.cache.contains_key(&p) && !self.on_the_way.contains(&p) && !self.delivered.contains(&p)
     }
 
-    async fn fetch(&mut self, vaddr: u64, pages: u64, dst: u64, urgent: bool) -> Result<(), String> {
-        self.up.write_all(&request(PS_IOV_GET, pages, vaddr, dst)).await.map_err(|e| format!("send: {e}"))?;
+    async fn fetch(&mut self, vaddr: u64, pages: u64, dst: u64, urgent: bool) -> Result<(), LazyError> {
+        self.up.write_all(&request(PS_IOV_GET, pages, vaddr, dst)).await.map_err(LazyError::io("send"))?;
         for i in 0..pages {
             self.on_the_way.insert(vaddr + i * PAGE);
         }
@@ -146,7 +146,7 @@ impl<U: AsyncWrite + Unpin> State<U> {
     }
 
     /// Keep `WINDOW` prefetch requests in flight.
-    async fn refill(&mut self) -> Result<(), String> {
+    async fn refill(&mut self) -> Result<(), LazyError> {
         let Some(dst) = self.dst else { return Ok(()) };
         while !self.closing && self.in_flight < WINDOW {
             let Some((vaddr, pages)) = self.plan.pop_front() else { return Ok(()) };
@@ -167,14 +167,14 @@ impl<U: AsyncWrite + Unpin> State<U> {
 
     /// A daemon request: ask at once for its pages that are neither here nor on their
     /// way (ahead of further prefetch), and wait for all of them.
-    async fn want(&mut self, vaddr: u64, pages: u64, dst: u64) -> Result<(), String> {
+    async fn want(&mut self, vaddr: u64, pages: u64, dst: u64) -> Result<(), LazyError> {
         self.fetch_missing(vaddr, pages, dst).await?;
         self.waiting.push_back((vaddr, pages, dst));
         Ok(())
     }
 
     /// Ask at once for the pages of a range that are neither here nor on their way.
-    async fn fetch_missing(&mut self, vaddr: u64, pages: u64, dst: u64) -> Result<(), String> {
+    async fn fetch_missing(&mut self, vaddr: u64, pages: u64, dst: u64) -> Result<(), LazyError> {
         let mut i = 0;
         while i < pages {
             if !self.missing(vaddr + i * PAGE) {
@@ -231,7 +231,7 @@ pub async fn relay<DR, DW, UR, UW>(
     mut up_r: UR,
     up_w: UW,
     ranges: Vec<(u64, u64)>,
-) -> Result<PrefetchStats, String>
+) -> Result<PrefetchStats, LazyError>
 where
     DR: AsyncRead + Unpin,
     DW: AsyncWrite + Unpin,
@@ -253,9 +253,9 @@ where
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                         let _ = state.lock().await.up.shutdown().await;
-                        return Ok::<(), String>(());
+                        return Ok::<(), LazyError>(());
                     }
-                    Err(e) => return Err(format!("read the daemon's request: {e}")),
+                    Err(e) => return Err(LazyError::io("read the daemon's request")(e)),
                 }
                 let (cmd, pages, vaddr, dst) = fields(&req);
                 let mut st = state.lock().await;
@@ -267,16 +267,16 @@ where
                         let out = st.answerable();
                         drop(st);
                         if !out.is_empty() {
-                            daemon_w.lock().await.write_all(&out).await.map_err(|e| format!("answer: {e}"))?;
+                            daemon_w.lock().await.write_all(&out).await.map_err(LazyError::io("answer the daemon"))?;
                         }
                     }
                     PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
                         // the daemon has every page: nothing more to fetch
                         st.closing = true;
-                        st.up.write_all(&req).await.map_err(|e| format!("send: {e}"))?;
+                        st.up.write_all(&req).await.map_err(LazyError::io("send"))?;
                         st.pending.push_back(Pending::Close);
                     }
-                    other => return Err(format!("unexpected page server request {other:#x} from the daemon")),
+                    other => return Err(LazyError::UnexpectedRequest { cmd: other }),
                 }
                 asked.notify_one();
             }
@@ -295,7 +295,7 @@ where
                         break f;
                     }
                     if first.is_some() {
-                        return Err("the source sent an answer nobody asked for".into());
+                        return Err(LazyError::UnaskedAnswer);
                     }
                     let mut byte = [0u8; 1];
                     tokio::select! {
@@ -303,24 +303,24 @@ where
                         r = up_r.read(&mut byte) => match r {
                             Ok(0) => {
                                 let _ = daemon_w.lock().await.shutdown().await;
-                                return Ok::<(), String>(());
+                                return Ok::<(), LazyError>(());
                             }
                             Ok(_) => first = Some(byte[0]),
-                            Err(e) => return Err(format!("receive: {e}")),
+                            Err(e) => return Err(LazyError::io("receive")(e)),
                         },
                     }
                 };
                 let Pending::Fetch { vaddr: wanted_at, pages: wanted, urgent } = front else {
                     let mut status = [0u8; 4];
                     read_rest(&mut up_r, first, &mut status).await?;
-                    daemon_w.lock().await.write_all(&status).await.map_err(|e| format!("answer: {e}"))?;
+                    daemon_w.lock().await.write_all(&status).await.map_err(LazyError::io("answer the daemon"))?;
                     continue;
                 };
                 let mut head = [0u8; PS_IOV_SIZE];
                 read_rest(&mut up_r, first, &mut head).await?;
                 let (cmd, pages, vaddr, _) = fields(&head);
                 let mut data = vec![0u8; (pages * PAGE) as usize];
-                up_r.read_exact(&mut data).await.map_err(|e| format!("receive: {e}"))?;
+                up_r.read_exact(&mut data).await.map_err(LazyError::io("receive"))?;
                 let mut st = state.lock().await;
                 if pages > 0 {
                     st.answer_cmd.get_or_insert(cmd);
@@ -351,7 +351,7 @@ where
                 }
                 drop(st);
                 if !out.is_empty() {
-                    daemon_w.lock().await.write_all(&out).await.map_err(|e| format!("answer: {e}"))?;
+                    daemon_w.lock().await.write_all(&out).await.map_err(LazyError::io("answer the daemon"))?;
                 }
                 asked.notify_one();
             }

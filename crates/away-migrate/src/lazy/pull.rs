@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 
 use super::pagemap::{Pagemap, PE_PRESENT};
 use super::prefetch::{fields, request, PAGE, PS_IOV_GET};
-use super::{framed_link, RelayCounters, PS_IOV_CLOSE};
+use super::{framed_link, LazyError, RelayCounters, PS_IOV_CLOSE};
 
 /// Pages per request, and requests in flight: 8 MiB raw ahead covers a WAN's
 /// bandwidth-delay product several times over.
@@ -36,7 +36,7 @@ const PULL_WINDOW: usize = 8;
 /// [`release`]: PulledPages::release
 pub struct PulledPages {
     link: DuplexStream,
-    relay: tokio::task::JoinHandle<Result<(), String>>,
+    relay: tokio::task::JoinHandle<Result<(), LazyError>>,
     pub counters: Arc<RelayCounters>,
     pub pages: u64,
 }
@@ -44,23 +44,23 @@ pub struct PulledPages {
 impl PulledPages {
     /// The copy runs: tell the source's CRIU every page moved (it then ends the source
     /// process) and wait for its answer.
-    pub async fn release(mut self) -> Result<(), String> {
+    pub async fn release(mut self) -> Result<(), LazyError> {
         let close = request(PS_IOV_CLOSE, 0, 0, 0);
-        self.link.write_all(&close).await.map_err(|e| format!("send the closing request: {e}"))?;
+        self.link.write_all(&close).await.map_err(LazyError::io("send the closing request"))?;
         let mut status = [0u8; 4];
         let answer = tokio::time::timeout(Duration::from_secs(30), self.link.read_exact(&mut status)).await;
         match answer {
             Ok(Ok(_)) if status == [0; 4] => {}
-            Ok(Ok(_)) => return Err(format!("the source's page server answered the end with {status:?}")),
-            Ok(Err(e)) => return Err(format!("no answer to the closing request: {e}")),
-            Err(_) => return Err("no answer to the closing request within 30 s".into()),
+            Ok(Ok(_)) => return Err(LazyError::BadEndStatus { status }),
+            Ok(Err(e)) => return Err(LazyError::io("no answer to the closing request")(e)),
+            Err(_) => return Err(LazyError::NotWithin { what: "no answer to the closing request", secs: 30 }),
         }
         // CRIU wants the peer's end after its answer
         let _ = self.link.shutdown().await;
         match tokio::time::timeout(Duration::from_secs(30), &mut self.relay).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(format!("page relay: {e}")),
-            Err(_) => Err("the page relay did not end within 30 s".into()),
+            Ok(Err(e)) => Err(LazyError::task("page relay")(e)),
+            Err(_) => Err(LazyError::NotWithin { what: "the page relay did not end", secs: 30 }),
         }
     }
 
@@ -79,11 +79,11 @@ struct Slot {
 
 /// Pull every lazy page of the checkpoint in `dir` from the source relay `upstream`
 /// and rewrite its images as those of a complete dump.
-pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, String> {
-    let (image, pid) = super::pagemap::single_image(dir)
-        .ok_or_else(|| format!("no single pagemap image in {} (one process per container)", dir.display()))?;
-    let mut map = Pagemap::parse(&std::fs::read(&image).map_err(|e| format!("read {}: {e}", image.display()))?)
-        .ok_or_else(|| format!("{} is not a pagemap image", image.display()))?;
+pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, LazyError> {
+    let (image, pid) =
+        super::pagemap::single_image(dir).ok_or_else(|| LazyError::NoSinglePagemap { dir: dir.to_path_buf() })?;
+    let mut map = Pagemap::parse(&std::fs::read(&image).map_err(LazyError::file("read", &image))?)
+        .ok_or_else(|| LazyError::NotPagemap { path: image.clone() })?;
     let old_pages = dir.join(format!("pages-{}.img", map.pages_id()));
     let new_pages = dir.join(format!("pages-{}.img.pulling", map.pages_id()));
 
@@ -92,26 +92,26 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, S
     let _partial = RemoveUnlessKept(new_pages.clone());
     let mut slots = Vec::new();
     let (mut old_at, mut new_at) = (0u64, 0u64);
-    let out = std::fs::File::create(&new_pages).map_err(|e| format!("create {}: {e}", new_pages.display()))?;
+    let out = std::fs::File::create(&new_pages).map_err(LazyError::file("create", &new_pages))?;
     let old = std::fs::File::open(&old_pages).ok();
     for e in &map.entries {
         let len = e.pages() * PAGE;
         if e.is_lazy_only() {
             slots.push(Slot { vaddr: e.vaddr(), pages: e.pages(), offset: new_at });
         } else if e.flags() & PE_PRESENT != 0 {
-            let old = old.as_ref().ok_or_else(|| format!("{} is missing", old_pages.display()))?;
-            copy_range(old, old_at, &out, new_at, len).map_err(|e| format!("copy {}: {e}", old_pages.display()))?;
+            let old = old.as_ref().ok_or_else(|| LazyError::Missing { path: old_pages.clone() })?;
+            copy_range(old, old_at, &out, new_at, len).map_err(LazyError::file("copy", &old_pages))?;
             old_at += len;
         } else {
             continue;
         }
         new_at += len;
     }
-    out.set_len(new_at).map_err(|e| format!("size {}: {e}", new_pages.display()))?;
+    out.set_len(new_at).map_err(LazyError::file("size", &new_pages))?;
 
     let net = TcpStream::connect(upstream)
         .await
-        .map_err(|e| format!("connect to the source's page relay {upstream}: {e}"))?;
+        .map_err(LazyError::io(format!("connect to the source's page relay {upstream}")))?;
     let _ = net.set_nodelay(true);
     let counters = Arc::new(RelayCounters::default());
     let (link, outer) = tokio::io::duplex(4 << 20);
@@ -131,7 +131,7 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, S
         // the relay's own error says more than the pipe's end (a corrupt frame, a cut)
         let why = if pulled.relay.is_finished() {
             match (&mut pulled.relay).await {
-                Ok(Err(relay)) => format!("{e} ({relay})"),
+                Ok(Err(relay)) => LazyError::Pull { pipe: Box::new(e), relay: Box::new(relay) },
                 _ => e,
             }
         } else {
@@ -150,7 +150,7 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, S
     };
     if let Err(e) = rewrite() {
         pulled.abort();
-        return Err(format!("rewrite the images in {}: {e}", dir.display()));
+        return Err(LazyError::file("rewrite the images in", dir)(e));
     }
     Ok(pulled)
 }
@@ -185,7 +185,7 @@ async fn fetch(
     dst: u64,
     out: &std::fs::File,
     fault: Option<TargetFault>,
-) -> Result<(), String> {
+) -> Result<(), LazyError> {
     let mut plan: std::collections::VecDeque<(u64, u64, u64)> = slots
         .iter()
         .flat_map(|s| {
@@ -201,7 +201,7 @@ async fn fetch(
     loop {
         while asked.len() < PULL_WINDOW {
             let Some(r) = plan.pop_front() else { break };
-            link.write_all(&request(PS_IOV_GET, r.1, r.0, dst)).await.map_err(|e| format!("ask for pages: {e}"))?;
+            link.write_all(&request(PS_IOV_GET, r.1, r.0, dst)).await.map_err(LazyError::io("ask for pages"))?;
             asked.push_back(r);
         }
         let Some((vaddr, pages, offset)) = asked.pop_front() else { return Ok(()) };
@@ -209,42 +209,59 @@ async fn fetch(
         // a source host that vanished sends no end either
         tokio::time::timeout(super::IDLE_TIMEOUT, link.read_exact(&mut head))
             .await
-            .map_err(|_| format!("no pages from the source for {} s", super::IDLE_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("the page stream ended: {e}"))?;
+            .map_err(|_| LazyError::Idle { peer: "the source", secs: super::IDLE_TIMEOUT.as_secs() })?
+            .map_err(LazyError::io("the page stream ended"))?;
         let (_, got, at, _) = fields(&head);
         if at != vaddr || got == 0 || got > pages {
-            return Err(format!(
-                "the source answered {got} pages at {at:#x} for {pages} at {vaddr:#x} (its page server lost track)"
-            ));
+            return Err(LazyError::LostTrack { got, at, pages, vaddr });
         }
         data.resize((got * PAGE) as usize, 0);
-        link.read_exact(&mut data).await.map_err(|e| format!("the page stream ended: {e}"))?;
-        out.write_all_at(&data, offset).map_err(|e| format!("write pages: {e}"))?;
+        link.read_exact(&mut data).await.map_err(LazyError::io("the page stream ended"))?;
+        out.write_all_at(&data, offset).map_err(LazyError::io("write the pulled pages"))?;
         if got < pages {
             // the rest of this range goes next, ahead of the planned ones
             plan.push_front((vaddr + got * PAGE, pages - got, offset + got * PAGE));
         }
         received += got * PAGE;
-        if let Some(TargetFault::DieAfter(limit)) = fault {
-            if received >= limit {
-                tracing::error!(received, "AWAY_FAULT_STREAM_TARGET: the target dies mid-pull");
-                std::process::abort();
-            }
+        if let Some(f) = &fault {
+            f.hit(received);
         }
     }
 }
 
 /// Fault injection for the end-to-end tests: `AWAY_FAULT_STREAM_TARGET=die-after:BYTES`
-/// kills the receiving agent outright once that many page bytes have arrived.
+/// kills the receiving agent outright once that many page bytes have arrived. Without
+/// the `fault-injection` feature there is no such fault (the type has no value).
 #[derive(Debug, Clone, Copy)]
 enum TargetFault {
+    #[cfg(feature = "fault-injection")]
     DieAfter(u64),
 }
 
 impl TargetFault {
+    #[cfg(feature = "fault-injection")]
     fn from_env() -> Option<TargetFault> {
         let v = std::env::var("AWAY_FAULT_STREAM_TARGET").ok()?;
         v.strip_prefix("die-after:")?.parse().ok().map(TargetFault::DieAfter)
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn from_env() -> Option<TargetFault> {
+        None
+    }
+
+    /// `received` page bytes are in: die if that is the fault's moment.
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
+    fn hit(&self, received: u64) {
+        match *self {
+            #[cfg(feature = "fault-injection")]
+            TargetFault::DieAfter(limit) => {
+                if received >= limit {
+                    tracing::error!(received, "AWAY_FAULT_STREAM_TARGET: the target dies mid-pull");
+                    std::process::abort();
+                }
+            }
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use std::path::Path;
 
 use super::pagemap::{image_messages, message, Entry, Pagemap, Value, PE_LAZY, PE_PRESENT};
 use super::prefetch::PAGE;
+use super::LazyError;
 
 /// Fields of CRIU's core image (images/core.proto, core-x86.proto, CRIU 4.x):
 /// core_entry.thread_info = 2 (thread_info_x86: gpregs = 2, with sp = 20 and
@@ -76,24 +77,26 @@ pub fn touched_at_resume(core_image: &[u8]) -> Vec<u64> {
 /// Push the pages every thread of the checkpoint in `dir` touches at its resume that
 /// the lazy dump left on the source, reading them from process `pid` (frozen); returns
 /// how many pages moved into the images. Nothing is changed when anything fails.
-pub fn push_resume_pages(dir: &Path, pid: u32) -> Result<u64, String> {
+pub fn push_resume_pages(dir: &Path, pid: u32) -> Result<u64, LazyError> {
     let Some((image, _)) = super::pagemap::single_image(dir) else { return Ok(0) };
     let mut wanted = BTreeSet::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))?.flatten() {
+    for entry in std::fs::read_dir(dir).map_err(LazyError::file("read", dir))?.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         if name.starts_with("core-") && name.ends_with(".img") {
-            let core = std::fs::read(entry.path()).map_err(|e| format!("read {name}: {e}"))?;
+            let core = std::fs::read(entry.path()).map_err(LazyError::file("read", entry.path()))?;
             wanted.extend(touched_at_resume(&core).into_iter().map(|a| a & !(PAGE - 1)));
         }
     }
-    let mut map = Pagemap::parse(&std::fs::read(&image).map_err(|e| format!("read {}: {e}", image.display()))?)
-        .ok_or_else(|| format!("{} is not a pagemap image", image.display()))?;
+    let mut map = Pagemap::parse(&std::fs::read(&image).map_err(LazyError::file("read", &image))?)
+        .ok_or_else(|| LazyError::NotPagemap { path: image.clone() })?;
     let pages_image = dir.join(format!("pages-{}.img", map.pages_id()));
     let old = std::fs::read(&pages_image).unwrap_or_default();
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).map_err(|e| format!("open /proc/{pid}/mem: {e}"))?;
-    let read = |at: u64, pages: u64| -> Result<Vec<u8>, String> {
+    let mem =
+        std::fs::File::open(format!("/proc/{pid}/mem")).map_err(LazyError::file("open", format!("/proc/{pid}/mem")))?;
+    let read = |at: u64, pages: u64| -> Result<Vec<u8>, LazyError> {
         let mut b = vec![0u8; (pages * PAGE) as usize];
-        mem.read_exact_at(&mut b, at).map_err(|e| format!("read {pages} pages at {at:#x} of process {pid}: {e}"))?;
+        mem.read_exact_at(&mut b, at)
+            .map_err(LazyError::io(format!("read {pages} pages at {at:#x} of process {pid}")))?;
         Ok(b)
     };
     let Some((entries, pages, pushed)) = split(&map.entries, &wanted, &old, read)? else { return Ok(0) };
@@ -104,7 +107,7 @@ pub fn push_resume_pages(dir: &Path, pid: u32) -> Result<u64, String> {
         std::fs::rename(&tmp_pages, &pages_image)?;
         map.store(&image)
     };
-    write().map_err(|e| format!("rewrite the images in {}: {e}", dir.display()))?;
+    write().map_err(LazyError::file("rewrite the images in", dir))?;
     Ok(pushed)
 }
 
@@ -117,15 +120,15 @@ fn split(
     entries: &[Entry],
     wanted: &BTreeSet<u64>,
     old: &[u8],
-    read: impl Fn(u64, u64) -> Result<Vec<u8>, String>,
-) -> Result<Option<Split>, String> {
+    read: impl Fn(u64, u64) -> Result<Vec<u8>, LazyError>,
+) -> Result<Option<Split>, LazyError> {
     let (mut out, mut pages, mut old_at, mut pushed) = (Vec::new(), Vec::new(), 0usize, 0u64);
     for e in entries {
         let (start, end) = (e.vaddr(), e.vaddr() + e.pages() * PAGE);
         if !e.is_lazy_only() {
             if e.flags() & PE_PRESENT != 0 {
                 let len = (e.pages() * PAGE) as usize;
-                let content = old.get(old_at..old_at + len).ok_or("the pages image is shorter than its pagemap")?;
+                let content = old.get(old_at..old_at + len).ok_or(LazyError::ShortPagesImage)?;
                 pages.extend_from_slice(content);
                 old_at += len;
             }

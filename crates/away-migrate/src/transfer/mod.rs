@@ -247,7 +247,7 @@ pub struct SendOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("cannot connect to {peer}: {source}")]
+    #[error("cannot connect to {peer}")]
     Connect { peer: String, source: io::Error },
     #[error("link to {peer} lost for transfer {transfer_id} and not restored within {waited:?}: {last_error}")]
     LinkLost { peer: String, transfer_id: String, waited: Duration, last_error: String },
@@ -257,7 +257,7 @@ pub enum TransferError {
     Protocol { peer: String, transfer_id: String, message: String },
     #[error("chunk {index} of transfer {transfer_id} failed verification at {peer} {retries} times: {message}")]
     ChunkRetriesExhausted { peer: String, transfer_id: String, index: u64, retries: u32, message: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("payload {path} is not a directory")]
     NotADirectory { path: PathBuf },
@@ -271,7 +271,7 @@ pub enum TransferError {
     InvalidCompression { input: String },
     #[error("invalid send options: {message}")]
     InvalidOptions { message: String },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind { addr: String, source: io::Error },
 }
 

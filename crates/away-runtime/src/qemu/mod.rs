@@ -748,7 +748,7 @@ fn build_artifact(root: &Path, image: &ResolvedImage, paths: &HostPaths) -> Resu
             runtime: KIND,
             op: "build the vm artifact of",
             name: image.reference.clone(),
-            message: e.to_string(),
+            message: away_model::error_chain(&e),
         },
         other => img_err(other.to_string()),
     })?;

@@ -57,18 +57,9 @@ pub enum QmpError {
     },
 }
 
-/// `err` and each of its sources, joined by ": " (one line for logs and for error
-/// text that is stored as a string, such as a migration report's `error`).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
-}
+/// One line for logs and stored error text (a migration report's `error`): the
+/// workspace's one renderer of an error chain.
+pub use away_model::error_chain;
 
 /// One QMP session (QEMU serves one client at a time, so keep sessions short).
 pub struct Qmp {
