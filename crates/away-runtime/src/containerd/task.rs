@@ -84,14 +84,8 @@ impl ContainerdRuntime {
                 })?;
                 crate::rootfs::apply(&diff, Path::new(upper))?;
             }
-            let mut oci = oci_spec_for(spec, image, &self.namespace);
-            if let Some(conf) = criu_config {
-                // runc hands CRIU the file named by this annotation; its options override
-                // the ones runc sets (how a lazy restore gets through containerd's shim)
-                let mut v: serde_json::Value = serde_json::from_str(&oci).expect("own OCI spec is JSON");
-                v["annotations"]["org.criu.config"] = conf.display().to_string().into();
-                oci = v.to_string();
-            }
+            let oci = serde_json::to_vec(&oci_spec_for(spec, image, &self.namespace, criu_config))
+                .expect("an OCI spec serializes (string map keys only)");
             let labels = HashMap::from([
                 (LABEL_WORKLOAD.to_string(), name.to_string()),
                 (LABEL_IMAGE.to_string(), image.reference.clone()),
@@ -102,7 +96,7 @@ impl ContainerdRuntime {
                 labels,
                 image: image.reference.clone(),
                 runtime: Some(api::container::Runtime { name: RUNC_V2.into(), options: None }),
-                spec: Some(Any { type_url: SPEC_TYPE_URL.into(), value: oci.into_bytes() }),
+                spec: Some(Any { type_url: SPEC_TYPE_URL.into(), value: oci }),
                 snapshotter: SNAPSHOTTER.into(),
                 snapshot_key: name.into(),
                 ..Default::default()
