@@ -10,6 +10,7 @@ use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
 use containerd_client::tonic::Code;
 use containerd_client::types::Descriptor;
+use oci_spec::image::{ImageConfiguration, ImageManifest, MediaType};
 use sha2::{Digest, Sha256};
 
 use super::{ContainerdRuntime, SNAPSHOTTER};
@@ -22,39 +23,7 @@ impl ContainerdRuntime {
     pub(super) async fn ensure_image(&self, image: &ResolvedImage) -> Result<String, RuntimeError> {
         let img_err = |reason: String| RuntimeError::Image { reference: image.reference.clone(), reason };
         let blobs = read_blobs(&image.tar).map_err(|e| img_err(format!("cannot read {}: {e}", image.tar.display())))?;
-        let manifest_bytes = blobs.get(&image.manifest_digest).ok_or_else(|| {
-            img_err(format!("manifest {} missing from {}", image.manifest_digest, image.tar.display()))
-        })?;
-        let manifest: serde_json::Value =
-            serde_json::from_slice(manifest_bytes).map_err(|e| img_err(format!("manifest is not JSON: {e}")))?;
-        let config_digest =
-            manifest["config"]["digest"].as_str().ok_or_else(|| img_err("manifest has no config".into()))?.to_string();
-        let config: serde_json::Value = serde_json::from_slice(
-            blobs.get(&config_digest).ok_or_else(|| img_err(format!("config {config_digest} missing")))?,
-        )
-        .map_err(|e| img_err(format!("config is not JSON: {e}")))?;
-        let layers: Vec<Descriptor> = manifest["layers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .map(|l| Descriptor {
-                media_type: l["mediaType"].as_str().unwrap_or_default().to_string(),
-                digest: l["digest"].as_str().unwrap_or_default().to_string(),
-                size: l["size"].as_i64().unwrap_or_default(),
-                annotations: Default::default(),
-            })
-            .collect();
-        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|d| d.as_str().map(str::to_string))
-            .collect();
-        if diff_ids.len() != layers.len() {
-            return Err(img_err(format!("{} layers but {} diff_ids in the config", layers.len(), diff_ids.len())));
-        }
+        let ImageContent { manifest: manifest_bytes, config_digest, layers, diff_ids } = image_content(image, &blobs)?;
 
         // one import at a time on this node (other `away` processes too): two writers of
         // one blob or one snapshot chain would trip over containerd's ref locks
@@ -190,7 +159,7 @@ impl ContainerdRuntime {
             name: image.reference.clone(),
             labels: HashMap::new(),
             target: Some(Descriptor {
-                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                media_type: MediaType::ImageManifest.to_string(),
                 digest: image.manifest_digest.clone(),
                 size: manifest_size,
                 annotations: Default::default(),
@@ -307,6 +276,54 @@ impl ContainerdRuntime {
     }
 }
 
+/// What an import writes, read with oci-spec's types from the image tar's blobs.
+struct ImageContent<'a> {
+    manifest: &'a [u8],
+    config_digest: String,
+    /// Bottom first, as containerd's diff service takes them.
+    layers: Vec<Descriptor>,
+    /// One per layer: the digest of its uncompressed tar.
+    diff_ids: Vec<String>,
+}
+
+/// The manifest of `image`, its config's digest, its layers and their diff IDs. A
+/// manifest or config that lacks a required field is refused (serde names the field).
+fn image_content<'a>(
+    image: &ResolvedImage,
+    blobs: &'a HashMap<String, Vec<u8>>,
+) -> Result<ImageContent<'a>, RuntimeError> {
+    let img_err = |reason: String| RuntimeError::Image { reference: image.reference.clone(), reason };
+    let digest = &image.manifest_digest;
+    let manifest_bytes =
+        blobs.get(digest).ok_or_else(|| img_err(format!("manifest {digest} missing from {}", image.tar.display())))?;
+    let manifest: ImageManifest = serde_json::from_slice(manifest_bytes)
+        .map_err(|e| img_err(format!("manifest {digest} is not an OCI image manifest: {e}")))?;
+    let config_digest = manifest.config().digest().to_string();
+    let config: ImageConfiguration = serde_json::from_slice(
+        blobs.get(&config_digest).ok_or_else(|| img_err(format!("config {config_digest} missing")))?,
+    )
+    .map_err(|e| img_err(format!("config {config_digest} is not an OCI image config: {e}")))?;
+    let layers = manifest
+        .layers()
+        .iter()
+        .map(|l| {
+            Ok(Descriptor {
+                media_type: l.media_type().to_string(),
+                digest: l.digest().to_string(),
+                size: i64::try_from(l.size()).map_err(|_| {
+                    img_err(format!("layer {} is {} bytes, more than containerd takes", l.digest(), l.size()))
+                })?,
+                annotations: Default::default(),
+            })
+        })
+        .collect::<Result<Vec<_>, RuntimeError>>()?;
+    let diff_ids = config.rootfs().diff_ids().clone();
+    if diff_ids.len() != layers.len() {
+        return Err(img_err(format!("{} layers but {} diff_ids in the config", layers.len(), diff_ids.len())));
+    }
+    Ok(ImageContent { manifest: manifest_bytes, config_digest, layers, diff_ids })
+}
+
 /// All `blobs/sha256/*` of an image tar, by digest. Lab images are a few MiB; reading
 /// them whole keeps the import simple.
 fn read_blobs(tar_path: &Path) -> std::io::Result<HashMap<String, Vec<u8>>> {
@@ -359,7 +376,113 @@ fn rfc3339_in(after: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use away_model::Arch;
+    use serde_json::json;
+
     use super::*;
+    use crate::store::ImageSummary;
+
+    fn sha256(data: &[u8]) -> String {
+        format!("sha256:{:x}", Sha256::digest(data))
+    }
+
+    /// An image tar's blobs: one layer, its config and a manifest (`edit` changes the
+    /// manifest before it is stored), and the image that names that manifest.
+    fn image_with(edit: impl FnOnce(&mut serde_json::Value)) -> (ResolvedImage, HashMap<String, Vec<u8>>) {
+        let layer = b"layer tar".to_vec();
+        let layer_digest = sha256(&layer);
+        let diff_id = sha256(b"uncompressed layer tar");
+        let config = serde_json::to_vec(&json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }))
+        .unwrap();
+        let config_digest = sha256(&config);
+        let mut manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": config.len(),
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": layer_digest,
+                "size": layer.len(),
+            }],
+        });
+        edit(&mut manifest);
+        let manifest = serde_json::to_vec(&manifest).unwrap();
+        let image = ResolvedImage {
+            reference: "docker.io/away/counter:latest".into(),
+            tar: PathBuf::from("/images/counter.tar"),
+            manifest_digest: sha256(&manifest),
+            summary: ImageSummary {
+                arch: Arch("amd64".into()),
+                entrypoint: vec![],
+                cmd: vec![],
+                env: vec![],
+                working_dir: String::new(),
+                user: String::new(),
+                exposed_ports: vec![],
+            },
+        };
+        let blobs =
+            HashMap::from([(layer_digest, layer), (config_digest, config), (image.manifest_digest.clone(), manifest)]);
+        (image, blobs)
+    }
+
+    #[test]
+    fn the_content_of_an_image_is_read_typed() {
+        let (image, blobs) = image_with(|_| {});
+        let content = image_content(&image, &blobs).unwrap();
+        assert_eq!(content.manifest, blobs[&image.manifest_digest].as_slice());
+        assert_eq!(content.config_digest, sha256(&blobs[&content.config_digest]));
+        assert_eq!(content.layers.len(), 1);
+        let layer = &content.layers[0];
+        assert_eq!(layer.media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
+        assert_eq!(layer.digest, sha256(b"layer tar"));
+        assert_eq!(layer.size, 9);
+        assert_eq!(content.diff_ids, [sha256(b"uncompressed layer tar")]);
+    }
+
+    #[test]
+    fn a_layer_without_media_type_is_refused_naming_image_and_field() {
+        let (image, blobs) = image_with(|m| {
+            m["layers"][0].as_object_mut().unwrap().remove("mediaType");
+        });
+        let err = image_content(&image, &blobs).err().expect("a layer without mediaType is refused").to_string();
+        assert!(err.contains("docker.io/away/counter:latest"), "{err}");
+        assert!(err.contains("`mediaType`"), "{err}");
+        assert!(err.contains(&image.manifest_digest), "{err}");
+    }
+
+    #[test]
+    fn a_manifest_without_config_or_with_a_bad_digest_is_refused() {
+        let (image, blobs) = image_with(|m| {
+            m.as_object_mut().unwrap().remove("config");
+        });
+        let err = image_content(&image, &blobs).err().unwrap().to_string();
+        assert!(err.contains("docker.io/away/counter:latest") && err.contains("`config`"), "{err}");
+
+        let (image, blobs) = image_with(|m| m["layers"][0]["digest"] = json!("sha256:nothex"));
+        let err = image_content(&image, &blobs).err().unwrap().to_string();
+        assert!(err.contains("docker.io/away/counter:latest") && err.contains("Invalid digest"), "{err}");
+    }
+
+    #[test]
+    fn layers_and_diff_ids_must_pair_up() {
+        let (image, blobs) = image_with(|m| {
+            let layer = m["layers"][0].clone();
+            m["layers"].as_array_mut().unwrap().push(layer);
+        });
+        let err = image_content(&image, &blobs).err().unwrap().to_string();
+        assert!(err.contains("2 layers but 1 diff_ids"), "{err}");
+    }
 
     #[test]
     fn lease_expiry_is_rfc3339() {
