@@ -13,6 +13,7 @@ use prost_types::Any;
 
 use super::spec::oci_spec_for;
 use super::{any, ContainerdRuntime, KIND, LABEL_IMAGE, LABEL_SPEC, LABEL_WORKLOAD, SNAPSHOTTER};
+use crate::host::process::{self, ProcessEntry, Signal};
 use crate::runtime::{LogStream, Runtime, RuntimeError};
 use crate::store::ResolvedImage;
 
@@ -225,17 +226,11 @@ impl ContainerdRuntime {
     async fn end_shim_that_lost_its_exit(&self, name: &str, pid: u32) -> Result<(), RuntimeError> {
         let args = ["-namespace", self.namespace.as_str(), "-id", name, "-address", &self.socket.to_string_lossy()]
             .map(String::from);
-        let shim = std::fs::read_dir("/proc").ok().and_then(|procs| {
-            procs.flatten().find_map(|p| {
-                let shim_pid = p.file_name().to_str()?.parse::<i32>().ok()?;
-                let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
-                let argv: Vec<String> =
-                    cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-                (argv.first()?.ends_with("containerd-shim-runc-v2") && argv.windows(6).any(|w| w == args))
-                    .then_some(shim_pid)
-            })
-        });
-        let Some(shim) = shim else {
+        let is_the_shim = |p: &ProcessEntry| {
+            p.argv.first().is_some_and(|a| a.ends_with("containerd-shim-runc-v2"))
+                && p.argv.windows(6).any(|w| w == args)
+        };
+        let Some(shim) = process::processes().find(|p| is_the_shim(p)).map(|p| p.pid) else {
             return Err(RuntimeError::Failed {
                 runtime: KIND,
                 op: "kill task",
@@ -251,10 +246,9 @@ impl ContainerdRuntime {
             shim,
             "the task's process is gone but its shim says running: ending the shim"
         );
-        // SAFETY: kill(2) on a pid identified above; no memory is shared.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(shim, libc::SIGKILL);
+        // checked again once held: the pid may have gone to another process meanwhile
+        if let Err(e) = process::signal_if(shim, Signal::KILL, is_the_shim) {
+            tracing::warn!(workload = name, shim, "cannot kill the shim: {e}");
         }
         // containerd notices the dead shim and cleans up after it; until then a delete
         // fails ("ttrpc: closed")
