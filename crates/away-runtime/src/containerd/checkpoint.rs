@@ -1,6 +1,8 @@
 //! Checkpoint and restore: through containerd's task API (CRIU via the runc shim), and
 //! lazily (post-copy) with runc directly, which containerd's checkpoint cannot do.
 
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,6 +11,8 @@ use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
 
 use super::{any, ContainerdRuntime, KIND, LABEL_SPEC, SNAPSHOTTER};
+use crate::host::criu_args::RuncCheckpoint;
+use crate::host::process;
 use crate::runtime::{
     CheckpointArchive, CheckpointOptions, LazyCheckpointOptions, LazyDump, RestoreRequest, RuntimeError,
 };
@@ -144,28 +148,13 @@ impl ContainerdRuntime {
         let mut cmd = tokio::process::Command::new("nsenter");
         cmd.arg(format!("--net={}", netns.display()))
             .arg("runc")
-            .arg("--root")
-            .arg(Path::new(RUNC_SHIM_ROOT).join(&self.namespace))
-            .args(["checkpoint", "--lazy-pages", "--status-fd", "3", "--tcp-established", "--file-locks"])
-            .arg("--page-server")
-            .arg(format!("127.0.0.1:{}", opts.page_server_port))
-            .arg("--image-path")
-            .arg(&opts.dir)
-            .arg("--work-path")
-            .arg(&work)
-            .arg(name)
+            .args(runc_lazy_checkpoint(&self.namespace, name, opts, &work).args())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(
                 std::fs::File::create(opts.dir.join("runc.log")).map_err(|e| RuntimeError::io("create runc.log", e))?,
             );
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&status_write);
-        // SAFETY: only async-signal-safe calls between fork and exec; dup2 gives the
-        // child the pipe as fd 3 (without close-on-exec) for `--status-fd 3`.
-        #[allow(unsafe_code)]
-        unsafe {
-            cmd.pre_exec(move || if libc::dup2(fd, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
-        }
+        process::inherit_fd_as(cmd.as_std_mut(), status_write.as_fd(), STATUS_FD);
         let mut child = cmd.spawn().map_err(|e| failed(format!("cannot run runc: {e}")))?;
         drop(status_write);
         // CRIU writes one byte to the status pipe when the dump is on disk and the page
@@ -251,6 +240,25 @@ impl ContainerdRuntime {
     }
 }
 
+/// The descriptor runc's CRIU reports on (`--status-fd`) in the child.
+const STATUS_FD: i32 = 3;
+
+/// runc's lazy checkpoint of container `name` of containerd namespace `namespace`: against
+/// the state its shim keeps, with the page server on the container's loopback.
+fn runc_lazy_checkpoint(namespace: &str, name: &str, opts: &LazyCheckpointOptions, work: &Path) -> RuncCheckpoint {
+    RuncCheckpoint {
+        root: Some(Path::new(RUNC_SHIM_ROOT).join(namespace)),
+        lazy_pages: true,
+        status_fd: Some(STATUS_FD),
+        tcp_established: true,
+        file_locks: true,
+        page_server: Some(SocketAddr::from(([127, 0, 0, 1], opts.page_server_port))),
+        image_path: opts.dir.clone(),
+        work_path: Some(work.to_path_buf()),
+        container: name.into(),
+    }
+}
+
 /// A checkpoint of workload `name` written to `dir`.
 fn archive_of(name: &str, dir: &Path, spec: WorkloadSpec, image: String) -> CheckpointArchive {
     CheckpointArchive {
@@ -260,5 +268,20 @@ fn archive_of(name: &str, dir: &Path, spec: WorkloadSpec, image: String) -> Chec
         dir: dir.to_path_buf(),
         spec,
         image,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lazy_checkpoint_runs_runc_as_before() {
+        let opts = LazyCheckpointOptions { dir: "/var/lib/away/out/c1".into(), page_server_port: 27001 };
+        let argv = runc_lazy_checkpoint("away-b", "c1", &opts, Path::new("/var/lib/away/out/c1/criu-work")).args();
+        #[rustfmt::skip]
+        assert_eq!(argv, ["--root", "/run/containerd/runc/away-b", "checkpoint", "--lazy-pages", "--status-fd", "3",
+            "--tcp-established", "--file-locks", "--page-server", "127.0.0.1:27001",
+            "--image-path", "/var/lib/away/out/c1", "--work-path", "/var/lib/away/out/c1/criu-work", "c1"]);
     }
 }
