@@ -207,7 +207,7 @@ impl ContainerdRuntime {
                 // the kill is asynchronous: wait for the exit before deleting
                 // (pid 0: a restore killed before its process existed)
                 if !self.wait_stopped(name, Duration::from_secs(2)).await?
-                    && (process.pid == 0 || !Path::new(&format!("/proc/{}", process.pid)).exists())
+                    && (process.pid == 0 || process::process(process.pid).is_none())
                 {
                     return self.end_shim_that_lost_its_exit(name, process.pid).await;
                 }
