@@ -1,0 +1,287 @@
+//! Checkpoint and restore: through containerd's task API (CRIU via the runc shim), and
+//! lazily (post-copy) with runc directly, which containerd's checkpoint cannot do.
+
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use away_model::{WorkloadSpec, WorkloadState, WorkloadStatus};
+use containerd_client::services::v1 as api;
+use containerd_client::services::v1::snapshots as snap;
+
+use super::{any, ContainerdRuntime, KIND, LABEL_SPEC, SNAPSHOTTER};
+use crate::host::criu_args::RuncCheckpoint;
+use crate::host::process;
+use crate::runtime::{
+    CheckpointArchive, CheckpointOptions, LazyCheckpointOptions, LazyDump, RestoreRequest, RuntimeError,
+};
+
+/// Longest a lazy dump may take before its page server is up (it writes everything
+/// but memory: small).
+const LAZY_DUMP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Where containerd's runc shim keeps runc's state, per namespace (its default root).
+const RUNC_SHIM_ROOT: &str = "/run/containerd/runc";
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RuncCheckpointOptions {
+    #[prost(bool, tag = "1")]
+    exit: bool,
+    #[prost(bool, tag = "2")]
+    open_tcp: bool,
+    #[prost(bool, tag = "3")]
+    external_unix_sockets: bool,
+    #[prost(bool, tag = "4")]
+    terminal: bool,
+    #[prost(bool, tag = "5")]
+    file_locks: bool,
+    #[prost(string, tag = "8")]
+    image_path: String,
+    #[prost(string, tag = "9")]
+    work_path: String,
+}
+
+impl ContainerdRuntime {
+    /// Before a checkpoint: the container, its workload spec, the (new, owner-only)
+    /// checkpoint directory and CRIU's work directory in it.
+    async fn prepare_checkpoint(
+        &self,
+        name: &str,
+        dir: &Path,
+        op: &'static str,
+    ) -> Result<(api::Container, WorkloadSpec, PathBuf), RuntimeError> {
+        let c = self
+            .get_container(name)
+            .await?
+            .ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
+        let spec = Self::spec_label(&c, op)?;
+        crate::runtime::create_private_dir(dir)?;
+        Ok((c, spec, dir.join(crate::runtime::CRIU_WORK_DIR)))
+    }
+
+    /// The workload spec a container was created from.
+    fn spec_label(c: &api::Container, op: &'static str) -> Result<WorkloadSpec, RuntimeError> {
+        c.labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| RuntimeError::Failed {
+            runtime: KIND,
+            op,
+            name: c.id.clone(),
+            message: "container carries no away.spec label".into(),
+        })
+    }
+
+    /// The filesystem half of a checkpoint: what the workload wrote to its rootfs.
+    async fn capture_rootfs(&self, name: &str, dir: &Path) -> Result<(), RuntimeError> {
+        let mut snaps = snap::snapshots_client::SnapshotsClient::new(self.channel.clone());
+        let mounts = snaps
+            .mounts(self.req(snap::MountsRequest { snapshotter: SNAPSHOTTER.into(), key: name.into() }))
+            .await
+            .map_err(|s| Self::failed("read snapshot mounts", name, s))?
+            .into_inner()
+            .mounts;
+        if let Some(upper) = mounts.iter().find_map(|m| crate::rootfs::upperdir(&m.options)) {
+            crate::rootfs::capture(Path::new(upper), &dir.join(crate::rootfs::ROOTFS_DIFF))?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn checkpoint_task(
+        &self,
+        name: &str,
+        opts: &CheckpointOptions,
+    ) -> Result<CheckpointArchive, RuntimeError> {
+        let (c, spec, work) = self.prepare_checkpoint(name, &opts.dir, "checkpoint").await?;
+        let options = RuncCheckpointOptions {
+            exit: !opts.leave_running,
+            open_tcp: true,
+            external_unix_sockets: false,
+            terminal: false,
+            file_locks: true,
+            image_path: opts.dir.display().to_string(),
+            work_path: work.display().to_string(),
+        };
+        let mut ts = api::tasks_client::TasksClient::new(self.channel.clone());
+        let checkpointed = ts
+            .checkpoint(self.req(api::CheckpointTaskRequest {
+                container_id: name.into(),
+                parent_checkpoint: String::new(),
+                options: Some(any("containerd.runc.v1.CheckpointOptions", &options)),
+            }))
+            .await
+            .map_err(|s| RuntimeError::Failed {
+                runtime: KIND,
+                op: "checkpoint",
+                name: name.into(),
+                message: format!("{}{}", s.message(), crate::runtime::criu_log_errors(&work.join("dump.log"))),
+            });
+        checkpointed?;
+        self.capture_rootfs(name, &opts.dir).await?;
+        if !opts.leave_running {
+            // the process exited with the dump; reap the task so the name can be reused
+            self.kill_and_delete_task(name, Duration::ZERO).await?;
+        }
+        Ok(archive_of(name, &opts.dir, spec, c.image))
+    }
+
+    /// Dump with runc directly (containerd's checkpoint has no lazy mode), against the
+    /// state the shim keeps for the container; the shim sees the process exit once
+    /// every page has moved.
+    pub(super) async fn checkpoint_task_lazily(
+        &self,
+        name: &str,
+        opts: &LazyCheckpointOptions,
+    ) -> Result<LazyDump, RuntimeError> {
+        let (c, spec, work) = self.prepare_checkpoint(name, &opts.dir, "checkpoint lazily").await?;
+        let failed = |message: String| RuntimeError::Failed {
+            runtime: KIND,
+            op: "checkpoint lazily",
+            name: name.into(),
+            message,
+        };
+        let (status_read, status_write) =
+            std::io::pipe().map_err(|e| RuntimeError::io("create the runc status pipe", e))?;
+        let pid = match self.get_task(name).await? {
+            Some(p) if p.pid > 0 => p.pid,
+            _ => return Err(failed("it has no running task".into())),
+        };
+        // runc and CRIU run in the container's network namespace, whatever the caller's
+        let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let mut cmd = tokio::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", netns.display()))
+            .arg("runc")
+            .args(runc_lazy_checkpoint(&self.namespace, name, opts, &work).args())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::File::create(opts.dir.join("runc.log")).map_err(|e| RuntimeError::io("create runc.log", e))?,
+            );
+        process::inherit_fd_as(cmd.as_std_mut(), status_write.as_fd(), STATUS_FD);
+        let mut child = cmd.spawn().map_err(|e| failed(format!("cannot run runc: {e}")))?;
+        drop(status_write);
+        // CRIU writes one byte to the status pipe when the dump is on disk and the page
+        // server listens; EOF first means runc gave up.
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut byte = [0u8; 1];
+            std::io::Read::read(&mut { status_read }, &mut byte)
+        });
+        let ready = match tokio::time::timeout(LAZY_DUMP_TIMEOUT, reader).await {
+            Ok(r) => r.map_err(|e| failed(format!("status reader: {e}")))?,
+            Err(_) => {
+                // the reader ends with runc (its end of the pipe closes)
+                let _ = child.kill().await;
+                return Err(failed(format!(
+                    "the dump did not finish within {} s{}",
+                    LAZY_DUMP_TIMEOUT.as_secs(),
+                    crate::runtime::criu_log_errors(&work.join("dump.log"))
+                )));
+            }
+        };
+        if !matches!(ready, Ok(1)) {
+            let status = child.wait().await.map_err(|e| RuntimeError::io("wait for runc", e))?;
+            let runc_log = std::fs::read_to_string(opts.dir.join("runc.log")).unwrap_or_default();
+            return Err(failed(format!(
+                "runc checkpoint exited with {status} before the page server was up: {}{}",
+                runc_log.trim(),
+                crate::runtime::criu_log_errors(&work.join("dump.log"))
+            )));
+        }
+        let dump = LazyDump {
+            archive: archive_of(name, &opts.dir, spec, c.image),
+            child,
+            log: work.join("dump.log"),
+            page_server: std::net::SocketAddr::from(([127, 0, 0, 1], opts.page_server_port)),
+            netns,
+        };
+        if let Err(e) = self.capture_rootfs(name, &opts.dir).await {
+            // the process is frozen and CRIU waits for a page client: let it go
+            dump.abort().await;
+            return Err(e);
+        }
+        Ok(dump)
+    }
+
+    pub(super) async fn restore_task_lazily(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
+        let spec = &req.archive.spec;
+        if self.get_container(&spec.name).await?.is_some() {
+            return Err(RuntimeError::AlreadyExists { runtime: KIND, name: spec.name.clone() });
+        }
+        // One CRIU option turns the shim's restore into a lazy one. The file only lives
+        // during the restore: the container keeps the annotation, and a later checkpoint
+        // of it must not find the file.
+        let conf = req.archive.dir.join("criu-lazy.conf");
+        std::fs::write(&conf, "lazy-pages\n").map_err(|e| RuntimeError::io(format!("write {}", conf.display()), e))?;
+        let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf)).await;
+        let _ = std::fs::remove_file(&conf);
+        if result.is_err() {
+            // a restore killed mid-way (its page daemon gone) leaves CRIU's root mount
+            // in runc's state directory, which would refuse the next restore of this name
+            let state = Path::new(RUNC_SHIM_ROOT).join(&self.namespace).join(&spec.name);
+            let criu_root = state.join("criu-root");
+            if criu_root.exists() {
+                let _ = std::process::Command::new("umount").arg("-l").arg(&criu_root).status();
+            }
+            if self.get_task(&spec.name).await.ok().flatten().is_none() {
+                let _ = std::fs::remove_dir_all(&state);
+            }
+        }
+        result
+    }
+
+    pub(super) async fn restore_task(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
+        let spec = &req.archive.spec;
+        // restoring in place of a checkpointed (stopped) container: it gives way first
+        if let Some(existing) = self.get_container(&spec.name).await? {
+            let task = self.get_task(&spec.name).await?;
+            if self.to_status(&existing, task.as_ref()).state == WorkloadState::Running {
+                return Err(RuntimeError::AlreadyExists { runtime: KIND, name: spec.name.clone() });
+            }
+            self.remove_workload(&spec.name).await?;
+        }
+        self.create_and_start(spec, &req.image, Some(&req.archive.dir), None).await
+    }
+}
+
+/// The descriptor runc's CRIU reports on (`--status-fd`) in the child.
+const STATUS_FD: i32 = 3;
+
+/// runc's lazy checkpoint of container `name` of containerd namespace `namespace`: against
+/// the state its shim keeps, with the page server on the container's loopback.
+fn runc_lazy_checkpoint(namespace: &str, name: &str, opts: &LazyCheckpointOptions, work: &Path) -> RuncCheckpoint {
+    RuncCheckpoint {
+        root: Some(Path::new(RUNC_SHIM_ROOT).join(namespace)),
+        lazy_pages: true,
+        status_fd: Some(STATUS_FD),
+        tcp_established: true,
+        file_locks: true,
+        page_server: Some(SocketAddr::from(([127, 0, 0, 1], opts.page_server_port))),
+        image_path: opts.dir.clone(),
+        work_path: Some(work.to_path_buf()),
+        container: name.into(),
+    }
+}
+
+/// A checkpoint of workload `name` written to `dir`.
+fn archive_of(name: &str, dir: &Path, spec: WorkloadSpec, image: String) -> CheckpointArchive {
+    CheckpointArchive {
+        workload: name.into(),
+        runtime: KIND,
+        bytes: crate::runtime::dir_bytes(dir),
+        dir: dir.to_path_buf(),
+        spec,
+        image,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lazy_checkpoint_runs_runc_as_before() {
+        let opts = LazyCheckpointOptions { dir: "/var/lib/away/out/c1".into(), page_server_port: 27001 };
+        let argv = runc_lazy_checkpoint("away-b", "c1", &opts, Path::new("/var/lib/away/out/c1/criu-work")).args();
+        #[rustfmt::skip]
+        assert_eq!(argv, ["--root", "/run/containerd/runc/away-b", "checkpoint", "--lazy-pages", "--status-fd", "3",
+            "--tcp-established", "--file-locks", "--page-server", "127.0.0.1:27001",
+            "--image-path", "/var/lib/away/out/c1", "--work-path", "/var/lib/away/out/c1/criu-work", "c1"]);
+    }
+}
