@@ -9,6 +9,7 @@ mod kvm;
 #[allow(unsafe_code)]
 mod page_boundary;
 mod probe_cleanup;
+pub mod process;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,6 +20,7 @@ use tokio::process::Command;
 
 pub use cpu::{host_cpu, parse_cpuinfo};
 pub use kvm::{boot_probe_guest, probe_kvm, KvmProbe, KvmProbeConfig};
+pub use process::process_runs;
 
 /// CRIU's lazy page server needs pipes of this size (819 pages of 4 KiB); when root lacks
 /// CAP_SYS_RESOURCE it cannot grow them itself and lazy migration fails at the first page.
@@ -28,14 +30,6 @@ pub const LAZY_PAGES_MIN_PIPE_SIZE: u64 = 3_354_624;
 /// listen (CRIU's page server, QEMU's incoming migration, a lab agent).
 pub fn free_loopback_port() -> std::io::Result<u16> {
     std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).map(|a| a.port())
-}
-
-/// True while process `pid` runs: it exists and is not a zombie (one that has ended but
-/// whose parent, PID 1 here among them, has not reaped it yet).
-pub fn process_runs(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    // the state is the first field after the command name's closing parenthesis
-    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z")
 }
 
 /// Where the host's daemons and tools live. Defaults match `deploy/install.sh`.
