@@ -4,6 +4,7 @@
 //! what is merely installed.
 
 mod cpu;
+pub mod criu_args;
 pub mod criu_stack;
 mod kvm;
 #[allow(unsafe_code)]

@@ -9,7 +9,7 @@
 //! meant, then signal the process they hold.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 
 use rustix::io::Errno;
@@ -138,6 +138,29 @@ pub fn die_with_spawning_thread(
                 rustix::process::setsid()?;
             }
             set_parent_death_signal(sig, parent)
+        })
+    }
+}
+
+/// Give `cmd`'s process descriptor `fd` as number `target` (without close-on-exec), e.g.
+/// for `runc checkpoint --status-fd 3`. `fd` must stay open until the spawn.
+pub fn inherit_fd_as<'c>(
+    cmd: &'c mut std::process::Command,
+    fd: BorrowedFd<'_>,
+    target: RawFd,
+) -> &'c mut std::process::Command {
+    let fd = fd.as_raw_fd();
+    // SAFETY: the closure runs between fork and exec and makes only dup2/fcntl calls
+    // (async-signal-safe, no allocation) on descriptor numbers of the child's own table.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec: clear the flag instead
+            let rc = if fd == target { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, target) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
         })
     }
 }
@@ -386,6 +409,18 @@ mod tests {
         let killed = kill_where(|p| p.argv.get(1) == Some(&marker), Signal::KILL);
         assert_eq!(killed, [child.id()]);
         assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn inherited_descriptor_has_its_number() {
+        let (read, write) = std::io::pipe().unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo hi >&3"]);
+        inherit_fd_as(&mut cmd, write.as_fd(), 3);
+        let status = cmd.status().unwrap();
+        drop(write);
+        assert!(status.success());
+        assert_eq!(std::io::read_to_string(read).unwrap(), "hi\n");
     }
 
     #[test]
