@@ -427,15 +427,24 @@ pub fn info(name: &str) -> Option<ClusterInfo> {
 }
 
 fn kill_pidfile(pidfile: &Path) {
+    use away_runtime::host::process::{process_runs, signal, Pidfd, Signal};
     let Some(pid) = std::fs::read_to_string(pidfile).ok().and_then(|s| s.trim().parse::<u32>().ok()) else { return };
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    // held from here on (kernels since 5.3), so the SIGKILL below cannot reach a process
+    // that got the pid meanwhile
+    let held = Pidfd::open(pid);
+    let send = |sig| match &held {
+        Ok(Some(held)) => held.signal(sig),
+        Ok(None) => Ok(()),
+        Err(_) => signal(pid, sig),
+    };
+    let _ = send(Signal::TERM);
     let deadline = Instant::now() + Duration::from_secs(10);
     // a zombie (PID 1 here reaps late) counts as gone
-    while Instant::now() < deadline && away_runtime::host::process_runs(pid) {
+    while Instant::now() < deadline && process_runs(pid) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    if away_runtime::host::process_runs(pid) {
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    if process_runs(pid) {
+        let _ = send(Signal::KILL);
     }
     let _ = std::fs::remove_file(pidfile);
 }

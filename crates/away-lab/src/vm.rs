@@ -295,14 +295,10 @@ fn qemu_in_netns(wrapper: &Path, end: &away_link::packet::Endpoint) -> Result<Ho
 
 /// Kill the QEMUs this lab started under `dir` (found by their command line naming it).
 fn kill_qemus_in(dir: &Path) {
+    use away_runtime::host::process::{kill_where, Signal};
     let needle = format!("{}/", dir.display());
-    let Ok(entries) = std::fs::read_dir("/proc") else { return };
-    for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("qemu") && cmd.contains(&needle) {
-            tracing::warn!(pid, "killing a qemu the lab left behind");
-            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-        }
+    let killed = kill_where(|p| p.cmdline_contains("qemu") && p.cmdline_contains(&needle), Signal::KILL);
+    for pid in killed {
+        tracing::warn!(pid, "killed a qemu the lab left behind");
     }
 }

@@ -80,14 +80,8 @@ impl LazyDump {
         let (netns, addr) = (self.netns.clone(), self.page_server);
         move || {
             std::thread::spawn(move || {
-                let ns = std::fs::File::open(&netns)?;
-                // SAFETY: `ns` is an open namespace file; setns only moves this thread,
-                // which ends right after making the socket.
-                #[allow(unsafe_code)]
-                let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-                if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                // setns only moves this thread, which ends right after making the socket
+                crate::host::process::enter_network_namespace(&std::fs::File::open(&netns)?)?;
                 std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
             })
             .join()

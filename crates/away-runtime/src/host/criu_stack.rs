@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
+use super::criu_args::CriuDump;
+
 /// Set in the probe process's environment: `away` then becomes the probe.
 pub const PROBE_ENV: &str = "AWAY_CRIU_STACK_PROBE";
 /// Memory the probe process writes: a lazy dump leaves it out of the images.
@@ -42,29 +44,29 @@ pub fn serve_if_asked() {
 /// caller left inheritable (a CI runner's unix socket, say) would make CRIU refuse the
 /// dump ("External socket is used") and the probe say nothing about CRIU.
 fn close_inherited_fds() {
-    // SAFETY: close_range has no memory preconditions; nothing in this process uses
-    // descriptors above 2 yet (this runs first in main).
+    // kernels before 5.9 have no close_range: one by one, from /proc (collected first:
+    // reading the directory holds a descriptor of its own)
+    let listed = || -> Vec<i32> {
+        std::fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect()
+    };
+    // Closing descriptors by number is what rustix cannot offer safely (nor close_range
+    // at all).
+    // SAFETY: close_range and close have no memory preconditions, and nothing in this
+    // process uses descriptors above 2 yet (this runs first in main); a descriptor that
+    // was the directory's is closed already and close returns EBADF, which is fine.
     #[allow(unsafe_code)]
-    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } == 0;
-    if closed {
-        return;
-    }
-    // kernels before 5.9: one by one, from /proc (collected first: reading the
-    // directory holds a descriptor of its own)
-    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|&fd| fd > 2)
-        .collect();
-    for fd in fds {
-        // SAFETY: as above; a descriptor that was the directory's is closed already
-        // and close returns EBADF, which is fine.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::close(fd)
-        };
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            for fd in listed() {
+                libc::close(fd);
+            }
+        }
     }
 }
 
@@ -76,9 +78,7 @@ pub async fn lazy_dump_pages_written(criu: &Path, probe_exe: &Path) -> Result<u6
     if !cfg!(target_arch = "x86_64") {
         return Err("the probe is x86_64 only".into());
     }
-    // SAFETY: geteuid has no preconditions.
-    #[allow(unsafe_code)]
-    if unsafe { libc::geteuid() } != 0 {
+    if !super::process::is_root() {
         return Err("needs root (CRIU dumps the probe process)".into());
     }
     let dir = super::probe_cleanup::probe_dir("criu-stack-probe").map_err(|e| format!("scratch directory: {e}"))?;
@@ -118,11 +118,14 @@ async fn probe(criu: &Path, probe_exe: &Path, dir: &Path) -> Result<u64, String>
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let port = super::free_loopback_port().map_err(|e| format!("no free port for CRIU's page server: {e}"))?;
-    let (pid_s, port_s) = (pid.to_string(), port.to_string());
-    let dir_s = dir.to_string_lossy().to_string();
-    #[rustfmt::skip]
-    let args = ["dump", "-t", &pid_s, "-D", &dir_s, "--lazy-pages", "--address", "127.0.0.1", "--port", &port_s,
-                "--leave-running", "-o", "dump.log"];
+    let args = CriuDump {
+        pid,
+        images_dir: dir.to_path_buf(),
+        lazy_pages: Some((std::net::Ipv4Addr::LOCALHOST, port).into()),
+        leave_running: true,
+        log_file: Some("dump.log".into()),
+    }
+    .args();
     let mut dump_cmd = Command::new(criu);
     super::probe_cleanup::tie_to_this_process(dump_cmd.as_std_mut(), false);
     let mut dump = dump_cmd

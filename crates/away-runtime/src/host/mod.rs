@@ -7,7 +7,6 @@ mod cpu;
 pub mod criu_args;
 pub mod criu_stack;
 mod kvm;
-#[allow(unsafe_code)]
 mod page_boundary;
 mod probe_cleanup;
 pub mod process;

@@ -12,6 +12,7 @@ pub fn sleep(d: Duration) {
     // boundary below it (stack space below the pointer is ours: no `nostack`), the
     // syscall uses no user stack, and r12 brings the pointer back. An interrupted
     // sleep just ends early.
+    #[allow(unsafe_code)]
     unsafe {
         std::arch::asm!(
             "mov r12, rsp",

@@ -5,33 +5,16 @@
 //! their scratch directories in /tmp. The kernel's parent-death signal ends the
 //! processes; the next probe removes the directories.
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
+
+use super::process::{die_with_spawning_thread, Signal};
 
 /// Make `cmd`'s process get SIGKILL when the thread that spawns it ends (for away's
 /// callers: with away, since they spawn from threads that outlive the child). With
 /// `new_session` it also starts a session of its own (see `criu_stack` for why).
 pub(crate) fn tie_to_this_process(cmd: &mut Command, new_session: bool) -> &mut Command {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: between fork and exec only async-signal-safe calls (setsid, prctl,
-    // getppid) and no allocation.
-    #[allow(unsafe_code)]
-    unsafe {
-        cmd.pre_exec(move || {
-            if new_session && libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // away may have ended before prctl: then nothing would ever signal this one
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other("away ended while starting this process"));
-            }
-            Ok(())
-        })
-    }
+    die_with_spawning_thread(cmd, Signal::KILL, new_session)
 }
 
 /// A scratch directory for a probe of `kind`, removed when dropped:

@@ -645,12 +645,12 @@ fn read_pid(files: &VmFiles) -> Option<u32> {
 /// True when `pid` is a live (not zombie) QEMU of the workload in `dir`: the command
 /// line must name that directory, so a reused PID is never taken for ours.
 pub fn pid_alive(pid: u32, dir: &Path) -> bool {
-    if !crate::host::process_runs(pid) {
-        return false;
-    }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = format!("{}/qmp.sock", dir.display());
-    String::from_utf8_lossy(&cmdline).contains(&needle)
+    crate::host::process::process(pid).is_some_and(|p| is_qemu_of(&p, dir))
+}
+
+/// `p` runs and is the QEMU of the workload in `dir` (its QMP socket is there).
+fn is_qemu_of(p: &crate::host::process::ProcessEntry, dir: &Path) -> bool {
+    p.runs() && p.cmdline_contains(&format!("{}/qmp.sock", dir.display()))
 }
 
 async fn wait_exit(pid: u32, dir: &Path, limit: Duration) -> bool {
@@ -670,11 +670,10 @@ async fn kill_pid(pid: u32, dir: &Path) {
         return;
     }
     tracing::info!("killing qemu pid {pid} of {}", dir.display());
-    // `kill(1)`: the workspace denies unsafe code, so no libc::kill.
-    match tokio::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().await {
-        Ok(s) if s.success() => {}
-        Ok(s) => tracing::warn!("kill -KILL {pid} exited with {s}"),
-        Err(e) => tracing::warn!("cannot run kill -KILL {pid}: {e}"),
+    // checked again once the process is held, so a pid reused since is never signalled
+    let ours = |p: &crate::host::process::ProcessEntry| is_qemu_of(p, dir);
+    if let Err(e) = crate::host::process::signal_if(pid, crate::host::process::Signal::KILL, ours) {
+        tracing::warn!("cannot kill qemu pid {pid}: {e}");
     }
 }
 
