@@ -2,7 +2,6 @@
 //! Docker, QEMU), the image store they import from, the container→VM fallback rule, and
 //! host fingerprinting (what the node is and can run).
 // The few `unsafe` blocks left (what rustix cannot cover) each say why they are sound.
-#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod containerd;
 pub mod docker;

@@ -277,10 +277,13 @@ mod sigterm {
         fn _exit(status: i32) -> !;
     }
     extern "C" fn on_term(_: i32) {
-        // _exit is async-signal-safe; nothing needs flushing (stdout is line-buffered).
+        // SAFETY: _exit is async-signal-safe and takes no pointers; nothing needs
+        // flushing (stdout is line-buffered).
         unsafe { _exit(0) }
     }
     pub fn exit_on_term() {
+        // SAFETY: on_term is an `extern "C" fn(i32)` that only calls _exit, the
+        // handler signal(2) expects; SIGTERM and SIGINT may be caught.
         unsafe {
             signal(15, on_term);
             signal(2, on_term);
