@@ -2,6 +2,7 @@
 //! CLI, the broker and the agents: workload specs, node fingerprints, wire errors.
 //! No I/O beyond parsing text: the types stay easy to test and to reuse.
 
+mod api;
 mod cluster;
 mod node;
 mod size;
@@ -9,6 +10,13 @@ mod spec;
 mod wire;
 mod workload;
 
+#[cfg(feature = "openapi")]
+pub mod openapi;
+
+pub use api::{
+    BrokerEvent, Compatibility, ErrorBody, Filtered, MigrationAccepted, MigrationRecord, MigrationRequest,
+    MigrationState, NodeScore, NodeView, PlacementDecision, Rule, SubmitAnswer, WorkloadView,
+};
 pub use cluster::{
     AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest,
     RegisterResponse,

@@ -8,6 +8,7 @@ use crate::spec::RuntimeKind;
 
 /// Lifecycle state of a workload on its runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum WorkloadState {
     /// Created but not started (or being restored).
@@ -35,6 +36,7 @@ impl fmt::Display for WorkloadState {
 
 /// What `away ps` shows for one workload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkloadStatus {
     pub name: String,
     pub runtime: RuntimeKind,
@@ -56,6 +58,7 @@ pub struct WorkloadStatus {
 
 /// Why a workload runs where it runs: the outcome of the container→VM fallback rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RuntimeDecision {
     pub runtime: RuntimeKind,
     /// One sentence, for people: "container on containerd: healthy and the image is amd64".
@@ -65,6 +68,7 @@ pub struct RuntimeDecision {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RuntimeVerdict {
     pub runtime: RuntimeKind,
     pub usable: bool,
@@ -73,6 +77,7 @@ pub struct RuntimeVerdict {
 
 /// How a workload moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationMode {
     /// Container: freeze, checkpoint everything, copy, restore (downtime = the whole move).
@@ -101,6 +106,7 @@ impl fmt::Display for MigrationMode {
 
 /// One timed step of a migration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationPhase {
     /// `checkpoint`, `transfer`, `restore`, `confirm`, `cleanup`, `vm-migrate`, …
     pub name: String,
@@ -109,6 +115,7 @@ pub struct MigrationPhase {
 
 /// What a finished (or failed) migration reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationReport {
     pub workload: String,
     pub mode: MigrationMode,
