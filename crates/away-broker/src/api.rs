@@ -65,7 +65,8 @@ use crate::error::Problem;
         delete_workload, workload_logs, request_migration, list_migrations, get_migration, register_agent,
         heartbeat, events, openapi, metrics
     ),
-    components(schemas(away_model::BrokerEvent)),
+    // BrokerEvent travels in SSE data, PortMapping under a hand-written `ports` schema
+    components(schemas(away_model::BrokerEvent, away_model::PortMapping)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
@@ -83,6 +84,12 @@ impl utoipa::Modify for SecuritySchemes {
             let mut http = Http::new(HttpAuthScheme::Bearer);
             http.description = Some(description.to_string());
             components.add_security_scheme(name, SecurityScheme::Http(http));
+        }
+        // a rule across fields, which derive cannot write
+        if let Some(spec) = components.schemas.remove("WorkloadSpec") {
+            let rule = away_model::openapi::kind_runtime_rule();
+            let all = utoipa::openapi::schema::AllOfBuilder::new().item(spec).item(rule);
+            components.schemas.insert("WorkloadSpec".to_string(), all.into());
         }
         // `security(())` renders `[{}]` ("anonymous allowed"); public routes say `[]`: no token at all
         for item in doc.paths.paths.values_mut() {
@@ -292,7 +299,7 @@ fn flag(value: Option<&str>, name: &str) -> Result<bool, Problem> {
     summary = "Place a workload (or, with dry_run, only explain where it would go)",
     security(("userToken" = [])),
     params(SubmitQuery),
-    request_body(description = "The workload spec, as JSON (YAML is accepted too, as by `away run`)", content((WorkloadSpec = "application/json"), (WorkloadSpec = "application/yaml"))),
+    request_body(description = "The workload spec as JSON (YAML is read too, as by `away run`, but only JSON is this contract)", content = WorkloadSpec),
     responses(
         (status = 201, description = "Placed: the stored workload and the placement explanation", body = SubmitAnswer),
         (status = 200, description = "Dry run: the placement explanation only; nothing is stored", body = SubmitAnswer),

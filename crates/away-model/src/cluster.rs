@@ -39,7 +39,9 @@ pub struct RegisterResponse {
 pub struct NodeLoad {
     /// 0..100 over all cores, averaged since the last heartbeat.
     pub cpu_percent: f64,
+    #[serde(deserialize_with = "crate::whole::de")]
     pub memory_used_bytes: u64,
+    #[serde(deserialize_with = "crate::whole::de")]
     pub workloads: u32,
 }
 
@@ -49,8 +51,10 @@ pub struct NodeLoad {
 pub struct AgentEvent {
     /// Per-agent sequence number: the broker ignores what it has seen (no duplicates
     /// after a retried heartbeat).
+    #[serde(deserialize_with = "crate::whole::de")]
     pub seq: u64,
     /// Milliseconds since the Unix epoch, on the agent's clock.
+    #[serde(deserialize_with = "crate::whole::de")]
     pub at_ms: u64,
     /// `workload-started`, `workload-stopped`, `workload-failed`, `migration-finished`,
     /// `migration-failed`, …

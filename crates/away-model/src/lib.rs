@@ -7,6 +7,7 @@ mod cluster;
 mod node;
 mod size;
 mod spec;
+pub mod whole;
 mod wire;
 mod workload;
 

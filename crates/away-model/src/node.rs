@@ -109,11 +109,12 @@ pub struct CpuInfo {
     /// Marketing name, e.g. "AMD EPYC 7B13".
     pub model: String,
     /// CPUID family/model/stepping as `/proc/cpuinfo` reports them, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub family: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub model_number: Option<u32>,
     /// Logical CPUs online.
+    #[serde(deserialize_with = "crate::whole::de")]
     pub cores: u32,
     /// Feature flags (`sse4_2`, `avx2`, …): what a guest or a restored process may use.
     pub flags: BTreeSet<String>,
@@ -183,6 +184,7 @@ pub struct NodeInfo {
     pub tier: Tier,
     pub arch: Arch,
     pub cpu: CpuInfo,
+    #[serde(deserialize_with = "crate::whole::de")]
     pub memory_bytes: u64,
     pub kernel: String,
     pub runtimes: Vec<RuntimeInfo>,

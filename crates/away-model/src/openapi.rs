@@ -77,3 +77,36 @@ pub fn container_mode_schema() -> Schema {
         .description(Some("Containers: stop-copy, staged, lazy or auto (omitted or null: auto)"))
         .into()
 }
+
+/// The spec's one rule across fields (`WorkloadSpec::validate`): kind vm runs on qemu only,
+/// kind container never on qemu; `placement.runtime` absent or null leaves the choice open.
+pub fn kind_runtime_rule() -> Schema {
+    use utoipa::openapi::schema::AnyOfBuilder;
+    let runtime_for = |kind: &str, runtimes: &[&str]| -> Schema {
+        let mut allowed: Vec<Option<&str>> = runtimes.iter().copied().map(Some).collect();
+        allowed.push(None);
+        ObjectBuilder::new()
+            .property("kind", ObjectBuilder::new().enum_values(Some([kind])))
+            .property(
+                "placement",
+                ObjectBuilder::new().property("runtime", ObjectBuilder::new().enum_values(Some(allowed))),
+            )
+            .into()
+    };
+    AnyOfBuilder::new()
+        .item(ObjectBuilder::new().property("kind", ObjectBuilder::new().enum_values(Some(["auto"]))))
+        .item(runtime_for("vm", &["qemu"]))
+        .item(runtime_for("container", &["containerd", "docker"]))
+        .description(Some("kind vm needs runtime qemu; kind container cannot run on qemu"))
+        .into()
+}
+
+/// `ports` of a spec: the same mapping twice publishes a host port twice. (Two different
+/// mappings onto one host port are refused too, which JSON Schema cannot say.)
+pub fn ports_schema() -> Schema {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(utoipa::openapi::Ref::from_schema_name("PortMapping"))
+        .unique_items(true)
+        .description(Some("Ports to publish; each host port at most once"))
+        .into()
+}

@@ -89,9 +89,10 @@ impl Default for Resources {
 pub struct PortMapping {
     /// Port inside the container or VM.
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
+    #[serde(deserialize_with = "crate::whole::de")]
     pub container: u16,
     /// Port on the node; omitted means "the same as `container`".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     pub host: Option<u16>,
 }
@@ -148,7 +149,9 @@ pub struct WorkloadSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::env_schema))]
     pub env: BTreeMap<String, String>,
+    /// Each host port at most once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::ports_schema))]
     pub ports: Vec<PortMapping>,
     #[serde(default)]
     pub resources: Resources,

@@ -44,9 +44,9 @@ pub struct WorkloadStatus {
     /// Image reference the workload was created from.
     pub image: String,
     /// Host PID of the workload's main process (the container's init, or QEMU).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i64>,
     /// Published ports as `host:container`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -110,6 +110,7 @@ impl fmt::Display for MigrationMode {
 pub struct MigrationPhase {
     /// `checkpoint`, `transfer`, `restore`, `confirm`, `cleanup`, `vm-migrate`, …
     pub name: String,
+    #[serde(deserialize_with = "crate::whole::de")]
     pub millis: u64,
 }
 
@@ -122,25 +123,29 @@ pub struct MigrationReport {
     pub source: String,
     pub target: String,
     pub phases: Vec<MigrationPhase>,
+    #[serde(deserialize_with = "crate::whole::de")]
     pub total_millis: u64,
     /// Time the workload answered nowhere: from the source's stop to the target's start.
+    #[serde(deserialize_with = "crate::whole::de")]
     pub downtime_millis: u64,
     /// Lazy moves: time the workload ran on the target while memory was still arriving
     /// (it may be slowed by page faults); 0 for other modes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::de")]
     pub degraded_millis: u64,
     /// Container moves: when the workload ran again on the target (Unix ms, the
     /// source's clock), to line its own progress up with the move.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub resumed_unix_ms: Option<u64>,
     /// Bytes of state before compression (CRIU images + rootfs changes, or RAM sent).
+    #[serde(deserialize_with = "crate::whole::de")]
     pub bytes_raw: u64,
     /// Lazy and streamed container moves: the part of `bytes_raw` that CRIU's page
     /// server sent over the page link instead of in the payload (a lazy move whose dump
     /// left nothing lazy shows 0 here); 0 for other modes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::de")]
     pub paged_bytes_raw: u64,
     /// Bytes that crossed the network.
+    #[serde(deserialize_with = "crate::whole::de")]
     pub bytes_wire: u64,
     /// Why this mode, and the compatibility check's verdict.
     pub reason: String,
