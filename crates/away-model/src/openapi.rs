@@ -63,7 +63,7 @@ pub fn env_schema() -> Schema {
 /// The container migration modes a request may name (`ContainerMode`'s names and aliases).
 pub fn container_mode_schema() -> Schema {
     ObjectBuilder::new()
-        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Null]))
+        .schema_type(string_or_null())
         .enum_values(Some([
             Some("auto"),
             Some("stop-copy"),
@@ -86,15 +86,19 @@ pub fn kind_runtime_rule() -> Schema {
         let mut allowed: Vec<Option<&str>> = runtimes.iter().copied().map(Some).collect();
         allowed.push(None);
         ObjectBuilder::new()
-            .property("kind", ObjectBuilder::new().enum_values(Some([kind])))
+            .property("kind", ObjectBuilder::new().schema_type(Type::String).enum_values(Some([kind])))
             .property(
                 "placement",
-                ObjectBuilder::new().property("runtime", ObjectBuilder::new().enum_values(Some(allowed))),
+                ObjectBuilder::new()
+                    .property("runtime", ObjectBuilder::new().schema_type(string_or_null()).enum_values(Some(allowed))),
             )
             .into()
     };
     AnyOfBuilder::new()
-        .item(ObjectBuilder::new().property("kind", ObjectBuilder::new().enum_values(Some(["auto"]))))
+        .item(
+            ObjectBuilder::new()
+                .property("kind", ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["auto"]))),
+        )
         .item(runtime_for("vm", &["qemu"]))
         .item(runtime_for("container", &["containerd", "docker"]))
         .description(Some("kind vm needs runtime qemu; kind container cannot run on qemu"))
@@ -109,4 +113,8 @@ pub fn ports_schema() -> Schema {
         .unique_items(true)
         .description(Some("Ports to publish; each host port at most once"))
         .into()
+}
+
+fn string_or_null() -> utoipa::openapi::schema::SchemaType {
+    utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Null])
 }
