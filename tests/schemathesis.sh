@@ -90,7 +90,7 @@ args=(--config-file tests/schemathesis.toml run "$base/v1/openapi.json" --max-ex
     --exclude-path /v1/events --request-timeout 10 --no-color)
 [ -n "${SCHEMATHESIS_SEED:-}" ] && args+=(--seed "$SCHEMATHESIS_SEED")
 status=0
-schemathesis "${args[@]}" || status=$?
+SCHEMATHESIS_HOOKS=tests/schemathesis_hooks.py schemathesis "${args[@]}" || status=$?
 if [ "$status" -ne 0 ]; then
     echo "==> broker log (last 50 lines)" >&2
     tail -n 50 "$work/broker.log" >&2

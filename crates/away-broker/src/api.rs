@@ -109,7 +109,10 @@ pub fn openapi_document() -> String {
     text
 }
 
-static OPENAPI: LazyLock<String> = LazyLock::new(openapi_document);
+static GENERATED: LazyLock<String> = LazyLock::new(openapi_document);
+
+/// The committed copy (`openapi.json`); tests/openapi.rs keeps it equal to [`openapi_document`].
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
@@ -327,10 +330,8 @@ async fn submit_workload(
     let spec = WorkloadSpec::parse(text, SpecFormat::detect(None, text), "<request body>")
         .map_err(|e| Problem::from(away_model::ApiError::from(e)))?;
     let (workload, placement) = blocking(&b, move |b| b.submit(spec, dry_run)).await?;
-    match workload {
-        Some(w) => ok(StatusCode::CREATED, json!({"workload": w, "placement": placement})),
-        None => ok(StatusCode::OK, json!({"placement": placement})),
-    }
+    let status = if workload.is_some() { StatusCode::CREATED } else { StatusCode::OK };
+    ok(status, SubmitAnswer { workload, placement })
 }
 
 #[utoipa::path(
@@ -448,7 +449,7 @@ async fn request_migration(State(b): Shared, headers: HeaderMap, body: Bytes) ->
     b.check_user(bearer(&headers))?;
     let req: MigrationRequest = parse_json(&body)?;
     let m = blocking(&b, move |b| b.migrate(req)).await?;
-    ok(StatusCode::ACCEPTED, json!({"migration": m}))
+    ok(StatusCode::ACCEPTED, MigrationAccepted { migration: m })
 }
 
 #[utoipa::path(
@@ -575,7 +576,7 @@ async fn events(State(b): Shared, headers: HeaderMap) -> Result<Response, Proble
     )
 )]
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI.as_str()).into_response()
+    ([(header::CONTENT_TYPE, "application/json")], GENERATED.as_str()).into_response()
 }
 
 #[utoipa::path(
@@ -621,7 +622,7 @@ mod tests {
     }
 
     fn routes_in_openapi() -> BTreeSet<(String, String)> {
-        let doc: serde_json::Value = serde_json::from_str(&super::OPENAPI).expect("openapi.json is JSON");
+        let doc: serde_json::Value = serde_json::from_str(&super::GENERATED).expect("openapi.json is JSON");
         let mut out = BTreeSet::new();
         for (path, ops) in doc["paths"].as_object().expect("paths") {
             for method in ops.as_object().expect("operations").keys() {
@@ -644,10 +645,10 @@ mod tests {
 
     #[test]
     fn openapi_lists_status_codes_and_resolves_refs() {
-        let doc: serde_json::Value = serde_json::from_str(&super::OPENAPI).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&super::GENERATED).unwrap();
         assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
         let schemas = doc["components"]["schemas"].as_object().unwrap();
-        let text = super::OPENAPI.as_str();
+        let text = super::GENERATED.as_str();
         for piece in text.split("\"#/components/schemas/").skip(1) {
             let name = piece.split('"').next().unwrap();
             assert!(schemas.contains_key(name), "dangling $ref {name}");
@@ -666,7 +667,7 @@ mod tests {
 
     #[test]
     fn documented_migration_modes_are_the_ones_the_broker_parses() {
-        let doc: serde_json::Value = serde_json::from_str(&super::OPENAPI).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&super::GENERATED).unwrap();
         let modes = doc["components"]["schemas"]["MigrationRequest"]["properties"]["mode"]["enum"].as_array().unwrap();
         for mode in modes.iter().filter_map(|m| m.as_str()) {
             assert!(mode.parse::<away_migrate::mode::ContainerMode>().is_ok(), "{mode} is documented but refused");
