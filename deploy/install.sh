@@ -221,6 +221,23 @@ install_guest_kernel() {
   log "guest kernel: $GUEST_DIR/vmlinuz -> $(basename "$vmlinuz")"
 }
 
+# schemathesis fuzzes the broker's API against its OpenAPI document (tests/schemathesis.sh)
+SCHEMATHESIS_VERSION=4.32.5
+install_schemathesis() {
+  local have
+  have=$(python3 -m pip show schemathesis 2>/dev/null | awk '/^Version:/ {print $2}' || true)
+  if [ "$have" = "$SCHEMATHESIS_VERSION" ]; then
+    log "schemathesis: $have"
+    return 0
+  fi
+  command -v python3 >/dev/null 2>&1 || die "python3 not found; schemathesis needs Python 3.10+"
+  CHANGED+=(schemathesis)
+  # Debian's system Python refuses global pip installs (PEP 668) without the flag; other Pythons ignore it
+  python3 -m pip install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" ||
+    python3 -m pip install -q --disable-pip-version-check --break-system-packages "schemathesis==$SCHEMATHESIS_VERSION"
+  log "schemathesis: $SCHEMATHESIS_VERSION"
+}
+
 check_toolchain() {
   command -v cargo >/dev/null 2>&1 ||
     die "cargo not found; Debian bookworm's rustc (1.63) is too old for away - install a rustup toolchain (1.80+)"
@@ -235,3 +252,4 @@ step criu install_criu
 step criu-check verify_criu
 step guest-kernel install_guest_kernel
 step toolchain check_toolchain
+step schemathesis install_schemathesis

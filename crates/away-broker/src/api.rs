@@ -1,5 +1,7 @@
-//! The broker's HTTP JSON API. `openapi.json` beside this crate documents every route
-//! with its status codes (a test keeps the two in step).
+//! The broker's HTTP JSON API. Its OpenAPI document is derived from the handlers'
+//! `#[utoipa::path]` and away-model's types ([`openapi_document`]); `openapi.json` beside
+//! this crate is a committed copy (tests/openapi.rs keeps it current, a test below keeps
+//! the router and the document in step).
 //!
 //! | method | path | auth | answer |
 //! | --- | --- | --- | --- |
@@ -27,7 +29,12 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use away_model::{ErrorCode, Heartbeat, RegisterRequest, SpecFormat, WorkloadSpec};
+use std::sync::LazyLock;
+
+use away_model::{
+    ApiError, ErrorBody, ErrorCode, Heartbeat, HeartbeatResponse, MigrationAccepted, MigrationRecord, NodeView,
+    RegisterRequest, RegisterResponse, SpecFormat, SubmitAnswer, WorkloadSpec, WorkloadView,
+};
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -39,11 +46,72 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::Object;
+use utoipa::{IntoParams, OpenApi};
 
 use crate::broker::{Broker, MigrationRequest};
 use crate::error::Problem;
 
-/// The OpenAPI document served at `/v1/openapi.json`.
+/// The OpenAPI document: every route of [`router`], its bodies from away-model's types.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "away broker",
+        description = "Placement and state of away workloads across cloud, edge and client nodes. Every error is an ApiError body. Breaking changes (removing or renaming a path, field or enum value, or changing a status code) need a new /v2 path; adding optional fields and new endpoints is not breaking."
+    ),
+    paths(
+        list_nodes, get_node, drain_node, undrain_node, submit_workload, list_workloads, get_workload,
+        delete_workload, workload_logs, request_migration, list_migrations, get_migration, register_agent,
+        heartbeat, events, openapi, metrics
+    ),
+    // BrokerEvent travels in SSE data, PortMapping under a hand-written `ports` schema
+    components(schemas(away_model::BrokerEvent, away_model::PortMapping)),
+    modifiers(&SecuritySchemes)
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        for (name, description) in [
+            ("userToken", "A user token from the broker's configuration"),
+            ("joinToken", "The cluster's join token"),
+            ("agentToken", "The agent token answered at registration"),
+        ] {
+            let mut http = Http::new(HttpAuthScheme::Bearer);
+            http.description = Some(description.to_string());
+            components.add_security_scheme(name, SecurityScheme::Http(http));
+        }
+        // a rule across fields, which derive cannot write
+        if let Some(spec) = components.schemas.remove("WorkloadSpec") {
+            let rule = away_model::openapi::kind_runtime_rule();
+            let all = utoipa::openapi::schema::AllOfBuilder::new().item(spec).item(rule);
+            components.schemas.insert("WorkloadSpec".to_string(), all.into());
+        }
+        // `security(())` renders `[{}]` ("anonymous allowed"); public routes say `[]`: no token at all
+        for item in doc.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+                if op.security.as_ref().is_some_and(|s| s.iter().all(|r| *r == Default::default())) {
+                    op.security = Some(Vec::new());
+                }
+            }
+        }
+    }
+}
+
+/// The OpenAPI document as served at `/v1/openapi.json` and committed as `openapi.json`.
+pub fn openapi_document() -> String {
+    let mut text = ApiDoc::openapi().to_pretty_json().unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+static GENERATED: LazyLock<String> = LazyLock::new(openapi_document);
+
+/// The committed copy (`openapi.json`); tests/openapi.rs keeps it equal to [`openapi_document`].
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
 pub fn router(broker: Arc<Broker>) -> Router {
@@ -130,30 +198,93 @@ fn ok(status: StatusCode, value: impl serde::Serialize) -> Answer {
     Ok((status, Json(value)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/nodes",
+    operation_id = "listNodes",
+    summary = "List nodes",
+    security(("userToken" = [])),
+    responses(
+        (status = 200, description = "Nodes", body = Vec<NodeView>),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError)
+    )
+)]
 async fn list_nodes(State(b): Shared, headers: HeaderMap) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::OK, b.nodes())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/nodes/{name}",
+    operation_id = "getNode",
+    summary = "One node",
+    security(("userToken" = [])),
+    params(("name" = String, Path, description = "Node name")),
+    responses(
+        (status = 200, description = "The node", body = NodeView),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such node", body = ApiError)
+    )
+)]
 async fn get_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::OK, b.node(&name)?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{name}/drain",
+    operation_id = "drainNode",
+    summary = "Drain a node: nothing new is placed there (its workloads stay)",
+    security(("userToken" = [])),
+    params(("name" = String, Path, description = "Node name")),
+    responses(
+        (status = 200, description = "The node, draining", body = NodeView),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such node", body = ApiError),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
 async fn drain_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, true)).await?)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/nodes/{name}/drain",
+    operation_id = "undrainNode",
+    summary = "Stop draining a node",
+    security(("userToken" = [])),
+    params(("name" = String, Path, description = "Node name")),
+    responses(
+        (status = 200, description = "The node, taking new work", body = NodeView),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such node", body = ApiError),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
 async fn undrain_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, false)).await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SubmitQuery {
+    /// Only return the placement explanation; nothing is stored.
     #[serde(default)]
+    #[param(schema_with = flag_schema)]
     dry_run: Option<String>,
+}
+
+/// The values [`flag`] takes (a bare `?dry_run` is true).
+fn flag_schema() -> Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(["true", "false", "1", "0", ""]))
+        .build()
 }
 
 fn flag(value: Option<&str>, name: &str) -> Result<bool, Problem> {
@@ -164,6 +295,24 @@ fn flag(value: Option<&str>, name: &str) -> Result<bool, Problem> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/workloads",
+    operation_id = "submitWorkload",
+    summary = "Place a workload (or, with dry_run, only explain where it would go)",
+    security(("userToken" = [])),
+    params(SubmitQuery),
+    request_body(description = "The workload spec as JSON (YAML is read too, as by `away run`, but only JSON is this contract)", content = WorkloadSpec),
+    responses(
+        (status = 201, description = "Placed: the stored workload and the placement explanation", body = SubmitAnswer),
+        (status = 200, description = "Dry run: the placement explanation only; nothing is stored", body = SubmitAnswer),
+        (status = 400, description = "Malformed JSON or YAML, or an invalid spec; `field` names the offending field", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 409, description = "A workload of that name exists already", body = ErrorBody),
+        (status = 422, description = "No feasible node; `placement` carries the full explanation", body = ErrorBody),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
 async fn submit_workload(
     State(b): Shared,
     headers: HeaderMap,
@@ -181,27 +330,78 @@ async fn submit_workload(
     let spec = WorkloadSpec::parse(text, SpecFormat::detect(None, text), "<request body>")
         .map_err(|e| Problem::from(away_model::ApiError::from(e)))?;
     let (workload, placement) = blocking(&b, move |b| b.submit(spec, dry_run)).await?;
-    match workload {
-        Some(w) => ok(StatusCode::CREATED, json!({"workload": w, "placement": placement})),
-        None => ok(StatusCode::OK, json!({"placement": placement})),
-    }
+    let status = if workload.is_some() { StatusCode::CREATED } else { StatusCode::OK };
+    ok(status, SubmitAnswer { workload, placement })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/workloads",
+    operation_id = "listWorkloads",
+    summary = "List workloads",
+    security(("userToken" = [])),
+    responses(
+        (status = 200, description = "Workloads", body = Vec<WorkloadView>),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError)
+    )
+)]
 async fn list_workloads(State(b): Shared, headers: HeaderMap) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::OK, b.workloads())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/workloads/{name}",
+    operation_id = "getWorkload",
+    summary = "One workload: spec, home node, last reported status, runtime decision, placement",
+    security(("userToken" = [])),
+    params(("name" = String, Path, description = "Workload name")),
+    responses(
+        (status = 200, description = "The workload", body = WorkloadView),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such workload", body = ApiError)
+    )
+)]
 async fn get_workload(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::OK, b.workload(&name)?)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/workloads/{name}",
+    operation_id = "deleteWorkload",
+    summary = "Remove a workload: desired Removed, forgotten once its node reports it gone",
+    security(("userToken" = [])),
+    params(("name" = String, Path, description = "Workload name")),
+    responses(
+        (status = 202, description = "Removing", body = WorkloadView),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such workload", body = ApiError),
+        (status = 409, description = "It is being migrated", body = ErrorBody),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
 async fn delete_workload(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::ACCEPTED, blocking(&b, move |b| b.delete(&name)).await?)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/workloads/{name}/logs",
+    operation_id = "workloadLogs",
+    summary = "The workload's logs, proxied from its node's agent (query parameters are passed on)",
+    security(("userToken" = [])),
+    params(("name" = String, Path, description = "Workload name")),
+    responses(
+        (status = 200, description = "The agent's answer, as it sent it", content_type = "text/plain", body = String),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such workload", body = ApiError),
+        (status = 503, description = "Its node is unreachable", body = ApiError)
+    )
+)]
 async fn workload_logs(State(b): Shared, headers: HeaderMap, Path(name): Path<String>, uri: axum::http::Uri) -> Answer {
     b.check_user(bearer(&headers))?;
     let src = b.log_source(&name)?;
@@ -228,23 +428,78 @@ async fn workload_logs(State(b): Shared, headers: HeaderMap, Path(name): Path<St
     Ok((status, [(header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/migrations",
+    operation_id = "requestMigration",
+    summary = "Move a workload: to a named node, or to the best-scoring compatible node; checked for compatibility first",
+    security(("userToken" = [])),
+    request_body(content = MigrationRequest),
+    responses(
+        (status = 202, description = "Accepted: the source agent receives the order with its next heartbeat", body = MigrationAccepted),
+        (status = 400, description = "Malformed JSON or an invalid field; `field` names it", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such workload or target node", body = ApiError),
+        (status = 409, description = "The workload is being removed or migrated already (`migration` names that one)", body = ErrorBody),
+        (status = 422, description = "The move is impossible; `compatibility` or `placement` carries the full explanation", body = ErrorBody),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
 async fn request_migration(State(b): Shared, headers: HeaderMap, body: Bytes) -> Answer {
     b.check_user(bearer(&headers))?;
     let req: MigrationRequest = parse_json(&body)?;
     let m = blocking(&b, move |b| b.migrate(req)).await?;
-    ok(StatusCode::ACCEPTED, json!({"migration": m}))
+    ok(StatusCode::ACCEPTED, MigrationAccepted { migration: m })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/migrations",
+    operation_id = "listMigrations",
+    summary = "List migrations",
+    security(("userToken" = [])),
+    responses(
+        (status = 200, description = "Migrations", body = Vec<MigrationRecord>),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError)
+    )
+)]
 async fn list_migrations(State(b): Shared, headers: HeaderMap) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::OK, b.migrations())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/migrations/{id}",
+    operation_id = "getMigration",
+    summary = "One migration with its state and report",
+    security(("userToken" = [])),
+    params(("id" = String, Path, description = "Migration id")),
+    responses(
+        (status = 200, description = "The migration", body = MigrationRecord),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such migration", body = ApiError)
+    )
+)]
 async fn get_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::OK, b.migration(&id)?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/agents/register",
+    operation_id = "registerAgent",
+    summary = "An agent joins (Bearer join token); answers fresh tokens",
+    security(("joinToken" = [])),
+    request_body(content = RegisterRequest),
+    responses(
+        (status = 200, description = "Registered", body = RegisterResponse),
+        (status = 400, description = "Malformed JSON or an invalid field; `field` names it", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
 async fn register_agent(State(b): Shared, headers: HeaderMap, body: Bytes) -> Answer {
     let token = bearer(&headers).map(str::to_string);
     if token.is_none() {
@@ -254,6 +509,22 @@ async fn register_agent(State(b): Shared, headers: HeaderMap, body: Bytes) -> An
     ok(StatusCode::OK, blocking(&b, move |b| b.register(token.as_deref(), req)).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{name}/heartbeat",
+    operation_id = "heartbeat",
+    summary = "An agent reports (Bearer agent token) and receives its complete desired set and migration orders",
+    security(("agentToken" = [])),
+    params(("name" = String, Path, description = "Node name")),
+    request_body(content = Heartbeat),
+    responses(
+        (status = 200, description = "The desired set", body = HeartbeatResponse),
+        (status = 400, description = "Malformed JSON or an invalid field; `field` names it", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such node", body = ApiError),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
 async fn heartbeat(State(b): Shared, headers: HeaderMap, Path(name): Path<String>, body: Bytes) -> Answer {
     let token = bearer(&headers).map(str::to_string);
     if token.is_none() {
@@ -263,6 +534,17 @@ async fn heartbeat(State(b): Shared, headers: HeaderMap, Path(name): Path<String
     ok(StatusCode::OK, blocking(&b, move |b| b.heartbeat(&name, token.as_deref(), hb)).await?)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    operation_id = "events",
+    summary = "Server-Sent Events of the cluster; each `data:` is a BrokerEvent as JSON, the SSE event name is its kind",
+    security(("userToken" = [])),
+    responses(
+        (status = 200, description = "An endless event stream", content_type = "text/event-stream", body = String),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError)
+    )
+)]
 async fn events(State(b): Shared, headers: HeaderMap) -> Result<Response, Problem> {
     b.check_user(bearer(&headers))?;
     let rx = b.subscribe();
@@ -283,10 +565,30 @@ async fn events(State(b): Shared, headers: HeaderMap) -> Result<Response, Proble
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    operation_id = "openapi",
+    summary = "This document",
+    security(()),
+    responses(
+        (status = 200, description = "OpenAPI 3.1", content_type = "application/json", body = Object)
+    )
+)]
 async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+    ([(header::CONTENT_TYPE, "application/json")], GENERATED.as_str()).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    summary = "Prometheus text exposition: nodes, workloads and migrations by state; placements, heartbeats and requests",
+    security(()),
+    responses(
+        (status = 200, description = "Metrics", content_type = "text/plain", body = String)
+    )
+)]
 async fn metrics(State(b): Shared) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], b.metrics_text()).into_response()
 }
@@ -320,7 +622,7 @@ mod tests {
     }
 
     fn routes_in_openapi() -> BTreeSet<(String, String)> {
-        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("openapi.json is JSON");
+        let doc: serde_json::Value = serde_json::from_str(&super::GENERATED).expect("openapi.json is JSON");
         let mut out = BTreeSet::new();
         for (path, ops) in doc["paths"].as_object().expect("paths") {
             for method in ops.as_object().expect("operations").keys() {
@@ -343,10 +645,10 @@ mod tests {
 
     #[test]
     fn openapi_lists_status_codes_and_resolves_refs() {
-        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&super::GENERATED).unwrap();
         assert_eq!(doc["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
         let schemas = doc["components"]["schemas"].as_object().unwrap();
-        let text = super::OPENAPI;
+        let text = super::GENERATED.as_str();
         for piece in text.split("\"#/components/schemas/").skip(1) {
             let name = piece.split('"').next().unwrap();
             assert!(schemas.contains_key(name), "dangling $ref {name}");
@@ -361,6 +663,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn documented_migration_modes_are_the_ones_the_broker_parses() {
+        let doc: serde_json::Value = serde_json::from_str(&super::GENERATED).unwrap();
+        let modes = doc["components"]["schemas"]["MigrationRequest"]["properties"]["mode"]["enum"].as_array().unwrap();
+        for mode in modes.iter().filter_map(|m| m.as_str()) {
+            assert!(mode.parse::<away_policy::mode::ContainerMode>().is_ok(), "{mode} is documented but refused");
+        }
+        assert!("".parse::<away_policy::mode::ContainerMode>().is_err());
     }
 
     #[test]

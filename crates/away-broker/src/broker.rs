@@ -11,10 +11,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use away_model::{
     Desired, ErrorCode, Heartbeat, HeartbeatResponse, NodeInfo, NodeLoad, RegisterRequest, RegisterResponse,
-    RuntimeDecision, RuntimeKind, Tier, WorkloadSpec, WorkloadStatus,
+    WorkloadSpec,
 };
 use away_policy::compat::{check_container, check_vm, Compatibility};
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::error::Problem;
@@ -76,69 +75,8 @@ pub struct Broker {
     pub(crate) http: reqwest::Client,
 }
 
-/// A node as `GET /v1/nodes` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeView {
-    pub name: String,
-    /// `online` or `offline` (missed heartbeats).
-    pub state: String,
-    pub draining: bool,
-    pub tier: Tier,
-    pub api_addr: String,
-    pub transfer_addr: String,
-    pub registered_ms: u64,
-    pub last_seen_ms: u64,
-    pub load: NodeLoad,
-    pub reserved_memory_bytes: u64,
-    pub reserved_cpus: f64,
-    /// Workloads whose home this is.
-    pub workloads: Vec<String>,
-    /// Workloads it reports that the broker does not manage.
-    pub unmanaged: Vec<String>,
-    pub info: NodeInfo,
-}
-
-/// A workload as `GET /v1/workloads` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkloadView {
-    pub name: String,
-    pub node: String,
-    pub desired: Desired,
-    /// `pending` (not reported yet), the runtime's state (`running`, `stopped`, …),
-    /// `node-offline`, `migrating` or `removing`.
-    pub state: String,
-    pub runtime: RuntimeKind,
-    pub decision: RuntimeDecision,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<WorkloadStatus>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status_ms: Option<u64>,
-    /// The active migration, if one is under way.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub migration: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_event: Option<String>,
-    pub created_ms: u64,
-    pub updated_ms: u64,
-    pub spec: WorkloadSpec,
-    /// The placement explanation (single-workload answers only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub placement: Option<PlacementDecision>,
-}
-
-/// `POST /v1/migrations`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MigrationRequest {
-    pub workload: String,
-    /// Target node; omitted: the broker chooses the best-scoring compatible node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to: Option<String>,
-    /// Containers: `stop-copy`, `staged`, `lazy` or `auto` (default; the source agent decides from
-    /// the workload's write rate and the link, and says why in the report).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
-}
+// the API bodies live in away-model, shared with away-client
+pub use away_model::{MigrationRequest, NodeView, WorkloadView};
 
 /// Where a workload's logs are.
 pub struct LogSource {

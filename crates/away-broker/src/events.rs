@@ -2,27 +2,8 @@
 //! Events, one JSON object per `data:` line) and the log. Sent on a broadcast channel;
 //! a subscriber too slow to keep up is told how many it missed.
 
-use serde::{Deserialize, Serialize};
-
-/// One thing that happened. `kind` is one of `node-registered`, `node-online`,
-/// `node-offline`, `node-draining`, `node-undrained`, `workload-placed`,
-/// `workload-running`, `workload-stopped`, `workload-failed`, `workload-removing`,
-/// `workload-removed`, `workload-stale-copy`, `migration-requested`, `migration-started`,
-/// `migration-succeeded`, `migration-failed`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BrokerEvent {
-    /// Increasing within one broker process.
-    pub seq: u64,
-    pub at_ms: u64,
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub migration: Option<String>,
-    pub message: String,
-}
+// the API body lives in away-model, shared with away-client
+pub use away_model::BrokerEvent;
 
 /// An event before it gets its sequence number.
 #[derive(Debug, Clone, Default)]

@@ -21,7 +21,6 @@
 use std::collections::BTreeMap;
 
 use away_model::{ByteSize, NodeInfo, NodeLoad, RuntimeDecision, Tier, WorkloadSpec};
-use serde::{Deserialize, Serialize};
 
 /// Long explanations are cut to this many entries per list (a cluster of a thousand
 /// nodes would otherwise store a thousand scores with every workload).
@@ -52,40 +51,8 @@ pub struct Candidate<'a> {
     pub reserved_cpus: f64,
 }
 
-/// One feasible node's score.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeScore {
-    pub node: String,
-    pub total: f64,
-    /// Score components by name (`link`, `load`, `runtime`, `prefer_client`, `cost`).
-    pub parts: BTreeMap<String, f64>,
-    /// How the workload would run there.
-    pub runtime: RuntimeDecision,
-}
-
-/// A node ruled out, with every filter it failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Filtered {
-    pub node: String,
-    pub reasons: Vec<String>,
-}
-
-/// The answer of placement: the chosen node, how it runs there, and why.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PlacementDecision {
-    pub workload: String,
-    /// `None` when no node is feasible.
-    pub chosen: Option<String>,
-    pub runtime: Option<RuntimeDecision>,
-    /// Feasible nodes, best first (at most [`MAX_LISTED`]).
-    pub scores: Vec<NodeScore>,
-    /// Infeasible nodes with their reasons (at most [`MAX_LISTED`]).
-    pub filtered: Vec<Filtered>,
-    pub feasible_count: usize,
-    pub filtered_count: usize,
-    /// One sentence for people.
-    pub why: String,
-}
+// the API bodies live in away-model, shared with away-client
+pub use away_model::{Filtered, NodeScore, PlacementDecision};
 
 /// Phase 1 for one node: how the workload would run there, or every reason it cannot.
 pub fn feasibility(spec: &WorkloadSpec, c: &Candidate) -> Result<RuntimeDecision, Vec<String>> {

@@ -1,8 +1,7 @@
 //! What the broker remembers: nodes, workloads, migrations and pending removals of
 //! stale copies. Kept in memory for placement and mirrored, write-through, in SQLite.
 
-use away_model::{Desired, MigrationReport, NodeInfo, NodeLoad, RuntimeDecision, WorkloadSpec, WorkloadStatus};
-use away_policy::compat::Compatibility;
+use away_model::{Desired, NodeInfo, NodeLoad, RuntimeDecision, WorkloadSpec, WorkloadStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::placement::PlacementDecision;
@@ -43,56 +42,8 @@ pub struct WorkloadRecord {
     pub last_event: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MigrationState {
-    /// Recorded; the source has not yet received the order.
-    Pending,
-    /// Delivered to the source in a heartbeat answer.
-    Running,
-    Succeeded,
-    Failed,
-}
-
-impl MigrationState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MigrationState::Pending => "pending",
-            MigrationState::Running => "running",
-            MigrationState::Succeeded => "succeeded",
-            MigrationState::Failed => "failed",
-        }
-    }
-    pub fn is_active(self) -> bool {
-        matches!(self, MigrationState::Pending | MigrationState::Running)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MigrationRecord {
-    pub id: String,
-    pub workload: String,
-    pub source: String,
-    pub target: String,
-    pub state: MigrationState,
-    /// `user` (the request named the target) or `broker` (best-scoring compatible node).
-    pub chosen_by: String,
-    /// Why this target, for people.
-    pub why: String,
-    pub compatibility: Compatibility,
-    pub requested_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delivered_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub report: Option<MigrationReport>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The container migration mode asked for (none: `auto`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
-}
+// the API bodies live in away-model, shared with away-client
+pub use away_model::{MigrationRecord, MigrationState};
 
 /// A stale copy of a workload on a node that is not (or no longer) its home.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

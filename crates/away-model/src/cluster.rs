@@ -13,15 +13,18 @@ use crate::workload::{MigrationReport, RuntimeDecision, WorkloadStatus};
 
 /// `POST /v1/agents/register`, with `Authorization: Bearer <join token>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterRequest {
     pub node: NodeInfo,
     /// The agent's HTTP API (`host:port`), for the broker and other agents.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"\S", example = "10.0.0.2:7701"))]
     pub api_addr: String,
     /// The agent's transfer receiver (`host:port`), for incoming migrations.
     pub transfer_addr: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterResponse {
     /// Secret for this agent's heartbeats (`Authorization: Bearer`).
     pub agent_token: String,
@@ -32,20 +35,26 @@ pub struct RegisterResponse {
 
 /// Current use of a node's resources.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeLoad {
     /// 0..100 over all cores, averaged since the last heartbeat.
     pub cpu_percent: f64,
+    #[serde(deserialize_with = "crate::whole::de")]
     pub memory_used_bytes: u64,
+    #[serde(deserialize_with = "crate::whole::de")]
     pub workloads: u32,
 }
 
 /// Something that happened on an agent, queued until the broker hears of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentEvent {
     /// Per-agent sequence number: the broker ignores what it has seen (no duplicates
     /// after a retried heartbeat).
+    #[serde(deserialize_with = "crate::whole::de")]
     pub seq: u64,
     /// Milliseconds since the Unix epoch, on the agent's clock.
+    #[serde(deserialize_with = "crate::whole::de")]
     pub at_ms: u64,
     /// `workload-started`, `workload-stopped`, `workload-failed`, `migration-finished`,
     /// `migration-failed`, …
@@ -61,6 +70,7 @@ pub struct AgentEvent {
 
 /// `POST /v1/agents/{name}/heartbeat`, with `Authorization: Bearer <agent token>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Heartbeat {
     pub node: NodeInfo,
     pub load: NodeLoad,
@@ -72,6 +82,7 @@ pub struct Heartbeat {
 
 /// What the broker wants a workload to be on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Desired {
     Running,
@@ -80,6 +91,7 @@ pub enum Desired {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Assignment {
     pub spec: WorkloadSpec,
     pub desired: Desired,
@@ -93,6 +105,7 @@ pub struct Assignment {
 
 /// "Move this workload to that node": the source agent carries it out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationOrder {
     pub id: String,
     pub workload: String,
@@ -105,6 +118,7 @@ pub struct MigrationOrder {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     /// Highest event `seq` the broker has stored: the agent drops those from its queue.
     pub acked_seq: u64,

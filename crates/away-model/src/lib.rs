@@ -2,15 +2,24 @@
 //! CLI, the broker and the agents: workload specs, node fingerprints, wire errors.
 //! No I/O beyond parsing text: the types stay easy to test and to reuse.
 
+mod api;
 mod chain;
 mod cluster;
 mod node;
 mod size;
 mod spec;
+pub mod whole;
 mod wire;
 mod workload;
 
 pub use chain::{error_chain, ErrorChain};
+#[cfg(feature = "openapi")]
+pub mod openapi;
+
+pub use api::{
+    BrokerEvent, Compatibility, ErrorBody, Filtered, MigrationAccepted, MigrationRecord, MigrationRequest,
+    MigrationState, NodeScore, NodeView, PlacementDecision, Rule, SubmitAnswer, WorkloadView,
+};
 pub use cluster::{
     AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest,
     RegisterResponse,

@@ -11,6 +11,7 @@ use crate::spec::RuntimeKind;
 
 /// Where a node stands between the data centre and the student's machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     Cloud,
@@ -30,6 +31,7 @@ impl fmt::Display for Tier {
 
 /// CPU architecture in OCI/Go naming (`amd64`, `arm64`, …): the names images carry.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(transparent)]
 pub struct Arch(pub String);
 
@@ -101,16 +103,18 @@ impl fmt::Display for CpuVendor {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CpuInfo {
     pub vendor: CpuVendor,
     /// Marketing name, e.g. "AMD EPYC 7B13".
     pub model: String,
     /// CPUID family/model/stepping as `/proc/cpuinfo` reports them, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub family: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub model_number: Option<u32>,
     /// Logical CPUs online.
+    #[serde(deserialize_with = "crate::whole::de")]
     pub cores: u32,
     /// Feature flags (`sse4_2`, `avx2`, …): what a guest or a restored process may use.
     pub flags: BTreeSet<String>,
@@ -118,6 +122,7 @@ pub struct CpuInfo {
 
 /// A container runtime or hypervisor as a node has it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RuntimeInfo {
     pub kind: RuntimeKind,
     /// Version reported by the daemon or binary; empty when unreachable.
@@ -133,6 +138,7 @@ pub struct RuntimeInfo {
 
 /// How QEMU runs guests on a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// Hardware virtualisation, only when a probe guest really booted with it.
@@ -151,6 +157,7 @@ impl fmt::Display for Accel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HypervisorInfo {
     /// `qemu-system-x86_64 --version`, e.g. "10.0.2". VM migration needs equal versions.
     pub qemu_version: String,
@@ -161,6 +168,7 @@ pub struct HypervisorInfo {
 
 /// The node's link towards its users, as measured or configured.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LinkInfo {
     pub rate_mbit: f64,
     pub latency_ms: f64,
@@ -168,11 +176,15 @@ pub struct LinkInfo {
 
 /// Everything the broker knows about a node's capabilities.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeInfo {
+    /// 1-63 letters, digits, '-', '_' or '.': it travels in URLs and logs.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[A-Za-z0-9._-]{1,63}$"))]
     pub name: String,
     pub tier: Tier,
     pub arch: Arch,
     pub cpu: CpuInfo,
+    #[serde(deserialize_with = "crate::whole::de")]
     pub memory_bytes: u64,
     pub kernel: String,
     pub runtimes: Vec<RuntimeInfo>,

@@ -12,6 +12,7 @@ use crate::size::ByteSize;
 
 /// How a workload may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum WorkloadKind {
     /// A container when the node has a healthy container runtime for the image's
@@ -26,6 +27,7 @@ pub enum WorkloadKind {
 
 /// The runtimes away drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
     Containerd,
@@ -52,11 +54,16 @@ impl fmt::Display for RuntimeKind {
 
 /// CPU and memory the workload gets (container limits, or the VM's size).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
+    /// At least 4Mi.
     #[serde(default = "Resources::default_memory")]
+    #[cfg_attr(feature = "openapi", schema(default = "256Mi"))]
     pub memory: ByteSize,
+    /// CPUs in (0, 1024], fractions allowed.
     #[serde(default = "Resources::default_cpus")]
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0, maximum = 1024.0, default = 1.0, example = 0.5))]
     pub cpus: f64,
 }
 
@@ -77,12 +84,16 @@ impl Default for Resources {
 
 /// A port the workload listens on, published on the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortMapping {
     /// Port inside the container or VM.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
+    #[serde(deserialize_with = "crate::whole::de")]
     pub container: u16,
     /// Port on the node; omitted means "the same as `container`".
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     pub host: Option<u16>,
 }
 
@@ -94,6 +105,7 @@ impl PortMapping {
 
 /// Where the workload may run: the feasibility filters of placement.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PlacementConstraints {
     /// Allowed tiers; empty means any.
@@ -118,21 +130,28 @@ pub struct PlacementConstraints {
 
 /// A lab workload: what to run, with what resources, where it may go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
     /// Unique name: lower-case letters, digits and '-', at most 63 characters.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", example = "counter"))]
     pub name: String,
     /// Image reference (`away/counter:latest`) or path to an image tar built by `away image build`.
+    #[cfg_attr(feature = "openapi", schema(min_length = 1, pattern = r"\S", example = "away/counter:latest"))]
     pub image: String,
     #[serde(default)]
     pub kind: WorkloadKind,
     /// Replaces the image's CMD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(min_items = 1))]
     pub command: Option<Vec<String>>,
-    /// Added to the image's environment.
+    /// Added to the image's environment. Names are non-empty, without '=' or NUL.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::env_schema))]
     pub env: BTreeMap<String, String>,
+    /// Each host port at most once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::ports_schema))]
     pub ports: Vec<PortMapping>,
     #[serde(default)]
     pub resources: Resources,

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// Stable, machine-readable error kinds. Each maps to one HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The request or spec is malformed or names an impossible value (400).
@@ -44,6 +45,7 @@ impl ErrorCode {
 
 /// The JSON body of every error answer: `{"code": "...", "message": "...", "field": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,

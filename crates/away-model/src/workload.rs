@@ -8,6 +8,7 @@ use crate::spec::RuntimeKind;
 
 /// Lifecycle state of a workload on its runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum WorkloadState {
     /// Created but not started (or being restored).
@@ -35,6 +36,7 @@ impl fmt::Display for WorkloadState {
 
 /// What `away ps` shows for one workload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkloadStatus {
     pub name: String,
     pub runtime: RuntimeKind,
@@ -42,9 +44,9 @@ pub struct WorkloadStatus {
     /// Image reference the workload was created from.
     pub image: String,
     /// Host PID of the workload's main process (the container's init, or QEMU).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i64>,
     /// Published ports as `host:container`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -56,6 +58,7 @@ pub struct WorkloadStatus {
 
 /// Why a workload runs where it runs: the outcome of the container→VM fallback rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RuntimeDecision {
     pub runtime: RuntimeKind,
     /// One sentence, for people: "container on containerd: healthy and the image is amd64".
@@ -65,6 +68,7 @@ pub struct RuntimeDecision {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RuntimeVerdict {
     pub runtime: RuntimeKind,
     pub usable: bool,
@@ -73,6 +77,7 @@ pub struct RuntimeVerdict {
 
 /// How a workload moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationMode {
     /// Container: freeze, checkpoint everything, copy, restore (downtime = the whole move).
@@ -101,39 +106,46 @@ impl fmt::Display for MigrationMode {
 
 /// One timed step of a migration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationPhase {
     /// `checkpoint`, `transfer`, `restore`, `confirm`, `cleanup`, `vm-migrate`, …
     pub name: String,
+    #[serde(deserialize_with = "crate::whole::de")]
     pub millis: u64,
 }
 
 /// What a finished (or failed) migration reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationReport {
     pub workload: String,
     pub mode: MigrationMode,
     pub source: String,
     pub target: String,
     pub phases: Vec<MigrationPhase>,
+    #[serde(deserialize_with = "crate::whole::de")]
     pub total_millis: u64,
     /// Time the workload answered nowhere: from the source's stop to the target's start.
+    #[serde(deserialize_with = "crate::whole::de")]
     pub downtime_millis: u64,
     /// Lazy moves: time the workload ran on the target while memory was still arriving
     /// (it may be slowed by page faults); 0 for other modes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::de")]
     pub degraded_millis: u64,
     /// Container moves: when the workload ran again on the target (Unix ms, the
     /// source's clock), to line its own progress up with the move.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub resumed_unix_ms: Option<u64>,
     /// Bytes of state before compression (CRIU images + rootfs changes, or RAM sent).
+    #[serde(deserialize_with = "crate::whole::de")]
     pub bytes_raw: u64,
     /// Lazy and streamed container moves: the part of `bytes_raw` that CRIU's page
     /// server sent over the page link instead of in the payload (a lazy move whose dump
     /// left nothing lazy shows 0 here); 0 for other modes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::de")]
     pub paged_bytes_raw: u64,
     /// Bytes that crossed the network.
+    #[serde(deserialize_with = "crate::whole::de")]
     pub bytes_wire: u64,
     /// Why this mode, and the compatibility check's verdict.
     pub reason: String,

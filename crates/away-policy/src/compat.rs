@@ -17,7 +17,6 @@
 use std::collections::BTreeSet;
 
 use away_model::{MigrationMode, NodeInfo, RuntimeKind};
-use serde::{Deserialize, Serialize};
 
 /// CPU flags that change what user-space code may execute (from `/proc/cpuinfo`).
 /// Kernel-only or informational flags (`hypervisor`, `pdcm`, `svm`/`vmx`, …) are left
@@ -75,24 +74,8 @@ pub const USER_ISA_FLAGS: &[&str] = &[
     "rdpid",
 ];
 
-/// The answer of a compatibility check.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Compatibility {
-    pub allowed: bool,
-    /// How the workload would move (meaningful when allowed).
-    pub mode: MigrationMode,
-    /// One sentence for people.
-    pub reason: String,
-    /// Each rule checked, passed or not.
-    pub checks: Vec<Rule>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rule {
-    pub name: String,
-    pub ok: bool,
-    pub detail: String,
-}
+// The answer's types are wire types (the broker's API returns them): away-model's.
+pub use away_model::{Compatibility, Rule};
 
 fn rule(name: &str, ok: bool, detail: impl Into<String>) -> Rule {
     Rule { name: name.into(), ok, detail: detail.into() }

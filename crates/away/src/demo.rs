@@ -4,14 +4,19 @@
 //! node, another namespace, another containerd) comes online; the broker moves labdesk
 //! there while it runs; the same state is read back from the laptop.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use away_client::Client;
 use away_cluster::{ClusterInfo, ClusterPlan, NodePlan};
-use away_model::Tier;
-use serde_json::{json, Value};
+use away_model::{
+    ByteSize, MigrationRecord, MigrationRequest, MigrationState, PortMapping, Resources, Tier, WorkloadKind,
+    WorkloadSpec,
+};
+use serde_json::Value;
 
 /// Run the main demo: scale a running lab app away from the cloud to a student's laptop.
 ///
@@ -102,23 +107,25 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
     s.done(t, &format!("broker {}, cloud node {}", info.broker_url, info.nodes[0].api));
 
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-    let broker = info.broker_url.clone();
-    let token = info.user_token.clone();
-    let api = |path: &str| format!("{broker}{path}");
+    let broker = Client::with_http(http.clone(), info.broker_url.clone(), info.user_token.clone());
 
     let t = s.step("submitting labdesk to the broker over HTTP");
-    wait_online(&http, &api("/v1/nodes"), &token, 1).await?;
-    let spec = json!({
-        "name": "labdesk",
-        "image": "away/labdesk:latest",
-        "env": {"LABDESK_PORT": "8080"},
-        "ports": [{"container": 8080}],
-        "resources": {"memory": "64Mi", "cpus": 0.5}
-    });
-    let placed: Value = check(http.post(api("/v1/workloads")).bearer_auth(&token).json(&spec).send().await?).await?;
-    let node = placed["workload"]["node"].as_str().unwrap_or("?").to_string();
-    println!("    placement: {}", placed["placement"]["why"].as_str().unwrap_or("?"));
-    wait_state(&http, &api("/v1/workloads/labdesk"), &token, "running").await?;
+    wait_online(&broker, 1).await?;
+    let spec = WorkloadSpec {
+        name: "labdesk".into(),
+        image: "away/labdesk:latest".into(),
+        kind: WorkloadKind::Auto,
+        command: None,
+        env: BTreeMap::from([("LABDESK_PORT".to_string(), "8080".to_string())]),
+        ports: vec![PortMapping { container: 8080, host: None }],
+        resources: Resources { memory: ByteSize::mib(64), cpus: 0.5 },
+        placement: Default::default(),
+        labels: BTreeMap::new(),
+    };
+    let placed = broker.submit(&spec).await?;
+    let node = placed.workload.as_ref().map_or("?", |w| w.node.as_str()).to_string();
+    println!("    placement: {}", placed.placement.why);
+    wait_state(&broker, "labdesk", "running").await?;
     s.done(t, &format!("labdesk runs on {node}"));
 
     let t = s.step("a student works in labdesk: notes and a command history, in its memory only");
@@ -145,38 +152,26 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
     let laptop =
         blocking(move || Ok(away_cluster::add_node(&plan, &NodePlan { name: "laptop".into(), tier: Tier::Client })?))
             .await?;
-    wait_online(&http, &api("/v1/nodes"), &token, 2).await?;
+    wait_online(&broker, 2).await?;
     s.done(t, &format!("laptop at {}", laptop.api));
 
     let t = s.step("scaling away: the broker moves the running labdesk to the laptop (CRIU checkpoint/restore)");
-    let started: Value = check(
-        http.post(api("/v1/migrations"))
-            .bearer_auth(&token)
-            .json(&json!({"workload": "labdesk", "to": "laptop"}))
-            .send()
-            .await?,
-    )
-    .await?;
-    let id = started["migration"]["id"].as_str().context("no migration id")?.to_string();
-    println!("    placement: {}", started["migration"]["why"].as_str().unwrap_or("?"));
-    let m = wait_migration(&http, &api(&format!("/v1/migrations/{id}")), &token).await?;
-    let r = &m["report"];
-    println!("    mode: {}", r["reason"].as_str().unwrap_or("?"));
-    let phases: Vec<String> = r["phases"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|p| format!("{} {} ms", p["name"].as_str().unwrap_or("?"), p["millis"]))
-        .collect();
+    let request = MigrationRequest { workload: "labdesk".into(), to: Some("laptop".into()), mode: None };
+    let started = broker.migrate(&request).await?;
+    println!("    placement: {}", started.why);
+    let m = wait_migration(&broker, &started.id).await?;
+    let r = m.report.context("the finished migration has no report")?;
+    println!("    mode: {}", r.reason);
+    let phases: Vec<String> = r.phases.iter().map(|p| format!("{} {} ms", p.name, p.millis)).collect();
     println!("    {}", phases.join(", "));
     s.done(
         t,
         &format!(
             "moved in {} ms, downtime {} ms, {} KiB of state, {} KiB on the wire",
-            r["total_millis"],
-            r["downtime_millis"],
-            r["bytes_raw"].as_u64().unwrap_or(0) / 1024,
-            r["bytes_wire"].as_u64().unwrap_or(0) / 1024
+            r.total_millis,
+            r.downtime_millis,
+            r.bytes_raw / 1024,
+            r.bytes_wire / 1024
         ),
     );
 
@@ -236,24 +231,18 @@ async fn poll<T>(what: &str, secs: u64, mut f: impl AsyncFnMut() -> Option<T>) -
     }
 }
 
-async fn get(http: &reqwest::Client, url: &str, token: &str) -> Option<Value> {
-    let r = http.get(url).bearer_auth(token).send().await.ok()?;
-    r.status().is_success().then_some(())?;
-    r.json().await.ok()
-}
-
-async fn wait_online(http: &reqwest::Client, url: &str, token: &str, n: usize) -> anyhow::Result<()> {
+async fn wait_online(broker: &Client, n: usize) -> anyhow::Result<()> {
     poll(&format!("{n} online node(s)"), 60, async || {
-        let nodes = get(http, url, token).await?;
-        (nodes.as_array()?.iter().filter(|x| x["state"] == "online").count() >= n).then_some(())
+        let nodes = broker.nodes().await.ok()?;
+        (nodes.iter().filter(|x| x.state == "online").count() >= n).then_some(())
     })
     .await
 }
 
-async fn wait_state(http: &reqwest::Client, url: &str, token: &str, state: &str) -> anyhow::Result<()> {
-    poll(&format!("labdesk to be {state}"), 60, async || {
-        let w = get(http, url, token).await?;
-        (w["state"] == state).then_some(())
+async fn wait_state(broker: &Client, name: &str, state: &str) -> anyhow::Result<()> {
+    poll(&format!("{name} to be {state}"), 60, async || {
+        let w = broker.workload(name).await.ok()?;
+        (w.state == state).then_some(())
     })
     .await
 }
@@ -262,17 +251,15 @@ async fn wait_http(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     poll(url, 30, async || http.get(url).send().await.ok().filter(|r| r.status().is_success()).map(|_| ())).await
 }
 
-async fn wait_migration(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<Value> {
+async fn wait_migration(broker: &Client, id: &str) -> anyhow::Result<MigrationRecord> {
     let m = poll("the migration to finish", 120, async || {
-        let m = get(http, url, token).await?;
-        matches!(m["state"].as_str(), Some("succeeded" | "failed")).then_some(m)
+        let m = broker.migration(id).await.ok()?;
+        matches!(m.state, MigrationState::Succeeded | MigrationState::Failed).then_some(m)
     })
     .await?;
-    if m["state"] != "succeeded" {
-        bail!(
-            "the migration failed: {}",
-            m["error"].as_str().or(m["report"]["error"].as_str()).unwrap_or(&m.to_string())
-        );
+    if m.state != MigrationState::Succeeded {
+        let why = m.error.clone().or_else(|| m.report.as_ref().and_then(|r| r.error.clone()));
+        bail!("the migration {id} failed: {}", why.unwrap_or_else(|| format!("{m:?}")));
     }
     Ok(m)
 }

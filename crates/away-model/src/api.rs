@@ -1,0 +1,249 @@
+//! The broker's HTTP API bodies that are not part of the agent protocol: what users
+//! send and read (`/v1/nodes`, `/v1/workloads`, `/v1/migrations`, `/v1/events`). The
+//! broker serves them and `away-client` reads them; the OpenAPI document is derived
+//! from them (feature `openapi`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{Desired, NodeLoad};
+use crate::node::{NodeInfo, Tier};
+use crate::spec::{RuntimeKind, WorkloadSpec};
+use crate::wire::ApiError;
+use crate::workload::{MigrationMode, MigrationReport, RuntimeDecision, WorkloadStatus};
+
+/// A node as `GET /v1/nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = Node))]
+pub struct NodeView {
+    pub name: String,
+    /// `online` or `offline` (missed heartbeats).
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(online|offline)$"))]
+    pub state: String,
+    pub draining: bool,
+    pub tier: Tier,
+    pub api_addr: String,
+    pub transfer_addr: String,
+    pub registered_ms: u64,
+    pub last_seen_ms: u64,
+    pub load: NodeLoad,
+    pub reserved_memory_bytes: u64,
+    pub reserved_cpus: f64,
+    /// Workloads whose home this is.
+    pub workloads: Vec<String>,
+    /// Workloads it reports that the broker does not manage.
+    pub unmanaged: Vec<String>,
+    pub info: NodeInfo,
+}
+
+/// A workload as `GET /v1/workloads` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = Workload))]
+pub struct WorkloadView {
+    pub name: String,
+    pub node: String,
+    pub desired: Desired,
+    /// `pending` (not reported yet), the runtime's state (`running`, `stopped`, …),
+    /// `node-offline`, `migrating` or `removing`.
+    pub state: String,
+    pub runtime: RuntimeKind,
+    pub decision: RuntimeDecision,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<WorkloadStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_ms: Option<u64>,
+    /// The active migration, if one is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event: Option<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub spec: WorkloadSpec,
+    /// The placement explanation (single-workload answers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementDecision>,
+}
+
+/// One feasible node's score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NodeScore {
+    pub node: String,
+    pub total: f64,
+    /// Score components by name (`link`, `load`, `runtime`, `prefer_client`, `cost`).
+    pub parts: BTreeMap<String, f64>,
+    /// How the workload would run there.
+    pub runtime: RuntimeDecision,
+}
+
+/// A node ruled out, with every filter it failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Filtered {
+    pub node: String,
+    pub reasons: Vec<String>,
+}
+
+/// The answer of placement: the chosen node, how it runs there, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = Placement))]
+pub struct PlacementDecision {
+    pub workload: String,
+    /// `None` when no node is feasible.
+    pub chosen: Option<String>,
+    pub runtime: Option<RuntimeDecision>,
+    /// Feasible nodes, best first (at most the broker's listing limit).
+    pub scores: Vec<NodeScore>,
+    /// Infeasible nodes with their reasons (at most the broker's listing limit).
+    pub filtered: Vec<Filtered>,
+    pub feasible_count: usize,
+    pub filtered_count: usize,
+    /// One sentence for people.
+    pub why: String,
+}
+
+/// The answer of a compatibility check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Compatibility {
+    pub allowed: bool,
+    /// How the workload would move (meaningful when allowed).
+    pub mode: MigrationMode,
+    /// One sentence for people.
+    pub reason: String,
+    /// Each rule checked, passed or not.
+    pub checks: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Rule {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// `POST /v1/migrations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRequest {
+    pub workload: String,
+    /// Target node; omitted: the broker chooses the best-scoring compatible node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Containers: `stop-copy`, `staged`, `lazy` or `auto` (default; the source agent decides from
+    /// the workload's write rate and the link, and says why in the report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::container_mode_schema))]
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Recorded; the source has not yet received the order.
+    Pending,
+    /// Delivered to the source in a heartbeat answer.
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl MigrationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationState::Pending => "pending",
+            MigrationState::Running => "running",
+            MigrationState::Succeeded => "succeeded",
+            MigrationState::Failed => "failed",
+        }
+    }
+    pub fn is_active(self) -> bool {
+        matches!(self, MigrationState::Pending | MigrationState::Running)
+    }
+}
+
+/// A migration as `GET /v1/migrations` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = Migration))]
+pub struct MigrationRecord {
+    pub id: String,
+    pub workload: String,
+    pub source: String,
+    pub target: String,
+    pub state: MigrationState,
+    /// `user` (the request named the target) or `broker` (best-scoring compatible node).
+    pub chosen_by: String,
+    /// Why this target, for people.
+    pub why: String,
+    pub compatibility: Compatibility,
+    pub requested_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<MigrationReport>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The container migration mode asked for (none: `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+/// One thing that happened. `kind` is one of `node-registered`, `node-online`,
+/// `node-offline`, `node-draining`, `node-undrained`, `workload-placed`,
+/// `workload-running`, `workload-stopped`, `workload-failed`, `workload-removing`,
+/// `workload-removed`, `workload-stale-copy`, `migration-requested`, `migration-started`,
+/// `migration-succeeded`, `migration-failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BrokerEvent {
+    /// Increasing within one broker process.
+    pub seq: u64,
+    pub at_ms: u64,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
+    pub message: String,
+}
+
+/// The answer of `POST /v1/workloads`: the stored workload (absent on a dry run) and
+/// where placement put it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SubmitAnswer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadView>,
+    pub placement: PlacementDecision,
+}
+
+/// The answer of `POST /v1/migrations`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MigrationAccepted {
+    pub migration: MigrationRecord,
+}
+
+/// Every error answer of the broker: an `ApiError`, and for some the full explanation
+/// (a 422 placement or compatibility verdict, the migration a 409 conflicts with).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ErrorBody {
+    #[serde(flatten)]
+    pub error: ApiError,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementDecision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compatibility: Option<Compatibility>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationRecord>,
+}
