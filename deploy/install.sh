@@ -7,6 +7,7 @@
 #                  Unexpected rt vDSO area bounds") and 4.1 cannot dump TCP sockets on kernels
 #                  >= 6.16 (SO_PASSCRED became AF_UNIX-only; fixed in CRIU 4.2).
 #   guest kernel   vmlinuz + virtio-net modules of Debian's linux-image-amd64 -> /opt/away-guest
+#   schemathesis   pinned, in its own venv /opt/away-schemathesis (tests/schemathesis.sh)
 #
 # A second run changes nothing and takes about a second. Daemons are started by
 # deploy/services.sh, not here. Environment: DEBIAN_MIRROR (default: the first archive in
@@ -16,7 +17,7 @@ HERE=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
 # shellcheck source=lib.sh
 . "$HERE/lib.sh"
 
-case ${1:-} in -h|--help) sed -n '2,13p' "$0"; exit 0 ;; esac
+case ${1:-} in -h|--help) sed -n '2,14p' "$0"; exit 0 ;; esac
 
 system_mirror() {
   { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' || true
@@ -28,7 +29,7 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-$(system_mirror)}
 
 APT_PKGS=(runc containerd docker.io tini iptables busybox-static cpio
           protobuf-compiler libprotobuf-dev pkg-config libssl-dev sqlite3 libsqlite3-dev
-          iproute2 ca-certificates gzip xz-utils zstd e2fsprogs fonts-dejavu-core)
+          iproute2 ca-certificates gzip xz-utils zstd e2fsprogs fonts-dejavu-core python3-venv)
 QEMU_PKGS=(qemu-system-x86 qemu-utils)
 
 pkg_installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" = "ii " ]; }
@@ -221,21 +222,25 @@ install_guest_kernel() {
   log "guest kernel: $GUEST_DIR/vmlinuz -> $(basename "$vmlinuz")"
 }
 
-# schemathesis fuzzes the broker's API against its OpenAPI document (tests/schemathesis.sh)
+# schemathesis fuzzes the broker's API against its OpenAPI document (tests/schemathesis.sh).
+# It lives in its own virtual environment: Debian's Python refuses global pip installs
+# (PEP 668), and a venv keeps its dependencies from shadowing Debian's Python packages.
 SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV=/opt/away-schemathesis
 install_schemathesis() {
   local have
-  have=$(python3 -m pip show schemathesis 2>/dev/null | awk '/^Version:/ {print $2}' || true)
+  have=$("$SCHEMATHESIS_VENV/bin/python" -m pip show schemathesis 2>/dev/null | awk '/^Version:/ {print $2}' || true)
   if [ "$have" = "$SCHEMATHESIS_VERSION" ]; then
-    log "schemathesis: $have"
+    log "schemathesis: $have ($SCHEMATHESIS_VENV)"
     return 0
   fi
-  command -v python3 >/dev/null 2>&1 || die "python3 not found; schemathesis needs Python 3.10+"
   CHANGED+=(schemathesis)
-  # Debian's system Python refuses global pip installs (PEP 668) without the flag; other Pythons ignore it
-  python3 -m pip install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" ||
-    python3 -m pip install -q --disable-pip-version-check --break-system-packages "schemathesis==$SCHEMATHESIS_VERSION"
-  log "schemathesis: $SCHEMATHESIS_VERSION"
+  # Debian's own Python (python3-venv from the apt step), whatever python3 is first on PATH
+  [ -x "$SCHEMATHESIS_VENV/bin/python" ] || /usr/bin/python3 -m venv "$SCHEMATHESIS_VENV" ||
+    die "cannot create a Python venv in $SCHEMATHESIS_VENV (python3-venv missing?)"
+  "$SCHEMATHESIS_VENV/bin/python" -m pip install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION" ||
+    die "pip could not install schemathesis==$SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV"
+  log "schemathesis: $SCHEMATHESIS_VERSION ($SCHEMATHESIS_VENV)"
 }
 
 check_toolchain() {

@@ -6,13 +6,15 @@
 # Any failed check fails the script.
 #   AWAY_BIN                   the away binary (default: $CARGO_TARGET_DIR or target, /debug/away)
 #   SCHEMATHESIS_MAX_EXAMPLES  examples per operation (default 100)
+#   SCHEMATHESIS               the schemathesis command (default: deploy/install.sh's venv)
 #   SCHEMATHESIS_SEED          a seed, to replay a run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 away=${AWAY_BIN:-${CARGO_TARGET_DIR:-target}/debug/away}
 max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-100}
-command -v schemathesis >/dev/null || { echo "schemathesis is not installed (deploy/install.sh installs it)" >&2; exit 1; }
+schemathesis=${SCHEMATHESIS:-/opt/away-schemathesis/bin/schemathesis}
+[ -x "$schemathesis" ] || { echo "schemathesis is not installed at $schemathesis (deploy/install.sh installs it)" >&2; exit 1; }
 [ -x "$away" ] || { echo "no away binary at $away: build it (cargo build -p away) or set AWAY_BIN" >&2; exit 1; }
 
 work=$(mktemp -d)
@@ -90,7 +92,7 @@ args=(--config-file tests/schemathesis.toml run "$base/v1/openapi.json" --max-ex
     --exclude-path /v1/events --request-timeout 10 --no-color)
 [ -n "${SCHEMATHESIS_SEED:-}" ] && args+=(--seed "$SCHEMATHESIS_SEED")
 status=0
-SCHEMATHESIS_HOOKS=tests/schemathesis_hooks.py schemathesis "${args[@]}" || status=$?
+SCHEMATHESIS_HOOKS=tests/schemathesis_hooks.py "$schemathesis" "${args[@]}" || status=$?
 if [ "$status" -ne 0 ]; then
     echo "==> broker log (last 50 lines)" >&2
     tail -n 50 "$work/broker.log" >&2
