@@ -190,10 +190,9 @@ pub async fn migrate_vm_via_agent(
         client.upload_image(&image.tar).await?;
     }
     let mut target = RemoteVmTarget { client, name: name.to_string() };
-    let (mut report, _) =
-        away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, progress).await.map_err(
-            |e| MigrateError::Target { target: there.node.name.clone(), message: away_migrate::vm::error_chain(&e) },
-        )?;
+    let (mut report, _) = away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, progress)
+        .await
+        .map_err(|e| MigrateError::Target { target: there.node.name.clone(), message: error_chain(&e) })?;
     report.source = here.name;
     report.target = there.node.name;
     report.reason = format!("{}; {}", compat.reason, report.reason);

@@ -10,10 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use away_migrate::vm::{
-    error_chain, migrate_vm_to, LocalVmTarget, VmMigrateError, VmMigrationOptions, VmProgress, VmTarget,
-};
-use away_model::Accel;
+use away_migrate::vm::{migrate_vm_to, LocalVmTarget, VmMigrateError, VmMigrationOptions, VmProgress, VmTarget};
+use away_model::{error_chain, Accel};
 use away_model::{ByteSize, Resources, WorkloadSpec};
 use away_runtime::host::HostPaths;
 use away_runtime::qemu::QemuRuntime;

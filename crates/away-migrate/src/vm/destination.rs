@@ -3,12 +3,12 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use away_model::WorkloadSpec;
+use away_model::{error_chain, WorkloadSpec};
 use away_runtime::qemu::qmp::commands::{
     Command, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, MigrationStatus, QmpCapabilities,
     QueryMigrate,
 };
-use away_runtime::qemu::{error_chain, QemuRuntime, Qmp, QmpError, VmFiles};
+use away_runtime::qemu::{QemuRuntime, Qmp, QmpError, VmFiles};
 use away_runtime::{ResolvedImage, Runtime, RuntimeError};
 
 use super::{log_tail, Side, VmMigrateError, VmMigrationOptions, QMP_TIMEOUT};

@@ -34,8 +34,7 @@ mod source;
 
 use std::time::{Duration, Instant};
 
-use away_model::{MigrationMode, MigrationPhase, MigrationReport};
-pub use away_runtime::qemu::error_chain;
+use away_model::{error_chain, MigrationMode, MigrationPhase, MigrationReport};
 pub use away_runtime::qemu::qmp::commands::MigrationStatus;
 use away_runtime::qemu::{QemuRuntime, QmpError};
 use away_runtime::{ResolvedImage, Runtime, RuntimeError};

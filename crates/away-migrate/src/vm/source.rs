@@ -3,11 +3,12 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use away_model::error_chain;
 use away_runtime::qemu::qmp::commands::{
     Command, Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy,
     MigrationInfo, MigrationStatus, QmpCapabilities, QueryBlock, QueryMigrate, QueryStatus, Quit,
 };
-use away_runtime::qemu::{error_chain, pid_alive, QemuRuntime, Qmp, QmpError, VmRecord};
+use away_runtime::qemu::{pid_alive, QemuRuntime, Qmp, QmpError, VmRecord};
 use away_runtime::{Runtime, RuntimeError};
 
 use super::info::{outcome, sample};

@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use away_model::{Accel, RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadState, WorkloadStatus};
+use away_model::{error_chain, Accel, RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadState, WorkloadStatus};
 use serde::{Deserialize, Serialize};
 
 pub use command::{memory_mib, vcpus, VmFiles, VmLaunch};
 use qmp::commands::{Cont, Migrate, MigrateIncoming, MigrationStatus, QueryMigrate, Quit, Stop, SystemPowerdown};
-pub use qmp::{error_chain, Qmp, QmpError, QmpEvent};
+pub use qmp::{Qmp, QmpError, QmpEvent};
 
 use crate::host::{probe_kvm, HostPaths, KvmProbeConfig};
 use crate::runtime::{

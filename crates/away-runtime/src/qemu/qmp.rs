@@ -27,7 +27,7 @@ use commands::{QmpCapabilities, QueryStatus};
 
 /// A failed QMP exchange. Each variant names the socket or the command; the cause of
 /// [`QmpError::Io`], [`QmpError::Encode`] and [`QmpError::Decode`] is their `source()`,
-/// not part of their text (render the chain with [`error_chain`]).
+/// not part of their text (render the chain with `away_model::error_chain`).
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     #[error("qmp socket {socket}")]
@@ -56,10 +56,6 @@ pub enum QmpError {
         source: serde_json::Error,
     },
 }
-
-/// One line for logs and stored error text (a migration report's `error`): the
-/// workspace's one renderer of an error chain.
-pub use away_model::error_chain;
 
 /// One QMP session (QEMU serves one client at a time, so keep sessions short).
 pub struct Qmp {
