@@ -47,23 +47,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
-# its agent's API answers every GET with a log line (the broker proxies workload logs to it)
 agent_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-python3 -c '
-import http.server, sys
-class Agent(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = b"fuzz: a log line\n"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Agent).serve_forever()
-' "$agent_port" &
-agent_pid=$!
 
 # one node, online for the whole run: its agent token is read from the registration answer
 node='{"name": "fuzz-node", "tier": "edge", "arch": "amd64", "memory_bytes": 68719476736, "kernel": "6.1.0",
@@ -75,6 +59,29 @@ node='{"name": "fuzz-node", "tier": "edge", "arch": "amd64", "memory_bytes": 687
 curl -fsS -H "Authorization: Bearer $AWAY_JOIN_TOKEN" -H 'Content-Type: application/json' \
     -d "{\"node\": $node, \"api_addr\": \"127.0.0.1:$agent_port\", \"transfer_addr\": \"127.0.0.1:9\"}" \
     "$base/v1/agents/register" >"$work/registered.json"
+# its agent's API answers every GET with a log line (the broker proxies workload logs to
+# it) and, like a real agent, only when the cluster token comes with it (from the
+# registration answer, passed in the environment)
+export AWAY_FUZZ_CLUSTER_TOKEN
+AWAY_FUZZ_CLUSTER_TOKEN=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["cluster_token"])' "$work/registered.json")
+python3 -c '
+import http.server, os, sys
+want = "Bearer " + os.environ["AWAY_FUZZ_CLUSTER_TOKEN"]
+class Agent(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.headers.get("Authorization") == want
+        body = b"fuzz: a log line\n" if ok else b"missing or wrong cluster token\n"
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Agent).serve_forever()
+' "$agent_port" &
+agent_pid=$!
+
 agent_token=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["agent_token"])' "$work/registered.json")
 printf '{"node": %s, "load": {"cpu_percent": 1, "memory_used_bytes": 0, "workloads": 0}, "workloads": [], "events": []}' \
     "$node" >"$work/heartbeat.json"
