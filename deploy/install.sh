@@ -8,6 +8,14 @@
 #                  >= 6.16 (SO_PASSCRED became AF_UNIX-only; fixed in CRIU 4.2).
 #   guest kernel   vmlinuz + virtio-net modules of Debian's linux-image-amd64 -> /opt/away-guest
 #   schemathesis   pinned, in its own venv /opt/away-schemathesis (tests/schemathesis.sh)
+#   runtimes       a runtime profile in /opt/away-runtimes/NAME, made the active one:
+#                    current   (default) containerd 2.1 and Docker 28 from Debian's newest line
+#                              ($AWAY_RUNTIME_SUITE, default forky), unpacked beside the system
+#                              from packages checked through apt's signed index; the newest
+#                              runc whose package runs on this glibc
+#                    debian12  Debian 12's own containerd 1.6, Docker 20.10 and runc 1.1
+#                  usage: install.sh [--profile current|debian12]; then services.sh restart.
+#                  Without --profile (or AWAY_RUNTIME_PROFILE) the active profile stays.
 #
 # A second run changes nothing and takes about a second. Daemons are started by
 # deploy/services.sh, not here. Environment: DEBIAN_MIRROR (default: the first archive in
@@ -17,7 +25,18 @@ HERE=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
 # shellcheck source=lib.sh
 . "$HERE/lib.sh"
 
-case ${1:-} in -h|--help) sed -n '2,14p' "$0"; exit 0 ;; esac
+# default: the profile already active (a re-run keeps the user's choice), else current
+PROFILE=${AWAY_RUNTIME_PROFILE:-}
+while [ $# -gt 0 ]; do
+  case $1 in
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --profile) [ $# -ge 2 ] || die "--profile needs a name: current or debian12"; PROFILE=$2; shift 2 ;;
+    --profile=*) PROFILE=${1#--profile=}; shift ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+done
+[ -n "$PROFILE" ] || { PROFILE=$(active_profile); [ "$PROFILE" != none ] || PROFILE=current; }
+case $PROFILE in current|debian12) ;; *) die "unknown runtime profile '$PROFILE': choose current or debian12" ;; esac
 
 system_mirror() {
   { grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' || true
@@ -243,6 +262,132 @@ install_schemathesis() {
   log "schemathesis: $SCHEMATHESIS_VERSION ($SCHEMATHESIS_VENV)"
 }
 
+# --- runtime profiles (docs/runtimes.md) -------------------------------------------------
+RUNTIME_SUITE=${AWAY_RUNTIME_SUITE:-forky}
+# What the current profile takes from $RUNTIME_SUITE: containerd (with its shim and ctr),
+# dockerd + docker-proxy, the docker CLI. docker-init is Debian 12's tini-static.
+CURRENT_PKGS=(containerd docker.io docker-cli)
+# runc candidates, newest line first: the first whose binary runs here wins (forky's 1.3
+# and trixie's 1.1.15 are built against glibc 2.38; Debian 12 has 2.36).
+RUNC_SUITES=(forky trixie)
+
+# runtime_apt SUITE -> APT_OPTS for a private apt config with that binary suite
+runtime_apt() {
+  local d=$APT_PRIV/runtimes-$1
+  mkdir -p "$d/lists/partial" "$d/sources.list.d"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $DEBIAN_MIRROR $1 main" >"$d/sources.list"
+  apt_priv_opts "$d" "$d/sources.list.d"
+  APT_OPTS+=(-o APT::Sandbox::User=root)
+  # apt checks the index's signature; `download` then checks each package against it
+  case " ${RUNTIME_APT_READ:-} " in *" $1 "*) return 0 ;; esac
+  apt-get "${APT_OPTS[@]}" update -q >/dev/null || die "apt could not read $1 at $DEBIAN_MIRROR"
+  RUNTIME_APT_READ="${RUNTIME_APT_READ:-} $1"
+}
+
+# profile_link NAME TARGET: a binary of the profile being built
+profile_link() { ln -sfn "$2" "$STAGE/bin/$1"; }
+
+profile_marker() {  # what a complete profile records; a different one means: build again
+  case $1 in
+    current) echo "suite=$RUNTIME_SUITE pkgs=${CURRENT_PKGS[*]} layout=1" ;;
+    debian12) echo "system packages layout=1" ;;
+  esac
+}
+profile_ok() { [ -f "$RUNTIMES_DIR/$1/.away-installed" ] && grep -qxF "$(profile_marker "$1")" "$RUNTIMES_DIR/$1/.away-installed"; }
+
+build_debian12_profile() {
+  local b
+  for b in containerd containerd-shim-runc-v2 ctr; do profile_link "$b" "/usr/bin/$b"; done
+  for b in runc dockerd docker-proxy; do profile_link "$b" "/usr/sbin/$b"; done
+  profile_link docker-init /usr/bin/tini-static
+  profile_link docker /usr/bin/docker
+  # Debian 12's packages keep their state where they put it
+  if [ -f /etc/containerd/config.toml ]; then
+    printf '%s\n' "--config" "/etc/containerd/config.toml" >"$STAGE/containerd.flags"
+  else
+    : >"$STAGE/containerd.flags"
+  fi
+  : >"$STAGE/dockerd.flags"
+  for b in containerd docker.io runc; do echo "$b $(pkg_version "$b") (Debian 12)"; done >"$STAGE/PACKAGES"
+}
+
+build_current_profile() {
+  local tmp; tmp=$(mktemp -d /tmp/away-runtimes.XXXXXX)
+  runtime_apt "$RUNTIME_SUITE"
+  log "downloading ${CURRENT_PKGS[*]} from $RUNTIME_SUITE"
+  (cd "$tmp" && apt-get "${APT_OPTS[@]}" download -q "${CURRENT_PKGS[@]}" >/dev/null) ||
+    die "could not download ${CURRENT_PKGS[*]} from $RUNTIME_SUITE"
+  local f b
+  for f in "$tmp"/*.deb; do dpkg-deb -x "$f" "$tmp/root"; done
+  for b in usr/bin/containerd usr/bin/containerd-shim-runc-v2 usr/bin/ctr usr/sbin/dockerd usr/sbin/docker-proxy usr/bin/docker; do
+    [ -x "$tmp/root/$b" ] || die "$RUNTIME_SUITE's packages have no $b"
+    install -m 755 "$tmp/root/$b" "$STAGE/bin/"
+  done
+  for b in containerd dockerd docker; do
+    "$STAGE/bin/$b" --version >/dev/null 2>"$tmp/err" ||
+      die "$b from $RUNTIME_SUITE does not run on this system: $(head -c 300 "$tmp/err")"
+  done
+  profile_link docker-init /usr/bin/tini-static
+  { for f in "$tmp"/*.deb; do dpkg-deb -W --showformat='${Package} ${Version}\n' "$f"; done; } >"$STAGE/PACKAGES"
+  install_newest_runc "$tmp"
+  # Own state directories: containerd 2 and Docker 28 migrate their stores forward, and
+  # Debian 12's daemons must not meet a store a newer version has rewritten.
+  local state=/var/lib/away-runtimes/current
+  cat >"$STAGE/containerd.toml" <<EOF
+# containerd of away's "current" runtime profile (written by deploy/install.sh).
+# version 2 is read by containerd 1.6 and 2.x alike (2.x migrates it in memory).
+version = 2
+root = "$state/containerd"
+state = "/run/containerd"
+# Kubernetes' CRI plugin serves nothing away uses
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+EOF
+  printf '%s\n' "--config" "$RUNTIMES_DIR/current/containerd.toml" >"$STAGE/containerd.flags"
+  printf '%s\n' "--data-root" "$state/docker" >"$STAGE/dockerd.flags"
+  rm -rf "$tmp"
+}
+
+install_newest_runc() {  # into $STAGE/bin/runc: the newest candidate that runs here
+  local tmp=$1 s deb out
+  for s in "${RUNC_SUITES[@]}"; do
+    runtime_apt "$s"
+    rm -rf "$tmp/runc"; mkdir -p "$tmp/runc"
+    if ! (cd "$tmp/runc" && apt-get "${APT_OPTS[@]}" download -q runc >/dev/null 2>&1); then
+      warn "no runc package in $s"; continue
+    fi
+    deb=$(ls "$tmp"/runc/runc_*.deb)
+    dpkg-deb -x "$deb" "$tmp/runc/root"
+    if out=$("$tmp/runc/root/usr/sbin/runc" --version 2>&1); then
+      install -m 755 "$tmp/runc/root/usr/sbin/runc" "$STAGE/bin/runc"
+      log "runc: $(echo "$out" | head -n 1) from $s"
+      dpkg-deb -W --showformat='${Package} ${Version}\n' "$deb" >>"$STAGE/PACKAGES"
+      return 0
+    fi
+    log "runc $(dpkg-deb -f "$deb" Version) from $s does not run here: $(echo "$out" | grep -o "GLIBC_[0-9.]*' not found" | head -n 1)"
+  done
+  /usr/sbin/runc --version >/dev/null 2>&1 || die "no runc runs on this system"
+  log "runc: Debian 12's $(pkg_version runc), the newest whose package runs on glibc $(ldd --version | awk 'NR==1 {print $NF}')"
+  profile_link runc /usr/sbin/runc
+  echo "runc $(pkg_version runc) (Debian 12)" >>"$STAGE/PACKAGES"
+}
+
+install_runtime_profile() {
+  if ! profile_ok "$PROFILE"; then
+    CHANGED+=("runtimes-$PROFILE")
+    STAGE=$RUNTIMES_DIR/$PROFILE.new
+    rm -rf "$STAGE"; mkdir -p "$STAGE/bin"
+    "build_${PROFILE}_profile"
+    profile_marker "$PROFILE" >"$STAGE/.away-installed"
+    rm -rf "${RUNTIMES_DIR:?}/$PROFILE"; mv "$STAGE" "$RUNTIMES_DIR/$PROFILE"
+  fi
+  if [ "$(active_profile)" != "$PROFILE" ]; then
+    CHANGED+=("active-profile")
+    ln -sfn "$PROFILE" "$RT_ACTIVE.new" && mv -T "$RT_ACTIVE.new" "$RT_ACTIVE"
+    log "active runtime profile: $PROFILE (daemons already running keep their version until: deploy/services.sh restart)"
+  fi
+  log "runtimes ($PROFILE): $(paste -sd, "$RT_ACTIVE/PACKAGES" | sed 's/,/, /g')"
+}
+
 check_toolchain() {
   command -v cargo >/dev/null 2>&1 ||
     die "cargo not found; Debian bookworm's rustc (1.63) is too old for away - install a rustup toolchain (1.80+)"
@@ -256,5 +401,6 @@ step apt-packages install_apt_packages
 step criu install_criu
 step criu-check verify_criu
 step guest-kernel install_guest_kernel
+step runtimes install_runtime_profile
 step toolchain check_toolchain
 step schemathesis install_schemathesis

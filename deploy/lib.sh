@@ -7,10 +7,17 @@ CRIU_LINK=/usr/local/sbin/criu          # -> $CRIU_PREFIX/sbin/criu
 GUEST_DIR=/opt/away-guest               # guest kernel for QEMU (VM boot artifacts)
 CTR_SOCK=/run/containerd/containerd.sock
 DOCKER_SOCK=/run/docker.sock
-DOCKER=/usr/bin/docker                  # not /usr/local/bin/docker (a newer CLI may shadow it)
-# /usr/local/sbin first: away's criu must win over any /usr/sbin/criu,
-# and containerd/dockerd/shims/runc inherit this PATH.
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin${PATH:+:$PATH}
+# Runtime profiles (deploy/install.sh --profile, docs/runtimes.md): each is a directory
+# $RUNTIMES_DIR/NAME with bin/ (containerd, containerd-shim-runc-v2, ctr, runc, dockerd,
+# docker-proxy, docker-init, docker) and the daemons' flags; `active` links to the chosen
+# one. away's binaries look there too (away_runtime::host::runtime_bin).
+RUNTIMES_DIR=/opt/away-runtimes
+RT_ACTIVE=$RUNTIMES_DIR/active
+RT_BIN=$RT_ACTIVE/bin
+DOCKER=$RT_BIN/docker                   # the profile's CLI, not whatever docker is first on PATH
+# the profile's binaries first: containerd/dockerd/shims/runc inherit this PATH;
+# then /usr/local/sbin, so that away's criu wins over any /usr/sbin/criu.
+export PATH=$RT_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin${PATH:+:$PATH}
 export DEBIAN_FRONTEND=noninteractive
 
 log()  { printf '\033[1;34m[away-deploy]\033[0m %s\n' "$*"; }
@@ -45,5 +52,9 @@ wait_for() {  # wait_for SECONDS CMD... : poll CMD every 0.5 s
 }
 
 # (ctr waits 10 s for a missing socket, hence the -S test and --connect-timeout)
-containerd_up() { [ -S "$CTR_SOCK" ] && timeout 15 ctr --address "$CTR_SOCK" --connect-timeout 2s version >/dev/null 2>&1; }
+containerd_up() { [ -S "$CTR_SOCK" ] && timeout 15 "$RT_BIN/ctr" --address "$CTR_SOCK" --connect-timeout 2s version >/dev/null 2>&1; }
 dockerd_up()    { [ -S "$DOCKER_SOCK" ] && [ -x "$DOCKER" ] && timeout 15 "$DOCKER" -H "unix://$DOCKER_SOCK" version >/dev/null 2>&1; }
+
+active_profile() { basename "$(readlink -f "$RT_ACTIVE" 2>/dev/null || echo none)"; }
+# profile_flags DAEMON: that daemon's extra flags in the active profile (one per line)
+profile_flags() { [ -f "$RT_ACTIVE/$1.flags" ] && grep -v '^#' "$RT_ACTIVE/$1.flags" || true; }

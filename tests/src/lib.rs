@@ -167,3 +167,9 @@ pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
+
+/// The docker CLI of the active runtime profile (docs/runtimes.md), so that a test talks
+/// to dockerd with the CLI that came with it.
+pub fn docker_cli() -> PathBuf {
+    away_runtime::host::runtime_bin("docker")
+}

@@ -21,7 +21,8 @@ fn installed_state() -> String {
         .arg(
             "dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\\n' | sort | sha256sum; \
              stat -c '%n %s %Y' /usr/local/sbin/criu /opt/away-criu/sbin/criu /opt/away-criu/.away-installed /opt/away-guest/vmlinuz /opt/away-guest/VERSION; \
-             readlink /opt/away-guest/vmlinuz; ls -la /usr/sbin/policy-rc.d 2>&1",
+             readlink /opt/away-guest/vmlinuz; ls -la /usr/sbin/policy-rc.d 2>&1; \
+             readlink /opt/away-runtimes/active; stat -c '%n %s %Y' /opt/away-runtimes/active/bin/* /opt/away-runtimes/active/.away-installed",
         )
         .output()
         .unwrap();

@@ -15,7 +15,9 @@ use away_e2e::{away_json, free_port, require, require_root, require_socket, work
 const APPS: [&str; 3] = ["counter", "memload", "labdesk"];
 const CONTAINERD: &str = "/run/containerd/containerd.sock";
 const DOCKERD: &str = "/run/docker.sock";
-const DOCKER: &str = "/usr/bin/docker";
+fn docker() -> String {
+    away_e2e::docker_cli().display().to_string()
+}
 const NS: &str = "away-test";
 
 /// The app's port variable and a line its log must show.
@@ -212,32 +214,35 @@ struct DockerCleanup {
 
 impl Drop for DockerCleanup {
     fn drop(&mut self) {
-        let _ = run(DOCKER, &["rm", "-f", &self.name]);
-        let _ = run(DOCKER, &["rmi", &self.image]);
+        let _ = run(&docker(), &["rm", "-f", &self.name]);
+        let _ = run(&docker(), &["rmi", &self.image]);
     }
 }
 
 #[test]
 fn images_load_and_run_in_docker() {
-    if !require_root() || !require_socket(DOCKERD, "dockerd") || !require(Path::new(DOCKER).exists(), DOCKER) {
+    if !require_root()
+        || !require_socket(DOCKERD, "dockerd")
+        || !require(Path::new(&docker()).exists(), "the docker CLI")
+    {
         return;
     }
     for app in APPS {
         let tar = image_tar(app);
         let name = format!("away-e2e-{app}-{}", std::process::id());
         let _cleanup = DockerCleanup { name: name.clone(), image: tag(app) };
-        let out = must(DOCKER, &["load", "-i", tar.to_str().unwrap()]);
+        let out = must(&docker(), &["load", "-i", tar.to_str().unwrap()]);
         assert!(out.contains(&format!("Loaded image: {}", tag(app))), "{out}");
         let port = free_port();
         let publish = format!("127.0.0.1:{port}:8080");
-        must(DOCKER, &["run", "-d", "--name", &name, "-p", &publish, &tag(app)]);
+        must(&docker(), &["run", "-d", "--name", &name, "-p", &publish, &tag(app)]);
         check_app_http(app, port, "docker");
         let (_, log_needle) = app_facts(app);
-        let text = wait_log(|| run(DOCKER, &["logs", &name]).1, log_needle, Duration::from_secs(15));
+        let text = wait_log(|| run(&docker(), &["logs", &name]).1, log_needle, Duration::from_secs(15));
         println!("{app} in docker, log:\n{}", text.lines().take(4).collect::<Vec<_>>().join("\n"));
         assert!(text.contains(log_needle), "{app}: log lacks {log_needle:?}:\n{text}");
         let start = Instant::now();
-        must(DOCKER, &["stop", "-t", "10", &name]);
+        must(&docker(), &["stop", "-t", "10", &name]);
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "{app}: docker stop took {:?} (SIGTERM ignored?)",

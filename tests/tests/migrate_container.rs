@@ -172,7 +172,7 @@ fn migrate(w: &Workload, agent: &Agent, extra: &[&str]) -> (bool, Value, String)
 /// Running Docker containers of workload `name` on this host's one engine, which the
 /// test's source and target nodes share (so `away ps` of either node sees both).
 fn docker_running(name: &str) -> usize {
-    let out = Command::new("/usr/bin/docker")
+    let out = Command::new(away_e2e::docker_cli())
         .args(["ps", "-q", "--filter", &format!("label=away.workload={name}")])
         .output()
         .unwrap();
@@ -200,7 +200,7 @@ fn marker_rootfs(runtime: &str, node: &Node, name: &str) -> PathBuf {
             PathBuf::from(format!("/run/containerd/io.containerd.runtime.v2.task/{}/{name}/rootfs", node.ns))
         }
         _ => {
-            let out = Command::new("/usr/bin/docker")
+            let out = Command::new(away_e2e::docker_cli())
                 .args(["inspect", "-f", "{{.GraphDriver.Data.MergedDir}}", name])
                 .output()
                 .unwrap();

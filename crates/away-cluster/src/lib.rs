@@ -155,12 +155,13 @@ fn nsenter(ns: &str) -> Vec<String> {
 }
 
 /// Start a process detached from the caller, logging to `log`, its PID in `pidfile`.
-fn spawn(argv: &[String], log: &Path, pidfile: &Path) -> Result<u32, ClusterError> {
+fn spawn(argv: &[String], log: &Path, pidfile: &Path, env: &[(&str, std::ffi::OsString)]) -> Result<u32, ClusterError> {
     use std::os::unix::process::CommandExt;
     let out = std::fs::File::create(log).map_err(io(log))?;
     let err = out.try_clone().map_err(io(log))?;
     let child = Command::new(&argv[0])
         .args(&argv[1..])
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -257,7 +258,7 @@ fn up_inner(plan: &ClusterPlan) -> Result<ClusterInfo, ClusterError> {
         user.clone(),
     ]);
     std::fs::write(run.join("broker.argv"), serde_json::to_vec(&argv).expect("argv")).map_err(io(&run))?;
-    spawn(&argv, &broker_log, &run.join("broker.pid"))?;
+    spawn(&argv, &broker_log, &run.join("broker.pid"), &[])?;
     wait_until("broker", &broker_log, 30, || tcp_answers(&broker_addr))?;
 
     let mut nodes = Vec::new();
@@ -342,9 +343,14 @@ fn node_up(
     let ctr_log = run.join("containerd.log");
     let argv: Vec<String> = nsenter(&ns)
         .into_iter()
-        .chain(["containerd".to_string(), "--config".into(), cfg.display().to_string()])
+        .chain([
+            away_runtime::host::runtime_bin("containerd").display().to_string(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ])
         .collect();
-    spawn(&argv, &ctr_log, &run.join("containerd.pid"))?;
+    // PATH: the shim and runc it starts are the active runtime profile's
+    spawn(&argv, &ctr_log, &run.join("containerd.pid"), &[("PATH", away_runtime::host::runtime_path())])?;
     wait_until(&format!("containerd of {}", n.name), &ctr_log, 30, || {
         std::os::unix::net::UnixStream::connect(&sock).is_ok()
     })?;
@@ -388,7 +394,7 @@ fn node_up(
         "--broker".into(),
         format!("http://{broker}"),
     ]);
-    spawn(&argv, &agent_log, &run.join("agent.pid"))?;
+    spawn(&argv, &agent_log, &run.join("agent.pid"), &[("PATH", away_runtime::host::runtime_path())])?;
     wait_until(&format!("agent {}", n.name), &agent_log, 60, || tcp_answers(&node.api))?;
     Ok(node)
 }
@@ -406,7 +412,7 @@ pub fn start_broker(name: &str) -> Result<(), ClusterError> {
     let info = info(name).ok_or_else(|| ClusterError::Invalid(format!("cluster {name} is not up")))?;
     let addr = info.broker_url.trim_start_matches("http://").to_string();
     let log = run.join("broker.log");
-    spawn(&argv, &log, &run.join("broker.pid"))?;
+    spawn(&argv, &log, &run.join("broker.pid"), &[])?;
     wait_until("broker", &log, 30, || tcp_answers(&addr))
 }
 

@@ -147,7 +147,7 @@ impl ContainerdRuntime {
         let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
         let mut cmd = tokio::process::Command::new("nsenter");
         cmd.arg(format!("--net={}", netns.display()))
-            .arg("runc")
+            .arg(crate::host::runtime_bin("runc"))
             .args(runc_lazy_checkpoint(&self.namespace, name, opts, &work).args())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -54,7 +54,7 @@ impl Default for HostPaths {
         HostPaths {
             containerd_socket: env("AWAY_CONTAINERD_SOCKET", "/run/containerd/containerd.sock"),
             docker_socket: env("AWAY_DOCKER_SOCKET", "/run/docker.sock"),
-            runc: which("runc").unwrap_or_else(|| "/usr/sbin/runc".into()),
+            runc: runtime_bin("runc"),
             criu: which("criu").unwrap_or_else(|| "/usr/local/sbin/criu".into()),
             qemu: which("qemu-system-x86_64").unwrap_or_else(|| "/usr/bin/qemu-system-x86_64".into()),
             guest_kernel: env("AWAY_GUEST_KERNEL", "/opt/away-guest/vmlinuz"),
@@ -67,6 +67,33 @@ impl Default for HostPaths {
             kvm_probe_cache: env("AWAY_KVM_PROBE_CACHE", "/var/cache/away/kvm-probe.json"),
         }
     }
+}
+
+/// Where the active runtime profile keeps its binaries: containerd, its shim, ctr, runc,
+/// dockerd, docker (chosen by `deploy/install.sh --profile`, see docs/runtimes.md).
+/// `AWAY_RUNTIME_BIN` names another directory.
+pub fn runtime_bin_dir() -> PathBuf {
+    std::env::var_os("AWAY_RUNTIME_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/away-runtimes/active/bin"))
+}
+
+/// `name` from the active runtime profile, else from PATH: the runc that checkpoints a
+/// task and the containerd a node starts must be those of the daemons that run.
+pub fn runtime_bin(name: &str) -> PathBuf {
+    let in_profile = runtime_bin_dir().join(name);
+    if in_profile.is_file() {
+        return in_profile;
+    }
+    which(name).unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// PATH for a daemon away starts (a node's containerd): the profile's binaries first, so
+/// that the shims and the runc it runs are the profile's too.
+pub fn runtime_path() -> std::ffi::OsString {
+    let mut dirs = vec![runtime_bin_dir()];
+    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    std::env::join_paths(dirs).unwrap_or_default()
 }
 
 /// First match of `name` in PATH, with the sbin directories that root's PATH may lack.
@@ -177,6 +204,37 @@ pub struct CgroupStatus {
     pub filesystem: String,
 }
 
+/// The runtime profile `deploy/install.sh --profile` made active (docs/runtimes.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RuntimeProfile {
+    /// `current` or `debian12`.
+    pub name: String,
+    pub bin_dir: PathBuf,
+    /// The Debian packages its binaries come from, `name version` each.
+    pub packages: Vec<String>,
+}
+
+impl RuntimeProfile {
+    /// The active profile, or None on a host where install.sh made none.
+    pub fn active() -> Option<RuntimeProfile> {
+        let bin_dir = runtime_bin_dir();
+        let dir = std::fs::canonicalize(bin_dir.parent()?).ok()?;
+        let packages = std::fs::read_to_string(dir.join("PACKAGES")).ok()?;
+        Some(RuntimeProfile {
+            name: dir.file_name()?.to_string_lossy().into_owned(),
+            bin_dir,
+            packages: packages.lines().map(str::to_string).filter(|l| !l.is_empty()).collect(),
+        })
+    }
+
+    /// The upstream version (before Debian's `+ds1-5`, `~ds1`) of package `pkg`.
+    pub fn upstream_version(&self, pkg: &str) -> Option<&str> {
+        let line = self.packages.iter().find(|l| l.split(' ').next() == Some(pkg))?;
+        let version = line.split(' ').nth(1)?;
+        version.split(['+', '~', '-']).next()
+    }
+}
+
 /// Everything `away doctor` knows about this host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostReport {
@@ -187,6 +245,8 @@ pub struct HostReport {
     pub cpu: CpuInfo,
     pub cgroup: CgroupStatus,
     pub overlayfs: bool,
+    #[serde(default)]
+    pub runtime_profile: Option<RuntimeProfile>,
     pub containerd: ContainerdStatus,
     pub docker: DockerStatus,
     pub runc: ToolStatus,
@@ -257,6 +317,7 @@ pub async fn fingerprint(opts: &FingerprintOptions) -> HostReport {
         cgroup: cgroup_status(),
         overlayfs: std::fs::read_to_string("/proc/filesystems")
             .is_ok_and(|s| s.lines().any(|l| l.trim_end().ends_with("overlay"))),
+        runtime_profile: RuntimeProfile::active(),
         containerd,
         docker,
         runc,
@@ -560,10 +621,40 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
     }
     let install = "deploy/install.sh";
     let start = "deploy/services.sh start";
+    match &r.runtime_profile {
+        Some(p) => {
+            // a daemon still running from another profile answers with its own version
+            let running = [("containerd", r.containerd.version.as_deref()), ("docker.io", r.docker.version.as_deref())];
+            let stale: Vec<String> = running
+                .iter()
+                .filter_map(|(pkg, v)| {
+                    let (want, have) = (p.upstream_version(pkg)?, (*v)?);
+                    (!have.starts_with(want)).then(|| format!("{pkg} {have} runs, the profile has {want}"))
+                })
+                .collect();
+            let detail = format!("{}: {}", p.name, p.packages.join(", "));
+            if stale.is_empty() {
+                add("runtime profile", Status::Ok, detail, None)
+            } else {
+                add(
+                    "runtime profile",
+                    Status::Warn,
+                    format!("{detail}; {}", stale.join("; ")),
+                    Some("deploy/services.sh restart"),
+                )
+            }
+        }
+        None => add(
+            "runtime profile",
+            Status::Warn,
+            format!("none in {}: the daemons found on PATH are used", runtime_bin_dir().display()),
+            Some(install),
+        ),
+    }
     match (&r.containerd.version, &r.containerd.error) {
         (Some(v), _) => add("containerd", Status::Ok, format!("{v} on {}", r.containerd.socket.display()), None),
         (None, e) => {
-            let fix = if which("containerd").is_some() { start } else { install };
+            let fix = if runtime_bin("containerd").is_file() { start } else { install };
             add("containerd", Status::Missing, e.clone().unwrap_or_default(), Some(fix))
         }
     }
@@ -585,7 +676,7 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
             Some("restart dockerd with --experimental (deploy/services.sh stop && deploy/services.sh start)"),
         ),
         (None, _) => {
-            let fix = if which("dockerd").is_some() { start } else { install };
+            let fix = if runtime_bin("dockerd").is_file() { start } else { install };
             add("docker", Status::Missing, r.docker.error.clone().unwrap_or_default(), Some(fix))
         }
     }
