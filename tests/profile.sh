@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 WANT=$1
 BEFORE=$(basename "$(readlink -f /opt/away-runtimes/active 2>/dev/null || echo current)")
 switch() {
-    AWAY_RUNTIME_PROFILE=$1 ./deploy/install.sh >/dev/null
+    ./deploy/install.sh --profile "$1" >/dev/null
     ./deploy/services.sh restart
     ./deploy/services.sh status
 }

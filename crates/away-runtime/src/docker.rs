@@ -3,7 +3,9 @@
 //! checkpoints (dockerd needs `--experimental` and CRIU on its PATH).
 //!
 //! A workload is the container named exactly like it and labelled `away.workload`;
-//! containers without that label are never touched.
+//! containers without that label are never touched. Each workload has a second
+//! container, its network-namespace holder (labelled `away.netns-of`, see
+//! [`DockerRuntime::create_netns_holder`]), which publishes its ports.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,14 @@ const KIND: RuntimeKind = RuntimeKind::Docker;
 const LABEL_WORKLOAD: &str = "away.workload";
 const LABEL_IMAGE: &str = "away.image";
 const LABEL_SPEC: &str = "away.spec";
+/// On a workload's network-namespace holder: the workload's name.
+const LABEL_NETNS_OF: &str = "away.netns-of";
+/// A holder is named `<workload><NETNS_HOLDER><ms>`: unique, so that a workload set
+/// aside during a move and its restored copy on the same engine each have their own.
+const NETNS_HOLDER: &str = ".away-net-";
+/// Where a holder sees the host's static busybox, its only program (named `busybox`:
+/// busybox picks its applet from its own name, and takes `busybox APPLET ARGS`).
+const HOLDER_PROGRAM: &str = "/.away-netns/busybox";
 /// Per-request limit until dockerd answers (image loads and CRIU dumps can take a while;
 /// streamed bodies such as followed logs are not limited).
 const REQUEST_TIMEOUT_SECS: u64 = 120;
@@ -162,7 +172,15 @@ impl DockerRuntime {
 
     /// Create (not start) the container of `spec` and return its ID; a name conflict is
     /// AlreadyExists.
-    async fn create(&self, spec: &WorkloadSpec, image: &ResolvedImage) -> Result<String, RuntimeError> {
+    ///
+    /// With `netns_holder`, the container joins that container's network namespace
+    /// (whose ports are published there) instead of getting its own.
+    async fn create(
+        &self,
+        spec: &WorkloadSpec,
+        image: &ResolvedImage,
+        netns_holder: Option<&str>,
+    ) -> Result<String, RuntimeError> {
         let spec_json = serde_json::to_string(spec).map_err(|e| RuntimeError::Failed {
             runtime: KIND,
             op: "create",
@@ -174,15 +192,14 @@ impl DockerRuntime {
             (LABEL_IMAGE.to_string(), image.reference.clone()),
             (LABEL_SPEC.to_string(), spec_json),
         ]);
-        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
-        for p in &spec.ports {
-            let binding = PortBinding { host_ip: Some("0.0.0.0".into()), host_port: Some(p.host_port().to_string()) };
-            bindings
-                .entry(format!("{}/tcp", p.container))
-                .or_insert_with(|| Some(Vec::new()))
-                .get_or_insert_with(Vec::new)
-                .push(binding);
-        }
+        let bindings = match netns_holder {
+            None => port_bindings(spec),
+            Some(_) => HashMap::new(),
+        };
+        let network_mode = match netns_holder {
+            None => "bridge".to_string(),
+            Some(holder) => format!("container:{holder}"),
+        };
         let body = ContainerCreateBody {
             image: Some(image.reference.clone()),
             // Docker adds these to the image's environment (same names win).
@@ -201,7 +218,7 @@ impl DockerRuntime {
                 memory: Some(spec.resources.memory.bytes() as i64),
                 nano_cpus: Some((spec.resources.cpus * 1e9).round() as i64),
                 port_bindings: Some(bindings),
-                network_mode: Some("bridge".into()),
+                network_mode: Some(network_mode),
                 ..Default::default()
             }),
             ..Default::default()
@@ -235,7 +252,18 @@ impl DockerRuntime {
     ) -> Result<WorkloadStatus, RuntimeError> {
         let sys = self.check_resources(spec).await?;
         self.ensure_image(image).await?;
-        let id = self.create(spec, image).await?;
+        // a taken name is refused before a holder claims (or fails on) the ports
+        if self.docker.inspect_container(&spec.name, None).await.is_ok() {
+            return Err(RuntimeError::AlreadyExists { runtime: KIND, name: spec.name.clone() });
+        }
+        let holder = self.create_netns_holder(spec, image).await?;
+        let id = match self.create(spec, image, Some(&holder)).await {
+            Ok(id) => id,
+            Err(e) => {
+                self.remove_netns_holder(&spec.name, Some(&holder)).await;
+                return Err(e);
+            }
+        };
         let name = spec.name.as_str();
         let started = async {
             match checkpoint {
@@ -250,8 +278,73 @@ impl DockerRuntime {
             if let Err(e) = self.docker.remove_container(name, Some(opts)).await {
                 warn!(workload = name, "cannot remove the container after a failed start: {}", describe(&e));
             }
+            self.remove_netns_holder(name, Some(&holder)).await;
         }
         started
+    }
+
+    /// Create and start the container that holds a workload's network namespace, with
+    /// the workload's published ports; returns its ID.
+    ///
+    /// Docker 26 and later (moby's `initializeCreatedTask`, which replaced the
+    /// `libnetwork-setkey` prestart hook) bind-mount `/proc/<task pid>/ns/net` right after
+    /// the task is created, but a task created from a checkpoint has no process until it
+    /// is started (pid 0), so `docker start --checkpoint` of a container with its own
+    /// network fails: "bind-mount /proc/0/ns/net -> …: no such file or directory"
+    /// (containerd#12141; Docker 28.5 on containerd 2.1 and 1.6 alike). A container that
+    /// joins another's namespace (`container:<id>`) skips that step, so the restored
+    /// workload joins this holder's. CRIU does not dump the network namespace of a Docker
+    /// container (runc declares it external), so the restored process finds its listening
+    /// sockets in the holder's namespace. Every workload gets one, not only restored ones:
+    /// runc dumps a namespace that was given by path as external and one it created
+    /// itself as empty, and restores each only into the same kind. Docker 20.10 would not
+    /// need it; one path for all versions keeps runs and restores alike. The holder runs
+    /// the host's static busybox, mounted read-only, so any image works: `sleep` and
+    /// nothing else.
+    async fn create_netns_holder(&self, spec: &WorkloadSpec, image: &ResolvedImage) -> Result<String, RuntimeError> {
+        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let name = format!("{}{NETNS_HOLDER}{ms}", spec.name);
+        let busybox = crate::host::HostPaths::default().busybox;
+        let bindings = port_bindings(spec);
+        let body = ContainerCreateBody {
+            image: Some(image.reference.clone()),
+            entrypoint: Some(vec![HOLDER_PROGRAM.into(), "sleep".into(), "2147483647".into()]),
+            cmd: Some(Vec::new()),
+            user: Some("0".into()),
+            labels: Some(HashMap::from([(LABEL_NETNS_OF.to_string(), spec.name.clone())])),
+            exposed_ports: Some(bindings.keys().cloned().collect()),
+            host_config: Some(HostConfig {
+                memory: Some(DOCKER_MIN_MEMORY as i64 * 2),
+                binds: Some(vec![format!("{}:{HOLDER_PROGRAM}:ro", busybox.display())]),
+                port_bindings: Some(bindings),
+                network_mode: Some("bridge".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+        let created = self
+            .docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(|e| self.api_error("create the network holder of", &spec.name, e))?;
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            self.remove_netns_holder(&spec.name, Some(&created.id)).await;
+            return Err(self.api_error("start the network holder of", &spec.name, e));
+        }
+        debug!(workload = %spec.name, holder = %name, "network namespace holder started");
+        Ok(created.id)
+    }
+
+    /// Remove a workload's network-namespace holder (if it has one); failures are logged.
+    async fn remove_netns_holder(&self, workload: &str, holder: Option<&str>) {
+        let Some(holder) = holder else { return };
+        let opts = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+        if let Err(e) = self.docker.remove_container(holder, Some(opts)).await {
+            if status_code(&e) != Some(404) {
+                warn!(workload, holder, "cannot remove the network namespace holder: {}", describe(&e));
+            }
+        }
     }
 
     /// Start the created container `id` from the checkpoint in `dir`.
@@ -366,6 +459,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError> {
+        // its holder keeps the ports until the workload is removed
         self.inspect(name).await?;
         info!(workload = name, ?grace, "docker stop");
         let t = grace.as_secs_f64().ceil() as i32;
@@ -376,7 +470,7 @@ impl Runtime for DockerRuntime {
     }
 
     async fn remove(&self, name: &str) -> Result<(), RuntimeError> {
-        self.inspect(name).await?;
+        let c = self.inspect(name).await?;
         info!(workload = name, "docker remove");
         // Checkpoints in the container's own directory go with it; say so explicitly, as
         // dockerd keeps them only while experimental is on. Archives written to a
@@ -393,11 +487,21 @@ impl Runtime for DockerRuntime {
             Err(e) => debug!(workload = name, "cannot list checkpoints: {}", describe(&e)),
         }
         let opts = RemoveContainerOptions { force: true, v: true, ..Default::default() };
-        self.docker.remove_container(name, Some(opts)).await.map_err(|e| self.api_error("remove", name, e))
+        self.docker.remove_container(name, Some(opts)).await.map_err(|e| self.api_error("remove", name, e))?;
+        self.remove_netns_holder(name, netns_holder(&c)).await;
+        Ok(())
     }
 
     async fn status(&self, name: &str) -> Result<WorkloadStatus, RuntimeError> {
-        Ok(to_status(name, &self.inspect(name).await?))
+        let c = self.inspect(name).await?;
+        let mut st = to_status(name, &c);
+        // the workload's ports are published on its holder
+        if let Some(holder) = netns_holder(&c) {
+            if let Ok(h) = self.docker.inspect_container(holder, None).await {
+                st.ports = published_ports(&h);
+            }
+        }
+        Ok(st)
     }
 
     async fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
@@ -490,13 +594,16 @@ impl Runtime for DockerRuntime {
     /// so the stopped source container is renamed `<name>.away-moving-<ms>` until the
     /// move is confirmed (then removed) or failed (then replaced by the restored source).
     async fn step_aside(&self, name: &str) -> Result<Option<String>, RuntimeError> {
-        self.inspect(name).await?;
+        let c = self.inspect(name).await?;
         let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
         let new_name = format!("{name}{SET_ASIDE}{ms}");
         self.docker
             .rename_container(name, RenameContainerOptions { name: new_name.clone() })
             .await
             .map_err(|e| self.api_error("rename", name, e))?;
+        // The stopped source's holder still publishes its ports: the copy restored on this
+        // engine (or the source, restored again after a failed move) gets its own holder.
+        self.remove_netns_holder(name, netns_holder(&c)).await;
         Ok(Some(new_name))
     }
 
@@ -595,6 +702,44 @@ fn set_owner_only(dir: &Path) -> Result<(), RuntimeError> {
         .map_err(|e| RuntimeError::io(format!("chmod 0700 {}", dir.display()), e))
 }
 
+/// Docker's port bindings for a spec's ports, on every host address.
+fn port_bindings(spec: &WorkloadSpec) -> HashMap<String, Option<Vec<PortBinding>>> {
+    let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+    for p in &spec.ports {
+        let binding = PortBinding { host_ip: Some("0.0.0.0".into()), host_port: Some(p.host_port().to_string()) };
+        bindings
+            .entry(format!("{}/tcp", p.container))
+            .or_insert_with(|| Some(Vec::new()))
+            .get_or_insert_with(Vec::new)
+            .push(binding);
+    }
+    bindings
+}
+
+/// `host:container` of each port a container publishes.
+fn published_ports(c: &ContainerInspectResponse) -> Vec<String> {
+    let mut ports: Vec<String> = c
+        .host_config
+        .as_ref()
+        .and_then(|h| h.port_bindings.as_ref())
+        .into_iter()
+        .flatten()
+        .flat_map(|(key, bindings)| {
+            let container = key.split('/').next().unwrap_or(key).to_string();
+            bindings.iter().flatten().map(move |b| format!("{}:{container}", b.host_port.as_deref().unwrap_or("")))
+        })
+        .collect();
+    ports.sort();
+    ports.dedup();
+    ports
+}
+
+/// The ID of the holder whose network namespace a workload joined (none for workloads
+/// created before holders existed).
+fn netns_holder(c: &ContainerInspectResponse) -> Option<&str> {
+    c.host_config.as_ref()?.network_mode.as_deref()?.strip_prefix("container:")
+}
+
 fn to_status(name: &str, c: &ContainerInspectResponse) -> WorkloadStatus {
     let state = c.state.as_ref();
     let status = state.and_then(|s| s.status);
@@ -616,19 +761,7 @@ fn to_status(name: &str, c: &ContainerInspectResponse) -> WorkloadStatus {
         .cloned()
         .or_else(|| c.config.as_ref().and_then(|cfg| cfg.image.clone()))
         .unwrap_or_default();
-    let mut ports: Vec<String> = c
-        .host_config
-        .as_ref()
-        .and_then(|h| h.port_bindings.as_ref())
-        .into_iter()
-        .flatten()
-        .flat_map(|(key, bindings)| {
-            let container = key.split('/').next().unwrap_or(key).to_string();
-            bindings.iter().flatten().map(move |b| format!("{}:{container}", b.host_port.as_deref().unwrap_or("")))
-        })
-        .collect();
-    ports.sort();
-    ports.dedup();
+    let ports = published_ports(c);
     let mut detail = Vec::new();
     if state.and_then(|s| s.oom_killed) == Some(true) {
         detail.push("oom-killed".to_string());
