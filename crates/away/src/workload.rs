@@ -29,6 +29,7 @@ use crate::output::print_json;
 /// Examples:
 ///   away run examples/counter.yaml
 ///   away run away/counter:latest --name c1 -p 18080:8080 --memory 64Mi
+///   away run away/counter:latest --vm -p 18080      (host 18080 to the image's EXPOSE 8080)
 ///   away run examples/labdesk.yaml --runtime qemu --json
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
@@ -49,7 +50,8 @@ pub struct RunArgs {
     cpus: Option<f64>,
     /// Publish a port, HOST:CONTAINER or PORT (repeatable). PORT alone maps host PORT to
     /// the image's exposed port when the image exposes exactly one (EXPOSE 8080: -p 18080
-    /// is 18080:8080), else to the same port (PORT:PORT)
+    /// is 18080:8080), else to the same port (PORT:PORT). containerd's containers share
+    /// the node's network and cannot remap a port: auto then takes Docker
     #[arg(short, long = "publish", value_name = "HOST:CONTAINER")]
     publish: Vec<String>,
     /// Set an environment variable, K=V (repeatable)
