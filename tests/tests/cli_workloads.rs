@@ -91,7 +91,8 @@ fn auto_prefers_a_container_and_says_why() {
         "-e",
         &format!("LABDESK_PORT={port}"),
         "-p",
-        &port,
+        // (the app listens on the port it was told: PORT alone would go to the image's own)
+        &format!("{port}:{port}"),
         "--json",
     ]);
     assert_eq!(started["decision"]["runtime"], "containerd");

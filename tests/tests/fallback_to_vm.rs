@@ -49,7 +49,8 @@ fn auto_falls_back_to_qemu_when_container_runtimes_are_down() {
         "-e",
         &format!("COUNTER_PORT={port}"),
         "-p",
-        &port,
+        // (the app listens on the port it was told: PORT alone would go to the image's 8080)
+        &format!("{port}:{port}"),
         "--memory",
         "128Mi",
         "--json",

@@ -149,7 +149,8 @@ fn start_counter<'a>(source: &'a Node, target: &'a Node, test: &str, runtime: &s
         "-e",
         &format!("COUNTER_PORT={port}"),
         "-p",
-        &port.to_string(),
+        // (the app listens on the port it was told: PORT alone would go to the image's 8080)
+        &format!("{port}:{port}"),
     ]);
     assert!(ok, "run counter on {runtime}: {err}");
     Workload { name, port, source, target }

@@ -81,7 +81,8 @@ fn vm_moves_to_another_agent_and_keeps_counting() {
             "-e",
             &format!("COUNTER_PORT={port}"),
             "-p",
-            &port.to_string(),
+            // (the app listens on the port it was told: PORT alone would go to the image's 8080)
+            &format!("{port}:{port}"),
         ])
         .output()
         .unwrap();

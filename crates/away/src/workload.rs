@@ -29,6 +29,7 @@ use crate::output::print_json;
 /// Examples:
 ///   away run examples/counter.yaml
 ///   away run away/counter:latest --name c1 -p 18080:8080 --memory 64Mi
+///   away run away/counter:latest --vm -p 18080      (host 18080 to the image's EXPOSE 8080)
 ///   away run examples/labdesk.yaml --runtime qemu --json
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
@@ -47,7 +48,10 @@ pub struct RunArgs {
     /// CPUs, e.g. 0.5
     #[arg(long)]
     cpus: Option<f64>,
-    /// Publish a port, HOST:CONTAINER or PORT (repeatable)
+    /// Publish a port, HOST:CONTAINER or PORT (repeatable). PORT alone maps host PORT to
+    /// the image's exposed port when the image exposes exactly one (EXPOSE 8080: -p 18080
+    /// is 18080:8080), else to the same port (PORT:PORT). containerd's containers share
+    /// the node's network and cannot remap a port: auto then takes Docker
     #[arg(short, long = "publish", value_name = "HOST:CONTAINER")]
     publish: Vec<String>,
     /// Set an environment variable, K=V (repeatable)
@@ -174,14 +178,39 @@ fn spec_from(a: &RunArgs) -> anyhow::Result<WorkloadSpec> {
         let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?}: expected K=V"))?;
         spec.env.insert(k.to_string(), v.to_string());
     }
+    // the image's exposed ports, read once and only when a bare `-p PORT` needs them
+    let mut exposed: Option<Vec<u16>> = None;
     for p in &a.publish {
-        let (host, container) = p.split_once(':').unwrap_or((p, p));
-        let parse = |s: &str| s.parse::<u16>().with_context(|| format!("--publish {p:?}: {s:?} is not a port"));
-        spec.ports.push(PortMapping { container: parse(container)?, host: Some(parse(host)?) });
+        let mapping = parse_publish(p, || match &exposed {
+            Some(e) => Ok(e.clone()),
+            None => {
+                let store = away_runtime::ImageStore::new(&away_runtime::host::HostPaths::default().state_dir);
+                let e = store.resolve(&spec.image)?.summary.exposed_ports;
+                exposed = Some(e.clone());
+                Ok(e)
+            }
+        })?;
+        spec.ports.push(mapping);
     }
     // the same checks as a file gets, with field names in the message
     let json = serde_json::to_string(&spec)?;
     Ok(WorkloadSpec::parse(&json, SpecFormat::Json, &a.source)?)
+}
+
+/// One `--publish` value: HOST:CONTAINER, or PORT, which goes to the image's one
+/// exposed port (`exposed` reads them) or, when it exposes none or several, to PORT.
+fn parse_publish(p: &str, exposed: impl FnOnce() -> anyhow::Result<Vec<u16>>) -> anyhow::Result<PortMapping> {
+    let parse = |s: &str| s.parse::<u16>().with_context(|| format!("--publish {p:?}: {s:?} is not a port"));
+    if let Some((host, container)) = p.split_once(':') {
+        return Ok(PortMapping { container: parse(container)?, host: Some(parse(host)?) });
+    }
+    let host = parse(p)?;
+    let container = match exposed().with_context(|| format!("--publish {p:?}: reading the image's exposed ports"))?[..]
+    {
+        [one] => one,
+        _ => host,
+    };
+    Ok(PortMapping { container, host: Some(host) })
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
@@ -299,4 +328,35 @@ pub fn rm(a: RmArgs) -> anyhow::Result<ExitCode> {
 pub fn store_image(tar: &Path) -> anyhow::Result<Vec<String>> {
     let store = away_runtime::ImageStore::new(&away_runtime::host::HostPaths::default().state_dir);
     Ok(store.add(tar, None)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(p: &str, exposed: &[u16]) -> anyhow::Result<(u16, u16)> {
+        let m = parse_publish(p, || Ok(exposed.to_vec()))?;
+        Ok((m.host_port(), m.container))
+    }
+
+    #[test]
+    fn a_bare_port_goes_to_the_one_exposed_port() {
+        assert_eq!(map("18080", &[8080]).unwrap(), (18080, 8080));
+        // none or several exposed: the same port, as before
+        assert_eq!(map("18080", &[]).unwrap(), (18080, 18080));
+        assert_eq!(map("18080", &[80, 443]).unwrap(), (18080, 18080));
+        // HOST:CONTAINER is taken as given, without reading the image
+        let m = parse_publish("18080:9000", || panic!("the image is not read")).unwrap();
+        assert_eq!((m.host_port(), m.container), (18080, 9000));
+    }
+
+    #[test]
+    fn bad_ports_are_named() {
+        let err = map("80x", &[8080]).unwrap_err().to_string();
+        assert!(err.contains("\"80x\" is not a port"), "{err}");
+        let err = map("1:99999", &[]).unwrap_err().to_string();
+        assert!(err.contains("\"99999\" is not a port"), "{err}");
+        let err = format!("{:#}", parse_publish("18080", || anyhow::bail!("no such image")).unwrap_err());
+        assert!(err.contains("reading the image's exposed ports: no such image"), "{err}");
+    }
 }
