@@ -35,6 +35,12 @@ pub enum ArchiveError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read {path}: truncated, or not a tar")]
+    Truncated {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {what} is missing from the image tar")]
     Missing { path: PathBuf, what: String },
     #[error("{path}: bad {what}")]
@@ -303,6 +309,18 @@ impl ReadImage {
         }
         b.into_inner()
     }
+}
+
+/// An error and its causes as one line, for the tests' assertions.
+#[cfg(test)]
+pub(crate) fn tests_error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -70,18 +70,39 @@ fn read_files(path: &Path) -> Result<HashMap<String, Vec<u8>>, ArchiveError> {
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(buf)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(buf).map_err(|e| io("decompress", e))?),
     };
-    let truncated = "read (truncated, or not a tar?)";
+    let truncated = |source| ArchiveError::Truncated { path: path.to_path_buf(), source };
     let mut files = HashMap::new();
+    let mut links = Vec::new();
     let mut archive = tar::Archive::new(reader);
-    for entry in archive.entries().map_err(|e| io(truncated, e))? {
-        let mut entry = entry.map_err(|e| io(truncated, e))?;
-        if entry.header().entry_type() != tar::EntryType::Regular {
-            continue;
-        }
+    for entry in archive.entries().map_err(truncated)? {
+        let mut entry = entry.map_err(truncated)?;
         let name = crate::tree::normalize(&String::from_utf8_lossy(&entry.path_bytes()));
-        let mut data = Vec::new();
-        entry.read_to_end(&mut data).map_err(|e| io(truncated, e))?;
-        files.insert(name, data);
+        match entry.header().entry_type() {
+            tar::EntryType::Regular => {
+                let mut data = Vec::new();
+                entry.read_to_end(&mut data).map_err(truncated)?;
+                files.insert(name, data);
+            }
+            // `docker save` and podman write a layer shared by two images once and link
+            // the other `<id>/layer.tar` to it (`../<other>/layer.tar`)
+            kind @ (tar::EntryType::Symlink | tar::EntryType::Link) => {
+                let Some(target) = entry.link_name_bytes() else { continue };
+                let target = String::from_utf8_lossy(&target).into_owned();
+                let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+                let target = if kind == tar::EntryType::Symlink && !target.starts_with('/') {
+                    crate::tree::normalize(&format!("{dir}/{target}"))
+                } else {
+                    crate::tree::normalize(&target)
+                };
+                links.push((name, target));
+            }
+            _ => {}
+        }
+    }
+    for (name, target) in links {
+        if let Some(data) = files.get(&target).cloned() {
+            files.entry(name).or_insert(data);
+        }
     }
     Ok(files)
 }
@@ -115,7 +136,7 @@ impl Tar<'_> {
         }
         let data = self.get(&blob_path(&digest)).map_err(|_| ArchiveError::Missing {
             path: self.path.to_path_buf(),
-            what: format!("{what} {digest} ({})", blob_path(&digest)),
+            what: format!("{what} {}", blob_path(&digest)),
         })?;
         let actual = sha256_digest(data);
         if actual != digest {
@@ -236,8 +257,8 @@ impl Tar<'_> {
             .iter()
             .enumerate()
             .map(|(i, d)| {
-                let what = format!("layer {i} ({})", d.digest());
-                self.layer(self.blob(d, &what)?, Some(&d.media_type().to_string()), &what)
+                let data = self.blob(d, &format!("layer {i}"))?;
+                self.layer(data, Some(&d.media_type().to_string()), &format!("layer {i} ({})", d.digest()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.check_diff_ids(&config, &layers)?;
@@ -351,4 +372,321 @@ fn choose_manifest(index: &ImageIndex) -> Result<Descriptor, String> {
                 .collect();
             format!("has no image for linux/{arch} (it has {})", have.join(", "))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::tree::{FileTree, Node};
+
+    /// A layer tar holding `path` with `data`.
+    fn layer_tar(path: &str, data: &str) -> Vec<u8> {
+        let mut t = FileTree::default();
+        t.insert(path, Node::File { data: data.as_bytes().to_vec(), mode: 0o755, uid: 0, gid: 0 });
+        t.to_tar()
+    }
+
+    fn compress(c: Compression, tar: &[u8]) -> Vec<u8> {
+        match c {
+            Compression::None => tar.to_vec(),
+            Compression::Gzip => {
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                gz.write_all(tar).unwrap();
+                gz.finish().unwrap()
+            }
+            Compression::Zstd => zstd::encode_all(tar, 3).unwrap(),
+        }
+    }
+
+    fn config(diff_ids: &[String]) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Entrypoint": ["/app"], "Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "container_config": {"Hostname": "docker-only field"},
+        }))
+        .unwrap()
+    }
+
+    /// Entries of a tar file: (name, content) or (name, symlink target) when the target starts with `->`.
+    fn write_tar(dir: &Path, name: &str, entries: &[(String, Vec<u8>)]) -> PathBuf {
+        let path = dir.join(name);
+        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (n, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            if let Some(target) = data.strip_prefix(b"->") {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, n, std::str::from_utf8(target).unwrap()).unwrap();
+            } else {
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                b.append_data(&mut h, n, data.as_slice()).unwrap();
+            }
+        }
+        b.finish().unwrap();
+        path
+    }
+
+    fn hex(d: &str) -> &str {
+        d.trim_start_matches("sha256:")
+    }
+
+    /// `docker save` of Docker 20.10: manifest.json, `<config hex>.json`, `<id>/layer.tar`.
+    fn legacy(layers: &[Vec<u8>]) -> Vec<(String, Vec<u8>)> {
+        let diff_ids: Vec<String> = layers.iter().map(|l| sha256_digest(l)).collect();
+        let cfg = config(&diff_ids);
+        let cfg_name = format!("{}.json", hex(&sha256_digest(&cfg)));
+        let mut entries = vec![];
+        let mut names = vec![];
+        for (i, l) in layers.iter().enumerate() {
+            let id = format!("{i:064x}");
+            entries.push((format!("{id}/VERSION"), b"1.0".to_vec()));
+            entries.push((format!("{id}/layer.tar"), l.clone()));
+            names.push(format!("{id}/layer.tar"));
+        }
+        let manifest = json!([{"Config": cfg_name, "RepoTags": ["legacy:1"], "Layers": names}]);
+        entries.push(("manifest.json".into(), serde_json::to_vec(&manifest).unwrap()));
+        entries.push(("repositories".into(), br#"{"legacy":{"1":"x"}}"#.to_vec()));
+        entries.push((cfg_name, cfg));
+        entries
+    }
+
+    /// An OCI layout: index.json (with `annotations`), blobs; layers given compressed,
+    /// each with its media type.
+    fn oci(layers: &[(Vec<u8>, &str)], annotations: serde_json::Value) -> Vec<(String, Vec<u8>)> {
+        let diff_ids: Vec<String> =
+            layers.iter().map(|(l, _)| sha256_of_reader(Compression::detect(l).reader(l).unwrap()).unwrap()).collect();
+        let cfg = config(&diff_ids);
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_digest(&cfg), "size": cfg.len()},
+            "layers": layers.iter().map(|(l, mt)| json!({"mediaType": mt, "digest": sha256_digest(l), "size": l.len()})).collect::<Vec<_>>(),
+        }))
+        .unwrap();
+        let index = json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": sha256_digest(&manifest), "size": manifest.len(), "annotations": annotations,
+        }]});
+        let mut entries = vec![
+            ("oci-layout".to_string(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
+            ("index.json".to_string(), serde_json::to_vec(&index).unwrap()),
+        ];
+        for blob in layers.iter().map(|(l, _)| l.clone()).chain([cfg, manifest]) {
+            entries.push((format!("blobs/sha256/{}", hex(&sha256_digest(&blob))), blob));
+        }
+        entries
+    }
+
+    fn file(tree: &FileTree, path: &str) -> String {
+        match &tree.entries[path] {
+            Node::File { data, .. } => String::from_utf8(data.clone()).unwrap(),
+            n => panic!("{path}: {n:?}"),
+        }
+    }
+
+    fn err_of(dir: &Path, name: &str, entries: &[(String, Vec<u8>)]) -> String {
+        let path = write_tar(dir, name, entries);
+        let err = read_image_tar(&path).err().expect("refused");
+        let text = crate::archive::tests_error_chain(&err);
+        assert!(text.contains(path.to_str().unwrap()), "the error names the file: {text}");
+        text
+    }
+
+    #[test]
+    fn docker_20_10_save_gets_a_synthesized_manifest_with_its_own_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let layers = [layer_tar("app", "v1"), layer_tar("etc/motd", "hello")];
+        let path = write_tar(dir.path(), "legacy.tar", &legacy(&layers));
+        let read = read_image_tar(&path).unwrap();
+        assert_eq!(read.format, ArchiveFormat::Docker);
+        assert_eq!(read.image.tags, ["legacy:1"]);
+        // the config as the tar has it: its digest is Docker's image ID
+        assert_eq!(read.config_digest, sha256_digest(&read.config_bytes));
+        let m: ImageManifest = serde_json::from_slice(&read.manifest).unwrap();
+        assert_eq!(read.manifest_digest, sha256_digest(&read.manifest));
+        assert_eq!(m.config().digest().to_string(), read.config_digest);
+        assert_eq!(m.config().size(), read.config_bytes.len() as u64);
+        for (d, l) in m.layers().iter().zip(&layers) {
+            assert_eq!(d.media_type().to_string(), "application/vnd.oci.image.layer.v1.tar");
+            assert_eq!(d.digest().to_string(), sha256_digest(l));
+            assert_eq!(d.size(), l.len() as u64);
+        }
+        let diff_ids: Vec<String> = read.image.layers.iter().map(|l| l.diff_id.clone()).collect();
+        assert_eq!(&diff_ids, read.image.config.rootfs().diff_ids());
+        let tree = crate::vm::rootfs(&read.image).unwrap();
+        assert_eq!(file(&tree, "app"), "v1");
+        assert_eq!(file(&tree, "etc/motd"), "hello");
+        // the same tar read twice gives the same manifest (a move finds the same image)
+        assert_eq!(read_image_tar(&path).unwrap().manifest_digest, read.manifest_digest);
+    }
+
+    #[test]
+    fn docker_28_save_keeps_its_manifest_and_takes_the_full_tag_from_manifest_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = layer_tar("app", "d28");
+        let mut entries = oci(
+            &[(layer.clone(), "application/vnd.oci.image.layer.v1.tar")],
+            json!({"org.opencontainers.image.ref.name": "1"}),
+        );
+        let index: serde_json::Value = serde_json::from_slice(&entries[1].1).unwrap();
+        let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+        let m: serde_json::Value =
+            serde_json::from_slice(&entries.iter().find(|e| e.0.ends_with(hex(&manifest_digest))).unwrap().1).unwrap();
+        let cfg = m["config"]["digest"].as_str().unwrap();
+        entries.push((
+            "manifest.json".into(),
+            serde_json::to_vec(&json!([{"Config": format!("blobs/sha256/{}", hex(cfg)), "RepoTags": ["app:1"],
+                "Layers": [format!("blobs/sha256/{}", hex(&sha256_digest(&layer)))]}]))
+            .unwrap(),
+        ));
+        let read = read_image_tar(&write_tar(dir.path(), "d28.tar", &entries)).unwrap();
+        assert_eq!(read.format, ArchiveFormat::OciAndDocker);
+        assert_eq!(read.manifest_digest, manifest_digest, "the tar's own manifest is used, not a new one");
+        assert_eq!(read.image.tags, ["app:1"]);
+        assert_eq!(read.image.layers[0].compression, Compression::None);
+    }
+
+    #[test]
+    fn podman_oci_archive_with_gzip_and_zstd_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (layer_tar("a", "plain"), layer_tar("b", "gzip"), layer_tar("c", "zstd"));
+        let entries = oci(
+            &[
+                (a.clone(), "application/vnd.oci.image.layer.v1.tar"),
+                (compress(Compression::Gzip, &b), "application/vnd.oci.image.layer.v1.tar+gzip"),
+                (compress(Compression::Zstd, &c), "application/vnd.oci.image.layer.v1.tar+zstd"),
+            ],
+            json!({"org.opencontainers.image.ref.name": "localhost/app:1"}),
+        );
+        let path = write_tar(dir.path(), "pod.tar", &entries);
+        let read = read_image_tar(&path).unwrap();
+        assert_eq!(read.format, ArchiveFormat::Oci);
+        assert_eq!(read.image.tags, ["localhost/app:1"]);
+        let kinds: Vec<Compression> = read.image.layers.iter().map(|l| l.compression).collect();
+        assert_eq!(kinds, [Compression::None, Compression::Gzip, Compression::Zstd]);
+        assert_eq!(read.image.layers[2].diff_id, sha256_digest(&c));
+        let tree = crate::vm::rootfs(&read.image).unwrap();
+        assert_eq!((file(&tree, "a"), file(&tree, "b"), file(&tree, "c")), ("plain".into(), "gzip".into(), "zstd".into()));
+
+        // docker gets a docker-archive: the same config (image ID), zstd layers as plain tars
+        let docker = dir.path().join("for-docker.tar");
+        std::fs::write(&docker, read.docker_archive().unwrap()).unwrap();
+        let back = read_image_tar(&docker).unwrap();
+        assert_eq!(back.format, ArchiveFormat::Docker);
+        assert_eq!(back.config_digest, read.config_digest);
+        assert_eq!(back.image.tags, read.image.tags);
+        let kinds: Vec<Compression> = back.image.layers.iter().map(|l| l.compression).collect();
+        assert_eq!(kinds, [Compression::None, Compression::Gzip, Compression::None]);
+    }
+
+    #[test]
+    fn a_gzipd_save_and_a_symlinked_layer_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = layer_tar("app", "linked");
+        let mut entries = legacy(std::slice::from_ref(&layer));
+        // podman's docker-archive: `<id>/layer.tar -> ../<sha>.tar`
+        let id = format!("{:064x}", 0);
+        let real = format!("{}.tar", hex(&sha256_digest(&layer)));
+        entries.retain(|e| e.0 != format!("{id}/layer.tar"));
+        entries.push((real.clone(), layer.clone()));
+        entries.push((format!("{id}/layer.tar"), format!("->../{real}").into_bytes()));
+        let path = write_tar(dir.path(), "linked.tar", &entries);
+        assert_eq!(read_image_tar(&path).unwrap().image.layers[0].diff_id, sha256_digest(&layer));
+
+        let gz = dir.path().join("linked.tar.gz");
+        std::fs::write(&gz, compress(Compression::Gzip, &std::fs::read(&path).unwrap())).unwrap();
+        assert_eq!(read_image_tar(&gz).unwrap().image.tags, ["legacy:1"]);
+    }
+
+    #[test]
+    fn an_index_of_platforms_gives_this_hosts_image_and_skips_attestations() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entries = oci(&[(layer_tar("app", "x"), "application/vnd.oci.image.layer.v1.tar")], json!({}));
+        let inner: serde_json::Value = serde_json::from_slice(&entries[1].1).unwrap();
+        let ours = inner["manifests"][0].clone();
+        let mut other = ours.clone();
+        other["digest"] = json!(format!("sha256:{}", "1".repeat(64)));
+        let mut arm = other.clone();
+        arm["platform"] = json!({"os": "linux", "architecture": "arm64"});
+        let mut attestation = other.clone();
+        attestation["platform"] = json!({"os": "unknown", "architecture": "unknown"});
+        attestation["annotations"] = json!({"vnd.docker.reference.type": "attestation-manifest"});
+        let mut mine = ours.clone();
+        mine["platform"] = json!({"os": "linux", "architecture": host_arch()});
+        let nested = serde_json::to_vec(&json!({"schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [arm, attestation, mine]}))
+        .unwrap();
+        let top = json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": sha256_digest(&nested), "size": nested.len(),
+            "annotations": {"io.containerd.image.name": "docker.io/library/multi:1"}}]});
+        entries[1].1 = serde_json::to_vec(&top).unwrap();
+        entries.push((format!("blobs/sha256/{}", hex(&sha256_digest(&nested))), nested));
+        let read = read_image_tar(&write_tar(dir.path(), "multi.tar", &entries)).unwrap();
+        assert_eq!(read.manifest_digest, ours["digest"].as_str().unwrap());
+        assert_eq!(read.image.tags, ["docker.io/library/multi:1"]);
+
+        let index = serde_json::from_value(json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{}", "2".repeat(64)),
+             "size": 1, "platform": {"os": "linux", "architecture": "s390x"}}]}))
+        .unwrap();
+        let err = choose_manifest(&index).unwrap_err();
+        assert!(err.contains(&format!("no image for linux/{}", host_arch())) && err.contains("linux/s390x"), "{err}");
+    }
+
+    #[test]
+    fn broken_archives_are_refused_naming_the_file_and_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = layer_tar("app", "x");
+        let good = oci(&[(compress(Compression::Gzip, &layer), "application/vnd.oci.image.layer.v1.tar+gzip")], json!({}));
+        let layer_blob = format!("blobs/sha256/{}", hex(&sha256_digest(&compress(Compression::Gzip, &layer))));
+
+        // truncated in the middle of a blob
+        let path = write_tar(dir.path(), "full.tar", &good);
+        let bytes = std::fs::read(&path).unwrap();
+        let cut = dir.path().join("cut.tar");
+        std::fs::write(&cut, &bytes[..bytes.len() / 2 + 100]).unwrap();
+        let err = crate::archive::tests_error_chain(&read_image_tar(&cut).unwrap_err());
+        assert!(err.contains("cut.tar") && err.contains("truncated"), "{err}");
+
+        // a layer left out
+        let missing: Vec<_> = good.iter().filter(|e| e.0 != layer_blob).cloned().collect();
+        let err = err_of(dir.path(), "missing.tar", &missing);
+        assert!(err.contains("layer 0") && err.contains("missing") && err.contains(&layer_blob), "{err}");
+
+        // a layer whose bytes changed
+        let mut corrupt = good.clone();
+        let e = corrupt.iter_mut().find(|e| e.0 == layer_blob).unwrap();
+        let last = e.1.len() - 1;
+        e.1[last] ^= 0xff;
+        let err = err_of(dir.path(), "corrupt.tar", &corrupt);
+        assert!(err.contains("corrupt: its content hashes to"), "{err}");
+
+        // an unknown layer media type
+        let odd = oci(&[(layer.clone(), "application/vnd.example.layer.v1.tar+lz4")], json!({}));
+        let err = err_of(dir.path(), "odd.tar", &odd);
+        assert!(err.contains("application/vnd.example.layer.v1.tar+lz4") && err.contains("cannot unpack"), "{err}");
+
+        // declared gzip, plain inside
+        let mislabelled = oci(&[(layer.clone(), "application/vnd.oci.image.layer.v1.tar+gzip")], json!({}));
+        let err = err_of(dir.path(), "mislabelled.tar", &mislabelled);
+        assert!(err.contains("declared application/vnd.oci.image.layer.v1.tar+gzip") && err.contains("not compressed"), "{err}");
+
+        // a docker-archive whose config names other diff_ids than its layers have
+        let mut wrong = legacy(std::slice::from_ref(&layer));
+        let other = layer_tar("app", "y");
+        wrong.iter_mut().find(|e| e.0.ends_with("/layer.tar")).unwrap().1 = other;
+        let err = err_of(dir.path(), "wrong.tar", &wrong);
+        assert!(err.contains("unpacks to") && err.contains("but the config says"), "{err}");
+
+        // not an image at all
+        let err = err_of(dir.path(), "plain.tar", &[("hello.txt".into(), b"hi".to_vec())]);
+        assert!(err.contains("not an image tar"), "{err}");
+    }
 }
