@@ -125,7 +125,11 @@ impl Tar<'_> {
     }
 
     fn json<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: String) -> Result<T, ArchiveError> {
-        serde_json::from_slice(bytes).map_err(|source| ArchiveError::Json { path: self.path.to_path_buf(), what, source })
+        serde_json::from_slice(bytes).map_err(|source| ArchiveError::Json {
+            path: self.path.to_path_buf(),
+            what,
+            source,
+        })
     }
 
     /// The blob a descriptor names, checked against its digest and size.
@@ -201,10 +205,8 @@ impl Tar<'_> {
         }
         for (i, (l, want)) in layers.iter().zip(diff_ids).enumerate() {
             if &l.diff_id != want {
-                return Err(self.format(format!(
-                    "layer {i} ({}) unpacks to {}, but the config says {want}",
-                    l.digest, l.diff_id
-                )));
+                return Err(self
+                    .format(format!("layer {i} ({}) unpacks to {}, but the config says {want}", l.digest, l.diff_id)));
             }
         }
         Ok(())
@@ -296,7 +298,8 @@ impl Tar<'_> {
         let config_digest = sha256_digest(&config_bytes);
         // Docker names the config after its digest (`<hex>.json`, or `blobs/sha256/<hex>`).
         let stem = config_name.rsplit('/').next().unwrap_or_default().trim_end_matches(".json");
-        if stem.len() == 64 && stem.bytes().all(|b| b.is_ascii_hexdigit()) && config_digest != format!("sha256:{stem}") {
+        if stem.len() == 64 && stem.bytes().all(|b| b.is_ascii_hexdigit()) && config_digest != format!("sha256:{stem}")
+        {
             return Err(self.format(format!("config {config_name} is corrupt: its content hashes to {config_digest}")));
         }
         let config: ImageConfiguration = self.json(&config_bytes, format!("config {config_name}"))?;
@@ -359,9 +362,7 @@ fn choose_manifest(index: &ImageIndex) -> Result<Descriptor, String> {
     images
         .iter()
         .find(|m| {
-            m.platform()
-                .as_ref()
-                .is_none_or(|p| p.os().to_string() == "linux" && p.architecture().to_string() == arch)
+            m.platform().as_ref().is_none_or(|p| p.os().to_string() == "linux" && p.architecture().to_string() == arch)
         })
         .map(|m| (*m).clone())
         .ok_or_else(|| {
@@ -573,7 +574,10 @@ mod tests {
         assert_eq!(kinds, [Compression::None, Compression::Gzip, Compression::Zstd]);
         assert_eq!(read.image.layers[2].diff_id, sha256_digest(&c));
         let tree = crate::vm::rootfs(&read.image).unwrap();
-        assert_eq!((file(&tree, "a"), file(&tree, "b"), file(&tree, "c")), ("plain".into(), "gzip".into(), "zstd".into()));
+        assert_eq!(
+            (file(&tree, "a"), file(&tree, "b"), file(&tree, "c")),
+            ("plain".into(), "gzip".into(), "zstd".into())
+        );
 
         // docker gets a docker-archive: the same config (image ID), zstd layers as plain tars
         let docker = dir.path().join("for-docker.tar");
@@ -644,7 +648,8 @@ mod tests {
     fn broken_archives_are_refused_naming_the_file_and_the_problem() {
         let dir = tempfile::tempdir().unwrap();
         let layer = layer_tar("app", "x");
-        let good = oci(&[(compress(Compression::Gzip, &layer), "application/vnd.oci.image.layer.v1.tar+gzip")], json!({}));
+        let good =
+            oci(&[(compress(Compression::Gzip, &layer), "application/vnd.oci.image.layer.v1.tar+gzip")], json!({}));
         let layer_blob = format!("blobs/sha256/{}", hex(&sha256_digest(&compress(Compression::Gzip, &layer))));
 
         // truncated in the middle of a blob
@@ -676,7 +681,10 @@ mod tests {
         // declared gzip, plain inside
         let mislabelled = oci(&[(layer.clone(), "application/vnd.oci.image.layer.v1.tar+gzip")], json!({}));
         let err = err_of(dir.path(), "mislabelled.tar", &mislabelled);
-        assert!(err.contains("declared application/vnd.oci.image.layer.v1.tar+gzip") && err.contains("not compressed"), "{err}");
+        assert!(
+            err.contains("declared application/vnd.oci.image.layer.v1.tar+gzip") && err.contains("not compressed"),
+            "{err}"
+        );
 
         // a docker-archive whose config names other diff_ids than its layers have
         let mut wrong = legacy(std::slice::from_ref(&layer));

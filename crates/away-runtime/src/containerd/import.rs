@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use away_image::ReadImage;
 use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
 use containerd_client::tonic::Code;
 use containerd_client::types::Descriptor;
-use away_image::ReadImage;
 use sha2::{Digest, Sha256};
 
 use super::{ContainerdRuntime, SNAPSHOTTER};
@@ -438,7 +438,10 @@ mod tests {
         let mut image = resolved(&read);
         image.manifest_digest = format!("sha256:{}", "0".repeat(64));
         let err = image_content(&image, &read).err().expect("a changed tar is refused").to_string();
-        assert!(err.contains("docker.io/away/counter:latest") && err.contains("changed since it was resolved"), "{err}");
+        assert!(
+            err.contains("docker.io/away/counter:latest") && err.contains("changed since it was resolved"),
+            "{err}"
+        );
     }
 
     #[test]
