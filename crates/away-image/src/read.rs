@@ -260,7 +260,7 @@ impl Tar<'_> {
             .enumerate()
             .map(|(i, d)| {
                 let data = self.blob(d, &format!("layer {i}"))?;
-                self.layer(data, Some(&d.media_type().to_string()), &format!("layer {i} ({})", d.digest()))
+                self.layer(data, Some(d.media_type().as_ref()), &format!("layer {i} ({})", d.digest()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.check_diff_ids(&config, &layers)?;
@@ -494,7 +494,7 @@ mod tests {
 
     fn err_of(dir: &Path, name: &str, entries: &[(String, Vec<u8>)]) -> String {
         let path = write_tar(dir, name, entries);
-        let err = read_image_tar(&path).err().expect("refused");
+        let err = read_image_tar(&path).expect_err("refused");
         let text = crate::archive::tests_error_chain(&err);
         assert!(text.contains(path.to_str().unwrap()), "the error names the file: {text}");
         text
