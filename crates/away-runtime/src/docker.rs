@@ -121,7 +121,7 @@ impl DockerRuntime {
         let read = tokio::task::spawn_blocking(move || away_image::read_image_tar(&tar))
             .await
             .map_err(|e| bad(format!("reading {} panicked: {e}", image.tar.display())))?
-            .map_err(|e| bad(format!("cannot read image tar {}: {e}", image.tar.display())))?;
+            .map_err(|e| bad(away_model::error_chain(&e)))?;
         let id = read.config_digest.clone();
         if self.image_id(&image.reference).await?.as_deref() == Some(id.as_str()) {
             debug!(reference = %image.reference, %id, "image already in docker");
