@@ -9,7 +9,7 @@
 //! single file serves both.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -31,6 +31,12 @@ pub enum ArchiveError {
     #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: truncated, or not a tar")]
+    Truncated {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -75,24 +81,30 @@ pub enum ArchiveFormat {
     Docker,
 }
 
-/// An image read from a tar.
+/// An image read from a tar, its blobs verified against their digests.
 #[derive(Debug, Clone)]
 pub struct ReadImage {
     pub image: Image,
     pub format: ArchiveFormat,
-    /// Digest of the OCI manifest (computed for docker-archives, which have none).
+    /// The manifest exactly as the tar has it; for a docker-archive, which has none, the
+    /// OCI manifest away synthesizes for its config and layer files.
+    pub manifest: Vec<u8>,
+    pub manifest_media_type: String,
+    /// Digest of `manifest`.
     pub manifest_digest: String,
+    /// The config exactly as the tar has it: Docker's image ID is its digest.
+    pub config_bytes: Vec<u8>,
     pub config_digest: String,
 }
 
 /// One entry of a docker-archive `manifest.json`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct DockerManifestEntry {
-    config: String,
+pub(crate) struct DockerManifestEntry {
+    pub(crate) config: String,
     #[serde(default)]
-    repo_tags: Option<Vec<String>>,
-    layers: Vec<String>,
+    pub(crate) repo_tags: Option<Vec<String>>,
+    pub(crate) layers: Vec<String>,
 }
 
 /// JSON with sorted object keys: oci-spec keeps maps in HashMaps, whose order
@@ -132,7 +144,7 @@ fn digest(s: &str) -> Digest {
     Digest::from_str(s).expect("sha256 digest we computed")
 }
 
-fn blob_path(d: &str) -> String {
+pub(crate) fn blob_path(d: &str) -> String {
     format!("blobs/{}", d.replacen(':', "/", 1))
 }
 
@@ -154,30 +166,29 @@ pub struct Encoded {
     pub manifest_digest: String,
 }
 
+/// An OCI manifest for `config` and `layers`, deterministic (sorted keys): away's own
+/// images, and the one synthesized for a docker-archive, which carries none.
+pub(crate) fn manifest_for(config: &[u8], config_digest: &str, layers: &[LayerBlob]) -> Vec<u8> {
+    let layers = layers
+        .iter()
+        .map(|l| descriptor(MediaType::from(l.media_type.as_str()), &l.digest, l.data.len()))
+        .collect::<Vec<_>>();
+    let manifest: ImageManifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(descriptor(MediaType::ImageConfig, config_digest, config.len()))
+        .layers(layers)
+        .build()
+        .expect("manifest fields set");
+    canonical_json(&manifest)
+}
+
 impl Image {
     /// Serialise config and manifest (deterministically).
     pub fn encode(&self) -> Encoded {
         let config = canonical_json(&self.config);
         let config_digest = sha256_digest(&config);
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                descriptor(
-                    if l.gzip { MediaType::ImageLayerGzip } else { MediaType::ImageLayer },
-                    &l.digest,
-                    l.data.len(),
-                )
-            })
-            .collect::<Vec<_>>();
-        let manifest: ImageManifest = ImageManifestBuilder::default()
-            .schema_version(2u32)
-            .media_type(MediaType::ImageManifest)
-            .config(descriptor(MediaType::ImageConfig, &config_digest, config.len()))
-            .layers(layers)
-            .build()
-            .expect("manifest fields set");
-        let manifest = canonical_json(&manifest);
+        let manifest = manifest_for(&config, &config_digest, &self.layers);
         Encoded { manifest_digest: sha256_digest(&manifest), config, config_digest, manifest }
     }
 
@@ -265,122 +276,51 @@ fn tar_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     h
 }
 
-/// Read an image tar: away's own, an OCI layout tar, or a docker-archive
-/// (including `docker save` output with `<id>/layer.tar` layers).
-/// The first image in the tar is returned.
-pub fn read_image_tar(path: &Path) -> Result<ReadImage, ArchiveError> {
-    let io = |action, source| ArchiveError::Io { action, path: path.to_path_buf(), source };
-    let file = std::fs::File::open(path).map_err(|e| io("open", e))?;
-    let reader: Box<dyn Read> = {
-        let mut buf = std::io::BufReader::new(file);
-        let gz = std::io::BufRead::fill_buf(&mut buf).map_err(|e| io("read", e))?.starts_with(&[0x1f, 0x8b]);
-        if gz {
-            Box::new(flate2::read::GzDecoder::new(buf))
-        } else {
-            Box::new(buf)
+pub use crate::read::read_image_tar;
+
+impl ReadImage {
+    /// This image as a docker-archive for `docker load`, in memory: `manifest.json`, the
+    /// config exactly as read (so Docker's image ID is `config_digest`) and the layers.
+    /// Every Docker since 1.10 loads this, where Docker 20.10 reads no OCI layout. zstd
+    /// layers go in decompressed: whether `docker load` unpacks zstd depends on its
+    /// version, and a plain tar is what the config's diff_ids name anyway.
+    pub fn docker_archive(&self) -> std::io::Result<Vec<u8>> {
+        let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        files.insert(blob_path(&self.config_digest), self.config_bytes.clone());
+        let mut layers = Vec::new();
+        for l in &self.image.layers {
+            let (name, data) = match l.compression {
+                crate::tree::Compression::Zstd => (blob_path(&l.diff_id), l.compression.decompress(&l.data)?),
+                _ => (blob_path(&l.digest), l.data.clone()),
+            };
+            layers.push(name.clone());
+            files.insert(name, data);
         }
-    };
-    // Image tars of lab apps are small; reading them into memory keeps this simple.
-    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
-    let mut archive = tar::Archive::new(reader);
-    for entry in archive.entries().map_err(|e| io("read", e))? {
-        let mut entry = entry.map_err(|e| io("read", e))?;
-        if entry.header().entry_type() != tar::EntryType::Regular {
-            continue;
+        let entry = vec![DockerManifestEntry {
+            config: blob_path(&self.config_digest),
+            repo_tags: Some(self.image.tags.clone()),
+            layers,
+        }];
+        files.insert("manifest.json".into(), canonical_json(&entry));
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in &files {
+            let mut h = tar_header(tar::EntryType::Regular, 0o644, data.len() as u64);
+            b.append_data(&mut h, name, data.as_slice())?;
         }
-        let name = crate::tree::normalize(&String::from_utf8_lossy(&entry.path_bytes()));
-        let mut data = Vec::new();
-        entry.read_to_end(&mut data).map_err(|e| io("read", e))?;
-        files.insert(name, data);
+        b.into_inner()
     }
-    let get = |name: &str| {
-        files.get(name).ok_or_else(|| ArchiveError::Missing { path: path.to_path_buf(), what: name.to_string() })
-    };
-    let json_err = |what: String| move |source| ArchiveError::Json { path: path.to_path_buf(), what, source };
+}
 
-    let has_index = files.contains_key("index.json");
-    let has_docker = files.contains_key("manifest.json");
-    let format = match (has_index, has_docker) {
-        (true, true) => ArchiveFormat::OciAndDocker,
-        (true, false) => ArchiveFormat::Oci,
-        (false, true) => ArchiveFormat::Docker,
-        (false, false) => {
-            return Err(ArchiveError::Format {
-                path: path.to_path_buf(),
-                message: "neither index.json (OCI layout) nor manifest.json (docker-archive) found: not an image tar"
-                    .into(),
-            })
-        }
-    };
-    let layer_blob = |name: &str| -> Result<LayerBlob, ArchiveError> {
-        let data = get(name)?.clone();
-        let gzip = data.starts_with(&[0x1f, 0x8b]);
-        let diff_id = if gzip {
-            let mut tar = Vec::new();
-            flate2::read::GzDecoder::new(data.as_slice())
-                .read_to_end(&mut tar)
-                .map_err(|e| io("decompress a layer of", e))?;
-            sha256_digest(&tar)
-        } else {
-            sha256_digest(&data)
-        };
-        Ok(LayerBlob { digest: sha256_digest(&data), diff_id, data, gzip })
-    };
-
-    if has_index {
-        // Follow index -> (nested index ->) manifest.
-        let mut doc = get("index.json")?.clone();
-        let mut tags = Vec::new();
-        let (manifest, manifest_digest): (ImageManifest, String) = loop {
-            let index: ImageIndex = serde_json::from_slice(&doc).map_err(json_err("index".into()))?;
-            let first = index.manifests().first().ok_or_else(|| ArchiveError::Format {
-                path: path.to_path_buf(),
-                message: "index has no manifests".into(),
-            })?;
-            for m in index.manifests().iter().filter(|m| m.digest() == first.digest()) {
-                if let Some(name) = m.annotations().as_ref().and_then(|a| a.get(CONTAINERD_NAME)) {
-                    tags.push(name.clone());
-                }
-            }
-            let blob = get(&blob_path(first.digest().as_ref()))?.clone();
-            if *first.media_type() == MediaType::ImageIndex {
-                doc = blob;
-                continue;
-            }
-            break (
-                serde_json::from_slice(&blob).map_err(json_err(format!("manifest {}", first.digest())))?,
-                first.digest().to_string(),
-            );
-        };
-        let config_name = blob_path(manifest.config().digest().as_ref());
-        let config: ImageConfiguration =
-            serde_json::from_slice(get(&config_name)?).map_err(json_err(format!("config {config_name}")))?;
-        let layers = manifest
-            .layers()
-            .iter()
-            .map(|l| layer_blob(&blob_path(l.digest().as_ref())))
-            .collect::<Result<Vec<_>, _>>()?;
-        return Ok(ReadImage {
-            config_digest: manifest.config().digest().to_string(),
-            image: Image { config, layers, tags },
-            format,
-            manifest_digest,
-        });
+/// An error and its causes as one line, for the tests' assertions.
+#[cfg(test)]
+pub(crate) fn tests_error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
     }
-
-    let entries: Vec<DockerManifestEntry> =
-        serde_json::from_slice(get("manifest.json")?).map_err(json_err("manifest.json".into()))?;
-    let entry = entries.into_iter().next().ok_or_else(|| ArchiveError::Format {
-        path: path.to_path_buf(),
-        message: "manifest.json lists no images".into(),
-    })?;
-    let config_bytes = get(&crate::tree::normalize(&entry.config))?;
-    let config: ImageConfiguration =
-        serde_json::from_slice(config_bytes).map_err(json_err(format!("config {}", entry.config)))?;
-    let layers = entry.layers.iter().map(|l| layer_blob(&crate::tree::normalize(l))).collect::<Result<Vec<_>, _>>()?;
-    let image = Image { config, layers, tags: entry.repo_tags.unwrap_or_default() };
-    let enc = image.encode();
-    Ok(ReadImage { config_digest: sha256_digest(config_bytes), manifest_digest: enc.manifest_digest, image, format })
+    text
 }
 
 #[cfg(test)]

@@ -3,10 +3,12 @@
 //! Data flow: `images/<app>/Containerfile` ([`recipe`]) -> [`build`] (layers from
 //! the context, static Rust binaries from its Cargo.toml) -> an image tar that is
 //! both an OCI layout and a docker-archive ([`archive`]) -> optionally a VM
-//! initramfs + kernel + boot spec from the same root filesystem ([`vm`]).
+//! initramfs + kernel + boot spec from the same root filesystem ([`vm`]). Image tars
+//! other tools made (`docker save`, podman, skopeo) are read by [`read`].
 
 pub mod archive;
 pub mod build;
+pub mod read;
 pub mod recipe;
 pub mod tree;
 pub mod vm;

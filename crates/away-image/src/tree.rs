@@ -115,13 +115,11 @@ impl FileTree {
         b.into_inner().expect("tar to memory")
     }
 
-    /// Apply one layer tar (gzip or plain) on top of this tree, honouring OCI
+    /// Apply one layer tar (gzip, zstd or plain) on top of this tree, honouring OCI
     /// whiteouts (`.wh.NAME` deletes NAME, `.wh..wh..opq` empties the directory).
     pub fn apply_layer(&mut self, blob: &[u8], name: &str) -> Result<(), LayerError> {
         let err = |source| LayerError { name: name.to_string(), source };
-        let reader: Box<dyn Read + '_> =
-            if blob.starts_with(&[0x1f, 0x8b]) { Box::new(flate2::read::GzDecoder::new(blob)) } else { Box::new(blob) };
-        let mut archive = tar::Archive::new(reader);
+        let mut archive = tar::Archive::new(Compression::detect(blob).reader(blob).map_err(err)?);
         for entry in archive.entries().map_err(err)? {
             let mut entry = entry.map_err(err)?;
             let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
@@ -178,12 +176,63 @@ impl FileTree {
     }
 }
 
-/// A layer blob ready to store: gzip-compressed tar plus both digests.
+/// How a layer blob is compressed. Told by its first bytes, which is also how
+/// containerd's and Docker's unpackers decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn detect(blob: &[u8]) -> Compression {
+        if blob.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if blob.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
+    /// The OCI layer media type of a blob compressed this way.
+    pub fn oci_media_type(self) -> &'static str {
+        match self {
+            Compression::None => "application/vnd.oci.image.layer.v1.tar",
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+
+    /// A reader of the uncompressed tar in `blob`.
+    pub fn reader(self, blob: &[u8]) -> std::io::Result<Box<dyn Read + '_>> {
+        Ok(match self {
+            Compression::None => Box::new(blob),
+            Compression::Gzip => Box::new(flate2::read::GzDecoder::new(blob)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(blob)?),
+        })
+    }
+
+    /// The uncompressed tar of `blob`, whole.
+    pub fn decompress(self, blob: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut tar = Vec::new();
+        self.reader(blob)?.read_to_end(&mut tar)?;
+        Ok(tar)
+    }
+}
+
+/// A layer blob ready to store: the (usually compressed) tar plus both digests.
 #[derive(Debug, Clone)]
 pub struct LayerBlob {
-    /// Bytes as stored in the image (gzip, or plain tar for layers taken over from `docker save`).
+    /// Bytes as stored in the image (gzip for away's own layers; plain tar or zstd
+    /// for some taken over from other tools' images).
     pub data: Vec<u8>,
-    pub gzip: bool,
+    pub compression: Compression,
+    /// The media type the image's manifest gives it (for images read from a
+    /// docker-archive, which has none: the OCI type of its compression).
+    pub media_type: String,
     /// sha256 of `data` ("sha256:...").
     pub digest: String,
     /// sha256 of the uncompressed tar ("sha256:...").
@@ -194,23 +243,31 @@ pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(data))
 }
 
+/// sha256 of what `reader` yields, streamed (a layer's diff ID without holding its tar).
+pub fn sha256_of_reader(mut reader: impl Read) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    std::io::copy(&mut reader, &mut h)?;
+    Ok(format!("sha256:{:x}", h.finalize()))
+}
+
 impl LayerBlob {
     /// Compress a tar deterministically: fixed level, no file name, mtime 0 in the gzip header.
     pub fn from_tar(tar: &[u8]) -> LayerBlob {
         let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::new(6));
         gz.write_all(tar).expect("gzip to memory");
         let data = gz.finish().expect("gzip to memory");
-        LayerBlob { digest: sha256_digest(&data), diff_id: sha256_digest(tar), data, gzip: true }
+        LayerBlob {
+            digest: sha256_digest(&data),
+            diff_id: sha256_digest(tar),
+            data,
+            compression: Compression::Gzip,
+            media_type: Compression::Gzip.oci_media_type().to_string(),
+        }
     }
 
     /// Uncompressed size and number of tar entries.
     pub fn tar_stats(&self) -> std::io::Result<(u64, usize)> {
-        let mut tar = Vec::new();
-        if self.gzip {
-            flate2::read::GzDecoder::new(self.data.as_slice()).read_to_end(&mut tar)?;
-        } else {
-            tar.extend_from_slice(&self.data);
-        }
+        let tar = self.compression.decompress(&self.data)?;
         let entries = tar::Archive::new(tar.as_slice()).entries()?.count();
         Ok((tar.len() as u64, entries))
     }

@@ -116,7 +116,11 @@ fn reads_a_docker_save_tar() {
     assert_eq!(c.cmd().clone().unwrap(), vec!["/bin/hi"]);
     assert!(c.env().clone().unwrap().contains(&"FIXTURE=1".to_string()));
     assert_eq!(read.image.layers.len(), 1);
-    assert!(!read.image.layers[0].gzip, "docker save layers are plain tars");
+    assert_eq!(
+        read.image.layers[0].compression,
+        away_image::tree::Compression::None,
+        "docker save layers are plain tars"
+    );
     let diff_ids = read.image.config.rootfs().diff_ids().clone();
     assert_eq!(diff_ids, vec![read.image.layers[0].diff_id.clone()], "diff ids must match the layer bytes");
     let tree = away_image::vm::rootfs(&read.image).unwrap();

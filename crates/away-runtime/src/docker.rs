@@ -131,16 +131,19 @@ impl DockerRuntime {
         let read = tokio::task::spawn_blocking(move || away_image::read_image_tar(&tar))
             .await
             .map_err(|e| bad(format!("reading {} panicked: {e}", image.tar.display())))?
-            .map_err(|e| bad(format!("cannot read image tar {}: {e}", image.tar.display())))?;
-        let id = read.config_digest;
+            .map_err(|e| bad(away_model::error_chain(&e)))?;
+        let id = read.config_digest.clone();
         if self.image_id(&image.reference).await?.as_deref() == Some(id.as_str()) {
             debug!(reference = %image.reference, %id, "image already in docker");
             return Ok(());
         }
-        info!(reference = %image.reference, tar = %image.tar.display(), "loading image into docker");
-        // Lab images are small static binaries: one body in memory is fine.
-        let bytes =
-            tokio::fs::read(&image.tar).await.map_err(|e| bad(format!("cannot read {}: {e}", image.tar.display())))?;
+        info!(reference = %image.reference, tar = %image.tar.display(), format = ?read.format, "loading image into docker");
+        // Whatever the tar's format (a pure OCI layout, which Docker 20.10 cannot load,
+        // or zstd layers), dockerd gets it as a docker-archive. Lab images are small: one
+        // body in memory is fine.
+        let bytes = read
+            .docker_archive()
+            .map_err(|e| bad(format!("cannot make a docker-archive of {}: {e}", image.tar.display())))?;
         let opts = ImportImageOptions { quiet: true, ..Default::default() };
         let mut load = self.docker.import_image(opts, bollard::body_full(bytes.into()), None);
         while let Some(progress) = load.next().await {

@@ -71,14 +71,13 @@ impl ImageStore {
             .map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: error_chain(&e) })?;
         let mut refs: Vec<String> = read.image.tags.iter().map(|t| normalize_reference(t)).collect();
         refs.extend(extra_tag.map(normalize_reference));
+        if refs.is_empty() {
+            // an untagged tar (skopeo, `podman push` to a bare oci-archive) is stored under
+            // the name `resolve` gives it
+            refs.push(untagged_reference(&read.manifest_digest));
+        }
         refs.sort();
         refs.dedup();
-        if refs.is_empty() {
-            return Err(RuntimeError::Image {
-                reference: tar.display().to_string(),
-                reason: "carries no tag; give one".into(),
-            });
-        }
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| RuntimeError::io(format!("create {}", self.dir.display()), e))?;
         for r in &refs {
@@ -114,19 +113,22 @@ impl ImageStore {
     }
 }
 
+/// The name of an image whose tar carries no tag: `away.local/` and its manifest
+/// digest's first 12 hex digits, `:latest`.
+fn untagged_reference(manifest_digest: &str) -> String {
+    let short: String = manifest_digest.trim_start_matches("sha256:").chars().take(12).collect();
+    normalize_reference(&format!("away.local/{short}"))
+}
+
 /// Read an image tar's config into a ResolvedImage.
 pub fn read_resolved(tar: &Path, reference: Option<String>) -> Result<ResolvedImage, RuntimeError> {
     let read = away_image::read_image_tar(tar)
         .map_err(|e| RuntimeError::Image { reference: tar.display().to_string(), reason: error_chain(&e) })?;
     let cfg = &read.image.config;
     let inner = cfg.config().clone().unwrap_or_default();
-    let reference =
-        reference.or_else(|| read.image.tags.first().map(|t| normalize_reference(t))).unwrap_or_else(|| {
-            format!(
-                "away.local/{}",
-                read.manifest_digest.trim_start_matches("sha256:").chars().take(12).collect::<String>()
-            )
-        });
+    let reference = reference
+        .or_else(|| read.image.tags.first().map(|t| normalize_reference(t)))
+        .unwrap_or_else(|| untagged_reference(&read.manifest_digest));
     let mut exposed: Vec<u16> = inner
         .exposed_ports()
         .clone()

@@ -214,7 +214,7 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
 struct LayerReport {
     digest: String,
     diff_id: String,
-    media_type: &'static str,
+    media_type: String,
     size_bytes: u64,
     uncompressed_bytes: u64,
     entries: usize,
@@ -229,11 +229,7 @@ fn layer_reports(image: &Image) -> anyhow::Result<Vec<LayerReport>> {
             Ok(LayerReport {
                 digest: l.digest.clone(),
                 diff_id: l.diff_id.clone(),
-                media_type: if l.gzip {
-                    "application/vnd.oci.image.layer.v1.tar+gzip"
-                } else {
-                    "application/vnd.oci.image.layer.v1.tar"
-                },
+                media_type: l.media_type.clone(),
                 size_bytes: l.data.len() as u64,
                 uncompressed_bytes,
                 entries,

@@ -2,15 +2,14 @@
 //! record, and the layers unpacked into snapshots through the diff service.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
+use away_image::ReadImage;
 use containerd_client::services::v1 as api;
 use containerd_client::services::v1::snapshots as snap;
 use containerd_client::tonic::Code;
 use containerd_client::types::Descriptor;
-use oci_spec::image::{ImageConfiguration, ImageManifest, MediaType};
 use sha2::{Digest, Sha256};
 
 use super::{ContainerdRuntime, SNAPSHOTTER};
@@ -18,12 +17,22 @@ use crate::runtime::RuntimeError;
 use crate::store::ResolvedImage;
 
 impl ContainerdRuntime {
-    /// Make `image` available: content, image record and unpacked snapshots. Returns the
-    /// chain ID of the top layer (the parent of the container's snapshot).
+    /// Make `image` available: content, unpacked snapshots and the image record. Returns
+    /// the chain ID of the top layer (the parent of the container's snapshot).
+    ///
+    /// Whatever format the tar is in (away's own, an OCI layout from podman or skopeo,
+    /// `docker save` output of any Docker version), away-image reads it into one manifest,
+    /// config and layers, every blob checked against its digest, and for a docker-archive
+    /// synthesizes the manifest; containerd gets those. Everything is written under a
+    /// lease and the image record comes last, so a failed import leaves nothing behind.
     pub(super) async fn ensure_image(&self, image: &ResolvedImage) -> Result<String, RuntimeError> {
         let img_err = |reason: String| RuntimeError::Image { reference: image.reference.clone(), reason };
-        let blobs = read_blobs(&image.tar).map_err(|e| img_err(format!("cannot read {}: {e}", image.tar.display())))?;
-        let ImageContent { manifest: manifest_bytes, config_digest, layers, diff_ids } = image_content(image, &blobs)?;
+        let tar = image.tar.clone();
+        let read = tokio::task::spawn_blocking(move || away_image::read_image_tar(&tar))
+            .await
+            .map_err(|e| img_err(format!("reading {} panicked: {e}", image.tar.display())))?
+            .map_err(|e| img_err(away_model::error_chain(&e)))?;
+        let content = image_content(image, &read)?;
 
         // one import at a time on this node (other `away` processes too): two writers of
         // one blob or one snapshot chain would trip over containerd's ref locks
@@ -31,26 +40,29 @@ impl ContainerdRuntime {
         let lease = self.create_lease().await?;
         let result = async {
             // blobs: layers first, then config, then the manifest with GC references to both
-            for l in &layers {
-                self.write_blob(&lease, &l.digest, blob(&blobs, &l.digest).map_err(img_err)?, HashMap::new()).await?;
+            for (l, data) in content.layers.iter().zip(&content.layer_data) {
+                self.write_blob(&lease, &l.digest, data, HashMap::new()).await?;
             }
-            self.write_blob(&lease, &config_digest, blob(&blobs, &config_digest).map_err(img_err)?, HashMap::new())
-                .await?;
-            let mut refs = HashMap::from([("containerd.io/gc.ref.content.config".to_string(), config_digest.clone())]);
-            for (i, l) in layers.iter().enumerate() {
+            self.write_blob(&lease, &content.config_digest, content.config, HashMap::new()).await?;
+            let mut refs =
+                HashMap::from([("containerd.io/gc.ref.content.config".to_string(), content.config_digest.clone())]);
+            for (i, l) in content.layers.iter().enumerate() {
                 refs.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest.clone());
             }
-            self.write_blob(&lease, &image.manifest_digest, manifest_bytes, refs).await?;
-            self.put_image_record(image, manifest_bytes.len() as i64).await?;
-            let top = self.unpack(&lease, &layers, &diff_ids).await?;
+            self.write_blob(&lease, &image.manifest_digest, content.manifest, refs).await?;
+            let top = self.unpack(&lease, &content.layers, &content.diff_ids).await?;
             // Keep the unpacked snapshots as long as the image: without this GC reference
             // (the one containerd's own unpacker sets) they go once the lease is gone.
             let keep = HashMap::from([(format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}"), top.clone())]);
-            self.write_blob(&lease, &config_digest, blob(&blobs, &config_digest).map_err(img_err)?, keep).await?;
+            self.write_blob(&lease, &content.config_digest, content.config, keep).await?;
+            // last: until the record exists, the lease alone holds what was written
+            self.put_image_record(image, &content.manifest_media_type, content.manifest.len() as i64).await?;
             Ok(top)
         }
         .await;
-        self.delete_lease(&lease).await;
+        // a failed import's blobs and snapshots go at once (a synchronous GC), not at
+        // containerd's next collection
+        self.delete_lease_with(&lease, result.is_err()).await;
         result
     }
 
@@ -80,8 +92,12 @@ impl ContainerdRuntime {
     }
 
     pub(super) async fn delete_lease(&self, id: &str) {
+        self.delete_lease_with(id, false).await
+    }
+
+    async fn delete_lease_with(&self, id: &str, sync: bool) {
         let mut l = api::leases_client::LeasesClient::new(self.channel.clone());
-        if let Err(s) = l.delete(self.req(api::DeleteRequest { id: id.to_string(), sync: false })).await {
+        if let Err(s) = l.delete(self.req(api::DeleteRequest { id: id.to_string(), sync })).await {
             tracing::warn!("cannot delete lease {id}: {}", s.message());
         }
     }
@@ -153,13 +169,18 @@ impl ContainerdRuntime {
         }
     }
 
-    async fn put_image_record(&self, image: &ResolvedImage, manifest_size: i64) -> Result<(), RuntimeError> {
+    async fn put_image_record(
+        &self,
+        image: &ResolvedImage,
+        media_type: &str,
+        manifest_size: i64,
+    ) -> Result<(), RuntimeError> {
         let mut imgs = api::images_client::ImagesClient::new(self.channel.clone());
         let record = api::Image {
             name: image.reference.clone(),
             labels: HashMap::new(),
             target: Some(Descriptor {
-                media_type: MediaType::ImageManifest.to_string(),
+                media_type: media_type.to_string(),
                 digest: image.manifest_digest.clone(),
                 size: manifest_size,
                 annotations: Default::default(),
@@ -276,78 +297,55 @@ impl ContainerdRuntime {
     }
 }
 
-/// What an import writes, read with oci-spec's types from the image tar's blobs.
+/// What an import writes, from the image as away-image read (and verified) it.
 struct ImageContent<'a> {
     manifest: &'a [u8],
+    manifest_media_type: String,
+    config: &'a [u8],
     config_digest: String,
-    /// Bottom first, as containerd's diff service takes them.
+    /// Bottom first, as containerd's diff service takes them. The media type is the OCI
+    /// one of the layer's compression, which containerd's differ knows for every layer
+    /// the reader accepts (a Docker manifest's own types included).
     layers: Vec<Descriptor>,
+    layer_data: Vec<&'a [u8]>,
     /// One per layer: the digest of its uncompressed tar.
     diff_ids: Vec<String>,
 }
 
-/// The manifest of `image`, its config's digest, its layers and their diff IDs. A
-/// manifest or config that lacks a required field is refused (serde names the field).
-fn image_content<'a>(
-    image: &ResolvedImage,
-    blobs: &'a HashMap<String, Vec<u8>>,
-) -> Result<ImageContent<'a>, RuntimeError> {
+fn image_content<'a>(image: &ResolvedImage, read: &'a ReadImage) -> Result<ImageContent<'a>, RuntimeError> {
     let img_err = |reason: String| RuntimeError::Image { reference: image.reference.clone(), reason };
-    let digest = &image.manifest_digest;
-    let manifest_bytes =
-        blobs.get(digest).ok_or_else(|| img_err(format!("manifest {digest} missing from {}", image.tar.display())))?;
-    let manifest: ImageManifest = serde_json::from_slice(manifest_bytes)
-        .map_err(|e| img_err(format!("manifest {digest} is not an OCI image manifest: {e}")))?;
-    let config_digest = manifest.config().digest().to_string();
-    let config: ImageConfiguration = serde_json::from_slice(
-        blobs.get(&config_digest).ok_or_else(|| img_err(format!("config {config_digest} missing")))?,
-    )
-    .map_err(|e| img_err(format!("config {config_digest} is not an OCI image config: {e}")))?;
-    let layers = manifest
-        .layers()
+    if read.manifest_digest != image.manifest_digest {
+        return Err(img_err(format!(
+            "{} changed since it was resolved: its manifest is now {}, not {}",
+            image.tar.display(),
+            read.manifest_digest,
+            image.manifest_digest
+        )));
+    }
+    let layers = read
+        .image
+        .layers
         .iter()
         .map(|l| {
             Ok(Descriptor {
-                media_type: l.media_type().to_string(),
-                digest: l.digest().to_string(),
-                size: i64::try_from(l.size()).map_err(|_| {
-                    img_err(format!("layer {} is {} bytes, more than containerd takes", l.digest(), l.size()))
+                media_type: l.compression.oci_media_type().to_string(),
+                digest: l.digest.clone(),
+                size: i64::try_from(l.data.len()).map_err(|_| {
+                    img_err(format!("layer {} is {} bytes, more than containerd takes", l.digest, l.data.len()))
                 })?,
                 annotations: Default::default(),
             })
         })
         .collect::<Result<Vec<_>, RuntimeError>>()?;
-    let diff_ids = config.rootfs().diff_ids().clone();
-    if diff_ids.len() != layers.len() {
-        return Err(img_err(format!("{} layers but {} diff_ids in the config", layers.len(), diff_ids.len())));
-    }
-    Ok(ImageContent { manifest: manifest_bytes, config_digest, layers, diff_ids })
-}
-
-/// All `blobs/sha256/*` of an image tar, by digest. Lab images are a few MiB; reading
-/// them whole keeps the import simple.
-fn read_blobs(tar_path: &Path) -> std::io::Result<HashMap<String, Vec<u8>>> {
-    let mut archive = tar::Archive::new(std::fs::File::open(tar_path)?);
-    let mut blobs = HashMap::new();
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.to_string_lossy().trim_start_matches("./").to_string();
-        if let Some(hex) = path.strip_prefix("blobs/sha256/") {
-            let mut data = Vec::with_capacity(entry.size() as usize);
-            entry.read_to_end(&mut data)?;
-            blobs.insert(format!("sha256:{hex}"), data);
-        }
-    }
-    Ok(blobs)
-}
-
-fn blob<'a>(blobs: &'a HashMap<String, Vec<u8>>, digest: &str) -> Result<&'a [u8], String> {
-    let data = blobs.get(digest).ok_or_else(|| format!("blob {digest} missing from the image tar"))?;
-    let actual = format!("sha256:{:x}", Sha256::digest(data));
-    if actual != digest {
-        return Err(format!("blob {digest} is corrupt (its content hashes to {actual})"));
-    }
-    Ok(data)
+    Ok(ImageContent {
+        manifest: &read.manifest,
+        manifest_media_type: read.manifest_media_type.clone(),
+        config: &read.config_bytes,
+        config_digest: read.config_digest.clone(),
+        layers,
+        layer_data: read.image.layers.iter().map(|l| l.data.as_slice()).collect(),
+        diff_ids: read.image.layers.iter().map(|l| l.diff_id.clone()).collect(),
+    })
 }
 
 fn rand_suffix() -> String {
@@ -378,49 +376,18 @@ fn rfc3339_in(after: Duration) -> String {
 mod tests {
     use std::path::PathBuf;
 
+    use away_image::archive::Image;
+    use away_image::tree::{FileTree, LayerBlob, Node};
     use away_model::Arch;
-    use serde_json::json;
 
     use super::*;
     use crate::store::ImageSummary;
 
-    fn sha256(data: &[u8]) -> String {
-        format!("sha256:{:x}", Sha256::digest(data))
-    }
-
-    /// An image tar's blobs: one layer, its config and a manifest (`edit` changes the
-    /// manifest before it is stored), and the image that names that manifest.
-    fn image_with(edit: impl FnOnce(&mut serde_json::Value)) -> (ResolvedImage, HashMap<String, Vec<u8>>) {
-        let layer = b"layer tar".to_vec();
-        let layer_digest = sha256(&layer);
-        let diff_id = sha256(b"uncompressed layer tar");
-        let config = serde_json::to_vec(&json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }))
-        .unwrap();
-        let config_digest = sha256(&config);
-        let mut manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config_digest,
-                "size": config.len(),
-            },
-            "layers": [{
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": layer_digest,
-                "size": layer.len(),
-            }],
-        });
-        edit(&mut manifest);
-        let manifest = serde_json::to_vec(&manifest).unwrap();
-        let image = ResolvedImage {
+    fn resolved(read: &ReadImage) -> ResolvedImage {
+        ResolvedImage {
             reference: "docker.io/away/counter:latest".into(),
             tar: PathBuf::from("/images/counter.tar"),
-            manifest_digest: sha256(&manifest),
+            manifest_digest: read.manifest_digest.clone(),
             summary: ImageSummary {
                 arch: Arch("amd64".into()),
                 entrypoint: vec![],
@@ -430,58 +397,51 @@ mod tests {
                 user: String::new(),
                 exposed_ports: vec![],
             },
-        };
-        let blobs =
-            HashMap::from([(layer_digest, layer), (config_digest, config), (image.manifest_digest.clone(), manifest)]);
-        (image, blobs)
+        }
+    }
+
+    /// A one-layer image written by away and read back.
+    fn read_back() -> ReadImage {
+        let mut tree = FileTree::default();
+        tree.insert("app", Node::File { data: b"hi".to_vec(), mode: 0o755, uid: 0, gid: 0 });
+        let layer = LayerBlob::from_tar(&tree.to_tar());
+        let config = serde_json::from_value(serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+        }))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tar = dir.path().join("one.tar");
+        Image { config, layers: vec![layer], tags: vec!["away/one:latest".into()] }.write_tar(&tar).unwrap();
+        away_image::read_image_tar(&tar).unwrap()
     }
 
     #[test]
-    fn the_content_of_an_image_is_read_typed() {
-        let (image, blobs) = image_with(|_| {});
-        let content = image_content(&image, &blobs).unwrap();
-        assert_eq!(content.manifest, blobs[&image.manifest_digest].as_slice());
-        assert_eq!(content.config_digest, sha256(&blobs[&content.config_digest]));
+    fn containerd_gets_the_blobs_and_digests_the_reader_verified() {
+        let read = read_back();
+        let content = image_content(&resolved(&read), &read).unwrap();
+        assert_eq!(format!("sha256:{:x}", Sha256::digest(content.manifest)), read.manifest_digest);
+        assert_eq!(format!("sha256:{:x}", Sha256::digest(content.config)), content.config_digest);
+        assert_eq!(content.manifest_media_type, "application/vnd.oci.image.manifest.v1+json");
         assert_eq!(content.layers.len(), 1);
         let layer = &content.layers[0];
         assert_eq!(layer.media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
-        assert_eq!(layer.digest, sha256(b"layer tar"));
-        assert_eq!(layer.size, 9);
-        assert_eq!(content.diff_ids, [sha256(b"uncompressed layer tar")]);
+        assert_eq!(layer.digest, format!("sha256:{:x}", Sha256::digest(content.layer_data[0])));
+        assert_eq!(layer.size, content.layer_data[0].len() as i64);
+        assert_eq!(content.diff_ids, [read.image.layers[0].diff_id.clone()]);
     }
 
     #[test]
-    fn a_layer_without_media_type_is_refused_naming_image_and_field() {
-        let (image, blobs) = image_with(|m| {
-            m["layers"][0].as_object_mut().unwrap().remove("mediaType");
-        });
-        let err = image_content(&image, &blobs).err().expect("a layer without mediaType is refused").to_string();
-        assert!(err.contains("docker.io/away/counter:latest"), "{err}");
-        assert!(err.contains("`mediaType`"), "{err}");
-        assert!(err.contains(&image.manifest_digest), "{err}");
-    }
-
-    #[test]
-    fn a_manifest_without_config_or_with_a_bad_digest_is_refused() {
-        let (image, blobs) = image_with(|m| {
-            m.as_object_mut().unwrap().remove("config");
-        });
-        let err = image_content(&image, &blobs).err().unwrap().to_string();
-        assert!(err.contains("docker.io/away/counter:latest") && err.contains("`config`"), "{err}");
-
-        let (image, blobs) = image_with(|m| m["layers"][0]["digest"] = json!("sha256:nothex"));
-        let err = image_content(&image, &blobs).err().unwrap().to_string();
-        assert!(err.contains("docker.io/away/counter:latest") && err.contains("Invalid digest"), "{err}");
-    }
-
-    #[test]
-    fn layers_and_diff_ids_must_pair_up() {
-        let (image, blobs) = image_with(|m| {
-            let layer = m["layers"][0].clone();
-            m["layers"].as_array_mut().unwrap().push(layer);
-        });
-        let err = image_content(&image, &blobs).err().unwrap().to_string();
-        assert!(err.contains("2 layers but 1 diff_ids"), "{err}");
+    fn a_tar_changed_since_it_was_resolved_is_refused() {
+        let read = read_back();
+        let mut image = resolved(&read);
+        image.manifest_digest = format!("sha256:{}", "0".repeat(64));
+        let err = image_content(&image, &read).err().expect("a changed tar is refused").to_string();
+        assert!(
+            err.contains("docker.io/away/counter:latest") && err.contains("changed since it was resolved"),
+            "{err}"
+        );
     }
 
     #[test]
