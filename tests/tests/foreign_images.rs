@@ -32,16 +32,9 @@ fn ready() -> bool {
         && require(Command::new("podman").arg("--version").output().is_ok(), "podman (apt-get install podman)")
 }
 
-/// The docker CLI: `AWAY_DOCKER_CLI`, else the active runtime profile's, else Debian's.
+/// The docker CLI: `AWAY_DOCKER_CLI`, else the active runtime profile's.
 fn docker_cli() -> PathBuf {
-    if let Some(p) = std::env::var_os("AWAY_DOCKER_CLI") {
-        return PathBuf::from(p);
-    }
-    ["/opt/away-runtimes/active/bin/docker", "/opt/away-runtimes/current/bin/docker", "/usr/bin/docker"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .expect("no docker CLI (set AWAY_DOCKER_CLI)")
+    std::env::var_os("AWAY_DOCKER_CLI").map(PathBuf::from).unwrap_or_else(away_e2e::docker_cli)
 }
 
 fn must(cmd: &mut Command) -> String {
