@@ -75,9 +75,15 @@ pub(super) fn oci_spec_for(
     let u = process.user_mut();
     u.set_uid(user.uid);
     u.set_gid(user.gid);
-    u.set_additional_gids(Some(user.additional_gids.clone()).filter(|g| !g.is_empty()));
-    // as Docker: setuid programs work (no_new_privileges off)
+    // the primary group leads the supplementary ones, as Docker has done since
+    // CVE-2023-25173 (a process dropping its groups would otherwise keep gid 0's access)
+    let mut groups = vec![user.gid];
+    groups.extend(user.additional_gids.iter().filter(|g| **g != user.gid));
+    u.set_additional_gids(Some(groups));
+    // as Docker: setuid programs work (no_new_privileges off), and the limits are the
+    // daemon's (Docker sets none; oci-spec's default would cap open files at 1024)
     process.set_no_new_privileges(None);
+    process.set_rlimits(None);
     let set_of: oci_spec::runtime::Capabilities =
         caps.iter().filter_map(|c| c.trim_start_matches("CAP_").parse::<Capability>().ok()).collect();
     let mut capabilities = oci_spec::runtime::LinuxCapabilities::default();
@@ -205,8 +211,9 @@ mod tests {
         );
         assert_eq!(process.cwd(), Path::new("/app"));
         assert_eq!((process.user().uid(), process.user().gid()), (1000, 50));
-        assert_eq!(process.user().additional_gids().as_deref(), Some(&[4, 27][..]));
+        assert_eq!(process.user().additional_gids().as_deref(), Some(&[50, 4, 27][..]));
         assert_eq!(process.no_new_privileges(), None);
+        assert_eq!(process.rlimits(), &None);
         // a non-root user gets the default set as its bounding set only, like Docker
         let caps = process.capabilities().as_ref().unwrap();
         assert_eq!(caps_of(caps.bounding()).len(), 14);
@@ -248,7 +255,7 @@ mod tests {
         assert_eq!(process.env().as_deref().unwrap(), [DEFAULT_PATH, "HOSTNAME=counter", "HOME=/root"]);
         assert_eq!(process.cwd(), Path::new("/"));
         assert_eq!((process.user().uid(), process.user().gid()), (0, 0));
-        assert_eq!(process.user().additional_gids(), &None);
+        assert_eq!(process.user().additional_gids().as_deref(), Some(&[0][..]));
         let resources = oci.linux().as_ref().unwrap().resources().as_ref().unwrap();
         assert_eq!(resources.memory().unwrap().limit(), Some(256 << 20));
         assert_eq!(resources.cpu().as_ref().unwrap().quota(), Some(100_000));
