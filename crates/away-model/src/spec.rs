@@ -181,8 +181,10 @@ pub struct WorkloadSpec {
 #[serde(deny_unknown_fields)]
 pub struct Capabilities {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::capability_list_schema))]
     pub add: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::capability_list_schema))]
     pub drop: Vec<String>,
 }
 
