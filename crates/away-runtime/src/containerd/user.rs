@@ -6,20 +6,14 @@
 
 use std::path::{Path, PathBuf};
 
-/// The credentials a container's process starts with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The credentials a container's process starts with (default: root, no entry).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(super) struct ExecUser {
     pub uid: u32,
     pub gid: u32,
     pub additional_gids: Vec<u32>,
     /// The home directory of the passwd entry; None without an entry.
     pub home: Option<String>,
-}
-
-impl Default for ExecUser {
-    fn default() -> Self {
-        ExecUser { uid: 0, gid: 0, additional_gids: Vec::new(), home: None }
-    }
 }
 
 struct PasswdEntry<'a> {
