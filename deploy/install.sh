@@ -48,7 +48,9 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-$(system_mirror)}
 
 APT_PKGS=(runc containerd docker.io tini iptables busybox-static cpio
           protobuf-compiler libprotobuf-dev pkg-config libssl-dev sqlite3 libsqlite3-dev
-          iproute2 ca-certificates gzip xz-utils zstd e2fsprogs fonts-dejavu-core python3-venv podman)
+          iproute2 ca-certificates gzip xz-utils zstd e2fsprogs fonts-dejavu-core python3-venv podman
+          # a real server that drops privileges, packed into an image by tests/tests/nginx.rs
+          nginx-light)
 QEMU_PKGS=(qemu-system-x86 qemu-utils)
 
 pkg_installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" = "ii " ]; }

@@ -95,6 +95,14 @@ fn doctor_json_tells_the_truth_about_this_host() {
     let dirty = Command::new("criu").args(["check", "--feature", "mem_dirty_track"]).status().unwrap().success();
     assert_eq!(r["criu"]["dirty_tracking"], dirty);
     assert_eq!(check(&r, "criu pre-dump")["status"], if dirty { "ok" } else { "warn" });
+    // CRIU and other users' processes: CAP_SYS_RESOURCE, read from a shell's own status
+    let cap_eff = u64::from_str_radix(sh("awk '/^CapEff:/ {print $2}' /proc/self/status").trim(), 16).unwrap();
+    assert_eq!(check(&r, "criu other users")["status"], if cap_eff & (1 << 24) != 0 { "ok" } else { "warn" });
+    // the runtime profile: the active one's name, and its containerd package
+    let profile = sh("basename $(readlink -f /opt/away-runtimes/active)");
+    let detail = check(&r, "runtime profile")["detail"].as_str().unwrap().to_string();
+    assert!(detail.starts_with(&format!("{}:", profile.trim())), "{detail}");
+    assert!(detail.contains(sh("awk '$1 == \"containerd\" {print $2}' /opt/away-runtimes/active/PACKAGES").trim()), "{detail}");
     assert_eq!(r["criu"]["pipe_max_size"], sh("cat /proc/sys/fs/pipe-max-size").parse::<u64>().unwrap());
     // the stack-page probe really dumped its 16 MiB process; the CRIU deploy/install.sh
     // builds carries the is_stack() fix, so the memory stayed lazy

@@ -194,7 +194,7 @@ fn start<'a>(node: &'a Node, tar: &Path, name: &str, extra: &[&str]) -> Workload
     let port = free_port();
     let w = Workload { name: format!("{name}-{}", std::process::id()), port, nodes: vec![node] };
     let env = format!("COUNTER_PORT={port}");
-    let p = port.to_string();
+    let p = format!("{port}:{port}");
     let mut args = vec!["run", tar.to_str().unwrap(), "--name", &w.name, "-e", &env, "-p", &p];
     args.extend_from_slice(extra);
     let (ok, _, err) = node.away(&args);

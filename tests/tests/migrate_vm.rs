@@ -125,6 +125,9 @@ fn spec(name: &str, host_port: u16, mib: u64) -> WorkloadSpec {
         resources: Resources { memory: ByteSize::mib(mib), cpus: 1.0 },
         placement: Default::default(),
         labels: Default::default(),
+        user: None,
+        capabilities: Default::default(),
+        seccomp: Default::default(),
     }
 }
 

@@ -39,6 +39,9 @@ fn spec(name: &str, env: &[(&str, String)], port: Option<u16>) -> WorkloadSpec {
         resources: Resources { memory: ByteSize::mib(64), cpus: 0.5 },
         placement: Default::default(),
         labels: Default::default(),
+        user: None,
+        capabilities: Default::default(),
+        seccomp: Default::default(),
     }
 }
 

@@ -80,6 +80,9 @@ fn spec(name: &str, image: &ResolvedImage, host_port: Option<u16>) -> WorkloadSp
         resources: Resources::default(),
         placement: Default::default(),
         labels: Default::default(),
+        user: None,
+        capabilities: Default::default(),
+        seccomp: Default::default(),
     }
 }
 

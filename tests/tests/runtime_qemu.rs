@@ -114,6 +114,9 @@ fn spec(name: &str, guest_port: u16, host_port: u16) -> WorkloadSpec {
         resources: Resources { memory: ByteSize::mib(256), cpus: 1.0 },
         placement: Default::default(),
         labels: Default::default(),
+        user: None,
+        capabilities: Default::default(),
+        seccomp: Default::default(),
     }
 }
 

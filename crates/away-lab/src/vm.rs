@@ -217,6 +217,9 @@ fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec
         resources: Resources { memory: ByteSize(opts.vm_ram.bytes()), cpus: 1.0 },
         placement: Default::default(),
         labels: Default::default(),
+        user: None,
+        capabilities: Default::default(),
+        seccomp: Default::default(),
     }
 }
 

@@ -126,6 +126,9 @@ pub async fn migrate_container(
     if status.state != WorkloadState::Running {
         return Err(MigrateError::Invalid(format!("{name} is {}, not running", status.state)));
     }
+    if let Some(why) = status.pid.and_then(away_runtime::host::process::criu_cannot_dump) {
+        return Err(MigrateError::Incompatible(format!("{name} cannot be checkpointed here: {why}")));
+    }
     let (here, host) = crate::local_node_info(node, source_name).await;
     let there = target.info().await?;
     let compat = compat::check_container(&here, &there.node, kind, kind);

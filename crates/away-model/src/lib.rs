@@ -27,8 +27,8 @@ pub use cluster::{
 pub use node::{Accel, Arch, CpuInfo, CpuVendor, HypervisorInfo, LinkInfo, NodeInfo, RuntimeInfo, Tier};
 pub use size::{ByteSize, ByteSizeError};
 pub use spec::{
-    FieldError, PlacementConstraints, PortMapping, Resources, RuntimeKind, SpecError, SpecFormat, WorkloadKind,
-    WorkloadSpec,
+    capability_name, Capabilities, FieldError, PlacementConstraints, PortMapping, Resources, RuntimeKind, Seccomp,
+    SpecError, SpecFormat, WorkloadKind, WorkloadSpec, ALL_CAPABILITIES, DEFAULT_CAPABILITIES,
 };
 pub use wire::{ApiError, ErrorCode};
 pub use workload::{

@@ -118,3 +118,17 @@ pub fn ports_schema() -> Schema {
 fn string_or_null() -> utoipa::openapi::schema::SchemaType {
     utoipa::openapi::schema::SchemaType::from_iter([Type::String, Type::Null])
 }
+
+/// `capabilities.add` / `.drop`: Linux capability names with or without `CAP_`, in upper
+/// or lower case, or `ALL` (the spec also takes mixed case, as Docker does).
+pub fn capability_list_schema() -> Schema {
+    let mut names: Vec<String> = vec!["ALL".into(), "all".into()];
+    for cap in crate::spec::ALL_CAPABILITIES {
+        let bare = &cap[4..];
+        names.extend([cap.to_string(), bare.to_string(), cap.to_ascii_lowercase(), bare.to_ascii_lowercase()]);
+    }
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(ObjectBuilder::new().schema_type(Type::String).enum_values(Some(names)))
+        .examples([serde_json::json!(["NET_ADMIN"])])
+        .into()
+}

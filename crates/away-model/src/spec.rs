@@ -159,6 +159,147 @@ pub struct WorkloadSpec {
     pub placement: PlacementConstraints,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Replaces the image's USER: `name`, `uid`, `name:group` or `uid:gid`; names are
+    /// looked up in the image's /etc/passwd and /etc/group (containers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[^:\s]+(:[^:\s]+)?$", example = "nobody:nogroup"))]
+    pub user: Option<String>,
+    /// Changes to Docker's default capability set (containers only).
+    #[serde(default, skip_serializing_if = "Capabilities::is_empty")]
+    pub capabilities: Capabilities,
+    /// The system call filter of a container.
+    #[serde(default, skip_serializing_if = "Seccomp::is_default")]
+    pub seccomp: Seccomp,
+}
+
+/// Capabilities added to or dropped from the default set (Docker's fourteen: CHOWN,
+/// DAC_OVERRIDE, FSETID, FOWNER, MKNOD, NET_RAW, SETGID, SETUID, SETFCAP, SETPCAP,
+/// NET_BIND_SERVICE, SYS_CHROOT, KILL, AUDIT_WRITE). Names with or without `CAP_`, any
+/// case; `ALL` means every capability. Drops apply first, then adds (as Docker does).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::capability_list_schema))]
+    pub add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::capability_list_schema))]
+    pub drop: Vec<String>,
+}
+
+impl Capabilities {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.drop.is_empty()
+    }
+
+    /// The default set with the drops and adds applied, as `CAP_` names, sorted.
+    /// Unknown names are left out (`validate` refuses them).
+    pub fn effective_set(&self) -> BTreeSet<&'static str> {
+        let names = |list: &[String]| -> (bool, BTreeSet<&'static str>) {
+            let all = list.iter().any(|c| c.eq_ignore_ascii_case("all"));
+            (all, list.iter().filter_map(|c| capability_name(c)).collect())
+        };
+        let (drop_all, drop) = names(&self.drop);
+        let (add_all, add) = names(&self.add);
+        let mut set: BTreeSet<&'static str> =
+            if drop_all { BTreeSet::new() } else { DEFAULT_CAPABILITIES.iter().copied().collect() };
+        set.retain(|c| !drop.contains(c));
+        if add_all {
+            set.extend(ALL_CAPABILITIES);
+        }
+        set.extend(add);
+        set
+    }
+}
+
+/// Docker's default capabilities (moby's `caps.DefaultCapabilities`).
+pub const DEFAULT_CAPABILITIES: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// Every capability Linux knows (capability.h, up to CAP_CHECKPOINT_RESTORE).
+pub const ALL_CAPABILITIES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The canonical `CAP_` name of `name` (with or without `CAP_`, any case), None when
+/// Linux has no such capability (`ALL` included: it is not one capability).
+pub fn capability_name(name: &str) -> Option<&'static str> {
+    let upper = name.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    ALL_CAPABILITIES.iter().copied().find(|c| &c[4..] == bare)
+}
+
+/// How a container's system calls are filtered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Seccomp {
+    /// Docker's default profile (on Docker its own; on containerd away's copy of it).
+    #[default]
+    Default,
+    /// No filter (Docker's `--security-opt seccomp=unconfined`).
+    Unconfined,
+}
+
+impl Seccomp {
+    pub fn is_default(&self) -> bool {
+        *self == Seccomp::Default
+    }
 }
 
 /// The text format of a spec.
@@ -303,6 +444,19 @@ impl WorkloadSpec {
             }
             if !host_ports.insert(p.host_port()) {
                 bad(&format!("ports[{i}].host"), format!("host port {} is published twice", p.host_port()));
+            }
+        }
+        for (field, list) in
+            [("capabilities.add", &self.capabilities.add), ("capabilities.drop", &self.capabilities.drop)]
+        {
+            for c in list.iter().filter(|c| !c.eq_ignore_ascii_case("all") && capability_name(c).is_none()) {
+                bad(field, format!("{c:?} is not a Linux capability; write e.g. NET_ADMIN or CAP_NET_ADMIN, or ALL"));
+            }
+        }
+        if let Some(user) = &self.user {
+            let parts: Vec<&str> = user.split(':').collect();
+            if parts.len() > 2 || parts.iter().any(|p| p.is_empty() || p.contains(char::is_whitespace)) {
+                bad("user", format!("{user:?} is not a user; write name, uid, name:group or uid:gid"));
             }
         }
         if self.kind == WorkloadKind::Vm && self.placement.runtime.is_some_and(RuntimeKind::is_container) {
@@ -544,6 +698,45 @@ placement:
         let text = "name: a\nimage: x\nports:\n  - container: 80\n    host: 8080\n  - container: 81\n    host: 8080\n";
         let err = parse_yaml(text).unwrap_err();
         assert_eq!((err.errors[0].field.as_str(), err.errors[0].line), ("ports[1].host", Some(7)));
+    }
+
+    #[test]
+    fn capabilities_seccomp_and_user_parse() {
+        let spec = parse_yaml(
+            "name: a\nimage: x\nuser: nobody:nogroup\ncapabilities:\n  add: [net_admin, CAP_SYS_PTRACE]\n  drop: [NET_RAW, cap_mknod]\nseccomp: unconfined\n",
+        )
+        .unwrap();
+        assert_eq!(spec.user.as_deref(), Some("nobody:nogroup"));
+        assert_eq!(spec.seccomp, Seccomp::Unconfined);
+        let set = spec.capabilities.effective_set();
+        assert!(set.contains("CAP_NET_ADMIN") && set.contains("CAP_SYS_PTRACE"), "{set:?}");
+        assert!(!set.contains("CAP_NET_RAW") && !set.contains("CAP_MKNOD"), "{set:?}");
+        assert_eq!(set.len(), 14);
+        let defaults = parse_yaml("name: a\nimage: x\n").unwrap();
+        assert_eq!(defaults.seccomp, Seccomp::Default);
+        assert_eq!(defaults.capabilities.effective_set(), DEFAULT_CAPABILITIES.into_iter().collect());
+    }
+
+    #[test]
+    fn all_drops_and_adds_everything() {
+        let caps = |add: &[&str], drop: &[&str]| Capabilities {
+            add: add.iter().map(|s| s.to_string()).collect(),
+            drop: drop.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(caps(&["CHOWN"], &["ALL"]).effective_set(), BTreeSet::from(["CAP_CHOWN"]));
+        assert_eq!(caps(&["all"], &[]).effective_set().len(), ALL_CAPABILITIES.len());
+    }
+
+    #[test]
+    fn unknown_capabilities_and_bad_users_are_named_with_their_lines() {
+        let text =
+            "name: a\nimage: x\nuser: \"a:b:c\"\ncapabilities:\n  add:\n    - NET_ADMIN\n  drop: [CAP_NET_RAWW]\n";
+        let err = parse_yaml(text).unwrap_err();
+        let fields: Vec<_> = err.errors.iter().map(|e| (e.field.as_str(), e.line)).collect();
+        assert_eq!(fields, vec![("capabilities.drop", Some(7)), ("user", Some(3))], "{err}");
+        assert!(err.to_string().contains("\"CAP_NET_RAWW\" is not a Linux capability"), "{err}");
+        let err = parse_yaml("name: a\nimage: x\nseccomp: strict\n").unwrap_err();
+        assert_eq!((err.errors[0].field.as_str(), err.errors[0].line), ("seccomp", Some(3)));
     }
 
     #[test]

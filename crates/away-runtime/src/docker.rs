@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use away_model::{RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadState, WorkloadStatus};
+use away_model::{RuntimeInfo, RuntimeKind, Seccomp, WorkloadSpec, WorkloadState, WorkloadStatus};
 use bollard::container::{CreateCheckpointOptions, DeleteCheckpointOptions, ListCheckpointsOptions};
 use bollard::errors::Error as BollardError;
 use bollard::models::{
@@ -203,8 +203,18 @@ impl DockerRuntime {
             None => "bridge".to_string(),
             Some(holder) => format!("container:{holder}"),
         };
+        // the spec's capabilities and seccomp choice, as containerd applies them
+        let caps = |list: &[String]| -> Option<Vec<String>> {
+            let names: Vec<String> =
+                list.iter().map(|c| if c.eq_ignore_ascii_case("all") { "ALL".into() } else { cap_name(c) }).collect();
+            (!names.is_empty()).then_some(names)
+        };
         let body = ContainerCreateBody {
             image: Some(image.reference.clone()),
+            // the workload's name, as on containerd (Docker's default is the ID's start);
+            // in a holder's namespace Docker takes the holder's (and refuses another)
+            hostname: netns_holder.is_none().then(|| spec.name.clone()),
+            user: spec.user.clone(),
             // Docker adds these to the image's environment (same names win).
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             cmd: spec.command.clone(),
@@ -222,6 +232,9 @@ impl DockerRuntime {
                 nano_cpus: Some((spec.resources.cpus * 1e9).round() as i64),
                 port_bindings: Some(bindings),
                 network_mode: Some(network_mode),
+                cap_add: caps(&spec.capabilities.add),
+                cap_drop: caps(&spec.capabilities.drop),
+                security_opt: (spec.seccomp == Seccomp::Unconfined).then(|| vec!["seccomp=unconfined".into()]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -312,6 +325,8 @@ impl DockerRuntime {
         let body = ContainerCreateBody {
             image: Some(image.reference.clone()),
             entrypoint: Some(vec![HOLDER_PROGRAM.into(), "sleep".into(), "2147483647".into()]),
+            // the workload, in this namespace, gets this hostname: its own name
+            hostname: Some(spec.name.clone()),
             cmd: Some(Vec::new()),
             user: Some("0".into()),
             labels: Some(HashMap::from([(LABEL_NETNS_OF.to_string(), spec.name.clone())])),
@@ -831,6 +846,11 @@ fn describe(e: &BollardError) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// A capability as Docker's API takes it (`CAP_` name; the spec was validated).
+fn cap_name(c: &str) -> String {
+    away_model::capability_name(c).map_or_else(|| c.to_string(), str::to_string)
 }
 
 #[cfg(test)]

@@ -121,6 +121,9 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
         resources: Resources { memory: ByteSize::mib(64), cpus: 0.5 },
         placement: Default::default(),
         labels: BTreeMap::new(),
+        user: None,
+        capabilities: Default::default(),
+        seccomp: Default::default(),
     };
     let placed = broker.submit(&spec).await?;
     let node = placed.workload.as_ref().map_or("?", |w| w.node.as_str()).to_string();

@@ -160,6 +160,9 @@ fn spec_from(a: &RunArgs) -> anyhow::Result<WorkloadSpec> {
             resources: Resources::default(),
             placement: Default::default(),
             labels: Default::default(),
+            user: None,
+            capabilities: Default::default(),
+            seccomp: Default::default(),
         }
     };
     if let Some(n) = &a.name {

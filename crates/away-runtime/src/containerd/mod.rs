@@ -8,12 +8,16 @@
 //! writes (`file://` stdio URIs).
 //!
 //! By concern: `import` (image tar into the content store), `spec` (the OCI runtime
-//! spec), `task` (containers and their tasks), `checkpoint` (CRIU, eager and lazy).
+//! spec, Docker's container contract), `seccomp` (Docker's default profile), `user`
+//! (USER from the image's /etc/passwd), `task` (containers and their tasks),
+//! `checkpoint` (CRIU, eager and lazy).
 
 mod checkpoint;
 mod import;
+mod seccomp;
 mod spec;
 mod task;
+mod user;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

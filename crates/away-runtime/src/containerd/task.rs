@@ -85,7 +85,18 @@ impl ContainerdRuntime {
                 })?;
                 crate::rootfs::apply(&diff, Path::new(upper))?;
             }
-            let oci = serde_json::to_vec(&oci_spec_for(spec, image, &self.namespace, criu_config))
+            // USER as Docker resolves it: from the container's own rootfs
+            let user_spec = spec.user.as_deref().unwrap_or(&image.summary.user);
+            let user = super::user::resolve(
+                user_spec,
+                super::user::rootfs_file(&mounts, "etc/passwd").as_deref(),
+                super::user::rootfs_file(&mounts, "etc/group").as_deref(),
+            )
+            .map_err(|reason| RuntimeError::Invalid {
+                field: "user".into(),
+                reason: format!("{reason} (image {})", image.reference),
+            })?;
+            let oci = serde_json::to_vec(&oci_spec_for(spec, image, &user, &self.namespace, criu_config))
                 .expect("an OCI spec serializes (string map keys only)");
             let labels = HashMap::from([
                 (LABEL_WORKLOAD.to_string(), name.to_string()),

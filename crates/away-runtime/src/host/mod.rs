@@ -709,6 +709,18 @@ fn checks(r: &HostReport, p: &HostPaths) -> Vec<Check> {
             Some("boot a kernel built with CONFIG_MEM_SOFT_DIRTY=y"),
         );
     }
+    if process::has_capability(process::CAP_SYS_RESOURCE) {
+        add("criu other users", Status::Ok, "CAP_SYS_RESOURCE: processes of any user can be dumped".into(), None);
+    } else {
+        add(
+            "criu other users",
+            Status::Warn,
+            "root lacks CAP_SYS_RESOURCE: a workload with a process running as another user (workers dropped to \
+             nobody) cannot be checkpointed; away refuses to move it before it stops"
+                .into(),
+            Some("run away with CAP_SYS_RESOURCE (a host or sandbox that does not withhold it from root)"),
+        );
+    }
     if r.criu.lazy_pages() {
         add("criu lazy pages", Status::Ok, format!("userfaultfd ok, fs.pipe-max-size {}", r.criu.pipe_max_size), None);
         let fixed = "deploy/install.sh (builds CRIU with deploy/criu/0001-is-stack-page-number.patch)";

@@ -284,6 +284,52 @@ pub fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Whether this process holds capability `cap` (a bit of /proc/self/status's CapEff).
+pub fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << cap) != 0)
+}
+
+/// CAP_SYS_RESOURCE's bit.
+pub const CAP_SYS_RESOURCE: u32 = 24;
+
+/// Why CRIU, run from here, cannot dump the process tree rooted at `pid`; None if it can
+/// as far as this check knows.
+///
+/// CRIU reads every process's rlimits with prlimit(2), which a caller may do for a
+/// process of another user only with CAP_SYS_RESOURCE. Root on some hosts (and in some
+/// sandboxes) lacks it: a workload that runs any process as another user (a server whose
+/// workers drop to `nobody`) then cannot be checkpointed, and saying so before the
+/// freeze beats a failed dump.
+pub fn criu_cannot_dump(pid: u32) -> Option<String> {
+    if has_capability(CAP_SYS_RESOURCE) {
+        return None;
+    }
+    let me = rustix::process::getuid().as_raw();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        let uids: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .map(|l| l.split_whitespace().filter_map(|u| u.parse().ok()).collect())
+            .unwrap_or_default();
+        if let Some(uid) = uids.iter().find(|u| **u != me) {
+            let comm = process(p).map(|e| e.comm).unwrap_or_default();
+            return Some(format!(
+                "its process {p} ({comm}) runs as uid {uid}, and root on this host lacks CAP_SYS_RESOURCE, \
+                 which CRIU needs to read the rlimits of another user's process"
+            ));
+        }
+        todo.extend(children(p));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

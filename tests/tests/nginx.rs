@@ -1,0 +1,269 @@
+//! A real server that drops privileges: Debian's nginx (a master as root, workers as
+//! `nobody`, temp directories chowned at start), packed into an image with `away image
+//! build` from the host's binary and the libraries `ldd` names. It must answer on
+//! containerd and on Docker, and keep answering after a move between two containerd
+//! nodes — what Docker's container contract (capabilities, user lookup) makes work.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use away_e2e::{away, away_bin, free_port, http_get, require, require_root, require_socket, wait_for};
+
+const NGINX: &str = "/usr/sbin/nginx";
+
+fn ready() -> bool {
+    require_root()
+        && require_socket("/run/containerd/containerd.sock", "containerd")
+        && require_socket("/run/docker.sock", "dockerd")
+        && require(Path::new(NGINX).is_file(), "nginx (Debian's nginx-light, from deploy/install.sh)")
+}
+
+/// The build context: nginx, its libraries, a config whose workers run as `nobody`
+/// with their temp directories under /tmp (which nginx chowns to them at start), and
+/// passwd/group files for the names.
+fn build_image(port: u16, out: &Path) -> PathBuf {
+    let ctx = out.join("context");
+    let root = ctx.join("rootfs");
+    let put = |dest: &str, src: &Path| {
+        let to = root.join(dest.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(src, &to).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), to.display()));
+    };
+    put(NGINX, Path::new(NGINX));
+    let ldd = Command::new("ldd").arg(NGINX).output().expect("run ldd");
+    assert!(ldd.status.success(), "ldd {NGINX} failed");
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line.split_whitespace().find(|w| w.starts_with('/'));
+        if let Some(path) = path {
+            put(path, Path::new(path));
+        }
+    }
+    for dir in ["tmp", "run", "var/log/nginx", "var/lib/nginx"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let write = |dest: &str, text: &str| {
+        let to = root.join(dest);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::write(to, text).unwrap();
+    };
+    write("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n");
+    write("etc/group", "root:x:0:\nnogroup:x:65534:\n");
+    write(
+        "etc/nginx/nginx.conf",
+        &format!(
+            "user nobody nogroup;\nworker_processes 2;\npid /run/nginx.pid;\nerror_log stderr notice;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n  access_log off;\n  default_type text/plain;\n\
+             client_body_temp_path /tmp/body;\n  proxy_temp_path /tmp/proxy;\n  fastcgi_temp_path /tmp/fastcgi;\n\
+             uwsgi_temp_path /tmp/uwsgi;\n  scgi_temp_path /tmp/scgi;\n\
+             server {{\n    listen {port};\n    location / {{ return 200 \"nginx answers\\n\"; }}\n  }}\n}}\n"
+        ),
+    );
+    std::fs::write(
+        ctx.join("Containerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nEXPOSE 80\nENTRYPOINT [\"/usr/sbin/nginx\", \"-g\", \"daemon off;\"]\n",
+    )
+    .unwrap();
+    let built =
+        away(&["image", "build", ctx.to_str().unwrap(), "-t", "away/nginx-e2e:latest", "-o", out.to_str().unwrap()]);
+    assert!(built.status.success(), "away image build failed: {}", String::from_utf8_lossy(&built.stderr));
+    let tar = std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "tar"))
+        .expect("away image build wrote a tar");
+    tar
+}
+
+/// One node's identity: containerd namespace, state and run dirs.
+struct Node {
+    ns: String,
+    state: PathBuf,
+    run: PathBuf,
+}
+
+impl Node {
+    fn new(role: &str) -> Node {
+        let id = format!("{role}-nginx-{}", std::process::id());
+        Node {
+            ns: format!("away-{id}"),
+            state: PathBuf::from(format!("/tmp/away-e2e-nginx/{id}/state")),
+            run: PathBuf::from(format!("/tmp/away-e2e-nginx/{id}/run")),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(away_bin());
+        c.args(args).env("AWAY_NAMESPACE", &self.ns).env("AWAY_STATE_DIR", &self.state).env("AWAY_RUN_DIR", &self.run);
+        c
+    }
+
+    fn away(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.cmd(args).output().expect("run away");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    fn running(&self, name: &str) -> bool {
+        let (ok, out, err) = self.away(&["ps", "--json"]);
+        assert!(ok, "ps failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["workloads"].as_array().unwrap().iter().any(|w| w["name"] == name && w["state"] == "running")
+    }
+}
+
+/// Removes the workload from the node when the test ends, however it ends.
+struct Rm<'a>(&'a Node, String);
+impl Drop for Rm<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.away(&["rm", "--force", &self.1]);
+    }
+}
+
+/// A target agent process, killed (by its PID) when dropped.
+struct Agent {
+    node: Node,
+    child: Child,
+    api: String,
+}
+
+impl Agent {
+    fn start() -> Agent {
+        let node = Node::new("target");
+        let (api, transfer) = (free_port(), free_port());
+        std::fs::create_dir_all("/tmp/away-e2e-nginx").unwrap();
+        let log = std::fs::File::create(format!("/tmp/away-e2e-nginx/agent-{}.log", std::process::id())).unwrap();
+        let child = node
+            .cmd(&[
+                "agent",
+                "--name",
+                "target-nginx",
+                "--listen",
+                &format!("127.0.0.1:{api}"),
+                "--transfer-listen",
+                &format!("127.0.0.1:{transfer}"),
+                "--commit-lease",
+                "20",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start away agent");
+        let api = format!("127.0.0.1:{api}");
+        assert!(wait_for(30, || std::net::TcpStream::connect(&api).ok()).is_some(), "agent did not listen on {api}");
+        Agent { node, child, api }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn answers(port: u16) -> bool {
+    wait_for(20, || http_get(port, "/").filter(|b| b == "nginx answers\n")).is_some()
+}
+
+/// nginx's processes as `ps` shows them for the workload: the master as root, the
+/// workers as nobody (the privilege drop happened).
+fn assert_workers_dropped_to_nobody(node: &Node, name: &str, runtime: &str) {
+    let (_, logs, _) = node.away(&["logs", name]);
+    assert!(!logs.contains("emerg"), "{runtime}: nginx complained: {logs}");
+    let ps = Command::new("ps").args(["-eo", "user:20,args"]).output().unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        ps.lines().any(|l| l.starts_with("nobody") && l.contains("nginx: worker process")),
+        "{runtime}: no nginx worker runs as nobody"
+    );
+}
+
+/// CRIU reads and sets the rlimits of every process it dumps; for nginx's workers,
+/// which run as another user than CRIU (root), the kernel wants CAP_SYS_RESOURCE.
+/// Some sandboxes (this project's build machine among them) withhold it from root.
+fn host_has_cap_sys_resource() -> bool {
+    away_runtime::host::process::has_capability(away_runtime::host::process::CAP_SYS_RESOURCE)
+}
+
+/// Runs nginx from the image on `runtime` as `name` on `node`; removed when dropped.
+fn run_nginx<'a>(node: &'a Node, tar: &Path, runtime: &str, port: u16) -> Rm<'a> {
+    let name = format!("nginx-{runtime}-{}", std::process::id());
+    let rm = Rm(node, name.clone());
+    let p = format!("{port}:{port}");
+    let (ok, _, err) = node.away(&["run", tar.to_str().unwrap(), "--name", &name, "--runtime", runtime, "-p", &p]);
+    assert!(ok, "run nginx on {runtime}: {err}");
+    assert!(answers(port), "{runtime}: nginx does not answer on {port}: {}", node.away(&["logs", &name]).1);
+    assert_workers_dropped_to_nobody(node, &name, runtime);
+    rm
+}
+
+#[test]
+fn nginx_runs_on_containerd_and_on_docker() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let tar = build_image(port, dir.path());
+    let node = Node::new("run");
+    std::fs::create_dir_all(&node.state).unwrap();
+    for runtime in ["docker", "containerd"] {
+        drop(run_nginx(&node, &tar, runtime, port));
+        // docker-proxy lets the port go asynchronously
+        assert!(wait_for(10, || std::net::TcpListener::bind(("0.0.0.0", port)).ok()).is_some());
+    }
+}
+
+#[test]
+fn nginx_moves_between_containerd_nodes() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let tar = build_image(port, dir.path());
+    let source = Node::new("source");
+    std::fs::create_dir_all(&source.state).unwrap();
+    let rm = run_nginx(&source, &tar, "containerd", port);
+    let name = rm.1.clone();
+    // the move: checkpoint (CRIU under the seccomp filter), transfer, restore
+    let agent = Agent::start();
+    let _rm_target = Rm(&agent.node, name.clone());
+    let (ok, out, err) = source.away(&[
+        "migrate",
+        &name,
+        "--to",
+        &agent.api,
+        "--json",
+        "--source-name",
+        "source",
+        "--reconnect-timeout",
+        "15",
+    ]);
+    if !host_has_cap_sys_resource() {
+        // CRIU cannot read the rlimits of the workers (nobody) here: the move is refused
+        // before anything stops, saying why, and nginx goes on serving on the source
+        eprintln!("root lacks CAP_SYS_RESOURCE here: the move must be refused up front");
+        assert!(!ok, "a move CRIU cannot dump was not refused: {out}");
+        assert!(err.contains("CAP_SYS_RESOURCE") && err.contains("uid 65534"), "{err}");
+        assert!(source.running(&name), "nginx stopped on the source after a refused move");
+        assert!(!agent.node.running(&name), "a refused move left a copy on the target");
+        assert!(answers(port), "nginx does not answer after the refused move");
+        assert_workers_dropped_to_nobody(&source, &name, "containerd after the refused move");
+        return;
+    }
+    assert!(ok, "migrate nginx failed: {err}\n{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    eprintln!("nginx moved: downtime {} ms, {} bytes on the wire", report["downtime_millis"], report["bytes_wire"]);
+    assert!(agent.node.running(&name), "nginx is not running on the target");
+    assert!(!source.running(&name), "nginx still runs on the source");
+    assert!(answers(port), "nginx does not answer after the move");
+    assert_workers_dropped_to_nobody(&agent.node, &name, "containerd after the move");
+}
