@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use away_model::{RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadState, WorkloadStatus};
@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::runtime::{
     CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError,
 };
+use crate::steps;
 use crate::store::ResolvedImage;
 
 const KIND: RuntimeKind = RuntimeKind::Docker;
@@ -233,16 +234,24 @@ impl DockerRuntime {
         image: &ResolvedImage,
         checkpoint: Option<&Path>,
     ) -> Result<WorkloadStatus, RuntimeError> {
+        // each step is timed for a migration's report (crate::steps)
+        let t = Instant::now();
         let sys = self.check_resources(spec).await?;
+        let t = steps::lap("engine-info", t);
         self.ensure_image(image).await?;
+        let t = steps::lap("image", t);
         let id = self.create(spec, image).await?;
+        steps::lap("docker-create", t);
         let name = spec.name.as_str();
         let started = async {
             match checkpoint {
                 None => self.docker.start_container(name, None).await.map_err(|e| self.api_error("start", name, e))?,
                 Some(dir) => self.start_from_checkpoint(&sys, name, &id, dir).await?,
             }
-            self.status(name).await
+            let t = Instant::now();
+            let status = self.status(name).await;
+            steps::record("status", t.elapsed());
+            status
         }
         .await;
         if started.is_err() {
@@ -259,8 +268,9 @@ impl DockerRuntime {
     /// dockerd (20.10 and later) refuses `checkpoint-dir` on start ("custom checkpointdir
     /// is not supported"): it restores only from the container's own checkpoint directory,
     /// `<DockerRootDir>/containers/<id>/checkpoints/<name>`. dockerd is on this host (unix
-    /// socket), so the archive is copied there, and the copy is deleted after the start
-    /// (containerd has taken the images in by then).
+    /// socket), so the archive is placed there (hard links: no byte is copied when both
+    /// are on one filesystem), and removed after the start (containerd has taken the
+    /// images in by then).
     async fn start_from_checkpoint(
         &self,
         sys: &SystemInfo,
@@ -274,6 +284,7 @@ impl DockerRuntime {
             name: name.into(),
             message: "dockerd does not report its root dir (DockerRootDir)".into(),
         })?;
+        let t = Instant::now();
         let diff = dir.join(crate::rootfs::ROOTFS_DIFF);
         if diff.is_file() {
             let created =
@@ -286,21 +297,27 @@ impl DockerRuntime {
             })?;
             crate::rootfs::apply(&diff, Path::new(&upper))?;
         }
+        let t = steps::lap("rootfs-apply", t);
         let checkpoint = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "away".into());
         let target = Path::new(root).join("containers").join(id).join("checkpoints").join(&checkpoint);
         let (from, to) = (dir.to_path_buf(), target.clone());
-        tokio::task::spawn_blocking(move || copy_dir(&from, &to))
+        let copied = tokio::task::spawn_blocking(move || link_or_copy_dir(&from, &to))
             .await
             .map_err(|e| {
                 RuntimeError::io(format!("copy {} to {}", dir.display(), target.display()), std::io::Error::other(e))
             })?
             .map_err(|e| RuntimeError::io(format!("copy {} to {}", dir.display(), target.display()), e))?;
-        debug!(workload = name, from = %dir.display(), to = %target.display(), "checkpoint copied for dockerd");
+        debug!(workload = name, from = %dir.display(), to = %target.display(), copied, "checkpoint placed for dockerd");
+        let t = steps::lap("checkpoint-place", t);
+        // dockerd tars the dir into containerd's content store, containerd unpacks it
+        // again for the shim, and runc's CRIU restores from that copy
         let started = with_checkpoint_query(&self.docker, &checkpoint).start_container(id, None).await;
+        let t = steps::lap("docker-start", t);
         if let Err(e) = self.docker.delete_checkpoint(id, &checkpoint, None::<DeleteCheckpointOptions>).await {
-            debug!(workload = name, "cannot delete the copied checkpoint through dockerd: {}", describe(&e));
+            debug!(workload = name, "cannot delete the placed checkpoint through dockerd: {}", describe(&e));
             let _ = std::fs::remove_dir_all(&target);
         }
+        steps::lap("checkpoint-delete", t);
         started.map_err(|e| self.api_error("restore", name, e))
     }
 
@@ -442,6 +459,8 @@ impl Runtime for DockerRuntime {
     }
 
     async fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointArchive, RuntimeError> {
+        // each step is timed for a migration's report (crate::steps)
+        let t = Instant::now();
         let c = self.inspect(name).await?;
         let st = to_status(name, &c);
         if st.state != WorkloadState::Running {
@@ -464,6 +483,7 @@ impl Runtime for DockerRuntime {
         let (parent, id) = checkpoint_location(&opts.dir, true)?;
         let dir = parent.join(&id);
         info!(workload = name, dir = %dir.display(), leave_running = opts.leave_running, "docker checkpoint");
+        let t = steps::lap("inspect", t);
         // Docker writes the CRIU images to <CheckpointDir>/<CheckpointID>: so the archive's
         // dir itself holds them, and restore needs nothing but that dir.
         let create = CreateCheckpointOptions {
@@ -476,6 +496,9 @@ impl Runtime for DockerRuntime {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(self.api_error("checkpoint", name, e));
         }
+        // containerd's shim dumps with CRIU into a temporary dir, containerd tars that
+        // into its content store, and dockerd unpacks the tar into `dir`
+        let t = steps::lap("docker-checkpoint", t);
         // The images hold the process's memory: owner only.
         set_owner_only(&dir)?;
         // the filesystem half of the state: what the workload wrote to its rootfs
@@ -483,6 +506,7 @@ impl Runtime for DockerRuntime {
             crate::rootfs::capture(Path::new(&upper), &dir.join(crate::rootfs::ROOTFS_DIFF))?;
         }
         let bytes = crate::runtime::dir_bytes(&dir);
+        steps::lap("rootfs-diff", t);
         Ok(CheckpointArchive { workload: name.into(), runtime: KIND, dir, bytes, spec, image })
     }
 
@@ -540,20 +564,24 @@ fn upper_dir(c: &ContainerInspectResponse) -> Option<String> {
     c.graph_driver.as_ref().and_then(|g| g.data.get("UpperDir")).cloned()
 }
 
-/// Copy a checkpoint (a flat dir of CRIU images, but copied recursively all the same).
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Place a checkpoint (a flat dir of CRIU images, but recursively all the same) at `to`:
+/// hard links where `to` is on the same filesystem (dockerd and containerd only read
+/// the files, and the caller's archive keeps its own names), else copies. Returns the
+/// bytes copied.
+fn link_or_copy_dir(from: &Path, to: &Path) -> std::io::Result<u64> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(to)?;
+    let mut copied = 0;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let target = to.join(entry.file_name());
         if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)?;
+            copied += link_or_copy_dir(&entry.path(), &target)?;
+        } else if std::fs::hard_link(entry.path(), &target).is_err() {
+            copied += std::fs::copy(entry.path(), &target)?;
         }
     }
-    Ok(())
+    Ok(copied)
 }
 
 /// Docker names checkpoints `<CheckpointDir>/<CheckpointID>`: split an archive dir into
