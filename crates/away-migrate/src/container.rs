@@ -240,11 +240,9 @@ pub async fn migrate_container(
     let settle_ms = outcome.verdict.detail.get("settle_ms").and_then(|v| v.as_u64()).unwrap_or(0);
     let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(settle_ms) + round_trip / 2);
     let restore_ms = outcome.verdict.detail.get("restore_ms").and_then(|v| v.as_u64()).unwrap_or(0);
-    phases.push(phase(
-        "transfer",
-        transfer_and_restore.saturating_sub(Duration::from_millis(restore_ms + settle_ms)),
-    ));
-    phases.push(MigrationPhase { parts: restore_parts(&outcome.verdict), ..MigrationPhase::new("restore", restore_ms) });
+    phases.push(phase("transfer", transfer_and_restore.saturating_sub(Duration::from_millis(restore_ms + settle_ms))));
+    phases
+        .push(MigrationPhase { parts: restore_parts(&outcome.verdict), ..MigrationPhase::new("restore", restore_ms) });
     phases.push(MigrationPhase::new("settle", settle_ms));
 
     // 3. commit: from here on the target's copy is the workload
@@ -419,7 +417,9 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?;
     let lazy_opts =
         away_runtime::LazyCheckpointOptions { dir: payload.join(CHECKPOINT_DIR), page_server_port: criu_port };
-    let dump = match runtime.checkpoint_lazy(name, &lazy_opts).await {
+    // the runtime's own steps (Docker's) become the phase's parts
+    let (dump, mut parts) = away_runtime::steps::collect(runtime.checkpoint_lazy(name, &lazy_opts)).await;
+    let dump = match dump {
         Ok(d) => d,
         Err(e) => {
             // CRIU thaws the process when its dump fails: say whether it runs
@@ -454,6 +454,22 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             Err(e) => tracing::warn!(workload = name, "pages the resume touches stay lazy: {e}", e = ErrorChain(&e)),
         }
     }
+    // the frozen source record steps aside, so that a target on the same engine may
+    // take its name (Docker's; a failure below gives it back)
+    let aside = Instant::now();
+    let set_aside = match runtime.step_aside(name).await {
+        Ok(n) => n,
+        Err(e) => {
+            let why = format!("the source cannot give up its name: {e}", e = ErrorChain(&e));
+            dump.abort().await;
+            archives.keep_failed(&payload);
+            return Err(resumed_or_not(runtime, name, why, None).await);
+        }
+    };
+    if set_aside.is_some() {
+        parts.push(phase("step-aside", aside.elapsed()));
+    }
+    let set_aside = set_aside.as_deref();
     let relay = match crate::lazy::SourceRelay::start(
         (local_ip, 0).into(),
         dump.page_server_connector(),
@@ -468,11 +484,11 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             let why = format!("cannot start the page relay on {local_ip}: {e}", e = ErrorChain(&e));
             dump.abort().await;
             archives.keep_failed(&payload);
-            return Err(resumed_or_not(runtime, name, why, None).await);
+            return Err(resumed_aside(runtime, name, set_aside, why, None).await);
         }
     };
     let page_relay = std::net::SocketAddr::new(local_ip, relay.port);
-    phases.push(phase("checkpoint", checkpoint_start.elapsed()));
+    phases.push(MigrationPhase { parts, ..phase("checkpoint", checkpoint_start.elapsed()) });
     let memory = m.pid.map(crate::mode::resident_bytes).unwrap_or(0);
     let manifest = Manifest {
         spec: dump.archive.spec.clone(),
@@ -491,7 +507,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         let _ = relay.abort().await;
         let finished = dump.finish().await;
         archives.keep_failed(payload_ref);
-        resumed_or_not(runtime, name, why, finished.err()).await
+        resumed_aside(runtime, name, set_aside, why, finished.err()).await
     };
     let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
     if let Err(e) = prepared {
@@ -550,7 +566,10 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     // there, and the answer's trip back (half the round trip the connection took to
     // open) is not part of it
     let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(running_ms) + round_trip / 2);
-    phases.push(MigrationPhase::new("transfer", (t.elapsed().as_millis() as u64).saturating_sub(restore_ms + running_ms)));
+    phases.push(MigrationPhase::new(
+        "transfer",
+        (t.elapsed().as_millis() as u64).saturating_sub(restore_ms + running_ms),
+    ));
     if streamed {
         phases.push(MigrationPhase::new("pages", pull_ms));
     }
@@ -583,7 +602,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             tracing::warn!(workload = name, "the target could not remove its partial copy: {ae}");
         }
         archives.keep_failed(&payload);
-        return Err(resumed_or_not(runtime, name, why, None).await);
+        return Err(resumed_aside(runtime, name, set_aside, why, None).await);
     }
 
     // every page moved and CRIU ended the source process: the target's copy is the one
@@ -595,7 +614,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         tracing::debug!(workload = name, "commit to {}: {e}", there.node.name, e = ErrorChain(&e));
     }
     phases.push(phase("commit", t.elapsed()));
-    clean_source(runtime, name, name, archives, &payload, progress, &mut phases).await?;
+    clean_source(runtime, name, set_aside.unwrap_or(name), archives, &payload, progress, &mut phases).await?;
     Ok(MigrationReport {
         workload: name.into(),
         mode: if streamed { MigrationMode::StopAndCopy } else { MigrationMode::Lazy },
@@ -622,6 +641,23 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         ok: true,
         error: None,
     })
+}
+
+/// [`resumed_or_not`] for a source that stepped aside (as `aside`): it takes its name
+/// back first.
+async fn resumed_aside(
+    runtime: &dyn away_runtime::Runtime,
+    name: &str,
+    aside: Option<&str>,
+    why: String,
+    lazy_error: Option<RuntimeError>,
+) -> MigrateError {
+    if let Some(aside) = aside {
+        if let Err(e) = runtime.step_back(aside, name).await {
+            tracing::warn!(workload = name, "the source keeps its temporary name {aside}: {e}", e = ErrorChain(&e));
+        }
+    }
+    resumed_or_not(runtime, name, why, lazy_error).await
 }
 
 /// After a failed lazy move: is the source running again (CRIU resumes it)?

@@ -24,8 +24,10 @@ use bollard::Docker;
 use futures_util::{StreamExt, TryStreamExt};
 use tracing::{debug, info, warn};
 
+use crate::host::criu_args::RuncCheckpoint;
 use crate::runtime::{
-    CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError,
+    CheckpointArchive, CheckpointOptions, LazyCheckpointOptions, LazyDump, LogStream, RestoreRequest, RunRequest,
+    Runtime, RuntimeError,
 };
 use crate::steps;
 use crate::store::ResolvedImage;
@@ -471,15 +473,7 @@ impl Runtime for DockerRuntime {
                 message: format!("it is {}, not running", st.state),
             });
         }
-        let labels = c.config.as_ref().and_then(|cfg| cfg.labels.clone()).unwrap_or_default();
-        let spec: WorkloadSpec =
-            labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| RuntimeError::Failed {
-                runtime: KIND,
-                op: "checkpoint",
-                name: name.into(),
-                message: format!("label {LABEL_SPEC} is missing or not a spec"),
-            })?;
-        let image = labels.get(LABEL_IMAGE).cloned().unwrap_or_default();
+        let (spec, image) = spec_and_image(name, &c, "checkpoint")?;
         let (parent, id) = checkpoint_location(&opts.dir, true)?;
         let dir = parent.join(&id);
         info!(workload = name, dir = %dir.display(), leave_running = opts.leave_running, "docker checkpoint");
@@ -524,6 +518,85 @@ impl Runtime for DockerRuntime {
         Ok(Some(new_name))
     }
 
+    async fn step_back(&self, aside: &str, name: &str) -> Result<(), RuntimeError> {
+        self.docker
+            .rename_container(aside, RenameContainerOptions { name: name.into() })
+            .await
+            .map_err(|e| self.api_error("rename", aside, e))
+    }
+
+    /// Docker's checkpoint API has no page server (and writes the images three times:
+    /// CRIU's temporary dir, containerd's content store, the checkpoint dir), so a lazy
+    /// dump runs runc directly against the state dockerd's shim keeps, as containerd's
+    /// backend does. The images stay Docker's: [`Runtime::restore`] starts them through
+    /// the engine. CRIU runs with the options Docker's own checkpoint gives it (no
+    /// `--tcp-established`, no `--file-locks`), so that the engine's restore, which
+    /// passes none either, takes what it wrote.
+    async fn checkpoint_lazy(&self, name: &str, opts: &LazyCheckpointOptions) -> Result<LazyDump, RuntimeError> {
+        let t = Instant::now();
+        let c = self.inspect(name).await?;
+        let failed = |message: String| RuntimeError::Failed {
+            runtime: KIND,
+            op: "checkpoint lazily",
+            name: name.into(),
+            message,
+        };
+        let (spec, image) = spec_and_image(name, &c, "checkpoint lazily")?;
+        let id = c.id.clone().ok_or_else(|| failed("dockerd reports no container ID".into()))?;
+        let pid = match c.state.as_ref().and_then(|s| s.pid) {
+            Some(pid) if pid > 0 && c.state.as_ref().and_then(|s| s.running) == Some(true) => pid,
+            _ => return Err(failed("it is not running".into())),
+        };
+        let root = Path::new(DOCKER_RUNC_ROOT);
+        if !root.join(&id).join("state.json").is_file() {
+            return Err(failed(format!(
+                "runc keeps no state for it in {} (dockerd with a non-default --exec-root or runtime?)",
+                root.display()
+            )));
+        }
+        crate::runtime::create_private_dir(&opts.dir)?;
+        let work = opts.dir.join(crate::runtime::CRIU_WORK_DIR);
+        let runc = RuncCheckpoint {
+            root: Some(root.to_path_buf()),
+            lazy_pages: true,
+            status_fd: Some(crate::runtime::LAZY_STATUS_FD),
+            tcp_established: false,
+            file_locks: false,
+            page_server: Some(std::net::SocketAddr::from(([127, 0, 0, 1], opts.page_server_port))),
+            image_path: opts.dir.clone(),
+            work_path: Some(work.clone()),
+            container: id,
+        };
+        let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        info!(workload = name, dir = %opts.dir.display(), "docker checkpoint through runc, memory on a page server");
+        let t = steps::lap("inspect", t);
+        let child = crate::runtime::spawn_lazy_dump(KIND, name, &runc, &netns, &opts.dir).await?;
+        let t = steps::lap("runc-dump", t);
+        let dump = LazyDump {
+            archive: CheckpointArchive {
+                workload: name.into(),
+                runtime: KIND,
+                bytes: crate::runtime::dir_bytes(&opts.dir),
+                dir: opts.dir.clone(),
+                spec,
+                image,
+            },
+            child,
+            log: work.join("dump.log"),
+            page_server: std::net::SocketAddr::from(([127, 0, 0, 1], opts.page_server_port)),
+            netns,
+        };
+        if let Some(upper) = upper_dir(&c) {
+            if let Err(e) = crate::rootfs::capture(Path::new(&upper), &opts.dir.join(crate::rootfs::ROOTFS_DIFF)) {
+                // the process is frozen and CRIU waits for a page client: let it go
+                dump.abort().await;
+                return Err(e);
+            }
+        }
+        steps::lap("rootfs-diff", t);
+        Ok(dump)
+    }
+
     async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
         let spec = &req.archive.spec;
         let dir = &req.archive.dir;
@@ -555,6 +628,28 @@ fn with_checkpoint_query(docker: &Docker, checkpoint: &str) -> Docker {
         req
     })
 }
+
+/// The workload spec and image a container was created from (its labels).
+fn spec_and_image(
+    name: &str,
+    c: &ContainerInspectResponse,
+    op: &'static str,
+) -> Result<(WorkloadSpec, String), RuntimeError> {
+    let labels = c.config.as_ref().and_then(|cfg| cfg.labels.as_ref());
+    let spec = labels.and_then(|l| l.get(LABEL_SPEC)).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| {
+        RuntimeError::Failed {
+            runtime: KIND,
+            op,
+            name: name.into(),
+            message: format!("label {LABEL_SPEC} is missing or not a spec"),
+        }
+    })?;
+    Ok((spec, labels.and_then(|l| l.get(LABEL_IMAGE)).cloned().unwrap_or_default()))
+}
+
+/// Where dockerd's runc keeps its containers' state: dockerd's default exec root
+/// (`/run/docker`), its runtime's dir there, and the containerd namespace `moby`.
+const DOCKER_RUNC_ROOT: &str = "/run/docker/runtime-runc/moby";
 
 /// Suffix of a stopped source container set aside during a move.
 const SET_ASIDE: &str = ".away-moving-";
