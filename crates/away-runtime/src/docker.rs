@@ -838,6 +838,25 @@ mod tests {
     }
 
     #[test]
+    fn checkpoints_are_placed_as_links_on_one_filesystem() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let from = tmp.path().join("ckpt");
+        std::fs::create_dir_all(from.join("work")).unwrap();
+        std::fs::write(from.join("pages-1.img"), b"pages").unwrap();
+        std::fs::write(from.join("work").join("dump.log"), b"log").unwrap();
+        let to = tmp.path().join("docker").join("checkpoints").join("ckpt");
+        assert_eq!(link_or_copy_dir(&from, &to).unwrap(), 0, "nothing copied within one filesystem");
+        let (a, b) =
+            (std::fs::metadata(from.join("pages-1.img")).unwrap(), std::fs::metadata(to.join("pages-1.img")).unwrap());
+        assert_eq!(a.ino(), b.ino());
+        assert_eq!(std::fs::read(to.join("work").join("dump.log")).unwrap(), b"log");
+        // dockerd deletes its copy after the start: the archive keeps its files
+        std::fs::remove_dir_all(&to).unwrap();
+        assert_eq!(std::fs::read(from.join("pages-1.img")).unwrap(), b"pages");
+    }
+
+    #[test]
     fn checkpoint_dirs_split_into_docker_dir_and_id() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("ckpt-1");
