@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use away_e2e::{away_bin, free_port, http_get, lab_image, require_root, require_socket, wait_for};
+use away_e2e::{away_bin, free_port, http_get, http_get_at, lab_image, require_root, require_socket, wait_for};
 use serde_json::Value;
 
 fn ready() -> bool {
@@ -210,6 +210,55 @@ fn marker_rootfs(runtime: &str, node: &Node, name: &str) -> PathBuf {
     }
 }
 
+/// Docker's own steps of a restore through its engine, in order.
+const DOCKER_RESTORE_STEPS: &[&str] = &[
+    "engine-info",
+    "image",
+    "netns-holder",
+    "docker-create",
+    "rootfs-apply",
+    "checkpoint-place",
+    "docker-start",
+    "checkpoint-delete",
+    "status",
+];
+
+/// The report's phases account for the move: they sum to about its total, and the
+/// phases named in `parts` (Docker's checkpoint and restore) are broken down into
+/// exactly these steps of the engine, summing to about their phase; other phases have
+/// no parts. (No timing bounds: numbers go in the benchmarks.)
+fn phases_add_up(report: &Value, parts: &[(&str, &[&str])]) {
+    let millis = |p: &Value| p["millis"].as_u64().unwrap();
+    let phases = report["phases"].as_array().unwrap();
+    let total = report["total_millis"].as_u64().unwrap();
+    let sum: u64 = phases.iter().map(millis).sum();
+    // what no phase covers: opening the transfer connection, the payload's directory
+    assert!(sum <= total && total - sum <= 100 + total / 20, "phases sum to {sum} ms of {total} ms: {report}");
+    let named = |name: &str| phases.iter().find(|p| p["name"] == name).unwrap();
+    for name in ["checkpoint", "transfer", "restore"] {
+        assert!(millis(named(name)) > 0, "phase {name} took 0 ms: {report}");
+    }
+    for phase in phases {
+        let name = phase["name"].as_str().unwrap();
+        let steps: Vec<(&str, u64)> = phase["parts"]
+            .as_array()
+            .map(|a| a.iter().map(|p| (p["name"].as_str().unwrap(), millis(p))).collect())
+            .unwrap_or_default();
+        let expected = parts.iter().find(|(n, _)| *n == name).map(|(_, s)| s.to_vec()).unwrap_or_default();
+        assert_eq!(steps.iter().map(|(n, _)| *n).collect::<Vec<_>>(), expected, "the steps of {name}: {report}");
+        if steps.is_empty() {
+            continue;
+        }
+        let (sum, whole) = (steps.iter().map(|(_, ms)| ms).sum::<u64>(), millis(phase));
+        // each step rounds down to whole milliseconds
+        assert!(sum <= whole + steps.len() as u64 && whole - sum.min(whole) <= 50 + whole / 10, "{name}: {report}");
+        // CRIU's dump and restore are never free
+        for (step, ms) in steps {
+            assert!(!matches!(step, "docker-checkpoint" | "runc-dump" | "docker-start") || ms > 0, "{report}");
+        }
+    }
+}
+
 fn move_keeps_state(runtime: &str) {
     let agent = Agent::start(&format!("ok-{runtime}"), &[], false);
     let source = Node::new("source", &format!("ok-{runtime}"));
@@ -225,9 +274,14 @@ fn move_keeps_state(runtime: &str) {
     assert!(report["downtime_millis"].as_u64().unwrap() > 0);
     assert!(report["bytes_wire"].as_u64().unwrap() > 0 && report["bytes_raw"].as_u64().unwrap() > 0);
     let phases: Vec<&str> = report["phases"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    for p in ["checkpoint", "transfer", "restore", "commit", "cleanup"] {
+    for p in ["check", "checkpoint", "transfer", "restore", "settle", "commit", "cleanup"] {
         assert!(phases.contains(&p), "phase {p} missing: {phases:?}");
     }
+    let docker: &[(&str, &[&str])] = &[
+        ("checkpoint", &["inspect", "docker-checkpoint", "rootfs-diff", "step-aside"]),
+        ("restore", DOCKER_RESTORE_STEPS),
+    ];
+    phases_add_up(&report, if runtime == "docker" { docker } else { &[] });
     assert_one_instance_on(&agent.node, &source, &w, before);
     assert_eq!(
         std::fs::read(marker_rootfs(runtime, &agent.node, &w.name).join("away-marker")).unwrap(),
@@ -253,6 +307,75 @@ fn docker_to_docker_keeps_the_count_and_the_files() {
     if ready() {
         move_keeps_state("docker");
     }
+}
+
+/// The address of a Docker container on its bridge network.
+fn docker_ip(name: &str) -> Option<std::net::IpAddr> {
+    let out = Command::new("/usr/bin/docker")
+        .args(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// count and start time of the counter in Docker container `name`, through its bridge
+/// address (it publishes no port)
+fn docker_state(name: &str, port: u16) -> Option<(u64, u64)> {
+    let v: Value = serde_json::from_str(&http_get_at(docker_ip(name)?, port, "/")?).ok()?;
+    Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
+}
+
+/// A Docker workload that publishes no port streams: runc dumps it with its memory on
+/// CRIU's page server (Docker's checkpoint API has none), the target pulls the pages
+/// and restores through its engine. The count and the files go on; the report names
+/// both sides' steps.
+#[test]
+fn docker_streamed_move_keeps_the_count_and_the_files() {
+    if !ready() {
+        return;
+    }
+    let test = "streamed-docker";
+    let agent = Agent::start(test, &[], false);
+    let source = Node::new("source", test);
+    std::fs::create_dir_all(&source.state).unwrap();
+    let name = format!("mig-{test}-{}", std::process::id());
+    let port = 8080;
+    let tar = lab_image("counter");
+    let (ok, _, err) = source.away(&[
+        "run",
+        tar.to_str().unwrap(),
+        "--name",
+        &name,
+        "--runtime",
+        "docker",
+        "-e",
+        &format!("COUNTER_PORT={port}"),
+    ]);
+    assert!(ok, "run counter on docker: {err}");
+    let w = Workload { name, port, source: &source, target: &agent.node };
+    let before = wait_for(20, || docker_state(&w.name, port).filter(|s| s.0 >= 10)).expect("counter counts");
+    std::fs::write(marker_rootfs("docker", &source, &w.name).join("away-marker"), b"written before the move").unwrap();
+    let (ok, report, err) = migrate(&w, &agent, &["--mode", "stop-copy"]);
+    assert!(ok, "migrate failed: {err}");
+    eprintln!("report: {report}");
+    assert_eq!(report["mode"], "stop-and-copy");
+    assert!(report["reason"].as_str().unwrap().contains("streamed"), "{report}");
+    assert!(report["paged_bytes_raw"].as_u64().unwrap() > 0, "the pages crossed the relay: {report}");
+    phases_add_up(
+        &report,
+        &[("checkpoint", &["inspect", "runc-dump", "rootfs-diff", "step-aside"]), ("restore", DOCKER_RESTORE_STEPS)],
+    );
+    assert!(agent.node.running(&w.name), "{} is not running on the target", w.name);
+    assert_eq!(docker_running(&w.name), 1, "{} runs more than once on the shared engine", w.name);
+    let after = wait_for(20, || docker_state(&w.name, port)).expect("counter answers after the move");
+    assert_eq!(after.1, before.1, "the counter restarted instead of being restored");
+    assert!(after.0 >= before.0, "count went back: {} -> {}", before.0, after.0);
+    assert_eq!(
+        std::fs::read(marker_rootfs("docker", &agent.node, &w.name).join("away-marker")).unwrap(),
+        b"written before the move"
+    );
+    let (_, out, _) = source.away(&["archives", "list", "--json"]);
+    assert_eq!(out.trim(), "[]", "source kept an archive");
 }
 
 #[test]

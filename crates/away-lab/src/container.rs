@@ -324,7 +324,16 @@ fn slowed_after(baseline: u64, beats: &[(u64, u64)], resumed: u64, period: Durat
 }
 
 fn phases(r: &MigrationReport) -> String {
-    let p: Vec<String> = r.phases.iter().map(|p| format!("{} {:.2}s", p.name, p.millis as f64 / 1000.0)).collect();
+    let secs = |p: &away_model::MigrationPhase| format!("{} {:.2}s", p.name, p.millis as f64 / 1000.0);
+    let p: Vec<String> = r
+        .phases
+        .iter()
+        .map(|p| match p.parts.is_empty() {
+            true => secs(p),
+            // the runtime's own steps (Docker's), in brackets
+            false => format!("{} [{}]", secs(p), p.parts.iter().map(secs).collect::<Vec<_>>().join(", ")),
+        })
+        .collect();
     format!("{} {COMPRESSION}; {}", r.mode, p.join(", "))
 }
 

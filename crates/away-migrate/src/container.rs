@@ -103,7 +103,7 @@ fn now_ms() -> u64 {
 }
 
 fn phase(name: &str, d: Duration) -> MigrationPhase {
-    MigrationPhase { name: name.into(), millis: d.as_millis() as u64 }
+    MigrationPhase::new(name, d.as_millis() as u64)
 }
 
 /// Move container workload `name` from this node to `target`.
@@ -176,14 +176,15 @@ pub async fn migrate_container(
     let payload = archives.create(name)?;
     let t = Instant::now();
     let stopped_at_ms = now_ms();
-    let checkpoint = runtime
-        .checkpoint(name, &CheckpointOptions { dir: payload.join(CHECKPOINT_DIR), leave_running: false })
-        .await
-        .map_err(|e| {
-            let _ = archives.discard(&payload);
-            MigrateError::Runtime(e)
-        })?;
-    phases.push(phase("checkpoint", t.elapsed()));
+    // the runtime's own steps (Docker's) become the phase's parts
+    let (checkpoint, mut parts) = away_runtime::steps::collect(
+        runtime.checkpoint(name, &CheckpointOptions { dir: payload.join(CHECKPOINT_DIR), leave_running: false }),
+    )
+    .await;
+    let checkpoint = checkpoint.map_err(|e| {
+        let _ = archives.discard(&payload);
+        MigrateError::Runtime(e)
+    })?;
     let downtime_start = frozen_at(&payload, t);
     let manifest = Manifest {
         spec: checkpoint.spec.clone(),
@@ -198,10 +199,15 @@ pub async fn migrate_container(
     let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
     // the stopped source record steps aside so that the target may take the name (needed
     // when both share one engine; harmless otherwise)
+    let aside = Instant::now();
     let set_aside = match prepared {
         Ok(()) => runtime.step_aside(name).await,
         Err(e) => Err(RuntimeError::io(format!("write the migration payload in {}", payload.display()), e)),
     };
+    if kind == RuntimeKind::Docker {
+        parts.push(phase("step-aside", aside.elapsed()));
+    }
+    phases.push(MigrationPhase { parts, ..phase("checkpoint", t.elapsed()) });
     let mut undo = Undo {
         progress: &progress,
         node,
@@ -237,11 +243,10 @@ pub async fn migrate_container(
     let settle_ms = outcome.verdict.detail.get("settle_ms").and_then(|v| v.as_u64()).unwrap_or(0);
     let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(settle_ms) + round_trip / 2);
     let restore_ms = outcome.verdict.detail.get("restore_ms").and_then(|v| v.as_u64()).unwrap_or(0);
-    phases.push(MigrationPhase {
-        name: "transfer".into(),
-        millis: (transfer_and_restore.as_millis() as u64).saturating_sub(restore_ms),
-    });
-    phases.push(MigrationPhase { name: "restore".into(), millis: restore_ms });
+    phases.push(phase("transfer", transfer_and_restore.saturating_sub(Duration::from_millis(restore_ms + settle_ms))));
+    phases
+        .push(MigrationPhase { parts: restore_parts(&outcome.verdict), ..MigrationPhase::new("restore", restore_ms) });
+    phases.push(MigrationPhase::new("settle", settle_ms));
 
     // 3. commit: from here on the target's copy is the workload
     progress(Step::Committing);
@@ -340,6 +345,11 @@ struct Moving<'a> {
     streamed: bool,
 }
 
+/// The steps the target's runtime reported for its restore (Docker's), if any.
+fn restore_parts(verdict: &Verdict) -> Vec<MigrationPhase> {
+    verdict.detail.get("restore_parts").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default()
+}
+
 /// The wall-clock time of `at` (a moment in the past).
 fn resumed_unix_ms(at: Instant) -> u64 {
     now_ms().saturating_sub(at.elapsed().as_millis() as u64)
@@ -410,7 +420,9 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?;
     let lazy_opts =
         away_runtime::LazyCheckpointOptions { dir: payload.join(CHECKPOINT_DIR), page_server_port: criu_port };
-    let dump = match runtime.checkpoint_lazy(name, &lazy_opts).await {
+    // the runtime's own steps (Docker's) become the phase's parts
+    let (dump, mut parts) = away_runtime::steps::collect(runtime.checkpoint_lazy(name, &lazy_opts)).await;
+    let dump = match dump {
         Ok(d) => d,
         Err(e) => {
             // CRIU thaws the process when its dump fails: say whether it runs
@@ -445,6 +457,22 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             Err(e) => tracing::warn!(workload = name, "pages the resume touches stay lazy: {e}", e = ErrorChain(&e)),
         }
     }
+    // the frozen source record steps aside, so that a target on the same engine may
+    // take its name (Docker's; a failure below gives it back)
+    let aside = Instant::now();
+    let set_aside = match runtime.step_aside(name).await {
+        Ok(n) => n,
+        Err(e) => {
+            let why = format!("the source cannot give up its name: {e}", e = ErrorChain(&e));
+            dump.abort().await;
+            archives.keep_failed(&payload);
+            return Err(resumed_or_not(runtime, name, why, None).await);
+        }
+    };
+    if set_aside.is_some() {
+        parts.push(phase("step-aside", aside.elapsed()));
+    }
+    let set_aside = set_aside.as_deref();
     let relay = match crate::lazy::SourceRelay::start(
         (local_ip, 0).into(),
         dump.page_server_connector(),
@@ -459,11 +487,11 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             let why = format!("cannot start the page relay on {local_ip}: {e}", e = ErrorChain(&e));
             dump.abort().await;
             archives.keep_failed(&payload);
-            return Err(resumed_or_not(runtime, name, why, None).await);
+            return Err(resumed_aside(runtime, name, set_aside, why, None).await);
         }
     };
     let page_relay = std::net::SocketAddr::new(local_ip, relay.port);
-    phases.push(phase("checkpoint", checkpoint_start.elapsed()));
+    phases.push(MigrationPhase { parts, ..phase("checkpoint", checkpoint_start.elapsed()) });
     let memory = m.pid.map(crate::mode::resident_bytes).unwrap_or(0);
     let manifest = Manifest {
         spec: dump.archive.spec.clone(),
@@ -482,7 +510,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         let _ = relay.abort().await;
         let finished = dump.finish().await;
         archives.keep_failed(payload_ref);
-        resumed_or_not(runtime, name, why, finished.err()).await
+        resumed_aside(runtime, name, set_aside, why, finished.err()).await
     };
     let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
     if let Err(e) = prepared {
@@ -541,14 +569,19 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     // there, and the answer's trip back (half the round trip the connection took to
     // open) is not part of it
     let downtime = downtime_start.elapsed().saturating_sub(Duration::from_millis(running_ms) + round_trip / 2);
-    phases.push(MigrationPhase {
-        name: "transfer".into(),
-        millis: (t.elapsed().as_millis() as u64).saturating_sub(restore_ms + running_ms),
-    });
+    phases.push(MigrationPhase::new(
+        "transfer",
+        (t.elapsed().as_millis() as u64).saturating_sub(restore_ms + running_ms),
+    ));
     if streamed {
-        phases.push(MigrationPhase { name: "pages".into(), millis: pull_ms });
+        phases.push(MigrationPhase::new("pages", pull_ms));
     }
-    phases.push(MigrationPhase { name: "restore".into(), millis: restore_ms - pull_ms.min(restore_ms) });
+    phases.push(MigrationPhase {
+        parts: restore_parts(&outcome.verdict),
+        ..MigrationPhase::new("restore", restore_ms - pull_ms.min(restore_ms))
+    });
+    // the copy ran on the target while the answer waited (the settle wait, the release)
+    phases.push(MigrationPhase::new("settle", running_ms));
 
     // the lazy phase: the target runs while its memory arrives (streamed: the source's
     // CRIU, released, ends at once)
@@ -572,7 +605,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             tracing::warn!(workload = name, "the target could not remove its partial copy: {ae}");
         }
         archives.keep_failed(&payload);
-        return Err(resumed_or_not(runtime, name, why, None).await);
+        return Err(resumed_aside(runtime, name, set_aside, why, None).await);
     }
 
     // every page moved and CRIU ended the source process: the target's copy is the one
@@ -584,7 +617,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         tracing::debug!(workload = name, "commit to {}: {e}", there.node.name, e = ErrorChain(&e));
     }
     phases.push(phase("commit", t.elapsed()));
-    clean_source(runtime, name, name, archives, &payload, progress, &mut phases).await?;
+    clean_source(runtime, name, set_aside.unwrap_or(name), archives, &payload, progress, &mut phases).await?;
     Ok(MigrationReport {
         workload: name.into(),
         mode: if streamed { MigrationMode::StopAndCopy } else { MigrationMode::Lazy },
@@ -611,6 +644,23 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         ok: true,
         error: None,
     })
+}
+
+/// [`resumed_or_not`] for a source that stepped aside (as `aside`): it takes its name
+/// back first.
+async fn resumed_aside(
+    runtime: &dyn away_runtime::Runtime,
+    name: &str,
+    aside: Option<&str>,
+    why: String,
+    lazy_error: Option<RuntimeError>,
+) -> MigrateError {
+    if let Some(aside) = aside {
+        if let Err(e) = runtime.step_back(aside, name).await {
+            tracing::warn!(workload = name, "the source keeps its temporary name {aside}: {e}", e = ErrorChain(&e));
+        }
+    }
+    resumed_or_not(runtime, name, why, lazy_error).await
 }
 
 /// After a failed lazy move: is the source running again (CRIU resumes it)?
@@ -707,6 +757,8 @@ pub struct Restored {
     /// How long the copy had run when the answer left (the settle wait, and for a
     /// streamed move the source's release): not downtime.
     pub running: Duration,
+    /// The runtime's own steps of the restore (Docker's), for the report.
+    pub parts: Vec<MigrationPhase>,
 }
 
 /// A failed restore on the target.
@@ -776,16 +828,22 @@ pub async fn restore_received(
     // the source keeps its CRIU work directory; CRIU wants one here too
     let work = dir.join(away_runtime::CRIU_WORK_DIR);
     std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
-    let (mut pulled, mut pull) = (None, Duration::ZERO);
+    let (mut pulled, mut pull, mut parts) = (None, Duration::ZERO, Vec::new());
     let (st, mut lazy) = match manifest.lazy_page_relay {
-        None => (runtime.restore(&request).await.map_err(|e| error_chain(&e))?, None),
+        None => {
+            let (restored, steps) = away_runtime::steps::collect(runtime.restore(&request)).await;
+            parts = steps;
+            (restored.map_err(|e| error_chain(&e))?, None)
+        }
         Some(relay) if manifest.pull_pages => {
             let t = Instant::now();
             let pages = crate::lazy::pull::pull_all(&dir, relay)
                 .await
                 .map_err(|e| format!("pull the pages: {e}", e = ErrorChain(&e)))?;
             pull = t.elapsed();
-            match runtime.restore(&request).await {
+            let (restored, steps) = away_runtime::steps::collect(runtime.restore(&request)).await;
+            parts = steps;
+            match restored {
                 Ok(st) => {
                     pulled = Some(pages);
                     (st, None)
@@ -853,13 +911,14 @@ pub async fn restore_received(
                 return Err(failed_with_copy(runtime, &st.name, message).await);
             }
             let status = status.expect("checked");
-            return Ok(Restored { status, restore, lazy, released: true, pull, running: started.elapsed() - restore });
+            let running = started.elapsed() - restore;
+            return Ok(Restored { status, restore, lazy, released: true, pull, running, parts });
         }
         pages.abort();
     }
     match status {
         Ok(s) if s.state == WorkloadState::Running => {
-            Ok(Restored { status: s, restore, lazy, released: false, pull, running: settle })
+            Ok(Restored { status: s, restore, lazy, released: false, pull, running: settle, parts })
         }
         Ok(s) => {
             gone(&mut lazy).await;
@@ -884,6 +943,7 @@ pub fn verdict_for(result: &Result<Restored, RestoreFailed>, settle: Duration) -
                 "settle_ms": settle.as_millis() as u64,
                 "pull_ms": r.pull.as_millis() as u64,
                 "running_ms": r.running.as_millis() as u64,
+                "restore_parts": r.parts,
             }))
         }
         Err(e) => Verdict::failed(e.message.clone()),

@@ -43,9 +43,12 @@ pub struct ModeChoice {
 
 /// Why a lazy move cannot happen between these two nodes, given what keeps the source
 /// from serving its pages (None: it can).
-fn lazy_blocker(page_server: Option<&String>, there: &TargetInfo) -> Option<String> {
+fn lazy_blocker(kind: RuntimeKind, page_server: Option<&String>, there: &TargetInfo) -> Option<String> {
     if let Some(why) = page_server {
         return Some(why.clone());
+    }
+    if kind == RuntimeKind::Docker {
+        return Some("docker restores only through its engine, which cannot hand CRIU a lazy-pages restore".into());
     }
     if there.node.labels.get(LABEL_LAZY_PAGES).map(String::as_str) != Some("true") {
         return Some(format!("CRIU lazy pages do not work on {} (see `away doctor` there)", there.node.name));
@@ -61,10 +64,22 @@ fn page_server_blocker(
     host: &HostReport,
     there: &TargetInfo,
 ) -> Option<String> {
-    if kind != RuntimeKind::Containerd {
-        return Some(format!(
-            "{kind} exposes no CRIU page server (lazy and streamed moves drive runc under containerd directly)"
-        ));
+    match kind {
+        RuntimeKind::Containerd => {}
+        // the frozen source container keeps its published ports until the target runs:
+        // a target on the same engine could not take them
+        RuntimeKind::Docker if !status.ports.is_empty() => {
+            return Some(format!(
+                "the frozen source would hold its published port(s) {} until the target runs",
+                status.ports.join(", ")
+            ))
+        }
+        RuntimeKind::Docker => {}
+        _ => {
+            return Some(format!(
+                "{kind} exposes no CRIU page server (lazy and streamed moves drive runc under the engine directly)"
+            ))
+        }
     }
     if !host.criu.lazy_pages() {
         return Some(format!(
@@ -127,7 +142,7 @@ pub async fn choose(
 ) -> Result<ModeChoice, MigrateError> {
     // read once: it looks at the workload's sockets and namespace
     let stream_blocker = page_server_blocker(runtime.kind(), status, host, there);
-    let blocker = lazy_blocker(stream_blocker.as_ref(), there);
+    let blocker = lazy_blocker(runtime.kind(), stream_blocker.as_ref(), there);
     let stop_copy = |why: String| {
         let how = match &stream_blocker {
             None => "streamed (the pages go from CRIU's page server into the target's images while the rest \

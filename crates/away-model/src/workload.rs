@@ -112,6 +112,19 @@ pub struct MigrationPhase {
     pub name: String,
     #[serde(deserialize_with = "crate::whole::de")]
     pub millis: u64,
+    /// What the phase spent its time on, where the runtime says (Docker's checkpoint
+    /// and restore: `docker-checkpoint`, `rootfs-diff`, `docker-create`, `docker-start`,
+    /// …); in order, summing to about `millis`. Absent in reports written before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(no_recursion))]
+    pub parts: Vec<MigrationPhase>,
+}
+
+impl MigrationPhase {
+    /// A phase without parts.
+    pub fn new(name: impl Into<String>, millis: u64) -> Self {
+        MigrationPhase { name: name.into(), millis, parts: Vec::new() }
+    }
 }
 
 /// What a finished (or failed) migration reports.

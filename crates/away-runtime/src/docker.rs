@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use away_model::{RuntimeInfo, RuntimeKind, Seccomp, WorkloadSpec, WorkloadState, WorkloadStatus};
@@ -26,9 +26,12 @@ use bollard::Docker;
 use futures_util::{StreamExt, TryStreamExt};
 use tracing::{debug, info, warn};
 
+use crate::host::criu_args::RuncCheckpoint;
 use crate::runtime::{
-    CheckpointArchive, CheckpointOptions, LogStream, RestoreRequest, RunRequest, Runtime, RuntimeError,
+    CheckpointArchive, CheckpointOptions, LazyCheckpointOptions, LazyDump, LogStream, RestoreRequest, RunRequest,
+    Runtime, RuntimeError,
 };
+use crate::steps;
 use crate::store::ResolvedImage;
 
 const KIND: RuntimeKind = RuntimeKind::Docker;
@@ -266,13 +269,18 @@ impl DockerRuntime {
         image: &ResolvedImage,
         checkpoint: Option<&Path>,
     ) -> Result<WorkloadStatus, RuntimeError> {
+        // each step is timed for a migration's report (crate::steps)
+        let t = Instant::now();
         let sys = self.check_resources(spec).await?;
+        let t = steps::lap("engine-info", t);
         self.ensure_image(image).await?;
+        let t = steps::lap("image", t);
         // a taken name is refused before a holder claims (or fails on) the ports
         if self.docker.inspect_container(&spec.name, None).await.is_ok() {
             return Err(RuntimeError::AlreadyExists { runtime: KIND, name: spec.name.clone() });
         }
         let holder = self.create_netns_holder(spec, image).await?;
+        let t = steps::lap("netns-holder", t);
         let id = match self.create(spec, image, Some(&holder)).await {
             Ok(id) => id,
             Err(e) => {
@@ -280,13 +288,17 @@ impl DockerRuntime {
                 return Err(e);
             }
         };
+        steps::lap("docker-create", t);
         let name = spec.name.as_str();
         let started = async {
             match checkpoint {
                 None => self.docker.start_container(name, None).await.map_err(|e| self.api_error("start", name, e))?,
                 Some(dir) => self.start_from_checkpoint(&sys, name, &id, dir).await?,
             }
-            self.status(name).await
+            let t = Instant::now();
+            let status = self.status(name).await;
+            steps::record("status", t.elapsed());
+            status
         }
         .await;
         if started.is_err() {
@@ -370,8 +382,9 @@ impl DockerRuntime {
     /// dockerd (20.10 and later) refuses `checkpoint-dir` on start ("custom checkpointdir
     /// is not supported"): it restores only from the container's own checkpoint directory,
     /// `<DockerRootDir>/containers/<id>/checkpoints/<name>`. dockerd is on this host (unix
-    /// socket), so the archive is copied there, and the copy is deleted after the start
-    /// (containerd has taken the images in by then).
+    /// socket), so the archive is placed there (hard links: no byte is copied when both
+    /// are on one filesystem), and removed after the start (containerd has taken the
+    /// images in by then).
     async fn start_from_checkpoint(
         &self,
         sys: &SystemInfo,
@@ -385,6 +398,7 @@ impl DockerRuntime {
             name: name.into(),
             message: "dockerd does not report its root dir (DockerRootDir)".into(),
         })?;
+        let t = Instant::now();
         let diff = dir.join(crate::rootfs::ROOTFS_DIFF);
         if diff.is_file() {
             let created =
@@ -397,21 +411,27 @@ impl DockerRuntime {
             })?;
             crate::rootfs::apply(&diff, Path::new(&upper))?;
         }
+        let t = steps::lap("rootfs-apply", t);
         let checkpoint = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "away".into());
         let target = Path::new(root).join("containers").join(id).join("checkpoints").join(&checkpoint);
         let (from, to) = (dir.to_path_buf(), target.clone());
-        tokio::task::spawn_blocking(move || copy_dir(&from, &to))
+        let copied = tokio::task::spawn_blocking(move || link_or_copy_dir(&from, &to))
             .await
             .map_err(|e| {
                 RuntimeError::io(format!("copy {} to {}", dir.display(), target.display()), std::io::Error::other(e))
             })?
             .map_err(|e| RuntimeError::io(format!("copy {} to {}", dir.display(), target.display()), e))?;
-        debug!(workload = name, from = %dir.display(), to = %target.display(), "checkpoint copied for dockerd");
+        debug!(workload = name, from = %dir.display(), to = %target.display(), copied, "checkpoint placed for dockerd");
+        let t = steps::lap("checkpoint-place", t);
+        // dockerd tars the dir into containerd's content store, containerd unpacks it
+        // again for the shim, and runc's CRIU restores from that copy
         let started = with_checkpoint_query(&self.docker, &checkpoint).start_container(id, None).await;
+        let t = steps::lap("docker-start", t);
         if let Err(e) = self.docker.delete_checkpoint(id, &checkpoint, None::<DeleteCheckpointOptions>).await {
-            debug!(workload = name, "cannot delete the copied checkpoint through dockerd: {}", describe(&e));
+            debug!(workload = name, "cannot delete the placed checkpoint through dockerd: {}", describe(&e));
             let _ = std::fs::remove_dir_all(&target);
         }
+        steps::lap("checkpoint-delete", t);
         started.map_err(|e| self.api_error("restore", name, e))
     }
 
@@ -564,6 +584,8 @@ impl Runtime for DockerRuntime {
     }
 
     async fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointArchive, RuntimeError> {
+        // each step is timed for a migration's report (crate::steps)
+        let t = Instant::now();
         let c = self.inspect(name).await?;
         let st = to_status(name, &c);
         if st.state != WorkloadState::Running {
@@ -574,18 +596,11 @@ impl Runtime for DockerRuntime {
                 message: format!("it is {}, not running", st.state),
             });
         }
-        let labels = c.config.as_ref().and_then(|cfg| cfg.labels.clone()).unwrap_or_default();
-        let spec: WorkloadSpec =
-            labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| RuntimeError::Failed {
-                runtime: KIND,
-                op: "checkpoint",
-                name: name.into(),
-                message: format!("label {LABEL_SPEC} is missing or not a spec"),
-            })?;
-        let image = labels.get(LABEL_IMAGE).cloned().unwrap_or_default();
+        let (spec, image) = spec_and_image(name, &c, "checkpoint")?;
         let (parent, id) = checkpoint_location(&opts.dir, true)?;
         let dir = parent.join(&id);
         info!(workload = name, dir = %dir.display(), leave_running = opts.leave_running, "docker checkpoint");
+        let t = steps::lap("inspect", t);
         // Docker writes the CRIU images to <CheckpointDir>/<CheckpointID>: so the archive's
         // dir itself holds them, and restore needs nothing but that dir.
         let create = CreateCheckpointOptions {
@@ -598,6 +613,9 @@ impl Runtime for DockerRuntime {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(self.api_error("checkpoint", name, e));
         }
+        // containerd's shim dumps with CRIU into a temporary dir, containerd tars that
+        // into its content store, and dockerd unpacks the tar into `dir`
+        let t = steps::lap("docker-checkpoint", t);
         // The images hold the process's memory: owner only.
         set_owner_only(&dir)?;
         // the filesystem half of the state: what the workload wrote to its rootfs
@@ -605,6 +623,7 @@ impl Runtime for DockerRuntime {
             crate::rootfs::capture(Path::new(&upper), &dir.join(crate::rootfs::ROOTFS_DIFF))?;
         }
         let bytes = crate::runtime::dir_bytes(&dir);
+        steps::lap("rootfs-diff", t);
         Ok(CheckpointArchive { workload: name.into(), runtime: KIND, dir, bytes, spec, image })
     }
 
@@ -623,6 +642,85 @@ impl Runtime for DockerRuntime {
         // engine (or the source, restored again after a failed move) gets its own holder.
         self.remove_netns_holder(name, netns_holder(&c)).await;
         Ok(Some(new_name))
+    }
+
+    async fn step_back(&self, aside: &str, name: &str) -> Result<(), RuntimeError> {
+        self.docker
+            .rename_container(aside, RenameContainerOptions { name: name.into() })
+            .await
+            .map_err(|e| self.api_error("rename", aside, e))
+    }
+
+    /// Docker's checkpoint API has no page server (and writes the images three times:
+    /// CRIU's temporary dir, containerd's content store, the checkpoint dir), so a lazy
+    /// dump runs runc directly against the state dockerd's shim keeps, as containerd's
+    /// backend does. The images stay Docker's: [`Runtime::restore`] starts them through
+    /// the engine. CRIU runs with the options Docker's own checkpoint gives it (no
+    /// `--tcp-established`, no `--file-locks`), so that the engine's restore, which
+    /// passes none either, takes what it wrote.
+    async fn checkpoint_lazy(&self, name: &str, opts: &LazyCheckpointOptions) -> Result<LazyDump, RuntimeError> {
+        let t = Instant::now();
+        let c = self.inspect(name).await?;
+        let failed = |message: String| RuntimeError::Failed {
+            runtime: KIND,
+            op: "checkpoint lazily",
+            name: name.into(),
+            message,
+        };
+        let (spec, image) = spec_and_image(name, &c, "checkpoint lazily")?;
+        let id = c.id.clone().ok_or_else(|| failed("dockerd reports no container ID".into()))?;
+        let pid = match c.state.as_ref().and_then(|s| s.pid) {
+            Some(pid) if pid > 0 && c.state.as_ref().and_then(|s| s.running) == Some(true) => pid,
+            _ => return Err(failed("it is not running".into())),
+        };
+        let root = Path::new(DOCKER_RUNC_ROOT);
+        if !root.join(&id).join("state.json").is_file() {
+            return Err(failed(format!(
+                "runc keeps no state for it in {} (dockerd with a non-default --exec-root or runtime?)",
+                root.display()
+            )));
+        }
+        crate::runtime::create_private_dir(&opts.dir)?;
+        let work = opts.dir.join(crate::runtime::CRIU_WORK_DIR);
+        let runc = RuncCheckpoint {
+            root: Some(root.to_path_buf()),
+            lazy_pages: true,
+            status_fd: Some(crate::runtime::LAZY_STATUS_FD),
+            tcp_established: false,
+            file_locks: false,
+            page_server: Some(std::net::SocketAddr::from(([127, 0, 0, 1], opts.page_server_port))),
+            image_path: opts.dir.clone(),
+            work_path: Some(work.clone()),
+            container: id,
+        };
+        let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        info!(workload = name, dir = %opts.dir.display(), "docker checkpoint through runc, memory on a page server");
+        let t = steps::lap("inspect", t);
+        let child = crate::runtime::spawn_lazy_dump(KIND, name, &runc, &netns, &opts.dir).await?;
+        let t = steps::lap("runc-dump", t);
+        let dump = LazyDump {
+            archive: CheckpointArchive {
+                workload: name.into(),
+                runtime: KIND,
+                bytes: crate::runtime::dir_bytes(&opts.dir),
+                dir: opts.dir.clone(),
+                spec,
+                image,
+            },
+            child,
+            log: work.join("dump.log"),
+            page_server: std::net::SocketAddr::from(([127, 0, 0, 1], opts.page_server_port)),
+            netns,
+        };
+        if let Some(upper) = upper_dir(&c) {
+            if let Err(e) = crate::rootfs::capture(Path::new(&upper), &opts.dir.join(crate::rootfs::ROOTFS_DIFF)) {
+                // the process is frozen and CRIU waits for a page client: let it go
+                dump.abort().await;
+                return Err(e);
+            }
+        }
+        steps::lap("rootfs-diff", t);
+        Ok(dump)
     }
 
     async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
@@ -657,6 +755,28 @@ fn with_checkpoint_query(docker: &Docker, checkpoint: &str) -> Docker {
     })
 }
 
+/// The workload spec and image a container was created from (its labels).
+fn spec_and_image(
+    name: &str,
+    c: &ContainerInspectResponse,
+    op: &'static str,
+) -> Result<(WorkloadSpec, String), RuntimeError> {
+    let labels = c.config.as_ref().and_then(|cfg| cfg.labels.as_ref());
+    let spec = labels.and_then(|l| l.get(LABEL_SPEC)).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| {
+        RuntimeError::Failed {
+            runtime: KIND,
+            op,
+            name: name.into(),
+            message: format!("label {LABEL_SPEC} is missing or not a spec"),
+        }
+    })?;
+    Ok((spec, labels.and_then(|l| l.get(LABEL_IMAGE)).cloned().unwrap_or_default()))
+}
+
+/// Where dockerd's runc keeps its containers' state: dockerd's default exec root
+/// (`/run/docker`), its runtime's dir there, and the containerd namespace `moby`.
+const DOCKER_RUNC_ROOT: &str = "/run/docker/runtime-runc/moby";
+
 /// Suffix of a stopped source container set aside during a move.
 const SET_ASIDE: &str = ".away-moving-";
 
@@ -665,20 +785,24 @@ fn upper_dir(c: &ContainerInspectResponse) -> Option<String> {
     c.graph_driver.as_ref().and_then(|g| g.data.get("UpperDir")).cloned()
 }
 
-/// Copy a checkpoint (a flat dir of CRIU images, but copied recursively all the same).
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Place a checkpoint (a flat dir of CRIU images, but recursively all the same) at `to`:
+/// hard links where `to` is on the same filesystem (dockerd and containerd only read
+/// the files, and the caller's archive keeps its own names), else copies. Returns the
+/// bytes copied.
+fn link_or_copy_dir(from: &Path, to: &Path) -> std::io::Result<u64> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(to)?;
+    let mut copied = 0;
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let target = to.join(entry.file_name());
         if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)?;
+            copied += link_or_copy_dir(&entry.path(), &target)?;
+        } else if std::fs::hard_link(entry.path(), &target).is_err() {
+            copied += std::fs::copy(entry.path(), &target)?;
         }
     }
-    Ok(())
+    Ok(copied)
 }
 
 /// Docker names checkpoints `<CheckpointDir>/<CheckpointID>`: split an archive dir into
@@ -868,6 +992,25 @@ mod tests {
     fn query_values_are_percent_encoded() {
         assert_eq!(percent_encode("/tmp/a b&c"), "%2Ftmp%2Fa%20b%26c");
         assert_eq!(percent_encode("ckpt-1.x_y"), "ckpt-1.x_y");
+    }
+
+    #[test]
+    fn checkpoints_are_placed_as_links_on_one_filesystem() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let from = tmp.path().join("ckpt");
+        std::fs::create_dir_all(from.join("work")).unwrap();
+        std::fs::write(from.join("pages-1.img"), b"pages").unwrap();
+        std::fs::write(from.join("work").join("dump.log"), b"log").unwrap();
+        let to = tmp.path().join("docker").join("checkpoints").join("ckpt");
+        assert_eq!(link_or_copy_dir(&from, &to).unwrap(), 0, "nothing copied within one filesystem");
+        let (a, b) =
+            (std::fs::metadata(from.join("pages-1.img")).unwrap(), std::fs::metadata(to.join("pages-1.img")).unwrap());
+        assert_eq!(a.ino(), b.ino());
+        assert_eq!(std::fs::read(to.join("work").join("dump.log")).unwrap(), b"log");
+        // dockerd deletes its copy after the start: the archive keeps its files
+        std::fs::remove_dir_all(&to).unwrap();
+        assert_eq!(std::fs::read(from.join("pages-1.img")).unwrap(), b"pages");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod node;
 pub mod qemu;
 pub mod rootfs;
 pub mod runtime;
+pub mod steps;
 pub mod store;
 
 pub use fallback::{choose_runtime, NoRuntime};

@@ -123,6 +123,72 @@ impl LazyDump {
     }
 }
 
+/// Longest a lazy dump may take before its page server is up (it writes everything
+/// but memory: small).
+const LAZY_DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The descriptor runc's CRIU reports on (`--status-fd`) in the child of
+/// [`spawn_lazy_dump`].
+pub(crate) const LAZY_STATUS_FD: i32 = 3;
+
+/// Run `runc` (a lazy checkpoint, `status_fd` [`LAZY_STATUS_FD`]) in network namespace
+/// `netns` (the container's: CRIU must not see its network as foreign), its stderr in
+/// `dir/runc.log`, and wait until CRIU says the dump is on disk and its page server
+/// listens. Returns the runc process, which ends with the lazy phase. Containerd's and
+/// Docker's containers alike: runc runs against the state their shim keeps.
+pub(crate) async fn spawn_lazy_dump(
+    kind: away_model::RuntimeKind,
+    name: &str,
+    runc: &crate::host::criu_args::RuncCheckpoint,
+    netns: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<tokio::process::Child, RuntimeError> {
+    use std::os::fd::AsFd;
+    let failed =
+        |message: String| RuntimeError::Failed { runtime: kind, op: "checkpoint lazily", name: name.into(), message };
+    let dump_log = runc.work_path.as_deref().unwrap_or(dir).join("dump.log");
+    let (status_read, status_write) =
+        std::io::pipe().map_err(|e| RuntimeError::io("create the runc status pipe", e))?;
+    let mut cmd = tokio::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .arg(crate::host::runtime_bin("runc"))
+        .args(runc.args())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("runc.log")).map_err(|e| RuntimeError::io("create runc.log", e))?);
+    crate::host::process::inherit_fd_as(cmd.as_std_mut(), status_write.as_fd(), LAZY_STATUS_FD);
+    let mut child = cmd.spawn().map_err(|e| failed(format!("cannot run runc: {e}")))?;
+    drop(status_write);
+    // CRIU writes one byte to the status pipe when the dump is on disk and the page
+    // server listens; EOF first means runc gave up.
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut byte = [0u8; 1];
+        std::io::Read::read(&mut { status_read }, &mut byte)
+    });
+    let ready = match tokio::time::timeout(LAZY_DUMP_TIMEOUT, reader).await {
+        Ok(r) => r.map_err(|e| failed(format!("status reader: {e}")))?,
+        Err(_) => {
+            // the reader ends with runc (its end of the pipe closes)
+            let _ = child.kill().await;
+            return Err(failed(format!(
+                "the dump did not finish within {} s{}",
+                LAZY_DUMP_TIMEOUT.as_secs(),
+                criu_log_errors(&dump_log)
+            )));
+        }
+    };
+    if !matches!(ready, Ok(1)) {
+        let status = child.wait().await.map_err(|e| RuntimeError::io("wait for runc", e))?;
+        let runc_log = std::fs::read_to_string(dir.join("runc.log")).unwrap_or_default();
+        return Err(failed(format!(
+            "runc checkpoint exited with {status} before the page server was up: {}{}",
+            runc_log.trim(),
+            criu_log_errors(&dump_log)
+        )));
+    }
+    Ok(child)
+}
+
 /// Sub-directory of a checkpoint directory that CRIU uses as its work directory (logs,
 /// and the lazy-pages daemon's socket on a lazy restore).
 pub const CRIU_WORK_DIR: &str = "work";
@@ -212,6 +278,12 @@ pub trait Runtime: Send + Sync {
     /// Runtimes whose names are per node need nothing: the default keeps the name.
     async fn step_aside(&self, _name: &str) -> Result<Option<String>, RuntimeError> {
         Ok(None)
+    }
+
+    /// Undo [`Runtime::step_aside`]: the record named `aside` takes `name` back (a
+    /// streamed move that failed leaves the source running under its temporary name).
+    async fn step_back(&self, _aside: &str, _name: &str) -> Result<(), RuntimeError> {
+        Ok(())
     }
 
     /// Freeze the workload and dump everything but its memory, which CRIU then serves

@@ -352,6 +352,9 @@ fn print_report(r: &MigrationReport) {
     }
     for p in &r.phases {
         println!("  {:<10} {:>8.3} s", p.name, p.millis as f64 / 1000.0);
+        for part in &p.parts {
+            println!("    {:<18} {:>8.3} s", part.name, part.millis as f64 / 1000.0);
+        }
     }
 }
 

@@ -305,7 +305,7 @@ pub async fn migrate_vm_to(
 }
 
 fn phase_of(name: &str, started: Instant) -> MigrationPhase {
-    MigrationPhase { name: name.into(), millis: millis(started.elapsed()) }
+    MigrationPhase::new(name, millis(started.elapsed()))
 }
 
 fn millis(d: Duration) -> u64 {

@@ -2,7 +2,6 @@
 //! lazily (post-copy) with runc directly, which containerd's checkpoint cannot do.
 
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,14 +11,10 @@ use containerd_client::services::v1::snapshots as snap;
 
 use super::{any, ContainerdRuntime, KIND, LABEL_SPEC, SNAPSHOTTER};
 use crate::host::criu_args::RuncCheckpoint;
-use crate::host::process;
 use crate::runtime::{
     CheckpointArchive, CheckpointOptions, LazyCheckpointOptions, LazyDump, RestoreRequest, RuntimeError,
 };
 
-/// Longest a lazy dump may take before its page server is up (it writes everything
-/// but memory: small).
-const LAZY_DUMP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Where containerd's runc shim keeps runc's state, per namespace (its default root).
 const RUNC_SHIM_ROOT: &str = "/run/containerd/runc";
 
@@ -131,59 +126,26 @@ impl ContainerdRuntime {
         opts: &LazyCheckpointOptions,
     ) -> Result<LazyDump, RuntimeError> {
         let (c, spec, work) = self.prepare_checkpoint(name, &opts.dir, "checkpoint lazily").await?;
-        let failed = |message: String| RuntimeError::Failed {
-            runtime: KIND,
-            op: "checkpoint lazily",
-            name: name.into(),
-            message,
-        };
-        let (status_read, status_write) =
-            std::io::pipe().map_err(|e| RuntimeError::io("create the runc status pipe", e))?;
         let pid = match self.get_task(name).await? {
             Some(p) if p.pid > 0 => p.pid,
-            _ => return Err(failed("it has no running task".into())),
-        };
-        // runc and CRIU run in the container's network namespace, whatever the caller's
-        let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
-        let mut cmd = tokio::process::Command::new("nsenter");
-        cmd.arg(format!("--net={}", netns.display()))
-            .arg(crate::host::runtime_bin("runc"))
-            .args(runc_lazy_checkpoint(&self.namespace, name, opts, &work).args())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(
-                std::fs::File::create(opts.dir.join("runc.log")).map_err(|e| RuntimeError::io("create runc.log", e))?,
-            );
-        process::inherit_fd_as(cmd.as_std_mut(), status_write.as_fd(), STATUS_FD);
-        let mut child = cmd.spawn().map_err(|e| failed(format!("cannot run runc: {e}")))?;
-        drop(status_write);
-        // CRIU writes one byte to the status pipe when the dump is on disk and the page
-        // server listens; EOF first means runc gave up.
-        let reader = tokio::task::spawn_blocking(move || {
-            let mut byte = [0u8; 1];
-            std::io::Read::read(&mut { status_read }, &mut byte)
-        });
-        let ready = match tokio::time::timeout(LAZY_DUMP_TIMEOUT, reader).await {
-            Ok(r) => r.map_err(|e| failed(format!("status reader: {e}")))?,
-            Err(_) => {
-                // the reader ends with runc (its end of the pipe closes)
-                let _ = child.kill().await;
-                return Err(failed(format!(
-                    "the dump did not finish within {} s{}",
-                    LAZY_DUMP_TIMEOUT.as_secs(),
-                    crate::runtime::criu_log_errors(&work.join("dump.log"))
-                )));
+            _ => {
+                return Err(RuntimeError::Failed {
+                    runtime: KIND,
+                    op: "checkpoint lazily",
+                    name: name.into(),
+                    message: "it has no running task".into(),
+                })
             }
         };
-        if !matches!(ready, Ok(1)) {
-            let status = child.wait().await.map_err(|e| RuntimeError::io("wait for runc", e))?;
-            let runc_log = std::fs::read_to_string(opts.dir.join("runc.log")).unwrap_or_default();
-            return Err(failed(format!(
-                "runc checkpoint exited with {status} before the page server was up: {}{}",
-                runc_log.trim(),
-                crate::runtime::criu_log_errors(&work.join("dump.log"))
-            )));
-        }
+        let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let child = crate::runtime::spawn_lazy_dump(
+            KIND,
+            name,
+            &runc_lazy_checkpoint(&self.namespace, name, opts, &work),
+            &netns,
+            &opts.dir,
+        )
+        .await?;
         let dump = LazyDump {
             archive: archive_of(name, &opts.dir, spec, c.image),
             child,
@@ -240,16 +202,13 @@ impl ContainerdRuntime {
     }
 }
 
-/// The descriptor runc's CRIU reports on (`--status-fd`) in the child.
-const STATUS_FD: i32 = 3;
-
 /// runc's lazy checkpoint of container `name` of containerd namespace `namespace`: against
 /// the state its shim keeps, with the page server on the container's loopback.
 fn runc_lazy_checkpoint(namespace: &str, name: &str, opts: &LazyCheckpointOptions, work: &Path) -> RuncCheckpoint {
     RuncCheckpoint {
         root: Some(Path::new(RUNC_SHIM_ROOT).join(namespace)),
         lazy_pages: true,
-        status_fd: Some(STATUS_FD),
+        status_fd: Some(crate::runtime::LAZY_STATUS_FD),
         tcp_established: true,
         file_locks: true,
         page_server: Some(SocketAddr::from(([127, 0, 0, 1], opts.page_server_port))),
