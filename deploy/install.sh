@@ -29,7 +29,8 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-$(system_mirror)}
 
 APT_PKGS=(runc containerd docker.io tini iptables busybox-static cpio
           protobuf-compiler libprotobuf-dev pkg-config libssl-dev sqlite3 libsqlite3-dev
-          iproute2 ca-certificates gzip xz-utils zstd e2fsprogs fonts-dejavu-core python3-venv)
+          iproute2 ca-certificates gzip xz-utils zstd e2fsprogs fonts-dejavu-core python3-venv
+          podman)  # podman: the peer of `away lab compare` (peer-podman)
 QEMU_PKGS=(qemu-system-x86 qemu-utils)
 
 pkg_installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" = "ii " ]; }

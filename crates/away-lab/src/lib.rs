@@ -9,17 +9,19 @@
 //! Measured numbers and the paper's reference numbers are kept apart: the reference
 //! values live in [`reference`] and are always printed with the label "paper".
 //!
-//! Run time on a 2-core TCG host: the quick profile (24 runs) took 298-301 s, measured
-//! (`cargo test -p away-e2e --test lab`). The full profile (2 links × 9 loads × 7 paths
-//! × 2 repetitions = 252 runs, 256 MiB VM, 128 MiB app): see docs/results; its upper
+//! Run time on a 2-core TCG host: the quick profile without the peers (24 runs) took
+//! 298-301 s, measured (`cargo test -p away-e2e --test lab`); the peers add 7 runs (see
+//! docs/testing.md). The full profile (2 links × 9 loads × 10 paths × 2 repetitions =
+//! 360 runs, 256 MiB VM, 128 MiB app; on QEMU 10.0 the 36 vm-multifd-zstd-postcopy runs
+//! fail at once, QEMU refusing the pair): see docs/results; its upper
 //! bound from [`CompareOptions::estimate`] is dominated by VM runs under RAM load
 //! over the WAN that run into their time limit (3 × VM RAM / rate = 174 s each).
 
 mod container;
 pub mod link;
-mod peer;
 pub mod merge;
 mod output;
+mod peer;
 pub mod reference;
 mod vm;
 
@@ -323,9 +325,10 @@ pub struct CompareOptions {
 }
 
 impl CompareOptions {
-    /// Everything: 2 links × 9 loads × 7 paths × 2 repetitions = 252 runs, 256 MiB VM,
+    /// Everything: 2 links × 9 loads × 10 paths × 2 repetitions = 360 runs, 256 MiB VM,
     /// 128 MiB app; a VM run that has not finished after 3 × VM RAM / rate counts as not
-    /// converged. A 2-core TCG host takes about 2 h 25 min (docs/results/README.md).
+    /// converged. A 2-core TCG host took about 2 h 25 min for the 7 paths before the peers
+    /// (docs/results/README.md).
     pub fn full(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
         CompareOptions {
             links: LinkKind::ALL.to_vec(),

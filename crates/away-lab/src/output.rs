@@ -228,7 +228,11 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
          container-docker), or CRIU lazy pages through away's page relay (container-lazy), {}",
         set.container_compression
     );
-    if results.paths.iter().any(|p| p.is_peer() || matches!(p, MigrationPath::VmMultifdZstd | MigrationPath::VmMultifdZstdPostcopy)) {
+    if results
+        .paths
+        .iter()
+        .any(|p| p.is_peer() || matches!(p, MigrationPath::VmMultifdZstd | MigrationPath::VmMultifdZstdPostcopy))
+    {
         let _ = writeln!(
             md,
             "- peers: peer-podman = Podman's own path (`podman container checkpoint --export --compress=zstd`, the \

@@ -75,7 +75,8 @@ impl PodmanLab {
                 .await
                 .map_err(|e| missing(format!("podman ({e})"), "apt-get install podman".into()))?;
             let text = String::from_utf8_lossy(&out.stdout);
-            let loaded = text.lines().find_map(|l| l.strip_prefix("Loaded image: ").or(l.strip_prefix("Loaded image(s): ")));
+            let loaded =
+                text.lines().find_map(|l| l.strip_prefix("Loaded image: ").or(l.strip_prefix("Loaded image(s): ")));
             match loaded {
                 Some(image) if out.status.success() => lab.image = image.trim().to_string(),
                 _ => {
@@ -318,4 +319,26 @@ fn send(netns: Option<String>, dest: SocketAddr, from: &Path) -> Result<u64, Str
     // the receiver closes after writing the file; its EOF ends the transfer here
     let _ = conn.read(&mut [0u8; 1]);
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_archive_arrives_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, into) = (dir.path().join("out"), dir.path().join("in"));
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&from, &data).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = into.clone();
+        let rx = std::thread::spawn(move || receive(listener, &target));
+        assert_eq!(send(None, addr, &from).unwrap(), data.len() as u64);
+        assert_eq!(rx.join().unwrap().unwrap(), data.len() as u64);
+        assert_eq!(std::fs::read(&into).unwrap(), data);
+        let e = send(None, addr, &dir.path().join("missing")).unwrap_err();
+        assert!(e.contains("connect to") || e.contains("missing"), "{e}");
+    }
 }

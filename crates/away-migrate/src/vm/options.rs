@@ -159,9 +159,7 @@ impl VmMigrationOptions {
         let (method, zlib, zstd) = match self.multifd_compression.filter(|_| multifd) {
             None => (None, None, None),
             Some(Compression::None) => (Some(MultifdCompression::None), None, None),
-            Some(Compression::Zstd { level }) => {
-                (Some(MultifdCompression::Zstd), None, Some(level.clamp(0, 20) as u8))
-            }
+            Some(Compression::Zstd { level }) => (Some(MultifdCompression::Zstd), None, Some(level.clamp(0, 20) as u8)),
             Some(Compression::Gzip { level }) => (Some(MultifdCompression::Zlib), Some(level.min(9) as u8), None),
         };
         MigrateSetParameters {
@@ -243,7 +241,8 @@ mod tests {
         let o = VmMigrationOptions { multifd_compression: zstd, ..Default::default() };
         let e = o.validate().unwrap_err().to_string();
         assert!(e.contains("multifd_compression") && e.contains("set multifd"), "{e}");
-        let o = VmMigrationOptions { multifd: Some(2), multifd_compression: Some(Compression::Zstd { level: 22 }), ..o };
+        let o =
+            VmMigrationOptions { multifd: Some(2), multifd_compression: Some(Compression::Zstd { level: 22 }), ..o };
         assert!(o.validate().unwrap_err().to_string().contains("1 to 20"));
     }
 
