@@ -1,13 +1,15 @@
 //! `away lab compare`'s quick profile end to end: the memload app moved as a QEMU VM
-//! (pre-copy) and as a container (containerd, Docker) over the emulated LAN and WAN,
-//! with the CSV, plots and report written. Needs root, containerd, dockerd, CRIU and
-//! QEMU; takes several minutes (release build of away, as the benchmarks use).
+//! (pre-copy; multifd + zstd in one cell) and as a container (containerd, Docker, and
+//! the peer: Podman's checkpoint export / restore import) over the emulated LAN and WAN,
+//! with the CSV, plots and report (with its table of away's best path against each
+//! peer) written. Needs root, containerd, dockerd, podman, CRIU and QEMU; takes several
+//! minutes (release build of away, as the benchmarks use).
 
 use std::path::Path;
 use std::time::Instant;
 
 use away_e2e::{away_bin, lab_image, require, require_root, require_socket};
-use away_lab::{CompareOptions, RunOutcome};
+use away_lab::{CompareOptions, MigrationPath, RunOutcome};
 
 #[test]
 fn quick_profile_end_to_end() {
@@ -17,7 +19,11 @@ fn quick_profile_end_to_end() {
         && require_socket("/run/docker.sock", "dockerd")
         && require(paths.qemu.is_file(), &format!("qemu at {}", paths.qemu.display()))
         && require(paths.guest_kernel.exists(), &format!("guest kernel at {}", paths.guest_kernel.display()))
-        && require(Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").is_file(), "fonts-dejavu-core"))
+        && require(Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").is_file(), "fonts-dejavu-core")
+        && require(
+            std::process::Command::new("podman").arg("--version").output().is_ok_and(|o| o.status.success()),
+            "podman (apt-get install podman)",
+        ))
     {
         return;
     }
@@ -52,7 +58,32 @@ fn quick_profile_end_to_end() {
             assert!(down < r.total_s, "{r:?}");
         }
         assert!(r.bytes_wire > 0, "{r:?}");
+        if let Some(down) = r.downtime_s.filter(|_| r.converged()) {
+            assert!(down > 0.0 && down <= r.total_s, "downtime within the total: {r:?}");
+        }
     }
+    // the peers: Podman in every cell, QEMU multifd + zstd in its one cell
+    let of = |p: MigrationPath| results.runs.iter().filter(move |r| r.path == p);
+    assert_eq!(of(MigrationPath::PeerPodman).count(), opts.links.len() * opts.loads.len());
+    assert!(of(MigrationPath::PeerPodman).all(|r| r.converged() && r.downtime_s.is_some()), "podman moves finish");
+    let multifd: Vec<_> = of(MigrationPath::VmMultifdZstd).collect();
+    assert_eq!(multifd.len(), 1);
+    assert!(multifd[0].converged() && multifd[0].notes.contains("passes"), "{:?}", multifd[0]);
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert!(csv.contains(",peer-podman,wan,ram50,") && csv.contains(",vm-multifd-zstd,lan,idle,"), "{csv}");
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let table = report.split("## away's best path vs each peer").nth(1).expect("the peer table in report.md");
+    for cell in ["| lan | idle |", "| wan | ram50 |"] {
+        let row = table.lines().find(|l| l.starts_with(cell) && l.contains("| peer-podman |"));
+        let row = row.unwrap_or_else(|| panic!("no peer-podman row for {cell}:\n{table}"));
+        // the three ratios are numbers
+        let ratios: Vec<f64> =
+            row.trim_end_matches('|').rsplit('|').take(3).filter_map(|c| c.trim().parse().ok()).collect();
+        assert_eq!(ratios.len(), 3, "{row}");
+        assert!(ratios.iter().all(|r| *r > 0.0), "{row}");
+    }
+    assert!(table.lines().any(|l| l.starts_with("| lan | idle |") && l.contains("| vm-multifd-zstd |")), "{table}");
+    assert!(table.contains("ahead of peer-podman in both total time and downtime:"), "{table}");
     for f in ["results.csv", "results.json", "report.md", "fig3.svg", "fig3.png"] {
         assert!(out.join(f).is_file(), "{f} missing");
     }

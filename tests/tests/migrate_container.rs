@@ -251,7 +251,8 @@ fn phases_add_up(report: &Value, parts: &[(&str, &[&str])]) {
         }
         let (sum, whole) = (steps.iter().map(|(_, ms)| ms).sum::<u64>(), millis(phase));
         // each step rounds down to whole milliseconds
-        assert!(sum <= whole + steps.len() as u64 && whole - sum.min(whole) <= 50 + whole / 10, "{name}: {report}");
+        // (what lies between the steps: the agent's request handling, a loaded machine)
+        assert!(sum <= whole + steps.len() as u64 && whole - sum.min(whole) <= 300 + whole / 5, "{name}: {report}");
         // CRIU's dump and restore are never free
         for (step, ms) in steps {
             assert!(!matches!(step, "docker-checkpoint" | "runc-dump" | "docker-start") || ms > 0, "{report}");
@@ -311,11 +312,14 @@ fn docker_to_docker_keeps_the_count_and_the_files() {
 
 /// The address of a Docker container on its bridge network.
 fn docker_ip(name: &str) -> Option<std::net::IpAddr> {
-    let out = Command::new("/usr/bin/docker")
-        .args(["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    let inspect = |what: &str, format: &str| -> Option<String> {
+        let out = Command::new(away_e2e::docker_cli()).args(["inspect", "-f", format, what]).output().ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    // a workload joins its network-namespace holder's network: the address is the holder's
+    let mode = inspect(name, "{{.HostConfig.NetworkMode}}")?;
+    let owner = mode.strip_prefix("container:").unwrap_or(name);
+    inspect(owner, "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}")?.parse().ok()
 }
 
 /// count and start time of the counter in Docker container `name`, through its bridge
@@ -325,12 +329,12 @@ fn docker_state(name: &str, port: u16) -> Option<(u64, u64)> {
     Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
 }
 
-/// A Docker workload that publishes no port streams: runc dumps it with its memory on
-/// CRIU's page server (Docker's checkpoint API has none), the target pulls the pages
-/// and restores through its engine. The count and the files go on; the report names
-/// both sides' steps.
+/// A Docker workload that publishes no port, reached on its own bridge address (its
+/// holder's): asked for stop-copy, it moves staged (streamed Docker moves are off, see
+/// away_migrate::mode) and says why; the count, the start time and the files go on,
+/// and the report names the engine's steps on both sides.
 #[test]
-fn docker_streamed_move_keeps_the_count_and_the_files() {
+fn docker_move_without_ports_keeps_the_count_and_the_files() {
     if !ready() {
         return;
     }
@@ -359,11 +363,13 @@ fn docker_streamed_move_keeps_the_count_and_the_files() {
     assert!(ok, "migrate failed: {err}");
     eprintln!("report: {report}");
     assert_eq!(report["mode"], "stop-and-copy");
-    assert!(report["reason"].as_str().unwrap().contains("streamed"), "{report}");
-    assert!(report["paged_bytes_raw"].as_u64().unwrap() > 0, "the pages crossed the relay: {report}");
+    assert!(report["reason"].as_str().unwrap().contains("Docker moves are staged"), "{report}");
     phases_add_up(
         &report,
-        &[("checkpoint", &["inspect", "runc-dump", "rootfs-diff", "step-aside"]), ("restore", DOCKER_RESTORE_STEPS)],
+        &[
+            ("checkpoint", &["inspect", "docker-checkpoint", "rootfs-diff", "step-aside"]),
+            ("restore", DOCKER_RESTORE_STEPS),
+        ],
     );
     assert!(agent.node.running(&w.name), "{} is not running on the target", w.name);
     assert_eq!(docker_running(&w.name), 1, "{} runs more than once on the shared engine", w.name);

@@ -247,6 +247,9 @@ pub struct VmPrepare {
     pub spec: away_model::WorkloadSpec,
     pub image: String,
     pub multifd: Option<u32>,
+    /// multifd's compression (older sources send none: uncompressed).
+    #[serde(default)]
+    pub multifd_compression: Option<away_migrate::transfer::Compression>,
     pub postcopy: bool,
 }
 
@@ -266,6 +269,7 @@ async fn vm_prepare(
     let host = agent.config.listen.ip().to_string();
     let opts = away_migrate::vm::VmMigrationOptions {
         multifd: req.multifd,
+        multifd_compression: req.multifd_compression,
         postcopy: req.postcopy,
         listen_host: host.clone(),
         ..Default::default()

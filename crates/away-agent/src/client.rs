@@ -116,6 +116,7 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             spec: spec.clone(),
             image: image.reference.clone(),
             multifd: opts.multifd,
+            multifd_compression: opts.multifd_compression,
             postcopy: opts.postcopy,
         };
         let c = &self.client;

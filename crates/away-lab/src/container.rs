@@ -302,10 +302,10 @@ async fn attempt(
 
 /// memload's heartbeat period in the lab (its default is 1 s: too coarse to see a
 /// sub-second slowdown).
-const HEARTBEAT: Duration = Duration::from_millis(250);
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(250);
 
 /// memload's heartbeats in its log: (Unix ms, pages written per second since the last).
-fn heartbeats(log: &str) -> Vec<(u64, u64)> {
+pub(crate) fn heartbeats(log: &str) -> Vec<(u64, u64)> {
     let field =
         |l: &str, key: &str| l.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse::<u64>().ok());
     log.lines()
@@ -317,7 +317,7 @@ fn heartbeats(log: &str) -> Vec<(u64, u64)> {
 /// How long after `resumed` (Unix ms) the app wrote below 90 % of `baseline` pages/s:
 /// until the start of the first full heartbeat period after the resume in which it
 /// wrote at least that. None when no heartbeat after the resume reached it.
-fn slowed_after(baseline: u64, beats: &[(u64, u64)], resumed: u64, period: Duration) -> Option<Duration> {
+pub(crate) fn slowed_after(baseline: u64, beats: &[(u64, u64)], resumed: u64, period: Duration) -> Option<Duration> {
     let period = period.as_millis() as u64;
     let full = beats.iter().find(|(at, rate)| *at >= resumed + period && *rate * 10 >= baseline * 9)?;
     Some(Duration::from_millis((full.0 - period).saturating_sub(resumed)))

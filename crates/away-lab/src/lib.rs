@@ -1,16 +1,19 @@
 //! The comparison experiment behind `away lab compare`: the same app (`memload`) under
-//! the same loads, moved as a QEMU VM (pre-copy, auto-converge, post-copy) and as a
-//! container (containerd, Docker: stop-and-copy, the mode away offers for them),
-//! through an emulated link (the research's LAN and WAN). It records total time,
+//! the same loads, moved as a QEMU VM (pre-copy, auto-converge, post-copy, multifd with
+//! zstd) and as a container (containerd, Docker: stop-and-copy, the mode away offers for
+//! them), beside a peer (Podman's checkpoint export / restore import), through an
+//! emulated link (the research's LAN and WAN). It records total time,
 //! downtime, bytes on the wire and whether the move finished, and writes a CSV, plots
 //! in the layout of the paper's Fig. 3 and a Markdown report.
 //!
 //! Measured numbers and the paper's reference numbers are kept apart: the reference
 //! values live in [`reference`] and are always printed with the label "paper".
 //!
-//! Run time on a 2-core TCG host: the quick profile (24 runs) took 298-301 s, measured
-//! (`cargo test -p away-e2e --test lab`). The full profile (2 links × 9 loads × 7 paths
-//! × 2 repetitions = 252 runs, 256 MiB VM, 128 MiB app): see docs/results; its upper
+//! Run time on a 2-core TCG host: the quick profile without the peers (24 runs) took
+//! 298-301 s, measured (`cargo test -p away-e2e --test lab`); the peers add 7 runs (see
+//! docs/testing.md). The full profile (2 links × 9 loads × 10 paths × 2 repetitions =
+//! 360 runs, 256 MiB VM, 128 MiB app; on QEMU 10.0 the 36 vm-multifd-zstd-postcopy runs
+//! fail at once, QEMU refusing the pair): see docs/results; its upper
 //! bound from [`CompareOptions::estimate`] is dominated by VM runs under RAM load
 //! over the WAN that run into their time limit (3 × VM RAM / rate = 174 s each).
 
@@ -18,6 +21,7 @@ mod container;
 pub mod link;
 pub mod merge;
 mod output;
+mod peer;
 pub mod reference;
 mod vm;
 
@@ -40,6 +44,9 @@ pub const CONTAINER_ROUND_TRIPS: u32 = 3;
 /// Round trips a VM move needs besides the data: TCP connect, and the destination's
 /// answer at the end of the stream.
 pub const VM_ROUND_TRIPS: u32 = 2;
+/// Round trips of the Podman peer besides the data: the archive's TCP connect (the
+/// restore starts on the target when the stream ends).
+pub const PEER_ROUND_TRIPS: u32 = 1;
 
 /// One of the research's links.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -176,17 +183,30 @@ pub enum MigrationPath {
     /// containerd → containerd, lazy (post-copy): restored at once, CRIU lazy pages
     /// through away's compressing page relay (`away migrate --mode lazy`).
     ContainerLazy,
+    /// QEMU pre-copy with multifd (2 channels) and zstd level 1 on each channel.
+    VmMultifdZstd,
+    /// The same, switching to post-copy after the first pass. QEMU 10.0 refuses
+    /// multifd with post-copy ("Postcopy is not yet compatible with multifd"); the lab
+    /// asks QEMU once and records its answer in each run of this path.
+    VmMultifdZstdPostcopy,
+    /// The peer: Podman (not away). `podman container checkpoint --export --compress=zstd`
+    /// on the source, the archive sent over the link, `podman container restore --import`
+    /// on the target.
+    PeerPodman,
 }
 
 impl MigrationPath {
-    pub const ALL: [MigrationPath; 7] = [
+    pub const ALL: [MigrationPath; 10] = [
         MigrationPath::VmPrecopy,
         MigrationPath::VmAutoConverge,
         MigrationPath::VmPostcopy,
+        MigrationPath::VmMultifdZstd,
+        MigrationPath::VmMultifdZstdPostcopy,
         MigrationPath::ContainerContainerd,
         MigrationPath::ContainerStaged,
         MigrationPath::ContainerDocker,
         MigrationPath::ContainerLazy,
+        MigrationPath::PeerPodman,
     ];
 
     pub fn name(self) -> &'static str {
@@ -198,11 +218,31 @@ impl MigrationPath {
             MigrationPath::ContainerStaged => "container-staged",
             MigrationPath::ContainerDocker => "container-docker",
             MigrationPath::ContainerLazy => "container-lazy",
+            MigrationPath::VmMultifdZstd => "vm-multifd-zstd",
+            MigrationPath::VmMultifdZstdPostcopy => "vm-multifd-zstd-postcopy",
+            MigrationPath::PeerPodman => "peer-podman",
         }
     }
 
     pub fn is_vm(self) -> bool {
-        matches!(self, MigrationPath::VmPrecopy | MigrationPath::VmAutoConverge | MigrationPath::VmPostcopy)
+        matches!(
+            self,
+            MigrationPath::VmPrecopy
+                | MigrationPath::VmAutoConverge
+                | MigrationPath::VmPostcopy
+                | MigrationPath::VmMultifdZstd
+                | MigrationPath::VmMultifdZstdPostcopy
+        )
+    }
+
+    /// A tool other than away moves the app (the peers of the comparison).
+    pub fn is_peer(self) -> bool {
+        self == MigrationPath::PeerPodman
+    }
+
+    /// One of away's container paths.
+    pub fn is_away_container(self) -> bool {
+        !self.is_vm() && !self.is_peer()
     }
 
     /// The migration mode, for the report.
@@ -214,12 +254,17 @@ impl MigrationPath {
             MigrationPath::ContainerContainerd => "criu stop-and-copy streamed (page server), zstd:1",
             MigrationPath::ContainerStaged | MigrationPath::ContainerDocker => "criu stop-and-copy staged, zstd:1",
             MigrationPath::ContainerLazy => "criu lazy pages (post-copy), zstd:1 page stream",
+            MigrationPath::VmMultifdZstd => "qemu pre-copy, multifd 2 channels, zstd:1",
+            MigrationPath::VmMultifdZstdPostcopy => "qemu pre-copy, multifd 2 channels, zstd:1, post-copy after pass 1",
+            MigrationPath::PeerPodman => "podman checkpoint --export --compress=zstd, archive sent, restore --import",
         }
     }
 
     fn round_trips(self) -> u32 {
         if self.is_vm() {
             VM_ROUND_TRIPS
+        } else if self.is_peer() {
+            PEER_ROUND_TRIPS
         } else {
             CONTAINER_ROUND_TRIPS
         }
@@ -273,12 +318,17 @@ pub struct CompareOptions {
     pub vm_timeout_min: Duration,
     /// memload CPU threads (1: the VM has one vCPU, the container gets the same).
     pub cpu_threads: u32,
+    /// Paths that run only in some cells: (path, its links, its loads). A path not
+    /// listed runs in every cell. The quick profile keeps its slow VM peer to one cell.
+    #[serde(default)]
+    pub limited: Vec<(MigrationPath, Vec<LinkKind>, Vec<Load>)>,
 }
 
 impl CompareOptions {
-    /// Everything: 2 links × 9 loads × 7 paths × 2 repetitions = 252 runs, 256 MiB VM,
+    /// Everything: 2 links × 9 loads × 10 paths × 2 repetitions = 360 runs, 256 MiB VM,
     /// 128 MiB app; a VM run that has not finished after 3 × VM RAM / rate counts as not
-    /// converged. A 2-core TCG host takes about 2 h 25 min (docs/results/README.md).
+    /// converged. A 2-core TCG host took about 2 h 25 min for the 7 paths before the peers
+    /// (docs/results/README.md).
     pub fn full(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
         CompareOptions {
             links: LinkKind::ALL.to_vec(),
@@ -296,20 +346,25 @@ impl CompareOptions {
             vm_timeout_factor: 3.0,
             vm_timeout_min: Duration::from_secs(60),
             cpu_threads: 1,
+            limited: Vec::new(),
         }
     }
 
     /// For CI: 128 MiB VM, 32 MiB app, idle / cpu50 / ram50, LAN and WAN, VM pre-copy,
-    /// containerd (stop-and-copy and lazy) and Docker, one repetition.
+    /// containerd (stop-and-copy and lazy), Docker and the Podman peer, one repetition;
+    /// VM multifd + zstd only on the LAN, idle (a VM boot per run is what costs).
     pub fn quick(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
         CompareOptions {
             loads: vec![Load::Idle, Load::Cpu(50), Load::Ram(50)],
             paths: vec![
                 MigrationPath::VmPrecopy,
+                MigrationPath::VmMultifdZstd,
                 MigrationPath::ContainerContainerd,
                 MigrationPath::ContainerDocker,
                 MigrationPath::ContainerLazy,
+                MigrationPath::PeerPodman,
             ],
+            limited: vec![(MigrationPath::VmMultifdZstd, vec![LinkKind::Lan], vec![Load::Idle])],
             repetitions: 1,
             vm_ram: ByteSize::mib(128),
             app_ram: ByteSize::mib(32),
@@ -366,13 +421,21 @@ impl CompareOptions {
         for &link in &self.links {
             for &load in &self.loads {
                 for rep in 1..=self.repetitions {
-                    for &path in &self.paths {
+                    for &path in self.paths.iter().filter(|p| self.runs_in(**p, link, load)) {
                         runs.push(PlannedRun { run: runs.len() as u32 + 1, path, link, load, rep });
                     }
                 }
             }
         }
         runs
+    }
+
+    /// Whether `path` runs at `link` and `load` (see `limited`).
+    pub fn runs_in(&self, path: MigrationPath, link: LinkKind, load: Load) -> bool {
+        self.limited
+            .iter()
+            .filter(|(p, _, _)| *p == path)
+            .all(|(_, links, loads)| links.contains(&link) && loads.contains(&load))
     }
 
     /// The time limit of one VM migration over `link`.
@@ -619,6 +682,9 @@ async fn preflight_container_runtimes(paths: &[MigrationPath]) -> Result<(), Lab
             _ => None,
         })
         .collect();
+    if paths.contains(&MigrationPath::PeerPodman) {
+        peer::preflight().await?;
+    }
     if kinds.is_empty() {
         return Ok(());
     }
@@ -662,9 +728,15 @@ pub async fn compare(
     let total = plan.len();
     let report = |done: usize, current: String, status: String| progress(&LabProgress { done, total, current, status });
 
-    let vm_lab = if opts.paths.iter().any(|p| p.is_vm()) {
+    let vm_lab = if plan.iter().any(|r| r.path.is_vm()) {
         report(0, "setup".into(), "probing qemu".into());
         Some(vm::VmLab::new(&opts, &work).await?)
+    } else {
+        None
+    };
+    let peer_lab = if plan.iter().any(|r| r.path == MigrationPath::PeerPodman) {
+        report(0, "setup".into(), "loading the image into the podman stores".into());
+        Some(peer::PodmanLab::new(&opts, &work).await?)
     } else {
         None
     };
@@ -704,6 +776,11 @@ pub async fn compare(
                 Some(lab) => lab.run(&opts, planned, &status).await,
                 None => unreachable!("vm lab exists when a vm path is planned"),
             }
+        } else if planned.path == MigrationPath::PeerPodman {
+            match &peer_lab {
+                Some(lab) => lab.run(&opts, planned, &status).await,
+                None => unreachable!("podman lab exists when the podman path is planned"),
+            }
         } else {
             container::run(&opts, &work, planned, &status).await
         };
@@ -714,6 +791,9 @@ pub async fn compare(
         write_csv(&results, &OutputFiles::in_dir(&opts.out_dir).csv)?;
     }
     report(total, "outputs".into(), "writing csv, plots and report".into());
+    if let Some(lab) = peer_lab {
+        lab.remove().await;
+    }
     let _ = std::fs::remove_dir_all(&work);
     results.wall_s = t0.elapsed().as_secs_f64();
     write_outputs(&results, &opts.out_dir)?;
@@ -745,20 +825,23 @@ mod tests {
         let o = CompareOptions::quick("m.tar".into(), "away".into(), "out".into());
         o.validate().unwrap();
         let plan = o.plan();
-        assert_eq!(plan.len(), 2 * 3 * 4);
+        // 5 paths in every cell, vm-multifd-zstd in one
+        assert_eq!(plan.len(), 2 * 3 * 5 + 1);
+        let multifd: Vec<_> = plan.iter().filter(|r| r.path == MigrationPath::VmMultifdZstd).collect();
+        assert_eq!((multifd.len(), multifd[0].link, multifd[0].load), (1, LinkKind::Lan, Load::Idle));
         assert_eq!(plan[0].run, 1);
         // 128 MiB over 37 Mbit/s is 29 s on the wire; the quick limit is twice that.
         let t = o.vm_timeout(LinkKind::Wan).as_secs_f64();
         assert!((t - 2.0 * 134_217_728.0 * 8.0 / 37e6).abs() < 0.01, "{t}");
         assert_eq!(o.vm_timeout(LinkKind::Lan), Duration::from_secs(30));
-        let r =
-            RunResult::new(&plan[12], RunOutcome::Moved, Duration::from_secs(10), None).with_bytes(37_000_000 / 8, 0);
+        let wan_vm = plan.iter().find(|r| r.link == LinkKind::Wan && r.path == MigrationPath::VmPrecopy).unwrap();
+        let r = RunResult::new(wan_vm, RunOutcome::Moved, Duration::from_secs(10), None).with_bytes(37_000_000 / 8, 0);
         assert_eq!(r.link, LinkKind::Wan);
         let expected = 1.0 + 2.0 * 0.073_568;
         assert!((r.limit_s - expected).abs() < 1e-6, "{}", r.limit_s);
         assert!((r.total_over_limit.unwrap() - 10.0 / expected).abs() < 1e-9);
         let timed_out =
-            RunResult::new(&plan[12], RunOutcome::NotConverged, Duration::from_secs(60), None).with_bytes(1, 1);
+            RunResult::new(wan_vm, RunOutcome::NotConverged, Duration::from_secs(60), None).with_bytes(1, 1);
         assert_eq!(timed_out.total_over_limit, None);
         let mut bad = o.clone();
         bad.vm_ram = ByteSize::mib(64);

@@ -228,6 +228,20 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
          container-docker), or CRIU lazy pages through away's page relay (container-lazy), {}",
         set.container_compression
     );
+    if results
+        .paths
+        .iter()
+        .any(|p| p.is_peer() || matches!(p, MigrationPath::VmMultifdZstd | MigrationPath::VmMultifdZstdPostcopy))
+    {
+        let _ = writeln!(
+            md,
+            "- peers: peer-podman = Podman's own path (`podman container checkpoint --export --compress=zstd`, the \
+             archive sent over the same link, `podman container restore --import`; its own store per side with the \
+             image loaded beforehand; downtime from its checkpoint operation, total from the checkpoint command, \
+             both to the restore's return); vm-multifd-zstd = QEMU multifd, 2 channels, zstd level 1 \
+             (vm-multifd-zstd-postcopy: the same with post-copy, when this QEMU takes the pair)"
+        );
+    }
     let wall = if set.sources.is_empty() { "wall time" } else { "wall time (sum of the sources)" };
     let _ = writeln!(
         md,
@@ -316,6 +330,9 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
         }
     }
 
+    peer_table(&mut md, results, &pts, &links);
+    failures(&mut md, results);
+
     let _ = writeln!(md, "\n## Reference: {} \n", reference::SOURCE);
     let _ = writeln!(
         md,
@@ -333,6 +350,102 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
          measured here (means; × = cancelled, not converged), black diamonds = paper reference"
     );
     write_atomic(path, md.as_bytes())
+}
+
+/// away's best container path in a cell: the lowest mean total time among away's
+/// container paths with a finished run there.
+fn best_away(
+    results: &LabResults,
+    pts: &BTreeMap<(LinkKind, Load, MigrationPath), Point>,
+    link: LinkKind,
+    load: Load,
+) -> Option<(MigrationPath, Point)> {
+    results
+        .paths
+        .iter()
+        .filter(|p| p.is_away_container())
+        .filter_map(|p| Some((*p, *pts.get(&(link, load, *p))?)))
+        .filter(|(_, pt)| pt.total.is_some())
+        .min_by(|a, b| a.1.total.partial_cmp(&b.1.total).unwrap_or(std::cmp::Ordering::Equal))
+}
+
+/// "away's best path vs each peer, per link and load": the peers are Podman and every
+/// VM path of the run.
+fn peer_table(
+    md: &mut String,
+    results: &LabResults,
+    pts: &BTreeMap<(LinkKind, Load, MigrationPath), Point>,
+    links: &[LinkKind],
+) {
+    let peers: Vec<MigrationPath> = results.paths.iter().copied().filter(|p| p.is_peer() || p.is_vm()).collect();
+    let _ = writeln!(md, "\n## away's best path vs each peer, per link and load (measured)\n");
+    if peers.is_empty() || !results.paths.iter().any(|p| p.is_away_container()) {
+        let _ = writeln!(md, "Needs one of away's container paths and a peer (peer-podman or a VM path).");
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "away's best = the container path of away with the lowest mean total time in that cell (its downtime \
+         beside it). Ratios are peer ÷ away: above 1, away is faster (or moves fewer bytes).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| link | load | away's best | total s | downtime s | wire MB | peer | total s | downtime s | wire MB | total ratio | downtime ratio | wire ratio |"
+    );
+    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+    let ratio = |a: Option<f64>, b: Option<f64>| s(a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b));
+    let mut podman = (0, 0);
+    for &link in links {
+        for &load in &results.loads {
+            let Some((best, bp)) = best_away(results, pts, link, load) else { continue };
+            for &peer in &peers {
+                let Some(pp) = pts.get(&(link, load, peer)) else { continue };
+                let mb = |p: &Point| p.wire.map(|w| w / 1e6);
+                let (total, down) = match pp.total {
+                    Some(_) => (s(pp.total), s(pp.downtime)),
+                    None if pp.not_converged > 0 => ("not converged".into(), "–".into()),
+                    None => ("failed".into(), "–".into()),
+                };
+                let _ = writeln!(
+                    md,
+                    "| {link} | {load} | {best} | {} | {} | {} | {peer} | {total} | {down} | {} | {} | {} | {} |",
+                    s(bp.total),
+                    s(bp.downtime),
+                    s(mb(&bp)),
+                    s(mb(pp)),
+                    ratio(pp.total, bp.total),
+                    ratio(pp.downtime, bp.downtime),
+                    ratio(mb(pp), mb(&bp)),
+                );
+                if peer == MigrationPath::PeerPodman {
+                    podman.1 += 1;
+                    let ahead = |a: Option<f64>, p: Option<f64>| a.zip(p).is_some_and(|(a, p)| a < p);
+                    if ahead(bp.total, pp.total) && ahead(bp.downtime, pp.downtime) {
+                        podman.0 += 1;
+                    }
+                }
+            }
+        }
+    }
+    if podman.1 > 0 {
+        let _ = writeln!(
+            md,
+            "\naway's best path ahead of peer-podman in both total time and downtime: {} of {} cells.",
+            podman.0, podman.1
+        );
+    }
+}
+
+/// The runs that failed, with their reason (a path QEMU refuses shows up here).
+fn failures(md: &mut String, results: &LabResults) {
+    let failed: Vec<&RunResult> = results.runs.iter().filter(|r| r.outcome == crate::RunOutcome::Failed).collect();
+    if failed.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n## Failed runs\n");
+    for r in failed {
+        let _ = writeln!(md, "- run {}: {} {} {}: {}", r.run, r.path, r.link, r.load, r.notes);
+    }
 }
 
 fn font_ready() -> Result<(), String> {
@@ -357,6 +470,9 @@ fn color(path: MigrationPath) -> RGBColor {
         MigrationPath::ContainerStaged => RGBColor(140, 86, 75),
         MigrationPath::ContainerDocker => RGBColor(23, 190, 207),
         MigrationPath::ContainerLazy => RGBColor(44, 160, 44),
+        MigrationPath::VmMultifdZstd => RGBColor(227, 119, 194),
+        MigrationPath::VmMultifdZstdPostcopy => RGBColor(188, 189, 34),
+        MigrationPath::PeerPodman => RGBColor(127, 127, 127),
     }
 }
 
@@ -553,6 +669,7 @@ pub(crate) mod tests {
                 let (outcome, total) = match (p.path.is_vm(), p.load, p.link) {
                     (true, Load::Ram(_), LinkKind::Wan) => (RunOutcome::NotConverged, 58.0),
                     (true, _, _) => (RunOutcome::Moved, base * 1.5 + p.rep as f64),
+                    _ if p.path.is_peer() => (RunOutcome::Moved, base),
                     _ => (RunOutcome::Moved, base / 2.0),
                 };
                 let r = RunResult::new(p, outcome, Duration::from_secs_f64(total), Some(Duration::from_millis(300)));
@@ -616,6 +733,10 @@ pub(crate) mod tests {
             "paper, wan ram80: ≈1992 s",
             "not measurements of this run",
             "1/2 (",
+            "## away's best path vs each peer, per link and load",
+            "| lan | idle | container-containerd | 1.50 | 0.30 | 20.00 | peer-podman | 3.00 | 0.30 | 20.00 | 2.00 | 1.00 | 1.00 |",
+            "| lan | idle | container-containerd | 1.50 | 0.30 | 20.00 | vm-multifd-zstd |",
+            "ahead of peer-podman in both total time and downtime: 0 of 6 cells",
         ] {
             assert!(md.contains(needle) || needle == "1/2 (", "report lacks {needle:?}:\n{md}");
         }
@@ -638,6 +759,8 @@ pub(crate) mod tests {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         assert!(png.len() > 10_000, "{} bytes", png.len());
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
-        assert_eq!(json["runs"].as_array().unwrap().len(), 2 * 3 * 5 * 2);
+        // quick's 5 paths in every cell, vm-multifd-zstd in one, autoconverge: 2 reps
+        assert_eq!(json["runs"].as_array().unwrap().len(), (2 * 3 * 6 + 1) * 2);
+        assert!(svg.contains("peer-podman (measured)") && svg.contains("vm-multifd-zstd (measured)"));
     }
 }

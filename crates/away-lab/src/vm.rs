@@ -24,11 +24,16 @@ use crate::{CompareOptions, LabError, MigrationPath, PlannedRun, RunOutcome, Run
 /// A TCG boot takes 8-12 s and memload then fills its memory; allow for a loaded host.
 const BOOT_AND_FILL: Duration = Duration::from_secs(180);
 
+/// multifd channels of the multifd paths (QEMU's default; the host has 2 cores).
+const MULTIFD_CHANNELS: u32 = 2;
+
 pub struct VmLab {
     work: PathBuf,
     accel: Accel,
     accel_reason: String,
     image: ResolvedImage,
+    /// QEMU's refusal of multifd with post-copy (None: accepted, or not asked).
+    multifd_postcopy_refused: Option<String>,
 }
 
 impl VmLab {
@@ -47,7 +52,18 @@ impl VmLab {
             what: format!("a readable memload image at {}", opts.image.display()),
             hint: e.to_string(),
         })?;
-        Ok(VmLab { work: work.to_path_buf(), accel: probe.accel(), accel_reason: probe.accel().to_string(), image })
+        let multifd_postcopy_refused = if opts.paths.contains(&MigrationPath::VmMultifdZstdPostcopy) {
+            probe_multifd_postcopy(&work.join("probe-mfpc")).await.err()
+        } else {
+            None
+        };
+        Ok(VmLab {
+            work: work.to_path_buf(),
+            accel: probe.accel(),
+            accel_reason: probe.accel().to_string(),
+            image,
+            multifd_postcopy_refused,
+        })
     }
 
     pub fn accel_reason(&self) -> String {
@@ -60,6 +76,11 @@ impl VmLab {
         planned: &PlannedRun,
         status: &(dyn Fn(String) + Sync),
     ) -> RunResult {
+        if let (MigrationPath::VmMultifdZstdPostcopy, Some(why)) = (planned.path, &self.multifd_postcopy_refused) {
+            // no boot: QEMU refuses the capabilities before anything moves
+            return RunResult::new(planned, RunOutcome::Failed, Duration::ZERO, None)
+                .with_notes(format!("failed: qemu refuses multifd with post-copy: {why}"));
+        }
         let dir = self.work.join(format!("v{}", planned.run));
         let name = format!("labvm{}", planned.run);
         let reason = format!("{} (away lab)", self.accel);
@@ -134,9 +155,12 @@ impl VmLab {
 
         let port = away_runtime::host::free_loopback_port().map_err(|e| format!("find a free port: {e}"))?;
         let timeout = opts.vm_timeout(planned.link);
+        let multifd = matches!(planned.path, MigrationPath::VmMultifdZstd | MigrationPath::VmMultifdZstdPostcopy);
         let mig = VmMigrationOptions {
             auto_converge: planned.path == MigrationPath::VmAutoConverge,
-            postcopy: planned.path == MigrationPath::VmPostcopy,
+            postcopy: matches!(planned.path, MigrationPath::VmPostcopy | MigrationPath::VmMultifdZstdPostcopy),
+            multifd: multifd.then_some(MULTIFD_CHANNELS),
+            multifd_compression: multifd.then_some(away_migrate::transfer::Compression::Zstd { level: 1 }),
             postcopy_after_passes: 1,
             timeout,
             listen_host: target_host.into(),
@@ -292,6 +316,43 @@ fn qemu_in_netns(wrapper: &Path, end: &away_link::packet::Endpoint) -> Result<Ho
         .and_then(|()| std::fs::set_permissions(wrapper, std::fs::Permissions::from_mode(0o755)))
         .map_err(|e| format!("write {}: {e}", wrapper.display()))?;
     Ok(HostPaths { qemu: wrapper.to_path_buf(), ..paths })
+}
+
+/// Ask a QEMU without a guest (`-machine none`) whether it takes multifd and post-copy
+/// together; Err carries its answer (QEMU 10.0: "Postcopy is not yet compatible with
+/// multifd"; 10.1 allows it).
+async fn probe_multifd_postcopy(dir: &Path) -> Result<(), String> {
+    use away_runtime::qemu::qmp::commands::{MigrateSetCapabilities, MigrationCapability, MigrationCapabilityStatus};
+    use away_runtime::qemu::qmp::Qmp;
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let socket = dir.join("qmp.sock");
+    let mut qemu = tokio::process::Command::new(HostPaths::default().qemu)
+        .args(["-machine", "none", "-nodefaults", "-display", "none", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", socket.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("start qemu: {e}"))?;
+    let t = Instant::now();
+    while !socket.exists() && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let asked = async {
+        let mut q = Qmp::connect(&socket, Duration::from_secs(10)).await.map_err(|e| error_chain(&e))?;
+        let caps = MigrateSetCapabilities {
+            capabilities: [MigrationCapability::Multifd, MigrationCapability::PostcopyRam]
+                .into_iter()
+                .map(|capability| MigrationCapabilityStatus { capability, state: true })
+                .collect(),
+        };
+        q.execute(&caps).await.map(|_| ()).map_err(|e| error_chain(&e))
+    }
+    .await;
+    let _ = qemu.kill().await;
+    let _ = std::fs::remove_dir_all(dir);
+    asked
 }
 
 /// Kill the QEMUs this lab started under `dir` (found by their command line naming it).

@@ -74,7 +74,17 @@ fn page_server_blocker(
                 status.ports.join(", ")
             ))
         }
-        RuntimeKind::Docker => {}
+        // Off until it works with the network-namespace holders Docker 28 needs
+        // (away_runtime::docker): a counter dumped by runc with its pages on CRIU's page
+        // server and restored by the engine into a new holder is running but does not
+        // answer there; Docker moves are staged (the engine's own checkpoint) meanwhile.
+        RuntimeKind::Docker => {
+            return Some(
+                "Docker moves are staged: the engine's restore of a dump streamed through runc does not yet bring \
+                 the workload's network back"
+                    .into(),
+            )
+        }
         _ => {
             return Some(format!(
                 "{kind} exposes no CRIU page server (lazy and streamed moves drive runc under the engine directly)"

@@ -13,9 +13,12 @@ pub enum Command {
     /// under idle, CPU and RAM load, and compare: CSV, JSON, a Markdown report and the
     /// paper's Fig. 3 as SVG and PNG, with the paper's values as a labelled reference.
     ///
-    /// The quick profile (`--quick`: 128 MiB VM, 32 MiB app, 3 loads, 4 paths, 2 links)
-    /// takes about 5 minutes on 2 cores; the full profile (256 MiB VM, 128 MiB app,
-    /// 9 loads, 7 paths, 2 repetitions) takes about two and a half hours (`--dry-run`
+    /// The peers: peer-podman (Podman's checkpoint export / restore import over the same
+    /// link) and vm-multifd-zstd (QEMU multifd with zstd; -postcopy where QEMU allows it).
+    ///
+    /// The quick profile (`--quick`: 128 MiB VM, 32 MiB app, 3 loads, 6 paths, 2 links)
+    /// takes about 6-7 minutes on 2 cores; the full profile (256 MiB VM, 128 MiB app,
+    /// 9 loads, 10 paths, 2 repetitions) takes about three hours (`--dry-run`
     /// prints an upper bound). Runs of a few paths can be combined afterwards with
     /// `away lab merge`.
     ///

@@ -146,6 +146,7 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
 ///   away migrate counter --to 10.0.0.2:7800
 ///   away migrate counter --to 10.0.0.2:7800 --mode lazy --json
 ///   away migrate counter --to 127.0.0.1:7810 --mode stop-copy --compression gzip
+///   away migrate myvm --to 10.0.0.2:7800 --multifd 4 --compression zstd
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct MigrateArgs {
@@ -164,7 +165,9 @@ pub struct MigrateArgs {
     /// Compression of the checkpoint stream: zstd[:LEVEL], gzip[:LEVEL] or none. The
     /// page stream of streamed and lazy moves is zstd:1 when this is given and not none;
     /// left out, zstd:1 too, except towards a target on this host (a loopback address),
-    /// where the compressor is slower than the link [default: zstd:1]
+    /// where the compressor is slower than the link [default: zstd:1].
+    /// VMs: multifd's compression (zstd[:1-20], gzip[:LEVEL] as QEMU's zlib, or none;
+    /// needs --multifd) [default: none]
     #[arg(long)]
     compression: Option<Compression>,
     /// Name of this node in the report [default: the hostname]
@@ -191,7 +194,8 @@ pub struct MigrateArgs {
     /// VM: send only the changed bytes of pages sent before (xbzrle)
     #[arg(long, help_heading = "VM live migration")]
     xbzrle: bool,
-    /// VM: send RAM over N parallel connections (multifd)
+    /// VM: send RAM over N parallel connections (multifd); --compression zstd
+    /// compresses them
     #[arg(long, value_name = "N", help_heading = "VM live migration")]
     multifd: Option<u32>,
     /// VM: switch to post-copy after the first pre-copy pass
@@ -276,10 +280,14 @@ async fn migrate_vm(node: &LocalNode, a: &MigrateArgs) -> anyhow::Result<ExitCod
         let (g, h) = p.split_once(':').ok_or_else(|| anyhow::anyhow!("--target-port {p:?}: expected GUEST:HOST"))?;
         target_ports.insert(g.parse()?, h.parse()?);
     }
+    if a.compression.is_some_and(|c| c != Compression::None) && a.multifd.is_none() {
+        anyhow::bail!("--compression for a VM compresses multifd's channels: add --multifd N (e.g. --multifd 2)");
+    }
     let opts = away_migrate::vm::VmMigrationOptions {
         auto_converge: a.auto_converge,
         xbzrle: a.xbzrle,
         multifd: a.multifd,
+        multifd_compression: a.compression,
         postcopy: a.postcopy,
         max_downtime_ms: a.max_downtime,
         bandwidth_limit_bytes_per_s: a.bandwidth.map(|b| b.bytes()),

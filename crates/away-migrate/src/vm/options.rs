@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use away_runtime::qemu::qmp::commands::{
-    MigrateSetCapabilities, MigrateSetParameters, MigrationCapability, MigrationCapabilityStatus,
+    MigrateSetCapabilities, MigrateSetParameters, MigrationCapability, MigrationCapabilityStatus, MultifdCompression,
 };
 use serde::{Deserialize, Serialize};
 
 use super::VmMigrateError;
+use crate::transfer::Compression;
 
 /// QEMU's upper bound for `downtime-limit` (2000 s).
 const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
@@ -27,6 +28,10 @@ pub struct VmMigrationOptions {
     pub xbzrle_cache_bytes: Option<u64>,
     /// Send RAM over this many parallel TCP connections (`multifd`).
     pub multifd: Option<u32>,
+    /// Compress multifd's page batches (`multifd-compression`, with `multifd-zstd-level`
+    /// or `multifd-zlib-level`): zstd, or gzip as QEMU's zlib. Needs `multifd`: QEMU's
+    /// only other compression (the `compress` capability) was removed in 9.1.
+    pub multifd_compression: Option<Compression>,
     /// Switch to post-copy (`postcopy-ram`): the guest runs on the destination and
     /// pulls the remaining pages on demand.
     pub postcopy: bool,
@@ -62,6 +67,7 @@ impl Default for VmMigrationOptions {
             xbzrle: false,
             xbzrle_cache_bytes: None,
             multifd: None,
+            multifd_compression: None,
             postcopy: false,
             postcopy_after_passes: 1,
             max_downtime_ms: None,
@@ -88,6 +94,16 @@ impl VmMigrationOptions {
             if self.xbzrle {
                 return invalid("xbzrle", "qemu does not combine xbzrle with multifd");
             }
+        }
+        match self.multifd_compression {
+            Some(Compression::None) | None => {}
+            Some(_) if self.multifd.is_none() => {
+                return invalid("multifd_compression", "qemu compresses only multifd's channels: set multifd too");
+            }
+            Some(Compression::Zstd { level }) if !(1..=20).contains(&level) => {
+                return invalid("multifd_compression", "qemu's zstd levels are 1 to 20");
+            }
+            Some(_) => {}
         }
         if self.max_downtime_ms.is_some_and(|ms| ms > MAX_DOWNTIME_LIMIT_MS) {
             return invalid("max_downtime_ms", "qemu accepts at most 2000000 ms");
@@ -131,14 +147,28 @@ impl VmMigrationOptions {
         MigrateSetParameters {
             downtime_limit: self.max_downtime_ms,
             max_bandwidth: self.bandwidth_limit_bytes_per_s,
-            multifd_channels: self.multifd,
             xbzrle_cache_size: self.xbzrle_cache_bytes.filter(|_| self.xbzrle),
+            ..self.destination_parameters()
         }
     }
 
-    /// Parameters that must match on the destination (the multifd channel count).
+    /// Parameters that must match on the destination (multifd's channels and
+    /// compression: the destination decompresses what the source compressed).
     pub(super) fn destination_parameters(&self) -> MigrateSetParameters {
-        MigrateSetParameters { multifd_channels: self.multifd, ..Default::default() }
+        let multifd = self.multifd.is_some();
+        let (method, zlib, zstd) = match self.multifd_compression.filter(|_| multifd) {
+            None => (None, None, None),
+            Some(Compression::None) => (Some(MultifdCompression::None), None, None),
+            Some(Compression::Zstd { level }) => (Some(MultifdCompression::Zstd), None, Some(level.clamp(0, 20) as u8)),
+            Some(Compression::Gzip { level }) => (Some(MultifdCompression::Zlib), Some(level.min(9) as u8), None),
+        };
+        MigrateSetParameters {
+            multifd_channels: self.multifd,
+            multifd_compression: method,
+            multifd_zlib_level: zlib,
+            multifd_zstd_level: zstd,
+            ..Default::default()
+        }
     }
 
     /// One line for reports: what was switched on.
@@ -151,7 +181,10 @@ impl VmMigrationOptions {
             on.push("xbzrle".into());
         }
         if let Some(n) = self.multifd {
-            on.push(format!("multifd ({n} channels)"));
+            match self.multifd_compression {
+                Some(c) if c != Compression::None => on.push(format!("multifd ({n} channels, {c})")),
+                _ => on.push(format!("multifd ({n} channels)")),
+            }
         }
         if self.postcopy {
             on.push(format!("postcopy-ram (after {} pass(es))", self.postcopy_after_passes));
@@ -204,6 +237,32 @@ mod tests {
         assert!(o.validate().unwrap_err().to_string().contains("bandwidth_limit_bytes_per_s"));
         let o = VmMigrationOptions { timeout: Duration::ZERO, ..Default::default() };
         assert!(o.validate().unwrap_err().to_string().contains("timeout"));
+        let zstd = Some(Compression::Zstd { level: 1 });
+        let o = VmMigrationOptions { multifd_compression: zstd, ..Default::default() };
+        let e = o.validate().unwrap_err().to_string();
+        assert!(e.contains("multifd_compression") && e.contains("set multifd"), "{e}");
+        let o =
+            VmMigrationOptions { multifd: Some(2), multifd_compression: Some(Compression::Zstd { level: 22 }), ..o };
+        assert!(o.validate().unwrap_err().to_string().contains("1 to 20"));
+    }
+
+    #[test]
+    fn multifd_compression_is_set_on_both_ends() {
+        let o = VmMigrationOptions {
+            multifd: Some(2),
+            multifd_compression: Some(Compression::Zstd { level: 1 }),
+            ..Default::default()
+        };
+        o.validate().unwrap();
+        let both = json!({"multifd-channels": 2, "multifd-compression": "zstd", "multifd-zstd-level": 1});
+        assert_eq!(to_json(o.source_parameters()), both);
+        assert_eq!(to_json(o.destination_parameters()), both);
+        assert_eq!(o.describe(), "multifd (2 channels, zstd:1)");
+        let o = VmMigrationOptions { multifd_compression: Some(Compression::Gzip { level: 6 }), ..o };
+        assert_eq!(
+            to_json(o.destination_parameters()),
+            json!({"multifd-channels": 2, "multifd-compression": "zlib", "multifd-zlib-level": 6})
+        );
     }
 
     #[test]

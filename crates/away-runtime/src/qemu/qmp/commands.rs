@@ -133,9 +133,28 @@ pub struct MigrateSetParameters {
     pub max_bandwidth: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub multifd_channels: Option<u32>,
+    /// How multifd compresses each page batch (both ends must agree).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_compression: Option<MultifdCompression>,
+    /// 0-9, with `zlib`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_zlib_level: Option<u8>,
+    /// 0-20, with `zstd`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_zstd_level: Option<u8>,
     /// Bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xbzrle_cache_size: Option<u64>,
+}
+
+/// QAPI's `MultiFDCompression` (the methods every QEMU build has; qpl, uadk and qatzip
+/// need accelerator hardware).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MultifdCompression {
+    None,
+    Zlib,
+    Zstd,
 }
 
 impl MigrateSetParameters {
@@ -453,6 +472,15 @@ mod tests {
         );
         let params = MigrateSetParameters { downtime_limit: Some(50), multifd_channels: Some(4), ..Default::default() };
         assert_eq!(serde_json::to_value(&params).unwrap(), json!({"downtime-limit": 50, "multifd-channels": 4}));
+        let params = MigrateSetParameters {
+            multifd_compression: Some(MultifdCompression::Zstd),
+            multifd_zstd_level: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&params).unwrap(),
+            json!({"multifd-compression": "zstd", "multifd-zstd-level": 1})
+        );
         assert!(MigrateSetParameters::default().is_empty() && !params.is_empty());
         assert_eq!(serde_json::to_value(Stop).unwrap(), serde_json::Value::Null);
         assert_eq!(serde_json::to_value(Migrate { uri: "tcp:h:1".into() }).unwrap(), json!({"uri": "tcp:h:1"}));
