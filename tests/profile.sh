@@ -22,5 +22,7 @@ back() { echo "==> back to profile $BEFORE"; switch "$BEFORE"; }
 trap back EXIT
 echo "==> profile $WANT"
 switch "$WANT"
+# the runtimes, the moves through them, the images on them (away's own and foreign ones)
+# and the container contract; the lazy moves (containerd only, long) run on `current`
 cargo test -p away-e2e --test runtime_containerd --test runtime_docker --test migrate_container \
-    --test migrate_lazy --test images
+    --test images --test foreign_images --test contract

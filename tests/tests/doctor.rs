@@ -102,7 +102,10 @@ fn doctor_json_tells_the_truth_about_this_host() {
     let profile = sh("basename $(readlink -f /opt/away-runtimes/active)");
     let detail = check(&r, "runtime profile")["detail"].as_str().unwrap().to_string();
     assert!(detail.starts_with(&format!("{}:", profile.trim())), "{detail}");
-    assert!(detail.contains(sh("awk '$1 == \"containerd\" {print $2}' /opt/away-runtimes/active/PACKAGES").trim()), "{detail}");
+    assert!(
+        detail.contains(sh("awk '$1 == \"containerd\" {print $2}' /opt/away-runtimes/active/PACKAGES").trim()),
+        "{detail}"
+    );
     assert_eq!(r["criu"]["pipe_max_size"], sh("cat /proc/sys/fs/pipe-max-size").parse::<u64>().unwrap());
     // the stack-page probe really dumped its 16 MiB process; the CRIU deploy/install.sh
     // builds carries the is_stack() fix, so the memory stayed lazy
