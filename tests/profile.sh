@@ -24,5 +24,5 @@ echo "==> profile $WANT"
 switch "$WANT"
 # the runtimes, the moves through them, the images on them (away's own and foreign ones)
 # and the container contract; the lazy moves (containerd only, long) run on `current`
-cargo test -p away-e2e --test runtime_containerd --test runtime_docker --test migrate_container \
+cargo test --no-fail-fast -p away-e2e --test runtime_containerd --test runtime_docker --test migrate_container \
     --test images --test foreign_images --test contract
