@@ -173,3 +173,47 @@ pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
 pub fn docker_cli() -> PathBuf {
     away_runtime::host::runtime_bin("docker")
 }
+
+/// One away node of a test on this host: its containerd namespace, state and run dirs
+/// (`away` run with them as `AWAY_NAMESPACE`, `AWAY_STATE_DIR`, `AWAY_RUN_DIR`).
+pub struct Node {
+    pub ns: String,
+    pub state: PathBuf,
+    pub run: PathBuf,
+}
+
+impl Node {
+    /// Namespace `ns`, state in `dir/state`, run files in `dir/run`.
+    pub fn at(ns: String, dir: PathBuf) -> Node {
+        Node { ns, state: dir.join("state"), run: dir.join("run") }
+    }
+
+    /// `away ARGS` as this node.
+    pub fn cmd(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(away_bin());
+        c.args(args).env("AWAY_NAMESPACE", &self.ns).env("AWAY_STATE_DIR", &self.state).env("AWAY_RUN_DIR", &self.run);
+        c
+    }
+
+    /// (success, stdout, stderr) of `away ARGS` as this node.
+    pub fn away(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.cmd(args).output().expect("run away");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    /// Its workloads, as `away ps --json` lists them.
+    pub fn ps(&self) -> Vec<serde_json::Value> {
+        let (ok, out, err) = self.away(&["ps", "--json"]);
+        assert!(ok, "ps failed: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["workloads"].as_array().unwrap().clone()
+    }
+
+    /// Whether workload `name` runs on it.
+    pub fn running(&self, name: &str) -> bool {
+        self.ps().iter().any(|w| w["name"] == name && w["state"] == "running")
+    }
+}

@@ -19,11 +19,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 
 use away_e2e::{
-    away_bin, free_port, http_get, lab_image, require, require_root, require_socket, require_vm_host, wait_for,
+    away_bin, free_port, http_get, lab_image, require, require_root, require_socket, require_vm_host, wait_for, Node,
 };
 use serde_json::Value;
-
-const CTR: &str = "/opt/away-runtimes/current/bin/ctr";
 
 fn ready() -> bool {
     require_root()
@@ -130,50 +128,6 @@ fn inspect(tar: &Path) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// One node's identity: containerd namespace, state and run dirs.
-struct Node {
-    ns: String,
-    state: PathBuf,
-    run: PathBuf,
-}
-
-impl Node {
-    fn new(role: &str, test: &str) -> Node {
-        let id = format!("{role}-{test}-{}", std::process::id());
-        Node {
-            ns: format!("away-fi-{id}"),
-            state: PathBuf::from(format!("/tmp/away-e2e-fi/{id}/state")),
-            run: PathBuf::from(format!("/tmp/away-e2e-fi/{id}/run")),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(away_bin());
-        c.args(args).env("AWAY_NAMESPACE", &self.ns).env("AWAY_STATE_DIR", &self.state).env("AWAY_RUN_DIR", &self.run);
-        c
-    }
-
-    fn away(&self, args: &[&str]) -> (bool, String, String) {
-        let out = self.cmd(args).output().expect("run away");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    }
-
-    fn running(&self, name: &str) -> bool {
-        let (ok, out, err) = self.away(&["ps", "--json"]);
-        assert!(ok, "ps failed: {err}");
-        let v: Value = serde_json::from_str(&out).unwrap();
-        v["workloads"].as_array().unwrap().iter().any(|w| w["name"] == name && w["state"] == "running")
-    }
-
-    fn ctr(&self, args: &[&str]) -> String {
-        must(Command::new(CTR).args(["-n", &self.ns]).args(args))
-    }
-}
-
 /// A workload, removed from its nodes when dropped.
 struct Workload<'a> {
     name: String,
@@ -215,7 +169,7 @@ fn each_foreign_image_runs_on_containerd_and_docker() {
     }
     let f = foreign();
     println!("docker save format: {}", f.docker_format);
-    let node = Node::new("run", "each");
+    let node = node("run", "each");
     let images = [
         ("docker-save", &f.docker_save),
         ("podman-oci", &f.podman_oci),
@@ -248,7 +202,7 @@ struct Agent {
 
 impl Agent {
     fn start(test: &str) -> Agent {
-        let node = Node::new("target", test);
+        let node = node("target", test);
         let (api, transfer) = (free_port(), free_port());
         let mut cmd = node.cmd(&[
             "agent",
@@ -278,7 +232,7 @@ impl Drop for Agent {
 fn move_keeps_the_count(what: &str, tar: &Path, runtime: &str) {
     let test = format!("mv-{what}-{runtime}");
     let agent = Agent::start(&test);
-    let source = Node::new("source", &test);
+    let source = node("source", &test);
     let mut w = start(&source, tar, &format!("fi-{test}"), &["--runtime", runtime]);
     w.nodes.push(&agent.node);
     let before = wait_for(30, || state(w.port).filter(|s| s.0 >= 10)).expect("counter counts");
@@ -347,7 +301,7 @@ fn docker_saved_image_boots_as_a_vm() {
         return;
     }
     let f = foreign();
-    let node = Node::new("vm", "boot");
+    let node = node("vm", "boot");
     let started = std::time::Instant::now();
     let w = start(&node, &f.docker_save, "fi-vm", &["--vm"]);
     let s = wait_for(120, || state(w.port));
@@ -444,7 +398,7 @@ fn broken_tars_are_refused_and_leave_nothing_in_containerd() {
     .write_tar(&not_a_tar)
     .unwrap();
 
-    let node = Node::new("broken", "refused");
+    let node = node("broken", "refused");
     std::fs::create_dir_all(&node.state).unwrap();
     let cases: [(&Path, &[&str]); 4] = [
         (&truncated, &["truncated"]),
@@ -464,14 +418,25 @@ fn broken_tars_are_refused_and_leave_nothing_in_containerd() {
             assert!(err.contains(n), "the error says {n:?}: {err}");
         }
         // nothing half-imported: no image record, no blobs, no snapshots in the node's namespace
-        assert_eq!(node.ctr(&["images", "ls", "-q"]).trim(), "", "an image record was left for {}", tar.display());
+        assert_eq!(ctr(&node, &["images", "ls", "-q"]).trim(), "", "an image record was left for {}", tar.display());
         let content = wait_for(10, || {
-            let c = node.ctr(&["content", "ls", "-q"]);
+            let c = ctr(&node, &["content", "ls", "-q"]);
             c.trim().is_empty().then_some(())
         });
-        assert!(content.is_some(), "content left for {}: {}", tar.display(), node.ctr(&["content", "ls"]));
-        let snaps = node.ctr(&["snapshots", "ls"]);
+        assert!(content.is_some(), "content left for {}: {}", tar.display(), ctr(&node, &["content", "ls"]));
+        let snaps = ctr(&node, &["snapshots", "ls"]);
         assert!(snaps.lines().count() <= 1, "snapshots left for {}: {snaps}", tar.display());
     }
-    let _ = Command::new(CTR).args(["namespaces", "rm", &node.ns]).output();
+    let _ = Command::new(away_runtime::host::runtime_bin("ctr")).args(["namespaces", "rm", &node.ns]).output();
+}
+
+/// Node `role` of test `test`.
+fn node(role: &str, test: &str) -> Node {
+    let id = format!("{role}-{test}-{}", std::process::id());
+    Node::at(format!("away-fi-{id}"), PathBuf::from(format!("/tmp/away-e2e-fi/{id}")))
+}
+
+/// `ctr` (the active profile's) in the node's namespace.
+fn ctr(node: &Node, args: &[&str]) -> String {
+    must(Command::new(away_runtime::host::runtime_bin("ctr")).args(["-n", &node.ns]).args(args))
 }

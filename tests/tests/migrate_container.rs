@@ -6,56 +6,13 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use away_e2e::{away_bin, free_port, http_get, http_get_at, lab_image, require_root, require_socket, wait_for};
+use away_e2e::{free_port, http_get, http_get_at, lab_image, require_root, require_socket, wait_for, Node};
 use serde_json::Value;
 
 fn ready() -> bool {
     require_root()
         && require_socket("/run/containerd/containerd.sock", "containerd")
         && require_socket("/run/docker.sock", "dockerd")
-}
-
-/// One node's identity: containerd namespace, state and run dirs.
-struct Node {
-    ns: String,
-    state: PathBuf,
-    run: PathBuf,
-}
-
-impl Node {
-    fn new(role: &str, test: &str) -> Node {
-        let id = format!("{role}-{test}-{}", std::process::id());
-        Node {
-            ns: format!("away-{id}"),
-            state: PathBuf::from(format!("/tmp/away-e2e-mig/{id}/state")),
-            run: PathBuf::from(format!("/tmp/away-e2e-mig/{id}/run")),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(away_bin());
-        c.args(args).env("AWAY_NAMESPACE", &self.ns).env("AWAY_STATE_DIR", &self.state).env("AWAY_RUN_DIR", &self.run);
-        c
-    }
-
-    fn away(&self, args: &[&str]) -> (bool, String, String) {
-        let out = self.cmd(args).output().expect("run away");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    }
-
-    fn ps(&self) -> Vec<Value> {
-        let (ok, out, err) = self.away(&["ps", "--json"]);
-        assert!(ok, "ps failed: {err}");
-        serde_json::from_str::<Value>(&out).unwrap()["workloads"].as_array().unwrap().clone()
-    }
-
-    fn running(&self, name: &str) -> bool {
-        self.ps().iter().any(|w| w["name"] == name && w["state"] == "running")
-    }
 }
 
 /// A target agent process, killed (by its PID) when dropped.
@@ -68,7 +25,7 @@ struct Agent {
 
 impl Agent {
     fn start(test: &str, env: &[(&str, &str)], tiny_disk: bool) -> Agent {
-        let node = Node::new("target", test);
+        let node = node("target", test);
         let mut tmpfs = None;
         if tiny_disk {
             // the target's transfer spool on a 64 KiB tmpfs: it fills up mid-transfer (the
@@ -262,7 +219,7 @@ fn phases_add_up(report: &Value, parts: &[(&str, &[&str])]) {
 
 fn move_keeps_state(runtime: &str) {
     let agent = Agent::start(&format!("ok-{runtime}"), &[], false);
-    let source = Node::new("source", &format!("ok-{runtime}"));
+    let source = node("source", &format!("ok-{runtime}"));
     let w = start_counter(&source, &agent.node, &format!("ok-{runtime}"), runtime);
     let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 10)).expect("counter counts");
     // the workload's own file changes travel too
@@ -340,7 +297,7 @@ fn docker_move_without_ports_keeps_the_count_and_the_files() {
     }
     let test = "streamed-docker";
     let agent = Agent::start(test, &[], false);
-    let source = Node::new("source", test);
+    let source = node("source", test);
     std::fs::create_dir_all(&source.state).unwrap();
     let name = format!("mig-{test}-{}", std::process::id());
     let port = 8080;
@@ -390,7 +347,7 @@ fn a_cut_link_and_a_corrupt_chunk_are_survived() {
         return;
     }
     let agent = Agent::start("faulty-link", &[], false);
-    let source = Node::new("source", "faulty-link");
+    let source = node("source", "faulty-link");
     let w = start_counter(&source, &agent.node, "faulty-link", "containerd");
     let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 10)).expect("counter counts");
     // 64 KiB chunks: the payload (CRIU images + image tar) is a dozen or more chunks
@@ -403,7 +360,7 @@ fn a_cut_link_and_a_corrupt_chunk_are_survived() {
 
 fn failed_move_resumes_the_source(test: &str, env: &[(&str, &str)], tiny_disk: bool, expect: &str) {
     let agent = Agent::start(test, env, tiny_disk);
-    let source = Node::new("source", test);
+    let source = node("source", test);
     let w = start_counter(&source, &agent.node, test, "containerd");
     let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 10)).expect("counter counts");
     let (ok, _, err) = migrate(&w, &agent, &["--chunk-size", "65536"]);
@@ -442,8 +399,8 @@ fn an_unreachable_target_moves_nothing() {
     if !ready() {
         return;
     }
-    let source = Node::new("source", "unreachable");
-    let nowhere = Node::new("target", "unreachable");
+    let source = node("source", "unreachable");
+    let nowhere = node("target", "unreachable");
     let w = start_counter(&source, &nowhere, "unreachable", "containerd");
     let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
     let port = free_port();
@@ -454,4 +411,10 @@ fn an_unreachable_target_moves_nothing() {
     assert!(source.running(&w.name));
     let after = state(w.port).unwrap();
     assert_eq!(after.1, before.1);
+}
+
+/// Node `role` of test `test`.
+fn node(role: &str, test: &str) -> Node {
+    let id = format!("{role}-{test}-{}", std::process::id());
+    Node::at(format!("away-{id}"), PathBuf::from(format!("/tmp/away-e2e-mig/{id}")))
 }

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use away_e2e::{away, away_bin, free_port, http_get, require, require_root, require_socket, wait_for};
+use away_e2e::{away, free_port, http_get, require, require_root, require_socket, wait_for, Node};
 
 const NGINX: &str = "/usr/sbin/nginx";
 
@@ -77,46 +77,6 @@ fn build_image(port: u16, out: &Path) -> PathBuf {
     tar
 }
 
-/// One node's identity: containerd namespace, state and run dirs.
-struct Node {
-    ns: String,
-    state: PathBuf,
-    run: PathBuf,
-}
-
-impl Node {
-    fn new(role: &str) -> Node {
-        let id = format!("{role}-nginx-{}", std::process::id());
-        Node {
-            ns: format!("away-{id}"),
-            state: PathBuf::from(format!("/tmp/away-e2e-nginx/{id}/state")),
-            run: PathBuf::from(format!("/tmp/away-e2e-nginx/{id}/run")),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(away_bin());
-        c.args(args).env("AWAY_NAMESPACE", &self.ns).env("AWAY_STATE_DIR", &self.state).env("AWAY_RUN_DIR", &self.run);
-        c
-    }
-
-    fn away(&self, args: &[&str]) -> (bool, String, String) {
-        let out = self.cmd(args).output().expect("run away");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    }
-
-    fn running(&self, name: &str) -> bool {
-        let (ok, out, err) = self.away(&["ps", "--json"]);
-        assert!(ok, "ps failed: {err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["workloads"].as_array().unwrap().iter().any(|w| w["name"] == name && w["state"] == "running")
-    }
-}
-
 /// Removes the workload from the node when the test ends, however it ends.
 struct Rm<'a>(&'a Node, String);
 impl Drop for Rm<'_> {
@@ -134,7 +94,7 @@ struct Agent {
 
 impl Agent {
     fn start() -> Agent {
-        let node = Node::new("target");
+        let node = node("target");
         let (api, transfer) = (free_port(), free_port());
         std::fs::create_dir_all("/tmp/away-e2e-nginx").unwrap();
         let log = std::fs::File::create(format!("/tmp/away-e2e-nginx/agent-{}.log", std::process::id())).unwrap();
@@ -211,7 +171,7 @@ fn nginx_runs_on_containerd_and_on_docker() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let tar = build_image(port, dir.path());
-    let node = Node::new("run");
+    let node = node("run");
     std::fs::create_dir_all(&node.state).unwrap();
     for runtime in ["docker", "containerd"] {
         drop(run_nginx(&node, &tar, runtime, port));
@@ -228,7 +188,7 @@ fn nginx_moves_between_containerd_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let tar = build_image(port, dir.path());
-    let source = Node::new("source");
+    let source = node("source");
     std::fs::create_dir_all(&source.state).unwrap();
     let rm = run_nginx(&source, &tar, "containerd", port);
     let name = rm.1.clone();
@@ -266,4 +226,10 @@ fn nginx_moves_between_containerd_nodes() {
     assert!(!source.running(&name), "nginx still runs on the source");
     assert!(answers(port), "nginx does not answer after the move");
     assert_workers_dropped_to_nobody(&agent.node, &name, "containerd after the move");
+}
+
+/// Node `role` of the nginx tests.
+fn node(role: &str) -> Node {
+    let id = format!("{role}-nginx-{}", std::process::id());
+    Node::at(format!("away-{id}"), PathBuf::from(format!("/tmp/away-e2e-nginx/{id}")))
 }
