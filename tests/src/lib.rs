@@ -217,3 +217,44 @@ impl Node {
         self.ps().iter().any(|w| w["name"] == name && w["state"] == "running")
     }
 }
+
+/// An `away agent` a test started as one of its nodes, on free loopback ports; killed
+/// when dropped.
+pub struct LocalAgent {
+    pub node: Node,
+    /// Its API, `127.0.0.1:PORT`.
+    pub api: String,
+    child: std::process::Child,
+}
+
+impl Node {
+    /// `away agent --name NAME` as this node on free loopback ports (API and transfers),
+    /// with `extra` arguments and `env`, its stderr in `log`; returns once its API listens.
+    pub fn start_agent(self, name: &str, extra: &[&str], env: &[(&str, &str)], log: &Path) -> LocalAgent {
+        let (api, transfer) = (free_port(), free_port());
+        let (listen, transfer) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{transfer}"));
+        let mut args = vec!["agent", "--name", name, "--listen", &listen, "--transfer-listen", &transfer];
+        args.extend_from_slice(extra);
+        let mut cmd = self.cmd(&args);
+        cmd.envs(env.iter().copied());
+        if let Some(dir) = log.parent() {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let log = std::fs::File::create(log).unwrap();
+        let child = cmd.stdout(std::process::Stdio::null()).stderr(log).spawn().expect("start away agent");
+        let up = wait_for(30, || std::net::TcpStream::connect(&listen).ok());
+        let mut agent = LocalAgent { node: self, api: listen, child };
+        if up.is_none() {
+            let _ = agent.child.kill();
+            panic!("agent did not listen on {}", agent.api);
+        }
+        agent
+    }
+}
+
+impl Drop for LocalAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -15,11 +15,12 @@
 //! containerd.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use away_e2e::{
-    away_bin, free_port, http_get, lab_image, require, require_root, require_socket, require_vm_host, wait_for, Node,
+    away_bin, free_port, http_get, lab_image, require, require_root, require_socket, require_vm_host, wait_for,
+    LocalAgent, Node,
 };
 use serde_json::Value;
 
@@ -193,45 +194,15 @@ fn each_foreign_image_runs_on_containerd_and_docker() {
     }
 }
 
-/// A target agent process, killed (by its PID) when dropped.
-struct Agent {
-    node: Node,
-    child: Child,
-    api: String,
-}
-
-impl Agent {
-    fn start(test: &str) -> Agent {
-        let node = node("target", test);
-        let (api, transfer) = (free_port(), free_port());
-        let mut cmd = node.cmd(&[
-            "agent",
-            "--name",
-            &format!("target-{test}"),
-            "--listen",
-            &format!("127.0.0.1:{api}"),
-            "--transfer-listen",
-            &format!("127.0.0.1:{transfer}"),
-        ]);
-        std::fs::create_dir_all("/tmp/away-e2e-fi").unwrap();
-        let log = std::fs::File::create(format!("/tmp/away-e2e-fi/agent-{test}-{}.log", std::process::id())).unwrap();
-        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start away agent");
-        let api = format!("127.0.0.1:{api}");
-        assert!(wait_for(30, || std::net::TcpStream::connect(&api).ok()).is_some(), "agent did not listen on {api}");
-        Agent { node, child, api }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The target agent, killed (by its PID) when dropped.
+fn start_target(test: &str) -> LocalAgent {
+    let log = PathBuf::from(format!("/tmp/away-e2e-fi/agent-{test}-{}.log", std::process::id()));
+    node("target", test).start_agent(&format!("target-{test}"), &[], &[], &log)
 }
 
 fn move_keeps_the_count(what: &str, tar: &Path, runtime: &str) {
     let test = format!("mv-{what}-{runtime}");
-    let agent = Agent::start(&test);
+    let agent = start_target(&test);
     let source = node("source", &test);
     let mut w = start(&source, tar, &format!("fi-{test}"), &["--runtime", runtime]);
     w.nodes.push(&agent.node);

@@ -4,9 +4,9 @@
 //! running instance and the count intact.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use away_e2e::{free_port, http_get, http_get_at, lab_image, require_root, require_socket, wait_for, Node};
+use away_e2e::{free_port, http_get, http_get_at, lab_image, require_root, require_socket, wait_for, LocalAgent, Node};
 use serde_json::Value;
 
 fn ready() -> bool {
@@ -17,10 +17,24 @@ fn ready() -> bool {
 
 /// A target agent process, killed (by its PID) when dropped.
 struct Agent {
-    node: Node,
-    child: Child,
-    api: String,
-    tmpfs: Option<PathBuf>,
+    agent: LocalAgent,
+    /// dropped after the agent: a tmpfs is unmounted once nothing uses it
+    _tmpfs: Option<Unmount>,
+}
+
+/// A tmpfs this test mounted, unmounted when dropped.
+struct Unmount(PathBuf);
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+impl std::ops::Deref for Agent {
+    type Target = LocalAgent;
+    fn deref(&self) -> &LocalAgent {
+        &self.agent
+    }
 }
 
 impl Agent {
@@ -39,40 +53,11 @@ impl Agent {
                 .unwrap()
                 .success();
             assert!(ok, "cannot mount a tmpfs on {}", spool.display());
-            tmpfs = Some(spool);
+            tmpfs = Some(Unmount(spool));
         }
-        let (api, transfer) = (free_port(), free_port());
-        let mut cmd = node.cmd(&[
-            "agent",
-            "--name",
-            &format!("target-{test}"),
-            "--listen",
-            &format!("127.0.0.1:{api}"),
-            "--transfer-listen",
-            &format!("127.0.0.1:{transfer}"),
-            "--commit-lease",
-            "20",
-        ]);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        std::fs::create_dir_all("/tmp/away-e2e-mig").unwrap();
-        let log = std::fs::File::create(format!("/tmp/away-e2e-mig/agent-{test}-{}.log", std::process::id())).unwrap();
-        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start away agent");
-        let api = format!("127.0.0.1:{api}");
-        let up = wait_for(30, || std::net::TcpStream::connect(&api).ok());
-        assert!(up.is_some(), "agent did not listen on {api}");
-        Agent { node, child, api, tmpfs }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(dir) = &self.tmpfs {
-            let _ = Command::new("umount").arg(dir).status();
-        }
+        let log = PathBuf::from(format!("/tmp/away-e2e-mig/agent-{test}-{}.log", std::process::id()));
+        let agent = node.start_agent(&format!("target-{test}"), &["--commit-lease", "20"], env, &log);
+        Agent { agent, _tmpfs: tmpfs }
     }
 }
 

@@ -5,9 +5,9 @@
 //! nodes — what Docker's container contract (capabilities, user lookup) makes work.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-use away_e2e::{away, free_port, http_get, require, require_root, require_socket, wait_for, Node};
+use away_e2e::{away, free_port, http_get, require, require_root, require_socket, wait_for, LocalAgent, Node};
 
 const NGINX: &str = "/usr/sbin/nginx";
 
@@ -85,46 +85,10 @@ impl Drop for Rm<'_> {
     }
 }
 
-/// A target agent process, killed (by its PID) when dropped.
-struct Agent {
-    node: Node,
-    child: Child,
-    api: String,
-}
-
-impl Agent {
-    fn start() -> Agent {
-        let node = node("target");
-        let (api, transfer) = (free_port(), free_port());
-        std::fs::create_dir_all("/tmp/away-e2e-nginx").unwrap();
-        let log = std::fs::File::create(format!("/tmp/away-e2e-nginx/agent-{}.log", std::process::id())).unwrap();
-        let child = node
-            .cmd(&[
-                "agent",
-                "--name",
-                "target-nginx",
-                "--listen",
-                &format!("127.0.0.1:{api}"),
-                "--transfer-listen",
-                &format!("127.0.0.1:{transfer}"),
-                "--commit-lease",
-                "20",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start away agent");
-        let api = format!("127.0.0.1:{api}");
-        assert!(wait_for(30, || std::net::TcpStream::connect(&api).ok()).is_some(), "agent did not listen on {api}");
-        Agent { node, child, api }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The target agent, killed (by its PID) when dropped.
+fn start_target() -> LocalAgent {
+    let log = PathBuf::from(format!("/tmp/away-e2e-nginx/agent-{}.log", std::process::id()));
+    node("target").start_agent("target-nginx", &["--commit-lease", "20"], &[], &log)
 }
 
 fn answers(port: u16) -> bool {
@@ -193,7 +157,7 @@ fn nginx_moves_between_containerd_nodes() {
     let rm = run_nginx(&source, &tar, "containerd", port);
     let name = rm.1.clone();
     // the move: checkpoint (CRIU under the seccomp filter), transfer, restore
-    let agent = Agent::start();
+    let agent = start_target();
     let _rm_target = Rm(&agent.node, name.clone());
     let (ok, out, err) = source.away(&[
         "migrate",
