@@ -61,10 +61,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         eprintln!("removing the demo cluster of an earlier run");
         away_cluster::down(CLUSTER);
     }
+    let mut stops = crate::signal::StopSignals::register_in(&rt)?;
     let result = rt.block_on(async {
         tokio::select! {
             r = demo(&a) => r,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            why = stops.next() => Err(anyhow::anyhow!("interrupted ({why})")),
         }
     });
     if !a.keep || result.is_err() {

@@ -159,15 +159,12 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
     // Ctrl-C or SIGTERM: finish and clean up the current run, write what was measured;
     // a second one ends the process at once
     let notice = bar.clone();
+    let mut stops = crate::signal::StopSignals::register_in(&rt)?;
     rt.spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return,
-        };
-        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
-        notice.println("stopping after the current run (it cleans up); interrupt again to quit at once");
+        let why = stops.next().await;
+        notice.println(format!("{why}: stopping after the current run (it cleans up); interrupt again to quit at once"));
         away_lab::stop_after_current_run();
-        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+        stops.next().await;
         std::process::exit(130);
     });
     let results = rt.block_on(away_lab::compare(opts, move |p| {

@@ -38,7 +38,7 @@ impl LinkArgs {
 pub enum Command {
     /// Packet level (the main mode): two network namespaces joined by TUN devices, every
     /// IP packet delayed and rate-limited, so the endpoints' own TCP sees the real round
-    /// trip. Runs until Ctrl-C, then removes the namespaces.
+    /// trip. Runs until Ctrl-C or SIGTERM, then removes the namespaces.
     ///
     /// Example: away link up wan --rate 37mbit --delay 36.784ms
     ///          ip netns exec awl-wan-b iperf3 -s & ip netns exec awl-wan-a iperf3 -c 10.254.0.2
@@ -64,6 +64,8 @@ pub enum Command {
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // before anything is created: a stop signal from here on undoes it instead of killing us
+    let mut stops = crate::signal::StopSignals::register_in(&rt)?;
     match cmd {
         Command::Up { name, link } => {
             let model = link.model()?;
@@ -77,11 +79,11 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 humantime(link.delay),
                 link.rate
             );
-            println!("Ctrl-C removes it");
-            rt.block_on(tokio::signal::ctrl_c())?;
+            println!("Ctrl-C or SIGTERM removes it");
+            let why = rt.block_on(stops.next());
             let stats = up.stats();
             up.down()?;
-            println!("link {name} down; forwarded {stats:?}");
+            println!("link {name} down ({why}); forwarded {stats:?}");
         }
         Command::Proxy { listen, upstream, link } => {
             let model = link.model()?;
@@ -90,7 +92,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 eprintln!("relaying {listen} -> {upstream} at {}, {} one way", link.rate, humantime(link.delay));
                 tokio::select! {
                     r = away_link::proxy_with(l, upstream, model) => r,
-                    _ = tokio::signal::ctrl_c() => Ok(()),
+                    _ = stops.next() => Ok(()),
                 }
             })?;
         }

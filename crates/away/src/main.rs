@@ -10,6 +10,7 @@ mod lab;
 mod link;
 mod migrate;
 mod output;
+mod signal;
 mod workload;
 
 use clap::{Parser, Subcommand};
