@@ -299,3 +299,20 @@ fn killed_doctor_leaves_no_probe_running() {
     let still: Vec<_> = left.iter().filter(|d| tmp.join(d).exists()).collect();
     assert!(still.is_empty(), "scratch directories of killed doctors left after the next run: {still:?}");
 }
+
+/// `away doctor --json | head -1`: the reader goes away before the report is written; the
+/// report's end is simply not wanted, which is no failure and no panic.
+#[test]
+fn doctor_json_into_a_closed_pipe_ends_quietly() {
+    let mut child = Command::new(away_bin())
+        .args(["doctor", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run away doctor --json");
+    drop(child.stdout.take()); // the reader is gone before anything is written
+    let out = child.wait_with_output().expect("wait for away doctor");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "away doctor --json panicked on a closed pipe: {stderr}");
+    assert!(out.status.success(), "away doctor --json into a closed pipe: {}: {stderr}", out.status);
+}

@@ -162,7 +162,8 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
     let mut stops = crate::signal::StopSignals::register_in(&rt)?;
     rt.spawn(async move {
         let why = stops.next().await;
-        notice.println(format!("{why}: stopping after the current run (it cleans up); interrupt again to quit at once"));
+        notice
+            .println(format!("{why}: stopping after the current run (it cleans up); interrupt again to quit at once"));
         away_lab::stop_after_current_run();
         stops.next().await;
         std::process::exit(130);
