@@ -31,7 +31,7 @@ impl AgentState {
         let db = Connection::open(path).map_err(err)?;
         db.execute_batch(
             "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=NORMAL;
+             PRAGMA synchronous=FULL;
              CREATE TABLE IF NOT EXISTS registration (broker TEXT PRIMARY KEY, response TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS provisional (transfer_id TEXT PRIMARY KEY, workload TEXT NOT NULL, runtime TEXT NOT NULL);",

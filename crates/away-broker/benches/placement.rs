@@ -124,7 +124,7 @@ fn main() {
         "setup: {NODES} nodes (cloud/edge/client in turn, Intel/AMD, 8-64 cores, 16-64 GiB, 1 in 7 with containerd down, \
          1 in 5 without avx2), {WORKLOADS} workloads (128-512 MiB, 0.25-1 CPU; 1/6 prefer_client, 1/6 never client, \
          1/6 need avx2, 1/6 kind vm), submitted one by one through Broker::submit: both placement phases over all \
-         nodes + one SQLite transaction (WAL, synchronous=NORMAL, temp file); {cpus} CPUs, release build"
+         nodes + one SQLite transaction (WAL, synchronous=FULL, temp file); {cpus} CPUs, release build"
     );
     println!("registering {NODES} nodes: {:.2} s", register.as_secs_f64());
     println!(

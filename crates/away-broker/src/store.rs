@@ -86,10 +86,12 @@ impl Store {
         }
         let sql = |source| StoreError::Sql { path: path.to_path_buf(), source };
         let conn = Connection::open(path).map_err(sql)?;
-        // WAL: readers never block the writer; NORMAL sync is durable across process
-        // crashes (a power cut may lose the last commits, never corrupt the file)
+        // WAL: readers never block the writer. FULL: a commit is on disk before the caller
+        // hears of it (NORMAL may lose the last commits to a power cut), because agents delete
+        // an event once the broker acknowledged it: an acknowledged `migration-finished` lost
+        // here would leave its migration running forever
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
         Ok(Store { path: path.to_path_buf(), conn })
@@ -328,5 +330,8 @@ mod tests {
         }
         let mode: String = store.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
+        // 2 = FULL: an acknowledged commit survives a power cut
+        let sync: i64 = store.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!(sync, 2);
     }
 }
