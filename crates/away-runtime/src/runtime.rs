@@ -226,6 +226,9 @@ pub enum RuntimeError {
     Failed { runtime: RuntimeKind, op: &'static str, name: String, message: String },
     #[error(transparent)]
     NoRuntime(#[from] crate::fallback::NoRuntime),
+    /// A file of a received checkpoint that is not where it must be (a link, outside).
+    #[error(transparent)]
+    Beneath(#[from] crate::host::beneath::BeneathError),
     #[error("{context}")]
     Io {
         context: String,
