@@ -261,16 +261,20 @@ pub enum TransferError {
     Io { path: PathBuf, source: io::Error },
     #[error("payload {path} is not a directory")]
     NotADirectory { path: PathBuf },
-    #[error("cannot transfer {path}: only regular files, directories and symlinks are supported")]
+    #[error("cannot transfer {path}: only regular files and directories are supported")]
     UnsupportedFile { path: PathBuf },
     #[error("tar entry {entry:?} of transfer {transfer_id} escapes the output directory")]
     PathTraversal { entry: PathBuf, transfer_id: String },
-    #[error("tar entry {entry:?} of transfer {transfer_id} has unsupported type {kind}")]
+    #[error(
+        "tar entry {entry:?} of transfer {transfer_id} is a {kind}: only regular files and directories are accepted"
+    )]
     UnsupportedEntry { entry: PathBuf, kind: String, transfer_id: String },
     #[error("invalid compression {input:?}: expected none, zstd[:1-22] or gzip[:0-9]")]
     InvalidCompression { input: String },
     #[error("invalid send options: {message}")]
     InvalidOptions { message: String },
+    #[error(transparent)]
+    Beneath(#[from] away_runtime::host::beneath::BeneathError),
     #[error("cannot listen on {addr}")]
     Bind { addr: String, source: io::Error },
 }

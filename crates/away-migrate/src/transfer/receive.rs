@@ -554,9 +554,22 @@ where
             TransferError::Io { path, source } => describe_io("unpack into", path, source),
             other => other.to_string(),
         };
-        slot.lock().expect("slot lock").phase = Phase::Receiving;
+        let message = format!("transfer {id}: {message}");
+        if matches!(e, TransferError::Io { .. }) {
+            slot.lock().expect("slot lock").phase = Phase::Receiving;
+        } else {
+            // refused content (a link, a device, a path outside): the same bytes would be
+            // refused again, so none of them stays on this node
+            let mut s = slot.lock().expect("slot lock");
+            s.spool = None;
+            s.phase = Phase::Finished(Verdict::failed(message.clone()));
+            drop(s);
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                warn!(transfer_id = %id, dir = %dir.display(), error = %e, "cannot remove refused spool");
+            }
+        }
         warn!(%peer, transfer_id = %id, %message, "cannot unpack payload");
-        return fail(stream, format!("transfer {id}: {message}")).await;
+        return fail(stream, message).await;
     }
     info!(%peer, transfer_id = %id, dir = %out.display(), "payload complete, handing over");
     let received = ReceivedPayload { transfer_id: id.clone(), dir: out, meta, peer, bytes_raw, bytes_wire };
