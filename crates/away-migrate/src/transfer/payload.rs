@@ -213,7 +213,7 @@ mod tests {
 
     fn chunk_of(frame: &[u8]) -> ChunkFrame {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        match rt.block_on(super::super::wire::read_frame(&mut &frame[..])).unwrap().0 {
+        match rt.block_on(super::super::wire::read_frame(&mut &frame[..], 1 << 20)).unwrap().0 {
             super::super::wire::Frame::Chunk(c) => c,
             _ => unreachable!(),
         }
