@@ -15,6 +15,13 @@
 //!   directory, hands it to the caller's handler (the migration engine restores there) and sends
 //!   the handler's [`Verdict`] back on the same connection.
 //!
+//! The receiver trusts no number and no path from the sender: every frame length is checked
+//! against its kind's limit before a buffer is sized (control frames 1 MiB, a chunk the
+//! hello's chunk size plus its header, no chunk before a valid hello), the announced payload
+//! against [`ReceiveOptions::max_payload_bytes`] and twice its size against the spool disk's
+//! free space; the payload unpacks to regular files and directories only, each created
+//! beneath its directory (`away_runtime::host::beneath`), and a refused one leaves no spool.
+//!
 //! Wire format (module `wire`): frames `[u8 kind][u32 len BE][payload]`. Kinds: 1 hello, 2 resume,
 //! 3 chunk, 4 done, 5 verdict, 6 error. Control frames carry JSON; a chunk is binary:
 //! `[u64 index BE][u32 raw_len BE][u8 codec 0 none|1 zstd|2 gzip][32 bytes raw SHA-256][data]`.
