@@ -177,7 +177,8 @@ pub async fn serve_transfers(agent: Arc<Agent>, listener: tokio::net::TcpListene
 }
 
 async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict {
-    let manifest: Option<Manifest> = serde_json::from_value(payload.meta.clone()).ok();
+    // the spec checked like any other (a bad one fails the restore below, field named)
+    let manifest: Option<Manifest> = Manifest::of_payload(&payload).ok();
     tracing::info!(transfer = %payload.transfer_id, workload = ?manifest.as_ref().map(|m| &m.spec.name), bytes = payload.bytes_raw, "payload received, restoring");
     // fault injection for the end-to-end tests: the restore "crashes"
     #[cfg(feature = "fault-injection")]

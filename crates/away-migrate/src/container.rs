@@ -55,6 +55,23 @@ pub struct Manifest {
     pub pull_pages: bool,
 }
 
+impl Manifest {
+    /// The manifest of a received payload (read beneath its directory), its spec validated
+    /// as the API validates any spec: a peer's spec is no more trusted than a user's.
+    pub fn of_payload(payload: &ReceivedPayload) -> Result<Manifest, String> {
+        let bytes = away_runtime::host::beneath::Beneath::open(&payload.dir)
+            .and_then(|d| d.read(MANIFEST))
+            .map_err(|e| format!("no {MANIFEST} in the payload: {e}"))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| format!("{MANIFEST} is not valid: {e}"))?;
+        let errors = manifest.spec.validate();
+        if !errors.is_empty() {
+            let source_name = format!("in {MANIFEST} of transfer {}", payload.transfer_id);
+            return Err(away_model::SpecError { source_name, errors }.to_string());
+        }
+        Ok(manifest)
+    }
+}
+
 /// How to move a container.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerMigrationOptions {
@@ -805,10 +822,7 @@ pub async fn restore_received(
     settle: Duration,
 ) -> Result<Restored, RestoreFailed> {
     let started = Instant::now();
-    let manifest: Manifest = serde_json::from_slice(
-        &std::fs::read(payload.dir.join(MANIFEST)).map_err(|e| format!("no {MANIFEST} in the payload: {e}"))?,
-    )
-    .map_err(|e| format!("{MANIFEST} is not valid: {e}"))?;
+    let manifest = Manifest::of_payload(payload)?;
     let image_tar = payload.dir.join(IMAGE_TAR);
     if image_tar.is_file() {
         node.store.add(&image_tar, Some(&manifest.image)).map_err(|e| error_chain(&e))?;
@@ -826,8 +840,9 @@ pub async fn restore_received(
     };
     let request = RestoreRequest { archive, image };
     // the source keeps its CRIU work directory; CRIU wants one here too
-    let work = dir.join(away_runtime::CRIU_WORK_DIR);
-    std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
+    away_runtime::host::beneath::Beneath::open(&dir)
+        .and_then(|d| d.create_dir_all(away_runtime::CRIU_WORK_DIR, 0o700))
+        .map_err(|e| e.to_string())?;
     let (mut pulled, mut pull, mut parts) = (None, Duration::ZERO, Vec::new());
     let (st, mut lazy) = match manifest.lazy_page_relay {
         None => {
@@ -947,5 +962,43 @@ pub fn verdict_for(result: &Result<Restored, RestoreFailed>, settle: Duration) -
             }))
         }
         Err(e) => Verdict::failed(e.message.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload_with(manifest: &serde_json::Value) -> (tempfile::TempDir, ReceivedPayload) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(MANIFEST), serde_json::to_vec(manifest).unwrap()).unwrap();
+        let payload = ReceivedPayload {
+            transfer_id: "t1".into(),
+            dir: dir.path().to_path_buf(),
+            meta: serde_json::Value::Null,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            bytes_raw: 0,
+            bytes_wire: 0,
+        };
+        (dir, payload)
+    }
+
+    fn manifest(name: &str, memory: &str) -> serde_json::Value {
+        serde_json::json!({
+            "spec": {"name": name, "image": "away/counter:latest", "resources": {"memory": memory, "cpus": 0.5}},
+            "image": "away/counter:latest", "runtime": "containerd", "source_node": "a", "stopped_at_ms": 1
+        })
+    }
+
+    /// A peer's spec passes the API's checks or the restore is refused, the field named.
+    #[test]
+    fn a_received_spec_is_validated_like_any_other() {
+        let (_d, ok) = payload_with(&manifest("web-1", "64MiB"));
+        assert_eq!(Manifest::of_payload(&ok).unwrap().spec.name, "web-1");
+        for (m, field) in [(manifest("../../etc", "64MiB"), "name"), (manifest("web", "1KiB"), "resources.memory")] {
+            let (_d, bad) = payload_with(&m);
+            let err = Manifest::of_payload(&bad).unwrap_err();
+            assert!(err.contains(field) && err.contains("manifest.json of transfer t1"), "{field}: {err}");
+        }
     }
 }

@@ -251,7 +251,7 @@ async fn full_target_disk_is_a_clear_error() {
         eprintln!("skipping: cannot mount a tmpfs (needs root)");
         return;
     };
-    // Chunks do not fit: fails while receiving.
+    // Chunks do not fit: refused at the hello, from the disk's free space.
     let big = tmp.path().join("big");
     fs::create_dir_all(&big).unwrap();
     fs::write(big.join("pages.img"), random_bytes(3 << 20, 7)).unwrap();
@@ -261,11 +261,11 @@ async fn full_target_disk_is_a_clear_error() {
     let err = send(&t.addr, &big, serde_json::Value::Null, &o).await.unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("target disk full") && msg.contains(&spool.display().to_string()), "{msg}");
-    // The chunks fit but unpacking them does not: no partial output dir remains.
+    // The chunks fit but their unpacked copy would not: refused too, no partial output dir.
     let mid = tmp.path().join("mid");
     fs::create_dir_all(&mid).unwrap();
     fs::write(mid.join("pages.img"), random_bytes(600 << 10, 9)).unwrap();
-    fs::remove_dir_all(spool.join("full1")).unwrap();
+    assert!(!spool.join("full1").exists(), "a refused transfer leaves no spool");
     o.transfer_id = Some("full2".into());
     let err = send(&t.addr, &mid, serde_json::Value::Null, &o).await.unwrap_err();
     let msg = err.to_string();
@@ -291,4 +291,112 @@ async fn failed_verdict_keeps_spool_and_is_returned() {
     assert!(outcome.verdict.message.contains("criu exited 1"));
     assert!(spool.join("keep/payload/manifest.json").exists(), "kept for inspection");
     task.abort();
+}
+
+/// A sender written by hand (no credential, nothing but the wire format): sends `frames`
+/// as they are, then returns the receiver's first answer after `until_answer` (its kind and
+/// body), or None when it closed the connection without one.
+async fn raw_exchange(addr: &str, frames: Vec<Vec<u8>>) -> Vec<(u8, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for f in frames {
+        if s.write_all(&f).await.is_err() {
+            break;
+        }
+    }
+    let _ = s.shutdown().await;
+    let mut answers = Vec::new();
+    let read = async {
+        loop {
+            let mut head = [0u8; 5];
+            if s.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; len.min(1 << 20)];
+            if s.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            answers.push((head[0], body));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read).await.expect("the receiver answers or closes");
+    answers
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    [vec![kind], (body.len() as u32).to_be_bytes().to_vec(), body.to_vec()].concat()
+}
+
+fn hello(id: &str, total: u64, chunk: u64, sha: &str) -> Vec<u8> {
+    let h = serde_json::json!({"version": 1, "transfer_id": id, "total_bytes": total, "chunk_size": chunk,
+        "chunk_count": total.div_ceil(chunk), "compression": "none", "sha256": sha, "meta": null});
+    frame(1, &serde_json::to_vec(&h).unwrap())
+}
+
+/// Sizes a peer announces are refused before anything is allocated for them, and the
+/// receiver goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_sizes_are_bounded_and_the_receiver_lives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = target(tmp.path().join("spool")).await;
+    let sha = "0".repeat(64);
+    // a hello frame claiming 4 GiB: the connection ends, nothing is read into memory
+    let answers = raw_exchange(&t.addr, vec![[vec![1u8], u32::MAX.to_be_bytes().to_vec()].concat()]).await;
+    assert!(answers.is_empty(), "{answers:?}");
+    // a chunk before any hello
+    assert!(raw_exchange(&t.addr, vec![frame(3, &[0u8; 64])]).await.is_empty());
+    // 1 PiB announced: refused by the receiver's limit
+    let answers = raw_exchange(&t.addr, vec![hello("huge1", 1 << 50, 1 << 20, &sha)]).await;
+    let (kind, body) = &answers[0];
+    let text = String::from_utf8_lossy(body);
+    assert!(*kind == 6 && text.contains("exceeds this receiver's limit"), "{kind} {text}");
+    // below the limit but above the disk's free space
+    let answers = raw_exchange(&t.addr, vec![hello("huge2", 60 << 30, 1 << 20, &sha)]).await;
+    let text = String::from_utf8_lossy(&answers[0].1);
+    assert!(answers[0].0 == 6 && text.contains("target disk full"), "{text}");
+    // a chunk longer than the hello's chunk size
+    let frames = vec![hello("big-chunk", 8192, 4096, &sha), frame(3, &vec![0u8; 45 + 8192])];
+    let answers = raw_exchange(&t.addr, frames).await;
+    assert!(answers.iter().all(|(k, _)| *k == 2), "only the resume came back: {answers:?}");
+    assert!(!tmp.path().join("spool/huge1").exists() && !tmp.path().join("spool/huge2").exists());
+    // still serving
+    let src = checkpoint_dir(tmp.path(), 1024);
+    let outcome = send(&t.addr, &src, serde_json::Value::Null, &opts(Compression::default())).await.unwrap();
+    assert!(outcome.verdict.ok);
+}
+
+/// A payload holding a symlink to a file outside: refused with the entry named, the
+/// file unchanged, nothing of the payload left in the spool, the handler never called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_with_a_symlink_is_refused_and_leaves_nothing() {
+    use sha2::Digest;
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = tmp.path().join("victim");
+    fs::write(&victim, b"keep").unwrap();
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    tar.append_link(&mut h, "checkpoint/pages-1.img.pulling", &victim).unwrap();
+    let bytes = tar.into_inner().unwrap();
+    let sha: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+    let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+    let chunk = [
+        0u64.to_be_bytes().to_vec(),
+        (bytes.len() as u32).to_be_bytes().to_vec(),
+        vec![0u8],
+        sha.to_vec(),
+        bytes.clone(),
+    ]
+    .concat();
+    let t = target(tmp.path().join("spool")).await;
+    let frames = vec![hello("link1", bytes.len() as u64, bytes.len() as u64, &hex), frame(3, &chunk), frame(4, &[])];
+    let answers = raw_exchange(&t.addr, frames).await;
+    let (kind, body) = answers.last().expect("an answer");
+    let text = String::from_utf8_lossy(body);
+    assert!(*kind == 6 && text.contains("pages-1.img.pulling") && text.contains("Symlink"), "{kind} {text}");
+    assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    assert!(!tmp.path().join("spool/link1").exists(), "the refused payload left nothing");
+    assert!(t.received.lock().unwrap().is_empty());
 }

@@ -415,12 +415,9 @@ impl DockerRuntime {
         let checkpoint = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "away".into());
         let target = Path::new(root).join("containers").join(id).join("checkpoints").join(&checkpoint);
         let (from, to) = (dir.to_path_buf(), target.clone());
-        let copied = tokio::task::spawn_blocking(move || link_or_copy_dir(&from, &to))
-            .await
-            .map_err(|e| {
-                RuntimeError::io(format!("copy {} to {}", dir.display(), target.display()), std::io::Error::other(e))
-            })?
-            .map_err(|e| RuntimeError::io(format!("copy {} to {}", dir.display(), target.display()), e))?;
+        let copied = tokio::task::spawn_blocking(move || link_or_copy_dir(&from, &to)).await.map_err(|e| {
+            RuntimeError::io(format!("copy {} to {}", dir.display(), target.display()), std::io::Error::other(e))
+        })??;
         debug!(workload = name, from = %dir.display(), to = %target.display(), copied, "checkpoint placed for dockerd");
         let t = steps::lap("checkpoint-place", t);
         // dockerd tars the dir into containerd's content store, containerd unpacks it
@@ -788,18 +785,46 @@ fn upper_dir(c: &ContainerInspectResponse) -> Option<String> {
 /// Place a checkpoint (a flat dir of CRIU images, but recursively all the same) at `to`:
 /// hard links where `to` is on the same filesystem (dockerd and containerd only read
 /// the files, and the caller's archive keeps its own names), else copies. Returns the
-/// bytes copied.
-fn link_or_copy_dir(from: &Path, to: &Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(to)?;
+/// bytes copied. The checkpoint came from a peer: each file is first opened beneath
+/// `from` (no symlink on the way), and anything but files and directories is refused.
+fn link_or_copy_dir(from: &Path, to: &Path) -> Result<u64, RuntimeError> {
+    let src = crate::host::beneath::Beneath::open(from)?;
+    place_beneath(&src, Path::new(""), to)
+}
+
+fn place_beneath(src: &crate::host::beneath::Beneath, rel: &Path, to: &Path) -> Result<u64, RuntimeError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let io = |what: &str, path: &Path| {
+        let context = format!("{what} {}", path.display());
+        move |e| RuntimeError::io(context, e)
+    };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(to).map_err(io("create", to))?;
+    let here = src.path().join(rel);
     let mut copied = 0;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copied += link_or_copy_dir(&entry.path(), &target)?;
-        } else if std::fs::hard_link(entry.path(), &target).is_err() {
-            copied += std::fs::copy(entry.path(), &target)?;
+    for entry in std::fs::read_dir(&here).map_err(io("read", &here))? {
+        let entry = entry.map_err(io("read", &here))?;
+        let (name, target) = (rel.join(entry.file_name()), to.join(entry.file_name()));
+        // the entry's own type (lstat): a symlink is not followed
+        let kind = entry.file_type().map_err(io("stat", &entry.path()))?;
+        if kind.is_dir() {
+            copied += place_beneath(src, &name, &target)?;
+        } else if kind.is_file() {
+            // beneath and not a link, checked on the file itself before it is linked or read
+            let mut file = src.open_file(&name)?;
+            if std::fs::hard_link(entry.path(), &target).is_err() {
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&target)
+                    .map_err(io("create", &target))?;
+                copied += std::io::copy(&mut file, &mut out).map_err(io("copy to", &target))?;
+            }
+        } else {
+            return Err(RuntimeError::Invalid {
+                field: "checkpoint".into(),
+                reason: format!("{} is neither a file nor a directory", entry.path().display()),
+            });
         }
     }
     Ok(copied)
@@ -1011,6 +1036,21 @@ mod tests {
         // dockerd deletes its copy after the start: the archive keeps its files
         std::fs::remove_dir_all(&to).unwrap();
         assert_eq!(std::fs::read(from.join("pages-1.img")).unwrap(), b"pages");
+    }
+
+    #[test]
+    fn placing_a_checkpoint_never_reads_through_a_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let secret = tmp.path().join("secret");
+        std::fs::write(&secret, b"root only").unwrap();
+        let from = tmp.path().join("archive");
+        std::fs::create_dir_all(&from).unwrap();
+        std::fs::write(from.join("pages-1.img"), b"pages").unwrap();
+        std::os::unix::fs::symlink(&secret, from.join("core-1.img")).unwrap();
+        let to = tmp.path().join("docker").join("checkpoints").join("ckpt");
+        let err = link_or_copy_dir(&from, &to).unwrap_err().to_string();
+        assert!(err.contains("core-1.img"), "the entry is named: {err}");
+        assert!(!to.join("core-1.img").exists(), "the link's target was not copied");
     }
 
     #[test]

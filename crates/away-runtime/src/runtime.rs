@@ -226,12 +226,22 @@ pub enum RuntimeError {
     Failed { runtime: RuntimeKind, op: &'static str, name: String, message: String },
     #[error(transparent)]
     NoRuntime(#[from] crate::fallback::NoRuntime),
+    /// A file of a received checkpoint that is not where it must be (a link, outside).
+    #[error(transparent)]
+    Beneath(Box<crate::host::beneath::BeneathError>),
     #[error("{context}")]
     Io {
         context: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<crate::host::beneath::BeneathError> for RuntimeError {
+    fn from(e: crate::host::beneath::BeneathError) -> Self {
+        // boxed: the variant would make every `Result<_, RuntimeError>` larger
+        RuntimeError::Beneath(Box::new(e))
+    }
 }
 
 impl RuntimeError {

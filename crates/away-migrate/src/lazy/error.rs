@@ -53,6 +53,15 @@ pub enum LazyError {
     BadEndStatus { status: [u8; 4] },
     #[error("the source answered {got} pages at {at:#x} for {pages} at {vaddr:#x} (its page server lost track)")]
     LostTrack { got: u64, at: u64, pages: u64, vaddr: u64 },
+    /// A page count from the source above what was asked: refused before any buffer is sized.
+    #[error("the source answered {got} pages at {vaddr:#x} where at most {asked} were asked")]
+    TooManyPages { got: u64, asked: u64, vaddr: u64 },
+    /// A received pagemap announces more pages than the disk can take.
+    #[error("the checkpoint announces {pages} lazy pages ({bytes} bytes), more than the {free} bytes free in {dir}")]
+    TooLarge { pages: u64, bytes: u64, free: u64, dir: PathBuf },
+    /// A file of a received checkpoint that is not where it must be (a link, outside).
+    #[error(transparent)]
+    Beneath(#[from] away_runtime::host::beneath::BeneathError),
     #[error("criu lazy-pages exited with {status}{log}")]
     DaemonExited { status: std::process::ExitStatus, log: String },
     #[error("no single pagemap image in {dir} (one process per container)")]

@@ -483,7 +483,7 @@ impl LazyPagesDaemon {
         }
         let relay = TargetRelay::start(upstream, ranges).await.map_err(LazyError::io("start the page relay"))?;
         let work = dir.join(away_runtime::CRIU_WORK_DIR);
-        std::fs::create_dir_all(&work).map_err(LazyError::file("create", &work))?;
+        away_runtime::host::beneath::Beneath::open(dir)?.create_dir_all(away_runtime::CRIU_WORK_DIR, 0o700)?;
         let log = work.join("lazy-pages.log");
         let socket = work.join("lazy-pages.socket");
         let _ = std::fs::remove_file(&socket);
@@ -493,10 +493,7 @@ impl LazyPagesDaemon {
         // filled with zeros (a closed userfaultfd falls back to fresh anonymous memory).
         // The shell learns that process from a file outside the payload (which goes once
         // the restore is answered).
-        let restored_dir = tempfile::Builder::new()
-            .prefix("away-lazy-restored-")
-            .tempdir()
-            .map_err(LazyError::io("create a directory for the restored process's pid"))?;
+        let restored_dir = pid_dir().map_err(LazyError::io("create a directory for the restored process's pid"))?;
         let restored = restored_dir.path().join("pid");
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
@@ -540,7 +537,7 @@ impl LazyPagesDaemon {
     /// The restore is done and its process is `pid` (host pid): should the daemon fail
     /// from now on, that process is killed (see [`LazyPagesDaemon::start`]).
     pub fn guard(&self, pid: u32) {
-        if let Err(e) = std::fs::write(&self.restored, pid.to_string()) {
+        if let Err(e) = write_pid(&self.restored, pid) {
             let file = self.restored.display();
             tracing::warn!("a failing lazy-pages daemon would leave process {pid} running: write {file}: {e}");
         }
@@ -637,6 +634,27 @@ fn inject_target_fault(child: &tokio::process::Child) {
             });
         }
     }
+}
+
+/// A directory for the restored process's pid: random name, mode 0700 (set here:
+/// tempfile's default follows the umask, 0755), so no other user can predict it, plant
+/// a file or put a symlink there.
+fn pid_dir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new().prefix("away-lazy-restored-").permissions(std::fs::Permissions::from_mode(0o700)).tempdir()
+}
+
+/// The pid for the supervising shell: a new owner-only file, never through a link.
+fn write_pid(path: &Path, pid: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)?
+        .write_all(pid.to_string().as_bytes())
 }
 
 /// The shell around `criu lazy-pages` (arguments: `$@`): a failed daemon takes the
@@ -762,5 +780,24 @@ mod tests {
             assert_eq!(tail, away_runtime::CRIU_PAGE_SERVER_ABORT.to_vec());
             assert!(relay.is_err());
         }
+    }
+
+    /// The pid file the supervising root shell reads: unpredictable, owner-only, new.
+    #[test]
+    fn the_pid_file_is_private_and_unpredictable() {
+        use std::os::unix::fs::PermissionsExt;
+        let (a, b) = (pid_dir().unwrap(), pid_dir().unwrap());
+        assert_ne!(a.path(), b.path());
+        assert_eq!(std::fs::metadata(a.path()).unwrap().permissions().mode() & 0o777, 0o700);
+        let file = a.path().join("pid");
+        write_pid(&file, 42).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "42");
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        // never over an existing file or through a link
+        assert!(write_pid(&file, 43).is_err());
+        let link = b.path().join("pid");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(write_pid(&link, 44).is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "42");
     }
 }

@@ -11,6 +11,27 @@
 
 use std::path::{Path, PathBuf};
 
+use away_runtime::host::beneath::{Beneath, BeneathError};
+
+/// An image of a checkpoint directory, read beneath that directory (never through a
+/// link a peer put there).
+pub fn read_image(image: &Path) -> Result<Vec<u8>, BeneathError> {
+    let (dir, name) = split(image)?;
+    dir.read(name)
+}
+
+/// `image`'s directory, opened, and its file name.
+fn split(image: &Path) -> Result<(Beneath, &std::ffi::OsStr), BeneathError> {
+    let dir = Beneath::open(image.parent().unwrap_or(Path::new(".")))?;
+    let name = image.file_name().ok_or_else(|| BeneathError {
+        op: "open",
+        dir: dir.path().to_path_buf(),
+        name: image.to_path_buf(),
+        reason: "not a file name".into(),
+    })?;
+    Ok((dir, name))
+}
+
 /// Entry flags (criu/include/pagemap.h).
 pub const PE_PARENT: u64 = 1 << 0;
 pub const PE_LAZY: u64 = 1 << 1;
@@ -93,11 +114,13 @@ impl Pagemap {
         Some(Pagemap { magic, head, entries: messages.map(|fields| Entry { fields }).collect() })
     }
 
-    /// Write this pagemap to `image`, through a temporary file renamed over it.
-    pub fn store(&self, image: &Path) -> std::io::Result<()> {
-        let tmp = image.with_extension("img.new");
-        std::fs::write(&tmp, self.encode())?;
-        std::fs::rename(&tmp, image)
+    /// Write this pagemap to `image`, through a temporary file renamed over it, both
+    /// beneath the image's directory (a received checkpoint: never through a link).
+    pub fn store(&self, image: &Path) -> Result<(), BeneathError> {
+        let (dir, name) = split(image)?;
+        let tmp = Path::new(name).with_extension("img.new");
+        dir.write(&tmp, &self.encode())?;
+        dir.rename(&tmp, name)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -142,7 +165,7 @@ pub fn single_image(checkpoint: &Path) -> Option<(PathBuf, u64)> {
 /// on the source.
 pub fn nothing_left_lazy(checkpoint: &Path) -> bool {
     let Some((image, _)) = single_image(checkpoint) else { return false };
-    let Some(map) = std::fs::read(image).ok().and_then(|b| Pagemap::parse(&b)) else { return false };
+    let Some(map) = read_image(&image).ok().and_then(|b| Pagemap::parse(&b)) else { return false };
     let written = std::fs::metadata(checkpoint.join(format!("pages-{}.img", map.pages_id()))).map(|m| m.len());
     map.lazy_ranges().is_empty() && written.unwrap_or(0) > 1 << 20
 }

@@ -30,7 +30,7 @@ const WINDOW: usize = 4;
 /// relay passes requests through unchanged).
 pub fn lazy_ranges(checkpoint: &Path) -> Option<Vec<(u64, u64)>> {
     let (image, _) = super::pagemap::single_image(checkpoint)?;
-    Some(super::pagemap::Pagemap::parse(&std::fs::read(image).ok()?)?.lazy_ranges())
+    Some(super::pagemap::Pagemap::parse(&super::pagemap::read_image(&image).ok()?)?.lazy_ranges())
 }
 
 /// The lazy ranges in fetch order: the parts inside `hot` (the pages the workload wrote
@@ -319,6 +319,10 @@ where
                 let mut head = [0u8; PS_IOV_SIZE];
                 read_rest(&mut up_r, first, &mut head).await?;
                 let (cmd, pages, vaddr, _) = fields(&head);
+                // the count is the source's: bounded by what was asked before it sizes a buffer
+                if pages > wanted {
+                    return Err(LazyError::TooManyPages { got: pages, asked: wanted, vaddr });
+                }
                 let mut data = vec![0u8; (pages * PAGE) as usize];
                 up_r.read_exact(&mut data).await.map_err(LazyError::io("receive"))?;
                 let mut st = state.lock().await;
@@ -463,6 +467,27 @@ mod tests {
         d_r.read_exact(&mut status).await.unwrap();
         d_w.shutdown().await.unwrap();
         (relay.await.unwrap().unwrap(), criu.await.unwrap())
+    }
+
+    /// A source whose answer announces 2^40 pages (4 PiB): refused by its count, before
+    /// a buffer is sized from it (the agent would abort on the allocation).
+    #[tokio::test]
+    async fn a_source_announcing_2_pow_40_pages_is_refused() {
+        let base = 0x10_0000u64;
+        let (daemon_side, relay_daemon) = tokio::io::duplex(1 << 20);
+        let (relay_up, mut server) = tokio::io::duplex(1 << 20);
+        let (dr, dw) = tokio::io::split(relay_daemon);
+        let (ur, uw) = tokio::io::split(relay_up);
+        let relay = tokio::spawn(relay(dr, dw, ur, uw, vec![(base, 64)]));
+        let (_d_r, mut d_w) = tokio::io::split(daemon_side);
+        d_w.write_all(&request(PS_IOV_GET, 8, base, 1)).await.unwrap();
+        let mut req = [0u8; PS_IOV_SIZE];
+        server.read_exact(&mut req).await.unwrap();
+        let (_, _, vaddr, dst) = fields(&req);
+        server.write_all(&request(0x40006, 1 << 40, vaddr, dst)).await.unwrap();
+        let err = relay.await.unwrap().unwrap_err();
+        assert!(matches!(err, LazyError::TooManyPages { got, .. } if got == 1 << 40), "{err}");
+        assert!(err.to_string().contains("1099511627776 pages"), "{err}");
     }
 
     #[tokio::test]

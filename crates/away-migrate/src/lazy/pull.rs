@@ -22,6 +22,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpStream;
 
+use away_runtime::host::beneath::{Beneath, BeneathError};
+
 use super::pagemap::{Pagemap, PE_PRESENT};
 use super::prefetch::{fields, request, PAGE, PS_IOV_GET};
 use super::{framed_link, LazyError, RelayCounters, PS_IOV_CLOSE};
@@ -80,32 +82,48 @@ struct Slot {
 /// Pull every lazy page of the checkpoint in `dir` from the source relay `upstream`
 /// and rewrite its images as those of a complete dump.
 pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, LazyError> {
+    // a received checkpoint: each of its files is opened beneath it, never through a link
+    let root = Beneath::open(dir)?;
     let (image, pid) =
         super::pagemap::single_image(dir).ok_or_else(|| LazyError::NoSinglePagemap { dir: dir.to_path_buf() })?;
-    let mut map = Pagemap::parse(&std::fs::read(&image).map_err(LazyError::file("read", &image))?)
-        .ok_or_else(|| LazyError::NotPagemap { path: image.clone() })?;
-    let old_pages = dir.join(format!("pages-{}.img", map.pages_id()));
-    let new_pages = dir.join(format!("pages-{}.img.pulling", map.pages_id()));
+    let image_name = PathBuf::from(image.file_name().unwrap_or_default());
+    let mut map =
+        Pagemap::parse(&root.read(&image_name)?).ok_or_else(|| LazyError::NotPagemap { path: image.clone() })?;
+    let old_name = PathBuf::from(format!("pages-{}.img", map.pages_id()));
+    let new_name = PathBuf::from(format!("pages-{}.img.pulling", map.pages_id()));
+    let old_pages = dir.join(&old_name);
+    let new_pages = dir.join(&new_name);
 
-    // the new pages image: every present page in entry order, the old ones copied now
-    // (it goes again if anything below fails)
-    let _partial = RemoveUnlessKept(new_pages.clone());
+    // the new pages image: every present page in entry order. Its size comes from the
+    // peer's pagemap: it must fit on this disk before anything is written or planned
     let mut slots = Vec::new();
-    let (mut old_at, mut new_at) = (0u64, 0u64);
-    let out = std::fs::File::create(&new_pages).map_err(LazyError::file("create", &new_pages))?;
-    let old = std::fs::File::open(&old_pages).ok();
-    for e in &map.entries {
-        let len = e.pages() * PAGE;
+    let mut new_at = 0u64;
+    for e in map.entries.iter().filter(|e| e.is_lazy_only() || e.flags() & PE_PRESENT != 0) {
         if e.is_lazy_only() {
             slots.push(Slot { vaddr: e.vaddr(), pages: e.pages(), offset: new_at });
-        } else if e.flags() & PE_PRESENT != 0 {
-            let old = old.as_ref().ok_or_else(|| LazyError::Missing { path: old_pages.clone() })?;
-            copy_range(old, old_at, &out, new_at, len).map_err(LazyError::file("copy", &old_pages))?;
-            old_at += len;
-        } else {
-            continue;
         }
-        new_at += len;
+        new_at = new_at.saturating_add(e.pages().saturating_mul(PAGE));
+    }
+    let lazy_pages = slots.iter().map(|s| s.pages).fold(0, u64::saturating_add);
+    let free = root.free_bytes()?;
+    if new_at > free {
+        return Err(LazyError::TooLarge { pages: lazy_pages, bytes: new_at, free, dir: dir.to_path_buf() });
+    }
+    // (it goes again if anything below fails)
+    let _partial = RemoveUnlessKept(new_pages.clone());
+    let out = root.create(&new_name, 0o600)?;
+    let old = root.open_file(&old_name).ok();
+    let (mut old_at, mut at) = (0u64, 0u64);
+    for e in &map.entries {
+        let len = e.pages() * PAGE;
+        if e.flags() & PE_PRESENT != 0 && !e.is_lazy_only() {
+            let old = old.as_ref().ok_or_else(|| LazyError::Missing { path: old_pages.clone() })?;
+            copy_range(old, old_at, &out, at, len).map_err(LazyError::file("copy", &old_pages))?;
+            old_at += len;
+            at += len;
+        } else if e.is_lazy_only() {
+            at += len;
+        }
     }
     out.set_len(new_at).map_err(LazyError::file("size", &new_pages))?;
 
@@ -122,7 +140,7 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, L
             framed_link(outer, &mut n_r, &mut n_w, &c).await
         })
     };
-    let mut pulled = PulledPages { link, relay, counters, pages: slots.iter().map(|s| s.pages).sum() };
+    let mut pulled = PulledPages { link, relay, counters, pages: lazy_pages };
     let fault = TargetFault::from_env();
     // a GET names the process by its pid in the checkpoint, as CRIU's lazy-pages
     // daemon does (criu/uffd.c), not by the encoded id of image writes
@@ -144,13 +162,13 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, L
     for e in map.entries.iter_mut().filter(|e| e.is_lazy_only()) {
         e.set_flags(e.flags() | PE_PRESENT);
     }
-    let rewrite = || -> std::io::Result<()> {
-        std::fs::rename(&new_pages, &old_pages)?;
+    let rewrite = || -> Result<(), BeneathError> {
+        root.rename(&new_name, &old_name)?;
         map.store(&image)
     };
     if let Err(e) = rewrite() {
         pulled.abort();
-        return Err(LazyError::file("rewrite the images in", dir)(e));
+        return Err(e.into());
     }
     Ok(pulled)
 }
@@ -186,21 +204,21 @@ async fn fetch(
     out: &std::fs::File,
     fault: Option<TargetFault>,
 ) -> Result<(), LazyError> {
-    let mut plan: std::collections::VecDeque<(u64, u64, u64)> = slots
-        .iter()
-        .flat_map(|s| {
-            (0..s.pages.div_ceil(PULL_PAGES)).map(move |i| {
-                let first = i * PULL_PAGES;
-                (s.vaddr + first * PAGE, (s.pages - first).min(PULL_PAGES), s.offset + first * PAGE)
-            })
+    // requests are made as they go out, never all at once: the page counts are the peer's
+    let mut planned = slots.iter().flat_map(|s| {
+        (0..s.pages.div_ceil(PULL_PAGES)).map(move |i| {
+            let first = i * PULL_PAGES;
+            (s.vaddr + first * PAGE, (s.pages - first).min(PULL_PAGES), s.offset + first * PAGE)
         })
-        .collect();
+    });
+    // the rest of a range answered in part goes first
+    let mut again: Option<(u64, u64, u64)> = None;
     let mut asked: std::collections::VecDeque<(u64, u64, u64)> = Default::default();
     let mut data = Vec::new();
     let mut received = 0u64;
     loop {
         while asked.len() < PULL_WINDOW {
-            let Some(r) = plan.pop_front() else { break };
+            let Some(r) = again.take().or_else(|| planned.next()) else { break };
             link.write_all(&request(PS_IOV_GET, r.1, r.0, dst)).await.map_err(LazyError::io("ask for pages"))?;
             asked.push_back(r);
         }
@@ -220,7 +238,7 @@ async fn fetch(
         out.write_all_at(&data, offset).map_err(LazyError::io("write the pulled pages"))?;
         if got < pages {
             // the rest of this range goes next, ahead of the planned ones
-            plan.push_front((vaddr + got * PAGE, pages - got, offset + got * PAGE));
+            again = Some((vaddr + got * PAGE, pages - got, offset + got * PAGE));
         }
         received += got * PAGE;
         if let Some(f) = &fault {
@@ -342,5 +360,46 @@ mod tests {
         assert!(map.entries.iter().all(|e| e.flags() & PE_PRESENT != 0), "no entry is left lazy");
         assert!(map.lazy_ranges().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A checkpoint (pagemap `pages_id` 1, one entry) in a fresh directory.
+    fn checkpoint(name: &str, entry: Entry) -> tempfile::TempDir {
+        let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap();
+        let img = [vec![0u8; 8], 2u32.to_le_bytes().to_vec(), vec![0x08, 0x01]].concat();
+        let mut map = Pagemap::parse(&img).unwrap();
+        map.entries = vec![entry];
+        std::fs::write(dir.path().join("pagemap-1.img"), map.encode()).unwrap();
+        std::fs::write(dir.path().join("pages-1.img"), b"").unwrap();
+        dir
+    }
+
+    /// A peer's pagemap announcing 2^40 lazy pages (4 PiB) is refused before a file is
+    /// sized or a request planned from it (nothing listens upstream: it never gets there).
+    #[tokio::test]
+    async fn a_pagemap_announcing_2_pow_40_pages_is_refused() {
+        let dir = checkpoint("away-pull-huge-", Entry::new(0x7f00_0000_0000, 1 << 40, PE_LAZY));
+        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap()).await {
+            Err(e) => e,
+            Ok(_) => panic!("a 4 PiB pull was accepted"),
+        };
+        assert!(matches!(err, LazyError::TooLarge { pages, .. } if pages == 1 << 40), "{err}");
+        assert!(err.to_string().contains("bytes free in"), "{err}");
+        assert!(!dir.path().join("pages-1.img.pulling").exists());
+    }
+
+    /// A payload that put a symlink where the pull writes: refused, its target unchanged.
+    #[tokio::test]
+    async fn the_pull_never_writes_through_a_link() {
+        let dir = checkpoint("away-pull-link-", Entry::new(0x7f00_0000_0000, 4, PE_LAZY));
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("pages-1.img.pulling")).unwrap();
+        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap()).await {
+            Err(e) => e,
+            Ok(_) => panic!("pulled through a link"),
+        };
+        assert!(err.to_string().contains("pages-1.img.pulling"), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
     }
 }

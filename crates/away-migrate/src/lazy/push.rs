@@ -105,7 +105,7 @@ pub fn push_resume_pages(dir: &Path, pid: u32) -> Result<u64, LazyError> {
         let tmp_pages = pages_image.with_extension("img.pushing");
         std::fs::write(&tmp_pages, &pages)?;
         std::fs::rename(&tmp_pages, &pages_image)?;
-        map.store(&image)
+        map.store(&image).map_err(std::io::Error::other)
     };
     write().map_err(LazyError::file("rewrite the images in", dir))?;
     Ok(pushed)

@@ -15,6 +15,13 @@
 //!   directory, hands it to the caller's handler (the migration engine restores there) and sends
 //!   the handler's [`Verdict`] back on the same connection.
 //!
+//! The receiver trusts no number and no path from the sender: every frame length is checked
+//! against its kind's limit before a buffer is sized (control frames 1 MiB, a chunk the
+//! hello's chunk size plus its header, no chunk before a valid hello), the announced payload
+//! against [`ReceiveOptions::max_payload_bytes`] and twice its size against the spool disk's
+//! free space; the payload unpacks to regular files and directories only, each created
+//! beneath its directory (`away_runtime::host::beneath`), and a refused one leaves no spool.
+//!
 //! Wire format (module `wire`): frames `[u8 kind][u32 len BE][payload]`. Kinds: 1 hello, 2 resume,
 //! 3 chunk, 4 done, 5 verdict, 6 error. Control frames carry JSON; a chunk is binary:
 //! `[u64 index BE][u32 raw_len BE][u8 codec 0 none|1 zstd|2 gzip][32 bytes raw SHA-256][data]`.
@@ -61,7 +68,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use receive::{serve, ReceiveOptions, ReceivedPayload, Receiver};
+pub use receive::{serve, ReceiveOptions, ReceivedPayload, Receiver, DEFAULT_MAX_PAYLOAD_BYTES};
 pub use send::{send, send_on, warm_up};
 
 /// How each chunk is compressed on the wire. Parsed from and printed as `none`, `zstd`,
@@ -261,16 +268,20 @@ pub enum TransferError {
     Io { path: PathBuf, source: io::Error },
     #[error("payload {path} is not a directory")]
     NotADirectory { path: PathBuf },
-    #[error("cannot transfer {path}: only regular files, directories and symlinks are supported")]
+    #[error("cannot transfer {path}: only regular files and directories are supported")]
     UnsupportedFile { path: PathBuf },
     #[error("tar entry {entry:?} of transfer {transfer_id} escapes the output directory")]
     PathTraversal { entry: PathBuf, transfer_id: String },
-    #[error("tar entry {entry:?} of transfer {transfer_id} has unsupported type {kind}")]
+    #[error(
+        "tar entry {entry:?} of transfer {transfer_id} is a {kind}: only regular files and directories are accepted"
+    )]
     UnsupportedEntry { entry: PathBuf, kind: String, transfer_id: String },
     #[error("invalid compression {input:?}: expected none, zstd[:1-22] or gzip[:0-9]")]
     InvalidCompression { input: String },
     #[error("invalid send options: {message}")]
     InvalidOptions { message: String },
+    #[error(transparent)]
+    Beneath(#[from] away_runtime::host::beneath::BeneathError),
     #[error("cannot listen on {addr}")]
     Bind { addr: String, source: io::Error },
 }

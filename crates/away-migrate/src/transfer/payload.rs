@@ -1,11 +1,12 @@
 //! The payload as bytes: a deterministic tar of the checkpoint directory, cut into chunks that
 //! are hashed and compressed one by one; and the way back (verify, unpack safely).
 
-use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
+
+use away_runtime::host::beneath::Beneath;
 
 use sha2::{Digest, Sha256};
 
@@ -79,12 +80,8 @@ pub(crate) fn pack_dir(dir: &Path, exclude: &[PathBuf], out: &mut File) -> Resul
                 let file = File::open(&path).map_err(io_err(&path))?;
                 // take(): a file growing while we read must not corrupt the stream.
                 builder.append_data(&mut header, &rel_path, file.take(md.len()))
-            } else if ft.is_symlink() {
-                let target = fs::read_link(&path).map_err(io_err(&path))?;
-                header.set_entry_type(tar::EntryType::Symlink);
-                header.set_size(0);
-                builder.append_link(&mut header, &rel_path, &target)
             } else {
+                // the receiver takes files and directories only (see `unpack`)
                 return Err(TransferError::UnsupportedFile { path });
             };
             result.map_err(io_err(&path))?;
@@ -99,18 +96,22 @@ pub(crate) fn pack_dir(dir: &Path, exclude: &[PathBuf], out: &mut File) -> Resul
     Ok((count, hasher.finalize().into()))
 }
 
-/// Unpacks a payload tar into `dst`, which must not exist yet. Only plain paths below `dst` are
-/// allowed: no absolute paths, no `..`, nothing written through a symlink from the archive, no
-/// device nodes or hard links. Everything is owner-only, since checkpoints hold process memory.
+/// Unpacks a payload tar into `dst`, which must not exist yet. Only regular files and
+/// directories at plain paths below `dst`: no absolute paths, no `..`, and no symlinks, hard
+/// links, devices or fifos, which CRIU's images never are (a real containerd or Docker
+/// checkpoint holds image files, a rootfs-diff tar and the manifest; the CRIU work
+/// directory with its logs stays behind) and which would let a later step of the restore,
+/// run as root, write or read outside `dst`. Everything is owner-only, since checkpoints
+/// hold process memory.
 pub(crate) fn unpack(tar_path: &Path, dst: &Path, transfer_id: &str) -> Result<(), TransferError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| TransferError::Io { path, source }
     };
     fs::DirBuilder::new().mode(0o700).create(dst).map_err(io_err(dst))?;
+    let root = Beneath::open(dst)?;
     let file = File::open(tar_path).map_err(io_err(tar_path))?;
     let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
-    let mut symlinks: HashSet<PathBuf> = HashSet::new();
     for entry in archive.entries().map_err(io_err(tar_path))? {
         let mut entry = entry.map_err(io_err(tar_path))?;
         let raw_path = entry.path().map_err(io_err(tar_path))?.into_owned();
@@ -126,37 +127,17 @@ pub(crate) fn unpack(tar_path: &Path, dst: &Path, transfer_id: &str) -> Result<(
         if rel.as_os_str().is_empty() {
             continue;
         }
-        // A later entry below an archive symlink would be written wherever that link points.
-        if rel.ancestors().skip(1).any(|a| symlinks.contains(a)) {
-            return Err(escape());
-        }
-        let out = dst.join(&rel);
         let kind = entry.header().entry_type();
         match kind {
-            tar::EntryType::Directory => {
-                fs::DirBuilder::new().recursive(true).mode(0o700).create(&out).map_err(io_err(&out))?;
-            }
+            tar::EntryType::Directory => root.create_dir_all(&rel, 0o700)?,
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                if let Some(parent) = out.parent() {
-                    fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(io_err(parent))?;
+                if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    root.create_dir_all(parent, 0o700)?;
                 }
                 let exec = entry.header().mode().unwrap_or(0) & 0o100;
-                // create_new: never follow or overwrite something an earlier entry put there.
-                let mut file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600 | exec)
-                    .open(&out)
-                    .map_err(io_err(&out))?;
-                io::copy(&mut entry, &mut file).map_err(io_err(&out))?;
-            }
-            tar::EntryType::Symlink => {
-                let target = entry.link_name().map_err(io_err(tar_path))?.ok_or_else(escape)?.into_owned();
-                if let Some(parent) = out.parent() {
-                    fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(io_err(parent))?;
-                }
-                std::os::unix::fs::symlink(&target, &out).map_err(io_err(&out))?;
-                symlinks.insert(rel);
+                // new, beneath `dst`, never through a link: nothing an earlier entry put there
+                let mut file = root.create_new(&rel, 0o600 | exec)?;
+                io::copy(&mut entry, &mut file).map_err(io_err(&dst.join(&rel)))?;
             }
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
             _ => {
@@ -232,7 +213,7 @@ mod tests {
 
     fn chunk_of(frame: &[u8]) -> ChunkFrame {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        match rt.block_on(super::super::wire::read_frame(&mut &frame[..])).unwrap().0 {
+        match rt.block_on(super::super::wire::read_frame(&mut &frame[..], 1 << 20)).unwrap().0 {
             super::super::wire::Frame::Chunk(c) => c,
             _ => unreachable!(),
         }
@@ -295,11 +276,6 @@ mod tests {
         let cases: Vec<Vec<u8>> = vec![
             tar_with_raw_name(b"../evil", tar::EntryType::Regular, None, b"x"),
             tar_with_raw_name(b"/etc/evil", tar::EntryType::Regular, None, b"x"),
-            [
-                tar_with_raw_name(b"link", tar::EntryType::Symlink, Some("/tmp"), b""),
-                tar_with_raw_name(b"link/evil", tar::EntryType::Regular, None, b"x"),
-            ]
-            .concat(),
         ];
         for (i, mut bytes) in cases.into_iter().enumerate() {
             bytes.extend_from_slice(&[0u8; 1024]);
@@ -313,14 +289,60 @@ mod tests {
         assert!(!Path::new("/tmp/evil").exists());
     }
 
+    /// Entries that are not files or directories, each after a harmless file: refused, named.
     #[test]
-    fn unpack_refuses_device_nodes() {
+    fn unpack_refuses_links_devices_and_fifos() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut bytes = tar_with_raw_name(b"dev", tar::EntryType::Char, None, b"");
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let victim_name = victim.to_str().unwrap();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("core-1.img", tar_with_raw_name(b"core-1.img", tar::EntryType::Symlink, Some(victim_name), b"")),
+            (
+                "link/evil",
+                [
+                    tar_with_raw_name(b"link", tar::EntryType::Symlink, Some("/tmp"), b""),
+                    tar_with_raw_name(b"link/evil", tar::EntryType::Regular, None, b"x"),
+                ]
+                .concat(),
+            ),
+            ("hard", tar_with_raw_name(b"hard", tar::EntryType::Link, Some(victim_name), b"")),
+            ("dev", tar_with_raw_name(b"dev", tar::EntryType::Char, None, b"")),
+            ("blk", tar_with_raw_name(b"blk", tar::EntryType::Block, None, b"")),
+            ("fifo", tar_with_raw_name(b"fifo", tar::EntryType::Fifo, None, b"")),
+        ];
+        for (i, (name, entry)) in cases.into_iter().enumerate() {
+            let mut bytes = tar_with_raw_name(b"pages-1.img", tar::EntryType::Regular, None, b"pages");
+            bytes.extend_from_slice(&entry);
+            bytes.extend_from_slice(&[0u8; 1024]);
+            let tar_path = tmp.path().join(format!("case{i}.tar"));
+            fs::write(&tar_path, &bytes).unwrap();
+            let err = unpack(&tar_path, &tmp.path().join(format!("out{i}")), "t2").unwrap_err();
+            assert!(matches!(err, TransferError::UnsupportedEntry { .. }), "{name}: {err}");
+            let first = name.split('/').next().unwrap();
+            assert!(err.to_string().contains(first), "the entry is named: {err}");
+            assert!(!tmp.path().join(format!("out{i}")).join(first).exists(), "{name} was not created");
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        assert!(!Path::new("/tmp/evil").exists());
+    }
+
+    #[test]
+    fn files_and_directories_unpack_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let mut bytes = tar_with_raw_name(b"checkpoint/", tar::EntryType::Directory, None, b"");
+        bytes.extend(tar_with_raw_name(b"checkpoint/pages-1.img", tar::EntryType::Regular, None, b"pages"));
+        bytes.extend(tar_with_raw_name(b"deep/er/manifest.json", tar::EntryType::Regular, None, b"{}"));
         bytes.extend_from_slice(&[0u8; 1024]);
-        let tar_path = tmp.path().join("dev.tar");
+        let tar_path = tmp.path().join("ok.tar");
         fs::write(&tar_path, &bytes).unwrap();
-        let err = unpack(&tar_path, &tmp.path().join("out"), "t2").unwrap_err();
-        assert!(matches!(err, TransferError::UnsupportedEntry { .. }), "{err}");
+        let out = tmp.path().join("out");
+        unpack(&tar_path, &out, "t3").unwrap();
+        let pages = out.join("checkpoint/pages-1.img");
+        assert_eq!(fs::read(&pages).unwrap(), b"pages");
+        assert_eq!(fs::metadata(&pages).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(out.join("deep/er")).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(fs::read(out.join("deep/er/manifest.json")).unwrap(), b"{}");
     }
 }

@@ -36,11 +36,23 @@ pub struct ReceiveOptions {
     /// How long a reconnecting sender waits for its previous connection to wind down before
     /// taking the transfer over.
     pub takeover_wait: Duration,
+    /// Largest payload a sender may announce; a hello above it is refused before any spool
+    /// is made. Whatever this says, the spool's disk must also hold the payload twice (the
+    /// stream and its unpacked copy).
+    pub max_payload_bytes: u64,
 }
+
+/// Default [`ReceiveOptions::max_payload_bytes`]: a checkpoint holds a workload's memory
+/// and rootfs changes; 64 GiB is more than any node here runs.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: u64 = 64 << 30;
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
-        ReceiveOptions { idle_timeout: Duration::from_secs(300), takeover_wait: Duration::from_secs(3) }
+        ReceiveOptions {
+            idle_timeout: Duration::from_secs(300),
+            takeover_wait: Duration::from_secs(3),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
     }
 }
 
@@ -197,6 +209,7 @@ impl Spool {
     /// Opens the spool of a transfer, keeping what an earlier connection or process verified.
     fn open(root: &Path, hello: &Hello) -> Result<Spool, String> {
         let dir = root.join(&hello.transfer_id);
+        let fresh = !dir.exists();
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(|e| describe_io("create", &dir, &e))?;
         let data_path = dir.join("payload.tar");
         let data = OpenOptions::new()
@@ -220,6 +233,20 @@ impl Spool {
             }
         }
         let keep = (have * hello.chunk_size).min(hello.total_bytes);
+        // the rest of the stream and its unpacked copy must fit, known before a byte comes
+        let need = (hello.total_bytes - keep).saturating_add(hello.total_bytes);
+        let free =
+            away_runtime::host::beneath::Beneath::open(&dir).and_then(|d| d.free_bytes()).map_err(|e| e.to_string())?;
+        if need > free {
+            if fresh {
+                let _ = fs::remove_dir_all(&dir);
+            }
+            return Err(format!(
+                "target disk full: transfer {} needs {need} more bytes in {}, {free} are free",
+                hello.transfer_id,
+                dir.display()
+            ));
+        }
         data.set_len(keep).map_err(|e| describe_io("truncate", &data_path, &e))?;
         // The whole-payload hash continues from the bytes already held.
         let mut hasher = Sha256::new();
@@ -285,7 +312,7 @@ impl Drop for ActiveGuard {
     }
 }
 
-fn validate_hello(hello: &Hello) -> Result<(), String> {
+fn validate_hello(hello: &Hello, max_payload_bytes: u64) -> Result<(), String> {
     if hello.version != PROTOCOL_VERSION {
         return Err(format!(
             "protocol version {} not supported (this receiver speaks {PROTOCOL_VERSION})",
@@ -297,6 +324,12 @@ fn validate_hello(hello: &Hello) -> Result<(), String> {
     }
     if hello.chunk_size == 0 || hello.chunk_size > MAX_CHUNK_SIZE {
         return Err(format!("chunk size {} must be between 1 and {MAX_CHUNK_SIZE}", hello.chunk_size));
+    }
+    if hello.total_bytes > max_payload_bytes {
+        return Err(format!(
+            "payload of {} bytes exceeds this receiver's limit of {max_payload_bytes} bytes",
+            hello.total_bytes
+        ));
     }
     if hello.chunk_count != hello.total_bytes.div_ceil(hello.chunk_size) {
         return Err(format!(
@@ -347,18 +380,18 @@ where
     let idle = ctx.options.idle_timeout;
     let timed_out = || io::Error::new(io::ErrorKind::TimedOut, format!("sender silent for {idle:?}"));
     let (mut frame, mut hello_wire) =
-        tokio::time::timeout(idle, wire::read_frame(&mut stream)).await.map_err(|_| timed_out())??;
+        tokio::time::timeout(idle, wire::read_frame(&mut stream, 0)).await.map_err(|_| timed_out())??;
     while let Frame::WarmUp(_) = frame {
         // a sender warming the connection up before its pause: answer, wait for the hello
         wire::write_frame(&mut stream, &Frame::WarmUp(0)).await?;
         (frame, hello_wire) =
-            tokio::time::timeout(idle, wire::read_frame(&mut stream)).await.map_err(|_| timed_out())??;
+            tokio::time::timeout(idle, wire::read_frame(&mut stream, 0)).await.map_err(|_| timed_out())??;
     }
     let hello = match frame {
         Frame::Hello(h) => h,
         other => return fail(&mut stream, format!("expected hello, got {}", other.name())).await,
     };
-    if let Err(message) = validate_hello(&hello) {
+    if let Err(message) = validate_hello(&hello, ctx.options.max_payload_bytes) {
         return fail(&mut stream, message).await;
     }
     let id = hello.transfer_id.clone();
@@ -409,7 +442,8 @@ where
     let mut resyncing = false;
     let mut rejections = 0u32;
     loop {
-        let (frame, wire_len) = match tokio::time::timeout(idle, wire::read_frame(&mut stream)).await {
+        let (frame, wire_len) = match tokio::time::timeout(idle, wire::read_frame(&mut stream, hello.chunk_size)).await
+        {
             Err(_) => return Err(timed_out()),
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 debug!(%peer, transfer_id = %id, expected, "sender closed the connection");
@@ -554,9 +588,22 @@ where
             TransferError::Io { path, source } => describe_io("unpack into", path, source),
             other => other.to_string(),
         };
-        slot.lock().expect("slot lock").phase = Phase::Receiving;
+        let message = format!("transfer {id}: {message}");
+        if matches!(e, TransferError::Io { .. }) {
+            slot.lock().expect("slot lock").phase = Phase::Receiving;
+        } else {
+            // refused content (a link, a device, a path outside): the same bytes would be
+            // refused again, so none of them stays on this node
+            let mut s = slot.lock().expect("slot lock");
+            s.spool = None;
+            s.phase = Phase::Finished(Verdict::failed(message.clone()));
+            drop(s);
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                warn!(transfer_id = %id, dir = %dir.display(), error = %e, "cannot remove refused spool");
+            }
+        }
         warn!(%peer, transfer_id = %id, %message, "cannot unpack payload");
-        return fail(stream, format!("transfer {id}: {message}")).await;
+        return fail(stream, message).await;
     }
     info!(%peer, transfer_id = %id, dir = %out.display(), "payload complete, handing over");
     let received = ReceivedPayload { transfer_id: id.clone(), dir: out, meta, peer, bytes_raw, bytes_wire };

@@ -264,7 +264,7 @@ async fn run_connection(stream: TcpStream, plan: &Plan, c: &mut Counters) -> Res
         let reader = tokio::spawn(read_answers(rd, rewind.clone(), plan.peer.clone(), plan.transfer_id.clone(), true));
         return stream_chunks(wr, reader, rewind, 0, plan, c).await;
     }
-    let answer = tokio::time::timeout(stall, wire::read_frame(&mut rd))
+    let answer = tokio::time::timeout(stall, wire::read_frame(&mut rd, 0))
         .await
         .map_err(|_| ConnError::Link(format!("no answer to hello within {stall:?}")))?
         .map_err(|e| ConnError::Link(format!("reading the answer to hello: {e}")))?;
@@ -334,7 +334,7 @@ async fn read_answers(
     mut expect_fresh_resume: bool,
 ) -> Result<Verdict, ConnError> {
     loop {
-        let (frame, _) = wire::read_frame(&mut rd).await.map_err(|e| {
+        let (frame, _) = wire::read_frame(&mut rd, 0).await.map_err(|e| {
             ConnError::Link(if e.kind() == io::ErrorKind::UnexpectedEof {
                 "receiver closed the connection".to_string()
             } else {

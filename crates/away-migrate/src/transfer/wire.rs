@@ -16,8 +16,9 @@ pub(crate) const PROTOCOL_VERSION: u32 = 1;
 pub(crate) const MAX_CHUNK_SIZE: u64 = 64 << 20;
 const FRAME_HEADER: usize = 5;
 const CHUNK_HEADER: usize = 8 + 4 + 1 + 32;
-/// A chunk frame is at most its raw size plus compression overhead; control frames are small.
-const MAX_FRAME: usize = MAX_CHUNK_SIZE as usize + (1 << 20);
+/// Largest control frame (hello, resume, verdict, error, warm-up filler): their JSON is a
+/// few KiB (a manifest, a verdict), the filler 48 KiB.
+const MAX_CONTROL: usize = 1 << 20;
 
 const KIND_HELLO: u8 = 1;
 const KIND_RESUME: u8 = 2;
@@ -138,14 +139,28 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame)
     Ok(bytes.len() as u64)
 }
 
-/// Reads one frame; returns it with its size on the wire.
-pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(Frame, u64)> {
+/// Reads one frame; returns it with its size on the wire. `max_chunk`: the chunk size of
+/// the transfer (a chunk is sent raw unless compression made it smaller), 0 where no chunk
+/// may come (before a valid hello, at the sender). Every length is checked against its
+/// kind's limit before a buffer is sized from it.
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max_chunk: u64) -> io::Result<(Frame, u64)> {
     let mut header = [0u8; FRAME_HEADER];
     r.read_exact(&mut header).await?;
     let kind = header[0];
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len > MAX_FRAME {
-        return Err(invalid(format!("frame of {len} bytes exceeds the limit of {MAX_FRAME}")));
+    let (name, limit) = match kind {
+        KIND_CHUNK if max_chunk == 0 => return Err(invalid("a chunk frame before a valid hello".to_string())),
+        KIND_CHUNK => ("chunk", CHUNK_HEADER + max_chunk.min(MAX_CHUNK_SIZE) as usize),
+        KIND_HELLO => ("hello", MAX_CONTROL),
+        KIND_RESUME => ("resume", MAX_CONTROL),
+        KIND_DONE => ("done", 0),
+        KIND_VERDICT => ("verdict", MAX_CONTROL),
+        KIND_ERROR => ("error", MAX_CONTROL),
+        KIND_WARM_UP => ("warm-up", MAX_CONTROL),
+        other => return Err(invalid(format!("unknown frame kind {other}"))),
+    };
+    if len > limit {
+        return Err(invalid(format!("{name} frame of {len} bytes exceeds the limit of {limit}")));
     }
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await?;
@@ -168,7 +183,7 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(F
             payload.drain(..CHUNK_HEADER);
             Frame::Chunk(ChunkFrame { index, raw_len, codec, sha256, data: payload })
         }
-        other => return Err(invalid(format!("unknown frame kind {other}"))),
+        _ => unreachable!("unknown kinds are refused above"),
     };
     Ok((frame, wire))
 }
@@ -204,9 +219,9 @@ mod tests {
             write_frame(&mut buf, f).await.unwrap();
         }
         let mut r = &buf[..];
-        let (f, _) = read_frame(&mut r).await.unwrap();
+        let (f, _) = read_frame(&mut r, 5).await.unwrap();
         assert!(matches!(f, Frame::Resume(Resume { have: 7 })));
-        let (f, wire) = read_frame(&mut r).await.unwrap();
+        let (f, wire) = read_frame(&mut r, 5).await.unwrap();
         match f {
             Frame::Chunk(c) => {
                 assert_eq!((c.index, c.raw_len, c.codec, c.sha256, &c.data[..]), (3, 5, 0, [9; 32], &b"hello"[..]));
@@ -214,15 +229,32 @@ mod tests {
             }
             other => panic!("expected chunk, got {}", other.name()),
         }
-        assert!(matches!(read_frame(&mut r).await.unwrap().0, Frame::Done));
-        assert!(matches!(read_frame(&mut r).await.unwrap().0, Frame::Error(ErrorFrame { resume_from: Some(2), .. })));
+        assert!(matches!(read_frame(&mut r, 5).await.unwrap().0, Frame::Done));
+        assert!(matches!(
+            read_frame(&mut r, 5).await.unwrap().0,
+            Frame::Error(ErrorFrame { resume_from: Some(2), .. })
+        ));
     }
 
+    /// Each kind's length is checked before anything is allocated for it (the reader
+    /// holds only the 5 header bytes: a too-long frame fails on its length, not on EOF).
     #[tokio::test]
-    async fn oversized_frame_is_refused() {
-        let mut bytes = vec![KIND_CHUNK];
-        bytes.extend_from_slice(&u32::MAX.to_be_bytes());
-        let err = read_frame(&mut &bytes[..]).await.unwrap_err();
-        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    async fn oversized_frames_are_refused_by_kind() {
+        let frame = |kind: u8, len: u32| [vec![kind], len.to_be_bytes().to_vec()].concat();
+        let cases = [
+            (frame(KIND_CHUNK, u32::MAX), 1 << 20, "chunk frame of 4294967295 bytes"),
+            (frame(KIND_CHUNK, (CHUNK_HEADER + 4097) as u32), 4096, "exceeds the limit of 4141"),
+            (frame(KIND_CHUNK, 100), 0, "before a valid hello"),
+            (frame(KIND_HELLO, 64 << 20), 1 << 20, "hello frame of 67108864 bytes"),
+            (frame(KIND_WARM_UP, u32::MAX), 0, "warm-up frame"),
+            (frame(KIND_VERDICT, 2 << 20), 0, "verdict frame"),
+            (frame(KIND_DONE, 1), 0, "done frame of 1 bytes"),
+            (frame(99, 1), 0, "unknown frame kind 99"),
+        ];
+        for (bytes, max_chunk, want) in cases {
+            let err = read_frame(&mut &bytes[..], max_chunk).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{want}: {err}");
+            assert!(err.to_string().contains(want), "{want}: {err}");
+        }
     }
 }

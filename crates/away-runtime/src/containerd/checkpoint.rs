@@ -169,8 +169,9 @@ impl ContainerdRuntime {
         // One CRIU option turns the shim's restore into a lazy one. The file only lives
         // during the restore: the container keeps the annotation, and a later checkpoint
         // of it must not find the file.
+        // (written beneath the received directory: never through a link a peer put there)
         let conf = req.archive.dir.join("criu-lazy.conf");
-        std::fs::write(&conf, "lazy-pages\n").map_err(|e| RuntimeError::io(format!("write {}", conf.display()), e))?;
+        crate::host::beneath::Beneath::open(&req.archive.dir)?.write("criu-lazy.conf", b"lazy-pages\n")?;
         let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf)).await;
         let _ = std::fs::remove_file(&conf);
         if result.is_err() {

@@ -3,6 +3,7 @@
 //! asking the real thing (the daemon's socket, the binary, a probe boot), never from
 //! what is merely installed.
 
+pub mod beneath;
 mod cpu;
 pub mod criu_args;
 pub mod criu_stack;
