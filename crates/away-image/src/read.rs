@@ -67,12 +67,8 @@ pub struct ReadLimits {
 }
 
 /// The defaults: far above any lab or distribution image, far below what fills a node.
-pub const DEFAULT_READ_LIMITS: ReadLimits = ReadLimits {
-    max_tar_bytes: 64 << 30,
-    max_layer_bytes: 32 << 30,
-    max_json_bytes: 4 << 20,
-    max_index_depth: 4,
-};
+pub const DEFAULT_READ_LIMITS: ReadLimits =
+    ReadLimits { max_tar_bytes: 64 << 30, max_layer_bytes: 32 << 30, max_json_bytes: 4 << 20, max_index_depth: 4 };
 
 impl Default for ReadLimits {
     fn default() -> Self {
@@ -186,9 +182,7 @@ impl<'a> Tar<'a> {
         let reader: Box<dyn Read + 'a> = match Compression::detect(head) {
             Compression::None => Box::new(raw),
             Compression::Gzip => Box::new(flate2::read::GzDecoder::new(raw)),
-            Compression::Zstd => {
-                Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| self.io("decompress", e))?)
-            }
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| self.io("decompress", e))?),
         };
         let capped = Capped { inner: reader, left: self.limits.max_tar_bytes, over: over.clone() };
         Ok(tar::Archive::new(Box::new(capped)))
@@ -329,9 +323,9 @@ impl<'a> Tar<'a> {
     /// by [`Tar::check_digest`] once read).
     fn blob_entry(&self, d: &Descriptor, what: &str) -> Result<usize, ArchiveError> {
         let digest = d.digest().to_string();
-        let hex = digest.strip_prefix("sha256:").ok_or_else(|| {
-            self.format(format!("{what} {digest}: only sha256 digests are supported"))
-        })?;
+        let hex = digest
+            .strip_prefix("sha256:")
+            .ok_or_else(|| self.format(format!("{what} {digest}: only sha256 digests are supported")))?;
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
             return Err(self.format(format!("{what} {digest}: not a sha256 digest (64 lowercase hex digits)")));
         }
@@ -426,9 +420,8 @@ impl<'a> Tar<'a> {
         let mut hasher = Sha256::new();
         let n = std::io::copy(&mut unpacked, &mut hasher).map_err(decompress_error)?;
         if n > max {
-            return Err(self.format(format!(
-                "{what} unpacks to more than {max} bytes, the limit (ReadLimits::max_layer_bytes)"
-            )));
+            return Err(self
+                .format(format!("{what} unpacks to more than {max} bytes, the limit (ReadLimits::max_layer_bytes)")));
         }
         drop(unpacked);
         let diff_id = format!("sha256:{:x}", hasher.finalize());
@@ -967,5 +960,179 @@ mod tests {
         // not an image at all
         let err = err_of(dir.path(), "plain.tar", &[("hello.txt".into(), b"hi".to_vec())]);
         assert!(err.contains("not an image tar"), "{err}");
+    }
+
+    fn err_with(dir: &Path, name: &str, entries: &[(String, Vec<u8>)], limits: ReadLimits) -> String {
+        let path = write_tar(dir, name, entries);
+        let err = read_image_tar_with(&path, limits).expect_err("refused");
+        let text = crate::archive::tests_error_chain(&err);
+        assert!(text.contains(path.to_str().unwrap()), "the error names the file: {text}");
+        text
+    }
+
+    /// `entries` with index.json pointing through `levels` nested indexes to its image.
+    fn nested(mut entries: Vec<(String, Vec<u8>)>, levels: usize) -> Vec<(String, Vec<u8>)> {
+        for _ in 0..levels {
+            let index = entries[1].1.clone();
+            entries.push((format!("blobs/sha256/{}", hex(&sha256_digest(&index))), index.clone()));
+            entries[1].1 = serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [{
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": sha256_digest(&index), "size": index.len()}]}))
+            .unwrap();
+        }
+        entries
+    }
+
+    #[test]
+    fn an_index_pointing_to_itself_or_nesting_too_deep_ends_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = oci(&[(layer_tar("app", "x"), "application/vnd.oci.image.layer.v1.tar")], json!({}));
+        // A blob cannot hold its own digest, so an index "pointing to itself" claims a
+        // digest its content does not have: refused as corrupt, not followed.
+        let mut cyclic = good.clone();
+        let name = format!("blobs/sha256/{}", "ab".repeat(32));
+        let mut size = 0;
+        let selfref = loop {
+            let doc = serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [{
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": format!("sha256:{}", "ab".repeat(32)), "size": size}]}))
+            .unwrap();
+            if doc.len() == size {
+                break doc;
+            }
+            size = doc.len();
+        };
+        cyclic[1].1 = selfref.clone();
+        cyclic.push((name, selfref));
+        let err = err_of(dir.path(), "cyclic.tar", &cyclic);
+        assert!(err.contains(&"ab".repeat(32)) && err.contains("is corrupt"), "{err}");
+
+        // nested indexes read up to the limit, and refused past it
+        let path = write_tar(dir.path(), "deep4.tar", &nested(good.clone(), 4));
+        read_image_tar(&path).expect("4 nested indexes are read");
+        let err = err_of(dir.path(), "deep5.tar", &nested(good.clone(), 5));
+        assert!(err.contains("indexes nest more than 4 deep"), "{err}");
+        let limits = ReadLimits { max_index_depth: 1, ..DEFAULT_READ_LIMITS };
+        let err = err_with(dir.path(), "deep2.tar", &nested(good, 2), limits);
+        assert!(err.contains("indexes nest more than 1 deep"), "{err}");
+    }
+
+    #[test]
+    fn a_gzip_bomb_layer_is_refused_at_the_limit_naming_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        // 2 MiB of zeros in one file: about 2 KiB as gzip, less as zstd (debug builds
+        // compress slowly: the real bombs are the fuzz targets' business)
+        let mut t = FileTree::default();
+        t.insert("zeros", Node::File { data: vec![0; 2 << 20], mode: 0o644, uid: 0, gid: 0 });
+        let bomb = t.to_tar();
+        let limits = ReadLimits { max_layer_bytes: 512 << 10, ..DEFAULT_READ_LIMITS };
+        for (c, mt) in [
+            (Compression::Gzip, "application/vnd.oci.image.layer.v1.tar+gzip"),
+            (Compression::Zstd, "application/vnd.oci.image.layer.v1.tar+zstd"),
+        ] {
+            let blob = compress(c, &bomb);
+            assert!(blob.len() < 16 << 10, "small on disk: {}", blob.len());
+            let entries = oci(&[(blob.clone(), mt)], json!({}));
+            let err = err_with(dir.path(), "bomb.tar", &entries, limits);
+            assert!(
+                err.contains(&format!("layer 0 ({})", sha256_digest(&blob)))
+                    && err.contains("unpacks to more than 524288 bytes"),
+                "{err}"
+            );
+            // within a limit that allows it, the same image reads
+            let path = write_tar(dir.path(), "bomb.tar", &entries);
+            let read = read_image_tar_with(&path, ReadLimits { max_layer_bytes: 3 << 20, ..limits }).unwrap();
+            assert_eq!(read.image.layers[0].diff_id, sha256_digest(&bomb));
+        }
+
+        // the image tar itself gzip'd: capped as it is read
+        let path = write_tar(dir.path(), "plain.tar", &legacy(std::slice::from_ref(&bomb)));
+        let gz = dir.path().join("tar-bomb.tar.gz");
+        std::fs::write(&gz, compress(Compression::Gzip, &std::fs::read(&path).unwrap())).unwrap();
+        let limits = ReadLimits { max_tar_bytes: 1 << 20, ..DEFAULT_READ_LIMITS };
+        let err = crate::archive::tests_error_chain(&read_image_tar_with(&gz, limits).unwrap_err());
+        assert!(err.contains("tar-bomb.tar.gz") && err.contains("the tar unpacks to more than 1048576 bytes"), "{err}");
+        assert_eq!(read_image_tar(&gz).unwrap().image.layers[0].diff_id, sha256_digest(&bomb));
+    }
+
+    #[test]
+    fn every_blob_is_checked_against_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = layer_tar("app", "x");
+        let good = oci(&[(layer.clone(), "application/vnd.oci.image.layer.v1.tar")], json!({}));
+        let index: serde_json::Value = serde_json::from_slice(&good[1].1).unwrap();
+        let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+        let manifest_name = format!("blobs/sha256/{}", hex(&manifest_digest));
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&good.iter().find(|e| e.0 == manifest_name).unwrap().1).unwrap();
+        let config_name = format!("blobs/sha256/{}", hex(manifest["config"]["digest"].as_str().unwrap()));
+
+        // one byte of the manifest, then of the config, changed (same size): refused by name
+        for (name, what) in [(&manifest_name, "manifest"), (&config_name, "config")] {
+            let mut bad = good.clone();
+            let e = bad.iter_mut().find(|e| &e.0 == name).unwrap();
+            let i = e.1.iter().position(|&b| b == b'{').unwrap();
+            e.1[i] = b'[';
+            let err = err_of(dir.path(), "bad.tar", &bad);
+            assert!(err.contains(&format!("{what} sha256:{}", hex(name.trim_start_matches("blobs/sha256/")))), "{err}");
+            assert!(err.contains("is corrupt: its content hashes to"), "{err}");
+        }
+
+        // a layer of another size than its descriptor says: refused before it is read
+        let mut longer = good.clone();
+        let layer_name = format!("blobs/sha256/{}", hex(&sha256_digest(&layer)));
+        longer.iter_mut().find(|e| e.0 == layer_name).unwrap().1.extend_from_slice(&[0; 512]);
+        let err = err_of(dir.path(), "longer.tar", &longer);
+        assert!(
+            err.contains(&format!("is {} bytes, but the descriptor says {}", layer.len() + 512, layer.len())),
+            "{err}"
+        );
+
+        // a docker-archive layer named after a digest it does not have, even when the config
+        // agrees with its content
+        let other = layer_tar("app", "y");
+        let cfg = config(&[sha256_digest(&other)]);
+        let cfg_name = format!("{}.json", hex(&sha256_digest(&cfg)));
+        let named = format!("blobs/sha256/{}", hex(&sha256_digest(&layer)));
+        let entries = vec![
+            (
+                "manifest.json".to_string(),
+                serde_json::to_vec(&json!([{"Config": cfg_name, "Layers": [named]}])).unwrap(),
+            ),
+            (cfg_name.clone(), cfg),
+            (named.clone(), other),
+        ];
+        let err = err_of(dir.path(), "misnamed.tar", &entries);
+        assert!(err.contains(&format!("layer {named}")) && err.contains("is corrupt"), "{err}");
+    }
+
+    #[test]
+    fn large_layers_are_read_in_a_second_pass_and_large_documents_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // every layer larger than what the first pass keeps
+        let limits = ReadLimits { max_json_bytes: 4096, ..DEFAULT_READ_LIMITS };
+        let layers = [layer_tar("a", &"a".repeat(10_000)), layer_tar("b", &"b".repeat(20_000))];
+        let mut entries = legacy(&layers);
+        // the second name links to the first layer's file, as `docker save` writes shared layers
+        entries.push((
+            "zz/layer.tar".into(),
+            b"->../00000000000000000000000000000000000000000000000000000000000000000/layer.tar".to_vec(),
+        ));
+        let path = write_tar(dir.path(), "big.tar", &entries);
+        let read = read_image_tar_with(&path, limits).unwrap();
+        assert_eq!(
+            read.image.layers.iter().map(|l| l.data.len()).collect::<Vec<_>>(),
+            [layers[0].len(), layers[1].len()]
+        );
+        let gz = dir.path().join("big.tar.gz");
+        std::fs::write(&gz, compress(Compression::Gzip, &std::fs::read(&path).unwrap())).unwrap();
+        let again = read_image_tar_with(&gz, limits).unwrap();
+        assert_eq!(again.manifest_digest, read.manifest_digest);
+
+        // a config larger than a document may be
+        let mut fat = oci(&[(layers[0].clone(), "application/vnd.oci.image.layer.v1.tar")], json!({}));
+        fat[1].1.extend(std::iter::repeat_n(b' ', 5000));
+        let err = err_with(dir.path(), "fat.tar", &fat, limits);
+        assert!(err.contains("index.json is") && err.contains("ReadLimits::max_json_bytes"), "{err}");
     }
 }
