@@ -101,6 +101,28 @@ pub mod fuzzing {
     pub fn read_image_bytes(tar: &[u8], limits: ReadLimits) -> Result<ReadImage, ArchiveError> {
         read(Path::new("<image tar>"), Source::Bytes(tar), limits)
     }
+
+    /// Limits small enough that a fuzzer finds a bomb in milliseconds.
+    pub const LIMITS: ReadLimits =
+        ReadLimits { max_tar_bytes: 64 << 20, max_layer_bytes: 16 << 20, max_json_bytes: 1 << 20, max_index_depth: 4 };
+
+    /// What the fuzz target runs: read `tar`; an image that reads is whole (a layer per
+    /// diff ID, each blob its digest) and, written for `docker load`, reads back the same.
+    pub fn read_image(tar: &[u8]) -> Result<(), ArchiveError> {
+        let read = read_image_bytes(tar, LIMITS)?;
+        assert_eq!(read.image.layers.len(), read.image.config.rootfs().diff_ids().len());
+        assert_eq!(read.manifest_digest, sha256_digest(&read.manifest));
+        assert_eq!(read.config_digest, sha256_digest(&read.config_bytes));
+        for l in &read.image.layers {
+            assert_eq!(l.digest, sha256_digest(&l.data));
+        }
+        let docker = read.docker_archive().expect("an image that reads writes as a docker-archive");
+        let back = read_image_bytes(&docker, ReadLimits { max_tar_bytes: u64::MAX, ..LIMITS })
+            .unwrap_or_else(|e| panic!("its docker-archive does not read back: {e}"));
+        assert_eq!(back.config_digest, read.config_digest);
+        assert_eq!(back.image.tags, read.image.tags);
+        Ok(())
+    }
 }
 
 fn read(path: &Path, source: Source<'_>, limits: ReadLimits) -> Result<ReadImage, ArchiveError> {

@@ -42,9 +42,15 @@ pub fn decode_frames(bytes: &[u8]) -> usize {
 }
 
 /// Unpack `tar` (a payload tar as a receiver spools it) into a fresh directory below
-/// `scratch`, as the receiver does. `Err` is the refusal's message.
+/// `scratch`, as the receiver does. `Err` is the refusal's message. Whatever the input,
+/// nothing appears in `scratch` beside the spooled tar and that directory.
 pub fn unpack_payload(tar: &[u8], scratch: &Path) -> Result<(), String> {
     let tar_path = scratch.join("payload.tar");
     std::fs::write(&tar_path, tar).map_err(|e| e.to_string())?;
-    payload::unpack(&tar_path, &scratch.join("out"), "fuzz").map_err(|e| e.to_string())
+    let result = payload::unpack(&tar_path, &scratch.join("out"), "fuzz").map_err(|e| e.to_string());
+    let mut names: Vec<_> =
+        std::fs::read_dir(scratch).expect("scratch dir").map(|e| e.expect("entry").file_name()).collect();
+    names.sort();
+    assert!(names.iter().all(|n| n == "payload.tar" || n == "out"), "unpacking left {names:?} beside its directory");
+    result
 }
