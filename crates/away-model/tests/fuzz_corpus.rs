@@ -21,7 +21,7 @@ fn workload_spec_corpus_replays() {
     }
     assert!(n > 0, "no inputs under {}", root.display());
     // the examples are valid specs
-    for seed in ["counter.yaml", "memload.yaml", "legacy-vm.json"] {
+    for seed in ["counter.yaml", "memload.yaml", "legacy-vm.json", "every-field.yaml"] {
         let bytes = std::fs::read(root.join("corpus/workload_spec").join(seed)).unwrap();
         assert!(parse_spec(&bytes) >= 1, "{seed} is refused");
     }
