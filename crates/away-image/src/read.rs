@@ -378,7 +378,7 @@ impl<'a> Tar<'a> {
     fn small_blob(&self, d: &Descriptor, what: &str) -> Result<&[u8], ArchiveError> {
         let i = self.blob_entry(d, what)?;
         let data = self.small(i, &format!("{what} {}", d.digest()))?;
-        self.check_digest(data, &d.digest().to_string(), what)?;
+        self.check_digest(data, d.digest().as_ref(), what)?;
         Ok(data)
     }
 
@@ -534,7 +534,7 @@ impl<'a> Tar<'a> {
             .zip(manifest.layers())
             .enumerate()
             .map(|(i, (data, d))| {
-                self.check_digest(&data, &d.digest().to_string(), &format!("layer {i}"))?;
+                self.check_digest(&data, d.digest().as_ref(), &format!("layer {i}"))?;
                 self.layer(data, Some(d.media_type().as_ref()), &format!("layer {i} ({})", d.digest()))
             })
             .collect::<Result<Vec<_>, _>>()?;
