@@ -5,6 +5,8 @@
 mod api;
 mod chain;
 mod cluster;
+#[doc(hidden)]
+pub mod fuzzing;
 mod node;
 mod size;
 mod spec;

@@ -525,7 +525,9 @@ fn locate_field(text: &str, format: SpecFormat, field: &str) -> Option<usize> {
                 SpecFormat::Json => text[offset..].find(&format!("\"{key}\"")),
                 SpecFormat::Yaml => find_yaml_key(&text[offset..], key),
             }?;
-            offset += found + 1;
+            // past the key's first character, which may take more than one byte
+            let at = offset + found;
+            offset = at + text[at..].chars().next().map_or(0, char::len_utf8);
         }
         // `ports[1]`: step to the second item of the sequence (YAML block sequences only)
         for index in parts.filter_map(|p| p.trim_end_matches(']').parse::<usize>().ok()) {
@@ -577,6 +579,21 @@ fn find_yaml_key(text: &str, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzzer (fuzz/regressions/workload_spec/multibyte-key-line-lookup): a
+    /// field whose name starts with a character of several bytes made the line lookup
+    /// slice inside that character and panic.
+    #[test]
+    fn an_unknown_field_starting_with_a_multibyte_character_is_refused_with_its_line() {
+        let text = "name: a\nimage: b\n  \u{7a0}x: 1\n";
+        let err = WorkloadSpec::parse(text, SpecFormat::Yaml, "t").unwrap_err();
+        assert_eq!(err.errors.len(), 1, "{err}");
+        let text = "name: a\nimage: b\n\u{7a0}x: 1\n";
+        let err = WorkloadSpec::parse(text, SpecFormat::Yaml, "t").unwrap_err();
+        assert_eq!(err.errors[0].line, Some(3), "{err}");
+        let err = WorkloadSpec::parse("{\"name\": \"a\", \"\u{7a0}x\": 1}", SpecFormat::Json, "t").unwrap_err();
+        assert_eq!(err.errors[0].line, Some(1), "{err}");
+    }
 
     const GOOD_YAML: &str = "\
 name: counter

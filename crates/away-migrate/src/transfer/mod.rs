@@ -54,6 +54,8 @@
 //! on links slower than that. The ratio depends on the memory of the workload; these pages are
 //! synthetic, not a real CRIU dump.
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod payload;
 mod receive;
 mod send;
