@@ -15,8 +15,9 @@ pub fn decode_frames(bytes: &[u8]) -> usize {
     let mut r = bytes;
     let mut frames = 0;
     loop {
-        // A slice never waits, so one poll with a no-op waker runs the read to its end.
-        let mut read = pin!(wire::read_frame(&mut r));
+        // A slice never waits, so one poll with a no-op waker runs the read to its end; chunks
+        // as large as a hello may announce (the receiver's largest bound)
+        let mut read = pin!(wire::read_frame(&mut r, wire::MAX_CHUNK_SIZE));
         let result = match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(result) => result,
             Poll::Pending => panic!("read_frame waited on a byte slice"),
@@ -36,7 +37,7 @@ pub fn decode_frames(bytes: &[u8]) -> usize {
         // What is decoded encodes back to a frame the decoder reads again.
         let again = frame.encode();
         let mut r2 = &again[..];
-        let mut reread = pin!(wire::read_frame(&mut r2));
+        let mut reread = pin!(wire::read_frame(&mut r2, wire::MAX_CHUNK_SIZE));
         match reread.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(_)) => {}
             Poll::Ready(Err(e)) => panic!("a decoded {} frame does not decode again: {e}", frame.name()),
