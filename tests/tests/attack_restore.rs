@@ -126,28 +126,14 @@ fn a_payload_with_a_symlink_outside_is_refused_and_leaves_nothing() {
     let _ = std::fs::remove_file(&victim);
 }
 
-/// A protobuf varint.
-fn varint(mut v: u64, out: &mut Vec<u8>) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// CRIU's pagemap image: magics, the head {pages_id: 1}, one lazy entry.
+/// CRIU's pagemap image: the head {pages_id: 1}, one lazy entry (away's own encoder: the
+/// count is what is under test, not the encoding).
 fn pagemap(vaddr: u64, pages: u64) -> Vec<u8> {
-    let mut img = vec![0u8; 8];
-    img.extend(2u32.to_le_bytes());
-    img.extend([0x08, 0x01]);
-    let mut entry = Vec::new();
-    for (field, value) in [(1u64, vaddr), (2, pages), (4, 2 /* PE_LAZY */)] {
-        varint(field << 3, &mut entry);
-        varint(value, &mut entry);
-    }
-    img.extend((entry.len() as u32).to_le_bytes());
-    img.extend(entry);
-    img
+    use away_migrate::lazy::pagemap::{Entry, Pagemap, PE_LAZY};
+    let head_only = [vec![0u8; 8], 2u32.to_le_bytes().to_vec(), vec![0x08, 0x01]].concat();
+    let mut map = Pagemap::parse(&head_only).expect("a pagemap head");
+    map.entries = vec![Entry::new(vaddr, pages, PE_LAZY)];
+    map.encode()
 }
 
 #[test]

@@ -6,8 +6,8 @@ use std::io;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-/// Both handlers, installed at once: from `register` on, neither signal kills the process with
-/// its default action, so a command registers (`register_in`) before it creates what it must undo.
+/// Both handlers, installed at once: from `register_in` on, neither signal kills the process
+/// with its default action, so a command registers before it creates what it must undo.
 pub struct StopSignals {
     int: Signal,
     term: Signal,

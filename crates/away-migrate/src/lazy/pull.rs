@@ -98,7 +98,8 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, L
     // peer's pagemap: it must fit on this disk before anything is written or planned
     let mut slots = Vec::new();
     let mut new_at = 0u64;
-    for e in map.entries.iter().filter(|e| e.is_lazy_only() || e.flags() & PE_PRESENT != 0) {
+    let in_new_image = |e: &&super::pagemap::Entry| e.is_lazy_only() || e.flags() & PE_PRESENT != 0;
+    for e in map.entries.iter().filter(in_new_image) {
         if e.is_lazy_only() {
             slots.push(Slot { vaddr: e.vaddr(), pages: e.pages(), offset: new_at });
         }
@@ -113,17 +114,17 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, L
     let _partial = RemoveUnlessKept(new_pages.clone());
     let out = root.create(&new_name, 0o600)?;
     let old = root.open_file(&old_name).ok();
+    // the same entries as sized above, in the same order: present pages copied now, the
+    // lazy slots left as holes for the pull
     let (mut old_at, mut at) = (0u64, 0u64);
-    for e in &map.entries {
+    for e in map.entries.iter().filter(in_new_image) {
         let len = e.pages() * PAGE;
-        if e.flags() & PE_PRESENT != 0 && !e.is_lazy_only() {
+        if !e.is_lazy_only() {
             let old = old.as_ref().ok_or_else(|| LazyError::Missing { path: old_pages.clone() })?;
             copy_range(old, old_at, &out, at, len).map_err(LazyError::file("copy", &old_pages))?;
             old_at += len;
-            at += len;
-        } else if e.is_lazy_only() {
-            at += len;
         }
+        at += len;
     }
     out.set_len(new_at).map_err(LazyError::file("size", &new_pages))?;
 

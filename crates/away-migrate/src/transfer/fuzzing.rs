@@ -15,14 +15,7 @@ pub fn decode_frames(bytes: &[u8]) -> usize {
     let mut r = bytes;
     let mut frames = 0;
     loop {
-        // A slice never waits, so one poll with a no-op waker runs the read to its end; chunks
-        // as large as a hello may announce (the receiver's largest bound)
-        let mut read = pin!(wire::read_frame(&mut r, wire::MAX_CHUNK_SIZE));
-        let result = match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(result) => result,
-            Poll::Pending => panic!("read_frame waited on a byte slice"),
-        };
-        let Ok((frame, wire_len)) = result else { return frames };
+        let Ok((frame, wire_len)) = read_frame_now(&mut r) else { return frames };
         assert!(wire_len as usize <= bytes.len(), "a frame cannot be longer than the input");
         frames += 1;
         // The receiver decodes a chunk only against the length its hello announced, which
@@ -36,13 +29,20 @@ pub fn decode_frames(bytes: &[u8]) -> usize {
         }
         // What is decoded encodes back to a frame the decoder reads again.
         let again = frame.encode();
-        let mut r2 = &again[..];
-        let mut reread = pin!(wire::read_frame(&mut r2, wire::MAX_CHUNK_SIZE));
-        match reread.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(_)) => {}
-            Poll::Ready(Err(e)) => panic!("a decoded {} frame does not decode again: {e}", frame.name()),
-            Poll::Pending => panic!("read_frame waited on a byte slice"),
+        if let Err(e) = read_frame_now(&mut &again[..]) {
+            panic!("a decoded {} frame does not decode again: {e}", frame.name());
         }
+    }
+}
+
+/// One frame read from a byte slice, as the receiver reads it with chunks as large as a hello
+/// may announce (its largest bound). A slice never waits, so one poll with a no-op waker runs
+/// the read to its end.
+fn read_frame_now(r: &mut &[u8]) -> std::io::Result<(wire::Frame, u64)> {
+    let mut read = pin!(wire::read_frame(r, wire::MAX_CHUNK_SIZE));
+    match read.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => result,
+        Poll::Pending => panic!("read_frame waited on a byte slice"),
     }
 }
 

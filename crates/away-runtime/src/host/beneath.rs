@@ -155,14 +155,12 @@ fn check_relative(name: &Path) -> io::Result<()> {
 }
 
 fn fail(op: &'static str, dir: &Path, name: &Path, e: io::Error) -> BeneathError {
-    let reason = match e.raw_os_error() {
-        // what openat2 answers for a symlink on the way, or a path that leaves the directory
-        Some(libc_eloop) if libc_eloop == rustix::io::Errno::LOOP.raw_os_error() => {
+    // what openat2 answers for a symlink on the way, or a path that leaves the directory
+    let reason = match e.raw_os_error().map(rustix::io::Errno::from_raw_os_error) {
+        Some(rustix::io::Errno::LOOP) => {
             "a symlink is on the way (refused: files are only opened beneath the directory)".to_string()
         }
-        Some(exdev) if exdev == rustix::io::Errno::XDEV.raw_os_error() => {
-            "the path leads outside the directory (refused)".to_string()
-        }
+        Some(rustix::io::Errno::XDEV) => "the path leads outside the directory (refused)".to_string(),
         _ => e.to_string(),
     };
     BeneathError { op, dir: dir.to_path_buf(), name: name.to_path_buf(), reason }
