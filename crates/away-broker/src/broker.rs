@@ -18,8 +18,9 @@ use tokio::sync::broadcast;
 
 use crate::error::Problem;
 use crate::events::{BrokerEvent, Pending};
+use crate::group_commit::GroupCommit;
 use crate::metrics::Metrics;
-use crate::placement::{self, Candidate, PlacementDecision};
+use crate::placement::{self, Candidate, PlacementDecision, RuntimeClasses};
 use crate::reconcile::{reconcile, Plan, Snapshot};
 use crate::records::{now_ms, MigrationRecord, MigrationState, NodeRecord, Removal, WorkloadRecord};
 use crate::store::{Changes, Store};
@@ -38,6 +39,9 @@ struct Inner {
     /// node -> (memory, CPUs) of the workloads whose home it is; kept up to date
     /// because recounting every workload per placement dominated the benchmark.
     reserved: HashMap<String, (u64, f64)>,
+    /// node -> its runtime class (placement::RuntimeClasses), numbered when its report arrives
+    runtime_class: HashMap<String, u32>,
+    runtime_classes: RuntimeClasses,
 }
 
 impl Inner {
@@ -48,6 +52,20 @@ impl Inner {
             migrations: &self.migrations,
             removals: &self.removals,
             announced_online: &self.announced_online,
+        }
+    }
+
+    /// Numbers the runtime class of a node whose report arrived.
+    fn classify(&mut self, name: &str) {
+        // reports that changed leave classes no node has: start over when they pile up
+        if self.runtime_classes.len() > 2 * self.nodes.len() + 64 {
+            self.runtime_classes = RuntimeClasses::default();
+            self.runtime_class.clear();
+            for n in self.nodes.values() {
+                self.runtime_class.insert(n.name.clone(), self.runtime_classes.of(&n.info));
+            }
+        } else if let Some(n) = self.nodes.get(name) {
+            self.runtime_class.insert(n.name.clone(), self.runtime_classes.of(&n.info));
         }
     }
 
@@ -73,6 +91,8 @@ pub struct Broker {
     join_token_hash: String,
     cluster_token: String,
     pub(crate) http: reqwest::Client,
+    /// Submissions waiting for the transaction that stores them.
+    submissions: GroupCommit<WorkloadSpec, Result<(Option<WorkloadView>, PlacementDecision), Problem>>,
 }
 
 // the API bodies live in away-model, shared with away-client
@@ -116,9 +136,15 @@ impl Broker {
             removals: loaded.removals.into_iter().map(|r| ((r.node.clone(), r.workload.clone()), r)).collect(),
             announced_online,
             reserved: HashMap::new(),
+            runtime_class: HashMap::new(),
+            runtime_classes: RuntimeClasses::default(),
         };
         let mut inner = inner;
         inner.recount_reserved();
+        let names: Vec<String> = inner.nodes.keys().cloned().collect();
+        for name in names {
+            inner.classify(&name);
+        }
         tracing::info!(
             db = %config.db_path.display(),
             nodes = inner.nodes.len(),
@@ -142,6 +168,7 @@ impl Broker {
             event_seq: AtomicU64::new(0),
             metrics: Metrics::default(),
             http,
+            submissions: GroupCommit::default(),
         })
     }
 
@@ -218,6 +245,7 @@ impl Broker {
             Changes { nodes: vec![record.clone()], tokens: vec![(name.clone(), hash.clone())], ..Default::default() };
         inner.store.apply(&changes)?;
         inner.nodes.insert(name.clone(), record);
+        inner.classify(&name);
         inner.tokens.insert(name.clone(), hash);
         inner.announced_online.insert(name.clone());
         drop(inner);
@@ -254,7 +282,9 @@ impl Broker {
         inner.store.apply(&changes)?;
         // committed: now memory
         for n in changes.nodes {
+            let name = n.name.clone();
             inner.nodes.insert(n.name.clone(), n);
+            inner.classify(&name);
         }
         for w in changes.workloads {
             inner.workloads.insert(w.spec.name.clone(), w);
@@ -382,6 +412,7 @@ impl Broker {
                     load: n.load,
                     reserved_memory: mem,
                     reserved_cpus: cpus,
+                    runtime_class: inner.runtime_class.get(&n.name).copied(),
                 }
             })
             .collect()
@@ -393,43 +424,102 @@ impl Broker {
         spec: WorkloadSpec,
         dry_run: bool,
     ) -> Result<(Option<WorkloadView>, PlacementDecision), Problem> {
+        if dry_run {
+            let inner = lock(&self.inner);
+            let decision = placement::place(&spec, &self.candidates(&inner, now_ms()));
+            return match decision.chosen {
+                Some(_) => Ok((None, decision)),
+                None => {
+                    Metrics::inc(&self.metrics.placements_refused);
+                    Err(Self::refused(decision))
+                }
+            };
+        }
+        self.submissions.submit(spec, |specs| self.place_batch(specs))
+    }
+
+    fn refused(decision: PlacementDecision) -> Problem {
+        Problem::new(ErrorCode::Incompatible, decision.why.clone()).detail("placement", &decision)
+    }
+
+    /// Place submissions that arrived together, one after the other (each sees what the
+    /// ones before it reserved), and store the placed ones in one transaction. Nothing
+    /// is acknowledged, nor held in memory, before that transaction is durable; if it
+    /// fails, each submission of the batch gets the error.
+    fn place_batch(&self, specs: Vec<WorkloadSpec>) -> Vec<Result<(Option<WorkloadView>, PlacementDecision), Problem>> {
         let now = now_ms();
         let mut inner = lock(&self.inner);
-        if !dry_run && inner.workloads.contains_key(&spec.name) {
-            return Err(Problem::new(ErrorCode::Conflict, format!("a workload named {:?} exists already", spec.name))
-                .field("name"));
+        let mut answers: Vec<Result<PlacementDecision, Problem>> = Vec::with_capacity(specs.len());
+        let mut placed: Vec<WorkloadRecord> = Vec::new();
+        {
+            // the nodes as placement sees them, once per batch: each placement adds its
+            // workload to its node's promised resources here, for the next ones
+            let mut candidates = self.candidates(&inner, now);
+            let mut names = BTreeSet::new();
+            for spec in specs {
+                if inner.workloads.contains_key(&spec.name) || !names.insert(spec.name.clone()) {
+                    answers.push(Err(Problem::new(
+                        ErrorCode::Conflict,
+                        format!("a workload named {:?} exists already", spec.name),
+                    )
+                    .field("name")));
+                    continue;
+                }
+                let decision = placement::place(&spec, &candidates);
+                let (Some(node), Some(runtime)) = (decision.chosen.clone(), decision.runtime.clone()) else {
+                    Metrics::inc(&self.metrics.placements_refused);
+                    answers.push(Err(Self::refused(decision)));
+                    continue;
+                };
+                if let Some(c) = candidates.iter_mut().find(|c| c.info.name == node) {
+                    c.reserved_memory += spec.resources.memory.bytes();
+                    c.reserved_cpus += spec.resources.cpus;
+                }
+                placed.push(WorkloadRecord {
+                    spec,
+                    node,
+                    desired: Desired::Running,
+                    status: None,
+                    status_ms: None,
+                    decision: runtime,
+                    placement: placement::shortened(&decision, placement::MAX_STORED),
+                    created_ms: now,
+                    updated_ms: now,
+                    last_event: None,
+                });
+                answers.push(Ok(decision));
+            }
         }
-        let decision = placement::place(&spec, &self.candidates(&inner, now));
-        let (Some(node), Some(runtime)) = (decision.chosen.clone(), decision.runtime.clone()) else {
-            Metrics::inc(&self.metrics.placements_refused);
-            return Err(Problem::new(ErrorCode::Incompatible, decision.why.clone()).detail("placement", &decision));
-        };
-        if dry_run {
-            return Ok((None, decision));
+        if !placed.is_empty() {
+            if let Err(e) = inner.store.apply(&Changes { workloads: placed.clone(), ..Default::default() }) {
+                // nothing of the batch reached memory either
+                let problem = Problem::from(e);
+                return answers.into_iter().map(|a| a.and(Err(problem.clone()))).collect();
+            }
         }
-        let record = WorkloadRecord {
-            spec,
-            node: node.clone(),
-            desired: Desired::Running,
-            status: None,
-            status_ms: None,
-            decision: runtime,
-            placement: placement::shortened(&decision, placement::MAX_STORED),
-            created_ms: now,
-            updated_ms: now,
-            last_event: None,
-        };
-        inner.store.apply(&Changes { workloads: vec![record.clone()], ..Default::default() })?;
-        let name = record.spec.name.clone();
-        let r = inner.reserved.entry(node.clone()).or_default();
-        r.0 += record.spec.resources.memory.bytes();
-        r.1 += record.spec.resources.cpus;
-        inner.workloads.insert(name.clone(), record.clone());
-        let view = self.workload_view(&inner, &record, now, true);
+        // committed: now memory
+        for record in placed {
+            let r = inner.reserved.entry(record.node.clone()).or_default();
+            r.0 += record.spec.resources.memory.bytes();
+            r.1 += record.spec.resources.cpus;
+            inner.workloads.insert(record.spec.name.clone(), record);
+        }
+        let mut events = Vec::new();
+        let answers = answers
+            .into_iter()
+            .map(|a| {
+                let decision = a?;
+                let record = &inner.workloads[&decision.workload];
+                let view = self.workload_view(&inner, record, now, true);
+                Metrics::inc(&self.metrics.placements_placed);
+                events
+                    .push(Pending::new("workload-placed", decision.why.clone()).node(&view.node).workload(&view.name));
+                Ok((Some(view), decision))
+            })
+            .collect();
         drop(inner);
-        Metrics::inc(&self.metrics.placements_placed);
-        self.emit(vec![Pending::new("workload-placed", decision.why.clone()).node(&node).workload(&name)]);
-        Ok((Some(view), decision))
+        self.emit(events);
+        answers
     }
 
     fn workload_view(&self, inner: &Inner, w: &WorkloadRecord, now: u64, with_placement: bool) -> WorkloadView {

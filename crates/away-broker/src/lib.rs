@@ -6,7 +6,8 @@
 //! * [`placement`]: two-phase placement (filters with reasons, then scores with parts);
 //! * [`broker`]: the state and what requests do to it;
 //! * [`reconcile`]: the offline-first reconciliation rules of heartbeats, as a pure function;
-//! * [`store`]: the state in one SQLite file.
+//! * [`store`]: the state in one SQLite file;
+//! * [`group_commit`]: concurrent submissions share one durable transaction.
 //!
 //! Agents pull (see `away_model::cluster`): the broker never dials an agent except to
 //! proxy a user's request for logs.
@@ -15,6 +16,7 @@ pub mod api;
 pub mod broker;
 pub mod error;
 pub mod events;
+pub mod group_commit;
 pub mod metrics;
 pub mod placement;
 pub mod reconcile;

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use away_model::{ByteSize, NodeInfo, NodeLoad, RuntimeDecision, Tier, WorkloadSpec};
+use away_model::{Arch, ByteSize, NodeInfo, NodeLoad, RuntimeDecision, RuntimeInfo, Tier, WorkloadSpec};
 
 /// Long explanations are cut to this many entries per list (a cluster of a thousand
 /// nodes would otherwise store a thousand scores with every workload).
@@ -49,6 +49,9 @@ pub struct Candidate<'a> {
     /// Memory of the workloads the broker has placed there.
     pub reserved_memory: u64,
     pub reserved_cpus: f64,
+    /// The node's [`RuntimeClasses`] number, when the caller keeps them: nodes of one
+    /// class get the runtime rule's answer computed once per placement.
+    pub runtime_class: Option<u32>,
 }
 
 // the API bodies live in away-model, shared with away-client
@@ -56,60 +59,75 @@ pub use away_model::{Filtered, NodeScore, PlacementDecision};
 
 /// Phase 1 for one node: how the workload would run there, or every reason it cannot.
 pub fn feasibility(spec: &WorkloadSpec, c: &Candidate) -> Result<RuntimeDecision, Vec<String>> {
-    let node = c.info;
-    let want = &spec.placement;
+    let runtime = runtime_for(spec, c.info);
     let mut reasons = Vec::new();
-    if !c.online {
-        reasons.push("offline: its agent missed its heartbeats".to_string());
-    }
-    if c.draining {
-        reasons.push("draining: nothing new is placed here".to_string());
-    }
-    if !want.tiers.is_empty() && !want.tiers.contains(&node.tier) {
-        let allowed: Vec<String> = want.tiers.iter().map(Tier::to_string).collect();
-        reasons.push(format!("tier {} is not allowed (the spec allows {})", node.tier, allowed.join(", ")));
-    }
-    if let Some(arch) = &want.arch {
-        if *arch != node.arch {
-            reasons.push(format!("architecture {} but the spec requires {arch}", node.arch));
-        }
-    }
-    if let Some(vendor) = &want.cpu_vendor {
-        if *vendor != node.cpu.vendor {
-            reasons.push(format!("CPU vendor {} but the spec requires {vendor}", node.cpu.vendor));
-        }
-    }
-    let missing: Vec<&str> =
-        want.cpu_flags.iter().filter(|f| !node.cpu.flags.contains(*f)).map(String::as_str).collect();
-    if !missing.is_empty() {
-        reasons.push(format!("CPU lacks {}", missing.join(", ")));
-    }
-    // the broker does not read images: the image is taken to be of the required
-    // architecture, or else of the node's own
-    let image_arch = want.arch.clone().unwrap_or_else(|| node.arch.clone());
-    let remaps = spec.ports.iter().any(|p| p.host.is_some_and(|h| h != p.container));
-    let decision =
-        away_policy::choose_runtime(spec.kind, want.runtime, &image_arch, &node.arch, remaps, &node.runtimes);
-    if let Err(e) = &decision {
-        reasons.push(format!("no runtime: {}", e.reason));
-    }
-    let free_memory = node.memory_bytes.saturating_sub(c.reserved_memory);
-    if spec.resources.memory.bytes() > free_memory {
-        reasons.push(format!(
-            "needs {} memory, {} free of {}",
-            spec.resources.memory,
-            human(free_memory),
-            human(node.memory_bytes)
-        ));
-    }
-    let free_cpus = (f64::from(node.cpu.cores) - c.reserved_cpus).max(0.0);
-    if spec.resources.cpus > free_cpus + 1e-9 {
-        reasons.push(format!("needs {} CPUs, {free_cpus:.2} free of {}", spec.resources.cpus, node.cpu.cores));
-    }
-    match decision {
+    check(spec, c, runtime.as_ref().map(|_| ()).map_err(|e| e.reason.as_str()), Some(&mut reasons));
+    match runtime {
         Ok(d) if reasons.is_empty() => Ok(d),
         _ => Err(reasons),
     }
+}
+
+/// The container→VM rule for this workload on this node.
+fn runtime_for(spec: &WorkloadSpec, node: &NodeInfo) -> Result<RuntimeDecision, away_policy::NoRuntime> {
+    // the broker does not read images: the image is taken to be of the required
+    // architecture, or else of the node's own
+    let image_arch = spec.placement.arch.as_ref().unwrap_or(&node.arch);
+    let remaps = spec.ports.iter().any(|p| p.host.is_some_and(|h| h != p.container));
+    away_policy::choose_runtime(spec.kind, spec.placement.runtime, image_arch, &node.arch, remaps, &node.runtimes)
+}
+
+/// Every filter of phase 1 but the runtime rule, whose outcome is passed in. With
+/// `reasons` each failed filter adds its sentence; without, the first failure ends the
+/// check and nothing is formatted (the fast path over a thousand nodes). True if the
+/// node passes.
+fn check(spec: &WorkloadSpec, c: &Candidate, runtime: Result<(), &str>, mut reasons: Option<&mut Vec<String>>) -> bool {
+    let node = c.info;
+    let want = &spec.placement;
+    let mut passed = true;
+    // a failed filter: record why, or stop when nobody asked why
+    macro_rules! fail {
+        ($($why:tt)*) => {{
+            passed = false;
+            match reasons.as_deref_mut() {
+                Some(r) => r.push(format!($($why)*)),
+                None => return false,
+            }
+        }};
+    }
+    if !c.online {
+        fail!("offline: its agent missed its heartbeats");
+    }
+    if c.draining {
+        fail!("draining: nothing new is placed here");
+    }
+    if !want.tiers.is_empty() && !want.tiers.contains(&node.tier) {
+        let allowed: Vec<String> = want.tiers.iter().map(Tier::to_string).collect();
+        fail!("tier {} is not allowed (the spec allows {})", node.tier, allowed.join(", "));
+    }
+    if let Some(arch) = want.arch.as_ref().filter(|a| **a != node.arch) {
+        fail!("architecture {} but the spec requires {arch}", node.arch);
+    }
+    if let Some(vendor) = want.cpu_vendor.as_ref().filter(|v| **v != node.cpu.vendor) {
+        fail!("CPU vendor {} but the spec requires {vendor}", node.cpu.vendor);
+    }
+    if want.cpu_flags.iter().any(|f| !node.cpu.flags.contains(f)) {
+        let missing: Vec<&str> =
+            want.cpu_flags.iter().filter(|f| !node.cpu.flags.contains(*f)).map(String::as_str).collect();
+        fail!("CPU lacks {}", missing.join(", "));
+    }
+    if let Err(reason) = runtime {
+        fail!("no runtime: {reason}");
+    }
+    let free_memory = node.memory_bytes.saturating_sub(c.reserved_memory);
+    if spec.resources.memory.bytes() > free_memory {
+        fail!("needs {} memory, {} free of {}", spec.resources.memory, human(free_memory), human(node.memory_bytes));
+    }
+    let free_cpus = (f64::from(node.cpu.cores) - c.reserved_cpus).max(0.0);
+    if spec.resources.cpus > free_cpus + 1e-9 {
+        fail!("needs {} CPUs, {free_cpus:.2} free of {}", spec.resources.cpus, node.cpu.cores);
+    }
+    passed
 }
 
 /// Sizes in MiB-granular binary units, for reasons people read.
@@ -117,61 +135,164 @@ fn human(bytes: u64) -> String {
     ByteSize(bytes / (1 << 20) * (1 << 20)).to_string()
 }
 
+/// The parts of a node's score, in the order their names sort (the order of
+/// [`NodeScore::parts`], so that the total is summed the same way on both paths).
+struct Parts {
+    cost: f64,
+    link: f64,
+    load: f64,
+    prefer_client: f64,
+    runtime: f64,
+}
+
+impl Parts {
+    fn of(spec: &WorkloadSpec, c: &Candidate, container: bool) -> Parts {
+        let node = c.info;
+        let link = match node.link {
+            Some(l) => {
+                let rate = (l.rate_mbit / 1000.0).clamp(0.0, 1.0);
+                let latency = 1.0 / (1.0 + l.latency_ms.max(0.0) / 10.0);
+                30.0 * (0.5 * rate + 0.5 * latency)
+            }
+            // unknown link: neither rewarded nor punished
+            None => 15.0,
+        };
+        let cores = f64::from(node.cpu.cores.max(1));
+        let cpu_left = ((cores - c.reserved_cpus - spec.resources.cpus) / cores).clamp(0.0, 1.0);
+        let mem_total = node.memory_bytes.max(1) as f64;
+        let mem_left =
+            ((mem_total - c.reserved_memory as f64 - spec.resources.memory.bytes() as f64) / mem_total).clamp(0.0, 1.0);
+        let idle = (1.0 - c.load.cpu_percent / 100.0).clamp(0.0, 1.0);
+        let users_client = node.tier == Tier::Client
+            && match spec.labels.get("user") {
+                Some(user) => node.labels.get("user") == Some(user),
+                None => true,
+            };
+        Parts {
+            cost: match node.tier {
+                Tier::Cloud => -10.0,
+                Tier::Edge => -5.0,
+                Tier::Client => 0.0,
+            },
+            link: round(link),
+            load: round(30.0 * (0.4 * cpu_left + 0.3 * mem_left + 0.3 * idle)),
+            prefer_client: if spec.placement.prefer_client && users_client { 40.0 } else { 0.0 },
+            runtime: if container { 10.0 } else { 0.0 },
+        }
+    }
+
+    fn total(&self) -> f64 {
+        round(self.cost + self.link + self.load + self.prefer_client + self.runtime)
+    }
+}
+
 /// Phase 2 for one feasible node.
 pub fn score(spec: &WorkloadSpec, c: &Candidate, runtime: RuntimeDecision) -> NodeScore {
-    let node = c.info;
-    let mut parts = BTreeMap::new();
-    let link = match node.link {
-        Some(l) => {
-            let rate = (l.rate_mbit / 1000.0).clamp(0.0, 1.0);
-            let latency = 1.0 / (1.0 + l.latency_ms.max(0.0) / 10.0);
-            30.0 * (0.5 * rate + 0.5 * latency)
-        }
-        // unknown link: neither rewarded nor punished
-        None => 15.0,
-    };
-    parts.insert("link".to_string(), round(link));
-    let cores = f64::from(node.cpu.cores.max(1));
-    let cpu_left = ((cores - c.reserved_cpus - spec.resources.cpus) / cores).clamp(0.0, 1.0);
-    let mem_total = node.memory_bytes.max(1) as f64;
-    let mem_left =
-        ((mem_total - c.reserved_memory as f64 - spec.resources.memory.bytes() as f64) / mem_total).clamp(0.0, 1.0);
-    let idle = (1.0 - c.load.cpu_percent / 100.0).clamp(0.0, 1.0);
-    parts.insert("load".to_string(), round(30.0 * (0.4 * cpu_left + 0.3 * mem_left + 0.3 * idle)));
-    parts.insert("runtime".to_string(), if runtime.runtime.is_container() { 10.0 } else { 0.0 });
-    let users_client = node.tier == Tier::Client
-        && match spec.labels.get("user") {
-            Some(user) => node.labels.get("user") == Some(user),
-            None => true,
-        };
-    parts.insert("prefer_client".to_string(), if spec.placement.prefer_client && users_client { 40.0 } else { 0.0 });
-    let cost = match node.tier {
-        Tier::Cloud => -10.0,
-        Tier::Edge => -5.0,
-        Tier::Client => 0.0,
-    };
-    parts.insert("cost".to_string(), cost);
-    let total = round(parts.values().sum());
-    NodeScore { node: node.name.clone(), total, parts, runtime }
+    let p = Parts::of(spec, c, runtime.runtime.is_container());
+    let total = p.total();
+    let parts = BTreeMap::from([
+        ("cost".to_string(), p.cost),
+        ("link".to_string(), p.link),
+        ("load".to_string(), p.load),
+        ("prefer_client".to_string(), p.prefer_client),
+        ("runtime".to_string(), p.runtime),
+    ]);
+    NodeScore { node: c.info.name.clone(), total, parts, runtime }
 }
 
 fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// Both phases over all candidates.
+/// Nodes that answer the runtime rule alike: the same architecture and the same
+/// runtimes report. A cluster has a handful of these however many nodes it has; the
+/// broker numbers each node's class when its report arrives, so that placement runs
+/// the rule (which formats a sentence per runtime) once per class, not once per node,
+/// and compares no strings per node.
+#[derive(Debug, Default)]
+pub struct RuntimeClasses {
+    keys: Vec<(Arch, Vec<RuntimeInfo>)>,
+}
+
+impl RuntimeClasses {
+    /// The class of a node's report, numbered on first sight.
+    pub fn of(&mut self, info: &NodeInfo) -> u32 {
+        let found = self.keys.iter().position(|(arch, runtimes)| *arch == info.arch && *runtimes == info.runtimes);
+        let i = found.unwrap_or_else(|| {
+            self.keys.push((info.arch.clone(), info.runtimes.clone()));
+            self.keys.len() - 1
+        });
+        i as u32
+    }
+
+    /// How many classes were numbered (reports that changed leave theirs behind).
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// The runtime rule's answer per class during one placement: a container (`Ok(true)`),
+/// a VM, or no runtime.
+struct Verdicts {
+    by_class: Vec<Option<Result<bool, ()>>>,
+}
+
+impl Verdicts {
+    fn of(&mut self, spec: &WorkloadSpec, c: &Candidate) -> Result<bool, ()> {
+        let ask = || runtime_for(spec, c.info).map(|d| d.runtime.is_container()).map_err(|_| ());
+        let Some(class) = c.runtime_class.map(|k| k as usize) else { return ask() };
+        if class >= self.by_class.len() {
+            self.by_class.resize(class + 1, None);
+        }
+        *self.by_class[class].get_or_insert_with(ask)
+    }
+}
+
+/// Both phases over all candidates. Only the nodes the answer lists (the best
+/// [`MAX_LISTED`] and the first [`MAX_LISTED`] filtered by name) get their sentences
+/// and score parts; the others are checked and scored without formatting anything, so
+/// a placement over a thousand nodes costs microseconds per node, not allocations.
 pub fn place(spec: &WorkloadSpec, candidates: &[Candidate]) -> PlacementDecision {
-    let mut scores = Vec::new();
-    let mut filtered = Vec::new();
-    for c in candidates {
-        match feasibility(spec, c) {
-            Ok(runtime) => scores.push(score(spec, c, runtime)),
-            Err(reasons) => filtered.push(Filtered { node: c.info.name.clone(), reasons }),
+    let mut verdicts = Verdicts { by_class: Vec::new() };
+    let mut feasible: Vec<(f64, usize)> = Vec::new();
+    let mut infeasible: Vec<usize> = Vec::new();
+    for (i, c) in candidates.iter().enumerate() {
+        let verdict = verdicts.of(spec, c);
+        if check(spec, c, verdict.map(|_| ()).map_err(|_| ""), None) {
+            let container = verdict.unwrap_or(false);
+            feasible.push((Parts::of(spec, c, container).total(), i));
+        } else {
+            infeasible.push(i);
         }
     }
-    scores.sort_by(|a, b| b.total.total_cmp(&a.total).then_with(|| a.node.cmp(&b.node)));
-    filtered.sort_by(|a, b| a.node.cmp(&b.node));
-    let (feasible_count, filtered_count) = (scores.len(), filtered.len());
+    let by_rank = |a: &(f64, usize), b: &(f64, usize)| {
+        b.0.total_cmp(&a.0).then_with(|| candidates[a.1].info.name.cmp(&candidates[b.1].info.name))
+    };
+    let by_name = |a: &usize, b: &usize| candidates[*a].info.name.cmp(&candidates[*b].info.name);
+    first_sorted(&mut feasible, MAX_LISTED, by_rank);
+    first_sorted(&mut infeasible, MAX_LISTED, by_name);
+    let (feasible_count, filtered_count) = (feasible.len(), infeasible.len());
+    let scores: Vec<NodeScore> = feasible
+        .iter()
+        .take(MAX_LISTED)
+        .map(|&(_, i)| {
+            let c = &candidates[i];
+            // a feasible node's rule gave a runtime: ask it again for the sentence
+            score(spec, c, runtime_for(spec, c.info).expect("feasible nodes have a runtime"))
+        })
+        .collect();
+    let filtered: Vec<Filtered> = infeasible
+        .iter()
+        .take(MAX_LISTED)
+        .map(|&i| {
+            let c = &candidates[i];
+            Filtered { node: c.info.name.clone(), reasons: feasibility(spec, c).err().unwrap_or_default() }
+        })
+        .collect();
     let why = match scores.first() {
         Some(best) => {
             let parts: Vec<String> = best.parts.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -193,20 +314,26 @@ pub fn place(spec: &WorkloadSpec, candidates: &[Candidate]) -> PlacementDecision
             format!("no node can run {}: {}{more}", spec.name, shown.join("; "))
         }
     };
-    let chosen = scores.first().map(|s| s.node.clone());
-    let runtime = scores.first().map(|s| s.runtime.clone());
-    scores.truncate(MAX_LISTED);
-    filtered.truncate(MAX_LISTED);
     PlacementDecision {
         workload: spec.name.clone(),
-        chosen,
-        runtime,
+        chosen: scores.first().map(|s| s.node.clone()),
+        runtime: scores.first().map(|s| s.runtime.clone()),
         scores,
         filtered,
         feasible_count,
         filtered_count,
         why,
     }
+}
+
+/// Puts the `n` first elements of `v` in `order` at its front, sorted; the rest stay
+/// behind in no order (a full sort of a thousand entries is not needed for twenty).
+fn first_sorted<T>(v: &mut [T], n: usize, mut order: impl FnMut(&T, &T) -> std::cmp::Ordering) {
+    if v.len() > n {
+        v.select_nth_unstable_by(n, &mut order);
+    }
+    let n = n.min(v.len());
+    v[..n].sort_by(order);
 }
 
 #[cfg(test)]
@@ -261,6 +388,7 @@ pub(crate) mod tests {
             load: NodeLoad::default(),
             reserved_memory: 0,
             reserved_cpus: 0.0,
+            runtime_class: None,
         }
     }
 
@@ -394,6 +522,74 @@ pub(crate) mod tests {
         assert!(none.why.starts_with("no node can run web: a: tier cloud is not allowed"), "{}", none.why);
         assert!(none.why.contains("b: offline"), "{}", none.why);
         assert!(place(&spec("name: web\nimage: x\n"), &[]).why.contains("no node has registered"));
+    }
+
+    /// The fast path (no sentences for unlisted nodes, runtime rule per class, partial
+    /// sort) answers exactly what checking and scoring every node in full answers.
+    #[test]
+    fn fast_path_agrees_with_the_full_explanation() {
+        let mut nodes = Vec::new();
+        for i in 0..200usize {
+            let tier = [Tier::Cloud, Tier::Edge, Tier::Client][i % 3];
+            let vendor = if i % 2 == 0 { CpuVendor::Intel } else { CpuVendor::Amd };
+            let runtimes = [
+                (RuntimeKind::Containerd, i % 7 != 0),
+                (RuntimeKind::Docker, i % 3 != 0),
+                (RuntimeKind::Qemu, i % 11 != 0),
+            ];
+            let mut n = node(&format!("n{:03}", (i * 37) % 200), tier, vendor, &runtimes);
+            n.cpu.cores = [2, 4, 8][i % 3];
+            n.link = (i % 4 != 0).then(|| LinkInfo { rate_mbit: [37.0, 100.0, 1000.0][i % 3], latency_ms: 1.0 });
+            if i % 5 == 0 {
+                n.cpu.flags.retain(|f| f != "avx2");
+            }
+            nodes.push(n);
+        }
+        let cands: Vec<Candidate> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Candidate {
+                online: i % 13 != 0,
+                draining: i % 17 == 0,
+                load: NodeLoad { cpu_percent: (i % 10) as f64 * 10.0, ..Default::default() },
+                reserved_memory: ((i % 9) as u64) << 30,
+                reserved_cpus: (i % 4) as f64 * 0.5,
+                ..cand(n)
+            })
+            .collect();
+        // the same nodes numbered into classes, as the broker does: the same answers
+        let mut classes = RuntimeClasses::default();
+        let classed: Vec<Candidate> =
+            cands.iter().map(|c| Candidate { runtime_class: Some(classes.of(c.info)), ..c.clone() }).collect();
+        assert!(classes.len() > 3 && classes.len() < 20, "{} classes", classes.len());
+        for yaml in [
+            "name: w\nimage: x\n",
+            "name: w\nimage: x\nkind: vm\n",
+            "name: w\nimage: x\nplacement:\n  prefer_client: true\n",
+            "name: w\nimage: x\nplacement:\n  tiers: [cloud, edge]\n  cpu_flags: [avx2]\n",
+            "name: w\nimage: x\nresources:\n  memory: 7Gi\n  cpus: 3\n",
+            "name: w\nimage: x\nplacement:\n  arch: arm64\n",
+        ] {
+            let s = spec(yaml);
+            let mut scores = Vec::new();
+            let mut filtered = Vec::new();
+            for c in &cands {
+                match feasibility(&s, c) {
+                    Ok(runtime) => scores.push(score(&s, c, runtime)),
+                    Err(reasons) => filtered.push(Filtered { node: c.info.name.clone(), reasons }),
+                }
+            }
+            scores.sort_by(|a, b| b.total.total_cmp(&a.total).then_with(|| a.node.cmp(&b.node)));
+            filtered.sort_by(|a, b| a.node.cmp(&b.node));
+            let d = place(&s, &cands);
+            assert_eq!(d, place(&s, &classed), "{yaml}");
+            assert_eq!((d.feasible_count, d.filtered_count), (scores.len(), filtered.len()), "{yaml}");
+            scores.truncate(MAX_LISTED);
+            filtered.truncate(MAX_LISTED);
+            assert_eq!(d.scores, scores, "{yaml}");
+            assert_eq!(d.filtered, filtered, "{yaml}");
+            assert_eq!(d.chosen, scores.first().map(|s| s.node.clone()), "{yaml}");
+        }
     }
 
     #[test]

@@ -252,6 +252,7 @@ mod tests {
                 load: Default::default(),
                 reserved_memory: 0,
                 reserved_cpus: 0.0,
+                runtime_class: None,
             }],
         );
         let n = NodeRecord {

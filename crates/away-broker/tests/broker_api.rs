@@ -539,3 +539,49 @@ async fn openapi_document_matches_the_served_routes() {
     }
     b.stop().await;
 }
+
+/// Concurrent submissions share transactions (group commit): each gets its own answer,
+/// a name submitted twice at once is placed once, the memory promised by earlier
+/// submissions of the same batch counts for the later ones, and every acknowledged
+/// workload is in the database after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submissions_are_placed_once_each_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let b = Arc::new(Running::start(&db).await);
+    // one node with room for exactly 16 workloads of 1 GiB
+    b.register(&node("only", Tier::Edge, CpuVendor::Intel), "127.0.0.1:1").await;
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let b = b.clone();
+            // w-0 .. w-19, each twice
+            let name = format!("w-{}", i % 20);
+            tokio::spawn(async move {
+                let body = json!({"name": name, "image": "x", "resources": {"memory": "1Gi", "cpus": 0.1}});
+                (name, b.post("/v1/workloads", body).await)
+            })
+        })
+        .collect();
+    let mut placed = BTreeSet::new();
+    let (mut conflicts, mut full) = (0, 0);
+    for c in calls {
+        let (name, (status, body)) = c.await.unwrap();
+        match status {
+            201 => assert!(placed.insert(name), "{body}"),
+            409 if body["code"] == "conflict" => conflicts += 1,
+            _ => {
+                assert!(body["message"].as_str().unwrap().contains("memory"), "{status} {body}");
+                full += 1;
+            }
+        }
+    }
+    assert_eq!(placed.len(), 16, "16 GiB hold 16 workloads of 1 GiB: {placed:?}");
+    assert_eq!(conflicts + full, 24, "the other 24 calls were a second submission or found the node full");
+    let b = Arc::into_inner(b).expect("no call left");
+    b.stop().await;
+    let b = Running::start(&db).await;
+    let (_, all) = b.get("/v1/workloads").await;
+    let kept: BTreeSet<String> = all.as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().into()).collect();
+    assert_eq!(kept, placed);
+    b.stop().await;
+}
