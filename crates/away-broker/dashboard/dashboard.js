@@ -85,7 +85,7 @@ function describe(err) {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const time = (ms) => (ms ? new Date(ms).toLocaleTimeString() : '');
-const mib = (n) => `${(n / 1048576).toFixed(1)} MiB`;
+const mib = (n) => (n < 1048576 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / 1048576).toFixed(1)} MiB`);
 const secs = (ms) => `${(ms / 1000).toFixed(2)} s`;
 
 function setConn(text) {
@@ -202,33 +202,48 @@ function tone(word) {
 const stateCell = (word) => el('span', { class: `state ${tone(word)}` }, word);
 
 function render() {
-  // re-rendering replaces the buttons: keep the keyboard focus where it was
-  const focused = document.activeElement && document.activeElement.id;
   renderNodes();
   renderWorkloads();
   renderMigrations();
-  if (focused && document.activeElement !== document.getElementById(focused)) {
-    const again = document.getElementById(focused);
-    if (again) again.focus();
-  }
   const online = state.nodes.filter((n) => n.state === 'online').length;
   setConn(`signed in · ${online}/${state.nodes.length} nodes online · updated ${time(Date.now())}`);
 }
 
+/**
+ * Make `box`'s children the `fresh` ones (each with an id), changing only what changed:
+ * a row whose cell reads the same keeps that cell, so a button being pressed or holding
+ * the keyboard focus is not swapped away under the user every refresh.
+ */
+function patch(box, fresh) {
+  const old = new Map([...box.children].map((c) => [c.id, c]));
+  fresh.forEach((node, i) => {
+    const prev = old.get(node.id);
+    let keep = node;
+    if (prev && prev.tagName === node.tagName) {
+      for (const a of prev.getAttributeNames()) if (!node.hasAttribute(a)) prev.removeAttribute(a);
+      for (const a of node.getAttributeNames()) prev.setAttribute(a, node.getAttribute(a));
+      const [was, now] = [[...prev.children], [...node.children]];
+      if (was.length !== now.length) prev.replaceChildren(...now);
+      else now.forEach((c, j) => was[j].outerHTML !== c.outerHTML && prev.replaceChild(c, was[j]));
+      keep = prev;
+    }
+    if (box.children[i] !== keep) box.insertBefore(keep, box.children[i] || null);
+  });
+  while (box.children.length > fresh.length) box.lastChild.remove();
+}
+
 function renderNodes() {
-  const box = $('#nodes');
-  box.replaceChildren();
-  if (!state.nodes.length) box.append(el('p', {}, 'No node has joined yet.'));
+  $('#no-nodes').hidden = state.nodes.length > 0;
   for (const tier of TIERS) {
     const nodes = state.nodes.filter((n) => n.tier === tier);
-    if (!nodes.length) continue;
+    $(`#tier-${tier}`).hidden = !nodes.length;
+    $(`#tier-${tier} h3`).textContent = `${tier} (${nodes.length})`;
     const rows = nodes.map((n) => {
       const info = n.info;
       const runtimes = info.runtimes.map(
         (r) => `${r.kind} ${r.version || '?'}${r.healthy ? '' : ' (unhealthy)'}${r.checkpoint ? ', checkpoints' : ''}`,
       );
       const cpu = typeof info.cpu.vendor === 'string' ? info.cpu.vendor : JSON.stringify(info.cpu.vendor);
-      const drainLabel = n.draining ? 'Undrain' : 'Drain';
       return el(
         'tr',
         { id: `node-${n.name}`, 'data-state': n.state, 'data-draining': n.draining },
@@ -246,39 +261,24 @@ function renderNodes() {
         el(
           'td',
           {},
-          el('button', { type: 'button', id: `drain-${n.name}`, onclick: () => drain(n.name, !n.draining) }, drainLabel),
+          el('button', { type: 'button', id: `drain-${n.name}`, 'data-node': n.name, 'data-action': 'drain' }, n.draining ? 'Undrain' : 'Drain'),
         ),
       );
     });
-    box.append(
-      el('h3', {}, `${tier} (${nodes.length})`),
-      el(
-        'div',
-        { class: 'table-wrap' },
-        el(
-          'table',
-          { 'aria-label': `${tier} nodes` },
-          el(
-            'thead',
-            {},
-            el('tr', {}, ['Node', 'State', 'Load', 'Runtimes', 'CPU', 'Workloads', 'Action'].map((h) => el('th', {}, h))),
-          ),
-          el('tbody', {}, rows),
-        ),
-      ),
-    );
+    patch($(`#tier-${tier} tbody`), rows);
   }
 }
 
 function renderWorkloads() {
-  const box = $('#workloads');
-  box.replaceChildren();
-  if (!state.workloads.length) {
-    box.append(el('p', {}, 'No workloads. Submit one from the Submit view.'));
-    return;
-  }
+  $('#no-workloads').hidden = state.workloads.length > 0;
+  $('#workload-table').hidden = !state.workloads.length;
   const rows = state.workloads.map((w) => {
-    const why = (state.explained.get(w.name) || {}).why || '';
+    // placed there, or moved there since (the placement answer is the submit's)
+    const moved = state.migrations
+      .filter((m) => m.workload === w.name && m.state === 'succeeded' && m.target === w.node)
+      .sort((a, b) => b.requested_ms - a.requested_ms)[0];
+    const placed = state.explained.get(w.name) || {};
+    const why = moved ? `moved here (${moved.id}): ${moved.why}` : placed.why || '';
     const armed = state.removeArmed === w.name;
     return el(
       'tr',
@@ -293,36 +293,17 @@ function renderWorkloads() {
       el(
         'td',
         {},
-        el('button', { type: 'button', id: `move-${w.name}`, onclick: () => openMove(w) }, 'Move…'),
+        el('button', { type: 'button', id: `move-${w.name}`, 'data-workload': w.name, 'data-action': 'move' }, 'Move…'),
         ' ',
         el(
           'button',
-          { type: 'button', id: `remove-${w.name}`, onclick: () => remove(w.name) },
+          { type: 'button', id: `remove-${w.name}`, 'data-workload': w.name, 'data-action': 'remove' },
           armed ? 'Confirm remove' : 'Remove',
         ),
       ),
     );
   });
-  box.append(
-    el(
-      'div',
-      { class: 'table-wrap' },
-      el(
-        'table',
-        { 'aria-label': 'Workloads' },
-        el(
-          'thead',
-          {},
-          el(
-            'tr',
-            {},
-            ['Workload', 'Node', 'Runtime', 'State', 'Address', 'Why there', 'Actions'].map((h) => el('th', {}, h)),
-          ),
-        ),
-        el('tbody', {}, rows),
-      ),
-    ),
-  );
+  patch($('#workload-table tbody'), rows);
 }
 
 /** How far a migration got: its record's state, or further if the events say so. */
@@ -334,17 +315,16 @@ function progressOf(m) {
 }
 
 function renderMigrations() {
-  const box = $('#migrations');
-  box.replaceChildren();
   const list = [...state.migrations].sort((a, b) => b.requested_ms - a.requested_ms).slice(0, 10);
-  if (!list.length) box.append(el('p', {}, 'None yet.'));
+  $('#no-migrations').hidden = list.length > 0;
+  const articles = [];
   for (const m of list) {
     const events = state.phases.get(m.id) || [];
     const value = progressOf(m);
     const word = value >= 3 && m.state !== 'failed' && m.state !== 'succeeded' ? 'finishing' : m.state;
     const phaseName = ['', 'requested', 'started on the source', m.state === 'failed' ? 'failed' : 'done'][value];
     const r = m.report;
-    box.append(
+    articles.push(
       el(
         'article',
         {
@@ -387,6 +367,7 @@ function renderMigrations() {
       ),
     );
   }
+  patch($('#migrations'), articles);
 }
 
 // ---- live events (fetch, not EventSource: EventSource cannot send the Authorization header) ----
@@ -486,20 +467,21 @@ function remove(name) {
     // a second press confirms: no dialog that blocks the page
     state.removeArmed = name;
     renderWorkloads();
-    $(`#remove-${CSS.escape(name)}`).focus();
     return;
   }
   state.removeArmed = null;
   act(`Remove ${name}`, () => api('DELETE', `/v1/workloads/${encodeURIComponent(name)}`));
 }
 
-function openMove(w) {
+function openMove(name) {
+  const w = state.workloads.find((x) => x.name === name);
+  if (!w) return;
   state.moving = w.name;
   $('#move-title').textContent = `Move ${w.name} from ${w.node}`;
   const targets = state.nodes.filter((n) => n.name !== w.node);
   $('#move-target').replaceChildren(
     el('option', { value: '' }, 'best (the broker chooses)'),
-    targets.map((n) => el('option', { value: n.name }, `${n.name} (${n.tier}, ${n.state})`)),
+    ...targets.map((n) => el('option', { value: n.name }, `${n.name} (${n.tier}, ${n.state})`)),
   );
   $('#move-form').hidden = false;
   $('#move-target').focus();
@@ -621,6 +603,16 @@ document.addEventListener('DOMContentLoaded', () => {
     if (f) $('#spec').value = await f.text();
   });
   $('#run').addEventListener('change', (e) => showRun(e.target.value));
+  // the rows' buttons, by what they are for (rows are redrawn; this listener stays)
+  $('#view-overview').addEventListener('click', (e) => {
+    const b = e.target.closest('button[data-action]');
+    if (!b) return;
+    if (b.dataset.action === 'drain') {
+      const n = state.nodes.find((x) => x.name === b.dataset.node);
+      if (n) drain(n.name, !n.draining);
+    } else if (b.dataset.action === 'move') openMove(b.dataset.workload);
+    else if (b.dataset.action === 'remove') remove(b.dataset.workload);
+  });
   const saved = sessionStorage.getItem(TOKEN_KEY);
   if (saved) signIn(saved);
   else $('#token').focus();

@@ -6,7 +6,7 @@
 //! | method | path | auth | answer |
 //! | --- | --- | --- | --- |
 //! | GET | / | none | the page (no data in it) |
-//! | GET | /ui/dashboard.js, /ui/dashboard.css | none | its script and style |
+//! | GET | /ui/dashboard.js, /ui/dashboard.css, /ui/favicon.svg | none | its script, style and icon |
 //! | GET | /ui/results | user | `[{"name", "files"}]`: the experiment runs of `--results DIR` |
 //! | GET | /ui/results/{run}/{file} | user | one of a run's files, read-only |
 //!
@@ -29,6 +29,7 @@ use crate::{Broker, Problem};
 const INDEX: &str = include_str!("../dashboard/index.html");
 const SCRIPT: &str = include_str!("../dashboard/dashboard.js");
 const STYLE: &str = include_str!("../dashboard/dashboard.css");
+const ICON: &str = include_str!("../dashboard/favicon.svg");
 
 /// What the page may load: only itself. No inline script or style, so an injected
 /// string in a workload's name or a message cannot run (the script also writes text,
@@ -51,6 +52,7 @@ pub fn routes() -> Router<Arc<Broker>> {
         .route("/", get(|| async { asset(INDEX, "text/html; charset=utf-8") }))
         .route("/ui/dashboard.js", get(|| async { asset(SCRIPT, "text/javascript; charset=utf-8") }))
         .route("/ui/dashboard.css", get(|| async { asset(STYLE, "text/css; charset=utf-8") }))
+        .route("/ui/favicon.svg", get(|| async { asset(ICON, "image/svg+xml") }))
         .route("/ui/results", get(list_runs))
         .route("/ui/results/{run}/{file}", get(run_file))
 }
@@ -176,7 +178,10 @@ mod tests {
 
     #[test]
     fn the_page_loads_only_its_own_assets() {
-        for (name, text) in [("index.html", INDEX), ("dashboard.js", SCRIPT), ("dashboard.css", STYLE)] {
+        let icon = ICON.replace(r#"xmlns="http://www.w3.org/2000/svg""#, "");
+        let assets =
+            [("index.html", INDEX), ("dashboard.js", SCRIPT), ("dashboard.css", STYLE), ("favicon.svg", &icon)];
+        for (name, text) in assets {
             for url in ["http://", "https://", "url(", "@import"] {
                 assert!(!text.contains(url), "{name} refers to {url}: nothing may be fetched from elsewhere");
             }
@@ -187,7 +192,7 @@ mod tests {
 
     #[test]
     fn the_page_is_small() {
-        let total = INDEX.len() + SCRIPT.len() + STYLE.len();
+        let total = INDEX.len() + SCRIPT.len() + STYLE.len() + ICON.len();
         assert!(total < 200 * 1024, "{total} bytes: the page weight target is 200 KiB");
     }
 }
