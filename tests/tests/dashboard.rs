@@ -22,6 +22,8 @@ use serde_json::{json, Value};
 const NAME: &str = "dash";
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// The WebDriver key code of Enter.
+const ENTER: &str = "\u{E007}";
 /// Scroll so that the workloads and the newest migration are on the screenshot.
 const SHOW_MIGRATION: &str = "document.querySelector('#workloads').scrollIntoView(); return null;";
 
@@ -115,6 +117,12 @@ impl Page {
         let e = self.c.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}"));
         e.clear().await.unwrap();
         e.send_keys(text).await.unwrap();
+    }
+
+    /// Keys to an element as it is (`ENTER` presses Enter), without clearing it first.
+    async fn type_into_more(&self, css: &str, keys: &str) {
+        let e = self.c.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}"));
+        e.send_keys(keys).await.unwrap_or_else(|e| panic!("keys to {css}: {e}"));
     }
 
     async fn js(&self, script: &str) -> Value {
@@ -236,9 +244,10 @@ async fn scenario(page: &Page, url: &str, token: &str) {
     page.shot("01-signin-wrong-token").await;
 
     // 2. the right token: both nodes, by tier, online, with their CPU and runtimes
+    // by keyboard: the token, then Enter
     page.type_into("#token", token).await;
     let signed_in = Instant::now();
-    page.click("#signin-button").await;
+    page.type_into_more("#token", ENTER).await;
     page.wait_text("#node-cloud", 20, |t| t.contains("online")).await;
     let polled = signed_in.elapsed();
     // measured in the page: from pressing sign in to the nodes and workloads drawn
@@ -281,7 +290,10 @@ async fn scenario(page: &Page, url: &str, token: &str) {
     page.shot("05-overview-running").await;
 
     // 6. move it to the laptop from the page and follow the progress bar
-    page.click("#move-counter").await;
+    // by keyboard: Enter on the row's Move… button opens the form with the focus on the target
+    page.type_into_more("#move-counter", ENTER).await;
+    let focused = page.js("return document.activeElement.id").await;
+    assert_eq!(focused, json!("move-target"), "the move form takes the focus");
     page.c.find(Locator::Css("#move-target")).await.unwrap().select_by_value("laptop").await.unwrap();
     page.click("#move-submit").await;
     let mut seen: Vec<u64> = Vec::new();
