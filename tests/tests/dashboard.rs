@@ -271,9 +271,20 @@ async fn scenario(page: &Page, url: &str, token: &str) {
     let refused = page.wait_text("#submit-error", 10, |t| !t.is_empty()).await;
     assert!(refused.contains("field resources.memory"), "the field is named: {refused}");
     page.shot("03-submit-error").await;
-    let spec = "name: counter\nimage: away/counter:latest\nenv:\n  COUNTER_PORT: \"18080\"\n\
-                resources:\n  memory: 64Mi\n  cpus: 0.25\n";
-    page.type_into("#spec", spec).await;
+    // counter uploaded as a file, as JSON (the bad one above was typed, as YAML)
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("counter.json");
+    let spec = json!({"name": "counter", "image": "away/counter:latest", "env": {"COUNTER_PORT": "18080"},
+                      "resources": {"memory": "64Mi", "cpus": 0.25}});
+    std::fs::write(&file, serde_json::to_string_pretty(&spec).unwrap()).unwrap();
+    page.type_into("#spec", "").await;
+    page.type_into_more("#spec-file", file.to_str().unwrap()).await;
+    let uploaded = wait_for_async(10, || async {
+        let e = page.c.find(Locator::Css("#spec")).await.ok()?;
+        e.prop("value").await.ok()?.filter(|v| v.contains("\"COUNTER_PORT\""))
+    })
+    .await;
+    assert!(uploaded.is_some(), "the uploaded file fills the spec");
     page.click("#submit-button").await;
     let placed = page.wait_text("#submit-result", 20, |t| t.contains("Placed") || t.contains("Refused")).await;
     assert!(placed.contains("Placed counter on cloud"), "{placed}");
