@@ -179,9 +179,15 @@ fn dashboard_signs_in_shows_the_cluster_and_moves_a_workload() {
             .await
             .expect("a Chromium session through chromedriver");
         let page = Page { c, shots: shots.clone() };
-        let result = scenario(&page, &info.broker_url, &info.user_token).await;
+        // a failed step still ends the browser session: killing chromedriver alone
+        // would leave its Chromium running
+        use futures_util::FutureExt;
+        let result =
+            std::panic::AssertUnwindSafe(scenario(&page, &info.broker_url, &info.user_token)).catch_unwind().await;
         let _ = page.c.close().await;
-        result
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
     });
     drop(driver);
     println!("screenshots: {}", shots.display());
