@@ -50,7 +50,9 @@ APT_PKGS=(runc containerd docker.io tini iptables busybox-static cpio
           protobuf-compiler libprotobuf-dev pkg-config libssl-dev sqlite3 libsqlite3-dev
           iproute2 ca-certificates gzip xz-utils zstd e2fsprogs fonts-dejavu-core python3-venv podman
           # a real server that drops privileges, packed into an image by tests/tests/nginx.rs
-          nginx-light)
+          nginx-light
+          # the web dashboard's e2e test (tests/tests/dashboard.rs): headless Chromium over WebDriver
+          chromium chromium-driver)
 QEMU_PKGS=(qemu-system-x86 qemu-utils)
 
 pkg_installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" = "ii " ]; }

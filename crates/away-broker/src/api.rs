@@ -129,6 +129,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/events", get(events))
         .route("/v1/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        // the web page and its files: not API, not in the OpenAPI document (dashboard.rs)
+        .merge(crate::dashboard::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(broker.clone(), count_requests))
@@ -156,7 +158,7 @@ async fn wrong_method() -> Response {
 }
 
 /// The bearer token of a request, if any.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then_some(token.trim()).filter(|t| !t.is_empty())

@@ -3,6 +3,7 @@
 //!
 //! * [`api`]: the HTTP JSON API under `/v1` for users (nodes, workloads, migrations,
 //!   events) and agents (register, heartbeat), plus `/metrics` and the OpenAPI document;
+//! * [`dashboard`]: the web page at `/` that drives that same API with a user token;
 //! * [`placement`]: two-phase placement (filters with reasons, then scores with parts);
 //! * [`broker`]: the state and what requests do to it;
 //! * [`reconcile`]: the offline-first reconciliation rules of heartbeats, as a pure function;
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod group_commit;
@@ -52,6 +54,8 @@ pub struct BrokerConfig {
     pub heartbeat_interval: Duration,
     /// Silence after which a node counts as offline (e.g. three missed heartbeats).
     pub node_timeout: Duration,
+    /// Experiment results (`docs/results`) the dashboard shows read-only to signed-in users.
+    pub results_dir: Option<PathBuf>,
 }
 
 impl BrokerConfig {
@@ -66,6 +70,7 @@ impl BrokerConfig {
             join_token,
             heartbeat_interval,
             node_timeout: heartbeat_interval * 3,
+            results_dir: None,
         }
     }
 }

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// Run the broker: the HTTP JSON API under /v1 (nodes, workloads, migrations, events),
-/// /metrics, and the agents' registration and heartbeats. State lives in SQLite.
+/// /metrics, the agents' registration and heartbeats, and the web dashboard at /
+/// (sign in with a user token). State lives in SQLite.
 ///
 /// Examples:
 ///   away broker --join-token "$JOIN" --user-token "$ME"
@@ -29,6 +30,9 @@ pub struct BrokerArgs {
     /// Seconds between agent heartbeats
     #[arg(long, default_value_t = 1.0)]
     heartbeat_interval: f64,
+    /// Experiment results directory (e.g. docs/results) the dashboard shows, read-only, to signed-in users
+    #[arg(long, value_name = "DIR")]
+    results: Option<PathBuf>,
 }
 
 pub fn run(a: BrokerArgs) -> anyhow::Result<ExitCode> {
@@ -38,6 +42,10 @@ pub fn run(a: BrokerArgs) -> anyhow::Result<ExitCode> {
     config.db_path = a.db;
     config.heartbeat_interval = interval;
     config.node_timeout = interval * 3 + Duration::from_secs(2);
+    if let Some(dir) = &a.results {
+        anyhow::ensure!(dir.is_dir(), "--results {}: not a directory", dir.display());
+    }
+    config.results_dir = a.results;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     eprintln!("away broker on http://{}", config.listen);
     rt.block_on(away_broker::run(config))?;
