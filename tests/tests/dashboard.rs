@@ -130,6 +130,12 @@ impl Page {
     }
 }
 
+/// The migration card of counter as one value (or null): progress, state, text, events.
+const MIGRATION_CARD: &str = "const m = document.querySelector('article.migration[data-workload=counter]'); \
+     if (!m) return null; const p = m.querySelector('progress'); \
+     return {value: p ? Number(p.value) : 0, state: m.dataset.state || '', text: m.textContent, \
+     events: m.dataset.events || ''};";
+
 #[test]
 fn dashboard_signs_in_shows_the_cluster_and_moves_a_workload() {
     if !require_root()
@@ -318,21 +324,23 @@ async fn scenario(page: &Page, url: &str, token: &str) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let (events, state) = loop {
         assert!(Instant::now() < deadline, "the migration did not finish in the page; seen {seen:?}");
-        if let Ok(m) = page.c.find(Locator::Css("article.migration[data-workload=counter]")).await {
-            let value = m.find(Locator::Css("progress")).await.unwrap().attr("value").await.unwrap();
-            let value: u64 = value.and_then(|v| v.parse().ok()).unwrap_or(0);
+        // read the card in one script: the page redraws it as events arrive, so an
+        // element found in one WebDriver call may be gone by the next
+        let card = page.js(MIGRATION_CARD).await;
+        if !card.is_null() {
+            let value = card["value"].as_u64().unwrap_or(0);
             if seen.last() != Some(&value) {
                 seen.push(value);
             }
-            let state = m.attr("data-state").await.unwrap().unwrap_or_default();
+            let state = card["state"].as_str().unwrap_or_default().to_string();
             if value < 3 && !shot_in_progress {
                 page.js(SHOW_MIGRATION).await;
                 page.shot("06-migration-in-progress").await;
                 shot_in_progress = true;
             }
-            let text = m.text().await.unwrap_or_default();
+            let text = card["text"].as_str().unwrap_or_default();
             if state == "succeeded" && text.contains("bytes on the wire") || state == "failed" {
-                break (m.attr("data-events").await.unwrap().unwrap_or_default(), state);
+                break (card["events"].as_str().unwrap_or_default().to_string(), state);
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

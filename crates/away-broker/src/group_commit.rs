@@ -4,64 +4,113 @@
 //! fsync, not placement, bounds how many submissions a second one transaction each
 //! allows).
 //!
-//! The first waiter to get the leader's lock takes every queued request, runs the batch
-//! and hands each request its answer; the others find theirs already there when they
-//! get the lock. Nothing here knows what a request is; the broker passes the batch.
-//! (Written by hand: the pattern is twenty lines over std's Mutex, and the crates that
-//! offer it are async or tied to one database.)
+//! When no batch is running, a caller takes the lead: it takes every queued request,
+//! runs the batch outside the lock and posts each answer; the others wait on a condition
+//! variable for theirs (or for the lead to be free again). Nothing here knows what a
+//! request is; the broker passes the batch. (Written by hand: the pattern is a few lines
+//! over std's Mutex and Condvar, and the crates that offer it are async or tied to one
+//! database.)
 
-use std::sync::{Arc, Mutex, MutexGuard};
-
-/// A request's answer, filled in by whichever caller led its batch.
-type Slot<A> = Arc<Mutex<Option<A>>>;
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 pub struct GroupCommit<Q, A> {
-    queue: Mutex<Vec<(Q, Slot<A>)>>,
-    leader: Mutex<()>,
+    state: Mutex<State<Q, A>>,
+    /// Signalled when a batch's answers are in (or its leader gave up the lead).
+    answered: Condvar,
 }
 
-/// A poisoned lock here only means a batch panicked: the queue and the slots are still
-/// well-formed vectors and options.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+struct State<Q, A> {
+    /// Requests not yet taken by a batch, with their tickets.
+    queue: Vec<(u64, Q)>,
+    /// Answers not yet picked up, by ticket.
+    answers: HashMap<u64, A>,
+    next_ticket: u64,
+    /// A caller is running a batch (outside the lock).
+    leading: bool,
+    /// Tickets of a batch that panicked: they will never be answered.
+    lost: Vec<u64>,
 }
 
 impl<Q, A> Default for GroupCommit<Q, A> {
     fn default() -> Self {
-        GroupCommit { queue: Mutex::new(Vec::new()), leader: Mutex::new(()) }
+        let state =
+            State { queue: Vec::new(), answers: HashMap::new(), next_ticket: 0, leading: false, lost: Vec::new() };
+        GroupCommit { state: Mutex::new(state), answered: Condvar::new() }
+    }
+}
+
+/// The lead, given up even when the batch panics (its tickets, still held then, are
+/// marked lost so that their callers fail instead of waiting forever).
+struct Lead<'a, Q, A> {
+    of: &'a GroupCommit<Q, A>,
+    tickets: Vec<u64>,
+}
+
+impl<Q, A> Drop for Lead<'_, Q, A> {
+    fn drop(&mut self) {
+        let mut state = self.of.lock();
+        state.leading = false;
+        state.lost.append(&mut self.tickets);
+        drop(state);
+        self.of.answered.notify_all();
     }
 }
 
 impl<Q, A> GroupCommit<Q, A> {
+    /// A poisoned lock only means a batch panicked while answering: the state is still
+    /// a well-formed queue and map.
+    fn lock(&self) -> MutexGuard<'_, State<Q, A>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Queue `request` and return its answer. `batch` gets every request queued when
     /// this caller leads (its own among them, in arrival order) and must answer each,
     /// in the same order.
     ///
     /// # Panics
-    /// If `batch` answers fewer requests than it was given, or a batch that took this
-    /// request panicked.
+    /// If `batch` answers fewer requests than it was given, or if it panics: in the
+    /// caller that led it and in every caller whose request was in that batch.
     pub fn submit(&self, request: Q, batch: impl FnOnce(Vec<Q>) -> Vec<A>) -> A {
-        let slot: Slot<A> = Arc::default();
-        lock(&self.queue).push((request, slot.clone()));
-        let _leading = lock(&self.leader);
-        // a leader before us may have taken our request with its batch
-        if let Some(answer) = lock(&slot).take() {
-            return answer;
+        // a caller leads at most once: its own request is in the batch it runs
+        let mut batch = Some(batch);
+        let mut state = self.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.queue.push((ticket, request));
+        loop {
+            if let Some(answer) = state.answers.remove(&ticket) {
+                return answer;
+            }
+            if let Some(i) = state.lost.iter().position(|t| *t == ticket) {
+                state.lost.swap_remove(i);
+                drop(state);
+                panic!("the batch that took this request panicked before answering it");
+            }
+            if state.leading {
+                state = self.answered.wait(state).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // lead: take everything queued, run it outside the lock
+            state.leading = true;
+            let (tickets, requests): (Vec<u64>, Vec<Q>) = std::mem::take(&mut state.queue).into_iter().unzip();
+            drop(state);
+            let mut lead = Lead { of: self, tickets };
+            let run = batch.take().expect("a caller leads once: its own request is in the batch it runs");
+            let answers = run(requests);
+            assert_eq!(answers.len(), lead.tickets.len(), "a batch answers every request it was given");
+            let tickets = std::mem::take(&mut lead.tickets);
+            self.lock().answers.extend(tickets.into_iter().zip(answers));
+            drop(lead);
+            state = self.lock();
         }
-        let (requests, slots): (Vec<Q>, Vec<Slot<A>>) = std::mem::take(&mut *lock(&self.queue)).into_iter().unzip();
-        let answers = batch(requests);
-        assert_eq!(answers.len(), slots.len(), "a batch answers every request it was given");
-        for (s, a) in slots.iter().zip(answers) {
-            *lock(s) = Some(a);
-        }
-        let answer = lock(&slot).take();
-        answer.expect("our request was queued before we led, so our batch answered it")
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
@@ -86,6 +135,26 @@ mod tests {
         }
         let n = batches.load(Ordering::Relaxed);
         assert!((1..64).contains(&n), "64 concurrent requests went in {n} batches");
+    }
+
+    #[test]
+    fn a_batch_that_panics_fails_its_callers_and_the_next_batch_runs() {
+        let gc: Arc<GroupCommit<u32, u32>> = Arc::default();
+        let gate = Arc::new(std::sync::Barrier::new(2));
+        let (g, b) = (gc.clone(), gate.clone());
+        // the leader waits until a second request is queued, then panics
+        let leader = std::thread::spawn(move || {
+            g.submit(1, |_| {
+                b.wait();
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                panic!("batch bug")
+            })
+        });
+        gate.wait();
+        // queued while the panicking batch runs: it goes in the next batch
+        assert_eq!(gc.submit(2, |qs| qs), 2);
+        assert!(leader.join().is_err());
+        assert_eq!(gc.submit(3, |qs| qs), 3);
     }
 
     #[test]
