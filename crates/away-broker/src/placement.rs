@@ -32,10 +32,16 @@ pub const MAX_STORED: usize = 5;
 
 /// The decision with its lists cut to `n` entries (counts and the sentence stay).
 pub fn shortened(d: &PlacementDecision, n: usize) -> PlacementDecision {
+    // field by field: `..d.clone()` would copy both long lists only to drop them
     PlacementDecision {
+        workload: d.workload.clone(),
+        chosen: d.chosen.clone(),
+        runtime: d.runtime.clone(),
         scores: d.scores.iter().take(n).cloned().collect(),
         filtered: d.filtered.iter().take(n).cloned().collect(),
-        ..d.clone()
+        feasible_count: d.feasible_count,
+        filtered_count: d.filtered_count,
+        why: d.why.clone(),
     }
 }
 
@@ -235,20 +241,26 @@ impl RuntimeClasses {
     }
 }
 
-/// The runtime rule's answer per class during one placement: a container (`Ok(true)`),
-/// a VM, or no runtime.
+/// The runtime rule's answer per class during one placement (a node without a class
+/// is asked on its own each time).
 struct Verdicts {
-    by_class: Vec<Option<Result<bool, ()>>>,
+    by_class: Vec<Option<Result<RuntimeDecision, String>>>,
+    unclassed: Option<Result<RuntimeDecision, String>>,
 }
 
 impl Verdicts {
-    fn of(&mut self, spec: &WorkloadSpec, c: &Candidate) -> Result<bool, ()> {
-        let ask = || runtime_for(spec, c.info).map(|d| d.runtime.is_container()).map_err(|_| ());
-        let Some(class) = c.runtime_class.map(|k| k as usize) else { return ask() };
-        if class >= self.by_class.len() {
-            self.by_class.resize(class + 1, None);
-        }
-        *self.by_class[class].get_or_insert_with(ask)
+    fn of(&mut self, spec: &WorkloadSpec, c: &Candidate) -> Result<&RuntimeDecision, &str> {
+        let ask = || runtime_for(spec, c.info).map_err(|e| e.reason);
+        let slot = match c.runtime_class.map(|k| k as usize) {
+            Some(class) => {
+                if class >= self.by_class.len() {
+                    self.by_class.resize(class + 1, None);
+                }
+                self.by_class[class].get_or_insert_with(ask)
+            }
+            None => self.unclassed.insert(ask()),
+        };
+        slot.as_ref().map_err(String::as_str)
     }
 }
 
@@ -257,14 +269,13 @@ impl Verdicts {
 /// and score parts; the others are checked and scored without formatting anything, so
 /// a placement over a thousand nodes costs microseconds per node, not allocations.
 pub fn place(spec: &WorkloadSpec, candidates: &[Candidate]) -> PlacementDecision {
-    let mut verdicts = Verdicts { by_class: Vec::new() };
+    let mut verdicts = Verdicts { by_class: Vec::new(), unclassed: None };
     let mut feasible: Vec<(f64, usize)> = Vec::new();
     let mut infeasible: Vec<usize> = Vec::new();
     for (i, c) in candidates.iter().enumerate() {
-        let verdict = verdicts.of(spec, c);
+        let verdict = verdicts.of(spec, c).map(|d| d.runtime.is_container());
         if check(spec, c, verdict.map(|_| ()).map_err(|_| ""), None) {
-            let container = verdict.unwrap_or(false);
-            feasible.push((Parts::of(spec, c, container).total(), i));
+            feasible.push((Parts::of(spec, c, verdict.unwrap_or(false)).total(), i));
         } else {
             infeasible.push(i);
         }
@@ -281,8 +292,8 @@ pub fn place(spec: &WorkloadSpec, candidates: &[Candidate]) -> PlacementDecision
         .take(MAX_LISTED)
         .map(|&(_, i)| {
             let c = &candidates[i];
-            // a feasible node's rule gave a runtime: ask it again for the sentence
-            score(spec, c, runtime_for(spec, c.info).expect("feasible nodes have a runtime"))
+            let runtime = verdicts.of(spec, c).expect("a feasible node has a runtime").clone();
+            score(spec, c, runtime)
         })
         .collect();
     let filtered: Vec<Filtered> = infeasible
@@ -290,7 +301,10 @@ pub fn place(spec: &WorkloadSpec, candidates: &[Candidate]) -> PlacementDecision
         .take(MAX_LISTED)
         .map(|&i| {
             let c = &candidates[i];
-            Filtered { node: c.info.name.clone(), reasons: feasibility(spec, c).err().unwrap_or_default() }
+            let mut reasons = Vec::new();
+            let runtime = verdicts.of(spec, c).map(|_| ());
+            check(spec, c, runtime, Some(&mut reasons));
+            Filtered { node: c.info.name.clone(), reasons }
         })
         .collect();
     let why = match scores.first() {
