@@ -483,3 +483,65 @@ async fn connections_transfers_and_spool_are_bounded_and_abandoned_ones_expire()
     assert!(outcome.verdict.ok, "{:?}", outcome.verdict);
     task.abort();
 }
+
+/// A receiver told to stop ends a transfer between chunks at once, its spool synced; a
+/// receiver started again on the same spool takes it over and the sender resumes where
+/// it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_receiver_leaves_resumable_spools_for_the_next_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let sha = "0".repeat(64);
+    let chunk = 64u64 << 10;
+    let chunk_frame = |index: u64| {
+        let data = vec![index as u8; chunk as usize];
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&data).into();
+        let body =
+            [index.to_be_bytes().to_vec(), (chunk as u32).to_be_bytes().to_vec(), vec![0u8], digest.to_vec(), data]
+                .concat();
+        frame(3, &body)
+    };
+    let resume_of = |answer: &[u8]| -> u64 {
+        assert_eq!(answer[0], 2, "a resume frame");
+        serde_json::from_slice::<serde_json::Value>(&answer[5..]).unwrap()["have"].as_u64().unwrap()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(Receiver::from_listener(listener, spool.clone()).serve_until(
+        |_p: ReceivedPayload| async { Verdict::ok("restored") },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&hello("kept", 4 * chunk, chunk, &sha)).await.unwrap();
+    s.write_all(&[chunk_frame(0), chunk_frame(1)].concat()).await.unwrap();
+    let mut answer = [0u8; 64];
+    let n = s.read(&mut answer).await.unwrap();
+    assert_eq!(resume_of(&answer[..n]), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = std::time::Instant::now();
+    stop_tx.send(()).unwrap();
+    let open = tokio::time::timeout(Duration::from_secs(5), first).await.expect("stops promptly").unwrap().unwrap();
+    assert_eq!(open, 0, "no connection left busy");
+    assert!(stopped.elapsed() < Duration::from_secs(2), "took {:?}", stopped.elapsed());
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the cut connection closes");
+    assert!(spool.join("kept/progress.json").exists(), "the spool stays for the sender");
+
+    // the next receiver on the same spool: the sender resumes at chunk 2
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let second = tokio::spawn(
+        Receiver::from_listener(listener, spool.clone()).serve(|_p: ReceivedPayload| async { Verdict::ok("restored") }),
+    );
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&hello("kept", 4 * chunk, chunk, &sha)).await.unwrap();
+    let n = s.read(&mut answer).await.unwrap();
+    assert_eq!(resume_of(&answer[..n]), 2, "the sender resumes where the stopped receiver was");
+    second.abort();
+}

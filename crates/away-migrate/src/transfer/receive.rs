@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::payload::{self, hex};
@@ -134,6 +134,22 @@ impl Receiver {
         H: Fn(ReceivedPayload) -> F + Send + Sync + 'static,
         F: Future<Output = Verdict> + Send + 'static,
     {
+        self.serve_until(handler, std::future::pending()).await.map(|_| ())
+    }
+
+    /// [`Receiver::serve`] until `stop` resolves; then no connection is accepted, transfers
+    /// still receiving chunks end (their spools synced: the sender resumes them from a
+    /// receiver started again), and those whose handler runs are waited for, up to a
+    /// minute. Returns how many connections were still open after that.
+    pub async fn serve_until<H, F>(
+        self,
+        handler: H,
+        stop: impl Future<Output = ()> + Send,
+    ) -> Result<usize, TransferError>
+    where
+        H: Fn(ReceivedPayload) -> F + Send + Sync + 'static,
+        F: Future<Output = Verdict> + Send + 'static,
+    {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -158,6 +174,7 @@ impl Receiver {
             options: self.options,
             registry,
             dropped: AtomicU64::new(0),
+            stopping: watch::channel(false).0,
             handler,
         });
         let _sweeper = AbortOnDrop(tokio::spawn(sweep(ctx.clone())));
@@ -167,8 +184,13 @@ impl Receiver {
             max_spool_bytes = ctx.options.max_spool_bytes, max_payload_bytes = ctx.options.max_payload_bytes,
             "receiving transfers"
         );
+        let mut stop = std::pin::pin!(stop);
         loop {
-            match self.listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = &mut stop => break,
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
                         refuse_busy(stream, peer, &ctx);
@@ -196,6 +218,32 @@ impl Receiver {
                 }
             }
         }
+        drop(self.listener);
+        ctx.stopping.send_replace(true);
+        let all = ctx.options.max_connections.max(1);
+        let open = all - ctx.connections.available_permits();
+        if open > 0 {
+            info!(open, "receiver stopping: cutting transfers between chunks, waiting for restores under way");
+        }
+        let permits = u32::try_from(all).unwrap_or(u32::MAX);
+        let drain = STOP_DRAIN;
+        if tokio::time::timeout(drain, ctx.connections.acquire_many(permits)).await.is_err() {
+            let open = all - ctx.connections.available_permits();
+            warn!(open, "receiver stopped with {open} connections still busy after {drain:?} (their restores end with the process)");
+            return Ok(open);
+        }
+        Ok(0)
+    }
+}
+
+/// How long a stopping receiver waits for the handlers (restores) under way.
+const STOP_DRAIN: Duration = Duration::from_secs(60);
+
+/// `fut`, or None once the receiver stops.
+async fn unless_stopping<T>(stopping: &mut watch::Receiver<bool>, fut: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        r = fut => Some(r),
+        _ = stopping.wait_for(|s| *s) => None,
     }
 }
 
@@ -216,6 +264,8 @@ struct Ctx<H> {
     connections: Arc<Semaphore>,
     /// Connections refused or dropped (garbage, silence, over the limit) since the last sweep.
     dropped: AtomicU64,
+    /// True once the receiver stops: connections end at their next read.
+    stopping: watch::Sender<bool>,
     handler: H,
 }
 
@@ -508,8 +558,10 @@ where
     let silent = |t: Duration| io::Error::new(io::ErrorKind::TimedOut, format!("sender silent for {t:?}"));
     // the handshake's first frame comes at once, or the connection goes: idle and garbage
     // connections must not hold on to the receiver's connection slots
-    let (mut frame, mut hello_wire) =
-        tokio::time::timeout(handshake, wire::read_frame(&mut stream, 0)).await.map_err(|_| silent(handshake))??;
+    let mut stopping = ctx.stopping.subscribe();
+    let first = tokio::time::timeout(handshake, wire::read_frame(&mut stream, 0));
+    let Some(first) = unless_stopping(&mut stopping, first).await else { return Ok(()) };
+    let (mut frame, mut hello_wire) = first.map_err(|_| silent(handshake))??;
     let mut warm_ups = 0;
     while let Frame::WarmUp(_) = frame {
         // a sender warming the connection up before its pause: answer, wait for the hello
@@ -519,8 +571,9 @@ where
             return fail_within(&mut stream, format!("more than {MAX_WARM_UPS} warm-up frames"), EARLY_DRAIN).await;
         }
         wire::write_frame(&mut stream, &Frame::WarmUp(0)).await?;
-        (frame, hello_wire) =
-            tokio::time::timeout(idle, wire::read_frame(&mut stream, 0)).await.map_err(|_| silent(idle))??;
+        let next = tokio::time::timeout(idle, wire::read_frame(&mut stream, 0));
+        let Some(next) = unless_stopping(&mut stopping, next).await else { return Ok(()) };
+        (frame, hello_wire) = next.map_err(|_| silent(idle))??;
     }
     let hello = match frame {
         Frame::Hello(h) => h,
@@ -588,8 +641,12 @@ where
     let mut resyncing = false;
     let mut rejections = 0u32;
     loop {
-        let (frame, wire_len) = match tokio::time::timeout(idle, wire::read_frame(&mut stream, hello.chunk_size)).await
-        {
+        let read = tokio::time::timeout(idle, wire::read_frame(&mut stream, hello.chunk_size));
+        let Some(read) = unless_stopping(&mut stopping, read).await else {
+            info!(%peer, transfer_id = %id, have = expected, "receiver stopping: the transfer's spool stays for its sender to resume");
+            return Ok(());
+        };
+        let (frame, wire_len) = match read {
             Err(_) => return Err(timed_out()),
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 debug!(%peer, transfer_id = %id, expected, "sender closed the connection");
