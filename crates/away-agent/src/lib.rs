@@ -325,6 +325,8 @@ pub async fn run(
     let why = {
         let mut rx = stopped.clone();
         tokio::select! {
+            // first: a server that ended because of the stop is no failure
+            biased;
             why = rx.wait_for(Option::is_some) => why.ok().and_then(|w| *w).unwrap_or("stop"),
             served = &mut server => {
                 // the API server ended by itself: a failure

@@ -199,9 +199,10 @@ impl Receiver {
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
                         if let Err(e) = handle_connection(stream, peer, &ctx).await {
-                            if e.kind() == io::ErrorKind::InvalidData || e.kind() == io::ErrorKind::TimedOut {
-                                // garbage or silence: counted, summed up by the sweeper (a
-                                // flood must not flood the log too)
+                            use io::ErrorKind::{InvalidData, TimedOut, UnexpectedEof};
+                            if matches!(e.kind(), InvalidData | TimedOut | UnexpectedEof) {
+                                // garbage, silence or a hang-up: counted, summed up by the
+                                // sweeper (a flood must not flood the log too)
                                 ctx.dropped.fetch_add(1, Ordering::Relaxed);
                                 debug!(%peer, error = %e, "transfer connection dropped");
                             } else {
