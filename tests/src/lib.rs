@@ -252,6 +252,13 @@ impl Node {
     }
 }
 
+impl LocalAgent {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for LocalAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -152,7 +152,8 @@ fn broker_stops_on_sigterm_with_an_event_stream_open() {
     let get = |path: &str| -> Option<String> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
+            .ok()?;
         let mut resp = String::new();
         s.read_to_string(&mut resp).ok()?;
         resp.starts_with("HTTP/1.1 200").then_some(resp)
@@ -184,8 +185,8 @@ fn cluster_up_stopped_while_starting_leaves_nothing() {
         return;
     }
     // a name whose subnet no interface of this host uses (other tests' clusters)
-    let addrs = String::from_utf8_lossy(&Command::new("ip").args(["-o", "-4", "addr"]).output().unwrap().stdout)
-        .to_string();
+    let addrs =
+        String::from_utf8_lossy(&Command::new("ip").args(["-o", "-4", "addr"]).output().unwrap().stdout).to_string();
     let name = (0..50)
         .map(|i| format!("bs{}", (std::process::id() + i) % 100_000))
         .find(|n| {
@@ -214,11 +215,10 @@ fn cluster_up_stopped_while_starting_leaves_nothing() {
     for pid in [Some(started), broker].into_iter().flatten() {
         assert!(!process_runs(pid), "pid {pid} it started still runs");
     }
-    let netns = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout)
-        .to_string();
+    let netns =
+        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).to_string();
     assert!(!netns.contains(&format!("away-{name}-")), "namespace left: {netns}");
-    let links = String::from_utf8_lossy(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout)
-        .to_string();
+    let links = String::from_utf8_lossy(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).to_string();
     assert!(!links.contains(&format!("awb-{name}")), "bridge left");
     assert!(!Path::new("/var/lib/away/cluster").join(&name).exists(), "state left");
     assert!(!run.join("cluster.json").exists());
