@@ -81,8 +81,8 @@ fn a_sigkilled_agent_leaves_nothing_running_that_nobody_owns() {
         return;
     }
     // a cluster name whose subnet no interface of this host uses
-    let addrs = String::from_utf8_lossy(&Command::new("ip").args(["-o", "-4", "addr"]).output().unwrap().stdout)
-        .to_string();
+    let addrs =
+        String::from_utf8_lossy(&Command::new("ip").args(["-o", "-4", "addr"]).output().unwrap().stdout).to_string();
     let name = (0..50)
         .map(|i| format!("sk{}", (std::process::id() + i) % 100_000))
         .find(|n| !addrs.contains(&format!("10.213.{}.", away_cluster::gateway(n).octets()[2])))
@@ -157,9 +157,8 @@ fn a_sigkilled_agent_leaves_nothing_running_that_nobody_owns() {
 
     // the lazy phase: the target's page daemon (criu lazy-pages under its shell) runs
     let target_dir = base().join("target").display().to_string();
-    let daemon = || {
-        processes().filter(|p| p.runs() && p.cmdline_contains("lazy-pages") && p.cmdline_contains(&target_dir))
-    };
+    let daemon =
+        || processes().filter(|p| p.runs() && p.cmdline_contains("lazy-pages") && p.cmdline_contains(&target_dir));
     let t = Instant::now();
     let mut daemons: Vec<u32> = Vec::new();
     while t.elapsed() < Duration::from_secs(120) && daemons.is_empty() {
@@ -182,7 +181,8 @@ fn a_sigkilled_agent_leaves_nothing_running_that_nobody_owns() {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut mover.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(!moved.success(), "the target's agent died: the move cannot succeed");
-    let after = wait_for(30, || memload(&src_ip).filter(|s| s.0 > before.0 + 3)).expect("memload beats on at the source");
+    let after =
+        wait_for(30, || memload(&src_ip).filter(|s| s.0 > before.0 + 3)).expect("memload beats on at the source");
     assert_eq!(after.1, before.1, "the source restarted instead of resuming: {stderr}");
 
     // nothing of the move runs on the target any more, without any agent
@@ -202,8 +202,10 @@ fn a_sigkilled_agent_leaves_nothing_running_that_nobody_owns() {
     let vm_dir = base().join("target/run/qemu/sk-vm").display().to_string();
     let qemus: Vec<u32> = processes().filter(|p| p.runs() && p.cmdline_contains(&vm_dir)).map(|p| p.pid).collect();
     assert_eq!(qemus, vec![vm_pid], "exactly the one QEMU of the VM");
-    let leftovers: Vec<u32> =
-        processes().filter(|p| p.runs() && p.cmdline_contains(&target_dir) && p.cmdline_contains("criu")).map(|p| p.pid).collect();
+    let leftovers: Vec<u32> = processes()
+        .filter(|p| p.runs() && p.cmdline_contains(&target_dir) && p.cmdline_contains("criu"))
+        .map(|p| p.pid)
+        .collect();
     assert!(leftovers.is_empty(), "criu processes left: {leftovers:?}");
     assert_eq!(ps(source, "source").iter().filter(|w| w["name"] == "sk-mem" && w["state"] == "running").count(), 1);
     // the adopted VM obeys: it stops and goes
