@@ -81,12 +81,7 @@ fn a_sigkilled_agent_leaves_nothing_running_that_nobody_owns() {
         return;
     }
     // a cluster name whose subnet no interface of this host uses
-    let addrs =
-        String::from_utf8_lossy(&Command::new("ip").args(["-o", "-4", "addr"]).output().unwrap().stdout).to_string();
-    let name = (0..50)
-        .map(|i| format!("sk{}", (std::process::id() + i) % 100_000))
-        .find(|n| !addrs.contains(&format!("10.213.{}.", away_cluster::gateway(n).octets()[2])))
-        .expect("a free subnet");
+    let name = away_e2e::free_cluster_name("sk");
     std::fs::create_dir_all(base()).unwrap();
     let plan = ClusterPlan {
         name: name.clone(),

@@ -185,15 +185,7 @@ fn cluster_up_stopped_while_starting_leaves_nothing() {
         return;
     }
     // a name whose subnet no interface of this host uses (other tests' clusters)
-    let addrs =
-        String::from_utf8_lossy(&Command::new("ip").args(["-o", "-4", "addr"]).output().unwrap().stdout).to_string();
-    let name = (0..50)
-        .map(|i| format!("bs{}", (std::process::id() + i) % 100_000))
-        .find(|n| {
-            let gw = away_cluster::gateway(n).octets();
-            !addrs.contains(&format!("10.213.{}.", gw[2]))
-        })
-        .expect("a free subnet");
+    let name = away_e2e::free_cluster_name("bs");
     let run = Path::new("/run/away/cluster").join(&name);
     let mut child = Command::new(away_bin())
         .args(["cluster", "up", "--name", &name, "--node", "n1=cloud"])
