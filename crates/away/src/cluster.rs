@@ -73,7 +73,9 @@ fn up_until_stopped(plan: &ClusterPlan) -> anyhow::Result<Result<away_cluster::C
             Err(away_cluster::ClusterError::Stopped) => Ok(Err(why)),
             // it was up before the stop was seen: a stop undoes it all the same
             Ok(_) => {
-                away_cluster::down(&plan.name);
+                // (down runs a runtime of its own: not on this one's thread)
+                let name = plan.name.clone();
+                tokio::task::spawn_blocking(move || away_cluster::down(&name)).await?;
                 Ok(Err(why))
             }
             Err(e) => Err(e.into()),
