@@ -131,6 +131,17 @@ pub fn lab_image(app: &str) -> PathBuf {
     tar
 }
 
+/// A name for a local cluster, `PREFIX` and digits, whose subnet (10.213.K.0/24) no
+/// interface of this host uses right now (other tests' clusters).
+pub fn free_cluster_name(prefix: &str) -> String {
+    let out = Command::new("ip").args(["-o", "-4", "addr"]).output().expect("run ip addr");
+    let addrs = String::from_utf8_lossy(&out.stdout).to_string();
+    (0..50)
+        .map(|i| format!("{prefix}{}", (std::process::id() + i) % 100_000))
+        .find(|n| !addrs.contains(&format!("10.213.{}.", away_cluster::gateway(n).octets()[2])))
+        .expect("a cluster subnet no interface uses")
+}
+
 /// A TCP port free on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
     away_runtime::host::free_loopback_port().expect("bind 127.0.0.1:0")
@@ -249,6 +260,13 @@ impl Node {
             panic!("agent did not listen on {}", agent.api);
         }
         agent
+    }
+}
+
+impl LocalAgent {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

@@ -107,16 +107,21 @@ async fn node(State(agent): State<Arc<Agent>>) -> Json<TargetInfo> {
     Json(TargetInfo { node: agent.node_info().await, transfer_addr: agent.transfer_addr() })
 }
 
-/// The workload's output so far, as plain text.
-async fn logs(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> Result<String, Problem> {
+/// The workload's output so far, as plain text, streamed as the runtime reads it (a
+/// long log is never held whole). An error before the first chunk is an error answer;
+/// one later ends the body early.
+async fn logs(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> Result<Response, Problem> {
     use futures_util::StreamExt;
     let (rt, _) = agent.node.get(&name).await?;
     let mut stream = rt.logs(&name, false).await?;
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        out.extend(chunk?);
-    }
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    let first = stream.next().await.transpose()?;
+    let body = futures_util::stream::iter(first.map(Ok)).chain(stream.inspect(|chunk| {
+        if let Err(e) = chunk {
+            tracing::warn!("log stream ended early: {e}", e = ErrorChain(e));
+        }
+    }));
+    let content_type = [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    Ok((content_type, axum::body::Body::from_stream(body)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -164,15 +169,25 @@ async fn abort_transfer(State(agent): State<Arc<Agent>>, Path(id): Path<String>)
     }
 }
 
-/// Receive transfers forever; each complete payload is restored on this node.
-pub async fn serve_transfers(agent: Arc<Agent>, listener: tokio::net::TcpListener) {
+/// Receive transfers until `stop`; each complete payload is restored on this node.
+/// Returns how many connections were still busy (restoring) when it gave up waiting.
+pub async fn serve_transfers(
+    agent: Arc<Agent>,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> usize {
     let spool = agent.config.spool_dir();
+    let options = agent.config.transfers.clone();
     let handler = move |payload: ReceivedPayload| {
         let agent = agent.clone();
         async move { handle_payload(agent, payload).await }
     };
-    if let Err(e) = transfer::serve(listener, spool, handler).await {
-        tracing::error!("transfer receiver stopped: {e}", e = ErrorChain(&e));
+    match transfer::Receiver::from_listener(listener, spool).with_options(options).serve_until(handler, stop).await {
+        Ok(busy) => busy,
+        Err(e) => {
+            tracing::error!("transfer receiver stopped: {e}", e = ErrorChain(&e));
+            0
+        }
     }
 }
 

@@ -21,6 +21,7 @@ pub mod state;
 pub const FAULT_INJECTION: bool = cfg!(feature = "fault-injection");
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub struct AgentConfig {
     /// A fixed token the API demands (standalone agents); agents of a broker use the
     /// cluster token the broker hands out at registration.
     pub api_token: Option<String>,
+    /// The transfer receiver's bounds (connections, transfers, spool, timeouts).
+    pub transfers: away_migrate::transfer::ReceiveOptions,
 }
 
 impl AgentConfig {
@@ -281,8 +284,19 @@ impl Agent {
     }
 }
 
-/// Run the agent until interrupted: HTTP API and transfer receiver.
-pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+/// How long API requests under way may take to finish once the agent stops.
+const API_DRAIN: Duration = Duration::from_secs(10);
+
+/// Run the agent until `stop` resolves (with the name of what stopped it, e.g. "SIGTERM"):
+/// HTTP API and transfer receiver. Stopping is graceful: no new request or transfer is
+/// taken, requests and restores under way finish (bounded), transfers still receiving
+/// keep their spools for their senders to resume from the next start, VM destinations
+/// that do not run yet are removed (their sources keep their VMs), and the workloads
+/// keep running. What is not final stays journaled for the next start.
+pub async fn run(
+    config: AgentConfig,
+    stop: impl std::future::Future<Output = &'static str> + Send + 'static,
+) -> Result<(), AgentError> {
     let http = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| AgentError::Bind { addr: config.listen.to_string(), source: e })?;
@@ -292,21 +306,91 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let agent = Agent::open(config).await?;
     agent.remove_leftovers();
     tracing::info!(name = %agent.config.name, api = %agent.config.listen, transfer = %agent.config.transfer_listen, "agent up");
+    let (stopped_tx, stopped) = tokio::sync::watch::channel(None::<&'static str>);
+    tokio::spawn(async move {
+        let why = stop.await;
+        stopped_tx.send_replace(Some(why));
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<Option<&'static str>>| async move {
+        let _ = rx.wait_for(Option::is_some).await;
+    };
     let heartbeats = agent.config.broker.clone().map(|link| tokio::spawn(broker::run(agent.clone(), link)));
-    let receiver = {
-        let agent = agent.clone();
-        tokio::spawn(async move { api::serve_transfers(agent, transfer).await })
+    let mut receiver = {
+        let (agent, stop) = (agent.clone(), until_stopped(stopped.clone()));
+        tokio::spawn(async move { api::serve_transfers(agent, transfer, stop).await })
     };
     let app = api::router(agent.clone());
-    let server = axum::serve(http, app).with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    });
-    let result = server.await.map_err(|e| AgentError::Serve(e.to_string()));
-    receiver.abort();
+    let mut server =
+        tokio::spawn(axum::serve(http, app).with_graceful_shutdown(until_stopped(stopped.clone())).into_future());
+    let why = {
+        let mut rx = stopped.clone();
+        tokio::select! {
+            // first: a server that ended because of the stop is no failure
+            biased;
+            why = rx.wait_for(Option::is_some) => why.ok().and_then(|w| *w).unwrap_or("stop"),
+            served = &mut server => {
+                // the API server ended by itself: a failure
+                receiver.abort();
+                heartbeats.inspect(|h| h.abort());
+                let message = match served {
+                    Ok(Ok(())) => "the API server ended".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(AgentError::Serve(message));
+            }
+        }
+    };
+    tracing::info!(signal = why, "agent stopping: no new API requests or transfers; what is under way finishes");
+    if tokio::time::timeout(API_DRAIN, &mut server).await.is_err() {
+        tracing::warn!("API requests still open after {} s: closing them", API_DRAIN.as_secs());
+        server.abort();
+    }
+    let busy = match (&mut receiver).await {
+        Ok(open) => open,
+        Err(e) => {
+            tracing::error!("the transfer receiver failed: {e}");
+            0
+        }
+    };
     if let Some(h) = heartbeats {
         h.abort();
     }
-    result
+    let vm_removed = agent.stop_vm_destinations().await;
+    let provisional = agent.provisional.lock().await.len();
+    tracing::info!(
+        signal = why,
+        provisional,
+        vm_destinations_removed = vm_removed,
+        transfers_cut_in_restore = busy,
+        "agent stopped cleanly: workloads keep running; copies not committed yet stay journaled for the next start"
+    );
+    Ok(())
+}
+
+impl Agent {
+    /// At a stop: a VM destination that does not run yet is removed (its source's
+    /// migration fails and the source keeps its VM); one that runs is the VM now and stays.
+    /// Returns how many were removed.
+    async fn stop_vm_destinations(&self) -> usize {
+        let destinations: Vec<_> = self.vm_destinations.lock().await.drain().collect();
+        let mut removed = 0;
+        for (name, mut dest) in destinations {
+            if dest.wait_resumed(Duration::ZERO).await.is_ok() {
+                tracing::info!(workload = %name, "vm destination runs: it stays (the VM lives here now)");
+                dest.confirm();
+                continue;
+            }
+            match dest.abort().await {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::info!(workload = %name, "vm destination not running yet: removed (its source keeps the VM)");
+                }
+                Err(e) => tracing::error!(workload = %name, "cannot remove a vm destination: {e}", e = ErrorChain(&e)),
+            }
+        }
+        removed
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

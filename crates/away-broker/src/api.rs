@@ -418,7 +418,15 @@ async fn workload_logs(State(b): Shared, headers: HeaderMap, Path(name): Path<St
             format!("node {} ({state}) is unreachable for logs of {name}: {why}", src.node),
         )
     };
-    let resp = b.http.get(&url).bearer_auth(b.cluster_token()).send().await.map_err(|e| unreachable(e.to_string()))?;
+    let resp = b
+        .http
+        .get(&url)
+        .bearer_auth(b.cluster_token())
+        // the body streams for as long as the log is: only connecting is bounded as usual
+        .timeout(LOGS_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = resp
         .headers()
@@ -426,9 +434,13 @@ async fn workload_logs(State(b): Shared, headers: HeaderMap, Path(name): Path<St
         .and_then(|v| v.to_str().ok())
         .unwrap_or("text/plain; charset=utf-8")
         .to_string();
-    let body = resp.bytes().await.map_err(|e| unreachable(e.to_string()))?;
+    // passed on chunk by chunk as the agent sends them, never held whole
+    let body = axum::body::Body::from_stream(resp.bytes_stream());
     Ok((status, [(header::CONTENT_TYPE, content_type)], body).into_response())
 }
+
+/// The longest a proxied log may take to stream.
+const LOGS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[utoipa::path(
     post,

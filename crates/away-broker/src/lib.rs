@@ -77,6 +77,20 @@ impl BrokerConfig {
 
 /// Serve on an already bound listener until the process ends (tests bind port 0).
 pub async fn serve(broker: Arc<Broker>, listener: tokio::net::TcpListener) -> Result<(), BrokerError> {
+    serve_until(broker, listener, std::future::pending()).await
+}
+
+/// How long requests under way (event streams stay open forever) may take once the
+/// broker stops.
+const STOP_DRAIN: Duration = Duration::from_secs(5);
+
+/// [`serve`] until `stop` resolves; then no new connection is taken and requests under
+/// way get [`STOP_DRAIN`] to finish (event streams are closed after it).
+pub async fn serve_until(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), BrokerError> {
     // weak: the ticker must not keep a stopped broker (and its database) alive
     let ticker = Arc::downgrade(&broker);
     let every = broker.config.heartbeat_interval.max(Duration::from_millis(100));
@@ -90,11 +104,34 @@ pub async fn serve(broker: Arc<Broker>, listener: tokio::net::TcpListener) -> Re
             }
         }
     });
-    axum::serve(listener, router(broker)).await.map_err(BrokerError::Serve)
+    let (stopped_tx, mut stopped) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        stop.await;
+        stopped_tx.send_replace(true);
+    };
+    let server = axum::serve(listener, router(broker)).with_graceful_shutdown(shutdown);
+    let drained = async {
+        if stopped.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(STOP_DRAIN).await;
+    };
+    tokio::select! {
+        served = std::future::IntoFuture::into_future(server) => served.map_err(BrokerError::Serve),
+        () = drained => {
+            tracing::info!("requests still open {} s after the stop (event streams): closed", STOP_DRAIN.as_secs());
+            Ok(())
+        }
+    }
 }
 
-/// Open the state and serve the API on `config.listen`.
-pub async fn run(config: BrokerConfig) -> Result<(), BrokerError> {
+/// Open the state and serve the API on `config.listen` until `stop` resolves (with the
+/// name of what stopped it, e.g. "SIGTERM"); then requests under way finish and the
+/// database is closed.
+pub async fn run(
+    config: BrokerConfig,
+    stop: impl std::future::Future<Output = &'static str> + Send + 'static,
+) -> Result<(), BrokerError> {
     let addr = config.listen;
     let broker = Arc::new(
         tokio::task::spawn_blocking(move || Broker::open(config))
@@ -103,5 +140,14 @@ pub async fn run(config: BrokerConfig) -> Result<(), BrokerError> {
     );
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| BrokerError::Listen { addr, source })?;
     tracing::info!(%addr, "broker listening");
-    serve(broker, listener).await
+    let (why_tx, why_rx) = tokio::sync::oneshot::channel();
+    let stop = async move {
+        let why = stop.await;
+        tracing::info!(signal = why, "broker stopping: no new requests; those under way finish");
+        let _ = why_tx.send(why);
+    };
+    serve_until(broker, listener, stop).await?;
+    let why = why_rx.await.unwrap_or("stop");
+    tracing::info!(signal = why, "broker stopped cleanly: every answered request is in the database");
+    Ok(())
 }

@@ -21,6 +21,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use away_model::Tier;
@@ -40,6 +41,8 @@ pub enum ClusterError {
     },
     #[error("invalid cluster: {0}")]
     Invalid(String),
+    #[error("stopped while it was being started")]
+    Stopped,
 }
 
 /// One node to start.
@@ -115,6 +118,11 @@ fn subnet(cluster: &str) -> u8 {
     (h % 200) as u8 + 20
 }
 
+/// The host's address on cluster `cluster`'s bridge (its broker listens there).
+pub fn gateway(cluster: &str) -> Ipv4Addr {
+    Ipv4Addr::new(10, 213, subnet(cluster), 1)
+}
+
 fn bridge(cluster: &str) -> String {
     // interface names are at most 15 bytes
     format!("awb-{}", &cluster[..cluster.len().min(10)])
@@ -175,12 +183,27 @@ fn spawn(argv: &[String], log: &Path, pidfile: &Path, env: &[(&str, std::ffi::Os
     Ok(pid)
 }
 
-fn wait_until(what: &str, log: &Path, secs: u64, mut ok: impl FnMut() -> bool) -> Result<(), ClusterError> {
+/// Err(Stopped) once `stop` is set: the start ends at its next step.
+fn go_on(stop: &AtomicBool) -> Result<(), ClusterError> {
+    if stop.load(Ordering::SeqCst) {
+        return Err(ClusterError::Stopped);
+    }
+    Ok(())
+}
+
+fn wait_until(
+    what: &str,
+    log: &Path,
+    secs: u64,
+    stop: &AtomicBool,
+    mut ok: impl FnMut() -> bool,
+) -> Result<(), ClusterError> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
         if ok() {
             return Ok(());
         }
+        go_on(stop)?;
         std::thread::sleep(Duration::from_millis(200));
     }
     Err(ClusterError::Timeout { what: what.into(), secs, log: log.display().to_string() })
@@ -192,6 +215,12 @@ fn tcp_answers(addr: &str) -> bool {
 
 /// Bring the cluster up; on failure, whatever was started is stopped again.
 pub fn up(plan: &ClusterPlan) -> Result<ClusterInfo, ClusterError> {
+    up_until(plan, &AtomicBool::new(false))
+}
+
+/// [`up`], ending with [`ClusterError::Stopped`] at its next step once `stop` is set (a
+/// stop signal came): whatever was started is stopped and removed again.
+pub fn up_until(plan: &ClusterPlan, stop: &AtomicBool) -> Result<ClusterInfo, ClusterError> {
     if plan.nodes.is_empty() || plan.nodes.len() > 50 {
         return Err(ClusterError::Invalid(format!("{} nodes: give 1 to 50", plan.nodes.len())));
     }
@@ -204,14 +233,20 @@ pub fn up(plan: &ClusterPlan) -> Result<ClusterInfo, ClusterError> {
             plan.name, plan.name
         )));
     }
-    let result = up_inner(plan);
+    if run_dir(&plan.name).exists() {
+        // a start that was killed before it finished (SIGKILL): its pidfiles name what it
+        // started, which goes before this start makes the same again
+        tracing::warn!(cluster = %plan.name, "removing what an unfinished start of this cluster left");
+        down(&plan.name);
+    }
+    let result = up_inner(plan, stop);
     if result.is_err() {
         down(&plan.name);
     }
     result
 }
 
-fn up_inner(plan: &ClusterPlan) -> Result<ClusterInfo, ClusterError> {
+fn up_inner(plan: &ClusterPlan, stop: &AtomicBool) -> Result<ClusterInfo, ClusterError> {
     let c = &plan.name;
     let (run, state) = (run_dir(c), state_dir(c));
     std::fs::create_dir_all(&run).map_err(io(&run))?;
@@ -259,14 +294,16 @@ fn up_inner(plan: &ClusterPlan) -> Result<ClusterInfo, ClusterError> {
     ]);
     std::fs::write(run.join("broker.argv"), serde_json::to_vec(&argv).expect("argv")).map_err(io(&run))?;
     spawn(&argv, &broker_log, &run.join("broker.pid"), &[])?;
-    wait_until("broker", &broker_log, 30, || tcp_answers(&broker_addr))?;
+    wait_until("broker", &broker_log, 30, stop, || tcp_answers(&broker_addr))?;
 
     let mut nodes = Vec::new();
     for (i, n) in plan.nodes.iter().enumerate() {
         if !n.name.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-') {
             return Err(ClusterError::Invalid(format!("node name {:?}: lower-case letters, digits, '-'", n.name)));
         }
-        nodes.push(node_up(plan, i, n, &br, gw, &broker_addr, &join)?);
+        go_on(stop)?;
+        let joining = Joining { br: &br, gw, broker: &broker_addr, join: &join };
+        nodes.push(node_up(plan, i, n, &joining, stop)?);
     }
     std::fs::write(run.join("join-token"), &join).map_err(io(&run))?;
     let info = ClusterInfo { name: c.clone(), broker_url: format!("http://{broker_addr}"), user_token: user, nodes };
@@ -292,21 +329,30 @@ pub fn add_node(plan: &ClusterPlan, node: &NodePlan) -> Result<NodeInfoLocal, Cl
     let br = std::fs::read_to_string(run.join("bridge")).map_err(io(&run))?;
     let gw = Ipv4Addr::new(10, 213, subnet(c), 1);
     let index = info.nodes.iter().map(|n| n.ip.octets()[3] as usize - 10 + 1).max().unwrap_or(0);
-    let n = node_up(plan, index, node, &br, gw, &format!("{gw}:{BROKER_PORT}"), &join)?;
+    let broker = format!("{gw}:{BROKER_PORT}");
+    let joining = Joining { br: &br, gw, broker: &broker, join: &join };
+    let n = node_up(plan, index, node, &joining, &AtomicBool::new(false))?;
     info.nodes.push(n.clone());
     save(&info)?;
     Ok(n)
+}
+
+/// What a node joins: the cluster's bridge and gateway, its broker and join token.
+struct Joining<'a> {
+    br: &'a str,
+    gw: Ipv4Addr,
+    broker: &'a str,
+    join: &'a str,
 }
 
 fn node_up(
     plan: &ClusterPlan,
     i: usize,
     n: &NodePlan,
-    br: &str,
-    gw: Ipv4Addr,
-    broker: &str,
-    join: &str,
+    joining: &Joining<'_>,
+    stop: &AtomicBool,
 ) -> Result<NodeInfoLocal, ClusterError> {
+    let Joining { br, gw, broker, join } = *joining;
     let c = &plan.name;
     let ns = format!("away-{c}-{}", n.name);
     let ip = Ipv4Addr::new(10, 213, gw.octets()[2], 10 + i as u8);
@@ -351,7 +397,7 @@ fn node_up(
         .collect();
     // PATH: the shim and runc it starts are the active runtime profile's
     spawn(&argv, &ctr_log, &run.join("containerd.pid"), &[("PATH", away_runtime::host::runtime_path())])?;
-    wait_until(&format!("containerd of {}", n.name), &ctr_log, 30, || {
+    wait_until(&format!("containerd of {}", n.name), &ctr_log, 30, stop, || {
         std::os::unix::net::UnixStream::connect(&sock).is_ok()
     })?;
 
@@ -395,7 +441,7 @@ fn node_up(
         format!("http://{broker}"),
     ]);
     spawn(&argv, &agent_log, &run.join("agent.pid"), &[("PATH", away_runtime::host::runtime_path())])?;
-    wait_until(&format!("agent {}", n.name), &agent_log, 60, || tcp_answers(&node.api))?;
+    wait_until(&format!("agent {}", n.name), &agent_log, 60, stop, || tcp_answers(&node.api))?;
     Ok(node)
 }
 
@@ -413,7 +459,7 @@ pub fn start_broker(name: &str) -> Result<(), ClusterError> {
     let addr = info.broker_url.trim_start_matches("http://").to_string();
     let log = run.join("broker.log");
     spawn(&argv, &log, &run.join("broker.pid"), &[])?;
-    wait_until("broker", &log, 30, || tcp_answers(&addr))
+    wait_until("broker", &log, 30, &AtomicBool::new(false), || tcp_answers(&addr))
 }
 
 /// Cut a node off the network (`up = false`) or connect it again.

@@ -156,6 +156,14 @@ async fn attempt(
     let side_b = link_slot.as_ref().map(|l| l.b().clone());
     status("starting the target agent".into());
     let mut agent = target.command_in(bin, side_b.as_ref());
+    // a lab killed outright (SIGKILL) takes its target agent along: SIGTERM, which the
+    // agent takes for a graceful stop (spawned here, on a runtime thread that lives as
+    // long as the lab; nsenter execs the agent in place, which keeps the signal)
+    away_runtime::host::process::die_with_spawning_thread(
+        agent.as_std_mut(),
+        away_runtime::host::process::Signal::TERM,
+        false,
+    );
     agent
         .args([
             "agent",

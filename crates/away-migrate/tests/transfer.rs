@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use away_migrate::transfer::{
-    send, send_on, serve, warm_up, Compression, Faults, Progress, ReceivedPayload, SendOptions, TransferError, Verdict,
+    send, send_on, serve, warm_up, Compression, Faults, Progress, ReceiveOptions, ReceivedPayload, Receiver,
+    SendOptions, TransferError, Verdict,
 };
 use tokio::net::TcpListener;
 
@@ -399,4 +400,148 @@ async fn a_payload_with_a_symlink_is_refused_and_leaves_nothing() {
     assert_eq!(fs::read(&victim).unwrap(), b"keep");
     assert!(!tmp.path().join("spool/link1").exists(), "the refused payload left nothing");
     assert!(t.received.lock().unwrap().is_empty());
+}
+
+/// The receiver's bounds: connections over the limit are refused at once, a silent one
+/// goes after the handshake timeout, a hello over the unfinished-transfer or spool limit
+/// is refused with the flag named, and abandoned transfers expire with their spools,
+/// freeing their places; then a real payload still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_transfers_and_spool_are_bounded_and_abandoned_ones_expire() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let options = ReceiveOptions {
+        max_connections: 3,
+        max_transfers: 2,
+        max_spool_bytes: 16 << 20,
+        handshake_timeout: Duration::from_millis(500),
+        expire_after: Duration::from_secs(2),
+        ..ReceiveOptions::default()
+    };
+    let receiver = Receiver::from_listener(listener, spool.clone()).with_options(options);
+    let task = tokio::spawn(receiver.serve(|_p: ReceivedPayload| async { Verdict::ok("restored") }));
+    let sha = "0".repeat(64);
+
+    // three silent connections fill the slots; the fourth is refused at once, named
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fourth = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), fourth.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("receiver busy: 3 connections") && text.contains("--max-transfer-connections"), "{text}");
+    // the silent ones are closed after the handshake timeout
+    for mut s in silent {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "a silent connection outlived the handshake timeout");
+    }
+
+    // two abandoned transfers (hello, one chunk of four, gone) hold both places
+    let chunk = 1 << 20;
+    for id in ["gone1", "gone2"] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(&hello(id, 4 * chunk, chunk, &sha)).await.unwrap();
+        let data = vec![7u8; chunk as usize];
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&data).into();
+        let body =
+            [0u64.to_be_bytes().to_vec(), (chunk as u32).to_be_bytes().to_vec(), vec![0u8], digest.to_vec(), data]
+                .concat();
+        s.write_all(&frame(3, &body)).await.unwrap();
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[0], 2, "{id}: resume answered");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(spool.join("gone1/payload.tar").exists() && spool.join("gone2/payload.tar").exists());
+    let answers = raw_exchange(&addr, vec![hello("third", 1000, 1000, &sha)]).await;
+    let text = String::from_utf8_lossy(&answers[0].1);
+    assert!(answers[0].0 == 6 && text.contains("receiver busy: 2 transfers unfinished"), "{text}");
+    assert!(!spool.join("third").exists(), "a refused hello leaves no spool");
+
+    // they expire: spools gone, places free again
+    let gone = async {
+        while spool.join("gone1").exists() || spool.join("gone2").exists() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gone).await.expect("abandoned spools expire");
+    // a payload whose twice does not fit the spool bound is refused before a byte of it
+    let answers = raw_exchange(&addr, vec![hello("toobig", 9 << 20, 1 << 20, &sha)]).await;
+    let text = String::from_utf8_lossy(&answers[0].1);
+    assert!(answers[0].0 == 6 && text.contains("receiver spool full") && text.contains("--max-spool"), "{text}");
+    let src = checkpoint_dir(tmp.path(), 1024);
+    let outcome = send(&addr, &src, serde_json::Value::Null, &opts(Compression::default())).await.unwrap();
+    assert!(outcome.verdict.ok, "{:?}", outcome.verdict);
+    task.abort();
+}
+
+/// A receiver told to stop ends a transfer between chunks at once, its spool synced; a
+/// receiver started again on the same spool takes it over and the sender resumes where
+/// it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_receiver_leaves_resumable_spools_for_the_next_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let sha = "0".repeat(64);
+    let chunk = 64u64 << 10;
+    let chunk_frame = |index: u64| {
+        let data = vec![index as u8; chunk as usize];
+        let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&data).into();
+        let body =
+            [index.to_be_bytes().to_vec(), (chunk as u32).to_be_bytes().to_vec(), vec![0u8], digest.to_vec(), data]
+                .concat();
+        frame(3, &body)
+    };
+    let resume_of = |answer: &[u8]| -> u64 {
+        assert_eq!(answer[0], 2, "a resume frame");
+        serde_json::from_slice::<serde_json::Value>(&answer[5..]).unwrap()["have"].as_u64().unwrap()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(Receiver::from_listener(listener, spool.clone()).serve_until(
+        |_p: ReceivedPayload| async { Verdict::ok("restored") },
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&hello("kept", 4 * chunk, chunk, &sha)).await.unwrap();
+    s.write_all(&[chunk_frame(0), chunk_frame(1)].concat()).await.unwrap();
+    let mut answer = [0u8; 64];
+    let n = s.read(&mut answer).await.unwrap();
+    assert_eq!(resume_of(&answer[..n]), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = std::time::Instant::now();
+    stop_tx.send(()).unwrap();
+    let open = tokio::time::timeout(Duration::from_secs(5), first).await.expect("stops promptly").unwrap().unwrap();
+    assert_eq!(open, 0, "no connection left busy");
+    assert!(stopped.elapsed() < Duration::from_secs(2), "took {:?}", stopped.elapsed());
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the cut connection closes");
+    assert!(spool.join("kept/progress.json").exists(), "the spool stays for the sender");
+
+    // the next receiver on the same spool: the sender resumes at chunk 2
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let second = tokio::spawn(
+        Receiver::from_listener(listener, spool.clone()).serve(|_p: ReceivedPayload| async { Verdict::ok("restored") }),
+    );
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&hello("kept", 4 * chunk, chunk, &sha)).await.unwrap();
+    let n = s.read(&mut answer).await.unwrap();
+    assert_eq!(resume_of(&answer[..n]), 2, "the sender resumes where the stopped receiver was");
+    second.abort();
 }

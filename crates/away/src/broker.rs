@@ -47,7 +47,9 @@ pub fn run(a: BrokerArgs) -> anyhow::Result<ExitCode> {
     }
     config.results_dir = a.results;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // before anything is started: SIGTERM, like Ctrl-C, stops the broker gracefully
+    let mut stops = crate::signal::StopSignals::register_in(&rt)?;
     eprintln!("away broker on http://{}", config.listen);
-    rt.block_on(away_broker::run(config))?;
+    rt.block_on(away_broker::run(config, async move { stops.next().await }))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use away_cluster::{ClusterPlan, NodePlan};
@@ -49,6 +51,38 @@ pub fn parse_node(s: &str) -> anyhow::Result<NodePlan> {
     Ok(NodePlan { name: name.into(), tier })
 }
 
+/// `away cluster up` with Ctrl-C and SIGTERM alike ending the start at its next step and
+/// undoing it: Ok(Err(signal)) then.
+fn up_until_stopped(plan: &ClusterPlan) -> anyhow::Result<Result<away_cluster::ClusterInfo, &'static str>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // before anything is started: from here on a stop signal undoes the start
+    let mut stops = crate::signal::StopSignals::register_in(&rt)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut starting = {
+        let (plan, stop) = (plan.clone(), stop.clone());
+        rt.spawn_blocking(move || away_cluster::up_until(&plan, &stop))
+    };
+    rt.block_on(async {
+        let why = tokio::select! {
+            done = &mut starting => return Ok(Ok(done??)),
+            why = stops.next() => why,
+        };
+        eprintln!("{why}: stopping the start of cluster {}", plan.name);
+        stop.store(true, Ordering::SeqCst);
+        match starting.await? {
+            Err(away_cluster::ClusterError::Stopped) => Ok(Err(why)),
+            // it was up before the stop was seen: a stop undoes it all the same
+            Ok(_) => {
+                // (down runs a runtime of its own: not on this one's thread)
+                let name = plan.name.clone();
+                tokio::task::spawn_blocking(move || away_cluster::down(&name)).await?;
+                Ok(Err(why))
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+}
+
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Up { name, nodes, images, json } => {
@@ -58,7 +92,13 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 away: std::env::current_exe()?,
                 images,
             };
-            let info = away_cluster::up(&plan)?;
+            let info = match up_until_stopped(&plan)? {
+                Ok(info) => info,
+                Err(why) => {
+                    eprintln!("{why}: cluster {} was being started; what it started is stopped and removed", plan.name);
+                    return Ok(ExitCode::from(if why == "SIGINT" { 130 } else { 143 }));
+                }
+            };
             if json {
                 print_json(&info)?;
             } else {

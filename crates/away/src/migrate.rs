@@ -11,8 +11,8 @@ use away_agent::AgentConfig;
 use away_migrate::archive::ArchiveStore;
 use away_migrate::container::{migrate_container, ContainerMigrationOptions, Step};
 use away_migrate::mode::ContainerMode;
-use away_migrate::transfer::{Compression, Faults, SendOptions};
-use away_model::{MigrationReport, Tier};
+use away_migrate::transfer::{Compression, Faults, ReceiveOptions, SendOptions};
+use away_model::{ByteSize, MigrationReport, Tier};
 use away_runtime::{LocalNode, NodeOptions};
 
 use crate::output::print_json;
@@ -84,6 +84,27 @@ pub struct AgentArgs {
     /// Standalone agents: a bearer token every API call must present
     #[arg(long, env = "AWAY_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Incoming transfers unfinished at once (a sender connected, or its spool waiting
+    /// for it to come back); a hello for one more is refused
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    max_transfers: u32,
+    /// Connections to the transfer port at once, handshakes included; more are refused
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_transfer_connections: u32,
+    /// Spool space all incoming transfers may reserve together: each reserves twice its
+    /// payload (the stream and its unpacked copy) before a byte of it is accepted
+    #[arg(long, default_value = "128Gi")]
+    max_spool: ByteSize,
+    /// Largest payload (checkpoint) a sender may announce
+    #[arg(long, default_value = "64Gi")]
+    max_transfer_size: ByteSize,
+    /// Seconds from a connection to the transfer port to its first frame
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    transfer_handshake_timeout: u64,
+    /// Seconds an unfinished transfer waits without its sender before its spool is
+    /// removed (spools an earlier run left too)
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    transfer_expiry: u64,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -112,13 +133,24 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
             join_token: a.join_token.unwrap_or_default(),
         }),
         api_token: a.token,
+        transfers: ReceiveOptions {
+            max_transfers: a.max_transfers as usize,
+            max_connections: a.max_transfer_connections as usize,
+            max_spool_bytes: a.max_spool.bytes(),
+            max_payload_bytes: a.max_transfer_size.bytes(),
+            handshake_timeout: Duration::from_secs(a.transfer_handshake_timeout),
+            expire_after: Duration::from_secs(a.transfer_expiry),
+            ..ReceiveOptions::default()
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // before anything is started: SIGTERM, like Ctrl-C, stops the agent gracefully
+    let mut stops = crate::signal::StopSignals::register_in(&rt)?;
     eprintln!(
         "away agent {} ({}): api http://{}, transfers {}",
         config.name, config.tier, config.listen, config.transfer_listen
     );
-    rt.block_on(away_agent::run(config))?;
+    rt.block_on(away_agent::run(config, async move { stops.next().await }))?;
     Ok(ExitCode::SUCCESS)
 }
 

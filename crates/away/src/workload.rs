@@ -219,11 +219,31 @@ fn parse_publish(p: &str, exposed: impl FnOnce() -> anyhow::Result<Vec<u16>>) ->
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let spec = spec_from(&a)?;
     let rt = rt()?;
+    // before anything starts: Ctrl-C or SIGTERM while the workload starts (a VM boots for
+    // a while) undoes the start instead of leaving it half made
+    let mut stops = crate::signal::StopSignals::register_in(&rt)?;
     let node = rt.block_on(LocalNode::open(NodeOptions::default()));
     if !a.json {
         eprintln!("starting {} from {}...", spec.name, spec.image);
     }
-    let started = rt.block_on(node.run(spec, a.runtime.kind()))?;
+    let name = spec.name.clone();
+    let (started, stopped) = rt.block_on(async {
+        let run = node.run(spec, a.runtime.kind());
+        tokio::pin!(run);
+        tokio::select! {
+            started = &mut run => (started, None),
+            why = stops.next() => {
+                // the start runs to its end (each of its steps is bounded): cut short, it
+                // could leave a process whose pidfile is not written yet
+                eprintln!("{why}: stopping; {name} is removed once its start has ended");
+                (run.await, Some(why))
+            }
+        }
+    });
+    if let Some(why) = stopped {
+        return undo_start(&rt, &node, &name, started.ok(), why);
+    }
+    let started = started?;
     if a.json {
         print_json(&started)?;
     } else {
@@ -242,6 +262,24 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         println!("  logs: away logs -f {}", w.name);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A stop signal came while `name` was starting: remove what the start made.
+fn undo_start(
+    rt: &tokio::runtime::Runtime,
+    node: &LocalNode,
+    name: &str,
+    started: Option<away_runtime::Started>,
+    why: &str,
+) -> anyhow::Result<ExitCode> {
+    if let Some(s) = started {
+        let runtime = node.runtime(s.workload.runtime)?;
+        rt.block_on(runtime.remove(name)).with_context(|| format!("{why}: removing {name}, which had just started"))?;
+        eprintln!("{why}: removed {name} ({}): the start is undone", s.workload.runtime);
+    } else {
+        eprintln!("{why}: the start of {name} failed and left nothing");
+    }
+    Ok(ExitCode::from(if why == "SIGINT" { 130 } else { 143 }))
 }
 
 pub fn ps(a: PsArgs) -> anyhow::Result<ExitCode> {

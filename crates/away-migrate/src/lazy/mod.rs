@@ -488,14 +488,19 @@ impl LazyPagesDaemon {
         let socket = work.join("lazy-pages.socket");
         let _ = std::fs::remove_file(&socket);
         // The daemon runs under a shell that outlives this process: when the daemon fails
-        // (its page link gone, or its relay with an agent that was killed), the shell
-        // kills the restored copy, which would otherwise run on with its missing pages
-        // filled with zeros (a closed userfaultfd falls back to fresh anonymous memory).
+        // (its page link gone, or its relay with an agent that was killed, which the
+        // shell hears of as its parent-death signal), the shell kills the restored copy,
+        // which would otherwise run on with its missing pages filled with zeros (a
+        // closed userfaultfd falls back to fresh anonymous memory).
         // The shell learns that process from a file outside the payload (which goes once
         // the restore is answered).
         let restored_dir = pid_dir().map_err(LazyError::io("create a directory for the restored process's pid"))?;
         let restored = restored_dir.path().join("pid");
-        let mut child = tokio::process::Command::new("sh")
+        let mut supervisor = tokio::process::Command::new("sh");
+        // the agent killed outright (SIGKILL): the shell gets SIGTERM and ends the daemon
+        // (spawned from a runtime thread, which lives as long as the agent)
+        process::die_with_spawning_thread(supervisor.as_std_mut(), Signal::TERM, false);
+        let mut child = supervisor
             .arg("-c")
             .arg(SUPERVISOR)
             .arg("criu-lazy-pages")
@@ -659,7 +664,14 @@ fn write_pid(path: &Path, pid: u32) -> std::io::Result<()> {
 
 /// The shell around `criu lazy-pages` (arguments: `$@`): a failed daemon takes the
 /// process named in `$AWAY_RESTORED_PIDFILE` with it, if the restore got that far.
-const SUPERVISOR: &str = r#"criu "$@"; rc=$?
+/// The shell around the lazy-pages daemon. SIGTERM (the agent's death: the shell's
+/// parent-death signal) ends the daemon: a daemon whose agent (and page relay) is gone
+/// may wait forever (seen while the restore had not handed its pages over yet). A
+/// daemon that failed, or was ended so, takes the restored copy along.
+const SUPERVISOR: &str = r#"criu "$@" & c=$!
+trap 'kill -9 "$c" 2>/dev/null' TERM
+wait "$c"; rc=$?
+while kill -0 "$c" 2>/dev/null; do wait "$c"; rc=$?; done
 if [ "$rc" -ne 0 ] && [ -s "$AWAY_RESTORED_PIDFILE" ]; then kill -9 "$(cat "$AWAY_RESTORED_PIDFILE")" 2>/dev/null; fi
 rm -f "$AWAY_RESTORED_PIDFILE"; rmdir "${AWAY_RESTORED_PIDFILE%/*}" 2>/dev/null
 exit "$rc""#;

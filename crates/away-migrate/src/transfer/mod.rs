@@ -22,6 +22,14 @@
 //! free space; the payload unpacks to regular files and directories only, each created
 //! beneath its directory (`away_runtime::host::beneath`), and a refused one leaves no spool.
 //!
+//! What a receiver holds is bounded ([`ReceiveOptions`], the agent's flags): connections at
+//! once (one more is refused at accept), the first frame within a handshake timeout, at
+//! most N unfinished transfers and M bytes of spool, each transfer reserving twice its
+//! announced payload at its hello, before a byte of it is taken. A transfer without a
+//! connection for the expiry time is forgotten and its spool removed; at start the
+//! receiver takes over the resumable spools an earlier run left and removes the rest
+//! (module `registry`).
+//!
 //! Wire format (module `wire`): frames `[u8 kind][u32 len BE][payload]`. Kinds: 1 hello, 2 resume,
 //! 3 chunk, 4 done, 5 verdict, 6 error. Control frames carry JSON; a chunk is binary:
 //! `[u64 index BE][u32 raw_len BE][u8 codec 0 none|1 zstd|2 gzip][32 bytes raw SHA-256][data]`.
@@ -58,6 +66,7 @@
 pub mod fuzzing;
 mod payload;
 mod receive;
+mod registry;
 mod send;
 mod wire;
 

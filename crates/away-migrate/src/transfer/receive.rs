@@ -1,13 +1,13 @@
 //! Receiving side: verify and spool chunks per transfer id, resume where a cut link left off,
 //! unpack, hand the payload to the caller and send its verdict back.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,15 +15,22 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::payload::{self, hex};
+use super::registry::{self, Limits, Registry};
 use super::send::valid_transfer_id;
 use super::wire::{self, ChunkFrame, ErrorFrame, Frame, Hello, Resume, MAX_CHUNK_SIZE, PROTOCOL_VERSION};
 use super::{TransferError, Verdict};
 
 /// Rejected chunks per connection before the receiver gives up on the sender.
 const MAX_REJECTIONS: u32 = 16;
+/// Warm-up frames a connection may send before its hello (senders send one).
+const MAX_WARM_UPS: u32 = 4;
+/// How long a connection refused before its transfer began is drained (so that the error
+/// frame reaches the sender) before it closes.
+const EARLY_DRAIN: Duration = Duration::from_secs(1);
 /// Sync the spool and record progress at least this often (chunks / time), so a receiver
 /// restart loses little, without one fsync per chunk.
 const SYNC_EVERY_CHUNKS: u32 = 32;
@@ -40,6 +47,23 @@ pub struct ReceiveOptions {
     /// is made. Whatever this says, the spool's disk must also hold the payload twice (the
     /// stream and its unpacked copy).
     pub max_payload_bytes: u64,
+    /// Connections open at once, those still in their handshake included; one more is
+    /// answered with an error and closed at once.
+    pub max_connections: usize,
+    /// Transfers unfinished at once: admitted by their hello and without a verdict yet,
+    /// whether their sender is connected or their spool waits for it to come back. A hello
+    /// for one more is refused ("receiver busy").
+    pub max_transfers: usize,
+    /// Bytes the spools may hold together. Each transfer reserves twice its announced
+    /// payload (the stream and its unpacked copy) at its hello, which is refused when the
+    /// reservation does not fit ("receiver spool full").
+    pub max_spool_bytes: u64,
+    /// From accepting a connection to its first frame (a hello or a warm-up). A warm-up's
+    /// hello then follows within `idle_timeout` (the sender checkpoints in between).
+    pub handshake_timeout: Duration,
+    /// A transfer with no connection for this long is forgotten and its spool removed
+    /// (spools an earlier run left too, counted from when they were last written).
+    pub expire_after: Duration,
 }
 
 /// Default [`ReceiveOptions::max_payload_bytes`]: a checkpoint holds a workload's memory
@@ -52,6 +76,12 @@ impl Default for ReceiveOptions {
             idle_timeout: Duration::from_secs(300),
             takeover_wait: Duration::from_secs(3),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_connections: 64,
+            max_transfers: 16,
+            // the largest payload, twice
+            max_spool_bytes: 2 * DEFAULT_MAX_PAYLOAD_BYTES,
+            handshake_timeout: Duration::from_secs(10),
+            expire_after: Duration::from_secs(600),
         }
     }
 }
@@ -97,8 +127,25 @@ impl Receiver {
     }
 
     /// Accepts senders forever, each connection in its own task. `handler` gets every complete
-    /// payload and answers with the verdict sent back to the sender.
+    /// payload and answers with the verdict sent back to the sender. First takes over what
+    /// an earlier run left in the spool directory (see [`ReceiveOptions::expire_after`]).
     pub async fn serve<H, F>(self, handler: H) -> Result<(), TransferError>
+    where
+        H: Fn(ReceivedPayload) -> F + Send + Sync + 'static,
+        F: Future<Output = Verdict> + Send + 'static,
+    {
+        self.serve_until(handler, std::future::pending()).await.map(|_| ())
+    }
+
+    /// [`Receiver::serve`] until `stop` resolves; then no connection is accepted, transfers
+    /// still receiving chunks end (their spools synced: the sender resumes them from a
+    /// receiver started again), and those whose handler runs are waited for, up to a
+    /// minute. Returns how many connections were still open after that.
+    pub async fn serve_until<H, F>(
+        self,
+        handler: H,
+        stop: impl Future<Output = ()> + Send,
+    ) -> Result<usize, TransferError>
     where
         H: Fn(ReceivedPayload) -> F + Send + Sync + 'static,
         F: Future<Output = Verdict> + Send + 'static,
@@ -108,16 +155,61 @@ impl Receiver {
             .mode(0o700)
             .create(&self.spool)
             .map_err(|source| TransferError::Io { path: self.spool.clone(), source })?;
-        let ctx = Arc::new(Ctx { spool: self.spool, options: self.options, registry: Mutex::default(), handler });
-        info!(addr = ?self.listener.local_addr().ok(), spool = %ctx.spool.display(), "receiving transfers");
+        let o = &self.options;
+        let limits = Limits { max_transfers: o.max_transfers.max(1), max_spool_bytes: o.max_spool_bytes };
+        let registry = Arc::new(Registry::new(self.spool.clone(), limits));
+        let (adopted, removed) = {
+            let (registry, expire_after) = (registry.clone(), o.expire_after);
+            tokio::task::spawn_blocking(move || registry.adopt_leftovers(expire_after))
+                .await
+                .expect("spool scan panicked")
+        };
+        registry::log_removed(&removed, "left by an earlier run and expired, or incomplete");
+        if !adopted.is_empty() || !removed.is_empty() {
+            info!(adopted = adopted.len(), removed = removed.len(), spool = %self.spool.display(), "spools of an earlier run: the adopted ones wait for their senders");
+        }
+        let ctx = Arc::new(Ctx {
+            spool: self.spool,
+            connections: Arc::new(Semaphore::new(self.options.max_connections.max(1))),
+            options: self.options,
+            registry,
+            dropped: AtomicU64::new(0),
+            stopping: watch::channel(false).0,
+            handler,
+        });
+        let _sweeper = AbortOnDrop(tokio::spawn(sweep(ctx.clone())));
+        info!(
+            addr = ?self.listener.local_addr().ok(), spool = %ctx.spool.display(),
+            max_connections = ctx.options.max_connections, max_transfers = ctx.options.max_transfers,
+            max_spool_bytes = ctx.options.max_spool_bytes, max_payload_bytes = ctx.options.max_payload_bytes,
+            "receiving transfers"
+        );
+        let mut stop = std::pin::pin!(stop);
         loop {
-            match self.listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = &mut stop => break,
+            };
+            match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(permit) = ctx.connections.clone().try_acquire_owned() else {
+                        refuse_busy(stream, peer, &ctx);
+                        continue;
+                    };
                     let ctx = ctx.clone();
                     tokio::spawn(async move {
                         if let Err(e) = handle_connection(stream, peer, &ctx).await {
-                            warn!(%peer, error = %e, "transfer connection ended with an error");
+                            use io::ErrorKind::{InvalidData, TimedOut, UnexpectedEof};
+                            if matches!(e.kind(), InvalidData | TimedOut | UnexpectedEof) {
+                                // garbage, silence or a hang-up: counted, summed up by the
+                                // sweeper (a flood must not flood the log too)
+                                ctx.dropped.fetch_add(1, Ordering::Relaxed);
+                                debug!(%peer, error = %e, "transfer connection dropped");
+                            } else {
+                                warn!(%peer, error = %e, "transfer connection ended with an error");
+                            }
                         }
+                        drop(permit);
                     });
                 }
                 Err(e) => {
@@ -127,6 +219,32 @@ impl Receiver {
                 }
             }
         }
+        drop(self.listener);
+        ctx.stopping.send_replace(true);
+        let all = ctx.options.max_connections.max(1);
+        let open = all - ctx.connections.available_permits();
+        if open > 0 {
+            info!(open, "receiver stopping: cutting transfers between chunks, waiting for restores under way");
+        }
+        let permits = u32::try_from(all).unwrap_or(u32::MAX);
+        let drain = STOP_DRAIN;
+        if tokio::time::timeout(drain, ctx.connections.acquire_many(permits)).await.is_err() {
+            let open = all - ctx.connections.available_permits();
+            warn!(open, "receiver stopped with {open} connections still busy after {drain:?} (their restores end with the process)");
+            return Ok(open);
+        }
+        Ok(0)
+    }
+}
+
+/// How long a stopping receiver waits for the handlers (restores) under way.
+const STOP_DRAIN: Duration = Duration::from_secs(60);
+
+/// `fut`, or None once the receiver stops.
+async fn unless_stopping<T>(stopping: &mut watch::Receiver<bool>, fut: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        r = fut => Some(r),
+        _ = stopping.wait_for(|s| *s) => None,
     }
 }
 
@@ -142,22 +260,75 @@ where
 struct Ctx<H> {
     spool: PathBuf,
     options: ReceiveOptions,
-    registry: Mutex<HashMap<String, Arc<Mutex<Slot>>>>,
+    registry: Arc<Registry>,
+    /// One permit per open connection.
+    connections: Arc<Semaphore>,
+    /// Connections refused or dropped (garbage, silence, over the limit) since the last sweep.
+    dropped: AtomicU64,
+    /// True once the receiver stops: connections end at their next read.
+    stopping: watch::Sender<bool>,
     handler: H,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Over [`ReceiveOptions::max_connections`]: an error frame if the socket takes it at
+/// once (a fresh socket's buffer does), then the connection closes. No task, no wait: a
+/// flood costs nothing beyond the accept.
+fn refuse_busy<H>(stream: TcpStream, peer: SocketAddr, ctx: &Ctx<H>) {
+    ctx.dropped.fetch_add(1, Ordering::Relaxed);
+    let message = format!(
+        "receiver busy: {} connections open, its limit (agent --max-transfer-connections)",
+        ctx.options.max_connections
+    );
+    debug!(%peer, %message, "refusing a transfer connection");
+    let _ = stream.try_write(&Frame::Error(ErrorFrame { message, resume_from: None }).encode());
+}
+
+/// Every so often: forget transfers idle past [`ReceiveOptions::expire_after`] (their
+/// spools go), and sum up the connections dropped meanwhile.
+async fn sweep<H>(ctx: Arc<Ctx<H>>)
+where
+    H: Send + Sync + 'static,
+{
+    let expire_after = ctx.options.expire_after;
+    let every = (expire_after / 4).clamp(Duration::from_millis(250), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(every).await;
+        let registry = ctx.registry.clone();
+        let removed =
+            tokio::task::spawn_blocking(move || registry.sweep(expire_after)).await.expect("spool sweep panicked");
+        let why = format!("no connection for {} s", expire_after.as_secs());
+        registry::log_removed(&removed, &why);
+        let dropped = ctx.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let stats = ctx.registry.stats();
+            warn!(
+                dropped, unfinished = stats.unfinished, reserved_bytes = stats.reserved_bytes, known = stats.known,
+                "transfer connections refused or dropped in the last {every:?} (over the limit, garbage, or silent past the handshake timeout)"
+            );
+        }
+    }
 }
 
 /// Everything known about one transfer id. Connections come and go; the newest one owns it.
 #[derive(Default)]
-struct Slot {
+pub(super) struct Slot {
     generation: u64,
     active: bool,
-    phase: Phase,
+    pub(super) phase: Phase,
     spool: Option<Spool>,
     bytes_wire: u64,
 }
 
 #[derive(Default, Clone)]
-enum Phase {
+pub(super) enum Phase {
     #[default]
     Receiving,
     /// Unpacking or in the handler.
@@ -179,14 +350,14 @@ struct Spool {
 }
 
 #[derive(Serialize, Deserialize)]
-struct ProgressFile {
-    transfer_id: String,
-    total_bytes: u64,
-    chunk_size: u64,
-    chunk_count: u64,
-    sha256: String,
+pub(super) struct ProgressFile {
+    pub transfer_id: String,
+    pub total_bytes: u64,
+    pub chunk_size: u64,
+    pub chunk_count: u64,
+    pub sha256: String,
     /// Chunks verified and synced to `payload.tar`.
-    have: u64,
+    pub have: u64,
 }
 
 fn same_payload(a: &Hello, b: &Hello) -> bool {
@@ -350,10 +521,17 @@ async fn send_frame(stream: &mut TcpStream, frame: &Frame) -> io::Result<()> {
 /// Sends a fatal error, then drains until the sender hangs up: closing with unread data would
 /// reset the connection and could destroy the error frame before the sender reads it.
 async fn fail(stream: &mut TcpStream, message: String) -> io::Result<()> {
-    send_frame(stream, &Frame::Error(ErrorFrame { message, resume_from: None })).await?;
+    fail_within(stream, message, Duration::from_secs(5)).await
+}
+
+/// [`fail`], draining for at most `drain`.
+async fn fail_within(stream: &mut TcpStream, message: String, drain: Duration) -> io::Result<()> {
+    tokio::time::timeout(drain, send_frame(stream, &Frame::Error(ErrorFrame { message, resume_from: None })))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the sender does not read"))??;
     let _ = stream.shutdown().await;
     let mut sink = vec![0u8; 64 << 10];
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+    let _ = tokio::time::timeout(drain, async {
         while let Ok(n) = stream.read(&mut sink).await {
             if n == 0 {
                 break;
@@ -377,25 +555,44 @@ where
     F: Future<Output = Verdict> + Send + 'static,
 {
     stream.set_nodelay(true)?;
-    let idle = ctx.options.idle_timeout;
-    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, format!("sender silent for {idle:?}"));
-    let (mut frame, mut hello_wire) =
-        tokio::time::timeout(idle, wire::read_frame(&mut stream, 0)).await.map_err(|_| timed_out())??;
+    let (idle, handshake) = (ctx.options.idle_timeout, ctx.options.handshake_timeout);
+    let silent = |t: Duration| io::Error::new(io::ErrorKind::TimedOut, format!("sender silent for {t:?}"));
+    // the handshake's first frame comes at once, or the connection goes: idle and garbage
+    // connections must not hold on to the receiver's connection slots
+    let mut stopping = ctx.stopping.subscribe();
+    let first = tokio::time::timeout(handshake, wire::read_frame(&mut stream, 0));
+    let Some(first) = unless_stopping(&mut stopping, first).await else { return Ok(()) };
+    let (mut frame, mut hello_wire) = first.map_err(|_| silent(handshake))??;
+    let mut warm_ups = 0;
     while let Frame::WarmUp(_) = frame {
         // a sender warming the connection up before its pause: answer, wait for the hello
+        // (it comes once the checkpoint is made)
+        warm_ups += 1;
+        if warm_ups > MAX_WARM_UPS {
+            return fail_within(&mut stream, format!("more than {MAX_WARM_UPS} warm-up frames"), EARLY_DRAIN).await;
+        }
         wire::write_frame(&mut stream, &Frame::WarmUp(0)).await?;
-        (frame, hello_wire) =
-            tokio::time::timeout(idle, wire::read_frame(&mut stream, 0)).await.map_err(|_| timed_out())??;
+        let next = tokio::time::timeout(idle, wire::read_frame(&mut stream, 0));
+        let Some(next) = unless_stopping(&mut stopping, next).await else { return Ok(()) };
+        (frame, hello_wire) = next.map_err(|_| silent(idle))??;
     }
     let hello = match frame {
         Frame::Hello(h) => h,
-        other => return fail(&mut stream, format!("expected hello, got {}", other.name())).await,
+        other => return fail_within(&mut stream, format!("expected hello, got {}", other.name()), EARLY_DRAIN).await,
     };
     if let Err(message) = validate_hello(&hello, ctx.options.max_payload_bytes) {
-        return fail(&mut stream, message).await;
+        return fail_within(&mut stream, message, EARLY_DRAIN).await;
     }
     let id = hello.transfer_id.clone();
-    let slot = ctx.registry.lock().expect("registry lock").entry(id.clone()).or_default().clone();
+    let admission = match ctx.registry.admit(&hello) {
+        Ok(admission) => admission,
+        Err(message) => {
+            info!(%peer, transfer_id = %id, bytes = hello.total_bytes, %message, "transfer refused");
+            return fail_within(&mut stream, message, EARLY_DRAIN).await;
+        }
+    };
+    let slot = admission.slot.clone();
+    let timed_out = || silent(idle);
 
     // Let the previous connection of this transfer store what it already received.
     let wait_until = Instant::now() + ctx.options.takeover_wait;
@@ -432,6 +629,9 @@ where
         Ok(have) => have,
         Err(message) => {
             warn!(%peer, transfer_id = %id, %message, "cannot prepare spool");
+            if !ctx.spool.join(&id).exists() {
+                ctx.registry.spool_gone(&id);
+            }
             return fail(&mut stream, message).await;
         }
     };
@@ -442,8 +642,12 @@ where
     let mut resyncing = false;
     let mut rejections = 0u32;
     loop {
-        let (frame, wire_len) = match tokio::time::timeout(idle, wire::read_frame(&mut stream, hello.chunk_size)).await
-        {
+        let read = tokio::time::timeout(idle, wire::read_frame(&mut stream, hello.chunk_size));
+        let Some(read) = unless_stopping(&mut stopping, read).await else {
+            info!(%peer, transfer_id = %id, have = expected, "receiver stopping: the transfer's spool stays for its sender to resume");
+            return Ok(());
+        };
+        let (frame, wire_len) = match read {
             Err(_) => return Err(timed_out()),
             Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 debug!(%peer, transfer_id = %id, expected, "sender closed the connection");
@@ -601,6 +805,7 @@ where
             if let Err(e) = fs::remove_dir_all(&dir) {
                 warn!(transfer_id = %id, dir = %dir.display(), error = %e, "cannot remove refused spool");
             }
+            ctx.registry.finished(&id, false);
         }
         warn!(%peer, transfer_id = %id, %message, "cannot unpack payload");
         return fail(stream, message).await;
@@ -621,6 +826,8 @@ where
             }
         }
     }
+    // a failed verdict's spool stays for inspection until the transfer expires
+    ctx.registry.finished(&id, !verdict.ok);
     info!(%peer, transfer_id = %id, ok = verdict.ok, message = %verdict.message, "verdict");
     // If this fails the sender reconnects and gets the stored verdict.
     send_frame(stream, &Frame::Verdict(verdict)).await?;
