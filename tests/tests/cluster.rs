@@ -6,6 +6,8 @@
 //! costs a few seconds, and the scenarios build on each other (the broker restart must
 //! find what the earlier steps placed).
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
 use away_cluster::{ClusterInfo, ClusterPlan, NodePlan};
@@ -112,6 +114,27 @@ fn broker_places_moves_survives_restarts_and_cut_links() {
             .filter(|n| n.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 2))
     })
     .expect("both agents registered and online");
+
+    // 0. the cluster's tokens are on no command line (`ps` shows those to every user) and
+    // in no file others can read
+    let run = Path::new("/run/away/cluster").join(NAME);
+    let mut pidfiles = vec![run.join("broker.pid")];
+    pidfiles.extend(info.nodes.iter().map(|n| run.join(&n.name).join("agent.pid")));
+    let join = std::fs::read_to_string(run.join("join-token")).expect("join-token");
+    for pidfile in pidfiles {
+        let pid = std::fs::read_to_string(&pidfile).expect("pidfile");
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).expect("cmdline");
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            !cmdline.contains(&info.user_token) && !cmdline.contains(join.trim()),
+            "a token on {}'s command line: {cmdline}",
+            pidfile.display()
+        );
+    }
+    for (path, mode) in [(run.clone(), 0o700), (run.join("cluster.json"), 0o600), (run.join("join-token"), 0o600)] {
+        let meta = std::fs::metadata(&path).expect("cluster file");
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{}", path.display());
+    }
 
     // 1. each lab app, submitted over HTTP, runs on the node its constraints point to
     let submit = |name: &str, image: &str, env: Value, tiers: &[&str]| {

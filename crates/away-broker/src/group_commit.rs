@@ -110,8 +110,8 @@ impl<Q, A> GroupCommit<Q, A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     #[test]
     fn every_request_gets_its_own_answer_and_bursts_share_batches() {

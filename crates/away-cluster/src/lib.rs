@@ -19,6 +19,7 @@
 //! host's. Nodes offer containerd and QEMU.
 
 use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -250,6 +251,8 @@ fn up_inner(plan: &ClusterPlan, stop: &AtomicBool) -> Result<ClusterInfo, Cluste
     let c = &plan.name;
     let (run, state) = (run_dir(c), state_dir(c));
     std::fs::create_dir_all(&run).map_err(io(&run))?;
+    // the cluster's tokens are kept here: root's alone
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).map_err(io(&run))?;
     std::fs::create_dir_all(&state).map_err(io(&state))?;
     let k = subnet(c);
     let br = bridge(c);
@@ -284,16 +287,12 @@ fn up_inner(plan: &ClusterPlan, stop: &AtomicBool) -> Result<ClusterInfo, Cluste
     let broker_log = run.join("broker.log");
     let mut argv: Vec<String> =
         vec![plan.away.display().to_string(), "broker".into(), "--listen".into(), broker_addr.clone()];
-    argv.extend([
-        "--db".into(),
-        state.join("broker.db").display().to_string(),
-        "--join-token".into(),
-        join.clone(),
-        "--user-token".into(),
-        user.clone(),
-    ]);
+    argv.extend(["--db".into(), state.join("broker.db").display().to_string()]);
+    // the tokens go by environment, never on a command line (`ps` shows those to everyone)
+    write_secret(&run.join("join-token"), &join)?;
+    write_secret(&run.join("user-token"), &user)?;
     std::fs::write(run.join("broker.argv"), serde_json::to_vec(&argv).expect("argv")).map_err(io(&run))?;
-    spawn(&argv, &broker_log, &run.join("broker.pid"), &[])?;
+    spawn(&argv, &broker_log, &run.join("broker.pid"), &broker_env(&run)?)?;
     wait_until("broker", &broker_log, 30, stop, || tcp_answers(&broker_addr))?;
 
     let mut nodes = Vec::new();
@@ -305,7 +304,6 @@ fn up_inner(plan: &ClusterPlan, stop: &AtomicBool) -> Result<ClusterInfo, Cluste
         let joining = Joining { br: &br, gw, broker: &broker_addr, join: &join };
         nodes.push(node_up(plan, i, n, &joining, stop)?);
     }
-    std::fs::write(run.join("join-token"), &join).map_err(io(&run))?;
     let info = ClusterInfo { name: c.clone(), broker_url: format!("http://{broker_addr}"), user_token: user, nodes };
     save(&info)?;
     Ok(info)
@@ -313,8 +311,24 @@ fn up_inner(plan: &ClusterPlan, stop: &AtomicBool) -> Result<ClusterInfo, Cluste
 
 fn save(info: &ClusterInfo) -> Result<(), ClusterError> {
     let run = run_dir(&info.name);
-    let json = serde_json::to_vec_pretty(info).expect("cluster info");
-    std::fs::write(run.join("cluster.json"), json).map_err(io(&run))
+    let json = serde_json::to_string_pretty(info).expect("cluster info");
+    // it holds the user token
+    write_secret(&run.join("cluster.json"), &json)
+}
+
+/// A file only root reads (0600 from its creation, not chmod-ed after).
+fn write_secret(path: &Path, text: &str) -> Result<(), ClusterError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io(path))?;
+    f.write_all(text.as_bytes()).map_err(io(path))
+}
+
+/// The broker's tokens, for its environment.
+fn broker_env(run: &Path) -> Result<Vec<(&'static str, std::ffi::OsString)>, ClusterError> {
+    let read = |name: &str| std::fs::read_to_string(run.join(name)).map_err(io(&run.join(name)));
+    Ok(vec![("AWAY_JOIN_TOKEN", read("join-token")?.into()), ("AWAY_USER_TOKEN", read("user-token")?.into())])
 }
 
 /// Add a node to a running cluster (a student's laptop coming online).
@@ -424,7 +438,6 @@ fn node_up(
     let mut argv = nsenter(&ns);
     argv.push("env".into());
     argv.extend(node.env().into_iter().map(|(k, v)| format!("{k}={v}")));
-    argv.push(format!("AWAY_JOIN_TOKEN={join}"));
     argv.push(format!("AWAY_LOG={}", std::env::var("AWAY_LOG").unwrap_or_else(|_| "info".into())));
     argv.extend([
         plan.away.display().to_string(),
@@ -440,7 +453,9 @@ fn node_up(
         "--broker".into(),
         format!("http://{broker}"),
     ]);
-    spawn(&argv, &agent_log, &run.join("agent.pid"), &[("PATH", away_runtime::host::runtime_path())])?;
+    // the join token by environment (nsenter and env pass it on), not on env's command line
+    let env = [("PATH", away_runtime::host::runtime_path()), ("AWAY_JOIN_TOKEN", join.into())];
+    spawn(&argv, &agent_log, &run.join("agent.pid"), &env)?;
     wait_until(&format!("agent {}", n.name), &agent_log, 60, stop, || tcp_answers(&node.api))?;
     Ok(node)
 }
@@ -458,7 +473,7 @@ pub fn start_broker(name: &str) -> Result<(), ClusterError> {
     let info = info(name).ok_or_else(|| ClusterError::Invalid(format!("cluster {name} is not up")))?;
     let addr = info.broker_url.trim_start_matches("http://").to_string();
     let log = run.join("broker.log");
-    spawn(&argv, &log, &run.join("broker.pid"), &[])?;
+    spawn(&argv, &log, &run.join("broker.pid"), &broker_env(&run)?)?;
     wait_until("broker", &log, 30, &AtomicBool::new(false), || tcp_answers(&addr))
 }
 

@@ -9,9 +9,13 @@ use std::time::Duration;
 /// /metrics, the agents' registration and heartbeats, and the web dashboard at /
 /// (sign in with a user token). State lives in SQLite.
 ///
+/// The tokens are secrets: give them by environment (AWAY_JOIN_TOKEN, AWAY_USER_TOKEN),
+/// not as flags, which every user of the machine sees in `ps`.
+///
 /// Examples:
-///   away broker --join-token "$JOIN" --user-token "$ME"
-///   curl -H "Authorization: Bearer $ME" http://127.0.0.1:7700/v1/nodes
+///   export AWAY_JOIN_TOKEN=$(cat /proc/sys/kernel/random/uuid) AWAY_USER_TOKEN=$(cat /proc/sys/kernel/random/uuid)
+///   away broker &
+///   curl -H "Authorization: Bearer $AWAY_USER_TOKEN" http://127.0.0.1:7700/v1/nodes
 #[derive(clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct BrokerArgs {
