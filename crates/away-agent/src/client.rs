@@ -1,7 +1,7 @@
 //! A client of the agent's HTTP API; the migration source uses it as its `TargetNode`.
 
 use async_trait::async_trait;
-use away_migrate::target::{TargetInfo, TargetNode};
+use away_migrate::target::{MoveRecord, MoveState, NoAnswer, TargetInfo, TargetNode};
 use away_migrate::MigrateError;
 use away_model::{error_chain, ApiError, ErrorChain};
 
@@ -58,6 +58,69 @@ impl AgentClient {
     }
 }
 
+/// Bound on one commit or question: the source asks again after it.
+const MOVE_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl AgentClient {
+    /// A target's answer about a move: its record, None when it does not know the move,
+    /// or no definite answer (and whether the request may have arrived).
+    async fn move_answer(
+        &self,
+        resp: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<Option<MoveRecord>, NoAnswer> {
+        let resp = resp.map_err(|e| NoAnswer {
+            message: format!("{}: {e}", self.base, e = ErrorChain(&e)),
+            // a connection that could not be opened carried nothing
+            maybe_delivered: !e.is_connect(),
+        })?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| NoAnswer {
+            message: format!("{}: the answer broke off: {e}", self.base, e = ErrorChain(&e)),
+            maybe_delivered: true,
+        })?;
+        match status.as_u16() {
+            200 => serde_json::from_str(&body).map(Some).map_err(|e| NoAnswer {
+                message: format!("{}: a move answer that is not a move record: {e}", self.base),
+                maybe_delivered: true,
+            }),
+            404 => Ok(None),
+            // the target's definite "aborted" (or "still being restored": not final)
+            409 => {
+                let message = serde_json::from_str::<ApiError>(&body).map(|e| e.message).unwrap_or(body);
+                let state = if message.contains("was aborted") { MoveState::Aborted } else { MoveState::Prepared };
+                Ok(Some(MoveRecord { transfer_id: String::new(), workload: String::new(), state, reason: message }))
+            }
+            _ => Err(NoAnswer {
+                message: format!("{}: {status}: {body}", self.base),
+                // refused before anything was done: the token, a bad request
+                maybe_delivered: !matches!(status.as_u16(), 400 | 401 | 403),
+            }),
+        }
+    }
+}
+
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_COMMIT=lose-answer`): the first
+/// commit reaches the target and is carried out, and its answer is lost on the way back.
+#[cfg(feature = "fault-injection")]
+fn lose_commit_answer() -> Option<NoAnswer> {
+    static LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let asked = std::env::var("AWAY_FAULT_COMMIT").as_deref() == Ok("lose-answer");
+    (asked && !LOST.swap(true, std::sync::atomic::Ordering::SeqCst)).then(|| NoAnswer {
+        message: "the commit's answer was lost (AWAY_FAULT_COMMIT=lose-answer)".into(),
+        maybe_delivered: true,
+    })
+}
+
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_COMMIT=partition`): from the
+/// commit on, the target cannot be reached (nothing is sent).
+#[cfg(feature = "fault-injection")]
+fn partitioned() -> Option<NoAnswer> {
+    (std::env::var("AWAY_FAULT_COMMIT").as_deref() == Ok("partition")).then(|| NoAnswer {
+        message: "cannot reach the target (AWAY_FAULT_COMMIT=partition)".into(),
+        maybe_delivered: false,
+    })
+}
+
 #[async_trait]
 impl TargetNode for AgentClient {
     async fn info(&self) -> Result<TargetInfo, MigrateError> {
@@ -74,10 +137,28 @@ impl TargetNode for AgentClient {
         Ok(v["present"].as_bool().unwrap_or(false))
     }
 
-    async fn commit(&self, transfer_id: &str) -> Result<(), MigrateError> {
-        self.check(self.http.post(format!("{}/v1/transfers/{transfer_id}/commit", self.base)).send().await)
-            .await
-            .map(|_| ())
+    async fn commit(&self, transfer_id: &str) -> Result<Option<MoveRecord>, NoAnswer> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(cut) = partitioned() {
+            return Err(cut);
+        }
+        let url = format!("{}/v1/transfers/{transfer_id}/commit", self.base);
+        let answer = self.move_answer(self.http.post(url).timeout(MOVE_QUESTION_TIMEOUT).send().await).await;
+        #[cfg(feature = "fault-injection")]
+        if let Some(lost) = lose_commit_answer() {
+            tracing::warn!(transfer = transfer_id, "the commit reached the target, its answer is dropped: {answer:?}");
+            return Err(lost);
+        }
+        answer
+    }
+
+    async fn move_state(&self, transfer_id: &str) -> Result<Option<MoveRecord>, NoAnswer> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(cut) = partitioned() {
+            return Err(cut);
+        }
+        let url = format!("{}/v1/transfers/{transfer_id}", self.base);
+        self.move_answer(self.http.get(url).timeout(MOVE_QUESTION_TIMEOUT).send().await).await
     }
 
     async fn upload_image(&self, tar: &std::path::Path) -> Result<(), MigrateError> {

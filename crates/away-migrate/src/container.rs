@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::ArchiveStore;
 use crate::compat;
-use crate::target::TargetNode;
+use crate::target::{CommitOutcome, CommitPolicy, NoAnswer, TargetNode};
 use crate::transfer::{self, ReceivedPayload, SendOptions, Verdict};
 use crate::MigrateError;
 
@@ -73,7 +73,7 @@ impl Manifest {
 }
 
 /// How to move a container.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ContainerMigrationOptions {
     pub transfer: SendOptions,
     /// Wait this long after the restore before calling the target healthy.
@@ -82,6 +82,22 @@ pub struct ContainerMigrationOptions {
     /// Compress the page stream of streamed and lazy moves; None: unless the target is
     /// on this host (a loopback address), where zstd only costs time.
     pub compress_pages: Option<bool>,
+    /// How long to keep asking a target that went silent after a commit that may have
+    /// reached it, before the move is reported in doubt (the source then neither resumes
+    /// nor removes its copy).
+    pub commit_wait: Duration,
+}
+
+impl Default for ContainerMigrationOptions {
+    fn default() -> Self {
+        ContainerMigrationOptions {
+            transfer: SendOptions::default(),
+            settle: None,
+            mode: Default::default(),
+            compress_pages: None,
+            commit_wait: Duration::from_secs(300),
+        }
+    }
 }
 
 /// Receives the steps of a migration (for a progress bar).
@@ -242,6 +258,9 @@ pub async fn migrate_container(
     // 2. transfer; the target restores and answers
     let t = Instant::now();
     let outcome = send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, Some(early)).await;
+    // the target armed its lease before it answered: counted from here, it ends no
+    // earlier on this side than on the target's
+    let answered_at = tokio::time::Instant::now();
     let transfer_and_restore = t.elapsed();
     let outcome = match outcome {
         Ok(o) if o.verdict.ok => o,
@@ -265,13 +284,29 @@ pub async fn migrate_container(
         .push(MigrationPhase { parts: restore_parts(&outcome.verdict), ..MigrationPhase::new("restore", restore_ms) });
     phases.push(MigrationPhase::new("settle", settle_ms));
 
-    // 3. commit: from here on the target's copy is the workload
+    // 3. commit: one answer per move. The source resumes only when the target says the
+    // move is aborted, or when no commit can have reached it and its lease has run out;
+    // it removes its copy only when the target says committed.
     progress(Step::Committing);
     let t = Instant::now();
-    if let Err(e) = target.commit(&outcome.transfer_id).await {
-        // The target removes an uncommitted copy after its lease: resume here.
-        let why = format!("commit to {} failed: {e}", there.node.name, e = ErrorChain(&e));
-        return Err(undo.rollback(why).await);
+    let policy = commit_policy(&outcome.verdict, opts);
+    match crate::target::commit_move(target, &outcome.transfer_id, answered_at, &policy).await {
+        CommitOutcome::Committed => {}
+        CommitOutcome::Aborted(why) => {
+            let why = format!("commit to {}: {why}", there.node.name);
+            return Err(undo.rollback(why).await);
+        }
+        CommitOutcome::InDoubt(why) => {
+            // neither resume (two instances if the target committed) nor clean up (none
+            // if it did not): the checkpoint stays, the target's agent has the answer
+            undo.archives.keep_failed(&payload);
+            return Err(MigrateError::InDoubt {
+                transfer_id: outcome.transfer_id.clone(),
+                target: there.node.name.clone(),
+                why,
+                checkpoint: payload.clone(),
+            });
+        }
     }
     phases.push(phase("commit", t.elapsed()));
 
@@ -295,6 +330,13 @@ pub async fn migrate_container(
         ok: true,
         error: None,
     })
+}
+
+/// How long the source keeps asking for a move's answer: the lease the target gave in
+/// its verdict (`lease_ms`; a target too old to say gets the agent's default, 30 s).
+fn commit_policy(verdict: &Verdict, opts: &ContainerMigrationOptions) -> CommitPolicy {
+    let lease = verdict.detail.get("lease_ms").and_then(|v| v.as_u64()).unwrap_or(30_000);
+    CommitPolicy { lease: Duration::from_millis(lease), retry: Duration::from_secs(1), give_up: opts.commit_wait }
 }
 
 /// Send a payload with its manifest, the transfer's progress to `progress`.
@@ -628,7 +670,10 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     // every page moved and CRIU ended the source process: the target's copy is the one
     progress(Step::Committing);
     let t = Instant::now();
-    if let Err(e) = target.commit(&outcome.transfer_id).await {
+    if let Err(e) = target.commit(&outcome.transfer_id).await.and_then(|r| r.ok_or_else(|| NoAnswer {
+        message: "the target no longer knows the move".into(),
+        maybe_delivered: false,
+    })) {
         // the target made its copy final itself when its last page arrived (and the
         // source's process is gone): a commit it no longer knows is no failure
         tracing::debug!(workload = name, "commit to {}: {e}", there.node.name, e = ErrorChain(&e));

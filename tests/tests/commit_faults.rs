@@ -1,0 +1,373 @@
+//! The commit protocol under faults, end to end (docs/reliability.md, "Commit
+//! protocol"): a source node and a target agent on this host (each with its own
+//! containerd namespace and state directory), the real containerd and CRIU, the counter
+//! moved by stop-and-copy (staged: the one-round-trip commit is what is under test).
+//!
+//! Each fault lands between the target's "restored, prepared" and the source's commit,
+//! where a guess makes two instances or none:
+//! * the commit's answer is lost after the target committed (`AWAY_FAULT_COMMIT=lose-answer`
+//!   in the source): the source asks again and hears "committed";
+//! * the target's agent dies (abort, like a SIGKILL: no cleanup) when the commit arrives,
+//!   before it is on disk (`AWAY_FAULT_COMMIT_TARGET=die-before`), and is started again
+//!   (a supervisor would): it removes the copy, says "aborted", the source resumes;
+//! * the same, after the commit is on disk (`die-after`): the agent, back, says
+//!   "committed" and keeps the copy; the source removes its own.
+//!
+//! Each ends with exactly one running instance whose count went on, no transfer spool
+//! on the target, and the source's checkpoint removed (or kept as failed when the source
+//! resumed). `AWAY_FAULT_MATRIX=full` runs each case three times and adds Docker (the lab
+//! run); CI runs each once on containerd.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use away_e2e::{free_port, http_get, lab_image, require_root, require_socket, wait_for, Node};
+use serde_json::Value;
+
+fn ready() -> bool {
+    require_root()
+        && require_socket("/run/containerd/containerd.sock", "containerd")
+        && (!full_matrix() || require_socket("/run/docker.sock", "dockerd"))
+}
+
+fn full_matrix() -> bool {
+    std::env::var("AWAY_FAULT_MATRIX").as_deref() == Ok("full")
+}
+
+/// (runtime, runs) of each case: containerd once in CI, both runtimes three times in the
+/// lab run.
+fn matrix() -> Vec<(&'static str, u32)> {
+    if full_matrix() {
+        vec![("containerd", 3), ("docker", 3)]
+    } else {
+        vec![("containerd", 1)]
+    }
+}
+
+/// Lease the target gives (short: the test waits it out in one case).
+const LEASE_SECS: &str = "5";
+
+/// The target's agent on fixed ports (so that it can be started again after it died),
+/// killed by its PID when dropped.
+struct TargetAgent {
+    node: Node,
+    name: String,
+    api: String,
+    transfer: String,
+    log: PathBuf,
+    child: Child,
+}
+
+impl TargetAgent {
+    fn start(test: &str, env: &[(&str, &str)]) -> TargetAgent {
+        let node = node("target", test);
+        let (api, transfer) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let log = PathBuf::from(format!("/tmp/away-e2e-commit/agent-{test}-{}.log", std::process::id()));
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        let name = format!("target-{test}");
+        let child = spawn_agent(&node, &name, &api, &transfer, env, &log, false);
+        TargetAgent { node, name, api, transfer, log, child }
+    }
+
+    /// Start it again, as a supervisor would after it died, without faults.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_agent(&self.node, &self.name, &self.api, &self.transfer, &[], &self.log, true);
+    }
+
+    /// Has the agent's process ended (the injected fault killed it)?
+    fn died(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+fn spawn_agent(
+    node: &Node,
+    name: &str,
+    api: &str,
+    transfer: &str,
+    env: &[(&str, &str)],
+    log: &std::path::Path,
+    append: bool,
+) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(append).write(true).truncate(!append).open(log).unwrap();
+    let mut cmd = node.cmd(&["agent", "--name", name, "--listen", api, "--transfer-listen", transfer]);
+    cmd.args(["--commit-lease", LEASE_SECS]).envs(env.iter().copied()).env("AWAY_LOG", "info").env("NO_COLOR", "1");
+    let mut child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start away agent");
+    if wait_for(30, || std::net::TcpStream::connect(api).ok()).is_none() {
+        let _ = child.kill();
+        panic!("the target agent did not listen on {api}");
+    }
+    child
+}
+
+impl Drop for TargetAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The counter on the source node, removed on both nodes at the end.
+struct Workload<'a> {
+    name: String,
+    port: u16,
+    source: &'a Node,
+    target: &'a Node,
+}
+
+impl Drop for Workload<'_> {
+    fn drop(&mut self) {
+        let _ = self.source.away(&["rm", "--force", &self.name]);
+        let _ = self.target.away(&["rm", "--force", &self.name]);
+    }
+}
+
+fn start_counter<'a>(source: &'a Node, target: &'a Node, test: &str, runtime: &str) -> Workload<'a> {
+    std::fs::create_dir_all(&source.state).unwrap();
+    let tar = lab_image("counter");
+    let name = format!("cf-{test}-{}", std::process::id());
+    let port = free_port();
+    let (ok, _, err) = source.away(&[
+        "run",
+        tar.to_str().unwrap(),
+        "--name",
+        &name,
+        "--runtime",
+        runtime,
+        "-e",
+        &format!("COUNTER_PORT={port}"),
+        "-p",
+        &format!("{port}:{port}"),
+    ]);
+    assert!(ok, "run counter on {runtime}: {err}");
+    Workload { name, port, source, target }
+}
+
+/// count and start time of the counter answering on `port`
+fn state(port: u16) -> Option<(u64, u64)> {
+    let v: Value = serde_json::from_str(&http_get(port, "/")?).ok()?;
+    Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
+}
+
+/// `away migrate` from the source, started (not waited for), with `env`.
+fn migrate(w: &Workload, agent: &TargetAgent, env: &[(&str, &str)]) -> Child {
+    w.source
+        .cmd(&[
+            "migrate",
+            &w.name,
+            "--to",
+            &agent.api,
+            "--json",
+            "--source-name",
+            "source",
+            "--mode",
+            "staged",
+            "--commit-wait",
+            "120",
+        ])
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run away migrate")
+}
+
+fn finish(child: Child) -> (bool, Value, String) {
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("away migrate: {}\n{err}", out.status);
+    (out.status.success(), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null), err)
+}
+
+/// Running instances of the workload on `node` (`away ps`).
+fn running(node: &Node, name: &str) -> usize {
+    node.ps().iter().filter(|w| w["name"] == name && w["state"] == "running").count()
+}
+
+/// Exactly one running instance, on `on`, none on `other`; its count went on from `before`.
+fn assert_one_instance(on: &Node, other: &Node, w: &Workload, before: (u64, u64), runtime: &str) {
+    assert_eq!(running(on, &w.name), 1, "{} is not running where it should be", w.name);
+    if runtime == "docker" {
+        // one engine for both nodes: `away ps` of either sees every container
+        let out = Command::new(away_e2e::docker_cli())
+            .args(["ps", "-q", "--filter", &format!("label=away.workload={}", w.name)])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1, "{} runs twice", w.name);
+    } else {
+        assert_eq!(running(other, &w.name), 0, "{} runs on both nodes", w.name);
+    }
+    let after = wait_for(20, || state(w.port)).expect("the counter answers");
+    assert_eq!(after.1, before.1, "the counter restarted (start time changed) instead of being restored");
+    assert!(after.0 >= before.0, "count went back: {} -> {}", before.0, after.0);
+    eprintln!("count {} -> {}", before.0, after.0);
+}
+
+/// No transfer data left in the target's spool.
+fn assert_no_spool(target: &Node) {
+    let spool = target.state.join("transfers");
+    let left: Vec<_> = std::fs::read_dir(&spool).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "the target kept transfer data: {left:?}");
+}
+
+/// The source's checkpoints: none (moved), or one kept as failed (resumed).
+fn source_archives(source: &Node) -> Vec<Value> {
+    let (_, out, _) = source.away(&["archives", "list", "--json"]);
+    serde_json::from_str(&out).unwrap_or_default()
+}
+
+/// The move's record on the target (`GET /v1/transfers/{id}`), the id read from the
+/// target's log (the report does not carry it).
+fn move_record(agent: &TargetAgent) -> Option<Value> {
+    let raw = std::fs::read_to_string(&agent.log).ok()?;
+    // without the terminal colours tracing may put around field names
+    let mut log = String::new();
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            log.push(c);
+        }
+    }
+    let id = log
+        .lines()
+        .filter_map(|l| l.split("transfer=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .next_back()?
+        .trim_matches('"')
+        .to_string();
+    let body = reqwest::blocking::get(format!("http://{}/v1/transfers/{id}", agent.api)).ok()?.text().ok()?;
+    serde_json::from_str(&body).ok()
+}
+
+fn case_lost_answer(runtime: &str, run: u32) {
+    let test = format!("lost-{runtime}-{run}");
+    let agent = TargetAgent::start(&test, &[]);
+    let source = node("source", &test);
+    let w = start_counter(&source, &agent.node, &test, runtime);
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let (ok, report, err) = finish(migrate(&w, &agent, &[("AWAY_FAULT_COMMIT", "lose-answer")]));
+    assert!(ok, "a lost commit answer must not undo a committed move: {err}");
+    assert!(err.contains("answer was lost"), "the fault did not fire: {err}");
+    assert_eq!(report["ok"], true);
+    assert_one_instance(&agent.node, &source, &w, before, runtime);
+    assert_no_spool(&agent.node);
+    assert!(source_archives(&source).is_empty(), "the source kept its checkpoint after the commit");
+    let record = move_record(&agent).expect("the target answers what became of the move");
+    assert_eq!(record["state"], "committed", "{record}");
+}
+
+/// The target cannot be reached from the commit on (`AWAY_FAULT_COMMIT=partition` in the
+/// source: nothing is sent, as when its agent is gone): no commit was delivered, so the
+/// source waits out the target's lease and resumes; the target, its lease run out, has
+/// removed its copy by then and says "aborted".
+fn case_partition(runtime: &str, run: u32) {
+    let test = format!("cut-{runtime}-{run}");
+    let agent = TargetAgent::start(&test, &[]);
+    let source = node("source", &test);
+    let w = start_counter(&source, &agent.node, &test, runtime);
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let t = std::time::Instant::now();
+    let (ok, _, err) = finish(migrate(&w, &agent, &[("AWAY_FAULT_COMMIT", "partition")]));
+    assert!(!ok, "no commit got through: the move cannot succeed");
+    assert!(err.contains("lease") && err.contains("resumed"), "the source did not resume after the lease: {err}");
+    // the lease (LEASE_SECS) and the agent's removal grace (5 s) went by first
+    let lease: u64 = LEASE_SECS.parse().unwrap();
+    assert!(t.elapsed() >= Duration::from_secs(lease + 5), "resumed after {:?}, inside the lease", t.elapsed());
+    assert_one_instance(&source, &agent.node, &w, before, runtime);
+    assert_no_spool(&agent.node);
+    let record = move_record(&agent).expect("the target answers what became of the move");
+    assert_eq!(record["state"], "aborted", "{record}");
+    let _ = source.away(&["archives", "prune", "--keep", "0B"]);
+}
+
+/// The target's agent dies at the commit (`when`: before or after it is on disk) and is
+/// started again `restart_after` later.
+fn case_target_dies(runtime: &str, run: u32, when: &str) {
+    let test = format!("{when}-{runtime}-{run}");
+    let mut agent = TargetAgent::start(&test, &[("AWAY_FAULT_COMMIT_TARGET", when)]);
+    let source = node("source", &test);
+    let w = start_counter(&source, &agent.node, &test, runtime);
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let child = migrate(&w, &agent, &[]);
+    assert!(wait_for(120, || agent.died().then_some(())).is_some(), "the target's agent did not die at the commit");
+    // the source asks a dead agent for a while: it must neither resume nor clean up
+    std::thread::sleep(Duration::from_secs(3));
+    let moved = when == "die-after";
+    agent.restart();
+    let (ok, _, err) = finish(child);
+    if moved {
+        assert!(ok, "the commit was on disk: the move succeeded: {err}");
+        assert_one_instance(&agent.node, &source, &w, before, runtime);
+        assert!(source_archives(&source).is_empty(), "the source kept its checkpoint after the commit");
+    } else {
+        assert!(!ok, "the commit never got to disk: the move cannot succeed");
+        assert!(err.contains("aborted") && err.contains("resumed"), "the source did not resume on the abort: {err}");
+        // the agent, back, removed its copy before it said "aborted"
+        assert_one_instance(&source, &agent.node, &w, before, runtime);
+        let kept = source_archives(&source);
+        assert!(kept.len() == 1 && kept[0]["state"] == "failed", "{kept:?}");
+        let _ = source.away(&["archives", "prune", "--keep", "0B"]);
+    }
+    assert_no_spool(&agent.node);
+    let record = move_record(&agent).expect("the target answers what became of the move");
+    assert_eq!(record["state"], if moved { "committed" } else { "aborted" }, "{record}");
+}
+
+#[test]
+fn a_lost_commit_answer_is_asked_again() {
+    if !ready() {
+        return;
+    }
+    for (runtime, runs) in matrix() {
+        for run in 0..runs {
+            case_lost_answer(runtime, run);
+        }
+    }
+}
+
+#[test]
+fn an_unreachable_target_is_waited_out_for_its_lease() {
+    if !ready() {
+        return;
+    }
+    for (runtime, runs) in matrix() {
+        for run in 0..runs {
+            case_partition(runtime, run);
+        }
+    }
+}
+
+#[test]
+fn a_target_dying_before_the_commit_is_on_disk_resumes_the_source() {
+    if !ready() {
+        return;
+    }
+    for (runtime, runs) in matrix() {
+        for run in 0..runs {
+            case_target_dies(runtime, run, "die-before");
+        }
+    }
+}
+
+#[test]
+fn a_target_dying_after_the_commit_is_on_disk_keeps_the_move() {
+    if !ready() {
+        return;
+    }
+    for (runtime, runs) in matrix() {
+        for run in 0..runs {
+            case_target_dies(runtime, run, "die-after");
+        }
+    }
+}
+
+/// Node `role` of test `test`.
+fn node(role: &str, test: &str) -> Node {
+    let id = format!("{role}-{test}-{}", std::process::id());
+    Node::at(format!("away-cf-{id}"), PathBuf::from(format!("/tmp/away-e2e-commit/{id}")))
+}
