@@ -56,7 +56,7 @@ struct TargetAgent {
     api: String,
     transfer: String,
     log: PathBuf,
-    child: Child,
+    child: std::sync::Mutex<Child>,
 }
 
 impl TargetAgent {
@@ -67,19 +67,20 @@ impl TargetAgent {
         std::fs::create_dir_all(log.parent().unwrap()).unwrap();
         let name = format!("target-{test}");
         let child = spawn_agent(&node, &name, &api, &transfer, env, &log, false);
-        TargetAgent { node, name, api, transfer, log, child }
+        TargetAgent { node, name, api, transfer, log, child: std::sync::Mutex::new(child) }
     }
 
     /// Start it again, as a supervisor would after it died, without faults.
-    fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = spawn_agent(&self.node, &self.name, &self.api, &self.transfer, &[], &self.log, true);
+    fn restart(&self) {
+        let mut child = self.child.lock().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        *child = spawn_agent(&self.node, &self.name, &self.api, &self.transfer, &[], &self.log, true);
     }
 
     /// Has the agent's process ended (the injected fault killed it)?
-    fn died(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+    fn died(&self) -> bool {
+        matches!(self.child.lock().unwrap().try_wait(), Ok(Some(_)))
     }
 }
 
@@ -105,8 +106,9 @@ fn spawn_agent(
 
 impl Drop for TargetAgent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -237,8 +239,10 @@ fn move_record(agent: &TargetAgent) -> Option<Value> {
         .lines()
         .filter_map(|l| l.split("transfer=").nth(1))
         .filter_map(|rest| rest.split_whitespace().next())
+        .map(|id| id.trim_matches('"'))
+        // a transfer id, not the agent's transfer address
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
         .next_back()?
-        .trim_matches('"')
         .to_string();
     let body = reqwest::blocking::get(format!("http://{}/v1/transfers/{id}", agent.api)).ok()?.text().ok()?;
     serde_json::from_str(&body).ok()
@@ -289,7 +293,7 @@ fn case_partition(runtime: &str, run: u32) {
 /// started again `restart_after` later.
 fn case_target_dies(runtime: &str, run: u32, when: &str) {
     let test = format!("{when}-{runtime}-{run}");
-    let mut agent = TargetAgent::start(&test, &[("AWAY_FAULT_COMMIT_TARGET", when)]);
+    let agent = TargetAgent::start(&test, &[("AWAY_FAULT_COMMIT_TARGET", when)]);
     let source = node("source", &test);
     let w = start_counter(&source, &agent.node, &test, runtime);
     let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
