@@ -376,3 +376,57 @@ fn node(role: &str, test: &str) -> Node {
     let id = format!("{role}-{test}-{}", std::process::id());
     Node::at(format!("away-cf-{id}"), PathBuf::from(format!("/tmp/away-e2e-commit/{id}")))
 }
+
+/// A VM move whose confirm answer is lost (`AWAY_FAULT_COMMIT=lose-answer` in the
+/// source): the destination agent keeps the confirm on disk and answers it again, the
+/// source asks again and removes its VM; the count goes on on the target only.
+#[test]
+fn a_lost_vm_confirm_answer_is_asked_again() {
+    if !away_e2e::require_vm_host() {
+        return;
+    }
+    let test = "vm-lost";
+    let agent = TargetAgent::start(test, &[]);
+    let source = node("source", test);
+    std::fs::create_dir_all(&source.state).unwrap();
+    let tar = lab_image("counter");
+    let name = format!("cf-{test}-{}", std::process::id());
+    let (port, target_port) = (free_port(), free_port());
+    let (ok, _, err) = source.away(&[
+        "run",
+        tar.to_str().unwrap(),
+        "--vm",
+        "--name",
+        &name,
+        "--memory",
+        "128Mi",
+        "-e",
+        &format!("COUNTER_PORT={port}"),
+        "-p",
+        &format!("{port}:{port}"),
+    ]);
+    let w = Workload { name: name.clone(), port, source: &source, target: &agent.node };
+    assert!(ok, "run --vm: {err}");
+    let before = wait_for(120, || state(port).filter(|s| s.0 >= 5)).expect("the counter VM answers");
+    let child = w
+        .source
+        .cmd(&["migrate", &name, "--to", &agent.api, "--target-port", &format!("{port}:{target_port}"), "--json"])
+        .env("AWAY_FAULT_COMMIT", "lose-answer")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, report, err) = finish(child);
+    assert!(ok, "a lost confirm answer must not fail a confirmed move: {err}");
+    assert!(err.contains("answer is dropped"), "the fault did not fire: {err}");
+    assert_eq!(report["mode"], "vm-live", "{report}");
+    let after = wait_for(30, || state(target_port)).expect("the VM answers on the target's port");
+    assert_eq!(after.1, before.1, "the guest restarted instead of moving");
+    assert!(after.0 >= before.0);
+    assert!(state(port).is_none(), "the source VM still answers");
+    assert_eq!(running(&source, &name), 0, "the source still runs the VM");
+    assert_eq!(running(&agent.node, &name), 1, "the target does not run the VM");
+    let record: Value =
+        reqwest::blocking::get(format!("http://{}/v1/transfers/vm-{name}", agent.api)).unwrap().json().unwrap();
+    assert_eq!(record["state"], "committed", "{record}");
+}

@@ -146,7 +146,10 @@ fn state_problem(e: crate::state::StateError) -> Problem {
 }
 
 fn unknown_move(id: &str) -> Problem {
-    Problem(ApiError::new(ErrorCode::NotFound, format!("no move {id:?} here (never received, or ended over a week ago)")))
+    Problem(ApiError::new(
+        ErrorCode::NotFound,
+        format!("no move {id:?} here (never received, or ended over a week ago)"),
+    ))
 }
 
 /// Commit a prepared move; asked again, the same answer. An aborted move is a 409 (an
@@ -322,6 +325,11 @@ async fn vm_prepare(
     let dest = away_migrate::vm::prepare_destination(agent.node.qemu(), &req.spec, &image, port, &opts)
         .await
         .map_err(vm_problem)?;
+    // a prepared move: a confirm makes it committed, and a confirm asked again gets the
+    // same answer; an agent that dies before the confirm removes the destination when it
+    // starts again (the source resumes its own)
+    let p = Provisional { workload: req.spec.name.clone(), runtime: away_model::RuntimeKind::Qemu };
+    agent.journal(&vm_move_id(&req.spec.name), &p);
     agent.vm_destinations.lock().await.insert(req.spec.name.clone(), dest);
     Ok(Json(serde_json::json!({"uri": format!("tcp:{host}:{port}")})))
 }
@@ -351,16 +359,33 @@ async fn vm_resumed(
     Ok(Json(serde_json::json!({"resumed_at_ms": ms})))
 }
 
+/// The move id of VM `name`'s incoming migration in the agent's `moves` table.
+fn vm_move_id(name: &str) -> String {
+    format!("vm-{name}")
+}
+
+/// The destination stays: idempotent, a confirm asked again (its answer lost) gets the
+/// same answer.
 async fn vm_confirm(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, Problem> {
-    let dest = agent
-        .vm_destinations
-        .lock()
-        .await
-        .remove(&name)
-        .ok_or_else(|| Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}"))))?;
+    let id = vm_move_id(&name);
+    let mut destinations = agent.vm_destinations.lock().await;
+    let Some(dest) = destinations.remove(&name) else {
+        drop(destinations);
+        return match agent.move_record(&id).map_err(state_problem)? {
+            Some(r) if r.state == MoveState::Committed => {
+                Ok(Json(serde_json::json!({"node": agent.config.name, "dir": "", "again": true})))
+            }
+            _ => Err(Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}")))),
+        };
+    };
+    if let Err(e) = agent.end_move(&id, MoveState::Committed, "confirmed by its source") {
+        destinations.insert(name, dest);
+        return Err(state_problem(e));
+    }
+    drop(destinations);
     let files = dest.confirm();
     Ok(Json(serde_json::json!({"node": agent.config.name, "dir": files.dir})))
 }
@@ -368,6 +393,7 @@ async fn vm_confirm(
 async fn vm_abort(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> Result<StatusCode, Problem> {
     if let Some(dest) = agent.vm_destinations.lock().await.remove(&name) {
         dest.abort().await.map_err(vm_problem)?;
+        agent.end_move_logged(&vm_move_id(&name), MoveState::Aborted, "aborted by its source");
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -58,6 +58,9 @@ impl AgentClient {
     }
 }
 
+/// How long a VM source keeps confirming a destination that does not answer.
+const VM_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Bound on one commit or question: the source asks again after it.
 const MOVE_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -231,12 +234,30 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
         Ok(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
     }
 
+    /// Confirm, and after a lost answer confirm again (the agent answers a repeated
+    /// confirm the same way) for up to [`VM_CONFIRM_WAIT`].
     async fn confirm(&mut self) -> Result<String, away_migrate::vm::VmMigrateError> {
         let c = &self.client;
-        let resp = c
-            .check(c.http.post(format!("{}/v1/vm-migrations/{}/confirm", c.base, self.name)).send().await)
-            .await
-            .map_err(vm_err)?;
+        let url = format!("{}/v1/vm-migrations/{}/confirm", c.base, self.name);
+        let started = std::time::Instant::now();
+        let resp = loop {
+            let sent = c.http.post(&url).timeout(MOVE_QUESTION_TIMEOUT).send().await;
+            #[cfg(feature = "fault-injection")]
+            if let Some(lost) = lose_commit_answer() {
+                tracing::warn!(workload = %self.name, "the confirm reached the target, its answer is dropped");
+                tracing::warn!("{lost}");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            match sent {
+                Ok(resp) => break c.check(Ok(resp)).await.map_err(vm_err)?,
+                Err(e) if started.elapsed() < VM_CONFIRM_WAIT => {
+                    tracing::warn!(workload = %self.name, "no answer to the confirm, asking again: {e}", e = ErrorChain(&e));
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(vm_err(c.err(format!("no answer to the confirm: {e}", e = ErrorChain(&e))))),
+            }
+        };
         let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(error_chain(&e))))?;
         Ok(format!("{} on node {}", v["dir"].as_str().unwrap_or_default(), v["node"].as_str().unwrap_or_default()))
     }

@@ -211,7 +211,8 @@ impl Agent {
                 transfer = transfer_id,
                 "removing a copy the agent's last run left unfinished (the source keeps or resumes its own)"
             );
-            let (agent, p, id) = (self.clone(), Provisional { workload: workload.clone(), runtime }, transfer_id.clone());
+            let (agent, p, id) =
+                (self.clone(), Provisional { workload: workload.clone(), runtime }, transfer_id.clone());
             tokio::spawn(async move {
                 agent.abort_copy(&id, &p, "the target's agent restarted before the commit").await;
             });

@@ -132,11 +132,9 @@ impl AgentState {
     /// What became of move `transfer_id` (None: never heard of).
     pub fn move_record(&self, transfer_id: &str) -> Result<Option<MoveRecord>, StateError> {
         self.db()
-            .query_row(
-                "SELECT workload, state, reason FROM moves WHERE transfer_id = ?1",
-                [transfer_id],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)),
-            )
+            .query_row("SELECT workload, state, reason FROM moves WHERE transfer_id = ?1", [transfer_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            })
             .optional()
             .map(|row| {
                 row.map(|(workload, state, reason)| MoveRecord {

@@ -670,10 +670,9 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     // every page moved and CRIU ended the source process: the target's copy is the one
     progress(Step::Committing);
     let t = Instant::now();
-    if let Err(e) = target.commit(&outcome.transfer_id).await.and_then(|r| r.ok_or_else(|| NoAnswer {
-        message: "the target no longer knows the move".into(),
-        maybe_delivered: false,
-    })) {
+    if let Err(e) = target.commit(&outcome.transfer_id).await.and_then(|r| {
+        r.ok_or_else(|| NoAnswer { message: "the target no longer knows the move".into(), maybe_delivered: false })
+    }) {
         // the target made its copy final itself when its last page arrived (and the
         // source's process is gone): a commit it no longer knows is no failure
         tracing::debug!(workload = name, "commit to {}: {e}", there.node.name, e = ErrorChain(&e));
