@@ -241,8 +241,7 @@ fn move_record(agent: &TargetAgent) -> Option<Value> {
         .filter_map(|rest| rest.split_whitespace().next())
         .map(|id| id.trim_matches('"'))
         // a transfer id, not the agent's transfer address
-        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
-        .next_back()?
+        .rfind(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))?
         .to_string();
     let body = reqwest::blocking::get(format!("http://{}/v1/transfers/{id}", agent.api)).ok()?.text().ok()?;
     serde_json::from_str(&body).ok()
