@@ -45,6 +45,18 @@ fn matrix() -> Vec<(&'static str, u32)> {
     }
 }
 
+/// Run `case` for each runtime and run of the matrix (when the host is ready).
+fn each_cell(case: impl Fn(&str, u32)) {
+    if !ready() {
+        return;
+    }
+    for (runtime, runs) in matrix() {
+        for run in 0..runs {
+            case(runtime, run);
+        }
+    }
+}
+
 /// Lease the target gives (short: the test waits it out in one case).
 const LEASE_SECS: &str = "5";
 
@@ -324,50 +336,22 @@ fn case_target_dies(runtime: &str, run: u32, when: &str) {
 
 #[test]
 fn a_lost_commit_answer_is_asked_again() {
-    if !ready() {
-        return;
-    }
-    for (runtime, runs) in matrix() {
-        for run in 0..runs {
-            case_lost_answer(runtime, run);
-        }
-    }
+    each_cell(case_lost_answer);
 }
 
 #[test]
 fn an_unreachable_target_is_waited_out_for_its_lease() {
-    if !ready() {
-        return;
-    }
-    for (runtime, runs) in matrix() {
-        for run in 0..runs {
-            case_partition(runtime, run);
-        }
-    }
+    each_cell(case_partition);
 }
 
 #[test]
 fn a_target_dying_before_the_commit_is_on_disk_resumes_the_source() {
-    if !ready() {
-        return;
-    }
-    for (runtime, runs) in matrix() {
-        for run in 0..runs {
-            case_target_dies(runtime, run, "die-before");
-        }
-    }
+    each_cell(|runtime, run| case_target_dies(runtime, run, "die-before"));
 }
 
 #[test]
 fn a_target_dying_after_the_commit_is_on_disk_keeps_the_move() {
-    if !ready() {
-        return;
-    }
-    for (runtime, runs) in matrix() {
-        for run in 0..runs {
-            case_target_dies(runtime, run, "die-after");
-        }
-    }
+    each_cell(|runtime, run| case_target_dies(runtime, run, "die-after"));
 }
 
 /// Node `role` of test `test`.
