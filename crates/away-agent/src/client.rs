@@ -1,7 +1,7 @@
 //! A client of the agent's HTTP API; the migration source uses it as its `TargetNode`.
 
 use async_trait::async_trait;
-use away_migrate::target::{MoveRecord, MoveState, NoAnswer, TargetInfo, TargetNode};
+use away_migrate::target::{MoveRecord, NoAnswer, TargetInfo, TargetNode};
 use away_migrate::MigrateError;
 use away_model::{error_chain, ApiError, ErrorChain};
 
@@ -66,38 +66,40 @@ const MOVE_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 
 impl AgentClient {
     /// A target's answer about a move: its record, None when it does not know the move,
-    /// or no definite answer (and whether the request may have arrived).
+    /// Err(Ok(message)) when it refused a commit (409: the move is not committed, ask what
+    /// it is), or no definite answer (and whether the request may have arrived).
     async fn move_answer(
         &self,
         resp: Result<reqwest::Response, reqwest::Error>,
-    ) -> Result<Option<MoveRecord>, NoAnswer> {
-        let resp = resp.map_err(|e| NoAnswer {
-            message: format!("{}: {e}", self.base, e = ErrorChain(&e)),
-            // a connection that could not be opened carried nothing
-            maybe_delivered: !e.is_connect(),
+    ) -> Result<Option<MoveRecord>, Result<String, NoAnswer>> {
+        let resp = resp.map_err(|e| {
+            Err(NoAnswer {
+                message: format!("{}: {e}", self.base, e = ErrorChain(&e)),
+                // a connection that could not be opened carried nothing
+                maybe_delivered: !e.is_connect(),
+            })
         })?;
         let status = resp.status();
-        let body = resp.text().await.map_err(|e| NoAnswer {
-            message: format!("{}: the answer broke off: {e}", self.base, e = ErrorChain(&e)),
-            maybe_delivered: true,
+        let body = resp.text().await.map_err(|e| {
+            Err(NoAnswer {
+                message: format!("{}: the answer broke off: {e}", self.base, e = ErrorChain(&e)),
+                maybe_delivered: true,
+            })
         })?;
         match status.as_u16() {
-            200 => serde_json::from_str(&body).map(Some).map_err(|e| NoAnswer {
-                message: format!("{}: a move answer that is not a move record: {e}", self.base),
-                maybe_delivered: true,
+            200 => serde_json::from_str(&body).map(Some).map_err(|e| {
+                Err(NoAnswer {
+                    message: format!("{}: a move answer that is not a move record: {e}", self.base),
+                    maybe_delivered: true,
+                })
             }),
             404 => Ok(None),
-            // the target's definite "aborted" (or "still being restored": not final)
-            409 => {
-                let message = serde_json::from_str::<ApiError>(&body).map(|e| e.message).unwrap_or(body);
-                let state = if message.contains("was aborted") { MoveState::Aborted } else { MoveState::Prepared };
-                Ok(Some(MoveRecord { transfer_id: String::new(), workload: String::new(), state, reason: message }))
-            }
-            _ => Err(NoAnswer {
+            409 => Err(Ok(serde_json::from_str::<ApiError>(&body).map(|e| e.message).unwrap_or(body))),
+            _ => Err(Err(NoAnswer {
                 message: format!("{}: {status}: {body}", self.base),
                 // refused before anything was done: the token, a bad request
                 maybe_delivered: !matches!(status.as_u16(), 400 | 401 | 403),
-            }),
+            })),
         }
     }
 }
@@ -152,7 +154,15 @@ impl TargetNode for AgentClient {
             tracing::warn!(transfer = transfer_id, "the commit reached the target, its answer is dropped: {answer:?}");
             return Err(lost);
         }
-        answer
+        match answer {
+            Ok(record) => Ok(record),
+            // refused, so not committed now: what the move is (aborted, or not answered yet)
+            Err(Ok(refused)) => {
+                tracing::info!(transfer = transfer_id, "the target did not commit: {refused}");
+                self.move_state(transfer_id).await
+            }
+            Err(Err(no_answer)) => Err(no_answer),
+        }
     }
 
     async fn move_state(&self, transfer_id: &str) -> Result<Option<MoveRecord>, NoAnswer> {
@@ -161,7 +171,15 @@ impl TargetNode for AgentClient {
             return Err(cut);
         }
         let url = format!("{}/v1/transfers/{transfer_id}", self.base);
-        self.move_answer(self.http.get(url).timeout(MOVE_QUESTION_TIMEOUT).send().await).await
+        // a question changes nothing on the target: whatever became of it, nothing was
+        // committed by it
+        self.move_answer(self.http.get(url).timeout(MOVE_QUESTION_TIMEOUT).send().await).await.map_err(|e| {
+            let message = match e {
+                Ok(refused) => refused,
+                Err(no_answer) => no_answer.message,
+            };
+            NoAnswer { message, maybe_delivered: false }
+        })
     }
 
     async fn upload_image(&self, tar: &std::path::Path) -> Result<(), MigrateError> {

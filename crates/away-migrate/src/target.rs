@@ -127,8 +127,10 @@ pub struct CommitPolicy {
 /// Commit a prepared move and get its one answer: commit, and after a lost answer ask
 /// again (the commit is idempotent) until the target says committed or aborted. The
 /// source may resume without a definite answer only when no commit can have reached the
-/// target and its lease has run out (`answered_at` + lease): the target has removed its
-/// copy by then, or removes it before it serves anything when its agent starts again.
+/// target, its lease has run out (`answered_at` + lease) and the target does not say it
+/// still holds the move: the target has removed its copy by then (an agent that was down
+/// removes it when it starts again, and says "prepared" until it is gone). Without a
+/// definite answer after `give_up`, the move is in doubt.
 pub async fn commit_move(
     target: &dyn TargetNode,
     transfer_id: &str,
@@ -145,12 +147,17 @@ pub async fn commit_move(
         } else {
             target.commit(transfer_id).await
         };
+        // the target answered "prepared": its copy is still there, whatever the clock says
+        let mut held = false;
         let last = match asked {
             Ok(Some(r)) if r.state == MoveState::Committed => return CommitOutcome::Committed,
             Ok(Some(r)) if r.state == MoveState::Aborted => {
                 return CommitOutcome::Aborted(format!("the target aborted the move: {}", r.reason))
             }
-            Ok(Some(_)) => "the target still holds the move as prepared".to_string(),
+            Ok(Some(_)) => {
+                held = true;
+                "the target still holds the move as prepared".to_string()
+            }
             Ok(None) => {
                 // a target that never heard of the move (its journal lost, or another
                 // agent on that address) cannot have committed it
@@ -163,15 +170,15 @@ pub async fn commit_move(
             }
         };
         let now = tokio::time::Instant::now();
-        if !maybe_delivered && now >= lease_end {
+        if !maybe_delivered && !held && now >= lease_end {
             return CommitOutcome::Aborted(format!(
                 "the target's lease of {} s ran out with no commit delivered (last: {last})",
                 policy.lease.as_secs()
             ));
         }
-        if maybe_delivered && now.duration_since(started) >= policy.give_up {
+        if (maybe_delivered || held) && now.duration_since(started) >= policy.give_up {
             return CommitOutcome::InDoubt(format!(
-                "no answer from the target for {} s after a commit that may have arrived (last: {last})",
+                "no definite answer from the target for {} s (last: {last})",
                 policy.give_up.as_secs()
             ));
         }
@@ -270,6 +277,11 @@ mod tests {
         assert!(t0.elapsed() >= Duration::from_millis(300), "{:?}", t0.elapsed());
         // after the lease no commit goes out any more: only the question
         assert_eq!(calls.last(), Some(&"state"));
+        // a target that says "prepared" still has its copy: no resume on the clock, even
+        // past the lease (in doubt after give_up)
+        let t = Scripted::new((0..100).map(|_| Ok(Some(MoveState::Prepared))).collect());
+        let out = commit_move(&t, "t", tokio::time::Instant::now(), &policy()).await;
+        assert!(matches!(out, CommitOutcome::InDoubt(_)), "{out:?}");
         // prepared while the lease runs: commit again
         let (out, calls) = run(vec![Ok(Some(MoveState::Prepared)), Ok(Some(MoveState::Committed))]).await;
         assert_eq!((out, calls), (CommitOutcome::Committed, vec!["commit", "commit"]));
