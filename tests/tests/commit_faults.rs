@@ -413,3 +413,28 @@ fn a_lost_vm_confirm_answer_is_asked_again() {
         reqwest::blocking::get(format!("http://{}/v1/transfers/vm-{name}", agent.api)).unwrap().json().unwrap();
     assert_eq!(record["state"], "committed", "{record}");
 }
+
+/// The target's "restored" answer is lost (`AWAY_FAULT_VERDICT=lose` in the source): the
+/// source asks what became of the move, has the target remove its copy, and only then
+/// resumes; one instance at once, and the target says "aborted".
+fn case_lost_verdict(runtime: &str, run: u32) {
+    let test = format!("verdict-{runtime}-{run}");
+    let agent = TargetAgent::start(&test, &[]);
+    let source = node("source", &test);
+    let w = start_counter(&source, &agent.node, &test, runtime);
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let (ok, _, err) = finish(migrate(&w, &agent, &[("AWAY_FAULT_VERDICT", "lose")]));
+    assert!(!ok, "the source never heard the target: the move cannot succeed");
+    // checked the moment the source has resumed: the target's copy went first
+    assert_one_instance(&source, &agent.node, &w, before, runtime);
+    assert!(err.contains("answer was lost") && err.contains("resumed"), "{err}");
+    assert_no_spool(&agent.node);
+    let record = move_record(&agent).expect("the target answers what became of the move");
+    assert_eq!(record["state"], "aborted", "{record}");
+    let _ = source.away(&["archives", "prune", "--keep", "0B"]);
+}
+
+#[test]
+fn a_lost_restore_answer_takes_the_targets_copy_back_first() {
+    each_cell(case_lost_verdict);
+}

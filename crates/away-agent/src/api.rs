@@ -8,7 +8,7 @@
 //! | GET | /v1/workloads/{name} | `WorkloadStatus`, 404 |
 //! | POST | /v1/transfers/{id}/commit | `MoveRecord` (committed); idempotent; 409 when the move was aborted (lease ran out); 404 when unknown |
 //! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
-//! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed); 204 or 404 |
+//! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
 //! | POST | /v1/images | body: an image tar; `{references}` |
 //! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}` |
 //! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait for its RESUME; `{resumed_at_ms}` |
@@ -194,14 +194,21 @@ async fn move_state(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> 
 }
 
 async fn abort_transfer(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<StatusCode, Problem> {
-    if agent.abort(&id).await {
-        tracing::warn!(transfer = %id, "migration aborted by its source: provisional copy removed");
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(Problem(ApiError::new(
+    match agent.abort(&id).await {
+        Some(true) => {
+            tracing::warn!(transfer = %id, "migration aborted by its source: provisional copy removed");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Some(false) => Err(Problem(ApiError::new(
+            ErrorCode::Internal,
+            format!("the copy of transfer {id:?} could not be removed; its move stays prepared"),
+        ))),
+        None => Err(Problem(ApiError::new(
             ErrorCode::NotFound,
-            format!("no provisional workload for transfer {id:?} (unknown, committed, or already removed)"),
-        )))
+            format!(
+                "no provisional workload for transfer {id:?} (unknown, being restored, committed, or already removed)"
+            ),
+        ))),
     }
 }
 

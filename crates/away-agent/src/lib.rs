@@ -178,10 +178,12 @@ impl Agent {
     /// (why): "aborted" means the copy is gone, so a source told so may resume at once. A
     /// copy that will not go keeps its move prepared (the source keeps asking; the next
     /// start of the agent tries again).
-    pub async fn abort_copy(&self, transfer_id: &str, p: &Provisional, why: &str) {
-        if self.remove_copy(p).await {
+    pub async fn abort_copy(&self, transfer_id: &str, p: &Provisional, why: &str) -> bool {
+        let removed = self.remove_copy(p).await;
+        if removed {
             self.end_move_logged(transfer_id, MoveState::Aborted, why);
         }
+        removed
     }
 
     /// Remove the copies a previous run of this agent held provisionally when it ended
@@ -264,13 +266,11 @@ impl Agent {
         self.state.move_record(transfer_id)
     }
 
-    /// The source gives up: remove the provisional workload now. False if not held.
-    pub async fn abort(&self, transfer_id: &str) -> bool {
-        let Some(p) = self.take(transfer_id).await else {
-            return false;
-        };
-        self.abort_copy(transfer_id, &p, "aborted by its source").await;
-        true
+    /// The source gives up: remove the provisional workload now. None if not held, else
+    /// whether it went (a copy that did not keeps its move prepared).
+    pub async fn abort(&self, transfer_id: &str) -> Option<bool> {
+        let p = self.take(transfer_id).await?;
+        Some(self.abort_copy(transfer_id, &p, "aborted by its source").await)
     }
 
     /// Remove an uncommitted copy; retried for a minute (a lazily restored process whose

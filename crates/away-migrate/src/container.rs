@@ -257,7 +257,12 @@ pub async fn migrate_container(
 
     // 2. transfer; the target restores and answers
     let t = Instant::now();
-    let outcome = send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, Some(early)).await;
+    // the move's id, known before anything is sent: a lost answer is asked about by it
+    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
+    let outcome =
+        send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, Some(early), &transfer_id).await;
+    #[cfg(feature = "fault-injection")]
+    let outcome = lose_verdict(outcome);
     // the target armed its lease before it answered: counted from here, it ends no
     // earlier on this side than on the target's
     let answered_at = tokio::time::Instant::now();
@@ -271,6 +276,12 @@ pub async fn migrate_container(
         Err(e) => {
             let why =
                 format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr, e = ErrorChain(&e));
+            // the target may have restored it and its answer got lost: its copy goes first
+            if let Some(why) = withdraw(target, &transfer_id, opts.commit_wait).await {
+                undo.archives.keep_failed(&payload);
+                let target = there.node.name.clone();
+                return Err(MigrateError::InDoubt { transfer_id, target, why, checkpoint: payload.clone() });
+            }
             return Err(undo.rollback(why).await);
         }
     };
@@ -339,7 +350,60 @@ fn commit_policy(verdict: &Verdict, opts: &ContainerMigrationOptions) -> CommitP
     CommitPolicy { lease: Duration::from_millis(lease), retry: Duration::from_secs(1), give_up: opts.commit_wait }
 }
 
-/// Send a payload with its manifest, the transfer's progress to `progress`.
+/// After a transfer that ended without an answer: take back whatever the target made of
+/// move `transfer_id` before the source resumes. None when the target has no copy
+/// (aborted now or before, never heard of it) or cannot be asked (as before this
+/// question existed: its lease removes a copy); Some(why) when it would not let go
+/// within `wait` (the source must then stay stopped: in doubt).
+async fn withdraw(target: &dyn TargetNode, transfer_id: &str, wait: Duration) -> Option<String> {
+    use crate::target::MoveState;
+    let started = Instant::now();
+    loop {
+        match target.move_state(transfer_id).await {
+            Ok(None) => return None,
+            Ok(Some(r)) if r.state == MoveState::Aborted => return None,
+            Ok(Some(r)) if r.state == MoveState::Committed => {
+                return Some(format!("the target holds move {transfer_id} as committed, which the source never asked"))
+            }
+            // restored (or being restored): remove it now; a restore still running is
+            // not held yet, ask again
+            Ok(Some(_)) => match target.abort(transfer_id).await {
+                Ok(()) => return None,
+                Err(e) => tracing::info!(transfer = transfer_id, "the target's copy is not removable yet: {e}"),
+            },
+            Err(e) => {
+                tracing::warn!(transfer = transfer_id, "cannot ask the target what it made of the move: {e}");
+                return None;
+            }
+        }
+        if started.elapsed() >= wait {
+            return Some(format!("the target kept move {transfer_id} prepared for {} s", wait.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_VERDICT=lose`): the target's
+/// "restored" answer is lost on its way back.
+#[cfg(feature = "fault-injection")]
+fn lose_verdict(
+    outcome: Result<transfer::SendOutcome, transfer::TransferError>,
+) -> Result<transfer::SendOutcome, transfer::TransferError> {
+    match outcome {
+        Ok(o) if std::env::var("AWAY_FAULT_VERDICT").as_deref() == Ok("lose") => {
+            tracing::warn!(transfer = %o.transfer_id, ok = o.verdict.ok, "AWAY_FAULT_VERDICT=lose: the target's answer is dropped");
+            Err(transfer::TransferError::Protocol {
+                peer: "target".into(),
+                transfer_id: o.transfer_id,
+                message: "the answer was lost (AWAY_FAULT_VERDICT=lose)".into(),
+            })
+        }
+        other => other,
+    }
+}
+
+/// Send a payload with its manifest, the transfer's progress to `progress`, as transfer
+/// `transfer_id`.
 async fn send_payload(
     peer: &str,
     payload: &Path,
@@ -347,8 +411,10 @@ async fn send_payload(
     opts: &ContainerMigrationOptions,
     progress: &ProgressFn,
     connected: Option<tokio::net::TcpStream>,
+    transfer_id: &str,
 ) -> Result<transfer::SendOutcome, transfer::TransferError> {
     let mut send_opts = opts.transfer.clone();
+    send_opts.transfer_id = Some(transfer_id.to_string());
     // CRIU's logs of the dump stay with the source's archive: the target writes its own
     // (and a lazy dump's log is still growing)
     send_opts.exclude.push(Path::new(CHECKPOINT_DIR).join(away_runtime::CRIU_WORK_DIR));
@@ -594,7 +660,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     // a target that dies while pages move breaks the page link before any verdict:
     // give up then instead of waiting for its agent to come back
     let early = warming.await.ok();
-    let send = send_payload(&there.transfer_addr, &payload, &manifest, opts, progress, early);
+    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
+    let send = send_payload(&there.transfer_addr, &payload, &manifest, opts, progress, early, &transfer_id);
     tokio::pin!(send);
     let sent = loop {
         tokio::select! {
