@@ -6,8 +6,9 @@
 //! | GET | /v1/images?reference=R | `{reference, present}` |
 //! | GET | /v1/workloads | `[WorkloadStatus]` |
 //! | GET | /v1/workloads/{name} | `WorkloadStatus`, 404 |
-//! | POST | /v1/transfers/{id}/commit | 204; 404 when unknown or expired |
-//! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed); 204 or 404 |
+//! | POST | /v1/transfers/{id}/commit | `MoveRecord` (committed); idempotent; 409 when the move was aborted (lease ran out); 404 when unknown |
+//! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
+//! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
 //! | POST | /v1/images | body: an image tar; `{references}` |
 //! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}` |
 //! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait for its RESUME; `{resumed_at_ms}` |
@@ -19,7 +20,7 @@
 use std::sync::Arc;
 
 use away_migrate::container::{restore_received, verdict_for, Manifest};
-use away_migrate::target::TargetInfo;
+use away_migrate::target::{MoveRecord, MoveState, TargetInfo};
 use away_migrate::transfer::{self, ReceivedPayload, Verdict};
 use away_model::{error_chain, ApiError, ErrorChain, ErrorCode};
 use away_runtime::RuntimeError;
@@ -92,7 +93,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload))
         .route("/v1/transfers/{id}/commit", post(commit))
-        .route("/v1/transfers/{id}", axum::routing::delete(abort_transfer))
+        .route("/v1/transfers/{id}", get(move_state).delete(abort_transfer))
         .route("/v1/images", post(upload_image).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
         .route("/v1/vm-migrations", post(vm_prepare))
         .route("/v1/vm-migrations/{name}/resumed", post(vm_resumed))
@@ -145,27 +146,74 @@ async fn workload(
     Ok(Json(agent.node.get(&name).await?.1))
 }
 
-async fn commit(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<StatusCode, Problem> {
-    if agent.commit(&id).await {
-        tracing::info!(transfer = %id, "migration committed by its source");
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(Problem(ApiError::new(
-            ErrorCode::NotFound,
-            format!("no provisional workload for transfer {id:?} (unknown, or its lease expired)"),
-        )))
+fn state_problem(e: crate::state::StateError) -> Problem {
+    Problem(ApiError::new(ErrorCode::Internal, error_chain(&e)))
+}
+
+fn unknown_move(id: &str) -> Problem {
+    Problem(ApiError::new(
+        ErrorCode::NotFound,
+        format!("no move {id:?} here (never received, or ended over a week ago)"),
+    ))
+}
+
+/// Commit a prepared move; asked again, the same answer. An aborted move is a 409 (an
+/// older source took any 2xx for "committed").
+async fn commit(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<Json<MoveRecord>, Problem> {
+    #[cfg(feature = "fault-injection")]
+    commit_fault("die-before");
+    let record = agent.commit(&id).await.map_err(state_problem)?.ok_or_else(|| unknown_move(&id))?;
+    #[cfg(feature = "fault-injection")]
+    commit_fault("die-after");
+    match record.state {
+        MoveState::Committed => {
+            tracing::info!(transfer = %id, workload = %record.workload, "migration committed by its source");
+            Ok(Json(record))
+        }
+        MoveState::Aborted => Err(Problem(ApiError::new(
+            ErrorCode::Conflict,
+            format!("move {id} of {} was aborted: {}", record.workload, record.reason),
+        ))),
+        // journaled, its restore not answered yet: the source has no answer to commit
+        MoveState::Prepared => Err(Problem(ApiError::new(
+            ErrorCode::Conflict,
+            format!("move {id} of {} is still being restored: nothing to commit yet", record.workload),
+        ))),
     }
 }
 
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_COMMIT_TARGET=die-before` or
+/// `die-after`): the agent dies when a commit arrives, before or after the commit is on
+/// disk (the source's request then gets no answer).
+#[cfg(feature = "fault-injection")]
+fn commit_fault(when: &str) {
+    if std::env::var("AWAY_FAULT_COMMIT_TARGET").as_deref() == Ok(when) {
+        tracing::error!("AWAY_FAULT_COMMIT_TARGET={when}: the agent dies at the commit");
+        std::process::abort();
+    }
+}
+
+/// What became of a move: the question a source asks after a lost answer.
+async fn move_state(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<Json<MoveRecord>, Problem> {
+    agent.move_record(&id).map_err(state_problem)?.map(Json).ok_or_else(|| unknown_move(&id))
+}
+
 async fn abort_transfer(State(agent): State<Arc<Agent>>, Path(id): Path<String>) -> Result<StatusCode, Problem> {
-    if agent.abort(&id).await {
-        tracing::warn!(transfer = %id, "migration aborted by its source: provisional copy removed");
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(Problem(ApiError::new(
+    match agent.abort(&id).await {
+        Some(true) => {
+            tracing::warn!(transfer = %id, "migration aborted by its source: provisional copy removed");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Some(false) => Err(Problem(ApiError::new(
+            ErrorCode::Internal,
+            format!("the copy of transfer {id:?} could not be removed; its move stays prepared"),
+        ))),
+        None => Err(Problem(ApiError::new(
             ErrorCode::NotFound,
-            format!("no provisional workload for transfer {id:?} (unknown, committed, or already removed)"),
-        )))
+            format!(
+                "no provisional workload for transfer {id:?} (unknown, being restored, committed, or already removed)"
+            ),
+        ))),
     }
 }
 
@@ -206,7 +254,7 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
         agent.journal(id, &Provisional { workload: m.spec.name.clone(), runtime: m.runtime });
     }
     let mut result = restore_received(&agent.node, &payload, settle).await;
-    let verdict = verdict_for(&result, settle);
+    let mut verdict = verdict_for(&result, settle);
     let Some(m) = manifest else { return verdict };
     match &mut result {
         Ok(restored) => {
@@ -214,25 +262,31 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
             match restored.lazy.take() {
                 // the source's process is gone: no lease may remove the only copy
                 None if restored.released => {
-                    agent.unjournal(id);
+                    agent.end_move_logged(id, MoveState::Committed, "every page arrived and the source let go");
                     tracing::info!(workload = %p.workload, transfer = %payload.transfer_id, "every page is in and the source let go: the copy is final");
                 }
-                None => agent.arm_lease(payload.transfer_id.clone(), p),
+                None => {
+                    // held before the answer leaves: the commit can come at once
+                    agent.arm_lease(payload.transfer_id.clone(), p).await;
+                    if let Some(d) = verdict.detail.as_object_mut() {
+                        d.insert("lease_ms".into(), (agent.lease_promise().as_millis() as u64).into());
+                    }
+                }
                 Some(daemon) => agent.watch_lazy(payload.transfer_id.clone(), p, daemon).await,
             }
         }
         Err(failed) => {
+            let why = format!("the restore failed: {}", failed.message);
             // a copy that would not go at once goes in the background: the source
             // resumes its own as soon as it hears the verdict
             match failed.leftover.take() {
                 Some(workload) => {
                     let (agent, id) = (agent.clone(), id.clone());
                     tokio::spawn(async move {
-                        agent.remove_copy(&Provisional { workload, runtime: m.runtime }).await;
-                        agent.unjournal(&id);
+                        agent.abort_copy(&id, &Provisional { workload, runtime: m.runtime }, &why).await
                     });
                 }
-                None => agent.unjournal(id),
+                None => agent.end_move_logged(id, MoveState::Aborted, &why),
             }
         }
     }
@@ -293,6 +347,11 @@ async fn vm_prepare(
     let dest = away_migrate::vm::prepare_destination(agent.node.qemu(), &req.spec, &image, port, &opts)
         .await
         .map_err(vm_problem)?;
+    // a prepared move: a confirm makes it committed, and a confirm asked again gets the
+    // same answer; an agent that dies before the confirm removes the destination when it
+    // starts again (the source resumes its own)
+    let p = Provisional { workload: req.spec.name.clone(), runtime: away_model::RuntimeKind::Qemu };
+    agent.journal(&vm_move_id(&req.spec.name), &p);
     agent.vm_destinations.lock().await.insert(req.spec.name.clone(), dest);
     Ok(Json(serde_json::json!({"uri": format!("tcp:{host}:{port}")})))
 }
@@ -322,16 +381,33 @@ async fn vm_resumed(
     Ok(Json(serde_json::json!({"resumed_at_ms": ms})))
 }
 
+/// The move id of VM `name`'s incoming migration in the agent's `moves` table.
+fn vm_move_id(name: &str) -> String {
+    format!("vm-{name}")
+}
+
+/// The destination stays: idempotent, a confirm asked again (its answer lost) gets the
+/// same answer.
 async fn vm_confirm(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, Problem> {
-    let dest = agent
-        .vm_destinations
-        .lock()
-        .await
-        .remove(&name)
-        .ok_or_else(|| Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}"))))?;
+    let id = vm_move_id(&name);
+    let mut destinations = agent.vm_destinations.lock().await;
+    let Some(dest) = destinations.remove(&name) else {
+        drop(destinations);
+        return match agent.move_record(&id).map_err(state_problem)? {
+            Some(r) if r.state == MoveState::Committed => {
+                Ok(Json(serde_json::json!({"node": agent.config.name, "dir": "", "again": true})))
+            }
+            _ => Err(Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}")))),
+        };
+    };
+    if let Err(e) = agent.end_move(&id, MoveState::Committed, "confirmed by its source") {
+        destinations.insert(name, dest);
+        return Err(state_problem(e));
+    }
+    drop(destinations);
     let files = dest.confirm();
     Ok(Json(serde_json::json!({"node": agent.config.name, "dir": files.dir})))
 }
@@ -339,6 +415,7 @@ async fn vm_confirm(
 async fn vm_abort(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> Result<StatusCode, Problem> {
     if let Some(dest) = agent.vm_destinations.lock().await.remove(&name) {
         dest.abort().await.map_err(vm_problem)?;
+        agent.end_move_logged(&vm_move_id(&name), MoveState::Aborted, "aborted by its source");
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -228,16 +228,20 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
             |_| {},
         )
         .await
-        .map_err(|e| error_chain(&e))
+        .map_err(|e| ("migration-failed", error_chain(&e)))
     } else {
         let archives = ArchiveStore::new(agent.config.node.paths.state_dir.join("checkpoints"));
         let progress: away_migrate::container::ProgressFn = Arc::new(|_| {});
         // the broker validated the mode; an agent that cannot read it uses auto
         let mode = m.mode.as_deref().and_then(|s| s.parse().ok()).unwrap_or_default();
         let opts = ContainerMigrationOptions { mode, ..Default::default() };
-        migrate_container(&agent.node, &agent.config.name, &archives, &m.workload, &target, &opts, progress)
-            .await
-            .map_err(|e| error_chain(&e))
+        match migrate_container(&agent.node, &agent.config.name, &archives, &m.workload, &target, &opts, progress).await
+        {
+            // not "failed": the broker would have the workload started again here while
+            // the target may run the committed copy; the migration stays open instead
+            Err(e @ away_migrate::MigrateError::InDoubt { .. }) => Err(("migration-in-doubt", error_chain(&e))),
+            other => other.map_err(|e| ("migration-failed", error_chain(&e))),
+        }
     };
     let mut ev = match result {
         Ok(report) => {
@@ -249,7 +253,7 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
             e.report = Some(report);
             e
         }
-        Err(why) => event("migration-failed", Some(&m.workload), why),
+        Err((kind, why)) => event(kind, Some(&m.workload), why),
     };
     ev.migration_id = Some(m.id.clone());
     tracing::info!(workload = %m.workload, kind = %ev.kind, "{}", ev.message);

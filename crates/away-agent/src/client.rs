@@ -1,7 +1,7 @@
 //! A client of the agent's HTTP API; the migration source uses it as its `TargetNode`.
 
 use async_trait::async_trait;
-use away_migrate::target::{TargetInfo, TargetNode};
+use away_migrate::target::{MoveRecord, NoAnswer, TargetInfo, TargetNode};
 use away_migrate::MigrateError;
 use away_model::{error_chain, ApiError, ErrorChain};
 
@@ -58,6 +58,74 @@ impl AgentClient {
     }
 }
 
+/// How long a VM source keeps confirming a destination that does not answer.
+const VM_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Bound on one commit or question: the source asks again after it.
+const MOVE_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl AgentClient {
+    /// A target's answer about a move: its record, None when it does not know the move,
+    /// Err(Ok(message)) when it refused a commit (409: the move is not committed, ask what
+    /// it is), or no definite answer (and whether the request may have arrived).
+    async fn move_answer(
+        &self,
+        resp: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<Option<MoveRecord>, Result<String, NoAnswer>> {
+        let resp = resp.map_err(|e| {
+            Err(NoAnswer {
+                message: format!("{}: {e}", self.base, e = ErrorChain(&e)),
+                // a connection that could not be opened carried nothing
+                maybe_delivered: !e.is_connect(),
+            })
+        })?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| {
+            Err(NoAnswer {
+                message: format!("{}: the answer broke off: {e}", self.base, e = ErrorChain(&e)),
+                maybe_delivered: true,
+            })
+        })?;
+        match status.as_u16() {
+            200 => serde_json::from_str(&body).map(Some).map_err(|e| {
+                Err(NoAnswer {
+                    message: format!("{}: a move answer that is not a move record: {e}", self.base),
+                    maybe_delivered: true,
+                })
+            }),
+            404 => Ok(None),
+            409 => Err(Ok(serde_json::from_str::<ApiError>(&body).map(|e| e.message).unwrap_or(body))),
+            _ => Err(Err(NoAnswer {
+                message: format!("{}: {status}: {body}", self.base),
+                // refused before anything was done: the token, a bad request
+                maybe_delivered: !matches!(status.as_u16(), 400 | 401 | 403),
+            })),
+        }
+    }
+}
+
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_COMMIT=lose-answer`): the first
+/// commit reaches the target and is carried out, and its answer is lost on the way back.
+#[cfg(feature = "fault-injection")]
+fn lose_commit_answer() -> Option<NoAnswer> {
+    static LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let asked = std::env::var("AWAY_FAULT_COMMIT").as_deref() == Ok("lose-answer");
+    (asked && !LOST.swap(true, std::sync::atomic::Ordering::SeqCst)).then(|| NoAnswer {
+        message: "the commit's answer was lost (AWAY_FAULT_COMMIT=lose-answer)".into(),
+        maybe_delivered: true,
+    })
+}
+
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_COMMIT=partition`): from the
+/// commit on, the target cannot be reached (nothing is sent).
+#[cfg(feature = "fault-injection")]
+fn partitioned() -> Option<NoAnswer> {
+    (std::env::var("AWAY_FAULT_COMMIT").as_deref() == Ok("partition")).then(|| NoAnswer {
+        message: "cannot reach the target (AWAY_FAULT_COMMIT=partition)".into(),
+        maybe_delivered: false,
+    })
+}
+
 #[async_trait]
 impl TargetNode for AgentClient {
     async fn info(&self) -> Result<TargetInfo, MigrateError> {
@@ -74,10 +142,44 @@ impl TargetNode for AgentClient {
         Ok(v["present"].as_bool().unwrap_or(false))
     }
 
-    async fn commit(&self, transfer_id: &str) -> Result<(), MigrateError> {
-        self.check(self.http.post(format!("{}/v1/transfers/{transfer_id}/commit", self.base)).send().await)
-            .await
-            .map(|_| ())
+    async fn commit(&self, transfer_id: &str) -> Result<Option<MoveRecord>, NoAnswer> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(cut) = partitioned() {
+            return Err(cut);
+        }
+        let url = format!("{}/v1/transfers/{transfer_id}/commit", self.base);
+        let answer = self.move_answer(self.http.post(url).timeout(MOVE_QUESTION_TIMEOUT).send().await).await;
+        #[cfg(feature = "fault-injection")]
+        if let Some(lost) = lose_commit_answer() {
+            tracing::warn!(transfer = transfer_id, "the commit reached the target, its answer is dropped: {answer:?}");
+            return Err(lost);
+        }
+        match answer {
+            Ok(record) => Ok(record),
+            // refused, so not committed now: what the move is (aborted, or not answered yet)
+            Err(Ok(refused)) => {
+                tracing::info!(transfer = transfer_id, "the target did not commit: {refused}");
+                self.move_state(transfer_id).await
+            }
+            Err(Err(no_answer)) => Err(no_answer),
+        }
+    }
+
+    async fn move_state(&self, transfer_id: &str) -> Result<Option<MoveRecord>, NoAnswer> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(cut) = partitioned() {
+            return Err(cut);
+        }
+        let url = format!("{}/v1/transfers/{transfer_id}", self.base);
+        // a question changes nothing on the target: whatever became of it, nothing was
+        // committed by it
+        self.move_answer(self.http.get(url).timeout(MOVE_QUESTION_TIMEOUT).send().await).await.map_err(|e| {
+            let message = match e {
+                Ok(refused) => refused,
+                Err(no_answer) => no_answer.message,
+            };
+            NoAnswer { message, maybe_delivered: false }
+        })
     }
 
     async fn upload_image(&self, tar: &std::path::Path) -> Result<(), MigrateError> {
@@ -150,12 +252,30 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
         Ok(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
     }
 
+    /// Confirm, and after a lost answer confirm again (the agent answers a repeated
+    /// confirm the same way) for up to [`VM_CONFIRM_WAIT`].
     async fn confirm(&mut self) -> Result<String, away_migrate::vm::VmMigrateError> {
         let c = &self.client;
-        let resp = c
-            .check(c.http.post(format!("{}/v1/vm-migrations/{}/confirm", c.base, self.name)).send().await)
-            .await
-            .map_err(vm_err)?;
+        let url = format!("{}/v1/vm-migrations/{}/confirm", c.base, self.name);
+        let started = std::time::Instant::now();
+        let resp = loop {
+            let sent = c.http.post(&url).timeout(MOVE_QUESTION_TIMEOUT).send().await;
+            #[cfg(feature = "fault-injection")]
+            if let Some(lost) = lose_commit_answer() {
+                tracing::warn!(workload = %self.name, "the confirm reached the target, its answer is dropped");
+                tracing::warn!("{lost}");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            match sent {
+                Ok(resp) => break c.check(Ok(resp)).await.map_err(vm_err)?,
+                Err(e) if started.elapsed() < VM_CONFIRM_WAIT => {
+                    tracing::warn!(workload = %self.name, "no answer to the confirm, asking again: {e}", e = ErrorChain(&e));
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(vm_err(c.err(format!("no answer to the confirm: {e}", e = ErrorChain(&e))))),
+            }
+        };
         let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(error_chain(&e))))?;
         Ok(format!("{} on node {}", v["dir"].as_str().unwrap_or_default(), v["node"].as_str().unwrap_or_default()))
     }

@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use away_migrate::target::{MoveRecord, MoveState};
 use away_model::{ErrorChain, NodeInfo, Tier};
 use away_runtime::host::FingerprintOptions;
 use away_runtime::{LocalNode, NodeOptions};
@@ -61,6 +62,13 @@ impl AgentConfig {
         self.node.paths.state_dir.join("transfers")
     }
 }
+
+/// How long removing an expired copy may take (a container's task killed and deleted):
+/// part of the lease the agent announces.
+const REMOVAL_GRACE: Duration = Duration::from_secs(5);
+
+/// How long an ended move's answer is kept for a source that asks again.
+const ENDED_MOVES_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// An incoming migration restored here, not yet committed by its source.
 #[derive(Debug, Clone)]
@@ -131,16 +139,16 @@ impl Agent {
         self.config.transfer_advertise.clone().unwrap_or_else(|| self.config.transfer_listen.to_string())
     }
 
-    /// Note an incoming copy as provisional in memory. The state database has it since
-    /// its restore began ([`Agent::journal`]), so that an agent that dies before the copy
-    /// is final removes it when it runs again ([`Agent::remove_leftovers`]), since its
-    /// source resumes its own.
+    /// Note an incoming copy as provisional in memory. The state database has it as a
+    /// prepared move since its restore began ([`Agent::journal`]), so that an agent that
+    /// dies before the copy is final removes it when it runs again
+    /// ([`Agent::remove_leftovers`]), since its source resumes its own.
     async fn hold(&self, transfer_id: &str, p: &Provisional) {
         self.provisional.lock().await.insert(transfer_id.to_string(), p.clone());
     }
 
-    /// Note on disk only: a restore of `p` begins (an agent killed in the middle of it
-    /// leaves a copy to remove when it runs again).
+    /// Note on disk only: a restore of `p` begins, the move is `prepared` (an agent killed
+    /// in the middle of it leaves a copy to remove when it runs again).
     pub fn journal(&self, transfer_id: &str, p: &Provisional) {
         let runtime = serde_json::to_value(p.runtime).ok().and_then(|v| v.as_str().map(str::to_string));
         if let Err(e) = self.state.hold_provisional(transfer_id, &p.workload, &runtime.unwrap_or_default()) {
@@ -148,24 +156,49 @@ impl Agent {
         }
     }
 
-    /// Strike a copy from the journal: it is final, or gone.
-    pub fn unjournal(&self, transfer_id: &str) {
-        if let Err(e) = self.state.drop_provisional(transfer_id) {
-            tracing::warn!(transfer = transfer_id, "{e}", e = ErrorChain(&e));
+    /// The move ends on disk, `committed` or `aborted` (why), unless it ended before.
+    pub fn end_move(&self, transfer_id: &str, state: MoveState, reason: &str) -> Result<(), state::StateError> {
+        if !self.state.end_move(transfer_id, state, reason)? {
+            tracing::debug!(transfer = transfer_id, %state, "the move had ended already");
+        }
+        Ok(())
+    }
+
+    /// [`Agent::end_move`] where nobody waits for the answer: a failure is logged.
+    pub(crate) fn end_move_logged(&self, transfer_id: &str, state: MoveState, reason: &str) {
+        if let Err(e) = self.end_move(transfer_id, state, reason) {
+            tracing::error!(transfer = transfer_id, %state, "cannot record the end of the move: {e}", e = ErrorChain(&e));
         }
     }
 
-    /// Take a copy out of the provisional ones (it became final, or goes now).
-    async fn release(&self, transfer_id: &str) -> Option<Provisional> {
-        let p = self.provisional.lock().await.remove(transfer_id);
-        self.unjournal(transfer_id);
-        p
+    /// Take a copy out of the provisional ones: whoever takes it first (the commit, the
+    /// lease, an abort) decides the move. None when it is not held (decided before).
+    async fn take(&self, transfer_id: &str) -> Option<Provisional> {
+        self.provisional.lock().await.remove(transfer_id)
+    }
+
+    /// Remove a copy taken out of the provisional ones, then record its move as aborted
+    /// (why): "aborted" means the copy is gone, so a source told so may resume at once. A
+    /// copy that will not go keeps its move prepared (the source keeps asking; the next
+    /// start of the agent tries again).
+    pub async fn abort_copy(&self, transfer_id: &str, p: &Provisional, why: &str) -> bool {
+        let removed = self.remove_copy(p).await;
+        if removed {
+            self.end_move_logged(transfer_id, MoveState::Aborted, why);
+        }
+        removed
     }
 
     /// Remove the copies a previous run of this agent held provisionally when it ended
-    /// (killed in the middle of a move): their sources have resumed their own, or will
-    /// when no commit can be answered. In the background; returns how many.
+    /// (killed in the middle of a move): no commit can take them any more (nothing holds
+    /// them), and their moves are aborted once they are gone; their sources resume their
+    /// own when they hear it. The copies go in the background; returns how many.
     pub fn remove_leftovers(self: &Arc<Self>) -> usize {
+        match self.state.prune_moves(ENDED_MOVES_KEPT.as_millis() as u64) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("forgot {n} moves that ended more than a week ago"),
+            Err(e) => tracing::warn!("cannot prune the ended moves: {e}", e = ErrorChain(&e)),
+        }
         let left = match self.state.provisional_left() {
             Ok(l) => l,
             Err(e) => {
@@ -186,55 +219,76 @@ impl Agent {
             let (agent, p, id) =
                 (self.clone(), Provisional { workload: workload.clone(), runtime }, transfer_id.clone());
             tokio::spawn(async move {
-                agent.remove_copy(&p).await;
-                if let Err(e) = agent.state.drop_provisional(&id) {
-                    tracing::warn!(transfer = id, "{e}", e = ErrorChain(&e));
-                }
+                agent.abort_copy(&id, &p, "the target's agent restarted before the commit").await;
             });
         }
         left.len()
     }
 
-    /// Remove `workload` after the lease unless its transfer was committed meanwhile
-    /// (the caller journaled the copy when its restore began).
-    pub fn arm_lease(self: &Arc<Self>, transfer_id: String, p: Provisional) {
+    /// Hold `p` as provisional now (a commit may come as soon as the source has the
+    /// answer) and remove it after the lease unless its move was committed meanwhile (the
+    /// caller journaled the copy when its restore began).
+    pub async fn arm_lease(self: &Arc<Self>, transfer_id: String, p: Provisional) {
+        self.hold(&transfer_id, &p).await;
         let agent = self.clone();
         let lease = self.config.commit_lease;
         tokio::spawn(async move {
-            agent.hold(&transfer_id, &p).await;
             tokio::time::sleep(lease).await;
-            if agent.release(&transfer_id).await.is_some() {
-                tracing::warn!(workload = %p.workload, transfer = %transfer_id, "no commit from the source within {} s: removing the provisional copy (the source resumes its own)", lease.as_secs());
-                agent.remove_copy(&p).await;
+            let why = format!("no commit from the source within the lease ({} s)", lease.as_secs());
+            if agent.take(&transfer_id).await.is_some() {
+                tracing::warn!(workload = %p.workload, transfer = %transfer_id, "{why}: removing the provisional copy (the source resumes its own)");
+                agent.abort_copy(&transfer_id, &p, &why).await;
             }
         });
     }
 
-    /// The source confirms: the provisional workload stays. False if unknown or expired.
-    pub async fn commit(&self, transfer_id: &str) -> bool {
-        self.release(transfer_id).await.is_some()
+    /// What the agent promises a source in its answer: no commit is taken after
+    /// `commit_lease`, and the copy is gone [`REMOVAL_GRACE`] later. A source that could
+    /// not deliver its commit resumes its own after this long.
+    pub fn lease_promise(&self) -> Duration {
+        self.config.commit_lease + REMOVAL_GRACE
     }
 
-    /// The source gives up: remove the provisional workload now. False if unknown.
-    pub async fn abort(&self, transfer_id: &str) -> bool {
-        let Some(p) = self.release(transfer_id).await else { return false };
-        self.remove_copy(&p).await;
-        true
+    /// The source commits: the provisional workload stays. Idempotent: asked again (its
+    /// answer lost), it gives the move's state as it is on disk. None: an unknown move.
+    pub async fn commit(&self, transfer_id: &str) -> Result<Option<MoveRecord>, state::StateError> {
+        let mut held = self.provisional.lock().await;
+        if let Some(p) = held.remove(transfer_id) {
+            if let Err(e) = self.end_move(transfer_id, MoveState::Committed, "committed by its source") {
+                // not committed: the lease stays armed and the source asks again
+                held.insert(transfer_id.to_string(), p);
+                return Err(e);
+            }
+        }
+        drop(held);
+        self.state.move_record(transfer_id)
+    }
+
+    /// What became of a move (None: never heard of, or forgotten a week after it ended).
+    pub fn move_record(&self, transfer_id: &str) -> Result<Option<MoveRecord>, state::StateError> {
+        self.state.move_record(transfer_id)
+    }
+
+    /// The source gives up: remove the provisional workload now. None if not held, else
+    /// whether it went (a copy that did not keeps its move prepared).
+    pub async fn abort(&self, transfer_id: &str) -> Option<bool> {
+        let p = self.take(transfer_id).await?;
+        Some(self.abort_copy(transfer_id, &p, "aborted by its source").await)
     }
 
     /// Remove an uncommitted copy; retried for a minute (a lazily restored process whose
     /// page daemon died can take a while to die: its faults spin until the kernel has
     /// released its userfaultfd).
-    pub async fn remove_copy(&self, p: &Provisional) {
-        let Ok(rt) = self.node.runtime(p.runtime) else { return };
+    pub async fn remove_copy(&self, p: &Provisional) -> bool {
+        let Ok(rt) = self.node.runtime(p.runtime) else { return false };
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             match rt.remove(&p.workload).await {
                 // already gone (another path removed it first): nothing left to do
-                Ok(()) | Err(away_runtime::RuntimeError::NotFound { .. }) => return,
+                Ok(()) | Err(away_runtime::RuntimeError::NotFound { .. }) => return true,
                 Err(e) if tokio::time::Instant::now() > deadline => {
                     tracing::error!(workload = %p.workload, "cannot remove the uncommitted copy: {e}", e = ErrorChain(&e));
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     // what holds it (for the log): the process's state and where it waits
@@ -270,13 +324,16 @@ impl Agent {
                     // every page is here, so the source's CRIU has ended the source process:
                     // this copy is the workload whether the source's commit arrives or not
                     // (a lease removing it could leave none)
-                    agent.release(&transfer_id).await;
+                    if agent.take(&transfer_id).await.is_some() {
+                        agent.end_move_logged(&transfer_id, MoveState::Committed, "every page arrived");
+                    }
                     tracing::info!(workload = %p.workload, transfer = %transfer_id, "every page is in: the copy is final");
                 }
                 Err(e) => {
                     tracing::warn!(workload = %p.workload, transfer = %transfer_id, "lazy phase failed, removing the partial copy: {e}", e = ErrorChain(&e));
-                    if agent.release(&transfer_id).await.is_some() {
-                        agent.remove_copy(&p).await;
+                    let why = format!("the lazy phase failed: {e}", e = ErrorChain(&e));
+                    if agent.take(&transfer_id).await.is_some() {
+                        agent.abort_copy(&transfer_id, &p, &why).await;
                     }
                 }
             }

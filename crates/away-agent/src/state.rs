@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use away_migrate::target::{MoveRecord, MoveState};
 use away_model::{AgentEvent, RegisterResponse};
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -14,6 +15,10 @@ pub struct StateError {
     pub path: String,
     #[source]
     pub source: rusqlite::Error,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 pub struct AgentState {
@@ -34,7 +39,13 @@ impl AgentState {
              PRAGMA synchronous=FULL;
              CREATE TABLE IF NOT EXISTS registration (broker TEXT PRIMARY KEY, response TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, event TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS provisional (transfer_id TEXT PRIMARY KEY, workload TEXT NOT NULL, runtime TEXT NOT NULL);",
+             CREATE TABLE IF NOT EXISTS provisional (transfer_id TEXT PRIMARY KEY, workload TEXT NOT NULL, runtime TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS moves (transfer_id TEXT PRIMARY KEY, workload TEXT NOT NULL,
+                 runtime TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', at_ms INTEGER NOT NULL);
+             -- an older agent's provisional copies are prepared moves
+             INSERT OR IGNORE INTO moves (transfer_id, workload, runtime, state, at_ms)
+                 SELECT transfer_id, workload, runtime, 'prepared', 0 FROM provisional;
+             DELETE FROM provisional;",
         )
         .map_err(err)?;
         Ok(AgentState { db: Mutex::new(db), path: p })
@@ -92,33 +103,69 @@ impl AgentState {
         Ok(rows.flatten().filter_map(|j| serde_json::from_str(&j).ok()).collect())
     }
 
-    /// An incoming copy that is not final yet (its source may still resume its own).
+    /// An incoming copy that is not final yet (its source may still resume its own):
+    /// the move is `prepared`.
     pub fn hold_provisional(&self, transfer_id: &str, workload: &str, runtime: &str) -> Result<(), StateError> {
         self.db()
             .execute(
-                "INSERT OR REPLACE INTO provisional (transfer_id, workload, runtime) VALUES (?1, ?2, ?3)",
-                params![transfer_id, workload, runtime],
+                "INSERT OR REPLACE INTO moves (transfer_id, workload, runtime, state, reason, at_ms)
+                 VALUES (?1, ?2, ?3, 'prepared', '', ?4)",
+                params![transfer_id, workload, runtime, now_ms()],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
-    /// The copy became final or went.
-    pub fn drop_provisional(&self, transfer_id: &str) -> Result<(), StateError> {
+    /// The move ends: `committed` or `aborted` (with why), for good. A move that already
+    /// ended keeps its first end (false then): a commit never follows an abort, nor the
+    /// other way round.
+    pub fn end_move(&self, transfer_id: &str, state: MoveState, reason: &str) -> Result<bool, StateError> {
         self.db()
-            .execute("DELETE FROM provisional WHERE transfer_id = ?1", [transfer_id])
-            .map(|_| ())
+            .execute(
+                "UPDATE moves SET state = ?2, reason = ?3, at_ms = ?4 WHERE transfer_id = ?1 AND state = 'prepared'",
+                params![transfer_id, state.as_str(), reason, now_ms()],
+            )
+            .map(|n| n == 1)
             .map_err(|e| self.err(e))
     }
 
-    /// Copies a previous run of the agent held when it ended: (transfer id, workload, runtime).
+    /// What became of move `transfer_id` (None: never heard of).
+    pub fn move_record(&self, transfer_id: &str) -> Result<Option<MoveRecord>, StateError> {
+        self.db()
+            .query_row("SELECT workload, state, reason FROM moves WHERE transfer_id = ?1", [transfer_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+            })
+            .optional()
+            .map(|row| {
+                row.map(|(workload, state, reason)| MoveRecord {
+                    transfer_id: transfer_id.to_string(),
+                    workload,
+                    // written by this module only
+                    state: MoveState::parse(&state).unwrap_or(MoveState::Aborted),
+                    reason,
+                })
+            })
+            .map_err(|e| self.err(e))
+    }
+
+    /// Moves a previous run of the agent left prepared: (transfer id, workload, runtime).
     pub fn provisional_left(&self) -> Result<Vec<(String, String, String)>, StateError> {
         let db = self.db();
         let mut stmt = db
-            .prepare("SELECT transfer_id, workload, runtime FROM provisional ORDER BY transfer_id")
+            .prepare("SELECT transfer_id, workload, runtime FROM moves WHERE state = 'prepared' ORDER BY transfer_id")
             .map_err(|e| self.err(e))?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(|e| self.err(e))?;
         Ok(rows.flatten().collect())
+    }
+
+    /// Forget ended moves older than `keep_ms` (their sources have long had the answer).
+    pub fn prune_moves(&self, keep_ms: u64) -> Result<usize, StateError> {
+        self.db()
+            .execute(
+                "DELETE FROM moves WHERE state != 'prepared' AND at_ms < ?1",
+                [now_ms().saturating_sub(keep_ms as i64)],
+            )
+            .map_err(|e| self.err(e))
     }
 
     /// The broker stored every event up to `seq`: drop them.
@@ -175,7 +222,43 @@ mod tests {
             let st = AgentState::open(&path).unwrap();
             st.hold_provisional("t1", "counter", "containerd").unwrap();
             st.hold_provisional("t2", "labdesk", "containerd").unwrap();
-            st.drop_provisional("t2").unwrap();
+            assert!(st.end_move("t2", MoveState::Committed, "").unwrap());
+        }
+        let st = AgentState::open(&path).unwrap();
+        assert_eq!(st.provisional_left().unwrap(), vec![("t1".into(), "counter".into(), "containerd".into())]);
+        assert_eq!(st.move_record("t2").unwrap().unwrap().state, MoveState::Committed);
+        assert_eq!(st.move_record("t1").unwrap().unwrap().state, MoveState::Prepared);
+        assert!(st.move_record("t3").unwrap().is_none());
+    }
+
+    /// One answer per move: the first end sticks, whatever is asked later.
+    #[test]
+    fn a_move_ends_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = AgentState::open(&dir.path().join("agent.db")).unwrap();
+        st.hold_provisional("t1", "counter", "containerd").unwrap();
+        assert!(st.end_move("t1", MoveState::Aborted, "lease ran out").unwrap());
+        assert!(!st.end_move("t1", MoveState::Committed, "").unwrap());
+        let r = st.move_record("t1").unwrap().unwrap();
+        assert_eq!((r.state, r.reason.as_str()), (MoveState::Aborted, "lease ran out"));
+        // ended moves are forgotten after a while, prepared ones never
+        st.hold_provisional("t2", "other", "containerd").unwrap();
+        assert_eq!(st.prune_moves(0).unwrap(), 1);
+        assert!(st.move_record("t2").unwrap().is_some());
+    }
+
+    /// An older agent's provisional copies are read as prepared moves.
+    #[test]
+    fn an_older_journal_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        {
+            let db = Connection::open(&path).unwrap();
+            db.execute_batch(
+                "CREATE TABLE provisional (transfer_id TEXT PRIMARY KEY, workload TEXT NOT NULL, runtime TEXT NOT NULL);
+                 INSERT INTO provisional VALUES ('t1', 'counter', 'containerd');",
+            )
+            .unwrap();
         }
         let st = AgentState::open(&path).unwrap();
         assert_eq!(st.provisional_left().unwrap(), vec![("t1".into(), "counter".into(), "containerd".into())]);

@@ -15,7 +15,10 @@
 //!    heartbeat (answer lost) or a broker restart never applies an event twice, and the
 //!    agent drops only what the broker has stored. `migration-finished` marks the
 //!    migration succeeded and moves the workload's home to the target;
-//!    `migration-failed` marks it failed and the home stays the source.
+//!    `migration-failed` marks it failed and the home stays the source;
+//!    `migration-in-doubt` (the source got no answer after a commit that may have
+//!    arrived: docs/reliability.md) ends nothing, the migration stays in flight (rule 5)
+//!    and the workload's last event says why.
 //! 2. **Home copies.** A reported workload whose home is N updates its status.
 //!    A home workload N does not report gets a `Running` assignment again (the agent
 //!    restarts it); one whose desired state is `Removed` is forgotten once N reports it
@@ -602,6 +605,18 @@ mod tests {
         assert!(kinds(&plan).contains(&"migration-failed"));
         assert_eq!(assigned(&plan, "w").map(|a| a.desired), Some(Desired::Running), "no longer in flight");
         assert!(plan.response.migrations.is_empty(), "the order is over");
+    }
+
+    /// A source that got no answer after a commit that may have arrived reports the move
+    /// in doubt: it stays running (no Running assignment for the stopped source, which
+    /// would start a second copy beside a committed one), and the workload says why.
+    #[test]
+    fn rule1_a_move_in_doubt_stays_open_and_starts_nothing() {
+        let s = State::moving_w_from_a_to_b(MigrationState::Running);
+        let plan = s.heartbeat("a", &[], vec![event(1, "migration-in-doubt", "w", Some("m1"))]);
+        assert!(plan.changes.migrations.is_empty(), "the migration is not ended: {:?}", plan.changes.migrations);
+        assert!(assigned(&plan, "w").is_none(), "a stopped source in doubt must not be started again");
+        assert_eq!(changed(&plan, "w").unwrap().last_event.as_deref(), Some("migration-in-doubt on a: event 1"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::ArchiveStore;
 use crate::compat;
-use crate::target::TargetNode;
+use crate::target::{CommitOutcome, CommitPolicy, NoAnswer, TargetNode};
 use crate::transfer::{self, ReceivedPayload, SendOptions, Verdict};
 use crate::MigrateError;
 
@@ -73,7 +73,7 @@ impl Manifest {
 }
 
 /// How to move a container.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ContainerMigrationOptions {
     pub transfer: SendOptions,
     /// Wait this long after the restore before calling the target healthy.
@@ -82,6 +82,22 @@ pub struct ContainerMigrationOptions {
     /// Compress the page stream of streamed and lazy moves; None: unless the target is
     /// on this host (a loopback address), where zstd only costs time.
     pub compress_pages: Option<bool>,
+    /// How long to keep asking a target that went silent after a commit that may have
+    /// reached it, before the move is reported in doubt (the source then neither resumes
+    /// nor removes its copy).
+    pub commit_wait: Duration,
+}
+
+impl Default for ContainerMigrationOptions {
+    fn default() -> Self {
+        ContainerMigrationOptions {
+            transfer: SendOptions::default(),
+            settle: None,
+            mode: Default::default(),
+            compress_pages: None,
+            commit_wait: Duration::from_secs(300),
+        }
+    }
 }
 
 /// Receives the steps of a migration (for a progress bar).
@@ -241,7 +257,15 @@ pub async fn migrate_container(
 
     // 2. transfer; the target restores and answers
     let t = Instant::now();
-    let outcome = send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, Some(early)).await;
+    // the move's id, known before anything is sent: a lost answer is asked about by it
+    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
+    let outcome =
+        send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, Some(early), &transfer_id).await;
+    #[cfg(feature = "fault-injection")]
+    let outcome = lose_verdict(outcome);
+    // the target armed its lease before it answered: counted from here, it ends no
+    // earlier on this side than on the target's
+    let answered_at = tokio::time::Instant::now();
     let transfer_and_restore = t.elapsed();
     let outcome = match outcome {
         Ok(o) if o.verdict.ok => o,
@@ -252,6 +276,12 @@ pub async fn migrate_container(
         Err(e) => {
             let why =
                 format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr, e = ErrorChain(&e));
+            // the target may have restored it and its answer got lost: its copy goes first
+            if let Some(why) = withdraw(target, &transfer_id, opts.commit_wait).await {
+                undo.archives.keep_failed(&payload);
+                let target = there.node.name.clone();
+                return Err(MigrateError::InDoubt { transfer_id, target, why, checkpoint: payload.clone() });
+            }
             return Err(undo.rollback(why).await);
         }
     };
@@ -265,13 +295,29 @@ pub async fn migrate_container(
         .push(MigrationPhase { parts: restore_parts(&outcome.verdict), ..MigrationPhase::new("restore", restore_ms) });
     phases.push(MigrationPhase::new("settle", settle_ms));
 
-    // 3. commit: from here on the target's copy is the workload
+    // 3. commit: one answer per move. The source resumes only when the target says the
+    // move is aborted, or when no commit can have reached it and its lease has run out;
+    // it removes its copy only when the target says committed.
     progress(Step::Committing);
     let t = Instant::now();
-    if let Err(e) = target.commit(&outcome.transfer_id).await {
-        // The target removes an uncommitted copy after its lease: resume here.
-        let why = format!("commit to {} failed: {e}", there.node.name, e = ErrorChain(&e));
-        return Err(undo.rollback(why).await);
+    let policy = commit_policy(&outcome.verdict, opts);
+    match crate::target::commit_move(target, &outcome.transfer_id, answered_at, &policy).await {
+        CommitOutcome::Committed => {}
+        CommitOutcome::Aborted(why) => {
+            let why = format!("commit to {}: {why}", there.node.name);
+            return Err(undo.rollback(why).await);
+        }
+        CommitOutcome::InDoubt(why) => {
+            // neither resume (two instances if the target committed) nor clean up (none
+            // if it did not): the checkpoint stays, the target's agent has the answer
+            undo.archives.keep_failed(&payload);
+            return Err(MigrateError::InDoubt {
+                transfer_id: outcome.transfer_id.clone(),
+                target: there.node.name.clone(),
+                why,
+                checkpoint: payload.clone(),
+            });
+        }
     }
     phases.push(phase("commit", t.elapsed()));
 
@@ -297,7 +343,67 @@ pub async fn migrate_container(
     })
 }
 
-/// Send a payload with its manifest, the transfer's progress to `progress`.
+/// How long the source keeps asking for a move's answer: the lease the target gave in
+/// its verdict (`lease_ms`; a target too old to say gets the agent's default, 30 s).
+fn commit_policy(verdict: &Verdict, opts: &ContainerMigrationOptions) -> CommitPolicy {
+    let lease = verdict.detail.get("lease_ms").and_then(|v| v.as_u64()).unwrap_or(30_000);
+    CommitPolicy { lease: Duration::from_millis(lease), retry: Duration::from_secs(1), give_up: opts.commit_wait }
+}
+
+/// After a transfer that ended without an answer: take back whatever the target made of
+/// move `transfer_id` before the source resumes. None when the target has no copy
+/// (aborted now or before, never heard of it) or cannot be asked (as before this
+/// question existed: its lease removes a copy); Some(why) when it would not let go
+/// within `wait` (the source must then stay stopped: in doubt).
+async fn withdraw(target: &dyn TargetNode, transfer_id: &str, wait: Duration) -> Option<String> {
+    use crate::target::MoveState;
+    let started = Instant::now();
+    loop {
+        match target.move_state(transfer_id).await {
+            Ok(None) => return None,
+            Ok(Some(r)) if r.state == MoveState::Aborted => return None,
+            Ok(Some(r)) if r.state == MoveState::Committed => {
+                return Some(format!("the target holds move {transfer_id} as committed, which the source never asked"))
+            }
+            // restored (or being restored): remove it now; a restore still running is
+            // not held yet, ask again
+            Ok(Some(_)) => match target.abort(transfer_id).await {
+                Ok(()) => return None,
+                Err(e) => tracing::info!(transfer = transfer_id, "the target's copy is not removable yet: {e}"),
+            },
+            Err(e) => {
+                tracing::warn!(transfer = transfer_id, "cannot ask the target what it made of the move: {e}");
+                return None;
+            }
+        }
+        if started.elapsed() >= wait {
+            return Some(format!("the target kept move {transfer_id} prepared for {} s", wait.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_VERDICT=lose`): the target's
+/// "restored" answer is lost on its way back.
+#[cfg(feature = "fault-injection")]
+fn lose_verdict(
+    outcome: Result<transfer::SendOutcome, transfer::TransferError>,
+) -> Result<transfer::SendOutcome, transfer::TransferError> {
+    match outcome {
+        Ok(o) if std::env::var("AWAY_FAULT_VERDICT").as_deref() == Ok("lose") => {
+            tracing::warn!(transfer = %o.transfer_id, ok = o.verdict.ok, "AWAY_FAULT_VERDICT=lose: the target's answer is dropped");
+            Err(transfer::TransferError::Protocol {
+                peer: "target".into(),
+                transfer_id: o.transfer_id,
+                message: "the answer was lost (AWAY_FAULT_VERDICT=lose)".into(),
+            })
+        }
+        other => other,
+    }
+}
+
+/// Send a payload with its manifest, the transfer's progress to `progress`, as transfer
+/// `transfer_id`.
 async fn send_payload(
     peer: &str,
     payload: &Path,
@@ -305,8 +411,10 @@ async fn send_payload(
     opts: &ContainerMigrationOptions,
     progress: &ProgressFn,
     connected: Option<tokio::net::TcpStream>,
+    transfer_id: &str,
 ) -> Result<transfer::SendOutcome, transfer::TransferError> {
     let mut send_opts = opts.transfer.clone();
+    send_opts.transfer_id = Some(transfer_id.to_string());
     // CRIU's logs of the dump stay with the source's archive: the target writes its own
     // (and a lazy dump's log is still growing)
     send_opts.exclude.push(Path::new(CHECKPOINT_DIR).join(away_runtime::CRIU_WORK_DIR));
@@ -552,7 +660,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     // a target that dies while pages move breaks the page link before any verdict:
     // give up then instead of waiting for its agent to come back
     let early = warming.await.ok();
-    let send = send_payload(&there.transfer_addr, &payload, &manifest, opts, progress, early);
+    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
+    let send = send_payload(&there.transfer_addr, &payload, &manifest, opts, progress, early, &transfer_id);
     tokio::pin!(send);
     let sent = loop {
         tokio::select! {
@@ -628,7 +737,9 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     // every page moved and CRIU ended the source process: the target's copy is the one
     progress(Step::Committing);
     let t = Instant::now();
-    if let Err(e) = target.commit(&outcome.transfer_id).await {
+    if let Err(e) = target.commit(&outcome.transfer_id).await.and_then(|r| {
+        r.ok_or_else(|| NoAnswer { message: "the target no longer knows the move".into(), maybe_delivered: false })
+    }) {
         // the target made its copy final itself when its last page arrived (and the
         // source's process is gone): a commit it no longer knows is no failure
         tracing::debug!(workload = name, "commit to {}: {e}", there.node.name, e = ErrorChain(&e));

@@ -43,6 +43,12 @@ pub enum MigrateError {
     /// The move failed and the source was (or could not be) resumed.
     #[error("migration failed: {why}; {detail}")]
     RolledBack { why: String, resumed: bool, detail: String },
+    /// No definite answer from the target (silent after a commit that may have reached
+    /// it, or still holding the move as prepared) within the commit wait: the source
+    /// neither resumed nor removed its copy. Its checkpoint is kept; the target's agent
+    /// answers `GET /v1/transfers/{transfer_id}` when it can be reached again.
+    #[error("migration in doubt: {why}; the source stays stopped (resuming could make two instances), its checkpoint is kept in {}; ask the target about transfer {transfer_id} on {target}", checkpoint.display())]
+    InDoubt { transfer_id: String, target: String, why: String, checkpoint: PathBuf },
     #[error("{path}")]
     Io {
         path: PathBuf,

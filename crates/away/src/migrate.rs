@@ -220,6 +220,11 @@ pub struct MigrateArgs {
     /// Seconds to keep retrying a cut link before giving up (the source then resumes)
     #[arg(long, default_value_t = 60)]
     reconnect_timeout: u64,
+    /// Seconds to keep asking a target that went silent after a commit that may have
+    /// reached it; then the move is reported in doubt: the source neither resumes nor
+    /// is removed, its checkpoint stays (docs/reliability.md)
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    commit_wait: u64,
     /// VM: throttle the guest's vCPUs when pre-copy does not converge
     #[arg(long, help_heading = "VM live migration")]
     auto_converge: bool,
@@ -274,6 +279,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         settle: None,
         mode: a.mode,
         compress_pages: a.compression.map(|c| c != Compression::None),
+        commit_wait: Duration::from_secs(a.commit_wait),
     };
     let bar = progress_bar(a.json);
     let pb = bar.clone();

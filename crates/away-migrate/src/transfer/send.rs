@@ -199,7 +199,9 @@ pub(crate) fn valid_transfer_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn new_transfer_id() -> String {
+/// A fresh random transfer id (a caller that must know the id before it sends picks it
+/// here and passes it in [`SendOptions::transfer_id`]).
+pub fn new_transfer_id() -> String {
     let mut bytes = [0u8; 16];
     if File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
         // No urandom: time and pid are unique enough for one node's transfers.

@@ -1,0 +1,440 @@
+//! The commit protocol under faults, end to end (docs/reliability.md, "Commit
+//! protocol"): a source node and a target agent on this host (each with its own
+//! containerd namespace and state directory), the real containerd and CRIU, the counter
+//! moved by stop-and-copy (staged: the one-round-trip commit is what is under test).
+//!
+//! Each fault lands between the target's "restored, prepared" and the source's commit,
+//! where a guess makes two instances or none:
+//! * the commit's answer is lost after the target committed (`AWAY_FAULT_COMMIT=lose-answer`
+//!   in the source): the source asks again and hears "committed";
+//! * the target's agent dies (abort, like a SIGKILL: no cleanup) when the commit arrives,
+//!   before it is on disk (`AWAY_FAULT_COMMIT_TARGET=die-before`), and is started again
+//!   (a supervisor would): it removes the copy, says "aborted", the source resumes;
+//! * the same, after the commit is on disk (`die-after`): the agent, back, says
+//!   "committed" and keeps the copy; the source removes its own.
+//!
+//! Each ends with exactly one running instance whose count went on, no transfer spool
+//! on the target, and the source's checkpoint removed (or kept as failed when the source
+//! resumed). `AWAY_FAULT_MATRIX=full` runs each case three times and adds Docker (the lab
+//! run); CI runs each once on containerd.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use away_e2e::{free_port, http_get, lab_image, require_root, require_socket, wait_for, Node};
+use serde_json::Value;
+
+fn ready() -> bool {
+    require_root()
+        && require_socket("/run/containerd/containerd.sock", "containerd")
+        && (!full_matrix() || require_socket("/run/docker.sock", "dockerd"))
+}
+
+fn full_matrix() -> bool {
+    std::env::var("AWAY_FAULT_MATRIX").as_deref() == Ok("full")
+}
+
+/// (runtime, runs) of each case: containerd once in CI, both runtimes three times in the
+/// lab run.
+fn matrix() -> Vec<(&'static str, u32)> {
+    if full_matrix() {
+        vec![("containerd", 3), ("docker", 3)]
+    } else {
+        vec![("containerd", 1)]
+    }
+}
+
+/// Run `case` for each runtime and run of the matrix (when the host is ready).
+fn each_cell(case: impl Fn(&str, u32)) {
+    if !ready() {
+        return;
+    }
+    for (runtime, runs) in matrix() {
+        for run in 0..runs {
+            case(runtime, run);
+        }
+    }
+}
+
+/// Lease the target gives (short: the test waits it out in one case).
+const LEASE_SECS: &str = "5";
+
+/// The target's agent on fixed ports (so that it can be started again after it died),
+/// killed by its PID when dropped.
+struct TargetAgent {
+    node: Node,
+    name: String,
+    api: String,
+    transfer: String,
+    log: PathBuf,
+    child: std::sync::Mutex<Child>,
+}
+
+impl TargetAgent {
+    fn start(test: &str, env: &[(&str, &str)]) -> TargetAgent {
+        let node = node("target", test);
+        let (api, transfer) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let log = PathBuf::from(format!("/tmp/away-e2e-commit/agent-{test}-{}.log", std::process::id()));
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        let name = format!("target-{test}");
+        let child = spawn_agent(&node, &name, &api, &transfer, env, &log, false);
+        TargetAgent { node, name, api, transfer, log, child: std::sync::Mutex::new(child) }
+    }
+
+    /// Start it again, as a supervisor would after it died, without faults.
+    fn restart(&self) {
+        let mut child = self.child.lock().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        *child = spawn_agent(&self.node, &self.name, &self.api, &self.transfer, &[], &self.log, true);
+    }
+
+    /// Has the agent's process ended (the injected fault killed it)?
+    fn died(&self) -> bool {
+        matches!(self.child.lock().unwrap().try_wait(), Ok(Some(_)))
+    }
+}
+
+fn spawn_agent(
+    node: &Node,
+    name: &str,
+    api: &str,
+    transfer: &str,
+    env: &[(&str, &str)],
+    log: &std::path::Path,
+    append: bool,
+) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(append).write(true).truncate(!append).open(log).unwrap();
+    let mut cmd = node.cmd(&["agent", "--name", name, "--listen", api, "--transfer-listen", transfer]);
+    cmd.args(["--commit-lease", LEASE_SECS]).envs(env.iter().copied()).env("AWAY_LOG", "info").env("NO_COLOR", "1");
+    let mut child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start away agent");
+    if wait_for(30, || std::net::TcpStream::connect(api).ok()).is_none() {
+        let _ = child.kill();
+        panic!("the target agent did not listen on {api}");
+    }
+    child
+}
+
+impl Drop for TargetAgent {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// The counter on the source node, removed on both nodes at the end.
+struct Workload<'a> {
+    name: String,
+    port: u16,
+    source: &'a Node,
+    target: &'a Node,
+}
+
+impl Drop for Workload<'_> {
+    fn drop(&mut self) {
+        let _ = self.source.away(&["rm", "--force", &self.name]);
+        let _ = self.target.away(&["rm", "--force", &self.name]);
+    }
+}
+
+fn start_counter<'a>(source: &'a Node, target: &'a Node, test: &str, runtime: &str) -> Workload<'a> {
+    std::fs::create_dir_all(&source.state).unwrap();
+    let tar = lab_image("counter");
+    let name = format!("cf-{test}-{}", std::process::id());
+    let port = free_port();
+    let (ok, _, err) = source.away(&[
+        "run",
+        tar.to_str().unwrap(),
+        "--name",
+        &name,
+        "--runtime",
+        runtime,
+        "-e",
+        &format!("COUNTER_PORT={port}"),
+        "-p",
+        &format!("{port}:{port}"),
+    ]);
+    assert!(ok, "run counter on {runtime}: {err}");
+    Workload { name, port, source, target }
+}
+
+/// count and start time of the counter answering on `port`
+fn state(port: u16) -> Option<(u64, u64)> {
+    let v: Value = serde_json::from_str(&http_get(port, "/")?).ok()?;
+    Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
+}
+
+/// `away migrate` from the source, started (not waited for), with `env`.
+fn migrate(w: &Workload, agent: &TargetAgent, env: &[(&str, &str)]) -> Child {
+    w.source
+        .cmd(&[
+            "migrate",
+            &w.name,
+            "--to",
+            &agent.api,
+            "--json",
+            "--source-name",
+            "source",
+            "--mode",
+            "staged",
+            "--commit-wait",
+            "120",
+        ])
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run away migrate")
+}
+
+fn finish(child: Child) -> (bool, Value, String) {
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("away migrate: {}\n{err}", out.status);
+    (out.status.success(), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null), err)
+}
+
+/// Running instances of the workload on `node` (`away ps`).
+fn running(node: &Node, name: &str) -> usize {
+    node.ps().iter().filter(|w| w["name"] == name && w["state"] == "running").count()
+}
+
+/// Exactly one running instance, on `on`, none on `other`; its count went on from `before`.
+fn assert_one_instance(on: &Node, other: &Node, w: &Workload, before: (u64, u64), runtime: &str) {
+    assert_eq!(running(on, &w.name), 1, "{} is not running where it should be", w.name);
+    if runtime == "docker" {
+        // one engine for both nodes: `away ps` of either sees every container
+        let out = Command::new(away_e2e::docker_cli())
+            .args(["ps", "-q", "--filter", &format!("label=away.workload={}", w.name)])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1, "{} runs twice", w.name);
+    } else {
+        assert_eq!(running(other, &w.name), 0, "{} runs on both nodes", w.name);
+    }
+    let after = wait_for(20, || state(w.port)).expect("the counter answers");
+    assert_eq!(after.1, before.1, "the counter restarted (start time changed) instead of being restored");
+    assert!(after.0 >= before.0, "count went back: {} -> {}", before.0, after.0);
+    eprintln!("count {} -> {}", before.0, after.0);
+}
+
+/// No transfer data left in the target's spool.
+fn assert_no_spool(target: &Node) {
+    let spool = target.state.join("transfers");
+    let left: Vec<_> = std::fs::read_dir(&spool).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "the target kept transfer data: {left:?}");
+}
+
+/// The source's checkpoints: none (moved), or one kept as failed (resumed).
+fn source_archives(source: &Node) -> Vec<Value> {
+    let (_, out, _) = source.away(&["archives", "list", "--json"]);
+    serde_json::from_str(&out).unwrap_or_default()
+}
+
+/// The move's record on the target (`GET /v1/transfers/{id}`), the id read from the
+/// target's log (the report does not carry it).
+fn move_record(agent: &TargetAgent) -> Option<Value> {
+    let raw = std::fs::read_to_string(&agent.log).ok()?;
+    // without the terminal colours tracing may put around field names
+    let mut log = String::new();
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            log.push(c);
+        }
+    }
+    let id = log
+        .lines()
+        .filter_map(|l| l.split("transfer=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(|id| id.trim_matches('"'))
+        // a transfer id, not the agent's transfer address
+        .rfind(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))?
+        .to_string();
+    let body = reqwest::blocking::get(format!("http://{}/v1/transfers/{id}", agent.api)).ok()?.text().ok()?;
+    serde_json::from_str(&body).ok()
+}
+
+fn case_lost_answer(runtime: &str, run: u32) {
+    let test = format!("lost-{runtime}-{run}");
+    let agent = TargetAgent::start(&test, &[]);
+    let source = node("source", &test);
+    let w = start_counter(&source, &agent.node, &test, runtime);
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let (ok, report, err) = finish(migrate(&w, &agent, &[("AWAY_FAULT_COMMIT", "lose-answer")]));
+    assert!(ok, "a lost commit answer must not undo a committed move: {err}");
+    assert!(err.contains("answer was lost"), "the fault did not fire: {err}");
+    assert_eq!(report["ok"], true);
+    assert_one_instance(&agent.node, &source, &w, before, runtime);
+    assert_no_spool(&agent.node);
+    assert!(source_archives(&source).is_empty(), "the source kept its checkpoint after the commit");
+    let record = move_record(&agent).expect("the target answers what became of the move");
+    assert_eq!(record["state"], "committed", "{record}");
+}
+
+/// The target cannot be reached from the commit on (`AWAY_FAULT_COMMIT=partition` in the
+/// source: nothing is sent, as when its agent is gone): no commit was delivered, so the
+/// source waits out the target's lease and resumes; the target, its lease run out, has
+/// removed its copy by then and says "aborted".
+fn case_partition(runtime: &str, run: u32) {
+    let test = format!("cut-{runtime}-{run}");
+    let agent = TargetAgent::start(&test, &[]);
+    let source = node("source", &test);
+    let w = start_counter(&source, &agent.node, &test, runtime);
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let t = std::time::Instant::now();
+    let (ok, _, err) = finish(migrate(&w, &agent, &[("AWAY_FAULT_COMMIT", "partition")]));
+    assert!(!ok, "no commit got through: the move cannot succeed");
+    // checked the moment the source has resumed: the target's copy is gone already
+    assert_one_instance(&source, &agent.node, &w, before, runtime);
+    // the lease (LEASE_SECS) and the agent's removal grace (5 s) went by first
+    let lease: u64 = LEASE_SECS.parse().unwrap();
+    assert!(t.elapsed() >= Duration::from_secs(lease + 5), "resumed after {:?}, inside the lease", t.elapsed());
+    assert!(err.contains("lease") && err.contains("resumed"), "the source did not resume after the lease: {err}");
+    assert_no_spool(&agent.node);
+    let record = move_record(&agent).expect("the target answers what became of the move");
+    assert_eq!(record["state"], "aborted", "{record}");
+    let _ = source.away(&["archives", "prune", "--keep", "0B"]);
+}
+
+/// The target's agent dies at the commit (`when`: before or after it is on disk) and is
+/// started again `restart_after` later.
+fn case_target_dies(runtime: &str, run: u32, when: &str) {
+    let test = format!("{when}-{runtime}-{run}");
+    let agent = TargetAgent::start(&test, &[("AWAY_FAULT_COMMIT_TARGET", when)]);
+    let source = node("source", &test);
+    let w = start_counter(&source, &agent.node, &test, runtime);
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let child = migrate(&w, &agent, &[]);
+    assert!(wait_for(120, || agent.died().then_some(())).is_some(), "the target's agent did not die at the commit");
+    // the source asks a dead agent for a while: it must neither resume nor clean up
+    std::thread::sleep(Duration::from_secs(3));
+    let moved = when == "die-after";
+    agent.restart();
+    let (ok, _, err) = finish(child);
+    if moved {
+        assert!(ok, "the commit was on disk: the move succeeded: {err}");
+        assert_one_instance(&agent.node, &source, &w, before, runtime);
+        assert!(source_archives(&source).is_empty(), "the source kept its checkpoint after the commit");
+    } else {
+        assert!(!ok, "the commit never got to disk: the move cannot succeed");
+        // the agent, back, removed its copy before it said "aborted"
+        assert_one_instance(&source, &agent.node, &w, before, runtime);
+        assert!(err.contains("aborted") && err.contains("resumed"), "the source did not resume on the abort: {err}");
+        let kept = source_archives(&source);
+        assert!(kept.len() == 1 && kept[0]["state"] == "failed", "{kept:?}");
+        let _ = source.away(&["archives", "prune", "--keep", "0B"]);
+    }
+    assert_no_spool(&agent.node);
+    let record = move_record(&agent).expect("the target answers what became of the move");
+    assert_eq!(record["state"], if moved { "committed" } else { "aborted" }, "{record}");
+}
+
+#[test]
+fn a_lost_commit_answer_is_asked_again() {
+    each_cell(case_lost_answer);
+}
+
+#[test]
+fn an_unreachable_target_is_waited_out_for_its_lease() {
+    each_cell(case_partition);
+}
+
+#[test]
+fn a_target_dying_before_the_commit_is_on_disk_resumes_the_source() {
+    each_cell(|runtime, run| case_target_dies(runtime, run, "die-before"));
+}
+
+#[test]
+fn a_target_dying_after_the_commit_is_on_disk_keeps_the_move() {
+    each_cell(|runtime, run| case_target_dies(runtime, run, "die-after"));
+}
+
+/// Node `role` of test `test`.
+fn node(role: &str, test: &str) -> Node {
+    let id = format!("{role}-{test}-{}", std::process::id());
+    Node::at(format!("away-cf-{id}"), PathBuf::from(format!("/tmp/away-e2e-commit/{id}")))
+}
+
+/// A VM move whose confirm answer is lost (`AWAY_FAULT_COMMIT=lose-answer` in the
+/// source): the destination agent keeps the confirm on disk and answers it again, the
+/// source asks again and removes its VM; the count goes on on the target only.
+#[test]
+fn a_lost_vm_confirm_answer_is_asked_again() {
+    if !away_e2e::require_vm_host() {
+        return;
+    }
+    let test = "vm-lost";
+    let agent = TargetAgent::start(test, &[]);
+    let source = node("source", test);
+    std::fs::create_dir_all(&source.state).unwrap();
+    let tar = lab_image("counter");
+    let name = format!("cf-{test}-{}", std::process::id());
+    let (port, target_port) = (free_port(), free_port());
+    let (ok, _, err) = source.away(&[
+        "run",
+        tar.to_str().unwrap(),
+        "--vm",
+        "--name",
+        &name,
+        "--memory",
+        "128Mi",
+        "-e",
+        &format!("COUNTER_PORT={port}"),
+        "-p",
+        &format!("{port}:{port}"),
+    ]);
+    let w = Workload { name: name.clone(), port, source: &source, target: &agent.node };
+    assert!(ok, "run --vm: {err}");
+    let before = wait_for(120, || state(port).filter(|s| s.0 >= 5)).expect("the counter VM answers");
+    let child = w
+        .source
+        .cmd(&["migrate", &name, "--to", &agent.api, "--target-port", &format!("{port}:{target_port}"), "--json"])
+        .env("AWAY_FAULT_COMMIT", "lose-answer")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, report, err) = finish(child);
+    assert!(ok, "a lost confirm answer must not fail a confirmed move: {err}");
+    assert!(err.contains("answer is dropped"), "the fault did not fire: {err}");
+    assert_eq!(report["mode"], "vm-live", "{report}");
+    let after = wait_for(30, || state(target_port)).expect("the VM answers on the target's port");
+    assert_eq!(after.1, before.1, "the guest restarted instead of moving");
+    assert!(after.0 >= before.0);
+    assert!(state(port).is_none(), "the source VM still answers");
+    assert_eq!(running(&source, &name), 0, "the source still runs the VM");
+    assert_eq!(running(&agent.node, &name), 1, "the target does not run the VM");
+    let record: Value =
+        reqwest::blocking::get(format!("http://{}/v1/transfers/vm-{name}", agent.api)).unwrap().json().unwrap();
+    assert_eq!(record["state"], "committed", "{record}");
+}
+
+/// The target's "restored" answer is lost (`AWAY_FAULT_VERDICT=lose` in the source): the
+/// source asks what became of the move, has the target remove its copy, and only then
+/// resumes; one instance at once, and the target says "aborted".
+fn case_lost_verdict(runtime: &str, run: u32) {
+    let test = format!("verdict-{runtime}-{run}");
+    let agent = TargetAgent::start(&test, &[]);
+    let source = node("source", &test);
+    let w = start_counter(&source, &agent.node, &test, runtime);
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let (ok, _, err) = finish(migrate(&w, &agent, &[("AWAY_FAULT_VERDICT", "lose")]));
+    assert!(!ok, "the source never heard the target: the move cannot succeed");
+    // checked the moment the source has resumed: the target's copy went first
+    assert_one_instance(&source, &agent.node, &w, before, runtime);
+    assert!(err.contains("answer was lost") && err.contains("resumed"), "{err}");
+    assert_no_spool(&agent.node);
+    let record = move_record(&agent).expect("the target answers what became of the move");
+    assert_eq!(record["state"], "aborted", "{record}");
+    let _ = source.away(&["archives", "prune", "--keep", "0B"]);
+}
+
+#[test]
+fn a_lost_restore_answer_takes_the_targets_copy_back_first() {
+    each_cell(case_lost_verdict);
+}
