@@ -229,6 +229,65 @@ impl Node {
     }
 }
 
+/// A cluster of `nodes` (name, tier) on this host running this workspace's `away`, with
+/// the lab `images` (by app name) in every node's store.
+pub fn cluster_plan(name: &str, nodes: &[(&str, away_model::Tier)], images: &[&str]) -> away_cluster::ClusterPlan {
+    away_cluster::ClusterPlan {
+        name: name.into(),
+        nodes: nodes.iter().map(|(n, tier)| away_cluster::NodePlan { name: (*n).into(), tier: *tier }).collect(),
+        away: away_bin().to_path_buf(),
+        images: images.iter().map(|app| lab_image(app)).collect(),
+    }
+}
+
+/// The counter lab app (images/counter) started with `away run` on a source node, and
+/// removed on the source and the target when dropped: what the migration tests move.
+pub struct Counter<'a> {
+    pub name: String,
+    /// The port it answers on (published 1:1 on the node).
+    pub port: u16,
+    pub source: &'a Node,
+    pub target: &'a Node,
+}
+
+impl Drop for Counter<'_> {
+    fn drop(&mut self) {
+        let _ = self.source.away(&["rm", "--force", &self.name]);
+        let _ = self.target.away(&["rm", "--force", &self.name]);
+    }
+}
+
+impl Node {
+    /// The counter named `name` on this node's `runtime`, on a free port, removed here and
+    /// on `target` when dropped.
+    pub fn start_counter<'a>(&'a self, target: &'a Node, name: String, runtime: &str) -> Counter<'a> {
+        std::fs::create_dir_all(&self.state).unwrap();
+        let tar = lab_image("counter");
+        let port = free_port();
+        let (ok, _, err) = self.away(&[
+            "run",
+            tar.to_str().unwrap(),
+            "--name",
+            &name,
+            "--runtime",
+            runtime,
+            "-e",
+            &format!("COUNTER_PORT={port}"),
+            "-p",
+            // (the app listens on the port it was told: PORT alone would go to the image's 8080)
+            &format!("{port}:{port}"),
+        ]);
+        assert!(ok, "run counter on {runtime}: {err}");
+        Counter { name, port, source: self, target }
+    }
+}
+
+/// Count and start time of the counter answering on `port` of this host.
+pub fn counter_state(port: u16) -> Option<(u64, u64)> {
+    let v: serde_json::Value = serde_json::from_str(&http_get(port, "/")?).ok()?;
+    Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
+}
+
 /// An `away agent` a test started as one of its nodes, on free loopback ports; killed
 /// when dropped.
 pub struct LocalAgent {

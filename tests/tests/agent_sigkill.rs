@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use away_cluster::{ClusterPlan, NodeInfoLocal, NodePlan};
-use away_e2e::{away_bin, http_get_at, lab_image, require_vm_host, wait_for};
+use away_cluster::NodeInfoLocal;
+use away_e2e::{away_bin, cluster_plan, http_get_at, lab_image, require_vm_host, wait_for};
 use away_model::Tier;
 use away_runtime::host::process::{process_runs, processes, signal, Signal};
 use serde_json::Value;
@@ -83,15 +83,7 @@ fn a_sigkilled_agent_leaves_nothing_running_that_nobody_owns() {
     // a cluster name whose subnet no interface of this host uses
     let name = away_e2e::free_cluster_name("sk");
     std::fs::create_dir_all(base()).unwrap();
-    let plan = ClusterPlan {
-        name: name.clone(),
-        nodes: vec![
-            NodePlan { name: "src".into(), tier: Tier::Cloud },
-            NodePlan { name: "dst".into(), tier: Tier::Edge },
-        ],
-        away: away_bin().to_path_buf(),
-        images: vec![],
-    };
+    let plan = cluster_plan(&name, &[("src", Tier::Cloud), ("dst", Tier::Edge)], &[]);
     let info = away_cluster::up(&plan).expect("cluster up");
     let _down = Down(name);
     let (source, target) = (&info.nodes[0], &info.nodes[1]);

@@ -10,8 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use away_cluster::{ClusterInfo, ClusterPlan, NodePlan};
-use away_e2e::{away_bin, lab_image, require_root, wait_for};
+use away_cluster::ClusterInfo;
+use away_e2e::{away_bin, cluster_plan, require_root, wait_for};
 use away_model::Tier;
 use serde_json::{json, Value};
 
@@ -97,15 +97,8 @@ fn broker_places_moves_survives_restarts_and_cut_links() {
         return;
     }
     away_cluster::down(NAME);
-    let plan = ClusterPlan {
-        name: NAME.into(),
-        nodes: vec![
-            NodePlan { name: "cloud".into(), tier: Tier::Cloud },
-            NodePlan { name: "laptop".into(), tier: Tier::Client },
-        ],
-        away: away_bin().to_path_buf(),
-        images: vec![lab_image("counter"), lab_image("labdesk"), lab_image("memload")],
-    };
+    let plan =
+        cluster_plan(NAME, &[("cloud", Tier::Cloud), ("laptop", Tier::Client)], &["counter", "labdesk", "memload"]);
     let info = away_cluster::up(&plan).expect("cluster up");
     let _down = Down;
     let api = Api { info: info.clone(), http: client() };

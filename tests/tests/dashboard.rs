@@ -13,8 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use away_cluster::{ClusterPlan, NodePlan};
-use away_e2e::{away_bin, free_port, lab_image, require, require_root, wait_for, workspace_root};
+use away_e2e::{cluster_plan, free_port, require, require_root, wait_for, workspace_root};
 use away_model::Tier;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
@@ -148,15 +147,7 @@ fn dashboard_signs_in_shows_the_cluster_and_moves_a_workload() {
         return;
     }
     away_cluster::down(NAME);
-    let plan = ClusterPlan {
-        name: NAME.into(),
-        nodes: vec![
-            NodePlan { name: "cloud".into(), tier: Tier::Cloud },
-            NodePlan { name: "laptop".into(), tier: Tier::Client },
-        ],
-        away: away_bin().to_path_buf(),
-        images: vec![lab_image("counter")],
-    };
+    let plan = cluster_plan(NAME, &[("cloud", Tier::Cloud), ("laptop", Tier::Client)], &["counter"]);
     let info = away_cluster::up(&plan).expect("cluster up");
     let _down = Down;
     // the broker again with the experiment results to show (`--results`, the option

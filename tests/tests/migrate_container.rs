@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use away_e2e::{free_port, http_get, http_get_at, lab_image, require_root, require_socket, wait_for, LocalAgent, Node};
+use away_e2e::counter_state as state;
+use away_e2e::{free_port, http_get_at, lab_image, require_root, require_socket, wait_for, Counter, LocalAgent, Node};
 use serde_json::Value;
 
 fn ready() -> bool {
@@ -61,47 +62,10 @@ impl Agent {
     }
 }
 
-/// The counter on the source node, removed on both nodes at the end.
-struct Workload<'a> {
-    name: String,
-    port: u16,
-    source: &'a Node,
-    target: &'a Node,
-}
-
-impl Drop for Workload<'_> {
-    fn drop(&mut self) {
-        let _ = self.source.away(&["rm", "--force", &self.name]);
-        let _ = self.target.away(&["rm", "--force", &self.name]);
-    }
-}
+type Workload<'a> = Counter<'a>;
 
 fn start_counter<'a>(source: &'a Node, target: &'a Node, test: &str, runtime: &str) -> Workload<'a> {
-    std::fs::create_dir_all(&source.state).unwrap();
-    let tar = lab_image("counter");
-    let name = format!("mig-{test}-{}", std::process::id());
-    let port = free_port();
-    let (ok, _, err) = source.away(&[
-        "run",
-        tar.to_str().unwrap(),
-        "--name",
-        &name,
-        "--runtime",
-        runtime,
-        "-e",
-        &format!("COUNTER_PORT={port}"),
-        "-p",
-        // (the app listens on the port it was told: PORT alone would go to the image's 8080)
-        &format!("{port}:{port}"),
-    ]);
-    assert!(ok, "run counter on {runtime}: {err}");
-    Workload { name, port, source, target }
-}
-
-/// count and start time of the counter answering on `port`
-fn state(port: u16) -> Option<(u64, u64)> {
-    let v: Value = serde_json::from_str(&http_get(port, "/")?).ok()?;
-    Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
+    source.start_counter(target, format!("mig-{test}-{}", std::process::id()), runtime)
 }
 
 fn migrate(w: &Workload, agent: &Agent, extra: &[&str]) -> (bool, Value, String) {

@@ -17,8 +17,8 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use away_cluster::{ClusterInfo, ClusterPlan, NodeInfoLocal, NodePlan};
-use away_e2e::{away_bin, http_get_at, lab_image, require_root, wait_for};
+use away_cluster::{ClusterInfo, NodeInfoLocal};
+use away_e2e::{away_bin, cluster_plan, http_get_at, lab_image, require_root, wait_for};
 use away_model::Tier;
 use serde_json::Value;
 
@@ -221,15 +221,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
     }
     away_cluster::down(NAME);
     let _ = std::fs::remove_dir_all("/tmp/away-e2e-lazy");
-    let plan = ClusterPlan {
-        name: NAME.into(),
-        nodes: vec![
-            NodePlan { name: "src".into(), tier: Tier::Cloud },
-            NodePlan { name: "dst".into(), tier: Tier::Edge },
-        ],
-        away: away_bin().to_path_buf(),
-        images: vec![],
-    };
+    let plan = cluster_plan(NAME, &[("src", Tier::Cloud), ("dst", Tier::Edge)], &[]);
     let info = away_cluster::up(&plan).expect("cluster up");
     let _down = Down;
     let nodes = Nodes { info };

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use away_e2e::{free_port, http_get, lab_image, require_root, require_socket, wait_for, Node};
+use away_e2e::{counter_state, http_get, require_root, require_socket, wait_for, Node};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -234,32 +234,13 @@ fn a_flooded_receiver_stays_bounded_and_still_takes_a_migration() {
     eprintln!("  the {MAX_TRANSFERS} half-finished spools expired and were removed");
 
     // 4. a real migration still goes through: the counter's count goes on
-    std::fs::create_dir_all(&source.state).unwrap();
-    let tar = lab_image("counter");
-    let name = format!("flood-{}", std::process::id());
-    let port = free_port();
-    let (ok, _, err) = source.away(&[
-        "run",
-        tar.to_str().unwrap(),
-        "--name",
-        &name,
-        "--runtime",
-        "containerd",
-        "-e",
-        &format!("COUNTER_PORT={port}"),
-        "-p",
-        &format!("{port}:{port}"),
-    ]);
-    assert!(ok, "run counter: {err}");
-    let state = || -> Option<(u64, u64)> {
-        let v: Value = serde_json::from_str(&http_get(port, "/")?).ok()?;
-        Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
-    };
+    let counter = source.start_counter(&agent.node, format!("flood-{}", std::process::id()), "containerd");
+    let (name, port) = (counter.name.clone(), counter.port);
+    let state = || counter_state(port);
     let before = wait_for(60, || state().filter(|s| s.0 >= 2)).expect("counter counts");
     let (ok, out, err) = source.away(&["migrate", &name, "--to", &agent.api, "--json", "--source-name", "source"]);
     let after = wait_for(30, state);
-    let _ = source.away(&["rm", "--force", &name]);
-    let _ = agent.node.away(&["rm", "--force", &name]);
+    drop(counter);
     assert!(ok, "migration after the flood failed: {out} {err}");
     let after = after.expect("counter answers after the move");
     assert_eq!(after.1, before.1, "the counter restarted instead of moving");
