@@ -294,6 +294,8 @@ mod tests {
             finished_ms: None,
             report: None,
             error: None,
+            deadline_ms: None,
+            resolved_by_broker: false,
         };
         let event = AgentEvent {
             seq: 7,
