@@ -202,7 +202,8 @@ pub struct MigrateArgs {
     /// The broker's URL (http://host:port), for --cancel
     #[arg(long, value_name = "URL", requires = "cancel", help_heading = "Broker migrations")]
     broker: Option<String>,
-    /// A user token of the broker, for --cancel
+    /// A user token of the broker, for --cancel: set AWAY_USER_TOKEN rather than give
+    /// it here, where every user of the machine can read it
     #[arg(long = "user-token", env = "AWAY_USER_TOKEN", hide_env_values = true, help_heading = "Broker migrations")]
     user_token: Option<String>,
     /// Bearer token of the target agent's API (its cluster's, or its --token)
