@@ -543,10 +543,15 @@ async fn migrations_end_by_cancel_or_deadline_and_stay_ended_after_a_restart() {
     b.beat(&c, &tc, vec![], vec![]).await;
 
     // deadlines are validated, and default to 900 s
-    for bad in [json!(0), json!(86_401), json!(-1), json!("soon")] {
+    for bad in [json!(0), json!(86_401), json!(-1), json!(1.5), json!("soon")] {
         let (s, e) = b.post("/v1/migrations", json!({"workload": "w1", "to": "c", "deadline_s": bad})).await;
         assert_eq!((s, e["field"].as_str()), (400, Some("deadline_s")), "{bad}: {e}");
     }
+    // JSON's integers include 60.0 (what schema fuzzers send)
+    let (s, m0) = b.post("/v1/migrations", json!({"workload": "w1", "to": "c", "deadline_s": 60.0})).await;
+    assert_eq!(s, 202, "{m0}");
+    let id0 = m0["migration"]["id"].as_str().unwrap().to_string();
+    assert_eq!(b.delete(&format!("/v1/migrations/{id0}")).await.0, 200);
     let (s, m1) = b.post("/v1/migrations", json!({"workload": "w1", "to": "c"})).await;
     assert_eq!(s, 202, "{m1}");
     let m1 = &m1["migration"];
@@ -595,9 +600,9 @@ async fn migrations_end_by_cancel_or_deadline_and_stay_ended_after_a_restart() {
     assert_eq!((w2["node"].as_str(), w2.get("migration")), (Some("a"), None), "{w2}");
     b.stop().await;
 
-    // a restart keeps every state; a is back: w2's move committed meanwhile, its late report wins
+    // a restart keeps every state (a map: ids made in the same ms sort by id); a is back: w2's move committed meanwhile, its late report wins
     let b = Running::start_with_timeout(&db, Duration::from_secs(1)).await;
-    let states: Vec<(String, String)> = b
+    let states: std::collections::BTreeMap<String, String> = b
         .get("/v1/migrations")
         .await
         .1
@@ -606,8 +611,8 @@ async fn migrations_end_by_cancel_or_deadline_and_stay_ended_after_a_restart() {
         .iter()
         .map(|m| (m["id"].as_str().unwrap().to_string(), m["state"].as_str().unwrap().to_string()))
         .collect();
-    let expected: Vec<(String, String)> =
-        [(&id1, "cancelled"), (&id2, "failed"), (&id4, "cancelled"), (&id3, "failed")]
+    let expected: std::collections::BTreeMap<String, String> =
+        [(&id0, "cancelled"), (&id1, "cancelled"), (&id2, "failed"), (&id4, "cancelled"), (&id3, "failed")]
             .iter()
             .map(|(i, s)| (i.to_string(), s.to_string()))
             .collect();

@@ -142,7 +142,7 @@ pub struct MigrationRequest {
     /// Seconds the migration may take, from the request (1..=86400; default 900). A migration
     /// not delivered to its source by then fails; one whose source node is offline at its
     /// deadline fails with the workload kept where the source last reported it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
     pub deadline_s: Option<u64>,
 }
