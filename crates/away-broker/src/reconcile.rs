@@ -699,21 +699,24 @@ mod tests {
             self.nodes.get_mut(node).unwrap().reported = workloads.iter().map(|(w, s)| status(w, *s)).collect();
         }
 
-        fn heartbeat(&self, node: &str, workloads: &[(&str, WorkloadState)], events: Vec<AgentEvent>) -> Plan {
-            let snap = Snapshot {
+        fn snap(&self) -> Snapshot<'_> {
+            Snapshot {
                 nodes: &self.nodes,
                 workloads: &self.workloads,
                 migrations: &self.migrations,
                 removals: &self.removals,
                 announced_online: &self.announced_online,
-            };
+            }
+        }
+
+        fn heartbeat(&self, node: &str, workloads: &[(&str, WorkloadState)], events: Vec<AgentEvent>) -> Plan {
             let hb = Heartbeat {
                 node: self.nodes[node].info.clone(),
                 load: NodeLoad::default(),
                 workloads: workloads.iter().map(|(w, s)| status(w, *s)).collect(),
                 events,
             };
-            reconcile(&snap, &self.nodes[node], hb, NOW)
+            reconcile(&self.snap(), &self.nodes[node], hb, NOW)
         }
 
         fn apply(&mut self, plan: &Plan) {
@@ -743,14 +746,7 @@ mod tests {
     impl State {
         /// Each broker tick's deadline check at `now`, with node_timeout 6 s, applied.
         fn tick(&mut self, now: u64) -> Vec<Pending> {
-            let snap = Snapshot {
-                nodes: &self.nodes,
-                workloads: &self.workloads,
-                migrations: &self.migrations,
-                removals: &self.removals,
-                announced_online: &self.announced_online,
-            };
-            let (ended, events) = resolve_deadlines(&snap, now, |n| now.saturating_sub(n.last_seen_ms) <= 6_000);
+            let (ended, events) = resolve_deadlines(&self.snap(), now, |n| now.saturating_sub(n.last_seen_ms) <= 6_000);
             for m in ended {
                 self.migrations.insert(m.id.clone(), m);
             }
