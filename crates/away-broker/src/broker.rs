@@ -93,6 +93,10 @@ pub struct Broker {
     pub(crate) http: reqwest::Client,
     /// Submissions waiting for the transaction that stores them.
     submissions: GroupCommit<WorkloadSpec, Result<(Option<WorkloadView>, PlacementDecision), Problem>>,
+    /// When this process opened the store: its nodes' last heartbeats are as old as the
+    /// broker's downtime, so none counts as offline for ending a migration before a
+    /// node_timeout has passed (each had its chance to beat again).
+    started_ms: u64,
 }
 
 // the API bodies live in away-model, shared with away-client
@@ -169,6 +173,7 @@ impl Broker {
             metrics: Metrics::default(),
             http,
             submissions: GroupCommit::default(),
+            started_ms: now_ms(),
         })
     }
 
@@ -199,6 +204,12 @@ impl Broker {
 
     fn is_online(&self, n: &NodeRecord, now: u64) -> bool {
         now.saturating_sub(n.last_seen_ms) <= self.config.node_timeout.as_millis() as u64
+    }
+
+    /// Whether a migration's source may be online, for ending the migration without it:
+    /// online, or not heard of since this broker started less than a node_timeout ago.
+    fn may_be_online(&self, n: &NodeRecord, now: u64) -> bool {
+        self.is_online(n, now) || now.saturating_sub(self.started_ms) <= self.config.node_timeout.as_millis() as u64
     }
 
     /// Whether a presented bearer token is a user token.
@@ -330,7 +341,7 @@ impl Broker {
             );
         }
         inner.announced_online = online;
-        let (ended, events) = reconcile::resolve_deadlines(&inner.snapshot(), now, |n| self.is_online(n, now));
+        let (ended, events) = reconcile::resolve_deadlines(&inner.snapshot(), now, |n| self.may_be_online(n, now));
         if !ended.is_empty() {
             match inner.store.apply(&Changes { migrations: ended.clone(), ..Default::default() }) {
                 Ok(()) => {
@@ -588,7 +599,8 @@ impl Broker {
             return Err(Problem::new(
                 ErrorCode::Conflict,
                 format!(
-                    "{name} is being migrated ({}, {}); delete it once the migration is over",
+                    "{name} is being migrated ({}, {}); delete it once the migration is over (DELETE /v1/migrations/ID \
+                     cancels one its source has not started)",
                     m.id,
                     m.state.as_str()
                 ),
@@ -766,7 +778,7 @@ impl Broker {
         let now = now_ms();
         let mut inner = lock(&self.inner);
         let m = inner.migrations.get(id).ok_or_else(|| Problem::not_found(format!("no migration {id:?}")))?;
-        let source_online = inner.nodes.get(&m.source).is_some_and(|n| self.is_online(n, now));
+        let source_online = inner.nodes.get(&m.source).is_some_and(|n| self.may_be_online(n, now));
         let (m, event) = reconcile::cancel(m, source_online, now)?;
         inner.store.apply(&Changes { migrations: vec![m.clone()], ..Default::default() })?;
         inner.migrations.insert(m.id.clone(), m.clone());
