@@ -628,6 +628,38 @@ async fn migrations_end_by_cancel_or_deadline_and_stay_ended_after_a_restart() {
     b.stop().await;
 }
 
+/// A broker that was down longer than the node timeout does not take its nodes for
+/// offline at once: a migration past its deadline is ended only once the source had a
+/// node timeout to beat again.
+#[tokio::test]
+async fn a_restarted_broker_waits_a_node_timeout_before_ending_migrations_without_their_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let timeout = Duration::from_secs(1);
+    let a = node("a", Tier::Edge, CpuVendor::Intel);
+    let c = node("c", Tier::Edge, CpuVendor::Intel);
+    let b = Running::start_with_timeout(&db, timeout).await;
+    let ta = b.register(&a, "127.0.0.1:1").await.agent_token;
+    b.post("/v1/workloads", json!({"name": "w", "image": "x"})).await;
+    b.register(&c, "127.0.0.1:1").await;
+    b.beat(&a, &ta, vec![status("w", RuntimeKind::Containerd, WorkloadState::Running)], vec![]).await;
+    let (_, m) = b.post("/v1/migrations", json!({"workload": "w", "to": "c", "deadline_s": 1})).await;
+    let id = m["migration"]["id"].as_str().unwrap().to_string();
+    let r = b.beat(&a, &ta, vec![status("w", RuntimeKind::Containerd, WorkloadState::Running)], vec![]).await;
+    assert_eq!(r.migrations.len(), 1);
+    b.stop().await;
+    // down for longer than the node timeout and the deadline
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let b = Running::start_with_timeout(&db, timeout).await;
+    let started = std::time::Instant::now();
+    let (s, e) = b.delete(&format!("/v1/migrations/{id}")).await;
+    assert_eq!(s, 409, "a may be online: it has had no chance to beat yet: {e}");
+    let why = wait_migration(&b, &id, |m| (m["state"] == "failed").then(|| m["error"].to_string())).await;
+    assert!(started.elapsed() >= timeout, "ended {:?} after the start", started.elapsed());
+    assert!(why.contains("source node a is offline"), "{why}");
+    b.stop().await;
+}
+
 /// Polls migration `id` until `done` says it ended, for at most 10 s.
 async fn wait_migration(b: &Running, id: &str, done: impl Fn(&Value) -> Option<String>) -> String {
     for _ in 0..100 {
