@@ -310,7 +310,8 @@ function renderWorkloads() {
 function progressOf(m) {
   const byState = { pending: 1, running: 2, succeeded: 3, failed: 3, cancelled: 3 }[m.state] || 0;
   const seen = (state.phases.get(m.id) || []).map((e) => PHASES.indexOf(e.kind) + 1);
-  const failed = (state.phases.get(m.id) || []).some((e) => ['migration-failed', 'migration-cancelled'].includes(e.kind));
+  const ended = ['migration-failed', 'migration-cancelled'];
+  const failed = (state.phases.get(m.id) || []).some((e) => ended.includes(e.kind));
   return Math.max(byState, failed ? 3 : 0, ...seen);
 }
 
@@ -323,7 +324,8 @@ function renderMigrations() {
     const value = progressOf(m);
     const ended = ['failed', 'succeeded', 'cancelled'].includes(m.state);
     const word = value >= 3 && !ended ? 'finishing' : m.state;
-    const phaseName = ['', 'requested', 'started on the source', ['failed', 'cancelled'].includes(m.state) ? m.state : 'done'][value];
+    const last = ['failed', 'cancelled'].includes(m.state) ? m.state : 'done';
+    const phaseName = ['', 'requested', 'started on the source', last][value];
     const r = m.report;
     articles.push(
       el(
