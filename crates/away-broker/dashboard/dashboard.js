@@ -195,7 +195,7 @@ function refreshSoon() {
 /** The class that gives a state word its colour (the word itself says it). */
 function tone(word) {
   if (['online', 'running', 'succeeded'].includes(word)) return 'good';
-  if (['offline', 'failed', 'node-offline', 'stopped'].includes(word)) return 'bad';
+  if (['offline', 'failed', 'cancelled', 'node-offline', 'stopped'].includes(word)) return 'bad';
   return 'busy';
 }
 
@@ -308,9 +308,10 @@ function renderWorkloads() {
 
 /** How far a migration got: its record's state, or further if the events say so. */
 function progressOf(m) {
-  const byState = { pending: 1, running: 2, succeeded: 3, failed: 3 }[m.state] || 0;
+  const byState = { pending: 1, running: 2, succeeded: 3, failed: 3, cancelled: 3 }[m.state] || 0;
   const seen = (state.phases.get(m.id) || []).map((e) => PHASES.indexOf(e.kind) + 1);
-  const failed = (state.phases.get(m.id) || []).some((e) => e.kind === 'migration-failed');
+  const ended = ['migration-failed', 'migration-cancelled'];
+  const failed = (state.phases.get(m.id) || []).some((e) => ended.includes(e.kind));
   return Math.max(byState, failed ? 3 : 0, ...seen);
 }
 
@@ -321,8 +322,10 @@ function renderMigrations() {
   for (const m of list) {
     const events = state.phases.get(m.id) || [];
     const value = progressOf(m);
-    const word = value >= 3 && m.state !== 'failed' && m.state !== 'succeeded' ? 'finishing' : m.state;
-    const phaseName = ['', 'requested', 'started on the source', m.state === 'failed' ? 'failed' : 'done'][value];
+    const ended = ['failed', 'succeeded', 'cancelled'].includes(m.state);
+    const word = value >= 3 && !ended ? 'finishing' : m.state;
+    const last = ['failed', 'cancelled'].includes(m.state) ? m.state : 'done';
+    const phaseName = ['', 'requested', 'started on the source', last][value];
     const r = m.report;
     articles.push(
       el(

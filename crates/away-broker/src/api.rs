@@ -17,6 +17,7 @@
 //! | POST | /v1/migrations | user | 202 `{migration}`; 404, 409, 422 with the reason |
 //! | GET | /v1/migrations | user | `[Migration]` |
 //! | GET | /v1/migrations/{id} | user | `Migration`, 404 |
+//! | DELETE | /v1/migrations/{id} | user | 200 `Migration` (cancelled), 404, 409 (started on an online source, or ended) |
 //! | POST | /v1/agents/register | join token | `RegisterResponse` |
 //! | POST | /v1/agents/{name}/heartbeat | agent token | `HeartbeatResponse` |
 //! | GET | /v1/events | user | Server-Sent Events, JSON `BrokerEvent` in `data:` |
@@ -62,7 +63,8 @@ use crate::error::Problem;
     ),
     paths(
         list_nodes, get_node, drain_node, undrain_node, submit_workload, list_workloads, get_workload,
-        delete_workload, workload_logs, request_migration, list_migrations, get_migration, register_agent,
+        delete_workload, workload_logs, request_migration, list_migrations, get_migration, cancel_migration,
+        register_agent,
         heartbeat, events, openapi, metrics
     ),
     // BrokerEvent travels in SSE data, PortMapping under a hand-written `ports` schema
@@ -123,7 +125,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/workloads/{name}", get(get_workload).delete(delete_workload))
         .route("/v1/workloads/{name}/logs", get(workload_logs))
         .route("/v1/migrations", post(request_migration).get(list_migrations))
-        .route("/v1/migrations/{id}", get(get_migration))
+        .route("/v1/migrations/{id}", get(get_migration).delete(cancel_migration))
         .route("/v1/agents/register", post(register_agent))
         .route("/v1/agents/{name}/heartbeat", post(heartbeat))
         .route("/v1/events", get(events))
@@ -498,6 +500,27 @@ async fn list_migrations(State(b): Shared, headers: HeaderMap) -> Answer {
 async fn get_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::OK, b.migration(&id)?)
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/migrations/{id}",
+    operation_id = "cancelMigration",
+    summary = "Cancel a migration its source has not started (pending), or one whose source node is offline; the workload stays where its source reports it",
+    security(("userToken" = [])),
+    params(("id" = String, Path, description = "Migration id")),
+    responses(
+        (status = 200, description = "Cancelled: the migration, in state `cancelled`, with the reason in `error`", body = MigrationRecord),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such migration", body = ApiError),
+        (status = 409, description = "It cannot be cancelled: its online source has started it (aborting a move under way is not built yet) or it has ended; `migration` carries it", body = ErrorBody),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
+async fn cancel_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    b.check_user(bearer(&headers))?;
+    let m = blocking(&b, move |b| b.cancel_migration(&id)).await?;
+    ok(StatusCode::OK, m)
 }
 
 #[utoipa::path(

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use away_model::{
     Desired, ErrorCode, Heartbeat, HeartbeatResponse, NodeInfo, NodeLoad, RegisterRequest, RegisterResponse,
-    WorkloadSpec,
+    WorkloadSpec, DEFAULT_MIGRATION_DEADLINE_S, MAX_MIGRATION_DEADLINE_S,
 };
 use away_policy::compat::{check_container, check_vm, Compatibility};
 use tokio::sync::broadcast;
@@ -21,7 +21,7 @@ use crate::events::{BrokerEvent, Pending};
 use crate::group_commit::GroupCommit;
 use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, PlacementDecision, RuntimeClasses};
-use crate::reconcile::{reconcile, Plan, Snapshot};
+use crate::reconcile::{self, reconcile, Plan, Snapshot};
 use crate::records::{now_ms, MigrationRecord, MigrationState, NodeRecord, Removal, WorkloadRecord};
 use crate::store::{Changes, Store};
 use crate::{tokens, BrokerConfig, BrokerError};
@@ -93,6 +93,10 @@ pub struct Broker {
     pub(crate) http: reqwest::Client,
     /// Submissions waiting for the transaction that stores them.
     submissions: GroupCommit<WorkloadSpec, Result<(Option<WorkloadView>, PlacementDecision), Problem>>,
+    /// When this process opened the store: its nodes' last heartbeats are as old as the
+    /// broker's downtime, so none counts as offline for ending a migration before a
+    /// node_timeout has passed (each had its chance to beat again).
+    started_ms: u64,
 }
 
 // the API bodies live in away-model, shared with away-client
@@ -169,6 +173,7 @@ impl Broker {
             metrics: Metrics::default(),
             http,
             submissions: GroupCommit::default(),
+            started_ms: now_ms(),
         })
     }
 
@@ -199,6 +204,12 @@ impl Broker {
 
     fn is_online(&self, n: &NodeRecord, now: u64) -> bool {
         now.saturating_sub(n.last_seen_ms) <= self.config.node_timeout.as_millis() as u64
+    }
+
+    /// Whether a migration's source may be online, for ending the migration without it:
+    /// online, or not heard of since this broker started less than a node_timeout ago.
+    fn may_be_online(&self, n: &NodeRecord, now: u64) -> bool {
+        self.is_online(n, now) || now.saturating_sub(self.started_ms) <= self.config.node_timeout.as_millis() as u64
     }
 
     /// Whether a presented bearer token is a user token.
@@ -311,7 +322,8 @@ impl Broker {
         Ok(response)
     }
 
-    /// Announce nodes that went offline (or came back) since the last tick.
+    /// Announce nodes that went offline (or came back) since the last tick, and end
+    /// migrations past their deadline that the broker may end (reconcile rule 7).
     pub fn tick(&self) {
         let now = now_ms();
         let mut inner = lock(&self.inner);
@@ -329,6 +341,19 @@ impl Broker {
             );
         }
         inner.announced_online = online;
+        let (ended, events) = reconcile::resolve_deadlines(&inner.snapshot(), now, |n| self.may_be_online(n, now));
+        if !ended.is_empty() {
+            match inner.store.apply(&Changes { migrations: ended.clone(), ..Default::default() }) {
+                Ok(()) => {
+                    for m in ended {
+                        inner.migrations.insert(m.id.clone(), m);
+                    }
+                    out.extend(events);
+                }
+                // memory stays as stored; the next tick tries again
+                Err(e) => tracing::error!(error = %e, "storing migrations past their deadline failed"),
+            }
+        }
         drop(inner);
         self.emit(out);
     }
@@ -574,7 +599,8 @@ impl Broker {
             return Err(Problem::new(
                 ErrorCode::Conflict,
                 format!(
-                    "{name} is being migrated ({}, {}); delete it once the migration is over",
+                    "{name} is being migrated ({}, {}); delete it once the migration is over (DELETE /v1/migrations/ID \
+                     cancels one its source has not started)",
                     m.id,
                     m.state.as_str()
                 ),
@@ -608,6 +634,13 @@ impl Broker {
     pub fn migrate(&self, req: MigrationRequest) -> Result<MigrationRecord, Problem> {
         if let Some(mode) = &req.mode {
             mode.parse::<away_policy::ContainerMode>().map_err(|e| Problem::invalid(e).field("mode"))?;
+        }
+        let deadline_s = req.deadline_s.unwrap_or(DEFAULT_MIGRATION_DEADLINE_S);
+        if !(1..=MAX_MIGRATION_DEADLINE_S).contains(&deadline_s) {
+            return Err(Problem::invalid(format!(
+                "deadline_s is {deadline_s}: a migration's deadline is 1 to {MAX_MIGRATION_DEADLINE_S} seconds"
+            ))
+            .field("deadline_s"));
         }
         let now = now_ms();
         let mut inner = lock(&self.inner);
@@ -712,6 +745,8 @@ impl Broker {
             report: None,
             error: None,
             mode: req.mode.clone(),
+            deadline_ms: Some(now + deadline_s * 1000),
+            resolved_by_broker: false,
         };
         inner.store.apply(&Changes { migrations: vec![record.clone()], ..Default::default() })?;
         inner.migrations.insert(record.id.clone(), record.clone());
@@ -735,6 +770,21 @@ impl Broker {
 
     pub fn migration(&self, id: &str) -> Result<MigrationRecord, Problem> {
         lock(&self.inner).migrations.get(id).cloned().ok_or_else(|| Problem::not_found(format!("no migration {id:?}")))
+    }
+
+    /// `DELETE /v1/migrations/{id}`: end a migration its source has not started, or one
+    /// whose source is offline (reconcile rule 7).
+    pub fn cancel_migration(&self, id: &str) -> Result<MigrationRecord, Problem> {
+        let now = now_ms();
+        let mut inner = lock(&self.inner);
+        let m = inner.migrations.get(id).ok_or_else(|| Problem::not_found(format!("no migration {id:?}")))?;
+        let source_online = inner.nodes.get(&m.source).is_some_and(|n| self.may_be_online(n, now));
+        let (m, event) = reconcile::cancel(m, source_online, now)?;
+        inner.store.apply(&Changes { migrations: vec![m.clone()], ..Default::default() })?;
+        inner.migrations.insert(m.id.clone(), m.clone());
+        drop(inner);
+        self.emit(vec![event]);
+        Ok(m)
     }
 
     // ---- metrics ----

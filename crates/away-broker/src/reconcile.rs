@@ -45,15 +45,33 @@
 //!    placed elsewhere: a client with a cut link keeps running them, and rescheduling
 //!    would make a duplicate when it returns (Nomad's "keep original" policy). Moving
 //!    them is an explicit migration, carried out when the source is back.
-//! 7. **Restarts.** Nodes, token hashes, workloads, migrations, removals and acked seqs
+//! 7. **Migrations end.** Every migration has a deadline. [`resolve_deadlines`] (each
+//!    broker tick) fails a `pending` one past it ("not delivered before its deadline") and
+//!    a `running` one past it whose source node is offline (the workload is kept where the
+//!    source last reported it); a `running` one on an online source is the source's
+//!    business (its commit protocol ends it). [`cancel`] does the same on request. Such a
+//!    migration is `resolved_by_broker`: the broker ended it without the source's word,
+//!    so what the source says when it is back wins:
+//!    * a late `migration-finished` still moves the workload's home to the target (the
+//!      move committed while the broker could not hear of it); a late `migration-failed`
+//!      changes nothing (the workload is already at home on the source);
+//!    * until the source reports again, a copy on the target is left alone (the source's
+//!      last report predates the resolution, so it proves no other copy runs);
+//!    * a source that reports again without the workload and without a
+//!      `migration-finished` (its event was lost) while the target reports it running:
+//!      the home moves to the target, instead of a second copy being started on the source.
+//! 8. **Restarts.** Nodes, token hashes, workloads, migrations, removals and acked seqs
 //!    are all in SQLite and written before the answer: after a restart the agents'
 //!    tokens still work, pending orders are delivered again, and reports reconcile by
 //!    the rules above.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use away_model::{AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, WorkloadState};
+use away_model::{
+    AgentEvent, Assignment, Desired, ErrorCode, Heartbeat, HeartbeatResponse, MigrationOrder, WorkloadState,
+};
 
+use crate::error::Problem;
 use crate::events::Pending;
 use crate::records::{MigrationRecord, MigrationState, NodeRecord, Removal, WorkloadRecord};
 use crate::store::Changes;
@@ -154,6 +172,11 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
         if active.as_ref().is_some_and(|m| m.target == name) {
             continue;
         }
+        // rule 7: the source has not spoken since the broker ended the move
+        if let Some(m) = resolved_unheard(snap, &status.name, |m| m.target == name) {
+            tracing::warn!(workload = %status.name, node = name, migration = %m.id, source = %m.source, "copy on the target of a migration the broker ended left alone until its source reports");
+            continue;
+        }
         let moved_away = snap
             .migrations
             .values()
@@ -214,6 +237,34 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
             out.push(
                 Pending::new("workload-removed", format!("{wname} removed from {name}")).node(name).workload(wname),
             );
+            continue;
+        }
+        // rule 7: the source is back without it, its move's target runs it
+        if let Some((m, status)) = found_on_target(snap, &migrations, wname, name) {
+            let mut m = m.clone();
+            m.state = MigrationState::Succeeded;
+            m.resolved_by_broker = false;
+            m.error = None;
+            m.finished_ms = Some(now);
+            w.node = m.target.clone();
+            w.status = Some(status.clone());
+            w.status_ms = Some(now);
+            w.updated_ms = now;
+            out.push(
+                Pending::new(
+                    "migration-succeeded",
+                    format!(
+                        "{wname} moved from {name} to {}: {name} came back without it and {} runs it (the source's \
+                         report of the move was lost)",
+                        m.target, m.target
+                    ),
+                )
+                .node(&m.target)
+                .workload(wname)
+                .migration(&m.id),
+            );
+            workloads.insert(wname.clone(), w);
+            migrations.insert(m.id.clone(), m);
             continue;
         }
         if w.status.is_some() {
@@ -292,6 +343,120 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
     Plan { changes, response, events: out }
 }
 
+/// The latest migration of `workload` the broker ended without its source's word
+/// (rule 7), if it passes `filter` and its source has not reported since.
+fn resolved_unheard<'a>(
+    snap: &Snapshot<'a>,
+    workload: &str,
+    filter: impl Fn(&MigrationRecord) -> bool,
+) -> Option<&'a MigrationRecord> {
+    let m = snap.migrations.values().filter(|m| m.workload == workload).max_by_key(|m| (m.requested_ms, &m.id))?;
+    let source_seen = snap.nodes.get(&m.source).map(|n| n.last_seen_ms).unwrap_or(0);
+    (m.resolved_by_broker && filter(m) && source_seen <= m.finished_ms.unwrap_or(0)).then_some(m)
+}
+
+/// Rule 7: `workload`, at home on `source` and not reported by it, was last being moved
+/// from `source` by a migration the broker ended, and that move's target reports it running.
+fn found_on_target<'a>(
+    snap: &Snapshot<'a>,
+    changed: &BTreeMap<String, MigrationRecord>,
+    workload: &str,
+    source: &str,
+) -> Option<(&'a MigrationRecord, &'a away_model::WorkloadStatus)> {
+    let m = snap.migrations.values().filter(|m| m.workload == workload).max_by_key(|m| (m.requested_ms, &m.id))?;
+    if !m.resolved_by_broker || m.source != source || changed.contains_key(&m.id) {
+        return None;
+    }
+    let status =
+        snap.nodes.get(&m.target)?.reported.iter().find(|s| s.name == workload && s.state == WorkloadState::Running)?;
+    Some((m, status))
+}
+
+/// The reason a migration ended by the broker gives for a source that is offline.
+fn kept_on_source(m: &MigrationRecord) -> String {
+    format!(
+        "source node {} is offline: {} is kept where {} last reported it, and no second copy is started; if the \
+         move committed meanwhile, {}'s report when it is back moves it to {}",
+        m.source, m.workload, m.source, m.source, m.target
+    )
+}
+
+/// Rule 7, each tick: migrations past their deadline that the broker can end: `pending`
+/// ones, and `running` ones whose source node is offline (`online` says which nodes are
+/// not). Returns them ended (`failed`, `resolved_by_broker`) and the events to announce.
+pub fn resolve_deadlines(
+    snap: &Snapshot,
+    now: u64,
+    online: impl Fn(&NodeRecord) -> bool,
+) -> (Vec<MigrationRecord>, Vec<Pending>) {
+    let mut ended = Vec::new();
+    let mut out = Vec::new();
+    for m in snap.migrations.values() {
+        if !m.state.is_active() || m.deadline_ms.is_none_or(|d| now < d) {
+            continue;
+        }
+        let reason = match m.state {
+            MigrationState::Pending => {
+                format!("not delivered before its deadline: source node {} did not ask for it", m.source)
+            }
+            _ if snap.nodes.get(&m.source).is_some_and(&online) => continue,
+            _ => format!("past its deadline: {}", kept_on_source(m)),
+        };
+        let mut m = m.clone();
+        m.state = MigrationState::Failed;
+        m.resolved_by_broker = true;
+        m.finished_ms = Some(now);
+        m.error = Some(reason.clone());
+        out.push(
+            Pending::new("migration-failed", format!("{} stays on {}: {reason}", m.workload, m.source))
+                .node(&m.source)
+                .workload(&m.workload)
+                .migration(&m.id),
+        );
+        ended.push(m);
+    }
+    (ended, out)
+}
+
+/// Rule 7, `DELETE /v1/migrations/{id}`: a `pending` migration, or a `running` one whose
+/// source node is offline (`source_online` false), ends `cancelled`. A `running` one on
+/// an online source, or an ended one, is a conflict.
+pub fn cancel(m: &MigrationRecord, source_online: bool, now: u64) -> Result<(MigrationRecord, Pending), Problem> {
+    let reason = match m.state {
+        MigrationState::Pending => format!("cancelled before source node {} received the order", m.source),
+        MigrationState::Running if !source_online => format!("cancelled while {}", kept_on_source(m)),
+        MigrationState::Running => {
+            return Err(Problem::new(
+                ErrorCode::Conflict,
+                format!(
+                    "migration {} cannot be cancelled: source node {} has started it (running since it received the \
+                     order) and is online; aborting a move under way on the agent is not built yet, so it ends by \
+                     its commit protocol or its deadline",
+                    m.id, m.source
+                ),
+            )
+            .detail("migration", m))
+        }
+        ended => {
+            return Err(Problem::new(
+                ErrorCode::Conflict,
+                format!("migration {} has already ended: {}", m.id, ended.as_str()),
+            )
+            .detail("migration", m))
+        }
+    };
+    let mut m = m.clone();
+    m.state = MigrationState::Cancelled;
+    m.resolved_by_broker = true;
+    m.finished_ms = Some(now);
+    m.error = Some(reason.clone());
+    let event = Pending::new("migration-cancelled", format!("{} stays on {}: {reason}", m.workload, m.source))
+        .node(&m.source)
+        .workload(&m.workload)
+        .migration(&m.id);
+    Ok((m, event))
+}
+
 /// Rule 1: one agent event.
 fn apply_agent_event(
     snap: &Snapshot,
@@ -337,8 +502,18 @@ fn apply_agent_event(
         tracing::warn!(node, kind = %e.kind, migration = ?e.migration_id, "migration event for an unknown migration ignored");
         return;
     };
-    if !m.state.is_active() || m.source != node {
+    if m.source != node {
         return;
+    }
+    let late = !m.state.is_active();
+    if late {
+        // rule 7: the broker ended it without the source's word; a committed move wins
+        let finished = e.kind == "migration-finished" && e.report.as_ref().is_none_or(|r| r.ok);
+        if !(m.resolved_by_broker && finished) {
+            return;
+        }
+        m.resolved_by_broker = false;
+        m.error = None;
     }
     m.finished_ms = Some(now);
     m.report = e.report.clone();
@@ -356,7 +531,14 @@ fn apply_agent_event(
         out.push(
             Pending::new(
                 "migration-succeeded",
-                format!("{} moved from {} to {}: {}", m.workload, m.source, m.target, e.message),
+                format!(
+                    "{} moved from {} to {}: {}{}",
+                    m.workload,
+                    m.source,
+                    m.target,
+                    e.message,
+                    if late { " (reported by the source after the broker had ended the migration)" } else { "" }
+                ),
             )
             .node(&m.target)
             .workload(&m.workload)
@@ -505,6 +687,8 @@ mod tests {
                 finished_ms: None,
                 report: None,
                 error: None,
+                deadline_ms: None,
+                resolved_by_broker: false,
                 mode: None,
             };
             self.migrations.insert(id.into(), m);
@@ -515,21 +699,24 @@ mod tests {
             self.nodes.get_mut(node).unwrap().reported = workloads.iter().map(|(w, s)| status(w, *s)).collect();
         }
 
-        fn heartbeat(&self, node: &str, workloads: &[(&str, WorkloadState)], events: Vec<AgentEvent>) -> Plan {
-            let snap = Snapshot {
+        fn snap(&self) -> Snapshot<'_> {
+            Snapshot {
                 nodes: &self.nodes,
                 workloads: &self.workloads,
                 migrations: &self.migrations,
                 removals: &self.removals,
                 announced_online: &self.announced_online,
-            };
+            }
+        }
+
+        fn heartbeat(&self, node: &str, workloads: &[(&str, WorkloadState)], events: Vec<AgentEvent>) -> Plan {
             let hb = Heartbeat {
                 node: self.nodes[node].info.clone(),
                 load: NodeLoad::default(),
                 workloads: workloads.iter().map(|(w, s)| status(w, *s)).collect(),
                 events,
             };
-            reconcile(&snap, &self.nodes[node], hb, NOW)
+            reconcile(&self.snap(), &self.nodes[node], hb, NOW)
         }
 
         fn apply(&mut self, plan: &Plan) {
@@ -554,6 +741,143 @@ mod tests {
                 self.removals.remove(k);
             }
         }
+    }
+
+    impl State {
+        /// Each broker tick's deadline check at `now`, with node_timeout 6 s, applied.
+        fn tick(&mut self, now: u64) -> Vec<Pending> {
+            let (ended, events) = resolve_deadlines(&self.snap(), now, |n| now.saturating_sub(n.last_seen_ms) <= 6_000);
+            for m in ended {
+                self.migrations.insert(m.id.clone(), m);
+            }
+            events
+        }
+
+        /// m1 running from a to b, past its deadline, with a offline and last reported running w.
+        fn source_offline_past_deadline() -> State {
+            let mut s = State::moving_w_from_a_to_b(MigrationState::Running);
+            s.migrations.get_mut("m1").unwrap().deadline_ms = Some(NOW - 2_000);
+            s.reported("a", &[("w", Running)]);
+            s.nodes.get_mut("a").unwrap().last_seen_ms = NOW - 60_000;
+            s.announced_online.remove("a");
+            // resolved a second before the heartbeats below
+            let events = s.tick(NOW - 1_000);
+            assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), ["migration-failed"]);
+            s
+        }
+    }
+
+    #[test]
+    fn rule7_a_pending_migration_past_its_deadline_fails_and_is_never_delivered() {
+        let mut s = State::moving_w_from_a_to_b(MigrationState::Pending);
+        s.migrations.get_mut("m1").unwrap().deadline_ms = Some(NOW);
+        assert!(s.tick(NOW - 1).is_empty(), "not yet");
+        let events = s.tick(NOW);
+        assert_eq!(events.len(), 1);
+        let m = &s.migrations["m1"];
+        assert_eq!((m.state, m.resolved_by_broker, m.finished_ms), (MigrationState::Failed, true, Some(NOW)));
+        assert!(m.error.as_deref().unwrap().starts_with("not delivered before its deadline"), "{:?}", m.error);
+        let plan = s.heartbeat("a", &[("w", Running)], vec![]);
+        assert!(plan.response.migrations.is_empty(), "an ended migration is never ordered");
+        assert_eq!(assigned(&plan, "w").map(|a| a.desired), Some(Desired::Running), "w stays a's");
+        assert!(s.tick(NOW + 1).is_empty(), "ended once");
+    }
+
+    #[test]
+    fn rule7_a_running_migration_is_left_to_its_online_source_past_its_deadline() {
+        let mut s = State::moving_w_from_a_to_b(MigrationState::Running);
+        s.migrations.get_mut("m1").unwrap().deadline_ms = Some(NOW - 1);
+        assert!(s.tick(NOW).is_empty());
+        assert_eq!(s.migrations["m1"].state, MigrationState::Running);
+        // records from before deadlines have none and are never ended by the broker
+        let mut old = State::moving_w_from_a_to_b(MigrationState::Pending);
+        assert!(old.tick(u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn rule7_an_offline_source_past_the_deadline_keeps_the_workload_and_the_targets_copy_stays() {
+        let s = State::source_offline_past_deadline();
+        let m = &s.migrations["m1"];
+        assert_eq!((m.state, m.resolved_by_broker), (MigrationState::Failed, true));
+        let why = m.error.as_deref().unwrap();
+        assert!(why.contains("source node a is offline") && why.contains("no second copy"), "{why}");
+        // the target reports a copy: a's last report (before it went away) says it runs w,
+        // but that proves nothing since the resolution: b's copy is left alone
+        let plan = s.heartbeat("b", &[("w", Running)], vec![]);
+        assert!(plan.changes.removals.is_empty(), "{:?}", plan.changes.removals);
+        assert!(plan.response.assignments.is_empty());
+    }
+
+    #[test]
+    fn rule7_a_late_migration_finished_from_the_source_wins() {
+        let mut s = State::source_offline_past_deadline();
+        s.reported("b", &[("w", Running)]);
+        let plan = s.heartbeat("a", &[], vec![event(1, "migration-finished", "w", Some("m1"))]);
+        let m = &plan.changes.migrations[0];
+        assert_eq!((m.state, m.resolved_by_broker, m.error.as_ref()), (MigrationState::Succeeded, false, None));
+        assert_eq!(changed(&plan, "w").unwrap().node, "b", "the home follows the source's word");
+        assert!(assigned(&plan, "w").is_none(), "nothing started again on a");
+        assert!(plan.events.iter().any(|e| e.kind == "migration-succeeded" && e.message.contains("after the broker")));
+        s.apply(&plan);
+        let plan_b = s.heartbeat("b", &[("w", Running)], vec![]);
+        assert!(plan_b.changes.removals.is_empty(), "b's copy is the home copy now");
+    }
+
+    #[test]
+    fn rule7_a_source_back_with_the_workload_and_a_late_failure_keeps_it_and_removes_the_targets_copy() {
+        let mut s = State::source_offline_past_deadline();
+        let plan = s.heartbeat("a", &[("w", Running)], vec![event(1, "migration-failed", "w", Some("m1"))]);
+        assert!(plan.changes.migrations.is_empty(), "ended already: a late failure changes nothing");
+        assert_eq!(changed(&plan, "w").unwrap().node, "a");
+        s.apply(&plan);
+        // a has spoken since the resolution: a leftover on b is a duplicate of a live copy
+        let plan_b = s.heartbeat("b", &[("w", Running)], vec![]);
+        assert!(plan_b.changes.removals[0].reason.contains("runs on its home a"), "{:?}", plan_b.changes.removals);
+    }
+
+    #[test]
+    fn rule7_a_source_back_without_the_workload_and_without_its_event_is_not_restarted_when_the_target_runs_it() {
+        let mut s = State::source_offline_past_deadline();
+        s.reported("b", &[("w", Running)]);
+        // a's migration-finished was lost (a power cut on the broker before a sync)
+        let plan = s.heartbeat("a", &[], vec![]);
+        assert!(assigned(&plan, "w").is_none(), "a Running here would start a second copy");
+        assert_eq!(changed(&plan, "w").unwrap().node, "b");
+        let m = &plan.changes.migrations[0];
+        assert_eq!((m.state, m.resolved_by_broker), (MigrationState::Succeeded, false));
+        assert_eq!(kinds(&plan), ["node-online", "migration-succeeded"]);
+        // b does not run it either: a restarts it (its home), as for any missing home copy
+        let mut s = State::source_offline_past_deadline();
+        s.reported("b", &[]);
+        let plan = s.heartbeat("a", &[], vec![]);
+        assert_eq!(assigned(&plan, "w").map(|a| a.desired), Some(Desired::Running));
+    }
+
+    #[test]
+    fn rule7_cancel_ends_a_pending_or_offline_one_and_refuses_one_under_way() {
+        let s = State::moving_w_from_a_to_b(MigrationState::Pending);
+        let (m, e) = cancel(&s.migrations["m1"], true, NOW).unwrap();
+        assert_eq!((m.state, m.resolved_by_broker, m.finished_ms), (MigrationState::Cancelled, true, Some(NOW)));
+        assert_eq!(e.kind, "migration-cancelled");
+        let mut s2 = State::moving_w_from_a_to_b(MigrationState::Pending);
+        s2.migrations.insert(m.id.clone(), m.clone());
+        let plan = s2.heartbeat("a", &[("w", Running)], vec![]);
+        assert!(plan.response.migrations.is_empty(), "a cancelled migration is never delivered");
+        assert!(!m.state.is_active());
+        // ended: 409
+        let e = cancel(&m, true, NOW).unwrap_err();
+        assert_eq!(e.error.code, ErrorCode::Conflict);
+        assert!(e.error.message.contains("already ended: cancelled"), "{}", e.error.message);
+        // running on an online source: 409, saying why
+        let s = State::moving_w_from_a_to_b(MigrationState::Running);
+        let e = cancel(&s.migrations["m1"], true, NOW).unwrap_err();
+        assert_eq!(e.error.code, ErrorCode::Conflict);
+        assert!(e.error.message.contains("not built yet"), "{}", e.error.message);
+        assert_eq!(e.detail.as_ref().map(|d| d.0), Some("migration"));
+        // running on an offline source: cancelled, kept where the source reports it
+        let (m, _) = cancel(&s.migrations["m1"], false, NOW).unwrap();
+        assert_eq!(m.state, MigrationState::Cancelled);
+        assert!(m.error.as_deref().unwrap().contains("kept where a last reported it"), "{:?}", m.error);
     }
 
     fn kinds(plan: &Plan) -> Vec<&str> {
@@ -807,7 +1131,7 @@ mod tests {
     }
 
     #[test]
-    fn rule7_after_a_restart_orders_and_removals_are_delivered_again() {
+    fn rule8_after_a_restart_orders_and_removals_are_delivered_again() {
         // the state as a restarted broker loads it: an order delivered, a removal pending
         let mut s = State::with_nodes(&["a", "b"]);
         s.workload("w", "a", Desired::Running);

@@ -294,6 +294,8 @@ mod tests {
             finished_ms: None,
             report: None,
             error: None,
+            deadline_ms: None,
+            resolved_by_broker: false,
         };
         let event = AgentEvent {
             seq: 7,
@@ -316,6 +318,13 @@ mod tests {
             };
             store.apply(&changes).unwrap();
         }
+        // a record stored before deadlines (no deadline_ms, no resolved_by_broker) loads
+        let mut old = serde_json::to_value(&m).unwrap();
+        for gone in ["deadline_ms", "resolved_by_broker"] {
+            assert!(old.as_object_mut().unwrap().remove(gone).is_none(), "{gone} is skipped when unset");
+        }
+        let old: MigrationRecord = serde_json::from_value(old).unwrap();
+        assert_eq!((old.deadline_ms, old.resolved_by_broker), (None, false));
         let store = Store::open(&path).unwrap();
         let loaded = store.load().unwrap();
         assert_eq!(loaded.nodes, vec![n]);

@@ -28,11 +28,16 @@ struct Running {
 
 impl Running {
     async fn start(db: &Path) -> Running {
+        Running::start_with_timeout(db, Duration::from_secs(30)).await
+    }
+
+    /// A broker whose nodes count as offline after `node_timeout` without a heartbeat.
+    async fn start_with_timeout(db: &Path, node_timeout: Duration) -> Running {
         let mut config = BrokerConfig::new(vec![USER.into()], JOIN.into());
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.db_path = db.to_path_buf();
         config.heartbeat_interval = Duration::from_millis(200);
-        config.node_timeout = Duration::from_secs(30);
+        config.node_timeout = node_timeout;
         let broker = Arc::new(Broker::open(config).expect("open broker"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -76,6 +81,10 @@ impl Running {
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         self.call(reqwest::Method::POST, path, Some(USER), Some(body)).await
+    }
+
+    async fn delete(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::DELETE, path, Some(USER), None).await
     }
 
     async fn register(&self, node: &NodeInfo, api_addr: &str) -> RegisterResponse {
@@ -510,6 +519,157 @@ async fn a_restarted_broker_keeps_nodes_workloads_migrations_and_tokens() {
     assert_eq!(r.migrations.len(), 1);
     assert_eq!(r.migrations[0].id, id);
     b.stop().await;
+}
+
+/// Every migration ends: a pending one is cancelled and never delivered; one under way on
+/// an online source cannot be cancelled (409); past its deadline a pending one fails, and
+/// one whose source went offline fails or is cancelled with the workload kept on the
+/// source; all of it survives a restart, and the source's late word still wins.
+#[tokio::test]
+async fn migrations_end_by_cancel_or_deadline_and_stay_ended_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let a = node("a", Tier::Edge, CpuVendor::Intel);
+    let c = node("c", Tier::Edge, CpuVendor::Intel);
+    let b = Running::start_with_timeout(&db, Duration::from_secs(1)).await;
+    let ta = b.register(&a, "127.0.0.1:1").await.agent_token;
+    let names = ["w1", "w2", "w3", "w4"];
+    for w in names {
+        assert_eq!(b.post("/v1/workloads", json!({"name": w, "image": "x"})).await.1["workload"]["node"], "a");
+    }
+    let tc = b.register(&c, "127.0.0.1:1").await.agent_token;
+    let all_running = || names.iter().map(|w| status(w, RuntimeKind::Containerd, WorkloadState::Running)).collect();
+    b.beat(&a, &ta, all_running(), vec![]).await;
+    b.beat(&c, &tc, vec![], vec![]).await;
+
+    // deadlines are validated, and default to 900 s
+    for bad in [json!(0), json!(86_401), json!(-1), json!(1.5), json!("soon")] {
+        let (s, e) = b.post("/v1/migrations", json!({"workload": "w1", "to": "c", "deadline_s": bad})).await;
+        assert_eq!((s, e["field"].as_str()), (400, Some("deadline_s")), "{bad}: {e}");
+    }
+    // JSON's integers include 60.0 (what schema fuzzers send)
+    let (s, m0) = b.post("/v1/migrations", json!({"workload": "w1", "to": "c", "deadline_s": 60.0})).await;
+    assert_eq!(s, 202, "{m0}");
+    let id0 = m0["migration"]["id"].as_str().unwrap().to_string();
+    assert_eq!(b.delete(&format!("/v1/migrations/{id0}")).await.0, 200);
+    let (s, m1) = b.post("/v1/migrations", json!({"workload": "w1", "to": "c"})).await;
+    assert_eq!(s, 202, "{m1}");
+    let m1 = &m1["migration"];
+    let id1 = m1["id"].as_str().unwrap().to_string();
+    assert_eq!(m1["deadline_ms"].as_u64().unwrap() - m1["requested_ms"].as_u64().unwrap(), 900_000);
+
+    // pending: cancelled at once, never delivered, the workload stays a's
+    let (s, cancelled) = b.delete(&format!("/v1/migrations/{id1}")).await;
+    assert_eq!((s, cancelled["state"].as_str()), (200, Some("cancelled")), "{cancelled}");
+    assert!(cancelled["error"].as_str().unwrap().contains("before source node a received"), "{cancelled}");
+    let r = b.beat(&a, &ta, all_running(), vec![]).await;
+    assert!(r.migrations.is_empty(), "a cancelled migration is never ordered: {:?}", r.migrations);
+    assert_eq!(assignment(&r, "w1").map(|a| a.desired), Some(Desired::Running));
+    let (s, e) = b.delete(&format!("/v1/migrations/{id1}")).await;
+    assert_eq!(s, 409, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("already ended"), "{e}");
+    assert_eq!(b.delete("/v1/migrations/m-ghost").await.0, 404);
+
+    // running on an online source: 409 with the reason
+    let (_, m2) = b.post("/v1/migrations", json!({"workload": "w2", "to": "c", "deadline_s": 2})).await;
+    let id2 = m2["migration"]["id"].as_str().unwrap().to_string();
+    let (_, m4) = b.post("/v1/migrations", json!({"workload": "w4", "to": "c"})).await;
+    let id4 = m4["migration"]["id"].as_str().unwrap().to_string();
+    let r = b.beat(&a, &ta, all_running(), vec![]).await;
+    assert_eq!(r.migrations.len(), 2);
+    let (s, e) = b.delete(&format!("/v1/migrations/{id2}")).await;
+    assert_eq!(s, 409, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("has started it"), "{e}");
+    assert_eq!(e["migration"]["state"], "running");
+    // pending past its deadline: a never asks again
+    let (_, m3) = b.post("/v1/migrations", json!({"workload": "w3", "to": "c", "deadline_s": 1})).await;
+    let id3 = m3["migration"]["id"].as_str().unwrap().to_string();
+
+    // a goes silent: its running migrations end when it is offline (and past the deadline)
+    let ended = |state: &'static str| {
+        move |m: &Value| (m["state"] == state).then(|| m["error"].as_str().unwrap_or_default().to_string())
+    };
+    let why3 = wait_migration(&b, &id3, ended("failed")).await;
+    assert!(why3.starts_with("not delivered before its deadline"), "{why3}");
+    let why2 = wait_migration(&b, &id2, ended("failed")).await;
+    assert!(why2.contains("source node a is offline") && why2.contains("no second copy"), "{why2}");
+    let (s, m) = b.delete(&format!("/v1/migrations/{id4}")).await;
+    assert_eq!((s, m["state"].as_str()), (200, Some("cancelled")), "{m}");
+    assert!(m["error"].as_str().unwrap().contains("kept where a last reported it"), "{m}");
+    let (_, w2) = b.get("/v1/workloads/w2").await;
+    assert_eq!((w2["node"].as_str(), w2.get("migration")), (Some("a"), None), "{w2}");
+    b.stop().await;
+
+    // a restart keeps every state (a map: ids made in the same ms sort by id); a is back: w2's move committed meanwhile, its late report wins
+    let b = Running::start_with_timeout(&db, Duration::from_secs(1)).await;
+    let states: std::collections::BTreeMap<String, String> = b
+        .get("/v1/migrations")
+        .await
+        .1
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap().to_string(), m["state"].as_str().unwrap().to_string()))
+        .collect();
+    let expected: std::collections::BTreeMap<String, String> =
+        [(&id0, "cancelled"), (&id1, "cancelled"), (&id2, "failed"), (&id4, "cancelled"), (&id3, "failed")]
+            .iter()
+            .map(|(i, s)| (i.to_string(), s.to_string()))
+            .collect();
+    assert_eq!(states, expected);
+    let on_a =
+        || ["w1", "w3", "w4"].iter().map(|w| status(w, RuntimeKind::Containerd, WorkloadState::Running)).collect();
+    b.beat(&c, &tc, vec![status("w2", RuntimeKind::Containerd, WorkloadState::Running)], vec![]).await;
+    let done = event(1, "migration-finished", "w2", Some(&id2), Some(report("w2", "a", "c")));
+    let r = b.beat(&a, &ta, on_a(), vec![done]).await;
+    assert!(r.migrations.is_empty() && assignment(&r, "w2").is_none(), "nothing of w2 starts on a: {r:?}");
+    assert_eq!(b.get(&format!("/v1/migrations/{id2}")).await.1["state"], "succeeded");
+    assert_eq!(b.get("/v1/workloads/w2").await.1["node"], "c");
+    b.stop().await;
+}
+
+/// A broker that was down longer than the node timeout does not take its nodes for
+/// offline at once: a migration past its deadline is ended only once the source had a
+/// node timeout to beat again.
+#[tokio::test]
+async fn a_restarted_broker_waits_a_node_timeout_before_ending_migrations_without_their_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let timeout = Duration::from_secs(1);
+    let a = node("a", Tier::Edge, CpuVendor::Intel);
+    let c = node("c", Tier::Edge, CpuVendor::Intel);
+    let b = Running::start_with_timeout(&db, timeout).await;
+    let ta = b.register(&a, "127.0.0.1:1").await.agent_token;
+    b.post("/v1/workloads", json!({"name": "w", "image": "x"})).await;
+    b.register(&c, "127.0.0.1:1").await;
+    b.beat(&a, &ta, vec![status("w", RuntimeKind::Containerd, WorkloadState::Running)], vec![]).await;
+    let (_, m) = b.post("/v1/migrations", json!({"workload": "w", "to": "c", "deadline_s": 1})).await;
+    let id = m["migration"]["id"].as_str().unwrap().to_string();
+    let r = b.beat(&a, &ta, vec![status("w", RuntimeKind::Containerd, WorkloadState::Running)], vec![]).await;
+    assert_eq!(r.migrations.len(), 1);
+    b.stop().await;
+    // down for longer than the node timeout and the deadline
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let b = Running::start_with_timeout(&db, timeout).await;
+    let started = std::time::Instant::now();
+    let (s, e) = b.delete(&format!("/v1/migrations/{id}")).await;
+    assert_eq!(s, 409, "a may be online: it has had no chance to beat yet: {e}");
+    let why = wait_migration(&b, &id, |m| (m["state"] == "failed").then(|| m["error"].to_string())).await;
+    assert!(started.elapsed() >= timeout, "ended {:?} after the start", started.elapsed());
+    assert!(why.contains("source node a is offline"), "{why}");
+    b.stop().await;
+}
+
+/// Polls migration `id` until `done` says it ended, for at most 10 s.
+async fn wait_migration(b: &Running, id: &str, done: impl Fn(&Value) -> Option<String>) -> String {
+    for _ in 0..100 {
+        let (_, m) = b.get(&format!("/v1/migrations/{id}")).await;
+        if let Some(v) = done(&m) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("migration {id} did not end in 10 s: {:?}", b.get(&format!("/v1/migrations/{id}")).await.1);
 }
 
 #[tokio::test]

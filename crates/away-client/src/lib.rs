@@ -128,6 +128,12 @@ impl Client {
         self.call(Method::GET, format!("/v1/migrations/{}", segment(id)), None::<&()>).await
     }
 
+    /// `DELETE /v1/migrations/{id}`: the migration, `cancelled`. A 409 ([`ClientError::Api`])
+    /// when its online source has started it or it has ended.
+    pub async fn cancel_migration(&self, id: &str) -> Result<MigrationRecord> {
+        self.call(Method::DELETE, format!("/v1/migrations/{}", segment(id)), None::<&()>).await
+    }
+
     /// `POST /v1/agents/register` with the cluster's join token (not the user token).
     pub async fn register(&self, join_token: &str, req: &RegisterRequest) -> Result<RegisterResponse> {
         let url = format!("{}/v1/agents/register", self.base);

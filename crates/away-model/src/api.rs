@@ -139,7 +139,18 @@ pub struct MigrationRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::container_mode_schema))]
     pub mode: Option<String>,
+    /// Seconds the migration may take, from the request (1..=86400; default 900). A migration
+    /// not delivered to its source by then fails; one whose source node is offline at its
+    /// deadline fails with the workload kept where the source last reported it.
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
+    pub deadline_s: Option<u64>,
 }
+
+/// A migration's deadline when the request names none, in seconds.
+pub const DEFAULT_MIGRATION_DEADLINE_S: u64 = 900;
+/// The largest `deadline_s` a request may ask for (a day).
+pub const MAX_MIGRATION_DEADLINE_S: u64 = 86_400;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -151,6 +162,9 @@ pub enum MigrationState {
     Running,
     Succeeded,
     Failed,
+    /// Cancelled by `DELETE /v1/migrations/{id}` before the source started it (or while
+    /// its source was offline): the workload stays where its source reports it.
+    Cancelled,
 }
 
 impl MigrationState {
@@ -160,6 +174,7 @@ impl MigrationState {
             MigrationState::Running => "running",
             MigrationState::Succeeded => "succeeded",
             MigrationState::Failed => "failed",
+            MigrationState::Cancelled => "cancelled",
         }
     }
     pub fn is_active(self) -> bool {
@@ -193,13 +208,22 @@ pub struct MigrationRecord {
     /// The container migration mode asked for (none: `auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// When the migration must have ended (Unix ms); absent in records from brokers
+    /// before deadlines, which get none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// True when the broker ended it without its source's word (a cancel, or its
+    /// deadline while the source was offline): a later `migration-finished` from the
+    /// source still wins, since the source knows where the workload runs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resolved_by_broker: bool,
 }
 
 /// One thing that happened. `kind` is one of `node-registered`, `node-online`,
 /// `node-offline`, `node-draining`, `node-undrained`, `workload-placed`,
 /// `workload-running`, `workload-stopped`, `workload-failed`, `workload-removing`,
 /// `workload-removed`, `workload-stale-copy`, `migration-requested`, `migration-started`,
-/// `migration-succeeded`, `migration-failed`.
+/// `migration-succeeded`, `migration-failed`, `migration-cancelled`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BrokerEvent {

@@ -21,6 +21,7 @@ pub mod openapi;
 pub use api::{
     BrokerEvent, Compatibility, ErrorBody, Filtered, MigrationAccepted, MigrationRecord, MigrationRequest,
     MigrationState, NodeScore, NodeView, PlacementDecision, Rule, SubmitAnswer, WorkloadView,
+    DEFAULT_MIGRATION_DEADLINE_S, MAX_MIGRATION_DEADLINE_S,
 };
 pub use cluster::{
     AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest,

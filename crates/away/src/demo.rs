@@ -160,7 +160,8 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
     s.done(t, &format!("laptop at {}", laptop.api));
 
     let t = s.step("scaling away: the broker moves the running labdesk to the laptop (CRIU checkpoint/restore)");
-    let request = MigrationRequest { workload: "labdesk".into(), to: Some("laptop".into()), mode: None };
+    let request =
+        MigrationRequest { workload: "labdesk".into(), to: Some("laptop".into()), mode: None, deadline_s: None };
     let started = broker.migrate(&request).await?;
     println!("    placement: {}", started.why);
     let m = wait_migration(&broker, &started.id).await?;
@@ -258,7 +259,7 @@ async fn wait_http(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
 async fn wait_migration(broker: &Client, id: &str) -> anyhow::Result<MigrationRecord> {
     let m = poll("the migration to finish", 120, async || {
         let m = broker.migration(id).await.ok()?;
-        matches!(m.state, MigrationState::Succeeded | MigrationState::Failed).then_some(m)
+        (!m.state.is_active()).then_some(m)
     })
     .await?;
     if m.state != MigrationState::Succeeded {

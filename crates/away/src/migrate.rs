@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use away_agent::client::AgentClient;
 use away_agent::AgentConfig;
 use away_migrate::archive::ArchiveStore;
@@ -174,8 +175,15 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
 /// resumes (from its checkpoint, or CRIU thaws it in lazy mode) and a partial copy on
 /// the target is removed. There is no pre-copy: see `away doctor` (soft-dirty tracking).
 ///
+/// `--cancel ID --broker URL` cancels a broker migration (`DELETE /v1/migrations/ID`,
+/// user token from AWAY_USER_TOKEN) instead: one its source has not received yet, or one
+/// whose source node is offline; the workload stays where its source reports it. One an
+/// online source has started cannot be cancelled (aborting a move under way on the
+/// agent is not built): it ends by the commit protocol or its deadline.
+///
 /// Examples:
 ///   away migrate counter --to 10.0.0.2:7800
+///   away migrate --cancel m-1a2b3c --broker http://127.0.0.1:7700
 ///   away migrate counter --to 10.0.0.2:7800 --mode lazy --json
 ///   away migrate counter --to 127.0.0.1:7810 --mode stop-copy --compression gzip
 ///   away migrate myvm --to 10.0.0.2:7800 --multifd 4 --compression zstd
@@ -183,10 +191,21 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
 #[command(verbatim_doc_comment)]
 pub struct MigrateArgs {
     /// The workload to move
-    workload: String,
+    #[arg(required_unless_present = "cancel")]
+    workload: Option<String>,
     /// The target agent's API address (host:port)
-    #[arg(long)]
-    to: String,
+    #[arg(long, required_unless_present = "cancel")]
+    to: Option<String>,
+    /// Cancel broker migration ID (with --broker) instead of moving a workload
+    #[arg(long, value_name = "ID", conflicts_with_all = ["workload", "to"], requires = "broker", help_heading = "Broker migrations")]
+    cancel: Option<String>,
+    /// The broker's URL (http://host:port), for --cancel
+    #[arg(long, value_name = "URL", requires = "cancel", help_heading = "Broker migrations")]
+    broker: Option<String>,
+    /// A user token of the broker, for --cancel: set AWAY_USER_TOKEN rather than give
+    /// it here, where every user of the machine can read it
+    #[arg(long = "user-token", env = "AWAY_USER_TOKEN", hide_env_values = true, help_heading = "Broker migrations")]
+    user_token: Option<String>,
     /// Bearer token of the target agent's API (its cluster's, or its --token)
     #[arg(long, env = "AWAY_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -257,12 +276,19 @@ pub struct MigrateArgs {
 
 pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if let (Some(id), Some(broker)) = (&a.cancel, &a.broker) {
+        return rt.block_on(cancel(broker, a.user_token.as_deref(), id, a.json));
+    }
+    // clap requires both unless --cancel is given
+    let (Some(workload), Some(to)) = (a.workload.clone(), a.to.clone()) else {
+        anyhow::bail!("give the workload to move and --to, or --cancel ID --broker URL");
+    };
     let node = rt.block_on(LocalNode::open(a.node.options()));
-    if let Some((away_model::RuntimeKind::Qemu, _)) = rt.block_on(node.find(&a.workload))? {
-        return rt.block_on(migrate_vm(&node, &a));
+    if let Some((away_model::RuntimeKind::Qemu, _)) = rt.block_on(node.find(&workload))? {
+        return rt.block_on(migrate_vm(&node, &a, &workload, &to));
     }
     let archives = ArchiveStore::new(a.node.state_dir.join("checkpoints"));
-    let target = AgentClient::new(&a.to).with_token(a.token.clone());
+    let target = AgentClient::new(&to).with_token(a.token.clone());
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
     let opts = ContainerMigrationOptions {
         transfer: SendOptions {
@@ -306,12 +332,12 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         Step::Cleaning => pb.set_message("removing the source"),
         Step::RollingBack(why) => pb.set_message(format!("rolling back: {why}")),
     });
-    let result = rt.block_on(migrate_container(&node, &source_name, &archives, &a.workload, &target, &opts, progress));
+    let result = rt.block_on(migrate_container(&node, &source_name, &archives, &workload, &target, &opts, progress));
     finish(bar, result?, a.json)
 }
 
-async fn migrate_vm(node: &LocalNode, a: &MigrateArgs) -> anyhow::Result<ExitCode> {
-    let client = AgentClient::new(&a.to).with_token(a.token.clone());
+async fn migrate_vm(node: &LocalNode, a: &MigrateArgs, workload: &str, to: &str) -> anyhow::Result<ExitCode> {
+    let client = AgentClient::new(to).with_token(a.token.clone());
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
     let mut target_ports = std::collections::BTreeMap::new();
     for p in &a.target_ports {
@@ -340,12 +366,33 @@ async fn migrate_vm(node: &LocalNode, a: &MigrateArgs) -> anyhow::Result<ExitCod
         pb.set_length(p.transferred + p.remaining);
         pb.set_position(p.transferred);
     };
-    let result =
-        away_agent::client::migrate_vm_via_agent(node, &source_name, &a.workload, client, opts, progress).await;
+    let result = away_agent::client::migrate_vm_via_agent(node, &source_name, workload, client, opts, progress).await;
     finish(bar, result?, a.json)
 }
 
 /// A transfer progress bar on stderr (hidden with --json: stdout is the report).
+/// `away migrate --cancel ID`: `DELETE /v1/migrations/ID` on the broker.
+async fn cancel(broker: &str, token: Option<&str>, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let Some(token) = token else {
+        anyhow::bail!("--cancel needs a user token of the broker: set AWAY_USER_TOKEN");
+    };
+    let client = away_client::Client::new(broker, token)?;
+    let m = client.cancel_migration(id).await.with_context(|| format!("cancel migration {id}"))?;
+    if json {
+        print_json(&m)?;
+    } else {
+        println!(
+            "migration {} {}: {} stays on {}: {}",
+            m.id,
+            m.state.as_str(),
+            m.workload,
+            m.source,
+            m.error.as_deref().unwrap_or("cancelled")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn progress_bar(json: bool) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     if json {
