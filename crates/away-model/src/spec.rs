@@ -162,7 +162,7 @@ pub struct WorkloadSpec {
     /// Replaces the image's USER: `name`, `uid`, `name:group` or `uid:gid`; names are
     /// looked up in the image's /etc/passwd and /etc/group (containers only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(pattern = r"^[^:\s]+(:[^:\s]+)?$", example = "nobody:nogroup"))]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[!-9;-~]+(:[!-9;-~]+)?$", example = "nobody:nogroup"))]
     pub user: Option<String>,
     /// Changes to Docker's default capability set (containers only).
     #[serde(default, skip_serializing_if = "Capabilities::is_empty")]
@@ -454,8 +454,11 @@ impl WorkloadSpec {
             }
         }
         if let Some(user) = &self.user {
+            // printable ASCII but ':' in each part: the schema's pattern says the same
+            // (a Unicode "whitespace" rule differs between Rust and the schema's regex)
             let parts: Vec<&str> = user.split(':').collect();
-            if parts.len() > 2 || parts.iter().any(|p| p.is_empty() || p.contains(char::is_whitespace)) {
+            let plain = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_graphic());
+            if parts.len() > 2 || !parts.iter().all(|p| plain(p)) {
                 bad("user", format!("{user:?} is not a user; write name, uid, name:group or uid:gid"));
             }
         }
@@ -754,6 +757,20 @@ placement:
         assert!(err.to_string().contains("\"CAP_NET_RAWW\" is not a Linux capability"), "{err}");
         let err = parse_yaml("name: a\nimage: x\nseccomp: strict\n").unwrap_err();
         assert_eq!((err.errors[0].field.as_str(), err.errors[0].line), ("seccomp", Some(3)));
+    }
+
+    /// The API's schema gives `user` the pattern `^[!-9;-~]+(:[!-9;-~]+)?$`: what it
+    /// admits parses, and what it refuses is refused (schemathesis found a Unicode space
+    /// the two had once judged apart).
+    #[test]
+    fn user_accepts_what_its_schema_pattern_admits() {
+        for good in ["nobody", "1000:1000", "www-data:www-data", "a.b_c~!"] {
+            assert!(parse_yaml(&format!("name: a\nimage: x\nuser: \"{good}\"\n")).is_ok(), "{good:?}");
+        }
+        for bad in ["", ":", "a:", "a b", "a\u{85}b", "\u{feff}", "ü", "a:b:c"] {
+            let err = parse_yaml(&format!("name: a\nimage: x\nuser: \"{bad}\"\n")).unwrap_err();
+            assert_eq!(err.errors[0].field, "user", "{bad:?}: {err}");
+        }
     }
 
     #[test]
