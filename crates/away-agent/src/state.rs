@@ -162,7 +162,7 @@ impl AgentState {
     pub fn prune_moves(&self, keep_ms: u64) -> Result<usize, StateError> {
         self.db()
             .execute(
-                "DELETE FROM moves WHERE state != 'prepared' AND at_ms < ?1",
+                "DELETE FROM moves WHERE state != 'prepared' AND at_ms <= ?1",
                 [now_ms().saturating_sub(keep_ms as i64)],
             )
             .map_err(|e| self.err(e))
