@@ -33,6 +33,9 @@ fn quick_profile_end_to_end() {
     let out = away_e2e::workspace_root().join("target").join("away-lab-quick");
     let _ = std::fs::remove_dir_all(&out);
     let opts = CompareOptions::quick(image, away_bin().to_path_buf(), out.clone());
+    // the release profile strips debug info (Cargo.toml): what a node would carry
+    let size = std::fs::metadata(away_bin()).expect("release away").len();
+    eprintln!("release away: {} ({:.1} MB)", away_bin().display(), size as f64 / 1e6);
     eprintln!("estimated upper bound: {:.0} s", opts.estimate().as_secs_f64());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let t0 = Instant::now();
