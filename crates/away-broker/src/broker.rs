@@ -490,16 +490,16 @@ impl Broker {
                     .field("name")));
                     continue;
                 }
-                let decision = placement::place(&spec, &candidates);
-                let (Some(node), Some(runtime)) = (decision.chosen.clone(), decision.runtime.clone()) else {
+                let (decision, at) = placement::place_at(&spec, &candidates);
+                let (Some(node), Some(runtime), Some(at)) = (decision.chosen.clone(), decision.runtime.clone(), at)
+                else {
                     Metrics::inc(&self.metrics.placements_refused);
                     answers.push(Err(Self::refused(decision)));
                     continue;
                 };
-                if let Some(c) = candidates.iter_mut().find(|c| c.info.name == node) {
-                    c.reserved_memory += spec.resources.memory.bytes();
-                    c.reserved_cpus += spec.resources.cpus;
-                }
+                let c = &mut candidates[at];
+                c.reserved_memory += spec.resources.memory.bytes();
+                c.reserved_cpus += spec.resources.cpus;
                 placed.push(WorkloadRecord {
                     spec,
                     node,

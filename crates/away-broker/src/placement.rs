@@ -269,6 +269,12 @@ impl Verdicts {
 /// and score parts; the others are checked and scored without formatting anything, so
 /// a placement over a thousand nodes costs microseconds per node, not allocations.
 pub fn place(spec: &WorkloadSpec, candidates: &[Candidate]) -> PlacementDecision {
+    place_at(spec, candidates).0
+}
+
+/// [`place`], with the chosen node's index in `candidates` (so that a caller placing a
+/// batch finds it without comparing a thousand names).
+pub fn place_at(spec: &WorkloadSpec, candidates: &[Candidate]) -> (PlacementDecision, Option<usize>) {
     let mut verdicts = Verdicts { by_class: Vec::new(), unclassed: None };
     let mut feasible: Vec<(f64, usize)> = Vec::new();
     let mut infeasible: Vec<usize> = Vec::new();
@@ -328,7 +334,7 @@ pub fn place(spec: &WorkloadSpec, candidates: &[Candidate]) -> PlacementDecision
             format!("no node can run {}: {}{more}", spec.name, shown.join("; "))
         }
     };
-    PlacementDecision {
+    let decision = PlacementDecision {
         workload: spec.name.clone(),
         chosen: scores.first().map(|s| s.node.clone()),
         runtime: scores.first().map(|s| s.runtime.clone()),
@@ -337,7 +343,8 @@ pub fn place(spec: &WorkloadSpec, candidates: &[Candidate]) -> PlacementDecision
         feasible_count,
         filtered_count,
         why,
-    }
+    };
+    (decision, feasible.first().map(|&(_, i)| i))
 }
 
 /// Puts the `n` first elements of `v` in `order` at its front, sorted; the rest stay
