@@ -482,6 +482,20 @@ impl PlannedRun {
     }
 }
 
+/// Milliseconds since the Unix epoch, now.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A run's total time, the same for every path: from `start_ms` (the lab's clock just
+/// before it starts the move: the command spawned, the call made) to `end_ms`, when the
+/// workload runs on the target with all its state there (a lazy or post-copy move: when
+/// its last page arrived). The commit and the source's cleanup that follow are not
+/// part of it. None when the path did not say when it ended.
+pub(crate) fn timed_total(start_ms: u64, end_ms: Option<u64>) -> Option<Duration> {
+    end_ms.map(|end| Duration::from_millis(end.saturating_sub(start_ms)))
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -503,8 +517,10 @@ pub struct RunResult {
     pub load: Load,
     pub rep: u32,
     pub outcome: RunOutcome,
-    /// From the start of the migration to the workload running on the target (or to
-    /// the cancel, when it did not converge).
+    /// From the lab starting the move (its command or call) to the workload running on
+    /// the target with all its state (lazy, post-copy: its last page), timed the same
+    /// way for every path ([`timed_total`]); the commit and the source's cleanup after
+    /// it are not included. When it did not converge: to the cancel.
     pub total_s: f64,
     /// VM: source STOP → destination RESUME; container: CRIU's freeze → restored (the verdict's trip back excluded).
     pub downtime_s: Option<f64>,

@@ -268,7 +268,9 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
     let _ = writeln!(md, "## Measured\n");
     let _ = writeln!(
         md,
-        "Means over the runs that finished. VM downtime: the source's STOP event to the destination's RESUME event; \
+        "Means over the runs that finished. Total, the same for every path: from the lab starting the move (its \
+         command or call) to the workload running on the target with all its state (lazy, post-copy: the last \
+         page), on the lab's clock; the commit and the source's cleanup after that are not in it. VM downtime: the source's STOP event to the destination's RESUME event; \
          container downtime: CRIU's freeze to restored; degraded (lazy): running on the target while pages \
          still arrived; slowed (RAM loads): memload writing below 90 % of its rate before the move, from the \
          resume on (its own heartbeats, every 250 ms). Limit: bytes on the wire ÷ link rate + round trips \

@@ -18,7 +18,7 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
@@ -234,6 +234,7 @@ impl PodmanLab {
 
         status(format!("podman checkpoint, then the archive over {}", planned.link));
         let t0 = Instant::now();
+        let start_ms = crate::unix_ms();
         let export = format!("--export={}", exported.display());
         let stats = self
             .podman_ok("a", &["container", "checkpoint", &export, "--compress=zstd", "--print-stats", name])
@@ -262,9 +263,10 @@ impl PodmanLab {
         status("podman restore on the target".into());
         let import = format!("--import={}", imported.display());
         self.podman_ok("b", &["container", "restore", &import]).await?;
-        let total = t0.elapsed();
-        let resumed_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let restored = total - checkpointed - transferred;
+        // restored and running: timed like every path (crate::timed_total)
+        let resumed_ms = crate::unix_ms();
+        let total = crate::timed_total(start_ms, Some(resumed_ms)).unwrap_or_else(|| t0.elapsed());
+        let restored = t0.elapsed().saturating_sub(checkpointed + transferred);
         let running = self.podman_ok("b", &["container", "inspect", "--format", "{{.State.Running}}", name]).await?;
         if running.trim() != "true" {
             return Err(format!("restored, but not running on the target (running: {})", running.trim()));

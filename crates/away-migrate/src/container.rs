@@ -162,8 +162,19 @@ pub async fn migrate_container(
     if let Some(why) = status.pid.and_then(away_runtime::host::process::criu_cannot_dump) {
         return Err(MigrateError::Incompatible(format!("{name} cannot be checkpointed here: {why}")));
     }
-    let (here, host) = crate::local_node_info(node, source_name).await;
-    let there = target.info().await?;
+    // The checks run at once: this host's fingerprint, the target's description and
+    // whether it holds the image, and the transfer connection opens as soon as the
+    // target's address is known. One after another they took 0.9 s over a 73.6 ms
+    // round trip (about 0.2 s on a LAN); together, three round trips and the slowest
+    // local step. None of it is downtime: nothing has stopped yet.
+    let remote = async {
+        let there = target.info().await?;
+        let early = connect_early(&there.transfer_addr).await?;
+        Ok::<_, MigrateError>((there, early))
+    };
+    let ((here, host), remote, has_image) =
+        tokio::join!(crate::local_node_info(node, source_name), remote, target.has_image(&status.image));
+    let (there, mut early) = remote?;
     let compat = compat::check_container(&here, &there.node, kind, kind);
     if !compat.allowed {
         return Err(MigrateError::Incompatible(compat.reason));
@@ -176,9 +187,11 @@ pub async fn migrate_container(
     }
     let image = node.store.resolve(&status.image).map_err(MigrateError::Runtime)?;
     // the image goes before anything stops: it is not part of the downtime
-    if !target.has_image(&status.image).await? {
+    if !has_image? {
         progress(Step::SendingImage);
         target.upload_image(&image.tar).await?;
+        // a long upload may outlast the target's wait for a first frame: a fresh one
+        early = connect_early(&there.transfer_addr).await?;
     }
     let choice = crate::mode::choose(opts.mode, runtime, &status, &host, &there).await?;
     tracing::info!(workload = name, mode = %choice.mode, "{}", choice.reason);
@@ -199,12 +212,13 @@ pub async fn migrate_container(
             hot: choice.hot,
             pid: status.pid,
             streamed: choice.streamed,
+            early,
         };
         return migrate_lazy(moving).await;
     }
 
     // 1. checkpoint: the source process stops here
-    let (early, _, round_trip) = connect_early(&there.transfer_addr).await?;
+    let (early, _, round_trip) = early;
     progress(Step::Checkpointing);
     let payload = archives.create(name)?;
     let t = Instant::now();
@@ -468,6 +482,8 @@ struct Moving<'a> {
     pid: Option<u32>,
     /// Stop-and-copy streamed: the target pulls every page before it restores.
     streamed: bool,
+    /// The transfer connection, opened during the checks ([`connect_early`]).
+    early: (tokio::net::TcpStream, std::net::IpAddr, Duration),
 }
 
 /// The steps the target's runtime reported for its restore (Docker's), if any.
@@ -516,9 +532,9 @@ const WARM_UP_BYTES: u32 = 48 * 1024;
 /// Streamed stop-and-copy takes the same road, but the target pulls every page
 /// before it restores ([`crate::lazy::pull`]) and lets the source go once its copy runs.
 async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
-    let Moving { runtime, name, here, there, target, archives, opts, progress, streamed, .. } = m;
+    let Moving { runtime, name, here, there, target, archives, opts, progress, streamed, early, .. } = m;
     let mut phases = m.phases;
-    let (early, local_ip, round_trip) = connect_early(&there.transfer_addr).await?;
+    let (early, local_ip, round_trip) = early;
     let compress_pages = opts.compress_pages.unwrap_or_else(|| {
         let same_host = there.transfer_addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
         opts.transfer.compression != crate::transfer::Compression::None && !same_host

@@ -55,7 +55,7 @@ pub enum Command {
     ///   away image vm out/counter.tar -o out/
     ///   qemu-system-x86_64 -accel tcg -m 256 -nographic -no-reboot \
     ///     -kernel out/counter.vmlinuz -initrd out/counter.initrd.gz \
-    ///     -append 'console=ttyS0 quiet panic=-1 away.ip=10.0.2.15/24 away.gw=10.0.2.2' \
+    ///     -append 'console=ttyS0 quiet panic=-1 init_on_free=1 away.ip=10.0.2.15/24 away.gw=10.0.2.2' \
     ///     -netdev user,id=n0,hostfwd=tcp:127.0.0.1:18080-:8080 -device virtio-net-pci,netdev=n0
     ///   curl http://127.0.0.1:18080/
     #[command(verbatim_doc_comment)]

@@ -267,6 +267,7 @@ pub async fn migrate_vm_to(
         None => (outcome.qemu_downtime, "qemu's downtime (no usable STOP/RESUME pair)"),
     };
     report.downtime_millis = millis_ceil(downtime);
+    report.resumed_unix_ms = resumed_at.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
 
     // cleanup: only now does the source go.
     let phase = Instant::now();

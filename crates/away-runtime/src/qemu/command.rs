@@ -128,6 +128,15 @@ impl VmLaunch {
             netdev,
             "-device".into(),
             format!("{},netdev=n0", self.nic),
+            // The guest's free pages: with free-page hints, a live migration skips the
+            // pages the guest reports free (its virtio_balloon driver, loaded by away's
+            // init); the balloon is never inflated. Part of the machine's configuration:
+            // both ends of a migration have it.
+            // (QEMU takes the hints on an I/O thread of their own)
+            "-object".into(),
+            "iothread,id=balloon-io".into(),
+            "-device".into(),
+            "virtio-balloon-pci,free-page-hint=on,iothread=balloon-io".into(),
             "-pidfile".into(),
             path(&f.pidfile()),
             "-daemonize".into(),
@@ -183,6 +192,7 @@ mod tests {
         assert!(a.contains("-accel tcg -m 256 -smp 2"), "{a}");
         assert!(a.contains("hostfwd=tcp:0.0.0.0:18080-:8080"), "{a}");
         assert!(a.contains("-qmp unix:/run/away/qemu/c1/qmp.sock,server=on,wait=off"), "{a}");
+        assert!(a.contains("-device virtio-balloon-pci,free-page-hint=on,iothread=balloon-io"), "{a}");
         assert!(a.ends_with("-daemonize -incoming defer"), "{a}");
     }
 }
