@@ -228,7 +228,11 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
             |_| {},
         )
         .await
-        .map_err(|e| ("migration-failed", error_chain(&e)))
+        .map_err(|e| match e {
+            // the source VM stays paused: not "failed" (see below)
+            away_migrate::MigrateError::InDoubt { .. } => ("migration-in-doubt", error_chain(&e)),
+            e => ("migration-failed", error_chain(&e)),
+        })
     } else {
         let archives = ArchiveStore::new(agent.config.node.paths.state_dir.join("checkpoints"));
         let progress: away_migrate::container::ProgressFn = Arc::new(|_| {});
