@@ -13,7 +13,7 @@
 //! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}` |
 //! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait until the VM is here (held paused for the commit, or running after post-copy); `{resumed_at_ms, held, lease_ms}` |
 //! | POST | /v1/vm-migrations/{name}/confirm | commit: the held VM starts and stays; `MoveRecord` + `{node, dir, resumed_at_ms}`; idempotent; 409 when aborted (lease ran out) or not complete yet; 404 when unknown |
-//! | DELETE | /v1/vm-migrations/{name} | 204: the destination is removed |
+//! | DELETE | /v1/vm-migrations/{name} | 204: the destination is removed; 409 when its move is committed |
 //!
 //! Errors are `away_model::ApiError` bodies with the matching status code.
 
@@ -475,6 +475,14 @@ async fn vm_confirm(
 }
 
 async fn vm_abort(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> Result<StatusCode, Problem> {
+    let id = vm_move_id(&name);
+    if let Some(r) = agent.move_record(&id).map_err(state_problem)?.filter(|r| r.state == MoveState::Committed) {
+        // post-copy commits at its switchover: the vm lives here now
+        return Err(Problem(ApiError::new(
+            ErrorCode::Conflict,
+            format!("move {id} of {name} is committed ({}): the vm stays", r.reason),
+        )));
+    }
     if let Some(dest) = agent.vm_destinations.lock().await.remove(&name) {
         dest.abort().await.map_err(vm_problem)?;
         agent.end_move_logged(&vm_move_id(&name), MoveState::Aborted, "aborted by its source");

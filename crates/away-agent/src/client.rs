@@ -199,6 +199,8 @@ pub struct RemoteVmTarget {
     /// When the destination's "the VM is here" answer came, and the lease it gave: a
     /// commit that provably never arrived may be given up once that lease has run out.
     pub answered: Option<(tokio::time::Instant, std::time::Duration)>,
+    /// A cancel of the move: checked before the confirm (the commit point).
+    pub cancel: away_migrate::Cancel,
 }
 
 /// The lease assumed for a destination whose answer gave none (an agent from before
@@ -349,6 +351,16 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
         let policy = CommitPolicy { lease, retry: std::time::Duration::from_secs(1), give_up: VM_CONFIRM_WAIT };
         let moves = VmMove { client: &self.client, name: &self.name, answer: Default::default() };
         let id = format!("vm-{}", self.name);
+        if self.cancel.is_cancelled() {
+            // before the commit point: the destination goes (a post-copy one, committed
+            // at its switchover, is refused: the move ends as it would have)
+            match moves.abort(&id).await {
+                Ok(()) => return VmCommit::Aborted("cancelled before the confirm: the destination was removed".into()),
+                Err(e) => {
+                    tracing::warn!(workload = %self.name, "cancelled, but the destination stays: {e}", e = ErrorChain(&e))
+                }
+            }
+        }
         match commit_move(&moves, &id, answered_at, &policy).await {
             CommitOutcome::Committed => {
                 let v = moves.answer.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
@@ -383,6 +395,7 @@ pub async fn migrate_vm_via_agent(
     name: &str,
     client: AgentClient,
     opts: away_migrate::vm::VmMigrationOptions,
+    cancel: away_migrate::Cancel,
     progress: impl Fn(away_migrate::vm::VmProgress) + Send + Sync,
 ) -> Result<away_model::MigrationReport, MigrateError> {
     let (here, _) = away_migrate::local_node_info(node, source_name).await;
@@ -396,7 +409,10 @@ pub async fn migrate_vm_via_agent(
     if !client.has_image(&image.reference).await? {
         client.upload_image(&image.tar).await?;
     }
-    let mut target = RemoteVmTarget { client, name: name.to_string(), answered: None };
+    if cancel.is_cancelled() {
+        return Err(MigrateError::Cancelled(name.into()));
+    }
+    let mut target = RemoteVmTarget { client, name: name.to_string(), answered: None, cancel };
     let (mut report, _) = away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, progress)
         .await
         .map_err(|e| match e {

@@ -92,6 +92,8 @@ pub struct Agent {
     pub cluster_token: tokio::sync::RwLock<Option<String>>,
     /// Broker work in progress, so that a repeated order does not run twice.
     work: Mutex<std::collections::HashSet<String>>,
+    /// Migration id -> its cancel, for the moves under way (a broker's cancel sets it).
+    pub(crate) cancels: std::sync::Mutex<HashMap<String, away_migrate::Cancel>>,
 }
 
 impl Agent {
@@ -115,6 +117,7 @@ impl Agent {
             vm_destinations: Mutex::new(HashMap::new()),
             state,
             work: Mutex::new(Default::default()),
+            cancels: Default::default(),
         }))
     }
 

@@ -270,7 +270,10 @@ pub async fn migrate_vm_to(
     // commit: a held destination starts only now; the answer decides which VM stays
     let (placed, resumed_at) = match dest.confirm().await {
         VmCommit::Committed { placed, resumed_at: started } => (placed, started.unwrap_or(resumed_at)),
-        VmCommit::Aborted(reason) if !outcome.postcopy => {
+        // held (pre-copy only): the destination never ran. Not `outcome.postcopy`: a move
+        // with post-copy enabled may complete before its switch, and its destination,
+        // not held, runs from then on
+        VmCommit::Aborted(reason) if !opts.postcopy => {
             // the destination is gone and the paused source holds the whole guest
             report.phases.push(phase_of("switchover", phase));
             resume_source(source, name).await?;
@@ -279,8 +282,11 @@ pub async fn migrate_vm_to(
         VmCommit::Aborted(reason) => {
             return Err(VmMigrateError::Failed {
                 workload: name.into(),
-                status: "aborted after post-copy".into(),
-                reason: format!("{reason}; the source no longer has the whole guest"),
+                status: "not confirmed after post-copy".into(),
+                reason: format!(
+                    "{reason}; the destination runs the guest since the switchover (post-copy: not held), so the \
+                     source stays paused and is not resumed"
+                ),
             })
         }
         VmCommit::InDoubt(reason) => return Err(VmMigrateError::InDoubt { workload: name.into(), reason }),
