@@ -368,12 +368,20 @@ async fn vm_resumed(
     Query(q): Query<ResumedQuery>,
 ) -> Result<Json<serde_json::Value>, Problem> {
     // out of the map while waiting (up to limit_ms): other VM moves must not wait on the lock
-    let mut dest = agent
-        .vm_destinations
-        .lock()
-        .await
-        .remove(&name)
-        .ok_or_else(|| Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}"))))?;
+    let taken = agent.vm_destinations.lock().await.remove(&name);
+    let Some(mut dest) = taken else {
+        // a post-copy destination let go after its lease: committed, it runs here
+        let lease_ms = agent.lease_promise().as_millis() as u64;
+        return match agent.move_record(&vm_move_id(&name)).map_err(state_problem)? {
+            Some(r) if r.state == MoveState::Committed => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                Ok(Json(
+                    serde_json::json!({"resumed_at_ms": now.as_millis() as u64, "held": false, "lease_ms": lease_ms}),
+                ))
+            }
+            _ => Err(Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}")))),
+        };
+    };
     let waited = dest.wait_resumed(std::time::Duration::from_millis(q.limit_ms)).await;
     let held = dest.held();
     // back in, resumed or not: confirm or abort comes next

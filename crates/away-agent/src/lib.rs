@@ -256,6 +256,8 @@ impl Agent {
         let lease = self.config.commit_lease;
         let id = api::vm_move_id(&name);
         tokio::spawn(async move {
+            // post-copy: when the move was committed here
+            let mut committed_at = None::<tokio::time::Instant>;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let mut destinations = agent.vm_destinations.lock().await;
@@ -270,15 +272,23 @@ impl Agent {
                 if !dest.held() {
                     // post-copy: the guest runs here from the switchover on and the source
                     // no longer has all of it: the copy is final once it runs (no lease, and
-                    // a restart must not remove it), like a lazy container move's
-                    if dest.ready_at().is_some() || dest.wait_resumed(Duration::ZERO).await.is_ok() {
-                        drop(destinations);
+                    // a restart must not remove it), like a lazy container move's. Its
+                    // source's confirm is a formality; without one within the lease the
+                    // destination is let go (its QMP session freed for `ps`, `stop`, ...)
+                    if committed_at.is_none() && dest.wait_resumed(Duration::ZERO).await.is_ok() {
                         agent.end_move_logged(
                             &id,
                             MoveState::Committed,
                             "post-copy: the vm runs here since the switchover",
                         );
                         tracing::info!(workload = %name, "post-copy: the vm runs here, the move is final");
+                        committed_at = Some(tokio::time::Instant::now());
+                    }
+                    if committed_at.is_some_and(|t| t.elapsed() >= lease) {
+                        if let Some(dest) = destinations.remove(&name) {
+                            tracing::warn!(workload = %name, "post-copy: no confirm from the source within the lease; the vm stays here");
+                            dest.confirm();
+                        }
                         return;
                     }
                     continue;
