@@ -104,6 +104,32 @@ impl AgentClient {
     }
 }
 
+impl AgentClient {
+    /// A commit's (or a VM confirm's) answer as the source takes it: a refusal is followed
+    /// by the question what the move is (aborted, or not answered yet). With fault
+    /// injection the first answer may be dropped (`AWAY_FAULT_COMMIT=lose-answer`).
+    async fn commit_answer(
+        &self,
+        transfer_id: &str,
+        answer: Result<Option<MoveRecord>, Result<String, NoAnswer>>,
+    ) -> Result<Option<MoveRecord>, NoAnswer> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(lost) = lose_commit_answer() {
+            tracing::warn!(transfer = transfer_id, "the commit reached the target, its answer is dropped: {answer:?}");
+            return Err(lost);
+        }
+        match answer {
+            Ok(record) => Ok(record),
+            // refused, so not committed now: what the move is (aborted, or not answered yet)
+            Err(Ok(refused)) => {
+                tracing::info!(transfer = transfer_id, "the target did not commit: {refused}");
+                self.move_state(transfer_id).await
+            }
+            Err(Err(no_answer)) => Err(no_answer),
+        }
+    }
+}
+
 /// Fault injection for the end-to-end tests (`AWAY_FAULT_COMMIT=lose-answer`): the first
 /// commit reaches the target and is carried out, and its answer is lost on the way back.
 #[cfg(feature = "fault-injection")]
@@ -149,20 +175,7 @@ impl TargetNode for AgentClient {
         }
         let url = format!("{}/v1/transfers/{transfer_id}/commit", self.base);
         let answer = self.move_answer(self.http.post(url).timeout(MOVE_QUESTION_TIMEOUT).send().await).await;
-        #[cfg(feature = "fault-injection")]
-        if let Some(lost) = lose_commit_answer() {
-            tracing::warn!(transfer = transfer_id, "the commit reached the target, its answer is dropped: {answer:?}");
-            return Err(lost);
-        }
-        match answer {
-            Ok(record) => Ok(record),
-            // refused, so not committed now: what the move is (aborted, or not answered yet)
-            Err(Ok(refused)) => {
-                tracing::info!(transfer = transfer_id, "the target did not commit: {refused}");
-                self.move_state(transfer_id).await
-            }
-            Err(Err(no_answer)) => Err(no_answer),
-        }
+        self.commit_answer(transfer_id, answer).await
     }
 
     async fn move_state(&self, transfer_id: &str) -> Result<Option<MoveRecord>, NoAnswer> {
@@ -258,19 +271,7 @@ impl TargetNode for VmMove<'_> {
             },
             other => c.move_answer(other).await,
         };
-        #[cfg(feature = "fault-injection")]
-        if let Some(lost) = lose_commit_answer() {
-            tracing::warn!(transfer = transfer_id, "the confirm reached the target, its answer is dropped: {answer:?}");
-            return Err(lost);
-        }
-        match answer {
-            Ok(record) => Ok(record),
-            Err(Ok(refused)) => {
-                tracing::info!(transfer = transfer_id, "the target did not commit: {refused}");
-                self.move_state(transfer_id).await
-            }
-            Err(Err(no_answer)) => Err(no_answer),
-        }
+        c.commit_answer(transfer_id, answer).await
     }
 
     async fn move_state(&self, transfer_id: &str) -> Result<Option<MoveRecord>, NoAnswer> {
