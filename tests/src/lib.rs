@@ -246,6 +246,10 @@ pub struct Counter<'a> {
     pub name: String,
     /// The port it answers on (published 1:1 on the node).
     pub port: u16,
+    /// The port it answers on once moved to the target: `port` for a container; a VM's
+    /// (QEMU forwards the host port itself, so both ends of a move on one host need their
+    /// own) is another free port, for `away migrate --target-port PORT:TARGET_PORT`.
+    pub target_port: u16,
     pub source: &'a Node,
     pub target: &'a Node,
 }
@@ -258,27 +262,35 @@ impl Drop for Counter<'_> {
 }
 
 impl Node {
-    /// The counter named `name` on this node's `runtime`, on a free port, removed here and
-    /// on `target` when dropped.
+    /// The counter named `name` on this node's `runtime` (`qemu`: a VM of 128 MiB), on a
+    /// free port, removed here and on `target` when dropped.
     pub fn start_counter<'a>(&'a self, target: &'a Node, name: String, runtime: &str) -> Counter<'a> {
         std::fs::create_dir_all(&self.state).unwrap();
         let tar = lab_image("counter");
         let port = free_port();
-        let (ok, _, err) = self.away(&[
-            "run",
-            tar.to_str().unwrap(),
-            "--name",
-            &name,
-            "--runtime",
-            runtime,
-            "-e",
-            &format!("COUNTER_PORT={port}"),
-            "-p",
-            // (the app listens on the port it was told: PORT alone would go to the image's 8080)
-            &format!("{port}:{port}"),
-        ]);
+        let vm = runtime == "qemu";
+        let target_port = if vm { free_port() } else { port };
+        let memory: &[&str] = if vm { &["--memory", "128Mi"] } else { &[] };
+        let (ok, _, err) = self.away(
+            &[
+                "run",
+                tar.to_str().unwrap(),
+                "--name",
+                &name,
+                "--runtime",
+                runtime,
+                "-e",
+                &format!("COUNTER_PORT={port}"),
+                "-p",
+                // (the app listens on the port it was told: PORT alone would go to the image's 8080)
+                &format!("{port}:{port}"),
+            ]
+            .into_iter()
+            .chain(memory.iter().copied())
+            .collect::<Vec<_>>(),
+        );
         assert!(ok, "run counter on {runtime}: {err}");
-        Counter { name, port, source: self, target }
+        Counter { name, port, target_port, source: self, target }
     }
 }
 

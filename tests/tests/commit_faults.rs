@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use away_e2e::counter_state as state;
-use away_e2e::{free_port, lab_image, require_root, require_socket, wait_for, Counter, Node};
+use away_e2e::{free_port, require_root, require_socket, wait_for, Counter, Node};
 use serde_json::Value;
 
 fn ready() -> bool {
@@ -325,58 +325,130 @@ fn node(role: &str, test: &str) -> Node {
     Node::at(format!("away-cf-{id}"), PathBuf::from(format!("/tmp/away-e2e-commit/{id}")))
 }
 
-/// A VM move whose confirm answer is lost (`AWAY_FAULT_COMMIT=lose-answer` in the
-/// source): the destination agent keeps the confirm on disk and answers it again, the
-/// source asks again and removes its VM; the count goes on on the target only.
-#[test]
-fn a_lost_vm_confirm_answer_is_asked_again() {
-    if !away_e2e::require_vm_host() {
-        return;
+/// A VM move (the counter as a TCG VM of 128 MiB, `away migrate --to` the target agent)
+/// under `fault`, pre-copy or post-copy (docs/reliability.md, "VM moves"):
+/// * `lose-answer` (source): the confirm is carried out and its answer dropped; asked
+///   again, the target says committed: the VM runs on the target only;
+/// * `partition` (source: nothing reaches the target from the confirm on): pre-copy, the
+///   held destination never ran, its lease removes it, the source waits the lease out
+///   and resumes; post-copy cannot go back: the target committed at the switchover, the
+///   source stays paused and says so;
+/// * `die-before`, `die-after` (target agent: dies when the confirm arrives, before or
+///   after it is on disk; started again 3 s later): pre-copy, before: the restarted
+///   agent removes the destination, which never ran, and the source resumes; after: the
+///   move stays and the source removes its VM; post-copy: committed at the switchover
+///   already, so both keep the move.
+///
+/// Each ends with exactly one running VM whose count went on from the same start time
+/// (none on the other node), and the target's answer about move `vm-NAME`.
+fn case_vm(fault: &str, postcopy: bool, run: u32) {
+    let test = format!("vm-{fault}-{}-{run}", if postcopy { "post" } else { "pre" });
+    let target_env: &[(&str, &str)] =
+        if fault.starts_with("die-") { &[("AWAY_FAULT_COMMIT_TARGET", fault)] } else { &[] };
+    let agent = TargetAgent::start(&test, target_env);
+    let source = node("source", &test);
+    let w = source.start_counter(&agent.node, format!("cf-{test}-{}", std::process::id()), "qemu");
+    let before = wait_for(120, || state(w.port).filter(|s| s.0 >= 5)).expect("the counter VM answers");
+    let ports = format!("{}:{}", w.port, w.target_port);
+    let mut args = vec!["migrate", &w.name, "--to", &agent.api, "--target-port", &ports, "--json"];
+    if postcopy {
+        args.push("--postcopy");
     }
-    let test = "vm-lost";
-    let agent = TargetAgent::start(test, &[]);
-    let source = node("source", test);
-    std::fs::create_dir_all(&source.state).unwrap();
-    let tar = lab_image("counter");
-    let name = format!("cf-{test}-{}", std::process::id());
-    let (port, target_port) = (free_port(), free_port());
-    let (ok, _, err) = source.away(&[
-        "run",
-        tar.to_str().unwrap(),
-        "--vm",
-        "--name",
-        &name,
-        "--memory",
-        "128Mi",
-        "-e",
-        &format!("COUNTER_PORT={port}"),
-        "-p",
-        &format!("{port}:{port}"),
-    ]);
-    let w = Workload { name: name.clone(), port, source: &source, target: &agent.node };
-    assert!(ok, "run --vm: {err}");
-    let before = wait_for(120, || state(port).filter(|s| s.0 >= 5)).expect("the counter VM answers");
+    let source_env: &[(&str, &str)] = if fault.starts_with("die-") { &[] } else { &[("AWAY_FAULT_COMMIT", fault)] };
+    let t = std::time::Instant::now();
     let child = w
         .source
-        .cmd(&["migrate", &name, "--to", &agent.api, "--target-port", &format!("{port}:{target_port}"), "--json"])
-        .env("AWAY_FAULT_COMMIT", "lose-answer")
+        .cmd(&args)
+        .envs(source_env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    if fault.starts_with("die-") {
+        assert!(
+            wait_for(120, || agent.died().then_some(())).is_some(),
+            "the target's agent did not die at the confirm"
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        if !postcopy && fault == "die-before" {
+            // held: the destination never ran, and the paused source waits for an answer
+            assert!(state(w.target_port).is_none(), "the held destination runs before its commit");
+            assert!(state(w.port).is_none(), "the source runs before an answer");
+        }
+        agent.restart();
+    }
     let (ok, report, err) = finish(child);
-    assert!(ok, "a lost confirm answer must not fail a confirmed move: {err}");
-    assert!(err.contains("answer is dropped"), "the fault did not fire: {err}");
-    assert_eq!(report["mode"], "vm-live", "{report}");
-    let after = wait_for(30, || state(target_port)).expect("the VM answers on the target's port");
+    // post-copy cannot go back: the target committed at the switchover
+    let moved = postcopy || matches!(fault, "lose-answer" | "die-after");
+    let (on, other, port) = if moved { (&agent.node, &source, w.target_port) } else { (&source, &agent.node, w.port) };
+    if postcopy && fault == "partition" {
+        // no answer, and nothing to go back to: neither resumed nor removed
+        assert!(!ok, "the source heard nothing: it cannot report a move: {err}");
+        assert!(err.contains("post-copy") || err.contains("doubt"), "{err}");
+        let _ = source.away(&["rm", "--force", &w.name]);
+    } else if moved {
+        assert!(ok, "the move was committed: {err}");
+        assert_eq!(report["mode"], "vm-live", "{report}");
+    } else {
+        assert!(!ok, "the move was aborted: it cannot succeed");
+        assert!(err.contains("resumed") || err.contains("source running"), "the source did not resume: {err}");
+    }
+    if fault == "lose-answer" {
+        assert!(err.contains("answer is dropped"), "the fault did not fire: {err}");
+    }
+    if fault == "partition" && !postcopy {
+        let lease: u64 = LEASE_SECS.parse().unwrap();
+        assert!(t.elapsed() >= Duration::from_secs(lease + 5), "resumed after {:?}, inside the lease", t.elapsed());
+    }
+    let after = wait_for(30, || state(port)).expect("the counter VM answers where it should run");
     assert_eq!(after.1, before.1, "the guest restarted instead of moving");
-    assert!(after.0 >= before.0);
-    assert!(state(port).is_none(), "the source VM still answers");
-    assert_eq!(running(&source, &name), 0, "the source still runs the VM");
-    assert_eq!(running(&agent.node, &name), 1, "the target does not run the VM");
+    assert!(after.0 >= before.0, "count went back: {} -> {}", before.0, after.0);
+    eprintln!("count {} -> {} on {}", before.0, after.0, if moved { "the target" } else { "the source" });
+    assert_eq!(running(on, &w.name), 1, "the VM does not run where it should");
+    assert_eq!(running(other, &w.name), 0, "the VM runs on both nodes");
+    assert!(!other.run.join("qemu").join(&w.name).exists(), "a VM directory was left on the other node");
     let record: Value =
-        reqwest::blocking::get(format!("http://{}/v1/transfers/vm-{name}", agent.api)).unwrap().json().unwrap();
-    assert_eq!(record["state"], "committed", "{record}");
+        reqwest::blocking::get(format!("http://{}/v1/transfers/vm-{}", agent.api, w.name)).unwrap().json().unwrap();
+    assert_eq!(record["state"], if moved { "committed" } else { "aborted" }, "{record}");
+}
+
+/// (fault, post-copy) cells of the VM moves: all in the lab run (three times each), the
+/// lost answer and the target dying before the commit (pre-copy) in CI.
+fn vm_cells(faults: &[(&'static str, bool)]) {
+    if !away_e2e::require_vm_host() {
+        return;
+    }
+    for &(fault, postcopy) in faults {
+        for run in 0..if full_matrix() { 3 } else { 1 } {
+            case_vm(fault, postcopy, run);
+        }
+    }
+}
+
+#[test]
+fn a_lost_vm_confirm_answer_is_asked_again() {
+    vm_cells(&[("lose-answer", false)]);
+}
+
+#[test]
+fn a_vm_target_dying_before_the_commit_resumes_the_held_source() {
+    vm_cells(&[("die-before", false)]);
+}
+
+/// The rest of the VM cells: the lab run only (`AWAY_FAULT_MATRIX=full`).
+#[test]
+fn vm_fault_matrix() {
+    if !full_matrix() {
+        return;
+    }
+    vm_cells(&[
+        ("partition", false),
+        ("die-after", false),
+        ("lose-answer", true),
+        ("partition", true),
+        ("die-before", true),
+        ("die-after", true),
+    ]);
 }
 
 /// The target's "restored" answer is lost (`AWAY_FAULT_VERDICT=lose` in the source): the

@@ -262,7 +262,7 @@ fn docker_move_without_ports_keeps_the_count_and_the_files() {
         &format!("COUNTER_PORT={port}"),
     ]);
     assert!(ok, "run counter on docker: {err}");
-    let w = Workload { name, port, source: &source, target: &agent.node };
+    let w = Workload { name, port, target_port: port, source: &source, target: &agent.node };
     let before = wait_for(20, || docker_state(&w.name, port).filter(|s| s.0 >= 10)).expect("counter counts");
     std::fs::write(marker_rootfs("docker", &source, &w.name).join("away-marker"), b"written before the move").unwrap();
     let (ok, report, err) = migrate(&w, &agent, &["--mode", "stop-copy"]);

@@ -237,6 +237,7 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
                 "ml-kill-early",
                 "ml-kill",
                 "ml-agent-dies",
+                "ml-source-killed",
                 "ms-ok",
                 "ms-cut",
                 "ms-corrupt",
@@ -313,6 +314,43 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         );
         nodes.remove(name);
     }
+    // 4b. the source's `away migrate` SIGKILLed in the lazy phase (pages slowed to 50 ms
+    // a frame after the first 4 MiB, so that the phase lasts): none of its code runs, the
+    // kernel closes its relay's connection to CRIU's page server, which it set to reset
+    // (SO_LINGER 0); CRIU takes the reset for a failed dump and resumes the source,
+    // where a plain close would have read as "every page moved" and ended it with pages
+    // missing on the target. The target's page daemon then loses its source and the copy
+    // goes: exactly one instance, the source, from the same start
+    {
+        let name = "ml-source-killed";
+        let _agent = Agent::start(nodes.target(), name, &[]);
+        let before = nodes.start_memload(name);
+        let to = format!("{}:{AGENT_API}", nodes.target().ip);
+        let args = ["migrate", name, "--to", &to, "--mode", "lazy", "--json", "--source-name", "source"];
+        let mut child = on(nodes.source(), "source", &args, &[("AWAY_FAULT_LAZY", "slow-after:4194304")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // the copy runs on the target: the lazy phase is on
+        let lazy = wait_for(60, || (running(nodes.target(), "target", name) == 1).then_some(()));
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(lazy.is_some(), "the lazy phase did not begin");
+        let ip = nodes.source().ip.to_string();
+        let after =
+            wait_for(30, || memload_state(&ip).filter(|s| s.0 > before.0 + 3)).expect("memload beats on at the source");
+        assert_eq!(after.1, before.1, "the source restarted instead of resuming");
+        assert!(
+            wait_for(75, || (running(nodes.target(), "target", name) == 0).then_some(())).is_some(),
+            "the target's partial copy is removed"
+        );
+        assert_eq!(running(nodes.source(), "source", name), 1, "exactly one instance, on the source");
+        eprintln!("source killed in the lazy phase: resumed, beats {} -> {}", before.0, after.0);
+        nodes.remove(name);
+    }
+
     // 5. streamed stop-and-copy: the pages go from the source's CRIU into the target's
     // images while the rest travels; the target restores once all are in
     {

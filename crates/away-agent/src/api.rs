@@ -11,9 +11,9 @@
 //! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
 //! | POST | /v1/images | body: an image tar; `{references}` |
 //! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}` |
-//! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait for its RESUME; `{resumed_at_ms}` |
-//! | POST | /v1/vm-migrations/{name}/confirm | 204: the VM stays |
-//! | DELETE | /v1/vm-migrations/{name} | 204: the destination is removed |
+//! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait until the VM is here (held paused for the commit, or running after post-copy); `{resumed_at_ms, held, lease_ms}` |
+//! | POST | /v1/vm-migrations/{name}/confirm | commit: the held VM starts and stays; `MoveRecord` + `{node, dir, resumed_at_ms}`; idempotent; 409 when aborted (lease ran out) or not complete yet; 404 when unknown |
+//! | DELETE | /v1/vm-migrations/{name} | 204: the destination is removed; 409 when its move is committed |
 //!
 //! Errors are `away_model::ApiError` bodies with the matching status code.
 
@@ -353,6 +353,7 @@ async fn vm_prepare(
     let p = Provisional { workload: req.spec.name.clone(), runtime: away_model::RuntimeKind::Qemu };
     agent.journal(&vm_move_id(&req.spec.name), &p);
     agent.vm_destinations.lock().await.insert(req.spec.name.clone(), dest);
+    agent.watch_vm_lease(req.spec.name.clone());
     Ok(Json(serde_json::json!({"uri": format!("tcp:{host}:{port}")})))
 }
 
@@ -367,52 +368,129 @@ async fn vm_resumed(
     Query(q): Query<ResumedQuery>,
 ) -> Result<Json<serde_json::Value>, Problem> {
     // out of the map while waiting (up to limit_ms): other VM moves must not wait on the lock
-    let mut dest = agent
-        .vm_destinations
-        .lock()
-        .await
-        .remove(&name)
-        .ok_or_else(|| Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}"))))?;
-    let waited = dest.wait_resumed(std::time::Duration::from_millis(q.limit_ms)).await;
-    // back in, resumed or not: confirm or abort comes next
-    agent.vm_destinations.lock().await.insert(name, dest);
-    let at = waited.map_err(vm_problem)?;
-    let ms = at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    Ok(Json(serde_json::json!({"resumed_at_ms": ms})))
-}
-
-/// The move id of VM `name`'s incoming migration in the agent's `moves` table.
-fn vm_move_id(name: &str) -> String {
-    format!("vm-{name}")
-}
-
-/// The destination stays: idempotent, a confirm asked again (its answer lost) gets the
-/// same answer.
-async fn vm_confirm(
-    State(agent): State<Arc<Agent>>,
-    Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, Problem> {
-    let id = vm_move_id(&name);
-    let mut destinations = agent.vm_destinations.lock().await;
-    let Some(dest) = destinations.remove(&name) else {
-        drop(destinations);
-        return match agent.move_record(&id).map_err(state_problem)? {
+    let taken = agent.vm_destinations.lock().await.remove(&name);
+    let Some(mut dest) = taken else {
+        // a post-copy destination let go after its lease: committed, it runs here
+        let lease_ms = agent.lease_promise().as_millis() as u64;
+        return match agent.move_record(&vm_move_id(&name)).map_err(state_problem)? {
             Some(r) if r.state == MoveState::Committed => {
-                Ok(Json(serde_json::json!({"node": agent.config.name, "dir": "", "again": true})))
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                Ok(Json(
+                    serde_json::json!({"resumed_at_ms": now.as_millis() as u64, "held": false, "lease_ms": lease_ms}),
+                ))
             }
             _ => Err(Problem(ApiError::new(ErrorCode::NotFound, format!("no vm destination for {name:?}")))),
         };
     };
+    let waited = dest.wait_resumed(std::time::Duration::from_millis(q.limit_ms)).await;
+    let held = dest.held();
+    // back in, resumed or not: confirm or abort comes next
+    agent.vm_destinations.lock().await.insert(name.clone(), dest);
+    let at = waited.map_err(vm_problem)?;
+    if !held {
+        // post-copy: the guest runs here and the source no longer has all of it; final
+        // before the source hears it (a restart must not remove it)
+        agent.end_move_logged(
+            &vm_move_id(&name),
+            MoveState::Committed,
+            "post-copy: the vm runs here since the switchover",
+        );
+    }
+    let ms = at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    // a held VM waits for the confirm under the lease (watch_vm_lease), counted from
+    // before this answer leaves
+    let lease_ms = agent.lease_promise().as_millis() as u64;
+    Ok(Json(serde_json::json!({"resumed_at_ms": ms, "held": held, "lease_ms": lease_ms})))
+}
+
+/// The move id of VM `name`'s incoming migration in the agent's `moves` table.
+pub(crate) fn vm_move_id(name: &str) -> String {
+    format!("vm-{name}")
+}
+
+/// The commit of a VM move: the held VM starts (`cont`) and stays. Idempotent: a
+/// confirm asked again (its answer lost) gets the same answer; an aborted move (lease ran
+/// out, agent restarted) is a 409, like a container move's commit. The VM starts before
+/// the commit is on disk: an agent killed in between leaves the move prepared and its
+/// next start removes the VM, while the source, paused, still waits for an answer; so
+/// the guest never runs on both nodes.
+async fn vm_confirm(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    #[cfg(feature = "fault-injection")]
+    commit_fault("die-before");
+    let id = vm_move_id(&name);
+    let mut destinations = agent.vm_destinations.lock().await;
+    let Some(mut dest) = destinations.remove(&name) else {
+        drop(destinations);
+        let record = agent.move_record(&id).map_err(state_problem)?.ok_or_else(|| unknown_move(&id))?;
+        return match record.state {
+            MoveState::Committed => {
+                let mut v = serde_json::to_value(&record).unwrap_or_default();
+                v["node"] = agent.config.name.clone().into();
+                v["again"] = true.into();
+                Ok(Json(v))
+            }
+            MoveState::Aborted => Err(Problem(ApiError::new(
+                ErrorCode::Conflict,
+                format!("move {id} of {name} was aborted: {}", record.reason),
+            ))),
+            MoveState::Prepared => Err(Problem(ApiError::new(
+                ErrorCode::Conflict,
+                format!("move {id} of {name} is not complete here yet (or being removed): nothing to commit"),
+            ))),
+        };
+    };
+    if dest.held() && dest.ready_at().is_none() {
+        destinations.insert(name.clone(), dest);
+        return Err(Problem(ApiError::new(
+            ErrorCode::Conflict,
+            format!("move {id} of {name}: the vm has not arrived whole yet: nothing to commit"),
+        )));
+    }
+    let resumed_at = match dest.release().await {
+        Ok(at) => at,
+        Err(e) => {
+            drop(destinations);
+            let why = format!("the vm would not start: {}", error_chain(&e));
+            if let Err(cleanup) = dest.abort().await {
+                tracing::error!(workload = %name, "cannot remove a vm destination: {}", error_chain(&cleanup));
+                return Err(vm_problem(e));
+            }
+            agent.end_move_logged(&id, MoveState::Aborted, &why);
+            return Err(Problem(ApiError::new(ErrorCode::Conflict, format!("move {id} of {name} was aborted: {why}"))));
+        }
+    };
     if let Err(e) = agent.end_move(&id, MoveState::Committed, "confirmed by its source") {
+        // runs but not committed: the lease removes it unless a confirm asked again commits
         destinations.insert(name, dest);
         return Err(state_problem(e));
     }
     drop(destinations);
+    #[cfg(feature = "fault-injection")]
+    commit_fault("die-after");
+    tracing::info!(workload = %name, "vm migration committed by its source: the vm runs here");
     let files = dest.confirm();
-    Ok(Json(serde_json::json!({"node": agent.config.name, "dir": files.dir})))
+    let record = agent.move_record(&id).map_err(state_problem)?.ok_or_else(|| unknown_move(&id))?;
+    let mut v = serde_json::to_value(&record).unwrap_or_default();
+    v["node"] = agent.config.name.clone().into();
+    v["dir"] = files.dir.display().to_string().into();
+    if let Some(at) = resumed_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()) {
+        v["resumed_at_ms"] = (at.as_millis() as u64).into();
+    }
+    Ok(Json(v))
 }
 
 async fn vm_abort(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> Result<StatusCode, Problem> {
+    let id = vm_move_id(&name);
+    if let Some(r) = agent.move_record(&id).map_err(state_problem)?.filter(|r| r.state == MoveState::Committed) {
+        // post-copy commits at its switchover: the vm lives here now
+        return Err(Problem(ApiError::new(
+            ErrorCode::Conflict,
+            format!("move {id} of {name} is committed ({}): the vm stays", r.reason),
+        )));
+    }
     if let Some(dest) = agent.vm_destinations.lock().await.remove(&name) {
         dest.abort().await.map_err(vm_problem)?;
         agent.end_move_logged(&vm_move_id(&name), MoveState::Aborted, "aborted by its source");

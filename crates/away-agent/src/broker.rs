@@ -178,6 +178,14 @@ async fn apply(agent: &Arc<Agent>, resp: HeartbeatResponse) {
     }
     for m in resp.migrations {
         let key = format!("migrate:{}", m.id);
+        if m.cancel {
+            if let Some(c) = agent.cancels.lock().unwrap_or_else(|e| e.into_inner()).get(&m.id) {
+                if !c.is_cancelled() {
+                    tracing::warn!(workload = %m.workload, migration = %m.id, "the broker cancels the move under way");
+                }
+                c.cancel();
+            }
+        }
         if agent.start_work(&key).await {
             let agent = agent.clone();
             tokio::spawn(async move {
@@ -218,6 +226,12 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
     let token = agent.cluster_token.read().await.clone();
     let target = AgentClient::new(&m.target_api).with_token(token.clone());
     let on_vm = matches!(agent.node.find(&m.workload).await, Ok(Some((RuntimeKind::Qemu, _))));
+    // registered before anything moves; an order cancelled before it got here starts cancelled
+    let cancel = away_migrate::Cancel::default();
+    if m.cancel {
+        cancel.cancel();
+    }
+    agent.cancels.lock().unwrap_or_else(|e| e.into_inner()).insert(m.id.clone(), cancel.clone());
     let result = if on_vm {
         crate::client::migrate_vm_via_agent(
             &agent.node,
@@ -225,16 +239,21 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
             &m.workload,
             target,
             Default::default(),
+            cancel.clone(),
             |_| {},
         )
         .await
-        .map_err(|e| ("migration-failed", error_chain(&e)))
+        .map_err(|e| match e {
+            // the source VM stays paused: not "failed" (see below)
+            away_migrate::MigrateError::InDoubt { .. } => ("migration-in-doubt", error_chain(&e)),
+            e => ("migration-failed", error_chain(&e)),
+        })
     } else {
         let archives = ArchiveStore::new(agent.config.node.paths.state_dir.join("checkpoints"));
         let progress: away_migrate::container::ProgressFn = Arc::new(|_| {});
         // the broker validated the mode; an agent that cannot read it uses auto
         let mode = m.mode.as_deref().and_then(|s| s.parse().ok()).unwrap_or_default();
-        let opts = ContainerMigrationOptions { mode, ..Default::default() };
+        let opts = ContainerMigrationOptions { mode, cancel: cancel.clone(), ..Default::default() };
         match migrate_container(&agent.node, &agent.config.name, &archives, &m.workload, &target, &opts, progress).await
         {
             // not "failed": the broker would have the workload started again here while
@@ -243,6 +262,7 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
             other => other.map_err(|e| ("migration-failed", error_chain(&e))),
         }
     };
+    agent.cancels.lock().unwrap_or_else(|e| e.into_inner()).remove(&m.id);
     let mut ev = match result {
         Ok(report) => {
             let mut e = event(

@@ -104,6 +104,32 @@ impl AgentClient {
     }
 }
 
+impl AgentClient {
+    /// A commit's (or a VM confirm's) answer as the source takes it: a refusal is followed
+    /// by the question what the move is (aborted, or not answered yet). With fault
+    /// injection the first answer may be dropped (`AWAY_FAULT_COMMIT=lose-answer`).
+    async fn commit_answer(
+        &self,
+        transfer_id: &str,
+        answer: Result<Option<MoveRecord>, Result<String, NoAnswer>>,
+    ) -> Result<Option<MoveRecord>, NoAnswer> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(lost) = lose_commit_answer() {
+            tracing::warn!(transfer = transfer_id, "the commit reached the target, its answer is dropped: {answer:?}");
+            return Err(lost);
+        }
+        match answer {
+            Ok(record) => Ok(record),
+            // refused, so not committed now: what the move is (aborted, or not answered yet)
+            Err(Ok(refused)) => {
+                tracing::info!(transfer = transfer_id, "the target did not commit: {refused}");
+                self.move_state(transfer_id).await
+            }
+            Err(Err(no_answer)) => Err(no_answer),
+        }
+    }
+}
+
 /// Fault injection for the end-to-end tests (`AWAY_FAULT_COMMIT=lose-answer`): the first
 /// commit reaches the target and is carried out, and its answer is lost on the way back.
 #[cfg(feature = "fault-injection")]
@@ -149,20 +175,7 @@ impl TargetNode for AgentClient {
         }
         let url = format!("{}/v1/transfers/{transfer_id}/commit", self.base);
         let answer = self.move_answer(self.http.post(url).timeout(MOVE_QUESTION_TIMEOUT).send().await).await;
-        #[cfg(feature = "fault-injection")]
-        if let Some(lost) = lose_commit_answer() {
-            tracing::warn!(transfer = transfer_id, "the commit reached the target, its answer is dropped: {answer:?}");
-            return Err(lost);
-        }
-        match answer {
-            Ok(record) => Ok(record),
-            // refused, so not committed now: what the move is (aborted, or not answered yet)
-            Err(Ok(refused)) => {
-                tracing::info!(transfer = transfer_id, "the target did not commit: {refused}");
-                self.move_state(transfer_id).await
-            }
-            Err(Err(no_answer)) => Err(no_answer),
-        }
+        self.commit_answer(transfer_id, answer).await
     }
 
     async fn move_state(&self, transfer_id: &str) -> Result<Option<MoveRecord>, NoAnswer> {
@@ -196,6 +209,79 @@ impl TargetNode for AgentClient {
 pub struct RemoteVmTarget {
     pub client: AgentClient,
     pub name: String,
+    /// When the destination's "the VM is here" answer came, and the lease it gave: a
+    /// commit that provably never arrived may be given up once that lease has run out.
+    pub answered: Option<(tokio::time::Instant, std::time::Duration)>,
+    /// A cancel of the move: checked before the confirm (the commit point).
+    pub cancel: away_migrate::Cancel,
+}
+
+/// The lease assumed for a destination whose answer gave none (an agent from before
+/// VM leases: its destination runs, so a source must never give up on it early).
+const VM_LEASE_UNKNOWN: std::time::Duration = VM_CONFIRM_WAIT;
+
+/// The commit protocol's questions about VM move `vm-NAME` (`away_migrate::target::commit_move`):
+/// the commit is `POST /v1/vm-migrations/NAME/confirm`, the question the same as for a
+/// container move (`GET /v1/transfers/vm-NAME`).
+struct VmMove<'a> {
+    client: &'a AgentClient,
+    name: &'a str,
+    /// The last confirm answer (where the VM lives, when it started).
+    answer: std::sync::Mutex<Option<serde_json::Value>>,
+}
+
+#[async_trait]
+impl TargetNode for VmMove<'_> {
+    async fn info(&self) -> Result<TargetInfo, MigrateError> {
+        self.client.info().await
+    }
+
+    async fn has_image(&self, reference: &str) -> Result<bool, MigrateError> {
+        self.client.has_image(reference).await
+    }
+
+    async fn upload_image(&self, tar: &std::path::Path) -> Result<(), MigrateError> {
+        self.client.upload_image(tar).await
+    }
+
+    async fn commit(&self, transfer_id: &str) -> Result<Option<MoveRecord>, NoAnswer> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(cut) = partitioned() {
+            return Err(cut);
+        }
+        let c = self.client;
+        let url = format!("{}/v1/vm-migrations/{}/confirm", c.base, self.name);
+        let sent = c.http.post(url).timeout(MOVE_QUESTION_TIMEOUT).send().await;
+        let answer = match sent {
+            Ok(resp) if resp.status().is_success() => match resp.json::<serde_json::Value>().await {
+                Ok(v) => {
+                    let record = serde_json::from_value::<MoveRecord>(v.clone()).ok();
+                    *self.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+                    record.map(Some).ok_or_else(|| {
+                        Err(NoAnswer {
+                            message: format!("{}: a confirm answer without its move", c.base),
+                            maybe_delivered: true,
+                        })
+                    })
+                }
+                Err(e) => Err(Err(NoAnswer {
+                    message: format!("{}: the answer broke off: {e}", c.base, e = ErrorChain(&e)),
+                    maybe_delivered: true,
+                })),
+            },
+            other => c.move_answer(other).await,
+        };
+        c.commit_answer(transfer_id, answer).await
+    }
+
+    async fn move_state(&self, transfer_id: &str) -> Result<Option<MoveRecord>, NoAnswer> {
+        self.client.move_state(transfer_id).await
+    }
+
+    async fn abort(&self, _transfer_id: &str) -> Result<(), MigrateError> {
+        let c = self.client;
+        c.check(c.http.delete(format!("{}/v1/vm-migrations/{}", c.base, self.name)).send().await).await.map(|_| ())
+    }
 }
 
 fn vm_err(e: MigrateError) -> away_migrate::vm::VmMigrateError {
@@ -249,35 +335,48 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             .map_err(vm_err)?;
         let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(error_chain(&e))))?;
         let ms = v["resumed_at_ms"].as_u64().ok_or_else(|| vm_err(c.err("no resumed_at_ms in the answer")))?;
+        let lease = v["lease_ms"].as_u64().map(std::time::Duration::from_millis).unwrap_or(VM_LEASE_UNKNOWN);
+        self.answered = Some((tokio::time::Instant::now(), lease));
         Ok(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
     }
 
-    /// Confirm, and after a lost answer confirm again (the agent answers a repeated
-    /// confirm the same way) for up to [`VM_CONFIRM_WAIT`].
-    async fn confirm(&mut self) -> Result<String, away_migrate::vm::VmMigrateError> {
-        let c = &self.client;
-        let url = format!("{}/v1/vm-migrations/{}/confirm", c.base, self.name);
-        let started = std::time::Instant::now();
-        let resp = loop {
-            let sent = c.http.post(&url).timeout(MOVE_QUESTION_TIMEOUT).send().await;
-            #[cfg(feature = "fault-injection")]
-            if let Some(lost) = lose_commit_answer() {
-                tracing::warn!(workload = %self.name, "the confirm reached the target, its answer is dropped");
-                tracing::warn!("{lost}");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                continue;
-            }
-            match sent {
-                Ok(resp) => break c.check(Ok(resp)).await.map_err(vm_err)?,
-                Err(e) if started.elapsed() < VM_CONFIRM_WAIT => {
-                    tracing::warn!(workload = %self.name, "no answer to the confirm, asking again: {e}", e = ErrorChain(&e));
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    /// Commit the move by the commit protocol (`away_migrate::target::commit_move`):
+    /// confirm, and after a lost answer confirm again (the agent answers a repeated
+    /// confirm the same way) or ask what became of the move; resume the source only on
+    /// a definite "aborted" or once the lease has run out with no confirm delivered. In
+    /// doubt after [`VM_CONFIRM_WAIT`].
+    async fn confirm(&mut self) -> away_migrate::vm::VmCommit {
+        use away_migrate::target::{commit_move, CommitOutcome, CommitPolicy};
+        use away_migrate::vm::VmCommit;
+        let (answered_at, lease) = self.answered.unwrap_or_else(|| (tokio::time::Instant::now(), VM_LEASE_UNKNOWN));
+        let policy = CommitPolicy { lease, retry: std::time::Duration::from_secs(1), give_up: VM_CONFIRM_WAIT };
+        let moves = VmMove { client: &self.client, name: &self.name, answer: Default::default() };
+        let id = format!("vm-{}", self.name);
+        if self.cancel.is_cancelled() {
+            // before the commit point: the destination goes (a post-copy one, committed
+            // at its switchover, is refused: the move ends as it would have)
+            match moves.abort(&id).await {
+                Ok(()) => return VmCommit::Aborted("cancelled before the confirm: the destination was removed".into()),
+                Err(e) => {
+                    tracing::warn!(workload = %self.name, "cancelled, but the destination stays: {e}", e = ErrorChain(&e))
                 }
-                Err(e) => return Err(vm_err(c.err(format!("no answer to the confirm: {e}", e = ErrorChain(&e))))),
             }
-        };
-        let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(error_chain(&e))))?;
-        Ok(format!("{} on node {}", v["dir"].as_str().unwrap_or_default(), v["node"].as_str().unwrap_or_default()))
+        }
+        match commit_move(&moves, &id, answered_at, &policy).await {
+            CommitOutcome::Committed => {
+                let v = moves.answer.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+                let placed = format!(
+                    "{} on node {}",
+                    v["dir"].as_str().unwrap_or_default(),
+                    v["node"].as_str().unwrap_or_default()
+                );
+                let resumed_at =
+                    v["resumed_at_ms"].as_u64().map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms));
+                VmCommit::Committed { placed, resumed_at }
+            }
+            CommitOutcome::Aborted(why) => VmCommit::Aborted(why),
+            CommitOutcome::InDoubt(why) => VmCommit::InDoubt(why),
+        }
     }
 
     async fn abort(&mut self) -> Result<(), away_migrate::vm::VmMigrateError> {
@@ -297,6 +396,7 @@ pub async fn migrate_vm_via_agent(
     name: &str,
     client: AgentClient,
     opts: away_migrate::vm::VmMigrationOptions,
+    cancel: away_migrate::Cancel,
     progress: impl Fn(away_migrate::vm::VmProgress) + Send + Sync,
 ) -> Result<away_model::MigrationReport, MigrateError> {
     let (here, _) = away_migrate::local_node_info(node, source_name).await;
@@ -310,10 +410,22 @@ pub async fn migrate_vm_via_agent(
     if !client.has_image(&image.reference).await? {
         client.upload_image(&image.tar).await?;
     }
-    let mut target = RemoteVmTarget { client, name: name.to_string() };
+    if cancel.is_cancelled() {
+        return Err(MigrateError::Cancelled(name.into()));
+    }
+    let mut target = RemoteVmTarget { client, name: name.to_string(), answered: None, cancel };
     let (mut report, _) = away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, progress)
         .await
-        .map_err(|e| MigrateError::Target { target: there.node.name.clone(), message: error_chain(&e) })?;
+        .map_err(|e| match e {
+            // the source VM stays paused: the broker must not start it again
+            away_migrate::vm::VmMigrateError::InDoubt { ref reason, .. } => MigrateError::InDoubt {
+                transfer_id: format!("vm-{name}"),
+                target: there.node.name.clone(),
+                why: reason.clone(),
+                checkpoint: node.qemu().files(name).dir,
+            },
+            e => MigrateError::Target { target: there.node.name.clone(), message: error_chain(&e) },
+        })?;
     report.source = here.name;
     report.target = there.node.name;
     report.reason = format!("{}; {}", compat.reason, report.reason);

@@ -92,6 +92,8 @@ pub struct Agent {
     pub cluster_token: tokio::sync::RwLock<Option<String>>,
     /// Broker work in progress, so that a repeated order does not run twice.
     work: Mutex<std::collections::HashSet<String>>,
+    /// Migration id -> its cancel, for the moves under way (a broker's cancel sets it).
+    pub(crate) cancels: std::sync::Mutex<HashMap<String, away_migrate::Cancel>>,
 }
 
 impl Agent {
@@ -115,6 +117,7 @@ impl Agent {
             vm_destinations: Mutex::new(HashMap::new()),
             state,
             work: Mutex::new(Default::default()),
+            cancels: Default::default(),
         }))
     }
 
@@ -238,6 +241,77 @@ impl Agent {
             if agent.take(&transfer_id).await.is_some() {
                 tracing::warn!(workload = %p.workload, transfer = %transfer_id, "{why}: removing the provisional copy (the source resumes its own)");
                 agent.abort_copy(&transfer_id, &p, &why).await;
+            }
+        });
+    }
+
+    /// The lease of VM destination `name` (its move `vm-NAME`): once the held guest has
+    /// arrived whole ([`away_migrate::vm::Destination::ready_at`]), a confirm must come
+    /// within `commit_lease`, or the destination is removed and the move aborted (the
+    /// source, which heard nothing, resumes its own after the lease it was given). A
+    /// post-copy destination is not held: its move is committed once its guest runs. The
+    /// watch looks every second and ends with the destination (confirmed, aborted).
+    pub fn watch_vm_lease(self: &Arc<Self>, name: String) {
+        let agent = self.clone();
+        let lease = self.config.commit_lease;
+        let id = api::vm_move_id(&name);
+        tokio::spawn(async move {
+            // post-copy: when the move was committed here
+            let mut committed_at = None::<tokio::time::Instant>;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let mut destinations = agent.vm_destinations.lock().await;
+                let Some(dest) = destinations.get_mut(&name) else {
+                    drop(destinations);
+                    match agent.move_record(&id) {
+                        // out of the map while its source waits for it: look again
+                        Ok(Some(r)) if r.state == MoveState::Prepared => continue,
+                        _ => return,
+                    }
+                };
+                if !dest.held() {
+                    // post-copy: the guest runs here from the switchover on and the source
+                    // no longer has all of it: the copy is final once it runs (no lease, and
+                    // a restart must not remove it), like a lazy container move's. Its
+                    // source's confirm is a formality; without one within the lease the
+                    // destination is let go (its QMP session freed for `ps`, `stop`, ...)
+                    if committed_at.is_none() && dest.wait_resumed(Duration::ZERO).await.is_ok() {
+                        agent.end_move_logged(
+                            &id,
+                            MoveState::Committed,
+                            "post-copy: the vm runs here since the switchover",
+                        );
+                        tracing::info!(workload = %name, "post-copy: the vm runs here, the move is final");
+                        committed_at = Some(tokio::time::Instant::now());
+                    }
+                    if committed_at.is_some_and(|t| t.elapsed() >= lease) {
+                        if let Some(dest) = destinations.remove(&name) {
+                            tracing::warn!(workload = %name, "post-copy: no confirm from the source within the lease; the vm stays here");
+                            dest.confirm();
+                        }
+                        return;
+                    }
+                    continue;
+                }
+                if dest.ready_at().is_none() && dest.held() {
+                    // complete since the last look? (one query, not a wait)
+                    let _ = dest.wait_resumed(Duration::ZERO).await;
+                }
+                let expired = dest.ready_at().is_some_and(|t| t.elapsed() >= lease);
+                if !expired {
+                    continue;
+                }
+                let Some(dest) = destinations.remove(&name) else { continue };
+                drop(destinations);
+                let why = format!("no confirm from the source within the lease ({} s)", lease.as_secs());
+                tracing::warn!(workload = %name, "{why}: removing the vm destination (the source resumes its own)");
+                match dest.abort().await {
+                    Ok(()) => agent.end_move_logged(&id, MoveState::Aborted, &why),
+                    Err(e) => {
+                        tracing::error!(workload = %name, "cannot remove the vm destination: {e}", e = ErrorChain(&e))
+                    }
+                }
+                return;
             }
         });
     }
@@ -433,7 +507,7 @@ impl Agent {
         let destinations: Vec<_> = self.vm_destinations.lock().await.drain().collect();
         let mut removed = 0;
         for (name, mut dest) in destinations {
-            if dest.wait_resumed(Duration::ZERO).await.is_ok() {
+            if dest.wait_resumed(Duration::ZERO).await.is_ok() && !dest.held() {
                 tracing::info!(workload = %name, "vm destination runs: it stays (the VM lives here now)");
                 dest.confirm();
                 continue;
@@ -441,6 +515,11 @@ impl Agent {
             match dest.abort().await {
                 Ok(()) => {
                     removed += 1;
+                    self.end_move_logged(
+                        &api::vm_move_id(&name),
+                        MoveState::Aborted,
+                        "the target's agent stopped before the commit",
+                    );
                     tracing::info!(workload = %name, "vm destination not running yet: removed (its source keeps the VM)");
                 }
                 Err(e) => tracing::error!(workload = %name, "cannot remove a vm destination: {e}", e = ErrorChain(&e)),

@@ -17,7 +17,7 @@
 //! | POST | /v1/migrations | user | 202 `{migration}`; 404, 409, 422 with the reason |
 //! | GET | /v1/migrations | user | `[Migration]` |
 //! | GET | /v1/migrations/{id} | user | `Migration`, 404 |
-//! | DELETE | /v1/migrations/{id} | user | 200 `Migration` (cancelled), 404, 409 (started on an online source, or ended) |
+//! | DELETE | /v1/migrations/{id} | user | 200 `Migration` (cancelled), 202 (its online source is told to abort it), 404, 409 (ended) |
 //! | POST | /v1/agents/register | join token | `RegisterResponse` |
 //! | POST | /v1/agents/{name}/heartbeat | agent token | `HeartbeatResponse` |
 //! | GET | /v1/events | user | Server-Sent Events, JSON `BrokerEvent` in `data:` |
@@ -506,21 +506,23 @@ async fn get_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<Stri
     delete,
     path = "/v1/migrations/{id}",
     operation_id = "cancelMigration",
-    summary = "Cancel a migration its source has not started (pending), or one whose source node is offline; the workload stays where its source reports it",
+    summary = "Cancel a migration: one its source has not started (pending) or whose source node is offline ends at once (200); one its online source is moving is aborted by the source before its commit point (202: `cancel_requested_ms` set, it ends `cancelled` when the source reports, or `succeeded` if it had committed); the workload stays where its source reports it",
     security(("userToken" = [])),
     params(("id" = String, Path, description = "Migration id")),
     responses(
         (status = 200, description = "Cancelled: the migration, in state `cancelled`, with the reason in `error`", body = MigrationRecord),
+        (status = 202, description = "Its online source is told to abort the move: the migration, still `running`, with `cancel_requested_ms`", body = MigrationRecord),
         (status = 401, description = "Missing or wrong bearer token", body = ApiError),
         (status = 404, description = "No such migration", body = ApiError),
-        (status = 409, description = "It cannot be cancelled: its online source has started it (aborting a move under way is not built yet) or it has ended; `migration` carries it", body = ErrorBody),
+        (status = 409, description = "It has ended; `migration` carries it", body = ErrorBody),
         (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
     )
 )]
 async fn cancel_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
     b.check_user(bearer(&headers))?;
     let m = blocking(&b, move |b| b.cancel_migration(&id)).await?;
-    ok(StatusCode::OK, m)
+    let status = if m.state.is_active() { StatusCode::ACCEPTED } else { StatusCode::OK };
+    ok(status, m)
 }
 
 #[utoipa::path(

@@ -747,6 +747,7 @@ impl Broker {
             mode: req.mode.clone(),
             deadline_ms: Some(now + deadline_s * 1000),
             resolved_by_broker: false,
+            cancel_requested_ms: None,
         };
         inner.store.apply(&Changes { migrations: vec![record.clone()], ..Default::default() })?;
         inner.migrations.insert(record.id.clone(), record.clone());

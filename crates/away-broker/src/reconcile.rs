@@ -317,6 +317,7 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
             target_node: m.target.clone(),
             target_api: target.api_addr.clone(),
             mode: m.mode.clone(),
+            cancel: m.cancel_requested_ms.is_some(),
         });
         if m.state == MigrationState::Pending {
             m.state = MigrationState::Running;
@@ -420,22 +421,25 @@ pub fn resolve_deadlines(
 
 /// Rule 7, `DELETE /v1/migrations/{id}`: a `pending` migration, or a `running` one whose
 /// source node is offline (`source_online` false), ends `cancelled`. A `running` one on
-/// an online source, or an ended one, is a conflict.
+/// an online source stays `running` with `cancel_requested_ms` set: its order carries
+/// `cancel` from then on, the source aborts the move before its commit point, and its
+/// `migration-failed` ends it `cancelled` (asked again: the same answer). An ended one is
+/// a conflict.
 pub fn cancel(m: &MigrationRecord, source_online: bool, now: u64) -> Result<(MigrationRecord, Pending), Problem> {
     let reason = match m.state {
         MigrationState::Pending => format!("cancelled before source node {} received the order", m.source),
         MigrationState::Running if !source_online => format!("cancelled while {}", kept_on_source(m)),
         MigrationState::Running => {
-            return Err(Problem::new(
-                ErrorCode::Conflict,
-                format!(
-                    "migration {} cannot be cancelled: source node {} has started it (running since it received the \
-                     order) and is online; aborting a move under way on the agent is not built yet, so it ends by \
-                     its commit protocol or its deadline",
-                    m.id, m.source
-                ),
+            let mut m = m.clone();
+            m.cancel_requested_ms.get_or_insert(now);
+            let event = Pending::new(
+                "migration-cancelling",
+                format!("{}: source node {} is told to abort the move before its commit point", m.workload, m.source),
             )
-            .detail("migration", m))
+            .node(&m.source)
+            .workload(&m.workload)
+            .migration(&m.id);
+            return Ok((m, event));
         }
         ended => {
             return Err(Problem::new(
@@ -543,6 +547,16 @@ fn apply_agent_event(
             .node(&m.target)
             .workload(&m.workload)
             .migration(&m.id),
+        );
+    } else if m.cancel_requested_ms.is_some() && e.kind == "migration-failed" {
+        // the source aborted the move as asked (or it failed meanwhile): cancelled
+        m.state = MigrationState::Cancelled;
+        m.error = Some(format!("cancelled: {}", e.message));
+        out.push(
+            Pending::new("migration-cancelled", format!("{} stays on {}: {}", m.workload, m.source, e.message))
+                .node(&m.source)
+                .workload(&m.workload)
+                .migration(&m.id),
         );
     } else {
         m.state = MigrationState::Failed;
@@ -689,6 +703,7 @@ mod tests {
                 error: None,
                 deadline_ms: None,
                 resolved_by_broker: false,
+                cancel_requested_ms: None,
                 mode: None,
             };
             self.migrations.insert(id.into(), m);
@@ -854,7 +869,7 @@ mod tests {
     }
 
     #[test]
-    fn rule7_cancel_ends_a_pending_or_offline_one_and_refuses_one_under_way() {
+    fn rule7_cancel_ends_a_pending_or_offline_one_and_has_the_source_abort_one_under_way() {
         let s = State::moving_w_from_a_to_b(MigrationState::Pending);
         let (m, e) = cancel(&s.migrations["m1"], true, NOW).unwrap();
         assert_eq!((m.state, m.resolved_by_broker, m.finished_ms), (MigrationState::Cancelled, true, Some(NOW)));
@@ -868,12 +883,28 @@ mod tests {
         let e = cancel(&m, true, NOW).unwrap_err();
         assert_eq!(e.error.code, ErrorCode::Conflict);
         assert!(e.error.message.contains("already ended: cancelled"), "{}", e.error.message);
-        // running on an online source: 409, saying why
+        // running on an online source: still running, the order carries the cancel, and
+        // the source's migration-failed ends it cancelled
         let s = State::moving_w_from_a_to_b(MigrationState::Running);
-        let e = cancel(&s.migrations["m1"], true, NOW).unwrap_err();
-        assert_eq!(e.error.code, ErrorCode::Conflict);
-        assert!(e.error.message.contains("not built yet"), "{}", e.error.message);
-        assert_eq!(e.detail.as_ref().map(|d| d.0), Some("migration"));
+        let (asked, e) = cancel(&s.migrations["m1"], true, NOW).unwrap();
+        assert_eq!(
+            (asked.state, asked.cancel_requested_ms, e.kind),
+            (MigrationState::Running, Some(NOW), "migration-cancelling")
+        );
+        let again = cancel(&asked, true, NOW + 5).unwrap().0;
+        assert_eq!(again.cancel_requested_ms, Some(NOW), "asked again: the same request");
+        let mut s2 = State::moving_w_from_a_to_b(MigrationState::Running);
+        s2.migrations.insert(asked.id.clone(), asked.clone());
+        let plan = s2.heartbeat("a", &[("w", Running)], vec![]);
+        assert!(
+            plan.response.migrations.len() == 1 && plan.response.migrations[0].cancel,
+            "{:?}",
+            plan.response.migrations
+        );
+        let plan = s2.heartbeat("a", &[("w", Running)], vec![event(1, "migration-failed", "w", Some("m1"))]);
+        assert!(kinds(&plan).contains(&"migration-cancelled"), "{:?}", kinds(&plan));
+        let ended = plan.changes.migrations.iter().find(|m| m.id == "m1").unwrap();
+        assert_eq!(ended.state, MigrationState::Cancelled);
         // running on an offline source: cancelled, kept where the source reports it
         let (m, _) = cancel(&s.migrations["m1"], false, NOW).unwrap();
         assert_eq!(m.state, MigrationState::Cancelled);

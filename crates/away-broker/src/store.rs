@@ -296,6 +296,7 @@ mod tests {
             error: None,
             deadline_ms: None,
             resolved_by_broker: false,
+            cancel_requested_ms: None,
         };
         let event = AgentEvent {
             seq: 7,

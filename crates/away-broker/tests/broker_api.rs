@@ -522,7 +522,7 @@ async fn a_restarted_broker_keeps_nodes_workloads_migrations_and_tokens() {
 }
 
 /// Every migration ends: a pending one is cancelled and never delivered; one under way on
-/// an online source cannot be cancelled (409); past its deadline a pending one fails, and
+/// an online source is told to abort (202, the order carries `cancel`); past its deadline a pending one fails, and
 /// one whose source went offline fails or is cancelled with the workload kept on the
 /// source; all of it survives a restart, and the source's late word still wins.
 #[tokio::test]
@@ -570,17 +570,17 @@ async fn migrations_end_by_cancel_or_deadline_and_stay_ended_after_a_restart() {
     assert!(e["message"].as_str().unwrap().contains("already ended"), "{e}");
     assert_eq!(b.delete("/v1/migrations/m-ghost").await.0, 404);
 
-    // running on an online source: 409 with the reason
+    // running on an online source: 202, still running, the source is told to abort it
     let (_, m2) = b.post("/v1/migrations", json!({"workload": "w2", "to": "c", "deadline_s": 2})).await;
     let id2 = m2["migration"]["id"].as_str().unwrap().to_string();
     let (_, m4) = b.post("/v1/migrations", json!({"workload": "w4", "to": "c"})).await;
     let id4 = m4["migration"]["id"].as_str().unwrap().to_string();
     let r = b.beat(&a, &ta, all_running(), vec![]).await;
     assert_eq!(r.migrations.len(), 2);
+    assert!(r.migrations.iter().all(|o| !o.cancel), "{:?}", r.migrations);
     let (s, e) = b.delete(&format!("/v1/migrations/{id2}")).await;
-    assert_eq!(s, 409, "{e}");
-    assert!(e["message"].as_str().unwrap().contains("has started it"), "{e}");
-    assert_eq!(e["migration"]["state"], "running");
+    assert_eq!((s, e["state"].as_str()), (202, Some("running")), "{e}");
+    assert!(e["cancel_requested_ms"].as_u64().is_some(), "{e}");
     // pending past its deadline: a never asks again
     let (_, m3) = b.post("/v1/migrations", json!({"workload": "w3", "to": "c", "deadline_s": 1})).await;
     let id3 = m3["migration"]["id"].as_str().unwrap().to_string();
@@ -628,6 +628,55 @@ async fn migrations_end_by_cancel_or_deadline_and_stay_ended_after_a_restart() {
     b.stop().await;
 }
 
+/// A cancel of a move its online source has started: 202 (asked again: the same), the
+/// source's order carries `cancel` from then on; the source's `migration-failed` (it
+/// aborted before its commit point) ends it `cancelled` with the workload on the source,
+/// and a `migration-finished` (the move had committed) ends it `succeeded`.
+#[tokio::test]
+async fn a_cancel_under_way_is_carried_out_by_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node("a", Tier::Edge, CpuVendor::Intel);
+    let c = node("c", Tier::Edge, CpuVendor::Intel);
+    let b = Running::start(&dir.path().join("broker.db")).await;
+    let ta = b.register(&a, "127.0.0.1:1").await.agent_token;
+    for w in ["w1", "w2"] {
+        assert_eq!(b.post("/v1/workloads", json!({"name": w, "image": "x"})).await.1["workload"]["node"], "a");
+    }
+    b.register(&c, "127.0.0.1:1").await;
+    let on_a = || ["w1", "w2"].iter().map(|w| status(w, RuntimeKind::Containerd, WorkloadState::Running)).collect();
+    b.beat(&a, &ta, on_a(), vec![]).await;
+    let mut ids = Vec::new();
+    for w in ["w1", "w2"] {
+        let (_, m) = b.post("/v1/migrations", json!({"workload": w, "to": "c"})).await;
+        ids.push(m["migration"]["id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(b.beat(&a, &ta, on_a(), vec![]).await.migrations.len(), 2);
+    for id in &ids {
+        let (s, m) = b.delete(&format!("/v1/migrations/{id}")).await;
+        assert_eq!((s, m["state"].as_str()), (202, Some("running")), "{m}");
+        let again = b.delete(&format!("/v1/migrations/{id}")).await;
+        assert_eq!((again.0, &again.1["cancel_requested_ms"]), (202, &m["cancel_requested_ms"]), "the same answer");
+    }
+    let r = b.beat(&a, &ta, on_a(), vec![]).await;
+    assert!(r.migrations.len() == 2 && r.migrations.iter().all(|o| o.cancel), "{:?}", r.migrations);
+    // w1 aborted in time, w2 had committed
+    let events = vec![
+        event(1, "migration-failed", "w1", Some(&ids[0]), None),
+        event(2, "migration-finished", "w2", Some(&ids[1]), Some(report("w2", "a", "c"))),
+    ];
+    let r = b.beat(&a, &ta, vec![status("w1", RuntimeKind::Containerd, WorkloadState::Running)], events).await;
+    assert!(r.migrations.is_empty(), "{:?}", r.migrations);
+    let m1 = b.get(&format!("/v1/migrations/{}", ids[0])).await.1;
+    assert_eq!(m1["state"], "cancelled", "{m1}");
+    assert!(m1["error"].as_str().unwrap().starts_with("cancelled"), "{m1}");
+    assert_eq!(b.get(&format!("/v1/migrations/{}", ids[1])).await.1["state"], "succeeded");
+    assert_eq!(b.get("/v1/workloads/w1").await.1["node"], "a");
+    assert_eq!(b.get("/v1/workloads/w2").await.1["node"], "c");
+    let (s, e) = b.delete(&format!("/v1/migrations/{}", ids[0])).await;
+    assert_eq!(s, 409, "an ended migration: {e}");
+    b.stop().await;
+}
+
 /// A broker that was down longer than the node timeout does not take its nodes for
 /// offline at once: a migration past its deadline is ended only once the source had a
 /// node timeout to beat again.
@@ -653,7 +702,11 @@ async fn a_restarted_broker_waits_a_node_timeout_before_ending_migrations_withou
     let b = Running::start_with_timeout(&db, timeout).await;
     let started = std::time::Instant::now();
     let (s, e) = b.delete(&format!("/v1/migrations/{id}")).await;
-    assert_eq!(s, 409, "a may be online: it has had no chance to beat yet: {e}");
+    assert_eq!(
+        (s, e["state"].as_str()),
+        (202, Some("running")),
+        "a may be online: it has had no chance to beat yet: {e}"
+    );
     let why = wait_migration(&b, &id, |m| (m["state"] == "failed").then(|| m["error"].to_string())).await;
     assert!(started.elapsed() >= timeout, "ended {:?} after the start", started.elapsed());
     assert!(why.contains("source node a is offline"), "{why}");

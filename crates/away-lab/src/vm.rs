@@ -299,7 +299,7 @@ impl VmTarget for LinkedVmTarget {
         self.inner.wait_resumed(limit).await
     }
 
-    async fn confirm(&mut self) -> Result<String, VmMigrateError> {
+    async fn confirm(&mut self) -> away_migrate::vm::VmCommit {
         self.front = None;
         self.inner.confirm().await
     }

@@ -86,6 +86,8 @@ pub struct ContainerMigrationOptions {
     /// reached it, before the move is reported in doubt (the source then neither resumes
     /// nor removes its copy).
     pub commit_wait: Duration,
+    /// Abort the move when this is set before its commit point.
+    pub cancel: crate::Cancel,
 }
 
 impl Default for ContainerMigrationOptions {
@@ -96,6 +98,7 @@ impl Default for ContainerMigrationOptions {
             mode: Default::default(),
             compress_pages: None,
             commit_wait: Duration::from_secs(300),
+            cancel: Default::default(),
         }
     }
 }
@@ -194,6 +197,9 @@ pub async fn migrate_container(
         early = connect_early(&there.transfer_addr).await?;
     }
     let choice = crate::mode::choose(opts.mode, runtime, &status, &host, &there).await?;
+    if opts.cancel.is_cancelled() {
+        return Err(MigrateError::Cancelled(name.into()));
+    }
     tracing::info!(workload = name, mode = %choice.mode, "{}", choice.reason);
     let mut phases = vec![phase("check", started.elapsed())];
     if choice.mode == MigrationMode::Lazy || choice.streamed {
@@ -309,6 +315,23 @@ pub async fn migrate_container(
         .push(MigrationPhase { parts: restore_parts(&outcome.verdict), ..MigrationPhase::new("restore", restore_ms) });
     phases.push(MigrationPhase::new("settle", settle_ms));
 
+    #[cfg(feature = "fault-injection")]
+    hold_before_commit().await;
+    if opts.cancel.is_cancelled() {
+        // before the commit point: the target's copy goes first, then the source resumes
+        if let Some(why) = withdraw(target, &outcome.transfer_id, opts.commit_wait).await {
+            undo.archives.keep_failed(&payload);
+            let target = there.node.name.clone();
+            return Err(MigrateError::InDoubt {
+                transfer_id: outcome.transfer_id.clone(),
+                target,
+                why,
+                checkpoint: payload.clone(),
+            });
+        }
+        return Err(undo.rollback("cancelled before the commit: the target removed its copy".into()).await);
+    }
+
     // 3. commit: one answer per move. The source resumes only when the target says the
     // move is aborted, or when no commit can have reached it and its lease has run out;
     // it removes its copy only when the target says committed.
@@ -394,6 +417,17 @@ async fn withdraw(target: &dyn TargetNode, transfer_id: &str, wait: Duration) ->
             return Some(format!("the target kept move {transfer_id} prepared for {} s", wait.as_secs()));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_HOLD_BEFORE_COMMIT=SECONDS`): the
+/// source waits this long between the target's "restored" and its commit (a window for a
+/// cancel to land in).
+#[cfg(feature = "fault-injection")]
+async fn hold_before_commit() {
+    if let Some(secs) = std::env::var("AWAY_FAULT_HOLD_BEFORE_COMMIT").ok().and_then(|s| s.parse::<u64>().ok()) {
+        tracing::warn!("AWAY_FAULT_HOLD_BEFORE_COMMIT={secs}: holding before the commit");
+        tokio::time::sleep(Duration::from_secs(secs)).await;
     }
 }
 

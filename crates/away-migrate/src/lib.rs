@@ -27,11 +27,31 @@ use std::path::PathBuf;
 use away_model::{NodeInfo, Tier};
 use away_runtime::{LocalNode, RuntimeError};
 
+/// A request to abort a move under way (a broker's cancel): the move checks it at its
+/// steps up to its commit point and, when set, undoes what it did (the source resumes,
+/// the target's prepared copy is removed). Past the commit point it changes nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    /// Ask for the abort (from any thread).
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Errors of a migration. Messages name the workload, node or path involved.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("migration refused: {0}")]
     Incompatible(String),
+    /// Cancelled before anything was stopped: the workload runs on the source as before.
+    #[error("migration of {0} cancelled before it stopped the workload; it runs on the source as before")]
+    Cancelled(String),
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]

@@ -217,13 +217,19 @@ pub struct MigrationRecord {
     /// source still wins, since the source knows where the workload runs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resolved_by_broker: bool,
+    /// When a user asked to cancel it while its source was moving it (Unix ms): the
+    /// source is told to abort the move before its commit point; it stays `running`
+    /// until the source reports, then ends `cancelled` (aborted in time) or `succeeded`
+    /// (the move had committed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_ms: Option<u64>,
 }
 
 /// One thing that happened. `kind` is one of `node-registered`, `node-online`,
 /// `node-offline`, `node-draining`, `node-undrained`, `workload-placed`,
 /// `workload-running`, `workload-stopped`, `workload-failed`, `workload-removing`,
 /// `workload-removed`, `workload-stale-copy`, `migration-requested`, `migration-started`,
-/// `migration-succeeded`, `migration-failed`, `migration-cancelled`.
+/// `migration-succeeded`, `migration-failed`, `migration-cancelling`, `migration-cancelled`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BrokerEvent {

@@ -115,6 +115,11 @@ pub struct MigrationOrder {
     /// Containers: `stop-copy`, `staged`, `lazy` or `auto` (none: `auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// A user cancelled the migration (`DELETE /v1/migrations/{id}`): abort it before its
+    /// commit point (the source resumes, the target removes its prepared copy) and report
+    /// `migration-failed`; a move past its commit point ends as it would have.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -177,9 +177,10 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
 ///
 /// `--cancel ID --broker URL` cancels a broker migration (`DELETE /v1/migrations/ID`,
 /// user token from AWAY_USER_TOKEN) instead: one its source has not received yet, or one
-/// whose source node is offline; the workload stays where its source reports it. One an
-/// online source has started cannot be cancelled (aborting a move under way on the
-/// agent is not built): it ends by the commit protocol or its deadline.
+/// whose source node is offline, ends at once; one an online source is moving is aborted
+/// by that source before its commit point (it resumes, the target removes its copy) and
+/// ends `cancelled`, or `succeeded` if the move had committed. The workload stays where
+/// its source reports it.
 ///
 /// Examples:
 ///   away migrate counter --to 10.0.0.2:7800
@@ -306,6 +307,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         mode: a.mode,
         compress_pages: a.compression.map(|c| c != Compression::None),
         commit_wait: Duration::from_secs(a.commit_wait),
+        cancel: Default::default(),
     };
     let bar = progress_bar(a.json);
     let pb = bar.clone();
@@ -366,7 +368,16 @@ async fn migrate_vm(node: &LocalNode, a: &MigrateArgs, workload: &str, to: &str)
         pb.set_length(p.transferred + p.remaining);
         pb.set_position(p.transferred);
     };
-    let result = away_agent::client::migrate_vm_via_agent(node, &source_name, workload, client, opts, progress).await;
+    let result = away_agent::client::migrate_vm_via_agent(
+        node,
+        &source_name,
+        workload,
+        client,
+        opts,
+        Default::default(),
+        progress,
+    )
+    .await;
     finish(bar, result?, a.json)
 }
 
@@ -380,6 +391,12 @@ async fn cancel(broker: &str, token: Option<&str>, id: &str, json: bool) -> anyh
     let m = client.cancel_migration(id).await.with_context(|| format!("cancel migration {id}"))?;
     if json {
         print_json(&m)?;
+    } else if m.state.is_active() {
+        println!(
+            "migration {} of {}: source node {} is told to abort the move before its commit point; it ends \
+             cancelled (or succeeded, if the move had committed): GET /v1/migrations/ID shows which",
+            m.id, m.workload, m.source
+        );
     } else {
         println!(
             "migration {} {}: {} stays on {}: {}",

@@ -103,5 +103,5 @@ async fn cancel_a_pending_migration_then_refuse_an_ended_one() {
     let out = away(&["migrate", "--cancel", &m2.id], Some(USER));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--broker"));
     let help = String::from_utf8_lossy(&away(&["migrate", "--help"], None).stdout).to_string();
-    assert!(help.contains("--cancel <ID>") && help.contains("not built"), "{help}");
+    assert!(help.contains("--cancel <ID>") && help.contains("before its commit point"), "{help}");
 }

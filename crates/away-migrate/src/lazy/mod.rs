@@ -68,6 +68,9 @@ impl RelayCounters {
 pub enum LazyFault {
     CutAfter(u64),
     CorruptAfter(u64),
+    /// From this many bytes on, 50 ms per frame (a slow link: a lazy phase long enough
+    /// for a test to kill the source in it; `slow-after:BYTES`).
+    SlowAfter(u64),
 }
 
 impl LazyFault {
@@ -79,6 +82,7 @@ impl LazyFault {
         match kind {
             "cut-after" => Some(LazyFault::CutAfter(n)),
             "corrupt-after" => Some(LazyFault::CorruptAfter(n)),
+            "slow-after" => Some(LazyFault::SlowAfter(n)),
             _ => None,
         }
     }
@@ -186,6 +190,11 @@ async fn source_side(
         .map_err(LazyError::task("page server connection"))?
         .and_then(|s| {
             s.set_nonblocking(true)?;
+            // closed by anything but a clean end below (this process killed outright:
+            // the kernel closes the socket), the connection is reset, not shut down:
+            // CRIU reads a reset as a failed transfer and resumes the source, where a
+            // plain close would read as "every page moved" and end it with pages missing
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
             TcpStream::from_std(s)
         })
         .map_err(LazyError::io("connect to CRIU's page server"))?;
@@ -231,7 +240,7 @@ async fn source_side(
         let last =
             framed_to_plain(&mut net_r, &mut criu_w, &counters, Some(IDLE_TIMEOUT), false, Some(&final_seen)).await?;
         if is_final_request(&last) || criu_closed.load(Ordering::SeqCst) {
-            let _ = criu_w.shutdown().await;
+            end_cleanly(&mut criu_w).await;
             Ok(())
         } else {
             Err(LazyError::EndedBeforeLastPage)
@@ -247,7 +256,7 @@ async fn source_side(
             // and its daemon may be gone already; ending well here is the only way to one
             // instance (a resumed source would be a second)
             tracing::warn!("lazy pages: {e} after the last request; ending the dump as done", e = ErrorChain(e));
-            let _ = criu_w.shutdown().await;
+            end_cleanly(&mut criu_w).await;
             drain(&mut criu_r).await;
             return Ok(());
         }
@@ -258,6 +267,13 @@ async fn source_side(
         }
     }
     result
+}
+
+/// End the connection to CRIU's page server as a success: a plain close (FIN), not the
+/// reset set up for a death of this process.
+async fn end_cleanly(criu_w: &mut OwnedWriteHalf) {
+    let _ = socket2::SockRef::from(criu_w.as_ref()).set_linger(None);
+    let _ = criu_w.shutdown().await;
 }
 
 /// Read what CRIU still sends until it closes (at most 10 s): it may be blocked sending
@@ -382,6 +398,9 @@ async fn plain_to_framed(
             Some(LazyFault::CorruptAfter(limit)) if sent >= limit => {
                 let mid = frame.len() / 2;
                 frame[mid] ^= 0x5a;
+            }
+            Some(LazyFault::SlowAfter(limit)) if sent >= limit => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             _ => {}
         }
@@ -770,6 +789,43 @@ mod tests {
         assert!(clean);
         relay.expect("clean end");
         assert!(wire > plain, "stored: the pages and a header and checksum per frame: {wire} for {plain}");
+    }
+
+    /// The process running the relay killed outright (SIGKILL: none of its code runs, the
+    /// kernel closes its sockets): CRIU must read a reset, which fails the dump and
+    /// resumes the source, never the plain end of stream it takes for "every page moved".
+    /// The relay runs in a child process (this test binary again, the test below).
+    #[tokio::test]
+    async fn a_relay_killed_outright_resets_the_page_server_connection() {
+        let criu = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = criu.local_addr().unwrap();
+        let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "lazy::tests::relay_child", "--nocapture", "--include-ignored"])
+            .env("AWAY_TEST_RELAY_CRIU", addr.to_string())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (mut s, _) = tokio::time::timeout(Duration::from_secs(30), criu.accept()).await.unwrap().unwrap();
+        // relaying (the connection to CRIU set up): killed
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        child.start_kill().unwrap();
+        let _ = child.wait().await;
+        let mut b = [0u8; PS_IOV_SIZE];
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await.expect("an answer");
+        assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "CRIU read {r:?}");
+    }
+
+    /// The child of the test above: a source relay to the "CRIU" it is given, with the
+    /// target connected, waiting until it is killed. Ignored on its own.
+    #[tokio::test]
+    #[ignore = "run by a_relay_killed_outright_resets_the_page_server_connection"]
+    async fn relay_child() {
+        let Ok(addr) = std::env::var("AWAY_TEST_RELAY_CRIU") else { return };
+        let connect = move || std::net::TcpStream::connect(addr.as_str());
+        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, None, true).await.unwrap();
+        let _target = TcpStream::connect(("127.0.0.1", source.port)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
     }
 
     #[tokio::test]

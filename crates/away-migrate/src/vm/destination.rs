@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use away_model::{error_chain, WorkloadSpec};
 use away_runtime::qemu::qmp::commands::{
-    Command, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, MigrationStatus, QmpCapabilities,
+    Command, Cont, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, MigrationStatus, QmpCapabilities,
     QueryMigrate,
 };
 use away_runtime::qemu::{QemuRuntime, Qmp, QmpError, VmFiles};
@@ -15,12 +15,21 @@ use super::{log_tail, Side, VmMigrateError, VmMigrationOptions, QMP_TIMEOUT};
 
 /// A destination QEMU waiting for (or having received) the VM. Call [`Destination::confirm`]
 /// once it runs, or [`Destination::abort`]; dropping it leaves the QEMU as it is.
+///
+/// A *held* destination (every pre-copy move; started with `-S`) stays paused after the
+/// incoming migration: the guest runs nowhere until its source commits the move, and
+/// [`Destination::release`] starts it. A post-copy move is not held: its guest must run
+/// on the destination from the switchover on (its pages are fetched as it faults).
 pub struct Destination {
     runtime: QemuRuntime,
     name: String,
     files: VmFiles,
     listen: String,
     qmp: Option<Qmp>,
+    held: bool,
+    /// When [`Destination::wait_resumed`] first found the held guest complete (a lease
+    /// counts from here: never later than the source hears it).
+    ready_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for Destination {
@@ -29,6 +38,7 @@ impl std::fmt::Debug for Destination {
             .field("name", &self.name)
             .field("dir", &self.files.dir)
             .field("listen", &self.listen)
+            .field("held", &self.held)
             .finish()
     }
 }
@@ -51,9 +61,20 @@ impl Destination {
         VmMigrateError::Qmp { workload: self.name.clone(), side: Side::Destination, command: command.into(), source }
     }
 
-    /// Wait until the destination runs the VM; Ok(the time of its `RESUME` event).
-    /// An incoming migration that fails makes QEMU exit: that is reported with the tail
-    /// of its log.
+    /// Whether the guest is held paused for its source's commit (not released yet).
+    pub fn held(&self) -> bool {
+        self.held
+    }
+
+    /// When the held guest was first found complete (None: not yet, or not held).
+    pub fn ready_at(&self) -> Option<Instant> {
+        self.ready_at
+    }
+
+    /// Wait until the destination has the whole VM: for a held destination, the incoming
+    /// migration completed and the guest paused (Ok(now)); otherwise the guest runs
+    /// (Ok(the time of its `RESUME` event)). An incoming migration that fails makes QEMU
+    /// exit: that is reported with the tail of its log.
     pub async fn wait_resumed(&mut self, limit: Duration) -> Result<SystemTime, VmMigrateError> {
         let deadline = Instant::now() + limit;
         let not_resumed = |name: &str, reason: String| VmMigrateError::NotResumed { workload: name.into(), reason };
@@ -74,6 +95,15 @@ impl Destination {
                     resumed_at = Some(ev.at);
                 }
             }
+            if self.held && state == "paused" {
+                // -S: "paused" comes only after the incoming migration completed
+                if let Ok(info) = q.execute(&QueryMigrate).await {
+                    if info.status == MigrationStatus::Completed {
+                        self.ready_at.get_or_insert_with(Instant::now);
+                        return Ok(SystemTime::now());
+                    }
+                }
+            }
             if state == "running" {
                 return Ok(resumed_at.unwrap_or_else(|| {
                     tracing::warn!(workload = %self.name, "destination runs but sent no RESUME event; using now");
@@ -92,6 +122,42 @@ impl Destination {
                 return Err(not_resumed(&self.name, format!("still {state} after {} s", limit.as_secs())));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Start a held guest (`cont`): its source committed the move. Ok(the time of its
+    /// `RESUME` event); a destination not held runs already (Ok(None)).
+    pub async fn release(&mut self) -> Result<Option<SystemTime>, VmMigrateError> {
+        if !self.held {
+            return Ok(None);
+        }
+        let name = self.name.clone();
+        let Some(q) = self.qmp.as_mut() else {
+            return Err(VmMigrateError::NotResumed { workload: name, reason: "the qmp session is closed".into() });
+        };
+        let err = |command: &str, source: QmpError| VmMigrateError::Qmp {
+            workload: name.clone(),
+            side: Side::Destination,
+            command: command.into(),
+            source,
+        };
+        q.take_events();
+        q.execute(&Cont).await.map_err(|e| err(Cont::NAME, e))?;
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        loop {
+            let state = q.run_state().await.map_err(|e| err("query-status", e))?;
+            let resumed = q.take_events().into_iter().find(|ev| ev.name == "RESUME").map(|ev| ev.at);
+            if state == "running" {
+                self.held = false;
+                return Ok(Some(resumed.unwrap_or_else(SystemTime::now)));
+            }
+            if Instant::now() >= deadline {
+                return Err(VmMigrateError::NotResumed {
+                    workload: name,
+                    reason: format!("still {state} {} s after cont", QMP_TIMEOUT.as_secs()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -127,12 +193,15 @@ pub async fn prepare_destination(
 ) -> Result<Destination, VmMigrateError> {
     opts.validate()?;
     let name = spec.name.clone();
+    // held for the commit unless post-copy: that guest must run here from the switchover
+    let held = !opts.postcopy;
     let (files, _record) = target
-        .start_incoming(spec, image, "defer", None)
+        .start_incoming_as(spec, image, "defer", None, held)
         .await
         .map_err(|source| VmMigrateError::Runtime { workload: name.clone(), op: "start the destination vm", source })?;
     let listen = format!("tcp:{}:{listen_port}", opts.listen_host);
-    let mut dest = Destination { runtime: target.clone(), name: name.clone(), files, listen, qmp: None };
+    let mut dest =
+        Destination { runtime: target.clone(), name: name.clone(), files, listen, qmp: None, held, ready_at: None };
     let configured = async {
         let socket = dest.files.qmp_socket();
         let mut q = Qmp::connect(&socket, QMP_TIMEOUT).await.map_err(|e| dest.qmp_err(QmpCapabilities::NAME, e))?;
@@ -186,12 +255,27 @@ pub trait VmTarget: Send {
         image: &ResolvedImage,
         opts: &VmMigrationOptions,
     ) -> Result<String, VmMigrateError>;
-    /// Wait for the destination's RESUME event; its QEMU timestamp.
+    /// Wait until the destination has the whole VM (held paused for the commit, or
+    /// running: then its RESUME event's QEMU timestamp).
     async fn wait_resumed(&mut self, limit: Duration) -> Result<SystemTime, VmMigrateError>;
-    /// The destination runs: keep it. Returns where it lives.
-    async fn confirm(&mut self) -> Result<String, VmMigrateError>;
+    /// Commit the move: the destination keeps (and runs) the VM. The one answer of the
+    /// commit protocol (docs/reliability.md): committed, aborted (the destination is
+    /// gone: resume the source), or in doubt (neither).
+    async fn confirm(&mut self) -> VmCommit;
     /// Remove the destination.
     async fn abort(&mut self) -> Result<(), VmMigrateError>;
+}
+
+/// A VM move's one answer ([`VmTarget::confirm`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmCommit {
+    /// The destination runs the VM (`placed`: where); `resumed_at`: its RESUME event
+    /// when the commit started it (None: it ran already, or the answer was asked again).
+    Committed { placed: String, resumed_at: Option<SystemTime> },
+    /// The destination is gone: the source's VM is the workload (why).
+    Aborted(String),
+    /// No definite answer: the source must neither resume nor remove its VM (why).
+    InDoubt(String),
 }
 
 /// A destination QEMU on this host.
@@ -226,8 +310,21 @@ impl VmTarget for LocalVmTarget {
         }
     }
 
-    async fn confirm(&mut self) -> Result<String, VmMigrateError> {
-        Ok(self.dest.take().map(|d| d.confirm().dir.display().to_string()).unwrap_or_default())
+    async fn confirm(&mut self) -> VmCommit {
+        let Some(mut d) = self.dest.take() else {
+            return VmCommit::Aborted("no destination prepared".into());
+        };
+        match d.release().await {
+            Ok(resumed_at) => VmCommit::Committed { placed: d.confirm().dir.display().to_string(), resumed_at },
+            Err(e) => {
+                let why = format!("the destination would not start: {}", error_chain(&e));
+                if let Err(cleanup) = d.abort().await {
+                    // not gone: the source must not run beside it
+                    return VmCommit::InDoubt(format!("{why}; cannot remove it: {}", error_chain(&cleanup)));
+                }
+                VmCommit::Aborted(why)
+            }
+        }
     }
 
     async fn abort(&mut self) -> Result<(), VmMigrateError> {

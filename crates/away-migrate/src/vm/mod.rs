@@ -11,10 +11,14 @@
 //! full pre-copy passes; a migration still in pre-copy when the time limit passes is
 //! cancelled (`migrate_cancel`) and the source is checked to run again.
 //!
-//! The move never loses the workload: the source is removed only after the
-//! destination reports "running"; on any failure before that, the destination is
-//! killed and removed and the source resumed. Once post-copy has started the guest's
-//! memory is split between both ends, so nothing is cancelled or killed any more.
+//! The move never loses the workload and never runs it twice: a pre-copy destination
+//! is held paused (`-S`) after the incoming migration, and runs only once the source
+//! commits the move (the commit protocol, docs/reliability.md); the source is removed
+//! only after that commit's answer. On any failure before the commit, the destination
+//! is removed and the source resumed; without a definite answer the source stays
+//! paused (in doubt). Once post-copy has started the guest's memory is split between
+//! both ends, so nothing is cancelled or killed any more, and the destination runs from
+//! the switchover on (not held): a destination lost after that loses the workload.
 //!
 //! Two downtimes are recorded. QEMU's own `downtime` stops its clock when the last
 //! bytes enter the socket, before the destination has loaded them. The workload's
@@ -40,7 +44,7 @@ use away_runtime::qemu::{QemuRuntime, QmpError};
 use away_runtime::{ResolvedImage, Runtime, RuntimeError};
 use serde::{Deserialize, Serialize};
 
-pub use destination::{prepare_destination, Destination, LocalVmTarget, VmTarget};
+pub use destination::{prepare_destination, Destination, LocalVmTarget, VmCommit, VmTarget};
 pub use info::{VmMigrationOutcome, VmProgress};
 pub use options::VmMigrationOptions;
 pub use source::live_migrate;
@@ -90,6 +94,10 @@ pub enum VmMigrateError {
     NotResumed { workload: String, reason: String },
     #[error("workload {workload}: post-copy broke ({status}): the guest's memory is split between source and destination, both are kept (paused) for `migrate-recover`")]
     PostcopyBroken { workload: String, status: String },
+    #[error("workload {workload}: the destination did not commit the move: {reason}")]
+    NotCommitted { workload: String, reason: String },
+    #[error("workload {workload}: migration in doubt: {reason}; the source vm stays paused (resuming could make two instances); ask the target about move vm-{workload}")]
+    InDoubt { workload: String, reason: String },
     #[error("workload {workload}: the source vm is {state} after the failed migration and did not resume; {reason}")]
     SourceNotResumed { workload: String, state: String, reason: String },
     /// The whole move failed and was rolled back: the workload runs on the source.
@@ -259,7 +267,30 @@ pub async fn migrate_vm_to(
             return Err(aborted(report, e));
         }
     };
-    let placed = dest.confirm().await?;
+    // commit: a held destination starts only now; the answer decides which VM stays
+    let (placed, resumed_at) = match dest.confirm().await {
+        VmCommit::Committed { placed, resumed_at: started } => (placed, started.unwrap_or(resumed_at)),
+        // held (pre-copy only): the destination never ran. Not `outcome.postcopy`: a move
+        // with post-copy enabled may complete before its switch, and its destination,
+        // not held, runs from then on
+        VmCommit::Aborted(reason) if !opts.postcopy => {
+            // the destination is gone and the paused source holds the whole guest
+            report.phases.push(phase_of("switchover", phase));
+            resume_source(source, name).await?;
+            return Err(aborted(report, VmMigrateError::NotCommitted { workload: name.into(), reason }));
+        }
+        VmCommit::Aborted(reason) => {
+            return Err(VmMigrateError::Failed {
+                workload: name.into(),
+                status: "not confirmed after post-copy".into(),
+                reason: format!(
+                    "{reason}; the destination runs the guest since the switchover (post-copy: not held), so the \
+                     source stays paused and is not resumed"
+                ),
+            })
+        }
+        VmCommit::InDoubt(reason) => return Err(VmMigrateError::InDoubt { workload: name.into(), reason }),
+    };
     report.phases.push(phase_of("switchover", phase));
     let stop_to_resume = outcome.source_stopped_at.and_then(|s| resumed_at.duration_since(s).ok());
     let (downtime, how) = match stop_to_resume {

@@ -53,6 +53,9 @@ pub struct VmLaunch {
     pub files: VmFiles,
     /// `-incoming` value: `defer` (restore from a file), `tcp:0.0.0.0:PORT` (live migration).
     pub incoming: Option<String>,
+    /// `-S`: the guest does not run by itself, not even after an incoming migration
+    /// (a live-migration destination held until its source commits; `cont` starts it).
+    pub paused: bool,
     /// When the workload overrides env or command: the shared artifact initrd and the
     /// overrides cpio that `initrd` (in the workload's dir) is made of, at start.
     pub initrd_overrides: Option<(PathBuf, Vec<u8>)>,
@@ -84,6 +87,7 @@ impl VmLaunch {
             ports: spec.ports.iter().map(|p| (p.host_port(), p.container)).collect(),
             files,
             incoming: None,
+            paused: false,
             initrd_overrides: None,
         }
     }
@@ -143,6 +147,9 @@ impl VmLaunch {
         ];
         if let Some(i) = &self.incoming {
             a.extend(["-incoming".into(), i.clone()]);
+        }
+        if self.paused {
+            a.push("-S".into());
         }
         a
     }

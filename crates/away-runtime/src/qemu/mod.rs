@@ -167,10 +167,25 @@ impl QemuRuntime {
         incoming: &str,
         restored_from: Option<PathBuf>,
     ) -> Result<(VmFiles, VmRecord), RuntimeError> {
+        self.start_incoming_as(spec, image, incoming, restored_from, false).await
+    }
+
+    /// [`QemuRuntime::start_incoming`] with `-S` when `paused`: the received guest stays
+    /// paused after the incoming migration until a `cont` (a live-migration destination
+    /// held until its source commits the move).
+    pub async fn start_incoming_as(
+        &self,
+        spec: &WorkloadSpec,
+        image: &ResolvedImage,
+        incoming: &str,
+        restored_from: Option<PathBuf>,
+        paused: bool,
+    ) -> Result<(VmFiles, VmRecord), RuntimeError> {
         self.precheck(spec)?;
         let artifact = self.artifact(image).await?;
         let mut launch = self.launch(spec, image, &artifact);
         launch.incoming = Some(incoming.to_string());
+        launch.paused = paused;
         let mut record = self.record_for(spec, image, &artifact, &launch);
         record.restored_from = restored_from;
         self.start(&launch, &record, "start the migration destination of").await?;
