@@ -689,6 +689,7 @@ mod tests {
                 error: None,
                 deadline_ms: None,
                 resolved_by_broker: false,
+                predicted: None,
                 mode: None,
             };
             self.migrations.insert(id.into(), m);

@@ -296,6 +296,7 @@ mod tests {
             error: None,
             deadline_ms: None,
             resolved_by_broker: false,
+            predicted: None,
         };
         let event = AgentEvent {
             seq: 7,

@@ -189,6 +189,7 @@ fn report(workload: &str, source: &str, target: &str) -> MigrationReport {
         reason: "test".into(),
         ok: true,
         error: None,
+        predicted: None,
     }
 }
 

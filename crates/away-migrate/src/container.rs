@@ -340,6 +340,7 @@ pub async fn migrate_container(
         reason: format!("{}; {}", compat.reason, choice.reason),
         ok: true,
         error: None,
+        predicted: None,
     })
 }
 
@@ -771,6 +772,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         },
         ok: true,
         error: None,
+        predicted: None,
     })
 }
 

@@ -165,4 +165,8 @@ pub struct MigrationReport {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the prediction model said before the move, for the way it took (absent
+    /// when nothing was predicted, and in reports written before predictions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<crate::predict::MovePrediction>,
 }

@@ -177,6 +177,7 @@ pub async fn migrate_vm_to(
         reason: format!("qemu live migration over tcp, accel {}: {}", source.accel(), opts.describe()),
         ok: false,
         error: None,
+        predicted: None,
     };
     let aborted = |mut report: MigrationReport, cause: VmMigrateError| {
         report.total_millis = millis(t0.elapsed());
@@ -388,6 +389,7 @@ mod tests {
             reason: String::new(),
             ok: false,
             error: None,
+            predicted: None,
         };
         VmMigrateError::Aborted { workload: "w".into(), cause: Box::new(cause), report: Box::new(report) }
     }
