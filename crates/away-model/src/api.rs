@@ -189,6 +189,10 @@ pub struct MigrationPlanAnswer {
     pub plan: Option<crate::predict::MovePlan>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_error: Option<String>,
+    /// Why the move would be refused (its prediction misses the `deadline_s` or
+    /// `max_downtime_ms` asked for); absent when it would be accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// A migration's deadline when the request names none, in seconds.
@@ -318,4 +322,7 @@ pub struct ErrorBody {
     pub compatibility: Option<Compatibility>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationRecord>,
+    /// A move refused for its prediction: the plan with the inputs it used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<crate::predict::MovePlan>,
 }
