@@ -296,6 +296,7 @@ async fn attempt(
         .with_slowed(slowed)
         .with_bytes(r.bytes_wire, r.bytes_raw)
         .with_paged(r.paged_bytes_raw)
+        .with_predicted(r.predicted.clone())
         .with_notes(phases(&r))),
         Some(r) => Ok(RunResult::new(planned, RunOutcome::Failed, Duration::from_millis(r.total_millis), None)
             .with_bytes(r.bytes_wire, r.bytes_raw)
