@@ -81,6 +81,22 @@ fn free_port() -> Result<u16, String> {
     away_runtime::host::free_loopback_port().map_err(|e| format!("find a free port on 127.0.0.1: {e}"))
 }
 
+/// The source's move history (the phase costs its predictions learn from) is one
+/// node's across the runs, as on a real node: `into` copies the experiment's history
+/// into this run's fresh source before its move, `!into` back after it.
+/// (A missing file is no history yet.)
+fn carry_history(opts: &CompareOptions, source: &Node, into: bool) {
+    let kept = opts.out_dir.join("logs").join("move-history.jsonl");
+    let node = source.base.join("state").join("move-history.jsonl");
+    let (from, to) = if into { (&kept, &node) } else { (&node, &kept) };
+    if from.exists() {
+        if let Err(e) = to.parent().map(std::fs::create_dir_all).unwrap_or(Ok(())).and_then(|_| std::fs::copy(from, to))
+        {
+            tracing::warn!("cannot carry the move history to {}: {e}", to.display());
+        }
+    }
+}
+
 /// One container run; failures become a `Failed` result with the reason in notes.
 pub async fn run(
     opts: &CompareOptions,
@@ -250,6 +266,7 @@ async fn attempt(
     let baseline = rates.get(rates.len() / 2).copied().filter(|r| *r > 0);
 
     status(format!("migrating over {}", planned.link));
+    carry_history(opts, source, true);
     let out = source
         .away_in(
             bin,
@@ -274,6 +291,7 @@ async fn attempt(
         )
         .await?;
     drop(front);
+    carry_history(opts, source, false);
     let report: Option<MigrationReport> = serde_json::from_slice(&out.stdout).ok();
     let mut slowed = None;
     if let (Some(r), Some(baseline)) = (report.as_ref().filter(|r| r.ok), baseline) {

@@ -226,10 +226,24 @@ impl History {
         let paged = [MoveKind::ContainerStreamed, MoveKind::ContainerLazy];
         let staged = [MoveKind::ContainerStaged, MoveKind::DockerStaged];
         let mut used = Vec::new();
-        if let Some(v) = median(&all, "check") {
+        if let Some(v) =
+            median(&[MoveKind::ContainerStreamed, MoveKind::ContainerStaged, MoveKind::DockerStaged], "check")
+                .or_else(|| median(&all, "check"))
+        {
             c.check_ms = v;
             used.push("check");
         }
+        // the fastest a phase ever moved memory here is a lower bound of the node's own
+        // rate (on a slow link the link, not the node, bounded it)
+        let fastest = |kinds: &[MoveKind], phase: &str, less_ms: f64| -> Option<f64> {
+            moves
+                .iter()
+                .filter(|m| kinds.contains(&m.kind) && m.bytes_raw > 0)
+                .filter_map(|m| {
+                    m.phases.get(phase).map(|&x| m.bytes_raw as f64 / ((x as f64 - less_ms).max(1.0) / 1e3))
+                })
+                .max_by(f64::total_cmp)
+        };
         // a dump that writes no memory is its fixed part
         if let Some(v) = median(&paged, "checkpoint") {
             c.dump_fixed_ms = v;
@@ -238,6 +252,25 @@ impl History {
         if let Some(v) = median(&[MoveKind::ContainerLazy], "restore") {
             c.restore_fixed_ms = v;
             used.push("restore");
+        }
+        if runtime == RuntimeKind::Containerd {
+            if let Some(v) = fastest(&[MoveKind::ContainerStreamed], "pages", 0.0) {
+                c.pipeline_bytes_per_s = v;
+                used.push("page stream rate");
+            }
+            if let Some(v) = fastest(&[MoveKind::ContainerStaged], "transfer", 0.0) {
+                c.staged_bytes_per_s = v;
+                used.push("staged transfer rate");
+            }
+            let paged = [MoveKind::ContainerStreamed, MoveKind::ContainerStaged];
+            if let Some(v) = fastest(&paged, "restore", c.restore_fixed_ms) {
+                c.restore_bytes_per_s = v;
+                used.push("restore rate");
+            }
+            if let Some(v) = fastest(&[MoveKind::ContainerStaged], "checkpoint", c.dump_fixed_ms) {
+                c.dump_bytes_per_s = v;
+                used.push("dump rate");
+            }
         }
         if runtime == RuntimeKind::Docker {
             // the engine's checkpoint and restore: fixed costs dominate at these sizes

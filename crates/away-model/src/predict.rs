@@ -84,6 +84,10 @@ impl fmt::Display for MoveKind {
 pub struct PhaseCosts {
     /// Before anything stops: compatibility, image, mode choice.
     pub check_ms: f64,
+    /// Lazy moves: watching the workload's writes besides the check (its working set
+    /// goes first): this fixed part plus its pages hashed at `hash_bytes_per_s`.
+    pub watch_ms: f64,
+    pub hash_bytes_per_s: f64,
     /// A dump's cost beyond its memory (CRIU's start, the process tree, files).
     pub dump_fixed_ms: f64,
     /// How fast a staged dump writes memory to disk.

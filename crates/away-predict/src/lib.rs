@@ -50,6 +50,8 @@ pub fn default_costs(runtime: RuntimeKind) -> PhaseCosts {
     match runtime {
         RuntimeKind::Docker => PhaseCosts {
             check_ms: 600.0,
+            watch_ms: 500.0,
+            hash_bytes_per_s: 150e6,
             dump_fixed_ms: 700.0,
             dump_bytes_per_s: 50e6,
             restore_fixed_ms: 1100.0,
@@ -63,6 +65,8 @@ pub fn default_costs(runtime: RuntimeKind) -> PhaseCosts {
         },
         RuntimeKind::Containerd => PhaseCosts {
             check_ms: 600.0,
+            watch_ms: 500.0,
+            hash_bytes_per_s: 150e6,
             dump_fixed_ms: 150.0,
             dump_bytes_per_s: 400e6,
             restore_fixed_ms: 180.0,
@@ -76,6 +80,8 @@ pub fn default_costs(runtime: RuntimeKind) -> PhaseCosts {
         },
         RuntimeKind::Qemu => PhaseCosts {
             check_ms: 200.0,
+            watch_ms: 0.0,
+            hash_bytes_per_s: f64::INFINITY,
             dump_fixed_ms: 0.0,
             dump_bytes_per_s: f64::INFINITY,
             restore_fixed_ms: 0.0,
@@ -154,7 +160,10 @@ fn container(kind: MoveKind, i: &PredictionInputs) -> MovePrediction {
     let rate = i.link_bytes_per_s;
     let wire = s * i.compress_ratio;
     let link_s = wire_seconds(wire, rate, rtt);
-    let (check, settle, finish) = (c.check_ms / 1e3, c.settle_ms / 1e3, c.finish_ms / 1e3);
+    let (mut check, settle, finish) = (c.check_ms / 1e3, c.settle_ms / 1e3, c.finish_ms / 1e3);
+    if kind == MoveKind::ContainerLazy {
+        check += c.watch_ms / 1e3 + s / c.hash_bytes_per_s;
+    }
     let restore = c.restore_fixed_ms / 1e3 + s / c.restore_bytes_per_s;
     let (downtime, degraded, note) = match kind {
         MoveKind::ContainerStaged | MoveKind::DockerStaged => {
