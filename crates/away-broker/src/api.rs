@@ -492,7 +492,7 @@ async fn request_migration(
         let req = req.clone();
         blocking(&b, move |b| b.choose_move(&req)).await?
     };
-    let plan = move_plan::ask_source(&b, &choice, &req).await;
+    let (choice, plan) = move_plan::best_target(&b, choice, &req).await;
     let refused = plan.as_ref().ok().and_then(|p| move_plan::refusal(p, &req));
     // the mode the prediction chose for `optimize`, when the user named none
     let mode = match (&req.mode, &plan) {

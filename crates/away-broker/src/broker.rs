@@ -115,7 +115,14 @@ pub struct MoveChoice {
     pub chosen_by: String,
     pub why: String,
     pub runtime: away_model::RuntimeKind,
+    /// The broker chose the target: the next best-scoring compatible nodes (at most
+    /// [`MOVE_ALTERNATIVES`] in all with the target), which a request that optimizes
+    /// the move compares by prediction.
+    pub others: Vec<String>,
 }
+
+/// Compatible targets a move that optimizes its prediction compares, at most.
+pub const MOVE_ALTERNATIVES: usize = 3;
 
 /// Where a workload's logs are.
 pub struct LogSource {
@@ -745,6 +752,7 @@ impl Broker {
         // resources the workload holds on its source do not count against other nodes
         let candidates: Vec<Candidate> =
             self.candidates(inner, now).into_iter().filter(|c| c.info.name != source.name).collect();
+        let mut others = Vec::new();
         let (target, compatibility, chosen_by, why) = match &req.to {
             Some(to) => {
                 if *to == source.name {
@@ -781,8 +789,14 @@ impl Broker {
                     let Some(c) = candidates.iter().find(|c| c.info.name == s.node) else { continue };
                     let compat = check(c.info);
                     if compat.allowed {
-                        found = Some((s.node.clone(), compat, s.total));
-                        break;
+                        if found.is_none() {
+                            found = Some((s.node.clone(), compat, s.total));
+                        } else if others.len() + 1 < MOVE_ALTERNATIVES {
+                            others.push(s.node.clone());
+                        } else {
+                            break;
+                        }
+                        continue;
                     }
                     refused.push(format!("{}: {}", s.node, compat.reason));
                 }
@@ -811,6 +825,7 @@ impl Broker {
             chosen_by: chosen_by.to_string(),
             why,
             runtime,
+            others,
         })
     }
 

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use away_model::{ApiError, MigrationRequest, MovePlan};
+use std::sync::Arc;
+
+use away_model::{ApiError, MigrationRequest, MovePlan, Optimize};
 use serde_json::json;
 
 use crate::broker::{Broker, MoveChoice};
@@ -48,6 +50,70 @@ pub async fn ask_source(broker: &Broker, choice: &MoveChoice, req: &MigrationReq
         return Err(format!("{} could not measure the move: {why}", choice.source));
     }
     resp.json::<MovePlan>().await.map_err(|e| format!("{}'s plan is not readable: {e}", choice.source))
+}
+
+/// Predict the move to `choice.target` and, when the broker chose it and the request
+/// optimizes, to each of `choice.others` too, and keep the target whose chosen way is
+/// predicted best (its `why` says so, with the others' figures).
+pub async fn best_target(
+    broker: &Arc<Broker>,
+    choice: MoveChoice,
+    req: &MigrationRequest,
+) -> (MoveChoice, Result<MovePlan, String>) {
+    let first = ask_source(broker, &choice, req).await;
+    let Some(optimize) = req.optimize.filter(|_| req.to.is_none() && !choice.others.is_empty()) else {
+        return (choice, first);
+    };
+    let measure = |p: &MovePlan| {
+        p.chosen_prediction().filter(|x| x.converges).map(|x| {
+            if optimize == Optimize::Total {
+                x.total_ms
+            } else {
+                x.downtime_ms
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    let mut best: (MoveChoice, Result<MovePlan, String>) = (choice.clone(), first);
+    if let Ok(p) = &best.1 {
+        seen.push(format!("{} {}", choice.target, figure(measure(p))));
+    }
+    for other in &choice.others {
+        let alt = MigrationRequest { to: Some(other.clone()), ..req.clone() };
+        let Ok(mut c) = ({
+            let b = broker.clone();
+            tokio::task::spawn_blocking(move || b.choose_move(&alt))
+                .await
+                .unwrap_or_else(|e| Err(crate::Problem::internal(e.to_string())))
+        }) else {
+            continue;
+        };
+        let plan = ask_source(broker, &c, req).await;
+        let Ok(p) = plan else { continue };
+        let m = measure(&p);
+        seen.push(format!("{other} {}", figure(m)));
+        let better = match (&best.1, m) {
+            (Ok(bp), Some(m)) => measure(bp).is_none_or(|b| m < b),
+            (Err(_), Some(_)) => true,
+            _ => false,
+        };
+        if better {
+            c.chosen_by = "broker".into();
+            best = (c, Ok(p));
+        }
+    }
+    let what = if optimize == Optimize::Total { "total time" } else { "downtime" };
+    best.0.why = format!(
+        "{}: the least predicted {what} of {} compatible node(s) ({})",
+        best.0.target,
+        seen.len(),
+        seen.join(", ")
+    );
+    best
+}
+
+fn figure(ms: Option<u64>) -> String {
+    ms.map(|m| format!("{:.2} s", m as f64 / 1e3)).unwrap_or_else(|| "does not finish".into())
 }
 
 /// Why the plan's chosen way cannot meet what `req` asked for (None: it can, or there
