@@ -258,6 +258,27 @@ impl History {
                 c.pipeline_bytes_per_s = v;
                 used.push("page stream rate");
             }
+            if let Some(v) = fastest(&[MoveKind::ContainerLazy], "lazy-pages", 0.0) {
+                c.lazy_bytes_per_s = v;
+                used.push("lazy page rate");
+            }
+            // the write watch: what a lazy check takes beyond the others', per byte hashed
+            let lazy_check = median(&[MoveKind::ContainerLazy], "check");
+            let hashed: Vec<f64> = moves
+                .iter()
+                .filter(|m| m.kind == MoveKind::ContainerLazy && m.bytes_raw > 0)
+                .filter_map(|m| {
+                    let extra =
+                        m.phases.get("check")? - (c.check_ms + c.watch_ms).min(*m.phases.get("check")? as f64) as u64;
+                    (extra > 0).then(|| m.bytes_raw as f64 / (extra as f64 / 1e3))
+                })
+                .collect();
+            if lazy_check.is_some() && !hashed.is_empty() {
+                let mut h = hashed;
+                h.sort_by(f64::total_cmp);
+                c.hash_bytes_per_s = h[h.len() / 2];
+                used.push("write watch");
+            }
             if let Some(v) = fastest(&[MoveKind::ContainerStaged], "transfer", 0.0) {
                 c.staged_bytes_per_s = v;
                 used.push("staged transfer rate");

@@ -106,6 +106,8 @@ pub struct PhaseCosts {
     /// Raw bytes per second a staged transfer handles when the link is not the limit
     /// (the archive read, compressed, checksummed, spooled and unpacked on the target).
     pub staged_bytes_per_s: f64,
+    /// Raw bytes per second a lazy move's memory follows at when the link is not the limit.
+    pub lazy_bytes_per_s: f64,
     /// VMs: starting the destination QEMU.
     pub vm_start_ms: f64,
     /// VMs: the switchover's cost beyond the last dirty pages (device state, resume).

@@ -60,6 +60,7 @@ pub fn default_costs(runtime: RuntimeKind) -> PhaseCosts {
             finish_ms: 150.0,
             pipeline_bytes_per_s: 500e6,
             staged_bytes_per_s: 120e6,
+            lazy_bytes_per_s: 300e6,
             vm_start_ms: 0.0,
             vm_switchover_ms: 0.0,
         },
@@ -75,6 +76,7 @@ pub fn default_costs(runtime: RuntimeKind) -> PhaseCosts {
             finish_ms: 120.0,
             pipeline_bytes_per_s: 500e6,
             staged_bytes_per_s: 120e6,
+            lazy_bytes_per_s: 300e6,
             vm_start_ms: 0.0,
             vm_switchover_ms: 0.0,
         },
@@ -91,6 +93,7 @@ pub fn default_costs(runtime: RuntimeKind) -> PhaseCosts {
             // QEMU's default max-bandwidth: 128 MiB/s
             pipeline_bytes_per_s: 134_217_728.0,
             staged_bytes_per_s: 134_217_728.0,
+            lazy_bytes_per_s: 134_217_728.0,
             vm_start_ms: 1500.0,
             vm_switchover_ms: 300.0,
         },
@@ -186,7 +189,7 @@ fn container(kind: MoveKind, i: &PredictionInputs) -> MovePrediction {
             // on a connection warmed up during the dump: the rate and half a round trip
             let payload = LAZY_PAYLOAD / rate.max(1.0) + rtt / 2.0;
             let down = dump + payload + c.restore_fixed_ms / 1e3;
-            let pages = link_s.max(s / c.pipeline_bytes_per_s);
+            let pages = link_s.max(s / c.lazy_bytes_per_s);
             // each page written before it arrived waits a round trip
             let stall = (i.dirty_bytes_per_s / 4096.0 * rtt).min(1.0);
             (
