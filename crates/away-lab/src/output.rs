@@ -136,7 +136,7 @@ fn prediction_section(md: &mut String, results: &LabResults) {
     );
     let _ = writeln!(
         md,
-        "| path | runs predicted | total within ±20 % | median |total error| | downtime within ±30 % | median |downtime error| | convergence right |"
+        "| path | runs predicted | total within ±20 % | median abs. total error | downtime within ±30 % | median abs. downtime error | convergence right |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
     let mut paths: Vec<MigrationPath> = runs.iter().map(|r| r.path).collect();

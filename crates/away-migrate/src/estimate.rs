@@ -244,6 +244,17 @@ impl History {
                 })
                 .max_by(f64::total_cmp)
         };
+        let typical = |kinds: &[MoveKind], phase: &str, less_ms: f64| -> Option<f64> {
+            let mut v: Vec<f64> = moves
+                .iter()
+                .filter(|m| kinds.contains(&m.kind) && m.bytes_raw > 0)
+                .filter_map(|m| {
+                    m.phases.get(phase).map(|&x| m.bytes_raw as f64 / ((x as f64 - less_ms).max(1.0) / 1e3))
+                })
+                .collect();
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| v[v.len() / 2])
+        };
         // a dump that writes no memory is its fixed part
         if let Some(v) = median(&paged, "checkpoint") {
             c.dump_fixed_ms = v;
@@ -279,7 +290,9 @@ impl History {
                 c.hash_bytes_per_s = h[h.len() / 2];
                 used.push("write watch");
             }
-            if let Some(v) = fastest(&[MoveKind::ContainerStaged], "transfer", 0.0) {
+            // a staged transfer is bound by this node's staging on every link measured
+            // (disk, checksum, unpack), so its typical rate, not its best
+            if let Some(v) = typical(&[MoveKind::ContainerStaged], "transfer", 0.0) {
                 c.staged_bytes_per_s = v;
                 used.push("staged transfer rate");
             }
@@ -288,7 +301,7 @@ impl History {
                 c.restore_bytes_per_s = v;
                 used.push("restore rate");
             }
-            if let Some(v) = fastest(&[MoveKind::ContainerStaged], "checkpoint", c.dump_fixed_ms) {
+            if let Some(v) = typical(&[MoveKind::ContainerStaged], "checkpoint", c.dump_fixed_ms) {
                 c.dump_bytes_per_s = v;
                 used.push("dump rate");
             }
