@@ -131,3 +131,36 @@ fn dry_run_changes_nothing_deadline_refusal_and_predicted_reports() {
     );
     wait_for(60, || api.running_on("mem", to).then_some(())).expect("mem runs on its new node");
 }
+
+/// `away migrate --plan` on the source node: the prediction of every way with its
+/// inputs, as JSON and as text; the counter stays where it is and the target holds nothing.
+#[test]
+fn away_migrate_plan_predicts_and_moves_nothing() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let id = std::process::id();
+    let source = away_e2e::Node::at(format!("e2e-plan-src-{id}"), dir.path().join("source"));
+    let target = away_e2e::Node::at(format!("e2e-plan-dst-{id}"), dir.path().join("target"));
+    let agent = target.start_agent(&format!("plan-target-{id}"), &[], &[], &dir.path().join("agent.log"));
+    let counter = source.start_counter(&agent.node, format!("plan-counter-{id}"), "containerd");
+    wait_for(20, || away_e2e::counter_state(counter.port)).expect("counter answers");
+
+    let (ok, out, err) = source.away(&["migrate", &counter.name, "--to", &agent.api, "--plan", "--json"]);
+    assert!(ok, "{err}");
+    let plan: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(plan["workload"], counter.name.as_str());
+    assert!(plan["inputs"]["state_bytes"].as_u64().unwrap() > 0, "{plan}");
+    assert!(plan["inputs"]["sources"]["link_bytes_per_s"].as_str().unwrap().starts_with("measured: probe"), "{plan}");
+    assert_eq!(plan["predictions"].as_array().unwrap().len(), 3, "{plan}");
+    assert!(plan["chosen"].is_string(), "{plan}");
+
+    let (ok, text, err) =
+        source.away(&["migrate", &counter.name, "--to", &agent.api, "--plan", "--optimize", "downtime"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("predicted, nothing moved") && text.contains("container-lazy"), "{text}");
+    assert!(text.contains("chosen:") && text.contains("the least downtime predicted"), "{text}");
+    assert!(source.running(&counter.name), "the plan moved nothing");
+    assert!(!agent.node.running(&counter.name), "the target holds nothing");
+}
