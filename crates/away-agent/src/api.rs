@@ -6,6 +6,8 @@
 //! | GET | /v1/images?reference=R | `{reference, present}` |
 //! | GET | /v1/workloads | `[WorkloadStatus]` |
 //! | GET | /v1/workloads/{name} | `WorkloadStatus`, 404 |
+//! | POST | /v1/workloads/{name}/plan | `{target_api, mode?, optimize?}`: measure and predict a move of it there; `MovePlan` |
+//! | POST | /v1/probe | body: up to 16 MiB of filler; `{bytes, second_half_ms}` (the link probe of a plan) |
 //! | POST | /v1/transfers/{id}/commit | `MoveRecord` (committed); idempotent; 409 when the move was aborted (lease ran out); 404 when unknown |
 //! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
 //! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
@@ -20,6 +22,7 @@
 use std::sync::Arc;
 
 use away_migrate::container::{restore_received, verdict_for, Manifest};
+use away_migrate::estimate::ProbeAnswer;
 use away_migrate::target::{MoveRecord, MoveState, TargetInfo};
 use away_migrate::transfer::{self, ReceivedPayload, Verdict};
 use away_model::{error_chain, ApiError, ErrorChain, ErrorCode};
@@ -43,17 +46,22 @@ impl IntoResponse for Problem {
     }
 }
 
-impl From<RuntimeError> for Problem {
-    fn from(e: RuntimeError) -> Self {
-        let code = match &e {
+impl Problem {
+    fn from_runtime_code(e: &RuntimeError) -> ErrorCode {
+        match e {
             RuntimeError::NotFound { .. } | RuntimeError::NoSuchWorkload { .. } => ErrorCode::NotFound,
             RuntimeError::AlreadyExists { .. } => ErrorCode::Conflict,
             RuntimeError::Invalid { .. } | RuntimeError::Image { .. } => ErrorCode::InvalidInput,
             RuntimeError::Unavailable { .. } => ErrorCode::Unavailable,
             RuntimeError::NoRuntime(_) | RuntimeError::Unsupported { .. } => ErrorCode::Incompatible,
             _ => ErrorCode::Internal,
-        };
-        Problem(ApiError::new(code, error_chain(&e)))
+        }
+    }
+}
+
+impl From<RuntimeError> for Problem {
+    fn from(e: RuntimeError) -> Self {
+        Problem(ApiError::new(Problem::from_runtime_code(&e), error_chain(&e)))
     }
 }
 
@@ -100,8 +108,84 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vm-migrations/{name}/confirm", post(vm_confirm))
         .route("/v1/vm-migrations/{name}", axum::routing::delete(vm_abort))
         .route("/v1/workloads/{name}/logs", get(logs))
+        .route("/v1/workloads/{name}/plan", post(plan))
+        .route("/v1/probe", post(probe).layer(axum::extract::DefaultBodyLimit::max(MAX_PROBE)))
         .route_layer(axum::middleware::from_fn_with_state(agent.clone(), require_token))
         .with_state(agent)
+}
+
+/// The largest link probe accepted.
+const MAX_PROBE: usize = 16 << 20;
+
+/// Read a probe's body and time its second half (the first runs in TCP's slow start).
+async fn probe(headers: axum::http::HeaderMap, body: axum::body::Body) -> Result<Json<ProbeAnswer>, Problem> {
+    use futures_util::StreamExt;
+    let expected = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n >= 2 && *n <= MAX_PROBE as u64)
+        .ok_or_else(|| {
+            Problem(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("a probe needs a Content-Length of 2 to {MAX_PROBE} bytes"),
+            ))
+        })?;
+    let mut stream = body.into_data_stream();
+    let (mut got, mut half) = (0u64, None);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Problem(ApiError::new(ErrorCode::InvalidInput, format!("probe body: {e}"))))?;
+        got += chunk.len() as u64;
+        if half.is_none() && got >= expected / 2 {
+            half = Some(std::time::Instant::now());
+        }
+    }
+    let second_half_ms = half.map_or(0.0, |h| h.elapsed().as_secs_f64() * 1e3);
+    Ok(Json(ProbeAnswer { bytes: got, second_half_ms }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanRequest {
+    /// The target agent's API address.
+    target_api: String,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    optimize: Option<away_model::Optimize>,
+}
+
+/// Measure a workload and the link to a target, and predict its move there.
+async fn plan(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(req): Json<PlanRequest>,
+) -> Result<Json<away_model::MovePlan>, Problem> {
+    let mode = match req.mode.as_deref() {
+        Some(m) => m.parse().map_err(|e: String| Problem(ApiError::new(ErrorCode::InvalidInput, e)))?,
+        None => Default::default(),
+    };
+    let token = agent.cluster_token.read().await.clone();
+    let target = crate::client::AgentClient::new(&req.target_api).with_token(token);
+    let planning =
+        away_migrate::estimate::plan_container(&agent.node, &agent.config.name, &name, &target, mode, req.optimize);
+    let plan = tokio::time::timeout(away_migrate::estimate::PLAN_TIMEOUT, planning)
+        .await
+        .map_err(|_| {
+            Problem(ApiError::new(
+                ErrorCode::Unavailable,
+                format!("measuring {name} took over {:?}", away_migrate::estimate::PLAN_TIMEOUT),
+            ))
+        })?
+        .map_err(|e| {
+            let code = match &e {
+                away_migrate::MigrateError::Runtime(r) => Problem::from_runtime_code(r),
+                away_migrate::MigrateError::Invalid(_) => ErrorCode::InvalidInput,
+                _ => ErrorCode::Unavailable,
+            };
+            Problem(ApiError::new(code, error_chain(&e)))
+        })?;
+    Ok(Json(plan))
 }
 
 async fn node(State(agent): State<Arc<Agent>>) -> Json<TargetInfo> {

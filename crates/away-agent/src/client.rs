@@ -203,6 +203,14 @@ impl TargetNode for AgentClient {
     async fn abort(&self, transfer_id: &str) -> Result<(), MigrateError> {
         self.check(self.http.delete(format!("{}/v1/transfers/{transfer_id}", self.base)).send().await).await.map(|_| ())
     }
+
+    async fn probe(&self, bytes: usize) -> Result<Option<away_migrate::estimate::ProbeAnswer>, MigrateError> {
+        let resp =
+            self.check(self.http.post(format!("{}/v1/probe", self.base)).body(vec![0u8; bytes]).send().await).await?;
+        let answer =
+            resp.json().await.map_err(|e| self.err(format!("bad /v1/probe answer: {e}", e = ErrorChain(&e))))?;
+        Ok(Some(answer))
+    }
 }
 
 /// A VM destination behind another node's agent.

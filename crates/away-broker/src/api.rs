@@ -14,7 +14,7 @@
 //! | GET | /v1/workloads/{name} | user | `WorkloadView` with its placement, 404 |
 //! | DELETE | /v1/workloads/{name} | user | 202 `WorkloadView` (removing), 404, 409 |
 //! | GET | /v1/workloads/{name}/logs | user | the agent's answer, proxied; 503 when the node is unreachable |
-//! | POST | /v1/migrations | user | 202 `{migration}`; 404, 409, 422 with the reason |
+//! | POST | /v1/migrations[?dry_run=true] | user | 202 `{migration}`; dry run: 200 `MigrationPlanAnswer` (the prediction); 404, 409, 422 with the reason (a deadline the prediction misses: `plan`) |
 //! | GET | /v1/migrations | user | `[Migration]` |
 //! | GET | /v1/migrations/{id} | user | `Migration`, 404 |
 //! | DELETE | /v1/migrations/{id} | user | 200 `Migration` (cancelled), 202 (its online source is told to abort it), 404, 409 (ended) |
@@ -33,8 +33,8 @@ use std::sync::Arc;
 use std::sync::LazyLock;
 
 use away_model::{
-    ApiError, ErrorBody, ErrorCode, Heartbeat, HeartbeatResponse, MigrationAccepted, MigrationRecord, NodeView,
-    RegisterRequest, RegisterResponse, SpecFormat, SubmitAnswer, WorkloadSpec, WorkloadView,
+    ApiError, ErrorBody, ErrorCode, Heartbeat, HeartbeatResponse, MigrationAccepted, MigrationPlanAnswer,
+    MigrationRecord, NodeView, RegisterRequest, RegisterResponse, SpecFormat, SubmitAnswer, WorkloadSpec, WorkloadView,
 };
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
@@ -53,6 +53,7 @@ use utoipa::{IntoParams, OpenApi};
 
 use crate::broker::{Broker, MigrationRequest};
 use crate::error::Problem;
+use crate::move_plan;
 
 /// The OpenAPI document: every route of [`router`], its bodies from away-model's types.
 #[derive(OpenApi)]
@@ -444,27 +445,99 @@ async fn workload_logs(State(b): Shared, headers: HeaderMap, Path(name): Path<St
 /// The longest a proxied log may take to stream.
 const LOGS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct MigrateQuery {
+    /// Only say where and how the move would go and what it is predicted to cost (the
+    /// source agent measures the workload and the link); nothing is recorded.
+    #[serde(default)]
+    #[param(schema_with = flag_schema)]
+    dry_run: Option<String>,
+}
+
 #[utoipa::path(
     post,
     path = "/v1/migrations",
     operation_id = "requestMigration",
-    summary = "Move a workload: to a named node, or to the best-scoring compatible node; checked for compatibility first",
+    summary = "Move a workload: to a named node, or to the best-scoring compatible node; checked for compatibility first, and against its prediction when the request gives deadline_s, max_downtime_ms or optimize (or with dry_run, only predicted)",
     security(("userToken" = [])),
+    params(MigrateQuery),
     request_body(content = MigrationRequest),
     responses(
         (status = 202, description = "Accepted: the source agent receives the order with its next heartbeat", body = MigrationAccepted),
+        (status = 200, description = "Dry run: where and how it would move, with the prediction and the inputs it used; nothing is recorded", body = MigrationPlanAnswer),
         (status = 400, description = "Malformed JSON or an invalid field; `field` names it", body = ApiError),
         (status = 401, description = "Missing or wrong bearer token", body = ApiError),
         (status = 404, description = "No such workload or target node", body = ApiError),
         (status = 409, description = "The workload is being removed or migrated already (`migration` names that one)", body = ErrorBody),
-        (status = 422, description = "The move is impossible; `compatibility` or `placement` carries the full explanation", body = ErrorBody),
+        (status = 422, description = "The move is impossible; `compatibility` or `placement` carries the full explanation; or it is predicted to miss the `deadline_s` or `max_downtime_ms` asked for, and `plan` carries the prediction", body = ErrorBody),
         (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
     )
 )]
-async fn request_migration(State(b): Shared, headers: HeaderMap, body: Bytes) -> Answer {
+async fn request_migration(
+    State(b): Shared,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<MigrateQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Answer {
     b.check_user(bearer(&headers))?;
-    let req: MigrationRequest = parse_json(&body)?;
-    let m = blocking(&b, move |b| b.migrate(req)).await?;
+    let query = query.map_err(|e| Problem::invalid(format!("bad query string: {e}")))?;
+    let dry_run = flag(query.dry_run.as_deref(), "dry_run")?;
+    let mut req: MigrationRequest = parse_json(&body)?;
+    if !dry_run && !move_plan::wanted(&req) {
+        let m = blocking(&b, move |b| b.migrate(req)).await?;
+        return ok(StatusCode::ACCEPTED, MigrationAccepted { migration: m });
+    }
+    let choice = {
+        let req = req.clone();
+        blocking(&b, move |b| b.choose_move(&req)).await?
+    };
+    let (choice, plan) = move_plan::best_target(&b, choice, &req).await;
+    let refused = plan.as_ref().ok().and_then(|p| move_plan::refusal(p, &req));
+    // the mode the prediction chose for `optimize`, when the user named none
+    let mode = match (&req.mode, &plan) {
+        (None, Ok(p)) if req.optimize.is_some() => p.chosen.and_then(|k| k.container_mode()).map(str::to_string),
+        _ => req.mode.clone(),
+    };
+    let why = match &plan {
+        Ok(p) if !p.why.is_empty() => format!("{}; predicted: {}", choice.why, p.why),
+        Ok(_) => choice.why.clone(),
+        Err(e) => format!("{}; no prediction: {e}", choice.why),
+    };
+    if dry_run {
+        let (plan, plan_error) = match plan {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e)),
+        };
+        return ok(
+            StatusCode::OK,
+            MigrationPlanAnswer {
+                workload: req.workload.clone(),
+                source: choice.source,
+                target: choice.target,
+                chosen_by: choice.chosen_by,
+                why,
+                compatibility: choice.compatibility,
+                mode,
+                plan,
+                plan_error,
+                refused,
+            },
+        );
+    }
+    if let Some(why) = refused {
+        let plan = plan.ok();
+        return Err(Problem::new(
+            ErrorCode::Incompatible,
+            format!("{} cannot move from {} to {} as asked: {why}", req.workload, choice.source, choice.target),
+        )
+        .detail("plan", plan));
+    }
+    let predicted = plan.as_ref().ok().and_then(|p| p.chosen_prediction().cloned());
+    req.to = Some(choice.target.clone());
+    req.mode = mode;
+    let chosen = Some((choice.chosen_by.clone(), why));
+    let m = blocking(&b, move |b| b.migrate_as(req, chosen, predicted)).await?;
     ok(StatusCode::ACCEPTED, MigrationAccepted { migration: m })
 }
 

@@ -102,6 +102,28 @@ pub struct Broker {
 // the API bodies live in away-model, shared with away-client
 pub use away_model::{MigrationRequest, NodeView, WorkloadView};
 
+/// Where a requested move would go, before it is recorded ([`Broker::choose_move`]).
+#[derive(Debug, Clone)]
+pub struct MoveChoice {
+    pub source: String,
+    pub source_api: String,
+    pub source_online: bool,
+    pub target: String,
+    pub target_api: String,
+    pub compatibility: Compatibility,
+    /// `user` or `broker`.
+    pub chosen_by: String,
+    pub why: String,
+    pub runtime: away_model::RuntimeKind,
+    /// The broker chose the target: the next best-scoring compatible nodes (at most
+    /// [`MOVE_ALTERNATIVES`] in all with the target), which a request that optimizes
+    /// the move compares by prediction.
+    pub others: Vec<String>,
+}
+
+/// Compatible targets a move that optimizes its prediction compares, at most.
+pub const MOVE_ALTERNATIVES: usize = 3;
+
 /// Where a workload's logs are.
 pub struct LogSource {
     pub node: String,
@@ -632,6 +654,64 @@ impl Broker {
     // ---- migrations ----
 
     pub fn migrate(&self, req: MigrationRequest) -> Result<MigrationRecord, Problem> {
+        self.migrate_as(req, None, None)
+    }
+
+    /// Where a move of `req` would go (source, target, compatibility, why), checked as
+    /// `POST /v1/migrations` checks it; nothing is recorded.
+    pub fn choose_move(&self, req: &MigrationRequest) -> Result<MoveChoice, Problem> {
+        let inner = lock(&self.inner);
+        self.pick_target(&inner, req, now_ms())
+    }
+
+    /// Record a migration of `req`. `chosen` keeps who chose the target and why when the
+    /// request's `to` was filled in from [`Broker::choose_move`]; `predicted` is the
+    /// prediction the request was checked against.
+    pub fn migrate_as(
+        &self,
+        req: MigrationRequest,
+        chosen: Option<(String, String)>,
+        predicted: Option<away_model::MovePrediction>,
+    ) -> Result<MigrationRecord, Problem> {
+        let now = now_ms();
+        let deadline_s = req.deadline_s.unwrap_or(DEFAULT_MIGRATION_DEADLINE_S);
+        let mut inner = lock(&self.inner);
+        let MoveChoice { source, target, compatibility, chosen_by, why, .. } = self.pick_target(&inner, &req, now)?;
+        let (chosen_by, why) = chosen.unwrap_or((chosen_by, why));
+        let record = MigrationRecord {
+            id: tokens::short_id("m-"),
+            workload: req.workload.clone(),
+            source,
+            target: target.clone(),
+            state: MigrationState::Pending,
+            chosen_by,
+            why,
+            compatibility,
+            requested_ms: now,
+            delivered_ms: None,
+            finished_ms: None,
+            report: None,
+            error: None,
+            mode: req.mode.clone(),
+            deadline_ms: Some(now + deadline_s * 1000),
+            resolved_by_broker: false,
+            cancel_requested_ms: None,
+            predicted,
+        };
+        inner.store.apply(&Changes { migrations: vec![record.clone()], ..Default::default() })?;
+        inner.migrations.insert(record.id.clone(), record.clone());
+        drop(inner);
+        self.emit(vec![Pending::new(
+            "migration-requested",
+            format!("move {} from {} to {}: {}", record.workload, record.source, record.target, record.why),
+        )
+        .node(&record.source)
+        .workload(&record.workload)
+        .migration(&record.id)]);
+        Ok(record)
+    }
+
+    fn pick_target(&self, inner: &Inner, req: &MigrationRequest, now: u64) -> Result<MoveChoice, Problem> {
         if let Some(mode) = &req.mode {
             mode.parse::<away_policy::ContainerMode>().map_err(|e| Problem::invalid(e).field("mode"))?;
         }
@@ -642,8 +722,6 @@ impl Broker {
             ))
             .field("deadline_s"));
         }
-        let now = now_ms();
-        let mut inner = lock(&self.inner);
         let w =
             inner.workloads.get(&req.workload).cloned().ok_or_else(|| no_workload(&req.workload).field("workload"))?;
         if w.desired == Desired::Removed {
@@ -674,7 +752,8 @@ impl Broker {
         };
         // resources the workload holds on its source do not count against other nodes
         let candidates: Vec<Candidate> =
-            self.candidates(&inner, now).into_iter().filter(|c| c.info.name != source.name).collect();
+            self.candidates(inner, now).into_iter().filter(|c| c.info.name != source.name).collect();
+        let mut others = Vec::new();
         let (target, compatibility, chosen_by, why) = match &req.to {
             Some(to) => {
                 if *to == source.name {
@@ -711,8 +790,14 @@ impl Broker {
                     let Some(c) = candidates.iter().find(|c| c.info.name == s.node) else { continue };
                     let compat = check(c.info);
                     if compat.allowed {
-                        found = Some((s.node.clone(), compat, s.total));
-                        break;
+                        if found.is_none() {
+                            found = Some((s.node.clone(), compat, s.total));
+                        } else if others.len() + 1 < MOVE_ALTERNATIVES {
+                            others.push(s.node.clone());
+                        } else {
+                            break;
+                        }
+                        continue;
                     }
                     refused.push(format!("{}: {}", s.node, compat.reason));
                 }
@@ -730,36 +815,19 @@ impl Broker {
                 (to, compat, "broker", why)
             }
         };
-        let record = MigrationRecord {
-            id: tokens::short_id("m-"),
-            workload: req.workload.clone(),
+        let target_api = inner.nodes.get(&target).map(|n| n.api_addr.clone()).unwrap_or_default();
+        Ok(MoveChoice {
+            source_online: self.is_online(&source, now),
             source: source.name.clone(),
-            target: target.clone(),
-            state: MigrationState::Pending,
+            source_api: source.api_addr.clone(),
+            target,
+            target_api,
+            compatibility,
             chosen_by: chosen_by.to_string(),
             why,
-            compatibility,
-            requested_ms: now,
-            delivered_ms: None,
-            finished_ms: None,
-            report: None,
-            error: None,
-            mode: req.mode.clone(),
-            deadline_ms: Some(now + deadline_s * 1000),
-            resolved_by_broker: false,
-            cancel_requested_ms: None,
-        };
-        inner.store.apply(&Changes { migrations: vec![record.clone()], ..Default::default() })?;
-        inner.migrations.insert(record.id.clone(), record.clone());
-        drop(inner);
-        self.emit(vec![Pending::new(
-            "migration-requested",
-            format!("move {} from {} to {}: {}", record.workload, record.source, record.target, record.why),
-        )
-        .node(&record.source)
-        .workload(&record.workload)
-        .migration(&record.id)]);
-        Ok(record)
+            runtime,
+            others,
+        })
     }
 
     pub fn migrations(&self) -> Vec<MigrationRecord> {

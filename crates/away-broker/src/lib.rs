@@ -20,6 +20,7 @@ pub mod error;
 pub mod events;
 pub mod group_commit;
 pub mod metrics;
+pub mod move_plan;
 pub mod placement;
 pub mod reconcile;
 pub mod records;

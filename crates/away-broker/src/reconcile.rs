@@ -704,6 +704,7 @@ mod tests {
                 deadline_ms: None,
                 resolved_by_broker: false,
                 cancel_requested_ms: None,
+                predicted: None,
                 mode: None,
             };
             self.migrations.insert(id.into(), m);

@@ -297,6 +297,7 @@ mod tests {
             deadline_ms: None,
             resolved_by_broker: false,
             cancel_requested_ms: None,
+            predicted: None,
         };
         let event = AgentEvent {
             seq: 7,

@@ -183,12 +183,14 @@ fn report(workload: &str, source: &str, target: &str) -> MigrationReport {
         downtime_millis: 700,
         degraded_millis: 0,
         resumed_unix_ms: None,
+        started_unix_ms: None,
         bytes_raw: 1 << 20,
         paged_bytes_raw: 0,
         bytes_wire: 1 << 19,
         reason: "test".into(),
         ok: true,
         error: None,
+        predicted: None,
     }
 }
 
@@ -797,4 +799,36 @@ async fn concurrent_submissions_are_placed_once_each_and_kept() {
     let kept: BTreeSet<String> = all.as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().into()).collect();
     assert_eq!(kept, placed);
     b.stop().await;
+}
+
+/// A dry run records nothing; when the source agent cannot be asked (here: no agent at
+/// its address) the answer says why there is no prediction, and a move with a deadline
+/// goes ahead without one, saying so. A bad `optimize` is a 400 naming the field.
+#[tokio::test]
+async fn dry_runs_record_nothing_and_say_why_there_is_no_prediction() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Running::start(&dir.path().join("broker.db")).await;
+    let a = node("a", Tier::Edge, CpuVendor::Intel);
+    let c = node("c", Tier::Edge, CpuVendor::Intel);
+    let ta = b.register(&a, "127.0.0.1:1").await.agent_token;
+    assert_eq!(b.post("/v1/workloads", json!({"name": "w", "image": "x"})).await.1["workload"]["node"], "a");
+    let tc = b.register(&c, "127.0.0.1:1").await.agent_token;
+    b.beat(&a, &ta, vec![status("w", RuntimeKind::Containerd, WorkloadState::Running)], vec![]).await;
+    b.beat(&c, &tc, vec![], vec![]).await;
+
+    let (s, dry) = b.post("/v1/migrations?dry_run=true", json!({"workload": "w", "to": "c", "deadline_s": 1})).await;
+    assert_eq!(s, 200, "{dry}");
+    assert_eq!((dry["source"].as_str(), dry["target"].as_str()), (Some("a"), Some("c")));
+    assert!(dry["plan"].is_null(), "{dry}");
+    assert!(dry["plan_error"].as_str().unwrap().contains("asking a to measure the move"), "{dry}");
+    assert!(dry["why"].as_str().unwrap().contains("no prediction"), "{dry}");
+    assert_eq!(b.get("/v1/migrations").await.1, json!([]), "a dry run records nothing");
+
+    let (s, e) = b.post("/v1/migrations", json!({"workload": "w", "to": "c", "optimize": "fastest"})).await;
+    assert_eq!((s, e["field"].as_str()), (400, Some("optimize")), "{e}");
+
+    let (s, m) = b.post("/v1/migrations", json!({"workload": "w", "to": "c", "deadline_s": 600})).await;
+    assert_eq!(s, 202, "{m}");
+    assert!(m["migration"]["why"].as_str().unwrap().contains("no prediction"), "{m}");
+    assert!(m["migration"]["predicted"].is_null(), "{m}");
 }

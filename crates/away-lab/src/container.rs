@@ -81,6 +81,22 @@ fn free_port() -> Result<u16, String> {
     away_runtime::host::free_loopback_port().map_err(|e| format!("find a free port on 127.0.0.1: {e}"))
 }
 
+/// The source's move history (the phase costs its predictions learn from) is one
+/// node's across the runs, as on a real node: `into` copies the experiment's history
+/// into this run's fresh source before its move, `!into` back after it.
+/// (A missing file is no history yet.)
+fn carry_history(opts: &CompareOptions, source: &Node, into: bool) {
+    let kept = opts.out_dir.join("logs").join("move-history.jsonl");
+    let node = source.base.join("state").join("move-history.jsonl");
+    let (from, to) = if into { (&kept, &node) } else { (&node, &kept) };
+    if from.exists() {
+        if let Err(e) = to.parent().map(std::fs::create_dir_all).unwrap_or(Ok(())).and_then(|_| std::fs::copy(from, to))
+        {
+            tracing::warn!("cannot carry the move history to {}: {e}", to.display());
+        }
+    }
+}
+
 /// One container run; failures become a `Failed` result with the reason in notes.
 pub async fn run(
     opts: &CompareOptions,
@@ -255,6 +271,7 @@ async fn attempt(
     let baseline = rates.get(rates.len() / 2).copied().filter(|r| *r > 0);
 
     status(format!("migrating over {}", planned.link));
+    carry_history(opts, source, true);
     // every path is timed the same way, on the lab's clock: from here (the command's
     // start) to the workload running on the target (crate::timed_total)
     let start_ms = crate::unix_ms();
@@ -282,6 +299,7 @@ async fn attempt(
         )
         .await?;
     drop(front);
+    carry_history(opts, source, false);
     let report: Option<MigrationReport> = serde_json::from_slice(&out.stdout).ok();
     let mut slowed = None;
     if let (Some(r), Some(baseline)) = (report.as_ref().filter(|r| r.ok), baseline) {
@@ -298,14 +316,20 @@ async fn attempt(
             planned,
             RunOutcome::Moved,
             // a lazy move has all its memory on the target `degraded` after its resume
-            crate::timed_total(start_ms, r.resumed_unix_ms.map(|at| at + r.degraded_millis))
-                .unwrap_or(Duration::from_millis(r.total_millis)),
+            // (from the move's own start when it says: the measuring for its prediction
+            // comes before and is no part of the move, and Podman has none)
+            crate::timed_total(
+                r.started_unix_ms.map_or(start_ms, |s| s.max(start_ms)),
+                r.resumed_unix_ms.map(|at| at + r.degraded_millis),
+            )
+            .unwrap_or(Duration::from_millis(r.total_millis)),
             Some(Duration::from_millis(r.downtime_millis)),
         )
         .with_degraded((r.degraded_millis > 0).then(|| Duration::from_millis(r.degraded_millis)))
         .with_slowed(slowed)
         .with_bytes(r.bytes_wire, r.bytes_raw)
         .with_paged(r.paged_bytes_raw)
+        .with_predicted(r.predicted.clone())
         .with_notes(phases(&r))),
         Some(r) => Ok(RunResult::new(planned, RunOutcome::Failed, Duration::from_millis(r.total_millis), None)
             .with_bytes(r.bytes_wire, r.bytes_raw)

@@ -541,6 +541,9 @@ pub struct RunResult {
     pub limit_s: f64,
     /// total / limit, when the move finished.
     pub total_over_limit: Option<f64>,
+    /// What the prediction model said before the move (the report's `predicted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<away_model::MovePrediction>,
     pub notes: String,
 }
 
@@ -567,6 +570,7 @@ impl RunResult {
             paged_bytes_raw: None,
             limit_s: 0.0,
             total_over_limit: None,
+            predicted: None,
             notes: String::new(),
         }
         .with_bytes(0, 0)
@@ -596,6 +600,24 @@ impl RunResult {
         self.total_over_limit =
             (self.converged() && self.limit_s > 0.0 && wire > 0).then(|| self.total_s / self.limit_s);
         self
+    }
+
+    pub fn with_predicted(mut self, predicted: Option<away_model::MovePrediction>) -> Self {
+        self.predicted = predicted;
+        self
+    }
+
+    /// (predicted − measured) ÷ measured total time, when both are there and it moved.
+    pub fn total_error(&self) -> Option<f64> {
+        let p = self.predicted.as_ref().filter(|p| p.converges)?;
+        (self.converged() && self.total_s > 0.0).then(|| (p.total_ms as f64 / 1e3 - self.total_s) / self.total_s)
+    }
+
+    /// (predicted − measured) ÷ measured downtime.
+    pub fn downtime_error(&self) -> Option<f64> {
+        let p = self.predicted.as_ref().filter(|p| p.converges)?;
+        let d = self.downtime_s.filter(|d| *d > 0.0 && self.converged())?;
+        Some((p.downtime_ms as f64 / 1e3 - d) / d)
     }
 
     pub fn with_notes(mut self, notes: impl Into<String>) -> Self {

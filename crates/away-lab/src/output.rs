@@ -14,7 +14,7 @@ use crate::reference::{self, ReferencePoint};
 use crate::{io_err, LabError, LabResults, LinkKind, Load, MigrationPath, RunResult};
 
 pub const CSV_HEADER: &str =
-    "run,path,link,load,rep,total_s,downtime_s,degraded_s,slowed_s,bytes_wire,bytes_raw,converged,limit_s,total_over_limit,notes";
+    "run,path,link,load,rep,total_s,downtime_s,degraded_s,slowed_s,bytes_wire,bytes_raw,converged,limit_s,total_over_limit,predicted_total_s,predicted_downtime_s,predicted_converges,total_error,downtime_error,notes";
 
 /// Font for the plots' text (Debian: fonts-dejavu-core); `AWAY_LAB_FONT` overrides it.
 const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -84,7 +84,7 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
     for r in &results.runs {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{:.3},{},{}",
+            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{:.3},{},{},{}",
             r.run,
             r.path,
             r.link,
@@ -99,10 +99,91 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
             r.converged(),
             r.limit_s,
             opt(r.total_over_limit, 3),
+            prediction_columns(r),
             csv_field(&r.notes)
         );
     }
     write_atomic(path, out.as_bytes())
+}
+
+/// The prediction's CSV columns of one run: predicted total and downtime, whether it
+/// predicted convergence, and the relative errors (empty without a prediction).
+fn prediction_columns(r: &RunResult) -> String {
+    let p = r.predicted.as_ref();
+    format!(
+        "{},{},{},{},{}",
+        opt(p.filter(|p| p.converges).map(|p| p.total_ms as f64 / 1e3), 3),
+        opt(p.filter(|p| p.converges).map(|p| p.downtime_ms as f64 / 1e3), 3),
+        p.map(|p| p.converges.to_string()).unwrap_or_default(),
+        opt(r.total_error(), 3),
+        opt(r.downtime_error(), 3)
+    )
+}
+
+/// Predicted against measured, per run and per path: the share of runs whose total is
+/// within ±20 % and whose downtime is within ±30 %, and whether convergence was
+/// predicted right.
+fn prediction_section(md: &mut String, results: &LabResults) {
+    let runs: Vec<&RunResult> = results.runs.iter().filter(|r| r.predicted.is_some()).collect();
+    if runs.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n## Predicted vs measured\n");
+    let _ = writeln!(
+        md,
+        "The prediction each move made before it started (`away_predict`, inputs measured by the source: \
+         docs/migration.md, \"Prediction\"). Error = (predicted − measured) ÷ measured.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| path | runs predicted | total within ±20 % | median abs. total error | downtime within ±30 % | median abs. downtime error | convergence right |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
+    let mut paths: Vec<MigrationPath> = runs.iter().map(|r| r.path).collect();
+    paths.sort_by_key(|p| p.name());
+    paths.dedup();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[v.len() / 2])
+    };
+    for path in paths {
+        let of: Vec<&&RunResult> = runs.iter().filter(|r| r.path == path).collect();
+        let totals: Vec<f64> = of.iter().filter_map(|r| r.total_error()).map(f64::abs).collect();
+        let downs: Vec<f64> = of.iter().filter_map(|r| r.downtime_error()).map(f64::abs).collect();
+        let right = of.iter().filter(|r| r.predicted.as_ref().is_some_and(|p| p.converges == r.converged())).count();
+        let within = |v: &[f64], bound: f64| format!("{}/{}", v.iter().filter(|e| **e <= bound).count(), v.len());
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {}/{} |",
+            path.name(),
+            of.len(),
+            within(&totals, 0.2),
+            median(totals.clone()).map(|e| format!("{:.0} %", e * 100.0)).unwrap_or_default(),
+            within(&downs, 0.3),
+            median(downs.clone()).map(|e| format!("{:.0} %", e * 100.0)).unwrap_or_default(),
+            right,
+            of.len()
+        );
+    }
+    let _ = writeln!(md, "\n| run | path | link | load | predicted total s | measured total s | predicted downtime s | measured downtime s | converges (predicted / measured) |");
+    let _ = writeln!(md, "|---:|---|---|---|---:|---:|---:|---:|---|");
+    for r in runs {
+        let p = r.predicted.as_ref().expect("filtered");
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.3} | {} | {} / {} |",
+            r.run,
+            r.path.name(),
+            r.link,
+            r.load,
+            p.total_ms as f64 / 1e3,
+            r.total_s,
+            p.downtime_ms as f64 / 1e3,
+            opt(r.downtime_s, 3),
+            p.converges,
+            r.converged()
+        );
+    }
 }
 
 /// Mean of the finished runs of one point, and how many finished of how many.
@@ -333,6 +414,7 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
     }
 
     peer_table(&mut md, results, &pts, &links);
+    prediction_section(&mut md, results);
     failures(&mut md, results);
 
     let _ = writeln!(md, "\n## Reference: {} \n", reference::SOURCE);
@@ -700,6 +782,42 @@ pub(crate) mod tests {
             runs,
             wall_s: 123.0,
         }
+    }
+
+    /// Runs with a prediction get its columns and the report's predicted-vs-measured
+    /// section; the errors are relative to what was measured.
+    #[test]
+    fn predictions_are_set_against_measurements() {
+        let mut r = synthetic();
+        let predicted = |total_ms, converges| away_model::MovePrediction {
+            kind: away_model::MoveKind::ContainerStreamed,
+            available: true,
+            total_ms,
+            downtime_ms: 330,
+            degraded_ms: 0,
+            bytes_wire: 1,
+            converges,
+            rounds: 0,
+            note: String::new(),
+        };
+        let moved = r.runs.iter().position(|x| x.converged() && !x.path.is_vm()).unwrap();
+        let total = r.runs[moved].total_s;
+        r.runs[moved].predicted = Some(predicted((total * 1100.0) as u64, true));
+        let stuck = r.runs.iter().position(|x| x.outcome == RunOutcome::NotConverged).unwrap();
+        r.runs[stuck].predicted = Some(predicted(600_000, false));
+        assert!((r.runs[moved].total_error().unwrap() - 0.1).abs() < 0.01);
+        assert!((r.runs[moved].downtime_error().unwrap() - 0.1).abs() < 0.01);
+        assert_eq!(r.runs[stuck].total_error(), None, "no error for a move that did not finish");
+        let dir = tempfile::tempdir().unwrap();
+        write_csv(&r, &dir.path().join("results.csv")).unwrap();
+        let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
+        let line = csv.lines().nth(moved + 1).unwrap();
+        assert!(line.contains(",true,0.100,0.100,"), "{line}");
+        write_report(&r, &dir.path().join("report.md")).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("## Predicted vs measured"), "{md}");
+        assert!(md.contains("| 1/1 | 10 % | 1/1 | 10 % | 1/1 |"), "{md}");
+        assert!(md.contains("false / false"), "the non-convergence predicted right: {md}");
     }
 
     #[test]

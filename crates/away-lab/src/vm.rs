@@ -185,10 +185,24 @@ impl VmLab {
                 if p.postcopy { ", post-copy" } else { "" }
             ));
         };
+        status("measuring the guest's dirty rate for the prediction".into());
+        let predicted = predict(opts, planned, source, name, &mig).await;
         // timed like every path (crate::timed_total): from here to the destination running
         // with the whole guest (pre-copy: its RESUME; post-copy: the migration's end)
         let start_ms = crate::unix_ms();
-        match migrate_vm_to(source, &mut dest, name, &self.image, &mig, show).await {
+        let result = migrate_vm_to(source, &mut dest, name, &self.image, &mig, show).await;
+        self.outcome(opts, planned, timeout, start_ms, result).map(|r| r.with_predicted(predicted))
+    }
+
+    fn outcome(
+        &self,
+        opts: &CompareOptions,
+        planned: &PlannedRun,
+        timeout: Duration,
+        start_ms: u64,
+        result: Result<(away_model::MigrationReport, away_migrate::vm::VmMigrationOutcome), VmMigrateError>,
+    ) -> Result<RunResult, String> {
+        match result {
             Ok((report, outcome)) => {
                 let phase = |n: &str| report.phases.iter().find(|p| p.name == n).map_or(0, |p| p.millis);
                 let migrated_ms = start_ms + phase("prepare-destination") + phase("migrate");
@@ -227,6 +241,51 @@ impl VmLab {
             Err(e) => Err(error_chain(&e)),
         }
     }
+}
+
+/// The prediction of this VM run (`away_predict`), before it starts: the guest's
+/// dirty rate as QEMU measures it (1 s of page sampling), its non-zero share from the
+/// QEMU process's resident memory, the link's rate and round trip as emulated (the lab
+/// has no agent to probe at the VM's far end: these are the emulator's settings), QEMU's
+/// default phase costs. None when QEMU cannot measure.
+async fn predict(
+    opts: &CompareOptions,
+    planned: &PlannedRun,
+    source: &QemuRuntime,
+    name: &str,
+    mig: &VmMigrationOptions,
+) -> Option<away_model::MovePrediction> {
+    let kind = match planned.path {
+        MigrationPath::VmPrecopy => away_model::MoveKind::VmPrecopy,
+        MigrationPath::VmAutoConverge => away_model::MoveKind::VmAutoConverge,
+        MigrationPath::VmPostcopy | MigrationPath::VmMultifdZstdPostcopy => away_model::MoveKind::VmPostcopy,
+        MigrationPath::VmMultifdZstd => away_model::MoveKind::VmMultifd,
+        _ => return None,
+    };
+    let dirty = match source.dirty_rate(name, 1).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!("no prediction for {name}: {}", error_chain(&e));
+            return None;
+        }
+    };
+    let ram = opts.vm_ram.bytes();
+    let rss = source.status(name).await.ok().and_then(|s| s.pid).map(away_migrate::mode::resident_bytes).unwrap_or(ram);
+    let profile = planned.link.profile();
+    let inputs = away_model::PredictionInputs {
+        state_bytes: ram,
+        // memload's pages: half random (what the container runs' samples show)
+        compress_ratio: 0.5,
+        nonzero_fraction: (rss as f64 / ram as f64).clamp(0.0, 1.0),
+        dirty_bytes_per_s: dirty,
+        link_bytes_per_s: profile.rate_bits_per_sec / 8.0,
+        rtt_ms: profile.rtt().as_secs_f64() * 1e3,
+        costs: away_predict::default_costs(away_model::RuntimeKind::Qemu),
+        vm_max_downtime_ms: mig.max_downtime_ms.unwrap_or(300) as f64,
+        vm_timeout_s: mig.timeout.as_secs_f64(),
+        sources: Default::default(),
+    };
+    Some(away_predict::predict(kind, &inputs))
 }
 
 fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec {

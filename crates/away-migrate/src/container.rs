@@ -88,6 +88,9 @@ pub struct ContainerMigrationOptions {
     pub commit_wait: Duration,
     /// Abort the move when this is set before its commit point.
     pub cancel: crate::Cancel,
+    /// Measure and predict the move before it starts (`crate::estimate`), for the
+    /// report's `predicted`; the measuring is not counted in the move's times.
+    pub predict: bool,
 }
 
 impl Default for ContainerMigrationOptions {
@@ -99,6 +102,7 @@ impl Default for ContainerMigrationOptions {
             compress_pages: None,
             commit_wait: Duration::from_secs(300),
             cancel: Default::default(),
+            predict: true,
         }
     }
 }
@@ -142,8 +146,57 @@ fn phase(name: &str, d: Duration) -> MigrationPhase {
     MigrationPhase::new(name, d.as_millis() as u64)
 }
 
-/// Move container workload `name` from this node to `target`.
+/// Move container workload `name` from this node to `target`. With `opts.predict`,
+/// the move is measured and predicted first (before its clock starts) and the report
+/// carries the prediction for the way it took; a successful move joins this node's
+/// history, the source of its phase costs.
 pub async fn migrate_container(
+    node: &LocalNode,
+    source_name: &str,
+    archives: &ArchiveStore,
+    name: &str,
+    target: &dyn TargetNode,
+    opts: &ContainerMigrationOptions,
+    progress: ProgressFn,
+) -> Result<MigrationReport, MigrateError> {
+    let plan = if opts.predict {
+        progress(Step::Checking);
+        let planning = crate::estimate::plan_container(node, source_name, name, target, opts.mode, None);
+        match tokio::time::timeout(crate::estimate::PLAN_TIMEOUT, planning).await {
+            Ok(Ok(plan)) => Some(plan),
+            Ok(Err(e)) => {
+                tracing::warn!(workload = name, "no prediction: {}", away_model::error_chain(&e));
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    workload = name,
+                    "no prediction: measuring took over {:?}",
+                    crate::estimate::PLAN_TIMEOUT
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // asked before the move: the source is gone after it
+    let runtime = node.get(name).await.map(|(r, _)| r.kind()).ok();
+    let started_unix_ms = now_ms();
+    let mut report = move_container(node, source_name, archives, name, target, opts, progress).await?;
+    report.started_unix_ms = Some(started_unix_ms);
+    if let Some(runtime) = runtime {
+        if let Some(plan) = &plan {
+            report.predicted = crate::estimate::predicted_for(plan, runtime, &report);
+        }
+        if let Err(e) = crate::estimate::History::of(&node.options.paths.state_dir).record(runtime, &report) {
+            tracing::warn!("cannot keep the move in this node's history: {e}");
+        }
+    }
+    Ok(report)
+}
+
+async fn move_container(
     node: &LocalNode,
     source_name: &str,
     archives: &ArchiveStore,
@@ -371,12 +424,14 @@ pub async fn migrate_container(
         downtime_millis: downtime.as_millis() as u64,
         degraded_millis: 0,
         resumed_unix_ms: Some(resumed_unix_ms(downtime_start + downtime)),
+        started_unix_ms: None,
         bytes_raw: outcome.bytes_raw,
         paged_bytes_raw: 0,
         bytes_wire: outcome.bytes_wire,
         reason: format!("{}; {}", compat.reason, choice.reason),
         ok: true,
         error: None,
+        predicted: None,
     })
 }
 
@@ -806,6 +861,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         downtime_millis: downtime.as_millis() as u64,
         degraded_millis: degraded.as_millis() as u64,
         resumed_unix_ms: Some(resumed_unix_ms(downtime_start + downtime)),
+        started_unix_ms: None,
         bytes_raw: outcome.bytes_raw + counters.plain(),
         paged_bytes_raw: counters.plain(),
         bytes_wire: outcome.bytes_wire + counters.wire(),
@@ -821,6 +877,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         },
         ok: true,
         error: None,
+        predicted: None,
     })
 }
 

@@ -12,6 +12,7 @@
 pub mod archive;
 pub mod compat;
 pub mod container;
+pub mod estimate;
 pub mod lazy;
 pub mod mode;
 pub mod target;

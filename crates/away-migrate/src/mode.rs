@@ -142,6 +142,18 @@ pub fn listening_ports(pid: u32) -> Vec<u16> {
     ports
 }
 
+/// Why a streamed and why a lazy move of `status` to `there` cannot happen (None: it can).
+pub fn blockers(
+    runtime: &dyn Runtime,
+    status: &WorkloadStatus,
+    host: &HostReport,
+    there: &TargetInfo,
+) -> (Option<String>, Option<String>) {
+    let stream = page_server_blocker(runtime.kind(), status, host, there);
+    let lazy = lazy_blocker(runtime.kind(), stream.as_ref(), there);
+    (stream, lazy)
+}
+
 /// Decide how `status` moves to `there`.
 pub async fn choose(
     requested: ContainerMode,
@@ -234,7 +246,7 @@ pub async fn choose(
 }
 
 /// Smallest TCP connect time of three to `addr`.
-async fn round_trip(addr: &str) -> Option<Duration> {
+pub(crate) async fn round_trip(addr: &str) -> Option<Duration> {
     let mut best: Option<Duration> = None;
     for _ in 0..3 {
         let t = Instant::now();

@@ -96,6 +96,12 @@ pub trait TargetNode: Send + Sync {
     /// Remove a provisional incoming workload now (a lazy move whose lazy phase failed:
     /// the source runs again).
     async fn abort(&self, transfer_id: &str) -> Result<(), MigrateError>;
+    /// Send `bytes` of filler to the target, which times their second half
+    /// ([`crate::estimate::measure_link`]); `Ok(None)`: this target cannot be probed.
+    async fn probe(&self, bytes: usize) -> Result<Option<crate::estimate::ProbeAnswer>, MigrateError> {
+        let _ = bytes;
+        Ok(None)
+    }
 }
 
 /// How the source ends a move whose target answered "restored, prepared".

@@ -126,7 +126,7 @@ pub struct Rule {
 }
 
 /// `POST /v1/migrations`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MigrationRequest {
@@ -145,6 +145,54 @@ pub struct MigrationRequest {
     #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
     pub deadline_s: Option<u64>,
+    /// The longest pause the workload may take, in ms: a move predicted to pause it
+    /// longer is refused (422) with the prediction.
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
+    pub max_downtime_ms: Option<u64>,
+    /// What the broker minimises when it chooses the mode (and, without `to`, the
+    /// target) from the prediction: `total` time or `downtime`. Absent: no prediction
+    /// unless `deadline_s` or `max_downtime_ms` asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimize: Option<Optimize>,
+}
+
+/// What a predicted move is chosen for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Optimize {
+    /// The shortest move from start to cleanup.
+    Total,
+    /// The shortest pause of the workload.
+    Downtime,
+}
+
+/// The answer of `POST /v1/migrations?dry_run=true`: where and how the move would go,
+/// and what it is predicted to cost; nothing is recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct MigrationPlanAnswer {
+    pub workload: String,
+    pub source: String,
+    pub target: String,
+    /// `user` or `broker`, as in a migration record.
+    pub chosen_by: String,
+    pub why: String,
+    pub compatibility: Compatibility,
+    /// The container mode the move would ask for (none: `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The prediction with the inputs it used; absent when the source could not be asked
+    /// (`plan_error` says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<crate::predict::MovePlan>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_error: Option<String>,
+    /// Why the move would be refused (its prediction misses the `deadline_s` or
+    /// `max_downtime_ms` asked for); absent when it would be accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// A migration's deadline when the request names none, in seconds.
@@ -223,6 +271,10 @@ pub struct MigrationRecord {
     /// (the move had committed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_requested_ms: Option<u64>,
+    /// The broker's prediction for the way it asked for, when the request wanted one
+    /// (`deadline_s`, `max_downtime_ms` or `optimize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<crate::predict::MovePrediction>,
 }
 
 /// One thing that happened. `kind` is one of `node-registered`, `node-online`,
@@ -276,4 +328,7 @@ pub struct ErrorBody {
     pub compatibility: Option<Compatibility>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationRecord>,
+    /// A move refused for its prediction: the plan with the inputs it used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<crate::predict::MovePlan>,
 }

@@ -8,6 +8,7 @@ mod cluster;
 #[doc(hidden)]
 pub mod fuzzing;
 mod node;
+mod predict;
 mod size;
 mod spec;
 pub mod whole;
@@ -19,15 +20,16 @@ pub use chain::{error_chain, ErrorChain};
 pub mod openapi;
 
 pub use api::{
-    BrokerEvent, Compatibility, ErrorBody, Filtered, MigrationAccepted, MigrationRecord, MigrationRequest,
-    MigrationState, NodeScore, NodeView, PlacementDecision, Rule, SubmitAnswer, WorkloadView,
-    DEFAULT_MIGRATION_DEADLINE_S, MAX_MIGRATION_DEADLINE_S,
+    BrokerEvent, Compatibility, ErrorBody, Filtered, MigrationAccepted, MigrationPlanAnswer, MigrationRecord,
+    MigrationRequest, MigrationState, NodeScore, NodeView, Optimize, PlacementDecision, Rule, SubmitAnswer,
+    WorkloadView, DEFAULT_MIGRATION_DEADLINE_S, MAX_MIGRATION_DEADLINE_S,
 };
 pub use cluster::{
     AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest,
     RegisterResponse,
 };
 pub use node::{Accel, Arch, CpuInfo, CpuVendor, HypervisorInfo, LinkInfo, NodeInfo, RuntimeInfo, Tier};
+pub use predict::{MoveKind, MovePlan, MovePrediction, PhaseCosts, PredictionInputs};
 pub use size::{ByteSize, ByteSizeError};
 pub use spec::{
     capability_name, Capabilities, FieldError, PlacementConstraints, PortMapping, Resources, RuntimeKind, Seccomp,

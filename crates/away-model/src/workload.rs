@@ -149,6 +149,10 @@ pub struct MigrationReport {
     /// source's clock), to line its own progress up with the move.
     #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub resumed_unix_ms: Option<u64>,
+    /// Container moves: when the move itself began (Unix ms, the source's clock), after
+    /// the measuring for its prediction, which is not part of the move.
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
+    pub started_unix_ms: Option<u64>,
     /// Bytes of state before compression (CRIU images + rootfs changes, or RAM sent).
     #[serde(deserialize_with = "crate::whole::de")]
     pub bytes_raw: u64,
@@ -165,4 +169,8 @@ pub struct MigrationReport {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the prediction model said before the move, for the way it took (absent
+    /// when nothing was predicted, and in reports written before predictions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<crate::predict::MovePrediction>,
 }

@@ -160,8 +160,13 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
     s.done(t, &format!("laptop at {}", laptop.api));
 
     let t = s.step("scaling away: the broker moves the running labdesk to the laptop (CRIU checkpoint/restore)");
-    let request =
-        MigrationRequest { workload: "labdesk".into(), to: Some("laptop".into()), mode: None, deadline_s: None };
+    let request = MigrationRequest {
+        workload: "labdesk".into(),
+        to: Some("laptop".into()),
+        mode: None,
+        deadline_s: None,
+        ..Default::default()
+    };
     let started = broker.migrate(&request).await?;
     println!("    placement: {}", started.why);
     let m = wait_migration(&broker, &started.id).await?;

@@ -114,6 +114,11 @@ fn parse_mode(s: &str) -> Result<ContainerMode, String> {
     s.parse()
 }
 
+fn parse_optimize(s: &str) -> Result<away_model::Optimize, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?}: expected total or downtime"))
+}
+
 fn parse_tier(s: &str) -> Result<Tier, String> {
     serde_json::from_value(serde_json::Value::String(s.to_string()))
         .map_err(|_| format!("{s:?}: expected cloud, edge or client"))
@@ -184,6 +189,7 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
 ///
 /// Examples:
 ///   away migrate counter --to 10.0.0.2:7800
+///   away migrate counter --to 10.0.0.2:7800 --plan
 ///   away migrate --cancel m-1a2b3c --broker http://127.0.0.1:7700
 ///   away migrate counter --to 10.0.0.2:7800 --mode lazy --json
 ///   away migrate counter --to 127.0.0.1:7810 --mode stop-copy --compression gzip
@@ -228,6 +234,14 @@ pub struct MigrateArgs {
     /// Print the migration report as JSON
     #[arg(long)]
     json: bool,
+    /// Do not move: measure the workload and the link to the target and print the
+    /// predicted total time, downtime, degraded time and bytes of every way it could
+    /// move, with the inputs used and the way --mode would take (containers)
+    #[arg(long)]
+    plan: bool,
+    /// With --plan: name the way with the least total time or downtime as the choice
+    #[arg(long, value_name = "total|downtime", requires = "plan", value_parser = parse_optimize)]
+    optimize: Option<away_model::Optimize>,
     /// (testing) drop the link once after N chunks
     #[arg(long, hide = true)]
     fault_cut_after: Option<u64>,
@@ -286,11 +300,30 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     };
     let node = rt.block_on(LocalNode::open(a.node.options()));
     if let Some((away_model::RuntimeKind::Qemu, _)) = rt.block_on(node.find(&workload))? {
+        if a.plan {
+            anyhow::bail!("--plan predicts container moves; a VM's plan (QEMU's dirty rate) is not built yet");
+        }
         return rt.block_on(migrate_vm(&node, &a, &workload, &to));
     }
     let archives = ArchiveStore::new(a.node.state_dir.join("checkpoints"));
     let target = AgentClient::new(&to).with_token(a.token.clone());
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
+    if a.plan {
+        let plan = rt.block_on(away_migrate::estimate::plan_container(
+            &node,
+            &source_name,
+            &workload,
+            &target,
+            a.mode,
+            a.optimize,
+        ))?;
+        if a.json {
+            print_json(&plan)?;
+        } else {
+            print_plan(&plan);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = ContainerMigrationOptions {
         transfer: SendOptions {
             compression: a.compression.unwrap_or_default(),
@@ -308,6 +341,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         compress_pages: a.compression.map(|c| c != Compression::None),
         commit_wait: Duration::from_secs(a.commit_wait),
         cancel: Default::default(),
+        predict: true,
     };
     let bar = progress_bar(a.json);
     let pb = bar.clone();
@@ -437,6 +471,39 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into())
 }
 
+fn print_plan(p: &away_model::MovePlan) {
+    let i = &p.inputs;
+    println!("{} from {} to {}: predicted, nothing moved", p.workload, p.source, p.target);
+    println!(
+        "  inputs:  state {} (zstd:1 to {:.0} %), writes {:.2} MB/s, link {:.1} Mbit/s, round trip {:.2} ms",
+        away_model::ByteSize(i.state_bytes).human(),
+        i.compress_ratio * 100.0,
+        i.dirty_bytes_per_s / 1e6,
+        i.link_bytes_per_s * 8.0 / 1e6,
+        i.rtt_ms
+    );
+    for (name, how) in &i.sources {
+        println!("    {name:<18} {how}");
+    }
+    println!("  {:<20} {:>9} {:>11} {:>11} {:>10}  note", "way", "total s", "downtime s", "degraded s", "wire MiB");
+    for x in &p.predictions {
+        let mark = if Some(x.kind) == p.chosen { "*" } else { " " };
+        println!(
+            "{mark} {:<20} {:>9.2} {:>11.3} {:>11.2} {:>10.1}  {}{}",
+            x.kind.as_str(),
+            x.total_ms as f64 / 1e3,
+            x.downtime_ms as f64 / 1e3,
+            x.degraded_ms as f64 / 1e3,
+            x.bytes_wire as f64 / 1048576.0,
+            if x.converges { "" } else { "does not converge: " },
+            x.note
+        );
+    }
+    if let Some(k) = p.chosen {
+        println!("  chosen:  {k}: {}", p.why);
+    }
+}
+
 fn print_report(r: &MigrationReport) {
     println!(
         "{} moved from {} to {} ({}) in {:.2} s",
@@ -459,6 +526,16 @@ fn print_report(r: &MigrationReport) {
     );
     if r.paged_bytes_raw > 0 {
         println!("  paged:     {} raw over the page link", away_model::ByteSize(r.paged_bytes_raw).human());
+    }
+    if let Some(p) = &r.predicted {
+        println!(
+            "  predicted: {} total {:.2} s, downtime {:.3} s, degraded {:.2} s, {} on the wire",
+            p.kind,
+            p.total_ms as f64 / 1e3,
+            p.downtime_ms as f64 / 1e3,
+            p.degraded_ms as f64 / 1e3,
+            away_model::ByteSize(p.bytes_wire).human()
+        );
     }
     for p in &r.phases {
         println!("  {:<10} {:>8.3} s", p.name, p.millis as f64 / 1000.0);

@@ -72,7 +72,13 @@ async fn cancel_a_pending_migration_then_refuse_an_ended_one() {
     let spec = WorkloadSpec::parse("name: cancel-w\nimage: x\n", SpecFormat::Yaml, "test").unwrap();
     let home = client.submit(&spec).await.expect("submit").workload.unwrap().node;
     let to = if home == "cancel-a" { "cancel-b" } else { "cancel-a" };
-    let req = MigrationRequest { workload: "cancel-w".into(), to: Some(to.into()), mode: None, deadline_s: Some(60) };
+    let req = MigrationRequest {
+        workload: "cancel-w".into(),
+        to: Some(to.into()),
+        mode: None,
+        deadline_s: Some(60),
+        ..Default::default()
+    };
     let m = client.migrate(&req).await.expect("migrate");
 
     // cancelled, printed as JSON

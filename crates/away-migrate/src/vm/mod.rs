@@ -179,12 +179,14 @@ pub async fn migrate_vm_to(
         downtime_millis: 0,
         degraded_millis: 0,
         resumed_unix_ms: None,
+        started_unix_ms: None,
         bytes_raw: 0,
         paged_bytes_raw: 0,
         bytes_wire: 0,
         reason: format!("qemu live migration over tcp, accel {}: {}", source.accel(), opts.describe()),
         ok: false,
         error: None,
+        predicted: None,
     };
     let aborted = |mut report: MigrationReport, cause: VmMigrateError| {
         report.total_millis = millis(t0.elapsed());
@@ -414,12 +416,14 @@ mod tests {
             downtime_millis: 0,
             degraded_millis: 0,
             resumed_unix_ms: None,
+            started_unix_ms: None,
             bytes_raw: 0,
             paged_bytes_raw: 0,
             bytes_wire: 0,
             reason: String::new(),
             ok: false,
             error: None,
+            predicted: None,
         };
         VmMigrateError::Aborted { workload: "w".into(), cause: Box::new(cause), report: Box::new(report) }
     }

@@ -642,6 +642,29 @@ fn vm_state(qemu: &str) -> WorkloadState {
     }
 }
 
+impl QemuRuntime {
+    /// The guest's dirty-page rate in bytes per second, as QEMU measures it
+    /// (`calc-dirty-rate` by page sampling over `seconds`, then `query-dirty-rate`).
+    pub async fn dirty_rate(&self, name: &str, seconds: u32) -> Result<f64, QmpError> {
+        let files = self.files(name);
+        let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await?;
+        q.execute(&qmp::commands::CalcDirtyRate { calc_time: seconds.max(1).into() }).await?;
+        tokio::time::sleep(Duration::from_secs(seconds.max(1).into())).await;
+        for _ in 0..50 {
+            let info = q.execute(&qmp::commands::QueryDirtyRate).await?;
+            if let (true, Some(mb)) = (info.status == "measured", info.dirty_rate) {
+                return Ok(mb.max(0) as f64 * 1e6);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(QmpError::Command {
+            command: "query-dirty-rate".into(),
+            class: "Timeout".into(),
+            desc: format!("no measurement after {seconds} s and 5 s more"),
+        })
+    }
+}
+
 /// One QMP command in its own short session.
 async fn qmp<C: qmp::Command>(files: &VmFiles, cmd: &C) -> Result<C::Reply, QmpError> {
     let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await?;

@@ -43,6 +43,34 @@ command!(
     /// The state of the current (or last) migration.
     QueryMigrate = "query-migrate" -> MigrationInfo
 );
+/// Start measuring the guest's dirty-page rate (`calc-dirty-rate`, page sampling)
+/// over `calc_time` seconds; [`QueryDirtyRate`] reads the result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CalcDirtyRate {
+    #[serde(rename = "calc-time")]
+    pub calc_time: i64,
+}
+
+impl Command for CalcDirtyRate {
+    const NAME: &'static str = "calc-dirty-rate";
+    type Reply = Empty;
+}
+
+command!(
+    /// The last dirty-rate measurement.
+    QueryDirtyRate = "query-dirty-rate" -> DirtyRateInfo
+);
+
+/// `query-dirty-rate`'s answer (the fields away reads).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct DirtyRateInfo {
+    /// `unstarted`, `measuring` or `measured`.
+    pub status: String,
+    /// MB/s, once measured.
+    #[serde(rename = "dirty-rate", default)]
+    pub dirty_rate: Option<i64>,
+}
+
 command!(
     /// The block devices, to find writable disks.
     QueryBlock = "query-block" -> Vec<BlockInfo>
@@ -499,5 +527,19 @@ mod tests {
         assert_eq!(blocks[0].inserted, Some(BlockDeviceInfo { ro: false }));
         assert_eq!(blocks[0].qdev.as_deref(), Some("/machine/peripheral/disk0/virtio-backend"));
         assert_eq!((blocks[1].device.as_str(), &blocks[1].inserted), ("ide1-cd0", &None));
+    }
+
+    #[test]
+    fn dirty_rate_reads_as_qemu_writes_it() {
+        let m: DirtyRateInfo = serde_json::from_str(
+            r#"{"status":"measured","sample-pages":512,"dirty-rate":108,"mode":"page-sampling",
+               "start-time":1,"calc-time":1,"calc-time-unit":"second"}"#,
+        )
+        .unwrap();
+        assert_eq!((m.status.as_str(), m.dirty_rate), ("measured", Some(108)));
+        let busy: DirtyRateInfo = serde_json::from_str(r#"{"status":"measuring","calc-time":1}"#).unwrap();
+        assert_eq!(busy.dirty_rate, None);
+        let args = serde_json::to_value(CalcDirtyRate { calc_time: 1 }).unwrap();
+        assert_eq!(args, serde_json::json!({"calc-time": 1}));
     }
 }

@@ -1,0 +1,490 @@
+//! The inputs of a move's prediction, measured on the source before anything stops
+//! (the model is `away_predict`):
+//!
+//! * **state**: the workload's resident private pages (what CRIU dumps), and their
+//!   compressibility: up to [`SAMPLE_PAGES`] of them, evenly spread, compressed with
+//!   zstd level 1 as the transfer does;
+//! * **write rate**: distinct pages written per second ([`crate::mode::dirty_rate`],
+//!   the measurement `auto` makes);
+//! * **the link**: the round trip as the best of three TCP connects to the target's
+//!   transfer port, the rate from a probe of [`PROBE_BYTES`] to the target agent's
+//!   authenticated `POST /v1/probe`: the target times the second half of the body, so
+//!   TCP's slow start at the beginning is not counted as a slow link;
+//! * **phase costs**: this node's recent moves ([`History`], `move-history.jsonl` in
+//!   its state directory): the fixed parts of dump and restore, the check, the settle
+//!   wait, commit and cleanup, medians of the last moves of the same runtime; the
+//!   defaults of `away_predict::default_costs` where there are none.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use away_model::{
+    MigrationMode, MigrationReport, MoveKind, MovePlan, MovePrediction, Optimize, PhaseCosts, PredictionInputs,
+    RuntimeKind,
+};
+use away_runtime::LocalNode;
+use serde::{Deserialize, Serialize};
+
+use crate::mode::ContainerMode;
+use crate::target::TargetNode;
+use crate::MigrateError;
+
+/// Bytes of the link probe: enough for the second half to run at the link's rate on a
+/// 37 Mbit/s × 73.6 ms link (its window is grown after about 700 KB), about 1 s there.
+pub const PROBE_BYTES: usize = 4 << 20;
+/// Pages the compressibility sample reads at most.
+pub const SAMPLE_PAGES: usize = 1024;
+/// Moves of the history kept.
+const HISTORY_KEEP: usize = 40;
+const PAGE: u64 = 4096;
+
+/// What the target agent answers a link probe.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ProbeAnswer {
+    /// Bytes it read.
+    pub bytes: u64,
+    /// Milliseconds between the arrival of the body's middle byte and its last.
+    pub second_half_ms: f64,
+}
+
+/// The link between this node and a target, measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkSample {
+    pub rate_bytes_per_s: f64,
+    pub rtt_ms: f64,
+    pub rate_how: String,
+    pub rtt_how: String,
+}
+
+/// Round trip to `transfer_addr` (TCP connects) and rate to the target's agent (probe).
+pub async fn measure_link(target: &dyn TargetNode, transfer_addr: &str) -> LinkSample {
+    let rtt = crate::mode::round_trip(transfer_addr).await;
+    let (rtt_ms, rtt_how) = match rtt {
+        Some(d) => (d.as_secs_f64() * 1e3, format!("measured: best of 3 TCP connects to {transfer_addr}")),
+        None => (1.0, format!("default: no TCP connect to {transfer_addr} succeeded")),
+    };
+    let t = Instant::now();
+    let (rate, rate_how) = match target.probe(PROBE_BYTES).await {
+        Ok(Some(a)) if a.bytes >= 2 => {
+            // a loopback second half may take no measurable time: the rate is then "fast"
+            let s = (a.second_half_ms / 1e3).max(1e-4);
+            let rate = (a.bytes as f64 / 2.0) / s;
+            (
+                rate,
+                format!(
+                    "measured: probe of {} KiB to the target agent, second half in {:.1} ms ({:.0} ms in all)",
+                    a.bytes / 1024,
+                    a.second_half_ms,
+                    t.elapsed().as_secs_f64() * 1e3
+                ),
+            )
+        }
+        Ok(_) => (125e6, "default 1 Gbit/s: the target cannot be probed".to_string()),
+        Err(e) => (125e6, format!("default 1 Gbit/s: the probe failed: {}", away_model::error_chain(&e))),
+    };
+    LinkSample { rate_bytes_per_s: rate, rtt_ms, rate_how, rtt_how }
+}
+
+/// A process's resident private writable memory and how well it compresses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemorySample {
+    pub resident_bytes: u64,
+    /// zstd:1 bytes per raw byte over the pages sampled.
+    pub compress_ratio: f64,
+    pub sampled_pages: usize,
+}
+
+/// Count the resident pages of `pid`'s private writable mappings and compress an even
+/// sample of them.
+pub fn sample_memory(pid: u32) -> std::io::Result<MemorySample> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let mut present: Vec<u64> = Vec::new();
+    let mut entries = vec![0u8; 8 * 4096];
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        if !perms.starts_with("rw") || !perms.ends_with('p') {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else { continue };
+        let mut addr = start;
+        while addr < end {
+            let n = ((end - addr) / PAGE).min(4096);
+            let buf = &mut entries[..(n * 8) as usize];
+            if pagemap.read_exact_at(buf, addr / PAGE * 8).is_err() {
+                break;
+            }
+            for (k, e) in buf.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                // bit 63: present in RAM; bit 62: swapped
+                if e & (3 << 62) != 0 {
+                    present.push(addr + k as u64 * PAGE);
+                }
+            }
+            addr += n * PAGE;
+        }
+    }
+    let step = present.len().div_ceil(SAMPLE_PAGES).max(1);
+    let mut raw = Vec::with_capacity(SAMPLE_PAGES * PAGE as usize);
+    let mut page = vec![0u8; PAGE as usize];
+    for &a in present.iter().step_by(step) {
+        if mem.read_exact_at(&mut page, a).is_ok() {
+            raw.extend_from_slice(&page);
+        }
+    }
+    let ratio = if raw.is_empty() {
+        1.0
+    } else {
+        // the transfer compresses 1 MiB chunks at level 1
+        let packed: usize = raw.chunks(1 << 20).map(|c| zstd::bulk::compress(c, 1).map_or(c.len(), |z| z.len())).sum();
+        (packed as f64 / raw.len() as f64).min(1.0)
+    };
+    Ok(MemorySample {
+        resident_bytes: present.len() as u64 * PAGE,
+        compress_ratio: ratio,
+        sampled_pages: raw.len() / PAGE as usize,
+    })
+}
+
+/// One move of this node, as its history keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PastMove {
+    at_ms: u64,
+    runtime: RuntimeKind,
+    kind: MoveKind,
+    bytes_raw: u64,
+    phases: BTreeMap<String, u64>,
+}
+
+/// This node's recent moves (`move-history.jsonl` in its state directory), the source
+/// of its phase costs.
+pub struct History {
+    path: PathBuf,
+}
+
+impl History {
+    pub fn of(state_dir: &Path) -> Self {
+        History { path: state_dir.join("move-history.jsonl") }
+    }
+
+    fn read(&self) -> Vec<PastMove> {
+        std::fs::read_to_string(&self.path)
+            .map(|t| t.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Keep a successful move (the last [`HISTORY_KEEP`] stay).
+    pub fn record(&self, runtime: RuntimeKind, report: &MigrationReport) -> std::io::Result<()> {
+        if !report.ok {
+            return Ok(());
+        }
+        let mut all = self.read();
+        all.push(PastMove {
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            runtime,
+            kind: kind_of(runtime, report),
+            bytes_raw: report.bytes_raw,
+            phases: report.phases.iter().map(|p| (p.name.clone(), p.millis)).collect(),
+        });
+        let skip = all.len().saturating_sub(HISTORY_KEEP);
+        let tmp = self.path.with_extension("jsonl.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        for m in &all[skip..] {
+            writeln!(f, "{}", serde_json::to_string(m).map_err(std::io::Error::other)?)?;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// Phase costs for `runtime` from the recent moves, each field from the defaults
+    /// when no move shows it; `how` says which.
+    pub fn costs(&self, runtime: RuntimeKind) -> (PhaseCosts, String) {
+        let mut c = away_predict::default_costs(runtime);
+        let moves: Vec<PastMove> = self.read().into_iter().filter(|m| m.runtime == runtime).collect();
+        if moves.is_empty() {
+            return (c, format!("defaults for {runtime}: this node has moved nothing on it yet"));
+        }
+        let median = |kinds: &[MoveKind], phase: &str| -> Option<f64> {
+            let mut v: Vec<f64> = moves
+                .iter()
+                .filter(|m| kinds.contains(&m.kind))
+                .filter_map(|m| m.phases.get(phase).map(|&x| x as f64))
+                .collect();
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| v[v.len() / 2])
+        };
+        let all = MoveKind::ALL;
+        let paged = [MoveKind::ContainerStreamed, MoveKind::ContainerLazy];
+        let staged = [MoveKind::ContainerStaged, MoveKind::DockerStaged];
+        let mut used = Vec::new();
+        if let Some(v) =
+            median(&[MoveKind::ContainerStreamed, MoveKind::ContainerStaged, MoveKind::DockerStaged], "check")
+                .or_else(|| median(&all, "check"))
+        {
+            c.check_ms = v;
+            used.push("check");
+        }
+        // the fastest a phase ever moved memory here is a lower bound of the node's own
+        // rate (on a slow link the link, not the node, bounded it)
+        let fastest = |kinds: &[MoveKind], phase: &str, less_ms: f64| -> Option<f64> {
+            moves
+                .iter()
+                .filter(|m| kinds.contains(&m.kind) && m.bytes_raw > 0)
+                .filter_map(|m| {
+                    m.phases.get(phase).map(|&x| m.bytes_raw as f64 / ((x as f64 - less_ms).max(1.0) / 1e3))
+                })
+                .max_by(f64::total_cmp)
+        };
+        let typical = |kinds: &[MoveKind], phase: &str, less_ms: f64| -> Option<f64> {
+            let mut v: Vec<f64> = moves
+                .iter()
+                .filter(|m| kinds.contains(&m.kind) && m.bytes_raw > 0)
+                .filter_map(|m| {
+                    m.phases.get(phase).map(|&x| m.bytes_raw as f64 / ((x as f64 - less_ms).max(1.0) / 1e3))
+                })
+                .collect();
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| v[v.len() / 2])
+        };
+        // a dump that writes no memory is its fixed part
+        if let Some(v) = median(&paged, "checkpoint") {
+            c.dump_fixed_ms = v;
+            used.push("dump");
+        }
+        if let Some(v) = median(&[MoveKind::ContainerLazy], "restore") {
+            c.restore_fixed_ms = v;
+            used.push("restore");
+        }
+        if runtime == RuntimeKind::Containerd {
+            if let Some(v) = fastest(&[MoveKind::ContainerStreamed], "pages", 0.0) {
+                c.pipeline_bytes_per_s = v;
+                used.push("page stream rate");
+            }
+            if let Some(v) = fastest(&[MoveKind::ContainerLazy], "lazy-pages", 0.0) {
+                c.lazy_bytes_per_s = v;
+                used.push("lazy page rate");
+            }
+            // the write watch: what a lazy check takes beyond the others', per byte hashed
+            let lazy_check = median(&[MoveKind::ContainerLazy], "check");
+            let hashed: Vec<f64> = moves
+                .iter()
+                .filter(|m| m.kind == MoveKind::ContainerLazy && m.bytes_raw > 0)
+                .filter_map(|m| {
+                    let extra =
+                        m.phases.get("check")? - (c.check_ms + c.watch_ms).min(*m.phases.get("check")? as f64) as u64;
+                    (extra > 0).then(|| m.bytes_raw as f64 / (extra as f64 / 1e3))
+                })
+                .collect();
+            if lazy_check.is_some() && !hashed.is_empty() {
+                let mut h = hashed;
+                h.sort_by(f64::total_cmp);
+                c.hash_bytes_per_s = h[h.len() / 2];
+                used.push("write watch");
+            }
+            // a staged transfer is bound by this node's staging on every link measured
+            // (disk, checksum, unpack), so its typical rate, not its best
+            if let Some(v) = typical(&[MoveKind::ContainerStaged], "transfer", 0.0) {
+                c.staged_bytes_per_s = v;
+                used.push("staged transfer rate");
+            }
+            let paged = [MoveKind::ContainerStreamed, MoveKind::ContainerStaged];
+            if let Some(v) = fastest(&paged, "restore", c.restore_fixed_ms) {
+                c.restore_bytes_per_s = v;
+                used.push("restore rate");
+            }
+            if let Some(v) = typical(&[MoveKind::ContainerStaged], "checkpoint", c.dump_fixed_ms) {
+                c.dump_bytes_per_s = v;
+                used.push("dump rate");
+            }
+        }
+        if runtime == RuntimeKind::Docker {
+            // the engine's checkpoint and restore: fixed costs dominate at these sizes
+            if let Some(v) = median(&staged, "checkpoint") {
+                c.dump_fixed_ms = v;
+                c.dump_bytes_per_s = f64::INFINITY;
+                used.push("dump");
+            }
+            if let Some(v) = median(&staged, "restore") {
+                c.restore_fixed_ms = v;
+                c.restore_bytes_per_s = f64::INFINITY;
+                used.push("restore");
+            }
+        }
+        if let Some(v) =
+            median(&[MoveKind::ContainerStaged, MoveKind::DockerStaged, MoveKind::ContainerStreamed], "settle")
+        {
+            c.settle_ms = v;
+            used.push("settle");
+        }
+        let finish: Vec<f64> = ["commit", "cleanup"].iter().filter_map(|p| median(&all, p)).collect();
+        if !finish.is_empty() {
+            c.finish_ms = finish.iter().sum();
+            used.push("commit+cleanup");
+        }
+        used.dedup();
+        let how = format!(
+            "{runtime}: medians of this node's last {} move(s) for {}; the rest defaults",
+            moves.len(),
+            used.join(", ")
+        );
+        (c, how)
+    }
+}
+
+/// The way a finished container move took.
+pub fn kind_of(runtime: RuntimeKind, report: &MigrationReport) -> MoveKind {
+    match (runtime, report.mode) {
+        (RuntimeKind::Qemu, _) => MoveKind::VmPrecopy,
+        (RuntimeKind::Docker, _) => MoveKind::DockerStaged,
+        (_, MigrationMode::Lazy) => MoveKind::ContainerLazy,
+        _ if report.phases.iter().any(|p| p.name == "pages") => MoveKind::ContainerStreamed,
+        _ => MoveKind::ContainerStaged,
+    }
+}
+
+/// The kind a container move asked for as `mode` takes, given what is possible
+/// (`why_not`) and, for `auto`, the predicted stall of a lazy move.
+fn kind_for_mode(
+    runtime: RuntimeKind,
+    mode: ContainerMode,
+    stall: f64,
+    why_not: &dyn Fn(MoveKind) -> Option<String>,
+) -> (MoveKind, String) {
+    if runtime == RuntimeKind::Docker {
+        return (MoveKind::DockerStaged, "Docker moves are staged".into());
+    }
+    let stop_copy = |why: &str| {
+        if why_not(MoveKind::ContainerStreamed).is_none() {
+            (MoveKind::ContainerStreamed, format!("{why}: stop-and-copy, streamed"))
+        } else {
+            (MoveKind::ContainerStaged, format!("{why}: stop-and-copy, staged (no page server)"))
+        }
+    };
+    match mode {
+        ContainerMode::Staged => (MoveKind::ContainerStaged, "asked for: staged".into()),
+        ContainerMode::StopCopy => stop_copy("asked for"),
+        ContainerMode::Lazy => (MoveKind::ContainerLazy, "asked for: lazy".into()),
+        ContainerMode::Auto => {
+            if let Some(why) = why_not(MoveKind::ContainerLazy) {
+                stop_copy(&format!("auto, lazy impossible ({why})"))
+            } else if stall > crate::mode::MAX_STALL {
+                stop_copy(&format!("auto, faults would stall a lazy move {:.0} % of the time", stall * 100.0))
+            } else {
+                (
+                    MoveKind::ContainerLazy,
+                    format!("auto: lazy (faults would stall it {:.0} % of the time)", stall * 100.0),
+                )
+            }
+        }
+    }
+}
+
+/// Measure and predict a move of container `name` to `target`: every way it could
+/// move, and the one `mode` (or, given, `optimize`) takes.
+pub async fn plan_container(
+    node: &LocalNode,
+    source_name: &str,
+    name: &str,
+    target: &dyn TargetNode,
+    mode: ContainerMode,
+    optimize: Option<Optimize>,
+) -> Result<MovePlan, MigrateError> {
+    let (runtime, status) = node.get(name).await?;
+    let kind = runtime.kind();
+    if !kind.is_container() {
+        return Err(MigrateError::Invalid(format!("{name} runs on {kind}: only container moves are planned here")));
+    }
+    let pid = status.pid.ok_or_else(|| MigrateError::Invalid(format!("{name} has no process to measure")))?;
+    let there = target.info().await?;
+    let (_, host) = crate::local_node_info(node, source_name).await;
+    let link = measure_link(target, &there.transfer_addr).await;
+    let memory = tokio::task::spawn_blocking(move || sample_memory(pid))
+        .await
+        .map_err(|e| MigrateError::Invalid(format!("sampling {name}'s memory: {e}")))?
+        .map_err(|e| MigrateError::Io { path: format!("/proc/{pid}/mem").into(), source: e })?;
+    let window = crate::mode::DIRTY_WINDOW;
+    let dirty =
+        tokio::task::spawn_blocking(move || crate::mode::dirty_rate(pid, window)).await.ok().and_then(|r| r.ok());
+    let (costs, costs_how) = History::of(&node.options.paths.state_dir).costs(kind);
+    let (stream_blocker, lazy_blocker) = crate::mode::blockers(runtime, &status, &host, &there);
+    let mut sources = BTreeMap::new();
+    sources.insert(
+        "state_bytes".to_string(),
+        format!("measured: resident private writable pages of pid {pid} (/proc/{pid}/pagemap)"),
+    );
+    sources.insert(
+        "compress_ratio".to_string(),
+        format!("measured: zstd:1 over {} of its resident pages, evenly spread", memory.sampled_pages),
+    );
+    let dirty_bytes = match &dirty {
+        Some(d) => {
+            sources.insert(
+                "dirty_bytes_per_s".into(),
+                format!(
+                    "measured: {} distinct pages written in {} ms (pages hashed twice)",
+                    d.dirty_pages,
+                    window.as_millis()
+                ),
+            );
+            d.pages_per_s() * PAGE as f64
+        }
+        None => {
+            sources.insert("dirty_bytes_per_s".into(), "default 0: its writes could not be measured".into());
+            0.0
+        }
+    };
+    sources.insert("link_bytes_per_s".into(), link.rate_how.clone());
+    sources.insert("rtt_ms".into(), link.rtt_how.clone());
+    sources.insert("costs".into(), costs_how);
+    let inputs = PredictionInputs {
+        state_bytes: memory.resident_bytes,
+        compress_ratio: memory.compress_ratio,
+        nonzero_fraction: 1.0,
+        dirty_bytes_per_s: dirty_bytes,
+        link_bytes_per_s: link.rate_bytes_per_s,
+        rtt_ms: link.rtt_ms,
+        costs,
+        vm_max_downtime_ms: 0.0,
+        vm_timeout_s: 0.0,
+        sources,
+    };
+    let why_not = |k: MoveKind| match k {
+        MoveKind::ContainerStreamed => stream_blocker.clone(),
+        MoveKind::ContainerLazy => lazy_blocker.clone(),
+        _ => None,
+    };
+    let predictions = away_predict::predict_all(kind, &inputs, why_not);
+    let stall = dirty_bytes / PAGE as f64 * link.rtt_ms / 1e3;
+    let (chosen, why) = match optimize.and_then(|o| away_predict::choose(&predictions, o).map(|p| (o, p))) {
+        Some((o, p)) => {
+            (p.kind, format!("the least {} predicted", if o == Optimize::Total { "total time" } else { "downtime" }))
+        }
+        None => kind_for_mode(kind, mode, stall, &why_not),
+    };
+    Ok(MovePlan {
+        workload: name.to_string(),
+        source: source_name.to_string(),
+        target: there.node.name.clone(),
+        inputs,
+        predictions,
+        chosen: Some(chosen),
+        why,
+    })
+}
+
+/// The prediction for the way `report` moved, from `plan`.
+pub fn predicted_for(plan: &MovePlan, runtime: RuntimeKind, report: &MigrationReport) -> Option<MovePrediction> {
+    plan.prediction(kind_of(runtime, report)).cloned()
+}
+
+/// How long a plan's measurements may take before the move goes on without one.
+pub const PLAN_TIMEOUT: Duration = Duration::from_secs(30);
