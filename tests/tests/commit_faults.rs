@@ -220,7 +220,7 @@ fn move_record(agent: &TargetAgent) -> Option<Value> {
         // a transfer id, not the agent's transfer address
         .rfind(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))?
         .to_string();
-    let body = reqwest::blocking::get(format!("http://{}/v1/transfers/{id}", agent.api)).ok()?.text().ok()?;
+    let body = away_e2e::agent_get(&format!("http://{}/v1/transfers/{id}", agent.api))?.text().ok()?;
     serde_json::from_str(&body).ok()
 }
 
@@ -375,7 +375,7 @@ fn a_lost_vm_confirm_answer_is_asked_again() {
     assert_eq!(running(&source, &name), 0, "the source still runs the VM");
     assert_eq!(running(&agent.node, &name), 1, "the target does not run the VM");
     let record: Value =
-        reqwest::blocking::get(format!("http://{}/v1/transfers/vm-{name}", agent.api)).unwrap().json().unwrap();
+        away_e2e::agent_get(&format!("http://{}/v1/transfers/vm-{name}", agent.api)).unwrap().json().unwrap();
     assert_eq!(record["state"], "committed", "{record}");
 }
 

@@ -18,6 +18,18 @@ pub fn private_dir(dir: &Path) -> Result<()> {
     std::fs::set_permissions(dir, Permissions::from_mode(0o700)).map_err(io("chmod 0700", dir))
 }
 
+/// A state file (a database holding tokens) readable by its owner only: its directory
+/// made 0700 when absent (an existing one is left as it is), the file created 0600 when
+/// absent and made 0600 when it exists. SQLite gives its -wal and -shm files the
+/// database's mode.
+pub fn private_file(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("create directory", dir))?;
+    }
+    OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path).map_err(io("create", path))?;
+    std::fs::set_permissions(path, Permissions::from_mode(0o600)).map_err(io("chmod 0600", path))
+}
+
 /// Create `path` 0600 with `bytes`; fails when it exists (O_EXCL), so nothing else can
 /// have opened it first.
 pub fn write_new_secret(path: &Path, bytes: &[u8]) -> Result<()> {

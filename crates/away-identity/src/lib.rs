@@ -12,6 +12,10 @@
 //! directories and refused when group or others can read them.
 
 mod files;
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(feature = "serve")]
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,6 +95,8 @@ pub enum IdentityError {
     WrongPeer { expected: String, found: String },
     #[error("the certificate does not belong to this key")]
     KeyMismatch,
+    #[error("{0:?} is not a host:port address")]
+    Address(String),
     #[error("cannot build the TLS configuration")]
     Tls(#[source] rustls::Error),
     #[error("cannot build the client certificate verifier")]
@@ -351,6 +357,21 @@ impl NodeKey {
         Ok(NodeKey { key: KeyPair::generate().map_err(IdentityError::Rcgen)? })
     }
 
+    /// The key in `dir/key.pem`, made there (0600, in a 0700 `dir`) when absent. A node
+    /// keeps its key before it sends the CSR, so that a join retried after a crash asks
+    /// for the same key (the broker refuses a known name with another key).
+    pub fn load_or_create(dir: &Path) -> Result<NodeKey> {
+        files::private_dir(dir)?;
+        let path = dir.join(Identity::KEY_FILE);
+        if path.exists() {
+            let pem = files::read_secret(&path)?;
+            return Ok(NodeKey { key: KeyPair::from_pem(&pem).map_err(IdentityError::Rcgen)? });
+        }
+        let key = NodeKey::generate()?;
+        files::write_new_secret(&path, key.key.serialize_pem().as_bytes())?;
+        Ok(key)
+    }
+
     /// A CSR for `node_name`: common name the node name, one DNS SAN `<node>.node.away`.
     pub fn csr_pem(&self, node_name: &str) -> Result<String> {
         check_node_name(node_name)?;
@@ -548,6 +569,28 @@ pub fn trusting_client_config(ca_pem: &str) -> Result<Arc<ClientConfig>> {
     Ok(Arc::new(config))
 }
 
+/// A TLS client that trusts nothing: for plain-HTTP clients, so that an `https://` URL
+/// given by mistake fails instead of reaching whoever holds a public certificate.
+pub fn trust_nothing_client_config() -> Arc<ClientConfig> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// Make ring the process's default rustls provider (for code that builds TLS clients
+/// without a configuration of its own, e.g. tests using reqwest directly). Idempotent.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The DER certificates in a PEM text (to compare two CA files whatever their layout).
+pub fn read_ca_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
+    certs_from_pem(pem, "CA certificate")
+}
+
 /// Read a CA certificate file (`--ca FILE`).
 pub fn read_ca_file(path: &Path) -> Result<String> {
     let pem = files::read(path)?;
@@ -555,7 +598,7 @@ pub fn read_ca_file(path: &Path) -> Result<String> {
     Ok(pem)
 }
 
-pub use files::{private_dir, write_new_secret};
+pub use files::{private_dir, private_file, write_new_secret};
 
 #[cfg(test)]
 mod tests;
