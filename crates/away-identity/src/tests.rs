@@ -12,34 +12,31 @@ fn node(ca: &Ca, name: &str) -> Identity {
     key.into_identity(&cert, ca.cert_pem()).unwrap()
 }
 
-/// Run a handshake between the two configs in memory; the server's view of the
-/// client's certificates when it succeeds.
-fn handshake(
+/// Move what `from` has to send into `to`, and let `to` process it.
+fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) -> std::result::Result<(), rustls::Error> {
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut buf).unwrap();
+    }
+    let mut rd = &buf[..];
+    while !rd.is_empty() {
+        to.read_tls(&mut rd).unwrap();
+    }
+    to.process_new_packets().map(|_| ())
+}
+
+/// Run a handshake between the two configs in memory, the client expecting the server
+/// to be `expect`; the server's view of the client's certificates when it succeeds.
+fn handshake_to(
     client: Arc<ClientConfig>,
-    expect: &str,
+    expect: ServerName<'static>,
     server: Arc<ServerConfig>,
 ) -> std::result::Result<Vec<CertificateDer<'static>>, rustls::Error> {
-    let mut c = ClientConnection::new(client, server_name(expect).unwrap())?;
-    let mut s = ServerConnection::new(server)?;
+    let mut c = rustls::Connection::Client(ClientConnection::new(client, expect)?);
+    let mut s = rustls::Connection::Server(ServerConnection::new(server)?);
     for _ in 0..20 {
-        let mut buf = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut buf).unwrap();
-        }
-        let mut rd = &buf[..];
-        while !rd.is_empty() {
-            s.read_tls(&mut rd).unwrap();
-        }
-        let server_result = s.process_new_packets();
-        let mut back = Vec::new();
-        while s.wants_write() {
-            s.write_tls(&mut back).unwrap();
-        }
-        let mut rd = &back[..];
-        while !rd.is_empty() {
-            c.read_tls(&mut rd).unwrap();
-        }
-        let client_result = c.process_new_packets();
+        let server_result = pump(&mut c, &mut s);
+        let client_result = pump(&mut s, &mut c);
         server_result?;
         client_result?;
         if !c.is_handshaking() && !s.is_handshaking() {
@@ -47,6 +44,15 @@ fn handshake(
         }
     }
     panic!("the handshake did not finish");
+}
+
+/// [`handshake_to`] node `expect`.
+fn handshake(
+    client: Arc<ClientConfig>,
+    expect: &str,
+    server: Arc<ServerConfig>,
+) -> std::result::Result<Vec<CertificateDer<'static>>, rustls::Error> {
+    handshake_to(client, server_name(expect).unwrap(), server)
 }
 
 fn ca(dir: &tempfile::TempDir) -> Ca {
@@ -156,21 +162,10 @@ fn the_broker_identity_serves_its_ip_and_is_a_client_too() {
     let ca = ca(&d);
     let broker = ca.issue_self(BROKER_NAME, &["127.0.0.1".to_string()]).unwrap();
     let user = trusting_client_config(ca.cert_pem()).unwrap();
-    let mut c = ClientConnection::new(user, ServerName::try_from("127.0.0.1").unwrap()).unwrap();
-    let mut s = ServerConnection::new(broker.server_config_client_optional().unwrap()).unwrap();
-    let mut buf = Vec::new();
-    c.write_tls(&mut buf).unwrap();
-    s.read_tls(&mut &buf[..]).unwrap();
-    s.process_new_packets().unwrap();
-    let mut back = Vec::new();
-    while s.wants_write() {
-        s.write_tls(&mut back).unwrap();
-    }
-    let mut rd = &back[..];
-    while !rd.is_empty() {
-        c.read_tls(&mut rd).unwrap();
-    }
-    c.process_new_packets().unwrap();
+    let peer =
+        handshake_to(user, ServerName::try_from("127.0.0.1").unwrap(), broker.server_config_client_optional().unwrap())
+            .unwrap();
+    assert!(peer.is_empty(), "a user presents no certificate");
     // the broker calls an agent with the same identity
     let agent = node(&ca, "cloud");
     let peer = handshake(broker.client_config().unwrap(), "cloud", agent.server_config().unwrap()).unwrap();
