@@ -39,7 +39,10 @@ AWAY_JOIN_TOKEN=$(token)
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:$port"
 
-AWAY_BROKER_DB="$work/broker.db" "$away" broker --listen "127.0.0.1:$port" >"$work/broker.log" 2>&1 &
+# --insecure-loopback: the script plays the node with a hand-made registration and
+# heartbeats (no CSR, no certificate), so this broker serves plain HTTP on loopback;
+# the TLS side of the API is tested in tests/tests/identity.rs and cluster.rs
+AWAY_BROKER_DB="$work/broker.db" "$away" broker --insecure-loopback --listen "127.0.0.1:$port" >"$work/broker.log" 2>&1 &
 broker_pid=$!
 for _ in $(seq 100); do
     curl -fsS -o /dev/null "$base/v1/openapi.json" 2>/dev/null && break

@@ -37,7 +37,8 @@ impl Drop for Agent {
 
 fn node_env(cmd: &mut Command, role: &str, run: usize) {
     let base = format!("/var/tmp/away-bench-mig/{role}-{run}");
-    cmd.env("AWAY_STATE_DIR", format!("{base}/state"))
+    cmd.env("AWAY_AGENT_TOKEN", away_e2e::agent_token())
+        .env("AWAY_STATE_DIR", format!("{base}/state"))
         .env("AWAY_RUN_DIR", format!("{base}/run"))
         .env("AWAY_NAMESPACE", format!("away-bench-{role}"));
 }

@@ -15,6 +15,41 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// True when running under CI, where missing requirements are failures.
+/// The bearer token of the standalone agents the tests start, and that their `away
+/// migrate` presents (`AWAY_AGENT_TOKEN`): an agent without a credential refuses every
+/// call that changes anything. Random per test process, passed by environment only.
+pub fn agent_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/uuid").expect("a random uuid").trim().to_string()
+    })
+}
+
+/// A blocking HTTP client of cluster `info`'s broker: HTTPS trusting only its CA.
+pub fn broker_client(info: &away_cluster::ClusterInfo) -> reqwest::blocking::Client {
+    broker_client_timeout(info, std::time::Duration::from_secs(30))
+}
+
+/// [`broker_client`] whose calls may take up to `timeout`.
+pub fn broker_client_timeout(
+    info: &away_cluster::ClusterInfo,
+    timeout: std::time::Duration,
+) -> reqwest::blocking::Client {
+    let ca = info.ca_pem().expect("the cluster's ca.pem");
+    let tls = away_identity::trusting_client_config(&ca).expect("a CA certificate");
+    reqwest::blocking::Client::builder()
+        .tls_backend_preconfigured((*tls).clone())
+        .timeout(timeout)
+        .build()
+        .expect("http client")
+}
+
+/// GET `url` on a standalone agent the tests started (plain HTTP, its bearer token).
+pub fn agent_get(url: &str) -> Option<reqwest::blocking::Response> {
+    away_identity::install_default_provider();
+    reqwest::blocking::Client::new().get(url).bearer_auth(agent_token()).send().ok()
+}
+
 pub fn in_ci() -> bool {
     matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
 }
@@ -202,7 +237,11 @@ impl Node {
     /// `away ARGS` as this node.
     pub fn cmd(&self, args: &[&str]) -> std::process::Command {
         let mut c = std::process::Command::new(away_bin());
-        c.args(args).env("AWAY_NAMESPACE", &self.ns).env("AWAY_STATE_DIR", &self.state).env("AWAY_RUN_DIR", &self.run);
+        c.args(args)
+            .env("AWAY_AGENT_TOKEN", agent_token())
+            .env("AWAY_NAMESPACE", &self.ns)
+            .env("AWAY_STATE_DIR", &self.state)
+            .env("AWAY_RUN_DIR", &self.run);
         c
     }
 

@@ -32,7 +32,8 @@ fn on(node: &NodeInfoLocal, role: &str, args: &[&str]) -> Command {
     for (k, v) in node.env() {
         c.env(k, v);
     }
-    c.env("AWAY_NAMESPACE", format!("away-e2e-sigkill-{role}"))
+    c.env("AWAY_AGENT_TOKEN", away_e2e::agent_token())
+        .env("AWAY_NAMESPACE", format!("away-e2e-sigkill-{role}"))
         .env("AWAY_STATE_DIR", &state)
         .env("AWAY_RUN_DIR", state.join("run"));
     c

@@ -30,9 +30,19 @@ struct Broker {
 impl Broker {
     /// `away broker` on a fresh port... or the same one after a crash, on `db`.
     fn start(db: &Path, port: u16, log: &Path) -> Broker {
+        away_identity::install_default_provider();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("broker log");
+        // the test plays 16 agents with fake registrations and no certificates: plain
+        // HTTP on loopback (the agent's side of TLS is tests/tests/identity.rs)
         let child = Command::new(away_bin())
-            .args(["broker", "--listen", &format!("127.0.0.1:{port}"), "--heartbeat-interval", "30"])
+            .args([
+                "broker",
+                "--insecure-loopback",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--heartbeat-interval",
+                "30",
+            ])
             .arg("--db")
             .arg(db)
             .env("AWAY_JOIN_TOKEN", JOIN)
@@ -157,8 +167,12 @@ fn broker_killed_mid_submit_keeps_every_acknowledged_request_once() {
     let port = free_port();
     let broker = Broker::start(&db, port, &log);
     for name in ["crash-a", "crash-b"] {
-        let req =
-            RegisterRequest { node: node(name), api_addr: "127.0.0.1:9".into(), transfer_addr: "127.0.0.1:9".into() };
+        let req = RegisterRequest {
+            node: node(name),
+            api_addr: "127.0.0.1:9".into(),
+            transfer_addr: "127.0.0.1:9".into(),
+            csr: None,
+        };
         let r = Client::new().post(broker.url("/v1/agents/register")).bearer_auth(JOIN).json(&req).send().unwrap();
         assert!(r.status().is_success(), "register {name}: {}", r.text().unwrap_or_default());
     }

@@ -8,8 +8,6 @@
 //! own; the migration ends `cancelled`, the workload stays on the source with its count
 //! going on, and nothing of it is left on the target.
 
-use std::time::Duration;
-
 use away_cluster::ClusterInfo;
 use away_e2e::{away_bin, cluster_plan, free_cluster_name, require_root, require_socket, wait_for};
 use away_model::Tier;
@@ -26,7 +24,7 @@ impl Drop for Down {
 }
 
 fn call(info: &ClusterInfo, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let http = away_e2e::broker_client(info);
     let mut req = http.request(method, format!("{}{path}", info.broker_url)).bearer_auth(&info.user_token);
     if let Some(b) = body {
         req = req.json(&b);

@@ -24,10 +24,6 @@ impl Drop for Down {
     }
 }
 
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
-}
-
 struct Api {
     info: ClusterInfo,
     http: reqwest::blocking::Client,
@@ -101,7 +97,7 @@ fn broker_places_moves_survives_restarts_and_cut_links() {
         cluster_plan(NAME, &[("cloud", Tier::Cloud), ("laptop", Tier::Client)], &["counter", "labdesk", "memload"]);
     let info = away_cluster::up(&plan).expect("cluster up");
     let _down = Down;
-    let api = Api { info: info.clone(), http: client() };
+    let api = Api { info: info.clone(), http: away_e2e::broker_client(&info) };
     wait_for(30, || {
         api.get("/v1/nodes")
             .filter(|n| n.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 2))

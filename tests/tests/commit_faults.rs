@@ -220,7 +220,7 @@ fn move_record(agent: &TargetAgent) -> Option<Value> {
         // a transfer id, not the agent's transfer address
         .rfind(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))?
         .to_string();
-    let body = reqwest::blocking::get(format!("http://{}/v1/transfers/{id}", agent.api)).ok()?.text().ok()?;
+    let body = away_e2e::agent_get(&format!("http://{}/v1/transfers/{id}", agent.api))?.text().ok()?;
     serde_json::from_str(&body).ok()
 }
 
@@ -408,7 +408,7 @@ fn case_vm(fault: &str, postcopy: bool, run: u32) {
     assert_eq!(running(other, &w.name), 0, "the VM runs on both nodes");
     assert!(!other.run.join("qemu").join(&w.name).exists(), "a VM directory was left on the other node");
     let record: Value =
-        reqwest::blocking::get(format!("http://{}/v1/transfers/vm-{}", agent.api, w.name)).unwrap().json().unwrap();
+        away_e2e::agent_get(&format!("http://{}/v1/transfers/vm-{}", agent.api, w.name)).unwrap().json().unwrap();
     assert_eq!(record["state"], if moved { "committed" } else { "aborted" }, "{record}");
 }
 

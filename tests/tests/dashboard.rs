@@ -166,8 +166,11 @@ fn dashboard_signs_in_shows_the_cluster_and_moves_a_workload() {
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
+            // the broker's certificate is from the cluster's own CA, which this throwaway
+            // browser profile does not know: accepted here, in the test only
             json!({"binary": CHROMIUM, "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                "--disable-dev-shm-usage", "--window-size=1366,900", "--no-first-run"]}),
+                "--disable-dev-shm-usage", "--window-size=1366,900", "--no-first-run",
+                "--ignore-certificate-errors"]}),
         );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
         let c = ClientBuilder::new(connector)
@@ -179,8 +182,9 @@ fn dashboard_signs_in_shows_the_cluster_and_moves_a_workload() {
         // a failed step still ends the browser session: killing chromedriver alone
         // would leave its Chromium running
         use futures_util::FutureExt;
-        let result =
-            std::panic::AssertUnwindSafe(scenario(&page, &info.broker_url, &info.user_token)).catch_unwind().await;
+        let result = std::panic::AssertUnwindSafe(scenario(&page, &info, &info.broker_url, &info.user_token))
+            .catch_unwind()
+            .await;
         let _ = page.c.close().await;
         if let Err(panic) = result {
             std::panic::resume_unwind(panic);
@@ -190,8 +194,8 @@ fn dashboard_signs_in_shows_the_cluster_and_moves_a_workload() {
     println!("screenshots: {}", shots.display());
 }
 
-async fn scenario(page: &Page, url: &str, token: &str) {
-    let http = reqwest::Client::new();
+async fn scenario(page: &Page, info: &away_cluster::ClusterInfo, url: &str, token: &str) {
+    let http = away_client::http_client(Some(&info.ca_pem().unwrap())).unwrap();
     let api = |path: &str| {
         let req = http.get(format!("{url}{path}")).bearer_auth(token);
         async move {

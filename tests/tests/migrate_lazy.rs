@@ -42,7 +42,8 @@ fn on(node: &NodeInfoLocal, role: &str, args: &[&str], env: &[(&str, &str)]) -> 
     for (k, v) in node.env() {
         c.env(k, v);
     }
-    c.env("AWAY_NAMESPACE", format!("away-e2e-lazy-{role}"))
+    c.env("AWAY_AGENT_TOKEN", away_e2e::agent_token())
+        .env("AWAY_NAMESPACE", format!("away-e2e-lazy-{role}"))
         .env("AWAY_STATE_DIR", &state)
         .env("AWAY_RUN_DIR", state.join("run"));
     for (k, v) in env {

@@ -9,7 +9,8 @@ use serde_json::Value;
 
 fn env(cmd: &mut Command, role: &str) -> String {
     let base = format!("/tmp/away-e2e-vmcli/{role}-{}", std::process::id());
-    cmd.env("AWAY_STATE_DIR", format!("{base}/state"))
+    cmd.env("AWAY_AGENT_TOKEN", away_e2e::agent_token())
+        .env("AWAY_STATE_DIR", format!("{base}/state"))
         .env("AWAY_RUN_DIR", format!("{base}/run"))
         .env("AWAY_NAMESPACE", format!("away-vmcli-{role}"));
     base

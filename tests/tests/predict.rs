@@ -54,7 +54,7 @@ fn dry_run_changes_nothing_deadline_refusal_and_predicted_reports() {
     let api = Api {
         url: info.broker_url.clone(),
         token: info.user_token.clone(),
-        http: reqwest::blocking::Client::builder().timeout(Duration::from_secs(90)).build().unwrap(),
+        http: away_e2e::broker_client_timeout(&info, Duration::from_secs(90)),
     };
     wait_for(30, || {
         let nodes = api.get("/v1/nodes");

@@ -176,6 +176,11 @@ impl Session {
                 let (join, user) = (&self.exported["AWAY_JOIN_TOKEN"], &self.exported["AWAY_USER_TOKEN"]);
                 assert!(join.len() >= 16 && user.len() >= 16 && join != user, "tokens: {join:?} {user:?}");
             }
+            ["export", ..] if cmd.contains("AWAY_AGENT_TOKEN=") => {
+                assert!(cmd.contains("=$("), "the token made fresh, not written in the README: {cmd}");
+                self.export(cmd);
+                assert!(self.exported["AWAY_AGENT_TOKEN"].len() >= 16, "{:?}", self.exported["AWAY_AGENT_TOKEN"]);
+            }
             ["away", "image", "build", context, "-o", out] => {
                 let (stdout, stderr) = self.run(cmd);
                 let app = Path::new(context).file_name().unwrap().to_str().unwrap();
@@ -285,19 +290,30 @@ impl Session {
                 for token in [&self.exported["AWAY_JOIN_TOKEN"], &self.exported["AWAY_USER_TOKEN"]] {
                     assert!(!argv.contains(token.as_str()), "a token on the broker's command line: {argv}");
                 }
-                self.job_prints("away broker on http://127.0.0.1:7700", 30);
+                self.job_prints("away broker on https://127.0.0.1:7700", 30);
             }
             ["curl", .., url] if url.ends_with("7700/v1/nodes") => {
-                let (stdout, _) = self.run(cmd);
+                // the broker's database (and so its ca.pem) is this test's, not /var/lib/away's
+                let ca = format!("{HERE}/ca.pem");
+                assert!(cmd.contains("--cacert /var/lib/away/ca.pem"), "{cmd}");
+                let (stdout, _) = self.run(&cmd.replace("/var/lib/away/ca.pem", &ca));
                 let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
                 assert!(v.is_array() || v["nodes"].is_array(), "a list of nodes: {v}");
-                // and without the token, no answer
-                let out = self.command("curl -s -o /dev/null -w '%{http_code}' 127.0.0.1:7700/v1/nodes").output();
-                assert_eq!(text(&out.unwrap().stdout), "401");
+                // without the token, no answer; over plain HTTP, no answer; and a client
+                // that does not trust the CA does not get through the handshake
+                let code = |c: &str| text(&self.command(c).output().unwrap().stdout);
+                assert_eq!(
+                    code(&format!(
+                        "curl -s --cacert {ca} -o /dev/null -w '%{{http_code}}' https://127.0.0.1:7700/v1/nodes"
+                    )),
+                    "401"
+                );
+                assert_eq!(code("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:7700/v1/nodes"), "000");
+                assert_eq!(code("curl -s -o /dev/null -w '%{http_code}' https://127.0.0.1:7700/v1/nodes"), "000");
             }
             ["away", "cluster", "up", ..] => {
                 let (stdout, _) = self.run(cmd);
-                assert!(stdout.contains("cluster local is up; broker http://"), "{stdout}");
+                assert!(stdout.contains("cluster local is up; broker https://"), "{stdout}");
                 let status = self.run("away cluster status --json").0;
                 let v: Value = serde_json::from_str(&status).unwrap();
                 let nodes: Vec<&str> =

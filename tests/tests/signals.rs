@@ -139,7 +139,16 @@ fn broker_stops_on_sigterm_with_an_event_stream_open() {
     let token = format!("sig-user-{}", std::process::id());
     let start = || {
         Command::new(away_bin())
-            .args(["broker", "--listen", &format!("127.0.0.1:{port}"), "--db", db.to_str().unwrap()])
+            // plain HTTP on loopback: the test speaks HTTP by hand over TCP, and what is
+            // under test is the stop, not TLS (tests/tests/identity.rs)
+            .args([
+                "broker",
+                "--insecure-loopback",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--db",
+                db.to_str().unwrap(),
+            ])
             // secrets through the environment, never on a command line
             .env("AWAY_JOIN_TOKEN", "sig-join")
             .env("AWAY_USER_TOKEN", &token)

@@ -65,16 +65,50 @@ impl From<RuntimeError> for Problem {
     }
 }
 
-/// Every call needs the cluster token once the agent has one (standalone agents: their
-/// `--token`, if any): an agent takes work only from its broker and the broker's other
-/// agents.
+/// Who may call, failing closed:
+/// * an agent with a node identity (it joined a broker with a CA) serves mutual TLS
+///   only: the caller's certificate chains to the CA (the broker or another node of the
+///   cluster), checked in the handshake; a plain connection is refused;
+/// * otherwise every call needs the bearer token the agent has: the cluster token of a
+///   broker without a CA (`--insecure-loopback`), or a standalone agent's `--token`;
+/// * an agent with neither answers only `GET /v1/node` and refuses everything else.
 async fn require_token(
     State(agent): State<Arc<Agent>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<Response, Problem> {
+    let peer = req.extensions().get::<axum::extract::ConnectInfo<away_identity::serve::TlsPeer>>().map(|c| &c.0);
+    if let Some(peer) = peer.filter(|p| p.tls) {
+        // the handshake required a certificate of the CA
+        return match &peer.node {
+            Some(_) => Ok(next.run(req).await),
+            None => Err(Problem(ApiError::new(
+                ErrorCode::Unauthorized,
+                "the client certificate names no node of this cluster",
+            ))),
+        };
+    }
+    if agent.identity.read().unwrap_or_else(|e| e.into_inner()).is_some() {
+        // before its identity came, a plain connection may have been opened
+        return Err(Problem(ApiError::new(
+            ErrorCode::Unauthorized,
+            "this agent serves mutual TLS only: call it with a certificate of its cluster's CA",
+        )));
+    }
+    // who the node is (its fingerprint) is no secret: asked before a move, and by
+    // whoever checks the agent is up
+    if req.method() == axum::http::Method::GET && req.uri().path() == "/v1/node" {
+        return Ok(next.run(req).await);
+    }
     let expected = agent.cluster_token.read().await.clone();
-    if let Some(expected) = expected {
+    let Some(expected) = expected else {
+        return Err(Problem(ApiError::new(
+            ErrorCode::Unauthorized,
+            "this agent has no credential to check callers against (no identity from a broker, no --token): \
+             it refuses every call but GET /v1/node; start it with --broker, or with AWAY_AGENT_TOKEN",
+        )));
+    };
+    {
         let given = req
             .headers()
             .get(axum::http::header::AUTHORIZATION)
@@ -149,6 +183,9 @@ async fn probe(headers: axum::http::HeaderMap, body: axum::body::Body) -> Result
 struct PlanRequest {
     /// The target agent's API address.
     target_api: String,
+    /// The target's node name (needed when this node calls others over mutual TLS).
+    #[serde(default)]
+    target_node: Option<String>,
     #[serde(default)]
     mode: Option<String>,
     #[serde(default)]
@@ -165,8 +202,9 @@ async fn plan(
         Some(m) => m.parse().map_err(|e: String| Problem(ApiError::new(ErrorCode::InvalidInput, e)))?,
         None => Default::default(),
     };
-    let token = agent.cluster_token.read().await.clone();
-    let target = crate::client::AgentClient::new(&req.target_api).with_token(token);
+    let target = crate::client::AgentClient::from_agent(&agent, req.target_node.as_deref(), &req.target_api)
+        .await
+        .map_err(|e| Problem(ApiError::new(ErrorCode::Unavailable, e)))?;
     let planning =
         away_migrate::estimate::plan_container(&agent.node, &agent.config.name, &name, &target, mode, req.optimize);
     let plan = tokio::time::timeout(away_migrate::estimate::PLAN_TIMEOUT, planning)

@@ -17,11 +17,48 @@ use crate::client::AgentClient;
 use crate::Agent;
 
 /// Where the broker is and how to join it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BrokerLink {
-    /// `http://host:port`
+    /// `https://host:port` (`http://` only for a broker on loopback started with
+    /// `--insecure-loopback`)
     pub url: String,
     pub join_token: String,
+    /// The broker's CA certificate (PEM), to trust it when joining (`--ca`).
+    pub ca: Option<String>,
+}
+
+impl std::fmt::Debug for BrokerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerLink").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+impl BrokerLink {
+    fn tls(&self) -> bool {
+        self.url.starts_with("https://")
+    }
+}
+
+/// The client for calls to the broker: over TLS with the node's certificate once it has
+/// one, trusting only the broker's CA (before the join: the CA given with `--ca`).
+fn broker_client(agent: &Agent, link: &BrokerLink) -> Result<reqwest::Client, String> {
+    let tls = if link.tls() {
+        let config = match (agent.identity(), &link.ca) {
+            (Some(id), _) => id.client_config(),
+            (None, Some(ca)) => away_identity::trusting_client_config(ca),
+            (None, None) => {
+                return Err(format!("{} is https: give the broker's CA certificate (--ca FILE or AWAY_CA)", link.url))
+            }
+        };
+        Some(config.map_err(|e| error_chain(&e))?)
+    } else {
+        None
+    };
+    away_identity::http::client_builder(tls)
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(20))
+        .build()
+        .map_err(|e| error_chain(&e))
 }
 
 fn now_ms() -> u64 {
@@ -72,16 +109,25 @@ fn memory_used() -> u64 {
 
 /// Heartbeat forever.
 pub async fn run(agent: Arc<Agent>, link: BrokerLink) {
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("http client");
+    let mut http: Option<(bool, reqwest::Client)> = None;
     let mut cpu = CpuSampler(None);
     let mut interval = Duration::from_secs(1);
     let mut offline_since: Option<std::time::Instant> = None;
     loop {
-        match beat(&agent, &link, &http, &mut cpu).await {
+        // a new client once the node has its certificate
+        let has_identity = agent.identity().is_some();
+        if http.as_ref().is_none_or(|(had, _)| *had != has_identity) {
+            match broker_client(&agent, &link) {
+                Ok(c) => http = Some((has_identity, c)),
+                Err(e) => {
+                    tracing::error!(broker = %link.url, "cannot call the broker: {e}");
+                    tokio::time::sleep(interval).await;
+                    continue;
+                }
+            }
+        }
+        let Some((_, client)) = &http else { continue };
+        match beat(&agent, &link, client, &mut cpu).await {
             Ok((resp, every)) => {
                 if let Some(since) = offline_since.take() {
                     tracing::info!(broker = %link.url, "broker reachable again after {:.1} s; reconciling", since.elapsed().as_secs_f64());
@@ -101,13 +147,27 @@ pub async fn run(agent: Arc<Agent>, link: BrokerLink) {
 }
 
 async fn register(agent: &Agent, link: &BrokerLink, http: &reqwest::Client) -> Result<RegisterResponse, String> {
+    // a registration is reused while the node holds its certificate (a broker with a
+    // CA), or always with a broker without one
     if let Some(r) = agent.state.registration(&link.url).map_err(|e| error_chain(&e))? {
-        return Ok(r);
+        if !link.tls() || agent.identity().is_some() {
+            return Ok(r);
+        }
     }
+    let identity_dir = agent.config.identity_dir();
+    // the key is kept before its CSR goes out: a join retried after a crash asks for the
+    // same key, which the broker accepts again for this name
+    let csr = if link.tls() {
+        let key = away_identity::NodeKey::load_or_create(&identity_dir).map_err(|e| error_chain(&e))?;
+        Some(key.csr_pem(&agent.config.name).map_err(|e| error_chain(&e))?)
+    } else {
+        None
+    };
     let req = RegisterRequest {
         node: agent.node_info().await,
         api_addr: agent.config.listen.to_string(),
         transfer_addr: agent.transfer_addr(),
+        csr,
     };
     let resp = http
         .post(format!("{}/v1/agents/register", link.url))
@@ -120,9 +180,33 @@ async fn register(agent: &Agent, link: &BrokerLink, http: &reqwest::Client) -> R
         return Err(format!("register: {} {}", resp.status(), resp.text().await.unwrap_or_default()));
     }
     let r: RegisterResponse = resp.json().await.map_err(|e| error_chain(&e))?;
+    if link.tls() {
+        take_identity(agent, link, &r)?;
+    }
     agent.state.save_registration(&link.url, &r).map_err(|e| error_chain(&e))?;
     tracing::info!(broker = %link.url, "registered with the broker");
     Ok(r)
+}
+
+/// Keep the certificate the broker issued: it must be for this node's key, from the CA
+/// the node was told to trust.
+fn take_identity(agent: &Agent, link: &BrokerLink, r: &RegisterResponse) -> Result<(), String> {
+    let (Some(cert), Some(ca)) = (&r.certificate, &r.ca) else {
+        return Err("the broker answered the join without a certificate for this node".into());
+    };
+    if let Some(trusted) = &link.ca {
+        if away_identity::read_ca_pem(trusted).map_err(|e| error_chain(&e))?
+            != away_identity::read_ca_pem(ca).map_err(|e| error_chain(&e))?
+        {
+            return Err("the broker's answer names another CA than the one given with --ca".into());
+        }
+    }
+    let dir = agent.config.identity_dir();
+    let key = away_identity::NodeKey::load_or_create(&dir).map_err(|e| error_chain(&e))?;
+    let identity = key.into_identity(cert, ca).map_err(|e| error_chain(&e))?;
+    identity.save(&dir).map_err(|e| error_chain(&e))?;
+    tracing::info!(subject = %identity.subject(), ca = %identity.ca_fingerprint(), "joined: node certificate saved, the API is mutual TLS from now on");
+    agent.set_identity(identity).map_err(|e| error_chain(&e))
 }
 
 async fn beat(
@@ -223,8 +307,17 @@ async fn do_assignment(agent: &Agent, a: Assignment) {
 
 async fn do_migration(agent: &Agent, m: MigrationOrder) {
     tracing::info!(workload = %m.workload, target = %m.target_node, "migration ordered by the broker");
-    let token = agent.cluster_token.read().await.clone();
-    let target = AgentClient::new(&m.target_api).with_token(token.clone());
+    let target = match AgentClient::from_agent(agent, Some(&m.target_node), &m.target_api).await {
+        Ok(c) => c,
+        Err(e) => {
+            let mut ev = event("migration-failed", Some(&m.workload), e);
+            ev.migration_id = Some(m.id.clone());
+            if let Err(e) = agent.state.push_event(ev) {
+                tracing::error!("cannot queue an event: {e}", e = ErrorChain(&e));
+            }
+            return;
+        }
+    };
     let on_vm = matches!(agent.node.find(&m.workload).await, Ok(Some((RuntimeKind::Qemu, _))));
     // registered before anything moves; an order cancelled before it got here starts cancelled
     let cancel = away_migrate::Cancel::default();

@@ -19,7 +19,7 @@ fn http_client(token: Option<&str>) -> reqwest::Client {
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    reqwest::Client::builder()
+    away_identity::http::client_builder(None)
         .default_headers(headers)
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(60))
@@ -34,6 +34,38 @@ impl AgentClient {
             if addr.starts_with("http://") { addr.trim_end_matches('/').to_string() } else { format!("http://{addr}") };
         let http = http_client(None);
         AgentClient { base, http }
+    }
+
+    /// A client of node `node`'s agent at `addr` over mutual TLS with `identity`: the
+    /// handshake checks the agent is that node (its certificate names it), whatever
+    /// address it was reached at.
+    pub async fn for_node(
+        identity: &away_identity::Identity,
+        node: &str,
+        addr: &str,
+    ) -> Result<Self, away_identity::IdentityError> {
+        let (base, builder) = away_identity::http::node_client(identity, node, addr).await?;
+        let http = builder
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .expect("http client");
+        Ok(AgentClient { base, http })
+    }
+
+    /// A client of node `node`'s agent at `addr`, as `agent` reaches other nodes: by name
+    /// over mutual TLS with its identity once it has one, else plain HTTP with the
+    /// cluster token. The error says why there is none.
+    pub async fn from_agent(agent: &crate::Agent, node: Option<&str>, addr: &str) -> Result<Self, String> {
+        match (agent.identity(), node) {
+            (Some(id), Some(node)) => {
+                Self::for_node(&id, node, addr).await.map_err(|e| format!("target {node}: {e}", e = ErrorChain(&e)))
+            }
+            (Some(_), None) => Err(format!(
+                "the target at {addr} has no node name: a node with an identity calls other nodes over mutual TLS by name"
+            )),
+            (None, _) => Ok(Self::new(addr).with_token(agent.cluster_token.read().await.clone())),
+        }
     }
 
     /// Present `token` (the cluster's) on every call, when the target belongs to a broker.

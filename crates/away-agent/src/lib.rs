@@ -61,6 +61,11 @@ impl AgentConfig {
     pub fn spool_dir(&self) -> PathBuf {
         self.node.paths.state_dir.join("transfers")
     }
+
+    /// Where the node's key and certificate live (0700; the key 0600).
+    pub fn identity_dir(&self) -> PathBuf {
+        self.node.paths.state_dir.join("identity")
+    }
 }
 
 /// How long removing an expired copy may take (a container's task killed and deleted):
@@ -94,6 +99,11 @@ pub struct Agent {
     work: Mutex<std::collections::HashSet<String>>,
     /// Migration id -> its cancel, for the moves under way (a broker's cancel sets it).
     pub(crate) cancels: std::sync::Mutex<HashMap<String, away_migrate::Cancel>>,
+    /// The node's certificate from the broker's CA, once it joined one: from then on its
+    /// API is served over mutual TLS only and its calls to other nodes use it.
+    identity: std::sync::RwLock<Option<away_identity::Identity>>,
+    /// The API's TLS configuration (None: plain HTTP, no identity yet).
+    tls: tokio::sync::watch::Sender<Option<Arc<away_identity::rustls::ServerConfig>>>,
 }
 
 impl Agent {
@@ -108,7 +118,17 @@ impl Agent {
         let info = fp.node_info(&config.name, config.tier);
         let state =
             state::AgentState::open(&config.node.paths.state_dir.join("agent.db")).map_err(AgentError::State)?;
+        let identity = away_identity::Identity::load(&config.identity_dir()).map_err(AgentError::Identity)?;
+        let tls = match &identity {
+            Some(id) => Some(id.server_config().map_err(AgentError::Identity)?),
+            None => None,
+        };
+        if let Some(id) = &identity {
+            tracing::info!(subject = %id.subject(), ca = %id.ca_fingerprint(), "node identity loaded: the API is mutual TLS");
+        }
         Ok(Arc::new(Agent {
+            identity: std::sync::RwLock::new(identity),
+            tls: tokio::sync::watch::channel(tls).0,
             cluster_token: tokio::sync::RwLock::new(config.api_token.clone()),
             config,
             node,
@@ -119,6 +139,20 @@ impl Agent {
             work: Mutex::new(Default::default()),
             cancels: Default::default(),
         }))
+    }
+
+    /// The node's identity, if it has one.
+    pub fn identity(&self) -> Option<away_identity::Identity> {
+        self.identity.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Take on `identity` (already saved): the API serves mutual TLS from the next
+    /// connection on.
+    pub fn set_identity(&self, identity: away_identity::Identity) -> Result<(), away_identity::IdentityError> {
+        let server = identity.server_config()?;
+        *self.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(identity);
+        self.tls.send_replace(Some(server));
+        Ok(())
     }
 
     /// The node's fingerprint with its runtimes' health as of now.
@@ -450,7 +484,9 @@ pub async fn run(
         let (agent, stop) = (agent.clone(), until_stopped(stopped.clone()));
         tokio::spawn(async move { api::serve_transfers(agent, transfer, stop).await })
     };
-    let app = api::router(agent.clone());
+    let app = api::router(agent.clone()).into_make_service_with_connect_info::<away_identity::serve::TlsPeer>();
+    let http = away_identity::serve::Listener::watching(http, agent.tls.subscribe())
+        .map_err(|e| AgentError::Bind { addr: agent.config.listen.to_string(), source: e })?;
     let mut server =
         tokio::spawn(axum::serve(http, app).with_graceful_shutdown(until_stopped(stopped.clone())).into_future());
     let why = {
@@ -541,4 +577,6 @@ pub enum AgentError {
     Serve(String),
     #[error(transparent)]
     State(state::StateError),
+    #[error("the node identity")]
+    Identity(#[source] away_identity::IdentityError),
 }

@@ -30,9 +30,11 @@ impl AgentState {
     pub fn open(path: &Path) -> Result<AgentState, StateError> {
         let p = path.display().to_string();
         let err = |source| StateError { path: p.clone(), source };
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
+        // it holds the cluster's token: the owner's only, from its creation on
+        away_identity::private_file(path).map_err(|e| StateError {
+            path: p.clone(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
         let db = Connection::open(path).map_err(err)?;
         db.execute_batch(
             "PRAGMA journal_mode=WAL;
@@ -200,7 +202,13 @@ mod tests {
             assert_eq!(s.push_event(event("b")).unwrap().seq, 2);
             s.save_registration(
                 "http://b",
-                &RegisterResponse { agent_token: "t".into(), cluster_token: "c".into(), heartbeat_interval_ms: 1000 },
+                &RegisterResponse {
+                    agent_token: "t".into(),
+                    cluster_token: "c".into(),
+                    heartbeat_interval_ms: 1000,
+                    certificate: None,
+                    ca: None,
+                },
             )
             .unwrap();
         }

@@ -107,8 +107,12 @@ fn run(nodes: usize) {
 
     let t = Instant::now();
     for i in 0..nodes {
-        let req =
-            RegisterRequest { node: node(i), api_addr: "127.0.0.1:1".into(), transfer_addr: "127.0.0.1:2".into() };
+        let req = RegisterRequest {
+            node: node(i),
+            api_addr: "127.0.0.1:1".into(),
+            transfer_addr: "127.0.0.1:2".into(),
+            csr: None,
+        };
         broker.register(Some("join"), req).expect("register");
     }
     let register = t.elapsed();

@@ -410,10 +410,6 @@ async fn delete_workload(State(b): Shared, headers: HeaderMap, Path(name): Path<
 async fn workload_logs(State(b): Shared, headers: HeaderMap, Path(name): Path<String>, uri: axum::http::Uri) -> Answer {
     b.check_user(bearer(&headers))?;
     let src = b.log_source(&name)?;
-    let mut url = format!("http://{}/v1/workloads/{name}/logs", src.api_addr);
-    if let Some(q) = uri.query() {
-        url = format!("{url}?{q}");
-    }
     let unreachable = |why: String| {
         let state = if src.online { "online" } else { "offline" };
         Problem::new(
@@ -421,8 +417,13 @@ async fn workload_logs(State(b): Shared, headers: HeaderMap, Path(name): Path<St
             format!("node {} ({state}) is unreachable for logs of {name}: {why}", src.node),
         )
     };
-    let resp = b
-        .http
+    let (base, http) =
+        b.node_http(&src.node, &src.api_addr, std::time::Duration::from_secs(3)).await.map_err(unreachable)?;
+    let mut url = format!("{base}/v1/workloads/{name}/logs");
+    if let Some(q) = uri.query() {
+        url = format!("{url}?{q}");
+    }
+    let resp = http
         .get(&url)
         .bearer_auth(b.cluster_token())
         // the body streams for as long as the log is: only connecting is bounded as usual
@@ -637,7 +638,27 @@ async fn register_agent(State(b): Shared, headers: HeaderMap, body: Bytes) -> An
         (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
     )
 )]
-async fn heartbeat(State(b): Shared, headers: HeaderMap, Path(name): Path<String>, body: Bytes) -> Answer {
+async fn heartbeat(
+    State(b): Shared,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<away_identity::serve::TlsPeer>>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Answer {
+    // a broker with a CA hears a node only from that node's certificate
+    if b.config.tls.is_some() {
+        match peer.as_ref().and_then(|p| p.0 .0.node.as_deref()) {
+            Some(n) if n == name => {}
+            Some(n) => {
+                return Err(Problem::unauthorized(format!("a heartbeat for node {name} from node {n}'s certificate")))
+            }
+            None => {
+                return Err(Problem::unauthorized(format!(
+                    "node {name}'s heartbeat needs its certificate (TLS client certificate from this broker's CA)"
+                )))
+            }
+        }
+    }
     let token = bearer(&headers).map(str::to_string);
     if token.is_none() {
         return Err(Problem::unauthorized("missing bearer token: send Authorization: Bearer <agent token>"));

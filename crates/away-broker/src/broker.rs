@@ -179,7 +179,7 @@ impl Broker {
             "broker state loaded"
         );
         let (events, _) = broadcast::channel(1024);
-        let http = reqwest::Client::builder()
+        let http = away_identity::http::client_builder(None)
             .connect_timeout(std::time::Duration::from_secs(3))
             .timeout(std::time::Duration::from_secs(30))
             .build()
@@ -205,6 +205,28 @@ impl Broker {
 
     pub(crate) fn cluster_token(&self) -> &str {
         &self.cluster_token
+    }
+
+    /// The URL base and a client for calling node `node`'s agent at `api_addr`. With a
+    /// CA: mutual TLS to the node by its name, so the address it registered can lead
+    /// nowhere but to that node; without one (`--insecure-loopback`): plain HTTP (the
+    /// caller presents the cluster token either way).
+    pub(crate) async fn node_http(
+        &self,
+        node: &str,
+        api_addr: &str,
+        connect_timeout: std::time::Duration,
+    ) -> Result<(String, reqwest::Client), String> {
+        match &self.config.tls {
+            Some(tls) => {
+                let (base, builder) = away_identity::http::node_client(&tls.identity, node, api_addr)
+                    .await
+                    .map_err(|e| away_model::error_chain(&e))?;
+                let http = builder.connect_timeout(connect_timeout).build().map_err(|e| away_model::error_chain(&e))?;
+                Ok((base, http))
+            }
+            None => Ok((format!("http://{api_addr}"), self.http.clone())),
+        }
     }
 
     fn emit(&self, events: Vec<Pending>) {
@@ -245,7 +267,7 @@ impl Broker {
 
     // ---- agents ----
 
-    pub fn register(&self, presented: Option<&str>, req: RegisterRequest) -> Result<RegisterResponse, Problem> {
+    pub fn register(&self, presented: Option<&str>, mut req: RegisterRequest) -> Result<RegisterResponse, Problem> {
         match presented {
             Some(t) if tokens::matches(t, &self.join_token_hash) => {}
             Some(_) => return Err(Problem::unauthorized("wrong join token")),
@@ -257,9 +279,33 @@ impl Broker {
         }
         let token = tokens::generate().map_err(|e| Problem::internal(format!("no randomness for a token: {e}")))?;
         let now = now_ms();
-        let mut inner = lock(&self.inner);
         let name = req.node.name.clone();
+        let csr = req.csr.take();
+        let mut inner = lock(&self.inner);
         let known = inner.nodes.get(&name).cloned();
+        // a broker with a CA issues the node its certificate, for the key it first joined with
+        let issued = match &self.config.tls {
+            Some(tls) => {
+                let csr = csr.ok_or_else(|| {
+                    Problem::invalid("this broker issues node certificates: send a CSR for the node's name")
+                        .field("csr")
+                })?;
+                let bad_csr =
+                    |e: away_identity::IdentityError| Problem::invalid(away_model::error_chain(&e)).field("csr");
+                let key_id = away_identity::Ca::csr_key_id(&csr).map_err(bad_csr)?;
+                if let Some(other) = known.as_ref().and_then(|k| k.key_id.as_ref()).filter(|k| **k != key_id) {
+                    tracing::warn!(node = %name, known_key = %other, "a join for a known node name with another key: refused");
+                    return Err(Problem::new(
+                        ErrorCode::Conflict,
+                        format!("node {name} is registered with another key: a node keeps the key it joined with"),
+                    )
+                    .field("csr"));
+                }
+                let cert = tls.ca.issue(&csr, &name).map_err(bad_csr)?;
+                Some((key_id, cert, tls.ca.cert_pem().to_string()))
+            }
+            None => None,
+        };
         let record = NodeRecord {
             name: name.clone(),
             info: req.node,
@@ -272,6 +318,10 @@ impl Broker {
             acked_seq: 0,
             registered_ms: now,
             last_seen_ms: now,
+            key_id: issued
+                .as_ref()
+                .map(|(k, _, _)| k.clone())
+                .or_else(|| known.as_ref().and_then(|k| k.key_id.clone())),
         };
         let hash = tokens::sha256_hex(&token);
         let changes =
@@ -288,6 +338,8 @@ impl Broker {
             agent_token: token,
             cluster_token: self.cluster_token.clone(),
             heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+            certificate: issued.as_ref().map(|(_, c, _)| c.clone()),
+            ca: issued.map(|(_, _, ca)| ca),
         })
     }
 

@@ -57,6 +57,23 @@ pub struct BrokerConfig {
     pub node_timeout: Duration,
     /// Experiment results (`docs/results`) the dashboard shows read-only to signed-in users.
     pub results_dir: Option<PathBuf>,
+    /// The CA that issues node certificates at join and the broker's own certificate:
+    /// HTTPS, node certificates required for heartbeats, mutual TLS to agents. None
+    /// (`--insecure-loopback`, in-process tests): plain HTTP with bearer tokens only.
+    pub tls: Option<BrokerTls>,
+}
+
+/// The broker's CA and its own identity (server and client certificate).
+#[derive(Clone)]
+pub struct BrokerTls {
+    pub ca: Arc<away_identity::Ca>,
+    pub identity: away_identity::Identity,
+}
+
+impl std::fmt::Debug for BrokerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerTls").field("ca", &self.ca.fingerprint()).field("identity", &self.identity).finish()
+    }
 }
 
 impl BrokerConfig {
@@ -72,6 +89,7 @@ impl BrokerConfig {
             heartbeat_interval,
             node_timeout: heartbeat_interval * 3,
             results_dir: None,
+            tls: None,
         }
     }
 }
@@ -110,7 +128,17 @@ pub async fn serve_until(
         stop.await;
         stopped_tx.send_replace(true);
     };
-    let server = axum::serve(listener, router(broker)).with_graceful_shutdown(shutdown);
+    let tls = match &broker.config.tls {
+        // users come with bearer tokens, agents with their certificates
+        Some(t) => Some(
+            t.identity.server_config_client_optional().map_err(|e| BrokerError::Config(away_model::error_chain(&e)))?,
+        ),
+        None => None,
+    };
+    let listener = away_identity::serve::Listener::watching(listener, tokio::sync::watch::channel(tls).1)
+        .map_err(|source| BrokerError::Config(format!("listener: {source}")))?;
+    let app = router(broker).into_make_service_with_connect_info::<away_identity::serve::TlsPeer>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     let drained = async {
         if stopped.wait_for(|s| *s).await.is_err() {
             std::future::pending::<()>().await;

@@ -31,12 +31,17 @@ pub async fn ask_source(broker: &Broker, choice: &MoveChoice, req: &MigrationReq
     if !choice.source_online {
         return Err(format!("its source {} is offline: nothing to measure", choice.source));
     }
-    let url = format!("http://{}/v1/workloads/{}/plan", choice.source_api, req.workload);
+    let (base, http) = broker
+        .node_http(&choice.source, &choice.source_api, Duration::from_secs(3))
+        .await
+        .map_err(|e| format!("reaching {}: {e}", choice.source))?;
+    let url = format!("{base}/v1/workloads/{}/plan", req.workload);
     // a mode the user named is kept; otherwise the prediction chooses for `optimize`
     let optimize = if req.mode.is_none() { req.optimize } else { None };
-    let body = json!({"target_api": choice.target_api, "mode": req.mode, "optimize": optimize});
-    let resp = broker
-        .http
+    // the source dials the target by name over mutual TLS when it has an identity
+    let body =
+        json!({"target_api": choice.target_api, "target_node": choice.target, "mode": req.mode, "optimize": optimize});
+    let resp = http
         .post(&url)
         .bearer_auth(broker.cluster_token())
         .json(&body)

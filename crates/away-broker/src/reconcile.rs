@@ -640,6 +640,7 @@ mod tests {
                         acked_seq: 0,
                         registered_ms: NOW - 60_000,
                         last_seen_ms: NOW - 1_000,
+                        key_id: None,
                     },
                 );
                 s.announced_online.insert(n.to_string());

@@ -21,6 +21,10 @@ pub struct NodeRecord {
     pub acked_seq: u64,
     pub registered_ms: u64,
     pub last_seen_ms: u64,
+    /// SHA-256 of the public key the node's certificate was issued for (brokers with a
+    /// CA): a later join of this name with another key is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 /// A workload the broker placed.

@@ -81,9 +81,10 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir { path: path.to_path_buf(), source })?;
-        }
+        // it holds token hashes and every workload's environment: the owner's only, from
+        // its creation on (its directory 0700 when made here)
+        away_identity::private_file(path)
+            .map_err(|e| StoreError::Dir { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
         let sql = |source| StoreError::Sql { path: path.to_path_buf(), source };
         let conn = Connection::open(path).map_err(sql)?;
         // WAL: readers never block the writer. FULL: a commit is on disk before the caller
@@ -266,6 +267,7 @@ mod tests {
             acked_seq: 7,
             registered_ms: 1,
             last_seen_ms: 2,
+            key_id: None,
         };
         let w = WorkloadRecord {
             spec: spec.clone(),

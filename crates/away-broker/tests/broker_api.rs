@@ -45,7 +45,7 @@ impl Running {
         let server = tokio::spawn(async move {
             let _ = away_broker::serve(b, listener).await;
         });
-        Running { url, broker, server, http: reqwest::Client::new() }
+        Running { url, broker, server, http: away_identity::http::client_builder(None).build().unwrap() }
     }
 
     async fn stop(self) {
@@ -88,8 +88,12 @@ impl Running {
     }
 
     async fn register(&self, node: &NodeInfo, api_addr: &str) -> RegisterResponse {
-        let req =
-            RegisterRequest { node: node.clone(), api_addr: api_addr.into(), transfer_addr: "127.0.0.1:1".into() };
+        let req = RegisterRequest {
+            node: node.clone(),
+            api_addr: api_addr.into(),
+            transfer_addr: "127.0.0.1:1".into(),
+            csr: None,
+        };
         let (status, body) = self
             .call(reqwest::Method::POST, "/v1/agents/register", Some(JOIN), Some(serde_json::to_value(req).unwrap()))
             .await;

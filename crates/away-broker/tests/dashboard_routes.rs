@@ -24,7 +24,7 @@ async fn start(dir: &std::path::Path, results: Option<std::path::PathBuf>) -> (S
 }
 
 async fn get(url: &str, token: Option<&str>) -> (u16, String, String) {
-    let mut req = reqwest::Client::new().get(url);
+    let mut req = away_identity::http::client_builder(None).build().unwrap().get(url);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -43,7 +43,7 @@ async fn page_is_public_results_need_the_token_and_stay_in_their_directory() {
     std::fs::write(dir.path().join("outside.md"), "CONTENT OF A FILE OUTSIDE").unwrap();
     let (url, server) = start(dir.path(), Some(results)).await;
 
-    let r = reqwest::get(format!("{url}/")).await.unwrap();
+    let r = away_identity::http::client_builder(None).build().unwrap().get(format!("{url}/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let csp = r.headers()["content-security-policy"].to_str().unwrap().to_string();
     assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self'"), "{csp}");

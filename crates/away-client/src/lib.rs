@@ -52,7 +52,17 @@ impl ClientError {
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
-/// A broker at `base_url` (`http://host:port`), called with one user token.
+/// Why a client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the broker's CA certificate")]
+    Ca(#[source] away_identity::IdentityError),
+    #[error("the HTTP client")]
+    Http(#[source] reqwest::Error),
+}
+
+/// A broker at `base_url` (`https://host:port`, or `http://` for one started with
+/// `--insecure-loopback`), called with one user token.
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -61,9 +71,21 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client with a 30 s timeout per call.
+    /// A client of a plain-HTTP broker (`--insecure-loopback`) with a 30 s timeout per
+    /// call; an `https://` URL fails (nothing is trusted): see [`Client::with_ca`].
     pub fn new(base_url: impl Into<String>, user_token: impl Into<String>) -> Result<Client, reqwest::Error> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let http = away_identity::http::client_builder(None).timeout(Duration::from_secs(30)).build()?;
+        Ok(Client::with_http(http, base_url, user_token))
+    }
+
+    /// A client that trusts only the CA certificate `ca_pem` (the broker's `ca.pem`),
+    /// with a 30 s timeout per call. None: [`Client::new`].
+    pub fn with_ca(
+        base_url: impl Into<String>,
+        user_token: impl Into<String>,
+        ca_pem: Option<&str>,
+    ) -> Result<Client, ConnectError> {
+        let http = http_client(ca_pem)?;
         Ok(Client::with_http(http, base_url, user_token))
     }
 
@@ -203,6 +225,13 @@ fn segment(name: &str) -> String {
         }
     }
     out
+}
+
+/// A reqwest client (30 s per call) that trusts only the CA certificate `ca_pem`, or
+/// plain HTTP only when None.
+pub fn http_client(ca_pem: Option<&str>) -> Result<reqwest::Client, ConnectError> {
+    let tls = ca_pem.map(away_identity::trusting_client_config).transpose().map_err(ConnectError::Ca)?;
+    away_identity::http::client_builder(tls).timeout(Duration::from_secs(30)).build().map_err(ConnectError::Http)
 }
 
 #[cfg(test)]

@@ -68,9 +68,20 @@ pub struct ClusterPlan {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterInfo {
     pub name: String,
+    /// `https://<gateway>:7700`
     pub broker_url: String,
     pub user_token: String,
+    /// The broker's CA certificate (`ca.pem` in the run directory): clients trust it.
+    #[serde(default)]
+    pub ca: PathBuf,
     pub nodes: Vec<NodeInfoLocal>,
+}
+
+impl ClusterInfo {
+    /// The broker's CA certificate, PEM.
+    pub fn ca_pem(&self) -> Result<String, ClusterError> {
+        std::fs::read_to_string(&self.ca).map_err(io(&self.ca))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -294,6 +305,9 @@ fn up_inner(plan: &ClusterPlan, stop: &AtomicBool) -> Result<ClusterInfo, Cluste
     std::fs::write(run.join("broker.argv"), serde_json::to_vec(&argv).expect("argv")).map_err(io(&run))?;
     spawn(&argv, &broker_log, &run.join("broker.pid"), &broker_env(&run)?)?;
     wait_until("broker", &broker_log, 30, stop, || tcp_answers(&broker_addr))?;
+    // the broker wrote its CA certificate next to its database before it listened
+    let ca = run.join("ca.pem");
+    std::fs::copy(state.join("ca.pem"), &ca).map_err(io(&ca))?;
 
     let mut nodes = Vec::new();
     for (i, n) in plan.nodes.iter().enumerate() {
@@ -304,7 +318,8 @@ fn up_inner(plan: &ClusterPlan, stop: &AtomicBool) -> Result<ClusterInfo, Cluste
         let joining = Joining { br: &br, gw, broker: &broker_addr, join: &join };
         nodes.push(node_up(plan, i, n, &joining, stop)?);
     }
-    let info = ClusterInfo { name: c.clone(), broker_url: format!("http://{broker_addr}"), user_token: user, nodes };
+    let info =
+        ClusterInfo { name: c.clone(), broker_url: format!("https://{broker_addr}"), user_token: user, ca, nodes };
     save(&info)?;
     Ok(info)
 }
@@ -451,10 +466,15 @@ fn node_up(
         "--transfer-listen".into(),
         format!("{ip}:{TRANSFER_PORT}"),
         "--broker".into(),
-        format!("http://{broker}"),
+        format!("https://{broker}"),
     ]);
-    // the join token by environment (nsenter and env pass it on), not on env's command line
-    let env = [("PATH", away_runtime::host::runtime_path()), ("AWAY_JOIN_TOKEN", join.into())];
+    // the join token by environment (nsenter and env pass it on), not on env's command
+    // line; the broker's CA certificate to trust when joining
+    let env = [
+        ("PATH", away_runtime::host::runtime_path()),
+        ("AWAY_JOIN_TOKEN", join.into()),
+        ("AWAY_CA", run_dir(&plan.name).join("ca.pem").into()),
+    ];
     spawn(&argv, &agent_log, &run.join("agent.pid"), &env)?;
     wait_until(&format!("agent {}", n.name), &agent_log, 60, stop, || tcp_answers(&node.api))?;
     Ok(node)
@@ -471,7 +491,7 @@ pub fn start_broker(name: &str) -> Result<(), ClusterError> {
     let argv: Vec<String> = serde_json::from_slice(&std::fs::read(run.join("broker.argv")).map_err(io(&run))?)
         .map_err(|e| ClusterError::Invalid(format!("broker.argv: {e}")))?;
     let info = info(name).ok_or_else(|| ClusterError::Invalid(format!("cluster {name} is not up")))?;
-    let addr = info.broker_url.trim_start_matches("http://").to_string();
+    let addr = info.broker_url.trim_start_matches("https://").to_string();
     let log = run.join("broker.log");
     spawn(&argv, &log, &run.join("broker.pid"), &broker_env(&run)?)?;
     wait_until("broker", &log, 30, &AtomicBool::new(false), || tcp_answers(&addr))

@@ -25,6 +25,18 @@ struct Node {
     namespace: String,
 }
 
+/// The bearer token of the lab's target agent, which `away migrate` presents: a
+/// standalone agent without one refuses every call that changes anything. Random per
+/// lab process, passed by environment only.
+fn agent_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| format!("lab-{}-{:?}", std::process::id(), Instant::now()))
+    })
+}
+
 impl Node {
     /// `bin` in network namespace `netns` (through `nsenter`), or on the host.
     fn command_in(&self, bin: &Path, netns: Option<&away_link::packet::Endpoint>) -> Command {
@@ -36,7 +48,8 @@ impl Node {
             }
             None => Command::new(bin),
         };
-        c.env("AWAY_STATE_DIR", self.base.join("state"))
+        c.env("AWAY_AGENT_TOKEN", agent_token())
+            .env("AWAY_STATE_DIR", self.base.join("state"))
             .env("AWAY_RUN_DIR", self.base.join("run"))
             .env("AWAY_NAMESPACE", &self.namespace)
             .stdin(Stdio::null())

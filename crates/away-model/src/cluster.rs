@@ -21,6 +21,10 @@ pub struct RegisterRequest {
     pub api_addr: String,
     /// The agent's transfer receiver (`host:port`), for incoming migrations.
     pub transfer_addr: String,
+    /// PEM certificate signing request for the node's own key (common name the node
+    /// name): a broker with a CA answers with the node's certificate and requires it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +35,12 @@ pub struct RegisterResponse {
     /// Shared by the cluster's agents and broker for agent-API calls between them.
     pub cluster_token: String,
     pub heartbeat_interval_ms: u64,
+    /// The node's certificate (PEM), issued for the request's CSR by the broker's CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// The broker's CA certificate (PEM), the one root the node trusts from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 /// Current use of a node's resources.

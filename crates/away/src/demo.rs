@@ -107,7 +107,7 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
     let info: ClusterInfo = blocking(move || Ok(away_cluster::up(&plan2)?)).await?;
     s.done(t, &format!("broker {}, cloud node {}", info.broker_url, info.nodes[0].api));
 
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let http = away_client::http_client(Some(&info.ca_pem()?))?;
     let broker = Client::with_http(http.clone(), info.broker_url.clone(), info.user_token.clone());
 
     let t = s.step("submitting labdesk to the broker over HTTP");

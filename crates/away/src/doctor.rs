@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use away_runtime::host::{fingerprint, FingerprintOptions, HostPaths, Status};
+use away_runtime::host::{fingerprint, Check, FingerprintOptions, HostPaths, Status};
 
 use crate::output::print_json;
 
@@ -48,13 +48,78 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !args.json {
         eprintln!("checking this host (a KVM probe boot may take up to {} s)...", args.kvm_timeout);
     }
-    let report = rt.block_on(fingerprint(&opts));
+    let mut report = rt.block_on(fingerprint(&opts));
+    report.checks.extend(identity_checks(&opts.paths.state_dir));
     if args.json {
         print_json(&report)?;
     } else {
         print_table(&report);
     }
     Ok(if report.healthy() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Renew a node certificate this long before it expires (a node joins again for it).
+const RENEW_BEFORE: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// The node's identity (STATE_DIR/identity): its certificate's subject, expiry and CA;
+/// a warning when it has none (a standalone agent with a bearer token over plain HTTP,
+/// or one that has not joined a broker yet), or when it is about to expire.
+fn identity_checks(state_dir: &std::path::Path) -> Vec<Check> {
+    let dir = state_dir.join("identity");
+    let join_fix = "away agent --broker https://BROKER:7700 --ca ca.pem with AWAY_JOIN_TOKEN set (docs/security.md)";
+    let mut checks = Vec::new();
+    let identity = match away_identity::Identity::load(&dir) {
+        Ok(Some(id)) => {
+            let left = id.not_after().duration_since(std::time::SystemTime::now()).unwrap_or_default();
+            let days = left.as_secs() / 86400;
+            let detail = format!(
+                "{} (node {}), expires in {days} days, CA sha256 {}",
+                id.subject(),
+                id.name(),
+                id.ca_fingerprint()
+            );
+            let (status, fix) = if left < RENEW_BEFORE {
+                (
+                    Status::Warn,
+                    Some(format!(
+                        "join again for a new certificate: remove {} and restart the agent",
+                        dir.join("cert.pem").display()
+                    )),
+                )
+            } else {
+                (Status::Ok, None)
+            };
+            checks.push(Check { name: "node identity".into(), status, detail, fix });
+            true
+        }
+        Ok(None) => {
+            checks.push(Check {
+                name: "node identity".into(),
+                status: Status::Warn,
+                detail: format!("no node certificate in {}: the agent API is plain HTTP", dir.display()),
+                fix: Some(join_fix.into()),
+            });
+            false
+        }
+        Err(e) => {
+            checks.push(Check {
+                name: "node identity".into(),
+                status: Status::Warn,
+                detail: format!("{}: {}", dir.display(), away_model::error_chain(&e)),
+                fix: Some(format!("chmod 600 {}/key.pem, or remove {} and join again", dir.display(), dir.display())),
+            });
+            false
+        }
+    };
+    if !identity && std::env::var_os("AWAY_AGENT_TOKEN").is_some() {
+        checks.push(Check {
+            name: "insecure mode".into(),
+            status: Status::Warn,
+            detail: "AWAY_AGENT_TOKEN: a standalone agent's bearer token, sent over plain HTTP (loopback or a trusted network only)".into(),
+            fix: Some(join_fix.into()),
+        });
+    }
+    checks
 }
 
 fn print_table(report: &away_runtime::host::HostReport) {

@@ -76,9 +76,14 @@ pub struct AgentArgs {
     /// Seconds an incoming workload waits for its source's commit before it is removed
     #[arg(long, default_value_t = 30)]
     commit_lease: u64,
-    /// The broker to work for, e.g. http://10.0.0.1:7700 (without it the agent runs standalone)
+    /// The broker to work for, e.g. https://10.0.0.1:7700 (without it the agent runs
+    /// standalone); the agent joins it once with the join token and a CSR, and keeps the
+    /// certificate it gets in STATE_DIR/identity
     #[arg(long)]
     broker: Option<String>,
+    /// The broker's CA certificate (its ca.pem), the only root trusted to join it
+    #[arg(long, env = "AWAY_CA", value_name = "FILE", requires = "broker")]
+    ca: Option<PathBuf>,
     /// Join token the broker expects at registration
     #[arg(long, env = "AWAY_JOIN_TOKEN", hide_env_values = true, requires = "broker")]
     join_token: Option<String>,
@@ -126,6 +131,10 @@ fn parse_tier(s: &str) -> Result<Tier, String> {
 
 pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let name = a.name.clone().unwrap_or_else(hostname);
+    let ca = match &a.ca {
+        Some(path) => Some(away_identity::read_ca_file(path)?),
+        None => None,
+    };
     let config = AgentConfig {
         name,
         tier: a.tier,
@@ -137,6 +146,7 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         broker: a.broker.map(|url| away_agent::broker::BrokerLink {
             url: url.trim_end_matches('/').to_string(),
             join_token: a.join_token.unwrap_or_default(),
+            ca,
         }),
         api_token: a.token,
         transfers: ReceiveOptions {
@@ -206,9 +216,12 @@ pub struct MigrateArgs {
     /// Cancel broker migration ID (with --broker) instead of moving a workload
     #[arg(long, value_name = "ID", conflicts_with_all = ["workload", "to"], requires = "broker", help_heading = "Broker migrations")]
     cancel: Option<String>,
-    /// The broker's URL (http://host:port), for --cancel
+    /// The broker's URL (https://host:port), for --cancel
     #[arg(long, value_name = "URL", requires = "cancel", help_heading = "Broker migrations")]
     broker: Option<String>,
+    /// The broker's CA certificate (its ca.pem), the only root trusted for it
+    #[arg(long, env = "AWAY_CA", value_name = "FILE", help_heading = "Broker migrations")]
+    ca: Option<PathBuf>,
     /// A user token of the broker, for --cancel: set AWAY_USER_TOKEN rather than give
     /// it here, where every user of the machine can read it
     #[arg(long = "user-token", env = "AWAY_USER_TOKEN", hide_env_values = true, help_heading = "Broker migrations")]
@@ -292,7 +305,7 @@ pub struct MigrateArgs {
 pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let (Some(id), Some(broker)) = (&a.cancel, &a.broker) {
-        return rt.block_on(cancel(broker, a.user_token.as_deref(), id, a.json));
+        return rt.block_on(cancel(broker, a.ca.as_deref(), a.user_token.as_deref(), id, a.json));
     }
     // clap requires both unless --cancel is given
     let (Some(workload), Some(to)) = (a.workload.clone(), a.to.clone()) else {
@@ -417,11 +430,21 @@ async fn migrate_vm(node: &LocalNode, a: &MigrateArgs, workload: &str, to: &str)
 
 /// A transfer progress bar on stderr (hidden with --json: stdout is the report).
 /// `away migrate --cancel ID`: `DELETE /v1/migrations/ID` on the broker.
-async fn cancel(broker: &str, token: Option<&str>, id: &str, json: bool) -> anyhow::Result<ExitCode> {
+async fn cancel(
+    broker: &str,
+    ca: Option<&std::path::Path>,
+    token: Option<&str>,
+    id: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let Some(token) = token else {
         anyhow::bail!("--cancel needs a user token of the broker: set AWAY_USER_TOKEN");
     };
-    let client = away_client::Client::new(broker, token)?;
+    let ca = match ca {
+        Some(path) => Some(away_identity::read_ca_file(path)?),
+        None => None,
+    };
+    let client = away_client::Client::with_ca(broker, token, ca.as_deref())?;
     let m = client.cancel_migration(id).await.with_context(|| format!("cancel migration {id}"))?;
     if json {
         print_json(&m)?;

@@ -47,7 +47,8 @@ async fn cancel_a_pending_migration_then_refuse_an_ended_one() {
     let url = format!("http://127.0.0.1:{port}");
     let _broker = Broker(
         Command::new(env!("CARGO_BIN_EXE_away"))
-            .args(["broker", "--listen", &format!("127.0.0.1:{port}")])
+            // the test plays the agents with fake registrations: plain HTTP on loopback
+            .args(["broker", "--insecure-loopback", "--listen", &format!("127.0.0.1:{port}")])
             .env("AWAY_BROKER_DB", dir.path().join("broker.db"))
             .env("AWAY_USER_TOKEN", USER)
             .env("AWAY_JOIN_TOKEN", JOIN)
@@ -63,8 +64,12 @@ async fn cancel_a_pending_migration_then_refuse_an_ended_one() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for name in ["cancel-a", "cancel-b"] {
-        let req =
-            RegisterRequest { node: node(name), api_addr: "127.0.0.1:9".into(), transfer_addr: "127.0.0.1:9".into() };
+        let req = RegisterRequest {
+            node: node(name),
+            api_addr: "127.0.0.1:9".into(),
+            transfer_addr: "127.0.0.1:9".into(),
+            csr: None,
+        };
         let token = client.register(JOIN, &req).await.expect("register").agent_token;
         let hb = Heartbeat { node: node(name), load: NodeLoad::default(), workloads: vec![], events: vec![] };
         client.heartbeat(name, &token, &hb).await.expect("heartbeat");
