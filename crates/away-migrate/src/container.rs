@@ -182,6 +182,15 @@ pub async fn migrate_container(
     }
     let choice = crate::mode::choose(opts.mode, runtime, &status, &host, &there).await?;
     tracing::info!(workload = name, mode = %choice.mode, "{}", choice.reason);
+    // the move's id, known before anything is sent (a lost answer is asked about by it),
+    // and announced: the target takes this transfer only from this node, with its secret
+    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
+    let secret = target.announce(&transfer_id, name, &here.name).await?;
+    let mut opts = opts.clone();
+    opts.transfer.secret = Some(secret);
+    opts.transfer.peer_node = there.node.name.clone();
+    opts.transfer.transfer_id = Some(transfer_id.clone());
+    let opts = &opts;
     let mut phases = vec![phase("check", started.elapsed())];
     if choice.mode == MigrationMode::Lazy || choice.streamed {
         let moving = Moving {
@@ -204,7 +213,7 @@ pub async fn migrate_container(
     }
 
     // 1. checkpoint: the source process stops here
-    let (early, _, round_trip) = connect_early(&there.transfer_addr).await?;
+    let (early, _, round_trip) = connect_early(&there.transfer_addr, &opts.transfer, false).await?;
     progress(Step::Checkpointing);
     let payload = archives.create(name)?;
     let t = Instant::now();
@@ -257,8 +266,6 @@ pub async fn migrate_container(
 
     // 2. transfer; the target restores and answers
     let t = Instant::now();
-    // the move's id, known before anything is sent: a lost answer is asked about by it
-    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
     let outcome =
         send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, Some(early), &transfer_id).await;
     #[cfg(feature = "fault-injection")]
@@ -410,7 +417,7 @@ async fn send_payload(
     manifest: &Manifest,
     opts: &ContainerMigrationOptions,
     progress: &ProgressFn,
-    connected: Option<tokio::net::TcpStream>,
+    connected: Option<crate::channel::Stream>,
     transfer_id: &str,
 ) -> Result<transfer::SendOutcome, transfer::TransferError> {
     let mut send_opts = opts.transfer.clone();
@@ -491,14 +498,40 @@ fn frozen_at(payload: &Path, started: Instant) -> Instant {
 /// A connection to the target's transfer port, opened before the workload stops (the
 /// payload then goes without a connect round trip in the pause), and the address of
 /// this host the target reaches (its local end: where the page relay listens).
-/// Also returns how long it took to open: one round trip to the target.
-async fn connect_early(target: &str) -> Result<(tokio::net::TcpStream, std::net::IpAddr, Duration), MigrateError> {
+/// Also returns how long it took to open: one round trip to the target. Under TLS the
+/// handshake (one more round trip with TLS 1.3) is made here too, before the freeze.
+/// `cubic`: the connection uses CUBIC (see [`migrate_lazy`]).
+async fn connect_early(
+    target: &str,
+    send: &SendOptions,
+    cubic: bool,
+) -> Result<(crate::channel::Stream, std::net::IpAddr, Duration), MigrateError> {
+    let unreachable =
+        |e: std::io::Error| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}"));
     let t = Instant::now();
-    let s = tokio::net::TcpStream::connect(target)
-        .await
-        .map_err(|e| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}")))?;
+    let s = tokio::net::TcpStream::connect(target).await.map_err(unreachable)?;
     let round_trip = t.elapsed();
     let ip = s.local_addr().map_err(|e| MigrateError::Invalid(e.to_string()))?.ip();
+    // Small control frames must not wait for Nagle.
+    s.set_nodelay(true).map_err(unreachable)?;
+    // The payload is small and waited for: CUBIC sends what the window holds at once,
+    // where BBR (this host's default) paces it at the young connection's bandwidth
+    // estimate, a round trip's worth on a 73.6 ms path.
+    if cubic {
+        if let Err(e) = socket2::SockRef::from(&s).set_tcp_congestion(b"cubic") {
+            tracing::debug!("the transfer connection keeps the host's congestion control: {e}");
+        }
+    }
+    let handshake = tokio::time::timeout(send.connect_timeout, send.channels.connect(s, &send.peer_node));
+    let s = handshake
+        .await
+        .map_err(|_| {
+            MigrateError::Invalid(format!(
+                "no TLS handshake with the target's transfer port {target} within {:?}",
+                send.connect_timeout
+            ))
+        })?
+        .map_err(unreachable)?;
     Ok((s, ip, round_trip))
 }
 
@@ -518,19 +551,13 @@ const WARM_UP_BYTES: u32 = 48 * 1024;
 async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let Moving { runtime, name, here, there, target, archives, opts, progress, streamed, .. } = m;
     let mut phases = m.phases;
-    let (early, local_ip, round_trip) = connect_early(&there.transfer_addr).await?;
+    let (early, local_ip, round_trip) = connect_early(&there.transfer_addr, &opts.transfer, true).await?;
     let compress_pages = opts.compress_pages.unwrap_or_else(|| {
         let same_host = there.transfer_addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
         opts.transfer.compression != crate::transfer::Compression::None && !same_host
     });
     progress(Step::Checkpointing);
     let mut early = early;
-    // The payload is small and waited for: CUBIC sends what the window holds at once,
-    // where BBR (this host's default) paces it at the young connection's bandwidth
-    // estimate, a round trip's worth on a 73.6 ms path.
-    if let Err(e) = socket2::SockRef::from(&early).set_tcp_congestion(b"cubic") {
-        tracing::debug!("the transfer connection keeps the host's congestion control: {e}");
-    }
     let warming = tokio::spawn(async move {
         if let Err(e) = crate::transfer::warm_up(&mut early, WARM_UP_BYTES).await {
             // the payload's send finds the connection broken and opens another
