@@ -1,0 +1,233 @@
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use rustls::{ClientConnection, ServerConnection};
+
+use super::*;
+
+fn node(ca: &Ca, name: &str) -> Identity {
+    let key = NodeKey::generate().unwrap();
+    let csr = key.csr_pem(name).unwrap();
+    let cert = ca.issue(&csr, name).unwrap();
+    key.into_identity(&cert, ca.cert_pem()).unwrap()
+}
+
+/// Run a handshake between the two configs in memory; the server's view of the
+/// client's certificates when it succeeds.
+fn handshake(
+    client: Arc<ClientConfig>,
+    expect: &str,
+    server: Arc<ServerConfig>,
+) -> std::result::Result<Vec<CertificateDer<'static>>, rustls::Error> {
+    let mut c = ClientConnection::new(client, server_name(expect).unwrap())?;
+    let mut s = ServerConnection::new(server)?;
+    for _ in 0..20 {
+        let mut buf = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).unwrap();
+        }
+        let server_result = s.process_new_packets();
+        let mut back = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut back).unwrap();
+        }
+        let mut rd = &back[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+        }
+        let client_result = c.process_new_packets();
+        server_result?;
+        client_result?;
+        if !c.is_handshaking() && !s.is_handshaking() {
+            return Ok(s.peer_certificates().map(|c| c.to_vec()).unwrap_or_default());
+        }
+    }
+    panic!("the handshake did not finish");
+}
+
+fn ca(dir: &tempfile::TempDir) -> Ca {
+    Ca::load_or_create(dir.path()).unwrap()
+}
+
+#[test]
+fn a_good_pair_connects_and_each_side_knows_the_other() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let a = node(&ca, "laptop");
+    let b = node(&ca, "cloud");
+    let peer = handshake(a.client_config().unwrap(), "cloud", b.server_config().unwrap()).unwrap();
+    assert_eq!(peer_node(&peer).unwrap(), "laptop");
+    check_peer(&peer, "laptop").unwrap();
+}
+
+#[test]
+fn a_client_without_a_certificate_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let b = node(&ca, "cloud");
+    let anonymous = trusting_client_config(ca.cert_pem()).unwrap();
+    let err = handshake(anonymous.clone(), "cloud", b.server_config().unwrap()).unwrap_err();
+    assert!(matches!(err, rustls::Error::NoCertificatesPresented), "{err:?}");
+    // the broker's listener lets it in, with no node name to show
+    let peer = handshake(anonymous, "cloud", b.server_config_client_optional().unwrap()).unwrap();
+    assert!(matches!(peer_node(&peer), Err(IdentityError::NoPeerCertificate)));
+}
+
+#[test]
+fn a_certificate_of_another_ca_is_refused_both_ways() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ours, theirs) = (ca(&d1), ca(&d2));
+    let good = node(&ours, "cloud");
+    let stranger = node(&theirs, "laptop");
+    let err = handshake(stranger.client_config().unwrap(), "cloud", good.server_config().unwrap()).unwrap_err();
+    assert!(matches!(err, rustls::Error::InvalidCertificate(_)), "{err:?}");
+    let other_server = node(&theirs, "cloud");
+    let err = handshake(good.client_config().unwrap(), "cloud", other_server.server_config().unwrap()).unwrap_err();
+    assert!(matches!(err, rustls::Error::InvalidCertificate(_)), "{err:?}");
+}
+
+#[test]
+fn node_a_presented_where_b_is_expected_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let a = node(&ca, "laptop");
+    let b = node(&ca, "cloud");
+    // a client expecting the server "laptop" reaches "cloud"
+    let err = handshake(a.client_config().unwrap(), "laptop", b.server_config().unwrap()).unwrap_err();
+    assert!(matches!(err, rustls::Error::InvalidCertificate(_)), "{err:?}");
+    // a server expecting its peer to be "edge" gets "laptop"
+    let peer = handshake(a.client_config().unwrap(), "cloud", b.server_config().unwrap()).unwrap();
+    let err = check_peer(&peer, "edge").unwrap_err();
+    assert!(matches!(err, IdentityError::WrongPeer { ref found, .. } if found == "laptop"), "{err}");
+}
+
+#[test]
+fn a_csr_for_another_name_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let csr = NodeKey::generate().unwrap().csr_pem("laptop").unwrap();
+    let err = ca.issue(&csr, "cloud").unwrap_err();
+    assert!(matches!(err, IdentityError::CsrName { .. }), "{err}");
+    assert!(err.to_string().contains("\"laptop\""), "{err}");
+    // nobody gets the broker's name, and garbage is no CSR
+    let csr = NodeKey::generate().unwrap().csr_pem(BROKER_NAME).unwrap();
+    assert!(matches!(ca.issue(&csr, BROKER_NAME), Err(IdentityError::Reserved(_))));
+    assert!(matches!(ca.issue("not a csr", "cloud"), Err(IdentityError::Csr(_))));
+    assert!(matches!(ca.issue(&csr, "../x"), Err(IdentityError::NodeName(_))));
+}
+
+#[test]
+fn a_csr_with_an_extra_name_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["cloud.node.away".to_string(), "broker.node.away".into()]).unwrap();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, "cloud");
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    assert!(matches!(ca.issue(&csr, "cloud"), Err(IdentityError::CsrName { .. })));
+}
+
+#[test]
+fn a_csr_asking_to_be_a_ca_gets_a_leaf() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["cloud.node.away".to_string()]).unwrap();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, "cloud");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let pem = ca.issue(&csr, "cloud").unwrap();
+    let der = cert_from_pem(&pem, "certificate").unwrap();
+    let cert = parse_cert(&der).unwrap();
+    assert!(!cert.is_ca());
+    let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()) / 86400;
+    assert_eq!(days, 90);
+}
+
+#[test]
+fn the_broker_identity_serves_its_ip_and_is_a_client_too() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let broker = ca.issue_self(BROKER_NAME, &["127.0.0.1".to_string()]).unwrap();
+    let user = trusting_client_config(ca.cert_pem()).unwrap();
+    let mut c = ClientConnection::new(user, ServerName::try_from("127.0.0.1").unwrap()).unwrap();
+    let mut s = ServerConnection::new(broker.server_config_client_optional().unwrap()).unwrap();
+    let mut buf = Vec::new();
+    c.write_tls(&mut buf).unwrap();
+    s.read_tls(&mut &buf[..]).unwrap();
+    s.process_new_packets().unwrap();
+    let mut back = Vec::new();
+    while s.wants_write() {
+        s.write_tls(&mut back).unwrap();
+    }
+    let mut rd = &back[..];
+    while !rd.is_empty() {
+        c.read_tls(&mut rd).unwrap();
+    }
+    c.process_new_packets().unwrap();
+    // the broker calls an agent with the same identity
+    let agent = node(&ca, "cloud");
+    let peer = handshake(broker.client_config().unwrap(), "cloud", agent.server_config().unwrap()).unwrap();
+    assert_eq!(peer_node(&peer).unwrap(), BROKER_NAME);
+}
+
+#[test]
+fn files_are_private_and_identities_come_back() {
+    let d = tempfile::tempdir().unwrap();
+    let ca_dir = d.path().join("ca");
+    let ca = Ca::load_or_create(&ca_dir).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&ca_dir), 0o700);
+    assert_eq!(mode(&ca_dir.join(Ca::KEY_FILE)), 0o600);
+    // the same CA on the next start
+    assert_eq!(Ca::load_or_create(&ca_dir).unwrap().fingerprint(), ca.fingerprint());
+
+    let id_dir = d.path().join("state/identity");
+    assert!(Identity::load(&id_dir).unwrap().is_none());
+    let id = node(&ca, "laptop");
+    id.save(&id_dir).unwrap();
+    assert_eq!(mode(&id_dir), 0o700);
+    assert_eq!(mode(&id_dir.join(Identity::KEY_FILE)), 0o600);
+    let back = Identity::load(&id_dir).unwrap().unwrap();
+    assert_eq!(back.name(), "laptop");
+    assert_eq!(back.subject(), "CN=laptop");
+    assert_eq!(back.fingerprint(), id.fingerprint());
+    assert_eq!(back.ca_fingerprint(), ca.fingerprint());
+    let left = back.not_after().duration_since(SystemTime::now()).unwrap();
+    assert!(left > Duration::from_secs(89 * 86400) && left <= NODE_CERT_VALIDITY, "{left:?}");
+
+    // a key others can read is refused
+    std::fs::set_permissions(id_dir.join(Identity::KEY_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(matches!(Identity::load(&id_dir), Err(IdentityError::OpenMode { .. })));
+}
+
+#[test]
+fn a_certificate_for_another_key_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let csr = NodeKey::generate().unwrap().csr_pem("laptop").unwrap();
+    let cert = ca.issue(&csr, "laptop").unwrap();
+    let other = NodeKey::generate().unwrap();
+    assert!(matches!(other.into_identity(&cert, ca.cert_pem()), Err(IdentityError::KeyMismatch)));
+    assert_ne!(
+        Ca::csr_key_id(&csr).unwrap(),
+        Ca::csr_key_id(&NodeKey::generate().unwrap().csr_pem("laptop").unwrap()).unwrap()
+    );
+}
+
+#[test]
+fn node_names_are_dns_labels() {
+    for ok in ["cloud", "laptop-1", "a", "node_2", "edge.eu"] {
+        check_node_name(ok).unwrap();
+        server_name(ok).unwrap();
+    }
+    for bad in ["", "-a", "a-", ".a", "a..b", "a b", "a/b", &"x".repeat(64)] {
+        assert!(check_node_name(bad).is_err(), "{bad:?}");
+    }
+}
