@@ -6,6 +6,7 @@
 //! | GET | /v1/images?reference=R | `{reference, present}` |
 //! | GET | /v1/workloads | `[WorkloadStatus]` |
 //! | GET | /v1/workloads/{name} | `WorkloadStatus`, 404 |
+//! | POST | /v1/transfers | `{transfer_id, workload, source}`: announce an incoming move; `{secret}` (its one-time secret, for the transfer's hello); 409 when announced by another source or when this agent takes no migrations |
 //! | POST | /v1/transfers/{id}/commit | `MoveRecord` (committed); idempotent; 409 when the move was aborted (lease ran out); 404 when unknown |
 //! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
 //! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
@@ -92,6 +93,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/images", get(image))
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload))
+        .route("/v1/transfers", post(announce))
         .route("/v1/transfers/{id}/commit", post(commit))
         .route("/v1/transfers/{id}", get(move_state).delete(abort_transfer))
         .route("/v1/images", post(upload_image).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
@@ -144,6 +146,36 @@ async fn workload(
     Path(name): Path<String>,
 ) -> Result<Json<away_model::WorkloadStatus>, Problem> {
     Ok(Json(agent.node.get(&name).await?.1))
+}
+
+/// What a source sends to announce a move.
+#[derive(serde::Serialize, Deserialize)]
+pub struct Announce {
+    pub transfer_id: String,
+    pub workload: String,
+    /// The source node's name: under TLS its certificate must carry it.
+    pub source: String,
+}
+
+async fn announce(
+    State(agent): State<Arc<Agent>>,
+    Json(req): Json<Announce>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let valid =
+        |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    for (field, value) in [("transfer_id", &req.transfer_id), ("workload", &req.workload), ("source", &req.source)] {
+        if !valid(value) {
+            return Err(Problem(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("{field} {value:?} must be 1-64 characters of [A-Za-z0-9_.-]"),
+            )));
+        }
+    }
+    let a = agent
+        .announce(&req.transfer_id, &req.workload, &req.source)
+        .map_err(|why| Problem(ApiError::new(ErrorCode::Conflict, why)))?;
+    tracing::info!(transfer = %req.transfer_id, workload = %req.workload, source = %req.source, "move announced");
+    Ok(Json(serde_json::json!({"secret": a.secret.expose()})))
 }
 
 fn state_problem(e: crate::state::StateError) -> Problem {
@@ -226,11 +258,19 @@ pub async fn serve_transfers(
 ) -> usize {
     let spool = agent.config.spool_dir();
     let options = agent.config.transfers.clone();
+    // no channels: every hello is refused by the check below, in plaintext
+    let channels = agent.config.channels.clone().unwrap_or_else(away_migrate::channel::Channels::plaintext);
+    let checker = agent.clone();
+    let authorize: transfer::Authorize = Arc::new(move |claim| checker.authorize(claim));
     let handler = move |payload: ReceivedPayload| {
         let agent = agent.clone();
         async move { handle_payload(agent, payload).await }
     };
-    match transfer::Receiver::from_listener(listener, spool).with_options(options).serve_until(handler, stop).await {
+    let receiver = transfer::Receiver::from_listener(listener, spool)
+        .with_options(options)
+        .with_channels(channels)
+        .with_authorizer(authorize);
+    match receiver.serve_until(handler, stop).await {
         Ok(busy) => busy,
         Err(e) => {
             tracing::error!("transfer receiver stopped: {e}", e = ErrorChain(&e));

@@ -55,7 +55,36 @@ pub struct AgentConfig {
     pub api_token: Option<String>,
     /// The transfer receiver's bounds (connections, transfers, spool, timeouts).
     pub transfers: away_migrate::transfer::ReceiveOptions,
+    /// How migration channels (transfers, page relays) are secured: mutual TLS with the
+    /// node's identity, or plaintext when the agent was started with
+    /// `--insecure-plaintext-channels`. None: the agent takes part in no migration (every
+    /// incoming transfer is refused, every move from here fails), docs/security.md.
+    pub channels: Option<away_migrate::channel::Channels>,
 }
+
+/// Why an agent without channels refuses a move.
+pub const NO_CHANNELS: &str = "this agent has no node identity and was not started with \
+     --insecure-plaintext-channels: it takes part in no migration (start it with --identity DIR)";
+
+/// An incoming move announced by its source over the API: only its transfer, from that
+/// node, with that secret, is taken.
+#[derive(Debug, Clone)]
+pub struct Announced {
+    pub workload: String,
+    pub source: String,
+    pub secret: away_migrate::transfer::MoveSecret,
+    /// When it was announced (Unix ms).
+    pub at_ms: i64,
+}
+
+impl Announced {
+    fn fresh(&self, expiry: Duration) -> bool {
+        state::now_ms().saturating_sub(self.at_ms) < expiry.as_millis() as i64
+    }
+}
+
+/// Announced moves kept at once (older ones are forgotten first).
+const MAX_ANNOUNCED: usize = 256;
 
 impl AgentConfig {
     pub fn spool_dir(&self) -> PathBuf {
@@ -92,6 +121,8 @@ pub struct Agent {
     pub cluster_token: tokio::sync::RwLock<Option<String>>,
     /// Broker work in progress, so that a repeated order does not run twice.
     work: Mutex<std::collections::HashSet<String>>,
+    /// transfer id -> the move its source announced (checked by the transfer receiver).
+    pub announced: std::sync::Mutex<HashMap<String, Announced>>,
 }
 
 impl Agent {
@@ -106,6 +137,9 @@ impl Agent {
         let info = fp.node_info(&config.name, config.tier);
         let state =
             state::AgentState::open(&config.node.paths.state_dir.join("agent.db")).map_err(AgentError::State)?;
+        // moves announced before a restart: their transfers resume with their secrets
+        let since = state::now_ms().saturating_sub(config.transfers.expire_after.as_millis() as i64);
+        let announced = state.announced_since(since).map_err(AgentError::State)?.into_iter().collect();
         Ok(Arc::new(Agent {
             cluster_token: tokio::sync::RwLock::new(config.api_token.clone()),
             config,
@@ -115,6 +149,7 @@ impl Agent {
             vm_destinations: Mutex::new(HashMap::new()),
             state,
             work: Mutex::new(Default::default()),
+            announced: std::sync::Mutex::new(announced),
         }))
     }
 
@@ -132,6 +167,66 @@ impl Agent {
 
     pub async fn finish_work(&self, key: &str) {
         self.work.lock().await.remove(key);
+    }
+
+    /// Record move `transfer_id` of `workload` from node `source` and give its secret
+    /// (the same one when the same source announces it again). Announcements older than
+    /// the receiver's expiry are forgotten.
+    pub fn announce(&self, transfer_id: &str, workload: &str, source: &str) -> Result<Announced, String> {
+        if self.config.channels.is_none() {
+            return Err(NO_CHANNELS.to_string());
+        }
+        let mut announced = self.announced.lock().expect("announced lock");
+        let expiry = self.config.transfers.expire_after;
+        announced.retain(|_, a| a.fresh(expiry));
+        if let Some(a) = announced.get(transfer_id) {
+            if a.source != source || a.workload != workload {
+                return Err(format!(
+                    "move {transfer_id} is announced already, of {} from node {}",
+                    a.workload, a.source
+                ));
+            }
+            return Ok(a.clone());
+        }
+        if announced.len() >= MAX_ANNOUNCED {
+            let oldest = announced.iter().min_by_key(|(_, a)| a.at_ms).map(|(id, _)| id.clone());
+            if let Some(id) = oldest {
+                announced.remove(&id);
+                let _ = self.state.forget_announced(&id);
+            }
+        }
+        let secret =
+            away_migrate::transfer::MoveSecret::generate().map_err(|e| format!("no random secret from the OS: {e}"))?;
+        let a =
+            Announced { workload: workload.to_string(), source: source.to_string(), secret, at_ms: state::now_ms() };
+        self.state
+            .save_announced(transfer_id, &a)
+            .map_err(|e| format!("cannot record the move: {e}", e = ErrorChain(&e)))?;
+        announced.insert(transfer_id.to_string(), a.clone());
+        Ok(a)
+    }
+
+    /// The transfer receiver's check of a hello: an announced move, from its source
+    /// node (under TLS, by the peer's certificate), with its secret.
+    pub fn authorize(&self, claim: &away_migrate::transfer::Claim<'_>) -> Result<(), String> {
+        let Some(channels) = &self.config.channels else { return Err(NO_CHANNELS.to_string()) };
+        let id = claim.transfer_id;
+        let announced = self.announced.lock().expect("announced lock");
+        let Some(a) = announced.get(id).filter(|a| a.fresh(self.config.transfers.expire_after)) else {
+            return Err(format!("transfer {id} was not announced to this agent (POST /v1/transfers)"));
+        };
+        if channels.is_tls() && !away_migrate::channel::peer_is(claim.peer_certs, &a.source) {
+            return Err(format!("transfer {id} is announced from node {}, and this peer is not that node", a.source));
+        }
+        if !a.secret.matches(claim.secret) {
+            return Err(format!("transfer {id}: wrong or missing move secret"));
+        }
+        Ok(())
+    }
+
+    /// The channels a move from here uses, or why there are none.
+    pub fn channels(&self) -> Result<away_migrate::channel::Channels, String> {
+        self.config.channels.clone().ok_or_else(|| NO_CHANNELS.to_string())
     }
 
     /// The transfer address other agents should dial.

@@ -86,96 +86,61 @@ impl std::fmt::Debug for Channels {
 
 /// The name node `node`'s certificate is issued for: `<node>.node.away`.
 pub fn server_name(node: &str) -> io::Result<ServerName<'static>> {
-    ServerName::try_from(format!("{node}.node.away"))
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("node name {node:?} is no DNS label: {e}")))
+    away_identity::server_name(node).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
 /// Is `certs` (a peer's chain, already verified against the CA by the TLS handshake)
 /// the certificate of node `node`? False for an empty chain.
 pub fn peer_is(certs: &[CertificateDer<'_>], node: &str) -> bool {
-    let (Some(leaf), Ok(name)) = (certs.first(), server_name(node)) else { return false };
-    webpki::EndEntityCert::try_from(leaf).is_ok_and(|cert| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    away_identity::check_peer(certs, node).is_ok()
+}
+
+impl Channels {
+    /// Mutual TLS with node `identity`'s certificate, trusting its CA.
+    pub fn from_identity(identity: &away_identity::Identity) -> Result<Channels, away_identity::IdentityError> {
+        Ok(Channels::tls(identity.server_config()?, identity.client_config()?))
+    }
 }
 
 #[cfg(test)]
 pub(crate) mod testing {
-    //! A CA and node certificates made with rcgen, for the channels' tests.
+    //! A CA in a temporary directory and its nodes' channels, for the channels' tests.
     use super::*;
-    use rustls::pki_types::PrivateKeyDer;
 
     pub struct TestCa {
-        ca: rcgen::Issuer<'static, rcgen::KeyPair>,
-        pub ca_der: CertificateDer<'static>,
-    }
-
-    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        _dir: tempfile::TempDir,
+        ca: away_identity::Ca,
     }
 
     impl TestCa {
         pub fn new() -> TestCa {
-            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            params.distinguished_name.push(rcgen::DnType::CommonName, "away test CA");
-            let key = rcgen::KeyPair::generate().unwrap();
-            let cert = params.self_signed(&key).unwrap();
-            let ca_der = cert.der().clone();
-            TestCa { ca: rcgen::Issuer::new(params, key), ca_der }
+            let dir = tempfile::tempdir().unwrap();
+            let ca = away_identity::Ca::load_or_create(&dir.path().join("ca")).unwrap();
+            TestCa { _dir: dir, ca }
         }
 
-        /// Node `node`'s certificate chain and key.
-        pub fn node(&self, node: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-            let params = rcgen::CertificateParams::new(vec![format!("{node}.node.away")]).unwrap();
-            let key = rcgen::KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &self.ca).unwrap();
-            (vec![cert.der().clone()], PrivateKeyDer::try_from(key.serialize_der()).unwrap())
-        }
-
-        fn roots(&self) -> Arc<rustls::RootCertStore> {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(self.ca_der.clone()).unwrap();
-            Arc::new(roots)
+        pub fn identity(&self, node: &str) -> away_identity::Identity {
+            self.ca.issue_self(node, &[]).unwrap()
         }
 
         /// Node `node`'s channels, trusting this CA.
         pub fn channels(&self, node: &str) -> Channels {
-            let (chain, key) = self.node(node);
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots(), provider()).build().unwrap();
-            let server = rustls::ServerConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_client_cert_verifier(verifier)
-                .with_single_cert(chain.clone(), key.clone_key())
-                .unwrap();
-            let client = rustls::ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(self.roots())
-                .with_client_auth_cert(chain, key)
-                .unwrap();
-            Channels::tls(Arc::new(server), Arc::new(client))
+            Channels::from_identity(&self.identity(node)).unwrap()
         }
 
         /// A client that trusts this CA but has no certificate of its own.
         pub fn anonymous_client(&self) -> Arc<rustls::ClientConfig> {
-            Arc::new(
-                rustls::ClientConfig::builder_with_provider(provider())
-                    .with_safe_default_protocol_versions()
-                    .unwrap()
-                    .with_root_certificates(self.roots())
-                    .with_no_client_auth(),
-            )
+            away_identity::trusting_client_config(self.ca.cert_pem()).unwrap()
         }
     }
 
     #[test]
     fn a_peer_is_the_node_its_certificate_names() {
         let ca = TestCa::new();
-        let (chain, _) = ca.node("laptop");
-        assert!(peer_is(&chain, "laptop"));
-        assert!(!peer_is(&chain, "cloud"));
-        assert!(!peer_is(&chain, "laptop.node.away"));
+        let id = ca.identity("laptop");
+        assert!(peer_is(&id.chain, "laptop"));
+        assert!(!peer_is(&id.chain, "cloud"));
+        assert!(!peer_is(&id.chain, "laptop.node.away"));
         assert!(!peer_is(&[], "laptop"));
     }
 }

@@ -106,8 +106,45 @@ pub struct AgentArgs {
     /// removed (spools an earlier run left too)
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     transfer_expiry: u64,
+    /// This node's identity (ca.pem, cert.pem, key.pem): every migration channel
+    /// (transfers, page relays) is mutual TLS, the peer checked by its node name
+    #[arg(long, value_name = "DIR")]
+    identity: Option<std::path::PathBuf>,
+    /// Without an identity, take and make migrations in PLAINTEXT: anyone on the path
+    /// reads the workload's memory and can change it. Each move still needs its
+    /// announcement and one-time secret. Without this flag or --identity the agent
+    /// takes part in no migration (docs/security.md, "Migration channels")
+    #[arg(long, conflicts_with = "identity")]
+    insecure_plaintext_channels: bool,
     #[command(flatten)]
     node: NodeArgs,
+}
+
+/// The channels of an agent or a migration source: mutual TLS with the identity in
+/// `dir`, plaintext when `plaintext` says so, none otherwise.
+/// `name`: the node's name, which the identity must carry.
+fn channels(
+    dir: Option<&std::path::Path>,
+    plaintext: bool,
+    name: &str,
+) -> anyhow::Result<Option<away_migrate::channel::Channels>> {
+    use anyhow::Context;
+    if let Some(dir) = dir {
+        let identity = away_identity::Identity::load(dir)
+            .with_context(|| format!("load the node identity in {}", dir.display()))?
+            .with_context(|| format!("no node identity in {} (cert.pem missing)", dir.display()))?;
+        if identity.name() != name {
+            anyhow::bail!(
+                "the identity in {} is node {:?}'s, not {name:?}'s (peers check the name)",
+                dir.display(),
+                identity.name()
+            );
+        }
+        let channels = away_migrate::channel::Channels::from_identity(&identity)
+            .with_context(|| format!("TLS configuration of the identity in {}", dir.display()))?;
+        return Ok(Some(channels));
+    }
+    Ok(plaintext.then(away_migrate::channel::Channels::plaintext))
 }
 
 fn parse_mode(s: &str) -> Result<ContainerMode, String> {
@@ -121,6 +158,15 @@ fn parse_tier(s: &str) -> Result<Tier, String> {
 
 pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
     let name = a.name.clone().unwrap_or_else(hostname);
+    let channels = channels(a.identity.as_deref(), a.insecure_plaintext_channels, &name)?;
+    match &channels {
+        None => eprintln!("away agent: {}", away_agent::NO_CHANNELS),
+        Some(c) if !c.is_tls() => eprintln!(
+            "away agent: WARNING: --insecure-plaintext-channels: migrations to and from this node cross the network \
+             in PLAINTEXT (workload memory readable and changeable on the path)"
+        ),
+        Some(_) => {}
+    }
     let config = AgentConfig {
         name,
         tier: a.tier,
@@ -143,6 +189,7 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
             expire_after: Duration::from_secs(a.transfer_expiry),
             ..ReceiveOptions::default()
         },
+        channels,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     // before anything is started: SIGTERM, like Ctrl-C, stops the agent gracefully
@@ -206,6 +253,11 @@ pub struct MigrateArgs {
     /// it here, where every user of the machine can read it
     #[arg(long = "user-token", env = "AWAY_USER_TOKEN", hide_env_values = true, help_heading = "Broker migrations")]
     user_token: Option<String>,
+    /// This node's identity (ca.pem, cert.pem, key.pem): the migration's channels are
+    /// mutual TLS, the target checked by its node name. Without it they are PLAINTEXT,
+    /// which a target takes only when started with --insecure-plaintext-channels
+    #[arg(long, value_name = "DIR")]
+    identity: Option<std::path::PathBuf>,
     /// Bearer token of the target agent's API (its cluster's, or its --token)
     #[arg(long, env = "AWAY_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -290,8 +342,14 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let archives = ArchiveStore::new(a.node.state_dir.join("checkpoints"));
     let target = AgentClient::new(&to).with_token(a.token.clone());
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
+    let channels =
+        channels(a.identity.as_deref(), true, &source_name)?.unwrap_or_else(away_migrate::channel::Channels::plaintext);
+    if !channels.is_tls() {
+        eprintln!("away migrate: no --identity: the checkpoint crosses the network in PLAINTEXT");
+    }
     let opts = ContainerMigrationOptions {
         transfer: SendOptions {
+            channels,
             compression: a.compression.unwrap_or_default(),
             chunk_size: a.chunk_size.unwrap_or(1 << 20),
             reconnect_timeout: Duration::from_secs(a.reconnect_timeout),

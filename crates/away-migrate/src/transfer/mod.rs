@@ -68,6 +68,8 @@ mod payload;
 mod receive;
 mod registry;
 mod send;
+#[cfg(test)]
+mod tls_tests;
 mod wire;
 
 use std::fmt;
