@@ -293,7 +293,13 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
     if let Some(m) = &manifest {
         agent.journal(id, &Provisional { workload: m.spec.name.clone(), runtime: m.runtime });
     }
-    let mut result = restore_received(&agent.node, &payload, settle).await;
+    // the page link's peer: the node the move was announced from (the receiver checked
+    // the sender is that node)
+    let pages = away_migrate::lazy::PageLink {
+        channels: agent.config.channels.clone().unwrap_or_else(away_migrate::channel::Channels::plaintext),
+        peer_node: agent.announced_source(id).unwrap_or_default(),
+    };
+    let mut result = restore_received(&agent.node, &payload, settle, &pages).await;
     let mut verdict = verdict_for(&result, settle);
     let Some(m) = manifest else { return verdict };
     match &mut result {

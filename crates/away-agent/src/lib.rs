@@ -224,6 +224,11 @@ impl Agent {
         Ok(())
     }
 
+    /// The node move `transfer_id` was announced from.
+    pub fn announced_source(&self, transfer_id: &str) -> Option<String> {
+        self.announced.lock().expect("announced lock").get(transfer_id).map(|a| a.source.clone())
+    }
+
     /// The channels a move from here uses, or why there are none.
     pub fn channels(&self) -> Result<away_migrate::channel::Channels, String> {
         self.config.channels.clone().ok_or_else(|| NO_CHANNELS.to_string())

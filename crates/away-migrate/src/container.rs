@@ -630,6 +630,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         dump.page_server_connector(),
         crate::lazy::LazyFault::from_env(),
         compress_pages,
+        // only the target's connection is taken (under TLS, by its certificate)
+        crate::lazy::PageLink { channels: opts.transfer.channels.clone(), peer_node: there.node.name.clone() },
     )
     .await
     {
@@ -954,10 +956,12 @@ async fn failed_with_copy(runtime: &dyn Runtime, name: &str, message: String) ->
 }
 
 /// Target side: restore a received payload on this node and answer whether it runs.
+/// Pages of a lazy or streamed move come over `pages` (its peer: the move's source node).
 pub async fn restore_received(
     node: &LocalNode,
     payload: &ReceivedPayload,
     settle: Duration,
+    pages: &crate::lazy::PageLink,
 ) -> Result<Restored, RestoreFailed> {
     let started = Instant::now();
     let manifest = Manifest::of_payload(payload)?;
@@ -990,7 +994,7 @@ pub async fn restore_received(
         }
         Some(relay) if manifest.pull_pages => {
             let t = Instant::now();
-            let pages = crate::lazy::pull::pull_all(&dir, relay)
+            let pages = crate::lazy::pull::pull_all(&dir, relay, pages)
                 .await
                 .map_err(|e| format!("pull the pages: {e}", e = ErrorChain(&e)))?;
             pull = t.elapsed();
@@ -1008,7 +1012,8 @@ pub async fn restore_received(
             }
         }
         Some(relay) => {
-            let mut daemon = crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot).await?;
+            let mut daemon =
+                crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot, pages.clone()).await?;
             tracing::debug!(ms = started.elapsed().as_millis() as u64, "lazy-pages daemon up");
             let restore = runtime.restore_lazy(&request);
             tokio::pin!(restore);
