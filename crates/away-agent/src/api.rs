@@ -11,7 +11,7 @@
 //! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
 //! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
 //! | POST | /v1/images | body: an image tar; `{references}` |
-//! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}` |
+//! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}`; 409 when this agent takes no migrations |
 //! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait for its RESUME; `{resumed_at_ms}` |
 //! | POST | /v1/vm-migrations/{name}/confirm | 204: the VM stays |
 //! | DELETE | /v1/vm-migrations/{name} | 204: the destination is removed |
@@ -377,6 +377,9 @@ async fn vm_prepare(
     State(agent): State<Arc<Agent>>,
     Json(req): Json<VmPrepare>,
 ) -> Result<Json<serde_json::Value>, Problem> {
+    // an agent without channels takes part in no migration (QEMU's own stream is not
+    // on away's channels yet: docs/security.md)
+    agent.channels().map_err(|why| Problem(ApiError::new(ErrorCode::Conflict, why)))?;
     let image = agent.node.store.resolve(&req.image)?;
     let port = std::net::TcpListener::bind((agent.config.listen.ip(), 0))
         .and_then(|l| l.local_addr())
