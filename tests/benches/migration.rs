@@ -96,6 +96,7 @@ fn main() {
                 &format!("127.0.0.1:{transfer}"),
                 "--transfer-advertise",
                 &advertise,
+                "--insecure-plaintext-channels",
             ]);
             let _agent = Agent(agent.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
             wait_for(30, || std::net::TcpStream::connect(("127.0.0.1", api)).ok()).expect("agent up");

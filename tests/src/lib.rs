@@ -187,6 +187,35 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     http_get_at(std::net::Ipv4Addr::LOCALHOST.into(), port, path)
 }
 
+/// POST `body` (JSON) to `path` at `addr` (`host:port`): the status and the body.
+pub fn http_post_json(addr: &str, path: &str, body: &serde_json::Value) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok()?;
+    let body = body.to_string();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// Announce move `transfer_id` of `workload` from node `source` to the agent whose API is
+/// at `api` (`POST /v1/transfers`, as a migration source does): the move's secret.
+pub fn announce(api: &str, transfer_id: &str, workload: &str, source: &str) -> String {
+    let body = serde_json::json!({"transfer_id": transfer_id, "workload": workload, "source": source});
+    let (status, answer) = http_post_json(api, "/v1/transfers", &body).expect("the agent's API answers");
+    assert_eq!(status, 200, "announce {transfer_id}: {answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).expect("a JSON answer");
+    v["secret"].as_str().expect("a secret in the answer").to_string()
+}
+
 /// The body of a 200 answer to GET `path` at `ip:port` (e.g. a node's own namespace).
 pub fn http_get_at(ip: std::net::IpAddr, port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
@@ -355,6 +384,9 @@ impl Node {
         let (api, transfer) = (free_port(), free_port());
         let (listen, transfer) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{transfer}"));
         let mut args = vec!["agent", "--name", name, "--listen", &listen, "--transfer-listen", &transfer];
+        // a node without an identity takes part in migrations only in plaintext, by flag
+        // (one with an identity in its state directory is mutual TLS whatever it says)
+        args.push("--insecure-plaintext-channels");
         args.extend_from_slice(extra);
         let mut cmd = self.cmd(&args);
         cmd.envs(env.iter().copied());

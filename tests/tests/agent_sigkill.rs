@@ -53,12 +53,25 @@ fn agent(node: &NodeInfoLocal, log: &str) -> Child {
     let api = format!("{}:{AGENT_API}", node.ip);
     let transfer = format!("{}:{}", node.ip, AGENT_API + 1);
     let log = std::fs::File::create(base().join(log)).unwrap();
-    let child = on(node, "target", &["agent", "--name", "target", "--listen", &api, "--transfer-listen", &transfer])
-        .env("AWAY_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = on(
+        node,
+        "target",
+        &[
+            "agent",
+            "--name",
+            "target",
+            "--listen",
+            &api,
+            "--transfer-listen",
+            &transfer,
+            "--insecure-plaintext-channels",
+        ],
+    )
+    .env("AWAY_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(log)
+    .spawn()
+    .unwrap();
     let up = wait_for(60, || std::net::TcpStream::connect(&api).ok());
     assert!(up.is_some(), "the target agent did not listen on {api}");
     child

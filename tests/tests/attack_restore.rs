@@ -1,6 +1,7 @@
 //! A restore that cannot escape, against a real agent: an attacker who reaches the
-//! transfer port sends hand-made payloads (the port takes any TCP peer for now; the
-//! sending is in one function, `send_raw`, to adapt once transfers need a credential).
+//! transfer port sends hand-made payloads. The move is announced first, as its source
+//! would (`send_raw`): these are the checks a peer that got that far still meets
+//! (attack_channels.rs has the ones that keep it from getting there).
 //! (a) a payload carrying a symlink to a file outside is refused, the file unchanged and
 //! nothing of the payload left; (b) a streamed move whose pagemap announces 2^40 pages
 //! fails with a clear answer before anything is sized from it, and the agent lives on.
@@ -48,11 +49,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// The attacker's sender: `payload` (a tar) as transfer `id` with `meta`, in one chunk,
 /// speaking the wire format by hand (hello, chunk, done). Returns the receiver's last
 /// answer (kind 5 verdict or 6 error, with its JSON).
-fn send_raw(addr: &str, id: &str, payload: &[u8], meta: &Value) -> (u8, Value) {
+fn send_raw(agent: &LocalAgent, addr: &str, id: &str, payload: &[u8], meta: &Value) -> (u8, Value) {
+    let secret = away_e2e::announce(&agent.api, id, "attacked", "attacker");
     let sha = sha256_hex(payload);
     let len = payload.len() as u64;
     let hello = serde_json::json!({"version": 1, "transfer_id": id, "total_bytes": len, "chunk_size": len,
-        "chunk_count": 1, "compression": "none", "sha256": sha, "meta": meta});
+        "chunk_count": 1, "compression": "none", "sha256": sha, "meta": meta, "secret": secret});
     let raw_sha: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&sha[2 * i..2 * i + 2], 16).unwrap()).collect();
     let chunk =
         [0u64.to_be_bytes().to_vec(), (len as u32).to_be_bytes().to_vec(), vec![0u8], raw_sha, payload.to_vec()]
@@ -115,7 +117,7 @@ fn a_payload_with_a_symlink_outside_is_refused_and_leaves_nothing() {
         // where the streamed restore writes first
         Some(("checkpoint/pages-1.img.pulling", &victim)),
     );
-    let (kind, answer) = send_raw(&addr, &id, &payload, &m);
+    let (kind, answer) = send_raw(&agent, &addr, &id, &payload, &m);
     let message = answer["message"].as_str().unwrap_or_default();
     assert_eq!(kind, 6, "refused as a transfer error: {answer}");
     assert!(message.contains("pages-1.img.pulling") && message.contains("Symlink"), "entry named: {message}");
@@ -159,7 +161,7 @@ fn a_peer_announcing_2_pow_40_pages_fails_the_move_and_the_agent_lives() {
         None,
     );
     let started = std::time::Instant::now();
-    let (kind, answer) = send_raw(&addr, &id, &payload, &m);
+    let (kind, answer) = send_raw(&agent, &addr, &id, &payload, &m);
     let message = answer["message"].as_str().unwrap_or_default();
     assert!(kind == 5 && answer["ok"] == false, "a failed verdict: {answer}");
     assert!(message.contains("1099511627776 lazy pages") && message.contains("bytes free in"), "{message}");

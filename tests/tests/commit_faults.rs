@@ -107,7 +107,16 @@ fn spawn_agent(
     append: bool,
 ) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(append).write(true).truncate(!append).open(log).unwrap();
-    let mut cmd = node.cmd(&["agent", "--name", name, "--listen", api, "--transfer-listen", transfer]);
+    let mut cmd = node.cmd(&[
+        "agent",
+        "--name",
+        name,
+        "--listen",
+        api,
+        "--transfer-listen",
+        transfer,
+        "--insecure-plaintext-channels",
+    ]);
     cmd.args(["--commit-lease", LEASE_SECS]).envs(env.iter().copied()).env("AWAY_LOG", "info").env("NO_COLOR", "1");
     let mut child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("start away agent");
     if wait_for(30, || std::net::TcpStream::connect(api).ok()).is_none() {

@@ -83,13 +83,26 @@ impl Agent {
         std::fs::create_dir_all("/tmp/away-e2e-lazy").unwrap();
         let log_path = format!("/tmp/away-e2e-lazy/agent-{log}.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child =
-            on(node, "target", &["agent", "--name", "target", "--listen", &api, "--transfer-listen", &transfer], env)
-                .env("AWAY_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("start the target agent");
+        let child = on(
+            node,
+            "target",
+            &[
+                "agent",
+                "--name",
+                "target",
+                "--listen",
+                &api,
+                "--transfer-listen",
+                &transfer,
+                "--insecure-plaintext-channels",
+            ],
+            env,
+        )
+        .env("AWAY_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start the target agent");
         let ip = node.ip.to_string();
         let up = wait_for(30, || {
             reqwest::blocking::get(format!("http://{ip}:{AGENT_API}/v1/node")).ok().filter(|r| r.status().is_success())

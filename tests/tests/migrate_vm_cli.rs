@@ -50,6 +50,7 @@ fn vm_moves_to_another_agent_and_keeps_counting() {
         &format!("127.0.0.1:{api}"),
         "--transfer-listen",
         &format!("127.0.0.1:{transfer}"),
+        "--insecure-plaintext-channels",
     ]);
     let mut agent = agent_cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let mut cleanup = Cleanup(vec![]);

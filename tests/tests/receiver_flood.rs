@@ -47,9 +47,10 @@ fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
     [vec![kind], (body.len() as u32).to_be_bytes().to_vec(), body.to_vec()].concat()
 }
 
-fn hello(id: &str, total: u64) -> Vec<u8> {
+fn hello(id: &str, total: u64, secret: &str) -> Vec<u8> {
     let h = serde_json::json!({"version": 1, "transfer_id": id, "total_bytes": total, "chunk_size": CHUNK,
-        "chunk_count": total.div_ceil(CHUNK), "compression": "none", "sha256": "0".repeat(64), "meta": null});
+        "chunk_count": total.div_ceil(CHUNK), "compression": "none", "sha256": "0".repeat(64), "meta": null,
+        "secret": secret});
     frame(1, &serde_json::to_vec(&h).unwrap())
 }
 
@@ -161,6 +162,12 @@ fn a_flooded_receiver_stays_bounded_and_still_takes_a_migration() {
     let rss_after_garbage = proc_status(pid, "VmRSS:");
 
     // 2. 100 transfers that stop half way: hello for 8 MiB, 2 chunks, hang up; 10 at a time
+    // (each announced first, as its source would: the receiver's bounds are under test)
+    let secrets: std::collections::HashMap<String, String> = (0..100)
+        .map(|i| format!("half-{i}"))
+        .map(|id| (id.clone(), away_e2e::announce(&agent.api, &id, "flood", "flooder")))
+        .collect();
+    let secrets = std::sync::Arc::new(secrets);
     let started = Instant::now();
     let mut half_tally = Tally::default();
     let mut peak_spool = 0;
@@ -168,11 +175,11 @@ fn a_flooded_receiver_stays_bounded_and_still_takes_a_migration() {
         let results = rt.block_on(async {
             let tasks: Vec<_> = (0..10u64)
                 .map(|i| {
-                    let transfer = transfer.clone();
+                    let (transfer, secrets) = (transfer.clone(), secrets.clone());
                     tokio::spawn(async move {
                         let id = format!("half-{}", batch * 10 + i);
                         let mut s = tokio::net::TcpStream::connect(&transfer).await.ok()?;
-                        s.write_all(&hello(&id, 8 * CHUNK)).await.ok()?;
+                        s.write_all(&hello(&id, 8 * CHUNK, &secrets[&id])).await.ok()?;
                         let a = answer(&mut s).await;
                         if matches!(a, Some((2, _))) {
                             let _ = s.write_all(&[chunk(0), chunk(1)].concat()).await;

@@ -52,9 +52,10 @@ fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// A transfer hello and its chunks, written by hand (the wire format of away_migrate::transfer).
-fn hello(id: &str, total: u64, chunk: u64) -> Vec<u8> {
+fn hello(id: &str, total: u64, chunk: u64, secret: &str) -> Vec<u8> {
     let h = serde_json::json!({"version": 1, "transfer_id": id, "total_bytes": total, "chunk_size": chunk,
-        "chunk_count": total.div_ceil(chunk), "compression": "none", "sha256": "0".repeat(64), "meta": null});
+        "chunk_count": total.div_ceil(chunk), "compression": "none", "sha256": "0".repeat(64), "meta": null,
+        "secret": secret});
     frame(1, &serde_json::to_vec(&h).unwrap())
 }
 
@@ -79,7 +80,16 @@ fn resume(s: &mut std::net::TcpStream) -> u64 {
 fn agent(node: &Node, api: u16, transfer: u16, log: &Path) -> Child {
     let (api, transfer) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{transfer}"));
     let child = node
-        .cmd(&["agent", "--name", "sig", "--listen", &api, "--transfer-listen", &transfer])
+        .cmd(&[
+            "agent",
+            "--name",
+            "sig",
+            "--listen",
+            &api,
+            "--transfer-listen",
+            &transfer,
+            "--insecure-plaintext-channels",
+        ])
         .env("AWAY_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
@@ -100,10 +110,12 @@ fn agent_stops_on_sigterm_and_its_next_start_resumes_the_transfer_it_cut() {
     let log = tmp.path().join("agent.log");
     let mut child = agent(&node, api, transfer, &log);
 
-    // a sender half way through: 2 of 4 chunks, connection still open
+    // a sender half way through: 2 of 4 chunks, connection still open (its move announced
+    // as a source would, the secret kept in the agent's state over the restart)
     let kib64 = 64 << 10;
+    let secret = away_e2e::announce(&format!("127.0.0.1:{api}"), "sigterm-kept", "sig", "sig-source");
     let mut sender = std::net::TcpStream::connect(("127.0.0.1", transfer)).unwrap();
-    sender.write_all(&hello("sigterm-kept", 4 * kib64, kib64)).unwrap();
+    sender.write_all(&hello("sigterm-kept", 4 * kib64, kib64, &secret)).unwrap();
     assert_eq!(resume(&mut sender), 0);
     sender.write_all(&[chunk(0, kib64 as usize), chunk(1, kib64 as usize)].concat()).unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -122,7 +134,7 @@ fn agent_stops_on_sigterm_and_its_next_start_resumes_the_transfer_it_cut() {
     let log2 = tmp.path().join("agent2.log");
     let mut child = agent(&node, api, transfer, &log2);
     let mut sender = std::net::TcpStream::connect(("127.0.0.1", transfer)).unwrap();
-    sender.write_all(&hello("sigterm-kept", 4 * kib64, kib64)).unwrap();
+    sender.write_all(&hello("sigterm-kept", 4 * kib64, kib64, &secret)).unwrap();
     assert_eq!(resume(&mut sender), 2, "resumed where the stopped agent was");
     assert!(read(&log2).contains("spools of an earlier run"), "{}", read(&log2));
     drop(sender);

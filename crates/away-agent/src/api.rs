@@ -6,13 +6,14 @@
 //! | GET | /v1/images?reference=R | `{reference, present}` |
 //! | GET | /v1/workloads | `[WorkloadStatus]` |
 //! | GET | /v1/workloads/{name} | `WorkloadStatus`, 404 |
-//! | POST | /v1/workloads/{name}/plan | `{target_api, mode?, optimize?}`: measure and predict a move of it there; `MovePlan` |
+//! | POST | /v1/workloads/{name}/plan | `{target_api, target_node?, mode?, optimize?}`: measure and predict a move of it there (`target_node` needed once this node has an identity: the target is called by name over mutual TLS); `MovePlan` |
 //! | POST | /v1/probe | body: up to 16 MiB of filler; `{bytes, second_half_ms}` (the link probe of a plan) |
+//! | POST | /v1/transfers | `{transfer_id, workload, source}`: announce an incoming move; `{secret}` (its one-time secret, for the transfer's hello); 403 when the caller's certificate does not name `source` (mutual TLS); 409 when announced by another source or when this agent takes no migrations |
 //! | POST | /v1/transfers/{id}/commit | `MoveRecord` (committed); idempotent; 409 when the move was aborted (lease ran out); 404 when unknown |
 //! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
 //! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
 //! | POST | /v1/images | body: an image tar; `{references}` |
-//! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}` |
+//! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}`; 409 when this agent takes no migrations |
 //! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait until the VM is here (held paused for the commit, or running after post-copy); `{resumed_at_ms, held, lease_ms}` |
 //! | POST | /v1/vm-migrations/{name}/confirm | commit: the held VM starts and stays; `MoveRecord` + `{node, dir, resumed_at_ms}`; idempotent; 409 when aborted (lease ran out) or not complete yet; 404 when unknown |
 //! | DELETE | /v1/vm-migrations/{name} | 204: the destination is removed; 409 when its move is committed |
@@ -134,6 +135,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/images", get(image))
         .route("/v1/workloads", get(workloads))
         .route("/v1/workloads/{name}", get(workload))
+        .route("/v1/transfers", post(announce))
         .route("/v1/transfers/{id}/commit", post(commit))
         .route("/v1/transfers/{id}", get(move_state).delete(abort_transfer))
         .route("/v1/images", post(upload_image).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
@@ -268,6 +270,51 @@ async fn workload(
     Ok(Json(agent.node.get(&name).await?.1))
 }
 
+/// What a source sends to announce a move.
+#[derive(serde::Serialize, Deserialize)]
+pub struct Announce {
+    pub transfer_id: String,
+    pub workload: String,
+    /// The source node's name: under TLS its certificate must carry it.
+    pub source: String,
+}
+
+async fn announce(
+    State(agent): State<Arc<Agent>>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<away_identity::serve::TlsPeer>>>,
+    Json(req): Json<Announce>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let valid =
+        |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    for (field, value) in [("transfer_id", &req.transfer_id), ("workload", &req.workload), ("source", &req.source)] {
+        if !valid(value) {
+            return Err(Problem(ApiError::new(
+                ErrorCode::InvalidInput,
+                format!("{field} {value:?} must be 1-64 characters of [A-Za-z0-9_.-]"),
+            )));
+        }
+    }
+    // under mutual TLS a node announces moves from itself only: the one node whose
+    // certificate the transfer will then be taken from is the caller's
+    if let Some(peer) = peer.as_ref().map(|p| &p.0 .0).filter(|p| p.tls) {
+        if peer.node.as_deref() != Some(req.source.as_str()) {
+            return Err(Problem(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "source {:?}: the caller's certificate names node {:?}; a node announces moves from itself only",
+                    req.source,
+                    peer.node.as_deref().unwrap_or("none")
+                ),
+            )));
+        }
+    }
+    let a = agent
+        .announce(&req.transfer_id, &req.workload, &req.source)
+        .map_err(|why| Problem(ApiError::new(ErrorCode::Conflict, why)))?;
+    tracing::info!(transfer = %req.transfer_id, workload = %req.workload, source = %req.source, "move announced");
+    Ok(Json(serde_json::json!({"secret": a.secret.expose()})))
+}
+
 fn state_problem(e: crate::state::StateError) -> Problem {
     Problem(ApiError::new(ErrorCode::Internal, error_chain(&e)))
 }
@@ -348,11 +395,21 @@ pub async fn serve_transfers(
 ) -> usize {
     let spool = agent.config.spool_dir();
     let options = agent.config.transfers.clone();
+    // mutual TLS once the node has its identity (it may come while this runs: each
+    // connection takes what the node has when it is accepted); no channels at all:
+    // every hello is refused by the check below, in plaintext
+    let channels = agent.watch_channels();
+    let checker = agent.clone();
+    let authorize: transfer::Authorize = Arc::new(move |claim| checker.authorize(claim));
     let handler = move |payload: ReceivedPayload| {
         let agent = agent.clone();
         async move { handle_payload(agent, payload).await }
     };
-    match transfer::Receiver::from_listener(listener, spool).with_options(options).serve_until(handler, stop).await {
+    let receiver = transfer::Receiver::from_listener(listener, spool)
+        .with_options(options)
+        .with_channels_from(channels)
+        .with_authorizer(authorize);
+    match receiver.serve_until(handler, stop).await {
         Ok(busy) => busy,
         Err(e) => {
             tracing::error!("transfer receiver stopped: {e}", e = ErrorChain(&e));
@@ -375,7 +432,13 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
     if let Some(m) = &manifest {
         agent.journal(id, &Provisional { workload: m.spec.name.clone(), runtime: m.runtime });
     }
-    let mut result = restore_received(&agent.node, &payload, settle).await;
+    // the page link's peer: the node the move was announced from (the receiver checked
+    // the sender is that node)
+    let pages = away_migrate::lazy::PageLink {
+        channels: agent.watch_channels().borrow().clone(),
+        peer_node: agent.announced_source(id).unwrap_or_default(),
+    };
+    let mut result = restore_received(&agent.node, &payload, settle, &pages).await;
     let mut verdict = verdict_for(&result, settle);
     let Some(m) = manifest else { return verdict };
     match &mut result {
@@ -453,6 +516,9 @@ async fn vm_prepare(
     State(agent): State<Arc<Agent>>,
     Json(req): Json<VmPrepare>,
 ) -> Result<Json<serde_json::Value>, Problem> {
+    // an agent without channels takes part in no migration (QEMU's own stream is not
+    // on away's channels yet: docs/security.md)
+    agent.channels().map_err(|why| Problem(ApiError::new(ErrorCode::Conflict, why)))?;
     let image = agent.node.store.resolve(&req.image)?;
     let port = std::net::TcpListener::bind((agent.config.listen.ip(), 0))
         .and_then(|l| l.local_addr())

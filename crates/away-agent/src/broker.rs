@@ -346,9 +346,19 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
         let progress: away_migrate::container::ProgressFn = Arc::new(|_| {});
         // the broker validated the mode; an agent that cannot read it uses auto
         let mode = m.mode.as_deref().and_then(|s| s.parse().ok()).unwrap_or_default();
-        let opts = ContainerMigrationOptions { mode, cancel: cancel.clone(), ..Default::default() };
-        match migrate_container(&agent.node, &agent.config.name, &archives, &m.workload, &target, &opts, progress).await
-        {
+        let mut opts = ContainerMigrationOptions { mode, cancel: cancel.clone(), ..Default::default() };
+        let channels = agent.channels();
+        if let Ok(channels) = &channels {
+            opts.transfer.channels = channels.clone();
+        }
+        let moved = match channels {
+            Ok(_) => {
+                migrate_container(&agent.node, &agent.config.name, &archives, &m.workload, &target, &opts, progress)
+                    .await
+            }
+            Err(why) => Err(away_migrate::MigrateError::Invalid(why)),
+        };
+        match moved {
             // not "failed": the broker would have the workload started again here while
             // the target may run the committed copy; the migration stays open instead
             Err(e @ away_migrate::MigrateError::InDoubt { .. }) => Err(("migration-in-doubt", error_chain(&e))),

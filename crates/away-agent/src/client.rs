@@ -191,6 +191,21 @@ impl TargetNode for AgentClient {
         resp.json().await.map_err(|e| self.err(format!("bad /v1/node answer: {e}", e = ErrorChain(&e))))
     }
 
+    async fn announce(
+        &self,
+        transfer_id: &str,
+        workload: &str,
+        source: &str,
+    ) -> Result<away_migrate::transfer::MoveSecret, MigrateError> {
+        let body =
+            crate::api::Announce { transfer_id: transfer_id.into(), workload: workload.into(), source: source.into() };
+        let resp = self.check(self.http.post(format!("{}/v1/transfers", self.base)).json(&body).send().await).await?;
+        let v: serde_json::Value =
+            resp.json().await.map_err(|e| self.err(format!("bad /v1/transfers answer: {e}", e = ErrorChain(&e))))?;
+        let secret = v["secret"].as_str().ok_or_else(|| self.err("no secret in the announcement's answer"))?;
+        Ok(away_migrate::transfer::MoveSecret::from_string(secret.to_string()))
+    }
+
     async fn has_image(&self, reference: &str) -> Result<bool, MigrateError> {
         let resp = self
             .check(self.http.get(format!("{}/v1/images", self.base)).query(&[("reference", reference)]).send().await)
@@ -274,6 +289,15 @@ struct VmMove<'a> {
 impl TargetNode for VmMove<'_> {
     async fn info(&self) -> Result<TargetInfo, MigrateError> {
         self.client.info().await
+    }
+
+    async fn announce(
+        &self,
+        transfer_id: &str,
+        workload: &str,
+        source: &str,
+    ) -> Result<away_migrate::transfer::MoveSecret, MigrateError> {
+        self.client.announce(transfer_id, workload, source).await
     }
 
     async fn has_image(&self, reference: &str) -> Result<bool, MigrateError> {

@@ -55,7 +55,38 @@ pub struct AgentConfig {
     pub api_token: Option<String>,
     /// The transfer receiver's bounds (connections, transfers, spool, timeouts).
     pub transfers: away_migrate::transfer::ReceiveOptions,
+    /// `--insecure-plaintext-channels`: without a node identity, migration channels
+    /// (transfers, page relays) are plain TCP. Without an identity and without this
+    /// flag the agent takes part in no migration (every incoming transfer is refused,
+    /// every move from here fails), docs/security.md. With an identity they are mutual
+    /// TLS whatever this says.
+    pub insecure_plaintext_channels: bool,
 }
+
+/// Why an agent without channels refuses a move.
+pub const NO_CHANNELS: &str = "this agent has no node identity and was not started with \
+     --insecure-plaintext-channels: it takes part in no migration (join a broker with --broker \
+     for an identity, or start it with --insecure-plaintext-channels on a trusted network)";
+
+/// An incoming move announced by its source over the API: only its transfer, from that
+/// node, with that secret, is taken.
+#[derive(Debug, Clone)]
+pub struct Announced {
+    pub workload: String,
+    pub source: String,
+    pub secret: away_migrate::transfer::MoveSecret,
+    /// When it was announced (Unix ms).
+    pub at_ms: i64,
+}
+
+impl Announced {
+    fn fresh(&self, expiry: Duration) -> bool {
+        state::now_ms().saturating_sub(self.at_ms) < expiry.as_millis() as i64
+    }
+}
+
+/// Announced moves kept at once (older ones are forgotten first).
+const MAX_ANNOUNCED: usize = 256;
 
 impl AgentConfig {
     pub fn spool_dir(&self) -> PathBuf {
@@ -64,7 +95,12 @@ impl AgentConfig {
 
     /// Where the node's key and certificate live (0700; the key 0600).
     pub fn identity_dir(&self) -> PathBuf {
-        self.node.paths.state_dir.join("identity")
+        Self::identity_dir_in(&self.node.paths.state_dir)
+    }
+
+    /// Where a node with state directory `state_dir` keeps its identity.
+    pub fn identity_dir_in(state_dir: &std::path::Path) -> PathBuf {
+        state_dir.join("identity")
     }
 }
 
@@ -104,6 +140,12 @@ pub struct Agent {
     identity: std::sync::RwLock<Option<away_identity::Identity>>,
     /// The API's TLS configuration (None: plain HTTP, no identity yet).
     tls: tokio::sync::watch::Sender<Option<Arc<away_identity::rustls::ServerConfig>>>,
+    /// The migration channels (transfers, page relays): mutual TLS with the identity,
+    /// else plaintext (whether plaintext is allowed at all: [`Agent::channels`]). The
+    /// transfer receiver secures each connection it accepts with what this holds then.
+    channels: tokio::sync::watch::Sender<away_migrate::channel::Channels>,
+    /// transfer id -> the move its source announced (checked by the transfer receiver).
+    pub announced: std::sync::Mutex<HashMap<String, Announced>>,
 }
 
 impl Agent {
@@ -119,16 +161,23 @@ impl Agent {
         let state =
             state::AgentState::open(&config.node.paths.state_dir.join("agent.db")).map_err(AgentError::State)?;
         let identity = away_identity::Identity::load(&config.identity_dir()).map_err(AgentError::Identity)?;
-        let tls = match &identity {
-            Some(id) => Some(id.server_config().map_err(AgentError::Identity)?),
-            None => None,
+        let (tls, channels) = match &identity {
+            Some(id) => (
+                Some(id.server_config().map_err(AgentError::Identity)?),
+                away_migrate::channel::Channels::from_identity(id).map_err(AgentError::Identity)?,
+            ),
+            None => (None, away_migrate::channel::Channels::plaintext()),
         };
         if let Some(id) = &identity {
-            tracing::info!(subject = %id.subject(), ca = %id.ca_fingerprint(), "node identity loaded: the API is mutual TLS");
+            tracing::info!(subject = %id.subject(), ca = %id.ca_fingerprint(), "node identity loaded: the API and migration channels are mutual TLS");
         }
+        // moves announced before a restart: their transfers resume with their secrets
+        let since = state::now_ms().saturating_sub(config.transfers.expire_after.as_millis() as i64);
+        let announced = state.announced_since(since).map_err(AgentError::State)?.into_iter().collect();
         Ok(Arc::new(Agent {
             identity: std::sync::RwLock::new(identity),
             tls: tokio::sync::watch::channel(tls).0,
+            channels: tokio::sync::watch::channel(channels).0,
             cluster_token: tokio::sync::RwLock::new(config.api_token.clone()),
             config,
             node,
@@ -138,6 +187,7 @@ impl Agent {
             state,
             work: Mutex::new(Default::default()),
             cancels: Default::default(),
+            announced: std::sync::Mutex::new(announced),
         }))
     }
 
@@ -150,8 +200,10 @@ impl Agent {
     /// connection on.
     pub fn set_identity(&self, identity: away_identity::Identity) -> Result<(), away_identity::IdentityError> {
         let server = identity.server_config()?;
+        let channels = away_migrate::channel::Channels::from_identity(&identity)?;
         *self.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(identity);
         self.tls.send_replace(Some(server));
+        self.channels.send_replace(channels);
         Ok(())
     }
 
@@ -169,6 +221,81 @@ impl Agent {
 
     pub async fn finish_work(&self, key: &str) {
         self.work.lock().await.remove(key);
+    }
+
+    /// Record move `transfer_id` of `workload` from node `source` and give its secret
+    /// (the same one when the same source announces it again). Announcements older than
+    /// the receiver's expiry are forgotten.
+    pub fn announce(&self, transfer_id: &str, workload: &str, source: &str) -> Result<Announced, String> {
+        self.channels()?;
+        let mut announced = self.announced.lock().expect("announced lock");
+        let expiry = self.config.transfers.expire_after;
+        announced.retain(|_, a| a.fresh(expiry));
+        if let Some(a) = announced.get(transfer_id) {
+            if a.source != source || a.workload != workload {
+                return Err(format!(
+                    "move {transfer_id} is announced already, of {} from node {}",
+                    a.workload, a.source
+                ));
+            }
+            return Ok(a.clone());
+        }
+        if announced.len() >= MAX_ANNOUNCED {
+            let oldest = announced.iter().min_by_key(|(_, a)| a.at_ms).map(|(id, _)| id.clone());
+            if let Some(id) = oldest {
+                announced.remove(&id);
+                let _ = self.state.forget_announced(&id);
+            }
+        }
+        let secret =
+            away_migrate::transfer::MoveSecret::generate().map_err(|e| format!("no random secret from the OS: {e}"))?;
+        let a =
+            Announced { workload: workload.to_string(), source: source.to_string(), secret, at_ms: state::now_ms() };
+        self.state
+            .save_announced(transfer_id, &a)
+            .map_err(|e| format!("cannot record the move: {e}", e = ErrorChain(&e)))?;
+        announced.insert(transfer_id.to_string(), a.clone());
+        Ok(a)
+    }
+
+    /// The transfer receiver's check of a hello: an announced move, from its source
+    /// node (under TLS, by the peer's certificate), with its secret.
+    pub fn authorize(&self, claim: &away_migrate::transfer::Claim<'_>) -> Result<(), String> {
+        let channels = self.channels()?;
+        let id = claim.transfer_id;
+        let announced = self.announced.lock().expect("announced lock");
+        let Some(a) = announced.get(id).filter(|a| a.fresh(self.config.transfers.expire_after)) else {
+            return Err(format!("transfer {id} was not announced to this agent (POST /v1/transfers)"));
+        };
+        if channels.is_tls() && !away_migrate::channel::peer_is(claim.peer_certs, &a.source) {
+            return Err(format!("transfer {id} is announced from node {}, and this peer is not that node", a.source));
+        }
+        if !a.secret.matches(claim.secret) {
+            return Err(format!("transfer {id}: wrong or missing move secret"));
+        }
+        Ok(())
+    }
+
+    /// The node move `transfer_id` was announced from.
+    pub fn announced_source(&self, transfer_id: &str) -> Option<String> {
+        self.announced.lock().expect("announced lock").get(transfer_id).map(|a| a.source.clone())
+    }
+
+    /// The channels a move from or to here uses, or why there are none: mutual TLS with
+    /// the node's identity; plaintext only without one and with
+    /// `--insecure-plaintext-channels`.
+    pub fn channels(&self) -> Result<away_migrate::channel::Channels, String> {
+        let channels = self.channels.borrow().clone();
+        if channels.is_tls() || self.config.insecure_plaintext_channels {
+            Ok(channels)
+        } else {
+            Err(NO_CHANNELS.to_string())
+        }
+    }
+
+    /// The channels as they change (the transfer receiver takes them per connection).
+    pub fn watch_channels(&self) -> tokio::sync::watch::Receiver<away_migrate::channel::Channels> {
+        self.channels.subscribe()
     }
 
     /// The transfer address other agents should dial.

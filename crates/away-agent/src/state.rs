@@ -17,7 +17,7 @@ pub struct StateError {
     pub source: rusqlite::Error,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
@@ -47,7 +47,9 @@ impl AgentState {
              -- an older agent's provisional copies are prepared moves
              INSERT OR IGNORE INTO moves (transfer_id, workload, runtime, state, at_ms)
                  SELECT transfer_id, workload, runtime, 'prepared', 0 FROM provisional;
-             DELETE FROM provisional;",
+             DELETE FROM provisional;
+             CREATE TABLE IF NOT EXISTS announced (transfer_id TEXT PRIMARY KEY, workload TEXT NOT NULL,
+                 source TEXT NOT NULL, secret TEXT NOT NULL, at_ms INTEGER NOT NULL);",
         )
         .map_err(err)?;
         Ok(AgentState { db: Mutex::new(db), path: p })
@@ -167,6 +169,48 @@ impl AgentState {
                 "DELETE FROM moves WHERE state != 'prepared' AND at_ms <= ?1",
                 [now_ms().saturating_sub(keep_ms as i64)],
             )
+            .map_err(|e| self.err(e))
+    }
+
+    /// An announced incoming move (kept so that a transfer cut by an agent restart
+    /// resumes with the secret its source holds).
+    pub fn save_announced(&self, transfer_id: &str, a: &crate::Announced) -> Result<(), StateError> {
+        self.db()
+            .execute(
+                "INSERT OR REPLACE INTO announced (transfer_id, workload, source, secret, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![transfer_id, a.workload, a.source, a.secret.expose(), a.at_ms],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Announcements made since `since_ms`; older ones are deleted.
+    pub fn announced_since(&self, since_ms: i64) -> Result<Vec<(String, crate::Announced)>, StateError> {
+        let db = self.db();
+        db.execute("DELETE FROM announced WHERE at_ms < ?1", [since_ms]).map_err(|e| self.err(e))?;
+        let mut stmt = db
+            .prepare("SELECT transfer_id, workload, source, secret, at_ms FROM announced")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    crate::Announced {
+                        workload: r.get(1)?,
+                        source: r.get(2)?,
+                        secret: away_migrate::transfer::MoveSecret::from_string(r.get(3)?),
+                        at_ms: r.get(4)?,
+                    },
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(rows.flatten().collect())
+    }
+
+    pub fn forget_announced(&self, transfer_id: &str) -> Result<(), StateError> {
+        self.db()
+            .execute("DELETE FROM announced WHERE transfer_id = ?1", [transfer_id])
+            .map(|_| ())
             .map_err(|e| self.err(e))
     }
 

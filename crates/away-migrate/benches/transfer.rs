@@ -7,13 +7,17 @@
 //! image files, and a JSON manifest. It goes through an in-process relay (`away_link::proxy`) that models a
 //! link: a token bucket at the link rate, a one-way delay in each direction, and a 200 ms router queue.
 //! Time is end to end: tar spool, chunking, compression, wire, verification, unpack, verdict.
+//!
+//! Then the cost of mutual TLS (issue 17): 256 MiB over loopback (no relay), plaintext and
+//! TLS alternating, three runs each, with and without compression. `-- tls` runs only that part.
 
 use std::fs;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use away_migrate::transfer::{send, serve, Compression, ReceivedPayload, SendOptions, Verdict};
+use away_migrate::channel::Channels;
+use away_migrate::transfer::{send, serve, Compression, ReceivedPayload, Receiver, SendOptions, Verdict};
 use tokio::net::TcpListener;
 
 #[derive(Clone, Copy)]
@@ -114,9 +118,66 @@ struct Row {
     wire: u64,
 }
 
+/// Plaintext against mutual TLS on loopback, same payload, same run, alternating.
+async fn tls_cost(tmp: &Path) {
+    const MIB: usize = 256;
+    const RUNS: usize = 3;
+    let src = tmp.join(format!("checkpoint-{MIB}"));
+    if !src.exists() {
+        synthesize_checkpoint(&src, MIB);
+    }
+    let ca = away_identity::Ca::load_or_create(&tmp.join("ca")).unwrap();
+    let identity = |node: &str| Channels::from_identity(&ca.issue_self(node, &[]).unwrap()).unwrap();
+    let (source, target) = (identity("bench-source"), identity("bench-target"));
+    let mut addrs = Vec::new();
+    for (i, channels) in [Channels::plaintext(), target].into_iter().enumerate() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(listener.local_addr().unwrap().to_string());
+        let receiver = Receiver::from_listener(listener, tmp.join(format!("spool-tls-{i}"))).with_channels(channels);
+        tokio::spawn(receiver.serve(|_p: ReceivedPayload| async { Verdict::ok("bench") }));
+    }
+    let modes = [("plaintext", Channels::plaintext(), &addrs[0]), ("mutual TLS", source, &addrs[1])];
+    println!();
+    println!("TLS cost: {MIB} MiB synthetic checkpoint over 127.0.0.1 (no relay), 1 MiB chunks, 2 cores,");
+    println!("TLS 1.3 (rustls, ring; AES-GCM or ChaCha20 as negotiated), both modes alternating, {RUNS} runs each");
+    println!("| compression | plaintext s | mutual TLS s | TLS / plaintext |");
+    println!("| --- | ---: | ---: | ---: |");
+    for compression in [Compression::None, Compression::Zstd { level: 1 }] {
+        let mut times = [Vec::new(), Vec::new()];
+        for _ in 0..RUNS {
+            for (i, (name, channels, addr)) in modes.iter().enumerate() {
+                let opts = SendOptions {
+                    compression,
+                    channels: channels.clone(),
+                    peer_node: "bench-target".into(),
+                    ..SendOptions::default()
+                };
+                let started = Instant::now();
+                let outcome = send(addr, &src, serde_json::Value::Null, &opts).await.expect("bench transfer");
+                let seconds = started.elapsed().as_secs_f64();
+                assert!(outcome.verdict.ok);
+                eprintln!("  loopback {MIB} MiB {:<8} {name:<10} {seconds:>7.2} s", compression.to_string());
+                times[i].push(seconds);
+            }
+        }
+        let list = |t: &[f64]| t.iter().map(|s| format!("{s:.2}")).collect::<Vec<_>>().join(" / ");
+        let mean = |t: &[f64]| t.iter().sum::<f64>() / t.len() as f64;
+        println!(
+            "| {compression} | {} | {} | {:.3} |",
+            list(&times[0]),
+            list(&times[1]),
+            mean(&times[1]) / mean(&times[0])
+        );
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let tmp = tempfile::tempdir().unwrap();
+    if std::env::args().any(|a| a == "tls") {
+        tls_cost(tmp.path()).await;
+        return;
+    }
     let spool = tmp.path().join("spool");
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target_addr = target.local_addr().unwrap();
@@ -170,4 +231,5 @@ async fn main() {
             .expect("rows per link");
         println!("fastest on {}: {} ({:.2} s)", link.name, best.compression, best.seconds);
     }
+    tls_cost(tmp.path()).await;
 }

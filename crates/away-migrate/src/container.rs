@@ -225,7 +225,7 @@ async fn move_container(
     // local step. None of it is downtime: nothing has stopped yet.
     let remote = async {
         let there = target.info().await?;
-        let early = connect_early(&there.transfer_addr).await?;
+        let early = connect_early(&there.transfer_addr, &there.node.name, &opts.transfer).await?;
         Ok::<_, MigrateError>((there, early))
     };
     let ((here, host), remote, has_image) =
@@ -247,13 +247,22 @@ async fn move_container(
         progress(Step::SendingImage);
         target.upload_image(&image.tar).await?;
         // a long upload may outlast the target's wait for a first frame: a fresh one
-        early = connect_early(&there.transfer_addr).await?;
+        early = connect_early(&there.transfer_addr, &there.node.name, &opts.transfer).await?;
     }
     let choice = crate::mode::choose(opts.mode, runtime, &status, &host, &there).await?;
     if opts.cancel.is_cancelled() {
         return Err(MigrateError::Cancelled(name.into()));
     }
     tracing::info!(workload = name, mode = %choice.mode, "{}", choice.reason);
+    // the move's id, known before anything is sent (a lost answer is asked about by it),
+    // and announced: the target takes this transfer only from this node, with its secret
+    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
+    let secret = target.announce(&transfer_id, name, &here.name).await?;
+    let mut opts = opts.clone();
+    opts.transfer.secret = Some(secret);
+    opts.transfer.peer_node = there.node.name.clone();
+    opts.transfer.transfer_id = Some(transfer_id.clone());
+    let opts = &opts;
     let mut phases = vec![phase("check", started.elapsed())];
     if choice.mode == MigrationMode::Lazy || choice.streamed {
         let moving = Moving {
@@ -277,7 +286,7 @@ async fn move_container(
     }
 
     // 1. checkpoint: the source process stops here
-    let (early, _, round_trip) = early;
+    let (early, _, round_trip, _) = early;
     progress(Step::Checkpointing);
     let payload = archives.create(name)?;
     let t = Instant::now();
@@ -330,8 +339,6 @@ async fn move_container(
 
     // 2. transfer; the target restores and answers
     let t = Instant::now();
-    // the move's id, known before anything is sent: a lost answer is asked about by it
-    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
     let outcome =
         send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, Some(early), &transfer_id).await;
     #[cfg(feature = "fault-injection")]
@@ -513,7 +520,7 @@ async fn send_payload(
     manifest: &Manifest,
     opts: &ContainerMigrationOptions,
     progress: &ProgressFn,
-    connected: Option<tokio::net::TcpStream>,
+    connected: Option<crate::channel::Stream>,
     transfer_id: &str,
 ) -> Result<transfer::SendOutcome, transfer::TransferError> {
     let mut send_opts = opts.transfer.clone();
@@ -572,7 +579,7 @@ struct Moving<'a> {
     /// Stop-and-copy streamed: the target pulls every page before it restores.
     streamed: bool,
     /// The transfer connection, opened during the checks ([`connect_early`]).
-    early: (tokio::net::TcpStream, std::net::IpAddr, Duration),
+    early: Early,
 }
 
 /// The steps the target's runtime reported for its restore (Docker's), if any.
@@ -596,16 +603,36 @@ fn frozen_at(payload: &Path, started: Instant) -> Instant {
 /// A connection to the target's transfer port, opened before the workload stops (the
 /// payload then goes without a connect round trip in the pause), and the address of
 /// this host the target reaches (its local end: where the page relay listens).
-/// Also returns how long it took to open: one round trip to the target.
-async fn connect_early(target: &str) -> Result<(tokio::net::TcpStream, std::net::IpAddr, Duration), MigrateError> {
+/// Also returns how long it took to open: one round trip to the target. Under TLS the
+/// handshake (one more round trip with TLS 1.3) is made here too, before the freeze.
+/// Also returns its socket (a second descriptor of it, for its options once the mode is
+/// known: [`migrate_lazy`] switches it to CUBIC).
+async fn connect_early(target: &str, peer_node: &str, send: &SendOptions) -> Result<Early, MigrateError> {
+    let unreachable =
+        |e: std::io::Error| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}"));
     let t = Instant::now();
-    let s = tokio::net::TcpStream::connect(target)
-        .await
-        .map_err(|e| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}")))?;
+    let s = tokio::net::TcpStream::connect(target).await.map_err(unreachable)?;
     let round_trip = t.elapsed();
     let ip = s.local_addr().map_err(|e| MigrateError::Invalid(e.to_string()))?.ip();
-    Ok((s, ip, round_trip))
+    // Small control frames must not wait for Nagle.
+    s.set_nodelay(true).map_err(unreachable)?;
+    let socket = std::os::fd::AsFd::as_fd(&s).try_clone_to_owned().map_err(unreachable)?;
+    let handshake = tokio::time::timeout(send.connect_timeout, send.channels.connect(s, peer_node));
+    let s = handshake
+        .await
+        .map_err(|_| {
+            MigrateError::Invalid(format!(
+                "no TLS handshake with the target's transfer port {target} within {:?}",
+                send.connect_timeout
+            ))
+        })?
+        .map_err(unreachable)?;
+    Ok((s, ip, round_trip, socket))
 }
+
+/// The early transfer connection: the stream, this host's address on it, how long the
+/// connect took (a round trip), and its socket ([`connect_early`]).
+type Early = (crate::channel::Stream, std::net::IpAddr, Duration, std::os::fd::OwnedFd);
 
 /// Filler written on the early connection as the dump begins
 /// ([`crate::transfer::warm_up`]): its two round trips of slow start overlap the dump,
@@ -623,19 +650,20 @@ const WARM_UP_BYTES: u32 = 48 * 1024;
 async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let Moving { runtime, name, here, there, target, archives, opts, progress, streamed, early, .. } = m;
     let mut phases = m.phases;
-    let (early, local_ip, round_trip) = early;
+    let (early, local_ip, round_trip, socket) = early;
+    // The payload is small and waited for: CUBIC sends what the window holds at once,
+    // where BBR (this host's default) paces it at the young connection's bandwidth
+    // estimate, a round trip's worth on a 73.6 ms path.
+    if let Err(e) = socket2::SockRef::from(&socket).set_tcp_congestion(b"cubic") {
+        tracing::debug!("the transfer connection keeps the host's congestion control: {e}");
+    }
+    drop(socket);
     let compress_pages = opts.compress_pages.unwrap_or_else(|| {
         let same_host = there.transfer_addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
         opts.transfer.compression != crate::transfer::Compression::None && !same_host
     });
     progress(Step::Checkpointing);
     let mut early = early;
-    // The payload is small and waited for: CUBIC sends what the window holds at once,
-    // where BBR (this host's default) paces it at the young connection's bandwidth
-    // estimate, a round trip's worth on a 73.6 ms path.
-    if let Err(e) = socket2::SockRef::from(&early).set_tcp_congestion(b"cubic") {
-        tracing::debug!("the transfer connection keeps the host's congestion control: {e}");
-    }
     let warming = tokio::spawn(async move {
         if let Err(e) = crate::transfer::warm_up(&mut early, WARM_UP_BYTES).await {
             // the payload's send finds the connection broken and opens another
@@ -708,6 +736,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         dump.page_server_connector(),
         crate::lazy::LazyFault::from_env(),
         compress_pages,
+        // only the target's connection is taken (under TLS, by its certificate)
+        crate::lazy::PageLink { channels: opts.transfer.channels.clone(), peer_node: there.node.name.clone() },
     )
     .await
     {
@@ -1034,10 +1064,12 @@ async fn failed_with_copy(runtime: &dyn Runtime, name: &str, message: String) ->
 }
 
 /// Target side: restore a received payload on this node and answer whether it runs.
+/// Pages of a lazy or streamed move come over `pages` (its peer: the move's source node).
 pub async fn restore_received(
     node: &LocalNode,
     payload: &ReceivedPayload,
     settle: Duration,
+    pages: &crate::lazy::PageLink,
 ) -> Result<Restored, RestoreFailed> {
     let started = Instant::now();
     let manifest = Manifest::of_payload(payload)?;
@@ -1070,7 +1102,7 @@ pub async fn restore_received(
         }
         Some(relay) if manifest.pull_pages => {
             let t = Instant::now();
-            let pages = crate::lazy::pull::pull_all(&dir, relay)
+            let pages = crate::lazy::pull::pull_all(&dir, relay, pages)
                 .await
                 .map_err(|e| format!("pull the pages: {e}", e = ErrorChain(&e)))?;
             pull = t.elapsed();
@@ -1088,7 +1120,8 @@ pub async fn restore_received(
             }
         }
         Some(relay) => {
-            let mut daemon = crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot).await?;
+            let mut daemon =
+                crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot, pages.clone()).await?;
             tracing::debug!(ms = started.elapsed().as_millis() as u64, "lazy-pages daemon up");
             let restore = runtime.restore_lazy(&request);
             tokio::pin!(restore);

@@ -7,9 +7,11 @@
 //! * [`mode`]: stop-and-copy or lazy, per workload (`--mode auto`).
 //! * [`lazy`]: the relay pair and target daemon of lazy (post-copy) container moves.
 //! * [`vm`]: QEMU live migration between two QEMU processes.
+//! * [`channel`]: mutual TLS between nodes' migration engines, peer names checked.
 //! * [`archive`]: checkpoint archives on disk (private, pruned, kept after failures).
 
 pub mod archive;
+pub mod channel;
 pub mod compat;
 pub mod container;
 pub mod estimate;

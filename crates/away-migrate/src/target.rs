@@ -83,6 +83,16 @@ pub struct NoAnswer {
 #[async_trait]
 pub trait TargetNode: Send + Sync {
     async fn info(&self) -> Result<TargetInfo, MigrateError>;
+    /// Announce move `transfer_id` of `workload` from node `source` before any byte of
+    /// it is sent; the answer is the move's one-time secret, which the transfer's hello
+    /// must carry (the target's receiver refuses an unannounced move, one from another
+    /// node, or one without the secret).
+    async fn announce(
+        &self,
+        transfer_id: &str,
+        workload: &str,
+        source: &str,
+    ) -> Result<crate::transfer::MoveSecret, MigrateError>;
     /// Does the target's image store hold `reference`?
     async fn has_image(&self, reference: &str) -> Result<bool, MigrateError>;
     /// Put an image tar into the target's image store.
@@ -223,6 +233,9 @@ mod tests {
     impl TargetNode for Scripted {
         async fn info(&self) -> Result<TargetInfo, MigrateError> {
             unimplemented!()
+        }
+        async fn announce(&self, _: &str, _: &str, _: &str) -> Result<crate::transfer::MoveSecret, MigrateError> {
+            unreachable!("commit tests announce nothing")
         }
         async fn has_image(&self, _: &str) -> Result<bool, MigrateError> {
             unimplemented!()

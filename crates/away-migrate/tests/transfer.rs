@@ -153,7 +153,7 @@ async fn a_warmed_up_connection_carries_the_payload() {
     let tmp = tempfile::tempdir().unwrap();
     let src = checkpoint_dir(tmp.path(), 1 << 20);
     let t = target(tmp.path().join("spool")).await;
-    let mut conn = tokio::net::TcpStream::connect(&t.addr).await.unwrap();
+    let mut conn: away_migrate::channel::Stream = Box::new(tokio::net::TcpStream::connect(&t.addr).await.unwrap());
     // filler twice: the receiver answers each, the sender's reader skips the answers
     for _ in 0..2 {
         warm_up(&mut conn, 32 << 10).await.unwrap();

@@ -111,8 +111,26 @@ pub struct AgentArgs {
     /// removed (spools an earlier run left too)
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     transfer_expiry: u64,
+    #[arg(long, conflicts_with = "identity")]
+    insecure_plaintext_channels: bool,
     #[command(flatten)]
     node: NodeArgs,
+}
+
+/// The node identity in `dir`, which must be node `name`'s (peers check the name).
+fn load_identity(dir: &std::path::Path, name: &str) -> anyhow::Result<away_identity::Identity> {
+    let identity = away_identity::Identity::load(dir)
+        .with_context(|| format!("load the node identity in {}", dir.display()))?
+        .with_context(|| format!("no node identity in {} (cert.pem missing)", dir.display()))?;
+    if identity.name() != name {
+        anyhow::bail!(
+            "the identity in {} is node {:?}'s, not {name:?}'s (peers check the name): give --source-name {:?}",
+            dir.display(),
+            identity.name(),
+            identity.name()
+        );
+    }
+    Ok(identity)
 }
 
 fn parse_mode(s: &str) -> Result<ContainerMode, String> {
@@ -135,6 +153,16 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
         Some(path) => Some(away_identity::read_ca_file(path)?),
         None => None,
     };
+    let identity_dir = away_agent::AgentConfig::identity_dir_in(&a.node.state_dir);
+    let has_identity = away_identity::Identity::load(&identity_dir).ok().flatten().is_some();
+    if !has_identity && a.insecure_plaintext_channels {
+        eprintln!(
+            "away agent: WARNING: --insecure-plaintext-channels: until this node has an identity, migrations to and \
+             from it cross the network in PLAINTEXT (workload memory readable and changeable on the path)"
+        );
+    } else if !has_identity && a.broker.is_none() {
+        eprintln!("away agent: {}", away_agent::NO_CHANNELS);
+    }
     let config = AgentConfig {
         name,
         tier: a.tier,
@@ -158,6 +186,7 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
             expire_after: Duration::from_secs(a.transfer_expiry),
             ..ReceiveOptions::default()
         },
+        insecure_plaintext_channels: a.insecure_plaintext_channels,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     // before anything is started: SIGTERM, like Ctrl-C, stops the agent gracefully
@@ -226,6 +255,17 @@ pub struct MigrateArgs {
     /// it here, where every user of the machine can read it
     #[arg(long = "user-token", env = "AWAY_USER_TOKEN", hide_env_values = true, help_heading = "Broker migrations")]
     user_token: Option<String>,
+    /// This node's identity (ca.pem, cert.pem, key.pem) [default: STATE_DIR/identity
+    /// when this node joined a broker]: the target's API and the migration's channels
+    /// are mutual TLS, the target checked by its node name (--to-node). Without one the
+    /// API is plain HTTP with --token and the channels are PLAINTEXT, which a target
+    /// takes only when started with --insecure-plaintext-channels. Its ca.pem is also
+    /// the broker's CA for --cancel when --ca is not given
+    #[arg(long, value_name = "DIR")]
+    identity: Option<std::path::PathBuf>,
+    /// With an identity: the target's node name, which its certificate must carry
+    #[arg(long, value_name = "NAME")]
+    to_node: Option<String>,
     /// Bearer token of the target agent's API (its cluster's, or its --token)
     #[arg(long, env = "AWAY_AGENT_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -305,7 +345,9 @@ pub struct MigrateArgs {
 pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let (Some(id), Some(broker)) = (&a.cancel, &a.broker) {
-        return rt.block_on(cancel(broker, a.ca.as_deref(), a.user_token.as_deref(), id, a.json));
+        // the broker's CA: --ca, else the one in --identity (it issued the node's certificate)
+        let ca = a.ca.clone().or_else(|| a.identity.as_ref().map(|dir| dir.join("ca.pem")));
+        return rt.block_on(cancel(broker, ca.as_deref(), a.user_token.as_deref(), id, a.json));
     }
     // clap requires both unless --cancel is given
     let (Some(workload), Some(to)) = (a.workload.clone(), a.to.clone()) else {
@@ -316,11 +358,26 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         if a.plan {
             anyhow::bail!("--plan predicts container moves; a VM's plan (QEMU's dirty rate) is not built yet");
         }
-        return rt.block_on(migrate_vm(&node, &a, &workload, &to));
+        let source_name = a.source_name.clone().unwrap_or_else(hostname);
+        let identity = source_identity(&a, &source_name)?;
+        let target = rt.block_on(target_client(&a, identity.as_ref(), &to))?;
+        return rt.block_on(migrate_vm(&node, &a, &workload, target));
     }
     let archives = ArchiveStore::new(a.node.state_dir.join("checkpoints"));
-    let target = AgentClient::new(&to).with_token(a.token.clone());
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
+    let identity = source_identity(&a, &source_name)?;
+    let target = rt.block_on(target_client(&a, identity.as_ref(), &to))?;
+    let channels = match &identity {
+        Some(id) => {
+            away_migrate::channel::Channels::from_identity(id).context("the TLS configuration of the node identity")?
+        }
+        None => {
+            if !a.plan {
+                eprintln!("away migrate: no node identity: the checkpoint crosses the network in PLAINTEXT");
+            }
+            away_migrate::channel::Channels::plaintext()
+        }
+    };
     if a.plan {
         let plan = rt.block_on(away_migrate::estimate::plan_container(
             &node,
@@ -339,6 +396,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     }
     let opts = ContainerMigrationOptions {
         transfer: SendOptions {
+            channels,
             compression: a.compression.unwrap_or_default(),
             chunk_size: a.chunk_size.unwrap_or(1 << 20),
             reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
@@ -385,8 +443,46 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     finish(bar, result?, a.json)
 }
 
-async fn migrate_vm(node: &LocalNode, a: &MigrateArgs, workload: &str, to: &str) -> anyhow::Result<ExitCode> {
-    let client = AgentClient::new(to).with_token(a.token.clone());
+/// The identity a move from here uses: `--identity DIR`, else this node's own
+/// (`STATE_DIR/identity`, from joining a broker) when it has one.
+fn source_identity(a: &MigrateArgs, source_name: &str) -> anyhow::Result<Option<away_identity::Identity>> {
+    if let Some(dir) = &a.identity {
+        return load_identity(dir, source_name).map(Some);
+    }
+    let own = away_agent::AgentConfig::identity_dir_in(&a.node.state_dir);
+    match away_identity::Identity::load(&own).ok().flatten() {
+        Some(id) if a.source_name.is_none() || id.name() == source_name => Ok(Some(id)),
+        _ => Ok(None),
+    }
+}
+
+/// The target agent's API client: with an identity, mutual TLS to node `--to-node` (the
+/// handshake checks its certificate names it); without one, plain HTTP with `--token`
+/// (a standalone agent's).
+async fn target_client(
+    a: &MigrateArgs,
+    identity: Option<&away_identity::Identity>,
+    to: &str,
+) -> anyhow::Result<AgentClient> {
+    match (identity, &a.to_node) {
+        (Some(id), Some(node)) => AgentClient::for_node(id, node, to)
+            .await
+            .with_context(|| format!("a mutual TLS client of node {node:?} at {to}")),
+        (Some(id), None) => anyhow::bail!(
+            "this move uses node {:?}'s identity: name the target node with --to-node NAME (its certificate is \
+             checked for that name)",
+            id.name()
+        ),
+        (None, _) => Ok(AgentClient::new(to).with_token(a.token.clone())),
+    }
+}
+
+async fn migrate_vm(
+    node: &LocalNode,
+    a: &MigrateArgs,
+    workload: &str,
+    client: AgentClient,
+) -> anyhow::Result<ExitCode> {
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
     let mut target_ports = std::collections::BTreeMap::new();
     for p in &a.target_ports {

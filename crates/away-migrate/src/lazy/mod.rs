@@ -42,6 +42,58 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the source waits for the target's lazy-pages daemon to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The other end of a page link and how the link is secured: under mutual TLS the
+/// source relay takes only the target node's connection (others are dropped, the relay
+/// keeps waiting) and the target checks the source's certificate; in plaintext the
+/// first connection wins, as with any plaintext channel (docs/security.md).
+#[derive(Debug, Clone)]
+pub struct PageLink {
+    pub channels: crate::channel::Channels,
+    /// The node at the other end.
+    pub peer_node: String,
+}
+
+impl PageLink {
+    /// A plaintext link (tests, and agents started with `--insecure-plaintext-channels`).
+    pub fn plaintext() -> PageLink {
+        PageLink { channels: crate::channel::Channels::plaintext(), peer_node: String::new() }
+    }
+
+    async fn connect(&self, upstream: SocketAddr) -> Result<crate::channel::Stream, LazyError> {
+        let what = || format!("connect to the source's page relay {upstream}");
+        let tcp = TcpStream::connect(upstream).await.map_err(LazyError::io(what()))?;
+        let _ = tcp.set_nodelay(true);
+        tokio::time::timeout(CONNECT_TIMEOUT, self.channels.connect(tcp, &self.peer_node))
+            .await
+            .map_err(|_| LazyError::NotWithin {
+                what: "no TLS handshake with the source's page relay",
+                secs: CONNECT_TIMEOUT.as_secs(),
+            })?
+            .map_err(LazyError::io(what()))
+    }
+
+    /// The first connection on `listener` from the expected peer (others are dropped).
+    async fn accept(&self, listener: &TcpListener) -> std::io::Result<crate::channel::Stream> {
+        loop {
+            let (tcp, peer) = listener.accept().await?;
+            let _ = tcp.set_nodelay(true);
+            let (stream, certs) = match self.channels.accept(tcp, Duration::from_secs(10)).await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(%peer, "lazy pages: a connection to the page relay failed its TLS handshake: {e}");
+                    continue;
+                }
+            };
+            if self.channels.is_tls() && !crate::channel::peer_is(&certs, &self.peer_node) {
+                tracing::warn!(%peer, expected = %self.peer_node, "lazy pages: a node other than the target connected to the page relay; dropped");
+                continue;
+            }
+            tracing::debug!(%peer, "lazy pages: target connected");
+            return Ok(stream);
+        }
+    }
+}
+
 /// Bytes through a relay.
 #[derive(Debug, Default)]
 pub struct RelayCounters {
@@ -107,11 +159,13 @@ impl SourceRelay {
     /// Listen on `listen` for the target; pages come from CRIU's page server, reached
     /// with `connect_criu` (once, when the target connects); `compress`: zstd frames,
     /// else stored ones with a CRC-32.
+    /// Only `link.peer_node` (the target) is taken under TLS.
     pub async fn start(
         listen: SocketAddr,
         connect_criu: impl FnOnce() -> std::io::Result<std::net::TcpStream> + Send + 'static,
         fault: Option<LazyFault>,
         compress: bool,
+        link: PageLink,
     ) -> std::io::Result<SourceRelay> {
         let listener = TcpListener::bind(listen).await?;
         let port = listener.local_addr()?.port();
@@ -121,7 +175,7 @@ impl SourceRelay {
         let broken = Arc::new(AtomicBool::new(false));
         let b = broken.clone();
         let task = tokio::spawn(async move {
-            let r = source_side(listener, connect_criu, c, abort_rx, fault, compress).await;
+            let r = source_side(listener, connect_criu, c, abort_rx, fault, compress, link).await;
             b.store(r.is_err(), Ordering::SeqCst);
             r
         });
@@ -179,9 +233,10 @@ async fn source_side(
     mut abort: oneshot::Receiver<()>,
     fault: Option<LazyFault>,
     compress: bool,
+    link: PageLink,
 ) -> Result<(), LazyError> {
     let accepted = tokio::select! {
-        a = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()) => Some(a),
+        a = tokio::time::timeout(CONNECT_TIMEOUT, link.accept(&listener)) => Some(a),
         _ = &mut abort => None,
     };
     // CRIU waits for its one connection in any case: even to be told to give up
@@ -204,10 +259,7 @@ async fn source_side(
         return Err(LazyError::AbortedBeforeConnect);
     };
     let net = match accepted {
-        Ok(Ok((s, peer))) => {
-            tracing::debug!(%peer, "lazy pages: target connected");
-            s
-        }
+        Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             poison(&mut criu_w).await;
             return Err(LazyError::io("accept the target's lazy-pages connection")(e));
@@ -220,8 +272,7 @@ async fn source_side(
             });
         }
     };
-    let _ = net.set_nodelay(true);
-    let (mut net_r, mut net_w) = net.into_split();
+    let (mut net_r, mut net_w) = tokio::io::split(net);
     let criu_closed = AtomicBool::new(false);
     // the daemon's closing request went to CRIU: it has every page, the move is done
     let final_seen = AtomicBool::new(false);
@@ -292,7 +343,11 @@ pub struct TargetRelay {
 impl TargetRelay {
     /// With `prefetch` (the checkpoint's lazy page ranges) the relay fetches every page
     /// ahead of the daemon ([`prefetch`]); without, it passes requests through.
-    pub async fn start(upstream: SocketAddr, prefetch: Option<Vec<(u64, u64)>>) -> std::io::Result<TargetRelay> {
+    pub async fn start(
+        upstream: SocketAddr,
+        prefetch: Option<Vec<(u64, u64)>>,
+        link: PageLink,
+    ) -> std::io::Result<TargetRelay> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let port = listener.local_addr()?.port();
         let counters = Arc::new(RelayCounters::default());
@@ -309,15 +364,10 @@ impl TargetRelay {
                     })?
                     .map_err(LazyError::io("accept the lazy-pages daemon's connection"))
             };
-            let net = async {
-                TcpStream::connect(upstream)
-                    .await
-                    .map_err(LazyError::io(format!("connect to the source's page relay {upstream}")))
-            };
+            let net = link.connect(upstream);
             let ((daemon, _), net) = tokio::try_join!(daemon, net)?;
-            let _ = net.set_nodelay(true);
             let (mut d_r, mut d_w) = daemon.into_split();
-            let (mut n_r, mut n_w) = net.into_split();
+            let (mut n_r, mut n_w) = tokio::io::split(net);
             let Some(ranges) = prefetch else {
                 return tokio::try_join!(
                     plain_to_framed(&mut d_r, &mut n_w, &c, None, true),
@@ -348,8 +398,8 @@ impl TargetRelay {
 /// end of an in-process pipe), frames on the network halves.
 async fn framed_link(
     plain: tokio::io::DuplexStream,
-    net_r: &mut OwnedReadHalf,
-    net_w: &mut OwnedWriteHalf,
+    net_r: &mut (impl tokio::io::AsyncRead + Unpin),
+    net_w: &mut (impl tokio::io::AsyncWrite + Unpin),
     counters: &RelayCounters,
 ) -> Result<(), LazyError> {
     let (mut r, mut w) = tokio::io::split(plain);
@@ -495,12 +545,17 @@ impl LazyPagesDaemon {
     /// `dir/`[`away_runtime::CRIU_WORK_DIR`]) fetching from the source relay `upstream`,
     /// the `hot` ranges (the workload's working set) first; returns once its socket is
     /// there for the restore to connect to.
-    pub async fn start(dir: &Path, upstream: SocketAddr, hot: &[(u64, u64)]) -> Result<LazyPagesDaemon, LazyError> {
+    pub async fn start(
+        dir: &Path,
+        upstream: SocketAddr,
+        hot: &[(u64, u64)],
+        link: PageLink,
+    ) -> Result<LazyPagesDaemon, LazyError> {
         let ranges = prefetch::lazy_ranges(dir).map(|r| prefetch::hot_first(r, hot));
         if ranges.is_none() {
             tracing::info!("lazy pages: no single pagemap image in {}, no prefetch", dir.display());
         }
-        let relay = TargetRelay::start(upstream, ranges).await.map_err(LazyError::io("start the page relay"))?;
+        let relay = TargetRelay::start(upstream, ranges, link).await.map_err(LazyError::io("start the page relay"))?;
         let work = dir.join(away_runtime::CRIU_WORK_DIR);
         away_runtime::host::beneath::Beneath::open(dir)?.create_dir_all(away_runtime::CRIU_WORK_DIR, 0o700)?;
         let log = work.join("lazy-pages.log");
@@ -745,13 +800,40 @@ mod tests {
         }
     }
 
-    async fn pair(fault: Option<LazyFault>, compress: bool) -> (u64, Vec<u8>, bool, Result<(), LazyError>, u64, u64) {
+    type PairOutcome = (u64, Vec<u8>, bool, Result<(), LazyError>, u64, u64);
+
+    async fn pair(fault: Option<LazyFault>, compress: bool) -> PairOutcome {
+        pair_over(fault, compress, PageLink::plaintext(), PageLink::plaintext(), None).await
+    }
+
+    /// The relay pair over `source_link` and `target_link`; `first`: a connection made
+    /// to the source relay before the target's.
+    async fn pair_over(
+        fault: Option<LazyFault>,
+        compress: bool,
+        source_link: PageLink,
+        target_link: PageLink,
+        first: Option<crate::channel::Channels>,
+    ) -> PairOutcome {
         let criu = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let criu_addr = criu.local_addr().unwrap();
         let server = tokio::spawn(fake_server(criu));
         let connect = move || std::net::TcpStream::connect(criu_addr);
-        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, fault, compress).await.unwrap();
-        let target = TargetRelay::start(SocketAddr::from(([127, 0, 0, 1], source.port)), None).await.unwrap();
+        let source =
+            SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, fault, compress, source_link).await.unwrap();
+        let upstream = SocketAddr::from(([127, 0, 0, 1], source.port));
+        if let Some(intruder) = first {
+            // a page request from whoever it is: the relay must not pass it to CRIU
+            let tcp = TcpStream::connect(upstream).await.unwrap();
+            if let Ok(mut s) = intruder.connect(tcp, "source").await {
+                let mut close = [0u8; PS_IOV_SIZE];
+                close[..4].copy_from_slice(&PS_IOV_CLOSE.to_le_bytes());
+                let _ = s.write_all(&close).await;
+                let _ = s.flush().await;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let target = TargetRelay::start(upstream, None, target_link).await.unwrap();
         let mut daemon = TcpStream::connect(("127.0.0.1", target.port)).await.unwrap();
         let mut page = vec![0u8; 64 * 1024];
         for _ in 0..20 {
@@ -780,6 +862,30 @@ mod tests {
         relay.expect("clean end");
         assert!(plain > 20 * 64 * 1024, "{plain}");
         assert!(wire < plain / 10, "constant pages compress: {wire} wire bytes for {plain}");
+    }
+
+    #[tokio::test]
+    async fn under_tls_the_relay_takes_only_the_target_node() {
+        let ca = crate::channel::testing::TestCa::new();
+        let link = |node: &str, peer: &str| PageLink { channels: ca.channels(node), peer_node: peer.into() };
+        // another node the CA vouches for connects first and asks CRIU to close: dropped
+        let (requests, _, clean, relay, _, _) =
+            pair_over(None, true, link("source", "target"), link("target", "source"), Some(ca.channels("intruder")))
+                .await;
+        assert_eq!(requests, 21, "only the target's 20 requests and its close reached CRIU");
+        assert!(clean);
+        relay.expect("clean end");
+        // plain TCP first: dropped as well
+        let (requests, _, clean, relay, _, _) = pair_over(
+            None,
+            true,
+            link("source", "target"),
+            link("target", "source"),
+            Some(crate::channel::Channels::plaintext()),
+        )
+        .await;
+        assert_eq!(requests, 21);
+        assert!(clean && relay.is_ok());
     }
 
     #[tokio::test]
@@ -823,7 +929,9 @@ mod tests {
     async fn relay_child() {
         let Ok(addr) = std::env::var("AWAY_TEST_RELAY_CRIU") else { return };
         let connect = move || std::net::TcpStream::connect(addr.as_str());
-        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, None, true).await.unwrap();
+        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, None, true, PageLink::plaintext())
+            .await
+            .unwrap();
         let _target = TcpStream::connect(("127.0.0.1", source.port)).await.unwrap();
         tokio::time::sleep(Duration::from_secs(60)).await;
     }

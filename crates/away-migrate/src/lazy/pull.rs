@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::net::TcpStream;
 
 use away_runtime::host::beneath::{Beneath, BeneathError};
 
@@ -81,7 +80,7 @@ struct Slot {
 
 /// Pull every lazy page of the checkpoint in `dir` from the source relay `upstream`
 /// and rewrite its images as those of a complete dump.
-pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, LazyError> {
+pub async fn pull_all(dir: &Path, upstream: SocketAddr, link: &super::PageLink) -> Result<PulledPages, LazyError> {
     // a received checkpoint: each of its files is opened beneath it, never through a link
     let root = Beneath::open(dir)?;
     let (image, pid) =
@@ -128,16 +127,13 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr) -> Result<PulledPages, L
     }
     out.set_len(new_at).map_err(LazyError::file("size", &new_pages))?;
 
-    let net = TcpStream::connect(upstream)
-        .await
-        .map_err(LazyError::io(format!("connect to the source's page relay {upstream}")))?;
-    let _ = net.set_nodelay(true);
+    let net = link.connect(upstream).await?;
     let counters = Arc::new(RelayCounters::default());
     let (link, outer) = tokio::io::duplex(4 << 20);
     let relay = {
         let c = counters.clone();
         tokio::spawn(async move {
-            let (mut n_r, mut n_w) = net.into_split();
+            let (mut n_r, mut n_w) = tokio::io::split(net);
             framed_link(outer, &mut n_r, &mut n_w, &c).await
         })
     };
@@ -287,7 +283,7 @@ impl TargetFault {
 #[cfg(test)]
 mod tests {
     use super::super::pagemap::{Entry, PE_LAZY};
-    use super::super::{SourceRelay, PS_IOV_SIZE};
+    use super::super::{PageLink, SourceRelay, PS_IOV_SIZE};
     use super::*;
     use tokio::net::TcpListener;
 
@@ -341,8 +337,11 @@ mod tests {
         let criu_addr = criu.local_addr().unwrap();
         let server = tokio::spawn(fake_criu(criu));
         let connect = move || std::net::TcpStream::connect(criu_addr);
-        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, None, true).await.unwrap();
-        let pulled = pull_all(&dir, SocketAddr::from(([127, 0, 0, 1], source.port))).await.unwrap();
+        let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, None, true, PageLink::plaintext())
+            .await
+            .unwrap();
+        let pulled =
+            pull_all(&dir, SocketAddr::from(([127, 0, 0, 1], source.port)), &PageLink::plaintext()).await.unwrap();
         assert_eq!(pulled.pages, 700);
         assert!(pulled.counters.wire() < pulled.counters.plain(), "the pages travel compressed");
         pulled.release().await.unwrap();
@@ -379,7 +378,7 @@ mod tests {
     #[tokio::test]
     async fn a_pagemap_announcing_2_pow_40_pages_is_refused() {
         let dir = checkpoint("away-pull-huge-", Entry::new(0x7f00_0000_0000, 1 << 40, PE_LAZY));
-        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap()).await {
+        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext()).await {
             Err(e) => e,
             Ok(_) => panic!("a 4 PiB pull was accepted"),
         };
@@ -396,7 +395,7 @@ mod tests {
         let victim = outside.path().join("victim");
         std::fs::write(&victim, b"keep").unwrap();
         std::os::unix::fs::symlink(&victim, dir.path().join("pages-1.img.pulling")).unwrap();
-        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap()).await {
+        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext()).await {
             Err(e) => e,
             Ok(_) => panic!("pulled through a link"),
         };

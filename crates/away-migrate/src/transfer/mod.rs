@@ -68,6 +68,8 @@ mod payload;
 mod receive;
 mod registry;
 mod send;
+#[cfg(test)]
+mod tls_tests;
 mod wire;
 
 use std::fmt;
@@ -79,7 +81,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use receive::{serve, ReceiveOptions, ReceivedPayload, Receiver, DEFAULT_MAX_PAYLOAD_BYTES};
+pub use receive::{serve, Authorize, Claim, ReceiveOptions, ReceivedPayload, Receiver, DEFAULT_MAX_PAYLOAD_BYTES};
 pub use send::{new_transfer_id, send, send_on, warm_up};
 
 /// How each chunk is compressed on the wire. Parsed from and printed as `none`, `zstd`,
@@ -135,6 +137,44 @@ impl FromStr for Compression {
             }
             _ => Err(invalid()),
         }
+    }
+}
+
+/// The one-time secret of one move: the target hands it to the source over its
+/// authenticated API when the move is announced, the source's hello carries it, and the
+/// receiver takes that transfer only with it. Never printed (`Debug` hides it).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MoveSecret(String);
+
+impl MoveSecret {
+    /// 256 random bits from the OS, hex.
+    pub fn generate() -> Result<MoveSecret, getrandom::Error> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)?;
+        Ok(MoveSecret(payload::hex(&bytes)))
+    }
+
+    /// The secret as its holder received it (from the target's API answer).
+    pub fn from_string(secret: String) -> MoveSecret {
+        MoveSecret(secret)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compared without an early exit on the first differing byte.
+    pub fn matches(&self, given: Option<&MoveSecret>) -> bool {
+        let Some(given) = given else { return false };
+        let (a, b) = (self.0.as_bytes(), given.0.as_bytes());
+        !a.is_empty() && a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for MoveSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MoveSecret(<hidden>)")
     }
 }
 
@@ -206,6 +246,12 @@ pub struct SendOptions {
     pub exclude: Vec<PathBuf>,
     pub progress: Option<ProgressFn>,
     pub faults: Faults,
+    /// How the connection is secured (mutual TLS with node identities, or plaintext).
+    pub channels: crate::channel::Channels,
+    /// The node the receiver must be (its certificate's name is checked under TLS).
+    pub peer_node: String,
+    /// The move's one-time secret, from the target's announcement.
+    pub secret: Option<MoveSecret>,
 }
 
 impl Default for SendOptions {
@@ -222,6 +268,9 @@ impl Default for SendOptions {
             exclude: Vec::new(),
             progress: None,
             faults: Faults::default(),
+            channels: crate::channel::Channels::plaintext(),
+            peer_node: String::new(),
+            secret: None,
         }
     }
 }
@@ -240,6 +289,9 @@ impl fmt::Debug for SendOptions {
             .field("exclude", &self.exclude)
             .field("progress", &self.progress.as_ref().map(|_| "<fn>"))
             .field("faults", &self.faults)
+            .field("channels", &self.channels)
+            .field("peer_node", &self.peer_node)
+            .field("secret", &self.secret)
             .finish()
     }
 }

@@ -22,7 +22,22 @@ use super::payload::{self, hex};
 use super::registry::{self, Limits, Registry};
 use super::send::valid_transfer_id;
 use super::wire::{self, ChunkFrame, ErrorFrame, Frame, Hello, Resume, MAX_CHUNK_SIZE, PROTOCOL_VERSION};
-use super::{TransferError, Verdict};
+use super::{MoveSecret, TransferError, Verdict};
+use crate::channel::{Channels, Stream};
+
+/// What a sender claims at its hello, for the receiver's [`Authorize`] check.
+pub struct Claim<'a> {
+    pub transfer_id: &'a str,
+    pub secret: Option<&'a MoveSecret>,
+    /// The sender's certificate chain, verified against the CA by the TLS handshake
+    /// (empty on a plaintext channel).
+    pub peer_certs: &'a [rustls::pki_types::CertificateDer<'static>],
+    pub peer: SocketAddr,
+}
+
+/// Decides whether a hello may start (or resume) its transfer; an `Err` is the message
+/// sent back, and nothing of that transfer is spooled.
+pub type Authorize = Arc<dyn Fn(&Claim<'_>) -> Result<(), String> + Send + Sync>;
 
 /// Rejected chunks per connection before the receiver gives up on the sender.
 const MAX_REJECTIONS: u32 = 16;
@@ -104,6 +119,8 @@ pub struct Receiver {
     listener: TcpListener,
     spool: PathBuf,
     options: ReceiveOptions,
+    channels: watch::Receiver<Channels>,
+    authorize: Option<Authorize>,
 }
 
 impl Receiver {
@@ -114,7 +131,34 @@ impl Receiver {
     }
 
     pub fn from_listener(listener: TcpListener, spool_dir: impl Into<PathBuf>) -> Self {
-        Receiver { listener, spool: spool_dir.into(), options: ReceiveOptions::default() }
+        Receiver {
+            listener,
+            spool: spool_dir.into(),
+            options: ReceiveOptions::default(),
+            channels: watch::channel(Channels::plaintext()).1,
+            authorize: None,
+        }
+    }
+
+    /// Secure every connection as `channels` says (mutual TLS: the handshake runs within
+    /// [`ReceiveOptions::handshake_timeout`], before any frame is read).
+    pub fn with_channels(mut self, channels: Channels) -> Self {
+        self.channels = watch::channel(channels).1;
+        self
+    }
+
+    /// [`Receiver::with_channels`] as `channels` holds them when a connection is accepted
+    /// (a node that gets its identity while it runs secures the next connections with it).
+    pub fn with_channels_from(mut self, channels: watch::Receiver<Channels>) -> Self {
+        self.channels = channels;
+        self
+    }
+
+    /// Take a transfer only when `authorize` agrees to its hello (without one: every
+    /// well-formed hello, for tests and benchmarks).
+    pub fn with_authorizer(mut self, authorize: Authorize) -> Self {
+        self.authorize = Some(authorize);
+        self
     }
 
     pub fn with_options(mut self, options: ReceiveOptions) -> Self {
@@ -172,6 +216,8 @@ impl Receiver {
             spool: self.spool,
             connections: Arc::new(Semaphore::new(self.options.max_connections.max(1))),
             options: self.options,
+            channels: self.channels,
+            authorize: self.authorize,
             registry,
             dropped: AtomicU64::new(0),
             stopping: watch::channel(false).0,
@@ -260,6 +306,8 @@ where
 struct Ctx<H> {
     spool: PathBuf,
     options: ReceiveOptions,
+    channels: watch::Receiver<Channels>,
+    authorize: Option<Authorize>,
     registry: Arc<Registry>,
     /// One permit per open connection.
     connections: Arc<Semaphore>,
@@ -288,6 +336,10 @@ fn refuse_busy<H>(stream: TcpStream, peer: SocketAddr, ctx: &Ctx<H>) {
         ctx.options.max_connections
     );
     debug!(%peer, %message, "refusing a transfer connection");
+    if ctx.channels.borrow().is_tls() {
+        // nothing is said outside TLS: the connection just closes
+        return;
+    }
     let _ = stream.try_write(&Frame::Error(ErrorFrame { message, resume_from: None }).encode());
 }
 
@@ -514,18 +566,18 @@ fn validate_hello(hello: &Hello, max_payload_bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
-async fn send_frame(stream: &mut TcpStream, frame: &Frame) -> io::Result<()> {
+async fn send_frame(stream: &mut Stream, frame: &Frame) -> io::Result<()> {
     wire::write_frame(stream, frame).await.map(|_| ())
 }
 
 /// Sends a fatal error, then drains until the sender hangs up: closing with unread data would
 /// reset the connection and could destroy the error frame before the sender reads it.
-async fn fail(stream: &mut TcpStream, message: String) -> io::Result<()> {
+async fn fail(stream: &mut Stream, message: String) -> io::Result<()> {
     fail_within(stream, message, Duration::from_secs(5)).await
 }
 
 /// [`fail`], draining for at most `drain`.
-async fn fail_within(stream: &mut TcpStream, message: String, drain: Duration) -> io::Result<()> {
+async fn fail_within(stream: &mut Stream, message: String, drain: Duration) -> io::Result<()> {
     tokio::time::timeout(drain, send_frame(stream, &Frame::Error(ErrorFrame { message, resume_from: None })))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the sender does not read"))??;
@@ -549,18 +601,24 @@ enum Stored {
     WriteFailed(String),
 }
 
-async fn handle_connection<H, F>(mut stream: TcpStream, peer: SocketAddr, ctx: &Arc<Ctx<H>>) -> io::Result<()>
+async fn handle_connection<H, F>(tcp: TcpStream, peer: SocketAddr, ctx: &Arc<Ctx<H>>) -> io::Result<()>
 where
     H: Fn(ReceivedPayload) -> F + Send + Sync + 'static,
     F: Future<Output = Verdict> + Send + 'static,
 {
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
     let (idle, handshake) = (ctx.options.idle_timeout, ctx.options.handshake_timeout);
     let silent = |t: Duration| io::Error::new(io::ErrorKind::TimedOut, format!("sender silent for {t:?}"));
-    // the handshake's first frame comes at once, or the connection goes: idle and garbage
-    // connections must not hold on to the receiver's connection slots
+    // the TLS handshake and the first frame come at once, or the connection goes: idle
+    // and garbage connections must not hold on to the receiver's connection slots
     let mut stopping = ctx.stopping.subscribe();
-    let first = tokio::time::timeout(handshake, wire::read_frame(&mut stream, 0));
+    let opened = Instant::now();
+    let channels = ctx.channels.borrow().clone();
+    let Some(accepted) = unless_stopping(&mut stopping, channels.accept(tcp, handshake)).await else {
+        return Ok(());
+    };
+    let (mut stream, peer_certs) = accepted?;
+    let first = tokio::time::timeout(handshake.saturating_sub(opened.elapsed()), wire::read_frame(&mut stream, 0));
     let Some(first) = unless_stopping(&mut stopping, first).await else { return Ok(()) };
     let (mut frame, mut hello_wire) = first.map_err(|_| silent(handshake))??;
     let mut warm_ups = 0;
@@ -576,7 +634,7 @@ where
         let Some(next) = unless_stopping(&mut stopping, next).await else { return Ok(()) };
         (frame, hello_wire) = next.map_err(|_| silent(idle))??;
     }
-    let hello = match frame {
+    let mut hello = match frame {
         Frame::Hello(h) => h,
         other => return fail_within(&mut stream, format!("expected hello, got {}", other.name()), EARLY_DRAIN).await,
     };
@@ -584,6 +642,15 @@ where
         return fail_within(&mut stream, message, EARLY_DRAIN).await;
     }
     let id = hello.transfer_id.clone();
+    if let Some(authorize) = &ctx.authorize {
+        let claim = Claim { transfer_id: &id, secret: hello.secret.as_ref(), peer_certs: &peer_certs, peer };
+        if let Err(message) = authorize(&claim) {
+            warn!(%peer, transfer_id = %id, %message, "transfer refused: not authorized");
+            return fail_within(&mut stream, message, EARLY_DRAIN).await;
+        }
+    }
+    // checked: the secret goes no further (not into the spool's state)
+    hello.secret = None;
     let admission = match ctx.registry.admit(&hello) {
         Ok(admission) => admission,
         Err(message) => {
@@ -739,7 +806,7 @@ enum Finish {
 }
 
 async fn finish<H, F>(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     peer: SocketAddr,
     ctx: &Arc<Ctx<H>>,
     slot: &Arc<Mutex<Slot>>,

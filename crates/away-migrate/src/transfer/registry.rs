@@ -346,6 +346,7 @@ mod tests {
             compression: "none".into(),
             sha256: "0".repeat(64),
             meta: serde_json::Value::Null,
+            secret: None,
         }
     }
 

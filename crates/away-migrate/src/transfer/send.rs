@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -18,6 +17,10 @@ use tracing::{debug, info, warn};
 use super::payload::{self, hex};
 use super::wire::{self, ErrorFrame, Frame, Hello, CHUNK_DATA_OFFSET, MAX_CHUNK_SIZE, PROTOCOL_VERSION};
 use super::{Progress, SendOptions, SendOutcome, TransferError, Verdict};
+use crate::channel::Stream;
+
+type OwnedReadHalf = ReadHalf<Stream>;
+type OwnedWriteHalf = WriteHalf<Stream>;
 
 /// Why one connection ended without a verdict.
 enum ConnError {
@@ -73,7 +76,7 @@ pub async fn send(
 /// payload crosses a long path in one round trip instead of two. The receiver answers
 /// each filler frame; the sender's reader skips the answers. Returns once the filler is
 /// in the socket's buffer.
-pub async fn warm_up(stream: &mut TcpStream, bytes: u32) -> io::Result<()> {
+pub async fn warm_up(stream: &mut Stream, bytes: u32) -> io::Result<()> {
     wire::write_frame(stream, &Frame::WarmUp(bytes)).await.map(|_| ())
 }
 
@@ -81,7 +84,7 @@ pub async fn warm_up(stream: &mut TcpStream, bytes: u32) -> io::Result<()> {
 /// beforehand (a round trip less where every one counts, as in a lazy move's pause).
 pub async fn send_on(
     addr: &str,
-    connected: Option<TcpStream>,
+    connected: Option<Stream>,
     dir: &Path,
     meta: serde_json::Value,
     opts: &SendOptions,
@@ -135,6 +138,7 @@ pub async fn send_on(
         compression: opts.compression.to_string(),
         sha256: sha_hex,
         meta,
+        secret: opts.secret.clone(),
     };
     let plan = Plan {
         peer: addr.to_string(),
@@ -155,7 +159,7 @@ pub async fn send_on(
     let mut c = Counters::default();
     let mut stream = match connected {
         Some(s) => s,
-        None => connect(&plan.peer, opts.connect_timeout)
+        None => connect(&plan.peer, opts)
             .await
             .map_err(|source| TransferError::Connect { peer: plan.peer.clone(), source })?,
     };
@@ -211,16 +215,25 @@ pub fn new_transfer_id() -> String {
     hex(&bytes)
 }
 
-async fn connect(peer: &str, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(peer))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {timeout:?}")))??;
-    // Small control frames must not wait for Nagle.
-    stream.set_nodelay(true)?;
-    Ok(stream)
+/// A connection to the receiver at `peer`, secured as `opts.channels` says (under TLS
+/// the receiver must be node `opts.peer_node`), within `opts.connect_timeout`.
+pub(crate) async fn connect(peer: &str, opts: &SendOptions) -> io::Result<Stream> {
+    connect_within(peer, opts, opts.connect_timeout).await
 }
 
-async fn reconnect(plan: &Plan, mut last_error: String) -> Result<TcpStream, TransferError> {
+async fn connect_within(peer: &str, opts: &SendOptions, timeout: Duration) -> io::Result<Stream> {
+    let open = async {
+        let stream = TcpStream::connect(peer).await?;
+        // Small control frames must not wait for Nagle.
+        stream.set_nodelay(true)?;
+        opts.channels.connect(stream, &opts.peer_node).await
+    };
+    tokio::time::timeout(timeout, open)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {timeout:?}")))?
+}
+
+async fn reconnect(plan: &Plan, mut last_error: String) -> Result<Stream, TransferError> {
     let started = Instant::now();
     let deadline = started + plan.opts.reconnect_timeout;
     let mut backoff = Duration::from_millis(100);
@@ -234,7 +247,7 @@ async fn reconnect(plan: &Plan, mut last_error: String) -> Result<TcpStream, Tra
                 last_error,
             });
         }
-        match connect(&plan.peer, plan.opts.connect_timeout.min(deadline - now)).await {
+        match connect_within(&plan.peer, &plan.opts, plan.opts.connect_timeout.min(deadline - now)).await {
             Ok(stream) => return Ok(stream),
             Err(e) => {
                 debug!(peer = %plan.peer, error = %e, "reconnect attempt failed");
@@ -247,15 +260,20 @@ async fn reconnect(plan: &Plan, mut last_error: String) -> Result<TcpStream, Tra
 }
 
 async fn write_timed(wr: &mut OwnedWriteHalf, bytes: &[u8], stall: Duration) -> Result<u64, ConnError> {
-    match tokio::time::timeout(stall, wr.write_all(bytes)).await {
+    // flushed: TLS holds written records until asked (plain TCP has nothing to flush)
+    let write = async {
+        wr.write_all(bytes).await?;
+        wr.flush().await
+    };
+    match tokio::time::timeout(stall, write).await {
         Ok(Ok(())) => Ok(bytes.len() as u64),
         Ok(Err(e)) => Err(ConnError::Link(format!("write failed: {e}"))),
         Err(_) => Err(ConnError::Link(format!("no write progress for {stall:?}"))),
     }
 }
 
-async fn run_connection(stream: TcpStream, plan: &Plan, c: &mut Counters) -> Result<Verdict, ConnError> {
-    let (mut rd, mut wr) = stream.into_split();
+async fn run_connection(stream: Stream, plan: &Plan, c: &mut Counters) -> Result<Verdict, ConnError> {
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let stall = plan.opts.stall_timeout;
     c.bytes_wire += write_timed(&mut wr, &Frame::Hello(plan.hello.clone()).encode(), stall).await?;
     if c.reconnects == 0 {

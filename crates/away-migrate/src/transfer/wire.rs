@@ -43,6 +43,9 @@ pub(crate) struct Hello {
     /// Hex SHA-256 of the whole payload stream.
     pub sha256: String,
     pub meta: serde_json::Value,
+    /// The move's one-time secret (absent from a spool's stored hello).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<super::MoveSecret>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
