@@ -187,7 +187,8 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     http_get_at(std::net::Ipv4Addr::LOCALHOST.into(), port, path)
 }
 
-/// POST `body` (JSON) to `path` at `addr` (`host:port`): the status and the body.
+/// POST `body` (JSON) to `path` at `addr` (`host:port`) with the standalone agents' token
+/// ([`agent_token`]): the status and the body.
 pub fn http_post_json(addr: &str, path: &str, body: &serde_json::Value) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
@@ -195,7 +196,8 @@ pub fn http_post_json(addr: &str, path: &str, body: &serde_json::Value) -> Optio
     let body = body.to_string();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        agent_token(),
         body.len()
     )
     .ok()?;

@@ -111,7 +111,12 @@ pub struct AgentArgs {
     /// removed (spools an earlier run left too)
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     transfer_expiry: u64,
-    #[arg(long, conflicts_with = "identity")]
+    /// Without a node identity (STATE_DIR/identity, from joining a broker), take and
+    /// make migrations in PLAINTEXT: anyone on the path reads the workload's memory and
+    /// can change it. Each move still needs its announcement and one-time secret.
+    /// Without an identity and without this flag the agent takes part in no migration
+    /// (docs/security.md, "Migration channels"); with an identity they are mutual TLS
+    #[arg(long)]
     insecure_plaintext_channels: bool,
     #[command(flatten)]
     node: NodeArgs,
