@@ -100,36 +100,8 @@ pub struct MemorySample {
 /// Count the resident pages of `pid`'s private writable mappings and compress an even
 /// sample of them.
 pub fn sample_memory(pid: u32) -> std::io::Result<MemorySample> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let present = crate::mode::resident_pages(pid)?;
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
-    let mut present: Vec<u64> = Vec::new();
-    let mut entries = vec![0u8; 8 * 4096];
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
-        if !perms.starts_with("rw") || !perms.ends_with('p') {
-            continue;
-        }
-        let Some((start, end)) = range.split_once('-') else { continue };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else { continue };
-        let mut addr = start;
-        while addr < end {
-            let n = ((end - addr) / PAGE).min(4096);
-            let buf = &mut entries[..(n * 8) as usize];
-            if pagemap.read_exact_at(buf, addr / PAGE * 8).is_err() {
-                break;
-            }
-            for (k, e) in buf.chunks_exact(8).enumerate() {
-                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
-                // bit 63: present in RAM; bit 62: swapped
-                if e & (3 << 62) != 0 {
-                    present.push(addr + k as u64 * PAGE);
-                }
-            }
-            addr += n * PAGE;
-        }
-    }
     let step = present.len().div_ceil(SAMPLE_PAGES).max(1);
     let mut raw = Vec::with_capacity(SAMPLE_PAGES * PAGE as usize);
     let mut page = vec![0u8; PAGE as usize];

@@ -324,12 +324,20 @@ fn bound_ranges(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 
 /// (address, hash) of every resident page of the private writable mappings.
 fn page_hashes(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    read_resident(pid, |addr, pages| {
+        out.extend(pages.chunks_exact(PAGE as usize).enumerate().map(|(k, p)| (addr + k as u64 * PAGE, hash_page(p))))
+    })?;
+    Ok(out)
+}
+
+/// Addresses of the resident (or swapped) pages of `pid`'s private writable mappings,
+/// from /proc/PID/maps and /proc/PID/pagemap: what a checkpoint of it would hold.
+pub(crate) fn resident_pages(pid: u32) -> std::io::Result<Vec<u64>> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
-    let mut out = Vec::new();
+    let mut present = Vec::new();
     let mut entries = vec![0u8; 8 * 4096];
-    let mut page = vec![0u8; PAGE as usize];
     for line in maps.lines() {
         let mut fields = line.split_whitespace();
         let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
@@ -348,18 +356,39 @@ fn page_hashes(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
             for (k, e) in buf.chunks_exact(8).enumerate() {
                 let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
                 // bit 63: present in RAM; bit 62: swapped
-                if e & (3 << 62) == 0 {
-                    continue;
-                }
-                let a = addr + k as u64 * PAGE;
-                if mem.read_exact_at(&mut page, a).is_ok() {
-                    out.push((a, hash_page(&page)));
+                if e & (3 << 62) != 0 {
+                    present.push(addr + k as u64 * PAGE);
                 }
             }
             addr += n * PAGE;
         }
     }
-    Ok(out)
+    Ok(present)
+}
+
+/// Reads the resident pages of [`resident_pages`] from /proc/PID/mem, each run of
+/// neighbouring pages in reads of up to 1 MiB (one syscall per page made the check of
+/// a real server take seconds), and hands `each(first address, its pages)`. A run that
+/// cannot be read (unmapped since) is skipped.
+pub(crate) fn read_resident(pid: u32, mut each: impl FnMut(u64, &[u8])) -> std::io::Result<()> {
+    const RUN: usize = 256;
+    let present = resident_pages(pid)?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let mut buf = vec![0u8; RUN * PAGE as usize];
+    let mut i = 0;
+    while i < present.len() {
+        let first = present[i];
+        let mut n = 1;
+        while n < RUN && i + n < present.len() && present[i + n] == first + n as u64 * PAGE {
+            n += 1;
+        }
+        let run = &mut buf[..n * PAGE as usize];
+        if mem.read_exact_at(run, first).is_ok() {
+            each(first, run);
+        }
+        i += n;
+    }
+    Ok(())
 }
 
 /// FNV-1a over 64-bit words: enough to tell a changed page, cheap enough to run on
