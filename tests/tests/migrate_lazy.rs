@@ -105,7 +105,7 @@ impl Agent {
         .expect("start the target agent");
         let ip = node.ip.to_string();
         let up = wait_for(30, || {
-            reqwest::blocking::get(format!("http://{ip}:{AGENT_API}/v1/node")).ok().filter(|r| r.status().is_success())
+            away_e2e::agent_get(&format!("http://{ip}:{AGENT_API}/v1/node")).filter(|r| r.status().is_success())
         });
         assert!(up.is_some(), "the target agent did not answer on {api}");
         Agent(child)
