@@ -491,6 +491,16 @@ impl Identity {
         parse_cert(&self.chain[0]).map(|c| c.subject().to_string()).unwrap_or_default()
     }
 
+    /// Whether QEMU's TLS (GnuTLS) takes the node certificate: a critical key usage must
+    /// allow key encipherment (certificates issued before VM moves went over TLS lack it).
+    pub fn suits_qemu(&self) -> bool {
+        parse_cert(&self.chain[0]).is_ok_and(|c| match c.key_usage() {
+            Ok(Some(ku)) => !ku.critical || ku.value.key_encipherment(),
+            Ok(None) => true,
+            Err(_) => false,
+        })
+    }
+
     /// SHA-256 of the node certificate.
     pub fn fingerprint(&self) -> String {
         fingerprint_der(&self.chain[0])
