@@ -52,7 +52,9 @@ APT_PKGS=(runc containerd docker.io tini iptables busybox-static cpio
           # a real server that drops privileges, packed into an image by tests/tests/nginx.rs
           nginx-light
           # the web dashboard's e2e test (tests/tests/dashboard.rs): headless Chromium over WebDriver
-          chromium chromium-driver)
+          chromium chromium-driver
+          # the capture test of issue 17 (tests/tests/capture.rs): no plaintext on the link
+          tcpdump)
 QEMU_PKGS=(qemu-system-x86 qemu-utils)
 
 pkg_installed() { [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" = "ii " ]; }

@@ -335,6 +335,17 @@ impl Node {
     /// The counter named `name` on this node's `runtime` (`qemu`: a VM of 128 MiB), on a
     /// free port, removed here and on `target` when dropped.
     pub fn start_counter<'a>(&'a self, target: &'a Node, name: String, runtime: &str) -> Counter<'a> {
+        self.start_counter_with(target, name, runtime, &[])
+    }
+
+    /// [`Node::start_counter`] with `extra` arguments of `away run` (e.g. `-e K=V`).
+    pub fn start_counter_with<'a>(
+        &'a self,
+        target: &'a Node,
+        name: String,
+        runtime: &str,
+        extra: &[&str],
+    ) -> Counter<'a> {
         std::fs::create_dir_all(&self.state).unwrap();
         let tar = lab_image("counter");
         let port = free_port();
@@ -357,6 +368,7 @@ impl Node {
             ]
             .into_iter()
             .chain(memory.iter().copied())
+            .chain(extra.iter().copied())
             .collect::<Vec<_>>(),
         );
         assert!(ok, "run counter on {runtime}: {err}");

@@ -2,7 +2,9 @@
 //! standing in for two nodes), over TCP on 127.0.0.1: the counter VM keeps its count
 //! and its start time, the source QEMU goes, a migration that cannot finish in time is
 //! cancelled with the VM still counting on the source, and the capabilities
-//! (auto-converge + xbzrle, post-copy, multifd) each carry a VM across.
+//! (auto-converge + xbzrle, post-copy, multifd) each carry a VM across over QEMU's TLS
+//! with node certificates; a destination's port refuses a source with another node's
+//! certificate or none, and a source refuses a destination that is not its node.
 //!
 //! Both QEMUs run on one host, so the destination forwards the guest's port from a
 //! different host port (hostfwd is netdev configuration, not migrated state).
@@ -14,7 +16,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use away_e2e::{free_port, http_get, require_vm_host, wait_for, workspace_root};
-use away_migrate::vm::{migrate_vm, migrate_vm_detailed, VmMigrateError, VmMigrationOptions, VmProgress};
+use away_migrate::vm::{
+    live_migrate, migrate_vm, migrate_vm_detailed, prepare_destination, LocalTls, VmMigrateError, VmMigrationOptions,
+    VmProgress, VmTls,
+};
 use away_model::{ByteSize, MigrationMode, PortMapping, Resources, WorkloadSpec, WorkloadState};
 use away_runtime::host::HostPaths;
 use away_runtime::qemu::QemuRuntime;
@@ -56,6 +61,8 @@ struct Harness {
     a: QemuRuntime,
     b: QemuRuntime,
     dir: tempfile::TempDir,
+    /// The nodes' CA (in `dir`): identities of node-a, node-b and others.
+    ca: away_identity::Ca,
 }
 
 impl Harness {
@@ -65,7 +72,21 @@ impl Harness {
         let a = tokio.block_on(QemuRuntime::detect(dir.path().join("a"), HostPaths::default()));
         let b = tokio.block_on(QemuRuntime::detect(dir.path().join("b"), HostPaths::default()));
         eprintln!("qemu runtimes: accel {} / {}", a.accel(), b.accel());
-        Harness { tokio, a, b, dir }
+        let ca = away_identity::Ca::load_or_create(&dir.path().join("ca")).unwrap();
+        Harness { tokio, a, b, dir, ca }
+    }
+
+    /// An identity of node `node` from the harness's CA.
+    fn identity(&self, node: &str) -> std::sync::Arc<away_identity::Identity> {
+        std::sync::Arc::new(self.ca.issue_self(node, &[]).unwrap())
+    }
+
+    /// Both ends' TLS of a move from node `from` to node `to`.
+    fn tls(&self, from: &str, to: &str) -> LocalTls {
+        LocalTls {
+            source: VmTls::new(self.identity(from), to).unwrap(),
+            destination: VmTls::new(self.identity(to), from).unwrap(),
+        }
     }
 
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -183,6 +204,7 @@ fn migrate_and_check(
     from_port: u16,
     image: &ResolvedImage,
     mut opts: VmMigrationOptions,
+    tls: Option<&LocalTls>,
     label: &str,
 ) -> (u16, away_migrate::vm::VmMigrationOutcome) {
     let to_port = free_port();
@@ -194,7 +216,7 @@ fn migrate_and_check(
     let t0 = Instant::now();
     eprintln!("{label}: migrating {name} (count {last_source}) to port {listen}");
     let (report, outcome) = h
-        .block(migrate_vm_detailed(from, to, name, image, listen, &opts, print_progress))
+        .block(migrate_vm_detailed(from, to, name, image, listen, &opts, tls, print_progress))
         .unwrap_or_else(|e| panic!("{label}: migrate {name}: {e}"));
     let wall = t0.elapsed();
     eprintln!("{label}: report {}", serde_json::to_string_pretty(&report).unwrap());
@@ -222,6 +244,8 @@ fn migrate_and_check(
     assert!(report.bytes_wire > 0 && report.bytes_raw >= 64 << 20, "bytes {report:?}");
     assert!(outcome.source_stopped_at.is_some(), "no STOP event seen on the source");
     assert!(report.reason.contains("qemu's own downtime"), "{}", report.reason);
+    let over = if tls.is_some() { "over tls (mutual" } else { "over plain tcp" };
+    assert!(report.reason.contains(over), "{}", report.reason);
 
     // exactly one instance: the source QEMU and its state are gone, the destination runs
     assert!(
@@ -258,7 +282,7 @@ fn counter_vm_migrates_and_keeps_counting() {
     let name = unique("mig");
     let port = free_port();
     h.boot_counter(&h.a, &name, port, 128, &image);
-    let (to_port, _) = migrate_and_check(&h, &h.a, &h.b, &name, port, &image, opts_to(0), "pre-copy a->b");
+    let (to_port, _) = migrate_and_check(&h, &h.a, &h.b, &name, port, &image, opts_to(0), None, "pre-copy a->b");
     h.block(h.b.remove(&name)).unwrap();
     assert!(http_get(to_port, "/count").is_none());
     assert!(Harness::qemu_pids_in(h.dir.path()).is_empty(), "qemu left: {:?}", Harness::qemu_pids_in(h.dir.path()));
@@ -321,7 +345,8 @@ fn too_slow_migration_is_cancelled_and_the_source_keeps_running() {
     assert!(Harness::qemu_pids_in(h.dir.path()).is_empty());
 }
 
-/// One VM hops a -> b (auto-converge + xbzrle), b -> a (post-copy), a -> b (multifd).
+/// One VM hops a -> b (auto-converge + xbzrle), b -> a (post-copy), a -> b (multifd),
+/// each over QEMU's TLS with the nodes' certificates.
 #[test]
 fn capabilities_each_carry_the_vm() {
     if !ready() {
@@ -334,19 +359,93 @@ fn capabilities_each_carry_the_vm() {
     let port = free_port();
     h.boot_counter(&h.a, &name, port, 128, &image);
 
+    // every hop over QEMU's TLS with the nodes' certificates
+    let (ab, ba) = (h.tls("node-a", "node-b"), h.tls("node-b", "node-a"));
     let o = VmMigrationOptions { auto_converge: true, xbzrle: true, ..opts_to(0) };
-    let (port, _) = migrate_and_check(&h, &h.a, &h.b, &name, port, &image, o, "auto-converge+xbzrle a->b");
+    let (port, _) =
+        migrate_and_check(&h, &h.a, &h.b, &name, port, &image, o, Some(&ab), "tls auto-converge+xbzrle a->b");
 
     // An idle guest converges within a poll after its first pass, so switch at once
     // (pure post-copy): every page moves after the switch, pushed or on demand.
     let o = VmMigrationOptions { postcopy: true, postcopy_after_passes: 0, ..opts_to(0) };
-    let (port, out) = migrate_and_check(&h, &h.b, &h.a, &name, port, &image, o, "postcopy b->a");
+    let (port, out) = migrate_and_check(&h, &h.b, &h.a, &name, port, &image, o, Some(&ba), "tls postcopy b->a");
     assert!(out.postcopy, "post-copy was not started: {out:?}");
 
     let o = VmMigrationOptions { multifd: Some(2), ..opts_to(0) };
-    let (port, _) = migrate_and_check(&h, &h.a, &h.b, &name, port, &image, o, "multifd a->b");
+    let (port, _) = migrate_and_check(&h, &h.a, &h.b, &name, port, &image, o, Some(&ab), "tls multifd a->b");
 
     h.block(h.b.remove(&name)).unwrap();
     assert!(http_get(port, "/count").is_none());
     assert!(Harness::qemu_pids_in(h.dir.path()).is_empty());
+}
+
+/// Issue 17, attacker case 5 for QEMU's port: a destination prepared for a move from
+/// node-a takes no stream from node "intruder" (a valid certificate of the same CA) nor
+/// from a plain TCP source, and a source refuses a destination that is not the node it
+/// moves to; each time the VM counts on at the source and the destination never ran it.
+/// The control (node-a itself) moves it.
+#[test]
+fn a_destination_takes_the_stream_only_from_its_source_node() {
+    if !ready() {
+        return;
+    }
+    let image = counter_image();
+    let h = Harness::new();
+    let _vm = vm_lock();
+    let name = unique("mig-tls");
+    let port = free_port();
+    h.boot_counter(&h.a, &name, port, 128, &image);
+    let (_, pid_before, started_before) = identity(port).unwrap();
+    let opts = VmMigrationOptions { timeout: Duration::from_secs(60), ..opts_to(free_port()) };
+
+    // (source's tls, destination's tls, what the failure must say: from the destination's
+    // qemu log, or from the source)
+    let from_b = VmTls::new(h.identity("node-b"), "node-a").unwrap();
+    let cases: [(&str, Option<VmTls>, VmTls, &str); 3] = [
+        (
+            "another node's certificate",
+            Some(VmTls::new(h.identity("intruder"), "node-b").unwrap()),
+            from_b.clone(),
+            "authz check for CN=intruder is denied",
+        ),
+        ("no certificate (plain tcp)", None, from_b, "TLS handshake failed"),
+        (
+            "a destination that is not node-b",
+            Some(VmTls::new(h.identity("node-a"), "node-b").unwrap()),
+            VmTls::new(h.identity("intruder"), "node-a").unwrap(),
+            "does not match the hostname node-b.node.away",
+        ),
+    ];
+    for (label, source_tls, dest_tls, says) in cases {
+        let listen = free_port();
+        let dest_spec = spec(&name, free_port(), 128);
+        let mut dest = h
+            .block(prepare_destination(&h.b, &dest_spec, &image, listen, &opts, Some(&dest_tls)))
+            .unwrap_or_else(|e| panic!("{label}: prepare the destination: {e}"));
+        let uri = format!("tcp:127.0.0.1:{listen}");
+        let err = h
+            .block(live_migrate(&h.a, &name, &uri, &opts, source_tls.as_ref(), print_progress))
+            .expect_err(&format!("{label}: the stream was taken"));
+        let err = away_model::error_chain(&err);
+        eprintln!("{label}: the source says: {err}");
+        // the destination never got the guest
+        let arrived = h.block(dest.wait_resumed(Duration::from_secs(2)));
+        assert!(arrived.is_err(), "{label}: the destination has the vm: {arrived:?}");
+        let log = std::fs::read_to_string(dest.files().qemu_log()).unwrap_or_default();
+        eprintln!("{label}: destination qemu log: {log}");
+        assert!(log.contains(says) || err.contains(says), "{label}: {says:?} in neither {err:?} nor the log");
+        h.block(dest.abort()).unwrap();
+        // the source runs the same counter and counts on
+        let st = h.block(h.a.status(&name)).unwrap();
+        assert_eq!(st.state, WorkloadState::Running, "{label}: {st:?}");
+        let (c1, pid, started) = identity(port).expect("the source answers");
+        assert_eq!((pid, started), (pid_before, started_before), "{label}: the source counter restarted");
+        assert!(wait_for(10, || count(port).filter(|c| *c > c1)).is_some(), "{label}: the source stopped counting");
+    }
+
+    // control: node-a itself moves it
+    let ab = h.tls("node-a", "node-b");
+    let (to_port, _) = migrate_and_check(&h, &h.a, &h.b, &name, port, &image, opts_to(0), Some(&ab), "tls control");
+    h.block(h.b.remove(&name)).unwrap();
+    assert!(http_get(to_port, "/count").is_none());
 }

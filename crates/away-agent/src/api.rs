@@ -13,7 +13,7 @@
 //! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
 //! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
 //! | POST | /v1/images | body: an image tar; `{references}` |
-//! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri}`; 409 when this agent takes no migrations |
+//! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri, tls}` (`tls`: QEMU's port takes only the caller's node certificate, under mutual TLS); 409 when this agent takes no migrations |
 //! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait until the VM is here (held paused for the commit, or running after post-copy); `{resumed_at_ms, held, lease_ms}` |
 //! | POST | /v1/vm-migrations/{name}/confirm | commit: the held VM starts and stays; `MoveRecord` + `{node, dir, resumed_at_ms}`; idempotent; 409 when aborted (lease ran out) or not complete yet; 404 when unknown |
 //! | DELETE | /v1/vm-migrations/{name} | 204: the destination is removed; 409 when its move is committed |
@@ -514,11 +514,29 @@ fn vm_problem(e: away_migrate::vm::VmMigrateError) -> Problem {
 
 async fn vm_prepare(
     State(agent): State<Arc<Agent>>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<away_identity::serve::TlsPeer>>>,
     Json(req): Json<VmPrepare>,
 ) -> Result<Json<serde_json::Value>, Problem> {
-    // an agent without channels takes part in no migration (QEMU's own stream is not
-    // on away's channels yet: docs/security.md)
-    agent.channels().map_err(|why| Problem(ApiError::new(ErrorCode::Conflict, why)))?;
+    // an agent without channels takes part in no migration; with mutual TLS channels
+    // QEMU's stream is TLS too, and the destination takes it only from the caller (the
+    // node its certificate names: the source)
+    let channels = agent.channels().map_err(|why| Problem(ApiError::new(ErrorCode::Conflict, why)))?;
+    let tls = if channels.is_tls() {
+        {
+            let caller = peer.as_ref().map(|p| &p.0 .0).filter(|p| p.tls).and_then(|p| p.node.clone());
+            let Some(caller) = caller else {
+                return Err(Problem(ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "a vm move to this node comes from a node: call with its certificate (mutual TLS)",
+                )));
+            };
+            Some(away_migrate::vm::VmTls::from_channels(&channels, &caller).map_err(vm_problem)?.ok_or_else(|| {
+                Problem(ApiError::new(ErrorCode::Internal, "mutual TLS channels without an identity"))
+            })?)
+        }
+    } else {
+        None
+    };
     let image = agent.node.store.resolve(&req.image)?;
     let port = std::net::TcpListener::bind((agent.config.listen.ip(), 0))
         .and_then(|l| l.local_addr())
@@ -532,7 +550,7 @@ async fn vm_prepare(
         listen_host: host.clone(),
         ..Default::default()
     };
-    let dest = away_migrate::vm::prepare_destination(agent.node.qemu(), &req.spec, &image, port, &opts)
+    let dest = away_migrate::vm::prepare_destination(agent.node.qemu(), &req.spec, &image, port, &opts, tls.as_ref())
         .await
         .map_err(vm_problem)?;
     // a prepared move: a confirm makes it committed, and a confirm asked again gets the
@@ -542,7 +560,7 @@ async fn vm_prepare(
     agent.journal(&vm_move_id(&req.spec.name), &p);
     agent.vm_destinations.lock().await.insert(req.spec.name.clone(), dest);
     agent.watch_vm_lease(req.spec.name.clone());
-    Ok(Json(serde_json::json!({"uri": format!("tcp:{host}:{port}")})))
+    Ok(Json(serde_json::json!({"uri": format!("tcp:{host}:{port}"), "tls": tls.is_some()})))
 }
 
 #[derive(Deserialize)]

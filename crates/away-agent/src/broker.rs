@@ -326,16 +326,22 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
     }
     agent.cancels.lock().unwrap_or_else(|e| e.into_inner()).insert(m.id.clone(), cancel.clone());
     let result = if on_vm {
-        crate::client::migrate_vm_via_agent(
-            &agent.node,
-            &agent.config.name,
-            &m.workload,
-            target,
-            Default::default(),
-            cancel.clone(),
-            |_| {},
-        )
-        .await
+        match agent.channels() {
+            Ok(channels) => {
+                crate::client::migrate_vm_via_agent(
+                    &agent.node,
+                    &agent.config.name,
+                    &m.workload,
+                    target,
+                    &channels,
+                    Default::default(),
+                    cancel.clone(),
+                    |_| {},
+                )
+                .await
+            }
+            Err(why) => Err(away_migrate::MigrateError::Invalid(why)),
+        }
         .map_err(|e| match e {
             // the source VM stays paused: not "failed" (see below)
             away_migrate::MigrateError::InDoubt { .. } => ("migration-in-doubt", error_chain(&e)),

@@ -363,7 +363,7 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
         spec: &away_model::WorkloadSpec,
         image: &away_runtime::ResolvedImage,
         opts: &away_migrate::vm::VmMigrationOptions,
-    ) -> Result<String, away_migrate::vm::VmMigrateError> {
+    ) -> Result<away_migrate::vm::VmListen, away_migrate::vm::VmMigrateError> {
         let body = crate::api::VmPrepare {
             spec: spec.clone(),
             image: image.reference.clone(),
@@ -377,7 +377,9 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             .await
             .map_err(vm_err)?;
         let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(error_chain(&e))))?;
-        v["uri"].as_str().map(str::to_string).ok_or_else(|| vm_err(c.err("no uri in the answer")))
+        let uri = v["uri"].as_str().map(str::to_string).ok_or_else(|| vm_err(c.err("no uri in the answer")))?;
+        // an agent from before QEMU's TLS says nothing: plain TCP
+        Ok(away_migrate::vm::VmListen { uri, tls: v["tls"].as_bool().unwrap_or(false) })
     }
 
     async fn wait_resumed(
@@ -453,18 +455,25 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
 }
 
 /// Move VM `name` from this node to the agent behind `client` by QEMU live migration:
-/// compatibility check, image upload when the target lacks it, then the VM flow.
+/// compatibility check, image upload when the target lacks it, then the VM flow. The
+/// stream is QEMU's TLS with the identity of mutual TLS `channels` (the target checked
+/// to be the node its agent says it is: the agent API's handshake checked that name
+/// already); plain TCP only with plaintext channels.
+#[allow(clippy::too_many_arguments)]
 pub async fn migrate_vm_via_agent(
     node: &away_runtime::LocalNode,
     source_name: &str,
     name: &str,
     client: AgentClient,
+    channels: &away_migrate::channel::Channels,
     opts: away_migrate::vm::VmMigrationOptions,
     cancel: away_migrate::Cancel,
     progress: impl Fn(away_migrate::vm::VmProgress) + Send + Sync,
 ) -> Result<away_model::MigrationReport, MigrateError> {
     let (here, _) = away_migrate::local_node_info(node, source_name).await;
     let there = client.info().await?;
+    let tls = away_migrate::vm::VmTls::from_channels(channels, &there.node.name)
+        .map_err(|e| MigrateError::Target { target: there.node.name.clone(), message: error_chain(&e) })?;
     let compat = away_migrate::compat::check_vm(&here, &there.node);
     if !compat.allowed {
         return Err(MigrateError::Incompatible(compat.reason));
@@ -478,18 +487,19 @@ pub async fn migrate_vm_via_agent(
         return Err(MigrateError::Cancelled(name.into()));
     }
     let mut target = RemoteVmTarget { client, name: name.to_string(), answered: None, cancel };
-    let (mut report, _) = away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, progress)
-        .await
-        .map_err(|e| match e {
-            // the source VM stays paused: the broker must not start it again
-            away_migrate::vm::VmMigrateError::InDoubt { ref reason, .. } => MigrateError::InDoubt {
-                transfer_id: format!("vm-{name}"),
-                target: there.node.name.clone(),
-                why: reason.clone(),
-                checkpoint: node.qemu().files(name).dir,
-            },
-            e => MigrateError::Target { target: there.node.name.clone(), message: error_chain(&e) },
-        })?;
+    let (mut report, _) =
+        away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, tls.as_ref(), progress)
+            .await
+            .map_err(|e| match e {
+                // the source VM stays paused: the broker must not start it again
+                away_migrate::vm::VmMigrateError::InDoubt { ref reason, .. } => MigrateError::InDoubt {
+                    transfer_id: format!("vm-{name}"),
+                    target: there.node.name.clone(),
+                    why: reason.clone(),
+                    checkpoint: node.qemu().files(name).dir,
+                },
+                e => MigrateError::Target { target: there.node.name.clone(), message: error_chain(&e) },
+            })?;
     report.source = here.name;
     report.target = there.node.name;
     report.reason = format!("{}; {}", compat.reason, report.reason);

@@ -339,7 +339,10 @@ fn node_params(name: &str, extra_sans: &[String]) -> Result<CertificateParams> {
     params.distinguished_name = DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // keyEncipherment beside digitalSignature: rustls ignores key usage, but QEMU's
+    // GnuTLS credentials (the VM migration stream's TLS) refuse a certificate whose
+    // critical key usage lacks it, whatever the key type
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.serial_number = Some(random_serial());
     params.use_authority_key_identifier_extension = true;
@@ -448,11 +451,21 @@ impl Identity {
     /// replaced whole (written beside, then renamed).
     pub fn save(&self, dir: &Path) -> Result<()> {
         files::private_dir(dir)?;
-        files::replace_secret(&dir.join(Self::KEY_FILE), to_pem("PRIVATE KEY", self.key.secret_der()).as_bytes())?;
+        files::replace_secret(&dir.join(Self::KEY_FILE), self.key_pem().as_bytes())?;
         files::replace_public(&dir.join(Self::CA_FILE), self.ca_pem().as_bytes())?;
-        let chain: String = self.chain.iter().map(|c| to_pem("CERTIFICATE", c)).collect();
-        files::replace_public(&dir.join(Self::CERT_FILE), chain.as_bytes())?;
+        files::replace_public(&dir.join(Self::CERT_FILE), self.cert_pem().as_bytes())?;
         Ok(())
+    }
+
+    /// The node's certificate chain, PEM.
+    pub fn cert_pem(&self) -> String {
+        self.chain.iter().map(|c| to_pem("CERTIFICATE", c)).collect()
+    }
+
+    /// The node's private key, PEM (PKCS#8): only for files created 0600 (e.g. QEMU's
+    /// credentials directory), never for a log or a command line.
+    pub fn key_pem(&self) -> String {
+        to_pem("PRIVATE KEY", self.key.secret_der())
     }
 
     pub fn name(&self) -> &str {
@@ -476,6 +489,16 @@ impl Identity {
     /// The certificate's subject, e.g. `CN=laptop`.
     pub fn subject(&self) -> String {
         parse_cert(&self.chain[0]).map(|c| c.subject().to_string()).unwrap_or_default()
+    }
+
+    /// Whether QEMU's TLS (GnuTLS) takes the node certificate: a critical key usage must
+    /// allow key encipherment (certificates issued before VM moves went over TLS lack it).
+    pub fn suits_qemu(&self) -> bool {
+        parse_cert(&self.chain[0]).is_ok_and(|c| match c.key_usage() {
+            Ok(Some(ku)) => !ku.critical || ku.value.key_encipherment(),
+            Ok(None) => true,
+            Err(_) => false,
+        })
     }
 
     /// SHA-256 of the node certificate.

@@ -226,3 +226,33 @@ fn node_names_are_dns_labels() {
         assert!(check_node_name(bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn a_node_certificate_suits_qemus_gnutls_credentials() {
+    // QEMU (tls-creds-x509) refuses a certificate whose critical key usage lacks key
+    // encipherment, and reads the key and chain from PEM files
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let id = node(&ca, "laptop");
+    let cert = parse_cert(&id.chain[0]).unwrap();
+    let usage = cert.key_usage().unwrap().expect("a key usage extension");
+    assert!(usage.value.digital_signature() && usage.value.key_encipherment(), "{:?}", usage.value);
+    assert!(id.suits_qemu());
+    assert_eq!(id.subject(), "CN=laptop");
+    assert_eq!(certs_from_pem(&id.cert_pem(), "certificate").unwrap(), id.chain);
+    let key = PrivateKeyDer::from_pem_slice(id.key_pem().as_bytes()).unwrap();
+    assert_eq!(key.secret_der(), id.key.secret_der());
+}
+
+#[test]
+fn a_certificate_without_key_encipherment_does_not_suit_qemu() {
+    // what nodes were issued before VM moves went over QEMU's TLS
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let key = NodeKey::generate().unwrap();
+    let mut params = node_params("old", &[]).unwrap();
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = params.signed_by(&key.key, &ca.issuer).unwrap();
+    let old = key.into_identity(&cert.pem(), ca.cert_pem()).unwrap();
+    assert!(!old.suits_qemu());
+}

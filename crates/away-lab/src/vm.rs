@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use away_migrate::vm::{migrate_vm_to, LocalVmTarget, VmMigrateError, VmMigrationOptions, VmProgress, VmTarget};
+use away_migrate::vm::{
+    migrate_vm_to, LocalVmTarget, VmListen, VmMigrateError, VmMigrationOptions, VmProgress, VmTarget,
+};
 use away_model::{error_chain, Accel};
 use away_model::{ByteSize, Resources, WorkloadSpec};
 use away_runtime::host::HostPaths;
@@ -168,7 +170,9 @@ impl VmLab {
             ..VmMigrationOptions::default()
         };
         let mut dest = LinkedVmTarget {
-            inner: LocalVmTarget { runtime: target.clone(), port, dest: None },
+            // the lab measures on one host (network namespaces): plain TCP, as its agents'
+            // --insecure-plaintext-channels
+            inner: LocalVmTarget { runtime: target.clone(), port, dest: None, tls: None },
             emulator: opts.link_emulator,
             profile: planned.link.profile(),
             front: None,
@@ -190,7 +194,7 @@ impl VmLab {
         // timed like every path (crate::timed_total): from here to the destination running
         // with the whole guest (pre-copy: its RESUME; post-copy: the migration's end)
         let start_ms = crate::unix_ms();
-        let result = migrate_vm_to(source, &mut dest, name, &self.image, &mig, show).await;
+        let result = migrate_vm_to(source, &mut dest, name, &self.image, &mig, None, show).await;
         self.outcome(opts, planned, timeout, start_ms, result).map(|r| r.with_predicted(predicted))
     }
 
@@ -334,18 +338,18 @@ impl VmTarget for LinkedVmTarget {
         spec: &WorkloadSpec,
         image: &ResolvedImage,
         opts: &VmMigrationOptions,
-    ) -> Result<String, VmMigrateError> {
-        let uri = self.inner.prepare(spec, image, opts).await?;
+    ) -> Result<VmListen, VmMigrateError> {
+        let listen = self.inner.prepare(spec, image, opts).await?;
         if self.emulator == LinkEmulator::Packet {
             // the destination QEMU listens in namespace B; the source dials it from A
-            return Ok(uri);
+            return Ok(listen);
         }
         let upstream = SocketAddr::from(([127, 0, 0, 1], self.inner.port));
         match self.emulator.start(upstream, self.profile).await {
             Ok(front) => {
                 let uri = format!("tcp:{}", front.addr);
                 self.front = Some(front);
-                Ok(uri)
+                Ok(VmListen { uri, ..listen })
             }
             Err(e) => {
                 let _ = self.inner.abort().await;

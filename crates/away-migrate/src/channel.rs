@@ -33,15 +33,11 @@ pub struct Channels {
 struct Tls {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    /// The node identity the configs come from (QEMU's own TLS is made from it too).
+    identity: Arc<away_identity::Identity>,
 }
 
 impl Channels {
-    /// Mutual TLS: `server` must demand a client certificate from the nodes' CA, `client`
-    /// must present this node's certificate and trust the same CA.
-    pub fn tls(server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>) -> Channels {
-        Channels { tls: Some(Tls { server, client }) }
-    }
-
     /// Plain TCP: anyone on the path reads and changes what crosses. Only for an agent
     /// started with `--insecure-plaintext-channels`.
     pub fn plaintext() -> Channels {
@@ -96,9 +92,16 @@ pub fn peer_is(certs: &[CertificateDer<'_>], node: &str) -> bool {
 }
 
 impl Channels {
-    /// Mutual TLS with node `identity`'s certificate, trusting its CA.
+    /// Mutual TLS with node `identity`'s certificate, trusting its CA: the server end
+    /// demands a client certificate from the CA, the client end presents the node's.
     pub fn from_identity(identity: &away_identity::Identity) -> Result<Channels, away_identity::IdentityError> {
-        Ok(Channels::tls(identity.server_config()?, identity.client_config()?))
+        let (server, client) = (identity.server_config()?, identity.client_config()?);
+        Ok(Channels { tls: Some(Tls { server, client, identity: Arc::new(identity.clone()) }) })
+    }
+
+    /// The node identity of mutual TLS channels (None: plaintext).
+    pub fn identity(&self) -> Option<&Arc<away_identity::Identity>> {
+        self.tls.as_ref().map(|t| &t.identity)
     }
 }
 

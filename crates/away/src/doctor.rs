@@ -78,7 +78,16 @@ fn identity_checks(state_dir: &std::path::Path) -> Vec<Check> {
                 id.name(),
                 id.ca_fingerprint()
             );
-            let (status, fix) = if left < RENEW_BEFORE {
+            let (status, fix) = if !id.suits_qemu() {
+                (
+                    Status::Warn,
+                    Some(format!(
+                        "this certificate predates VM moves over QEMU's TLS (its key usage lacks key encipherment, \
+                         which QEMU requires): remove {} and restart the agent to join again",
+                        dir.join("cert.pem").display()
+                    )),
+                )
+            } else if left < RENEW_BEFORE {
                 (
                     Status::Warn,
                     Some(format!(

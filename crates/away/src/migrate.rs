@@ -366,22 +366,17 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         let source_name = a.source_name.clone().unwrap_or_else(hostname);
         let identity = source_identity(&a, &source_name)?;
         let target = rt.block_on(target_client(&a, identity.as_ref(), &to))?;
-        return rt.block_on(migrate_vm(&node, &a, &workload, target));
+        let channels = channels_of(identity.as_ref(), "the VM's memory")?;
+        return rt.block_on(migrate_vm(&node, &a, &workload, target, &channels));
     }
     let archives = ArchiveStore::new(a.node.state_dir.join("checkpoints"));
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
     let identity = source_identity(&a, &source_name)?;
     let target = rt.block_on(target_client(&a, identity.as_ref(), &to))?;
-    let channels = match &identity {
-        Some(id) => {
-            away_migrate::channel::Channels::from_identity(id).context("the TLS configuration of the node identity")?
-        }
-        None => {
-            if !a.plan {
-                eprintln!("away migrate: no node identity: the checkpoint crosses the network in PLAINTEXT");
-            }
-            away_migrate::channel::Channels::plaintext()
-        }
+    let channels = if a.plan && identity.is_none() {
+        away_migrate::channel::Channels::plaintext()
+    } else {
+        channels_of(identity.as_ref(), "the checkpoint")?
     };
     if a.plan {
         let plan = rt.block_on(away_migrate::estimate::plan_container(
@@ -461,6 +456,23 @@ fn source_identity(a: &MigrateArgs, source_name: &str) -> anyhow::Result<Option<
     }
 }
 
+/// The channels of a move from here: mutual TLS with `identity`, else plaintext (said
+/// on stderr: `what` crosses the network readable by anyone on the path).
+fn channels_of(
+    identity: Option<&away_identity::Identity>,
+    what: &str,
+) -> anyhow::Result<away_migrate::channel::Channels> {
+    match identity {
+        Some(id) => {
+            away_migrate::channel::Channels::from_identity(id).context("the TLS configuration of the node identity")
+        }
+        None => {
+            eprintln!("away migrate: no node identity: {what} crosses the network in PLAINTEXT");
+            Ok(away_migrate::channel::Channels::plaintext())
+        }
+    }
+}
+
 /// The target agent's API client: with an identity, mutual TLS to node `--to-node` (the
 /// handshake checks its certificate names it); without one, plain HTTP with `--token`
 /// (a standalone agent's).
@@ -487,6 +499,7 @@ async fn migrate_vm(
     a: &MigrateArgs,
     workload: &str,
     client: AgentClient,
+    channels: &away_migrate::channel::Channels,
 ) -> anyhow::Result<ExitCode> {
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
     let mut target_ports = std::collections::BTreeMap::new();
@@ -521,6 +534,7 @@ async fn migrate_vm(
         &source_name,
         workload,
         client,
+        channels,
         opts,
         Default::default(),
         progress,

@@ -183,13 +183,16 @@ impl Destination {
 /// Start the destination of `spec` on `target`: QEMU with the source's command line
 /// (so `image` must be the source's image, and `spec` its spec apart from host ports),
 /// waiting for the stream on `listen_host:listen_port`, with the capabilities that
-/// must match the source's set. On failure nothing is left behind.
+/// must match the source's set. With `tls` the port takes only a TLS client with the
+/// certificate of `tls`'s peer node (the source); without, plain TCP from anyone. On
+/// failure nothing is left behind.
 pub async fn prepare_destination(
     target: &QemuRuntime,
     spec: &WorkloadSpec,
     image: &ResolvedImage,
     listen_port: u16,
     opts: &VmMigrationOptions,
+    tls: Option<&super::VmTls>,
 ) -> Result<Destination, VmMigrateError> {
     opts.validate()?;
     let name = spec.name.clone();
@@ -211,6 +214,7 @@ pub async fn prepare_destination(
         if !params.is_empty() {
             q.execute(&params).await.map_err(|e| dest.qmp_err(MigrateSetParameters::NAME, e))?;
         }
+        super::tls::apply(&mut q, &dest.name, Side::Destination, &dest.files.dir, tls).await?;
         let incoming = MigrateIncoming { uri: dest.listen.clone() };
         q.execute(&incoming).await.map_err(|e| dest.qmp_err(MigrateIncoming::NAME, e))?;
         // migrate-incoming reports a failed bind only in the migration status.
@@ -247,14 +251,14 @@ pub async fn prepare_destination(
 pub trait VmTarget: Send {
     /// Where the destination is, for reports.
     fn describe(&self) -> String;
-    /// Start the destination QEMU for `spec` (ports already remapped); returns the URI
+    /// Start the destination QEMU for `spec` (ports already remapped); returns where
     /// the source migrates to.
     async fn prepare(
         &mut self,
         spec: &WorkloadSpec,
         image: &ResolvedImage,
         opts: &VmMigrationOptions,
-    ) -> Result<String, VmMigrateError>;
+    ) -> Result<VmListen, VmMigrateError>;
     /// Wait until the destination has the whole VM (held paused for the commit, or
     /// running: then its RESUME event's QEMU timestamp).
     async fn wait_resumed(&mut self, limit: Duration) -> Result<SystemTime, VmMigrateError>;
@@ -264,6 +268,15 @@ pub trait VmTarget: Send {
     async fn confirm(&mut self) -> VmCommit;
     /// Remove the destination.
     async fn abort(&mut self) -> Result<(), VmMigrateError>;
+}
+
+/// Where a prepared destination takes the stream ([`VmTarget::prepare`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmListen {
+    /// `tcp:HOST:PORT`.
+    pub uri: String,
+    /// Over QEMU's TLS (the source must come with its node certificate), or plain TCP.
+    pub tls: bool,
 }
 
 /// A VM move's one answer ([`VmTarget::confirm`]).
@@ -284,6 +297,8 @@ pub struct LocalVmTarget {
     /// TCP port the destination listens on.
     pub port: u16,
     pub dest: Option<Destination>,
+    /// The destination's TLS (its peer: the source's node); None: plain TCP.
+    pub tls: Option<super::VmTls>,
 }
 
 #[async_trait::async_trait]
@@ -297,10 +312,10 @@ impl VmTarget for LocalVmTarget {
         spec: &WorkloadSpec,
         image: &ResolvedImage,
         opts: &VmMigrationOptions,
-    ) -> Result<String, VmMigrateError> {
-        let dest = prepare_destination(&self.runtime, spec, image, self.port, opts).await?;
+    ) -> Result<VmListen, VmMigrateError> {
+        let dest = prepare_destination(&self.runtime, spec, image, self.port, opts, self.tls.as_ref()).await?;
         self.dest = Some(dest);
-        Ok(format!("tcp:{}:{}", opts.target_host, self.port))
+        Ok(VmListen { uri: format!("tcp:{}:{}", opts.target_host, self.port), tls: self.tls.is_some() })
     }
 
     async fn wait_resumed(&mut self, limit: Duration) -> Result<SystemTime, VmMigrateError> {

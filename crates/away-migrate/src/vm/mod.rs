@@ -35,6 +35,7 @@ mod destination;
 mod info;
 mod options;
 mod source;
+mod tls;
 
 use std::time::{Duration, Instant};
 
@@ -44,11 +45,12 @@ use away_runtime::qemu::{QemuRuntime, QmpError};
 use away_runtime::{ResolvedImage, Runtime, RuntimeError};
 use serde::{Deserialize, Serialize};
 
-pub use destination::{prepare_destination, Destination, LocalVmTarget, VmCommit, VmTarget};
+pub use destination::{prepare_destination, Destination, LocalVmTarget, VmCommit, VmListen, VmTarget};
 pub use info::{VmMigrationOutcome, VmProgress};
 pub use options::VmMigrationOptions;
 pub use source::live_migrate;
 use source::{quit_source, read_record, resume_source};
+pub use tls::VmTls;
 
 /// Bound on each QMP command (a migration command returns at once; the work is polled).
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,6 +86,8 @@ pub enum VmMigrateError {
     SourceNotRunning { workload: String, state: String },
     #[error("workload {workload}: image mismatch: the source vm runs {source_digest}, the destination was given {target_digest}")]
     ImageMismatch { workload: String, source_digest: String, target_digest: String },
+    #[error("workload {workload}: migration stream tls: {reason}")]
+    Tls { workload: String, reason: String },
     #[error("workload {workload}: writable disk {device} cannot be moved: vm disk migration is not supported")]
     Disk { workload: String, device: String },
     #[error("workload {workload}: migration {status}: {reason}")]
@@ -126,11 +130,21 @@ impl std::fmt::Display for Side {
     }
 }
 
+/// Both ends' TLS of a move between two runtimes of this host ([`migrate_vm_detailed`]):
+/// the source's (its peer the destination's node) and the destination's (its peer the
+/// source's node).
+#[derive(Debug, Clone)]
+pub struct LocalTls {
+    pub source: VmTls,
+    pub destination: VmTls,
+}
+
 /// Move VM `name` from `source` to `target` (both runtimes reachable from here: one
 /// host, or a target state directory on a shared mount; across nodes the agents call
-/// [`prepare_destination`] and [`live_migrate`] themselves). The destination listens on
-/// `port`. On success the source is gone and the report's downtime is STOP (source)
-/// → RESUME (destination); QEMU's own figure is in the reason text.
+/// [`prepare_destination`] and [`live_migrate`] themselves) over plain TCP. The
+/// destination listens on `port`. On success the source is gone and the report's
+/// downtime is STOP (source) → RESUME (destination); QEMU's own figure is in the
+/// reason text.
 pub async fn migrate_vm(
     source: &QemuRuntime,
     target: &QemuRuntime,
@@ -140,10 +154,11 @@ pub async fn migrate_vm(
     opts: &VmMigrationOptions,
     progress: impl Fn(VmProgress) + Send + Sync,
 ) -> Result<MigrationReport, VmMigrateError> {
-    migrate_vm_detailed(source, target, name, image, port, opts, progress).await.map(|(report, _)| report)
+    migrate_vm_detailed(source, target, name, image, port, opts, None, progress).await.map(|(report, _)| report)
 }
 
-/// [`migrate_vm`], also returning the source's measurements.
+/// [`migrate_vm`], over TLS with `tls`, also returning the source's measurements.
+#[allow(clippy::too_many_arguments)]
 pub async fn migrate_vm_detailed(
     source: &QemuRuntime,
     target: &QemuRuntime,
@@ -151,20 +166,25 @@ pub async fn migrate_vm_detailed(
     image: &ResolvedImage,
     port: u16,
     opts: &VmMigrationOptions,
+    tls: Option<&LocalTls>,
     progress: impl Fn(VmProgress) + Send + Sync,
 ) -> Result<(MigrationReport, VmMigrationOutcome), VmMigrateError> {
-    let mut local = LocalVmTarget { runtime: target.clone(), port, dest: None };
-    migrate_vm_to(source, &mut local, name, image, opts, progress).await
+    let mut local =
+        LocalVmTarget { runtime: target.clone(), port, dest: None, tls: tls.map(|t| t.destination.clone()) };
+    migrate_vm_to(source, &mut local, name, image, opts, tls.map(|t| &t.source), progress).await
 }
 
 /// Move VM `name` from `source` to `target`: prepare the destination, live-migrate,
-/// wait for its RESUME, and only then remove the source.
+/// wait for its RESUME, and only then remove the source. With `tls` (this node's
+/// identity, the target's node name) the stream is QEMU's TLS and the destination must
+/// take it so; without, plain TCP, and a destination that wants TLS is refused too.
 pub async fn migrate_vm_to(
     source: &QemuRuntime,
     target: &mut dyn VmTarget,
     name: &str,
     image: &ResolvedImage,
     opts: &VmMigrationOptions,
+    tls: Option<&VmTls>,
     progress: impl Fn(VmProgress) + Send + Sync,
 ) -> Result<(MigrationReport, VmMigrationOutcome), VmMigrateError> {
     opts.validate()?;
@@ -183,7 +203,15 @@ pub async fn migrate_vm_to(
         bytes_raw: 0,
         paged_bytes_raw: 0,
         bytes_wire: 0,
-        reason: format!("qemu live migration over tcp, accel {}: {}", source.accel(), opts.describe()),
+        reason: format!(
+            "qemu live migration over {}, accel {}: {}",
+            match tls {
+                Some(t) => format!("tls (mutual, peer node {})", t.peer()),
+                None => "plain tcp".into(),
+            },
+            source.accel(),
+            opts.describe()
+        ),
         ok: false,
         error: None,
         predicted: None,
@@ -218,8 +246,24 @@ pub async fn migrate_vm_to(
             p.host = Some(*host);
         }
     }
-    let uri = target.prepare(&spec, image, opts).await?;
+    let listen = target.prepare(&spec, image, opts).await?;
     let dest = target;
+    if listen.tls != tls.is_some() {
+        // never a stream in plaintext from a node that has an identity, and a clear
+        // answer instead of a failed handshake the other way round
+        let reason = if listen.tls {
+            "the destination takes the stream over tls only, and this source has no node identity".to_string()
+        } else {
+            "the destination takes the stream in plaintext (its agent runs with --insecure-plaintext-channels), and \
+             this source moves vms over tls only"
+                .to_string()
+        };
+        if let Err(cleanup) = dest.abort().await {
+            tracing::warn!(workload = name, "cannot remove the destination: {}", error_chain(&cleanup));
+        }
+        return Err(VmMigrateError::Tls { workload: name.into(), reason });
+    }
+    let uri = listen.uri;
     report.phases.push(phase_of("prepare-destination", phase));
 
     // migrate: pre-copy (and post-copy) driven from the source.
@@ -230,7 +274,7 @@ pub async fn migrate_vm_to(
         *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
         progress(p);
     };
-    let outcome = match live_migrate(source, name, &uri, opts, track).await {
+    let outcome = match live_migrate(source, name, &uri, opts, tls, track).await {
         Ok(o) => o,
         Err(e) => {
             report.phases.push(phase_of("migrate", phase));

@@ -15,7 +15,8 @@ use super::info::{outcome, sample};
 use super::{Side, VmMigrateError, VmMigrationOptions, VmMigrationOutcome, VmProgress, CANCEL_TIMEOUT, QMP_TIMEOUT};
 
 /// Live-migrate the running VM `name` of `source` to the destination listening at
-/// `dest_uri` (`tcp:HOST:PORT`, prepared with the same `opts`). Returns when the
+/// `dest_uri` (`tcp:HOST:PORT`, prepared with the same `opts`), over TLS with `tls`
+/// (the destination is checked to be its peer node), else plain TCP. Returns when the
 /// source reports the migration completed; the source QEMU is left paused
 /// ("postmigrate") for the caller to remove once the destination runs. When the time
 /// limit passes in pre-copy, or the migration fails, it is cancelled and the source VM
@@ -25,6 +26,7 @@ pub async fn live_migrate(
     name: &str,
     dest_uri: &str,
     opts: &VmMigrationOptions,
+    tls: Option<&super::VmTls>,
     progress: impl Fn(VmProgress) + Send + Sync,
 ) -> Result<VmMigrationOutcome, VmMigrateError> {
     opts.validate()?;
@@ -61,6 +63,7 @@ pub async fn live_migrate(
     if !params.is_empty() {
         q.execute(&params).await.map_err(|e| qmp_err(MigrateSetParameters::NAME, e))?;
     }
+    super::tls::apply(&mut q, name, Side::Source, &files.dir, tls).await?;
     q.take_events();
     tracing::info!(workload = name, "live migration to {dest_uri}: {}", opts.describe());
     let started = Instant::now();

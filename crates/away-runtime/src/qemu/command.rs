@@ -26,7 +26,9 @@ impl VmFiles {
     pub fn serial_log(&self) -> PathBuf {
         self.dir.join("serial.log")
     }
-    /// QEMU's own stderr (errors before and after daemonizing).
+    /// QEMU's own stderr, before and after daemonizing: its `-D` file too, since a
+    /// daemonized QEMU without `-D` sends its later errors (e.g. why an incoming
+    /// migration's TLS peer was refused) to /dev/null.
     pub fn qemu_log(&self) -> PathBuf {
         self.dir.join("qemu.log")
     }
@@ -143,6 +145,10 @@ impl VmLaunch {
             "virtio-balloon-pci,free-page-hint=on,iothread=balloon-io".into(),
             "-pidfile".into(),
             path(&f.pidfile()),
+            // (QEMU opens it before it reports anything but a bad option, and makes it
+            // its stderr from then on)
+            "-D".into(),
+            path(&f.qemu_log()),
             "-daemonize".into(),
         ];
         if let Some(i) = &self.incoming {

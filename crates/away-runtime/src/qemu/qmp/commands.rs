@@ -122,6 +122,45 @@ impl Command for MigrateIncoming {
     type Reply = Empty;
 }
 
+/// Create a QOM object (`object-add`): the TLS credentials and the authorization list
+/// of a migration stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "qom-type", rename_all = "kebab-case")]
+pub enum ObjectAdd {
+    /// X.509 credentials read from `dir` when the object is made (`ca-cert.pem`, and
+    /// `server-cert.pem` + `server-key.pem` or `client-cert.pem` + `client-key.pem`).
+    #[serde(rename = "tls-creds-x509", rename_all = "kebab-case")]
+    TlsCredsX509 { id: String, dir: String, endpoint: TlsEndpoint, verify_peer: bool },
+    /// Allows exactly `identity` (for TLS: the peer certificate's distinguished name,
+    /// as GnuTLS prints it, e.g. `CN=laptop`).
+    #[serde(rename = "authz-simple")]
+    AuthzSimple { id: String, identity: String },
+}
+
+impl Command for ObjectAdd {
+    const NAME: &'static str = "object-add";
+    type Reply = Empty;
+}
+
+/// Which end of a TLS session a `tls-creds-x509` object is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsEndpoint {
+    Server,
+    Client,
+}
+
+/// Remove a QOM object (`object-del`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObjectDel {
+    pub id: String,
+}
+
+impl Command for ObjectDel {
+    const NAME: &'static str = "object-del";
+    type Reply = Empty;
+}
+
 /// QAPI's `MigrationCapability`: the ones away sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -173,6 +212,18 @@ pub struct MigrateSetParameters {
     /// Bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xbzrle_cache_size: Option<u64>,
+    /// The id of a `tls-creds-x509` object ([`ObjectAdd`]): the stream goes over TLS
+    /// with it; `""` turns TLS off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
+    /// The name the source checks the destination's certificate against (instead of
+    /// the URI's host); `""` for the URI's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_hostname: Option<String>,
+    /// The id of an `authz-simple` object on the destination: only a client whose
+    /// certificate's distinguished name it names is taken; `""` for none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_authz: Option<String>,
 }
 
 /// QAPI's `MultiFDCompression` (the methods every QEMU build has; qpl, uadk and qatzip
@@ -541,5 +592,34 @@ mod tests {
         assert_eq!(busy.dirty_rate, None);
         let args = serde_json::to_value(CalcDirtyRate { calc_time: 1 }).unwrap();
         assert_eq!(args, serde_json::json!({"calc-time": 1}));
+    }
+
+    #[test]
+    fn tls_objects_and_parameters_are_named_as_in_qemus_schema() {
+        let creds = ObjectAdd::TlsCredsX509 {
+            id: "t".into(),
+            dir: "/d".into(),
+            endpoint: TlsEndpoint::Server,
+            verify_peer: true,
+        };
+        assert_eq!(
+            serde_json::to_value(&creds).unwrap(),
+            json!({"qom-type": "tls-creds-x509", "id": "t", "dir": "/d", "endpoint": "server", "verify-peer": true})
+        );
+        let authz = ObjectAdd::AuthzSimple { id: "a".into(), identity: "CN=laptop".into() };
+        assert_eq!(
+            serde_json::to_value(&authz).unwrap(),
+            json!({"qom-type": "authz-simple", "id": "a", "identity": "CN=laptop"})
+        );
+        let p = MigrateSetParameters {
+            tls_creds: Some("t".into()),
+            tls_hostname: Some("cloud.node.away".into()),
+            tls_authz: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            json!({"tls-creds": "t", "tls-hostname": "cloud.node.away", "tls-authz": ""})
+        );
     }
 }
