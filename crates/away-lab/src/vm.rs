@@ -311,6 +311,7 @@ fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec
         user: None,
         capabilities: Default::default(),
         seccomp: Default::default(),
+        disk: None,
     }
 }
 
