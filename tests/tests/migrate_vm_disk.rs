@@ -10,9 +10,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use away_e2e::{require_vm_host, wait_for, workspace_root};
+use away_migrate::vm::{VmMigrateError, VmMigrationOptions};
 use away_model::{ByteSize, DiskSpec, Resources, WorkloadSpec, WorkloadState};
 use away_runtime::host::HostPaths;
 use away_runtime::qemu::QemuRuntime;
@@ -59,7 +60,6 @@ fn build(context: &Path, tag: &str, disk: Option<u64>) -> (ResolvedImage, Option
 struct Harness {
     tokio: tokio::runtime::Runtime,
     a: QemuRuntime,
-    #[allow(dead_code)] // the move test (next)
     b: QemuRuntime,
     dir: tempfile::TempDir,
 }
@@ -180,4 +180,250 @@ fn legacy_app_keeps_its_count_on_the_disk_across_a_reboot() {
     assert_eq!(std::fs::read(&base.path).unwrap(), base_bytes, "the base image was written");
     h.block(h.a.remove(&name)).unwrap();
     assert!(!h.a.files(&name).dir.exists());
+}
+
+/// Block size of the writer's blocks.
+const BS: usize = 64 << 10;
+/// Blocks the writer writes at once (before the move), then one each `DELAY`.
+const FAST: u64 = 64;
+/// A checksum of everything written every `EVERY` blocks.
+const EVERY: u64 = 32;
+
+/// The writer: block i (64 KiB of "blk i\n" repeated) written with fsync to /dev/vda,
+/// "wrote N" after each, and every EVERY blocks "sum N <sha256 of blocks 0..N read back
+/// from the disk>" (page cache dropped first: the read comes from the disk).
+const WRITER: &str = r#"B=/.away/busybox
+BS=65536
+i=0
+echo "diskwriter: start"
+while [ $i -lt $MAX ]; do
+  $B yes "blk $i" | $B head -c $BS | $B dd of=/dev/vda bs=$BS seek=$i conv=fsync 2>/dev/null || echo "diskwriter: write $i failed"
+  i=$((i+1))
+  echo "diskwriter: wrote $i"
+  if [ $((i % EVERY)) -eq 0 ]; then
+    $B sync
+    echo 3 > /proc/sys/vm/drop_caches
+    s=$($B dd if=/dev/vda bs=$BS count=$i 2>/dev/null | $B sha256sum)
+    echo "diskwriter: sum $i ${s%% *}"
+  fi
+  [ $i -ge $FAST ] && $B sleep $DELAY
+done
+echo "diskwriter: done"
+$B sleep 100000
+"#;
+
+fn writer_image() -> ResolvedImage {
+    let ctx = out_dir().join("diskwriter-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("diskwriter.sh"), WRITER).unwrap();
+    std::fs::write(
+        ctx.join("Containerfile"),
+        format!(
+            "FROM scratch\nCOPY diskwriter.sh /diskwriter.sh\nENV MAX=2048 FAST={FAST} EVERY={EVERY} DELAY=0.1\n\
+             CMD [\"/.away/busybox\", \"sh\", \"/diskwriter.sh\"]\n"
+        ),
+    )
+    .unwrap();
+    build(&ctx, "away-e2e/diskwriter:disk", None).0
+}
+
+/// The sha256 the guest must print for blocks 0..n.
+fn expected_sum(n: u64) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for i in 0..n {
+        let line = format!("blk {i}\n");
+        let block: Vec<u8> = line.bytes().cycle().take(BS).collect();
+        h.update(&block);
+    }
+    format!("{:x}", h.finalize())
+}
+
+fn wrote(serial: &str) -> Vec<u64> {
+    serial.lines().filter_map(|l| l.trim().strip_prefix("diskwriter: wrote ")?.trim().parse().ok()).collect()
+}
+
+/// The "sum N HEX" lines.
+fn sums(serial: &str) -> Vec<(u64, String)> {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let (n, hex) = l.trim().strip_prefix("diskwriter: sum ")?.split_once(' ')?;
+            Some((n.parse().ok()?, hex.trim().to_string()))
+        })
+        .collect()
+}
+
+/// An empty 256 MiB qcow2 base in node a's store, two node identities from one CA.
+fn base_and_tls(h: &Harness) -> (DiskSpec, away_migrate::vm::DiskTls) {
+    let base = h.dir.path().join("blank.qcow2");
+    let ok = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("256M")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let imported = h.a.disk_store().import(&base).unwrap();
+    let ca = away_identity::Ca::load_or_create(&h.dir.path().join("ca")).unwrap();
+    let ids: Vec<PathBuf> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| {
+            let dir = h.dir.path().join(format!("id-{n}"));
+            ca.issue_self(n, &[]).unwrap().save(&dir).unwrap();
+            dir
+        })
+        .collect();
+    let disk = DiskSpec { base: imported.digest, size: ByteSize::mib(256), mount: None };
+    let tls = away_migrate::vm::DiskTls {
+        source_identity: ids[0].clone(),
+        target_identity: ids[1].clone(),
+        target_node: "node-b".into(),
+    };
+    (disk, tls)
+}
+
+fn move_opts(tls: away_migrate::vm::DiskTls) -> VmMigrationOptions {
+    VmMigrationOptions {
+        listen_host: "127.0.0.1".into(),
+        target_host: "127.0.0.1".into(),
+        timeout: Duration::from_secs(120),
+        disk_port: away_e2e::free_port(),
+        disk_tls: Some(tls),
+        ..Default::default()
+    }
+}
+
+/// A VM writes a known pattern to its 256 MiB disk, keeps writing while it moves from
+/// node a to node b (the base copied to b's store, the overlay mirrored over NBD with
+/// TLS while RAM migrates), and on b every block written before and during the move
+/// reads back right (the guest's checksum of what is on its disk against the writes'
+/// log); a's VM, overlay and b's export are gone.
+#[test]
+fn vm_disk_moves_live_with_every_block_it_wrote() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let image = writer_image();
+    let (disk, tls) = base_and_tls(&h);
+    assert!(!h.b.disk_store().contains(&disk.base));
+    let name = unique("dmove");
+    let t0 = Instant::now();
+    h.block(h.a.run(&RunRequest { spec: vm_spec(&name, 128, disk.clone()), image: image.clone() }))
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    let first = wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n >= FAST))
+        .unwrap_or_else(|| panic!("the writer never reached {FAST} blocks; serial:\n{}", Harness::serial(&h.a, &name)));
+    eprintln!("{} blocks written and summed on a {:.1} s after run", first.0, t0.elapsed().as_secs_f64());
+    assert_eq!(first.1, expected_sum(first.0), "the guest's own sum before the move");
+
+    let opts = move_opts(tls);
+    let disk_port = opts.disk_port;
+    let before = *wrote(&Harness::serial(&h.a, &name)).last().unwrap();
+    let during = std::sync::atomic::AtomicU64::new(before);
+    let serial_a = h.a.files(&name).serial_log();
+    let t1 = Instant::now();
+    let listen = away_e2e::free_port();
+    let report = h
+        .block(away_migrate::vm::migrate_vm(&h.a, &h.b, &name, &image, listen, &opts, |p| {
+            let w = wrote(&std::fs::read_to_string(&serial_a).unwrap_or_default()).last().copied().unwrap_or(0);
+            during.fetch_max(w, std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "  {:>6.2} s {} sent {} B, remaining {} B",
+                p.elapsed.as_secs_f64(),
+                p.status,
+                p.transferred,
+                p.remaining
+            );
+        }))
+        .unwrap_or_else(|e| panic!("migrate {name}: {}", away_model::error_chain(&e)));
+    let wall = t1.elapsed();
+    let during = during.into_inner();
+    eprintln!("report {}", serde_json::to_string_pretty(&report).unwrap());
+    eprintln!(
+        "moved in {:.0} ms (downtime {} ms); blocks written: {before} before the move, {during} seen on a during it",
+        wall.as_secs_f64() * 1000.0,
+        report.downtime_millis
+    );
+    assert!(report.ok, "{report:?}");
+    let phases: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(phases, ["prepare-destination", "disk-mirror", "migrate", "switchover", "cleanup"]);
+    assert!(
+        report.reason.contains("mirrored over nbd") && report.reason.contains("copied to the target"),
+        "{}",
+        report.reason
+    );
+    assert!(h.b.disk_store().contains(&disk.base), "the base was not copied to b");
+
+    // exactly one instance; the source's overlay and the destination's export are gone
+    assert!(Harness::qemu_pids_in(&h.a.files(&name).dir).is_empty(), "source qemu still running");
+    assert!(!h.a.files(&name).dir.exists(), "source state dir (with its overlay) left behind");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", disk_port)).is_err(),
+        "the destination still exports its disk on {disk_port}"
+    );
+    assert!(h.b.files(&name).dir.join("disk.qcow2").is_file());
+    assert_eq!(h.block(h.b.status(&name)).unwrap().state, WorkloadState::Running);
+
+    // on b: the writer goes on where it was, and every block reads back right
+    let serial_b = || Harness::serial(&h.b, &name);
+    let first_b = wait_for(30, || wrote(&serial_b()).first().copied())
+        .unwrap_or_else(|| panic!("the writer does not go on on b; serial:\n{}", serial_b()));
+    assert!(first_b > before, "b's first write {first_b} is not after a's last {before}");
+    let (n, sum) = wait_for(BOOT_SECS, || sums(&serial_b()).into_iter().find(|(n, _)| *n > first_b.max(during)))
+        .unwrap_or_else(|| panic!("no checksum on b past block {first_b}; serial:\n{}", serial_b()));
+    eprintln!("on b: writes go on from {first_b}; the guest's sum of blocks 0..{n} read back from the disk");
+    assert_eq!(sum, expected_sum(n), "blocks 0..{n} on b's disk differ from what the guest wrote");
+    h.block(h.b.remove(&name)).unwrap();
+}
+
+/// The destination dies while the disk is being mirrored (the mirror slowed to 1 MiB/s
+/// so there is time): the move is rolled back, the VM runs on on the source with its
+/// own disk (its writes and sums go on, right), and the destination's overlay and
+/// export are gone.
+#[test]
+fn target_killed_during_the_mirror_leaves_the_source_running_on_its_disk() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let image = writer_image();
+    let (disk, tls) = base_and_tls(&h);
+    let name = unique("dkill");
+    h.block(h.a.run(&RunRequest { spec: vm_spec(&name, 128, disk.clone()), image: image.clone() }))
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n >= FAST))
+        .unwrap_or_else(|| panic!("the writer never reached {FAST} blocks; serial:\n{}", Harness::serial(&h.a, &name)));
+    let mut opts = move_opts(tls);
+    opts.disk_mirror_bytes_per_s = Some(1 << 20);
+    let disk_port = opts.disk_port;
+    let target_dir = h.b.files(&name).dir;
+    let killer = std::thread::spawn(move || {
+        // once the destination runs and the mirror had a second, kill its QEMU
+        let pid =
+            wait_for(60, || std::fs::read_to_string(target_dir.join("qemu.pid")).ok()?.trim().parse::<u32>().ok());
+        std::thread::sleep(Duration::from_secs(3));
+        if let Some(pid) = pid {
+            eprintln!("killing the destination qemu {pid}");
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        pid
+    });
+    let listen = away_e2e::free_port();
+    let err = h
+        .block(away_migrate::vm::migrate_vm(&h.a, &h.b, &name, &image, listen, &opts, |_| {}))
+        .expect_err("the move must fail when its destination dies");
+    assert!(killer.join().unwrap().is_some(), "the destination never started");
+    eprintln!("move failed as it should: {err}");
+    assert!(matches!(err, VmMigrateError::Aborted { .. }), "{err:?}");
+    assert!(!h.b.files(&name).dir.exists(), "the destination's state dir (overlay) is left");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", disk_port)).is_err(), "an export still listens");
+    assert_eq!(h.block(h.a.status(&name)).unwrap().state, WorkloadState::Running);
+    let last = *wrote(&Harness::serial(&h.a, &name)).last().unwrap();
+    let (n, sum) = wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n > last))
+        .unwrap_or_else(|| panic!("the source stopped writing; serial:\n{}", Harness::serial(&h.a, &name)));
+    assert_eq!(sum, expected_sum(n), "the source's disk is damaged");
+    h.block(h.a.remove(&name)).unwrap();
 }
