@@ -279,6 +279,7 @@ fn base_and_tls(h: &Harness) -> (DiskSpec, away_migrate::vm::DiskTls) {
         source_identity: ids[0].clone(),
         target_identity: ids[1].clone(),
         target_node: "node-b".into(),
+        source_node: "node-a".into(),
     };
     (disk, tls)
 }

@@ -244,7 +244,7 @@ pub async fn prepare_destination(
         }
         if spec.disk.is_some() {
             let port = disk_port(opts, listen_port);
-            let tls = opts.disk_tls.as_ref().map(|t| t.target_identity.as_path());
+            let tls = opts.disk_tls.as_ref().map(|t| (t.target_identity.as_path(), t.source_node.as_str()));
             super::disk::export(&mut q, &dest.name, &dest.files.dir, &opts.listen_host, port, tls).await?;
             dest.disk_port = Some(port);
         }

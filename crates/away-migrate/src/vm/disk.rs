@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use away_model::error_chain;
 use away_runtime::qemu::qmp::block::{
     BlockExportAddNbd, BlockExportDel, BlockJobCancel, BlockdevAddNbd, BlockdevDel, BlockdevMirror, Inet, InetAddress,
-    LegacyAddress, NbdServerStart, NbdServerStop, ObjectAddTlsCredsX509, QueryBlockJobs,
+    LegacyAddress, NbdServerStart, NbdServerStop, ObjectAddAuthzSimple, ObjectAddTlsCredsX509, QueryBlockJobs,
 };
 use away_runtime::qemu::qmp::commands::Command;
 use away_runtime::qemu::{QemuRuntime, Qmp, QmpError, DISK_NODE};
@@ -40,8 +40,9 @@ const EXPORT_ID: &str = "away-mig-disk";
 /// The source's NBD client node and its mirror job.
 const NBD_NODE: &str = "away-mig-nbd";
 const MIRROR_JOB: &str = "away-mig-disk";
-/// The TLS credentials object on either end.
+/// The TLS credentials object on either end, and the export's client check.
 const TLS_ID: &str = "away-disk-tls";
+const AUTHZ_ID: &str = "away-disk-authz";
 
 /// The nodes' identities for the NBD connection (each a directory with `ca.pem`,
 /// `cert.pem`, `key.pem`, see docs/security.md).
@@ -53,6 +54,8 @@ pub struct DiskTls {
     pub target_identity: PathBuf,
     /// The target node's name: the source checks the export's certificate names it.
     pub target_node: String,
+    /// The source node's name: the export takes only a client certificate naming it.
+    pub source_node: String,
 }
 
 /// What the mirror did (for the report).
@@ -110,23 +113,44 @@ async fn add_tls(
 }
 
 /// Destination: serve the overlay (node [`DISK_NODE`]) writable over NBD on
-/// `host:port`, TLS when `tls` names this node's identity.
+/// `host:port`; with `tls` (this node's identity, the source node's name) over TLS to
+/// the source node only. Without TLS only on a loopback address.
 pub(super) async fn export(
     q: &mut Qmp,
     name: &str,
     vm_dir: &Path,
     host: &str,
     port: u16,
-    tls: Option<&Path>,
+    tls: Option<(&Path, &str)>,
 ) -> Result<(), VmMigrateError> {
     let side = Side::Destination;
-    let tls_creds = match tls {
-        Some(identity) => Some(add_tls(q, name, side, vm_dir, identity, "server").await?),
-        None => None,
+    let (tls_creds, tls_authz) = match tls {
+        Some((identity, source_node)) => {
+            let creds = add_tls(q, name, side, vm_dir, identity, "server").await?;
+            // only the source node's certificate (its CN) may connect
+            let authz = ObjectAddAuthzSimple {
+                qom_type: "authz-simple",
+                id: AUTHZ_ID.into(),
+                identity: format!("CN={source_node}"),
+            };
+            q.execute(&authz).await.map_err(|e| qmp_err(name, side, ObjectAddAuthzSimple::NAME, e))?;
+            (Some(creds), Some(AUTHZ_ID.to_string()))
+        }
+        None if is_loopback(host) => (None, None),
+        None => {
+            return Err(VmMigrateError::Invalid {
+                field: "disk_tls".into(),
+                reason: format!(
+                    "the disk export would listen on {host} without TLS: only loopback moves go without the nodes' \
+                     identities"
+                ),
+            })
+        }
     };
     let start = NbdServerStart {
         addr: LegacyAddress::Inet(Inet { host: host.into(), port: port.to_string() }),
         tls_creds,
+        tls_authz,
         // the source's mirror is the one client
         max_connections: Some(1),
     };
@@ -141,6 +165,10 @@ pub(super) async fn export(
     q.execute(&add).await.map_err(|e| qmp_err(name, side, BlockExportAddNbd::NAME, e))?;
     tracing::info!(workload = name, "disk overlay exported over nbd on {host}:{port}");
     Ok(())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Destination: stop exporting (the mirror is done; before the guest runs here).

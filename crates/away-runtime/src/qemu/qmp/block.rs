@@ -31,6 +31,9 @@ pub struct NbdServerStart {
     /// Id of a `tls-creds-x509` object: the server then speaks only TLS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_creds: Option<String>,
+    /// Id of an authz object checking the client certificate's distinguished name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_authz: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
 }
@@ -209,5 +212,19 @@ pub struct ObjectDel {
 
 impl Command for ObjectDel {
     const NAME: &'static str = "object-del";
+    type Reply = Empty;
+}
+
+/// `object-add` of `authz-simple`: allows exactly `identity` (e.g. `CN=node-a`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ObjectAddAuthzSimple {
+    pub qom_type: &'static str,
+    pub id: String,
+    pub identity: String,
+}
+
+impl Command for ObjectAddAuthzSimple {
+    const NAME: &'static str = "object-add";
     type Reply = Empty;
 }
