@@ -26,6 +26,7 @@ pub enum Command {
     /// Examples:
     ///   away image build images/counter -o out/
     ///   away image build images/memload -o out/ --vm        # also the VM boot artifact
+    ///   away image build examples/diskcounter -o out/ --disk 64Mi   # also a VM disk (docs/vm.md)
     ///   docker load -i out/counter.tar
     ///   ctr -n default images import out/counter.tar
     #[command(verbatim_doc_comment)]
