@@ -81,20 +81,6 @@ impl Harness {
         self.tokio.block_on(f)
     }
 
-    /// PIDs of live QEMUs whose command line names `dir`.
-    fn qemu_pids_in(dir: &Path) -> Vec<u32> {
-        let needle = format!("{}/", dir.display());
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                String::from_utf8_lossy(&cmd).contains(&needle)
-            })
-            .collect()
-    }
-
     fn serial(rt: &QemuRuntime, name: &str) -> String {
         std::fs::read_to_string(rt.files(name).serial_log()).unwrap_or_else(|e| format!("(no serial log: {e})"))
     }
@@ -103,7 +89,7 @@ impl Harness {
 /// Kill only the QEMUs this test started (found by their state directory), also on panic.
 impl Drop for Harness {
     fn drop(&mut self) {
-        for pid in Self::qemu_pids_in(self.dir.path()) {
+        for pid in away_e2e::qemu_pids_in(self.dir.path()) {
             eprintln!("cleanup: killing qemu pid {pid}");
             let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
@@ -358,7 +344,7 @@ fn vm_disk_moves_live_with_every_block_it_wrote() {
     assert!(h.b.disk_store().contains(&disk.base), "the base was not copied to b");
 
     // exactly one instance; the source's overlay and the destination's export are gone
-    assert!(Harness::qemu_pids_in(&h.a.files(&name).dir).is_empty(), "source qemu still running");
+    assert!(away_e2e::qemu_pids_in(&h.a.files(&name).dir).is_empty(), "source qemu still running");
     assert!(!h.a.files(&name).dir.exists(), "source state dir (with its overlay) left behind");
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", disk_port)).is_err(),
