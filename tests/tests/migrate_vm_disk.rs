@@ -414,3 +414,74 @@ fn target_killed_during_the_mirror_leaves_the_source_running_on_its_disk() {
     assert_eq!(sum, expected_sum(n), "the source's disk is damaged");
     h.block(h.a.remove(&name)).unwrap();
 }
+
+/// `qemu-img info` of the NBD export at `port` as a client: plaintext (None) or TLS
+/// with `identity` (a node identity directory). Ok(its output) or Err(its error).
+fn nbd_client(dir: &Path, port: u16, identity: Option<&Path>) -> Result<String, String> {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["info", "--output=json"]);
+    let mut opts = format!("driver=nbd,host=127.0.0.1,port={port},export=disk0");
+    if let Some(id) = identity {
+        let creds = dir.join(format!("client-{}", id.file_name().unwrap().to_string_lossy()));
+        std::fs::create_dir_all(&creds).unwrap();
+        for (from, to) in [("ca.pem", "ca-cert.pem"), ("cert.pem", "client-cert.pem"), ("key.pem", "client-key.pem")] {
+            let _ = std::fs::remove_file(creds.join(to));
+            std::os::unix::fs::symlink(id.join(from), creds.join(to)).unwrap();
+        }
+        cmd.arg("--object").arg(format!("tls-creds-x509,id=t,endpoint=client,dir={}", creds.display()));
+        opts.push_str(",tls-creds=t,tls-hostname=node-b.node.away");
+    }
+    let out = cmd.arg("--image-opts").arg(opts).output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A destination's disk export takes only the source node: a plaintext client and a
+/// client with another node's certificate of the same CA are refused, the source's
+/// certificate is let in; without identities the export is refused off loopback.
+#[test]
+fn disk_export_takes_only_the_source_node() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let image = writer_image();
+    let (disk, tls) = base_and_tls(&h);
+    away_migrate::vm::copy_base(&h.b, &h.a.disk_store().find(&disk.base).unwrap()).unwrap();
+    let ca = away_identity::Ca::load_or_create(&h.dir.path().join("ca")).unwrap();
+    let other = h.dir.path().join("id-node-c");
+    ca.issue_self("node-c", &[]).unwrap().save(&other).unwrap();
+    let name = unique("dexp");
+    let spec = vm_spec(&name, 128, disk.clone());
+    let source_id = tls.source_identity.clone();
+    let opts = move_opts(tls);
+    let port = opts.disk_port;
+    let dest = h
+        .block(away_migrate::vm::prepare_destination(&h.b, &spec, &image, away_e2e::free_port(), &opts))
+        .unwrap_or_else(|e| panic!("prepare: {}", away_model::error_chain(&e)));
+    let plain = nbd_client(h.dir.path(), port, None);
+    assert!(plain.is_err(), "a plaintext client read the export: {plain:?}");
+    let stranger = nbd_client(h.dir.path(), port, Some(&other));
+    assert!(stranger.is_err(), "node-c's certificate read the export: {stranger:?}");
+    let source = nbd_client(h.dir.path(), port, Some(&source_id));
+    let info = source.unwrap_or_else(|e| panic!("the source node's certificate was refused: {e}"));
+    assert!(info.contains("268435456"), "the export is not the 256 MiB disk: {info}");
+    h.block(dest.abort()).unwrap();
+    assert!(!h.b.files(&name).dir.exists());
+
+    // without identities: only on loopback
+    let plain_opts = VmMigrationOptions { listen_host: "0.0.0.0".into(), disk_tls: None, ..move_opts_plain() };
+    let err = h
+        .block(away_migrate::vm::prepare_destination(&h.b, &spec, &image, away_e2e::free_port(), &plain_opts))
+        .expect_err("a plaintext export off loopback");
+    assert!(away_model::error_chain(&err).contains("disk_tls"), "{}", away_model::error_chain(&err));
+    assert!(!h.b.files(&name).dir.exists(), "a refused destination is left");
+}
+
+fn move_opts_plain() -> VmMigrationOptions {
+    VmMigrationOptions { disk_port: away_e2e::free_port(), ..Default::default() }
+}

@@ -228,3 +228,71 @@ impl Command for ObjectAddAuthzSimple {
     const NAME: &'static str = "object-add";
     type Reply = Empty;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn args<C: Command>(c: &C) -> serde_json::Value {
+        serde_json::to_value(c).unwrap()
+    }
+
+    #[test]
+    fn arguments_are_qapi_shaped() {
+        let start = NbdServerStart {
+            addr: LegacyAddress::Inet(Inet { host: "0.0.0.0".into(), port: "10809".into() }),
+            tls_creds: Some("t".into()),
+            tls_authz: Some("a".into()),
+            max_connections: Some(1),
+        };
+        assert_eq!(
+            args(&start),
+            json!({"addr": {"type": "inet", "data": {"host": "0.0.0.0", "port": "10809"}}, "tls-creds": "t",
+                   "tls-authz": "a", "max-connections": 1})
+        );
+        let add = BlockdevAddNbd {
+            driver: "nbd",
+            node_name: "n".into(),
+            server: InetAddress { kind: "inet", host: "h".into(), port: "1".into() },
+            export: "disk0".into(),
+            tls_creds: None,
+            tls_hostname: None,
+            open_timeout: 30,
+        };
+        assert_eq!(
+            args(&add),
+            json!({"driver": "nbd", "node-name": "n", "server": {"type": "inet", "host": "h", "port": "1"},
+                   "export": "disk0", "open-timeout": 30})
+        );
+        let m = BlockdevMirror {
+            job_id: "j".into(),
+            device: "disk0".into(),
+            target: "n".into(),
+            sync: "top",
+            copy_mode: "background",
+            speed: None,
+        };
+        assert_eq!(
+            args(&m),
+            json!({"job-id": "j", "device": "disk0", "target": "n", "sync": "top", "copy-mode": "background"})
+        );
+        let e = BlockExportAddNbd {
+            kind: "nbd",
+            id: "e".into(),
+            node_name: "disk0".into(),
+            writable: true,
+            name: "disk0".into(),
+        };
+        assert_eq!(
+            args(&e),
+            json!({"type": "nbd", "id": "e", "node-name": "disk0", "writable": true, "name": "disk0"})
+        );
+        let jobs: Vec<BlockJobInfo> = serde_json::from_value(json!([
+            {"device": "j", "len": 10, "offset": 4, "ready": false, "status": "running", "type": "mirror",
+             "busy": true, "paused": false, "speed": 0, "io-status": "ok", "auto-finalize": true, "auto-dismiss": true}
+        ]))
+        .unwrap();
+        assert_eq!((jobs[0].offset, jobs[0].ready, jobs[0].error.as_deref()), (4, false, None));
+    }
+}
