@@ -27,9 +27,11 @@
 //! hosts that figure is only as good as their clock sync (NTP/PTP); when it comes out
 //! negative, QEMU's figure is reported instead.
 //!
-//! Disks: away's VMs boot from kernel + initramfs and have no block devices, so there
-//! is nothing to copy. A VM that has a writable disk is refused (QEMU 10 removed block
-//! migration; mirroring over NBD is not implemented here).
+//! Disks: a VM with a disk (its spec's `disk`, an overlay on a base image) moves it
+//! without shared storage: the destination exports an empty overlay on the same base
+//! over NBD and the source mirrors its overlay into it, completing the mirror while the
+//! migration waits before its switchover ([`disk`], docs/vm.md). [`live_migrate`] alone
+//! (no mirror) refuses a VM with a writable disk.
 
 mod destination;
 pub mod disk;
