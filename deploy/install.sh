@@ -215,7 +215,9 @@ verify_criu() {
 }
 
 install_guest_kernel() {
-  if [ -f "$GUEST_DIR/vmlinuz" ] && [ -f "$GUEST_DIR/VERSION" ] && [ -f "$GUEST_DIR/modules/.away-installed" ]; then
+  # disk modules (virtio_blk, ext4) came later: a guest dir without them is extracted again
+  if [ -f "$GUEST_DIR/vmlinuz" ] && [ -f "$GUEST_DIR/VERSION" ] && [ -f "$GUEST_DIR/modules/.away-installed" ] &&
+    [ -n "$(find "$GUEST_DIR/modules" -name 'virtio_blk.ko*' -print -quit)" ]; then
     log "guest kernel: $(cat "$GUEST_DIR/VERSION")"
     return 0
   fi
@@ -230,10 +232,14 @@ install_guest_kernel() {
   local tmp; tmp=$(mktemp -d /tmp/away-kernel.XXXXXX)
   log "downloading $pkg (only vmlinuz is extracted; the package is not installed)"
   (cd "$tmp" && apt-get -o APT::Sandbox::User=root download -q "$pkg")
-  # vmlinuz, and the NIC modules the VM init loads: Debian builds virtio-net as a module
+  # vmlinuz, and the modules the VM init loads: Debian builds virtio-net as a module; a VM
+  # with a disk also loads virtio_blk and ext4 (with jbd2, mbcache, crc16, crc32c)
   dpkg-deb --fsys-tarfile "$tmp"/*.deb | tar -C "$tmp" -xf - --wildcards './boot/vmlinuz-*' './boot/config-*' \
     './lib/modules/*/kernel/drivers/virtio/*.ko' './lib/modules/*/kernel/drivers/net/virtio_net.ko' \
-    './lib/modules/*/kernel/drivers/net/net_failover.ko' './lib/modules/*/kernel/net/core/failover.ko'
+    './lib/modules/*/kernel/drivers/net/net_failover.ko' './lib/modules/*/kernel/net/core/failover.ko' \
+    './lib/modules/*/kernel/drivers/block/virtio_blk.ko' './lib/modules/*/kernel/fs/ext4/ext4.ko' \
+    './lib/modules/*/kernel/fs/jbd2/jbd2.ko' './lib/modules/*/kernel/fs/mbcache.ko' \
+    './lib/modules/*/kernel/lib/crc16.ko' './lib/modules/*/kernel/crypto/crc32c_generic.ko'
   mkdir -p "$GUEST_DIR"
   rm -rf "$GUEST_DIR/modules"; mkdir -p "$GUEST_DIR/modules"
   cp -a "$tmp"/lib/modules/*/kernel "$GUEST_DIR/modules/"

@@ -90,6 +90,22 @@ pub fn require_vm_host() -> bool {
         )
 }
 
+/// PIDs of live processes (QEMUs) whose command line names a path under `dir`: what a
+/// VM test started there, to kill at its end.
+pub fn qemu_pids_in(dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.display());
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(&needle)
+        })
+        .collect()
+}
+
 /// Require a unix socket that answers at `path` (e.g. containerd's or dockerd's).
 pub fn require_socket(path: &str, daemon: &str) -> bool {
     let ok = std::os::unix::net::UnixStream::connect(path).is_ok();

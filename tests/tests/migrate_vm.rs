@@ -149,6 +149,7 @@ fn spec(name: &str, host_port: u16, mib: u64) -> WorkloadSpec {
         user: None,
         capabilities: Default::default(),
         seccomp: Default::default(),
+        disk: None,
     }
 }
 

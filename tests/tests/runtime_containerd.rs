@@ -42,6 +42,7 @@ fn spec(name: &str, env: &[(&str, String)], port: Option<u16>) -> WorkloadSpec {
         user: None,
         capabilities: Default::default(),
         seccomp: Default::default(),
+        disk: None,
     }
 }
 

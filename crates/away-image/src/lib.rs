@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod build;
+pub mod disk;
 pub mod read;
 pub mod recipe;
 pub mod tree;
@@ -15,5 +16,8 @@ pub mod vm;
 
 pub use archive::{read_image_tar, ArchiveError, ArchiveFormat, Image, ReadImage};
 pub use build::{build, build_to_dir, BuildError, BuildOptions, Built};
+pub use disk::{write_disk_image, DiskImage};
 pub use recipe::{Recipe, RecipeError};
-pub use vm::{overrides_cpio, write_vm_artifact, BootSpec, VmArtifact, VmError, VmOptions};
+pub use vm::{
+    overrides_cpio, overrides_cpio_with_disk, write_vm_artifact, BootSpec, GuestDisk, VmArtifact, VmError, VmOptions,
+};

@@ -37,6 +37,8 @@ pub enum VmError {
     Module { name: String, dir: PathBuf },
     #[error("the image has no ENTRYPOINT or CMD: nothing to start in the VM")]
     NoCommand,
+    #[error("disk image: {0}")]
+    Disk(String),
 }
 
 /// Version of the init script and initramfs layout: caches of VM artifacts key on it
@@ -249,7 +251,68 @@ fi
 /// serve every workload. Deterministic: the same overrides give the same bytes, which
 /// a live migration's destination relies on (its initrd must match the source's).
 pub fn overrides_cpio(env: &std::collections::BTreeMap<String, String>, argv: Option<&[String]>) -> Vec<u8> {
+    overrides_cpio_with_disk(env, argv, None)
+}
+
+/// Modules a VM with a disk loads (dependencies resolved from the modules directory):
+/// the virtio block driver, ext4, and crc32c for ext4's metadata checksums (the kernel
+/// would ask modprobe for it, and the initramfs has none).
+pub const DISK_MODULES: [&str; 3] = ["crc32c_generic", "virtio_blk", "ext4"];
+
+/// The guest side of a VM's disk: the modules to load and where to mount it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestDisk {
+    /// (name, `.ko` bytes) in load order, dependencies first.
+    pub modules: Vec<(String, Vec<u8>)>,
+    /// Mount point of the disk's ext4 file system; None: the device only (`/dev/vda`).
+    pub mount: Option<String>,
+}
+
+impl GuestDisk {
+    /// [`DISK_MODULES`] from `modules_dir` (the guest kernel's modules, see [`VmOptions`]).
+    pub fn load(modules_dir: &Path, mount: Option<&str>) -> Result<GuestDisk, VmError> {
+        let names: Vec<String> = DISK_MODULES.iter().map(|m| m.to_string()).collect();
+        let mut modules = Vec::new();
+        for (name, path) in resolve_modules(modules_dir, &names)? {
+            let data = std::fs::read(&path).map_err(|source| VmError::Io { action: "read", path, source })?;
+            modules.push((name, data));
+        }
+        Ok(GuestDisk { modules, mount: mount.map(str::to_string) })
+    }
+
+    /// The lines `overrides.sh` runs for the disk: load the modules (one the init loaded
+    /// already fails quietly), wait for `/dev/vda`, mount it.
+    fn script(&self) -> String {
+        let mut s = String::from("# the workload's disk\n");
+        for (m, _) in &self.modules {
+            s.push_str(&format!("$B insmod /.away/disk/{m}.ko 2>/dev/null\n"));
+        }
+        s.push_str(
+            "i=0\nwhile [ ! -b /dev/vda ] && [ $i -lt 100 ]; do $B sleep 0.1; i=$((i+1)); done\n\
+             [ -b /dev/vda ] || echo \"away-init: no disk at /dev/vda\"\n",
+        );
+        if let Some(m) = &self.mount {
+            let m = sh_quote(m);
+            s.push_str(&format!(
+                "$B mkdir -p {m} && $B mount -t ext4 /dev/vda {m} && echo \"away-init: disk mounted on \"{m} || \
+                 echo \"away-init: mount /dev/vda on \"{m}\" failed\"\n"
+            ));
+        }
+        s
+    }
+}
+
+/// [`overrides_cpio`], and when `disk` is set the disk's modules (`/.away/disk/*.ko`)
+/// with the lines that load them and mount the disk before the app starts.
+pub fn overrides_cpio_with_disk(
+    env: &std::collections::BTreeMap<String, String>,
+    argv: Option<&[String]>,
+    disk: Option<&GuestDisk>,
+) -> Vec<u8> {
     let mut script = String::from("# workload overrides, written by away\n");
+    if let Some(d) = disk {
+        script.push_str(&d.script());
+    }
     for (k, v) in env {
         if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             script.push_str(&format!("export {k}={}\n", sh_quote(v)));
@@ -259,16 +322,31 @@ pub fn overrides_cpio(env: &std::collections::BTreeMap<String, String>, argv: Op
         let quoted: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
         script.push_str(&format!("set -- {}\n", quoted.join(" ")));
     }
+    // (name, mode, data); overrides.sh keeps inode 1, as before disks (the same bytes
+    // for a workload without one)
+    let mut files: Vec<(String, u32, &[u8])> = Vec::new();
+    if let Some(d) = disk {
+        files.push((".away/disk".into(), 0o040755, &[]));
+        files.extend(d.modules.iter().map(|(m, data)| (format!(".away/disk/{m}.ko"), 0o100644, data.as_slice())));
+    }
     let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::new(6));
     let write = |gz: &mut dyn Write| -> std::io::Result<()> {
-        let mut w = cpio::newc::Builder::new(".away/overrides.sh")
-            .ino(1)
-            .mode(0o100644)
-            .nlink(1)
-            .mtime(0)
-            .write(&mut *gz, script.len() as u32);
-        w.write_all(script.as_bytes())?;
-        w.finish()?;
+        let mut put = |name: &str, ino: u32, mode: u32, data: &[u8]| -> std::io::Result<()> {
+            let nlink = if mode & 0o040000 != 0 { 2 } else { 1 };
+            let mut w = cpio::newc::Builder::new(name)
+                .ino(ino)
+                .mode(mode)
+                .nlink(nlink)
+                .mtime(0)
+                .write(&mut *gz, data.len() as u32);
+            w.write_all(data)?;
+            w.finish()?;
+            Ok(())
+        };
+        for (i, (name, mode, data)) in files.iter().enumerate() {
+            put(name, i as u32 + 2, *mode, data)?;
+        }
+        put(".away/overrides.sh", 1, 0o100644, script.as_bytes())?;
         cpio::newc::trailer(gz)?;
         Ok(())
     };

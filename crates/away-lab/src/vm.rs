@@ -315,6 +315,7 @@ fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec
         user: None,
         capabilities: Default::default(),
         seccomp: Default::default(),
+        disk: None,
     }
 }
 

@@ -32,8 +32,8 @@ pub use node::{Accel, Arch, CpuInfo, CpuVendor, HypervisorInfo, LinkInfo, NodeIn
 pub use predict::{MoveKind, MovePlan, MovePrediction, PhaseCosts, PredictionInputs};
 pub use size::{ByteSize, ByteSizeError};
 pub use spec::{
-    capability_name, Capabilities, FieldError, PlacementConstraints, PortMapping, Resources, RuntimeKind, Seccomp,
-    SpecError, SpecFormat, WorkloadKind, WorkloadSpec, ALL_CAPABILITIES, DEFAULT_CAPABILITIES,
+    capability_name, Capabilities, DiskSpec, FieldError, PlacementConstraints, PortMapping, Resources, RuntimeKind,
+    Seccomp, SpecError, SpecFormat, WorkloadKind, WorkloadSpec, ALL_CAPABILITIES, DEFAULT_CAPABILITIES,
 };
 pub use wire::{ApiError, ErrorCode};
 pub use workload::{

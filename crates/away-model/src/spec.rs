@@ -170,6 +170,38 @@ pub struct WorkloadSpec {
     /// The system call filter of a container.
     #[serde(default, skip_serializing_if = "Seccomp::is_default")]
     pub seccomp: Seccomp,
+    /// A writable disk (VMs only): a copy-on-write overlay on a base image of the
+    /// node's disk store. What the guest writes lives in the overlay, and moves with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskSpec>,
+}
+
+/// A VM's disk: a base image named by digest (qcow2 or raw, in the node's disk store,
+/// `away disk import`) and the size the guest sees. The VM writes only to its own
+/// qcow2 overlay on that base (docs/vm.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// `sha256:<64 hex>` of the base image file.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^sha256:[0-9a-f]{64}$"))]
+    pub base: String,
+    /// The disk's size as the guest sees it (at least the base image's size).
+    #[cfg_attr(feature = "openapi", schema(example = "256Mi"))]
+    pub size: ByteSize,
+    /// Where the guest mounts the disk's ext4 file system; unset: the guest gets the
+    /// block device (`/dev/vda`) and mounts nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(example = "/data"))]
+    pub mount: Option<String>,
+}
+
+impl DiskSpec {
+    /// The hex part of [`DiskSpec::base`], when it is a well-formed digest.
+    pub fn base_hex(&self) -> Option<&str> {
+        let hex = self.base.strip_prefix("sha256:")?;
+        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(hex)
+    }
 }
 
 /// Capabilities added to or dropped from the default set (Docker's fourteen: CHOWN,
@@ -468,6 +500,26 @@ impl WorkloadSpec {
         if self.kind == WorkloadKind::Container && self.placement.runtime == Some(RuntimeKind::Qemu) {
             bad("placement.runtime", "kind container cannot run on qemu; use kind vm or auto".into());
         }
+        if let Some(disk) = &self.disk {
+            if self.kind != WorkloadKind::Vm {
+                bad("kind", "a workload with a disk is a vm: set kind: vm".into());
+            }
+            if disk.base_hex().is_none() {
+                bad("disk.base", format!("{:?} is not a digest; write sha256:<64 lower-case hex>", disk.base));
+            }
+            if disk.size < ByteSize::mib(1) {
+                bad("disk.size", format!("{} is too small; at least 1Mi", disk.size));
+            }
+            if let Some(m) = &disk.mount {
+                let ok = m.starts_with('/')
+                    && m != "/"
+                    && !m.split('/').any(|p| p == "..")
+                    && m.bytes().all(|b| b.is_ascii_graphic() && b != b'\'' && b != b'\\');
+                if !ok {
+                    bad("disk.mount", format!("{m:?} is not a mount point; write an absolute path such as /data"));
+                }
+            }
+        }
         errors
     }
 }
@@ -618,6 +670,25 @@ placement:
 
     fn parse_yaml(text: &str) -> Result<WorkloadSpec, SpecError> {
         WorkloadSpec::parse(text, SpecFormat::Yaml, "test.yaml")
+    }
+
+    #[test]
+    fn a_disk_names_a_digest_a_size_and_a_mount_point_and_needs_kind_vm() {
+        let hex = "ab".repeat(32);
+        let s = parse_yaml(&format!(
+            "name: a\nimage: x\nkind: vm\ndisk:\n  base: sha256:{hex}\n  size: 256Mi\n  mount: /data\n"
+        ))
+        .unwrap();
+        let d = s.disk.unwrap();
+        assert_eq!((d.base_hex(), d.size, d.mount.as_deref()), (Some(hex.as_str()), ByteSize::mib(256), Some("/data")));
+        let e = parse_yaml(&format!("name: a\nimage: x\ndisk:\n  base: sha256:{hex}\n  size: 1Mi\n")).unwrap_err();
+        assert!(e.to_string().contains("kind") && e.to_string().contains("set kind: vm"), "{e}");
+        let e = parse_yaml("name: a\nimage: x\nkind: vm\ndisk:\n  base: latest\n  size: 64Ki\n  mount: data/../x\n")
+            .unwrap_err()
+            .to_string();
+        for want in ["disk.base", "is not a digest", "disk.size", "too small", "disk.mount", "not a mount point"] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub enum Command {
     /// Examples:
     ///   away image build images/counter -o out/
     ///   away image build images/memload -o out/ --vm        # also the VM boot artifact
+    ///   away image build examples/diskcounter -o out/ --disk 64Mi   # also a VM disk (docs/vm.md)
     ///   docker load -i out/counter.tar
     ///   ctr -n default images import out/counter.tar
     #[command(verbatim_doc_comment)]
@@ -75,6 +76,12 @@ pub struct BuildArgs {
     /// Also write the VM boot artifact (as `away image vm` does)
     #[arg(long)]
     vm: bool,
+    /// Also write OUT/<app>.disk.qcow2, a VM disk of SIZE (e.g. 64Mi): ext4 holding the
+    /// image's root filesystem. Stored as a base image in the disk store
+    /// ($AWAY_STATE_DIR/disks) unless --no-store; a spec names it by the digest printed
+    /// (`disk: {base: sha256:..., size: 256Mi, mount: /data}`)
+    #[arg(long, value_name = "SIZE")]
+    disk: Option<away_model::ByteSize>,
     /// Do not add the image to the local image store ($AWAY_STATE_DIR/images), where
     /// `away run` and specs find it by reference
     #[arg(long)]
@@ -170,6 +177,17 @@ struct BuildReport {
     seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     vm: Option<away_image::VmArtifact>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk: Option<DiskReport>,
+}
+
+#[derive(Serialize)]
+struct DiskReport {
+    #[serde(flatten)]
+    image: away_image::DiskImage,
+    /// What a spec's `disk.base` names.
+    digest: String,
+    stored: bool,
 }
 
 fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
@@ -186,6 +204,24 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let disk = match a.disk {
+        Some(size) => {
+            let out = a.out.join(format!("{}.disk.qcow2", built.app));
+            progress(&format!("writing {} (ext4, {size})", out.display()));
+            let image = away_image::write_disk_image(&built.image, &out, size.bytes())?;
+            let digest = if a.no_store {
+                away_runtime::qemu::disk::file_digest(&out)?
+            } else {
+                let paths = away_runtime::host::HostPaths::default();
+                let store = away_runtime::qemu::DiskStore::new(paths.state_dir.join("disks"), &paths.qemu);
+                let base = store.import(&out)?;
+                progress(&format!("stored in {}", store.dir.display()));
+                base.digest
+            };
+            Some(DiskReport { image, digest, stored: !a.no_store })
+        }
+        None => None,
+    };
     let report = BuildReport {
         app: built.app.clone(),
         tag: built.image.tags.first().cloned().unwrap_or_default(),
@@ -196,6 +232,7 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         layers: layer_reports(&built.image)?,
         seconds: start.elapsed().as_secs_f64(),
         vm,
+        disk,
     };
     if a.json {
         print_json(&report)?;
@@ -205,6 +242,15 @@ fn build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         println!("  size     {} in {} layer(s)", human(report.size_bytes), report.layers.len());
         if let Some(vm) = &report.vm {
             print_vm(vm);
+        }
+        if let Some(d) = &report.disk {
+            println!(
+                "VM disk {} ({} ext4, {} file)",
+                d.image.path.display(),
+                human(d.image.virtual_size),
+                human(d.image.file_bytes)
+            );
+            println!("  digest   {}{}", d.digest, if d.stored { " (in the disk store)" } else { "" });
         }
     }
     Ok(ExitCode::SUCCESS)

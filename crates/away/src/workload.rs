@@ -163,6 +163,7 @@ fn spec_from(a: &RunArgs) -> anyhow::Result<WorkloadSpec> {
             user: None,
             capabilities: Default::default(),
             seccomp: Default::default(),
+            disk: None,
         }
     };
     if let Some(n) = &a.name {

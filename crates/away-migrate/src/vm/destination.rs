@@ -8,7 +8,7 @@ use away_runtime::qemu::qmp::commands::{
     Command, Cont, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, MigrationStatus, QmpCapabilities,
     QueryMigrate,
 };
-use away_runtime::qemu::{QemuRuntime, Qmp, QmpError, VmFiles};
+use away_runtime::qemu::{BaseImage, QemuRuntime, Qmp, QmpError, VmFiles};
 use away_runtime::{ResolvedImage, Runtime, RuntimeError};
 
 use super::{log_tail, Side, VmMigrateError, VmMigrationOptions, QMP_TIMEOUT};
@@ -30,6 +30,8 @@ pub struct Destination {
     /// When [`Destination::wait_resumed`] first found the held guest complete (a lease
     /// counts from here: never later than the source hears it).
     ready_at: Option<Instant>,
+    /// The port the VM's disk overlay is exported on over NBD, while it is.
+    disk_port: Option<u16>,
 }
 
 impl std::fmt::Debug for Destination {
@@ -59,6 +61,11 @@ impl Destination {
 
     fn qmp_err(&self, command: &str, source: QmpError) -> VmMigrateError {
         VmMigrateError::Qmp { workload: self.name.clone(), side: Side::Destination, command: command.into(), source }
+    }
+
+    /// The port this destination exports its disk on (NBD), while it does.
+    pub fn disk_port(&self) -> Option<u16> {
+        self.disk_port
     }
 
     /// Whether the guest is held paused for its source's commit (not released yet).
@@ -142,6 +149,11 @@ impl Destination {
             source,
         };
         q.take_events();
+        if self.disk_port.is_some() {
+            // the mirror completed before the switchover: nothing may write here but the guest
+            super::disk::unexport(q, &name).await?;
+            self.disk_port = None;
+        }
         q.execute(&Cont).await.map_err(|e| err(Cont::NAME, e))?;
         let deadline = Instant::now() + QMP_TIMEOUT;
         loop {
@@ -203,8 +215,16 @@ pub async fn prepare_destination(
         .await
         .map_err(|source| VmMigrateError::Runtime { workload: name.clone(), op: "start the destination vm", source })?;
     let listen = format!("tcp:{}:{listen_port}", opts.listen_host);
-    let mut dest =
-        Destination { runtime: target.clone(), name: name.clone(), files, listen, qmp: None, held, ready_at: None };
+    let mut dest = Destination {
+        runtime: target.clone(),
+        name: name.clone(),
+        files,
+        listen,
+        qmp: None,
+        held,
+        ready_at: None,
+        disk_port: None,
+    };
     let configured = async {
         let socket = dest.files.qmp_socket();
         let mut q = Qmp::connect(&socket, QMP_TIMEOUT).await.map_err(|e| dest.qmp_err(QmpCapabilities::NAME, e))?;
@@ -226,6 +246,12 @@ pub async fn prepare_destination(
                 reason: format!("listen on {}: {}", dest.listen, info.error_desc.unwrap_or_default()),
             });
         }
+        if spec.disk.is_some() {
+            let port = disk_port(opts, listen_port);
+            let tls = opts.disk_tls.as_ref().map(|t| (t.target_identity.as_path(), t.source_node.as_str()));
+            super::disk::export(&mut q, &dest.name, &dest.files.dir, &opts.listen_host, port, tls).await?;
+            dest.disk_port = Some(port);
+        }
         q.take_events();
         Ok(q)
     }
@@ -242,6 +268,14 @@ pub async fn prepare_destination(
             }
             Err(e)
         }
+    }
+}
+
+/// The port a destination migrating on `listen_port` exports a disk on.
+fn disk_port(opts: &VmMigrationOptions, listen_port: u16) -> u16 {
+    match opts.disk_port {
+        0 => listen_port.wrapping_add(1),
+        p => p,
     }
 }
 
@@ -268,6 +302,23 @@ pub trait VmTarget: Send {
     async fn confirm(&mut self) -> VmCommit;
     /// Remove the destination.
     async fn abort(&mut self) -> Result<(), VmMigrateError>;
+    /// Make sure the target node has the base image of the VM's disk, copying it when
+    /// missing (checked by digest). Ok(true): it was copied. A target that cannot take
+    /// a disk says so (the move is refused before anything starts).
+    async fn ensure_base(&mut self, base: &BaseImage) -> Result<bool, VmMigrateError> {
+        Err(VmMigrateError::Invalid {
+            field: "disk".into(),
+            reason: format!(
+                "{} cannot take a vm disk (base {}): moving a vm with a disk between agents is not implemented yet",
+                self.describe(),
+                base.digest
+            ),
+        })
+    }
+    /// Where the prepared destination exports the VM's disk over NBD (host, port).
+    fn disk_export(&self, _opts: &VmMigrationOptions) -> Option<(String, u16)> {
+        None
+    }
 }
 
 /// Where a prepared destination takes the stream ([`VmTarget::prepare`]).
@@ -348,4 +399,32 @@ impl VmTarget for LocalVmTarget {
             None => Ok(()),
         }
     }
+
+    async fn ensure_base(&mut self, base: &BaseImage) -> Result<bool, VmMigrateError> {
+        copy_base(&self.runtime, base)
+    }
+
+    fn disk_export(&self, opts: &VmMigrationOptions) -> Option<(String, u16)> {
+        let port = self.dest.as_ref()?.disk_port()?;
+        Some((opts.target_host.clone(), port))
+    }
+}
+
+/// Put `base` (a file of this host) into `target`'s disk store unless it is there;
+/// the copy is hashed on the way and must have the same digest. Ok(true): copied.
+pub fn copy_base(target: &QemuRuntime, base: &BaseImage) -> Result<bool, VmMigrateError> {
+    let store = target.disk_store();
+    if store.contains(&base.digest) {
+        return Ok(false);
+    }
+    let err = |source| VmMigrateError::Runtime { workload: String::new(), op: "copy the disk's base image", source };
+    let copied = store.import(&base.path).map_err(err)?;
+    if copied.digest != base.digest {
+        return Err(VmMigrateError::Invalid {
+            field: "disk.base".into(),
+            reason: format!("{} has digest {}, not {}", base.path.display(), copied.digest, base.digest),
+        });
+    }
+    tracing::info!("disk base {} copied to {}", base.digest, store.dir.display());
+    Ok(true)
 }

@@ -27,11 +27,14 @@
 //! hosts that figure is only as good as their clock sync (NTP/PTP); when it comes out
 //! negative, QEMU's figure is reported instead.
 //!
-//! Disks: away's VMs boot from kernel + initramfs and have no block devices, so there
-//! is nothing to copy. A VM that has a writable disk is refused (QEMU 10 removed block
-//! migration; mirroring over NBD is not implemented here).
+//! Disks: a VM with a disk (its spec's `disk`, an overlay on a base image) moves it
+//! without shared storage: the destination exports an empty overlay on the same base
+//! over NBD and the source mirrors its overlay into it, completing the mirror while the
+//! migration waits before its switchover ([`disk`], docs/vm.md). [`live_migrate`] alone
+//! (no mirror) refuses a VM with a writable disk.
 
 mod destination;
+pub mod disk;
 mod info;
 mod options;
 mod source;
@@ -45,10 +48,11 @@ use away_runtime::qemu::{QemuRuntime, QmpError};
 use away_runtime::{ResolvedImage, Runtime, RuntimeError};
 use serde::{Deserialize, Serialize};
 
-pub use destination::{prepare_destination, Destination, LocalVmTarget, VmCommit, VmListen, VmTarget};
+pub use destination::{copy_base, prepare_destination, Destination, LocalVmTarget, VmCommit, VmListen, VmTarget};
+pub use disk::{DiskMirror, DiskTls};
 pub use info::{VmMigrationOutcome, VmProgress};
 pub use options::VmMigrationOptions;
-pub use source::live_migrate;
+pub use source::{live_migrate, live_migrate_with_disk};
 use source::{quit_source, read_record, resume_source};
 pub use tls::VmTls;
 
@@ -246,6 +250,26 @@ pub async fn migrate_vm_to(
             p.host = Some(*host);
         }
     }
+    let mut base_note = String::new();
+    if let Some(d) = &spec.disk {
+        if opts.postcopy {
+            return Err(VmMigrateError::Invalid {
+                field: "postcopy".into(),
+                reason: "a vm with a disk moves with pre-copy only (its mirror completes before the switchover)".into(),
+            });
+        }
+        let base = source.disk_store().find(&d.base).map_err(|source| VmMigrateError::Runtime {
+            workload: name.into(),
+            op: "find the disk's base image",
+            source,
+        })?;
+        let copied = target.ensure_base(&base).await?;
+        base_note = format!(
+            "; disk base {} {}",
+            base.digest,
+            if copied { "copied to the target" } else { "already on the target" }
+        );
+    }
     let listen = target.prepare(&spec, image, opts).await?;
     let dest = target;
     if listen.tls != tls.is_some() {
@@ -266,6 +290,32 @@ pub async fn migrate_vm_to(
     let uri = listen.uri;
     report.phases.push(phase_of("prepare-destination", phase));
 
+    // disk-mirror: the overlay's blocks into the destination's empty overlay, until in sync
+    let mut mirror = None;
+    if spec.disk.is_some() {
+        let phase = Instant::now();
+        let started = match dest.disk_export(opts) {
+            Some((host, port)) => {
+                let (tls, speed) = (opts.disk_tls.as_ref(), opts.disk_mirror_bytes_per_s);
+                disk::start_mirror(source, name, &host, port, tls, speed, opts.timeout).await
+            }
+            None => Err(VmMigrateError::Invalid {
+                field: "disk".into(),
+                reason: format!("{} exports no disk", dest.describe()),
+            }),
+        };
+        report.phases.push(phase_of("disk-mirror", phase));
+        match started {
+            Ok(m) => mirror = Some(m),
+            Err(e) => {
+                if let Err(cleanup) = dest.abort().await {
+                    tracing::warn!(workload = name, "cannot remove the destination: {}", error_chain(&cleanup));
+                }
+                return Err(aborted(report, e));
+            }
+        }
+    }
+
     // migrate: pre-copy (and post-copy) driven from the source.
     let phase = Instant::now();
     // The last sample, for the bytes a failed migration sent.
@@ -274,10 +324,14 @@ pub async fn migrate_vm_to(
         *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(p.clone());
         progress(p);
     };
-    let outcome = match live_migrate(source, name, &uri, opts, tls, track).await {
+    let outcome = match live_migrate_with_disk(source, name, &uri, opts, tls, mirror.as_mut(), track).await {
         Ok(o) => o,
         Err(e) => {
             report.phases.push(phase_of("migrate", phase));
+            if mirror.is_some() && !matches!(e, VmMigrateError::PostcopyBroken { .. }) {
+                // the source keeps its own disk; the mirror (if still running) goes
+                disk::abort_mirror(source, name).await;
+            }
             if let Some(p) = last.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                 report.bytes_wire = p.transferred;
             }
@@ -360,7 +414,7 @@ pub async fn migrate_vm_to(
     report.reason = format!(
         "{}; downtime {:.1} ms ({how}; on two hosts this needs synced clocks), qemu's own downtime {} ms (ends when \
          the last bytes enter the socket); qemu total {} ms, setup {} ms; {} pass(es), {}; {} bytes on the wire for \
-         {} bytes of ram; destination {}{notes}",
+         {} bytes of ram{}; destination {}{notes}",
         report.reason,
         downtime.as_secs_f64() * 1000.0,
         outcome.qemu_downtime.as_millis(),
@@ -376,6 +430,15 @@ pub async fn migrate_vm_to(
         },
         outcome.bytes_wire,
         outcome.ram_total,
+        match mirror {
+            Some(m) => format!(
+                "; disk: {} bytes of overlay mirrored over nbd ({} until in sync after {} ms){base_note}",
+                m.total_bytes,
+                m.ready_bytes,
+                m.ready_after.as_millis()
+            ),
+            None => String::new(),
+        },
         placed,
     );
     tracing::info!(workload = name, "vm migrated: {}", report.reason);

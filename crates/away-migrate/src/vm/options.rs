@@ -58,6 +58,16 @@ pub struct VmMigrationOptions {
     pub target_ports: BTreeMap<u16, u16>,
     /// How often `query-migrate` is polled (and progress reported).
     pub poll_interval: Duration,
+    /// Port the destination exports a VM's disk on over NBD (0: the migration port + 1).
+    #[serde(default)]
+    pub disk_port: u16,
+    /// Cap on the disk mirror's copy rate (bytes/s; `blockdev-mirror`'s `speed`).
+    #[serde(default)]
+    pub disk_mirror_bytes_per_s: Option<u64>,
+    /// TLS with the nodes' identities for the disk's NBD connection (docs/vm.md);
+    /// paths of this host, never sent.
+    #[serde(skip)]
+    pub disk_tls: Option<super::disk::DiskTls>,
 }
 
 impl Default for VmMigrationOptions {
@@ -77,6 +87,9 @@ impl Default for VmMigrationOptions {
             target_host: "127.0.0.1".into(),
             target_ports: BTreeMap::new(),
             poll_interval: Duration::from_millis(100),
+            disk_port: 0,
+            disk_mirror_bytes_per_s: None,
+            disk_tls: None,
         }
     }
 }

@@ -4,9 +4,11 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use away_model::error_chain;
+use away_runtime::qemu::qmp::block::MigrateContinue;
 use away_runtime::qemu::qmp::commands::{
     Command, Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy,
-    MigrationInfo, MigrationStatus, QmpCapabilities, QueryBlock, QueryMigrate, QueryStatus, Quit,
+    MigrationCapability, MigrationCapabilityStatus, MigrationInfo, MigrationStatus, QmpCapabilities, QueryBlock,
+    QueryMigrate, QueryStatus, Quit,
 };
 use away_runtime::qemu::{pid_alive, QemuRuntime, Qmp, QmpError, VmRecord};
 use away_runtime::{Runtime, RuntimeError};
@@ -29,6 +31,22 @@ pub async fn live_migrate(
     tls: Option<&super::VmTls>,
     progress: impl Fn(VmProgress) + Send + Sync,
 ) -> Result<VmMigrationOutcome, VmMigrateError> {
+    live_migrate_with_disk(source, name, dest_uri, opts, tls, None, progress).await
+}
+
+/// [`live_migrate`] of a VM whose disk is being mirrored to the destination (`mirror`,
+/// started and ready, see [`super::disk`]): the migration pauses before its switchover,
+/// the mirror is completed there (`mirror.total_bytes` set), then it goes on. Without a
+/// mirror, a VM with a writable disk is refused.
+pub async fn live_migrate_with_disk(
+    source: &QemuRuntime,
+    name: &str,
+    dest_uri: &str,
+    opts: &VmMigrationOptions,
+    tls: Option<&super::VmTls>,
+    mut mirror: Option<&mut super::disk::DiskMirror>,
+    progress: impl Fn(VmProgress) + Send + Sync,
+) -> Result<VmMigrationOutcome, VmMigrateError> {
     opts.validate()?;
     let files = source.files(name);
     if !files.record().is_file() {
@@ -49,7 +67,9 @@ pub async fn live_migrate(
     if state != "running" {
         return Err(VmMigrateError::SourceNotRunning { workload: name.into(), state });
     }
-    refuse_disks(&mut q, name).await?;
+    if mirror.is_none() {
+        refuse_disks(&mut q, name).await?;
+    }
     let info = q.execute(&QueryMigrate).await.map_err(|e| qmp_err(QueryMigrate::NAME, e))?;
     if info.status.is_migrating() {
         return Err(VmMigrateError::Failed {
@@ -59,6 +79,15 @@ pub async fn live_migrate(
         });
     }
     q.execute(&opts.source_capabilities()).await.map_err(|e| qmp_err(MigrateSetCapabilities::NAME, e))?;
+    // set either way: a reused QEMU does not keep an earlier move's pause
+    let pause = MigrateSetCapabilities {
+        capabilities: vec![MigrationCapabilityStatus {
+            capability: MigrationCapability::PauseBeforeSwitchover,
+            state: mirror.is_some(),
+        }],
+    };
+    q.execute(&pause).await.map_err(|e| qmp_err(MigrateSetCapabilities::NAME, e))?;
+    let mut switched = false;
     let params = opts.source_parameters();
     if !params.is_empty() {
         q.execute(&params).await.map_err(|e| qmp_err(MigrateSetParameters::NAME, e))?;
@@ -116,6 +145,20 @@ pub async fn live_migrate(
             MigrationStatus::Failed | MigrationStatus::Cancelled => {
                 let reason = info.error_desc.unwrap_or_else(|| "no reason given".into());
                 break VmMigrateError::Failed { workload: name.into(), status: status.to_string(), reason };
+            }
+            MigrationStatus::PreSwitchover if !switched => {
+                // the source is paused: complete the disk's mirror, then switch over
+                switched = true;
+                if let Some(m) = mirror.as_deref_mut() {
+                    match super::disk::complete_mirror(&mut q, name).await {
+                        Ok(total) => m.total_bytes = total,
+                        Err(e) => break e,
+                    }
+                }
+                if let Err(e) = q.execute(&MigrateContinue { state: "pre-switchover" }).await {
+                    break qmp_err(MigrateContinue::NAME, e);
+                }
+                continue;
             }
             MigrationStatus::PostcopyPaused
             | MigrationStatus::PostcopyRecoverSetup

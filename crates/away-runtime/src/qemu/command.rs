@@ -61,6 +61,9 @@ pub struct VmLaunch {
     /// When the workload overrides env or command: the shared artifact initrd and the
     /// overrides cpio that `initrd` (in the workload's dir) is made of, at start.
     pub initrd_overrides: Option<(PathBuf, Vec<u8>)>,
+    /// The workload's disk and its overlay (in `files.dir`): a virtio-blk device on
+    /// the overlay's qcow2 node [`super::DISK_NODE`] (its backing base opened read-only).
+    pub disk: Option<(away_model::DiskSpec, PathBuf)>,
 }
 
 impl VmLaunch {
@@ -91,6 +94,7 @@ impl VmLaunch {
             incoming: None,
             paused: false,
             initrd_overrides: None,
+            disk: None,
         }
     }
 
@@ -151,6 +155,20 @@ impl VmLaunch {
             path(&f.qemu_log()),
             "-daemonize".into(),
         ];
+        if let Some((_, overlay)) = &self.disk {
+            // -blockdev names the qcow2 node, so a migration can mirror from it and
+            // export it; part of the machine's configuration like every device
+            a.extend([
+                "-blockdev".into(),
+                format!(
+                    "driver=qcow2,node-name={},file.driver=file,file.filename={}",
+                    super::DISK_NODE,
+                    path(overlay).replace(',', ",,")
+                ),
+                "-device".into(),
+                format!("virtio-blk-pci,drive={},id=vda", super::DISK_NODE),
+            ]);
+        }
         if let Some(i) = &self.incoming {
             a.extend(["-incoming".into(), i.clone()]);
         }

@@ -11,6 +11,7 @@
 //! with `-incoming defer` + `migrate-incoming`.
 
 mod command;
+pub mod disk;
 pub mod qmp;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use away_model::{error_chain, Accel, RuntimeInfo, RuntimeKind, WorkloadSpec, Wor
 use serde::{Deserialize, Serialize};
 
 pub use command::{memory_mib, vcpus, VmFiles, VmLaunch};
+pub use disk::{BaseImage, DiskStore, DISK_NODE, OVERLAY_FILE};
 use qmp::commands::{Cont, Migrate, MigrateIncoming, MigrationStatus, QueryMigrate, Quit, Stop, SystemPowerdown};
 pub use qmp::{Qmp, QmpError, QmpEvent};
 
@@ -46,6 +48,8 @@ pub struct QemuRuntime {
     accel: Accel,
     /// Why `accel` (the probe's answer), recorded with every workload.
     accel_reason: String,
+    /// Base images of VM disks (`<host state>/disks` unless set).
+    disks: DiskStore,
 }
 
 /// What `spec.json` holds: enough to explain and to restart the VM.
@@ -77,7 +81,20 @@ pub struct CachedArtifact {
 impl QemuRuntime {
     /// `state_dir` holds one directory per workload (e.g. `/run/away/qemu`).
     pub fn new(state_dir: PathBuf, paths: HostPaths, accel: Accel) -> Self {
-        QemuRuntime { state_dir, paths, accel, accel_reason: format!("{accel} chosen by the caller") }
+        let disks = DiskStore::new(paths.state_dir.join("disks"), &paths.qemu);
+        QemuRuntime { state_dir, paths, accel, accel_reason: format!("{accel} chosen by the caller"), disks }
+    }
+
+    /// Keep base disk images in `dir` instead of `<host state>/disks` (two nodes on one
+    /// host, each with its own store).
+    pub fn with_disk_store(mut self, dir: PathBuf) -> Self {
+        self.disks = DiskStore::new(dir, &self.paths.qemu);
+        self
+    }
+
+    /// The node's base disk images.
+    pub fn disk_store(&self) -> &DiskStore {
+        &self.disks
     }
 
     /// Record why `accel` was chosen (shown in status and spec.json).
@@ -134,11 +151,30 @@ impl QemuRuntime {
 
     /// The QEMU launch of `spec` from `artifact` in its state directory. A spec that sets
     /// env or a command boots the artifact's initrd with an overrides cpio appended.
-    pub fn launch(&self, spec: &WorkloadSpec, image: &ResolvedImage, artifact: &CachedArtifact) -> VmLaunch {
+    /// A spec with a disk gets its overlay (created at start) and the guest's disk
+    /// modules and mount in the overrides cpio.
+    pub fn launch(
+        &self,
+        spec: &WorkloadSpec,
+        image: &ResolvedImage,
+        artifact: &CachedArtifact,
+    ) -> Result<VmLaunch, RuntimeError> {
         let files = self.files(&spec.name);
-        let overrides = (!spec.env.is_empty() || spec.command.is_some()).then(|| {
+        let guest_disk = match &spec.disk {
+            Some(d) => {
+                // the base must be here before anything starts
+                self.disks.find(&d.base)?;
+                let modules_dir = away_image::VmOptions::default().modules_dir;
+                let g = away_image::GuestDisk::load(&modules_dir, d.mount.as_deref())
+                    .map_err(|e| RuntimeError::Unavailable { runtime: KIND, reason: error_chain(&e) })?;
+                Some(g)
+            }
+            None => None,
+        };
+        let overrides = (!spec.env.is_empty() || spec.command.is_some() || guest_disk.is_some()).then(|| {
             let argv = spec.command.as_ref().map(|c| image.argv(Some(c)));
-            (artifact.initrd.clone(), away_image::overrides_cpio(&spec.env, argv.as_deref()))
+            let cpio = away_image::overrides_cpio_with_disk(&spec.env, argv.as_deref(), guest_disk.as_ref());
+            (artifact.initrd.clone(), cpio)
         });
         let initrd = if overrides.is_some() { files.dir.join("initrd.gz") } else { artifact.initrd.clone() };
         let mut launch = VmLaunch::for_spec(
@@ -152,7 +188,8 @@ impl QemuRuntime {
             files,
         );
         launch.initrd_overrides = overrides;
-        launch
+        launch.disk = spec.disk.as_ref().map(|d| (d.clone(), launch.files.dir.join(OVERLAY_FILE)));
+        Ok(launch)
     }
 
     /// Start `spec` as a migration destination: QEMU with the same command line as
@@ -183,13 +220,27 @@ impl QemuRuntime {
     ) -> Result<(VmFiles, VmRecord), RuntimeError> {
         self.precheck(spec)?;
         let artifact = self.artifact(image).await?;
-        let mut launch = self.launch(spec, image, &artifact);
+        let mut launch = self.launch(spec, image, &artifact)?;
         launch.incoming = Some(incoming.to_string());
         launch.paused = paused;
         let mut record = self.record_for(spec, image, &artifact, &launch);
         record.restored_from = restored_from;
         self.start(&launch, &record, "start the migration destination of").await?;
         Ok((launch.files, record))
+    }
+
+    /// Reboot the guest of `name` cold, keeping its disk: QEMU stops (the guest is asked
+    /// to power off first) and starts again with the same command line, on the same
+    /// overlay. What the guest kept in memory is gone, what it wrote to its disk is not.
+    pub async fn reboot(&self, name: &str, image: &ResolvedImage) -> Result<WorkloadStatus, RuntimeError> {
+        let record = self.read_record(name)?;
+        self.stop(name, Duration::from_secs(5)).await?;
+        let artifact = self.artifact(image).await?;
+        let launch = self.launch(&record.spec, image, &artifact)?;
+        let started = Instant::now();
+        let pid = self.spawn_and_wait(&launch, &record, "reboot").await?;
+        tracing::info!(workload = name, pid, "vm rebooted in {:.1} s", started.elapsed().as_secs_f64());
+        Ok(self.status_of(&record).await)
     }
 
     /// Checks that need no VM: name, memory, and nothing of that name yet.
@@ -236,6 +287,12 @@ impl QemuRuntime {
         let result = match &launch.initrd_overrides {
             Some((base, extra)) => write_initrd_with_overrides(base, extra, &launch.initrd),
             None => Ok(()),
+        };
+        // a fresh, empty overlay: a new VM's disk, or a migration destination's (the
+        // source mirrors its blocks into it)
+        let result = match (result, &launch.disk) {
+            (Ok(()), Some((disk, overlay))) => self.disks.create_overlay(disk, overlay).map(|_| ()),
+            (r, _) => r,
         };
         let result = match result {
             Ok(()) => self.spawn_and_wait(launch, record, op).await,
@@ -394,7 +451,7 @@ impl Runtime for QemuRuntime {
         let spec = &req.spec;
         self.precheck(spec)?;
         let artifact = self.artifact(&req.image).await?;
-        let launch = self.launch(spec, &req.image, &artifact);
+        let launch = self.launch(spec, &req.image, &artifact)?;
         let record = self.record_for(spec, &req.image, &artifact, &launch);
         let started = Instant::now();
         let pid = self.start(&launch, &record, "run").await?;

@@ -10,6 +10,7 @@
 //! Every command goes through one typed [`Qmp::execute`]: the command's type names it,
 //! carries its arguments and says what its reply deserializes into.
 
+pub mod block;
 pub mod commands;
 
 use std::collections::VecDeque;

@@ -30,6 +30,7 @@ macro_rules! command {
         }
     };
 }
+pub(crate) use command;
 
 command!(
     /// Leave capabilities negotiation mode (the first command of a session).
@@ -169,6 +170,9 @@ pub enum MigrationCapability {
     Xbzrle,
     Multifd,
     PostcopyRam,
+    /// Stop in `pre-switchover` once the source is paused, until `migrate-continue`
+    /// (a disk mirror is completed there).
+    PauseBeforeSwitchover,
 }
 
 /// QAPI's `MigrationCapabilityStatus`.

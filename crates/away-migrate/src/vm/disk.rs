@@ -1,0 +1,346 @@
+//! The disk of a VM move, without shared storage (docs/vm.md), as libvirt's
+//! copy-storage does it:
+//!
+//! 1. the destination QEMU starts on an empty overlay over the same base image (the
+//!    base copied to its node first when missing, checked by digest), and exports that
+//!    overlay writable over NBD (`nbd-server-start` + `block-export-add`; exporting an
+//!    incoming VM's node activates it);
+//! 2. the source adds an `nbd` block node on that export and mirrors its overlay onto it
+//!    (`blockdev-mirror`, `sync: top`: only the overlay's allocated clusters, not the
+//!    base) until the job is ready (in sync; QEMU keeps it so while the guest writes);
+//! 3. RAM migrates with `pause-before-switchover`: once the source is paused for the
+//!    last RAM copy, the migration waits in `pre-switchover`; the mirror is completed
+//!    there (`block-job-cancel` of a ready mirror leaves the target in sync with the
+//!    paused source and the source on its own disk), the nbd node removed, and only then
+//!    `migrate-continue` lets the destination take over;
+//! 4. the destination stops exporting before its guest runs.
+//!
+//! A failure anywhere before the switchover leaves the source running on its own disk:
+//! the mirror is cancelled (forced), its nbd node removed, and the destination, with
+//! its overlay and export, removed with its state directory.
+//!
+//! With [`DiskTls`] both NBD ends speak TLS with the nodes' identities (x509 from the
+//! broker's CA, `verify-peer` on the server, the server's name checked by the client).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use away_model::error_chain;
+use away_runtime::qemu::qmp::block::{
+    BlockExportAddNbd, BlockExportDel, BlockJobCancel, BlockdevAddNbd, BlockdevDel, BlockdevMirror, Inet, InetAddress,
+    LegacyAddress, NbdServerStart, NbdServerStop, ObjectAddAuthzSimple, ObjectAddTlsCredsX509, QueryBlockJobs,
+};
+use away_runtime::qemu::qmp::commands::Command;
+use away_runtime::qemu::{QemuRuntime, Qmp, QmpError, DISK_NODE};
+
+use super::{Side, VmMigrateError, QMP_TIMEOUT};
+
+/// The destination's export of its overlay (id and NBD export name).
+const EXPORT_ID: &str = "away-mig-disk";
+/// The source's NBD client node and its mirror job.
+const NBD_NODE: &str = "away-mig-nbd";
+const MIRROR_JOB: &str = "away-mig-disk";
+/// The TLS credentials object on either end, and the export's client check.
+const TLS_ID: &str = "away-disk-tls";
+const AUTHZ_ID: &str = "away-disk-authz";
+
+/// The nodes' identities for the NBD connection (each a directory with `ca.pem`,
+/// `cert.pem`, `key.pem`, see docs/security.md).
+// TODO(merge with qtls): the migration stream's tls-creds-x509 object comes from the same
+// identity; one function should build both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskTls {
+    pub source_identity: PathBuf,
+    pub target_identity: PathBuf,
+    /// The target node's name: the source checks the export's certificate names it.
+    pub target_node: String,
+    /// The source node's name: the export takes only a client certificate naming it.
+    pub source_node: String,
+}
+
+/// What the mirror did (for the report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DiskMirror {
+    /// Bytes the mirror copied until it was ready.
+    pub ready_bytes: u64,
+    pub ready_after: Duration,
+    /// Bytes it had copied when completed at the switchover.
+    pub total_bytes: u64,
+}
+
+fn qmp_err(name: &str, side: Side, command: &str, source: QmpError) -> VmMigrateError {
+    VmMigrateError::Qmp { workload: name.into(), side, command: command.into(), source }
+}
+
+/// A QEMU credentials directory in `dir` for `endpoint` (`server` or `client`): links to
+/// the identity's files under the names QEMU reads.
+fn creds_dir(identity: &Path, endpoint: &str, dir: &Path) -> std::io::Result<()> {
+    let identity = std::fs::canonicalize(identity)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir(dir)?;
+    std::os::unix::fs::symlink(identity.join("ca.pem"), dir.join("ca-cert.pem"))?;
+    std::os::unix::fs::symlink(identity.join("cert.pem"), dir.join(format!("{endpoint}-cert.pem")))?;
+    std::os::unix::fs::symlink(identity.join("key.pem"), dir.join(format!("{endpoint}-key.pem")))?;
+    Ok(())
+}
+
+/// Add the `tls-creds-x509` object for `endpoint` from `identity` (a directory in the
+/// VM's state directory holds QEMU's view of it).
+async fn add_tls(
+    q: &mut Qmp,
+    name: &str,
+    side: Side,
+    vm_dir: &Path,
+    identity: &Path,
+    endpoint: &'static str,
+) -> Result<String, VmMigrateError> {
+    let dir = vm_dir.join(format!("disk-tls-{endpoint}"));
+    creds_dir(identity, endpoint, &dir).map_err(|e| VmMigrateError::Invalid {
+        field: "disk_tls".into(),
+        reason: format!("identity {} for the disk's nbd {endpoint}: {e}", identity.display()),
+    })?;
+    let obj = ObjectAddTlsCredsX509 {
+        qom_type: "tls-creds-x509",
+        id: TLS_ID.into(),
+        dir: dir.display().to_string(),
+        endpoint,
+        verify_peer: true,
+    };
+    q.execute(&obj).await.map_err(|e| qmp_err(name, side, ObjectAddTlsCredsX509::NAME, e))?;
+    Ok(TLS_ID.into())
+}
+
+/// Destination: serve the overlay (node [`DISK_NODE`]) writable over NBD on
+/// `host:port`; with `tls` (this node's identity, the source node's name) over TLS to
+/// the source node only. Without TLS only on a loopback address.
+pub(super) async fn export(
+    q: &mut Qmp,
+    name: &str,
+    vm_dir: &Path,
+    host: &str,
+    port: u16,
+    tls: Option<(&Path, &str)>,
+) -> Result<(), VmMigrateError> {
+    let side = Side::Destination;
+    let (tls_creds, tls_authz) = match tls {
+        Some((identity, source_node)) => {
+            let creds = add_tls(q, name, side, vm_dir, identity, "server").await?;
+            // only the source node's certificate (its CN) may connect
+            let authz = ObjectAddAuthzSimple {
+                qom_type: "authz-simple",
+                id: AUTHZ_ID.into(),
+                identity: format!("CN={source_node}"),
+            };
+            q.execute(&authz).await.map_err(|e| qmp_err(name, side, ObjectAddAuthzSimple::NAME, e))?;
+            (Some(creds), Some(AUTHZ_ID.to_string()))
+        }
+        None if is_loopback(host) => (None, None),
+        None => {
+            return Err(VmMigrateError::Invalid {
+                field: "disk_tls".into(),
+                reason: format!(
+                    "the disk export would listen on {host} without TLS: only loopback moves go without the nodes' \
+                     identities"
+                ),
+            })
+        }
+    };
+    let start = NbdServerStart {
+        addr: LegacyAddress::Inet(Inet { host: host.into(), port: port.to_string() }),
+        tls_creds,
+        tls_authz,
+        // the source's mirror is the one client
+        max_connections: Some(1),
+    };
+    q.execute(&start).await.map_err(|e| qmp_err(name, side, NbdServerStart::NAME, e))?;
+    let add = BlockExportAddNbd {
+        kind: "nbd",
+        id: EXPORT_ID.into(),
+        node_name: DISK_NODE.into(),
+        writable: true,
+        name: DISK_NODE.into(),
+    };
+    q.execute(&add).await.map_err(|e| qmp_err(name, side, BlockExportAddNbd::NAME, e))?;
+    tracing::info!(workload = name, "disk overlay exported over nbd on {host}:{port}");
+    Ok(())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Destination: stop exporting (the mirror is done; before the guest runs here).
+pub(super) async fn unexport(q: &mut Qmp, name: &str) -> Result<(), VmMigrateError> {
+    let side = Side::Destination;
+    let del = BlockExportDel { id: EXPORT_ID.into() };
+    if let Err(e) = q.execute(&del).await {
+        tracing::warn!(workload = name, "block-export-del: {}", error_chain(&e));
+    }
+    q.execute(&NbdServerStop).await.map_err(|e| qmp_err(name, side, NbdServerStop::NAME, e))?;
+    Ok(())
+}
+
+/// Source: mirror the overlay onto the destination's export at `host:port` until the
+/// mirror is ready (or `limit` passes). On failure the mirror is undone (the source
+/// runs on as before) and the error returned.
+pub async fn start_mirror(
+    source: &QemuRuntime,
+    name: &str,
+    host: &str,
+    port: u16,
+    tls: Option<&DiskTls>,
+    speed: Option<u64>,
+    limit: Duration,
+) -> Result<DiskMirror, VmMigrateError> {
+    let files = source.files(name);
+    let side = Side::Source;
+    let started = Instant::now();
+    let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| qmp_err(name, side, "connect", e))?;
+    let result = async {
+        let (tls_creds, tls_hostname) = match tls {
+            Some(t) => {
+                let id = add_tls(&mut q, name, side, &files.dir, &t.source_identity, "client").await?;
+                (Some(id), Some(format!("{}.node.away", t.target_node)))
+            }
+            None => (None, None),
+        };
+        let node = BlockdevAddNbd {
+            driver: "nbd",
+            node_name: NBD_NODE.into(),
+            server: InetAddress { kind: "inet", host: host.into(), port: port.to_string() },
+            export: DISK_NODE.into(),
+            tls_creds,
+            tls_hostname,
+            open_timeout: 30,
+        };
+        q.execute(&node).await.map_err(|e| qmp_err(name, side, BlockdevAddNbd::NAME, e))?;
+        let mirror = BlockdevMirror {
+            job_id: MIRROR_JOB.into(),
+            device: DISK_NODE.into(),
+            target: NBD_NODE.into(),
+            sync: "top",
+            copy_mode: "background",
+            speed,
+        };
+        q.execute(&mirror).await.map_err(|e| qmp_err(name, side, BlockdevMirror::NAME, e))?;
+        let deadline = Instant::now() + limit;
+        loop {
+            let jobs = q.execute(&QueryBlockJobs).await.map_err(|e| qmp_err(name, side, QueryBlockJobs::NAME, e))?;
+            let Some(job) = jobs.into_iter().find(|j| j.device == MIRROR_JOB) else {
+                return Err(VmMigrateError::Failed {
+                    workload: name.into(),
+                    status: "disk mirror failed".into(),
+                    reason: "the mirror job ended before it was in sync (the destination's export is gone?)".into(),
+                });
+            };
+            if let Some(e) = job.error.filter(|_| job.status == "concluded" || job.status == "aborting") {
+                return Err(VmMigrateError::Failed {
+                    workload: name.into(),
+                    status: "disk mirror failed".into(),
+                    reason: e,
+                });
+            }
+            if job.ready {
+                return Ok(DiskMirror { ready_bytes: job.offset, ready_after: started.elapsed(), total_bytes: 0 });
+            }
+            if Instant::now() >= deadline {
+                return Err(VmMigrateError::Failed {
+                    workload: name.into(),
+                    status: "disk mirror timed out".into(),
+                    reason: format!("not in sync after {} s ({} of {} bytes)", limit.as_secs(), job.offset, job.len),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    .await;
+    match result {
+        Ok(m) => {
+            tracing::info!(
+                workload = name,
+                "disk mirror in sync after {} ms, {} bytes copied",
+                m.ready_after.as_millis(),
+                m.ready_bytes
+            );
+            Ok(m)
+        }
+        Err(e) => {
+            undo_mirror(&mut q, name).await;
+            Err(e)
+        }
+    }
+}
+
+/// Source, in `pre-switchover` (the guest paused): complete the ready mirror, so the
+/// destination's overlay equals the source's, and remove the nbd node. Ok(bytes the
+/// mirror copied in all).
+pub(super) async fn complete_mirror(q: &mut Qmp, name: &str) -> Result<u64, VmMigrateError> {
+    let side = Side::Source;
+    let jobs = q.execute(&QueryBlockJobs).await.map_err(|e| qmp_err(name, side, QueryBlockJobs::NAME, e))?;
+    let job = jobs.into_iter().find(|j| j.device == MIRROR_JOB).filter(|j| j.ready).ok_or_else(|| {
+        VmMigrateError::Failed {
+            workload: name.into(),
+            status: "disk mirror lost".into(),
+            reason: "at the switchover the disk mirror was gone or not in sync".into(),
+        }
+    })?;
+    let total = job.offset;
+    q.execute(&BlockJobCancel { device: MIRROR_JOB.into(), force: false })
+        .await
+        .map_err(|e| qmp_err(name, side, BlockJobCancel::NAME, e))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut total = total;
+    loop {
+        let jobs = q.execute(&QueryBlockJobs).await.map_err(|e| qmp_err(name, side, QueryBlockJobs::NAME, e))?;
+        match jobs.into_iter().find(|j| j.device == MIRROR_JOB) {
+            None => break,
+            Some(j) if j.error.is_some() => {
+                return Err(VmMigrateError::Failed {
+                    workload: name.into(),
+                    status: "disk mirror failed".into(),
+                    reason: format!("completing the mirror: {}", j.error.unwrap_or_default()),
+                })
+            }
+            Some(j) => total = j.offset,
+        }
+        if Instant::now() >= deadline {
+            return Err(VmMigrateError::Failed {
+                workload: name.into(),
+                status: "disk mirror stuck".into(),
+                reason: "the mirror did not complete within 30 s of block-job-cancel".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    q.execute(&BlockdevDel { node_name: NBD_NODE.into() })
+        .await
+        .map_err(|e| qmp_err(name, side, BlockdevDel::NAME, e))?;
+    Ok(total)
+}
+
+/// Source: cancel the mirror at once (the move failed) and remove its nbd node; the
+/// guest keeps running on its own disk. Best effort: what fails is logged.
+pub async fn abort_mirror(source: &QemuRuntime, name: &str) {
+    match Qmp::connect(&source.files(name).qmp_socket(), QMP_TIMEOUT).await {
+        Ok(mut q) => undo_mirror(&mut q, name).await,
+        Err(e) => tracing::warn!(workload = name, "cannot undo the disk mirror: {}", error_chain(&e)),
+    }
+}
+
+async fn undo_mirror(q: &mut Qmp, name: &str) {
+    let _ = q.execute(&BlockJobCancel { device: MIRROR_JOB.into(), force: true }).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Ok(jobs) = q.execute(&QueryBlockJobs).await {
+        if !jobs.iter().any(|j| j.device == MIRROR_JOB) || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Err(e) = q.execute(&BlockdevDel { node_name: NBD_NODE.into() }).await {
+        // none was added, or it is still busy: nothing of it touches the guest's disk
+        tracing::debug!(workload = name, "blockdev-del {NBD_NODE}: {}", error_chain(&e));
+    }
+    let _ = q.execute(&away_runtime::qemu::qmp::block::ObjectDel { id: TLS_ID.into() }).await;
+}

@@ -1,0 +1,487 @@
+//! VMs with a disk (docs/vm.md): a copy-on-write overlay on a base image of the node's
+//! disk store, kept across a reboot of the guest, and moved live with the VM without
+//! shared storage (the source mirrors its overlay into an empty overlay on the same
+//! base at the destination, over NBD, while RAM migrates).
+//!
+//! Two QEMU runtimes on this host stand in for two nodes (as in migrate_vm.rs), each
+//! with its own disk store: the destination's store lacks the base at first, so the
+//! move copies it. VM tests take a shared lock: under TCG two cores boot one guest at a
+//! time well.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use away_e2e::{require_vm_host, wait_for, workspace_root};
+use away_migrate::vm::{VmMigrateError, VmMigrationOptions};
+use away_model::{ByteSize, DiskSpec, Resources, WorkloadSpec, WorkloadState};
+use away_runtime::host::HostPaths;
+use away_runtime::qemu::QemuRuntime;
+use away_runtime::store::{read_resolved, ResolvedImage};
+use away_runtime::{RunRequest, Runtime};
+
+/// A TCG boot to /init takes 8-11 s on an idle host; allow for a loaded one.
+const BOOT_SECS: u64 = 120;
+
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
+    VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ready() -> bool {
+    let blk = HostPaths::default().guest_kernel.with_file_name("modules").join("kernel/drivers/block/virtio_blk.ko");
+    require_vm_host()
+        && away_e2e::require(blk.is_file(), &format!("guest disk module {} (deploy/install.sh)", blk.display()))
+}
+
+fn out_dir() -> PathBuf {
+    workspace_root().join("target").join("away-e2e-disk-images")
+}
+
+/// An image built from `context` (once per test run) and, when `disk` is set, its disk
+/// image (`away image build --disk`'s ext4 in a qcow2).
+fn build(context: &Path, tag: &str, disk: Option<u64>) -> (ResolvedImage, Option<PathBuf>) {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _g = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let out = out_dir();
+    let opts = away_image::BuildOptions { tag: Some(tag.into()), ..Default::default() };
+    let (built, tar, _) =
+        away_image::build_to_dir(context, &out, &opts, &|_| {}).unwrap_or_else(|e| panic!("build {context:?}: {e}"));
+    let disk = disk.map(|size| {
+        let path = out.join(format!("{}.disk.qcow2", built.app));
+        away_image::write_disk_image(&built.image, &path, size).unwrap_or_else(|e| panic!("disk image: {e}"));
+        path
+    });
+    (read_resolved(&tar, None).unwrap_or_else(|e| panic!("read {}: {e}", tar.display())), disk)
+}
+
+/// Runtimes ("node a", "node b"), each with its own state and disk store.
+struct Harness {
+    tokio: tokio::runtime::Runtime,
+    a: QemuRuntime,
+    b: QemuRuntime,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let tokio = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::Builder::new().prefix("away-disk").tempdir().unwrap();
+        let node = |n: &str| {
+            let rt = tokio.block_on(QemuRuntime::detect(dir.path().join(n), HostPaths::default()));
+            rt.with_disk_store(dir.path().join(format!("{n}-disks")))
+        };
+        let (a, b) = (node("a"), node("b"));
+        eprintln!("qemu runtimes: accel {} / {}", a.accel(), b.accel());
+        Harness { tokio, a, b, dir }
+    }
+
+    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.tokio.block_on(f)
+    }
+
+    fn serial(rt: &QemuRuntime, name: &str) -> String {
+        std::fs::read_to_string(rt.files(name).serial_log()).unwrap_or_else(|e| format!("(no serial log: {e})"))
+    }
+}
+
+/// Kill only the QEMUs this test started (found by their state directory), also on panic.
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for pid in away_e2e::qemu_pids_in(self.dir.path()) {
+            eprintln!("cleanup: killing qemu pid {pid}");
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
+}
+
+fn vm_spec(name: &str, mib: u64, disk: DiskSpec) -> WorkloadSpec {
+    let yaml = format!("name: {name}\nimage: unused\nkind: vm\n");
+    let mut spec = WorkloadSpec::parse(&yaml, away_model::SpecFormat::Yaml, "test").unwrap();
+    spec.resources = Resources { memory: ByteSize::mib(mib), cpus: 1.0 };
+    spec.disk = Some(disk);
+    spec
+}
+
+/// The last "count N boot B" the diskcounter printed.
+fn last_count(serial: &str) -> Option<(u64, u64)> {
+    serial.lines().rev().find_map(|l| {
+        let rest = l.trim().strip_prefix("diskcounter: count ")?;
+        let (n, boot) = rest.split_once(" boot ")?;
+        Some((n.parse().ok()?, boot.trim().parse().ok()?))
+    })
+}
+
+/// The example legacy app (examples/diskcounter, examples/legacy-disk.yaml) on its
+/// ext4 disk: its count goes on after a cold reboot of the guest, from the file on the
+/// disk, and the base image is never written (only the overlay is).
+#[test]
+fn legacy_app_keeps_its_count_on_the_disk_across_a_reboot() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let (image, disk) =
+        build(&workspace_root().join("examples/diskcounter"), "away-e2e/diskcounter:disk", Some(64 << 20));
+    let base = h.a.disk_store().import(&disk.unwrap()).expect("import the disk image");
+    let example: WorkloadSpec = WorkloadSpec::load(&workspace_root().join("examples/legacy-disk.yaml")).unwrap();
+    assert_eq!(
+        example.disk.as_ref().unwrap().base,
+        base.digest,
+        "examples/legacy-disk.yaml names the digest `away image build examples/diskcounter --disk 64Mi` gives"
+    );
+    let base_bytes = std::fs::read(&base.path).unwrap();
+    let name = unique("dcount");
+    let mut spec = vm_spec(&name, 128, example.disk.clone().unwrap());
+    spec.env.insert("DISKCOUNTER_INTERVAL".into(), "0.2".into());
+    let t0 = Instant::now();
+    h.block(h.a.run(&RunRequest { spec, image: image.clone() })).unwrap_or_else(|e| panic!("run {name}: {e}"));
+    let (before, boot) = wait_for(BOOT_SECS, || last_count(&Harness::serial(&h.a, &name)).filter(|(n, _)| *n >= 5))
+        .unwrap_or_else(|| panic!("no count on the disk; serial:\n{}", Harness::serial(&h.a, &name)));
+    eprintln!("counting to {before} (boot {boot}) {:.1} s after run", t0.elapsed().as_secs_f64());
+    assert_eq!(boot, 1);
+    assert!(Harness::serial(&h.a, &name).contains("away-init: disk mounted on /data"));
+
+    let t1 = Instant::now();
+    let st = h.block(h.a.reboot(&name, &image)).unwrap_or_else(|e| panic!("reboot {name}: {e}"));
+    assert_eq!(st.state, WorkloadState::Running);
+    let (after, boot) = wait_for(BOOT_SECS, || last_count(&Harness::serial(&h.a, &name)).filter(|(_, b)| *b == 2))
+        .unwrap_or_else(|| panic!("no count after the reboot; serial:\n{}", Harness::serial(&h.a, &name)));
+    eprintln!("after the reboot ({:.1} s): count {after} boot {boot}", t1.elapsed().as_secs_f64());
+    assert!(after > before, "the count restarted: {before} before the reboot, {after} after");
+    let serial = Harness::serial(&h.a, &name);
+    let from: u64 = serial
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("diskcounter: boot 2, counting on from ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the second boot did not read the count from the disk; serial:\n{serial}"));
+    assert!(from >= before, "the second boot counted on from {from}, the first had reached {before}");
+    assert_eq!(std::fs::read(&base.path).unwrap(), base_bytes, "the base image was written");
+    h.block(h.a.remove(&name)).unwrap();
+    assert!(!h.a.files(&name).dir.exists());
+}
+
+/// Block size of the writer's blocks.
+const BS: usize = 64 << 10;
+/// Blocks the writer writes at once (before the move), then one each `DELAY`.
+const FAST: u64 = 64;
+/// A checksum of everything written every `EVERY` blocks.
+const EVERY: u64 = 32;
+
+/// The writer: block i (64 KiB of "blk i\n" repeated) written with fsync to /dev/vda,
+/// "wrote N" after each, and every EVERY blocks "sum N <sha256 of blocks 0..N read back
+/// from the disk>" (page cache dropped first: the read comes from the disk).
+const WRITER: &str = r#"B=/.away/busybox
+BS=65536
+i=0
+echo "diskwriter: start"
+while [ $i -lt $MAX ]; do
+  $B yes "blk $i" | $B head -c $BS | $B dd of=/dev/vda bs=$BS seek=$i conv=fsync 2>/dev/null || echo "diskwriter: write $i failed"
+  i=$((i+1))
+  echo "diskwriter: wrote $i"
+  if [ $((i % EVERY)) -eq 0 ]; then
+    $B sync
+    echo 3 > /proc/sys/vm/drop_caches
+    s=$($B dd if=/dev/vda bs=$BS count=$i 2>/dev/null | $B sha256sum)
+    echo "diskwriter: sum $i ${s%% *}"
+  fi
+  [ $i -ge $FAST ] && $B sleep $DELAY
+done
+echo "diskwriter: done"
+$B sleep 100000
+"#;
+
+fn writer_image() -> ResolvedImage {
+    let ctx = out_dir().join("diskwriter-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("diskwriter.sh"), WRITER).unwrap();
+    std::fs::write(
+        ctx.join("Containerfile"),
+        format!(
+            "FROM scratch\nCOPY diskwriter.sh /diskwriter.sh\nENV MAX=2048 FAST={FAST} EVERY={EVERY} DELAY=0.1\n\
+             CMD [\"/.away/busybox\", \"sh\", \"/diskwriter.sh\"]\n"
+        ),
+    )
+    .unwrap();
+    build(&ctx, "away-e2e/diskwriter:disk", None).0
+}
+
+/// The sha256 the guest must print for blocks 0..n.
+fn expected_sum(n: u64) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for i in 0..n {
+        let line = format!("blk {i}\n");
+        let block: Vec<u8> = line.bytes().cycle().take(BS).collect();
+        h.update(&block);
+    }
+    format!("{:x}", h.finalize())
+}
+
+fn wrote(serial: &str) -> Vec<u64> {
+    serial.lines().filter_map(|l| l.trim().strip_prefix("diskwriter: wrote ")?.trim().parse().ok()).collect()
+}
+
+/// The "sum N HEX" lines.
+fn sums(serial: &str) -> Vec<(u64, String)> {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let (n, hex) = l.trim().strip_prefix("diskwriter: sum ")?.split_once(' ')?;
+            Some((n.parse().ok()?, hex.trim().to_string()))
+        })
+        .collect()
+}
+
+/// An empty 256 MiB qcow2 base in node a's store, two node identities from one CA.
+fn base_and_tls(h: &Harness) -> (DiskSpec, away_migrate::vm::DiskTls) {
+    let base = h.dir.path().join("blank.qcow2");
+    let ok = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("256M")
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let imported = h.a.disk_store().import(&base).unwrap();
+    let ca = away_identity::Ca::load_or_create(&h.dir.path().join("ca")).unwrap();
+    let ids: Vec<PathBuf> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| {
+            let dir = h.dir.path().join(format!("id-{n}"));
+            ca.issue_self(n, &[]).unwrap().save(&dir).unwrap();
+            dir
+        })
+        .collect();
+    let disk = DiskSpec { base: imported.digest, size: ByteSize::mib(256), mount: None };
+    let tls = away_migrate::vm::DiskTls {
+        source_identity: ids[0].clone(),
+        target_identity: ids[1].clone(),
+        target_node: "node-b".into(),
+        source_node: "node-a".into(),
+    };
+    (disk, tls)
+}
+
+fn move_opts(tls: away_migrate::vm::DiskTls) -> VmMigrationOptions {
+    VmMigrationOptions {
+        listen_host: "127.0.0.1".into(),
+        target_host: "127.0.0.1".into(),
+        timeout: Duration::from_secs(120),
+        disk_port: away_e2e::free_port(),
+        disk_tls: Some(tls),
+        ..Default::default()
+    }
+}
+
+/// A VM writes a known pattern to its 256 MiB disk, keeps writing while it moves from
+/// node a to node b (the base copied to b's store, the overlay mirrored over NBD with
+/// TLS while RAM migrates), and on b every block written before and during the move
+/// reads back right (the guest's checksum of what is on its disk against the writes'
+/// log); a's VM, overlay and b's export are gone.
+#[test]
+fn vm_disk_moves_live_with_every_block_it_wrote() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let image = writer_image();
+    let (disk, tls) = base_and_tls(&h);
+    assert!(!h.b.disk_store().contains(&disk.base));
+    let name = unique("dmove");
+    let t0 = Instant::now();
+    h.block(h.a.run(&RunRequest { spec: vm_spec(&name, 128, disk.clone()), image: image.clone() }))
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    let first = wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n >= FAST))
+        .unwrap_or_else(|| panic!("the writer never reached {FAST} blocks; serial:\n{}", Harness::serial(&h.a, &name)));
+    eprintln!("{} blocks written and summed on a {:.1} s after run", first.0, t0.elapsed().as_secs_f64());
+    assert_eq!(first.1, expected_sum(first.0), "the guest's own sum before the move");
+
+    let opts = move_opts(tls);
+    let disk_port = opts.disk_port;
+    let before = *wrote(&Harness::serial(&h.a, &name)).last().unwrap();
+    let during = std::sync::atomic::AtomicU64::new(before);
+    let serial_a = h.a.files(&name).serial_log();
+    let t1 = Instant::now();
+    let listen = away_e2e::free_port();
+    let report = h
+        .block(away_migrate::vm::migrate_vm(&h.a, &h.b, &name, &image, listen, &opts, |p| {
+            let w = wrote(&std::fs::read_to_string(&serial_a).unwrap_or_default()).last().copied().unwrap_or(0);
+            during.fetch_max(w, std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "  {:>6.2} s {} sent {} B, remaining {} B",
+                p.elapsed.as_secs_f64(),
+                p.status,
+                p.transferred,
+                p.remaining
+            );
+        }))
+        .unwrap_or_else(|e| panic!("migrate {name}: {}", away_model::error_chain(&e)));
+    let wall = t1.elapsed();
+    let during = during.into_inner();
+    eprintln!("report {}", serde_json::to_string_pretty(&report).unwrap());
+    eprintln!(
+        "moved in {:.0} ms (downtime {} ms); blocks written: {before} before the move, {during} seen on a during it",
+        wall.as_secs_f64() * 1000.0,
+        report.downtime_millis
+    );
+    assert!(report.ok, "{report:?}");
+    let phases: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(phases, ["prepare-destination", "disk-mirror", "migrate", "switchover", "cleanup"]);
+    assert!(
+        report.reason.contains("mirrored over nbd") && report.reason.contains("copied to the target"),
+        "{}",
+        report.reason
+    );
+    assert!(h.b.disk_store().contains(&disk.base), "the base was not copied to b");
+
+    // exactly one instance; the source's overlay and the destination's export are gone
+    assert!(away_e2e::qemu_pids_in(&h.a.files(&name).dir).is_empty(), "source qemu still running");
+    assert!(!h.a.files(&name).dir.exists(), "source state dir (with its overlay) left behind");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", disk_port)).is_err(),
+        "the destination still exports its disk on {disk_port}"
+    );
+    assert!(h.b.files(&name).dir.join("disk.qcow2").is_file());
+    assert_eq!(h.block(h.b.status(&name)).unwrap().state, WorkloadState::Running);
+
+    // on b: the writer goes on where it was, and every block reads back right
+    let serial_b = || Harness::serial(&h.b, &name);
+    let first_b = wait_for(30, || wrote(&serial_b()).first().copied())
+        .unwrap_or_else(|| panic!("the writer does not go on on b; serial:\n{}", serial_b()));
+    assert!(first_b > before, "b's first write {first_b} is not after a's last {before}");
+    let (n, sum) = wait_for(BOOT_SECS, || sums(&serial_b()).into_iter().find(|(n, _)| *n > first_b.max(during)))
+        .unwrap_or_else(|| panic!("no checksum on b past block {first_b}; serial:\n{}", serial_b()));
+    eprintln!("on b: writes go on from {first_b}; the guest's sum of blocks 0..{n} read back from the disk");
+    assert_eq!(sum, expected_sum(n), "blocks 0..{n} on b's disk differ from what the guest wrote");
+    h.block(h.b.remove(&name)).unwrap();
+}
+
+/// The destination dies while the disk is being mirrored (the mirror slowed to 1 MiB/s
+/// so there is time): the move is rolled back, the VM runs on on the source with its
+/// own disk (its writes and sums go on, right), and the destination's overlay and
+/// export are gone.
+#[test]
+fn target_killed_during_the_mirror_leaves_the_source_running_on_its_disk() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let image = writer_image();
+    let (disk, tls) = base_and_tls(&h);
+    let name = unique("dkill");
+    h.block(h.a.run(&RunRequest { spec: vm_spec(&name, 128, disk.clone()), image: image.clone() }))
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n >= FAST))
+        .unwrap_or_else(|| panic!("the writer never reached {FAST} blocks; serial:\n{}", Harness::serial(&h.a, &name)));
+    let mut opts = move_opts(tls);
+    opts.disk_mirror_bytes_per_s = Some(1 << 20);
+    let disk_port = opts.disk_port;
+    let target_dir = h.b.files(&name).dir;
+    let killer = std::thread::spawn(move || {
+        // once the destination runs and the mirror had a second, kill its QEMU
+        let pid =
+            wait_for(60, || std::fs::read_to_string(target_dir.join("qemu.pid")).ok()?.trim().parse::<u32>().ok());
+        std::thread::sleep(Duration::from_secs(3));
+        if let Some(pid) = pid {
+            eprintln!("killing the destination qemu {pid}");
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        pid
+    });
+    let listen = away_e2e::free_port();
+    let err = h
+        .block(away_migrate::vm::migrate_vm(&h.a, &h.b, &name, &image, listen, &opts, |_| {}))
+        .expect_err("the move must fail when its destination dies");
+    assert!(killer.join().unwrap().is_some(), "the destination never started");
+    eprintln!("move failed as it should: {err}");
+    assert!(matches!(err, VmMigrateError::Aborted { .. }), "{err:?}");
+    assert!(!h.b.files(&name).dir.exists(), "the destination's state dir (overlay) is left");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", disk_port)).is_err(), "an export still listens");
+    assert_eq!(h.block(h.a.status(&name)).unwrap().state, WorkloadState::Running);
+    let last = *wrote(&Harness::serial(&h.a, &name)).last().unwrap();
+    let (n, sum) = wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n > last))
+        .unwrap_or_else(|| panic!("the source stopped writing; serial:\n{}", Harness::serial(&h.a, &name)));
+    assert_eq!(sum, expected_sum(n), "the source's disk is damaged");
+    h.block(h.a.remove(&name)).unwrap();
+}
+
+/// `qemu-img info` of the NBD export at `port` as a client: plaintext (None) or TLS
+/// with `identity` (a node identity directory). Ok(its output) or Err(its error).
+fn nbd_client(dir: &Path, port: u16, identity: Option<&Path>) -> Result<String, String> {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["info", "--output=json"]);
+    let mut opts = format!("driver=nbd,host=127.0.0.1,port={port},export=disk0");
+    if let Some(id) = identity {
+        let creds = dir.join(format!("client-{}", id.file_name().unwrap().to_string_lossy()));
+        std::fs::create_dir_all(&creds).unwrap();
+        for (from, to) in [("ca.pem", "ca-cert.pem"), ("cert.pem", "client-cert.pem"), ("key.pem", "client-key.pem")] {
+            let _ = std::fs::remove_file(creds.join(to));
+            std::os::unix::fs::symlink(id.join(from), creds.join(to)).unwrap();
+        }
+        cmd.arg("--object").arg(format!("tls-creds-x509,id=t,endpoint=client,dir={}", creds.display()));
+        opts.push_str(",tls-creds=t,tls-hostname=node-b.node.away");
+    }
+    let out = cmd.arg("--image-opts").arg(opts).output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// A destination's disk export takes only the source node: a plaintext client and a
+/// client with another node's certificate of the same CA are refused, the source's
+/// certificate is let in; without identities the export is refused off loopback.
+#[test]
+fn disk_export_takes_only_the_source_node() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let image = writer_image();
+    let (disk, tls) = base_and_tls(&h);
+    away_migrate::vm::copy_base(&h.b, &h.a.disk_store().find(&disk.base).unwrap()).unwrap();
+    let ca = away_identity::Ca::load_or_create(&h.dir.path().join("ca")).unwrap();
+    let other = h.dir.path().join("id-node-c");
+    ca.issue_self("node-c", &[]).unwrap().save(&other).unwrap();
+    let name = unique("dexp");
+    let spec = vm_spec(&name, 128, disk.clone());
+    let source_id = tls.source_identity.clone();
+    let opts = move_opts(tls);
+    let port = opts.disk_port;
+    let dest = h
+        .block(away_migrate::vm::prepare_destination(&h.b, &spec, &image, away_e2e::free_port(), &opts, None))
+        .unwrap_or_else(|e| panic!("prepare: {}", away_model::error_chain(&e)));
+    let plain = nbd_client(h.dir.path(), port, None);
+    assert!(plain.is_err(), "a plaintext client read the export: {plain:?}");
+    let stranger = nbd_client(h.dir.path(), port, Some(&other));
+    assert!(stranger.is_err(), "node-c's certificate read the export: {stranger:?}");
+    let source = nbd_client(h.dir.path(), port, Some(&source_id));
+    let info = source.unwrap_or_else(|e| panic!("the source node's certificate was refused: {e}"));
+    assert!(info.contains("268435456"), "the export is not the 256 MiB disk: {info}");
+    h.block(dest.abort()).unwrap();
+    assert!(!h.b.files(&name).dir.exists());
+
+    // without identities: only on loopback
+    let plain_opts = VmMigrationOptions { listen_host: "0.0.0.0".into(), disk_tls: None, ..move_opts_plain() };
+    let err = h
+        .block(away_migrate::vm::prepare_destination(&h.b, &spec, &image, away_e2e::free_port(), &plain_opts, None))
+        .expect_err("a plaintext export off loopback");
+    assert!(away_model::error_chain(&err).contains("disk_tls"), "{}", away_model::error_chain(&err));
+    assert!(!h.b.files(&name).dir.exists(), "a refused destination is left");
+}
+
+fn move_opts_plain() -> VmMigrationOptions {
+    VmMigrationOptions { disk_port: away_e2e::free_port(), ..Default::default() }
+}
