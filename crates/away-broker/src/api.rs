@@ -18,7 +18,10 @@
 //! | GET | /v1/migrations | user | `[Migration]` |
 //! | GET | /v1/migrations/{id} | user | `Migration`, 404 |
 //! | DELETE | /v1/migrations/{id} | user | 200 `Migration` (cancelled), 202 (its online source is told to abort it), 404, 409 (ended) |
-//! | POST | /v1/agents/register | join token | `RegisterResponse` |
+//! | POST | /v1/join-tokens | user | 201 `JoinTokenCreated` (the secret, shown once); 400 |
+//! | GET | /v1/join-tokens | user | `[JoinTokenView]` (no secrets) |
+//! | DELETE | /v1/join-tokens/{id} | user | `JoinTokenView` (revoked), 404 |
+//! | POST | /v1/agents/register | join token | `RegisterResponse`; 401 naming a revoked or expired token |
 //! | POST | /v1/agents/{name}/heartbeat | agent token | `HeartbeatResponse` |
 //! | GET | /v1/events | user | Server-Sent Events, JSON `BrokerEvent` in `data:` |
 //! | GET | /v1/openapi.json | none | this API's OpenAPI 3 document |
@@ -33,8 +36,9 @@ use std::sync::Arc;
 use std::sync::LazyLock;
 
 use away_model::{
-    ApiError, ErrorBody, ErrorCode, Heartbeat, HeartbeatResponse, MigrationAccepted, MigrationPlanAnswer,
-    MigrationRecord, NodeView, RegisterRequest, RegisterResponse, SpecFormat, SubmitAnswer, WorkloadSpec, WorkloadView,
+    ApiError, ErrorBody, ErrorCode, Heartbeat, HeartbeatResponse, JoinTokenCreated, JoinTokenRequest, JoinTokenView,
+    MigrationAccepted, MigrationPlanAnswer, MigrationRecord, NodeView, RegisterRequest, RegisterResponse, SpecFormat,
+    SubmitAnswer, WorkloadSpec, WorkloadView,
 };
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
@@ -42,7 +46,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -65,7 +69,7 @@ use crate::move_plan;
     paths(
         list_nodes, get_node, drain_node, undrain_node, submit_workload, list_workloads, get_workload,
         delete_workload, workload_logs, request_migration, list_migrations, get_migration, cancel_migration,
-        register_agent,
+        create_join_token, list_join_tokens, revoke_join_token, register_agent,
         heartbeat, events, openapi, metrics
     ),
     // BrokerEvent travels in SSE data, PortMapping under a hand-written `ports` schema
@@ -81,7 +85,7 @@ impl utoipa::Modify for SecuritySchemes {
         let components = doc.components.get_or_insert_with(Default::default);
         for (name, description) in [
             ("userToken", "A user token from the broker's configuration"),
-            ("joinToken", "The cluster's join token"),
+            ("joinToken", "The broker's configured join token, or one made with POST /v1/join-tokens"),
             ("agentToken", "The agent token answered at registration"),
         ] {
             let mut http = Http::new(HttpAuthScheme::Bearer);
@@ -127,6 +131,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/workloads/{name}/logs", get(workload_logs))
         .route("/v1/migrations", post(request_migration).get(list_migrations))
         .route("/v1/migrations/{id}", get(get_migration).delete(cancel_migration))
+        .route("/v1/join-tokens", post(create_join_token).get(list_join_tokens))
+        .route("/v1/join-tokens/{id}", delete(revoke_join_token))
         .route("/v1/agents/register", post(register_agent))
         .route("/v1/agents/{name}/heartbeat", post(heartbeat))
         .route("/v1/events", get(events))
@@ -601,6 +607,63 @@ async fn cancel_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<S
 
 #[utoipa::path(
     post,
+    path = "/v1/join-tokens",
+    operation_id = "createJoinToken",
+    summary = "Make a join token for registering nodes; its secret is in this answer only (the broker keeps its SHA-256)",
+    security(("userToken" = [])),
+    request_body(content = JoinTokenRequest, description = "Optional expiry and label; an empty object is fine"),
+    responses(
+        (status = 201, description = "Made: its id, the secret, and when it expires", body = JoinTokenCreated),
+        (status = 400, description = "Malformed JSON or an invalid field; `field` names it", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
+async fn create_join_token(State(b): Shared, headers: HeaderMap, body: Bytes) -> Answer {
+    b.check_user(bearer(&headers))?;
+    // no body at all is the same as `{}`
+    let req: JoinTokenRequest =
+        if body.iter().all(u8::is_ascii_whitespace) { Default::default() } else { parse_json(&body)? };
+    ok(StatusCode::CREATED, blocking(&b, move |b| b.create_join_token(req)).await?)
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/join-tokens",
+    operation_id = "listJoinTokens",
+    summary = "The join tokens made over the API (not the configured one), oldest first, without their secrets",
+    security(("userToken" = [])),
+    responses(
+        (status = 200, description = "Join tokens", body = Vec<JoinTokenView>),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError)
+    )
+)]
+async fn list_join_tokens(State(b): Shared, headers: HeaderMap) -> Answer {
+    b.check_user(bearer(&headers))?;
+    ok(StatusCode::OK, b.join_tokens())
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/join-tokens/{id}",
+    operation_id = "revokeJoinToken",
+    summary = "Revoke a join token: no node registers with it any more; nodes that joined with it keep working (they use their certificates)",
+    security(("userToken" = [])),
+    params(("id" = String, Path, description = "Join token id")),
+    responses(
+        (status = 200, description = "Revoked (or revoked already): the token, without its secret", body = JoinTokenView),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such join token", body = ApiError),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
+async fn revoke_join_token(State(b): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    b.check_user(bearer(&headers))?;
+    ok(StatusCode::OK, blocking(&b, move |b| b.revoke_join_token(&id)).await?)
+}
+
+#[utoipa::path(
+    post,
     path = "/v1/agents/register",
     operation_id = "registerAgent",
     summary = "An agent joins (Bearer join token); answers fresh tokens",
@@ -609,7 +672,8 @@ async fn cancel_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<S
     responses(
         (status = 200, description = "Registered", body = RegisterResponse),
         (status = 400, description = "Malformed JSON or an invalid field; `field` names it", body = ApiError),
-        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token, or a join token that is revoked or expired (the message says which)", body = ApiError),
+        (status = 409, description = "The node name is registered with another key", body = ApiError),
         (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
     )
 )]

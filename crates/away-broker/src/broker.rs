@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use away_model::{
-    Desired, ErrorCode, Heartbeat, HeartbeatResponse, NodeInfo, NodeLoad, RegisterRequest, RegisterResponse,
-    WorkloadSpec, DEFAULT_MIGRATION_DEADLINE_S, MAX_MIGRATION_DEADLINE_S,
+    Desired, ErrorCode, Heartbeat, HeartbeatResponse, JoinTokenCreated, JoinTokenRequest, JoinTokenView, NodeInfo,
+    NodeLoad, RegisterRequest, RegisterResponse, WorkloadSpec, DEFAULT_MIGRATION_DEADLINE_S, MAX_JOIN_TOKEN_LIFETIME_S,
+    MAX_MIGRATION_DEADLINE_S,
 };
 use away_policy::compat::{check_container, check_vm, Compatibility};
 use tokio::sync::broadcast;
@@ -22,7 +23,7 @@ use crate::group_commit::GroupCommit;
 use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, PlacementDecision, RuntimeClasses};
 use crate::reconcile::{self, reconcile, Plan, Snapshot};
-use crate::records::{now_ms, MigrationRecord, MigrationState, NodeRecord, Removal, WorkloadRecord};
+use crate::records::{now_ms, JoinTokenRecord, MigrationRecord, MigrationState, NodeRecord, Removal, WorkloadRecord};
 use crate::store::{Changes, Store};
 use crate::{tokens, BrokerConfig, BrokerError};
 
@@ -42,6 +43,8 @@ struct Inner {
     /// node -> its runtime class (placement::RuntimeClasses), numbered when its report arrives
     runtime_class: HashMap<String, u32>,
     runtime_classes: RuntimeClasses,
+    /// Join tokens made over the API, by id (the configured one is not among them).
+    join_tokens: BTreeMap<String, JoinTokenRecord>,
 }
 
 impl Inner {
@@ -164,6 +167,7 @@ impl Broker {
             reserved: HashMap::new(),
             runtime_class: HashMap::new(),
             runtime_classes: RuntimeClasses::default(),
+            join_tokens: loaded.join_tokens.into_iter().map(|t| (t.id.clone(), t)).collect(),
         };
         let mut inner = inner;
         inner.recount_reserved();
@@ -267,12 +271,32 @@ impl Broker {
 
     // ---- agents ----
 
-    pub fn register(&self, presented: Option<&str>, mut req: RegisterRequest) -> Result<RegisterResponse, Problem> {
-        match presented {
-            Some(t) if tokens::matches(t, &self.join_token_hash) => {}
-            Some(_) => return Err(Problem::unauthorized("wrong join token")),
-            None => return Err(Problem::unauthorized("missing bearer token: send Authorization: Bearer <join token>")),
+    /// Which join token `presented` is: the configured one (None) or a valid one made
+    /// over the API (its id); a revoked or expired one is refused naming why.
+    fn check_join_token(&self, presented: Option<&str>) -> Result<Option<String>, Problem> {
+        let Some(t) = presented else {
+            return Err(Problem::unauthorized("missing bearer token: send Authorization: Bearer <join token>"));
+        };
+        if tokens::matches(t, &self.join_token_hash) {
+            return Ok(None);
         }
+        let inner = lock(&self.inner);
+        let Some(record) = inner.join_tokens.values().find(|r| tokens::matches(t, &r.sha256)) else {
+            return Err(Problem::unauthorized("wrong join token"));
+        };
+        match record.state(now_ms()) {
+            away_model::JoinTokenState::Valid => Ok(Some(record.id.clone())),
+            away_model::JoinTokenState::Revoked => {
+                Err(Problem::unauthorized(format!("join token {} revoked: ask for a new one", record.id)))
+            }
+            away_model::JoinTokenState::Expired => {
+                Err(Problem::unauthorized(format!("join token {} expired: ask for a new one", record.id)))
+            }
+        }
+    }
+
+    pub fn register(&self, presented: Option<&str>, mut req: RegisterRequest) -> Result<RegisterResponse, Problem> {
+        let join_token = self.check_join_token(presented)?;
         check_node_name(&req.node.name)?;
         if req.api_addr.trim().is_empty() {
             return Err(Problem::invalid("api_addr must be the agent's host:port").field("api_addr"));
@@ -333,6 +357,10 @@ impl Broker {
         inner.announced_online.insert(name.clone());
         drop(inner);
         let what = if known.is_some() { "registered again (new agent token)" } else { "registered" };
+        let what = match &join_token {
+            Some(id) => format!("{what} with join token {id}"),
+            None => what.to_string(),
+        };
         self.emit(vec![Pending::new("node-registered", format!("node {name} {what}")).node(&name)]);
         Ok(RegisterResponse {
             agent_token: token,
@@ -341,6 +369,77 @@ impl Broker {
             certificate: issued.as_ref().map(|(_, c, _)| c.clone()),
             ca: issued.map(|(_, _, ca)| ca),
         })
+    }
+
+    // ---- join tokens ----
+
+    /// A new join token (`POST /v1/join-tokens`): its secret is answered this once and
+    /// only its SHA-256 is stored.
+    pub fn create_join_token(&self, req: JoinTokenRequest) -> Result<JoinTokenCreated, Problem> {
+        let expires_in_s = match req.expires_in_s {
+            Some(s) if s == 0 || s > MAX_JOIN_TOKEN_LIFETIME_S => {
+                return Err(Problem::invalid(format!(
+                    "expires_in_s {s} must be 1 to {MAX_JOIN_TOKEN_LIFETIME_S} (10 years); leave it out for no expiry"
+                ))
+                .field("expires_in_s"))
+            }
+            other => other,
+        };
+        let label = req.label.map(|l| l.trim().to_string()).filter(|l| !l.is_empty());
+        if let Some(l) = &label {
+            if l.chars().count() > 200 || l.chars().any(char::is_control) {
+                return Err(
+                    Problem::invalid("label must be at most 200 characters, no control characters").field("label")
+                );
+            }
+        }
+        let token = tokens::generate().map_err(|e| Problem::internal(format!("no randomness for a token: {e}")))?;
+        let now = now_ms();
+        let record = JoinTokenRecord {
+            id: tokens::short_id("jt-"),
+            sha256: tokens::sha256_hex(&token),
+            created_ms: now,
+            expires_ms: expires_in_s.map(|s| now + s * 1000),
+            revoked_ms: None,
+            label,
+        };
+        let mut inner = lock(&self.inner);
+        if inner.join_tokens.contains_key(&record.id) {
+            return Err(Problem::internal("a new join token id is taken already: try again"));
+        }
+        inner.store.apply(&Changes { join_tokens: vec![record.clone()], ..Default::default() })?;
+        inner.join_tokens.insert(record.id.clone(), record.clone());
+        drop(inner);
+        tracing::info!(id = %record.id, label = ?record.label, expires_ms = ?record.expires_ms, "join token created");
+        Ok(JoinTokenCreated { id: record.id, token, expires_unix_ms: record.expires_ms })
+    }
+
+    /// The join tokens made over the API, oldest first, without their secrets.
+    pub fn join_tokens(&self) -> Vec<JoinTokenView> {
+        let now = now_ms();
+        let inner = lock(&self.inner);
+        let mut out: Vec<&JoinTokenRecord> = inner.join_tokens.values().collect();
+        out.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        out.into_iter().map(|r| r.view(now)).collect()
+    }
+
+    /// Revoke join token `id`: no node registers with it from now on (nodes that did
+    /// keep working). Revoking a revoked token changes nothing.
+    pub fn revoke_join_token(&self, id: &str) -> Result<JoinTokenView, Problem> {
+        let now = now_ms();
+        let mut inner = lock(&self.inner);
+        let Some(record) = inner.join_tokens.get(id) else {
+            return Err(Problem::not_found(format!("no join token {id:?}")));
+        };
+        if record.revoked_ms.is_some() {
+            return Ok(record.view(now));
+        }
+        let revoked = JoinTokenRecord { revoked_ms: Some(now), ..record.clone() };
+        inner.store.apply(&Changes { join_tokens: vec![revoked.clone()], ..Default::default() })?;
+        inner.join_tokens.insert(revoked.id.clone(), revoked.clone());
+        drop(inner);
+        tracing::info!(id = %revoked.id, "join token revoked");
+        Ok(revoked.view(now))
     }
 
     pub fn heartbeat(&self, name: &str, presented: Option<&str>, hb: Heartbeat) -> Result<HeartbeatResponse, Problem> {

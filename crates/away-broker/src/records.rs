@@ -59,6 +59,42 @@ pub struct Removal {
     pub since_ms: u64,
 }
 
+/// A join token made over the API (`POST /v1/join-tokens`): only the SHA-256 of its
+/// secret is kept. The broker's configured `AWAY_JOIN_TOKEN` is not one of these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    pub id: String,
+    pub sha256: String,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+    pub revoked_ms: Option<u64>,
+    pub label: Option<String>,
+}
+
+impl JoinTokenRecord {
+    pub fn state(&self, now_ms: u64) -> away_model::JoinTokenState {
+        if self.revoked_ms.is_some() {
+            away_model::JoinTokenState::Revoked
+        } else if self.expires_ms.is_some_and(|e| now_ms >= e) {
+            away_model::JoinTokenState::Expired
+        } else {
+            away_model::JoinTokenState::Valid
+        }
+    }
+
+    /// As `GET /v1/join-tokens` shows it: no secret, not even its hash.
+    pub fn view(&self, now_ms: u64) -> away_model::JoinTokenView {
+        away_model::JoinTokenView {
+            id: self.id.clone(),
+            label: self.label.clone(),
+            created_unix_ms: self.created_ms,
+            expires_unix_ms: self.expires_ms,
+            revoked_unix_ms: self.revoked_ms,
+            state: self.state(now_ms),
+        }
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::records::{MigrationRecord, NodeRecord, Removal, WorkloadRecord};
+use crate::records::{JoinTokenRecord, MigrationRecord, NodeRecord, Removal, WorkloadRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS removals (node TEXT NOT NULL, workload TEXT NOT NULL,
     PRIMARY KEY (node, workload));
 CREATE TABLE IF NOT EXISTS agent_events (node TEXT NOT NULL, seq INTEGER NOT NULL, at_ms INTEGER NOT NULL,
     kind TEXT NOT NULL, workload TEXT, migration_id TEXT, record TEXT NOT NULL, PRIMARY KEY (node, seq));
+CREATE TABLE IF NOT EXISTS join_tokens (id TEXT PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL, expires_ms INTEGER, revoked_ms INTEGER, label TEXT);
 ";
 
 /// Every change one request makes, written in one transaction.
@@ -62,6 +64,8 @@ pub struct Changes {
     pub removals: Vec<Removal>,
     pub drop_removals: Vec<(String, String)>,
     pub events: Vec<(String, AgentEvent)>,
+    /// Join tokens made or revoked.
+    pub join_tokens: Vec<JoinTokenRecord>,
 }
 
 /// Everything, as loaded at start.
@@ -72,6 +76,7 @@ pub struct Loaded {
     pub workloads: Vec<WorkloadRecord>,
     pub migrations: Vec<MigrationRecord>,
     pub removals: Vec<Removal>,
+    pub join_tokens: Vec<JoinTokenRecord>,
 }
 
 pub struct Store {
@@ -113,7 +118,30 @@ impl Store {
             workloads: self.records("SELECT record FROM workloads ORDER BY name", "workload")?,
             migrations: self.records("SELECT record FROM migrations ORDER BY id", "migration")?,
             removals: self.records("SELECT record FROM removals", "removal")?,
+            join_tokens: self.join_tokens()?,
         })
+    }
+
+    fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, sha256, created_ms, expires_ms, revoked_ms, label FROM join_tokens ORDER BY created_ms, id",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(JoinTokenRecord {
+                    id: r.get(0)?,
+                    sha256: r.get(1)?,
+                    created_ms: r.get::<_, i64>(2)? as u64,
+                    expires_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                    revoked_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                    label: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
 
     fn records<T: DeserializeOwned>(&self, query: &str, what: &'static str) -> Result<Vec<T>, StoreError> {
@@ -217,6 +245,24 @@ impl Store {
             for (node, e) in &c.events {
                 put_event
                     .execute(params![node, e.seq as i64, e.at_ms as i64, e.kind, e.workload, e.migration_id, json(e)])
+                    .map_err(sql)?;
+            }
+            let mut put_join_token = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO join_tokens (id, sha256, created_ms, expires_ms, revoked_ms, label) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(sql)?;
+            for t in &c.join_tokens {
+                put_join_token
+                    .execute(params![
+                        t.id,
+                        t.sha256,
+                        t.created_ms as i64,
+                        t.expires_ms.map(|v| v as i64),
+                        t.revoked_ms.map(|v| v as i64),
+                        t.label,
+                    ])
                     .map_err(sql)?;
             }
         }

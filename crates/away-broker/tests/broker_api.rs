@@ -88,17 +88,21 @@ impl Running {
     }
 
     async fn register(&self, node: &NodeInfo, api_addr: &str) -> RegisterResponse {
+        let (status, body) = self.register_with(JOIN, node, api_addr).await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_value(body).unwrap()
+    }
+
+    /// A registration with join token `token`, answered as it is.
+    async fn register_with(&self, token: &str, node: &NodeInfo, api_addr: &str) -> (u16, Value) {
         let req = RegisterRequest {
             node: node.clone(),
             api_addr: api_addr.into(),
             transfer_addr: "127.0.0.1:1".into(),
             csr: None,
         };
-        let (status, body) = self
-            .call(reqwest::Method::POST, "/v1/agents/register", Some(JOIN), Some(serde_json::to_value(req).unwrap()))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        serde_json::from_value(body).unwrap()
+        self.call(reqwest::Method::POST, "/v1/agents/register", Some(token), Some(serde_json::to_value(req).unwrap()))
+            .await
     }
 
     async fn beat(
@@ -525,6 +529,137 @@ async fn a_restarted_broker_keeps_nodes_workloads_migrations_and_tokens() {
     assert_eq!(r.migrations.len(), 1);
     assert_eq!(r.migrations[0].id, id);
     b.stop().await;
+}
+
+/// Join tokens made over the API: a user token makes, lists and revokes them; a node
+/// registers with a valid one, not with a revoked or expired one (401 naming which),
+/// and a node that joined with a token it has since lost keeps beating. Only hashes are
+/// stored, the list shows no secret, and all of it survives a restart.
+#[tokio::test]
+async fn join_tokens_register_until_revoked_or_expired() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let b = Running::start(&db).await;
+
+    // a user token is needed: none, the join token and a made-up one are all refused
+    for token in [None, Some(JOIN), Some("not-a-user")] {
+        for (method, path) in [
+            (Method::POST, "/v1/join-tokens"),
+            (Method::GET, "/v1/join-tokens"),
+            (Method::DELETE, "/v1/join-tokens/jt-x"),
+        ] {
+            let (s, body) = b.call(method.clone(), path, token, Some(json!({}))).await;
+            assert_eq!(s, 401, "{method} {path} with {token:?}: {body}");
+            assert_eq!(body["code"], "unauthorized");
+        }
+    }
+
+    // made: the secret shown once, an id, no expiry unless asked
+    let (s, lasting) = b.post("/v1/join-tokens", json!({"label": "laptop-anna"})).await;
+    assert_eq!(s, 201, "{lasting}");
+    let (lasting_id, lasting_token) = (lasting["id"].as_str().unwrap(), lasting["token"].as_str().unwrap());
+    assert!(lasting_id.starts_with("jt-") && lasting_token.len() == 64, "{lasting}");
+    assert!(lasting.get("expires_unix_ms").is_none(), "{lasting}");
+    // no body at all is the same as {}
+    let (s, plain) = b.call(Method::POST, "/v1/join-tokens", Some(USER), None).await;
+    assert_eq!(s, 201, "{plain}");
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let (s, short) = b.post("/v1/join-tokens", json!({"expires_in_s": 1, "label": "short"})).await;
+    assert_eq!(s, 201, "{short}");
+    let expires = short["expires_unix_ms"].as_u64().unwrap();
+    assert!((before + 1000..before + 3000).contains(&expires), "{short}");
+
+    // a node registers with it, and heartbeats with what it got
+    let anna = node("anna", Tier::Client, CpuVendor::Intel);
+    let (s, reg) = b.register_with(lasting_token, &anna, "127.0.0.1:1").await;
+    assert_eq!(s, 200, "{reg}");
+    let anna_token: RegisterResponse = serde_json::from_value(reg).unwrap();
+    // the short one works until it expires
+    let (s, reg) = b
+        .register_with(short["token"].as_str().unwrap(), &node("brief", Tier::Edge, CpuVendor::Amd), "127.0.0.1:1")
+        .await;
+    assert_eq!(s, 200, "{reg}");
+
+    // the list: every token with its state, no secret and no hash of one
+    let (s, list) = b.get("/v1/join-tokens").await;
+    assert_eq!(s, 200, "{list}");
+    let (plain_id, short_id) = (plain["id"].as_str().unwrap(), short["id"].as_str().unwrap());
+    let ids: BTreeSet<&str> = list.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, BTreeSet::from([lasting_id, plain_id, short_id]));
+    let one = |list: &Value, id: &str| list.as_array().unwrap().iter().find(|t| t["id"] == id).unwrap().clone();
+    let first = one(&list, lasting_id);
+    assert_eq!((first["state"].as_str(), first["label"].as_str()), (Some("valid"), Some("laptop-anna")), "{first}");
+    let text = list.to_string();
+    for made in [&lasting, &plain, &short] {
+        let secret = made["token"].as_str().unwrap();
+        assert!(!text.contains(secret) && !text.contains(&away_broker::tokens::sha256_hex(secret)), "{text}");
+    }
+
+    // revoked: registering with it is refused naming why; anna, who joined with it, beats on
+    let (s, v) = b.delete(&format!("/v1/join-tokens/{lasting_id}")).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["state"], "revoked");
+    assert!(v["revoked_unix_ms"].as_u64().is_some(), "{v}");
+    let (s, e) = b.register_with(lasting_token, &node("mallory", Tier::Client, CpuVendor::Intel), "127.0.0.1:1").await;
+    assert_eq!(s, 401, "{e}");
+    assert_eq!(e["message"], format!("join token {lasting_id} revoked: ask for a new one"));
+    b.beat(&anna, &anna_token.agent_token, vec![], vec![]).await;
+    // again: still revoked, when it first was; an unknown id is a 404
+    let (s, again) = b.delete(&format!("/v1/join-tokens/{lasting_id}")).await;
+    assert_eq!((s, &again["revoked_unix_ms"]), (200, &v["revoked_unix_ms"]));
+    let (s, e) = b.delete("/v1/join-tokens/jt-ghost").await;
+    assert_eq!(s, 404, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("jt-ghost"), "{e}");
+
+    // expired: refused naming why, listed as such
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    tokio::time::sleep(Duration::from_millis(expires.saturating_sub(now) + 50)).await;
+    let (s, e) = b
+        .register_with(short["token"].as_str().unwrap(), &node("late", Tier::Edge, CpuVendor::Amd), "127.0.0.1:1")
+        .await;
+    assert_eq!(s, 401, "{e}");
+    assert_eq!(e["message"], format!("join token {} expired: ask for a new one", short["id"].as_str().unwrap()));
+    assert_eq!(one(&b.get("/v1/join-tokens").await.1, short_id)["state"], "expired");
+
+    // bad input names the field
+    for (body, field) in [
+        (json!({"expires_in_s": 0}), "expires_in_s"),
+        (json!({"expires_in_s": 400_000_000u64}), "expires_in_s"),
+        (json!({"label": "x".repeat(201)}), "label"),
+        (json!({"label": "a\nb"}), "label"),
+    ] {
+        let (s, e) = b.post("/v1/join-tokens", body.clone()).await;
+        assert_eq!((s, e["field"].as_str()), (400, Some(field)), "{body}: {e}");
+    }
+    let (s, e) = b.post("/v1/join-tokens", json!({"expires": 5})).await;
+    assert!(s == 400 && e["message"].as_str().unwrap().contains("unknown field `expires`"), "{e}");
+
+    // the configured join token still registers; a wrong one is just wrong
+    b.register(&node("boot", Tier::Cloud, CpuVendor::Amd), "127.0.0.1:1").await;
+    let (s, e) = b.register_with("no-such-token", &node("x", Tier::Cloud, CpuVendor::Amd), "127.0.0.1:1").await;
+    assert_eq!((s, e["message"].as_str()), (401, Some("wrong join token")));
+    b.stop().await;
+
+    // after a restart: the same tokens, the revoked one still refused, the plain one still good
+    let b = Running::start(&db).await;
+    let (_, list) = b.get("/v1/join-tokens").await;
+    let states: Vec<_> = [lasting_id, plain_id, short_id].iter().map(|id| one(&list, id)["state"].clone()).collect();
+    assert_eq!(states, vec!["revoked", "valid", "expired"]);
+    let (s, e) = b.register_with(lasting_token, &node("mallory", Tier::Client, CpuVendor::Intel), "127.0.0.1:1").await;
+    assert!(s == 401 && e["message"].as_str().unwrap().contains("revoked"), "{e}");
+    let (s, e) = b
+        .register_with(plain["token"].as_str().unwrap(), &node("later", Tier::Edge, CpuVendor::Amd), "127.0.0.1:1")
+        .await;
+    assert_eq!(s, 200, "{e}");
+    b.stop().await;
+    // the database holds hashes only
+    for file in [db.clone(), db.with_extension("db-wal")] {
+        let raw = String::from_utf8_lossy(&std::fs::read(&file).unwrap_or_default()).to_string();
+        for made in [&lasting, &plain, &short] {
+            assert!(!raw.contains(made["token"].as_str().unwrap()), "a secret in {}", file.display());
+        }
+    }
 }
 
 /// Every migration ends: a pending one is cancelled and never delivered; one under way on

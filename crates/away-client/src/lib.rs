@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use away_model::{
-    ErrorBody, Heartbeat, HeartbeatResponse, MigrationAccepted, MigrationRecord, MigrationRequest, NodeView,
-    RegisterRequest, RegisterResponse, SubmitAnswer, WorkloadSpec, WorkloadView,
+    ErrorBody, Heartbeat, HeartbeatResponse, JoinTokenCreated, JoinTokenRequest, JoinTokenView, MigrationAccepted,
+    MigrationRecord, MigrationRequest, NodeView, RegisterRequest, RegisterResponse, SubmitAnswer, WorkloadSpec,
+    WorkloadView,
 };
 use reqwest::{Method, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
@@ -154,6 +155,21 @@ impl Client {
     /// when its online source has started it or it has ended.
     pub async fn cancel_migration(&self, id: &str) -> Result<MigrationRecord> {
         self.call(Method::DELETE, format!("/v1/migrations/{}", segment(id)), None::<&()>).await
+    }
+
+    /// `POST /v1/join-tokens` (201): a new join token, its secret in this answer only.
+    pub async fn create_join_token(&self, req: &JoinTokenRequest) -> Result<JoinTokenCreated> {
+        self.call(Method::POST, "/v1/join-tokens".into(), Some(req)).await
+    }
+
+    /// `GET /v1/join-tokens`: without their secrets.
+    pub async fn join_tokens(&self) -> Result<Vec<JoinTokenView>> {
+        self.call(Method::GET, "/v1/join-tokens".into(), None::<&()>).await
+    }
+
+    /// `DELETE /v1/join-tokens/{id}`: the token, revoked.
+    pub async fn revoke_join_token(&self, id: &str) -> Result<JoinTokenView> {
+        self.call(Method::DELETE, format!("/v1/join-tokens/{}", segment(id)), None::<&()>).await
     }
 
     /// `POST /v1/agents/register` with the cluster's join token (not the user token).

@@ -315,6 +315,74 @@ pub struct MigrationAccepted {
     pub migration: MigrationRecord,
 }
 
+/// The longest a join token may live: `expires_in_s` above this is refused.
+pub const MAX_JOIN_TOKEN_LIFETIME_S: u64 = 10 * 365 * 24 * 3600;
+
+/// The body of `POST /v1/join-tokens`: a new join token for registering nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenRequest {
+    /// Seconds until it expires (1 .. 10 years); absent: it never expires (revoke it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
+    pub expires_in_s: Option<u64>,
+    /// What it is for (shown by `GET /v1/join-tokens`), at most 200 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// The answer of `POST /v1/join-tokens`: the token itself, shown this once (the broker
+/// keeps only its SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct JoinTokenCreated {
+    /// Names it in `GET` and `DELETE /v1/join-tokens/{id}`.
+    pub id: String,
+    /// The secret an agent presents to `POST /v1/agents/register` (`AWAY_JOIN_TOKEN`).
+    pub token: String,
+    /// When it stops working (Unix ms); absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
+}
+
+/// A join token as `GET /v1/join-tokens` lists it: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct JoinTokenView {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub created_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
+    /// When it was revoked; absent while it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_unix_ms: Option<u64>,
+    /// `valid`, `expired` or `revoked`, as of the answer.
+    pub state: JoinTokenState,
+}
+
+/// Whether a join token registers nodes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum JoinTokenState {
+    Valid,
+    Expired,
+    Revoked,
+}
+
+impl JoinTokenState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinTokenState::Valid => "valid",
+            JoinTokenState::Expired => "expired",
+            JoinTokenState::Revoked => "revoked",
+        }
+    }
+}
+
 /// Every error answer of the broker: an `ApiError`, and for some the full explanation
 /// (a 422 placement or compatibility verdict, the migration a 409 conflicts with).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

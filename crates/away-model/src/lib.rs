@@ -20,9 +20,10 @@ pub use chain::{error_chain, ErrorChain};
 pub mod openapi;
 
 pub use api::{
-    BrokerEvent, Compatibility, ErrorBody, Filtered, MigrationAccepted, MigrationPlanAnswer, MigrationRecord,
-    MigrationRequest, MigrationState, NodeScore, NodeView, Optimize, PlacementDecision, Rule, SubmitAnswer,
-    WorkloadView, DEFAULT_MIGRATION_DEADLINE_S, MAX_MIGRATION_DEADLINE_S,
+    BrokerEvent, Compatibility, ErrorBody, Filtered, JoinTokenCreated, JoinTokenRequest, JoinTokenState, JoinTokenView,
+    MigrationAccepted, MigrationPlanAnswer, MigrationRecord, MigrationRequest, MigrationState, NodeScore, NodeView,
+    Optimize, PlacementDecision, Rule, SubmitAnswer, WorkloadView, DEFAULT_MIGRATION_DEADLINE_S,
+    MAX_JOIN_TOKEN_LIFETIME_S, MAX_MIGRATION_DEADLINE_S,
 };
 pub use cluster::{
     AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest,

@@ -32,7 +32,8 @@ pub struct BrokerArgs {
     /// SQLite database file
     #[arg(long, env = "AWAY_BROKER_DB", default_value = "/var/lib/away/broker.db")]
     db: PathBuf,
-    /// Token agents present to register
+    /// Token agents present to register (the bootstrap token; `away token create` makes
+    /// more, which expire and can be revoked)
     #[arg(long, env = "AWAY_JOIN_TOKEN", hide_env_values = true)]
     join_token: String,
     /// A token users present (repeatable)

@@ -11,6 +11,7 @@ mod link;
 mod migrate;
 mod output;
 mod signal;
+mod token;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -64,6 +65,18 @@ enum Command {
     /// Run a whole cluster on this machine (broker + agents in network namespaces)
     #[command(subcommand)]
     Cluster(cluster::Command),
+    /// Make, list and revoke a broker's join tokens
+    ///
+    /// A new node registers with a join token (AWAY_JOIN_TOKEN of its agent). One made here
+    /// can expire and be revoked; nodes that joined with it keep working (they use their
+    /// certificates). The user token comes from AWAY_USER_TOKEN, never the command line.
+    ///
+    /// Examples:
+    ///   away token create --broker https://10.0.0.1:7700 --ca ca.pem --expires 1h --label laptop-anna
+    ///   away token list --broker https://10.0.0.1:7700 --ca ca.pem
+    ///   away token revoke jt-1a2b3c4d5e6f --broker https://10.0.0.1:7700 --ca ca.pem
+    #[command(subcommand, verbatim_doc_comment)]
+    Token(token::Command),
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,6 +106,7 @@ fn main() -> std::process::ExitCode {
         Command::Cluster(c) => cluster::run(c),
         Command::Link(c) => link::run(c),
         Command::Lab(c) => lab::run(c),
+        Command::Token(c) => token::run(c),
     };
     match result {
         Ok(code) => code,
