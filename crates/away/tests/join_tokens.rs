@@ -1,45 +1,12 @@
-//! `away token create|list|revoke` against a real `away broker` (this binary, on
-//! 127.0.0.1, fresh database in a temporary directory, tokens in the environment); a
-//! fake node registers with the token the CLI printed. Root-free.
+//! `away token create|list|revoke` against a real `away broker` (tests/common); a fake
+//! node registers with the token the CLI printed. Root-free.
 
-use std::process::{Child, Command, Output};
-use std::time::Duration;
+mod common;
 
-use away_client::Client;
-use away_model::{NodeInfo, RegisterRequest};
+use common::{away, registration, Broker};
 
 const USER: &str = "token-test-user-token";
 const JOIN: &str = "token-test-join-token";
-
-/// Stops the broker (by its PID) however the test ends.
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn registration(name: &str) -> RegisterRequest {
-    let node: NodeInfo = serde_json::from_value(serde_json::json!({
-        "name": name, "tier": "edge", "arch": "amd64", "memory_bytes": 17_179_869_184u64, "kernel": "6.1.0",
-        "cpu": {"vendor": "amd", "model": "fake", "cores": 8, "flags": ["sse4_2", "avx2"]},
-        "runtimes": [{"kind": "containerd", "version": "2.0", "healthy": true, "checkpoint": true}],
-        "link": {"rate_mbit": 1000, "latency_ms": 1}
-    }))
-    .unwrap();
-    RegisterRequest { node, api_addr: "127.0.0.1:9".into(), transfer_addr: "127.0.0.1:9".into(), csr: None }
-}
-
-fn away(args: &[&str], token: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_away"));
-    cmd.args(args).env("RUST_LOG", "off").env_remove("AWAY_USER_TOKEN").env_remove("AWAY_CA");
-    if let Some(t) = token {
-        cmd.env("AWAY_USER_TOKEN", t);
-    }
-    cmd.output().expect("run away")
-}
 
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).to_string()
@@ -47,27 +14,8 @@ fn text(out: &[u8]) -> String {
 
 #[tokio::test]
 async fn create_register_list_revoke() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("http://127.0.0.1:{port}");
-    let _broker = Broker(
-        Command::new(env!("CARGO_BIN_EXE_away"))
-            // the test plays the agent with a fake registration: plain HTTP on loopback
-            .args(["broker", "--insecure-loopback", "--listen", &format!("127.0.0.1:{port}")])
-            .env("AWAY_BROKER_DB", dir.path().join("broker.db"))
-            .env("AWAY_USER_TOKEN", USER)
-            .env("AWAY_JOIN_TOKEN", JOIN)
-            .env("RUST_LOG", "off")
-            .spawn()
-            .expect("start away broker"),
-    );
-    let client = Client::new(&url, USER).unwrap();
-    for _ in 0..100 {
-        if client.nodes().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let broker = Broker::start(USER, JOIN).await;
+    let (url, client) = (broker.url.as_str(), &broker.client);
 
     // made in words: the secret alone on stdout, what to do with it on stderr
     let out = away(&["token", "create", "--broker", &url, "--expires", "1h", "--label", "laptop-anna"], Some(USER));

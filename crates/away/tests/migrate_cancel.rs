@@ -1,76 +1,20 @@
-//! `away migrate --cancel ID` against a real `away broker` (this binary, on 127.0.0.1,
-//! fresh database in a temporary directory, tokens in the environment) with two fake
+//! `away migrate --cancel ID` against a real `away broker` (tests/common) with two fake
 //! nodes registered over the API. Root-free.
 
-use std::process::{Child, Command, Output};
-use std::time::Duration;
+mod common;
 
-use away_client::Client;
-use away_model::{Heartbeat, MigrationRequest, NodeInfo, NodeLoad, RegisterRequest, SpecFormat, WorkloadSpec};
+use away_model::{Heartbeat, MigrationRequest, NodeLoad, SpecFormat, WorkloadSpec};
+use common::{away, node, registration, Broker};
 
 const USER: &str = "cancel-test-user-token";
 const JOIN: &str = "cancel-test-join-token";
 
-/// Stops the broker (by its PID) however the test ends.
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn node(name: &str) -> NodeInfo {
-    serde_json::from_value(serde_json::json!({
-        "name": name, "tier": "edge", "arch": "amd64", "memory_bytes": 17_179_869_184u64, "kernel": "6.1.0",
-        "cpu": {"vendor": "amd", "model": "fake", "cores": 8, "flags": ["sse4_2", "avx2"]},
-        "runtimes": [{"kind": "containerd", "version": "2.0", "healthy": true, "checkpoint": true}],
-        "link": {"rate_mbit": 1000, "latency_ms": 1}
-    }))
-    .unwrap()
-}
-
-fn away(args: &[&str], token: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_away"));
-    cmd.args(args).env("RUST_LOG", "off").env_remove("AWAY_USER_TOKEN");
-    if let Some(t) = token {
-        cmd.env("AWAY_USER_TOKEN", t);
-    }
-    cmd.output().expect("run away")
-}
-
 #[tokio::test]
 async fn cancel_a_pending_migration_then_refuse_an_ended_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let url = format!("http://127.0.0.1:{port}");
-    let _broker = Broker(
-        Command::new(env!("CARGO_BIN_EXE_away"))
-            // the test plays the agents with fake registrations: plain HTTP on loopback
-            .args(["broker", "--insecure-loopback", "--listen", &format!("127.0.0.1:{port}")])
-            .env("AWAY_BROKER_DB", dir.path().join("broker.db"))
-            .env("AWAY_USER_TOKEN", USER)
-            .env("AWAY_JOIN_TOKEN", JOIN)
-            .env("RUST_LOG", "off")
-            .spawn()
-            .expect("start away broker"),
-    );
-    let client = Client::new(&url, USER).unwrap();
-    for _ in 0..100 {
-        if client.nodes().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let broker = Broker::start(USER, JOIN).await;
+    let (url, client) = (broker.url.as_str(), &broker.client);
     for name in ["cancel-a", "cancel-b"] {
-        let req = RegisterRequest {
-            node: node(name),
-            api_addr: "127.0.0.1:9".into(),
-            transfer_addr: "127.0.0.1:9".into(),
-            csr: None,
-        };
-        let token = client.register(JOIN, &req).await.expect("register").agent_token;
+        let token = client.register(JOIN, &registration(name)).await.expect("register").agent_token;
         let hb = Heartbeat { node: node(name), load: NodeLoad::default(), workloads: vec![], events: vec![] };
         client.heartbeat(name, &token, &hb).await.expect("heartbeat");
     }
