@@ -128,6 +128,8 @@ fn spec(name: &str, host_port: u16, mib: u64) -> WorkloadSpec {
         user: None,
         capabilities: Default::default(),
         seccomp: Default::default(),
+        network: None,
+        overlay: None,
     }
 }
 

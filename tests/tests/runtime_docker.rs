@@ -83,6 +83,8 @@ fn spec(name: &str, image: &ResolvedImage, host_port: Option<u16>) -> WorkloadSp
         user: None,
         capabilities: Default::default(),
         seccomp: Default::default(),
+        network: None,
+        overlay: None,
     }
 }
 

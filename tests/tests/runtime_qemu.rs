@@ -117,6 +117,8 @@ fn spec(name: &str, guest_port: u16, host_port: u16) -> WorkloadSpec {
         user: None,
         capabilities: Default::default(),
         seccomp: Default::default(),
+        network: None,
+        overlay: None,
     }
 }
 

@@ -336,8 +336,13 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
     if !snap.announced_online.contains(name) {
         out.insert(0, Pending::new("node-online", format!("node {name} is online")).node(name));
     }
-    let response =
-        HeartbeatResponse { acked_seq: node.acked_seq, assignments, migrations: orders, draining: node.draining };
+    let response = HeartbeatResponse {
+        acked_seq: node.acked_seq,
+        assignments,
+        migrations: orders,
+        draining: node.draining,
+        overlay: Vec::new(),
+    };
     changes.nodes.push(node);
     changes.workloads.extend(workloads.into_values());
     changes.migrations.extend(migrations.into_values());

@@ -311,6 +311,8 @@ fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec
         user: None,
         capabilities: Default::default(),
         seccomp: Default::default(),
+        network: None,
+        overlay: None,
     }
 }
 

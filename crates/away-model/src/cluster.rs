@@ -142,4 +142,8 @@ pub struct HeartbeatResponse {
     pub migrations: Vec<MigrationOrder>,
     /// The node is draining: the broker places nothing new here.
     pub draining: bool,
+    /// The lab networks this node takes part in (empty when the broker runs no
+    /// overlay): the agent builds their VXLAN devices and bridges from this.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlay: Vec<crate::NodeOverlay>,
 }

@@ -125,6 +125,8 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
         user: None,
         capabilities: Default::default(),
         seccomp: Default::default(),
+        network: None,
+        overlay: None,
     };
     let placed = broker.submit(&spec).await?;
     let node = placed.workload.as_ref().map_or("?", |w| w.node.as_str()).to_string();

@@ -163,6 +163,8 @@ fn spec_from(a: &RunArgs) -> anyhow::Result<WorkloadSpec> {
             user: None,
             capabilities: Default::default(),
             seccomp: Default::default(),
+            network: None,
+            overlay: None,
         }
     };
     if let Some(n) = &a.name {
