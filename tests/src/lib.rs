@@ -307,6 +307,7 @@ pub fn cluster_plan(name: &str, nodes: &[(&str, away_model::Tier)], images: &[&s
         nodes: nodes.iter().map(|(n, tier)| away_cluster::NodePlan { name: (*n).into(), tier: *tier }).collect(),
         away: away_bin().to_path_buf(),
         images: images.iter().map(|app| lab_image(app)).collect(),
+        overlay: None,
     }
 }
 

@@ -49,6 +49,9 @@ CREATE TABLE IF NOT EXISTS removals (node TEXT NOT NULL, workload TEXT NOT NULL,
     PRIMARY KEY (node, workload));
 CREATE TABLE IF NOT EXISTS agent_events (node TEXT NOT NULL, seq INTEGER NOT NULL, at_ms INTEGER NOT NULL,
     kind TEXT NOT NULL, workload TEXT, migration_id TEXT, record TEXT NOT NULL, PRIMARY KEY (node, seq));
+CREATE TABLE IF NOT EXISTS overlay_networks (name TEXT PRIMARY KEY, idx INTEGER NOT NULL UNIQUE, vni INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS overlay_leases (network TEXT NOT NULL, owner TEXT NOT NULL, ip TEXT NOT NULL,
+    PRIMARY KEY (network, owner), UNIQUE (network, ip));
 ";
 
 /// Every change one request makes, written in one transaction.
@@ -135,6 +138,62 @@ impl Store {
         let mut stmt = self.conn.prepare(query).map_err(|e| self.sql(e))?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| self.sql(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    /// The overlay's networks and addresses (crate::overlay).
+    pub fn load_overlay(&self) -> Result<(Vec<crate::overlay::NetworkRow>, Vec<crate::overlay::LeaseRow>), StoreError> {
+        let mut nets = Vec::new();
+        let mut stmt = self.conn.prepare("SELECT name, idx, vni FROM overlay_networks").map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(crate::overlay::NetworkRow {
+                    name: r.get(0)?,
+                    index: r.get::<_, i64>(1)? as u32,
+                    vni: r.get::<_, i64>(2)? as u32,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        for r in rows {
+            nets.push(r.map_err(|e| self.sql(e))?);
+        }
+        let mut leases = Vec::new();
+        let mut stmt = self.conn.prepare("SELECT network, owner, ip FROM overlay_leases").map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .map_err(|e| self.sql(e))?;
+        for r in rows {
+            let (network, owner, ip) = r.map_err(|e| self.sql(e))?;
+            let ip = ip.parse().map_err(|_| {
+                self.sql(rusqlite::Error::InvalidColumnType(2, format!("ip {ip:?}"), rusqlite::types::Type::Text))
+            })?;
+            leases.push(crate::overlay::LeaseRow { network, owner, ip });
+        }
+        Ok((nets, leases))
+    }
+
+    /// Store new networks and addresses, and forget `released` owners' addresses, at once.
+    pub fn apply_overlay(&mut self, c: &crate::overlay::IpamChanges, released: &[String]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sql { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sql)?;
+        for n in &c.networks {
+            tx.execute(
+                "INSERT INTO overlay_networks (name, idx, vni) VALUES (?1, ?2, ?3)",
+                params![n.name, n.index as i64, n.vni as i64],
+            )
+            .map_err(sql)?;
+        }
+        for o in released {
+            tx.execute("DELETE FROM overlay_leases WHERE owner = ?1", params![o]).map_err(sql)?;
+        }
+        for l in &c.leases {
+            tx.execute(
+                "INSERT INTO overlay_leases (network, owner, ip) VALUES (?1, ?2, ?3)",
+                params![l.network, l.owner, l.ip.to_string()],
+            )
+            .map_err(sql)?;
+        }
+        tx.commit().map_err(sql)
     }
 
     /// Whether an agent event was already stored (a retried heartbeat carries it again).
