@@ -141,11 +141,13 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     if !require_root() {
         return;
     }
+    let clock = Instant::now();
     let name = free_cluster_name("ovl");
     let mut plan =
         cluster_plan(&name, &[("cloud", Tier::Cloud), ("laptop", Tier::Client), ("edge", Tier::Edge)], &["counter"]);
     plan.overlay = Some("10.250.0.0/16".into());
     let info = away_cluster::up(&plan).expect("cluster up");
+    eprintln!("cluster up after {:?}", clock.elapsed());
     let _down = Down(name.clone());
     let api = Api { info: info.clone(), http: away_e2e::broker_client(&info) };
     wait_for(30, || {
@@ -154,11 +156,11 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     })
     .expect("three agents online");
 
-    let submit = |wname: &str, tier: &str| {
+    let submit = |wname: &str, tiers: &[&str]| {
         let spec = json!({"name": wname, "image": "away/counter:latest",
             "env": {"COUNTER_PORT": PORT.to_string(), "COUNTER_INTERVAL_MS": "20", "COUNTER_LOG_EVERY": "100"},
             "resources": {"memory": "64Mi", "cpus": 0.25},
-            "placement": {"tiers": [tier], "runtime": "containerd"}});
+            "placement": {"tiers": tiers, "runtime": "containerd"}});
         let (status, body) = api.post("/v1/workloads", spec);
         assert_eq!(status, 201, "submit {wname}: {body}");
     };
@@ -171,32 +173,43 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     assert_eq!(status, 400, "{body}");
     assert!(body.to_string().contains("overlay"), "{body}");
 
-    submit("ovc", "cloud");
-    submit("ovp", "edge");
-    let moving = api.wait_running_on("ovc", "cloud");
+    submit("ovc", &["cloud", "client"]);
+    submit("ovp", &["edge"]);
+    let placed = wait_for(120, || {
+        api.get("/v1/workloads/ovc")
+            .filter(|w| w["state"] == "running")
+            .and_then(|w| w["node"].as_str().map(String::from))
+    })
+    .expect("ovc running");
+    // it moves between cloud and laptop, whichever placement chose first
+    let (source, target) = if placed == "cloud" { ("cloud", "laptop") } else { ("laptop", "cloud") };
+    let moving = api.wait_running_on("ovc", source);
+    eprintln!("ovc running on {source} after {:?}", clock.elapsed());
     let peer = api.wait_running_on("ovp", "edge");
     let (ip, peer_ip) = (overlay_ip(&moving), overlay_ip(&peer));
     let mac = moving["spec"]["overlay"]["mac"].clone();
     assert_ne!(ip, peer_ip);
-    let (edge, cloud) = (api.netns("edge"), api.netns("cloud"));
+    let (edge, source_ns) = (api.netns("edge"), api.netns(source));
     // each workload has its own namespace, named after its node's containerd namespace
     let ns_of = |node: &str, w: &str| Path::new("/run/netns").join(format!("awo-away-{node}-{w}"));
-    assert!(ns_of("cloud", "ovc").exists() && ns_of("edge", "ovp").exists());
+    assert!(ns_of(source, "ovc").exists() && ns_of("edge", "ovp").exists());
 
     // before: the edge node (by its own overlay address) and the other workload reach it
     let before = wait_for(20, || count_from(&edge, ip)).expect("the edge node reaches the workload by overlay IP");
     assert!(count_from(&ns_of("edge", "ovp"), ip).is_some(), "workload ovp reaches ovc by overlay IP");
-    assert!(count_from(&ns_of("cloud", "ovc"), peer_ip).is_some(), "workload ovc reaches ovp by overlay IP");
+    assert!(count_from(&ns_of(source, "ovc"), peer_ip).is_some(), "workload ovc reaches ovp by overlay IP");
     // not on the node's own network: its node's address does not answer on that port
-    assert!(count_from(&cloud, info.nodes[0].ip).is_none(), "the workload is not in the node's namespace");
+    let source_ip = info.nodes.iter().find(|n| n.name == source).unwrap().ip;
+    assert!(count_from(&source_ns, source_ip).is_none(), "the workload is not in the node's namespace");
 
     // a client on the third node holds a connection while the broker moves the workload
     let stop = Arc::new(AtomicBool::new(false));
     let (seen, reader) = stream_from(&edge, ip, stop.clone());
     wait_for(10, || (seen.lock().unwrap().lines.len() > 20).then_some(())).expect("the stream flows");
-    let (status, body) = api.post("/v1/migrations", json!({"workload": "ovc", "to": "laptop"}));
+    let (status, body) = api.post("/v1/migrations", json!({"workload": "ovc", "to": target}));
     assert!(status == 201 || status == 202, "migration: {status} {body}");
-    let moved = api.wait_running_on("ovc", "laptop");
+    let moved = api.wait_running_on("ovc", target);
+    eprintln!("ovc running on {target} after {:?}", clock.elapsed());
     assert_eq!(overlay_ip(&moved), ip, "the same IP after the move");
     assert_eq!(moved["spec"]["overlay"]["mac"], mac, "the same MAC after the move");
     let at_move = seen.lock().unwrap().lines.len();
@@ -211,16 +224,16 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     }
     let gap = seen.lines.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap();
     println!(
-        "overlay move cloud -> laptop: {} lines over one TCP connection, none lost or repeated; \
+        "overlay move {source} -> {target}: {} lines over one TCP connection, none lost or repeated; \
          longest gap the client saw {} ms (lines every 20 ms)",
         seen.lines.len(),
         gap.as_millis()
     );
-    wait_for(20, || (!ns_of("cloud", "ovc").exists()).then_some(())).expect("the source's namespace is removed");
+    wait_for(20, || (!ns_of(source, "ovc").exists()).then_some(())).expect("the source's namespace is removed");
 
     // after: the same address answers from the new node, with the state it had
     let after = count_from(&edge, ip).expect("the edge node reaches the moved workload");
     assert!(after > before, "the count went on: {before} then {after}");
     assert!(count_from(&ns_of("edge", "ovp"), ip).is_some(), "ovp reaches ovc after the move");
-    assert!(count_from(&ns_of("laptop", "ovc"), peer_ip).is_some(), "ovc reaches ovp after the move");
+    assert!(count_from(&ns_of(target, "ovc"), peer_ip).is_some(), "ovc reaches ovp after the move");
 }
