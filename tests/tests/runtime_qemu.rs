@@ -283,7 +283,7 @@ fn checkpoint_and_restore_keep_the_count() {
 
     let t0 = Instant::now();
     let st = h
-        .block(h.rt.restore(&RestoreRequest { archive: archive.clone(), image: img }))
+        .block(h.rt.restore(&RestoreRequest { archive: archive.clone(), image: img, close_connections: false }))
         .unwrap_or_else(|e| panic!("restore: {e}"));
     assert_eq!(st.state, WorkloadState::Running, "{st:?}");
     assert!(st.detail.contains("restored from"), "{}", st.detail);

@@ -361,7 +361,12 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
         let progress: away_migrate::container::ProgressFn = Arc::new(|_| {});
         // the broker validated the mode; an agent that cannot read it uses auto
         let mode = m.mode.as_deref().and_then(|s| s.parse().ok()).unwrap_or_default();
-        let mut opts = ContainerMigrationOptions { mode, cancel: cancel.clone(), ..Default::default() };
+        let mut opts = ContainerMigrationOptions {
+            mode,
+            cancel: cancel.clone(),
+            close_connections: m.close_connections,
+            ..Default::default()
+        };
         let channels = agent.channels();
         if let Ok(channels) = &channels {
             opts.transfer.channels = channels.clone();

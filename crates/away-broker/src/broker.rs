@@ -839,6 +839,7 @@ impl Broker {
             report: None,
             error: None,
             mode: req.mode.clone(),
+            close_connections: req.close_connections,
             deadline_ms: Some(now + deadline_s * 1000),
             resolved_by_broker: false,
             cancel_requested_ms: None,

@@ -317,6 +317,7 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
             target_node: m.target.clone(),
             target_api: target.api_addr.clone(),
             mode: m.mode.clone(),
+            close_connections: m.close_connections,
             cancel: m.cancel_requested_ms.is_some(),
         });
         if m.state == MigrationState::Pending {
@@ -712,6 +713,7 @@ mod tests {
                 cancel_requested_ms: None,
                 predicted: None,
                 mode: None,
+                close_connections: false,
             };
             self.migrations.insert(id.into(), m);
         }

@@ -349,6 +349,7 @@ mod tests {
             chosen_by: "user".into(),
             why: "asked".into(),
             mode: None,
+            close_connections: false,
             compatibility: away_policy::check_container(&info, &info, RuntimeKind::Containerd, RuntimeKind::Containerd),
             requested_ms: 3,
             delivered_ms: None,

@@ -125,6 +125,9 @@ pub struct MigrationOrder {
     /// Containers: `stop-copy`, `staged`, `lazy` or `auto` (none: `auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// Restore the workload's TCP connections closed (the request's `close_connections`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close_connections: bool,
     /// A user cancelled the migration (`DELETE /v1/migrations/{id}`): abort it before its
     /// commit point (the source resumes, the target removes its prepared copy) and report
     /// `migration-failed`; a move past its commit point ends as it would have.

@@ -181,7 +181,11 @@ impl ContainerdRuntime {
         // of it must not find the file.
         // (written beneath the received directory: never through a link a peer put there)
         let conf = req.archive.dir.join("criu-lazy.conf");
-        let options: &[u8] = if spec.overlay.is_some() { b"lazy-pages\ntcp-established\n" } else { b"lazy-pages\n" };
+        let options: &[u8] = match (&spec.overlay, req.close_connections) {
+            (None, _) => b"lazy-pages\n",
+            (Some(_), false) => b"lazy-pages\ntcp-established\n",
+            (Some(_), true) => b"lazy-pages\ntcp-close\n",
+        };
         crate::host::beneath::Beneath::open(&req.archive.dir)?.write("criu-lazy.conf", options)?;
         let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf)).await;
         let _ = std::fs::remove_file(&conf);
@@ -218,7 +222,8 @@ impl ContainerdRuntime {
         // runc no such option: CRIU gets it from a configuration file, as a lazy restore
         // gets lazy-pages (the file lives only during the restore)
         let conf = req.archive.dir.join(CRIU_TCP_CONF);
-        crate::host::beneath::Beneath::open(&req.archive.dir)?.write(CRIU_TCP_CONF, b"tcp-established\n")?;
+        let tcp: &[u8] = if req.close_connections { b"tcp-close\n" } else { b"tcp-established\n" };
+        crate::host::beneath::Beneath::open(&req.archive.dir)?.write(CRIU_TCP_CONF, tcp)?;
         let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf)).await;
         let _ = std::fs::remove_file(&conf);
         result
