@@ -408,4 +408,35 @@ mod tests {
         let sync: i64 = store.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!(sync, 2);
     }
+
+    #[test]
+    fn overlay_addresses_survive_reopen_and_release() {
+        use crate::overlay::{Ipam, IpamChanges, OverlayConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        let (pool, pool_prefix) = OverlayConfig::parse_pool("10.250.0.0/16").unwrap();
+        let config = OverlayConfig { pool, pool_prefix, port: 4799, first_vni: 4200 };
+        let mut store = Store::open(&path).unwrap();
+        let mut ipam = Ipam::new(config.clone(), vec![], vec![]);
+        let mut made = IpamChanges::default();
+        let w = ipam.address("lab", "workload/w", &mut made).unwrap();
+        let n = ipam.address("lab", "node/n1", &mut made).unwrap();
+        store.apply_overlay(&made, &[]).unwrap();
+        drop(store);
+        let mut store = Store::open(&path).unwrap();
+        let (networks, leases) = store.load_overlay().unwrap();
+        let mut again = Ipam::new(config.clone(), networks, leases);
+        let mut none = IpamChanges::default();
+        assert_eq!(again.address("lab", "workload/w", &mut none).unwrap(), w);
+        assert_eq!(again.address("lab", "node/n1", &mut none).unwrap(), n);
+        assert!(none.is_empty(), "nothing new after a reopen: {none:?}");
+        // released, the address goes to the next owner, also after a reopen
+        assert!(again.release("workload/w"));
+        store.apply_overlay(&IpamChanges::default(), &["workload/w".into()]).unwrap();
+        let (networks, leases) = store.load_overlay().unwrap();
+        let mut third = Ipam::new(config, networks, leases);
+        let mut made = IpamChanges::default();
+        assert_eq!(third.address("lab", "workload/v", &mut made).unwrap().ip, w.ip);
+        store.apply_overlay(&made, &[]).unwrap();
+    }
 }
