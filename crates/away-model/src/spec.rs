@@ -179,6 +179,7 @@ pub struct WorkloadSpec {
     /// management when it accepts the workload: it travels with the workload on every
     /// move. A submitted spec must not set it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(read_only))]
     pub overlay: Option<crate::OverlayAddress>,
 }
 
