@@ -27,36 +27,9 @@ impl Drop for Down {
     }
 }
 
-struct Api {
-    info: ClusterInfo,
-    http: reqwest::blocking::Client,
-}
-
-impl Api {
-    fn get(&self, path: &str) -> Option<Value> {
-        let r =
-            self.http.get(format!("{}{path}", self.info.broker_url)).bearer_auth(&self.info.user_token).send().ok()?;
-        r.status().is_success().then(|| r.json().ok()).flatten()
-    }
-    fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.info.broker_url))
-            .bearer_auth(&self.info.user_token)
-            .json(&body)
-            .send()
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().unwrap_or(Value::Null))
-    }
-    fn wait_running_on(&self, name: &str, node: &str) -> Value {
-        let get = || self.get(&format!("/v1/workloads/{name}"));
-        wait_for(120, || get().filter(|w| w["state"] == "running" && w["node"] == node))
-            .unwrap_or_else(|| panic!("{name} not running on {node}: {:?}", get()))
-    }
-    fn netns(&self, node: &str) -> PathBuf {
-        Path::new("/run/netns").join(&self.info.nodes.iter().find(|n| n.name == node).unwrap().netns)
-    }
+/// A node's network namespace.
+fn netns_of(info: &ClusterInfo, node: &str) -> PathBuf {
+    Path::new("/run/netns").join(&info.nodes.iter().find(|n| n.name == node).unwrap().netns)
 }
 
 /// Run `f` on a thread inside the network namespace at `ns`: its sockets belong there.
@@ -160,7 +133,7 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     let info = away_cluster::up(&plan).expect("cluster up");
     eprintln!("cluster up after {:?}", clock.elapsed());
     let _down = Down(name.clone());
-    let api = Api { info: info.clone(), http: away_e2e::broker_client(&info) };
+    let api = away_e2e::BrokerApi::new(&info);
     wait_for(30, || {
         api.get("/v1/nodes")
             .filter(|n| n.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 3))
@@ -200,7 +173,7 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     let (ip, peer_ip) = (overlay_ip(&moving), overlay_ip(&peer));
     let mac = moving["spec"]["overlay"]["mac"].clone();
     assert_ne!(ip, peer_ip);
-    let (edge, source_ns) = (api.netns("edge"), api.netns(source));
+    let (edge, source_ns) = (netns_of(&info, "edge"), netns_of(&info, source));
     // each workload has its own namespace, named after its node's containerd namespace
     let ns_of = |node: &str, w: &str| Path::new("/run/netns").join(format!("awo-away-{node}-{w}"));
     assert!(ns_of(source, "ovc").exists() && ns_of("edge", "ovp").exists());
