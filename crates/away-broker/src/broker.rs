@@ -422,9 +422,11 @@ impl Broker {
             .field("overlay"));
         }
         if let (Some(net), None) = (&spec.network, &inner.ipam) {
-            return Err(Problem::invalid(format!(
-                "network {net}: this broker runs no overlay (start it with --overlay POOL)"
-            ))
+            // a well-formed request this broker cannot serve: 422, as for placement
+            return Err(Problem::new(
+                ErrorCode::Incompatible,
+                format!("network {net}: this broker runs no overlay (start it with --overlay POOL)"),
+            )
             .field("network"));
         }
         Ok(())

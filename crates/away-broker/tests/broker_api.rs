@@ -374,7 +374,7 @@ async fn overlay_addresses_follow_workloads_and_nodes_across_a_restart() {
     // a broker without an overlay refuses a network by name
     let plain = Running::start(&dir.path().join("plain.db")).await;
     let (s, e) = plain.post("/v1/workloads", submit("n", json!({"network": "lab-1"}))).await;
-    assert_eq!((s, e["field"].as_str()), (400, Some("network")), "{e}");
+    assert_eq!((s, e["field"].as_str()), (422, Some("network")), "{e}");
     plain.stop().await;
 }
 

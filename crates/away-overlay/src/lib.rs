@@ -131,7 +131,19 @@ async fn ensure_network(h: &Handle, n: &NodeOverlay) -> Result<(), OverlayError>
         Some(i) => i,
         None => {
             h.link()
-                .add(LinkBridge::new(&br).mtu(OVERLAY_MTU).address(mac.clone()).up().build())
+                // bridged frames skip the host's iptables (br_netfilter would pass them
+                // through FORWARD, whose policy Docker sets to DROP): the overlay is
+                // filtered nowhere but in the workloads' own namespaces
+                .add(
+                    LinkBridge::new(&br)
+                        .nf_call_iptables(false)
+                        .nf_call_ip6tables(false)
+                        .nf_call_arptables(false)
+                        .mtu(OVERLAY_MTU)
+                        .address(mac.clone())
+                        .up()
+                        .build(),
+                )
                 .execute()
                 .await
                 .map_err(nl(format!("create bridge {br}")))?;
