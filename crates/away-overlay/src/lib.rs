@@ -323,6 +323,18 @@ fn attach_inner(netns: &str, path: &Path, addr: &OverlayAddress) -> Result<(), O
             .execute()
             .await
             .map_err(nl(format!("name eth0 and set MAC {}", addr.mac)))?;
+        // no IPv6 in the namespace: its duplicate address detection and router
+        // solicitations would leave with the workload's MAC the moment eth0 is up, so
+        // the other nodes would learn that MAC here before a restored workload's
+        // sockets exist, and this kernel would reset its connections. The namespace
+        // stays silent until the workload (or its announcement after a restore) speaks.
+        for conf in ["all", "default", "eth0"] {
+            let knob = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+            match std::fs::write(&knob, b"1") {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(format!("write {knob}"))(e)),
+                _ => {}
+            }
+        }
         h.address()
             .add(index, IpAddr::V4(addr.ip), addr.prefix_len)
             .execute()
