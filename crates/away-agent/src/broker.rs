@@ -245,6 +245,21 @@ async fn beat(
 
 /// Do what the broker asked: start, remove, move. Each piece of work runs once at a time.
 async fn apply(agent: &Arc<Agent>, resp: HeartbeatResponse) {
+    // the networks first: a workload placed on one needs its bridge
+    let changed = *agent.overlay.lock().unwrap_or_else(|e| e.into_inner()) != resp.overlay;
+    if changed {
+        let networks = resp.overlay.clone();
+        match tokio::task::spawn_blocking(move || away_overlay::ensure_networks(&networks)).await {
+            Ok(Ok(())) => {
+                for n in &resp.overlay {
+                    tracing::info!(network = %n.address.network, vni = n.address.vni, address = %n.address.ip, peers = ?n.peers, "overlay network ready");
+                }
+                *agent.overlay.lock().unwrap_or_else(|e| e.into_inner()) = resp.overlay.clone();
+            }
+            Ok(Err(e)) => tracing::error!("cannot build the overlay networks: {}", ErrorChain(&e)),
+            Err(e) => tracing::error!("overlay task: {e}"),
+        }
+    }
     for a in resp.assignments {
         let key = format!("assign:{}", a.spec.name);
         let present = matches!(agent.node.find(&a.spec.name).await, Ok(Some(_)));
@@ -352,7 +367,12 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
         let progress: away_migrate::container::ProgressFn = Arc::new(|_| {});
         // the broker validated the mode; an agent that cannot read it uses auto
         let mode = m.mode.as_deref().and_then(|s| s.parse().ok()).unwrap_or_default();
-        let mut opts = ContainerMigrationOptions { mode, cancel: cancel.clone(), ..Default::default() };
+        let mut opts = ContainerMigrationOptions {
+            mode,
+            cancel: cancel.clone(),
+            close_connections: m.close_connections,
+            ..Default::default()
+        };
         let channels = agent.channels();
         if let Ok(channels) = &channels {
             opts.transfer.channels = channels.clone();

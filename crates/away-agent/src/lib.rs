@@ -135,6 +135,8 @@ pub struct Agent {
     work: Mutex<std::collections::HashSet<String>>,
     /// Migration id -> its cancel, for the moves under way (a broker's cancel sets it).
     pub(crate) cancels: std::sync::Mutex<HashMap<String, away_migrate::Cancel>>,
+    /// The lab networks as last built from the broker's answer (docs/network.md).
+    pub(crate) overlay: std::sync::Mutex<Vec<away_model::NodeOverlay>>,
     /// The node's certificate from the broker's CA, once it joined one: from then on its
     /// API is served over mutual TLS only and its calls to other nodes use it.
     identity: std::sync::RwLock<Option<away_identity::Identity>>,
@@ -187,6 +189,7 @@ impl Agent {
             state,
             work: Mutex::new(Default::default()),
             cancels: Default::default(),
+            overlay: Default::default(),
             announced: std::sync::Mutex::new(announced),
         }))
     }

@@ -317,6 +317,7 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
             target_node: m.target.clone(),
             target_api: target.api_addr.clone(),
             mode: m.mode.clone(),
+            close_connections: m.close_connections,
             cancel: m.cancel_requested_ms.is_some(),
         });
         if m.state == MigrationState::Pending {
@@ -336,8 +337,13 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
     if !snap.announced_online.contains(name) {
         out.insert(0, Pending::new("node-online", format!("node {name} is online")).node(name));
     }
-    let response =
-        HeartbeatResponse { acked_seq: node.acked_seq, assignments, migrations: orders, draining: node.draining };
+    let response = HeartbeatResponse {
+        acked_seq: node.acked_seq,
+        assignments,
+        migrations: orders,
+        draining: node.draining,
+        overlay: Vec::new(),
+    };
     changes.nodes.push(node);
     changes.workloads.extend(workloads.into_values());
     changes.migrations.extend(migrations.into_values());
@@ -707,6 +713,7 @@ mod tests {
                 cancel_requested_ms: None,
                 predicted: None,
                 mode: None,
+                close_connections: false,
             };
             self.migrations.insert(id.into(), m);
         }

@@ -62,6 +62,10 @@ pub struct ClusterPlan {
     pub away: PathBuf,
     /// Image tars put into every node's image store (there is no registry).
     pub images: Vec<PathBuf>,
+    /// The broker's overlay pool (`away broker --overlay`), e.g. `10.250.0.0/16`: each
+    /// node builds the lab networks' VXLAN devices in its namespace, tunnelling over
+    /// the cluster's bridge. None: workloads use their node's network.
+    pub overlay: Option<String>,
 }
 
 /// A running cluster, as `cluster.json` records it.
@@ -299,6 +303,9 @@ fn up_inner(plan: &ClusterPlan, stop: &AtomicBool) -> Result<ClusterInfo, Cluste
     let mut argv: Vec<String> =
         vec![plan.away.display().to_string(), "broker".into(), "--listen".into(), broker_addr.clone()];
     argv.extend(["--db".into(), state.join("broker.db").display().to_string()]);
+    if let Some(pool) = &plan.overlay {
+        argv.extend(["--overlay".into(), pool.clone()]);
+    }
     // the tokens go by environment, never on a command line (`ps` shows those to everyone)
     write_secret(&run.join("join-token"), &join)?;
     write_secret(&run.join("user-token"), &user)?;

@@ -53,6 +53,10 @@ pub struct Manifest {
     /// before it restores ([`crate::lazy::pull`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pull_pages: bool,
+    /// Restore the workload's TCP connections closed, not established (overlay
+    /// workloads; the move's `close_connections`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close_connections: bool,
 }
 
 impl Manifest {
@@ -91,6 +95,9 @@ pub struct ContainerMigrationOptions {
     /// Measure and predict the move before it starts (`crate::estimate`), for the
     /// report's `predicted`; the measuring is not counted in the move's times.
     pub predict: bool,
+    /// Overlay workloads: the target restores their TCP connections closed instead of
+    /// keeping them (CRIU's `tcp-close`); the peers see them end.
+    pub close_connections: bool,
 }
 
 impl Default for ContainerMigrationOptions {
@@ -103,6 +110,7 @@ impl Default for ContainerMigrationOptions {
             commit_wait: Duration::from_secs(300),
             cancel: Default::default(),
             predict: true,
+            close_connections: false,
         }
     }
 }
@@ -310,6 +318,7 @@ async fn move_container(
         lazy_page_relay: None,
         lazy_hot: Vec::new(),
         pull_pages: false,
+        close_connections: opts.close_connections,
     };
     let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
     // the stopped source record steps aside so that the target may take the name (needed
@@ -762,6 +771,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         lazy_page_relay: Some(page_relay),
         lazy_hot: m.hot,
         pull_pages: streamed,
+        close_connections: m.opts.close_connections,
     };
     // Any failure until the target runs: CRIU resumes the source when told.
     let payload_ref = payload.as_path();
@@ -984,8 +994,13 @@ impl Undo<'_> {
                 tracing::warn!("cannot remove the set-aside source record {aside}: {e}");
             }
         }
-        let restored =
-            runtime.restore(&RestoreRequest { archive: (*checkpoint).clone(), image: (*image).clone() }).await;
+        let restored = runtime
+            .restore(&RestoreRequest {
+                archive: (*checkpoint).clone(),
+                image: (*image).clone(),
+                close_connections: false,
+            })
+            .await;
         archives.keep_failed(payload);
         match restored {
             Ok(st) => MigrateError::RolledBack {
@@ -1088,7 +1103,7 @@ pub async fn restore_received(
         spec: manifest.spec.clone(),
         image: manifest.image.clone(),
     };
-    let request = RestoreRequest { archive, image };
+    let request = RestoreRequest { archive, image, close_connections: manifest.close_connections };
     // the source keeps its CRIU work directory; CRIU wants one here too
     away_runtime::host::beneath::Beneath::open(&dir)
         .and_then(|d| d.create_dir_all(away_runtime::CRIU_WORK_DIR, 0o700))

@@ -170,6 +170,17 @@ pub struct WorkloadSpec {
     /// The system call filter of a container.
     #[serde(default, skip_serializing_if = "Seccomp::is_default")]
     pub seccomp: Seccomp,
+    /// The lab network (VXLAN overlay) the workload joins when the broker runs one
+    /// (`default` when unset): lower-case letters, digits and '-'. docs/network.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$", example = "lab-1"))]
+    pub network: Option<String>,
+    /// The workload's address on its network, written by the broker's address
+    /// management when it accepts the workload: it travels with the workload on every
+    /// move. A submitted spec must not set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(read_only))]
+    pub overlay: Option<crate::OverlayAddress>,
     /// A writable disk (VMs only): a copy-on-write overlay on a base image of the
     /// node's disk store. What the guest writes lives in the overlay, and moves with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -465,6 +476,15 @@ impl WorkloadSpec {
                 "resources.cpus",
                 format!("{} is out of range; use a number of CPUs in (0, 1024], e.g. 0.5", self.resources.cpus),
             );
+        }
+        if let Some(net) = &self.network {
+            let ok = (1..=32).contains(&net.len())
+                && net.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !net.starts_with('-')
+                && !net.ends_with('-');
+            if !ok {
+                bad("network", format!("{net:?}: 1-32 lower-case letters, digits and '-', not at either end"));
+            }
         }
         let mut host_ports = BTreeSet::new();
         for (i, p) in self.ports.iter().enumerate() {

@@ -408,6 +408,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         },
         settle: None,
+        close_connections: false,
         mode: a.mode,
         compress_pages: a.compression.map(|c| c != Compression::None),
         commit_wait: Duration::from_secs(a.commit_wait),
