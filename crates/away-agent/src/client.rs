@@ -413,7 +413,12 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
         use away_migrate::target::{commit_move, CommitOutcome, CommitPolicy};
         use away_migrate::vm::VmCommit;
         let (answered_at, lease) = self.answered.unwrap_or_else(|| (tokio::time::Instant::now(), VM_LEASE_UNKNOWN));
-        let policy = CommitPolicy { lease, retry: std::time::Duration::from_secs(1), give_up: VM_CONFIRM_WAIT };
+        let policy = CommitPolicy {
+            lease,
+            retry: std::time::Duration::from_secs(1),
+            give_up: VM_CONFIRM_WAIT,
+            commit_sent: false,
+        };
         let moves = VmMove { client: &self.client, name: &self.name, answer: Default::default() };
         let id = format!("vm-{}", self.name);
         if self.cancel.is_cancelled() {

@@ -418,6 +418,8 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         commit_wait: Duration::from_secs(a.commit_wait),
         cancel: Default::default(),
         predict: true,
+        // not journaled yet: a killed `away migrate` leaves its move to the user
+        journal: None,
     };
     let bar = progress_bar(a.json);
     let pb = bar.clone();
