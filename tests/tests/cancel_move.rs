@@ -6,7 +6,9 @@
 //! in that window for sure: `DELETE /v1/migrations/{id}` answers 202, the source hears
 //! it with its next heartbeat, has the target remove its prepared copy and resumes its
 //! own; the migration ends `cancelled`, the workload stays on the source with its count
-//! going on, and nothing of it is left on the target.
+//! going on, and nothing of it is left on the target. The same without a `DELETE`: a
+//! migration whose deadline passes while its online source holds is cancelled by the
+//! broker the same way (before, the broker left it to the source, which committed).
 
 use away_cluster::ClusterInfo;
 use away_e2e::{away_bin, cluster_plan, free_cluster_name, require_root, require_socket, wait_for};
@@ -51,10 +53,24 @@ fn on_node(info: &ClusterInfo, node: &str, name: &str) -> Option<String> {
 
 #[test]
 fn a_cancel_under_way_is_aborted_by_the_source_before_its_commit() {
+    cancelled_under_way(None);
+}
+
+/// Deadline (s) of the migration that ends by it: passes while the source holds.
+const DEADLINE_SECS: u64 = 12;
+
+#[test]
+fn a_migration_past_its_deadline_is_cancelled_through_its_online_source() {
+    cancelled_under_way(Some(DEADLINE_SECS));
+}
+
+/// A migration cancelled while its source holds before the commit: by `DELETE` (None),
+/// or by its deadline (`Some(seconds)`).
+fn cancelled_under_way(deadline: Option<u64>) {
     if !(require_root() && require_socket("/run/containerd/containerd.sock", "containerd")) {
         return;
     }
-    let name = free_cluster_name("cm");
+    let name = free_cluster_name(if deadline.is_some() { "cd" } else { "cm" });
     // inherited by the cluster's agents (a fault-injection build of away)
     std::env::set_var("AWAY_FAULT_HOLD_BEFORE_COMMIT", HOLD_SECS);
     let plan = cluster_plan(&name, &[("a", Tier::Cloud), ("b", Tier::Edge)], &["counter"]);
@@ -75,24 +91,25 @@ fn a_cancel_under_way_is_aborted_by_the_source_before_its_commit() {
     let src_ip = info.nodes.iter().find(|n| n.name == src).unwrap().ip.to_string();
     let before = wait_for(90, || counter_state(&src_ip).filter(|s| s.0 >= 5)).expect("the counter counts on its node");
 
-    let (s, m) = call(
-        &info,
-        reqwest::Method::POST,
-        "/v1/migrations",
-        Some(json!({"workload": "counter", "to": dst, "mode": "staged"})),
-    );
+    let mut order = json!({"workload": "counter", "to": dst, "mode": "staged"});
+    if let Some(d) = deadline {
+        order["deadline_s"] = d.into();
+    }
+    let (s, m) = call(&info, reqwest::Method::POST, "/v1/migrations", Some(order));
     assert_eq!(s, 202, "{m}");
     let id = m["migration"]["id"].as_str().unwrap().to_string();
-    // restored on the target, held there for the commit the source holds back
-    wait_for(60, || (on_node(&info, dst, "counter").as_deref() == Some("running")).then_some(()))
-        .expect("the target restored its copy");
-    let (s, m) = call(&info, reqwest::Method::DELETE, &format!("/v1/migrations/{id}"), None);
-    assert_eq!((s, m["state"].as_str()), (202, Some("running")), "{m}");
-    assert!(m["cancel_requested_ms"].as_u64().is_some(), "{m}");
+    if deadline.is_none() {
+        // restored on the target, held there for the commit the source holds back
+        wait_for(60, || (on_node(&info, dst, "counter").as_deref() == Some("running")).then_some(()))
+            .expect("the target restored its copy");
+        let (s, m) = call(&info, reqwest::Method::DELETE, &format!("/v1/migrations/{id}"), None);
+        assert_eq!((s, m["state"].as_str()), (202, Some("running")), "{m}");
+        assert!(m["cancel_requested_ms"].as_u64().is_some(), "{m}");
+    }
 
     let ended = wait_for(90, || {
         let (_, m) = call(&info, reqwest::Method::GET, &format!("/v1/migrations/{id}"), None);
-        (m["state"] != "running").then_some(m)
+        (m["state"] != "running" && m["state"] != "pending").then_some(m)
     })
     .expect("the migration ends");
     assert_eq!(ended["state"], "cancelled", "{ended}");
@@ -112,5 +129,8 @@ fn a_cancel_under_way_is_aborted_by_the_source_before_its_commit() {
         .map(|rd| rd.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "the target kept transfer data: {left:?}");
-    eprintln!("cancelled under way: count {} -> {}", before.0, after.0);
+    if deadline.is_some() {
+        assert!(ended["cancel_requested_ms"].as_u64().is_some(), "the broker did not send the cancel: {ended}");
+    }
+    eprintln!("cancelled under way ({:?}): count {} -> {}", deadline, before.0, after.0);
 }

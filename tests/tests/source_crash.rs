@@ -69,6 +69,8 @@ fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 fn case(at: &str, run: u32) {
+    let t0 = std::time::Instant::now();
+    let step = |what: &str| eprintln!("[{:>5.1} s] {what}", t0.elapsed().as_secs_f64());
     let name = free_cluster_name("sc");
     // inherited by the cluster's agents (a fault-injection build of away); only a
     // source acts on it
@@ -76,6 +78,7 @@ fn case(at: &str, run: u32) {
     let plan = cluster_plan(&name, &[("a", Tier::Cloud), ("b", Tier::Edge)], &["counter"]);
     let info = away_cluster::up(&plan).expect("cluster up");
     let _down = Down(name.clone());
+    step("cluster up");
     wait_for(30, || {
         let (_, nodes) = call(&info, reqwest::Method::GET, "/v1/nodes", None);
         nodes.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 2).then_some(())
@@ -99,6 +102,7 @@ fn case(at: &str, run: u32) {
     );
     assert_eq!(s, 202, "{m}");
     let id = m["migration"]["id"].as_str().unwrap().to_string();
+    step("migration asked");
     // the source agent kills itself at the fault point: its API goes silent
     let api_down = || {
         let addr: std::net::SocketAddr = src_api.parse().unwrap();
@@ -111,6 +115,7 @@ fn case(at: &str, run: u32) {
     // nothing runs the counter now (stopped on the source; on the target, at most the
     // prepared copy)
     assert_ne!(on_node(&info, &src, "counter").as_deref(), Some("running"), "the source still runs the counter");
+    step("the source agent died");
     std::env::remove_var("AWAY_FAULT_SOURCE_DIE");
     std::thread::sleep(std::time::Duration::from_secs(2));
     away_cluster::restart_agent(&name, &src).expect("restart the source agent");
@@ -120,6 +125,7 @@ fn case(at: &str, run: u32) {
         (m["state"].as_str().is_some_and(|s| s != "running" && s != "pending")).then_some(m)
     })
     .expect("the migration ends after the source's restart");
+    step("the migration ended");
     let (home, other) = match at {
         "before-commit" => {
             assert_eq!(ended["state"], "succeeded", "{ended}");

@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 
 pub use destination::{prepare_destination, Destination, LocalVmTarget, VmCommit, VmTarget};
 pub use info::{VmMigrationOutcome, VmProgress};
-pub use options::VmMigrationOptions;
+pub use options::{VmMigrationOptions, DEFAULT_VM_COMMIT_WAIT};
 pub use source::live_migrate;
 use source::{quit_source, read_record, resume_source};
 
