@@ -485,12 +485,7 @@ fn node_up(
 /// Start node `node`'s agent again as it was first started (after it died, as a
 /// supervisor would; one still running is stopped first), on the same state.
 pub fn restart_agent(name: &str, node: &str) -> Result<(), ClusterError> {
-    let info = info(name).ok_or_else(|| ClusterError::Invalid(format!("cluster {name} is not up")))?;
-    let n = info
-        .nodes
-        .iter()
-        .find(|n| n.name == node)
-        .ok_or_else(|| ClusterError::Invalid(format!("no node {node} in cluster {name}")))?;
+    let n = node_of(name, node)?;
     let run = run_dir(name);
     let dir = run.join(node);
     let argv: Vec<String> = serde_json::from_slice(&std::fs::read(dir.join("agent.argv")).map_err(io(&dir))?)
@@ -524,14 +519,18 @@ pub fn start_broker(name: &str) -> Result<(), ClusterError> {
     wait_until("broker", &log, 30, &AtomicBool::new(false), || tcp_answers(&addr))
 }
 
+/// Node `node` of running cluster `name`.
+fn node_of(name: &str, node: &str) -> Result<NodeInfoLocal, ClusterError> {
+    let info = info(name).ok_or_else(|| ClusterError::Invalid(format!("cluster {name} is not up")))?;
+    info.nodes
+        .into_iter()
+        .find(|n| n.name == node)
+        .ok_or_else(|| ClusterError::Invalid(format!("no node {node} in cluster {name}")))
+}
+
 /// Cut a node off the network (`up = false`) or connect it again.
 pub fn set_link(name: &str, node: &str, up: bool) -> Result<(), ClusterError> {
-    let info = info(name).ok_or_else(|| ClusterError::Invalid(format!("cluster {name} is not up")))?;
-    let n = info
-        .nodes
-        .iter()
-        .find(|n| n.name == node)
-        .ok_or_else(|| ClusterError::Invalid(format!("no node {node} in cluster {name}")))?;
+    let n = node_of(name, node)?;
     sh("ip", &["link", "set", &n.host_if, if up { "up" } else { "down" }]).map(|_| ())
 }
 
