@@ -58,10 +58,6 @@ fn each_cell(case: impl Fn(&str, u32)) {
     }
 }
 
-/// The VM source's `--commit-wait` in the post-copy link-cut cell (the one that ends in
-/// doubt).
-const VM_COMMIT_WAIT: &str = "15";
-
 /// Lease the target gives (short: the test waits it out in one case).
 const LEASE_SECS: &str = "5";
 
@@ -367,11 +363,6 @@ fn case_vm(fault: &str, postcopy: bool, run: u32) {
     if postcopy {
         args.push("--postcopy");
     }
-    // the source's wait for a definite answer, for VMs too (120 s by default)
-    let in_doubt = postcopy && fault == "partition";
-    if in_doubt {
-        args.extend(["--commit-wait", VM_COMMIT_WAIT]);
-    }
     let source_env: &[(&str, &str)] = if fault.starts_with("die-") { &[] } else { &[("AWAY_FAULT_COMMIT", fault)] };
     let t = std::time::Instant::now();
     let child = w
@@ -403,7 +394,6 @@ fn case_vm(fault: &str, postcopy: bool, run: u32) {
         // no answer, and nothing to go back to: neither resumed nor removed
         assert!(!ok, "the source heard nothing: it cannot report a move: {err}");
         assert!(err.contains("post-copy") || err.contains("doubt"), "{err}");
-        assert!(err.contains(&format!("for {VM_COMMIT_WAIT} s")), "--commit-wait {VM_COMMIT_WAIT} not taken: {err}");
         let _ = source.away(&["rm", "--force", &w.name]);
     } else if moved {
         assert!(ok, "the move was committed: {err}");
@@ -464,19 +454,10 @@ fn vm_fault_matrix() {
         ("partition", false),
         ("die-after", false),
         ("lose-answer", true),
+        ("partition", true),
         ("die-before", true),
         ("die-after", true),
     ]);
-}
-
-/// Post-copy with the link cut from the confirm on: the source stays paused and reports
-/// the move in doubt after its `--commit-wait` (lab run).
-#[test]
-fn vm_postcopy_partition_ends_in_doubt_after_the_commit_wait() {
-    if !full_matrix() {
-        return;
-    }
-    vm_cells(&[("partition", true)]);
 }
 
 /// The target's "restored" answer is lost (`AWAY_FAULT_VERDICT=lose` in the source): the
