@@ -488,3 +488,49 @@ impl Drop for LocalAgent {
         let _ = self.child.wait();
     }
 }
+
+/// Cluster `NAME` taken down (`away_cluster::down`) when dropped.
+pub struct ClusterDown(pub String);
+
+impl Drop for ClusterDown {
+    fn drop(&mut self) {
+        away_cluster::down(&self.0);
+    }
+}
+
+/// `METHOD path` on cluster `info`'s broker with its user token: (status, JSON body);
+/// (0, null) when the broker does not answer (it may be down in a test).
+pub fn broker_call(
+    info: &away_cluster::ClusterInfo,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let http = broker_client(info);
+    let mut req = http.request(method, format!("{}{path}", info.broker_url)).bearer_auth(&info.user_token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    match req.send() {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().unwrap_or(serde_json::Value::Null))
+        }
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+/// Count and start time of the counter a cluster node runs (on its address, port 18090).
+pub fn cluster_counter_state(ip: &str) -> Option<(u64, u64)> {
+    let v: serde_json::Value = serde_json::from_str(&http_get_at(ip.parse().ok()?, 18090, "/")?).ok()?;
+    Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
+}
+
+/// Workload `name`'s state on cluster node `node` as its own runtime reports it (None:
+/// not there).
+pub fn on_cluster_node(info: &away_cluster::ClusterInfo, node: &str, name: &str) -> Option<String> {
+    let n = info.nodes.iter().find(|n| n.name == node)?;
+    let out = Command::new(away_bin()).envs(n.env()).args(["ps", "--json"]).output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    v["workloads"].as_array()?.iter().find(|w| w["name"] == name).map(|w| w["state"].as_str().unwrap_or("").to_string())
+}

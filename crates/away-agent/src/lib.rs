@@ -14,6 +14,7 @@
 pub mod api;
 pub mod broker;
 pub mod client;
+pub mod outgoing;
 pub mod state;
 
 /// Built with the `fault-injection` feature: the end-to-end tests' `AWAY_FAULT_*`
@@ -600,6 +601,11 @@ pub async fn run(
         .map_err(|e| AgentError::Bind { addr: config.transfer_listen.to_string(), source: e })?;
     let agent = Agent::open(config).await?;
     agent.remove_leftovers();
+    // before the first heartbeat: a repeated order of a journaled move must find it claimed
+    let open = agent.finish_outgoing().await;
+    if open > 0 {
+        tracing::warn!(open, "outgoing moves the last run left open are being finished");
+    }
     tracing::info!(name = %agent.config.name, api = %agent.config.listen, transfer = %agent.config.transfer_listen, "agent up");
     let (stopped_tx, stopped) = tokio::sync::watch::channel(None::<&'static str>);
     tokio::spawn(async move {
