@@ -33,9 +33,14 @@ fn a_migration_past_its_deadline_is_cancelled_through_its_online_source() {
     cancelled_under_way(Some(DEADLINE_SECS));
 }
 
+/// One case at a time: with both clusters (two containerds each) up at once on two
+/// busy cores, the DELETE case once saw no restored copy on the target within its wait.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A migration cancelled while its source holds before the commit: by `DELETE` (None),
 /// or by its deadline (`Some(seconds)`).
 fn cancelled_under_way(deadline: Option<u64>) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     if !(require_root() && require_socket("/run/containerd/containerd.sock", "containerd")) {
         return;
     }
