@@ -203,7 +203,7 @@ pub struct DiskSpec {
     /// Where the guest mounts the disk's ext4 file system; unset: the guest gets the
     /// block device (`/dev/vda`) and mounts nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(example = "/data"))]
+    #[cfg_attr(feature = "openapi", schema(example = "/data", pattern = r"^(/[A-Za-z0-9_-][A-Za-z0-9._-]*)+$"))]
     pub mount: Option<String>,
 }
 
@@ -531,10 +531,13 @@ impl WorkloadSpec {
                 bad("disk.size", format!("{} is too small; at least 1Mi", disk.size));
             }
             if let Some(m) = &disk.mount {
-                let ok = m.starts_with('/')
-                    && m != "/"
-                    && !m.split('/').any(|p| p == "..")
-                    && m.bytes().all(|b| b.is_ascii_graphic() && b != b'\'' && b != b'\\');
+                // the schema's MOUNT_PATTERN: '/'-separated names of letters, digits,
+                // '.', '_' and '-', none starting with '.' (so no "." or ".." parts)
+                let name_ok = |p: &str| {
+                    p.bytes().next().is_some_and(|b| b != b'.')
+                        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                };
+                let ok = m.strip_prefix('/').is_some_and(|rest| rest.split('/').all(name_ok));
                 if !ok {
                     bad("disk.mount", format!("{m:?} is not a mount point; write an absolute path such as /data"));
                 }
