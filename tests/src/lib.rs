@@ -45,6 +45,45 @@ pub fn broker_client_timeout(
 }
 
 /// GET `url` on a standalone agent the tests started (plain HTTP, its bearer token).
+/// A user's calls to a local cluster's broker over HTTPS (its CA, the user token).
+pub struct BrokerApi {
+    pub info: away_cluster::ClusterInfo,
+    pub http: reqwest::blocking::Client,
+}
+
+impl BrokerApi {
+    pub fn new(info: &away_cluster::ClusterInfo) -> BrokerApi {
+        BrokerApi { info: info.clone(), http: broker_client(info) }
+    }
+    pub fn get(&self, path: &str) -> Option<serde_json::Value> {
+        let r =
+            self.http.get(format!("{}{path}", self.info.broker_url)).bearer_auth(&self.info.user_token).send().ok()?;
+        r.status().is_success().then(|| r.json().ok()).flatten()
+    }
+    pub fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.info.broker_url))
+            .bearer_auth(&self.info.user_token)
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(serde_json::Value::Null))
+    }
+    pub fn workload(&self, name: &str) -> Option<serde_json::Value> {
+        self.get(&format!("/v1/workloads/{name}"))
+    }
+    /// The workload's view once the broker has it running on `node` (within 2 min).
+    pub fn wait_running_on(&self, name: &str, node: &str) -> serde_json::Value {
+        wait_for(120, || self.workload(name).filter(|w| w["state"] == "running" && w["node"] == node))
+            .unwrap_or_else(|| panic!("{name} not running on {node}: {:?}", self.workload(name)))
+    }
+    pub fn node_ip(&self, node: &str) -> String {
+        self.info.nodes.iter().find(|n| n.name == node).unwrap().ip.to_string()
+    }
+}
+
 pub fn agent_get(url: &str) -> Option<reqwest::blocking::Response> {
     away_identity::install_default_provider();
     reqwest::blocking::Client::new().get(url).bearer_auth(agent_token()).send().ok()
@@ -323,6 +362,7 @@ pub fn cluster_plan(name: &str, nodes: &[(&str, away_model::Tier)], images: &[&s
         nodes: nodes.iter().map(|(n, tier)| away_cluster::NodePlan { name: (*n).into(), tier: *tier }).collect(),
         away: away_bin().to_path_buf(),
         images: images.iter().map(|app| lab_image(app)).collect(),
+        overlay: None,
     }
 }
 
@@ -447,4 +487,50 @@ impl Drop for LocalAgent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Cluster `NAME` taken down (`away_cluster::down`) when dropped.
+pub struct ClusterDown(pub String);
+
+impl Drop for ClusterDown {
+    fn drop(&mut self) {
+        away_cluster::down(&self.0);
+    }
+}
+
+/// `METHOD path` on cluster `info`'s broker with its user token: (status, JSON body);
+/// (0, null) when the broker does not answer (it may be down in a test).
+pub fn broker_call(
+    info: &away_cluster::ClusterInfo,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let http = broker_client(info);
+    let mut req = http.request(method, format!("{}{path}", info.broker_url)).bearer_auth(&info.user_token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    match req.send() {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().unwrap_or(serde_json::Value::Null))
+        }
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
+
+/// Count and start time of the counter a cluster node runs (on its address, port 18090).
+pub fn cluster_counter_state(ip: &str) -> Option<(u64, u64)> {
+    let v: serde_json::Value = serde_json::from_str(&http_get_at(ip.parse().ok()?, 18090, "/")?).ok()?;
+    Some((v["count"].as_u64()?, v["started_unix_ms"].as_u64()?))
+}
+
+/// Workload `name`'s state on cluster node `node` as its own runtime reports it (None:
+/// not there).
+pub fn on_cluster_node(info: &away_cluster::ClusterInfo, node: &str, name: &str) -> Option<String> {
+    let n = info.nodes.iter().find(|n| n.name == node)?;
+    let out = Command::new(away_bin()).envs(n.env()).args(["ps", "--json"]).output().ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    v["workloads"].as_array()?.iter().find(|w| w["name"] == name).map(|w| w["state"].as_str().unwrap_or("").to_string())
 }

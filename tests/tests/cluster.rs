@@ -24,40 +24,6 @@ impl Drop for Down {
     }
 }
 
-struct Api {
-    info: ClusterInfo,
-    http: reqwest::blocking::Client,
-}
-
-impl Api {
-    fn get(&self, path: &str) -> Option<Value> {
-        let r =
-            self.http.get(format!("{}{path}", self.info.broker_url)).bearer_auth(&self.info.user_token).send().ok()?;
-        r.status().is_success().then(|| r.json().ok()).flatten()
-    }
-    fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.info.broker_url))
-            .bearer_auth(&self.info.user_token)
-            .json(&body)
-            .send()
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().unwrap_or(Value::Null))
-    }
-    fn workload(&self, name: &str) -> Option<Value> {
-        self.get(&format!("/v1/workloads/{name}"))
-    }
-    fn wait_running_on(&self, name: &str, node: &str) -> Value {
-        wait_for(90, || self.workload(name).filter(|w| w["state"] == "running" && w["node"] == node))
-            .unwrap_or_else(|| panic!("{name} not running on {node}: {:?}", self.workload(name)))
-    }
-    fn node_ip(&self, node: &str) -> String {
-        self.info.nodes.iter().find(|n| n.name == node).unwrap().ip.to_string()
-    }
-}
-
 /// GET on a node's address (not loopback: the node's own namespace).
 fn get_at(ip: &str, port: u16, path: &str) -> Option<String> {
     away_e2e::http_get_at(ip.parse().ok()?, port, path)
@@ -97,7 +63,7 @@ fn broker_places_moves_survives_restarts_and_cut_links() {
         cluster_plan(NAME, &[("cloud", Tier::Cloud), ("laptop", Tier::Client)], &["counter", "labdesk", "memload"]);
     let info = away_cluster::up(&plan).expect("cluster up");
     let _down = Down;
-    let api = Api { info: info.clone(), http: away_e2e::broker_client(&info) };
+    let api = away_e2e::BrokerApi::new(&info);
     wait_for(30, || {
         api.get("/v1/nodes")
             .filter(|n| n.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 2))

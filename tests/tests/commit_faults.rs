@@ -484,3 +484,83 @@ fn case_lost_verdict(runtime: &str, run: u32) {
 fn a_lost_restore_answer_takes_the_targets_copy_back_first() {
     each_cell(case_lost_verdict);
 }
+
+/// A tmpfs of `size` mounted on `dir` (created), unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mount a tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Bytes still free on it.
+    fn free(&self) -> u64 {
+        let out = Command::new("df").args(["--output=avail", "-B1"]).arg(&self.0).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Disk full on the target: its state directory (spool, store, journal) is a small tmpfs
+/// holding the workload's image and filled up but for 64 KiB, less than the checkpoint.
+/// The move fails cleanly: the source resumes (the same process, its count going on),
+/// nothing of the move is left on the target (no copy, no spool), and the target agent
+/// still answers.
+fn case_disk_full(runtime: &str, run: u32) {
+    let test = format!("full-{runtime}-{run}");
+    let target = node("target", &test);
+    let disk = Tmpfs::mount(&target.state, "96M");
+    let agent = TargetAgent::start(&test, &[]);
+    assert_eq!(agent.node.state, target.state);
+    let source = node("source", &test);
+    let w = start_counter(&source, &agent.node, &test, runtime);
+    // the image first (it goes before anything stops anyway), then the disk fills up
+    let tar = std::fs::read(away_e2e::lab_image("counter")).unwrap();
+    away_identity::install_default_provider();
+    let up = reqwest::blocking::Client::new()
+        .post(format!("http://{}/v1/images", agent.api))
+        .bearer_auth(away_e2e::agent_token())
+        .body(tar)
+        .send()
+        .unwrap();
+    assert!(up.status().is_success(), "image upload: {}", up.status());
+    let filler = target.state.join("filler");
+    let fill = disk.free().saturating_sub(64 << 10);
+    let f = std::fs::File::create(&filler).unwrap();
+    // allocated for real (tmpfs has no holes to fall back on)
+    assert!(Command::new("fallocate").args(["-l", &fill.to_string()]).arg(&filler).status().unwrap().success());
+    drop(f);
+    eprintln!("target disk: {} bytes free", disk.free());
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let (ok, _, err) = finish(migrate(&w, &agent, &[]));
+    assert!(!ok, "a move onto a full disk cannot succeed");
+    assert!(err.contains("resumed"), "the source did not resume: {err}");
+    assert_one_instance(&source, &agent.node, &w, before, runtime);
+    assert_no_spool(&agent.node);
+    assert!(agent_get_ok(&agent), "the target agent stopped answering");
+    let _ = source.away(&["archives", "prune", "--keep", "0B"]);
+    drop(w);
+    drop(agent);
+    drop(disk);
+}
+
+fn agent_get_ok(agent: &TargetAgent) -> bool {
+    away_e2e::agent_get(&format!("http://{}/v1/node", agent.api)).is_some_and(|r| r.status().is_success())
+}
+
+#[test]
+fn a_full_disk_on_the_target_fails_the_move_cleanly() {
+    each_cell(case_disk_full);
+}

@@ -150,6 +150,8 @@ fn spec(name: &str, host_port: u16, mib: u64) -> WorkloadSpec {
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        network: None,
+        overlay: None,
     }
 }
 

@@ -43,6 +43,8 @@ fn spec(name: &str, env: &[(&str, String)], port: Option<u16>) -> WorkloadSpec {
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        network: None,
+        overlay: None,
     }
 }
 
@@ -219,7 +221,7 @@ fn checkpoint_and_restore_keep_the_count() {
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&ckpt).unwrap().permissions().mode() & 0o777, 0o700);
     assert!(count(port).is_none(), "the source still answers after a checkpoint with exit");
-    tokio.block_on(rt.restore(&RestoreRequest { archive, image })).expect("restore");
+    tokio.block_on(rt.restore(&RestoreRequest { archive, image, close_connections: false })).expect("restore");
     let after = wait_for(20, || count(port)).expect("restored counter answers");
     eprintln!("count before checkpoint {before}, after restore {after}");
     assert!(after >= before, "restored count {after} < checkpointed {before}: the state was lost");

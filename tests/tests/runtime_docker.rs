@@ -84,6 +84,8 @@ fn spec(name: &str, image: &ResolvedImage, host_port: Option<u16>) -> WorkloadSp
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        network: None,
+        overlay: None,
     }
 }
 
@@ -410,7 +412,7 @@ fn checkpoint_and_restore_continue_memload_ticks() {
 
         rt.remove(&name).await.unwrap();
         let t = Instant::now();
-        let st = rt.restore(&RestoreRequest { archive, image: image.clone() }).await.unwrap();
+        let st = rt.restore(&RestoreRequest { archive, image: image.clone(), close_connections: false }).await.unwrap();
         println!("restore took {:?}", t.elapsed());
         assert_eq!(st.state, WorkloadState::Running, "{st:?}");
         let log = follow_until(&rt, &name, "memload: tick=", Duration::from_secs(20)).await;
@@ -472,7 +474,10 @@ fn checkpoint_and_restore_continue_the_count() {
         // the restored workload takes the name over, as after a move
         rt.remove(&name).await.unwrap();
         let t = Instant::now();
-        let st = rt.restore(&RestoreRequest { archive: archive.clone(), image: image.clone() }).await.unwrap();
+        let st = rt
+            .restore(&RestoreRequest { archive: archive.clone(), image: image.clone(), close_connections: false })
+            .await
+            .unwrap();
         println!("restore took {:?}", t.elapsed());
         assert_eq!(st.state, WorkloadState::Running, "{st:?}");
         assert_eq!(st.ports, vec![format!("{port}:8080")]);
@@ -487,7 +492,8 @@ fn checkpoint_and_restore_continue_the_count() {
         assert!(later > after, "the restored counter does not count: {after} -> {later}");
 
         // restoring again under the same name is refused, and the running one stays
-        let err = rt.restore(&RestoreRequest { archive, image: image.clone() }).await.unwrap_err();
+        let err =
+            rt.restore(&RestoreRequest { archive, image: image.clone(), close_connections: false }).await.unwrap_err();
         assert!(matches!(err, RuntimeError::AlreadyExists { .. }), "{err:?}");
         assert_eq!(rt.status(&name).await.unwrap().state, WorkloadState::Running);
 

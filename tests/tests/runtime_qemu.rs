@@ -118,6 +118,8 @@ fn spec(name: &str, guest_port: u16, host_port: u16) -> WorkloadSpec {
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        network: None,
+        overlay: None,
     }
 }
 
@@ -282,7 +284,7 @@ fn checkpoint_and_restore_keep_the_count() {
 
     let t0 = Instant::now();
     let st = h
-        .block(h.rt.restore(&RestoreRequest { archive: archive.clone(), image: img }))
+        .block(h.rt.restore(&RestoreRequest { archive: archive.clone(), image: img, close_connections: false }))
         .unwrap_or_else(|e| panic!("restore: {e}"));
     assert_eq!(st.state, WorkloadState::Running, "{st:?}");
     assert!(st.detail.contains("restored from"), "{}", st.detail);

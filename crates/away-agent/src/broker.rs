@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use away_migrate::archive::ArchiveStore;
 use away_migrate::container::{migrate_container, ContainerMigrationOptions};
 use away_model::{
     error_chain, AgentEvent, Assignment, Desired, ErrorChain, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad,
@@ -245,6 +244,21 @@ async fn beat(
 
 /// Do what the broker asked: start, remove, move. Each piece of work runs once at a time.
 async fn apply(agent: &Arc<Agent>, resp: HeartbeatResponse) {
+    // the networks first: a workload placed on one needs its bridge
+    let changed = *agent.overlay.lock().unwrap_or_else(|e| e.into_inner()) != resp.overlay;
+    if changed {
+        let networks = resp.overlay.clone();
+        match tokio::task::spawn_blocking(move || away_overlay::ensure_networks(&networks)).await {
+            Ok(Ok(())) => {
+                for n in &resp.overlay {
+                    tracing::info!(network = %n.address.network, vni = n.address.vni, address = %n.address.ip, peers = ?n.peers, "overlay network ready");
+                }
+                *agent.overlay.lock().unwrap_or_else(|e| e.into_inner()) = resp.overlay.clone();
+            }
+            Ok(Err(e)) => tracing::error!("cannot build the overlay networks: {}", ErrorChain(&e)),
+            Err(e) => tracing::error!("overlay task: {e}"),
+        }
+    }
     for a in resp.assignments {
         let key = format!("assign:{}", a.spec.name);
         let present = matches!(agent.node.find(&a.spec.name).await, Ok(Some(_)));
@@ -305,7 +319,7 @@ async fn do_assignment(agent: &Agent, a: Assignment) {
     }
 }
 
-async fn do_migration(agent: &Agent, m: MigrationOrder) {
+async fn do_migration(agent: &Arc<Agent>, m: MigrationOrder) {
     tracing::info!(workload = %m.workload, target = %m.target_node, "migration ordered by the broker");
     let target = match AgentClient::from_agent(agent, Some(&m.target_node), &m.target_api).await {
         Ok(c) => c,
@@ -348,11 +362,23 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
             e => ("migration-failed", error_chain(&e)),
         })
     } else {
-        let archives = ArchiveStore::new(agent.config.node.paths.state_dir.join("checkpoints"));
+        let archives = agent.archives();
         let progress: away_migrate::container::ProgressFn = Arc::new(|_| {});
         // the broker validated the mode; an agent that cannot read it uses auto
         let mode = m.mode.as_deref().and_then(|s| s.parse().ok()).unwrap_or_default();
-        let mut opts = ContainerMigrationOptions { mode, cancel: cancel.clone(), ..Default::default() };
+        // each step on disk: a restart finishes a move this process could not
+        let journal = crate::outgoing::OutgoingJournal {
+            agent: agent.clone(),
+            migration_id: Some(m.id.clone()),
+            target_api: m.target_api.clone(),
+        };
+        let mut opts = ContainerMigrationOptions {
+            mode,
+            cancel: cancel.clone(),
+            journal: Some(Arc::new(journal)),
+            close_connections: m.close_connections,
+            ..Default::default()
+        };
         let channels = agent.channels();
         if let Ok(channels) = &channels {
             opts.transfer.channels = channels.clone();
@@ -367,7 +393,14 @@ async fn do_migration(agent: &Agent, m: MigrationOrder) {
         match moved {
             // not "failed": the broker would have the workload started again here while
             // the target may run the committed copy; the migration stays open instead
-            Err(e @ away_migrate::MigrateError::InDoubt { .. }) => Err(("migration-in-doubt", error_chain(&e))),
+            Err(e @ away_migrate::MigrateError::InDoubt { .. }) => {
+                // the journal has it: asked about again in the background until the
+                // target answers (then `migration-finished` or `-failed`)
+                if let away_migrate::MigrateError::InDoubt { transfer_id, .. } = &e {
+                    agent.finish_outgoing_move(transfer_id);
+                }
+                Err(("migration-in-doubt", error_chain(&e)))
+            }
             other => other.map_err(|e| ("migration-failed", error_chain(&e))),
         }
     };

@@ -90,8 +90,8 @@ impl AgentClient {
     }
 }
 
-/// How long a VM source keeps confirming a destination that does not answer.
-const VM_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// The lease assumed for a VM destination whose answer gave none (its default commit wait).
+const VM_CONFIRM_WAIT: std::time::Duration = away_migrate::vm::DEFAULT_VM_COMMIT_WAIT;
 
 /// Bound on one commit or question: the source asks again after it.
 const MOVE_QUESTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -269,6 +269,8 @@ pub struct RemoteVmTarget {
     pub answered: Option<(tokio::time::Instant, std::time::Duration)>,
     /// A cancel of the move: checked before the confirm (the commit point).
     pub cancel: away_migrate::Cancel,
+    /// How long to keep confirming without a definite answer (then in doubt).
+    pub commit_wait: std::time::Duration,
 }
 
 /// The lease assumed for a destination whose answer gave none (an agent from before
@@ -410,12 +412,17 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
     /// confirm, and after a lost answer confirm again (the agent answers a repeated
     /// confirm the same way) or ask what became of the move; resume the source only on
     /// a definite "aborted" or once the lease has run out with no confirm delivered. In
-    /// doubt after [`VM_CONFIRM_WAIT`].
+    /// doubt after `commit_wait`.
     async fn confirm(&mut self) -> away_migrate::vm::VmCommit {
         use away_migrate::target::{commit_move, CommitOutcome, CommitPolicy};
         use away_migrate::vm::VmCommit;
         let (answered_at, lease) = self.answered.unwrap_or_else(|| (tokio::time::Instant::now(), VM_LEASE_UNKNOWN));
-        let policy = CommitPolicy { lease, retry: std::time::Duration::from_secs(1), give_up: VM_CONFIRM_WAIT };
+        let policy = CommitPolicy {
+            lease,
+            retry: std::time::Duration::from_secs(1),
+            give_up: self.commit_wait,
+            commit_sent: false,
+        };
         let moves = VmMove { client: &self.client, name: &self.name, answer: Default::default() };
         let id = format!("vm-{}", self.name);
         if self.cancel.is_cancelled() {
@@ -486,7 +493,8 @@ pub async fn migrate_vm_via_agent(
     if cancel.is_cancelled() {
         return Err(MigrateError::Cancelled(name.into()));
     }
-    let mut target = RemoteVmTarget { client, name: name.to_string(), answered: None, cancel };
+    let mut target =
+        RemoteVmTarget { client, name: name.to_string(), answered: None, cancel, commit_wait: opts.commit_wait };
     let (mut report, _) =
         away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, tls.as_ref(), progress)
             .await

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod broker;
 pub mod client;
+pub mod outgoing;
 pub mod state;
 
 /// Built with the `fault-injection` feature: the end-to-end tests' `AWAY_FAULT_*`
@@ -135,6 +136,8 @@ pub struct Agent {
     work: Mutex<std::collections::HashSet<String>>,
     /// Migration id -> its cancel, for the moves under way (a broker's cancel sets it).
     pub(crate) cancels: std::sync::Mutex<HashMap<String, away_migrate::Cancel>>,
+    /// The lab networks as last built from the broker's answer (docs/network.md).
+    pub(crate) overlay: std::sync::Mutex<Vec<away_model::NodeOverlay>>,
     /// The node's certificate from the broker's CA, once it joined one: from then on its
     /// API is served over mutual TLS only and its calls to other nodes use it.
     identity: std::sync::RwLock<Option<away_identity::Identity>>,
@@ -187,6 +190,7 @@ impl Agent {
             state,
             work: Mutex::new(Default::default()),
             cancels: Default::default(),
+            overlay: Default::default(),
             announced: std::sync::Mutex::new(announced),
         }))
     }
@@ -597,6 +601,11 @@ pub async fn run(
         .map_err(|e| AgentError::Bind { addr: config.transfer_listen.to_string(), source: e })?;
     let agent = Agent::open(config).await?;
     agent.remove_leftovers();
+    // before the first heartbeat: a repeated order of a journaled move must find it claimed
+    let open = agent.finish_outgoing().await;
+    if open > 0 {
+        tracing::warn!(open, "outgoing moves the last run left open are being finished");
+    }
     tracing::info!(name = %agent.config.name, api = %agent.config.listen, transfer = %agent.config.transfer_listen, "agent up");
     let (stopped_tx, stopped) = tokio::sync::watch::channel(None::<&'static str>);
     tokio::spawn(async move {

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use away_migrate::journal::OutgoingMove;
 use away_migrate::target::{MoveRecord, MoveState};
 use away_model::{AgentEvent, RegisterResponse};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -49,7 +50,10 @@ impl AgentState {
                  SELECT transfer_id, workload, runtime, 'prepared', 0 FROM provisional;
              DELETE FROM provisional;
              CREATE TABLE IF NOT EXISTS announced (transfer_id TEXT PRIMARY KEY, workload TEXT NOT NULL,
-                 source TEXT NOT NULL, secret TEXT NOT NULL, at_ms INTEGER NOT NULL);",
+                 source TEXT NOT NULL, secret TEXT NOT NULL, at_ms INTEGER NOT NULL);
+             -- this node's outgoing moves (away_migrate::journal), as the source sees them
+             CREATE TABLE IF NOT EXISTS outgoing (transfer_id TEXT PRIMARY KEY, migration_id TEXT,
+                 target_api TEXT NOT NULL, state TEXT NOT NULL, record TEXT NOT NULL, at_ms INTEGER NOT NULL);",
         )
         .map_err(err)?;
         Ok(AgentState { db: Mutex::new(db), path: p })
@@ -214,6 +218,55 @@ impl AgentState {
             .map_err(|e| self.err(e))
     }
 
+    /// Write an outgoing move's step (the first write names the broker's migration and
+    /// the target's API address; later ones keep them).
+    pub fn save_outgoing(
+        &self,
+        m: &OutgoingMove,
+        migration_id: Option<&str>,
+        target_api: &str,
+    ) -> Result<(), StateError> {
+        let record = serde_json::to_string(m).unwrap_or_default();
+        self.db()
+            .execute(
+                "INSERT INTO outgoing (transfer_id, migration_id, target_api, state, record, at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(transfer_id) DO UPDATE SET state = ?4, record = ?5, at_ms = ?6",
+                params![m.transfer_id, migration_id, target_api, m.state.as_str(), record, now_ms()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Outgoing moves: (the move, the broker's migration id, the target's API address),
+    /// the open ones only (not done, not aborted) unless `all`, oldest first.
+    pub fn outgoing(&self, all: bool) -> Result<Vec<(OutgoingMove, Option<String>, String)>, StateError> {
+        let db = self.db();
+        let mut stmt = db
+            .prepare(
+                "SELECT record, migration_id, target_api FROM outgoing
+                 WHERE ?1 OR state NOT IN ('done', 'aborted') ORDER BY at_ms",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([all], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?)))
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .flatten()
+            .filter_map(|(json, id, api)| serde_json::from_str(&json).ok().map(|m| (m, id, api)))
+            .collect())
+    }
+
+    /// Forget outgoing moves that ended more than `keep_ms` ago.
+    pub fn prune_outgoing(&self, keep_ms: u64) -> Result<usize, StateError> {
+        self.db()
+            .execute(
+                "DELETE FROM outgoing WHERE state IN ('done', 'aborted') AND at_ms <= ?1",
+                [now_ms().saturating_sub(keep_ms as i64)],
+            )
+            .map_err(|e| self.err(e))
+    }
+
     /// The broker stored every event up to `seq`: drop them.
     pub fn ack(&self, seq: u64) -> Result<(), StateError> {
         self.db().execute("DELETE FROM events WHERE seq <= ?1", [seq as i64]).map(|_| ()).map_err(|e| self.err(e))
@@ -297,6 +350,44 @@ mod tests {
         st.hold_provisional("t2", "other", "containerd").unwrap();
         assert_eq!(st.prune_moves(0).unwrap(), 1);
         assert!(st.move_record("t2").unwrap().is_some());
+    }
+
+    /// The source's journal: each step overwrites the last, ended moves are not open.
+    #[test]
+    fn outgoing_moves_outlive_the_agent_until_they_end() {
+        use away_migrate::journal::OutgoingState;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let m = OutgoingMove {
+            transfer_id: "t1".into(),
+            workload: "counter".into(),
+            target_node: "b".into(),
+            state: OutgoingState::Checkpointing,
+            payload: "/x".into(),
+            archive: None,
+            set_aside: None,
+            lease_ms: None,
+            at_ms: 1,
+        };
+        {
+            let st = AgentState::open(&path).unwrap();
+            st.save_outgoing(&m, Some("m1"), "10.0.0.2:7800").unwrap();
+            st.save_outgoing(&m.with_state(OutgoingState::Sent), None, "").unwrap();
+            st.save_outgoing(
+                &OutgoingMove { transfer_id: "t2".into(), ..m.with_state(OutgoingState::Done) },
+                None,
+                "a",
+            )
+            .unwrap();
+        }
+        let st = AgentState::open(&path).unwrap();
+        let open = st.outgoing(false).unwrap();
+        assert_eq!(open.len(), 1);
+        let (got, id, api) = &open[0];
+        assert_eq!((got.state, id.as_deref(), api.as_str()), (OutgoingState::Sent, Some("m1"), "10.0.0.2:7800"));
+        assert_eq!(st.outgoing(true).unwrap().len(), 2);
+        assert_eq!(st.prune_outgoing(0).unwrap(), 1);
+        assert_eq!(st.outgoing(true).unwrap().len(), 1);
     }
 
     /// An older agent's provisional copies are read as prepared moves.

@@ -92,10 +92,11 @@ impl utoipa::Modify for SecuritySchemes {
             http.description = Some(description.to_string());
             components.add_security_scheme(name, SecurityScheme::Http(http));
         }
-        // a rule across fields, which derive cannot write
+        // rules across fields, which derive cannot write
         if let Some(spec) = components.schemas.remove("WorkloadSpec") {
             let rule = away_model::openapi::kind_runtime_rule();
-            let all = utoipa::openapi::schema::AllOfBuilder::new().item(spec).item(rule);
+            let disk = away_model::openapi::disk_kind_rule();
+            let all = utoipa::openapi::schema::AllOfBuilder::new().item(spec).item(rule).item(disk);
             components.schemas.insert("WorkloadSpec".to_string(), all.into());
         }
         // `security(())` renders `[{}]` ("anonymous allowed"); public routes say `[]`: no token at all

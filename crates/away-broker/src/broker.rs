@@ -45,6 +45,8 @@ struct Inner {
     runtime_classes: RuntimeClasses,
     /// Join tokens made over the API, by id (the configured one is not among them).
     join_tokens: BTreeMap<String, JoinTokenRecord>,
+    /// The overlay's address management, when the broker runs one.
+    ipam: Option<crate::overlay::Ipam>,
 }
 
 impl Inner {
@@ -168,8 +170,18 @@ impl Broker {
             runtime_class: HashMap::new(),
             runtime_classes: RuntimeClasses::default(),
             join_tokens: loaded.join_tokens.into_iter().map(|t| (t.id.clone(), t)).collect(),
+            ipam: None,
         };
         let mut inner = inner;
+        if let Some(overlay) = &config.overlay {
+            let (networks, leases) = inner.store.load_overlay()?;
+            let mut ipam = crate::overlay::Ipam::new(overlay.clone(), networks, leases);
+            // the default network exists from the start: every node joins it
+            let mut made = crate::overlay::IpamChanges::default();
+            ipam.network(away_model::DEFAULT_NETWORK, &mut made).map_err(BrokerError::Config)?;
+            inner.store.apply_overlay(&made, &[])?;
+            inner.ipam = Some(ipam);
+        }
         inner.recount_reserved();
         let names: Vec<String> = inner.nodes.keys().cloned().collect();
         for name in names {
@@ -489,10 +501,70 @@ impl Broker {
             inner.removals.remove(k);
         }
         inner.announced_online.insert(name.to_string());
+        let released: Vec<String> =
+            changes.forget_workloads.iter().map(|w| crate::overlay::workload_owner(w)).collect();
+        let mut response = response;
+        response.overlay = Self::node_overlay(&mut inner, name, &released)?;
         drop(inner);
         Metrics::inc(&self.metrics.heartbeats);
         self.emit(events);
         Ok(response)
+    }
+
+    /// A spec's network fields, before placement: the address is the broker's to give,
+    /// and a network needs a broker that runs an overlay.
+    fn check_network(inner: &Inner, spec: &WorkloadSpec) -> Result<(), Problem> {
+        if spec.overlay.is_some() {
+            return Err(Problem::invalid(
+                "overlay is the address the broker assigns; leave it out (name a network instead)",
+            )
+            .field("overlay"));
+        }
+        if let (Some(net), None) = (&spec.network, &inner.ipam) {
+            // a well-formed request this broker cannot serve: 422, as for placement
+            return Err(Problem::new(
+                ErrorCode::Incompatible,
+                format!("network {net}: this broker runs no overlay (start it with --overlay POOL)"),
+            )
+            .field("network"));
+        }
+        Ok(())
+    }
+
+    /// Node `name`'s part in every network (its address, made when new, and the other
+    /// nodes' tunnel endpoints); `released` workloads' addresses are freed first.
+    fn node_overlay(
+        inner: &mut Inner,
+        name: &str,
+        released: &[String],
+    ) -> Result<Vec<away_model::NodeOverlay>, Problem> {
+        let Some(mut ipam) = inner.ipam.clone() else { return Ok(Vec::new()) };
+        let released: Vec<String> = released.iter().filter(|o| ipam.release(o)).cloned().collect();
+        // a node's tunnel endpoint is the address its agent's API listens on
+        let endpoint = |n: &NodeRecord| {
+            n.api_addr.parse::<std::net::SocketAddr>().ok().and_then(|a| match a.ip() {
+                std::net::IpAddr::V4(ip) if !ip.is_unspecified() && !ip.is_loopback() => Some(ip),
+                _ => None,
+            })
+        };
+        let mut peers: Vec<std::net::Ipv4Addr> =
+            inner.nodes.values().filter(|n| n.name != name).filter_map(endpoint).collect();
+        peers.sort();
+        peers.dedup();
+        let mut made = crate::overlay::IpamChanges::default();
+        let networks: Vec<String> = ipam.networks().iter().map(|n| n.name.clone()).collect();
+        let mut out = Vec::new();
+        for net in networks {
+            let address = ipam
+                .address(&net, &crate::overlay::node_owner(name), &mut made)
+                .map_err(|why| Problem::new(ErrorCode::Incompatible, why))?;
+            out.push(away_model::NodeOverlay { address, peers: peers.clone() });
+        }
+        if !made.is_empty() || !released.is_empty() {
+            inner.store.apply_overlay(&made, &released)?;
+        }
+        inner.ipam = Some(ipam);
+        Ok(out)
     }
 
     /// Announce nodes that went offline (or came back) since the last tick, and end
@@ -649,12 +721,19 @@ impl Broker {
         let mut inner = lock(&self.inner);
         let mut answers: Vec<Result<PlacementDecision, Problem>> = Vec::with_capacity(specs.len());
         let mut placed: Vec<WorkloadRecord> = Vec::new();
+        // addresses are taken from a copy, which replaces the broker's once stored
+        let mut overlay = inner.ipam.clone();
+        let mut overlay_changes = crate::overlay::IpamChanges::default();
         {
             // the nodes as placement sees them, once per batch: each placement adds its
             // workload to its node's promised resources here, for the next ones
             let mut candidates = self.candidates(&inner, now);
             let mut names = BTreeSet::new();
-            for spec in specs {
+            for mut spec in specs {
+                if let Err(problem) = Self::check_network(&inner, &spec) {
+                    answers.push(Err(problem));
+                    continue;
+                }
                 if inner.workloads.contains_key(&spec.name) || !names.insert(spec.name.clone()) {
                     answers.push(Err(Problem::new(
                         ErrorCode::Conflict,
@@ -670,6 +749,16 @@ impl Broker {
                     answers.push(Err(Self::refused(decision)));
                     continue;
                 };
+                if let Some(ipam) = overlay.as_mut().filter(|_| spec.ports.is_empty()) {
+                    let network = spec.network.as_deref().unwrap_or(away_model::DEFAULT_NETWORK);
+                    match ipam.address(network, &crate::overlay::workload_owner(&spec.name), &mut overlay_changes) {
+                        Ok(a) => spec.overlay = Some(a),
+                        Err(why) => {
+                            answers.push(Err(Problem::new(ErrorCode::Incompatible, why).field("network")));
+                            continue;
+                        }
+                    }
+                }
                 let c = &mut candidates[at];
                 c.reserved_memory += spec.resources.memory.bytes();
                 c.reserved_cpus += spec.resources.cpus;
@@ -687,6 +776,13 @@ impl Broker {
                 });
                 answers.push(Ok(decision));
             }
+        }
+        if !overlay_changes.is_empty() {
+            if let Err(e) = inner.store.apply_overlay(&overlay_changes, &[]) {
+                let problem = Problem::from(e);
+                return answers.into_iter().map(|a| a.and(Err(problem.clone()))).collect();
+            }
+            inner.ipam = overlay;
         }
         if !placed.is_empty() {
             if let Err(e) = inner.store.apply(&Changes { workloads: placed.clone(), ..Default::default() }) {
@@ -844,6 +940,7 @@ impl Broker {
             report: None,
             error: None,
             mode: req.mode.clone(),
+            close_connections: req.close_connections,
             deadline_ms: Some(now + deadline_s * 1000),
             resolved_by_broker: false,
             cancel_requested_ms: None,

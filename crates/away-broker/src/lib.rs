@@ -21,6 +21,7 @@ pub mod events;
 pub mod group_commit;
 pub mod metrics;
 pub mod move_plan;
+pub mod overlay;
 pub mod placement;
 pub mod reconcile;
 pub mod records;
@@ -61,6 +62,10 @@ pub struct BrokerConfig {
     /// HTTPS, node certificates required for heartbeats, mutual TLS to agents. None
     /// (`--insecure-loopback`, in-process tests): plain HTTP with bearer tokens only.
     pub tls: Option<BrokerTls>,
+    /// Lab networks on a VXLAN overlay (docs/network.md): every workload without
+    /// published ports and every node gets an address. None: no overlay, workloads use
+    /// their node's network.
+    pub overlay: Option<overlay::OverlayConfig>,
 }
 
 /// The broker's CA and its own identity (server and client certificate).
@@ -90,6 +95,7 @@ impl BrokerConfig {
             node_timeout: heartbeat_interval * 3,
             results_dir: None,
             tls: None,
+            overlay: None,
         }
     }
 }

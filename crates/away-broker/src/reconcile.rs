@@ -48,8 +48,10 @@
 //! 7. **Migrations end.** Every migration has a deadline. [`resolve_deadlines`] (each
 //!    broker tick) fails a `pending` one past it ("not delivered before its deadline") and
 //!    a `running` one past it whose source node is offline (the workload is kept where the
-//!    source last reported it); a `running` one on an online source is the source's
-//!    business (its commit protocol ends it). [`cancel`] does the same on request. Such a
+//!    source last reported it); a `running` one on an online source is told to cancel
+//!    (as `DELETE` does: its order carries `cancel`, the source aborts before its commit
+//!    point; past it, its commit protocol ends the move). [`cancel`] does the same on
+//!    request. Such a
 //!    migration is `resolved_by_broker`: the broker ended it without the source's word,
 //!    so what the source says when it is back wins:
 //!    * a late `migration-finished` still moves the workload's home to the target (the
@@ -317,6 +319,7 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
             target_node: m.target.clone(),
             target_api: target.api_addr.clone(),
             mode: m.mode.clone(),
+            close_connections: m.close_connections,
             cancel: m.cancel_requested_ms.is_some(),
         });
         if m.state == MigrationState::Pending {
@@ -336,8 +339,13 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
     if !snap.announced_online.contains(name) {
         out.insert(0, Pending::new("node-online", format!("node {name} is online")).node(name));
     }
-    let response =
-        HeartbeatResponse { acked_seq: node.acked_seq, assignments, migrations: orders, draining: node.draining };
+    let response = HeartbeatResponse {
+        acked_seq: node.acked_seq,
+        assignments,
+        migrations: orders,
+        draining: node.draining,
+        overlay: Vec::new(),
+    };
     changes.nodes.push(node);
     changes.workloads.extend(workloads.into_values());
     changes.migrations.extend(migrations.into_values());
@@ -385,6 +393,9 @@ fn kept_on_source(m: &MigrationRecord) -> String {
 /// Rule 7, each tick: migrations past their deadline that the broker can end: `pending`
 /// ones, and `running` ones whose source node is offline (`online` says which nodes are
 /// not). Returns them ended (`failed`, `resolved_by_broker`) and the events to announce.
+/// A `running` one on an online source is not ended: it is cancelled as `DELETE` would
+/// (`cancel_requested_ms` set once, its order carries `cancel` from then on, and the
+/// source's `migration-failed` ends it `cancelled`); returned with it set.
 pub fn resolve_deadlines(
     snap: &Snapshot,
     now: u64,
@@ -400,7 +411,26 @@ pub fn resolve_deadlines(
             MigrationState::Pending => {
                 format!("not delivered before its deadline: source node {} did not ask for it", m.source)
             }
-            _ if snap.nodes.get(&m.source).is_some_and(&online) => continue,
+            _ if snap.nodes.get(&m.source).is_some_and(&online) => {
+                if m.cancel_requested_ms.is_none() {
+                    let mut m = m.clone();
+                    m.cancel_requested_ms = Some(now);
+                    out.push(
+                        Pending::new(
+                            "migration-cancelling",
+                            format!(
+                                "{}: past its deadline, source node {} is told to abort the move before its commit point",
+                                m.workload, m.source
+                            ),
+                        )
+                        .node(&m.source)
+                        .workload(&m.workload)
+                        .migration(&m.id),
+                    );
+                    ended.push(m);
+                }
+                continue;
+            }
             _ => format!("past its deadline: {}", kept_on_source(m)),
         };
         let mut m = m.clone();
@@ -707,6 +737,7 @@ mod tests {
                 cancel_requested_ms: None,
                 predicted: None,
                 mode: None,
+                close_connections: false,
             };
             self.migrations.insert(id.into(), m);
         }
@@ -801,11 +832,21 @@ mod tests {
     }
 
     #[test]
-    fn rule7_a_running_migration_is_left_to_its_online_source_past_its_deadline() {
+    fn rule7_a_running_migration_past_its_deadline_is_cancelled_through_its_online_source() {
         let mut s = State::moving_w_from_a_to_b(MigrationState::Running);
         s.migrations.get_mut("m1").unwrap().deadline_ms = Some(NOW - 1);
-        assert!(s.tick(NOW).is_empty());
-        assert_eq!(s.migrations["m1"].state, MigrationState::Running);
+        let events = s.tick(NOW);
+        assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), ["migration-cancelling"]);
+        assert!(s.tick(NOW + 1).is_empty(), "asked once");
+        let m = &s.migrations["m1"];
+        // still the source's: running, with the cancel its order now carries
+        assert_eq!((m.state, m.cancel_requested_ms, m.resolved_by_broker), (MigrationState::Running, Some(NOW), false));
+        let plan = s.heartbeat("a", &[("w", Running)], vec![]);
+        assert!(plan.response.migrations.iter().any(|o| o.id == "m1" && o.cancel), "the order carries the cancel");
+        // the source aborted before its commit: cancelled, the workload stays on a
+        let plan = s.heartbeat("a", &[("w", Running)], vec![event(1, "migration-failed", "w", Some("m1"))]);
+        s.apply(&plan);
+        assert_eq!(s.migrations["m1"].state, MigrationState::Cancelled);
         // records from before deadlines have none and are never ended by the broker
         let mut old = State::moving_w_from_a_to_b(MigrationState::Pending);
         assert!(old.tick(u64::MAX).is_empty());

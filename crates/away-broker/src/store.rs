@@ -51,6 +51,9 @@ CREATE TABLE IF NOT EXISTS agent_events (node TEXT NOT NULL, seq INTEGER NOT NUL
     kind TEXT NOT NULL, workload TEXT, migration_id TEXT, record TEXT NOT NULL, PRIMARY KEY (node, seq));
 CREATE TABLE IF NOT EXISTS join_tokens (id TEXT PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE,
     created_ms INTEGER NOT NULL, expires_ms INTEGER, revoked_ms INTEGER, label TEXT);
+CREATE TABLE IF NOT EXISTS overlay_networks (name TEXT PRIMARY KEY, idx INTEGER NOT NULL UNIQUE, vni INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS overlay_leases (network TEXT NOT NULL, owner TEXT NOT NULL, ip TEXT NOT NULL,
+    PRIMARY KEY (network, owner), UNIQUE (network, ip));
 ";
 
 /// Every change one request makes, written in one transaction.
@@ -163,6 +166,62 @@ impl Store {
         let mut stmt = self.conn.prepare(query).map_err(|e| self.sql(e))?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| self.sql(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
+    }
+
+    /// The overlay's networks and addresses (crate::overlay).
+    pub fn load_overlay(&self) -> Result<(Vec<crate::overlay::NetworkRow>, Vec<crate::overlay::LeaseRow>), StoreError> {
+        let mut nets = Vec::new();
+        let mut stmt = self.conn.prepare("SELECT name, idx, vni FROM overlay_networks").map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(crate::overlay::NetworkRow {
+                    name: r.get(0)?,
+                    index: r.get::<_, i64>(1)? as u32,
+                    vni: r.get::<_, i64>(2)? as u32,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        for r in rows {
+            nets.push(r.map_err(|e| self.sql(e))?);
+        }
+        let mut leases = Vec::new();
+        let mut stmt = self.conn.prepare("SELECT network, owner, ip FROM overlay_leases").map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .map_err(|e| self.sql(e))?;
+        for r in rows {
+            let (network, owner, ip) = r.map_err(|e| self.sql(e))?;
+            let ip = ip.parse().map_err(|_| {
+                self.sql(rusqlite::Error::InvalidColumnType(2, format!("ip {ip:?}"), rusqlite::types::Type::Text))
+            })?;
+            leases.push(crate::overlay::LeaseRow { network, owner, ip });
+        }
+        Ok((nets, leases))
+    }
+
+    /// Store new networks and addresses, and forget `released` owners' addresses, at once.
+    pub fn apply_overlay(&mut self, c: &crate::overlay::IpamChanges, released: &[String]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let sql = |source| StoreError::Sql { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sql)?;
+        for n in &c.networks {
+            tx.execute(
+                "INSERT INTO overlay_networks (name, idx, vni) VALUES (?1, ?2, ?3)",
+                params![n.name, n.index as i64, n.vni as i64],
+            )
+            .map_err(sql)?;
+        }
+        for o in released {
+            tx.execute("DELETE FROM overlay_leases WHERE owner = ?1", params![o]).map_err(sql)?;
+        }
+        for l in &c.leases {
+            tx.execute(
+                "INSERT INTO overlay_leases (network, owner, ip) VALUES (?1, ?2, ?3)",
+                params![l.network, l.owner, l.ip.to_string()],
+            )
+            .map_err(sql)?;
+        }
+        tx.commit().map_err(sql)
     }
 
     /// Whether an agent event was already stored (a retried heartbeat carries it again).
@@ -336,6 +395,7 @@ mod tests {
             chosen_by: "user".into(),
             why: "asked".into(),
             mode: None,
+            close_connections: false,
             compatibility: away_policy::check_container(&info, &info, RuntimeKind::Containerd, RuntimeKind::Containerd),
             requested_ms: 3,
             delivered_ms: None,
@@ -393,5 +453,36 @@ mod tests {
         // 2 = FULL: an acknowledged commit survives a power cut
         let sync: i64 = store.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!(sync, 2);
+    }
+
+    #[test]
+    fn overlay_addresses_survive_reopen_and_release() {
+        use crate::overlay::{Ipam, IpamChanges, OverlayConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        let (pool, pool_prefix) = OverlayConfig::parse_pool("10.250.0.0/16").unwrap();
+        let config = OverlayConfig { pool, pool_prefix, port: 4799, first_vni: 4200 };
+        let mut store = Store::open(&path).unwrap();
+        let mut ipam = Ipam::new(config.clone(), vec![], vec![]);
+        let mut made = IpamChanges::default();
+        let w = ipam.address("lab", "workload/w", &mut made).unwrap();
+        let n = ipam.address("lab", "node/n1", &mut made).unwrap();
+        store.apply_overlay(&made, &[]).unwrap();
+        drop(store);
+        let mut store = Store::open(&path).unwrap();
+        let (networks, leases) = store.load_overlay().unwrap();
+        let mut again = Ipam::new(config.clone(), networks, leases);
+        let mut none = IpamChanges::default();
+        assert_eq!(again.address("lab", "workload/w", &mut none).unwrap(), w);
+        assert_eq!(again.address("lab", "node/n1", &mut none).unwrap(), n);
+        assert!(none.is_empty(), "nothing new after a reopen: {none:?}");
+        // released, the address goes to the next owner, also after a reopen
+        assert!(again.release("workload/w"));
+        store.apply_overlay(&IpamChanges::default(), &["workload/w".into()]).unwrap();
+        let (networks, leases) = store.load_overlay().unwrap();
+        let mut third = Ipam::new(config, networks, leases);
+        let mut made = IpamChanges::default();
+        assert_eq!(third.address("lab", "workload/v", &mut made).unwrap().ip, w.ip);
+        store.apply_overlay(&made, &[]).unwrap();
     }
 }

@@ -33,11 +33,20 @@ impl Running {
 
     /// A broker whose nodes count as offline after `node_timeout` without a heartbeat.
     async fn start_with_timeout(db: &Path, node_timeout: Duration) -> Running {
+        Running::start_with(db, node_timeout, None).await
+    }
+
+    async fn start_with(
+        db: &Path,
+        node_timeout: Duration,
+        overlay: Option<away_broker::overlay::OverlayConfig>,
+    ) -> Running {
         let mut config = BrokerConfig::new(vec![USER.into()], JOIN.into());
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.db_path = db.to_path_buf();
         config.heartbeat_interval = Duration::from_millis(200);
         config.node_timeout = node_timeout;
+        config.overlay = overlay;
         let broker = Arc::new(Broker::open(config).expect("open broker"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -301,6 +310,76 @@ async fn placement_assignments_migration_and_reconciliation() {
     assert!(assignment(&r, "by-hand").is_none());
     assert_eq!(b.get("/v1/nodes/cloud-1").await.1["unmanaged"], json!(["by-hand"]));
     b.stop().await;
+}
+
+#[tokio::test]
+async fn overlay_addresses_follow_workloads_and_nodes_across_a_restart() {
+    use away_broker::overlay::{OverlayConfig, DEFAULT_FIRST_VNI, DEFAULT_PORT};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let (pool, pool_prefix) = OverlayConfig::parse_pool("10.250.0.0/16").unwrap();
+    let overlay = OverlayConfig { pool, pool_prefix, port: DEFAULT_PORT, first_vni: DEFAULT_FIRST_VNI };
+    let b = Running::start_with(&db, Duration::from_secs(30), Some(overlay.clone())).await;
+    let n1 = node("n1", Tier::Cloud, CpuVendor::Amd);
+    let n2 = node("n2", Tier::Cloud, CpuVendor::Amd);
+    let t1 = b.register(&n1, "10.9.0.1:7800").await.agent_token;
+    b.register(&n2, "10.9.0.2:7800").await;
+
+    let submit = |name: &str, extra: Value| {
+        let mut spec = json!({"name": name, "image": "away/counter:latest"});
+        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        spec
+    };
+    let (s, a) = b.post("/v1/workloads", submit("a", json!({}))).await;
+    assert_eq!(s, 201, "{a}");
+    let a = a["workload"]["spec"]["overlay"].clone();
+    assert_eq!(
+        (a["network"].as_str(), a["ip"].as_str(), a["vni"].as_u64()),
+        (Some("default"), Some("10.250.0.1"), Some(4200))
+    );
+    assert_eq!((a["mac"].as_str(), a["port"].as_u64()), (Some("02:aa:0a:fa:00:01"), Some(4799)));
+    let (s, l) = b.post("/v1/workloads", submit("l", json!({"network": "lab-1"}))).await;
+    assert_eq!(s, 201, "{l}");
+    assert_eq!(
+        (l["workload"]["spec"]["overlay"]["ip"].as_str(), l["workload"]["spec"]["overlay"]["vni"].as_u64()),
+        (Some("10.250.1.1"), Some(4201))
+    );
+    // published ports keep the node's network; a spec may not bring its own address
+    let (s, p) = b.post("/v1/workloads", submit("p", json!({"ports": [{"container": 8080}]}))).await;
+    assert_eq!(s, 201, "{p}");
+    assert!(p["workload"]["spec"].get("overlay").is_none(), "{p}");
+    let forged = json!({"overlay": {"network": "default", "vni": 4200, "port": 4799, "ip": "10.250.0.9", "prefix_len": 24, "mac": "02:aa:0a:fa:00:09"}});
+    let (s, f) = b.post("/v1/workloads", submit("f", forged)).await;
+    assert_eq!((s, f["field"].as_str()), (400, Some("overlay")), "{f}");
+    let (s, bad) = b.post("/v1/workloads", submit("b", json!({"network": "Lab_1"}))).await;
+    assert_eq!(s, 400, "{bad}");
+
+    // a node's heartbeat: its address in each network and the other node's endpoint
+    let r = b.beat(&n1, &t1, vec![], vec![]).await;
+    let nets: Vec<(String, String, Vec<std::net::Ipv4Addr>)> =
+        r.overlay.iter().map(|n| (n.address.network.clone(), n.address.ip.to_string(), n.peers.clone())).collect();
+    let peer = vec![std::net::Ipv4Addr::new(10, 9, 0, 2)];
+    assert_eq!(
+        nets,
+        vec![("default".into(), "10.250.0.2".into(), peer.clone()), ("lab-1".into(), "10.250.1.2".into(), peer)]
+    );
+
+    // a restarted broker gives the same addresses, to nodes and workloads
+    b.stop().await;
+    let b = Running::start_with(&db, Duration::from_secs(30), Some(overlay)).await;
+    let again = b.beat(&n1, &t1, vec![], vec![]).await;
+    assert_eq!(again.overlay, r.overlay);
+    let (_, w) = b.get("/v1/workloads/a").await;
+    assert_eq!(w["spec"]["overlay"], a);
+    let (s, c) = b.post("/v1/workloads", submit("c", json!({}))).await;
+    assert_eq!((s, c["workload"]["spec"]["overlay"]["ip"].as_str()), (201, Some("10.250.0.3")), "{c}");
+    b.stop().await;
+
+    // a broker without an overlay refuses a network by name
+    let plain = Running::start(&dir.path().join("plain.db")).await;
+    let (s, e) = plain.post("/v1/workloads", submit("n", json!({"network": "lab-1"}))).await;
+    assert_eq!((s, e["field"].as_str()), (422, Some("network")), "{e}");
+    plain.stop().await;
 }
 
 #[tokio::test]

@@ -62,6 +62,10 @@ pub struct ClusterPlan {
     pub away: PathBuf,
     /// Image tars put into every node's image store (there is no registry).
     pub images: Vec<PathBuf>,
+    /// The broker's overlay pool (`away broker --overlay`), e.g. `10.250.0.0/16`: each
+    /// node builds the lab networks' VXLAN devices in its namespace, tunnelling over
+    /// the cluster's bridge. None: workloads use their node's network.
+    pub overlay: Option<String>,
 }
 
 /// A running cluster, as `cluster.json` records it.
@@ -177,7 +181,8 @@ fn nsenter(ns: &str) -> Vec<String> {
 /// Start a process detached from the caller, logging to `log`, its PID in `pidfile`.
 fn spawn(argv: &[String], log: &Path, pidfile: &Path, env: &[(&str, std::ffi::OsString)]) -> Result<u32, ClusterError> {
     use std::os::unix::process::CommandExt;
-    let out = std::fs::File::create(log).map_err(io(log))?;
+    // appended: a process started again (broker, agent) keeps its first run's log
+    let out = std::fs::File::options().create(true).append(true).open(log).map_err(io(log))?;
     let err = out.try_clone().map_err(io(log))?;
     let child = Command::new(&argv[0])
         .args(&argv[1..])
@@ -299,6 +304,9 @@ fn up_inner(plan: &ClusterPlan, stop: &AtomicBool) -> Result<ClusterInfo, Cluste
     let mut argv: Vec<String> =
         vec![plan.away.display().to_string(), "broker".into(), "--listen".into(), broker_addr.clone()];
     argv.extend(["--db".into(), state.join("broker.db").display().to_string()]);
+    if let Some(pool) = &plan.overlay {
+        argv.extend(["--overlay".into(), pool.clone()]);
+    }
     // the tokens go by environment, never on a command line (`ps` shows those to everyone)
     write_secret(&run.join("join-token"), &join)?;
     write_secret(&run.join("user-token"), &user)?;
@@ -475,9 +483,30 @@ fn node_up(
         ("AWAY_JOIN_TOKEN", join.into()),
         ("AWAY_CA", run_dir(&plan.name).join("ca.pem").into()),
     ];
+    std::fs::write(run.join("agent.argv"), serde_json::to_vec(&argv).expect("argv")).map_err(io(&run))?;
     spawn(&argv, &agent_log, &run.join("agent.pid"), &env)?;
     wait_until(&format!("agent {}", n.name), &agent_log, 60, stop, || tcp_answers(&node.api))?;
     Ok(node)
+}
+
+/// Start node `node`'s agent again as it was first started (after it died, as a
+/// supervisor would; one still running is stopped first), on the same state.
+pub fn restart_agent(name: &str, node: &str) -> Result<(), ClusterError> {
+    let n = node_of(name, node)?;
+    let run = run_dir(name);
+    let dir = run.join(node);
+    let argv: Vec<String> = serde_json::from_slice(&std::fs::read(dir.join("agent.argv")).map_err(io(&dir))?)
+        .map_err(|e| ClusterError::Invalid(format!("agent.argv: {e}")))?;
+    kill_pidfile(&dir.join("agent.pid"));
+    let join = std::fs::read_to_string(run.join("join-token")).map_err(io(&run))?;
+    let env = [
+        ("PATH", away_runtime::host::runtime_path()),
+        ("AWAY_JOIN_TOKEN", join.into()),
+        ("AWAY_CA", run.join("ca.pem").into()),
+    ];
+    let log = dir.join("agent.log");
+    spawn(&argv, &log, &dir.join("agent.pid"), &env)?;
+    wait_until(&format!("agent {node}"), &log, 60, &AtomicBool::new(false), || tcp_answers(&n.api))
 }
 
 /// Stop the broker (agents keep running: they work offline).
@@ -497,14 +526,18 @@ pub fn start_broker(name: &str) -> Result<(), ClusterError> {
     wait_until("broker", &log, 30, &AtomicBool::new(false), || tcp_answers(&addr))
 }
 
+/// Node `node` of running cluster `name`.
+fn node_of(name: &str, node: &str) -> Result<NodeInfoLocal, ClusterError> {
+    let info = info(name).ok_or_else(|| ClusterError::Invalid(format!("cluster {name} is not up")))?;
+    info.nodes
+        .into_iter()
+        .find(|n| n.name == node)
+        .ok_or_else(|| ClusterError::Invalid(format!("no node {node} in cluster {name}")))
+}
+
 /// Cut a node off the network (`up = false`) or connect it again.
 pub fn set_link(name: &str, node: &str, up: bool) -> Result<(), ClusterError> {
-    let info = info(name).ok_or_else(|| ClusterError::Invalid(format!("cluster {name} is not up")))?;
-    let n = info
-        .nodes
-        .iter()
-        .find(|n| n.name == node)
-        .ok_or_else(|| ClusterError::Invalid(format!("no node {node} in cluster {name}")))?;
+    let n = node_of(name, node)?;
     sh("ip", &["link", "set", &n.host_if, if up { "up" } else { "down" }]).map(|_| ())
 }
 

@@ -316,6 +316,8 @@ fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        network: None,
+        overlay: None,
     }
 }
 

@@ -67,19 +67,19 @@ impl ArchiveStore {
         }
     }
 
-    /// Keep an archive of a failed move under `failed/`, then prune to the cap.
-    pub fn keep_failed(&self, dir: &Path) {
+    /// Keep an archive of a failed move under `failed/`, then prune to the cap. Returns
+    /// where it is now (None: it could not be moved and stays where it was).
+    pub fn keep_failed(&self, dir: &Path) -> Option<PathBuf> {
         let failed = self.root.join("failed");
-        let moved = private_dir(&failed).and_then(|_| {
-            let dest = failed.join(dir.file_name().unwrap_or_default());
-            std::fs::rename(dir, &dest).map_err(|e| io(dir, e))
-        });
-        if let Err(e) = moved {
+        let dest = failed.join(dir.file_name().unwrap_or_default());
+        let moved = private_dir(&failed).and_then(|_| std::fs::rename(dir, &dest).map_err(|e| io(dir, e)));
+        if let Err(e) = &moved {
             tracing::warn!("cannot keep the failed archive {}: {e}", dir.display());
         }
         if let Err(e) = self.prune(self.keep_bytes) {
             tracing::warn!("cannot prune {}: {e}", self.root.display());
         }
+        moved.ok().map(|_| dest)
     }
 
     /// Every archive, newest first.

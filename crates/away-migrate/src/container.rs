@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::ArchiveStore;
 use crate::compat;
+use crate::journal::{record_logged, MoveJournal, OutgoingMove, OutgoingState};
 use crate::target::{CommitOutcome, CommitPolicy, NoAnswer, TargetNode};
 use crate::transfer::{self, ReceivedPayload, SendOptions, Verdict};
 use crate::MigrateError;
@@ -53,6 +54,10 @@ pub struct Manifest {
     /// before it restores ([`crate::lazy::pull`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pull_pages: bool,
+    /// Restore the workload's TCP connections closed, not established (overlay
+    /// workloads; the move's `close_connections`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close_connections: bool,
 }
 
 impl Manifest {
@@ -91,6 +96,14 @@ pub struct ContainerMigrationOptions {
     /// Measure and predict the move before it starts (`crate::estimate`), for the
     /// report's `predicted`; the measuring is not counted in the move's times.
     pub predict: bool,
+    /// Overlay workloads: the target restores their TCP connections closed instead of
+    /// keeping them (CRIU's `tcp-close`); the peers see them end.
+    pub close_connections: bool,
+    /// Where a staged move's steps are written before they are taken, so that a source
+    /// killed between its checkpoint and its commit's answer can finish the move when it
+    /// starts again ([`crate::journal`]); None: not recorded (the source's process must
+    /// live through the move).
+    pub journal: Option<std::sync::Arc<dyn crate::journal::MoveJournal>>,
 }
 
 impl Default for ContainerMigrationOptions {
@@ -103,6 +116,8 @@ impl Default for ContainerMigrationOptions {
             commit_wait: Duration::from_secs(300),
             cancel: Default::default(),
             predict: true,
+            close_connections: false,
+            journal: None,
         }
     }
 }
@@ -289,6 +304,25 @@ async fn move_container(
     let (early, _, round_trip, _) = early;
     progress(Step::Checkpointing);
     let payload = archives.create(name)?;
+    let journal = opts.journal.as_deref();
+    let mut journaled = OutgoingMove {
+        transfer_id: transfer_id.clone(),
+        workload: name.to_string(),
+        target_node: there.node.name.clone(),
+        state: OutgoingState::Checkpointing,
+        payload: payload.clone(),
+        archive: None,
+        set_aside: None,
+        lease_ms: None,
+        at_ms: now_ms(),
+    };
+    // on disk before anything stops: a source that cannot record the move does not start it
+    if let Some(j) = journal {
+        if let Err(e) = j.record(&journaled) {
+            let _ = archives.discard(&payload);
+            return Err(MigrateError::Invalid(format!("cannot journal move {transfer_id} of {name}: {e}")));
+        }
+    }
     let t = Instant::now();
     let stopped_at_ms = now_ms();
     // the runtime's own steps (Docker's) become the phase's parts
@@ -298,6 +332,7 @@ async fn move_container(
     .await;
     let checkpoint = checkpoint.map_err(|e| {
         let _ = archives.discard(&payload);
+        record_logged(journal, &journaled.with_state(OutgoingState::Aborted));
         MigrateError::Runtime(e)
     })?;
     let downtime_start = frozen_at(&payload, t);
@@ -310,6 +345,7 @@ async fn move_container(
         lazy_page_relay: None,
         lazy_hot: Vec::new(),
         pull_pages: false,
+        close_connections: opts.close_connections,
     };
     let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
     // the stopped source record steps aside so that the target may take the name (needed
@@ -331,11 +367,19 @@ async fn move_container(
         image: &image,
         archives,
         payload: &payload,
+        journal: None,
     };
     undo.set_aside = match set_aside {
         Ok(n) => n,
         Err(e) => return Err(undo.rollback(error_chain(&e)).await),
     };
+    journaled.archive = Some(checkpoint.clone());
+    journaled.set_aside = undo.set_aside.clone();
+    journaled = journaled.with_state(OutgoingState::Checkpointing);
+    record_logged(journal, &journaled);
+    undo.journal = journal.map(|j| (j, journaled.clone()));
+    #[cfg(feature = "fault-injection")]
+    source_dies("after-checkpoint");
 
     // 2. transfer; the target restores and answers
     let t = Instant::now();
@@ -358,7 +402,7 @@ async fn move_container(
                 format!("transfer to {} ({}) failed: {e}", there.node.name, there.transfer_addr, e = ErrorChain(&e));
             // the target may have restored it and its answer got lost: its copy goes first
             if let Some(why) = withdraw(target, &transfer_id, opts.commit_wait).await {
-                undo.archives.keep_failed(&payload);
+                kept_in_doubt(undo.archives, &payload, journal, &journaled);
                 let target = there.node.name.clone();
                 return Err(MigrateError::InDoubt { transfer_id, target, why, checkpoint: payload.clone() });
             }
@@ -374,13 +418,19 @@ async fn move_container(
     phases
         .push(MigrationPhase { parts: restore_parts(&outcome.verdict), ..MigrationPhase::new("restore", restore_ms) });
     phases.push(MigrationPhase::new("settle", settle_ms));
+    journaled.lease_ms = outcome.verdict.detail.get("lease_ms").and_then(|v| v.as_u64());
+    journaled = journaled.with_state(OutgoingState::Sent);
+    record_logged(journal, &journaled);
+    undo.journal = journal.map(|j| (j, journaled.clone()));
 
     #[cfg(feature = "fault-injection")]
     hold_before_commit().await;
+    #[cfg(feature = "fault-injection")]
+    source_dies("before-commit");
     if opts.cancel.is_cancelled() {
         // before the commit point: the target's copy goes first, then the source resumes
         if let Some(why) = withdraw(target, &outcome.transfer_id, opts.commit_wait).await {
-            undo.archives.keep_failed(&payload);
+            kept_in_doubt(undo.archives, &payload, journal, &journaled);
             let target = there.node.name.clone();
             return Err(MigrateError::InDoubt {
                 transfer_id: outcome.transfer_id.clone(),
@@ -398,6 +448,8 @@ async fn move_container(
     progress(Step::Committing);
     let t = Instant::now();
     let policy = commit_policy(&outcome.verdict, opts);
+    // from here a commit may reach the target: only its word ends the move
+    record_logged(journal, &journaled.with_state(OutgoingState::Committing));
     match crate::target::commit_move(target, &outcome.transfer_id, answered_at, &policy).await {
         CommitOutcome::Committed => {}
         CommitOutcome::Aborted(why) => {
@@ -407,7 +459,7 @@ async fn move_container(
         CommitOutcome::InDoubt(why) => {
             // neither resume (two instances if the target committed) nor clean up (none
             // if it did not): the checkpoint stays, the target's agent has the answer
-            undo.archives.keep_failed(&payload);
+            kept_in_doubt(undo.archives, &payload, journal, &journaled.with_state(OutgoingState::Committing));
             return Err(MigrateError::InDoubt {
                 transfer_id: outcome.transfer_id.clone(),
                 target: there.node.name.clone(),
@@ -421,6 +473,7 @@ async fn move_container(
     // 4. the source goes
     let leftover = undo.set_aside.as_deref().unwrap_or(name);
     clean_source(runtime, name, leftover, archives, &payload, &progress, &mut phases).await?;
+    record_logged(journal, &journaled.with_state(OutgoingState::Done));
     Ok(MigrationReport {
         workload: name.into(),
         mode: MigrationMode::StopAndCopy,
@@ -446,7 +499,12 @@ async fn move_container(
 /// its verdict (`lease_ms`; a target too old to say gets the agent's default, 30 s).
 fn commit_policy(verdict: &Verdict, opts: &ContainerMigrationOptions) -> CommitPolicy {
     let lease = verdict.detail.get("lease_ms").and_then(|v| v.as_u64()).unwrap_or(30_000);
-    CommitPolicy { lease: Duration::from_millis(lease), retry: Duration::from_secs(1), give_up: opts.commit_wait }
+    CommitPolicy {
+        lease: Duration::from_millis(lease),
+        retry: Duration::from_secs(1),
+        give_up: opts.commit_wait,
+        commit_sent: false,
+    }
 }
 
 /// After a transfer that ended without an answer: take back whatever the target made of
@@ -490,6 +548,20 @@ async fn hold_before_commit() {
     if let Some(secs) = std::env::var("AWAY_FAULT_HOLD_BEFORE_COMMIT").ok().and_then(|s| s.parse::<u64>().ok()) {
         tracing::warn!("AWAY_FAULT_HOLD_BEFORE_COMMIT={secs}: holding before the commit");
         tokio::time::sleep(Duration::from_secs(secs)).await;
+    }
+}
+
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_SOURCE_DIE=after-checkpoint` or
+/// `before-commit`): the source's process is SIGKILLed at that point of a staged move
+/// (after its checkpoint, before the payload leaves; after the target's "restored",
+/// before the commit), as a crash or the OOM killer would end it.
+#[cfg(feature = "fault-injection")]
+fn source_dies(at: &str) {
+    if std::env::var("AWAY_FAULT_SOURCE_DIE").as_deref() == Ok(at) {
+        tracing::error!("AWAY_FAULT_SOURCE_DIE={at}: the source is killed (SIGKILL)");
+        let _ = away_runtime::host::process::signal(std::process::id(), away_runtime::host::process::Signal::KILL);
+        std::thread::sleep(Duration::from_secs(5));
+        std::process::abort();
     }
 }
 
@@ -762,6 +834,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         lazy_page_relay: Some(page_relay),
         lazy_hot: m.hot,
         pull_pages: streamed,
+        close_connections: m.opts.close_connections,
     };
     // Any failure until the target runs: CRIU resumes the source when told.
     let payload_ref = payload.as_path();
@@ -963,6 +1036,8 @@ struct Undo<'a> {
     image: &'a away_runtime::ResolvedImage,
     archives: &'a ArchiveStore,
     payload: &'a Path,
+    /// Where the move is journaled, and its record: a resume ends it as aborted.
+    journal: Option<(&'a dyn crate::journal::MoveJournal, OutgoingMove)>,
 }
 
 impl Undo<'_> {
@@ -972,21 +1047,11 @@ impl Undo<'_> {
         let set_aside = self.set_aside.as_deref();
         tracing::warn!(workload = %checkpoint.workload, "migration failed, resuming the source: {why}");
         progress(Step::RollingBack(why.clone()));
-        let Ok(runtime) = node.runtime(checkpoint.runtime) else {
-            return MigrateError::RolledBack {
-                why,
-                resumed: false,
-                detail: format!("{} is unavailable", checkpoint.runtime),
-            };
-        };
-        if let Some(aside) = set_aside {
-            if let Err(e) = runtime.remove(aside).await {
-                tracing::warn!("cannot remove the set-aside source record {aside}: {e}");
-            }
-        }
-        let restored =
-            runtime.restore(&RestoreRequest { archive: (*checkpoint).clone(), image: (*image).clone() }).await;
+        let restored = resume_from(node, checkpoint, image, set_aside).await;
         archives.keep_failed(payload);
+        if let (Ok(_), Some((j, m))) = (&restored, &self.journal) {
+            record_logged(Some(*j), &m.with_state(OutgoingState::Aborted));
+        }
         match restored {
             Ok(st) => MigrateError::RolledBack {
                 why,
@@ -1004,6 +1069,38 @@ impl Undo<'_> {
             },
         }
     }
+}
+
+/// A move in doubt: its checkpoint is kept as failed, and the journal follows it there
+/// (a restart, or the agent's retries, resume from it if the target says aborted).
+fn kept_in_doubt(archives: &ArchiveStore, payload: &Path, journal: Option<&dyn MoveJournal>, m: &OutgoingMove) {
+    if let Some(kept) = archives.keep_failed(payload) {
+        let mut m = m.clone();
+        if let Some(a) = &mut m.archive {
+            a.dir = kept.join(CHECKPOINT_DIR);
+        }
+        m.payload = kept;
+        record_logged(journal, &m);
+    }
+}
+
+/// Restore the source from its own checkpoint after a failed move, its stopped record
+/// (under its temporary name `set_aside`, if it stepped aside) removed first.
+pub async fn resume_from(
+    node: &LocalNode,
+    checkpoint: &CheckpointArchive,
+    image: &away_runtime::ResolvedImage,
+    set_aside: Option<&str>,
+) -> Result<away_model::WorkloadStatus, RuntimeError> {
+    let runtime = node.runtime(checkpoint.runtime)?;
+    if let Some(aside) = set_aside {
+        if let Err(e) = runtime.remove(aside).await {
+            tracing::warn!("cannot remove the set-aside source record {aside}: {e}");
+        }
+    }
+    runtime
+        .restore(&RestoreRequest { archive: checkpoint.clone(), image: image.clone(), close_connections: false })
+        .await
 }
 
 /// A payload restored on the target.
@@ -1088,7 +1185,7 @@ pub async fn restore_received(
         spec: manifest.spec.clone(),
         image: manifest.image.clone(),
     };
-    let request = RestoreRequest { archive, image };
+    let request = RestoreRequest { archive, image, close_connections: manifest.close_connections };
     // the source keeps its CRIU work directory; CRIU wants one here too
     away_runtime::host::beneath::Beneath::open(&dir)
         .and_then(|d| d.create_dir_all(away_runtime::CRIU_WORK_DIR, 0o700))

@@ -8,6 +8,8 @@
 //! * [`lazy`]: the relay pair and target daemon of lazy (post-copy) container moves.
 //! * [`vm`]: QEMU live migration between two QEMU processes.
 //! * [`channel`]: mutual TLS between nodes' migration engines, peer names checked.
+//! * [`journal`]: the source's record of its outgoing moves, and how a restarted source
+//!   finishes them.
 //! * [`archive`]: checkpoint archives on disk (private, pruned, kept after failures).
 
 pub mod archive;
@@ -15,6 +17,7 @@ pub mod channel;
 pub mod compat;
 pub mod container;
 pub mod estimate;
+pub mod journal;
 pub mod lazy;
 pub mod mode;
 pub mod target;

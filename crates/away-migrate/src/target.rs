@@ -138,6 +138,9 @@ pub struct CommitPolicy {
     pub retry: Duration,
     /// Give up asking after this long when the commit may have arrived (in doubt).
     pub give_up: Duration,
+    /// A commit may have reached the target already (a source restarted in its commit,
+    /// `crate::journal`): the lease alone never lets the source resume.
+    pub commit_sent: bool,
 }
 
 /// Commit a prepared move and get its one answer: commit, and after a lost answer ask
@@ -155,7 +158,7 @@ pub async fn commit_move(
 ) -> CommitOutcome {
     let lease_end = answered_at + policy.lease;
     let started = tokio::time::Instant::now();
-    let mut maybe_delivered = false;
+    let mut maybe_delivered = policy.commit_sent;
     loop {
         // once the lease is over, commits stop: a question cannot change anything
         let asked = if !maybe_delivered && tokio::time::Instant::now() >= lease_end {
@@ -261,6 +264,7 @@ mod tests {
             lease: Duration::from_millis(300),
             retry: Duration::from_millis(20),
             give_up: Duration::from_millis(600),
+            commit_sent: false,
         }
     }
 

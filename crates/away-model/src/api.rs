@@ -155,6 +155,11 @@ pub struct MigrationRequest {
     /// unless `deadline_s` or `max_downtime_ms` asks for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub optimize: Option<Optimize>,
+    /// Containers on an overlay network: restore the workload's TCP connections closed
+    /// (CRIU's `tcp-close`) instead of keeping them open (`tcp-established`, the
+    /// default). The peers then see their connections end at the move.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close_connections: bool,
 }
 
 /// What a predicted move is chosen for.
@@ -256,6 +261,9 @@ pub struct MigrationRecord {
     /// The container migration mode asked for (none: `auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// The request asked for the workload's TCP connections to be closed at the move.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close_connections: bool,
     /// When the migration must have ended (Unix ms); absent in records from brokers
     /// before deadlines, which get none.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -125,6 +125,9 @@ pub struct MigrationOrder {
     /// Containers: `stop-copy`, `staged`, `lazy` or `auto` (none: `auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// Restore the workload's TCP connections closed (the request's `close_connections`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub close_connections: bool,
     /// A user cancelled the migration (`DELETE /v1/migrations/{id}`): abort it before its
     /// commit point (the source resumes, the target removes its prepared copy) and report
     /// `migration-failed`; a move past its commit point ends as it would have.
@@ -142,4 +145,8 @@ pub struct HeartbeatResponse {
     pub migrations: Vec<MigrationOrder>,
     /// The node is draining: the broker places nothing new here.
     pub draining: bool,
+    /// The lab networks this node takes part in (empty when the broker runs no
+    /// overlay): the agent builds their VXLAN devices and bridges from this.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlay: Vec<crate::NodeOverlay>,
 }

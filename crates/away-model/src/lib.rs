@@ -8,6 +8,7 @@ mod cluster;
 #[doc(hidden)]
 pub mod fuzzing;
 mod node;
+mod overlay;
 mod predict;
 mod size;
 mod spec;
@@ -30,6 +31,7 @@ pub use cluster::{
     RegisterResponse,
 };
 pub use node::{Accel, Arch, CpuInfo, CpuVendor, HypervisorInfo, LinkInfo, NodeInfo, RuntimeInfo, Tier};
+pub use overlay::{format_mac, NodeOverlay, OverlayAddress, DEFAULT_NETWORK};
 pub use predict::{MoveKind, MovePlan, MovePrediction, PhaseCosts, PredictionInputs};
 pub use size::{ByteSize, ByteSizeError};
 pub use spec::{

@@ -105,6 +105,21 @@ pub fn kind_runtime_rule() -> Schema {
         .into()
 }
 
+/// The spec's rule across `disk` and `kind` (`WorkloadSpec::validate`): a workload with a
+/// disk is a VM, and says so (`kind: vm`; the default `auto` is refused).
+pub fn disk_kind_rule() -> Schema {
+    use utoipa::openapi::schema::AnyOfBuilder;
+    AnyOfBuilder::new()
+        .item(ObjectBuilder::new().property("disk", ObjectBuilder::new().schema_type(Type::Null)))
+        .item(
+            ObjectBuilder::new()
+                .property("kind", ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["vm"])))
+                .required("kind"),
+        )
+        .description(Some("a workload with a disk needs kind vm"))
+        .into()
+}
+
 /// `ports` of a spec: the same mapping twice publishes a host port twice. (Two different
 /// mappings onto one host port are refused too, which JSON Schema cannot say.)
 pub fn ports_schema() -> Schema {

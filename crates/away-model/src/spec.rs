@@ -170,6 +170,17 @@ pub struct WorkloadSpec {
     /// The system call filter of a container.
     #[serde(default, skip_serializing_if = "Seccomp::is_default")]
     pub seccomp: Seccomp,
+    /// The lab network (VXLAN overlay) the workload joins when the broker runs one
+    /// (`default` when unset): lower-case letters, digits and '-'. docs/network.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$", example = "lab-1"))]
+    pub network: Option<String>,
+    /// The workload's address on its network, written by the broker's address
+    /// management when it accepts the workload: it travels with the workload on every
+    /// move. A submitted spec must not set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(read_only))]
+    pub overlay: Option<crate::OverlayAddress>,
     /// A writable disk (VMs only): a copy-on-write overlay on a base image of the
     /// node's disk store. What the guest writes lives in the overlay, and moves with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,7 +203,7 @@ pub struct DiskSpec {
     /// Where the guest mounts the disk's ext4 file system; unset: the guest gets the
     /// block device (`/dev/vda`) and mounts nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(example = "/data"))]
+    #[cfg_attr(feature = "openapi", schema(example = "/data", pattern = r"^(/[A-Za-z0-9_-][A-Za-z0-9._-]*)+$"))]
     pub mount: Option<String>,
 }
 
@@ -466,6 +477,15 @@ impl WorkloadSpec {
                 format!("{} is out of range; use a number of CPUs in (0, 1024], e.g. 0.5", self.resources.cpus),
             );
         }
+        if let Some(net) = &self.network {
+            let ok = (1..=32).contains(&net.len())
+                && net.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !net.starts_with('-')
+                && !net.ends_with('-');
+            if !ok {
+                bad("network", format!("{net:?}: 1-32 lower-case letters, digits and '-', not at either end"));
+            }
+        }
         let mut host_ports = BTreeSet::new();
         for (i, p) in self.ports.iter().enumerate() {
             if p.container == 0 {
@@ -511,10 +531,13 @@ impl WorkloadSpec {
                 bad("disk.size", format!("{} is too small; at least 1Mi", disk.size));
             }
             if let Some(m) = &disk.mount {
-                let ok = m.starts_with('/')
-                    && m != "/"
-                    && !m.split('/').any(|p| p == "..")
-                    && m.bytes().all(|b| b.is_ascii_graphic() && b != b'\'' && b != b'\\');
+                // the schema's MOUNT_PATTERN: '/'-separated names of letters, digits,
+                // '.', '_' and '-', none starting with '.' (so no "." or ".." parts)
+                let name_ok = |p: &str| {
+                    p.bytes().next().is_some_and(|b| b != b'.')
+                        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                };
+                let ok = m.strip_prefix('/').is_some_and(|rest| rest.split('/').all(name_ok));
                 if !ok {
                     bad("disk.mount", format!("{m:?} is not a mount point; write an absolute path such as /data"));
                 }

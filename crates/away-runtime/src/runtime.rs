@@ -198,6 +198,9 @@ pub const CRIU_WORK_DIR: &str = "work";
 pub struct RestoreRequest {
     pub archive: CheckpointArchive,
     pub image: ResolvedImage,
+    /// An overlay workload's TCP connections are restored closed (CRIU's `tcp-close`)
+    /// instead of established; without an overlay this changes nothing.
+    pub close_connections: bool,
 }
 
 /// Chunks of a workload's combined stdout/stderr.

@@ -57,6 +57,14 @@ pub struct BrokerArgs {
     /// for a broker nothing outside this machine reaches
     #[arg(long)]
     insecure_loopback: bool,
+    /// Run lab networks on a VXLAN overlay with addresses from this pool (e.g.
+    /// 10.250.0.0/16; each network is a /24 of it): every workload without `ports:` gets
+    /// its own network namespace, IP and MAC, which move with it (docs/network.md)
+    #[arg(long, value_name = "POOL")]
+    overlay: Option<String>,
+    /// VXLAN's UDP port on every node (with --overlay)
+    #[arg(long, default_value_t = away_broker::overlay::DEFAULT_PORT, requires = "overlay")]
+    overlay_port: u16,
 }
 
 /// The names in the broker's certificate: its listen address when it is one, loopback's
@@ -117,6 +125,17 @@ pub fn run(a: BrokerArgs) -> anyhow::Result<ExitCode> {
     config.tls = tls;
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     config.results_dir = a.results;
+    if let Some(pool) = &a.overlay {
+        let (pool, pool_prefix) =
+            away_broker::overlay::OverlayConfig::parse_pool(pool).map_err(|why| anyhow::anyhow!("--overlay {why}"))?;
+        anyhow::ensure!(a.overlay_port != 0, "--overlay-port 0 is not a port");
+        config.overlay = Some(away_broker::overlay::OverlayConfig {
+            pool,
+            pool_prefix,
+            port: a.overlay_port,
+            first_vni: away_broker::overlay::DEFAULT_FIRST_VNI,
+        });
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     // before anything is started: SIGTERM, like Ctrl-C, stops the broker gracefully
     let mut stops = crate::signal::StopSignals::register_in(&rt)?;

@@ -27,6 +27,10 @@ pub enum Command {
         /// An image tar every node's store gets (repeatable; there is no registry)
         #[arg(long = "image", value_name = "TAR")]
         images: Vec<PathBuf>,
+        /// Run the lab networks on a VXLAN overlay with addresses from this pool, e.g.
+        /// 10.250.0.0/16 (the broker's --overlay; docs/network.md)
+        #[arg(long, value_name = "POOL")]
+        overlay: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -85,12 +89,13 @@ fn up_until_stopped(plan: &ClusterPlan) -> anyhow::Result<Result<away_cluster::C
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
-        Command::Up { name, nodes, images, json } => {
+        Command::Up { name, nodes, images, overlay, json } => {
             let plan = ClusterPlan {
                 name,
                 nodes: nodes.iter().map(|n| parse_node(n)).collect::<anyhow::Result<_>>()?,
                 away: std::env::current_exe()?,
                 images,
+                overlay,
             };
             let info = match up_until_stopped(&plan)? {
                 Ok(info) => info,

@@ -102,6 +102,7 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
         nodes: vec![NodePlan { name: "cloud".into(), tier: Tier::Cloud }],
         away: std::env::current_exe()?,
         images: vec![tar.clone()],
+        overlay: None,
     };
     let plan2 = plan.clone();
     let info: ClusterInfo = blocking(move || Ok(away_cluster::up(&plan2)?)).await?;
@@ -126,6 +127,8 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        network: None,
+        overlay: None,
     };
     let placed = broker.submit(&spec).await?;
     let node = placed.workload.as_ref().map_or("?", |w| w.node.as_str()).to_string();

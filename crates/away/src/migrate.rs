@@ -314,9 +314,10 @@ pub struct MigrateArgs {
     reconnect_timeout: u64,
     /// Seconds to keep asking a target that went silent after a commit that may have
     /// reached it; then the move is reported in doubt: the source neither resumes nor
-    /// is removed, its checkpoint stays (docs/reliability.md)
-    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
-    commit_wait: u64,
+    /// is removed, its checkpoint stays (a VM stays paused) (docs/reliability.md)
+    /// [default: 300 for containers, 120 for VMs]
+    #[arg(long, value_name = "SECONDS")]
+    commit_wait: Option<u64>,
     /// VM: throttle the guest's vCPUs when pre-copy does not converge
     #[arg(long, help_heading = "VM live migration")]
     auto_converge: bool,
@@ -408,11 +409,14 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         },
         settle: None,
+        close_connections: false,
         mode: a.mode,
         compress_pages: a.compression.map(|c| c != Compression::None),
-        commit_wait: Duration::from_secs(a.commit_wait),
+        commit_wait: a.commit_wait.map(Duration::from_secs).unwrap_or(ContainerMigrationOptions::default().commit_wait),
         cancel: Default::default(),
         predict: true,
+        // not journaled yet: a killed `away migrate` leaves its move to the user
+        journal: None,
     };
     let bar = progress_bar(a.json);
     let pb = bar.clone();
@@ -520,6 +524,7 @@ async fn migrate_vm(
         bandwidth_limit_bytes_per_s: a.bandwidth.map(|b| b.bytes()),
         timeout: Duration::from_secs(a.timeout),
         target_ports,
+        commit_wait: a.commit_wait.map(Duration::from_secs).unwrap_or(away_migrate::vm::DEFAULT_VM_COMMIT_WAIT),
         ..Default::default()
     };
     let bar = progress_bar(a.json);

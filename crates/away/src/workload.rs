@@ -164,6 +164,8 @@ fn spec_from(a: &RunArgs) -> anyhow::Result<WorkloadSpec> {
             capabilities: Default::default(),
             seccomp: Default::default(),
             disk: None,
+            network: None,
+            overlay: None,
         }
     };
     if let Some(n) = &a.name {

@@ -12,6 +12,9 @@
 //!
 //! GET /      -> JSON {"count":..,"pid":..,"started_unix_ms":..,...}
 //! GET /count -> the count as text
+//! GET /stream -> keeps the connection open and writes `1\n`, `2\n`, … one line per
+//!               interval: a client that sees every number once, in order, knows that
+//!               no byte of the connection was lost or repeated (across a migration)
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -98,6 +101,15 @@ fn serve(mut conn: TcpStream, state: &State) {
     }
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if (method, path) == ("GET", "/stream") {
+        let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n");
+        for n in 1u64.. {
+            if writeln!(conn, "{n}").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(state.interval_ms));
+        }
+    }
     let (status, ctype, body) = match (method, path) {
         ("GET", "/") | ("GET", "/state") => ("200 OK", "application/json", state.json()),
         ("GET", "/count") => ("200 OK", "text/plain", format!("{}\n", state.count.load(Ordering::SeqCst))),

@@ -51,7 +51,7 @@ use serde::{Deserialize, Serialize};
 pub use destination::{copy_base, prepare_destination, Destination, LocalVmTarget, VmCommit, VmListen, VmTarget};
 pub use disk::{DiskMirror, DiskTls};
 pub use info::{VmMigrationOutcome, VmProgress};
-pub use options::VmMigrationOptions;
+pub use options::{VmMigrationOptions, DEFAULT_VM_COMMIT_WAIT};
 pub use source::{live_migrate, live_migrate_with_disk};
 use source::{quit_source, read_record, resume_source};
 pub use tls::VmTls;

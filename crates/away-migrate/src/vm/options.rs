@@ -47,6 +47,9 @@ pub struct VmMigrationOptions {
     /// A migration still in pre-copy after this long is cancelled; the VM keeps running
     /// on the source.
     pub timeout: Duration,
+    /// How long the source keeps confirming a destination that gives no definite answer
+    /// before the move is reported in doubt (the source VM stays paused).
+    pub commit_wait: Duration,
     /// Address the destination listens on.
     pub listen_host: String,
     /// Address the source connects to (used by [`migrate_vm`]; the destination node's
@@ -70,6 +73,9 @@ pub struct VmMigrationOptions {
     pub disk_tls: Option<super::disk::DiskTls>,
 }
 
+/// How long a VM source keeps confirming a silent destination by default.
+pub const DEFAULT_VM_COMMIT_WAIT: Duration = Duration::from_secs(120);
+
 impl Default for VmMigrationOptions {
     fn default() -> Self {
         VmMigrationOptions {
@@ -83,6 +89,7 @@ impl Default for VmMigrationOptions {
             max_downtime_ms: None,
             bandwidth_limit_bytes_per_s: None,
             timeout: Duration::from_secs(600),
+            commit_wait: DEFAULT_VM_COMMIT_WAIT,
             listen_host: "0.0.0.0".into(),
             target_host: "127.0.0.1".into(),
             target_ports: BTreeMap::new(),

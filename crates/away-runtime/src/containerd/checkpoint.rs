@@ -17,6 +17,8 @@ use crate::runtime::{
 
 /// Where containerd's runc shim keeps runc's state, per namespace (its default root).
 const RUNC_SHIM_ROOT: &str = "/run/containerd/runc";
+/// The CRIU configuration of an overlay workload's restore.
+const CRIU_TCP_CONF: &str = "criu-tcp.conf";
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct RuncCheckpointOptions {
@@ -137,7 +139,15 @@ impl ContainerdRuntime {
                 })
             }
         };
-        let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        // CRIU runs in the container's network namespace, so that it neither dumps nor
+        // locks the node's; an overlay workload's own namespace is external to CRIU
+        // instead (runc declares it), so that the restore can be put into the one the
+        // target prepared: CRIU then runs in the node's namespace (the agent's, which
+        // is containerd's too) and locks only the workload's
+        let netns = match spec.overlay {
+            Some(_) => PathBuf::from(format!("/proc/{}/ns/net", std::process::id())),
+            None => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        };
         let child = crate::runtime::spawn_lazy_dump(
             KIND,
             name,
@@ -171,7 +181,12 @@ impl ContainerdRuntime {
         // of it must not find the file.
         // (written beneath the received directory: never through a link a peer put there)
         let conf = req.archive.dir.join("criu-lazy.conf");
-        crate::host::beneath::Beneath::open(&req.archive.dir)?.write("criu-lazy.conf", b"lazy-pages\n")?;
+        let options: &[u8] = match (&spec.overlay, req.close_connections) {
+            (None, _) => b"lazy-pages\n",
+            (Some(_), false) => b"lazy-pages\ntcp-established\n",
+            (Some(_), true) => b"lazy-pages\ntcp-close\n",
+        };
+        crate::host::beneath::Beneath::open(&req.archive.dir)?.write("criu-lazy.conf", options)?;
         let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf)).await;
         let _ = std::fs::remove_file(&conf);
         if result.is_err() {
@@ -199,7 +214,19 @@ impl ContainerdRuntime {
             }
             self.remove_workload(&spec.name).await?;
         }
-        self.create_and_start(spec, &req.image, Some(&req.archive.dir), None).await
+        if spec.overlay.is_none() {
+            return self.create_and_start(spec, &req.image, Some(&req.archive.dir), None).await;
+        }
+        // the workload's own namespace was dumped with its TCP connections (containerd's
+        // checkpoint asks runc for --tcp-established), but containerd's restore passes
+        // runc no such option: CRIU gets it from a configuration file, as a lazy restore
+        // gets lazy-pages (the file lives only during the restore)
+        let conf = req.archive.dir.join(CRIU_TCP_CONF);
+        let tcp: &[u8] = if req.close_connections { b"tcp-close\n" } else { b"tcp-established\n" };
+        crate::host::beneath::Beneath::open(&req.archive.dir)?.write(CRIU_TCP_CONF, tcp)?;
+        let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf)).await;
+        let _ = std::fs::remove_file(&conf);
+        result
     }
 }
 

@@ -132,6 +132,22 @@ pub(super) fn oci_spec_for(
     oci
 }
 
+/// A workload on an overlay network lives in the network namespace away made for it
+/// (`netns`, its path under /run/netns): runc joins it instead of the node's. runc
+/// also marks it external on a checkpoint and hands it to CRIU on a restore (CRIU's
+/// `--external net[…]:extRootNetNS` / `--inherit-fd`), so a restore goes into the
+/// namespace the target prepared, with the same address.
+pub(super) fn join_network_namespace(oci: &mut Spec, netns: &Path) {
+    let linux = oci.linux_mut().get_or_insert_with(Default::default);
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    let mut net = oci_spec::runtime::LinuxNamespace::default();
+    net.set_typ(LinuxNamespaceType::Network);
+    net.set_path(Some(netns.to_path_buf()));
+    namespaces.push(net);
+    linux.set_namespaces(Some(namespaces));
+}
+
 /// runc's default mounts with Docker's options: /proc without suid, exec or devices,
 /// the cgroup tree without `relatime`.
 fn docker_mounts(mut mounts: Vec<Mount>) -> Vec<Mount> {
@@ -273,6 +289,16 @@ mod tests {
         assert!(effective.contains("CAP_SYS_PTRACE") && !effective.contains("CAP_NET_RAW"), "{effective:?}");
         assert!(!effective.contains("CAP_CHOWN") && effective.len() == 13, "{effective:?}");
         assert!(oci.linux().as_ref().unwrap().seccomp().is_none());
+    }
+
+    #[test]
+    fn an_overlay_workload_joins_its_own_network_namespace() {
+        let mut oci = oci_spec_for(&workload(serde_json::json!({})), &image(&[], ""), &root(), "ns", None);
+        join_network_namespace(&mut oci, Path::new("/run/netns/awo-ns-c1"));
+        let namespaces = oci.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let nets: Vec<_> = namespaces.iter().filter(|n| n.typ() == LinuxNamespaceType::Network).collect();
+        assert_eq!(nets.len(), 1);
+        assert_eq!(nets[0].path().as_deref(), Some(Path::new("/run/netns/awo-ns-c1")));
     }
 
     #[test]

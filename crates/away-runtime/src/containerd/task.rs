@@ -52,6 +52,7 @@ impl ContainerdRuntime {
             });
         }
         let clock = std::time::Instant::now();
+        let netns = spec.overlay.as_ref().map(|_| self.netns_name(name));
         let top = self.ensure_image(image).await?;
         let mut rollback = Rollback::default();
         // Until the container references its snapshot, only a lease keeps containerd's GC
@@ -96,8 +97,13 @@ impl ContainerdRuntime {
                 field: "user".into(),
                 reason: format!("{reason} (image {})", image.reference),
             })?;
-            let oci = serde_json::to_vec(&oci_spec_for(spec, image, &user, &self.namespace, criu_config))
-                .expect("an OCI spec serializes (string map keys only)");
+            let mut oci = oci_spec_for(spec, image, &user, &self.namespace, criu_config);
+            if let Some(netns) = &netns {
+                rollback.netns = true;
+                let path = self.attach_overlay(spec, netns).await?;
+                super::spec::join_network_namespace(&mut oci, &path);
+            }
+            let oci = serde_json::to_vec(&oci).expect("an OCI spec serializes (string map keys only)");
             let labels = HashMap::from([
                 (LABEL_WORKLOAD.to_string(), name.to_string()),
                 (LABEL_IMAGE.to_string(), image.reference.clone()),
@@ -168,6 +174,11 @@ impl ContainerdRuntime {
                 ms = clock.elapsed().as_millis() as u64,
                 "containerd task started"
             );
+            if restore_from.is_some() {
+                if let (Some(netns), Some(addr)) = (&netns, &spec.overlay) {
+                    self.announce_overlay(netns, addr).await;
+                }
+            }
             self.status(name).await
         }
         .await;
@@ -192,6 +203,72 @@ impl ContainerdRuntime {
             let _ = snaps
                 .remove(self.req(snap::RemoveSnapshotRequest { snapshotter: SNAPSHOTTER.into(), key: name.into() }))
                 .await;
+        }
+        if r.netns {
+            self.detach_overlay(name).await;
+        }
+    }
+
+    /// The network namespace of workload `name` when it is on an overlay: per containerd
+    /// namespace, since two nodes on one host (a local cluster) may both hold the
+    /// workload during a move.
+    pub(super) fn netns_name(&self, name: &str) -> String {
+        format!("awo-{}-{name}", self.namespace)
+    }
+
+    /// The workload's own network namespace with its overlay address (docs/network.md).
+    async fn attach_overlay(&self, spec: &WorkloadSpec, netns: &str) -> Result<std::path::PathBuf, RuntimeError> {
+        let addr = spec.overlay.clone().expect("an overlay workload");
+        let (ns, clock) = (netns.to_string(), std::time::Instant::now());
+        let path = tokio::task::spawn_blocking(move || away_overlay::attach_workload(&ns, &addr))
+            .await
+            .map_err(|e| RuntimeError::Failed {
+                runtime: KIND,
+                op: "network",
+                name: spec.name.clone(),
+                message: e.to_string(),
+            })?
+            .map_err(|e| RuntimeError::Failed {
+                runtime: KIND,
+                op: "network",
+                name: spec.name.clone(),
+                message: away_model::error_chain(&e),
+            })?;
+        tracing::info!(
+            workload = %spec.name,
+            netns,
+            ms = clock.elapsed().as_millis() as u64,
+            "overlay namespace ready"
+        );
+        Ok(path)
+    }
+
+    /// After a restore: the workload's MAC is here now (a gratuitous ARP, which the
+    /// other nodes' VXLAN devices learn from). A failure only delays the network's
+    /// following until the workload sends something itself.
+    async fn announce_overlay(&self, netns: &str, addr: &away_model::OverlayAddress) {
+        let (ns, addr) = (netns.to_string(), addr.clone());
+        match tokio::task::spawn_blocking(move || away_overlay::announce(&ns, &addr, 3)).await {
+            Ok(Ok(())) => tracing::info!(netns, "gratuitous ARP sent"),
+            Ok(Err(e)) => {
+                tracing::warn!(netns, "cannot announce the workload's address: {}", away_model::ErrorChain(&e))
+            }
+            Err(e) => tracing::warn!(netns, "announce task: {e}"),
+        }
+    }
+
+    /// Remove the workload's network namespace, if it has one.
+    pub(super) async fn detach_overlay(&self, name: &str) {
+        let ns = self.netns_name(name);
+        if !std::path::Path::new(away_overlay::NETNS_DIR).join(&ns).exists() {
+            return;
+        }
+        match tokio::task::spawn_blocking(move || away_overlay::detach_workload(&ns)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(workload = name, "cannot remove its network namespace: {}", away_model::ErrorChain(&e))
+            }
+            Err(e) => tracing::warn!(workload = name, "network namespace removal: {e}"),
         }
     }
 
@@ -326,9 +403,13 @@ impl ContainerdRuntime {
             pid,
             exit_code,
             ports: spec
+                .as_ref()
                 .map(|s| s.ports.iter().map(|p| format!("{}:{}", p.host_port(), p.container)).collect())
                 .unwrap_or_default(),
-            detail: format!("namespace {}, host network", self.namespace),
+            detail: match spec.as_ref().and_then(|s| s.overlay.as_ref()) {
+                Some(o) => format!("namespace {}, overlay {} {} ({})", self.namespace, o.network, o.ip, o.mac),
+                None => format!("namespace {}, host network", self.namespace),
+            },
         }
     }
 
@@ -351,6 +432,7 @@ impl ContainerdRuntime {
             Err(s) => return Err(Self::failed("remove snapshot", name, s)),
         }
         let _ = std::fs::remove_file(self.log_path(name));
+        self.detach_overlay(name).await;
         Ok(())
     }
 
@@ -396,4 +478,5 @@ struct Rollback {
     snapshot: bool,
     container: bool,
     task: bool,
+    netns: bool,
 }

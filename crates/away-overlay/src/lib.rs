@@ -1,0 +1,400 @@
+//! A node's side of the lab networks (docs/network.md): per network a kernel VXLAN
+//! device (unicast, one VNI, no multicast) enslaved to a bridge that carries the node's
+//! own overlay address, a flood list of the other nodes' tunnel endpoints
+//! (`00:00:00:00:00:00 dst <peer>` forwarding entries), and for each workload a network
+//! namespace of its own joined to that bridge by a veth pair, with the workload's
+//! overlay IP and MAC. Everything goes through netlink (rtnetlink); nothing runs `ip`.
+//!
+//! Each call works in a thread of its own: netlink sockets belong to the network
+//! namespace of the thread that makes them, and entering a workload's namespace must
+//! not move a thread of the caller's runtime.
+
+mod arp;
+mod netns;
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use away_model::{NodeOverlay, OverlayAddress};
+use futures_util::TryStreamExt;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage};
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan};
+
+pub use netns::{netns_path, NETNS_DIR};
+
+/// MTU inside the overlay: 1500 on the underlay less VXLAN's 50 bytes of headers.
+pub const OVERLAY_MTU: u32 = 1450;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("{op}: {source}")]
+    Netlink {
+        op: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("network {network}: {reason}")]
+    Invalid { network: String, reason: String },
+    #[error("network {network} has no bridge {bridge} on this node (the node has not joined it yet)")]
+    NoBridge { network: String, bridge: String },
+}
+
+fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> OverlayError {
+    let op = op.into();
+    move |source| OverlayError::Netlink { op, source }
+}
+
+fn io(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> OverlayError {
+    let op = op.into();
+    move |source| OverlayError::Io { op, source }
+}
+
+/// The VXLAN device of network `vni` on a node.
+pub fn vxlan_name(vni: u32) -> String {
+    format!("awx{vni}")
+}
+
+/// The bridge of network `vni` on a node (its workloads' veths and the VXLAN device).
+pub fn bridge_name(vni: u32) -> String {
+    format!("awbr{vni}")
+}
+
+/// Run `work` with a netlink handle made in network namespace `netns` (the caller's
+/// own when `None`), on a thread of its own with a runtime of its own.
+fn with_netlink<T, F, Fut>(netns: Option<&Path>, work: F) -> Result<T, OverlayError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, OverlayError>>,
+{
+    let netns = netns.map(Path::to_path_buf);
+    std::thread::spawn(move || {
+        if let Some(ns) = &netns {
+            netns::enter(ns)?;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io("start a runtime for netlink"))?;
+        rt.block_on(async move {
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(io("open a netlink socket"))?;
+            let conn = tokio::spawn(conn);
+            let out = work(handle).await;
+            conn.abort();
+            out
+        })
+    })
+    .join()
+    .map_err(|_| OverlayError::Io { op: "netlink thread".into(), source: std::io::Error::other("it panicked") })?
+}
+
+async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, OverlayError> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(l) => Ok(l.map(|l| l.header.index)),
+        // ENODEV: no such link
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(nl(format!("look up link {name}"))(e)),
+    }
+}
+
+/// Make this node's side of each network in `networks` as the broker describes it
+/// (idempotent, called after every heartbeat): the VXLAN device and bridge, the node's
+/// address on the bridge, and exactly the peers' flood entries.
+pub fn ensure_networks(networks: &[NodeOverlay]) -> Result<(), OverlayError> {
+    for n in networks {
+        n.address.check().map_err(|reason| OverlayError::Invalid { network: n.address.network.clone(), reason })?;
+    }
+    let networks = networks.to_vec();
+    with_netlink(None, move |h| async move {
+        for n in &networks {
+            ensure_network(&h, n).await?;
+        }
+        Ok(())
+    })
+}
+
+async fn ensure_network(h: &Handle, n: &NodeOverlay) -> Result<(), OverlayError> {
+    let a = &n.address;
+    let (vx, br) = (vxlan_name(a.vni), bridge_name(a.vni));
+    let mac = a.mac_bytes().expect("checked").to_vec();
+    let br_index = match link_index(h, &br).await? {
+        Some(i) => i,
+        None => {
+            h.link()
+                // bridged frames skip the host's iptables (br_netfilter would pass them
+                // through FORWARD, whose policy Docker sets to DROP): the overlay is
+                // filtered nowhere but in the workloads' own namespaces
+                .add(
+                    LinkBridge::new(&br)
+                        .nf_call_iptables(false)
+                        .nf_call_ip6tables(false)
+                        .nf_call_arptables(false)
+                        .mtu(OVERLAY_MTU)
+                        .address(mac.clone())
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(nl(format!("create bridge {br}")))?;
+            link_index(h, &br)
+                .await?
+                .ok_or_else(|| OverlayError::NoBridge { network: a.network.clone(), bridge: br.clone() })?
+        }
+    };
+    let vx_index = match link_index(h, &vx).await? {
+        Some(i) => i,
+        None => {
+            // unicast: no group, no lower device; learning on, so a workload's MAC is
+            // found at the node its gratuitous ARP came from after a move
+            h.link()
+                .add(LinkVxlan::new(&vx, a.vni).port(a.port).learning(true).mtu(OVERLAY_MTU).build())
+                .execute()
+                .await
+                .map_err(nl(format!("create VXLAN device {vx} (vni {}, port {})", a.vni, a.port)))?;
+            link_index(h, &vx).await?.ok_or_else(|| OverlayError::Invalid {
+                network: a.network.clone(),
+                reason: format!("{vx} vanished after its creation"),
+            })?
+        }
+    };
+    h.link()
+        .set(LinkUnspec::new_with_index(vx_index).controller(br_index).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("put {vx} on {br}")))?;
+    let has_address = h
+        .address()
+        .get()
+        .set_link_index_filter(br_index)
+        .execute()
+        .try_collect::<Vec<_>>()
+        .await
+        .map_err(nl(format!("read the addresses of {br}")))?
+        .iter()
+        .any(|m| {
+            m.attributes.iter().any(|attr| {
+                matches!(attr, rtnetlink::packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) if *ip == a.ip)
+            })
+        });
+    if !has_address {
+        h.address()
+            .add(br_index, IpAddr::V4(a.ip), a.prefix_len)
+            .execute()
+            .await
+            .map_err(nl(format!("add {}/{} to {br}", a.ip, a.prefix_len)))?;
+    }
+    sync_flood_list(h, vx_index, &vx, &n.peers).await
+}
+
+/// The all-zero forwarding entries of VXLAN device `index`: exactly one per peer.
+async fn sync_flood_list(h: &Handle, index: u32, vx: &str, peers: &[Ipv4Addr]) -> Result<(), OverlayError> {
+    let entries: Vec<NeighbourMessage> = h
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Bridge)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("read the forwarding entries of {vx}")))?;
+    let mut present = Vec::new();
+    for e in entries.into_iter().filter(|e| e.header.ifindex == index) {
+        let zero = e
+            .attributes
+            .iter()
+            .any(|a| matches!(a, NeighbourAttribute::LinkLayerAddress(l) if l.iter().all(|b| *b == 0)));
+        let dst = e.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        match dst {
+            Some(ip) if zero && !peers.contains(&ip) => {
+                h.neighbours().del(e).execute().await.map_err(nl(format!("remove peer {ip} from {vx}")))?;
+                tracing::info!(device = vx, peer = %ip, "overlay peer removed");
+            }
+            Some(ip) if zero => present.push(ip),
+            _ => {}
+        }
+    }
+    for peer in peers.iter().filter(|p| !present.contains(p)) {
+        append_flood_entry(h, index, *peer).await.map_err(nl(format!("add peer {peer} to {vx}")))?;
+        tracing::info!(device = vx, peer = %peer, "overlay peer added");
+    }
+    Ok(())
+}
+
+/// `bridge fdb append 00:00:00:00:00:00 dev <vx> dst <peer>`: rtnetlink's add asks for
+/// an exclusive entry, and a second all-zero entry needs NLM_F_APPEND.
+async fn append_flood_entry(h: &Handle, index: u32, peer: Ipv4Addr) -> Result<(), rtnetlink::Error> {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = index;
+    msg.header.state = rtnetlink::packet_route::neighbour::NeighbourState::Permanent;
+    msg.header.flags = NeighbourFlags::Own;
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
+    msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(peer)));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
+    let mut answers = h.clone().request(req)?;
+    while let Some(m) = futures_util::StreamExt::next(&mut answers).await {
+        if let NetlinkPayload::Error(e) = m.payload {
+            return Err(rtnetlink::Error::NetlinkError(e));
+        }
+    }
+    Ok(())
+}
+
+/// The host end of a workload's veth pair (at most 15 bytes, stable per namespace name).
+fn host_veth(netns: &str) -> String {
+    let h = netns.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    format!("awv{:011x}", h & 0xfff_ffff_ffff)
+}
+
+/// Give workload namespace `netns` (a name under /run/netns, made here; one left by an
+/// earlier run is replaced) its overlay address: a veth pair whose host end is on the
+/// network's bridge, the other end `eth0` inside with the workload's MAC and IP. The
+/// same call on another node gives a moved workload the same address. Returns the
+/// namespace's path for the OCI spec.
+pub fn attach_workload(netns: &str, addr: &OverlayAddress) -> Result<PathBuf, OverlayError> {
+    addr.check().map_err(|reason| OverlayError::Invalid { network: addr.network.clone(), reason })?;
+    let path = netns::create(netns)?;
+    let result = attach_inner(netns, &path, addr);
+    if result.is_err() {
+        let _ = detach_workload(netns);
+    }
+    result.map(|()| path)
+}
+
+fn attach_inner(netns: &str, path: &Path, addr: &OverlayAddress) -> Result<(), OverlayError> {
+    let (host, peer) = (host_veth(netns), format!("{}p", host_veth(netns)));
+    let br = bridge_name(addr.vni);
+    let network = addr.network.clone();
+    let ns_file = std::fs::File::open(path).map_err(io(format!("open {}", path.display())))?;
+    with_netlink(None, move |h| async move {
+        let br_index = link_index(&h, &br).await?.ok_or(OverlayError::NoBridge { network, bridge: br.clone() })?;
+        // a host end left by a namespace deleted while something still held it
+        if let Some(old) = link_index(&h, &host).await? {
+            let _ = h.link().del(old).execute().await;
+        }
+        h.link()
+            .add(LinkVeth::new(&host, &peer).mtu(OVERLAY_MTU).build())
+            .execute()
+            .await
+            .map_err(nl(format!("create veth {host}")))?;
+        let peer_index = link_index(&h, &peer).await?.ok_or_else(|| OverlayError::Invalid {
+            network: br.clone(),
+            reason: format!("veth end {peer} vanished"),
+        })?;
+        use std::os::fd::AsRawFd;
+        h.link()
+            .set(LinkUnspec::new_with_index(peer_index).setns_by_fd(ns_file.as_raw_fd()).build())
+            .execute()
+            .await
+            .map_err(nl(format!("move {peer} into the workload's namespace")))?;
+        let host_index = link_index(&h, &host).await?.unwrap_or(0);
+        h.link()
+            .set(LinkUnspec::new_with_index(host_index).controller(br_index).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("put {host} on {br}")))?;
+        Ok(())
+    })?;
+    let (peer, addr) = (format!("{}p", host_veth(netns)), addr.clone());
+    with_netlink(Some(path), move |h| async move {
+        let lo = link_index(&h, "lo").await?.unwrap_or(1);
+        h.link().set(LinkUnspec::new_with_index(lo).up().build()).execute().await.map_err(nl("set lo up"))?;
+        let index = link_index(&h, &peer).await?.ok_or_else(|| OverlayError::Invalid {
+            network: addr.network.clone(),
+            reason: format!("{peer} is not in the workload's namespace"),
+        })?;
+        let mac = addr.mac_bytes().expect("checked").to_vec();
+        h.link()
+            .set(LinkUnspec::new_with_index(index).name("eth0").address(mac).build())
+            .execute()
+            .await
+            .map_err(nl(format!("name eth0 and set MAC {}", addr.mac)))?;
+        // no IPv6 in the namespace: its duplicate address detection and router
+        // solicitations would leave with the workload's MAC the moment eth0 is up, so
+        // the other nodes would learn that MAC here before a restored workload's
+        // sockets exist, and this kernel would reset its connections. The namespace
+        // stays silent until the workload (or its announcement after a restore) speaks.
+        for conf in ["all", "default", "eth0"] {
+            let knob = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+            match std::fs::write(&knob, b"1") {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(format!("write {knob}"))(e)),
+                _ => {}
+            }
+        }
+        h.address()
+            .add(index, IpAddr::V4(addr.ip), addr.prefix_len)
+            .execute()
+            .await
+            .map_err(nl(format!("add {}/{} to eth0", addr.ip, addr.prefix_len)))?;
+        h.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await.map_err(nl("set eth0 up"))?;
+        Ok(())
+    })
+}
+
+/// Remove workload namespace `netns` (its veth pair goes with it once no process holds
+/// the namespace). Nothing to remove is not an error.
+pub fn detach_workload(netns: &str) -> Result<(), OverlayError> {
+    netns::remove(netns)?;
+    // the host end goes with the namespace, unless something still holds it
+    let host = host_veth(netns);
+    with_netlink(None, move |h| async move {
+        if let Some(i) = link_index(&h, &host).await? {
+            let _ = h.link().del(i).execute().await;
+        }
+        Ok(())
+    })
+}
+
+/// Tell the overlay where the workload's MAC now is: a gratuitous ARP from `eth0` of
+/// namespace `netns`, flooded to every node by the VXLAN devices (whose learning then
+/// points the MAC at this node) and their bridges. Sent `count` times, 50 ms apart.
+pub fn announce(netns: &str, addr: &OverlayAddress, count: u32) -> Result<(), OverlayError> {
+    let path = netns_path(netns);
+    let (ip, mac) = (
+        addr.ip,
+        addr.mac_bytes().ok_or_else(|| OverlayError::Invalid {
+            network: addr.network.clone(),
+            reason: format!("mac {:?}", addr.mac),
+        })?,
+    );
+    std::thread::spawn(move || -> Result<(), OverlayError> {
+        netns::enter(&path)?;
+        for i in 0..count {
+            if i > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            arp::send_gratuitous("eth0", ip, mac).map_err(io("send a gratuitous ARP from eth0"))?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| OverlayError::Io { op: "announce thread".into(), source: std::io::Error::other("it panicked") })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_fit_the_kernel_limit() {
+        assert!(vxlan_name((1 << 24) - 1).len() <= 15);
+        assert!(bridge_name((1 << 24) - 1).len() <= 15);
+        let h = host_veth("awo-away-cloud-1-some-long-workload-name");
+        assert_eq!(h.len(), 14);
+        assert_ne!(h, host_veth("awo-away-cloud-2-some-long-workload-name"));
+    }
+}
