@@ -622,9 +622,14 @@ async fn cancel_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<S
 )]
 async fn create_join_token(State(b): Shared, headers: HeaderMap, body: Bytes) -> Answer {
     b.check_user(bearer(&headers))?;
-    // no body at all is the same as `{}`
-    let req: JoinTokenRequest =
-        if body.iter().all(u8::is_ascii_whitespace) { Default::default() } else { parse_json(&body)? };
+    // a JSON object is needed, as the schema says (`{}` for a token that never expires);
+    // serde would also take the struct's fields as an array
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(
+            Problem::invalid("the request body must be a JSON object, e.g. {} or {\"expires_in_s\": 3600}").into()
+        );
+    }
+    let req: JoinTokenRequest = parse_json(&body)?;
     ok(StatusCode::CREATED, blocking(&b, move |b| b.create_join_token(req)).await?)
 }
 

@@ -640,8 +640,10 @@ async fn join_tokens_register_until_revoked_or_expired() {
     let (lasting_id, lasting_token) = (lasting["id"].as_str().unwrap(), lasting["token"].as_str().unwrap());
     assert!(lasting_id.starts_with("jt-") && lasting_token.len() == 64, "{lasting}");
     assert!(lasting.get("expires_unix_ms").is_none(), "{lasting}");
-    // no body at all is the same as {}
-    let (s, plain) = b.call(Method::POST, "/v1/join-tokens", Some(USER), None).await;
+    // a body is needed (the schema says so); {} makes a token that never expires
+    let (s, e) = b.call(Method::POST, "/v1/join-tokens", Some(USER), None).await;
+    assert_eq!(s, 400, "{e}");
+    let (s, plain) = b.post("/v1/join-tokens", json!({})).await;
     assert_eq!(s, 201, "{plain}");
     let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let (s, short) = b.post("/v1/join-tokens", json!({"expires_in_s": 1, "label": "short"})).await;

@@ -332,11 +332,13 @@ pub const MAX_JOIN_TOKEN_LIFETIME_S: u64 = 10 * 365 * 24 * 3600;
 #[serde(deny_unknown_fields)]
 pub struct JoinTokenRequest {
     /// Seconds until it expires (1 .. 10 years); absent: it never expires (revoke it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
     pub expires_in_s: Option<u64>,
-    /// What it is for (shown by `GET /v1/join-tokens`), at most 200 characters.
+    /// What it is for (shown by `GET /v1/join-tokens`), at most 200 characters, no
+    /// control characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(max_length = 200, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*$"))]
     pub label: Option<String>,
 }
 

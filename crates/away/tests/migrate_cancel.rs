@@ -31,29 +31,29 @@ async fn cancel_a_pending_migration_then_refuse_an_ended_one() {
     let m = client.migrate(&req).await.expect("migrate");
 
     // cancelled, printed as JSON
-    let out = away(&["migrate", "--cancel", &m.id, "--broker", &url, "--json"], Some(USER));
+    let out = away(&["migrate", "--cancel", &m.id, "--broker", url, "--json"], Some(USER));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert_eq!((printed["id"].as_str(), printed["state"].as_str()), (Some(m.id.as_str()), Some("cancelled")));
     assert_eq!(client.migration(&m.id).await.unwrap().state.as_str(), "cancelled");
 
     // again: it has ended, the broker's reason is printed and the exit is a failure
-    let out = away(&["migrate", "--cancel", &m.id, "--broker", &url], Some(USER));
+    let out = away(&["migrate", "--cancel", &m.id, "--broker", url], Some(USER));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("409") && stderr.contains("already ended: cancelled"), "{stderr}");
 
     // a new migration, cancelled in words
     let m2 = client.migrate(&req).await.expect("migrate again");
-    let out = away(&["migrate", "--cancel", &m2.id, "--broker", &url], Some(USER));
+    let out = away(&["migrate", "--cancel", &m2.id, "--broker", url], Some(USER));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("migration {} cancelled: cancel-w stays on {home}", m2.id)), "{stdout}");
 
     // unknown id, no token, and the help
-    let out = away(&["migrate", "--cancel", "m-ghost", "--broker", &url], Some(USER));
+    let out = away(&["migrate", "--cancel", "m-ghost", "--broker", url], Some(USER));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no migration \"m-ghost\""));
-    let out = away(&["migrate", "--cancel", &m2.id, "--broker", &url], None);
+    let out = away(&["migrate", "--cancel", &m2.id, "--broker", url], None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("set AWAY_USER_TOKEN"));
     let out = away(&["migrate", "--cancel", &m2.id], Some(USER));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--broker"));
