@@ -625,9 +625,7 @@ async fn create_join_token(State(b): Shared, headers: HeaderMap, body: Bytes) ->
     // a JSON object is needed, as the schema says (`{}` for a token that never expires);
     // serde would also take the struct's fields as an array
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(
-            Problem::invalid("the request body must be a JSON object, e.g. {} or {\"expires_in_s\": 3600}").into()
-        );
+        return Err(Problem::invalid("the request body must be a JSON object, e.g. {} or {\"expires_in_s\": 3600}"));
     }
     let req: JoinTokenRequest = parse_json(&body)?;
     ok(StatusCode::CREATED, blocking(&b, move |b| b.create_join_token(req)).await?)
