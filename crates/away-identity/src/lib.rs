@@ -11,6 +11,7 @@
 //! and gets a certificate back ([`Ca::issue`]). Key files are created 0600 in 0700
 //! directories and refused when group or others can read them.
 
+mod crl;
 mod files;
 #[cfg(feature = "http")]
 pub mod http;
@@ -27,10 +28,10 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use sha2::{Digest, Sha256};
 
+pub use crl::{serial_hex, CrlSummary, Revocations, Revoked, CRL_FILE};
 pub use rustls;
 
 /// The DNS suffix of node names in certificates: node `laptop` is `laptop.node.away`.
@@ -99,6 +100,8 @@ pub enum IdentityError {
     Address(String),
     #[error("cannot build the TLS configuration")]
     Tls(#[source] rustls::Error),
+    #[error("certificate revocation list: {0}")]
+    Crl(String),
     #[error("cannot build the client certificate verifier")]
     Verifier(#[source] rustls::server::VerifierBuilderError),
 }
@@ -295,6 +298,7 @@ impl Ca {
             ca: self.cert_der.clone(),
             chain: vec![cert.der().clone()],
             key: key.private_key_der(),
+            revocations: Revocations::default(),
         })
     }
 
@@ -399,7 +403,7 @@ impl NodeKey {
             return Err(IdentityError::KeyMismatch);
         }
         let name = common_name(&chain[0])?;
-        let identity = Identity { name, ca, chain, key: self.private_key_der() };
+        let identity = Identity { name, ca, chain, key: self.private_key_der(), revocations: Revocations::default() };
         identity.verify_own_chain()?;
         Ok(identity)
     }
@@ -411,11 +415,20 @@ pub struct Identity {
     pub ca: CertificateDer<'static>,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    /// The CA's revocation list as this node knows it: every TLS configuration built
+    /// from this identity (or a clone) consults it at each handshake.
+    revocations: Revocations,
 }
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
-        Identity { name: self.name.clone(), ca: self.ca.clone(), chain: self.chain.clone(), key: self.key.clone_key() }
+        Identity {
+            name: self.name.clone(),
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            revocations: self.revocations.clone(),
+        }
     }
 }
 
@@ -430,7 +443,8 @@ impl Identity {
     pub const CERT_FILE: &'static str = "cert.pem";
     pub const KEY_FILE: &'static str = "key.pem";
 
-    /// The identity saved in `dir`, None when there is none (no `cert.pem`).
+    /// The identity saved in `dir`, None when there is none (no `cert.pem`), with the
+    /// revocation list saved beside it (`crl.pem`) in force.
     pub fn load(dir: &Path) -> Result<Option<Identity>> {
         let cert_path = dir.join(Self::CERT_FILE);
         if !cert_path.exists() {
@@ -442,8 +456,9 @@ impl Identity {
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
             .map_err(|source| IdentityError::Pem { what: "private key", source })?;
         let name = common_name(&chain[0])?;
-        let identity = Identity { name, ca, chain, key };
+        let identity = Identity { name, ca, chain, key, revocations: Revocations::default() };
         identity.verify_own_chain()?;
+        identity.load_crl(dir)?;
         Ok(Some(identity))
     }
 
@@ -536,10 +551,9 @@ impl Identity {
 
     /// A TLS server that requires a client certificate chaining to the CA (the caller
     /// then reads who it is with [`peer_node`]).
+    /// Certificates on the identity's revocation list are refused.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
-            .build()
-            .map_err(IdentityError::Verifier)?;
+        let verifier = crl::RevocableClientVerifier::new(Arc::new(self.roots()?), false, self.revocations.clone())?;
         self.server_with(verifier)
     }
 
@@ -547,10 +561,7 @@ impl Identity {
     /// bearer tokens, agents with their certificates); one that is presented must chain
     /// to the CA.
     pub fn server_config_client_optional(&self) -> Result<Arc<ServerConfig>> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(IdentityError::Verifier)?;
+        let verifier = crl::RevocableClientVerifier::new(Arc::new(self.roots()?), true, self.revocations.clone())?;
         self.server_with(verifier)
     }
 
@@ -565,12 +576,15 @@ impl Identity {
         Ok(Arc::new(config))
     }
 
-    /// A TLS client that presents this identity and trusts only the CA.
+    /// A TLS client that presents this identity and trusts only the CA; a server whose
+    /// certificate is on the identity's revocation list is refused.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>> {
+        let verifier = crl::RevocableServerVerifier::new(Arc::new(self.roots()?), self.revocations.clone())?;
         let config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(IdentityError::Tls)?
-            .with_root_certificates(self.roots()?)
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(IdentityError::Tls)?;
         Ok(Arc::new(config))

@@ -256,3 +256,86 @@ fn a_certificate_without_key_encipherment_does_not_suit_qemu() {
     let old = key.into_identity(&cert.pem(), ca.cert_pem()).unwrap();
     assert!(!old.suits_qemu());
 }
+
+fn revoked(identity: &Identity) -> Revoked {
+    Revoked { serial_hex: serial_hex(&identity.cert_pem()).unwrap(), revoked_at: std::time::SystemTime::now() }
+}
+
+#[test]
+fn a_revoked_client_is_refused_by_configurations_built_before_the_list() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let a = node(&ca, "laptop");
+    let b = node(&ca, "cloud");
+    let c = node(&ca, "third");
+    // built before the list exists: the swap must reach it
+    let server = a.server_config().unwrap();
+    let optional = a.server_config_client_optional().unwrap();
+    handshake(b.client_config().unwrap(), "laptop", server.clone()).unwrap();
+
+    let crl = ca.crl_pem(1, &[revoked(&b)]).unwrap();
+    let summary = a.set_crl_pem(&crl).unwrap();
+    assert_eq!(summary, CrlSummary { number: 1, revoked: 1 });
+    let err = handshake(b.client_config().unwrap(), "laptop", server.clone()).unwrap_err();
+    assert!(matches!(err, rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)), "{err:?}");
+    let err = handshake(b.client_config().unwrap(), "laptop", optional.clone()).unwrap_err();
+    assert!(matches!(err, rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)), "{err:?}");
+    // another node of the CA still gets in, and a client without a certificate still may
+    // where that is optional
+    let peer = handshake(c.client_config().unwrap(), "laptop", server.clone()).unwrap();
+    assert_eq!(peer_node(&peer).unwrap(), "third");
+    handshake(trusting_client_config(ca.cert_pem()).unwrap(), "laptop", optional).unwrap();
+
+    // a clone shares the list; a newer list (nothing revoked) takes effect at once
+    let clone = a.clone();
+    assert_eq!(clone.revocations().summary().unwrap().number, 1);
+    a.set_crl_pem(&ca.crl_pem(2, &[]).unwrap()).unwrap();
+    handshake(b.client_config().unwrap(), "laptop", server).unwrap();
+}
+
+#[test]
+fn a_client_refuses_a_revoked_server() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let a = node(&ca, "laptop");
+    let b = node(&ca, "cloud");
+    let client = a.client_config().unwrap();
+    handshake(client.clone(), "cloud", b.server_config().unwrap()).unwrap();
+    a.set_crl_pem(&ca.crl_pem(1, &[revoked(&b)]).unwrap()).unwrap();
+    let err = handshake(client, "cloud", b.server_config().unwrap()).unwrap_err();
+    assert!(matches!(err, rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)), "{err:?}");
+}
+
+#[test]
+fn a_list_of_another_ca_or_garbage_is_not_taken() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Ca::load_or_create(other_dir.path()).unwrap();
+    let a = node(&ca, "laptop");
+    let err = a.set_crl_pem(&other.crl_pem(5, &[]).unwrap()).unwrap_err();
+    assert!(matches!(err, IdentityError::Crl(_)), "{err:?}");
+    assert!(a.set_crl_pem("not a CRL").is_err());
+    assert!(a.revocations().summary().is_none());
+    // a list that revokes this very node is still a valid list of its CA
+    a.set_crl_pem(&ca.crl_pem(3, &[revoked(&a)]).unwrap()).unwrap();
+}
+
+#[test]
+fn a_saved_list_is_in_force_when_the_identity_is_loaded() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(&d);
+    let a = node(&ca, "laptop");
+    let b = node(&ca, "cloud");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().join("identity");
+    a.save(&dir).unwrap();
+    a.set_crl_pem(&ca.crl_pem(7, &[revoked(&b)]).unwrap()).unwrap();
+    a.save_crl(&dir).unwrap();
+    let mode = std::fs::metadata(dir.join(CRL_FILE)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let loaded = Identity::load(&dir).unwrap().unwrap();
+    assert_eq!(loaded.revocations().summary(), Some(CrlSummary { number: 7, revoked: 1 }));
+    let err = handshake(b.client_config().unwrap(), "laptop", loaded.server_config().unwrap()).unwrap_err();
+    assert!(matches!(err, rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)), "{err:?}");
+}
