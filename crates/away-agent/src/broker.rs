@@ -226,6 +226,7 @@ async fn beat(
         },
         workloads,
         events: agent.state.pending_events(200).map_err(|e| error_chain(&e))?,
+        crl_number: agent.identity().and_then(|i| i.revocations().summary()).map(|s| s.number),
     };
     let url = format!("{}/v1/agents/{}/heartbeat", link.url, agent.config.name);
     let resp = http.post(url).bearer_auth(&reg.agent_token).json(&hb).send().await.map_err(|e| error_chain(&e))?;
@@ -239,6 +240,13 @@ async fn beat(
     }
     let r: HeartbeatResponse = resp.json().await.map_err(|e| error_chain(&e))?;
     agent.state.ack(r.acked_seq).map_err(|e| error_chain(&e))?;
+    if let Some(crl) = &r.crl {
+        // a list that does not check out is logged and the one held stays in force; the
+        // next heartbeat asks again
+        if let Err(e) = agent.take_crl(crl) {
+            tracing::error!("the broker's certificate revocation list is not taken: {e}");
+        }
+    }
     Ok((r, Duration::from_millis(reg.heartbeat_interval_ms.max(100))))
 }
 

@@ -172,7 +172,7 @@ impl Agent {
             None => (None, away_migrate::channel::Channels::plaintext()),
         };
         if let Some(id) = &identity {
-            tracing::info!(subject = %id.subject(), ca = %id.ca_fingerprint(), "node identity loaded: the API and migration channels are mutual TLS");
+            tracing::info!(subject = %id.subject(), ca = %id.ca_fingerprint(), crl = ?id.revocations().summary(), "node identity loaded: the API and migration channels are mutual TLS");
         }
         // moves announced before a restart: their transfers resume with their secrets
         let since = state::now_ms().saturating_sub(config.transfers.expire_after.as_millis() as i64);
@@ -202,13 +202,35 @@ impl Agent {
 
     /// Take on `identity` (already saved): the API serves mutual TLS from the next
     /// connection on.
-    pub fn set_identity(&self, identity: away_identity::Identity) -> Result<(), away_identity::IdentityError> {
+    pub fn set_identity(&self, mut identity: away_identity::Identity) -> Result<(), away_identity::IdentityError> {
+        // a node that joined again keeps the revocation list it holds
+        if let Some(old) = self.identity() {
+            identity.share_revocations(old.revocations());
+        }
         let server = identity.server_config()?;
         let channels = away_migrate::channel::Channels::from_identity(&identity)?;
         *self.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(identity);
         self.tls.send_replace(Some(server));
         self.channels.send_replace(channels);
         Ok(())
+    }
+
+    /// Put the CA's revocation list `pem` (from the broker's heartbeat answer) in force:
+    /// checked against the node's CA, saved to `STATE_DIR/identity/crl.pem` (0600), and
+    /// from the next handshake on every mutual-TLS channel of this node (its API, the
+    /// transfer receiver, page relays, its calls to other nodes) refuses what it lists.
+    pub fn take_crl(&self, pem: &str) -> Result<away_identity::CrlSummary, String> {
+        let Some(identity) = self.identity() else {
+            return Err("this node has no identity to check the list against".into());
+        };
+        let summary = identity.set_crl_pem(pem).map_err(|e| away_model::error_chain(&e))?;
+        identity.save_crl(&self.config.identity_dir()).map_err(|e| away_model::error_chain(&e))?;
+        tracing::info!(
+            number = summary.number,
+            revoked = summary.revoked,
+            "certificate revocation list from the broker in force: the certificates it lists are refused on every channel"
+        );
+        Ok(summary)
     }
 
     /// The node's fingerprint with its runtimes' health as of now.

@@ -67,7 +67,7 @@ use crate::move_plan;
         description = "Placement and state of away workloads across cloud, edge and client nodes. Every error is an ApiError body. Breaking changes (removing or renaming a path, field or enum value, or changing a status code) need a new /v2 path; adding optional fields and new endpoints is not breaking."
     ),
     paths(
-        list_nodes, get_node, drain_node, undrain_node, submit_workload, list_workloads, get_workload,
+        list_nodes, get_node, drain_node, undrain_node, revoke_node, submit_workload, list_workloads, get_workload,
         delete_workload, workload_logs, request_migration, list_migrations, get_migration, cancel_migration,
         create_join_token, list_join_tokens, revoke_join_token, register_agent,
         heartbeat, events, openapi, metrics
@@ -127,6 +127,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", get(get_node))
         .route("/v1/nodes/{name}/drain", post(drain_node).delete(undrain_node))
+        .route("/v1/nodes/{name}/revoke", post(revoke_node))
         .route("/v1/workloads", post(submit_workload).get(list_workloads))
         .route("/v1/workloads/{name}", get(get_workload).delete(delete_workload))
         .route("/v1/workloads/{name}/logs", get(workload_logs))
@@ -280,6 +281,26 @@ async fn drain_node(State(b): Shared, headers: HeaderMap, Path(name): Path<Strin
 async fn undrain_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
     b.check_user(bearer(&headers))?;
     ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, false)).await?)
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/nodes/{name}/revoke",
+    operation_id = "revokeNode",
+    summary = "Revoke a node's certificate (a lost or stolen node key)",
+    description = "Puts the node's certificates on the CA's revocation list: the broker refuses them at the TLS handshake at once, and every agent from its next heartbeat on (on its API, transfer port, page relays and its calls to other nodes). The node's agent token and key are forgotten and it counts as offline (nothing is placed there; its workloads stay, shown `node-offline`, until moved or removed). The same name may join again, with a join token and a new key (the revoked key is refused). Revoking a revoked node changes nothing.",
+    security(("userToken" = [])),
+    params(("name" = String, Path, description = "Node name")),
+    responses(
+        (status = 200, description = "The node, revoked (`revoked_ms` set)", body = NodeView),
+        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 404, description = "No such node", body = ApiError),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
+async fn revoke_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
+    b.check_user(bearer(&headers))?;
+    ok(StatusCode::OK, blocking(&b, move |b| b.revoke_node(&name)).await?)
 }
 
 #[derive(Deserialize, IntoParams)]

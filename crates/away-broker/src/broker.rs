@@ -23,7 +23,9 @@ use crate::group_commit::GroupCommit;
 use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, PlacementDecision, RuntimeClasses};
 use crate::reconcile::{self, reconcile, Plan, Snapshot};
-use crate::records::{now_ms, JoinTokenRecord, MigrationRecord, MigrationState, NodeRecord, Removal, WorkloadRecord};
+use crate::records::{
+    now_ms, CertificateRecord, JoinTokenRecord, MigrationRecord, MigrationState, NodeRecord, Removal, WorkloadRecord,
+};
 use crate::store::{Changes, Store};
 use crate::{tokens, BrokerConfig, BrokerError};
 
@@ -47,6 +49,10 @@ struct Inner {
     join_tokens: BTreeMap<String, JoinTokenRecord>,
     /// The overlay's address management, when the broker runs one.
     ipam: Option<crate::overlay::Ipam>,
+    /// Node certificates the CA issued, by serial.
+    certificates: BTreeMap<String, CertificateRecord>,
+    /// The CA's revocation list (number, PEM) once a certificate was revoked.
+    crl: Option<(u64, String)>,
 }
 
 impl Inner {
@@ -171,8 +177,11 @@ impl Broker {
             runtime_classes: RuntimeClasses::default(),
             join_tokens: loaded.join_tokens.into_iter().map(|t| (t.id.clone(), t)).collect(),
             ipam: None,
+            certificates: loaded.certificates.into_iter().map(|c| (c.serial.clone(), c)).collect(),
+            crl: None,
         };
         let mut inner = inner;
+        Self::make_crl(&config, &mut inner).map_err(BrokerError::Config)?;
         if let Some(overlay) = &config.overlay {
             let (networks, leases) = inner.store.load_overlay()?;
             let mut ipam = crate::overlay::Ipam::new(overlay.clone(), networks, leases);
@@ -262,14 +271,18 @@ impl Broker {
         }
     }
 
+    /// Heard of within the node timeout, and not revoked (a revoked node is treated as a
+    /// lost one: offline, nothing placed there).
     fn is_online(&self, n: &NodeRecord, now: u64) -> bool {
-        now.saturating_sub(n.last_seen_ms) <= self.config.node_timeout.as_millis() as u64
+        n.revoked_ms.is_none() && now.saturating_sub(n.last_seen_ms) <= self.config.node_timeout.as_millis() as u64
     }
 
     /// Whether a migration's source may be online, for ending the migration without it:
     /// online, or not heard of since this broker started less than a node_timeout ago.
     fn may_be_online(&self, n: &NodeRecord, now: u64) -> bool {
-        self.is_online(n, now) || now.saturating_sub(self.started_ms) <= self.config.node_timeout.as_millis() as u64
+        self.is_online(n, now)
+            || (n.revoked_ms.is_none()
+                && now.saturating_sub(self.started_ms) <= self.config.node_timeout.as_millis() as u64)
     }
 
     /// Whether a presented bearer token is a user token.
@@ -319,6 +332,7 @@ impl Broker {
         let csr = req.csr.take();
         let mut inner = lock(&self.inner);
         let known = inner.nodes.get(&name).cloned();
+        let mut certificate = None;
         // a broker with a CA issues the node its certificate, for the key it first joined with
         let issued = match &self.config.tls {
             Some(tls) => {
@@ -329,6 +343,14 @@ impl Broker {
                 let bad_csr =
                     |e: away_identity::IdentityError| Problem::invalid(away_model::error_chain(&e)).field("csr");
                 let key_id = away_identity::Ca::csr_key_id(&csr).map_err(bad_csr)?;
+                if inner.certificates.values().any(|c| c.key_id == key_id && c.revoked_ms.is_some()) {
+                    tracing::warn!(node = %name, key = %key_id, "a join with a revoked key: refused");
+                    return Err(Problem::new(
+                        ErrorCode::Conflict,
+                        format!("this key was revoked (node {name} or another): join with a new key (remove STATE_DIR/identity/key.pem and cert.pem)"),
+                    )
+                    .field("csr"));
+                }
                 if let Some(other) = known.as_ref().and_then(|k| k.key_id.as_ref()).filter(|k| **k != key_id) {
                     tracing::warn!(node = %name, known_key = %other, "a join for a known node name with another key: refused");
                     return Err(Problem::new(
@@ -338,6 +360,14 @@ impl Broker {
                     .field("csr"));
                 }
                 let cert = tls.ca.issue(&csr, &name).map_err(bad_csr)?;
+                let serial = away_identity::serial_hex(&cert).map_err(bad_csr)?;
+                certificate = Some(CertificateRecord {
+                    serial,
+                    node: name.clone(),
+                    key_id: key_id.clone(),
+                    issued_ms: now,
+                    revoked_ms: None,
+                });
                 Some((key_id, cert, tls.ca.cert_pem().to_string()))
             }
             None => None,
@@ -358,11 +388,20 @@ impl Broker {
                 .as_ref()
                 .map(|(k, _, _)| k.clone())
                 .or_else(|| known.as_ref().and_then(|k| k.key_id.clone())),
+            // joined again with a new key (a revoked one is refused above)
+            revoked_ms: None,
         };
         let hash = tokens::sha256_hex(&token);
-        let changes =
-            Changes { nodes: vec![record.clone()], tokens: vec![(name.clone(), hash.clone())], ..Default::default() };
+        let changes = Changes {
+            nodes: vec![record.clone()],
+            tokens: vec![(name.clone(), hash.clone())],
+            certificates: certificate.iter().cloned().collect(),
+            ..Default::default()
+        };
         inner.store.apply(&changes)?;
+        if let Some(c) = certificate {
+            inner.certificates.insert(c.serial.clone(), c);
+        }
         inner.nodes.insert(name.clone(), record);
         inner.classify(&name);
         inner.tokens.insert(name.clone(), hash);
@@ -472,6 +511,7 @@ impl Broker {
         let Some(node) = inner.nodes.get(name) else {
             return Err(Problem::unauthorized(format!("node {name} is not registered")));
         };
+        let crl_held = hb.crl_number;
         let Plan { changes, response, events } = reconcile(&inner.snapshot(), node, hb, now);
         let homes_changed =
             changes.workloads.iter().any(|w| inner.workloads.get(&w.spec.name).is_some_and(|old| old.node != w.node));
@@ -505,6 +545,10 @@ impl Broker {
             changes.forget_workloads.iter().map(|w| crate::overlay::workload_owner(w)).collect();
         let mut response = response;
         response.overlay = Self::node_overlay(&mut inner, name, &released)?;
+        response.crl = match &inner.crl {
+            Some((number, pem)) if crl_held.is_none_or(|held| held < *number) => Some(pem.clone()),
+            _ => None,
+        };
         drop(inner);
         Metrics::inc(&self.metrics.heartbeats);
         self.emit(events);
@@ -627,6 +671,7 @@ impl Broker {
                 .map(|s| s.name.clone())
                 .collect(),
             info: n.info.clone(),
+            revoked_ms: n.revoked_ms,
         }
     }
 
@@ -664,6 +709,86 @@ impl Broker {
                 Pending::new("node-undrained", format!("node {name} takes new workloads again")).node(name)
             }]);
         }
+        Ok(view)
+    }
+
+    /// Make the CA's revocation list from the revoked certificates, and put it in force
+    /// in the broker's own verifiers (its API and its clients of agents). Nothing while
+    /// none is revoked. Its number is the count of revoked certificates: it grows with
+    /// each revocation and a restart makes the same number again.
+    fn make_crl(config: &BrokerConfig, inner: &mut Inner) -> Result<(), String> {
+        let Some(tls) = &config.tls else { return Ok(()) };
+        let revoked: Vec<away_identity::Revoked> = inner
+            .certificates
+            .values()
+            .filter_map(|c| {
+                c.revoked_ms.map(|ms| away_identity::Revoked {
+                    serial_hex: c.serial.clone(),
+                    revoked_at: std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+                })
+            })
+            .collect();
+        if revoked.is_empty() {
+            return Ok(());
+        }
+        let number = revoked.len() as u64;
+        let failed = |e: away_identity::IdentityError| format!("revocation list: {}", away_model::error_chain(&e));
+        let pem = tls.ca.crl_pem(number, &revoked).map_err(failed)?;
+        tls.identity.revocations().set_from_ca(&pem).map_err(failed)?;
+        inner.crl = Some((number, pem));
+        Ok(())
+    }
+
+    /// Revoke node `name`'s certificates (`POST /v1/nodes/{name}/revoke`): they go on the
+    /// CA's revocation list (in force at once in the broker's TLS, and at each agent with
+    /// its next heartbeat), its agent token and key are forgotten (a later join of the
+    /// name needs a join token and a new key), and the node counts as offline like a lost
+    /// one: nothing is placed there, its workloads show `node-offline`. Revoking a
+    /// revoked node changes nothing.
+    pub fn revoke_node(&self, name: &str) -> Result<NodeView, Problem> {
+        let now = now_ms();
+        let mut inner = lock(&self.inner);
+        let Some(node) = inner.nodes.get(name).cloned() else {
+            return Err(Problem::not_found(format!("no node named {name:?}")));
+        };
+        let serials: Vec<CertificateRecord> = inner
+            .certificates
+            .values()
+            .filter(|c| c.node == name && c.revoked_ms.is_none())
+            .map(|c| CertificateRecord { revoked_ms: Some(now), ..c.clone() })
+            .collect();
+        if node.revoked_ms.is_some() && serials.is_empty() {
+            return Ok(self.node_view(&inner, &node, now));
+        }
+        let record = NodeRecord { revoked_ms: node.revoked_ms.or(Some(now)), key_id: None, ..node };
+        let changes = Changes {
+            nodes: vec![record.clone()],
+            certificates: serials.clone(),
+            forget_tokens: vec![name.to_string()],
+            ..Default::default()
+        };
+        inner.store.apply(&changes)?;
+        inner.tokens.remove(name);
+        // offline from now on, announced by the event below rather than as a missed heartbeat
+        inner.announced_online.remove(name);
+        inner.nodes.insert(name.to_string(), record.clone());
+        for c in &serials {
+            inner.certificates.insert(c.serial.clone(), c.clone());
+        }
+        Self::make_crl(&self.config, &mut inner).map_err(Problem::internal)?;
+        let view = self.node_view(&inner, &record, now);
+        drop(inner);
+        if serials.is_empty() && self.config.tls.is_some() {
+            tracing::warn!(node = %name, "no certificate of this node is on record (issued before the broker kept them): only its token and key are forgotten");
+        }
+        self.emit(vec![Pending::new(
+            "node-revoked",
+            format!(
+                "node {name} revoked: {} certificate(s) on the revocation list, its token and key forgotten; it is offline",
+                serials.len()
+            ),
+        )
+        .node(name)]);
         Ok(view)
     }
 

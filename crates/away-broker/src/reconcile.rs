@@ -345,6 +345,7 @@ pub fn reconcile(snap: &Snapshot, node: &NodeRecord, hb: Heartbeat, now: u64) ->
         migrations: orders,
         draining: node.draining,
         overlay: Vec::new(),
+        crl: None,
     };
     changes.nodes.push(node);
     changes.workloads.extend(workloads.into_values());
@@ -671,6 +672,7 @@ mod tests {
                         registered_ms: NOW - 60_000,
                         last_seen_ms: NOW - 1_000,
                         key_id: None,
+                        revoked_ms: None,
                     },
                 );
                 s.announced_online.insert(n.to_string());
@@ -763,6 +765,7 @@ mod tests {
                 load: NodeLoad::default(),
                 workloads: workloads.iter().map(|(w, s)| status(w, *s)).collect(),
                 events,
+                crl_number: None,
             };
             reconcile(&self.snap(), &self.nodes[node], hb, NOW)
         }

@@ -25,6 +25,22 @@ pub struct NodeRecord {
     /// CA): a later join of this name with another key is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    /// When its certificate was revoked: offline from then on (no token, no key) until
+    /// it joins again with a new key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<u64>,
+}
+
+/// A node certificate the broker's CA issued (table `node_certificates`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRecord {
+    /// Its serial number, hex.
+    pub serial: String,
+    pub node: String,
+    /// SHA-256 of the key it was issued for: a revoked key never joins again.
+    pub key_id: String,
+    pub issued_ms: u64,
+    pub revoked_ms: Option<u64>,
 }
 
 /// A workload the broker placed.

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::records::{JoinTokenRecord, MigrationRecord, NodeRecord, Removal, WorkloadRecord};
+use crate::records::{CertificateRecord, JoinTokenRecord, MigrationRecord, NodeRecord, Removal, WorkloadRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -56,6 +56,15 @@ CREATE TABLE IF NOT EXISTS overlay_leases (network TEXT NOT NULL, owner TEXT NOT
     PRIMARY KEY (network, owner), UNIQUE (network, ip));
 ";
 
+/// Node certificates the CA issued, by serial: revoking a node revokes its serials, and
+/// the broker's revocation list is made from the revoked ones. Its own statement (a
+/// migration of older databases: `CREATE TABLE IF NOT EXISTS`).
+const CERTIFICATES_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS node_certificates (serial TEXT PRIMARY KEY, node TEXT NOT NULL,
+    key_id TEXT NOT NULL, issued_ms INTEGER NOT NULL, revoked_ms INTEGER);
+CREATE INDEX IF NOT EXISTS node_certificates_node ON node_certificates(node);
+";
+
 /// Every change one request makes, written in one transaction.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -69,6 +78,10 @@ pub struct Changes {
     pub events: Vec<(String, AgentEvent)>,
     /// Join tokens made or revoked.
     pub join_tokens: Vec<JoinTokenRecord>,
+    /// Node certificates issued or revoked.
+    pub certificates: Vec<CertificateRecord>,
+    /// Nodes whose agent token is forgotten (revoked nodes).
+    pub forget_tokens: Vec<String>,
 }
 
 /// Everything, as loaded at start.
@@ -80,6 +93,7 @@ pub struct Loaded {
     pub migrations: Vec<MigrationRecord>,
     pub removals: Vec<Removal>,
     pub join_tokens: Vec<JoinTokenRecord>,
+    pub certificates: Vec<CertificateRecord>,
 }
 
 pub struct Store {
@@ -103,6 +117,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
+        conn.execute_batch(CERTIFICATES_SCHEMA).map_err(sql)?;
         Ok(Store { path: path.to_path_buf(), conn })
     }
 
@@ -122,7 +137,29 @@ impl Store {
             migrations: self.records("SELECT record FROM migrations ORDER BY id", "migration")?,
             removals: self.records("SELECT record FROM removals", "removal")?,
             join_tokens: self.join_tokens()?,
+            certificates: self.certificates()?,
         })
+    }
+
+    fn certificates(&self) -> Result<Vec<CertificateRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT serial, node, key_id, issued_ms, revoked_ms FROM node_certificates ORDER BY issued_ms, serial",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(CertificateRecord {
+                    serial: r.get(0)?,
+                    node: r.get(1)?,
+                    key_id: r.get(2)?,
+                    issued_ms: r.get::<_, i64>(3)? as u64,
+                    revoked_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.sql(e))
     }
 
     fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
@@ -324,6 +361,21 @@ impl Store {
                     ])
                     .map_err(sql)?;
             }
+            let mut put_certificate = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO node_certificates (serial, node, key_id, issued_ms, revoked_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(sql)?;
+            let mut forget_token = tx.prepare_cached("DELETE FROM tokens WHERE node = ?1").map_err(sql)?;
+            for node in &c.forget_tokens {
+                forget_token.execute(params![node]).map_err(sql)?;
+            }
+            for c in &c.certificates {
+                put_certificate
+                    .execute(params![c.serial, c.node, c.key_id, c.issued_ms as i64, c.revoked_ms.map(|v| v as i64)])
+                    .map_err(sql)?;
+            }
         }
         tx.commit().map_err(sql)
     }
@@ -373,6 +425,7 @@ mod tests {
             registered_ms: 1,
             last_seen_ms: 2,
             key_id: None,
+            revoked_ms: None,
         };
         let w = WorkloadRecord {
             spec: spec.clone(),

@@ -121,7 +121,7 @@ impl Running {
         workloads: Vec<WorkloadStatus>,
         events: Vec<AgentEvent>,
     ) -> HeartbeatResponse {
-        let hb = Heartbeat { node: node.clone(), load: NodeLoad::default(), workloads, events };
+        let hb = Heartbeat { node: node.clone(), load: NodeLoad::default(), workloads, events, crl_number: None };
         let (status, body) = self
             .call(
                 reqwest::Method::POST,

@@ -110,6 +110,12 @@ impl Client {
         self.call(Method::GET, format!("/v1/nodes/{}", segment(name)), None::<&()>).await
     }
 
+    /// `POST /v1/nodes/{name}/revoke`: the node, revoked (its certificates on the CA's
+    /// revocation list, its token and key forgotten).
+    pub async fn revoke_node(&self, name: &str) -> Result<NodeView> {
+        self.call(Method::POST, format!("/v1/nodes/{}/revoke", segment(name)), None::<&()>).await
+    }
+
     /// `POST /v1/workloads`: place and store a workload (201).
     pub async fn submit(&self, spec: &WorkloadSpec) -> Result<SubmitAnswer> {
         self.call(Method::POST, "/v1/workloads".into(), Some(spec)).await

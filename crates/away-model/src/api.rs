@@ -35,6 +35,11 @@ pub struct NodeView {
     /// Workloads it reports that the broker does not manage.
     pub unmanaged: Vec<String>,
     pub info: NodeInfo,
+    /// When its certificate was revoked (`POST /v1/nodes/{name}/revoke`, Unix ms): the
+    /// node counts as offline and nothing is placed there until it joins again with a
+    /// new key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<u64>,
 }
 
 /// A workload as `GET /v1/workloads` shows it.

@@ -88,6 +88,10 @@ pub struct Heartbeat {
     pub workloads: Vec<WorkloadStatus>,
     /// Events not yet acknowledged by the broker, oldest first.
     pub events: Vec<AgentEvent>,
+    /// The number of the certificate revocation list the agent holds (none: it holds
+    /// none): the broker answers with its list when it has a newer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl_number: Option<u64>,
 }
 
 /// What the broker wants a workload to be on this node.
@@ -149,4 +153,9 @@ pub struct HeartbeatResponse {
     /// overlay): the agent builds their VXLAN devices and bridges from this.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overlay: Vec<crate::NodeOverlay>,
+    /// The CA's certificate revocation list (PEM), when it is newer than the heartbeat's
+    /// `crl_number`: the agent refuses the certificates it lists on every mutual-TLS
+    /// channel from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<String>,
 }

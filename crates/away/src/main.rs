@@ -9,6 +9,7 @@ mod image;
 mod lab;
 mod link;
 mod migrate;
+mod node;
 mod output;
 mod signal;
 mod token;
@@ -77,6 +78,15 @@ enum Command {
     ///   away token revoke jt-1a2b3c4d5e6f --broker https://10.0.0.1:7700 --ca ca.pem
     #[command(subcommand, verbatim_doc_comment)]
     Token(token::Command),
+    /// List a broker's nodes and revoke a lost or stolen one
+    ///
+    /// The user token comes from AWAY_USER_TOKEN, never the command line.
+    ///
+    /// Examples:
+    ///   away node list --broker https://10.0.0.1:7700 --ca ca.pem
+    ///   away node revoke laptop-anna --broker https://10.0.0.1:7700 --ca ca.pem
+    #[command(subcommand, verbatim_doc_comment)]
+    Node(node::Command),
 }
 
 fn main() -> std::process::ExitCode {
@@ -107,6 +117,7 @@ fn main() -> std::process::ExitCode {
         Command::Link(c) => link::run(c),
         Command::Lab(c) => lab::run(c),
         Command::Token(c) => token::run(c),
+        Command::Node(c) => node::run(c),
     };
     match result {
         Ok(code) => code,

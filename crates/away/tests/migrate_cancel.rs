@@ -15,7 +15,13 @@ async fn cancel_a_pending_migration_then_refuse_an_ended_one() {
     let (url, client) = (broker.url.as_str(), &broker.client);
     for name in ["cancel-a", "cancel-b"] {
         let token = client.register(JOIN, &registration(name)).await.expect("register").agent_token;
-        let hb = Heartbeat { node: node(name), load: NodeLoad::default(), workloads: vec![], events: vec![] };
+        let hb = Heartbeat {
+            node: node(name),
+            load: NodeLoad::default(),
+            workloads: vec![],
+            events: vec![],
+            crl_number: None,
+        };
         client.heartbeat(name, &token, &hb).await.expect("heartbeat");
     }
     let spec = WorkloadSpec::parse("name: cancel-w\nimage: x\n", SpecFormat::Yaml, "test").unwrap();

@@ -137,9 +137,10 @@ pub(super) async fn apply(
     Ok(())
 }
 
-/// QEMU's credentials directory for `endpoint`: `ca-cert.pem`, and the node's
-/// certificate and key as `server-*` or `client-*`; 0700, the files 0600, removed when
-/// the returned directory is dropped.
+/// QEMU's credentials directory for `endpoint`: `ca-cert.pem`, the CA's revocation list
+/// as `ca-crl.pem` when the node holds one (QEMU's x509 credentials then refuse the
+/// certificates it lists), and the node's certificate and key as `server-*` or
+/// `client-*`; 0700, the files 0600, removed when the returned directory is dropped.
 fn write_credentials(identity: &Identity, endpoint: TlsEndpoint, dir: &Path) -> Result<tempfile::TempDir, String> {
     // a random name, created 0700 (not umask's mode, not even for a moment)
     let creds = tempfile::Builder::new()
@@ -151,11 +152,14 @@ fn write_credentials(identity: &Identity, endpoint: TlsEndpoint, dir: &Path) -> 
         TlsEndpoint::Server => "server",
         TlsEndpoint::Client => "client",
     };
-    let files = [
+    let mut files = vec![
         ("ca-cert.pem".to_string(), identity.ca_pem()),
         (format!("{prefix}-cert.pem"), identity.cert_pem()),
         (format!("{prefix}-key.pem"), identity.key_pem()),
     ];
+    if let Some(crl) = identity.revocations().pem() {
+        files.push(("ca-crl.pem".to_string(), crl));
+    }
     for (name, text) in files {
         let path = creds.path().join(name);
         std::fs::OpenOptions::new()
@@ -193,6 +197,12 @@ mod tests {
         assert!(!path.exists());
         let client = write_credentials(&id, TlsEndpoint::Client, dir.path()).unwrap();
         assert!(client.path().join("client-key.pem").is_file() && !client.path().join("server-key.pem").exists());
+        assert!(!client.path().join("ca-crl.pem").exists());
+        // with a revocation list, QEMU gets it too
+        let crl = ca.crl_pem(1, &[]).unwrap();
+        id.revocations().set_from_ca(&crl).unwrap();
+        let client = write_credentials(&id, TlsEndpoint::Client, dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(client.path().join("ca-crl.pem")).unwrap(), crl);
     }
 
     #[test]
