@@ -80,7 +80,19 @@ async fn require_token(
 ) -> Result<Response, Problem> {
     let peer = req.extensions().get::<axum::extract::ConnectInfo<away_identity::serve::TlsPeer>>().map(|c| &c.0);
     if let Some(peer) = peer.filter(|p| p.tls) {
-        // the handshake required a certificate of the CA
+        // the handshake required a certificate of the CA; one revoked since is refused on
+        // a connection opened before (keep-alive)
+        let revoked = peer.serial.as_deref().is_some_and(|serial| {
+            agent
+                .identity
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|i| i.revocations().is_revoked(serial))
+        });
+        if revoked {
+            return Err(Problem(ApiError::new(ErrorCode::Unauthorized, "the client certificate is revoked")));
+        }
         return match &peer.node {
             Some(_) => Ok(next.run(req).await),
             None => Err(Problem(ApiError::new(

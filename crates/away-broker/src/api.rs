@@ -735,7 +735,15 @@ async fn heartbeat(
     body: Bytes,
 ) -> Answer {
     // a broker with a CA hears a node only from that node's certificate
-    if b.config.tls.is_some() {
+    if let Some(tls) = &b.config.tls {
+        // a connection opened before the certificate was revoked (keep-alive)
+        if peer
+            .as_ref()
+            .and_then(|p| p.0 .0.serial.as_deref())
+            .is_some_and(|s| tls.identity.revocations().is_revoked(s))
+        {
+            return Err(Problem::unauthorized(format!("node {name}'s certificate is revoked")));
+        }
         match peer.as_ref().and_then(|p| p.0 .0.node.as_deref()) {
             Some(n) if n == name => {}
             Some(n) => {

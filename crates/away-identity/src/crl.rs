@@ -58,6 +58,12 @@ fn parse_crl_pem(pem: &str) -> Result<(CertificateRevocationListDer<'static>, Cr
     Ok((der, summary))
 }
 
+fn listed_serials(der: &CertificateRevocationListDer<'_>) -> std::collections::HashSet<String> {
+    x509_parser::parse_x509_crl(der)
+        .map(|(_, crl)| crl.iter_revoked_certificates().map(|r| hex::encode(r.raw_serial())).collect())
+        .unwrap_or_default()
+}
+
 fn summarize(der: &CertificateRevocationListDer<'_>) -> Result<CrlSummary> {
     let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| IdentityError::Crl(e.to_string()))?;
     let number = crl
@@ -111,6 +117,8 @@ struct State {
     /// Raised at each change, so verifiers know to rebuild.
     generation: u64,
     crl: Option<(CertificateRevocationListDer<'static>, CrlSummary, String)>,
+    /// The serials it lists, hex.
+    serials: std::collections::HashSet<String>,
 }
 
 /// The CRL an identity's verifiers consult; clones share it (an identity's clones and
@@ -144,9 +152,18 @@ impl Revocations {
     /// Put a CRL in force from the next handshake on. Unchecked: the caller made it
     /// (the CA) or checked it ([`crate::Identity::set_crl_pem`]).
     fn set(&self, der: CertificateRevocationListDer<'static>, summary: CrlSummary, pem: String) {
+        let serials = listed_serials(&der);
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         state.generation += 1;
         state.crl = Some((der, summary, pem));
+        state.serials = serials;
+    }
+
+    /// Whether the list in force revokes the certificate of serial `serial_hex`: for
+    /// connections whose handshake was made before the list came
+    /// (`serve::TlsPeer::serial`); new handshakes are refused by the verifiers.
+    pub fn is_revoked(&self, serial_hex: &str) -> bool {
+        self.read().serials.contains(serial_hex)
     }
 
     /// The CA's own list (the broker: it made it, no check needed).

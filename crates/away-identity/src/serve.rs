@@ -39,6 +39,10 @@ pub struct TlsPeer {
     /// The node name in the client's certificate, verified against the CA (None: no
     /// certificate, or plain HTTP).
     pub node: Option<String>,
+    /// The serial number of that certificate (hex), so a server can refuse, request by
+    /// request, a connection opened before its certificate was revoked
+    /// ([`crate::Revocations::is_revoked`]).
+    pub serial: Option<String>,
 }
 
 /// A connection, plain or TLS.
@@ -150,7 +154,7 @@ async fn accept_loop(
         };
         let current = config.borrow().clone();
         let Some(server) = current else {
-            if tx.send((Conn::Plain(stream), TlsPeer { addr, tls: false, node: None })).await.is_err() {
+            if tx.send((Conn::Plain(stream), TlsPeer { addr, tls: false, node: None, serial: None })).await.is_err() {
                 return;
             }
             continue;
@@ -162,8 +166,13 @@ async fn accept_loop(
             let acceptor = tokio_rustls::TlsAcceptor::from(server);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    let node = tls.get_ref().1.peer_certificates().and_then(|c| crate::peer_node(c).ok());
-                    let _ = tx.send((Conn::Tls(Box::new(tls)), TlsPeer { addr, tls: true, node })).await;
+                    let certs = tls.get_ref().1.peer_certificates();
+                    let node = certs.and_then(|c| crate::peer_node(c).ok());
+                    let serial = certs
+                        .and_then(|c| c.first())
+                        .and_then(|c| crate::parse_cert(c).ok())
+                        .map(|c| hex::encode(c.raw_serial()));
+                    let _ = tx.send((Conn::Tls(Box::new(tls)), TlsPeer { addr, tls: true, node, serial })).await;
                 }
                 Ok(Err(e)) => tracing::debug!(%addr, "TLS handshake refused: {e}"),
                 Err(_) => tracing::debug!(%addr, "no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
@@ -185,7 +194,7 @@ impl axum::serve::Listener for Listener {
     }
 
     fn local_addr(&self) -> io::Result<TlsPeer> {
-        Ok(TlsPeer { addr: self.local, tls: false, node: None })
+        Ok(TlsPeer { addr: self.local, tls: false, node: None, serial: None })
     }
 }
 
