@@ -124,8 +124,13 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
             &dir.path().join(format!("{name}.log")),
         )
     };
-    let a = start("revoke-a");
-    let b = start("revoke-b");
+    // both at once: each fingerprints its host before it listens
+    let started = std::time::Instant::now();
+    let (a, b) = std::thread::scope(|s| {
+        let b = s.spawn(|| start("revoke-b"));
+        (start("revoke-a"), b.join().unwrap())
+    });
+    eprintln!("two agents listening after {:.1} s", started.elapsed().as_secs_f64());
     for (agent, name) in [(&a, "revoke-a"), (&b, "revoke-b")] {
         let id_dir = agent.node.state.join("identity");
         let joined = wait_for(90, || {
@@ -135,6 +140,7 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
         let log = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default();
         assert!(joined.is_some(), "{name} joined and heartbeats; its log:\n{log}");
     }
+    eprintln!("both joined after {:.1} s", started.elapsed().as_secs_f64());
     // B's certificate and key, as a thief of B's disk would hold them
     let b_id = Identity::load(&b.node.state.join("identity")).unwrap().expect("B's identity");
     // a third node of the CA (issued by the broker's CA directly)
