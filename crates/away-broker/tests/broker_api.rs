@@ -1052,3 +1052,66 @@ async fn dry_runs_record_nothing_and_say_why_there_is_no_prediction() {
     assert!(m["migration"]["why"].as_str().unwrap().contains("no prediction"), "{m}");
     assert!(m["migration"]["predicted"].is_null(), "{m}");
 }
+
+#[tokio::test]
+async fn a_revoked_node_is_offline_out_of_placement_and_stays_revoked() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let b = Running::start(&db).await;
+    let laptop = node("laptop", Tier::Client, CpuVendor::Intel);
+    let cloud = node("cloud", Tier::Cloud, CpuVendor::Amd);
+    let t_laptop = b.register(&laptop, "127.0.0.1:1").await.agent_token;
+    let t_cloud = b.register(&cloud, "127.0.0.1:2").await.agent_token;
+    b.beat(&laptop, &t_laptop, vec![], vec![]).await;
+    b.beat(&cloud, &t_cloud, vec![], vec![]).await;
+    let spec = json!({"name": "counter", "image": "away/counter:latest", "placement": {"prefer_client": true}});
+    let (s, body) = b.post("/v1/workloads?dry_run=true", spec.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["placement"]["chosen"], "laptop", "{body}");
+
+    // a user token is needed; an unknown node is named
+    for token in [None, Some(JOIN), Some(t_laptop.as_str())] {
+        let (s, body) = b.call(Method::POST, "/v1/nodes/laptop/revoke", token, None).await;
+        assert_eq!(s, 401, "{token:?}: {body}");
+    }
+    let (s, body) = b.call(Method::POST, "/v1/nodes/nowhere/revoke", Some(USER), None).await;
+    assert_eq!(s, 404, "{body}");
+
+    let (s, revoked) = b.call(Method::POST, "/v1/nodes/laptop/revoke", Some(USER), None).await;
+    assert_eq!(s, 200, "{revoked}");
+    assert_eq!(revoked["state"], "offline", "{revoked}");
+    let at = revoked["revoked_ms"].as_u64().expect("revoked_ms");
+    // again: nothing changes
+    let (s, again) = b.call(Method::POST, "/v1/nodes/laptop/revoke", Some(USER), None).await;
+    assert_eq!((s, again["revoked_ms"].as_u64()), (200, Some(at)), "{again}");
+    // its token is forgotten; placement passes it over like a lost node
+    let hb = Heartbeat {
+        node: laptop.clone(),
+        load: NodeLoad::default(),
+        workloads: vec![],
+        events: vec![],
+        crl_number: None,
+    };
+    let (s, body) = b
+        .call(Method::POST, "/v1/agents/laptop/heartbeat", Some(&t_laptop), Some(serde_json::to_value(&hb).unwrap()))
+        .await;
+    assert_eq!(s, 401, "{body}");
+    let (s, body) = b.post("/v1/workloads?dry_run=true", spec.clone()).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["placement"]["chosen"], "cloud", "{body}");
+    // a broker without a CA keeps no revocation list: nothing to hand out
+    assert_eq!(b.beat(&cloud, &t_cloud, vec![], vec![]).await.crl, None);
+
+    // a restart keeps it revoked
+    b.stop().await;
+    let b = Running::start(&db).await;
+    let (s, n) = b.get("/v1/nodes/laptop").await;
+    assert_eq!((s, n["revoked_ms"].as_u64(), n["state"].as_str()), (200, Some(at), Some("offline")), "{n}");
+    // the name joins again (this broker issues no certificates, so no key to refuse)
+    let t_laptop = b.register(&laptop, "127.0.0.1:1").await.agent_token;
+    b.beat(&laptop, &t_laptop, vec![], vec![]).await;
+    let (_, n) = b.get("/v1/nodes/laptop").await;
+    assert!(n.get("revoked_ms").is_none() && n["state"] == "online", "{n}");
+    b.stop().await;
+}
