@@ -90,7 +90,7 @@ pub struct Heartbeat {
     pub events: Vec<AgentEvent>,
     /// The number of the certificate revocation list the agent holds (none: it holds
     /// none): the broker answers with its list when it has a newer one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub crl_number: Option<u64>,
 }
 
