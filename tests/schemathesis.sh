@@ -89,10 +89,21 @@ agent_token=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["
 printf '{"node": %s, "load": {"cpu_percent": 1, "memory_used_bytes": 0, "workloads": 0}, "workloads": [], "events": []}' \
     "$node" >"$work/heartbeat.json"
 printf 'header = "Authorization: Bearer %s"\n' "$agent_token" >"$work/agent.curl"
+register() {
+    curl -fsS -H "Authorization: Bearer $AWAY_JOIN_TOKEN" -H 'Content-Type: application/json' \
+        -d "{\"node\": $node, \"api_addr\": \"127.0.0.1:$agent_port\", \"transfer_addr\": \"127.0.0.1:9\"}" \
+        "$base/v1/agents/register" >"$work/registered.json"
+    printf 'header = "Authorization: Bearer %s"\n' \
+        "$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["agent_token"])' "$work/registered.json")" \
+        >"$work/agent.curl"
+}
 (
     while sleep 1; do
-        curl -fsS -o /dev/null -K "$work/agent.curl" -H 'Content-Type: application/json' \
-            --data-binary @"$work/heartbeat.json" "$base/v1/agents/fuzz-node/heartbeat" || true
+        code=$(curl -sS -o /dev/null -w '%{http_code}' -K "$work/agent.curl" -H 'Content-Type: application/json' \
+            --data-binary @"$work/heartbeat.json" "$base/v1/agents/fuzz-node/heartbeat") || true
+        # the fuzzing may revoke the node (POST /v1/nodes/fuzz-node/revoke): like an agent of
+        # a broker without a CA, it joins again with the join token
+        [ "$code" = 401 ] && { register || true; }
     done
 ) &
 beat_pid=$!

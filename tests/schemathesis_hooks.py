@@ -27,13 +27,3 @@ def filter_body(ctx, body):
     if op is None or op.method.upper() != "POST" or op.path != "/v1/workloads":
         return True
     return _host_ports_unique(body)
-
-
-@schemathesis.hook
-def filter_path_parameters(ctx, path_parameters):
-    # POST /v1/nodes/{name}/revoke of the script's one node would take it offline for the
-    # rest of the run (every placement after it refused): revoke any other name
-    op = ctx.operation
-    if op is None or op.method.upper() != "POST" or op.path != "/v1/nodes/{name}/revoke":
-        return True
-    return not isinstance(path_parameters, dict) or path_parameters.get("name") != "fuzz-node"

@@ -72,13 +72,28 @@ fn identity_checks(state_dir: &std::path::Path) -> Vec<Check> {
         Ok(Some(id)) => {
             let left = id.not_after().duration_since(std::time::SystemTime::now()).unwrap_or_default();
             let days = left.as_secs() / 86400;
+            let crl = match id.revocations().summary() {
+                Some(c) => format!("revocation list #{} ({} revoked)", c.number, c.revoked),
+                None => "no revocation list from the broker yet".to_string(),
+            };
             let detail = format!(
-                "{} (node {}), expires in {days} days, CA sha256 {}",
+                "{} (node {}), expires in {days} days, CA sha256 {}, {crl}",
                 id.subject(),
                 id.name(),
                 id.ca_fingerprint()
             );
-            let (status, fix) = if !id.suits_qemu() {
+            let revoked =
+                away_identity::serial_hex(&id.cert_pem()).is_ok_and(|serial| id.revocations().is_revoked(&serial));
+            let (status, fix) = if revoked {
+                (
+                    Status::Warn,
+                    Some(format!(
+                        "the broker revoked this node's certificate: stop the agent, remove {} and join again with a \
+                         join token (a new key)",
+                        dir.display()
+                    )),
+                )
+            } else if !id.suits_qemu() {
                 (
                     Status::Warn,
                     Some(format!(
