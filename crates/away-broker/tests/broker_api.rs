@@ -1115,3 +1115,82 @@ async fn a_revoked_node_is_offline_out_of_placement_and_stays_revoked() {
     assert!(n.get("revoked_ms").is_none() && n["state"] == "online", "{n}");
     b.stop().await;
 }
+
+/// A broker with a CA, called in-process (no HTTP): the revocation list it makes, hands
+/// out with heartbeats, keeps across a restart, and the revoked key it refuses.
+#[test]
+fn a_revocation_goes_on_the_crl_heartbeats_carry_it_and_a_restart_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let ca = Arc::new(away_identity::Ca::load_or_create(&dir.path().join("ca")).unwrap());
+    let open = || {
+        let mut config = BrokerConfig::new(vec![USER.into()], JOIN.into());
+        config.db_path = db.clone();
+        let identity = ca.issue_self("broker", &["127.0.0.1".into()]).unwrap();
+        config.tls = Some(away_broker::BrokerTls { ca: ca.clone(), identity });
+        Broker::open(config).unwrap()
+    };
+    let join = |b: &Broker, name: &str, key: &away_identity::NodeKey| {
+        let req = RegisterRequest {
+            node: node(name, Tier::Edge, CpuVendor::Amd),
+            api_addr: "127.0.0.1:1".into(),
+            transfer_addr: "127.0.0.1:2".into(),
+            csr: Some(key.csr_pem(name).unwrap()),
+        };
+        b.register(Some(JOIN), req)
+    };
+    let beat = |b: &Broker, name: &str, token: &str, crl_number: Option<u64>| {
+        let hb = Heartbeat {
+            node: node(name, Tier::Edge, CpuVendor::Amd),
+            load: NodeLoad::default(),
+            workloads: vec![],
+            events: vec![],
+            crl_number,
+        };
+        b.heartbeat(name, Some(token), hb)
+    };
+    let b = open();
+    let (key_a, key_b) = (away_identity::NodeKey::generate().unwrap(), away_identity::NodeKey::generate().unwrap());
+    let a = join(&b, "node-a", &key_a).unwrap();
+    let bb = join(&b, "node-b", &key_b).unwrap();
+    let cert_b = bb.certificate.clone().unwrap();
+    assert_eq!(beat(&b, "node-a", &a.agent_token, None).unwrap().crl, None, "nothing revoked: no list");
+    assert!(b.config.tls.as_ref().unwrap().identity.revocations().summary().is_none());
+
+    let view = b.revoke_node("node-b").unwrap();
+    assert!(view.revoked_ms.is_some());
+    // the broker's own verifiers have it at once, listing B's serial
+    let serial = away_identity::serial_hex(&cert_b).unwrap();
+    let own = &b.config.tls.as_ref().unwrap().identity;
+    assert!(own.revocations().is_revoked(&serial));
+    // A gets it with its next heartbeat, once: a list it holds is not sent again
+    let crl = beat(&b, "node-a", &a.agent_token, None).unwrap().crl.expect("the list for an agent without one");
+    let identity_a = key_a.into_identity(a.certificate.as_ref().unwrap(), a.ca.as_ref().unwrap()).unwrap();
+    let summary = identity_a.set_crl_pem(&crl).unwrap();
+    assert_eq!((summary.number, summary.revoked), (1, 1));
+    assert!(identity_a.revocations().is_revoked(&serial));
+    assert_eq!(beat(&b, "node-a", &a.agent_token, Some(1)).unwrap().crl, None);
+    // B's token is gone, and its key never joins again
+    assert!(beat(&b, "node-b", &bb.agent_token, None).is_err());
+    let refused = join(&b, "node-b", &key_b).unwrap_err();
+    assert!(format!("{refused:?}").contains("revoked"), "{refused:?}");
+    drop(b);
+
+    // a restart makes the same list again and hands it out
+    let b = open();
+    assert!(b.config.tls.as_ref().unwrap().identity.revocations().is_revoked(&serial));
+    assert_eq!(b.node("node-b").unwrap().revoked_ms, view.revoked_ms);
+    let again = beat(&b, "node-a", &a.agent_token, Some(0)).unwrap().crl.expect("a newer list than #0");
+    assert_eq!(identity_a.set_crl_pem(&again).unwrap().number, 1);
+    assert_eq!(beat(&b, "node-a", &a.agent_token, Some(1)).unwrap().crl, None);
+    // a new key joins the name again, and revoking it raises the list's number
+    let fresh = join(&b, "node-b", &away_identity::NodeKey::generate().unwrap()).unwrap();
+    assert!(b.node("node-b").unwrap().revoked_ms.is_none());
+    b.revoke_node("node-b").unwrap();
+    let newer = beat(&b, "node-a", &a.agent_token, Some(1)).unwrap().crl.expect("list #2");
+    let summary = identity_a.set_crl_pem(&newer).unwrap();
+    assert_eq!((summary.number, summary.revoked), (2, 2));
+    assert!(identity_a
+        .revocations()
+        .is_revoked(&away_identity::serial_hex(fresh.certificate.as_ref().unwrap()).unwrap()));
+}
