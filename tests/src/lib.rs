@@ -534,3 +534,39 @@ pub fn on_cluster_node(info: &away_cluster::ClusterInfo, node: &str, name: &str)
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     v["workloads"].as_array()?.iter().find(|w| w["name"] == name).map(|w| w["state"].as_str().unwrap_or("").to_string())
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A file's permission bits (`0o600`), panicking with its path when it is missing.
+pub fn file_mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777
+}
+
+/// The chain of a failed request as one line (a TLS alert is at its end).
+pub fn request_error_chain(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s.push_str(&format!(": {c}"));
+        src = c.source();
+    }
+    s
+}
+
+/// A made-up node's fingerprint (`NodeInfo` as JSON), for hand-made registrations and
+/// heartbeats.
+pub fn fake_node_info(name: &str) -> serde_json::Value {
+    serde_json::json!({"name": name, "tier": "edge", "arch": "amd64", "memory_bytes": 17_179_869_184u64,
+        "kernel": "6.1.0", "cpu": {"vendor": "amd", "model": "fake", "cores": 8, "flags": ["sse4_2"]},
+        "runtimes": [{"kind": "containerd", "version": "2.0", "healthy": true, "checkpoint": true}],
+        "link": {"rate_mbit": 1000, "latency_ms": 1}})
+}

@@ -5,29 +5,17 @@
 //! and refuses a second join of a known name with another key; an agent without any
 //! credential refuses every call that changes anything.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use away_e2e::{away_bin, free_port, require_root, wait_for, Node};
+use away_e2e::{
+    away_bin, fake_node_info, file_mode, free_port, request_error_chain, require_root, wait_for, KillOnDrop, Node,
+};
 use away_identity::{Ca, Identity, NodeKey};
 use serde_json::{json, Value};
 
 const JOIN: &str = "identity-e2e-join-token-0123456789";
 const USER: &str = "identity-e2e-user-token-0123456789";
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn mode(p: &Path) -> u32 {
-    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777
-}
 
 fn client(tls: Option<std::sync::Arc<away_identity::rustls::ClientConfig>>) -> reqwest::blocking::Client {
     let config = tls.unwrap_or_else(away_identity::trust_nothing_client_config);
@@ -36,24 +24,6 @@ fn client(tls: Option<std::sync::Arc<away_identity::rustls::ClientConfig>>) -> r
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
-}
-
-/// The chain of a failed request as one line (the TLS alert is at its end).
-fn chain(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(c) = src {
-        s.push_str(&format!(": {c}"));
-        src = c.source();
-    }
-    s
-}
-
-fn node_info(name: &str) -> Value {
-    json!({"name": name, "tier": "edge", "arch": "amd64", "memory_bytes": 17_179_869_184u64, "kernel": "6.1.0",
-        "cpu": {"vendor": "amd", "model": "fake", "cores": 8, "flags": ["sse4_2"]},
-        "runtimes": [{"kind": "containerd", "version": "2.0", "healthy": true, "checkpoint": true}],
-        "link": {"rate_mbit": 1000, "latency_ms": 1}})
 }
 
 #[test]
@@ -69,7 +39,7 @@ fn an_agent_without_credentials_refuses_every_change() {
     let mut cmd = node.cmd(&["agent", "--name", "lonely", "--listen", &listen, "--transfer-listen", &transfer]);
     // no broker, no token
     cmd.env_remove("AWAY_AGENT_TOKEN").stdout(Stdio::null()).stderr(Stdio::null());
-    let _agent = Kill(cmd.spawn().unwrap());
+    let _agent = KillOnDrop(cmd.spawn().unwrap());
     let http = client(None);
     let base = format!("http://{listen}");
     let up = wait_for(30, || http.get(format!("{base}/v1/node")).send().ok().filter(|r| r.status().is_success()));
@@ -83,7 +53,7 @@ fn an_agent_without_credentials_refuses_every_change() {
         assert_eq!(r.status().as_u16(), 401, "{method} {path}");
     }
     // its state database is the owner's only
-    assert_eq!(mode(&node.state.join("agent.db")), 0o600);
+    assert_eq!(file_mode(&node.state.join("agent.db")), 0o600);
 }
 
 #[test]
@@ -97,7 +67,7 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
     let broker_port = free_port();
     let broker_url = format!("https://127.0.0.1:{broker_port}");
     let broker_log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
-    let _broker = Kill(
+    let _broker = KillOnDrop(
         Command::new(away_bin())
             .args(["broker", "--listen", &format!("127.0.0.1:{broker_port}"), "--heartbeat-interval", "0.5"])
             .arg("--db")
@@ -112,14 +82,14 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
     let ca_pem_path = db.with_file_name("ca.pem");
     assert!(wait_for(30, || ca_pem_path.is_file().then_some(())).is_some(), "the broker writes ca.pem");
     let ca_pem = std::fs::read_to_string(&ca_pem_path).unwrap();
-    assert_eq!(mode(&db.with_file_name("ca").join("ca.key")), 0o600);
-    assert_eq!(mode(&db.with_file_name("ca")), 0o700);
+    assert_eq!(file_mode(&db.with_file_name("ca").join("ca.key")), 0o600);
+    assert_eq!(file_mode(&db.with_file_name("ca")), 0o700);
     let user = client(Some(away_identity::trusting_client_config(&ca_pem).unwrap()));
     let nodes = wait_for(30, || {
         user.get(format!("{broker_url}/v1/nodes")).bearer_auth(USER).send().ok().filter(|r| r.status().is_success())
     });
     assert!(nodes.is_some(), "the broker answers over HTTPS with its CA");
-    assert_eq!(mode(&db), 0o600);
+    assert_eq!(file_mode(&db), 0o600);
     // plain HTTP to the broker gets nothing
     let plain = client(None).get(format!("http://127.0.0.1:{broker_port}/v1/nodes")).send();
     assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
@@ -136,7 +106,7 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
         .env("AWAY_CA", &ca_pem_path)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap());
-    let _agent = Kill(cmd.spawn().unwrap());
+    let _agent = KillOnDrop(cmd.spawn().unwrap());
     let id_dir = node.state.join("identity");
     let joined = wait_for(60, || {
         let n: Value = user.get(format!("{broker_url}/v1/nodes/edge-id")).bearer_auth(USER).send().ok()?.json().ok()?;
@@ -144,9 +114,9 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
     });
     let log = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
     assert!(joined.is_some(), "the agent joined and heartbeats over mutual TLS; its log:\n{log}");
-    assert_eq!(mode(&id_dir), 0o700);
-    assert_eq!(mode(&id_dir.join("key.pem")), 0o600);
-    assert_eq!(mode(&node.state.join("agent.db")), 0o600);
+    assert_eq!(file_mode(&id_dir), 0o700);
+    assert_eq!(file_mode(&id_dir.join("key.pem")), 0o600);
+    assert_eq!(file_mode(&node.state.join("agent.db")), 0o600);
     let identity = Identity::load(&id_dir).unwrap().expect("the saved identity");
     assert_eq!(identity.name(), "edge-id");
     assert_eq!(identity.subject(), "CN=edge-id");
@@ -166,7 +136,7 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
         .get(format!("{base}/v1/workloads"))
         .send();
     let e = no_cert.expect_err("a client without a certificate got an answer from the agent");
-    eprintln!("no certificate: {}", chain(&e));
+    eprintln!("no certificate: {}", request_error_chain(&e));
     // a certificate of another CA: no handshake either
     let other_dir = tempfile::tempdir().unwrap();
     let other_ca = Ca::load_or_create(other_dir.path()).unwrap();
@@ -199,7 +169,7 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
     assert!(wrong.is_err(), "edge-id answered as cloud: {wrong:?}");
 
     // the broker's agent side: a heartbeat without the node's certificate is refused
-    let hb = json!({"node": node_info("edge-id"), "load": {"cpu_percent": 0.0, "memory_used_bytes": 0, "workloads": 0},
+    let hb = json!({"node": fake_node_info("edge-id"), "load": {"cpu_percent": 0.0, "memory_used_bytes": 0, "workloads": 0},
         "workloads": [], "events": []});
     let r = user.post(format!("{broker_url}/v1/agents/edge-id/heartbeat")).bearer_auth(JOIN).json(&hb).send().unwrap();
     assert_eq!(r.status().as_u16(), 401, "a heartbeat without a certificate");
@@ -218,16 +188,16 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
         let status = r.status().as_u16();
         (status, r.json::<Value>().unwrap_or(Value::Null))
     };
-    let (status, body) = join(json!({"node": node_info("edge-id"), "api_addr": "127.0.0.1:9",
+    let (status, body) = join(json!({"node": fake_node_info("edge-id"), "api_addr": "127.0.0.1:9",
         "transfer_addr": "127.0.0.1:9", "csr": thief.csr_pem("edge-id").unwrap()}));
     assert_eq!(status, 409, "{body}");
     assert!(body["message"].as_str().unwrap_or("").contains("another key"), "{body}");
     let (status, body) =
-        join(json!({"node": node_info("fresh-id"), "api_addr": "127.0.0.1:9", "transfer_addr": "127.0.0.1:9"}));
+        join(json!({"node": fake_node_info("fresh-id"), "api_addr": "127.0.0.1:9", "transfer_addr": "127.0.0.1:9"}));
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["field"], "csr", "{body}");
     // a CSR for another name than the node's
-    let (status, body) = join(json!({"node": node_info("fresh-id"), "api_addr": "127.0.0.1:9",
+    let (status, body) = join(json!({"node": fake_node_info("fresh-id"), "api_addr": "127.0.0.1:9",
         "transfer_addr": "127.0.0.1:9", "csr": thief.csr_pem("edge-id").unwrap()}));
     assert_eq!(status, 400, "{body}");
     // the agent still beats: its own identity is untouched

@@ -6,13 +6,15 @@
 //! heartbeats go on; the broker lists B as revoked and offline, refuses B's revoked key
 //! for a new join and takes the name with a new key.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use away_e2e::{away_bin, free_port, require_root, wait_for, LocalAgent, Node};
+use away_e2e::{
+    away_bin, fake_node_info, file_mode, free_port, request_error_chain, require_root, wait_for, KillOnDrop,
+    LocalAgent, Node,
+};
 use away_identity::rustls::ClientConfig;
 use away_identity::{Ca, Identity, NodeKey};
 use serde_json::{json, Value};
@@ -20,16 +22,13 @@ use serde_json::{json, Value};
 const JOIN: &str = "revoke-e2e-join-token-0123456789abc";
 const USER: &str = "revoke-e2e-user-token-0123456789abc";
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn mode(p: &Path) -> u32 {
-    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777
+/// A client with `tls`.
+fn client_with(tls: Arc<ClientConfig>) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .tls_backend_preconfigured((*tls).clone())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
 }
 
 /// A client with `tls` that reaches node `node` at `addr` by its certificate name.
@@ -40,24 +39,6 @@ fn client_of(tls: Arc<ClientConfig>, node: &str, addr: &str) -> reqwest::blockin
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
-}
-
-/// The chain of a failed request as one line (the TLS alert is at its end).
-fn chain(e: &reqwest::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(c) = src {
-        s.push_str(&format!(": {c}"));
-        src = c.source();
-    }
-    s
-}
-
-fn node_info(name: &str) -> Value {
-    json!({"name": name, "tier": "edge", "arch": "amd64", "memory_bytes": 17_179_869_184u64, "kernel": "6.1.0",
-        "cpu": {"vendor": "amd", "model": "fake", "cores": 8, "flags": ["sse4_2"]},
-        "runtimes": [{"kind": "containerd", "version": "2.0", "healthy": true, "checkpoint": true}],
-        "link": {"rate_mbit": 1000, "latency_ms": 1}})
 }
 
 /// `away node ARGS` against the broker with the user token in the environment.
@@ -88,7 +69,7 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
     let broker_port = free_port();
     let broker_addr = format!("127.0.0.1:{broker_port}");
     let broker_url = format!("https://{broker_addr}");
-    let _broker = Kill(
+    let _broker = KillOnDrop(
         Command::new(away_bin())
             .args(["broker", "--listen", &broker_addr, "--heartbeat-interval", "0.5"])
             .arg("--db")
@@ -103,11 +84,7 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
     let ca_path = db.with_file_name("ca.pem");
     assert!(wait_for(30, || ca_path.is_file().then_some(())).is_some(), "the broker writes ca.pem");
     let ca_pem = std::fs::read_to_string(&ca_path).unwrap();
-    let user = reqwest::blocking::Client::builder()
-        .tls_backend_preconfigured((*away_identity::trusting_client_config(&ca_pem).unwrap()).clone())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let user = client_with(away_identity::trusting_client_config(&ca_pem).unwrap());
     let get_node = |name: &str| -> Option<Value> {
         user.get(format!("{broker_url}/v1/nodes/{name}")).bearer_auth(USER).send().ok()?.json().ok()
     };
@@ -158,13 +135,9 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
     // control: before the revocation B's certificate gets into A's API and the broker
     let r = a_api(&b_id).expect("B's certificate reaches A's API before the revocation");
     assert!(r.status().is_success(), "{}", r.status());
-    let hb = json!({"node": node_info("revoke-b"), "load": {"cpu_percent": 0.0, "memory_used_bytes": 0, "workloads": 0},
+    let hb = json!({"node": fake_node_info("revoke-b"), "load": {"cpu_percent": 0.0, "memory_used_bytes": 0, "workloads": 0},
         "workloads": [], "events": []});
-    let as_b = reqwest::blocking::Client::builder()
-        .tls_backend_preconfigured((*b_id.client_config().unwrap()).clone())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let as_b = client_with(b_id.client_config().unwrap());
     let r = as_b.post(format!("{broker_url}/v1/agents/revoke-b/heartbeat")).json(&hb).send();
     assert_eq!(r.expect("B's certificate reaches the broker").status().as_u16(), 401, "no agent token: 401");
 
@@ -190,14 +163,10 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
         assert!(text.contains("revoked"), "{text}");
     }
     // the broker refuses B's certificate at the handshake of a new connection, at once
-    let as_b = reqwest::blocking::Client::builder()
-        .tls_backend_preconfigured((*b_id.client_config().unwrap()).clone())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let as_b = client_with(b_id.client_config().unwrap());
     let e = as_b.post(format!("{broker_url}/v1/agents/revoke-b/heartbeat")).json(&hb).send();
     let e = e.expect_err("the broker answered a revoked certificate");
-    eprintln!("broker, B's certificate: {}", chain(&e));
+    eprintln!("broker, B's certificate: {}", request_error_chain(&e));
     // and keeps refusing its real agent: B stays offline
     std::thread::sleep(Duration::from_secs(2));
     let n = get_node("revoke-b").unwrap();
@@ -208,10 +177,10 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
     // A learns the list with its next heartbeat and refuses B's certificate from then on
     let crl = a.node.state.join("identity").join(away_identity::CRL_FILE);
     assert!(wait_for(20, || crl.is_file().then_some(())).is_some(), "A stores the CA's revocation list");
-    assert_eq!(mode(&crl), 0o600);
+    assert_eq!(file_mode(&crl), 0o600);
     let refused = wait_for(10, || a_api(&b_id).err());
     let e = refused.expect("A's API still answers B's revoked certificate");
-    let why = chain(&e);
+    let why = request_error_chain(&e);
     eprintln!("A's API, B's certificate: {why}");
     assert!(why.to_lowercase().contains("revoked"), "the handshake fails for the revocation: {why}");
     // another node of the CA still gets in, and A still heartbeats with the broker
@@ -224,7 +193,7 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
 
     // B's revoked key never joins again; the name does, with a new key
     let join = |csr: String| {
-        let body = json!({"node": node_info("revoke-b"), "api_addr": "127.0.0.1:9", "transfer_addr": "127.0.0.1:9",
+        let body = json!({"node": fake_node_info("revoke-b"), "api_addr": "127.0.0.1:9", "transfer_addr": "127.0.0.1:9",
             "csr": csr});
         let r = user.post(format!("{broker_url}/v1/agents/register")).bearer_auth(JOIN).json(&body).send().unwrap();
         let status = r.status().as_u16();

@@ -255,15 +255,54 @@ impl crate::Identity {
     }
 }
 
+/// A verifier built from the CRL in force, rebuilt when [`Revocations`] changes: the
+/// swap both wrappers below make (rustls has no swappable verifier of its own).
+struct Swappable<V: ?Sized> {
+    revocations: Revocations,
+    build: Box<dyn Fn(Vec<CertificateRevocationListDer<'static>>) -> Result<Arc<V>> + Send + Sync>,
+    built: RwLock<(u64, Arc<V>)>,
+}
+
+impl<V: ?Sized> std::fmt::Debug for Swappable<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Swappable").field("revocations", &self.revocations).finish_non_exhaustive()
+    }
+}
+
+impl<V: ?Sized> Swappable<V> {
+    fn new(
+        revocations: Revocations,
+        build: impl Fn(Vec<CertificateRevocationListDer<'static>>) -> Result<Arc<V>> + Send + Sync + 'static,
+    ) -> Result<Swappable<V>> {
+        let (generation, crls) = revocations.snapshot();
+        let first = build(crls)?;
+        Ok(Swappable { revocations, build: Box::new(build), built: RwLock::new((generation, first)) })
+    }
+
+    fn current(&self) -> std::result::Result<Arc<V>, rustls::Error> {
+        let now = self.revocations.generation();
+        {
+            let built = self.built.read().unwrap_or_else(|e| e.into_inner());
+            if built.0 == now {
+                return Ok(built.1.clone());
+            }
+        }
+        let (generation, crls) = self.revocations.snapshot();
+        // a list that cannot be used refuses every peer (fail closed); lists are checked
+        // before they are set, so this is not expected
+        let inner = (self.build)(crls).map_err(|e| rustls::Error::General(format!("revocation list: {e}")))?;
+        *self.built.write().unwrap_or_else(|e| e.into_inner()) = (generation, inner.clone());
+        Ok(inner)
+    }
+}
+
 /// A client-certificate verifier (TLS servers) over rustls's WebPKI one, rebuilt with the
 /// CRL whenever [`Revocations`] changes.
 #[derive(Debug)]
 pub(crate) struct RevocableClientVerifier {
-    roots: Arc<RootCertStore>,
     optional: bool,
-    revocations: Revocations,
     hints: Vec<DistinguishedName>,
-    built: RwLock<(u64, Arc<dyn ClientCertVerifier>)>,
+    inner: Swappable<dyn ClientCertVerifier>,
 }
 
 fn client_verifier(
@@ -289,33 +328,13 @@ impl RevocableClientVerifier {
         optional: bool,
         revocations: Revocations,
     ) -> Result<Arc<RevocableClientVerifier>> {
-        let (generation, crls) = revocations.snapshot();
-        let inner = client_verifier(&roots, optional, crls)?;
-        let hints = inner.root_hint_subjects().to_vec();
-        Ok(Arc::new(RevocableClientVerifier {
-            roots,
-            optional,
-            revocations,
-            hints,
-            built: RwLock::new((generation, inner)),
-        }))
+        let inner = Swappable::new(revocations, move |crls| client_verifier(&roots, optional, crls))?;
+        let hints = inner.current().map(|v| v.root_hint_subjects().to_vec()).unwrap_or_default();
+        Ok(Arc::new(RevocableClientVerifier { optional, hints, inner }))
     }
 
     fn inner(&self) -> std::result::Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
-        let now = self.revocations.generation();
-        {
-            let built = self.built.read().unwrap_or_else(|e| e.into_inner());
-            if built.0 == now {
-                return Ok(built.1.clone());
-            }
-        }
-        let (generation, crls) = self.revocations.snapshot();
-        // a list that cannot be used refuses every client (fail closed); lists are
-        // checked before they are set, so this is not expected
-        let inner = client_verifier(&self.roots, self.optional, crls)
-            .map_err(|e| rustls::Error::General(format!("revocation list: {e}")))?;
-        *self.built.write().unwrap_or_else(|e| e.into_inner()) = (generation, inner.clone());
-        Ok(inner)
+        self.inner.current()
     }
 }
 
@@ -368,9 +387,7 @@ impl ClientCertVerifier for RevocableClientVerifier {
 /// CRL whenever [`Revocations`] changes.
 #[derive(Debug)]
 pub(crate) struct RevocableServerVerifier {
-    roots: Arc<RootCertStore>,
-    revocations: Revocations,
-    built: RwLock<(u64, Arc<WebPkiServerVerifier>)>,
+    inner: Swappable<WebPkiServerVerifier>,
 }
 
 fn server_verifier(
@@ -386,24 +403,12 @@ fn server_verifier(
 
 impl RevocableServerVerifier {
     pub(crate) fn new(roots: Arc<RootCertStore>, revocations: Revocations) -> Result<Arc<RevocableServerVerifier>> {
-        let (generation, crls) = revocations.snapshot();
-        let inner = server_verifier(&roots, crls)?;
-        Ok(Arc::new(RevocableServerVerifier { roots, revocations, built: RwLock::new((generation, inner)) }))
+        let inner = Swappable::new(revocations, move |crls| server_verifier(&roots, crls))?;
+        Ok(Arc::new(RevocableServerVerifier { inner }))
     }
 
     fn inner(&self) -> std::result::Result<Arc<WebPkiServerVerifier>, rustls::Error> {
-        let now = self.revocations.generation();
-        {
-            let built = self.built.read().unwrap_or_else(|e| e.into_inner());
-            if built.0 == now {
-                return Ok(built.1.clone());
-            }
-        }
-        let (generation, crls) = self.revocations.snapshot();
-        let inner =
-            server_verifier(&self.roots, crls).map_err(|e| rustls::Error::General(format!("revocation list: {e}")))?;
-        *self.built.write().unwrap_or_else(|e| e.into_inner()) = (generation, inner.clone());
-        Ok(inner)
+        self.inner.current()
     }
 }
 
