@@ -14,8 +14,8 @@ pub enum Command {
     /// Make a join token, or with --user a user's token; its secret is printed this once
     /// (alone on stdout, or in --json)
     #[command(after_help = "Examples:
-  AWAY_JOIN_TOKEN=$(away token create --broker https://10.0.0.1:7700 --ca ca.pem --expires 1h --label laptop-anna)
-  away token create --broker https://10.0.0.1:7700 --ca ca.pem --user anna --expires 30d --label 'anna, thesis'")]
+  AWAY_JOIN_TOKEN=$(away token create --broker https://10.0.0.1:7700 --ca ca.pem --expires 1h)
+  away token create --broker https://10.0.0.1:7700 --ca ca.pem --user anna --expires 30d")]
     Create {
         #[command(flatten)]
         broker: BrokerArgs,
