@@ -281,8 +281,8 @@ async fn get_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>
     )
 )]
 async fn drain_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
-    b.check_user(bearer(&headers))?;
-    ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, true)).await?)
+    let by = b.check_user(bearer(&headers))?;
+    ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, true, by.name())).await?)
 }
 
 #[utoipa::path(
@@ -300,8 +300,8 @@ async fn drain_node(State(b): Shared, headers: HeaderMap, Path(name): Path<Strin
     )
 )]
 async fn undrain_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
-    b.check_user(bearer(&headers))?;
-    ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, false)).await?)
+    let by = b.check_user(bearer(&headers))?;
+    ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, false, by.name())).await?)
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -353,7 +353,7 @@ async fn submit_workload(
     query: Result<axum::extract::Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Answer {
-    b.check_user(bearer(&headers))?;
+    let by = b.check_user(bearer(&headers))?;
     let query = query.map_err(|e| Problem::invalid(format!("bad query string: {e}")))?;
     let dry_run = flag(query.dry_run.as_deref(), "dry_run")?;
     let text = std::str::from_utf8(&body).map_err(|_| Problem::invalid("the spec must be UTF-8 text"))?;
@@ -363,7 +363,7 @@ async fn submit_workload(
     // JSON as documented; YAML is accepted too (the same parser as `away run`)
     let spec = WorkloadSpec::parse(text, SpecFormat::detect(None, text), "<request body>")
         .map_err(|e| Problem::from(away_model::ApiError::from(e)))?;
-    let (workload, placement) = blocking(&b, move |b| b.submit(spec, dry_run)).await?;
+    let (workload, placement) = blocking(&b, move |b| b.submit(spec, dry_run, by.name())).await?;
     let status = if workload.is_some() { StatusCode::CREATED } else { StatusCode::OK };
     ok(status, SubmitAnswer { workload, placement })
 }
@@ -418,8 +418,8 @@ async fn get_workload(State(b): Shared, headers: HeaderMap, Path(name): Path<Str
     )
 )]
 async fn delete_workload(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
-    b.check_user(bearer(&headers))?;
-    ok(StatusCode::ACCEPTED, blocking(&b, move |b| b.delete(&name)).await?)
+    let by = b.check_user(bearer(&headers))?;
+    ok(StatusCode::ACCEPTED, blocking(&b, move |b| b.delete(&name, by.name())).await?)
 }
 
 #[utoipa::path(
@@ -510,12 +510,12 @@ async fn request_migration(
     query: Result<axum::extract::Query<MigrateQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Answer {
-    b.check_user(bearer(&headers))?;
+    let by = b.check_user(bearer(&headers))?;
     let query = query.map_err(|e| Problem::invalid(format!("bad query string: {e}")))?;
     let dry_run = flag(query.dry_run.as_deref(), "dry_run")?;
     let mut req: MigrationRequest = parse_json(&body)?;
     if !dry_run && !move_plan::wanted(&req) {
-        let m = blocking(&b, move |b| b.migrate(req)).await?;
+        let m = blocking(&b, move |b| b.migrate(req, by.name())).await?;
         return ok(StatusCode::ACCEPTED, MigrationAccepted { migration: m });
     }
     let choice = {
@@ -567,7 +567,7 @@ async fn request_migration(
     req.to = Some(choice.target.clone());
     req.mode = mode;
     let chosen = Some((choice.chosen_by.clone(), why));
-    let m = blocking(&b, move |b| b.migrate_as(req, chosen, predicted)).await?;
+    let m = blocking(&b, move |b| b.migrate_as(req, chosen, predicted, by.name())).await?;
     ok(StatusCode::ACCEPTED, MigrationAccepted { migration: m })
 }
 
@@ -622,8 +622,8 @@ async fn get_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<Stri
     )
 )]
 async fn cancel_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
-    b.check_user(bearer(&headers))?;
-    let m = blocking(&b, move |b| b.cancel_migration(&id)).await?;
+    let by = b.check_user(bearer(&headers))?;
+    let m = blocking(&b, move |b| b.cancel_migration(&id, by.name())).await?;
     let status = if m.state.is_active() { StatusCode::ACCEPTED } else { StatusCode::OK };
     ok(status, m)
 }

@@ -104,7 +104,7 @@ pub struct Broker {
     cluster_token: String,
     pub(crate) http: reqwest::Client,
     /// Submissions waiting for the transaction that stores them.
-    submissions: GroupCommit<WorkloadSpec, Result<(Option<WorkloadView>, PlacementDecision), Problem>>,
+    submissions: GroupCommit<(WorkloadSpec, String), Submitted>,
     /// When this process opened the store: its nodes' last heartbeats are as old as the
     /// broker's downtime, so none counts as offline for ending a migration before a
     /// node_timeout has passed (each had its chance to beat again).
@@ -113,6 +113,9 @@ pub struct Broker {
 
 // the API bodies live in away-model, shared with away-client
 pub use away_model::{MigrationRequest, NodeView, WorkloadView};
+
+/// A submission's answer: the stored workload (none on a dry run) and its placement.
+type Submitted = Result<(Option<WorkloadView>, PlacementDecision), Problem>;
 
 /// Where a requested move would go, before it is recorded ([`Broker::choose_move`]).
 #[derive(Debug, Clone)]
@@ -285,8 +288,9 @@ impl Broker {
                 workload: p.workload,
                 migration: p.migration,
                 message: p.message,
+                by: p.by,
             };
-            tracing::info!(kind = %e.kind, node = ?e.node, workload = ?e.workload, migration = ?e.migration, "{}", e.message);
+            tracing::info!(kind = %e.kind, node = ?e.node, workload = ?e.workload, migration = ?e.migration, by = ?e.by, "{}", e.message);
             // no subscriber is fine
             let _ = self.events.send(e);
         }
@@ -758,7 +762,8 @@ impl Broker {
         Ok(self.node_view(&inner, n, now_ms()))
     }
 
-    pub fn drain(&self, name: &str, draining: bool) -> Result<NodeView, Problem> {
+    /// Drain node `name` (or stop draining it), as user `by` asked.
+    pub fn drain(&self, name: &str, draining: bool, by: &str) -> Result<NodeView, Problem> {
         let mut inner = lock(&self.inner);
         let mut n =
             inner.nodes.get(name).cloned().ok_or_else(|| Problem::not_found(format!("no node named {name:?}")))?;
@@ -772,8 +777,9 @@ impl Broker {
             self.emit(vec![if draining {
                 Pending::new("node-draining", format!("node {name} is draining: nothing new is placed there"))
                     .node(name)
+                    .by(by)
             } else {
-                Pending::new("node-undrained", format!("node {name} takes new workloads again")).node(name)
+                Pending::new("node-undrained", format!("node {name} takes new workloads again")).node(name).by(by)
             }]);
         }
         Ok(view)
@@ -801,11 +807,7 @@ impl Broker {
     }
 
     /// Place a workload (or only explain where it would go).
-    pub fn submit(
-        &self,
-        spec: WorkloadSpec,
-        dry_run: bool,
-    ) -> Result<(Option<WorkloadView>, PlacementDecision), Problem> {
+    pub fn submit(&self, spec: WorkloadSpec, dry_run: bool, by: &str) -> Submitted {
         if dry_run {
             let inner = lock(&self.inner);
             let decision = placement::place(&spec, &self.candidates(&inner, now_ms()));
@@ -817,7 +819,7 @@ impl Broker {
                 }
             };
         }
-        self.submissions.submit(spec, |specs| self.place_batch(specs))
+        self.submissions.submit((spec, by.to_string()), |specs| self.place_batch(specs))
     }
 
     fn refused(decision: PlacementDecision) -> Problem {
@@ -828,10 +830,12 @@ impl Broker {
     /// ones before it reserved), and store the placed ones in one transaction. Nothing
     /// is acknowledged, nor held in memory, before that transaction is durable; if it
     /// fails, each submission of the batch gets the error.
-    fn place_batch(&self, specs: Vec<WorkloadSpec>) -> Vec<Result<(Option<WorkloadView>, PlacementDecision), Problem>> {
+    fn place_batch(&self, specs: Vec<(WorkloadSpec, String)>) -> Vec<Submitted> {
         let now = now_ms();
         let mut inner = lock(&self.inner);
         let mut answers: Vec<Result<PlacementDecision, Problem>> = Vec::with_capacity(specs.len());
+        // who asked for each, in the order of `answers`
+        let mut asked_by: Vec<String> = Vec::with_capacity(specs.len());
         let mut placed: Vec<WorkloadRecord> = Vec::new();
         // addresses are taken from a copy, which replaces the broker's once stored
         let mut overlay = inner.ipam.clone();
@@ -841,7 +845,8 @@ impl Broker {
             // workload to its node's promised resources here, for the next ones
             let mut candidates = self.candidates(&inner, now);
             let mut names = BTreeSet::new();
-            for mut spec in specs {
+            for (mut spec, by) in specs {
+                asked_by.push(by);
                 if let Err(problem) = Self::check_network(&inner, &spec) {
                     answers.push(Err(problem));
                     continue;
@@ -913,13 +918,15 @@ impl Broker {
         let mut events = Vec::new();
         let answers = answers
             .into_iter()
-            .map(|a| {
+            .zip(asked_by)
+            .map(|(a, by)| {
                 let decision = a?;
                 let record = &inner.workloads[&decision.workload];
                 let view = self.workload_view(&inner, record, now, true);
                 Metrics::inc(&self.metrics.placements_placed);
-                events
-                    .push(Pending::new("workload-placed", decision.why.clone()).node(&view.node).workload(&view.name));
+                events.push(
+                    Pending::new("workload-placed", decision.why.clone()).node(&view.node).workload(&view.name).by(&by),
+                );
                 Ok((Some(view), decision))
             })
             .collect();
@@ -971,8 +978,8 @@ impl Broker {
         Ok(self.workload_view(&inner, w, now_ms(), true))
     }
 
-    /// Ask for removal: the home node removes it, then the broker forgets it.
-    pub fn delete(&self, name: &str) -> Result<WorkloadView, Problem> {
+    /// Ask for removal (user `by` did): the home node removes it, then the broker forgets it.
+    pub fn delete(&self, name: &str, by: &str) -> Result<WorkloadView, Problem> {
         let now = now_ms();
         let mut inner = lock(&self.inner);
         let mut w = inner.workloads.get(name).cloned().ok_or_else(|| no_workload(name))?;
@@ -997,7 +1004,8 @@ impl Broker {
         if first {
             self.emit(vec![Pending::new("workload-removing", format!("{name} will be removed from {}", w.node))
                 .node(&w.node)
-                .workload(name)]);
+                .workload(name)
+                .by(by)]);
         }
         Ok(view)
     }
@@ -1012,8 +1020,9 @@ impl Broker {
 
     // ---- migrations ----
 
-    pub fn migrate(&self, req: MigrationRequest) -> Result<MigrationRecord, Problem> {
-        self.migrate_as(req, None, None)
+    /// Record a migration of `req`, as user `by` asked.
+    pub fn migrate(&self, req: MigrationRequest, by: &str) -> Result<MigrationRecord, Problem> {
+        self.migrate_as(req, None, None, by)
     }
 
     /// Where a move of `req` would go (source, target, compatibility, why), checked as
@@ -1031,6 +1040,7 @@ impl Broker {
         req: MigrationRequest,
         chosen: Option<(String, String)>,
         predicted: Option<away_model::MovePrediction>,
+        by: &str,
     ) -> Result<MigrationRecord, Problem> {
         let now = now_ms();
         let deadline_s = req.deadline_s.unwrap_or(DEFAULT_MIGRATION_DEADLINE_S);
@@ -1067,7 +1077,8 @@ impl Broker {
         )
         .node(&record.source)
         .workload(&record.workload)
-        .migration(&record.id)]);
+        .migration(&record.id)
+        .by(by)]);
         Ok(record)
     }
 
@@ -1203,7 +1214,7 @@ impl Broker {
 
     /// `DELETE /v1/migrations/{id}`: end a migration its source has not started, or one
     /// whose source is offline (reconcile rule 7).
-    pub fn cancel_migration(&self, id: &str) -> Result<MigrationRecord, Problem> {
+    pub fn cancel_migration(&self, id: &str, by: &str) -> Result<MigrationRecord, Problem> {
         let now = now_ms();
         let mut inner = lock(&self.inner);
         let m = inner.migrations.get(id).ok_or_else(|| Problem::not_found(format!("no migration {id:?}")))?;
@@ -1212,7 +1223,7 @@ impl Broker {
         inner.store.apply(&Changes { migrations: vec![m.clone()], ..Default::default() })?;
         inner.migrations.insert(m.id.clone(), m.clone());
         drop(inner);
-        self.emit(vec![event]);
+        self.emit(vec![event.by(by)]);
         Ok(m)
     }
 

@@ -761,7 +761,8 @@ async fn user_tokens_use_the_user_api_until_revoked_or_expired() {
     assert!(anna_id.starts_with("ut-") && anna_token.len() == 64 && anna["user"] == "anna", "{anna}");
     assert!(anna.get("expires_unix_ms").is_none(), "{anna}");
 
-    // anna uses the user API with it
+    // anna uses the user API with it; the events say it was her
+    let mut events = b.broker.subscribe();
     let (s, nodes) = b.call(Method::GET, "/v1/nodes", Some(anna_token), None).await;
     assert_eq!((s, nodes[0]["name"].as_str()), (200, Some("edge-1")), "{nodes}");
     let (s, placed) =
@@ -769,6 +770,19 @@ async fn user_tokens_use_the_user_api_until_revoked_or_expired() {
     assert_eq!(s, 201, "{placed}");
     let (s, w) = b.call(Method::GET, "/v1/workloads/annas", Some(anna_token), None).await;
     assert_eq!((s, w["node"].as_str()), (200, Some("edge-1")), "{w}");
+    let (s, n) = b.call(Method::POST, "/v1/nodes/edge-1/drain", Some(anna_token), None).await;
+    assert_eq!((s, n["draining"].as_bool()), (200, Some(true)), "{n}");
+    let (s, n) = b.delete("/v1/nodes/edge-1/drain").await;
+    assert_eq!((s, n["draining"].as_bool()), (200, Some(false)), "{n}");
+    let mut by = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        by.push((e.kind, e.by));
+    }
+    let by: Vec<(&str, Option<&str>)> = by.iter().map(|(k, b)| (k.as_str(), b.as_deref())).collect();
+    assert_eq!(
+        by,
+        [("workload-placed", Some("anna")), ("node-draining", Some("anna")), ("node-undrained", Some("admin"))]
+    );
 
     // but manages no tokens, of either kind: 403 naming why
     for (method, path, body) in [

@@ -304,6 +304,10 @@ pub struct BrokerEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<String>,
     pub message: String,
+    /// Whose request it follows: the user of a user token (`anna`), or `admin` for a
+    /// token of the broker's configuration; absent for what nodes and the broker did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// The answer of `POST /v1/workloads`: the stored workload (absent on a dry run) and
