@@ -150,7 +150,7 @@ impl Caller {
     /// The name events and logs give the caller: the user's, or `admin`.
     pub fn name(&self) -> &str {
         match self {
-            Caller::Admin => "admin",
+            Caller::Admin => away_model::ADMIN_USER,
             Caller::User { name, .. } => name,
         }
     }
@@ -511,6 +511,12 @@ impl Broker {
     /// A new token for a user (`POST /v1/user-tokens`): its secret is answered this once
     /// and only its SHA-256 is stored.
     pub fn create_user_token(&self, req: UserTokenRequest) -> Result<UserTokenCreated, Problem> {
+        if req.user == away_model::ADMIN_USER {
+            return Err(Problem::invalid(
+                "user name \"admin\" is taken: events name the broker's configured (admin) tokens so; choose another",
+            )
+            .field("user"));
+        }
         if !away_model::is_user_name(&req.user) {
             return Err(Problem::invalid(format!(
                 "user name {:?} must be a lower-case letter, then up to 62 lower-case letters, digits or '-' (like \

@@ -851,6 +851,7 @@ async fn user_tokens_use_the_user_api_until_revoked_or_expired() {
         (json!({"user": "2anna"}), Some("user")),
         (json!({"user": ""}), Some("user")),
         (json!({"user": "a".repeat(64)}), Some("user")),
+        (json!({"user": "admin"}), Some("user")),
         (json!({"user": "anna", "expires_in_s": 0}), Some("expires_in_s")),
         (json!({"user": "anna", "label": "a\nb"}), Some("label")),
         (json!({}), None),

@@ -411,13 +411,18 @@ impl TokenState {
 /// The longest a user token may live: `expires_in_s` above this is refused.
 pub const MAX_USER_TOKEN_LIFETIME_S: u64 = MAX_JOIN_TOKEN_LIFETIME_S;
 
-/// The rule of a user name: a DNS label's shape (`anna`, `ci-runner-2`).
-pub const USER_NAME_PATTERN: &str = "^[a-z][a-z0-9-]{0,62}$";
+/// The rule of a user name: a DNS label's shape (`anna`, `ci-runner-2`), and not
+/// `admin`, the name events give the broker's configured tokens ([`ADMIN_USER`]).
+pub const USER_NAME_PATTERN: &str = "^(?!admin$)[a-z][a-z0-9-]{0,62}$";
+
+/// Who the broker's configured user tokens are, in events (`by`); no user is called so.
+pub const ADMIN_USER: &str = "admin";
 
 /// Whether `name` is a user name ([`USER_NAME_PATTERN`]).
 pub fn is_user_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+    name != ADMIN_USER
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
         && name.len() <= 63
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
@@ -428,8 +433,9 @@ pub fn is_user_name(name: &str) -> bool {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UserTokenRequest {
-    /// Whose token it is: a lower-case letter, then up to 62 lower-case letters, digits or `-`.
-    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z][a-z0-9-]{0,62}$"))]
+    /// Whose token it is: a lower-case letter, then up to 62 lower-case letters, digits or
+    /// `-`; not `admin` (the name events give the broker's configured tokens).
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(?!admin$)[a-z][a-z0-9-]{0,62}$"))]
     pub user: String,
     /// Seconds until it expires (1 .. 10 years); absent: it never expires (revoke it).
     #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
@@ -502,7 +508,8 @@ mod tests {
         for good in ["anna", "a", "ci-runner-2", &"a".repeat(63)] {
             assert!(is_user_name(good), "{good}");
         }
-        for bad in ["", "Anna", "2anna", "-anna", "an_na", "anna.b", "änna", &"a".repeat(64)] {
+        assert!(is_user_name("admins") && is_user_name("x-admin"));
+        for bad in ["", "Anna", "2anna", "-anna", "an_na", "anna.b", "änna", "admin", &"a".repeat(64)] {
             assert!(!is_user_name(bad), "{bad}");
         }
     }

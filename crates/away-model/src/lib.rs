@@ -24,7 +24,7 @@ pub use api::{
     is_user_name, BrokerEvent, Compatibility, ErrorBody, Filtered, JoinTokenCreated, JoinTokenRequest, JoinTokenView,
     MigrationAccepted, MigrationPlanAnswer, MigrationRecord, MigrationRequest, MigrationState, NodeScore, NodeView,
     Optimize, PlacementDecision, Rule, SubmitAnswer, TokenState, UserTokenCreated, UserTokenRequest, UserTokenView,
-    WorkloadView, DEFAULT_MIGRATION_DEADLINE_S, MAX_JOIN_TOKEN_LIFETIME_S, MAX_MIGRATION_DEADLINE_S,
+    WorkloadView, ADMIN_USER, DEFAULT_MIGRATION_DEADLINE_S, MAX_JOIN_TOKEN_LIFETIME_S, MAX_MIGRATION_DEADLINE_S,
     MAX_USER_TOKEN_LIFETIME_S, USER_NAME_PATTERN,
 };
 pub use cluster::{

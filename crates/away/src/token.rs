@@ -20,7 +20,7 @@ pub enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
         /// Make a token for this user (a lower-case letter, then up to 62 lower-case letters,
-        /// digits or '-'): it may use the broker's whole user API (submit, move, logs, events,
+        /// digits or '-'; not admin): it may use the broker's whole user API (submit, move, logs, events,
         /// the dashboard) but not manage tokens. Without --user: a join token for a new node
         #[arg(long, value_name = "NAME", value_parser = parse_user)]
         user: Option<String>,
@@ -254,6 +254,8 @@ fn print_list(rows: &[Row], now: u64) {
 fn parse_user(text: &str) -> Result<String, String> {
     if away_model::is_user_name(text) {
         Ok(text.to_string())
+    } else if text == away_model::ADMIN_USER {
+        Err("\"admin\" is taken: the broker's events call its configured tokens so".into())
     } else {
         Err(format!(
             "{text:?}: a user name is a lower-case letter, then up to 62 lower-case letters, digits or '-' (anna, \

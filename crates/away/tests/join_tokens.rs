@@ -136,7 +136,8 @@ async fn user_tokens_create_list_revoke() {
 
     // --help teaches both kinds
     let out = away(&["token", "create", "--help"], None);
-    let help = text(&out.stdout);
+    // as words, whatever the terminal's width wrapped
+    let help = text(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
         help.contains("--user <NAME>") && help.contains("not manage tokens") && help.contains("Examples"),
         "{help}"
