@@ -179,8 +179,7 @@ impl Broker {
             return Err(BrokerError::Config("the join token must not be empty".into()));
         }
         let store = Store::open(&config.db_path)?;
-        let mut loaded = store.load()?;
-        let loaded_user_tokens = std::mem::take(&mut loaded.user_tokens);
+        let loaded = store.load()?;
         let now = now_ms();
         let timeout = config.node_timeout.as_millis() as u64;
         let announced_online = loaded
@@ -225,7 +224,7 @@ impl Broker {
             migrations = inner.migrations.len(),
             "broker state loaded"
         );
-        let user_tokens = loaded_user_tokens.into_iter().map(|t| (t.id.clone(), t)).collect();
+        let user_tokens = loaded.user_tokens.into_iter().map(|t| (t.id.clone(), t)).collect();
         let (events, _) = broadcast::channel(1024);
         let http = away_identity::http::client_builder(None)
             .connect_timeout(std::time::Duration::from_secs(3))
