@@ -456,16 +456,9 @@ impl Broker {
     /// only its SHA-256 is stored.
     pub fn create_join_token(&self, req: JoinTokenRequest) -> Result<JoinTokenCreated, Problem> {
         let (expires_in_s, label) = token_lifetime_and_label(req.expires_in_s, req.label)?;
-        let token = tokens::generate().map_err(|e| Problem::internal(format!("no randomness for a token: {e}")))?;
-        let now = now_ms();
-        let record = JoinTokenRecord {
-            id: tokens::short_id("jt-"),
-            sha256: tokens::sha256_hex(&token),
-            created_ms: now,
-            expires_ms: expires_in_s.map(|s| now + s * 1000),
-            revoked_ms: None,
-            label,
-        };
+        let NewToken { token, sha256, created_ms, expires_ms } = NewToken::make(expires_in_s)?;
+        let record =
+            JoinTokenRecord { id: tokens::short_id("jt-"), sha256, created_ms, expires_ms, revoked_ms: None, label };
         let mut inner = lock(&self.inner);
         if inner.join_tokens.contains_key(&record.id) {
             return Err(Problem::internal("a new join token id is taken already: try again"));
@@ -525,14 +518,13 @@ impl Broker {
             .field("user"));
         }
         let (expires_in_s, label) = token_lifetime_and_label(req.expires_in_s, req.label)?;
-        let token = tokens::generate().map_err(|e| Problem::internal(format!("no randomness for a token: {e}")))?;
-        let now = now_ms();
+        let NewToken { token, sha256, created_ms, expires_ms } = NewToken::make(expires_in_s)?;
         let record = UserTokenRecord {
             id: tokens::short_id("ut-"),
             user: req.user,
-            sha256: tokens::sha256_hex(&token),
-            created_ms: now,
-            expires_ms: expires_in_s.map(|s| now + s * 1000),
+            sha256,
+            created_ms,
+            expires_ms,
             revoked_ms: None,
             label,
         };
@@ -1264,6 +1256,27 @@ impl Broker {
             ("away_workloads", "Workloads by state.", "state", workloads.into_iter().collect()),
             ("away_migrations", "Migrations by state.", "state", migrations.into_iter().collect()),
         ])
+    }
+}
+
+/// A new made token's secret, its hash, and when it was made and expires.
+struct NewToken {
+    token: String,
+    sha256: String,
+    created_ms: u64,
+    expires_ms: Option<u64>,
+}
+
+impl NewToken {
+    fn make(expires_in_s: Option<u64>) -> Result<NewToken, Problem> {
+        let token = tokens::generate().map_err(|e| Problem::internal(format!("no randomness for a token: {e}")))?;
+        let created_ms = now_ms();
+        Ok(NewToken {
+            sha256: tokens::sha256_hex(&token),
+            token,
+            created_ms,
+            expires_ms: expires_in_s.map(|s| created_ms + s * 1000),
+        })
     }
 }
 
