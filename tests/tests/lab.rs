@@ -2,7 +2,7 @@
 //! (pre-copy; multifd + zstd in one cell) and as a container (containerd, Docker, and
 //! the peer: Podman's checkpoint export / restore import) over the emulated LAN and WAN,
 //! with the CSV, plots and report (with its table of away's best path against each
-//! peer) written. Needs root, containerd, dockerd, podman, CRIU and QEMU; takes several
+//! peer) written; away's moves over mutual TLS with the lab's node identities. Needs root, containerd, dockerd, podman, CRIU and QEMU; takes several
 //! minutes (release build of away, as the benchmarks use).
 
 use std::path::Path;
@@ -75,6 +75,8 @@ fn quick_profile_end_to_end() {
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert!(csv.contains(",peer-podman,wan,ram50,") && csv.contains(",vm-multifd-zstd,lan,idle,"), "{csv}");
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    // the moves went over mutual TLS (the default), container and VM alike
+    assert!(report.contains("- channels between the nodes: mutual TLS"), "{report}");
     let table = report.split("## away's best path vs each peer").nth(1).expect("the peer table in report.md");
     for cell in ["| lan | idle |", "| wan | ram50 |"] {
         let row = table.lines().find(|l| l.starts_with(cell) && l.contains("| peer-podman |"));

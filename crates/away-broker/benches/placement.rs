@@ -132,7 +132,7 @@ fn run(nodes: usize) {
                 let mut refused = 0;
                 for s in share {
                     let one = Instant::now();
-                    if broker.submit(s, false).is_err() {
+                    if broker.submit(s, false, "bench").is_err() {
                         refused += 1;
                     }
                     latencies.push(one.elapsed());
@@ -156,7 +156,7 @@ fn run(nodes: usize) {
         let mut s = spec(i);
         s.name = format!("alone-{i}");
         let one = Instant::now();
-        let _ = broker.submit(s, false);
+        let _ = broker.submit(s, false, "bench");
         alone.push(one.elapsed());
     }
 
@@ -165,7 +165,7 @@ fn run(nodes: usize) {
     let specs: Vec<WorkloadSpec> = (0..dry).map(spec).collect();
     let (t, cpu) = (Instant::now(), cpu_seconds());
     for s in specs {
-        let _ = broker.submit(s, true);
+        let _ = broker.submit(s, true, "bench");
     }
     let dry_each = t.elapsed() / dry as u32;
     let dry_cpu = (cpu_seconds() - cpu) / dry as f64;

@@ -431,6 +431,7 @@ function dispatch(block) {
       `${time(ev.at_ms)} `,
       el('span', { class: 'kind' }, ev.kind || 'event'),
       ` ${ev.message || ''}`,
+      ev.by ? ` (by ${ev.by})` : '',
     ),
   );
   while (log.children.length > 200) log.lastChild.remove();

@@ -18,14 +18,21 @@
 //! | GET | /v1/migrations | user | `[Migration]` |
 //! | GET | /v1/migrations/{id} | user | `Migration`, 404 |
 //! | DELETE | /v1/migrations/{id} | user | 200 `Migration` (cancelled), 202 (its online source is told to abort it), 404, 409 (ended) |
-//! | POST | /v1/join-tokens | user | 201 `JoinTokenCreated` (the secret, shown once); 400 |
-//! | GET | /v1/join-tokens | user | `[JoinTokenView]` (no secrets) |
-//! | DELETE | /v1/join-tokens/{id} | user | `JoinTokenView` (revoked), 404 |
+//! | POST | /v1/join-tokens | admin | 201 `JoinTokenCreated` (the secret, shown once); 400 |
+//! | GET | /v1/join-tokens | admin | `[JoinTokenView]` (no secrets) |
+//! | DELETE | /v1/join-tokens/{id} | admin | `JoinTokenView` (revoked), 404 |
+//! | POST | /v1/user-tokens | admin | 201 `UserTokenCreated` (the secret, shown once); 400 |
+//! | GET | /v1/user-tokens | admin | `[UserTokenView]` (no secrets) |
+//! | DELETE | /v1/user-tokens/{id} | admin | `UserTokenView` (revoked), 404 |
 //! | POST | /v1/agents/register | join token | `RegisterResponse`; 401 naming a revoked or expired token |
 //! | POST | /v1/agents/{name}/heartbeat | agent token | `HeartbeatResponse` |
 //! | GET | /v1/events | user | Server-Sent Events, JSON `BrokerEvent` in `data:` |
 //! | GET | /v1/openapi.json | none | this API's OpenAPI 3 document |
 //! | GET | /metrics | none | Prometheus text |
+//!
+//! `user`: a user token, an admin's (configured with `--user-token`) or a user's (made
+//! with `POST /v1/user-tokens`; 401 naming why once it is revoked or expired). `admin`:
+//! an admin's only; a user's token gets 403.
 //!
 //! Every error is an `ApiError` JSON body; malformed input is a 400 naming the field.
 //! Handlers run the (short, SQLite-writing) state operations on the blocking pool.
@@ -38,7 +45,7 @@ use std::sync::LazyLock;
 use away_model::{
     ApiError, ErrorBody, ErrorCode, Heartbeat, HeartbeatResponse, JoinTokenCreated, JoinTokenRequest, JoinTokenView,
     MigrationAccepted, MigrationPlanAnswer, MigrationRecord, NodeView, RegisterRequest, RegisterResponse, SpecFormat,
-    SubmitAnswer, WorkloadSpec, WorkloadView,
+    SubmitAnswer, UserTokenCreated, UserTokenRequest, UserTokenView, WorkloadSpec, WorkloadView,
 };
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
@@ -69,7 +76,8 @@ use crate::move_plan;
     paths(
         list_nodes, get_node, drain_node, undrain_node, revoke_node, submit_workload, list_workloads, get_workload,
         delete_workload, workload_logs, request_migration, list_migrations, get_migration, cancel_migration,
-        create_join_token, list_join_tokens, revoke_join_token, register_agent,
+        create_join_token, list_join_tokens, revoke_join_token, create_user_token, list_user_tokens,
+        revoke_user_token, register_agent,
         heartbeat, events, openapi, metrics
     ),
     // BrokerEvent travels in SSE data, PortMapping under a hand-written `ports` schema
@@ -84,7 +92,10 @@ impl utoipa::Modify for SecuritySchemes {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
         let components = doc.components.get_or_insert_with(Default::default);
         for (name, description) in [
-            ("userToken", "A user token from the broker's configuration"),
+            (
+                "userToken",
+                "A user token: an admin's (from the broker's configuration) or a user's (made with POST /v1/user-tokens)",
+            ),
             ("joinToken", "The broker's configured join token, or one made with POST /v1/join-tokens"),
             ("agentToken", "The agent token answered at registration"),
         ] {
@@ -135,6 +146,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/migrations/{id}", get(get_migration).delete(cancel_migration))
         .route("/v1/join-tokens", post(create_join_token).get(list_join_tokens))
         .route("/v1/join-tokens/{id}", delete(revoke_join_token))
+        .route("/v1/user-tokens", post(create_user_token).get(list_user_tokens))
+        .route("/v1/user-tokens/{id}", delete(revoke_user_token))
         .route("/v1/agents/register", post(register_agent))
         .route("/v1/agents/{name}/heartbeat", post(heartbeat))
         .route("/v1/events", get(events))
@@ -207,6 +220,15 @@ fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, Problem> {
     })
 }
 
+/// [`parse_json`] of a body that must be a JSON object, as the schema says (serde would
+/// also take a struct's fields as an array); `example` shows one in the error.
+fn parse_json_object<T: DeserializeOwned>(body: &Bytes, example: &str) -> Result<T, Problem> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(Problem::invalid(format!("the request body must be a JSON object, e.g. {example}")));
+    }
+    parse_json(body)
+}
+
 fn ok(status: StatusCode, value: impl serde::Serialize) -> Answer {
     Ok((status, Json(value)).into_response())
 }
@@ -260,8 +282,8 @@ async fn get_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>
     )
 )]
 async fn drain_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
-    b.check_user(bearer(&headers))?;
-    ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, true)).await?)
+    let by = b.check_user(bearer(&headers))?;
+    ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, true, by.name())).await?)
 }
 
 #[utoipa::path(
@@ -279,27 +301,28 @@ async fn drain_node(State(b): Shared, headers: HeaderMap, Path(name): Path<Strin
     )
 )]
 async fn undrain_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
-    b.check_user(bearer(&headers))?;
-    ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, false)).await?)
+    let by = b.check_user(bearer(&headers))?;
+    ok(StatusCode::OK, blocking(&b, move |b| b.drain(&name, false, by.name())).await?)
 }
 
 #[utoipa::path(
     post,
     path = "/v1/nodes/{name}/revoke",
     operation_id = "revokeNode",
-    summary = "Revoke a node's certificate (a lost or stolen node key)",
+    summary = "Revoke a node's certificate (a lost or stolen node key; admin token)",
     description = "Puts the node's certificates on the CA's revocation list: the broker refuses them at the TLS handshake at once, and every agent from its next heartbeat on (on its API, transfer port, page relays and its calls to other nodes). The node's agent token and key are forgotten and it counts as offline (nothing is placed there; its workloads stay, shown `node-offline`, until moved or removed). The same name may join again, with a join token and a new key (the revoked key is refused). Revoking a revoked node changes nothing.",
     security(("userToken" = [])),
     params(("name" = String, Path, description = "Node name")),
     responses(
         (status = 200, description = "The node, revoked (`revoked_ms` set)", body = NodeView),
-        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token, or a user token that is revoked or expired", body = ApiError),
+        (status = 403, description = "A user's token (made with POST /v1/user-tokens): revoking a node needs an admin token", body = ApiError),
         (status = 404, description = "No such node", body = ApiError),
         (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
     )
 )]
 async fn revoke_node(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
-    b.check_user(bearer(&headers))?;
+    b.check_admin(bearer(&headers), "revoking a node")?;
     ok(StatusCode::OK, blocking(&b, move |b| b.revoke_node(&name)).await?)
 }
 
@@ -352,7 +375,7 @@ async fn submit_workload(
     query: Result<axum::extract::Query<SubmitQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Answer {
-    b.check_user(bearer(&headers))?;
+    let by = b.check_user(bearer(&headers))?;
     let query = query.map_err(|e| Problem::invalid(format!("bad query string: {e}")))?;
     let dry_run = flag(query.dry_run.as_deref(), "dry_run")?;
     let text = std::str::from_utf8(&body).map_err(|_| Problem::invalid("the spec must be UTF-8 text"))?;
@@ -362,7 +385,7 @@ async fn submit_workload(
     // JSON as documented; YAML is accepted too (the same parser as `away run`)
     let spec = WorkloadSpec::parse(text, SpecFormat::detect(None, text), "<request body>")
         .map_err(|e| Problem::from(away_model::ApiError::from(e)))?;
-    let (workload, placement) = blocking(&b, move |b| b.submit(spec, dry_run)).await?;
+    let (workload, placement) = blocking(&b, move |b| b.submit(spec, dry_run, by.name())).await?;
     let status = if workload.is_some() { StatusCode::CREATED } else { StatusCode::OK };
     ok(status, SubmitAnswer { workload, placement })
 }
@@ -417,8 +440,8 @@ async fn get_workload(State(b): Shared, headers: HeaderMap, Path(name): Path<Str
     )
 )]
 async fn delete_workload(State(b): Shared, headers: HeaderMap, Path(name): Path<String>) -> Answer {
-    b.check_user(bearer(&headers))?;
-    ok(StatusCode::ACCEPTED, blocking(&b, move |b| b.delete(&name)).await?)
+    let by = b.check_user(bearer(&headers))?;
+    ok(StatusCode::ACCEPTED, blocking(&b, move |b| b.delete(&name, by.name())).await?)
 }
 
 #[utoipa::path(
@@ -509,12 +532,12 @@ async fn request_migration(
     query: Result<axum::extract::Query<MigrateQuery>, axum::extract::rejection::QueryRejection>,
     body: Bytes,
 ) -> Answer {
-    b.check_user(bearer(&headers))?;
+    let by = b.check_user(bearer(&headers))?;
     let query = query.map_err(|e| Problem::invalid(format!("bad query string: {e}")))?;
     let dry_run = flag(query.dry_run.as_deref(), "dry_run")?;
     let mut req: MigrationRequest = parse_json(&body)?;
     if !dry_run && !move_plan::wanted(&req) {
-        let m = blocking(&b, move |b| b.migrate(req)).await?;
+        let m = blocking(&b, move |b| b.migrate(req, by.name())).await?;
         return ok(StatusCode::ACCEPTED, MigrationAccepted { migration: m });
     }
     let choice = {
@@ -566,7 +589,7 @@ async fn request_migration(
     req.to = Some(choice.target.clone());
     req.mode = mode;
     let chosen = Some((choice.chosen_by.clone(), why));
-    let m = blocking(&b, move |b| b.migrate_as(req, chosen, predicted)).await?;
+    let m = blocking(&b, move |b| b.migrate_as(req, chosen, predicted, by.name())).await?;
     ok(StatusCode::ACCEPTED, MigrationAccepted { migration: m })
 }
 
@@ -621,8 +644,8 @@ async fn get_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<Stri
     )
 )]
 async fn cancel_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
-    b.check_user(bearer(&headers))?;
-    let m = blocking(&b, move |b| b.cancel_migration(&id)).await?;
+    let by = b.check_user(bearer(&headers))?;
+    let m = blocking(&b, move |b| b.cancel_migration(&id, by.name())).await?;
     let status = if m.state.is_active() { StatusCode::ACCEPTED } else { StatusCode::OK };
     ok(status, m)
 }
@@ -631,24 +654,21 @@ async fn cancel_migration(State(b): Shared, headers: HeaderMap, Path(id): Path<S
     post,
     path = "/v1/join-tokens",
     operation_id = "createJoinToken",
-    summary = "Make a join token for registering nodes; its secret is in this answer only (the broker keeps its SHA-256)",
+    summary = "Make a join token for registering nodes (admin token); its secret is in this answer only (the broker keeps its SHA-256)",
     security(("userToken" = [])),
     request_body(content = JoinTokenRequest, description = "Optional expiry and label; an empty object is fine"),
     responses(
         (status = 201, description = "Made: its id, the secret, and when it expires", body = JoinTokenCreated),
         (status = 400, description = "Malformed JSON or an invalid field; `field` names it", body = ApiError),
-        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token, or a user token that is revoked or expired", body = ApiError),
+        (status = 403, description = "A user's token (made with POST /v1/user-tokens): managing tokens needs an admin token", body = ApiError),
         (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
     )
 )]
 async fn create_join_token(State(b): Shared, headers: HeaderMap, body: Bytes) -> Answer {
-    b.check_user(bearer(&headers))?;
-    // a JSON object is needed, as the schema says (`{}` for a token that never expires);
-    // serde would also take the struct's fields as an array
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(Problem::invalid("the request body must be a JSON object, e.g. {} or {\"expires_in_s\": 3600}"));
-    }
-    let req: JoinTokenRequest = parse_json(&body)?;
+    b.check_admin(bearer(&headers), "making a join token")?;
+    // `{}` for a token that never expires
+    let req: JoinTokenRequest = parse_json_object(&body, "{} or {\"expires_in_s\": 3600}")?;
     ok(StatusCode::CREATED, blocking(&b, move |b| b.create_join_token(req)).await?)
 }
 
@@ -656,15 +676,16 @@ async fn create_join_token(State(b): Shared, headers: HeaderMap, body: Bytes) ->
     get,
     path = "/v1/join-tokens",
     operation_id = "listJoinTokens",
-    summary = "The join tokens made over the API (not the configured one), oldest first, without their secrets",
+    summary = "The join tokens made over the API (not the configured one), oldest first, without their secrets (admin token)",
     security(("userToken" = [])),
     responses(
         (status = 200, description = "Join tokens", body = Vec<JoinTokenView>),
-        (status = 401, description = "Missing or wrong bearer token", body = ApiError)
+        (status = 401, description = "Missing or wrong bearer token, or a user token that is revoked or expired", body = ApiError),
+        (status = 403, description = "A user's token: managing tokens needs an admin token", body = ApiError)
     )
 )]
 async fn list_join_tokens(State(b): Shared, headers: HeaderMap) -> Answer {
-    b.check_user(bearer(&headers))?;
+    b.check_admin(bearer(&headers), "listing join tokens")?;
     ok(StatusCode::OK, b.join_tokens())
 }
 
@@ -672,19 +693,78 @@ async fn list_join_tokens(State(b): Shared, headers: HeaderMap) -> Answer {
     delete,
     path = "/v1/join-tokens/{id}",
     operation_id = "revokeJoinToken",
-    summary = "Revoke a join token: no node registers with it any more; nodes that joined with it keep working (they use their certificates)",
+    summary = "Revoke a join token (admin token): no node registers with it any more; nodes that joined with it keep working (they use their certificates)",
     security(("userToken" = [])),
     params(("id" = String, Path, description = "Join token id")),
     responses(
         (status = 200, description = "Revoked (or revoked already): the token, without its secret", body = JoinTokenView),
-        (status = 401, description = "Missing or wrong bearer token", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token, or a user token that is revoked or expired", body = ApiError),
+        (status = 403, description = "A user's token: managing tokens needs an admin token", body = ApiError),
         (status = 404, description = "No such join token", body = ApiError),
         (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
     )
 )]
 async fn revoke_join_token(State(b): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
-    b.check_user(bearer(&headers))?;
+    b.check_admin(bearer(&headers), "revoking a join token")?;
     ok(StatusCode::OK, blocking(&b, move |b| b.revoke_join_token(&id)).await?)
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/user-tokens",
+    operation_id = "createUserToken",
+    summary = "Make a token for a user (admin token): it may use the whole user API but not manage tokens; its secret is in this answer only (the broker keeps its SHA-256)",
+    security(("userToken" = [])),
+    request_body(content = UserTokenRequest, description = "The user's name; optional expiry and label"),
+    responses(
+        (status = 201, description = "Made: its id, user, the secret, and when it expires", body = UserTokenCreated),
+        (status = 400, description = "Malformed JSON or an invalid field (a user name that is not like a DNS label); `field` names it", body = ApiError),
+        (status = 401, description = "Missing or wrong bearer token, or a user token that is revoked or expired", body = ApiError),
+        (status = 403, description = "A user's token: managing tokens needs an admin token", body = ApiError),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
+async fn create_user_token(State(b): Shared, headers: HeaderMap, body: Bytes) -> Answer {
+    b.check_admin(bearer(&headers), "making a user token")?;
+    let req: UserTokenRequest = parse_json_object(&body, "{\"user\": \"anna\", \"expires_in_s\": 2592000}")?;
+    ok(StatusCode::CREATED, blocking(&b, move |b| b.create_user_token(req)).await?)
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/user-tokens",
+    operation_id = "listUserTokens",
+    summary = "The user tokens made over the API (not the configured admin tokens), oldest first, without their secrets (admin token)",
+    security(("userToken" = [])),
+    responses(
+        (status = 200, description = "User tokens", body = Vec<UserTokenView>),
+        (status = 401, description = "Missing or wrong bearer token, or a user token that is revoked or expired", body = ApiError),
+        (status = 403, description = "A user's token: managing tokens needs an admin token", body = ApiError)
+    )
+)]
+async fn list_user_tokens(State(b): Shared, headers: HeaderMap) -> Answer {
+    b.check_admin(bearer(&headers), "listing user tokens")?;
+    ok(StatusCode::OK, b.user_tokens())
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/user-tokens/{id}",
+    operation_id = "revokeUserToken",
+    summary = "Revoke a user token (admin token): its next request is refused with 401 naming why (an event stream it opened stays open)",
+    security(("userToken" = [])),
+    params(("id" = String, Path, description = "User token id")),
+    responses(
+        (status = 200, description = "Revoked (or revoked already): the token, without its secret", body = UserTokenView),
+        (status = 401, description = "Missing or wrong bearer token, or a user token that is revoked or expired", body = ApiError),
+        (status = 403, description = "A user's token: managing tokens needs an admin token", body = ApiError),
+        (status = 404, description = "No such user token", body = ApiError),
+        (status = 500, description = "A failure on the broker's side (its database)", body = ApiError)
+    )
+)]
+async fn revoke_user_token(State(b): Shared, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    b.check_admin(bearer(&headers), "revoking a user token")?;
+    ok(StatusCode::OK, blocking(&b, move |b| b.revoke_user_token(&id)).await?)
 }
 
 #[utoipa::path(
@@ -903,6 +983,13 @@ mod tests {
             assert!(mode.parse::<away_policy::mode::ContainerMode>().is_ok(), "{mode} is documented but refused");
         }
         assert!("".parse::<away_policy::mode::ContainerMode>().is_err());
+    }
+
+    #[test]
+    fn documented_user_name_rule_is_the_one_the_broker_checks() {
+        let doc: serde_json::Value = serde_json::from_str(&super::GENERATED).unwrap();
+        let user = &doc["components"]["schemas"]["UserTokenRequest"]["properties"]["user"];
+        assert_eq!(user["pattern"], away_model::USER_NAME_PATTERN, "{user}");
     }
 
     #[test]

@@ -7,12 +7,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock};
 
 use away_model::{
     Desired, ErrorCode, Heartbeat, HeartbeatResponse, JoinTokenCreated, JoinTokenRequest, JoinTokenView, NodeInfo,
-    NodeLoad, RegisterRequest, RegisterResponse, WorkloadSpec, DEFAULT_MIGRATION_DEADLINE_S, MAX_JOIN_TOKEN_LIFETIME_S,
-    MAX_MIGRATION_DEADLINE_S,
+    NodeLoad, RegisterRequest, RegisterResponse, TokenState, UserTokenCreated, UserTokenRequest, UserTokenView,
+    WorkloadSpec, DEFAULT_MIGRATION_DEADLINE_S, MAX_JOIN_TOKEN_LIFETIME_S, MAX_MIGRATION_DEADLINE_S,
 };
 use away_policy::compat::{check_container, check_vm, Compatibility};
 use tokio::sync::broadcast;
@@ -24,7 +24,8 @@ use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, PlacementDecision, RuntimeClasses};
 use crate::reconcile::{self, reconcile, Plan, Snapshot};
 use crate::records::{
-    now_ms, CertificateRecord, JoinTokenRecord, MigrationRecord, MigrationState, NodeRecord, Removal, WorkloadRecord,
+    now_ms, CertificateRecord, JoinTokenRecord, MigrationRecord, MigrationState, NodeRecord, Removal, UserTokenRecord,
+    WorkloadRecord,
 };
 use crate::store::{Changes, Store};
 use crate::{tokens, BrokerConfig, BrokerError};
@@ -98,12 +99,17 @@ pub struct Broker {
     events: broadcast::Sender<BrokerEvent>,
     event_seq: AtomicU64,
     pub metrics: Metrics,
+    /// SHA-256 of the configured `--user-token`s: admin tokens.
     user_token_hashes: Vec<String>,
+    /// User tokens made over the API, by id. Apart from `inner` (whose lock a placement
+    /// holds while it writes SQLite) because every user request reads it; changed only
+    /// under `inner`'s lock, after the store has the change.
+    user_tokens: RwLock<BTreeMap<String, UserTokenRecord>>,
     join_token_hash: String,
     cluster_token: String,
     pub(crate) http: reqwest::Client,
     /// Submissions waiting for the transaction that stores them.
-    submissions: GroupCommit<WorkloadSpec, Result<(Option<WorkloadView>, PlacementDecision), Problem>>,
+    submissions: GroupCommit<(WorkloadSpec, String), Submitted>,
     /// When this process opened the store: its nodes' last heartbeats are as old as the
     /// broker's downtime, so none counts as offline for ending a migration before a
     /// node_timeout has passed (each had its chance to beat again).
@@ -112,6 +118,9 @@ pub struct Broker {
 
 // the API bodies live in away-model, shared with away-client
 pub use away_model::{MigrationRequest, NodeView, WorkloadView};
+
+/// A submission's answer: the stored workload (none on a dry run) and its placement.
+type Submitted = Result<(Option<WorkloadView>, PlacementDecision), Problem>;
 
 /// Where a requested move would go, before it is recorded ([`Broker::choose_move`]).
 #[derive(Debug, Clone)]
@@ -130,6 +139,26 @@ pub struct MoveChoice {
     /// [`MOVE_ALTERNATIVES`] in all with the target), which a request that optimizes
     /// the move compares by prediction.
     pub others: Vec<String>,
+}
+
+/// Who a user request comes from ([`Broker::check_user`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A token of the broker's configuration (`--user-token`, `AWAY_USER_TOKEN`): the
+    /// user API and managing tokens.
+    Admin,
+    /// A token made with `POST /v1/user-tokens`: the user API, not managing tokens.
+    User { name: String, token_id: String },
+}
+
+impl Caller {
+    /// The name events and logs give the caller: the user's, or `admin`.
+    pub fn name(&self) -> &str {
+        match self {
+            Caller::Admin => away_model::ADMIN_USER,
+            Caller::User { name, .. } => name,
+        }
+    }
 }
 
 /// Compatible targets a move that optimizes its prediction compares, at most.
@@ -203,6 +232,7 @@ impl Broker {
             migrations = inner.migrations.len(),
             "broker state loaded"
         );
+        let user_tokens = loaded.user_tokens.into_iter().map(|t| (t.id.clone(), t)).collect();
         let (events, _) = broadcast::channel(1024);
         let http = away_identity::http::client_builder(None)
             .connect_timeout(std::time::Duration::from_secs(3))
@@ -211,6 +241,7 @@ impl Broker {
             .map_err(|e| BrokerError::Config(format!("http client: {e}")))?;
         Ok(Broker {
             user_token_hashes: config.user_tokens.iter().map(|t| tokens::sha256_hex(t)).collect(),
+            user_tokens: RwLock::new(user_tokens),
             join_token_hash: tokens::sha256_hex(&config.join_token),
             cluster_token: tokens::cluster_token(&config.join_token),
             config,
@@ -264,8 +295,9 @@ impl Broker {
                 workload: p.workload,
                 migration: p.migration,
                 message: p.message,
+                by: p.by,
             };
-            tracing::info!(kind = %e.kind, node = ?e.node, workload = ?e.workload, migration = ?e.migration, "{}", e.message);
+            tracing::info!(kind = %e.kind, node = ?e.node, workload = ?e.workload, migration = ?e.migration, by = ?e.by, "{}", e.message);
             // no subscriber is fine
             let _ = self.events.send(e);
         }
@@ -285,12 +317,46 @@ impl Broker {
                 && now.saturating_sub(self.started_ms) <= self.config.node_timeout.as_millis() as u64)
     }
 
-    /// Whether a presented bearer token is a user token.
-    pub fn check_user(&self, presented: Option<&str>) -> Result<(), Problem> {
-        match presented {
-            None => Err(Problem::unauthorized("missing bearer token: send Authorization: Bearer <user token>")),
-            Some(t) if self.user_token_hashes.iter().any(|h| tokens::matches(t, h)) => Ok(()),
-            Some(_) => Err(Problem::unauthorized("wrong user token")),
+    /// Who a presented bearer token is: an admin (a configured `--user-token`) or the
+    /// user of a valid token made over the API; a revoked or expired one is refused
+    /// naming why.
+    pub fn check_user(&self, presented: Option<&str>) -> Result<Caller, Problem> {
+        let Some(t) = presented else {
+            return Err(Problem::unauthorized("missing bearer token: send Authorization: Bearer <user token>"));
+        };
+        if self.user_token_hashes.iter().any(|h| tokens::matches(t, h)) {
+            return Ok(Caller::Admin);
+        }
+        let hash = tokens::sha256_hex(t);
+        let made = self.user_tokens.read().unwrap_or_else(|e| e.into_inner());
+        let Some(record) = made.values().find(|r| tokens::same_hash(&hash, &r.sha256)) else {
+            return Err(Problem::unauthorized("wrong user token"));
+        };
+        match record.state(now_ms()) {
+            TokenState::Valid => Ok(Caller::User { name: record.user.clone(), token_id: record.id.clone() }),
+            TokenState::Revoked => Err(Problem::unauthorized(format!(
+                "user token {} revoked: ask the broker's admin for a new one",
+                record.id
+            ))),
+            TokenState::Expired => Err(Problem::unauthorized(format!(
+                "user token {} expired: ask the broker's admin for a new one",
+                record.id
+            ))),
+        }
+    }
+
+    /// [`Broker::check_user`], and the caller must be an admin: managing tokens (join
+    /// and user tokens) is `what` a user's own token may not do (403).
+    pub fn check_admin(&self, presented: Option<&str>, what: &str) -> Result<(), Problem> {
+        match self.check_user(presented)? {
+            Caller::Admin => Ok(()),
+            Caller::User { name, token_id } => Err(Problem::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{what} needs an admin token (one of the broker's --user-token): user token {token_id} of {name} \
+                     may use the user API but not manage tokens"
+                ),
+            )),
         }
     }
 
@@ -310,11 +376,11 @@ impl Broker {
             return Err(Problem::unauthorized("wrong join token"));
         };
         match record.state(now_ms()) {
-            away_model::JoinTokenState::Valid => Ok(Some(record.id.clone())),
-            away_model::JoinTokenState::Revoked => {
+            TokenState::Valid => Ok(Some(record.id.clone())),
+            TokenState::Revoked => {
                 Err(Problem::unauthorized(format!("join token {} revoked: ask for a new one", record.id)))
             }
-            away_model::JoinTokenState::Expired => {
+            TokenState::Expired => {
                 Err(Problem::unauthorized(format!("join token {} expired: ask for a new one", record.id)))
             }
         }
@@ -427,33 +493,10 @@ impl Broker {
     /// A new join token (`POST /v1/join-tokens`): its secret is answered this once and
     /// only its SHA-256 is stored.
     pub fn create_join_token(&self, req: JoinTokenRequest) -> Result<JoinTokenCreated, Problem> {
-        let expires_in_s = match req.expires_in_s {
-            Some(s) if s == 0 || s > MAX_JOIN_TOKEN_LIFETIME_S => {
-                return Err(Problem::invalid(format!(
-                    "expires_in_s {s} must be 1 to {MAX_JOIN_TOKEN_LIFETIME_S} (10 years); leave it out for no expiry"
-                ))
-                .field("expires_in_s"))
-            }
-            other => other,
-        };
-        let label = req.label.map(|l| l.trim().to_string()).filter(|l| !l.is_empty());
-        if let Some(l) = &label {
-            if l.chars().count() > 200 || l.chars().any(char::is_control) {
-                return Err(
-                    Problem::invalid("label must be at most 200 characters, no control characters").field("label")
-                );
-            }
-        }
-        let token = tokens::generate().map_err(|e| Problem::internal(format!("no randomness for a token: {e}")))?;
-        let now = now_ms();
-        let record = JoinTokenRecord {
-            id: tokens::short_id("jt-"),
-            sha256: tokens::sha256_hex(&token),
-            created_ms: now,
-            expires_ms: expires_in_s.map(|s| now + s * 1000),
-            revoked_ms: None,
-            label,
-        };
+        let (expires_in_s, label) = token_lifetime_and_label(req.expires_in_s, req.label)?;
+        let NewToken { token, sha256, created_ms, expires_ms } = NewToken::make(expires_in_s)?;
+        let record =
+            JoinTokenRecord { id: tokens::short_id("jt-"), sha256, created_ms, expires_ms, revoked_ms: None, label };
         let mut inner = lock(&self.inner);
         if inner.join_tokens.contains_key(&record.id) {
             return Err(Problem::internal("a new join token id is taken already: try again"));
@@ -490,6 +533,75 @@ impl Broker {
         inner.join_tokens.insert(revoked.id.clone(), revoked.clone());
         drop(inner);
         tracing::info!(id = %revoked.id, "join token revoked");
+        Ok(revoked.view(now))
+    }
+
+    // ---- user tokens ----
+
+    /// A new token for a user (`POST /v1/user-tokens`): its secret is answered this once
+    /// and only its SHA-256 is stored.
+    pub fn create_user_token(&self, req: UserTokenRequest) -> Result<UserTokenCreated, Problem> {
+        if req.user == away_model::ADMIN_USER {
+            return Err(Problem::invalid(
+                "user name \"admin\" is taken: events name the broker's configured (admin) tokens so; choose another",
+            )
+            .field("user"));
+        }
+        if !away_model::is_user_name(&req.user) {
+            return Err(Problem::invalid(format!(
+                "user name {:?} must be a lower-case letter, then up to 62 lower-case letters, digits or '-' (like \
+                 a DNS label: anna, ci-runner-2)",
+                req.user
+            ))
+            .field("user"));
+        }
+        let (expires_in_s, label) = token_lifetime_and_label(req.expires_in_s, req.label)?;
+        let NewToken { token, sha256, created_ms, expires_ms } = NewToken::make(expires_in_s)?;
+        let record = UserTokenRecord {
+            id: tokens::short_id("ut-"),
+            user: req.user,
+            sha256,
+            created_ms,
+            expires_ms,
+            revoked_ms: None,
+            label,
+        };
+        let mut inner = lock(&self.inner);
+        if self.user_tokens.read().unwrap_or_else(|e| e.into_inner()).contains_key(&record.id) {
+            return Err(Problem::internal("a new user token id is taken already: try again"));
+        }
+        inner.store.apply(&Changes { user_tokens: vec![record.clone()], ..Default::default() })?;
+        self.user_tokens.write().unwrap_or_else(|e| e.into_inner()).insert(record.id.clone(), record.clone());
+        drop(inner);
+        tracing::info!(id = %record.id, user = %record.user, label = ?record.label, expires_ms = ?record.expires_ms, "user token created");
+        Ok(UserTokenCreated { id: record.id, user: record.user, token, expires_unix_ms: record.expires_ms })
+    }
+
+    /// The user tokens made over the API, oldest first, without their secrets.
+    pub fn user_tokens(&self) -> Vec<UserTokenView> {
+        let now = now_ms();
+        let made = self.user_tokens.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<&UserTokenRecord> = made.values().collect();
+        out.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        out.into_iter().map(|r| r.view(now)).collect()
+    }
+
+    /// Revoke user token `id`: its next request is refused (401). Revoking a revoked
+    /// token changes nothing.
+    pub fn revoke_user_token(&self, id: &str) -> Result<UserTokenView, Problem> {
+        let now = now_ms();
+        let mut inner = lock(&self.inner);
+        let Some(record) = self.user_tokens.read().unwrap_or_else(|e| e.into_inner()).get(id).cloned() else {
+            return Err(Problem::not_found(format!("no user token {id:?}")));
+        };
+        if record.revoked_ms.is_some() {
+            return Ok(record.view(now));
+        }
+        let revoked = UserTokenRecord { revoked_ms: Some(now), ..record };
+        inner.store.apply(&Changes { user_tokens: vec![revoked.clone()], ..Default::default() })?;
+        self.user_tokens.write().unwrap_or_else(|e| e.into_inner()).insert(revoked.id.clone(), revoked.clone());
+        drop(inner);
+        tracing::info!(id = %revoked.id, user = %revoked.user, "user token revoked");
         Ok(revoked.view(now))
     }
 
@@ -691,7 +803,8 @@ impl Broker {
         Ok(self.node_view(&inner, n, now_ms()))
     }
 
-    pub fn drain(&self, name: &str, draining: bool) -> Result<NodeView, Problem> {
+    /// Drain node `name` (or stop draining it), as user `by` asked.
+    pub fn drain(&self, name: &str, draining: bool, by: &str) -> Result<NodeView, Problem> {
         let mut inner = lock(&self.inner);
         let mut n =
             inner.nodes.get(name).cloned().ok_or_else(|| Problem::not_found(format!("no node named {name:?}")))?;
@@ -705,8 +818,9 @@ impl Broker {
             self.emit(vec![if draining {
                 Pending::new("node-draining", format!("node {name} is draining: nothing new is placed there"))
                     .node(name)
+                    .by(by)
             } else {
-                Pending::new("node-undrained", format!("node {name} takes new workloads again")).node(name)
+                Pending::new("node-undrained", format!("node {name} takes new workloads again")).node(name).by(by)
             }]);
         }
         Ok(view)
@@ -788,7 +902,8 @@ impl Broker {
                 serials.len()
             ),
         )
-        .node(name)]);
+        .node(name)
+        .by(away_model::ADMIN_USER)]);
         Ok(view)
     }
 
@@ -814,11 +929,7 @@ impl Broker {
     }
 
     /// Place a workload (or only explain where it would go).
-    pub fn submit(
-        &self,
-        spec: WorkloadSpec,
-        dry_run: bool,
-    ) -> Result<(Option<WorkloadView>, PlacementDecision), Problem> {
+    pub fn submit(&self, spec: WorkloadSpec, dry_run: bool, by: &str) -> Submitted {
         if dry_run {
             let inner = lock(&self.inner);
             let decision = placement::place(&spec, &self.candidates(&inner, now_ms()));
@@ -830,7 +941,7 @@ impl Broker {
                 }
             };
         }
-        self.submissions.submit(spec, |specs| self.place_batch(specs))
+        self.submissions.submit((spec, by.to_string()), |specs| self.place_batch(specs))
     }
 
     fn refused(decision: PlacementDecision) -> Problem {
@@ -841,10 +952,12 @@ impl Broker {
     /// ones before it reserved), and store the placed ones in one transaction. Nothing
     /// is acknowledged, nor held in memory, before that transaction is durable; if it
     /// fails, each submission of the batch gets the error.
-    fn place_batch(&self, specs: Vec<WorkloadSpec>) -> Vec<Result<(Option<WorkloadView>, PlacementDecision), Problem>> {
+    fn place_batch(&self, specs: Vec<(WorkloadSpec, String)>) -> Vec<Submitted> {
         let now = now_ms();
         let mut inner = lock(&self.inner);
         let mut answers: Vec<Result<PlacementDecision, Problem>> = Vec::with_capacity(specs.len());
+        // who asked for each, in the order of `answers`
+        let mut asked_by: Vec<String> = Vec::with_capacity(specs.len());
         let mut placed: Vec<WorkloadRecord> = Vec::new();
         // addresses are taken from a copy, which replaces the broker's once stored
         let mut overlay = inner.ipam.clone();
@@ -854,7 +967,8 @@ impl Broker {
             // workload to its node's promised resources here, for the next ones
             let mut candidates = self.candidates(&inner, now);
             let mut names = BTreeSet::new();
-            for mut spec in specs {
+            for (mut spec, by) in specs {
+                asked_by.push(by);
                 if let Err(problem) = Self::check_network(&inner, &spec) {
                     answers.push(Err(problem));
                     continue;
@@ -926,13 +1040,15 @@ impl Broker {
         let mut events = Vec::new();
         let answers = answers
             .into_iter()
-            .map(|a| {
+            .zip(asked_by)
+            .map(|(a, by)| {
                 let decision = a?;
                 let record = &inner.workloads[&decision.workload];
                 let view = self.workload_view(&inner, record, now, true);
                 Metrics::inc(&self.metrics.placements_placed);
-                events
-                    .push(Pending::new("workload-placed", decision.why.clone()).node(&view.node).workload(&view.name));
+                events.push(
+                    Pending::new("workload-placed", decision.why.clone()).node(&view.node).workload(&view.name).by(&by),
+                );
                 Ok((Some(view), decision))
             })
             .collect();
@@ -984,8 +1100,8 @@ impl Broker {
         Ok(self.workload_view(&inner, w, now_ms(), true))
     }
 
-    /// Ask for removal: the home node removes it, then the broker forgets it.
-    pub fn delete(&self, name: &str) -> Result<WorkloadView, Problem> {
+    /// Ask for removal (user `by` did): the home node removes it, then the broker forgets it.
+    pub fn delete(&self, name: &str, by: &str) -> Result<WorkloadView, Problem> {
         let now = now_ms();
         let mut inner = lock(&self.inner);
         let mut w = inner.workloads.get(name).cloned().ok_or_else(|| no_workload(name))?;
@@ -1010,7 +1126,8 @@ impl Broker {
         if first {
             self.emit(vec![Pending::new("workload-removing", format!("{name} will be removed from {}", w.node))
                 .node(&w.node)
-                .workload(name)]);
+                .workload(name)
+                .by(by)]);
         }
         Ok(view)
     }
@@ -1025,8 +1142,9 @@ impl Broker {
 
     // ---- migrations ----
 
-    pub fn migrate(&self, req: MigrationRequest) -> Result<MigrationRecord, Problem> {
-        self.migrate_as(req, None, None)
+    /// Record a migration of `req`, as user `by` asked.
+    pub fn migrate(&self, req: MigrationRequest, by: &str) -> Result<MigrationRecord, Problem> {
+        self.migrate_as(req, None, None, by)
     }
 
     /// Where a move of `req` would go (source, target, compatibility, why), checked as
@@ -1044,6 +1162,7 @@ impl Broker {
         req: MigrationRequest,
         chosen: Option<(String, String)>,
         predicted: Option<away_model::MovePrediction>,
+        by: &str,
     ) -> Result<MigrationRecord, Problem> {
         let now = now_ms();
         let deadline_s = req.deadline_s.unwrap_or(DEFAULT_MIGRATION_DEADLINE_S);
@@ -1080,7 +1199,8 @@ impl Broker {
         )
         .node(&record.source)
         .workload(&record.workload)
-        .migration(&record.id)]);
+        .migration(&record.id)
+        .by(by)]);
         Ok(record)
     }
 
@@ -1216,7 +1336,7 @@ impl Broker {
 
     /// `DELETE /v1/migrations/{id}`: end a migration its source has not started, or one
     /// whose source is offline (reconcile rule 7).
-    pub fn cancel_migration(&self, id: &str) -> Result<MigrationRecord, Problem> {
+    pub fn cancel_migration(&self, id: &str, by: &str) -> Result<MigrationRecord, Problem> {
         let now = now_ms();
         let mut inner = lock(&self.inner);
         let m = inner.migrations.get(id).ok_or_else(|| Problem::not_found(format!("no migration {id:?}")))?;
@@ -1225,7 +1345,7 @@ impl Broker {
         inner.store.apply(&Changes { migrations: vec![m.clone()], ..Default::default() })?;
         inner.migrations.insert(m.id.clone(), m.clone());
         drop(inner);
-        self.emit(vec![event]);
+        self.emit(vec![event.by(by)]);
         Ok(m)
     }
 
@@ -1262,6 +1382,46 @@ impl Broker {
             ("away_migrations", "Migrations by state.", "state", migrations.into_iter().collect()),
         ])
     }
+}
+
+/// A new made token's secret, its hash, and when it was made and expires.
+struct NewToken {
+    token: String,
+    sha256: String,
+    created_ms: u64,
+    expires_ms: Option<u64>,
+}
+
+impl NewToken {
+    fn make(expires_in_s: Option<u64>) -> Result<NewToken, Problem> {
+        let token = tokens::generate().map_err(|e| Problem::internal(format!("no randomness for a token: {e}")))?;
+        let created_ms = now_ms();
+        Ok(NewToken {
+            sha256: tokens::sha256_hex(&token),
+            token,
+            created_ms,
+            expires_ms: expires_in_s.map(|s| created_ms + s * 1000),
+        })
+    }
+}
+
+/// A made token's lifetime (1 s to 10 years, or none) and label (trimmed; at most 200
+/// characters, no control characters), checked alike for join and user tokens.
+fn token_lifetime_and_label(
+    expires_in_s: Option<u64>,
+    label: Option<String>,
+) -> Result<(Option<u64>, Option<String>), Problem> {
+    if let Some(s) = expires_in_s.filter(|s| *s == 0 || *s > MAX_JOIN_TOKEN_LIFETIME_S) {
+        return Err(Problem::invalid(format!(
+            "expires_in_s {s} must be 1 to {MAX_JOIN_TOKEN_LIFETIME_S} (10 years); leave it out for no expiry"
+        ))
+        .field("expires_in_s"));
+    }
+    let label = label.map(|l| l.trim().to_string()).filter(|l| !l.is_empty());
+    if label.as_ref().is_some_and(|l| l.chars().count() > 200 || l.chars().any(char::is_control)) {
+        return Err(Problem::invalid("label must be at most 200 characters, no control characters").field("label"));
+    }
+    Ok((expires_in_s, label))
 }
 
 fn no_workload(name: &str) -> Problem {

@@ -13,6 +13,7 @@ pub struct Pending {
     pub workload: Option<String>,
     pub migration: Option<String>,
     pub message: String,
+    pub by: Option<String>,
 }
 
 impl Pending {
@@ -29,6 +30,11 @@ impl Pending {
     }
     pub fn migration(mut self, id: &str) -> Pending {
         self.migration = Some(id.to_string());
+        self
+    }
+    /// Whose request it follows ([`crate::broker::Caller::name`]).
+    pub fn by(mut self, user: &str) -> Pending {
+        self.by = Some(user.to_string());
         self
     }
 }

@@ -48,7 +48,9 @@ pub const DEFAULT_DB_PATH: &str = "/var/lib/away/broker.db";
 pub struct BrokerConfig {
     pub listen: SocketAddr,
     pub db_path: PathBuf,
-    /// Tokens users present (`Authorization: Bearer`); none means no user gets in.
+    /// Admin tokens users present (`Authorization: Bearer`): the user API and managing
+    /// join and user tokens. Per-user tokens are made over the API and kept in the
+    /// database; with neither, no user gets in.
     pub user_tokens: Vec<String>,
     /// Token agents present to register.
     pub join_token: String,

@@ -1,7 +1,7 @@
 //! What the broker remembers: nodes, workloads, migrations and pending removals of
 //! stale copies. Kept in memory for placement and mirrored, write-through, in SQLite.
 
-use away_model::{Desired, NodeInfo, NodeLoad, RuntimeDecision, WorkloadSpec, WorkloadStatus};
+use away_model::{Desired, NodeInfo, NodeLoad, RuntimeDecision, TokenState, WorkloadSpec, WorkloadStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::placement::PlacementDecision;
@@ -88,20 +88,47 @@ pub struct JoinTokenRecord {
 }
 
 impl JoinTokenRecord {
-    pub fn state(&self, now_ms: u64) -> away_model::JoinTokenState {
-        if self.revoked_ms.is_some() {
-            away_model::JoinTokenState::Revoked
-        } else if self.expires_ms.is_some_and(|e| now_ms >= e) {
-            away_model::JoinTokenState::Expired
-        } else {
-            away_model::JoinTokenState::Valid
-        }
+    pub fn state(&self, now_ms: u64) -> TokenState {
+        TokenState::at(self.revoked_ms, self.expires_ms, now_ms)
     }
 
     /// As `GET /v1/join-tokens` shows it: no secret, not even its hash.
     pub fn view(&self, now_ms: u64) -> away_model::JoinTokenView {
         away_model::JoinTokenView {
             id: self.id.clone(),
+            label: self.label.clone(),
+            created_unix_ms: self.created_ms,
+            expires_unix_ms: self.expires_ms,
+            revoked_unix_ms: self.revoked_ms,
+            state: self.state(now_ms),
+        }
+    }
+}
+
+/// A user's token made over the API (`POST /v1/user-tokens`): only the SHA-256 of its
+/// secret is kept. The broker's configured `--user-token`s (admin tokens) are not
+/// among these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserTokenRecord {
+    pub id: String,
+    pub user: String,
+    pub sha256: String,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+    pub revoked_ms: Option<u64>,
+    pub label: Option<String>,
+}
+
+impl UserTokenRecord {
+    pub fn state(&self, now_ms: u64) -> TokenState {
+        TokenState::at(self.revoked_ms, self.expires_ms, now_ms)
+    }
+
+    /// As `GET /v1/user-tokens` shows it: no secret, not even its hash.
+    pub fn view(&self, now_ms: u64) -> away_model::UserTokenView {
+        away_model::UserTokenView {
+            id: self.id.clone(),
+            user: self.user.clone(),
             label: self.label.clone(),
             created_unix_ms: self.created_ms,
             expires_unix_ms: self.expires_ms,

@@ -10,7 +10,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::records::{CertificateRecord, JoinTokenRecord, MigrationRecord, NodeRecord, Removal, WorkloadRecord};
+use crate::records::{
+    CertificateRecord, JoinTokenRecord, MigrationRecord, NodeRecord, Removal, UserTokenRecord, WorkloadRecord,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,6 +67,13 @@ CREATE TABLE IF NOT EXISTS node_certificates (serial TEXT PRIMARY KEY, node TEXT
 CREATE INDEX IF NOT EXISTS node_certificates_node ON node_certificates(node);
 ";
 
+/// Per-user tokens (`POST /v1/user-tokens`), a statement of their own: added after the
+/// tables above, created on any broker.db that lacks it.
+const USER_TOKENS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS user_tokens (id TEXT PRIMARY KEY, user TEXT NOT NULL, sha256 TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL, expires_ms INTEGER, revoked_ms INTEGER, label TEXT);
+";
+
 /// Every change one request makes, written in one transaction.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -82,6 +91,8 @@ pub struct Changes {
     pub certificates: Vec<CertificateRecord>,
     /// Nodes whose agent token is forgotten (revoked nodes).
     pub forget_tokens: Vec<String>,
+    /// User tokens made or revoked.
+    pub user_tokens: Vec<UserTokenRecord>,
 }
 
 /// Everything, as loaded at start.
@@ -94,6 +105,7 @@ pub struct Loaded {
     pub removals: Vec<Removal>,
     pub join_tokens: Vec<JoinTokenRecord>,
     pub certificates: Vec<CertificateRecord>,
+    pub user_tokens: Vec<UserTokenRecord>,
 }
 
 pub struct Store {
@@ -118,6 +130,7 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
         conn.execute_batch(CERTIFICATES_SCHEMA).map_err(sql)?;
+        conn.execute_batch(USER_TOKENS_SCHEMA).map_err(sql)?;
         Ok(Store { path: path.to_path_buf(), conn })
     }
 
@@ -138,6 +151,7 @@ impl Store {
             removals: self.records("SELECT record FROM removals", "removal")?,
             join_tokens: self.join_tokens()?,
             certificates: self.certificates()?,
+            user_tokens: self.user_tokens()?,
         })
     }
 
@@ -160,6 +174,30 @@ impl Store {
             })
             .map_err(|e| self.sql(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.sql(e))
+    }
+
+    fn user_tokens(&self) -> Result<Vec<UserTokenRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, user, sha256, created_ms, expires_ms, revoked_ms, label FROM user_tokens \
+                 ORDER BY created_ms, id",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(UserTokenRecord {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    sha256: r.get(2)?,
+                    created_ms: r.get::<_, i64>(3)? as u64,
+                    expires_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                    revoked_ms: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+                    label: r.get(6)?,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.sql(e))
     }
 
     fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
@@ -376,6 +414,25 @@ impl Store {
                     .execute(params![c.serial, c.node, c.key_id, c.issued_ms as i64, c.revoked_ms.map(|v| v as i64)])
                     .map_err(sql)?;
             }
+            let mut put_user_token = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO user_tokens (id, user, sha256, created_ms, expires_ms, revoked_ms, label) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(sql)?;
+            for t in &c.user_tokens {
+                put_user_token
+                    .execute(params![
+                        t.id,
+                        t.user,
+                        t.sha256,
+                        t.created_ms as i64,
+                        t.expires_ms.map(|v| v as i64),
+                        t.revoked_ms.map(|v| v as i64),
+                        t.label,
+                    ])
+                    .map_err(sql)?;
+            }
         }
         tx.commit().map_err(sql)
     }
@@ -506,6 +563,28 @@ mod tests {
         // 2 = FULL: an acknowledged commit survives a power cut
         let sync: i64 = store.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!(sync, 2);
+    }
+
+    #[test]
+    fn user_tokens_survive_reopen_and_revocation() {
+        use crate::records::UserTokenRecord;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        let made = UserTokenRecord {
+            id: "ut-1".into(),
+            user: "anna".into(),
+            sha256: crate::tokens::sha256_hex("anna-secret"),
+            created_ms: 1,
+            expires_ms: Some(9),
+            revoked_ms: None,
+            label: Some("laptop".into()),
+        };
+        let mut store = Store::open(&path).unwrap();
+        store.apply(&Changes { user_tokens: vec![made.clone()], ..Default::default() }).unwrap();
+        let revoked = UserTokenRecord { revoked_ms: Some(5), ..made.clone() };
+        store.apply(&Changes { user_tokens: vec![revoked.clone()], ..Default::default() }).unwrap();
+        drop(store);
+        assert_eq!(Store::open(&path).unwrap().load().unwrap().user_tokens, vec![revoked]);
     }
 
     #[test]

@@ -37,8 +37,12 @@ pub fn cluster_token(join_token: &str) -> String {
 /// Compare a presented token with a stored hash. Both sides are hashes of equal length,
 /// and the loop does not stop early, so timing reveals nothing about the secret.
 pub fn matches(presented: &str, stored_sha256: &str) -> bool {
-    let a = sha256_hex(presented);
-    let (a, b) = (a.as_bytes(), stored_sha256.as_bytes());
+    same_hash(&sha256_hex(presented), stored_sha256)
+}
+
+/// [`matches`] for a presented token already hashed (one hash for many stored ones).
+pub fn same_hash(presented_sha256: &str, stored_sha256: &str) -> bool {
+    let (a, b) = (presented_sha256.as_bytes(), stored_sha256.as_bytes());
     if a.len() != b.len() {
         return false;
     }
@@ -60,6 +64,7 @@ mod tests {
         assert!(matches(&a, &h));
         assert!(!matches(&b, &h));
         assert!(!matches("", &h));
+        assert!(same_hash(&h, &h) && !same_hash(&sha256_hex(&b), &h) && !same_hash("", &h));
     }
 
     #[test]

@@ -743,6 +743,144 @@ async fn join_tokens_register_until_revoked_or_expired() {
     }
 }
 
+/// Per-user tokens: an admin (a configured token) makes one for anna, who then uses the
+/// user API with it but may not manage tokens (403); revoked or expired it is refused
+/// with 401 naming why, on the next request; bad names are 400; all kept across a restart.
+#[tokio::test]
+async fn user_tokens_use_the_user_api_until_revoked_or_expired() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let b = Running::start(&db).await;
+    b.register(&node("edge-1", Tier::Edge, CpuVendor::Amd), "127.0.0.1:1").await;
+
+    // made by the admin: the secret shown once, with its user
+    let (s, anna) = b.post("/v1/user-tokens", json!({"user": "anna", "label": "laptop"})).await;
+    assert_eq!(s, 201, "{anna}");
+    let (anna_id, anna_token) = (anna["id"].as_str().unwrap(), anna["token"].as_str().unwrap());
+    assert!(anna_id.starts_with("ut-") && anna_token.len() == 64 && anna["user"] == "anna", "{anna}");
+    assert!(anna.get("expires_unix_ms").is_none(), "{anna}");
+
+    // anna uses the user API with it; the events say it was her
+    let mut events = b.broker.subscribe();
+    let (s, nodes) = b.call(Method::GET, "/v1/nodes", Some(anna_token), None).await;
+    assert_eq!((s, nodes[0]["name"].as_str()), (200, Some("edge-1")), "{nodes}");
+    let (s, placed) =
+        b.call(Method::POST, "/v1/workloads", Some(anna_token), Some(json!({"name": "annas", "image": "x"}))).await;
+    assert_eq!(s, 201, "{placed}");
+    let (s, w) = b.call(Method::GET, "/v1/workloads/annas", Some(anna_token), None).await;
+    assert_eq!((s, w["node"].as_str()), (200, Some("edge-1")), "{w}");
+    let (s, n) = b.call(Method::POST, "/v1/nodes/edge-1/drain", Some(anna_token), None).await;
+    assert_eq!((s, n["draining"].as_bool()), (200, Some(true)), "{n}");
+    let (s, n) = b.delete("/v1/nodes/edge-1/drain").await;
+    assert_eq!((s, n["draining"].as_bool()), (200, Some(false)), "{n}");
+    let mut by = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        by.push((e.kind, e.by));
+    }
+    let by: Vec<(&str, Option<&str>)> = by.iter().map(|(k, b)| (k.as_str(), b.as_deref())).collect();
+    assert_eq!(
+        by,
+        [("workload-placed", Some("anna")), ("node-draining", Some("anna")), ("node-undrained", Some("admin"))]
+    );
+
+    // but manages no tokens, of either kind: 403 naming why
+    for (method, path, body) in [
+        (Method::POST, "/v1/user-tokens", json!({"user": "mallory"})),
+        (Method::GET, "/v1/user-tokens", json!({})),
+        (Method::DELETE, &format!("/v1/user-tokens/{anna_id}"), json!({})),
+        (Method::POST, "/v1/join-tokens", json!({})),
+        (Method::GET, "/v1/join-tokens", json!({})),
+        (Method::DELETE, "/v1/join-tokens/jt-x", json!({})),
+    ] {
+        let (s, e) = b.call(method.clone(), path, Some(anna_token), Some(body)).await;
+        assert_eq!((s, e["code"].as_str()), (403, Some("forbidden")), "{method} {path}: {e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(message.contains("needs an admin token") && message.contains(anna_id), "{message}");
+    }
+    // nor does a made-up token or none (401)
+    for token in [None, Some("not-a-user"), Some(JOIN)] {
+        let (s, e) = b.call(Method::GET, "/v1/user-tokens", token, None).await;
+        assert_eq!((s, e["code"].as_str()), (401, Some("unauthorized")), "{token:?}: {e}");
+    }
+
+    // listed without secrets; a short-lived one expires
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let (s, brief) = b.post("/v1/user-tokens", json!({"user": "ben", "expires_in_s": 1.0})).await;
+    assert_eq!(s, 201, "{brief}");
+    let expires = brief["expires_unix_ms"].as_u64().unwrap();
+    assert!((before + 1000..before + 3000).contains(&expires), "{brief}");
+    let (s, list) = b.get("/v1/user-tokens").await;
+    assert_eq!(s, 200, "{list}");
+    let one = |list: &Value, id: &str| list.as_array().unwrap().iter().find(|t| t["id"] == id).unwrap().clone();
+    let listed = one(&list, anna_id);
+    assert_eq!((listed["user"].as_str(), listed["state"].as_str()), (Some("anna"), Some("valid")), "{listed}");
+    assert_eq!(listed["label"], "laptop");
+    let text = list.to_string();
+    for made in [&anna, &brief] {
+        let secret = made["token"].as_str().unwrap();
+        assert!(!text.contains(secret) && !text.contains(&away_broker::tokens::sha256_hex(secret)), "{text}");
+    }
+    let (s, _) = b.call(Method::GET, "/v1/nodes", brief["token"].as_str(), None).await;
+    assert_eq!(s, 200);
+
+    // revoked: the next request is refused, naming why
+    let (s, v) = b.delete(&format!("/v1/user-tokens/{anna_id}")).await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("revoked")), "{v}");
+    let (s, e) = b.call(Method::GET, "/v1/nodes", Some(anna_token), None).await;
+    assert_eq!(s, 401, "{e}");
+    assert_eq!(e["message"], format!("user token {anna_id} revoked: ask the broker's admin for a new one"));
+    let (s, again) = b.delete(&format!("/v1/user-tokens/{anna_id}")).await;
+    assert_eq!((s, &again["revoked_unix_ms"]), (200, &v["revoked_unix_ms"]));
+    let (s, e) = b.delete("/v1/user-tokens/ut-ghost").await;
+    assert!(s == 404 && e["message"].as_str().unwrap().contains("ut-ghost"), "{e}");
+
+    // expired
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    tokio::time::sleep(Duration::from_millis(expires.saturating_sub(now) + 50)).await;
+    let (s, e) = b.call(Method::GET, "/v1/workloads", brief["token"].as_str(), None).await;
+    assert_eq!(s, 401, "{e}");
+    assert_eq!(
+        e["message"],
+        format!("user token {} expired: ask the broker's admin for a new one", brief["id"].as_str().unwrap())
+    );
+
+    // bad input names the field
+    for (body, field) in [
+        (json!({"user": "Anna"}), Some("user")),
+        (json!({"user": "2anna"}), Some("user")),
+        (json!({"user": ""}), Some("user")),
+        (json!({"user": "a".repeat(64)}), Some("user")),
+        (json!({"user": "admin"}), Some("user")),
+        (json!({"user": "anna", "expires_in_s": 0}), Some("expires_in_s")),
+        (json!({"user": "anna", "label": "a\nb"}), Some("label")),
+        (json!({}), None),
+        (json!(["anna"]), None),
+    ] {
+        let (s, e) = b.post("/v1/user-tokens", body.clone()).await;
+        assert_eq!(s, 400, "{body}: {e}");
+        if field.is_some() {
+            assert_eq!(e["field"].as_str(), field, "{body}: {e}");
+        }
+    }
+    let (s, e) = b.post("/v1/user-tokens", json!({"user": "Anna"})).await;
+    assert!(s == 400 && e["message"].as_str().unwrap().contains("lower-case letter"), "{e}");
+    b.stop().await;
+
+    // after a restart: the states kept, the revoked token still refused, the admin still in
+    let b = Running::start(&db).await;
+    let (_, list) = b.get("/v1/user-tokens").await;
+    assert_eq!(one(&list, anna_id)["state"], "revoked");
+    assert_eq!(one(&list, brief["id"].as_str().unwrap())["state"], "expired");
+    let (s, e) = b.call(Method::GET, "/v1/nodes", Some(anna_token), None).await;
+    assert!(s == 401 && e["message"].as_str().unwrap().contains("revoked"), "{e}");
+    b.stop().await;
+    for file in [db.clone(), db.with_extension("db-wal")] {
+        let raw = String::from_utf8_lossy(&std::fs::read(&file).unwrap_or_default()).to_string();
+        assert!(!raw.contains(anna_token), "a secret in {}", file.display());
+    }
+}
+
 /// Every migration ends: a pending one is cancelled and never delivered; one under way on
 /// an online source is told to abort (202, the order carries `cancel`); past its deadline a pending one fails, and
 /// one whose source went offline fails or is cancelled with the workload kept on the

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use away_model::{
     ErrorBody, Heartbeat, HeartbeatResponse, JoinTokenCreated, JoinTokenRequest, JoinTokenView, MigrationAccepted,
-    MigrationRecord, MigrationRequest, NodeView, RegisterRequest, RegisterResponse, SubmitAnswer, WorkloadSpec,
-    WorkloadView,
+    MigrationRecord, MigrationRequest, NodeView, RegisterRequest, RegisterResponse, SubmitAnswer, UserTokenCreated,
+    UserTokenRequest, UserTokenView, WorkloadSpec, WorkloadView,
 };
 use reqwest::{Method, RequestBuilder, Response};
 use serde::de::DeserializeOwned;
@@ -176,6 +176,22 @@ impl Client {
     /// `DELETE /v1/join-tokens/{id}`: the token, revoked.
     pub async fn revoke_join_token(&self, id: &str) -> Result<JoinTokenView> {
         self.call(Method::DELETE, format!("/v1/join-tokens/{}", segment(id)), None::<&()>).await
+    }
+
+    /// `POST /v1/user-tokens` (201): a new token for a user, its secret in this answer only
+    /// (an admin token's call).
+    pub async fn create_user_token(&self, req: &UserTokenRequest) -> Result<UserTokenCreated> {
+        self.call(Method::POST, "/v1/user-tokens".into(), Some(req)).await
+    }
+
+    /// `GET /v1/user-tokens`: without their secrets.
+    pub async fn user_tokens(&self) -> Result<Vec<UserTokenView>> {
+        self.call(Method::GET, "/v1/user-tokens".into(), None::<&()>).await
+    }
+
+    /// `DELETE /v1/user-tokens/{id}`: the token, revoked.
+    pub async fn revoke_user_token(&self, id: &str) -> Result<UserTokenView> {
+        self.call(Method::DELETE, format!("/v1/user-tokens/{}", segment(id)), None::<&()>).await
     }
 
     /// `POST /v1/agents/register` with the cluster's join token (not the user token).

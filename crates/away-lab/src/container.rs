@@ -115,6 +115,7 @@ pub async fn run(
     opts: &CompareOptions,
     work: &Path,
     planned: &PlannedRun,
+    identities: Option<&crate::LabIdentities>,
     status: &(dyn Fn(String) + Sync),
 ) -> RunResult {
     let runtime = match planned.path {
@@ -127,7 +128,8 @@ pub async fn run(
     let name = format!("lab-memload-{}-{}", std::process::id(), planned.run);
     let mut agent = None;
     let mut link = None;
-    let outcome = attempt(opts, planned, runtime, &source, &target, &name, &mut agent, &mut link, status).await;
+    let outcome =
+        attempt(opts, planned, runtime, (&source, &target), identities, &name, &mut agent, &mut link, status).await;
     status("cleaning up".into());
     let _ = target.away(&opts.away_bin, &["rm", "--force", &name]).await;
     let _ = source.away(&opts.away_bin, &["rm", "--force", &name]).await;
@@ -149,8 +151,8 @@ async fn attempt(
     opts: &CompareOptions,
     planned: &PlannedRun,
     runtime: &str,
-    source: &Node,
-    target: &Node,
+    (source, target): (&Node, &Node),
+    identities: Option<&crate::LabIdentities>,
     name: &str,
     agent_slot: &mut Option<Child>,
     link_slot: &mut Option<PacketSides>,
@@ -188,6 +190,13 @@ async fn attempt(
     away_runtime::store::ImageStore::new(&target.base.join("state"))
         .add(&opts.image, None)
         .map_err(|e| format!("load the image into the target's store: {e}"))?;
+    // with identities: each node's in its state directory, where `away agent` and
+    // `away migrate` look for it
+    for (node, identity) in identities.iter().flat_map(|i| [(source, &i.source), (target, &i.target)]) {
+        identity
+            .save(&node.base.join("state").join("identity"))
+            .map_err(|e| format!("save the node identity in {}: {e}", node.base.display()))?;
+    }
     status("starting the target agent".into());
     let mut agent = target.command_in(bin, side_b.as_ref());
     // a lab killed outright (SIGKILL) takes its target agent along: SIGTERM, which the
@@ -198,22 +207,21 @@ async fn attempt(
         away_runtime::host::process::Signal::TERM,
         false,
     );
-    agent
-        .args([
-            "agent",
-            "--name",
-            "lab-target",
-            "--listen",
-            &api_addr.to_string(),
-            "--transfer-listen",
-            &transfer_listen.to_string(),
-            "--transfer-advertise",
-            &transfer_advertise.to_string(),
-            // the lab's two nodes share this host and carry no identities yet
-            "--insecure-plaintext-channels",
-        ])
-        .stdout(Stdio::null())
-        .stderr(agent_log(opts, planned));
+    agent.args([
+        "agent",
+        "--name",
+        crate::LabIdentities::TARGET,
+        "--listen",
+        &api_addr.to_string(),
+        "--transfer-listen",
+        &transfer_listen.to_string(),
+        "--transfer-advertise",
+        &transfer_advertise.to_string(),
+    ]);
+    if identities.is_none() {
+        agent.arg("--insecure-plaintext-channels");
+    }
+    agent.stdout(Stdio::null()).stderr(agent_log(opts, planned));
     *agent_slot = Some(agent.spawn().map_err(|e| format!("start away agent: {e}"))?);
     let t = Instant::now();
     loop {
@@ -289,30 +297,30 @@ async fn attempt(
     carry_history(opts, source, true);
     // every path is timed the same way, on the lab's clock: from here (the command's
     // start) to the workload running on the target (crate::timed_total)
+    let api = api_addr.to_string();
+    let mut args = vec![
+        "migrate",
+        name,
+        "--to",
+        &api,
+        "--compression",
+        COMPRESSION,
+        "--mode",
+        match planned.path {
+            MigrationPath::ContainerLazy => "lazy",
+            MigrationPath::ContainerStaged => "staged",
+            _ => "stop-copy",
+        },
+        "--json",
+        "--reconnect-timeout",
+        "120",
+    ];
+    if identities.is_some() {
+        // the identity is the source's STATE_DIR/identity; the target's name is checked
+        args.extend(["--to-node", crate::LabIdentities::TARGET, "--source-name", crate::LabIdentities::SOURCE]);
+    }
     let start_ms = crate::unix_ms();
-    let out = source
-        .away_in(
-            bin,
-            side_a.as_ref(),
-            &[
-                "migrate",
-                name,
-                "--to",
-                &api_addr.to_string(),
-                "--compression",
-                COMPRESSION,
-                "--mode",
-                match planned.path {
-                    MigrationPath::ContainerLazy => "lazy",
-                    MigrationPath::ContainerStaged => "staged",
-                    _ => "stop-copy",
-                },
-                "--json",
-                "--reconnect-timeout",
-                "120",
-            ],
-        )
-        .await?;
+    let out = source.away_in(bin, side_a.as_ref(), &args).await?;
     drop(front);
     carry_history(opts, source, false);
     let report: Option<MigrationReport> = serde_json::from_slice(&out.stdout).ok();

@@ -322,6 +322,71 @@ pub struct CompareOptions {
     /// listed runs in every cell. The quick profile keeps its slow VM peer to one cell.
     #[serde(default)]
     pub limited: Vec<(MigrationPath, Vec<LinkKind>, Vec<Load>)>,
+    /// What carries away's moves between the two nodes: mutual TLS with node identities
+    /// (what away does) or plaintext (for measuring what TLS costs).
+    #[serde(default)]
+    pub channels: Channels,
+}
+
+/// The channels between the lab's two nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Channels {
+    /// Node identities from a CA the lab makes: container moves over away's mutual TLS
+    /// channels, VM moves over QEMU's TLS (`tls-creds-x509`).
+    #[default]
+    Tls,
+    /// `--insecure-plaintext-channels` on the target, plain TCP for QEMU.
+    Plaintext,
+}
+
+impl Channels {
+    pub fn name(self) -> &'static str {
+        match self {
+            Channels::Tls => "tls",
+            Channels::Plaintext => "plaintext",
+        }
+    }
+
+    /// How the report names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Channels::Tls => "mutual TLS (node identities from the lab's CA; QEMU tls-creds-x509 for VMs)",
+            Channels::Plaintext => "plaintext (--insecure-plaintext-channels; plain TCP for QEMU)",
+        }
+    }
+}
+
+impl FromStr for Channels {
+    type Err = LabError;
+    fn from_str(s: &str) -> Result<Self, LabError> {
+        match s {
+            "tls" => Ok(Channels::Tls),
+            "plaintext" => Ok(Channels::Plaintext),
+            _ => Err(invalid("channels", format!("unknown channels {s:?} (tls, plaintext)"))),
+        }
+    }
+}
+
+/// The lab's two node identities (source and target), from a CA made for this run in
+/// its work directory (0700, key 0600), removed with it.
+pub struct LabIdentities {
+    pub source: std::sync::Arc<away_identity::Identity>,
+    pub target: std::sync::Arc<away_identity::Identity>,
+}
+
+impl LabIdentities {
+    pub const SOURCE: &'static str = "lab-source";
+    pub const TARGET: &'static str = "lab-target";
+
+    fn create(work: &std::path::Path) -> Result<LabIdentities, LabError> {
+        let fail = |source| LabError::Identity { dir: work.join("ca"), source };
+        let ca = away_identity::Ca::load_or_create(&work.join("ca")).map_err(fail)?;
+        Ok(LabIdentities {
+            source: std::sync::Arc::new(ca.issue_self(Self::SOURCE, &[]).map_err(fail)?),
+            target: std::sync::Arc::new(ca.issue_self(Self::TARGET, &[]).map_err(fail)?),
+        })
+    }
 }
 
 impl CompareOptions {
@@ -347,15 +412,17 @@ impl CompareOptions {
             vm_timeout_min: Duration::from_secs(60),
             cpu_threads: 1,
             limited: Vec::new(),
+            channels: Channels::Tls,
         }
     }
 
-    /// For CI: 128 MiB VM, 32 MiB app, idle / cpu50 / ram50, LAN and WAN, VM pre-copy,
+    /// For CI: 128 MiB VM, 32 MiB app, idle / ram50, LAN and WAN, VM pre-copy,
     /// containerd (stop-and-copy and lazy), Docker and the Podman peer, one repetition;
     /// VM multifd + zstd only on the LAN, idle (a VM boot per run is what costs).
     pub fn quick(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
         CompareOptions {
-            loads: vec![Load::Idle, Load::Cpu(50), Load::Ram(50)],
+            // (cpu50 left out: a busy CPU dirties little memory, and CI's time is short)
+            loads: vec![Load::Idle, Load::Ram(50)],
             paths: vec![
                 MigrationPath::VmPrecopy,
                 MigrationPath::VmMultifdZstd,
@@ -641,10 +708,17 @@ pub struct LabSetup {
     pub host_cpus: usize,
     pub vm_timeouts: Vec<(String, f64)>,
     pub container_compression: String,
+    /// `tls` or `plaintext` (results from before the field: plaintext).
+    #[serde(default = "plaintext_before_tls")]
+    pub channels: String,
     pub started_unix: u64,
     /// `away lab merge`: the runs each source gave (empty for one `compare`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<SourceSummary>,
+}
+
+fn plaintext_before_tls() -> String {
+    Channels::Plaintext.name().into()
 }
 
 /// Everything `compare` measured.
@@ -686,6 +760,12 @@ pub enum LabError {
     Missing { what: String, hint: String },
     #[error("{path}: {reason}")]
     Results { path: PathBuf, reason: String },
+    #[error("make the lab's node identities in {dir}")]
+    Identity {
+        dir: PathBuf,
+        #[source]
+        source: away_identity::IdentityError,
+    },
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> LabError {
@@ -766,6 +846,10 @@ pub async fn compare(
     let total = plan.len();
     let report = |done: usize, current: String, status: String| progress(&LabProgress { done, total, current, status });
 
+    let identities = match opts.channels {
+        Channels::Tls => Some(LabIdentities::create(&work)?),
+        Channels::Plaintext => None,
+    };
     let vm_lab = if plan.iter().any(|r| r.path.is_vm()) {
         report(0, "setup".into(), "probing qemu".into());
         Some(vm::VmLab::new(&opts, &work).await?)
@@ -792,6 +876,7 @@ pub async fn compare(
             host_cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             vm_timeouts: opts.links.iter().map(|l| (l.name().to_string(), opts.vm_timeout(*l).as_secs_f64())).collect(),
             container_compression: container::COMPRESSION.into(),
+            channels: opts.channels.name().into(),
             started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             sources: Vec::new(),
         },
@@ -811,7 +896,7 @@ pub async fn compare(
         status("starting".into());
         let result = if planned.path.is_vm() {
             match &vm_lab {
-                Some(lab) => lab.run(&opts, planned, &status).await,
+                Some(lab) => lab.run(&opts, planned, identities.as_ref(), &status).await,
                 None => unreachable!("vm lab exists when a vm path is planned"),
             }
         } else if planned.path == MigrationPath::PeerPodman {
@@ -820,7 +905,7 @@ pub async fn compare(
                 None => unreachable!("podman lab exists when the podman path is planned"),
             }
         } else {
-            container::run(&opts, &work, planned, &status).await
+            container::run(&opts, &work, planned, identities.as_ref(), &status).await
         };
         tracing::info!(run = planned.run, "{label}: {:?} {:.2} s", result.outcome, result.total_s);
         status(format!("{:?} in {:.1} s", result.outcome, result.total_s));
@@ -864,7 +949,7 @@ mod tests {
         o.validate().unwrap();
         let plan = o.plan();
         // 5 paths in every cell, vm-multifd-zstd in one
-        assert_eq!(plan.len(), 2 * 3 * 5 + 1);
+        assert_eq!(plan.len(), 2 * 2 * 5 + 1);
         let multifd: Vec<_> = plan.iter().filter(|r| r.path == MigrationPath::VmMultifdZstd).collect();
         assert_eq!((multifd.len(), multifd[0].link, multifd[0].load), (1, LinkKind::Lan, Load::Idle));
         assert_eq!(plan[0].run, 1);

@@ -296,6 +296,8 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
     );
     let _ = writeln!(md, "- links: {}", set.links.join("; "));
     let _ = writeln!(md, "- link emulation: {}", set.link_emulator);
+    let channels = set.channels.parse::<crate::Channels>().map_or(set.channels.as_str(), |c| c.describe());
+    let _ = writeln!(md, "- channels between the nodes: {channels}");
     let timeouts: Vec<String> = set.vm_timeouts.iter().map(|(l, t)| format!("{l} {t:.0} s")).collect();
     let _ = writeln!(
         md,
@@ -744,6 +746,8 @@ pub(crate) mod tests {
     pub(crate) fn synthetic() -> LabResults {
         let mut o = CompareOptions::quick("m.tar".into(), "away".into(), "out".into());
         o.paths.push(MigrationPath::VmAutoConverge);
+        // three loads, as the quick profile had when these numbers were written
+        o.loads = vec![crate::Load::Idle, crate::Load::Cpu(50), crate::Load::Ram(50)];
         o.repetitions = 2;
         let runs = o
             .plan()
@@ -774,6 +778,7 @@ pub(crate) mod tests {
                 host_cpus: 2,
                 vm_timeouts: vec![("lan".into(), 30.0), ("wan".into(), 58.0)],
                 container_compression: "zstd:1".into(),
+                channels: "tls".into(),
                 started_unix: 0,
                 sources: Vec::new(),
             },

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use away_migrate::vm::{
-    migrate_vm_to, LocalVmTarget, VmListen, VmMigrateError, VmMigrationOptions, VmProgress, VmTarget,
+    migrate_vm_to, LocalVmTarget, VmListen, VmMigrateError, VmMigrationOptions, VmProgress, VmTarget, VmTls,
 };
 use away_model::{error_chain, Accel};
 use away_model::{ByteSize, Resources, WorkloadSpec};
@@ -76,6 +76,7 @@ impl VmLab {
         &self,
         opts: &CompareOptions,
         planned: &PlannedRun,
+        identities: Option<&crate::LabIdentities>,
         status: &(dyn Fn(String) + Sync),
     ) -> RunResult {
         if let (MigrationPath::VmMultifdZstdPostcopy, Some(why)) = (planned.path, &self.multifd_postcopy_refused) {
@@ -103,7 +104,7 @@ impl VmLab {
             };
             let source = QemuRuntime::new(dir.join("a"), paths_a, self.accel).with_reason(reason.clone());
             let target = QemuRuntime::new(dir.join("b"), paths_b, self.accel).with_reason(reason.clone());
-            let result = self.attempt(opts, planned, &source, &target, &name, &target_host, status).await;
+            let result = self.attempt(opts, planned, (&source, &target), identities, &name, &target_host, status).await;
             status("cleaning up".into());
             let _ = source.remove(&name).await;
             let _ = target.remove(&name).await;
@@ -125,8 +126,8 @@ impl VmLab {
         &self,
         opts: &CompareOptions,
         planned: &PlannedRun,
-        source: &QemuRuntime,
-        target: &QemuRuntime,
+        (source, target): (&QemuRuntime, &QemuRuntime),
+        identities: Option<&crate::LabIdentities>,
         name: &str,
         target_host: &str,
         status: &(dyn Fn(String) + Sync),
@@ -169,10 +170,17 @@ impl VmLab {
             target_host: target_host.into(),
             ..VmMigrationOptions::default()
         };
+        // QEMU's TLS with the lab's identities (each end checks the other's node name)
+        let tls = |i: &crate::LabIdentities, source: bool| {
+            let (me, peer) = if source { (&i.source, &i.target) } else { (&i.target, &i.source) };
+            VmTls::new(me.clone(), peer.name()).map_err(|e| format!("the VM move's TLS: {e}"))
+        };
+        let (source_tls, dest_tls) = match identities {
+            Some(i) => (Some(tls(i, true)?), Some(tls(i, false)?)),
+            None => (None, None),
+        };
         let mut dest = LinkedVmTarget {
-            // the lab measures on one host (network namespaces): plain TCP, as its agents'
-            // --insecure-plaintext-channels
-            inner: LocalVmTarget { runtime: target.clone(), port, dest: None, tls: None },
+            inner: LocalVmTarget { runtime: target.clone(), port, dest: None, tls: dest_tls },
             emulator: opts.link_emulator,
             profile: planned.link.profile(),
             front: None,
@@ -194,7 +202,7 @@ impl VmLab {
         // timed like every path (crate::timed_total): from here to the destination running
         // with the whole guest (pre-copy: its RESUME; post-copy: the migration's end)
         let start_ms = crate::unix_ms();
-        let result = migrate_vm_to(source, &mut dest, name, &self.image, &mig, None, show).await;
+        let result = migrate_vm_to(source, &mut dest, name, &self.image, &mig, source_tls.as_ref(), show).await;
         self.outcome(opts, planned, timeout, start_ms, result).map(|r| r.with_predicted(predicted))
     }
 

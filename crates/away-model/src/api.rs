@@ -309,6 +309,10 @@ pub struct BrokerEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<String>,
     pub message: String,
+    /// Whose request it follows: the user of a user token (`anna`), or `admin` for a
+    /// token of the broker's configuration; absent for what nodes and the broker did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// The answer of `POST /v1/workloads`: the stored workload (absent on a dry run) and
@@ -375,27 +379,111 @@ pub struct JoinTokenView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_unix_ms: Option<u64>,
     /// `valid`, `expired` or `revoked`, as of the answer.
-    pub state: JoinTokenState,
+    pub state: TokenState,
 }
 
-/// Whether a join token registers nodes now.
+/// Whether a join token registers nodes, or a user token is accepted, now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
-pub enum JoinTokenState {
+pub enum TokenState {
     Valid,
     Expired,
     Revoked,
 }
 
-impl JoinTokenState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JoinTokenState::Valid => "valid",
-            JoinTokenState::Expired => "expired",
-            JoinTokenState::Revoked => "revoked",
+impl TokenState {
+    /// A token revoked at `revoked_ms` (or not), expiring at `expires_ms` (or never), at `now_ms`.
+    pub fn at(revoked_ms: Option<u64>, expires_ms: Option<u64>, now_ms: u64) -> TokenState {
+        if revoked_ms.is_some() {
+            TokenState::Revoked
+        } else if expires_ms.is_some_and(|e| now_ms >= e) {
+            TokenState::Expired
+        } else {
+            TokenState::Valid
         }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenState::Valid => "valid",
+            TokenState::Expired => "expired",
+            TokenState::Revoked => "revoked",
+        }
+    }
+}
+
+/// The longest a user token may live: `expires_in_s` above this is refused.
+pub const MAX_USER_TOKEN_LIFETIME_S: u64 = MAX_JOIN_TOKEN_LIFETIME_S;
+
+/// The rule of a user name: a DNS label's shape (`anna`, `ci-runner-2`), and not
+/// `admin`, the name events give the broker's configured tokens ([`ADMIN_USER`]).
+pub const USER_NAME_PATTERN: &str = "^(?!admin$)[a-z][a-z0-9-]{0,62}$";
+
+/// Who the broker's configured user tokens are, in events (`by`); no user is called so.
+pub const ADMIN_USER: &str = "admin";
+
+/// Whether `name` is a user name ([`USER_NAME_PATTERN`]).
+pub fn is_user_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name != ADMIN_USER
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// The body of `POST /v1/user-tokens`: a new token for user `user`, who may then use the
+/// whole user API (not manage tokens: that needs an admin token).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UserTokenRequest {
+    /// Whose token it is: a lower-case letter, then up to 62 lower-case letters, digits or
+    /// `-`; not `admin` (the name events give the broker's configured tokens).
+    #[cfg_attr(feature = "openapi", schema(pattern = "^(?!admin$)[a-z][a-z0-9-]{0,62}$"))]
+    pub user: String,
+    /// Seconds until it expires (1 .. 10 years); absent: it never expires (revoke it).
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 315_360_000))]
+    pub expires_in_s: Option<u64>,
+    /// What it is for (shown by `GET /v1/user-tokens`), at most 200 characters, no
+    /// control characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(max_length = 200, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*$"))]
+    pub label: Option<String>,
+}
+
+/// The answer of `POST /v1/user-tokens`: the token itself, shown this once (the broker
+/// keeps only its SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UserTokenCreated {
+    /// Names it in `GET` and `DELETE /v1/user-tokens/{id}`.
+    pub id: String,
+    pub user: String,
+    /// The secret its user presents (`Authorization: Bearer`, `AWAY_USER_TOKEN`).
+    pub token: String,
+    /// When it stops working (Unix ms); absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
+}
+
+/// A user token as `GET /v1/user-tokens` lists it: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UserTokenView {
+    pub id: String,
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub created_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
+    /// When it was revoked; absent while it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_unix_ms: Option<u64>,
+    /// `valid`, `expired` or `revoked`, as of the answer.
+    pub state: TokenState,
 }
 
 /// Every error answer of the broker: an `ApiError`, and for some the full explanation
@@ -414,4 +502,36 @@ pub struct ErrorBody {
     /// A move refused for its prediction: the plan with the inputs it used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<crate::predict::MovePlan>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_names_are_dns_labels() {
+        for good in ["anna", "a", "ci-runner-2", &"a".repeat(63)] {
+            assert!(is_user_name(good), "{good}");
+        }
+        assert!(is_user_name("admins") && is_user_name("x-admin"));
+        for bad in ["", "Anna", "2anna", "-anna", "an_na", "anna.b", "änna", "admin", &"a".repeat(64)] {
+            assert!(!is_user_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn token_states_follow_revocation_then_expiry() {
+        assert_eq!(TokenState::at(None, None, 5), TokenState::Valid);
+        assert_eq!(TokenState::at(None, Some(6), 5), TokenState::Valid);
+        assert_eq!(TokenState::at(None, Some(5), 5), TokenState::Expired);
+        assert_eq!(TokenState::at(Some(1), Some(5), 9), TokenState::Revoked);
+    }
+
+    #[test]
+    fn user_token_requests_take_integral_floats_and_refuse_unknown_fields() {
+        let r: UserTokenRequest = serde_json::from_str(r#"{"user": "anna", "expires_in_s": 60.0}"#).unwrap();
+        assert_eq!((r.user.as_str(), r.expires_in_s), ("anna", Some(60)));
+        assert!(serde_json::from_str::<UserTokenRequest>(r#"{"user": "anna", "admin": true}"#).is_err());
+        assert!(serde_json::from_str::<UserTokenRequest>("{}").is_err(), "user is required");
+    }
 }

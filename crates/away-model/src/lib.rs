@@ -21,10 +21,11 @@ pub use chain::{error_chain, ErrorChain};
 pub mod openapi;
 
 pub use api::{
-    BrokerEvent, Compatibility, ErrorBody, Filtered, JoinTokenCreated, JoinTokenRequest, JoinTokenState, JoinTokenView,
+    is_user_name, BrokerEvent, Compatibility, ErrorBody, Filtered, JoinTokenCreated, JoinTokenRequest, JoinTokenView,
     MigrationAccepted, MigrationPlanAnswer, MigrationRecord, MigrationRequest, MigrationState, NodeScore, NodeView,
-    Optimize, PlacementDecision, Rule, SubmitAnswer, WorkloadView, DEFAULT_MIGRATION_DEADLINE_S,
-    MAX_JOIN_TOKEN_LIFETIME_S, MAX_MIGRATION_DEADLINE_S,
+    Optimize, PlacementDecision, Rule, SubmitAnswer, TokenState, UserTokenCreated, UserTokenRequest, UserTokenView,
+    WorkloadView, ADMIN_USER, DEFAULT_MIGRATION_DEADLINE_S, MAX_JOIN_TOKEN_LIFETIME_S, MAX_MIGRATION_DEADLINE_S,
+    MAX_USER_TOKEN_LIFETIME_S, USER_NAME_PATTERN,
 };
 pub use cluster::{
     AgentEvent, Assignment, Desired, Heartbeat, HeartbeatResponse, MigrationOrder, NodeLoad, RegisterRequest,

@@ -50,9 +50,13 @@ impl<'de, T: TryFrom<i128>> Visitor<'de> for Whole<T> {
         Self::fit(v.into())
     }
     fn visit_f64<E: Error>(self, v: f64) -> Result<T, E> {
-        // beyond 2^63 no integer field of ours fits anyway
-        if v.fract() == 0.0 && v.abs() < 9.3e18 {
-            Self::fit(v as i128)
+        // serde_json (without its float_roundtrip feature) reads a long decimal to within
+        // one unit in the last place: `2238506130589409.0` arrives as 2238506130589408.75.
+        // So a float that close to an integer is that integer; beyond 2^63 no integer
+        // field of ours fits anyway
+        let whole = v.round();
+        if (v - whole).abs() <= whole.abs() * f64::EPSILON && whole.abs() < 9.3e18 {
+            Self::fit(whole as i128)
         } else {
             Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
         }
@@ -101,5 +105,19 @@ mod tests {
         let e = serde_json::from_str::<Port>(r#"{"port": 70000}"#).unwrap_err().to_string();
         assert!(e.contains("70000 is out of range for u16"), "{e}");
         assert!(serde_json::from_str::<Port>(r#"{"port": "80"}"#).is_err());
+    }
+
+    #[test]
+    fn long_whole_floats_survive_serde_jsons_rounding() {
+        #[derive(serde::Deserialize)]
+        struct Seq {
+            #[serde(deserialize_with = "super::de")]
+            seq: u64,
+        }
+        // schemathesis sent this heartbeat event seq; serde_json reads it one ULP low
+        let s: Seq = serde_json::from_str(r#"{"seq": 2238506130589409.0}"#).unwrap();
+        assert_eq!(s.seq, 2_238_506_130_589_409);
+        assert!(serde_json::from_str::<Seq>(r#"{"seq": 2238506130589409.5}"#).is_err());
+        assert!(serde_json::from_str::<Seq>(r#"{"seq": 1.5}"#).is_err());
     }
 }

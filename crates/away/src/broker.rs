@@ -36,7 +36,8 @@ pub struct BrokerArgs {
     /// more, which expire and can be revoked)
     #[arg(long, env = "AWAY_JOIN_TOKEN", hide_env_values = true)]
     join_token: String,
-    /// A token users present (repeatable)
+    /// An admin token (repeatable): the user API and managing tokens; `away token create
+    /// --user NAME` makes per-user tokens, which expire and can be revoked
     #[arg(long = "user-token", env = "AWAY_USER_TOKEN", hide_env_values = true, required = true)]
     user_tokens: Vec<String>,
     /// Seconds between agent heartbeats

@@ -16,7 +16,7 @@ pub enum Command {
     /// The peers: peer-podman (Podman's checkpoint export / restore import over the same
     /// link) and vm-multifd-zstd (QEMU multifd with zstd; -postcopy where QEMU allows it).
     ///
-    /// The quick profile (`--quick`: 128 MiB VM, 32 MiB app, 3 loads, 6 paths, 2 links)
+    /// The quick profile (`--quick`: 128 MiB VM, 32 MiB app, 2 loads, 6 paths, 2 links)
     /// takes about 6-7 minutes on 2 cores; the full profile (256 MiB VM, 128 MiB app,
     /// 9 loads, 10 paths, 2 repetitions) takes about three hours (`--dry-run`
     /// prints an upper bound). Runs of a few paths can be combined afterwards with
@@ -25,6 +25,7 @@ pub enum Command {
     /// Examples:
     ///   away lab compare --quick --out docs/results/quick
     ///   away lab compare --links wan --loads idle,ram50 --paths vm-precopy,container-containerd --repetitions 3
+    ///   away lab compare --links wan --loads idle --paths container-lazy --channels plaintext   # what TLS costs
     #[command(verbatim_doc_comment)]
     Compare(CompareArgs),
     /// Combine several `away lab compare` outputs into one experiment: one CSV, JSON,
@@ -84,6 +85,12 @@ pub struct CompareArgs {
     /// endpoints' TCP sees the real round trip) or proxy (split-TCP relay)
     #[arg(long, default_value = "packet", value_parser = ["packet", "proxy"])]
     link_emulator: String,
+    /// What carries the moves between the two nodes: tls (node identities from a CA the
+    /// lab makes; away's mutual TLS channels for containers, QEMU's TLS for VMs: what
+    /// away does) or plaintext (to measure what TLS costs). Podman's runs are the same
+    /// in both.
+    #[arg(long, default_value = "tls")]
+    channels: away_lab::Channels,
     /// Print the plan and its estimated run time, run nothing
     #[arg(long)]
     dry_run: bool,
@@ -138,6 +145,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
     if let Some(m) = a.app_ram {
         opts.app_ram = m;
     }
+    opts.channels = a.channels;
     opts.link_emulator = match a.link_emulator.as_str() {
         "proxy" => away_lab::link::LinkEmulator::SplitTcpProxy,
         _ => away_lab::link::LinkEmulator::Packet,

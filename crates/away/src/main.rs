@@ -66,16 +66,20 @@ enum Command {
     /// Run a whole cluster on this machine (broker + agents in network namespaces)
     #[command(subcommand)]
     Cluster(cluster::Command),
-    /// Make, list and revoke a broker's join tokens
+    /// Make, list and revoke a broker's join tokens and users' tokens
     ///
     /// A new node registers with a join token (AWAY_JOIN_TOKEN of its agent). One made here
     /// can expire and be revoked; nodes that joined with it keep working (they use their
-    /// certificates). The user token comes from AWAY_USER_TOKEN, never the command line.
+    /// certificates). A user's token (--user NAME) lets that user use the broker's whole
+    /// user API (submit, move, logs, events, the dashboard) until it expires or is revoked;
+    /// it does not manage tokens. Managing tokens needs an admin token (one of the broker's
+    /// --user-token), from AWAY_USER_TOKEN, never the command line.
     ///
     /// Examples:
     ///   away token create --broker https://10.0.0.1:7700 --ca ca.pem --expires 1h --label laptop-anna
+    ///   away token create --broker https://10.0.0.1:7700 --ca ca.pem --user anna --expires 30d
     ///   away token list --broker https://10.0.0.1:7700 --ca ca.pem
-    ///   away token revoke jt-1a2b3c4d5e6f --broker https://10.0.0.1:7700 --ca ca.pem
+    ///   away token revoke ut-1a2b3c4d5e6f --broker https://10.0.0.1:7700 --ca ca.pem
     #[command(subcommand, verbatim_doc_comment)]
     Token(token::Command),
     /// List a broker's nodes and revoke a lost or stolen one

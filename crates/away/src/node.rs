@@ -33,6 +33,9 @@ pub enum Command {
     /// the agent, remove STATE_DIR/identity (key.pem, cert.pem, crl.pem) and start it with
     /// AWAY_JOIN_TOKEN (the revoked key is refused).
     ///
+    /// It needs an admin token (one of the broker's --user-token) in AWAY_USER_TOKEN; a
+    /// user's own token is refused (403).
+    ///
     /// Example:
     ///   export AWAY_USER_TOKEN=…
     ///   away node revoke laptop-anna --broker https://10.0.0.1:7700 --ca ca.pem

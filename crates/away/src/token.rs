@@ -1,41 +1,52 @@
-//! `away token`: the broker's join tokens (`/v1/join-tokens`), made, listed and revoked
-//! with a user token from the environment.
+//! `away token`: the broker's join tokens (`/v1/join-tokens`) and users' tokens
+//! (`/v1/user-tokens`), made, listed and revoked with an admin token from the environment.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use away_model::{JoinTokenRequest, JoinTokenView};
+use away_model::{JoinTokenRequest, TokenState, UserTokenRequest};
 
 use crate::output::print_json;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Make a join token; its secret is printed this once (alone on stdout, or in --json)
+    /// Make a join token, or with --user a user's token; its secret is printed this once
+    /// (alone on stdout, or in --json)
+    #[command(after_help = "Examples:
+  AWAY_JOIN_TOKEN=$(away token create --broker https://10.0.0.1:7700 --ca ca.pem --expires 1h)
+  away token create --broker https://10.0.0.1:7700 --ca ca.pem --user anna --expires 30d")]
     Create {
         #[command(flatten)]
         broker: BrokerArgs,
+        /// Make a token for this user (a lower-case letter, then up to 62 lower-case letters,
+        /// digits or '-'; not admin): it may use the broker's whole user API (submit, move, logs, events,
+        /// the dashboard) but not manage tokens. Without --user: a join token for a new node
+        #[arg(long, value_name = "NAME", value_parser = parse_user)]
+        user: Option<String>,
         /// It stops working after this long: 90s, 30m, 12h, 7d [default: never]
         #[arg(long, value_parser = parse_expiry, value_name = "DURATION")]
         expires: Option<u64>,
         /// What it is for, shown by `away token list`
         #[arg(long)]
         label: Option<String>,
-        /// Print {id, token, expires_unix_ms} as JSON
+        /// Print {id, token, expires_unix_ms} (and user) as JSON
         #[arg(long)]
         json: bool,
     },
-    /// List the join tokens made over the API (not the broker's configured one), without secrets
+    /// List the join and user tokens made over the API (not the broker's configured ones),
+    /// without secrets
     List {
         #[command(flatten)]
         broker: BrokerArgs,
-        /// Print the list as JSON
+        /// Print the list as JSON: one array, each token with its `kind` (join or user)
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a join token: no node registers with it from now on
+    /// Revoke a token by its id: a join token (jt-…) registers no node from now on, a
+    /// user's token (ut-…) is refused from its next request on
     Revoke {
-        /// The token's id (jt-…), from `away token create` or `list`
+        /// The token's id (jt-… or ut-…), from `away token create` or `list`
         id: String,
         #[command(flatten)]
         broker: BrokerArgs,
@@ -61,7 +72,7 @@ impl BrokerArgs {
         let token = std::env::var("AWAY_USER_TOKEN")
             .ok()
             .filter(|t| !t.trim().is_empty())
-            .context("away token needs a user token of the broker: set AWAY_USER_TOKEN")?;
+            .context("away token needs an admin token of the broker (one of its --user-token): set AWAY_USER_TOKEN")?;
         let ca = match &self.ca {
             Some(path) => Some(away_identity::read_ca_file(path)?),
             None => None,
@@ -74,7 +85,27 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         match cmd {
-            Command::Create { broker, expires, label, json } => {
+            Command::Create { broker, user: Some(user), expires, label, json } => {
+                let req = UserTokenRequest { user, expires_in_s: expires, label };
+                let made = broker.client()?.create_user_token(&req).await.context("create a user token")?;
+                if json {
+                    print_json(&made)?;
+                } else {
+                    // the secret alone on stdout, words on stderr
+                    println!("{}", made.token);
+                    eprintln!(
+                        "user token {} for {} ({}): give it to {} as AWAY_USER_TOKEN (environment, not the command \
+                         line; the dashboard asks for it); it is not shown again. It uses the user API, not tokens. \
+                         Revoke it with `away token revoke {}`",
+                        made.id,
+                        made.user,
+                        expiry(made.expires_unix_ms, now_ms()),
+                        made.user,
+                        made.id
+                    );
+                }
+            }
+            Command::Create { broker, user: None, expires, label, json } => {
                 let req = JoinTokenRequest { expires_in_s: expires, label };
                 let made = broker.client()?.create_join_token(&req).await.context("create a join token")?;
                 if json {
@@ -92,39 +123,144 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 }
             }
             Command::List { broker, json } => {
-                let list = broker.client()?.join_tokens().await.context("list join tokens")?;
+                let client = broker.client()?;
+                let (joins, users) =
+                    tokio::try_join!(client.join_tokens(), client.user_tokens()).context("list tokens")?;
+                let mut rows: Vec<Row> = joins
+                    .into_iter()
+                    .map(|t| Row {
+                        kind: Kind::Join,
+                        user: None,
+                        created: t.created_unix_ms,
+                        json: serde_json::to_value(&t),
+                        id: t.id,
+                        state: t.state,
+                        expires: t.expires_unix_ms,
+                        revoked: t.revoked_unix_ms,
+                        label: t.label,
+                    })
+                    .chain(users.into_iter().map(|t| Row {
+                        kind: Kind::User,
+                        created: t.created_unix_ms,
+                        json: serde_json::to_value(&t),
+                        id: t.id,
+                        user: Some(t.user),
+                        state: t.state,
+                        expires: t.expires_unix_ms,
+                        revoked: t.revoked_unix_ms,
+                        label: t.label,
+                    }))
+                    .collect();
+                rows.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
                 if json {
-                    print_json(&list)?;
+                    let mut all = Vec::with_capacity(rows.len());
+                    for r in rows {
+                        let mut v = r.json?;
+                        v["kind"] = r.kind.as_str().into();
+                        all.push(v);
+                    }
+                    print_json(&all)?;
                 } else {
-                    print_list(&list, now_ms());
+                    print_list(&rows, now_ms());
                 }
             }
-            Command::Revoke { id, broker, json } => {
-                let t =
-                    broker.client()?.revoke_join_token(&id).await.with_context(|| format!("revoke join token {id}"))?;
-                if json {
-                    print_json(&t)?;
-                } else {
-                    println!("join token {} revoked: no node registers with it any more", t.id);
+            Command::Revoke { id, broker, json } => match id.split('-').next() {
+                Some("jt") => {
+                    let t = broker
+                        .client()?
+                        .revoke_join_token(&id)
+                        .await
+                        .with_context(|| format!("revoke join token {id}"))?;
+                    if json {
+                        print_json(&t)?;
+                    } else {
+                        println!("join token {} revoked: no node registers with it any more", t.id);
+                    }
                 }
-            }
+                Some("ut") => {
+                    let t = broker
+                        .client()?
+                        .revoke_user_token(&id)
+                        .await
+                        .with_context(|| format!("revoke user token {id}"))?;
+                    if json {
+                        print_json(&t)?;
+                    } else {
+                        println!("user token {} of {} revoked: the broker refuses its next request", t.id, t.user);
+                    }
+                }
+                _ => anyhow::bail!(
+                    "{id:?} is not a token id: join tokens' ids start with jt-, user tokens' with ut- (away token list)"
+                ),
+            },
         }
         Ok(ExitCode::SUCCESS)
     })
 }
 
-fn print_list(list: &[JoinTokenView], now: u64) {
-    if list.is_empty() {
-        println!("no join tokens made over the API (the broker's AWAY_JOIN_TOKEN is not listed)");
+#[derive(Clone, Copy)]
+enum Kind {
+    Join,
+    User,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Join => "join",
+            Kind::User => "user",
+        }
+    }
+}
+
+/// One token of either kind, as `away token list` shows it.
+struct Row {
+    kind: Kind,
+    id: String,
+    user: Option<String>,
+    state: TokenState,
+    created: u64,
+    expires: Option<u64>,
+    revoked: Option<u64>,
+    label: Option<String>,
+    /// The broker's view of it, for --json.
+    json: serde_json::Result<serde_json::Value>,
+}
+
+fn print_list(rows: &[Row], now: u64) {
+    if rows.is_empty() {
+        println!("no tokens made over the API (the broker's configured join token and admin tokens are not listed)");
         return;
     }
-    println!("{:<17} {:<8} {:<26} LABEL", "ID", "STATE", "EXPIRES");
-    for t in list {
-        let expires = match t.revoked_unix_ms {
+    println!("{:<4} {:<17} {:<16} {:<8} {:<26} LABEL", "KIND", "ID", "USER", "STATE", "EXPIRES");
+    for t in rows {
+        let expires = match t.revoked {
             Some(at) => format!("revoked {} ago", span(now.saturating_sub(at))),
-            None => expiry(t.expires_unix_ms, now),
+            None => expiry(t.expires, now),
         };
-        println!("{:<17} {:<8} {:<26} {}", t.id, t.state.as_str(), expires, t.label.as_deref().unwrap_or("-"));
+        println!(
+            "{:<4} {:<17} {:<16} {:<8} {:<26} {}",
+            t.kind.as_str(),
+            t.id,
+            t.user.as_deref().unwrap_or("-"),
+            t.state.as_str(),
+            expires,
+            t.label.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+/// A user name as the broker takes it (away_model::USER_NAME_PATTERN).
+fn parse_user(text: &str) -> Result<String, String> {
+    if away_model::is_user_name(text) {
+        Ok(text.to_string())
+    } else if text == away_model::ADMIN_USER {
+        Err("\"admin\" is taken: the broker's events call its configured tokens so".into())
+    } else {
+        Err(format!(
+            "{text:?}: a user name is a lower-case letter, then up to 62 lower-case letters, digits or '-' (anna, \
+             ci-runner-2)"
+        ))
     }
 }
 
@@ -189,6 +325,13 @@ mod tests {
         assert!(parse_expiry("h").unwrap_err().contains("whole number"));
         assert!(parse_expiry("99999999999999999999d").unwrap_err().contains("whole number"));
         assert!(parse_expiry("3651d").unwrap_err().contains("at most 10 years"));
+    }
+
+    #[test]
+    fn user_names_are_checked_before_the_broker_is_asked() {
+        assert_eq!(parse_user("anna"), Ok("anna".into()));
+        assert!(parse_user("Anna").unwrap_err().contains("lower-case letter"));
+        assert!(parse_user("").is_err());
     }
 
     #[test]
