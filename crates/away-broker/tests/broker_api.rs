@@ -1215,6 +1215,11 @@ async fn a_revoked_node_is_offline_out_of_placement_and_stays_revoked() {
     }
     let (s, body) = b.call(Method::POST, "/v1/nodes/nowhere/revoke", Some(USER), None).await;
     assert_eq!(s, 404, "{body}");
+    // a user's own token uses the user API but may not revoke a node
+    let (s, made) = b.post("/v1/user-tokens", json!({"user": "anna"})).await;
+    assert_eq!(s, 201, "{made}");
+    let (s, body) = b.call(Method::POST, "/v1/nodes/laptop/revoke", made["token"].as_str(), None).await;
+    assert_eq!(s, 403, "{body}");
 
     let (s, revoked) = b.call(Method::POST, "/v1/nodes/laptop/revoke", Some(USER), None).await;
     assert_eq!(s, 200, "{revoked}");
