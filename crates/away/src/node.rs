@@ -64,10 +64,10 @@ pub struct BrokerArgs {
 impl BrokerArgs {
     fn client(&self) -> anyhow::Result<away_client::Client> {
         // only from the environment: a token on the command line is readable by every user (ps)
-        let token = std::env::var("AWAY_USER_TOKEN")
-            .ok()
-            .filter(|t| !t.trim().is_empty())
-            .context("away node needs a user token of the broker: set AWAY_USER_TOKEN")?;
+        let token = std::env::var("AWAY_USER_TOKEN").ok().filter(|t| !t.trim().is_empty()).context(
+            "away node needs a token of the broker (list: any user token; revoke: an admin token, one of its \
+                 --user-token): set AWAY_USER_TOKEN",
+        )?;
         let ca = match &self.ca {
             Some(path) => Some(away_identity::read_ca_file(path)?),
             None => None,
