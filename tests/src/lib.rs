@@ -444,6 +444,8 @@ pub struct LocalAgent {
     pub node: Node,
     /// Its API, `127.0.0.1:PORT`.
     pub api: String,
+    /// Its transfer port (checkpoints arrive there), `127.0.0.1:PORT`.
+    pub transfer: String,
     child: std::process::Child,
 }
 
@@ -466,7 +468,7 @@ impl Node {
         let log = std::fs::File::create(log).unwrap();
         let child = cmd.stdout(std::process::Stdio::null()).stderr(log).spawn().expect("start away agent");
         let up = wait_for(30, || std::net::TcpStream::connect(&listen).ok());
-        let mut agent = LocalAgent { node: self, api: listen, child };
+        let mut agent = LocalAgent { node: self, api: listen, transfer: transfer.clone(), child };
         if up.is_none() {
             let _ = agent.child.kill();
             panic!("agent did not listen on {}", agent.api);

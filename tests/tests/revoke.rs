@@ -41,6 +41,24 @@ fn client_of(tls: Arc<ClientConfig>, node: &str, addr: &str) -> reqwest::blockin
         .unwrap()
 }
 
+/// A TLS handshake with node `node` at `addr` presenting `who`, then a read of up to 2 s:
+/// Err(the alert) when the server refuses the certificate (TLS 1.3: its verdict on the
+/// client certificate comes after the client's last flight), Ok when it takes the
+/// connection and waits (the transfer port waits for a hello).
+fn handshake(who: &Identity, node: &str, addr: &str) -> Result<(), String> {
+    use std::io::Read;
+    let name = away_identity::server_name(node).unwrap();
+    let mut conn = away_identity::rustls::ClientConnection::new(who.client_config().unwrap(), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut stream = away_identity::rustls::Stream::new(&mut conn, &mut tcp);
+    match stream.read(&mut [0u8; 1]) {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Ok(()),
+        Err(e) => Err(e.to_string()),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// `away node ARGS` against the broker with the user token in the environment.
 fn away_node(args: &[&str], broker: &str, ca: &Path) -> (bool, String, String) {
     let out = Command::new(away_bin())
@@ -132,9 +150,11 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
             .get(format!("https://revoke-a.node.away:{a_port}/v1/workloads"))
             .send()
     };
-    // control: before the revocation B's certificate gets into A's API and the broker
+    // control: before the revocation B's certificate gets into A's API, A's transfer port
+    // and the broker
     let r = a_api(&b_id).expect("B's certificate reaches A's API before the revocation");
     assert!(r.status().is_success(), "{}", r.status());
+    handshake(&b_id, "revoke-a", &a.transfer).expect("B's certificate reaches A's transfer port");
     let hb = json!({"node": fake_node_info("revoke-b"), "load": {"cpu_percent": 0.0, "memory_used_bytes": 0, "workloads": 0},
         "workloads": [], "events": []});
     let as_b = client_with(b_id.client_config().unwrap());
@@ -183,6 +203,11 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
     let why = request_error_chain(&e);
     eprintln!("A's API, B's certificate: {why}");
     assert!(why.to_lowercase().contains("revoked"), "the handshake fails for the revocation: {why}");
+    // and so does its transfer receiver
+    let why = handshake(&b_id, "revoke-a", &a.transfer).expect_err("A's transfer port took B's revoked certificate");
+    eprintln!("A's transfer port, B's certificate: {why}");
+    assert!(why.to_lowercase().contains("revoked"), "{why}");
+    handshake(&third, "revoke-a", &a.transfer).expect("a valid node is refused by A's transfer port");
     // another node of the CA still gets in, and A still heartbeats with the broker
     let r = a_api(&third).expect("a valid node is refused by A after the revocation");
     assert!(r.status().is_success(), "{}", r.status());
