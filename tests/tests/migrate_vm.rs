@@ -404,7 +404,22 @@ fn a_destination_takes_the_stream_only_from_its_source_node() {
     // (source's tls, destination's tls, what the failure must say: from the destination's
     // qemu log, or from the source)
     let from_b = VmTls::new(h.identity("node-b"), "node-a").unwrap();
-    let cases: [(&str, Option<VmTls>, VmTls, &str); 3] = [
+    // a node-a whose certificate the destination holds revoked (the broker's CRL, as an
+    // agent gets it with its heartbeat; QEMU reads it as ca-crl.pem)
+    let revoked_a = h.identity("node-a");
+    let revoked = away_identity::Revoked {
+        serial_hex: away_identity::serial_hex(&revoked_a.cert_pem()).unwrap(),
+        revoked_at: std::time::SystemTime::now(),
+    };
+    let b_with_crl = h.identity("node-b");
+    b_with_crl.revocations().set_from_ca(&h.ca.crl_pem(1, &[revoked]).unwrap()).unwrap();
+    let cases: [(&str, Option<VmTls>, VmTls, &str); 4] = [
+        (
+            "a revoked source certificate",
+            Some(VmTls::new(revoked_a, "node-b").unwrap()),
+            VmTls::new(b_with_crl.clone(), "node-a").unwrap(),
+            "The certificate has been revoked",
+        ),
         (
             "another node's certificate",
             Some(VmTls::new(h.identity("intruder"), "node-b").unwrap()),
@@ -446,8 +461,12 @@ fn a_destination_takes_the_stream_only_from_its_source_node() {
         assert!(wait_for(10, || count(port).filter(|c| *c > c1)).is_some(), "{label}: the source stopped counting");
     }
 
-    // control: node-a itself moves it
-    let ab = h.tls("node-a", "node-b");
+    // control: node-a (another certificate, not revoked) moves it to a node-b that holds
+    // that CRL: QEMU takes the list and lets the valid peer in
+    let ab = LocalTls {
+        source: VmTls::new(h.identity("node-a"), "node-b").unwrap(),
+        destination: VmTls::new(b_with_crl, "node-a").unwrap(),
+    };
     let (to_port, _) = migrate_and_check(&h, &h.a, &h.b, &name, port, &image, opts_to(0), Some(&ab), "tls control");
     h.block(h.b.remove(&name)).unwrap();
     assert!(http_get(to_port, "/count").is_none());
