@@ -363,8 +363,9 @@ impl Broker {
     // ---- agents ----
 
     /// Which join token `presented` is: the configured one (None) or a valid one made
-    /// over the API (its id); a revoked or expired one is refused naming why.
-    fn check_join_token(&self, presented: Option<&str>) -> Result<Option<String>, Problem> {
+    /// over the API (its id); a revoked or expired one is refused naming why, and so is
+    /// one another node than `node` joined with.
+    fn check_join_token(&self, presented: Option<&str>, node: &str) -> Result<Option<String>, Problem> {
         let Some(t) = presented else {
             return Err(Problem::unauthorized("missing bearer token: send Authorization: Bearer <join token>"));
         };
@@ -376,7 +377,14 @@ impl Broker {
             return Err(Problem::unauthorized("wrong join token"));
         };
         match record.state(now_ms()) {
-            TokenState::Valid => Ok(Some(record.id.clone())),
+            TokenState::Valid => match &record.used_by {
+                Some(used) if used != node => Err(Problem::unauthorized(format!(
+                    "join token {} was used by node {used}: a join token made with `away token create` joins one \
+                     node; ask for a new one",
+                    record.id
+                ))),
+                _ => Ok(Some(record.id.clone())),
+            },
             TokenState::Revoked => {
                 Err(Problem::unauthorized(format!("join token {} revoked: ask for a new one", record.id)))
             }
@@ -387,7 +395,7 @@ impl Broker {
     }
 
     pub fn register(&self, presented: Option<&str>, mut req: RegisterRequest) -> Result<RegisterResponse, Problem> {
-        let join_token = self.check_join_token(presented)?;
+        let join_token = self.check_join_token(presented, &req.node.name)?;
         check_node_name(&req.node.name)?;
         if req.api_addr.trim().is_empty() {
             return Err(Problem::invalid("api_addr must be the agent's host:port").field("api_addr"));
@@ -457,14 +465,30 @@ impl Broker {
             // joined again with a new key (a revoked one is refused above)
             revoked_ms: None,
         };
+        // a made join token is this node's from its first join (checked again under the
+        // lock: two joins with one token at once get one node)
+        let used = match join_token.as_ref().and_then(|id| inner.join_tokens.get(id)) {
+            Some(t) => match &t.used_by {
+                Some(other) if *other != name => {
+                    return Err(Problem::unauthorized(format!("join token {} was used by node {other}", t.id)))
+                }
+                Some(_) => None,
+                None => Some(JoinTokenRecord { used_by: Some(name.clone()), ..t.clone() }),
+            },
+            None => None,
+        };
         let hash = tokens::sha256_hex(&token);
         let changes = Changes {
             nodes: vec![record.clone()],
             tokens: vec![(name.clone(), hash.clone())],
             certificates: certificate.iter().cloned().collect(),
+            join_tokens: used.iter().cloned().collect(),
             ..Default::default()
         };
         inner.store.apply(&changes)?;
+        if let Some(t) = used {
+            inner.join_tokens.insert(t.id.clone(), t);
+        }
         if let Some(c) = certificate {
             inner.certificates.insert(c.serial.clone(), c);
         }
@@ -495,8 +519,15 @@ impl Broker {
     pub fn create_join_token(&self, req: JoinTokenRequest) -> Result<JoinTokenCreated, Problem> {
         let (expires_in_s, label) = token_lifetime_and_label(req.expires_in_s, req.label)?;
         let NewToken { token, sha256, created_ms, expires_ms } = NewToken::make(expires_in_s)?;
-        let record =
-            JoinTokenRecord { id: tokens::short_id("jt-"), sha256, created_ms, expires_ms, revoked_ms: None, label };
+        let record = JoinTokenRecord {
+            id: tokens::short_id("jt-"),
+            sha256,
+            created_ms,
+            expires_ms,
+            revoked_ms: None,
+            label,
+            used_by: None,
+        };
         let mut inner = lock(&self.inner);
         if inner.join_tokens.contains_key(&record.id) {
             return Err(Problem::internal("a new join token id is taken already: try again"));

@@ -85,6 +85,9 @@ pub struct JoinTokenRecord {
     pub expires_ms: Option<u64>,
     pub revoked_ms: Option<u64>,
     pub label: Option<String>,
+    /// The node that joined with it: a made join token joins one node (that node may
+    /// join again with it, e.g. after losing its state; no other may).
+    pub used_by: Option<String>,
 }
 
 impl JoinTokenRecord {
@@ -101,6 +104,7 @@ impl JoinTokenRecord {
             expires_unix_ms: self.expires_ms,
             revoked_unix_ms: self.revoked_ms,
             state: self.state(now_ms),
+            used_by: self.used_by.clone(),
         }
     }
 }

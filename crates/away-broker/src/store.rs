@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS removals (node TEXT NOT NULL, workload TEXT NOT NULL,
 CREATE TABLE IF NOT EXISTS agent_events (node TEXT NOT NULL, seq INTEGER NOT NULL, at_ms INTEGER NOT NULL,
     kind TEXT NOT NULL, workload TEXT, migration_id TEXT, record TEXT NOT NULL, PRIMARY KEY (node, seq));
 CREATE TABLE IF NOT EXISTS join_tokens (id TEXT PRIMARY KEY, sha256 TEXT NOT NULL UNIQUE,
-    created_ms INTEGER NOT NULL, expires_ms INTEGER, revoked_ms INTEGER, label TEXT);
+    created_ms INTEGER NOT NULL, expires_ms INTEGER, revoked_ms INTEGER, label TEXT, used_by TEXT);
 CREATE TABLE IF NOT EXISTS overlay_networks (name TEXT PRIMARY KEY, idx INTEGER NOT NULL UNIQUE, vni INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS overlay_leases (network TEXT NOT NULL, owner TEXT NOT NULL, ip TEXT NOT NULL,
     PRIMARY KEY (network, owner), UNIQUE (network, ip));
@@ -204,7 +204,8 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT id, sha256, created_ms, expires_ms, revoked_ms, label FROM join_tokens ORDER BY created_ms, id",
+                "SELECT id, sha256, created_ms, expires_ms, revoked_ms, label, used_by FROM join_tokens \
+                 ORDER BY created_ms, id",
             )
             .map_err(|e| self.sql(e))?;
         let rows = stmt
@@ -216,6 +217,7 @@ impl Store {
                     expires_ms: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
                     revoked_ms: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
                     label: r.get(5)?,
+                    used_by: r.get(6)?,
                 })
             })
             .map_err(|e| self.sql(e))?;
@@ -383,8 +385,8 @@ impl Store {
             }
             let mut put_join_token = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO join_tokens (id, sha256, created_ms, expires_ms, revoked_ms, label) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR REPLACE INTO join_tokens (id, sha256, created_ms, expires_ms, revoked_ms, label, used_by) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(sql)?;
             for t in &c.join_tokens {
@@ -396,6 +398,7 @@ impl Store {
                         t.expires_ms.map(|v| v as i64),
                         t.revoked_ms.map(|v| v as i64),
                         t.label,
+                        t.used_by,
                     ])
                     .map_err(sql)?;
             }

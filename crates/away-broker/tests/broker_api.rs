@@ -655,7 +655,14 @@ async fn join_tokens_register_until_revoked_or_expired() {
     let anna = node("anna", Tier::Client, CpuVendor::Intel);
     let (s, reg) = b.register_with(lasting_token, &anna, "127.0.0.1:1").await;
     assert_eq!(s, 200, "{reg}");
-    let anna_token: RegisterResponse = serde_json::from_value(reg).unwrap();
+    let _: RegisterResponse = serde_json::from_value(reg).unwrap();
+    // it is anna's now: another node is refused with it, anna may join again with it
+    let (s, e) = b.register_with(lasting_token, &node("bob", Tier::Edge, CpuVendor::Amd), "127.0.0.1:1").await;
+    assert_eq!(s, 401, "{e}");
+    assert!(e["message"].as_str().unwrap().contains(&format!("join token {lasting_id} was used by node anna")), "{e}");
+    let (s, again) = b.register_with(lasting_token, &anna, "127.0.0.1:1").await;
+    assert_eq!(s, 200, "{again}");
+    let anna_token: RegisterResponse = serde_json::from_value(again).unwrap();
     // the short one works until it expires
     let (s, reg) = b
         .register_with(short["token"].as_str().unwrap(), &node("brief", Tier::Edge, CpuVendor::Amd), "127.0.0.1:1")
@@ -671,6 +678,8 @@ async fn join_tokens_register_until_revoked_or_expired() {
     let one = |list: &Value, id: &str| list.as_array().unwrap().iter().find(|t| t["id"] == id).unwrap().clone();
     let first = one(&list, lasting_id);
     assert_eq!((first["state"].as_str(), first["label"].as_str()), (Some("valid"), Some("laptop-anna")), "{first}");
+    assert_eq!(first["used_by"], "anna", "{first}");
+    assert!(one(&list, plain_id).get("used_by").is_none(), "{list}");
     let text = list.to_string();
     for made in [&lasting, &plain, &short] {
         let secret = made["token"].as_str().unwrap();

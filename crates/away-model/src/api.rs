@@ -380,6 +380,9 @@ pub struct JoinTokenView {
     pub revoked_unix_ms: Option<u64>,
     /// `valid`, `expired` or `revoked`, as of the answer.
     pub state: TokenState,
+    /// The node that joined with it (a made join token joins that one node only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<String>,
 }
 
 /// Whether a join token registers nodes, or a user token is accepted, now.

@@ -130,7 +130,8 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                     .into_iter()
                     .map(|t| Row {
                         kind: Kind::Join,
-                        user: None,
+                        // the node it joined (a made join token joins that one)
+                        user: t.used_by.as_ref().map(|n| format!("node {n}")),
                         created: t.created_unix_ms,
                         json: serde_json::to_value(&t),
                         id: t.id,
@@ -232,7 +233,8 @@ fn print_list(rows: &[Row], now: u64) {
         println!("no tokens made over the API (the broker's configured join token and admin tokens are not listed)");
         return;
     }
-    println!("{:<4} {:<17} {:<16} {:<8} {:<26} LABEL", "KIND", "ID", "USER", "STATE", "EXPIRES");
+    // FOR: a user token's user, the node a join token joined
+    println!("{:<4} {:<17} {:<16} {:<8} {:<26} LABEL", "KIND", "ID", "FOR", "STATE", "EXPIRES");
     for t in rows {
         let expires = match t.revoked {
             Some(at) => format!("revoked {} ago", span(now.saturating_sub(at))),

@@ -26,6 +26,9 @@ async fn create_register_list_revoke() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("AWAY_JOIN_TOKEN") && stderr.contains("expires in 59m"), "{stderr}");
     client.register(&secret, &registration("anna")).await.expect("register with the made token");
+    // it joins that one node: another name is refused, naming the node that used it
+    let other = client.register(&secret, &registration("bob")).await.expect_err("a second node with anna's token");
+    assert!(format!("{other:#}").contains("was used by node anna"), "{other:#}");
 
     // made as JSON
     let out = away(&["token", "create", "--broker", url, "--json"], Some(USER));
@@ -39,6 +42,7 @@ async fn create_register_list_revoke() {
     let listed = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(listed.contains("laptop-anna") && listed.contains(&id) && listed.contains("never expires"), "{listed}");
+    assert!(listed.lines().any(|l| l.contains("laptop-anna") && l.contains("node anna")), "{listed}");
     assert!(!listed.contains(&secret) && !listed.contains(made["token"].as_str().unwrap()), "{listed}");
     let out = away(&["token", "list", "--broker", url, "--json"], Some(USER));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON list");
@@ -97,7 +101,7 @@ async fn user_tokens_create_list_revoke() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let listed = text(&out.stdout);
     let header = listed.lines().next().unwrap_or_default();
-    assert!(header.starts_with("KIND") && header.contains("USER"), "{listed}");
+    assert!(header.starts_with("KIND") && header.contains("FOR"), "{listed}");
     let anna_id = listed.lines().find(|l| l.contains(" anna ")).and_then(|l| l.split_whitespace().nth(1)).unwrap();
     assert!(anna_id.starts_with("ut-"), "{listed}");
     assert!(
