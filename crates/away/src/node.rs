@@ -1,13 +1,13 @@
 //! `away node`: the broker's nodes (`/v1/nodes`), listed and revoked with a user token
 //! from the environment.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use away_model::NodeView;
 
 use crate::output::print_json;
+use crate::token::BrokerArgs;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -51,29 +51,12 @@ pub enum Command {
     },
 }
 
-#[derive(clap::Args)]
-pub struct BrokerArgs {
-    /// The broker's URL (https://host:port; http:// for one started with --insecure-loopback)
-    #[arg(long, value_name = "URL")]
-    broker: String,
-    /// The broker's CA certificate (its ca.pem), the only root trusted for it
-    #[arg(long, env = "AWAY_CA", value_name = "FILE")]
-    ca: Option<PathBuf>,
-}
-
-impl BrokerArgs {
-    fn client(&self) -> anyhow::Result<away_client::Client> {
-        // only from the environment: a token on the command line is readable by every user (ps)
-        let token = std::env::var("AWAY_USER_TOKEN").ok().filter(|t| !t.trim().is_empty()).context(
-            "away node needs a token of the broker (list: any user token; revoke: an admin token, one of its \
-                 --user-token): set AWAY_USER_TOKEN",
-        )?;
-        let ca = match &self.ca {
-            Some(path) => Some(away_identity::read_ca_file(path)?),
-            None => None,
-        };
-        Ok(away_client::Client::with_ca(&self.broker, token, ca.as_deref())?)
-    }
+/// A client of the broker for `away node`.
+fn client(broker: &BrokerArgs) -> anyhow::Result<away_client::Client> {
+    broker.client_needing(
+        "away node needs a token of the broker (list: any user token; revoke: an admin token, one of its \
+         --user-token)",
+    )
 }
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
@@ -81,7 +64,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     rt.block_on(async move {
         match cmd {
             Command::List { broker, json } => {
-                let nodes = broker.client()?.nodes().await.context("list nodes")?;
+                let nodes = client(&broker)?.nodes().await.context("list nodes")?;
                 if json {
                     print_json(&nodes)?;
                 } else {
@@ -89,7 +72,7 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 }
             }
             Command::Revoke { name, broker, json } => {
-                let n = broker.client()?.revoke_node(&name).await.with_context(|| format!("revoke node {name}"))?;
+                let n = client(&broker)?.revoke_node(&name).await.with_context(|| format!("revoke node {name}"))?;
                 if json {
                     print_json(&n)?;
                 } else {

@@ -68,11 +68,17 @@ pub struct BrokerArgs {
 
 impl BrokerArgs {
     fn client(&self) -> anyhow::Result<away_client::Client> {
+        self.client_needing("away token needs an admin token of the broker (one of its --user-token)")
+    }
+
+    /// A client of the broker with the token in AWAY_USER_TOKEN; `needs` says which token
+    /// the command wants when there is none.
+    pub(crate) fn client_needing(&self, needs: &str) -> anyhow::Result<away_client::Client> {
         // only from the environment: a token on the command line is readable by every user (ps)
         let token = std::env::var("AWAY_USER_TOKEN")
             .ok()
             .filter(|t| !t.trim().is_empty())
-            .context("away token needs an admin token of the broker (one of its --user-token): set AWAY_USER_TOKEN")?;
+            .with_context(|| format!("{needs}: set AWAY_USER_TOKEN"))?;
         let ca = match &self.ca {
             Some(path) => Some(away_identity::read_ca_file(path)?),
             None => None,
