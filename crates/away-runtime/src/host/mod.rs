@@ -29,8 +29,26 @@ pub const LAZY_PAGES_MIN_PIPE_SIZE: u64 = 3_354_624;
 
 /// A TCP port free on 127.0.0.1 right now, for a child process that must be told where to
 /// listen (CRIU's page server, QEMU's incoming migration, a lab agent).
+///
+/// The kernel may hand the same port to two binds in a row once the first is closed, so
+/// two calls could name one port for two listeners (an agent's API and transfer ports
+/// once collided this way): a port this process was given in the last 256 calls is not
+/// given again.
 pub fn free_loopback_port() -> std::io::Result<u16> {
-    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).and_then(|l| l.local_addr()).map(|a| a.port())
+    static RECENT: std::sync::Mutex<std::collections::VecDeque<u16>> =
+        std::sync::Mutex::new(std::collections::VecDeque::new());
+    let mut recent = RECENT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..64 {
+        let port = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?.local_addr()?.port();
+        if !recent.contains(&port) {
+            if recent.len() == 256 {
+                recent.pop_front();
+            }
+            recent.push_back(port);
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no loopback port that was not just handed out"))
 }
 
 /// Where the host's daemons and tools live. Defaults match `deploy/install.sh`.
@@ -869,5 +887,15 @@ mod tests {
             Some("10.0.2")
         );
         assert_eq!(parse_criu_version("Version: 4.1.1\n").as_deref(), Some("4.1.1"));
+    }
+}
+
+#[cfg(test)]
+mod free_port_tests {
+    #[test]
+    fn calls_in_a_row_never_name_one_port_twice() {
+        let ports: Vec<u16> = (0..200).map(|_| super::free_loopback_port().unwrap()).collect();
+        let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
     }
 }
