@@ -540,6 +540,44 @@ pub fn on_cluster_node(info: &away_cluster::ClusterInfo, node: &str, name: &str)
 /// A child process killed (and reaped) when dropped.
 pub struct KillOnDrop(pub std::process::Child);
 
+/// A real `away broker` over HTTPS with its own CA (in `dir/broker/`), on a free loopback
+/// port, heartbeats every 0.5 s, the given join and user tokens (by environment), its log
+/// in `dir/broker.log`; killed when dropped.
+pub struct HttpsBroker {
+    _child: KillOnDrop,
+    pub port: u16,
+    /// `https://127.0.0.1:PORT`
+    pub url: String,
+    pub db: PathBuf,
+    /// Its CA certificate (`ca.pem` beside the database) and that file's text.
+    pub ca_path: PathBuf,
+    pub ca_pem: String,
+}
+
+impl HttpsBroker {
+    /// Started, and its CA written (the test fails when it is not within 30 s).
+    pub fn start(dir: &Path, join_token: &str, user_token: &str) -> HttpsBroker {
+        let db = dir.join("broker/broker.db");
+        let port = free_port();
+        let child = KillOnDrop(
+            std::process::Command::new(away_bin())
+                .args(["broker", "--listen", &format!("127.0.0.1:{port}"), "--heartbeat-interval", "0.5"])
+                .arg("--db")
+                .arg(&db)
+                .env("AWAY_JOIN_TOKEN", join_token)
+                .env("AWAY_USER_TOKEN", user_token)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(dir.join("broker.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let ca_path = db.with_file_name("ca.pem");
+        assert!(wait_for(30, || ca_path.is_file().then_some(())).is_some(), "the broker writes ca.pem");
+        let ca_pem = std::fs::read_to_string(&ca_path).unwrap();
+        HttpsBroker { _child: child, port, url: format!("https://127.0.0.1:{port}"), db, ca_path, ca_pem }
+    }
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();

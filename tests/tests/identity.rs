@@ -5,11 +5,11 @@
 //! and refuses a second join of a known name with another key; an agent without any
 //! credential refuses every call that changes anything.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use away_e2e::{
-    away_bin, fake_node_info, file_mode, free_port, request_error_chain, require_root, wait_for, KillOnDrop, Node,
+    fake_node_info, file_mode, free_port, request_error_chain, require_root, wait_for, HttpsBroker, KillOnDrop, Node,
 };
 use away_identity::{Ca, Identity, NodeKey};
 use serde_json::{json, Value};
@@ -63,33 +63,17 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
     }
     away_identity::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("broker/broker.db");
-    let broker_port = free_port();
-    let broker_url = format!("https://127.0.0.1:{broker_port}");
-    let broker_log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
-    let _broker = KillOnDrop(
-        Command::new(away_bin())
-            .args(["broker", "--listen", &format!("127.0.0.1:{broker_port}"), "--heartbeat-interval", "0.5"])
-            .arg("--db")
-            .arg(&db)
-            .env("AWAY_JOIN_TOKEN", JOIN)
-            .env("AWAY_USER_TOKEN", USER)
-            .stdout(Stdio::null())
-            .stderr(broker_log)
-            .spawn()
-            .unwrap(),
-    );
-    let ca_pem_path = db.with_file_name("ca.pem");
-    assert!(wait_for(30, || ca_pem_path.is_file().then_some(())).is_some(), "the broker writes ca.pem");
-    let ca_pem = std::fs::read_to_string(&ca_pem_path).unwrap();
+    let broker = HttpsBroker::start(dir.path(), JOIN, USER);
+    let (db, broker_port, broker_url, ca_pem_path, ca_pem) =
+        (&broker.db, broker.port, &broker.url, &broker.ca_path, &broker.ca_pem);
     assert_eq!(file_mode(&db.with_file_name("ca").join("ca.key")), 0o600);
     assert_eq!(file_mode(&db.with_file_name("ca")), 0o700);
-    let user = client(Some(away_identity::trusting_client_config(&ca_pem).unwrap()));
+    let user = client(Some(away_identity::trusting_client_config(ca_pem).unwrap()));
     let nodes = wait_for(30, || {
         user.get(format!("{broker_url}/v1/nodes")).bearer_auth(USER).send().ok().filter(|r| r.status().is_success())
     });
     assert!(nodes.is_some(), "the broker answers over HTTPS with its CA");
-    assert_eq!(file_mode(&db), 0o600);
+    assert_eq!(file_mode(db), 0o600);
     // plain HTTP to the broker gets nothing
     let plain = client(None).get(format!("http://127.0.0.1:{broker_port}/v1/nodes")).send();
     assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
@@ -100,10 +84,10 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
     let api = format!("127.0.0.1:{api_port}");
     let transfer = format!("127.0.0.1:{}", free_port());
     let mut cmd = node.cmd(&["agent", "--name", "edge-id", "--listen", &api, "--transfer-listen", &transfer]);
-    cmd.args(["--broker", &broker_url])
+    cmd.args(["--broker", broker_url])
         .env_remove("AWAY_AGENT_TOKEN")
         .env("AWAY_JOIN_TOKEN", JOIN)
-        .env("AWAY_CA", &ca_pem_path)
+        .env("AWAY_CA", ca_pem_path)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap());
     let _agent = KillOnDrop(cmd.spawn().unwrap());
@@ -132,7 +116,7 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
             .build()
             .unwrap()
     };
-    let no_cert = resolved(Some(away_identity::trusting_client_config(&ca_pem).unwrap()))
+    let no_cert = resolved(Some(away_identity::trusting_client_config(ca_pem).unwrap()))
         .get(format!("{base}/v1/workloads"))
         .send();
     let e = no_cert.expect_err("a client without a certificate got an answer from the agent");
@@ -145,7 +129,7 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
     let stranger = stranger_key.into_identity(&stranger_cert, other_ca.cert_pem()).unwrap();
     // it trusts our CA for the server, and presents the foreign certificate
     let mut foreign = stranger.clone();
-    foreign.ca = away_identity::read_ca_pem(&ca_pem).unwrap().remove(0);
+    foreign.ca = away_identity::read_ca_pem(ca_pem).unwrap().remove(0);
     let e = resolved(Some(foreign.client_config().unwrap())).get(format!("{base}/v1/workloads")).send();
     assert!(e.is_err(), "a certificate of another CA got an answer: {e:?}");
     // plain HTTP: nothing
@@ -154,7 +138,7 @@ fn an_agent_joins_with_a_csr_and_serves_mutual_tls_only() {
     let ca = Ca::load_or_create(&db.with_file_name("ca")).unwrap();
     let peer_key = NodeKey::generate().unwrap();
     let peer_cert = ca.issue(&peer_key.csr_pem("peer-id").unwrap(), "peer-id").unwrap();
-    let peer = peer_key.into_identity(&peer_cert, &ca_pem).unwrap();
+    let peer = peer_key.into_identity(&peer_cert, ca_pem).unwrap();
     let r = resolved(Some(peer.client_config().unwrap())).get(format!("{base}/v1/workloads")).send().unwrap();
     assert!(r.status().is_success(), "a cluster node is refused: {}", r.status());
     // the agent's certificate names it: a client expecting another node refuses it

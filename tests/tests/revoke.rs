@@ -7,13 +7,12 @@
 //! for a new join and takes the name with a new key.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use away_e2e::{
-    away_bin, fake_node_info, file_mode, free_port, request_error_chain, require_root, wait_for, KillOnDrop,
-    LocalAgent, Node,
+    away_bin, fake_node_info, file_mode, request_error_chain, require_root, wait_for, HttpsBroker, LocalAgent, Node,
 };
 use away_identity::rustls::ClientConfig;
 use away_identity::{Ca, Identity, NodeKey};
@@ -83,26 +82,9 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
     }
     away_identity::install_default_provider();
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("broker/broker.db");
-    let broker_port = free_port();
-    let broker_addr = format!("127.0.0.1:{broker_port}");
-    let broker_url = format!("https://{broker_addr}");
-    let _broker = KillOnDrop(
-        Command::new(away_bin())
-            .args(["broker", "--listen", &broker_addr, "--heartbeat-interval", "0.5"])
-            .arg("--db")
-            .arg(&db)
-            .env("AWAY_JOIN_TOKEN", JOIN)
-            .env("AWAY_USER_TOKEN", USER)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("broker.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let ca_path = db.with_file_name("ca.pem");
-    assert!(wait_for(30, || ca_path.is_file().then_some(())).is_some(), "the broker writes ca.pem");
-    let ca_pem = std::fs::read_to_string(&ca_path).unwrap();
-    let user = client_with(away_identity::trusting_client_config(&ca_pem).unwrap());
+    let broker = HttpsBroker::start(dir.path(), JOIN, USER);
+    let (db, broker_url, ca_path, ca_pem) = (&broker.db, &broker.url, &broker.ca_path, &broker.ca_pem);
+    let user = client_with(away_identity::trusting_client_config(ca_pem).unwrap());
     let get_node = |name: &str| -> Option<Value> {
         user.get(format!("{broker_url}/v1/nodes/{name}")).bearer_auth(USER).send().ok()?.json().ok()
     };
@@ -114,7 +96,7 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
         let node = Node::at(format!("away-e2e-rv-{name}-{pid}"), dir.path().join(name));
         node.start_agent(
             name,
-            &["--broker", &broker_url],
+            &["--broker", broker_url],
             &[("AWAY_JOIN_TOKEN", JOIN), ("AWAY_CA", ca_env)],
             &dir.path().join(format!("{name}.log")),
         )
@@ -142,7 +124,7 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
     let ca = Ca::load_or_create(&db.with_file_name("ca")).unwrap();
     let third_key = NodeKey::generate().unwrap();
     let third_cert = ca.issue(&third_key.csr_pem("revoke-c").unwrap(), "revoke-c").unwrap();
-    let third = third_key.into_identity(&third_cert, &ca_pem).unwrap();
+    let third = third_key.into_identity(&third_cert, ca_pem).unwrap();
 
     let a_port = a.api.rsplit(':').next().unwrap().to_string();
     let a_api = |who: &Identity| {
@@ -162,14 +144,14 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
     assert_eq!(r.expect("B's certificate reaches the broker").status().as_u16(), 401, "no agent token: 401");
 
     // revoke B: an unknown node is named, B is revoked, a second time changes nothing
-    let (ok, _, err) = away_node(&["revoke", "no-such-node"], &broker_url, &ca_path);
+    let (ok, _, err) = away_node(&["revoke", "no-such-node"], broker_url, ca_path);
     assert!(!ok && err.contains("no-such-node"), "revoking an unknown node: {err}");
-    let (ok, out, err) = away_node(&["revoke", "revoke-b", "--json"], &broker_url, &ca_path);
+    let (ok, out, err) = away_node(&["revoke", "revoke-b", "--json"], broker_url, ca_path);
     assert!(ok, "away node revoke: {err}");
     let revoked: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert!(revoked["revoked_ms"].as_u64().is_some(), "{revoked}");
     assert_eq!(revoked["state"], "offline", "{revoked}");
-    let (ok, out, err) = away_node(&["revoke", "revoke-b", "--json"], &broker_url, &ca_path);
+    let (ok, out, err) = away_node(&["revoke", "revoke-b", "--json"], broker_url, ca_path);
     assert!(ok, "revoking again: {err}");
     let again: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(again["revoked_ms"], revoked["revoked_ms"], "idempotent");
@@ -191,7 +173,7 @@ fn a_revoked_node_is_refused_by_the_broker_and_by_the_other_agents() {
     std::thread::sleep(Duration::from_secs(2));
     let n = get_node("revoke-b").unwrap();
     assert_eq!(n["state"], "offline", "{n}");
-    let (ok, out, _) = away_node(&["list"], &broker_url, &ca_path);
+    let (ok, out, _) = away_node(&["list"], broker_url, ca_path);
     assert!(ok && out.lines().any(|l| l.starts_with("revoke-b") && l.contains("revoked")), "away node list:\n{out}");
 
     // A learns the list with its next heartbeat and refuses B's certificate from then on
