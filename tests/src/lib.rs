@@ -624,6 +624,9 @@ pub struct CounterCluster {
     pub dst: String,
     /// The counter's count and start time on the source once it counted to 5.
     pub before: (u64, u64),
+    /// Where this cluster's part of each node's agent log begins (a later cluster of the
+    /// same name appends to the same files).
+    log_from: Vec<(String, usize)>,
     _down: ClusterDown,
 }
 
@@ -631,6 +634,12 @@ impl CounterCluster {
     /// Up as `PREFIX` and digits, both agents online, the counter placed and counting.
     pub fn up(prefix: &str) -> CounterCluster {
         let name = free_cluster_name(prefix);
+        let log_from = ["a", "b"]
+            .map(|n| {
+                let log = Path::new("/run/away/cluster").join(&name).join(n).join("agent.log");
+                (n.to_string(), std::fs::metadata(log).map_or(0, |m| m.len() as usize))
+            })
+            .to_vec();
         let plan = cluster_plan(&name, &[("a", away_model::Tier::Cloud), ("b", away_model::Tier::Edge)], &["counter"]);
         let info = away_cluster::up(&plan).expect("cluster up");
         let down = ClusterDown(name.clone());
@@ -647,7 +656,7 @@ impl CounterCluster {
         // the scores pick the source; the other node is the target
         let src = placed["workload"]["node"].as_str().unwrap().to_string();
         let dst = if src == "a" { "b" } else { "a" }.to_string();
-        let mut c = CounterCluster { name, info, src, dst, before: (0, 0), _down: down };
+        let mut c = CounterCluster { name, info, src, dst, before: (0, 0), log_from, _down: down };
         let ip = c.ip(&c.src);
         c.before = wait_for(90, || cluster_counter_state(&ip).filter(|s| s.0 >= 5)).expect("the counter counts");
         c
@@ -662,10 +671,12 @@ impl CounterCluster {
         self.info.nodes.iter().find(|n| n.name == node).unwrap()
     }
 
-    /// Node `node`'s agent log.
+    /// Node `node`'s agent log, this cluster's part (restarts of the agent included).
     pub fn agent_log(&self, node: &str) -> String {
         let log = Path::new("/run/away/cluster").join(&self.name).join(node).join("agent.log");
-        std::fs::read_to_string(log).unwrap_or_default()
+        let text = std::fs::read(log).unwrap_or_default();
+        let from = self.log_from.iter().find(|(n, _)| n == node).map_or(0, |(_, at)| *at);
+        String::from_utf8_lossy(text.get(from..).unwrap_or_default()).into_owned()
     }
 
     /// Ask the broker to move the counter to the other node (`extra` fields added to the

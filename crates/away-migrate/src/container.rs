@@ -220,6 +220,8 @@ async fn move_container(
     opts: &ContainerMigrationOptions,
     progress: ProgressFn,
 ) -> Result<MigrationReport, MigrateError> {
+    #[cfg(feature = "fault-injection")]
+    hold("BEFORE_FREEZE").await;
     let started = Instant::now();
     progress(Step::Checking);
     let (runtime, status) = node.get(name).await?;
@@ -381,6 +383,8 @@ async fn move_container(
     undo.journal = journal.map(|j| (j, journaled.clone()));
     #[cfg(feature = "fault-injection")]
     source_dies("after-checkpoint");
+    #[cfg(feature = "fault-injection")]
+    hold("AFTER_FREEZE").await;
 
     // 2. transfer; the target restores and answers
     let t = Instant::now();
@@ -425,7 +429,7 @@ async fn move_container(
     undo.journal = journal.map(|j| (j, journaled.clone()));
 
     #[cfg(feature = "fault-injection")]
-    hold_before_commit().await;
+    hold("BEFORE_COMMIT").await;
     #[cfg(feature = "fault-injection")]
     source_dies("before-commit");
     if opts.cancel.is_cancelled() {
@@ -541,13 +545,17 @@ async fn withdraw(target: &dyn TargetNode, transfer_id: &str, wait: Duration) ->
     }
 }
 
-/// Fault injection for the end-to-end tests (`AWAY_FAULT_HOLD_BEFORE_COMMIT=SECONDS`): the
-/// source waits this long between the target's "restored" and its commit (a window for a
-/// cancel to land in).
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_HOLD_<POINT>=SECONDS`): the
+/// source waits this long at that point of a move, a window for a test to land a fault
+/// in (a cancel, a link cut): `BEFORE_COMMIT` (between the target's "restored" and the
+/// commit of a staged move), `BEFORE_FREEZE` (a move of any mode, before its checks:
+/// nothing has stopped), `AFTER_FREEZE` (the workload stopped: after a staged move's
+/// checkpoint, or a lazy or streamed move's dump, before the payload leaves).
 #[cfg(feature = "fault-injection")]
-async fn hold_before_commit() {
-    if let Some(secs) = std::env::var("AWAY_FAULT_HOLD_BEFORE_COMMIT").ok().and_then(|s| s.parse::<u64>().ok()) {
-        tracing::warn!("AWAY_FAULT_HOLD_BEFORE_COMMIT={secs}: holding before the commit");
+async fn hold(point: &str) {
+    let var = format!("AWAY_FAULT_HOLD_{point}");
+    if let Some(secs) = std::env::var(&var).ok().and_then(|s| s.parse::<u64>().ok()) {
+        tracing::warn!("{var}={secs}: holding");
         tokio::time::sleep(Duration::from_secs(secs)).await;
     }
 }
@@ -890,6 +898,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         return Err(give_up(format!("write the migration payload in {}: {e}", payload.display()), dump, relay).await);
     }
 
+    #[cfg(feature = "fault-injection")]
+    hold("AFTER_FREEZE").await;
     let counters = relay.counters.clone();
     let ticker = || {
         let bar = progress.clone();

@@ -332,7 +332,12 @@ async fn recover_paged(
             // every page arrived: the target's copy is the workload; the source's
             // container goes (stopped by CRIU; or resumed by it in the instant after the
             // last page, a second instance the target's word ends)
-            Some(MoveState::Committed) => return clean_up(node, archives, &m, &archive, journal).await,
+            Some(MoveState::Committed) => {
+                if runs(node, &here).await {
+                    tracing::warn!(workload = %name, transfer = %m.transfer_id, "CRIU resumed the source after the target had every page (the source died in that instant): the target's copy stays, the source's goes");
+                }
+                return clean_up(node, archives, &m, &archive, journal).await;
+            }
             // a copy still held while its pages come: without the source its page
             // daemon fails and the copy goes
             Some(MoveState::Prepared) => tokio::time::sleep(PAGED_POLL).await,
