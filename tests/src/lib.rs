@@ -740,3 +740,28 @@ impl CounterCluster {
         after.0
     }
 }
+
+/// Whether fault-matrix cell `MODE/AT` runs: every cell, unless `AWAY_FAULT_CELL=MODE/AT`
+/// names one (a lab run of one cell at a time).
+pub fn fault_cell_selected(mode: &str, at: &str) -> bool {
+    std::env::var("AWAY_FAULT_CELL").map_or(true, |c| c == format!("{mode}/{at}"))
+}
+
+/// A test's clock: prints each step with the seconds since it began.
+pub struct Steps(std::time::Instant);
+
+impl Default for Steps {
+    fn default() -> Self {
+        Steps(std::time::Instant::now())
+    }
+}
+
+impl Steps {
+    pub fn step(&self, what: &str) {
+        eprintln!("[{:>5.1} s] {what}", self.secs());
+    }
+
+    pub fn secs(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
+}

@@ -33,12 +33,12 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const HOLD_SECS: &str = "5";
 
 fn case(mode: &str, at: &str, run: u32) {
-    if std::env::var("AWAY_FAULT_CELL").is_ok_and(|c| c != format!("{mode}/{at}")) {
+    if !away_e2e::fault_cell_selected(mode, at) {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let t0 = std::time::Instant::now();
-    let step = |what: &str| eprintln!("[{:>5.1} s] {what}", t0.elapsed().as_secs_f64());
+    let t0 = away_e2e::Steps::default();
+    let step = |what: &str| t0.step(what);
     let var = match at {
         "before-freeze" => "AWAY_FAULT_HOLD_BEFORE_FREEZE",
         _ => "AWAY_FAULT_HOLD_AFTER_FREEZE",
@@ -91,7 +91,7 @@ fn case(mode: &str, at: &str, run: u32) {
         ended["state"],
         ended["error"].as_str().unwrap_or_default(),
         c.before.0,
-        t0.elapsed().as_secs_f64()
+        t0.secs()
     );
 }
 

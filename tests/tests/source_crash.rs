@@ -61,13 +61,12 @@ fn moves_on(mode: &str, at: &str) -> Option<bool> {
 }
 
 fn case(mode: &str, at: &str, run: u32) {
-    // `AWAY_FAULT_CELL=MODE/AT` runs that one cell of the matrix only
-    if std::env::var("AWAY_FAULT_CELL").is_ok_and(|c| c != format!("{mode}/{at}")) {
+    if !away_e2e::fault_cell_selected(mode, at) {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let t0 = std::time::Instant::now();
-    let step = |what: &str| eprintln!("[{:>5.1} s] {what}", t0.elapsed().as_secs_f64());
+    let t0 = away_e2e::Steps::default();
+    let step = |what: &str| t0.step(what);
     // inherited by the cluster's agents (a fault-injection build of away); only a
     // source acts on them
     let mut vars = vec![];
@@ -152,7 +151,7 @@ fn case(mode: &str, at: &str, run: u32) {
         "{mode} source killed at {at} (run {run}): {} on {home}, count {} -> {count} ({:.0} s)",
         ended["state"],
         c.before.0,
-        t0.elapsed().as_secs_f64()
+        t0.secs()
     );
 }
 

@@ -307,18 +307,7 @@ async fn move_container(
     progress(Step::Checkpointing);
     let payload = archives.create(name)?;
     let journal = opts.journal.as_deref();
-    let mut journaled = OutgoingMove {
-        transfer_id: transfer_id.clone(),
-        workload: name.to_string(),
-        target_node: there.node.name.clone(),
-        state: OutgoingState::Checkpointing,
-        payload: payload.clone(),
-        archive: None,
-        set_aside: None,
-        lease_ms: None,
-        at_ms: now_ms(),
-        page_server: None,
-    };
+    let mut journaled = OutgoingMove::checkpointing(&transfer_id, name, &there.node.name, payload.clone());
     // on disk before anything stops: a source that cannot record the move does not start it
     if let Some(j) = journal {
         if let Err(e) = j.record(&journaled) {
@@ -764,22 +753,12 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     // target and looks at the workload CRIU resumed or ended
     let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
     let journal = opts.journal.as_deref();
-    let mut journaled = OutgoingMove {
-        transfer_id: transfer_id.clone(),
-        workload: name.to_string(),
-        target_node: there.node.name.clone(),
-        state: OutgoingState::Checkpointing,
-        payload: payload.clone(),
-        archive: None,
-        set_aside: None,
-        lease_ms: None,
-        at_ms: now_ms(),
-        // where CRIU's page server will listen (the dump names the namespace for sure)
-        page_server: Some(PageServer {
-            netns: m.pid.map_or_else(|| "/proc/self/ns/net".into(), |p| format!("/proc/{p}/ns/net").into()),
-            addr: (std::net::Ipv4Addr::LOCALHOST, criu_port).into(),
-        }),
-    };
+    let mut journaled = OutgoingMove::checkpointing(&transfer_id, name, &there.node.name, payload.clone());
+    // where CRIU's page server will listen (the dump names the namespace for sure)
+    journaled.page_server = Some(PageServer {
+        netns: m.pid.map_or_else(|| "/proc/self/ns/net".into(), |p| format!("/proc/{p}/ns/net").into()),
+        addr: (std::net::Ipv4Addr::LOCALHOST, criu_port).into(),
+    });
     if let Some(j) = journal {
         if let Err(e) = j.record(&journaled) {
             let _ = archives.discard(&payload);

@@ -101,6 +101,22 @@ pub struct PageServer {
 }
 
 impl OutgoingMove {
+    /// A move about to stop its workload (`checkpointing`, nothing taken yet), stamped now.
+    pub fn checkpointing(transfer_id: &str, workload: &str, target_node: &str, payload: PathBuf) -> OutgoingMove {
+        OutgoingMove {
+            transfer_id: transfer_id.into(),
+            workload: workload.into(),
+            target_node: target_node.into(),
+            state: OutgoingState::Checkpointing,
+            payload,
+            archive: None,
+            set_aside: None,
+            lease_ms: None,
+            at_ms: now_ms(),
+            page_server: None,
+        }
+    }
+
     /// The same move in `state`, stamped now.
     pub fn with_state(&self, state: OutgoingState) -> OutgoingMove {
         OutgoingMove { state, at_ms: now_ms(), ..self.clone() }
