@@ -688,6 +688,7 @@ async fn connect_early(target: &str, peer_node: &str, send: &SendOptions) -> Res
     let ip = s.local_addr().map_err(|e| MigrateError::Invalid(e.to_string()))?.ip();
     // Small control frames must not wait for Nagle.
     s.set_nodelay(true).map_err(unreachable)?;
+    transfer::bound_dead_link(&s, send.stall_timeout).map_err(unreachable)?;
     let socket = std::os::fd::AsFd::as_fd(&s).try_clone_to_owned().map_err(unreachable)?;
     let handshake = tokio::time::timeout(send.connect_timeout, send.channels.connect(s, peer_node));
     let s = handshake

@@ -224,11 +224,29 @@ pub(crate) async fn connect(peer: &str, opts: &SendOptions) -> io::Result<Stream
     connect_within(peer, opts, opts.connect_timeout).await
 }
 
+/// Make a dead link on transfer connection `s` an error within about `stall`: the kernel
+/// ends the connection when data it sent stays unacknowledged that long
+/// (TCP_USER_TIMEOUT), and keepalive probes, bound by the same timeout, find a link that
+/// died while nothing was in flight. Without them a sender whose small payload fit in the
+/// socket's buffers waited for its verdict (which has no timeout: a restore may take
+/// long) until the kernel's retransmissions gave up, 15 minutes or more, its workload
+/// stopped (a link cut after the freeze, `link_faults.rs`).
+pub fn bound_dead_link(s: &TcpStream, stall: Duration) -> io::Result<()> {
+    let sock = socket2::SockRef::from(s);
+    sock.set_tcp_user_timeout(Some(stall))?;
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10).min(stall))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    sock.set_tcp_keepalive(&probes)
+}
+
 async fn connect_within(peer: &str, opts: &SendOptions, timeout: Duration) -> io::Result<Stream> {
     let open = async {
         let stream = TcpStream::connect(peer).await?;
         // Small control frames must not wait for Nagle.
         stream.set_nodelay(true)?;
+        bound_dead_link(&stream, opts.stall_timeout)?;
         opts.channels.connect(stream, &opts.peer_node).await
     };
     tokio::time::timeout(timeout, open)
