@@ -516,3 +516,21 @@ async fn write_chunks(
 pub fn send_spool_prefix(transfer_id: &str) -> String {
     format!(".away-send-{transfer_id}-")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel is told to end a transfer connection whose link died (checked on the
+    /// socket: `link_faults.rs` shows the move it saves).
+    #[tokio::test]
+    async fn a_transfer_connection_is_bounded_against_a_dead_link() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        bound_dead_link(&s, Duration::from_secs(7)).unwrap();
+        let sock = socket2::SockRef::from(&s);
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_secs(7)));
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+    }
+}
