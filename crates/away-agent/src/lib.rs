@@ -14,6 +14,7 @@
 pub mod api;
 pub mod broker;
 pub mod client;
+mod disks;
 pub mod outgoing;
 pub mod state;
 

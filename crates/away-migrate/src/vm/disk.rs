@@ -19,21 +19,24 @@
 //! the mirror is cancelled (forced), its nbd node removed, and the destination, with
 //! its overlay and export, removed with its state directory.
 //!
-//! With [`DiskTls`] both NBD ends speak TLS with the nodes' identities (x509 from the
-//! broker's CA, `verify-peer` on the server, the server's name checked by the client).
+//! With the move's [`super::VmTls`] (the nodes' identities, the same the migration
+//! stream uses) both NBD ends speak TLS: x509 from the broker's CA, `verify-peer` and an
+//! `authz-simple` of the source node's `CN` on the server, the server's name
+//! (`<target>.node.away`) checked by the client. Without identities the export listens
+//! only on a loopback address.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use away_model::error_chain;
 use away_runtime::qemu::qmp::block::{
     BlockExportAddNbd, BlockExportDel, BlockJobCancel, BlockdevAddNbd, BlockdevDel, BlockdevMirror, Inet, InetAddress,
-    LegacyAddress, NbdServerStart, NbdServerStop, ObjectAddAuthzSimple, ObjectAddTlsCredsX509, QueryBlockJobs,
+    LegacyAddress, NbdServerStart, NbdServerStop, QueryBlockJobs,
 };
-use away_runtime::qemu::qmp::commands::Command;
+use away_runtime::qemu::qmp::commands::{Command, ObjectDel};
 use away_runtime::qemu::{QemuRuntime, Qmp, QmpError, DISK_NODE};
 
-use super::{Side, VmMigrateError, QMP_TIMEOUT};
+use super::{Side, VmMigrateError, VmTls, QMP_TIMEOUT};
 
 /// The destination's export of its overlay (id and NBD export name).
 const EXPORT_ID: &str = "away-mig-disk";
@@ -43,20 +46,6 @@ const MIRROR_JOB: &str = "away-mig-disk";
 /// The TLS credentials object on either end, and the export's client check.
 const TLS_ID: &str = "away-disk-tls";
 const AUTHZ_ID: &str = "away-disk-authz";
-
-/// The nodes' identities for the NBD connection (each a directory with `ca.pem`,
-/// `cert.pem`, `key.pem`, see docs/security.md).
-// TODO(merge with qtls): the migration stream's tls-creds-x509 object comes from the same
-// identity; one function should build both.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskTls {
-    pub source_identity: PathBuf,
-    pub target_identity: PathBuf,
-    /// The target node's name: the source checks the export's certificate names it.
-    pub target_node: String,
-    /// The source node's name: the export takes only a client certificate naming it.
-    pub source_node: String,
-}
 
 /// What the mirror did (for the report).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -72,48 +61,16 @@ fn qmp_err(name: &str, side: Side, command: &str, source: QmpError) -> VmMigrate
     VmMigrateError::Qmp { workload: name.into(), side, command: command.into(), source }
 }
 
-/// A QEMU credentials directory in `dir` for `endpoint` (`server` or `client`): links to
-/// the identity's files under the names QEMU reads.
-fn creds_dir(identity: &Path, endpoint: &str, dir: &Path) -> std::io::Result<()> {
-    let identity = std::fs::canonicalize(identity)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
+/// Remove this module's TLS objects (an earlier move's, or this one's once done; absent
+/// ones: nothing to do), so a VM that came with its disk can move on with it.
+async fn remove_tls(q: &mut Qmp) {
+    for id in [TLS_ID, AUTHZ_ID] {
+        let _ = q.execute(&ObjectDel { id: id.into() }).await;
     }
-    std::fs::create_dir(dir)?;
-    std::os::unix::fs::symlink(identity.join("ca.pem"), dir.join("ca-cert.pem"))?;
-    std::os::unix::fs::symlink(identity.join("cert.pem"), dir.join(format!("{endpoint}-cert.pem")))?;
-    std::os::unix::fs::symlink(identity.join("key.pem"), dir.join(format!("{endpoint}-key.pem")))?;
-    Ok(())
-}
-
-/// Add the `tls-creds-x509` object for `endpoint` from `identity` (a directory in the
-/// VM's state directory holds QEMU's view of it).
-async fn add_tls(
-    q: &mut Qmp,
-    name: &str,
-    side: Side,
-    vm_dir: &Path,
-    identity: &Path,
-    endpoint: &'static str,
-) -> Result<String, VmMigrateError> {
-    let dir = vm_dir.join(format!("disk-tls-{endpoint}"));
-    creds_dir(identity, endpoint, &dir).map_err(|e| VmMigrateError::Invalid {
-        field: "disk_tls".into(),
-        reason: format!("identity {} for the disk's nbd {endpoint}: {e}", identity.display()),
-    })?;
-    let obj = ObjectAddTlsCredsX509 {
-        qom_type: "tls-creds-x509",
-        id: TLS_ID.into(),
-        dir: dir.display().to_string(),
-        endpoint,
-        verify_peer: true,
-    };
-    q.execute(&obj).await.map_err(|e| qmp_err(name, side, ObjectAddTlsCredsX509::NAME, e))?;
-    Ok(TLS_ID.into())
 }
 
 /// Destination: serve the overlay (node [`DISK_NODE`]) writable over NBD on
-/// `host:port`; with `tls` (this node's identity, the source node's name) over TLS to
+/// `host:port`; with `tls` (this node's identity, its peer the source node) over TLS to
 /// the source node only. Without TLS only on a loopback address.
 pub(super) async fn export(
     q: &mut Qmp,
@@ -121,28 +78,24 @@ pub(super) async fn export(
     vm_dir: &Path,
     host: &str,
     port: u16,
-    tls: Option<(&Path, &str)>,
+    tls: Option<&VmTls>,
 ) -> Result<(), VmMigrateError> {
     let side = Side::Destination;
     let (tls_creds, tls_authz) = match tls {
-        Some((identity, source_node)) => {
-            let creds = add_tls(q, name, side, vm_dir, identity, "server").await?;
+        Some(tls) => {
+            remove_tls(q).await;
+            super::tls::add_credentials(q, name, side, vm_dir, tls, TLS_ID).await?;
             // only the source node's certificate (its CN) may connect
-            let authz = ObjectAddAuthzSimple {
-                qom_type: "authz-simple",
-                id: AUTHZ_ID.into(),
-                identity: format!("CN={source_node}"),
-            };
-            q.execute(&authz).await.map_err(|e| qmp_err(name, side, ObjectAddAuthzSimple::NAME, e))?;
-            (Some(creds), Some(AUTHZ_ID.to_string()))
+            super::tls::add_peer_check(q, name, side, tls, AUTHZ_ID).await?;
+            (Some(TLS_ID.to_string()), Some(AUTHZ_ID.to_string()))
         }
         None if is_loopback(host) => (None, None),
         None => {
             return Err(VmMigrateError::Invalid {
-                field: "disk_tls".into(),
+                field: "tls".into(),
                 reason: format!(
                     "the disk export would listen on {host} without TLS: only loopback moves go without the nodes' \
-                     identities"
+                     identities (a move between nodes needs each node's identity, docs/security.md)"
                 ),
             })
         }
@@ -179,6 +132,7 @@ pub(super) async fn unexport(q: &mut Qmp, name: &str) -> Result<(), VmMigrateErr
         tracing::warn!(workload = name, "block-export-del: {}", error_chain(&e));
     }
     q.execute(&NbdServerStop).await.map_err(|e| qmp_err(name, side, NbdServerStop::NAME, e))?;
+    remove_tls(q).await;
     Ok(())
 }
 
@@ -190,7 +144,7 @@ pub async fn start_mirror(
     name: &str,
     host: &str,
     port: u16,
-    tls: Option<&DiskTls>,
+    tls: Option<&VmTls>,
     speed: Option<u64>,
     limit: Duration,
 ) -> Result<DiskMirror, VmMigrateError> {
@@ -200,9 +154,10 @@ pub async fn start_mirror(
     let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| qmp_err(name, side, "connect", e))?;
     let result = async {
         let (tls_creds, tls_hostname) = match tls {
-            Some(t) => {
-                let id = add_tls(&mut q, name, side, &files.dir, &t.source_identity, "client").await?;
-                (Some(id), Some(format!("{}.node.away", t.target_node)))
+            Some(tls) => {
+                remove_tls(&mut q).await;
+                super::tls::add_credentials(&mut q, name, side, &files.dir, tls, TLS_ID).await?;
+                (Some(TLS_ID.to_string()), Some(tls.peer_server_name()?))
             }
             None => (None, None),
         };
@@ -317,6 +272,7 @@ pub(super) async fn complete_mirror(q: &mut Qmp, name: &str) -> Result<u64, VmMi
     q.execute(&BlockdevDel { node_name: NBD_NODE.into() })
         .await
         .map_err(|e| qmp_err(name, side, BlockdevDel::NAME, e))?;
+    remove_tls(q).await;
     Ok(total)
 }
 
@@ -342,5 +298,5 @@ async fn undo_mirror(q: &mut Qmp, name: &str) {
         // none was added, or it is still busy: nothing of it touches the guest's disk
         tracing::debug!(workload = name, "blockdev-del {NBD_NODE}: {}", error_chain(&e));
     }
-    let _ = q.execute(&away_runtime::qemu::qmp::block::ObjectDel { id: TLS_ID.into() }).await;
+    remove_tls(q).await;
 }

@@ -67,10 +67,6 @@ pub struct VmMigrationOptions {
     /// Cap on the disk mirror's copy rate (bytes/s; `blockdev-mirror`'s `speed`).
     #[serde(default)]
     pub disk_mirror_bytes_per_s: Option<u64>,
-    /// TLS with the nodes' identities for the disk's NBD connection (docs/vm.md);
-    /// paths of this host, never sent.
-    #[serde(skip)]
-    pub disk_tls: Option<super::disk::DiskTls>,
 }
 
 /// How long a VM source keeps confirming a silent destination by default.
@@ -96,7 +92,6 @@ impl Default for VmMigrationOptions {
             poll_interval: Duration::from_millis(100),
             disk_port: 0,
             disk_mirror_bytes_per_s: None,
-            disk_tls: None,
         }
     }
 }
