@@ -515,8 +515,9 @@ fn move_opts_plain() -> VmMigrationOptions {
 
 /// The check between two cluster nodes (away-cluster: a broker and two agents,
 /// each in its own network namespace, over the cluster's bridge, every channel mutual
-/// TLS): a VM with a 256 MiB disk writes a known pattern on the node the broker placed
-/// it on, the broker moves it to the other node (which lacks the disk's base: the move
+/// TLS): the broker places a VM with a disk only on a node whose disk store has the
+/// base (the agents report theirs); the VM with its 256 MiB disk writes a known pattern
+/// on the node the broker placed it on, the broker moves it to the other node (which lacks the disk's base: the move
 /// copies it over the agent API) while it keeps writing, and there the guest's checksum
 /// of every block it wrote before and during the move matches the writes' log; on the
 /// source no QEMU, no state directory (overlay) is left, and the target's NBD export is
@@ -546,16 +547,27 @@ fn vm_disk_moves_between_cluster_nodes() {
     let tmp = tempfile::tempdir().unwrap();
     let base_file = blank_base(tmp.path());
 
-    // the base on both nodes first, so the broker may place the vm on either; then only
-    // on the one it chose
-    let bases: Vec<_> = [node("a"), node("b")].iter().map(|n| store(n).import(&base_file).unwrap()).collect();
-    let base = bases[0].clone();
+    let digest = away_runtime::qemu::disk::file_digest(&base_file).unwrap();
     let name = unique("dcl");
     let spec = serde_json::json!({
         "name": name, "image": image.reference, "kind": "vm",
-        "disk": {"base": base.digest, "size": "256Mi"},
+        "disk": {"base": digest, "size": "256Mi"},
         "resources": {"memory": "128Mi", "cpus": 1.0}, "placement": {"tiers": ["cloud"]},
     });
+    // no node has the base: the broker says so and places nothing
+    let (status, body) = api.post("/v1/workloads", spec.clone());
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains(&format!("no disk base {digest}")), "{body}");
+    // the base on both nodes first, so the broker (told by their heartbeats) may place
+    // the vm on either; then only on the one it chose
+    let bases: Vec<_> = [node("a"), node("b")].iter().map(|n| store(n).import(&base_file).unwrap()).collect();
+    let base = bases[0].clone();
+    wait_for(30, || {
+        let nodes = api.get("/v1/nodes")?;
+        let with = nodes.as_array()?.iter().filter(|n| n.to_string().contains(&digest)).count();
+        (with == 2).then_some(())
+    })
+    .expect("both nodes report the base");
     let (status, body) = api.post("/v1/workloads", spec);
     assert_eq!(status, 201, "submit {name}: {body}");
     let home = body["workload"]["node"].as_str().unwrap().to_string();

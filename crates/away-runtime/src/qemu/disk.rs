@@ -80,6 +80,18 @@ impl DiskStore {
         self.find(digest).is_ok()
     }
 
+    /// The digests of every base in the store (recorded and present); none when the
+    /// store does not exist yet.
+    pub fn digests(&self) -> std::collections::BTreeSet<String> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else { return Default::default() };
+        dir.filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let digest = format!("sha256:{}", name.strip_suffix(".json")?);
+            self.contains(&digest).then_some(digest)
+        })
+        .collect()
+    }
+
     /// The base image `digest`, or a clear error naming it and the store.
     pub fn find(&self, digest: &str) -> Result<BaseImage, RuntimeError> {
         let hex = Self::hex(digest)?;
@@ -273,6 +285,7 @@ mod tests {
         assert_eq!(b.format, "raw");
         assert_eq!(b.virtual_size, 2 << 20);
         assert!(store.contains(&b.digest));
+        assert!(store.digests().into_iter().eq([b.digest.clone()]));
         // a file that is not the base it claims to be is not stored
         std::fs::write(dir.path().join("other.raw"), vec![8u8; 1 << 20]).unwrap();
         let e = store.import_expecting(&dir.path().join("other.raw"), &b.digest).unwrap_err();
