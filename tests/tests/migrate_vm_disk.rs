@@ -638,3 +638,62 @@ fn vm_disk_moves_between_cluster_nodes() {
     );
     assert_eq!(sum, expected_sum(n), "blocks 0..{n} on dst's disk differ from what the guest wrote");
 }
+
+/// Disk full on the target during the mirror: the destination's state directory (where
+/// its overlay grows) is a small tmpfs filled up but for 2 MiB, less than the 4+ MiB the
+/// guest wrote. The mirror fails on the target's `ENOSPC`, the move is rolled back, the
+/// source runs on on its own disk (its writes and sums go on, right), and nothing of the
+/// destination is left: no state directory, no overlay, the space freed, the export
+/// closed.
+#[test]
+fn target_disk_full_during_the_mirror_leaves_the_source_running_on_its_disk() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let image = writer_image();
+    let (disk, nodes) = base_and_tls(&h);
+    // b's store keeps the base (elsewhere): what fills up is where the overlay grows
+    away_migrate::vm::copy_base(&h.b, &h.a.disk_store().find(&disk.base).unwrap()).unwrap();
+    let tmpfs = away_e2e::Tmpfs::mount(h.b.state_dir(), "64M");
+    let name = unique("dfull");
+    h.block(h.a.run(&RunRequest { spec: vm_spec(&name, 128, disk.clone()), image: image.clone() }))
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n >= FAST))
+        .unwrap_or_else(|| panic!("the writer never reached {FAST} blocks; serial:\n{}", Harness::serial(&h.a, &name)));
+    tmpfs.fill("filler", 2 << 20);
+    let free = tmpfs.free();
+    eprintln!("target state dir: {free} bytes free");
+    let opts = move_opts();
+    let disk_port = opts.disk_port;
+    let listen = away_e2e::free_port();
+    let err = h
+        .block(away_migrate::vm::migrate_vm_detailed(
+            &h.a,
+            &h.b,
+            &name,
+            &image,
+            listen,
+            &opts,
+            Some(&nodes.tls),
+            |_| {},
+        ))
+        .expect_err("a move onto a full disk cannot succeed");
+    let chain = away_model::error_chain(&err);
+    eprintln!("move failed as it should: {chain}");
+    assert!(matches!(err, VmMigrateError::Aborted { .. }), "{err:?}");
+    assert!(
+        chain.contains("disk mirror") && chain.contains("No space left on device"),
+        "not the mirror failed: {chain}"
+    );
+    assert!(!h.b.files(&name).dir.exists(), "the destination's state dir (overlay) is left");
+    assert!(tmpfs.free() >= free, "space of the destination is still taken: {} < {free}", tmpfs.free());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", disk_port)).is_err(), "an export still listens");
+    assert_eq!(h.block(h.a.status(&name)).unwrap().state, WorkloadState::Running);
+    let last = *wrote(&Harness::serial(&h.a, &name)).last().unwrap();
+    let (n, sum) = wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n > last))
+        .unwrap_or_else(|| panic!("the source stopped writing; serial:\n{}", Harness::serial(&h.a, &name)));
+    assert_eq!(sum, expected_sum(n), "the source's disk is damaged");
+    h.block(h.a.remove(&name)).unwrap();
+}

@@ -57,6 +57,35 @@ pub struct DiskMirror {
     pub total_bytes: u64,
 }
 
+/// How the mirror job ended, by its end event on `q`'s session: Ok (completed: the
+/// target has everything up to the end), Err(why) (failed, with QEMU's error, e.g. the
+/// target's "No space left on device", or cancelled); None: no end event seen. The
+/// other events stay in the session's buffer (the source's STOP among them).
+fn mirror_end(q: &mut Qmp) -> Option<Result<(), String>> {
+    let events = q.take_events_named(&["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"]);
+    let mut end = None;
+    let mut error = None;
+    for ev in events.iter().filter(|e| e.data["device"] == MIRROR_JOB) {
+        match ev.name.as_str() {
+            "BLOCK_JOB_ERROR" => {
+                error.get_or_insert_with(|| format!("{} error on the {}", ev.data["operation"], ev.data["action"]));
+            }
+            "BLOCK_JOB_CANCELLED" => end = Some(Err("the mirror was cancelled".to_string())),
+            _ => {
+                end = Some(match ev.data["error"].as_str() {
+                    Some(e) => Err(e.to_string()),
+                    None => Ok(()),
+                })
+            }
+        }
+    }
+    match (end, error) {
+        (Some(Err(e)), _) => Some(Err(e)),
+        (Some(Ok(())), Some(e)) => Some(Err(e)),
+        (end, _) => end,
+    }
+}
+
 fn qmp_err(name: &str, side: Side, command: &str, source: QmpError) -> VmMigrateError {
     VmMigrateError::Qmp { workload: name.into(), side, command: command.into(), source }
 }
@@ -184,10 +213,14 @@ pub async fn start_mirror(
         loop {
             let jobs = q.execute(&QueryBlockJobs).await.map_err(|e| qmp_err(name, side, QueryBlockJobs::NAME, e))?;
             let Some(job) = jobs.into_iter().find(|j| j.device == MIRROR_JOB) else {
+                let why = match mirror_end(&mut q) {
+                    Some(Err(e)) => format!("on the destination's export: {e}"),
+                    _ => "(the destination's export is gone?)".into(),
+                };
                 return Err(VmMigrateError::Failed {
                     workload: name.into(),
                     status: "disk mirror failed".into(),
-                    reason: "the mirror job ended before it was in sync (the destination's export is gone?)".into(),
+                    reason: format!("the mirror job ended before it was in sync {why}"),
                 });
             };
             if let Some(e) = job.error.filter(|_| job.status == "concluded" || job.status == "aborting") {
@@ -250,7 +283,25 @@ pub(super) async fn complete_mirror(q: &mut Qmp, name: &str) -> Result<u64, VmMi
     loop {
         let jobs = q.execute(&QueryBlockJobs).await.map_err(|e| qmp_err(name, side, QueryBlockJobs::NAME, e))?;
         match jobs.into_iter().find(|j| j.device == MIRROR_JOB) {
-            None => break,
+            // gone: its end event says whether the last writes reached the target
+            None => match mirror_end(q) {
+                Some(Ok(())) => break,
+                Some(Err(e)) => {
+                    return Err(VmMigrateError::Failed {
+                        workload: name.into(),
+                        status: "disk mirror failed".into(),
+                        reason: format!("completing the mirror: {e}"),
+                    })
+                }
+                None => {
+                    return Err(VmMigrateError::Failed {
+                        workload: name.into(),
+                        status: "disk mirror lost".into(),
+                        reason: "the mirror ended without its completion event: the target may lack the last writes"
+                            .into(),
+                    })
+                }
+            },
             Some(j) if j.error.is_some() => {
                 return Err(VmMigrateError::Failed {
                     workload: name.into(),
