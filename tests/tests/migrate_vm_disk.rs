@@ -263,6 +263,8 @@ fn blank_base(dir: &Path) -> PathBuf {
 /// node-a's identity directory (for an NBD client of its own).
 struct Nodes {
     tls: LocalTls,
+    /// The way back: from b to a.
+    back: LocalTls,
     source_dir: PathBuf,
 }
 
@@ -278,8 +280,12 @@ fn base_and_tls(h: &Harness) -> (DiskSpec, Nodes) {
     };
     let ((a, source_dir), (b, _)) = (id("node-a"), id("node-b"));
     let disk = DiskSpec { base: imported.digest, size: ByteSize::mib(256), mount: None };
-    let tls = LocalTls { source: VmTls::new(a, "node-b").unwrap(), destination: VmTls::new(b, "node-a").unwrap() };
-    (disk, Nodes { tls, source_dir })
+    let tls = LocalTls {
+        source: VmTls::new(a.clone(), "node-b").unwrap(),
+        destination: VmTls::new(b.clone(), "node-a").unwrap(),
+    };
+    let back = LocalTls { source: VmTls::new(b, "node-a").unwrap(), destination: VmTls::new(a, "node-b").unwrap() };
+    (disk, Nodes { tls, back, source_dir })
 }
 
 fn move_opts() -> VmMigrationOptions {
@@ -290,6 +296,78 @@ fn move_opts() -> VmMigrationOptions {
         disk_port: away_e2e::free_port(),
         ..Default::default()
     }
+}
+
+/// Move the writing VM `name` from `from` to `to` with `opts` and `tls` and check it: a
+/// move with the disk mirrored, exactly one instance afterwards (the source's QEMU and
+/// overlay, the destination's export gone), and on `to` the writer goes on where it was
+/// and every block it wrote before, during and after the move reads back right.
+fn move_writing(
+    h: &Harness,
+    (from, to): (&QemuRuntime, &QemuRuntime),
+    name: &str,
+    image: &ResolvedImage,
+    opts: &VmMigrationOptions,
+    tls: &LocalTls,
+) -> (away_model::MigrationReport, away_migrate::vm::VmMigrationOutcome) {
+    let disk_port = opts.disk_port;
+    let before = *wrote(&Harness::serial(from, name)).last().unwrap();
+    let during = std::sync::atomic::AtomicU64::new(before);
+    let serial_from = from.files(name).serial_log();
+    let t1 = Instant::now();
+    let listen = away_e2e::free_port();
+    let (report, outcome) = h
+        .block(away_migrate::vm::migrate_vm_detailed(from, to, name, image, listen, opts, Some(tls), |p| {
+            let w = wrote(&std::fs::read_to_string(&serial_from).unwrap_or_default()).last().copied().unwrap_or(0);
+            during.fetch_max(w, std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "  {:>6.2} s {} sent {} B, remaining {} B",
+                p.elapsed.as_secs_f64(),
+                p.status,
+                p.transferred,
+                p.remaining
+            );
+        }))
+        .unwrap_or_else(|e| panic!("migrate {name}: {}", away_model::error_chain(&e)));
+    let wall = t1.elapsed();
+    let during = during.into_inner();
+    eprintln!("report {}", serde_json::to_string_pretty(&report).unwrap());
+    eprintln!(
+        "moved in {:.0} ms (downtime {} ms); blocks written: {before} before the move, {during} seen on the source \
+         during it",
+        wall.as_secs_f64() * 1000.0,
+        report.downtime_millis
+    );
+    assert!(report.ok, "{report:?}");
+    // the mirror was completed at the switchover (its total is set only there)
+    let mirrored: u64 = report
+        .reason
+        .split("; disk: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no disk mirror in the report: {}", report.reason));
+    assert!(mirrored > 0, "the mirror was not completed at the switchover: {}", report.reason);
+
+    // exactly one instance; the source's overlay and the destination's export are gone
+    assert!(away_e2e::qemu_pids_in(&from.files(name).dir).is_empty(), "source qemu still running");
+    assert!(!from.files(name).dir.exists(), "source state dir (with its overlay) left behind");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", disk_port)).is_err(),
+        "the destination still exports its disk on {disk_port}"
+    );
+    assert!(to.files(name).dir.join("disk.qcow2").is_file());
+    assert_eq!(h.block(to.status(name)).unwrap().state, WorkloadState::Running);
+
+    // on the target: the writer goes on where it was, and every block reads back right
+    let serial_to = || Harness::serial(to, name);
+    let first = wait_for(30, || wrote(&serial_to()).first().copied())
+        .unwrap_or_else(|| panic!("the writer does not go on on the target; serial:\n{}", serial_to()));
+    assert!(first > before, "the target's first write {first} is not after the source's last {before}");
+    let (n, sum) = wait_for(BOOT_SECS, || sums(&serial_to()).into_iter().find(|(n, _)| *n > first.max(during)))
+        .unwrap_or_else(|| panic!("no checksum on the target past block {first}; serial:\n{}", serial_to()));
+    eprintln!("on the target: writes go on from {first}; the guest's sum of blocks 0..{n} read back from the disk");
+    assert_eq!(sum, expected_sum(n), "blocks 0..{n} on the target's disk differ from what the guest wrote");
+    (report, outcome)
 }
 
 /// A VM writes a known pattern to its 256 MiB disk, keeps writing while it moves from
@@ -316,64 +394,42 @@ fn vm_disk_moves_live_with_every_block_it_wrote() {
     eprintln!("{} blocks written and summed on a {:.1} s after run", first.0, t0.elapsed().as_secs_f64());
     assert_eq!(first.1, expected_sum(first.0), "the guest's own sum before the move");
 
-    let opts = move_opts();
-    let disk_port = opts.disk_port;
-    let before = *wrote(&Harness::serial(&h.a, &name)).last().unwrap();
-    let during = std::sync::atomic::AtomicU64::new(before);
-    let serial_a = h.a.files(&name).serial_log();
-    let t1 = Instant::now();
-    let listen = away_e2e::free_port();
-    let (report, _) = h
-        .block(away_migrate::vm::migrate_vm_detailed(&h.a, &h.b, &name, &image, listen, &opts, Some(&nodes.tls), |p| {
-            let w = wrote(&std::fs::read_to_string(&serial_a).unwrap_or_default()).last().copied().unwrap_or(0);
-            during.fetch_max(w, std::sync::atomic::Ordering::Relaxed);
-            eprintln!(
-                "  {:>6.2} s {} sent {} B, remaining {} B",
-                p.elapsed.as_secs_f64(),
-                p.status,
-                p.transferred,
-                p.remaining
-            );
-        }))
-        .unwrap_or_else(|e| panic!("migrate {name}: {}", away_model::error_chain(&e)));
-    let wall = t1.elapsed();
-    let during = during.into_inner();
-    eprintln!("report {}", serde_json::to_string_pretty(&report).unwrap());
-    eprintln!(
-        "moved in {:.0} ms (downtime {} ms); blocks written: {before} before the move, {during} seen on a during it",
-        wall.as_secs_f64() * 1000.0,
-        report.downtime_millis
-    );
-    assert!(report.ok, "{report:?}");
+    let report = move_writing(&h, (&h.a, &h.b), &name, &image, &move_opts(), &nodes.tls).0;
     let phases: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(phases, ["prepare-destination", "disk-mirror", "migrate", "switchover", "cleanup"]);
-    assert!(
-        report.reason.contains("mirrored over nbd") && report.reason.contains("copied to the target"),
-        "{}",
-        report.reason
-    );
+    assert!(report.reason.contains("copied to the target"), "{}", report.reason);
     assert!(h.b.disk_store().contains(&disk.base), "the base was not copied to b");
-
-    // exactly one instance; the source's overlay and the destination's export are gone
-    assert!(away_e2e::qemu_pids_in(&h.a.files(&name).dir).is_empty(), "source qemu still running");
-    assert!(!h.a.files(&name).dir.exists(), "source state dir (with its overlay) left behind");
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", disk_port)).is_err(),
-        "the destination still exports its disk on {disk_port}"
-    );
-    assert!(h.b.files(&name).dir.join("disk.qcow2").is_file());
-    assert_eq!(h.block(h.b.status(&name)).unwrap().state, WorkloadState::Running);
-
-    // on b: the writer goes on where it was, and every block reads back right
-    let serial_b = || Harness::serial(&h.b, &name);
-    let first_b = wait_for(30, || wrote(&serial_b()).first().copied())
-        .unwrap_or_else(|| panic!("the writer does not go on on b; serial:\n{}", serial_b()));
-    assert!(first_b > before, "b's first write {first_b} is not after a's last {before}");
-    let (n, sum) = wait_for(BOOT_SECS, || sums(&serial_b()).into_iter().find(|(n, _)| *n > first_b.max(during)))
-        .unwrap_or_else(|| panic!("no checksum on b past block {first_b}; serial:\n{}", serial_b()));
-    eprintln!("on b: writes go on from {first_b}; the guest's sum of blocks 0..{n} read back from the disk");
-    assert_eq!(sum, expected_sum(n), "blocks 0..{n} on b's disk differ from what the guest wrote");
     h.block(h.b.remove(&name)).unwrap();
+}
+
+/// Post-copy and multifd carry a VM with its disk: a writing VM moves from a to b by
+/// pure post-copy (its mirror completed while the source paused for the switch, before
+/// the guest ran on b), then back from b to a with RAM over two multifd channels (the
+/// VM that came with its disk moves on with it); after each move every block reads
+/// back right.
+#[test]
+fn vm_disk_moves_with_postcopy_and_back_with_multifd() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let image = writer_image();
+    let (disk, nodes) = base_and_tls(&h);
+    let name = unique("dpost");
+    h.block(h.a.run(&RunRequest { spec: vm_spec(&name, 128, disk.clone()), image: image.clone() }))
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n >= FAST))
+        .unwrap_or_else(|| panic!("the writer never reached {FAST} blocks; serial:\n{}", Harness::serial(&h.a, &name)));
+    let post = VmMigrationOptions { postcopy: true, postcopy_after_passes: 0, ..move_opts() };
+    let (report, outcome) = move_writing(&h, (&h.a, &h.b), &name, &image, &post, &nodes.tls);
+    assert!(outcome.postcopy, "the move did not switch to post-copy: {}", report.reason);
+    assert!(report.reason.contains("post-copy"), "{}", report.reason);
+    let multifd = VmMigrationOptions { multifd: Some(2), ..move_opts() };
+    let (report, _) = move_writing(&h, (&h.b, &h.a), &name, &image, &multifd, &nodes.back);
+    assert!(report.reason.contains("multifd"), "{}", report.reason);
+    assert!(report.reason.contains("already on the target"), "{}", report.reason);
+    h.block(h.a.remove(&name)).unwrap();
 }
 
 /// The destination dies while the disk is being mirrored (the mirror slowed to 1 MiB/s

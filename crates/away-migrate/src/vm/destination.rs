@@ -112,6 +112,12 @@ impl Destination {
                 }
             }
             if state == "running" {
+                if self.disk_port.is_some() {
+                    // post-copy: the guest runs here since the switchover, after the
+                    // source completed the mirror; nothing but the guest writes now
+                    super::disk::unexport(q, &self.name).await?;
+                    self.disk_port = None;
+                }
                 return Ok(resumed_at.unwrap_or_else(|| {
                     tracing::warn!(workload = %self.name, "destination runs but sent no RESUME event; using now");
                     SystemTime::now()

@@ -9,11 +9,12 @@
 //!    (`blockdev-mirror`, `sync: top`: only the overlay's allocated clusters, not the
 //!    base) until the job is ready (in sync; QEMU keeps it so while the guest writes);
 //! 3. RAM migrates with `pause-before-switchover`: once the source is paused for the
-//!    last RAM copy, the migration waits in `pre-switchover`; the mirror is completed
+//!    last RAM copy (or for post-copy's switch), the migration waits in `pre-switchover`; the mirror is completed
 //!    there (`block-job-cancel` of a ready mirror leaves the target in sync with the
 //!    paused source and the source on its own disk), the nbd node removed, and only then
 //!    `migrate-continue` lets the destination take over;
-//! 4. the destination stops exporting before its guest runs.
+//! 4. the destination stops exporting before its guest runs (held: before the commit
+//!    starts it; post-copy: as soon as it sees it run, the mirror being complete).
 //!
 //! A failure anywhere before the switchover leaves the source running on its own disk:
 //! the mirror is cancelled (forced), its nbd node removed, and the destination, with

@@ -252,12 +252,8 @@ pub async fn migrate_vm_to(
     }
     let mut base_note = String::new();
     if let Some(d) = &spec.disk {
-        if opts.postcopy {
-            return Err(VmMigrateError::Invalid {
-                field: "postcopy".into(),
-                reason: "a vm with a disk moves with pre-copy only (its mirror completes before the switchover)".into(),
-            });
-        }
+        // post-copy too: its switch to the destination waits in pre-switchover like
+        // pre-copy's last copy, and the mirror completes there
         let base = source.disk_store().find(&d.base).map_err(|source| VmMigrateError::Runtime {
             workload: name.into(),
             op: "find the disk's base image",
