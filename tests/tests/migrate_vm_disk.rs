@@ -750,6 +750,34 @@ fn vm_disk_moves_between_cluster_nodes() {
         "on dst: writes go on from {first_dst}; the guest's sum of blocks 0..{n} read back from the disk matches"
     );
     assert_eq!(sum, expected_sum(n), "blocks 0..{n} on dst's disk differ from what the guest wrote");
+
+    // a peer's base that is not what it claims to be is refused, and nothing of it stays
+    let id = away_identity::Identity::load(&src.state_dir.join("identity")).unwrap().expect("src's identity");
+    let peer = reqwest::blocking::Client::builder()
+        .tls_backend_preconfigured((*id.client_config().unwrap()).clone())
+        .resolve(&format!("{}.node.away", dst.name), dst.api.parse().unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let store_files = || {
+        let mut v: Vec<_> =
+            std::fs::read_dir(dst.state_dir.join("disks")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        v.sort();
+        v
+    };
+    let before = store_files();
+    let claimed = format!("sha256:{}", "0".repeat(64));
+    let r = peer
+        .put(format!("https://{}.node.away:{}/v1/disks", dst.name, away_cluster::AGENT_PORT))
+        .query(&[("base", claimed.as_str())])
+        .body(std::fs::read(&base_file).unwrap())
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().unwrap();
+    assert_eq!(status, 400, "a base with the wrong digest: {body}");
+    assert!(body.contains("not stored") && body.contains(&base.digest), "{body}");
+    assert_eq!(before, store_files(), "a refused base left files in dst's disk store");
 }
 
 /// Disk full on the target during the mirror: the destination's state directory (where
