@@ -392,6 +392,12 @@ impl Agent {
             Ok(n) => tracing::info!("forgot {n} moves that ended more than a week ago"),
             Err(e) => tracing::warn!("cannot prune the ended moves: {e}", e = ErrorChain(&e)),
         }
+        // a disk base half received or half imported when the last run ended
+        match self.node.qemu().disk_store().remove_partial() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} partial disk base copies the last run left"),
+            Err(e) => tracing::warn!("cannot clean the disk store: {e}", e = ErrorChain(&e)),
+        }
         let left = match self.state.provisional_left() {
             Ok(l) => l,
             Err(e) => {

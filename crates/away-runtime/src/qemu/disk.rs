@@ -92,6 +92,28 @@ impl DiskStore {
         .collect()
     }
 
+    /// Remove the temporary files of copies into the store that never finished (a
+    /// process killed while it imported or received a base: `.import-*`, `.receive-*`).
+    /// Call it when no copy runs (an agent's start). Ok(how many).
+    pub fn remove_partial(&self) -> Result<usize, RuntimeError> {
+        let dir = match std::fs::read_dir(&self.dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(RuntimeError::io(format!("read {}", self.dir.display()), e)),
+        };
+        let mut n = 0;
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".import-") || name.starts_with(".receive-") {
+                std::fs::remove_file(e.path())
+                    .map_err(|err| RuntimeError::io(format!("remove {}", e.path().display()), err))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// The base image `digest`, or a clear error naming it and the store.
     pub fn find(&self, digest: &str) -> Result<BaseImage, RuntimeError> {
         let hex = Self::hex(digest)?;
@@ -286,6 +308,10 @@ mod tests {
         assert_eq!(b.virtual_size, 2 << 20);
         assert!(store.contains(&b.digest));
         assert!(store.digests().into_iter().eq([b.digest.clone()]));
+        // a copy that never finished goes at the next start, the bases stay
+        std::fs::write(store.dir.join(".receive-x1"), b"half").unwrap();
+        assert_eq!(store.remove_partial().unwrap(), 1);
+        assert!(!store.dir.join(".receive-x1").exists() && store.contains(&b.digest));
         // a file that is not the base it claims to be is not stored
         std::fs::write(dir.path().join("other.raw"), vec![8u8; 1 << 20]).unwrap();
         let e = store.import_expecting(&dir.path().join("other.raw"), &b.digest).unwrap_err();
