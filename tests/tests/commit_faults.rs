@@ -564,3 +564,79 @@ fn agent_get_ok(agent: &TargetAgent) -> bool {
 fn a_full_disk_on_the_target_fails_the_move_cleanly() {
     each_cell(case_disk_full);
 }
+
+/// The source's `away migrate` of a VM SIGKILLed in the middle of its move
+/// (`AWAY_FAULT_SOURCE_DIE`, docs/reliability.md, "The source's journal"). QEMU's
+/// migration is QEMU to QEMU: it goes on without the process that started it.
+/// * `vm-migrating` (killed while RAM is copied), `away migrate --recover` at once: it
+///   waits for QEMU's migration to complete, finds the destination held, and commits:
+///   the VM runs on the target, the source's QEMU is gone;
+/// * `vm-before-confirm` (the destination complete and held), `--recover` once the
+///   target's lease ran out: the target removed its destination (aborted), so the
+///   source's paused VM runs again.
+///
+/// Before the journal the VM ran nowhere after either (the source paused after its
+/// migration completed, the destination removed by its lease), and nothing resumed it.
+fn case_vm_source_dies(at: &str, run: u32) {
+    use std::os::unix::process::ExitStatusExt;
+    let test = format!("vm-src-{at}-{run}");
+    let agent = TargetAgent::start(&test, &[]);
+    let source = node("source", &test);
+    let w = source.start_counter(&agent.node, format!("cf-{test}-{}", std::process::id()), "qemu");
+    let before = wait_for(120, || state(w.port).filter(|s| s.0 >= 5)).expect("the counter VM answers");
+    let ports = format!("{}:{}", w.port, w.target_port);
+    let out = w
+        .source
+        .cmd(&["migrate", &w.name, "--to", &agent.api, "--target-port", &ports, "--json"])
+        .env("AWAY_FAULT_SOURCE_DIE", at)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(9), "the source's away migrate was not killed at {at}: {err}");
+    let id = format!("vm-{}", w.name);
+    let record = || -> Value {
+        away_e2e::agent_get(&format!("http://{}/v1/transfers/{id}", agent.api))
+            .and_then(|r| r.json().ok())
+            .unwrap_or(Value::Null)
+    };
+    let moved = at == "vm-migrating";
+    if !moved {
+        // the held destination never ran; its lease removes it
+        assert!(state(w.target_port).is_none(), "the held destination runs before its commit");
+        let aborted = wait_for(60, || (record()["state"] == "aborted").then_some(()));
+        assert!(aborted.is_some(), "the target's lease did not remove the destination: {}", record());
+        assert!(state(w.port).is_none(), "the source runs before anyone resumed it");
+    }
+    let (ok, stdout, stderr) = source.away(&["migrate", "--recover", "--json"]);
+    assert!(ok, "away migrate --recover failed:\n{stdout}\n{stderr}");
+    let ended: Value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    eprintln!("recover: {ended}");
+    assert_eq!(ended[0]["transfer_id"], id.as_str(), "{ended}");
+    assert_eq!(ended[0]["outcome"], if moved { "migration-finished" } else { "migration-failed" }, "{ended}");
+    let (on, other, port) = if moved { (&agent.node, &source, w.target_port) } else { (&source, &agent.node, w.port) };
+    let after = wait_for(30, || state(port)).expect("the counter VM answers where it should run");
+    assert_eq!(after.1, before.1, "the guest restarted instead of moving");
+    assert!(after.0 >= before.0, "count went back: {} -> {}", before.0, after.0);
+    eprintln!("count {} -> {} on {}", before.0, after.0, if moved { "the target" } else { "the source" });
+    assert_eq!(running(on, &w.name), 1, "the VM does not run where it should");
+    assert_eq!(running(other, &w.name), 0, "the VM runs on both nodes");
+    assert!(!other.run.join("qemu").join(&w.name).exists(), "a VM directory was left on the other node");
+    assert_eq!(record()["state"], if moved { "committed" } else { "aborted" }, "{}", record());
+    // the journal has nothing open any more
+    let (ok, stdout, _) = source.away(&["migrate", "--recover", "--json"]);
+    assert!(ok && stdout.trim() == "[]", "a move stayed open: {stdout}");
+}
+
+/// A VM's source killed mid-move: killed in its migration in CI, both points in the lab run.
+#[test]
+fn a_vm_source_killed_mid_move_is_finished_from_its_journal() {
+    if !away_e2e::require_vm_host() {
+        return;
+    }
+    let points: &[&str] = if full_matrix() { &["vm-migrating", "vm-before-confirm"] } else { &["vm-migrating"] };
+    for at in points {
+        for run in 0..if full_matrix() { 3 } else { 1 } {
+            case_vm_source_dies(at, run);
+        }
+    }
+}

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::ArchiveStore;
 use crate::compat;
-use crate::journal::{record_logged, MoveJournal, OutgoingMove, OutgoingState};
+use crate::journal::{record_logged, MoveJournal, MoveKind, OutgoingMove, OutgoingState};
 use crate::target::{CommitOutcome, CommitPolicy, NoAnswer, TargetNode};
 use crate::transfer::{self, ReceivedPayload, SendOptions, Verdict};
 use crate::MigrateError;
@@ -308,6 +308,7 @@ async fn move_container(
     let mut journaled = OutgoingMove {
         transfer_id: transfer_id.clone(),
         workload: name.to_string(),
+        kind: MoveKind::Container,
         target_node: there.node.name.clone(),
         state: OutgoingState::Checkpointing,
         payload: payload.clone(),
@@ -554,9 +555,11 @@ async fn hold_before_commit() {
 /// Fault injection for the end-to-end tests (`AWAY_FAULT_SOURCE_DIE=after-checkpoint` or
 /// `before-commit`): the source's process is SIGKILLed at that point of a staged move
 /// (after its checkpoint, before the payload leaves; after the target's "restored",
-/// before the commit), as a crash or the OOM killer would end it.
+/// before the commit), as a crash or the OOM killer would end it. VM moves:
+/// `vm-migrating` (QEMU's migration under way) and `vm-before-confirm` (the destination
+/// complete and held, before the confirm).
 #[cfg(feature = "fault-injection")]
-fn source_dies(at: &str) {
+pub(crate) fn source_dies(at: &str) {
     if std::env::var("AWAY_FAULT_SOURCE_DIE").as_deref() == Ok(at) {
         tracing::error!("AWAY_FAULT_SOURCE_DIE={at}: the source is killed (SIGKILL)");
         let _ = away_runtime::host::process::signal(std::process::id(), away_runtime::host::process::Signal::KILL);
