@@ -356,7 +356,8 @@ async fn do_migration(agent: &Arc<Agent>, m: MigrationOrder) {
                     &m.workload,
                     target,
                     &channels,
-                    Default::default(),
+                    // pre-copy with QEMU's defaults, predicted (the report carries it)
+                    away_migrate::vm::VmMigrationOptions { predict: true, ..Default::default() },
                     cancel.clone(),
                     // each step on disk: a restart finishes a move this process could not
                     Some(Arc::new(crate::outgoing::OutgoingJournal {

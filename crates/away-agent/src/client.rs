@@ -575,6 +575,23 @@ pub async fn migrate_vm_via_agent(
         commit_wait: opts.commit_wait,
         journal,
     };
+    // measured before the move's clock starts; a move goes ahead without a prediction
+    let plan = if opts.predict {
+        let planning = away_migrate::estimate::plan_vm(node, source_name, name, &target.client, &opts, None);
+        match tokio::time::timeout(away_migrate::estimate::PLAN_TIMEOUT, planning).await {
+            Ok(Ok(plan)) => Some(plan),
+            Ok(Err(e)) => {
+                tracing::warn!(workload = name, "no prediction: {e}", e = ErrorChain(&e));
+                None
+            }
+            Err(_) => {
+                tracing::warn!(workload = name, "no prediction: measuring took too long");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let moved =
         away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, tls.as_ref(), progress).await;
     if let Some(j) = target.journal.as_mut() {
@@ -599,5 +616,10 @@ pub async fn migrate_vm_via_agent(
     report.source = here.name;
     report.target = there.node.name;
     report.reason = format!("{}; {}", compat.reason, report.reason);
+    report.predicted = plan.as_ref().and_then(|p| p.chosen_prediction().cloned());
+    let history = away_migrate::estimate::History::of(&node.options.paths.state_dir);
+    if let Err(e) = history.record(away_model::RuntimeKind::Qemu, &report) {
+        tracing::warn!(workload = name, "cannot keep the move in this node's history: {e}");
+    }
     Ok(report)
 }

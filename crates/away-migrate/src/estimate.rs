@@ -297,6 +297,18 @@ impl History {
             c.settle_ms = v;
             used.push("settle");
         }
+        if runtime == RuntimeKind::Qemu {
+            // the destination QEMU's start (it waits for the stream), the switchover (the
+            // destination's resume and the commit's round trip)
+            if let Some(v) = median(&all, "prepare-destination") {
+                c.vm_start_ms = v;
+                used.push("vm start");
+            }
+            if let Some(v) = median(&all, "switchover") {
+                c.vm_switchover_ms = v;
+                used.push("switchover");
+            }
+        }
         let finish: Vec<f64> = ["commit", "cleanup"].iter().filter_map(|p| median(&all, p)).collect();
         if !finish.is_empty() {
             c.finish_ms = finish.iter().sum();
@@ -441,6 +453,109 @@ pub async fn plan_container(
             (p.kind, format!("the least {} predicted", if o == Optimize::Total { "total time" } else { "downtime" }))
         }
         None => kind_for_mode(kind, mode, stall, &why_not),
+    };
+    Ok(MovePlan {
+        workload: name.to_string(),
+        source: source_name.to_string(),
+        target: there.node.name.clone(),
+        inputs,
+        predictions,
+        chosen: Some(chosen),
+        why,
+    })
+}
+
+/// The way QEMU moves with `opts`.
+pub fn vm_kind(opts: &crate::vm::VmMigrationOptions) -> MoveKind {
+    if opts.postcopy {
+        MoveKind::VmPostcopy
+    } else if opts.multifd.is_some() {
+        MoveKind::VmMultifd
+    } else if opts.auto_converge {
+        MoveKind::VmAutoConverge
+    } else {
+        MoveKind::VmPrecopy
+    }
+}
+
+/// Measure and predict a live migration of VM `name` to `target`: every way QEMU could
+/// move it, and the one `opts` asks for (or, given, the best for `optimize`). The
+/// guest's memory is its spec's; the share of it QEMU would send (pages never touched
+/// are zero pages, skipped) is read from the QEMU process's resident memory (which also
+/// counts QEMU's own), its compressibility from a sample of those pages; the write rate
+/// is QEMU's own measurement (`calc-dirty-rate`, 1 s of page sampling).
+pub async fn plan_vm(
+    node: &LocalNode,
+    source_name: &str,
+    name: &str,
+    target: &dyn TargetNode,
+    opts: &crate::vm::VmMigrationOptions,
+    optimize: Option<Optimize>,
+) -> Result<MovePlan, MigrateError> {
+    let spec =
+        crate::vm::guest_spec(node.qemu(), name).map_err(|e| MigrateError::Invalid(away_model::error_chain(&e)))?;
+    let (_, status) = node.get(name).await?;
+    let pid = status.pid.ok_or_else(|| MigrateError::Invalid(format!("vm {name} has no QEMU process to measure")))?;
+    let ram = spec.resources.memory.bytes();
+    let there = target.info().await?;
+    let link = measure_link(target, &there.transfer_addr).await;
+    let memory = tokio::task::spawn_blocking(move || sample_memory(pid))
+        .await
+        .map_err(|e| MigrateError::Invalid(format!("sampling {name}'s memory: {e}")))?
+        .map_err(|e| MigrateError::Io { path: format!("/proc/{pid}/mem").into(), source: e })?;
+    let mut sources = BTreeMap::new();
+    sources.insert("state_bytes".to_string(), format!("the guest's memory ({} MiB, its spec)", ram >> 20));
+    sources.insert(
+        "nonzero_fraction".to_string(),
+        format!("measured: QEMU's resident private pages (pid {pid}) over the guest's memory, QEMU's own included"),
+    );
+    sources.insert(
+        "compress_ratio".to_string(),
+        format!("measured: zstd:1 over {} of QEMU's resident pages, evenly spread", memory.sampled_pages),
+    );
+    let dirty = match node.qemu().dirty_rate(name, 1).await {
+        Ok(d) => {
+            sources
+                .insert("dirty_bytes_per_s".into(), "measured by QEMU: calc-dirty-rate, 1 s of page sampling".into());
+            d
+        }
+        Err(e) => {
+            sources.insert(
+                "dirty_bytes_per_s".into(),
+                format!("default 0: QEMU could not measure it ({})", away_model::error_chain(&e)),
+            );
+            0.0
+        }
+    };
+    sources.insert("link_bytes_per_s".into(), link.rate_how.clone());
+    sources.insert("rtt_ms".into(), link.rtt_how.clone());
+    let (costs, costs_how) = History::of(&node.options.paths.state_dir).costs(RuntimeKind::Qemu);
+    sources.insert("costs".into(), costs_how);
+    let inputs = PredictionInputs {
+        state_bytes: ram,
+        compress_ratio: memory.compress_ratio,
+        nonzero_fraction: (memory.resident_bytes as f64 / ram.max(1) as f64).clamp(0.0, 1.0),
+        dirty_bytes_per_s: dirty,
+        link_bytes_per_s: link.rate_bytes_per_s,
+        rtt_ms: link.rtt_ms,
+        costs,
+        // QEMU's default downtime limit
+        vm_max_downtime_ms: opts.max_downtime_ms.unwrap_or(300) as f64,
+        vm_timeout_s: opts.timeout.as_secs_f64(),
+        sources,
+    };
+    let has_disk = spec.disk.is_some();
+    let why_not = |k: MoveKind| {
+        (has_disk && k == MoveKind::VmPostcopy).then(|| {
+            "a vm with a disk moves with pre-copy only (its mirror completes before the switchover)".to_string()
+        })
+    };
+    let predictions = away_predict::predict_all(RuntimeKind::Qemu, &inputs, why_not);
+    let (chosen, why) = match optimize.and_then(|o| away_predict::choose(&predictions, o).map(|p| (o, p))) {
+        Some((o, p)) => {
+            (p.kind, format!("the least {} predicted", if o == Optimize::Total { "total time" } else { "downtime" }))
+        }
+        None => (vm_kind(opts), format!("asked for: {}", opts.describe())),
     };
     Ok(MovePlan {
         workload: name.to_string(),

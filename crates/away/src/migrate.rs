@@ -370,12 +370,26 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     };
     let node = rt.block_on(LocalNode::open(a.node.options()));
     if let Some((away_model::RuntimeKind::Qemu, _)) = rt.block_on(node.find(&workload))? {
-        if a.plan {
-            anyhow::bail!("--plan predicts container moves; a VM's plan (QEMU's dirty rate) is not built yet");
-        }
         let source_name = a.source_name.clone().unwrap_or_else(hostname);
         let identity = source_identity(&a, &source_name)?;
         let target = rt.block_on(target_client(&a, identity.as_ref(), &to))?;
+        if a.plan {
+            let opts = vm_options(&a)?;
+            let plan = rt.block_on(away_migrate::estimate::plan_vm(
+                &node,
+                &source_name,
+                &workload,
+                &target,
+                &opts,
+                a.optimize,
+            ))?;
+            if a.json {
+                print_json(&plan)?;
+            } else {
+                print_plan(&plan);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         let channels = channels_of(identity.as_ref(), "the VM's memory")?;
         return rt.block_on(migrate_vm(&node, &a, &workload, target, &channels));
     }
@@ -516,27 +530,7 @@ async fn migrate_vm(
     channels: &away_migrate::channel::Channels,
 ) -> anyhow::Result<ExitCode> {
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
-    let mut target_ports = std::collections::BTreeMap::new();
-    for p in &a.target_ports {
-        let (g, h) = p.split_once(':').ok_or_else(|| anyhow::anyhow!("--target-port {p:?}: expected GUEST:HOST"))?;
-        target_ports.insert(g.parse()?, h.parse()?);
-    }
-    if a.compression.is_some_and(|c| c != Compression::None) && a.multifd.is_none() {
-        anyhow::bail!("--compression for a VM compresses multifd's channels: add --multifd N (e.g. --multifd 2)");
-    }
-    let opts = away_migrate::vm::VmMigrationOptions {
-        auto_converge: a.auto_converge,
-        xbzrle: a.xbzrle,
-        multifd: a.multifd,
-        multifd_compression: a.compression,
-        postcopy: a.postcopy,
-        max_downtime_ms: a.max_downtime,
-        bandwidth_limit_bytes_per_s: a.bandwidth.map(|b| b.bytes()),
-        timeout: Duration::from_secs(a.timeout),
-        target_ports,
-        commit_wait: a.commit_wait.map(Duration::from_secs).unwrap_or(away_migrate::vm::DEFAULT_VM_COMMIT_WAIT),
-        ..Default::default()
-    };
+    let opts = vm_options(a)?;
     let bar = progress_bar(a.json);
     let pb = bar.clone();
     let progress = move |p: away_migrate::vm::VmProgress| {
@@ -557,6 +551,32 @@ async fn migrate_vm(
     )
     .await;
     finish(bar, result?, a.json)
+}
+
+/// The VM live-migration options of `away migrate`'s flags.
+fn vm_options(a: &MigrateArgs) -> anyhow::Result<away_migrate::vm::VmMigrationOptions> {
+    let mut target_ports = std::collections::BTreeMap::new();
+    for p in &a.target_ports {
+        let (g, h) = p.split_once(':').ok_or_else(|| anyhow::anyhow!("--target-port {p:?}: expected GUEST:HOST"))?;
+        target_ports.insert(g.parse()?, h.parse()?);
+    }
+    if a.compression.is_some_and(|c| c != Compression::None) && a.multifd.is_none() {
+        anyhow::bail!("--compression for a VM compresses multifd's channels: add --multifd N (e.g. --multifd 2)");
+    }
+    Ok(away_migrate::vm::VmMigrationOptions {
+        auto_converge: a.auto_converge,
+        xbzrle: a.xbzrle,
+        multifd: a.multifd,
+        multifd_compression: a.compression,
+        postcopy: a.postcopy,
+        max_downtime_ms: a.max_downtime,
+        bandwidth_limit_bytes_per_s: a.bandwidth.map(|b| b.bytes()),
+        timeout: Duration::from_secs(a.timeout),
+        target_ports,
+        commit_wait: a.commit_wait.map(Duration::from_secs).unwrap_or(away_migrate::vm::DEFAULT_VM_COMMIT_WAIT),
+        predict: true,
+        ..Default::default()
+    })
 }
 
 /// The journal of this node's outgoing moves (`STATE_DIR/agent.db`, shared with its

@@ -449,6 +449,11 @@ pub async fn migrate_vm_to(
     Ok((report, outcome))
 }
 
+/// The spec VM `name` runs with (its record on this node).
+pub fn guest_spec(source: &QemuRuntime, name: &str) -> Result<away_model::WorkloadSpec, VmMigrateError> {
+    read_record(source, name).map(|r| r.spec)
+}
+
 fn phase_of(name: &str, started: Instant) -> MigrationPhase {
     MigrationPhase::new(name, millis(started.elapsed()))
 }

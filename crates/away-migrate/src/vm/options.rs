@@ -71,6 +71,11 @@ pub struct VmMigrationOptions {
     /// paths of this host, never sent.
     #[serde(skip)]
     pub disk_tls: Option<super::disk::DiskTls>,
+    /// Measure and predict the move before it starts (`away_migrate::estimate::plan_vm`,
+    /// about 1-2 s before the move's clock starts); the report carries the prediction
+    /// as `predicted`. Moves between agents only.
+    #[serde(default)]
+    pub predict: bool,
 }
 
 /// How long a VM source keeps confirming a silent destination by default.
@@ -97,6 +102,7 @@ impl Default for VmMigrationOptions {
             disk_port: 0,
             disk_mirror_bytes_per_s: None,
             disk_tls: None,
+            predict: false,
         }
     }
 }
@@ -192,7 +198,8 @@ impl VmMigrationOptions {
     }
 
     /// One line for reports: what was switched on.
-    pub(super) fn describe(&self) -> String {
+    /// The options in words, for reports and plans.
+    pub fn describe(&self) -> String {
         let mut on: Vec<String> = Vec::new();
         if self.auto_converge {
             on.push("auto-converge".into());
