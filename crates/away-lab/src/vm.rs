@@ -282,7 +282,17 @@ async fn predict(
         }
     };
     let ram = opts.vm_ram.bytes();
-    let rss = source.status(name).await.ok().and_then(|s| s.pid).map(away_migrate::mode::resident_bytes).unwrap_or(ram);
+    // the guest's memory mapping alone (QEMU's own memory is not the guest's)
+    let rss = source
+        .status(name)
+        .await
+        .ok()
+        .and_then(|s| s.pid)
+        .map(|pid| {
+            away_migrate::mode::guest_resident_bytes(pid, ram)
+                .unwrap_or_else(|| away_migrate::mode::resident_bytes(pid))
+        })
+        .unwrap_or(ram);
     let profile = planned.link.profile();
     let inputs = away_model::PredictionInputs {
         state_bytes: ram,

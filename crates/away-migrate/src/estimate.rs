@@ -505,10 +505,22 @@ pub async fn plan_vm(
         .map_err(|e| MigrateError::Io { path: format!("/proc/{pid}/mem").into(), source: e })?;
     let mut sources = BTreeMap::new();
     sources.insert("state_bytes".to_string(), format!("the guest's memory ({} MiB, its spec)", ram >> 20));
-    sources.insert(
-        "nonzero_fraction".to_string(),
-        format!("measured: QEMU's resident private pages (pid {pid}) over the guest's memory, QEMU's own included"),
-    );
+    let guest_resident = match crate::mode::guest_resident_bytes(pid, ram) {
+        Some(b) => {
+            sources.insert(
+                "nonzero_fraction".to_string(),
+                format!("measured: the resident pages of QEMU's guest-memory mapping (pid {pid}, /proc/{pid}/smaps) over the guest's memory"),
+            );
+            b
+        }
+        None => {
+            sources.insert(
+                "nonzero_fraction".to_string(),
+                format!("measured: QEMU's resident private pages (pid {pid}) over the guest's memory, QEMU's own included (no mapping of the guest's size found)"),
+            );
+            memory.resident_bytes
+        }
+    };
     sources.insert(
         "compress_ratio".to_string(),
         format!("measured: zstd:1 over {} of QEMU's resident pages, evenly spread", memory.sampled_pages),
@@ -534,7 +546,7 @@ pub async fn plan_vm(
     let inputs = PredictionInputs {
         state_bytes: ram,
         compress_ratio: memory.compress_ratio,
-        nonzero_fraction: (memory.resident_bytes as f64 / ram.max(1) as f64).clamp(0.0, 1.0),
+        nonzero_fraction: (guest_resident as f64 / ram.max(1) as f64).clamp(0.0, 1.0),
         dirty_bytes_per_s: dirty,
         link_bytes_per_s: link.rate_bytes_per_s,
         rtt_ms: link.rtt_ms,

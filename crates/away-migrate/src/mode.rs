@@ -412,9 +412,43 @@ pub fn resident_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Resident bytes of a QEMU guest's RAM: the `Rss` of QEMU's one mapping the size of the
+/// guest's memory (`ram` bytes, up to 2 MiB of alignment more) in `/proc/PID/smaps`, so
+/// QEMU's own memory is not counted as the guest's. None when no such mapping is found.
+pub fn guest_resident_bytes(pid: u32, ram: u64) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    guest_rss_in(&smaps, ram)
+}
+
+fn guest_rss_in(smaps: &str, ram: u64) -> Option<u64> {
+    let kb =
+        |l: &str, key: &str| -> Option<u64> { l.strip_prefix(key)?.trim().trim_end_matches("kB").trim().parse().ok() };
+    let (lo, hi) = (ram / 1024, (ram + (2 << 20)) / 1024);
+    let mut size = 0;
+    let mut best: Option<u64> = None;
+    for l in smaps.lines() {
+        if let Some(v) = kb(l, "Size:") {
+            size = v;
+        } else if let Some(rss) = kb(l, "Rss:") {
+            if (lo..=hi).contains(&size) {
+                best = Some(best.unwrap_or(0).max(rss * 1024));
+            }
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guests_ram_is_the_mapping_of_its_size() {
+        let smaps = "7f00-7f10 rw-p 00000000 00:00 0\nSize:               8192 kB\nRss:                4096 kB\n\
+                     7e00-7f00 rw-p 00000000 00:00 0\nSize:             131072 kB\nRss:               40000 kB\n";
+        assert_eq!(guest_rss_in(smaps, 128 << 20), Some(40000 * 1024));
+        assert_eq!(guest_rss_in(smaps, 256 << 20), None);
+    }
 
     #[test]
     fn hot_ranges_are_bounded() {
