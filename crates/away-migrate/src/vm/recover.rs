@@ -82,7 +82,16 @@ pub async fn recover_source(
         tracing::warn!(transfer = %m.transfer_id, "cannot ask the target what became of the move: {e}");
     }
     let why = match first_step(m.state, answer.map(|r| r.map(|r| r.state)).map_err(|_| ())) {
-        NextStep::CleanUp => return finish(source, &m, journal).await,
+        NextStep::CleanUp => {
+            // committed without the source's confirm (post-copy commits at its switchover):
+            // confirm it anyway, as the source would have, so the target lets go of its
+            // destination now rather than after its lease (a confirm of a committed move
+            // is answered the same way again)
+            if let Err(e) = target.commit(&m.transfer_id).await {
+                tracing::info!(transfer = %m.transfer_id, "the confirm of a committed move went unanswered: {e}");
+            }
+            return finish(source, &m, journal).await;
+        }
         NextStep::Commit => match commit_after_restart(target, &m, journal, retry).await {
             Ok(()) => return finish(source, &m, journal).await,
             Err(why) => why,
