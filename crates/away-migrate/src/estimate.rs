@@ -448,12 +448,7 @@ pub async fn plan_container(
     };
     let predictions = away_predict::predict_all(kind, &inputs, why_not);
     let stall = dirty_bytes / PAGE as f64 * link.rtt_ms / 1e3;
-    let (chosen, why) = match optimize.and_then(|o| away_predict::choose(&predictions, o).map(|p| (o, p))) {
-        Some((o, p)) => {
-            (p.kind, format!("the least {} predicted", if o == Optimize::Total { "total time" } else { "downtime" }))
-        }
-        None => kind_for_mode(kind, mode, stall, &why_not),
-    };
+    let (chosen, why) = chosen(&predictions, optimize, || kind_for_mode(kind, mode, stall, &why_not));
     Ok(MovePlan {
         workload: name.to_string(),
         source: source_name.to_string(),
@@ -463,6 +458,20 @@ pub async fn plan_container(
         chosen: Some(chosen),
         why,
     })
+}
+
+/// The way a plan takes: the best predicted for `optimize` when given, else `asked`'s.
+fn chosen(
+    predictions: &[MovePrediction],
+    optimize: Option<Optimize>,
+    asked: impl FnOnce() -> (MoveKind, String),
+) -> (MoveKind, String) {
+    match optimize.and_then(|o| away_predict::choose(predictions, o).map(|p| (o, p))) {
+        Some((o, p)) => {
+            (p.kind, format!("the least {} predicted", if o == Optimize::Total { "total time" } else { "downtime" }))
+        }
+        None => asked(),
+    }
 }
 
 /// The way QEMU moves with `opts`.
@@ -563,12 +572,7 @@ pub async fn plan_vm(
         })
     };
     let predictions = away_predict::predict_all(RuntimeKind::Qemu, &inputs, why_not);
-    let (chosen, why) = match optimize.and_then(|o| away_predict::choose(&predictions, o).map(|p| (o, p))) {
-        Some((o, p)) => {
-            (p.kind, format!("the least {} predicted", if o == Optimize::Total { "total time" } else { "downtime" }))
-        }
-        None => (vm_kind(opts), format!("asked for: {}", opts.describe())),
-    };
+    let (chosen, why) = chosen(&predictions, optimize, || (vm_kind(opts), format!("asked for: {}", opts.describe())));
     Ok(MovePlan {
         workload: name.to_string(),
         source: source_name.to_string(),

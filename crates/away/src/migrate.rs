@@ -383,12 +383,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 &opts,
                 a.optimize,
             ))?;
-            if a.json {
-                print_json(&plan)?;
-            } else {
-                print_plan(&plan);
-            }
-            return Ok(ExitCode::SUCCESS);
+            return show_plan(&plan, a.json);
         }
         let channels = channels_of(identity.as_ref(), "the VM's memory")?;
         return rt.block_on(migrate_vm(&node, &a, &workload, target, &channels));
@@ -411,12 +406,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             a.mode,
             a.optimize,
         ))?;
-        if a.json {
-            print_json(&plan)?;
-        } else {
-            print_plan(&plan);
-        }
-        return Ok(ExitCode::SUCCESS);
+        return show_plan(&plan, a.json);
     }
     let opts = ContainerMigrationOptions {
         transfer: SendOptions {
@@ -704,6 +694,16 @@ fn finish(bar: indicatif::ProgressBar, report: MigrationReport, json: bool) -> a
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into())
+}
+
+/// `--plan`'s answer: JSON for scripts, else the table.
+fn show_plan(plan: &away_model::MovePlan, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        print_json(plan)?;
+    } else {
+        print_plan(plan);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_plan(p: &away_model::MovePlan) {
