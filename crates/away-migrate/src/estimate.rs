@@ -95,18 +95,28 @@ pub struct MemorySample {
     /// zstd:1 bytes per raw byte over the pages sampled.
     pub compress_ratio: f64,
     pub sampled_pages: usize,
+    /// Sampled pages that held only zeros (what QEMU sends as a flag, not a page).
+    pub zero_pages: usize,
 }
 
 /// Count the resident pages of `pid`'s private writable mappings and compress an even
 /// sample of them.
 pub fn sample_memory(pid: u32) -> std::io::Result<MemorySample> {
-    let present = crate::mode::resident_pages(pid)?;
+    sample_memory_in(pid, None)
+}
+
+/// [`sample_memory`] within `[start, end)` of its address space only, when given (a
+/// QEMU guest's RAM: [`crate::mode::guest_ram`]).
+pub fn sample_memory_in(pid: u32, within: Option<(u64, u64)>) -> std::io::Result<MemorySample> {
+    let present = crate::mode::resident_pages_in(pid, within)?;
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
     let step = present.len().div_ceil(SAMPLE_PAGES).max(1);
     let mut raw = Vec::with_capacity(SAMPLE_PAGES * PAGE as usize);
     let mut page = vec![0u8; PAGE as usize];
+    let mut zero_pages = 0;
     for &a in present.iter().step_by(step) {
         if mem.read_exact_at(&mut page, a).is_ok() {
+            zero_pages += usize::from(page.iter().all(|&b| b == 0));
             raw.extend_from_slice(&page);
         }
     }
@@ -121,6 +131,49 @@ pub fn sample_memory(pid: u32) -> std::io::Result<MemorySample> {
         resident_bytes: present.len() as u64 * PAGE,
         compress_ratio: ratio,
         sampled_pages: raw.len() / PAGE as usize,
+        zero_pages,
+    })
+}
+
+/// What of a QEMU guest's memory a live migration would send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestSample {
+    /// Share of the guest's memory that is resident and not all zeros (QEMU sends a zero
+    /// page as a flag).
+    pub nonzero_fraction: f64,
+    /// zstd:1 bytes per raw byte of the pages that are sent (the non-zero ones).
+    pub compress_ratio: f64,
+    pub nonzero_how: String,
+    pub compress_how: String,
+}
+
+/// Sample the memory of QEMU process `pid`'s guest of `ram` bytes: its own mapping when
+/// it can be told apart from QEMU's memory ([`crate::mode::guest_ram`]), the resident
+/// pages there, and an even sample of them for zero pages and compressibility (a
+/// guest's kernel touches most of its memory at boot, so residency alone says little).
+pub fn sample_guest(pid: u32, ram: u64) -> std::io::Result<GuestSample> {
+    let guest = crate::mode::guest_ram(pid, ram);
+    let memory = sample_memory_in(pid, guest.map(|g| (g.start, g.end)))?;
+    let nonzero_sampled = 1.0 - memory.zero_pages as f64 / memory.sampled_pages.max(1) as f64;
+    let where_ = match guest {
+        Some(_) => format!("QEMU's guest-memory mapping (pid {pid}, /proc/{pid}/smaps)"),
+        None => {
+            format!("QEMU's private writable memory (pid {pid}; no mapping of the guest's size, QEMU's own counted)")
+        }
+    };
+    Ok(GuestSample {
+        nonzero_fraction: (memory.resident_bytes as f64 / ram.max(1) as f64 * nonzero_sampled).clamp(0.0, 1.0),
+        // zero pages compress to nothing: per page that is sent
+        compress_ratio: if nonzero_sampled > 0.0 { (memory.compress_ratio / nonzero_sampled).min(1.0) } else { 1.0 },
+        nonzero_how: format!(
+            "measured: resident pages of {where_} over the guest's memory, times the share of {} sampled pages \
+             that are not all zeros ({} were)",
+            memory.sampled_pages, memory.zero_pages
+        ),
+        compress_how: format!(
+            "measured: zstd:1 over {} sampled pages of {where_}, per non-zero page",
+            memory.sampled_pages
+        ),
     })
 }
 
@@ -508,32 +561,14 @@ pub async fn plan_vm(
     let ram = spec.resources.memory.bytes();
     let there = target.info().await?;
     let link = measure_link(target, &there.transfer_addr).await;
-    let memory = tokio::task::spawn_blocking(move || sample_memory(pid))
+    let guest = tokio::task::spawn_blocking(move || sample_guest(pid, ram))
         .await
         .map_err(|e| MigrateError::Invalid(format!("sampling {name}'s memory: {e}")))?
         .map_err(|e| MigrateError::Io { path: format!("/proc/{pid}/mem").into(), source: e })?;
     let mut sources = BTreeMap::new();
     sources.insert("state_bytes".to_string(), format!("the guest's memory ({} MiB, its spec)", ram >> 20));
-    let guest_resident = match crate::mode::guest_resident_bytes(pid, ram) {
-        Some(b) => {
-            sources.insert(
-                "nonzero_fraction".to_string(),
-                format!("measured: the resident pages of QEMU's guest-memory mapping (pid {pid}, /proc/{pid}/smaps) over the guest's memory"),
-            );
-            b
-        }
-        None => {
-            sources.insert(
-                "nonzero_fraction".to_string(),
-                format!("measured: QEMU's resident private pages (pid {pid}) over the guest's memory, QEMU's own included (no mapping of the guest's size found)"),
-            );
-            memory.resident_bytes
-        }
-    };
-    sources.insert(
-        "compress_ratio".to_string(),
-        format!("measured: zstd:1 over {} of QEMU's resident pages, evenly spread", memory.sampled_pages),
-    );
+    sources.insert("nonzero_fraction".to_string(), guest.nonzero_how.clone());
+    sources.insert("compress_ratio".to_string(), guest.compress_how.clone());
     let dirty = match node.qemu().dirty_rate(name, 1).await {
         Ok(d) => {
             sources
@@ -554,8 +589,8 @@ pub async fn plan_vm(
     sources.insert("costs".into(), costs_how);
     let inputs = PredictionInputs {
         state_bytes: ram,
-        compress_ratio: memory.compress_ratio,
-        nonzero_fraction: (guest_resident as f64 / ram.max(1) as f64).clamp(0.0, 1.0),
+        compress_ratio: guest.compress_ratio,
+        nonzero_fraction: guest.nonzero_fraction,
         dirty_bytes_per_s: dirty,
         link_bytes_per_s: link.rate_bytes_per_s,
         rtt_ms: link.rtt_ms,
