@@ -565,6 +565,7 @@ pub async fn migrate_vm_via_agent(
             set_aside: None,
             lease_ms: None,
             at_ms: away_migrate::journal::now_ms(),
+            page_server: None,
         },
     });
     let mut target = RemoteVmTarget {

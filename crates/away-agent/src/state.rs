@@ -369,6 +369,7 @@ mod tests {
             set_aside: None,
             lease_ms: None,
             at_ms: 1,
+            page_server: None,
         };
         {
             let st = AgentState::open(&path).unwrap();
