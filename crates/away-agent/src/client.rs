@@ -91,6 +91,45 @@ impl AgentClient {
     }
 }
 
+/// How long a VM disk's base image may take to reach a target.
+const BASE_UPLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl AgentClient {
+    /// Whether the target's disk store holds base image `digest` (`GET /v1/disks`).
+    pub async fn has_disk_base(&self, digest: &str) -> Result<bool, MigrateError> {
+        let url = format!("{}/v1/disks", self.base);
+        let resp = self.check(self.http.get(url).query(&[("base", digest)]).send().await).await?;
+        let v: serde_json::Value =
+            resp.json().await.map_err(|e| self.err(format!("bad /v1/disks answer: {e}", e = ErrorChain(&e))))?;
+        v["present"].as_bool().ok_or_else(|| self.err("a /v1/disks answer without `present`"))
+    }
+
+    /// Send base image `base` to the target's disk store (`PUT /v1/disks`), streamed
+    /// from its file; the target hashes what it stores and refuses another digest.
+    pub async fn upload_disk_base(&self, base: &away_runtime::qemu::BaseImage) -> Result<(), MigrateError> {
+        let file = tokio::fs::File::open(&base.path)
+            .await
+            .map_err(|e| MigrateError::Io { path: base.path.clone(), source: e })?;
+        let len = file.metadata().await.map_err(|e| MigrateError::Io { path: base.path.clone(), source: e })?.len();
+        // 1 MiB reads, never the whole file in memory
+        let chunks = futures_util::stream::try_unfold(file, |mut f| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = Vec::with_capacity(1 << 20);
+            let n = (&mut f).take(1 << 20).read_to_end(&mut buf).await?;
+            Ok::<_, std::io::Error>((n > 0).then_some((buf, f)))
+        });
+        let url = format!("{}/v1/disks", self.base);
+        let req = self
+            .http
+            .put(url)
+            .query(&[("base", base.digest.as_str())])
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .timeout(BASE_UPLOAD_TIMEOUT)
+            .body(reqwest::Body::wrap_stream(chunks));
+        self.check(req.send().await).await.map(|_| ())
+    }
+}
+
 /// The lease assumed for a VM destination whose answer gave none (its default commit wait).
 const VM_CONFIRM_WAIT: std::time::Duration = away_migrate::vm::DEFAULT_VM_COMMIT_WAIT;
 
@@ -275,6 +314,9 @@ pub struct RemoteVmTarget {
     /// The source's journal of the move, each step written before it is taken (a
     /// restarted source finishes the move from it: `recover_move`).
     pub journal: Option<JournaledMove>,
+    /// Where the prepared destination exports the VM's disk over NBD (host, port), from
+    /// its prepare answer.
+    pub disk_export: Option<(String, u16)>,
 }
 
 /// A move and the journal its steps go to.
@@ -431,6 +473,10 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             .map_err(vm_err)?;
         let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(error_chain(&e))))?;
         let uri = v["uri"].as_str().map(str::to_string).ok_or_else(|| vm_err(c.err("no uri in the answer")))?;
+        self.disk_export = match (&v["disk"]["host"], v["disk"]["port"].as_u64()) {
+            (serde_json::Value::String(host), Some(port)) => Some((host.clone(), port as u16)),
+            _ => None,
+        };
         // an agent from before QEMU's TLS says nothing: plain TCP
         Ok(away_migrate::vm::VmListen { uri, tls: v["tls"].as_bool().unwrap_or(false) })
     }
@@ -517,6 +563,23 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             .map(|_| ())
             .map_err(vm_err)
     }
+
+    /// The base goes over the agent API (mutual TLS between the nodes) only when the
+    /// target lacks it; the target checks its digest.
+    async fn ensure_base(
+        &mut self,
+        base: &away_runtime::qemu::BaseImage,
+    ) -> Result<bool, away_migrate::vm::VmMigrateError> {
+        if self.client.has_disk_base(&base.digest).await.map_err(vm_err)? {
+            return Ok(false);
+        }
+        self.client.upload_disk_base(base).await.map_err(vm_err)?;
+        Ok(true)
+    }
+
+    fn disk_export(&self, _opts: &away_migrate::vm::VmMigrationOptions) -> Option<(String, u16)> {
+        self.disk_export.clone()
+    }
 }
 
 /// Move VM `name` from this node to the agent behind `client` by QEMU live migration:
@@ -574,6 +637,7 @@ pub async fn migrate_vm_via_agent(
         answered: None,
         cancel,
         commit_wait: opts.commit_wait,
+        disk_export: None,
         journal,
     };
     // measured before the move's clock starts; a move goes ahead without a prediction

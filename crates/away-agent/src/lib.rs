@@ -14,6 +14,7 @@
 pub mod api;
 pub mod broker;
 pub mod client;
+mod disks;
 pub mod outgoing;
 pub mod state;
 
@@ -237,6 +238,8 @@ impl Agent {
     pub async fn node_info(&self) -> NodeInfo {
         let mut info = self.info.clone();
         info.runtimes = self.node.health().await;
+        // what the broker places a VM with a disk by (a move copies a missing base)
+        info.disk_bases = self.node.qemu().disk_store().digests();
         info
     }
 

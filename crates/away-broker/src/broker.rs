@@ -1302,7 +1302,7 @@ impl Broker {
                     .iter()
                     .find(|c| c.info.name == *to)
                     .ok_or_else(|| Problem::not_found(format!("no node named {to:?}")).field("to"))?;
-                if let Err(reasons) = placement::feasibility(&w.spec, c) {
+                if let Err(reasons) = placement::feasibility(&placement::as_moved(&w.spec), c) {
                     return Err(Problem::new(
                         ErrorCode::Incompatible,
                         format!("{to} cannot take {}: {}", req.workload, reasons.join("; ")),
@@ -1322,7 +1322,7 @@ impl Broker {
                 (to.clone(), compat, "user", why)
             }
             None => {
-                let decision = placement::place(&w.spec, &candidates);
+                let decision = placement::place(&placement::as_moved(&w.spec), &candidates);
                 let mut refused = Vec::new();
                 let mut found = None;
                 for s in &decision.scores {

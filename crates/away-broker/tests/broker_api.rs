@@ -155,6 +155,7 @@ fn node(name: &str, tier: Tier, vendor: CpuVendor) -> NodeInfo {
         hypervisor: Some(HypervisorInfo { qemu_version: "7.2.0".into(), accel: Accel::Tcg, reason: "test".into() }),
         link: Some(LinkInfo { rate_mbit: 1000.0, latency_ms: 1.0 }),
         labels: Default::default(),
+        disk_bases: Default::default(),
     }
 }
 

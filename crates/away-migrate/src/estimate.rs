@@ -600,13 +600,7 @@ pub async fn plan_vm(
         vm_timeout_s: opts.timeout.as_secs_f64(),
         sources,
     };
-    let has_disk = spec.disk.is_some();
-    let why_not = |k: MoveKind| {
-        (has_disk && k == MoveKind::VmPostcopy).then(|| {
-            "a vm with a disk moves with pre-copy only (its mirror completes before the switchover)".to_string()
-        })
-    };
-    let predictions = away_predict::predict_all(RuntimeKind::Qemu, &inputs, why_not);
+    let predictions = away_predict::predict_all(RuntimeKind::Qemu, &inputs, |_| None);
     let (chosen, why) = chosen(&predictions, optimize, || (vm_kind(opts), format!("asked for: {}", opts.describe())));
     Ok(MovePlan {
         workload: name.to_string(),

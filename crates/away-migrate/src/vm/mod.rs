@@ -50,7 +50,7 @@ use away_runtime::{ResolvedImage, Runtime, RuntimeError};
 use serde::{Deserialize, Serialize};
 
 pub use destination::{copy_base, prepare_destination, Destination, LocalVmTarget, VmCommit, VmListen, VmTarget};
-pub use disk::{DiskMirror, DiskTls};
+pub use disk::DiskMirror;
 pub use info::{VmMigrationOutcome, VmProgress};
 pub use options::{VmMigrationOptions, DEFAULT_VM_COMMIT_WAIT};
 pub use recover::recover_source;
@@ -254,12 +254,8 @@ pub async fn migrate_vm_to(
     }
     let mut base_note = String::new();
     if let Some(d) = &spec.disk {
-        if opts.postcopy {
-            return Err(VmMigrateError::Invalid {
-                field: "postcopy".into(),
-                reason: "a vm with a disk moves with pre-copy only (its mirror completes before the switchover)".into(),
-            });
-        }
+        // post-copy too: its switch to the destination waits in pre-switchover like
+        // pre-copy's last copy, and the mirror completes there
         let base = source.disk_store().find(&d.base).map_err(|source| VmMigrateError::Runtime {
             workload: name.into(),
             op: "find the disk's base image",
@@ -294,12 +290,17 @@ pub async fn migrate_vm_to(
 
     // disk-mirror: the overlay's blocks into the destination's empty overlay, until in sync
     let mut mirror = None;
+    let mut export_note = String::new();
     if spec.disk.is_some() {
         let phase = Instant::now();
         let started = match dest.disk_export(opts) {
             Some((host, port)) => {
-                let (tls, speed) = (opts.disk_tls.as_ref(), opts.disk_mirror_bytes_per_s);
-                disk::start_mirror(source, name, &host, port, tls, speed, opts.timeout).await
+                export_note = format!(
+                    " from {host}:{port} ({})",
+                    if tls.is_some() { "tls, only the source node let in" } else { "plaintext, loopback" }
+                );
+                // the disk's connection has the stream's TLS (the same nodes at its ends)
+                disk::start_mirror(source, name, &host, port, tls, opts.disk_mirror_bytes_per_s, opts.timeout).await
             }
             None => Err(VmMigrateError::Invalid {
                 field: "disk".into(),
@@ -436,7 +437,7 @@ pub async fn migrate_vm_to(
         outcome.ram_total,
         match mirror {
             Some(m) => format!(
-                "; disk: {} bytes of overlay mirrored over nbd ({} until in sync after {} ms){base_note}",
+                "; disk: {} bytes of overlay mirrored over nbd{export_note} ({} until in sync after {} ms){base_note}",
                 m.total_bytes,
                 m.ready_bytes,
                 m.ready_after.as_millis()

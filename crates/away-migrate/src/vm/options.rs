@@ -67,10 +67,6 @@ pub struct VmMigrationOptions {
     /// Cap on the disk mirror's copy rate (bytes/s; `blockdev-mirror`'s `speed`).
     #[serde(default)]
     pub disk_mirror_bytes_per_s: Option<u64>,
-    /// TLS with the nodes' identities for the disk's NBD connection (docs/vm.md);
-    /// paths of this host, never sent.
-    #[serde(skip)]
-    pub disk_tls: Option<super::disk::DiskTls>,
     /// Measure and predict the move before it starts (`away_migrate::estimate::plan_vm`,
     /// about 1-2 s before the move's clock starts); the report carries the prediction
     /// as `predicted`. Moves between agents only.
@@ -101,7 +97,6 @@ impl Default for VmMigrationOptions {
             poll_interval: Duration::from_millis(100),
             disk_port: 0,
             disk_mirror_bytes_per_s: None,
-            disk_tls: None,
             predict: false,
         }
     }
