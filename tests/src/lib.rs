@@ -738,6 +738,9 @@ impl CounterCluster {
             assert!(spool.is_some(), "{n} kept transfer data: {:?}", entries(self.node(n).state_dir.join("transfers")));
         }
         after.0
+    }
+}
+
 /// A tmpfs of `size` mounted on `dir` (created), unmounted when dropped: a small disk to
 /// fill for the disk-full fault cases.
 pub struct Tmpfs(pub PathBuf);
