@@ -611,6 +611,136 @@ pub fn fake_node_info(name: &str) -> serde_json::Value {
         "link": {"rate_mbit": 1000, "latency_ms": 1}})
 }
 
+/// A two-node local cluster (`a` cloud, `b` edge: a real broker and agents, each node in
+/// its own network namespace with its own containerd) with the counter placed by the
+/// broker and counting: what the broker-migration fault tests (`source_crash.rs`,
+/// `cancel_move.rs`, `link_faults.rs`) share. Taken down when dropped. The agents
+/// inherit this process's environment when it comes up (`AWAY_FAULT_*`).
+pub struct CounterCluster {
+    pub name: String,
+    pub info: away_cluster::ClusterInfo,
+    /// The node the broker placed the counter on (the moves' source), and the other.
+    pub src: String,
+    pub dst: String,
+    /// The counter's count and start time on the source once it counted to 5.
+    pub before: (u64, u64),
+    /// Where this cluster's part of each node's agent log begins (a later cluster of the
+    /// same name appends to the same files).
+    log_from: Vec<(String, usize)>,
+    _down: ClusterDown,
+}
+
+impl CounterCluster {
+    /// Up as `PREFIX` and digits, both agents online, the counter placed and counting.
+    pub fn up(prefix: &str) -> CounterCluster {
+        let name = free_cluster_name(prefix);
+        let log_from = ["a", "b"]
+            .map(|n| {
+                let log = Path::new("/run/away/cluster").join(&name).join(n).join("agent.log");
+                (n.to_string(), std::fs::metadata(log).map_or(0, |m| m.len() as usize))
+            })
+            .to_vec();
+        let plan = cluster_plan(&name, &[("a", away_model::Tier::Cloud), ("b", away_model::Tier::Edge)], &["counter"]);
+        let info = away_cluster::up(&plan).expect("cluster up");
+        let down = ClusterDown(name.clone());
+        wait_for(30, || {
+            let (_, nodes) = broker_call(&info, reqwest::Method::GET, "/v1/nodes", None);
+            nodes.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 2).then_some(())
+        })
+        .expect("both agents online");
+        let spec = serde_json::json!({"name": "counter", "image": "away/counter:latest",
+            "env": {"COUNTER_PORT": "18090"}, "resources": {"memory": "64Mi", "cpus": 0.25},
+            "placement": {"tiers": ["cloud", "edge"]}});
+        let (s, placed) = broker_call(&info, reqwest::Method::POST, "/v1/workloads", Some(spec));
+        assert_eq!(s, 201, "{placed}");
+        // the scores pick the source; the other node is the target
+        let src = placed["workload"]["node"].as_str().unwrap().to_string();
+        let dst = if src == "a" { "b" } else { "a" }.to_string();
+        let mut c = CounterCluster { name, info, src, dst, before: (0, 0), log_from, _down: down };
+        let ip = c.ip(&c.src);
+        c.before = wait_for(90, || cluster_counter_state(&ip).filter(|s| s.0 >= 5)).expect("the counter counts");
+        c
+    }
+
+    /// Node `node`'s address.
+    pub fn ip(&self, node: &str) -> String {
+        self.node(node).ip.to_string()
+    }
+
+    pub fn node(&self, node: &str) -> &away_cluster::NodeInfoLocal {
+        self.info.nodes.iter().find(|n| n.name == node).unwrap()
+    }
+
+    /// Node `node`'s agent log, this cluster's part (restarts of the agent included).
+    pub fn agent_log(&self, node: &str) -> String {
+        let log = Path::new("/run/away/cluster").join(&self.name).join(node).join("agent.log");
+        let text = std::fs::read(log).unwrap_or_default();
+        let from = self.log_from.iter().find(|(n, _)| n == node).map_or(0, |(_, at)| *at);
+        String::from_utf8_lossy(text.get(from..).unwrap_or_default()).into_owned()
+    }
+
+    /// Ask the broker to move the counter to the other node (`extra` fields added to the
+    /// order, e.g. `deadline_s`): the migration's id.
+    pub fn migrate(&self, mode: &str, extra: serde_json::Value) -> String {
+        let mut order = serde_json::json!({"workload": "counter", "to": self.dst, "mode": mode});
+        if let (Some(o), Some(x)) = (order.as_object_mut(), extra.as_object()) {
+            o.extend(x.clone());
+        }
+        let (s, m) = broker_call(&self.info, reqwest::Method::POST, "/v1/migrations", Some(order));
+        assert_eq!(s, 202, "{m}");
+        m["migration"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Migration `id` once it ended (neither pending nor running), within `secs`.
+    pub fn ended(&self, id: &str, secs: u64) -> serde_json::Value {
+        wait_for(secs, || {
+            let (_, m) = broker_call(&self.info, reqwest::Method::GET, &format!("/v1/migrations/{id}"), None);
+            (m["state"].as_str().is_some_and(|s| s != "running" && s != "pending")).then_some(m)
+        })
+        .unwrap_or_else(|| panic!("migration {id} did not end within {secs} s"))
+    }
+
+    /// After a fault and its recovery: exactly one instance of the counter, on `home`,
+    /// the same process counting on from [`CounterCluster::before`]; none on the other
+    /// node; the broker placing it on `home`; no active checkpoint on the source and no
+    /// transfer spool (when `home` is the source, the move failed: its checkpoint kept as
+    /// failed on the source and a failed restore's spool on the target are kept for
+    /// inspection, as designed). Returns the count reached.
+    pub fn assert_one_instance_on(&self, home: &str) -> u64 {
+        let other = if home == self.src { &self.dst } else { &self.src };
+        let after = wait_for(30, || cluster_counter_state(&self.ip(home))).expect("the counter answers where it lives");
+        assert_eq!(after.1, self.before.1, "the counter restarted instead of going on");
+        assert!(after.0 >= self.before.0, "count went back: {} -> {}", self.before.0, after.0);
+        wait_for(30, || (on_cluster_node(&self.info, other, "counter").is_none()).then_some(()))
+            .unwrap_or_else(|| panic!("{other} keeps a copy: {:?}", on_cluster_node(&self.info, other, "counter")));
+        assert_eq!(on_cluster_node(&self.info, home, "counter").as_deref(), Some("running"));
+        let placed = wait_for(30, || {
+            let (_, w) = broker_call(&self.info, reqwest::Method::GET, "/v1/workloads/counter", None);
+            (w["node"].as_str() == Some(home)).then_some(())
+        });
+        assert!(placed.is_some(), "the broker does not place the counter on {home}");
+        let entries = |dir: PathBuf| -> Vec<PathBuf> {
+            std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+        };
+        let ck = self.node(&self.src).state_dir.join("checkpoints");
+        let active = entries(ck.join("active"));
+        assert!(active.is_empty(), "the source keeps an active checkpoint: {active:?}");
+        if home != self.src {
+            let failed = entries(ck.join("failed"));
+            assert!(failed.is_empty(), "the source kept its checkpoint after the move: {failed:?}");
+        }
+        // spools go once their restore ended well; a failed restore's stays for inspection
+        // until the transfer expires (`--transfer-expiry`, docs/reliability.md), as a
+        // failed move's checkpoint stays on the source
+        let spools: &[&String] = if home == self.src { &[&self.src] } else { &[&self.src, &self.dst] };
+        for n in spools.iter().copied() {
+            let spool = wait_for(15, || entries(self.node(n).state_dir.join("transfers")).is_empty().then_some(()));
+            assert!(spool.is_some(), "{n} kept transfer data: {:?}", entries(self.node(n).state_dir.join("transfers")));
+        }
+        after.0
+    }
+}
+
 /// A tmpfs of `size` mounted on `dir` (created), unmounted when dropped: a small disk to
 /// fill for the disk-full fault cases.
 pub struct Tmpfs(pub PathBuf);

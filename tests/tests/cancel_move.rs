@@ -10,11 +10,7 @@
 //! migration whose deadline passes while its online source holds is cancelled by the
 //! broker the same way (before, the broker left it to the source, which committed).
 
-use away_e2e::{
-    broker_call, cluster_counter_state, cluster_plan, free_cluster_name, on_cluster_node, require_root, require_socket,
-    wait_for,
-};
-use away_model::Tier;
+use away_e2e::{broker_call, on_cluster_node, require_root, require_socket, wait_for, CounterCluster};
 use serde_json::json;
 
 /// How long the source holds before its commit (the window the cancel lands in).
@@ -44,68 +40,33 @@ fn cancelled_under_way(deadline: Option<u64>) {
     if !(require_root() && require_socket("/run/containerd/containerd.sock", "containerd")) {
         return;
     }
-    let name = free_cluster_name(if deadline.is_some() { "cd" } else { "cm" });
     // inherited by the cluster's agents (a fault-injection build of away)
     std::env::set_var("AWAY_FAULT_HOLD_BEFORE_COMMIT", HOLD_SECS);
-    let plan = cluster_plan(&name, &[("a", Tier::Cloud), ("b", Tier::Edge)], &["counter"]);
-    let info = away_cluster::up(&plan).expect("cluster up");
-    let _down = away_e2e::ClusterDown(name.clone());
-    wait_for(30, || {
-        let (_, nodes) = broker_call(&info, reqwest::Method::GET, "/v1/nodes", None);
-        nodes.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 2).then_some(())
-    })
-    .expect("both agents online");
-    let spec = json!({"name": "counter", "image": "away/counter:latest", "env": {"COUNTER_PORT": "18090"},
-        "resources": {"memory": "64Mi", "cpus": 0.25}, "placement": {"tiers": ["cloud", "edge"]}});
-    let (s, placed) = broker_call(&info, reqwest::Method::POST, "/v1/workloads", Some(spec));
-    assert_eq!(s, 201, "{placed}");
-    // the scores pick the source; the other node is the target
-    let src = placed["workload"]["node"].as_str().unwrap().to_string();
-    let dst = if src == "a" { "b" } else { "a" };
-    let src_ip = info.nodes.iter().find(|n| n.name == src).unwrap().ip.to_string();
-    let before =
-        wait_for(90, || cluster_counter_state(&src_ip).filter(|s| s.0 >= 5)).expect("the counter counts on its node");
-
-    let mut order = json!({"workload": "counter", "to": dst, "mode": "staged"});
-    if let Some(d) = deadline {
-        order["deadline_s"] = d.into();
-    }
-    let (s, m) = broker_call(&info, reqwest::Method::POST, "/v1/migrations", Some(order));
-    assert_eq!(s, 202, "{m}");
-    let id = m["migration"]["id"].as_str().unwrap().to_string();
+    let c = CounterCluster::up(if deadline.is_some() { "cd" } else { "cm" });
+    let (src, dst) = (c.src.as_str(), c.dst.as_str());
+    let before = c.before;
+    let id = c.migrate("staged", deadline.map_or_else(|| json!({}), |d| json!({"deadline_s": d})));
     if deadline.is_none() {
         // restored on the target, held there for the commit the source holds back
-        wait_for(60, || (on_cluster_node(&info, dst, "counter").as_deref() == Some("running")).then_some(()))
+        wait_for(60, || (on_cluster_node(&c.info, dst, "counter").as_deref() == Some("running")).then_some(()))
             .expect("the target restored its copy");
-        let (s, m) = broker_call(&info, reqwest::Method::DELETE, &format!("/v1/migrations/{id}"), None);
+        let (s, m) = broker_call(&c.info, reqwest::Method::DELETE, &format!("/v1/migrations/{id}"), None);
         assert_eq!((s, m["state"].as_str()), (202, Some("running")), "{m}");
         assert!(m["cancel_requested_ms"].as_u64().is_some(), "{m}");
     }
 
-    let ended = wait_for(90, || {
-        let (_, m) = broker_call(&info, reqwest::Method::GET, &format!("/v1/migrations/{id}"), None);
-        (m["state"] != "running" && m["state"] != "pending").then_some(m)
-    })
-    .expect("the migration ends");
+    let ended = c.ended(&id, 90);
     assert_eq!(ended["state"], "cancelled", "{ended}");
     assert!(ended["error"].as_str().unwrap_or_default().contains("cancelled"), "{ended}");
-    // one instance, on the source, the same process going on
-    let after = wait_for(30, || cluster_counter_state(&src_ip)).expect("the counter answers on its node");
-    assert_eq!(after.1, before.1, "the counter restarted instead of resuming");
-    assert!(after.0 >= before.0, "count went back: {} -> {}", before.0, after.0);
-    assert_eq!(on_cluster_node(&info, &src, "counter").as_deref(), Some("running"));
-    assert_eq!(on_cluster_node(&info, dst, "counter"), None, "the target kept its copy");
-    let (_, w) = broker_call(&info, reqwest::Method::GET, "/v1/workloads/counter", None);
-    assert_eq!(w["node"].as_str(), Some(src.as_str()), "{w}");
-    // no spool on the target, no checkpoint kept but the failed one on the source
-    let target = info.nodes.iter().find(|n| n.name == dst).unwrap();
-    let spool = target.env().into_iter().find(|(k, _)| k == "AWAY_STATE_DIR").map(|(_, v)| v).unwrap();
-    let left: Vec<_> = std::fs::read_dir(std::path::Path::new(&spool).join("transfers"))
-        .map(|rd| rd.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "the target kept transfer data: {left:?}");
+    // one instance, on the source, the same process going on; nothing on the target, no
+    // spool, no checkpoint kept but the failed one on the source
+    let count = c.assert_one_instance_on(src);
     if deadline.is_some() {
         assert!(ended["cancel_requested_ms"].as_u64().is_some(), "the broker did not send the cancel: {ended}");
     }
-    eprintln!("cancelled under way ({:?}): count {} -> {}", deadline, before.0, after.0);
+    // the target's copy was restored well (its verdict ok): no spool of it either
+    let spool = c.node(dst).state_dir.join("transfers");
+    let left: Vec<_> = std::fs::read_dir(&spool).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "the target kept transfer data: {left:?}");
+    eprintln!("cancelled under way ({:?}): count {} -> {count}", deadline, before.0);
 }

@@ -1,10 +1,11 @@
 //! The source agent SIGKILLed in the middle of a broker migration (docs/reliability.md,
 //! "The source's journal"): a real broker and two real agents (away-cluster, each in its
-//! own network namespace with its own containerd), the counter moved by stop-and-copy
-//! (staged). The source agent kills itself with SIGKILL (`AWAY_FAULT_SOURCE_DIE`, a
-//! fault-injection build) at one point of the move and is started again on the same
-//! state, as a supervisor would:
+//! own network namespace with its own containerd, [`away_e2e::CounterCluster`]). The
+//! source agent kills itself with SIGKILL (`AWAY_FAULT_SOURCE_DIE`, a fault-injection
+//! build) at one point of the move and is started again on the same state, as a
+//! supervisor would.
 //!
+//! Staged (stop-and-copy through a checkpoint on disk):
 //! * `before-commit`: the target has restored its copy and holds it as prepared; the
 //!   restarted source finds the move `sent` in its journal, commits it, removes its
 //!   stopped container and checkpoint: the migration succeeds;
@@ -12,151 +13,155 @@
 //!   been sent; the target knows no such move; the restarted source resumes the counter
 //!   from its checkpoint: the migration fails, the workload stays on the source.
 //!
+//! Streamed (`stop-copy`: the target pulls the memory from the source's CRIU page server
+//! through the relay in the source agent) and lazy:
+//! * `streaming` (streamed): killed while the pages move (slowed down,
+//!   `AWAY_FAULT_LAZY=slow-after:0`); the kernel resets the relay's connection to CRIU,
+//!   which resumes the counter on the source; the target's pull fails and it keeps
+//!   nothing; the restarted source hears "aborted", finds its workload running and ends
+//!   the move: the migration fails, the counter on the source;
+//! * `after-verdict` (lazy, slowed down): killed right after the target's answer; the
+//!   counter's few lazy pages are all in within the target's settle wait, so the kill
+//!   lands in the last instant of the lazy phase or after it: either CRIU resumed the
+//!   source and the target's copy went (failed, on the source), or the target had every
+//!   page (succeeded, on the target; a source CRIU resumed in that instant is removed by
+//!   the restarted source, the target's word deciding);
+//! * `before-commit` (streamed; lazy in the lab run): every page moved, CRIU ended the
+//!   source process, the target's copy is final; the restarted source hears "committed"
+//!   and removes its stopped container and payload: the migration succeeds. Before the
+//!   journal covered these moves, the restarted source took the broker's repeated order
+//!   for a new move of a stopped workload and failed it.
+//!
 //! * `broker`: the broker is SIGKILLed while the source holds before its commit
 //!   (`AWAY_FAULT_HOLD_BEFORE_COMMIT`) and started again on its database 3 s later; the
 //!   agents work on offline, the source commits, and its queued `migration-finished`
 //!   ends the migration `succeeded` when the broker is back.
 //!
-//! Either way: exactly one instance, its count going on from the same start, no
-//! checkpoint of the move left active on the source, no spool on the target, and the
-//! broker's record of the workload names the node it runs on. Before the journal the
-//! source left the counter stopped with its checkpoint for nobody (zero instances).
-//! CI runs `before-commit` once; `AWAY_FAULT_MATRIX=full` runs both three times.
+//! Each: exactly one instance, its count going on from the same start, no checkpoint of
+//! the move left active on the source, no spool, and the broker's record of the workload
+//! naming the node it runs on. CI runs staged and streamed `before-commit` once;
+//! `AWAY_FAULT_MATRIX=full` runs every cell three times (`AWAY_FAULT_CELL=MODE/AT`, e.g.
+//! `stop-copy/streaming`, only that one).
 
-use away_cluster::ClusterInfo;
-use away_e2e::{
-    broker_call, cluster_counter_state, cluster_plan, free_cluster_name, on_cluster_node, require_root, require_socket,
-    wait_for,
-};
-use away_model::Tier;
-use serde_json::json;
-
-fn state_dir(info: &ClusterInfo, node: &str) -> std::path::PathBuf {
-    info.nodes.iter().find(|n| n.name == node).unwrap().state_dir.clone()
-}
-
-fn entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default()
-}
+use away_e2e::{on_cluster_node, require_root, require_socket, CounterCluster};
 
 /// The cases set the agents' fault variables in this process's environment: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn case(at: &str, run: u32) {
+/// Whether a kill at `at` of a `mode` move ends with the workload on the target (None:
+/// either, the broker's record says which).
+fn moves_on(mode: &str, at: &str) -> Option<bool> {
+    match (mode, at) {
+        (_, "after-checkpoint") | (_, "streaming") => Some(false),
+        // the counter's few lazy pages are all in within the target's settle wait, so a
+        // kill right after the verdict lands in or just after the lazy phase's end
+        ("lazy", "after-verdict") => None,
+        _ => Some(true),
+    }
+}
+
+fn case(mode: &str, at: &str, run: u32) {
+    // `AWAY_FAULT_CELL=MODE/AT` runs that one cell of the matrix only
+    if std::env::var("AWAY_FAULT_CELL").is_ok_and(|c| c != format!("{mode}/{at}")) {
+        return;
+    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = std::time::Instant::now();
     let step = |what: &str| eprintln!("[{:>5.1} s] {what}", t0.elapsed().as_secs_f64());
-    let name = free_cluster_name("sc");
     // inherited by the cluster's agents (a fault-injection build of away); only a
-    // source acts on it
-    let (var, value) =
-        if at == "broker" { ("AWAY_FAULT_HOLD_BEFORE_COMMIT", "10") } else { ("AWAY_FAULT_SOURCE_DIE", at) };
-    std::env::set_var(var, value);
-    let plan = cluster_plan(&name, &[("a", Tier::Cloud), ("b", Tier::Edge)], &["counter"]);
-    let info = away_cluster::up(&plan).expect("cluster up");
-    let _down = away_e2e::ClusterDown(name.clone());
-    step("cluster up");
-    wait_for(30, || {
-        let (_, nodes) = broker_call(&info, reqwest::Method::GET, "/v1/nodes", None);
-        nodes.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 2).then_some(())
-    })
-    .expect("both agents online");
-    let spec = json!({"name": "counter", "image": "away/counter:latest", "env": {"COUNTER_PORT": "18090"},
-        "resources": {"memory": "64Mi", "cpus": 0.25}, "placement": {"tiers": ["cloud", "edge"]}});
-    let (s, placed) = broker_call(&info, reqwest::Method::POST, "/v1/workloads", Some(spec));
-    assert_eq!(s, 201, "{placed}");
-    let src = placed["workload"]["node"].as_str().unwrap().to_string();
-    let dst = if src == "a" { "b" } else { "a" }.to_string();
-    let ip = |n: &str| info.nodes.iter().find(|x| x.name == n).unwrap().ip.to_string();
-    let src_api = info.nodes.iter().find(|x| x.name == src).unwrap().api.clone();
-    let before = wait_for(90, || cluster_counter_state(&ip(&src)).filter(|s| s.0 >= 5)).expect("the counter counts");
-
-    let (s, m) = broker_call(
-        &info,
-        reqwest::Method::POST,
-        "/v1/migrations",
-        Some(json!({"workload": "counter", "to": dst, "mode": "staged"})),
-    );
-    assert_eq!(s, 202, "{m}");
-    let id = m["migration"]["id"].as_str().unwrap().to_string();
+    // source acts on them
+    let mut vars = vec![];
+    if at == "broker" {
+        vars.push(("AWAY_FAULT_HOLD_BEFORE_COMMIT", "10"));
+    } else {
+        vars.push(("AWAY_FAULT_SOURCE_DIE", at));
+    }
+    if matches!(at, "streaming" | "after-verdict") {
+        // pages slowed down (50 ms a frame): a window to die in while they move
+        vars.push(("AWAY_FAULT_LAZY", "slow-after:0"));
+    }
+    for (k, v) in &vars {
+        std::env::set_var(k, v);
+    }
+    let c = CounterCluster::up("sc");
+    let (src, dst) = (c.src.clone(), c.dst.clone());
+    step("cluster up, the counter counts");
+    let id = c.migrate(mode, serde_json::json!({}));
     step("migration asked");
     if at == "broker" {
         // once the target holds its copy (the source holds before its commit)
-        wait_for(90, || (on_cluster_node(&info, &dst, "counter").as_deref() == Some("running")).then_some(()))
-            .expect("the target restored its copy");
-        let pidfile = std::path::Path::new("/run/away/cluster").join(&name).join("broker.pid");
+        away_e2e::wait_for(90, || {
+            (on_cluster_node(&c.info, &dst, "counter").as_deref() == Some("running")).then_some(())
+        })
+        .expect("the target restored its copy");
+        let pidfile = std::path::Path::new("/run/away/cluster").join(&c.name).join("broker.pid");
         let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
         assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
         step("the broker was killed");
-        std::env::remove_var(var);
+        for (k, _) in &vars {
+            std::env::remove_var(k);
+        }
         std::thread::sleep(std::time::Duration::from_secs(3));
-        away_cluster::start_broker(&name).expect("restart the broker");
+        away_cluster::start_broker(&c.name).expect("restart the broker");
     } else {
         // the source agent kills itself at the fault point: its API goes silent
+        let src_api = c.node(&src).api.clone();
         let api_down = || {
             let addr: std::net::SocketAddr = src_api.parse().unwrap();
             std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)).is_err()
         };
-        wait_for(90, || api_down().then_some(())).expect("the source agent died at the fault point");
-        let log = std::path::Path::new("/run/away/cluster").join(&name).join(&src).join("agent.log");
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        away_e2e::wait_for(90, || api_down().then_some(())).expect("the source agent died at the fault point");
+        let text = c.agent_log(&src);
         assert!(text.contains(&format!("AWAY_FAULT_SOURCE_DIE={at}")), "the fault did not fire at {at}:\n{text}");
-        // nothing runs the counter now (stopped on the source; on the target, at most the
-        // prepared copy)
-        assert_ne!(
-            on_cluster_node(&info, &src, "counter").as_deref(),
-            Some("running"),
-            "the source still runs the counter"
-        );
+        if mode == "staged" {
+            // nothing runs the counter now (stopped on the source; on the target, at
+            // most the prepared copy)
+            assert_ne!(
+                on_cluster_node(&c.info, &src, "counter").as_deref(),
+                Some("running"),
+                "the source still runs the counter"
+            );
+        }
         step("the source agent died");
-        std::env::remove_var("AWAY_FAULT_SOURCE_DIE");
+        for (k, _) in &vars {
+            std::env::remove_var(k);
+        }
         std::thread::sleep(std::time::Duration::from_secs(2));
-        away_cluster::restart_agent(&name, &src).expect("restart the source agent");
+        away_cluster::restart_agent(&c.name, &src).expect("restart the source agent");
     }
 
-    let ended = wait_for(150, || {
-        let (_, m) = broker_call(&info, reqwest::Method::GET, &format!("/v1/migrations/{id}"), None);
-        (m["state"].as_str().is_some_and(|s| s != "running" && s != "pending")).then_some(m)
-    })
-    .expect("the migration ends after the source's restart");
+    let ended = c.ended(&id, 150);
     step("the migration ended");
-    let (home, other) = match at {
-        "before-commit" | "broker" => {
-            assert_eq!(ended["state"], "succeeded", "{ended}");
-            (dst.clone(), src.clone())
+    // what the agents said of it (for a failure below)
+    for n in [&src, &dst] {
+        for line in c.agent_log(n).lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+            eprintln!("  {n}: {line}");
         }
-        _ => {
-            assert_eq!(ended["state"], "failed", "{ended}");
-            (src.clone(), dst.clone())
-        }
-    };
-    // exactly one instance, the same process going on
-    let after = wait_for(30, || cluster_counter_state(&ip(&home))).expect("the counter answers where it lives");
-    assert_eq!(after.1, before.1, "the counter restarted instead of going on");
-    assert!(after.0 >= before.0, "count went back: {} -> {}", before.0, after.0);
-    wait_for(30, || (on_cluster_node(&info, &other, "counter").is_none()).then_some(()))
-        .unwrap_or_else(|| panic!("{other} keeps a copy: {:?}", on_cluster_node(&info, &other, "counter")));
-    assert_eq!(on_cluster_node(&info, &home, "counter").as_deref(), Some("running"));
-    // the broker agrees
-    let w = wait_for(30, || {
-        let (_, w) = broker_call(&info, reqwest::Method::GET, "/v1/workloads/counter", None);
-        (w["node"].as_str() == Some(home.as_str())).then_some(w)
-    });
-    assert!(w.is_some(), "the broker does not place the counter on {home}");
-    // nothing left: no active checkpoint on the source (none at all after a commit), no
-    // spool on the target
-    let ck = state_dir(&info, &src).join("checkpoints");
-    assert!(entries(&ck.join("active")).is_empty(), "the source keeps an active checkpoint: {:?}", entries(&ck));
-    if at != "after-checkpoint" {
-        assert!(entries(&ck.join("failed")).is_empty(), "the source kept its checkpoint after the commit");
     }
-    let spool = entries(&state_dir(&info, &dst).join("transfers"));
-    assert!(spool.is_empty(), "the target kept transfer data: {spool:?}");
-    eprintln!("source killed at {at} (run {run}): {} on {home}, count {} -> {}", ended["state"], before.0, after.0);
+    let moved = moves_on(mode, at).unwrap_or(ended["state"] == "succeeded");
+    let home = if moved {
+        assert_eq!(ended["state"], "succeeded", "{ended}");
+        dst.clone()
+    } else {
+        assert_eq!(ended["state"], "failed", "{ended}");
+        src.clone()
+    };
+    let count = c.assert_one_instance_on(&home);
+    step("one instance, counting on");
+    eprintln!(
+        "{mode} source killed at {at} (run {run}): {} on {home}, count {} -> {count} ({:.0} s)",
+        ended["state"],
+        c.before.0,
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 fn ready() -> bool {
     require_root() && require_socket("/run/containerd/containerd.sock", "containerd")
+}
+
+fn full() -> bool {
+    std::env::var("AWAY_FAULT_MATRIX").as_deref() == Ok("full")
 }
 
 #[test]
@@ -164,12 +169,34 @@ fn a_source_agent_killed_in_its_move_finishes_it_when_it_starts_again() {
     if !ready() {
         return;
     }
-    let full = std::env::var("AWAY_FAULT_MATRIX").as_deref() == Ok("full");
     let cells: &[(&str, u32)] =
-        if full { &[("before-commit", 3), ("after-checkpoint", 3)] } else { &[("before-commit", 1)] };
+        if full() { &[("before-commit", 3), ("after-checkpoint", 3)] } else { &[("before-commit", 1)] };
     for (at, runs) in cells {
         for run in 0..*runs {
-            case(at, run);
+            case("staged", at, run);
+        }
+    }
+}
+
+/// Streamed and lazy moves: the page stream runs through the source agent's relay.
+#[test]
+fn a_source_agent_killed_in_a_streamed_or_lazy_move_leaves_one_instance() {
+    if !ready() {
+        return;
+    }
+    let cells: &[(&str, &str, u32)] = if full() {
+        &[
+            ("stop-copy", "streaming", 3),
+            ("stop-copy", "before-commit", 3),
+            ("lazy", "after-verdict", 3),
+            ("lazy", "before-commit", 3),
+        ]
+    } else {
+        &[("stop-copy", "before-commit", 1)]
+    };
+    for (mode, at, runs) in cells {
+        for run in 0..*runs {
+            case(mode, at, run);
         }
     }
 }
@@ -180,8 +207,8 @@ fn a_broker_killed_during_a_move_sees_it_end_when_it_is_back() {
     if !ready() {
         return;
     }
-    let runs = if std::env::var("AWAY_FAULT_MATRIX").as_deref() == Ok("full") { 3 } else { 1 };
+    let runs = if full() { 3 } else { 1 };
     for run in 0..runs {
-        case("broker", run);
+        case("staged", "broker", run);
     }
 }

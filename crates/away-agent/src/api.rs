@@ -224,8 +224,17 @@ async fn plan(
     let target = crate::client::AgentClient::from_agent(&agent, req.target_node.as_deref(), &req.target_api)
         .await
         .map_err(|e| Problem(ApiError::new(ErrorCode::Unavailable, e)))?;
-    let planning =
-        away_migrate::estimate::plan_container(&agent.node, &agent.config.name, &name, &target, mode, req.optimize);
+    let on_vm = matches!(agent.node.find(&name).await, Ok(Some((away_model::RuntimeKind::Qemu, _))));
+    let planning = async {
+        if on_vm {
+            // the way a broker-ordered VM move takes: pre-copy with QEMU's defaults
+            let opts = away_migrate::vm::VmMigrationOptions::default();
+            away_migrate::estimate::plan_vm(&agent.node, &agent.config.name, &name, &target, &opts, None).await
+        } else {
+            away_migrate::estimate::plan_container(&agent.node, &agent.config.name, &name, &target, mode, req.optimize)
+                .await
+        }
+    };
     let plan = tokio::time::timeout(away_migrate::estimate::PLAN_TIMEOUT, planning)
         .await
         .map_err(|_| {

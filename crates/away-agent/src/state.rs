@@ -361,6 +361,7 @@ mod tests {
         let m = OutgoingMove {
             transfer_id: "t1".into(),
             workload: "counter".into(),
+            kind: Default::default(),
             target_node: "b".into(),
             state: OutgoingState::Checkpointing,
             payload: "/x".into(),
@@ -368,6 +369,7 @@ mod tests {
             set_aside: None,
             lease_ms: None,
             at_ms: 1,
+            page_server: None,
         };
         {
             let st = AgentState::open(&path).unwrap();

@@ -283,13 +283,16 @@ async fn predict(
         }
     };
     let ram = opts.vm_ram.bytes();
-    let rss = source.status(name).await.ok().and_then(|s| s.pid).map(away_migrate::mode::resident_bytes).unwrap_or(ram);
+    // the guest's non-zero share, as away_migrate's VM plans measure it
+    let pid = source.status(name).await.ok().and_then(|s| s.pid);
+    let nonzero =
+        pid.and_then(|pid| away_migrate::estimate::sample_guest(pid, ram).ok()).map_or(1.0, |g| g.nonzero_fraction);
     let profile = planned.link.profile();
     let inputs = away_model::PredictionInputs {
         state_bytes: ram,
         // memload's pages: half random (what the container runs' samples show)
         compress_ratio: 0.5,
-        nonzero_fraction: (rss as f64 / ram as f64).clamp(0.0, 1.0),
+        nonzero_fraction: nonzero,
         dirty_bytes_per_s: dirty,
         link_bytes_per_s: profile.rate_bits_per_sec / 8.0,
         rtt_ms: profile.rtt().as_secs_f64() * 1e3,

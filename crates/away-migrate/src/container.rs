@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::ArchiveStore;
 use crate::compat;
-use crate::journal::{record_logged, MoveJournal, OutgoingMove, OutgoingState};
+use crate::journal::{record_logged, MoveJournal, MoveKind, OutgoingMove, OutgoingState, PageServer};
 use crate::target::{CommitOutcome, CommitPolicy, NoAnswer, TargetNode};
 use crate::transfer::{self, ReceivedPayload, SendOptions, Verdict};
 use crate::MigrateError;
@@ -220,6 +220,8 @@ async fn move_container(
     opts: &ContainerMigrationOptions,
     progress: ProgressFn,
 ) -> Result<MigrationReport, MigrateError> {
+    #[cfg(feature = "fault-injection")]
+    hold("BEFORE_FREEZE").await;
     let started = Instant::now();
     progress(Step::Checking);
     let (runtime, status) = node.get(name).await?;
@@ -308,6 +310,7 @@ async fn move_container(
     let mut journaled = OutgoingMove {
         transfer_id: transfer_id.clone(),
         workload: name.to_string(),
+        kind: MoveKind::Container,
         target_node: there.node.name.clone(),
         state: OutgoingState::Checkpointing,
         payload: payload.clone(),
@@ -315,6 +318,7 @@ async fn move_container(
         set_aside: None,
         lease_ms: None,
         at_ms: now_ms(),
+        page_server: None,
     };
     // on disk before anything stops: a source that cannot record the move does not start it
     if let Some(j) = journal {
@@ -380,6 +384,8 @@ async fn move_container(
     undo.journal = journal.map(|j| (j, journaled.clone()));
     #[cfg(feature = "fault-injection")]
     source_dies("after-checkpoint");
+    #[cfg(feature = "fault-injection")]
+    hold("AFTER_FREEZE").await;
 
     // 2. transfer; the target restores and answers
     let t = Instant::now();
@@ -424,7 +430,7 @@ async fn move_container(
     undo.journal = journal.map(|j| (j, journaled.clone()));
 
     #[cfg(feature = "fault-injection")]
-    hold_before_commit().await;
+    hold("BEFORE_COMMIT").await;
     #[cfg(feature = "fault-injection")]
     source_dies("before-commit");
     if opts.cancel.is_cancelled() {
@@ -540,23 +546,31 @@ async fn withdraw(target: &dyn TargetNode, transfer_id: &str, wait: Duration) ->
     }
 }
 
-/// Fault injection for the end-to-end tests (`AWAY_FAULT_HOLD_BEFORE_COMMIT=SECONDS`): the
-/// source waits this long between the target's "restored" and its commit (a window for a
-/// cancel to land in).
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_HOLD_<POINT>=SECONDS`): the
+/// source waits this long at that point of a move, a window for a test to land a fault
+/// in (a cancel, a link cut): `BEFORE_COMMIT` (between the target's "restored" and the
+/// commit of a staged move), `BEFORE_FREEZE` (a move of any mode, before its checks:
+/// nothing has stopped), `AFTER_FREEZE` (the workload stopped: after a staged move's
+/// checkpoint, or a lazy or streamed move's dump, before the payload leaves).
 #[cfg(feature = "fault-injection")]
-async fn hold_before_commit() {
-    if let Some(secs) = std::env::var("AWAY_FAULT_HOLD_BEFORE_COMMIT").ok().and_then(|s| s.parse::<u64>().ok()) {
-        tracing::warn!("AWAY_FAULT_HOLD_BEFORE_COMMIT={secs}: holding before the commit");
+async fn hold(point: &str) {
+    let var = format!("AWAY_FAULT_HOLD_{point}");
+    if let Some(secs) = std::env::var(&var).ok().and_then(|s| s.parse::<u64>().ok()) {
+        tracing::warn!("{var}={secs}: holding");
         tokio::time::sleep(Duration::from_secs(secs)).await;
     }
 }
 
-/// Fault injection for the end-to-end tests (`AWAY_FAULT_SOURCE_DIE=after-checkpoint` or
-/// `before-commit`): the source's process is SIGKILLed at that point of a staged move
-/// (after its checkpoint, before the payload leaves; after the target's "restored",
-/// before the commit), as a crash or the OOM killer would end it.
+/// Fault injection for the end-to-end tests (`AWAY_FAULT_SOURCE_DIE=POINT`): the source's
+/// process is SIGKILLed at that point of a move, as a crash or the OOM killer would end
+/// it. Staged: `after-checkpoint` (before the payload leaves), `before-commit` (after the
+/// target's "restored"). Lazy and streamed: `streaming` (once the target asked for pages,
+/// the relay moving them), `after-verdict` (the target's copy runs; lazy: its pages still
+/// come), `before-commit` (every page moved, CRIU ended the source process). VM moves:
+/// `vm-migrating` (QEMU's migration under way), `vm-before-confirm` (the destination
+/// complete and held, before the confirm).
 #[cfg(feature = "fault-injection")]
-fn source_dies(at: &str) {
+pub(crate) fn source_dies(at: &str) {
     if std::env::var("AWAY_FAULT_SOURCE_DIE").as_deref() == Ok(at) {
         tracing::error!("AWAY_FAULT_SOURCE_DIE={at}: the source is killed (SIGKILL)");
         let _ = away_runtime::host::process::signal(std::process::id(), away_runtime::host::process::Signal::KILL);
@@ -748,6 +762,34 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let payload = archives.create(name)?;
     let criu_port = away_runtime::host::free_loopback_port()
         .map_err(|e| MigrateError::Invalid(format!("no free port for CRIU's page server: {e}")))?;
+    // each step on disk before it is taken, as for a staged move: a source killed from
+    // here on is finished by its next start (`crate::journal::recover`), which asks the
+    // target and looks at the workload CRIU resumed or ended
+    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
+    let journal = opts.journal.as_deref();
+    let mut journaled = OutgoingMove {
+        transfer_id: transfer_id.clone(),
+        workload: name.to_string(),
+        kind: MoveKind::Container,
+        target_node: there.node.name.clone(),
+        state: OutgoingState::Checkpointing,
+        payload: payload.clone(),
+        archive: None,
+        set_aside: None,
+        lease_ms: None,
+        at_ms: now_ms(),
+        // where CRIU's page server will listen (the dump names the namespace for sure)
+        page_server: Some(PageServer {
+            netns: m.pid.map_or_else(|| "/proc/self/ns/net".into(), |p| format!("/proc/{p}/ns/net").into()),
+            addr: (std::net::Ipv4Addr::LOCALHOST, criu_port).into(),
+        }),
+    };
+    if let Some(j) = journal {
+        if let Err(e) = j.record(&journaled) {
+            let _ = archives.discard(&payload);
+            return Err(MigrateError::Invalid(format!("cannot journal move {transfer_id} of {name}: {e}")));
+        }
+    }
     let lazy_opts =
         away_runtime::LazyCheckpointOptions { dir: payload.join(CHECKPOINT_DIR), page_server_port: criu_port };
     // the runtime's own steps (Docker's) become the phase's parts
@@ -757,6 +799,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         Err(e) => {
             // CRIU thaws the process when its dump fails: say whether it runs
             archives.keep_failed(&payload);
+            record_logged(journal, &journaled.with_state(OutgoingState::Aborted));
             return Err(resumed_or_not(
                 runtime,
                 name,
@@ -766,6 +809,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             .await);
         }
     };
+    journaled.archive = Some(dump.archive.clone());
+    journaled.page_server = Some(PageServer { netns: dump.netns.clone(), addr: dump.page_server });
     // CRIU 4.2.1 as released leaves no page lazy when a thread's stack pointer sits on a
     // page boundary (its is_stack() compares the offsets in the page, not the pages;
     // deploy/install.sh builds CRIU mended). The move still works, as stop-and-copy
@@ -796,12 +841,16 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             let why = format!("the source cannot give up its name: {e}", e = ErrorChain(&e));
             dump.abort().await;
             archives.keep_failed(&payload);
+            record_logged(journal, &journaled.with_state(OutgoingState::Aborted));
             return Err(resumed_or_not(runtime, name, why, None).await);
         }
     };
     if set_aside.is_some() {
         parts.push(phase("step-aside", aside.elapsed()));
     }
+    journaled.set_aside = set_aside.clone();
+    journaled = journaled.with_state(OutgoingState::Checkpointing);
+    record_logged(journal, &journaled);
     let set_aside = set_aside.as_deref();
     let relay = match crate::lazy::SourceRelay::start(
         (local_ip, 0).into(),
@@ -819,6 +868,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             let why = format!("cannot start the page relay on {local_ip}: {e}", e = ErrorChain(&e));
             dump.abort().await;
             archives.keep_failed(&payload);
+            record_logged(journal, &journaled.with_state(OutgoingState::Aborted));
             return Err(resumed_aside(runtime, name, set_aside, why, None).await);
         }
     };
@@ -838,11 +888,13 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     };
     // Any failure until the target runs: CRIU resumes the source when told.
     let payload_ref = payload.as_path();
+    let aborted = &journaled.with_state(OutgoingState::Aborted);
     let give_up = |why: String, dump: away_runtime::LazyDump, relay: crate::lazy::SourceRelay| async move {
         progress(Step::RollingBack(why.clone()));
         let _ = relay.abort().await;
         let finished = dump.finish().await;
         archives.keep_failed(payload_ref);
+        record_logged(journal, aborted);
         resumed_aside(runtime, name, set_aside, why, finished.err()).await
     };
     let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
@@ -850,6 +902,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         return Err(give_up(format!("write the migration payload in {}: {e}", payload.display()), dump, relay).await);
     }
 
+    #[cfg(feature = "fault-injection")]
+    hold("AFTER_FREEZE").await;
     let counters = relay.counters.clone();
     let ticker = || {
         let bar = progress.clone();
@@ -868,13 +922,22 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     // a target that dies while pages move breaks the page link before any verdict:
     // give up then instead of waiting for its agent to come back
     let early = warming.await.ok();
-    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
     let send = send_payload(&there.transfer_addr, &payload, &manifest, opts, progress, early, &transfer_id);
     tokio::pin!(send);
     let sent = loop {
         tokio::select! {
             r = &mut send => break Some(r),
-            _ = tokio::time::sleep(Duration::from_millis(100)) => if relay.broken() { break None },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if relay.broken() {
+                    break None;
+                }
+                // (fault injection: killed while pages move, the relay's connection to
+                // CRIU is reset by the kernel)
+                #[cfg(feature = "fault-injection")]
+                if relay.counters.plain() > 0 {
+                    source_dies("streaming");
+                }
+            }
         }
     };
     if let Some(p) = pulling {
@@ -898,6 +961,12 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     };
     let detail = |key: &str| outcome.verdict.detail.get(key).and_then(|v| v.as_u64());
     let (restore_ms, pull_ms) = (detail("restore_ms").unwrap_or(0), detail("pull_ms").unwrap_or(0));
+    // streamed: the target's copy runs and is final (every page in, CRIU let go); lazy:
+    // it runs while its pages come
+    journaled = journaled.with_state(OutgoingState::Sent);
+    record_logged(journal, &journaled);
+    #[cfg(feature = "fault-injection")]
+    source_dies("after-verdict");
     let running_ms = detail("running_ms").or(detail("settle_ms")).unwrap_or(0);
     // the workload ran on the target from the end of its restore: the blackout ends
     // there, and the answer's trip back (half the round trip the connection took to
@@ -939,10 +1008,14 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             tracing::warn!(workload = name, "the target could not remove its partial copy: {ae}");
         }
         archives.keep_failed(&payload);
+        record_logged(journal, &journaled.with_state(OutgoingState::Aborted));
         return Err(resumed_aside(runtime, name, set_aside, why, None).await);
     }
 
     // every page moved and CRIU ended the source process: the target's copy is the one
+    #[cfg(feature = "fault-injection")]
+    source_dies("before-commit");
+    record_logged(journal, &journaled.with_state(OutgoingState::Committing));
     progress(Step::Committing);
     let t = Instant::now();
     if let Err(e) = target.commit(&outcome.transfer_id).await.and_then(|r| {
@@ -954,6 +1027,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     }
     phases.push(phase("commit", t.elapsed()));
     clean_source(runtime, name, set_aside.unwrap_or(name), archives, &payload, progress, &mut phases).await?;
+    record_logged(journal, &journaled.with_state(OutgoingState::Done));
     Ok(MigrationReport {
         workload: name.into(),
         mode: if streamed { MigrationMode::StopAndCopy } else { MigrationMode::Lazy },

@@ -61,11 +61,27 @@ impl OutgoingState {
     }
 }
 
+/// What moves: a container (its checkpoint), or a VM by QEMU live migration (QEMU to
+/// QEMU: the source's QEMU goes on migrating when the process driving it dies).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoveKind {
+    #[default]
+    Container,
+    /// Pre-copy: the destination is held paused until the commit, so the source may go back.
+    VmPrecopy,
+    /// Post-copy enabled: the destination runs from the switchover, the source never goes back.
+    VmPostcopy,
+}
+
 /// One outgoing move as the source records it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OutgoingMove {
     pub transfer_id: String,
     pub workload: String,
+    /// Older journals have no kind: their moves were containers'.
+    #[serde(default)]
+    pub kind: MoveKind,
     /// The target's node name.
     pub target_node: String,
     pub state: OutgoingState,
@@ -82,6 +98,22 @@ pub struct OutgoingMove {
     pub lease_ms: Option<u64>,
     /// When this state was written (Unix ms).
     pub at_ms: u64,
+    /// A lazy or streamed move: the memory goes through CRIU's page server, so the
+    /// checkpoint on disk is not complete and cannot be resumed from; CRIU resumes the
+    /// source itself when its page stream breaks ([`recover`] asks the target and looks
+    /// at the source's process instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_server: Option<PageServer>,
+}
+
+/// Where a lazy dump's CRIU serves pages: its address inside the workload's network
+/// namespace (`netns`, a path). A restarted source ends a dump whose page server still
+/// waits for its first connection (the source died before the target asked for a page)
+/// with a request cut short: CRIU then resumes the frozen workload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PageServer {
+    pub netns: PathBuf,
+    pub addr: std::net::SocketAddr,
 }
 
 impl OutgoingMove {
@@ -107,7 +139,8 @@ pub fn record_logged(journal: Option<&dyn MoveJournal>, m: &OutgoingMove) {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// Now, in Unix milliseconds (what journal entries are stamped with).
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -125,6 +158,9 @@ pub enum Recovered {
     Resumed(String),
     /// The workload never stopped (killed before its checkpoint): nothing to undo.
     NeverStopped,
+    /// The source's copy is gone and the target does not hold the workload (why): a VM
+    /// removed by hand while its move was open.
+    Gone(String),
 }
 
 /// What the restarted source does once the target answered, a pure decision.
@@ -170,6 +206,10 @@ pub async fn recover(
     journal: &dyn MoveJournal,
     retry: Duration,
 ) -> Result<Recovered, String> {
+    remove_send_spool(&m);
+    if m.page_server.is_some() {
+        return recover_paged(node, archives, target, m, journal, retry).await;
+    }
     let name = m.workload.clone();
     let record = |s: OutgoingState| record_logged(Some(journal), &m.with_state(s));
     // killed before the checkpoint stopped it: the workload runs as it did
@@ -205,34 +245,186 @@ pub async fn recover(
             }
             "the target never restored the move".into()
         }
-        NextStep::Commit => {
-            // the lease: the one the target gave, from its answer; cut before the answer,
-            // an assumed one from now (the target armed its own before this start)
-            let (lease, from_ms) = match (m.state, m.lease_ms) {
-                (OutgoingState::Checkpointing, _) | (_, None) => (ASSUMED_LEASE, now_ms()),
-                (_, Some(l)) => (Duration::from_millis(l), m.at_ms),
-            };
-            let answered_at = tokio::time::Instant::now()
-                .checked_sub(Duration::from_millis(now_ms().saturating_sub(from_ms)))
-                .unwrap_or_else(tokio::time::Instant::now);
-            let mut commit_sent = m.state == OutgoingState::Committing;
-            loop {
-                record(OutgoingState::Committing);
-                let policy = CommitPolicy { lease, retry: Duration::from_secs(1), give_up: retry, commit_sent };
-                match crate::target::commit_move(target, &m.transfer_id, answered_at, &policy).await {
-                    CommitOutcome::Committed => return clean_up(node, archives, &m, &archive, journal).await,
-                    CommitOutcome::Aborted(why) => break why,
-                    CommitOutcome::InDoubt(why) => {
-                        // never resume on time alone after a commit that may have arrived:
-                        // the checkpoint stays, the question goes on
-                        tracing::warn!(workload = %name, transfer = %m.transfer_id, "move still in doubt, asking again: {why}");
-                        commit_sent = true;
-                    }
+        NextStep::Commit => match commit_after_restart(target, &m, journal, retry).await {
+            Ok(()) => return clean_up(node, archives, &m, &archive, journal).await,
+            Err(why) => why,
+        },
+    };
+    resume(node, archives, &m, &archive, journal, why).await
+}
+
+/// Commit move `m`, left open by a previous run of its source, by the commit protocol:
+/// `Ok` once the target committed, `Err(why)` once it aborted (or its lease ran out with
+/// no commit delivered). While the target gives no definite answer after a commit that
+/// may have arrived, it asks again every `retry`, without end: never a second copy.
+pub(crate) async fn commit_after_restart(
+    target: &dyn TargetNode,
+    m: &OutgoingMove,
+    journal: &dyn MoveJournal,
+    retry: Duration,
+) -> Result<(), String> {
+    // the lease: the one the target gave, from its answer; cut before the answer, an
+    // assumed one from now (the target armed its own before this start)
+    let (lease, from_ms) = match (m.state, m.lease_ms) {
+        (OutgoingState::Checkpointing, _) | (_, None) => (ASSUMED_LEASE, now_ms()),
+        (_, Some(l)) => (Duration::from_millis(l), m.at_ms),
+    };
+    let answered_at = tokio::time::Instant::now()
+        .checked_sub(Duration::from_millis(now_ms().saturating_sub(from_ms)))
+        .unwrap_or_else(tokio::time::Instant::now);
+    let mut commit_sent = m.state == OutgoingState::Committing;
+    loop {
+        record_logged(Some(journal), &m.with_state(OutgoingState::Committing));
+        let policy = CommitPolicy { lease, retry: Duration::from_secs(1), give_up: retry, commit_sent };
+        match crate::target::commit_move(target, &m.transfer_id, answered_at, &policy).await {
+            CommitOutcome::Committed => return Ok(()),
+            CommitOutcome::Aborted(why) => return Err(why),
+            CommitOutcome::InDoubt(why) => {
+                // never resume on time alone after a commit that may have arrived: the
+                // source's copy stays, the question goes on
+                tracing::warn!(workload = %m.workload, transfer = %m.transfer_id, "move still in doubt, asking again: {why}");
+                commit_sent = true;
+            }
+        }
+    }
+}
+
+/// The tar the source's last run packed the move's payload into for sending, left behind
+/// when it was killed while it sent (beside the payload, named after the move).
+fn remove_send_spool(m: &OutgoingMove) {
+    let prefix = crate::transfer::send_spool_prefix(&m.transfer_id);
+    let Some(dir) = m.payload.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::info!(transfer = %m.transfer_id, "removed the send spool {} the last run left", e.path().display())
+                }
+                Err(err) => {
+                    tracing::warn!(transfer = %m.transfer_id, "cannot remove the send spool {}: {err}", e.path().display())
                 }
             }
         }
+    }
+}
+
+/// How often a restarted source asks again about a lazy or streamed move whose target
+/// still holds its copy as prepared (its page daemon ends it once the source is gone).
+const PAGED_POLL: Duration = Duration::from_secs(2);
+
+/// Finish a lazy or streamed move a previous run left open. Its memory went through
+/// CRIU's page server and the relay in the source's process: that process's death reset
+/// the relay's connection, and CRIU resumed the source, unless the target already had
+/// every page (its copy is then final, committed on the target, and CRIU ended the
+/// source process). There is no complete checkpoint to resume from: the target's word
+/// and the source's own process decide.
+async fn recover_paged(
+    node: &LocalNode,
+    archives: &ArchiveStore,
+    target: &dyn TargetNode,
+    m: OutgoingMove,
+    journal: &dyn MoveJournal,
+    retry: Duration,
+) -> Result<Recovered, String> {
+    let name = m.workload.clone();
+    if let Some(ps) = &m.page_server {
+        // killed before the target's first page request: CRIU still waits, the
+        // workload frozen; a request cut short makes it resume the workload
+        if poke_page_server(ps).await {
+            tracing::warn!(workload = %name, transfer = %m.transfer_id, "CRIU's page server still waited for the target: told it the move failed (the workload resumes)");
+        }
+    }
+    let Some(archive) = m.archive.clone() else {
+        // killed before CRIU's dump was done: it resumes the workload when it fails
+        if !runs(node, &name).await {
+            return Err(format!(
+                "{name} does not run and move {} has no checkpoint: its dump may still be under way",
+                m.transfer_id
+            ));
+        }
+        if let Err(e) = target.abort(&m.transfer_id).await {
+            tracing::info!(transfer = %m.transfer_id, "the target had nothing of the move to remove: {e}");
+        }
+        archives.keep_failed(&m.payload);
+        record_logged(Some(journal), &m.with_state(OutgoingState::Aborted));
+        return Ok(Recovered::NeverStopped);
     };
-    resume(node, archives, &m, &archive, journal, why).await
+    let here = m.set_aside.clone().unwrap_or_else(|| name.clone());
+    loop {
+        let answer = target.move_state(&m.transfer_id).await;
+        let state = match answer {
+            Ok(r) => r.map(|r| r.state),
+            Err(e) => {
+                tracing::warn!(transfer = %m.transfer_id, "cannot ask the target what became of the move: {e}");
+                tokio::time::sleep(retry).await;
+                continue;
+            }
+        };
+        tracing::info!(workload = %name, transfer = %m.transfer_id, state = m.state.as_str(), target_says = ?state, "finishing a lazy or streamed move the source's last run left open");
+        match state {
+            // every page arrived: the target's copy is the workload; the source's
+            // container goes (stopped by CRIU; or resumed by it in the instant after the
+            // last page, a second instance the target's word ends)
+            Some(MoveState::Committed) => {
+                if runs(node, &here).await {
+                    tracing::warn!(workload = %name, transfer = %m.transfer_id, "CRIU resumed the source after the target had every page (the source died in that instant): the target's copy stays, the source's goes");
+                }
+                return clean_up(node, archives, &m, &archive, journal).await;
+            }
+            // a copy still held while its pages come: without the source its page
+            // daemon fails and the copy goes
+            Some(MoveState::Prepared) => tokio::time::sleep(PAGED_POLL).await,
+            Some(MoveState::Aborted) | None => {
+                if !runs(node, &here).await {
+                    // CRIU takes a moment to resume after the reset
+                    tokio::time::sleep(PAGED_POLL).await;
+                }
+                if !runs(node, &here).await {
+                    return Err(format!(
+                        "{name} does not run on the source and target {} has no copy of move {}: \
+                         CRIU neither resumed it nor handed it over",
+                        m.target_node, m.transfer_id
+                    ));
+                }
+                if let Some(aside) = &m.set_aside {
+                    let runtime = node.runtime(archive.runtime).map_err(|e| ErrorChain(&e).to_string())?;
+                    if let Err(e) = runtime.step_back(aside, &name).await {
+                        tracing::warn!(workload = %name, "the source keeps its temporary name {aside}: {e}", e = ErrorChain(&e));
+                    }
+                }
+                archives.keep_failed(&m.payload);
+                record_logged(Some(journal), &m.with_state(OutgoingState::Aborted));
+                return Ok(Recovered::Resumed(format!(
+                    "the page stream to {} broke with the source's last run: CRIU resumed {name} on the source, the target has no copy",
+                    m.target_node
+                )));
+            }
+        }
+    }
+}
+
+/// Send CRIU's page server `ps` a request cut short, if it still takes a connection:
+/// true when it did (CRIU then fails the dump and resumes the workload).
+async fn poke_page_server(ps: &PageServer) -> bool {
+    let (netns, addr) = (ps.netns.clone(), ps.addr);
+    let poked = tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || -> std::io::Result<()> {
+            // setns moves only this thread, which ends right after. A namespace named
+            // by a process that is gone (the dead agent's own, for overlay workloads) is
+            // this node's: the one this process runs in
+            if let Ok(ns) = std::fs::File::open(&netns) {
+                away_runtime::host::process::enter_network_namespace(&ns)?;
+            }
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            std::io::Write::write_all(&mut &s, &away_runtime::CRIU_PAGE_SERVER_ABORT)?;
+            s.shutdown(std::net::Shutdown::Write)
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("page server poke panicked"))?
+    })
+    .await;
+    matches!(poked, Ok(Ok(())))
 }
 
 async fn runs(node: &LocalNode, name: &str) -> bool {

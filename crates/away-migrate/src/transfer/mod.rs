@@ -82,7 +82,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use receive::{serve, Authorize, Claim, ReceiveOptions, ReceivedPayload, Receiver, DEFAULT_MAX_PAYLOAD_BYTES};
-pub use send::{new_transfer_id, send, send_on, warm_up};
+pub use send::{new_transfer_id, send, send_on, send_spool_prefix, warm_up};
 
 /// How each chunk is compressed on the wire. Parsed from and printed as `none`, `zstd`,
 /// `zstd:<1-22>`, `gzip` or `gzip:<0-9>` (the CLI `--compression` flag).

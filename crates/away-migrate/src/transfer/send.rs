@@ -111,9 +111,12 @@ pub async fn send_on(
         .unwrap_or_else(|| PathBuf::from("."));
     let dir_owned = dir.to_path_buf();
     let exclude = opts.exclude.clone();
+    // named after the move: a source killed while it sends leaves it behind, and its
+    // next start removes it by the move's id (`crate::journal::recover`)
+    let prefix = send_spool_prefix(&transfer_id);
     let (spool, total, sha) = tokio::task::spawn_blocking(move || {
         let mut spool = tempfile::Builder::new()
-            .prefix(".away-send-")
+            .prefix(&prefix)
             .suffix(".tar")
             .tempfile_in(&spool_parent)
             .map_err(|source| TransferError::Io { path: spool_parent.clone(), source })?;
@@ -488,4 +491,10 @@ async fn write_chunks(
             return Err(ConnError::Cut);
         }
     }
+}
+
+/// The beginning of the name of the tar a sender packs transfer `transfer_id` into (in
+/// the payload's parent directory unless `spool_dir` says otherwise).
+pub fn send_spool_prefix(transfer_id: &str) -> String {
+    format!(".away-send-{transfer_id}-")
 }

@@ -37,6 +37,7 @@ mod destination;
 pub mod disk;
 mod info;
 mod options;
+mod recover;
 mod source;
 mod tls;
 
@@ -52,6 +53,7 @@ pub use destination::{copy_base, prepare_destination, Destination, LocalVmTarget
 pub use disk::DiskMirror;
 pub use info::{VmMigrationOutcome, VmProgress};
 pub use options::{VmMigrationOptions, DEFAULT_VM_COMMIT_WAIT};
+pub use recover::recover_source;
 pub use source::{live_migrate, live_migrate_with_disk};
 use source::{quit_source, read_record, resume_source};
 pub use tls::VmTls;
@@ -369,6 +371,8 @@ pub async fn migrate_vm_to(
         }
     };
     // commit: a held destination starts only now; the answer decides which VM stays
+    #[cfg(feature = "fault-injection")]
+    crate::container::source_dies("vm-before-confirm");
     let (placed, resumed_at) = match dest.confirm().await {
         VmCommit::Committed { placed, resumed_at: started } => (placed, started.unwrap_or(resumed_at)),
         // held (pre-copy only): the destination never ran. Not `outcome.postcopy`: a move
@@ -444,6 +448,11 @@ pub async fn migrate_vm_to(
     );
     tracing::info!(workload = name, "vm migrated: {}", report.reason);
     Ok((report, outcome))
+}
+
+/// The spec VM `name` runs with (its record on this node).
+pub fn guest_spec(source: &QemuRuntime, name: &str) -> Result<away_model::WorkloadSpec, VmMigrateError> {
+    read_record(source, name).map(|r| r.spec)
 }
 
 fn phase_of(name: &str, started: Instant) -> MigrationPhase {
