@@ -806,6 +806,8 @@ fn target_disk_full_during_the_mirror_leaves_the_source_running_on_its_disk() {
         chain.contains("disk mirror") && chain.contains("No space left on device"),
         "not the mirror failed: {chain}"
     );
-    assert!(tmpfs.free() >= free, "space of the destination is still taken: {} < {free}", tmpfs.free());
+    // the destination's QEMU may take a moment to exit and let go of its deleted overlay
+    let freed = wait_for(15, || (tmpfs.free() >= free).then_some(()));
+    assert!(freed.is_some(), "space of the destination is still taken: {} < {free}", tmpfs.free());
     h.block(h.a.remove(&name)).unwrap();
 }
