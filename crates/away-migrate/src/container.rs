@@ -551,9 +551,11 @@ async fn withdraw(target: &dyn TargetNode, transfer_id: &str, wait: Duration) ->
 /// in (a cancel, a link cut): `BEFORE_COMMIT` (between the target's "restored" and the
 /// commit of a staged move), `BEFORE_FREEZE` (a move of any mode, before its checks:
 /// nothing has stopped), `AFTER_FREEZE` (the workload stopped: after a staged move's
-/// checkpoint, or a lazy or streamed move's dump, before the payload leaves).
+/// checkpoint, or a lazy or streamed move's dump, before the payload leaves);
+/// `BEFORE_CONFIRM` (a VM move: the destination holds the complete guest, before the
+/// source's confirm).
 #[cfg(feature = "fault-injection")]
-async fn hold(point: &str) {
+pub(crate) async fn hold(point: &str) {
     let var = format!("AWAY_FAULT_HOLD_{point}");
     if let Some(secs) = std::env::var(&var).ok().and_then(|s| s.parse::<u64>().ok()) {
         tracing::warn!("{var}={secs}: holding");

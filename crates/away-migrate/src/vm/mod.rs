@@ -372,7 +372,10 @@ pub async fn migrate_vm_to(
     };
     // commit: a held destination starts only now; the answer decides which VM stays
     #[cfg(feature = "fault-injection")]
-    crate::container::source_dies("vm-before-confirm");
+    {
+        crate::container::hold("BEFORE_CONFIRM").await;
+        crate::container::source_dies("vm-before-confirm");
+    }
     let (placed, resumed_at) = match dest.confirm().await {
         VmCommit::Committed { placed, resumed_at: started } => (placed, started.unwrap_or(resumed_at)),
         // held (pre-copy only): the destination never ran. Not `outcome.postcopy`: a move
