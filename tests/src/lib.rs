@@ -765,3 +765,41 @@ impl Steps {
         self.0.elapsed().as_secs_f64()
     }
 }
+
+/// A tmpfs of `size` mounted on `dir` (created), unmounted when dropped: a small disk to
+/// fill for the disk-full fault cases.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mount a tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Bytes still free on it.
+    pub fn free(&self) -> u64 {
+        let out = Command::new("df").args(["--output=avail", "-B1"]).arg(&self.0).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap()
+    }
+
+    /// Fill it up but for `leave` bytes with the file `name` (allocated for real: tmpfs
+    /// has no holes to fall back on).
+    pub fn fill(&self, name: &str, leave: u64) {
+        let fill = self.free().saturating_sub(leave);
+        let path = self.0.join(name);
+        let ok = Command::new("fallocate").args(["-l", &fill.to_string()]).arg(&path).status();
+        assert!(ok.is_ok_and(|s| s.success()), "fallocate {}", path.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

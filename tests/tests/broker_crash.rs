@@ -106,6 +106,7 @@ fn node(name: &str) -> NodeInfo {
         hypervisor: None,
         link: None,
         labels: Default::default(),
+        disk_bases: Default::default(),
     }
 }
 

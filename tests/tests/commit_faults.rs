@@ -564,3 +564,172 @@ fn agent_get_ok(agent: &TargetAgent) -> bool {
 fn a_full_disk_on_the_target_fails_the_move_cleanly() {
     each_cell(case_disk_full);
 }
+
+/// The source's `away migrate` of a VM SIGKILLed in the middle of its move
+/// (`AWAY_FAULT_SOURCE_DIE`, docs/reliability.md, "The source's journal"). QEMU's
+/// migration is QEMU to QEMU: it goes on without the process that started it.
+/// * `vm-migrating` (killed while RAM is copied), `away migrate --recover` at once: it
+///   waits for QEMU's migration to complete, finds the destination held, and commits:
+///   the VM runs on the target, the source's QEMU is gone;
+/// * `vm-before-confirm` (the destination complete and held), the source node's agent
+///   started once the target's lease ran out (an agent finishes the node's open moves
+///   when it starts): the target removed its destination (aborted), so the source's
+///   paused VM runs again.
+///
+/// With `--postcopy` the destination is not held: it runs from the migration's end (the
+/// source, killed, never asked for the switch, so pre-copy completed) and the target
+/// commits at once; the recovery finds it committed and removes the source's QEMU,
+/// whichever point the source died at.
+///
+/// Before the journal the VM ran nowhere after a pre-copy one (the source paused after
+/// its migration completed, the destination removed by its lease), and nothing resumed
+/// it.
+fn case_vm_source_dies(at: &str, postcopy: bool, run: u32) {
+    use std::os::unix::process::ExitStatusExt;
+    // short: QMP's socket path under the test's run dir must stay under 108 bytes
+    let point = if at == "vm-migrating" { "mig" } else { "conf" };
+    let test = format!("vs-{point}-{}-{run}", if postcopy { "post" } else { "pre" });
+    let agent = TargetAgent::start(&test, &[]);
+    let source = node("source", &test);
+    let w = source.start_counter(&agent.node, format!("cf-{test}-{}", std::process::id()), "qemu");
+    let before = wait_for(120, || state(w.port).filter(|s| s.0 >= 5)).expect("the counter VM answers");
+    let ports = format!("{}:{}", w.port, w.target_port);
+    let mut args = vec!["migrate", &w.name, "--to", &agent.api, "--target-port", &ports, "--json"];
+    if postcopy {
+        args.push("--postcopy");
+    }
+    let out = w.source.cmd(&args).env("AWAY_FAULT_SOURCE_DIE", at).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(9), "the source's away migrate was not killed at {at}: {err}");
+    let id = format!("vm-{}", w.name);
+    let record = || -> Value {
+        away_e2e::agent_get(&format!("http://{}/v1/transfers/{id}", agent.api))
+            .and_then(|r| r.json().ok())
+            .unwrap_or(Value::Null)
+    };
+    let moved = at == "vm-migrating" || postcopy;
+    if !moved {
+        // the held destination never ran; its lease removes it
+        assert!(state(w.target_port).is_none(), "the held destination runs before its commit");
+        let aborted = wait_for(60, || (record()["state"] == "aborted").then_some(()));
+        assert!(aborted.is_some(), "the target's lease did not remove the destination: {}", record());
+        assert!(state(w.port).is_none(), "the source runs before anyone resumed it");
+    }
+    let mut source_agent = None;
+    if at == "vm-migrating" {
+        let (ok, stdout, stderr) = source.away(&["migrate", "--recover", "--json"]);
+        assert!(ok, "away migrate --recover failed:\n{stdout}\n{stderr}");
+        let ended: Value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+        eprintln!("recover: {ended}");
+        assert_eq!(ended[0]["transfer_id"], id.as_str(), "{ended}");
+        assert_eq!(ended[0]["outcome"], "migration-finished", "{ended}");
+    } else {
+        let (api, transfer) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let log = agent.log.with_file_name(format!("source-agent-{test}-{}.log", std::process::id()));
+        source_agent = Some(KillOnDrop(spawn_agent(&source, "source", &api, &transfer, &[], &log, false)));
+    }
+    let (on, other, port) = if moved { (&agent.node, &source, w.target_port) } else { (&source, &agent.node, w.port) };
+    let after = wait_for(60, || state(port)).expect("the counter VM answers where it should run");
+    assert_eq!(after.1, before.1, "the guest restarted instead of moving");
+    assert!(after.0 >= before.0, "count went back: {} -> {}", before.0, after.0);
+    eprintln!("count {} -> {} on {}", before.0, after.0, if moved { "the target" } else { "the source" });
+    assert_eq!(running(on, &w.name), 1, "the VM does not run where it should");
+    assert_eq!(running(other, &w.name), 0, "the VM runs on both nodes");
+    assert!(!other.run.join("qemu").join(&w.name).exists(), "a VM directory was left on the other node");
+    assert_eq!(record()["state"], if moved { "committed" } else { "aborted" }, "{}", record());
+    // the journal has nothing open any more
+    let open = wait_for(10, || {
+        let (ok, stdout, _) = source.away(&["migrate", "--recover", "--json"]);
+        (ok && stdout.trim() == "[]").then_some(())
+    });
+    assert!(open.is_some(), "a move stayed open in the source's journal");
+    drop(source_agent);
+}
+
+/// A child process killed (by its PID) when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A VM's source killed mid-move: killed in its migration in CI, both points in the lab run.
+#[test]
+fn a_vm_source_killed_mid_move_is_finished_from_its_journal() {
+    if !away_e2e::require_vm_host() {
+        return;
+    }
+    let cells: &[(&str, bool)] = if full_matrix() {
+        &[("vm-migrating", false), ("vm-before-confirm", false), ("vm-migrating", true), ("vm-before-confirm", true)]
+    } else {
+        &[("vm-migrating", false)]
+    };
+    for &(at, postcopy) in cells {
+        for run in 0..if full_matrix() { 3 } else { 1 } {
+            case_vm_source_dies(at, postcopy, run);
+        }
+    }
+}
+
+/// `away migrate` of a container, run by hand, SIGKILLed in its move
+/// (`AWAY_FAULT_SOURCE_DIE`): its steps are in the node's journal, and `away migrate
+/// --recover` finishes the move:
+/// * `before-commit` (the target holds its copy as prepared, no commit sent): the
+///   recovery commits within the lease; the copy on the target runs, the source's
+///   stopped container and checkpoint are gone;
+/// * `after-checkpoint` (stopped and checkpointed, nothing sent): the target knows no
+///   such move; the recovery resumes the counter from its checkpoint (kept as failed).
+///
+/// Before the journal both left the counter stopped with its checkpoint for nobody.
+fn case_cli_source_dies(runtime: &str, run: u32, at: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let test = format!("cli-{at}-{runtime}-{run}");
+    let agent = TargetAgent::start(&test, &[]);
+    let source = node("source", &test);
+    let w = start_counter(&source, &agent.node, &test, runtime);
+    let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
+    let out = migrate(&w, &agent, &[("AWAY_FAULT_SOURCE_DIE", at)]).wait_with_output().unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "away migrate was not killed at {at}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if at == "after-checkpoint" {
+        // (before the commit the target's prepared copy answers on the same port: one host)
+        assert!(state(w.port).is_none(), "the source runs on after its checkpoint");
+    }
+    let (ok, stdout, stderr) = source.away(&["migrate", "--recover", "--json"]);
+    assert!(ok, "away migrate --recover failed:\n{stdout}\n{stderr}");
+    let ended: Value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    eprintln!("recover: {ended}");
+    let moved = at == "before-commit";
+    assert_eq!(ended[0]["outcome"], if moved { "migration-finished" } else { "migration-failed" }, "{ended}");
+    if moved {
+        assert_one_instance(&agent.node, &source, &w, before, runtime);
+        assert!(source_archives(&source).is_empty(), "the source kept its checkpoint after the commit");
+        let record = move_record(&agent).expect("the target answers what became of the move");
+        assert_eq!(record["state"], "committed", "{record}");
+    } else {
+        assert_one_instance(&source, &agent.node, &w, before, runtime);
+        let kept = source_archives(&source);
+        assert!(kept.len() == 1 && kept[0]["state"] == "failed", "{kept:?}");
+        let _ = source.away(&["archives", "prune", "--keep", "0B"]);
+    }
+    assert_no_spool(&agent.node);
+    let (ok, stdout, _) = source.away(&["migrate", "--recover", "--json"]);
+    assert!(ok && stdout.trim() == "[]", "a move stayed open: {stdout}");
+}
+
+#[test]
+fn a_killed_away_migrate_is_finished_by_recover() {
+    each_cell(|runtime, run| {
+        case_cli_source_dies(runtime, run, "before-commit");
+        if full_matrix() {
+            case_cli_source_dies(runtime, run, "after-checkpoint");
+        }
+    });
+}

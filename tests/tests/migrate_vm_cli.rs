@@ -91,6 +91,22 @@ fn vm_moves_to_another_agent_and_keeps_counting() {
     assert!(out.status.success(), "run --vm: {}", String::from_utf8_lossy(&out.stderr));
     let before = wait_for(120, || state(port).filter(|s| s.0 >= 5)).expect("the counter VM answers");
 
+    // --plan: measured and predicted, nothing moves
+    let mut plan = Command::new(away_bin());
+    env(&mut plan, "source");
+    let out = plan.args(["migrate", &name, "--to", &format!("127.0.0.1:{api}"), "--plan", "--json"]).output().unwrap();
+    assert!(out.status.success(), "migrate --plan: {}", String::from_utf8_lossy(&out.stderr));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("plan: {plan}");
+    assert_eq!(plan["chosen"], "vm-precopy", "{plan}");
+    assert_eq!(plan["inputs"]["state_bytes"], 128u64 << 20, "{plan}");
+    assert!(plan["inputs"]["sources"]["dirty_bytes_per_s"].as_str().unwrap().contains("calc-dirty-rate"), "{plan}");
+    let kinds: Vec<&str> = plan["predictions"].as_array().unwrap().iter().filter_map(|p| p["kind"].as_str()).collect();
+    assert_eq!(kinds.len(), 4, "{plan}");
+    assert!(plan["predictions"].as_array().unwrap().iter().all(|p| p["total_ms"].as_u64().unwrap() > 0), "{plan}");
+    let still = state(port).expect("the VM runs on the source after --plan");
+    assert_eq!(still.1, before.1, "--plan restarted the guest");
+
     let mut mig = Command::new(away_bin());
     env(&mut mig, "source");
     let out = mig
@@ -113,6 +129,8 @@ fn vm_moves_to_another_agent_and_keeps_counting() {
     assert!(report["downtime_millis"].as_u64().unwrap() > 0);
     assert!(report["bytes_wire"].as_u64().unwrap() > 0);
     assert!(report["reason"].as_str().unwrap().contains("QEMU live migration"), "{report}");
+    // predicted before the move, next to what was measured
+    assert_eq!(report["predicted"]["kind"], "vm-precopy", "{report}");
 
     let after = wait_for(30, || state(target_port)).expect("the VM answers on the target's port");
     assert_eq!(after.1, before.1, "the guest restarted instead of moving");

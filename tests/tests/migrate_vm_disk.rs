@@ -5,16 +5,17 @@
 //!
 //! Two QEMU runtimes on this host stand in for two nodes (as in migrate_vm.rs), each
 //! with its own disk store: the destination's store lacks the base at first, so the
-//! move copies it. VM tests take a shared lock: under TCG two cores boot one guest at a
-//! time well.
+//! move copies it. The last test moves a VM with its disk between two nodes of an
+//! `away cluster` (real agents and broker, mutual TLS) the way users do. VM tests take a
+//! shared lock: under TCG two cores boot one guest at a time well.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use away_e2e::{require_vm_host, wait_for, workspace_root};
-use away_migrate::vm::{VmMigrateError, VmMigrationOptions};
-use away_model::{ByteSize, DiskSpec, Resources, WorkloadSpec, WorkloadState};
+use away_migrate::vm::{LocalTls, LocalVmTarget, VmMigrateError, VmMigrationOptions, VmTarget, VmTls};
+use away_model::{ByteSize, DiskSpec, Resources, Tier, WorkloadSpec, WorkloadState};
 use away_runtime::host::HostPaths;
 use away_runtime::qemu::QemuRuntime;
 use away_runtime::store::{read_resolved, ResolvedImage};
@@ -198,7 +199,8 @@ echo "diskwriter: done"
 $B sleep 100000
 "#;
 
-fn writer_image() -> ResolvedImage {
+/// The writer's build context (a Containerfile and the script).
+fn writer_context() -> PathBuf {
     let ctx = out_dir().join("diskwriter-ctx");
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(ctx.join("diskwriter.sh"), WRITER).unwrap();
@@ -210,7 +212,11 @@ fn writer_image() -> ResolvedImage {
         ),
     )
     .unwrap();
-    build(&ctx, "away-e2e/diskwriter:disk", None).0
+    ctx
+}
+
+fn writer_image() -> ResolvedImage {
+    build(&writer_context(), "away-e2e/diskwriter:disk", None).0
 }
 
 /// The sha256 the guest must print for blocks 0..n.
@@ -240,9 +246,9 @@ fn sums(serial: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
-/// An empty 256 MiB qcow2 base in node a's store, two node identities from one CA.
-fn base_and_tls(h: &Harness) -> (DiskSpec, away_migrate::vm::DiskTls) {
-    let base = h.dir.path().join("blank.qcow2");
+/// An empty 256 MiB qcow2 base (in `dir`).
+fn blank_base(dir: &Path) -> PathBuf {
+    let base = dir.join("blank.qcow2");
     let ok = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&base)
@@ -250,53 +256,55 @@ fn base_and_tls(h: &Harness) -> (DiskSpec, away_migrate::vm::DiskTls) {
         .status()
         .unwrap();
     assert!(ok.success());
-    let imported = h.a.disk_store().import(&base).unwrap();
-    let ca = away_identity::Ca::load_or_create(&h.dir.path().join("ca")).unwrap();
-    let ids: Vec<PathBuf> = ["node-a", "node-b"]
-        .iter()
-        .map(|n| {
-            let dir = h.dir.path().join(format!("id-{n}"));
-            ca.issue_self(n, &[]).unwrap().save(&dir).unwrap();
-            dir
-        })
-        .collect();
-    let disk = DiskSpec { base: imported.digest, size: ByteSize::mib(256), mount: None };
-    let tls = away_migrate::vm::DiskTls {
-        source_identity: ids[0].clone(),
-        target_identity: ids[1].clone(),
-        target_node: "node-b".into(),
-        source_node: "node-a".into(),
-    };
-    (disk, tls)
+    base
 }
 
-fn move_opts(tls: away_migrate::vm::DiskTls) -> VmMigrationOptions {
+/// Node identities from one CA: node-a's and node-b's TLS for a move from a to b, and
+/// node-a's identity directory (for an NBD client of its own).
+struct Nodes {
+    tls: LocalTls,
+    /// The way back: from b to a.
+    back: LocalTls,
+    source_dir: PathBuf,
+}
+
+/// An empty 256 MiB qcow2 base in node a's store, two node identities from one CA.
+fn base_and_tls(h: &Harness) -> (DiskSpec, Nodes) {
+    let imported = h.a.disk_store().import(&blank_base(h.dir.path())).unwrap();
+    let ca = away_identity::Ca::load_or_create(&h.dir.path().join("ca")).unwrap();
+    let id = |n: &str| {
+        let id = ca.issue_self(n, &[]).unwrap();
+        let dir = h.dir.path().join(format!("id-{n}"));
+        id.save(&dir).unwrap();
+        (std::sync::Arc::new(id), dir)
+    };
+    let ((a, source_dir), (b, _)) = (id("node-a"), id("node-b"));
+    let disk = DiskSpec { base: imported.digest, size: ByteSize::mib(256), mount: None };
+    let tls = LocalTls {
+        source: VmTls::new(a.clone(), "node-b").unwrap(),
+        destination: VmTls::new(b.clone(), "node-a").unwrap(),
+    };
+    let back = LocalTls { source: VmTls::new(b, "node-a").unwrap(), destination: VmTls::new(a, "node-b").unwrap() };
+    (disk, Nodes { tls, back, source_dir })
+}
+
+fn move_opts() -> VmMigrationOptions {
     VmMigrationOptions {
         listen_host: "127.0.0.1".into(),
         target_host: "127.0.0.1".into(),
         timeout: Duration::from_secs(120),
         disk_port: away_e2e::free_port(),
-        disk_tls: Some(tls),
         ..Default::default()
     }
 }
 
-/// A VM writes a known pattern to its 256 MiB disk, keeps writing while it moves from
-/// node a to node b (the base copied to b's store, the overlay mirrored over NBD with
-/// TLS while RAM migrates), and on b every block written before and during the move
-/// reads back right (the guest's checksum of what is on its disk against the writes'
-/// log); a's VM, overlay and b's export are gone.
-#[test]
-fn vm_disk_moves_live_with_every_block_it_wrote() {
-    if !ready() {
-        return;
-    }
-    let _l = vm_lock();
-    let h = Harness::new();
+/// The writer VM on node a with a 256 MiB disk on an empty base (node identities of one
+/// CA for its moves), once it wrote and summed its first FAST blocks, right: (its image,
+/// disk, the nodes' TLS, its name).
+fn writing_vm(h: &Harness, prefix: &str) -> (ResolvedImage, DiskSpec, Nodes, String) {
     let image = writer_image();
-    let (disk, tls) = base_and_tls(&h);
-    assert!(!h.b.disk_store().contains(&disk.base));
-    let name = unique("dmove");
+    let (disk, nodes) = base_and_tls(h);
+    let name = unique(prefix);
     let t0 = Instant::now();
     h.block(h.a.run(&RunRequest { spec: vm_spec(&name, 128, disk.clone()), image: image.clone() }))
         .unwrap_or_else(|e| panic!("run {name}: {e}"));
@@ -304,17 +312,86 @@ fn vm_disk_moves_live_with_every_block_it_wrote() {
         .unwrap_or_else(|| panic!("the writer never reached {FAST} blocks; serial:\n{}", Harness::serial(&h.a, &name)));
     eprintln!("{} blocks written and summed on a {:.1} s after run", first.0, t0.elapsed().as_secs_f64());
     assert_eq!(first.1, expected_sum(first.0), "the guest's own sum before the move");
+    (image, disk, nodes, name)
+}
 
-    let opts = move_opts(tls);
-    let disk_port = opts.disk_port;
-    let before = *wrote(&Harness::serial(&h.a, &name)).last().unwrap();
-    let during = std::sync::atomic::AtomicU64::new(before);
-    let serial_a = h.a.files(&name).serial_log();
-    let t1 = Instant::now();
+/// No QEMU listens on 127.0.0.1:`port` (a destination's disk export). The port was free
+/// when the test chose it, so another process (other tests run beside these) may have
+/// taken it since: that is told, not failed.
+fn assert_closed(port: u16) {
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        let ss = std::process::Command::new("ss").args(["-ltnp", &format!("sport = :{port}")]).output().unwrap();
+        let who = String::from_utf8_lossy(&ss.stdout).into_owned();
+        assert!(!who.contains("qemu"), "a qemu still exports on the disk port {port}:\n{who}");
+        eprintln!("note: port {port} was taken by another process since:\n{who}");
+    }
+}
+
+/// Move the writing VM `name` from a to b, which must fail: the move is rolled back,
+/// nothing of the destination is left (state directory, overlay, export), and the
+/// source runs on on its own disk, writing on with right sums. Returns the error.
+fn failed_move_keeps_the_source(
+    h: &Harness,
+    name: &str,
+    image: &ResolvedImage,
+    opts: &VmMigrationOptions,
+    tls: &LocalTls,
+) -> VmMigrateError {
     let listen = away_e2e::free_port();
-    let report = h
-        .block(away_migrate::vm::migrate_vm(&h.a, &h.b, &name, &image, listen, &opts, |p| {
-            let w = wrote(&std::fs::read_to_string(&serial_a).unwrap_or_default()).last().copied().unwrap_or(0);
+    let err = h
+        .block(away_migrate::vm::migrate_vm_detailed(&h.a, &h.b, name, image, listen, opts, Some(tls), |_| {}))
+        .expect_err("the move must fail");
+    eprintln!("move failed as it should: {}", away_model::error_chain(&err));
+    assert!(matches!(err, VmMigrateError::Aborted { .. }), "{err:?}");
+    assert!(!h.b.files(name).dir.exists(), "the destination's state dir (overlay) is left");
+    assert!(away_e2e::qemu_pids_in(&h.b.files(name).dir).is_empty(), "the destination's qemu still runs");
+    assert_closed(opts.disk_port);
+    assert_eq!(h.block(h.a.status(name)).unwrap().state, WorkloadState::Running);
+    let last = *wrote(&Harness::serial(&h.a, name)).last().unwrap();
+    let (n, sum) = wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, name)).into_iter().find(|(n, _)| *n > last))
+        .unwrap_or_else(|| panic!("the source stopped writing; serial:\n{}", Harness::serial(&h.a, name)));
+    assert_eq!(sum, expected_sum(n), "the source's disk is damaged");
+    err
+}
+
+/// Move the writing VM `name` from `from` to `to` with `opts` and `tls` and check it: a
+/// move with the disk mirrored, exactly one instance afterwards (the source's QEMU and
+/// overlay, the destination's export gone), and on `to` the writer goes on where it was
+/// and every block it wrote before, during and after the move reads back right.
+fn move_writing(
+    h: &Harness,
+    (from, to): (&QemuRuntime, &QemuRuntime),
+    name: &str,
+    image: &ResolvedImage,
+    opts: &VmMigrationOptions,
+    tls: &LocalTls,
+    link: Option<away_link::LinkProfile>,
+) -> (away_model::MigrationReport, away_migrate::vm::VmMigrationOutcome) {
+    let disk_port = opts.disk_port;
+    let before = *wrote(&Harness::serial(from, name)).last().unwrap();
+    let during = std::sync::atomic::AtomicU64::new(before);
+    let serial_from = from.files(name).serial_log();
+    let t1 = Instant::now();
+    let local = LocalVmTarget {
+        runtime: to.clone(),
+        port: away_e2e::free_port(),
+        dest: None,
+        tls: Some(tls.destination.clone()),
+    };
+    let mut target: Box<dyn VmTarget> = match link {
+        // away-lab's target behind the link: a front for the stream and one for the disk
+        Some(profile) => Box::new(away_lab::LinkedVmTarget {
+            inner: local,
+            emulator: away_lab::LinkEmulator::SplitTcpProxy,
+            profile,
+            front: None,
+            disk_front: None,
+        }),
+        None => Box::new(local),
+    };
+    let (report, outcome) = h
+        .block(away_migrate::vm::migrate_vm_to(from, target.as_mut(), name, image, opts, Some(&tls.source), |p| {
+            let w = wrote(&std::fs::read_to_string(&serial_from).unwrap_or_default()).last().copied().unwrap_or(0);
             during.fetch_max(w, std::sync::atomic::Ordering::Relaxed);
             eprintln!(
                 "  {:>6.2} s {} sent {} B, remaining {} B",
@@ -329,39 +406,114 @@ fn vm_disk_moves_live_with_every_block_it_wrote() {
     let during = during.into_inner();
     eprintln!("report {}", serde_json::to_string_pretty(&report).unwrap());
     eprintln!(
-        "moved in {:.0} ms (downtime {} ms); blocks written: {before} before the move, {during} seen on a during it",
+        "moved in {:.0} ms (downtime {} ms); blocks written: {before} before the move, {during} seen on the source \
+         during it",
         wall.as_secs_f64() * 1000.0,
         report.downtime_millis
     );
     assert!(report.ok, "{report:?}");
-    let phases: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(phases, ["prepare-destination", "disk-mirror", "migrate", "switchover", "cleanup"]);
-    assert!(
-        report.reason.contains("mirrored over nbd") && report.reason.contains("copied to the target"),
-        "{}",
-        report.reason
-    );
-    assert!(h.b.disk_store().contains(&disk.base), "the base was not copied to b");
+    // the mirror was completed at the switchover (its total is set only there)
+    let mirrored: u64 = report
+        .reason
+        .split("; disk: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no disk mirror in the report: {}", report.reason));
+    assert!(mirrored > 0, "the mirror was not completed at the switchover: {}", report.reason);
 
     // exactly one instance; the source's overlay and the destination's export are gone
-    assert!(away_e2e::qemu_pids_in(&h.a.files(&name).dir).is_empty(), "source qemu still running");
-    assert!(!h.a.files(&name).dir.exists(), "source state dir (with its overlay) left behind");
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", disk_port)).is_err(),
-        "the destination still exports its disk on {disk_port}"
-    );
-    assert!(h.b.files(&name).dir.join("disk.qcow2").is_file());
-    assert_eq!(h.block(h.b.status(&name)).unwrap().state, WorkloadState::Running);
+    assert!(away_e2e::qemu_pids_in(&from.files(name).dir).is_empty(), "source qemu still running");
+    assert!(!from.files(name).dir.exists(), "source state dir (with its overlay) left behind");
+    assert_closed(disk_port);
+    assert!(to.files(name).dir.join("disk.qcow2").is_file());
+    assert_eq!(h.block(to.status(name)).unwrap().state, WorkloadState::Running);
 
-    // on b: the writer goes on where it was, and every block reads back right
-    let serial_b = || Harness::serial(&h.b, &name);
-    let first_b = wait_for(30, || wrote(&serial_b()).first().copied())
-        .unwrap_or_else(|| panic!("the writer does not go on on b; serial:\n{}", serial_b()));
-    assert!(first_b > before, "b's first write {first_b} is not after a's last {before}");
-    let (n, sum) = wait_for(BOOT_SECS, || sums(&serial_b()).into_iter().find(|(n, _)| *n > first_b.max(during)))
-        .unwrap_or_else(|| panic!("no checksum on b past block {first_b}; serial:\n{}", serial_b()));
-    eprintln!("on b: writes go on from {first_b}; the guest's sum of blocks 0..{n} read back from the disk");
-    assert_eq!(sum, expected_sum(n), "blocks 0..{n} on b's disk differ from what the guest wrote");
+    // on the target: the writer goes on where it was, and every block reads back right
+    let serial_to = || Harness::serial(to, name);
+    let first = wait_for(30, || wrote(&serial_to()).first().copied())
+        .unwrap_or_else(|| panic!("the writer does not go on on the target; serial:\n{}", serial_to()));
+    assert!(first > before, "the target's first write {first} is not after the source's last {before}");
+    let (n, sum) = wait_for(BOOT_SECS, || sums(&serial_to()).into_iter().find(|(n, _)| *n > first.max(during)))
+        .unwrap_or_else(|| panic!("no checksum on the target past block {first}; serial:\n{}", serial_to()));
+    eprintln!("on the target: writes go on from {first}; the guest's sum of blocks 0..{n} read back from the disk");
+    assert_eq!(sum, expected_sum(n), "blocks 0..{n} on the target's disk differ from what the guest wrote");
+    (report, outcome)
+}
+
+/// A VM writes a known pattern to its 256 MiB disk, keeps writing while it moves from
+/// node a to node b (the base copied to b's store, the overlay mirrored over NBD with
+/// TLS while RAM migrates), and on b every block written before and during the move
+/// reads back right (the guest's checksum of what is on its disk against the writes'
+/// log); a's VM, overlay and b's export are gone.
+#[test]
+fn vm_disk_moves_live_with_every_block_it_wrote() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let (image, disk, nodes, name) = writing_vm(&h, "dmove");
+    assert!(!h.b.disk_store().contains(&disk.base));
+
+    let report = move_writing(&h, (&h.a, &h.b), &name, &image, &move_opts(), &nodes.tls, None).0;
+    let phases: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(phases, ["prepare-destination", "disk-mirror", "migrate", "switchover", "cleanup"]);
+    assert!(report.reason.contains("copied to the target"), "{}", report.reason);
+    assert!(h.b.disk_store().contains(&disk.base), "the base was not copied to b");
+    h.block(h.b.remove(&name)).unwrap();
+}
+
+/// Post-copy and multifd carry a VM with its disk: a writing VM moves from a to b by
+/// pure post-copy (its mirror completed while the source paused for the switch, before
+/// the guest ran on b), then back from b to a with RAM over two multifd channels (the
+/// VM that came with its disk moves on with it); after each move every block reads
+/// back right.
+#[test]
+fn vm_disk_moves_with_postcopy_and_back_with_multifd() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let (image, _, nodes, name) = writing_vm(&h, "dpost");
+    let post = VmMigrationOptions { postcopy: true, postcopy_after_passes: 0, ..move_opts() };
+    let (report, outcome) = move_writing(&h, (&h.a, &h.b), &name, &image, &post, &nodes.tls, None);
+    assert!(outcome.postcopy, "the move did not switch to post-copy: {}", report.reason);
+    assert!(report.reason.contains("post-copy"), "{}", report.reason);
+    let multifd = VmMigrationOptions { multifd: Some(2), ..move_opts() };
+    let (report, _) = move_writing(&h, (&h.b, &h.a), &name, &image, &multifd, &nodes.back, None);
+    assert!(report.reason.contains("multifd"), "{}", report.reason);
+    assert!(report.reason.contains("already on the target"), "{}", report.reason);
+    h.block(h.a.remove(&name)).unwrap();
+}
+
+/// The issue's check over the emulated WAN (away-link's 37 Mbit/s, 36.8 ms one way, in
+/// front of both the migration stream and the disk's NBD export): the writing VM moves
+/// with every block right. Minutes under TCG: run with AWAY_VM_DISK_WAN=1 (its numbers
+/// are in docs/vm.md); `vm_disk_moves_between_cluster_nodes` is the LAN case CI runs.
+#[test]
+fn vm_disk_moves_over_the_emulated_wan() {
+    if std::env::var_os("AWAY_VM_DISK_WAN").is_none() {
+        eprintln!("skipped: set AWAY_VM_DISK_WAN=1 to move a vm with its disk over the emulated WAN");
+        return;
+    }
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let (image, _, nodes, name) = writing_vm(&h, "dwan");
+    let opts = VmMigrationOptions { timeout: Duration::from_secs(600), ..move_opts() };
+    let link = away_link::LinkProfile::wan();
+    let (report, outcome) = move_writing(&h, (&h.a, &h.b), &name, &image, &opts, &nodes.tls, Some(link));
+    eprintln!(
+        "WAN (37 Mbit/s, 36.8 ms): total {} ms, downtime {} ms, {} passes, ram on the wire {} bytes; phases {:?}",
+        report.total_millis,
+        report.downtime_millis,
+        outcome.passes,
+        outcome.bytes_wire,
+        report.phases.iter().map(|p| format!("{} {} ms", p.name, p.millis)).collect::<Vec<_>>()
+    );
     h.block(h.b.remove(&name)).unwrap();
 }
 
@@ -376,16 +528,9 @@ fn target_killed_during_the_mirror_leaves_the_source_running_on_its_disk() {
     }
     let _l = vm_lock();
     let h = Harness::new();
-    let image = writer_image();
-    let (disk, tls) = base_and_tls(&h);
-    let name = unique("dkill");
-    h.block(h.a.run(&RunRequest { spec: vm_spec(&name, 128, disk.clone()), image: image.clone() }))
-        .unwrap_or_else(|e| panic!("run {name}: {e}"));
-    wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n >= FAST))
-        .unwrap_or_else(|| panic!("the writer never reached {FAST} blocks; serial:\n{}", Harness::serial(&h.a, &name)));
-    let mut opts = move_opts(tls);
+    let (image, _, nodes, name) = writing_vm(&h, "dkill");
+    let mut opts = move_opts();
     opts.disk_mirror_bytes_per_s = Some(1 << 20);
-    let disk_port = opts.disk_port;
     let target_dir = h.b.files(&name).dir;
     let killer = std::thread::spawn(move || {
         // once the destination runs and the mirror had a second, kill its QEMU
@@ -398,20 +543,8 @@ fn target_killed_during_the_mirror_leaves_the_source_running_on_its_disk() {
         }
         pid
     });
-    let listen = away_e2e::free_port();
-    let err = h
-        .block(away_migrate::vm::migrate_vm(&h.a, &h.b, &name, &image, listen, &opts, |_| {}))
-        .expect_err("the move must fail when its destination dies");
+    failed_move_keeps_the_source(&h, &name, &image, &opts, &nodes.tls);
     assert!(killer.join().unwrap().is_some(), "the destination never started");
-    eprintln!("move failed as it should: {err}");
-    assert!(matches!(err, VmMigrateError::Aborted { .. }), "{err:?}");
-    assert!(!h.b.files(&name).dir.exists(), "the destination's state dir (overlay) is left");
-    assert!(std::net::TcpStream::connect(("127.0.0.1", disk_port)).is_err(), "an export still listens");
-    assert_eq!(h.block(h.a.status(&name)).unwrap().state, WorkloadState::Running);
-    let last = *wrote(&Harness::serial(&h.a, &name)).last().unwrap();
-    let (n, sum) = wait_for(BOOT_SECS, || sums(&Harness::serial(&h.a, &name)).into_iter().find(|(n, _)| *n > last))
-        .unwrap_or_else(|| panic!("the source stopped writing; serial:\n{}", Harness::serial(&h.a, &name)));
-    assert_eq!(sum, expected_sum(n), "the source's disk is damaged");
     h.block(h.a.remove(&name)).unwrap();
 }
 
@@ -450,18 +583,25 @@ fn disk_export_takes_only_the_source_node() {
     let _l = vm_lock();
     let h = Harness::new();
     let image = writer_image();
-    let (disk, tls) = base_and_tls(&h);
+    let (disk, nodes) = base_and_tls(&h);
     away_migrate::vm::copy_base(&h.b, &h.a.disk_store().find(&disk.base).unwrap()).unwrap();
     let ca = away_identity::Ca::load_or_create(&h.dir.path().join("ca")).unwrap();
     let other = h.dir.path().join("id-node-c");
     ca.issue_self("node-c", &[]).unwrap().save(&other).unwrap();
     let name = unique("dexp");
     let spec = vm_spec(&name, 128, disk.clone());
-    let source_id = tls.source_identity.clone();
-    let opts = move_opts(tls);
+    let source_id = nodes.source_dir.clone();
+    let opts = move_opts();
     let port = opts.disk_port;
     let dest = h
-        .block(away_migrate::vm::prepare_destination(&h.b, &spec, &image, away_e2e::free_port(), &opts, None))
+        .block(away_migrate::vm::prepare_destination(
+            &h.b,
+            &spec,
+            &image,
+            away_e2e::free_port(),
+            &opts,
+            Some(&nodes.tls.destination),
+        ))
         .unwrap_or_else(|e| panic!("prepare: {}", away_model::error_chain(&e)));
     let plain = nbd_client(h.dir.path(), port, None);
     assert!(plain.is_err(), "a plaintext client read the export: {plain:?}");
@@ -474,14 +614,200 @@ fn disk_export_takes_only_the_source_node() {
     assert!(!h.b.files(&name).dir.exists());
 
     // without identities: only on loopback
-    let plain_opts = VmMigrationOptions { listen_host: "0.0.0.0".into(), disk_tls: None, ..move_opts_plain() };
+    let plain_opts = VmMigrationOptions { listen_host: "0.0.0.0".into(), ..move_opts_plain() };
     let err = h
         .block(away_migrate::vm::prepare_destination(&h.b, &spec, &image, away_e2e::free_port(), &plain_opts, None))
         .expect_err("a plaintext export off loopback");
-    assert!(away_model::error_chain(&err).contains("disk_tls"), "{}", away_model::error_chain(&err));
+    assert!(away_model::error_chain(&err).contains("without TLS"), "{}", away_model::error_chain(&err));
     assert!(!h.b.files(&name).dir.exists(), "a refused destination is left");
 }
 
 fn move_opts_plain() -> VmMigrationOptions {
     VmMigrationOptions { disk_port: away_e2e::free_port(), ..Default::default() }
+}
+
+/// The issue's check between two cluster nodes (away-cluster: a broker and two agents,
+/// each in its own network namespace, over the cluster's bridge, every channel mutual
+/// TLS): the broker places a VM with a disk only on a node whose disk store has the
+/// base (the agents report theirs); the VM with its 256 MiB disk writes a known pattern
+/// on the node the broker placed it on, the broker moves it to the other node (which lacks the disk's base: the move
+/// copies it over the agent API) while it keeps writing, and there the guest's checksum
+/// of every block it wrote before and during the move matches the writes' log; on the
+/// source no QEMU, no state directory (overlay) is left, and the target's NBD export is
+/// closed.
+#[test]
+fn vm_disk_moves_between_cluster_nodes() {
+    if !ready() || !away_e2e::require_root() {
+        return;
+    }
+    let _l = vm_lock();
+    let image = writer_image();
+    let cluster = away_e2e::free_cluster_name("vd");
+    let mut plan = away_e2e::cluster_plan(&cluster, &[("a", Tier::Cloud), ("b", Tier::Cloud)], &[]);
+    plan.images.push(image.tar.clone());
+    let info = away_cluster::up(&plan).expect("cluster up");
+    let _down = away_e2e::ClusterDown(cluster.clone());
+    let api = away_e2e::BrokerApi::new(&info);
+    wait_for(30, || {
+        api.get("/v1/nodes")
+            .filter(|n| n.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 2))
+    })
+    .expect("both agents online");
+    let node = |n: &str| info.nodes.iter().find(|x| x.name == n).unwrap().clone();
+    let store = |n: &away_cluster::NodeInfoLocal| {
+        away_runtime::qemu::DiskStore::new(n.state_dir.join("disks"), &HostPaths::default().qemu)
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let base_file = blank_base(tmp.path());
+
+    let digest = away_runtime::qemu::disk::file_digest(&base_file).unwrap();
+    let name = unique("dcl");
+    let spec = serde_json::json!({
+        "name": name, "image": image.reference, "kind": "vm",
+        "disk": {"base": digest, "size": "256Mi"},
+        "resources": {"memory": "128Mi", "cpus": 1.0}, "placement": {"tiers": ["cloud"]},
+    });
+    // no node has the base: the broker says so and places nothing
+    let (status, body) = api.post("/v1/workloads", spec.clone());
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains(&format!("no disk base {digest}")), "{body}");
+    // the base on both nodes first, so the broker (told by their heartbeats) may place
+    // the vm on either; then only on the one it chose
+    let bases: Vec<_> = [node("a"), node("b")].iter().map(|n| store(n).import(&base_file).unwrap()).collect();
+    let base = bases[0].clone();
+    wait_for(30, || {
+        let nodes = api.get("/v1/nodes")?;
+        let with = nodes.as_array()?.iter().filter(|n| n.to_string().contains(&digest)).count();
+        (with == 2).then_some(())
+    })
+    .expect("both nodes report the base");
+    let (status, body) = api.post("/v1/workloads", spec);
+    assert_eq!(status, 201, "submit {name}: {body}");
+    let home = body["workload"]["node"].as_str().unwrap().to_string();
+    let (src, dst) = if home == "a" { (node("a"), node("b")) } else { (node("b"), node("a")) };
+    for f in [base.path.clone(), base.path.with_extension("json")] {
+        std::fs::remove_file(dst.state_dir.join("disks").join(f.file_name().unwrap())).unwrap();
+    }
+    assert!(!store(&dst).contains(&base.digest));
+    api.wait_running_on(&name, &src.name);
+    let files = |n: &away_cluster::NodeInfoLocal| away_runtime::qemu::VmFiles::new(n.run_dir.join("qemu").join(&name));
+    let serial = |n: &away_cluster::NodeInfoLocal| std::fs::read_to_string(files(n).serial_log()).unwrap_or_default();
+    let t0 = Instant::now();
+    let first = wait_for(BOOT_SECS, || sums(&serial(&src)).into_iter().find(|(n, _)| *n >= FAST))
+        .unwrap_or_else(|| panic!("the writer never reached {FAST} blocks; serial:\n{}", serial(&src)));
+    eprintln!("{} blocks written and summed on the source {:.1} s after it ran", first.0, t0.elapsed().as_secs_f64());
+    assert_eq!(first.1, expected_sum(first.0), "the guest's own sum before the move");
+
+    let before = *wrote(&serial(&src)).last().unwrap();
+    let t1 = Instant::now();
+    let (status, body) = api.post("/v1/migrations", serde_json::json!({"workload": name, "to": dst.name}));
+    assert_eq!(status, 202, "{body}");
+    let id = body["migration"]["id"].as_str().unwrap().to_string();
+    // the writes the source made while it moved
+    let mut during = before;
+    let done = wait_for(300, || {
+        during = during.max(wrote(&serial(&src)).last().copied().unwrap_or(0));
+        api.get(&format!("/v1/migrations/{id}")).filter(|m| m["state"] == "succeeded" || m["state"] == "failed")
+    })
+    .expect("the migration ends");
+    let wall = t1.elapsed();
+    eprintln!("migration {}", serde_json::to_string_pretty(&done).unwrap());
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let reason = done.to_string();
+    eprintln!(
+        "moved in {:.1} s; blocks written: {before} before the move, {during} seen on src during it",
+        wall.as_secs_f64()
+    );
+    assert!(reason.contains("copied to the target"), "the base was not copied: {reason}");
+    assert!(store(&dst).contains(&base.digest), "dst's store lacks the base");
+    // the export the mirror used: `mirrored over nbd from IP:PORT (tls, ...`
+    let export = reason
+        .split("mirrored over nbd from ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or_else(|| panic!("no nbd export in the report: {reason}"))
+        .to_string();
+    assert!(reason.contains(&format!("{export} (tls")), "the disk went without tls: {reason}");
+    api.wait_running_on(&name, &dst.name);
+
+    // one instance; the source's QEMU and overlay and the export are gone
+    assert!(away_e2e::qemu_pids_in(&files(&src).dir).is_empty(), "a qemu still runs on src");
+    assert!(!files(&src).dir.exists(), "src's state dir (with its overlay) is left");
+    assert!(files(&dst).dir.join("disk.qcow2").is_file());
+    assert!(
+        std::net::TcpStream::connect_timeout(&export.parse().unwrap(), Duration::from_secs(2)).is_err(),
+        "dst still exports the disk on {export}"
+    );
+    assert_eq!(away_e2e::on_cluster_node(&info, &src.name, &name), None, "the vm is still known on src");
+
+    // on dst: the writer goes on, and every block reads back right
+    let first_dst = wait_for(60, || wrote(&serial(&dst)).first().copied())
+        .unwrap_or_else(|| panic!("the writer does not go on on dst; serial:\n{}", serial(&dst)));
+    assert!(first_dst > before, "dst's first write {first_dst} is not after src's last {before}");
+    let (n, sum) = wait_for(BOOT_SECS, || sums(&serial(&dst)).into_iter().find(|(n, _)| *n > first_dst.max(during)))
+        .unwrap_or_else(|| panic!("no checksum on dst past block {first_dst}; serial:\n{}", serial(&dst)));
+    eprintln!(
+        "on dst: writes go on from {first_dst}; the guest's sum of blocks 0..{n} read back from the disk matches"
+    );
+    assert_eq!(sum, expected_sum(n), "blocks 0..{n} on dst's disk differ from what the guest wrote");
+
+    // a peer's base that is not what it claims to be is refused, and nothing of it stays
+    let id = away_identity::Identity::load(&src.state_dir.join("identity")).unwrap().expect("src's identity");
+    let peer = reqwest::blocking::Client::builder()
+        .tls_backend_preconfigured((*id.client_config().unwrap()).clone())
+        .resolve(&format!("{}.node.away", dst.name), dst.api.parse().unwrap())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let store_files = || {
+        let mut v: Vec<_> =
+            std::fs::read_dir(dst.state_dir.join("disks")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        v.sort();
+        v
+    };
+    let before = store_files();
+    let claimed = format!("sha256:{}", "0".repeat(64));
+    let r = peer
+        .put(format!("https://{}.node.away:{}/v1/disks", dst.name, away_cluster::AGENT_PORT))
+        .query(&[("base", claimed.as_str())])
+        .body(std::fs::read(&base_file).unwrap())
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().unwrap();
+    assert_eq!(status, 400, "a base with the wrong digest: {body}");
+    assert!(body.contains("not stored") && body.contains(&base.digest), "{body}");
+    assert_eq!(before, store_files(), "a refused base left files in dst's disk store");
+}
+
+/// Disk full on the target during the mirror: the destination's state directory (where
+/// its overlay grows) is a small tmpfs filled up but for 2 MiB, less than the 4+ MiB the
+/// guest wrote. The mirror fails on the target's `ENOSPC`, the move is rolled back, the
+/// source runs on on its own disk (its writes and sums go on, right), and nothing of the
+/// destination is left: no state directory, no overlay, the space freed, the export
+/// closed.
+#[test]
+fn target_disk_full_during_the_mirror_leaves_the_source_running_on_its_disk() {
+    if !ready() {
+        return;
+    }
+    let _l = vm_lock();
+    let h = Harness::new();
+    let (image, disk, nodes, name) = writing_vm(&h, "dfull");
+    // b's store keeps the base (elsewhere): what fills up is where the overlay grows
+    away_migrate::vm::copy_base(&h.b, &h.a.disk_store().find(&disk.base).unwrap()).unwrap();
+    let tmpfs = away_e2e::Tmpfs::mount(h.b.state_dir(), "64M");
+    tmpfs.fill("filler", 2 << 20);
+    let free = tmpfs.free();
+    eprintln!("target state dir: {free} bytes free");
+    let err = failed_move_keeps_the_source(&h, &name, &image, &move_opts(), &nodes.tls);
+    let chain = away_model::error_chain(&err);
+    assert!(
+        chain.contains("disk mirror") && chain.contains("No space left on device"),
+        "not the mirror failed: {chain}"
+    );
+    // the destination's QEMU may take a moment to exit and let go of its deleted overlay
+    let freed = wait_for(15, || (tmpfs.free() >= free).then_some(()));
+    assert!(freed.is_some(), "space of the destination is still taken: {} < {free}", tmpfs.free());
+    h.block(h.a.remove(&name)).unwrap();
 }

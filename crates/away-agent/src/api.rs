@@ -13,7 +13,8 @@
 //! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
 //! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
 //! | POST | /v1/images | body: an image tar; `{references}` |
-//! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri, tls}` (`tls`: QEMU's port takes only the caller's node certificate, under mutual TLS); 409 when this agent takes no migrations |
+//! | GET, PUT | /v1/disks?base=D | a VM disk's base image in this node's disk store: present?, or take it (crate::disks) |
+//! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri, tls, disk?}` (`tls`: QEMU's port takes only the caller's node certificate, under mutual TLS; `disk: {host, port}`: for a VM with a disk, its empty overlay's NBD export, with the same TLS and peer check); 409 when this agent takes no migrations |
 //! | POST | /v1/vm-migrations/{name}/resumed?limit_ms=N | wait until the VM is here (held paused for the commit, or running after post-copy); `{resumed_at_ms, held, lease_ms}` |
 //! | POST | /v1/vm-migrations/{name}/confirm | commit: the held VM starts and stays; `MoveRecord` + `{node, dir, resumed_at_ms}`; idempotent; 409 when aborted (lease ran out) or not complete yet; 404 when unknown |
 //! | DELETE | /v1/vm-migrations/{name} | 204: the destination is removed; 409 when its move is committed |
@@ -151,6 +152,10 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/transfers/{id}/commit", post(commit))
         .route("/v1/transfers/{id}", get(move_state).delete(abort_transfer))
         .route("/v1/images", post(upload_image).layer(axum::extract::DefaultBodyLimit::max(2 << 30)))
+        .route(
+            "/v1/disks",
+            get(crate::disks::present).put(crate::disks::receive).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/v1/vm-migrations", post(vm_prepare))
         .route("/v1/vm-migrations/{name}/resumed", post(vm_resumed))
         .route("/v1/vm-migrations/{name}/confirm", post(vm_confirm))
@@ -219,8 +224,17 @@ async fn plan(
     let target = crate::client::AgentClient::from_agent(&agent, req.target_node.as_deref(), &req.target_api)
         .await
         .map_err(|e| Problem(ApiError::new(ErrorCode::Unavailable, e)))?;
-    let planning =
-        away_migrate::estimate::plan_container(&agent.node, &agent.config.name, &name, &target, mode, req.optimize);
+    let on_vm = matches!(agent.node.find(&name).await, Ok(Some((away_model::RuntimeKind::Qemu, _))));
+    let planning = async {
+        if on_vm {
+            // the way a broker-ordered VM move takes: pre-copy with QEMU's defaults
+            let opts = away_migrate::vm::VmMigrationOptions::default();
+            away_migrate::estimate::plan_vm(&agent.node, &agent.config.name, &name, &target, &opts, None).await
+        } else {
+            away_migrate::estimate::plan_container(&agent.node, &agent.config.name, &name, &target, mode, req.optimize)
+                .await
+        }
+    };
     let plan = tokio::time::timeout(away_migrate::estimate::PLAN_TIMEOUT, planning)
         .await
         .map_err(|_| {
@@ -550,16 +564,23 @@ async fn vm_prepare(
         None
     };
     let image = agent.node.store.resolve(&req.image)?;
-    let port = std::net::TcpListener::bind((agent.config.listen.ip(), 0))
-        .and_then(|l| l.local_addr())
-        .map_err(|e| Problem(ApiError::new(ErrorCode::Internal, format!("no free port: {e}"))))?
-        .port();
+    // the stream's port, and a VM with a disk its export's: both bound at once, so the
+    // kernel cannot name one port twice
+    let free = |n: usize| -> std::io::Result<Vec<u16>> {
+        let held: Vec<std::net::TcpListener> =
+            (0..n).map(|_| std::net::TcpListener::bind((agent.config.listen.ip(), 0))).collect::<Result<_, _>>()?;
+        held.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
+    };
+    let ports = free(if req.spec.disk.is_some() { 2 } else { 1 })
+        .map_err(|e| Problem(ApiError::new(ErrorCode::Internal, format!("no free port: {e}"))))?;
+    let port = ports[0];
     let host = agent.config.listen.ip().to_string();
     let opts = away_migrate::vm::VmMigrationOptions {
         multifd: req.multifd,
         multifd_compression: req.multifd_compression,
         postcopy: req.postcopy,
         listen_host: host.clone(),
+        disk_port: ports.get(1).copied().unwrap_or(0),
         ..Default::default()
     };
     let dest = away_migrate::vm::prepare_destination(agent.node.qemu(), &req.spec, &image, port, &opts, tls.as_ref())
@@ -570,9 +591,14 @@ async fn vm_prepare(
     // starts again (the source resumes its own)
     let p = Provisional { workload: req.spec.name.clone(), runtime: away_model::RuntimeKind::Qemu };
     agent.journal(&vm_move_id(&req.spec.name), &p);
+    let disk_port = dest.disk_port();
     agent.vm_destinations.lock().await.insert(req.spec.name.clone(), dest);
     agent.watch_vm_lease(req.spec.name.clone());
-    Ok(Json(serde_json::json!({"uri": format!("tcp:{host}:{port}"), "tls": tls.is_some()})))
+    let mut answer = serde_json::json!({"uri": format!("tcp:{host}:{port}"), "tls": tls.is_some()});
+    if let Some(disk_port) = disk_port {
+        answer["disk"] = serde_json::json!({"host": host, "port": disk_port});
+    }
+    Ok(Json(answer))
 }
 
 #[derive(Deserialize)]

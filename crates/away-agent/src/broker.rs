@@ -356,8 +356,15 @@ async fn do_migration(agent: &Arc<Agent>, m: MigrationOrder) {
                     &m.workload,
                     target,
                     &channels,
-                    Default::default(),
+                    // pre-copy with QEMU's defaults, predicted (the report carries it)
+                    away_migrate::vm::VmMigrationOptions { predict: true, ..Default::default() },
                     cancel.clone(),
+                    // each step on disk: a restart finishes a move this process could not
+                    Some(Arc::new(crate::outgoing::OutgoingJournal {
+                        agent: agent.clone(),
+                        migration_id: Some(m.id.clone()),
+                        target_api: m.target_api.clone(),
+                    })),
                     |_| {},
                 )
                 .await
@@ -365,8 +372,12 @@ async fn do_migration(agent: &Arc<Agent>, m: MigrationOrder) {
             Err(why) => Err(away_migrate::MigrateError::Invalid(why)),
         }
         .map_err(|e| match e {
-            // the source VM stays paused: not "failed" (see below)
-            away_migrate::MigrateError::InDoubt { .. } => ("migration-in-doubt", error_chain(&e)),
+            // the source VM stays paused: not "failed" (see below); asked about again in
+            // the background until the target answers
+            away_migrate::MigrateError::InDoubt { ref transfer_id, .. } => {
+                agent.finish_outgoing_move(transfer_id);
+                ("migration-in-doubt", error_chain(&e))
+            }
             e => ("migration-failed", error_chain(&e)),
         })
     } else {

@@ -1,6 +1,7 @@
 //! A client of the agent's HTTP API; the migration source uses it as its `TargetNode`.
 
 use async_trait::async_trait;
+use away_migrate::journal::{MoveJournal, MoveKind, OutgoingMove, OutgoingState};
 use away_migrate::target::{MoveRecord, NoAnswer, TargetInfo, TargetNode};
 use away_migrate::MigrateError;
 use away_model::{error_chain, ApiError, ErrorChain};
@@ -87,6 +88,45 @@ impl AgentClient {
         let body = resp.text().await.unwrap_or_default();
         let message = serde_json::from_str::<ApiError>(&body).map(|e| e.to_string()).unwrap_or(body);
         Err(self.err(format!("{status}: {message}")))
+    }
+}
+
+/// How long a VM disk's base image may take to reach a target.
+const BASE_UPLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl AgentClient {
+    /// Whether the target's disk store holds base image `digest` (`GET /v1/disks`).
+    pub async fn has_disk_base(&self, digest: &str) -> Result<bool, MigrateError> {
+        let url = format!("{}/v1/disks", self.base);
+        let resp = self.check(self.http.get(url).query(&[("base", digest)]).send().await).await?;
+        let v: serde_json::Value =
+            resp.json().await.map_err(|e| self.err(format!("bad /v1/disks answer: {e}", e = ErrorChain(&e))))?;
+        v["present"].as_bool().ok_or_else(|| self.err("a /v1/disks answer without `present`"))
+    }
+
+    /// Send base image `base` to the target's disk store (`PUT /v1/disks`), streamed
+    /// from its file; the target hashes what it stores and refuses another digest.
+    pub async fn upload_disk_base(&self, base: &away_runtime::qemu::BaseImage) -> Result<(), MigrateError> {
+        let file = tokio::fs::File::open(&base.path)
+            .await
+            .map_err(|e| MigrateError::Io { path: base.path.clone(), source: e })?;
+        let len = file.metadata().await.map_err(|e| MigrateError::Io { path: base.path.clone(), source: e })?.len();
+        // 1 MiB reads, never the whole file in memory
+        let chunks = futures_util::stream::try_unfold(file, |mut f| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = Vec::with_capacity(1 << 20);
+            let n = (&mut f).take(1 << 20).read_to_end(&mut buf).await?;
+            Ok::<_, std::io::Error>((n > 0).then_some((buf, f)))
+        });
+        let url = format!("{}/v1/disks", self.base);
+        let req = self
+            .http
+            .put(url)
+            .query(&[("base", base.digest.as_str())])
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .timeout(BASE_UPLOAD_TIMEOUT)
+            .body(reqwest::Body::wrap_stream(chunks));
+        self.check(req.send().await).await.map(|_| ())
     }
 }
 
@@ -271,6 +311,52 @@ pub struct RemoteVmTarget {
     pub cancel: away_migrate::Cancel,
     /// How long to keep confirming without a definite answer (then in doubt).
     pub commit_wait: std::time::Duration,
+    /// The source's journal of the move, each step written before it is taken (a
+    /// restarted source finishes the move from it: `recover_move`).
+    pub journal: Option<JournaledMove>,
+    /// Where the prepared destination exports the VM's disk over NBD (host, port), from
+    /// its prepare answer.
+    pub disk_export: Option<(String, u16)>,
+}
+
+/// A move and the journal its steps go to.
+pub struct JournaledMove {
+    pub journal: std::sync::Arc<dyn MoveJournal>,
+    pub m: OutgoingMove,
+}
+
+impl JournaledMove {
+    fn record(&mut self, state: OutgoingState) -> Result<(), String> {
+        self.m = self.m.with_state(state);
+        self.journal.record(&self.m)
+    }
+
+    /// Write a step the move goes on after either way (a failure is logged).
+    fn record_logged(&mut self, state: OutgoingState) {
+        self.m = self.m.with_state(state);
+        away_migrate::journal::record_logged(Some(self.journal.as_ref()), &self.m);
+    }
+}
+
+/// Finish move `m`, which a previous run of this source left open, against the target
+/// behind `target`: a VM's by its QEMU (`away_migrate::vm::recover_source`), a
+/// container's from its checkpoint (`away_migrate::journal::recover`).
+pub async fn recover_move(
+    node: &away_runtime::LocalNode,
+    archives: &away_migrate::archive::ArchiveStore,
+    target: &AgentClient,
+    m: OutgoingMove,
+    journal: &dyn MoveJournal,
+    retry: std::time::Duration,
+) -> Result<away_migrate::journal::Recovered, String> {
+    match m.kind {
+        MoveKind::Container => away_migrate::journal::recover(node, archives, target, m, journal, retry).await,
+        MoveKind::VmPrecopy | MoveKind::VmPostcopy => {
+            let name = m.workload.clone();
+            let vm = VmMove { client: target, name: &name, answer: Default::default() };
+            away_migrate::vm::recover_source(node.qemu(), &vm, m, journal, retry).await
+        }
+    }
 }
 
 /// The lease assumed for a destination whose answer gave none (an agent from before
@@ -366,6 +452,13 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
         image: &away_runtime::ResolvedImage,
         opts: &away_migrate::vm::VmMigrationOptions,
     ) -> Result<away_migrate::vm::VmListen, away_migrate::vm::VmMigrateError> {
+        if let Some(j) = self.journal.as_mut() {
+            // on disk before anything moves: a source that cannot record the move does not start it
+            j.record(OutgoingState::Checkpointing).map_err(|e| away_migrate::vm::VmMigrateError::Invalid {
+                field: "journal".into(),
+                reason: format!("cannot journal the move, so it does not start: {e}"),
+            })?;
+        }
         let body = crate::api::VmPrepare {
             spec: spec.clone(),
             image: image.reference.clone(),
@@ -380,6 +473,10 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             .map_err(vm_err)?;
         let v: serde_json::Value = resp.json().await.map_err(|e| vm_err(c.err(error_chain(&e))))?;
         let uri = v["uri"].as_str().map(str::to_string).ok_or_else(|| vm_err(c.err("no uri in the answer")))?;
+        self.disk_export = match (&v["disk"]["host"], v["disk"]["port"].as_u64()) {
+            (serde_json::Value::String(host), Some(port)) => Some((host.clone(), port as u16)),
+            _ => None,
+        };
         // an agent from before QEMU's TLS says nothing: plain TCP
         Ok(away_migrate::vm::VmListen { uri, tls: v["tls"].as_bool().unwrap_or(false) })
     }
@@ -405,6 +502,10 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
         let ms = v["resumed_at_ms"].as_u64().ok_or_else(|| vm_err(c.err("no resumed_at_ms in the answer")))?;
         let lease = v["lease_ms"].as_u64().map(std::time::Duration::from_millis).unwrap_or(VM_LEASE_UNKNOWN);
         self.answered = Some((tokio::time::Instant::now(), lease));
+        if let Some(j) = self.journal.as_mut() {
+            j.m.lease_ms = Some(lease.as_millis() as u64);
+            j.record_logged(OutgoingState::Sent);
+        }
         Ok(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
     }
 
@@ -435,6 +536,9 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
                 }
             }
         }
+        if let Some(j) = self.journal.as_mut() {
+            j.record_logged(OutgoingState::Committing);
+        }
         match commit_move(&moves, &id, answered_at, &policy).await {
             CommitOutcome::Committed => {
                 let v = moves.answer.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
@@ -459,6 +563,23 @@ impl away_migrate::vm::VmTarget for RemoteVmTarget {
             .map(|_| ())
             .map_err(vm_err)
     }
+
+    /// The base goes over the agent API (mutual TLS between the nodes) only when the
+    /// target lacks it; the target checks its digest.
+    async fn ensure_base(
+        &mut self,
+        base: &away_runtime::qemu::BaseImage,
+    ) -> Result<bool, away_migrate::vm::VmMigrateError> {
+        if self.client.has_disk_base(&base.digest).await.map_err(vm_err)? {
+            return Ok(false);
+        }
+        self.client.upload_disk_base(base).await.map_err(vm_err)?;
+        Ok(true)
+    }
+
+    fn disk_export(&self, _opts: &away_migrate::vm::VmMigrationOptions) -> Option<(String, u16)> {
+        self.disk_export.clone()
+    }
 }
 
 /// Move VM `name` from this node to the agent behind `client` by QEMU live migration:
@@ -475,6 +596,7 @@ pub async fn migrate_vm_via_agent(
     channels: &away_migrate::channel::Channels,
     opts: away_migrate::vm::VmMigrationOptions,
     cancel: away_migrate::Cancel,
+    journal: Option<std::sync::Arc<dyn MoveJournal>>,
     progress: impl Fn(away_migrate::vm::VmProgress) + Send + Sync,
 ) -> Result<away_model::MigrationReport, MigrateError> {
     let (here, _) = away_migrate::local_node_info(node, source_name).await;
@@ -493,23 +615,76 @@ pub async fn migrate_vm_via_agent(
     if cancel.is_cancelled() {
         return Err(MigrateError::Cancelled(name.into()));
     }
-    let mut target =
-        RemoteVmTarget { client, name: name.to_string(), answered: None, cancel, commit_wait: opts.commit_wait };
-    let (mut report, _) =
-        away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, tls.as_ref(), progress)
-            .await
-            .map_err(|e| match e {
-                // the source VM stays paused: the broker must not start it again
-                away_migrate::vm::VmMigrateError::InDoubt { ref reason, .. } => MigrateError::InDoubt {
-                    transfer_id: format!("vm-{name}"),
-                    target: there.node.name.clone(),
-                    why: reason.clone(),
-                    checkpoint: node.qemu().files(name).dir,
-                },
-                e => MigrateError::Target { target: there.node.name.clone(), message: error_chain(&e) },
-            })?;
+    let journal = journal.map(|journal| JournaledMove {
+        journal,
+        m: OutgoingMove {
+            transfer_id: format!("vm-{name}"),
+            workload: name.into(),
+            kind: if opts.postcopy { MoveKind::VmPostcopy } else { MoveKind::VmPrecopy },
+            target_node: there.node.name.clone(),
+            state: OutgoingState::Checkpointing,
+            payload: node.qemu().files(name).dir,
+            archive: None,
+            set_aside: None,
+            lease_ms: None,
+            at_ms: away_migrate::journal::now_ms(),
+            page_server: None,
+        },
+    });
+    let mut target = RemoteVmTarget {
+        client,
+        name: name.to_string(),
+        answered: None,
+        cancel,
+        commit_wait: opts.commit_wait,
+        disk_export: None,
+        journal,
+    };
+    // measured before the move's clock starts; a move goes ahead without a prediction
+    let plan = if opts.predict {
+        let planning = away_migrate::estimate::plan_vm(node, source_name, name, &target.client, &opts, None);
+        match tokio::time::timeout(away_migrate::estimate::PLAN_TIMEOUT, planning).await {
+            Ok(Ok(plan)) => Some(plan),
+            Ok(Err(e)) => {
+                tracing::warn!(workload = name, "no prediction: {e}", e = ErrorChain(&e));
+                None
+            }
+            Err(_) => {
+                tracing::warn!(workload = name, "no prediction: measuring took too long");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let moved =
+        away_migrate::vm::migrate_vm_to(node.qemu(), &mut target, name, &image, &opts, tls.as_ref(), progress).await;
+    if let Some(j) = target.journal.as_mut() {
+        if moved.is_ok() {
+            j.record_logged(OutgoingState::Done);
+        } else if matches!(node.get(name).await, Ok((_, s)) if s.state == away_model::WorkloadState::Running) {
+            // rolled back: the source runs
+            j.record_logged(OutgoingState::Aborted);
+        }
+        // else open (in doubt, or a post-copy source paused): the next start finishes it
+    }
+    let (mut report, _) = moved.map_err(|e| match e {
+        // the source VM stays paused: the broker must not start it again
+        away_migrate::vm::VmMigrateError::InDoubt { ref reason, .. } => MigrateError::InDoubt {
+            transfer_id: format!("vm-{name}"),
+            target: there.node.name.clone(),
+            why: reason.clone(),
+            checkpoint: node.qemu().files(name).dir,
+        },
+        e => MigrateError::Target { target: there.node.name.clone(), message: error_chain(&e) },
+    })?;
     report.source = here.name;
     report.target = there.node.name;
     report.reason = format!("{}; {}", compat.reason, report.reason);
+    report.predicted = plan.as_ref().and_then(|p| p.chosen_prediction().cloned());
+    let history = away_migrate::estimate::History::of(&node.options.paths.state_dir);
+    if let Err(e) = history.record(away_model::RuntimeKind::Qemu, &report) {
+        tracing::warn!(workload = name, "cannot keep the move in this node's history: {e}");
+    }
     Ok(report)
 }

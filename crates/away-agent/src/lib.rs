@@ -14,6 +14,7 @@
 pub mod api;
 pub mod broker;
 pub mod client;
+mod disks;
 pub mod outgoing;
 pub mod state;
 
@@ -237,6 +238,8 @@ impl Agent {
     pub async fn node_info(&self) -> NodeInfo {
         let mut info = self.info.clone();
         info.runtimes = self.node.health().await;
+        // what the broker places a VM with a disk by (a move copies a missing base)
+        info.disk_bases = self.node.qemu().disk_store().digests();
         info
     }
 
@@ -388,6 +391,12 @@ impl Agent {
             Ok(0) => {}
             Ok(n) => tracing::info!("forgot {n} moves that ended more than a week ago"),
             Err(e) => tracing::warn!("cannot prune the ended moves: {e}", e = ErrorChain(&e)),
+        }
+        // a disk base half received or half imported when the last run ended
+        match self.node.qemu().disk_store().remove_partial() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} partial disk base copies the last run left"),
+            Err(e) => tracing::warn!("cannot clean the disk store: {e}", e = ErrorChain(&e)),
         }
         let left = match self.state.provisional_left() {
             Ok(l) => l,

@@ -45,6 +45,41 @@ impl MoveJournal for OutgoingJournal {
     }
 }
 
+/// The journal of a move `away migrate` drives by hand: the node's `agent.db` (the same
+/// table), where the node's agent finds it at its next start, or `away migrate
+/// --recover` in the foreground.
+pub struct LocalJournal {
+    pub state: crate::state::AgentState,
+    pub target_api: String,
+}
+
+impl std::fmt::Debug for LocalJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalJournal").field("target_api", &self.target_api).finish_non_exhaustive()
+    }
+}
+
+impl MoveJournal for LocalJournal {
+    fn record(&self, m: &OutgoingMove) -> Result<(), String> {
+        self.state.save_outgoing(m, None, &self.target_api).map_err(|e| ErrorChain(&e).to_string())
+    }
+}
+
+/// What a recovered move says to the broker (the event's kind) and to its user.
+pub fn recovered_event(m: &OutgoingMove, recovered: Result<Recovered, String>) -> (&'static str, String) {
+    match recovered {
+        Ok(Recovered::Committed) => {
+            ("migration-finished", format!("moved to {} (the source finished the move after a restart)", m.target_node))
+        }
+        Ok(Recovered::Resumed(why)) | Ok(Recovered::Gone(why)) => ("migration-failed", why),
+        Ok(Recovered::NeverStopped) => {
+            ("migration-failed", format!("the source restarted before it stopped {}", m.workload))
+        }
+        // the move stays open in the journal: the next start tries again
+        Err(why) => ("migration-in-doubt", why),
+    }
+}
+
 impl Agent {
     /// The node's checkpoint archives (its moves' payloads).
     pub fn archives(&self) -> ArchiveStore {
@@ -107,20 +142,9 @@ impl Agent {
                 };
                 let archives = self.archives();
                 let recovered =
-                    away_migrate::journal::recover(&self.node, &archives, &target, m.clone(), &journal, IN_DOUBT_RETRY)
+                    crate::client::recover_move(&self.node, &archives, &target, m.clone(), &journal, IN_DOUBT_RETRY)
                         .await;
-                break match recovered {
-                    Ok(Recovered::Committed) => (
-                        "migration-finished",
-                        format!("moved to {} (the source finished the move after a restart)", m.target_node),
-                    ),
-                    Ok(Recovered::Resumed(why)) => ("migration-failed", why),
-                    Ok(Recovered::NeverStopped) => {
-                        ("migration-failed", format!("the source restarted before it stopped {}", m.workload))
-                    }
-                    // the move stays open in the journal: the next start tries again
-                    Err(why) => ("migration-in-doubt", why),
-                };
+                break recovered_event(&m, recovered);
             };
             tracing::warn!(workload = %m.workload, transfer = %m.transfer_id, kind, "{message}");
             let mut ev = crate::broker::event(kind, Some(&m.workload), message);

@@ -361,6 +361,7 @@ mod tests {
         let m = OutgoingMove {
             transfer_id: "t1".into(),
             workload: "counter".into(),
+            kind: Default::default(),
             target_node: "b".into(),
             state: OutgoingState::Checkpointing,
             payload: "/x".into(),

@@ -59,6 +59,7 @@ fn node(i: usize) -> NodeInfo {
         hypervisor: None,
         link: Some(LinkInfo { rate_mbit: [37.0, 100.0, 1000.0][i % 3], latency_ms: [36.784, 10.0, 1.0][i % 3] }),
         labels: Default::default(),
+        disk_bases: Default::default(),
     }
 }
 

@@ -906,14 +906,27 @@ impl Broker {
             return Ok(self.node_view(&inner, &node, now));
         }
         let record = NodeRecord { revoked_ms: node.revoked_ms.or(Some(now)), key_id: None, ..node };
+        // the made join tokens it joined with: their owner may register with them again,
+        // which would let whoever holds the node's files join it back with a new key
+        let join_tokens: Vec<JoinTokenRecord> = inner
+            .join_tokens
+            .values()
+            .filter(|t| t.used_by.as_deref() == Some(name) && t.revoked_ms.is_none())
+            .map(|t| JoinTokenRecord { revoked_ms: Some(now), ..t.clone() })
+            .collect();
         let changes = Changes {
             nodes: vec![record.clone()],
             certificates: serials.clone(),
             forget_tokens: vec![name.to_string()],
+            join_tokens: join_tokens.clone(),
             ..Default::default()
         };
         inner.store.apply(&changes)?;
         inner.tokens.remove(name);
+        let revoked_join_tokens = join_tokens.len();
+        for t in join_tokens {
+            inner.join_tokens.insert(t.id.clone(), t);
+        }
         // offline from now on, announced by the event below rather than as a missed heartbeat
         inner.announced_online.remove(name);
         inner.nodes.insert(name.to_string(), record.clone());
@@ -929,8 +942,10 @@ impl Broker {
         self.emit(vec![Pending::new(
             "node-revoked",
             format!(
-                "node {name} revoked: {} certificate(s) on the revocation list, its token and key forgotten; it is offline",
-                serials.len()
+                "node {name} revoked: {} certificate(s) on the revocation list, its token and key forgotten, {} join \
+                 token(s) it joined with revoked; it is offline",
+                serials.len(),
+                revoked_join_tokens
             ),
         )
         .node(name)
@@ -1287,7 +1302,7 @@ impl Broker {
                     .iter()
                     .find(|c| c.info.name == *to)
                     .ok_or_else(|| Problem::not_found(format!("no node named {to:?}")).field("to"))?;
-                if let Err(reasons) = placement::feasibility(&w.spec, c) {
+                if let Err(reasons) = placement::feasibility(&placement::as_moved(&w.spec), c) {
                     return Err(Problem::new(
                         ErrorCode::Incompatible,
                         format!("{to} cannot take {}: {}", req.workload, reasons.join("; ")),
@@ -1307,7 +1322,7 @@ impl Broker {
                 (to.clone(), compat, "user", why)
             }
             None => {
-                let decision = placement::place(&w.spec, &candidates);
+                let decision = placement::place(&placement::as_moved(&w.spec), &candidates);
                 let mut refused = Vec::new();
                 let mut found = None;
                 for s in &decision.scores {

@@ -25,9 +25,6 @@ pub fn wanted(req: &MigrationRequest) -> bool {
 
 /// Ask `choice.source`'s agent for the plan of the move; the error says why there is none.
 pub async fn ask_source(broker: &Broker, choice: &MoveChoice, req: &MigrationRequest) -> Result<MovePlan, String> {
-    if !choice.runtime.is_container() {
-        return Err(format!("{} is a VM: the broker predicts container moves only (away migrate --plan on its node predicts VM moves too)", req.workload));
-    }
     if !choice.source_online {
         return Err(format!("its source {} is offline: nothing to measure", choice.source));
     }

@@ -4,7 +4,8 @@
 //!    filter leaves a reason: offline, draining, tier not allowed, architecture, CPU
 //!    vendor or flags, no usable runtime (the container→VM rule of
 //!    `away_policy::choose_runtime`, which also says container or VM), memory or CPUs
-//!    already promised to the workloads placed there.
+//!    already promised to the workloads placed there, a VM disk's base image missing
+//!    from the node's disk store (a move's target needs none: [`as_moved`]).
 //! 2. **Ranking**: the feasible nodes are scored; each score lists its parts so the
 //!    answer can say why the winner won:
 //!    * `link` (0..30): rate and latency of the node's link toward its users;
@@ -62,6 +63,15 @@ pub struct Candidate<'a> {
 
 // the API bodies live in away-model, shared with away-client
 pub use away_model::{Filtered, NodeScore, PlacementDecision};
+
+/// The spec a move's target is checked and chosen by: a VM's disk base need not be
+/// on the target yet, the move copies it there (docs/vm.md).
+pub fn as_moved(spec: &WorkloadSpec) -> std::borrow::Cow<'_, WorkloadSpec> {
+    match spec.disk {
+        Some(_) => std::borrow::Cow::Owned(WorkloadSpec { disk: None, ..spec.clone() }),
+        None => std::borrow::Cow::Borrowed(spec),
+    }
+}
 
 /// Phase 1 for one node: how the workload would run there, or every reason it cannot.
 pub fn feasibility(spec: &WorkloadSpec, c: &Candidate) -> Result<RuntimeDecision, Vec<String>> {
@@ -124,6 +134,12 @@ fn check(spec: &WorkloadSpec, c: &Candidate, runtime: Result<(), &str>, mut reas
     }
     if let Err(reason) = runtime {
         fail!("no runtime: {reason}");
+    }
+    if let Some(disk) = spec.disk.as_ref().filter(|d| !node.disk_bases.contains(&d.base)) {
+        fail!(
+            "no disk base {} in its disk store (`away image build --disk` there, or move a VM with that disk there)",
+            disk.base
+        );
     }
     let free_memory = node.memory_bytes.saturating_sub(c.reserved_memory);
     if spec.resources.memory.bytes() > free_memory {
@@ -390,6 +406,7 @@ pub(crate) mod tests {
             hypervisor: None,
             link: None,
             labels: Default::default(),
+            disk_bases: Default::default(),
         }
     }
 
@@ -437,6 +454,27 @@ pub(crate) mod tests {
         ] {
             assert!(text.contains(needle), "{needle:?} missing in {text}");
         }
+    }
+
+    #[test]
+    fn a_vm_with_a_disk_goes_only_where_its_base_is_but_moves_anywhere() {
+        let base = format!("sha256:{}", "ab".repeat(32));
+        let s = spec(&format!("name: w\nimage: x\nkind: vm\ndisk:\n  base: {base}\n  size: 64Mi\n"));
+        let (without, mut with) = (
+            node("a", Tier::Cloud, CpuVendor::Amd, &all_runtimes()),
+            node("b", Tier::Cloud, CpuVendor::Amd, &all_runtimes()),
+        );
+        with.disk_bases.insert(base.clone());
+        let reasons = feasibility(&s, &cand(&without)).unwrap_err();
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(reasons[0].contains(&format!("no disk base {base}")), "{reasons:?}");
+        let d = place(&s, &[cand(&without), cand(&with)]);
+        assert_eq!(d.chosen.as_deref(), Some("b"), "{}", d.why);
+        assert_eq!(d.filtered.len(), 1);
+        assert!(d.filtered[0].node == "a" && d.filtered[0].reasons[0].contains("no disk base"), "{:?}", d.filtered);
+        // a move's target gets the base with the move
+        assert!(feasibility(&as_moved(&s), &cand(&without)).is_ok());
+        assert!(matches!(as_moved(&spec("name: w\nimage: x\n")), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

@@ -155,6 +155,7 @@ fn node(name: &str, tier: Tier, vendor: CpuVendor) -> NodeInfo {
         hypervisor: Some(HypervisorInfo { qemu_version: "7.2.0".into(), accel: Accel::Tcg, reason: "test".into() }),
         link: Some(LinkInfo { rate_mbit: 1000.0, latency_ms: 1.0 }),
         labels: Default::default(),
+        disk_bases: Default::default(),
     }
 }
 
@@ -711,6 +712,19 @@ async fn join_tokens_register_until_revoked_or_expired() {
     assert_eq!(s, 401, "{e}");
     assert_eq!(e["message"], format!("join token {} expired: ask for a new one", short["id"].as_str().unwrap()));
     assert_eq!(one(&b.get("/v1/join-tokens").await.1, short_id)["state"], "expired");
+
+    // a revoked node's join token goes with it: whoever holds its files cannot join it back
+    let carl = node("carl", Tier::Edge, CpuVendor::Amd);
+    let (_, carls) = b.post("/v1/join-tokens", json!({"label": "carl"})).await;
+    let (carls_id, carls_token) = (carls["id"].as_str().unwrap(), carls["token"].as_str().unwrap());
+    let (s, reg) = b.register_with(carls_token, &carl, "127.0.0.1:1").await;
+    assert_eq!(s, 200, "{reg}");
+    let (s, v) = b.call(Method::POST, "/v1/nodes/carl/revoke", Some(USER), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(one(&b.get("/v1/join-tokens").await.1, carls_id)["state"], "revoked");
+    let (s, e) = b.register_with(carls_token, &carl, "127.0.0.1:1").await;
+    assert_eq!(s, 401, "{e}");
+    assert_eq!(e["message"], format!("join token {carls_id} revoked: ask for a new one"));
 
     // bad input names the field
     for (body, field) in [

@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 pub use link::{LinkEmulator, LinkFront, PacketSides};
 pub use merge::{check_out_dir, load_results, merge_dirs, MergeSource, SourceSummary};
 pub use output::{write_csv, write_outputs, write_plots, write_report, OutputFiles, CSV_HEADER};
+pub use vm::LinkedVmTarget;
 
 /// Round trips a container move needs besides the data: TCP connect, hello/resume,
 /// done/verdict.

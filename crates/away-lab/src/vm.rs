@@ -184,6 +184,7 @@ impl VmLab {
             emulator: opts.link_emulator,
             profile: planned.link.profile(),
             front: None,
+            disk_front: None,
         };
         status(format!("migrating over {} (limit {:.0} s)", planned.link, timeout.as_secs_f64()));
         let show = |p: VmProgress| {
@@ -282,13 +283,16 @@ async fn predict(
         }
     };
     let ram = opts.vm_ram.bytes();
-    let rss = source.status(name).await.ok().and_then(|s| s.pid).map(away_migrate::mode::resident_bytes).unwrap_or(ram);
+    // the guest's non-zero share, as away_migrate's VM plans measure it
+    let pid = source.status(name).await.ok().and_then(|s| s.pid);
+    let nonzero =
+        pid.and_then(|pid| away_migrate::estimate::sample_guest(pid, ram).ok()).map_or(1.0, |g| g.nonzero_fraction);
     let profile = planned.link.profile();
     let inputs = away_model::PredictionInputs {
         state_bytes: ram,
         // memload's pages: half random (what the container runs' samples show)
         compress_ratio: 0.5,
-        nonzero_fraction: (rss as f64 / ram as f64).clamp(0.0, 1.0),
+        nonzero_fraction: nonzero,
         dirty_bytes_per_s: dirty,
         link_bytes_per_s: profile.rate_bits_per_sec / 8.0,
         rtt_ms: profile.rtt().as_secs_f64() * 1e3,
@@ -330,12 +334,14 @@ fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec
 }
 
 /// A destination QEMU on this host reached through the link: it listens on its own
-/// port, and the source is given the link front's address instead.
+/// port, and the source is given the link front's address instead; a VM with a disk
+/// has its NBD export behind a front of its own (the mirror crosses the link too).
 pub struct LinkedVmTarget {
     pub inner: LocalVmTarget,
     pub emulator: LinkEmulator,
     pub profile: away_link::LinkProfile,
     pub front: Option<LinkFront>,
+    pub disk_front: Option<LinkFront>,
 }
 
 #[async_trait::async_trait]
@@ -356,10 +362,20 @@ impl VmTarget for LinkedVmTarget {
             return Ok(listen);
         }
         let upstream = SocketAddr::from(([127, 0, 0, 1], self.inner.port));
-        match self.emulator.start(upstream, self.profile).await {
-            Ok(front) => {
+        let disk = self.inner.disk_export(opts).map(|(_, port)| SocketAddr::from(([127, 0, 0, 1], port)));
+        let fronts = async {
+            let front = self.emulator.start(upstream, self.profile).await?;
+            let disk_front = match disk {
+                Some(upstream) => Some(self.emulator.start(upstream, self.profile).await?),
+                None => None,
+            };
+            Ok::<_, std::io::Error>((front, disk_front))
+        };
+        match fronts.await {
+            Ok((front, disk_front)) => {
                 let uri = format!("tcp:{}", front.addr);
                 self.front = Some(front);
+                self.disk_front = disk_front;
                 Ok(VmListen { uri, ..listen })
             }
             Err(e) => {
@@ -374,13 +390,25 @@ impl VmTarget for LinkedVmTarget {
     }
 
     async fn confirm(&mut self) -> away_migrate::vm::VmCommit {
-        self.front = None;
+        (self.front, self.disk_front) = (None, None);
         self.inner.confirm().await
     }
 
     async fn abort(&mut self) -> Result<(), VmMigrateError> {
-        self.front = None;
+        (self.front, self.disk_front) = (None, None);
         self.inner.abort().await
+    }
+
+    async fn ensure_base(&mut self, base: &away_runtime::qemu::BaseImage) -> Result<bool, VmMigrateError> {
+        self.inner.ensure_base(base).await
+    }
+
+    fn disk_export(&self, opts: &VmMigrationOptions) -> Option<(String, u16)> {
+        match &self.disk_front {
+            Some(front) => Some((front.addr.ip().to_string(), front.addr.port())),
+            // the packet link: the export listens in namespace B, reached from A directly
+            None => self.inner.disk_export(opts),
+        }
     }
 }
 

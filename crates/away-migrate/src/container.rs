@@ -539,9 +539,11 @@ async fn withdraw(target: &dyn TargetNode, transfer_id: &str, wait: Duration) ->
 /// in (a cancel, a link cut): `BEFORE_COMMIT` (between the target's "restored" and the
 /// commit of a staged move), `BEFORE_FREEZE` (a move of any mode, before its checks:
 /// nothing has stopped), `AFTER_FREEZE` (the workload stopped: after a staged move's
-/// checkpoint, or a lazy or streamed move's dump, before the payload leaves).
+/// checkpoint, or a lazy or streamed move's dump, before the payload leaves);
+/// `BEFORE_CONFIRM` (a VM move: the destination holds the complete guest, before the
+/// source's confirm).
 #[cfg(feature = "fault-injection")]
-async fn hold(point: &str) {
+pub(crate) async fn hold(point: &str) {
     let var = format!("AWAY_FAULT_HOLD_{point}");
     if let Some(secs) = std::env::var(&var).ok().and_then(|s| s.parse::<u64>().ok()) {
         tracing::warn!("{var}={secs}: holding");
@@ -554,9 +556,11 @@ async fn hold(point: &str) {
 /// it. Staged: `after-checkpoint` (before the payload leaves), `before-commit` (after the
 /// target's "restored"). Lazy and streamed: `streaming` (once the target asked for pages,
 /// the relay moving them), `after-verdict` (the target's copy runs; lazy: its pages still
-/// come), `before-commit` (every page moved, CRIU ended the source process).
+/// come), `before-commit` (every page moved, CRIU ended the source process). VM moves:
+/// `vm-migrating` (QEMU's migration under way), `vm-before-confirm` (the destination
+/// complete and held, before the confirm).
 #[cfg(feature = "fault-injection")]
-fn source_dies(at: &str) {
+pub(crate) fn source_dies(at: &str) {
     if std::env::var("AWAY_FAULT_SOURCE_DIE").as_deref() == Ok(at) {
         tracing::error!("AWAY_FAULT_SOURCE_DIE={at}: the source is killed (SIGKILL)");
         let _ = away_runtime::host::process::signal(std::process::id(), away_runtime::host::process::Signal::KILL);

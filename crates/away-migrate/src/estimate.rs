@@ -95,18 +95,28 @@ pub struct MemorySample {
     /// zstd:1 bytes per raw byte over the pages sampled.
     pub compress_ratio: f64,
     pub sampled_pages: usize,
+    /// Sampled pages that held only zeros (what QEMU sends as a flag, not a page).
+    pub zero_pages: usize,
 }
 
 /// Count the resident pages of `pid`'s private writable mappings and compress an even
 /// sample of them.
 pub fn sample_memory(pid: u32) -> std::io::Result<MemorySample> {
-    let present = crate::mode::resident_pages(pid)?;
+    sample_memory_in(pid, None)
+}
+
+/// [`sample_memory`] within `[start, end)` of its address space only, when given (a
+/// QEMU guest's RAM: [`crate::mode::guest_ram`]).
+pub fn sample_memory_in(pid: u32, within: Option<(u64, u64)>) -> std::io::Result<MemorySample> {
+    let present = crate::mode::resident_pages_in(pid, within)?;
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
     let step = present.len().div_ceil(SAMPLE_PAGES).max(1);
     let mut raw = Vec::with_capacity(SAMPLE_PAGES * PAGE as usize);
     let mut page = vec![0u8; PAGE as usize];
+    let mut zero_pages = 0;
     for &a in present.iter().step_by(step) {
         if mem.read_exact_at(&mut page, a).is_ok() {
+            zero_pages += usize::from(page.iter().all(|&b| b == 0));
             raw.extend_from_slice(&page);
         }
     }
@@ -121,6 +131,49 @@ pub fn sample_memory(pid: u32) -> std::io::Result<MemorySample> {
         resident_bytes: present.len() as u64 * PAGE,
         compress_ratio: ratio,
         sampled_pages: raw.len() / PAGE as usize,
+        zero_pages,
+    })
+}
+
+/// What of a QEMU guest's memory a live migration would send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestSample {
+    /// Share of the guest's memory that is resident and not all zeros (QEMU sends a zero
+    /// page as a flag).
+    pub nonzero_fraction: f64,
+    /// zstd:1 bytes per raw byte of the pages that are sent (the non-zero ones).
+    pub compress_ratio: f64,
+    pub nonzero_how: String,
+    pub compress_how: String,
+}
+
+/// Sample the memory of QEMU process `pid`'s guest of `ram` bytes: its own mapping when
+/// it can be told apart from QEMU's memory ([`crate::mode::guest_ram`]), the resident
+/// pages there, and an even sample of them for zero pages and compressibility (a
+/// guest's kernel touches most of its memory at boot, so residency alone says little).
+pub fn sample_guest(pid: u32, ram: u64) -> std::io::Result<GuestSample> {
+    let guest = crate::mode::guest_ram(pid, ram);
+    let memory = sample_memory_in(pid, guest.map(|g| (g.start, g.end)))?;
+    let nonzero_sampled = 1.0 - memory.zero_pages as f64 / memory.sampled_pages.max(1) as f64;
+    let where_ = match guest {
+        Some(_) => format!("QEMU's guest-memory mapping (pid {pid}, /proc/{pid}/smaps)"),
+        None => {
+            format!("QEMU's private writable memory (pid {pid}; no mapping of the guest's size, QEMU's own counted)")
+        }
+    };
+    Ok(GuestSample {
+        nonzero_fraction: (memory.resident_bytes as f64 / ram.max(1) as f64 * nonzero_sampled).clamp(0.0, 1.0),
+        // zero pages compress to nothing: per page that is sent
+        compress_ratio: if nonzero_sampled > 0.0 { (memory.compress_ratio / nonzero_sampled).min(1.0) } else { 1.0 },
+        nonzero_how: format!(
+            "measured: resident pages of {where_} over the guest's memory, times the share of {} sampled pages \
+             that are not all zeros ({} were)",
+            memory.sampled_pages, memory.zero_pages
+        ),
+        compress_how: format!(
+            "measured: zstd:1 over {} sampled pages of {where_}, per non-zero page",
+            memory.sampled_pages
+        ),
     })
 }
 
@@ -297,6 +350,18 @@ impl History {
             c.settle_ms = v;
             used.push("settle");
         }
+        if runtime == RuntimeKind::Qemu {
+            // the destination QEMU's start (it waits for the stream), the switchover (the
+            // destination's resume and the commit's round trip)
+            if let Some(v) = median(&all, "prepare-destination") {
+                c.vm_start_ms = v;
+                used.push("vm start");
+            }
+            if let Some(v) = median(&all, "switchover") {
+                c.vm_switchover_ms = v;
+                used.push("switchover");
+            }
+        }
         let finish: Vec<f64> = ["commit", "cleanup"].iter().filter_map(|p| median(&all, p)).collect();
         if !finish.is_empty() {
             c.finish_ms = finish.iter().sum();
@@ -436,12 +501,107 @@ pub async fn plan_container(
     };
     let predictions = away_predict::predict_all(kind, &inputs, why_not);
     let stall = dirty_bytes / PAGE as f64 * link.rtt_ms / 1e3;
-    let (chosen, why) = match optimize.and_then(|o| away_predict::choose(&predictions, o).map(|p| (o, p))) {
+    let (chosen, why) = chosen(&predictions, optimize, || kind_for_mode(kind, mode, stall, &why_not));
+    Ok(MovePlan {
+        workload: name.to_string(),
+        source: source_name.to_string(),
+        target: there.node.name.clone(),
+        inputs,
+        predictions,
+        chosen: Some(chosen),
+        why,
+    })
+}
+
+/// The way a plan takes: the best predicted for `optimize` when given, else `asked`'s.
+fn chosen(
+    predictions: &[MovePrediction],
+    optimize: Option<Optimize>,
+    asked: impl FnOnce() -> (MoveKind, String),
+) -> (MoveKind, String) {
+    match optimize.and_then(|o| away_predict::choose(predictions, o).map(|p| (o, p))) {
         Some((o, p)) => {
             (p.kind, format!("the least {} predicted", if o == Optimize::Total { "total time" } else { "downtime" }))
         }
-        None => kind_for_mode(kind, mode, stall, &why_not),
+        None => asked(),
+    }
+}
+
+/// The way QEMU moves with `opts`.
+pub fn vm_kind(opts: &crate::vm::VmMigrationOptions) -> MoveKind {
+    if opts.postcopy {
+        MoveKind::VmPostcopy
+    } else if opts.multifd.is_some() {
+        MoveKind::VmMultifd
+    } else if opts.auto_converge {
+        MoveKind::VmAutoConverge
+    } else {
+        MoveKind::VmPrecopy
+    }
+}
+
+/// Measure and predict a live migration of VM `name` to `target`: every way QEMU could
+/// move it, and the one `opts` asks for (or, given, the best for `optimize`). The
+/// guest's memory is its spec's; the share of it QEMU would send (pages never touched
+/// are zero pages, skipped) is read from the QEMU process's resident memory (which also
+/// counts QEMU's own), its compressibility from a sample of those pages; the write rate
+/// is QEMU's own measurement (`calc-dirty-rate`, 1 s of page sampling).
+pub async fn plan_vm(
+    node: &LocalNode,
+    source_name: &str,
+    name: &str,
+    target: &dyn TargetNode,
+    opts: &crate::vm::VmMigrationOptions,
+    optimize: Option<Optimize>,
+) -> Result<MovePlan, MigrateError> {
+    let spec =
+        crate::vm::guest_spec(node.qemu(), name).map_err(|e| MigrateError::Invalid(away_model::error_chain(&e)))?;
+    let (_, status) = node.get(name).await?;
+    let pid = status.pid.ok_or_else(|| MigrateError::Invalid(format!("vm {name} has no QEMU process to measure")))?;
+    let ram = spec.resources.memory.bytes();
+    let there = target.info().await?;
+    let link = measure_link(target, &there.transfer_addr).await;
+    let guest = tokio::task::spawn_blocking(move || sample_guest(pid, ram))
+        .await
+        .map_err(|e| MigrateError::Invalid(format!("sampling {name}'s memory: {e}")))?
+        .map_err(|e| MigrateError::Io { path: format!("/proc/{pid}/mem").into(), source: e })?;
+    let mut sources = BTreeMap::new();
+    sources.insert("state_bytes".to_string(), format!("the guest's memory ({} MiB, its spec)", ram >> 20));
+    sources.insert("nonzero_fraction".to_string(), guest.nonzero_how.clone());
+    sources.insert("compress_ratio".to_string(), guest.compress_how.clone());
+    let dirty = match node.qemu().dirty_rate(name, 1).await {
+        Ok(d) => {
+            sources
+                .insert("dirty_bytes_per_s".into(), "measured by QEMU: calc-dirty-rate, 1 s of page sampling".into());
+            d
+        }
+        Err(e) => {
+            sources.insert(
+                "dirty_bytes_per_s".into(),
+                format!("default 0: QEMU could not measure it ({})", away_model::error_chain(&e)),
+            );
+            0.0
+        }
     };
+    sources.insert("link_bytes_per_s".into(), link.rate_how.clone());
+    sources.insert("rtt_ms".into(), link.rtt_how.clone());
+    let (costs, costs_how) = History::of(&node.options.paths.state_dir).costs(RuntimeKind::Qemu);
+    sources.insert("costs".into(), costs_how);
+    let inputs = PredictionInputs {
+        state_bytes: ram,
+        compress_ratio: guest.compress_ratio,
+        nonzero_fraction: guest.nonzero_fraction,
+        dirty_bytes_per_s: dirty,
+        link_bytes_per_s: link.rate_bytes_per_s,
+        rtt_ms: link.rtt_ms,
+        costs,
+        // QEMU's default downtime limit
+        vm_max_downtime_ms: opts.max_downtime_ms.unwrap_or(300) as f64,
+        vm_timeout_s: opts.timeout.as_secs_f64(),
+        sources,
+    };
+    let predictions = away_predict::predict_all(RuntimeKind::Qemu, &inputs, |_| None);
+    let (chosen, why) = chosen(&predictions, optimize, || (vm_kind(opts), format!("asked for: {}", opts.describe())));
     Ok(MovePlan {
         workload: name.to_string(),
         source: source_name.to_string(),

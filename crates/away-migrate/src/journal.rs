@@ -61,11 +61,27 @@ impl OutgoingState {
     }
 }
 
+/// What moves: a container (its checkpoint), or a VM by QEMU live migration (QEMU to
+/// QEMU: the source's QEMU goes on migrating when the process driving it dies).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoveKind {
+    #[default]
+    Container,
+    /// Pre-copy: the destination is held paused until the commit, so the source may go back.
+    VmPrecopy,
+    /// Post-copy enabled: the destination runs from the switchover, the source never goes back.
+    VmPostcopy,
+}
+
 /// One outgoing move as the source records it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OutgoingMove {
     pub transfer_id: String,
     pub workload: String,
+    /// Older journals have no kind: their moves were containers'.
+    #[serde(default)]
+    pub kind: MoveKind,
     /// The target's node name.
     pub target_node: String,
     pub state: OutgoingState,
@@ -101,11 +117,13 @@ pub struct PageServer {
 }
 
 impl OutgoingMove {
-    /// A move about to stop its workload (`checkpointing`, nothing taken yet), stamped now.
+    /// A container move about to stop its workload (`checkpointing`, nothing taken yet),
+    /// stamped now.
     pub fn checkpointing(transfer_id: &str, workload: &str, target_node: &str, payload: PathBuf) -> OutgoingMove {
         OutgoingMove {
             transfer_id: transfer_id.into(),
             workload: workload.into(),
+            kind: MoveKind::Container,
             target_node: target_node.into(),
             state: OutgoingState::Checkpointing,
             payload,
@@ -139,7 +157,8 @@ pub fn record_logged(journal: Option<&dyn MoveJournal>, m: &OutgoingMove) {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// Now, in Unix milliseconds (what journal entries are stamped with).
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -157,6 +176,9 @@ pub enum Recovered {
     Resumed(String),
     /// The workload never stopped (killed before its checkpoint): nothing to undo.
     NeverStopped,
+    /// The source's copy is gone and the target does not hold the workload (why): a VM
+    /// removed by hand while its move was open.
+    Gone(String),
 }
 
 /// What the restarted source does once the target answered, a pure decision.
@@ -241,34 +263,48 @@ pub async fn recover(
             }
             "the target never restored the move".into()
         }
-        NextStep::Commit => {
-            // the lease: the one the target gave, from its answer; cut before the answer,
-            // an assumed one from now (the target armed its own before this start)
-            let (lease, from_ms) = match (m.state, m.lease_ms) {
-                (OutgoingState::Checkpointing, _) | (_, None) => (ASSUMED_LEASE, now_ms()),
-                (_, Some(l)) => (Duration::from_millis(l), m.at_ms),
-            };
-            let answered_at = tokio::time::Instant::now()
-                .checked_sub(Duration::from_millis(now_ms().saturating_sub(from_ms)))
-                .unwrap_or_else(tokio::time::Instant::now);
-            let mut commit_sent = m.state == OutgoingState::Committing;
-            loop {
-                record(OutgoingState::Committing);
-                let policy = CommitPolicy { lease, retry: Duration::from_secs(1), give_up: retry, commit_sent };
-                match crate::target::commit_move(target, &m.transfer_id, answered_at, &policy).await {
-                    CommitOutcome::Committed => return clean_up(node, archives, &m, &archive, journal).await,
-                    CommitOutcome::Aborted(why) => break why,
-                    CommitOutcome::InDoubt(why) => {
-                        // never resume on time alone after a commit that may have arrived:
-                        // the checkpoint stays, the question goes on
-                        tracing::warn!(workload = %name, transfer = %m.transfer_id, "move still in doubt, asking again: {why}");
-                        commit_sent = true;
-                    }
-                }
-            }
-        }
+        NextStep::Commit => match commit_after_restart(target, &m, journal, retry).await {
+            Ok(()) => return clean_up(node, archives, &m, &archive, journal).await,
+            Err(why) => why,
+        },
     };
     resume(node, archives, &m, &archive, journal, why).await
+}
+
+/// Commit move `m`, left open by a previous run of its source, by the commit protocol:
+/// `Ok` once the target committed, `Err(why)` once it aborted (or its lease ran out with
+/// no commit delivered). While the target gives no definite answer after a commit that
+/// may have arrived, it asks again every `retry`, without end: never a second copy.
+pub(crate) async fn commit_after_restart(
+    target: &dyn TargetNode,
+    m: &OutgoingMove,
+    journal: &dyn MoveJournal,
+    retry: Duration,
+) -> Result<(), String> {
+    // the lease: the one the target gave, from its answer; cut before the answer, an
+    // assumed one from now (the target armed its own before this start)
+    let (lease, from_ms) = match (m.state, m.lease_ms) {
+        (OutgoingState::Checkpointing, _) | (_, None) => (ASSUMED_LEASE, now_ms()),
+        (_, Some(l)) => (Duration::from_millis(l), m.at_ms),
+    };
+    let answered_at = tokio::time::Instant::now()
+        .checked_sub(Duration::from_millis(now_ms().saturating_sub(from_ms)))
+        .unwrap_or_else(tokio::time::Instant::now);
+    let mut commit_sent = m.state == OutgoingState::Committing;
+    loop {
+        record_logged(Some(journal), &m.with_state(OutgoingState::Committing));
+        let policy = CommitPolicy { lease, retry: Duration::from_secs(1), give_up: retry, commit_sent };
+        match crate::target::commit_move(target, &m.transfer_id, answered_at, &policy).await {
+            CommitOutcome::Committed => return Ok(()),
+            CommitOutcome::Aborted(why) => return Err(why),
+            CommitOutcome::InDoubt(why) => {
+                // never resume on time alone after a commit that may have arrived: the
+                // source's copy stays, the question goes on
+                tracing::warn!(workload = %m.workload, transfer = %m.transfer_id, "move still in doubt, asking again: {why}");
+                commit_sent = true;
+            }
+        }
+    }
 }
 
 /// The tar the source's last run packed the move's payload into for sending, left behind

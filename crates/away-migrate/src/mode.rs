@@ -334,6 +334,11 @@ fn page_hashes(pid: u32) -> std::io::Result<Vec<(u64, u64)>> {
 /// Addresses of the resident (or swapped) pages of `pid`'s private writable mappings,
 /// from /proc/PID/maps and /proc/PID/pagemap: what a checkpoint of it would hold.
 pub(crate) fn resident_pages(pid: u32) -> std::io::Result<Vec<u64>> {
+    resident_pages_in(pid, None)
+}
+
+/// [`resident_pages`] within `[start, end)` only, when given.
+pub(crate) fn resident_pages_in(pid: u32, within: Option<(u64, u64)>) -> std::io::Result<Vec<u64>> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
     let mut present = Vec::new();
@@ -345,7 +350,12 @@ pub(crate) fn resident_pages(pid: u32) -> std::io::Result<Vec<u64>> {
             continue;
         }
         let Some((start, end)) = range.split_once('-') else { continue };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else { continue };
+        let (Ok(mut start), Ok(mut end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else {
+            continue;
+        };
+        if let Some((lo, hi)) = within {
+            (start, end) = (start.max(lo), end.min(hi));
+        }
         let mut addr = start;
         while addr < end {
             let n = ((end - addr) / PAGE).min(4096);
@@ -412,9 +422,59 @@ pub fn resident_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A QEMU guest's RAM as its QEMU process maps it: QEMU's one mapping the size of the
+/// guest's memory (up to 2 MiB of alignment more), found in `/proc/PID/smaps`, so that
+/// QEMU's own memory is not taken for the guest's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestRam {
+    pub start: u64,
+    pub end: u64,
+    /// Its resident bytes (`Rss`).
+    pub resident: u64,
+}
+
+/// The guest-RAM mapping of QEMU process `pid` for a guest of `ram` bytes; None when no
+/// mapping of that size is found.
+pub fn guest_ram(pid: u32, ram: u64) -> Option<GuestRam> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    guest_ram_in(&smaps, ram)
+}
+
+fn guest_ram_in(smaps: &str, ram: u64) -> Option<GuestRam> {
+    let kb =
+        |l: &str, key: &str| -> Option<u64> { l.strip_prefix(key)?.trim().trim_end_matches("kB").trim().parse().ok() };
+    let (lo, hi) = (ram / 1024, (ram + (2 << 20)) / 1024);
+    let (mut range, mut size) = ((0, 0), 0);
+    let mut best: Option<GuestRam> = None;
+    for l in smaps.lines() {
+        let head = l.split_whitespace().next().and_then(|r| r.split_once('-'));
+        if let Some((a, b)) =
+            head.and_then(|(a, b)| Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?)))
+        {
+            range = (a, b);
+        } else if let Some(v) = kb(l, "Size:") {
+            size = v;
+        } else if let Some(rss) = kb(l, "Rss:") {
+            if (lo..=hi).contains(&size) && best.is_none_or(|b| b.resident < rss * 1024) {
+                best = Some(GuestRam { start: range.0, end: range.1, resident: rss * 1024 });
+            }
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guests_ram_is_the_mapping_of_its_size() {
+        let smaps = "7f00000-7f10000 rw-p 00000000 00:00 0\nSize:               8192 kB\nRss:                4096 kB\n\
+                     7e00000-7f00000 rw-p 00000000 00:00 0\nSize:             131072 kB\nRss:               40000 kB\n";
+        let g = guest_ram_in(smaps, 128 << 20).unwrap();
+        assert_eq!((g.start, g.end, g.resident), (0x7e00000, 0x7f00000, 40000 * 1024));
+        assert_eq!(guest_ram_in(smaps, 256 << 20), None);
+    }
 
     #[test]
     fn hot_ranges_are_bounded() {

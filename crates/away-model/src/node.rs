@@ -194,6 +194,11 @@ pub struct NodeInfo {
     pub link: Option<LinkInfo>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The VM disk base images in the node's disk store (`sha256:<hex>` each): a
+    /// workload with a disk is placed only where its base is; a move copies it
+    /// (docs/vm.md). Sent with every heartbeat.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub disk_bases: BTreeSet<String>,
 }
 
 impl NodeInfo {

@@ -259,6 +259,7 @@ mod tests {
             hypervisor: Some(HypervisorInfo { qemu_version: qemu.into(), accel: Accel::Tcg, reason: String::new() }),
             link: None,
             labels: Default::default(),
+            disk_bases: Default::default(),
         }
     }
 

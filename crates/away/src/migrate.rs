@@ -242,11 +242,17 @@ pub fn agent(a: AgentArgs) -> anyhow::Result<ExitCode> {
 #[command(verbatim_doc_comment)]
 pub struct MigrateArgs {
     /// The workload to move
-    #[arg(required_unless_present = "cancel")]
+    #[arg(required_unless_present_any = ["cancel", "recover"])]
     workload: Option<String>,
     /// The target agent's API address (host:port)
-    #[arg(long, required_unless_present = "cancel")]
+    #[arg(long, required_unless_present_any = ["cancel", "recover"])]
     to: Option<String>,
+    /// Finish the moves a killed `away migrate` left open on this node (its journal in
+    /// STATE_DIR/agent.db): ask each target what became of the move, then commit, remove
+    /// the source's copy, or run the workload here again; never a second copy. The
+    /// node's agent does the same when it starts
+    #[arg(long, conflicts_with_all = ["workload", "to", "cancel"])]
+    recover: bool,
     /// Cancel broker migration ID (with --broker) instead of moving a workload
     #[arg(long, value_name = "ID", conflicts_with_all = ["workload", "to"], requires = "broker", help_heading = "Broker migrations")]
     cancel: Option<String>,
@@ -355,18 +361,30 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         let ca = a.ca.clone().or_else(|| a.identity.as_ref().map(|dir| dir.join("ca.pem")));
         return rt.block_on(cancel(broker, ca.as_deref(), a.user_token.as_deref(), id, a.json));
     }
-    // clap requires both unless --cancel is given
+    if a.recover {
+        return rt.block_on(recover(&a));
+    }
+    // clap requires both unless --cancel or --recover is given
     let (Some(workload), Some(to)) = (a.workload.clone(), a.to.clone()) else {
         anyhow::bail!("give the workload to move and --to, or --cancel ID --broker URL");
     };
     let node = rt.block_on(LocalNode::open(a.node.options()));
     if let Some((away_model::RuntimeKind::Qemu, _)) = rt.block_on(node.find(&workload))? {
-        if a.plan {
-            anyhow::bail!("--plan predicts container moves; a VM's plan (QEMU's dirty rate) is not built yet");
-        }
         let source_name = a.source_name.clone().unwrap_or_else(hostname);
         let identity = source_identity(&a, &source_name)?;
         let target = rt.block_on(target_client(&a, identity.as_ref(), &to))?;
+        if a.plan {
+            let opts = vm_options(&a)?;
+            let plan = rt.block_on(away_migrate::estimate::plan_vm(
+                &node,
+                &source_name,
+                &workload,
+                &target,
+                &opts,
+                a.optimize,
+            ))?;
+            return show_plan(&plan, a.json);
+        }
         let channels = channels_of(identity.as_ref(), "the VM's memory")?;
         return rt.block_on(migrate_vm(&node, &a, &workload, target, &channels));
     }
@@ -388,12 +406,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             a.mode,
             a.optimize,
         ))?;
-        if a.json {
-            print_json(&plan)?;
-        } else {
-            print_plan(&plan);
-        }
-        return Ok(ExitCode::SUCCESS);
+        return show_plan(&plan, a.json);
     }
     let opts = ContainerMigrationOptions {
         transfer: SendOptions {
@@ -415,8 +428,9 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         commit_wait: a.commit_wait.map(Duration::from_secs).unwrap_or(ContainerMigrationOptions::default().commit_wait),
         cancel: Default::default(),
         predict: true,
-        // not journaled yet: a killed `away migrate` leaves its move to the user
-        journal: None,
+        // each step on disk: `away migrate --recover` (or the agent's next start)
+        // finishes a move this process could not
+        journal: Some(local_journal(&a.node.state_dir, &to)?),
     };
     let bar = progress_bar(a.json);
     let pb = bar.clone();
@@ -506,27 +520,7 @@ async fn migrate_vm(
     channels: &away_migrate::channel::Channels,
 ) -> anyhow::Result<ExitCode> {
     let source_name = a.source_name.clone().unwrap_or_else(hostname);
-    let mut target_ports = std::collections::BTreeMap::new();
-    for p in &a.target_ports {
-        let (g, h) = p.split_once(':').ok_or_else(|| anyhow::anyhow!("--target-port {p:?}: expected GUEST:HOST"))?;
-        target_ports.insert(g.parse()?, h.parse()?);
-    }
-    if a.compression.is_some_and(|c| c != Compression::None) && a.multifd.is_none() {
-        anyhow::bail!("--compression for a VM compresses multifd's channels: add --multifd N (e.g. --multifd 2)");
-    }
-    let opts = away_migrate::vm::VmMigrationOptions {
-        auto_converge: a.auto_converge,
-        xbzrle: a.xbzrle,
-        multifd: a.multifd,
-        multifd_compression: a.compression,
-        postcopy: a.postcopy,
-        max_downtime_ms: a.max_downtime,
-        bandwidth_limit_bytes_per_s: a.bandwidth.map(|b| b.bytes()),
-        timeout: Duration::from_secs(a.timeout),
-        target_ports,
-        commit_wait: a.commit_wait.map(Duration::from_secs).unwrap_or(away_migrate::vm::DEFAULT_VM_COMMIT_WAIT),
-        ..Default::default()
-    };
+    let opts = vm_options(a)?;
     let bar = progress_bar(a.json);
     let pb = bar.clone();
     let progress = move |p: away_migrate::vm::VmProgress| {
@@ -542,10 +536,98 @@ async fn migrate_vm(
         channels,
         opts,
         Default::default(),
+        Some(local_journal(&a.node.state_dir, a.to.as_deref().unwrap_or_default())?),
         progress,
     )
     .await;
     finish(bar, result?, a.json)
+}
+
+/// The VM live-migration options of `away migrate`'s flags.
+fn vm_options(a: &MigrateArgs) -> anyhow::Result<away_migrate::vm::VmMigrationOptions> {
+    let mut target_ports = std::collections::BTreeMap::new();
+    for p in &a.target_ports {
+        let (g, h) = p.split_once(':').ok_or_else(|| anyhow::anyhow!("--target-port {p:?}: expected GUEST:HOST"))?;
+        target_ports.insert(g.parse()?, h.parse()?);
+    }
+    if a.compression.is_some_and(|c| c != Compression::None) && a.multifd.is_none() {
+        anyhow::bail!("--compression for a VM compresses multifd's channels: add --multifd N (e.g. --multifd 2)");
+    }
+    Ok(away_migrate::vm::VmMigrationOptions {
+        auto_converge: a.auto_converge,
+        xbzrle: a.xbzrle,
+        multifd: a.multifd,
+        multifd_compression: a.compression,
+        postcopy: a.postcopy,
+        max_downtime_ms: a.max_downtime,
+        bandwidth_limit_bytes_per_s: a.bandwidth.map(|b| b.bytes()),
+        timeout: Duration::from_secs(a.timeout),
+        target_ports,
+        commit_wait: a.commit_wait.map(Duration::from_secs).unwrap_or(away_migrate::vm::DEFAULT_VM_COMMIT_WAIT),
+        predict: true,
+        ..Default::default()
+    })
+}
+
+/// The journal of this node's outgoing moves (`STATE_DIR/agent.db`, shared with its
+/// agent), writing to target API `to`.
+fn local_journal(state_dir: &std::path::Path, to: &str) -> anyhow::Result<Arc<dyn away_migrate::journal::MoveJournal>> {
+    let db = state_dir.join("agent.db");
+    let state = away_agent::state::AgentState::open(&db).with_context(|| {
+        format!("the journal of this node's moves ({}): a move is not started without it", db.display())
+    })?;
+    Ok(Arc::new(away_agent::outgoing::LocalJournal { state, target_api: to.to_string() }))
+}
+
+/// `away migrate --recover`: finish every move this node's journal has open, one after
+/// the other, and say how each ended.
+async fn recover(a: &MigrateArgs) -> anyhow::Result<ExitCode> {
+    let node = LocalNode::open(a.node.options()).await;
+    let archives = ArchiveStore::new(a.node.state_dir.join("checkpoints"));
+    let db = a.node.state_dir.join("agent.db");
+    let state = away_agent::state::AgentState::open(&db).with_context(|| format!("the journal {}", db.display()))?;
+    let open = state.outgoing(false).with_context(|| format!("the open moves in {}", db.display()))?;
+    let source_name = a.source_name.clone().unwrap_or_else(hostname);
+    let identity = source_identity(a, &source_name)?;
+    let mut ended = Vec::new();
+    let mut failed = false;
+    for (m, _, target_api) in open {
+        if !a.json {
+            eprintln!(
+                "away migrate: move {} of {} to {} ({}) was left {}: finishing it",
+                m.transfer_id,
+                m.workload,
+                m.target_node,
+                target_api,
+                m.state.as_str()
+            );
+        }
+        let target = match &identity {
+            Some(id) => AgentClient::for_node(id, &m.target_node, &target_api)
+                .await
+                .with_context(|| format!("a mutual TLS client of node {:?} at {target_api}", m.target_node))?,
+            None => AgentClient::new(&target_api).with_token(a.token.clone()),
+        };
+        let journal =
+            away_agent::outgoing::LocalJournal { state: away_agent::state::AgentState::open(&db)?, target_api };
+        // after a commit that may have arrived it asks until the target answers (every
+        // 30 s); Ctrl-C leaves the move open for the next run
+        let recovered =
+            away_agent::client::recover_move(&node, &archives, &target, m.clone(), &journal, Duration::from_secs(30))
+                .await;
+        let (kind, message) = away_agent::outgoing::recovered_event(&m, recovered);
+        failed |= kind == "migration-in-doubt";
+        if !a.json {
+            println!("{} {}: {kind}: {message}", m.transfer_id, m.workload);
+        }
+        ended.push(serde_json::json!({"transfer_id": m.transfer_id, "workload": m.workload, "target": m.target_node, "outcome": kind, "message": message}));
+    }
+    if a.json {
+        print_json(&ended)?;
+    } else if ended.is_empty() {
+        println!("no open moves in {}", db.display());
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// A transfer progress bar on stderr (hidden with --json: stdout is the report).
@@ -612,6 +694,16 @@ fn finish(bar: indicatif::ProgressBar, report: MigrationReport, json: bool) -> a
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "node".into())
+}
+
+/// `--plan`'s answer: JSON for scripts, else the table.
+fn show_plan(plan: &away_model::MovePlan, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        print_json(plan)?;
+    } else {
+        print_plan(plan);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_plan(p: &away_model::MovePlan) {

@@ -112,6 +112,12 @@ impl Destination {
                 }
             }
             if state == "running" {
+                if self.disk_port.is_some() {
+                    // post-copy: the guest runs here since the switchover, after the
+                    // source completed the mirror; nothing but the guest writes now
+                    super::disk::unexport(q, &self.name).await?;
+                    self.disk_port = None;
+                }
                 return Ok(resumed_at.unwrap_or_else(|| {
                     tracing::warn!(workload = %self.name, "destination runs but sent no RESUME event; using now");
                     SystemTime::now()
@@ -248,7 +254,7 @@ pub async fn prepare_destination(
         }
         if spec.disk.is_some() {
             let port = disk_port(opts, listen_port);
-            let tls = opts.disk_tls.as_ref().map(|t| (t.target_identity.as_path(), t.source_node.as_str()));
+            // the export has the stream's TLS: only the source node connects
             super::disk::export(&mut q, &dest.name, &dest.files.dir, &opts.listen_host, port, tls).await?;
             dest.disk_port = Some(port);
         }
@@ -417,14 +423,12 @@ pub fn copy_base(target: &QemuRuntime, base: &BaseImage) -> Result<bool, VmMigra
     if store.contains(&base.digest) {
         return Ok(false);
     }
-    let err = |source| VmMigrateError::Runtime { workload: String::new(), op: "copy the disk's base image", source };
-    let copied = store.import(&base.path).map_err(err)?;
-    if copied.digest != base.digest {
-        return Err(VmMigrateError::Invalid {
-            field: "disk.base".into(),
-            reason: format!("{} has digest {}, not {}", base.path.display(), copied.digest, base.digest),
-        });
-    }
+    // hashed on the way in: a file that changed is not stored under the digest
+    store.import_expecting(&base.path, &base.digest).map_err(|source| VmMigrateError::Runtime {
+        workload: String::new(),
+        op: "copy the disk's base image",
+        source,
+    })?;
     tracing::info!("disk base {} copied to {}", base.digest, store.dir.display());
     Ok(true)
 }

@@ -9,31 +9,35 @@
 //!    (`blockdev-mirror`, `sync: top`: only the overlay's allocated clusters, not the
 //!    base) until the job is ready (in sync; QEMU keeps it so while the guest writes);
 //! 3. RAM migrates with `pause-before-switchover`: once the source is paused for the
-//!    last RAM copy, the migration waits in `pre-switchover`; the mirror is completed
+//!    last RAM copy (or for post-copy's switch), the migration waits in `pre-switchover`; the mirror is completed
 //!    there (`block-job-cancel` of a ready mirror leaves the target in sync with the
 //!    paused source and the source on its own disk), the nbd node removed, and only then
 //!    `migrate-continue` lets the destination take over;
-//! 4. the destination stops exporting before its guest runs.
+//! 4. the destination stops exporting before its guest runs (held: before the commit
+//!    starts it; post-copy: as soon as it sees it run, the mirror being complete).
 //!
 //! A failure anywhere before the switchover leaves the source running on its own disk:
 //! the mirror is cancelled (forced), its nbd node removed, and the destination, with
 //! its overlay and export, removed with its state directory.
 //!
-//! With [`DiskTls`] both NBD ends speak TLS with the nodes' identities (x509 from the
-//! broker's CA, `verify-peer` on the server, the server's name checked by the client).
+//! With the move's [`super::VmTls`] (the nodes' identities, the same the migration
+//! stream uses) both NBD ends speak TLS: x509 from the broker's CA, `verify-peer` and an
+//! `authz-simple` of the source node's `CN` on the server, the server's name
+//! (`<target>.node.away`) checked by the client. Without identities the export listens
+//! only on a loopback address.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use away_model::error_chain;
 use away_runtime::qemu::qmp::block::{
     BlockExportAddNbd, BlockExportDel, BlockJobCancel, BlockdevAddNbd, BlockdevDel, BlockdevMirror, Inet, InetAddress,
-    LegacyAddress, NbdServerStart, NbdServerStop, ObjectAddAuthzSimple, ObjectAddTlsCredsX509, QueryBlockJobs,
+    LegacyAddress, NbdServerStart, NbdServerStop, QueryBlockJobs,
 };
-use away_runtime::qemu::qmp::commands::Command;
+use away_runtime::qemu::qmp::commands::{Command, ObjectDel};
 use away_runtime::qemu::{QemuRuntime, Qmp, QmpError, DISK_NODE};
 
-use super::{Side, VmMigrateError, QMP_TIMEOUT};
+use super::{Side, VmMigrateError, VmTls, QMP_TIMEOUT};
 
 /// The destination's export of its overlay (id and NBD export name).
 const EXPORT_ID: &str = "away-mig-disk";
@@ -43,20 +47,6 @@ const MIRROR_JOB: &str = "away-mig-disk";
 /// The TLS credentials object on either end, and the export's client check.
 const TLS_ID: &str = "away-disk-tls";
 const AUTHZ_ID: &str = "away-disk-authz";
-
-/// The nodes' identities for the NBD connection (each a directory with `ca.pem`,
-/// `cert.pem`, `key.pem`, see docs/security.md).
-// TODO(merge with qtls): the migration stream's tls-creds-x509 object comes from the same
-// identity; one function should build both.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskTls {
-    pub source_identity: PathBuf,
-    pub target_identity: PathBuf,
-    /// The target node's name: the source checks the export's certificate names it.
-    pub target_node: String,
-    /// The source node's name: the export takes only a client certificate naming it.
-    pub source_node: String,
-}
 
 /// What the mirror did (for the report).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,52 +58,49 @@ pub struct DiskMirror {
     pub total_bytes: u64,
 }
 
+/// How the mirror job ended, by its end event on `q`'s session: Ok (completed: the
+/// target has everything up to the end), Err(why) (failed, with QEMU's error, e.g. the
+/// target's "No space left on device", or cancelled); None: no end event seen. The
+/// other events stay in the session's buffer (the source's STOP among them).
+fn mirror_end(q: &mut Qmp) -> Option<Result<(), String>> {
+    let events = q.take_events_named(&["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"]);
+    let mut end = None;
+    let mut error = None;
+    for ev in events.iter().filter(|e| e.data["device"] == MIRROR_JOB) {
+        match ev.name.as_str() {
+            "BLOCK_JOB_ERROR" => {
+                error.get_or_insert_with(|| format!("{} error on the {}", ev.data["operation"], ev.data["action"]));
+            }
+            "BLOCK_JOB_CANCELLED" => end = Some(Err("the mirror was cancelled".to_string())),
+            _ => {
+                end = Some(match ev.data["error"].as_str() {
+                    Some(e) => Err(e.to_string()),
+                    None => Ok(()),
+                })
+            }
+        }
+    }
+    match (end, error) {
+        (Some(Err(e)), _) => Some(Err(e)),
+        (Some(Ok(())), Some(e)) => Some(Err(e)),
+        (end, _) => end,
+    }
+}
+
 fn qmp_err(name: &str, side: Side, command: &str, source: QmpError) -> VmMigrateError {
     VmMigrateError::Qmp { workload: name.into(), side, command: command.into(), source }
 }
 
-/// A QEMU credentials directory in `dir` for `endpoint` (`server` or `client`): links to
-/// the identity's files under the names QEMU reads.
-fn creds_dir(identity: &Path, endpoint: &str, dir: &Path) -> std::io::Result<()> {
-    let identity = std::fs::canonicalize(identity)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)?;
+/// Remove this module's TLS objects (an earlier move's, or this one's once done; absent
+/// ones: nothing to do), so a VM that came with its disk can move on with it.
+async fn remove_tls(q: &mut Qmp) {
+    for id in [TLS_ID, AUTHZ_ID] {
+        let _ = q.execute(&ObjectDel { id: id.into() }).await;
     }
-    std::fs::create_dir(dir)?;
-    std::os::unix::fs::symlink(identity.join("ca.pem"), dir.join("ca-cert.pem"))?;
-    std::os::unix::fs::symlink(identity.join("cert.pem"), dir.join(format!("{endpoint}-cert.pem")))?;
-    std::os::unix::fs::symlink(identity.join("key.pem"), dir.join(format!("{endpoint}-key.pem")))?;
-    Ok(())
-}
-
-/// Add the `tls-creds-x509` object for `endpoint` from `identity` (a directory in the
-/// VM's state directory holds QEMU's view of it).
-async fn add_tls(
-    q: &mut Qmp,
-    name: &str,
-    side: Side,
-    vm_dir: &Path,
-    identity: &Path,
-    endpoint: &'static str,
-) -> Result<String, VmMigrateError> {
-    let dir = vm_dir.join(format!("disk-tls-{endpoint}"));
-    creds_dir(identity, endpoint, &dir).map_err(|e| VmMigrateError::Invalid {
-        field: "disk_tls".into(),
-        reason: format!("identity {} for the disk's nbd {endpoint}: {e}", identity.display()),
-    })?;
-    let obj = ObjectAddTlsCredsX509 {
-        qom_type: "tls-creds-x509",
-        id: TLS_ID.into(),
-        dir: dir.display().to_string(),
-        endpoint,
-        verify_peer: true,
-    };
-    q.execute(&obj).await.map_err(|e| qmp_err(name, side, ObjectAddTlsCredsX509::NAME, e))?;
-    Ok(TLS_ID.into())
 }
 
 /// Destination: serve the overlay (node [`DISK_NODE`]) writable over NBD on
-/// `host:port`; with `tls` (this node's identity, the source node's name) over TLS to
+/// `host:port`; with `tls` (this node's identity, its peer the source node) over TLS to
 /// the source node only. Without TLS only on a loopback address.
 pub(super) async fn export(
     q: &mut Qmp,
@@ -121,28 +108,24 @@ pub(super) async fn export(
     vm_dir: &Path,
     host: &str,
     port: u16,
-    tls: Option<(&Path, &str)>,
+    tls: Option<&VmTls>,
 ) -> Result<(), VmMigrateError> {
     let side = Side::Destination;
     let (tls_creds, tls_authz) = match tls {
-        Some((identity, source_node)) => {
-            let creds = add_tls(q, name, side, vm_dir, identity, "server").await?;
+        Some(tls) => {
+            remove_tls(q).await;
+            super::tls::add_credentials(q, name, side, vm_dir, tls, TLS_ID).await?;
             // only the source node's certificate (its CN) may connect
-            let authz = ObjectAddAuthzSimple {
-                qom_type: "authz-simple",
-                id: AUTHZ_ID.into(),
-                identity: format!("CN={source_node}"),
-            };
-            q.execute(&authz).await.map_err(|e| qmp_err(name, side, ObjectAddAuthzSimple::NAME, e))?;
-            (Some(creds), Some(AUTHZ_ID.to_string()))
+            super::tls::add_peer_check(q, name, side, tls, AUTHZ_ID).await?;
+            (Some(TLS_ID.to_string()), Some(AUTHZ_ID.to_string()))
         }
         None if is_loopback(host) => (None, None),
         None => {
             return Err(VmMigrateError::Invalid {
-                field: "disk_tls".into(),
+                field: "tls".into(),
                 reason: format!(
                     "the disk export would listen on {host} without TLS: only loopback moves go without the nodes' \
-                     identities"
+                     identities (a move between nodes needs each node's identity, docs/security.md)"
                 ),
             })
         }
@@ -179,6 +162,7 @@ pub(super) async fn unexport(q: &mut Qmp, name: &str) -> Result<(), VmMigrateErr
         tracing::warn!(workload = name, "block-export-del: {}", error_chain(&e));
     }
     q.execute(&NbdServerStop).await.map_err(|e| qmp_err(name, side, NbdServerStop::NAME, e))?;
+    remove_tls(q).await;
     Ok(())
 }
 
@@ -190,7 +174,7 @@ pub async fn start_mirror(
     name: &str,
     host: &str,
     port: u16,
-    tls: Option<&DiskTls>,
+    tls: Option<&VmTls>,
     speed: Option<u64>,
     limit: Duration,
 ) -> Result<DiskMirror, VmMigrateError> {
@@ -200,9 +184,10 @@ pub async fn start_mirror(
     let mut q = Qmp::connect(&files.qmp_socket(), QMP_TIMEOUT).await.map_err(|e| qmp_err(name, side, "connect", e))?;
     let result = async {
         let (tls_creds, tls_hostname) = match tls {
-            Some(t) => {
-                let id = add_tls(&mut q, name, side, &files.dir, &t.source_identity, "client").await?;
-                (Some(id), Some(format!("{}.node.away", t.target_node)))
+            Some(tls) => {
+                remove_tls(&mut q).await;
+                super::tls::add_credentials(&mut q, name, side, &files.dir, tls, TLS_ID).await?;
+                (Some(TLS_ID.to_string()), Some(tls.peer_server_name()?))
             }
             None => (None, None),
         };
@@ -229,10 +214,14 @@ pub async fn start_mirror(
         loop {
             let jobs = q.execute(&QueryBlockJobs).await.map_err(|e| qmp_err(name, side, QueryBlockJobs::NAME, e))?;
             let Some(job) = jobs.into_iter().find(|j| j.device == MIRROR_JOB) else {
+                let why = match mirror_end(&mut q) {
+                    Some(Err(e)) => format!("on the destination's export: {e}"),
+                    _ => "(the destination's export is gone?)".into(),
+                };
                 return Err(VmMigrateError::Failed {
                     workload: name.into(),
                     status: "disk mirror failed".into(),
-                    reason: "the mirror job ended before it was in sync (the destination's export is gone?)".into(),
+                    reason: format!("the mirror job ended before it was in sync {why}"),
                 });
             };
             if let Some(e) = job.error.filter(|_| job.status == "concluded" || job.status == "aborting") {
@@ -295,7 +284,25 @@ pub(super) async fn complete_mirror(q: &mut Qmp, name: &str) -> Result<u64, VmMi
     loop {
         let jobs = q.execute(&QueryBlockJobs).await.map_err(|e| qmp_err(name, side, QueryBlockJobs::NAME, e))?;
         match jobs.into_iter().find(|j| j.device == MIRROR_JOB) {
-            None => break,
+            // gone: its end event says whether the last writes reached the target
+            None => match mirror_end(q) {
+                Some(Ok(())) => break,
+                Some(Err(e)) => {
+                    return Err(VmMigrateError::Failed {
+                        workload: name.into(),
+                        status: "disk mirror failed".into(),
+                        reason: format!("completing the mirror: {e}"),
+                    })
+                }
+                None => {
+                    return Err(VmMigrateError::Failed {
+                        workload: name.into(),
+                        status: "disk mirror lost".into(),
+                        reason: "the mirror ended without its completion event: the target may lack the last writes"
+                            .into(),
+                    })
+                }
+            },
             Some(j) if j.error.is_some() => {
                 return Err(VmMigrateError::Failed {
                     workload: name.into(),
@@ -317,6 +324,7 @@ pub(super) async fn complete_mirror(q: &mut Qmp, name: &str) -> Result<u64, VmMi
     q.execute(&BlockdevDel { node_name: NBD_NODE.into() })
         .await
         .map_err(|e| qmp_err(name, side, BlockdevDel::NAME, e))?;
+    remove_tls(q).await;
     Ok(total)
 }
 
@@ -342,5 +350,5 @@ async fn undo_mirror(q: &mut Qmp, name: &str) {
         // none was added, or it is still busy: nothing of it touches the guest's disk
         tracing::debug!(workload = name, "blockdev-del {NBD_NODE}: {}", error_chain(&e));
     }
-    let _ = q.execute(&away_runtime::qemu::qmp::block::ObjectDel { id: TLS_ID.into() }).await;
+    remove_tls(q).await;
 }

@@ -37,6 +37,7 @@ mod destination;
 pub mod disk;
 mod info;
 mod options;
+mod recover;
 mod source;
 mod tls;
 
@@ -49,9 +50,10 @@ use away_runtime::{ResolvedImage, Runtime, RuntimeError};
 use serde::{Deserialize, Serialize};
 
 pub use destination::{copy_base, prepare_destination, Destination, LocalVmTarget, VmCommit, VmListen, VmTarget};
-pub use disk::{DiskMirror, DiskTls};
+pub use disk::DiskMirror;
 pub use info::{VmMigrationOutcome, VmProgress};
 pub use options::{VmMigrationOptions, DEFAULT_VM_COMMIT_WAIT};
+pub use recover::recover_source;
 pub use source::{live_migrate, live_migrate_with_disk};
 use source::{quit_source, read_record, resume_source};
 pub use tls::VmTls;
@@ -252,12 +254,8 @@ pub async fn migrate_vm_to(
     }
     let mut base_note = String::new();
     if let Some(d) = &spec.disk {
-        if opts.postcopy {
-            return Err(VmMigrateError::Invalid {
-                field: "postcopy".into(),
-                reason: "a vm with a disk moves with pre-copy only (its mirror completes before the switchover)".into(),
-            });
-        }
+        // post-copy too: its switch to the destination waits in pre-switchover like
+        // pre-copy's last copy, and the mirror completes there
         let base = source.disk_store().find(&d.base).map_err(|source| VmMigrateError::Runtime {
             workload: name.into(),
             op: "find the disk's base image",
@@ -292,12 +290,17 @@ pub async fn migrate_vm_to(
 
     // disk-mirror: the overlay's blocks into the destination's empty overlay, until in sync
     let mut mirror = None;
+    let mut export_note = String::new();
     if spec.disk.is_some() {
         let phase = Instant::now();
         let started = match dest.disk_export(opts) {
             Some((host, port)) => {
-                let (tls, speed) = (opts.disk_tls.as_ref(), opts.disk_mirror_bytes_per_s);
-                disk::start_mirror(source, name, &host, port, tls, speed, opts.timeout).await
+                export_note = format!(
+                    " from {host}:{port} ({})",
+                    if tls.is_some() { "tls, only the source node let in" } else { "plaintext, loopback" }
+                );
+                // the disk's connection has the stream's TLS (the same nodes at its ends)
+                disk::start_mirror(source, name, &host, port, tls, opts.disk_mirror_bytes_per_s, opts.timeout).await
             }
             None => Err(VmMigrateError::Invalid {
                 field: "disk".into(),
@@ -368,6 +371,11 @@ pub async fn migrate_vm_to(
         }
     };
     // commit: a held destination starts only now; the answer decides which VM stays
+    #[cfg(feature = "fault-injection")]
+    {
+        crate::container::hold("BEFORE_CONFIRM").await;
+        crate::container::source_dies("vm-before-confirm");
+    }
     let (placed, resumed_at) = match dest.confirm().await {
         VmCommit::Committed { placed, resumed_at: started } => (placed, started.unwrap_or(resumed_at)),
         // held (pre-copy only): the destination never ran. Not `outcome.postcopy`: a move
@@ -432,7 +440,7 @@ pub async fn migrate_vm_to(
         outcome.ram_total,
         match mirror {
             Some(m) => format!(
-                "; disk: {} bytes of overlay mirrored over nbd ({} until in sync after {} ms){base_note}",
+                "; disk: {} bytes of overlay mirrored over nbd{export_note} ({} until in sync after {} ms){base_note}",
                 m.total_bytes,
                 m.ready_bytes,
                 m.ready_after.as_millis()
@@ -443,6 +451,11 @@ pub async fn migrate_vm_to(
     );
     tracing::info!(workload = name, "vm migrated: {}", report.reason);
     Ok((report, outcome))
+}
+
+/// The spec VM `name` runs with (its record on this node).
+pub fn guest_spec(source: &QemuRuntime, name: &str) -> Result<away_model::WorkloadSpec, VmMigrateError> {
+    read_record(source, name).map(|r| r.spec)
 }
 
 fn phase_of(name: &str, started: Instant) -> MigrationPhase {

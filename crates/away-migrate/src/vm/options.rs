@@ -67,10 +67,11 @@ pub struct VmMigrationOptions {
     /// Cap on the disk mirror's copy rate (bytes/s; `blockdev-mirror`'s `speed`).
     #[serde(default)]
     pub disk_mirror_bytes_per_s: Option<u64>,
-    /// TLS with the nodes' identities for the disk's NBD connection (docs/vm.md);
-    /// paths of this host, never sent.
-    #[serde(skip)]
-    pub disk_tls: Option<super::disk::DiskTls>,
+    /// Measure and predict the move before it starts (`away_migrate::estimate::plan_vm`,
+    /// about 1-2 s before the move's clock starts); the report carries the prediction
+    /// as `predicted`. Moves between agents only.
+    #[serde(default)]
+    pub predict: bool,
 }
 
 /// How long a VM source keeps confirming a silent destination by default.
@@ -96,7 +97,7 @@ impl Default for VmMigrationOptions {
             poll_interval: Duration::from_millis(100),
             disk_port: 0,
             disk_mirror_bytes_per_s: None,
-            disk_tls: None,
+            predict: false,
         }
     }
 }
@@ -192,7 +193,8 @@ impl VmMigrationOptions {
     }
 
     /// One line for reports: what was switched on.
-    pub(super) fn describe(&self) -> String {
+    /// The options in words, for reports and plans.
+    pub fn describe(&self) -> String {
         let mut on: Vec<String> = Vec::new();
         if self.auto_converge {
             on.push("auto-converge".into());

@@ -118,6 +118,10 @@ pub async fn live_migrate_with_disk(
         in_postcopy |= status.is_postcopy();
         max_throttle = max_throttle.max(p.cpu_throttle_percent.unwrap_or(0));
         let pass = p.pass;
+        #[cfg(feature = "fault-injection")]
+        if status == MigrationStatus::Active && p.transferred > 0 {
+            crate::container::source_dies("vm-migrating");
+        }
         progress(VmProgress { postcopy: in_postcopy, ..p });
         match status {
             MigrationStatus::Completed => {
@@ -216,7 +220,7 @@ pub async fn live_migrate_with_disk(
 
 /// Cancel the migration and make sure the source VM runs. Ok(Some(query-migrate)) when
 /// the migration completed instead (the destination has the VM).
-async fn cancel_and_resume(q: &mut Qmp, name: &str) -> Result<Option<MigrationInfo>, VmMigrateError> {
+pub(super) async fn cancel_and_resume(q: &mut Qmp, name: &str) -> Result<Option<MigrationInfo>, VmMigrateError> {
     let not_resumed = |state: &str, reason: String| VmMigrateError::SourceNotResumed {
         workload: name.into(),
         state: state.into(),

@@ -62,6 +62,14 @@ impl VmTls {
         &self.peer
     }
 
+    /// The name the peer's server certificate carries (`<peer>.node.away`), what a
+    /// client checks it against.
+    pub(super) fn peer_server_name(&self) -> Result<String, VmMigrateError> {
+        away_identity::server_name(&self.peer)
+            .map(|n| n.to_str().to_string())
+            .map_err(|e| VmMigrateError::Invalid { field: "peer node".into(), reason: away_model::error_chain(&e) })
+    }
+
     /// The distinguished name QEMU reads from the peer's certificate (GnuTLS's form).
     fn peer_dn(&self) -> String {
         format!("CN={}", self.peer)
@@ -99,33 +107,15 @@ pub(super) async fn apply(
     }
     let Some(tls) = tls else { return Ok(()) };
 
-    let endpoint = match side {
-        Side::Source => TlsEndpoint::Client,
-        Side::Destination => TlsEndpoint::Server,
-    };
-    let creds = write_credentials(&tls.identity, endpoint, dir)
-        .map_err(|e| VmMigrateError::Tls { workload: workload.into(), reason: e })?;
-    let add = ObjectAdd::TlsCredsX509 {
-        id: CREDS_ID.into(),
-        dir: creds.path().display().to_string(),
-        endpoint,
-        verify_peer: true,
-    };
-    let added = q.execute(&add).await;
-    // QEMU has read the files (or failed to): the key leaves the disk now
-    drop(creds);
-    added.map_err(|e| qmp_err(ObjectAdd::NAME, e))?;
+    add_credentials(q, workload, side, dir, tls, CREDS_ID).await?;
     let params = match side {
         Side::Source => MigrateSetParameters {
             tls_creds: Some(CREDS_ID.into()),
-            tls_hostname: Some(away_identity::server_name(&tls.peer).map(|n| n.to_str().to_string()).map_err(|e| {
-                VmMigrateError::Invalid { field: "peer node".into(), reason: away_model::error_chain(&e) }
-            })?),
+            tls_hostname: Some(tls.peer_server_name()?),
             ..Default::default()
         },
         Side::Destination => {
-            let authz = ObjectAdd::AuthzSimple { id: AUTHZ_ID.into(), identity: tls.peer_dn() };
-            q.execute(&authz).await.map_err(|e| qmp_err(ObjectAdd::NAME, e))?;
+            add_peer_check(q, workload, side, tls, AUTHZ_ID).await?;
             MigrateSetParameters {
                 tls_creds: Some(CREDS_ID.into()),
                 tls_authz: Some(AUTHZ_ID.into()),
@@ -135,6 +125,53 @@ pub(super) async fn apply(
     };
     q.execute(&params).await.map_err(|e| qmp_err(MigrateSetParameters::NAME, e))?;
     Ok(())
+}
+
+/// Add `side`'s `tls-creds-x509` object `id` (the client's on a source, the server's on
+/// a destination) from `tls`'s identity; its files exist only while QEMU reads them
+/// (written under `dir`). Shared by the migration stream and the disk's NBD connection.
+pub(super) async fn add_credentials(
+    q: &mut Qmp,
+    workload: &str,
+    side: Side,
+    dir: &Path,
+    tls: &VmTls,
+    id: &str,
+) -> Result<(), VmMigrateError> {
+    let endpoint = match side {
+        Side::Source => TlsEndpoint::Client,
+        Side::Destination => TlsEndpoint::Server,
+    };
+    let creds = write_credentials(&tls.identity, endpoint, dir)
+        .map_err(|e| VmMigrateError::Tls { workload: workload.into(), reason: e })?;
+    let add =
+        ObjectAdd::TlsCredsX509 { id: id.into(), dir: creds.path().display().to_string(), endpoint, verify_peer: true };
+    let added = q.execute(&add).await;
+    // QEMU has read the files (or failed to): the key leaves the disk now
+    drop(creds);
+    added.map(|_| ()).map_err(|e| VmMigrateError::Qmp {
+        workload: workload.into(),
+        side,
+        command: ObjectAdd::NAME.into(),
+        source: e,
+    })
+}
+
+/// Add the `authz-simple` object `id` that lets in only `tls`'s peer node (its `CN`).
+pub(super) async fn add_peer_check(
+    q: &mut Qmp,
+    workload: &str,
+    side: Side,
+    tls: &VmTls,
+    id: &str,
+) -> Result<(), VmMigrateError> {
+    let authz = ObjectAdd::AuthzSimple { id: id.into(), identity: tls.peer_dn() };
+    q.execute(&authz).await.map(|_| ()).map_err(|e| VmMigrateError::Qmp {
+        workload: workload.into(),
+        side,
+        command: ObjectAdd::NAME.into(),
+        source: e,
+    })
 }
 
 /// QEMU's credentials directory for `endpoint`: `ca-cert.pem`, the CA's revocation list

@@ -406,6 +406,8 @@ impl HostReport {
                 }
                 l
             },
+            // the node's disk store is the QEMU runtime's (the agent fills this in)
+            disk_bases: Default::default(),
         }
     }
 }

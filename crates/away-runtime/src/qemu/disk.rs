@@ -80,6 +80,40 @@ impl DiskStore {
         self.find(digest).is_ok()
     }
 
+    /// The digests of every base in the store (recorded and present); none when the
+    /// store does not exist yet.
+    pub fn digests(&self) -> std::collections::BTreeSet<String> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else { return Default::default() };
+        dir.filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let digest = format!("sha256:{}", name.strip_suffix(".json")?);
+            self.contains(&digest).then_some(digest)
+        })
+        .collect()
+    }
+
+    /// Remove the temporary files of copies into the store that never finished (a
+    /// process killed while it imported or received a base: `.import-*`, `.receive-*`).
+    /// Call it when no copy runs (an agent's start). Ok(how many).
+    pub fn remove_partial(&self) -> Result<usize, RuntimeError> {
+        let dir = match std::fs::read_dir(&self.dir) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(RuntimeError::io(format!("read {}", self.dir.display()), e)),
+        };
+        let mut n = 0;
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".import-") || name.starts_with(".receive-") {
+                std::fs::remove_file(e.path())
+                    .map_err(|err| RuntimeError::io(format!("remove {}", e.path().display()), err))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// The base image `digest`, or a clear error naming it and the store.
     pub fn find(&self, digest: &str) -> Result<BaseImage, RuntimeError> {
         let hex = Self::hex(digest)?;
@@ -100,6 +134,18 @@ impl DiskStore {
     /// Copy `file` (qcow2 without a backing file, or raw) into the store; returns it
     /// with its digest. Importing the same bytes again is a no-op.
     pub fn import(&self, file: &Path) -> Result<BaseImage, RuntimeError> {
+        self.import_checked(file, None)
+    }
+
+    /// [`DiskStore::import`] of a file that must be base `digest` (one a peer sent, or a
+    /// copy of one): the copy into the store is hashed, and a different digest is refused
+    /// with nothing stored.
+    pub fn import_expecting(&self, file: &Path, digest: &str) -> Result<BaseImage, RuntimeError> {
+        Self::hex(digest)?;
+        self.import_checked(file, Some(digest))
+    }
+
+    fn import_checked(&self, file: &Path, expected: Option<&str>) -> Result<BaseImage, RuntimeError> {
         let info = qemu_img_info(&self.qemu_img, file)?;
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| RuntimeError::io(format!("create {}", self.dir.display()), e))?;
@@ -110,6 +156,12 @@ impl DiskStore {
             .tempfile_in(&self.dir)
             .map_err(|e| RuntimeError::io(format!("create a temp file in {}", self.dir.display()), e))?;
         let digest = copy_hashing(file, Some(tmp.as_file()))?;
+        if let Some(expected) = expected.filter(|e| *e != digest) {
+            return Err(RuntimeError::Invalid {
+                field: "disk.base".into(),
+                reason: format!("{} has digest {digest}, not {expected}: not stored", file.display()),
+            });
+        }
         let hex = digest["sha256:".len()..].to_string();
         if let Ok(found) = self.find(&digest) {
             return Ok(found);
@@ -255,6 +307,18 @@ mod tests {
         assert_eq!(b.format, "raw");
         assert_eq!(b.virtual_size, 2 << 20);
         assert!(store.contains(&b.digest));
+        assert!(store.digests().into_iter().eq([b.digest.clone()]));
+        // a copy that never finished goes at the next start, the bases stay
+        std::fs::write(store.dir.join(".receive-x1"), b"half").unwrap();
+        assert_eq!(store.remove_partial().unwrap(), 1);
+        assert!(!store.dir.join(".receive-x1").exists() && store.contains(&b.digest));
+        // a file that is not the base it claims to be is not stored
+        std::fs::write(dir.path().join("other.raw"), vec![8u8; 1 << 20]).unwrap();
+        let e = store.import_expecting(&dir.path().join("other.raw"), &b.digest).unwrap_err();
+        assert!(e.to_string().contains(&format!("not {}", b.digest)), "{e}");
+        let names: Vec<_> = std::fs::read_dir(&store.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "only the first base and its json: {names:?}");
+        assert_eq!(store.import_expecting(&base, &b.digest).unwrap(), b);
         assert_eq!(store.import(&base).unwrap(), b, "a second import is the same base");
         let small = DiskSpec { base: b.digest.clone(), size: away_model::ByteSize(1 << 20), mount: None };
         let e = store.create_overlay(&small, &dir.path().join("o.qcow2")).unwrap_err();

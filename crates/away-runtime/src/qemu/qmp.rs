@@ -165,6 +165,14 @@ impl Qmp {
         self.events.drain(..).collect()
     }
 
+    /// The events named one of `names` received so far (oldest first), taken out of
+    /// the buffer; the others stay for [`Qmp::take_events`].
+    pub fn take_events_named(&mut self, names: &[&str]) -> Vec<QmpEvent> {
+        let (taken, kept) = self.events.drain(..).partition(|e| names.contains(&e.name.as_str()));
+        self.events = kept;
+        taken.into()
+    }
+
     /// `query-status` -> the run state ("running", "paused", "inmigrate", "postmigrate", ...).
     pub async fn run_state(&mut self) -> Result<String, QmpError> {
         Ok(self.execute(&QueryStatus).await?.status)

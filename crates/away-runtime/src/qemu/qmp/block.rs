@@ -187,48 +187,6 @@ impl Command for MigrateContinue {
     type Reply = Empty;
 }
 
-/// `object-add` of `tls-creds-x509`: certificates from `dir` (`ca-cert.pem`, and
-/// `server-cert.pem` + `server-key.pem` or `client-cert.pem` + `client-key.pem`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct ObjectAddTlsCredsX509 {
-    pub qom_type: &'static str,
-    pub id: String,
-    pub dir: String,
-    /// `server` or `client`.
-    pub endpoint: &'static str,
-    pub verify_peer: bool,
-}
-
-impl Command for ObjectAddTlsCredsX509 {
-    const NAME: &'static str = "object-add";
-    type Reply = Empty;
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ObjectDel {
-    pub id: String,
-}
-
-impl Command for ObjectDel {
-    const NAME: &'static str = "object-del";
-    type Reply = Empty;
-}
-
-/// `object-add` of `authz-simple`: allows exactly `identity` (e.g. `CN=node-a`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct ObjectAddAuthzSimple {
-    pub qom_type: &'static str,
-    pub id: String,
-    pub identity: String,
-}
-
-impl Command for ObjectAddAuthzSimple {
-    const NAME: &'static str = "object-add";
-    type Reply = Empty;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
