@@ -633,6 +633,16 @@ pub struct CounterCluster {
 impl CounterCluster {
     /// Up as `PREFIX` and digits, both agents online, the counter placed and counting.
     pub fn up(prefix: &str) -> CounterCluster {
+        Self::up_with(prefix, false)
+    }
+
+    /// [`CounterCluster::up`] with the counter as a VM (128 MiB, TCG; its port 18090
+    /// forwarded by QEMU on the node's address).
+    pub fn up_vm(prefix: &str) -> CounterCluster {
+        Self::up_with(prefix, true)
+    }
+
+    fn up_with(prefix: &str, vm: bool) -> CounterCluster {
         let name = free_cluster_name(prefix);
         let log_from = ["a", "b"]
             .map(|n| {
@@ -648,9 +658,15 @@ impl CounterCluster {
             nodes.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 2).then_some(())
         })
         .expect("both agents online");
-        let spec = serde_json::json!({"name": "counter", "image": "away/counter:latest",
-            "env": {"COUNTER_PORT": "18090"}, "resources": {"memory": "64Mi", "cpus": 0.25},
-            "placement": {"tiers": ["cloud", "edge"]}});
+        let spec = if vm {
+            serde_json::json!({"name": "counter", "image": "away/counter:latest", "kind": "vm",
+                "env": {"COUNTER_PORT": "18090"}, "ports": [{"container": 18090}],
+                "resources": {"memory": "128Mi", "cpus": 1.0}, "placement": {"tiers": ["cloud", "edge"]}})
+        } else {
+            serde_json::json!({"name": "counter", "image": "away/counter:latest",
+                "env": {"COUNTER_PORT": "18090"}, "resources": {"memory": "64Mi", "cpus": 0.25},
+                "placement": {"tiers": ["cloud", "edge"]}})
+        };
         let (s, placed) = broker_call(&info, reqwest::Method::POST, "/v1/workloads", Some(spec));
         assert_eq!(s, 201, "{placed}");
         // the scores pick the source; the other node is the target
@@ -658,7 +674,9 @@ impl CounterCluster {
         let dst = if src == "a" { "b" } else { "a" }.to_string();
         let mut c = CounterCluster { name, info, src, dst, before: (0, 0), log_from, _down: down };
         let ip = c.ip(&c.src);
-        c.before = wait_for(90, || cluster_counter_state(&ip).filter(|s| s.0 >= 5)).expect("the counter counts");
+        // a VM boots first (TCG)
+        let boot = if vm { 180 } else { 90 };
+        c.before = wait_for(boot, || cluster_counter_state(&ip).filter(|s| s.0 >= 5)).expect("the counter counts");
         c
     }
 
@@ -679,10 +697,14 @@ impl CounterCluster {
         String::from_utf8_lossy(text.get(from..).unwrap_or_default()).into_owned()
     }
 
-    /// Ask the broker to move the counter to the other node (`extra` fields added to the
-    /// order, e.g. `deadline_s`): the migration's id.
+    /// Ask the broker to move the counter to the other node in `mode` (`vm`: a VM's move,
+    /// which names none; `extra` fields added to the order, e.g. `deadline_s`): the
+    /// migration's id.
     pub fn migrate(&self, mode: &str, extra: serde_json::Value) -> String {
         let mut order = serde_json::json!({"workload": "counter", "to": self.dst, "mode": mode});
+        if mode == "vm" {
+            order.as_object_mut().expect("an object").remove("mode");
+        }
         if let (Some(o), Some(x)) = (order.as_object_mut(), extra.as_object()) {
             o.extend(x.clone());
         }

@@ -70,8 +70,16 @@ fn case(mode: &str, at: &str, run: u32) {
     // inherited by the cluster's agents (a fault-injection build of away); only a
     // source acts on them
     let mut vars = vec![];
+    // where the source holds while the broker is killed: a staged move before its commit
+    // (its target holds the copy), a streamed or lazy one after its freeze (the dump
+    // serves pages), a VM's before its confirm (the target holds the complete guest)
+    let hold = match mode {
+        "staged" => "AWAY_FAULT_HOLD_BEFORE_COMMIT",
+        "vm" => "AWAY_FAULT_HOLD_BEFORE_CONFIRM",
+        _ => "AWAY_FAULT_HOLD_AFTER_FREEZE",
+    };
     if at == "broker" {
-        vars.push(("AWAY_FAULT_HOLD_BEFORE_COMMIT", "10"));
+        vars.push((hold, "10"));
     } else {
         vars.push(("AWAY_FAULT_SOURCE_DIE", at));
     }
@@ -82,17 +90,16 @@ fn case(mode: &str, at: &str, run: u32) {
     for (k, v) in &vars {
         std::env::set_var(k, v);
     }
-    let c = CounterCluster::up("sc");
+    let c = if mode == "vm" { CounterCluster::up_vm("sc") } else { CounterCluster::up("sc") };
     let (src, dst) = (c.src.clone(), c.dst.clone());
     step("cluster up, the counter counts");
     let id = c.migrate(mode, serde_json::json!({}));
     step("migration asked");
     if at == "broker" {
-        // once the target holds its copy (the source holds before its commit)
-        away_e2e::wait_for(90, || {
-            (on_cluster_node(&c.info, &dst, "counter").as_deref() == Some("running")).then_some(())
-        })
-        .expect("the target restored its copy");
+        // once the source holds there
+        let holding = format!("{hold}=10: holding");
+        away_e2e::wait_for(120, || c.agent_log(&src).contains(&holding).then_some(()))
+            .unwrap_or_else(|| panic!("the source did not hold at {hold}:\n{}", c.agent_log(&src)));
         let pidfile = std::path::Path::new("/run/away/cluster").join(&c.name).join("broker.pid");
         let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
         assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
@@ -174,6 +181,38 @@ fn a_source_agent_killed_in_its_move_finishes_it_when_it_starts_again() {
         for run in 0..*runs {
             case("staged", at, run);
         }
+    }
+}
+
+/// The broker SIGKILLed during a streamed, lazy and VM move (the staged one is in the
+/// test above): the agents work on offline and its restart finds the migration ended by
+/// their queued events. The lab run only (`AWAY_FAULT_MATRIX=full`).
+#[test]
+fn a_broker_killed_during_a_streamed_lazy_or_vm_move_finds_it_ended() {
+    if !ready() || !full() {
+        return;
+    }
+    for mode in ["stop-copy", "lazy", "vm"] {
+        if mode == "vm" && !away_e2e::require_vm_host() {
+            continue;
+        }
+        for run in 0..3 {
+            case(mode, "broker", run);
+        }
+    }
+}
+
+/// A VM's source agent SIGKILLed before its confirm (the target holds the complete,
+/// paused guest; the broker's order): the restarted agent finds the move in its journal
+/// and confirms it within the target's lease: the migration succeeds, the VM counts on
+/// on the target, the source's QEMU gone. The lab run only (a TCG VM in a cluster).
+#[test]
+fn a_vm_source_agent_killed_before_its_confirm_finishes_the_move() {
+    if !ready() || !full() || !away_e2e::require_vm_host() {
+        return;
+    }
+    for run in 0..3 {
+        case("vm", "vm-before-confirm", run);
     }
 }
 
