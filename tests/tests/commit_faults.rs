@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use away_e2e::counter_state as state;
-use away_e2e::{free_port, require_root, require_socket, wait_for, Counter, Node};
+use away_e2e::{free_port, require_root, require_socket, wait_for, Counter, Node, Tmpfs};
 use serde_json::Value;
 
 fn ready() -> bool {
@@ -140,8 +140,13 @@ fn start_counter<'a>(source: &'a Node, target: &'a Node, test: &str, runtime: &s
     source.start_counter(target, format!("cf-{test}-{}", std::process::id()), runtime)
 }
 
-/// `away migrate` from the source, started (not waited for), with `env`.
+/// `away migrate --mode staged` from the source, started (not waited for), with `env`.
 fn migrate(w: &Workload, agent: &TargetAgent, env: &[(&str, &str)]) -> Child {
+    migrate_in(w, agent, env, "staged")
+}
+
+/// [`migrate`] in `mode`.
+fn migrate_in(w: &Workload, agent: &TargetAgent, env: &[(&str, &str)], mode: &str) -> Child {
     w.source
         .cmd(&[
             "migrate",
@@ -152,7 +157,7 @@ fn migrate(w: &Workload, agent: &TargetAgent, env: &[(&str, &str)]) -> Child {
             "--source-name",
             "source",
             "--mode",
-            "staged",
+            mode,
             "--commit-wait",
             "120",
         ])
@@ -485,41 +490,13 @@ fn a_lost_restore_answer_takes_the_targets_copy_back_first() {
     each_cell(case_lost_verdict);
 }
 
-/// A tmpfs of `size` mounted on `dir` (created), unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "mount a tmpfs on {}", dir.display());
-        Tmpfs(dir.to_path_buf())
-    }
-
-    /// Bytes still free on it.
-    fn free(&self) -> u64 {
-        let out = Command::new("df").args(["--output=avail", "-B1"]).arg(&self.0).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// Disk full on the target: its state directory (spool, store, journal) is a small tmpfs
 /// holding the workload's image and filled up but for 64 KiB, less than the checkpoint.
 /// The move fails cleanly: the source resumes (the same process, its count going on),
 /// nothing of the move is left on the target (no copy, no spool), and the target agent
 /// still answers.
-fn case_disk_full(runtime: &str, run: u32) {
-    let test = format!("full-{runtime}-{run}");
+fn case_disk_full(runtime: &str, run: u32, mode: &str) {
+    let test = format!("full-{mode}-{runtime}-{run}");
     let target = node("target", &test);
     let disk = Tmpfs::mount(&target.state, "96M");
     let agent = TargetAgent::start(&test, &[]);
@@ -536,15 +513,10 @@ fn case_disk_full(runtime: &str, run: u32) {
         .send()
         .unwrap();
     assert!(up.status().is_success(), "image upload: {}", up.status());
-    let filler = target.state.join("filler");
-    let fill = disk.free().saturating_sub(64 << 10);
-    let f = std::fs::File::create(&filler).unwrap();
-    // allocated for real (tmpfs has no holes to fall back on)
-    assert!(Command::new("fallocate").args(["-l", &fill.to_string()]).arg(&filler).status().unwrap().success());
-    drop(f);
+    disk.fill("filler", 64 << 10);
     eprintln!("target disk: {} bytes free", disk.free());
     let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 5)).expect("counter counts");
-    let (ok, _, err) = finish(migrate(&w, &agent, &[]));
+    let (ok, _, err) = finish(migrate_in(&w, &agent, &[], mode));
     assert!(!ok, "a move onto a full disk cannot succeed");
     assert!(err.contains("resumed"), "the source did not resume: {err}");
     assert_one_instance(&source, &agent.node, &w, before, runtime);
@@ -562,7 +534,21 @@ fn agent_get_ok(agent: &TargetAgent) -> bool {
 
 #[test]
 fn a_full_disk_on_the_target_fails_the_move_cleanly() {
-    each_cell(case_disk_full);
+    each_cell(|runtime, run| case_disk_full(runtime, run, "staged"));
+}
+
+/// The same for streamed and lazy moves (containerd: Docker moves are staged), the lab
+/// run only: the target's images or restore cannot be written, CRIU resumes the source.
+#[test]
+fn a_full_disk_on_the_target_fails_streamed_and_lazy_moves_cleanly() {
+    if !ready() || !full_matrix() {
+        return;
+    }
+    for mode in ["stop-copy", "lazy"] {
+        for run in 0..3 {
+            case_disk_full("containerd", run, mode);
+        }
+    }
 }
 
 /// The source's `away migrate` of a VM SIGKILLed in the middle of its move
