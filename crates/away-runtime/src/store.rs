@@ -82,11 +82,21 @@ impl ImageStore {
             .map_err(|e| RuntimeError::io(format!("create {}", self.dir.display()), e))?;
         for r in &refs {
             let dest = self.file_for(r);
-            // copy to a temp name, then rename: a reader never sees half a tar
-            let tmp = dest.with_extension("tar.part");
-            std::fs::copy(tar, &tmp)
-                .map_err(|e| RuntimeError::io(format!("copy {} to {}", tar.display(), tmp.display()), e))?;
-            std::fs::rename(&tmp, &dest).map_err(|e| RuntimeError::io(format!("rename {}", tmp.display()), e))?;
+            // copy to a temp name, then rename: a reader never sees half a tar. The name is
+            // this copy's own: two imports of one reference at once (two `away image build
+            // -t` of one tag) must not rename each other's file away
+            static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = dest.with_extension(format!("tar.part-{}-{n}", std::process::id()));
+            let copied = std::fs::copy(tar, &tmp)
+                .map_err(|e| RuntimeError::io(format!("copy {} to {}", tar.display(), tmp.display()), e))
+                .and_then(|_| {
+                    std::fs::rename(&tmp, &dest).map_err(|e| RuntimeError::io(format!("rename {}", tmp.display()), e))
+                });
+            if copied.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            copied?;
         }
         Ok(refs)
     }
