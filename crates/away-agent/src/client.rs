@@ -618,17 +618,8 @@ pub async fn migrate_vm_via_agent(
     let journal = journal.map(|journal| JournaledMove {
         journal,
         m: OutgoingMove {
-            transfer_id: format!("vm-{name}"),
-            workload: name.into(),
             kind: if opts.postcopy { MoveKind::VmPostcopy } else { MoveKind::VmPrecopy },
-            target_node: there.node.name.clone(),
-            state: OutgoingState::Checkpointing,
-            payload: node.qemu().files(name).dir,
-            archive: None,
-            set_aside: None,
-            lease_ms: None,
-            at_ms: away_migrate::journal::now_ms(),
-            page_server: None,
+            ..OutgoingMove::checkpointing(&format!("vm-{name}"), name, &there.node.name, node.qemu().files(name).dir)
         },
     });
     let mut target = RemoteVmTarget {

@@ -136,11 +136,7 @@ async fn migration_end(source: &QemuRuntime, m: &OutgoingMove) -> Result<Migrati
     let deadline = Instant::now() + limit.saturating_sub(since_journaled);
     loop {
         let status = q.execute(&QueryMigrate).await.map_err(|e| qmp(QueryMigrate::NAME, e))?.status;
-        let postcopy_broken = matches!(
-            status,
-            MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecoverSetup | MigrationStatus::PostcopyRecover
-        );
-        if postcopy_broken {
+        if status.is_postcopy_broken() {
             return Err(format!(
                 "vm {name}: post-copy broke ({status}): the guest's memory is split between source and destination"
             ));

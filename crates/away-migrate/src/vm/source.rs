@@ -164,10 +164,8 @@ pub async fn live_migrate_with_disk(
                 }
                 continue;
             }
-            MigrationStatus::PostcopyPaused
-            | MigrationStatus::PostcopyRecoverSetup
-            | MigrationStatus::PostcopyRecover => {
-                return Err(VmMigrateError::PostcopyBroken { workload: name.into(), status: status.to_string() });
+            ref s if s.is_postcopy_broken() => {
+                return Err(VmMigrateError::PostcopyBroken { workload: name.into(), status: s.to_string() });
             }
             _ => {}
         }

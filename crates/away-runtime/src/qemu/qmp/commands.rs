@@ -341,6 +341,13 @@ impl MigrationStatus {
         self.as_str().starts_with("postcopy")
     }
 
+    /// Post-copy stopped half way (its stream broke): neither end has the whole guest,
+    /// both wait for `migrate-recover`.
+    pub fn is_postcopy_broken(&self) -> bool {
+        use MigrationStatus::*;
+        matches!(self, PostcopyPaused | PostcopyRecoverSetup | PostcopyRecover)
+    }
+
     /// Still going (not none, completed, failed or cancelled).
     pub fn is_migrating(&self) -> bool {
         use MigrationStatus::*;
