@@ -1463,10 +1463,12 @@ fn token_lifetime_and_label(
         ))
         .field("expires_in_s"));
     }
-    let label = label.map(|l| l.trim().to_string()).filter(|l| !l.is_empty());
+    // Checked as sent, before trimming: the schema's pattern and maxLength judge the raw
+    // string, and a trailing tab or vertical tab is a control character either way.
     if label.as_ref().is_some_and(|l| l.chars().count() > 200 || l.chars().any(char::is_control)) {
         return Err(Problem::invalid("label must be at most 200 characters, no control characters").field("label"));
     }
+    let label = label.map(|l| l.trim().to_string()).filter(|l| !l.is_empty());
     Ok((expires_in_s, label))
 }
 
