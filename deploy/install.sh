@@ -49,6 +49,8 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-$(system_mirror)}
 APT_PKGS=(runc containerd docker.io tini iptables busybox-static cpio
           protobuf-compiler libprotobuf-dev pkg-config libssl-dev sqlite3 libsqlite3-dev
           iproute2 ca-certificates gzip xz-utils zstd e2fsprogs fonts-dejavu-core python3-venv podman
+          # deploy/install-node.sh checks that the release binary carries no DWARF
+          binutils
           # a real server that drops privileges, packed into an image by tests/tests/nginx.rs
           nginx-light
           # the web dashboard's e2e test (tests/tests/dashboard.rs): headless Chromium over WebDriver

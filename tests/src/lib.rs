@@ -156,8 +156,10 @@ pub fn require_socket(path: &str, daemon: &str) -> bool {
 /// Benchmarks (`AWAY_BENCH_RELEASE=1`, set by them) get the release build: a debug
 /// build compresses and hashes ten times slower and would measure the wrong thing.
 ///
-/// Built with `--features fault-injection`: the tests drive failures through the
-/// `AWAY_FAULT_*` variables, which a default build ignores. The feature is asked for
+/// The debug build is built with `--features fault-injection`: the tests drive failures
+/// through the `AWAY_FAULT_*` variables, which a default build ignores. (The release build
+/// is what users run, without it: the same command as deploy/install-node.sh's, so the
+/// lab and the node install share one artifact.) The feature is asked for
 /// here, on this one command line, and deliberately not in this crate's Cargo.toml: a
 /// dependency with the feature would unify it into every workspace build (the `away`
 /// that `cargo test --workspace` links for crates/away's tests, CI's clippy), and
@@ -170,10 +172,8 @@ pub fn away_bin() -> &'static Path {
     BIN.get_or_init(|| {
         let root = workspace_root();
         let release = std::env::var_os("AWAY_BENCH_RELEASE").is_some();
-        let mut args = vec!["build", "--quiet", "-p", "away", "--bin", "away", "--features", "fault-injection"];
-        if release {
-            args.push("--release");
-        }
+        let mut args = vec!["build", "--quiet", "-p", "away", "--bin", "away"];
+        args.extend(if release { ["--release"].as_slice() } else { ["--features", "fault-injection"].as_slice() });
         let status =
             Command::new(env!("CARGO")).args(&args).current_dir(&root).status().expect("run cargo build -p away");
         assert!(status.success(), "cargo build -p away failed");

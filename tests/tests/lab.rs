@@ -32,10 +32,9 @@ fn quick_profile_end_to_end() {
     let image = lab_image("memload");
     let out = away_e2e::workspace_root().join("target").join("away-lab-quick");
     let _ = std::fs::remove_dir_all(&out);
-    let opts = CompareOptions::quick(image, away_bin().to_path_buf(), out.clone());
-    // the release profile strips debug info (Cargo.toml): what a node would carry
-    let size = std::fs::metadata(away_bin()).expect("release away").len();
-    eprintln!("release away: {} ({:.1} MB)", away_bin().display(), size as f64 / 1e6);
+    // the lab runs what a node carries: the binary README's node install put there
+    let installed = install_node_as_readme_says();
+    let opts = CompareOptions::quick(image, installed, out.clone());
     eprintln!("estimated upper bound: {:.0} s", opts.estimate().as_secs_f64());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let t0 = Instant::now();
@@ -93,4 +92,30 @@ fn quick_profile_end_to_end() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     assert_eq!(&std::fs::read(out.join("fig3.png")).unwrap()[..4], b"\x89PNG");
+}
+
+/// README's "On a node" line, run as written: it builds the release away (the same
+/// artifact as the benchmarks' [`away_bin`]), installs it, checks that no DWARF is left
+/// and prints the size. Returns the installed binary.
+fn install_node_as_readme_says() -> std::path::PathBuf {
+    let readme = std::fs::read_to_string(away_e2e::workspace_root().join("README.md")).expect("README.md");
+    let section = readme.split_once("\n## On a node\n").expect("README has an \"## On a node\" section").1;
+    let line = section.split_once("```sh\n").and_then(|(_, b)| b.lines().next()).expect("a ```sh line");
+    let cmd = line.split_once(" #").map_or(line, |(c, _)| c).trim();
+    assert_eq!(cmd, "./deploy/install-node.sh", "the line this test knows");
+    let out = std::process::Command::new("bash")
+        .args(["-c", cmd])
+        .current_dir(away_e2e::workspace_root())
+        .output()
+        .expect("run deploy/install-node.sh");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{said}");
+    assert!(out.status.success(), "{cmd} failed:\n{said}");
+    let installed = std::path::PathBuf::from("/usr/local/bin/away");
+    let size = std::fs::metadata(&installed).expect("installed away").len();
+    // the size it printed is the installed file's
+    let mb = format!("{:.1} MB ({size} bytes)", size as f64 / 1e6);
+    assert!(said.contains(&format!("installed {}", installed.display())) && said.contains(&mb), "{said}");
+    assert_eq!(std::fs::read(&installed).unwrap(), std::fs::read(away_bin()).unwrap(), "the build it installed");
+    installed
 }

@@ -46,14 +46,17 @@ fn inside<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) 
 
 /// `GET /count` of the counter at `ip`, from namespace `ns`.
 fn count_from(ns: &Path, ip: Ipv4Addr) -> Option<u64> {
-    inside(ns, move || {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, PORT)), Duration::from_secs(3)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-        s.write_all(b"GET /count HTTP/1.1\r\n\r\n").ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.rsplit("\r\n\r\n").next()?.trim().parse().ok()
-    })
+    inside(ns, move || count_at(SocketAddr::from((ip, PORT))))
+}
+
+/// `GET /count` at `addr`, from this process's namespace.
+fn count_at(addr: SocketAddr) -> Option<u64> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET /count HTTP/1.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.rsplit("\r\n\r\n").next()?.trim().parse().ok()
 }
 
 /// What a streaming client saw: every line's number and arrival, and how it ended.
@@ -140,10 +143,10 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     })
     .expect("three agents online");
 
-    let submit = |wname: &str, tiers: &[&str]| {
+    let submit = |wname: &str, tiers: &[&str], ports: Value| {
         let spec = json!({"name": wname, "image": "away/counter:latest",
             "env": {"COUNTER_PORT": PORT.to_string(), "COUNTER_INTERVAL_MS": "20", "COUNTER_LOG_EVERY": "100"},
-            "resources": {"memory": "64Mi", "cpus": 0.25},
+            "ports": ports, "resources": {"memory": "64Mi", "cpus": 0.25},
             "placement": {"tiers": tiers, "runtime": "containerd"}});
         let (status, body) = api.post("/v1/workloads", spec);
         assert_eq!(status, 201, "submit {wname}: {body}");
@@ -157,8 +160,9 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     assert_eq!(status, 400, "{body}");
     assert!(body.to_string().contains("overlay"), "{body}");
 
-    submit("ovc", &["cloud", "client"]);
-    submit("ovp", &["edge"]);
+    // ovc publishes its port on its node (the agent relays it into the workload's namespace)
+    submit("ovc", &["cloud", "client"], json!([{"container": PORT}]));
+    submit("ovp", &["edge"], json!([]));
     let placed = wait_for(120, || {
         api.get("/v1/workloads/ovc")
             .filter(|w| w["state"] == "running")
@@ -182,9 +186,13 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     let before = wait_for(20, || count_from(&edge, ip)).expect("the edge node reaches the workload by overlay IP");
     assert!(count_from(&ns_of("edge", "ovp"), ip).is_some(), "workload ovp reaches ovc by overlay IP");
     assert!(count_from(&ns_of(source, "ovc"), peer_ip).is_some(), "workload ovc reaches ovp by overlay IP");
-    // not on the node's own network: its node's address does not answer on that port
-    let source_ip = info.nodes.iter().find(|n| n.name == source).unwrap().ip;
-    assert!(count_from(&source_ns, source_ip).is_none(), "the workload is not in the node's namespace");
+    // not on the node's own network, but its node relays the published port: from this
+    // host, outside the overlay, the node's address answers
+    let node_ip = |node: &str| info.nodes.iter().find(|n| n.name == node).unwrap().ip;
+    let (source_ip, target_ip) = (node_ip(source), node_ip(target));
+    let published = SocketAddr::from((source_ip, PORT));
+    let via_port = wait_for(10, || count_at(published)).expect("the published port answers on the node's address");
+    assert!(count_from(&source_ns, ip).is_some_and(|n| n >= via_port), "the same counter, by overlay IP");
 
     // a client on the third node holds a connection while the broker moves the workload
     let stop = Arc::new(AtomicBool::new(false));
@@ -192,6 +200,9 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     wait_for(10, || (seen.lock().unwrap().lines.len() > 20).then_some(())).expect("the stream flows");
     let (status, body) = api.post("/v1/migrations", json!({"workload": "ovc", "to": target}));
     assert!(status == 201 || status == 202, "migration: {status} {body}");
+    // the compatibility check said before the move that the connection would stay
+    let said = connections_said(&body);
+    assert!(said.starts_with(&format!("kept: {ip} on network")), "{said}");
     let moved = api.wait_running_on("ovc", target);
     eprintln!("ovc running on {target} after {:?}", clock.elapsed());
     assert_eq!(overlay_ip(&moved), ip, "the same IP after the move");
@@ -214,6 +225,11 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
         gap.as_millis()
     );
     wait_for(20, || (!ns_of(source, "ovc").exists()).then_some(())).expect("the source's namespace is removed");
+    // the published port followed: the target's node answers, the source's does not
+    let there =
+        wait_for(10, || count_at(SocketAddr::from((target_ip, PORT)))).expect("the port is published on the target");
+    assert!(there > via_port, "the count went on through the published port: {via_port} then {there}");
+    wait_for(10, || count_at(published).is_none().then_some(())).expect("the source no longer publishes the port");
     let moved_to = ns_of(target, "ovc");
     assert!(count_from(&moved_to, peer_ip).is_some(), "ovc reaches ovp after the move");
 
@@ -226,6 +242,7 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     let (status, body) =
         api.post("/v1/migrations", json!({"workload": "ovc", "to": source, "close_connections": true}));
     assert!(status == 201 || status == 202, "migration: {status} {body}");
+    assert!(connections_said(&body).starts_with("closed on request"), "{body}");
     api.wait_running_on("ovc", source);
     eprintln!("ovc back on {source} after {:?}", clock.elapsed());
     let end = wait_for(20, || closed.lock().unwrap().end.clone()).unwrap_or_else(|| {
@@ -240,4 +257,12 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     assert!(after > before, "the count went on: {before} then {after}");
     assert!(count_from(&ns_of("edge", "ovp"), ip).is_some(), "ovp reaches ovc after the move");
     assert!(count_from(&ns_of(source, "ovc"), peer_ip).is_some(), "ovc reaches ovp after the moves");
+}
+
+/// What a migration's compatibility check said about the workload's connections.
+fn connections_said(answer: &Value) -> String {
+    let migration = &answer["migration"];
+    let checks = migration["compatibility"]["checks"].as_array().unwrap_or_else(|| panic!("no checks: {migration}"));
+    let rule = checks.iter().find(|r| r["name"] == "connections").unwrap_or_else(|| panic!("{migration}"));
+    rule["detail"].as_str().unwrap().to_string()
 }

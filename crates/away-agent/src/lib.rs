@@ -16,6 +16,7 @@ pub mod broker;
 pub mod client;
 mod disks;
 pub mod outgoing;
+mod published;
 pub mod state;
 
 /// Built with the `fault-injection` feature: the end-to-end tests' `AWAY_FAULT_*`
@@ -647,6 +648,8 @@ pub async fn run(
         let _ = rx.wait_for(Option::is_some).await;
     };
     let heartbeats = agent.config.broker.clone().map(|link| tokio::spawn(broker::run(agent.clone(), link)));
+    // overlay workloads come from a broker: their published ports too
+    let published = agent.config.broker.is_some().then(|| tokio::spawn(published::run(agent.clone())));
     let mut receiver = {
         let (agent, stop) = (agent.clone(), until_stopped(stopped.clone()));
         tokio::spawn(async move { api::serve_transfers(agent, transfer, stop).await })
@@ -666,6 +669,7 @@ pub async fn run(
                 // the API server ended by itself: a failure
                 receiver.abort();
                 heartbeats.inspect(|h| h.abort());
+                published.inspect(|h| h.abort());
                 let message = match served {
                     Ok(Ok(())) => "the API server ended".to_string(),
                     Ok(Err(e)) => e.to_string(),
@@ -687,7 +691,7 @@ pub async fn run(
             0
         }
     };
-    if let Some(h) = heartbeats {
+    for h in [heartbeats, published].into_iter().flatten() {
         h.abort();
     }
     let vm_removed = agent.stop_vm_destinations().await;

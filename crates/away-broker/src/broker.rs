@@ -14,7 +14,7 @@ use away_model::{
     NodeLoad, RegisterRequest, RegisterResponse, TokenState, UserTokenCreated, UserTokenRequest, UserTokenView,
     WorkloadSpec, DEFAULT_MIGRATION_DEADLINE_S, MAX_JOIN_TOKEN_LIFETIME_S, MAX_MIGRATION_DEADLINE_S,
 };
-use away_policy::compat::{check_container, check_vm, Compatibility};
+use away_policy::compat::{check_container, check_vm, with_connections, Compatibility};
 use tokio::sync::broadcast;
 
 use crate::error::Problem;
@@ -1034,7 +1034,7 @@ impl Broker {
                     answers.push(Err(Self::refused(decision)));
                     continue;
                 };
-                if let Some(ipam) = overlay.as_mut().filter(|_| spec.ports.is_empty()) {
+                if let Some(ipam) = overlay.as_mut() {
                     let network = spec.network.as_deref().unwrap_or(away_model::DEFAULT_NETWORK);
                     match ipam.address(network, &crate::overlay::workload_owner(&spec.name), &mut overlay_changes) {
                         Ok(a) => spec.overlay = Some(a),
@@ -1283,11 +1283,13 @@ impl Broker {
             .ok_or_else(|| Problem::internal(format!("home node {} of {} is unknown", w.node, req.workload)))?;
         let runtime = w.status.as_ref().map(|s| s.runtime).unwrap_or(w.decision.runtime);
         let check = |dst: &NodeInfo| -> Compatibility {
-            if runtime.is_container() {
+            let compat = if runtime.is_container() {
                 check_container(&source.info, dst, runtime, runtime)
             } else {
                 check_vm(&source.info, dst)
-            }
+            };
+            // said before the move: whether its open TCP connections survive it
+            with_connections(compat, w.spec.overlay.as_ref(), runtime, req.close_connections, &dst.name)
         };
         // resources the workload holds on its source do not count against other nodes
         let candidates: Vec<Candidate> =

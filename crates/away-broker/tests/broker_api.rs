@@ -345,10 +345,11 @@ async fn overlay_addresses_follow_workloads_and_nodes_across_a_restart() {
         (l["workload"]["spec"]["overlay"]["ip"].as_str(), l["workload"]["spec"]["overlay"]["vni"].as_u64()),
         (Some("10.250.1.1"), Some(4201))
     );
-    // published ports keep the node's network; a spec may not bring its own address
+    // a workload that publishes ports is on the network too (its node relays them); a
+    // spec may not bring its own address
     let (s, p) = b.post("/v1/workloads", submit("p", json!({"ports": [{"container": 8080}]}))).await;
     assert_eq!(s, 201, "{p}");
-    assert!(p["workload"]["spec"].get("overlay").is_none(), "{p}");
+    assert_eq!(p["workload"]["spec"]["overlay"]["ip"].as_str(), Some("10.250.0.2"), "{p}");
     let forged = json!({"overlay": {"network": "default", "vni": 4200, "port": 4799, "ip": "10.250.0.9", "prefix_len": 24, "mac": "02:aa:0a:fa:00:09"}});
     let (s, f) = b.post("/v1/workloads", submit("f", forged)).await;
     assert_eq!((s, f["field"].as_str()), (400, Some("overlay")), "{f}");
@@ -362,7 +363,7 @@ async fn overlay_addresses_follow_workloads_and_nodes_across_a_restart() {
     let peer = vec![std::net::Ipv4Addr::new(10, 9, 0, 2)];
     assert_eq!(
         nets,
-        vec![("default".into(), "10.250.0.2".into(), peer.clone()), ("lab-1".into(), "10.250.1.2".into(), peer)]
+        vec![("default".into(), "10.250.0.3".into(), peer.clone()), ("lab-1".into(), "10.250.1.2".into(), peer)]
     );
 
     // a restarted broker gives the same addresses, to nodes and workloads
@@ -373,7 +374,7 @@ async fn overlay_addresses_follow_workloads_and_nodes_across_a_restart() {
     let (_, w) = b.get("/v1/workloads/a").await;
     assert_eq!(w["spec"]["overlay"], a);
     let (s, c) = b.post("/v1/workloads", submit("c", json!({}))).await;
-    assert_eq!((s, c["workload"]["spec"]["overlay"]["ip"].as_str()), (201, Some("10.250.0.3")), "{c}");
+    assert_eq!((s, c["workload"]["spec"]["overlay"]["ip"].as_str()), (201, Some("10.250.0.4")), "{c}");
     b.stop().await;
 
     // a broker without an overlay refuses a network by name

@@ -233,6 +233,51 @@ pub fn check_vm(src: &NodeInfo, dst: &NodeInfo) -> Compatibility {
     )
 }
 
+/// The name of the rule [`with_connections`] adds.
+pub const CONNECTIONS_RULE: &str = "connections";
+
+/// What a move does to the workload's open TCP connections, said before it starts: they
+/// are kept only on a lab network (docs/network.md), where the workload's address moves
+/// with it and CRIU restores its sockets established; anywhere else its address becomes
+/// the target's and its peers see their connections end. It informs and never refuses
+/// (a user who needs the connections reads it in the dry run), so the rule passes either
+/// way and the verdict's reason ends with it.
+pub fn with_connections(
+    mut compat: Compatibility,
+    overlay: Option<&away_model::OverlayAddress>,
+    runtime: RuntimeKind,
+    close_connections: bool,
+    target: &str,
+) -> Compatibility {
+    let ends = format!("after the move it answers at {target}'s address and its open TCP connections end");
+    let detail = match (compat.mode, runtime, overlay) {
+        (MigrationMode::ColdRestart, ..) => "lost: a cold restart starts the workload afresh".to_string(),
+        (_, RuntimeKind::Qemu, _) => {
+            format!("lost: a VM's network is its node's (QEMU user networking, not on a lab network yet): {ends}")
+        }
+        (_, RuntimeKind::Docker, _) => {
+            format!("lost: Docker workloads stay on Docker's bridge (not on a lab network yet): {ends}")
+        }
+        (_, _, Some(a)) if close_connections => format!(
+            "closed on request (close_connections): {} on network {} moves with it, its TCP connections are \
+             restored closed and its peers see them end",
+            a.ip, a.network
+        ),
+        (_, _, Some(a)) => format!(
+            "kept: {} on network {} moves with it; CRIU restores its TCP connections established and {target} \
+             announces the address (gratuitous ARP)",
+            a.ip, a.network
+        ),
+        (_, _, None) => format!("lost: it shares its node's network (the broker runs no lab network): {ends}"),
+    };
+    if compat.allowed {
+        let short = detail.split_once(':').map_or(detail.as_str(), |(s, _)| s);
+        compat.reason = format!("{}; connections {short}", compat.reason);
+    }
+    compat.checks.push(rule(CONNECTIONS_RULE, true, detail));
+    compat
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +371,37 @@ mod tests {
         assert!(!c.allowed && c.reason.contains("lacks CPU flags the guest may use"), "{}", c.reason);
         let c = check_vm(&intel, &node("twin", CpuVendor::Intel, INTEL, "10.0.2", "amd64"));
         assert!(c.allowed && c.mode == MigrationMode::VmLive, "{c:?}");
+    }
+
+    #[test]
+    fn connections_are_kept_only_on_a_lab_network_and_never_refuse() {
+        let amd = node("amd", CpuVendor::Amd, AMD, "10.0.2", "amd64");
+        let ok = || check_container(&amd, &amd, RuntimeKind::Containerd, RuntimeKind::Containerd);
+        let addr = away_model::OverlayAddress {
+            network: "lab".into(),
+            vni: 7,
+            port: 4799,
+            ip: "10.250.0.5".parse().unwrap(),
+            prefix_len: 24,
+            mac: "02:aa:0a:fa:00:05".into(),
+        };
+        let said = |c: &Compatibility| c.checks.iter().find(|r| r.name == CONNECTIONS_RULE).unwrap().clone();
+        let c = with_connections(ok(), Some(&addr), RuntimeKind::Containerd, false, "laptop");
+        assert!(c.allowed && c.reason.ends_with("; connections kept"), "{}", c.reason);
+        assert!(said(&c).ok && said(&c).detail.starts_with("kept: 10.250.0.5 on network lab"), "{:?}", said(&c));
+        let c = with_connections(ok(), Some(&addr), RuntimeKind::Containerd, true, "laptop");
+        assert!(c.reason.ends_with("; connections closed on request (close_connections)"), "{}", c.reason);
+        let c = with_connections(ok(), None, RuntimeKind::Containerd, false, "laptop");
+        assert!(c.allowed && c.reason.ends_with("; connections lost"), "{}", c.reason);
+        assert!(said(&c).detail.contains("answers at laptop's address"), "{:?}", said(&c));
+        // Docker and VMs are not on the lab network, whatever address the broker holds
+        let c = with_connections(ok(), Some(&addr), RuntimeKind::Docker, false, "laptop");
+        assert!(said(&c).detail.starts_with("lost: Docker workloads stay on Docker's bridge"), "{:?}", said(&c));
+        let c = with_connections(check_vm(&amd, &amd), None, RuntimeKind::Qemu, false, "laptop");
+        assert!(c.allowed && said(&c).detail.starts_with("lost: a VM's network is its node's"), "{:?}", said(&c));
+        // a refused move stays refused for its own reasons
+        let refused = check_container(&amd, &amd, RuntimeKind::Containerd, RuntimeKind::Docker);
+        let c = with_connections(refused.clone(), Some(&addr), RuntimeKind::Containerd, false, "laptop");
+        assert!(!c.allowed && c.reason == refused.reason, "{}", c.reason);
     }
 }

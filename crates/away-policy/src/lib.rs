@@ -12,6 +12,9 @@ pub mod compat;
 pub mod mode;
 pub mod runtime;
 
-pub use compat::{check_container, check_vm, missing_isa_flags, Compatibility, Rule, USER_ISA_FLAGS};
+pub use compat::{
+    check_container, check_vm, missing_isa_flags, with_connections, Compatibility, Rule, CONNECTIONS_RULE,
+    USER_ISA_FLAGS,
+};
 pub use mode::ContainerMode;
 pub use runtime::{choose_runtime, NoRuntime, VM_GUEST_ARCH};

@@ -77,6 +77,11 @@ impl LocalNode {
         }
     }
 
+    /// The containerd backend, when its daemon answered.
+    pub fn containerd(&self) -> Option<&ContainerdRuntime> {
+        self.containerd.as_ref().ok()
+    }
+
     /// The runtime of this kind, or why it is unavailable.
     pub fn runtime(&self, kind: RuntimeKind) -> Result<&dyn Runtime, RuntimeError> {
         let unavailable = |reason: &String| RuntimeError::Unavailable { runtime: kind, reason: reason.clone() };

@@ -35,6 +35,16 @@ use crate::runtime::{
 
 const KIND: RuntimeKind = RuntimeKind::Containerd;
 const SNAPSHOTTER: &str = "overlayfs";
+
+/// A port an overlay workload publishes on its node: `host` there goes to `to`, the
+/// workload's overlay address (docs/network.md).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PublishedPort {
+    pub workload: String,
+    pub host: u16,
+    pub to: std::net::SocketAddrV4,
+}
+
 const LABEL_WORKLOAD: &str = "away.workload";
 const LABEL_IMAGE: &str = "away.image";
 const LABEL_SPEC: &str = "away.spec";

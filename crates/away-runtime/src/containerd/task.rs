@@ -453,6 +453,39 @@ impl ContainerdRuntime {
         Ok(out)
     }
 
+    /// The ports running overlay workloads publish: each of their `ports:` goes from the
+    /// node's port to the workload's overlay address (the agent relays them,
+    /// away_agent::published). A workload on the node's own network publishes by itself.
+    pub async fn published_overlay_ports(&self) -> Result<Vec<super::PublishedPort>, RuntimeError> {
+        let mut cs = api::containers_client::ContainersClient::new(self.channel.clone());
+        let containers = cs
+            .list(self.req(api::ListContainersRequest { filters: vec![format!("labels.\"{LABEL_WORKLOAD}\"")] }))
+            .await
+            .map_err(|s| Self::failed("list containers", &self.namespace, s))?
+            .into_inner()
+            .containers;
+        let mut out = Vec::new();
+        for c in containers {
+            let spec: Option<WorkloadSpec> = c.labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok());
+            let Some((spec, addr)) = spec.as_ref().and_then(|s| Some((s, s.overlay.as_ref()?))) else { continue };
+            if spec.ports.is_empty() {
+                continue;
+            }
+            let running = self
+                .get_task(&c.id)
+                .await?
+                .is_some_and(|p| p.status == containerd_client::types::v1::Status::Running as i32);
+            if running {
+                out.extend(spec.ports.iter().map(|p| super::PublishedPort {
+                    workload: c.id.clone(),
+                    host: p.host_port(),
+                    to: std::net::SocketAddrV4::new(addr.ip, p.container),
+                }));
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) async fn log_stream(&self, name: &str, follow: bool) -> Result<LogStream, RuntimeError> {
         if self.get_container(name).await?.is_none() {
             return Err(RuntimeError::NotFound { runtime: KIND, name: name.into() });
