@@ -647,6 +647,10 @@ fn vm_disk_moves_between_cluster_nodes() {
     plan.images.push(image.tar.clone());
     let info = away_cluster::up(&plan).expect("cluster up");
     let _down = away_e2e::ClusterDown(cluster.clone());
+    // AWAY_VM_DISK_WAN=1: the two nodes talk over the emulated WAN (the lab run of
+    // docs/vm.md); CI runs the bridge
+    let wan = std::env::var_os("AWAY_VM_DISK_WAN")
+        .map(|_| away_e2e::wan::NodeLink::up(&info, "a", "b", away_link::LinkProfile::wan()));
     let api = away_e2e::BrokerApi::new(&info);
     wait_for(30, || {
         api.get("/v1/nodes")
@@ -712,6 +716,9 @@ fn vm_disk_moves_between_cluster_nodes() {
     .expect("the migration ends");
     let wall = t1.elapsed();
     eprintln!("migration {}", serde_json::to_string_pretty(&done).unwrap());
+    if let Some(w) = &wan {
+        eprintln!("between the nodes: the emulated WAN (37 Mbit/s, 36.784 ms one way): {:?}", w.link().stats());
+    }
     assert_eq!(done["state"], "succeeded", "{done}");
     let reason = done.to_string();
     eprintln!(

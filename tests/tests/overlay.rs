@@ -207,21 +207,10 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     eprintln!("ovc running on {target} after {:?}", clock.elapsed());
     assert_eq!(overlay_ip(&moved), ip, "the same IP after the move");
     assert_eq!(moved["spec"]["overlay"]["mac"], mac, "the same MAC after the move");
-    let at_move = seen.lock().unwrap().lines.len();
-    wait_for(20, || (seen.lock().unwrap().lines.len() > at_move + 50).then_some(()))
-        .unwrap_or_else(|| panic!("the stream did not go on after the move: {:?}", seen.lock().unwrap().end));
-    stop.store(true, Ordering::SeqCst);
-    reader.join().unwrap();
-    let seen = seen.lock().unwrap();
-    assert!(seen.end.is_none(), "the connection ended: {:?}", seen.end);
-    for (i, (n, _)) in seen.lines.iter().enumerate() {
-        assert_eq!(*n, i as u64 + 1, "line {i} carries {n}: a byte lost or repeated");
-    }
-    let gap = seen.lines.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap();
+    let (lines, gap) = held_through_the_move(&seen, &stop, reader, "the move");
     println!(
-        "overlay move {source} -> {target}: {} lines over one TCP connection, none lost or repeated; \
+        "overlay move {source} -> {target}: {lines} lines over one TCP connection, none lost or repeated; \
          longest gap the client saw {} ms (lines every 20 ms)",
-        seen.lines.len(),
         gap.as_millis()
     );
     wait_for(20, || (!ns_of(source, "ovc").exists()).then_some(())).expect("the source's namespace is removed");
@@ -257,6 +246,27 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     assert!(after > before, "the count went on: {before} then {after}");
     assert!(count_from(&ns_of("edge", "ovp"), ip).is_some(), "ovp reaches ovc after the move");
     assert!(count_from(&ns_of(source, "ovc"), peer_ip).is_some(), "ovc reaches ovp after the moves");
+}
+
+/// After a move: the stream goes on (50 more lines), then stops; the connection never
+/// ended and every line came once and in order. How many lines, and the longest gap.
+fn held_through_the_move(
+    seen: &Mutex<Seen>,
+    stop: &AtomicBool,
+    reader: std::thread::JoinHandle<()>,
+    what: &str,
+) -> (usize, Duration) {
+    let at_move = seen.lock().unwrap().lines.len();
+    wait_for(20, || (seen.lock().unwrap().lines.len() > at_move + 50).then_some(()))
+        .unwrap_or_else(|| panic!("{what}: the stream did not go on: {:?}", seen.lock().unwrap().end));
+    stop.store(true, Ordering::SeqCst);
+    reader.join().unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.end.is_none(), "{what}: the connection ended: {:?}", seen.end);
+    for (i, (n, _)) in seen.lines.iter().enumerate() {
+        assert_eq!(*n, i as u64 + 1, "{what}: line {i} carries {n}: a byte lost or repeated");
+    }
+    (seen.lines.len(), seen.lines.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap())
 }
 
 /// What a migration's compatibility check said about the workload's connections.
@@ -325,21 +335,10 @@ fn over_the_wan_each_container_mode_keeps_the_connection() {
         .unwrap_or_else(|| panic!("{mode}: the move did not end"));
         assert_eq!(done["state"], "succeeded", "{mode}: {done}");
         api.wait_running_on("ovw", to);
-        let at_move = seen.lock().unwrap().lines.len();
-        wait_for(20, || (seen.lock().unwrap().lines.len() > at_move + 50).then_some(()))
-            .unwrap_or_else(|| panic!("{mode}: the stream did not go on: {:?}", seen.lock().unwrap().end));
-        stop.store(true, Ordering::SeqCst);
-        reader.join().unwrap();
-        let seen = seen.lock().unwrap();
-        assert!(seen.end.is_none(), "{mode}: the connection ended: {:?}", seen.end);
-        for (i, (n, _)) in seen.lines.iter().enumerate() {
-            assert_eq!(*n, i as u64 + 1, "{mode}: line {i} carries {n}: a byte lost or repeated");
-        }
-        let gap = seen.lines.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap();
+        let (lines, gap) = held_through_the_move(&seen, &stop, reader, mode);
         let r = &done["report"];
         rows.push(format!(
-            "| {mode} | {at} → {to} | {} | {:.2} | {:.2} | {:.0} | {:.2} |",
-            seen.lines.len(),
+            "| {mode} | {at} → {to} | {lines} | {:.2} | {:.2} | {:.0} | {:.2} |",
             r["total_millis"].as_f64().unwrap_or(f64::NAN) / 1e3,
             r["downtime_millis"].as_f64().unwrap_or(f64::NAN) / 1e3,
             r["bytes_wire"].as_f64().unwrap_or(f64::NAN) / 1e3,

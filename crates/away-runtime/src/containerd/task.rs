@@ -436,16 +436,20 @@ impl ContainerdRuntime {
         Ok(())
     }
 
-    pub(super) async fn list_workloads(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
+    /// away's containers in this namespace.
+    async fn workload_containers(&self) -> Result<Vec<api::Container>, RuntimeError> {
         let mut cs = api::containers_client::ContainersClient::new(self.channel.clone());
-        let containers = cs
+        Ok(cs
             .list(self.req(api::ListContainersRequest { filters: vec![format!("labels.\"{LABEL_WORKLOAD}\"")] }))
             .await
             .map_err(|s| Self::failed("list containers", &self.namespace, s))?
             .into_inner()
-            .containers;
+            .containers)
+    }
+
+    pub(super) async fn list_workloads(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
         let mut out = Vec::new();
-        for c in containers {
+        for c in self.workload_containers().await? {
             let task = self.get_task(&c.id).await?;
             out.push(self.to_status(&c, task.as_ref()));
         }
@@ -457,15 +461,8 @@ impl ContainerdRuntime {
     /// node's port to the workload's overlay address (the agent relays them,
     /// away_agent::published). A workload on the node's own network publishes by itself.
     pub async fn published_overlay_ports(&self) -> Result<Vec<super::PublishedPort>, RuntimeError> {
-        let mut cs = api::containers_client::ContainersClient::new(self.channel.clone());
-        let containers = cs
-            .list(self.req(api::ListContainersRequest { filters: vec![format!("labels.\"{LABEL_WORKLOAD}\"")] }))
-            .await
-            .map_err(|s| Self::failed("list containers", &self.namespace, s))?
-            .into_inner()
-            .containers;
         let mut out = Vec::new();
-        for c in containers {
+        for c in self.workload_containers().await? {
             let spec: Option<WorkloadSpec> = c.labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok());
             let Some((spec, addr)) = spec.as_ref().and_then(|s| Some((s, s.overlay.as_ref()?))) else { continue };
             if spec.ports.is_empty() {
