@@ -237,30 +237,7 @@ fn redis_image(out: &Path) -> PathBuf {
 
 /// nginx as one process serving a fixed page.
 fn nginx_image(out: &Path) -> PathBuf {
-    let conf = format!(
-        "master_process off;\nworker_processes 1;\npid /run/nginx.pid;\nerror_log stderr notice;\n\
-         events {{ worker_connections 64; }}\n\
-         http {{\n  access_log off;\n  default_type text/plain;\n\
-         client_body_temp_path /tmp/body;\n  proxy_temp_path /tmp/proxy;\n  fastcgi_temp_path /tmp/fastcgi;\n\
-         uwsgi_temp_path /tmp/uwsgi;\n  scgi_temp_path /tmp/scgi;\n\
-         server {{\n    listen {NGINX_PORT};\n    location / {{ return 200 \"nginx answers\\n\"; }}\n  }}\n}}\n"
-    );
-    let files = [
-        (
-            "etc/passwd",
-            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n".to_string(),
-        ),
-        ("etc/group", "root:x:0:\nnogroup:x:65534:\n".to_string()),
-        ("etc/nginx/nginx.conf", conf),
-    ];
-    host_binary_image(
-        Path::new(NGINX),
-        &files,
-        &["tmp", "run", "var/log/nginx", "var/lib/nginx"],
-        &[NGINX, "-g", "daemon off;"],
-        "away/bench-nginx:latest",
-        out,
-    )
+    away_e2e::nginx_image("master_process off;\nworker_processes 1;\n", NGINX_PORT, "away/bench-nginx:latest", out)
 }
 
 /// Value `i` of the fill: printable, varied (it compresses like text, not like zeros).

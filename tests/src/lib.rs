@@ -276,6 +276,37 @@ pub fn host_binary_image(
         .expect("away image build wrote a tar")
 }
 
+/// Debian's nginx ([`host_binary_image`]) answering `nginx answers` on `port`, its
+/// configuration's main section beginning with `main` (who runs the workers, how many),
+/// temp directories under /tmp, passwd/group files for root and nobody.
+pub fn nginx_image(main: &str, port: u16, tag: &str, out: &Path) -> PathBuf {
+    const NGINX: &str = "/usr/sbin/nginx";
+    let conf = format!(
+        "{main}pid /run/nginx.pid;\nerror_log stderr notice;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  access_log off;\n  default_type text/plain;\n\
+         client_body_temp_path /tmp/body;\n  proxy_temp_path /tmp/proxy;\n  fastcgi_temp_path /tmp/fastcgi;\n\
+         uwsgi_temp_path /tmp/uwsgi;\n  scgi_temp_path /tmp/scgi;\n\
+         server {{\n    listen {port};\n    location / {{ return 200 \"nginx answers\\n\"; }}\n  }}\n}}\n"
+    );
+    let files = [
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n".to_string(),
+        ),
+        ("etc/group", "root:x:0:\nnogroup:x:65534:\n".to_string()),
+        ("etc/nginx/nginx.conf", conf),
+    ];
+    host_binary_image(
+        Path::new(NGINX),
+        &files,
+        &["tmp", "run", "var/log/nginx", "var/lib/nginx"],
+        &[NGINX, "-g", "daemon off;"],
+        tag,
+        out,
+    )
+}
+
 /// A name for a local cluster, `PREFIX` and digits, whose subnet (10.213.K.0/24) no
 /// interface of this host uses right now (other tests' clusters).
 pub fn free_cluster_name(prefix: &str) -> String {

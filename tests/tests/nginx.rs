@@ -18,34 +18,10 @@ fn ready() -> bool {
         && require(Path::new(NGINX).is_file(), "nginx (Debian's nginx-light, from deploy/install.sh)")
 }
 
-/// The image: nginx, its libraries, a config whose workers run as `nobody` with their
-/// temp directories under /tmp (which nginx chowns to them at start), and passwd/group
-/// files for the names.
+/// The image: nginx whose workers run as `nobody` with their temp directories under
+/// /tmp (which nginx chowns to them at start).
 fn build_image(port: u16, out: &Path) -> PathBuf {
-    let conf = format!(
-        "user nobody nogroup;\nworker_processes 2;\npid /run/nginx.pid;\nerror_log stderr notice;\n\
-         events {{ worker_connections 64; }}\n\
-         http {{\n  access_log off;\n  default_type text/plain;\n\
-         client_body_temp_path /tmp/body;\n  proxy_temp_path /tmp/proxy;\n  fastcgi_temp_path /tmp/fastcgi;\n\
-         uwsgi_temp_path /tmp/uwsgi;\n  scgi_temp_path /tmp/scgi;\n\
-         server {{\n    listen {port};\n    location / {{ return 200 \"nginx answers\\n\"; }}\n  }}\n}}\n"
-    );
-    let files = [
-        (
-            "etc/passwd",
-            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n".to_string(),
-        ),
-        ("etc/group", "root:x:0:\nnogroup:x:65534:\n".to_string()),
-        ("etc/nginx/nginx.conf", conf),
-    ];
-    away_e2e::host_binary_image(
-        Path::new(NGINX),
-        &files,
-        &["tmp", "run", "var/log/nginx", "var/lib/nginx"],
-        &[NGINX, "-g", "daemon off;"],
-        "away/nginx-e2e:latest",
-        out,
-    )
+    away_e2e::nginx_image("user nobody nogroup;\nworker_processes 2;\n", port, "away/nginx-e2e:latest", out)
 }
 
 /// Removes the workload from the node when the test ends, however it ends.
