@@ -132,10 +132,10 @@ const DOCKER_RESTORE_STEPS: &[&str] = &[
 ];
 
 /// The steps of a containerd restore, in order: the target's image store, then
-/// containerd's (the rootfs changes applied to the new snapshot, containerd's task
-/// creation as CRIU's restore, timed by its log, and the rest: the shim and runc).
+/// containerd's (the rootfs changes applied to the new snapshot, the task's creation, its
+/// start, where the shim restores: runc around CRIU, and CRIU's own time from its log).
 const CONTAINERD_RESTORE_STEPS: &[&str] =
-    &["store", "image", "snapshot", "rootfs-diff", "container", "shim-runc", "criu-restore", "task-start", "status"];
+    &["store", "image", "snapshot", "rootfs-diff", "container", "task-create", "shim-runc", "criu-restore", "status"];
 
 /// The steps of a containerd checkpoint that stops the workload, in order.
 const CONTAINERD_CHECKPOINT_STEPS: &[&str] = &["shim-runc", "criu-dump", "rootfs-diff", "task-delete"];
