@@ -53,6 +53,8 @@ APT_PKGS=(runc containerd docker.io tini iptables busybox-static cpio
           binutils
           # a real server that drops privileges, packed into an image by tests/tests/nginx.rs
           nginx-light
+          # a real server with state, moved by tests/benches/servers.rs (issue 21)
+          redis-server
           # the web dashboard's e2e test (tests/tests/dashboard.rs): headless Chromium over WebDriver
           chromium chromium-driver
           # the capture test of issue 17 (tests/tests/capture.rs): no plaintext on the link

@@ -169,9 +169,15 @@ pub fn require_socket(path: &str, daemon: &str) -> bool {
 /// two builds apart (features change the artifacts' hashes), so a `cargo test
 /// --workspace` compiles each of away-migrate, away-agent and away once per feature
 /// set and afterwards only relinks target/debug/away: no rebuild back and forth.
+///
+/// `AWAY_BENCH_BIN=PATH` measures that binary instead of building one (a benchmark of a
+/// build kept aside, e.g. before and after a change).
 pub fn away_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("AWAY_BENCH_BIN") {
+            return PathBuf::from(bin);
+        }
         let root = workspace_root();
         let release = std::env::var_os("AWAY_BENCH_RELEASE").is_some();
         let mut args = vec!["build", "--quiet", "-p", "away", "--bin", "away"];
@@ -221,6 +227,86 @@ pub fn lab_image(app: &str) -> PathBuf {
     assert!(built.status.success(), "away image build images/{app} failed: {}", String::from_utf8_lossy(&built.stderr));
     assert!(tar.is_file(), "away image build did not write {}", tar.display());
     tar
+}
+
+/// An image of a real server from this host's Debian packages, packed by `away image
+/// build`: `binary` (a link is copied as the file it names, under `binary`'s own name)
+/// and the libraries `ldd` names for it, the `files` given (path in the image, text),
+/// the empty `dirs`, and `entrypoint`; tagged `tag`, written to `out` (a directory).
+/// Returns the image tar.
+pub fn host_binary_image(
+    binary: &Path,
+    files: &[(&str, String)],
+    dirs: &[&str],
+    entrypoint: &[&str],
+    tag: &str,
+    out: &Path,
+) -> PathBuf {
+    let ctx = out.join("context");
+    let root = ctx.join("rootfs");
+    let put = |dest: &Path, src: &Path| {
+        let to = root.join(dest.strip_prefix("/").unwrap_or(dest));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(src, &to).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), to.display()));
+    };
+    put(binary, binary);
+    let ldd = Command::new("ldd").arg(binary).output().expect("run ldd");
+    assert!(ldd.status.success(), "ldd {} failed", binary.display());
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        if let Some(lib) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            put(Path::new(lib), Path::new(lib));
+        }
+    }
+    for dir in dirs {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    for (dest, text) in files {
+        let to = root.join(dest);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::write(to, text).unwrap();
+    }
+    let entry = serde_json::to_string(entrypoint).expect("strings serialize");
+    std::fs::write(ctx.join("Containerfile"), format!("FROM scratch\nCOPY rootfs/ /\nENTRYPOINT {entry}\n")).unwrap();
+    let built = away(&["image", "build", ctx.to_str().unwrap(), "-t", tag, "-o", out.to_str().unwrap()]);
+    assert!(built.status.success(), "away image build failed: {}", String::from_utf8_lossy(&built.stderr));
+    std::fs::read_dir(out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "tar"))
+        .expect("away image build wrote a tar")
+}
+
+/// Debian's nginx ([`host_binary_image`]) answering `nginx answers` on `port`, its
+/// configuration's main section beginning with `main` (who runs the workers, how many),
+/// temp directories under /tmp, passwd/group files for root and nobody.
+pub fn nginx_image(main: &str, port: u16, tag: &str, out: &Path) -> PathBuf {
+    const NGINX: &str = "/usr/sbin/nginx";
+    let conf = format!(
+        "{main}pid /run/nginx.pid;\nerror_log stderr notice;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  access_log off;\n  default_type text/plain;\n\
+         client_body_temp_path /tmp/body;\n  proxy_temp_path /tmp/proxy;\n  fastcgi_temp_path /tmp/fastcgi;\n\
+         uwsgi_temp_path /tmp/uwsgi;\n  scgi_temp_path /tmp/scgi;\n\
+         server {{\n    listen {port};\n    location / {{ return 200 \"nginx answers\\n\"; }}\n  }}\n}}\n"
+    );
+    let files = [
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n".to_string(),
+        ),
+        ("etc/group", "root:x:0:\nnogroup:x:65534:\n".to_string()),
+        ("etc/nginx/nginx.conf", conf),
+    ];
+    host_binary_image(
+        Path::new(NGINX),
+        &files,
+        &["tmp", "run", "var/log/nginx", "var/lib/nginx"],
+        &[NGINX, "-g", "daemon off;"],
+        tag,
+        out,
+    )
 }
 
 /// A name for a local cluster, `PREFIX` and digits, whose subnet (10.213.K.0/24) no

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use away_e2e::{away, free_port, http_get, require, require_root, require_socket, wait_for, LocalAgent, Node};
+use away_e2e::{free_port, http_get, require, require_root, require_socket, wait_for, LocalAgent, Node};
 
 const NGINX: &str = "/usr/sbin/nginx";
 
@@ -18,63 +18,10 @@ fn ready() -> bool {
         && require(Path::new(NGINX).is_file(), "nginx (Debian's nginx-light, from deploy/install.sh)")
 }
 
-/// The build context: nginx, its libraries, a config whose workers run as `nobody`
-/// with their temp directories under /tmp (which nginx chowns to them at start), and
-/// passwd/group files for the names.
+/// The image: nginx whose workers run as `nobody` with their temp directories under
+/// /tmp (which nginx chowns to them at start).
 fn build_image(port: u16, out: &Path) -> PathBuf {
-    let ctx = out.join("context");
-    let root = ctx.join("rootfs");
-    let put = |dest: &str, src: &Path| {
-        let to = root.join(dest.trim_start_matches('/'));
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(src, &to).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), to.display()));
-    };
-    put(NGINX, Path::new(NGINX));
-    let ldd = Command::new("ldd").arg(NGINX).output().expect("run ldd");
-    assert!(ldd.status.success(), "ldd {NGINX} failed");
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = line.split_whitespace().find(|w| w.starts_with('/'));
-        if let Some(path) = path {
-            put(path, Path::new(path));
-        }
-    }
-    for dir in ["tmp", "run", "var/log/nginx", "var/lib/nginx"] {
-        std::fs::create_dir_all(root.join(dir)).unwrap();
-    }
-    let write = |dest: &str, text: &str| {
-        let to = root.join(dest);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::write(to, text).unwrap();
-    };
-    write("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n");
-    write("etc/group", "root:x:0:\nnogroup:x:65534:\n");
-    write(
-        "etc/nginx/nginx.conf",
-        &format!(
-            "user nobody nogroup;\nworker_processes 2;\npid /run/nginx.pid;\nerror_log stderr notice;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n  access_log off;\n  default_type text/plain;\n\
-             client_body_temp_path /tmp/body;\n  proxy_temp_path /tmp/proxy;\n  fastcgi_temp_path /tmp/fastcgi;\n\
-             uwsgi_temp_path /tmp/uwsgi;\n  scgi_temp_path /tmp/scgi;\n\
-             server {{\n    listen {port};\n    location / {{ return 200 \"nginx answers\\n\"; }}\n  }}\n}}\n"
-        ),
-    );
-    std::fs::write(
-        ctx.join("Containerfile"),
-        "FROM scratch\nCOPY rootfs/ /\nEXPOSE 80\nENTRYPOINT [\"/usr/sbin/nginx\", \"-g\", \"daemon off;\"]\n",
-    )
-    .unwrap();
-    let built =
-        away(&["image", "build", ctx.to_str().unwrap(), "-t", "away/nginx-e2e:latest", "-o", out.to_str().unwrap()]);
-    assert!(built.status.success(), "away image build failed: {}", String::from_utf8_lossy(&built.stderr));
-    let tar = std::fs::read_dir(out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "tar"))
-        .expect("away image build wrote a tar");
-    tar
+    away_e2e::nginx_image("user nobody nogroup;\nworker_processes 2;\n", port, "away/nginx-e2e:latest", out)
 }
 
 /// Removes the workload from the node when the test ends, however it ends.

@@ -1244,11 +1244,13 @@ pub async fn restore_received(
     away_runtime::host::beneath::Beneath::open(&dir)
         .and_then(|d| d.create_dir_all(away_runtime::CRIU_WORK_DIR, 0o700))
         .map_err(|e| e.to_string())?;
-    let (mut pulled, mut pull, mut parts) = (None, Duration::ZERO, Vec::new());
+    // the restore's parts: the image store's, then the runtime's own steps
+    let mut parts = vec![phase("store", started.elapsed())];
+    let (mut pulled, mut pull) = (None, Duration::ZERO);
     let (st, mut lazy) = match manifest.lazy_page_relay {
         None => {
             let (restored, steps) = away_runtime::steps::collect(runtime.restore(&request)).await;
-            parts = steps;
+            parts.extend(steps);
             (restored.map_err(|e| error_chain(&e))?, None)
         }
         Some(relay) if manifest.pull_pages => {
@@ -1258,7 +1260,7 @@ pub async fn restore_received(
                 .map_err(|e| format!("pull the pages: {e}", e = ErrorChain(&e)))?;
             pull = t.elapsed();
             let (restored, steps) = away_runtime::steps::collect(runtime.restore(&request)).await;
-            parts = steps;
+            parts.extend(steps);
             match restored {
                 Ok(st) => {
                     pulled = Some(pages);
@@ -1271,20 +1273,24 @@ pub async fn restore_received(
             }
         }
         Some(relay) => {
+            let t = Instant::now();
             let mut daemon =
                 crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot, pages.clone()).await?;
-            tracing::debug!(ms = started.elapsed().as_millis() as u64, "lazy-pages daemon up");
-            let restore = runtime.restore_lazy(&request);
+            parts.push(phase("page-daemon", t.elapsed()));
+            let restore = away_runtime::steps::collect(runtime.restore_lazy(&request));
             tokio::pin!(restore);
             let restored = tokio::select! {
-                r = &mut restore => r.map_err(|e| RestoreFailed::from(error_chain(&e))),
+                (r, steps) = &mut restore => {
+                    parts.extend(steps);
+                    r.map_err(|e| RestoreFailed::from(error_chain(&e)))
+                }
                 gone = daemon.exited() => {
                     // the link or the source failed mid-restore: end the restore (it
                     // cleans up after itself) instead of waiting for pages forever
                     crate::lazy::LazyPagesDaemon::kill_restore(&dir);
                     let message = format!("the lazy-pages daemon ended during the restore: {}", ErrorChain(&gone));
                     // the restore may have got as far as a running copy, which misses memory
-                    Err(match restore.await {
+                    Err(match restore.await.0 {
                         Ok(st) => failed_with_copy(runtime, &st.name, message).await,
                         Err(_) => RestoreFailed::from(message),
                     })

@@ -449,6 +449,13 @@ fn frozen_before_last_line(log: &str) -> Option<std::time::Duration> {
     Some(std::time::Duration::from_secs_f64((last - frozen).max(0.0)))
 }
 
+/// How long a CRIU run took, from its log: the stamp of its last line (CRIU stamps each
+/// line with the time since it started). None for a log without stamps.
+pub fn criu_log_span(log: &str) -> Option<std::time::Duration> {
+    let stamp = |l: &str| l.strip_prefix('(')?.split_once(')')?.0.trim().parse::<f64>().ok();
+    log.lines().rev().find_map(stamp).map(|s| std::time::Duration::from_secs_f64(s.max(0.0)))
+}
+
 /// The error lines of a CRIU log, to append to a failure message: runc's own error
 /// only says "criu failed", the reason is in the log.
 pub fn criu_log_errors(log: &std::path::Path) -> String {
@@ -474,5 +481,13 @@ mod tests {
         let seized_only = "(00.010000) Seized task 7, state 1\n(00.050000) Dumping finished successfully\n";
         assert_eq!(super::frozen_before_last_line(seized_only).unwrap().as_millis(), 40);
         assert!(super::frozen_before_last_line("(00.1) nothing here\n").is_none());
+    }
+
+    #[test]
+    fn a_criu_run_lasts_until_its_last_stamp() {
+        let log =
+            "(00.000000) Version: 4.2\n(00.120500) Forking task\npie: 1: no stamp\n(00.350250) Restore finished\n";
+        assert_eq!(super::criu_log_span(log).unwrap().as_micros(), 350_250);
+        assert!(super::criu_log_span("no stamps\n").is_none());
     }
 }

@@ -97,6 +97,7 @@ impl ContainerdRuntime {
             work_path: work.display().to_string(),
         };
         let mut ts = api::tasks_client::TasksClient::new(self.channel.clone());
+        let clock = std::time::Instant::now();
         let checkpointed = ts
             .checkpoint(self.req(api::CheckpointTaskRequest {
                 container_id: name.into(),
@@ -111,10 +112,23 @@ impl ContainerdRuntime {
                 message: format!("{}{}", s.message(), crate::runtime::criu_log_errors(&work.join("dump.log"))),
             });
         checkpointed?;
+        // the steps a move's report shows as its checkpoint's parts: the shim's call runs
+        // runc, which runs CRIU (its own time from its log)
+        let call = clock.elapsed();
+        let criu = std::fs::read_to_string(work.join("dump.log"))
+            .ok()
+            .and_then(|l| crate::runtime::criu_log_span(&l))
+            .unwrap_or_default()
+            .min(call);
+        crate::steps::record("shim-runc", call - criu);
+        crate::steps::record("criu-dump", criu);
+        let lap = std::time::Instant::now();
         self.capture_rootfs(name, &opts.dir).await?;
+        let lap = crate::steps::lap("rootfs-diff", lap);
         if !opts.leave_running {
             // the process exited with the dump; reap the task so the name can be reused
             self.kill_and_delete_task(name, Duration::ZERO).await?;
+            crate::steps::lap("task-delete", lap);
         }
         Ok(archive_of(name, &opts.dir, spec, c.image))
     }

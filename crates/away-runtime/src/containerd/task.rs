@@ -54,6 +54,8 @@ impl ContainerdRuntime {
         let clock = std::time::Instant::now();
         let netns = spec.overlay.as_ref().map(|_| self.netns_name(name));
         let top = self.ensure_image(image).await?;
+        // the steps a move's report shows as its restore's parts
+        let mut lap = crate::steps::lap("image", clock);
         let mut rollback = Rollback::default();
         // Until the container references its snapshot, only a lease keeps containerd's GC
         // (which runs after any deletion, in any namespace) from taking it.
@@ -75,6 +77,7 @@ impl ContainerdRuntime {
                 .into_inner()
                 .mounts;
             rollback.snapshot = true;
+            lap = crate::steps::lap("snapshot", lap);
             if let Some(diff) = restore_from.map(|d| d.join(crate::rootfs::ROOTFS_DIFF)).filter(|p| p.is_file()) {
                 let upper = mounts.iter().find_map(|m| crate::rootfs::upperdir(&m.options)).ok_or_else(|| {
                     RuntimeError::Failed {
@@ -85,6 +88,7 @@ impl ContainerdRuntime {
                     }
                 })?;
                 crate::rootfs::apply(&diff, Path::new(upper))?;
+                lap = crate::steps::lap("rootfs-diff", lap);
             }
             // USER as Docker resolves it: from the container's own rootfs
             let user_spec = spec.user.as_deref().unwrap_or(&image.summary.user);
@@ -124,7 +128,7 @@ impl ContainerdRuntime {
                 .await
                 .map_err(|s| Self::failed("create container", name, s))?;
             rollback.container = true;
-            tracing::debug!(workload = name, ms = clock.elapsed().as_millis() as u64, "snapshot and container ready");
+            lap = crate::steps::lap("container", lap);
             std::fs::create_dir_all(&self.log_dir)
                 .map_err(|e| RuntimeError::io(format!("create {}", self.log_dir.display()), e))?;
             let log = format!("file://{}", self.log_path(name).display());
@@ -164,10 +168,23 @@ impl ContainerdRuntime {
                 })?
                 .into_inner();
             rollback.task = true;
-            tracing::debug!(workload = name, ms = clock.elapsed().as_millis() as u64, "task created (shim up)");
+            lap = crate::steps::lap("task-create", lap);
             ts.start(self.req(api::StartRequest { container_id: name.into(), exec_id: String::new() }))
                 .await
                 .map_err(|s| Self::failed("start task", name, s))?;
+            match restore_from {
+                // the shim restores at the start: runc runs CRIU (its own time from its log)
+                Some(dir) => {
+                    let log = dir.join(crate::runtime::CRIU_WORK_DIR).join("restore.log");
+                    let criu = std::fs::read_to_string(&log).ok().and_then(|l| crate::runtime::criu_log_span(&l));
+                    let start = lap.elapsed();
+                    let criu = criu.unwrap_or_default().min(start);
+                    crate::steps::record("shim-runc", start - criu);
+                    crate::steps::record("criu-restore", criu);
+                    lap = std::time::Instant::now();
+                }
+                None => lap = crate::steps::lap("task-start", lap),
+            }
             tracing::info!(
                 workload = name,
                 pid = created.pid,
@@ -179,7 +196,9 @@ impl ContainerdRuntime {
                     self.announce_overlay(netns, addr).await;
                 }
             }
-            self.status(name).await
+            let status = self.status(name).await;
+            crate::steps::lap("status", lap);
+            status
         }
         .await;
         if result.is_err() {
