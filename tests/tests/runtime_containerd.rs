@@ -43,6 +43,7 @@ fn spec(name: &str, env: &[(&str, String)], port: Option<u16>) -> WorkloadSpec {
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        volumes: Vec::new(),
         network: None,
         overlay: None,
     }

@@ -132,6 +132,22 @@ pub(super) fn oci_spec_for(
     oci
 }
 
+/// The workload's named volumes, bind-mounted read-write. runc declares every bind
+/// mount external to CRIU on a checkpoint and maps it to the new spec's source on a
+/// restore, so a restored container gets the target's directory.
+pub(super) fn mount_volumes(oci: &mut Spec, volumes: &[crate::volume::PreparedVolume]) {
+    let mut mounts = oci.mounts().clone().unwrap_or_default();
+    for v in volumes {
+        let mut m = Mount::default();
+        m.set_destination(PathBuf::from(&v.path));
+        m.set_typ(Some("bind".into()));
+        m.set_source(Some(v.host.clone()));
+        m.set_options(Some(vec!["rbind".into(), "rw".into()]));
+        mounts.push(m);
+    }
+    oci.set_mounts(Some(mounts));
+}
+
 /// A workload on an overlay network lives in the network namespace away made for it
 /// (`netns`, its path under /run/netns): runc joins it instead of the node's. runc
 /// also marks it external on a checkpoint and hands it to CRIU on a restore (CRIU's
