@@ -189,6 +189,7 @@ pub struct WorkloadSpec {
     /// read-write at their paths, that move with the workload (docs/migration.md,
     /// "Volumes").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::volumes_schema))]
     pub volumes: Vec<VolumeSpec>,
 }
 
@@ -782,6 +783,13 @@ placement:
         assert!(e.to_string().contains("volumes are for containers"), "{e}");
         let e = parse_yaml("name: a\nimage: x\nvolumes:\n  - name: d\n    path: /d\n    size: 1Gi\n").unwrap_err();
         assert!(e.to_string().contains("size"), "{e}");
+    }
+
+    #[test]
+    fn the_volume_example_parses() {
+        let text = include_str!("../../../examples/volume.yaml");
+        let spec = WorkloadSpec::parse(text, SpecFormat::Yaml, "examples/volume.yaml").unwrap();
+        assert_eq!(spec.volumes, [VolumeSpec { name: "data".into(), path: "/data".into() }]);
     }
 
     #[test]
