@@ -323,4 +323,22 @@ mod tests {
         let oci = oci_spec_for(&workload(serde_json::json!({})), &image(&[], ""), &root(), "away", Some(conf));
         assert_eq!(oci.annotations().as_ref().unwrap()[CRIU_CONFIG_ANNOTATION], "/ckpt/criu-lazy.conf");
     }
+
+    #[test]
+    fn a_volume_is_a_read_write_bind_mount_of_its_directory() {
+        let mut oci = oci_spec_for(&workload(serde_json::json!({})), &image(&[], ""), &root(), "ns", None);
+        let before = oci.mounts().as_ref().unwrap().len();
+        let v = crate::volume::PreparedVolume {
+            host: "/var/lib/away/volumes/ns/w/data".into(),
+            path: "/data".into(),
+            created: true,
+        };
+        mount_volumes(&mut oci, &[v]);
+        let mounts = oci.mounts().as_ref().unwrap();
+        assert_eq!(mounts.len(), before + 1);
+        let m = mounts.last().unwrap();
+        assert_eq!((m.destination().as_path(), m.typ().as_deref()), (Path::new("/data"), Some("bind")));
+        assert_eq!(m.source().as_deref(), Some(Path::new("/var/lib/away/volumes/ns/w/data")));
+        assert_eq!(m.options().as_deref().unwrap(), ["rbind", "rw"]);
+    }
 }
