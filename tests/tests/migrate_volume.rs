@@ -60,17 +60,18 @@ fn volume_file(n: u64, started: &str) -> Vec<u8> {
     format!("{n} {started}\n").bytes().cycle().take(4096).collect()
 }
 
-fn moves_with_its_volume(mode: &str, expect: &str) {
-    if !(require_root() && require_socket("/run/containerd/containerd.sock", "containerd")) {
-        return;
-    }
-    let test = format!("vol-{mode}");
+fn ready() -> bool {
+    require_root() && require_socket("/run/containerd/containerd.sock", "containerd")
+}
+
+/// A target agent (with `env`), a source node, and the counter writing into its volume
+/// on the source.
+fn start(test: &str, env: &[(&str, &str)]) -> (LocalAgent, Node, String) {
     let log = PathBuf::from(format!("/tmp/away-e2e-vol/agent-{test}-{}.log", std::process::id()));
-    let agent: LocalAgent = node("target", &test).start_agent(&format!("target-{test}"), &[], &[], &log);
-    let source = node("source", &test);
+    let agent: LocalAgent = node("target", test).start_agent(&format!("target-{test}"), &[], env, &log);
+    let source = node("source", test);
     std::fs::create_dir_all(&source.state).unwrap();
-    let name = format!("vol-{mode}-{}", std::process::id());
-    let w = Workload { name: name.clone(), nodes: [&source, &agent.node] };
+    let name = format!("{test}-{}", std::process::id());
     let tar = lab_image("counter");
     #[rustfmt::skip]
     let (ok, _, err) = source.away(&[
@@ -78,14 +79,38 @@ fn moves_with_its_volume(mode: &str, expect: &str) {
         "-e", "COUNTER_PORT=0", "-e", "COUNTER_VOLUME=/data", "-e", "COUNTER_VOLUME_PRELOAD_KIB=4096",
     ]);
     assert!(ok, "away run with a volume: {err}");
+    (agent, source, name)
+}
+
+/// Files 1..=last of the volume `dir` are there and all the same process's.
+fn no_gap(dir: &Path, started: &str) -> u64 {
+    let last = last_file(dir).unwrap();
+    for n in 1..=last {
+        let bytes = std::fs::read(dir.join(format!("f-{n:06}"))).unwrap_or_default();
+        assert!(bytes == volume_file(n, started), "file {n} of {last} is missing or not the same process's");
+    }
+    last
+}
+
+/// The start time the counter writes into its files.
+fn started(dir: &Path) -> String {
+    let first = String::from_utf8(std::fs::read(dir.join("f-000001")).unwrap()).unwrap();
+    first.lines().next().unwrap().split(' ').nth(1).unwrap().to_string()
+}
+
+fn moves_with_its_volume(mode: &str, expect: &str) {
+    if !ready() {
+        return;
+    }
+    let (agent, source, name) = start(&format!("vol-{mode}"), &[]);
+    let w = Workload { name: name.clone(), nodes: [&source, &agent.node] };
     let (from, to) = (volume(&source, &name), volume(&agent.node, &name));
     assert_eq!(away_e2e::file_mode(&from) & 0o777, 0o700, "the volume is not owner-only");
     wait_for(20, || last_file(&from).filter(|n| *n >= 10)).expect("the counter writes into its volume");
     // what the source had, moments before the freeze
     let before = digests(&from);
     let last_before = last_file(&from).unwrap();
-    let started = String::from_utf8(std::fs::read(from.join("f-000001")).unwrap()).unwrap();
-    let started = started.lines().next().unwrap().split(' ').nth(1).unwrap().to_string();
+    let started = started(&from);
 
     #[rustfmt::skip]
     let (ok, out, err) = source.away(&[
@@ -110,11 +135,7 @@ fn moves_with_its_volume(mode: &str, expect: &str) {
         }
         assert_eq!(after.get(file), Some(sum), "{file} differs on the target ({mode})");
     }
-    let last = last_file(&to).unwrap();
-    for n in 1..=last {
-        let bytes = std::fs::read(to.join(format!("f-{n:06}"))).unwrap_or_default();
-        assert!(bytes == volume_file(n, &started), "file {n} of {last} is missing or not the same process's");
-    }
+    no_gap(&to, &started);
     // the log the process kept open: its old lines as they were, and no line lost since
     let log = std::fs::read_to_string(to.join("grow.log")).unwrap();
     let lines: Vec<u64> = log.lines().map(|l| l.parse().unwrap()).collect();
@@ -138,4 +159,31 @@ fn streamed() {
 #[test]
 fn lazy() {
     moves_with_its_volume("lazy", "lazy");
+}
+
+/// A move whose restore fails on the target: the source resumes from its checkpoint with
+/// its volume as it was (put back from the checkpoint's links) and writes on with no gap;
+/// the target keeps no volume.
+#[test]
+fn a_failed_move_keeps_the_volume_at_the_source() {
+    if !ready() {
+        return;
+    }
+    let (agent, source, name) = start("vol-fail", &[("AWAY_FAULT_RESTORE", "fail")]);
+    let _w = Workload { name: name.clone(), nodes: [&source, &agent.node] };
+    let (from, to) = (volume(&source, &name), volume(&agent.node, &name));
+    wait_for(20, || last_file(&from).filter(|n| *n >= 10)).expect("the counter writes into its volume");
+    let before = digests(&from);
+    let (ok, _, err) =
+        source.away(&["migrate", &name, "--to", &agent.api, "--source-name", "source", "--mode", "staged"]);
+    assert!(!ok && err.contains("resumed"), "the move should have failed and the source resumed: {err}");
+    assert!(!to.parent().unwrap().exists(), "the target kept a volume: {}", to.display());
+    let last_before = before.keys().filter_map(|f| f.strip_prefix("f-")?.parse::<u64>().ok()).max().unwrap();
+    wait_for(20, || last_file(&from).filter(|n| *n >= last_before + 20)).expect("the resumed counter writes on");
+    let after = digests(&from);
+    for (file, sum) in before.iter().filter(|(f, _)| f.starts_with("f-") || *f == "preload.bin") {
+        assert_eq!(after.get(file), Some(sum), "{file} changed at the source");
+    }
+    no_gap(&from, &started(&from));
+    assert!(source.running(&name));
 }
