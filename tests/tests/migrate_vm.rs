@@ -150,6 +150,7 @@ fn spec(name: &str, host_port: u16, mib: u64) -> WorkloadSpec {
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        volumes: Vec::new(),
         network: None,
         overlay: None,
     }

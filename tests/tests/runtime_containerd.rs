@@ -21,9 +21,10 @@ fn ready() -> bool {
 
 fn rt() -> (tokio::runtime::Runtime, ContainerdRuntime) {
     let tokio = tokio::runtime::Runtime::new().unwrap();
-    let log_dir = std::env::temp_dir().join("away-e2e-containerd-logs");
+    // logs (and volumes, none here) under it
+    let state = std::env::temp_dir().join("away-e2e-containerd");
     let rt = tokio
-        .block_on(ContainerdRuntime::connect(Path::new(SOCKET), NAMESPACE, log_dir))
+        .block_on(ContainerdRuntime::connect(Path::new(SOCKET), NAMESPACE, &state))
         .expect("connect to containerd");
     (tokio, rt)
 }
@@ -43,6 +44,7 @@ fn spec(name: &str, env: &[(&str, String)], port: Option<u16>) -> WorkloadSpec {
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        volumes: Vec::new(),
         network: None,
         overlay: None,
     }
@@ -190,7 +192,7 @@ fn bad_input_leaves_nothing_behind() {
     let down = tokio.block_on(ContainerdRuntime::connect(
         Path::new("/run/away-no-such/containerd.sock"),
         NAMESPACE,
-        dir.path().into(),
+        dir.path(),
     ));
     assert!(matches!(down, Err(RuntimeError::Unavailable { .. })));
 }

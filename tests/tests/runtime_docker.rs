@@ -84,6 +84,7 @@ fn spec(name: &str, image: &ResolvedImage, host_port: Option<u16>) -> WorkloadSp
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        volumes: Vec::new(),
         network: None,
         overlay: None,
     }

@@ -118,6 +118,7 @@ fn spec(name: &str, guest_port: u16, host_port: u16) -> WorkloadSpec {
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        volumes: Vec::new(),
         network: None,
         overlay: None,
     }

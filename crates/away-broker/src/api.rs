@@ -80,8 +80,9 @@ use crate::move_plan;
         revoke_user_token, register_agent,
         heartbeat, events, openapi, metrics
     ),
-    // BrokerEvent travels in SSE data, PortMapping under a hand-written `ports` schema
-    components(schemas(away_model::BrokerEvent, away_model::PortMapping)),
+    // BrokerEvent travels in SSE data, PortMapping and VolumeSpec under hand-written
+    // `ports` and `volumes` schemas
+    components(schemas(away_model::BrokerEvent, away_model::PortMapping, away_model::VolumeSpec)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
@@ -107,7 +108,8 @@ impl utoipa::Modify for SecuritySchemes {
         if let Some(spec) = components.schemas.remove("WorkloadSpec") {
             let rule = away_model::openapi::kind_runtime_rule();
             let disk = away_model::openapi::disk_kind_rule();
-            let all = utoipa::openapi::schema::AllOfBuilder::new().item(spec).item(rule).item(disk);
+            let volumes = away_model::openapi::volumes_kind_rule();
+            let all = utoipa::openapi::schema::AllOfBuilder::new().item(spec).item(rule).item(disk).item(volumes);
             components.schemas.insert("WorkloadSpec".to_string(), all.into());
         }
         // `security(())` renders `[{}]` ("anonymous allowed"); public routes say `[]`: no token at all

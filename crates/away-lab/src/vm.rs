@@ -328,6 +328,7 @@ fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        volumes: Vec::new(),
         network: None,
         overlay: None,
     }

@@ -37,7 +37,7 @@ pub use predict::{MoveKind, MovePlan, MovePrediction, PhaseCosts, PredictionInpu
 pub use size::{ByteSize, ByteSizeError};
 pub use spec::{
     capability_name, Capabilities, DiskSpec, FieldError, PlacementConstraints, PortMapping, Resources, RuntimeKind,
-    Seccomp, SpecError, SpecFormat, WorkloadKind, WorkloadSpec, ALL_CAPABILITIES, DEFAULT_CAPABILITIES,
+    Seccomp, SpecError, SpecFormat, VolumeSpec, WorkloadKind, WorkloadSpec, ALL_CAPABILITIES, DEFAULT_CAPABILITIES,
 };
 pub use wire::{ApiError, ErrorCode};
 pub use workload::{

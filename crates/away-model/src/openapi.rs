@@ -121,6 +121,32 @@ pub fn disk_kind_rule() -> Schema {
         .into()
 }
 
+/// The spec's rule across `volumes` and `kind`: volumes are for containers (`kind: vm`
+/// with a volume is refused).
+pub fn volumes_kind_rule() -> Schema {
+    use utoipa::openapi::schema::AnyOfBuilder;
+    AnyOfBuilder::new()
+        .item(ObjectBuilder::new().property("volumes", utoipa::openapi::schema::ArrayBuilder::new().max_items(Some(0))))
+        .item(
+            ObjectBuilder::new().property(
+                "kind",
+                ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["auto", "container"])),
+            ),
+        )
+        .description(Some("volumes are for containers: kind vm has none"))
+        .into()
+}
+
+/// `volumes` of a spec: the same volume twice mounts a path twice. (Two volumes of one
+/// name or onto one path are refused too, which JSON Schema cannot say.)
+pub fn volumes_schema() -> Schema {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(utoipa::openapi::Ref::from_schema_name("VolumeSpec"))
+        .unique_items(true)
+        .description(Some("Named volumes of a container (containerd only): directories of the node, mounted read-write at their paths, that move with the workload; each name and path at most once"))
+        .into()
+}
+
 /// `ports` of a spec: the same mapping twice publishes a host port twice. (Two different
 /// mappings onto one host port are refused too, which JSON Schema cannot say.)
 pub fn ports_schema() -> Schema {

@@ -185,6 +185,26 @@ pub struct WorkloadSpec {
     /// node's disk store. What the guest writes lives in the overlay, and moves with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DiskSpec>,
+    /// Named volumes of a container (containerd only): directories of the node, mounted
+    /// read-write at their paths, that move with the workload (docs/migration.md,
+    /// "Volumes").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[cfg_attr(feature = "openapi", schema(schema_with = crate::openapi::volumes_schema))]
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A container's named volume: a directory the node keeps for the workload
+/// (`<state>/volumes/<namespace>/<workload>/<name>`), mounted read-write at `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Lower-case letters, digits and '-', at most 63 characters; unique in the spec.
+    #[cfg_attr(feature = "openapi", schema(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", example = "data"))]
+    pub name: String,
+    /// Where the container sees it: an absolute path, not `/`.
+    #[cfg_attr(feature = "openapi", schema(example = "/data", pattern = r"^(/[A-Za-z0-9_-][A-Za-z0-9._-]*)+$"))]
+    pub path: String,
 }
 
 /// A VM's disk: a base image named by digest (qcow2 or raw, in the node's disk store,
@@ -531,16 +551,28 @@ impl WorkloadSpec {
                 bad("disk.size", format!("{} is too small; at least 1Mi", disk.size));
             }
             if let Some(m) = &disk.mount {
-                // the schema's MOUNT_PATTERN: '/'-separated names of letters, digits,
-                // '.', '_' and '-', none starting with '.' (so no "." or ".." parts)
-                let name_ok = |p: &str| {
-                    p.bytes().next().is_some_and(|b| b != b'.')
-                        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-                };
-                let ok = m.strip_prefix('/').is_some_and(|rest| rest.split('/').all(name_ok));
-                if !ok {
+                if !is_mount_point(m) {
                     bad("disk.mount", format!("{m:?} is not a mount point; write an absolute path such as /data"));
                 }
+            }
+        }
+        if !self.volumes.is_empty() && self.kind == WorkloadKind::Vm {
+            bad("volumes", "volumes are for containers; a vm keeps its data on its disk (disk.mount)".into());
+        }
+        let (mut names, mut paths) = (BTreeSet::new(), BTreeSet::new());
+        for (i, v) in self.volumes.iter().enumerate() {
+            if let Err(why) = check_name(&v.name) {
+                bad(&format!("volumes[{i}].name"), why);
+            } else if !names.insert(v.name.as_str()) {
+                bad(&format!("volumes[{i}].name"), format!("volume {:?} is listed twice", v.name));
+            }
+            if !is_mount_point(&v.path) {
+                bad(
+                    &format!("volumes[{i}].path"),
+                    format!("{:?} is not a mount point; write an absolute path such as /data", v.path),
+                );
+            } else if !paths.insert(v.path.as_str()) {
+                bad(&format!("volumes[{i}].path"), format!("{:?} is mounted twice", v.path));
             }
         }
         errors
@@ -571,6 +603,16 @@ fn syntax_error(
     }
     let line = locate_field(text, format, &field).or(parser_line);
     FieldError { field, line, message }
+}
+
+/// The schema's mount pattern: '/'-separated names of letters, digits, '.', '_' and
+/// '-', none starting with '.' (so no "." or ".." parts), and not `/` itself.
+fn is_mount_point(m: &str) -> bool {
+    let name_ok = |p: &str| {
+        p.bytes().next().is_some_and(|b| b != b'.')
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    };
+    m.strip_prefix('/').is_some_and(|rest| rest.split('/').all(name_ok))
 }
 
 /// Names become container IDs, Docker names and hostnames: keep them DNS labels.
@@ -712,6 +754,42 @@ placement:
         for want in ["disk.base", "is not a digest", "disk.size", "too small", "disk.mount", "not a mount point"] {
             assert!(e.contains(want), "{want} missing from {e}");
         }
+    }
+
+    #[test]
+    fn volumes_need_dns_label_names_and_absolute_paths_each_once() {
+        let s = parse_yaml("name: a\nimage: x\nvolumes:\n  - name: data\n    path: /data\n").unwrap();
+        assert_eq!(s.volumes, [VolumeSpec { name: "data".into(), path: "/data".into() }]);
+        let e = parse_yaml(
+            "name: a\nimage: x\nvolumes:\n  - name: Data_1\n    path: data\n  - name: b\n    path: /\n  \
+             - name: b\n    path: /x\n  - name: c\n    path: /x\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "volumes[0].name",
+            "lower-case",
+            "volumes[0].path",
+            "not a mount point",
+            "volumes[1].path",
+            "volumes[2].name",
+            "listed twice",
+            "volumes[3].path",
+            "mounted twice",
+        ] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+        let e = parse_yaml("name: a\nimage: x\nkind: vm\nvolumes:\n  - name: d\n    path: /d\n").unwrap_err();
+        assert!(e.to_string().contains("volumes are for containers"), "{e}");
+        let e = parse_yaml("name: a\nimage: x\nvolumes:\n  - name: d\n    path: /d\n    size: 1Gi\n").unwrap_err();
+        assert!(e.to_string().contains("size"), "{e}");
+    }
+
+    #[test]
+    fn the_volume_example_parses() {
+        let text = include_str!("../../../examples/volume.yaml");
+        let spec = WorkloadSpec::parse(text, SpecFormat::Yaml, "examples/volume.yaml").unwrap();
+        assert_eq!(spec.volumes, [VolumeSpec { name: "data".into(), path: "/data".into() }]);
     }
 
     #[test]

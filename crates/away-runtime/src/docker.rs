@@ -269,6 +269,14 @@ impl DockerRuntime {
         image: &ResolvedImage,
         checkpoint: Option<&Path>,
     ) -> Result<WorkloadStatus, RuntimeError> {
+        if !spec.volumes.is_empty() {
+            // not built: the volume would have to join the holder's setup and Docker's
+            // checkpoint directory; containerd carries volumes across moves
+            return Err(RuntimeError::Invalid {
+                field: "volumes".into(),
+                reason: "docker workloads cannot have volumes yet; run it on containerd (--runtime containerd)".into(),
+            });
+        }
         // each step is timed for a migration's report (crate::steps)
         let t = Instant::now();
         let sys = self.check_resources(spec).await?;

@@ -13,6 +13,7 @@ pub mod rootfs;
 pub mod runtime;
 pub mod steps;
 pub mod store;
+pub mod volume;
 
 pub use fallback::{choose_runtime, NoRuntime};
 pub use node::{LocalNode, NodeOptions, Started};

@@ -62,9 +62,8 @@ impl LocalNode {
     /// Connect to every runtime (concurrently); none of them being up is not an error here.
     pub async fn open(options: NodeOptions) -> LocalNode {
         let p = &options.paths;
-        let logs = p.state_dir.join("logs");
         let (containerd, docker, qemu) = tokio::join!(
-            ContainerdRuntime::connect(&p.containerd_socket, &options.namespace, logs),
+            ContainerdRuntime::connect(&p.containerd_socket, &options.namespace, &p.state_dir),
             DockerRuntime::connect(&p.docker_socket),
             QemuRuntime::detect(options.run_dir.join("qemu"), p.clone()),
         );

@@ -127,6 +127,7 @@ async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
         capabilities: Default::default(),
         seccomp: Default::default(),
         disk: None,
+        volumes: Vec::new(),
         network: None,
         overlay: None,
     };

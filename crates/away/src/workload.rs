@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// Set an environment variable, K=V (repeatable)
     #[arg(short, long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// A named volume, NAME:/PATH (repeatable; containerd): a directory of the node
+    /// mounted read-write at PATH, removed with the workload, moved with it
+    #[arg(short, long = "volume", value_name = "NAME:/PATH")]
+    volume: Vec<String>,
     /// Run as a VM even when a container could run it
     #[arg(long)]
     vm: bool,
@@ -164,6 +168,7 @@ fn spec_from(a: &RunArgs) -> anyhow::Result<WorkloadSpec> {
             capabilities: Default::default(),
             seccomp: Default::default(),
             disk: None,
+            volumes: Vec::new(),
             network: None,
             overlay: None,
         }
@@ -183,6 +188,10 @@ fn spec_from(a: &RunArgs) -> anyhow::Result<WorkloadSpec> {
     for kv in &a.env {
         let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?}: expected K=V"))?;
         spec.env.insert(k.to_string(), v.to_string());
+    }
+    for v in &a.volume {
+        let (name, path) = v.split_once(':').with_context(|| format!("--volume {v:?}: expected NAME:/PATH"))?;
+        spec.volumes.push(away_model::VolumeSpec { name: name.to_string(), path: path.to_string() });
     }
     // the image's exposed ports, read once and only when a bare `-p PORT` needs them
     let mut exposed: Option<Vec<u16>> = None;

@@ -7,8 +7,14 @@
 //! Std only, with a hand-written minimal HTTP/1.1 server on std::net: the app
 //! must be one static, dependency-free binary that runs in a scratch image.
 //!
-//! Configuration (env): COUNTER_PORT (8080), COUNTER_INTERVAL_MS (100),
+//! Configuration (env): COUNTER_PORT (8080; 0: serve nothing), COUNTER_INTERVAL_MS (100),
 //! COUNTER_LOG_EVERY (10: one log line per second at the default interval).
+//!
+//! With COUNTER_VOLUME=DIR (a volume) it also writes there, every COUNTER_VOLUME_MS (50):
+//! a new file `f-NNNNNN` ([`volume_file`]: `N` and the start time, 4 KiB, written under
+//! another name and renamed, so a file is there whole or not at all) and one line `N`
+//! appended to `grow.log` (kept open); at start, COUNTER_VOLUME_PRELOAD_KIB (0) KiB of
+//! pseudo-random bytes in `preload.bin`. The proof that a move carried the volume.
 //!
 //! GET /      -> JSON {"count":..,"pid":..,"started_unix_ms":..,...}
 //! GET /count -> the count as text
@@ -60,6 +66,19 @@ fn main() {
         interval_ms: env_u64("COUNTER_INTERVAL_MS", 100).max(1),
     });
     let log_every = env_u64("COUNTER_LOG_EVERY", 10).max(1);
+    if let Ok(dir) = std::env::var("COUNTER_VOLUME") {
+        let (every, started) = (env_u64("COUNTER_VOLUME_MS", 50).max(1), state.started_unix_ms);
+        let preload = env_u64("COUNTER_VOLUME_PRELOAD_KIB", 0);
+        if let Err(e) = volume::prepare(&dir, preload) {
+            eprintln!("counter: cannot write {dir}: {e}");
+            std::process::exit(1);
+        }
+        std::thread::spawn(move || volume::write_forever(&dir, every, started));
+    }
+    if port == 0 {
+        println!("counter: started pid={} (no port)", state.pid);
+        tick(&state, log_every);
+    }
     let listener = match TcpListener::bind(("0.0.0.0", port as u16)) {
         Ok(l) => l,
         Err(e) => {
@@ -73,17 +92,73 @@ fn main() {
     );
 
     let ticker = Arc::clone(&state);
-    std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(ticker.interval_ms));
-        let n = ticker.count.fetch_add(1, Ordering::SeqCst) + 1;
-        if n.is_multiple_of(log_every) {
-            println!("counter: count={n} pid={} unix_ms={}", ticker.pid, unix_ms());
-        }
-    });
+    std::thread::spawn(move || tick(&ticker, log_every));
 
     for conn in listener.incoming().flatten() {
         let state = Arc::clone(&state);
         std::thread::spawn(move || serve(conn, &state));
+    }
+}
+
+fn tick(state: &State, log_every: u64) -> ! {
+    loop {
+        std::thread::sleep(Duration::from_millis(state.interval_ms));
+        let n = state.count.fetch_add(1, Ordering::SeqCst) + 1;
+        if n.is_multiple_of(log_every) {
+            println!("counter: count={n} pid={} unix_ms={}", state.pid, unix_ms());
+        }
+    }
+}
+
+/// What the counter writes into its volume (COUNTER_VOLUME).
+mod volume {
+    use std::io::Write;
+    use std::path::Path;
+    use std::time::Duration;
+
+    /// The bytes of file `f-NNNNNN`: the line `N STARTED` repeated to 4 KiB.
+    pub fn volume_file(n: u64, started_unix_ms: u64) -> Vec<u8> {
+        let line = format!("{n} {started_unix_ms}\n");
+        line.bytes().cycle().take(4096).collect()
+    }
+
+    /// `preload.bin` (`kib` KiB of xorshift bytes: incompressible), when asked for.
+    pub fn prepare(dir: &str, kib: u64) -> std::io::Result<()> {
+        if kib == 0 {
+            return Ok(());
+        }
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut bytes = Vec::with_capacity((kib * 1024) as usize);
+        while bytes.len() < (kib * 1024) as usize {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        std::fs::write(Path::new(dir).join("preload.bin"), bytes)
+    }
+
+    pub fn write_forever(dir: &str, every_ms: u64, started_unix_ms: u64) {
+        let dir = Path::new(dir);
+        let grow = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("grow.log"));
+        let mut grow = match grow {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("counter: cannot open {}/grow.log: {e}", dir.display());
+                std::process::exit(1);
+            }
+        };
+        for n in 1u64.. {
+            std::thread::sleep(Duration::from_millis(every_ms));
+            let (tmp, path) = (dir.join(".tmp"), dir.join(format!("f-{n:06}")));
+            let written = std::fs::write(&tmp, volume_file(n, started_unix_ms))
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .and_then(|()| writeln!(grow, "{n}"));
+            if let Err(e) = written {
+                eprintln!("counter: cannot write {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
     }
 }
 

@@ -125,6 +125,8 @@ impl ContainerdRuntime {
         let lap = std::time::Instant::now();
         self.capture_rootfs(name, &opts.dir).await?;
         let lap = crate::steps::lap("rootfs-diff", lap);
+        self.volumes.capture(&spec, &opts.dir)?;
+        let lap = crate::steps::lap("volumes", lap);
         if !opts.leave_running {
             // the process exited with the dump; reap the task so the name can be reused
             self.kill_and_delete_task(name, Duration::ZERO).await?;
@@ -177,7 +179,11 @@ impl ContainerdRuntime {
             page_server: std::net::SocketAddr::from(([127, 0, 0, 1], opts.page_server_port)),
             netns,
         };
-        if let Err(e) = self.capture_rootfs(name, &opts.dir).await {
+        let captured = match self.capture_rootfs(name, &opts.dir).await {
+            Ok(()) => self.volumes.capture(&dump.archive.spec, &opts.dir),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = captured {
             // the process is frozen and CRIU waits for a page client: let it go
             dump.abort().await;
             return Err(e);

@@ -61,11 +61,16 @@ pub struct ContainerdRuntime {
     namespace: String,
     /// Workload logs (`<name>.log`), written by the shim.
     log_dir: PathBuf,
+    /// The workloads' named volumes.
+    volumes: crate::volume::VolumeRoot,
 }
 
 impl ContainerdRuntime {
-    /// Connect to containerd at `socket`; workloads go in `namespace`, logs in `log_dir`.
-    pub async fn connect(socket: &Path, namespace: &str, log_dir: PathBuf) -> Result<Self, RuntimeError> {
+    /// Connect to containerd at `socket`; workloads go in `namespace`, logs in
+    /// `<state_dir>/logs`, volumes in `<state_dir>/volumes/<namespace>`.
+    pub async fn connect(socket: &Path, namespace: &str, state_dir: &Path) -> Result<Self, RuntimeError> {
+        let log_dir = state_dir.join("logs");
+        let volumes = crate::volume::VolumeRoot::new(state_dir.join("volumes").join(namespace));
         let unavailable = |reason: String| RuntimeError::Unavailable { runtime: KIND, reason };
         if !socket.exists() {
             return Err(unavailable(format!(
@@ -77,7 +82,13 @@ impl ContainerdRuntime {
             .await
             .map_err(|_| unavailable(format!("no answer on {} within 5 s", socket.display())))?
             .map_err(|e| unavailable(format!("cannot connect to {}: {e}", socket.display())))?;
-        let rt = ContainerdRuntime { channel, socket: socket.to_path_buf(), namespace: namespace.to_string(), log_dir };
+        let rt = ContainerdRuntime {
+            channel,
+            socket: socket.to_path_buf(),
+            namespace: namespace.to_string(),
+            log_dir,
+            volumes,
+        };
         // a socket that accepts but does not answer gRPC is not a containerd
         rt.version()
             .await
@@ -167,7 +178,10 @@ impl Runtime for ContainerdRuntime {
     }
 
     async fn remove(&self, name: &str) -> Result<(), RuntimeError> {
-        self.remove_workload(name).await
+        self.remove_workload(name).await?;
+        // its volumes go with it (a checkpoint's restore in place keeps them: it
+        // removes the stopped container only)
+        self.volumes.remove(name)
     }
 
     async fn status(&self, name: &str) -> Result<WorkloadStatus, RuntimeError> {

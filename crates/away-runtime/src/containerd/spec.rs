@@ -132,6 +132,22 @@ pub(super) fn oci_spec_for(
     oci
 }
 
+/// The workload's named volumes, bind-mounted read-write. runc declares every bind
+/// mount external to CRIU on a checkpoint and maps it to the new spec's source on a
+/// restore, so a restored container gets the target's directory.
+pub(super) fn mount_volumes(oci: &mut Spec, volumes: &[crate::volume::PreparedVolume]) {
+    let mut mounts = oci.mounts().clone().unwrap_or_default();
+    for v in volumes {
+        let mut m = Mount::default();
+        m.set_destination(PathBuf::from(&v.path));
+        m.set_typ(Some("bind".into()));
+        m.set_source(Some(v.host.clone()));
+        m.set_options(Some(vec!["rbind".into(), "rw".into()]));
+        mounts.push(m);
+    }
+    oci.set_mounts(Some(mounts));
+}
+
 /// A workload on an overlay network lives in the network namespace away made for it
 /// (`netns`, its path under /run/netns): runc joins it instead of the node's. runc
 /// also marks it external on a checkpoint and hands it to CRIU on a restore (CRIU's
@@ -306,5 +322,23 @@ mod tests {
         let conf = Path::new("/ckpt/criu-lazy.conf");
         let oci = oci_spec_for(&workload(serde_json::json!({})), &image(&[], ""), &root(), "away", Some(conf));
         assert_eq!(oci.annotations().as_ref().unwrap()[CRIU_CONFIG_ANNOTATION], "/ckpt/criu-lazy.conf");
+    }
+
+    #[test]
+    fn a_volume_is_a_read_write_bind_mount_of_its_directory() {
+        let mut oci = oci_spec_for(&workload(serde_json::json!({})), &image(&[], ""), &root(), "ns", None);
+        let before = oci.mounts().as_ref().unwrap().len();
+        let v = crate::volume::PreparedVolume {
+            host: "/var/lib/away/volumes/ns/w/data".into(),
+            path: "/data".into(),
+            created: true,
+        };
+        mount_volumes(&mut oci, &[v]);
+        let mounts = oci.mounts().as_ref().unwrap();
+        assert_eq!(mounts.len(), before + 1);
+        let m = mounts.last().unwrap();
+        assert_eq!((m.destination().as_path(), m.typ().as_deref()), (Path::new("/data"), Some("bind")));
+        assert_eq!(m.source().as_deref(), Some(Path::new("/var/lib/away/volumes/ns/w/data")));
+        assert_eq!(m.options().as_deref().unwrap(), ["rbind", "rw"]);
     }
 }

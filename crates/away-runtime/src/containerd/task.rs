@@ -102,6 +102,14 @@ impl ContainerdRuntime {
                 reason: format!("{reason} (image {})", image.reference),
             })?;
             let mut oci = oci_spec_for(spec, image, &user, &self.namespace, criu_config);
+            // the volumes: a restore's from its checkpoint, else the node's (made if new)
+            let volumes = match restore_from {
+                Some(dir) => self.volumes.place(spec, dir),
+                None => self.volumes.prepare(spec),
+            };
+            let volumes = volumes?;
+            rollback.volumes = volumes.iter().filter(|v| v.created).map(|v| v.host.clone()).collect();
+            super::spec::mount_volumes(&mut oci, &volumes);
             if let Some(netns) = &netns {
                 rollback.netns = true;
                 let path = self.attach_overlay(spec, netns).await?;
@@ -225,6 +233,9 @@ impl ContainerdRuntime {
         }
         if r.netns {
             self.detach_overlay(name).await;
+        }
+        for dir in &r.volumes {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 
@@ -528,4 +539,6 @@ struct Rollback {
     container: bool,
     task: bool,
     netns: bool,
+    /// Volume directories this create made or placed.
+    volumes: Vec<std::path::PathBuf>,
 }

@@ -449,6 +449,12 @@ impl Runtime for QemuRuntime {
 
     async fn run(&self, req: &RunRequest) -> Result<WorkloadStatus, RuntimeError> {
         let spec = &req.spec;
+        if !spec.volumes.is_empty() {
+            return Err(RuntimeError::Invalid {
+                field: "volumes".into(),
+                reason: "volumes are for containers; a vm keeps its data on its disk (disk.mount)".into(),
+            });
+        }
         self.precheck(spec)?;
         let artifact = self.artifact(&req.image).await?;
         let launch = self.launch(spec, &req.image, &artifact)?;
