@@ -124,9 +124,11 @@ impl ContainerdRuntime {
         crate::steps::record("criu-dump", criu);
         let lap = std::time::Instant::now();
         self.capture_rootfs(name, &opts.dir).await?;
-        let lap = crate::steps::lap("rootfs-diff", lap);
-        self.volumes.capture(&spec, &opts.dir)?;
-        let lap = crate::steps::lap("volumes", lap);
+        let mut lap = crate::steps::lap("rootfs-diff", lap);
+        if !spec.volumes.is_empty() {
+            self.volumes.capture(&spec, &opts.dir)?;
+            lap = crate::steps::lap("volumes", lap);
+        }
         if !opts.leave_running {
             // the process exited with the dump; reap the task so the name can be reused
             self.kill_and_delete_task(name, Duration::ZERO).await?;
