@@ -19,6 +19,20 @@ def _host_ports_unique(body):
         return True
 
 
+def _volumes_unique(body):
+    volumes = body.get("volumes") if isinstance(body, dict) else None
+    if not isinstance(volumes, list):
+        return True
+    for key in ("name", "path"):
+        seen = [v.get(key) for v in volumes if isinstance(v, dict)]
+        try:
+            if len(set(seen)) != len(seen):
+                return False
+        except TypeError:  # unhashable values: a negative case, the server refuses it anyway
+            return True
+    return True
+
+
 @schemathesis.hook
 def filter_body(ctx, body):
     # POST /v1/workloads publishes each host port once (`host`, or `container` when `host` is
@@ -26,4 +40,5 @@ def filter_body(ctx, body):
     op = ctx.operation
     if op is None or op.method.upper() != "POST" or op.path != "/v1/workloads":
         return True
-    return _host_ports_unique(body)
+    # and lists each volume's name and path once (uniqueItems compares whole volumes too)
+    return _host_ports_unique(body) and _volumes_unique(body)
