@@ -1,7 +1,7 @@
 //! The one `Runtime` trait every backend implements (containerd, Docker, QEMU), and the
 //! requests and errors it speaks. Migration drives `checkpoint` and `restore`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -454,6 +454,15 @@ fn frozen_before_last_line(log: &str) -> Option<std::time::Duration> {
 pub fn criu_log_span(log: &str) -> Option<std::time::Duration> {
     let stamp = |l: &str| l.strip_prefix('(')?.split_once(')')?.0.trim().parse::<f64>().ok();
     log.lines().rev().find_map(stamp).map(|s| std::time::Duration::from_secs_f64(s.max(0.0)))
+}
+
+/// A call through containerd's shim that ran runc, which ran CRIU (a checkpoint, or a
+/// restore's task start), as two steps of the move's report: runc's part (`shim-runc`)
+/// and CRIU's own time from its log at `criu_log` (`criu_step`), within `call`.
+pub(crate) fn record_criu_call(call: std::time::Duration, criu_log: &Path, criu_step: &str) {
+    let criu = std::fs::read_to_string(criu_log).ok().and_then(|l| criu_log_span(&l)).unwrap_or_default().min(call);
+    crate::steps::record("shim-runc", call - criu);
+    crate::steps::record(criu_step, criu);
 }
 
 /// The error lines of a CRIU log, to append to a failure message: runc's own error

@@ -57,16 +57,17 @@ impl VolumeRoot {
     /// Every volume of `spec` as a directory, created (owner-only) if missing, with its
     /// path in the container. `created` tells which of them this call made.
     pub fn prepare(&self, spec: &WorkloadSpec) -> Result<Vec<PreparedVolume>, RuntimeError> {
-        let mut out = Vec::new();
-        for v in &spec.volumes {
-            let dir = self.dir(&spec.name, &v.name);
-            let created = !dir.is_dir();
-            if created {
-                private_dirs(&dir)?;
-            }
-            out.push(PreparedVolume { host: dir, path: v.path.clone(), created });
+        spec.volumes.iter().map(|v| self.prepare_one(&spec.name, v)).collect()
+    }
+
+    /// One volume's directory, created (owner-only) if missing.
+    fn prepare_one(&self, workload: &str, v: &away_model::VolumeSpec) -> Result<PreparedVolume, RuntimeError> {
+        let dir = self.dir(workload, &v.name);
+        let created = !dir.is_dir();
+        if created {
+            private_dirs(&dir)?;
         }
-        Ok(out)
+        Ok(PreparedVolume { host: dir, path: v.path.clone(), created })
     }
 
     /// A restore's volumes: each one the checkpoint carries replaces the node's directory
@@ -78,15 +79,11 @@ impl VolumeRoot {
             let from = checkpoint.join(CHECKPOINT_VOLUMES).join(&v.name);
             // a real directory, not a link a peer put in the payload
             let carried = fs::symlink_metadata(&from).map(|m| m.is_dir()).unwrap_or(false);
-            let dir = self.dir(&spec.name, &v.name);
             if !carried {
-                let created = !dir.is_dir();
-                if created {
-                    private_dirs(&dir)?;
-                }
-                out.push(PreparedVolume { host: dir, path: v.path.clone(), created });
+                out.push(self.prepare_one(&spec.name, v)?);
                 continue;
             }
+            let dir = self.dir(&spec.name, &v.name);
             if dir.exists() {
                 fs::remove_dir_all(&dir).map_err(|e| RuntimeError::io(format!("remove {}", dir.display()), e))?;
             }

@@ -114,14 +114,7 @@ impl ContainerdRuntime {
         checkpointed?;
         // the steps a move's report shows as its checkpoint's parts: the shim's call runs
         // runc, which runs CRIU (its own time from its log)
-        let call = clock.elapsed();
-        let criu = std::fs::read_to_string(work.join("dump.log"))
-            .ok()
-            .and_then(|l| crate::runtime::criu_log_span(&l))
-            .unwrap_or_default()
-            .min(call);
-        crate::steps::record("shim-runc", call - criu);
-        crate::steps::record("criu-dump", criu);
+        crate::runtime::record_criu_call(clock.elapsed(), &work.join("dump.log"), "criu-dump");
         let lap = std::time::Instant::now();
         self.capture_rootfs(name, &opts.dir).await?;
         let mut lap = crate::steps::lap("rootfs-diff", lap);

@@ -13,12 +13,12 @@ use containerd_client::types::Descriptor;
 use sha2::{Digest, Sha256};
 
 use super::{ContainerdRuntime, SNAPSHOTTER};
+use crate::runtime::RuntimeError;
+use crate::store::ResolvedImage;
 
 /// The image record's label naming the chain ID of its unpacked top layer: a later
 /// [`ContainerdRuntime::ensure_image`] of the same manifest finds it without the tar.
 const LABEL_TOP_SNAPSHOT: &str = "away.top-snapshot";
-use crate::runtime::RuntimeError;
-use crate::store::ResolvedImage;
 
 impl ContainerdRuntime {
     /// Make `image` available: content, unpacked snapshots and the image record. Returns

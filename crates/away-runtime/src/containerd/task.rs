@@ -184,11 +184,7 @@ impl ContainerdRuntime {
                 // the shim restores at the start: runc runs CRIU (its own time from its log)
                 Some(dir) => {
                     let log = dir.join(crate::runtime::CRIU_WORK_DIR).join("restore.log");
-                    let criu = std::fs::read_to_string(&log).ok().and_then(|l| crate::runtime::criu_log_span(&l));
-                    let start = lap.elapsed();
-                    let criu = criu.unwrap_or_default().min(start);
-                    crate::steps::record("shim-runc", start - criu);
-                    crate::steps::record("criu-restore", criu);
+                    crate::runtime::record_criu_call(lap.elapsed(), &log, "criu-restore");
                     lap = std::time::Instant::now();
                 }
                 None => lap = crate::steps::lap("task-start", lap),
