@@ -1,5 +1,5 @@
 //! Ports that overlay workloads publish on their node (docs/network.md). Such a workload
-//! lives in its own network namespace, so its `ports:` are not the node's: the agent
+//! lives in its own network namespace (a container) or guest (a VM on a tap), so its `ports:` are not the node's: the agent
 //! listens on each published port and relays every connection to the workload's overlay
 //! address. A relay in user space, as Docker's docker-proxy is, rather than DNAT rules:
 //! nothing is left in the node's firewall after a crash, and it follows the workload by
@@ -32,11 +32,28 @@ pub async fn run(agent: Arc<Agent>) {
     // ports that could not be bound, said once until they bind or go away
     let mut refused: HashSet<PublishedPort> = HashSet::new();
     loop {
+        let mut want = Vec::new();
+        let mut listed = true;
         if let Some(containerd) = agent.node.containerd() {
             match containerd.published_overlay_ports().await {
-                Ok(want) => sync(&mut active, &mut refused, want).await,
-                Err(e) => tracing::debug!("published ports: cannot list the workloads: {e}"),
+                Ok(p) => want.extend(p),
+                Err(e) => {
+                    listed = false;
+                    tracing::debug!("published ports: cannot list the containers: {e}");
+                }
             }
+        }
+        // VMs on a lab network too: their guest has the overlay address, not the node
+        match agent.node.qemu().published_overlay_ports().await {
+            Ok(p) => want.extend(p),
+            Err(e) => {
+                listed = false;
+                tracing::debug!("published ports: cannot list the vms: {e}");
+            }
+        }
+        // a runtime that cannot list keeps its ports as they are rather than closing them
+        if listed {
+            sync(&mut active, &mut refused, want).await;
         }
         tokio::time::sleep(SYNC_EVERY).await;
     }

@@ -3,7 +3,9 @@
 //! own overlay address, a flood list of the other nodes' tunnel endpoints
 //! (`00:00:00:00:00:00 dst <peer>` forwarding entries), and for each workload a network
 //! namespace of its own joined to that bridge by a veth pair, with the workload's
-//! overlay IP and MAC. Everything goes through netlink (rtnetlink); nothing runs `ip`.
+//! overlay IP and MAC; a VM's NIC is a tap device on that bridge instead (its guest
+//! has the address and MAC). Everything goes through netlink (rtnetlink) and, for the
+//! tap's creation, the tun driver's ioctls; nothing runs `ip`.
 //!
 //! Each call works in a thread of its own: netlink sockets belong to the network
 //! namespace of the thread that makes them, and entering a workload's namespace must
@@ -11,6 +13,7 @@
 
 mod arp;
 mod netns;
+mod tap;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
@@ -46,6 +49,12 @@ pub enum OverlayError {
     Invalid { network: String, reason: String },
     #[error("network {network} has no bridge {bridge} on this node (the node has not joined it yet)")]
     NoBridge { network: String, bridge: String },
+    #[error("create tap device {tap} (/dev/net/tun, TUNSETIFF)")]
+    Tap {
+        tap: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> OverlayError {
@@ -260,6 +269,65 @@ fn host_veth(netns: &str) -> String {
     format!("awv{:011x}", h & 0xfff_ffff_ffff)
 }
 
+/// The tap device of a VM workload, from a key unique per node and workload (its QEMU
+/// state directory): at most 15 bytes.
+pub fn tap_name(key: &str) -> String {
+    format!("awt{}", &host_veth(key)[3..])
+}
+
+/// Give a VM its NIC on its network: tap device `tap` (made here, persistent, in the
+/// calling thread's namespace: the node's; one left by an earlier run is replaced), MTU
+/// of the overlay, up, on the network's bridge. QEMU attaches to it by name (`-netdev
+/// tap,ifname=…`); the guest's NIC carries the workload's MAC and IP, so the same call on
+/// another node gives a moved VM the same address. A node without the network's bridge
+/// gets no tap ([`OverlayError::NoBridge`]).
+pub fn attach_tap(tap: &str, addr: &OverlayAddress) -> Result<(), OverlayError> {
+    addr.check().map_err(|reason| OverlayError::Invalid { network: addr.network.clone(), reason })?;
+    let (tap, br, network) = (tap.to_string(), bridge_name(addr.vni), addr.network.clone());
+    let result = {
+        let tap = tap.clone();
+        with_netlink(None, move |h| async move {
+            let br_index = link_index(&h, &br).await?.ok_or(OverlayError::NoBridge { network, bridge: br.clone() })?;
+            if let Some(old) = link_index(&h, &tap).await? {
+                h.link().del(old).execute().await.map_err(nl(format!("remove the old tap {tap}")))?;
+            }
+            // the tun driver's ioctls work on the thread's namespace: this one's
+            tap::create_persistent(&tap).map_err(|source| OverlayError::Tap { tap: tap.clone(), source })?;
+            let index = link_index(&h, &tap).await?.ok_or_else(|| OverlayError::Invalid {
+                network: br.clone(),
+                reason: format!("tap {tap} vanished after its creation"),
+            })?;
+            h.link()
+                .set(LinkUnspec::new_with_index(index).mtu(OVERLAY_MTU).controller(br_index).up().build())
+                .execute()
+                .await
+                .map_err(nl(format!("put tap {tap} on {br}")))?;
+            Ok(())
+        })
+    };
+    if result.is_err() {
+        let _ = detach_tap(&tap);
+    }
+    result
+}
+
+/// Remove tap device `tap` (QEMU, once gone, holds it no more). Absent is not an error.
+pub fn detach_tap(tap: &str) -> Result<(), OverlayError> {
+    let tap = tap.to_string();
+    with_netlink(None, move |h| async move {
+        if let Some(i) = link_index(&h, &tap).await? {
+            h.link().del(i).execute().await.map_err(nl(format!("remove tap {tap}")))?;
+        }
+        Ok(())
+    })
+}
+
+/// True when link `name` exists in the calling thread's namespace.
+pub fn link_exists(name: &str) -> Result<bool, OverlayError> {
+    let name = name.to_string();
+    with_netlink(None, move |h| async move { Ok(link_index(&h, &name).await?.is_some()) })
+}
+
 /// Give workload namespace `netns` (a name under /run/netns, made here; one left by an
 /// earlier run is replaced) its overlay address: a veth pair whose host end is on the
 /// network's bridge, the other end `eth0` inside with the workload's MAC and IP. The
@@ -396,5 +464,7 @@ mod tests {
         let h = host_veth("awo-away-cloud-1-some-long-workload-name");
         assert_eq!(h.len(), 14);
         assert_ne!(h, host_veth("awo-away-cloud-2-some-long-workload-name"));
+        let t = tap_name("/run/away/qemu/some-long-workload-name");
+        assert!(t.starts_with("awt") && t.len() == 14, "{t}");
     }
 }

@@ -238,7 +238,8 @@ pub const CONNECTIONS_RULE: &str = "connections";
 
 /// What a move does to the workload's open TCP connections, said before it starts: they
 /// are kept only on a lab network (docs/network.md), where the workload's address moves
-/// with it and CRIU restores its sockets established; anywhere else its address becomes
+/// with it and CRIU restores its sockets established (a VM's are in the guest's memory,
+/// which QEMU moves; its tap on the target's bridge takes the same MAC); anywhere else its address becomes
 /// the target's and its peers see their connections end. It informs and never refuses
 /// (a user who needs the connections reads it in the dry run), so the rule passes either
 /// way and the verdict's reason ends with it.
@@ -252,8 +253,19 @@ pub fn with_connections(
     let ends = format!("after the move it answers at {target}'s address and its open TCP connections end");
     let detail = match (compat.mode, runtime, overlay) {
         (MigrationMode::ColdRestart, ..) => "lost: a cold restart starts the workload afresh".to_string(),
-        (_, RuntimeKind::Qemu, _) => {
-            format!("lost: a VM's network is its node's (QEMU user networking, not on a lab network yet): {ends}")
+        (_, RuntimeKind::Qemu, Some(a)) => format!(
+            "kept: {} on network {} moves with it; QEMU migrates the guest's TCP state and {target} announces the \
+             address (QEMU's self-announce){}",
+            a.ip,
+            a.network,
+            if close_connections {
+                " (close_connections is for containers: a VM's sockets are in its memory)"
+            } else {
+                ""
+            }
+        ),
+        (_, RuntimeKind::Qemu, None) => {
+            format!("lost: a VM's network is its node's (QEMU user networking, the broker runs no lab network): {ends}")
         }
         (_, RuntimeKind::Docker, _) => {
             format!("lost: Docker workloads stay on Docker's bridge (not on a lab network yet): {ends}")
@@ -394,11 +406,28 @@ mod tests {
         let c = with_connections(ok(), None, RuntimeKind::Containerd, false, "laptop");
         assert!(c.allowed && c.reason.ends_with("; connections lost"), "{}", c.reason);
         assert!(said(&c).detail.contains("answers at laptop's address"), "{:?}", said(&c));
-        // Docker and VMs are not on the lab network, whatever address the broker holds
+        // Docker is not on the lab network, whatever address the broker holds
         let c = with_connections(ok(), Some(&addr), RuntimeKind::Docker, false, "laptop");
         assert!(said(&c).detail.starts_with("lost: Docker workloads stay on Docker's bridge"), "{:?}", said(&c));
+        // a VM on a lab network keeps them (its tap takes the same MAC), without one not
+        let c = with_connections(check_vm(&amd, &amd), Some(&addr), RuntimeKind::Qemu, false, "laptop");
+        assert!(c.allowed && c.reason.ends_with("; connections kept"), "{}", c.reason);
+        assert!(
+            said(&c).detail.starts_with("kept: 10.250.0.5 on network lab moves with it; QEMU migrates the guest's TCP"),
+            "{:?}",
+            said(&c)
+        );
+        let c = with_connections(check_vm(&amd, &amd), Some(&addr), RuntimeKind::Qemu, true, "laptop");
+        assert!(
+            said(&c).detail.starts_with("kept:") && said(&c).detail.contains("close_connections is for containers")
+        );
         let c = with_connections(check_vm(&amd, &amd), None, RuntimeKind::Qemu, false, "laptop");
         assert!(c.allowed && said(&c).detail.starts_with("lost: a VM's network is its node's"), "{:?}", said(&c));
+        assert!(c.reason.ends_with("; connections lost"), "{}", c.reason);
+        let mut cold = check_vm(&amd, &amd);
+        cold.mode = MigrationMode::ColdRestart;
+        let c = with_connections(cold, Some(&addr), RuntimeKind::Qemu, false, "laptop");
+        assert!(said(&c).detail.starts_with("lost: a cold restart"), "{:?}", said(&c));
         // a refused move stays refused for its own reasons
         let refused = check_container(&amd, &amd, RuntimeKind::Containerd, RuntimeKind::Docker);
         let c = with_connections(refused.clone(), Some(&addr), RuntimeKind::Containerd, false, "laptop");

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use away_model::{error_chain, WorkloadSpec};
 use away_runtime::qemu::qmp::commands::{
-    Command, Cont, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, MigrationStatus, QmpCapabilities,
-    QueryMigrate,
+    AnnounceSelf, Command, Cont, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters, MigrationStatus,
+    QmpCapabilities, QueryMigrate,
 };
 use away_runtime::qemu::{BaseImage, QemuRuntime, Qmp, QmpError, VmFiles};
 use away_runtime::{ResolvedImage, Runtime, RuntimeError};
@@ -167,6 +167,12 @@ impl Destination {
             let resumed = q.take_events().into_iter().find(|ev| ev.name == "RESUME").map(|ev| ev.at);
             if state == "running" {
                 self.held = false;
+                // QEMU announced the NIC when the incoming migration completed, while the
+                // guest was held; again now that it runs (a lab network's switches learn
+                // its MAC here, docs/network.md). Best effort: the guest's traffic does too.
+                if let Err(e) = q.execute(&AnnounceSelf::default()).await {
+                    tracing::warn!(workload = %name, "announce-self: {}", error_chain(&e));
+                }
                 return Ok(Some(resumed.unwrap_or_else(SystemTime::now)));
             }
             if Instant::now() >= deadline {

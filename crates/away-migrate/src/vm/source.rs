@@ -6,9 +6,9 @@ use std::time::{Duration, Instant, SystemTime};
 use away_model::error_chain;
 use away_runtime::qemu::qmp::block::MigrateContinue;
 use away_runtime::qemu::qmp::commands::{
-    Command, Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy,
-    MigrationCapability, MigrationCapabilityStatus, MigrationInfo, MigrationStatus, QmpCapabilities, QueryBlock,
-    QueryMigrate, QueryStatus, Quit,
+    AnnounceSelf, Command, Cont, Migrate, MigrateCancel, MigrateSetCapabilities, MigrateSetParameters,
+    MigrateStartPostcopy, MigrationCapability, MigrationCapabilityStatus, MigrationInfo, MigrationStatus,
+    QmpCapabilities, QueryBlock, QueryMigrate, QueryStatus, Quit,
 };
 use away_runtime::qemu::{pid_alive, QemuRuntime, Qmp, QmpError, VmRecord};
 use away_runtime::{Runtime, RuntimeError};
@@ -294,6 +294,11 @@ pub(super) async fn resume_source(source: &QemuRuntime, name: &str) -> Result<()
             state: now,
             reason: "after cont".into(),
         });
+    }
+    // the destination may have announced the guest's MAC before the move failed: on a
+    // lab network the switches must learn it here again (docs/network.md)
+    if let Err(e) = q.execute(&AnnounceSelf::default()).await {
+        tracing::warn!(workload = name, "announce-self after resuming: {}", error_chain(&e));
     }
     Ok(())
 }

@@ -37,6 +37,27 @@ impl VmFiles {
     }
 }
 
+/// A VM's NIC on its lab network: the node's tap device and the guest's MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmTap {
+    pub ifname: String,
+    pub mac: String,
+    /// The guest NIC's MTU (the overlay's), given to virtio-net as `host_mtu`.
+    pub mtu: u32,
+}
+
+/// `cmdline` with the guest's address (`away.ip=`, `away.gw=`) replaced by `ip/prefix`
+/// and no gateway: a lab network is one flat subnet.
+pub fn cmdline_with_address(cmdline: &str, ip: std::net::Ipv4Addr, prefix_len: u8) -> String {
+    let mut out: Vec<String> = cmdline
+        .split_whitespace()
+        .filter(|a| !a.starts_with("away.ip=") && !a.starts_with("away.gw="))
+        .map(str::to_string)
+        .collect();
+    out.push(format!("away.ip={ip}/{prefix_len}"));
+    out.join(" ")
+}
+
 /// Everything the command line depends on.
 #[derive(Debug, Clone)]
 pub struct VmLaunch {
@@ -50,8 +71,12 @@ pub struct VmLaunch {
     pub cmdline: String,
     /// QEMU NIC model whose driver the initramfs loads (e.g. `virtio-net-pci`).
     pub nic: String,
-    /// (host port, guest port) pairs forwarded by QEMU's user networking.
+    /// (host port, guest port) pairs forwarded by QEMU's user networking (none on a lab
+    /// network: the agent relays published ports to the overlay address).
     pub ports: Vec<(u16, u16)>,
+    /// On a lab network: the NIC is tap device `tap` on the network's bridge, with the
+    /// workload's MAC (docs/network.md); QEMU's user networking otherwise.
+    pub tap: Option<VmTap>,
     pub files: VmFiles,
     /// `-incoming` value: `defer` (restore from a file), `tcp:0.0.0.0:PORT` (live migration).
     pub incoming: Option<String>,
@@ -90,6 +115,7 @@ impl VmLaunch {
             cmdline: cmdline.to_string(),
             nic: nic.to_string(),
             ports: spec.ports.iter().map(|p| (p.host_port(), p.container)).collect(),
+            tap: None,
             files,
             incoming: None,
             paused: false,
@@ -102,10 +128,23 @@ impl VmLaunch {
     /// so the VM outlives the process that started it.
     pub fn argv(&self) -> Vec<String> {
         let f = &self.files;
-        let mut netdev = "user,id=n0".to_string();
-        for (host, guest) in &self.ports {
-            netdev.push_str(&format!(",hostfwd=tcp:0.0.0.0:{host}-:{guest}"));
-        }
+        let (netdev, nic) = match &self.tap {
+            // the tap exists already, on its bridge: QEMU only attaches to it
+            Some(t) => {
+                let mut nic = format!("{},netdev=n0,mac={}", self.nic, t.mac);
+                if self.nic.starts_with("virtio-net") {
+                    nic.push_str(&format!(",host_mtu={}", t.mtu));
+                }
+                (format!("tap,id=n0,ifname={},script=no,downscript=no", t.ifname), nic)
+            }
+            None => {
+                let mut netdev = "user,id=n0".to_string();
+                for (host, guest) in &self.ports {
+                    netdev.push_str(&format!(",hostfwd=tcp:0.0.0.0:{host}-:{guest}"));
+                }
+                (netdev, format!("{},netdev=n0", self.nic))
+            }
+        };
         let mut a: Vec<String> = vec![
             "-name".into(),
             format!("away-{},process=away-{}", self.name.replace(',', ",,"), self.name.replace(',', ",,")),
@@ -137,7 +176,7 @@ impl VmLaunch {
             "-netdev".into(),
             netdev,
             "-device".into(),
-            format!("{},netdev=n0", self.nic),
+            nic,
             // The guest's free pages: with free-page hints, a live migration skips the
             // pages the guest reports free (its virtio_balloon driver, loaded by away's
             // init); the balloon is never inflated. Part of the machine's configuration:
@@ -225,5 +264,23 @@ mod tests {
         assert!(a.contains("-qmp unix:/run/away/qemu/c1/qmp.sock,server=on,wait=off"), "{a}");
         assert!(a.contains("-device virtio-balloon-pci,free-page-hint=on,iothread=balloon-io"), "{a}");
         assert!(a.ends_with("-daemonize -incoming defer"), "{a}");
+        assert!(a.contains("-device virtio-net-pci,netdev=n0 "), "{a}");
+
+        // on a lab network: the tap, the workload's MAC, the overlay's MTU, no forwards
+        l.tap = Some(VmTap { ifname: "awt0123".into(), mac: "02:aa:0a:fa:00:05".into(), mtu: 1450 });
+        let a = l.argv().join(" ");
+        assert!(a.contains("-netdev tap,id=n0,ifname=awt0123,script=no,downscript=no "), "{a}");
+        assert!(a.contains("-device virtio-net-pci,netdev=n0,mac=02:aa:0a:fa:00:05,host_mtu=1450 "), "{a}");
+        assert!(!a.contains("hostfwd"), "{a}");
+    }
+
+    #[test]
+    fn the_cmdline_carries_the_overlay_address_and_no_gateway() {
+        let c = cmdline_with_address(
+            "console=ttyS0 quiet panic=-1 away.ip=10.0.2.15/24 away.gw=10.0.2.2",
+            "10.250.0.5".parse().unwrap(),
+            24,
+        );
+        assert_eq!(c, "console=ttyS0 quiet panic=-1 away.ip=10.250.0.5/24");
     }
 }

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use away_model::{error_chain, Accel, RuntimeInfo, RuntimeKind, WorkloadSpec, WorkloadState, WorkloadStatus};
 use serde::{Deserialize, Serialize};
 
-pub use command::{memory_mib, vcpus, VmFiles, VmLaunch};
+pub use command::{cmdline_with_address, memory_mib, vcpus, VmFiles, VmLaunch, VmTap};
 pub use disk::{BaseImage, DiskStore, DISK_NODE, OVERLAY_FILE};
 use qmp::commands::{Cont, Migrate, MigrateIncoming, MigrationStatus, QueryMigrate, Quit, Stop, SystemPowerdown};
 pub use qmp::{Qmp, QmpError, QmpEvent};
@@ -134,6 +134,44 @@ impl QemuRuntime {
         VmFiles::new(self.state_dir.join(name))
     }
 
+    /// The tap device of workload `name` when it is on a lab network: named after its
+    /// state directory, so two runtimes in one namespace (a local move) never share one.
+    pub fn tap_name(&self, name: &str) -> String {
+        away_overlay::tap_name(&self.files(name).dir.display().to_string())
+    }
+
+    /// Make the tap of `launch` on its network's bridge (nothing without one).
+    async fn attach_tap(&self, launch: &VmLaunch, spec: &WorkloadSpec) -> Result<(), RuntimeError> {
+        let (Some(tap), Some(addr)) = (&launch.tap, &spec.overlay) else { return Ok(()) };
+        let (ifname, addr) = (tap.ifname.clone(), addr.clone());
+        let started = Instant::now();
+        let made = tokio::task::spawn_blocking(move || away_overlay::attach_tap(&ifname, &addr))
+            .await
+            .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))?;
+        made.map_err(|e| RuntimeError::Failed {
+            runtime: KIND,
+            op: "attach to its lab network",
+            name: spec.name.clone(),
+            message: error_chain(&e),
+        })?;
+        tracing::info!(workload = %spec.name, tap = %tap.ifname, mac = %tap.mac, "overlay tap ready in {} ms", started.elapsed().as_millis());
+        Ok(())
+    }
+
+    /// Remove the tap of workload `name`, if it has one.
+    async fn detach_tap(&self, name: &str) -> Result<(), RuntimeError> {
+        let tap = self.tap_name(name);
+        let removed = tokio::task::spawn_blocking(move || away_overlay::detach_tap(&tap))
+            .await
+            .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))?;
+        removed.map_err(|e| RuntimeError::Failed {
+            runtime: KIND,
+            op: "remove the tap of",
+            name: name.to_string(),
+            message: error_chain(&e),
+        })
+    }
+
     /// The VM artifact of `image`, built once per manifest digest.
     pub async fn artifact(&self, image: &ResolvedImage) -> Result<CachedArtifact, RuntimeError> {
         let root = self.paths.state_dir.join("vm-artifacts");
@@ -188,6 +226,17 @@ impl QemuRuntime {
             files,
         );
         launch.initrd_overrides = overrides;
+        if let Some(addr) = &spec.overlay {
+            // on a lab network: a tap on the network's bridge, the guest with the
+            // workload's MAC and address (docs/network.md); no user networking
+            launch.tap = Some(VmTap {
+                ifname: self.tap_name(&spec.name),
+                mac: addr.mac.clone(),
+                mtu: away_overlay::OVERLAY_MTU,
+            });
+            launch.cmdline = cmdline_with_address(&launch.cmdline, addr.ip, addr.prefix_len);
+            launch.ports.clear();
+        }
         launch.disk = spec.disk.as_ref().map(|d| (d.clone(), launch.files.dir.join(OVERLAY_FILE)));
         Ok(launch)
     }
@@ -295,11 +344,20 @@ impl QemuRuntime {
             (r, _) => r,
         };
         let result = match result {
+            Ok(()) => self.attach_tap(launch, &record.spec).await,
+            Err(e) => Err(e),
+        };
+        let result = match result {
             Ok(()) => self.spawn_and_wait(launch, record, op).await,
             Err(e) => Err(e),
         };
         if result.is_err() {
             kill_vm(files).await;
+            if launch.tap.is_some() {
+                if let Err(e) = self.detach_tap(name).await {
+                    tracing::warn!("after a failed {op}: {}", error_chain(&e));
+                }
+            }
             if let Err(e) = std::fs::remove_dir_all(&files.dir) {
                 tracing::warn!("cannot remove {} after a failed {op}: {e}", files.dir.display());
             }
@@ -510,6 +568,10 @@ impl Runtime for QemuRuntime {
                 kill_vm(&files).await;
             }
         }
+        // its tap goes with it (before the directory: a failure leaves the VM to remove again)
+        if self.read_record(name).map_or(true, |r| r.spec.overlay.is_some()) {
+            self.detach_tap(name).await?;
+        }
         std::fs::remove_dir_all(&files.dir).map_err(|e| RuntimeError::io(format!("remove {}", files.dir.display()), e))
     }
 
@@ -706,6 +768,35 @@ fn vm_state(qemu: &str) -> WorkloadState {
 }
 
 impl QemuRuntime {
+    /// The ports running VMs on a lab network publish: each of their `ports:` goes from
+    /// the node's port to the guest's overlay address (the agent relays them,
+    /// away_agent::published; a VM on user networking has QEMU forward them itself).
+    /// A live QEMU process counts (never QMP: QEMU serves one QMP client at a time, and a
+    /// move holds that session), so the port opens on a held destination and closes once
+    /// the source's QEMU is gone; either way it relays to the address, which is one.
+    pub async fn published_overlay_ports(&self) -> Result<Vec<crate::containerd::PublishedPort>, RuntimeError> {
+        let rd = match std::fs::read_dir(&self.state_dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(RuntimeError::io(format!("read {}", self.state_dir.display()), e)),
+        };
+        let mut out = Vec::new();
+        for name in rd.flatten().filter_map(|e| e.file_name().into_string().ok()) {
+            let Ok(record) = self.read_record(&name) else { continue };
+            let Some(addr) = &record.spec.overlay else { continue };
+            let files = self.files(&name);
+            if record.spec.ports.is_empty() || !read_pid(&files).is_some_and(|p| pid_alive(p, &files.dir)) {
+                continue;
+            }
+            out.extend(record.spec.ports.iter().map(|p| crate::containerd::PublishedPort {
+                workload: name.clone(),
+                host: p.host_port(),
+                to: std::net::SocketAddrV4::new(addr.ip, p.container),
+            }));
+        }
+        Ok(out)
+    }
+
     /// The guest's dirty-page rate in bytes per second, as QEMU measures it
     /// (`calc-dirty-rate` by page sampling over `seconds`, then `query-dirty-rate`).
     pub async fn dirty_rate(&self, name: &str, seconds: u32) -> Result<f64, QmpError> {

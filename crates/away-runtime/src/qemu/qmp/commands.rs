@@ -57,6 +57,30 @@ impl Command for CalcDirtyRate {
     type Reply = Empty;
 }
 
+/// Send the NICs' self-announcements (RARP from each NIC's MAC, and a virtio-net guest's
+/// own gratuitous ARP) `rounds` times: the first after `initial` ms, then `step` ms
+/// longer each time up to `max` ms. What QEMU does by itself after an incoming
+/// migration, asked again when a guest resumes where it was not announced last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AnnounceSelf {
+    pub initial: i64,
+    pub max: i64,
+    pub rounds: i64,
+    pub step: i64,
+}
+
+impl Default for AnnounceSelf {
+    /// QEMU's defaults for the announcements after a migration.
+    fn default() -> Self {
+        AnnounceSelf { initial: 50, max: 550, rounds: 5, step: 100 }
+    }
+}
+
+impl Command for AnnounceSelf {
+    const NAME: &'static str = "announce-self";
+    type Reply = Empty;
+}
+
 command!(
     /// The last dirty-rate measurement.
     QueryDirtyRate = "query-dirty-rate" -> DirtyRateInfo
