@@ -73,6 +73,16 @@ impl BrokerApi {
         let status = r.status().as_u16();
         (status, r.json().unwrap_or(serde_json::Value::Null))
     }
+    pub fn delete(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .delete(format!("{}{path}", self.info.broker_url))
+            .bearer_auth(&self.info.user_token)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(serde_json::Value::Null))
+    }
     pub fn workload(&self, name: &str) -> Option<serde_json::Value> {
         self.get(&format!("/v1/workloads/{name}"))
     }

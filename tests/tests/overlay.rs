@@ -4,7 +4,8 @@
 //! address while the broker moves the workload to another node: the connection stays
 //! open, every byte arrives once and in order, and the gap the client saw is printed.
 //! Two workloads on different nodes reach each other by overlay address before and
-//! after the move.
+//! after the move. A VM on the overlay (a tap on the bridge, QEMU live migration) keeps
+//! its connection the same way.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -246,6 +247,105 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     assert!(after > before, "the count went on: {before} then {after}");
     assert!(count_from(&ns_of("edge", "ovp"), ip).is_some(), "ovp reaches ovc after the move");
     assert!(count_from(&ns_of(source, "ovc"), peer_ip).is_some(), "ovc reaches ovp after the moves");
+}
+
+/// A VM's tap device on `node` (named after its QEMU state directory there).
+fn tap_of(info: &ClusterInfo, node: &str, vm: &str) -> String {
+    let run = &info.nodes.iter().find(|n| n.name == node).unwrap().run_dir;
+    away_overlay::tap_name(&run.join("qemu").join(vm).display().to_string())
+}
+
+/// Whether link `name` exists in network namespace `ns`.
+fn link_in(ns: &Path, name: &str) -> bool {
+    let name = name.to_string();
+    inside(ns, move || away_overlay::link_exists(&name).unwrap())
+}
+
+/// The counter as a QEMU VM on the overlay (under TCG here): a client on the third node
+/// holds one TCP connection to the guest by its overlay address while the broker
+/// live-migrates the VM; its tap follows it (made on the target before the incoming
+/// QEMU, removed on the source with its QEMU) and QEMU's self-announce moves the MAC.
+#[test]
+fn vm_on_overlay_keeps_conn() {
+    if !away_e2e::require_vm_host() {
+        return;
+    }
+    let clock = Instant::now();
+    let name = free_cluster_name("ovv");
+    let mut plan =
+        cluster_plan(&name, &[("cloud", Tier::Cloud), ("laptop", Tier::Client), ("edge", Tier::Edge)], &["counter"]);
+    plan.overlay = Some("10.250.0.0/16".into());
+    let info = away_cluster::up(&plan).expect("cluster up");
+    eprintln!("cluster up after {:?}", clock.elapsed());
+    let _down = Down(name.clone());
+    let api = away_e2e::BrokerApi::new(&info);
+    wait_for(30, || {
+        api.get("/v1/nodes")
+            .filter(|n| n.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 3))
+    })
+    .expect("three agents online");
+    let spec = json!({"name": "ovm", "image": "away/counter:latest",
+        "env": {"COUNTER_PORT": PORT.to_string(), "COUNTER_INTERVAL_MS": "20", "COUNTER_LOG_EVERY": "100"},
+        "ports": [{"container": PORT}], "resources": {"memory": "128Mi", "cpus": 1},
+        "placement": {"tiers": ["cloud", "client"], "runtime": "qemu"}});
+    let (status, body) = api.post("/v1/workloads", spec);
+    assert_eq!(status, 201, "{body}");
+    let placed = wait_for(180, || {
+        api.workload("ovm").filter(|w| w["state"] == "running").and_then(|w| w["node"].as_str().map(String::from))
+    })
+    .expect("ovm running");
+    let (source, target) = if placed == "cloud" { ("cloud", "laptop") } else { ("laptop", "cloud") };
+    let w = api.wait_running_on("ovm", source);
+    assert_eq!(w["runtime"], "qemu", "{w}");
+    let (ip, mac) = (overlay_ip(&w), w["spec"]["overlay"]["mac"].clone());
+    let (edge, source_ns, target_ns) = (netns_of(&info, "edge"), netns_of(&info, source), netns_of(&info, target));
+    let (source_tap, target_tap) = (tap_of(&info, source, "ovm"), tap_of(&info, target, "ovm"));
+    assert!(link_in(&source_ns, &source_tap), "no tap {source_tap} on {source}");
+    assert!(!link_in(&target_ns, &target_tap), "a tap {target_tap} on {target} before the move");
+    // the guest boots (TCG) and its counter answers at its overlay address, from another node
+    let before = wait_for(90, || count_from(&edge, ip)).expect("the edge node reaches the VM by overlay IP");
+    eprintln!("ovm answers on {source} at {ip} after {:?}", clock.elapsed());
+    // its published port: the agent relays the node's port to the guest
+    let node_ip = |node: &str| info.nodes.iter().find(|n| n.name == node).unwrap().ip;
+    let via_port = wait_for(10, || count_at(SocketAddr::from((node_ip(source), PORT))))
+        .expect("the published port answers on the node's address");
+    assert!(via_port >= before, "{before} then {via_port}");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, reader) = stream_from(&edge, ip, stop.clone());
+    wait_for(20, || (seen.lock().unwrap().lines.len() > 20).then_some(())).expect("the stream flows");
+    let (status, body) = api.post("/v1/migrations", json!({"workload": "ovm", "to": target}));
+    assert!(status == 201 || status == 202, "migration: {status} {body}");
+    let said = connections_said(&body);
+    assert!(said.starts_with(&format!("kept: {ip} on network")) && said.contains("QEMU"), "{said}");
+    let id = body["migration"]["id"].as_str().unwrap().to_string();
+    let done = wait_for(180, || {
+        api.get(&format!("/v1/migrations/{id}")).filter(|m| m["state"] == "succeeded" || m["state"] == "failed")
+    })
+    .expect("the move ends");
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let moved = api.wait_running_on("ovm", target);
+    assert_eq!(overlay_ip(&moved), ip, "the same IP after the move");
+    assert_eq!(moved["spec"]["overlay"]["mac"], mac, "the same MAC after the move");
+    let (lines, gap) = held_through_the_move(&seen, &stop, reader, "the VM move");
+    let r = &done["report"];
+    println!(
+        "overlay VM move {source} -> {target} (TCG, 128 MiB, local cluster): {lines} lines over one TCP connection, \
+         none lost or repeated; longest gap the client saw {} ms (lines every 20 ms); move {} ms, downtime {} ms",
+        gap.as_millis(),
+        r["total_millis"],
+        r["downtime_millis"],
+    );
+    // the tap followed: on the target, gone from the source with its QEMU
+    assert!(link_in(&target_ns, &target_tap), "no tap {target_tap} on {target} after the move");
+    wait_for(20, || (!link_in(&source_ns, &source_tap)).then_some(())).expect("the source's tap is removed");
+    let there = wait_for(10, || count_at(SocketAddr::from((node_ip(target), PORT))))
+        .expect("the port is published on the target");
+    assert!(there > via_port, "the count went on through the published port: {via_port} then {there}");
+    // removed with the workload: nothing left on the node
+    let (status, body) = api.delete("/v1/workloads/ovm");
+    assert!(status == 200 || status == 202, "{status} {body}");
+    wait_for(60, || (!link_in(&target_ns, &target_tap)).then_some(())).expect("the target's tap goes with the VM");
 }
 
 /// After a move: the stream goes on (50 more lines), then stops; the connection never
