@@ -60,7 +60,7 @@ struct Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         for n in ["a", "b", "c", "sw"] {
-            let _ = Command::new("ip").args(["netns", "del", &format!("{}-{n}", self.tag)]).status();
+            let _ = Command::new("ip").args(["netns", "del", &format!("{}-{n}", self.tag)]).output();
         }
         let _ = away_overlay::detach_workload(&format!("{}-w", self.tag));
     }
@@ -131,4 +131,40 @@ fn a_workload_keeps_its_address_across_nodes() {
     away_overlay::announce(&w, &address(5), 2).unwrap();
     assert_eq!(ask(&nodes[0].0).expect("node a reaches the workload on node c after its announcement"), "here");
     server.join().unwrap();
+}
+
+/// A VM's tap: refused with a clear error on a node without the network's bridge; made
+/// persistent on the bridge with the overlay's MTU where it has one (again over a left
+/// one); removed by `detach_tap`, twice without error.
+#[test]
+fn a_vm_tap_joins_the_bridge_and_goes() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab { tag: format!("awtt{}", std::process::id() % 100000) };
+    let ns = format!("{}-a", lab.tag);
+    ip(&["netns", "add", &ns]);
+    let path = Path::new("/run/netns").join(&ns);
+    let tap = away_overlay::tap_name(&format!("/run/away/qemu/{ns}"));
+    let a = address(9);
+    let t = tap.clone();
+    let e = inside(&path, move || away_overlay::attach_tap(&t, &a).unwrap_err().to_string());
+    assert!(e.contains("no bridge awbr7001"), "{e}");
+    let node = NodeOverlay { address: address(1), peers: vec![] };
+    let (t, a) = (tap.clone(), address(9));
+    let links = inside(&path, move || {
+        away_overlay::ensure_networks(&[node]).unwrap();
+        assert!(!away_overlay::link_exists(&t).unwrap(), "a failed attach left its tap");
+        away_overlay::attach_tap(&t, &a).unwrap();
+        away_overlay::attach_tap(&t, &a).unwrap();
+        let shown = Command::new("ip").args(["-d", "link", "show", &t]).output().unwrap();
+        let shown = String::from_utf8_lossy(&shown.stdout).to_string();
+        away_overlay::detach_tap(&t).unwrap();
+        away_overlay::detach_tap(&t).unwrap();
+        (shown, away_overlay::link_exists(&t).unwrap())
+    });
+    let (shown, left) = links;
+    assert!(shown.contains("mtu 1450") && shown.contains("master awbr7001"), "{shown}");
+    assert!(shown.contains("tun type tap") && shown.contains("persist on"), "{shown}");
+    assert!(!left, "the tap is still there after detach_tap");
 }
