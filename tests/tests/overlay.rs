@@ -130,19 +130,8 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
         return;
     }
     let clock = Instant::now();
-    let name = free_cluster_name("ovl");
-    let mut plan =
-        cluster_plan(&name, &[("cloud", Tier::Cloud), ("laptop", Tier::Client), ("edge", Tier::Edge)], &["counter"]);
-    plan.overlay = Some("10.250.0.0/16".into());
-    let info = away_cluster::up(&plan).expect("cluster up");
-    eprintln!("cluster up after {:?}", clock.elapsed());
-    let _down = Down(name.clone());
-    let api = away_e2e::BrokerApi::new(&info);
-    wait_for(30, || {
-        api.get("/v1/nodes")
-            .filter(|n| n.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 3))
-    })
-    .expect("three agents online");
+    let cluster = overlay_cluster("ovl", false);
+    let (info, api) = (&cluster.info, &cluster.api);
 
     let submit = |wname: &str, tiers: &[&str], ports: Value| {
         let spec = json!({"name": wname, "image": "away/counter:latest",
@@ -178,7 +167,7 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     let (ip, peer_ip) = (overlay_ip(&moving), overlay_ip(&peer));
     let mac = moving["spec"]["overlay"]["mac"].clone();
     assert_ne!(ip, peer_ip);
-    let (edge, source_ns) = (netns_of(&info, "edge"), netns_of(&info, source));
+    let (edge, source_ns) = (netns_of(info, "edge"), netns_of(info, source));
     // each workload has its own namespace, named after its node's containerd namespace
     let ns_of = |node: &str, w: &str| Path::new("/run/netns").join(format!("awo-away-{node}-{w}"));
     assert!(ns_of(source, "ovc").exists() && ns_of("edge", "ovp").exists());
@@ -249,6 +238,46 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     assert!(count_from(&ns_of(source, "ovc"), peer_ip).is_some(), "ovc reaches ovp after the moves");
 }
 
+/// A three-node cluster (cloud, laptop, edge) whose broker runs `--overlay`, its agents
+/// online; `wan`: cloud and laptop joined by the emulated WAN. Torn down when dropped.
+struct OverlayCluster {
+    info: ClusterInfo,
+    api: away_e2e::BrokerApi,
+    // (fields drop in this order: the link before the cluster)
+    wan: Option<away_e2e::wan::NodeLink>,
+    _down: Down,
+}
+
+fn overlay_cluster(prefix: &str, wan: bool) -> OverlayCluster {
+    let clock = Instant::now();
+    let name = free_cluster_name(prefix);
+    let mut plan =
+        cluster_plan(&name, &[("cloud", Tier::Cloud), ("laptop", Tier::Client), ("edge", Tier::Edge)], &["counter"]);
+    plan.overlay = Some("10.250.0.0/16".into());
+    let info = away_cluster::up(&plan).expect("cluster up");
+    eprintln!("cluster up after {:?}", clock.elapsed());
+    let _down = Down(name);
+    let wan = wan.then(|| away_e2e::wan::NodeLink::up(&info, "cloud", "laptop", away_link::LinkProfile::wan()));
+    let api = away_e2e::BrokerApi::new(&info);
+    wait_for(60, || {
+        api.get("/v1/nodes")
+            .filter(|n| n.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 3))
+    })
+    .expect("three agents online");
+    OverlayCluster { info, api, wan, _down }
+}
+
+/// Submit `spec` and wait (up to `secs`) until it runs: the node it was placed on.
+fn submit_placed(api: &away_e2e::BrokerApi, spec: Value, secs: u64) -> String {
+    let name = spec["name"].as_str().unwrap().to_string();
+    let (status, body) = api.post("/v1/workloads", spec);
+    assert_eq!(status, 201, "{body}");
+    wait_for(secs, || {
+        api.workload(&name).filter(|w| w["state"] == "running").and_then(|w| w["node"].as_str().map(String::from))
+    })
+    .unwrap_or_else(|| panic!("{name} not running after {secs} s"))
+}
+
 /// A VM's tap device on `node` (named after its QEMU state directory there).
 fn tap_of(info: &ClusterInfo, node: &str, vm: &str) -> String {
     let run = &info.nodes.iter().find(|n| n.name == node).unwrap().run_dir;
@@ -296,36 +325,19 @@ fn vm_over_the_wan_keeps_conn() {
 /// joined by the emulated WAN). Returns what it measured, and the link's statistics.
 fn move_a_vm_holding_a_connection(prefix: &str, wan: bool) -> (String, Option<String>) {
     let clock = Instant::now();
-    let name = free_cluster_name(prefix);
-    let mut plan =
-        cluster_plan(&name, &[("cloud", Tier::Cloud), ("laptop", Tier::Client), ("edge", Tier::Edge)], &["counter"]);
-    plan.overlay = Some("10.250.0.0/16".into());
-    let info = away_cluster::up(&plan).expect("cluster up");
-    eprintln!("cluster up after {:?}", clock.elapsed());
-    let _down = Down(name.clone());
-    let link = wan.then(|| away_e2e::wan::NodeLink::up(&info, "cloud", "laptop", away_link::LinkProfile::wan()));
-    let api = away_e2e::BrokerApi::new(&info);
-    wait_for(60, || {
-        api.get("/v1/nodes")
-            .filter(|n| n.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 3))
-    })
-    .expect("three agents online");
+    let cluster = overlay_cluster(prefix, wan);
+    let (info, api) = (&cluster.info, &cluster.api);
     let spec = json!({"name": "ovm", "image": "away/counter:latest",
         "env": {"COUNTER_PORT": PORT.to_string(), "COUNTER_INTERVAL_MS": "20", "COUNTER_LOG_EVERY": "100"},
         "ports": [{"container": PORT}], "resources": {"memory": "128Mi", "cpus": 1},
         "placement": {"tiers": ["cloud", "client"], "runtime": "qemu"}});
-    let (status, body) = api.post("/v1/workloads", spec);
-    assert_eq!(status, 201, "{body}");
-    let placed = wait_for(180, || {
-        api.workload("ovm").filter(|w| w["state"] == "running").and_then(|w| w["node"].as_str().map(String::from))
-    })
-    .expect("ovm running");
+    let placed = submit_placed(api, spec, 180);
     let (source, target) = if placed == "cloud" { ("cloud", "laptop") } else { ("laptop", "cloud") };
     let w = api.wait_running_on("ovm", source);
     assert_eq!(w["runtime"], "qemu", "{w}");
     let (ip, mac) = (overlay_ip(&w), w["spec"]["overlay"]["mac"].clone());
-    let (edge, source_ns, target_ns) = (netns_of(&info, "edge"), netns_of(&info, source), netns_of(&info, target));
-    let (source_tap, target_tap) = (tap_of(&info, source, "ovm"), tap_of(&info, target, "ovm"));
+    let (edge, source_ns, target_ns) = (netns_of(info, "edge"), netns_of(info, source), netns_of(info, target));
+    let (source_tap, target_tap) = (tap_of(info, source, "ovm"), tap_of(info, target, "ovm"));
     assert!(link_in(&source_ns, &source_tap), "no tap {source_tap} on {source}");
     assert!(!link_in(&target_ns, &target_tap), "a tap {target_tap} on {target} before the move");
     // the guest boots (TCG) and its counter answers at its overlay address, from another node
@@ -374,7 +386,7 @@ fn move_a_vm_holding_a_connection(prefix: &str, wan: bool) -> (String, Option<St
     let (status, body) = api.delete("/v1/workloads/ovm");
     assert!(status == 200 || status == 202, "{status} {body}");
     wait_for(60, || (!link_in(&target_ns, &target_tap)).then_some(())).expect("the target's tap goes with the VM");
-    let stats = link.as_ref().map(|l| format!("{:?}", l.link().stats()));
+    let stats = cluster.wan.as_ref().map(|l| format!("{:?}", l.link().stats()));
     (row, stats)
 }
 
@@ -420,32 +432,17 @@ fn over_the_wan_each_container_mode_keeps_the_connection() {
     if !require_root() {
         return;
     }
-    let name = free_cluster_name("ovw");
-    let mut plan =
-        cluster_plan(&name, &[("cloud", Tier::Cloud), ("laptop", Tier::Client), ("edge", Tier::Edge)], &["counter"]);
-    plan.overlay = Some("10.250.0.0/16".into());
-    let info = away_cluster::up(&plan).expect("cluster up");
-    let _down = Down(name.clone());
-    let wan = away_e2e::wan::NodeLink::up(&info, "cloud", "laptop", away_link::LinkProfile::wan());
-    let api = away_e2e::BrokerApi::new(&info);
-    wait_for(60, || {
-        api.get("/v1/nodes")
-            .filter(|n| n.as_array().is_some_and(|a| a.iter().filter(|x| x["state"] == "online").count() == 3))
-    })
-    .expect("three agents online");
+    let cluster = overlay_cluster("ovw", true);
+    let (info, api) = (&cluster.info, &cluster.api);
+    let wan = cluster.wan.as_ref().expect("the WAN link");
     let spec = json!({"name": "ovw", "image": "away/counter:latest",
         "env": {"COUNTER_PORT": PORT.to_string(), "COUNTER_INTERVAL_MS": "20", "COUNTER_LOG_EVERY": "100"},
         "resources": {"memory": "64Mi", "cpus": 0.25},
         "placement": {"tiers": ["cloud", "client"], "runtime": "containerd"}});
-    let (status, body) = api.post("/v1/workloads", spec);
-    assert_eq!(status, 201, "{body}");
-    let placed = wait_for(120, || {
-        api.workload("ovw").filter(|w| w["state"] == "running").and_then(|w| w["node"].as_str().map(String::from))
-    })
-    .expect("ovw running");
+    let placed = submit_placed(api, spec, 120);
     let w = api.wait_running_on("ovw", &placed);
     let ip = overlay_ip(&w);
-    let edge = netns_of(&info, "edge");
+    let edge = netns_of(info, "edge");
     wait_for(20, || count_from(&edge, ip)).expect("the edge node reaches the workload by overlay IP");
 
     let mut rows = Vec::new();
