@@ -444,6 +444,10 @@ impl QemuRuntime {
             },
         };
         let mut detail = format!("accel {}{note}; {}", record.accel, record.decision);
+        if let Some(o) = &record.spec.overlay {
+            let tap = self.tap_name(&record.spec.name);
+            detail.push_str(&format!("; overlay {} {} ({}) on tap {tap}", o.network, o.ip, o.mac));
+        }
         if let Some(from) = &record.restored_from {
             detail.push_str(&format!("; restored from {}", from.display()));
         }
