@@ -203,8 +203,30 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     // the compatibility check said before the move that the connection would stay
     let said = connections_said(&body);
     assert!(said.starts_with(&format!("kept: {ip} on network")), "{said}");
+    let id = body["migration"]["id"].as_str().expect("the migration's id").to_string();
     let moved = api.wait_running_on("ovc", target);
     eprintln!("ovc running on {target} after {:?}", clock.elapsed());
+    // the report: the same address before and after, and the overlay following it
+    let done = wait_for(60, || api.get(&format!("/v1/migrations/{id}")).filter(|m| m["state"] == "succeeded"))
+        .expect("the migration succeeds");
+    let net = &done["report"]["network"];
+    let ip_text = ip.to_string();
+    assert_eq!(
+        (net["ip_before"].as_str(), net["ip_after"].as_str()),
+        (Some(ip_text.as_str()), Some(ip_text.as_str())),
+        "{done}"
+    );
+    assert_eq!(net["mac"], mac, "{done}");
+    let follow = net["follow_millis"].as_u64().unwrap_or_else(|| panic!("the source node never reached it: {done}"));
+    // the answer came from the target: nothing answered while the workload was down
+    // (the source's own namespace is locked, then gone)
+    let (unanswered, downtime) =
+        (net["unanswered_millis"].as_u64().unwrap(), done["report"]["downtime_millis"].as_u64().unwrap());
+    assert!(unanswered * 2 >= downtime, "answered {unanswered} ms after the freeze, downtime {downtime} ms: {done}");
+    println!(
+        "the network followed ovc {follow} ms after its resume (asked from {source}; unanswered for {unanswered} ms \
+         from the freeze, downtime {downtime} ms)"
+    );
     assert_eq!(overlay_ip(&moved), ip, "the same IP after the move");
     assert_eq!(moved["spec"]["overlay"]["mac"], mac, "the same MAC after the move");
     let (lines, gap) = held_through_the_move(&seen, &stop, reader, "the move");

@@ -11,6 +11,7 @@
 
 mod arp;
 mod netns;
+pub mod probe;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
