@@ -236,6 +236,19 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
         gap.as_millis()
     );
     wait_for(20, || (!ns_of(source, "ovc").exists()).then_some(())).expect("the source's namespace is removed");
+    // the edge node's VXLAN device sends ovc's MAC to the target (learned from the
+    // announcement, and set from the broker's list once the move ended)
+    let vni = moving["spec"]["overlay"]["vni"].as_u64().unwrap();
+    let edge_netns = info.nodes.iter().find(|n| n.name == "edge").unwrap().netns.clone();
+    let entry = format!("{} dst {target_ip} ", mac.as_str().unwrap());
+    wait_for(10, || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &edge_netns, "bridge", "fdb", "show", "dev", &format!("awx{vni}")])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).contains(&entry).then_some(())
+    })
+    .unwrap_or_else(|| panic!("edge's forwarding entry for ovc ({entry}) points at the target"));
     // the published port followed: the target's node answers, the source's does not
     let there =
         wait_for(10, || count_at(SocketAddr::from((target_ip, PORT)))).expect("the port is published on the target");

@@ -111,6 +111,33 @@ pub struct NodeOverlay {
     /// The other nodes' tunnel endpoints (their agents' addresses), sorted.
     #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub peers: Vec<Ipv4Addr>,
+    /// The network's workloads on other nodes, where the broker has them: the node's
+    /// VXLAN device forwards to each MAC's node without learning it first, and a moved
+    /// workload's entry follows its move (docs/network.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<RemoteWorkload>,
+}
+
+/// A workload of a lab network on another node, for a forwarding entry.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RemoteWorkload {
+    #[cfg_attr(feature = "openapi", schema(pattern = "^02(:[0-9a-f]{2}){5}$", example = "02:aa:0a:fa:00:05"))]
+    pub mac: String,
+    /// Its node's tunnel endpoint.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10.77.0.2"))]
+    pub node: Ipv4Addr,
+    /// Since when (Unix ms, the broker's clock) the broker has it on that node: a
+    /// forwarding entry the node learned later (a gratuitous ARP after a move the
+    /// broker has not seen end yet) is newer and is kept.
+    pub since_unix_ms: u64,
+}
+
+impl RemoteWorkload {
+    /// The MAC as bytes, when it is a unicast one of six hex bytes.
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        parse_mac(&self.mac).filter(|m| m[0] & 1 == 0)
+    }
 }
 
 #[cfg(test)]
