@@ -242,6 +242,16 @@ async fn attempt(
     let (cpu, ram) = planned.load.memload_env();
     let app_mib = opts.app_ram.as_mib().max(1);
     let image = opts.image.to_string_lossy().to_string();
+    // container-volume: memload writes to a volume, as the vm-disk VM to its disk
+    let volume = format!("data:{}", crate::vm::DISK_MOUNT);
+    let disk_env: Vec<String> = crate::vm::disk_env(opts, planned).iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut extra: Vec<&str> = Vec::new();
+    if planned.path.writes_disk() {
+        extra.extend(["-v", &volume]);
+        for e in &disk_env {
+            extra.extend(["-e", e]);
+        }
+    }
     let out = source
         .away(
             bin,
@@ -266,7 +276,10 @@ async fn attempt(
                 "MEMLOAD_PORT=0",
                 "-e",
                 &format!("MEMLOAD_INTERVAL_MS={}", HEARTBEAT.as_millis()),
-            ],
+            ]
+            .into_iter()
+            .chain(extra)
+            .collect::<Vec<_>>(),
         )
         .await?;
     if !out.status.success() {

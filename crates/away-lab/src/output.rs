@@ -14,7 +14,7 @@ use crate::reference::{self, ReferencePoint};
 use crate::{io_err, LabError, LabResults, LinkKind, Load, MigrationPath, RunResult};
 
 pub const CSV_HEADER: &str =
-    "run,path,link,load,rep,total_s,downtime_s,degraded_s,slowed_s,bytes_wire,bytes_raw,converged,limit_s,total_over_limit,predicted_total_s,predicted_downtime_s,predicted_converges,total_error,downtime_error,notes";
+    "run,path,link,load,rep,total_s,downtime_s,degraded_s,slowed_s,bytes_wire,bytes_raw,disk_bytes,converged,limit_s,total_over_limit,predicted_total_s,predicted_downtime_s,predicted_converges,total_error,downtime_error,notes";
 
 /// Font for the plots' text (Debian: fonts-dejavu-core); `AWAY_LAB_FONT` overrides it.
 const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -84,7 +84,7 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
     for r in &results.runs {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{:.3},{},{},{}",
+            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{:.3},{},{},{}",
             r.run,
             r.path,
             r.link,
@@ -96,6 +96,7 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
             opt(r.slowed_s, 3),
             r.bytes_wire,
             r.bytes_raw,
+            r.disk_bytes.map(|b| b.to_string()).unwrap_or_default(),
             r.converged(),
             r.limit_s,
             opt(r.total_over_limit, 3),
@@ -196,6 +197,8 @@ struct Point {
     /// Under a RAM load: memload below 90 % of its rate after the resume.
     slowed: Option<f64>,
     wire: Option<f64>,
+    /// vm-disk, container-volume: the disk's or the volume's part of `wire`.
+    disk: Option<f64>,
     limit: Option<f64>,
     min: f64,
     max: f64,
@@ -226,6 +229,7 @@ fn points(results: &LabResults) -> BTreeMap<(LinkKind, Load, MigrationPath), Poi
                 degraded: mean(&moved.iter().filter_map(|r| r.degraded_s).collect::<Vec<_>>()),
                 slowed: mean(&moved.iter().filter_map(|r| r.slowed_s).collect::<Vec<_>>()),
                 wire: mean(&moved.iter().map(|r| r.bytes_wire as f64).collect::<Vec<_>>()),
+                disk: mean(&moved.iter().filter_map(|r| r.disk_bytes.map(|b| b as f64)).collect::<Vec<_>>()),
                 limit: mean(&moved.iter().map(|r| r.limit_s).collect::<Vec<_>>()),
                 min: totals.iter().copied().fold(f64::INFINITY, f64::min),
                 max: totals.iter().copied().fold(0.0, f64::max),
@@ -325,6 +329,18 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
              (vm-multifd-zstd-postcopy: the same with post-copy, when this QEMU takes the pair)"
         );
     }
+    if let Some(rate) = set.disk_rate_bytes {
+        let _ = writeln!(
+            md,
+            "- with a disk: memload also writes {:.2} MiB/s to {} in 1 MiB segment files (64 KiB writes, each \
+             fdatasync'd; the oldest removed past 64 MiB): vm-disk = the VM's {} MiB disk, a qcow2 overlay on an \
+             empty ext4 base both nodes hold, mirrored over NBD (blockdev-mirror) while RAM migrates; \
+             container-volume = the container's volume, moved with it",
+            mib(rate),
+            crate::vm::DISK_MOUNT,
+            crate::vm::DISK_BYTES >> 20
+        );
+    }
     let wall = if set.sources.is_empty() { "wall time" } else { "wall time (sum of the sources)" };
     let _ = writeln!(
         md,
@@ -398,7 +414,8 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
         for &link in &links {
             for &load in &results.loads {
                 for &v in &vms {
-                    for &c in &containers {
+                    // a VM with a disk against the container with a volume, the others apart
+                    for &c in containers.iter().filter(|c| c.writes_disk() == v.writes_disk()) {
                         let (Some(vp), Some(cp)) = (pts.get(&(link, load, v)), pts.get(&(link, load, c))) else {
                             continue;
                         };
@@ -416,6 +433,7 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
     }
 
     peer_table(&mut md, results, &pts, &links);
+    disk_table(&mut md, results, &pts, &links);
     prediction_section(&mut md, results);
     failures(&mut md, results);
 
@@ -449,7 +467,7 @@ fn best_away(
     results
         .paths
         .iter()
-        .filter(|p| p.is_away_container())
+        .filter(|p| p.is_away_container() && !p.writes_disk())
         .filter_map(|p| Some((*p, *pts.get(&(link, load, *p))?)))
         .filter(|(_, pt)| pt.total.is_some())
         .min_by(|a, b| a.1.total.partial_cmp(&b.1.total).unwrap_or(std::cmp::Ordering::Equal))
@@ -463,7 +481,9 @@ fn peer_table(
     pts: &BTreeMap<(LinkKind, Load, MigrationPath), Point>,
     links: &[LinkKind],
 ) {
-    let peers: Vec<MigrationPath> = results.paths.iter().copied().filter(|p| p.is_peer() || p.is_vm()).collect();
+    // (the VM with a disk has its own table, against the container with a volume)
+    let peers: Vec<MigrationPath> =
+        results.paths.iter().copied().filter(|p| (p.is_peer() || p.is_vm()) && !p.writes_disk()).collect();
     let _ = writeln!(md, "\n## away's best path vs each peer, per link and load (measured)\n");
     if peers.is_empty() || !results.paths.iter().any(|p| p.is_away_container()) {
         let _ = writeln!(md, "Needs one of away's container paths and a peer (peer-podman or a VM path).");
@@ -522,6 +542,49 @@ fn peer_table(
     }
 }
 
+/// "With a disk": the paths whose app writes files, with the bytes on the wire split
+/// into the disk's (or the volume's) and the rest (memory and the other state).
+fn disk_table(
+    md: &mut String,
+    results: &LabResults,
+    pts: &BTreeMap<(LinkKind, Load, MigrationPath), Point>,
+    links: &[LinkKind],
+) {
+    let paths: Vec<MigrationPath> = results.paths.iter().copied().filter(|p| p.writes_disk()).collect();
+    if paths.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n## With a disk: the VM's disk against the container's volume (measured)\n");
+    let _ = writeln!(
+        md,
+        "Disk MB: vm-disk = the overlay's blocks the mirror copied (NBD, uncompressed); container-volume = the \
+         volume's files sent (before compression). Rest MB: the wire bytes less those (memory, devices, CRIU's \
+         other images).\n"
+    );
+    let _ = writeln!(md, "| link | load | path | moved | total s | downtime s | wire MB | disk MB | rest MB |");
+    let _ = writeln!(md, "|---|---|---|---|---:|---:|---:|---:|---:|");
+    for &link in links {
+        for &load in &results.loads {
+            for &path in &paths {
+                let Some(p) = pts.get(&(link, load, path)) else { continue };
+                let mb = |v: Option<f64>| s(v.map(|v| v / 1e6));
+                let rest = p.wire.zip(p.disk).map(|(w, d)| (w - d).max(0.0));
+                let _ = writeln!(
+                    md,
+                    "| {link} | {load} | {path} | {}/{} | {} | {} | {} | {} | {} |",
+                    p.moved,
+                    p.runs,
+                    s(p.total),
+                    s(p.downtime),
+                    mb(p.wire),
+                    mb(p.disk),
+                    mb(rest)
+                );
+            }
+        }
+    }
+}
+
 /// The runs that failed, with their reason (a path QEMU refuses shows up here).
 fn failures(md: &mut String, results: &LabResults) {
     let failed: Vec<&RunResult> = results.runs.iter().filter(|r| r.outcome == crate::RunOutcome::Failed).collect();
@@ -558,6 +621,8 @@ fn color(path: MigrationPath) -> RGBColor {
         MigrationPath::ContainerLazy => RGBColor(44, 160, 44),
         MigrationPath::VmMultifdZstd => RGBColor(227, 119, 194),
         MigrationPath::VmMultifdZstdPostcopy => RGBColor(188, 189, 34),
+        MigrationPath::VmDisk => RGBColor(140, 20, 60),
+        MigrationPath::ContainerVolume => RGBColor(20, 90, 60),
         MigrationPath::PeerPodman => RGBColor(127, 127, 127),
     }
 }
@@ -761,7 +826,9 @@ pub(crate) mod tests {
                     _ => (RunOutcome::Moved, base / 2.0),
                 };
                 let r = RunResult::new(p, outcome, Duration::from_secs_f64(total), Some(Duration::from_millis(300)));
-                r.with_bytes(20_000_000, 134_217_728).with_notes("a note, with \"quotes\"")
+                r.with_bytes(20_000_000, 134_217_728)
+                    .with_disk(p.path.writes_disk().then_some(5_000_000))
+                    .with_notes("a note, with \"quotes\"")
             })
             .collect();
         LabResults {
@@ -779,6 +846,7 @@ pub(crate) mod tests {
                 vm_timeouts: vec![("lan".into(), 30.0), ("wan".into(), 58.0)],
                 container_compression: "zstd:1".into(),
                 channels: "tls".into(),
+                disk_rate_bytes: Some(1 << 20),
                 started_unix: 0,
                 sources: Vec::new(),
             },
@@ -823,6 +891,33 @@ pub(crate) mod tests {
         assert!(md.contains("## Predicted vs measured"), "{md}");
         assert!(md.contains("| 1/1 | 10 % | 1/1 | 10 % | 1/1 |"), "{md}");
         assert!(md.contains("false / false"), "the non-convergence predicted right: {md}");
+    }
+
+    /// The VM with a disk is set against the container with a volume, with the disk's
+    /// bytes apart, and neither is in the tables of the paths without one.
+    #[test]
+    fn disk_paths_have_their_own_table() {
+        let r = synthetic();
+        let dir = tempfile::tempdir().unwrap();
+        write_report(&r, &dir.path().join("report.md")).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("memload also writes 1.00 MiB/s to /data"), "{md}");
+        let table = md.split("## With a disk").nth(1).expect("the disk table").split("\n## ").next().unwrap();
+        for path in ["vm-disk", "container-volume"] {
+            assert!(table.contains(&format!("| lan | idle | {path} | 2/2 |")), "{table}");
+        }
+        assert!(table.contains("| 20.00 | 5.00 | 15.00 |"), "wire, disk, rest: {table}");
+        let peers = md.split("## away's best path vs each peer").nth(1).unwrap().split("\n## ").next().unwrap();
+        assert!(!peers.contains("vm-disk") && !peers.contains("container-volume"), "{peers}");
+        let ratios = md.split("## Ratios").nth(1).unwrap().split("\n## ").next().unwrap();
+        assert!(ratios.contains("| vm-disk | container-volume |"), "{ratios}");
+        assert!(!ratios.contains("| vm-disk | container-containerd |"), "{ratios}");
+        assert!(!ratios.contains("| vm-precopy | container-volume |"), "{ratios}");
+        let csv = dir.path().join("results.csv");
+        write_csv(&r, &csv).unwrap();
+        let text = std::fs::read_to_string(&csv).unwrap();
+        let line = text.lines().find(|l| l.contains(",vm-disk,")).unwrap();
+        assert!(line.contains(",20000000,134217728,5000000,true,"), "{line}");
     }
 
     #[test]
@@ -884,8 +979,9 @@ pub(crate) mod tests {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         assert!(png.len() > 10_000, "{} bytes", png.len());
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
-        // quick's 5 paths in every cell, vm-multifd-zstd in one, autoconverge: 2 reps
-        assert_eq!(json["runs"].as_array().unwrap().len(), (2 * 3 * 6 + 1) * 2);
+        // quick's 5 paths in every cell, vm-multifd-zstd, vm-disk and container-volume in
+        // one, autoconverge: 2 reps
+        assert_eq!(json["runs"].as_array().unwrap().len(), (2 * 3 * 6 + 3) * 2);
         assert!(svg.contains("peer-podman (measured)") && svg.contains("vm-multifd-zstd (measured)"));
     }
 }

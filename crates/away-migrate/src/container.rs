@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::ArchiveStore;
 use crate::compat;
+use crate::follow::FollowProbe;
 use crate::journal::{record_logged, MoveJournal, OutgoingMove, OutgoingState, PageServer};
 use crate::target::{CommitOutcome, CommitPolicy, NoAnswer, TargetNode};
 use crate::transfer::{self, ReceivedPayload, SendOptions, Verdict};
@@ -328,6 +329,8 @@ async fn move_container(
         MigrateError::Runtime(e)
     })?;
     let downtime_start = frozen_at(&payload, t);
+    // asked from the freeze on: the first answer comes from the target
+    let follow = FollowProbe::start(&checkpoint.spec, downtime_start);
     let manifest = Manifest {
         spec: checkpoint.spec.clone(),
         image: checkpoint.image.clone(),
@@ -468,16 +471,18 @@ async fn move_container(
     let leftover = undo.set_aside.as_deref().unwrap_or(name);
     clean_source(runtime, name, leftover, archives, &payload, &progress, &mut phases).await?;
     record_logged(journal, &journaled.with_state(OutgoingState::Done));
+    let total_millis = started.elapsed().as_millis() as u64;
+    let resumed = resumed_unix_ms(downtime_start + downtime);
     Ok(MigrationReport {
         workload: name.into(),
         mode: MigrationMode::StopAndCopy,
         source: here.name,
         target: there.node.name,
         phases,
-        total_millis: started.elapsed().as_millis() as u64,
+        total_millis,
         downtime_millis: downtime.as_millis() as u64,
         degraded_millis: 0,
-        resumed_unix_ms: Some(resumed_unix_ms(downtime_start + downtime)),
+        resumed_unix_ms: Some(resumed),
         started_unix_ms: None,
         bytes_raw: outcome.bytes_raw,
         paged_bytes_raw: 0,
@@ -486,6 +491,7 @@ async fn move_container(
         ok: true,
         error: None,
         predicted: None,
+        network: FollowProbe::finish(follow, resumed).await,
     })
 }
 
@@ -855,6 +861,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let page_relay = std::net::SocketAddr::new(local_ip, relay.port);
     phases.push(MigrationPhase { parts, ..phase("checkpoint", checkpoint_start.elapsed()) });
     let memory = m.pid.map(crate::mode::resident_bytes).unwrap_or(0);
+    // asked from the freeze on: the first answer comes from the target
+    let follow = FollowProbe::start(&dump.archive.spec, downtime_start);
     let manifest = Manifest {
         spec: dump.archive.spec.clone(),
         image: dump.archive.image.clone(),
@@ -1008,16 +1016,18 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     phases.push(phase("commit", t.elapsed()));
     clean_source(runtime, name, set_aside.unwrap_or(name), archives, &payload, progress, &mut phases).await?;
     record_logged(journal, &journaled.with_state(OutgoingState::Done));
+    let total_millis = m.started.elapsed().as_millis() as u64;
+    let resumed = resumed_unix_ms(downtime_start + downtime);
     Ok(MigrationReport {
         workload: name.into(),
         mode: if streamed { MigrationMode::StopAndCopy } else { MigrationMode::Lazy },
         source: here.name.clone(),
         target: there.node.name.clone(),
         phases,
-        total_millis: m.started.elapsed().as_millis() as u64,
+        total_millis,
         downtime_millis: downtime.as_millis() as u64,
         degraded_millis: degraded.as_millis() as u64,
-        resumed_unix_ms: Some(resumed_unix_ms(downtime_start + downtime)),
+        resumed_unix_ms: Some(resumed),
         started_unix_ms: None,
         bytes_raw: outcome.bytes_raw + counters.plain(),
         paged_bytes_raw: counters.plain(),
@@ -1035,6 +1045,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         ok: true,
         error: None,
         predicted: None,
+        network: FollowProbe::finish(follow, resumed).await,
     })
 }
 

@@ -68,10 +68,16 @@ pub struct CompareArgs {
     /// Loads, comma separated: idle, cpu25, cpu50, cpu80, cpu100, ram25, ram50, ram80, ram100
     #[arg(long, value_delimiter = ',')]
     loads: Vec<Load>,
-    /// Paths, comma separated: vm-precopy, vm-autoconverge, vm-postcopy, container-containerd (streamed
-    /// stop-and-copy), container-staged, container-docker, container-lazy
+    /// Paths, comma separated: vm-precopy, vm-autoconverge, vm-postcopy, vm-multifd-zstd,
+    /// vm-multifd-zstd-postcopy, vm-disk (a VM with a disk it writes to, mirrored live),
+    /// container-containerd (streamed stop-and-copy), container-staged, container-docker,
+    /// container-lazy, container-volume (streamed, with a volume it writes to), peer-podman
     #[arg(long, value_delimiter = ',')]
     paths: Vec<MigrationPath>,
+    /// What memload writes per second to its disk (vm-disk) or volume (container-volume),
+    /// e.g. 1Mi
+    #[arg(long)]
+    disk_rate: Option<ByteSize>,
     /// Repetitions per point
     #[arg(long)]
     repetitions: Option<u32>,
@@ -144,6 +150,9 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(m) = a.app_ram {
         opts.app_ram = m;
+    }
+    if let Some(r) = a.disk_rate {
+        opts.disk_rate = r;
     }
     opts.channels = a.channels;
     opts.link_emulator = match a.link_emulator.as_str() {

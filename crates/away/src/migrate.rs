@@ -762,6 +762,20 @@ fn print_report(r: &MigrationReport) {
     if r.paged_bytes_raw > 0 {
         println!("  paged:     {} raw over the page link", away_model::ByteSize(r.paged_bytes_raw).human());
     }
+    if let Some(n) = &r.network {
+        let follow = match n.follow_millis {
+            Some(ms) => format!(
+                "answered the source node {:.3} s after the resume ({:.3} s after the freeze)",
+                ms as f64 / 1000.0,
+                n.unanswered_millis.unwrap_or(0) as f64 / 1000.0
+            ),
+            None => format!("did not answer the source node within {:.0} s", n.probe_millis as f64 / 1000.0),
+        };
+        println!(
+            "  network:   {} before, {} after ({}, network {}); {follow}",
+            n.ip_before, n.ip_after, n.mac, n.network
+        );
+    }
     if let Some(p) = &r.predicted {
         println!(
             "  predicted: {} total {:.2} s, downtime {:.3} s, degraded {:.2} s, {} on the wire",

@@ -221,6 +221,7 @@ pub async fn migrate_vm_to(
         ok: false,
         error: None,
         predicted: None,
+        network: None,
     };
     let aborted = |mut report: MigrationReport, cause: VmMigrateError| {
         report.total_millis = millis(t0.elapsed());
@@ -352,8 +353,11 @@ pub async fn migrate_vm_to(
         }
     };
     report.phases.push(phase_of("migrate", phase));
-    report.bytes_raw = outcome.ram_total;
-    report.bytes_wire = outcome.bytes_wire;
+    let mut outcome = outcome;
+    outcome.disk_bytes = mirror.as_ref().map_or(0, |m| m.total_bytes);
+    // the report's bytes are all that crossed: the migration stream and the disk's mirror
+    report.bytes_raw = outcome.ram_total + outcome.disk_bytes;
+    report.bytes_wire = outcome.bytes_wire + outcome.disk_bytes;
 
     // switchover: the destination runs.
     let phase = Instant::now();
@@ -544,6 +548,7 @@ mod tests {
             ok: false,
             error: None,
             predicted: None,
+            network: None,
         };
         VmMigrateError::Aborted { workload: "w".into(), cause: Box::new(cause), report: Box::new(report) }
     }
