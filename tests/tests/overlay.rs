@@ -199,20 +199,7 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     // the report: the same address before and after, and the overlay following it
     let done = wait_for(60, || api.get(&format!("/v1/migrations/{id}")).filter(|m| m["state"] == "succeeded"))
         .expect("the migration succeeds");
-    let net = &done["report"]["network"];
-    let ip_text = ip.to_string();
-    assert_eq!(
-        (net["ip_before"].as_str(), net["ip_after"].as_str()),
-        (Some(ip_text.as_str()), Some(ip_text.as_str())),
-        "{done}"
-    );
-    assert_eq!(net["mac"], mac, "{done}");
-    let follow = net["follow_millis"].as_u64().unwrap_or_else(|| panic!("the source node never reached it: {done}"));
-    // the answer came from the target: nothing answered while the workload was down
-    // (the source's own namespace is locked, then gone)
-    let (unanswered, downtime) =
-        (net["unanswered_millis"].as_u64().unwrap(), done["report"]["downtime_millis"].as_u64().unwrap());
-    assert!(unanswered * 2 >= downtime, "answered {unanswered} ms after the freeze, downtime {downtime} ms: {done}");
+    let (follow, unanswered, downtime) = network_followed(&done, ip, &mac);
     println!(
         "the network followed ovc {follow} ms after its resume (asked from {source}; unanswered for {unanswered} ms \
          from the freeze, downtime {downtime} ms)"
@@ -422,6 +409,7 @@ fn move_a_vm_holding_a_connection(prefix: &str, wan: bool) -> (String, Option<St
     })
     .expect("the move ends");
     assert_eq!(done["state"], "succeeded", "{done}");
+    let (follow, unanswered, _) = network_followed(&done, ip, &mac);
     let moved = api.wait_running_on("ovm", target);
     assert_eq!(overlay_ip(&moved), ip, "the same IP after the move");
     assert_eq!(moved["spec"]["overlay"]["mac"], mac, "the same MAC after the move");
@@ -430,7 +418,8 @@ fn move_a_vm_holding_a_connection(prefix: &str, wan: bool) -> (String, Option<St
     let row = format!(
         "overlay VM move {source} -> {target} (TCG, 128 MiB, vm-live pre-copy): {lines} lines over one TCP \
          connection, none lost or repeated; longest gap the client saw {} ms (lines every 20 ms); move {:.2} s, \
-         downtime {:.2} s, {:.0} kB on the wire",
+         downtime {:.2} s, {:.0} kB on the wire; the network followed {follow} ms after the resume (asked from \
+         {source}, unanswered {unanswered} ms from the STOP)",
         gap.as_millis(),
         r["total_millis"].as_f64().unwrap_or(f64::NAN) / 1e3,
         r["downtime_millis"].as_f64().unwrap_or(f64::NAN) / 1e3,
@@ -448,6 +437,25 @@ fn move_a_vm_holding_a_connection(prefix: &str, wan: bool) -> (String, Option<St
     wait_for(60, || (!link_in(&target_ns, &target_tap)).then_some(())).expect("the target's tap goes with the VM");
     let stats = cluster.wan.as_ref().map(|l| format!("{:?}", l.link().stats()));
     (row, stats)
+}
+
+/// The report's `network` of move `done`: the same address before and after, and the
+/// overlay following it; nothing answered while the workload was down (the source's
+/// copy is locked or paused, then gone). (follow, unanswered, downtime) in ms.
+fn network_followed(done: &Value, ip: Ipv4Addr, mac: &Value) -> (u64, u64, u64) {
+    let net = &done["report"]["network"];
+    let ip_text = ip.to_string();
+    assert_eq!(
+        (net["ip_before"].as_str(), net["ip_after"].as_str()),
+        (Some(ip_text.as_str()), Some(ip_text.as_str())),
+        "{done}"
+    );
+    assert_eq!(&net["mac"], mac, "{done}");
+    let follow = net["follow_millis"].as_u64().unwrap_or_else(|| panic!("the source node never reached it: {done}"));
+    let (unanswered, downtime) =
+        (net["unanswered_millis"].as_u64().unwrap(), done["report"]["downtime_millis"].as_u64().unwrap());
+    assert!(unanswered * 2 >= downtime, "answered {unanswered} ms after the freeze, downtime {downtime} ms: {done}");
+    (follow, unanswered, downtime)
 }
 
 /// After a move: the stream goes on (50 more lines), then stops; the connection never

@@ -41,7 +41,7 @@ mod recover;
 mod source;
 mod tls;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use away_model::{error_chain, MigrationMode, MigrationPhase, MigrationReport};
 pub use away_runtime::qemu::qmp::commands::MigrationStatus;
@@ -353,6 +353,17 @@ pub async fn migrate_vm_to(
         }
     };
     report.phases.push(phase_of("migrate", phase));
+    // on a lab network: how long the overlay takes to follow, asked from this node from
+    // the source's STOP on (docs/network.md). Pre-copy only: the paused source and the
+    // destination (held, or not yet announced) cannot answer before the destination
+    // runs; after a post-copy switch the destination ran long before this point.
+    let follow = if outcome.postcopy {
+        None
+    } else {
+        let stopped = outcome.source_stopped_at.and_then(|s| SystemTime::now().duration_since(s).ok());
+        let frozen = stopped.and_then(|ago| Instant::now().checked_sub(ago)).unwrap_or_else(Instant::now);
+        crate::follow::FollowProbe::start(&record.spec, frozen)
+    };
     let mut outcome = outcome;
     outcome.disk_bytes = mirror.as_ref().map_or(0, |m| m.total_bytes);
     // the report's bytes are all that crossed: the migration stream and the disk's mirror
@@ -411,6 +422,9 @@ pub async fn migrate_vm_to(
     };
     report.downtime_millis = millis_ceil(downtime);
     report.resumed_unix_ms = resumed_at.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
+    if let Some(resumed) = report.resumed_unix_ms {
+        report.network = crate::follow::FollowProbe::finish(follow, resumed).await;
+    }
 
     // cleanup: only now does the source go.
     let phase = Instant::now();
