@@ -172,7 +172,7 @@ fn a_vm_tap_joins_the_bridge_and_goes() {
     let t = tap.clone();
     let e = inside(&path, move || away_overlay::attach_tap(&t, &a).unwrap_err().to_string());
     assert!(e.contains("no bridge awbr7001"), "{e}");
-    let node = NodeOverlay { address: address(1), peers: vec![] };
+    let node = NodeOverlay { address: address(1), peers: vec![], workloads: vec![] };
     let (t, a) = (tap.clone(), address(9));
     let links = inside(&path, move || {
         away_overlay::ensure_networks(&[node]).unwrap();
