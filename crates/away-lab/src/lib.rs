@@ -21,6 +21,7 @@ mod container;
 pub mod link;
 pub mod merge;
 mod output;
+mod overlay;
 mod peer;
 pub mod reference;
 mod vm;
@@ -248,6 +249,12 @@ impl MigrationPath {
         )
     }
 
+    /// `--overlay on` runs it with the workload on the lab's VXLAN overlay: away's
+    /// container paths (VMs on the overlay are not in the lab yet, docs/network.md).
+    pub fn runs_on_overlay(self) -> bool {
+        self.is_away_container() && self != MigrationPath::ContainerDocker
+    }
+
     /// The app writes files at `disk_rate` (to the VM's disk or the container's volume).
     pub fn writes_disk(self) -> bool {
         matches!(self, MigrationPath::VmDisk | MigrationPath::ContainerVolume)
@@ -350,6 +357,15 @@ pub struct CompareOptions {
     /// `container-volume` paths (its disk or its volume).
     #[serde(default = "default_disk_rate")]
     pub disk_rate: ByteSize,
+    /// Run each of away's container paths without (`false`) and/or with (`true`) the
+    /// workload on a VXLAN overlay between the two nodes (its own namespace, address and
+    /// MAC, moved with it; docs/network.md). The other paths run without.
+    #[serde(default = "no_overlay")]
+    pub overlays: Vec<bool>,
+}
+
+fn no_overlay() -> Vec<bool> {
+    vec![false]
 }
 
 /// 1 MiB/s: a database's log under steady load; a fifth of the WAN's rate.
@@ -443,6 +459,7 @@ impl CompareOptions {
             limited: Vec::new(),
             channels: Channels::Tls,
             disk_rate: default_disk_rate(),
+            overlays: no_overlay(),
         }
     }
 
@@ -491,6 +508,15 @@ impl CompareOptions {
         if self.repetitions == 0 {
             return Err(invalid("repetitions", "must be at least 1"));
         }
+        if self.overlays.is_empty() {
+            return Err(invalid("overlay", "say off, on or both"));
+        }
+        if self.overlays.contains(&true) && self.link_emulator != LinkEmulator::Packet {
+            return Err(invalid(
+                "overlay",
+                "the overlay needs the packet link (its VXLAN crosses it between the nodes)",
+            ));
+        }
         if self.app_ram.bytes() == 0 {
             return Err(invalid("app_ram", "must be more than 0"));
         }
@@ -524,7 +550,9 @@ impl CompareOptions {
             for &load in &self.loads {
                 for rep in 1..=self.repetitions {
                     for &path in self.paths.iter().filter(|p| self.runs_in(**p, link, load)) {
-                        runs.push(PlannedRun { run: runs.len() as u32 + 1, path, link, load, rep });
+                        for &overlay in self.overlays.iter().filter(|o| !**o || path.runs_on_overlay()) {
+                            runs.push(PlannedRun { run: runs.len() as u32 + 1, path, link, load, rep, overlay });
+                        }
                     }
                 }
             }
@@ -576,11 +604,15 @@ pub struct PlannedRun {
     pub load: Load,
     /// 1-based repetition.
     pub rep: u32,
+    /// The workload on the lab's VXLAN overlay.
+    #[serde(default)]
+    pub overlay: bool,
 }
 
 impl PlannedRun {
     pub fn label(&self) -> String {
-        format!("{} {} {} #{}", self.path, self.link, self.load, self.rep)
+        let overlay = if self.overlay { " overlay" } else { "" };
+        format!("{} {} {}{overlay} #{}", self.path, self.link, self.load, self.rep)
     }
 }
 
@@ -618,6 +650,9 @@ pub struct RunResult {
     pub link: LinkKind,
     pub load: Load,
     pub rep: u32,
+    /// The workload was on the lab's VXLAN overlay.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overlay: bool,
     pub outcome: RunOutcome,
     /// From the lab starting the move (its command or call) to the workload running on
     /// the target with all its state (lazy, post-copy: its last page), timed the same
@@ -651,6 +686,10 @@ pub struct RunResult {
     /// is memory and the other state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// On the overlay: from the resume to the first ICMP echo the moved workload
+    /// answered the source node (the report's `network.follow_millis`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_follow_s: Option<f64>,
     pub notes: String,
 }
 
@@ -667,6 +706,7 @@ impl RunResult {
             link: planned.link,
             load: planned.load,
             rep: planned.rep,
+            overlay: planned.overlay,
             outcome,
             total_s: total.as_secs_f64(),
             downtime_s: downtime.map(|d| d.as_secs_f64()),
@@ -679,6 +719,7 @@ impl RunResult {
             total_over_limit: None,
             predicted: None,
             disk_bytes: None,
+            network_follow_s: None,
             notes: String::new(),
         }
         .with_bytes(0, 0)
@@ -707,6 +748,11 @@ impl RunResult {
         self.limit_s = (p.wire_time(wire) + p.rtt() * self.path.round_trips()).as_secs_f64();
         self.total_over_limit =
             (self.converged() && self.limit_s > 0.0 && wire > 0).then(|| self.total_s / self.limit_s);
+        self
+    }
+
+    pub fn with_follow(mut self, follow_ms: Option<u64>) -> Self {
+        self.network_follow_s = follow_ms.map(|ms| ms as f64 / 1e3);
         self
     }
 

@@ -14,7 +14,7 @@ use crate::reference::{self, ReferencePoint};
 use crate::{io_err, LabError, LabResults, LinkKind, Load, MigrationPath, RunResult};
 
 pub const CSV_HEADER: &str =
-    "run,path,link,load,rep,total_s,downtime_s,degraded_s,slowed_s,bytes_wire,bytes_raw,disk_bytes,converged,limit_s,total_over_limit,predicted_total_s,predicted_downtime_s,predicted_converges,total_error,downtime_error,notes";
+    "run,path,link,load,rep,overlay,total_s,downtime_s,degraded_s,slowed_s,bytes_wire,bytes_raw,disk_bytes,converged,limit_s,total_over_limit,predicted_total_s,predicted_downtime_s,predicted_converges,total_error,downtime_error,network_follow_s,notes";
 
 /// Font for the plots' text (Debian: fonts-dejavu-core); `AWAY_LAB_FONT` overrides it.
 const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -84,12 +84,13 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
     for r in &results.runs {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{:.3},{},{},{}",
+            "{},{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{:.3},{},{},{},{}",
             r.run,
             r.path,
             r.link,
             r.load,
             r.rep,
+            if r.overlay { "on" } else { "off" },
             r.total_s,
             opt(r.downtime_s, 3),
             opt(r.degraded_s, 3),
@@ -101,6 +102,7 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
             r.limit_s,
             opt(r.total_over_limit, 3),
             prediction_columns(r),
+            opt(r.network_follow_s, 3),
             csv_field(&r.notes)
         );
     }
@@ -199,6 +201,8 @@ struct Point {
     wire: Option<f64>,
     /// vm-disk, container-volume: the disk's or the volume's part of `wire`.
     disk: Option<f64>,
+    /// On the overlay: the network's following after the resume.
+    follow: Option<f64>,
     limit: Option<f64>,
     min: f64,
     max: f64,
@@ -213,9 +217,19 @@ fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
+/// The mean of each (link, load, path): of its runs without the overlay when it has
+/// any, else of those on it (`--overlay on` alone); [`overlay_points`] has both.
 fn points(results: &LabResults) -> BTreeMap<(LinkKind, Load, MigrationPath), Point> {
+    let off: BTreeMap<_, _> = overlay_points(results, false);
+    let mut all = overlay_points(results, true);
+    all.extend(off);
+    all
+}
+
+/// The means of the runs with (`overlay`) or without the overlay.
+fn overlay_points(results: &LabResults, overlay: bool) -> BTreeMap<(LinkKind, Load, MigrationPath), Point> {
     let mut groups: BTreeMap<_, Vec<&RunResult>> = BTreeMap::new();
-    for r in &results.runs {
+    for r in results.runs.iter().filter(|r| r.overlay == overlay) {
         groups.entry((r.link, r.load, r.path)).or_default().push(r);
     }
     groups
@@ -230,6 +244,7 @@ fn points(results: &LabResults) -> BTreeMap<(LinkKind, Load, MigrationPath), Poi
                 slowed: mean(&moved.iter().filter_map(|r| r.slowed_s).collect::<Vec<_>>()),
                 wire: mean(&moved.iter().map(|r| r.bytes_wire as f64).collect::<Vec<_>>()),
                 disk: mean(&moved.iter().filter_map(|r| r.disk_bytes.map(|b| b as f64)).collect::<Vec<_>>()),
+                follow: mean(&moved.iter().filter_map(|r| r.network_follow_s).collect::<Vec<_>>()),
                 limit: mean(&moved.iter().map(|r| r.limit_s).collect::<Vec<_>>()),
                 min: totals.iter().copied().fold(f64::INFINITY, f64::min),
                 max: totals.iter().copied().fold(0.0, f64::max),
@@ -434,6 +449,7 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
 
     peer_table(&mut md, results, &pts, &links);
     disk_table(&mut md, results, &pts, &links);
+    overlay_table(&mut md, results, &links);
     prediction_section(&mut md, results);
     failures(&mut md, results);
 
@@ -579,6 +595,50 @@ fn disk_table(
                     mb(p.wire),
                     mb(p.disk),
                     mb(rest)
+                );
+            }
+        }
+    }
+}
+
+/// "The overlay's cost": each path run with and without the workload on the VXLAN
+/// overlay, side by side.
+fn overlay_table(md: &mut String, results: &LabResults, links: &[LinkKind]) {
+    if !results.runs.iter().any(|r| r.overlay) {
+        return;
+    }
+    let (off, on) = (overlay_points(results, false), overlay_points(results, true));
+    let _ = writeln!(md, "\n## The overlay's cost (measured, the same runs without and with it)\n");
+    let _ = writeln!(
+        md,
+        "With the overlay the workload has its own network namespace on a VXLAN overlay between the two nodes \
+         (across the same link), its address and MAC moved with it: the target builds the namespace before the \
+         restore, CRIU restores its TCP connections established and the target announces it (gratuitous ARP). \
+         Follow: from the resume to the first ICMP echo the workload answered the source node, asked every \
+         10 ms over the overlay. The migration's own traffic goes between the nodes either way.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| link | load | path | total s off / on | downtime s off / on | wire MB off / on | total on ÷ off | follow s |"
+    );
+    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|");
+    for &link in links {
+        for &load in &results.loads {
+            for &path in &results.paths {
+                let Some(b) = on.get(&(link, load, path)) else { continue };
+                let a = off.get(&(link, load, path));
+                let pair = |f: fn(&Point) -> Option<f64>, scale: f64| {
+                    format!("{} / {}", s(a.and_then(f).map(|v| v / scale)), s(f(b).map(|v| v / scale)))
+                };
+                let ratio = a.and_then(|a| a.total).zip(b.total).filter(|(a, _)| *a > 0.0).map(|(a, b)| b / a);
+                let _ = writeln!(
+                    md,
+                    "| {link} | {load} | {path} | {} | {} | {} | {} | {} |",
+                    pair(|p| p.total, 1.0),
+                    pair(|p| p.downtime, 1.0),
+                    pair(|p| p.wire, 1e6),
+                    s(ratio),
+                    s(b.follow)
                 );
             }
         }
@@ -918,6 +978,53 @@ pub(crate) mod tests {
         let text = std::fs::read_to_string(&csv).unwrap();
         let line = text.lines().find(|l| l.contains(",vm-disk,")).unwrap();
         assert!(line.contains(",20000000,134217728,5000000,true,"), "{line}");
+    }
+
+    /// Runs on the overlay get their own table beside the same runs without it; the
+    /// other tables keep the runs without.
+    #[test]
+    fn the_overlay_runs_are_set_against_the_same_runs_without() {
+        let mut o = CompareOptions::quick("m.tar".into(), "away".into(), "out".into());
+        o.overlays = vec![false, true];
+        o.paths = vec![MigrationPath::VmPrecopy, MigrationPath::ContainerContainerd];
+        o.loads = vec![Load::Idle];
+        let plan = o.plan();
+        assert_eq!(plan.iter().filter(|p| p.overlay).count(), 2, "containers only, lan and wan: {plan:?}");
+        assert!(plan.iter().all(|p| !p.overlay || p.path == MigrationPath::ContainerContainerd));
+        let mut r = synthetic();
+        r.paths = o.paths.clone();
+        r.loads = o.loads.clone();
+        r.runs = plan
+            .iter()
+            .map(|p| {
+                let total = if p.overlay { 2.2 } else { 2.0 };
+                RunResult::new(p, RunOutcome::Moved, Duration::from_secs_f64(total), Some(Duration::from_millis(400)))
+                    .with_bytes(10_000_000, 20_000_000)
+                    .with_follow(p.overlay.then_some(12))
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        write_report(&r, &dir.path().join("report.md")).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        let table = md.split("## The overlay's cost").nth(1).expect("the overlay table").split("\n## ").next().unwrap();
+        assert!(
+            table.contains(
+                "| lan | idle | container-containerd | 2.00 / 2.20 | 0.40 / 0.40 | 10.00 / 10.00 | 1.10 | 0.01 |"
+            ),
+            "{table}"
+        );
+        assert!(!table.contains("vm-precopy"), "{table}");
+        let measured = md.split("## Measured").nth(1).unwrap().split("\n## ").next().unwrap();
+        assert!(
+            measured.contains("| lan | idle | container-containerd | 1/1 | 2.00 |"),
+            "without the overlay: {measured}"
+        );
+        write_csv(&r, &dir.path().join("results.csv")).unwrap();
+        let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
+        assert!(
+            csv.lines().any(|l| l.contains(",container-containerd,lan,idle,1,on,2.200,") && l.contains(",0.012,")),
+            "{csv}"
+        );
     }
 
     #[test]

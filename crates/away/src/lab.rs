@@ -74,6 +74,11 @@ pub struct CompareArgs {
     /// container-lazy, container-volume (streamed, with a volume it writes to), peer-podman
     #[arg(long, value_delimiter = ',')]
     paths: Vec<MigrationPath>,
+    /// Run away's container paths without (off) and/or with (on) the workload on a VXLAN
+    /// overlay between the two nodes, its address moving with it; comma separated, e.g.
+    /// off,on to see what the overlay costs. Needs the packet link
+    #[arg(long, value_delimiter = ',', value_parser = ["off", "on"])]
+    overlay: Vec<String>,
     /// What memload writes per second to its disk (vm-disk) or volume (container-volume),
     /// e.g. 1Mi
     #[arg(long)]
@@ -153,6 +158,10 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(r) = a.disk_rate {
         opts.disk_rate = r;
+    }
+    if !a.overlay.is_empty() {
+        opts.overlays = a.overlay.iter().map(|o| o == "on").collect();
+        opts.overlays.dedup();
     }
     opts.channels = a.channels;
     opts.link_emulator = match a.link_emulator.as_str() {
