@@ -445,6 +445,19 @@ pub async fn serve_transfers(
 }
 
 async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict {
+    if let Some(move_id) = away_migrate::container::precopy_of(&payload.meta) {
+        return agent.keep_precopy(&payload, move_id).await;
+    }
+    // the move's volume pre-copy, if it sent one, serves this restore only: gone after it
+    let staged = agent.precopy_dir(&payload.transfer_id);
+    let verdict = restore_payload(&agent, payload, staged.as_deref()).await;
+    if let Some(dir) = staged {
+        agent.drop_precopy_dir(&dir);
+    }
+    verdict
+}
+
+async fn restore_payload(agent: &Arc<Agent>, payload: ReceivedPayload, volumes: Option<&std::path::Path>) -> Verdict {
     // the spec checked like any other (a bad one fails the restore below, field named)
     let manifest: Option<Manifest> = Manifest::of_payload(&payload).ok();
     tracing::info!(transfer = %payload.transfer_id, workload = ?manifest.as_ref().map(|m| &m.spec.name), bytes = payload.bytes_raw, "payload received, restoring");
@@ -464,7 +477,7 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
         channels: agent.watch_channels().borrow().clone(),
         peer_node: agent.announced_source(id).unwrap_or_default(),
     };
-    let mut result = restore_received(&agent.node, &payload, settle, &pages).await;
+    let mut result = restore_received(&agent.node, &payload, settle, &pages, volumes).await;
     let mut verdict = verdict_for(&result, settle);
     let Some(m) = manifest else { return verdict };
     match &mut result {

@@ -221,6 +221,7 @@ pub async fn migrate_vm_to(
         ok: false,
         error: None,
         predicted: None,
+        volumes: None,
     };
     let aborted = |mut report: MigrationReport, cause: VmMigrateError| {
         report.total_millis = millis(t0.elapsed());
@@ -544,6 +545,7 @@ mod tests {
             ok: false,
             error: None,
             predicted: None,
+            volumes: None,
         };
         VmMigrateError::Aborted { workload: "w".into(), cause: Box::new(cause), report: Box::new(report) }
     }
