@@ -206,9 +206,8 @@ impl VolumeRoot {
             let owners = to.with_extension("owners.json");
             let linked = match sent.and_then(|s| s.files.get(&v.name)) {
                 None => link_tree(&dir, &to),
-                Some(base) => link_delta(&dir, &to, base).and_then(|delta| {
-                    fs::write(to.with_extension(DELTA_SUFFIX), serde_json::to_vec(&delta)?).map_err(io::Error::from)
-                }),
+                Some(base) => link_delta(&dir, &to, base)
+                    .and_then(|delta| fs::write(to.with_extension(DELTA_SUFFIX), serde_json::to_vec(&delta)?)),
             };
             linked
                 .and_then(|()| fs::write(&owners, serde_json::to_vec(&owners_of(&dir)?)?))
