@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use away_e2e::{lab_image, require_root, require_socket, wait_for, LocalAgent, Node};
+use away_e2e::{lab_image, noise, require_root, require_socket, wait_for, LocalAgent, Node};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -105,19 +105,6 @@ fn started(dir: &Path) -> String {
     first.lines().next().unwrap().split(' ').nth(1).unwrap().to_string()
 }
 
-/// Pseudo-random (incompressible) bytes, `seed` apart.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn sha(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
@@ -145,7 +132,7 @@ fn moves_with_its_volume(mode: &str, expect: &str) {
     let mine = from.join("mine");
     std::fs::create_dir(&mine).unwrap();
     for (i, f) in ["keep-1", "keep-2", "rewrite", "delete"].iter().enumerate() {
-        std::fs::write(mine.join(f), noise(256 << 10, i as u64 + 1)).unwrap();
+        std::fs::write(mine.join(f), noise(i as u64 + 1, 256 << 10)).unwrap();
     }
     wait_for(20, || last_file(&from).filter(|n| *n >= 10)).expect("the counter writes into its volume");
     // what the source had, moments before the move
@@ -160,7 +147,7 @@ fn moves_with_its_volume(mode: &str, expect: &str) {
     let moving = std::thread::spawn(move || migrate.output().expect("run away migrate"));
     wait_for(30, || (entries(&precopies(&agent.node)) > 0).then_some(())).expect("the target got a pre-copy");
     // after the pre-copy: one file rewritten in place (same size), one deleted, one new
-    let rewritten = noise(256 << 10, 99);
+    let rewritten = noise(99, 256 << 10);
     std::fs::write(mine.join("rewrite"), &rewritten).unwrap();
     std::fs::remove_file(mine.join("delete")).unwrap();
     std::fs::write(mine.join("new"), b"written after the pre-copy").unwrap();
@@ -198,8 +185,8 @@ fn moves_with_its_volume(mode: &str, expect: &str) {
     // the directory as it was at the freeze: unchanged, rewritten, deleted, new
     let moved = digests(&to.join("mine"));
     let want = BTreeMap::from([
-        ("keep-1".to_string(), sha(&noise(256 << 10, 1))),
-        ("keep-2".to_string(), sha(&noise(256 << 10, 2))),
+        ("keep-1".to_string(), sha(&noise(1, 256 << 10))),
+        ("keep-2".to_string(), sha(&noise(2, 256 << 10))),
         ("rewrite".to_string(), sha(&rewritten)),
         ("new".to_string(), sha(b"written after the pre-copy")),
     ]);
