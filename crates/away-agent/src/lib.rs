@@ -581,10 +581,7 @@ impl Agent {
             let get = |id: &str| announced.get(id).map(|a| (a.source.clone(), a.workload.clone()));
             (get(&payload.transfer_id), get(move_id))
         };
-        let valid_id = !move_id.is_empty()
-            && move_id.len() <= 64
-            && move_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !valid_id || this.is_none() || this != of_move {
+        if !precopy_allowed(move_id, this.as_ref(), of_move.as_ref()) {
             return Verdict::failed(format!(
                 "transfer {} pre-copies volumes for move {move_id:?}, which was not announced to this agent by the \
                  same node for the same workload",
@@ -694,6 +691,17 @@ impl Agent {
             }
         });
     }
+}
+
+/// May a volume pre-copy whose transfer was announced as `this` (source node, workload)
+/// be kept for move `move_id`, announced as `of_move`? Only for a move id of the
+/// transfer protocol's form, announced by the same node for the same workload: a node
+/// cannot park files under another node's move, nor under a path.
+fn precopy_allowed(move_id: &str, this: Option<&(String, String)>, of_move: Option<&(String, String)>) -> bool {
+    let valid_id = !move_id.is_empty()
+        && move_id.len() <= 64
+        && move_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    valid_id && this.is_some() && this == of_move
 }
 
 /// How long API requests under way may take to finish once the agent stops.
@@ -834,4 +842,23 @@ pub enum AgentError {
     State(state::StateError),
     #[error("the node identity")]
     Identity(#[source] away_identity::IdentityError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_precopy_is_kept_only_for_a_move_of_the_same_node_and_workload() {
+        let of = |node: &str, w: &str| Some((node.to_string(), w.to_string()));
+        let a = of("a", "web");
+        assert!(precopy_allowed("f00d-1_2", a.as_ref(), a.as_ref()));
+        assert!(!precopy_allowed("f00d", a.as_ref(), of("b", "web").as_ref()), "another node's move");
+        assert!(!precopy_allowed("f00d", a.as_ref(), of("a", "db").as_ref()), "another workload");
+        assert!(!precopy_allowed("f00d", a.as_ref(), None), "a move never announced");
+        assert!(!precopy_allowed("f00d", None, None), "a transfer never announced");
+        for bad in ["", "../x", "a/b", ".", &"x".repeat(65)] {
+            assert!(!precopy_allowed(bad, a.as_ref(), a.as_ref()), "{bad:?}");
+        }
+    }
 }
