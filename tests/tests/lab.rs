@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use away_e2e::{away_bin, lab_image, require, require_root, require_socket};
-use away_lab::{CompareOptions, MigrationPath, RunOutcome};
+use away_lab::{CompareOptions, LinkKind, Load, MigrationPath, RunOutcome};
 
 #[test]
 fn quick_profile_end_to_end() {
@@ -92,6 +92,34 @@ fn quick_profile_end_to_end() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     assert_eq!(&std::fs::read(out.join("fig3.png")).unwrap()[..4], b"\x89PNG");
+    // with a disk: the VM's mirrored blocks and the container's volume, apart
+    let disk: Vec<_> = results.runs.iter().filter(|r| r.path.writes_disk()).collect();
+    assert_eq!(disk.len(), 2, "vm-disk and container-volume on the LAN, idle");
+    for r in disk {
+        assert!(r.converged(), "{r:?}");
+        let d = r.disk_bytes.unwrap_or_else(|| panic!("the disk's bytes: {r:?}"));
+        assert!(d > 0 && d < r.bytes_wire, "{r:?}");
+    }
+    assert!(report.contains("## With a disk"), "{report}");
+
+    // the overlay: the same container move without and with the workload on it
+    let ov_out = away_e2e::workspace_root().join("target").join("away-lab-overlay");
+    let _ = std::fs::remove_dir_all(&ov_out);
+    let mut ov = CompareOptions::quick(lab_image("memload"), away_bin().to_path_buf(), ov_out.clone());
+    (ov.links, ov.loads, ov.paths) = (vec![LinkKind::Lan], vec![Load::Idle], vec![MigrationPath::ContainerContainerd]);
+    ov.overlays = vec![false, true];
+    let moved =
+        rt.block_on(away_lab::compare(ov, |p| eprintln!("[{}/{}] {}: {}", p.done, p.total, p.current, p.status)));
+    let moved = moved.expect("lab compare --overlay off,on");
+    assert_eq!(moved.runs.iter().map(|r| r.overlay).collect::<Vec<_>>(), [false, true]);
+    assert!(moved.runs.iter().all(|r| r.converged()), "{:#?}", moved.runs);
+    assert!(
+        moved.runs[1].network_follow_s.is_some(),
+        "the moved workload answered on the overlay: {:?}",
+        moved.runs[1]
+    );
+    let report = std::fs::read_to_string(ov_out.join("report.md")).unwrap();
+    assert!(report.contains("## The overlay's cost"), "{report}");
 }
 
 /// README's "On a node" line, run as written: it builds the release away (the same

@@ -203,8 +203,30 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     // the compatibility check said before the move that the connection would stay
     let said = connections_said(&body);
     assert!(said.starts_with(&format!("kept: {ip} on network")), "{said}");
+    let id = body["migration"]["id"].as_str().expect("the migration's id").to_string();
     let moved = api.wait_running_on("ovc", target);
     eprintln!("ovc running on {target} after {:?}", clock.elapsed());
+    // the report: the same address before and after, and the overlay following it
+    let done = wait_for(60, || api.get(&format!("/v1/migrations/{id}")).filter(|m| m["state"] == "succeeded"))
+        .expect("the migration succeeds");
+    let net = &done["report"]["network"];
+    let ip_text = ip.to_string();
+    assert_eq!(
+        (net["ip_before"].as_str(), net["ip_after"].as_str()),
+        (Some(ip_text.as_str()), Some(ip_text.as_str())),
+        "{done}"
+    );
+    assert_eq!(net["mac"], mac, "{done}");
+    let follow = net["follow_millis"].as_u64().unwrap_or_else(|| panic!("the source node never reached it: {done}"));
+    // the answer came from the target: nothing answered while the workload was down
+    // (the source's own namespace is locked, then gone)
+    let (unanswered, downtime) =
+        (net["unanswered_millis"].as_u64().unwrap(), done["report"]["downtime_millis"].as_u64().unwrap());
+    assert!(unanswered * 2 >= downtime, "answered {unanswered} ms after the freeze, downtime {downtime} ms: {done}");
+    println!(
+        "the network followed ovc {follow} ms after its resume (asked from {source}; unanswered for {unanswered} ms \
+         from the freeze, downtime {downtime} ms)"
+    );
     assert_eq!(overlay_ip(&moved), ip, "the same IP after the move");
     assert_eq!(moved["spec"]["overlay"]["mac"], mac, "the same MAC after the move");
     let (lines, gap) = held_through_the_move(&seen, &stop, reader, "the move");
@@ -214,6 +236,19 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
         gap.as_millis()
     );
     wait_for(20, || (!ns_of(source, "ovc").exists()).then_some(())).expect("the source's namespace is removed");
+    // the edge node's VXLAN device sends ovc's MAC to the target (learned from the
+    // announcement, and set from the broker's list once the move ended)
+    let vni = moving["spec"]["overlay"]["vni"].as_u64().unwrap();
+    let edge_netns = info.nodes.iter().find(|n| n.name == "edge").unwrap().netns.clone();
+    let entry = format!("{} dst {target_ip} ", mac.as_str().unwrap());
+    wait_for(10, || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &edge_netns, "bridge", "fdb", "show", "dev", &format!("awx{vni}")])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).contains(&entry).then_some(())
+    })
+    .unwrap_or_else(|| panic!("edge's forwarding entry for ovc ({entry}) points at the target"));
     // the published port followed: the target's node answers, the source's does not
     let there =
         wait_for(10, || count_at(SocketAddr::from((target_ip, PORT)))).expect("the port is published on the target");

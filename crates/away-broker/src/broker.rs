@@ -738,6 +738,18 @@ impl Broker {
             inner.nodes.values().filter(|n| n.name != name).filter_map(endpoint).collect();
         peers.sort();
         peers.dedup();
+        // the workloads on other nodes, per network: their forwarding entries
+        let mut remote: BTreeMap<String, Vec<away_model::RemoteWorkload>> = BTreeMap::new();
+        for w in inner.workloads.values().filter(|w| w.node != name) {
+            let (Some(addr), Some(node)) = (&w.spec.overlay, inner.nodes.get(&w.node).and_then(endpoint)) else {
+                continue;
+            };
+            remote.entry(addr.network.clone()).or_default().push(away_model::RemoteWorkload {
+                mac: addr.mac.clone(),
+                node,
+                since_unix_ms: w.updated_ms,
+            });
+        }
         let mut made = crate::overlay::IpamChanges::default();
         let networks: Vec<String> = ipam.networks().iter().map(|n| n.name.clone()).collect();
         let mut out = Vec::new();
@@ -745,7 +757,9 @@ impl Broker {
             let address = ipam
                 .address(&net, &crate::overlay::node_owner(name), &mut made)
                 .map_err(|why| Problem::new(ErrorCode::Incompatible, why))?;
-            out.push(away_model::NodeOverlay { address, peers: peers.clone() });
+            let mut workloads = remote.remove(&net).unwrap_or_default();
+            workloads.sort();
+            out.push(away_model::NodeOverlay { address, peers: peers.clone(), workloads });
         }
         if !made.is_empty() || !released.is_empty() {
             inner.store.apply_overlay(&made, &released)?;

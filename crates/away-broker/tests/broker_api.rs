@@ -210,6 +210,7 @@ fn report(workload: &str, source: &str, target: &str) -> MigrationReport {
         error: None,
         predicted: None,
         volumes: None,
+        network: None,
     }
 }
 
@@ -366,6 +367,32 @@ async fn overlay_addresses_follow_workloads_and_nodes_across_a_restart() {
         nets,
         vec![("default".into(), "10.250.0.3".into(), peer.clone()), ("lab-1".into(), "10.250.1.2".into(), peer)]
     );
+    // and the network's workloads on the other node, for its VXLAN device's forwarding
+    // entries (none of its own)
+    let (_, all) = b.get("/v1/workloads").await;
+    let on_n2 = |w: &&Value| w["node"] == "n2";
+    let mut elsewhere: Vec<(String, String)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(on_n2)
+        .map(|w| {
+            (
+                w["spec"]["overlay"]["network"].as_str().unwrap().into(),
+                w["spec"]["overlay"]["mac"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let mut listed: Vec<(String, String)> = r
+        .overlay
+        .iter()
+        .flat_map(|n| n.workloads.iter().map(move |w| (n.address.network.clone(), w.mac.clone())))
+        .collect();
+    elsewhere.sort();
+    listed.sort();
+    assert!(!elsewhere.is_empty(), "placement put workloads on n2: {all}");
+    assert_eq!(listed, elsewhere);
+    assert!(r.overlay.iter().flat_map(|n| &n.workloads).all(|w| w.node == std::net::Ipv4Addr::new(10, 9, 0, 2)));
 
     // a restarted broker gives the same addresses, to nodes and workloads
     b.stop().await;

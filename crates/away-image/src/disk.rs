@@ -117,6 +117,13 @@ pub fn write_disk_image(image: &Image, out: &Path, size: u64) -> Result<DiskImag
     Ok(DiskImage { path: out.to_path_buf(), virtual_size: size, file_bytes })
 }
 
+/// Write `out`: an empty ext4 file system of `size` bytes in a qcow2, for a VM that
+/// only needs somewhere to write (the lab's `vm-disk` path).
+pub fn write_blank_disk_image(out: &Path, size: u64) -> Result<DiskImage, VmError> {
+    let empty = Image { config: Default::default(), layers: Vec::new(), tags: Vec::new() };
+    write_disk_image(&empty, out, size)
+}
+
 /// A UUID (as text) from the image's layers and the disk size.
 fn fs_uuid(image: &Image, size: u64) -> String {
     use sha2::Digest;

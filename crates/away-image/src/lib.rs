@@ -16,7 +16,7 @@ pub mod vm;
 
 pub use archive::{read_image_tar, ArchiveError, ArchiveFormat, Image, ReadImage};
 pub use build::{build, build_to_dir, BuildError, BuildOptions, Built};
-pub use disk::{write_disk_image, DiskImage};
+pub use disk::{write_blank_disk_image, write_disk_image, DiskImage};
 pub use recipe::{Recipe, RecipeError};
 pub use vm::{
     overrides_cpio, overrides_cpio_with_disk, write_vm_artifact, BootSpec, GuestDisk, VmArtifact, VmError, VmOptions,

@@ -185,6 +185,26 @@ async fn attempt(
     };
     let side_a = link_slot.as_ref().map(|l| l.a().clone());
     let side_b = link_slot.as_ref().map(|l| l.b().clone());
+    // --overlay on: both sides on a VXLAN overlay across the link; the workload starts
+    // in side A (the source's devices are there) with its address in its spec
+    let spec_file = match (planned.overlay, link_slot.as_ref()) {
+        (false, _) => None,
+        (true, None) => return Err("the overlay needs the packet link".into()),
+        (true, Some(sides)) => {
+            status("building the overlay".into());
+            crate::overlay::build(sides).await?;
+            let spec = serde_json::json!({
+                "name": name,
+                "image": opts.image,
+                "overlay": crate::overlay::workload_address(),
+            });
+            let file = source.base.join("spec.json");
+            std::fs::create_dir_all(&source.base)
+                .and_then(|_| std::fs::write(&file, spec.to_string()))
+                .map_err(|e| format!("write {}: {e}", file.display()))?;
+            Some(file.to_string_lossy().to_string())
+        }
+    };
     // the target holds the app's image before the move, as Podman's target store does
     // in the peer's runs: the image's one-time upload is not part of a move's time
     away_runtime::store::ImageStore::new(&target.base.join("state"))
@@ -242,12 +262,23 @@ async fn attempt(
     let (cpu, ram) = planned.load.memload_env();
     let app_mib = opts.app_ram.as_mib().max(1);
     let image = opts.image.to_string_lossy().to_string();
+    // container-volume: memload writes to a volume, as the vm-disk VM to its disk
+    let volume = format!("data:{}", crate::vm::DISK_MOUNT);
+    let disk_env: Vec<String> = crate::vm::disk_env(opts, planned).iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut extra: Vec<&str> = Vec::new();
+    if planned.path.writes_disk() {
+        extra.extend(["-v", &volume]);
+        for e in &disk_env {
+            extra.extend(["-e", e]);
+        }
+    }
     let out = source
-        .away(
+        .away_in(
             bin,
+            spec_file.as_ref().and(side_a.as_ref()),
             &[
                 "run",
-                &image,
+                spec_file.as_deref().unwrap_or(&image),
                 "--name",
                 name,
                 "--runtime",
@@ -266,7 +297,10 @@ async fn attempt(
                 "MEMLOAD_PORT=0",
                 "-e",
                 &format!("MEMLOAD_INTERVAL_MS={}", HEARTBEAT.as_millis()),
-            ],
+            ]
+            .into_iter()
+            .chain(extra)
+            .collect::<Vec<_>>(),
         )
         .await?;
     if !out.status.success() {
@@ -353,6 +387,7 @@ async fn attempt(
         .with_bytes(r.bytes_wire, r.bytes_raw)
         .with_paged(r.paged_bytes_raw)
         .with_predicted(r.predicted.clone())
+        .with_follow(r.network.as_ref().and_then(|n| n.follow_millis))
         .with_notes(phases(&r))),
         Some(r) => Ok(RunResult::new(planned, RunOutcome::Failed, Duration::from_millis(r.total_millis), None)
             .with_bytes(r.bytes_wire, r.bytes_raw)

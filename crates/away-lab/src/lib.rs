@@ -21,6 +21,7 @@ mod container;
 pub mod link;
 pub mod merge;
 mod output;
+mod overlay;
 mod peer;
 pub mod reference;
 mod vm;
@@ -190,6 +191,13 @@ pub enum MigrationPath {
     /// multifd with post-copy ("Postcopy is not yet compatible with multifd"); the lab
     /// asks QEMU once and records its answer in each run of this path.
     VmMultifdZstdPostcopy,
+    /// VM pre-copy with a writable disk (an empty ext4 on a qcow2 base both nodes hold)
+    /// that memload writes to at `disk_rate`: the disk's overlay is mirrored over NBD
+    /// (`blockdev-mirror`) while RAM migrates, no shared storage (docs/vm.md).
+    VmDisk,
+    /// containerd → containerd streamed, as `container-containerd`, with a volume that
+    /// memload writes to at `disk_rate`: the volume moves with it.
+    ContainerVolume,
     /// The peer: Podman (not away). `podman container checkpoint --export --compress=zstd`
     /// on the source, the archive sent over the link, `podman container restore --import`
     /// on the target.
@@ -197,7 +205,7 @@ pub enum MigrationPath {
 }
 
 impl MigrationPath {
-    pub const ALL: [MigrationPath; 10] = [
+    pub const ALL: [MigrationPath; 12] = [
         MigrationPath::VmPrecopy,
         MigrationPath::VmAutoConverge,
         MigrationPath::VmPostcopy,
@@ -207,6 +215,8 @@ impl MigrationPath {
         MigrationPath::ContainerStaged,
         MigrationPath::ContainerDocker,
         MigrationPath::ContainerLazy,
+        MigrationPath::VmDisk,
+        MigrationPath::ContainerVolume,
         MigrationPath::PeerPodman,
     ];
 
@@ -221,6 +231,8 @@ impl MigrationPath {
             MigrationPath::ContainerLazy => "container-lazy",
             MigrationPath::VmMultifdZstd => "vm-multifd-zstd",
             MigrationPath::VmMultifdZstdPostcopy => "vm-multifd-zstd-postcopy",
+            MigrationPath::VmDisk => "vm-disk",
+            MigrationPath::ContainerVolume => "container-volume",
             MigrationPath::PeerPodman => "peer-podman",
         }
     }
@@ -233,7 +245,19 @@ impl MigrationPath {
                 | MigrationPath::VmPostcopy
                 | MigrationPath::VmMultifdZstd
                 | MigrationPath::VmMultifdZstdPostcopy
+                | MigrationPath::VmDisk
         )
+    }
+
+    /// `--overlay on` runs it with the workload on the lab's VXLAN overlay: away's
+    /// container paths (VMs on the overlay are not in the lab yet, docs/network.md).
+    pub fn runs_on_overlay(self) -> bool {
+        self.is_away_container() && self != MigrationPath::ContainerDocker
+    }
+
+    /// The app writes files at `disk_rate` (to the VM's disk or the container's volume).
+    pub fn writes_disk(self) -> bool {
+        matches!(self, MigrationPath::VmDisk | MigrationPath::ContainerVolume)
     }
 
     /// A tool other than away moves the app (the peers of the comparison).
@@ -257,6 +281,8 @@ impl MigrationPath {
             MigrationPath::ContainerLazy => "criu lazy pages (post-copy), zstd:1 page stream",
             MigrationPath::VmMultifdZstd => "qemu pre-copy, multifd 2 channels, zstd:1",
             MigrationPath::VmMultifdZstdPostcopy => "qemu pre-copy, multifd 2 channels, zstd:1, post-copy after pass 1",
+            MigrationPath::VmDisk => "qemu pre-copy, disk overlay mirrored over nbd (blockdev-mirror)",
+            MigrationPath::ContainerVolume => "criu stop-and-copy streamed (page server), zstd:1, with a volume",
             MigrationPath::PeerPodman => "podman checkpoint --export --compress=zstd, archive sent, restore --import",
         }
     }
@@ -327,6 +353,24 @@ pub struct CompareOptions {
     /// (what away does) or plaintext (for measuring what TLS costs).
     #[serde(default)]
     pub channels: Channels,
+    /// Bytes per second memload writes to files in the `vm-disk` and
+    /// `container-volume` paths (its disk or its volume).
+    #[serde(default = "default_disk_rate")]
+    pub disk_rate: ByteSize,
+    /// Run each of away's container paths without (`false`) and/or with (`true`) the
+    /// workload on a VXLAN overlay between the two nodes (its own namespace, address and
+    /// MAC, moved with it; docs/network.md). The other paths run without.
+    #[serde(default = "no_overlay")]
+    pub overlays: Vec<bool>,
+}
+
+fn no_overlay() -> Vec<bool> {
+    vec![false]
+}
+
+/// 1 MiB/s: a database's log under steady load; a fifth of the WAN's rate.
+fn default_disk_rate() -> ByteSize {
+    ByteSize::mib(1)
 }
 
 /// The channels between the lab's two nodes.
@@ -391,7 +435,7 @@ impl LabIdentities {
 }
 
 impl CompareOptions {
-    /// Everything: 2 links × 9 loads × 10 paths × 2 repetitions = 360 runs, 256 MiB VM,
+    /// Everything: 2 links × 9 loads × 12 paths × 2 repetitions = 432 runs, 256 MiB VM,
     /// 128 MiB app; a VM run that has not finished after 3 × VM RAM / rate counts as not
     /// converged. A 2-core TCG host took about 2 h 25 min for the 7 paths before the peers
     /// (docs/results/README.md).
@@ -414,12 +458,15 @@ impl CompareOptions {
             cpu_threads: 1,
             limited: Vec::new(),
             channels: Channels::Tls,
+            disk_rate: default_disk_rate(),
+            overlays: no_overlay(),
         }
     }
 
     /// For CI: 128 MiB VM, 32 MiB app, idle / ram50, LAN and WAN, VM pre-copy,
     /// containerd (stop-and-copy and lazy), Docker and the Podman peer, one repetition;
-    /// VM multifd + zstd only on the LAN, idle (a VM boot per run is what costs).
+    /// VM multifd + zstd, the VM with a disk and the container with a volume only on
+    /// the LAN, idle (a VM boot per run is what costs).
     pub fn quick(image: PathBuf, away_bin: PathBuf, out_dir: PathBuf) -> Self {
         CompareOptions {
             // (cpu50 left out: a busy CPU dirties little memory, and CI's time is short)
@@ -430,9 +477,13 @@ impl CompareOptions {
                 MigrationPath::ContainerContainerd,
                 MigrationPath::ContainerDocker,
                 MigrationPath::ContainerLazy,
+                MigrationPath::VmDisk,
+                MigrationPath::ContainerVolume,
                 MigrationPath::PeerPodman,
             ],
-            limited: vec![(MigrationPath::VmMultifdZstd, vec![LinkKind::Lan], vec![Load::Idle])],
+            limited: [MigrationPath::VmMultifdZstd, MigrationPath::VmDisk, MigrationPath::ContainerVolume]
+                .map(|p| (p, vec![LinkKind::Lan], vec![Load::Idle]))
+                .to_vec(),
             repetitions: 1,
             vm_ram: ByteSize::mib(128),
             app_ram: ByteSize::mib(32),
@@ -456,6 +507,15 @@ impl CompareOptions {
         }
         if self.repetitions == 0 {
             return Err(invalid("repetitions", "must be at least 1"));
+        }
+        if self.overlays.is_empty() {
+            return Err(invalid("overlay", "say off, on or both"));
+        }
+        if self.overlays.contains(&true) && self.link_emulator != LinkEmulator::Packet {
+            return Err(invalid(
+                "overlay",
+                "the overlay needs the packet link (its VXLAN crosses it between the nodes)",
+            ));
         }
         if self.app_ram.bytes() == 0 {
             return Err(invalid("app_ram", "must be more than 0"));
@@ -490,7 +550,9 @@ impl CompareOptions {
             for &load in &self.loads {
                 for rep in 1..=self.repetitions {
                     for &path in self.paths.iter().filter(|p| self.runs_in(**p, link, load)) {
-                        runs.push(PlannedRun { run: runs.len() as u32 + 1, path, link, load, rep });
+                        for &overlay in self.overlays.iter().filter(|o| !**o || path.runs_on_overlay()) {
+                            runs.push(PlannedRun { run: runs.len() as u32 + 1, path, link, load, rep, overlay });
+                        }
                     }
                 }
             }
@@ -542,11 +604,15 @@ pub struct PlannedRun {
     pub load: Load,
     /// 1-based repetition.
     pub rep: u32,
+    /// The workload on the lab's VXLAN overlay.
+    #[serde(default)]
+    pub overlay: bool,
 }
 
 impl PlannedRun {
     pub fn label(&self) -> String {
-        format!("{} {} {} #{}", self.path, self.link, self.load, self.rep)
+        let overlay = if self.overlay { " overlay" } else { "" };
+        format!("{} {} {}{overlay} #{}", self.path, self.link, self.load, self.rep)
     }
 }
 
@@ -584,6 +650,9 @@ pub struct RunResult {
     pub link: LinkKind,
     pub load: Load,
     pub rep: u32,
+    /// The workload was on the lab's VXLAN overlay.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overlay: bool,
     pub outcome: RunOutcome,
     /// From the lab starting the move (its command or call) to the workload running on
     /// the target with all its state (lazy, post-copy: its last page), timed the same
@@ -612,6 +681,15 @@ pub struct RunResult {
     /// What the prediction model said before the move (the report's `predicted`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted: Option<away_model::MovePrediction>,
+    /// `vm-disk` and `container-volume`: the part of `bytes_wire` that was the disk's
+    /// blocks (mirrored over NBD) or the volume's files (before compression); the rest
+    /// is memory and the other state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+    /// On the overlay: from the resume to the first ICMP echo the moved workload
+    /// answered the source node (the report's `network.follow_millis`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_follow_s: Option<f64>,
     pub notes: String,
 }
 
@@ -628,6 +706,7 @@ impl RunResult {
             link: planned.link,
             load: planned.load,
             rep: planned.rep,
+            overlay: planned.overlay,
             outcome,
             total_s: total.as_secs_f64(),
             downtime_s: downtime.map(|d| d.as_secs_f64()),
@@ -639,6 +718,8 @@ impl RunResult {
             limit_s: 0.0,
             total_over_limit: None,
             predicted: None,
+            disk_bytes: None,
+            network_follow_s: None,
             notes: String::new(),
         }
         .with_bytes(0, 0)
@@ -667,6 +748,16 @@ impl RunResult {
         self.limit_s = (p.wire_time(wire) + p.rtt() * self.path.round_trips()).as_secs_f64();
         self.total_over_limit =
             (self.converged() && self.limit_s > 0.0 && wire > 0).then(|| self.total_s / self.limit_s);
+        self
+    }
+
+    pub fn with_follow(mut self, follow_ms: Option<u64>) -> Self {
+        self.network_follow_s = follow_ms.map(|ms| ms as f64 / 1e3);
+        self
+    }
+
+    pub fn with_disk(mut self, disk: Option<u64>) -> Self {
+        self.disk_bytes = disk;
         self
     }
 
@@ -713,6 +804,9 @@ pub struct LabSetup {
     #[serde(default = "plaintext_before_tls")]
     pub channels: String,
     pub started_unix: u64,
+    /// Bytes per second memload wrote to its disk or volume, when a path had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_rate_bytes: Option<u64>,
     /// `away lab merge`: the runs each source gave (empty for one `compare`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<SourceSummary>,
@@ -878,6 +972,7 @@ pub async fn compare(
             vm_timeouts: opts.links.iter().map(|l| (l.name().to_string(), opts.vm_timeout(*l).as_secs_f64())).collect(),
             container_compression: container::COMPRESSION.into(),
             channels: opts.channels.name().into(),
+            disk_rate_bytes: opts.paths.iter().any(|p| p.writes_disk()).then(|| opts.disk_rate.bytes()),
             started_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             sources: Vec::new(),
         },
@@ -949,8 +1044,8 @@ mod tests {
         let o = CompareOptions::quick("m.tar".into(), "away".into(), "out".into());
         o.validate().unwrap();
         let plan = o.plan();
-        // 5 paths in every cell, vm-multifd-zstd in one
-        assert_eq!(plan.len(), 2 * 2 * 5 + 1);
+        // 5 paths in every cell, vm-multifd-zstd, vm-disk and container-volume in one
+        assert_eq!(plan.len(), 2 * 2 * 5 + 3);
         let multifd: Vec<_> = plan.iter().filter(|r| r.path == MigrationPath::VmMultifdZstd).collect();
         assert_eq!((multifd.len(), multifd[0].link, multifd[0].load), (1, LinkKind::Lan, Load::Idle));
         assert_eq!(plan[0].run, 1);

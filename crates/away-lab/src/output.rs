@@ -14,7 +14,7 @@ use crate::reference::{self, ReferencePoint};
 use crate::{io_err, LabError, LabResults, LinkKind, Load, MigrationPath, RunResult};
 
 pub const CSV_HEADER: &str =
-    "run,path,link,load,rep,total_s,downtime_s,degraded_s,slowed_s,bytes_wire,bytes_raw,converged,limit_s,total_over_limit,predicted_total_s,predicted_downtime_s,predicted_converges,total_error,downtime_error,notes";
+    "run,path,link,load,rep,overlay,total_s,downtime_s,degraded_s,slowed_s,bytes_wire,bytes_raw,disk_bytes,converged,limit_s,total_over_limit,predicted_total_s,predicted_downtime_s,predicted_converges,total_error,downtime_error,network_follow_s,notes";
 
 /// Font for the plots' text (Debian: fonts-dejavu-core); `AWAY_LAB_FONT` overrides it.
 const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -84,22 +84,25 @@ pub fn write_csv(results: &LabResults, path: &Path) -> Result<(), LabError> {
     for r in &results.runs {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{:.3},{},{},{},{},{},{},{:.3},{},{},{}",
+            "{},{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{:.3},{},{},{},{}",
             r.run,
             r.path,
             r.link,
             r.load,
             r.rep,
+            if r.overlay { "on" } else { "off" },
             r.total_s,
             opt(r.downtime_s, 3),
             opt(r.degraded_s, 3),
             opt(r.slowed_s, 3),
             r.bytes_wire,
             r.bytes_raw,
+            r.disk_bytes.map(|b| b.to_string()).unwrap_or_default(),
             r.converged(),
             r.limit_s,
             opt(r.total_over_limit, 3),
             prediction_columns(r),
+            opt(r.network_follow_s, 3),
             csv_field(&r.notes)
         );
     }
@@ -196,6 +199,10 @@ struct Point {
     /// Under a RAM load: memload below 90 % of its rate after the resume.
     slowed: Option<f64>,
     wire: Option<f64>,
+    /// vm-disk, container-volume: the disk's or the volume's part of `wire`.
+    disk: Option<f64>,
+    /// On the overlay: the network's following after the resume.
+    follow: Option<f64>,
     limit: Option<f64>,
     min: f64,
     max: f64,
@@ -210,9 +217,19 @@ fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
+/// The mean of each (link, load, path): of its runs without the overlay when it has
+/// any, else of those on it (`--overlay on` alone); [`overlay_points`] has both.
 fn points(results: &LabResults) -> BTreeMap<(LinkKind, Load, MigrationPath), Point> {
+    let off: BTreeMap<_, _> = overlay_points(results, false);
+    let mut all = overlay_points(results, true);
+    all.extend(off);
+    all
+}
+
+/// The means of the runs with (`overlay`) or without the overlay.
+fn overlay_points(results: &LabResults, overlay: bool) -> BTreeMap<(LinkKind, Load, MigrationPath), Point> {
     let mut groups: BTreeMap<_, Vec<&RunResult>> = BTreeMap::new();
-    for r in &results.runs {
+    for r in results.runs.iter().filter(|r| r.overlay == overlay) {
         groups.entry((r.link, r.load, r.path)).or_default().push(r);
     }
     groups
@@ -226,6 +243,8 @@ fn points(results: &LabResults) -> BTreeMap<(LinkKind, Load, MigrationPath), Poi
                 degraded: mean(&moved.iter().filter_map(|r| r.degraded_s).collect::<Vec<_>>()),
                 slowed: mean(&moved.iter().filter_map(|r| r.slowed_s).collect::<Vec<_>>()),
                 wire: mean(&moved.iter().map(|r| r.bytes_wire as f64).collect::<Vec<_>>()),
+                disk: mean(&moved.iter().filter_map(|r| r.disk_bytes.map(|b| b as f64)).collect::<Vec<_>>()),
+                follow: mean(&moved.iter().filter_map(|r| r.network_follow_s).collect::<Vec<_>>()),
                 limit: mean(&moved.iter().map(|r| r.limit_s).collect::<Vec<_>>()),
                 min: totals.iter().copied().fold(f64::INFINITY, f64::min),
                 max: totals.iter().copied().fold(0.0, f64::max),
@@ -325,6 +344,18 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
              (vm-multifd-zstd-postcopy: the same with post-copy, when this QEMU takes the pair)"
         );
     }
+    if let Some(rate) = set.disk_rate_bytes {
+        let _ = writeln!(
+            md,
+            "- with a disk: memload also writes {:.2} MiB/s to {} in 1 MiB segment files (64 KiB writes, each \
+             fdatasync'd; the oldest removed past 64 MiB): vm-disk = the VM's {} MiB disk, a qcow2 overlay on an \
+             empty ext4 base both nodes hold, mirrored over NBD (blockdev-mirror) while RAM migrates; \
+             container-volume = the container's volume, moved with it",
+            mib(rate),
+            crate::vm::DISK_MOUNT,
+            crate::vm::DISK_BYTES >> 20
+        );
+    }
     let wall = if set.sources.is_empty() { "wall time" } else { "wall time (sum of the sources)" };
     let _ = writeln!(
         md,
@@ -398,7 +429,8 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
         for &link in &links {
             for &load in &results.loads {
                 for &v in &vms {
-                    for &c in &containers {
+                    // a VM with a disk against the container with a volume, the others apart
+                    for &c in containers.iter().filter(|c| c.writes_disk() == v.writes_disk()) {
                         let (Some(vp), Some(cp)) = (pts.get(&(link, load, v)), pts.get(&(link, load, c))) else {
                             continue;
                         };
@@ -416,6 +448,8 @@ pub fn write_report(results: &LabResults, path: &Path) -> Result<(), LabError> {
     }
 
     peer_table(&mut md, results, &pts, &links);
+    disk_table(&mut md, results, &pts, &links);
+    overlay_table(&mut md, results, &links);
     prediction_section(&mut md, results);
     failures(&mut md, results);
 
@@ -449,7 +483,7 @@ fn best_away(
     results
         .paths
         .iter()
-        .filter(|p| p.is_away_container())
+        .filter(|p| p.is_away_container() && !p.writes_disk())
         .filter_map(|p| Some((*p, *pts.get(&(link, load, *p))?)))
         .filter(|(_, pt)| pt.total.is_some())
         .min_by(|a, b| a.1.total.partial_cmp(&b.1.total).unwrap_or(std::cmp::Ordering::Equal))
@@ -463,7 +497,9 @@ fn peer_table(
     pts: &BTreeMap<(LinkKind, Load, MigrationPath), Point>,
     links: &[LinkKind],
 ) {
-    let peers: Vec<MigrationPath> = results.paths.iter().copied().filter(|p| p.is_peer() || p.is_vm()).collect();
+    // (the VM with a disk has its own table, against the container with a volume)
+    let peers: Vec<MigrationPath> =
+        results.paths.iter().copied().filter(|p| (p.is_peer() || p.is_vm()) && !p.writes_disk()).collect();
     let _ = writeln!(md, "\n## away's best path vs each peer, per link and load (measured)\n");
     if peers.is_empty() || !results.paths.iter().any(|p| p.is_away_container()) {
         let _ = writeln!(md, "Needs one of away's container paths and a peer (peer-podman or a VM path).");
@@ -522,6 +558,93 @@ fn peer_table(
     }
 }
 
+/// "With a disk": the paths whose app writes files, with the bytes on the wire split
+/// into the disk's (or the volume's) and the rest (memory and the other state).
+fn disk_table(
+    md: &mut String,
+    results: &LabResults,
+    pts: &BTreeMap<(LinkKind, Load, MigrationPath), Point>,
+    links: &[LinkKind],
+) {
+    let paths: Vec<MigrationPath> = results.paths.iter().copied().filter(|p| p.writes_disk()).collect();
+    if paths.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n## With a disk: the VM's disk against the container's volume (measured)\n");
+    let _ = writeln!(
+        md,
+        "Disk MB: vm-disk = the overlay's blocks the mirror copied (NBD, uncompressed); container-volume = the \
+         volume's files sent (before compression). Rest MB: the wire bytes less those (memory, devices, CRIU's \
+         other images).\n"
+    );
+    let _ = writeln!(md, "| link | load | path | moved | total s | downtime s | wire MB | disk MB | rest MB |");
+    let _ = writeln!(md, "|---|---|---|---|---:|---:|---:|---:|---:|");
+    for &link in links {
+        for &load in &results.loads {
+            for &path in &paths {
+                let Some(p) = pts.get(&(link, load, path)) else { continue };
+                let mb = |v: Option<f64>| s(v.map(|v| v / 1e6));
+                let rest = p.wire.zip(p.disk).map(|(w, d)| (w - d).max(0.0));
+                let _ = writeln!(
+                    md,
+                    "| {link} | {load} | {path} | {}/{} | {} | {} | {} | {} | {} |",
+                    p.moved,
+                    p.runs,
+                    s(p.total),
+                    s(p.downtime),
+                    mb(p.wire),
+                    mb(p.disk),
+                    mb(rest)
+                );
+            }
+        }
+    }
+}
+
+/// "The overlay's cost": each path run with and without the workload on the VXLAN
+/// overlay, side by side.
+fn overlay_table(md: &mut String, results: &LabResults, links: &[LinkKind]) {
+    if !results.runs.iter().any(|r| r.overlay) {
+        return;
+    }
+    let (off, on) = (overlay_points(results, false), overlay_points(results, true));
+    let _ = writeln!(md, "\n## The overlay's cost (measured, the same runs without and with it)\n");
+    let _ = writeln!(
+        md,
+        "With the overlay the workload has its own network namespace on a VXLAN overlay between the two nodes \
+         (across the same link), its address and MAC moved with it: the target builds the namespace before the \
+         restore, CRIU restores its TCP connections established and the target announces it (gratuitous ARP). \
+         Follow: from the resume to the first ICMP echo the workload answered the source node, asked every \
+         10 ms over the overlay. The migration's own traffic goes between the nodes either way.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| link | load | path | total s off / on | downtime s off / on | wire MB off / on | total on ÷ off | follow s |"
+    );
+    let _ = writeln!(md, "|---|---|---|---:|---:|---:|---:|---:|");
+    for &link in links {
+        for &load in &results.loads {
+            for &path in &results.paths {
+                let Some(b) = on.get(&(link, load, path)) else { continue };
+                let a = off.get(&(link, load, path));
+                let pair = |f: fn(&Point) -> Option<f64>, scale: f64| {
+                    format!("{} / {}", s(a.and_then(f).map(|v| v / scale)), s(f(b).map(|v| v / scale)))
+                };
+                let ratio = a.and_then(|a| a.total).zip(b.total).filter(|(a, _)| *a > 0.0).map(|(a, b)| b / a);
+                let _ = writeln!(
+                    md,
+                    "| {link} | {load} | {path} | {} | {} | {} | {} | {} |",
+                    pair(|p| p.total, 1.0),
+                    pair(|p| p.downtime, 1.0),
+                    pair(|p| p.wire, 1e6),
+                    s(ratio),
+                    s(b.follow)
+                );
+            }
+        }
+    }
+}
+
 /// The runs that failed, with their reason (a path QEMU refuses shows up here).
 fn failures(md: &mut String, results: &LabResults) {
     let failed: Vec<&RunResult> = results.runs.iter().filter(|r| r.outcome == crate::RunOutcome::Failed).collect();
@@ -558,6 +681,8 @@ fn color(path: MigrationPath) -> RGBColor {
         MigrationPath::ContainerLazy => RGBColor(44, 160, 44),
         MigrationPath::VmMultifdZstd => RGBColor(227, 119, 194),
         MigrationPath::VmMultifdZstdPostcopy => RGBColor(188, 189, 34),
+        MigrationPath::VmDisk => RGBColor(140, 20, 60),
+        MigrationPath::ContainerVolume => RGBColor(20, 90, 60),
         MigrationPath::PeerPodman => RGBColor(127, 127, 127),
     }
 }
@@ -761,7 +886,9 @@ pub(crate) mod tests {
                     _ => (RunOutcome::Moved, base / 2.0),
                 };
                 let r = RunResult::new(p, outcome, Duration::from_secs_f64(total), Some(Duration::from_millis(300)));
-                r.with_bytes(20_000_000, 134_217_728).with_notes("a note, with \"quotes\"")
+                r.with_bytes(20_000_000, 134_217_728)
+                    .with_disk(p.path.writes_disk().then_some(5_000_000))
+                    .with_notes("a note, with \"quotes\"")
             })
             .collect();
         LabResults {
@@ -779,6 +906,7 @@ pub(crate) mod tests {
                 vm_timeouts: vec![("lan".into(), 30.0), ("wan".into(), 58.0)],
                 container_compression: "zstd:1".into(),
                 channels: "tls".into(),
+                disk_rate_bytes: Some(1 << 20),
                 started_unix: 0,
                 sources: Vec::new(),
             },
@@ -823,6 +951,80 @@ pub(crate) mod tests {
         assert!(md.contains("## Predicted vs measured"), "{md}");
         assert!(md.contains("| 1/1 | 10 % | 1/1 | 10 % | 1/1 |"), "{md}");
         assert!(md.contains("false / false"), "the non-convergence predicted right: {md}");
+    }
+
+    /// The VM with a disk is set against the container with a volume, with the disk's
+    /// bytes apart, and neither is in the tables of the paths without one.
+    #[test]
+    fn disk_paths_have_their_own_table() {
+        let r = synthetic();
+        let dir = tempfile::tempdir().unwrap();
+        write_report(&r, &dir.path().join("report.md")).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("memload also writes 1.00 MiB/s to /data"), "{md}");
+        let table = md.split("## With a disk").nth(1).expect("the disk table").split("\n## ").next().unwrap();
+        for path in ["vm-disk", "container-volume"] {
+            assert!(table.contains(&format!("| lan | idle | {path} | 2/2 |")), "{table}");
+        }
+        assert!(table.contains("| 20.00 | 5.00 | 15.00 |"), "wire, disk, rest: {table}");
+        let peers = md.split("## away's best path vs each peer").nth(1).unwrap().split("\n## ").next().unwrap();
+        assert!(!peers.contains("vm-disk") && !peers.contains("container-volume"), "{peers}");
+        let ratios = md.split("## Ratios").nth(1).unwrap().split("\n## ").next().unwrap();
+        assert!(ratios.contains("| vm-disk | container-volume |"), "{ratios}");
+        assert!(!ratios.contains("| vm-disk | container-containerd |"), "{ratios}");
+        assert!(!ratios.contains("| vm-precopy | container-volume |"), "{ratios}");
+        let csv = dir.path().join("results.csv");
+        write_csv(&r, &csv).unwrap();
+        let text = std::fs::read_to_string(&csv).unwrap();
+        let line = text.lines().find(|l| l.contains(",vm-disk,")).unwrap();
+        assert!(line.contains(",20000000,134217728,5000000,true,"), "{line}");
+    }
+
+    /// Runs on the overlay get their own table beside the same runs without it; the
+    /// other tables keep the runs without.
+    #[test]
+    fn the_overlay_runs_are_set_against_the_same_runs_without() {
+        let mut o = CompareOptions::quick("m.tar".into(), "away".into(), "out".into());
+        o.overlays = vec![false, true];
+        o.paths = vec![MigrationPath::VmPrecopy, MigrationPath::ContainerContainerd];
+        o.loads = vec![Load::Idle];
+        let plan = o.plan();
+        assert_eq!(plan.iter().filter(|p| p.overlay).count(), 2, "containers only, lan and wan: {plan:?}");
+        assert!(plan.iter().all(|p| !p.overlay || p.path == MigrationPath::ContainerContainerd));
+        let mut r = synthetic();
+        r.paths = o.paths.clone();
+        r.loads = o.loads.clone();
+        r.runs = plan
+            .iter()
+            .map(|p| {
+                let total = if p.overlay { 2.2 } else { 2.0 };
+                RunResult::new(p, RunOutcome::Moved, Duration::from_secs_f64(total), Some(Duration::from_millis(400)))
+                    .with_bytes(10_000_000, 20_000_000)
+                    .with_follow(p.overlay.then_some(12))
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        write_report(&r, &dir.path().join("report.md")).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        let table = md.split("## The overlay's cost").nth(1).expect("the overlay table").split("\n## ").next().unwrap();
+        assert!(
+            table.contains(
+                "| lan | idle | container-containerd | 2.00 / 2.20 | 0.40 / 0.40 | 10.00 / 10.00 | 1.10 | 0.01 |"
+            ),
+            "{table}"
+        );
+        assert!(!table.contains("vm-precopy"), "{table}");
+        let measured = md.split("## Measured").nth(1).unwrap().split("\n## ").next().unwrap();
+        assert!(
+            measured.contains("| lan | idle | container-containerd | 1/1 | 2.00 |"),
+            "without the overlay: {measured}"
+        );
+        write_csv(&r, &dir.path().join("results.csv")).unwrap();
+        let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
+        assert!(
+            csv.lines().any(|l| l.contains(",container-containerd,lan,idle,1,on,2.200,") && l.contains(",0.012,")),
+            "{csv}"
+        );
     }
 
     #[test]
@@ -884,8 +1086,9 @@ pub(crate) mod tests {
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         assert!(png.len() > 10_000, "{} bytes", png.len());
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
-        // quick's 5 paths in every cell, vm-multifd-zstd in one, autoconverge: 2 reps
-        assert_eq!(json["runs"].as_array().unwrap().len(), (2 * 3 * 6 + 1) * 2);
+        // quick's 5 paths in every cell, vm-multifd-zstd, vm-disk and container-volume in
+        // one, autoconverge: 2 reps
+        assert_eq!(json["runs"].as_array().unwrap().len(), (2 * 3 * 6 + 3) * 2);
         assert!(svg.contains("peer-podman (measured)") && svg.contains("vm-multifd-zstd (measured)"));
     }
 }

@@ -29,6 +29,11 @@ const BOOT_AND_FILL: Duration = Duration::from_secs(180);
 /// multifd channels of the multifd paths (QEMU's default; the host has 2 cores).
 const MULTIFD_CHANNELS: u32 = 2;
 
+/// The `vm-disk` path's disk, as the e2e test has it.
+pub(crate) const DISK_BYTES: u64 = 256 << 20;
+/// Where the guest mounts it and memload writes (the container's volume has the same path).
+pub(crate) const DISK_MOUNT: &str = "/data";
+
 pub struct VmLab {
     work: PathBuf,
     accel: Accel,
@@ -36,6 +41,10 @@ pub struct VmLab {
     image: ResolvedImage,
     /// QEMU's refusal of multifd with post-copy (None: accepted, or not asked).
     multifd_postcopy_refused: Option<String>,
+    /// The `vm-disk` path's base: an empty ext4 in a qcow2, made once, put into both
+    /// nodes' disk stores before each run (a node that lacks it gets it copied once by
+    /// the move; the lab measures the moves after that, as for the image).
+    blank_disk: Option<PathBuf>,
 }
 
 impl VmLab {
@@ -59,7 +68,18 @@ impl VmLab {
         } else {
             None
         };
+        let blank_disk = if opts.paths.contains(&MigrationPath::VmDisk) {
+            let path = work.join("blank-disk.qcow2");
+            away_image::write_blank_disk_image(&path, DISK_BYTES).map_err(|e| LabError::Missing {
+                what: format!("a blank disk image at {} for vm-disk", path.display()),
+                hint: format!("{} (mkfs.ext4 and qemu-img come with deploy/install.sh)", error_chain(&e)),
+            })?;
+            Some(path)
+        } else {
+            None
+        };
         Ok(VmLab {
+            blank_disk,
             work: work.to_path_buf(),
             accel: probe.accel(),
             accel_reason: probe.accel().to_string(),
@@ -133,7 +153,21 @@ impl VmLab {
         status: &(dyn Fn(String) + Sync),
     ) -> Result<RunResult, String> {
         status(format!("booting the vm ({} MiB, {})", opts.vm_ram.as_mib(), self.accel));
-        let spec = spec(name, opts, planned);
+        let mut spec = spec(name, opts, planned);
+        if let (MigrationPath::VmDisk, Some(blank)) = (planned.path, &self.blank_disk) {
+            let mut base = None;
+            for node in [source, target] {
+                base = Some(
+                    node.disk_store().import(blank).map_err(|e| format!("put the blank disk base in a store: {e}"))?,
+                );
+            }
+            let base = base.expect("two nodes");
+            spec.disk = Some(away_model::DiskSpec {
+                base: base.digest,
+                size: ByteSize(DISK_BYTES),
+                mount: Some(DISK_MOUNT.into()),
+            });
+        }
         source
             .run(&RunRequest { spec, image: self.image.clone() })
             .await
@@ -233,13 +267,21 @@ impl VmLab {
                     report.phases.iter().map(|p| format!("{} {:.2}s", p.name, p.millis as f64 / 1000.0)).collect();
                 notes.push(phases.join(" "));
                 notes.push(format!("away's own total {:.2}s", report.total_millis as f64 / 1000.0));
+                if planned.path.writes_disk() {
+                    notes.push(format!(
+                        "disk: {:.1} MB of overlay mirrored over nbd, ram stream {:.1} MB",
+                        outcome.disk_bytes as f64 / 1e6,
+                        outcome.bytes_wire as f64 / 1e6
+                    ));
+                }
                 Ok(RunResult::new(
                     planned,
                     RunOutcome::Moved,
                     total,
                     Some(Duration::from_millis(report.downtime_millis)),
                 )
-                .with_bytes(outcome.bytes_wire, outcome.ram_total)
+                .with_bytes(outcome.bytes_wire + outcome.disk_bytes, outcome.ram_total + outcome.disk_bytes)
+                .with_disk(planned.path.writes_disk().then_some(outcome.disk_bytes))
                 .with_notes(notes.join("; ")))
             }
             // The time limit, not a failure: pre-copy did not converge and was cancelled.
@@ -273,6 +315,7 @@ async fn predict(
         MigrationPath::VmAutoConverge => away_model::MoveKind::VmAutoConverge,
         MigrationPath::VmPostcopy | MigrationPath::VmMultifdZstdPostcopy => away_model::MoveKind::VmPostcopy,
         MigrationPath::VmMultifdZstd => away_model::MoveKind::VmMultifd,
+        // the model has no disk mirror (yet): no prediction rather than a wrong one
         _ => return None,
     };
     let dirty = match source.dirty_rate(name, 1).await {
@@ -319,6 +362,7 @@ fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec
             ("MEMLOAD_PORT".into(), "0".into()),
         ]
         .into_iter()
+        .chain(disk_env(opts, planned))
         .collect(),
         ports: Vec::new(),
         resources: Resources { memory: ByteSize(opts.vm_ram.bytes()), cpus: 1.0 },
@@ -474,4 +518,16 @@ fn kill_qemus_in(dir: &Path) {
     for pid in killed {
         tracing::warn!(pid, "killed a qemu the lab left behind");
     }
+}
+
+/// memload's disk writes in the paths that have them: `disk_rate` bytes per second to
+/// [`DISK_MOUNT`] (the VM's disk, the container's volume).
+pub(crate) fn disk_env(opts: &CompareOptions, planned: &PlannedRun) -> Vec<(String, String)> {
+    if !planned.path.writes_disk() {
+        return Vec::new();
+    }
+    vec![
+        ("MEMLOAD_DISK_RATE".into(), opts.disk_rate.bytes().to_string()),
+        ("MEMLOAD_DISK_DIR".into(), DISK_MOUNT.into()),
+    ]
 }

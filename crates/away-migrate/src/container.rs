@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::archive::ArchiveStore;
 use crate::compat;
+use crate::follow::FollowProbe;
 use crate::journal::{record_logged, MoveJournal, OutgoingMove, OutgoingState, PageServer};
 use crate::target::{CommitOutcome, CommitPolicy, NoAnswer, TargetNode};
 use crate::transfer::{self, ReceivedPayload, SendOptions, Verdict};
@@ -360,6 +361,8 @@ async fn move_container(
         MigrateError::Runtime(e)
     })?;
     let downtime_start = frozen_at(&payload, t);
+    // asked from the freeze on: the first answer comes from the target
+    let follow = FollowProbe::start(&checkpoint.spec, downtime_start);
     let manifest = Manifest {
         spec: checkpoint.spec.clone(),
         image: checkpoint.image.clone(),
@@ -502,16 +505,18 @@ async fn move_container(
     clean_source(runtime, name, leftover, archives, &payload, &progress, &mut phases).await?;
     record_logged(journal, &journaled.with_state(OutgoingState::Done));
     let (pre_raw, pre_wire) = precopy.as_ref().map_or((0, 0), |p| (p.bytes_raw, p.bytes_wire));
+    let total_millis = started.elapsed().as_millis() as u64;
+    let resumed = resumed_unix_ms(downtime_start + downtime);
     Ok(MigrationReport {
         workload: name.into(),
         mode: MigrationMode::StopAndCopy,
         source: here.name,
         target: there.node.name,
         phases,
-        total_millis: started.elapsed().as_millis() as u64,
+        total_millis,
         downtime_millis: downtime.as_millis() as u64,
         degraded_millis: 0,
-        resumed_unix_ms: Some(resumed_unix_ms(downtime_start + downtime)),
+        resumed_unix_ms: Some(resumed),
         started_unix_ms: None,
         bytes_raw: outcome.bytes_raw + pre_raw,
         paged_bytes_raw: 0,
@@ -521,6 +526,7 @@ async fn move_container(
         error: None,
         predicted: None,
         volumes,
+        network: FollowProbe::finish(follow, resumed).await,
     })
 }
 
@@ -1014,6 +1020,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     let page_relay = std::net::SocketAddr::new(local_ip, relay.port);
     phases.push(MigrationPhase { parts, ..phase("checkpoint", checkpoint_start.elapsed()) });
     let memory = m.pid.map(crate::mode::resident_bytes).unwrap_or(0);
+    // asked from the freeze on: the first answer comes from the target
+    let follow = FollowProbe::start(&dump.archive.spec, downtime_start);
     let manifest = Manifest {
         spec: dump.archive.spec.clone(),
         image: dump.archive.image.clone(),
@@ -1169,16 +1177,18 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     clean_source(runtime, name, set_aside.unwrap_or(name), archives, &payload, progress, &mut phases).await?;
     record_logged(journal, &journaled.with_state(OutgoingState::Done));
     let (pre_raw, pre_wire) = m.precopy.as_ref().map_or((0, 0), |p| (p.bytes_raw, p.bytes_wire));
+    let total_millis = m.started.elapsed().as_millis() as u64;
+    let resumed = resumed_unix_ms(downtime_start + downtime);
     Ok(MigrationReport {
         workload: name.into(),
         mode: if streamed { MigrationMode::StopAndCopy } else { MigrationMode::Lazy },
         source: here.name.clone(),
         target: there.node.name.clone(),
         phases,
-        total_millis: m.started.elapsed().as_millis() as u64,
+        total_millis,
         downtime_millis: downtime.as_millis() as u64,
         degraded_millis: degraded.as_millis() as u64,
-        resumed_unix_ms: Some(resumed_unix_ms(downtime_start + downtime)),
+        resumed_unix_ms: Some(resumed),
         started_unix_ms: None,
         bytes_raw: outcome.bytes_raw + counters.plain() + pre_raw,
         paged_bytes_raw: counters.plain(),
@@ -1197,6 +1207,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         error: None,
         predicted: None,
         volumes,
+        network: FollowProbe::finish(follow, resumed).await,
     })
 }
 

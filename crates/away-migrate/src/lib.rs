@@ -17,6 +17,7 @@ pub mod channel;
 pub mod compat;
 pub mod container;
 pub mod estimate;
+mod follow;
 pub mod journal;
 pub mod lazy;
 pub mod mode;

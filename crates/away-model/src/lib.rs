@@ -32,7 +32,7 @@ pub use cluster::{
     RegisterResponse,
 };
 pub use node::{Accel, Arch, CpuInfo, CpuVendor, HypervisorInfo, LinkInfo, NodeInfo, RuntimeInfo, Tier};
-pub use overlay::{format_mac, NodeOverlay, OverlayAddress, DEFAULT_NETWORK};
+pub use overlay::{format_mac, NetworkFollow, NodeOverlay, OverlayAddress, RemoteWorkload, DEFAULT_NETWORK};
 pub use predict::{MoveKind, MovePlan, MovePrediction, PhaseCosts, PredictionInputs};
 pub use size::{ByteSize, ByteSizeError};
 pub use spec::{

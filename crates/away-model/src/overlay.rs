@@ -54,6 +54,36 @@ impl OverlayAddress {
     }
 }
 
+/// A moved workload's place on its lab network, in the migration report: the same
+/// address before and after the move, and how long the network took to follow it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct NetworkFollow {
+    /// The lab network's name.
+    pub network: String,
+    /// The workload's overlay address before the move.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10.250.0.5"))]
+    pub ip_before: Ipv4Addr,
+    /// Its overlay address after the move: the same, since the address moves with it.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10.250.0.5"))]
+    pub ip_after: Ipv4Addr,
+    /// Its MAC, the same on every node.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^02(:[0-9a-f]{2}){5}$", example = "02:aa:0a:fa:00:05"))]
+    pub mac: String,
+    /// From the workload's resume on the target to the first ICMP echo it answered
+    /// from the source node (sent every 10 ms from there, over the overlay); absent
+    /// when none was answered within `probe_millis`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_millis: Option<u64>,
+    /// How long the source node asked before that first answer, from the freeze on:
+    /// nothing answered at the address meanwhile (about the downtime, or more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unanswered_millis: Option<u64>,
+    /// How long past the end of the move the source node still asked.
+    pub probe_millis: u64,
+}
+
 /// Formats a MAC as lower-case colon-separated hex.
 pub fn format_mac(mac: [u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
@@ -81,6 +111,33 @@ pub struct NodeOverlay {
     /// The other nodes' tunnel endpoints (their agents' addresses), sorted.
     #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub peers: Vec<Ipv4Addr>,
+    /// The network's workloads on other nodes, where the broker has them: the node's
+    /// VXLAN device forwards to each MAC's node without learning it first, and a moved
+    /// workload's entry follows its move (docs/network.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<RemoteWorkload>,
+}
+
+/// A workload of a lab network on another node, for a forwarding entry.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RemoteWorkload {
+    #[cfg_attr(feature = "openapi", schema(pattern = "^02(:[0-9a-f]{2}){5}$", example = "02:aa:0a:fa:00:05"))]
+    pub mac: String,
+    /// Its node's tunnel endpoint.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10.77.0.2"))]
+    pub node: Ipv4Addr,
+    /// Since when (Unix ms, the broker's clock) the broker has it on that node: a
+    /// forwarding entry the node learned later (a gratuitous ARP after a move the
+    /// broker has not seen end yet) is newer and is kept.
+    pub since_unix_ms: u64,
+}
+
+impl RemoteWorkload {
+    /// The MAC as bytes, when it is a unicast one of six hex bytes.
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        parse_mac(&self.mac).filter(|m| m[0] & 1 == 0)
+    }
 }
 
 #[cfg(test)]

@@ -153,7 +153,8 @@ pub struct MigrationReport {
     /// the measuring for its prediction, which is not part of the move.
     #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub started_unix_ms: Option<u64>,
-    /// Bytes of state before compression (CRIU images + rootfs changes, or RAM sent).
+    /// Bytes of state before compression (CRIU images + rootfs changes, or RAM sent;
+    /// a VM's disk blocks mirrored are counted here and in `bytes_wire`).
     #[serde(deserialize_with = "crate::whole::de")]
     pub bytes_raw: u64,
     /// Lazy and streamed container moves: the part of `bytes_raw` that CRIU's page
@@ -173,6 +174,10 @@ pub struct MigrationReport {
     /// when nothing was predicted, and in reports written before predictions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted: Option<crate::predict::MovePrediction>,
+    /// A workload on a lab network (overlay): its address before and after the move
+    /// (the same) and how long the network took to follow it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::NetworkFollow>,
     /// Container moves with volumes: what of them crossed before the freeze and during it
     /// (absent for workloads without volumes and in reports written before).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -11,14 +11,17 @@
 
 mod arp;
 mod netns;
+pub mod probe;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
-use away_model::{NodeOverlay, OverlayAddress};
+use away_model::{NodeOverlay, OverlayAddress, RemoteWorkload};
 use futures_util::TryStreamExt;
-use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST};
+use rtnetlink::packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST,
+};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan};
@@ -194,7 +197,95 @@ async fn ensure_network(h: &Handle, n: &NodeOverlay) -> Result<(), OverlayError>
             .await
             .map_err(nl(format!("add {}/{} to {br}", a.ip, a.prefix_len)))?;
     }
-    sync_flood_list(h, vx_index, &vx, &n.peers).await
+    sync_flood_list(h, vx_index, &vx, &n.peers).await?;
+    sync_workload_entries(h, vx_index, &vx, &n.workloads).await
+}
+
+/// Whether a workload's forwarding entry should be set to what the broker says: yes
+/// when the device has none, or one elsewhere that it learned before the broker had the
+/// workload there (`since`); no when it learned the MAC elsewhere later (a gratuitous
+/// ARP after a move the broker has not seen end yet).
+fn should_set(existing: Option<(Ipv4Addr, u64)>, wanted: &RemoteWorkload) -> bool {
+    match existing {
+        None => true,
+        Some((dst, _)) if dst == wanted.node => false,
+        Some((_, updated_unix_ms)) => updated_unix_ms <= wanted.since_unix_ms,
+    }
+}
+
+/// The per-MAC forwarding entries of VXLAN device `index` for the network's workloads
+/// on other nodes. Dynamic entries (NUD_REACHABLE): the device's learning may still
+/// move them, and they age out like learned ones; entries the broker no longer lists
+/// are left to age.
+async fn sync_workload_entries(
+    h: &Handle,
+    index: u32,
+    vx: &str,
+    workloads: &[RemoteWorkload],
+) -> Result<(), OverlayError> {
+    if workloads.is_empty() {
+        return Ok(());
+    }
+    let entries: Vec<NeighbourMessage> = h
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Bridge)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("read the forwarding entries of {vx}")))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    for w in workloads {
+        let Some(mac) = w.mac_bytes() else {
+            tracing::warn!(device = vx, mac = %w.mac, "the broker listed a workload with a malformed MAC");
+            continue;
+        };
+        let existing = entries.iter().filter(|e| e.header.ifindex == index).find_map(|e| {
+            let lladdr =
+                e.attributes.iter().any(|a| matches!(a, NeighbourAttribute::LinkLayerAddress(l) if l[..] == mac));
+            let dst = e.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            })?;
+            // the kernel gives the entry's age in clock ticks (USER_HZ, 100 per second)
+            let age_ms = e.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::CacheInfo(c) => Some(u64::from(c.updated) * 10),
+                _ => None,
+            });
+            lladdr.then(|| (dst, now.saturating_sub(age_ms.unwrap_or(u64::MAX / 2))))
+        });
+        if should_set(existing, w) {
+            set_workload_entry(h, index, mac, w.node)
+                .await
+                .map_err(nl(format!("point {} at {} on {vx}", w.mac, w.node)))?;
+            tracing::info!(device = vx, mac = %w.mac, node = %w.node, "overlay forwarding entry set");
+        }
+    }
+    Ok(())
+}
+
+/// `bridge fdb replace MAC dev <vx> dst <node> dynamic self`.
+async fn set_workload_entry(h: &Handle, index: u32, mac: [u8; 6], node: Ipv4Addr) -> Result<(), rtnetlink::Error> {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = index;
+    msg.header.state = rtnetlink::packet_route::neighbour::NeighbourState::Reachable;
+    msg.header.flags = NeighbourFlags::Own;
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(node)));
+    fdb_request(h, msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE).await
+}
+
+async fn fdb_request(h: &Handle, msg: NeighbourMessage, flags: u16) -> Result<(), rtnetlink::Error> {
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(msg));
+    req.header.flags = flags;
+    let mut answers = h.clone().request(req)?;
+    while let Some(m) = futures_util::StreamExt::next(&mut answers).await {
+        if let NetlinkPayload::Error(e) = m.payload {
+            return Err(rtnetlink::Error::NetlinkError(e));
+        }
+    }
+    Ok(())
 }
 
 /// The all-zero forwarding entries of VXLAN device `index`: exactly one per peer.
@@ -243,15 +334,7 @@ async fn append_flood_entry(h: &Handle, index: u32, peer: Ipv4Addr) -> Result<()
     msg.header.flags = NeighbourFlags::Own;
     msg.attributes.push(NeighbourAttribute::LinkLayerAddress(vec![0; 6]));
     msg.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(peer)));
-    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(msg));
-    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
-    let mut answers = h.clone().request(req)?;
-    while let Some(m) = futures_util::StreamExt::next(&mut answers).await {
-        if let NetlinkPayload::Error(e) = m.payload {
-            return Err(rtnetlink::Error::NetlinkError(e));
-        }
-    }
-    Ok(())
+    fdb_request(h, msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND).await
 }
 
 /// The host end of a workload's veth pair (at most 15 bytes, stable per namespace name).
@@ -388,6 +471,16 @@ pub fn announce(netns: &str, addr: &OverlayAddress, count: u32) -> Result<(), Ov
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_broker_sets_entries_unless_the_node_learned_the_mac_elsewhere_since() {
+        let (b, c) = (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3));
+        let wanted = RemoteWorkload { mac: "02:aa:00:00:00:05".into(), node: c, since_unix_ms: 1_000 };
+        assert!(should_set(None, &wanted), "no entry yet");
+        assert!(!should_set(Some((c, 500)), &wanted), "already there");
+        assert!(should_set(Some((b, 900)), &wanted), "learned at b before the broker had it at c: stale");
+        assert!(!should_set(Some((b, 1_100)), &wanted), "learned at b after: a move the broker has not seen end");
+    }
 
     #[test]
     fn device_names_fit_the_kernel_limit() {

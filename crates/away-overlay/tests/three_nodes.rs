@@ -93,7 +93,7 @@ fn a_workload_keeps_its_address_across_nodes() {
     let path = |ns: &str| Path::new("/run/netns").join(ns);
     for (i, (ns, _)) in nodes.iter().enumerate() {
         let peers: Vec<Ipv4Addr> = nodes.iter().filter(|(n, _)| n != ns).map(|(_, a)| *a).collect();
-        let me = NodeOverlay { address: address(200 + i as u8), peers };
+        let me = NodeOverlay { address: address(200 + i as u8), peers, workloads: Vec::new() };
         inside(&path(ns), move || {
             away_overlay::ensure_networks(std::slice::from_ref(&me)).and_then(|()| away_overlay::ensure_networks(&[me]))
         })
@@ -130,5 +130,27 @@ fn a_workload_keeps_its_address_across_nodes() {
     let server = serve(&w);
     away_overlay::announce(&w, &address(5), 2).unwrap();
     assert_eq!(ask(&nodes[0].0).expect("node a reaches the workload on node c after its announcement"), "here");
+    server.join().unwrap();
+
+    // back to node b, announcing nothing: node a's device still sends its MAC to node c
+    // (where it learned it), until the broker's forwarding entry says node b
+    away_overlay::detach_workload(&w).unwrap();
+    let (w2, wa) = (w.clone(), address(5));
+    inside(&path(&nodes[1].0), move || away_overlay::attach_workload(&w2, &wa)).unwrap();
+    // node b's bridge learns it is local (as from its first packets), nothing of it
+    // reaching the other nodes: a static neighbour for node b's address, so no ARP
+    // broadcast, then one unicast datagram to it
+    let b_bridge = address(201);
+    ip(&["-n", &w, "neigh", "replace", &b_bridge.ip.to_string(), "lladdr", &b_bridge.mac, "dev", "eth0"]);
+    let to = SocketAddr::from((b_bridge.ip, 9));
+    inside(&path(&w), move || std::net::UdpSocket::bind("0.0.0.0:0").and_then(|u| u.send_to(b"here", to))).unwrap();
+    let server = serve(&w);
+    assert!(ask(&nodes[0].0).is_err(), "without an announcement or an entry node a still looks on node c");
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let peers: Vec<Ipv4Addr> = nodes.iter().skip(1).map(|(_, a)| *a).collect();
+    let wanted = away_model::RemoteWorkload { mac: address(5).mac, node: nodes[1].1, since_unix_ms: since };
+    let me = NodeOverlay { address: address(200), peers, workloads: vec![wanted] };
+    inside(&path(&nodes[0].0), move || away_overlay::ensure_networks(&[me])).unwrap();
+    assert_eq!(ask(&nodes[0].0).expect("node a reaches the workload on node b by the broker's entry"), "here");
     server.join().unwrap();
 }

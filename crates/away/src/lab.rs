@@ -68,10 +68,21 @@ pub struct CompareArgs {
     /// Loads, comma separated: idle, cpu25, cpu50, cpu80, cpu100, ram25, ram50, ram80, ram100
     #[arg(long, value_delimiter = ',')]
     loads: Vec<Load>,
-    /// Paths, comma separated: vm-precopy, vm-autoconverge, vm-postcopy, container-containerd (streamed
-    /// stop-and-copy), container-staged, container-docker, container-lazy
+    /// Paths, comma separated: vm-precopy, vm-autoconverge, vm-postcopy, vm-multifd-zstd,
+    /// vm-multifd-zstd-postcopy, vm-disk (a VM with a disk it writes to, mirrored live),
+    /// container-containerd (streamed stop-and-copy), container-staged, container-docker,
+    /// container-lazy, container-volume (streamed, with a volume it writes to), peer-podman
     #[arg(long, value_delimiter = ',')]
     paths: Vec<MigrationPath>,
+    /// Run away's container paths without (off) and/or with (on) the workload on a VXLAN
+    /// overlay between the two nodes, its address moving with it; comma separated, e.g.
+    /// off,on to see what the overlay costs. Needs the packet link
+    #[arg(long, value_delimiter = ',', value_parser = ["off", "on"])]
+    overlay: Vec<String>,
+    /// What memload writes per second to its disk (vm-disk) or volume (container-volume),
+    /// e.g. 1Mi
+    #[arg(long)]
+    disk_rate: Option<ByteSize>,
     /// Repetitions per point
     #[arg(long)]
     repetitions: Option<u32>,
@@ -144,6 +155,13 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(m) = a.app_ram {
         opts.app_ram = m;
+    }
+    if let Some(r) = a.disk_rate {
+        opts.disk_rate = r;
+    }
+    if !a.overlay.is_empty() {
+        opts.overlays = a.overlay.iter().map(|o| o == "on").collect();
+        opts.overlays.dedup();
     }
     opts.channels = a.channels;
     opts.link_emulator = match a.link_emulator.as_str() {

@@ -773,6 +773,20 @@ fn print_report(r: &MigrationReport) {
             v.deleted_files
         );
     }
+    if let Some(n) = &r.network {
+        let follow = match n.follow_millis {
+            Some(ms) => format!(
+                "answered the source node {:.3} s after the resume ({:.3} s after the freeze)",
+                ms as f64 / 1000.0,
+                n.unanswered_millis.unwrap_or(0) as f64 / 1000.0
+            ),
+            None => format!("did not answer the source node within {:.0} s", n.probe_millis as f64 / 1000.0),
+        };
+        println!(
+            "  network:   {} before, {} after ({}, network {}); {follow}",
+            n.ip_before, n.ip_after, n.mac, n.network
+        );
+    }
     if let Some(p) = &r.predicted {
         println!(
             "  predicted: {} total {:.2} s, downtime {:.3} s, degraded {:.2} s, {} on the wire",

@@ -18,6 +18,13 @@
 //!   --size SIZE    MEMLOAD_SIZE         bytes, or with Ki/Mi/Gi (default 64Mi)
 //!   --interval MS  MEMLOAD_INTERVAL_MS  heartbeat period (default 1000)
 //!   --port PORT    MEMLOAD_PORT         status endpoint, 0 = none (default 8080)
+//!   --disk-rate RATE  MEMLOAD_DISK_RATE   bytes per second written to files, with Ki/Mi
+//!                  (default 0: none); the lab's vm-disk and container-volume paths
+//!   --disk-dir DIR    MEMLOAD_DISK_DIR    where they go: the VM's disk or the
+//!                  container's volume (default /data)
+//!   --disk-size SIZE  MEMLOAD_DISK_SIZE   bytes kept there: 1 MiB segment files written
+//!                  in turn, the oldest removed past SIZE, as a database's log does
+//!                  (default 64Mi)
 //!   --sleep-at-page-boundary  MEMLOAD_SLEEP_AT_PAGE_BOUNDARY=1
 //!                  the main thread sleeps with its stack pointer on a page boundary
 //!                  (x86_64): CRIU 4.2.1 as released then leaves no page of a lazy dump
@@ -39,6 +46,9 @@ struct Settings {
     interval_ms: u64,
     port: u64,
     sleep_at_page_boundary: bool,
+    disk_rate: u64,
+    disk_dir: String,
+    disk_size: u64,
 }
 
 fn parse_size(s: &str) -> Option<u64> {
@@ -62,6 +72,9 @@ fn settings() -> Result<Settings, String> {
         ("--interval", "MEMLOAD_INTERVAL_MS"),
         ("--port", "MEMLOAD_PORT"),
         ("--sleep-at-page-boundary", "MEMLOAD_SLEEP_AT_PAGE_BOUNDARY"),
+        ("--disk-rate", "MEMLOAD_DISK_RATE"),
+        ("--disk-dir", "MEMLOAD_DISK_DIR"),
+        ("--disk-size", "MEMLOAD_DISK_SIZE"),
     ] {
         if let Ok(v) = std::env::var(env) {
             values.push((flag, v));
@@ -72,7 +85,7 @@ fn settings() -> Result<Settings, String> {
         if a == "-h" || a == "--help" {
             println!(
                 "usage: memload [--cpu PCT] [--threads N] [--ram PCT] [--size 256Mi] [--interval MS] [--port PORT] \
-                 [--sleep-at-page-boundary]"
+                 [--sleep-at-page-boundary] [--disk-rate 1Mi] [--disk-dir /data] [--disk-size 64Mi]"
             );
             std::process::exit(0);
         }
@@ -84,14 +97,27 @@ fn settings() -> Result<Settings, String> {
             Some((f, v)) => (f.to_string(), v.to_string()),
             None => (a.clone(), args.next().ok_or(format!("{a} needs a value"))?),
         };
-        let known = ["--cpu", "--threads", "--ram", "--size", "--interval", "--port", "--sleep-at-page-boundary"];
+        let known = [
+            "--cpu",
+            "--threads",
+            "--ram",
+            "--size",
+            "--interval",
+            "--port",
+            "--sleep-at-page-boundary",
+            "--disk-rate",
+            "--disk-dir",
+            "--disk-size",
+        ];
         let flag = *known.iter().find(|k| **k == flag).ok_or(format!("unknown argument {flag}"))?;
         values.push((flag, value));
     }
     let get = |flag: &str, default: u64| -> Result<u64, String> {
         match values.iter().rev().find(|(f, _)| *f == flag) {
             None => Ok(default),
-            Some((_, v)) if flag == "--size" => parse_size(v).ok_or(format!("{flag}: bad size {v:?} (e.g. 256Mi)")),
+            Some((_, v)) if ["--size", "--disk-rate", "--disk-size"].contains(&flag) => {
+                parse_size(v).ok_or(format!("{flag}: bad size {v:?} (e.g. 256Mi)"))
+            }
             Some((_, v)) => v.trim().trim_end_matches('%').parse().map_err(|_| format!("{flag}: bad number {v:?}")),
         }
     };
@@ -103,7 +129,13 @@ fn settings() -> Result<Settings, String> {
         interval_ms: get("--interval", 1000)?.max(1),
         port: get("--port", 8080)?,
         sleep_at_page_boundary: get("--sleep-at-page-boundary", 0)? != 0,
+        disk_rate: get("--disk-rate", 0)?,
+        disk_dir: values.iter().rev().find(|(f, _)| *f == "--disk-dir").map_or("/data".into(), |(_, v)| v.clone()),
+        disk_size: get("--disk-size", 64 << 20)?,
     };
+    if s.disk_rate > 0 && s.disk_size < SEGMENT {
+        return Err(format!("--disk-size must be at least one segment ({SEGMENT} bytes)"));
+    }
     if s.cpu > 100 || s.ram > 100 {
         return Err("--cpu and --ram are percentages (0..100)".into());
     }
@@ -118,6 +150,7 @@ fn unix_ms() -> u64 {
 }
 
 struct Stats {
+    disk_bytes: AtomicU64,
     tick: AtomicU64,
     pages_total: AtomicU64,
     pages_per_s: AtomicU64,
@@ -136,10 +169,11 @@ fn main() {
     let pid = std::process::id();
     let started = unix_ms();
     println!(
-        "memload: started pid={pid} cpu={}% threads={} ram={}% size={} interval_ms={} port={}",
-        s.cpu, s.threads, s.ram, s.size, s.interval_ms, s.port
+        "memload: started pid={pid} cpu={}% threads={} ram={}% size={} interval_ms={} port={} disk_rate={} disk_dir={}",
+        s.cpu, s.threads, s.ram, s.size, s.interval_ms, s.port, s.disk_rate, s.disk_dir
     );
     let stats = Arc::new(Stats {
+        disk_bytes: AtomicU64::new(0),
         tick: AtomicU64::new(0),
         pages_total: AtomicU64::new(0),
         pages_per_s: AtomicU64::new(0),
@@ -174,6 +208,16 @@ fn main() {
         std::thread::spawn(move || ram_load(mem, hot, &stats));
     } else {
         std::mem::forget(mem); // keep it resident for the lifetime of the process
+    }
+
+    if s.disk_rate > 0 {
+        let stats = Arc::clone(&stats);
+        let (dir, rate, size) = (std::path::PathBuf::from(&s.disk_dir), s.disk_rate, s.disk_size);
+        std::thread::spawn(move || {
+            if let Err(e) = disk_load(&dir, rate, size, &stats) {
+                eprintln!("memload: disk writes stopped: {e}");
+            }
+        });
     }
 
     if s.port > 0 {
@@ -220,9 +264,10 @@ fn main() {
         stats.pages_per_s.store(rate, Ordering::Relaxed);
         (last_total, last) = (total, Instant::now());
         println!(
-            "memload: tick={tick} unix_ms={} pages_per_s={rate} pages_total={total} passes={}",
+            "memload: tick={tick} unix_ms={} pages_per_s={rate} pages_total={total} passes={} disk_bytes={}",
             unix_ms(),
-            stats.passes.load(Ordering::Relaxed)
+            stats.passes.load(Ordering::Relaxed),
+            stats.disk_bytes.load(Ordering::Relaxed)
         );
     }
 }
@@ -257,6 +302,54 @@ fn ram_load(mut mem: Vec<u8>, hot: usize, stats: &Stats) {
         }
         std::hint::black_box(&mem);
         stats.passes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Size of one segment file of the disk load.
+const SEGMENT: u64 = 1 << 20;
+/// One write of the disk load (then `fdatasync`, so a VM's writes reach its disk now).
+const BLOCK: usize = 64 << 10;
+
+/// Write `rate` bytes per second into segment files `seg-NNNNNNNN` of `dir`, keeping
+/// at most `size` bytes of them (the oldest removed), forever. Each block is half
+/// pseudo-random, half zero, as the memory is.
+fn disk_load(dir: &std::path::Path, rate: u64, size: u64, stats: &Stats) -> Result<(), String> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let keep = size / SEGMENT;
+    let seg_path = |n: u64| dir.join(format!("seg-{n:08}"));
+    let mut block = vec![0u8; BLOCK];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let started = Instant::now();
+    let (mut written, mut seg, mut in_seg) = (0u64, 0u64, 0u64);
+    let mut file = std::fs::File::create(seg_path(0)).map_err(|e| format!("create {}: {e}", seg_path(0).display()))?;
+    loop {
+        for chunk in block[..BLOCK / 2].chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        file.write_all(&block)
+            .and_then(|_| file.sync_data())
+            .map_err(|e| format!("write {}: {e}", seg_path(seg).display()))?;
+        written += BLOCK as u64;
+        in_seg += BLOCK as u64;
+        stats.disk_bytes.store(written, Ordering::Relaxed);
+        if in_seg >= SEGMENT {
+            seg += 1;
+            in_seg = 0;
+            file =
+                std::fs::File::create(seg_path(seg)).map_err(|e| format!("create {}: {e}", seg_path(seg).display()))?;
+            if seg >= keep {
+                let _ = std::fs::remove_file(seg_path(seg - keep));
+            }
+        }
+        // paced on the total, so a slow write is caught up rather than lost
+        let due = Duration::from_secs_f64(written as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
     }
 }
 

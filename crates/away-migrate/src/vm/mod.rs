@@ -222,6 +222,7 @@ pub async fn migrate_vm_to(
         error: None,
         predicted: None,
         volumes: None,
+        network: None,
     };
     let aborted = |mut report: MigrationReport, cause: VmMigrateError| {
         report.total_millis = millis(t0.elapsed());
@@ -353,8 +354,11 @@ pub async fn migrate_vm_to(
         }
     };
     report.phases.push(phase_of("migrate", phase));
-    report.bytes_raw = outcome.ram_total;
-    report.bytes_wire = outcome.bytes_wire;
+    let mut outcome = outcome;
+    outcome.disk_bytes = mirror.as_ref().map_or(0, |m| m.total_bytes);
+    // the report's bytes are all that crossed: the migration stream and the disk's mirror
+    report.bytes_raw = outcome.ram_total + outcome.disk_bytes;
+    report.bytes_wire = outcome.bytes_wire + outcome.disk_bytes;
 
     // switchover: the destination runs.
     let phase = Instant::now();
@@ -546,6 +550,7 @@ mod tests {
             error: None,
             predicted: None,
             volumes: None,
+            network: None,
         };
         VmMigrateError::Aborted { workload: "w".into(), cause: Box::new(cause), report: Box::new(report) }
     }
