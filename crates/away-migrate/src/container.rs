@@ -308,6 +308,10 @@ async fn move_container(
     }
     #[cfg(feature = "fault-injection")]
     hold("AFTER_PRECOPY").await;
+    if opts.cancel.is_cancelled() {
+        // nothing stopped; the target's pre-copy goes with the abort (`migrate_container`)
+        return Err(MigrateError::Cancelled(name.into()));
+    }
     if choice.mode == MigrationMode::Lazy || choice.streamed {
         let moving = Moving {
             runtime,
