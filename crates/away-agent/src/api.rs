@@ -11,7 +11,7 @@
 //! | POST | /v1/transfers | `{transfer_id, workload, source}`: announce an incoming move; `{secret}` (its one-time secret, for the transfer's hello); 403 when the caller's certificate does not name `source` (mutual TLS); 409 when announced by another source or when this agent takes no migrations |
 //! | POST | /v1/transfers/{id}/commit | `MoveRecord` (committed); idempotent; 409 when the move was aborted (lease ran out); 404 when unknown |
 //! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
-//! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
+//! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost), and the move's volume pre-copy if one waits here; 204 once the copy is gone and the move aborted; 404 when no copy is held; 500 when it would not go |
 //! | POST | /v1/images | body: an image tar; `{references}` |
 //! | GET, PUT | /v1/disks?base=D | a VM disk's base image in this node's disk store: present?, or take it (crate::disks) |
 //! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri, tls, disk?}` (`tls`: QEMU's port takes only the caller's node certificate, under mutual TLS; `disk: {host, port}`: for a VM with a disk, its empty overlay's NBD export, with the same TLS and peer check); 409 when this agent takes no migrations |
