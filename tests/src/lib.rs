@@ -200,6 +200,20 @@ pub fn away_bin() -> &'static Path {
     })
 }
 
+/// `len` pseudo-random bytes from `seed` (xorshift: incompressible, reproducible, no
+/// rand dependency).
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Run `away ARGS...` and return its output (does not check the exit code).
 pub fn away(args: &[&str]) -> Output {
     Command::new(away_bin()).args(args).output().expect("run away")

@@ -61,17 +61,9 @@ fn chunk(index: u64) -> Vec<u8> {
     frame(3, &[index.to_be_bytes().to_vec(), (CHUNK as u32).to_be_bytes().to_vec(), vec![0u8], sha, data].concat())
 }
 
-/// xorshift: garbage without a rand dependency
+/// Garbage without a rand dependency.
 fn garbage(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    away_e2e::noise(seed, len)
 }
 
 /// The first answer frame (kind, text), or None when the connection closed without one.

@@ -217,7 +217,7 @@ fn checkpoint_and_restore_keep_the_count() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("ckpt");
     let archive = tokio
-        .block_on(rt.checkpoint(&n, &CheckpointOptions { dir: ckpt.clone(), leave_running: false }))
+        .block_on(rt.checkpoint(&n, &CheckpointOptions { dir: ckpt.clone(), ..Default::default() }))
         .expect("checkpoint");
     assert!(archive.bytes > 0);
     use std::os::unix::fs::PermissionsExt;

@@ -403,7 +403,7 @@ fn checkpoint_and_restore_continue_memload_ticks() {
         let dir = tmp.path().join("memload-1");
         let t = Instant::now();
         let archive =
-            rt.checkpoint(&name, &CheckpointOptions { dir: dir.clone(), leave_running: false }).await.unwrap();
+            rt.checkpoint(&name, &CheckpointOptions { dir: dir.clone(), ..Default::default() }).await.unwrap();
         println!("checkpoint took {:?}: {} bytes in {}", t.elapsed(), archive.bytes, archive.dir.display());
         assert!(archive.bytes > 16 << 20, "16 MiB of touched memory is in the dump: {archive:?}");
         use std::os::unix::fs::PermissionsExt;
@@ -458,7 +458,7 @@ fn checkpoint_and_restore_continue_the_count() {
         let dir: PathBuf = tmp.path().join("archives").join("counter-1");
         let t = Instant::now();
         let archive =
-            rt.checkpoint(&name, &CheckpointOptions { dir: dir.clone(), leave_running: false }).await.unwrap();
+            rt.checkpoint(&name, &CheckpointOptions { dir: dir.clone(), ..Default::default() }).await.unwrap();
         println!("checkpoint took {:?}: {} bytes in {}", t.elapsed(), archive.bytes, archive.dir.display());
         assert_eq!(archive.dir, dir.canonicalize().unwrap());
         assert!(archive.bytes > 0 && archive.dir.join("inventory.img").is_file(), "{archive:?}");

@@ -272,7 +272,7 @@ fn checkpoint_and_restore_keep_the_count() {
     let dir = ckpt.path().join("c1");
     let t0 = Instant::now();
     let archive = h
-        .block(h.rt.checkpoint(&name, &CheckpointOptions { dir: dir.clone(), leave_running: false }))
+        .block(h.rt.checkpoint(&name, &CheckpointOptions { dir: dir.clone(), ..Default::default() }))
         .unwrap_or_else(|e| panic!("checkpoint: {e}"));
     eprintln!("checkpoint: {} bytes in {:.2} s", archive.bytes, t0.elapsed().as_secs_f64());
     use std::os::unix::fs::PermissionsExt;

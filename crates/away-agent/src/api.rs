@@ -11,7 +11,7 @@
 //! | POST | /v1/transfers | `{transfer_id, workload, source}`: announce an incoming move; `{secret}` (its one-time secret, for the transfer's hello); 403 when the caller's certificate does not name `source` (mutual TLS); 409 when announced by another source or when this agent takes no migrations |
 //! | POST | /v1/transfers/{id}/commit | `MoveRecord` (committed); idempotent; 409 when the move was aborted (lease ran out); 404 when unknown |
 //! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
-//! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost); 204 once it is gone and the move aborted; 404 when not held; 500 when it would not go |
+//! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost), and the move's volume pre-copy if one waits here; 204 once the copy is gone and the move aborted; 404 when no copy is held; 500 when it would not go |
 //! | POST | /v1/images | body: an image tar; `{references}` |
 //! | GET, PUT | /v1/disks?base=D | a VM disk's base image in this node's disk store: present?, or take it (crate::disks) |
 //! | POST | /v1/vm-migrations | `{spec, image, options}`: start a VM destination; `{uri, tls, disk?}` (`tls`: QEMU's port takes only the caller's node certificate, under mutual TLS; `disk: {host, port}`: for a VM with a disk, its empty overlay's NBD export, with the same TLS and peer check); 409 when this agent takes no migrations |
@@ -445,6 +445,19 @@ pub async fn serve_transfers(
 }
 
 async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict {
+    if let Some(move_id) = away_migrate::container::precopy_of(&payload.meta) {
+        return agent.keep_precopy(&payload, move_id).await;
+    }
+    // the move's volume pre-copy, if it sent one, serves this restore only: gone after it
+    let staged = agent.precopy_dir(&payload.transfer_id);
+    let verdict = restore_payload(&agent, payload, staged.as_deref()).await;
+    if let Some(dir) = staged {
+        agent.drop_precopy_dir(&dir);
+    }
+    verdict
+}
+
+async fn restore_payload(agent: &Arc<Agent>, payload: ReceivedPayload, volumes: Option<&std::path::Path>) -> Verdict {
     // the spec checked like any other (a bad one fails the restore below, field named)
     let manifest: Option<Manifest> = Manifest::of_payload(&payload).ok();
     tracing::info!(transfer = %payload.transfer_id, workload = ?manifest.as_ref().map(|m| &m.spec.name), bytes = payload.bytes_raw, "payload received, restoring");
@@ -464,7 +477,7 @@ async fn handle_payload(agent: Arc<Agent>, payload: ReceivedPayload) -> Verdict 
         channels: agent.watch_channels().borrow().clone(),
         peer_node: agent.announced_source(id).unwrap_or_default(),
     };
-    let mut result = restore_received(&agent.node, &payload, settle, &pages).await;
+    let mut result = restore_received(&agent.node, &payload, settle, &pages, volumes).await;
     let mut verdict = verdict_for(&result, settle);
     let Some(m) = manifest else { return verdict };
     match &mut result {

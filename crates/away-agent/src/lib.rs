@@ -26,6 +26,7 @@ pub const FAULT_INJECTION: bool = cfg!(feature = "fault-injection");
 use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +95,12 @@ const MAX_ANNOUNCED: usize = 256;
 impl AgentConfig {
     pub fn spool_dir(&self) -> PathBuf {
         self.node.paths.state_dir.join("transfers")
+    }
+
+    /// Where the volume pre-copies of incoming moves wait for their checkpoints, one
+    /// directory per move (0700).
+    pub fn precopy_dir(&self) -> PathBuf {
+        self.node.paths.state_dir.join("volume-precopies")
     }
 
     /// Where the node's key and certificate live (0700; the key 0600).
@@ -399,6 +406,13 @@ impl Agent {
             Ok(n) => tracing::info!("removed {n} partial disk base copies the last run left"),
             Err(e) => tracing::warn!("cannot clean the disk store: {e}", e = ErrorChain(&e)),
         }
+        // volume pre-copies of moves the last run did not restore: their checkpoints,
+        // if they come, are refused (their sources keep their volumes)
+        match std::fs::remove_dir_all(self.config.precopy_dir()) {
+            Ok(()) => tracing::info!("removed the volume pre-copies the last run left"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove the volume pre-copies the last run left: {e}"),
+        }
         let left = match self.state.provisional_left() {
             Ok(l) => l,
             Err(e) => {
@@ -541,10 +555,77 @@ impl Agent {
     }
 
     /// The source gives up: remove the provisional workload now. None if not held, else
-    /// whether it went (a copy that did not keeps its move prepared).
+    /// whether it went (a copy that did not keeps its move prepared). A pre-copy of the
+    /// move's volumes goes in any case.
     pub async fn abort(&self, transfer_id: &str) -> Option<bool> {
+        if let Some(dir) = self.precopy_dir(transfer_id) {
+            self.drop_precopy_dir(&dir);
+        }
         let p = self.take(transfer_id).await?;
         Some(self.abort_copy(transfer_id, &p, "aborted by its source").await)
+    }
+
+    /// A volume pre-copy for move `move_id` has arrived (the payload of its own transfer,
+    /// announced from the move's source for the same workload): it waits under
+    /// [`AgentConfig::precopy_dir`] for the move's checkpoint, whose restore takes it and
+    /// removes it. An abort of the move, its expiry (the transfers' `expire_after`) or a
+    /// restart of the agent remove it too.
+    pub async fn keep_precopy(
+        self: &Arc<Self>,
+        payload: &away_migrate::transfer::ReceivedPayload,
+        move_id: &str,
+    ) -> away_migrate::transfer::Verdict {
+        use away_migrate::transfer::Verdict;
+        let (this, of_move) = {
+            let announced = self.announced.lock().expect("announced lock");
+            let get = |id: &str| announced.get(id).map(|a| (a.source.clone(), a.workload.clone()));
+            (get(&payload.transfer_id), get(move_id))
+        };
+        if !precopy_allowed(move_id, this.as_ref(), of_move.as_ref()) {
+            return Verdict::failed(format!(
+                "transfer {} pre-copies volumes for move {move_id:?}, which was not announced to this agent by the \
+                 same node for the same workload",
+                payload.transfer_id
+            ));
+        }
+        let root = self.config.precopy_dir();
+        let dest = root.join(move_id);
+        let kept = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&root).and_then(|()| {
+            match std::fs::remove_dir_all(&dest) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => std::fs::rename(&payload.dir, &dest),
+            }
+        });
+        if let Err(e) = kept {
+            return Verdict::failed(format!("cannot keep the volume pre-copy in {}: {e}", dest.display()));
+        }
+        tracing::info!(transfer = %payload.transfer_id, r#move = move_id, bytes = payload.bytes_raw, "volume pre-copy kept for its move");
+        let (agent, expiry) = (self.clone(), self.config.transfers.expire_after);
+        tokio::spawn(async move {
+            tokio::time::sleep(expiry).await;
+            if dest.exists() {
+                tracing::warn!(dir = %dest.display(), "a volume pre-copy whose move never restored here expired");
+                agent.drop_precopy_dir(&dest);
+            }
+        });
+        Verdict::ok(format!("volume pre-copy kept for move {move_id}"))
+    }
+
+    /// The pre-copy of move `transfer_id`'s volumes, if this node holds one.
+    pub fn precopy_dir(&self, transfer_id: &str) -> Option<PathBuf> {
+        let valid = !transfer_id.is_empty() && !transfer_id.contains(['/', '.']);
+        let dir = self.config.precopy_dir().join(transfer_id);
+        (valid && dir.is_dir()).then_some(dir)
+    }
+
+    /// Remove a pre-copy directory (its files are hard links: a volume placed from it
+    /// keeps them).
+    pub fn drop_precopy_dir(&self, dir: &std::path::Path) {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => tracing::debug!(dir = %dir.display(), "volume pre-copy removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove the volume pre-copy: {e}"),
+        }
     }
 
     /// Remove an uncommitted copy; retried for a minute (a lazily restored process whose
@@ -610,6 +691,17 @@ impl Agent {
             }
         });
     }
+}
+
+/// May a volume pre-copy whose transfer was announced as `this` (source node, workload)
+/// be kept for move `move_id`, announced as `of_move`? Only for a move id of the
+/// transfer protocol's form, announced by the same node for the same workload: a node
+/// cannot park files under another node's move, nor under a path.
+fn precopy_allowed(move_id: &str, this: Option<&(String, String)>, of_move: Option<&(String, String)>) -> bool {
+    let valid_id = !move_id.is_empty()
+        && move_id.len() <= 64
+        && move_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    valid_id && this.is_some() && this == of_move
 }
 
 /// How long API requests under way may take to finish once the agent stops.
@@ -750,4 +842,23 @@ pub enum AgentError {
     State(state::StateError),
     #[error("the node identity")]
     Identity(#[source] away_identity::IdentityError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_precopy_is_kept_only_for_a_move_of_the_same_node_and_workload() {
+        let of = |node: &str, w: &str| Some((node.to_string(), w.to_string()));
+        let a = of("a", "web");
+        assert!(precopy_allowed("f00d-1_2", a.as_ref(), a.as_ref()));
+        assert!(!precopy_allowed("f00d", a.as_ref(), of("b", "web").as_ref()), "another node's move");
+        assert!(!precopy_allowed("f00d", a.as_ref(), of("a", "db").as_ref()), "another workload");
+        assert!(!precopy_allowed("f00d", a.as_ref(), None), "a move never announced");
+        assert!(!precopy_allowed("f00d", None, None), "a transfer never announced");
+        for bad in ["", "../x", "a/b", ".", &"x".repeat(65)] {
+            assert!(!precopy_allowed(bad, a.as_ref(), a.as_ref()), "{bad:?}");
+        }
+    }
 }

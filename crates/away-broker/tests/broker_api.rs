@@ -209,6 +209,7 @@ fn report(workload: &str, source: &str, target: &str) -> MigrationReport {
         ok: true,
         error: None,
         predicted: None,
+        volumes: None,
         network: None,
     }
 }

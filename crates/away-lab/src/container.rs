@@ -388,6 +388,8 @@ async fn attempt(
         .with_paged(r.paged_bytes_raw)
         .with_predicted(r.predicted.clone())
         .with_follow(r.network.as_ref().and_then(|n| n.follow_millis))
+        // container-volume: the volume's files sent, before the freeze and in it
+        .with_disk(r.volumes.as_ref().map(|v| v.precopy_bytes_raw + v.frozen_bytes_raw))
         .with_notes(phases(&r))),
         Some(r) => Ok(RunResult::new(planned, RunOutcome::Failed, Duration::from_millis(r.total_millis), None)
             .with_bytes(r.bytes_wire, r.bytes_raw)

@@ -199,7 +199,18 @@ pub async fn migrate_container(
     // asked before the move: the source is gone after it
     let runtime = node.get(name).await.map(|(r, _)| r.kind()).ok();
     let started_unix_ms = now_ms();
-    let mut report = move_container(node, source_name, archives, name, target, opts, progress).await?;
+    let mut precopied = None;
+    let moved = move_container(node, source_name, archives, name, target, opts, progress, &mut precopied).await;
+    if let (Err(e), Some(id)) = (&moved, &precopied) {
+        // the target's pre-copy of the volumes goes with the move (a restore that ran took
+        // it already; a move in doubt leaves the target's copy alone)
+        if !matches!(e, MigrateError::InDoubt { .. }) {
+            if let Err(e) = target.abort(id).await {
+                tracing::debug!(transfer = %id, "the target's volume pre-copy: {e}", e = ErrorChain(&e));
+            }
+        }
+    }
+    let mut report = moved?;
     report.started_unix_ms = Some(started_unix_ms);
     if let Some(runtime) = runtime {
         if let Some(plan) = &plan {
@@ -212,6 +223,9 @@ pub async fn migrate_container(
     Ok(report)
 }
 
+/// [`migrate_container`] after its prediction; `precopied` is set to the move's id once
+/// the target holds a pre-copy of the workload's volumes.
+#[allow(clippy::too_many_arguments)]
 async fn move_container(
     node: &LocalNode,
     source_name: &str,
@@ -220,6 +234,7 @@ async fn move_container(
     target: &dyn TargetNode,
     opts: &ContainerMigrationOptions,
     progress: ProgressFn,
+    precopied: &mut Option<String>,
 ) -> Result<MigrationReport, MigrateError> {
     #[cfg(feature = "fault-injection")]
     hold("BEFORE_FREEZE").await;
@@ -282,6 +297,21 @@ async fn move_container(
     opts.transfer.transfer_id = Some(transfer_id.clone());
     let opts = &opts;
     let mut phases = vec![phase("check", started.elapsed())];
+    // the volumes' files go while the workload runs; the freeze carries what changed since
+    let precopy = precopy_volumes(runtime, name, &here.name, &there, target, archives, opts, &transfer_id).await?;
+    if let Some(p) = &precopy {
+        *precopied = Some(transfer_id.clone());
+        phases.push(phase("volume-precopy", p.took));
+        // the pre-copy may have outlasted the target's wait for the early connection's
+        // first frame: a fresh one
+        early = connect_early(&there.transfer_addr, &there.node.name, &opts.transfer).await?;
+    }
+    #[cfg(feature = "fault-injection")]
+    hold("AFTER_PRECOPY").await;
+    if opts.cancel.is_cancelled() {
+        // nothing stopped; the target's pre-copy goes with the abort (`migrate_container`)
+        return Err(MigrateError::Cancelled(name.into()));
+    }
     if choice.mode == MigrationMode::Lazy || choice.streamed {
         let moving = Moving {
             runtime,
@@ -299,6 +329,7 @@ async fn move_container(
             pid: status.pid,
             streamed: choice.streamed,
             early,
+            precopy,
         };
         return migrate_lazy(moving).await;
     }
@@ -319,9 +350,14 @@ async fn move_container(
     let t = Instant::now();
     let stopped_at_ms = now_ms();
     // the runtime's own steps (Docker's) become the phase's parts
-    let (checkpoint, mut parts) = away_runtime::steps::collect(
-        runtime.checkpoint(name, &CheckpointOptions { dir: payload.join(CHECKPOINT_DIR), leave_running: false }),
-    )
+    let (checkpoint, mut parts) = away_runtime::steps::collect(runtime.checkpoint(
+        name,
+        &CheckpointOptions {
+            dir: payload.join(CHECKPOINT_DIR),
+            leave_running: false,
+            volumes_sent: precopy.as_ref().map(|p| p.sent.clone()),
+        },
+    ))
     .await;
     let checkpoint = checkpoint.map_err(|e| {
         let _ = archives.discard(&payload);
@@ -468,9 +504,11 @@ async fn move_container(
     phases.push(phase("commit", t.elapsed()));
 
     // 4. the source goes
+    let volumes = volume_transfer(&checkpoint.spec, &payload, precopy.as_ref());
     let leftover = undo.set_aside.as_deref().unwrap_or(name);
     clean_source(runtime, name, leftover, archives, &payload, &progress, &mut phases).await?;
     record_logged(journal, &journaled.with_state(OutgoingState::Done));
+    let (pre_raw, pre_wire) = precopy.as_ref().map_or((0, 0), |p| (p.bytes_raw, p.bytes_wire));
     let total_millis = started.elapsed().as_millis() as u64;
     let resumed = resumed_unix_ms(downtime_start + downtime);
     Ok(MigrationReport {
@@ -484,13 +522,14 @@ async fn move_container(
         degraded_millis: 0,
         resumed_unix_ms: Some(resumed),
         started_unix_ms: None,
-        bytes_raw: outcome.bytes_raw,
+        bytes_raw: outcome.bytes_raw + pre_raw,
         paged_bytes_raw: 0,
-        bytes_wire: outcome.bytes_wire,
+        bytes_wire: outcome.bytes_wire + pre_wire,
         reason: format!("{}; {}", compat.reason, choice.reason),
         ok: true,
         error: None,
         predicted: None,
+        volumes,
         network: FollowProbe::finish(follow, resumed).await,
     })
 }
@@ -544,7 +583,8 @@ async fn withdraw(target: &dyn TargetNode, transfer_id: &str, wait: Duration) ->
 /// source waits this long at that point of a move, a window for a test to land a fault
 /// in (a cancel, a link cut): `BEFORE_COMMIT` (between the target's "restored" and the
 /// commit of a staged move), `BEFORE_FREEZE` (a move of any mode, before its checks:
-/// nothing has stopped), `AFTER_FREEZE` (the workload stopped: after a staged move's
+/// nothing has stopped), `AFTER_PRECOPY` (a move of any mode, after its volumes'
+/// pre-copy, before the freeze), `AFTER_FREEZE` (the workload stopped: after a staged move's
 /// checkpoint, or a lazy or streamed move's dump, before the payload leaves);
 /// `BEFORE_CONFIRM` (a VM move: the destination holds the complete guest, before the
 /// source's confirm).
@@ -662,6 +702,126 @@ struct Moving<'a> {
     streamed: bool,
     /// The transfer connection, opened during the checks ([`connect_early`]).
     early: Early,
+    /// What the volumes' pre-copy sent, if there was one.
+    precopy: Option<Precopy>,
+}
+
+/// A move's pre-copy of the workload's volumes: what it sent while the workload ran.
+struct Precopy {
+    sent: std::sync::Arc<away_runtime::volume::VolumesSent>,
+    bytes_raw: u64,
+    bytes_wire: u64,
+    took: Duration,
+}
+
+/// Send the files of `name`'s volumes that are not being written to the target while
+/// the workload runs (a transfer of its own, announced like the move's, which the
+/// target keeps for move `transfer_id`); the checkpoint then carries only what changed
+/// since (`away_runtime::volume`). None: no volumes, or the target did not take them
+/// (the freeze then carries the whole volumes, as before). An error (a link or a device
+/// in a volume) fails the move before anything stops.
+#[allow(clippy::too_many_arguments)]
+async fn precopy_volumes(
+    runtime: &dyn away_runtime::Runtime,
+    name: &str,
+    here: &str,
+    there: &crate::target::TargetInfo,
+    target: &dyn TargetNode,
+    archives: &ArchiveStore,
+    opts: &ContainerMigrationOptions,
+    transfer_id: &str,
+) -> Result<Option<Precopy>, MigrateError> {
+    // (fault injection, for measuring what the pre-copy saves: the volumes go whole in
+    // the freeze, as before it existed)
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("AWAY_FAULT_VOLUME_PRECOPY").as_deref() == Ok("off") {
+        tracing::warn!(workload = name, "AWAY_FAULT_VOLUME_PRECOPY=off: no volume pre-copy");
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let dir = archives.create(&format!("{name}-volumes"))?;
+    let sent = match runtime.precopy_volumes(name, &dir).await {
+        Ok(Some(sent)) => sent,
+        other => {
+            let _ = archives.discard(&dir);
+            return other.map(|_| None).map_err(MigrateError::Runtime);
+        }
+    };
+    let id = transfer::new_transfer_id();
+    let sending = async {
+        let secret = target.announce(&id, name, here).await?;
+        let mut send = opts.transfer.clone();
+        send.transfer_id = Some(id.clone());
+        send.secret = Some(secret);
+        send.progress = None;
+        let meta = serde_json::json!({ PRECOPY_META: { "move": transfer_id } });
+        Ok::<_, MigrateError>(transfer::send(&there.transfer_addr, &dir, meta, &send).await?)
+    };
+    let outcome = sending.await;
+    let _ = archives.discard(&dir);
+    match outcome {
+        Ok(o) if o.verdict.ok => {
+            tracing::info!(
+                workload = name,
+                files = sent.files.values().map(|f| f.len()).sum::<usize>(),
+                bytes = sent.bytes,
+                wire = o.bytes_wire,
+                ms = t.elapsed().as_millis() as u64,
+                "volumes pre-copied"
+            );
+            Ok(Some(Precopy {
+                sent: std::sync::Arc::new(sent),
+                bytes_raw: o.bytes_raw,
+                bytes_wire: o.bytes_wire,
+                took: t.elapsed(),
+            }))
+        }
+        Ok(o) => {
+            tracing::warn!(
+                workload = name,
+                "the target did not take the volumes' pre-copy ({}): they go whole in the freeze",
+                o.verdict.message
+            );
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::warn!(
+                workload = name,
+                "the volumes' pre-copy failed ({e}): they go whole in the freeze",
+                e = ErrorChain(&e)
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// The key of a volume pre-copy's transfer metadata: `{"volume_precopy": {"move": ID}}`.
+pub const PRECOPY_META: &str = "volume_precopy";
+
+/// The move a received payload pre-copies volumes for, if it is a pre-copy.
+pub fn precopy_of(meta: &serde_json::Value) -> Option<&str> {
+    meta.get(PRECOPY_META)?.get("move")?.as_str()
+}
+
+/// What a move sent of `spec`'s volumes (None without volumes): its pre-copy, and what
+/// the checkpoint in `payload` carries.
+fn volume_transfer(
+    spec: &WorkloadSpec,
+    payload: &Path,
+    precopy: Option<&Precopy>,
+) -> Option<away_model::VolumeTransfer> {
+    if spec.volumes.is_empty() {
+        return None;
+    }
+    let c = away_runtime::volume::carried(&payload.join(CHECKPOINT_DIR));
+    Some(away_model::VolumeTransfer {
+        precopy_bytes_raw: precopy.map_or(0, |p| p.bytes_raw),
+        precopy_bytes_wire: precopy.map_or(0, |p| p.bytes_wire),
+        frozen_bytes_raw: c.bytes,
+        frozen_files: c.files,
+        precopied_files: c.unchanged,
+        deleted_files: c.deleted,
+    })
 }
 
 /// The steps the target's runtime reported for its restore (Docker's), if any.
@@ -776,8 +936,11 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             return Err(MigrateError::Invalid(format!("cannot journal move {transfer_id} of {name}: {e}")));
         }
     }
-    let lazy_opts =
-        away_runtime::LazyCheckpointOptions { dir: payload.join(CHECKPOINT_DIR), page_server_port: criu_port };
+    let lazy_opts = away_runtime::LazyCheckpointOptions {
+        dir: payload.join(CHECKPOINT_DIR),
+        page_server_port: criu_port,
+        volumes_sent: m.precopy.as_ref().map(|p| p.sent.clone()),
+    };
     // the runtime's own steps (Docker's) become the phase's parts
     let (dump, mut parts) = away_runtime::steps::collect(runtime.checkpoint_lazy(name, &lazy_opts)).await;
     let dump = match dump {
@@ -1014,8 +1177,10 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         tracing::debug!(workload = name, "commit to {}: {e}", there.node.name, e = ErrorChain(&e));
     }
     phases.push(phase("commit", t.elapsed()));
+    let volumes = volume_transfer(&manifest.spec, &payload, m.precopy.as_ref());
     clean_source(runtime, name, set_aside.unwrap_or(name), archives, &payload, progress, &mut phases).await?;
     record_logged(journal, &journaled.with_state(OutgoingState::Done));
+    let (pre_raw, pre_wire) = m.precopy.as_ref().map_or((0, 0), |p| (p.bytes_raw, p.bytes_wire));
     let total_millis = m.started.elapsed().as_millis() as u64;
     let resumed = resumed_unix_ms(downtime_start + downtime);
     Ok(MigrationReport {
@@ -1029,9 +1194,9 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         degraded_millis: degraded.as_millis() as u64,
         resumed_unix_ms: Some(resumed),
         started_unix_ms: None,
-        bytes_raw: outcome.bytes_raw + counters.plain(),
+        bytes_raw: outcome.bytes_raw + counters.plain() + pre_raw,
         paged_bytes_raw: counters.plain(),
-        bytes_wire: outcome.bytes_wire + counters.wire(),
+        bytes_wire: outcome.bytes_wire + counters.wire() + pre_wire,
         reason: {
             let mut reason = m.reason;
             if nothing_lazy {
@@ -1045,6 +1210,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         ok: true,
         error: None,
         predicted: None,
+        volumes,
         network: FollowProbe::finish(follow, resumed).await,
     })
 }
@@ -1227,11 +1393,14 @@ async fn failed_with_copy(runtime: &dyn Runtime, name: &str, message: String) ->
 
 /// Target side: restore a received payload on this node and answer whether it runs.
 /// Pages of a lazy or streamed move come over `pages` (its peer: the move's source node).
+/// `volumes_base`: the pre-copy of the workload's volumes this node received for the
+/// move, from which a checkpoint that carries only their changes is completed first.
 pub async fn restore_received(
     node: &LocalNode,
     payload: &ReceivedPayload,
     settle: Duration,
     pages: &crate::lazy::PageLink,
+    volumes_base: Option<&Path>,
 ) -> Result<Restored, RestoreFailed> {
     let started = Instant::now();
     let manifest = Manifest::of_payload(payload)?;
@@ -1257,6 +1426,11 @@ pub async fn restore_received(
         .map_err(|e| e.to_string())?;
     // the restore's parts: the image store's, then the runtime's own steps
     let mut parts = vec![phase("store", started.elapsed())];
+    let t = Instant::now();
+    let from_precopy = away_runtime::volume::complete_delta(&dir, volumes_base).map_err(|e| error_chain(&e))?;
+    if from_precopy > 0 {
+        parts.push(phase("volume-delta", t.elapsed()));
+    }
     let (mut pulled, mut pull) = (None, Duration::ZERO);
     let (st, mut lazy) = match manifest.lazy_page_relay {
         None => {

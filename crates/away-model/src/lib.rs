@@ -41,5 +41,6 @@ pub use spec::{
 };
 pub use wire::{ApiError, ErrorCode};
 pub use workload::{
-    MigrationMode, MigrationPhase, MigrationReport, RuntimeDecision, RuntimeVerdict, WorkloadState, WorkloadStatus,
+    MigrationMode, MigrationPhase, MigrationReport, RuntimeDecision, RuntimeVerdict, VolumeTransfer, WorkloadState,
+    WorkloadStatus,
 };

@@ -178,4 +178,35 @@ pub struct MigrationReport {
     /// (the same) and how long the network took to follow it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::NetworkFollow>,
+    /// Container moves with volumes: what of them crossed before the freeze and during it
+    /// (absent for workloads without volumes and in reports written before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<VolumeTransfer>,
+}
+
+/// What a container move sent of the workload's volumes: their pre-copy while it still
+/// ran, then, in the freeze, the files that changed since (or the whole volumes when
+/// there was no pre-copy). Part of the report's `bytes_raw` and `bytes_wire`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VolumeTransfer {
+    /// Bytes of the pre-copy's payload before compression (the files not being written,
+    /// and the tar around them); 0 without a pre-copy.
+    #[serde(default, deserialize_with = "crate::whole::de")]
+    pub precopy_bytes_raw: u64,
+    /// The pre-copy's bytes on the network.
+    #[serde(default, deserialize_with = "crate::whole::de")]
+    pub precopy_bytes_wire: u64,
+    /// Bytes of volume files the checkpoint carried, during the freeze.
+    #[serde(default, deserialize_with = "crate::whole::de")]
+    pub frozen_bytes_raw: u64,
+    /// Files the checkpoint carried.
+    #[serde(default, deserialize_with = "crate::whole::de")]
+    pub frozen_files: u64,
+    /// Files the target took from the pre-copy (unchanged since it).
+    #[serde(default, deserialize_with = "crate::whole::de")]
+    pub precopied_files: u64,
+    /// Files of the pre-copy deleted before the freeze (absent on the target).
+    #[serde(default, deserialize_with = "crate::whole::de")]
+    pub deleted_files: u64,
 }

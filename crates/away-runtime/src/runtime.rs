@@ -20,12 +20,15 @@ pub struct RunRequest {
 }
 
 /// Options of a checkpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct CheckpointOptions {
     /// Directory the checkpoint is written into (created, owner-only).
     pub dir: PathBuf,
     /// Keep the workload running after the checkpoint (default: it stops, as in a move).
     pub leave_running: bool,
+    /// The move's volume pre-copy ([`Runtime::precopy_volumes`]): the checkpoint carries
+    /// only the volume files changed since (`crate::volume`); None: whole volumes.
+    pub volumes_sent: Option<std::sync::Arc<crate::volume::VolumesSent>>,
 }
 
 /// A checkpoint on disk: CRIU images (containers) or a QEMU migration stream (VMs),
@@ -55,6 +58,8 @@ pub struct LazyCheckpointOptions {
     /// Port CRIU's page server listens on, in the container's network namespace (on
     /// all its addresses: runc's CRIU ignores the address), until every page moved.
     pub page_server_port: u16,
+    /// As [`CheckpointOptions::volumes_sent`].
+    pub volumes_sent: Option<std::sync::Arc<crate::volume::VolumesSent>>,
 }
 
 /// A lazy checkpoint in progress: the process is frozen, its non-memory state is in
@@ -297,6 +302,18 @@ pub trait Runtime: Send + Sync {
     /// streamed move that failed leaves the source running under its temporary name).
     async fn step_back(&self, _aside: &str, _name: &str) -> Result<(), RuntimeError> {
         Ok(())
+    }
+
+    /// A move's volume pre-copy, while the workload runs: the files of its volumes that
+    /// are not being written, copied into `out` (`volumes/<volume>/`), with what each was
+    /// when read (`crate::volume::VolumeRoot::precopy`). None: the workload has no volumes
+    /// (the default: runtimes without volumes).
+    async fn precopy_volumes(
+        &self,
+        _name: &str,
+        _out: &std::path::Path,
+    ) -> Result<Option<crate::volume::VolumesSent>, RuntimeError> {
+        Ok(None)
     }
 
     /// Freeze the workload and dump everything but its memory, which CRIU then serves

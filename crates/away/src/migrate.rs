@@ -762,6 +762,17 @@ fn print_report(r: &MigrationReport) {
     if r.paged_bytes_raw > 0 {
         println!("  paged:     {} raw over the page link", away_model::ByteSize(r.paged_bytes_raw).human());
     }
+    if let Some(v) = &r.volumes {
+        println!(
+            "  volumes:   {} pre-copied before the freeze ({} on the wire), {} in {} files during it ({} files kept from the pre-copy, {} deleted)",
+            away_model::ByteSize(v.precopy_bytes_raw).human(),
+            away_model::ByteSize(v.precopy_bytes_wire).human(),
+            away_model::ByteSize(v.frozen_bytes_raw).human(),
+            v.frozen_files,
+            v.precopied_files,
+            v.deleted_files
+        );
+    }
     if let Some(n) = &r.network {
         let follow = match n.follow_millis {
             Some(ms) => format!(

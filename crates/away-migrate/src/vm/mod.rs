@@ -221,6 +221,7 @@ pub async fn migrate_vm_to(
         ok: false,
         error: None,
         predicted: None,
+        volumes: None,
         network: None,
     };
     let aborted = |mut report: MigrationReport, cause: VmMigrateError| {
@@ -562,6 +563,7 @@ mod tests {
             ok: false,
             error: None,
             predicted: None,
+            volumes: None,
             network: None,
         };
         VmMigrateError::Aborted { workload: "w".into(), cause: Box::new(cause), report: Box::new(report) }

@@ -57,7 +57,7 @@ impl ContainerdRuntime {
     }
 
     /// The workload spec a container was created from.
-    fn spec_label(c: &api::Container, op: &'static str) -> Result<WorkloadSpec, RuntimeError> {
+    pub(super) fn spec_label(c: &api::Container, op: &'static str) -> Result<WorkloadSpec, RuntimeError> {
         c.labels.get(LABEL_SPEC).and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| RuntimeError::Failed {
             runtime: KIND,
             op,
@@ -119,7 +119,7 @@ impl ContainerdRuntime {
         self.capture_rootfs(name, &opts.dir).await?;
         let mut lap = crate::steps::lap("rootfs-diff", lap);
         if !spec.volumes.is_empty() {
-            self.volumes.capture(&spec, &opts.dir)?;
+            self.volumes.capture(&spec, &opts.dir, opts.volumes_sent.as_deref())?;
             lap = crate::steps::lap("volumes", lap);
         }
         if !opts.leave_running {
@@ -175,7 +175,7 @@ impl ContainerdRuntime {
             netns,
         };
         let captured = match self.capture_rootfs(name, &opts.dir).await {
-            Ok(()) => self.volumes.capture(&dump.archive.spec, &opts.dir),
+            Ok(()) => self.volumes.capture(&dump.archive.spec, &opts.dir, opts.volumes_sent.as_deref()),
             Err(e) => Err(e),
         };
         if let Err(e) = captured {
@@ -279,7 +279,8 @@ mod tests {
 
     #[test]
     fn the_lazy_checkpoint_runs_runc_as_before() {
-        let opts = LazyCheckpointOptions { dir: "/var/lib/away/out/c1".into(), page_server_port: 27001 };
+        let opts =
+            LazyCheckpointOptions { dir: "/var/lib/away/out/c1".into(), page_server_port: 27001, volumes_sent: None };
         let argv = runc_lazy_checkpoint("away-b", "c1", &opts, Path::new("/var/lib/away/out/c1/criu-work")).args();
         #[rustfmt::skip]
         assert_eq!(argv, ["--root", "/run/containerd/runc/away-b", "checkpoint", "--lazy-pages", "--status-fd", "3",

@@ -205,6 +205,24 @@ impl Runtime for ContainerdRuntime {
         self.checkpoint_task(name, opts).await
     }
 
+    async fn precopy_volumes(
+        &self,
+        name: &str,
+        out: &Path,
+    ) -> Result<Option<crate::volume::VolumesSent>, RuntimeError> {
+        let c = self
+            .get_container(name)
+            .await?
+            .ok_or_else(|| RuntimeError::NotFound { runtime: KIND, name: name.into() })?;
+        let spec = Self::spec_label(&c, "pre-copy volumes")?;
+        if spec.volumes.is_empty() {
+            return Ok(None);
+        }
+        let (volumes, out) = (self.volumes.clone(), out.to_path_buf());
+        let copied = tokio::task::spawn_blocking(move || volumes.precopy(&spec, &out)).await;
+        copied.map_err(|e| RuntimeError::io("pre-copy volumes", std::io::Error::other(e)))?.map(Some)
+    }
+
     async fn checkpoint_lazy(&self, name: &str, opts: &LazyCheckpointOptions) -> Result<LazyDump, RuntimeError> {
         self.checkpoint_task_lazily(name, opts).await
     }

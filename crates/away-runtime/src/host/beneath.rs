@@ -97,6 +97,21 @@ impl Beneath {
         rustix::fs::renameat(&from_dir, from_name, &to_dir, to_name).map_err(|e| self.err("rename", from)(e.into()))
     }
 
+    /// A new name `to` beneath `dest` for the regular file `name` beneath this directory
+    /// (a hard link: both must be on one file system); an existing `to` is an error.
+    pub fn link_into(&self, name: impl AsRef<Path>, dest: &Beneath, to: impl AsRef<Path>) -> Result<(), BeneathError> {
+        let (name, to) = (name.as_ref(), to.as_ref());
+        let (from_dir, from_name) = self.parent_of("link", name)?;
+        let st = rustix::fs::statat(&from_dir, from_name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| self.err("link", name)(e.into()))?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(fail("link", &self.path, name, io::Error::other("not a regular file")));
+        }
+        let (to_dir, to_name) = dest.parent_of("link", to)?;
+        rustix::fs::linkat(&from_dir, from_name, &to_dir, to_name, rustix::fs::AtFlags::empty())
+            .map_err(|e| dest.err("link", to)(e.into()))
+    }
+
     /// Creates `name` and its missing parents (`mode`), each beneath this directory.
     pub fn create_dir_all(&self, name: impl AsRef<Path>, mode: u32) -> Result<(), BeneathError> {
         let name = name.as_ref();
@@ -179,6 +194,10 @@ mod tests {
         dir.write("a/b/f", b"two").unwrap();
         assert_eq!(dir.read("a/b/f").unwrap(), b"two");
         dir.rename("a/b/f", "g").unwrap();
+        dir.create_dir_all("c", 0o700).unwrap();
+        dir.link_into("g", &dir, "c/g").unwrap();
+        assert_eq!(std::fs::read(tmp.path().join("c/g")).unwrap(), b"two");
+        assert!(dir.link_into("g", &dir, "c/g").is_err(), "an existing name is kept");
         assert_eq!(std::fs::read(tmp.path().join("g")).unwrap(), b"two");
         assert!(dir.create_new("g", 0o600).is_err());
         assert!(dir.free_bytes().unwrap() > 0);
@@ -210,6 +229,9 @@ mod tests {
         assert!(err.contains("symlink"), "{err}");
         assert!(dir.create_dir_all("dir-link/sub", 0o700).is_err());
         assert!(dir.rename("hard", "dir-link/moved").is_err());
+        assert!(dir.link_into("file-link", &dir, "x").is_err(), "a symlink is not linked");
+        assert!(dir.link_into("hard", &dir, "dir-link/linked").is_err());
+        assert!(!outside.path().join("linked").exists());
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
         assert!(!outside.path().join("sub").exists() && !outside.path().join("moved").exists());
         // the directory itself must not be a link either
