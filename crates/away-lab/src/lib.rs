@@ -249,10 +249,11 @@ impl MigrationPath {
         )
     }
 
-    /// `--overlay on` runs it with the workload on the lab's VXLAN overlay: away's
-    /// container paths (VMs on the overlay are not in the lab yet, docs/network.md).
+    /// `--overlay on` runs it with the workload on the lab's VXLAN overlay: the VMs (a
+    /// tap on the bridge) and away's containerd paths (Docker's containers are not on
+    /// the overlay, nor is the peer).
     pub fn runs_on_overlay(self) -> bool {
-        self.is_away_container() && self != MigrationPath::ContainerDocker
+        self.is_vm() || (self.is_away_container() && self != MigrationPath::ContainerDocker)
     }
 
     /// The app writes files at `disk_rate` (to the VM's disk or the container's volume).
@@ -357,9 +358,9 @@ pub struct CompareOptions {
     /// `container-volume` paths (its disk or its volume).
     #[serde(default = "default_disk_rate")]
     pub disk_rate: ByteSize,
-    /// Run each of away's container paths without (`false`) and/or with (`true`) the
-    /// workload on a VXLAN overlay between the two nodes (its own namespace, address and
-    /// MAC, moved with it; docs/network.md). The other paths run without.
+    /// Run each VM path and away's containerd paths without (`false`) and/or with
+    /// (`true`) the workload on a VXLAN overlay between the two nodes (its own namespace
+    /// or tap, address and MAC, moved with it; docs/network.md). The others run without.
     #[serde(default = "no_overlay")]
     pub overlays: Vec<bool>,
 }

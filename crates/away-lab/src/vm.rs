@@ -113,6 +113,10 @@ impl VmLab {
                 LinkEmulator::Packet => {
                     status("bringing up the packet link".into());
                     let sides = PacketSides::up(&PacketSides::name_for(planned.run), planned.link.profile()).await?;
+                    if planned.overlay {
+                        status("building the overlay".into());
+                        crate::overlay::build(&sides).await?;
+                    }
                     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
                     let a = qemu_in_netns(&dir.join("qemu-a"), sides.a())?;
                     let b = qemu_in_netns(&dir.join("qemu-b"), sides.b())?;
@@ -122,8 +126,14 @@ impl VmLab {
                 }
                 LinkEmulator::SplitTcpProxy => (HostPaths::default(), HostPaths::default(), "127.0.0.1".to_string()),
             };
-            let source = QemuRuntime::new(dir.join("a"), paths_a, self.accel).with_reason(reason.clone());
-            let target = QemuRuntime::new(dir.join("b"), paths_b, self.accel).with_reason(reason.clone());
+            let mut source = QemuRuntime::new(dir.join("a"), paths_a, self.accel).with_reason(reason.clone());
+            let mut target = QemuRuntime::new(dir.join("b"), paths_b, self.accel).with_reason(reason.clone());
+            // on the overlay each QEMU's tap goes on its side's bridge, in its namespace
+            if let (true, Some(sides)) = (planned.overlay, &link) {
+                let ns = |end: &away_link::packet::Endpoint| PathBuf::from("/run/netns").join(&end.netns);
+                source = source.with_netns(ns(sides.a()));
+                target = target.with_netns(ns(sides.b()));
+            }
             let result = self.attempt(opts, planned, (&source, &target), identities, &name, &target_host, status).await;
             status("cleaning up".into());
             let _ = source.remove(&name).await;
@@ -154,6 +164,9 @@ impl VmLab {
     ) -> Result<RunResult, String> {
         status(format!("booting the vm ({} MiB, {})", opts.vm_ram.as_mib(), self.accel));
         let mut spec = spec(name, opts, planned);
+        if planned.overlay {
+            spec.overlay = Some(crate::overlay::workload_address());
+        }
         if let (MigrationPath::VmDisk, Some(blank)) = (planned.path, &self.blank_disk) {
             let mut base = None;
             for node in [source, target] {

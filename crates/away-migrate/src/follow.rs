@@ -32,8 +32,10 @@ impl FollowProbe {
         let addr = spec.overlay.clone()?;
         let (ip, stop) = (addr.ip, Arc::new(AtomicBool::new(false)));
         let flag = stop.clone();
+        // through the network's bridge only: a node without it sends nothing
+        let bridge = away_overlay::bridge_name(addr.vni);
         let task = tokio::task::spawn_blocking(move || {
-            away_overlay::probe::first_answer(ip, Duration::from_millis(10), &flag)
+            away_overlay::probe::first_answer(ip, &bridge, Duration::from_millis(10), &flag)
         });
         let started = SystemTime::now().checked_sub(frozen.elapsed()).unwrap_or_else(SystemTime::now);
         Some(FollowProbe { addr, started, stop, task: Some(task) })

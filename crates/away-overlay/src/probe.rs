@@ -17,16 +17,23 @@ use crate::OverlayError;
 const ECHO_REQUEST: u8 = 8;
 const ECHO_REPLY: u8 = 0;
 
-/// Send an echo request to `addr` every `every` until one is answered or `stop` is
-/// set: the wall-clock time of the first reply, or `None` when none came. Runs in the
-/// caller's network namespace (an agent's is its node's) and blocks: call it from a
-/// blocking task.
-pub fn first_answer(addr: Ipv4Addr, every: Duration, stop: &AtomicBool) -> Result<Option<SystemTime>, OverlayError> {
+/// Send an echo request to `addr` through `device` (the network's bridge, so that no
+/// request leaves by any other interface) every `every` until one is answered or
+/// `stop` is set: the wall-clock time of the first reply, or `None` when none came.
+/// Runs in the caller's network namespace (an agent's is its node's) and blocks: call
+/// it from a blocking task. A node without the device gets an error, not a probe.
+pub fn first_answer(
+    addr: Ipv4Addr,
+    device: &str,
+    every: Duration,
+    stop: &AtomicBool,
+) -> Result<Option<SystemTime>, OverlayError> {
     let io = |op: &str| {
         let op = format!("{op} (icmp echo to {addr})");
         move |source| OverlayError::Io { op, source }
     };
     let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).map_err(io("open a raw socket"))?;
+    socket.bind_device(Some(device.as_bytes())).map_err(io(&format!("bind to {device}")))?;
     // distinct per call, so two probes of one process tell their replies apart
     static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
     let id = (std::process::id() as u16).wrapping_mul(31) ^ CALLS.fetch_add(1, Ordering::Relaxed);
@@ -114,8 +121,11 @@ mod tests {
             eprintln!("skipped: a raw socket needs root");
             return;
         }
-        let at = first_answer(Ipv4Addr::LOCALHOST, Duration::from_millis(50), &AtomicBool::new(false)).unwrap();
+        let every = Duration::from_millis(50);
+        let at = first_answer(Ipv4Addr::LOCALHOST, "lo", every, &AtomicBool::new(false)).unwrap();
         assert!(at.is_some(), "127.0.0.1 answers an echo request");
-        assert_eq!(first_answer(Ipv4Addr::LOCALHOST, Duration::from_millis(50), &AtomicBool::new(true)).unwrap(), None);
+        assert_eq!(first_answer(Ipv4Addr::LOCALHOST, "lo", every, &AtomicBool::new(true)).unwrap(), None);
+        let none = first_answer(Ipv4Addr::LOCALHOST, "awbr-none", every, &AtomicBool::new(false));
+        assert!(none.unwrap_err().to_string().contains("bind to awbr-none"), "no such device: no probe");
     }
 }

@@ -50,6 +50,9 @@ pub struct QemuRuntime {
     accel_reason: String,
     /// Base images of VM disks (`<host state>/disks` unless set).
     disks: DiskStore,
+    /// The node's network namespace, where its lab networks' bridges are, when it is
+    /// not this process's (two nodes in one process: the lab).
+    netns: Option<PathBuf>,
 }
 
 /// What `spec.json` holds: enough to explain and to restart the VM.
@@ -82,7 +85,42 @@ impl QemuRuntime {
     /// `state_dir` holds one directory per workload (e.g. `/run/away/qemu`).
     pub fn new(state_dir: PathBuf, paths: HostPaths, accel: Accel) -> Self {
         let disks = DiskStore::new(paths.state_dir.join("disks"), &paths.qemu);
-        QemuRuntime { state_dir, paths, accel, accel_reason: format!("{accel} chosen by the caller"), disks }
+        QemuRuntime {
+            state_dir,
+            paths,
+            accel,
+            accel_reason: format!("{accel} chosen by the caller"),
+            disks,
+            netns: None,
+        }
+    }
+
+    /// Make the VMs' taps in network namespace `netns` (a path such as
+    /// `/run/netns/NAME`), where this node's bridges are, instead of this process's.
+    /// QEMU must run there too (its `qemu` wrapped in `nsenter`, as the lab does).
+    pub fn with_netns(mut self, netns: PathBuf) -> Self {
+        self.netns = Some(netns);
+        self
+    }
+
+    /// Run `work` in the node's network namespace: on a thread of its own when it is
+    /// not this process's (a namespace is a thread's, and a pool thread must not keep it).
+    fn in_node_netns<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, RuntimeError> {
+        let Some(ns) = self.netns.clone() else { return Ok(work()) };
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&ns).map_err(|e| RuntimeError::io(format!("open {}", ns.display()), e))?;
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&file),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(|e| RuntimeError::io(format!("enter {}", ns.display()), e.into()))?;
+            Ok(work())
+        })
+        .join()
+        .map_err(|_| RuntimeError::io("tap thread", std::io::Error::other("it panicked")))?
     }
 
     /// Keep base disk images in `dir` instead of `<host state>/disks` (two nodes on one
@@ -145,9 +183,10 @@ impl QemuRuntime {
         let (Some(tap), Some(addr)) = (&launch.tap, &spec.overlay) else { return Ok(()) };
         let (ifname, addr) = (tap.ifname.clone(), addr.clone());
         let started = Instant::now();
-        let made = tokio::task::spawn_blocking(move || away_overlay::attach_tap(&ifname, &addr))
+        let me = self.clone();
+        let made = tokio::task::spawn_blocking(move || me.in_node_netns(move || away_overlay::attach_tap(&ifname, &addr)))
             .await
-            .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))?;
+            .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))??;
         made.map_err(|e| RuntimeError::Failed {
             runtime: KIND,
             op: "attach to its lab network",
@@ -161,9 +200,10 @@ impl QemuRuntime {
     /// Remove the tap of workload `name`, if it has one.
     async fn detach_tap(&self, name: &str) -> Result<(), RuntimeError> {
         let tap = self.tap_name(name);
-        let removed = tokio::task::spawn_blocking(move || away_overlay::detach_tap(&tap))
+        let me = self.clone();
+        let removed = tokio::task::spawn_blocking(move || me.in_node_netns(move || away_overlay::detach_tap(&tap)))
             .await
-            .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))?;
+            .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))??;
         removed.map_err(|e| RuntimeError::Failed {
             runtime: KIND,
             op: "remove the tap of",
