@@ -105,10 +105,7 @@ impl QemuRuntime {
 
     /// Run `work` in the node's network namespace: on a thread of its own when it is
     /// not this process's (a namespace is a thread's, and a pool thread must not keep it).
-    fn in_node_netns<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, RuntimeError> {
+    fn in_node_netns<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, RuntimeError> {
         let Some(ns) = self.netns.clone() else { return Ok(work()) };
         std::thread::spawn(move || {
             let file = std::fs::File::open(&ns).map_err(|e| RuntimeError::io(format!("open {}", ns.display()), e))?;
@@ -184,9 +181,10 @@ impl QemuRuntime {
         let (ifname, addr) = (tap.ifname.clone(), addr.clone());
         let started = Instant::now();
         let me = self.clone();
-        let made = tokio::task::spawn_blocking(move || me.in_node_netns(move || away_overlay::attach_tap(&ifname, &addr)))
-            .await
-            .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))??;
+        let made =
+            tokio::task::spawn_blocking(move || me.in_node_netns(move || away_overlay::attach_tap(&ifname, &addr)))
+                .await
+                .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))??;
         made.map_err(|e| RuntimeError::Failed {
             runtime: KIND,
             op: "attach to its lab network",
