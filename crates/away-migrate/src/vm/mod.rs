@@ -459,10 +459,14 @@ pub async fn migrate_vm_to(
         outcome.ram_total,
         match mirror {
             Some(m) => format!(
-                "; disk: {} bytes of overlay mirrored over nbd{export_note} ({} until in sync after {} ms){base_note}",
+                "; disk: {} bytes of overlay mirrored over nbd{export_note} ({} until in sync after {} ms{}){base_note}",
                 m.total_bytes,
                 m.ready_bytes,
-                m.ready_after.as_millis()
+                m.ready_after.as_millis(),
+                match m.active_after {
+                    Some(t) => format!(", copying actively from {} ms on: not in sync by then", t.as_millis()),
+                    None => String::new(),
+                }
             ),
             None => String::new(),
         },

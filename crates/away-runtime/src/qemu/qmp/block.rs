@@ -138,6 +138,24 @@ impl Command for BlockdevMirror {
     type Reply = Empty;
 }
 
+/// Change a running mirror job: `copy-mode: write-blocking` makes every guest write
+/// wait until the target has it too (QEMU 8.2+; the only change QEMU takes), so a
+/// mirror that background copying cannot bring in sync gets there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockJobChange {
+    pub id: String,
+    /// `mirror`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub copy_mode: &'static str,
+}
+
+impl Command for BlockJobChange {
+    const NAME: &'static str = "block-job-change";
+    type Reply = Empty;
+}
+
 super::commands::command!(
     /// The running block jobs.
     QueryBlockJobs = "query-block-jobs" -> Vec<BlockJobInfo>
