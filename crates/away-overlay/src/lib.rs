@@ -235,21 +235,14 @@ async fn sync_workload_entries(
     if workloads.is_empty() {
         return Ok(());
     }
-    let entries: Vec<NeighbourMessage> = h
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Bridge)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl(format!("read the forwarding entries of {vx}")))?;
+    let entries = forwarding_entries(h, index, vx).await?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     for w in workloads {
         let Some(mac) = w.mac_bytes() else {
             tracing::warn!(device = vx, mac = %w.mac, "the broker listed a workload with a malformed MAC");
             continue;
         };
-        let existing = entries.iter().filter(|e| e.header.ifindex == index).find_map(|e| {
+        let existing = entries.iter().find_map(|e| {
             let lladdr =
                 e.attributes.iter().any(|a| matches!(a, NeighbourAttribute::LinkLayerAddress(l) if l[..] == mac));
             let dst = e.attributes.iter().find_map(|a| match a {
@@ -297,9 +290,9 @@ async fn fdb_request(h: &Handle, msg: NeighbourMessage, flags: u16) -> Result<()
     Ok(())
 }
 
-/// The all-zero forwarding entries of VXLAN device `index`: exactly one per peer.
-async fn sync_flood_list(h: &Handle, index: u32, vx: &str, peers: &[Ipv4Addr]) -> Result<(), OverlayError> {
-    let entries: Vec<NeighbourMessage> = h
+/// The forwarding entries of VXLAN device `index` (named `vx`, for errors).
+async fn forwarding_entries(h: &Handle, index: u32, vx: &str) -> Result<Vec<NeighbourMessage>, OverlayError> {
+    let all: Vec<NeighbourMessage> = h
         .neighbours()
         .get()
         .set_address_family(AddressFamily::Bridge)
@@ -307,8 +300,14 @@ async fn sync_flood_list(h: &Handle, index: u32, vx: &str, peers: &[Ipv4Addr]) -
         .try_collect()
         .await
         .map_err(nl(format!("read the forwarding entries of {vx}")))?;
+    Ok(all.into_iter().filter(|e| e.header.ifindex == index).collect())
+}
+
+/// The all-zero forwarding entries of VXLAN device `index`: exactly one per peer.
+async fn sync_flood_list(h: &Handle, index: u32, vx: &str, peers: &[Ipv4Addr]) -> Result<(), OverlayError> {
+    let entries = forwarding_entries(h, index, vx).await?;
     let mut present = Vec::new();
-    for e in entries.into_iter().filter(|e| e.header.ifindex == index) {
+    for e in entries {
         let zero = e
             .attributes
             .iter()
