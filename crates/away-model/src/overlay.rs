@@ -63,10 +63,10 @@ pub struct NetworkFollow {
     /// The lab network's name.
     pub network: String,
     /// The workload's overlay address before the move.
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10.250.0.5"))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Ipv4, example = "10.250.0.5"))]
     pub ip_before: Ipv4Addr,
     /// Its overlay address after the move: the same, since the address moves with it.
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10.250.0.5"))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Ipv4, example = "10.250.0.5"))]
     pub ip_after: Ipv4Addr,
     /// Its MAC, the same on every node.
     #[cfg_attr(feature = "openapi", schema(pattern = "^02(:[0-9a-f]{2}){5}$", example = "02:aa:0a:fa:00:05"))]
@@ -74,13 +74,14 @@ pub struct NetworkFollow {
     /// From the workload's resume on the target to the first ICMP echo it answered
     /// from the source node (sent every 10 ms from there, over the overlay); absent
     /// when none was answered within `probe_millis`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub follow_millis: Option<u64>,
     /// How long the source node asked before that first answer, from the freeze on:
     /// nothing answered at the address meanwhile (about the downtime, or more).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::opt", skip_serializing_if = "Option::is_none")]
     pub unanswered_millis: Option<u64>,
     /// How long past the end of the move the source node still asked.
+    #[serde(deserialize_with = "crate::whole::de")]
     pub probe_millis: u64,
 }
 
@@ -125,11 +126,12 @@ pub struct RemoteWorkload {
     #[cfg_attr(feature = "openapi", schema(pattern = "^02(:[0-9a-f]{2}){5}$", example = "02:aa:0a:fa:00:05"))]
     pub mac: String,
     /// Its node's tunnel endpoint.
-    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "10.77.0.2"))]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = Ipv4, example = "10.77.0.2"))]
     pub node: Ipv4Addr,
     /// Since when (Unix ms, the broker's clock) the broker has it on that node: a
     /// forwarding entry the node learned later (a gratuitous ARP after a move the
     /// broker has not seen end yet) is newer and is kept.
+    #[serde(deserialize_with = "crate::whole::de")]
     pub since_unix_ms: u64,
 }
 
