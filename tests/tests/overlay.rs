@@ -176,6 +176,22 @@ fn a_moving_workload_keeps_its_address_and_its_tcp_connections() {
     let before = wait_for(20, || count_from(&edge, ip)).expect("the edge node reaches the workload by overlay IP");
     assert!(count_from(&ns_of("edge", "ovp"), ip).is_some(), "workload ovp reaches ovc by overlay IP");
     assert!(count_from(&ns_of(source, "ovc"), peer_ip).is_some(), "workload ovc reaches ovp by overlay IP");
+    // a workload of another network: its own node (on both networks) reaches it, the
+    // workloads of the default network do not, nor does it reach them
+    let (status, body) = api.post(
+        "/v1/workloads",
+        json!({"name": "ovx", "image": "away/counter:latest", "network": "lab-2",
+            "env": {"COUNTER_PORT": PORT.to_string()}, "resources": {"memory": "64Mi", "cpus": 0.25},
+            "placement": {"tiers": ["edge"], "runtime": "containerd"}}),
+    );
+    assert_eq!(status, 201, "submit ovx: {body}");
+    let other = api.wait_running_on("ovx", "edge");
+    let other_ip = overlay_ip(&other);
+    assert_eq!(other["spec"]["overlay"]["network"], "lab-2", "{other}");
+    wait_for(20, || count_from(&edge, other_ip)).expect("its node reaches ovx on lab-2");
+    assert!(count_from(&ns_of("edge", "ovx"), ip).is_none(), "ovx (lab-2) reaches ovc (default)");
+    assert!(count_from(&ns_of("edge", "ovp"), other_ip).is_none(), "ovp (default) reaches ovx (lab-2)");
+    assert!(count_from(&ns_of(source, "ovc"), other_ip).is_none(), "ovc (default) reaches ovx (lab-2)");
     // not on the node's own network, but its node relays the published port: from this
     // host, outside the overlay, the node's address answers
     let node_ip = |node: &str| info.nodes.iter().find(|n| n.name == node).unwrap().ip;
