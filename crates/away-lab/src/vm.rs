@@ -130,9 +130,8 @@ impl VmLab {
             let mut target = QemuRuntime::new(dir.join("b"), paths_b, self.accel).with_reason(reason.clone());
             // on the overlay each QEMU's tap goes on its side's bridge, in its namespace
             if let (true, Some(sides)) = (planned.overlay, &link) {
-                let ns = |end: &away_link::packet::Endpoint| PathBuf::from("/run/netns").join(&end.netns);
-                source = source.with_netns(ns(sides.a()));
-                target = target.with_netns(ns(sides.b()));
+                source = source.with_netns(away_overlay::netns_path(&sides.a().netns));
+                target = target.with_netns(away_overlay::netns_path(&sides.b().netns));
             }
             let result = self.attempt(opts, planned, (&source, &target), identities, &name, &target_host, status).await;
             status("cleaning up".into());
@@ -168,13 +167,11 @@ impl VmLab {
             spec.overlay = Some(crate::overlay::workload_address());
         }
         if let (MigrationPath::VmDisk, Some(blank)) = (planned.path, &self.blank_disk) {
-            let mut base = None;
-            for node in [source, target] {
-                base = Some(
-                    node.disk_store().import(blank).map_err(|e| format!("put the blank disk base in a store: {e}"))?,
-                );
-            }
-            let base = base.expect("two nodes");
+            let import = |node: &QemuRuntime| {
+                node.disk_store().import(blank).map_err(|e| format!("put the blank disk base in a store: {e}"))
+            };
+            import(target)?;
+            let base = import(source)?;
             spec.disk = Some(away_model::DiskSpec {
                 base: base.digest,
                 size: ByteSize(DISK_BYTES),

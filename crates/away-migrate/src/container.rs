@@ -366,7 +366,7 @@ async fn move_container(
     })?;
     let downtime_start = frozen_at(&payload, t);
     // asked from the freeze on: the first answer comes from the target
-    let follow = FollowProbe::start(&checkpoint.spec, downtime_start);
+    let follow = FollowProbe::start(&checkpoint.spec, unix_ms_at(downtime_start));
     let manifest = Manifest {
         spec: checkpoint.spec.clone(),
         image: checkpoint.image.clone(),
@@ -510,7 +510,7 @@ async fn move_container(
     record_logged(journal, &journaled.with_state(OutgoingState::Done));
     let (pre_raw, pre_wire) = precopy.as_ref().map_or((0, 0), |p| (p.bytes_raw, p.bytes_wire));
     let total_millis = started.elapsed().as_millis() as u64;
-    let resumed = resumed_unix_ms(downtime_start + downtime);
+    let resumed = unix_ms_at(downtime_start + downtime);
     Ok(MigrationReport {
         workload: name.into(),
         mode: MigrationMode::StopAndCopy,
@@ -830,7 +830,7 @@ fn restore_parts(verdict: &Verdict) -> Vec<MigrationPhase> {
 }
 
 /// The wall-clock time of `at` (a moment in the past).
-fn resumed_unix_ms(at: Instant) -> u64 {
+fn unix_ms_at(at: Instant) -> u64 {
     now_ms().saturating_sub(at.elapsed().as_millis() as u64)
 }
 
@@ -1025,7 +1025,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     phases.push(MigrationPhase { parts, ..phase("checkpoint", checkpoint_start.elapsed()) });
     let memory = m.pid.map(crate::mode::resident_bytes).unwrap_or(0);
     // asked from the freeze on: the first answer comes from the target
-    let follow = FollowProbe::start(&dump.archive.spec, downtime_start);
+    let follow = FollowProbe::start(&dump.archive.spec, unix_ms_at(downtime_start));
     let manifest = Manifest {
         spec: dump.archive.spec.clone(),
         image: dump.archive.image.clone(),
@@ -1182,7 +1182,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     record_logged(journal, &journaled.with_state(OutgoingState::Done));
     let (pre_raw, pre_wire) = m.precopy.as_ref().map_or((0, 0), |p| (p.bytes_raw, p.bytes_wire));
     let total_millis = m.started.elapsed().as_millis() as u64;
-    let resumed = resumed_unix_ms(downtime_start + downtime);
+    let resumed = unix_ms_at(downtime_start + downtime);
     Ok(MigrationReport {
         workload: name.into(),
         mode: if streamed { MigrationMode::StopAndCopy } else { MigrationMode::Lazy },

@@ -19,16 +19,17 @@ const FOLLOW_PROBE: Duration = Duration::from_secs(3);
 /// is: that answer, less the resume, is the follow time.
 pub(crate) struct FollowProbe {
     addr: away_model::OverlayAddress,
-    /// The freeze, on the wall clock.
-    started: SystemTime,
+    /// The freeze (Unix ms, this clock).
+    frozen_unix_ms: u64,
     stop: Arc<AtomicBool>,
     task: Option<tokio::task::JoinHandle<Result<Option<SystemTime>, away_overlay::OverlayError>>>,
 }
 
 impl FollowProbe {
     /// Start asking, for a workload on a lab network (None otherwise).
-    /// `frozen`: when the workload stopped answering on the source (CRIU's freeze).
-    pub(crate) fn start(spec: &WorkloadSpec, frozen: std::time::Instant) -> Option<FollowProbe> {
+    /// `frozen_unix_ms`: when the workload stopped answering on the source (CRIU's freeze,
+    /// QEMU's STOP).
+    pub(crate) fn start(spec: &WorkloadSpec, frozen_unix_ms: u64) -> Option<FollowProbe> {
         let addr = spec.overlay.clone()?;
         let (ip, stop) = (addr.ip, Arc::new(AtomicBool::new(false)));
         let flag = stop.clone();
@@ -37,8 +38,7 @@ impl FollowProbe {
         let task = tokio::task::spawn_blocking(move || {
             away_overlay::probe::first_answer(ip, &bridge, Duration::from_millis(10), &flag)
         });
-        let started = SystemTime::now().checked_sub(frozen.elapsed()).unwrap_or_else(SystemTime::now);
-        Some(FollowProbe { addr, started, stop, task: Some(task) })
+        Some(FollowProbe { addr, frozen_unix_ms, stop, task: Some(task) })
     }
 
     /// The report's `network`: the follow time counted from `resumed` (Unix ms, this
@@ -70,7 +70,7 @@ impl FollowProbe {
             ip_after: p.addr.ip,
             mac: p.addr.mac.clone(),
             follow_millis: answered.map(|at| unix_ms(at).saturating_sub(resumed)),
-            unanswered_millis: answered.map(|at| unix_ms(at).saturating_sub(unix_ms(p.started))),
+            unanswered_millis: answered.map(|at| unix_ms(at).saturating_sub(p.frozen_unix_ms)),
             probe_millis: FOLLOW_PROBE.as_millis() as u64,
         })
     }
@@ -83,6 +83,6 @@ impl Drop for FollowProbe {
     }
 }
 
-fn unix_ms(at: SystemTime) -> u64 {
+pub(crate) fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -358,17 +358,18 @@ pub fn tap_name(key: &str) -> String {
 }
 
 /// Give a VM its NIC on its network: tap device `tap` (made here, persistent, in the
-/// calling thread's namespace: the node's; one left by an earlier run is replaced), MTU
+/// node's namespace: `netns`, or the calling thread's when `None`; one left by an
+/// earlier run is replaced), MTU
 /// of the overlay, up, on the network's bridge. QEMU attaches to it by name (`-netdev
 /// tap,ifname=…`); the guest's NIC carries the workload's MAC and IP, so the same call on
 /// another node gives a moved VM the same address. A node without the network's bridge
 /// gets no tap ([`OverlayError::NoBridge`]).
-pub fn attach_tap(tap: &str, addr: &OverlayAddress) -> Result<(), OverlayError> {
+pub fn attach_tap(tap: &str, addr: &OverlayAddress, netns: Option<&Path>) -> Result<(), OverlayError> {
     addr.check().map_err(|reason| OverlayError::Invalid { network: addr.network.clone(), reason })?;
     let (tap, br, network) = (tap.to_string(), bridge_name(addr.vni), addr.network.clone());
     let result = {
         let tap = tap.clone();
-        with_netlink(None, move |h| async move {
+        with_netlink(netns, move |h| async move {
             let br_index = link_index(&h, &br).await?.ok_or(OverlayError::NoBridge { network, bridge: br.clone() })?;
             if let Some(old) = link_index(&h, &tap).await? {
                 h.link().del(old).execute().await.map_err(nl(format!("remove the old tap {tap}")))?;
@@ -388,15 +389,15 @@ pub fn attach_tap(tap: &str, addr: &OverlayAddress) -> Result<(), OverlayError> 
         })
     };
     if result.is_err() {
-        let _ = detach_tap(&tap);
+        let _ = detach_tap(&tap, netns);
     }
     result
 }
 
 /// Remove tap device `tap` (QEMU, once gone, holds it no more). Absent is not an error.
-pub fn detach_tap(tap: &str) -> Result<(), OverlayError> {
+pub fn detach_tap(tap: &str, netns: Option<&Path>) -> Result<(), OverlayError> {
     let tap = tap.to_string();
-    with_netlink(None, move |h| async move {
+    with_netlink(netns, move |h| async move {
         if let Some(i) = link_index(&h, &tap).await? {
             h.link().del(i).execute().await.map_err(nl(format!("remove tap {tap}")))?;
         }

@@ -170,19 +170,19 @@ fn a_vm_tap_joins_the_bridge_and_goes() {
     let tap = away_overlay::tap_name(&format!("/run/away/qemu/{ns}"));
     let a = address(9);
     let t = tap.clone();
-    let e = inside(&path, move || away_overlay::attach_tap(&t, &a).unwrap_err().to_string());
+    let e = inside(&path, move || away_overlay::attach_tap(&t, &a, None).unwrap_err().to_string());
     assert!(e.contains("no bridge awbr7001"), "{e}");
     let node = NodeOverlay { address: address(1), peers: vec![], workloads: vec![] };
     let (t, a) = (tap.clone(), address(9));
     let links = inside(&path, move || {
         away_overlay::ensure_networks(&[node]).unwrap();
         assert!(!away_overlay::link_exists(&t).unwrap(), "a failed attach left its tap");
-        away_overlay::attach_tap(&t, &a).unwrap();
-        away_overlay::attach_tap(&t, &a).unwrap();
+        away_overlay::attach_tap(&t, &a, None).unwrap();
+        away_overlay::attach_tap(&t, &a, None).unwrap();
         let shown = Command::new("ip").args(["-d", "link", "show", &t]).output().unwrap();
         let shown = String::from_utf8_lossy(&shown.stdout).to_string();
-        away_overlay::detach_tap(&t).unwrap();
-        away_overlay::detach_tap(&t).unwrap();
+        away_overlay::detach_tap(&t, None).unwrap();
+        away_overlay::detach_tap(&t, None).unwrap();
         (shown, away_overlay::link_exists(&t).unwrap())
     });
     let (shown, left) = links;

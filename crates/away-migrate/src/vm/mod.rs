@@ -361,9 +361,8 @@ pub async fn migrate_vm_to(
     let follow = if outcome.postcopy {
         None
     } else {
-        let stopped = outcome.source_stopped_at.and_then(|s| SystemTime::now().duration_since(s).ok());
-        let frozen = stopped.and_then(|ago| Instant::now().checked_sub(ago)).unwrap_or_else(Instant::now);
-        crate::follow::FollowProbe::start(&record.spec, frozen)
+        let frozen = outcome.source_stopped_at.unwrap_or_else(SystemTime::now);
+        crate::follow::FollowProbe::start(&record.spec, crate::follow::unix_ms(frozen))
     };
     let mut outcome = outcome;
     outcome.disk_bytes = mirror.as_ref().map_or(0, |m| m.total_bytes);

@@ -103,23 +103,6 @@ impl QemuRuntime {
         self
     }
 
-    /// Run `work` in the node's network namespace: on a thread of its own when it is
-    /// not this process's (a namespace is a thread's, and a pool thread must not keep it).
-    fn in_node_netns<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, RuntimeError> {
-        let Some(ns) = self.netns.clone() else { return Ok(work()) };
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&ns).map_err(|e| RuntimeError::io(format!("open {}", ns.display()), e))?;
-            rustix::thread::move_into_link_name_space(
-                std::os::fd::AsFd::as_fd(&file),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .map_err(|e| RuntimeError::io(format!("enter {}", ns.display()), e.into()))?;
-            Ok(work())
-        })
-        .join()
-        .map_err(|_| RuntimeError::io("tap thread", std::io::Error::other("it panicked")))?
-    }
-
     /// Keep base disk images in `dir` instead of `<host state>/disks` (two nodes on one
     /// host, each with its own store).
     pub fn with_disk_store(mut self, dir: PathBuf) -> Self {
@@ -180,11 +163,10 @@ impl QemuRuntime {
         let (Some(tap), Some(addr)) = (&launch.tap, &spec.overlay) else { return Ok(()) };
         let (ifname, addr) = (tap.ifname.clone(), addr.clone());
         let started = Instant::now();
-        let me = self.clone();
-        let made =
-            tokio::task::spawn_blocking(move || me.in_node_netns(move || away_overlay::attach_tap(&ifname, &addr)))
-                .await
-                .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))??;
+        let netns = self.netns.clone();
+        let made = tokio::task::spawn_blocking(move || away_overlay::attach_tap(&ifname, &addr, netns.as_deref()))
+            .await
+            .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))?;
         made.map_err(|e| RuntimeError::Failed {
             runtime: KIND,
             op: "attach to its lab network",
@@ -198,10 +180,10 @@ impl QemuRuntime {
     /// Remove the tap of workload `name`, if it has one.
     async fn detach_tap(&self, name: &str) -> Result<(), RuntimeError> {
         let tap = self.tap_name(name);
-        let me = self.clone();
-        let removed = tokio::task::spawn_blocking(move || me.in_node_netns(move || away_overlay::detach_tap(&tap)))
+        let netns = self.netns.clone();
+        let removed = tokio::task::spawn_blocking(move || away_overlay::detach_tap(&tap, netns.as_deref()))
             .await
-            .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))??;
+            .map_err(|e| RuntimeError::io("tap thread", std::io::Error::other(e.to_string())))?;
         removed.map_err(|e| RuntimeError::Failed {
             runtime: KIND,
             op: "remove the tap of",
