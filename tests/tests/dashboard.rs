@@ -100,7 +100,37 @@ impl Page {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         self.shot(&format!("failed-{}", css.replace(|c: char| !c.is_alphanumeric(), "_"))).await;
-        panic!("{css} never matched within {secs} s; last text: {last:?}");
+        let seen = self.diagnosis().await;
+        panic!("{css} never matched within {secs} s; last text: {last:?}; the page: {seen}");
+    }
+
+    /// What the page was doing when a wait failed: its address, whether its script
+    /// wired itself, the status line, and every call it made with its status and time.
+    async fn diagnosis(&self) -> Value {
+        self.c
+            .execute(
+                "return {url: location.href, ready: document.documentElement.dataset.ready || null, \
+                 conn: (document.querySelector('#conn') || {}).textContent, \
+                 calls: performance.getEntriesByType('resource').map(r => ({name: r.name, \
+                 status: r.responseStatus, ms: Math.round(r.duration)}))};",
+                vec![],
+            )
+            .await
+            .unwrap_or_else(|e| Value::String(format!("no answer from the page: {e}")))
+    }
+
+    /// Waits until the page's script has wired its forms (before this, a click on
+    /// "Sign in" would be the browser's own form submission, not the dashboard's).
+    async fn wait_ready(&self, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if self.js("return document.documentElement.dataset.ready === 'true';").await == json!(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seen = self.diagnosis().await;
+        panic!("the dashboard's script did not wire the page within {secs} s; the page: {seen}");
     }
 
     async fn attr(&self, css: &str, name: &str) -> Option<String> {
@@ -231,6 +261,7 @@ async fn scenario(page: &Page, info: &away_cluster::ClusterInfo, url: &str, toke
     let started = Instant::now();
     page.c.goto(url).await.unwrap();
     page.wait_text("#signin-title", 10, |t| t == "Sign in").await;
+    page.wait_ready(10).await;
     let loaded = started.elapsed();
     let paint = page
         .js("const p = performance.getEntriesByName('first-contentful-paint')[0]; return p ? p.startTime : null;")
@@ -244,7 +275,7 @@ async fn scenario(page: &Page, info: &away_cluster::ClusterInfo, url: &str, toke
     );
     page.type_into("#token", "not-the-token").await;
     page.click("#signin-button").await;
-    let error = page.wait_text("#signin-error", 10, |t| !t.is_empty()).await;
+    let error = page.wait_text("#signin-error", 20, |t| !t.is_empty()).await;
     assert!(error.contains("401") && error.contains("wrong user token"), "{error}");
     assert_eq!(page.attr("#views", "hidden").await.as_deref(), Some("true"), "no dashboard after a wrong token");
     assert!(page.c.find(Locator::Css("#node-cloud")).await.is_err(), "no node shown after a wrong token");

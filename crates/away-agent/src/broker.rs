@@ -214,7 +214,18 @@ async fn beat(
     http: &reqwest::Client,
     cpu: &mut CpuSampler,
 ) -> Result<(HeartbeatResponse, Duration), String> {
+    let had_identity = agent.identity().is_some();
     let reg = register(agent, link, http).await?;
+    // a join just gave this node its certificate: its first heartbeat already goes with
+    // it (the client made before the join has none, and the broker would refuse it and
+    // have the node join a second time)
+    let joined;
+    let http = if !had_identity && agent.identity().is_some() {
+        joined = broker_client(agent, link)?;
+        &joined
+    } else {
+        http
+    };
     *agent.cluster_token.write().await = Some(reg.cluster_token.clone());
     let (workloads, _) = agent.node.list().await;
     let hb = Heartbeat {

@@ -620,4 +620,6 @@ document.addEventListener('DOMContentLoaded', () => {
   const saved = sessionStorage.getItem(TOKEN_KEY);
   if (saved) signIn(saved);
   else $('#token').focus();
+  // wired: what a script driving this page (the end-to-end test) waits for
+  document.documentElement.dataset.ready = 'true';
 });
