@@ -185,6 +185,25 @@ struct PastMove {
     kind: MoveKind,
     bytes_raw: u64,
     phases: BTreeMap<String, u64>,
+    /// The pause it measured (absent in histories written before it was kept).
+    #[serde(default)]
+    downtime_ms: Option<u64>,
+}
+
+impl PastMove {
+    fn phase(&self, name: &str) -> u64 {
+        self.phases.get(name).copied().unwrap_or(0)
+    }
+
+    /// A paged move's dump after the freeze: its pause less what followed the dump in
+    /// it (the payload's transfer, the pages, the restore); the checkpoint phase's
+    /// rest came before the freeze. None without a measured pause.
+    fn frozen_dump_ms(&self) -> Option<f64> {
+        let down = self.downtime_ms? as f64;
+        let after = (self.phase("transfer") + self.phase("pages") + self.phase("restore")) as f64;
+        let checkpoint = *self.phases.get("checkpoint")? as f64;
+        Some((down - after).clamp(0.0, checkpoint))
+    }
 }
 
 /// This node's recent moves (`move-history.jsonl` in its state directory), the source
@@ -219,6 +238,7 @@ impl History {
             kind: kind_of(runtime, report),
             bytes_raw: report.bytes_raw,
             phases: report.phases.iter().map(|p| (p.name.clone(), p.millis)).collect(),
+            downtime_ms: Some(report.downtime_millis),
         });
         let skip = all.len().saturating_sub(HISTORY_KEEP);
         let tmp = self.path.with_extension("jsonl.tmp");
@@ -280,9 +300,23 @@ impl History {
             v.sort_by(f64::total_cmp);
             (!v.is_empty()).then(|| v[v.len() / 2])
         };
-        // a dump that writes no memory is its fixed part
-        if let Some(v) = median(&paged, "checkpoint") {
+        // a dump that writes no memory is its fixed part: what came after the freeze is
+        // in the pause, the rest before it
+        let of_paged = |f: &dyn Fn(&PastMove) -> Option<f64>| -> Option<f64> {
+            let mut v: Vec<f64> = moves.iter().filter(|m| paged.contains(&m.kind)).filter_map(f).collect();
+            v.sort_by(f64::total_cmp);
+            (!v.is_empty()).then(|| v[v.len() / 2])
+        };
+        if let (Some(frozen), Some(before)) = (
+            of_paged(&|m| m.frozen_dump_ms()),
+            of_paged(&|m| Some(*m.phases.get("checkpoint")? as f64 - m.frozen_dump_ms()?)),
+        ) {
+            c.dump_fixed_ms = frozen;
+            c.prefreeze_ms = before;
+            used.push("dump (before and after the freeze)");
+        } else if let Some(v) = median(&paged, "checkpoint") {
             c.dump_fixed_ms = v;
+            c.prefreeze_ms = 0.0;
             used.push("dump");
         }
         if let Some(v) = median(&[MoveKind::ContainerLazy], "restore") {
@@ -294,7 +328,14 @@ impl History {
                 c.pipeline_bytes_per_s = v;
                 used.push("page stream rate");
             }
-            if let Some(v) = fastest(&[MoveKind::ContainerLazy], "lazy-pages", 0.0) {
+            // a lazy move's memory flows from the restore on: through the target's
+            // settle wait (its own phase in the report) and the lazy-pages phase after it
+            if let Some(v) = moves
+                .iter()
+                .filter(|m| m.kind == MoveKind::ContainerLazy && m.bytes_raw > 0 && m.phases.contains_key("lazy-pages"))
+                .map(|m| m.bytes_raw as f64 / ((m.phase("settle") + m.phase("lazy-pages")) as f64 / 1e3).max(1e-3))
+                .max_by(f64::total_cmp)
+            {
                 c.lazy_bytes_per_s = v;
                 used.push("lazy page rate");
             }
@@ -326,7 +367,7 @@ impl History {
                 c.restore_bytes_per_s = v;
                 used.push("restore rate");
             }
-            if let Some(v) = typical(&[MoveKind::ContainerStaged], "checkpoint", c.dump_fixed_ms) {
+            if let Some(v) = typical(&[MoveKind::ContainerStaged], "checkpoint", c.prefreeze_ms + c.dump_fixed_ms) {
                 c.dump_bytes_per_s = v;
                 used.push("dump rate");
             }
@@ -620,3 +661,63 @@ pub fn predicted_for(plan: &MovePlan, runtime: RuntimeKind, report: &MigrationRe
 
 /// How long a plan's measurements may take before the move goes on without one.
 pub const PLAN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A history line as a move of `kind` left it (phases in ms).
+    fn line(kind: &str, bytes: u64, downtime: Option<u64>, phases: &[(&str, u64)]) -> String {
+        let phases: BTreeMap<&str, u64> = phases.iter().copied().collect();
+        let mut v = serde_json::json!({"at_ms": 1, "runtime": "containerd", "kind": kind, "bytes_raw": bytes, "phases": phases});
+        if let Some(d) = downtime {
+            v["downtime_ms"] = d.into();
+        }
+        v.to_string()
+    }
+
+    /// The pause tells the dump's frozen part from its start, and a lazy move's pages
+    /// are timed from the restore on (the settle wait included), as the lab measures.
+    #[test]
+    fn costs_split_the_dump_at_the_freeze_and_time_lazy_pages_from_the_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = [
+            // streamed: 1347 ms pause = 117 frozen + 60 transfer + 880 pages + 290 restore
+            line(
+                "container-streamed",
+                134_000_000,
+                Some(1347),
+                &[("check", 180), ("checkpoint", 240), ("transfer", 60), ("pages", 880), ("restore", 290)],
+            ),
+            // lazy: 318 ms pause = 68 frozen + 20 transfer + 230 restore; pages for 500 + 850 ms
+            line(
+                "container-lazy",
+                134_000_000,
+                Some(318),
+                &[("check", 810), ("checkpoint", 160), ("transfer", 20), ("restore", 230), ("settle", 500), ("lazy-pages", 850)],
+            ),
+            line(
+                "container-lazy",
+                134_000_000,
+                Some(300),
+                &[("check", 800), ("checkpoint", 150), ("transfer", 20), ("restore", 230), ("settle", 500), ("lazy-pages", 850)],
+            ),
+        ];
+        std::fs::write(dir.path().join("move-history.jsonl"), lines.join("\n")).unwrap();
+        let (c, how) = History::of(dir.path()).costs(RuntimeKind::Containerd);
+        assert!(how.contains("before and after the freeze"), "{how}");
+        // medians of 117, 68, 50 frozen and 123, 92, 100 before
+        assert_eq!(c.dump_fixed_ms, 68.0);
+        assert_eq!(c.prefreeze_ms, 100.0);
+        // 134 MB over 1.35 s, not over the 0.85 s after the target's answer
+        assert!((c.lazy_bytes_per_s - 134e6 / 1.35).abs() < 1.0, "{}", c.lazy_bytes_per_s);
+        // a history without pauses (written before they were kept): the whole checkpoint
+        std::fs::write(
+            dir.path().join("move-history.jsonl"),
+            line("container-lazy", 1, None, &[("checkpoint", 160), ("restore", 230)]),
+        )
+        .unwrap();
+        let (c, _) = History::of(dir.path()).costs(RuntimeKind::Containerd);
+        assert_eq!((c.dump_fixed_ms, c.prefreeze_ms), (160.0, 0.0));
+    }
+}

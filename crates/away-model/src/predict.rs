@@ -88,7 +88,12 @@ pub struct PhaseCosts {
     /// goes first): this fixed part plus its pages hashed at `hash_bytes_per_s`.
     pub watch_ms: f64,
     pub hash_bytes_per_s: f64,
-    /// A dump's cost beyond its memory (CRIU's start, the process tree, files).
+    /// What a dump does before it freezes the workload (CRIU's start, finding the
+    /// process tree): part of the move's time, not of its pause.
+    #[serde(default)]
+    pub prefreeze_ms: f64,
+    /// A dump's cost beyond its memory once the workload is frozen (the process tree's
+    /// state, files).
     pub dump_fixed_ms: f64,
     /// How fast a staged dump writes memory to disk.
     pub dump_bytes_per_s: f64,
@@ -98,7 +103,8 @@ pub struct PhaseCosts {
     pub restore_bytes_per_s: f64,
     /// The target's wait before it calls a restore healthy.
     pub settle_ms: f64,
-    /// Commit and cleanup after the target's verdict.
+    /// Commit and cleanup after the target's verdict (after the workload runs on the
+    /// target with all its state: not part of a predicted total).
     pub finish_ms: f64,
     /// Raw bytes per second a page stream (streamed and lazy moves, QEMU's sender)
     /// handles when the link is not the limit.
@@ -149,8 +155,11 @@ pub struct MovePrediction {
     pub kind: MoveKind,
     /// Can it be taken between these nodes (a lazy move needs userfaultfd, Docker has no page server, …)?
     pub available: bool,
-    /// From the first check to the source's cleanup; for a VM pre-copy that does not
-    /// converge, its timeout (after which it fails and the VM stays).
+    /// From the move's first check to the workload running on the target with all its
+    /// state (lazy and post-copy: its last page), as `away lab` times every path; the
+    /// target's settle wait, the commit and the cleanup after are not in it. For a VM
+    /// pre-copy that does not converge: its timeout (after which it fails and the VM
+    /// stays).
     #[serde(deserialize_with = "crate::whole::de")]
     pub total_ms: u64,
     /// How long the workload answers nowhere.
