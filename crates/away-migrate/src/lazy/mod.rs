@@ -456,6 +456,10 @@ async fn plain_to_framed(
         }
         w.write_all(&header.to_be_bytes()).await.map_err(LazyError::io("send"))?;
         w.write_all(&frame).await.map_err(LazyError::io("send"))?;
+        // a TLS stream may keep the frame's last records when its socket is full (it
+        // sends them with its next write or flush); the peer may be waiting for exactly
+        // these bytes before it asks for more, so both sides would wait forever
+        w.flush().await.map_err(LazyError::io("send"))?;
         sent += n as u64;
         counters.plain.fetch_add(n as u64, Ordering::Relaxed);
         counters.wire.fetch_add(4 + frame.len() as u64, Ordering::Relaxed);
