@@ -694,13 +694,27 @@ mod tests {
                 "container-lazy",
                 134_000_000,
                 Some(318),
-                &[("check", 810), ("checkpoint", 160), ("transfer", 20), ("restore", 230), ("settle", 500), ("lazy-pages", 850)],
+                &[
+                    ("check", 810),
+                    ("checkpoint", 160),
+                    ("transfer", 20),
+                    ("restore", 230),
+                    ("settle", 500),
+                    ("lazy-pages", 850),
+                ],
             ),
             line(
                 "container-lazy",
                 134_000_000,
                 Some(300),
-                &[("check", 800), ("checkpoint", 150), ("transfer", 20), ("restore", 230), ("settle", 500), ("lazy-pages", 850)],
+                &[
+                    ("check", 800),
+                    ("checkpoint", 150),
+                    ("transfer", 20),
+                    ("restore", 230),
+                    ("settle", 500),
+                    ("lazy-pages", 850),
+                ],
             ),
         ];
         std::fs::write(dir.path().join("move-history.jsonl"), lines.join("\n")).unwrap();

@@ -213,7 +213,8 @@ fn container(kind: MoveKind, i: &PredictionInputs) -> MovePrediction {
     // to the workload running on the target with all its state: a stop-and-copy move's
     // ends with its restore; a lazy one's with its last page, which arrives while the
     // target waits out its settle time at the earliest (the target answers after it)
-    let total = if kind == MoveKind::ContainerLazy { check + downtime + degraded.max(settle) } else { check + downtime };
+    let total =
+        if kind == MoveKind::ContainerLazy { check + downtime + degraded.max(settle) } else { check + downtime };
     let wire_bytes = if kind == MoveKind::ContainerLazy { wire + LAZY_PAYLOAD } else { wire };
     MovePrediction {
         kind,
@@ -422,7 +423,10 @@ mod tests {
         let lazy = predict(MoveKind::ContainerLazy, &i);
         let staged = predict(MoveKind::ContainerStaged, &i);
         assert!((28_000..34_000).contains(&streamed.downtime_ms), "{streamed:?}");
-        assert!(streamed.total_ms > streamed.downtime_ms + 500, "the check and the dump's start come first: {streamed:?}");
+        assert!(
+            streamed.total_ms > streamed.downtime_ms + 500,
+            "the check and the dump's start come first: {streamed:?}"
+        );
         assert!(staged.downtime_ms > streamed.downtime_ms, "{staged:?}");
         assert!(lazy.downtime_ms < 600, "{lazy:?}");
         assert!((28_000..34_000).contains(&lazy.degraded_ms), "{lazy:?}");

@@ -771,6 +771,31 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 mod tests {
     use super::*;
 
+    /// A frame reaches the peer without a later write: a writer that keeps what it was
+    /// given until flushed (as a TLS stream does when its socket is full) must be
+    /// flushed, or a peer waiting for that frame before it asks for more waits forever.
+    #[tokio::test]
+    async fn each_frame_is_flushed() {
+        let (mut plain_in, mut plain_out) = tokio::io::duplex(1 << 20);
+        let (net_w, mut net_r) = tokio::io::duplex(1 << 20);
+        // a buffer larger than the frame: only a flush sends it on
+        let mut held = tokio::io::BufWriter::with_capacity(1 << 20, net_w);
+        let counters = RelayCounters::default();
+        let relay = plain_to_framed(&mut plain_out, &mut held, &counters, None, true);
+        let peer = async {
+            // one answer; the relay's input stays open (the page server waits for the
+            // next request, which comes only after this answer)
+            plain_in.write_all(&[7u8; 4096]).await.unwrap();
+            let mut len = [0u8; 4];
+            let read = tokio::time::timeout(Duration::from_secs(5), net_r.read_exact(&mut len)).await;
+            assert!(read.is_ok(), "the frame stayed in the writer's buffer");
+        };
+        tokio::select! {
+            r = relay => panic!("the relay ended: {r:?}"),
+            () = peer => {}
+        }
+    }
+
     /// A fake "CRIU" that answers every request with 64 KiB of pages; after the
     /// closing request it answers a status and, like CRIU, wants the peer's EOF next.
     /// Returns (requests, bytes of a cut request, clean end as CRIU would judge it).
