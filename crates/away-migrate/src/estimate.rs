@@ -254,93 +254,91 @@ impl History {
     /// when no move shows it; `how` says which.
     pub fn costs(&self, runtime: RuntimeKind) -> (PhaseCosts, String) {
         let mut c = away_predict::default_costs(runtime);
+        let d = c.clone();
         let moves: Vec<PastMove> = self.read().into_iter().filter(|m| m.runtime == runtime).collect();
         if moves.is_empty() {
             return (c, format!("defaults for {runtime}: this node has moved nothing on it yet"));
         }
-        let median = |kinds: &[MoveKind], phase: &str| -> Option<f64> {
-            let mut v: Vec<f64> = moves
-                .iter()
-                .filter(|m| kinds.contains(&m.kind))
-                .filter_map(|m| m.phases.get(phase).map(|&x| x as f64))
-                .collect();
-            v.sort_by(f64::total_cmp);
-            (!v.is_empty()).then(|| v[v.len() / 2])
+        let median = |kinds: &[MoveKind], phase: &str, prior: f64| -> Option<f64> {
+            let v =
+                moves.iter().filter(|m| kinds.contains(&m.kind)).filter_map(|m| m.phases.get(phase).map(|&x| x as f64));
+            learned(v.collect(), prior, Pick::Median)
         };
         let all = MoveKind::ALL;
         let paged = [MoveKind::ContainerStreamed, MoveKind::ContainerLazy];
         let staged = [MoveKind::ContainerStaged, MoveKind::DockerStaged];
         let mut used = Vec::new();
-        if let Some(v) =
-            median(&[MoveKind::ContainerStreamed, MoveKind::ContainerStaged, MoveKind::DockerStaged], "check")
-                .or_else(|| median(&all, "check"))
+        if let Some(v) = median(
+            &[MoveKind::ContainerStreamed, MoveKind::ContainerStaged, MoveKind::DockerStaged],
+            "check",
+            d.check_ms,
+        )
+        .or_else(|| median(&all, "check", d.check_ms))
         {
             c.check_ms = v;
             used.push("check");
         }
         // the fastest a phase ever moved memory here is a lower bound of the node's own
         // rate (on a slow link the link, not the node, bounded it)
-        let fastest = |kinds: &[MoveKind], phase: &str, less_ms: f64| -> Option<f64> {
+        let rates = |kinds: &[MoveKind], phase: &str, less_ms: f64| -> Vec<f64> {
             moves
                 .iter()
                 .filter(|m| kinds.contains(&m.kind) && m.bytes_raw > 0)
                 .filter_map(|m| {
                     m.phases.get(phase).map(|&x| m.bytes_raw as f64 / ((x as f64 - less_ms).max(1.0) / 1e3))
                 })
-                .max_by(f64::total_cmp)
+                .collect()
         };
-        let typical = |kinds: &[MoveKind], phase: &str, less_ms: f64| -> Option<f64> {
-            let mut v: Vec<f64> = moves
-                .iter()
-                .filter(|m| kinds.contains(&m.kind) && m.bytes_raw > 0)
-                .filter_map(|m| {
-                    m.phases.get(phase).map(|&x| m.bytes_raw as f64 / ((x as f64 - less_ms).max(1.0) / 1e3))
-                })
-                .collect();
-            v.sort_by(f64::total_cmp);
-            (!v.is_empty()).then(|| v[v.len() / 2])
+        let fastest = |kinds: &[MoveKind], phase: &str, less_ms: f64, prior: f64| {
+            learned(rates(kinds, phase, less_ms), prior, Pick::Largest)
+        };
+        let typical = |kinds: &[MoveKind], phase: &str, less_ms: f64, prior: f64| {
+            learned(rates(kinds, phase, less_ms), prior, Pick::Median)
         };
         // a dump that writes no memory is its fixed part: what came after the freeze is
         // in the pause, the rest before it
-        let of_paged = |f: &dyn Fn(&PastMove) -> Option<f64>| -> Option<f64> {
-            let mut v: Vec<f64> = moves.iter().filter(|m| paged.contains(&m.kind)).filter_map(f).collect();
-            v.sort_by(f64::total_cmp);
-            (!v.is_empty()).then(|| v[v.len() / 2])
+        let of_paged = |f: &dyn Fn(&PastMove) -> Option<f64>, prior: f64| -> Option<f64> {
+            learned(moves.iter().filter(|m| paged.contains(&m.kind)).filter_map(f).collect(), prior, Pick::Median)
         };
         if let (Some(frozen), Some(before)) = (
-            of_paged(&|m| m.frozen_dump_ms()),
-            of_paged(&|m| Some(*m.phases.get("checkpoint")? as f64 - m.frozen_dump_ms()?)),
+            of_paged(&|m| m.frozen_dump_ms(), d.dump_fixed_ms),
+            of_paged(&|m| Some(*m.phases.get("checkpoint")? as f64 - m.frozen_dump_ms()?), d.prefreeze_ms),
         ) {
             c.dump_fixed_ms = frozen;
             c.prefreeze_ms = before;
             used.push("dump (before and after the freeze)");
-        } else if let Some(v) = median(&paged, "checkpoint") {
+        } else if let Some(v) = median(&paged, "checkpoint", d.prefreeze_ms + d.dump_fixed_ms) {
             c.dump_fixed_ms = v;
             c.prefreeze_ms = 0.0;
             used.push("dump");
         }
-        if let Some(v) = median(&[MoveKind::ContainerLazy], "restore") {
+        if let Some(v) = median(&[MoveKind::ContainerLazy], "restore", d.restore_fixed_ms) {
             c.restore_fixed_ms = v;
             used.push("restore");
         }
         if runtime == RuntimeKind::Containerd {
-            if let Some(v) = fastest(&[MoveKind::ContainerStreamed], "pages", 0.0) {
+            if let Some(v) = fastest(&[MoveKind::ContainerStreamed], "pages", 0.0, d.pipeline_bytes_per_s) {
                 c.pipeline_bytes_per_s = v;
                 used.push("page stream rate");
             }
             // a lazy move's memory flows from the restore on: through the target's
             // settle wait (its own phase in the report) and the lazy-pages phase after it
-            if let Some(v) = moves
-                .iter()
-                .filter(|m| m.kind == MoveKind::ContainerLazy && m.bytes_raw > 0 && m.phases.contains_key("lazy-pages"))
-                .map(|m| m.bytes_raw as f64 / ((m.phase("settle") + m.phase("lazy-pages")) as f64 / 1e3).max(1e-3))
-                .max_by(f64::total_cmp)
-            {
+            if let Some(v) = learned(
+                moves
+                    .iter()
+                    .filter(|m| {
+                        m.kind == MoveKind::ContainerLazy && m.bytes_raw > 0 && m.phases.contains_key("lazy-pages")
+                    })
+                    .map(|m| m.bytes_raw as f64 / ((m.phase("settle") + m.phase("lazy-pages")) as f64 / 1e3).max(1e-3))
+                    .collect(),
+                d.lazy_bytes_per_s,
+                Pick::Largest,
+            ) {
                 c.lazy_bytes_per_s = v;
                 used.push("lazy page rate");
             }
             // the write watch: what a lazy check takes beyond the others', per byte hashed
-            let lazy_check = median(&[MoveKind::ContainerLazy], "check");
+            let lazy_check = median(&[MoveKind::ContainerLazy], "check", f64::NAN);
             let hashed: Vec<f64> = moves
                 .iter()
                 .filter(|m| m.kind == MoveKind::ContainerLazy && m.bytes_raw > 0)
@@ -358,52 +356,59 @@ impl History {
             }
             // a staged transfer is bound by this node's staging on every link measured
             // (disk, checksum, unpack), so its typical rate, not its best
-            if let Some(v) = typical(&[MoveKind::ContainerStaged], "transfer", 0.0) {
+            if let Some(v) = typical(&[MoveKind::ContainerStaged], "transfer", 0.0, d.staged_bytes_per_s) {
                 c.staged_bytes_per_s = v;
                 used.push("staged transfer rate");
             }
             let paged = [MoveKind::ContainerStreamed, MoveKind::ContainerStaged];
-            if let Some(v) = fastest(&paged, "restore", c.restore_fixed_ms) {
+            if let Some(v) = fastest(&paged, "restore", c.restore_fixed_ms, d.restore_bytes_per_s) {
                 c.restore_bytes_per_s = v;
                 used.push("restore rate");
             }
-            if let Some(v) = typical(&[MoveKind::ContainerStaged], "checkpoint", c.prefreeze_ms + c.dump_fixed_ms) {
+            if let Some(v) = typical(
+                &[MoveKind::ContainerStaged],
+                "checkpoint",
+                c.prefreeze_ms + c.dump_fixed_ms,
+                d.dump_bytes_per_s,
+            ) {
                 c.dump_bytes_per_s = v;
                 used.push("dump rate");
             }
         }
         if runtime == RuntimeKind::Docker {
             // the engine's checkpoint and restore: fixed costs dominate at these sizes
-            if let Some(v) = median(&staged, "checkpoint") {
+            if let Some(v) = median(&staged, "checkpoint", d.dump_fixed_ms) {
                 c.dump_fixed_ms = v;
                 c.dump_bytes_per_s = f64::INFINITY;
                 used.push("dump");
             }
-            if let Some(v) = median(&staged, "restore") {
+            if let Some(v) = median(&staged, "restore", d.restore_fixed_ms) {
                 c.restore_fixed_ms = v;
                 c.restore_bytes_per_s = f64::INFINITY;
                 used.push("restore");
             }
         }
-        if let Some(v) =
-            median(&[MoveKind::ContainerStaged, MoveKind::DockerStaged, MoveKind::ContainerStreamed], "settle")
-        {
+        if let Some(v) = median(
+            &[MoveKind::ContainerStaged, MoveKind::DockerStaged, MoveKind::ContainerStreamed],
+            "settle",
+            d.settle_ms,
+        ) {
             c.settle_ms = v;
             used.push("settle");
         }
         if runtime == RuntimeKind::Qemu {
             // the destination QEMU's start (it waits for the stream), the switchover (the
             // destination's resume and the commit's round trip)
-            if let Some(v) = median(&all, "prepare-destination") {
+            if let Some(v) = median(&all, "prepare-destination", d.vm_start_ms) {
                 c.vm_start_ms = v;
                 used.push("vm start");
             }
-            if let Some(v) = median(&all, "switchover") {
+            if let Some(v) = median(&all, "switchover", d.vm_switchover_ms) {
                 c.vm_switchover_ms = v;
                 used.push("switchover");
             }
         }
-        let finish: Vec<f64> = ["commit", "cleanup"].iter().filter_map(|p| median(&all, p)).collect();
+        let finish: Vec<f64> = ["commit", "cleanup"].iter().filter_map(|p| median(&all, p, f64::NAN)).collect();
         if !finish.is_empty() {
             c.finish_ms = finish.iter().sum();
             used.push("commit+cleanup");
@@ -415,6 +420,29 @@ impl History {
             used.join(", ")
         );
         (c, how)
+    }
+}
+
+/// How a learned figure is taken from its samples.
+#[derive(Clone, Copy)]
+enum Pick {
+    Median,
+    /// The best a node ever did (rates: slower moves were bound by something else).
+    Largest,
+}
+
+/// A learned figure from a node's `samples`. One sample alone is a node's first move of
+/// its kind, slower than the later ones (cold caches, the image's first run): it is met
+/// halfway (geometrically) with `prior`, the default, when there is one (finite, > 0).
+fn learned(mut samples: Vec<f64>, prior: f64, pick: Pick) -> Option<f64> {
+    samples.retain(|x| x.is_finite());
+    samples.sort_by(f64::total_cmp);
+    match (samples.as_slice(), pick) {
+        ([], _) => None,
+        ([one], _) if prior.is_finite() && prior > 0.0 && *one > 0.0 => Some((one * prior).sqrt()),
+        ([one], _) => Some(*one),
+        (all, Pick::Median) => Some(all[all.len() / 2]),
+        (all, Pick::Largest) => all.last().copied(),
     }
 }
 
@@ -725,13 +753,28 @@ mod tests {
         assert_eq!(c.prefreeze_ms, 100.0);
         // 134 MB over 1.35 s, not over the 0.85 s after the target's answer
         assert!((c.lazy_bytes_per_s - 134e6 / 1.35).abs() < 1.0, "{}", c.lazy_bytes_per_s);
-        // a history without pauses (written before they were kept): the whole checkpoint
+        // a history without pauses (written before they were kept): the whole checkpoint,
+        // met halfway with the default as the node's only move of the kind
         std::fs::write(
             dir.path().join("move-history.jsonl"),
             line("container-lazy", 1, None, &[("checkpoint", 160), ("restore", 230)]),
         )
         .unwrap();
         let (c, _) = History::of(dir.path()).costs(RuntimeKind::Containerd);
-        assert_eq!((c.dump_fixed_ms, c.prefreeze_ms), (160.0, 0.0));
+        let d = away_predict::default_costs(RuntimeKind::Containerd);
+        assert_eq!(c.prefreeze_ms, 0.0);
+        assert!((c.dump_fixed_ms - (160.0 * (d.prefreeze_ms + d.dump_fixed_ms)).sqrt()).abs() < 1e-9);
+    }
+
+    /// A node's first move of a kind is met halfway with the default; from two on, the
+    /// node's own figures alone.
+    #[test]
+    fn one_sample_is_met_halfway_with_the_default() {
+        assert_eq!(learned(vec![], 100.0, Pick::Median), None);
+        assert_eq!(learned(vec![400.0], 100.0, Pick::Median), Some(200.0));
+        assert_eq!(learned(vec![400.0], f64::NAN, Pick::Median), Some(400.0));
+        assert_eq!(learned(vec![400.0, 300.0, 10.0], 100.0, Pick::Median), Some(300.0));
+        assert_eq!(learned(vec![400.0, 300.0], 1e9, Pick::Largest), Some(400.0));
+        assert_eq!(learned(vec![f64::NAN, 5.0, 7.0], 1.0, Pick::Largest), Some(7.0));
     }
 }
