@@ -734,6 +734,7 @@ fn print_plan(p: &away_model::MovePlan) {
             x.note
         );
     }
+    println!("  (total: from the first check to the workload running on the target with all its state; the settle wait, commit and cleanup after it are not in it)");
     if let Some(k) = p.chosen {
         println!("  chosen:  {k}: {}", p.why);
     }
@@ -789,7 +790,7 @@ fn print_report(r: &MigrationReport) {
     }
     if let Some(p) = &r.predicted {
         println!(
-            "  predicted: {} total {:.2} s, downtime {:.3} s, degraded {:.2} s, {} on the wire",
+            "  predicted: {} running there with all its state after {:.2} s (the move's time above also has the settle wait, commit and cleanup), downtime {:.3} s, degraded {:.2} s, {} on the wire",
             p.kind,
             p.total_ms as f64 / 1e3,
             p.downtime_ms as f64 / 1e3,
