@@ -122,12 +122,11 @@ impl Page {
     /// Waits until the page's script has wired its forms (before this, a click on
     /// "Sign in" would be the browser's own form submission, not the dashboard's).
     async fn wait_ready(&self, secs: u64) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < deadline {
-            if self.js("return document.documentElement.dataset.ready === 'true';").await == json!(true) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let ready = || async {
+            (self.js("return document.documentElement.dataset.ready === 'true';").await == json!(true)).then_some(())
+        };
+        if wait_for_async(secs, ready).await.is_some() {
+            return;
         }
         let seen = self.diagnosis().await;
         panic!("the dashboard's script did not wire the page within {secs} s; the page: {seen}");
