@@ -306,6 +306,15 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         let _agent = Agent::start(nodes.target(), name, &[("AWAY_FAULT_LAZY_TARGET", &fault)]);
         nodes.assert_move_fails(name, "lazy", &[], &format!("{fault} (no page daemon on the target)"));
     }
+    // 4a. the target's page daemon does not start at all: the restore, which prepared
+    // the container while the daemon started, undoes it and the source resumes
+    {
+        let name = "ml-no-daemon";
+        let _agent = Agent::start(nodes.target(), name, &[("AWAY_FAULT_LAZY_TARGET", "daemon-fails-to-start")]);
+        let stderr = nodes.assert_move_fails(name, "lazy", &[], "daemon-fails-to-start (no page daemon)");
+        assert!(stderr.contains("lazy-pages"), "the error names the page daemon: {stderr}");
+        assert_eq!(listed(nodes.target(), "target", name), 0, "the restore left no container on the target");
+    }
     // the target's whole agent dies in the lazy phase: the shell around its page daemon
     // kills the copy (which would run on with zero-filled pages), the source resumes,
     // and the agent, started again, removes the copy its last run left

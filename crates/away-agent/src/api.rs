@@ -8,7 +8,7 @@
 //! | GET | /v1/workloads/{name} | `WorkloadStatus`, 404 |
 //! | POST | /v1/workloads/{name}/plan | `{target_api, target_node?, mode?, optimize?}`: measure and predict a move of it there (`target_node` needed once this node has an identity: the target is called by name over mutual TLS); `MovePlan` |
 //! | POST | /v1/probe | body: up to 16 MiB of filler; `{bytes, second_half_ms}` (the link probe of a plan) |
-//! | POST | /v1/transfers | `{transfer_id, workload, source}`: announce an incoming move; `{secret}` (its one-time secret, for the transfer's hello); 403 when the caller's certificate does not name `source` (mutual TLS); 409 when announced by another source or when this agent takes no migrations |
+//! | POST | /v1/transfers | `{transfer_id, workload, source, prepare?: {reference, runtime}}`: announce an incoming move (with `prepare`, the agent imports that image of its store into that runtime in the background); `{secret}` (its one-time secret, for the transfer's hello); 403 when the caller's certificate does not name `source` (mutual TLS); 409 when announced by another source or when this agent takes no migrations |
 //! | POST | /v1/transfers/{id}/commit | `MoveRecord` (committed); idempotent; 409 when the move was aborted (lease ran out); 404 when unknown |
 //! | GET | /v1/transfers/{id} | `MoveRecord`: what became of the move (prepared, committed, aborted); 404 when unknown |
 //! | DELETE | /v1/transfers/{id} | remove a provisional copy now (lazy move failed, answer lost), and the move's volume pre-copy if one waits here; 204 once the copy is gone and the move aborted; 404 when no copy is held; 500 when it would not go |
@@ -303,6 +303,10 @@ pub struct Announce {
     pub workload: String,
     /// The source node's name: under TLS its certificate must carry it.
     pub source: String,
+    /// The image the move restores from, for this agent to import into its runtime
+    /// while the source checkpoints (absent from older sources: nothing is prepared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare: Option<away_migrate::target::PrepareImage>,
 }
 
 async fn announce(
@@ -338,6 +342,9 @@ async fn announce(
         .announce(&req.transfer_id, &req.workload, &req.source)
         .map_err(|why| Problem(ApiError::new(ErrorCode::Conflict, why)))?;
     tracing::info!(transfer = %req.transfer_id, workload = %req.workload, source = %req.source, "move announced");
+    if let Some(prepare) = req.prepare {
+        agent.prepare_image(prepare);
+    }
     Ok(Json(serde_json::json!({"secret": a.secret.expose()})))
 }
 

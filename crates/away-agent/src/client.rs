@@ -236,9 +236,14 @@ impl TargetNode for AgentClient {
         transfer_id: &str,
         workload: &str,
         source: &str,
+        prepare: Option<&away_migrate::target::PrepareImage>,
     ) -> Result<away_migrate::transfer::MoveSecret, MigrateError> {
-        let body =
-            crate::api::Announce { transfer_id: transfer_id.into(), workload: workload.into(), source: source.into() };
+        let body = crate::api::Announce {
+            transfer_id: transfer_id.into(),
+            workload: workload.into(),
+            source: source.into(),
+            prepare: prepare.cloned(),
+        };
         let resp = self.check(self.http.post(format!("{}/v1/transfers", self.base)).json(&body).send().await).await?;
         let v: serde_json::Value =
             resp.json().await.map_err(|e| self.err(format!("bad /v1/transfers answer: {e}", e = ErrorChain(&e))))?;
@@ -384,8 +389,9 @@ impl TargetNode for VmMove<'_> {
         transfer_id: &str,
         workload: &str,
         source: &str,
+        prepare: Option<&away_migrate::target::PrepareImage>,
     ) -> Result<away_migrate::transfer::MoveSecret, MigrateError> {
-        self.client.announce(transfer_id, workload, source).await
+        self.client.announce(transfer_id, workload, source, prepare).await
     }
 
     async fn has_image(&self, reference: &str) -> Result<bool, MigrateError> {

@@ -295,6 +295,26 @@ impl Agent {
         Ok(a)
     }
 
+    /// Import an announced move's image into its runtime in the background, so that the
+    /// restore finds it there. Best effort: an image this node's store lacks, or an
+    /// import that fails, only means the restore imports it (and says why, if it cannot).
+    pub fn prepare_image(self: &std::sync::Arc<Self>, prepare: away_migrate::target::PrepareImage) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let node = &agent.node;
+            let t = std::time::Instant::now();
+            let prepared = async {
+                let image = node.store.resolve(&prepare.reference).map_err(|e| ErrorChain(&e).to_string())?;
+                let runtime = node.runtime(prepare.runtime).map_err(|e| ErrorChain(&e).to_string())?;
+                runtime.prepare_image(&image).await.map_err(|e| ErrorChain(&e).to_string())
+            };
+            match prepared.await {
+                Ok(()) => tracing::debug!(image = %prepare.reference, "prepared for a move in {:?}", t.elapsed()),
+                Err(e) => tracing::info!(image = %prepare.reference, "not prepared for a move (its restore will): {e}"),
+            }
+        });
+    }
+
     /// The transfer receiver's check of a hello: an announced move, from its source
     /// node (under TLS, by the peer's certificate), with its secret.
     pub fn authorize(&self, claim: &away_migrate::transfer::Claim<'_>) -> Result<(), String> {

@@ -290,7 +290,9 @@ async fn move_container(
     // the move's id, known before anything is sent (a lost answer is asked about by it),
     // and announced: the target takes this transfer only from this node, with its secret
     let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
-    let secret = target.announce(&transfer_id, name, &here.name).await?;
+    // (the target imports the image into its runtime while this side checkpoints)
+    let prepare = crate::target::PrepareImage { reference: status.image.clone(), runtime: kind };
+    let secret = target.announce(&transfer_id, name, &here.name, Some(&prepare)).await?;
     let mut opts = opts.clone();
     opts.transfer.secret = Some(secret);
     opts.transfer.peer_node = there.node.name.clone();
@@ -356,6 +358,7 @@ async fn move_container(
             dir: payload.join(CHECKPOINT_DIR),
             leave_running: false,
             volumes_sent: precopy.as_ref().map(|p| p.sent.clone()),
+            release_later: true,
         },
     ))
     .await;
@@ -416,8 +419,21 @@ async fn move_container(
 
     // 2. transfer; the target restores and answers
     let t = Instant::now();
-    let outcome =
-        send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, Some(early), &transfer_id).await;
+    // the dumped process is gone: its task's record goes while the checkpoint travels,
+    // not inside the pause (a rollback's resume removes whatever is left of it)
+    let release = async {
+        let t = Instant::now();
+        match runtime.release_stopped(name).await {
+            Ok(()) => tracing::debug!(workload = name, "stopped source task released in {:?}", t.elapsed()),
+            Err(e) => {
+                tracing::warn!(workload = name, "the stopped source task was not released: {e}", e = ErrorChain(&e))
+            }
+        }
+    };
+    let (outcome, ()) = tokio::join!(
+        send_payload(&there.transfer_addr, &payload, &manifest, opts, &progress, Some(early), &transfer_id),
+        release
+    );
     #[cfg(feature = "fault-injection")]
     let outcome = lose_verdict(outcome);
     // the target armed its lease before it answered: counted from here, it ends no
@@ -749,7 +765,7 @@ async fn precopy_volumes(
     };
     let id = transfer::new_transfer_id();
     let sending = async {
-        let secret = target.announce(&id, name, here).await?;
+        let secret = target.announce(&id, name, here, None).await?;
         let mut send = opts.transfer.clone();
         send.transfer_id = Some(id.clone());
         send.secret = Some(secret);
@@ -1458,12 +1474,42 @@ pub async fn restore_received(
             }
         }
         Some(relay) => {
-            let t = Instant::now();
-            let mut daemon =
-                crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot, pages.clone()).await?;
-            parts.push(phase("page-daemon", t.elapsed()));
-            let restore = away_runtime::steps::collect(runtime.restore_lazy(&request));
+            // the daemon starts while the restore prepares the container; the restore
+            // waits for it only before CRIU runs (its wait is the restore's
+            // `page-daemon` part)
+            let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+            let pages_up: away_runtime::LazyPagesUp =
+                Box::pin(async move { up_rx.await.unwrap_or_else(|_| Err("its start was abandoned".to_string())) });
+            let restore = away_runtime::steps::collect(runtime.restore_lazy(&request, pages_up));
             tokio::pin!(restore);
+            let started = async {
+                let daemon = crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot, pages.clone()).await;
+                let _ = up_tx.send(daemon.as_ref().map(drop).map_err(|e| ErrorChain(e).to_string()));
+                daemon
+            };
+            tokio::pin!(started);
+            let daemon = tokio::select! {
+                daemon = &mut started => daemon,
+                (r, steps) = &mut restore => {
+                    // the restore failed before it needed the daemon: stop that too
+                    parts.extend(steps);
+                    if let Ok(mut daemon) = started.await {
+                        daemon.kill().await;
+                    }
+                    return Err(match r {
+                        Ok(st) => failed_with_copy(runtime, &st.name, "restored without its page daemon".into()).await,
+                        Err(e) => RestoreFailed::from(error_chain(&e)),
+                    });
+                }
+            };
+            let mut daemon = match daemon {
+                Ok(d) => d,
+                Err(e) => {
+                    // told so, the restore undoes what it made
+                    let _ = restore.await;
+                    return Err(e.into());
+                }
+            };
             let restored = tokio::select! {
                 (r, steps) = &mut restore => {
                     parts.extend(steps);

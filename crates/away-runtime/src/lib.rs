@@ -18,7 +18,7 @@ pub mod volume;
 pub use fallback::{choose_runtime, NoRuntime};
 pub use node::{LocalNode, NodeOptions, Started};
 pub use runtime::{
-    CheckpointArchive, CheckpointOptions, LazyCheckpointOptions, LazyDump, LogStream, RestoreRequest, RunRequest,
-    Runtime, RuntimeError, CRIU_PAGE_SERVER_ABORT, CRIU_WORK_DIR,
+    CheckpointArchive, CheckpointOptions, LazyCheckpointOptions, LazyDump, LazyPagesUp, LogStream, RestoreRequest,
+    RunRequest, Runtime, RuntimeError, CRIU_PAGE_SERVER_ABORT, CRIU_WORK_DIR,
 };
 pub use store::{ImageStore, ImageSummary, ResolvedImage};

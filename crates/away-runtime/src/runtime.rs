@@ -29,6 +29,10 @@ pub struct CheckpointOptions {
     /// The move's volume pre-copy ([`Runtime::precopy_volumes`]): the checkpoint carries
     /// only the volume files changed since (`crate::volume`); None: whole volumes.
     pub volumes_sent: Option<std::sync::Arc<crate::volume::VolumesSent>>,
+    /// With `leave_running` false: keep the stopped task's record for
+    /// [`Runtime::release_stopped`], which a move runs while the checkpoint travels
+    /// (deleting it took 80-170 ms of a staged move's pause).
+    pub release_later: bool,
 }
 
 /// A checkpoint on disk: CRIU images (containers) or a QEMU migration stream (VMs),
@@ -208,6 +212,11 @@ pub struct RestoreRequest {
     pub close_connections: bool,
 }
 
+/// Resolves when the CRIU lazy-pages daemon a lazy restore needs is up; Err (why): it
+/// did not start, and the restore undoes what it made and fails. The restore prepares
+/// the container meanwhile and waits for it only before CRIU runs.
+pub type LazyPagesUp = Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
 /// Chunks of a workload's combined stdout/stderr.
 pub type LogStream = Pin<Box<dyn Stream<Item = Result<Vec<u8>, RuntimeError>> + Send>>;
 
@@ -290,6 +299,20 @@ pub trait Runtime: Send + Sync {
     /// Start a workload from a checkpoint; it continues where the checkpoint left it.
     async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError>;
 
+    /// Get `image` ready for a coming restore (a move announced to this node), so that
+    /// the restore does not import it inside the move's pause. The default: nothing to
+    /// prepare.
+    async fn prepare_image(&self, _image: &ResolvedImage) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    /// After a checkpoint with [`CheckpointOptions::release_later`]: let go of what the
+    /// stopped workload still holds in the runtime (containerd's exited task and its
+    /// shim). The default has nothing to release.
+    async fn release_stopped(&self, _name: &str) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
     /// After a checkpoint for a move: let the stopped workload's record give up its name
     /// (so that a target sharing this runtime can restore under it) while it is kept
     /// until the move is confirmed. Returns the record's new name, if it got one.
@@ -328,9 +351,13 @@ pub trait Runtime: Send + Sync {
     }
 
     /// Restore a lazy checkpoint: the workload starts at once and its memory arrives
-    /// through the CRIU lazy-pages daemon, which the caller has started on the
-    /// checkpoint's work directory ([`CRIU_WORK_DIR`]).
-    async fn restore_lazy(&self, _req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
+    /// through the CRIU lazy-pages daemon, which the caller starts on the checkpoint's
+    /// work directory ([`CRIU_WORK_DIR`]) and reports up through `pages_up`.
+    async fn restore_lazy(
+        &self,
+        _req: &RestoreRequest,
+        _pages_up: LazyPagesUp,
+    ) -> Result<WorkloadStatus, RuntimeError> {
         Err(RuntimeError::Unsupported {
             runtime: self.kind(),
             op: "restore lazily",

@@ -574,13 +574,21 @@ impl LazyPagesDaemon {
         // the restore is answered).
         let restored_dir = pid_dir().map_err(LazyError::io("create a directory for the restored process's pid"))?;
         let restored = restored_dir.path().join("pid");
+        // fault injection for the end-to-end tests: the daemon exits before its socket is up
+        #[cfg(feature = "fault-injection")]
+        let script = match std::env::var("AWAY_FAULT_LAZY_TARGET").as_deref() {
+            Ok("daemon-fails-to-start") => "exit 3",
+            _ => SUPERVISOR,
+        };
+        #[cfg(not(feature = "fault-injection"))]
+        let script = SUPERVISOR;
         let mut supervisor = tokio::process::Command::new("sh");
         // the agent killed outright (SIGKILL): the shell gets SIGTERM and ends the daemon
         // (spawned from a runtime thread, which lives as long as the agent)
         process::die_with_spawning_thread(supervisor.as_std_mut(), Signal::TERM, false);
         let mut child = supervisor
             .arg("-c")
-            .arg(SUPERVISOR)
+            .arg(script)
             .arg("criu-lazy-pages")
             .env("AWAY_RESTORED_PIDFILE", &restored)
             .process_group(0)

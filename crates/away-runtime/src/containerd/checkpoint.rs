@@ -122,7 +122,7 @@ impl ContainerdRuntime {
             self.volumes.capture(&spec, &opts.dir, opts.volumes_sent.as_deref())?;
             lap = crate::steps::lap("volumes", lap);
         }
-        if !opts.leave_running {
+        if !opts.leave_running && !opts.release_later {
             // the process exited with the dump; reap the task so the name can be reused
             self.kill_and_delete_task(name, Duration::ZERO).await?;
             crate::steps::lap("task-delete", lap);
@@ -186,7 +186,11 @@ impl ContainerdRuntime {
         Ok(dump)
     }
 
-    pub(super) async fn restore_task_lazily(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
+    pub(super) async fn restore_task_lazily(
+        &self,
+        req: &RestoreRequest,
+        pages_up: crate::runtime::LazyPagesUp,
+    ) -> Result<WorkloadStatus, RuntimeError> {
         let spec = &req.archive.spec;
         if self.get_container(&spec.name).await?.is_some() {
             return Err(RuntimeError::AlreadyExists { runtime: KIND, name: spec.name.clone() });
@@ -202,7 +206,7 @@ impl ContainerdRuntime {
             (Some(_), true) => b"lazy-pages\ntcp-close\n",
         };
         crate::host::beneath::Beneath::open(&req.archive.dir)?.write("criu-lazy.conf", options)?;
-        let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf)).await;
+        let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf), Some(pages_up)).await;
         let _ = std::fs::remove_file(&conf);
         if result.is_err() {
             // a restore killed mid-way (its page daemon gone) leaves CRIU's root mount
@@ -230,7 +234,7 @@ impl ContainerdRuntime {
             self.remove_workload(&spec.name).await?;
         }
         if spec.overlay.is_none() {
-            return self.create_and_start(spec, &req.image, Some(&req.archive.dir), None).await;
+            return self.create_and_start(spec, &req.image, Some(&req.archive.dir), None, None).await;
         }
         // the workload's own namespace was dumped with its TCP connections (containerd's
         // checkpoint asks runc for --tcp-established), but containerd's restore passes
@@ -239,7 +243,7 @@ impl ContainerdRuntime {
         let conf = req.archive.dir.join(CRIU_TCP_CONF);
         let tcp: &[u8] = if req.close_connections { b"tcp-close\n" } else { b"tcp-established\n" };
         crate::host::beneath::Beneath::open(&req.archive.dir)?.write(CRIU_TCP_CONF, tcp)?;
-        let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf)).await;
+        let result = self.create_and_start(spec, &req.image, Some(&req.archive.dir), Some(&conf), None).await;
         let _ = std::fs::remove_file(&conf);
         result
     }

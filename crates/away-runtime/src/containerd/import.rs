@@ -36,6 +36,14 @@ impl ContainerdRuntime {
         if let Some(top) = self.imported_top(image).await {
             return Ok(top);
         }
+        // one import at a time on this node (other `away` processes too): two writers of
+        // one blob or one snapshot chain would trip over containerd's ref locks. Asked
+        // again under the lock: the import this one waited for (a move's announcement
+        // starts one) may have been of this very image.
+        let _import_lock = self.import_lock().await?;
+        if let Some(top) = self.imported_top(image).await {
+            return Ok(top);
+        }
         let img_err = |reason: String| RuntimeError::Image { reference: image.reference.clone(), reason };
         let tar = image.tar.clone();
         let read = tokio::task::spawn_blocking(move || away_image::read_image_tar(&tar))
@@ -43,10 +51,6 @@ impl ContainerdRuntime {
             .map_err(|e| img_err(format!("reading {} panicked: {e}", image.tar.display())))?
             .map_err(|e| img_err(away_model::error_chain(&e)))?;
         let content = image_content(image, &read)?;
-
-        // one import at a time on this node (other `away` processes too): two writers of
-        // one blob or one snapshot chain would trip over containerd's ref locks
-        let _import_lock = self.import_lock().await?;
         let lease = self.create_lease().await?;
         let result = async {
             // blobs: layers first, then config, then the manifest with GC references to both

@@ -167,7 +167,7 @@ impl Runtime for ContainerdRuntime {
     }
 
     async fn run(&self, req: &RunRequest) -> Result<WorkloadStatus, RuntimeError> {
-        self.create_and_start(&req.spec, &req.image, None, None).await
+        self.create_and_start(&req.spec, &req.image, None, None, None).await
     }
 
     async fn stop(&self, name: &str, grace: Duration) -> Result<(), RuntimeError> {
@@ -205,6 +205,15 @@ impl Runtime for ContainerdRuntime {
         self.checkpoint_task(name, opts).await
     }
 
+    async fn prepare_image(&self, image: &crate::store::ResolvedImage) -> Result<(), RuntimeError> {
+        self.ensure_image(image).await.map(drop)
+    }
+
+    async fn release_stopped(&self, name: &str) -> Result<(), RuntimeError> {
+        // the process exited with the dump; reaping the task frees the name
+        self.kill_and_delete_task(name, Duration::ZERO).await
+    }
+
     async fn precopy_volumes(
         &self,
         name: &str,
@@ -227,8 +236,12 @@ impl Runtime for ContainerdRuntime {
         self.checkpoint_task_lazily(name, opts).await
     }
 
-    async fn restore_lazy(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {
-        self.restore_task_lazily(req).await
+    async fn restore_lazy(
+        &self,
+        req: &RestoreRequest,
+        pages_up: crate::runtime::LazyPagesUp,
+    ) -> Result<WorkloadStatus, RuntimeError> {
+        self.restore_task_lazily(req, pages_up).await
     }
 
     async fn restore(&self, req: &RestoreRequest) -> Result<WorkloadStatus, RuntimeError> {

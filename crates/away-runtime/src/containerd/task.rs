@@ -32,13 +32,15 @@ struct RuncOptions {
 
 impl ContainerdRuntime {
     /// Create container + task from a spec; `restore_from` restores CRIU images instead
-    /// of starting fresh. Rolls everything back on failure.
+    /// of starting fresh; a lazy restore's task waits for `pages_up` (the lazy-pages
+    /// daemon, started meanwhile). Rolls everything back on failure.
     pub(super) async fn create_and_start(
         &self,
         spec: &WorkloadSpec,
         image: &ResolvedImage,
         restore_from: Option<&Path>,
         criu_config: Option<&Path>,
+        mut pages_up: Option<crate::runtime::LazyPagesUp>,
     ) -> Result<WorkloadStatus, RuntimeError> {
         let name = spec.name.as_str();
         if self.get_container(name).await?.is_some() {
@@ -149,6 +151,16 @@ impl ContainerdRuntime {
                     },
                 )
             });
+            if let Some(up) = pages_up.take() {
+                // CRIU's restore connects to the daemon as it starts
+                up.await.map_err(|why| RuntimeError::Failed {
+                    runtime: KIND,
+                    op: "restore task",
+                    name: name.into(),
+                    message: format!("the lazy-pages daemon did not start: {why}"),
+                })?;
+                lap = crate::steps::lap("page-daemon", lap);
+            }
             let mut ts = api::tasks_client::TasksClient::new(self.channel.clone());
             let created = ts
                 .create(self.req(api::CreateTaskRequest {
