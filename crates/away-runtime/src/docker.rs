@@ -588,6 +588,11 @@ impl Runtime for DockerRuntime {
         Ok(Box::pin(stream))
     }
 
+    async fn prepare_image(&self, image: &ResolvedImage) -> Result<(), RuntimeError> {
+        // a load under way for the restore too is harmless: the engine keeps one image
+        self.ensure_image(image).await
+    }
+
     async fn checkpoint(&self, name: &str, opts: &CheckpointOptions) -> Result<CheckpointArchive, RuntimeError> {
         // each step is timed for a migration's report (crate::steps)
         let t = Instant::now();
