@@ -137,8 +137,9 @@ const DOCKER_RESTORE_STEPS: &[&str] = &[
 const CONTAINERD_RESTORE_STEPS: &[&str] =
     &["store", "image", "snapshot", "rootfs-diff", "container", "task-create", "shim-runc", "criu-restore", "status"];
 
-/// The steps of a containerd checkpoint that stops the workload, in order.
-const CONTAINERD_CHECKPOINT_STEPS: &[&str] = &["shim-runc", "criu-dump", "rootfs-diff", "task-delete"];
+/// The steps of a containerd checkpoint that stops the workload, in order (a move
+/// deletes the exited task later, while the checkpoint travels: not in the pause).
+const CONTAINERD_CHECKPOINT_STEPS: &[&str] = &["shim-runc", "criu-dump", "rootfs-diff"];
 
 /// The report's phases account for the move: they sum to about its total, and the
 /// phases named in `parts` (Docker's checkpoint and restore) are broken down into
