@@ -21,6 +21,8 @@ struct Agent {
     agent: LocalAgent,
     /// dropped after the agent: a tmpfs is unmounted once nothing uses it
     _tmpfs: Option<Unmount>,
+    /// Its stderr.
+    log: PathBuf,
 }
 
 /// A tmpfs this test mounted, unmounted when dropped.
@@ -58,7 +60,7 @@ impl Agent {
         }
         let log = PathBuf::from(format!("/tmp/away-e2e-mig/agent-{test}-{}.log", std::process::id()));
         let agent = node.start_agent(&format!("target-{test}"), &["--commit-lease", "20"], env, &log);
-        Agent { agent, _tmpfs: tmpfs }
+        Agent { agent, _tmpfs: tmpfs, log }
     }
 }
 
@@ -183,7 +185,8 @@ fn phases_add_up(report: &Value, parts: &[(&str, &[&str])]) {
 }
 
 fn move_keeps_state(runtime: &str) {
-    let agent = Agent::start(&format!("ok-{runtime}"), &[], false);
+    // (at info: its log says whether it prepared the image when the move was announced)
+    let agent = Agent::start(&format!("ok-{runtime}"), &[("AWAY_LOG", "info")], false);
     let source = node("source", &format!("ok-{runtime}"));
     let w = start_counter(&source, &agent.node, &format!("ok-{runtime}"), runtime);
     let before = wait_for(20, || state(w.port).filter(|s| s.0 >= 10)).expect("counter counts");
@@ -207,6 +210,10 @@ fn move_keeps_state(runtime: &str) {
     let containerd: &[(&str, &[&str])] =
         &[("checkpoint", CONTAINERD_CHECKPOINT_STEPS), ("restore", CONTAINERD_RESTORE_STEPS)];
     phases_add_up(&report, if runtime == "docker" { docker } else { containerd });
+    // the announcement carried the image: the target got it ready in its runtime while
+    // the source checkpointed
+    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    assert!(log.contains("prepared for a move"), "the target did not prepare the image on the announcement:\n{log}");
     assert_one_instance_on(&agent.node, &source, &w, before);
     assert_eq!(
         std::fs::read(marker_rootfs(runtime, &agent.node, &w.name).join("away-marker")).unwrap(),

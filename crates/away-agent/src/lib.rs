@@ -309,7 +309,7 @@ impl Agent {
                 runtime.prepare_image(&image).await.map_err(|e| ErrorChain(&e).to_string())
             };
             match prepared.await {
-                Ok(()) => tracing::debug!(image = %prepare.reference, "prepared for a move in {:?}", t.elapsed()),
+                Ok(()) => tracing::info!(image = %prepare.reference, "prepared for a move in {:?}", t.elapsed()),
                 Err(e) => tracing::info!(image = %prepare.reference, "not prepared for a move (its restore will): {e}"),
             }
         });
