@@ -281,7 +281,7 @@ struct ImageQuery {
 }
 
 async fn image(State(agent): State<Arc<Agent>>, Query(q): Query<ImageQuery>) -> Json<serde_json::Value> {
-    let present = agent.node.store.resolve(&q.reference).is_ok();
+    let present = agent.node.store.resolve_stored(&q.reference).is_ok();
     Json(serde_json::json!({"reference": q.reference, "present": present}))
 }
 

@@ -304,7 +304,7 @@ impl Agent {
             let node = &agent.node;
             let t = std::time::Instant::now();
             let prepared = async {
-                let image = node.store.resolve(&prepare.reference).map_err(|e| ErrorChain(&e).to_string())?;
+                let image = node.store.resolve_stored(&prepare.reference).map_err(|e| ErrorChain(&e).to_string())?;
                 let runtime = node.runtime(prepare.runtime).map_err(|e| ErrorChain(&e).to_string())?;
                 runtime.prepare_image(&image).await.map_err(|e| ErrorChain(&e).to_string())
             };

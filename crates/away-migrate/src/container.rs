@@ -1424,7 +1424,7 @@ pub async fn restore_received(
     if image_tar.is_file() {
         node.store.add(&image_tar, Some(&manifest.image)).map_err(|e| error_chain(&e))?;
     }
-    let image = node.store.resolve(&manifest.image).map_err(|e| error_chain(&e))?;
+    let image = node.store.resolve_stored(&manifest.image).map_err(|e| error_chain(&e))?;
     let runtime = node.runtime(manifest.runtime).map_err(|e| error_chain(&e))?;
     let dir: PathBuf = payload.dir.join(CHECKPOINT_DIR);
     let archive = CheckpointArchive {

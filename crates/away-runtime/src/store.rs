@@ -102,6 +102,20 @@ impl ImageStore {
     }
 
     /// A path to an image tar, or a reference in the store.
+    /// Resolve a reference a peer sent (a move's announcement or manifest, an image
+    /// query): the store's own tar for it, never a path on this host, which
+    /// [`ImageStore::resolve`] would take for a user's `away run ./app.tar`.
+    pub fn resolve_stored(&self, reference: &str) -> Result<ResolvedImage, RuntimeError> {
+        let file = self.file_for(reference);
+        if !file.is_file() {
+            return Err(RuntimeError::Image {
+                reference: reference.to_string(),
+                reason: format!("not in the image store {}", self.dir.display()),
+            });
+        }
+        read_resolved(&file, Some(normalize_reference(reference)))
+    }
+
     pub fn resolve(&self, image: &str) -> Result<ResolvedImage, RuntimeError> {
         let as_path = Path::new(image);
         let (tar, wanted) = if as_path.is_file() {
