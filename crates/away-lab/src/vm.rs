@@ -261,6 +261,9 @@ impl VmLab {
     ) -> Result<RunResult, String> {
         match result {
             Ok((report, outcome)) => {
+                if let Err(e) = history(opts).record(away_model::RuntimeKind::Qemu, &report) {
+                    tracing::warn!("cannot keep the move in the experiment's history: {e}");
+                }
                 let phase = |n: &str| report.phases.iter().find(|p| p.name == n).map_or(0, |p| p.millis);
                 let migrated_ms = start_ms + phase("prepare-destination") + phase("migrate");
                 let total = crate::timed_total(start_ms, report.resumed_unix_ms.map(|r| r.max(migrated_ms)))
@@ -309,10 +312,10 @@ impl VmLab {
 }
 
 /// The prediction of this VM run (`away_predict`), before it starts: the guest's
-/// dirty rate as QEMU measures it (1 s of page sampling), its non-zero share from the
-/// QEMU process's resident memory, the link's rate and round trip as emulated (the lab
-/// has no agent to probe at the VM's far end: these are the emulator's settings), QEMU's
-/// default phase costs. None when QEMU cannot measure.
+/// writes as QEMU measures them (rate, working set), its non-zero share from the QEMU process's resident memory, the link's
+/// rate and round trip as emulated (the lab has no agent to probe at the VM's far end:
+/// these are the emulator's settings), phase costs learned from the experiment's earlier
+/// VM moves (QEMU's defaults before the first). None when QEMU cannot measure.
 async fn predict(
     opts: &CompareOptions,
     planned: &PlannedRun,
@@ -328,13 +331,13 @@ async fn predict(
         // the model has no disk mirror (yet): no prediction rather than a wrong one
         _ => return None,
     };
-    let dirty = match source.dirty_rate(name, 1).await {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::warn!("no prediction for {name}: {}", error_chain(&e));
+    let writes = away_migrate::estimate::measure_guest_writes(source, name).await;
+    if let Some(why) = writes.sources.get("dirty_bytes_per_s").filter(|_| writes.dirty_bytes_per_s == 0.0) {
+        if why.starts_with("default") {
+            tracing::warn!("no prediction for {name}: {why}");
             return None;
         }
-    };
+    }
     let ram = opts.vm_ram.bytes();
     // the guest's non-zero share, as away_migrate's VM plans measure it
     let pid = source.status(name).await.ok().and_then(|s| s.pid);
@@ -346,15 +349,22 @@ async fn predict(
         // memload's pages: half random (what the container runs' samples show)
         compress_ratio: 0.5,
         nonzero_fraction: nonzero,
-        dirty_bytes_per_s: dirty,
+        dirty_bytes_per_s: writes.dirty_bytes_per_s,
+        dirty_set_bytes: writes.dirty_set_bytes,
         link_bytes_per_s: profile.rate_bits_per_sec / 8.0,
         rtt_ms: profile.rtt().as_secs_f64() * 1e3,
-        costs: away_predict::default_costs(away_model::RuntimeKind::Qemu),
+        costs: history(opts).costs(away_model::RuntimeKind::Qemu).0,
         vm_max_downtime_ms: mig.max_downtime_ms.unwrap_or(300) as f64,
         vm_timeout_s: mig.timeout.as_secs_f64(),
-        sources: Default::default(),
+        sources: writes.sources,
     };
     Some(away_predict::predict(kind, &inputs))
+}
+
+/// The experiment's move history, one node's across the runs as on a real node (the
+/// container runs carry theirs in the same file; each runtime learns from its own).
+fn history(opts: &CompareOptions) -> away_migrate::estimate::History {
+    away_migrate::estimate::History::of(&opts.out_dir.join("logs"))
 }
 
 fn spec(name: &str, opts: &CompareOptions, planned: &PlannedRun) -> WorkloadSpec {

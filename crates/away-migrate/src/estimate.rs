@@ -188,6 +188,9 @@ struct PastMove {
     /// The pause it measured (absent in histories written before it was kept).
     #[serde(default)]
     downtime_ms: Option<u64>,
+    /// Bytes it sent (absent in histories written before it was kept).
+    #[serde(default)]
+    bytes_wire: Option<u64>,
 }
 
 impl PastMove {
@@ -239,8 +242,12 @@ impl History {
             bytes_raw: report.bytes_raw,
             phases: report.phases.iter().map(|p| (p.name.clone(), p.millis)).collect(),
             downtime_ms: Some(report.downtime_millis),
+            bytes_wire: Some(report.bytes_wire),
         });
         let skip = all.len().saturating_sub(HISTORY_KEEP);
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let tmp = self.path.with_extension("jsonl.tmp");
         let mut f = std::fs::File::create(&tmp)?;
         for m in &all[skip..] {
@@ -407,6 +414,16 @@ impl History {
                 c.vm_switchover_ms = v;
                 used.push("switchover");
             }
+            // QEMU's copy (every pass, the final one and a post-copy's pull): the fastest
+            // it ever ran is the node's own rate (a slow link or a busy host bound the rest)
+            let copies = moves.iter().filter_map(|m| {
+                let ms = *m.phases.get("migrate")? as f64;
+                Some(m.bytes_wire? as f64 / (ms.max(1.0) / 1e3))
+            });
+            if let Some(v) = learned(copies.collect(), d.pipeline_bytes_per_s, Pick::Largest) {
+                c.pipeline_bytes_per_s = v;
+                used.push("copy rate");
+            }
         }
         let finish: Vec<f64> = ["commit", "cleanup"].iter().filter_map(|p| median(&all, p, f64::NAN)).collect();
         if !finish.is_empty() {
@@ -556,6 +573,7 @@ pub async fn plan_container(
         compress_ratio: memory.compress_ratio,
         nonzero_fraction: 1.0,
         dirty_bytes_per_s: dirty_bytes,
+        dirty_set_bytes: None,
         link_bytes_per_s: link.rate_bytes_per_s,
         rtt_ms: link.rtt_ms,
         costs,
@@ -609,12 +627,63 @@ pub fn vm_kind(opts: &crate::vm::VmMigrationOptions) -> MoveKind {
     }
 }
 
+/// The write-rate samples' lengths (s): the rate from the short one, the working set
+/// when the long one dirtied clearly less than that rate would have.
+const GUEST_WRITE_SAMPLES: (u32, u32) = (1, 3);
+
+/// What a VM's guest writes, as QEMU measures it (`calc-dirty-rate`), each with how it
+/// was obtained.
+#[derive(Debug, Clone, Default)]
+pub struct GuestWrites {
+    pub dirty_bytes_per_s: f64,
+    pub dirty_set_bytes: Option<u64>,
+    pub sources: BTreeMap<String, String>,
+}
+
+/// Measure [`GuestWrites`] of VM `name`: two page-sampling runs of QEMU's
+/// `calc-dirty-rate` (1 s, then 3 s). A guest QEMU cannot
+/// measure is taken as writing nothing, and `sources` says why.
+pub async fn measure_guest_writes(qemu: &away_runtime::qemu::QemuRuntime, name: &str) -> GuestWrites {
+    let (short_s, long_s) = GUEST_WRITE_SAMPLES;
+    let mut w = GuestWrites::default();
+    let short = match qemu.dirty_rate(name, short_s).await {
+        Ok(d) => d,
+        Err(e) => {
+            w.sources.insert(
+                "dirty_bytes_per_s".into(),
+                format!("default 0: QEMU could not measure it ({})", away_model::error_chain(&e)),
+            );
+            return w;
+        }
+    };
+    w.dirty_bytes_per_s = short;
+    w.sources
+        .insert("dirty_bytes_per_s".into(), format!("measured by QEMU: calc-dirty-rate, {short_s} s of page sampling"));
+    let long = qemu.dirty_rate(name, long_s).await;
+    let how = match long {
+        Ok(long) => match away_predict::dirty_set(short, short_s.into(), long, long_s.into()) {
+            Some(set) => {
+                w.dirty_set_bytes = Some(set.round() as u64);
+                format!(
+                    "measured: {:.1} MB dirtied in {long_s} s against {:.1} MB/s over {short_s} s (the guest rewrites a                      set)",
+                    set / 1e6,
+                    short / 1e6
+                )
+            }
+            None => format!("none seen: {:.1} MB/s over {long_s} s, as over {short_s} s", long / 1e6),
+        },
+        Err(e) => format!("not measured ({}): its whole RAM", away_model::error_chain(&e)),
+    };
+    w.sources.insert("dirty_set_bytes".into(), how);
+    w
+}
+
 /// Measure and predict a live migration of VM `name` to `target`: every way QEMU could
 /// move it, and the one `opts` asks for (or, given, the best for `optimize`). The
 /// guest's memory is its spec's; the share of it QEMU would send (pages never touched
 /// are zero pages, skipped) is read from the QEMU process's resident memory (which also
-/// counts QEMU's own), its compressibility from a sample of those pages; the write rate
-/// is QEMU's own measurement (`calc-dirty-rate`, 1 s of page sampling).
+/// counts QEMU's own), its compressibility from a sample of those pages; the writes are
+/// QEMU's own measurement ([`measure_guest_writes`]).
 pub async fn plan_vm(
     node: &LocalNode,
     source_name: &str,
@@ -638,20 +707,8 @@ pub async fn plan_vm(
     sources.insert("state_bytes".to_string(), format!("the guest's memory ({} MiB, its spec)", ram >> 20));
     sources.insert("nonzero_fraction".to_string(), guest.nonzero_how.clone());
     sources.insert("compress_ratio".to_string(), guest.compress_how.clone());
-    let dirty = match node.qemu().dirty_rate(name, 1).await {
-        Ok(d) => {
-            sources
-                .insert("dirty_bytes_per_s".into(), "measured by QEMU: calc-dirty-rate, 1 s of page sampling".into());
-            d
-        }
-        Err(e) => {
-            sources.insert(
-                "dirty_bytes_per_s".into(),
-                format!("default 0: QEMU could not measure it ({})", away_model::error_chain(&e)),
-            );
-            0.0
-        }
-    };
+    let writes = measure_guest_writes(node.qemu(), name).await;
+    sources.extend(writes.sources);
     sources.insert("link_bytes_per_s".into(), link.rate_how.clone());
     sources.insert("rtt_ms".into(), link.rtt_how.clone());
     let (costs, costs_how) = History::of(&node.options.paths.state_dir).costs(RuntimeKind::Qemu);
@@ -660,7 +717,8 @@ pub async fn plan_vm(
         state_bytes: ram,
         compress_ratio: guest.compress_ratio,
         nonzero_fraction: guest.nonzero_fraction,
-        dirty_bytes_per_s: dirty,
+        dirty_bytes_per_s: writes.dirty_bytes_per_s,
+        dirty_set_bytes: writes.dirty_set_bytes,
         link_bytes_per_s: link.rate_bytes_per_s,
         rtt_ms: link.rtt_ms,
         costs,
@@ -764,6 +822,37 @@ mod tests {
         let d = away_predict::default_costs(RuntimeKind::Containerd);
         assert_eq!(c.prefreeze_ms, 0.0);
         assert!((c.dump_fixed_ms - (160.0 * (d.prefreeze_ms + d.dump_fixed_ms)).sqrt()).abs() < 1e-9);
+    }
+
+    /// VM moves teach the destination's start and QEMU's copy rate: the fastest copy,
+    /// since a slow link or a busy host held the others back.
+    #[test]
+    fn vm_moves_teach_the_start_and_the_copy_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = |wire: u64, start: u64, migrate: u64| {
+            let mut v: serde_json::Value = serde_json::from_str(&line(
+                "vm-precopy",
+                135_000_000,
+                Some(300),
+                &[("prepare-destination", start), ("migrate", migrate), ("switchover", 0)],
+            ))
+            .unwrap();
+            v["runtime"] = "qemu".into();
+            v["bytes_wire"] = wire.into();
+            v.to_string()
+        };
+        // an idle LAN move (90 MB in 1 s), a busy one, a WAN one
+        let lines = [vm(90_000_000, 230, 1000), vm(110_000_000, 1430, 1910), vm(91_000_000, 630, 21_180)];
+        std::fs::write(dir.path().join("move-history.jsonl"), lines.join("\n")).unwrap();
+        let (c, how) = History::of(dir.path()).costs(RuntimeKind::Qemu);
+        assert!(how.contains("copy rate"), "{how}");
+        assert_eq!(c.pipeline_bytes_per_s, 90e6);
+        assert_eq!(c.vm_start_ms, 630.0);
+        // containers' history is not a VM's
+        assert_eq!(
+            History::of(dir.path()).costs(RuntimeKind::Containerd).0,
+            away_predict::default_costs(RuntimeKind::Containerd)
+        );
     }
 
     /// A node's first move of a kind is met halfway with the default; from two on, the

@@ -134,6 +134,10 @@ pub struct PredictionInputs {
     pub nonzero_fraction: f64,
     /// Distinct bytes the workload writes per second.
     pub dirty_bytes_per_s: f64,
+    /// VMs: the most the guest's writes dirty however long it runs (its working set),
+    /// when two samples of different lengths showed a bound; absent, its whole RAM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_set_bytes: Option<u64>,
     /// The link's rate between the two nodes.
     pub link_bytes_per_s: f64,
     /// The round trip between the two nodes.

@@ -710,10 +710,11 @@ fn print_plan(p: &away_model::MovePlan) {
     let i = &p.inputs;
     println!("{} from {} to {}: predicted, nothing moved", p.workload, p.source, p.target);
     println!(
-        "  inputs:  state {} (zstd:1 to {:.0} %), writes {:.2} MB/s, link {:.1} Mbit/s, round trip {:.2} ms",
+        "  inputs:  state {} (zstd:1 to {:.0} %), writes {:.2} MB/s{}, link {:.1} Mbit/s, round trip {:.2} ms",
         away_model::ByteSize(i.state_bytes).human(),
         i.compress_ratio * 100.0,
         i.dirty_bytes_per_s / 1e6,
+        i.dirty_set_bytes.map(|b| format!(" to a set of {}", away_model::ByteSize(b).human())).unwrap_or_default(),
         i.link_bytes_per_s * 8.0 / 1e6,
         i.rtt_ms
     );

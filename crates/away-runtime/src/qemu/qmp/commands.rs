@@ -50,6 +50,9 @@ command!(
 pub struct CalcDirtyRate {
     #[serde(rename = "calc-time")]
     pub calc_time: i64,
+    /// Pages sampled per GiB of guest memory (QEMU's default 512, at most 10,000).
+    #[serde(rename = "sample-pages")]
+    pub sample_pages: i64,
 }
 
 impl Command for CalcDirtyRate {
@@ -625,8 +628,8 @@ mod tests {
         assert_eq!((m.status.as_str(), m.dirty_rate), ("measured", Some(108)));
         let busy: DirtyRateInfo = serde_json::from_str(r#"{"status":"measuring","calc-time":1}"#).unwrap();
         assert_eq!(busy.dirty_rate, None);
-        let args = serde_json::to_value(CalcDirtyRate { calc_time: 1 }).unwrap();
-        assert_eq!(args, serde_json::json!({"calc-time": 1}));
+        let args = serde_json::to_value(CalcDirtyRate { calc_time: 1, sample_pages: 4096 }).unwrap();
+        assert_eq!(args, serde_json::json!({"calc-time": 1, "sample-pages": 4096}));
     }
 
     #[test]
