@@ -256,6 +256,7 @@ async fn move_container(
     // target's address is known. One after another they took 0.9 s over a 73.6 ms
     // round trip (about 0.2 s on a LAN); together, three round trips and the slowest
     // local step. None of it is downtime: nothing has stopped yet.
+    let watch = crate::mode::Watch::start(opts.mode, kind, status.pid);
     let remote = async {
         let there = target.info().await?;
         let early = connect_early(&there.transfer_addr, &there.node.name, &opts.transfer).await?;
@@ -275,14 +276,17 @@ async fn move_container(
         )));
     }
     let image = node.store.resolve(&status.image).map_err(MigrateError::Runtime)?;
+    let mut watch = watch;
     // the image goes before anything stops: it is not part of the downtime
     if !has_image? {
+        // the writes are measured again after the upload, not from before it
+        watch = None;
         progress(Step::SendingImage);
         target.upload_image(&image.tar).await?;
         // a long upload may outlast the target's wait for a first frame: a fresh one
         early = connect_early(&there.transfer_addr, &there.node.name, &opts.transfer).await?;
     }
-    let choice = crate::mode::choose(opts.mode, runtime, &status, &host, &there).await?;
+    let choice = crate::mode::choose(opts.mode, runtime, &status, &host, &there, watch).await?;
     if opts.cancel.is_cancelled() {
         return Err(MigrateError::Cancelled(name.into()));
     }

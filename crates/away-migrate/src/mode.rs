@@ -154,13 +154,39 @@ pub fn blockers(
     (stream, lazy)
 }
 
-/// Decide how `status` moves to `there`.
+/// The workload's writes, measured in the background: a lazy or `auto` move needs them,
+/// and started beside the move's other checks their 0.5 s window overlaps those checks'
+/// round trips (one after the other they made a lazy move's check 1.0 s over the WAN).
+pub struct Watch(tokio::task::JoinHandle<std::io::Result<DirtySample>>);
+
+impl Watch {
+    /// Start watching `pid` when a move on `runtime` asked for as `requested` may need
+    /// its writes (Docker never moves lazily: its `auto` does not look).
+    pub fn start(requested: ContainerMode, runtime: RuntimeKind, pid: Option<u32>) -> Option<Watch> {
+        let lazy_possible = runtime != RuntimeKind::Docker;
+        let pid = pid.filter(|_| lazy_possible && matches!(requested, ContainerMode::Lazy | ContainerMode::Auto))?;
+        Some(Watch(tokio::task::spawn_blocking(move || dirty_rate(pid, DIRTY_WINDOW))))
+    }
+}
+
+/// `pid`'s writes: `watch`'s measurement when one runs, else one taken now.
+async fn writes(watch: Option<Watch>, pid: u32) -> std::io::Result<DirtySample> {
+    let task = match watch {
+        Some(Watch(task)) => task,
+        None => tokio::task::spawn_blocking(move || dirty_rate(pid, DIRTY_WINDOW)),
+    };
+    task.await.map_err(|e| std::io::Error::other(e.to_string())).and_then(|r| r)
+}
+
+/// Decide how `status` moves to `there`; `watch` measures its writes when the caller
+/// started it early ([`Watch::start`]).
 pub async fn choose(
     requested: ContainerMode,
     runtime: &dyn Runtime,
     status: &WorkloadStatus,
     host: &HostReport,
     there: &TargetInfo,
+    watch: Option<Watch>,
 ) -> Result<ModeChoice, MigrateError> {
     // read once: it looks at the workload's sockets and namespace
     let stream_blocker = page_server_blocker(runtime.kind(), status, host, there);
@@ -179,12 +205,6 @@ pub async fn choose(
             streamed: stream_blocker.is_none(),
         }
     };
-    let watch = |pid: u32| async move {
-        tokio::task::spawn_blocking(move || dirty_rate(pid, DIRTY_WINDOW))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|r| r)
-    };
     match requested {
         ContainerMode::StopCopy => Ok(stop_copy("asked for (--mode stop-copy)".into())),
         ContainerMode::Staged => Ok(ModeChoice {
@@ -197,7 +217,7 @@ pub async fn choose(
             Some(why) => Err(MigrateError::Invalid(format!("cannot move {} lazily: {why}", status.name))),
             None => {
                 // its working set goes first (a failed measurement only loses the order)
-                let hot = watch(status.pid.unwrap_or_default()).await.map(|d| d.hot).unwrap_or_default();
+                let hot = writes(watch, status.pid.unwrap_or_default()).await.map(|d| d.hot).unwrap_or_default();
                 Ok(ModeChoice {
                     mode: MigrationMode::Lazy,
                     reason: "lazy: asked for (--mode lazy)".into(),
@@ -211,8 +231,7 @@ pub async fn choose(
                 return Ok(stop_copy(format!("auto, lazy impossible: {why}")));
             }
             let pid = status.pid.unwrap_or_default();
-            let rtt = round_trip(&there.transfer_addr).await;
-            let dirty = watch(pid).await;
+            let (rtt, dirty) = tokio::join!(round_trip(&there.transfer_addr), writes(watch, pid));
             let (Some(rtt), Ok(dirty)) = (rtt, dirty) else {
                 return Ok(stop_copy("auto, could not measure the workload's writes or the round trip".into()));
             };

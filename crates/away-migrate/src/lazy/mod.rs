@@ -77,6 +77,11 @@ impl PageLink {
         loop {
             let (tcp, peer) = listener.accept().await?;
             let _ = tcp.set_nodelay(true);
+            // the pages flow from here: CUBIC keeps a long fat link full where BBR (this
+            // host's default) leaves it idle in its round-trip probes (measured below)
+            if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_congestion(b"cubic") {
+                tracing::debug!("the page relay keeps the host's congestion control: {e}");
+            }
             let (stream, certs) = match self.channels.accept(tcp, Duration::from_secs(10)).await {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -341,11 +346,12 @@ pub struct TargetRelay {
 }
 
 impl TargetRelay {
-    /// With `prefetch` (the checkpoint's lazy page ranges) the relay fetches every page
-    /// ahead of the daemon ([`prefetch`]); without, it passes requests through.
+    /// With `prefetch` (the checkpoint's lazy page ranges and its process's pid) the
+    /// relay fetches every page ahead of the daemon ([`prefetch`]), from the moment
+    /// both ends are connected; without, it passes requests through.
     pub async fn start(
         upstream: SocketAddr,
-        prefetch: Option<Vec<(u64, u64)>>,
+        prefetch: Option<(Vec<(u64, u64)>, u64)>,
         link: PageLink,
     ) -> std::io::Result<TargetRelay> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
@@ -368,7 +374,7 @@ impl TargetRelay {
             let ((daemon, _), net) = tokio::try_join!(daemon, net)?;
             let (mut d_r, mut d_w) = daemon.into_split();
             let (mut n_r, mut n_w) = tokio::io::split(net);
-            let Some(ranges) = prefetch else {
+            let Some((ranges, pid)) = prefetch else {
                 return tokio::try_join!(
                     plain_to_framed(&mut d_r, &mut n_w, &c, None, true),
                     framed_to_plain(&mut n_r, &mut d_w, &c, None, true, None)
@@ -380,7 +386,7 @@ impl TargetRelay {
             let (inner_r, inner_w) = tokio::io::split(inner);
             let pages: u64 = ranges.iter().map(|r| r.1).sum();
             let (stats, _) = tokio::try_join!(
-                prefetch::relay(d_r, d_w, inner_r, inner_w, ranges),
+                prefetch::relay(d_r, d_w, inner_r, inner_w, ranges, Some(pid)),
                 framed_link(outer, &mut n_r, &mut n_w, &c)
             )?;
             tracing::info!(lazy_pages = pages, ?stats, "lazy pages: prefetch done");
@@ -555,7 +561,7 @@ impl LazyPagesDaemon {
         hot: &[(u64, u64)],
         link: PageLink,
     ) -> Result<LazyPagesDaemon, LazyError> {
-        let ranges = prefetch::lazy_ranges(dir).map(|r| prefetch::hot_first(r, hot));
+        let ranges = prefetch::lazy_ranges(dir).map(|(r, pid)| (prefetch::hot_first(r, hot), pid));
         if ranges.is_none() {
             tracing::info!("lazy pages: no single pagemap image in {}, no prefetch", dir.display());
         }

@@ -25,12 +25,13 @@ pub(super) const PAGE: u64 = 4096;
 /// Pages per prefetch request, and requests in flight.
 const CHUNK_PAGES: u64 = 64;
 const WINDOW: usize = 4;
-/// The lazy page ranges (vaddr, pages) of a checkpoint, from its one pagemap image;
+/// The lazy page ranges (vaddr, pages) of a checkpoint, from its one pagemap image,
+/// and the process's pid in the checkpoint (what a GET names, as CRIU's daemon does);
 /// None when there is not exactly one process or the image cannot be read (then the
 /// relay passes requests through unchanged).
-pub fn lazy_ranges(checkpoint: &Path) -> Option<Vec<(u64, u64)>> {
-    let (image, _) = super::pagemap::single_image(checkpoint)?;
-    Some(super::pagemap::Pagemap::parse(&super::pagemap::read_image(&image).ok()?)?.lazy_ranges())
+pub fn lazy_ranges(checkpoint: &Path) -> Option<(Vec<(u64, u64)>, u64)> {
+    let (image, pid) = super::pagemap::single_image(checkpoint)?;
+    Some((super::pagemap::Pagemap::parse(&super::pagemap::read_image(&image).ok()?)?.lazy_ranges(), pid))
 }
 
 /// The lazy ranges in fetch order: the parts inside `hot` (the pages the workload wrote
@@ -225,12 +226,16 @@ pub struct PrefetchStats {
 /// Relay between the daemon (`daemon_r`/`daemon_w`) and the source (`up_r`/`up_w`,
 /// plain bytes: the compressing relay is beyond them), prefetching `ranges`. Every
 /// request the source sees is the relay's own, so no page crosses the link twice.
+/// Given the process's `dst` id, the prefetch starts at once, while the restore still
+/// runs, instead of at the daemon's first request: the link is busy sooner, and the
+/// working set is on its way before the workload touches it.
 pub async fn relay<DR, DW, UR, UW>(
     mut daemon_r: DR,
     daemon_w: DW,
     mut up_r: UR,
     up_w: UW,
     ranges: Vec<(u64, u64)>,
+    dst: Option<u64>,
 ) -> Result<PrefetchStats, LazyError>
 where
     DR: AsyncRead + Unpin,
@@ -242,6 +247,12 @@ where
     let daemon_w = Arc::new(Mutex::new(daemon_w));
     // a request went to the source: its answer will come
     let asked = Arc::new(tokio::sync::Notify::new());
+    if dst.is_some() {
+        let mut st = state.lock().await;
+        st.dst = dst;
+        st.refill().await?;
+        asked.notify_one();
+    }
 
     // daemon -> source: requests
     let requests = {
@@ -422,12 +433,13 @@ mod tests {
     /// Runs the relay between a fake CRIU page server (answers GETs in pieces of at most
     /// 16 pages, each page's first byte its number) and a fake daemon asking 8 pages at
     /// a time at `asks` (page numbers from `base`), checking every answer.
-    async fn run_fake(base: u64, plan: Vec<(u64, u64)>, asks: Vec<u64>) -> (PrefetchStats, u64) {
+    /// With `start`, the relay knows the process's id and prefetches before any ask.
+    async fn run_fake(base: u64, plan: Vec<(u64, u64)>, asks: Vec<u64>, start: Option<u64>) -> (PrefetchStats, u64) {
         let (daemon_side, relay_daemon) = tokio::io::duplex(1 << 20);
         let (relay_up, mut server) = tokio::io::duplex(1 << 20);
         let (dr, dw) = tokio::io::split(relay_daemon);
         let (ur, uw) = tokio::io::split(relay_up);
-        let relay = tokio::spawn(relay(dr, dw, ur, uw, plan));
+        let relay = tokio::spawn(relay(dr, dw, ur, uw, plan, start));
         let criu = tokio::spawn(async move {
             let mut req = [0u8; PS_IOV_SIZE];
             let mut gets = 0u64;
@@ -478,7 +490,7 @@ mod tests {
         let (relay_up, mut server) = tokio::io::duplex(1 << 20);
         let (dr, dw) = tokio::io::split(relay_daemon);
         let (ur, uw) = tokio::io::split(relay_up);
-        let relay = tokio::spawn(relay(dr, dw, ur, uw, vec![(base, 64)]));
+        let relay = tokio::spawn(relay(dr, dw, ur, uw, vec![(base, 64)], None));
         let (_d_r, mut d_w) = tokio::io::split(daemon_side);
         d_w.write_all(&request(PS_IOV_GET, 8, base, 1)).await.unwrap();
         let mut req = [0u8; PS_IOV_SIZE];
@@ -493,9 +505,30 @@ mod tests {
     #[tokio::test]
     async fn the_daemon_gets_its_pages_and_most_come_from_the_prefetch() {
         let base = 0x10_0000u64;
-        let (stats, gets) = run_fake(base, vec![(base, 512)], (0..512u64).step_by(8).collect()).await;
+        let (stats, gets) = run_fake(base, vec![(base, 512)], (0..512u64).step_by(8).collect(), None).await;
         assert_eq!(stats.answered, 64, "{stats:?}");
         assert_eq!(stats.prefetched_pages + stats.urgent_pages, 512, "no page crossed twice: {stats:?}");
         assert!(gets < 64, "the source was asked {gets} times");
+    }
+
+    /// Knowing the process's id, the relay asks the source before the daemon asks
+    /// anything, and still answers the daemon exactly, nothing twice.
+    #[tokio::test]
+    async fn with_the_process_known_the_prefetch_starts_before_the_daemon_asks() {
+        let base = 0x10_0000u64;
+        let (relay_up, mut server) = tokio::io::duplex(1 << 20);
+        let (_daemon_side, relay_daemon) = tokio::io::duplex(1 << 20);
+        let (dr, dw) = tokio::io::split(relay_daemon);
+        let (ur, uw) = tokio::io::split(relay_up);
+        let _relay = tokio::spawn(relay(dr, dw, ur, uw, vec![(base, 512)], Some(1)));
+        let mut req = [0u8; PS_IOV_SIZE];
+        tokio::time::timeout(std::time::Duration::from_secs(5), server.read_exact(&mut req))
+            .await
+            .expect("a GET before any daemon request")
+            .unwrap();
+        assert_eq!(fields(&req), (PS_IOV_GET, CHUNK_PAGES, base, 1));
+        let (stats, _) = run_fake(base, vec![(base, 512)], (0..512u64).step_by(8).collect(), Some(1)).await;
+        assert_eq!(stats.answered, 64, "{stats:?}");
+        assert_eq!(stats.prefetched_pages + stats.urgent_pages, 512, "no page crossed twice: {stats:?}");
     }
 }
