@@ -101,6 +101,9 @@ fn vm_moves_to_another_agent_and_keeps_counting() {
     assert_eq!(plan["chosen"], "vm-precopy", "{plan}");
     assert_eq!(plan["inputs"]["state_bytes"], 128u64 << 20, "{plan}");
     assert!(plan["inputs"]["sources"]["dirty_bytes_per_s"].as_str().unwrap().contains("calc-dirty-rate"), "{plan}");
+    // the working set: a second, longer sample says whether the guest rewrites a bounded set
+    let set_how = plan["inputs"]["sources"]["dirty_set_bytes"].as_str().unwrap_or_default();
+    assert!(set_how.starts_with("measured") || set_how.starts_with("none seen"), "{plan}");
     let kinds: Vec<&str> = plan["predictions"].as_array().unwrap().iter().filter_map(|p| p["kind"].as_str()).collect();
     assert_eq!(kinds.len(), 4, "{plan}");
     assert!(plan["predictions"].as_array().unwrap().iter().all(|p| p["total_ms"].as_u64().unwrap() > 0), "{plan}");
@@ -131,6 +134,14 @@ fn vm_moves_to_another_agent_and_keeps_counting() {
     assert!(report["reason"].as_str().unwrap().contains("QEMU live migration"), "{report}");
     // predicted before the move, next to what was measured
     assert_eq!(report["predicted"]["kind"], "vm-precopy", "{report}");
+    // the source keeps the move for its next predictions, with the bytes it sent
+    let history =
+        std::fs::read_to_string(format!("/tmp/away-e2e-vmcli/source-{}/state/move-history.jsonl", std::process::id()))
+            .expect("the source's move history");
+    let kept: Value = serde_json::from_str(history.lines().last().unwrap()).unwrap();
+    assert_eq!(kept["runtime"], "qemu", "{history}");
+    assert_eq!(kept["bytes_wire"], report["bytes_wire"], "{history}");
+    assert!(kept["phases"]["migrate"].as_u64().unwrap() > 0, "{history}");
 
     let after = wait_for(30, || state(target_port)).expect("the VM answers on the target's port");
     assert_eq!(after.1, before.1, "the guest restarted instead of moving");

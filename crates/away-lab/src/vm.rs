@@ -351,6 +351,7 @@ async fn predict(
         nonzero_fraction: nonzero,
         dirty_bytes_per_s: writes.dirty_bytes_per_s,
         dirty_set_bytes: writes.dirty_set_bytes,
+        vm_stream_backlog_bytes: away_migrate::estimate::vm_stream_backlog().0,
         link_bytes_per_s: profile.rate_bits_per_sec / 8.0,
         rtt_ms: profile.rtt().as_secs_f64() * 1e3,
         costs: history(opts).costs(away_model::RuntimeKind::Qemu).0,

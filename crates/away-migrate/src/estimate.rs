@@ -574,6 +574,7 @@ pub async fn plan_container(
         nonzero_fraction: 1.0,
         dirty_bytes_per_s: dirty_bytes,
         dirty_set_bytes: None,
+        vm_stream_backlog_bytes: None,
         link_bytes_per_s: link.rate_bytes_per_s,
         rtt_ms: link.rtt_ms,
         costs,
@@ -678,6 +679,28 @@ pub async fn measure_guest_writes(qemu: &away_runtime::qemu::QemuRuntime, name: 
     w
 }
 
+/// Share of the socket send buffer's limit QEMU's stream held when the guest stopped:
+/// over the emulated WAN the pause drained 2.5-3.6 MB more than the final pass (median
+/// 3.3 MB of the 4 MiB limit, 9 moves, docs/results/2026-12-04-vm-prediction).
+const BACKLOG_SHARE: f64 = 0.75;
+
+/// What QEMU's migration stream may still hold in this host's kernel when the guest
+/// stops: the TCP send buffer's limit (`net.ipv4.tcp_wmem`'s maximum, which the
+/// kernel grows a bulk sender's buffer to) times [`BACKLOG_SHARE`]; with how.
+pub fn vm_stream_backlog() -> (Option<u64>, String) {
+    let read = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem");
+    match read.as_deref().map(|t| t.split_whitespace().nth(2).and_then(|m| m.parse::<u64>().ok())) {
+        Ok(Some(max)) => (
+            Some((max as f64 * BACKLOG_SHARE) as u64),
+            format!(
+                "{:.0} % of this host's TCP send buffer limit (net.ipv4.tcp_wmem: {max} bytes)",
+                BACKLOG_SHARE * 100.0
+            ),
+        ),
+        _ => (None, "none: net.ipv4.tcp_wmem could not be read".into()),
+    }
+}
+
 /// Measure and predict a live migration of VM `name` to `target`: every way QEMU could
 /// move it, and the one `opts` asks for (or, given, the best for `optimize`). The
 /// guest's memory is its spec's; the share of it QEMU would send (pages never touched
@@ -709,6 +732,8 @@ pub async fn plan_vm(
     sources.insert("compress_ratio".to_string(), guest.compress_how.clone());
     let writes = measure_guest_writes(node.qemu(), name).await;
     sources.extend(writes.sources);
+    let (backlog, backlog_how) = vm_stream_backlog();
+    sources.insert("vm_stream_backlog_bytes".into(), backlog_how);
     sources.insert("link_bytes_per_s".into(), link.rate_how.clone());
     sources.insert("rtt_ms".into(), link.rtt_how.clone());
     let (costs, costs_how) = History::of(&node.options.paths.state_dir).costs(RuntimeKind::Qemu);
@@ -719,6 +744,7 @@ pub async fn plan_vm(
         nonzero_fraction: guest.nonzero_fraction,
         dirty_bytes_per_s: writes.dirty_bytes_per_s,
         dirty_set_bytes: writes.dirty_set_bytes,
+        vm_stream_backlog_bytes: backlog,
         link_bytes_per_s: link.rate_bytes_per_s,
         rtt_ms: link.rtt_ms,
         costs,

@@ -138,6 +138,10 @@ pub struct PredictionInputs {
     /// when two samples of different lengths showed a bound; absent, its whole RAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_set_bytes: Option<u64>,
+    /// VMs: what QEMU's migration stream may still hold in the source's socket send
+    /// buffer when the guest stops; it crosses before the device state, in the pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_stream_backlog_bytes: Option<u64>,
     /// The link's rate between the two nodes.
     pub link_bytes_per_s: f64,
     /// The round trip between the two nodes.

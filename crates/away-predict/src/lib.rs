@@ -87,7 +87,9 @@ pub fn default_costs(runtime: RuntimeKind) -> PhaseCosts {
             vm_switchover_ms: 0.0,
         },
         RuntimeKind::Qemu => PhaseCosts {
-            check_ms: 200.0,
+            // a VM move's checks (compatibility, the target's description) come before
+            // its clock, which starts with the destination's preparation
+            check_ms: 0.0,
             watch_ms: 0.0,
             hash_bytes_per_s: f64::INFINITY,
             prefreeze_ms: 0.0,
@@ -259,7 +261,9 @@ fn vm(kind: MoveKind, i: &PredictionInputs) -> MovePrediction {
     let dirty = i.dirty_bytes_per_s;
     // however long a pass runs, it leaves at most the working set dirty
     let set = i.dirty_set_bytes.map_or(ram, |w| (w as f64).min(ram));
-    let (start, switch) = (c.vm_start_ms / 1e3, c.vm_switchover_ms / 1e3 + rtt);
+    // the stream's backlog in the kernel drains before the device state gets across
+    let backlog = i.vm_stream_backlog_bytes.unwrap_or(0) as f64 / i.link_bytes_per_s.max(1.0);
+    let (start, switch) = (c.vm_start_ms / 1e3, c.vm_switchover_ms / 1e3 + rtt + backlog);
     let limit = i.vm_max_downtime_ms / 1e3;
 
     if kind == MoveKind::VmPostcopy {
@@ -409,6 +413,7 @@ mod tests {
             nonzero_fraction: 1.0,
             dirty_bytes_per_s: dirty_mb_s * 1e6,
             dirty_set_bytes: None,
+            vm_stream_backlog_bytes: None,
             link_bytes_per_s: mbit * 1e6 / 8.0,
             rtt_ms,
             costs: default_costs(runtime),
@@ -545,6 +550,20 @@ mod tests {
         // pre-copy still never converges: every pass leaves the whole set dirty again
         let pre = predict(MoveKind::VmPrecopy, &i);
         assert!(!pre.converges, "{pre:?}");
+    }
+
+    /// The pause includes what the stream still held when the guest stopped: long on a
+    /// slow link, nothing much on a fast one.
+    #[test]
+    fn the_streams_backlog_is_in_the_pause() {
+        for (mbit, rtt, more_ms) in [(37.0, 73.6, 600), (938.0, 0.2, 30)] {
+            let mut i = inputs(RuntimeKind::Qemu, 128.0, 0.0, mbit, rtt);
+            let without = predict(MoveKind::VmPostcopy, &i);
+            i.vm_stream_backlog_bytes = Some(3 << 20);
+            let with = predict(MoveKind::VmPostcopy, &i);
+            let added = with.downtime_ms - without.downtime_ms;
+            assert!((added as i64 - more_ms).abs() <= more_ms / 3 + 5, "{mbit} Mbit/s: {added} ms more");
+        }
     }
 
     /// Auto-converge throttles a writer that is only a little faster than the link
