@@ -681,7 +681,7 @@ pub async fn measure_guest_writes(qemu: &away_runtime::qemu::QemuRuntime, name: 
 
 /// Share of the socket send buffer's limit QEMU's stream held when the guest stopped:
 /// over the emulated WAN the pause drained 2.5-3.6 MB more than the final pass (median
-/// 3.3 MB of the 4 MiB limit, 9 moves, docs/results/2026-12-04-vm-prediction).
+/// 3.3 MB of the 4 MiB limit, nine moves on 2026-12-04; docs/migration.md, "Prediction").
 const BACKLOG_SHARE: f64 = 0.75;
 
 /// What QEMU's migration stream may still hold in this host's kernel when the guest
