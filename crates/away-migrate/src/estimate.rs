@@ -415,11 +415,14 @@ impl History {
                 used.push("switchover");
             }
             // QEMU's copy (every pass, the final one and a post-copy's pull): the fastest
-            // it ever ran is the node's own rate (a slow link or a busy host bound the rest)
+            // it ever ran is the node's own rate (a slow link or a busy host bound the
+            // rest). A copy under a quarter of QEMU's default cap was the link's pace,
+            // not the node's: a node that moved only over a WAN learns nothing here.
             let copies = moves.iter().filter_map(|m| {
                 let ms = *m.phases.get("migrate")? as f64;
                 Some(m.bytes_wire? as f64 / (ms.max(1.0) / 1e3))
             });
+            let copies = copies.filter(|&r| r >= d.pipeline_bytes_per_s / 4.0);
             if let Some(v) = learned(copies.collect(), d.pipeline_bytes_per_s, Pick::Largest) {
                 c.pipeline_bytes_per_s = v;
                 used.push("copy rate");
@@ -642,8 +645,8 @@ pub struct GuestWrites {
 }
 
 /// Measure [`GuestWrites`] of VM `name`: two page-sampling runs of QEMU's
-/// `calc-dirty-rate` (1 s, then 3 s). A guest QEMU cannot
-/// measure is taken as writing nothing, and `sources` says why.
+/// `calc-dirty-rate` (1 s, then 3 s). A guest QEMU cannot measure is taken as writing
+/// nothing, and `sources` says why.
 pub async fn measure_guest_writes(qemu: &away_runtime::qemu::QemuRuntime, name: &str) -> GuestWrites {
     let (short_s, long_s) = GUEST_WRITE_SAMPLES;
     let mut w = GuestWrites::default();
@@ -666,7 +669,7 @@ pub async fn measure_guest_writes(qemu: &away_runtime::qemu::QemuRuntime, name: 
             Some(set) => {
                 w.dirty_set_bytes = Some(set.round() as u64);
                 format!(
-                    "measured: {:.1} MB dirtied in {long_s} s against {:.1} MB/s over {short_s} s (the guest rewrites a                      set)",
+                    "measured: {:.1} MB dirtied in {long_s} s against {:.1} MB/s over {short_s} s (the guest rewrites a set)",
                     set / 1e6,
                     short / 1e6
                 )
@@ -874,6 +877,11 @@ mod tests {
         assert!(how.contains("copy rate"), "{how}");
         assert_eq!(c.pipeline_bytes_per_s, 90e6);
         assert_eq!(c.vm_start_ms, 630.0);
+        // WAN moves alone teach no copy rate: the link set their pace
+        std::fs::write(dir.path().join("move-history.jsonl"), lines[2].clone()).unwrap();
+        let (c, how) = History::of(dir.path()).costs(RuntimeKind::Qemu);
+        assert!(!how.contains("copy rate"), "{how}");
+        assert_eq!(c.pipeline_bytes_per_s, away_predict::default_costs(RuntimeKind::Qemu).pipeline_bytes_per_s);
         // containers' history is not a VM's
         assert_eq!(
             History::of(dir.path()).costs(RuntimeKind::Containerd).0,
