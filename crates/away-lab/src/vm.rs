@@ -312,10 +312,11 @@ impl VmLab {
 }
 
 /// The prediction of this VM run (`away_predict`), before it starts: the guest's
-/// writes as QEMU measures them (rate, working set), its non-zero share from the QEMU process's resident memory, the link's
-/// rate and round trip as emulated (the lab has no agent to probe at the VM's far end:
-/// these are the emulator's settings), phase costs learned from the experiment's earlier
-/// VM moves (QEMU's defaults before the first). None when QEMU cannot measure.
+/// writes as QEMU measures them (rate, working set), its non-zero share from the QEMU
+/// process's resident memory, the link's rate and round trip as emulated (the lab has
+/// no agent to probe at the VM's far end: these are the emulator's settings), phase
+/// costs learned from the experiment's earlier VM moves (QEMU's defaults before the
+/// first). None when QEMU cannot measure.
 async fn predict(
     opts: &CompareOptions,
     planned: &PlannedRun,
@@ -331,13 +332,13 @@ async fn predict(
         // the model has no disk mirror (yet): no prediction rather than a wrong one
         _ => return None,
     };
-    let writes = away_migrate::estimate::measure_guest_writes(source, name).await;
-    if let Some(why) = writes.sources.get("dirty_bytes_per_s").filter(|_| writes.dirty_bytes_per_s == 0.0) {
-        if why.starts_with("default") {
-            tracing::warn!("no prediction for {name}: {why}");
+    let writes = match away_migrate::estimate::measure_guest_writes(source, name).await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("no prediction for {name}: {}", error_chain(&e));
             return None;
         }
-    }
+    };
     let ram = opts.vm_ram.bytes();
     // the guest's non-zero share, as away_migrate's VM plans measure it
     let pid = source.status(name).await.ok().and_then(|s| s.pid);

@@ -256,7 +256,7 @@ async fn move_container(
     // target's address is known. One after another they took 0.9 s over a 73.6 ms
     // round trip (about 0.2 s on a LAN); together, three round trips and the slowest
     // local step. None of it is downtime: nothing has stopped yet.
-    let watch = crate::mode::Watch::start(opts.mode, kind, status.pid);
+    let mut watch = crate::mode::Watch::start(opts.mode, kind, status.pid);
     let remote = async {
         let there = target.info().await?;
         let early = connect_early(&there.transfer_addr, &there.node.name, &opts.transfer).await?;
@@ -276,7 +276,6 @@ async fn move_container(
         )));
     }
     let image = node.store.resolve(&status.image).map_err(MigrateError::Runtime)?;
-    let mut watch = watch;
     // the image goes before anything stops: it is not part of the downtime
     if !has_image? {
         // the writes are measured again after the upload, not from before it

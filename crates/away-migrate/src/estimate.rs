@@ -645,21 +645,15 @@ pub struct GuestWrites {
 }
 
 /// Measure [`GuestWrites`] of VM `name`: two page-sampling runs of QEMU's
-/// `calc-dirty-rate` (1 s, then 3 s). A guest QEMU cannot measure is taken as writing
-/// nothing, and `sources` says why.
-pub async fn measure_guest_writes(qemu: &away_runtime::qemu::QemuRuntime, name: &str) -> GuestWrites {
+/// `calc-dirty-rate` (1 s, then 3 s). Fails when QEMU cannot measure the rate; a
+/// working set it cannot measure is none, and `sources` says why.
+pub async fn measure_guest_writes(
+    qemu: &away_runtime::qemu::QemuRuntime,
+    name: &str,
+) -> Result<GuestWrites, away_runtime::qemu::QmpError> {
     let (short_s, long_s) = GUEST_WRITE_SAMPLES;
     let mut w = GuestWrites::default();
-    let short = match qemu.dirty_rate(name, short_s).await {
-        Ok(d) => d,
-        Err(e) => {
-            w.sources.insert(
-                "dirty_bytes_per_s".into(),
-                format!("default 0: QEMU could not measure it ({})", away_model::error_chain(&e)),
-            );
-            return w;
-        }
-    };
+    let short = qemu.dirty_rate(name, short_s).await?;
     w.dirty_bytes_per_s = short;
     w.sources
         .insert("dirty_bytes_per_s".into(), format!("measured by QEMU: calc-dirty-rate, {short_s} s of page sampling"));
@@ -679,7 +673,7 @@ pub async fn measure_guest_writes(qemu: &away_runtime::qemu::QemuRuntime, name: 
         Err(e) => format!("not measured ({}): its whole RAM", away_model::error_chain(&e)),
     };
     w.sources.insert("dirty_set_bytes".into(), how);
-    w
+    Ok(w)
 }
 
 /// Share of the socket send buffer's limit QEMU's stream held when the guest stopped:
@@ -733,7 +727,13 @@ pub async fn plan_vm(
     sources.insert("state_bytes".to_string(), format!("the guest's memory ({} MiB, its spec)", ram >> 20));
     sources.insert("nonzero_fraction".to_string(), guest.nonzero_how.clone());
     sources.insert("compress_ratio".to_string(), guest.compress_how.clone());
-    let writes = measure_guest_writes(node.qemu(), name).await;
+    let writes = measure_guest_writes(node.qemu(), name).await.unwrap_or_else(|e| GuestWrites {
+        sources: BTreeMap::from([(
+            "dirty_bytes_per_s".to_string(),
+            format!("default 0: QEMU could not measure it ({})", away_model::error_chain(&e)),
+        )]),
+        ..GuestWrites::default()
+    });
     sources.extend(writes.sources);
     let (backlog, backlog_how) = vm_stream_backlog();
     sources.insert("vm_stream_backlog_bytes".into(), backlog_how);

@@ -101,39 +101,34 @@ impl ImageStore {
         Ok(refs)
     }
 
-    /// A path to an image tar, or a reference in the store.
     /// Resolve a reference a peer sent (a move's announcement or manifest, an image
     /// query): the store's own tar for it, never a path on this host, which
     /// [`ImageStore::resolve`] would take for a user's `away run ./app.tar`.
     pub fn resolve_stored(&self, reference: &str) -> Result<ResolvedImage, RuntimeError> {
-        let file = self.file_for(reference);
-        if !file.is_file() {
-            return Err(RuntimeError::Image {
-                reference: reference.to_string(),
-                reason: format!("not in the image store {}", self.dir.display()),
-            });
-        }
-        read_resolved(&file, Some(normalize_reference(reference)))
+        self.in_store(reference, || format!("not in the image store {}", self.dir.display()))
     }
 
+    /// A path to an image tar, or a reference in the store.
     pub fn resolve(&self, image: &str) -> Result<ResolvedImage, RuntimeError> {
         let as_path = Path::new(image);
-        let (tar, wanted) = if as_path.is_file() {
-            (as_path.to_path_buf(), None)
-        } else {
-            let file = self.file_for(image);
-            if !file.is_file() {
-                return Err(RuntimeError::Image {
-                    reference: image.to_string(),
-                    reason: format!(
-                        "not found: it is neither an image tar nor in the image store {} (build it with `away image build images/<app>`, or name a tar)",
-                        self.dir.display()
-                    ),
-                });
-            }
-            (file, Some(normalize_reference(image)))
-        };
-        read_resolved(&tar, wanted)
+        if as_path.is_file() {
+            return read_resolved(as_path, None);
+        }
+        self.in_store(image, || {
+            format!(
+                "not found: it is neither an image tar nor in the image store {} (build it with `away image build images/<app>`, or name a tar)",
+                self.dir.display()
+            )
+        })
+    }
+
+    /// The store's tar for `reference`; `missing` says why when there is none.
+    fn in_store(&self, reference: &str, missing: impl FnOnce() -> String) -> Result<ResolvedImage, RuntimeError> {
+        let file = self.file_for(reference);
+        if !file.is_file() {
+            return Err(RuntimeError::Image { reference: reference.to_string(), reason: missing() });
+        }
+        read_resolved(&file, Some(normalize_reference(reference)))
     }
 }
 
