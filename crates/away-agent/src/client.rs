@@ -680,7 +680,7 @@ pub async fn migrate_vm_via_agent(
     report.reason = format!("{}; {}", compat.reason, report.reason);
     report.predicted = plan.as_ref().and_then(|p| p.chosen_prediction().cloned());
     let history = away_migrate::estimate::History::of(&node.options.paths.state_dir);
-    if let Err(e) = history.record(away_model::RuntimeKind::Qemu, &report) {
+    if let Err(e) = history.record(away_model::RuntimeKind::Qemu, &report, plan.as_ref().map(|p| &p.inputs.costs)) {
         tracing::warn!(workload = name, "cannot keep the move in this node's history: {e}");
     }
     Ok(report)

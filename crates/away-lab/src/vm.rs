@@ -248,7 +248,7 @@ impl VmLab {
         // with the whole guest (pre-copy: its RESUME; post-copy: the migration's end)
         let start_ms = crate::unix_ms();
         let result = migrate_vm_to(source, &mut dest, name, &self.image, &mig, source_tls.as_ref(), show).await;
-        self.outcome(opts, planned, timeout, start_ms, result).map(|r| r.with_predicted(predicted))
+        self.outcome(opts, planned, timeout, start_ms, result, predicted)
     }
 
     fn outcome(
@@ -258,10 +258,14 @@ impl VmLab {
         timeout: Duration,
         start_ms: u64,
         result: Result<(away_model::MigrationReport, away_migrate::vm::VmMigrationOutcome), VmMigrateError>,
+        predicted: Option<(away_model::MovePrediction, away_model::PhaseCosts)>,
     ) -> Result<RunResult, String> {
+        let (predicted, costs) = predicted.unzip();
         match result {
-            Ok((report, outcome)) => {
-                if let Err(e) = history(opts).record(away_model::RuntimeKind::Qemu, &report) {
+            Ok((mut report, outcome)) => {
+                // as a node keeps it: with its prediction, whose misses teach the next
+                report.predicted = predicted.clone();
+                if let Err(e) = history(opts).record(away_model::RuntimeKind::Qemu, &report, costs.as_ref()) {
                     tracing::warn!("cannot keep the move in the experiment's history: {e}");
                 }
                 let phase = |n: &str| report.phases.iter().find(|p| p.name == n).map_or(0, |p| p.millis);
@@ -293,9 +297,11 @@ impl VmLab {
                     total,
                     Some(Duration::from_millis(report.downtime_millis)),
                 )
+                .with_degraded(outcome.postcopy.then(|| Duration::from_millis(report.degraded_millis)))
                 .with_bytes(outcome.bytes_wire + outcome.disk_bytes, outcome.ram_total + outcome.disk_bytes)
                 .with_disk(planned.path.writes_disk().then_some(outcome.disk_bytes))
-                .with_notes(notes.join("; ")))
+                .with_notes(notes.join("; "))
+                .with_predicted(predicted))
             }
             // The time limit, not a failure: pre-copy did not converge and was cancelled.
             Err(VmMigrateError::Aborted { cause, report, .. }) if matches!(*cause, VmMigrateError::TimedOut { .. }) => {
@@ -304,7 +310,8 @@ impl VmLab {
                     .with_notes(format!(
                         "not converged: cancelled after {:.0} s, the vm stayed on the source",
                         timeout.as_secs_f64()
-                    )))
+                    ))
+                    .with_predicted(predicted))
             }
             Err(e) => Err(error_chain(&e)),
         }
@@ -323,7 +330,7 @@ async fn predict(
     source: &QemuRuntime,
     name: &str,
     mig: &VmMigrationOptions,
-) -> Option<away_model::MovePrediction> {
+) -> Option<(away_model::MovePrediction, away_model::PhaseCosts)> {
     let kind = match planned.path {
         MigrationPath::VmPrecopy => away_model::MoveKind::VmPrecopy,
         MigrationPath::VmAutoConverge => away_model::MoveKind::VmAutoConverge,
@@ -360,7 +367,7 @@ async fn predict(
         vm_timeout_s: mig.timeout.as_secs_f64(),
         sources: writes.sources,
     };
-    Some(away_predict::predict(kind, &inputs))
+    Some((away_predict::predict(kind, &inputs), inputs.costs))
 }
 
 /// The experiment's move history, one node's across the runs as on a real node (the

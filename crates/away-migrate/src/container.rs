@@ -216,7 +216,11 @@ pub async fn migrate_container(
         if let Some(plan) = &plan {
             report.predicted = crate::estimate::predicted_for(plan, runtime, &report);
         }
-        if let Err(e) = crate::estimate::History::of(&node.options.paths.state_dir).record(runtime, &report) {
+        if let Err(e) = crate::estimate::History::of(&node.options.paths.state_dir).record(
+            runtime,
+            &report,
+            plan.as_ref().map(|p| &p.inputs.costs),
+        ) {
             tracing::warn!("cannot keep the move in this node's history: {e}");
         }
     }

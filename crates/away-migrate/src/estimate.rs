@@ -191,6 +191,14 @@ struct PastMove {
     /// Bytes it sent (absent in histories written before it was kept).
     #[serde(default)]
     bytes_wire: Option<u64>,
+    /// VMs: the part of its predicted pause the model put down to memory and the link
+    /// (the last dirty pages, the round trip, the stream's backlog): its prediction less
+    /// the fixed cost it assumed. Absent without a prediction of the way it took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pause_modelled_ms: Option<f64>,
+    /// VMs: it switched to post-copy (it ran on the target while pages came).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    postcopy: bool,
 }
 
 impl PastMove {
@@ -226,11 +234,27 @@ impl History {
             .unwrap_or_default()
     }
 
-    /// Keep a successful move (the last [`HISTORY_KEEP`] stay).
-    pub fn record(&self, runtime: RuntimeKind, report: &MigrationReport) -> std::io::Result<()> {
+    /// Keep a successful move (the last [`HISTORY_KEEP`] stay); `costs`: the phase costs
+    /// of its prediction (`report.predicted`), when it had one.
+    pub fn record(
+        &self,
+        runtime: RuntimeKind,
+        report: &MigrationReport,
+        costs: Option<&PhaseCosts>,
+    ) -> std::io::Result<()> {
         if !report.ok {
             return Ok(());
         }
+        let postcopy = runtime == RuntimeKind::Qemu && report.degraded_millis > 0;
+        // a VM's fixed pause is learned from what the model did not explain; only when it
+        // predicted the way QEMU took (a post-copy switch or a pre-copy completion)
+        let pause_modelled_ms = match (runtime, &report.predicted, costs) {
+            (RuntimeKind::Qemu, Some(p), Some(c)) if p.converges && (p.degraded_ms > 0) == postcopy => {
+                let fixed = if postcopy { c.vm_postcopy_switch_ms } else { c.vm_switchover_ms };
+                Some((p.downtime_ms as f64 - fixed).max(0.0))
+            }
+            _ => None,
+        };
         let mut all = self.read();
         all.push(PastMove {
             at_ms: std::time::SystemTime::now()
@@ -243,6 +267,8 @@ impl History {
             phases: report.phases.iter().map(|p| (p.name.clone(), p.millis)).collect(),
             downtime_ms: Some(report.downtime_millis),
             bytes_wire: Some(report.bytes_wire),
+            pause_modelled_ms,
+            postcopy,
         });
         let skip = all.len().saturating_sub(HISTORY_KEEP);
         if let Some(dir) = self.path.parent() {
@@ -410,9 +436,23 @@ impl History {
                 c.vm_start_ms = v;
                 used.push("vm start");
             }
-            if let Some(v) = median(&all, "switchover", d.vm_switchover_ms) {
+            // the fixed part of each kind of pause: what the measured pauses showed beyond
+            // the part the model put down to memory and the link (away's own switchover
+            // phase is only the commit's share of it)
+            let fixed_pause = |postcopy: bool, prior: f64| {
+                let v = moves.iter().filter(|m| m.postcopy == postcopy).filter_map(|m| {
+                    let down = m.downtime_ms? as f64;
+                    Some((down - m.pause_modelled_ms?).max(0.0))
+                });
+                learned(v.collect(), prior, Pick::Median)
+            };
+            if let Some(v) = fixed_pause(false, d.vm_switchover_ms) {
                 c.vm_switchover_ms = v;
-                used.push("switchover");
+                used.push("pre-copy pause");
+            }
+            if let Some(v) = fixed_pause(true, d.vm_postcopy_switch_ms) {
+                c.vm_postcopy_switch_ms = v;
+                used.push("post-copy pause");
             }
             // QEMU's copy (every pass, the final one and a post-copy's pull): the fastest
             // it ever ran is the node's own rate (a slow link or a busy host bound the
@@ -887,6 +927,59 @@ mod tests {
             History::of(dir.path()).costs(RuntimeKind::Containerd).0,
             away_predict::default_costs(RuntimeKind::Containerd)
         );
+    }
+
+    /// A VM's fixed pauses are learned from measured pauses less what the prediction put
+    /// down to memory and the link, each kind of pause from its own moves; a move that
+    /// took another way than predicted teaches neither.
+    #[test]
+    fn vm_pauses_are_learned_from_measured_pauses() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::of(dir.path());
+        let d = away_predict::default_costs(RuntimeKind::Qemu);
+        let report = |down: u64, degraded: u64, predicted_down: u64, predicted_degraded: u64| MigrationReport {
+            workload: "w".into(),
+            mode: MigrationMode::VmLive,
+            source: String::new(),
+            target: String::new(),
+            phases: vec![away_model::MigrationPhase::new("migrate", 1000)],
+            total_millis: 1500,
+            downtime_millis: down,
+            degraded_millis: degraded,
+            resumed_unix_ms: None,
+            started_unix_ms: None,
+            bytes_raw: 135_000_000,
+            paged_bytes_raw: 0,
+            bytes_wire: 90_000_000,
+            reason: String::new(),
+            ok: true,
+            error: None,
+            predicted: Some(MovePrediction {
+                kind: MoveKind::VmPrecopy,
+                available: true,
+                total_ms: 1400,
+                downtime_ms: predicted_down,
+                degraded_ms: predicted_degraded,
+                bytes_wire: 90_000_000,
+                converges: true,
+                rounds: 1,
+                note: String::new(),
+            }),
+            volumes: None,
+            network: None,
+        };
+        // pre-copy completions: 380 and 280 ms measured where the model explained 30 ms
+        // beyond its 300 ms of fixed cost; a post-copy switch of 64 ms where it explained 10
+        for r in [report(380, 0, 330, 0), report(280, 0, 330, 0), report(64, 900, 60, 800)] {
+            history.record(RuntimeKind::Qemu, &r, Some(&d)).unwrap();
+        }
+        // predicted post-copy, but QEMU completed as pre-copy: no lesson
+        history.record(RuntimeKind::Qemu, &report(2000, 0, 60, 800), Some(&d)).unwrap();
+        let (c, how) = history.costs(RuntimeKind::Qemu);
+        assert!(how.contains("pre-copy pause") && how.contains("post-copy pause"), "{how}");
+        assert_eq!(c.vm_switchover_ms, 350.0);
+        // one post-copy sample: met halfway with the default
+        assert!((c.vm_postcopy_switch_ms - (54.0 * d.vm_postcopy_switch_ms).sqrt()).abs() < 1e-9, "{c:?}");
     }
 
     /// A node's first move of a kind is met halfway with the default; from two on, the

@@ -116,8 +116,13 @@ pub struct PhaseCosts {
     pub lazy_bytes_per_s: f64,
     /// VMs: starting the destination QEMU.
     pub vm_start_ms: f64,
-    /// VMs: the switchover's cost beyond the last dirty pages (device state, resume).
+    /// VMs: a pre-copy completion's pause beyond the last dirty pages, the round trip and
+    /// the stream's backlog (device state, the destination's load and resume, the commit).
     pub vm_switchover_ms: f64,
+    /// VMs: a post-copy switch's pause beyond the round trip and the stream's backlog
+    /// (device state; the destination runs at once and pulls the rest).
+    #[serde(default)]
+    pub vm_postcopy_switch_ms: f64,
 }
 
 /// Everything a prediction starts from. `sources` says, per field name, how it was

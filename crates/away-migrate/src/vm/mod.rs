@@ -354,6 +354,8 @@ pub async fn migrate_vm_to(
         }
     };
     report.phases.push(phase_of("migrate", phase));
+    // post-copy: the last page came now; the guest ran on the destination from its resume
+    let migrated_at = SystemTime::now();
     // on a lab network: how long the overlay takes to follow, asked from this node from
     // the source's STOP on (docs/network.md). Pre-copy only: the paused source and the
     // destination (held, or not yet announced) cannot answer before the destination
@@ -421,6 +423,9 @@ pub async fn migrate_vm_to(
         None => (outcome.qemu_downtime, "qemu's downtime (no usable STOP/RESUME pair)"),
     };
     report.downtime_millis = millis_ceil(downtime);
+    if outcome.postcopy {
+        report.degraded_millis = migrated_at.duration_since(resumed_at).map_or(0, millis_ceil);
+    }
     report.resumed_unix_ms = resumed_at.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
     if let Some(resumed) = report.resumed_unix_ms {
         report.network = crate::follow::FollowProbe::finish(follow, resumed).await;
