@@ -242,6 +242,8 @@ fn migrate_and_check(
     assert!(report.ok && report.error.is_none(), "{report:?}");
     assert_eq!(report.mode, MigrationMode::VmLive);
     assert_eq!(report.workload, name);
+    // post-copy ran on the destination while pages came: the report says how long
+    assert_eq!(report.degraded_millis > 0, outcome.postcopy, "{label}: degraded {} ms", report.degraded_millis);
     let phases: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(phases, ["prepare-destination", "migrate", "switchover", "cleanup"]);
     assert!(report.downtime_millis > 0, "downtime {report:?}");
