@@ -383,6 +383,9 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         assert!(ok, "streamed move failed: {stderr}");
         assert_eq!(report["mode"], "stop-and-copy", "{report}");
         assert!(report["reason"].as_str().unwrap().contains("streamed"), "{report}");
+        // the target opened the page link when the move was announced, and the source
+        // pushed every page from its dump's end without being asked
+        assert!(report["reason"].as_str().unwrap().contains("pages were pushed"), "{report}");
         assert_eq!(report["degraded_millis"], 0, "{report}");
         let phases: Vec<&str> =
             report["phases"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();

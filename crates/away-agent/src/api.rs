@@ -342,10 +342,14 @@ async fn announce(
         .announce(&req.transfer_id, &req.workload, &req.source)
         .map_err(|why| Problem(ApiError::new(ErrorCode::Conflict, why)))?;
     tracing::info!(transfer = %req.transfer_id, workload = %req.workload, source = %req.source, "move announced");
+    let mut page_link = false;
     if let Some(prepare) = req.prepare {
+        if let Some(relay) = prepare.page_relay {
+            page_link = agent.open_page_link(&req.transfer_id, relay, &req.source);
+        }
         agent.prepare_image(prepare);
     }
-    Ok(Json(serde_json::json!({"secret": a.secret.expose()})))
+    Ok(Json(serde_json::json!({"secret": a.secret.expose(), "page_link": page_link})))
 }
 
 fn state_problem(e: crate::state::StateError) -> Problem {
@@ -484,7 +488,8 @@ async fn restore_payload(agent: &Arc<Agent>, payload: ReceivedPayload, volumes: 
         channels: agent.watch_channels().borrow().clone(),
         peer_node: agent.announced_source(id).unwrap_or_default(),
     };
-    let mut result = restore_received(&agent.node, &payload, settle, &pages, volumes).await;
+    let early_pages = agent.take_page_link(id);
+    let mut result = restore_received(&agent.node, &payload, settle, &pages, early_pages, volumes).await;
     let mut verdict = verdict_for(&result, settle);
     let Some(m) = manifest else { return verdict };
     match &mut result {

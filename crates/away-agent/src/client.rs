@@ -237,7 +237,7 @@ impl TargetNode for AgentClient {
         workload: &str,
         source: &str,
         prepare: Option<&away_migrate::target::PrepareImage>,
-    ) -> Result<away_migrate::transfer::MoveSecret, MigrateError> {
+    ) -> Result<away_migrate::target::Announcement, MigrateError> {
         let body = crate::api::Announce {
             transfer_id: transfer_id.into(),
             workload: workload.into(),
@@ -248,7 +248,10 @@ impl TargetNode for AgentClient {
         let v: serde_json::Value =
             resp.json().await.map_err(|e| self.err(format!("bad /v1/transfers answer: {e}", e = ErrorChain(&e))))?;
         let secret = v["secret"].as_str().ok_or_else(|| self.err("no secret in the announcement's answer"))?;
-        Ok(away_migrate::transfer::MoveSecret::from_string(secret.to_string()))
+        Ok(away_migrate::target::Announcement {
+            secret: away_migrate::transfer::MoveSecret::from_string(secret.to_string()),
+            page_link: v["page_link"].as_bool().unwrap_or(false),
+        })
     }
 
     async fn has_image(&self, reference: &str) -> Result<bool, MigrateError> {
@@ -390,7 +393,7 @@ impl TargetNode for VmMove<'_> {
         workload: &str,
         source: &str,
         prepare: Option<&away_migrate::target::PrepareImage>,
-    ) -> Result<away_migrate::transfer::MoveSecret, MigrateError> {
+    ) -> Result<away_migrate::target::Announcement, MigrateError> {
         self.client.announce(transfer_id, workload, source, prepare).await
     }
 

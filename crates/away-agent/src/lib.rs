@@ -158,6 +158,9 @@ pub struct Agent {
     channels: tokio::sync::watch::Sender<away_migrate::channel::Channels>,
     /// transfer id -> the move its source announced (checked by the transfer receiver).
     pub announced: std::sync::Mutex<HashMap<String, Announced>>,
+    /// transfer id -> the page link a streamed move's announcement opened, and when;
+    /// its restore takes it ([`Agent::take_page_link`]).
+    page_links: std::sync::Mutex<HashMap<String, (std::time::Instant, away_migrate::lazy::pull::EarlyLink)>>,
 }
 
 impl Agent {
@@ -201,6 +204,7 @@ impl Agent {
             cancels: Default::default(),
             overlay: Default::default(),
             announced: std::sync::Mutex::new(announced),
+            page_links: Default::default(),
         }))
     }
 
@@ -313,6 +317,33 @@ impl Agent {
                 Err(e) => tracing::info!(image = %prepare.reference, "not prepared for a move (its restore will): {e}"),
             }
         });
+    }
+
+    /// Open the page link of announced move `transfer_id` to `relay`, its source's page
+    /// relay (under TLS only `source`'s certificate is taken there); true when it is
+    /// being opened. A link no restore took goes with the announcement's expiry.
+    pub fn open_page_link(&self, transfer_id: &str, relay: std::net::SocketAddr, source: &str) -> bool {
+        let Ok(channels) = self.channels() else { return false };
+        let link = away_migrate::lazy::PageLink { channels, peer_node: source.to_string() };
+        let mut links = self.page_links.lock().expect("page links lock");
+        let expiry = self.config.transfers.expire_after;
+        links.retain(|_, (at, _)| at.elapsed() < expiry);
+        // announced again (a retry): the link opened the first time stands
+        if links.contains_key(transfer_id) {
+            return true;
+        }
+        if links.len() >= MAX_ANNOUNCED {
+            return false;
+        }
+        tracing::debug!(transfer = transfer_id, %relay, "opening the move's page link");
+        let early = away_migrate::lazy::pull::EarlyLink::connect(relay, link);
+        links.insert(transfer_id.to_string(), (std::time::Instant::now(), early));
+        true
+    }
+
+    /// The page link announced move `transfer_id` opened, if it did.
+    pub fn take_page_link(&self, transfer_id: &str) -> Option<away_migrate::lazy::pull::EarlyLink> {
+        self.page_links.lock().expect("page links lock").remove(transfer_id).map(|(_, l)| l)
     }
 
     /// The transfer receiver's check of a hello: an announced move, from its source

@@ -55,6 +55,11 @@ pub struct Manifest {
     /// before it restores ([`crate::lazy::pull`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pull_pages: bool,
+    /// Streamed: the source pushes every page from the end of its dump, unasked; the
+    /// target only reads them ([`crate::lazy::pull::Push`]). Set only when the target
+    /// said at the announce that it opens the page link early.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pages_pushed: bool,
     /// Restore the workload's TCP connections closed, not established (overlay
     /// workloads; the move's `close_connections`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -297,11 +302,28 @@ async fn move_container(
     // the move's id, known before anything is sent (a lost answer is asked about by it),
     // and announced: the target takes this transfer only from this node, with its secret
     let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
+    // A streamed move's page link opens now: the source relay listens before the dump,
+    // the target connects when announced, and the pages go from the dump's end
+    // (`crate::lazy::pull`); only the target's node is taken.
+    let page_relay = if choice.streamed && choice.mode != MigrationMode::Lazy {
+        let link =
+            crate::lazy::PageLink { channels: opts.transfer.channels.clone(), peer_node: there.node.name.clone() };
+        let relay = crate::lazy::PendingRelay::listen((early.1, 0).into(), link).await.map_err(|e| {
+            MigrateError::Invalid(format!("cannot start the page relay on {}: {e}", early.1, e = ErrorChain(&e)))
+        })?;
+        Some(relay)
+    } else {
+        None
+    };
     // (the target imports the image into its runtime while this side checkpoints)
-    let prepare = crate::target::PrepareImage { reference: status.image.clone(), runtime: kind };
-    let secret = target.announce(&transfer_id, name, &here.name, Some(&prepare)).await?;
+    let prepare = crate::target::PrepareImage {
+        reference: status.image.clone(),
+        runtime: kind,
+        page_relay: page_relay.as_ref().map(|r| std::net::SocketAddr::new(early.1, r.port)),
+    };
+    let announced = target.announce(&transfer_id, name, &here.name, Some(&prepare)).await?;
     let mut opts = opts.clone();
-    opts.transfer.secret = Some(secret);
+    opts.transfer.secret = Some(announced.secret);
     opts.transfer.peer_node = there.node.name.clone();
     opts.transfer.transfer_id = Some(transfer_id.clone());
     let opts = &opts;
@@ -339,6 +361,7 @@ async fn move_container(
             streamed: choice.streamed,
             early,
             precopy,
+            page_relay: page_relay.map(|r| (r, announced.page_link)),
         };
         return migrate_lazy(moving).await;
     }
@@ -386,6 +409,7 @@ async fn move_container(
         lazy_page_relay: None,
         lazy_hot: Vec::new(),
         pull_pages: false,
+        pages_pushed: false,
         close_connections: opts.close_connections,
     };
     let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
@@ -727,6 +751,9 @@ struct Moving<'a> {
     early: Early,
     /// What the volumes' pre-copy sent, if there was one.
     precopy: Option<Precopy>,
+    /// A streamed move's page relay, listening since the announce, and whether the
+    /// target opened its link then (the pages are pushed only to such a target).
+    page_relay: Option<(crate::lazy::PendingRelay, bool)>,
 }
 
 /// A move's pre-copy of the workload's volumes: what it sent while the workload ran.
@@ -772,7 +799,7 @@ async fn precopy_volumes(
     };
     let id = transfer::new_transfer_id();
     let sending = async {
-        let secret = target.announce(&id, name, here, None).await?;
+        let secret = target.announce(&id, name, here, None).await?.secret;
         let mut send = opts.transfer.clone();
         send.transfer_id = Some(id.clone());
         send.secret = Some(secret);
@@ -1024,16 +1051,28 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     journaled = journaled.with_state(OutgoingState::Checkpointing);
     record_logged(journal, &journaled);
     let set_aside = set_aside.as_deref();
-    let relay = match crate::lazy::SourceRelay::start(
-        (local_ip, 0).into(),
-        dump.page_server_connector(),
-        crate::lazy::LazyFault::from_env(),
-        compress_pages,
-        // only the target's connection is taken (under TLS, by its certificate)
-        crate::lazy::PageLink { channels: opts.transfer.channels.clone(), peer_node: there.node.name.clone() },
-    )
-    .await
-    {
+    let mut pushed = false;
+    let started_relay = match m.page_relay {
+        Some((pending, early_link)) => {
+            // pushed to a target that opened its link early; asked for otherwise
+            let push =
+                early_link.then(|| crate::lazy::pull::Push::of_checkpoint(&payload.join(CHECKPOINT_DIR))).flatten();
+            pushed = push.is_some();
+            Ok(pending.start(dump.page_server_connector(), crate::lazy::LazyFault::from_env(), compress_pages, push))
+        }
+        None => {
+            crate::lazy::SourceRelay::start(
+                (local_ip, 0).into(),
+                dump.page_server_connector(),
+                crate::lazy::LazyFault::from_env(),
+                compress_pages,
+                // only the target's connection is taken (under TLS, by its certificate)
+                crate::lazy::PageLink { channels: opts.transfer.channels.clone(), peer_node: there.node.name.clone() },
+            )
+            .await
+        }
+    };
+    let relay = match started_relay {
         Ok(r) => r,
         Err(e) => {
             // nothing can reach CRIU's page server: end the dump, the source resumes
@@ -1058,6 +1097,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         lazy_page_relay: Some(page_relay),
         lazy_hot: m.hot,
         pull_pages: streamed,
+        pages_pushed: pushed,
         close_connections: m.opts.close_connections,
     };
     // Any failure until the target runs: CRIU resumes the source when told.
@@ -1224,6 +1264,11 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             let mut reason = m.reason;
             if nothing_lazy {
                 reason.push_str("; CRIU left no page lazy, the whole memory went in the payload");
+            }
+            if pushed {
+                reason.push_str(
+                    "; the pages were pushed from the dump's end down the link the target opened at the announce",
+                );
             }
             if opts.compress_pages.is_none() && !compress_pages {
                 reason.push_str("; the page stream went stored (the target is on this host)");
@@ -1415,7 +1460,8 @@ async fn failed_with_copy(runtime: &dyn Runtime, name: &str, message: String) ->
 }
 
 /// Target side: restore a received payload on this node and answer whether it runs.
-/// Pages of a lazy or streamed move come over `pages` (its peer: the move's source node).
+/// Pages of a lazy or streamed move come over `pages` (its peer: the move's source node);
+/// a streamed move's over `early_pages` when this node opened that link at the announce.
 /// `volumes_base`: the pre-copy of the workload's volumes this node received for the
 /// move, from which a checkpoint that carries only their changes is completed first.
 pub async fn restore_received(
@@ -1423,6 +1469,7 @@ pub async fn restore_received(
     payload: &ReceivedPayload,
     settle: Duration,
     pages: &crate::lazy::PageLink,
+    early_pages: Option<crate::lazy::pull::EarlyLink>,
     volumes_base: Option<&Path>,
 ) -> Result<Restored, RestoreFailed> {
     let started = Instant::now();
@@ -1463,7 +1510,7 @@ pub async fn restore_received(
         }
         Some(relay) if manifest.pull_pages => {
             let t = Instant::now();
-            let pages = crate::lazy::pull::pull_all(&dir, relay, pages)
+            let pages = crate::lazy::pull::pull_all(&dir, relay, pages, early_pages, manifest.pages_pushed)
                 .await
                 .map_err(|e| format!("pull the pages: {e}", e = ErrorChain(&e)))?;
             pull = t.elapsed();

@@ -31,6 +31,21 @@ pub struct PrepareImage {
     /// An image reference the target's store holds (the source sent it before).
     pub reference: String,
     pub runtime: away_model::RuntimeKind,
+    /// A streamed move's page relay on the source (`host:port`): the target opens the
+    /// page link now, while the source still runs, and reads the pages the source
+    /// pushes from the end of its dump ([`crate::lazy::pull`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_relay: Option<std::net::SocketAddr>,
+}
+
+/// A target's answer to an announcement.
+#[derive(Debug)]
+pub struct Announcement {
+    /// The move's one-time secret, which the transfer's hello must carry.
+    pub secret: crate::transfer::MoveSecret,
+    /// The target opened the page link to the announced page relay: the source may push
+    /// the pages unasked (an older target asks for them).
+    pub page_link: bool,
 }
 
 /// Where one move stands on the target: the only states there are, and the last two
@@ -94,17 +109,18 @@ pub struct NoAnswer {
 pub trait TargetNode: Send + Sync {
     async fn info(&self) -> Result<TargetInfo, MigrateError>;
     /// Announce move `transfer_id` of `workload` from node `source` before any byte of
-    /// it is sent; the answer is the move's one-time secret, which the transfer's hello
-    /// must carry (the target's receiver refuses an unannounced move, one from another
-    /// node, or one without the secret). With `prepare`, the target starts getting that
-    /// image ready in its runtime in the background.
+    /// it is sent; the answer carries the move's one-time secret, which the transfer's
+    /// hello must carry (the target's receiver refuses an unannounced move, one from
+    /// another node, or one without the secret). With `prepare`, the target starts
+    /// getting that image ready in its runtime in the background, and opens the page
+    /// link to its `page_relay`.
     async fn announce(
         &self,
         transfer_id: &str,
         workload: &str,
         source: &str,
         prepare: Option<&PrepareImage>,
-    ) -> Result<crate::transfer::MoveSecret, MigrateError>;
+    ) -> Result<Announcement, MigrateError>;
     /// Does the target's image store hold `reference`?
     async fn has_image(&self, reference: &str) -> Result<bool, MigrateError>;
     /// Put an image tar into the target's image store.
@@ -255,7 +271,7 @@ mod tests {
             _: &str,
             _: &str,
             _: Option<&PrepareImage>,
-        ) -> Result<crate::transfer::MoveSecret, MigrateError> {
+        ) -> Result<Announcement, MigrateError> {
             unreachable!("commit tests announce nothing")
         }
         async fn has_image(&self, _: &str) -> Result<bool, MigrateError> {

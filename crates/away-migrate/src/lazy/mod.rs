@@ -82,6 +82,11 @@ impl PageLink {
             if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_congestion(b"cubic") {
                 tracing::debug!("the page relay keeps the host's congestion control: {e}");
             }
+            // pushed pages wait for no request: a target gone without a word is found by
+            // its unacknowledged data instead
+            if let Err(e) = crate::transfer::bound_dead_link(&tcp, IDLE_TIMEOUT) {
+                tracing::debug!("the page relay's link keeps the host's timeouts: {e}");
+            }
             let (stream, certs) = match self.channels.accept(tcp, Duration::from_secs(10)).await {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -160,6 +165,71 @@ pub struct SourceRelay {
     broken: Arc<AtomicBool>,
 }
 
+/// A source relay that listens (and takes the target's connection, TLS handshake and
+/// all) before the dump has made a page server to connect to: a streamed move opens
+/// its page link while the source still runs ([`PendingRelay::start`]).
+pub struct PendingRelay {
+    pub port: u16,
+    accepted: Accepting,
+}
+
+/// The accepting task: the target's stream, or why none came.
+type Accepting = tokio::task::JoinHandle<Result<crate::channel::Stream, LazyError>>;
+
+impl Drop for PendingRelay {
+    fn drop(&mut self) {
+        // a move that ends before its dump takes no connection
+        self.accepted.abort();
+    }
+}
+
+impl PendingRelay {
+    /// Listen on `listen` and take the first connection of `link.peer_node` (under TLS),
+    /// from now on.
+    pub async fn listen(listen: SocketAddr, link: PageLink) -> std::io::Result<PendingRelay> {
+        let listener = TcpListener::bind(listen).await?;
+        let port = listener.local_addr()?.port();
+        let accepted = tokio::spawn(async move {
+            match tokio::time::timeout(CONNECT_TIMEOUT, link.accept(&listener)).await {
+                Ok(r) => r.map_err(LazyError::io("accept the target's page connection")),
+                Err(_) => Err(LazyError::NotWithin {
+                    what: "the target did not fetch pages",
+                    secs: CONNECT_TIMEOUT.as_secs(),
+                }),
+            }
+        });
+        Ok(PendingRelay { port, accepted })
+    }
+
+    /// Relay between the target and CRIU's page server, reached with `connect_criu` (once,
+    /// when the target has connected); `compress`: zstd frames, else stored ones with a
+    /// CRC-32. With `push`, the relay asks CRIU for every page of those ranges itself and
+    /// sends them down the link as soon as it is up, without waiting for the target's
+    /// requests ([`pull::Push`]).
+    pub fn start(
+        mut self,
+        connect_criu: impl FnOnce() -> std::io::Result<std::net::TcpStream> + Send + 'static,
+        fault: Option<LazyFault>,
+        compress: bool,
+        push: Option<pull::Push>,
+    ) -> SourceRelay {
+        let accepted =
+            std::mem::replace(&mut self.accepted, tokio::spawn(async { Err(LazyError::AbortedBeforeConnect) }));
+        let counters = Arc::new(RelayCounters::default());
+        let (abort_tx, abort_rx) = oneshot::channel();
+        let c = counters.clone();
+        let broken = Arc::new(AtomicBool::new(false));
+        let b = broken.clone();
+        let framer = Framer::new(fault, compress);
+        let task = tokio::spawn(async move {
+            let r = source_side(accepted, connect_criu, c, abort_rx, framer, push).await;
+            b.store(r.is_err(), Ordering::SeqCst);
+            r
+        });
+        SourceRelay { port: self.port, counters, abort: Some(abort_tx), task, broken }
+    }
+}
+
 impl SourceRelay {
     /// Listen on `listen` for the target; pages come from CRIU's page server, reached
     /// with `connect_criu` (once, when the target connects); `compress`: zstd frames,
@@ -172,19 +242,7 @@ impl SourceRelay {
         compress: bool,
         link: PageLink,
     ) -> std::io::Result<SourceRelay> {
-        let listener = TcpListener::bind(listen).await?;
-        let port = listener.local_addr()?.port();
-        let counters = Arc::new(RelayCounters::default());
-        let (abort_tx, abort_rx) = oneshot::channel();
-        let c = counters.clone();
-        let broken = Arc::new(AtomicBool::new(false));
-        let b = broken.clone();
-        let task = tokio::spawn(async move {
-            let r = source_side(listener, connect_criu, c, abort_rx, fault, compress, link).await;
-            b.store(r.is_err(), Ordering::SeqCst);
-            r
-        });
-        Ok(SourceRelay { port, counters, abort: Some(abort_tx), task, broken })
+        Ok(PendingRelay::listen(listen, link).await?.start(connect_criu, fault, compress, None))
     }
 
     /// The relay has ended in failure (the target or the link went; CRIU was told).
@@ -232,16 +290,15 @@ async fn poison(w: &mut OwnedWriteHalf) {
 }
 
 async fn source_side(
-    listener: TcpListener,
+    accepted: Accepting,
     connect_criu: impl FnOnce() -> std::io::Result<std::net::TcpStream> + Send + 'static,
     counters: Arc<RelayCounters>,
     mut abort: oneshot::Receiver<()>,
-    fault: Option<LazyFault>,
-    compress: bool,
-    link: PageLink,
+    mut framer: Framer,
+    push: Option<pull::Push>,
 ) -> Result<(), LazyError> {
     let accepted = tokio::select! {
-        a = tokio::time::timeout(CONNECT_TIMEOUT, link.accept(&listener)) => Some(a),
+        a = accepted => Some(a),
         _ = &mut abort => None,
     };
     // CRIU waits for its one connection in any case: even to be told to give up
@@ -263,27 +320,33 @@ async fn source_side(
         poison(&mut criu_w).await;
         return Err(LazyError::AbortedBeforeConnect);
     };
-    let net = match accepted {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let net = match accepted.map_err(LazyError::task("accept the target's page connection")).and_then(|r| r) {
+        Ok(s) => s,
+        Err(e) => {
             poison(&mut criu_w).await;
-            return Err(LazyError::io("accept the target's lazy-pages connection")(e));
-        }
-        Err(_) => {
-            poison(&mut criu_w).await;
-            return Err(LazyError::NotWithin {
-                what: "the target did not fetch pages",
-                secs: CONNECT_TIMEOUT.as_secs(),
-            });
+            return Err(e);
         }
     };
     let (mut net_r, mut net_w) = tokio::io::split(net);
+    if let Some(push) = &push {
+        // every page goes before the target asks: it only reads, then closes
+        let pushed = tokio::select! {
+            r = push.send(&mut criu_r, &mut criu_w, &mut net_w, &mut framer, &counters) => r,
+            _ = &mut abort => Err(LazyError::Aborted),
+        };
+        if let Err(e) = pushed {
+            tracing::warn!("streamed pages: {e}; telling CRIU to resume the source", e = ErrorChain(&e));
+            poison(&mut criu_w).await;
+            drain(&mut criu_r).await;
+            return Err(e);
+        }
+    }
     let criu_closed = AtomicBool::new(false);
     // the daemon's closing request went to CRIU: it has every page, the move is done
     let final_seen = AtomicBool::new(false);
     let up = async {
         // CRIU -> network: page data
-        let r = plain_to_framed(&mut criu_r, &mut net_w, &counters, fault, compress).await;
+        let r = plain_to_framed(&mut criu_r, &mut net_w, &counters, &mut framer).await;
         if r.is_ok() {
             criu_closed.store(true, Ordering::SeqCst);
         }
@@ -375,8 +438,9 @@ impl TargetRelay {
             let (mut d_r, mut d_w) = daemon.into_split();
             let (mut n_r, mut n_w) = tokio::io::split(net);
             let Some((ranges, pid)) = prefetch else {
+                let mut framer = Framer::new(None, true);
                 return tokio::try_join!(
-                    plain_to_framed(&mut d_r, &mut n_w, &c, None, true),
+                    plain_to_framed(&mut d_r, &mut n_w, &c, &mut framer),
                     framed_to_plain(&mut n_r, &mut d_w, &c, None, true, None)
                 )
                 .map(|_| ());
@@ -409,8 +473,9 @@ async fn framed_link(
     counters: &RelayCounters,
 ) -> Result<(), LazyError> {
     let (mut r, mut w) = tokio::io::split(plain);
+    let mut framer = Framer::new(None, true);
     tokio::try_join!(
-        plain_to_framed(&mut r, net_w, counters, None, true),
+        plain_to_framed(&mut r, net_w, counters, &mut framer),
         framed_to_plain(net_r, &mut w, counters, None, true, None)
     )
     .map(|_| ())
@@ -421,41 +486,52 @@ async fn framed_link(
 /// content, then the content.
 const RAW_FRAME: u32 = 1 << 31;
 
-async fn plain_to_framed(
-    r: &mut (impl tokio::io::AsyncRead + Unpin),
-    w: &mut (impl tokio::io::AsyncWrite + Unpin),
-    counters: &RelayCounters,
+/// Writes plain bytes as frames: zstd (level 1, checksummed) or stored with a CRC-32,
+/// one frame per call; the source's faults ([`LazyFault`]) strike here.
+struct Framer {
+    zstd: Option<zstd::bulk::Compressor<'static>>,
     fault: Option<LazyFault>,
-    compress: bool,
-) -> Result<(), LazyError> {
-    let mut buf = vec![0u8; CHUNK];
-    let mut zstd = zstd::bulk::Compressor::new(1).map_err(LazyError::io("start zstd"))?;
-    zstd.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
-        .map_err(LazyError::io("set zstd's checksum flag"))?;
-    let mut sent = 0u64;
-    loop {
-        let n = r.read(&mut buf).await.map_err(LazyError::io("read"))?;
-        if n == 0 {
-            let _ = w.shutdown().await;
-            return Ok(());
-        }
-        let (header, mut frame) = if compress {
-            let frame = zstd.compress(&buf[..n]).map_err(LazyError::io("compress"))?;
-            (frame.len() as u32, frame)
-        } else {
-            let mut frame = crc32fast::hash(&buf[..n]).to_be_bytes().to_vec();
-            frame.extend_from_slice(&buf[..n]);
-            (frame.len() as u32 | RAW_FRAME, frame)
-        };
-        match fault {
-            Some(LazyFault::CutAfter(limit)) if sent >= limit => {
-                return Err(LazyError::FaultCut { sent });
+    /// Plain bytes framed so far.
+    sent: u64,
+}
+
+impl Framer {
+    fn new(fault: Option<LazyFault>, compress: bool) -> Framer {
+        let zstd = compress.then(|| {
+            // (a level-1 context fails only where allocation does, which aborts anyway)
+            let mut z = zstd::bulk::Compressor::new(1).expect("zstd level 1");
+            let _ = z.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true));
+            z
+        });
+        Framer { zstd, fault, sent: 0 }
+    }
+
+    async fn send(
+        &mut self,
+        w: &mut (impl tokio::io::AsyncWrite + Unpin),
+        plain: &[u8],
+        counters: &RelayCounters,
+    ) -> Result<(), LazyError> {
+        let (header, mut frame) = match &mut self.zstd {
+            Some(zstd) => {
+                let frame = zstd.compress(plain).map_err(LazyError::io("compress"))?;
+                (frame.len() as u32, frame)
             }
-            Some(LazyFault::CorruptAfter(limit)) if sent >= limit => {
+            None => {
+                let mut frame = crc32fast::hash(plain).to_be_bytes().to_vec();
+                frame.extend_from_slice(plain);
+                (frame.len() as u32 | RAW_FRAME, frame)
+            }
+        };
+        match self.fault {
+            Some(LazyFault::CutAfter(limit)) if self.sent >= limit => {
+                return Err(LazyError::FaultCut { sent: self.sent });
+            }
+            Some(LazyFault::CorruptAfter(limit)) if self.sent >= limit => {
                 let mid = frame.len() / 2;
                 frame[mid] ^= 0x5a;
             }
-            Some(LazyFault::SlowAfter(limit)) if sent >= limit => {
+            Some(LazyFault::SlowAfter(limit)) if self.sent >= limit => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             _ => {}
@@ -466,9 +542,27 @@ async fn plain_to_framed(
         // sends them with its next write or flush); the peer may be waiting for exactly
         // these bytes before it asks for more, so both sides would wait forever
         w.flush().await.map_err(LazyError::io("send"))?;
-        sent += n as u64;
-        counters.plain.fetch_add(n as u64, Ordering::Relaxed);
+        self.sent += plain.len() as u64;
+        counters.plain.fetch_add(plain.len() as u64, Ordering::Relaxed);
         counters.wire.fetch_add(4 + frame.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+async fn plain_to_framed(
+    r: &mut (impl tokio::io::AsyncRead + Unpin),
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    counters: &RelayCounters,
+    framer: &mut Framer,
+) -> Result<(), LazyError> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = r.read(&mut buf).await.map_err(LazyError::io("read"))?;
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        framer.send(w, &buf[..n], counters).await?;
     }
 }
 
@@ -795,7 +889,8 @@ mod tests {
         // a buffer larger than the frame: only a flush sends it on
         let mut held = tokio::io::BufWriter::with_capacity(1 << 20, net_w);
         let counters = RelayCounters::default();
-        let relay = plain_to_framed(&mut plain_out, &mut held, &counters, None, true);
+        let mut framer = Framer::new(None, true);
+        let relay = plain_to_framed(&mut plain_out, &mut held, &counters, &mut framer);
         let peer = async {
             // one answer; the relay's input stays open (the page server waits for the
             // next request, which comes only after this answer)

@@ -1,9 +1,16 @@
 //! Streamed stop-and-copy: the source dumps lazily (CRIU keeps the memory in its page
-//! server, nothing is written to the source's disk), and the target pulls every page
-//! through the compressing relay straight into the checkpoint's images while the
-//! small rest of the payload travels; then it restores as from an ordinary dump. The
-//! dump, compression and transfer overlap instead of following each other, and the
-//! pages land where the restore reads them, with no staging copy on either side.
+//! server, nothing is written to the source's disk), and every page travels through
+//! the compressing relay straight into the checkpoint's images while the small rest of
+//! the payload travels; then the target restores as from an ordinary dump. The dump,
+//! compression and transfer overlap instead of following each other, and the pages
+//! land where the restore reads them, with no staging copy on either side.
+//!
+//! The page link opens when the move is announced, while the source still runs
+//! ([`EarlyLink`]), and the source pushes every page down it from the moment its dump
+//! ends ([`Push`]): the link's handshake, the payload's trip and a request's round
+//! trip are all off the pause. The target only reads until its close. A target given
+//! no early link, or a source that cannot plan the push, falls back to the pull: the
+//! target connects once the payload is in and asks for each range itself.
 //!
 //! The source stays frozen (CRIU waits in its page server) until the target, its copy
 //! running, sends the closing request ([`PulledPages::release`]); any failure before
@@ -19,25 +26,83 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 
 use away_runtime::host::beneath::{Beneath, BeneathError};
 
 use super::pagemap::{Pagemap, PE_PRESENT};
 use super::prefetch::{fields, request, PAGE, PS_IOV_GET};
-use super::{framed_link, LazyError, RelayCounters, PS_IOV_CLOSE};
+use super::{framed_link, Framer, LazyError, RelayCounters, CHUNK, PS_IOV_CLOSE, PS_IOV_SIZE};
 
 /// Pages per request, and requests in flight: 8 MiB raw ahead covers a WAN's
 /// bandwidth-delay product several times over.
 const PULL_PAGES: u64 = 256;
 const PULL_WINDOW: usize = 8;
 
+/// Plain CRIU protocol on an in-process pipe, and the task that relays it over the page
+/// link (frames, compressed) to the source. Dropped, the relay stops.
+struct PageStream {
+    link: DuplexStream,
+    relay: tokio::task::JoinHandle<Result<(), LazyError>>,
+    counters: Arc<RelayCounters>,
+}
+
+impl Drop for PageStream {
+    fn drop(&mut self) {
+        self.relay.abort();
+    }
+}
+
+/// Pages pushed ahead of the reader, held in the pipe (then in the socket): the source
+/// pushes from the end of its dump, the target reads once the payload is in and its
+/// images are set up (about a round trip and the payload later, 16 MiB on a fast LAN).
+const EARLY_BUFFER: usize = 16 << 20;
+
+impl PageStream {
+    /// The link to the source relay at `upstream`, connected by a task of its own.
+    fn connect(upstream: SocketAddr, link: super::PageLink) -> PageStream {
+        let counters = Arc::new(RelayCounters::default());
+        let (link_end, outer) = tokio::io::duplex(EARLY_BUFFER);
+        let c = counters.clone();
+        let relay = tokio::spawn(async move {
+            let net = link.connect(upstream).await?;
+            let (mut n_r, mut n_w) = tokio::io::split(net);
+            framed_link(outer, &mut n_r, &mut n_w, &c).await
+        });
+        PageStream { link: link_end, relay, counters }
+    }
+
+    /// The relay's own error, which says more than the pipe's end (a corrupt frame, a
+    /// cut, a refused handshake), when it has ended with one.
+    async fn explain(&mut self, e: LazyError) -> LazyError {
+        if !self.relay.is_finished() {
+            return e;
+        }
+        match (&mut self.relay).await {
+            Ok(Err(relay)) => LazyError::Pull { pipe: Box::new(e), relay: Box::new(relay) },
+            _ => e,
+        }
+    }
+}
+
+/// A streamed move's page link, opened by the target when the source announces the
+/// move (`POST /v1/transfers` with the source's page relay): the TLS handshake happens
+/// while the source still runs, and pages the source pushes before the payload is in
+/// wait in it. Its restore takes it ([`pull_all`]).
+pub struct EarlyLink(PageStream);
+
+impl EarlyLink {
+    /// Connect to the source relay at `upstream` (in the background).
+    pub fn connect(upstream: SocketAddr, link: super::PageLink) -> EarlyLink {
+        EarlyLink(PageStream::connect(upstream, link))
+    }
+}
+
 /// Every page of a checkpoint is in its images; the source waits for [`release`].
 ///
 /// [`release`]: PulledPages::release
 pub struct PulledPages {
-    link: DuplexStream,
-    relay: tokio::task::JoinHandle<Result<(), LazyError>>,
+    stream: PageStream,
     pub counters: Arc<RelayCounters>,
     pub pages: u64,
 }
@@ -46,10 +111,11 @@ impl PulledPages {
     /// The copy runs: tell the source's CRIU every page moved (it then ends the source
     /// process) and wait for its answer.
     pub async fn release(mut self) -> Result<(), LazyError> {
+        let link = &mut self.stream.link;
         let close = request(PS_IOV_CLOSE, 0, 0, 0);
-        self.link.write_all(&close).await.map_err(LazyError::io("send the closing request"))?;
+        link.write_all(&close).await.map_err(LazyError::io("send the closing request"))?;
         let mut status = [0u8; 4];
-        let answer = tokio::time::timeout(Duration::from_secs(30), self.link.read_exact(&mut status)).await;
+        let answer = tokio::time::timeout(Duration::from_secs(30), link.read_exact(&mut status)).await;
         match answer {
             Ok(Ok(_)) if status == [0; 4] => {}
             Ok(Ok(_)) => return Err(LazyError::BadEndStatus { status }),
@@ -57,8 +123,8 @@ impl PulledPages {
             Err(_) => return Err(LazyError::NotWithin { what: "no answer to the closing request", secs: 30 }),
         }
         // CRIU wants the peer's end after its answer
-        let _ = self.link.shutdown().await;
-        match tokio::time::timeout(Duration::from_secs(30), &mut self.relay).await {
+        let _ = link.shutdown().await;
+        match tokio::time::timeout(Duration::from_secs(30), &mut self.stream.relay).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => Err(LazyError::task("page relay")(e)),
             Err(_) => Err(LazyError::NotWithin { what: "the page relay did not end", secs: 30 }),
@@ -67,7 +133,47 @@ impl PulledPages {
 
     /// Give up: the link ends without the closing request and the source resumes.
     pub fn abort(self) {
-        self.relay.abort();
+        drop(self.stream);
+    }
+}
+
+/// The source's half of a pushed stream: the lazy ranges of its checkpoint and its
+/// process's pid in it. The source asks CRIU for them in the walk the target reads them
+/// in ([`walk`]) and sends each answer down the link as it comes.
+pub struct Push {
+    ranges: Vec<(u64, u64)>,
+    pid: u64,
+}
+
+impl Push {
+    /// The push of checkpoint `dir`; None (the target pulls) unless it has exactly one
+    /// process's pagemap.
+    pub fn of_checkpoint(dir: &Path) -> Option<Push> {
+        let (ranges, pid) = super::prefetch::lazy_ranges(dir)?;
+        Some(Push { ranges, pid })
+    }
+
+    /// Ask CRIU (`criu_r`, `criu_w`) for every page and frame its answers onto `net_w`.
+    pub(super) async fn send(
+        &self,
+        criu_r: &mut (impl AsyncRead + Unpin),
+        criu_w: &mut (impl AsyncWrite + Unpin),
+        net_w: &mut (impl AsyncWrite + Unpin),
+        framer: &mut Framer,
+        counters: &RelayCounters,
+    ) -> Result<(), LazyError> {
+        let slots: Vec<Slot> = self.ranges.iter().map(|&(vaddr, pages)| Slot { vaddr, pages, offset: 0 }).collect();
+        let mut walk = Walk::new(&slots, self.pid, "the source's CRIU");
+        let mut answer = Vec::new();
+        while walk.next(criu_r, Some(&mut *criu_w)).await?.is_some() {
+            answer.clear();
+            answer.extend_from_slice(&walk.head);
+            answer.extend_from_slice(&walk.data);
+            for piece in answer.chunks(CHUNK) {
+                framer.send(net_w, piece, counters).await?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -78,9 +184,17 @@ struct Slot {
     offset: u64,
 }
 
-/// Pull every lazy page of the checkpoint in `dir` from the source relay `upstream`
-/// and rewrite its images as those of a complete dump.
-pub async fn pull_all(dir: &Path, upstream: SocketAddr, link: &super::PageLink) -> Result<PulledPages, LazyError> {
+/// Take every lazy page of the checkpoint in `dir` from the source relay `upstream`
+/// and rewrite its images as those of a complete dump: over `early` when the target
+/// opened the link at the announce (else connected now), read as the source pushes
+/// them when `pushed`, else asked for.
+pub async fn pull_all(
+    dir: &Path,
+    upstream: SocketAddr,
+    link: &super::PageLink,
+    early: Option<EarlyLink>,
+    pushed: bool,
+) -> Result<PulledPages, LazyError> {
     // a received checkpoint: each of its files is opened beneath it, never through a link
     let root = Beneath::open(dir)?;
     let (image, pid) =
@@ -127,34 +241,32 @@ pub async fn pull_all(dir: &Path, upstream: SocketAddr, link: &super::PageLink) 
     }
     out.set_len(new_at).map_err(LazyError::file("size", &new_pages))?;
 
-    let net = link.connect(upstream).await?;
-    let counters = Arc::new(RelayCounters::default());
-    let (link, outer) = tokio::io::duplex(4 << 20);
-    let relay = {
-        let c = counters.clone();
-        tokio::spawn(async move {
-            let (mut n_r, mut n_w) = tokio::io::split(net);
-            framed_link(outer, &mut n_r, &mut n_w, &c).await
-        })
+    let mut stream = match early {
+        Some(EarlyLink(stream)) => stream,
+        None => PageStream::connect(upstream, link.clone()),
     };
-    let mut pulled = PulledPages { link, relay, counters, pages: lazy_pages };
     let fault = TargetFault::from_env();
+    let mut received = 0u64;
+    let (mut r, mut w) = tokio::io::split(&mut stream.link);
     // a GET names the process by its pid in the checkpoint, as CRIU's lazy-pages
     // daemon does (criu/uffd.c), not by the encoded id of image writes
-    let fetched = fetch(&mut pulled.link, &slots, pid, &out, fault).await;
-    if let Err(e) = fetched {
-        // the relay's own error says more than the pipe's end (a corrupt frame, a cut)
-        let why = if pulled.relay.is_finished() {
-            match (&mut pulled.relay).await {
-                Ok(Err(relay)) => LazyError::Pull { pipe: Box::new(e), relay: Box::new(relay) },
-                _ => e,
+    let mut walk = Walk::new(&slots, pid, "the source");
+    let fetched = async {
+        while let Some(offset) = walk.next(&mut r, (!pushed).then_some(&mut w)).await? {
+            out.write_all_at(&walk.data, offset).map_err(LazyError::io("write the pulled pages"))?;
+            received += walk.data.len() as u64;
+            if let Some(f) = &fault {
+                f.hit(received);
             }
-        } else {
-            e
-        };
-        pulled.abort();
-        return Err(why);
+        }
+        Ok(())
     }
+    .await;
+    if let Err(e) = fetched {
+        return Err(stream.explain(e).await);
+    }
+    let counters = stream.counters.clone();
+    let pulled = PulledPages { stream, counters, pages: lazy_pages };
     drop(out);
     for e in map.entries.iter_mut().filter(|e| e.is_lazy_only()) {
         e.set_flags(e.flags() | PE_PRESENT);
@@ -191,56 +303,74 @@ fn copy_range(from: &std::fs::File, at: u64, to: &std::fs::File, to_at: u64, len
     Ok(())
 }
 
-/// Ask for every slot's pages, `PULL_WINDOW` requests ahead, and write each answer at
-/// its place. CRIU answers in request order, possibly fewer pages than asked (a page
-/// pipe's end): the rest is asked again.
-async fn fetch(
-    link: &mut DuplexStream,
-    slots: &[Slot],
-    dst: u64,
-    out: &std::fs::File,
-    fault: Option<TargetFault>,
-) -> Result<(), LazyError> {
+/// The walk over every slot's pages, 256 at a time, `PULL_WINDOW` requests ahead. CRIU
+/// answers in request order, possibly fewer pages than asked (a page pipe's end): the
+/// rest is asked again, first. With a writer to ask on, each step's requests go out;
+/// without, the source sends the answers of this same walk unasked ([`Push`]) and they
+/// are checked against it all the same.
+struct Walk<'a> {
     // requests are made as they go out, never all at once: the page counts are the peer's
-    let mut planned = slots.iter().flat_map(|s| {
-        (0..s.pages.div_ceil(PULL_PAGES)).map(move |i| {
-            let first = i * PULL_PAGES;
-            (s.vaddr + first * PAGE, (s.pages - first).min(PULL_PAGES), s.offset + first * PAGE)
-        })
-    });
+    planned: Box<dyn Iterator<Item = (u64, u64, u64)> + Send + 'a>,
     // the rest of a range answered in part goes first
-    let mut again: Option<(u64, u64, u64)> = None;
-    let mut asked: std::collections::VecDeque<(u64, u64, u64)> = Default::default();
-    let mut data = Vec::new();
-    let mut received = 0u64;
-    loop {
-        while asked.len() < PULL_WINDOW {
-            let Some(r) = again.take().or_else(|| planned.next()) else { break };
-            link.write_all(&request(PS_IOV_GET, r.1, r.0, dst)).await.map_err(LazyError::io("ask for pages"))?;
-            asked.push_back(r);
+    again: Option<(u64, u64, u64)>,
+    asked: std::collections::VecDeque<(u64, u64, u64)>,
+    dst: u64,
+    peer: &'static str,
+    /// The last answer: its header and its pages.
+    head: [u8; PS_IOV_SIZE],
+    data: Vec<u8>,
+}
+
+impl<'a> Walk<'a> {
+    fn new(slots: &'a [Slot], dst: u64, peer: &'static str) -> Walk<'a> {
+        let planned = slots.iter().flat_map(|s| {
+            (0..s.pages.div_ceil(PULL_PAGES)).map(move |i| {
+                let first = i * PULL_PAGES;
+                (s.vaddr + first * PAGE, (s.pages - first).min(PULL_PAGES), s.offset + first * PAGE)
+            })
+        });
+        Walk {
+            planned: Box::new(planned),
+            again: None,
+            asked: Default::default(),
+            dst,
+            peer,
+            head: [0; PS_IOV_SIZE],
+            data: Vec::new(),
         }
-        let Some((vaddr, pages, offset)) = asked.pop_front() else { return Ok(()) };
-        let mut head = [0u8; super::PS_IOV_SIZE];
+    }
+
+    /// The next answer, read into `head` and `data`: where its pages go in the new
+    /// image, or None when every slot is done.
+    async fn next(
+        &mut self,
+        r: &mut (impl AsyncRead + Unpin),
+        mut ask: Option<&mut (impl AsyncWrite + Unpin)>,
+    ) -> Result<Option<u64>, LazyError> {
+        while self.asked.len() < PULL_WINDOW {
+            let Some(q) = self.again.take().or_else(|| self.planned.next()) else { break };
+            if let Some(w) = ask.as_mut() {
+                w.write_all(&request(PS_IOV_GET, q.1, q.0, self.dst)).await.map_err(LazyError::io("ask for pages"))?;
+            }
+            self.asked.push_back(q);
+        }
+        let Some((vaddr, pages, offset)) = self.asked.pop_front() else { return Ok(None) };
         // a source host that vanished sends no end either
-        tokio::time::timeout(super::IDLE_TIMEOUT, link.read_exact(&mut head))
+        tokio::time::timeout(super::IDLE_TIMEOUT, r.read_exact(&mut self.head))
             .await
-            .map_err(|_| LazyError::Idle { peer: "the source", secs: super::IDLE_TIMEOUT.as_secs() })?
+            .map_err(|_| LazyError::Idle { peer: self.peer, secs: super::IDLE_TIMEOUT.as_secs() })?
             .map_err(LazyError::io("the page stream ended"))?;
-        let (_, got, at, _) = fields(&head);
+        let (_, got, at, _) = fields(&self.head);
         if at != vaddr || got == 0 || got > pages {
             return Err(LazyError::LostTrack { got, at, pages, vaddr });
         }
-        data.resize((got * PAGE) as usize, 0);
-        link.read_exact(&mut data).await.map_err(LazyError::io("the page stream ended"))?;
-        out.write_all_at(&data, offset).map_err(LazyError::io("write the pulled pages"))?;
+        self.data.resize((got * PAGE) as usize, 0);
+        r.read_exact(&mut self.data).await.map_err(LazyError::io("the page stream ended"))?;
         if got < pages {
             // the rest of this range goes next, ahead of the planned ones
-            again = Some((vaddr + got * PAGE, pages - got, offset + got * PAGE));
+            self.again = Some((vaddr + got * PAGE, pages - got, offset + got * PAGE));
         }
-        received += got * PAGE;
-        if let Some(f) = &fault {
-            f.hit(received);
-        }
+        Ok(Some(offset))
     }
 }
 
@@ -293,23 +423,26 @@ mod tests {
     }
 
     /// CRIU's page server for process 1: answers GETs with at most 100 pages (as at a
-    /// page pipe's end), the close with status 0. Returns whether the close came.
-    async fn fake_criu(listener: TcpListener) -> bool {
+    /// page pipe's end), the close with status 0. Returns whether the close came, then
+    /// the end, and how many pages it sent.
+    async fn fake_criu(listener: TcpListener) -> (bool, u64) {
         let (mut s, _) = listener.accept().await.unwrap();
+        let mut sent = 0;
         loop {
             let mut req = [0u8; PS_IOV_SIZE];
             if s.read_exact(&mut req).await.is_err() {
-                return false;
+                return (false, sent);
             }
             let (cmd, pages, vaddr, dst) = fields(&req);
             if cmd == PS_IOV_CLOSE {
                 s.write_all(&[0; 4]).await.unwrap();
                 let mut rest = Vec::new();
                 let _ = s.read_to_end(&mut rest).await;
-                return rest.is_empty();
+                return (rest.is_empty(), sent);
             }
             assert_eq!((cmd, dst), (PS_IOV_GET, 1));
             let n = pages.min(100);
+            sent += n;
             let mut answer = request(0x100 | PS_IOV_GET, n, vaddr, dst).to_vec();
             for i in 0..n {
                 answer.extend(page(vaddr + i * PAGE));
@@ -318,21 +451,43 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn every_lazy_page_lands_in_the_images_in_order() {
-        let dir = std::env::temp_dir().join(format!("away-pull-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        // head {pages_id 1}; 2 present pages, 700 lazy ones, 1 present page
-        let (a, b, c) = (0x5555_0000_0000u64, 0x7f00_0000_0000u64, 0x7fff_0000_0000u64);
+    /// A checkpoint in a fresh directory: 2 present pages at `A`, 700 lazy ones at `B`
+    /// (more than two requests' worth, and CRIU's answers of at most 100 pages end
+    /// inside them), 1 present page at `C`.
+    fn three_entries(name: &str) -> tempfile::TempDir {
+        let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap();
         // magics, then the head {pages_id: 1}
         let img = [vec![0u8; 8], 2u32.to_le_bytes().to_vec(), vec![0x08, 0x01]].concat();
         let mut map = Pagemap::parse(&img).unwrap();
-        map.entries = vec![Entry::new(a, 2, PE_PRESENT), Entry::new(b, 700, PE_LAZY), Entry::new(c, 1, PE_PRESENT)];
-        std::fs::write(dir.join("pagemap-1.img"), map.encode()).unwrap();
-        let old: Vec<u8> = [page(a), page(a + PAGE), page(c)].concat();
-        std::fs::write(dir.join("pages-1.img"), &old).unwrap();
+        map.entries = vec![Entry::new(A, 2, PE_PRESENT), Entry::new(B, 700, PE_LAZY), Entry::new(C, 1, PE_PRESENT)];
+        std::fs::write(dir.path().join("pagemap-1.img"), map.encode()).unwrap();
+        let old: Vec<u8> = [page(A), page(A + PAGE), page(C)].concat();
+        std::fs::write(dir.path().join("pages-1.img"), &old).unwrap();
+        dir
+    }
 
+    const A: u64 = 0x5555_0000_0000;
+    const B: u64 = 0x7f00_0000_0000;
+    const C: u64 = 0x7fff_0000_0000;
+
+    /// Every page of [`three_entries`] at its place, and no entry left lazy.
+    fn assert_complete(dir: &Path) {
+        let pages = std::fs::read(dir.join("pages-1.img")).unwrap();
+        let want: Vec<u8> = std::iter::once(page(A))
+            .chain([page(A + PAGE)])
+            .chain((0..700).map(|i| page(B + i * PAGE)))
+            .chain([page(C)])
+            .collect::<Vec<_>>()
+            .concat();
+        assert!(pages == want, "every page at its place in entry order");
+        let map = Pagemap::parse(&std::fs::read(dir.join("pagemap-1.img")).unwrap()).unwrap();
+        assert!(map.entries.iter().all(|e| e.flags() & PE_PRESENT != 0), "no entry is left lazy");
+        assert!(map.lazy_ranges().is_empty());
+    }
+
+    #[tokio::test]
+    async fn every_lazy_page_lands_in_the_images_in_order() {
+        let dir = three_entries("away-pull-");
         let criu = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let criu_addr = criu.local_addr().unwrap();
         let server = tokio::spawn(fake_criu(criu));
@@ -340,26 +495,56 @@ mod tests {
         let source = SourceRelay::start("127.0.0.1:0".parse().unwrap(), connect, None, true, PageLink::plaintext())
             .await
             .unwrap();
-        let pulled =
-            pull_all(&dir, SocketAddr::from(([127, 0, 0, 1], source.port)), &PageLink::plaintext()).await.unwrap();
+        let upstream = SocketAddr::from(([127, 0, 0, 1], source.port));
+        let pulled = pull_all(dir.path(), upstream, &PageLink::plaintext(), None, false).await.unwrap();
         assert_eq!(pulled.pages, 700);
         assert!(pulled.counters.wire() < pulled.counters.plain(), "the pages travel compressed");
         pulled.release().await.unwrap();
-        assert!(server.await.unwrap(), "the source's CRIU saw the close, then the end");
+        assert_eq!(
+            server.await.unwrap(),
+            (true, 700),
+            "the source's CRIU sent each page once, saw the close, then the end"
+        );
         source.wait().await.expect("a clean end at the source");
+        assert_complete(dir.path());
+    }
 
-        let pages = std::fs::read(dir.join("pages-1.img")).unwrap();
-        let want: Vec<u8> = std::iter::once(page(a))
-            .chain([page(a + PAGE)])
-            .chain((0..700).map(|i| page(b + i * PAGE)))
-            .chain([page(c)])
-            .collect::<Vec<_>>()
-            .concat();
-        assert!(pages == want, "every page at its place in entry order");
-        let map = Pagemap::parse(&std::fs::read(dir.join("pagemap-1.img")).unwrap()).unwrap();
-        assert!(map.entries.iter().all(|e| e.flags() & PE_PRESENT != 0), "no entry is left lazy");
-        assert!(map.lazy_ranges().is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
+    /// The streamed move's way: the target's link is up before the dump, the source
+    /// pushes every page (asking its CRIU itself, re-asking what an answer left out)
+    /// before the target reads any, and the target only reads, then closes.
+    #[tokio::test]
+    async fn pushed_pages_land_like_pulled_ones_and_the_target_asks_for_none() {
+        let dir = three_entries("away-push-");
+        let pending =
+            super::super::PendingRelay::listen("127.0.0.1:0".parse().unwrap(), PageLink::plaintext()).await.unwrap();
+        let upstream = SocketAddr::from(([127, 0, 0, 1], pending.port));
+        // announced: the link opens before there is a page server
+        let early = EarlyLink::connect(upstream, PageLink::plaintext());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let criu = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let criu_addr = criu.local_addr().unwrap();
+        let server = tokio::spawn(fake_criu(criu));
+        let push = Push::of_checkpoint(dir.path()).expect("one process's pagemap");
+        let source = pending.start(move || std::net::TcpStream::connect(criu_addr), None, true, Some(push));
+        // every page crosses before the target reads one (the payload is still on its way)
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while source.counters.plain() < 700 * PAGE {
+            assert!(tokio::time::Instant::now() < deadline, "pushed {} bytes", source.counters.plain());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let pulled = pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext(), Some(early), true)
+            .await
+            .unwrap();
+        assert_eq!(pulled.pages, 700);
+        // (a request of the target's would reach CRIU after the push: pages sent twice)
+        pulled.release().await.unwrap();
+        assert_eq!(
+            server.await.unwrap(),
+            (true, 700),
+            "the source's CRIU sent each page once, saw the close, then the end"
+        );
+        source.wait().await.expect("a clean end at the source");
+        assert_complete(dir.path());
     }
 
     /// A checkpoint (pagemap `pages_id` 1, one entry) in a fresh directory.
@@ -378,7 +563,8 @@ mod tests {
     #[tokio::test]
     async fn a_pagemap_announcing_2_pow_40_pages_is_refused() {
         let dir = checkpoint("away-pull-huge-", Entry::new(0x7f00_0000_0000, 1 << 40, PE_LAZY));
-        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext()).await {
+        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext(), None, false).await
+        {
             Err(e) => e,
             Ok(_) => panic!("a 4 PiB pull was accepted"),
         };
@@ -395,7 +581,8 @@ mod tests {
         let victim = outside.path().join("victim");
         std::fs::write(&victim, b"keep").unwrap();
         std::os::unix::fs::symlink(&victim, dir.path().join("pages-1.img.pulling")).unwrap();
-        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext()).await {
+        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext(), None, false).await
+        {
             Err(e) => e,
             Ok(_) => panic!("pulled through a link"),
         };
