@@ -266,14 +266,38 @@ async fn move_container(
     // round trip (about 0.2 s on a LAN); together, three round trips and the slowest
     // local step. None of it is downtime: nothing has stopped yet.
     let mut watch = crate::mode::Watch::start(opts.mode, kind, status.pid);
+    // the move's id, known before anything is sent (a lost answer is asked about by it)
+    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
+    // The move is announced beside the early connection's handshake: the target takes
+    // this transfer only from this node, with its secret, imports the image into its
+    // runtime while this side checkpoints, and (a move that may stream) opens its page
+    // link to the relay listening here, which keeps that link warm until the pages
+    // come (`crate::lazy::pull`). A move refused below leaves an announcement that
+    // expires, and a relay that closes.
+    let may_stream = kind == RuntimeKind::Containerd
+        && !matches!(opts.mode, crate::mode::ContainerMode::Lazy | crate::mode::ContainerMode::Staged);
     let remote = async {
         let there = target.info().await?;
-        let early = connect_early(&there.transfer_addr, &there.node.name, &opts.transfer).await?;
-        Ok::<_, MigrateError>((there, early))
+        let announce = async {
+            let page_relay = match may_stream {
+                true => Some(early_page_relay(&there, opts).await?),
+                false => None,
+            };
+            let prepare = crate::target::PrepareImage {
+                reference: status.image.clone(),
+                runtime: kind,
+                page_relay: page_relay.as_ref().map(|(addr, _)| *addr),
+            };
+            let announced = target.announce(&transfer_id, name, source_name, Some(&prepare)).await?;
+            Ok::<_, MigrateError>((announced, page_relay.map(|(_, r)| r)))
+        };
+        let (early, announced) =
+            tokio::join!(connect_early(&there.transfer_addr, &there.node.name, &opts.transfer), announce);
+        Ok::<_, MigrateError>((early?, announced?, there))
     };
     let ((here, host), remote, has_image) =
         tokio::join!(crate::local_node_info(node, source_name), remote, target.has_image(&status.image));
-    let (there, mut early) = remote?;
+    let (mut early, (mut announced, page_relay), there) = remote?;
     let compat = compat::check_container(&here, &there.node, kind, kind);
     if !compat.allowed {
         return Err(MigrateError::Incompatible(compat.reason));
@@ -291,6 +315,10 @@ async fn move_container(
         watch = None;
         progress(Step::SendingImage);
         target.upload_image(&image.tar).await?;
+        // announced again (the same secret and page link): the image the target now
+        // holds is imported into its runtime while this side checkpoints
+        let prepare = crate::target::PrepareImage { reference: status.image.clone(), runtime: kind, page_relay: None };
+        announced.secret = target.announce(&transfer_id, name, source_name, Some(&prepare)).await?.secret;
         // a long upload may outlast the target's wait for a first frame: a fresh one
         early = connect_early(&there.transfer_addr, &there.node.name, &opts.transfer).await?;
     }
@@ -299,29 +327,8 @@ async fn move_container(
         return Err(MigrateError::Cancelled(name.into()));
     }
     tracing::info!(workload = name, mode = %choice.mode, "{}", choice.reason);
-    // the move's id, known before anything is sent (a lost answer is asked about by it),
-    // and announced: the target takes this transfer only from this node, with its secret
-    let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
-    // A streamed move's page link opens now: the source relay listens before the dump,
-    // the target connects when announced, and the pages go from the dump's end
-    // (`crate::lazy::pull`); only the target's node is taken.
-    let page_relay = if choice.streamed && choice.mode != MigrationMode::Lazy {
-        let link =
-            crate::lazy::PageLink { channels: opts.transfer.channels.clone(), peer_node: there.node.name.clone() };
-        let relay = crate::lazy::PendingRelay::listen((early.1, 0).into(), link).await.map_err(|e| {
-            MigrateError::Invalid(format!("cannot start the page relay on {}: {e}", early.1, e = ErrorChain(&e)))
-        })?;
-        Some(relay)
-    } else {
-        None
-    };
-    // (the target imports the image into its runtime while this side checkpoints)
-    let prepare = crate::target::PrepareImage {
-        reference: status.image.clone(),
-        runtime: kind,
-        page_relay: page_relay.as_ref().map(|r| std::net::SocketAddr::new(early.1, r.port)),
-    };
-    let announced = target.announce(&transfer_id, name, &here.name, Some(&prepare)).await?;
+    // the page relay serves a streamed move only
+    let page_relay = page_relay.filter(|_| choice.streamed && choice.mode != MigrationMode::Lazy);
     let mut opts = opts.clone();
     opts.transfer.secret = Some(announced.secret);
     opts.transfer.peer_node = there.node.name.clone();
@@ -899,6 +906,29 @@ fn frozen_at(payload: &Path, started: Instant) -> Instant {
 /// handshake (one more round trip with TLS 1.3) is made here too, before the freeze.
 /// Also returns its socket (a second descriptor of it, for its options once the mode is
 /// known: [`migrate_lazy`] switches it to CUBIC).
+/// A page relay listening for move's target `there` (only its node is taken), and its
+/// address as the target reaches it: this host's address on the route to the target's
+/// transfer port.
+async fn early_page_relay(
+    there: &crate::target::TargetInfo,
+    opts: &ContainerMigrationOptions,
+) -> Result<(std::net::SocketAddr, crate::lazy::PendingRelay), MigrateError> {
+    let no_relay = |e: std::io::Error| MigrateError::Invalid(format!("cannot start the page relay: {e}"));
+    let to = tokio::net::lookup_host(&there.transfer_addr).await.map_err(no_relay)?.next().ok_or_else(|| {
+        MigrateError::Invalid(format!("no address for the target's transfer port {}", there.transfer_addr))
+    })?;
+    // (a datagram socket's connect only looks the route up: nothing is sent)
+    let route = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|u| {
+            u.connect(to)?;
+            u.local_addr()
+        })
+        .map_err(no_relay)?;
+    let link = crate::lazy::PageLink { channels: opts.transfer.channels.clone(), peer_node: there.node.name.clone() };
+    let relay = crate::lazy::PendingRelay::listen((route.ip(), 0).into(), link).await.map_err(no_relay)?;
+    Ok((std::net::SocketAddr::new(route.ip(), relay.port), relay))
+}
+
 async fn connect_early(target: &str, peer_node: &str, send: &SendOptions) -> Result<Early, MigrateError> {
     let unreachable =
         |e: std::io::Error| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}"));

@@ -72,8 +72,9 @@ impl PageLink {
             .map_err(LazyError::io(what()))
     }
 
-    /// The first connection on `listener` from the expected peer (others are dropped).
-    async fn accept(&self, listener: &TcpListener) -> std::io::Result<crate::channel::Stream> {
+    /// The first connection on `listener` from the expected peer (others are dropped),
+    /// and its socket.
+    async fn accept(&self, listener: &TcpListener) -> std::io::Result<(crate::channel::Stream, std::os::fd::OwnedFd)> {
         loop {
             let (tcp, peer) = listener.accept().await?;
             let _ = tcp.set_nodelay(true);
@@ -87,6 +88,7 @@ impl PageLink {
             if let Err(e) = crate::transfer::bound_dead_link(&tcp, IDLE_TIMEOUT) {
                 tracing::debug!("the page relay's link keeps the host's timeouts: {e}");
             }
+            let socket = std::os::fd::AsFd::as_fd(&tcp).try_clone_to_owned()?;
             let (stream, certs) = match self.channels.accept(tcp, Duration::from_secs(10)).await {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -99,7 +101,7 @@ impl PageLink {
                 continue;
             }
             tracing::debug!(%peer, "lazy pages: target connected");
-            return Ok(stream);
+            return Ok((stream, socket));
         }
     }
 }
@@ -167,14 +169,17 @@ pub struct SourceRelay {
 
 /// A source relay that listens (and takes the target's connection, TLS handshake and
 /// all) before the dump has made a page server to connect to: a streamed move opens
-/// its page link while the source still runs ([`PendingRelay::start`]).
+/// its page link while the source still runs ([`PendingRelay::start`]). Until then
+/// the link carries filler ([`warm_up`]).
 pub struct PendingRelay {
     pub port: u16,
     accepted: Accepting,
+    /// Filler may go: the pages have not started.
+    warming: Arc<AtomicBool>,
 }
 
-/// The accepting task: the target's stream, or why none came.
-type Accepting = tokio::task::JoinHandle<Result<crate::channel::Stream, LazyError>>;
+/// The accepting task: the target's stream and the filler sent on it, or why none came.
+type Accepting = tokio::task::JoinHandle<Result<(crate::channel::Stream, u64), LazyError>>;
 
 impl Drop for PendingRelay {
     fn drop(&mut self) {
@@ -183,22 +188,67 @@ impl Drop for PendingRelay {
     }
 }
 
+/// Filler on an early page link, at most (a round trip's worth of slow start on the
+/// emulated WAN is 10-80 segments; a LAN needs none and stops here at once).
+const WARM_UP_MAX: u64 = 256 << 10;
+/// One filler frame.
+const WARM_UP_FRAME: usize = 16 << 10;
+
+/// Keep an early page link busy with filler frames while `warming` holds (the dump
+/// runs), at most [`WARM_UP_MAX`]: its congestion window grows through slow start
+/// while the workload still runs or is being dumped, instead of after the freeze, and
+/// does not idle back before the pages come. The kernel keeps at most a frame unsent
+/// (`TCP_NOTSENT_LOWAT`, restored after), so the first pages never queue behind
+/// filler. Returns the filler's bytes on the wire.
+async fn warm_up(
+    stream: &mut crate::channel::Stream,
+    socket: &std::os::fd::OwnedFd,
+    warming: &AtomicBool,
+) -> Result<u64, LazyError> {
+    let sock = socket2::SockRef::from(socket);
+    let before = sock.tcp_notsent_lowat().ok();
+    if let Err(e) = sock.set_tcp_notsent_lowat(WARM_UP_FRAME as u32) {
+        tracing::debug!("no filler on the page link (TCP_NOTSENT_LOWAT: {e})");
+        return Ok(0);
+    }
+    let frame = vec![0u8; WARM_UP_FRAME];
+    let header = (WARM_UP_FRAME as u32 | FILLER_FRAME).to_be_bytes();
+    let mut sent = 0u64;
+    while warming.load(Ordering::SeqCst) && sent < WARM_UP_MAX {
+        stream.write_all(&header).await.map_err(LazyError::io("send filler"))?;
+        stream.write_all(&frame).await.map_err(LazyError::io("send filler"))?;
+        stream.flush().await.map_err(LazyError::io("send filler"))?;
+        sent += 4 + WARM_UP_FRAME as u64;
+    }
+    if let Some(lowat) = before {
+        let _ = sock.set_tcp_notsent_lowat(lowat);
+    }
+    tracing::debug!(bytes = sent, "page link warmed up");
+    Ok(sent)
+}
+
 impl PendingRelay {
     /// Listen on `listen` and take the first connection of `link.peer_node` (under TLS),
     /// from now on.
     pub async fn listen(listen: SocketAddr, link: PageLink) -> std::io::Result<PendingRelay> {
         let listener = TcpListener::bind(listen).await?;
         let port = listener.local_addr()?.port();
+        let warming = Arc::new(AtomicBool::new(true));
+        let w = warming.clone();
         let accepted = tokio::spawn(async move {
-            match tokio::time::timeout(CONNECT_TIMEOUT, link.accept(&listener)).await {
-                Ok(r) => r.map_err(LazyError::io("accept the target's page connection")),
-                Err(_) => Err(LazyError::NotWithin {
-                    what: "the target did not fetch pages",
-                    secs: CONNECT_TIMEOUT.as_secs(),
-                }),
-            }
+            let (mut stream, socket) = match tokio::time::timeout(CONNECT_TIMEOUT, link.accept(&listener)).await {
+                Ok(r) => r.map_err(LazyError::io("accept the target's page connection"))?,
+                Err(_) => {
+                    return Err(LazyError::NotWithin {
+                        what: "the target did not fetch pages",
+                        secs: CONNECT_TIMEOUT.as_secs(),
+                    })
+                }
+            };
+            let filler = warm_up(&mut stream, &socket, &w).await?;
+            Ok((stream, filler))
         });
-        Ok(PendingRelay { port, accepted })
+        Ok(PendingRelay { port, accepted, warming })
     }
 
     /// Relay between the target and CRIU's page server, reached with `connect_criu` (once,
@@ -213,6 +263,8 @@ impl PendingRelay {
         compress: bool,
         push: Option<pull::Push>,
     ) -> SourceRelay {
+        // the pages come: no more filler
+        self.warming.store(false, Ordering::SeqCst);
         let accepted =
             std::mem::replace(&mut self.accepted, tokio::spawn(async { Err(LazyError::AbortedBeforeConnect) }));
         let counters = Arc::new(RelayCounters::default());
@@ -321,7 +373,10 @@ async fn source_side(
         return Err(LazyError::AbortedBeforeConnect);
     };
     let net = match accepted.map_err(LazyError::task("accept the target's page connection")).and_then(|r| r) {
-        Ok(s) => s,
+        Ok((s, filler)) => {
+            counters.wire.fetch_add(filler, Ordering::Relaxed);
+            s
+        }
         Err(e) => {
             poison(&mut criu_w).await;
             return Err(e);
@@ -485,6 +540,8 @@ async fn framed_link(
 /// none`: on loopback or a fast LAN zstd is slower than the link): a CRC-32 of its
 /// content, then the content.
 const RAW_FRAME: u32 = 1 << 31;
+/// A frame whose length has this bit set is filler ([`warm_up`]): read and dropped.
+const FILLER_FRAME: u32 = 1 << 30;
 
 /// Writes plain bytes as frames: zstd (level 1, checksummed) or stored with a CRC-32,
 /// one frame per call; the source's faults ([`LazyFault`]) strike here.
@@ -613,12 +670,16 @@ async fn framed_to_plain(
             return Ok(last);
         }
         let header = u32::from_be_bytes(len);
-        let n = (header & !RAW_FRAME) as usize;
+        let n = (header & !(RAW_FRAME | FILLER_FRAME)) as usize;
         if n > zstd::zstd_safe::compress_bound(CHUNK).max(CHUNK + 4) {
             return Err(LazyError::Corrupt { reason: format!("a frame of {n} bytes") });
         }
         frame.resize(n, 0);
         r.read_exact(&mut frame).await.map_err(LazyError::io("receive"))?;
+        if header & FILLER_FRAME != 0 {
+            counters.wire.fetch_add(4 + n as u64, Ordering::Relaxed);
+            continue;
+        }
         let plain = unframe(header, &frame)?;
         w.write_all(&plain).await.map_err(LazyError::io("write"))?;
         last.extend_from_slice(&plain[plain.len().saturating_sub(PS_IOV_SIZE)..]);

@@ -509,8 +509,8 @@ mod tests {
         assert_complete(dir.path());
     }
 
-    /// The streamed move's way: the target's link is up before the dump, the source
-    /// pushes every page (asking its CRIU itself, re-asking what an answer left out)
+    /// The streamed move's way: the target's link is up (and carries filler) before the
+    /// dump, the source pushes every page (asking its CRIU itself, re-asking what an answer left out)
     /// before the target reads any, and the target only reads, then closes.
     #[tokio::test]
     async fn pushed_pages_land_like_pulled_ones_and_the_target_asks_for_none() {
@@ -536,6 +536,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(pulled.pages, 700);
+        // the filler that kept the link busy while the "dump" ran was read and dropped
+        assert!(pulled.counters.wire() >= super::super::WARM_UP_MAX, "{:?}", pulled.counters);
+        assert!(source.counters.wire() >= super::super::WARM_UP_MAX, "{:?}", source.counters);
         // (a request of the target's would reach CRIU after the push: pages sent twice)
         pulled.release().await.unwrap();
         assert_eq!(
