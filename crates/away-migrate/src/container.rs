@@ -182,7 +182,7 @@ pub async fn migrate_container(
 ) -> Result<MigrationReport, MigrateError> {
     let plan = if opts.predict {
         progress(Step::Checking);
-        let planning = crate::estimate::plan_container(node, source_name, name, target, opts.mode, None);
+        let planning = crate::estimate::plan_container_to(node, source_name, name, target, opts.mode, None);
         match tokio::time::timeout(crate::estimate::PLAN_TIMEOUT, planning).await {
             Ok(Ok(plan)) => Some(plan),
             Ok(Err(e)) => {
@@ -205,7 +205,8 @@ pub async fn migrate_container(
     let runtime = node.get(name).await.map(|(r, _)| r.kind()).ok();
     let started_unix_ms = now_ms();
     let mut precopied = None;
-    let moved = move_container(node, source_name, archives, name, target, opts, progress, &mut precopied).await;
+    let (plan, there) = plan.map_or((None, None), |(p, t)| (Some(p), Some(t)));
+    let moved = move_container(node, source_name, archives, name, target, there, opts, progress, &mut precopied).await;
     if let (Err(e), Some(id)) = (&moved, &precopied) {
         // the target's pre-copy of the volumes goes with the move (a restore that ran took
         // it already; a move in doubt leaves the target's copy alone)
@@ -241,6 +242,7 @@ async fn move_container(
     archives: &ArchiveStore,
     name: &str,
     target: &dyn TargetNode,
+    known: Option<crate::target::TargetInfo>,
     opts: &ContainerMigrationOptions,
     progress: ProgressFn,
     precopied: &mut Option<String>,
@@ -260,9 +262,9 @@ async fn move_container(
     if let Some(why) = status.pid.and_then(away_runtime::host::process::criu_cannot_dump) {
         return Err(MigrateError::Incompatible(format!("{name} cannot be checkpointed here: {why}")));
     }
-    // The checks run at once: this host's fingerprint, the target's description and
-    // whether it holds the image, and the transfer connection opens as soon as the
-    // target's address is known. One after another they took 0.9 s over a 73.6 ms
+    // The checks run at once: this host's fingerprint, the target's description (the
+    // prediction's, when one was made) and whether it holds the image, and the transfer
+    // connection opens as soon as the target's address is known. One after another they took 0.9 s over a 73.6 ms
     // round trip (about 0.2 s on a LAN); together, three round trips and the slowest
     // local step. None of it is downtime: nothing has stopped yet.
     let mut watch = crate::mode::Watch::start(opts.mode, kind, status.pid);
@@ -277,7 +279,11 @@ async fn move_container(
     let may_stream = kind == RuntimeKind::Containerd
         && !matches!(opts.mode, crate::mode::ContainerMode::Lazy | crate::mode::ContainerMode::Staged);
     let remote = async {
-        let there = target.info().await?;
+        // (the prediction just asked for it)
+        let there = match known {
+            Some(there) => there,
+            None => target.info().await?,
+        };
         let announce = async {
             let page_relay = match may_stream {
                 true => Some(early_page_relay(&there, opts).await?),

@@ -567,6 +567,19 @@ pub async fn plan_container(
     mode: ContainerMode,
     optimize: Option<Optimize>,
 ) -> Result<MovePlan, MigrateError> {
+    plan_container_to(node, source_name, name, target, mode, optimize).await.map(|(plan, _)| plan)
+}
+
+/// [`plan_container`], and the target's description it asked for (the move that
+/// follows asks no second time: a round trip less in its checks).
+pub(crate) async fn plan_container_to(
+    node: &LocalNode,
+    source_name: &str,
+    name: &str,
+    target: &dyn TargetNode,
+    mode: ContainerMode,
+    optimize: Option<Optimize>,
+) -> Result<(MovePlan, crate::target::TargetInfo), MigrateError> {
     let (runtime, status) = node.get(name).await?;
     let kind = runtime.kind();
     if !kind.is_container() {
@@ -636,7 +649,7 @@ pub async fn plan_container(
     let predictions = away_predict::predict_all(kind, &inputs, why_not);
     let stall = dirty_bytes / PAGE as f64 * link.rtt_ms / 1e3;
     let (chosen, why) = chosen(&predictions, optimize, || kind_for_mode(kind, mode, stall, &why_not));
-    Ok(MovePlan {
+    let plan = MovePlan {
         workload: name.to_string(),
         source: source_name.to_string(),
         target: there.node.name.clone(),
@@ -644,7 +657,8 @@ pub async fn plan_container(
         predictions,
         chosen: Some(chosen),
         why,
-    })
+    };
+    Ok((plan, there))
 }
 
 /// The way a plan takes: the best predicted for `optimize` when given, else `asked`'s.
