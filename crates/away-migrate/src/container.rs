@@ -182,7 +182,7 @@ pub async fn migrate_container(
 ) -> Result<MigrationReport, MigrateError> {
     let plan = if opts.predict {
         progress(Step::Checking);
-        let planning = crate::estimate::plan_container_to(node, source_name, name, target, opts.mode, None);
+        let planning = crate::estimate::plan_container(node, source_name, name, target, opts.mode, None);
         match tokio::time::timeout(crate::estimate::PLAN_TIMEOUT, planning).await {
             Ok(Ok(plan)) => Some(plan),
             Ok(Err(e)) => {

@@ -558,21 +558,10 @@ fn kind_for_mode(
 }
 
 /// Measure and predict a move of container `name` to `target`: every way it could
-/// move, and the one `mode` (or, given, `optimize`) takes.
+/// move, and the one `mode` (or, given, `optimize`) takes; with the target's
+/// description it asked for (a move that follows asks no second time: a round trip
+/// less in its checks).
 pub async fn plan_container(
-    node: &LocalNode,
-    source_name: &str,
-    name: &str,
-    target: &dyn TargetNode,
-    mode: ContainerMode,
-    optimize: Option<Optimize>,
-) -> Result<MovePlan, MigrateError> {
-    plan_container_to(node, source_name, name, target, mode, optimize).await.map(|(plan, _)| plan)
-}
-
-/// [`plan_container`], and the target's description it asked for (the move that
-/// follows asks no second time: a round trip less in its checks).
-pub(crate) async fn plan_container_to(
     node: &LocalNode,
     source_name: &str,
     name: &str,

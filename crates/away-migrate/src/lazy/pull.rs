@@ -485,6 +485,24 @@ mod tests {
         assert!(map.lazy_ranges().is_empty());
     }
 
+    /// The target closes: the source's CRIU sent each page once, saw the close, then the
+    /// end, and every page of [`three_entries`] is in its images.
+    async fn closed_complete(
+        pulled: PulledPages,
+        criu: tokio::task::JoinHandle<(bool, u64)>,
+        source: SourceRelay,
+        dir: &Path,
+    ) {
+        pulled.release().await.unwrap();
+        assert_eq!(
+            criu.await.unwrap(),
+            (true, 700),
+            "the source's CRIU sent each page once, saw the close, then the end"
+        );
+        source.wait().await.expect("a clean end at the source");
+        assert_complete(dir);
+    }
+
     #[tokio::test]
     async fn every_lazy_page_lands_in_the_images_in_order() {
         let dir = three_entries("away-pull-");
@@ -499,19 +517,13 @@ mod tests {
         let pulled = pull_all(dir.path(), upstream, &PageLink::plaintext(), None, false).await.unwrap();
         assert_eq!(pulled.pages, 700);
         assert!(pulled.counters.wire() < pulled.counters.plain(), "the pages travel compressed");
-        pulled.release().await.unwrap();
-        assert_eq!(
-            server.await.unwrap(),
-            (true, 700),
-            "the source's CRIU sent each page once, saw the close, then the end"
-        );
-        source.wait().await.expect("a clean end at the source");
-        assert_complete(dir.path());
+        closed_complete(pulled, server, source, dir.path()).await;
     }
 
     /// The streamed move's way: the target's link is up (and carries filler) before the
-    /// dump, the source pushes every page (asking its CRIU itself, re-asking what an answer left out)
-    /// before the target reads any, and the target only reads, then closes.
+    /// dump, the source pushes every page (asking its CRIU itself, re-asking what an
+    /// answer left out) before the target reads any, and the target only reads, then
+    /// closes.
     #[tokio::test]
     async fn pushed_pages_land_like_pulled_ones_and_the_target_asks_for_none() {
         let dir = three_entries("away-push-");
@@ -540,14 +552,7 @@ mod tests {
         assert!(pulled.counters.wire() >= super::super::WARM_UP_MAX, "{:?}", pulled.counters);
         assert!(source.counters.wire() >= super::super::WARM_UP_MAX, "{:?}", source.counters);
         // (a request of the target's would reach CRIU after the push: pages sent twice)
-        pulled.release().await.unwrap();
-        assert_eq!(
-            server.await.unwrap(),
-            (true, 700),
-            "the source's CRIU sent each page once, saw the close, then the end"
-        );
-        source.wait().await.expect("a clean end at the source");
-        assert_complete(dir.path());
+        closed_complete(pulled, server, source, dir.path()).await;
     }
 
     /// A checkpoint (pagemap `pages_id` 1, one entry) in a fresh directory.
