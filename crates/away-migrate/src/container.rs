@@ -905,14 +905,7 @@ fn frozen_at(payload: &Path, started: Instant) -> Instant {
     away_runtime::runtime::criu_frozen_at(&log).filter(|t| *t >= started).unwrap_or(started)
 }
 
-/// A connection to the target's transfer port, opened before the workload stops (the
-/// payload then goes without a connect round trip in the pause), and the address of
-/// this host the target reaches (its local end: where the page relay listens).
-/// Also returns how long it took to open: one round trip to the target. Under TLS the
-/// handshake (one more round trip with TLS 1.3) is made here too, before the freeze.
-/// Also returns its socket (a second descriptor of it, for its options once the mode is
-/// known: [`migrate_lazy`] switches it to CUBIC).
-/// A page relay listening for move's target `there` (only its node is taken), and its
+/// A page relay listening for a move's target `there` (only its node is taken), and its
 /// address as the target reaches it: this host's address on the route to the target's
 /// transfer port.
 async fn early_page_relay(
@@ -924,7 +917,11 @@ async fn early_page_relay(
         MigrateError::Invalid(format!("no address for the target's transfer port {}", there.transfer_addr))
     })?;
     // (a datagram socket's connect only looks the route up: nothing is sent)
-    let route = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    let any: std::net::IpAddr = match to {
+        std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let route = std::net::UdpSocket::bind((any, 0))
         .and_then(|u| {
             u.connect(to)?;
             u.local_addr()
@@ -935,6 +932,13 @@ async fn early_page_relay(
     Ok((std::net::SocketAddr::new(route.ip(), relay.port), relay))
 }
 
+/// A connection to the target's transfer port, opened before the workload stops (the
+/// payload then goes without a connect round trip in the pause), and the address of
+/// this host the target reaches (its local end: where the page relay listens).
+/// Also returns how long it took to open: one round trip to the target. Under TLS the
+/// handshake (one more round trip with TLS 1.3) is made here too, before the freeze.
+/// Also returns its socket (a second descriptor of it, for its options once the mode is
+/// known: [`migrate_lazy`] switches it to CUBIC).
 async fn connect_early(target: &str, peer_node: &str, send: &SendOptions) -> Result<Early, MigrateError> {
     let unreachable =
         |e: std::io::Error| MigrateError::Invalid(format!("cannot reach the target's transfer port {target}: {e}"));
@@ -1088,6 +1092,8 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     record_logged(journal, &journaled);
     let set_aside = set_aside.as_deref();
     let mut pushed = false;
+    // (an early relay listens on this host's address on the route to the target)
+    let relay_ip = m.page_relay.as_ref().map_or(local_ip, |(pending, _)| pending.ip);
     let started_relay = match m.page_relay {
         Some((pending, early_link)) => {
             // pushed to a target that opened its link early; asked for otherwise
@@ -1119,7 +1125,7 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             return Err(resumed_aside(runtime, name, set_aside, why, None).await);
         }
     };
-    let page_relay = std::net::SocketAddr::new(local_ip, relay.port);
+    let page_relay = std::net::SocketAddr::new(relay_ip, relay.port);
     phases.push(MigrationPhase { parts, ..phase("checkpoint", checkpoint_start.elapsed()) });
     let memory = m.pid.map(crate::mode::resident_bytes).unwrap_or(0);
     // asked from the freeze on: the first answer comes from the target

@@ -172,6 +172,8 @@ pub struct SourceRelay {
 /// its page link while the source still runs ([`PendingRelay::start`]). Until then
 /// the link carries filler ([`warm_up`]).
 pub struct PendingRelay {
+    /// Where it listens.
+    pub ip: std::net::IpAddr,
     pub port: u16,
     accepted: Accepting,
     /// Filler may go: the pages have not started.
@@ -232,7 +234,7 @@ impl PendingRelay {
     /// from now on.
     pub async fn listen(listen: SocketAddr, link: PageLink) -> std::io::Result<PendingRelay> {
         let listener = TcpListener::bind(listen).await?;
-        let port = listener.local_addr()?.port();
+        let (ip, port) = (listener.local_addr()?.ip(), listener.local_addr()?.port());
         let warming = Arc::new(AtomicBool::new(true));
         let w = warming.clone();
         let accepted = tokio::spawn(async move {
@@ -248,7 +250,7 @@ impl PendingRelay {
             let filler = warm_up(&mut stream, &socket, &w).await?;
             Ok((stream, filler))
         });
-        Ok(PendingRelay { port, accepted, warming })
+        Ok(PendingRelay { ip, port, accepted, warming })
     }
 
     /// Relay between the target and CRIU's page server, reached with `connect_criu` (once,
