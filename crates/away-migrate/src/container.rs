@@ -292,10 +292,10 @@ async fn move_container(
             let prepare = crate::target::PrepareImage {
                 reference: status.image.clone(),
                 runtime: kind,
-                page_relay: page_relay.as_ref().map(|(addr, _)| *addr),
+                page_relay: page_relay.as_ref().map(crate::lazy::PendingRelay::addr),
             };
             let announced = target.announce(&transfer_id, name, source_name, Some(&prepare)).await?;
-            Ok::<_, MigrateError>((announced, page_relay.map(|(_, r)| r)))
+            Ok::<_, MigrateError>((announced, page_relay))
         };
         let (early, announced) =
             tokio::join!(connect_early(&there.transfer_addr, &there.node.name, &opts.transfer), announce);
@@ -905,13 +905,13 @@ fn frozen_at(payload: &Path, started: Instant) -> Instant {
     away_runtime::runtime::criu_frozen_at(&log).filter(|t| *t >= started).unwrap_or(started)
 }
 
-/// A page relay listening for a move's target `there` (only its node is taken), and its
-/// address as the target reaches it: this host's address on the route to the target's
+/// A page relay listening for a move's target `there` (only its node is taken) where
+/// the target reaches it: on this host's address on the route to the target's
 /// transfer port.
 async fn early_page_relay(
     there: &crate::target::TargetInfo,
     opts: &ContainerMigrationOptions,
-) -> Result<(std::net::SocketAddr, crate::lazy::PendingRelay), MigrateError> {
+) -> Result<crate::lazy::PendingRelay, MigrateError> {
     let no_relay = |e: std::io::Error| MigrateError::Invalid(format!("cannot start the page relay: {e}"));
     let to = tokio::net::lookup_host(&there.transfer_addr).await.map_err(no_relay)?.next().ok_or_else(|| {
         MigrateError::Invalid(format!("no address for the target's transfer port {}", there.transfer_addr))
@@ -928,8 +928,7 @@ async fn early_page_relay(
         })
         .map_err(no_relay)?;
     let link = crate::lazy::PageLink { channels: opts.transfer.channels.clone(), peer_node: there.node.name.clone() };
-    let relay = crate::lazy::PendingRelay::listen((route.ip(), 0).into(), link).await.map_err(no_relay)?;
-    Ok((std::net::SocketAddr::new(route.ip(), relay.port), relay))
+    crate::lazy::PendingRelay::listen((route.ip(), 0).into(), link).await.map_err(no_relay)
 }
 
 /// A connection to the target's transfer port, opened before the workload stops (the

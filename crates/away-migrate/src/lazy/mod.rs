@@ -253,6 +253,11 @@ impl PendingRelay {
         Ok(PendingRelay { ip, port, accepted, warming })
     }
 
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.port)
+    }
+
     /// Relay between the target and CRIU's page server, reached with `connect_criu` (once,
     /// when the target has connected); `compress`: zstd frames, else stored ones with a
     /// CRC-32. With `push`, the relay asks CRIU for every page of those ranges itself and

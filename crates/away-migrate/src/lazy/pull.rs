@@ -103,11 +103,15 @@ impl EarlyLink {
 /// [`release`]: PulledPages::release
 pub struct PulledPages {
     stream: PageStream,
-    pub counters: Arc<RelayCounters>,
     pub pages: u64,
 }
 
 impl PulledPages {
+    /// Bytes through the page link.
+    pub fn counters(&self) -> &RelayCounters {
+        &self.stream.counters
+    }
+
     /// The copy runs: tell the source's CRIU every page moved (it then ends the source
     /// process) and wait for its answer.
     pub async fn release(mut self) -> Result<(), LazyError> {
@@ -265,8 +269,7 @@ pub async fn pull_all(
     if let Err(e) = fetched {
         return Err(stream.explain(e).await);
     }
-    let counters = stream.counters.clone();
-    let pulled = PulledPages { stream, counters, pages: lazy_pages };
+    let pulled = PulledPages { stream, pages: lazy_pages };
     drop(out);
     for e in map.entries.iter_mut().filter(|e| e.is_lazy_only()) {
         e.set_flags(e.flags() | PE_PRESENT);
@@ -516,7 +519,7 @@ mod tests {
         let upstream = SocketAddr::from(([127, 0, 0, 1], source.port));
         let pulled = pull_all(dir.path(), upstream, &PageLink::plaintext(), None, false).await.unwrap();
         assert_eq!(pulled.pages, 700);
-        assert!(pulled.counters.wire() < pulled.counters.plain(), "the pages travel compressed");
+        assert!(pulled.counters().wire() < pulled.counters().plain(), "the pages travel compressed");
         closed_complete(pulled, server, source, dir.path()).await;
     }
 
@@ -549,7 +552,7 @@ mod tests {
             .unwrap();
         assert_eq!(pulled.pages, 700);
         // the filler that kept the link busy while the "dump" ran was read and dropped
-        assert!(pulled.counters.wire() >= super::super::WARM_UP_MAX, "{:?}", pulled.counters);
+        assert!(pulled.counters().wire() >= super::super::WARM_UP_MAX, "{:?}", pulled.counters());
         assert!(source.counters.wire() >= super::super::WARM_UP_MAX, "{:?}", source.counters);
         // (a request of the target's would reach CRIU after the push: pages sent twice)
         closed_complete(pulled, server, source, dir.path()).await;
