@@ -273,6 +273,8 @@ fn lazy_moves_keep_state_and_faults_leave_one_instance() {
         let (ok, report, stderr) = nodes.migrate(name, "lazy", &[]);
         assert!(ok, "{name}: lazy move failed: {stderr}");
         assert_eq!(report["mode"], "lazy", "{report}");
+        // the target opened its page link at the announce and was offered the ranges
+        assert!(report["reason"].as_str().unwrap().contains("from the dump's end"), "{report}");
         assert!(report["degraded_millis"].as_u64().unwrap() > 0, "{report}");
         assert!(
             report["paged_bytes_raw"].as_u64().unwrap() > 48 << 20,

@@ -160,7 +160,7 @@ pub struct Agent {
     pub announced: std::sync::Mutex<HashMap<String, Announced>>,
     /// transfer id -> the page link a streamed move's announcement opened, and when;
     /// its restore takes it ([`Agent::take_page_link`]).
-    page_links: std::sync::Mutex<HashMap<String, (std::time::Instant, away_migrate::lazy::pull::EarlyLink)>>,
+    page_links: std::sync::Mutex<HashMap<String, (std::time::Instant, away_migrate::lazy::early::EarlyLink)>>,
 }
 
 impl Agent {
@@ -336,13 +336,13 @@ impl Agent {
             return false;
         }
         tracing::debug!(transfer = transfer_id, %relay, "opening the move's page link");
-        let early = away_migrate::lazy::pull::EarlyLink::connect(relay, link);
+        let early = away_migrate::lazy::early::EarlyLink::connect(relay, link);
         links.insert(transfer_id.to_string(), (std::time::Instant::now(), early));
         true
     }
 
     /// The page link announced move `transfer_id` opened, if it did.
-    pub fn take_page_link(&self, transfer_id: &str) -> Option<away_migrate::lazy::pull::EarlyLink> {
+    pub fn take_page_link(&self, transfer_id: &str) -> Option<away_migrate::lazy::early::EarlyLink> {
         self.page_links.lock().expect("page links lock").remove(transfer_id).map(|(_, l)| l)
     }
 
@@ -802,28 +802,37 @@ pub async fn run(
         .map_err(|e| AgentError::Bind { addr: agent.config.listen.to_string(), source: e })?;
     let mut server =
         tokio::spawn(axum::serve(http, app).with_graceful_shutdown(until_stopped(stopped.clone())).into_future());
+    // The stop ends the server too and both wake this task: a server found ended is a
+    // failure only when no stop was asked for.
+    let mut server_ended = false;
     let why = {
         let mut rx = stopped.clone();
         tokio::select! {
-            // first: a server that ended because of the stop is no failure
             biased;
             why = rx.wait_for(Option::is_some) => why.ok().and_then(|w| *w).unwrap_or("stop"),
             served = &mut server => {
-                // the API server ended by itself: a failure
-                receiver.abort();
-                heartbeats.inspect(|h| h.abort());
-                published.inspect(|h| h.abort());
-                let message = match served {
-                    Ok(Ok(())) => "the API server ended".to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                };
-                return Err(AgentError::Serve(message));
+                server_ended = true;
+                let stop = *stopped.borrow();
+                match stop {
+                    Some(why) => why,
+                    None => {
+                        receiver.abort();
+                        heartbeats.inspect(|h| h.abort());
+                        published.inspect(|h| h.abort());
+                        let message = match served {
+                            Ok(Ok(())) => "the API server ended".to_string(),
+                            Ok(Err(e)) => e.to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        return Err(AgentError::Serve(message));
+                    }
+                }
             }
         }
     };
     tracing::info!(signal = why, "agent stopping: no new API requests or transfers; what is under way finishes");
-    if tokio::time::timeout(API_DRAIN, &mut server).await.is_err() {
+    // (a finished task's handle must not be polled again)
+    if !server_ended && tokio::time::timeout(API_DRAIN, &mut server).await.is_err() {
         tracing::warn!("API requests still open after {} s: closing them", API_DRAIN.as_secs());
         server.abort();
     }

@@ -55,11 +55,6 @@ pub struct Manifest {
     /// before it restores ([`crate::lazy::pull`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pull_pages: bool,
-    /// Streamed: the source pushes every page from the end of its dump, unasked; the
-    /// target only reads them ([`crate::lazy::pull::Push`]). Set only when the target
-    /// said at the announce that it opens the page link early.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub pages_pushed: bool,
     /// Restore the workload's TCP connections closed, not established (overlay
     /// workloads; the move's `close_connections`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -272,12 +267,11 @@ async fn move_container(
     let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
     // The move is announced beside the early connection's handshake: the target takes
     // this transfer only from this node, with its secret, imports the image into its
-    // runtime while this side checkpoints, and (a move that may stream) opens its page
-    // link to the relay listening here, which keeps that link warm until the pages
-    // come (`crate::lazy::pull`). A move refused below leaves an announcement that
-    // expires, and a relay that closes.
-    let may_stream = kind == RuntimeKind::Containerd
-        && !matches!(opts.mode, crate::mode::ContainerMode::Lazy | crate::mode::ContainerMode::Staged);
+    // runtime while this side checkpoints, and (a move that may stream or go lazily)
+    // opens its page link to the relay listening here, which keeps that link warm until
+    // the pages come (`crate::lazy::early`). A move refused below leaves an announcement
+    // that expires, and a relay that closes.
+    let may_page = kind == RuntimeKind::Containerd && !matches!(opts.mode, crate::mode::ContainerMode::Staged);
     let remote = async {
         // (the prediction just asked for it)
         let there = match known {
@@ -285,7 +279,7 @@ async fn move_container(
             None => target.info().await?,
         };
         let announce = async {
-            let page_relay = match may_stream {
+            let page_relay = match may_page {
                 true => Some(early_page_relay(&there, opts).await?),
                 false => None,
             };
@@ -333,8 +327,8 @@ async fn move_container(
         return Err(MigrateError::Cancelled(name.into()));
     }
     tracing::info!(workload = name, mode = %choice.mode, "{}", choice.reason);
-    // the page relay serves a streamed move only
-    let page_relay = page_relay.filter(|_| choice.streamed && choice.mode != MigrationMode::Lazy);
+    // the page relay serves a streamed or lazy move only
+    let page_relay = page_relay.filter(|_| choice.streamed || choice.mode == MigrationMode::Lazy);
     let mut opts = opts.clone();
     opts.transfer.secret = Some(announced.secret);
     opts.transfer.peer_node = there.node.name.clone();
@@ -422,7 +416,6 @@ async fn move_container(
         lazy_page_relay: None,
         lazy_hot: Vec::new(),
         pull_pages: false,
-        pages_pushed: false,
         close_connections: opts.close_connections,
     };
     let prepared = std::fs::write(payload.join(MANIFEST), serde_json::to_vec_pretty(&manifest).unwrap_or_default());
@@ -764,8 +757,8 @@ struct Moving<'a> {
     early: Early,
     /// What the volumes' pre-copy sent, if there was one.
     precopy: Option<Precopy>,
-    /// A streamed move's page relay, listening since the announce, and whether the
-    /// target opened its link then (the pages are pushed only to such a target).
+    /// The move's page relay, listening since the announce, and whether the target
+    /// opened its link then (only such a target is sent an offer, `crate::lazy::early`).
     page_relay: Option<(crate::lazy::PendingRelay, bool)>,
 }
 
@@ -1090,16 +1083,21 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     journaled = journaled.with_state(OutgoingState::Checkpointing);
     record_logged(journal, &journaled);
     let set_aside = set_aside.as_deref();
-    let mut pushed = false;
+    let (mut pushed, mut offered_lazy) = (false, false);
     // (an early relay listens on this host's address on the route to the target)
     let relay_ip = m.page_relay.as_ref().map_or(local_ip, |(pending, _)| pending.ip);
     let started_relay = match m.page_relay {
         Some((pending, early_link)) => {
-            // pushed to a target that opened its link early; asked for otherwise
-            let push =
-                early_link.then(|| crate::lazy::pull::Push::of_checkpoint(&payload.join(CHECKPOINT_DIR))).flatten();
-            pushed = push.is_some();
-            Ok(pending.start(dump.page_server_connector(), crate::lazy::LazyFault::from_env(), compress_pages, push))
+            // a target that opened its link early is told what comes on it (pushed pages,
+            // or a lazy move's ranges to ask for at once); one that did not connects later
+            let dir = payload.join(CHECKPOINT_DIR);
+            let offer = early_link.then(|| match streamed {
+                true => crate::lazy::early::Offer::streamed(&dir),
+                false => crate::lazy::early::Offer::lazy(&dir, &m.hot),
+            });
+            pushed = offer.as_ref().is_some_and(crate::lazy::early::Offer::pushes);
+            offered_lazy = early_link && !streamed;
+            Ok(pending.start(dump.page_server_connector(), crate::lazy::LazyFault::from_env(), compress_pages, offer))
         }
         None => {
             crate::lazy::SourceRelay::start(
@@ -1138,7 +1136,6 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
         lazy_page_relay: Some(page_relay),
         lazy_hot: m.hot,
         pull_pages: streamed,
-        pages_pushed: pushed,
         close_connections: m.opts.close_connections,
     };
     // Any failure until the target runs: CRIU resumes the source when told.
@@ -1309,6 +1306,11 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             if pushed {
                 reason.push_str(
                     "; the pages were pushed from the dump's end down the link the target opened at the announce",
+                );
+            }
+            if offered_lazy {
+                reason.push_str(
+                    "; the target asked for the pages from the dump's end, down the link it opened at the announce",
                 );
             }
             if opts.compress_pages.is_none() && !compress_pages {
@@ -1510,7 +1512,7 @@ pub async fn restore_received(
     payload: &ReceivedPayload,
     settle: Duration,
     pages: &crate::lazy::PageLink,
-    early_pages: Option<crate::lazy::pull::EarlyLink>,
+    early_pages: Option<crate::lazy::early::EarlyLink>,
     volumes_base: Option<&Path>,
 ) -> Result<Restored, RestoreFailed> {
     let started = Instant::now();
@@ -1551,7 +1553,7 @@ pub async fn restore_received(
         }
         Some(relay) if manifest.pull_pages => {
             let t = Instant::now();
-            let pages = crate::lazy::pull::pull_all(&dir, relay, pages, early_pages, manifest.pages_pushed)
+            let pages = crate::lazy::pull::pull_all(&dir, relay, pages, early_pages)
                 .await
                 .map_err(|e| format!("pull the pages: {e}", e = ErrorChain(&e)))?;
             pull = t.elapsed();
@@ -1578,7 +1580,9 @@ pub async fn restore_received(
             let restore = away_runtime::steps::collect(runtime.restore_lazy(&request, pages_up));
             tokio::pin!(restore);
             let started = async {
-                let daemon = crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot, pages.clone()).await;
+                let daemon =
+                    crate::lazy::LazyPagesDaemon::start(&dir, relay, &manifest.lazy_hot, pages.clone(), early_pages)
+                        .await;
                 let _ = up_tx.send(daemon.as_ref().map(drop).map_err(|e| ErrorChain(e).to_string()));
                 daemon
             };

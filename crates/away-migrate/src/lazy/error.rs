@@ -47,6 +47,10 @@ pub enum LazyError {
     Corrupt { reason: String },
     #[error("unexpected page server request {cmd:#x} from the daemon")]
     UnexpectedRequest { cmd: u32 },
+    /// The first record of an early page link (`early::Offer`), or one that does not fit
+    /// the move or its checkpoint.
+    #[error("the source's page offer: {reason}")]
+    BadOffer { reason: String },
     #[error("the source sent an answer nobody asked for")]
     UnaskedAnswer,
     #[error("the source's page server answered the end with {status:?}")]

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod early;
 mod error;
 pub mod pagemap;
 pub mod prefetch;
@@ -260,15 +261,16 @@ impl PendingRelay {
 
     /// Relay between the target and CRIU's page server, reached with `connect_criu` (once,
     /// when the target has connected); `compress`: zstd frames, else stored ones with a
-    /// CRC-32. With `push`, the relay asks CRIU for every page of those ranges itself and
-    /// sends them down the link as soon as it is up, without waiting for the target's
-    /// requests ([`pull::Push`]).
+    /// CRC-32. With an `offer` (to a target that opened its link at the announce) the
+    /// relay sends it first ([`early::Offer`]); an offer to push makes the relay ask CRIU
+    /// for every page itself and send them down the link at once, without waiting for
+    /// the target's requests ([`pull::Push`]).
     pub fn start(
         mut self,
         connect_criu: impl FnOnce() -> std::io::Result<std::net::TcpStream> + Send + 'static,
         fault: Option<LazyFault>,
         compress: bool,
-        push: Option<pull::Push>,
+        offer: Option<early::Offer>,
     ) -> SourceRelay {
         // the pages come: no more filler
         self.warming.store(false, Ordering::SeqCst);
@@ -281,7 +283,7 @@ impl PendingRelay {
         let b = broken.clone();
         let framer = Framer::new(fault, compress);
         let task = tokio::spawn(async move {
-            let r = source_side(accepted, connect_criu, c, abort_rx, framer, push).await;
+            let r = source_side(accepted, connect_criu, c, abort_rx, framer, offer).await;
             b.store(r.is_err(), Ordering::SeqCst);
             r
         });
@@ -354,7 +356,7 @@ async fn source_side(
     counters: Arc<RelayCounters>,
     mut abort: oneshot::Receiver<()>,
     mut framer: Framer,
-    push: Option<pull::Push>,
+    offer: Option<early::Offer>,
 ) -> Result<(), LazyError> {
     let accepted = tokio::select! {
         a = accepted => Some(a),
@@ -390,14 +392,23 @@ async fn source_side(
         }
     };
     let (mut net_r, mut net_w) = tokio::io::split(net);
-    if let Some(push) = &push {
-        // every page goes before the target asks: it only reads, then closes
-        let pushed = tokio::select! {
-            r = push.send(&mut criu_r, &mut criu_w, &mut net_w, &mut framer, &counters) => r,
+    if let Some(offer) = &offer {
+        let offered = async {
+            for piece in offer.record().chunks(CHUNK) {
+                framer.send(&mut net_w, piece, &counters).await?;
+            }
+            if let early::Offer::Push(push) = offer {
+                // every page goes before the target asks: it only reads, then closes
+                push.send(&mut criu_r, &mut criu_w, &mut net_w, &mut framer, &counters).await?;
+            }
+            Ok(())
+        };
+        let offered = tokio::select! {
+            r = offered => r,
             _ = &mut abort => Err(LazyError::Aborted),
         };
-        if let Err(e) = pushed {
-            tracing::warn!("streamed pages: {e}; telling CRIU to resume the source", e = ErrorChain(&e));
+        if let Err(e) = offered {
+            tracing::warn!("page offer: {e}; telling CRIU to resume the source", e = ErrorChain(&e));
             poison(&mut criu_w).await;
             drain(&mut criu_r).await;
             return Err(e);
@@ -406,6 +417,13 @@ async fn source_side(
     let criu_closed = AtomicBool::new(false);
     // the daemon's closing request went to CRIU: it has every page, the move is done
     let final_seen = AtomicBool::new(false);
+    // A lazy offer's prefetch may have asked for every page before the target's daemon
+    // even runs: the silence until its close is bounded as the daemon's start was (a
+    // dead host is found sooner, by the socket's user timeout).
+    let idle = match offer {
+        Some(early::Offer::Lazy { .. }) => CONNECT_TIMEOUT,
+        _ => IDLE_TIMEOUT,
+    };
     let up = async {
         // CRIU -> network: page data
         let r = plain_to_framed(&mut criu_r, &mut net_w, &counters, &mut framer).await;
@@ -418,8 +436,7 @@ async fn source_side(
         // network -> CRIU: page requests. CRIU answers the daemon's final request and
         // then waits for the connection to end; a FIN without that request would also
         // read as success, so it only goes to CRIU after the final request.
-        let last =
-            framed_to_plain(&mut net_r, &mut criu_w, &counters, Some(IDLE_TIMEOUT), false, Some(&final_seen)).await?;
+        let last = framed_to_plain(&mut net_r, &mut criu_w, &counters, Some(idle), false, Some(&final_seen)).await?;
         if is_final_request(&last) || criu_closed.load(Ordering::SeqCst) {
             end_cleanly(&mut criu_w).await;
             Ok(())
@@ -486,17 +503,8 @@ impl TargetRelay {
         let task = tokio::spawn(async move {
             // the page link comes up while the daemon starts and the restore begins: its
             // round trip is not on the first fault's way
-            let daemon = async {
-                tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
-                    .await
-                    .map_err(|_| LazyError::NotWithin {
-                        what: "the lazy-pages daemon did not connect",
-                        secs: CONNECT_TIMEOUT.as_secs(),
-                    })?
-                    .map_err(LazyError::io("accept the lazy-pages daemon's connection"))
-            };
             let net = link.connect(upstream);
-            let ((daemon, _), net) = tokio::try_join!(daemon, net)?;
+            let (daemon, net) = tokio::try_join!(accept_daemon(&listener), net)?;
             let (mut d_r, mut d_w) = daemon.into_split();
             let (mut n_r, mut n_w) = tokio::io::split(net);
             let Some((ranges, pid)) = prefetch else {
@@ -521,9 +529,48 @@ impl TargetRelay {
         Ok(TargetRelay { port, counters, task })
     }
 
+    /// The relay of a lazy move whose prefetch runs on its early link since the source's
+    /// offer ([`early::LazyPrefetch`]): the daemon's connection is joined to it.
+    fn start_early(mut prefetch: early::LazyPrefetch) -> std::io::Result<TargetRelay> {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        let port = listener.local_addr()?.port();
+        let counters = prefetch.counters.clone();
+        let mut pipe = prefetch.daemon.take().expect("the prefetch's daemon side is taken once");
+        let task = tokio::spawn(async move {
+            let mut daemon = tokio::select! {
+                d = accept_daemon(&listener) => d?,
+                // (failed before the daemon came: its link or its source)
+                done = &mut prefetch.task => {
+                    done.map_err(LazyError::task("page prefetch"))??;
+                    return Err(LazyError::EndedBeforeLastPage);
+                }
+            };
+            // the prefetch ends the pipe, and so the joining, when it is done or fails
+            let (joined, done) =
+                tokio::join!(tokio::io::copy_bidirectional(&mut daemon, &mut pipe), &mut prefetch.task);
+            done.map_err(LazyError::task("page prefetch"))??;
+            joined.map(drop).map_err(LazyError::io("relay the lazy-pages daemon's requests"))
+        });
+        Ok(TargetRelay { port, counters, task })
+    }
+
     pub fn abort(&self) {
         self.task.abort();
     }
+}
+
+/// The lazy-pages daemon's one connection to its relay.
+async fn accept_daemon(listener: &TcpListener) -> Result<TcpStream, LazyError> {
+    let (daemon, _) = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
+        .await
+        .map_err(|_| LazyError::NotWithin {
+            what: "the lazy-pages daemon did not connect",
+            secs: CONNECT_TIMEOUT.as_secs(),
+        })?
+        .map_err(LazyError::io("accept the lazy-pages daemon's connection"))?;
+    Ok(daemon)
 }
 
 /// The compressing end of a relay link: plain CRIU protocol on `plain` (the other
@@ -716,18 +763,35 @@ impl LazyPagesDaemon {
     /// Start the daemon on checkpoint `dir` (images; work directory
     /// `dir/`[`away_runtime::CRIU_WORK_DIR`]) fetching from the source relay `upstream`,
     /// the `hot` ranges (the workload's working set) first; returns once its socket is
-    /// there for the restore to connect to.
+    /// there for the restore to connect to. With `early` (the link this node opened at
+    /// the announce) the pages come over it, asked for since the source's offer, in the
+    /// offer's order.
     pub async fn start(
         dir: &Path,
         upstream: SocketAddr,
         hot: &[(u64, u64)],
         link: PageLink,
+        early: Option<early::EarlyLink>,
     ) -> Result<LazyPagesDaemon, LazyError> {
-        let ranges = prefetch::lazy_ranges(dir).map(|(r, pid)| (prefetch::hot_first(r, hot), pid));
-        if ranges.is_none() {
-            tracing::info!("lazy pages: no single pagemap image in {}, no prefetch", dir.display());
+        let relay = match early {
+            Some(early) => match early.offer().await? {
+                early::Found::Lazy(prefetch) => {
+                    prefetch.check(dir)?;
+                    TargetRelay::start_early(prefetch)
+                }
+                early::Found::Pages { .. } => {
+                    return Err(LazyError::BadOffer { reason: "a streamed move's, for a lazy restore".into() })
+                }
+            },
+            None => {
+                let ranges = prefetch::lazy_ranges(dir).map(|(r, pid)| (prefetch::hot_first(r, hot), pid));
+                if ranges.is_none() {
+                    tracing::info!("lazy pages: no single pagemap image in {}, no prefetch", dir.display());
+                }
+                TargetRelay::start(upstream, ranges, link).await
+            }
         }
-        let relay = TargetRelay::start(upstream, ranges, link).await.map_err(LazyError::io("start the page relay"))?;
+        .map_err(LazyError::io("start the page relay"))?;
         let work = dir.join(away_runtime::CRIU_WORK_DIR);
         away_runtime::host::beneath::Beneath::open(dir)?.create_dir_all(away_runtime::CRIU_WORK_DIR, 0o700)?;
         let log = work.join("lazy-pages.log");

@@ -30,6 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 
 use away_runtime::host::beneath::{Beneath, BeneathError};
 
+use super::early::{EarlyLink, Found};
 use super::pagemap::{Pagemap, PE_PRESENT};
 use super::prefetch::{fields, request, PAGE, PS_IOV_GET};
 use super::{framed_link, Framer, LazyError, RelayCounters, CHUNK, PS_IOV_CLOSE, PS_IOV_SIZE};
@@ -41,10 +42,10 @@ const PULL_WINDOW: usize = 8;
 
 /// Plain CRIU protocol on an in-process pipe, and the task that relays it over the page
 /// link (frames, compressed) to the source. Dropped, the relay stops.
-struct PageStream {
-    link: DuplexStream,
+pub(super) struct PageStream {
+    pub(super) link: DuplexStream,
     relay: tokio::task::JoinHandle<Result<(), LazyError>>,
-    counters: Arc<RelayCounters>,
+    pub(super) counters: Arc<RelayCounters>,
 }
 
 impl Drop for PageStream {
@@ -60,7 +61,7 @@ const EARLY_BUFFER: usize = 16 << 20;
 
 impl PageStream {
     /// The link to the source relay at `upstream`, connected by a task of its own.
-    fn connect(upstream: SocketAddr, link: super::PageLink) -> PageStream {
+    pub(super) fn connect(upstream: SocketAddr, link: super::PageLink) -> PageStream {
         let counters = Arc::new(RelayCounters::default());
         let (link_end, outer) = tokio::io::duplex(EARLY_BUFFER);
         let c = counters.clone();
@@ -74,7 +75,7 @@ impl PageStream {
 
     /// The relay's own error, which says more than the pipe's end (a corrupt frame, a
     /// cut, a refused handshake), when it has ended with one.
-    async fn explain(&mut self, e: LazyError) -> LazyError {
+    pub(super) async fn explain(&mut self, e: LazyError) -> LazyError {
         if !self.relay.is_finished() {
             return e;
         }
@@ -83,18 +84,15 @@ impl PageStream {
             _ => e,
         }
     }
-}
 
-/// A streamed move's page link, opened by the target when the source announces the
-/// move (`POST /v1/transfers` with the source's page relay): the TLS handshake happens
-/// while the source still runs, and pages the source pushes before the payload is in
-/// wait in it. Its restore takes it ([`pull_all`]).
-pub struct EarlyLink(PageStream);
-
-impl EarlyLink {
-    /// Connect to the source relay at `upstream` (in the background).
-    pub fn connect(upstream: SocketAddr, link: super::PageLink) -> EarlyLink {
-        EarlyLink(PageStream::connect(upstream, link))
+    /// The plain side has ended (the source's status read, the end sent): wait for the
+    /// relay to end too, with its verdict.
+    pub(super) async fn finish(&mut self) -> Result<(), LazyError> {
+        match tokio::time::timeout(Duration::from_secs(30), &mut self.relay).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(LazyError::task("page relay")(e)),
+            Err(_) => Err(LazyError::NotWithin { what: "the page relay did not end", secs: 30 }),
+        }
     }
 }
 
@@ -128,11 +126,7 @@ impl PulledPages {
         }
         // CRIU wants the peer's end after its answer
         let _ = link.shutdown().await;
-        match tokio::time::timeout(Duration::from_secs(30), &mut self.stream.relay).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(LazyError::task("page relay")(e)),
-            Err(_) => Err(LazyError::NotWithin { what: "the page relay did not end", secs: 30 }),
-        }
+        self.stream.finish().await
     }
 
     /// Give up: the link ends without the closing request and the source resumes.
@@ -191,13 +185,12 @@ struct Slot {
 /// Take every lazy page of the checkpoint in `dir` from the source relay `upstream`
 /// and rewrite its images as those of a complete dump: over `early` when the target
 /// opened the link at the announce (else connected now), read as the source pushes
-/// them when `pushed`, else asked for.
+/// them when its offer says so, else asked for.
 pub async fn pull_all(
     dir: &Path,
     upstream: SocketAddr,
     link: &super::PageLink,
     early: Option<EarlyLink>,
-    pushed: bool,
 ) -> Result<PulledPages, LazyError> {
     // a received checkpoint: each of its files is opened beneath it, never through a link
     let root = Beneath::open(dir)?;
@@ -245,9 +238,14 @@ pub async fn pull_all(
     }
     out.set_len(new_at).map_err(LazyError::file("size", &new_pages))?;
 
-    let mut stream = match early {
-        Some(EarlyLink(stream)) => stream,
-        None => PageStream::connect(upstream, link.clone()),
+    let (mut stream, pushed) = match early {
+        Some(early) => match early.offer().await? {
+            Found::Pages { stream, pushed } => (stream, pushed),
+            Found::Lazy(_) => {
+                return Err(LazyError::BadOffer { reason: "a lazy move's, for a streamed restore".into() });
+            }
+        },
+        None => (PageStream::connect(upstream, link.clone()), false),
     };
     let fault = TargetFault::from_env();
     let mut received = 0u64;
@@ -414,21 +412,21 @@ impl TargetFault {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::pagemap::{Entry, PE_LAZY};
     use super::super::{PageLink, SourceRelay, PS_IOV_SIZE};
     use super::*;
     use tokio::net::TcpListener;
 
     /// A page's content: its address, repeated.
-    fn page(vaddr: u64) -> Vec<u8> {
+    pub(in crate::lazy) fn page(vaddr: u64) -> Vec<u8> {
         vaddr.to_le_bytes().repeat(PAGE as usize / 8)
     }
 
     /// CRIU's page server for process 1: answers GETs with at most 100 pages (as at a
     /// page pipe's end), the close with status 0. Returns whether the close came, then
     /// the end, and how many pages it sent.
-    async fn fake_criu(listener: TcpListener) -> (bool, u64) {
+    pub(in crate::lazy) async fn fake_criu(listener: TcpListener) -> (bool, u64) {
         let (mut s, _) = listener.accept().await.unwrap();
         let mut sent = 0;
         loop {
@@ -457,7 +455,7 @@ mod tests {
     /// A checkpoint in a fresh directory: 2 present pages at `A`, 700 lazy ones at `B`
     /// (more than two requests' worth, and CRIU's answers of at most 100 pages end
     /// inside them), 1 present page at `C`.
-    fn three_entries(name: &str) -> tempfile::TempDir {
+    pub(in crate::lazy) fn three_entries(name: &str) -> tempfile::TempDir {
         let dir = tempfile::Builder::new().prefix(name).tempdir().unwrap();
         // magics, then the head {pages_id: 1}
         let img = [vec![0u8; 8], 2u32.to_le_bytes().to_vec(), vec![0x08, 0x01]].concat();
@@ -470,7 +468,7 @@ mod tests {
     }
 
     const A: u64 = 0x5555_0000_0000;
-    const B: u64 = 0x7f00_0000_0000;
+    pub(in crate::lazy) const B: u64 = 0x7f00_0000_0000;
     const C: u64 = 0x7fff_0000_0000;
 
     /// Every page of [`three_entries`] at its place, and no entry left lazy.
@@ -517,7 +515,7 @@ mod tests {
             .await
             .unwrap();
         let upstream = SocketAddr::from(([127, 0, 0, 1], source.port));
-        let pulled = pull_all(dir.path(), upstream, &PageLink::plaintext(), None, false).await.unwrap();
+        let pulled = pull_all(dir.path(), upstream, &PageLink::plaintext(), None).await.unwrap();
         assert_eq!(pulled.pages, 700);
         assert!(pulled.counters().wire() < pulled.counters().plain(), "the pages travel compressed");
         closed_complete(pulled, server, source, dir.path()).await;
@@ -540,16 +538,20 @@ mod tests {
         let criu_addr = criu.local_addr().unwrap();
         let server = tokio::spawn(fake_criu(criu));
         let push = Push::of_checkpoint(dir.path()).expect("one process's pagemap");
-        let source = pending.start(move || std::net::TcpStream::connect(criu_addr), None, true, Some(push));
+        let source = pending.start(
+            move || std::net::TcpStream::connect(criu_addr),
+            None,
+            true,
+            Some(super::super::early::Offer::Push(push)),
+        );
         // every page crosses before the target reads one (the payload is still on its way)
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while source.counters.plain() < 700 * PAGE {
             assert!(tokio::time::Instant::now() < deadline, "pushed {} bytes", source.counters.plain());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let pulled = pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext(), Some(early), true)
-            .await
-            .unwrap();
+        let pulled =
+            pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext(), Some(early)).await.unwrap();
         assert_eq!(pulled.pages, 700);
         // the filler that kept the link busy while the "dump" ran was read and dropped
         assert!(pulled.counters().wire() >= super::super::WARM_UP_MAX, "{:?}", pulled.counters());
@@ -574,8 +576,7 @@ mod tests {
     #[tokio::test]
     async fn a_pagemap_announcing_2_pow_40_pages_is_refused() {
         let dir = checkpoint("away-pull-huge-", Entry::new(0x7f00_0000_0000, 1 << 40, PE_LAZY));
-        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext(), None, false).await
-        {
+        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext(), None).await {
             Err(e) => e,
             Ok(_) => panic!("a 4 PiB pull was accepted"),
         };
@@ -592,8 +593,7 @@ mod tests {
         let victim = outside.path().join("victim");
         std::fs::write(&victim, b"keep").unwrap();
         std::os::unix::fs::symlink(&victim, dir.path().join("pages-1.img.pulling")).unwrap();
-        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext(), None, false).await
-        {
+        let err = match pull_all(dir.path(), "127.0.0.1:9".parse().unwrap(), &PageLink::plaintext(), None).await {
             Err(e) => e,
             Ok(_) => panic!("pulled through a link"),
         };
