@@ -547,9 +547,11 @@ impl TargetRelay {
                     return Err(LazyError::EndedBeforeLastPage);
                 }
             };
-            // the prefetch ends the pipe, and so the joining, when it is done or fails
-            let (joined, done) =
-                tokio::join!(tokio::io::copy_bidirectional(&mut daemon, &mut pipe), &mut prefetch.task);
+            // the prefetch ends the pipe, and so the joining, when it is done or fails; a
+            // prefetch chunk goes in one write (copied in 8 KiB pieces, smaller than
+            // loopback's segment, the daemon's requests came 120 ms apart)
+            let joining = tokio::io::copy_bidirectional_with_sizes(&mut daemon, &mut pipe, DAEMON_COPY, DAEMON_COPY);
+            let (joined, done) = tokio::join!(joining, &mut prefetch.task);
             done.map_err(LazyError::task("page prefetch"))??;
             joined.map(drop).map_err(LazyError::io("relay the lazy-pages daemon's requests"))
         });
@@ -561,7 +563,12 @@ impl TargetRelay {
     }
 }
 
-/// The lazy-pages daemon's one connection to its relay.
+/// Bytes copied at once between the daemon's connection and an early prefetch: a
+/// prefetch chunk of 64 pages and its header.
+const DAEMON_COPY: usize = 260 << 10;
+
+/// The lazy-pages daemon's one connection to its relay, without Nagle's delay: a
+/// request's answer must not wait for the ACK of the one before.
 async fn accept_daemon(listener: &TcpListener) -> Result<TcpStream, LazyError> {
     let (daemon, _) = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept())
         .await
@@ -570,6 +577,7 @@ async fn accept_daemon(listener: &TcpListener) -> Result<TcpStream, LazyError> {
             secs: CONNECT_TIMEOUT.as_secs(),
         })?
         .map_err(LazyError::io("accept the lazy-pages daemon's connection"))?;
+    daemon.set_nodelay(true).map_err(LazyError::io("set TCP_NODELAY on the lazy-pages daemon's connection"))?;
     Ok(daemon)
 }
 
