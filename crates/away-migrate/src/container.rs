@@ -898,6 +898,10 @@ fn frozen_at(payload: &Path, started: Instant) -> Instant {
     away_runtime::runtime::criu_frozen_at(&log).filter(|t| *t >= started).unwrap_or(started)
 }
 
+/// How long a source whose page link broke waits for the target's answer (which names
+/// why, when its restore failed) before it gives up without one.
+const VERDICT_GRACE: Duration = Duration::from_secs(2);
+
 /// A page relay listening for a move's target `there` (only its node is taken) where
 /// the target reaches it: on this host's address on the route to the target's
 /// transfer port.
@@ -1181,7 +1185,11 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
             r = &mut send => break Some(r),
             _ = tokio::time::sleep(Duration::from_millis(100)) => {
                 if relay.broken() {
-                    break None;
+                    // a target whose restore failed (its page daemon, say) ends the link
+                    // too: its answer, when it comes at once, says why. An answer that
+                    // the copy runs changes nothing: CRIU was told to resume the source.
+                    let answer = tokio::time::timeout(VERDICT_GRACE, &mut send).await.ok();
+                    break answer.filter(|r| !matches!(r, Ok(o) if o.verdict.ok));
                 }
                 // (fault injection: killed while pages move, the relay's connection to
                 // CRIU is reset by the kernel)
