@@ -233,7 +233,7 @@ async fn plan(
         } else {
             away_migrate::estimate::plan_container(&agent.node, &agent.config.name, &name, &target, mode, req.optimize)
                 .await
-                .map(|(plan, _)| plan)
+                .map(|(plan, _, _)| plan)
         }
     };
     let plan = tokio::time::timeout(away_migrate::estimate::PLAN_TIMEOUT, planning)

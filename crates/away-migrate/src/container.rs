@@ -200,8 +200,12 @@ pub async fn migrate_container(
     let runtime = node.get(name).await.map(|(r, _)| r.kind()).ok();
     let started_unix_ms = now_ms();
     let mut precopied = None;
-    let (plan, there) = plan.map_or((None, None), |(p, t)| (Some(p), Some(t)));
-    let moved = move_container(node, source_name, archives, name, target, there, opts, progress, &mut precopied).await;
+    let (plan, measured) = match plan {
+        Some((p, there, writes)) => (Some(p), Measured { there: Some(there), writes }),
+        None => (None, Measured::default()),
+    };
+    let moved =
+        move_container(node, source_name, archives, name, target, measured, opts, progress, &mut precopied).await;
     if let (Err(e), Some(id)) = (&moved, &precopied) {
         // the target's pre-copy of the volumes goes with the move (a restore that ran took
         // it already; a move in doubt leaves the target's copy alone)
@@ -228,6 +232,16 @@ pub async fn migrate_container(
     Ok(report)
 }
 
+/// What a move's prediction measured just before it, which the move takes instead of
+/// measuring again.
+#[derive(Default)]
+struct Measured {
+    /// The target's description.
+    there: Option<crate::target::TargetInfo>,
+    /// The workload's writes (its working set, for a lazy move's order).
+    writes: Option<crate::mode::DirtySample>,
+}
+
 /// [`migrate_container`] after its prediction; `precopied` is set to the move's id once
 /// the target holds a pre-copy of the workload's volumes.
 #[allow(clippy::too_many_arguments)]
@@ -237,7 +251,7 @@ async fn move_container(
     archives: &ArchiveStore,
     name: &str,
     target: &dyn TargetNode,
-    known: Option<crate::target::TargetInfo>,
+    measured: Measured,
     opts: &ContainerMigrationOptions,
     progress: ProgressFn,
     precopied: &mut Option<String>,
@@ -262,7 +276,7 @@ async fn move_container(
     // connection opens as soon as the target's address is known. One after another they took 0.9 s over a 73.6 ms
     // round trip (about 0.2 s on a LAN); together, three round trips and the slowest
     // local step. None of it is downtime: nothing has stopped yet.
-    let mut watch = crate::mode::Watch::start(opts.mode, kind, status.pid);
+    let mut watch = crate::mode::Watch::start(opts.mode, kind, status.pid, measured.writes);
     // the move's id, known before anything is sent (a lost answer is asked about by it)
     let transfer_id = opts.transfer.transfer_id.clone().unwrap_or_else(transfer::new_transfer_id);
     // The move is announced beside the early connection's handshake: the target takes
@@ -274,7 +288,7 @@ async fn move_container(
     let may_page = kind == RuntimeKind::Containerd && !matches!(opts.mode, crate::mode::ContainerMode::Staged);
     let remote = async {
         // (the prediction just asked for it)
-        let there = match known {
+        let there = match measured.there {
             Some(there) => there,
             None => target.info().await?,
         };
@@ -1255,8 +1269,22 @@ async fn migrate_lazy(m: Moving<'_>) -> Result<MigrationReport, MigrateError> {
     if let Some(p) = paging {
         p.abort();
     }
-    let degraded = if streamed { Duration::ZERO } else { t.elapsed() + Duration::from_millis(running_ms) };
-    phases.push(phase(if streamed { "release" } else { "lazy-pages" }, t.elapsed()));
+    // lazy: the copy had all its memory when its daemon said so (its close, here half a
+    // round trip after it left, as the answer came half a round trip after the copy had
+    // run `running_ms`: the halves cancel); what follows is CRIU's end on both sides
+    let paged = (!streamed).then(|| counters.closed_at().map(|at| at.saturating_duration_since(t))).flatten();
+    let degraded = match (streamed, paged) {
+        (true, _) => Duration::ZERO,
+        (false, Some(paged)) => paged + Duration::from_millis(running_ms),
+        (false, None) => t.elapsed() + Duration::from_millis(running_ms),
+    };
+    match paged {
+        Some(paged) => {
+            phases.push(phase("lazy-pages", paged));
+            phases.push(phase("lazy-close", t.elapsed().saturating_sub(paged)));
+        }
+        None => phases.push(phase(if streamed { "release" } else { "lazy-pages" }, t.elapsed())),
+    }
     if let Err(e) = finished {
         let why = format!(
             "the lazy phase failed ({}): {e}",

@@ -157,22 +157,36 @@ pub fn blockers(
 /// The workload's writes, measured in the background: a lazy or `auto` move needs them,
 /// and started beside the move's other checks their 0.5 s window overlaps those checks'
 /// round trips (one after the other they made a lazy move's check 1.0 s over the WAN).
-pub struct Watch(tokio::task::JoinHandle<std::io::Result<DirtySample>>);
+pub enum Watch {
+    Running(tokio::task::JoinHandle<std::io::Result<DirtySample>>),
+    /// Measured just before the move, by its prediction.
+    Measured(DirtySample),
+}
 
 impl Watch {
     /// Start watching `pid` when a move on `runtime` asked for as `requested` may need
-    /// its writes (Docker never moves lazily: its `auto` does not look).
-    pub fn start(requested: ContainerMode, runtime: RuntimeKind, pid: Option<u32>) -> Option<Watch> {
+    /// its writes (Docker never moves lazily: its `auto` does not look), unless they
+    /// were `measured` just before.
+    pub fn start(
+        requested: ContainerMode,
+        runtime: RuntimeKind,
+        pid: Option<u32>,
+        measured: Option<DirtySample>,
+    ) -> Option<Watch> {
         let lazy_possible = runtime != RuntimeKind::Docker;
         let pid = pid.filter(|_| lazy_possible && matches!(requested, ContainerMode::Lazy | ContainerMode::Auto))?;
-        Some(Watch(tokio::task::spawn_blocking(move || dirty_rate(pid, DIRTY_WINDOW))))
+        Some(match measured {
+            Some(sample) => Watch::Measured(sample),
+            None => Watch::Running(tokio::task::spawn_blocking(move || dirty_rate(pid, DIRTY_WINDOW))),
+        })
     }
 }
 
-/// `pid`'s writes: `watch`'s measurement when one runs, else one taken now.
+/// `pid`'s writes: `watch`'s measurement when one runs or ran, else one taken now.
 async fn writes(watch: Option<Watch>, pid: u32) -> std::io::Result<DirtySample> {
     let task = match watch {
-        Some(Watch(task)) => task,
+        Some(Watch::Measured(sample)) => return Ok(sample),
+        Some(Watch::Running(task)) => task,
         None => tokio::task::spawn_blocking(move || dirty_rate(pid, DIRTY_WINDOW)),
     };
     task.await.map_err(|e| std::io::Error::other(e.to_string())).and_then(|r| r)

@@ -85,7 +85,9 @@ pub struct PhaseCosts {
     /// Before anything stops: compatibility, image, mode choice.
     pub check_ms: f64,
     /// Lazy moves: watching the workload's writes besides the check (its working set
-    /// goes first): this fixed part plus its pages hashed at `hash_bytes_per_s`.
+    /// goes first): this fixed part plus its pages hashed at `hash_bytes_per_s`. 0 when
+    /// the move takes the working set its prediction measured (a move that follows its
+    /// plan watches nothing itself).
     pub watch_ms: f64,
     pub hash_bytes_per_s: f64,
     /// What a dump does before it freezes the workload (CRIU's start, finding the

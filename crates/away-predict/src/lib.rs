@@ -195,7 +195,7 @@ fn container(kind: MoveKind, i: &PredictionInputs) -> MovePrediction {
     // before the freeze: the check, and the dump's own start
     let mut check = (c.check_ms + c.prefreeze_ms) / 1e3;
     let settle = c.settle_ms / 1e3;
-    if kind == MoveKind::ContainerLazy {
+    if kind == MoveKind::ContainerLazy && c.watch_ms > 0.0 {
         check += c.watch_ms / 1e3 + s / c.hash_bytes_per_s;
     }
     let restore = c.restore_fixed_ms / 1e3 + s / c.restore_bytes_per_s;

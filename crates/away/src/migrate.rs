@@ -398,7 +398,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         channels_of(identity.as_ref(), "the checkpoint")?
     };
     if a.plan {
-        let (plan, _) = rt.block_on(away_migrate::estimate::plan_container(
+        let (plan, _, _) = rt.block_on(away_migrate::estimate::plan_container(
             &node,
             &source_name,
             &workload,

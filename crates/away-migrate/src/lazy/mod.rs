@@ -114,11 +114,22 @@ pub struct RelayCounters {
     pub plain: AtomicU64,
     /// Bytes on the wire, both directions.
     pub wire: AtomicU64,
+    /// Source side: when the target's closing request came, the word of its lazy-pages
+    /// daemon that every page is in place (it sends it after its last copy).
+    closed_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl RelayCounters {
     pub fn plain(&self) -> u64 {
         self.plain.load(Ordering::Relaxed)
+    }
+    /// When the target's daemon said it had every page (source side; None before, or
+    /// on a relay that saw no close).
+    pub fn closed_at(&self) -> Option<std::time::Instant> {
+        *self.closed_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn close_seen(&self) {
+        self.closed_at.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(std::time::Instant::now);
     }
     pub fn wire(&self) -> u64 {
         self.wire.load(Ordering::Relaxed)
@@ -747,7 +758,11 @@ async fn framed_to_plain(
         last.extend_from_slice(&plain[plain.len().saturating_sub(PS_IOV_SIZE)..]);
         last.drain(..last.len().saturating_sub(PS_IOV_SIZE));
         if let Some(f) = final_seen {
-            f.store(is_final_request(&last), Ordering::SeqCst);
+            let closing = is_final_request(&last);
+            f.store(closing, Ordering::SeqCst);
+            if closing {
+                counters.close_seen();
+            }
         }
         counters.plain.fetch_add(plain.len() as u64, Ordering::Relaxed);
         counters.wire.fetch_add(4 + n as u64, Ordering::Relaxed);
