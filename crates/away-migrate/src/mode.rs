@@ -528,6 +528,19 @@ mod tests {
         assert!(!listening_ports(std::process::id()).contains(&port));
     }
 
+    /// A move that follows its prediction takes the writes it measured: no second watch.
+    #[tokio::test]
+    async fn a_measured_watch_is_taken_as_it_is() {
+        let sample = DirtySample { resident_pages: 9, dirty_pages: 3, window: DIRTY_WINDOW, hot: vec![(0x1000, 3)] };
+        let watch = Watch::start(ContainerMode::Lazy, RuntimeKind::Containerd, Some(u32::MAX), Some(sample));
+        // pid u32::MAX has no memory to read: a watch that measured would fail
+        let got = writes(watch, u32::MAX).await.expect("the prediction's sample");
+        assert_eq!((got.dirty_pages, got.hot), (3, vec![(0x1000, 3)]));
+        assert!(writes(None, u32::MAX).await.is_err(), "with nothing measured, it measures (and fails here)");
+        // Docker never moves lazily: nothing to watch, measured or not
+        assert!(Watch::start(ContainerMode::Lazy, RuntimeKind::Docker, Some(1), None).is_none());
+    }
+
     /// The measurement sees a thread of this very process write pages.
     #[test]
     fn dirty_rate_sees_writes() {

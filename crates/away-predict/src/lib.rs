@@ -505,6 +505,19 @@ mod tests {
         );
     }
 
+    /// A lazy move watches the workload's writes before its freeze, unless its plan
+    /// measured them (`watch_ms` 0): then its check is the others'.
+    #[test]
+    fn a_lazy_move_that_follows_its_plan_watches_nothing() {
+        let mut i = inputs(RuntimeKind::Containerd, 128.0, 0.0, 37.0, 73.6);
+        let watching = predict(MoveKind::ContainerLazy, &i);
+        i.costs.watch_ms = 0.0;
+        let planned = predict(MoveKind::ContainerLazy, &i);
+        let saved = watching.total_ms - planned.total_ms;
+        assert!(saved >= 500, "the 0.5 s window and the hashing: {saved} ms");
+        assert_eq!(planned.downtime_ms, watching.downtime_ms);
+    }
+
     /// On loopback the local pipeline, not the link, bounds stop-and-copy.
     #[test]
     fn a_fast_link_is_bound_by_the_node() {

@@ -1134,11 +1134,15 @@ mod tests {
                 break;
             }
         }
+        assert!(source.counters.closed_at().is_none(), "the source saw a close before the daemon's");
         let mut close = [0u8; PS_IOV_SIZE];
         close[..4].copy_from_slice(&PS_IOV_CLOSE.to_le_bytes());
         let _ = daemon.write_all(&close).await;
         let mut status = [0u8; 4];
-        let _ = daemon.read_exact(&mut status).await;
+        if daemon.read_exact(&mut status).await.is_ok() {
+            // the move's lazy phase ends there (its report's `lazy-pages`)
+            assert!(source.counters.closed_at().is_some(), "the source relay marks the daemon's close");
+        }
         drop(daemon);
         let (wire, plain) = (source.counters.wire(), source.counters.plain());
         let relay = source.wait().await;
