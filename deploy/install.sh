@@ -143,15 +143,15 @@ install_apt_packages() {
 
 CRIU_SUITE=${AWAY_CRIU_SUITE:-forky}
 CRIU_MIN=4.2
-# Patches away applies to CRIU's source (deploy/criu/*.patch), named in the install marker
-# so that a machine with an older build builds again.
+# Patches away applies to CRIU's source (deploy/criu/*.patch), named with a hash of their
+# content in the install marker so that a machine with an older build builds again.
 CRIU_PATCHES=("$HERE"/criu/*.patch)
 # What building `criu` needs; the runtime libraries come with their -dev packages.
 CRIU_BUILD_PKGS=(gcc make libc6-dev pkg-config patch xz-utils protobuf-c-compiler libprotobuf-c-dev
                  libnl-3-dev libnet1-dev libcap-dev libbsd-dev libnftables-dev libgnutls28-dev uuid-dev)
 criu_marker() {
   local p names=()
-  for p in "${CRIU_PATCHES[@]}"; do names+=("$(basename "$p")"); done
+  for p in "${CRIU_PATCHES[@]}"; do names+=("$(basename "$p")@$(sha256sum "$p" | cut -c1-12)"); done
   echo "built from source, patches: ${names[*]}"
 }
 criu_ok() {

@@ -882,7 +882,11 @@ impl LazyPagesDaemon {
 
     /// The restore is done and its process is `pid` (host pid): should the daemon fail
     /// from now on, that process is killed (see [`LazyPagesDaemon::start`]).
-    pub fn guard(&self, pid: u32) {
+    pub fn guard(&mut self, pid: u32) {
+        if matches!(self.child.try_wait(), Ok(Some(status)) if status.success()) {
+            // every page came before the restore ended: no daemon left to fail
+            return;
+        }
         if let Err(e) = write_pid(&self.restored, pid) {
             let file = self.restored.display();
             tracing::warn!("a failing lazy-pages daemon would leave process {pid} running: write {file}: {e}");
