@@ -1645,30 +1645,32 @@ pub async fn restore_received(
                     return Err(e.into());
                 }
             };
-            let restored = tokio::select! {
-                (r, steps) = &mut restore => {
-                    parts.extend(steps);
-                    r.map_err(|e| RestoreFailed::from(error_chain(&e)))
-                }
-                gone = daemon.exited() => 'gone: {
-                    if matches!(&gone, crate::lazy::LazyError::DaemonExited { status, .. } if status.success()) {
-                        // every page was in before the restore had ended (a small memory,
-                        // prefetched since the dump's end; CRIU tells its daemon the
-                        // restore is done before the runtime answers): the copy is whole
-                        tracing::info!(workload = %manifest.spec.name, "every page was in before the restore ended");
-                        let (r, steps) = restore.await;
+            // a daemon that ended well had every page before the restore ended (a small
+            // memory, prefetched since the dump's end; CRIU tells its daemon the restore
+            // is done before the runtime answers): the restore goes on, the copy whole
+            let mut paged_in = false;
+            let restored = loop {
+                tokio::select! {
+                    (r, steps) = &mut restore => {
                         parts.extend(steps);
-                        break 'gone r.map_err(|e| RestoreFailed::from(error_chain(&e)));
+                        break r.map_err(|e| RestoreFailed::from(error_chain(&e)));
                     }
-                    // the link or the source failed mid-restore: end the restore (it
-                    // cleans up after itself) instead of waiting for pages forever
-                    crate::lazy::LazyPagesDaemon::kill_restore(&dir);
-                    let message = format!("the lazy-pages daemon ended during the restore: {}", ErrorChain(&gone));
-                    // the restore may have got as far as a running copy, which misses memory
-                    Err(match restore.await.0 {
-                        Ok(st) => failed_with_copy(runtime, &st.name, message).await,
-                        Err(_) => RestoreFailed::from(message),
-                    })
+                    gone = daemon.exited(), if !paged_in => {
+                        if matches!(&gone, crate::lazy::LazyError::DaemonExited { status, .. } if status.success()) {
+                            tracing::info!(workload = %manifest.spec.name, "every page was in before the restore ended");
+                            paged_in = true;
+                            continue;
+                        }
+                        // the link or the source failed mid-restore: end the restore (it
+                        // cleans up after itself) instead of waiting for pages forever
+                        crate::lazy::LazyPagesDaemon::kill_restore(&dir);
+                        let message = format!("the lazy-pages daemon ended during the restore: {}", ErrorChain(&gone));
+                        // the restore may have got as far as a running copy, which misses memory
+                        break Err(match restore.await.0 {
+                            Ok(st) => failed_with_copy(runtime, &st.name, message).await,
+                            Err(_) => RestoreFailed::from(message),
+                        });
+                    }
                 }
             };
             match restored {
